@@ -1,0 +1,44 @@
+# Every target sets up (or refreshes) the virtual environment itself, so a fresh clone needs only `make`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# A pinned CPU build installs from a local file on the CI/dev machines; a looser spec pulls GBs of CUDA.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint format bench parent corpus clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup  ## generate from the bundled demo parent
+	$(BIN)/tessera demo
+
+test: setup  ## the CPU test suite (kernels run under the Triton interpreter)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup  ## CPU benchmarks (pytest-benchmark); results JSON under benchmarks/results/
+	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-columns=median,iqr,rounds -p no:randomly
+
+corpus: setup  ## re-snapshot the demo corpus from this Python's standard library
+	$(BIN)/tessera demo-parent corpus
+
+parent: setup  ## retrain the demo parent from the committed corpus (seeded; ~50 min on 2 CPU cores)
+	$(BIN)/tessera demo-parent train
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks

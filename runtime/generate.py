@@ -1,0 +1,155 @@
+"""Batched text generation over the heterogeneous model: packed prefill, then one decode step per token.
+
+Prompts of different lengths are prefilled together as one packed variable-length batch into a static
+per-layer KV cache sized for the longest prompt plus the tokens to generate; each decode step then runs
+every sequence once (gpt-fast's lean loop: no per-step allocation, no cache concatenation). Sampling is
+greedy (temperature 0) or temperature / top-k / top-p with a seeded generator; a sequence stops at an
+EOS token, at a stop string, at `max_new_tokens`, or at the context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tessera.runtime.cache import KVCache
+from tessera.runtime.model import Model
+from tokenizers import Tokenizer
+
+
+class ContextLengthError(ValueError):
+    """A prompt that leaves no room in the model's context window."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1: no nucleus cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings; the text is cut before them
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS ids
+    ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completion:
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str | None = None  # None when generating from token ids without a tokenizer
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no tokenizer.json (a Hugging Face fast tokenizer is needed for text)")
+    return Tokenizer.from_file(str(file))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already cover top_p (so the first always stays).
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= params.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Generator:
+    """Generation for one model (+ its tokenizer, needed for text prompts and stop strings)."""
+
+    def __init__(self, model: Model, tokenizer: Tokenizer | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
+            return self.tokenizer.encode(prompt).ids
+        return list(prompt)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:
+        arch = self.model.arch
+        completions = [Completion(self.encode(p)) for p in prompts]
+        lengths = [len(c.prompt_tokens) for c in completions]
+        context = arch.max_position_embeddings
+        for i, n in enumerate(lengths):
+            if n == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if n >= context:
+                raise ContextLengthError(
+                    f"prompt {i} has {n} tokens; the model's context is {context} (max_position_embeddings), "
+                    "leaving no room to generate"
+                )
+        budget = [min(params.max_new_tokens, context - n) for n in lengths]
+        stop_ids = set(() if params.ignore_eos else params.stop_token_ids or arch.eos_token_ids)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+
+        batch = len(completions)
+        cache = KVCache(arch, batch, max(n + b for n, b in zip(lengths, budget)), self.device, self.dtype)
+        tokens = torch.tensor([t for c in completions for t in c.prompt_tokens], device=self.device)
+        logits = self.model.prefill(tokens, lengths, cache)
+        positions = torch.tensor(lengths, device=self.device)
+        live = [True] * batch
+        for step in range(max(budget)):
+            next_tokens = sample(logits, params, generator)
+            for i, token in enumerate(next_tokens.tolist()):
+                if live[i]:
+                    live[i] = self._append(completions[i], token, stop_ids, params, budget[i])
+            if not any(live) or step + 1 == max(budget):
+                break
+            logits = self.model.decode(next_tokens, positions, cache)
+            # A finished sequence keeps riding along (a static batch); clamp it inside its cache row.
+            positions = (positions + 1).clamp_(max=cache.max_seq_len - 1)
+        if self.tokenizer is not None:
+            for c in completions:
+                if c.text is None:
+                    c.text = self.tokenizer.decode(c.tokens)
+        return completions
+
+    def _append(self, c: Completion, token: int, stop_ids: set[int], params: SamplingParams, budget: int) -> bool:
+        """Add one token to a completion; returns whether it goes on."""
+        if token in stop_ids:
+            c.finish_reason = "stop"
+            return False
+        c.tokens.append(token)
+        if params.stop:
+            text = self.tokenizer.decode(c.tokens)
+            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                c.text, c.finish_reason = text[:cut], "stop"
+                return False
+        if len(c.tokens) >= budget:
+            c.finish_reason = "length"
+            return False
+        return True

@@ -1,0 +1,235 @@
+"""The heterogeneous decoder: one readable file, built from an `ArchConfig`.
+
+Each layer builds only the sublayers its block asks for (as vLLM's nemotron_nas.py does): GQA attention
+with the layer's own KV-head count, a linear attention replacement, or nothing; a SwiGLU FFN of the
+layer's width, a linear FFN replacement, or nothing. A layer computes `h = h + attn(norm1(h))` then
+`h = h + ffn(norm2(h))`, each skipped when it is a no-op (DESIGN.md). Weights are packed (q/k/v, gate/up)
+so each sublayer is one GEMM in; the loader maps Hugging Face names onto them.
+
+Tokens travel packed, [N, H] with N = all tokens of the batch, so one forward serves a variable-length
+prefill (cu_seqlens) and a decode step (one token per sequence, reading the KV cache). The heavy work
+goes through `tessera.kernels` only. This same `DecoderLayer` is what the search distils, scores and
+times, and what serving runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tessera.runtime.cache import KVCache
+from torch import nn
+
+from tessera import kernels
+from tessera.config import ArchConfig, BlockConfig, RopeConfig
+
+
+@dataclass
+class Batch:
+    """Where the N packed tokens of a forward pass sit.
+
+    positions [N] int64: each token's position in its sequence.
+    rows [N] int64: each token's sequence (= its KV-cache row).
+    cu_seqlens [B+1] int32: prefill only, sequence b owns tokens cu_seqlens[b]:cu_seqlens[b+1].
+    seq_lens [B] int32: decode only, each sequence's length including the token being decoded.
+    """
+
+    positions: torch.Tensor
+    rows: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    cache: KVCache | None = None
+
+    @property
+    def is_decode(self) -> bool:
+        return self.seq_lens is not None
+
+    @classmethod
+    def prefill(cls, lengths: list[int], device: torch.device, cache: KVCache | None = None) -> Batch:
+        """Fresh sequences of the given lengths, starting at position 0, in cache rows 0..B-1."""
+        counts = torch.tensor(lengths, dtype=torch.int64)
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(counts, 0)
+        rows = torch.repeat_interleave(torch.arange(len(lengths)), counts)
+        positions = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.int64)
+        return cls(positions.to(device), rows.to(device), cu_seqlens=cu.to(device), cache=cache)
+
+    @classmethod
+    def decode(cls, positions: torch.Tensor, cache: KVCache) -> Batch:
+        """One token per cache row, at `positions` [B] (so each sequence's length becomes position + 1)."""
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        return cls(positions, rows, seq_lens=(positions + 1).to(torch.int32), cache=cache)
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Per-pair rotation frequencies [D/2], with Llama-3 scaling when rope.factor is set."""
+    inv_freq = 1.0 / rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    if rope.factor is None:
+        return inv_freq
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly between.
+    old_len = rope.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / rope.low_freq_factor, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= old_len / rope.high_freq_factor) & (wavelen <= old_len / rope.low_freq_factor)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class GQAAttention(nn.Module):
+    def __init__(self, arch: ArchConfig, n_kv_heads: int, layer_idx: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = arch.n_heads, n_kv_heads, arch.head_dim
+        self.layer_idx = layer_idx
+        q_dim, kv_dim = arch.n_heads * arch.head_dim, n_kv_heads * arch.head_dim
+        self.w_qkv = nn.Parameter(torch.empty(q_dim + 2 * kv_dim, arch.hidden_size))  # cat(q, k, v)
+        self.w_o = nn.Parameter(torch.empty(arch.hidden_size, q_dim))
+
+    def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = (x @ self.w_qkv.t()).split((q_dim, kv_dim, kv_dim), dim=-1)
+        q = kernels.apply_rope(q.view(n, self.n_heads, self.head_dim), cos, sin)  # (N, Hq, D)
+        k = kernels.apply_rope(k.view(n, self.n_kv_heads, self.head_dim), cos, sin)  # (N, Hkv, D)
+        v = v.view(n, self.n_kv_heads, self.head_dim)
+        if batch.cache is not None:
+            batch.cache.write(self.layer_idx, batch.rows, batch.positions, k, v)
+        if batch.is_decode:
+            cache = batch.cache
+            out = kernels.attention_decode(q, cache.k[self.layer_idx], cache.v[self.layer_idx], batch.seq_lens)
+        else:
+            out = kernels.attention_prefill(q, k, v, batch.cu_seqlens, causal=True)
+        return out.reshape(n, q_dim) @ self.w_o.t()
+
+
+class LinearSublayer(nn.Module):
+    """Puzzle's linear replacement for attention or FFN: one [H, H] matrix, no bias, no KV cache."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size))
+
+    def forward(self, x: torch.Tensor, *_: object) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.w_gate_up = nn.Parameter(torch.empty(2 * intermediate_size, hidden_size))  # cat(gate, up)
+        self.w_down = nn.Parameter(torch.empty(hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.swiglu_ffn(x, self.w_gate_up, self.w_down)
+
+
+class DecoderLayer(nn.Module):
+    """One block of the heterogeneous decoder; a no-op sublayer is neither built nor called."""
+
+    def __init__(self, arch: ArchConfig, block: BlockConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.block = block
+        h, eps = arch.hidden_size, arch.rms_norm_eps
+        self.input_layernorm = self.self_attn = self.post_attention_layernorm = self.mlp = None
+        if block.attention.kind != "none":
+            self.input_layernorm = RMSNorm(h, eps)
+            if block.attention.kind == "gqa":
+                self.self_attn = GQAAttention(arch, block.attention.n_kv_heads, layer_idx)
+            else:
+                self.self_attn = LinearSublayer(h)
+        if block.ffn.kind != "none":
+            self.post_attention_layernorm = RMSNorm(h, eps)
+            self.mlp = SwiGLU(h, block.ffn.intermediate_size) if block.ffn.kind == "swiglu" else LinearSublayer(h)
+
+    def forward(self, h: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.self_attn is not None:
+            h = h + self.self_attn(self.input_layernorm(h), batch, cos, sin)
+        if self.mlp is not None:
+            h = h + self.mlp(self.post_attention_layernorm(h))
+        return h
+
+
+class Model(nn.Module):
+    """Embedding → heterogeneous layers → final norm → LM head (tied to the embedding or not)."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, b, i) for i, b in enumerate(arch.blocks))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = None if arch.tie_embeddings else nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size))
+        # cos/sin tables [max_position_embeddings, D/2] in fp32, one per device, built on first use. Not
+        # buffers: a model cast to bf16 must keep fp32 rotation angles (positions past 256 lose them).
+        self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> Model:
+        """Random init for training from scratch and for tests: N(0, std), output projections scaled by
+        1/sqrt(2·layers) (GPT-2), norms at 1."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out_std = std / math.sqrt(2 * self.arch.n_layers)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    scale = out_std if name.endswith(("w_o", "w_down")) else std
+                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        return self
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, D/2] (fp32) for token positions [N]."""
+        device = positions.device
+        if device not in self._rope_tables:
+            inv_freq = rope_inverse_frequencies(self.arch.rope, self.arch.head_dim)
+            angles = torch.arange(self.arch.max_position_embeddings).float()[:, None] * inv_freq[None, :]
+            self._rope_tables[device] = (angles.cos().to(device), angles.sin().to(device))
+        cos, sin = self._rope_tables[device]
+        return cos[positions], sin[positions]
+
+    def forward_packed(self, tokens: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """tokens [N] -> final hidden states [N, H] (after the final norm)."""
+        h = self.embed_tokens(tokens)
+        cos, sin = self.rope_tables(batch.positions)
+        for layer in self.layers:
+            h = layer(h, batch, cos, sin)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.lm_head_weight.t()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] (one full sequence per row, no cache) -> logits [B, T, vocab]."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if t > self.arch.max_position_embeddings:
+            raise ValueError(f"sequence of {t} tokens is longer than the context ({self.arch.max_position_embeddings})")
+        batch = Batch.prefill([t] * b, input_ids.device)
+        return self.logits(self.forward_packed(input_ids.reshape(-1), batch)).view(b, t, -1)
+
+    def prefill(self, tokens: torch.Tensor, lengths: list[int], cache: KVCache) -> torch.Tensor:
+        """Packed prompts tokens [N] (sequence b is the b-th run of lengths[b] tokens) into cache rows 0..B-1;
+        returns the logits of each prompt's last token, [B, vocab]."""
+        batch = Batch.prefill(lengths, tokens.device, cache)
+        hidden = self.forward_packed(tokens, batch)
+        return self.logits(hidden[batch.cu_seqlens[1:].long() - 1])
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per cache row: tokens [B] at positions [B] -> logits [B, vocab]."""
+        return self.logits(self.forward_packed(tokens, Batch.decode(positions, cache)))

@@ -1,0 +1,180 @@
+"""The `tessera` command line: info, generate, demo, demo-parent.
+
+User mistakes (a malformed config.json, a missing tensor, a prompt longer than the context, a CUDA request
+on a machine without one) end in one line `tessera: error: ...` and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tessera.config import ArchConfig, ConfigError
+
+DEMO_PROMPTS = ("def fibonacci(n):\n", 'class Stack:\n    """', "import os\nimport sys\n\n\ndef main(")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available on this machine")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu or cuda")
+    return torch.device(name)
+
+
+def _format_info(arch: ArchConfig, source: str) -> str:
+    s = arch.summary()
+    lines = [
+        f"{source}",
+        f"  layers {s['num_layers']}, hidden {s['hidden_size']}, heads {s['num_heads']} x {s['head_dim']}, "
+        f"vocab {s['vocab_size']}, tied embeddings {arch.tie_embeddings}",
+        f"  parameters      {s['num_params']:,} ({s['num_params'] / 1e9:.2f}B)",
+        f"  weight bytes    {s['weight_bytes']:,} ({arch.dtype})",
+        f"  KV bytes/token  {s['kv_bytes_per_token']:,} ({arch.dtype})",
+        f"  FLOPs/token     {s['flops_per_token']:,} (no context)",
+        "",
+        f"  {'layer':>5}  {'attention':<12} {'ffn':<14} {'params':>16} {'KV B/token':>10}",
+    ]
+    for layer in s["layers"]:
+        att = f"gqa kv={layer['n_kv_heads']}" if layer["attention"] == "gqa" else layer["attention"]
+        ffn = f"swiglu {layer['intermediate_size']}" if layer["ffn"] == "swiglu" else layer["ffn"]
+        lines.append(
+            f"  {layer['layer']:>5}  {att:<12} {ffn:<14} {layer['num_params']:>16,} {layer['kv_bytes_per_token']:>10,}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    arch = ArchConfig.from_json(args.model)
+    if args.json:
+        print(json.dumps(arch.summary(), indent=2))
+    else:
+        print(_format_info(arch, str(args.model)))
+
+
+def _generator(model_path: str, device: str, dtype: str):
+    from tessera.runtime.generate import Generator, load_tokenizer
+    from tessera.runtime.loader import load_model, parse_dtype
+
+    model = load_model(model_path, device=resolve_device(device), dtype=parse_dtype(dtype))
+    return Generator(model, load_tokenizer(model_path))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from tessera.runtime.generate import SamplingParams
+
+    gen = _generator(args.model, args.device, args.dtype)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    start = time.perf_counter()
+    completions = gen.generate(args.prompt, params)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        out = [
+            {"prompt": p, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
+            for p, c in zip(args.prompt, completions)
+        ]
+        print(json.dumps(out, indent=2))
+        return
+    for prompt, c in zip(args.prompt, completions):
+        print(f"{prompt}{c.text}")
+        print(f"--- [{len(c.tokens)} tokens, finish: {c.finish_reason}]")
+    n = sum(len(c.tokens) for c in completions)
+    print(f"{n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tokens/s, batch {len(completions)})", file=sys.stderr)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from tessera.demo_parent import PARENT_DIR
+    from tessera.runtime.generate import SamplingParams
+
+    model_dir = Path(args.model or PARENT_DIR)
+    print(_format_info(ArchConfig.from_json(model_dir), f"demo parent: {model_dir}"))
+    report = model_dir / "training.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        print(f"  trained: validation loss {r['val_loss']:.3f} (perplexity {r['val_perplexity']:.1f})\n")
+    gen = _generator(str(model_dir), args.device, "float32")
+    for title, params in (
+        ("greedy", SamplingParams(max_new_tokens=args.max_new_tokens)),
+        ("sampled (T=0.8, top-p 0.95, seed 0)", SamplingParams(args.max_new_tokens, 0.8, top_p=0.95, seed=0)),
+    ):
+        start = time.perf_counter()
+        completions = gen.generate(list(DEMO_PROMPTS), params)
+        elapsed = time.perf_counter() - start
+        n = sum(len(c.tokens) for c in completions)
+        print(f"=== {title}: batch of {len(DEMO_PROMPTS)} prompts, {n} tokens, {n / elapsed:.0f} tokens/s")
+        for prompt, c in zip(DEMO_PROMPTS, completions):
+            print(f"{prompt}\033[1m{c.text}\033[0m" if sys.stdout.isatty() else f"{prompt}{c.text}")
+            print(f"--- finish: {c.finish_reason}")
+
+
+def cmd_demo_parent(args: argparse.Namespace) -> None:
+    from tessera import demo_parent
+
+    if args.step == "corpus":
+        print(json.dumps(demo_parent.snapshot_corpus(), indent=2))
+    else:
+        report = demo_parent.train_parent(steps=args.steps, seed=args.seed)
+        print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="per-layer architecture and costs of a checkpoint or config.json")
+    p.add_argument("--model", required=True, help="checkpoint directory or config.json")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string; repeatable")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="show the bundled demo parent and generate from it")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: demo/parent)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("demo-parent", help="rebuild the demo corpus snapshot or retrain the demo parent")
+    p.add_argument("step", choices=["corpus", "train"])
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_parent)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"tessera: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The `tessera` command line: info on bare configs, generate on the shipped demo parent, clean errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tessera.cli import main
+from tessera.demo_parent import PARENT_DIR
+
+from .conftest import SHARED_CONFIGS
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("llama-3_1-nemotron-51b-instruct.json", 51_501_015_040), ("llama-3.1-8b.json", 8_030_261_248)],
+)
+def test_info_json_on_a_directory_with_only_config(tmp_path: Path, capsys, name: str, params: int) -> None:
+    shutil.copy(SHARED_CONFIGS / name, tmp_path / "config.json")
+    code, out, _ = run_cli(capsys, "info", "--model", str(tmp_path), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["num_params"] == params
+    assert info["kv_bytes_per_token"] == sum(layer["kv_bytes_per_token"] for layer in info["layers"])
+
+
+def test_info_table(capsys) -> None:
+    code, out, _ = run_cli(capsys, "info", "--model", str(SHARED_CONFIGS / "llama-3_1-nemotron-51b-instruct.json"))
+    assert code == 0 and "51,501,015,040" in out
+    assert "gqa kv=1" in out and "linear" in out and "none" in out
+
+
+def test_info_bad_config_is_one_line(tmp_path: Path, capsys) -> None:
+    cfg = json.loads((SHARED_CONFIGS / "llama-3.1-8b.json").read_text())
+    cfg["num_key_value_heads"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    code, out, err = run_cli(capsys, "info", "--model", str(tmp_path))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "num_key_value_heads=7 does not divide" in err and str(tmp_path) in err
+
+
+def test_generate_on_demo_parent(capsys) -> None:
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(PARENT_DIR),
+        "--prompt",
+        "import os\n",
+        "--prompt",
+        "def f(",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    )
+    results = json.loads(out)
+    assert code == 0 and [r["prompt"] for r in results] == ["import os\n", "def f("]
+    assert all(len(r["tokens"]) <= 8 and r["finish_reason"] in ("stop", "length") for r in results)
+
+
+def test_generate_sampled_is_seeded(capsys) -> None:
+    args = ("generate", "--model", str(PARENT_DIR), "--prompt", "class ", "--max-new-tokens", "10")
+    sampled = ("--temperature", "0.9", "--seed", "7", "--json")
+    first = run_cli(capsys, *args, *sampled)[1]
+    assert first == run_cli(capsys, *args, *sampled)[1]
+
+
+def test_generate_prompt_longer_than_context(capsys) -> None:
+    code, _, err = run_cli(capsys, "generate", "--model", str(PARENT_DIR), "--prompt", "x = 1\n" * 2000)
+    assert code == 2 and "the model's context is 1024" in err and err.count("\n") == 1
+
+
+def test_generate_cuda_without_a_gpu(capsys) -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run_cli(capsys, "generate", "--model", str(PARENT_DIR), "--prompt", "x", "--device", "cuda")
+    assert code == 2 and "no CUDA device" in err
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).parent / "tessera"
+    result = subprocess.run([str(exe), "info", "--model", str(PARENT_DIR), "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["num_layers"] == 8

@@ -1,0 +1,208 @@
+"""Architecture config: the real configs in shared/configs load with their published parameter counts,
+round-trip through both writers, and malformed configs fail with a message naming the field."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tessera.config import (
+    ArchConfig,
+    AttentionConfig,
+    BlockConfig,
+    ConfigError,
+    FFNConfig,
+    ffn_mult_to_intermediate_size,
+)
+
+from .conftest import SHARED_CONFIGS, nas_config
+
+# Figures from shared/configs/README.md (computed there independently of tessera).
+PUBLISHED = {
+    "llama-3_1-nemotron-51b-instruct.json": dict(params=51_501_015_040, kv_bytes=189_952, layers=80),
+    "llama-3_3-nemotron-super-49b-v1.json": dict(params=49_867_145_216, kv_bytes=200_704, layers=80),
+    "llama-3_1-nemotron-ultra-253b-v1.json": dict(params=253_401_268_224, kv_bytes=262_144, layers=162),
+    "llama-3.1-70b.json": dict(params=70_553_706_496, kv_bytes=327_680, layers=80),
+    "llama-3.1-8b.json": dict(params=8_030_261_248, kv_bytes=131_072, layers=32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_shared_config_counts(name: str) -> None:
+    arch = ArchConfig.from_json(SHARED_CONFIGS / name)
+    assert arch.n_layers == PUBLISHED[name]["layers"]
+    assert arch.num_params() == PUBLISHED[name]["params"]
+    assert arch.kv_bytes_per_token("bfloat16") == PUBLISHED[name]["kv_bytes"]
+    assert arch.weight_bytes("bfloat16") == 2 * PUBLISHED[name]["params"]
+
+
+def test_nemotron_51b_layer_histogram() -> None:
+    arch = ArchConfig.from_json(SHARED_CONFIGS / "llama-3_1-nemotron-51b-instruct.json")
+    kinds = Counter(b.attention.n_kv_heads if b.attention.kind == "gqa" else b.attention.kind for b in arch.blocks)
+    assert kinds == {8: 44, 4: 1, 2: 6, 1: 3, "linear": 18, "none": 8}
+    widths = Counter(b.ffn.intermediate_size for b in arch.blocks)
+    assert widths == {28672: 44, 14336: 16, 7168: 20}
+
+
+def test_ultra_fused_ffn_widths_and_empty_layers() -> None:
+    arch = ArchConfig.from_json(SHARED_CONFIGS / "llama-3_1-nemotron-ultra-253b-v1.json")
+    widths = {b.ffn.intermediate_size for b in arch.blocks if b.ffn.kind == "swiglu"}
+    assert {425984, 399360, 343040, 301056} <= widths
+    empty = [b for b in arch.blocks if b.attention.kind == "none" and b.ffn.kind == "none"]
+    assert len(empty) == 81
+    assert arch.rope.factor == 16.0
+
+
+@pytest.mark.parametrize(
+    ("mult", "hidden", "width"),
+    [(5.25, 8192, 28672), (2.625, 8192, 14336), (1.3125, 8192, 7168), (0.5, 8192, 2816), (39.0, 16384, 425984)],
+)
+def test_ffn_mult_rounding(mult: float, hidden: int, width: int) -> None:
+    assert ffn_mult_to_intermediate_size(mult, hidden) == width
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("fmt", ["auto", "nemotron-nas"])
+def test_round_trip(name: str, fmt: str, tmp_path: Path) -> None:
+    arch = ArchConfig.from_json(SHARED_CONFIGS / name)
+    arch.save_json(tmp_path / "config.json", fmt=fmt)
+    assert ArchConfig.from_json(tmp_path) == arch
+
+
+def test_round_trip_width_not_reachable_by_ffn_mult(tmp_path: Path) -> None:
+    base = ArchConfig.from_json(SHARED_CONFIGS / "llama-3.1-8b.json")
+    pruned = BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 3000))  # not a multiple of 256
+    arch = base.with_blocks([pruned, *base.blocks[1:]])
+    arch.save_json(tmp_path / "config.json")
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["model_type"] == "nemotron-nas"
+    assert ArchConfig.from_json(tmp_path) == arch
+
+
+def test_cost_formulas_on_a_small_heterogeneous_model() -> None:
+    arch = ArchConfig.from_hf_dict(nas_config())
+    h, v, d = 64, 101, 8
+    # Hand count: layer by layer, following shared/configs/README.md's counting rules.
+    gqa = lambda kv: h * 64 + 2 * h * kv * d + 64 * h + h  # noqa: E731
+    swiglu = lambda width: 3 * h * width + h  # noqa: E731
+    linear = h * h + h
+    per_layer = [
+        gqa(4) + swiglu(256),
+        gqa(2) + swiglu(512),
+        linear + swiglu(256),
+        gqa(1) + linear,
+        swiglu(512),
+        gqa(2),
+        0,
+        linear + linear,
+    ]
+    assert arch.num_params() == 2 * v * h + h + sum(per_layer)
+    assert arch.kv_bytes_per_token("float32") == 2 * (4 + 2 + 1 + 2) * d * 4
+    matmul_params = (
+        arch.num_params()
+        - v * h
+        - h
+        - sum(1 for b in arch.blocks for s in (b.attention, b.ffn) if s.kind != "none") * h
+    )
+    gqa_layers = 4
+    assert arch.flops_per_token(context_len=10) == 2 * matmul_params + gqa_layers * 4 * 8 * d * 10
+
+
+def _write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _llama_dict() -> dict:
+    return json.loads((SHARED_CONFIGS / "llama-3.1-8b.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c.update(model_type="mistral"), "model_type 'mistral' is not supported"),
+        (lambda c: c.update(num_key_value_heads=3), "num_key_value_heads=3 does not divide"),
+        (lambda c: c.pop("hidden_size"), "field 'hidden_size' is missing"),
+        (lambda c: c.update(hidden_size="4096"), "field 'hidden_size' is '4096', expected int"),
+        (lambda c: c.update(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+        (lambda c: c.update(attention_bias=True), "'attention_bias' is true"),
+        (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling type 'yarn'"),
+        (lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "missing field 'low_freq_factor'"),
+    ],
+)
+def test_bad_llama_config(tmp_path: Path, mutate, message: str) -> None:
+    cfg = _llama_dict()
+    mutate(cfg)
+    path = _write(tmp_path, cfg)
+    with pytest.raises(ConfigError, match=message) as err:
+        ArchConfig.from_json(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("layer", "mutate", "message"),
+    [
+        (
+            0,
+            lambda b: b["attention"].update(n_heads_in_group=3),
+            r"block_configs\[0\]\.attention\.n_heads_in_group=3 does not divide",
+        ),
+        (
+            1,
+            lambda b: b["attention"].update(n_heads_in_group=None),
+            r"block_configs\[1\]\.attention\.n_heads_in_group is None",
+        ),
+        (
+            2,
+            lambda b: b["attention"].update(window_length=4096),
+            r"block_configs\[2\]\.attention\.window_length=4096 asks for",
+        ),
+        (0, lambda b: b["ffn"].update(sparsify=["x"]), r"block_configs\[0\]\.ffn\.sparsify=\['x'\] asks for"),
+        (3, lambda b: b["ffn"].update(moe={"num_experts": 8}), r"block_configs\[3\]\.ffn\.moe="),
+        (
+            0,
+            lambda b: b["attention"].update(flash_mla=True),
+            r"block_configs\[0\]\.attention\.flash_mla is not a field",
+        ),
+        (4, lambda b: b["ffn"].update(no_op=False, ffn_mult=-1.0), r"block_configs\[4\]\.ffn\.ffn_mult is -1.0"),
+        (
+            2,
+            lambda b: b["attention"].update(no_op=True),
+            r"block_configs\[2\]\.attention: no_op and replace_with_linear",
+        ),
+    ],
+)
+def test_bad_nas_block(tmp_path: Path, layer: int, mutate, message: str) -> None:
+    cfg = nas_config()
+    mutate(cfg["block_configs"][layer])
+    with pytest.raises(ConfigError, match=message):
+        ArchConfig.from_json(_write(tmp_path, cfg))
+
+
+def test_nas_neutral_keys_accepted() -> None:
+    """Super-49B carries sparsify/window_length/sink keys at neutral values: they must load."""
+    arch = ArchConfig.from_json(SHARED_CONFIGS / "llama-3_3-nemotron-super-49b-v1.json")
+    assert arch.n_layers == 80
+
+
+def test_block_count_mismatch(tmp_path: Path) -> None:
+    cfg = nas_config()
+    cfg["num_hidden_layers"] = 9
+    with pytest.raises(ConfigError, match="block_configs has 8 entries but num_hidden_layers is 9"):
+        ArchConfig.from_json(_write(tmp_path, cfg))
+
+
+def test_not_json(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ArchConfig.from_json(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        ArchConfig.from_json(tmp_path)

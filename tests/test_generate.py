@@ -1,0 +1,152 @@
+"""Generation: batching, sampling distributions, stopping rules and the context-length check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tessera.runtime.generate import ContextLengthError, Generator, SamplingParams, sample
+from tessera.runtime.model import Model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+
+TEXT = ["the quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b", "hello world"] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(TEXT, trainer=trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def generator(tokenizer: Tokenizer) -> Generator:
+    block = BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 96))
+    arch = ArchConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=48,
+        n_heads=4,
+        head_dim=12,
+        blocks=(block,) * 2,
+        max_position_embeddings=64,
+        eos_token_ids=(0,),
+    )
+    # A large init spreads the logits so greedy and sampled paths differ visibly.
+    return Generator(Model(arch).init_weights(std=0.5, seed=0).eval(), tokenizer)
+
+
+PROMPTS = ["def add(a", "the quick brown fox jumps over", "h"]
+
+
+def test_batched_greedy_equals_one_at_a_time(generator: Generator) -> None:
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    batched = generator.generate(PROMPTS, params)
+    for prompt, c in zip(PROMPTS, batched):
+        [alone] = generator.generate([prompt], params)
+        assert c.tokens == alone.tokens and len(c.tokens) == 12
+        assert c.text == generator.tokenizer.decode(c.tokens)
+
+
+def test_seeded_sampling_is_reproducible_and_varies_with_seed(generator: Generator) -> None:
+    def run(seed):
+        return [c.tokens for c in generator.generate(PROMPTS, SamplingParams(16, 1.0, seed=seed, ignore_eos=True))]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(generator: Generator) -> None:
+    greedy = [c.tokens for c in generator.generate(PROMPTS, SamplingParams(10, ignore_eos=True))]
+    top_k = [c.tokens for c in generator.generate(PROMPTS, SamplingParams(10, 1.5, top_k=1, seed=0, ignore_eos=True))]
+    top_p = [
+        c.tokens for c in generator.generate(PROMPTS, SamplingParams(10, 1.5, top_p=1e-6, seed=0, ignore_eos=True))
+    ]
+    assert greedy == top_k == top_p
+
+
+N_SAMPLES = 40_000  # frequency std <= sqrt(0.25 / 40000) = 0.0025; tolerance 0.015 is 6 sigma
+
+
+def _frequencies(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    draws = sample(logits.expand(N_SAMPLES, -1), params, gen)
+    return torch.bincount(draws, minlength=logits.shape[-1]).double() / N_SAMPLES
+
+
+def test_temperature_sampling_follows_softmax() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    for temperature in (0.5, 1.0, 2.0):
+        expected = torch.softmax(logits[0].double() / temperature, -1)
+        freq = _frequencies(logits, SamplingParams(temperature=temperature))
+        assert (freq - expected).abs().max() < 0.015
+
+
+def test_top_k_and_top_p_renormalise_over_the_kept_tokens() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    logits = probs.log()[None].float()
+    freq = _frequencies(logits, SamplingParams(temperature=1.0, top_k=3))
+    assert freq[3] == 0 and (freq[:3] - probs[:3] / 0.95).abs().max() < 0.015
+    # top_p 0.7: token 0 (0.5) is kept, token 1 is kept (0.5 < 0.7 before it), token 2 is dropped (0.8 >= 0.7).
+    freq = _frequencies(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    assert freq[2:].sum() == 0 and abs(freq[0] - 0.5 / 0.8) < 0.015
+
+
+def test_stops_on_eos(generator: Generator) -> None:
+    [free] = generator.generate([PROMPTS[0]], SamplingParams(10, ignore_eos=True))
+    eos = free.tokens[3]
+    first = free.tokens.index(eos)
+    [c] = generator.generate([PROMPTS[0]], SamplingParams(10, stop_token_ids=(eos,)))
+    assert c.tokens == free.tokens[:first] and c.finish_reason == "stop"
+
+
+def test_stops_on_stop_string(generator: Generator) -> None:
+    [free] = generator.generate([PROMPTS[1]], SamplingParams(20, ignore_eos=True))
+    text = free.text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    [c] = generator.generate([PROMPTS[1]], SamplingParams(20, stop=(stop,), ignore_eos=True))
+    assert c.finish_reason == "stop" and c.text == text[: text.find(stop)]
+    assert stop not in c.text
+
+
+def test_max_new_tokens(generator: Generator) -> None:
+    for c in generator.generate(PROMPTS, SamplingParams(5, ignore_eos=True)):
+        assert len(c.tokens) == 5 and c.finish_reason == "length"
+
+
+def test_prompt_longer_than_context_is_refused(generator: Generator) -> None:
+    with pytest.raises(ContextLengthError, match="prompt 1 has 64 tokens; the model's context is 64"):
+        generator.generate([[5, 6], [7] * 64], SamplingParams(4))
+
+
+def test_generation_stops_at_the_context_end(generator: Generator) -> None:
+    # Prompt 0 can only grow by 2 tokens; prompt 1 rides along with a 20-token budget in the same batch.
+    completions = generator.generate([[9] * 62, [5, 6, 7]], SamplingParams(20, ignore_eos=True))
+    assert [len(c.tokens) for c in completions] == [2, 20]
+    assert [c.finish_reason for c in completions] == ["length", "length"]
+    [alone] = generator.generate([[5, 6, 7]], SamplingParams(20, ignore_eos=True))
+    assert alone.tokens == completions[1].tokens
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+    ],
+)
+def test_bad_sampling_params(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_empty_prompt_is_refused(generator: Generator) -> None:
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        generator.generate([""], SamplingParams(3))
