@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tessera.runtime import load_model
-from tessera.runtime.generate import Generator, SamplingParams
 
 from tessera.demo_parent import PARENT_DIR
+from tessera.runtime import load_model
+from tessera.runtime.generate import Generator, SamplingParams
 
 from .harness import environment, write_results
 

@@ -3,11 +3,9 @@
 The runtime model calls only these functions for its heavy work, so a faster kernel changes what is served,
 what the search times, and what the cost model predicts, all at once. Backends:
 - "torch": the plain-torch references beside each kernel (the CPU path and the tests' ground truth);
-- "triton": Triton kernels on CUDA tensors (added by the kernels issue; until then "torch" everywhere).
-`TESSERA_KERNELS=torch|triton` forces one backend.
+- "triton": Triton kernels on CUDA tensors, with `TESSERA_KERNELS=torch|triton` to force one (both added
+  by the kernels issue; until then every op runs its reference, on every device).
 """
-
-import os
 
 import torch
 
@@ -16,19 +14,7 @@ from .ffn import swiglu_ffn_reference
 from .norm import rms_norm_reference
 from .rope import apply_rope_reference
 
-__all__ = ["apply_rope", "attention_decode", "attention_prefill", "backend", "rms_norm", "swiglu_ffn"]
-
-_BACKENDS = ("torch", "triton")
-
-
-def backend() -> str:
-    """The backend the ops use now: TESSERA_KERNELS if set, else "torch" (no Triton kernels yet)."""
-    forced = os.environ.get("TESSERA_KERNELS", "").strip().lower()
-    if forced and forced not in _BACKENDS:
-        raise ValueError(f"TESSERA_KERNELS={forced!r}: expected one of {', '.join(_BACKENDS)}")
-    if forced == "triton":
-        raise NotImplementedError("TESSERA_KERNELS=triton: the Triton kernels are not built yet (kernels issue)")
-    return "torch"
+__all__ = ["apply_rope", "attention_decode", "attention_prefill", "rms_norm", "swiglu_ffn"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

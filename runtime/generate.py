@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
+
 from tessera.runtime.cache import KVCache
 from tessera.runtime.model import Model
-from tokenizers import Tokenizer
 
 
 class ContextLengthError(ValueError):

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tessera.runtime.model import GQAAttention, Model, SwiGLU
 
 from tessera.config import ArchConfig, ConfigError
+from tessera.runtime.model import GQAAttention, Model, SwiGLU
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 _INDEX = "model.safetensors.index.json"

@@ -18,11 +18,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from tessera.runtime.cache import KVCache
 from torch import nn
 
 from tessera import kernels
 from tessera.config import ArchConfig, BlockConfig, RopeConfig
+from tessera.runtime.cache import KVCache
 
 
 @dataclass

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tessera.runtime.generate import ContextLengthError, Generator, SamplingParams, sample
-from tessera.runtime.model import Model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+from tessera.runtime.generate import ContextLengthError, Generator, SamplingParams, sample
+from tessera.runtime.model import Model
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b", "hello world"] * 20
 

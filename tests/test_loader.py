@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tessera.runtime import CheckpointError, load_model, save_model
-from tessera.runtime.model import Model
 
 from tessera.config import ArchConfig
+from tessera.runtime import CheckpointError, load_model, save_model
+from tessera.runtime.model import Model
 
 from .conftest import nas_config, nas_tensors, write_checkpoint
 

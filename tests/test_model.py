@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
 from tessera.runtime import load_model
 from tessera.runtime.cache import KVCache
 
@@ -43,8 +44,9 @@ def test_llama_matches_transformers(fixture: str, request) -> None:
 
 
 def test_llama_greedy_generation_matches_transformers(llama_untied: Path) -> None:
-    from tessera.runtime.generate import Generator, SamplingParams
     from transformers import LlamaForCausalLM
+
+    from tessera.runtime.generate import Generator, SamplingParams
 
     reference = LlamaForCausalLM.from_pretrained(llama_untied, dtype=torch.float32).eval()
     prompt = [5, 17, 33, 8, 91, 60, 12]

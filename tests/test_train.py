@@ -7,10 +7,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from tessera.runtime.model import Model
-from tessera.search.train import TrainConfig, evaluate_lm, fixed_windows, lm_loss, lr_at, random_windows, train
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+from tessera.runtime.model import Model
+from tessera.search.train import TrainConfig, evaluate_lm, fixed_windows, lm_loss, lr_at, random_windows, train
 
 
 def test_lr_schedule_warmup_then_cosine() -> None:

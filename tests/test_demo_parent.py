@@ -1,0 +1,64 @@
+"""The shipped demo parent: size, format, tokenizer, and that it scores what training.json reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from tessera.config import ArchConfig
+from tessera.demo_parent import CORPUS_DIR, EOS, PARENT_DIR, VALIDATION_EVERY, _documents, encode_split, read_corpus
+from tessera.runtime import load_model
+from tessera.runtime.generate import load_tokenizer
+from tessera.search.train import evaluate_lm, fixed_windows
+
+REPORT = json.loads((PARENT_DIR / "training.json").read_text())
+
+
+def test_checkpoint_is_a_small_gqa_llama_under_25_mb() -> None:
+    arch = ArchConfig.from_json(PARENT_DIR)
+    assert json.loads((PARENT_DIR / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert arch.is_uniform_llama() and arch.n_heads == 8 and arch.blocks[0].attention.n_kv_heads == 4
+    assert 5e6 <= arch.num_params() <= 20e6
+    size = sum(f.stat().st_size for f in PARENT_DIR.iterdir())
+    assert size <= 25 * 2**20, f"demo parent is {size / 2**20:.1f} MiB"
+
+
+def test_tokenizer_is_lossless_byte_level_bpe() -> None:
+    tok = load_tokenizer(PARENT_DIR)
+    text = read_corpus("validation")[:20_000]
+    assert tok.decode(tok.encode(text).ids) == text
+    assert tok.token_to_id(EOS) in ArchConfig.from_json(PARENT_DIR).eos_token_ids
+    # BPE compresses Python source well beyond bytes: at least 3 characters per token here.
+    assert len(text) / len(tok.encode(text).ids) > 3
+
+
+def test_shipped_weights_score_the_reported_validation_loss() -> None:
+    model = load_model(PARENT_DIR)
+    tok = load_tokenizer(PARENT_DIR)
+    windows = fixed_windows(encode_split(tok, "validation"), REPORT["config"]["seq_len"], 16)
+    loss = evaluate_lm(model, windows)
+    # The report used 64 windows; these are its first 16, so the mean differs by sampling only (a few %).
+    assert abs(loss - REPORT["shipped_val_loss"]) < 0.15 * REPORT["shipped_val_loss"]
+    assert math.exp(loss) < 0.1 * model.arch.vocab_size  # far better than uniform guessing
+
+
+def test_learned_more_than_it_memorised() -> None:
+    assert REPORT["epochs"] < 3
+    assert REPORT["val_loss"] - REPORT["train_loss"] < 0.5
+
+
+@pytest.mark.skipif(
+    sys.version.split()[0] != json.loads((CORPUS_DIR / "corpus.json").read_text())["python"],
+    reason="snapshot taken from another Python version",
+)
+def test_corpus_snapshot_is_reproducible_from_this_python() -> None:
+    import zlib
+
+    stats = json.loads((CORPUS_DIR / "corpus.json").read_text())
+    names = [name for name, _ in _documents()]
+    held_out = sum(zlib.crc32(n.encode()) % VALIDATION_EVERY == 0 for n in names)
+    assert (len(names) - held_out, held_out) == (stats["train_documents"], stats["validation_documents"])
+    assert len(read_corpus("train").encode()) == stats["train_bytes"]
