@@ -39,12 +39,13 @@ def attention_decode_reference(
     batch, n_heads, head_dim = q.shape
     n_kv = k_cache.shape[1]
     # Only the longest live context is read: the rest of the static cache is empty.
-    used = int(seq_lens.max()) if batch else 0
-    k, v = k_cache[:, :, :used], v_cache[:, :, :used]  # (B, Hkv, L, D)
+    longest = int(seq_lens.max()) if batch else 0
+    shortest = longest if batch <= 1 else int(seq_lens.min())
+    k, v = k_cache[:, :, :longest].float(), v_cache[:, :, :longest].float()  # (B, Hkv, L, D)
+    # GQA as grouped rows: the G query heads of KV head j are G query rows against that head's cache.
     qg = q.view(batch, n_kv, n_heads // n_kv, head_dim).float()  # (B, Hkv, G, D)
-    scores = torch.einsum("bkgd,bksd->bkgs", qg, k.float()) * head_dim**-0.5
-    valid = torch.arange(used, device=q.device)[None, :] < seq_lens[:, None]  # (B, L)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgs,bksd->bkgd", probs, v.float())
+    mask = None
+    if shortest < longest:
+        mask = (torch.arange(longest, device=q.device)[None, :] < seq_lens[:, None])[:, None, None, :]  # (B,1,1,L)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
     return out.reshape(batch, n_heads, head_dim).to(q.dtype)

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tessera import kernels
@@ -97,12 +98,12 @@ class GQAAttention(nn.Module):
         self.w_o = nn.Parameter(torch.empty(arch.hidden_size, q_dim))
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = (x @ self.w_qkv.t()).split((q_dim, kv_dim, kv_dim), dim=-1)
-        q = kernels.apply_rope(q.view(n, self.n_heads, self.head_dim), cos, sin)  # (N, Hq, D)
-        k = kernels.apply_rope(k.view(n, self.n_kv_heads, self.head_dim), cos, sin)  # (N, Hkv, D)
-        v = v.view(n, self.n_kv_heads, self.head_dim)
+        n, hq, hkv, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = F.linear(x, self.w_qkv)  # (N, (Hq + 2 Hkv) D)
+        # q and k sit side by side in the packed output: one rotation covers both.
+        qk = kernels.apply_rope(qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d), cos, sin)
+        q, k = qk[:, :hq], qk[:, hq:]  # (N, Hq, D), (N, Hkv, D)
+        v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
         if batch.cache is not None:
             batch.cache.write(self.layer_idx, batch.rows, batch.positions, k, v)
         if batch.is_decode:
@@ -110,7 +111,7 @@ class GQAAttention(nn.Module):
             out = kernels.attention_decode(q, cache.k[self.layer_idx], cache.v[self.layer_idx], batch.seq_lens)
         else:
             out = kernels.attention_prefill(q, k, v, batch.cu_seqlens, causal=True)
-        return out.reshape(n, q_dim) @ self.w_o.t()
+        return F.linear(out.reshape(n, hq * d), self.w_o)
 
 
 class LinearSublayer(nn.Module):
@@ -121,7 +122,7 @@ class LinearSublayer(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size))
 
     def forward(self, x: torch.Tensor, *_: object) -> torch.Tensor:
-        return x @ self.weight.t()
+        return F.linear(x, self.weight)
 
 
 class SwiGLU(nn.Module):
@@ -211,7 +212,7 @@ class Model(nn.Module):
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.lm_head_weight.t()
+        return F.linear(hidden, self.lm_head_weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] (one full sequence per row, no cache) -> logits [B, T, vocab]."""
