@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,13 +28,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _short(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def _format_info(arch: ArchConfig, source: str) -> str:
     s = arch.summary()
     lines = [
         f"{source}",
         f"  layers {s['num_layers']}, hidden {s['hidden_size']}, heads {s['num_heads']} x {s['head_dim']}, "
         f"vocab {s['vocab_size']}, tied embeddings {arch.tie_embeddings}",
-        f"  parameters      {s['num_params']:,} ({s['num_params'] / 1e9:.2f}B)",
+        f"  parameters      {s['num_params']:,} ({_short(s['num_params'])})",
         f"  weight bytes    {s['weight_bytes']:,} ({arch.dtype})",
         f"  KV bytes/token  {s['kv_bytes_per_token']:,} ({arch.dtype})",
         f"  FLOPs/token     {s['flops_per_token']:,} (no context)",
@@ -173,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         parser.exit(2, f"tessera: error: {e}\n")
+    except BrokenPipeError:  # `tessera info ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -211,4 +211,28 @@ def train_parent(
     generation_config = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_ids[0]}
     (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_training(report, out / "training.png")
     return report
+
+
+def plot_training(report: dict, path: Path) -> Path:
+    """Training- and validation-loss curves from a training.json report, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = report["history"]
+    tokens = [h["step"] * report["config"]["batch_size"] * report["config"]["seq_len"] / 1e6 for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    ax.plot(tokens, [h["train_eval_loss"] for h in history], "o-", label="train (64 fixed windows)")
+    ax.plot(tokens, [h["val_loss"] for h in history], "s-", label="validation (held-out files)")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"demo parent, {report['num_params'] / 1e6:.1f}M parameters, {report['epochs']:.2f} epochs")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
