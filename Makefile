@@ -21,7 +21,7 @@ demo: setup  ## generate from the bundled demo parent
 	$(BIN)/tessera demo
 
 test: setup  ## the CPU test suite (kernels run under the Triton interpreter)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/pytest -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .
@@ -32,7 +32,7 @@ format: setup
 	$(BIN)/ruff format .
 
 bench: setup  ## CPU benchmarks (pytest-benchmark); results JSON under benchmarks/results/
-	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-columns=median,iqr,rounds -p no:randomly
+	$(BIN)/pytest benchmarks --benchmark-enable --benchmark-columns=median,iqr,rounds
 
 corpus: setup  ## re-snapshot the demo corpus from this Python's standard library
 	$(BIN)/tessera demo-parent corpus

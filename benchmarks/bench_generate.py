@@ -66,7 +66,8 @@ def test_decode_tokens_per_second(benchmark, models, engine: str, batch: int) ->
         assert agree >= 0.95, f"tessera and transformers disagree on {1 - agree:.1%} of greedy tokens"
     run = (lambda: _run_tessera(gen, prompts)) if engine == "tessera" else (lambda: _run_transformers(hf, prompts))
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    _measured[(engine, batch)] = batch * NEW_TOKENS / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable (a plain correctness run)
+        _measured[(engine, batch)] = batch * NEW_TOKENS / benchmark.stats.stats.median
 
 
 def test_write_results() -> None:

@@ -31,8 +31,8 @@ CORPUS_DIR = REPO / "demo" / "corpus"
 PARENT_DIR = REPO / "demo" / "parent"
 VALIDATION_EVERY = 20  # 1 document in 20 (by name hash) is held out
 
-# ~8.4M parameters for ~3.5M training tokens: a budget of well under one pass over the data, so the
-# model learns the language of Python source rather than memorising files.
+# 8.4M parameters on 2.8M training tokens, trained for under two passes (1.74): validation loss still
+# falls at the last evaluation, so the model learns the language of Python source, not the files.
 DEMO_ARCH = dict(
     vocab_size=8192,
     hidden_size=256,
@@ -166,9 +166,7 @@ def train_parent(
     model = Model(arch).init_weights(seed=seed).train()
     val = fixed_windows(val_ids, seq_len, eval_windows)
     # Training-loss estimate on a fixed sample of training windows (same size as validation).
-    rng = np.random.default_rng(seed + 1)
-    starts = rng.integers(0, len(train_ids) - seq_len - 1, size=eval_windows)
-    train_eval = torch.stack([torch.from_numpy(train_ids[s : s + seq_len + 1].astype(np.int64)) for s in starts])
+    train_eval = next(random_windows(train_ids, eval_windows, seq_len, seed + 1))
 
     def evaluate() -> dict[str, float]:
         return {"val_loss": evaluate_lm(model, val), "train_eval_loss": evaluate_lm(model, train_eval)}
