@@ -81,8 +81,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
                 raise CheckpointError(f"{index}: shard {shard.name} is listed but missing from {path}")
         return files
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        return dict.fromkeys(sorted(_tensor_names(single)), single)
     raise CheckpointError(f"{path}: no model.safetensors or {_INDEX} (expected a Hugging Face checkpoint)")
 
 
@@ -109,15 +108,28 @@ def read_hf_tensors(path: str | Path, arch: ArchConfig) -> dict[str, torch.Tenso
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
+        stored = _tensor_names(file)
         with safe_open(file, framework="pt") as f:
             for name in names:
+                if name not in stored:
+                    raise CheckpointError(f"{file}: tensor {name} is listed in {_INDEX} but not stored in this shard")
                 t = f.get_tensor(name)
                 if tuple(t.shape) != expected[name]:
                     raise CheckpointError(
                         f"{file}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}"
                     )
+                if not t.is_floating_point():
+                    raise CheckpointError(f"{file}: tensor {name} is {t.dtype}, expected a floating-point dtype")
                 tensors[name] = t
     return tensors
+
+
+def _tensor_names(file: Path) -> set[str]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            return set(f.keys())
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def load_hf_state(model: Model, tensors: dict[str, torch.Tensor]) -> None:

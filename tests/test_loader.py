@@ -108,6 +108,32 @@ def test_missing_shard(tmp_path: Path, llama_untied: Path) -> None:
         load_model(out)
 
 
+def test_truncated_safetensors(tmp_path: Path, nas_checkpoint: Path) -> None:
+    weights = nas_checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_model(nas_checkpoint)
+
+
+def test_index_names_a_tensor_its_shard_lacks(tmp_path: Path, llama_untied: Path) -> None:
+    out = save_model(load_model(llama_untied), tmp_path / "sharded", max_shard_bytes=40_000)
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"]["model.norm.weight"] = next(s for s in shards if s != index["weight_map"]["model.norm.weight"])
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError, match=r"model\.norm\.weight is listed in model\.safetensors\.index\.json but not"
+    ):
+        load_model(out)
+
+
+def test_integer_weights_are_refused(tmp_path: Path) -> None:
+    path = _broken(tmp_path, lambda c, t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)}))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight is torch\.int32, expected a floating-point"):
+        load_model(path)
+
+
 def test_no_weights(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(nas_config()))
     with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
