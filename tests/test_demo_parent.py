@@ -84,3 +84,10 @@ def test_half_precision_generation_follows_float32(dtype: torch.dtype) -> None:
     # A trained model's greedy choices have clear margins; 16-bit rounding may flip a rare near-tie late
     # in a sequence, so compare the first 4 tokens, where an error in the half path would show at once.
     assert [c.tokens[:4] for c in half] == [c.tokens[:4] for c in full]
+
+
+def test_tokenizer_retrains_to_the_shipped_file(tmp_path) -> None:
+    from tessera.demo_parent import train_tokenizer
+
+    train_tokenizer(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_bytes() == (PARENT_DIR / "tokenizer.json").read_bytes()

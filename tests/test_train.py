@@ -46,6 +46,22 @@ def test_training_learns_a_repeating_sequence() -> None:
     assert [h["step"] for h in history if "val_loss" in h] == [60, 120]
 
 
+def test_training_is_reproducible() -> None:
+    block = BlockConfig(AttentionConfig("gqa", 1), FFNConfig("swiglu", 64))
+    arch = ArchConfig(vocab_size=32, hidden_size=32, n_heads=2, head_dim=16, blocks=(block,) * 2)
+    tokens = np.random.default_rng(0).integers(0, 32, 2000).astype(np.uint16)
+
+    def run() -> list[float]:
+        model = Model(arch).init_weights(seed=0).train()
+        batches = random_windows(tokens, 4, 16, seed=0)
+        history = train(
+            model.named_parameters(), lambda w: lm_loss(model, w), batches, TrainConfig(steps=5), progress=False
+        )
+        return [h["loss"] for h in history]
+
+    assert run() == run()
+
+
 def test_random_windows_are_seeded() -> None:
     tokens = np.arange(1000, dtype=np.uint16)
     a, b = next(random_windows(tokens, 4, 16, seed=3)), next(random_windows(tokens, 4, 16, seed=3))
