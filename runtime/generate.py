@@ -97,12 +97,17 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:
         arch = self.model.arch
+        if not prompts:
+            return []
         completions = [Completion(self.encode(p)) for p in prompts]
         lengths = [len(c.prompt_tokens) for c in completions]
         context = arch.max_position_embeddings
-        for i, n in enumerate(lengths):
+        for i, (c, n) in enumerate(zip(completions, lengths)):
             if n == 0:
                 raise ValueError(f"prompt {i} is empty")
+            bad = next((t for t in c.prompt_tokens if not 0 <= t < arch.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt {i} has token id {bad}, outside the vocabulary [0, {arch.vocab_size})")
             if n >= context:
                 raise ContextLengthError(
                     f"prompt {i} has {n} tokens; the model's context is {context} (max_position_embeddings), "

@@ -150,3 +150,13 @@ def test_bad_sampling_params(kwargs: dict, message: str) -> None:
 def test_empty_prompt_is_refused(generator: Generator) -> None:
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         generator.generate([""], SamplingParams(3))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(generator: Generator) -> None:
+    vocab = generator.model.arch.vocab_size
+    with pytest.raises(ValueError, match=rf"prompt 1 has token id {vocab}, outside the vocabulary \[0, {vocab}\)"):
+        generator.generate([[1, 2], [3, vocab]], SamplingParams(2))
+
+
+def test_no_prompts_no_completions(generator: Generator) -> None:
+    assert generator.generate([], SamplingParams(2)) == []
