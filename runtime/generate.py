@@ -114,7 +114,8 @@ class Generator:
                     "leaving no room to generate"
                 )
         budget = [min(params.max_new_tokens, context - n) for n in lengths]
-        stop_ids = set(() if params.ignore_eos else params.stop_token_ids or arch.eos_token_ids)
+        default_ids = arch.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
+        stop_ids = set() if params.ignore_eos else set(default_ids)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         generator = None

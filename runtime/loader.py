@@ -81,7 +81,8 @@ def _weight_files(path: Path) -> dict[str, Path]:
                 raise CheckpointError(f"{index}: shard {shard.name} is listed but missing from {path}")
         return files
     if single.is_file():
-        return dict.fromkeys(sorted(_tensor_names(single)), single)
+        with _open_safetensors(single) as f:
+            return dict.fromkeys(sorted(f.keys()), single)
     raise CheckpointError(f"{path}: no model.safetensors or {_INDEX} (expected a Hugging Face checkpoint)")
 
 
@@ -108,8 +109,8 @@ def read_hf_tensors(path: str | Path, arch: ArchConfig) -> dict[str, torch.Tenso
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        stored = _tensor_names(file)
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
+            stored = set(f.keys())
             for name in names:
                 if name not in stored:
                     raise CheckpointError(f"{file}: tensor {name} is listed in {_INDEX} but not stored in this shard")
@@ -124,10 +125,9 @@ def read_hf_tensors(path: str | Path, arch: ArchConfig) -> dict[str, torch.Tenso
     return tensors
 
 
-def _tensor_names(file: Path) -> set[str]:
+def _open_safetensors(file: Path):
     try:
-        with safe_open(file, framework="pt") as f:
-            return set(f.keys())
+        return safe_open(file, framework="pt")  # parses the header: a truncated file fails here
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 

@@ -140,7 +140,6 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, arch: ArchConfig, block: BlockConfig, layer_idx: int) -> None:
         super().__init__()
-        self.block = block
         h, eps = arch.hidden_size, arch.rms_norm_eps
         self.input_layernorm = self.self_attn = self.post_attention_layernorm = self.mlp = None
         if block.attention.kind != "none":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     eval_every: int = 0  # 0: evaluate only at the end
-    seed: int = 0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -81,10 +80,6 @@ def train(
         history.append(record)
         bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "val_loss")})
     return history
-
-
-def config_dict(cfg: TrainConfig) -> dict[str, object]:
-    return asdict(cfg)
 
 
 # Language modelling on a token array: what the demo parent trains on and what distillation samples from.

@@ -328,16 +328,18 @@ def _get(cfg: dict[str, Any], key: str, source: str, kind: type | tuple[type, ..
             raise ConfigError(f"{source}: field {key!r} is missing (expected {_kind_name(kind)})")
         return default
     value = cfg[key]
-    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ConfigError(f"{source}: field {key!r} is {value!r}, expected {_kind_name(kind)}")
-    if not isinstance(value, kind):
+    # bool is an int in Python; a JSON true where a number belongs is still a mistake.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
         raise ConfigError(f"{source}: field {key!r} is {value!r}, expected {_kind_name(kind)}")
     return value
 
 
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(k.__name__ for k in kinds)
+    return " or ".join(k.__name__ for k in _kinds(kind))
 
 
 def _read_rope(cfg: dict[str, Any], source: str) -> RopeConfig:

@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig, RopeConfig
+from tessera.runtime.loader import load_model, save_model
+from tessera.runtime.model import Model
+from tessera.search.train import TrainConfig, evaluate_lm, fixed_windows, lm_loss, random_windows, train
 
 EOS = "<|endoftext|>"
 REPO = Path(__file__).resolve().parent.parent
@@ -155,10 +158,6 @@ def train_parent(
     eval_windows: int = 64,
 ) -> dict[str, object]:
     """Tokenizer + model from scratch; saves the checkpoint and training.json (losses, perplexities)."""
-    from tessera.runtime.loader import save_model
-    from tessera.runtime.model import Model
-    from tessera.search.train import TrainConfig, evaluate_lm, fixed_windows, lm_loss, random_windows, train
-
     torch.manual_seed(seed)
     tok = train_tokenizer(out, corpus)
     train_ids, val_ids = encode_split(tok, "train", corpus), encode_split(tok, "validation", corpus)
@@ -171,7 +170,7 @@ def train_parent(
     def evaluate() -> dict[str, float]:
         return {"val_loss": evaluate_lm(model, val), "train_eval_loss": evaluate_lm(model, train_eval)}
 
-    cfg = TrainConfig(steps=steps, lr=lr, weight_decay=0.1, eval_every=max(1, steps // 10), seed=seed)
+    cfg = TrainConfig(steps=steps, lr=lr, weight_decay=0.1, eval_every=max(1, steps // 10))
     start = time.time()
     history = train(
         model.named_parameters(),
@@ -201,8 +200,6 @@ def train_parent(
     }
     save_model(model, out, dtype=torch.bfloat16)
     # The shipped weights are bfloat16: report what they score, loaded back as users load them.
-    from tessera.runtime.loader import load_model
-
     shipped = load_model(out)
     report["shipped_val_loss"] = evaluate_lm(shipped, val)
     report["shipped_val_perplexity"] = math.exp(report["shipped_val_loss"])

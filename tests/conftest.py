@@ -43,13 +43,14 @@ def hf_llama(path: Path, tie: bool, seed: int = 0, **overrides) -> Path:
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
-        # original_max_position_embeddings small so the scaling's low/medium/high bands all occur at D=8.
+        # head_dim 8, theta 5e5: wavelengths 6.3, 167, 4443, 1.2e5 positions. With original 256 the bands are
+        # < 64 kept, 64..256 smoothed, > 256 divided by factor: each of the three occurs.
         rope_scaling={
             "rope_type": "llama3",
             "factor": 8.0,
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
+            "original_max_position_embeddings": 256,
         },
         tie_word_embeddings=tie,
         bos_token_id=1,
@@ -98,12 +99,14 @@ def nas_config(hidden: int = 64, heads: int = 8, vocab: int = 101, blocks=NAS_BL
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
+        # head_dim 8, theta 1e4: wavelengths 6.3, 63, 628, 6283. With original 100 the bands are < 25 kept,
+        # 25..100 smoothed, > 100 divided by factor: each occurs.
         "rope_scaling": {
             "rope_type": "llama3",
             "factor": 4.0,
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
+            "original_max_position_embeddings": 100,
         },
         "max_position_embeddings": 128,
         "tie_word_embeddings": False,

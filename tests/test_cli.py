@@ -84,7 +84,6 @@ def test_generate_prompt_longer_than_context(capsys) -> None:
 
 
 def test_generate_cuda_without_a_gpu(capsys) -> None:
-    pytest.importorskip("torch")
     import torch
 
     if torch.cuda.is_available():

@@ -160,3 +160,15 @@ def test_token_ids_outside_the_vocabulary_are_refused(generator: Generator) -> N
 
 def test_no_prompts_no_completions(generator: Generator) -> None:
     assert generator.generate([], SamplingParams(2)) == []
+
+
+def test_empty_stop_token_ids_means_none_not_eos(generator: Generator, monkeypatch) -> None:
+    from dataclasses import replace
+
+    [free] = generator.generate([PROMPTS[2]], SamplingParams(10, ignore_eos=True))
+    # Make a token the greedy path emits early the model's EOS: the default stops there, () does not.
+    monkeypatch.setattr(generator.model, "arch", replace(generator.model.arch, eos_token_ids=(free.tokens[1],)))
+    [default] = generator.generate([PROMPTS[2]], SamplingParams(10))
+    [none] = generator.generate([PROMPTS[2]], SamplingParams(10, stop_token_ids=()))
+    assert default.finish_reason == "stop" and len(default.tokens) < 10
+    assert none.tokens == free.tokens and none.finish_reason == "length"
