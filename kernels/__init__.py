@@ -2,40 +2,78 @@
 
 The runtime model calls only these functions for its heavy work, so a faster kernel changes what is served,
 what the search times, and what the cost model predicts, all at once. Backends:
-- "torch": the plain-torch references beside each kernel (the CPU path and the tests' ground truth);
-- "triton": Triton kernels on CUDA tensors, with `TESSERA_KERNELS=torch|triton` to force one (both added
-  by the kernels issue; until then every op runs its reference, on every device).
+- "triton": the Triton kernels, used by default for CUDA tensors;
+- "torch": the plain-torch reference beside each kernel: the CPU path, the tests' ground truth, and the
+  path whenever autograd records (the Triton kernels are inference-only; BLD and GKD train through these).
+`TESSERA_KERNELS=torch|triton` forces one for every op (read at each call, so tests can flip it). Forcing
+"triton" on CPU tensors works only under the Triton interpreter (`TRITON_INTERPRET=1`, set before import).
 """
+
+import os
 
 import torch
 
-from .attention import attention_decode_reference, attention_prefill_reference
-from .ffn import swiglu_ffn_reference
-from .norm import rms_norm_reference
-from .rope import apply_rope_reference
+from .attention import attention_prefill_reference, attention_prefill_triton
+from .attention_decode import attention_decode_reference, attention_decode_triton
+from .ffn import swiglu_ffn_reference, swiglu_ffn_triton
+from .norm import rms_norm_reference, rms_norm_triton
+from .rope import apply_rope_reference, apply_rope_triton
 
-__all__ = ["apply_rope", "attention_decode", "attention_prefill", "rms_norm", "swiglu_ffn"]
+__all__ = ["BACKEND_ENV", "apply_rope", "attention_decode", "attention_prefill", "backend", "rms_norm", "swiglu_ffn"]
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension. x [..., H], weight [H]."""
-    return rms_norm_reference(x, weight, eps)
+BACKEND_ENV = "TESSERA_KERNELS"
 
 
-def swiglu_ffn(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU FFN. x [M, H], w_gate_up [2I, H] = cat(gate, up), w_down [H, I] -> [M, H]."""
-    return swiglu_ffn_reference(x, w_gate_up, w_down)
+def backend(*tensors: torch.Tensor) -> str:
+    """The backend an op on these tensors runs: "triton" or "torch"."""
+    forced = os.environ.get(BACKEND_ENV, "")
+    if forced not in ("", "torch", "triton"):
+        raise ValueError(f"{BACKEND_ENV} must be 'torch' or 'triton' (or unset for automatic), got {forced!r}")
+    if forced == "torch" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return "torch"
+    if forced == "triton":
+        if not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET", "").lower() not in ("1", "true", "on", "yes"):
+            raise RuntimeError(f"{BACKEND_ENV}=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
+        return "triton"
+    return "triton" if tensors[0].is_cuda else "torch"
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dimension. x [..., H], weight [H]. With a residual (like x): returns
+    (RMSNorm(x + residual), x + residual), the add fused in."""
+    impl = rms_norm_triton if backend(x, weight) == "triton" else rms_norm_reference
+    return impl(x, weight, eps, residual)
+
+
+def swiglu_ffn(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SwiGLU FFN. x [M, H], w_gate_up [2I, H] = cat(gate, up), w_down [H, I] -> [M, H], plus the residual
+    [M, H] when one is given (added in the down GEMM's epilogue)."""
+    impl = swiglu_ffn_triton if backend(x, w_gate_up, w_down) == "triton" else swiglu_ffn_reference
+    return impl(x, w_gate_up, w_down, residual)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [N, heads, D] by per-token tables cos/sin [N, D/2]."""
-    return apply_rope_reference(x, cos, sin)
+    impl = apply_rope_triton if backend(x) == "triton" else apply_rope_reference
+    return impl(x, cos, sin)
 
 
 def attention_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool = True,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
-    """Packed varlen attention. q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] int32 -> [T, Hq, D]."""
+    """Packed varlen attention. q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] int32 -> [T, Hq, D].
+    max_seqlen, when the caller knows it, spares the Triton launcher a device-to-host read."""
+    if backend(q, k, v) == "triton":
+        return attention_prefill_triton(q, k, v, cu_seqlens, causal, max_seqlen)
     return attention_prefill_reference(q, k, v, cu_seqlens, causal)
 
 
@@ -43,4 +81,5 @@ def attention_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor
 ) -> torch.Tensor:
     """One query per sequence over its cache. q [B, Hq, D], caches [B, Hkv, S, D], seq_lens [B] int32."""
-    return attention_decode_reference(q, k_cache, v_cache, seq_lens)
+    impl = attention_decode_triton if backend(q, k_cache, v_cache) == "triton" else attention_decode_reference
+    return impl(q, k_cache, v_cache, seq_lens)

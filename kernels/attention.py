@@ -5,14 +5,192 @@
 - decode: one new query per sequence against that layer's KV cache [B, Hkv, S, D], of which the first
   seq_lens[b] positions are valid (the new token's K/V already written).
 
-Hq must be a multiple of Hkv; query head h reads KV head h // (Hq // Hkv), as in Hugging Face Llama.
-The plain-torch references below are the CPU path; the Triton kernels join them in the kernels issue.
+Hq must be a multiple of Hkv; query head h reads KV head h // G with G = Hq // Hkv, as in Hugging Face Llama.
+Both Triton kernels pack GQA: a program owns one KV head and treats the G query heads that share it as G
+query rows, so each K/V tile is read once for all of them. The layers of a Puzzle child have different
+Hkv (8/4/2/1 in Nemotron-51B), hence different G: G is a compile-time constant, one compilation per G.
+Softmax statistics are fp32 and in base 2 (exp2 of log2(e)-scaled scores), as in FlashAttention-2.
+This file holds prefill (kernel, launcher, reference) and the online-softmax step both kernels share;
+decode lives in attention_decode.py.
 """
 
 import itertools
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def attend_tile(
+    q,
+    acc,
+    m_i,
+    l_i,
+    k_ptrs,
+    v_ptrs,
+    mask_kv,
+    visible,
+    qk_scale,
+    MASKED: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step of query rows q [R, D] over a K/V tile of BLOCK_N keys -> (acc, m_i, l_i).
+
+    USE_DOT False is for decode with R <= 4 query rows, where padding to tl.dot's 16 rows would waste 4-16×
+    the tensor-core work: broadcast products and reductions instead.
+    """
+    k = tl.load(k_ptrs, mask=mask_kv, other=0.0)  # (BLOCK_N, D)
+    v = tl.load(v_ptrs, mask=mask_kv, other=0.0)
+    if USE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    else:
+        s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+    s = s * qk_scale  # (R, BLOCK_N), log2 units
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0, never NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if USE_DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    else:
+        pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+    return acc * alpha[:, None] + pv, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["max_tiles"])
+def _prefill_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    cu_seqlens_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    qk_scale,
+    max_tiles,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Grid (tiles, Hkv, B). The last tiles of a sequence see the most keys under the causal mask: launch them
+    # first so the long programs are not the stragglers.
+    tile = max_tiles - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+    seq_len = (tl.load(cu_seqlens_ptr + seq + 1) - tl.load(cu_seqlens_ptr + seq)).to(tl.int32)
+    if tile * BLOCK_M >= seq_len * GROUP:
+        return
+
+    # Row r of the tile is packed row p = tile·BLOCK_M + r: token p // G, query head kv_head·G + p % G.
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tokens = rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    mask_rows = tokens < seq_len
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q_ptrs = q_ptr + (start + tokens)[:, None] * stride_qt + heads[:, None].to(tl.int64) * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_rows[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    kv_row = k_ptr + start * stride_kt + kv_head.to(tl.int64) * stride_kh
+    vv_row = v_ptr + start * stride_vt + kv_head.to(tl.int64) * stride_vh
+    if CAUSAL:
+        first_token = (tile * BLOCK_M) // GROUP
+        key_end = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // GROUP + 1, seq_len)
+        # Keys before the tile's first token are visible to every row: no mask (off-band stage).
+        band_end = (first_token // BLOCK_N) * BLOCK_N
+    else:
+        key_end = seq_len
+        band_end = (seq_len // BLOCK_N) * BLOCK_N
+    for n0 in range(0, band_end, BLOCK_N):
+        keys = (n0 + offs_n).to(tl.int64)
+        k_ptrs = kv_row + keys[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = vv_row + keys[:, None] * stride_vt + offs_d[None, :]
+        acc, m_i, l_i = attend_tile(
+            q, acc, m_i, l_i, k_ptrs, v_ptrs, mask_d[None, :], None, qk_scale, False, True, DOT_PRECISION
+        )
+    # Diagonal stage: keys that some rows of the tile may not see.
+    for n0 in range(band_end, key_end, BLOCK_N):
+        keys = n0 + offs_n
+        mask_keys = keys < key_end
+        visible = mask_keys[None, :]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= tokens[:, None])
+        k_ptrs = kv_row + keys.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = vv_row + keys.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]
+        acc, m_i, l_i = attend_tile(
+            q, acc, m_i, l_i, k_ptrs, v_ptrs, mask_keys[:, None] & mask_d[None, :], visible, qk_scale,
+            True, True, DOT_PRECISION,
+        )  # fmt: skip
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_ptrs = out_ptr + (start + tokens)[:, None] * stride_ot + heads[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_rows[:, None] & mask_d[None, :])
+
+
+def attention_prefill_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool = True,
+    max_seqlen: int | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] int32 -> out [T, Hq, D].
+
+    max_seqlen (the longest sequence) sizes the grid; given, it saves a device-to-host read of cu_seqlens.
+    """
+    tokens, n_heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != tokens or k.shape[2] != head_dim or not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"attention_prefill: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, "
+                         f"v {tuple(v.shape)} {v.dtype} do not agree")  # fmt: skip
+    if n_heads % k.shape[1]:
+        raise ValueError(f"attention_prefill: {n_heads} query heads are not a multiple of {k.shape[1]} KV heads")
+    group = n_heads // k.shape[1]
+    out = torch.empty_like(q)
+    n_seqs = cu_seqlens.shape[0] - 1
+    if tokens == 0 or n_seqs <= 0:
+        return out
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    block_m, block_n = (128, 64) if head_dim <= 128 else (64, 32)
+    max_tiles = triton.cdiv(max_seqlen * group, block_m)
+    if max_tiles == 0:
+        return out
+    grid = (max_tiles, k.shape[1], n_seqs)
+    _prefill_kernel[grid](
+        q, k, v, out, cu_seqlens.to(torch.int32),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        LOG2_E / head_dim**0.5, max_tiles,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=8 if block_m >= 128 else 4, num_stages=2,
+    )  # fmt: skip
+    return out
 
 
 def attention_prefill_reference(
@@ -30,22 +208,3 @@ def attention_prefill_reference(
         vs = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
         out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1)
     return out
-
-
-def attention_decode_reference(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor
-) -> torch.Tensor:
-    """q [B, Hq, D], k_cache/v_cache [B, Hkv, S, D], seq_lens [B] int32 -> out [B, Hq, D]."""
-    batch, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[1]
-    # Only the longest live context is read: the rest of the static cache is empty.
-    longest = int(seq_lens.max()) if batch else 0
-    shortest = longest if batch <= 1 else int(seq_lens.min())
-    k, v = k_cache[:, :, :longest].float(), v_cache[:, :, :longest].float()  # (B, Hkv, L, D)
-    # GQA as grouped rows: the G query heads of KV head j are G query rows against that head's cache.
-    qg = q.view(batch, n_kv, n_heads // n_kv, head_dim).float()  # (B, Hkv, G, D)
-    mask = None
-    if shortest < longest:
-        mask = (torch.arange(longest, device=q.device)[None, :] < seq_lens[:, None])[:, None, None, :]  # (B,1,1,L)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-    return out.reshape(batch, n_heads, head_dim).to(q.dtype)

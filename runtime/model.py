@@ -33,12 +33,14 @@ class Batch:
     positions [N] int64: each token's position in its sequence.
     rows [N] int64: each token's sequence (= its KV-cache row).
     cu_seqlens [B+1] int32: prefill only, sequence b owns tokens cu_seqlens[b]:cu_seqlens[b+1].
+    max_seqlen: prefill only, the longest sequence (sizes the attention grid without a device read).
     seq_lens [B] int32: decode only, each sequence's length including the token being decoded.
     """
 
     positions: torch.Tensor
     rows: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int | None = None
     seq_lens: torch.Tensor | None = None
     cache: KVCache | None = None
 
@@ -54,7 +56,13 @@ class Batch:
         cu[1:] = torch.cumsum(counts, 0)
         rows = torch.repeat_interleave(torch.arange(len(lengths)), counts)
         positions = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.int64)
-        return cls(positions.to(device), rows.to(device), cu_seqlens=cu.to(device), cache=cache)
+        return cls(
+            positions.to(device),
+            rows.to(device),
+            cu_seqlens=cu.to(device),
+            max_seqlen=max(lengths, default=0),
+            cache=cache,
+        )
 
     @classmethod
     def decode(cls, positions: torch.Tensor, cache: KVCache) -> Batch:
@@ -84,8 +92,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm(x), or with a residual (RMSNorm(x + residual), x + residual): the add fused in."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class GQAAttention(nn.Module):
@@ -110,7 +121,7 @@ class GQAAttention(nn.Module):
             cache = batch.cache
             out = kernels.attention_decode(q, cache.k[self.layer_idx], cache.v[self.layer_idx], batch.seq_lens)
         else:
-            out = kernels.attention_prefill(q, k, v, batch.cu_seqlens, causal=True)
+            out = kernels.attention_prefill(q, k, v, batch.cu_seqlens, causal=True, max_seqlen=batch.max_seqlen)
         return F.linear(out.reshape(n, hq * d), self.w_o)
 
 
@@ -121,8 +132,9 @@ class LinearSublayer(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size))
 
-    def forward(self, x: torch.Tensor, *_: object) -> torch.Tensor:
-        return F.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, *_: object, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        return out if residual is None else residual + out
 
 
 class SwiGLU(nn.Module):
@@ -131,8 +143,9 @@ class SwiGLU(nn.Module):
         self.w_gate_up = nn.Parameter(torch.empty(2 * intermediate_size, hidden_size))  # cat(gate, up)
         self.w_down = nn.Parameter(torch.empty(hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.swiglu_ffn(x, self.w_gate_up, self.w_down)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """FFN(x), plus the residual when given (added in the down GEMM's epilogue on the Triton path)."""
+        return kernels.swiglu_ffn(x, self.w_gate_up, self.w_down, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -153,11 +166,18 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLU(h, block.ffn.intermediate_size) if block.ffn.kind == "swiglu" else LinearSublayer(h)
 
     def forward(self, h: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Both residual adds are fused: the attention output's into the FFN's norm (which returns the new
+        # stream), the FFN output's into its last GEMM. Same arithmetic as h + attn, h + ffn, one pass fewer each.
+        attn_out = None
         if self.self_attn is not None:
-            h = h + self.self_attn(self.input_layernorm(h), batch, cos, sin)
-        if self.mlp is not None:
-            h = h + self.mlp(self.post_attention_layernorm(h))
-        return h
+            attn_out = self.self_attn(self.input_layernorm(h), batch, cos, sin)
+        if self.mlp is None:
+            return h if attn_out is None else h + attn_out
+        if attn_out is None:
+            x = self.post_attention_layernorm(h)
+        else:
+            x, h = self.post_attention_layernorm(attn_out, residual=h)
+        return self.mlp(x, residual=h)
 
 
 class Model(nn.Module):

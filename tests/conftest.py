@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under the interpreter. It must be on before tessera.kernels is
+# imported: @triton.jit decides at decoration time whether a kernel is compiled or interpreted.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,3 +180,20 @@ def llama_untied(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_tied(tmp_path_factory) -> Path:
     return hf_llama(tmp_path_factory.mktemp("llama_tied"), tie=True, seed=1)
+
+
+# Kernel tests run on the GPU when there is one, else on the CPU under the Triton interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every float buffer a kernel launcher allocates starts as NaN, so a tile it forgot to write fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    monkeypatch.setenv("TESSERA_KERNELS", "triton")
