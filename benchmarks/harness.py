@@ -1,7 +1,11 @@
-"""Shared benchmark harness: where results go and what they record (device, date, commit, versions).
+"""Shared benchmark harness: timing, the measured copy bandwidth, kernel cases against their baselines, and
+where results go with what they record (device, date, commit, versions).
 
 Every result file holds the baseline measured in the same run as the thing compared with it, so a ratio
-never mixes machines or sessions.
+never mixes machines or sessions. On CUDA, times are `triton.testing.do_bench` medians (it flushes the L2
+before each call) of a CUDA-graph replay of the call, so the few-µs kernels are timed without the Python
+launch cost that a served model (which replays graphs) does not pay either. On CPU the kernels' ops run
+their references: those runs are sanity checks of the suite, not kernel measurements.
 """
 
 from __future__ import annotations
@@ -10,7 +14,11 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,3 +78,122 @@ def write_results(name: str, results: dict, markdown: str) -> Path:
     path.write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown + "\n")
     return path
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = True) -> tuple[float, str]:
+    """Median milliseconds per call of fn, and how it was timed. fn must already have run once (compiled)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        torch.cuda.synchronize(device)
+        if graph:
+            try:
+                cuda_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(cuda_graph):
+                    fn()
+                return do_bench(cuda_graph.replay, return_mode="median"), "do_bench median of CUDA-graph replays"
+            except RuntimeError:  # e.g. a host sync inside fn: not capturable, time it eagerly
+                torch.cuda.synchronize(device)
+        return do_bench(fn, return_mode="median"), "do_bench median, eager"
+    fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + 0.5
+    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times), "median wall time (CPU)"
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Device-to-device copy rate, bytes read plus bytes written: the ceiling for memory-bound kernels."""
+    n_bytes = 2**30 if device.type == "cuda" else 2**27  # far past the L2 (H200: 60 MB)
+    src = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms, _ = time_ms(lambda: dst.copy_(src), device, graph=False)
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64 (NaN when either holds a NaN)."""
+    diff = (actual.double() - expected.double()).abs().max()
+    return (diff / expected.double().abs().max().clamp_min(1e-30)).item()
+
+
+@dataclass
+class KernelCase:
+    """One shape of one op: tessera's op and the torch baseline on the same inputs, with its work counted."""
+
+    op: str
+    shape: dict
+    candidate: Callable[[], torch.Tensor]
+    baseline: Callable[[], torch.Tensor]
+    flops: float  # useful floating-point operations per call
+    bytes: float  # fewest bytes a call must move through memory (inputs read once, outputs written once)
+    tolerance: float  # on the relative error between the two outputs
+    notes: dict = field(default_factory=dict)
+
+
+def measure_cases(cases: Iterable[KernelCase], device: torch.device, copy_gbps: float) -> list[dict]:
+    """Check each case's output against its baseline, then time both. Cases are built lazily (a generator),
+    so each one's tensors are freed before the next is allocated."""
+    rows = []
+    for case in cases:
+        error = relative_error(case.candidate(), case.baseline())
+        ours_ms, method = time_ms(case.candidate, device)
+        base_ms, base_method = time_ms(case.baseline, device)
+        row = {
+            "op": case.op,
+            **case.shape,
+            "tessera_ms": ours_ms,
+            "baseline_ms": base_ms,
+            "speedup": base_ms / ours_ms,
+            "tessera_tflops": case.flops / (ours_ms * 1e-3) / 1e12,
+            "baseline_tflops": case.flops / (base_ms * 1e-3) / 1e12,
+            "tessera_gbps": case.bytes / (ours_ms * 1e-3) / 1e9,
+            "tessera_pct_copy_bandwidth": 100 * case.bytes / (ours_ms * 1e-3) / 1e9 / copy_gbps,
+            "flop_per_byte": case.flops / case.bytes,
+            "relative_error": error,
+            "correct": error <= case.tolerance,
+            "timing": method if method == base_method else f"{method} / baseline: {base_method}",
+            **case.notes,
+        }
+        rows.append(row)
+        print(_row_line(row), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _row_line(row: dict) -> str:
+    shape = ", ".join(f"{k}={row[k]}" for k in row if k not in _METRICS and k != "op")
+    flag = "" if row["correct"] else f"  WRONG (relative error {row['relative_error']:.2e})"
+    times = f"{row['tessera_ms']:.4f} ms vs {row['baseline_ms']:.4f} ms"
+    return f"{row['op']} [{shape}]: {times} = {row['speedup']:.2f}x{flag}"
+
+
+_METRICS = {
+    "tessera_ms", "baseline_ms", "speedup", "tessera_tflops", "baseline_tflops", "tessera_gbps",
+    "tessera_pct_copy_bandwidth", "flop_per_byte", "relative_error", "correct", "timing", "baseline",
+}  # fmt: skip
+
+
+def kernel_table(rows: list[dict]) -> str:
+    """Markdown: shape columns, both times, the speedup, TFLOP/s and GB/s (% of the copy bandwidth)."""
+    shape_keys = [k for k in rows[0] if k not in _METRICS and k != "op"]
+    head = ["op", *shape_keys, "tessera ms", "baseline ms", "speedup", "TFLOP/s", "GB/s (% copy)", "rel. error"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        speed = f"{r['speedup']:.2f}x" if r["correct"] else "WRONG"
+        cells = [r["op"], *(str(r[k]) for k in shape_keys), f"{r['tessera_ms']:.4f}", f"{r['baseline_ms']:.4f}", speed,
+                 f"{r['tessera_tflops']:.1f}", f"{r['tessera_gbps']:.0f} ({r['tessera_pct_copy_bandwidth']:.0f} %)",
+                 f"{r['relative_error']:.1e}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def results_name(device: torch.device, suite: str) -> str:
+    """benchmarks/results/<device>_<suite>: e.g. nvidia-h200_kernels_ffn, cpu_kernels_ffn."""
+    slug = "cpu" if device.type != "cuda" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    return f"{slug}_{suite}"

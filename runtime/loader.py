@@ -199,9 +199,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     tensors = read_hf_tensors(path, arch)
-    with torch.device("meta"):
-        model = Model(arch)
-    model = model.to_empty(device=device).to(dtype)
+    model = Model.empty(arch, device, dtype)
     load_hf_state(model, tensors)
     return model.eval()
 

@@ -198,10 +198,23 @@ class Model(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head
 
+    @classmethod
+    def empty(cls, arch: ArchConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
+        """A model with uninitialised weights allocated directly on `device` in `dtype` (an 8B model in bf16
+        never passes through 32 GB of fp32 host memory). Follow with init_weights() or a state dict."""
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return cls(arch)
+        finally:
+            torch.set_default_dtype(default)
+
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> Model:
-        """Random init for training from scratch and for tests: N(0, std), output projections scaled by
-        1/sqrt(2·layers) (GPT-2), norms at 1."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        """Random init for training from scratch, tests and benchmarks: N(0, std), output projections scaled
+        by 1/sqrt(2·layers) (GPT-2), norms at 1. Drawn on the weights' device (same values as before on CPU)."""
+        device = self.embed_tokens.weight.device
+        gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
         out_std = std / math.sqrt(2 * self.arch.n_layers)
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -209,7 +222,7 @@ class Model(nn.Module):
                     p.fill_(1.0)
                 else:
                     scale = out_std if name.endswith(("w_o", "w_down")) else std
-                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
+                    p.copy_(torch.randn(p.shape, generator=gen, device=device) * scale)
         return self
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

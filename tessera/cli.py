@@ -1,4 +1,4 @@
-"""The `tessera` command line: info, generate, demo, demo-parent.
+"""The `tessera` command line: info, generate, demo, demo-parent, bench.
 
 User mistakes (a malformed config.json, a missing tensor, a prompt longer than the context, a CUDA request
 on a machine without one) end in one line `tessera: error: ...` and exit status 2, never a traceback.
@@ -7,6 +7,8 @@ on a machine without one) end in one line `tessera: error: ...` and exit status 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -134,6 +136,30 @@ def cmd_demo_parent(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
 
 
+def _benchmarks():
+    """The checkout's benchmarks/ as a package. Loaded by path under its own name: putting the repository
+    root on sys.path would also make kernels/ importable as a top-level `kernels`, which transformers probes."""
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (root / "run.py").is_file():
+        raise FileNotFoundError(f"tessera bench runs the suites of a source checkout; {root} has none")
+    if "tessera_benchmarks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "tessera_benchmarks", root / "__init__.py", submodule_search_locations=[str(root)]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["tessera_benchmarks"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module("tessera_benchmarks.run")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = _benchmarks()
+    paths = run.run_kernels(device, args.suite) if args.what == "kernels" else [run.run_model(device)]
+    for path in paths:
+        print(f"\n{path.with_suffix('.md').read_text()}wrote {path} and {path.with_suffix('.md').name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="kernel benchmarks vs torch, or whole-model decode; results JSON + Markdown")
+    p.add_argument("what", choices=["kernels", "model"])
+    p.add_argument("--suite", action="append", choices=["norm", "ffn", "attention"], help="kernels: repeatable")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo-parent", help="rebuild the demo corpus snapshot or retrain the demo parent")
     p.add_argument("step", choices=["corpus", "train"])

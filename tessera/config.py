@@ -180,6 +180,14 @@ class ArchConfig:
     def kv_bytes_per_token(self, dtype: str | None = None) -> int:
         return sum(self.kv_bytes_per_token_layer(b, dtype) for b in self.blocks)
 
+    def decode_step_bytes(self, batch: int, context_len: int, dtype: str | None = None) -> int:
+        """Fewest bytes one decode step must read: every weight once (the input embedding only as the tied LM
+        head: a lookup reads `batch` rows) plus each sequence's KV cache at `context_len` tokens. Divided by
+        the memory bandwidth, the floor of a decode step's time."""
+        lookup_only = 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
+        weights = (self.num_params() - lookup_only) * dtype_bytes(dtype or self.dtype)
+        return weights + batch * context_len * self.kv_bytes_per_token(dtype)
+
     def flops_per_token(self, context_len: int = 0) -> int:
         """Forward FLOPs for one token attending to `context_len` cached tokens.
 

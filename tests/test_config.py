@@ -39,6 +39,15 @@ def test_shared_config_counts(name: str) -> None:
     assert arch.weight_bytes("bfloat16") == 2 * PUBLISHED[name]["params"]
 
 
+def test_decode_step_bytes_llama_8b() -> None:
+    """The bandwidth floor's numerator for Llama-3.1-8B in bf16: 8.03B weights minus the untied input
+    embedding (128,256 x 4,096; a lookup reads only the batch's rows), plus 128 KiB of KV per cached token."""
+    arch = ArchConfig.from_json(SHARED_CONFIGS / "llama-3.1-8b.json")
+    weights = (8_030_261_248 - 128_256 * 4096) * 2
+    assert arch.decode_step_bytes(batch=1, context_len=0, dtype="bfloat16") == weights
+    assert arch.decode_step_bytes(batch=64, context_len=1024, dtype="bfloat16") == weights + 64 * 1024 * 131_072
+
+
 def test_nemotron_51b_layer_histogram() -> None:
     arch = ArchConfig.from_json(SHARED_CONFIGS / "llama-3_1-nemotron-51b-instruct.json")
     kinds = Counter(b.attention.n_kv_heads if b.attention.kind == "gqa" else b.attention.kind for b in arch.blocks)

@@ -1,0 +1,116 @@
+"""Attention: tessera's decode and varlen prefill kernels vs `F.scaled_dot_product_attention` (flash backend,
+`enable_gqa`), on the head layouts of real configs, head dim 128.
+
+- decode: one query per sequence over a full cache (batch, context), query/KV heads of Llama-3.1-8B (32/8),
+  Llama-3.1-70B (64/8) and the per-layer KV heads of Nemotron-51B (64 query heads over 4, 2, 1 KV heads;
+  G up to 64). Memory-bound: bytes = the K and V cache read once. Goals (issue 3, H200): >= 1.3x SDPA and
+  >= 70 % of the measured copy bandwidth at context >= 8192.
+- prefill: causal, equal-length sequences (SDPA takes [B, H, L, D]; tessera the same tokens packed with
+  cu_seqlens). Compute-bound: 2·B·Hq·L²·D FLOPs (half the square, causal). Goal: >= 1.0x SDPA's flash backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tessera import kernels
+
+from .harness import KernelCase
+
+HEAD_DIM = 128
+HEADS = [  # (model, query heads, KV heads)
+    ("llama-3.1-8b", 32, 8),
+    ("llama-3.1-70b", 64, 8),
+    ("nemotron-51b kv4", 64, 4),
+    ("nemotron-51b kv2", 64, 2),
+    ("nemotron-51b kv1", 64, 1),
+]
+DECODE = [(1, 8192), (1, 131072), (16, 8192), (64, 8192)]  # (batch, context)
+PREFILL = [(1, 4096), (4, 2048), (1, 16384)]  # (batch, sequence length)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backends: list[SDPBackend]):
+    with sdpa_kernel(backends):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+
+def _sdpa_backends(device: torch.device, dtype: torch.dtype) -> tuple[list[SDPBackend], str]:
+    """Flash if it takes GQA on this torch and device; otherwise whatever SDPA picks (recorded)."""
+    q = torch.randn(1, 8, 16, HEAD_DIM, device=device, dtype=dtype)
+    kv = torch.randn(1, 2, 16, HEAD_DIM, device=device, dtype=dtype)
+    try:
+        sdpa(q, kv, kv, True, [SDPBackend.FLASH_ATTENTION])
+        return [SDPBackend.FLASH_ATTENTION], "F.scaled_dot_product_attention, flash backend, enable_gqa"
+    except RuntimeError:
+        every = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        return every, "F.scaled_dot_product_attention, default backend choice (flash refused), enable_gqa"
+
+
+def _decode_case(model, n_heads, n_kv, batch, context, device, dtype, baseline) -> KernelCase:
+    gen = torch.Generator(device).manual_seed(batch * context + n_kv)
+    q = torch.randn(batch, n_heads, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    k_cache, v_cache = (
+        torch.randn(batch, n_kv, context, HEAD_DIM, device=device, dtype=dtype, generator=gen) for _ in range(2)
+    )
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    backends, name = baseline
+    q4 = q.view(batch, n_heads, 1, HEAD_DIM)
+    size = q.element_size()
+    return KernelCase(
+        op="attention_decode",
+        shape={"model": model, "q_heads": n_heads, "kv_heads": n_kv, "batch": batch, "context": context},
+        candidate=partial(kernels.attention_decode, q, k_cache, v_cache, seq_lens),
+        baseline=lambda: sdpa(q4, k_cache, v_cache, False, backends).view(batch, n_heads, HEAD_DIM),
+        flops=4.0 * batch * n_heads * context * HEAD_DIM,
+        bytes=(2 * batch * n_kv * context + 2 * batch * n_heads) * HEAD_DIM * size,
+        tolerance=2e-2,  # bf16 P·V with P rounded to bf16 on both sides, in different orders
+        notes={"baseline": name},
+    )
+
+
+def _prefill_case(model, n_heads, n_kv, batch, length, device, dtype, baseline) -> KernelCase:
+    gen = torch.Generator(device).manual_seed(batch * length + n_kv)
+    tokens = batch * length
+    q = torch.randn(tokens, n_heads, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(tokens, n_kv, HEAD_DIM, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    cu_seqlens = torch.arange(0, tokens + 1, length, dtype=torch.int32, device=device)
+    backends, name = baseline
+
+    def as_bhld(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, length, t.shape[1], HEAD_DIM).transpose(1, 2)  # (B, H, L, D), a view
+
+    def eager() -> torch.Tensor:
+        out = sdpa(as_bhld(q), as_bhld(k), as_bhld(v), True, backends)  # (B, Hq, L, D)
+        return out.transpose(1, 2).reshape(tokens, n_heads, HEAD_DIM)
+
+    size = q.element_size()
+    return KernelCase(
+        op="attention_prefill",
+        shape={"model": model, "q_heads": n_heads, "kv_heads": n_kv, "batch": batch, "context": length},
+        candidate=partial(kernels.attention_prefill, q, k, v, cu_seqlens, True, length),
+        baseline=eager,
+        flops=2.0 * batch * n_heads * length * length * HEAD_DIM,
+        bytes=(2 * tokens * n_heads + 2 * tokens * n_kv) * HEAD_DIM * size,
+        tolerance=2e-2,
+        notes={"baseline": name},
+    )
+
+
+def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator[KernelCase]:
+    shrink = 1 if device.type == "cuda" else 64  # CPU: references on shrunken contexts, a sanity pass
+    baseline = _sdpa_backends(device, dtype)
+    for model, n_heads, n_kv in HEADS:
+        for batch, context in DECODE:
+            b, c = max(1, batch // (shrink // 4)), max(16, context // shrink)
+            yield _decode_case(model, n_heads, n_kv, b, c, device, dtype, baseline)
+    for model, n_heads, n_kv in HEADS:
+        if n_kv in (2, 4):
+            continue  # prefill is compute-bound, KV heads barely matter: keep G = 4, 8 and the G = 64 extreme
+        for batch, length in PREFILL:
+            b, c = max(1, batch // (shrink // 4)), max(16, length // shrink)
+            yield _prefill_case(model, n_heads, n_kv, b, c, device, dtype, baseline)

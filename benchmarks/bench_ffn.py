@@ -1,0 +1,58 @@
+"""SwiGLU FFN with the residual add: tessera's two fused GEMMs vs torch eager (F.linear = cuBLAS, F.silu·mul).
+
+Shapes from real configs (hidden, intermediate): Llama-3.1-8B (4096, 14336), Llama-3.1-70B (8192, 28672),
+Nemotron-51B's pruned widths at hidden 8192 (28672 / 14336 / 7168), and an FFN-Fusion group of four
+28672-wide FFNs (8192, 114688). Rows M from batch-1 decode (1) to a prefill (4096). Work: 6·M·H·I FLOPs;
+bytes = the three weight matrices plus x, residual and out (memory-bound below ~200 rows on an H200).
+Goals (issue 3, H200): >= 1.15x torch eager for M <= 128, >= 0.9x for M >= 2048.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from tessera import kernels
+
+from .harness import KernelCase
+
+SHAPES = [  # (model, hidden, intermediate)
+    ("llama-3.1-8b", 4096, 14336),
+    ("llama-3.1-70b / nemotron-51b full", 8192, 28672),
+    ("nemotron-51b half", 8192, 14336),
+    ("nemotron-51b quarter", 8192, 7168),
+    ("ffn-fusion 4x28672", 8192, 4 * 28672),
+]
+ROWS = (1, 16, 128, 2048, 4096)
+
+
+def eager_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor):
+    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+    return residual + F.linear(F.silu(gate) * up, w_down)
+
+
+def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator[KernelCase]:
+    shrink = 1 if device.type == "cuda" else 32  # CPU: references on shrunken shapes, a sanity pass
+    for model, hidden, inter in SHAPES:
+        h_run, i_run = hidden // shrink, inter // shrink
+        gen = torch.Generator(device).manual_seed(inter)
+        w_gate_up = torch.randn(2 * i_run, h_run, device=device, dtype=dtype, generator=gen) * h_run**-0.5
+        w_down = torch.randn(h_run, i_run, device=device, dtype=dtype, generator=gen) * i_run**-0.5
+        for m_run in sorted({max(1, m // shrink) for m in ROWS}):
+            x = torch.randn(m_run, h_run, device=device, dtype=dtype, generator=gen)
+            residual = torch.randn(m_run, h_run, device=device, dtype=dtype, generator=gen)
+            size = x.element_size()
+            yield KernelCase(
+                op="swiglu_ffn+residual",
+                shape={"model": model, "rows": m_run, "hidden": h_run, "intermediate": i_run},
+                candidate=partial(kernels.swiglu_ffn, x, w_gate_up, w_down, residual),
+                baseline=partial(eager_swiglu, x, w_gate_up, w_down, residual),
+                flops=6.0 * m_run * h_run * i_run,
+                bytes=(3 * h_run * i_run + 3 * m_run * h_run) * size,
+                # bf16: the baseline rounds gate, up, silu(gate) and their product; tessera only the product.
+                tolerance=3e-2,
+                notes={"baseline": "torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual"},
+            )

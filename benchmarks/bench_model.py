@@ -1,0 +1,126 @@
+"""Whole-model decode: a Llama-3.1-8B-shaped model (random bf16 weights) with the Triton kernels vs with the
+plain-torch references, against the bandwidth floor.
+
+One decode step = every sequence of the batch generates one token over a `context`-token KV cache. Floor =
+(weights read + KV cache read) / measured copy bandwidth (`ArchConfig.decode_step_bytes`); a tuned decode
+reaches 75-85 % of it (REFERENCE.md). Modes: references eager (their decode attention reads seq_lens on
+the host, so it cannot be captured), Triton eager, and Triton replayed from a CUDA graph, which is how a
+server runs decode (a Python launch costs ~9 µs, and an 8B step is ~300 launches). On CPU: the demo
+parent's shape in float32, references only (a sanity pass).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tessera import kernels
+from tessera.config import ArchConfig
+from tessera.demo_parent import demo_arch
+from tessera.runtime.cache import KVCache
+from tessera.runtime.model import Model
+
+from .harness import time_ms
+
+# meta-llama/Llama-3.1-8B config.json (the fields tessera reads); the shared copy is not on the GPU machine.
+LLAMA_3_1_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "torch_dtype": "bfloat16",
+}
+SCENARIOS = [(1, 1024), (64, 1024), (1, 8192)]  # (batch, context)
+
+
+def _decode_step(model: Model, batch: int, context: int, device: torch.device):
+    """A decode step of `batch` sequences whose caches hold `context` tokens of random K/V (never zeros)."""
+    dtype = model.embed_tokens.weight.dtype
+    cache = KVCache(model.arch, batch, context, device, dtype)
+    gen = torch.Generator(device).manual_seed(0)
+    for t in (*cache.k, *cache.v):
+        if t is not None:
+            t.normal_(generator=gen)
+    tokens = torch.randint(0, model.arch.vocab_size, (batch,), device=device, generator=gen)
+    positions = torch.full((batch,), context - 1, device=device)
+
+    def step() -> torch.Tensor:
+        return model.decode(tokens, positions, cache)
+
+    return step
+
+
+def run(device: torch.device, copy_gbps: float) -> dict:
+    on_gpu = device.type == "cuda"
+    arch = ArchConfig.from_hf_dict(LLAMA_3_1_8B, "Llama-3.1-8B") if on_gpu else demo_arch(eos_id=0)
+    dtype, dtype_name = (torch.bfloat16, "bfloat16") if on_gpu else (torch.float32, "float32")
+    scenarios = SCENARIOS if on_gpu else [(1, 64), (8, 64)]
+    model = Model.empty(arch, device, dtype).init_weights(seed=0).eval()
+    modes = [("torch", False)] + ([("triton", False), ("triton", True)] if on_gpu else [])
+    rows = []
+    saved = os.environ.get(kernels.BACKEND_ENV)
+    try:
+        for batch, context in scenarios:
+            floor_ms = 1e3 * arch.decode_step_bytes(batch, context, dtype_name) / (copy_gbps * 1e9)
+            step = _decode_step(model, batch, context, device)
+            outputs = {}
+            for backend, graph in modes:
+                os.environ[kernels.BACKEND_ENV] = backend
+                with torch.no_grad():
+                    outputs[backend] = step().float()
+                    ms, method = time_ms(step, device, graph=graph)
+                row = {
+                    "batch": batch, "context": context, "kernels": backend, "cuda_graph": graph,
+                    "step_ms": ms, "tokens_per_s": batch * 1e3 / ms, "floor_ms": floor_ms,
+                    "pct_of_bandwidth_floor": 100 * floor_ms / ms, "timing": method,
+                }  # fmt: skip
+                rows.append(row)
+                label = f"decode batch {batch} context {context} {backend}{' graph' if graph else ''}"
+                print(f"{label}: {ms:.3f} ms/step, {row['tokens_per_s']:.0f} tokens/s, "
+                      f"{row['pct_of_bandwidth_floor']:.0f} % of floor")  # fmt: skip
+            if "triton" in outputs:  # same logits up to bf16 rounding before any speed is compared
+                diff = (outputs["triton"] - outputs["torch"]).abs().max() / outputs["torch"].abs().max()
+                for row in rows[-len(modes) :]:
+                    row["logits_relative_error_vs_references"] = diff.item()
+    finally:
+        if saved is None:
+            os.environ.pop(kernels.BACKEND_ENV, None)
+        else:
+            os.environ[kernels.BACKEND_ENV] = saved
+    return {
+        "model": "Llama-3.1-8B shape, random weights" if on_gpu else "demo parent shape, random weights",
+        "dtype": dtype_name,
+        "weight_bytes_per_step": arch.decode_step_bytes(1, 0, dtype_name),
+        "results": rows,
+    }
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| batch | context | kernels | CUDA graph | ms/step | tokens/s | % of bandwidth floor |",
+        "|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for r in result["results"]:
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {r['kernels']} | {'yes' if r['cuda_graph'] else 'no'} | "
+            f"{r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | {r['pct_of_bandwidth_floor']:.0f} % |"
+        )
+    return "\n".join(lines)

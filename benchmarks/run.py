@@ -1,0 +1,42 @@
+"""Run the kernel benchmark suites (`tessera bench kernels`) and the whole-model decode benchmark
+(`tessera bench model`); write results JSON and a Markdown table per suite under benchmarks/results/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import bench_attention, bench_ffn, bench_model, bench_norm
+from .harness import copy_bandwidth_gbps, environment, kernel_table, measure_cases, results_name, write_results
+
+KERNEL_SUITES = {"norm": bench_norm, "ffn": bench_ffn, "attention": bench_attention}
+
+
+def _header(env: dict, what: str, copy_gbps: float) -> str:
+    return (
+        f"{what} on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']}, "
+        f"triton {env.get('triton', '-')}); measured copy bandwidth {copy_gbps:.0f} GB/s\n\n"
+    )
+
+
+def run_kernels(device: torch.device, suites: list[str] | None = None) -> list[Path]:
+    copy_gbps = copy_bandwidth_gbps(device)
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
+    paths = []
+    for name in suites or list(KERNEL_SUITES):
+        env = environment(device)
+        rows = measure_cases(KERNEL_SUITES[name].cases(device), device, copy_gbps)
+        note = "" if device.type == "cuda" else "CPU: the ops run their plain-torch references (sanity only).\n\n"
+        md = _header(env, f"Kernel benchmark `{name}`", copy_gbps) + note + kernel_table(rows)
+        results = {**env, "suite": name, "copy_bandwidth_gbps": copy_gbps, "results": rows}
+        paths.append(write_results(results_name(device, f"kernels_{name}"), results, md))
+    return paths
+
+
+def run_model(device: torch.device) -> Path:
+    copy_gbps = copy_bandwidth_gbps(device)
+    env = environment(device)
+    result = bench_model.run(device, copy_gbps)
+    md = _header(env, f"Decode, {result['model']}, {result['dtype']}", copy_gbps) + bench_model.table(result)
+    return write_results(results_name(device, "model_decode"), {**env, "copy_bandwidth_gbps": copy_gbps, **result}, md)

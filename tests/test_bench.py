@@ -1,0 +1,43 @@
+"""`tessera bench`: the kernel suites and the model decode benchmark run end to end (on CPU: the ops' references,
+shrunken shapes) and write results that carry the device, commit, versions, baseline and copy bandwidth."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tessera.cli import _benchmarks, main
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch):
+    _benchmarks()  # loads the checkout's benchmarks/ as the package tessera_benchmarks
+    monkeypatch.setattr(sys.modules["tessera_benchmarks.harness"], "RESULTS", tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("suite", ["norm", "ffn", "attention"])
+def test_bench_kernels_suite(results_dir, suite: str, capsys) -> None:
+    assert main(["bench", "kernels", "--suite", suite, "--device", "cpu"]) == 0
+    results = json.loads((results_dir / f"cpu_kernels_{suite}.json").read_text())
+    assert {"device", "date", "commit", "torch", "copy_bandwidth_gbps"} <= results.keys()
+    rows = results["results"]
+    assert rows and all(r["correct"] for r in rows), [r for r in rows if not r["correct"]]
+    for r in rows:
+        assert r["tessera_ms"] > 0 and r["baseline_ms"] > 0 and r["baseline"]
+        assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["tessera_ms"])
+    table = (results_dir / f"cpu_kernels_{suite}.md").read_text()
+    assert "| speedup |" in table and table.count("\n") >= len(rows) + 3
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_model(results_dir) -> None:
+    assert main(["bench", "model", "--device", "cpu"]) == 0
+    results = json.loads((results_dir / "cpu_model_decode.json").read_text())
+    rows = results["results"]
+    assert [(r["batch"], r["kernels"]) for r in rows] == [(1, "torch"), (8, "torch")]
+    for r in rows:
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
+        assert 0 < r["pct_of_bandwidth_floor"] <= 100
