@@ -11,8 +11,6 @@ parent's shape in float32, references only (a sanity pass).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from tessera import kernels
@@ -76,14 +74,14 @@ def run(device: torch.device, copy_gbps: float) -> dict:
     model = Model.empty(arch, device, dtype).init_weights(seed=0).eval()
     modes = [("torch", False)] + ([("triton", False), ("triton", True)] if on_gpu else [])
     rows = []
-    saved = os.environ.get(kernels.BACKEND_ENV)
+    saved = kernels.forced_backend()
     try:
         for batch, context in scenarios:
             floor_ms = 1e3 * arch.decode_step_bytes(batch, context, dtype_name) / (copy_gbps * 1e9)
             step = _decode_step(model, batch, context, device)
             outputs = {}
             for backend, graph in modes:
-                os.environ[kernels.BACKEND_ENV] = backend
+                kernels.set_backend(backend)
                 with torch.no_grad():
                     outputs[backend] = step().float()
                     ms, method = time_ms(step, device, graph=graph)
@@ -101,10 +99,7 @@ def run(device: torch.device, copy_gbps: float) -> dict:
                 for row in rows[-len(modes) :]:
                     row["logits_relative_error_vs_references"] = diff.item()
     finally:
-        if saved is None:
-            os.environ.pop(kernels.BACKEND_ENV, None)
-        else:
-            os.environ[kernels.BACKEND_ENV] = saved
+        kernels.set_backend(saved)
     return {
         "model": "Llama-3.1-8B shape, random weights" if on_gpu else "demo parent shape, random weights",
         "dtype": dtype_name,

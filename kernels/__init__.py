@@ -5,8 +5,9 @@ what the search times, and what the cost model predicts, all at once. Backends:
 - "triton": the Triton kernels, used by default for CUDA tensors;
 - "torch": the plain-torch reference beside each kernel: the CPU path, the tests' ground truth, and the
   path whenever autograd records (the Triton kernels are inference-only; BLD and GKD train through these).
-`TESSERA_KERNELS=torch|triton` forces one for every op (read at each call, so tests can flip it). Forcing
-"triton" on CPU tensors works only under the Triton interpreter (`TRITON_INTERPRET=1`, set before import).
+`TESSERA_KERNELS=torch|triton` forces one for every op (read once, at import; `set_backend` changes it at run
+time). Forcing "triton" on CPU tensors works only under the Triton interpreter (`TRITON_INTERPRET=1`, set
+before import).
 """
 
 import os
@@ -19,23 +20,40 @@ from .ffn import swiglu_ffn_reference, swiglu_ffn_triton
 from .norm import rms_norm_reference, rms_norm_triton
 from .rope import apply_rope_reference, apply_rope_triton
 
-__all__ = ["BACKEND_ENV", "apply_rope", "attention_decode", "attention_prefill", "backend", "rms_norm", "swiglu_ffn"]
+__all__ = [
+    "BACKEND_ENV", "apply_rope", "attention_decode", "attention_prefill", "backend", "forced_backend", "rms_norm",
+    "set_backend", "swiglu_ffn",
+]  # fmt: skip
 
 BACKEND_ENV = "TESSERA_KERNELS"
+_forced: str | None = None  # "torch", "triton", or None for automatic
+
+
+def set_backend(name: str | None) -> None:
+    """Force "torch" or "triton" for every op, or None for automatic (Triton on CUDA tensors)."""
+    global _forced
+    if name not in (None, "", "torch", "triton"):
+        raise ValueError(f"{BACKEND_ENV} must be 'torch' or 'triton' (or unset for automatic), got {name!r}")
+    _forced = name or None
+
+
+def forced_backend() -> str | None:
+    return _forced
 
 
 def backend(*tensors: torch.Tensor) -> str:
-    """The backend an op on these tensors runs: "triton" or "torch"."""
-    forced = os.environ.get(BACKEND_ENV, "")
-    if forced not in ("", "torch", "triton"):
-        raise ValueError(f"{BACKEND_ENV} must be 'torch' or 'triton' (or unset for automatic), got {forced!r}")
-    if forced == "torch" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    """The backend an op on these tensors runs: "triton" or "torch". Called for every op, so kept to a few
+    attribute reads (an os.environ lookup here cost 5 % of a CPU decode step)."""
+    if _forced == "torch" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return "torch"
-    if forced == "triton":
+    if _forced == "triton":
         if not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET", "").lower() not in ("1", "true", "on", "yes"):
             raise RuntimeError(f"{BACKEND_ENV}=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
         return "triton"
     return "triton" if tensors[0].is_cuda else "torch"
+
+
+set_backend(os.environ.get(BACKEND_ENV))
 
 
 def rms_norm(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -196,4 +197,18 @@ def poisoned(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-    monkeypatch.setenv("TESSERA_KERNELS", "triton")
+    with kernel_backend("triton"):
+        yield
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str | None):
+    """Force a kernel backend for the duration, then restore the previous choice."""
+    from tessera import kernels
+
+    previous = kernels.forced_backend()
+    kernels.set_backend(name)
+    try:
+        yield
+    finally:
+        kernels.set_backend(previous)

@@ -10,6 +10,9 @@ differences; observed <= 1.8e-3.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,39 +23,49 @@ from tessera.runtime import load_model
 from tessera.runtime.cache import KVCache
 from tessera.runtime.generate import Generator, SamplingParams
 
-from .conftest import KERNEL_DEVICE, nas_config, nas_tensors, relative_error, write_checkpoint
+from .conftest import KERNEL_DEVICE, kernel_backend, nas_config, nas_tensors, relative_error, write_checkpoint
 
 
 def test_backend_choice(monkeypatch) -> None:
     cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
-    monkeypatch.delenv("TESSERA_KERNELS", raising=False)
-    assert kernels.backend(cpu) == "torch"
-    monkeypatch.setenv("TESSERA_KERNELS", "torch")
-    assert kernels.backend(meta) == "torch"
-    monkeypatch.setenv("TESSERA_KERNELS", "triton")
+    with kernel_backend(None):
+        assert kernels.backend(cpu) == "torch"
+    with kernel_backend("torch"):
+        assert kernels.backend(meta) == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernels.backend(cpu) == "triton"
-    # Autograd needs the references: the Triton kernels have no backward (BLD and GKD train through here).
-    assert kernels.backend(cpu, torch.zeros(2, requires_grad=True)) == "torch"
-    with torch.no_grad():
-        assert kernels.backend(cpu, torch.zeros(2, requires_grad=True)) == "triton"
+    with kernel_backend("triton"):
+        assert kernels.backend(cpu) == "triton"
+        # Autograd needs the references: the Triton kernels have no backward (BLD and GKD train through here).
+        assert kernels.backend(cpu, torch.zeros(2, requires_grad=True)) == "torch"
+        with torch.no_grad():
+            assert kernels.backend(cpu, torch.zeros(2, requires_grad=True)) == "triton"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("torch", "torch"), ("triton", "triton"), ("", "None")])
+def test_environment_variable_read_at_import(value: str, expected: str) -> None:
+    code = "from tessera import kernels; print(kernels.forced_backend())"
+    env = {**os.environ, "TESSERA_KERNELS": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
 
 
 def test_backend_errors_are_clear(monkeypatch) -> None:
-    monkeypatch.setenv("TESSERA_KERNELS", "cuda")
+    env = {**os.environ, "TESSERA_KERNELS": "cuda"}
+    code = "from tessera import kernels"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "TESSERA_KERNELS must be 'torch' or 'triton'" in out.stderr
     with pytest.raises(ValueError, match="TESSERA_KERNELS must be 'torch' or 'triton'"):
-        kernels.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5)
-    monkeypatch.setenv("TESSERA_KERNELS", "triton")
+        kernels.set_backend("cuda")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
+    with kernel_backend("triton"), pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
         kernels.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5)
 
 
-def test_training_through_ops_gets_gradients(monkeypatch) -> None:
-    """With TESSERA_KERNELS=triton forced, a tensor that needs a gradient still gets one (reference path)."""
-    monkeypatch.setenv("TESSERA_KERNELS", "triton")
+def test_training_through_ops_gets_gradients() -> None:
+    """With the Triton backend forced, a tensor that needs a gradient still gets one (reference path)."""
     weight = torch.ones(8, requires_grad=True)
-    kernels.rms_norm(torch.randn(3, 8), weight, 1e-5).sum().backward()
+    with kernel_backend("triton"):
+        kernels.rms_norm(torch.randn(3, 8), weight, 1e-5).sum().backward()
     assert weight.grad is not None and weight.grad.shape == (8,)
 
 
@@ -80,22 +93,22 @@ def _prefill_and_decode(model, steps: int = 3) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     ("dtype", "tol"), [pytest.param(torch.float32, 1e-5, id="fp32"), pytest.param(torch.float16, 5e-3, id="fp16")]
 )
-def test_model_with_triton_kernels_matches_references(nas_checkpoint_dir: Path, monkeypatch, dtype, tol) -> None:
+def test_model_with_triton_kernels_matches_references(nas_checkpoint_dir: Path, dtype, tol) -> None:
     model = load_model(nas_checkpoint_dir, device=KERNEL_DEVICE, dtype=dtype)
-    monkeypatch.setenv("TESSERA_KERNELS", "torch")
-    expected = _prefill_and_decode(model)
-    monkeypatch.setenv("TESSERA_KERNELS", "triton")
-    actual = _prefill_and_decode(model)
+    with kernel_backend("torch"):
+        expected = _prefill_and_decode(model)
+    with kernel_backend("triton"):
+        actual = _prefill_and_decode(model)
     for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert relative_error(a, e) <= tol, f"step {step}"
 
 
-def test_generation_with_triton_kernels(llama_untied: Path, monkeypatch) -> None:
+def test_generation_with_triton_kernels(llama_untied: Path) -> None:
     """Greedy generation (Llama with GQA 8/2 and llama3 rope) gives the same tokens on both backends."""
     prompts = [[5, 17, 33, 8, 91, 60, 12], [3, 4]]
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     generator = Generator(load_model(llama_untied, device=KERNEL_DEVICE))
-    monkeypatch.setenv("TESSERA_KERNELS", "torch")
-    expected = [c.tokens for c in generator.generate(prompts, params)]
-    monkeypatch.setenv("TESSERA_KERNELS", "triton")
-    assert [c.tokens for c in generator.generate(prompts, params)] == expected
+    with kernel_backend("torch"):
+        expected = [c.tokens for c in generator.generate(prompts, params)]
+    with kernel_backend("triton"):
+        assert [c.tokens for c in generator.generate(prompts, params)] == expected
