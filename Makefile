@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench parent corpus clean
+.PHONY: setup demo test lint format bench bench-kernels parent corpus clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ format: setup
 
 bench: setup  ## CPU benchmarks (pytest-benchmark); results JSON under benchmarks/results/
 	$(BIN)/pytest benchmarks --benchmark-enable --benchmark-columns=median,iqr,rounds
+
+bench-kernels: setup  ## kernel suites + whole-model decode (GPU: Triton vs torch; CPU: references, sanity only)
+	$(BIN)/tessera bench kernels
+	$(BIN)/tessera bench model
 
 corpus: setup  ## re-snapshot the demo corpus from this Python's standard library
 	$(BIN)/tessera demo-parent corpus
