@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .attention import LOG2_E, attend_tile
+from .hardware import sm_count
 
 MAX_SPLITS = 64
 
@@ -128,11 +129,6 @@ def _merge_kernel(
     tl.store(out_ptr + batch * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def _sm_count(device: torch.device) -> int:
-    # Under the CPU interpreter, size the grid as for an H200 (132 SMs) so tests cover the same split logic.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def attention_decode_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor
 ) -> torch.Tensor:
@@ -160,7 +156,7 @@ def attention_decode_triton(
     block_n = 64 if use_dot else max(16, 64 // group_pad)
 
     tiles = triton.cdiv(capacity, block_n)
-    splits = min(tiles, MAX_SPLITS, triton.cdiv(2 * _sm_count(q.device), batch * n_kv))
+    splits = min(tiles, MAX_SPLITS, triton.cdiv(2 * sm_count(q.device), batch * n_kv))
     split_size = triton.cdiv(tiles, splits) * block_n
     splits = triton.cdiv(capacity, split_size)
     direct = splits == 1

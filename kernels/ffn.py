@@ -19,6 +19,18 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .hardware import sm_count
+
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (row tile, column tile), GROUP_M row tiles at a time: the programs running together walk
+    the same weight columns, so each weight tile is read from memory once and from L2 after."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    group_size = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * tiles_n)) % group_size, (pid % (GROUP_M * tiles_n)) // group_size
+
 
 @triton.jit
 def _gate_up_kernel(
@@ -38,14 +50,7 @@ def _gate_up_kernel(
     GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M row tiles walk the same weight columns together, so W tiles are reused from L2.
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, I, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -94,14 +99,8 @@ def _down_kernel(
     PRECISION: tl.constexpr,
 ):
     """out[split] = h[:, split's K range] · W_down[:, same]ᵀ (+ residual when unsplit)."""
-    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -168,10 +167,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def swiglu_ffn_triton(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -193,17 +188,19 @@ def swiglu_ffn_triton(
     block_m, block_n, block_k, warps, stages = _gemm_blocks(m)
     precision = _precision(x.dtype)
     h = torch.empty(m, inter, dtype=x.dtype, device=x.device)  # silu(gate)·up, the only intermediate
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(inter, block_n),)
+    # Two fp32 accumulators: at BLOCK_N 128 they alone would take 128 registers per thread; cap it at 64.
+    gate_block_n = min(block_n, 64)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(inter, gate_block_n),)
     _gate_up_kernel[grid](
         x, w_gate_up, h, m, inter, hidden, inter * w_gate_up.stride(0), x.stride(0), w_gate_up.stride(0), h.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=gate_block_n, BLOCK_K=block_k, GROUP_M=8, PRECISION=precision,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
     # Split the reduction over I until the output tiles cover the SMs twice, keeping >= 8 K tiles per split.
     tiles = triton.cdiv(m, block_m) * triton.cdiv(hidden, block_n)
     k_tiles = triton.cdiv(inter, block_k)
-    splits = max(1, min(triton.cdiv(2 * _sm_count(x.device), tiles), k_tiles // 8))
+    splits = max(1, min(triton.cdiv(2 * sm_count(x.device), tiles), k_tiles // 8))
     k_per_split = triton.cdiv(k_tiles, splits) * block_k
     splits = triton.cdiv(inter, k_per_split)
     target = out if splits == 1 else torch.empty(splits, m, hidden, dtype=torch.float32, device=x.device)

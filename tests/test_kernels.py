@@ -76,8 +76,9 @@ def _check_ffn(m: int, hidden: int, inter: int, dtype: torch.dtype, with_residua
     assert relative_error(out, expected) <= FFN_TOL[dtype]
 
 
-# (M, hidden, intermediate): decode and prefill row counts, widths no block size divides.
-FFN_SHAPES = [(1, 64, 200), (3, 48, 130), (63, 64, 300), (130, 96, 200), (17, 40, 1000)]
+# (M, hidden, intermediate): decode and prefill row counts (each of the four block-shape ranges), widths no
+# block size divides.
+FFN_SHAPES = [(1, 64, 200), (3, 48, 130), (63, 64, 300), (130, 96, 200), (17, 40, 1000), (257, 32, 130)]
 
 
 @pytest.mark.parametrize("shape", FFN_SHAPES, ids=str)
