@@ -180,6 +180,8 @@ def swiglu_ffn_triton(
         )
     if residual is not None and residual.shape != (m, hidden):
         raise ValueError(f"swiglu_ffn: residual must have shape {(m, hidden)}, got {tuple(residual.shape)}")
+    if not x.dtype == w_gate_up.dtype == w_down.dtype:
+        raise ValueError(f"swiglu_ffn: x {x.dtype}, w_gate_up {w_gate_up.dtype} and w_down {w_down.dtype} differ")
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     residual = residual.contiguous() if residual is not None else None
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)

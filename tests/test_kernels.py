@@ -106,6 +106,8 @@ def test_swiglu_ffn_rejects_mismatched_weights(poisoned) -> None:
     x, w_gate_up, w_down, _ = _ffn_inputs(3, 64, 100, torch.float32)
     with pytest.raises(ValueError, match="expected w_gate_up"):
         kernels.swiglu_ffn(x, w_gate_up[:150], w_down)
+    with pytest.raises(ValueError, match="differ"):
+        kernels.swiglu_ffn(x.half(), w_gate_up, w_down)
 
 
 @pytest.mark.parametrize("n_tokens", [1, 3, 63])
