@@ -69,7 +69,7 @@ def _decode_case(model, n_heads, n_kv, batch, context, device, dtype, baseline) 
         flops=4.0 * batch * n_heads * context * HEAD_DIM,
         bytes=(2 * batch * n_kv * context + 2 * batch * n_heads) * HEAD_DIM * size,
         tolerance=2e-2,  # bf16 P·V with P rounded to bf16 on both sides, in different orders
-        notes={"baseline": name},
+        baseline_name=name,
     )
 
 
@@ -97,7 +97,7 @@ def _prefill_case(model, n_heads, n_kv, batch, length, device, dtype, baseline) 
         flops=2.0 * batch * n_heads * length * length * HEAD_DIM,
         bytes=(2 * tokens * n_heads + 2 * tokens * n_kv) * HEAD_DIM * size,
         tolerance=2e-2,
-        notes={"baseline": name},
+        baseline_name=name,
     )
 
 

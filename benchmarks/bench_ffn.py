@@ -54,5 +54,5 @@ def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator
                 bytes=(3 * h_run * i_run + 3 * m_run * h_run) * size,
                 # bf16: the baseline rounds gate, up, silu(gate) and their product; tessera only the product.
                 tolerance=3e-2,
-                notes={"baseline": "torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual"},
+                baseline_name="torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual",
             )

@@ -50,5 +50,5 @@ def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator
                 flops=4.0 * m_run * h_run,
                 bytes=(4 * m_run * h_run + h_run) * size,
                 tolerance=1e-2,  # bf16: both round the output once, maybe on either side of a tie
-                notes={"baseline": "torch eager: x + residual, F.rms_norm (HF cast order)"},
+                baseline_name="torch eager: x + residual, F.rms_norm (HF cast order)",
             )

@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -132,7 +132,7 @@ class KernelCase:
     flops: float  # useful floating-point operations per call
     bytes: float  # fewest bytes a call must move through memory (inputs read once, outputs written once)
     tolerance: float  # on the relative error between the two outputs
-    notes: dict = field(default_factory=dict)
+    baseline_name: str  # what the baseline is, in words (recorded with each result)
 
 
 def measure_cases(cases: Iterable[KernelCase], device: torch.device, copy_gbps: float) -> list[dict]:
@@ -157,7 +157,7 @@ def measure_cases(cases: Iterable[KernelCase], device: torch.device, copy_gbps: 
             "relative_error": error,
             "correct": error <= case.tolerance,
             "timing": method if method == base_method else f"{method} / baseline: {base_method}",
-            **case.notes,
+            "baseline": case.baseline_name,
         }
         rows.append(row)
         print(_row_line(row), flush=True)
@@ -166,22 +166,26 @@ def measure_cases(cases: Iterable[KernelCase], device: torch.device, copy_gbps: 
     return rows
 
 
+def _shape_keys(row: dict) -> list[str]:
+    return [k for k in row if k not in _METRICS]
+
+
 def _row_line(row: dict) -> str:
-    shape = ", ".join(f"{k}={row[k]}" for k in row if k not in _METRICS and k != "op")
+    shape = ", ".join(f"{k}={row[k]}" for k in _shape_keys(row))
     flag = "" if row["correct"] else f"  WRONG (relative error {row['relative_error']:.2e})"
     times = f"{row['tessera_ms']:.4f} ms vs {row['baseline_ms']:.4f} ms"
     return f"{row['op']} [{shape}]: {times} = {row['speedup']:.2f}x{flag}"
 
 
 _METRICS = {
-    "tessera_ms", "baseline_ms", "speedup", "tessera_tflops", "baseline_tflops", "tessera_gbps",
+    "op", "tessera_ms", "baseline_ms", "speedup", "tessera_tflops", "baseline_tflops", "tessera_gbps",
     "tessera_pct_copy_bandwidth", "flop_per_byte", "relative_error", "correct", "timing", "baseline",
 }  # fmt: skip
 
 
 def kernel_table(rows: list[dict]) -> str:
     """Markdown: shape columns, both times, the speedup, TFLOP/s and GB/s (% of the copy bandwidth)."""
-    shape_keys = [k for k in rows[0] if k not in _METRICS and k != "op"]
+    shape_keys = _shape_keys(rows[0])
     head = ["op", *shape_keys, "tessera ms", "baseline ms", "speedup", "TFLOP/s", "GB/s (% copy)", "rel. error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .attention import LOG2_E, attend_tile
-from .hardware import sm_count
+from .hardware import dot_precision, sm_count
 
 MAX_SPLITS = 64
 
@@ -175,7 +175,7 @@ def attention_decode_triton(
         partial.stride(0), partial.stride(1), stride_psplit, stride_lb, stride_lh,
         LOG2_E / head_dim**0.5, split_size,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        USE_DOT=use_dot, DIRECT=direct, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_DOT=use_dot, DIRECT=direct, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=3,
     )  # fmt: skip
     if not direct:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .hardware import sm_count
+from .hardware import dot_precision, sm_count
 
 
 @triton.jit
@@ -162,11 +162,6 @@ def _gemm_blocks(m: int) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 weights get exact fp32 products, as F.linear gives (torch leaves TF32 off for matmuls by default).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def swiglu_ffn_triton(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -188,7 +183,7 @@ def swiglu_ffn_triton(
     if m == 0:
         return out
     block_m, block_n, block_k, warps, stages = _gemm_blocks(m)
-    precision = _precision(x.dtype)
+    precision = dot_precision(x.dtype)
     h = torch.empty(m, inter, dtype=x.dtype, device=x.device)  # silu(gate)·up, the only intermediate
     # Two fp32 accumulators: at BLOCK_N 128 they alone would take 128 registers per thread; cap it at 64.
     gate_block_n = min(block_n, 64)

@@ -200,15 +200,17 @@ class Model(nn.Module):
 
     @classmethod
     def empty(cls, arch: ArchConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
-        """A model with uninitialised weights allocated directly on `device` in `dtype` (an 8B model in bf16
-        never passes through 32 GB of fp32 host memory). Follow with init_weights() or a state dict."""
+        """A model with uninitialised weights allocated directly on `device` in `dtype`: built on the meta
+        device (no default init to run and throw away), then given storage once, in the target dtype (an 8B
+        model in bf16 never passes through 32 GB of fp32). Follow with init_weights() or a state dict."""
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            with torch.device(device):
-                return cls(arch)
+            with torch.device("meta"):
+                model = cls(arch)
         finally:
             torch.set_default_dtype(default)
+        return model.to_empty(device=device)
 
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> Model:
         """Random init for training from scratch, tests and benchmarks: N(0, std), output projections scaled
