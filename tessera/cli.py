@@ -160,6 +160,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"\n{path.with_suffix('.md').read_text()}wrote {path} and {path.with_suffix('.md').name}")
 
 
+def cmd_search_solve(args: argparse.Namespace) -> None:
+    from tessera.search.library import read_library
+    from tessera.search.mip import merge_bounds, parse_bound, solve
+
+    library = read_library(args.library)
+    bounds = merge_bounds(
+        [parse_bound(t, upper=True) for t in args.max or ()] + [parse_bound(t, upper=False) for t in args.min or ()]
+    )
+    start = time.perf_counter()
+    found = solve(library, args.objective, args.maximize, bounds, args.solutions, args.min_diversity)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        print(json.dumps([s.to_json() for s in found], indent=2))
+        return
+    sense = "max" if args.maximize else "min"
+    print(f"{args.library}: {len(library)} layers; {sense} {args.objective}; solved in {elapsed:.2f} s")
+    for k, s in enumerate(found, start=1):
+        totals = ", ".join(f"{key} {v:.4g}" for key, v in s.totals.items())
+        print(f"\nsolution {k}: objective {s.objective:.6g} ({totals})")
+        for layer, variant in s.choices.items():
+            print(f"  {layer:>10}  {variant}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", action="append", choices=["norm", "ffn", "attention"], help="kernels: repeatable")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.set_defaults(func=cmd_bench)
+
+    search = sub.add_parser("search", help="Puzzle search steps").add_subparsers(dest="step", required=True)
+    p = search.add_parser("solve", help="choose one variant per layer from a block library (MIP, scipy HiGHS)")
+    p.add_argument("--library", required=True, help="block library JSON: {layer: {variant: {stats, metrics}}}")
+    p.add_argument("--objective", default="metrics.kl_div", help="key summed over layers (default metrics.kl_div)")
+    p.add_argument("--maximize", action="store_true", help="maximise the objective (default: minimise)")
+    p.add_argument("--max", action="append", metavar="KEY=V", help="upper bound on a layer sum; repeatable")
+    p.add_argument("--min", action="append", metavar="KEY=V", help="lower bound on a layer sum; repeatable")
+    p.add_argument("--solutions", type=int, default=1, help="how many diverse solutions")
+    p.add_argument("--min-diversity", type=int, default=1, help="layers each solution must change vs earlier ones")
+    p.add_argument("--json", action="store_true", help="a JSON list of {objective, choices, totals}")
+    p.set_defaults(func=cmd_search_solve)
 
     p = sub.add_parser("demo-parent", help="rebuild the demo corpus snapshot or retrain the demo parent")
     p.add_argument("step", choices=["corpus", "train"])

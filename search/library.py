@@ -1,0 +1,168 @@
+"""The search space and the block library: which variants each layer may take, and what each one costs and scores.
+
+Search space (Puzzle §3): per layer, attention is GQA with any KV-head count that divides the parent's, a
+single [H, H] linear layer, or nothing; the FFN is a SwiGLU at a list of width ratios of the parent's (rounded
+to a hardware-friendly multiple), a linear layer, or nothing. A block variant is one (attention, FFN) pair,
+named by `BlockConfig.name` ("gqa_kv2+ffn_384", "attn_none+ffn_linear").
+
+The block library is JSON in the schema of NVIDIA's published Puzzle demo, so libraries are portable between
+tools: `{"layer_0": {"<variant>": {"stats": {...}, "metrics": {...}}, ...}, ...}`. The MIP reads any numeric
+`stats.*` / `metrics.*` key; tessera's own libraries also carry the block's shape in `stats` so a choice of
+variant names can be assembled back into a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+
+Library = dict[str, dict[str, dict[str, dict[str, Any]]]]
+
+
+class LibraryError(ValueError):
+    """A block library file that does not follow the schema; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Which variants every layer may take; the defaults are Puzzle's (54 options per layer on Llama-70B)."""
+
+    kv_heads: tuple[int, ...] | None = None  # None: every divisor of the parent layer's KV-head count
+    ffn_ratios: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.1)
+    ffn_multiple: int | None = None  # None: 256, or hidden/4 rounded down to a power of two if smaller
+    linear_attention: bool = True
+    no_attention: bool = True
+    linear_ffn: bool = True
+    no_ffn: bool = True
+
+    def __post_init__(self) -> None:
+        if any(not 0 < r <= 1 for r in self.ffn_ratios):
+            raise ValueError(f"ffn_ratios must lie in (0, 1], got {self.ffn_ratios}")
+        if self.ffn_multiple is not None and self.ffn_multiple < 1:
+            raise ValueError(f"ffn_multiple must be >= 1, got {self.ffn_multiple}")
+
+    def multiple(self, arch: ArchConfig) -> int:
+        # 256 keeps real models' GEMMs on whole tensor-core tiles (nemotron-nas rounds ffn_mult the same
+        # way); a tiny model like the demo parent (hidden 256, width 768) needs 64 to keep 5 distinct widths.
+        if self.ffn_multiple is not None:
+            return self.ffn_multiple
+        return min(256, 2 ** int(math.log2(max(1, arch.hidden_size // 4))))
+
+    def attention_variants(self, arch: ArchConfig, layer: int) -> list[AttentionConfig]:
+        parent = arch.blocks[layer].attention
+        out: list[AttentionConfig] = []
+        if parent.kind == "gqa":
+            counts = self.kv_heads or tuple(k for k in range(parent.n_kv_heads, 0, -1) if parent.n_kv_heads % k == 0)
+            out += [AttentionConfig("gqa", k) for k in counts if parent.n_kv_heads % k == 0]
+        if parent.kind in ("gqa", "linear") and self.linear_attention:
+            out.append(AttentionConfig("linear"))
+        if self.no_attention or parent.kind == "none":
+            out.append(AttentionConfig("none"))
+        return out
+
+    def ffn_variants(self, arch: ArchConfig, layer: int) -> list[FFNConfig]:
+        parent = arch.blocks[layer].ffn
+        out: list[FFNConfig] = []
+        if parent.kind == "swiglu":
+            m = self.multiple(arch)
+            widths = {
+                min(parent.intermediate_size, max(m, m * round(r * parent.intermediate_size / m)))
+                for r in self.ffn_ratios
+            }
+            widths.add(parent.intermediate_size)  # the parent's own FFN is always a choice
+            out += [FFNConfig("swiglu", w) for w in sorted(widths, reverse=True)]
+        if parent.kind in ("swiglu", "linear") and self.linear_ffn:
+            out.append(FFNConfig("linear"))
+        if self.no_ffn or parent.kind == "none":
+            out.append(FFNConfig("none"))
+        return out
+
+    def block_variants(self, arch: ArchConfig, layer: int) -> list[BlockConfig]:
+        return [BlockConfig(a, f) for a in self.attention_variants(arch, layer) for f in self.ffn_variants(arch, layer)]
+
+
+_NAME = re.compile(r"^(?:gqa_kv(?P<kv>\d+)|attn_(?P<att>linear|none))\+ffn_(?:(?P<width>\d+)|(?P<ffn>linear|none))$")
+
+
+def block_from_name(name: str) -> BlockConfig:
+    """Inverse of `BlockConfig.name`: "gqa_kv2+ffn_384" -> BlockConfig(gqa 2, swiglu 384)."""
+    m = _NAME.match(name)
+    if m is None:
+        raise LibraryError(
+            f"variant {name!r}: expected a tessera block name like 'gqa_kv4+ffn_768' or 'attn_none+ffn_linear'"
+        )
+    att = AttentionConfig("gqa", int(m["kv"])) if m["kv"] else AttentionConfig(m["att"])
+    ffn = FFNConfig("swiglu", int(m["width"])) if m["width"] else FFNConfig(m["ffn"])
+    return BlockConfig(att, ffn)
+
+
+def shape_stats(arch: ArchConfig, block: BlockConfig) -> dict[str, Any]:
+    """The block's shape and size, as tessera writes them into a library entry's stats."""
+    return {
+        "attention_kind": block.attention.kind,
+        "num_kv_heads": block.attention.n_kv_heads or 0,
+        "ffn_kind": block.ffn.kind,
+        "ffn_intermediate_size": block.ffn.intermediate_size or 0,
+        "num_params": arch.block_params(block),
+        "attention_num_params": arch.attention_params(block.attention),
+        "ffn_num_params": arch.ffn_params(block.ffn),
+    }
+
+
+def layer_names(library: Library) -> list[str]:
+    """The library's layer keys in layer order ("layer_2" before "layer_10")."""
+
+    def order(key: str) -> tuple[int, str]:
+        digits = re.findall(r"\d+", key)
+        return (int(digits[-1]) if digits else -1, key)
+
+    return sorted(library, key=order)
+
+
+def read_library(path: str | Path) -> Library:
+    path = Path(path)
+    if not path.is_file():
+        raise LibraryError(f"{path}: no such file (expected a block library JSON)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LibraryError(f"{path}: not valid JSON ({e})") from None
+    check_library(data, str(path))
+    return data
+
+
+def check_library(data: Any, source: str = "library") -> None:
+    if not isinstance(data, dict) or not data:
+        raise LibraryError(f"{source}: expected a non-empty object of layers {{'layer_0': {{variant: entry}}}}")
+    for layer, variants in data.items():
+        if not isinstance(variants, dict) or not variants:
+            raise LibraryError(f"{source}: {layer}: expected a non-empty object of variants")
+        for name, entry in variants.items():
+            if not isinstance(entry, dict):
+                raise LibraryError(f"{source}: {layer}/{name}: expected an object with 'stats' and 'metrics'")
+            for part in ("stats", "metrics"):
+                if not isinstance(entry.get(part, {}), dict):
+                    raise LibraryError(f"{source}: {layer}/{name}: '{part}' must be an object")
+
+
+def write_library(library: Library, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(library, indent=1) + "\n")
+    return path
+
+
+def value(entry: dict[str, Any], key: str) -> Any:
+    """entry["stats"]["runtime_ms"] for key "stats.runtime_ms" (None when absent)."""
+    part, _, field = key.partition(".")
+    return entry.get(part, {}).get(field) if field else None
+
+
+def choices_to_blocks(library: Library, choices: dict[str, str]) -> list[BlockConfig]:
+    """The chosen variant names, in layer order, as block configs (tessera-named libraries only)."""
+    return [block_from_name(choices[layer]) for layer in layer_names(library)]

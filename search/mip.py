@@ -1,0 +1,185 @@
+"""Choosing one variant per layer: Puzzle's mixed-integer program, solved with scipy's HiGHS (`milp`).
+
+x[i, j] ∈ {0, 1} says layer i takes variant j; Σ_j x[i, j] = 1 for every layer. The objective is any numeric
+`metrics.*` (or `stats.*`) key of the block library, summed over layers and minimised (KL divergence) or
+maximised (an accuracy); every budget is a bound on the layer sum of a key (`stats.runtime_ms ≤ 12`,
+`stats.memory_mib ≤ 900`, a lower bound for a throughput-like key). Several solutions are found by adding,
+after each one, a diversity cut Σ_{(i,j) ∈ previous} x[i, j] ≤ L − K: the next differs in at least K layers
+(Puzzle's α-constraint with α = 1 − K/L).
+
+An infeasible budget is explained: for each bound, the MIP is re-solved for the best total of that key under
+the other bounds, and the message says which bound cannot be met and the tightest value that could.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from tessera.search.library import Library, LibraryError, layer_names, value
+
+
+class InfeasibleError(ValueError):
+    """No architecture in the library meets the budget; the message names the bound and what could be met."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    key: str  # "stats.runtime_ms"
+    upper: float | None = None
+    lower: float | None = None
+
+    def describe(self) -> str:
+        parts = ([f"≥ {self.lower:g}"] if self.lower is not None else []) + (
+            [f"≤ {self.upper:g}"] if self.upper is not None else []
+        )
+        return f"{self.key} {' and '.join(parts)}"
+
+
+@dataclass
+class Solution:
+    objective: float
+    choices: dict[str, str]  # layer key -> variant name
+    totals: dict[str, float] = field(default_factory=dict)  # key -> sum over layers
+
+    def to_json(self) -> dict:
+        return {"objective": self.objective, "choices": self.choices, "totals": self.totals}
+
+
+class _Problem:
+    """The library flattened: variable k is (layer, variant); numeric columns per key, checked on first use."""
+
+    def __init__(self, library: Library) -> None:
+        self.library = library
+        self.layers = layer_names(library)
+        self.pairs = [(layer, name) for layer in self.layers for name in library[layer]]
+        self.n = len(self.pairs)
+        layer_of = np.repeat(np.arange(len(self.layers)), [len(library[layer]) for layer in self.layers])
+        self.one_per_layer = csr_array(
+            (np.ones(self.n), (layer_of, np.arange(self.n))), shape=(len(self.layers), self.n)
+        )
+        self._columns: dict[str, np.ndarray] = {}
+
+    def column(self, key: str) -> np.ndarray:
+        if key not in self._columns:
+            if key.partition(".")[0] not in ("stats", "metrics") or not key.partition(".")[2]:
+                raise LibraryError(f"key {key!r}: expected 'stats.<name>' or 'metrics.<name>'")
+            col = np.empty(self.n)
+            for k, (layer, name) in enumerate(self.pairs):
+                v = value(self.library[layer][name], key)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise LibraryError(f"{layer}/{name}: {key} is {v!r}; every variant needs a finite number there")
+                col[k] = v
+            self._columns[key] = col
+        return self._columns[key]
+
+    def solve(self, cost: np.ndarray, bounds: list[Bound], cuts: list[np.ndarray], cut_rhs: float) -> np.ndarray | None:
+        """The 0/1 choice vector minimising cost·x, or None when infeasible."""
+        constraints = [LinearConstraint(self.one_per_layer, 1, 1)]
+        for b in bounds:
+            lo = -np.inf if b.lower is None else b.lower
+            hi = np.inf if b.upper is None else b.upper
+            constraints.append(LinearConstraint(self.column(b.key)[None, :], lo, hi))
+        constraints += [LinearConstraint(cut[None, :], -np.inf, cut_rhs) for cut in cuts]
+        res = milp(
+            cost,
+            constraints=constraints,
+            integrality=np.ones(self.n),
+            bounds=Bounds(0, 1),
+            options={"mip_rel_gap": 1e-9},  # exact optimum: the tests compare against brute force
+        )
+        if res.status == 2 or res.x is None:  # 2: infeasible
+            return None
+        if res.status != 0:
+            raise RuntimeError(f"the MIP solver stopped without an optimum: {res.message}")
+        return np.round(res.x)
+
+    def explain(self, bounds: list[Bound]) -> str:
+        """Why no choice meets all bounds: which bound fails under the others, and the best it could be."""
+        reasons = []
+        for b in bounds:
+            others = [o for o in bounds if o is not b]
+            col = self.column(b.key)
+            if b.upper is not None:
+                x = self.solve(col, others, [], 0)
+                if x is not None and col @ x > b.upper:
+                    reasons.append(f"{b.key} ≤ {b.upper:g} cannot be met: the smallest total is {col @ x:.6g}")
+            if b.lower is not None:
+                x = self.solve(-col, others, [], 0)
+                if x is not None and col @ x < b.lower:
+                    reasons.append(f"{b.key} ≥ {b.lower:g} cannot be met: the largest total is {col @ x:.6g}")
+        if not reasons:
+            reasons.append("the bounds " + "; ".join(b.describe() for b in bounds) + " conflict with one another")
+        suffix = " under the other bounds" if len(bounds) > 1 else ""
+        return "no architecture in the library meets the budget: " + "; ".join(r + suffix for r in reasons)
+
+
+def solve(
+    library: Library,
+    objective: str = "metrics.kl_div",
+    maximize: bool = False,
+    bounds: list[Bound] | tuple[Bound, ...] = (),
+    solutions: int = 1,
+    min_diversity: int = 1,
+) -> list[Solution]:
+    """Up to `solutions` best architectures, each differing from all earlier ones in ≥ min_diversity layers.
+
+    Raises InfeasibleError (with the failing bound and its best achievable total) when none exists; later
+    solutions that the diversity cuts make infeasible are simply not returned."""
+    if solutions < 1:
+        raise ValueError(f"solutions must be >= 1, got {solutions}")
+    problem = _Problem(library)
+    if not 0 <= min_diversity <= len(problem.layers):
+        raise ValueError(f"min_diversity must be in [0, {len(problem.layers)}] layers, got {min_diversity}")
+    bounds = list(bounds)
+    objective_col = problem.column(objective)
+    cost = -objective_col if maximize else objective_col
+    reported = list(dict.fromkeys([b.key for b in bounds] + [objective]))
+    found: list[Solution] = []
+    cuts: list[np.ndarray] = []
+    for _ in range(solutions):
+        x = problem.solve(cost, bounds, cuts, len(problem.layers) - max(1, min_diversity))
+        if x is None:
+            if not found:
+                raise InfeasibleError(problem.explain(bounds))
+            break
+        chosen = np.flatnonzero(x > 0.5)
+        found.append(
+            Solution(
+                objective=float(objective_col[chosen].sum()),
+                choices={problem.pairs[k][0]: problem.pairs[k][1] for k in chosen},
+                totals={key: float(problem.column(key)[chosen].sum()) for key in reported},
+            )
+        )
+        cuts.append(x)
+    return found
+
+
+def parse_bound(text: str, upper: bool) -> Bound:
+    """'stats.runtime_ms=12.5' (from --max / --min) -> Bound."""
+    key, sep, raw = text.partition("=")
+    try:
+        number = float(raw)
+    except ValueError:
+        number = math.nan
+    if not sep or not key or not math.isfinite(number):
+        flag = "--max" if upper else "--min"
+        raise ValueError(f"{flag} {text!r}: expected KEY=NUMBER, e.g. stats.runtime_ms=12.5")
+    return Bound(key, upper=number) if upper else Bound(key, lower=number)
+
+
+def merge_bounds(bounds: list[Bound]) -> list[Bound]:
+    """One Bound per key: --max and --min on the same key become one two-sided bound."""
+    merged: dict[str, Bound] = {}
+    for b in bounds:
+        old = merged.get(b.key, Bound(b.key))
+        merged[b.key] = Bound(
+            b.key,
+            upper=b.upper if b.upper is not None else old.upper,
+            lower=b.lower if b.lower is not None else old.lower,
+        )
+    return list(merged.values())
