@@ -179,6 +179,16 @@ class DecoderLayer(nn.Module):
             x, h = self.post_attention_layernorm(attn_out, residual=h)
         return self.mlp(x, residual=h)
 
+    # The two halves on their own (unfused; same result as forward): the search distils and scores each.
+
+    def attend(self, h: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """h + attn(norm1(h)), or h when attention is a no-op."""
+        return h if self.self_attn is None else h + self.self_attn(self.input_layernorm(h), batch, cos, sin)
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h + ffn(norm2(h)), or h when the FFN is a no-op."""
+        return h if self.mlp is None else self.mlp(self.post_attention_layernorm(h), residual=h)
+
 
 class Model(nn.Module):
     """Embedding → heterogeneous layers → final norm → LM head (tied to the embedding or not)."""
@@ -237,12 +247,17 @@ class Model(nn.Module):
         cos, sin = self._rope_tables[device]
         return cos[positions], sin[positions]
 
-    def forward_packed(self, tokens: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """tokens [N] -> final hidden states [N, H] (after the final norm)."""
+    def forward_packed(
+        self, tokens: torch.Tensor, batch: Batch, layer_outputs: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """tokens [N] -> final hidden states [N, H] (after the final norm); each layer's output [N, H] is
+        appended to `layer_outputs` when given (global distillation matches them)."""
         h = self.embed_tokens(tokens)
         cos, sin = self.rope_tables(batch.positions)
         for layer in self.layers:
             h = layer(h, batch, cos, sin)
+            if layer_outputs is not None:
+                layer_outputs.append(h)
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

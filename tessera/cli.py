@@ -106,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from tessera.runtime.generate import SamplingParams
 
     model_dir = Path(args.model or PARENT_DIR)
-    print(_format_info(ArchConfig.from_json(model_dir), f"demo parent: {model_dir}"))
+    print(_format_info(ArchConfig.from_json(model_dir), f"model: {model_dir}"))
     report = model_dir / "training.json"
     if report.is_file():
         r = json.loads(report.read_text())
@@ -183,6 +183,67 @@ def cmd_search_solve(args: argparse.Namespace) -> None:
             print(f"  {layer:>10}  {variant}")
 
 
+def _scenario(args: argparse.Namespace):
+    from tessera.search.cost import Scenario
+
+    return Scenario(batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from tessera.search.cost import calibrate, random_architectures, validate
+    from tessera.search.library import SearchSpace
+
+    device = resolve_device(args.device)
+    arch = ArchConfig.from_json(args.model)
+    space = SearchSpace()
+    variants = [space.block_variants(arch, i) for i in range(arch.n_layers)]
+    table = calibrate(arch, [b for v in variants for b in v], _scenario(args), device, torch.float32)
+    if args.validate:
+        validate(table, arch, random_architectures(variants, args.validate), device, torch.float32)
+    Path(args.out).write_text(json.dumps(table.to_json(), indent=1) + "\n")
+    print(f"{table.device}: non-block {table.non_block_ms:.2f} ms")
+    for name, t in table.blocks.items():
+        times = f"prefill {t['prefill_ms']:8.3f} ms  decode {t['decode_ms']:7.3f} ms  total {t['runtime_ms']:9.2f} ms"
+        print(f"  {name:<26} {times}")
+    if table.validation:
+        v = table.validation
+        print(
+            f"predicted vs measured on {len(v['architectures'])} random architectures: "
+            f"mean abs error {100 * v['mean_abs_error']:.1f} %, max {100 * v['max_abs_error']:.1f} %"
+        )
+    print(f"wrote {args.out}")
+
+
+def cmd_optimize(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from tessera.demo_parent import CORPUS_DIR, PARENT_DIR
+    from tessera.search.bld import BLDConfig
+    from tessera.search.gkd import GKDConfig
+    from tessera.search.pipeline import Budget, OptimizeConfig, optimize
+
+    budget = Budget(args.target_speedup, args.max_latency_ms, args.max_memory_mib, args.min_throughput)
+    if budget == Budget():
+        budget = Budget(target_speedup=1.5)
+    cfg = OptimizeConfig(
+        scenario=_scenario(args),
+        bld=replace(BLDConfig(), steps=args.bld_steps),
+        gkd=replace(GKDConfig(), steps=args.gkd_steps),
+        pareto_speedups=tuple(float(x) for x in args.pareto.split(",") if x) if args.pareto else (),
+        device=str(resolve_device(args.device)),
+    )
+    results = optimize(args.model or PARENT_DIR, args.out, budget, cfg, args.corpus or CORPUS_DIR)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"child checkpoint: {results['child_dir']}")
+
+
+def _add_scenario(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=8, help="scenario: sequences generated together")
+    p.add_argument("--prompt-len", type=int, default=128, help="scenario: prompt tokens per sequence")
+    p.add_argument("--gen-len", type=int, default=64, help="scenario: generated tokens per sequence")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-diversity", type=int, default=1, help="layers each solution must change vs earlier ones")
     p.add_argument("--json", action="store_true", help="a JSON list of {objective, choices, totals}")
     p.set_defaults(func=cmd_search_solve)
+
+    p = sub.add_parser("calibrate", help="time every block variant of a model on this device; write the cost table")
+    p.add_argument("--model", required=True, help="checkpoint directory or config.json (weights are not needed)")
+    p.add_argument("--out", default="cost.json")
+    p.add_argument("--validate", type=int, default=5, help="random architectures to check predictions against")
+    _add_scenario(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("optimize", help="Puzzle end to end: a faster child of a parent under a budget")
+    p.add_argument("--model", default=None, help="parent checkpoint (default: the bundled demo parent)")
+    p.add_argument("--corpus", default=None, help="directory with train.txt.xz and validation.txt.xz (default: demo)")
+    p.add_argument("--out", default="runs/optimize", help="output directory")
+    p.add_argument("--target-speedup", type=float, default=None, help="× the parent's speed (default 1.5)")
+    p.add_argument("--max-latency-ms", type=float, default=None, help="generation latency of the scenario")
+    p.add_argument("--max-memory-mib", type=float, default=None, help="weights + KV cache of the scenario")
+    p.add_argument("--min-throughput", type=float, default=None, help="generated tokens/s in the scenario")
+    p.add_argument("--bld-steps", type=int, default=150, help="training steps per BLD variant")
+    p.add_argument("--gkd-steps", type=int, default=100, help="GKD steps per child")
+    p.add_argument("--pareto", default="1.25,2.0", help="extra target speedups solved for the curve ('' for none)")
+    _add_scenario(p)
+    p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("demo-parent", help="rebuild the demo corpus snapshot or retrain the demo parent")
     p.add_argument("step", choices=["corpus", "train"])

@@ -1,0 +1,82 @@
+"""Global knowledge distillation (Puzzle §4.4): the assembled child learns from the parent end to end.
+
+loss = Σ_layers (1 − cos(h_child_l, h_parent_l)) + KL(p_parent ‖ p_child), both averaged over tokens. The
+cosine terms align every layer's output (the child has one layer per parent layer), the KL the next-token
+distributions; Puzzle found that adding the LM loss hurts, so there is none. Training runs through the
+reference kernels (autograd is recording), with tessera's one training loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tessera.runtime.model import Batch, Model
+from tessera.search.scoring import model_quality
+from tessera.search.train import TrainConfig, random_windows, train
+
+
+@dataclass(frozen=True)
+class GKDConfig:
+    steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 3e-4
+    seed: int = 0
+
+
+def _forward(model: Model, inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each layer's output [N, H] and the logits [N, V] for windows [B, T]."""
+    b, t = inputs.shape
+    outputs: list[torch.Tensor] = []
+    hidden = model.forward_packed(inputs.reshape(-1), Batch.prefill([t] * b, inputs.device), outputs)
+    return outputs, model.logits(hidden)
+
+
+def gkd_loss(child: Model, parent: Model, inputs: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        parent_layers, parent_logits = _forward(parent, inputs)
+    child_layers, child_logits = _forward(child, inputs)
+    cosine = sum((1 - F.cosine_similarity(c, p, dim=-1)).mean() for c, p in zip(child_layers, parent_layers))
+    logp_parent = F.log_softmax(parent_logits.float(), dim=-1)
+    kl = F.kl_div(F.log_softmax(child_logits.float(), dim=-1), logp_parent, log_target=True, reduction="batchmean")
+    return cosine + kl
+
+
+def distill(
+    child: Model,
+    parent: Model,
+    train_tokens: np.ndarray,
+    cfg: GKDConfig = GKDConfig(),
+    val_windows: torch.Tensor | None = None,
+    parent_logprobs: torch.Tensor | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train every child weight (embedding and head included) in place; returns the loop's history, the last
+    record holding the held-out quality when val_windows is given."""
+    if child.arch.n_layers != parent.arch.n_layers:
+        raise ValueError(f"GKD pairs layers one to one: child has {child.arch.n_layers}, parent {parent.arch.n_layers}")
+    device = parent.embed_tokens.weight.device
+    parent.eval()
+    child.train()
+
+    def evaluate() -> dict[str, float]:
+        child.eval()
+        q = model_quality(child, val_windows, parent_logprobs) if val_windows is not None else {}
+        child.train()
+        return {f"val_{k}": v for k, v in q.items()}
+
+    history = train(
+        child.named_parameters(),
+        lambda w: gkd_loss(child, parent, w[:, :-1].to(device)),
+        random_windows(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed),
+        TrainConfig(steps=cfg.steps, lr=cfg.lr),
+        evaluate=evaluate if val_windows is not None else None,
+        desc="GKD",
+        progress=progress,
+    )
+    child.eval()
+    return history

@@ -1,0 +1,371 @@
+"""`tessera optimize`: Puzzle end to end, from a parent checkpoint to a faster child under a budget.
+
+parent ─> record activations ─> BLD every variant ─> replace-1-block scores ─┐
+      └─> time every variant on this device (cost table, self-validated) ────┴─> block library JSON
+      ─> MIP under the budget ─> assemble ─> GKD ─> child checkpoint (nemotron-nas) + report
+
+Besides the child for the requested budget, the run solves a few more budgets (a Pareto curve of measured
+speed against quality) and builds two baselines at the main budget from the same BLD blocks: every layer
+shrunk the same way (the best uniform choice that fits), and a greedy layer-by-layer choice (cheapest KL
+per millisecond saved first). All children are measured end to end on this device and evaluated on
+held-out text before and after the same GKD.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tessera.config import ArchConfig, BlockConfig
+from tessera.demo_parent import CORPUS_DIR, PARENT_DIR, encode_split
+from tessera.runtime.generate import load_tokenizer
+from tessera.runtime.loader import load_model, save_model
+from tessera.runtime.model import Model
+from tessera.search import activations
+from tessera.search.assemble import assemble_child
+from tessera.search.bld import BLDConfig, SublayerStore, run_bld
+from tessera.search.cost import CostTable, Scenario, block_memory_mib, calibrate, measure_latency, random_architectures
+from tessera.search.cost import validate as validate_costs
+from tessera.search.gkd import GKDConfig, distill
+from tessera.search.library import Library, SearchSpace, block_from_name, shape_stats, write_library
+from tessera.search.mip import Bound, InfeasibleError, solve
+from tessera.search.scoring import model_quality, parent_logprobs, score_library
+from tessera.search.train import fixed_windows, random_windows
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the child must meet; latency and throughput are for the scenario on this device."""
+
+    target_speedup: float | None = None  # × the parent's speed
+    max_latency_ms: float | None = None
+    max_memory_mib: float | None = None
+    min_throughput: float | None = None  # generated tokens/s = batch · gen_len / latency
+
+    def __post_init__(self) -> None:
+        for name, v in asdict(self).items():
+            if v is not None and not v > 0:
+                raise ValueError(f"budget {name} must be > 0, got {v}")
+        if self.target_speedup is not None and self.target_speedup < 1:
+            raise ValueError(
+                f"target speedup must be >= 1 (a child no slower than its parent), got {self.target_speedup}"
+            )
+
+    def describe(self) -> str:
+        parts = [f"{k.replace('_', ' ')} {v:g}" for k, v in asdict(self).items() if v is not None]
+        return ", ".join(parts) or "none"
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    space: SearchSpace = field(default_factory=SearchSpace)
+    scenario: Scenario = field(default_factory=Scenario)
+    bld: BLDConfig = field(default_factory=BLDConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    calibration_windows: int = 64  # training windows whose activations BLD learns from
+    score_windows: int = 8  # held-out windows for replace-1-block scoring
+    eval_windows: int = 32  # further held-out windows for the children's final quality
+    seq_len: int = 256
+    pareto_speedups: tuple[float, ...] = (1.25, 2.0)  # extra budgets solved for the curve
+    baseline_gkd: bool = True  # the baselines get the same GKD as the main child
+    validate_architectures: int = 5
+    device: str = "cpu"
+    seed: int = 0
+
+
+@dataclass
+class Child:
+    label: str
+    method: str  # "mip", "uniform", "greedy", "parent"
+    blocks: list[BlockConfig]
+    predicted_ms: float
+    measured_ms: float = math.nan
+    quality_bld: dict = field(default_factory=dict)  # assembled from BLD blocks, before GKD
+    quality_gkd: dict = field(default_factory=dict)
+    kl_sum: float = math.nan  # the MIP objective: Σ replace-1-block KL
+
+    def to_json(self, parent_ms: float) -> dict:
+        return {
+            "label": self.label,
+            "method": self.method,
+            "blocks": [b.name for b in self.blocks],
+            "predicted_ms": self.predicted_ms,
+            "measured_ms": self.measured_ms,
+            "measured_speedup": parent_ms / self.measured_ms,
+            "kl_sum": self.kl_sum,
+            "quality_bld": self.quality_bld,
+            "quality_gkd": self.quality_gkd,
+        }
+
+
+def build_library(
+    arch: ArchConfig,
+    space: SearchSpace,
+    table: CostTable,
+    scores: dict,
+    bld_losses: dict,
+    dtype: torch.dtype,
+) -> Library:
+    """The block library in NVIDIA's Puzzle-demo schema: layer -> variant -> {stats, metrics}."""
+    library: Library = {}
+    for i in range(arch.n_layers):
+        layer = f"layer_{i}"
+        library[layer] = {}
+        for block in space.block_variants(arch, i):
+            timing = table.blocks[block.name]
+            losses = bld_losses.get(layer, {})
+            metrics = dict(scores[layer][block.name])
+            for part, sub in (("attention", block.attention), ("ffn", block.ffn)):
+                if sub.name in losses:
+                    metrics[f"bld_nmse_{part}"] = losses[sub.name]["nmse_final"]
+            library[layer][block.name] = {
+                "stats": {
+                    **shape_stats(arch, block),
+                    "runtime_ms": timing["runtime_ms"],
+                    "prefill_ms": timing["prefill_ms"],
+                    "decode_ms": timing["decode_ms"],
+                    "memory_mib": block_memory_mib(arch, block, table.scenario, dtype),
+                },
+                "metrics": metrics,
+            }
+    return library
+
+
+def block_bounds(budget: Budget, table: CostTable, parent_predicted_ms: float) -> list[Bound]:
+    """The budget as bounds on the layers' summed stats: non-block costs come off first (Puzzle). A target
+    speedup divides the parent's *predicted* latency, so the cost model's own bias cancels in the ratio."""
+    latency = []
+    if budget.target_speedup is not None:
+        latency.append(parent_predicted_ms / budget.target_speedup)
+    if budget.max_latency_ms is not None:
+        latency.append(budget.max_latency_ms)
+    if budget.min_throughput is not None:
+        s = table.scenario
+        latency.append(1e3 * s.batch * s.gen_len / budget.min_throughput)
+    bounds = []
+    if latency:
+        bounds.append(Bound("stats.runtime_ms", upper=min(latency) - table.non_block_ms))
+    if budget.max_memory_mib is not None:
+        bounds.append(Bound("stats.memory_mib", upper=budget.max_memory_mib - table.non_block_memory_mib))
+    if not bounds:
+        raise ValueError("the budget is empty: give a target speedup, a latency, a memory or a throughput bound")
+    return bounds
+
+
+def _within(library: Library, blocks: list[BlockConfig], bounds: list[Bound]) -> bool:
+    for b in bounds:
+        part, key = b.key.split(".")
+        total = sum(library[f"layer_{i}"][blk.name][part][key] for i, blk in enumerate(blocks))
+        if b.upper is not None and total > b.upper + 1e-9:
+            return False
+    return True
+
+
+def _kl_sum(library: Library, blocks: list[BlockConfig]) -> float:
+    return sum(library[f"layer_{i}"][b.name]["metrics"]["kl_div"] for i, b in enumerate(blocks))
+
+
+def uniform_baseline(library: Library, arch: ArchConfig, bounds: list[Bound]) -> list[BlockConfig] | None:
+    """Every layer the same variant: of the uniform choices within the budget, the one with least Σ KL."""
+    common = set.intersection(*(set(library[f"layer_{i}"]) for i in range(arch.n_layers)))
+    fits = [[block_from_name(n)] * arch.n_layers for n in sorted(common)]
+    fits = [blocks for blocks in fits if _within(library, blocks, bounds)]
+    return min(fits, key=lambda blocks: _kl_sum(library, blocks), default=None)
+
+
+def greedy_baseline(library: Library, arch: ArchConfig, bounds: list[Bound]) -> list[BlockConfig] | None:
+    """Start from the parent and repeatedly make the single-layer change with the least added KL per
+    millisecond saved, until the budget is met (the layer-wise greedy Puzzle compares its MIP against)."""
+    blocks = list(arch.blocks)
+    layers = [library[f"layer_{i}"] for i in range(arch.n_layers)]
+    while not _within(library, blocks, bounds):
+        best, best_rate = None, math.inf
+        for i, variants in enumerate(layers):
+            now = variants[blocks[i].name]
+            for name, entry in variants.items():
+                saved = now["stats"]["runtime_ms"] - entry["stats"]["runtime_ms"]
+                if saved <= 0:
+                    continue
+                rate = (entry["metrics"]["kl_div"] - now["metrics"]["kl_div"]) / saved
+                if rate < best_rate:
+                    best, best_rate = (i, name), rate
+        if best is None:
+            return None
+        blocks[best[0]] = block_from_name(best[1])
+    return blocks
+
+
+class Optimizer:
+    """One `tessera optimize` run; each stage writes its output under `out` as it finishes."""
+
+    def __init__(self, parent_dir: Path, corpus: Path, out: Path, cfg: OptimizeConfig, progress: bool = True) -> None:
+        self.parent_dir, self.out, self.cfg, self.progress = Path(parent_dir), Path(out), cfg, progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(cfg.device)
+        self.dtype = torch.float32  # search and timing in fp32 on CPU: the demo's serving precision there
+        self.parent = load_model(self.parent_dir, self.device, self.dtype)
+        for p in self.parent.parameters():
+            p.requires_grad_(False)
+        cfg.scenario.check_context(self.parent.arch)
+        tok = load_tokenizer(self.parent_dir)
+        self.train_ids = encode_split(tok, "train", corpus)
+        val_ids = encode_split(tok, "validation", corpus)
+        held_out = fixed_windows(val_ids, cfg.seq_len, cfg.score_windows + cfg.eval_windows)
+        if held_out.shape[0] < cfg.score_windows + cfg.eval_windows:
+            raise ValueError(
+                f"{corpus}: the validation split has {held_out.shape[0]} windows of {cfg.seq_len} tokens; "
+                f"scoring and evaluation need {cfg.score_windows + cfg.eval_windows}"
+            )
+        self.score_windows, self.eval_windows = held_out[: cfg.score_windows], held_out[cfg.score_windows :]
+        self.timings: dict[str, float] = {}
+
+    def _stage(self, name: str, start: float) -> None:
+        self.timings[name] = time.perf_counter() - start
+        if self.progress:
+            print(f"[optimize] {name}: {self.timings[name]:.1f} s", flush=True)
+
+    def build_library(self) -> tuple[Library, CostTable]:
+        cfg, arch = self.cfg, self.parent.arch
+        t = time.perf_counter()
+        calib = next(random_windows(self.train_ids, cfg.calibration_windows, cfg.seq_len, cfg.seed))
+        acts = activations.record(self.parent, calib, progress=self.progress)
+        store = SublayerStore(self.out / "bld")
+        bld_losses = run_bld(self.parent, acts, cfg.space, store, cfg.bld, progress=self.progress)
+        del acts
+        self._stage("blockwise local distillation", t)
+
+        t = time.perf_counter()
+        score_acts = activations.record(self.parent, self.score_windows, progress=self.progress)
+        scores = score_library(self.parent, store, cfg.space, score_acts, progress=self.progress)
+        del score_acts
+        self._stage("replace-1-block scoring", t)
+
+        t = time.perf_counter()
+        variants = [cfg.space.block_variants(arch, i) for i in range(arch.n_layers)]
+        table = calibrate(arch, [b for v in variants for b in v], cfg.scenario, self.device, self.dtype, self.progress)
+        archs = random_architectures(variants, cfg.validate_architectures, seed=cfg.seed)
+        validate_costs(table, arch, archs, self.device, self.dtype, self.progress)
+        (self.out / "cost.json").write_text(json.dumps(table.to_json(), indent=1) + "\n")
+        self._stage("cost model", t)
+
+        library = build_library(arch, cfg.space, table, scores, bld_losses, self.dtype)
+        write_library(library, self.out / "library.json")
+        self.store = store
+        return library, table
+
+    def realise(self, child: Child, ref: torch.Tensor, gkd: bool) -> Model:
+        """Assemble, measure, evaluate, optionally distil and evaluate again."""
+        model = assemble_child(self.parent, self.store, child.blocks)
+        child.measured_ms = measure_latency(model, self.cfg.scenario)
+        child.quality_bld = model_quality(model, self.eval_windows, ref)
+        if gkd and self.cfg.gkd.steps > 0:
+            distill(model, self.parent, self.train_ids, self.cfg.gkd, progress=self.progress)
+            child.quality_gkd = model_quality(model, self.eval_windows, ref)
+        return model
+
+    def run(self, budget: Budget) -> dict:
+        start = time.perf_counter()
+        arch, cfg = self.parent.arch, self.cfg
+        library, table = self.build_library()
+        parent_predicted = table.runtime_ms(arch.blocks)
+        ref = parent_logprobs_of(self.parent, self.eval_windows)
+        parent = Child("parent", "parent", list(arch.blocks), parent_predicted, kl_sum=0.0)
+        parent.measured_ms = measure_latency(self.parent, cfg.scenario)
+        parent.quality_bld = parent.quality_gkd = model_quality(self.parent, self.eval_windows, ref)
+
+        t = time.perf_counter()
+        bounds = block_bounds(budget, table, parent_predicted)
+        (main_solution,) = solve(library, "metrics.kl_div", bounds=bounds)
+        main = Child(f"MIP ({budget.describe()})", "mip", _blocks(library, main_solution.choices), 0.0)
+        children = [main]
+        for speedup in cfg.pareto_speedups:
+            if budget.target_speedup is not None and math.isclose(speedup, budget.target_speedup):
+                continue
+            try:
+                (sol,) = solve(
+                    library,
+                    "metrics.kl_div",
+                    bounds=block_bounds(Budget(target_speedup=speedup), table, parent_predicted),
+                )
+            except InfeasibleError:
+                continue
+            children.append(Child(f"MIP (speedup {speedup:g})", "mip", _blocks(library, sol.choices), 0.0))
+        for method, pick in (("uniform", uniform_baseline), ("greedy", greedy_baseline)):
+            blocks = pick(library, arch, bounds)
+            if blocks is None:
+                continue
+            children.append(Child(f"{method} ({budget.describe()})", method, blocks, 0.0))
+            # Uniform choices are coarse and often land well under the budget: for a comparison at equal
+            # speed, the MIP also solves for exactly the baseline's own predicted runtime.
+            own = table.runtime_ms(blocks) - table.non_block_ms
+            runtime_cap = next((b.upper for b in bounds if b.key == "stats.runtime_ms"), None)
+            if runtime_cap is not None and own < 0.97 * runtime_cap:
+                (sol,) = solve(library, "metrics.kl_div", bounds=[Bound("stats.runtime_ms", upper=own)])
+                children.append(Child(f"MIP (= {method}'s runtime)", "mip", _blocks(library, sol.choices), 0.0))
+        self._stage("MIP and baselines", t)
+
+        t = time.perf_counter()
+        main_model = None
+        for child in children:
+            child.predicted_ms = table.runtime_ms(child.blocks)
+            child.kl_sum = _kl_sum(library, child.blocks)
+            gkd = child.method == "mip" or cfg.baseline_gkd
+            model = self.realise(child, ref, gkd)
+            if child is main:
+                main_model = model
+        self._stage("assembly, GKD and evaluation", t)
+
+        child_dir = save_model(main_model, self.out / "child", dtype=torch.bfloat16, tokenizer_from=self.parent_dir)
+        results = {
+            "parent": str(self.parent_dir),
+            "budget": asdict(budget),
+            "config": _jsonable(asdict(cfg)),
+            "device": table.device,
+            "scenario": asdict(cfg.scenario),
+            "non_block_ms": table.non_block_ms,
+            "cost_model": table.validation,
+            "children": [c.to_json(parent.measured_ms) for c in [parent, *children]],
+            "child_dir": str(child_dir),
+            "stage_seconds": self.timings,
+        }
+        results["stage_seconds"]["total"] = time.perf_counter() - start
+        (self.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        from tessera.search.report import write_report
+
+        write_report(results, library, self.out)
+        return results
+
+
+def parent_logprobs_of(parent: Model, windows: torch.Tensor) -> torch.Tensor:
+    return parent_logprobs(parent, activations.record(parent, windows, progress=False))
+
+
+def _blocks(library: Library, choices: dict[str, str]) -> list[BlockConfig]:
+    return [block_from_name(choices[f"layer_{i}"]) for i in range(len(library))]
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def optimize(
+    parent_dir: str | Path = PARENT_DIR,
+    out: str | Path = "runs/optimize",
+    budget: Budget = Budget(target_speedup=1.5),
+    cfg: OptimizeConfig = OptimizeConfig(),
+    corpus: str | Path = CORPUS_DIR,
+    progress: bool = True,
+) -> dict:
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return Optimizer(Path(parent_dir), Path(corpus), Path(out), cfg, progress).run(budget)

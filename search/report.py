@@ -1,0 +1,144 @@
+"""The human side of an optimize run: report.md, pareto.png (quality vs measured speed), layers.png (choices)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tessera.search.library import Library, block_from_name
+
+
+def _quality(q: dict, key: str) -> str:
+    return f"{q[key]:.3f}" if key in q else "–"
+
+
+def write_report(results: dict, library: Library, out: Path) -> Path:
+    parent = results["children"][0]
+    children = results["children"][1:]
+    s, cm = results["scenario"], results["cost_model"]
+    lines = [
+        "# tessera optimize",
+        "",
+        f"Parent `{results['parent']}` on {results['device']}; scenario batch {s['batch']}, prompt {s['prompt_len']},"
+        f" generate {s['gen_len']} tokens. Budget: {', '.join(f'{k} {v}' for k, v in results['budget'].items() if v)}.",
+        "",
+        "## Children (measured on this device; quality on held-out text)",
+        "",
+        "Speedup = the parent's measured generation latency / the child's. KL = mean per-token KL(parent ‖ child).",
+        "",
+        "| child | measured ms | speedup | predicted ms | Σ block KL | ppl (BLD) | KL (BLD) | ppl (GKD) | KL (GKD) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in [parent, *children]:
+        bld, gkd = c["quality_bld"], c["quality_gkd"]
+        lines.append(
+            f"| {c['label']} | {c['measured_ms']:.1f} | {c['measured_speedup']:.2f}x | {c['predicted_ms']:.1f} "
+            f"| {c['kl_sum']:.3f} | {_quality(bld, 'perplexity')} | {_quality(bld, 'kl_div')} "
+            f"| {_quality(gkd, 'perplexity')} | {_quality(gkd, 'kl_div')} |"
+        )
+    main = children[0]
+    lines += [
+        "",
+        f"The child saved in `child/` is **{main['label']}**; its layers:",
+        "",
+        "| layer | block | runtime ms | KL (replace-1-block) |",
+        "|---:|---|---:|---:|",
+    ]
+    for i, name in enumerate(main["blocks"]):
+        entry = library[f"layer_{i}"][name]
+        lines.append(f"| {i} | {name} | {entry['stats']['runtime_ms']:.2f} | {entry['metrics']['kl_div']:.4f} |")
+    lines += [
+        "",
+        "## Cost model",
+        "",
+        f"Non-block part {results['non_block_ms']:.1f} ms. Predicted vs measured end-to-end latency of "
+        f"{len(cm['architectures'])} random architectures from the library: mean absolute error "
+        f"{100 * cm['mean_abs_error']:.1f} %, max {100 * cm['max_abs_error']:.1f} %, mean signed "
+        f"{100 * cm['mean_signed_error']:+.1f} %.",
+        "",
+        "| predicted ms | measured ms | error |",
+        "|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['predicted_ms']:.1f} | {r['measured_ms']:.1f} | {100 * r['error']:+.1f} % |" for r in cm["architectures"]
+    ]
+    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
+    lines += ["", "![quality vs speed](pareto.png)", "", "![per-layer choices](layers.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    plot_pareto(results, out / "pareto.png")
+    plot_layers(results, library, out / "layers.png")
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pareto(results: dict, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
+    parent = results["children"][0]
+    ax.axhline(parent["quality_bld"]["perplexity"], color="gray", ls=":", label="parent")
+    style = {"mip": ("o", "C0"), "uniform": ("s", "C1"), "greedy": ("^", "C2")}
+    for method, (marker, color) in style.items():
+        group = sorted((c for c in results["children"] if c["method"] == method), key=lambda c: c["measured_speedup"])
+        if not group:
+            continue
+        x = [c["measured_speedup"] for c in group]
+        ax.plot(
+            x,
+            [c["quality_bld"]["perplexity"] for c in group],
+            marker,
+            color=color,
+            mfc="none",
+            ls="--" if method == "mip" else "",
+            label=f"{method}, BLD only",
+        )
+        if all(c["quality_gkd"] for c in group):
+            ax.plot(
+                x,
+                [c["quality_gkd"]["perplexity"] for c in group],
+                marker,
+                color=color,
+                ls="-" if method == "mip" else "",
+                label=f"{method}, after GKD",
+            )
+    ax.set_xlabel("measured speedup over the parent (this device)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("quality vs measured speed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_layers(results: dict, library: Library, path: Path) -> Path:
+    """Per layer of each MIP child: attention KV heads (or linear/none) and FFN width, as stacked runtime bars."""
+    plt = _pyplot()
+    mips = [c for c in results["children"] if c["method"] in ("parent", "mip")]
+    fig, axes = plt.subplots(1, len(mips), figsize=(3 * len(mips), 3.4), dpi=100, sharey=True)
+    for ax, child in zip(axes if len(mips) > 1 else [axes], mips):
+        runtimes = [library[f"layer_{i}"][n]["stats"]["runtime_ms"] for i, n in enumerate(child["blocks"])]
+        ax.barh(range(len(runtimes)), runtimes, color="C0")
+        for i, name in enumerate(child["blocks"]):
+            b = block_from_name(name)
+            att = f"kv{b.attention.n_kv_heads}" if b.attention.kind == "gqa" else b.attention.kind
+            ffn = str(b.ffn.intermediate_size) if b.ffn.kind == "swiglu" else b.ffn.kind
+            ax.text(0.01, i, f" {att} | {ffn}", va="center", fontsize=7, color="black")
+        ax.set_title(f"{child['label']}\n{child['measured_speedup']:.2f}x measured", fontsize=8)
+        ax.set_xlabel("block runtime (ms)")
+        ax.invert_yaxis()
+    axes_list = axes if len(mips) > 1 else [axes]
+    axes_list[0].set_ylabel("layer")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
