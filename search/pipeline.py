@@ -33,7 +33,14 @@ from tessera.search.bld import BLDConfig, SublayerStore, run_bld
 from tessera.search.cost import CostTable, Scenario, block_memory_mib, calibrate, measure_latency, random_architectures
 from tessera.search.cost import validate as validate_costs
 from tessera.search.gkd import GKDConfig, distill
-from tessera.search.library import Library, SearchSpace, block_from_name, shape_stats, write_library
+from tessera.search.library import (
+    Library,
+    SearchSpace,
+    block_from_name,
+    choices_to_blocks,
+    shape_stats,
+    write_library,
+)
 from tessera.search.mip import Bound, InfeasibleError, solve
 from tessera.search.scoring import model_quality, parent_logprobs, score_library
 from tessera.search.train import fixed_windows, random_windows
@@ -289,7 +296,7 @@ class Optimizer:
 
         t = time.perf_counter()
         (main_solution,) = solve(library, "metrics.kl_div", bounds=bounds)
-        main = Child(f"MIP ({budget.describe()})", "mip", _blocks(library, main_solution.choices), 0.0)
+        main = Child(f"MIP ({budget.describe()})", "mip", choices_to_blocks(library, main_solution.choices), 0.0)
         children = [main]
         for speedup in cfg.pareto_speedups:
             if budget.target_speedup is not None and math.isclose(speedup, budget.target_speedup):
@@ -302,7 +309,7 @@ class Optimizer:
                 )
             except InfeasibleError:
                 continue
-            children.append(Child(f"MIP (speedup {speedup:g})", "mip", _blocks(library, sol.choices), 0.0))
+            children.append(Child(f"MIP (speedup {speedup:g})", "mip", choices_to_blocks(library, sol.choices), 0.0))
         for method, pick in (("uniform", uniform_baseline), ("greedy", greedy_baseline)):
             blocks = pick(library, arch, bounds)
             if blocks is None:
@@ -314,7 +321,9 @@ class Optimizer:
             runtime_cap = next((b.upper for b in bounds if b.key == "stats.runtime_ms"), None)
             if runtime_cap is not None and own < 0.97 * runtime_cap:
                 (sol,) = solve(library, "metrics.kl_div", bounds=[Bound("stats.runtime_ms", upper=own)])
-                children.append(Child(f"MIP (= {method}'s runtime)", "mip", _blocks(library, sol.choices), 0.0))
+                children.append(
+                    Child(f"MIP (= {method}'s runtime)", "mip", choices_to_blocks(library, sol.choices), 0.0)
+                )
         self._stage("MIP and baselines", t)
 
         t = time.perf_counter()
@@ -347,7 +356,7 @@ class Optimizer:
         results = {
             "parent": str(self.parent_dir),
             "budget": asdict(budget),
-            "config": _jsonable(asdict(cfg)),
+            "config": asdict(cfg),
             "device": table.device,
             "scenario": asdict(cfg.scenario),
             "non_block_ms": table.non_block_ms,
@@ -366,18 +375,6 @@ class Optimizer:
 
 def parent_logprobs_of(parent: Model, windows: torch.Tensor) -> torch.Tensor:
     return parent_logprobs(parent, activations.record(parent, windows, progress=False))
-
-
-def _blocks(library: Library, choices: dict[str, str]) -> list[BlockConfig]:
-    return [block_from_name(choices[f"layer_{i}"]) for i in range(len(library))]
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def optimize(

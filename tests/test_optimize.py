@@ -6,7 +6,6 @@ import json
 import lzma
 
 import pytest
-import torch
 
 from tessera.cli import main
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
@@ -103,4 +102,3 @@ def test_budget_and_cli_errors(tiny_parent, tmp_path, capsys):
         main(["optimize", "--model", str(parent), "--out", str(tmp_path / "x"), "--prompt-len", "500"])
     assert e.value.code == 2
     assert "exceeds the model's context (512" in capsys.readouterr().err
-    torch.manual_seed(0)
