@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from tessera.config import ArchConfig, BlockConfig
+from tessera.config import ArchConfig, BlockConfig, dtype_bytes
 from tessera.runtime.cache import KVCache
 from tessera.runtime.generate import Generator, SamplingParams
 from tessera.runtime.model import Batch, Model
@@ -143,15 +143,15 @@ def non_block_ms(
 def block_memory_mib(arch: ArchConfig, block: BlockConfig, scenario: Scenario, dtype: torch.dtype) -> float:
     """Weights + the KV cache of `batch` sequences of prompt + generated tokens (config formulas)."""
     name = _DTYPE_NAMES[dtype]
-    weights = arch.block_params(block) * arch.weight_bytes(name) / arch.num_params()
+    weights = arch.block_params(block) * dtype_bytes(name)
     kv = scenario.batch * scenario.seq_len * arch.kv_bytes_per_token_layer(block, name)
     return (weights + kv) / MIB
 
 
 def non_block_memory_mib(arch: ArchConfig, dtype: torch.dtype) -> float:
     """Embedding, LM head and final norm."""
-    bytes_per = arch.weight_bytes(_DTYPE_NAMES[dtype]) / arch.num_params()
-    return (arch.num_params() - sum(arch.block_params(b) for b in arch.blocks)) * bytes_per / MIB
+    non_block = arch.num_params() - sum(arch.block_params(b) for b in arch.blocks)
+    return non_block * dtype_bytes(_DTYPE_NAMES[dtype]) / MIB
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tessera.config import ArchConfig, BlockConfig
 from tessera.demo_parent import CORPUS_DIR, PARENT_DIR, encode_split
@@ -42,7 +43,7 @@ from tessera.search.library import (
     write_library,
 )
 from tessera.search.mip import Bound, InfeasibleError, solve
-from tessera.search.scoring import model_quality, parent_logprobs, score_library
+from tessera.search.scoring import model_quality, score_library
 from tessera.search.train import fixed_windows, random_windows
 
 MEASURE_ROUNDS = 3  # × 3 generations each, every model in turn
@@ -373,8 +374,12 @@ class Optimizer:
         return results
 
 
-def parent_logprobs_of(parent: Model, windows: torch.Tensor) -> torch.Tensor:
-    return parent_logprobs(parent, activations.record(parent, windows, progress=False))
+@torch.no_grad()
+def parent_logprobs_of(parent: Model, windows: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+    """The parent's next-token log-probabilities [n, T, V] on windows [n, T+1] (the reference for KL)."""
+    return torch.cat(
+        [F.log_softmax(parent(windows[s : s + chunk, :-1]).float(), dim=-1) for s in range(0, len(windows), chunk)]
+    )
 
 
 def optimize(

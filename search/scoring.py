@@ -28,7 +28,7 @@ def _head_logprobs(model: Model, h: torch.Tensor) -> torch.Tensor:
 
 def _kl_and_loss(logp_ref: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
     """Summed KL(ref ‖ model) over tokens, summed next-token cross-entropy (both in nats)."""
-    kl = (logp_ref.exp() * (logp_ref - logp)).sum().item()
+    kl = F.kl_div(logp, logp_ref, log_target=True, reduction="sum").item()
     nll = F.nll_loss(logp, targets, reduction="sum").item()
     return kl, nll
 
