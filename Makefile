@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-demo: setup  ## Puzzle on the bundled demo parent (~12 min on 2 CPU cores), then generate from the child
-	$(BIN)/tessera optimize --out runs/demo
+demo: setup  ## Puzzle + FFN Fusion on the bundled demo parent (~10 min on 2 CPU cores), then generate from the child
+	$(BIN)/tessera optimize --out runs/demo --fuse
 	$(BIN)/tessera demo --model runs/demo/child
 
 test: setup  ## the CPU test suite (kernels run under the Triton interpreter)

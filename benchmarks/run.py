@@ -1,5 +1,6 @@
-"""Run the kernel benchmark suites (`tessera bench kernels`) and the whole-model decode benchmark
-(`tessera bench model`); write results JSON and a Markdown table per suite under benchmarks/results/."""
+"""Run the kernel benchmark suites (`tessera bench kernels`), the whole-model decode benchmark (`tessera bench
+model`) and the FFN Fusion decode benchmark (`tessera bench fusion`); write results JSON and a Markdown table
+per suite under benchmarks/results/."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench_attention, bench_ffn, bench_model, bench_norm
+from . import bench_attention, bench_ffn, bench_fusion, bench_model, bench_norm
 from .harness import copy_bandwidth_gbps, environment, kernel_table, measure_cases, results_name, write_results
 
 KERNEL_SUITES = {"norm": bench_norm, "ffn": bench_ffn, "attention": bench_attention}
@@ -40,3 +41,13 @@ def run_model(device: torch.device) -> Path:
     result = bench_model.run(device, copy_gbps)
     md = _header(env, f"Decode, {result['model']}, {result['dtype']}", copy_gbps) + bench_model.table(result)
     return write_results(results_name(device, "model_decode"), {**env, "copy_bandwidth_gbps": copy_gbps, **result}, md)
+
+
+def run_fusion(device: torch.device) -> Path:
+    env = environment(device)
+    result = bench_fusion.run(device)
+    md = (
+        f"FFN Fusion decode on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']}, "
+        f"triton {env.get('triton', '-')})\n\n" + bench_fusion.table(result)
+    )
+    return write_results(results_name(device, "fusion_decode"), {**env, **result}, md)

@@ -130,6 +130,21 @@ def measure_latency(model: Model, scenario: Scenario, repeats: int = 3) -> float
     return median_ms(lambda: generator.generate(prompts, params), device, min_reps=repeats, budget_s=0)
 
 
+@torch.inference_mode()
+def prefill_decode_ms(model: Model, scenario: Scenario) -> dict[str, float]:
+    """Median milliseconds of one prefill of batch × prompt tokens and of one decode step (batch tokens, at
+    the middle of the generation), through the model's own prefill/decode with its KV cache and LM head."""
+    scenario.check_context(model.arch)
+    param = model.embed_tokens.weight
+    device, b, p = param.device, scenario.batch, scenario.prompt_len
+    cache = KVCache(model.arch, b, scenario.seq_len, device, param.dtype)
+    tokens = torch.tensor(_prompts(model.arch, scenario), device=device).reshape(-1)
+    prefill = median_ms(lambda: model.prefill(tokens, [p] * b, cache), device)
+    positions = torch.full((b,), p + scenario.gen_len // 2, device=device)
+    decode = median_ms(lambda: model.decode(tokens[:b], positions, cache), device)
+    return {"prefill_ms": prefill, "decode_ms": decode}
+
+
 def non_block_ms(
     arch: ArchConfig, block: BlockConfig, block_ms: float, scenario: Scenario, device: torch.device, dtype: torch.dtype
 ) -> float:
@@ -193,9 +208,8 @@ def calibrate(
         b.name: time_block(arch, b, scenario, device, dtype)
         for b in tqdm(distinct, desc="timing blocks", disable=not progress, dynamic_ncols=True)
     }
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return CostTable(
-        device=name,
+        device=device_name(device),
         dtype=_DTYPE_NAMES[dtype],
         scenario=scenario,
         non_block_ms=non_block_ms(arch, reference, timed[reference.name]["runtime_ms"], scenario, device, dtype),
@@ -242,7 +256,10 @@ def random_architectures(variants: list[list[BlockConfig]], n: int, seed: int = 
     return [[rng.choice(layer) for layer in variants] for _ in range(n)]
 
 
-def _cpu_name() -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and the threads torch uses: what a timing was measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -8,6 +8,7 @@ reference kernels (autograd is recording), with tessera's one training loop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,11 +37,15 @@ def _forward(model: Model, inputs: torch.Tensor) -> tuple[list[torch.Tensor], to
     return outputs, model.logits(hidden)
 
 
-def gkd_loss(child: Model, parent: Model, inputs: torch.Tensor) -> torch.Tensor:
+def gkd_loss(
+    child: Model, parent: Model, inputs: torch.Tensor, aligned_layers: Sequence[int] | None = None
+) -> torch.Tensor:
+    """The GKD loss on windows [B, T]; the cosine terms cover `aligned_layers` (default: every layer)."""
     with torch.no_grad():
         parent_layers, parent_logits = _forward(parent, inputs)
     child_layers, child_logits = _forward(child, inputs)
-    cosine = sum((1 - F.cosine_similarity(c, p, dim=-1)).mean() for c, p in zip(child_layers, parent_layers))
+    aligned = range(len(child_layers)) if aligned_layers is None else aligned_layers
+    cosine = sum((1 - F.cosine_similarity(child_layers[i], parent_layers[i], dim=-1)).mean() for i in aligned)
     logp_parent = F.log_softmax(parent_logits.float(), dim=-1)
     kl = F.kl_div(F.log_softmax(child_logits.float(), dim=-1), logp_parent, log_target=True, reduction="batchmean")
     return cosine + kl
@@ -54,9 +59,11 @@ def distill(
     val_windows: torch.Tensor | None = None,
     parent_logprobs: torch.Tensor | None = None,
     progress: bool = True,
+    aligned_layers: Sequence[int] | None = None,
 ) -> list[dict[str, float]]:
     """Train every child weight (embedding and head included) in place; returns the loop's history, the last
-    record holding the held-out quality when val_windows is given."""
+    record holding the held-out quality when val_windows is given. `aligned_layers` limits the cosine terms
+    to the layers whose outputs the child can match (a fused FFN group has no intermediate outputs)."""
     if child.arch.n_layers != parent.arch.n_layers:
         raise ValueError(f"GKD pairs layers one to one: child has {child.arch.n_layers}, parent {parent.arch.n_layers}")
     device = parent.embed_tokens.weight.device
@@ -71,7 +78,7 @@ def distill(
 
     history = train(
         child.named_parameters(),
-        lambda w: gkd_loss(child, parent, w[:, :-1].to(device)),
+        lambda w: gkd_loss(child, parent, w[:, :-1].to(device), aligned_layers),
         random_windows(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed),
         TrainConfig(steps=cfg.steps, lr=cfg.lr),
         evaluate=evaluate if val_windows is not None else None,

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tessera.config import ArchConfig, BlockConfig
 from tessera.demo_parent import CORPUS_DIR, PARENT_DIR, encode_split
@@ -33,6 +32,7 @@ from tessera.search.assemble import assemble_child
 from tessera.search.bld import BLDConfig, SublayerStore, run_bld
 from tessera.search.cost import CostTable, Scenario, block_memory_mib, calibrate, measure_latency, random_architectures
 from tessera.search.cost import validate as validate_costs
+from tessera.search.fusion import FusionConfig, run_fusion
 from tessera.search.gkd import GKDConfig, distill
 from tessera.search.library import (
     Library,
@@ -43,7 +43,7 @@ from tessera.search.library import (
     write_library,
 )
 from tessera.search.mip import Bound, InfeasibleError, solve
-from tessera.search.scoring import model_quality, score_library
+from tessera.search.scoring import model_quality, reference_logprobs, score_library
 from tessera.search.train import fixed_windows, random_windows
 
 MEASURE_ROUNDS = 3  # × 3 generations each, every model in turn
@@ -57,6 +57,7 @@ class Budget:
     max_latency_ms: float | None = None
     max_memory_mib: float | None = None
     min_throughput: float | None = None  # generated tokens/s = batch · gen_len / latency
+    max_kv_heads: int | None = None  # KV heads summed over layers (the KV cache, in one layer-head's units)
 
     def __post_init__(self) -> None:
         for name, v in asdict(self).items():
@@ -85,6 +86,7 @@ class OptimizeConfig:
     pareto_speedups: tuple[float, ...] = (1.25, 2.0)  # extra budgets solved for the curve
     baseline_gkd: bool = True  # the baselines get the same GKD as the main child
     validate_architectures: int = 5
+    fusion: FusionConfig | None = None  # FFN Fusion of the main child after the search (None: none)
     device: str = "cpu"
     seed: int = 0
 
@@ -164,8 +166,12 @@ def block_bounds(budget: Budget, table: CostTable, parent_predicted_ms: float) -
         bounds.append(Bound("stats.runtime_ms", upper=min(latency) - table.non_block_ms))
     if budget.max_memory_mib is not None:
         bounds.append(Bound("stats.memory_mib", upper=budget.max_memory_mib - table.non_block_memory_mib))
+    if budget.max_kv_heads is not None:
+        bounds.append(Bound("stats.num_kv_heads", upper=budget.max_kv_heads))
     if not bounds:
-        raise ValueError("the budget is empty: give a target speedup, a latency, a memory or a throughput bound")
+        raise ValueError(
+            "the budget is empty: give a target speedup, a latency, a memory, a throughput or a KV-head bound"
+        )
     return bounds
 
 
@@ -291,7 +297,7 @@ class Optimizer:
         bounds = block_bounds(budget, table, parent_predicted)
         solve(build_library(arch, cfg.space, table, None, {}, self.dtype), "stats.runtime_ms", bounds=bounds)
         library = self.build_library(table)
-        ref = parent_logprobs_of(self.parent, self.eval_windows)
+        ref = reference_logprobs(self.parent, self.eval_windows)
         parent = Child("parent", "parent", list(arch.blocks), parent_predicted, kl_sum=0.0)
         parent.quality_bld = parent.quality_gkd = model_quality(self.parent, self.eval_windows, ref)
 
@@ -354,6 +360,15 @@ class Optimizer:
         main_model = models[tuple(main.blocks)]
 
         child_dir = save_model(main_model, self.out / "child", dtype=torch.bfloat16, tokenizer_from=self.parent_dir)
+        fusion = None
+        if cfg.fusion is not None:
+            t = time.perf_counter()
+            fusion = run_fusion(
+                main_model, self.train_ids, self.eval_windows, self.out / "fused", cfg.fusion, cfg.scenario,
+                tokenizer_from=self.parent_dir, progress=self.progress,
+            )  # fmt: skip
+            fusion |= {k: f"fused/{v}" for k, v in fusion.items() if k.endswith("_png")}  # paths from report.md
+            self._stage("FFN fusion", t)
         results = {
             "parent": str(self.parent_dir),
             "budget": asdict(budget),
@@ -366,20 +381,14 @@ class Optimizer:
             "child_dir": str(child_dir),
             "stage_seconds": self.timings,
         }
+        if fusion is not None:
+            results["fusion"] = fusion
         results["stage_seconds"]["total"] = time.perf_counter() - start
         (self.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
         from tessera.search.report import write_report
 
         write_report(results, library, self.out)
         return results
-
-
-@torch.no_grad()
-def parent_logprobs_of(parent: Model, windows: torch.Tensor, chunk: int = 4) -> torch.Tensor:
-    """The parent's next-token log-probabilities [n, T, V] on windows [n, T+1] (the reference for KL)."""
-    return torch.cat(
-        [F.log_softmax(parent(windows[s : s + chunk, :-1]).float(), dim=-1) for s in range(0, len(windows), chunk)]
-    )
 
 
 def optimize(

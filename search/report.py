@@ -1,4 +1,5 @@
-"""The human side of an optimize run: report.md, pareto.png (quality vs measured speed), layers.png (choices)."""
+"""The human side of an optimize run: report.md, pareto.png (quality vs measured speed), layers.png (choices);
+and of a fusion run: its Markdown section and the dependency heat-maps."""
 
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
     lines += [
         f"| {r['predicted_ms']:.1f} | {r['measured_ms']:.1f} | {100 * r['error']:+.1f} % |" for r in cm["architectures"]
     ]
+    if "fusion" in results:
+        lines += ["", *fusion_section(results["fusion"], level="##")]
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
     lines += ["", "![quality vs speed](pareto.png)", "", "![per-layer choices](layers.png)", ""]
@@ -138,6 +141,85 @@ def plot_layers(results: dict, library: Library, path: Path) -> Path:
         ax.invert_yaxis()
     axes_list = axes if len(mips) > 1 else [axes]
     axes_list[0].set_ylabel("layer")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def fusion_section(f: dict, level: str = "#") -> list[str]:
+    """Markdown for a fusion run's JSON (`search.fusion.run_fusion`): groups, depth, quality, latency, pairs."""
+    lines = [f"{level} FFN Fusion", ""]
+    if f["groups"]:
+        lines += ["| group (layers) | span | FFNs | score (max dependency) |", "|---|---|---:|---:|"]
+        for g in f["groups"]:
+            lines.append(
+                f"| {', '.join(map(str, g['layers']))} | {g['span'][0]}-{g['span'][1]} | {len(g['layers'])} "
+                f"| {_fmt(g['score'])} |"
+            )
+    else:
+        lines.append(f"Nothing fused: {f.get('reason', 'no group was chosen')}.")
+    d = f["sequential_depth"]
+    lines += ["", f"Sequential depth (attention and FFN sublayers in a row): {d['before']} → {d['after']}.", ""]
+    lines += ["| model | perplexity | KL from unfused |", "|---|---:|---:|"]
+    for name, q in f["quality"].items():
+        lines.append(f"| {name} | {q['perplexity']:.3f} | {_fmt(q.get('kl_div'), '.4f')} |")
+    if f.get("latency"):
+        s = f["scenario"]
+        lines += [
+            "",
+            f"Latency on {f['device']} (median of {f['latency_rounds']} rounds, batch {s['batch']}, prompt "
+            f"{s['prompt_len']}; decode step at context {s['prompt_len'] + s['gen_len'] // 2}):",
+            "",
+            "| model | prefill ms | decode step ms |",
+            "|---|---:|---:|",
+        ]
+        for name, t in f["latency"].items():
+            lines.append(f"| {name} | {t['prefill_ms']:.2f} | {t['decode_ms']:.3f} |")
+    if f["block_pairs"]:
+        lines += [
+            "",
+            f"Whole attention+FFN blocks, consecutive pairs (qualify at dependency ≤ {f['block_threshold']:g}; "
+            "parallel KL = held-out KL from the model with the two blocks reading the same input):",
+            "",
+            "| blocks | dependency | parallel KL | qualifies |",
+            "|---|---:|---:|---|",
+        ]
+        for p in f["block_pairs"]:
+            lines.append(
+                f"| {p['layers'][0]}, {p['layers'][1]} | {p['dependency']:.3f} | {p['parallel_kl']:.4f} "
+                f"| {'yes' if p['qualifies'] else 'no'} |"
+            )
+    for key, title in (("ffn_dependency", "FFN dependency"), ("block_dependency", "block dependency")):
+        if f.get(key) and f.get(f"{key}_png"):
+            lines += ["", f"![{title}]({f[f'{key}_png']})"]
+    return [*lines, ""]
+
+
+def plot_dependency(dep: dict, path: Path, title: str) -> Path:
+    """Heat-map of a dependency matrix's JSON: row = layer removed, column = layer measured."""
+    import numpy as np
+
+    plt = _pyplot()
+    m = np.array([[np.nan if v is None else v for v in row] for row in dep["matrix"]], dtype=float)
+    n = len(dep["layers"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1.0 + 0.4 * n), dpi=100)
+    im = ax.imshow(m, cmap="viridis", vmin=0)
+    ax.set_xticks(range(n), dep["layers"], fontsize=7)
+    ax.set_yticks(range(n), dep["layers"], fontsize=7)
+    ax.set_xlabel("layer j (contribution measured)")
+    ax.set_ylabel("layer i (removed upstream)")
+    ax.set_title(title, fontsize=9)
+    if n <= 16:
+        for i in range(n):
+            for j in range(n):
+                if not np.isnan(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white")
+    fig.colorbar(im, ax=ax, label="cosine distance")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

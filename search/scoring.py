@@ -10,6 +10,7 @@ approximated by the sum of its blocks' scores, which is what the MIP optimises.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,13 +89,21 @@ def score_library(
 
 
 @torch.no_grad()
-def model_quality(model: Model, windows: torch.Tensor, ref_logprobs: torch.Tensor | None, chunk: int = 4) -> dict:
-    """Held-out LM loss, perplexity and (given the parent's log-probs on the same windows) KL from the parent."""
+def model_quality(
+    model: Model,
+    windows: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    chunk: int = 4,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict:
+    """Held-out LM loss, perplexity and (given the parent's log-probs on the same windows) KL from the parent.
+    `forward` (tokens [B, T] -> logits [B, T, V]) replaces the model's own forward, e.g. with layers in parallel."""
     device = model.embed_tokens.weight.device
+    forward = forward or model
     kl = nll = 0.0
     for s in range(0, windows.shape[0], chunk):
         w = windows[s : s + chunk].to(device)
-        logp = F.log_softmax(model(w[:, :-1]).float(), dim=-1).flatten(0, 1)
+        logp = F.log_softmax(forward(w[:, :-1]).float(), dim=-1).flatten(0, 1)
         if ref_logprobs is not None:
             kl += _kl_and_loss(ref_logprobs[s : s + chunk].flatten(0, 1).to(device), logp, w[:, 1:].reshape(-1))[0]
         nll += F.nll_loss(logp, w[:, 1:].reshape(-1), reduction="sum").item()
@@ -103,3 +112,15 @@ def model_quality(model: Model, windows: torch.Tensor, ref_logprobs: torch.Tenso
     if ref_logprobs is not None:
         out["kl_div"] = kl / tokens
     return out
+
+
+@torch.no_grad()
+def reference_logprobs(model: Model, windows: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+    """The model's next-token log-probabilities [n, T, V] on windows [n, T+1] (the reference for KL), on CPU."""
+    device = model.embed_tokens.weight.device
+    return torch.cat(
+        [
+            F.log_softmax(model(windows[s : s + chunk, :-1].to(device)).float(), dim=-1).cpu()
+            for s in range(0, len(windows), chunk)
+        ]
+    )

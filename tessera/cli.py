@@ -44,14 +44,26 @@ def _format_info(arch: ArchConfig, source: str) -> str:
         f"  weight bytes    {s['weight_bytes']:,} ({arch.dtype})",
         f"  KV bytes/token  {s['kv_bytes_per_token']:,} ({arch.dtype})",
         f"  FLOPs/token     {s['flops_per_token']:,} (no context)",
-        "",
-        f"  {'layer':>5}  {'attention':<12} {'ffn':<14} {'params':>16} {'KV B/token':>10}",
+        f"  depth           {s['sequential_depth']} sequential sublayers (attention and FFN count one each)",
+        f"  empty layers    {len(s['empty_layers'])} (attention and FFN both no-op: no weights, no launch, no cache)",
     ]
+    if s["fused_ffns"]:
+        widths = [f["intermediate_size"] for f in s["fused_ffns"]]
+        lines.append(
+            f"  fused FFNs      {len(widths)} (widths {min(widths):,} to {max(widths):,}), each replacing the FFNs of "
+            f"its span: " + ", ".join(f"layers {f['span'][0]}-{f['span'][1]}" for f in s["fused_ffns"])
+        )
+    lines += [
+        "",
+        f"  {'layer':>5}  {'attention':<12} {'ffn':<20} {'params':>16} {'KV B/token':>10}",
+    ]
+    fused = {f["layer"] for f in s["fused_ffns"]}
     for layer in s["layers"]:
         att = f"gqa kv={layer['n_kv_heads']}" if layer["attention"] == "gqa" else layer["attention"]
         ffn = f"swiglu {layer['intermediate_size']}" if layer["ffn"] == "swiglu" else layer["ffn"]
+        ffn += " fused" if layer["layer"] in fused else ""
         lines.append(
-            f"  {layer['layer']:>5}  {att:<12} {ffn:<14} {layer['num_params']:>16,} {layer['kv_bytes_per_token']:>10,}"
+            f"  {layer['layer']:>5}  {att:<12} {ffn:<20} {layer['num_params']:>16,} {layer['kv_bytes_per_token']:>10,}"
         )
     return "\n".join(lines)
 
@@ -155,7 +167,10 @@ def _benchmarks():
 def cmd_bench(args: argparse.Namespace) -> None:
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run = _benchmarks()
-    paths = run.run_kernels(device, args.suite) if args.what == "kernels" else [run.run_model(device)]
+    if args.what == "kernels":
+        paths = run.run_kernels(device, args.suite)
+    else:
+        paths = [run.run_model(device) if args.what == "model" else run.run_fusion(device)]
     for path in paths:
         print(f"\n{path.with_suffix('.md').read_text()}wrote {path} and {path.with_suffix('.md').name}")
 
@@ -219,22 +234,61 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 
     from tessera.demo_parent import CORPUS_DIR, PARENT_DIR
     from tessera.search.bld import BLDConfig
+    from tessera.search.fusion import FusionConfig
     from tessera.search.gkd import GKDConfig
+    from tessera.search.library import SearchSpace
     from tessera.search.pipeline import Budget, OptimizeConfig, optimize
 
-    budget = Budget(args.target_speedup, args.max_latency_ms, args.max_memory_mib, args.min_throughput)
+    budget = Budget(
+        args.target_speedup, args.max_latency_ms, args.max_memory_mib, args.min_throughput, args.max_kv_heads
+    )
     if budget == Budget():
         budget = Budget(target_speedup=1.5)
     cfg = OptimizeConfig(
+        space=SearchSpace(linear_attention=not args.no_linear_attention),
         scenario=_scenario(args),
         bld=replace(BLDConfig(), steps=args.bld_steps),
         gkd=replace(GKDConfig(), steps=args.gkd_steps),
         pareto_speedups=tuple(float(x) for x in args.pareto.split(",") if x) if args.pareto else (),
+        fusion=FusionConfig(heal_steps=args.gkd_steps) if args.fuse else None,
         device=str(resolve_device(args.device)),
     )
     results = optimize(args.model or PARENT_DIR, args.out, budget, cfg, args.corpus or CORPUS_DIR)
     print((Path(args.out) / "report.md").read_text())
     print(f"child checkpoint: {results['child_dir']}")
+    if results.get("fusion", {}).get("groups"):
+        print(f"fused child checkpoint: {Path(args.out) / 'fused'}")
+
+
+def cmd_fuse(args: argparse.Namespace) -> None:
+    from tessera.demo_parent import CORPUS_DIR, encode_split
+    from tessera.runtime.generate import load_tokenizer
+    from tessera.runtime.loader import load_model
+    from tessera.search.fusion import FusionConfig, FusionError, parse_groups, run_fusion
+    from tessera.search.train import fixed_windows
+
+    cfg = FusionConfig(
+        spans=tuple(parse_groups(args.groups)) if args.groups else None,
+        threshold=args.threshold,
+        heal_steps=args.heal_steps,
+        block_threshold=args.block_threshold,
+    )
+    if cfg.spans is not None and cfg.threshold is not None:
+        raise FusionError("give --groups or --threshold, not both")
+    model = load_model(args.model, resolve_device(args.device), torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    corpus = Path(args.corpus) if args.corpus else CORPUS_DIR
+    tok = load_tokenizer(args.model)
+    train_ids, val_ids = encode_split(tok, "train", corpus), encode_split(tok, "validation", corpus)
+    info = run_fusion(
+        model, train_ids, fixed_windows(val_ids, cfg.seq_len, args.eval_windows), Path(args.out), cfg,
+        _scenario(args), tokenizer_from=Path(args.model),
+    )  # fmt: skip
+    print((Path(args.out) / "fusion.md").read_text())
+    if not info["groups"]:
+        raise FusionError(f"{args.model}: nothing to fuse ({info['reason']}); the analysis is in {args.out}")
+    print(f"fused checkpoint: {args.out}")
 
 
 def _add_scenario(p: argparse.ArgumentParser) -> None:
@@ -273,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="kernel benchmarks vs torch, or whole-model decode; results JSON + Markdown")
-    p.add_argument("what", choices=["kernels", "model"])
+    p = sub.add_parser("bench", help="kernels vs torch, model decode, or fused vs unfused FFNs; JSON + Markdown")
+    p.add_argument("what", choices=["kernels", "model", "fusion"])
     p.add_argument("--suite", action="append", choices=["norm", "ffn", "attention"], help="kernels: repeatable")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.set_defaults(func=cmd_bench)
@@ -309,8 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bld-steps", type=int, default=150, help="training steps per BLD variant")
     p.add_argument("--gkd-steps", type=int, default=100, help="GKD steps per child")
     p.add_argument("--pareto", default="1.25,2.0", help="extra target speedups solved for the curve ('' for none)")
+    p.add_argument("--max-kv-heads", type=int, default=None, help="KV heads summed over all layers (KV-cache budget)")
+    p.add_argument("--no-linear-attention", action="store_true", help="search space without linear attention")
+    p.add_argument("--fuse", action="store_true", help="FFN Fusion of the chosen child afterwards (into OUT/fused)")
     _add_scenario(p)
     p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("fuse", help="FFN Fusion: fuse runs of attention-free FFN layers into wide parallel FFNs")
+    p.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
+    p.add_argument("--out", required=True, help="directory for the fused checkpoint, fusion.json/.md and heat-maps")
+    p.add_argument("--groups", default=None, help="explicit inclusive layer spans, e.g. 42-50,53-69")
+    p.add_argument("--threshold", type=float, default=None, help="grow groups while the dependency stays <= X")
+    p.add_argument("--heal-steps", type=int, default=100, help="GKD steps against the unfused model (0: none)")
+    p.add_argument("--block-threshold", type=float, default=0.05, help="block pairs qualify at <= X")
+    p.add_argument("--corpus", default=None, help="directory with train.txt.xz and validation.txt.xz (default: demo)")
+    p.add_argument("--eval-windows", type=int, default=32, help="held-out windows of 256 tokens for KL/perplexity")
+    _add_scenario(p)
+    p.set_defaults(func=cmd_fuse)
 
     p = sub.add_parser("demo-parent", help="rebuild the demo corpus snapshot or retrain the demo parent")
     p.add_argument("step", choices=["corpus", "train"])

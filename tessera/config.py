@@ -121,6 +121,10 @@ class ArchConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "bfloat16"  # the checkpoint's storage dtype (config "torch_dtype")
+    # FFN-Fusion groups, (first, last) layer spans: layers first..last-1 are empty and layer `last` holds the
+    # fused wide FFN (the released Ultra-253B layout). Written by `tessera fuse` as "ffn_fusion_spans";
+    # for configs without the key, `fused_ffn_spans()` infers them from the layout.
+    fusion_spans: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "n_heads", "head_dim", "max_position_embeddings"):
@@ -134,13 +138,50 @@ class ArchConfig:
             kv = block.attention.n_kv_heads
             if kv is not None and self.n_heads % kv:
                 raise ConfigError(f"layer {i}: n_kv_heads={kv} does not divide n_heads={self.n_heads}")
+        for first, last in self.fusion_spans:
+            if not 0 <= first < last < self.n_layers:
+                raise ConfigError(f"ffn_fusion_spans [{first}, {last}]: expected 0 <= first < last < {self.n_layers}")
+            if not all(_is_empty(b) for b in self.blocks[first:last]):
+                raise ConfigError(f"ffn_fusion_spans [{first}, {last}]: layers {first}..{last - 1} must be empty")
+            fused = self.blocks[last]
+            if fused.attention.kind != "none" or fused.ffn.kind != "swiglu":
+                raise ConfigError(f"ffn_fusion_spans [{first}, {last}]: layer {last} must be an attention-free SwiGLU")
 
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
 
     def with_blocks(self, blocks: list[BlockConfig] | tuple[BlockConfig, ...]) -> ArchConfig:
-        return replace(self, blocks=tuple(blocks))
+        """The same model with other blocks (recorded fusion spans do not carry over)."""
+        return replace(self, blocks=tuple(blocks), fusion_spans=())
+
+    def empty_layers(self) -> list[int]:
+        """Layers whose attention and FFN are both no-op: no weights, no kernel launch, no cache."""
+        return [i for i, b in enumerate(self.blocks) if _is_empty(b)]
+
+    def sequential_depth(self) -> int:
+        """Sublayers that run one after another (attention and FFN each count one; no-ops count none): the
+        depth FFN Fusion shortens."""
+        return sum((b.attention.kind != "none") + (b.ffn.kind != "none") for b in self.blocks)
+
+    def fused_ffn_spans(self) -> tuple[tuple[int, int], ...]:
+        """The FFN-Fusion groups: the recorded spans, else the ones the layout shows. A config without the
+        record (NVIDIA's Ultra-253B) is read as the released model is laid out: a fused FFN is an attention-free
+        SwiGLU layer right after one or more empty layers (the rest of its group), wider than any attention
+        layer's FFN (a Puzzle child never widens a single FFN beyond its parent's)."""
+        if self.fusion_spans:
+            return self.fusion_spans
+        widest = max((b.ffn.intermediate_size or 0 for b in self.blocks if b.attention.kind != "none"), default=0)
+        spans = []
+        for i, b in enumerate(self.blocks):
+            if b.attention.kind != "none" or b.ffn.kind != "swiglu" or widest == 0 or b.ffn.intermediate_size <= widest:
+                continue
+            first = i
+            while first > 0 and _is_empty(self.blocks[first - 1]):
+                first -= 1
+            if first < i:
+                spans.append((first, i))
+        return tuple(spans)
 
     # Cost formulas: the one definition (STYLE 11); the cost model and the search call these.
 
@@ -216,6 +257,12 @@ class ArchConfig:
             "weight_bytes": self.weight_bytes(),
             "kv_bytes_per_token": self.kv_bytes_per_token(),
             "flops_per_token": self.flops_per_token(),
+            "sequential_depth": self.sequential_depth(),
+            "empty_layers": self.empty_layers(),
+            "fused_ffns": [
+                {"layer": last, "span": [first, last], "intermediate_size": self.blocks[last].ffn.intermediate_size}
+                for first, last in self.fused_ffn_spans()
+            ],
             "layers": [
                 {
                     "layer": i,
@@ -297,6 +344,8 @@ class ArchConfig:
             out["num_key_value_heads"] = None
             out["intermediate_size"] = None
             out["block_configs"] = [self._block_to_nas(b) for b in self.blocks]
+            if self.fusion_spans:
+                out["ffn_fusion_spans"] = [list(span) for span in self.fusion_spans]
         return out
 
     def _block_to_nas(self, block: BlockConfig) -> dict[str, Any]:
@@ -322,6 +371,10 @@ class ArchConfig:
 
     def save_json(self, path: str | Path, fmt: Literal["auto", "llama", "nemotron-nas"] = "auto") -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(fmt), indent=2) + "\n")
+
+
+def _is_empty(block: BlockConfig) -> bool:
+    return block.attention.kind == "none" and block.ffn.kind == "none"
 
 
 def _eos_to_json(ids: tuple[int, ...]) -> int | list[int] | None:
@@ -407,6 +460,7 @@ def _from_hf_dict(cfg: dict[str, Any], source: str) -> ArchConfig:
             raise ConfigError(f"{source}: block_configs has {len(raw)} entries but num_hidden_layers is {n_layers}")
         blocks = tuple(_nas_block(b, i, hidden, n_heads, source) for i, b in enumerate(raw))
 
+    spans = _read_fusion_spans(cfg, source)
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     try:
@@ -423,9 +477,18 @@ def _from_hf_dict(cfg: dict[str, Any], source: str) -> ArchConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+            fusion_spans=spans,
         )
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _read_fusion_spans(cfg: dict[str, Any], source: str) -> tuple[tuple[int, int], ...]:
+    raw = _get(cfg, "ffn_fusion_spans", source, list, [])
+    for span in raw:
+        if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)):
+            raise ConfigError(f"{source}: ffn_fusion_spans entry {span!r}, expected [first_layer, last_layer]")
+    return tuple((first, last) for first, last in raw)
 
 
 def _nas_block(raw: Any, i: int, hidden: int, n_heads: int, source: str) -> BlockConfig:

@@ -41,3 +41,15 @@ def test_bench_model(results_dir) -> None:
     for r in rows:
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
         assert 0 < r["pct_of_bandwidth_floor"] <= 100
+
+
+def test_bench_fusion(results_dir) -> None:
+    assert main(["bench", "fusion", "--device", "cpu"]) == 0
+    results = json.loads((results_dir / "cpu_fusion_decode.json").read_text())
+    assert results["sequential_depth"] == {"unfused": 18, "fused": 2}
+    assert results["fused_width"] == sum(results["widths"][:-1])
+    for r in results["results"]:
+        # float32 on CPU: the fused stack is the parallel form up to summation order.
+        assert r["fused_vs_parallel_relative_error"] <= 1e-5
+        assert r["speedup"] == pytest.approx(r["unfused_ms"] / r["fused_ms"])
+    assert [r["batch"] for r in results["results"]] == [1, 8]

@@ -102,3 +102,22 @@ def test_budget_and_cli_errors(tiny_parent, tmp_path, capsys):
         main(["optimize", "--model", str(parent), "--out", str(tmp_path / "x"), "--prompt-len", "500"])
     assert e.value.code == 2
     assert "exceeds the model's context (512" in capsys.readouterr().err
+
+
+def test_kv_head_budget_and_fusion_step(tiny_parent, tmp_path):
+    """A KV-cache budget the parent's 2 + 2 heads exceed; `fusion` runs after the search and reports in report.md."""
+    from dataclasses import replace
+
+    from tessera.search.fusion import FusionConfig
+
+    parent, corpus = tiny_parent
+    out = tmp_path / "run"
+    cfg = replace(tiny_config(), pareto_speedups=(), fusion=FusionConfig(heal_steps=1, seq_len=32))
+    results = optimize(parent, out, Budget(max_kv_heads=1), cfg, corpus, progress=False)
+    child = load_model(out / "child").arch
+    assert sum(b.attention.n_kv_heads or 0 for b in child.blocks) <= 1
+    fusion = results["fusion"]
+    assert fusion["groups"] == [] and "reason" in fusion  # two layers: no run of three FFNs to fuse
+    assert fusion["block_dependency"]["layers"] == [0, 1] and len(fusion["block_pairs"]) == 1
+    assert (out / "fused" / "fusion.json").is_file() and (out / "fused" / "block_dependency.png").is_file()
+    assert "## FFN Fusion" in (out / "report.md").read_text()
