@@ -82,10 +82,6 @@ def _is_ffn_only(block: BlockConfig) -> bool:
     return block.attention.kind == "none" and block.ffn.kind == "swiglu"
 
 
-def _is_empty(block: BlockConfig) -> bool:
-    return block == EMPTY
-
-
 def ffn_runs(arch: ArchConfig) -> list[list[int]]:
     """Maximal runs of attention-free SwiGLU layers, empty layers allowed between them (they add nothing);
     any attention, linear sublayer or FFN-less attention layer ends a run."""
@@ -94,7 +90,7 @@ def ffn_runs(arch: ArchConfig) -> list[list[int]]:
     for i, block in enumerate(arch.blocks):
         if _is_ffn_only(block):
             current.append(i)
-        elif not _is_empty(block):
+        elif not block.is_empty:
             if current:
                 runs.append(current)
             current = []
@@ -193,7 +189,7 @@ def choose_groups(
                     raise FusionError(f"group {first}-{last}: layer {i} is already in another group")
                 if _is_ffn_only(block):
                     members.append(i)
-                elif not _is_empty(block):
+                elif not block.is_empty:
                     raise FusionError(
                         f"group {first}-{last}: layer {i} is {block.name}; a fused group holds only attention-free "
                         "SwiGLU layers (and empty ones)"
@@ -261,11 +257,10 @@ def fuse(model: Model, groups: Sequence[FusionGroup]) -> Model:
     arch = fused_arch(model.arch, groups)
     param = model.embed_tokens.weight
     fused = Model.empty(arch, param.device, param.dtype)
-    state = {k: v for k, v in model.state_dict().items()}
+    replaced = tuple(f"layers.{i}." for g in groups for i in range(g.span[0], g.span[1] + 1))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(replaced)}
     for g in groups:
-        first, last = g.span
-        for i in range(first, last + 1):
-            state = {k: v for k, v in state.items() if not k.startswith(f"layers.{i}.")}
+        last = g.span[1]
         layers = [model.layers[i] for i in g.layers]
         w_gate_up, w_down = fused_ffn_weights(
             [layer.post_attention_layernorm.weight for layer in layers],
@@ -381,7 +376,7 @@ def analyse_and_fuse(
     ref = reference_logprobs(model, eval_windows)
     result.quality["unfused"] = model_quality(model, eval_windows, ref)
 
-    blocks = [i for i, b in enumerate(arch.blocks) if not _is_empty(b)]
+    blocks = [i for i, b in enumerate(arch.blocks) if not b.is_empty]
     if len(blocks) > 1:
         result.block_dependency = dependency_matrix(model, calib, blocks, "block", progress=progress)
         result.block_pairs = block_pairs(model, result.block_dependency, eval_windows, ref, cfg.block_threshold)

@@ -96,6 +96,11 @@ class BlockConfig:
     def name(self) -> str:
         return f"{self.attention.name}+{self.ffn.name}"
 
+    @property
+    def is_empty(self) -> bool:
+        """Attention and FFN both no-op: the layer has no weights, launches nothing and holds no cache."""
+        return self.attention.kind == "none" and self.ffn.kind == "none"
+
 
 @dataclass(frozen=True)
 class RopeConfig:
@@ -141,7 +146,7 @@ class ArchConfig:
         for first, last in self.fusion_spans:
             if not 0 <= first < last < self.n_layers:
                 raise ConfigError(f"ffn_fusion_spans [{first}, {last}]: expected 0 <= first < last < {self.n_layers}")
-            if not all(_is_empty(b) for b in self.blocks[first:last]):
+            if not all(b.is_empty for b in self.blocks[first:last]):
                 raise ConfigError(f"ffn_fusion_spans [{first}, {last}]: layers {first}..{last - 1} must be empty")
             fused = self.blocks[last]
             if fused.attention.kind != "none" or fused.ffn.kind != "swiglu":
@@ -157,7 +162,7 @@ class ArchConfig:
 
     def empty_layers(self) -> list[int]:
         """Layers whose attention and FFN are both no-op: no weights, no kernel launch, no cache."""
-        return [i for i, b in enumerate(self.blocks) if _is_empty(b)]
+        return [i for i, b in enumerate(self.blocks) if b.is_empty]
 
     def sequential_depth(self) -> int:
         """Sublayers that run one after another (attention and FFN each count one; no-ops count none): the
@@ -177,7 +182,7 @@ class ArchConfig:
             if b.attention.kind != "none" or b.ffn.kind != "swiglu" or widest == 0 or b.ffn.intermediate_size <= widest:
                 continue
             first = i
-            while first > 0 and _is_empty(self.blocks[first - 1]):
+            while first > 0 and self.blocks[first - 1].is_empty:
                 first -= 1
             if first < i:
                 spans.append((first, i))
@@ -371,10 +376,6 @@ class ArchConfig:
 
     def save_json(self, path: str | Path, fmt: Literal["auto", "llama", "nemotron-nas"] = "auto") -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(fmt), indent=2) + "\n")
-
-
-def _is_empty(block: BlockConfig) -> bool:
-    return block.attention.kind == "none" and block.ffn.kind == "none"
 
 
 def _eos_to_json(ids: tuple[int, ...]) -> int | list[int] | None:
