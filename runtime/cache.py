@@ -44,3 +44,70 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+
+
+class PagedKVCache:
+    """The serving engine's KV pool: k[i], v[i] are [num_pages, page_size, n_kv_heads(i), head_dim] for GQA
+    layer i, None otherwise. A sequence owns a list of pages (its block table); token t of it lives at slot
+    table[t // page_size] · page_size + t % page_size of every layer. Each page costs
+    `page_size · kv_bytes_per_token()`: a layer with 1 KV head holds 1/8 of what a layer with 8 holds.
+
+    Page 0 is never handed out: padding rows of a CUDA-graph batch write their K/V there.
+    """
+
+    def __init__(
+        self,
+        arch: ArchConfig,
+        num_pages: int,
+        page_size: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if num_pages < 2 or page_size < 1:
+            raise ValueError(f"a paged KV cache needs >= 2 pages (one is scratch) of >= 1 token, got {num_pages}, "
+                             f"{page_size}")  # fmt: skip
+        self.num_pages, self.page_size = num_pages, page_size
+        self.k: list[torch.Tensor | None] = []
+        self.v: list[torch.Tensor | None] = []
+        for block in arch.blocks:
+            if block.attention.kind == "gqa":
+                shape = (num_pages, page_size, block.attention.n_kv_heads, arch.head_dim)
+                self.k.append(torch.zeros(shape, device=device, dtype=dtype))
+                self.v.append(torch.zeros(shape, device=device, dtype=dtype))
+            else:
+                self.k.append(None)
+                self.v.append(None)
+        self._free = list(range(num_pages - 1, 0, -1))  # a stack; page 0 is the scratch page
+
+    @staticmethod
+    def page_bytes(arch: ArchConfig, page_size: int, dtype: torch.dtype) -> int:
+        return page_size * arch.kv_bytes_per_token(str(dtype).removeprefix("torch."))
+
+    @property
+    def usable_pages(self) -> int:
+        return self.num_pages - 1
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV pool: {n} pages asked, {len(self._free)} free")
+        taken, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
+        return taken
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(pages)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [N, Hkv, D] of N tokens at flat slots [N] (page · page_size + offset)."""
+        kc, vc = self.k[layer], self.v[layer]
+        kc.view(-1, *kc.shape[2:]).index_copy_(0, slots, k)
+        vc.view(-1, *vc.shape[2:]).index_copy_(0, slots, v)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)

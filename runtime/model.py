@@ -23,7 +23,7 @@ from torch import nn
 
 from tessera import kernels
 from tessera.config import ArchConfig, BlockConfig, RopeConfig
-from tessera.runtime.cache import KVCache
+from tessera.runtime.cache import KVCache, PagedKVCache
 
 
 @dataclass
@@ -35,18 +35,28 @@ class Batch:
     cu_seqlens [B+1] int32: prefill only, sequence b owns tokens cu_seqlens[b]:cu_seqlens[b+1].
     max_seqlen: prefill only, the longest sequence (sizes the attention grid without a device read).
     seq_lens [B] int32: decode only, each sequence's length including the token being decoded.
+
+    Paged (the serving engine, cache a PagedKVCache): block_tables [B, max_pages] int32 lists each sequence's
+    pages, slots [N] int64 is each token's flat cache slot; cu_seqlens/max_seqlen bound each sequence's tokens
+    of this step (a prefill chunk or one decode token) and seq_lens counts its cached tokens including them.
     """
 
     positions: torch.Tensor
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     seq_lens: torch.Tensor | None = None
-    cache: KVCache | None = None
+    cache: KVCache | PagedKVCache | None = None
+    block_tables: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+
+    @property
+    def is_paged(self) -> bool:
+        return self.block_tables is not None
 
     @property
     def is_decode(self) -> bool:
-        return self.seq_lens is not None
+        return self.seq_lens is not None and self.block_tables is None
 
     @classmethod
     def prefill(cls, lengths: list[int], device: torch.device, cache: KVCache | None = None) -> Batch:
@@ -115,6 +125,19 @@ class GQAAttention(nn.Module):
         qk = kernels.apply_rope(qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d), cos, sin)
         q, k = qk[:, :hq], qk[:, hq:]  # (N, Hq, D), (N, Hkv, D)
         v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
+        if batch.is_paged:
+            cache, layer = batch.cache, self.layer_idx
+            cache.write(layer, batch.slots, k, v)
+            out = kernels.attention_paged(
+                q,
+                cache.k[layer],
+                cache.v[layer],
+                batch.block_tables,
+                batch.cu_seqlens,
+                batch.seq_lens,
+                batch.max_seqlen,
+            )
+            return F.linear(out.reshape(n, hq * d), self.w_o)
         if batch.cache is not None:
             batch.cache.write(self.layer_idx, batch.rows, batch.positions, k, v)
         if batch.is_decode:

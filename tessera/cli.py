@@ -1,4 +1,4 @@
-"""The `tessera` command line: info, generate, demo, demo-parent, bench.
+"""The `tessera` command line: info, generate, serve, demo, demo-parent, bench, search, calibrate, optimize, fuse.
 
 User mistakes (a malformed config.json, a missing tensor, a prompt longer than the context, a CUDA request
 on a machine without one) end in one line `tessera: error: ...` and exit status 2, never a traceback.
@@ -175,6 +175,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"\n{path.with_suffix('.md').read_text()}wrote {path} and {path.with_suffix('.md').name}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from tessera.demo_parent import PARENT_DIR
+    from tessera.runtime.server import build_server, run
+
+    for flag in ("port", "max_batch"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    model = args.model or str(PARENT_DIR)
+    kv_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
+    server = build_server(
+        model, resolve_device(args.device), args.dtype, args.max_batch, args.max_model_len, kv_bytes,
+        args.served_model_name,
+    )  # fmt: skip
+    engine = server.engine.engine
+    print(
+        f"tessera serve: {server.model_name} on {engine.device} ({args.dtype}); max batch {args.max_batch}, "
+        f"context {engine.max_model_len}, KV pool {engine.cache.usable_pages} pages of {engine.cache.page_size} tokens "
+        f"({engine.cache.nbytes() / 2**20:.1f} MiB){', CUDA graphs' if engine.graphs else ''}",
+        file=sys.stderr,
+    )
+    run(server, args.host, args.port, args.graceful_timeout)
+
+
 def cmd_search_solve(args: argparse.Namespace) -> None:
     from tessera.search.library import read_library
     from tessera.search.mip import merge_bounds, parse_bound, solve
@@ -332,6 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", action="append", choices=["norm", "ffn", "attention"], help="kernels: repeatable")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo parent)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV pool size (default: room for --max-batch requests of --max-model-len)")  # fmt: skip
+    p.add_argument("--served-model-name", default=None, help="the `model` clients name (default: the folder name)")
+    p.add_argument("--graceful-timeout", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_serve)
 
     search = sub.add_parser("search", help="Puzzle search steps").add_subparsers(dest="step", required=True)
     p = search.add_parser("solve", help="choose one variant per layer from a block library (MIP, scipy HiGHS)")

@@ -1,0 +1,605 @@
+"""Continuous batching over the heterogeneous model: the serving engine behind `tessera serve`.
+
+Requests join and leave between steps. Each step packs, for every running request, the tokens whose K/V are
+not cached yet: one token for a request that is decoding, a chunk of the prompt for one that is prefilling
+(chunked prefill, as in Sarathi-Serve and vLLM v1). Decode tokens are scheduled first, so a long prompt
+arriving never stalls the streams already running for more than one chunk; the step's token budget
+(`max_step_tokens`) bounds the chunk. One forward pass and one paged-attention launch per layer serve the
+whole mixed step (kernels/attention_paged.py).
+
+The KV cache is a pool of pages (runtime/cache.PagedKVCache) sized per layer by that layer's KV-head count;
+linear and no-op attention layers hold nothing. Its size comes from a memory budget (`kv_cache_bytes`).
+Admission reserves, up front, the pages a request can ever need (prompt + max new tokens), so a running
+request is never preempted: a request that does not fit now waits in FIFO order, and one that could never
+fit (more pages than the whole pool) is refused with a `CapacityError` when it is added.
+
+Sampling is per request (temperature, top-k, top-p, its own seeded generator), so a request's tokens do not
+depend on what else is in the batch: greedy output served in a busy batch equals the output served alone.
+Text is produced incrementally (`TextStream`): stop strings cut the text, and text that could still become
+a stop string, or that ends inside a UTF-8 character, is held back until it is decided.
+
+On CUDA, decode-only steps replay CUDA graphs captured at a few padded batch sizes (`DecodeGraphs`): a
+decode step of a small model is dominated by launch overhead, which a graph replay removes.
+
+`AsyncEngine` runs an `Engine` in a background thread for the HTTP server: asyncio callers submit requests
+and iterate their outputs; abandoning the iteration (a client that disconnects) aborts the request and
+frees its pages before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+
+from tessera.runtime.cache import PagedKVCache
+from tessera.runtime.generate import Completion, ContextLengthError, SamplingParams, sample
+from tessera.runtime.model import Batch, Model
+
+
+class CapacityError(ValueError):
+    """A request that can never be served by this engine: more KV pages than the whole pool."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 16  # requests running at once (decode batch size)
+    max_model_len: int | None = None  # prompt + generated tokens; None: the model's max_position_embeddings
+    kv_cache_bytes: int | None = None  # KV pool budget; None: room for max_batch requests of max_model_len
+    page_size: int = 16  # tokens per KV page
+    max_step_tokens: int = 512  # tokens per forward pass: decode tokens plus at most this much prefill
+    cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured at padded batch sizes
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.max_step_tokens < self.max_batch:
+            raise ValueError(
+                f"max_step_tokens ({self.max_step_tokens}) must be >= max_batch ({self.max_batch}): every running "
+                "request decodes one token per step"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new tokens and text, and whether it has finished."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    completion_tokens: int  # sampled so far, an EOS token included
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort", "error"
+    error: str | None = None
+
+
+class TextStream:
+    """Generated token ids → text deltas, with stop strings.
+
+    The whole text is decoded again at each token (byte-level BPE merges across token boundaries, so pieces
+    decoded alone would split characters); the part already sent is never changed. A stop string ends the
+    text before it; a suffix that could still grow into a stop string, or an unfinished UTF-8 character
+    (decoded as U+FFFD), is held back until the next token decides it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...] = ()) -> None:
+        if stop and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of self.text already handed out
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns (new text safe to send, whether a stop string ended the text)."""
+        self.ids.append(token)
+        if self.tokenizer is None:
+            return "", False
+        self.text = self.tokenizer.decode(self.ids)
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return self._send(cut), True
+        end = len(self.text.rstrip("\ufffd"))
+        for k in range(min(max((len(s) for s in self.stop), default=1) - 1, end - self.sent), 0, -1):
+            if any(s.startswith(self.text[end - k : end]) for s in self.stop):
+                end -= k
+                break
+        return self._send(end), False
+
+    def flush(self) -> str:
+        """The rest of the text, when generation ends for another reason than a stop string."""
+        return self._send(len(self.text))
+
+    def _send(self, end: int) -> str:
+        delta = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return delta
+
+
+class _Request:
+    """Engine-side state of one request."""
+
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, budget: int, stream: TextStream):
+        self.id, self.params, self.budget, self.stream = request_id, params, budget, stream
+        self.tokens = list(prompt)  # prompt + generated; tokens[:computed] have their K/V in the cache
+        self.prompt_len = len(prompt)
+        self.computed = 0
+        self.sampled = 0  # tokens sampled, an EOS included
+        self.pages: list[int] = []
+        self.generator: torch.Generator | None = None
+        self.arrival = time.perf_counter()
+
+
+class DecodeGraphs:
+    """The decode-only step at padded batch sizes, from static input buffers.
+
+    With capture (CUDA) each size is a CUDA graph, captured once and then replayed: one launch instead of
+    a few hundred. Without (the CPU tests) the same padded step runs eagerly, so the padding logic is tested
+    where there is no GPU. Padding rows decode token 0 at position 0 into the scratch page (page 0), which
+    no request owns, with a context of 1: they read and write nothing of anyone else's.
+    """
+
+    def __init__(self, model: Model, cache: PagedKVCache, max_batch: int, max_pages: int, capture: bool) -> None:
+        self.model, self.cache, self.capture = model, cache, capture
+        device = model.embed_tokens.weight.device
+        self.sizes = sorted({s for s in (1, 2, 4, 8, *range(16, max_batch + 1, 16)) if s <= max_batch} | {max_batch})
+        self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if capture:
+            self._capture_all()
+
+    def _forward(self, size: int) -> torch.Tensor:
+        batch = Batch(
+            self.positions[:size],
+            None,
+            cu_seqlens=self.cu_seqlens[: size + 1],
+            max_seqlen=1,
+            seq_lens=self.seq_lens[:size],
+            cache=self.cache,
+            block_tables=self.block_tables[:size],
+            slots=self.slots[:size],
+        )
+        return self.model.logits(self.model.forward_packed(self.tokens[:size], batch))
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile the Triton kernels and build the rope tables outside the capture
+                self._forward(self.sizes[-1])
+        torch.cuda.current_stream().wait_stream(stream)
+        for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(size)
+            self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize()
+
+    def run(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """Logits [B, vocab] of one decode token for each of B requests."""
+        b = tokens.shape[0]
+        size = next(s for s in self.sizes if s >= b)
+        for static, value, pad in (
+            (self.tokens, tokens, 0),
+            (self.positions, positions, 0),
+            (self.slots, slots, 0),
+            (self.seq_lens, seq_lens, 1),
+        ):
+            static[:b].copy_(value)
+            static[b:size].fill_(pad)
+        self.block_tables[:b, : block_tables.shape[1]].copy_(block_tables)
+        self.block_tables[b:size].zero_()
+        if not self.capture:
+            return self._forward(size)[:b]
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:b]
+
+
+class Engine:
+    """Continuous batching for one model (and its tokenizer, for text and stop strings). Not thread-safe:
+    one thread calls add_request/abort/step (AsyncEngine's loop, or `generate`)."""
+
+    def __init__(self, model: Model, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config = config or EngineConfig()
+        arch = model.arch
+        if config.max_model_len is not None and config.max_model_len > arch.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} is longer than the model's context "
+                f"({arch.max_position_embeddings}, max_position_embeddings)"
+            )
+        self.max_model_len = config.max_model_len or arch.max_position_embeddings
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+        page = config.page_size
+        self.max_pages_per_request = -(-self.max_model_len // page)
+        page_bytes = PagedKVCache.page_bytes(arch, page, self.dtype)
+        wanted = config.max_batch * self.max_pages_per_request
+        if config.kv_cache_bytes is not None:
+            if page_bytes and config.kv_cache_bytes < page_bytes:
+                raise CapacityError(
+                    f"kv_cache_bytes {config.kv_cache_bytes} holds no page of {page} tokens ({page_bytes} bytes)"
+                )
+            # A model with no attention caches nothing: its pool is bookkeeping only.
+            wanted = config.kv_cache_bytes // page_bytes if page_bytes else wanted
+        elif self.device.type == "cuda" and page_bytes:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            wanted = min(wanted, int(0.8 * free) // page_bytes)
+        self.cache = PagedKVCache(arch, wanted + 1, page, self.device, self.dtype)
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self._ids = itertools.count()
+        self._requests: dict[str, _Request] = {}
+        self.graphs = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(model, self.cache, config.max_batch, self.max_pages_per_request, True)
+
+    # ---- requests ----------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
+            return self.tokenizer.encode(prompt).ids
+        return list(prompt)
+
+    def check(self, prompt: list[int], params: SamplingParams) -> int:
+        """Validate a request without adding it; returns how many tokens it may generate. Raises
+        ContextLengthError, CapacityError or ValueError with a message meant for the client."""
+        arch = self.model.arch
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        bad = next((t for t in prompt if not 0 <= t < arch.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {arch.vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens; this server's context is {self.max_model_len} tokens "
+                "(max_model_len), leaving no room to generate"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        budget = min(params.max_new_tokens, self.max_model_len - len(prompt))
+        pages = self.cache.pages_for(len(prompt) + budget - 1)
+        if pages > self.cache.usable_pages:
+            raise CapacityError(
+                f"the request needs {pages} KV pages ({len(prompt)} prompt + {budget} new tokens, "
+                f"{self.cache.page_size} per page) but the whole pool holds {self.cache.usable_pages}; raise the "
+                "KV-cache budget or ask for fewer tokens"
+            )
+        return budget
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:  # fmt: skip
+        tokens = self.encode(prompt)
+        budget = self.check(tokens, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = _Request(request_id, tokens, params, budget, TextStream(self.tokenizer, params.stop))
+        if params.temperature > 0:
+            req.generator = torch.Generator(device=self.device)
+            if params.seed is None:
+                req.generator.seed()
+            else:
+                req.generator.manual_seed(params.seed)
+        self._requests[request_id] = req
+        self.waiting.append(req)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Drop a request now, freeing its pages; returns its final output (None if it is unknown/finished)."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        return self._finish(req, "abort", [], "")
+
+    def abort_all(self, reason: str = "abort", error: str | None = None) -> list[RequestOutput]:
+        outputs = []
+        for req in [*self.running, *self.waiting]:
+            outputs.append(self._finish(req, reason, [], "", error))
+        self.running.clear()
+        self.waiting.clear()
+        return outputs
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        """Share of the pool's pages reserved by running requests."""
+        return 1 - self.cache.free_pages / self.cache.usable_pages
+
+    # ---- one step ----------------------------------------------------------------------------------
+
+    def _schedule(self) -> list[tuple[_Request, int]]:
+        """(request, tokens to feed) for this step: decode tokens and unfinished prefills of the running
+        requests first, then new requests admitted in FIFO order while a batch slot and their pages are free."""
+        room = self.config.max_step_tokens
+        plan = []
+        for req in sorted(self.running, key=lambda r: len(r.tokens) - r.computed):  # decodes (1 token) first
+            n = min(len(req.tokens) - req.computed, room)
+            if n > 0:
+                plan.append((req, n))
+                room -= n
+        while self.waiting and room > 0 and len(self.running) < self.config.max_batch:
+            req = self.waiting[0]
+            pages = self.cache.pages_for(req.prompt_len + req.budget - 1)
+            if pages > self.cache.free_pages:
+                break  # FIFO: a request that does not fit yet is not overtaken (no starvation)
+            self.waiting.popleft()
+            req.pages = self.cache.allocate(pages)
+            self.running.append(req)
+            n = min(req.prompt_len, room)
+            plan.append((req, n))
+            room -= n
+        return plan
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one forward pass over the scheduled tokens; returns an output for each request that sampled."""
+        plan = self._schedule()
+        if not plan:
+            return []
+        logits, sampling = self._forward(plan)
+        for req, n in plan:
+            req.computed += n
+        if not sampling:
+            return []
+        return self._sample(sampling, logits)
+
+    def _forward(self, plan: list[tuple[_Request, int]]) -> tuple[torch.Tensor | None, list[_Request]]:
+        page, dev = self.cache.page_size, self.device
+        tokens, positions, slots, cu, seq_lens, rows, sampling = [], [], [], [0], [], [], []
+        for req, n in plan:
+            start, end = req.computed, req.computed + n
+            tokens.extend(req.tokens[start:end])
+            positions.extend(range(start, end))
+            slots.extend(req.pages[p // page] * page + p % page for p in range(start, end))
+            cu.append(cu[-1] + n)
+            seq_lens.append(end)
+            if end == len(req.tokens):  # all its tokens cached after this step: it samples the next one
+                rows.append(cu[-1] - 1)
+                sampling.append(req)
+        width = max(len(req.pages) for req, _ in plan)
+        table = torch.tensor([req.pages + [0] * (width - len(req.pages)) for req, _ in plan], dtype=torch.int32)
+        as_long = dict(dtype=torch.int64, device=dev)
+        tokens_t, positions_t, slots_t = (torch.tensor(x, **as_long) for x in (tokens, positions, slots))
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+        decode_only = len(tokens) == len(plan) == len(sampling)  # one token each, and each samples
+        if self.graphs is not None and decode_only:
+            return self.graphs.run(tokens_t, positions_t, slots_t, seq_lens_t, table.to(dev)), sampling
+        batch = Batch(
+            positions_t,
+            None,
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
+            max_seqlen=max(n for _, n in plan),
+            seq_lens=seq_lens_t,
+            cache=self.cache,
+            block_tables=table.to(dev),
+            slots=slots_t,
+        )
+        hidden = self.model.forward_packed(tokens_t, batch)
+        if not sampling:
+            return None, sampling
+        if decode_only:  # every row samples, in plan order
+            return self.model.logits(hidden), sampling
+        return self.model.logits(hidden[torch.tensor(rows, device=dev)]), sampling
+
+    def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[RequestOutput]:
+        greedy = [i for i, r in enumerate(reqs) if r.params.temperature == 0]
+        chosen = torch.empty(len(reqs), dtype=torch.int64, device=logits.device)
+        if greedy:
+            index = torch.tensor(greedy, device=logits.device)
+            chosen[index] = logits[index].argmax(dim=-1)
+        for i, req in enumerate(reqs):
+            if req.params.temperature > 0:
+                chosen[i] = sample(logits[i : i + 1], req.params, req.generator)[0]
+        return [self._append(req, token) for req, token in zip(reqs, chosen.tolist())]
+
+    def _append(self, req: _Request, token: int) -> RequestOutput:
+        req.sampled += 1
+        params = req.params
+        stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.model.arch.eos_token_ids
+        if not params.ignore_eos and token in stop_ids:
+            self.running.remove(req)
+            return self._finish(req, "stop", [], req.stream.flush())
+        req.tokens.append(token)
+        text, stopped = req.stream.add(token)
+        if stopped or req.sampled >= req.budget:
+            self.running.remove(req)
+            reason = "stop" if stopped else "length"
+            return self._finish(req, reason, [token], text + ("" if stopped else req.stream.flush()))
+        return RequestOutput(req.id, [token], text, req.prompt_len, req.sampled)
+
+    def _finish(
+        self, req: _Request, reason: str, token_ids: list[int], text: str, error: str | None = None
+    ) -> RequestOutput:  # fmt: skip
+        """The request's last output; its pages go back to the pool now."""
+        self.cache.release(req.pages)
+        req.pages = []
+        del self._requests[req.id]
+        return RequestOutput(req.id, token_ids, text, req.prompt_len, req.sampled, True, reason, error)
+
+    # ---- offline use -------------------------------------------------------------------------------
+
+    def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams) -> list[Completion]:
+        """Serve a list of prompts to completion (all submitted at once) and return them in order."""
+        ids, completions = [], {}
+        for prompt in prompts:
+            tokens = self.encode(prompt)
+            request_id = self.add_request(tokens, params)
+            ids.append(request_id)
+            completions[request_id] = Completion(tokens, text="" if self.tokenizer is not None else None)
+        while self.has_work():
+            for out in self.step():
+                c = completions[out.request_id]
+                c.tokens.extend(out.token_ids)
+                if c.text is not None:
+                    c.text += out.text
+                if out.finished:
+                    c.finish_reason = out.finish_reason
+        return [completions[i] for i in ids]
+
+
+class RequestStream:
+    """The outputs of one request submitted to an AsyncEngine, as an async iterator; `abort()` drops it."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
+        self.engine, self.request_id = engine, request_id
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        self.finished = out.finished
+        return out
+
+    def abort(self) -> None:
+        """Free the request's batch slot and pages before the engine's next step (no-op once finished)."""
+        if not self.finished:
+            self.finished = True
+            self.engine._inbox.put(("abort", self.request_id))
+
+
+class AsyncEngine:
+    """An Engine stepping in its own thread, for asyncio callers (the HTTP server).
+
+    Every engine call happens on that thread; callers talk to it through an inbox (add, abort) and get
+    their outputs on an asyncio queue each. torch releases the GIL in its kernels, so the event loop keeps
+    accepting and streaming while a step runs.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tessera-engine", daemon=True)
+        self.steps = 0
+
+    def start(self) -> AsyncEngine:
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop stepping; requests still in flight finish with reason "abort"."""
+        self._stopping.set()
+        self._inbox.put(("wake",))
+        self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.engine.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.running)
+
+    def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
+        """Queue a request (from the event loop's thread); validation errors raise here, before anything is
+        queued."""
+        if self._stopping.is_set():
+            raise RuntimeError("the engine is shutting down")
+        self.engine.check(prompt, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = self._streams[request_id] = RequestStream(self, request_id)
+        self._inbox.put(("add", request_id, prompt, params))
+        return stream
+
+    async def generate(
+        self, prompt: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
+        """Outputs of one request; leaving the iteration early aborts it."""
+        stream = self.submit(prompt, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        if out.finished:
+            del self._streams[out.request_id]
+        with contextlib.suppress(RuntimeError):  # the caller's loop has closed: nobody is listening
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "add":
+            _, request_id, prompt, params = message
+            try:
+                self.engine.add_request(prompt, params, request_id)
+            except ValueError as e:  # checked already; a race with max_model_len cannot happen, but never hang
+                self._deliver(RequestOutput(request_id, [], "", len(prompt), 0, True, "error", str(e)))
+        elif kind == "abort":
+            self._streams.pop(message[1], None)
+            self.engine.abort(message[1])
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                # Block for new work only when idle; otherwise take what has arrived and step.
+                message = self._inbox.get(timeout=0.5) if not self.engine.has_work() else self._inbox.get_nowait()
+                self._handle(message)
+                continue
+            except queue.Empty:
+                pass
+            if not self.engine.has_work():
+                continue
+            try:
+                outputs = self.engine.step()
+                self.steps += 1
+            except Exception as e:  # a failed step fails the requests in it, not the server
+                outputs = self.engine.abort_all("error", f"{type(e).__name__}: {e}")
+            for out in outputs:
+                self._deliver(out)
+        while True:  # drain what arrived during shutdown, then cancel everything still in flight
+            try:
+                self._handle(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for out in self.engine.abort_all():
+            self._deliver(out)

@@ -1,0 +1,523 @@
+"""OpenAI-compatible HTTP server over the continuous-batching engine: `tessera serve`.
+
+Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (JSON or SSE streaming,
+`stream_options.include_usage`), `GET /health`, and Prometheus `GET /metrics`. The wire format follows
+OpenAI's API reference (the `openai` client is the test client); `top_k` and `ignore_eos` are accepted as
+vLLM's extensions, so vLLM's benchmark conventions work unchanged.
+
+Every bad request gets HTTP 400 (404 for an unknown model or route) with OpenAI's error body
+`{"error": {"message", "type", "param", "code"}}`, and the server keeps serving. Unknown fields are refused
+by name rather than silently ignored, and fields we accept but cannot honour (n > 1, logprobs, penalties)
+are refused with the reason: a client never gets an answer to a question it did not ask.
+
+A watcher on each request's connection aborts its engine requests the moment the client goes away, so a
+disconnected stream frees its batch slot and KV pages before the next engine step. On shutdown uvicorn
+stops accepting, lets in-flight requests finish for `graceful_timeout` seconds, then cancels the rest; the
+engine thread stops last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2.sandbox
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tessera.runtime.engine import AsyncEngine, CapacityError, RequestOutput, RequestStream
+from tessera.runtime.generate import SamplingParams
+
+# Used when the tokenizer config has no chat_template: one "role: content" line per message, then the
+# assistant's turn. Documented in the README.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = {400: "invalid_request_error", 404: "not_found_error", 503: "service_unavailable"}.get(
+        status, "server_error"
+    )
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---- request bodies -------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints. Strict: "5" is not a number, 1.5 is not a token count."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # vLLM extension; 0: no cut
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    logprobs: Any = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None  # accepted and ignored, as OpenAI uses it only for abuse monitoring
+    ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise APIError(400, "n: only n = 1 is supported", "n")
+        if self.logprobs not in (None, False):
+            raise APIError(400, "logprobs: not supported by this server", "logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                raise APIError(400, f"{name}: not supported by this server (only 0)", name)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, f"stop: at most 4 sequences, got {len(stops)}", "stop")
+        return tuple(s for s in stops if s)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise APIError(400, "echo: not supported by this server", "echo")
+        if self.best_of not in (None, 1):
+            raise APIError(400, "best_of: only 1 is supported", "best_of")
+        if self.suffix:
+            raise APIError(400, "suffix: not supported by this server", "suffix")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id...: passed to the template
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None  # the newer name of max_tokens
+
+    def check_supported(self) -> None:
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise APIError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
+            self.max_tokens = self.max_completion_tokens
+        super().check_supported()
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus metrics of one server (its own registry, so two servers in a process do not collide)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        disable_created_metrics()  # the *_created series only restate the start time
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tessera_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter("tessera_prompt_tokens", "prompt tokens of served requests", registry=r)
+        self.generation_tokens = Counter("tessera_generation_tokens", "tokens generated", registry=r)
+        Gauge("tessera_requests_running", "requests in the running batch", registry=r).set_function(
+            lambda: engine.running
+        )
+        Gauge("tessera_requests_waiting", "requests queued for a batch slot or KV pages", registry=r).set_function(
+            lambda: engine.queue_depth
+        )
+        Gauge("tessera_kv_cache_usage", "share of KV pages reserved", registry=r).set_function(
+            lambda: engine.engine.kv_usage
+        )
+        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        per_token = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
+        self.ttft = Histogram("tessera_time_to_first_token_seconds", "time to first token", buckets=latency, registry=r)
+        self.tpot = Histogram("tessera_time_per_output_token_seconds", "time per output token after the first",
+                              buckets=per_token, registry=r)  # fmt: skip
+        self.e2e = Histogram("tessera_e2e_request_latency_seconds", "request latency", buckets=latency, registry=r)
+
+
+@dataclass
+class _Timing:
+    """One request's clock, for the TTFT/TPOT histograms and usage."""
+
+    start: float
+    first: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def record(self, metrics: Metrics) -> None:
+        end = time.perf_counter()
+        metrics.prompt_tokens.inc(self.prompt_tokens)
+        metrics.generation_tokens.inc(self.completion_tokens)
+        metrics.e2e.observe(end - self.start)
+        if self.first is not None:
+            metrics.ttft.observe(self.first - self.start)
+            if self.completion_tokens > 1:
+                metrics.tpot.observe((end - self.first) / (self.completion_tokens - 1))
+
+
+# ---- the application ------------------------------------------------------------------------------
+
+
+def load_chat_template(model_dir: str | Path) -> tuple[str, dict[str, str]]:
+    """The chat template of tokenizer_config.json (a string, or the "default" of a list of named ones) and
+    its special tokens; DEFAULT_CHAT_TEMPLATE when it has none."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    specials = {k: v for k, v in config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
+    return template or DEFAULT_CHAT_TEMPLATE, specials
+
+
+def _raise_exception(message: str) -> None:
+    raise APIError(400, f"chat template: {message}", "messages")
+
+
+class Server:
+    """The FastAPI app over one AsyncEngine."""
+
+    def __init__(
+        self, engine: AsyncEngine, model_name: str, chat_template: str = DEFAULT_CHAT_TEMPLATE,
+        special_tokens: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.engine, self.model_name = engine, model_name
+        self.created = int(time.time())
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        self.template = env.from_string(chat_template)
+        self.special_tokens = special_tokens or {}
+        self.metrics = Metrics(engine)
+        self.app = self._build_app()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="tessera", lifespan=self._lifespan)
+
+        @app.exception_handler(APIError)
+        async def api_error(request: Request, e: APIError) -> JSONResponse:
+            self.metrics.requests.labels(request.url.path, str(e.status)).inc()
+            return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
+
+        @app.exception_handler(RequestValidationError)
+        async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+            first = e.errors()[0]
+            where = [str(p) for p in first.get("loc", ()) if p != "body"]
+            if first.get("type") == "json_invalid":
+                message, param = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
+            elif first.get("type") == "extra_forbidden":
+                message, param = f"unknown field {'.'.join(where)!r}", where[-1] if where else None
+            else:
+                message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
+                param = where[0] if where else None
+            self.metrics.requests.labels(request.url.path, "400").inc()
+            return JSONResponse(error_body(400, message, param), status_code=400)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+            message = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
+            return JSONResponse(error_body(e.status_code, message), status_code=e.status_code)
+
+        app.get("/health")(self.health)
+        app.get("/metrics")(self.prometheus)
+        app.get("/v1/models")(self.models)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        return app
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: FastAPI):
+        yield
+        await asyncio.to_thread(self.engine.shutdown)
+
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.model_name, "running": self.engine.running,
+                "waiting": self.engine.queue_depth}  # fmt: skip
+
+    async def prometheus(self) -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self) -> dict:
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tessera",
+                "max_model_len": self.max_model_len}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    # ---- shared by both endpoints
+
+    def _params(self, body: _Sampling, prompt_len: int, default_max: int | None) -> SamplingParams:
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")  # fmt: skip
+        body.check_supported()
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} "
+                                "tokens, leaving no room to generate", "messages" if isinstance(body, ChatRequest)
+                           else "prompt", "context_length_exceeded")  # fmt: skip
+        if body.max_tokens is not None and body.max_tokens > room:
+            raise APIError(
+                400,
+                f"this model's context is {self.max_model_len} tokens; the prompt has {prompt_len} and max_tokens "
+                f"asks for {body.max_tokens} more ({prompt_len + body.max_tokens} in all)",
+                "max_tokens", "context_length_exceeded",
+            )  # fmt: skip
+        max_tokens = body.max_tokens or min(default_max or room, room)
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop_strings(),
+            ignore_eos=body.ignore_eos,
+        )
+
+    def _encode(self, prompt: str | list[int], param: str) -> list[int]:
+        tokens = self.engine.engine.encode(prompt)
+        if not tokens:
+            raise APIError(400, f"{param}: the prompt is empty", param)
+        vocab = self.engine.engine.model.arch.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param)
+        return tokens
+
+    def _submit(self, prompts: list[list[int]], params: list[SamplingParams], rid: str) -> list[RequestStream]:
+        """Queue every prompt of a request, or none: all are validated before the first is queued."""
+        try:
+            for p, sp in zip(prompts, params):
+                self.engine.engine.check(p, sp)
+            return [self.engine.submit(p, sp, f"{rid}-{i}") for i, (p, sp) in enumerate(zip(prompts, params))]
+        except CapacityError as e:
+            raise APIError(400, str(e), "max_tokens") from e
+        except RuntimeError as e:  # shutting down
+            raise APIError(503, str(e)) from e
+        except ValueError as e:
+            raise APIError(400, str(e), "prompt") from e
+
+    async def _merge(self, request: Request, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output) of all streams as the engine produces them. Every stream is aborted when
+        the client disconnects or the consumer stops early (closing this generator)."""
+        merged: asyncio.Queue = asyncio.Queue()
+        timings = [_Timing(time.perf_counter()) for _ in streams]
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            async for out in stream:
+                await merged.put((index, out))
+
+        async def watch() -> None:  # the client is gone: http.disconnect arrives on the receive channel
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        watcher = asyncio.create_task(watch())
+        remaining = len(streams)
+        try:
+            while remaining:
+                getter = asyncio.ensure_future(merged.get())
+                done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    return  # the client disconnected: the finally below aborts everything
+                index, out = getter.result()
+                t = timings[index]
+                if out.token_ids and t.first is None:
+                    t.first = time.perf_counter()
+                t.prompt_tokens, t.completion_tokens = out.prompt_tokens, out.completion_tokens
+                if out.finished:
+                    remaining -= 1
+                    t.record(self.metrics)
+                yield index, out
+        finally:
+            watcher.cancel()
+            for task in tasks:
+                task.cancel()
+            for stream in streams:
+                stream.abort()
+
+    def _usage(self, outs: dict[int, RequestOutput]) -> dict:
+        prompt = sum(o.prompt_tokens for o in outs.values())
+        completion = sum(o.completion_tokens for o in outs.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def _respond(
+        self, request: Request, body: _Sampling, prompts: list[list[int]], params: list[SamplingParams], chat: bool
+    ):  # fmt: skip
+        endpoint = request.url.path
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        outputs = self._merge(request, self._submit(prompts, params, rid))
+        if not body.stream:
+            texts, finals = [""] * len(prompts), {}
+            async with contextlib.aclosing(outputs):
+                async for index, out in outputs:
+                    if out.error:
+                        raise APIError(500, out.error)
+                    texts[index] += out.text
+                    if out.finished:
+                        finals[index] = out
+            if len(finals) < len(prompts) or any(o.finish_reason == "abort" for o in finals.values()):
+                raise APIError(503, "the request was cancelled (the server is shutting down)")
+            self.metrics.requests.labels(endpoint, "200").inc()
+            choices = [self._choice(i, texts[i], finals[i].finish_reason, chat) for i in range(len(prompts))]
+            kind = "chat.completion" if chat else "text_completion"
+            return {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices,
+                    "usage": self._usage(finals)}  # fmt: skip
+
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+            data = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices}
+            if include_usage:
+                data["usage"] = usage
+            return f"data: {json.dumps(data)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            finals: dict[int, RequestOutput] = {}
+            async with contextlib.aclosing(outputs):
+                if chat:
+                    for i in range(len(prompts)):
+                        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}])  # fmt: skip
+                async for index, out in outputs:
+                    if out.error or out.finish_reason == "abort":
+                        message = out.error or "the request was cancelled (the server is shutting down)"
+                        yield f"data: {json.dumps(error_body(500 if out.error else 503, message))}\n\n"
+                        return
+                    reason = out.finish_reason if out.finished else None
+                    if out.text or reason:
+                        if chat:
+                            delta = {"content": out.text} if out.text else {}
+                            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+                        else:
+                            choice = {"index": index, "text": out.text, "logprobs": None, "finish_reason": reason}
+                        yield chunk([choice])
+                    if out.finished:
+                        finals[index] = out
+            if include_usage:
+                yield chunk([], self._usage(finals))
+            yield "data: [DONE]\n\n"
+
+        self.metrics.requests.labels(endpoint, "200").inc()
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def _choice(self, index: int, text: str, reason: str | None, chat: bool) -> dict:
+        if chat:
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": reason}  # fmt: skip
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+    # ---- endpoints
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        prompt = body.prompt
+        one = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
+        prompts = [prompt] if one else list(prompt)
+        if not prompts:
+            raise APIError(400, "prompt: no prompt given", "prompt")
+        encoded = [self._encode(p, "prompt") for p in prompts]
+        params = [self._params(body, len(p), COMPLETION_DEFAULT_MAX_TOKENS) for p in encoded]
+        return await self._respond(request, body, encoded, params, chat=False)
+
+    async def chat_completions(self, body: ChatRequest, request: Request):
+        messages = []
+        for m in body.messages:
+            content = (
+                m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
+            )
+            messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
+        try:
+            text = self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+        except jinja2.TemplateError as e:
+            raise APIError(400, f"chat template: {e}", "messages") from e
+        tokens = self._encode(text, "messages")
+        params = self._params(body, len(tokens), None)
+        return await self._respond(request, body, [tokens], [params], chat=True)
+
+
+def build_server(
+    model_dir: str | Path, device: str = "cpu", dtype: str = "float32", max_batch: int = 16,
+    max_model_len: int | None = None, kv_cache_bytes: int | None = None, served_model_name: str | None = None,
+) -> Server:  # fmt: skip
+    """Load a checkpoint (config.json, safetensors, tokenizer.json) and build its server; the engine
+    thread starts here."""
+    import torch
+
+    from tessera.runtime.engine import Engine, EngineConfig
+    from tessera.runtime.generate import load_tokenizer
+    from tessera.runtime.loader import load_model, parse_dtype
+
+    model = load_model(model_dir, device=torch.device(device), dtype=parse_dtype(dtype))
+    config = EngineConfig(
+        max_batch=max_batch, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
+        max_step_tokens=max(512, max_batch),
+    )  # fmt: skip
+    engine = Engine(model, load_tokenizer(model_dir), config)
+    template, specials = load_chat_template(model_dir)
+    name = served_model_name or Path(model_dir).resolve().name
+    return Server(AsyncEngine(engine).start(), name, template, specials)
+
+
+def run(server: Server, host: str = "127.0.0.1", port: int = 8000, graceful_timeout: float = 10.0) -> None:
+    """Serve until SIGINT/SIGTERM: in-flight requests get `graceful_timeout` seconds to finish."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        server.app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_timeout
+    )
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the previous handler:
+    # make both a KeyboardInterrupt, caught here, so a requested shutdown exits 0 without a traceback.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run()

@@ -1,0 +1,304 @@
+"""`tessera serve` through the official `openai` client (and raw HTTP for what the client will not send),
+against a real uvicorn server on 127.0.0.1 serving the bundled demo parent.
+
+Reference outputs come from the engine-free static `Generator` on the same weights: a served greedy
+completion must equal it token for token, whether it is served alone, streamed, or one of 16 concurrent
+streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from tessera.demo_parent import PARENT_DIR
+from tessera.runtime.generate import Generator, SamplingParams
+from tessera.runtime.server import DEFAULT_CHAT_TEMPLATE, build_server, load_chat_template
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n",
+    "class Stack:\n    def push(self, item):",
+    "for key, value in sorted(",
+    "    return self._cache[",
+    "# Copyright",
+    "with open(path) as f:",
+    "raise ValueError(",
+]
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture(scope="module")
+def server():
+    served = build_server(PARENT_DIR, max_batch=16, max_model_len=512)
+    sock = free_socket()
+    config = uvicorn.Config(served.app, log_level="warning", timeout_graceful_shutdown=2)
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    yield served, base
+    uv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    """Greedy completions from the static generator (no engine, no server), 24 tokens each."""
+    engine = server[0].engine.engine
+    gen = Generator(engine.model, engine.tokenizer)
+    return {p: gen.generate([p], SamplingParams(max_new_tokens=24))[0] for p in PROMPTS}
+
+
+def test_models_and_health(client, server) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == ["parent"]
+    health = httpx.get(f"{server[1]}/health").json()
+    assert health["status"] == "ok"
+
+
+def test_completion_equals_the_generator(client, reference) -> None:
+    prompt = PROMPTS[0]
+    out = client.completions.create(model="parent", prompt=prompt, max_tokens=24, temperature=0)
+    ref = reference[prompt]
+    assert out.choices[0].text == ref.text
+    assert out.choices[0].finish_reason == ref.finish_reason
+    assert out.usage.prompt_tokens == len(ref.prompt_tokens)
+    assert out.usage.completion_tokens == len(ref.tokens) + (ref.finish_reason == "stop")
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_completion_defaults_to_16_tokens_and_accepts_token_ids_and_lists(client, server) -> None:
+    tok = server[0].engine.engine.tokenizer
+    out = client.completions.create(model="parent", prompt=PROMPTS[1], temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+    ids = tok.encode(PROMPTS[1]).ids
+    by_ids = client.completions.create(model="parent", prompt=ids, temperature=0, extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == out.choices[0].text
+    both = client.completions.create(model="parent", prompt=[PROMPTS[1], PROMPTS[2]], max_tokens=5, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1]
+    assert (
+        both.choices[0].text
+        == client.completions.create(model="parent", prompt=PROMPTS[1], max_tokens=5, temperature=0).choices[0].text
+    )
+
+
+def test_streaming_equals_non_streaming_and_reports_usage(client, reference) -> None:
+    prompt = PROMPTS[2]
+    chunks = list(
+        client.completions.create(
+            model="parent", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == reference[prompt].text
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert reasons[-1] == reference[prompt].finish_reason and set(reasons[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= len(reference[prompt].tokens)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_uses_the_template(client, server) -> None:
+    served = server[0]
+    messages = [{"role": "system", "content": "Write Python."}, {"role": "user", "content": "def add(a, b):"}]
+    rendered = "system: Write Python.\nuser: def add(a, b):\nassistant:"
+    assert served.template.render(messages=messages, add_generation_prompt=True) == rendered
+    engine = served.engine.engine
+    expected = Generator(engine.model, engine.tokenizer).generate([rendered], SamplingParams(max_new_tokens=12))[0]
+    out = client.chat.completions.create(model="parent", messages=messages, max_tokens=12, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == expected.text
+    assert out.usage.prompt_tokens == len(expected.prompt_tokens)
+    stream = client.chat.completions.create(
+        model="parent", messages=messages, max_tokens=12, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+
+
+def test_chat_template_from_the_tokenizer_config(tmp_path) -> None:
+    assert load_chat_template(PARENT_DIR) == (DEFAULT_CHAT_TEMPLATE, {"bos_token": "<|endoftext|>",
+                                                                      "eos_token": "<|endoftext|>"})  # fmt: skip
+    own = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "chat_template": [
+        {"name": "tool_use", "template": "unused"}, {"name": "default", "template": own}]}))  # fmt: skip
+    template, specials = load_chat_template(tmp_path)
+    assert template == own and specials == {"bos_token": "<s>"}
+
+
+def test_stop_strings_over_http(client, reference) -> None:
+    prompt = PROMPTS[0]
+    full = reference[prompt].text
+    stop = full[8:11]
+    out = client.completions.create(model="parent", prompt=prompt, max_tokens=24, temperature=0, stop=[stop])
+    assert out.choices[0].text == full[: full.index(stop)] and out.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="parent", prompt=prompt, max_tokens=24, temperature=0, stop=stop,
+                                         stream=True)  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(max_tokens=0), openai.BadRequestError, "max_tokens must be at least 1"),
+        (dict(max_tokens=600), openai.BadRequestError, "context is 512 tokens"),
+        (dict(model="gpt-4"), openai.NotFoundError, "does not exist"),
+        (dict(prompt="x " * 600), openai.BadRequestError, "leaving no room"),
+        (dict(n=2), openai.BadRequestError, "only n = 1"),
+        (dict(temperature=5), openai.BadRequestError, "temperature"),
+        (dict(extra_body={"max_tokens": "5"}), openai.BadRequestError, "valid integer"),
+        (dict(extra_body={"colour": "blue"}), openai.BadRequestError, "unknown field 'colour'"),
+        (dict(prompt=[99999]), openai.BadRequestError, "outside the vocabulary"),
+        (dict(prompt=""), openai.BadRequestError, "prompt is empty"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, kwargs, error, message) -> None:
+    args = dict(model="parent", prompt="def f():", max_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(error, match=message) as caught:
+        client.completions.create(**args)
+    body = caught.value.body
+    assert set(body) >= {"message", "type", "param", "code"}
+    assert client.completions.create(model="parent", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_invalid_json_and_unknown_routes(server) -> None:
+    base = server[1]
+    r = httpx.post(f"{base}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{base}/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.get(f"{base}/v1/engines")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_sixteen_concurrent_streams_each_equal_their_single_request_output(server, reference) -> None:
+    """16 streaming clients at once (two of each prompt), a few seconds of load: every stream completes,
+    and each greedy text equals the single-request reference."""
+    client = openai.AsyncOpenAI(base_url=f"{server[1]}/v1", api_key="unused", max_retries=0)
+
+    async def one(prompt: str) -> tuple[str, str | None]:
+        stream = await client.completions.create(model="parent", prompt=prompt, max_tokens=24, temperature=0,
+                                                 stream=True)  # fmt: skip
+        text, reason = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            reason = chunk.choices[0].finish_reason or reason
+        return text, reason
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(p) for p in PROMPTS * 2))
+
+    results = asyncio.run(all_of_them())
+    assert len(results) == 16
+    for prompt, (text, reason) in zip(PROMPTS * 2, results):
+        assert text == reference[prompt].text
+        assert reason == reference[prompt].finish_reason
+
+
+def metric(base: str, name: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def test_client_disconnect_frees_the_slot_at_once(server) -> None:
+    served, base = server
+    body = {"prompt": "def f():", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=10) as http, http.stream("POST", f"{base}/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data:"):
+                break
+        assert served.engine.running == 1
+    # 400 tokens take seconds on this CPU; the slot must be free long before.
+    deadline = time.perf_counter() + 1.0
+    while served.engine.running and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert served.engine.running == 0
+    assert served.engine.engine.cache.free_pages == served.engine.engine.cache.usable_pages
+
+
+def test_metrics(server, client) -> None:
+    base = server[1]
+    before = metric(base, "tessera_generation_tokens_total")
+    requests_before = metric(base, "tessera_time_to_first_token_seconds_count")
+    client.completions.create(
+        model="parent", prompt="x = ", max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert metric(base, "tessera_generation_tokens_total") == before + 7
+    assert metric(base, "tessera_time_to_first_token_seconds_count") == requests_before + 1
+    text = httpx.get(f"{base}/metrics").text
+    for name in (
+        "tessera_requests_total", "tessera_requests_waiting", "tessera_requests_running", "tessera_kv_cache_usage",
+        "tessera_time_per_output_token_seconds_bucket", "tessera_prompt_tokens_total",
+    ):  # fmt: skip
+        assert name in text
+
+
+def test_serve_command_shuts_down_cleanly_with_a_stream_in_flight(tmp_path) -> None:
+    """SIGTERM while a stream runs: the stream still ends with [DONE], and the process exits 0."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tessera.cli", "serve", "--port", str(port), "--max-batch", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        body = {"prompt": "import os", "max_tokens": 40, "stream": True, "ignore_eos": True}
+        events = []
+        with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line[5:].strip())
+                    if len(events) == 2:
+                        proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]"
+        texts = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert texts[-1]["finish_reason"] == "length"
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log = proc.stdout.read().decode()
+    assert "Application shutdown complete" in log
