@@ -1,6 +1,6 @@
 """Run the kernel benchmark suites (`tessera bench kernels`), the whole-model decode benchmark (`tessera bench
-model`) and the FFN Fusion decode benchmark (`tessera bench fusion`); write results JSON and a Markdown table
-per suite under benchmarks/results/."""
+model`), the FFN Fusion decode benchmark (`tessera bench fusion`) and the serving benchmark (`tessera bench
+serving`); write results JSON and a Markdown table per suite under benchmarks/results/."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench_attention, bench_ffn, bench_fusion, bench_model, bench_norm
+from . import bench_attention, bench_ffn, bench_fusion, bench_model, bench_norm, bench_serving
 from .harness import copy_bandwidth_gbps, environment, kernel_table, measure_cases, results_name, write_results
 
 KERNEL_SUITES = {"norm": bench_norm, "ffn": bench_ffn, "attention": bench_attention}
@@ -51,3 +51,15 @@ def run_fusion(device: torch.device) -> Path:
         f"triton {env.get('triton', '-')})\n\n" + bench_fusion.table(result)
     )
     return write_results(results_name(device, "fusion_decode"), {**env, **result}, md)
+
+
+def run_serving(device: torch.device, **kwargs) -> Path:
+    """CPU: `tessera serve` over HTTP under load vs transformers one at a time (kwargs: bench_serving.run_cpu's).
+    CUDA: the engine at Llama-3.1-8B shape over batch sizes, against the bandwidth floor."""
+    env = environment(device)
+    head = f"Serving on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']})\n\n"
+    if device.type == "cuda":
+        result = bench_serving.gpu_sweep(device, copy_bandwidth_gbps(device))
+        return write_results(results_name(device, "serving"), {**env, **result}, head + bench_serving.gpu_table(result))
+    result = bench_serving.run_cpu(**kwargs)
+    return write_results(results_name(device, "serving"), {**env, **result}, head + bench_serving.table(result))

@@ -173,7 +173,7 @@ def gather_pages(pages: torch.Tensor, table: torch.Tensor, length: int) -> torch
     [..., length, Hkv, D] (a copy; only the pages that hold them are read)."""
     page = pages.shape[1]
     used = table[..., : -(-length // page)].long()
-    gathered = pages[used]  # (..., n_pages, page, Hkv, D)
+    gathered = pages.index_select(0, used.flatten()).view(*used.shape, *pages.shape[1:])  # (..., n_pages, page, Hkv, D)
     return gathered.flatten(-4, -3)[..., :length, :, :]
 
 
@@ -205,17 +205,17 @@ def attention_paged_reference(
         longest = max(lens[b] for b in single)
         # GQA as grouped rows: the G query heads of KV head j are G query rows against that head's keys.
         qg = q[rows].view(len(single), n_kv, n_heads // n_kv, head_dim)  # (Bs, Hkv, G, D)
-        # A shorter sequence's table ends before the longest one's: point its unused entries at its first
-        # page, and blank what it reads past its own length (stale or never-written slots: no NaN may leak).
+        # A shorter sequence's table ends before the longest one's: its entries past its own pages point at its
+        # first page, and the length mask hides them. The slots it reads past its length are its own pages'
+        # unwritten (zeroed, PagedKVCache.allocate) slots or its own K/V: finite, so weight 0 keeps them out.
         lengths = seq_lens[idx, None].long()
         page = k_pages.shape[1]
         table = block_tables[idx, : -(-longest // page)]
         owned = torch.arange(table.shape[1], device=q.device)[None, :] * page < lengths
         table = torch.where(owned, table, table[:, :1])
         visible = torch.arange(longest, device=q.device)[None, :] < lengths  # (Bs, L)
-        hidden = ~visible[:, :, None, None]
-        k = gather_pages(k_pages, table, longest).masked_fill_(hidden, 0).transpose(1, 2)  # (Bs, Hkv, L, D)
-        v = gather_pages(v_pages, table, longest).masked_fill_(hidden, 0).transpose(1, 2)
+        k = gather_pages(k_pages, table, longest).transpose(1, 2)  # (Bs, Hkv, L, D)
+        v = gather_pages(v_pages, table, longest).transpose(1, 2)
         out[rows] = F.scaled_dot_product_attention(qg, k, v, attn_mask=visible[:, None, None, :]).view(
             len(single), n_heads, head_dim
         )

@@ -66,7 +66,7 @@ class PagedKVCache:
         if num_pages < 2 or page_size < 1:
             raise ValueError(f"a paged KV cache needs >= 2 pages (one is scratch) of >= 1 token, got {num_pages}, "
                              f"{page_size}")  # fmt: skip
-        self.num_pages, self.page_size = num_pages, page_size
+        self.num_pages, self.page_size, self.device = num_pages, page_size, torch.device(device)
         self.k: list[torch.Tensor | None] = []
         self.v: list[torch.Tensor | None] = []
         for block in arch.blocks:
@@ -95,9 +95,15 @@ class PagedKVCache:
         return -(-tokens // self.page_size)
 
     def allocate(self, n: int) -> list[int]:
+        """n free pages, zeroed: the slots of a request's pages that it has not written yet hold zeros, never a
+        previous owner's values, so attention over them under a mask cannot pick up a NaN (0 · NaN = NaN)."""
         if n > len(self._free):
             raise RuntimeError(f"KV pool: {n} pages asked, {len(self._free)} free")
         taken, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
+        index = torch.tensor(taken, device=self.device)
+        for t in self.k + self.v:
+            if t is not None:
+                t.index_fill_(0, index, 0)
         return taken
 
     def release(self, pages: list[int]) -> None:

@@ -169,6 +169,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run = _benchmarks()
     if args.what == "kernels":
         paths = run.run_kernels(device, args.suite)
+    elif args.what == "serving":
+        paths = [run.run_serving(device)]
     else:
         paths = [run.run_model(device) if args.what == "model" else run.run_fusion(device)]
     for path in paths:
@@ -182,6 +184,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for flag in ("port", "max_batch"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.device == "cpu":
+        # One core is left to the HTTP side (event loop, JSON, SSE): torch's threads spin while they wait, and on
+        # a 2-core machine sharing both with the event loop made each step 2.5x slower (measured, see README).
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     model = args.model or str(PARENT_DIR)
     kv_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
     server = build_server(
@@ -190,7 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )  # fmt: skip
     engine = server.engine.engine
     print(
-        f"tessera serve: {server.model_name} on {engine.device} ({args.dtype}); max batch {args.max_batch}, "
+        f"tessera serve: {server.model_name} on {engine.device} ({args.dtype}, {torch.get_num_threads()} threads); "
+        f"max batch {args.max_batch}, "
         f"context {engine.max_model_len}, KV pool {engine.cache.usable_pages} pages of {engine.cache.page_size} tokens "
         f"({engine.cache.nbytes() / 2**20:.1f} MiB){', CUDA graphs' if engine.graphs else ''}",
         file=sys.stderr,
@@ -350,8 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="kernels vs torch, model decode, or fused vs unfused FFNs; JSON + Markdown")
-    p.add_argument("what", choices=["kernels", "model", "fusion"])
+    p = sub.add_parser(
+        "bench", help="kernels vs torch, model decode, fused vs unfused FFNs, or serving under load; JSON + Markdown"
+    )
+    p.add_argument("what", choices=["kernels", "model", "fusion", "serving"])
     p.add_argument("--suite", action="append", choices=["norm", "ffn", "attention"], help="kernels: repeatable")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.set_defaults(func=cmd_bench)
@@ -366,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV pool size (default: room for --max-batch requests of --max-model-len)")  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="the `model` clients name (default: the folder name)")
     p.add_argument("--graceful-timeout", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: cores - 1)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_serve)

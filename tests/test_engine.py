@@ -231,3 +231,16 @@ def test_padded_decode_step_equals_unpadded(demo) -> None:
     for layer, k in enumerate(engine.cache.k):
         changed = (k != snapshot[layer]).flatten(1).any(dim=1).nonzero().flatten().tolist()
         assert set(changed) <= {0, *(r.pages[r.computed // 16] for r, _ in plan)}
+
+
+def test_stale_nan_in_free_pages_never_reaches_a_request(demo) -> None:
+    """Pages are zeroed when handed out: NaN left in the pool (by an earlier request, say) cannot leak into
+    a later one through the masked tail of its last page."""
+    model, tok = demo
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = prompts_of([5, 37, 16], 8192, seed=4)
+    clean = Engine(model, tok, EngineConfig(max_batch=4)).generate(prompts, params)
+    engine = Engine(model, tok, EngineConfig(max_batch=4))
+    for t in engine.cache.k + engine.cache.v:
+        t.fill_(float("nan"))
+    assert [c.tokens for c in engine.generate(prompts, params)] == [c.tokens for c in clean]

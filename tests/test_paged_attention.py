@@ -4,8 +4,9 @@ The independent reference lays each sequence's keys out contiguously, computes s
 causal diagonal shifted by the keys cached before the step, in float64, one query head at a time (query head
 h reads KV head h // G). Both the Triton kernel (GPU, else the interpreter) and the plain-torch path the CPU
 serves with are checked against it. Pages are handed out in a shuffled order, so a kernel that ignored the
-block table would read another sequence's keys; the unused pages and table entries are NaN-poisoned / out of
-range, so reading past a sequence's pages shows up as NaN or an index error.
+block table would read another sequence's keys; pages no sequence owns are NaN-poisoned and unused table
+entries out of range, so reading another page shows up as NaN or an index error. The unwritten tail of a
+sequence's last page is zero, as PagedKVCache.allocate leaves it.
 
 Cases mix decode tokens (one query), whole prompts (nothing cached before) and later chunks of a long prompt
 (a cached prefix), with G = 1, 4 and 8, head dims 16 and 24 (not a power of two), pages of 16 and 32
@@ -50,6 +51,7 @@ def paged_layout(lengths: list[int], n_kv: int, head_dim: int, page: int, dtype:
         for i in range(n_pages[b]):
             p = order.pop()
             tables[b, i] = p
+            k_pages[p], v_pages[p] = 0.0, 0.0
             k_pages[p, : min(page, n - i * page)] = k[i * page : (i + 1) * page]
             v_pages[p, : min(page, n - i * page)] = v[i * page : (i + 1) * page]
     dev = dict(device=KERNEL_DEVICE)

@@ -1,0 +1,387 @@
+"""Online serving benchmark, after vLLM's benchmark_serving: `tessera serve` under load vs transformers.
+
+Load (vLLM's conventions): N requests with random prompts of exactly `input_len` token ids (sent as token ids,
+so no re-tokenisation changes their length), each asking for exactly `output_len` tokens (greedy, EOS
+ignored), streamed over HTTP from a `tessera serve` subprocess. Arrivals are a Poisson process at the given
+request rate (exponential gaps, seeded); `inf` sends them all at once; `max_concurrency` caps the requests in
+flight, as vLLM's --max-concurrency does. Per request: TTFT (request sent → first text chunk), ITL (gaps
+between later chunks), TPOT ((latency − TTFT) / (output tokens − 1)) and end-to-end latency; over the run:
+request and output-token throughput, mean/median/p99 of each latency.
+
+Baseline, measured in the same run on the same machine after the server has stopped: the same prompts,
+served one at a time by transformers' `generate` (LlamaForCausalLM, the same checkpoint and dtype, greedy,
+exactly `output_len` new tokens each). Its output-token throughput is total tokens / total wall time.
+Goal (issue 6): at 16 concurrent requests, >= 4x the baseline's output-token throughput on CPU with the
+demo model.
+
+On CUDA (`gpu_sweep`): a Llama-3.1-8B-shaped model with random bf16 weights, served by the engine in-process
+(no HTTP) at batch sizes 1-256: output tokens/s, and the decode step's time against the bandwidth floor
+(weights + KV read once, `ArchConfig.decode_step_bytes`, at the measured copy bandwidth); baseline
+transformers `generate` at batch 1 on the same weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tessera.demo_parent import PARENT_DIR
+
+GOAL = 4.0  # x transformers' one-at-a-time output-token throughput at 16 concurrent requests
+
+
+@dataclass(frozen=True)
+class Load:
+    request_rate: float  # requests/s of the Poisson process; inf: all at once
+    max_concurrency: int | None = None  # requests in flight at most (None: no cap)
+
+    @property
+    def name(self) -> str:
+        rate = "inf" if math.isinf(self.request_rate) else f"{self.request_rate:g}"
+        return f"rate {rate}" + (f", concurrency {self.max_concurrency}" if self.max_concurrency else "")
+
+
+CPU_LOADS = (Load(math.inf, 16), Load(2.0), Load(6.0))
+
+
+def random_prompts(n: int, input_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (n, input_len), generator=gen).tolist()
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": float("nan"), "median": float("nan"), "p99": float("nan")}
+    a = np.asarray(values) * 1e3
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "p99": float(np.percentile(a, 99))}
+
+
+async def _request(http, url: str, model: str, prompt: list[int], output_len: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    start = time.perf_counter()
+    ttft, last, itl, tokens, error = None, start, [], 0, None
+    async with http.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            return {"ok": False, "error": (await response.aread()).decode()[:200]}
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[5:])
+            if "error" in data:
+                error = data["error"]["message"]
+                continue
+            now = time.perf_counter()
+            if data["choices"] and data["choices"][0]["text"]:
+                if ttft is None:
+                    ttft = now - start
+                else:
+                    itl.append(now - last)
+                last = now
+            if data.get("usage"):
+                tokens = data["usage"]["completion_tokens"]
+    latency = time.perf_counter() - start
+    ok = error is None and ttft is not None and tokens == output_len
+    return {"ok": ok, "error": error, "ttft": ttft, "itl": itl, "latency": latency, "output_tokens": tokens}
+
+
+async def run_load(base: str, model: str, prompts: list[list[int]], output_len: int, load: Load, seed: int) -> dict:
+    import httpx
+
+    rng = np.random.default_rng(seed)
+    limit = asyncio.Semaphore(load.max_concurrency or len(prompts))
+    url = f"{base}/v1/completions"
+
+    async def limited(http, prompt):
+        async with limit:
+            return await _request(http, url, model, prompt, output_len)
+
+    timeout = httpx.Timeout(None)
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as http:
+        start = time.perf_counter()
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(limited(http, prompt)))
+            if not math.isinf(load.request_rate):
+                await asyncio.sleep(rng.exponential(1.0 / load.request_rate))
+        records = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return summarize(records, duration, len(prompts[0]))
+
+
+def summarize(records: list[dict], duration: float, input_len: int) -> dict:
+    done = [r for r in records if r["ok"]]
+    output = sum(r["output_tokens"] for r in done)
+    tpot = [(r["latency"] - r["ttft"]) / (r["output_tokens"] - 1) for r in done if r["output_tokens"] > 1]
+    return {
+        "completed": len(done),
+        "failed": len(records) - len(done),
+        "errors": sorted({r["error"] for r in records if not r["ok"] and r.get("error")})[:3],
+        "duration_s": duration,
+        "total_input_tokens": input_len * len(done),
+        "total_output_tokens": output,
+        "request_throughput": len(done) / duration,
+        "output_throughput": output / duration,
+        "total_token_throughput": (output + input_len * len(done)) / duration,
+        "ttft_ms": percentiles([r["ttft"] for r in done]),
+        "tpot_ms": percentiles(tpot),
+        "itl_ms": percentiles([x for r in done for x in r["itl"]]),
+        "e2el_ms": percentiles([r["latency"] for r in done]),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`tessera serve` in a subprocess (as vLLM benchmarks a running server: the client's Python does not
+    share the server's GIL)."""
+
+    def __init__(self, model_dir: Path, max_batch: int, device: str = "cpu", dtype: str = "float32") -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "tessera.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
+                   "--max-batch", str(max_batch), "--device", device, "--dtype", dtype]  # fmt: skip
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        import httpx
+
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tessera serve exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{self.base}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise TimeoutError(f"tessera serve did not answer /health within {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def transformers_baseline(
+    model_dir: Path, prompts: list[list[int]], output_len: int, device: str = "cpu", dtype=torch.float32
+) -> dict:  # fmt: skip
+    """The same requests one at a time through transformers' generate; returns throughput and latencies."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    latencies, outputs = [], []
+    with torch.inference_mode():
+        warm = torch.tensor([prompts[0]], device=device)
+        hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        start = time.perf_counter()
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=device)
+            t0 = time.perf_counter()
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                              min_new_tokens=output_len, do_sample=False, pad_token_id=0)  # fmt: skip
+            latencies.append(time.perf_counter() - t0)
+            outputs.append(out[0, len(prompt) :].tolist())
+        duration = time.perf_counter() - start
+    tokens = sum(len(o) for o in outputs)
+    return {"requests": len(prompts), "duration_s": duration, "total_output_tokens": tokens,
+            "output_throughput": tokens / duration, "request_throughput": len(prompts) / duration,
+            "e2el_ms": percentiles(latencies), "outputs": outputs}  # fmt: skip
+
+
+def run_cpu(
+    model_dir: Path = PARENT_DIR, num_prompts: int = 48, input_len: int = 128, output_len: int = 128,
+    loads: tuple[Load, ...] = CPU_LOADS, max_batch: int = 16, seed: int = 0,
+) -> dict:  # fmt: skip
+    """The online benchmark on CPU (float32) against transformers one request at a time."""
+    from tessera.config import ArchConfig
+
+    arch = ArchConfig.from_json(model_dir)
+    prompts = random_prompts(num_prompts, input_len, arch.vocab_size, seed)
+    server = ServerProcess(model_dir, max_batch)
+    runs = []
+    try:
+        server.wait_ready()
+        name = json.loads(_get(f"{server.base}/v1/models"))["data"][0]["id"]
+        asyncio.run(run_load(server.base, name, prompts[: min(4, num_prompts)], 8, Load(math.inf), seed))  # warm-up
+        for load in loads:
+            print(f"tessera serve, {load.name} ...", file=sys.stderr)
+            runs.append({"load": asdict(load), "name": load.name,
+                         **asyncio.run(run_load(server.base, name, prompts, output_len, load, seed))})  # fmt: skip
+    finally:
+        server.stop()
+    print("transformers generate, one request at a time ...", file=sys.stderr)
+    baseline = transformers_baseline(model_dir, prompts, output_len)
+    baseline.pop("outputs")
+    goal_run = next((r for r in runs if r["load"]["max_concurrency"] == 16), None)
+    ratio = goal_run["output_throughput"] / baseline["output_throughput"] if goal_run else None
+    return {
+        "model": str(Path(model_dir).name), "dtype": "float32", "num_prompts": num_prompts, "input_len": input_len,
+        "output_len": output_len, "max_batch": max_batch, "threads": torch.get_num_threads(), "runs": runs,
+        "baseline": {"name": "transformers generate, one request at a time", **baseline},
+        "goal": {"concurrency": 16, "target_ratio": GOAL, "ratio": ratio, "met": ratio is not None and ratio >= GOAL},
+    }  # fmt: skip
+
+
+def _get(url: str) -> str:
+    import httpx
+
+    return httpx.get(url).text
+
+
+def _ms(p: dict) -> str:
+    return f"{p['mean']:.1f} / {p['median']:.1f} / {p['p99']:.1f}"
+
+
+def table(result: dict) -> str:
+    b = result["baseline"]
+    lines = [
+        f"{result['num_prompts']} requests, {result['input_len']} prompt tokens (random ids), exactly "
+        f"{result['output_len']} output tokens each (greedy, EOS ignored); {result['model']}, {result['dtype']}; "
+        f"max batch {result['max_batch']}. Latencies in ms as mean / median / p99.",
+        "",
+        "| server | load | req/s | output tok/s | vs baseline | TTFT | TPOT | ITL | E2E latency |",
+        "|---|---|---:|---:|---:|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        lines.append(
+            f"| tessera serve | {r['name']} | {r['request_throughput']:.2f} | {r['output_throughput']:.0f} | "
+            f"{r['output_throughput'] / b['output_throughput']:.2f}x | {_ms(r['ttft_ms'])} | {_ms(r['tpot_ms'])} | "
+            f"{_ms(r['itl_ms'])} | {_ms(r['e2el_ms'])} |"
+        )
+    lines.append(
+        f"| transformers `generate` | one at a time | {b['request_throughput']:.2f} | {b['output_throughput']:.0f} | "
+        f"1.00x | - | - | - | {_ms(b['e2el_ms'])} |"
+    )
+    g = result.get("goal")
+    if g and g["ratio"] is not None:
+        verdict = "met" if g["met"] else "NOT met"
+        lines += ["", f"Goal: >= {g['target_ratio']:g}x the baseline's output tokens/s at {g['concurrency']} "
+                      f"concurrent requests: {g['ratio']:.2f}x ({verdict})."]  # fmt: skip
+    failed = sum(r["failed"] for r in result["runs"])
+    if failed:
+        lines.append(f"\n{failed} requests failed: {result['runs'][0]['errors']}")
+    return "\n".join(lines)
+
+
+# ---- GPU: engine throughput vs batch size at Llama-3.1-8B shape ------------------------------------
+
+
+def gpu_sweep(
+    device: torch.device, copy_gbps: float, batches=(1, 8, 32, 64, 128, 256), input_len: int = 512,
+    output_len: int = 128,
+) -> dict:  # fmt: skip
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tessera.config import ArchConfig
+    from tessera.runtime.engine import Engine, EngineConfig
+    from tessera.runtime.generate import SamplingParams
+    from tessera.runtime.loader import load_hf_state
+    from tessera.runtime.model import Model
+
+    from .bench_model import LLAMA_3_1_8B
+
+    arch = ArchConfig.from_hf_dict(LLAMA_3_1_8B, "Llama-3.1-8B")
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in LLAMA_3_1_8B.items() if k not in ("architectures", "torch_dtype")})
+    with torch.device(device):
+        hf = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model = Model.empty(arch, device, torch.bfloat16)
+    load_hf_state(model, hf.state_dict())
+    prompts = random_prompts(max(batches), input_len, arch.vocab_size)
+    params = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
+    rows = []
+    for batch in batches:
+        engine = Engine(model, None, EngineConfig(max_batch=batch, max_model_len=input_len + output_len,
+                                                  max_step_tokens=max(2048, batch)))  # fmt: skip
+        engine.generate(prompts[: min(batch, 4)], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
+        for p in prompts[:batch]:
+            engine.add_request(p, params)
+        step_ms, start = [], time.perf_counter()
+        while engine.has_work():
+            decoding = all(r.computed == len(r.tokens) - 1 for r in engine.running) and not engine.waiting
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            engine.step()
+            torch.cuda.synchronize()
+            if decoding and len(engine.running) == batch:
+                step_ms.append(1e3 * (time.perf_counter() - t0))
+        total = time.perf_counter() - start
+        context = input_len + output_len // 2
+        floor_ms = 1e3 * arch.decode_step_bytes(batch, context, "bfloat16") / (copy_gbps * 1e9)
+        median = float(np.median(step_ms))
+        rows.append({"batch": batch, "output_throughput": batch * output_len / total, "duration_s": total,
+                     "decode_step_ms": median, "floor_ms": floor_ms, "floor_pct": 100 * floor_ms / median,
+                     "graphs": engine.graphs is not None})  # fmt: skip
+        del engine
+        torch.cuda.empty_cache()
+    baseline = transformers_baseline_model(hf, prompts[:4], output_len, device)
+    return {"model": "Llama-3.1-8B shape, random weights", "dtype": "bfloat16", "input_len": input_len,
+            "output_len": output_len, "copy_bandwidth_gbps": copy_gbps, "rows": rows,
+            "baseline": {"name": "transformers generate, batch 1", **baseline}}  # fmt: skip
+
+
+def transformers_baseline_model(hf, prompts: list[list[int]], output_len: int, device: torch.device) -> dict:
+    times = []
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt], device=device)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                        min_new_tokens=output_len, do_sample=False, pad_token_id=0)  # fmt: skip
+            torch.cuda.synchronize()
+            if i:  # the first is the warm-up
+                times.append(time.perf_counter() - t0)
+    return {"output_throughput": output_len * len(times) / sum(times), "requests": len(times)}
+
+
+def gpu_table(result: dict) -> str:
+    b = result["baseline"]
+    lines = [
+        f"{result['model']}, {result['dtype']}; prompts {result['input_len']}, outputs {result['output_len']} tokens; "
+        f"engine in-process; floor = weights + KV read once at {result['copy_bandwidth_gbps']:.0f} GB/s.",
+        "",
+        "| batch | output tok/s | vs transformers b=1 | decode step ms | floor ms | % of floor | CUDA graphs |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['batch']} | {r['output_throughput']:.0f} | {r['output_throughput'] / b['output_throughput']:.1f}x | "
+            f"{r['decode_step_ms']:.2f} | {r['floor_ms']:.2f} | {r['floor_pct']:.0f} % | {r['graphs']} |"
+        )
+    lines.append(f"\ntransformers generate, batch 1: {b['output_throughput']:.1f} output tok/s")
+    return "\n".join(lines)
+
+
+def test_serving_throughput_vs_transformers() -> None:
+    """`make bench`: the CPU run, results written, goal asserted (a benchmark, not part of `make test`)."""
+    from .harness import environment, write_results
+
+    if os.environ.get("TESSERA_SKIP_SERVING_BENCH"):
+        import pytest
+
+        pytest.skip("TESSERA_SKIP_SERVING_BENCH is set")
+    result = run_cpu()
+    env = environment("cpu")
+    write_results("cpu_serving", {**env, **result}, f"Serving on {env['device']} (commit {env['commit']}, "
+                                                    f"{env['date']})\n\n" + table(result))  # fmt: skip
+    assert result["goal"]["met"], table(result)
