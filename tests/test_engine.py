@@ -244,3 +244,17 @@ def test_stale_nan_in_free_pages_never_reaches_a_request(demo) -> None:
     for t in engine.cache.k + engine.cache.v:
         t.fill_(float("nan"))
     assert [c.tokens for c in engine.generate(prompts, params)] == [c.tokens for c in clean]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (decode steps replay CUDA graphs)")
+def test_cuda_graph_decode_equals_the_static_generator() -> None:
+    """On CUDA (float32, Triton kernels), decode steps replayed from graphs at padded batch sizes give the
+    static generator's greedy tokens for 5 requests (padded to 8)."""
+    model, tok = load_model(PARENT_DIR, device="cuda"), load_tokenizer(PARENT_DIR)
+    engine = Engine(model, tok, EngineConfig(max_batch=8))
+    assert engine.graphs is not None and 8 in engine.graphs.graphs
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    prompts = prompts_of([3, 17, 40, 9, 1], 8192, seed=5)
+    static = [Generator(model, tok).generate([p], params)[0].tokens for p in prompts]
+    assert [c.tokens for c in engine.generate(prompts, params)] == static
