@@ -42,7 +42,7 @@ import torch
 from tokenizers import Tokenizer
 
 from tessera.runtime.cache import PagedKVCache
-from tessera.runtime.generate import Completion, ContextLengthError, SamplingParams, sample
+from tessera.runtime.generate import Completion, ContextLengthError, SamplingParams, encode_prompt, sample
 from tessera.runtime.model import Batch, Model
 
 
@@ -264,11 +264,7 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------------------
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
-            return self.tokenizer.encode(prompt).ids
-        return list(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def check(self, prompt: list[int], params: SamplingParams) -> int:
         """Validate a request without adding it; returns how many tokens it may generate. Raises

@@ -60,6 +60,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(file))
 
 
+def encode_prompt(tokenizer: Tokenizer | None, prompt: str | list[int]) -> list[int]:
+    """Token ids of a text prompt (through the tokenizer) or of one given as ids already."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
+        return tokenizer.encode(prompt).ids
+    return list(prompt)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]."""
     if params.temperature == 0:
@@ -88,11 +97,7 @@ class Generator:
         self.dtype = model.embed_tokens.weight.dtype
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
-            return self.tokenizer.encode(prompt).ids
-        return list(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:

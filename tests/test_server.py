@@ -45,6 +45,17 @@ def free_socket() -> socket.socket:
     return sock
 
 
+def wait_healthy(base: str, timeout: float) -> None:
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{base}/health did not answer within {timeout} s")
+
+
 @pytest.fixture(scope="module")
 def server():
     served = build_server(PARENT_DIR, max_batch=16, max_model_len=512)
@@ -54,12 +65,7 @@ def server():
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{base}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    wait_healthy(base, 10)
     yield served, base
     uv.should_exit = True
     thread.join(10)
@@ -279,12 +285,7 @@ def test_serve_command_shuts_down_cleanly_with_a_stream_in_flight(tmp_path) -> N
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_healthy(base, 60)
         body = {"prompt": "import os", "max_tokens": 40, "stream": True, "ignore_eos": True}
         events = []
         with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/completions", json=body) as r:
