@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import signal
 import socket
 import subprocess
@@ -173,6 +172,11 @@ class ServerProcess:
                 time.sleep(0.2)
         raise TimeoutError(f"tessera serve did not answer /health within {timeout} s")
 
+    def model_name(self) -> str:
+        import httpx
+
+        return httpx.get(f"{self.base}/v1/models").json()["data"][0]["id"]
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -220,7 +224,7 @@ def run_cpu(
     runs = []
     try:
         server.wait_ready()
-        name = json.loads(_get(f"{server.base}/v1/models"))["data"][0]["id"]
+        name = server.model_name()
         asyncio.run(run_load(server.base, name, prompts[: min(4, num_prompts)], 8, Load(math.inf), seed))  # warm-up
         for load in loads:
             print(f"tessera serve, {load.name} ...", file=sys.stderr)
@@ -239,12 +243,6 @@ def run_cpu(
         "baseline": {"name": "transformers generate, one request at a time", **baseline},
         "goal": {"concurrency": 16, "target_ratio": GOAL, "ratio": ratio, "met": ratio is not None and ratio >= GOAL},
     }  # fmt: skip
-
-
-def _get(url: str) -> str:
-    import httpx
-
-    return httpx.get(url).text
 
 
 def _ms(p: dict) -> str:
@@ -311,7 +309,7 @@ def gpu_sweep(
     rows = []
     for batch in batches:
         engine = Engine(model, None, EngineConfig(max_batch=batch, max_model_len=input_len + output_len,
-                                                  max_step_tokens=max(2048, batch)))  # fmt: skip
+                                                  max_step_tokens=2048))  # fmt: skip
         engine.generate(prompts[: min(batch, 4)], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
         for p in prompts[:batch]:
             engine.add_request(p, params)
@@ -376,10 +374,6 @@ def test_serving_throughput_vs_transformers() -> None:
     """`make bench`: the CPU run, results written, goal asserted (a benchmark, not part of `make test`)."""
     from .harness import environment, write_results
 
-    if os.environ.get("TESSERA_SKIP_SERVING_BENCH"):
-        import pytest
-
-        pytest.skip("TESSERA_SKIP_SERVING_BENCH is set")
     result = run_cpu()
     env = environment("cpu")
     write_results("cpu_serving", {**env, **result}, f"Serving on {env['device']} (commit {env['commit']}, "

@@ -15,15 +15,15 @@ fit (more pages than the whole pool) is refused with a `CapacityError` when it i
 
 Sampling is per request (temperature, top-k, top-p, its own seeded generator), so a request's tokens do not
 depend on what else is in the batch: greedy output served in a busy batch equals the output served alone.
-Text is produced incrementally (`TextStream`): stop strings cut the text, and text that could still become
-a stop string, or that ends inside a UTF-8 character, is held back until it is decided.
+Text is produced incrementally (`generate.TextStream`): stop strings cut the text, and text that could still
+become a stop string, or that ends inside a UTF-8 character, is held back until it is decided.
 
 On CUDA, decode-only steps replay CUDA graphs captured at a few padded batch sizes (`DecodeGraphs`): a
 decode step of a small model is dominated by launch overhead, which a graph replay removes.
 
 `AsyncEngine` runs an `Engine` in a background thread for the HTTP server: asyncio callers submit requests
-and iterate their outputs; abandoning the iteration (a client that disconnects) aborts the request and
-frees its pages before the next step.
+and iterate their outputs (`RequestStream`); aborting a stream (a client that disconnects) frees its pages
+before the next step.
 """
 
 from __future__ import annotations
@@ -33,16 +33,22 @@ import contextlib
 import itertools
 import queue
 import threading
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer
 
 from tessera.runtime.cache import PagedKVCache
-from tessera.runtime.generate import Completion, ContextLengthError, SamplingParams, encode_prompt, sample
+from tessera.runtime.generate import (
+    Completion,
+    SamplingParams,
+    TextStream,
+    check_prompt,
+    encode_prompt,
+    sample,
+)
 from tessera.runtime.model import Batch, Model
 
 
@@ -56,7 +62,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + generated tokens; None: the model's max_position_embeddings
     kv_cache_bytes: int | None = None  # KV pool budget; None: room for max_batch requests of max_model_len
     page_size: int = 16  # tokens per KV page
-    max_step_tokens: int = 512  # tokens per forward pass: decode tokens plus at most this much prefill
+    max_step_tokens: int = 512  # tokens per forward pass (decode + prefill chunks); raised to max_batch if below
     cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured at padded batch sizes
 
     def __post_init__(self) -> None:
@@ -64,11 +70,6 @@ class EngineConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
-        if self.max_step_tokens < self.max_batch:
-            raise ValueError(
-                f"max_step_tokens ({self.max_step_tokens}) must be >= max_batch ({self.max_batch}): every running "
-                "request decodes one token per step"
-            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
@@ -87,50 +88,6 @@ class RequestOutput:
     error: str | None = None
 
 
-class TextStream:
-    """Generated token ids → text deltas, with stop strings.
-
-    The whole text is decoded again at each token (byte-level BPE merges across token boundaries, so pieces
-    decoded alone would split characters); the part already sent is never changed. A stop string ends the
-    text before it; a suffix that could still grow into a stop string, or an unfinished UTF-8 character
-    (decoded as U+FFFD), is held back until the next token decides it.
-    """
-
-    def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...] = ()) -> None:
-        if stop and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0  # characters of self.text already handed out
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """Add a token; returns (new text safe to send, whether a stop string ended the text)."""
-        self.ids.append(token)
-        if self.tokenizer is None:
-            return "", False
-        self.text = self.tokenizer.decode(self.ids)
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = self.text[:cut]
-            return self._send(cut), True
-        end = len(self.text.rstrip("\ufffd"))
-        for k in range(min(max((len(s) for s in self.stop), default=1) - 1, end - self.sent), 0, -1):
-            if any(s.startswith(self.text[end - k : end]) for s in self.stop):
-                end -= k
-                break
-        return self._send(end), False
-
-    def flush(self) -> str:
-        """The rest of the text, when generation ends for another reason than a stop string."""
-        return self._send(len(self.text))
-
-    def _send(self, end: int) -> str:
-        delta = self.text[self.sent : end]
-        self.sent = max(self.sent, end)
-        return delta
-
-
 class _Request:
     """Engine-side state of one request."""
 
@@ -142,7 +99,6 @@ class _Request:
         self.sampled = 0  # tokens sampled, an EOS included
         self.pages: list[int] = []
         self.generator: torch.Generator | None = None
-        self.arrival = time.perf_counter()
 
 
 class DecodeGraphs:
@@ -269,17 +225,7 @@ class Engine:
     def check(self, prompt: list[int], params: SamplingParams) -> int:
         """Validate a request without adding it; returns how many tokens it may generate. Raises
         ContextLengthError, CapacityError or ValueError with a message meant for the client."""
-        arch = self.model.arch
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        bad = next((t for t in prompt if not 0 <= t < arch.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {arch.vocab_size})")
-        if len(prompt) >= self.max_model_len:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt)} tokens; this server's context is {self.max_model_len} tokens "
-                "(max_model_len), leaving no room to generate"
-            )
+        check_prompt(prompt, self.model.arch.vocab_size, self.max_model_len, "the prompt", "max_model_len")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         budget = min(params.max_new_tokens, self.max_model_len - len(prompt))
@@ -343,7 +289,7 @@ class Engine:
     def _schedule(self) -> list[tuple[_Request, int]]:
         """(request, tokens to feed) for this step: decode tokens and unfinished prefills of the running
         requests first, then new requests admitted in FIFO order while a batch slot and their pages are free."""
-        room = self.config.max_step_tokens
+        room = max(self.config.max_step_tokens, self.config.max_batch)  # every running request decodes each step
         plan = []
         for req in sorted(self.running, key=lambda r: len(r.tokens) - r.computed):  # decodes (1 token) first
             n = min(len(req.tokens) - req.computed, room)
@@ -511,7 +457,6 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tessera-engine", daemon=True)
-        self.steps = 0
 
     def start(self) -> AsyncEngine:
         self._thread.start()
@@ -541,17 +486,6 @@ class AsyncEngine:
         stream = self._streams[request_id] = RequestStream(self, request_id)
         self._inbox.put(("add", request_id, prompt, params))
         return stream
-
-    async def generate(
-        self, prompt: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:  # fmt: skip
-        """Outputs of one request; leaving the iteration early aborts it."""
-        stream = self.submit(prompt, params, request_id)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -587,7 +521,6 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-                self.steps += 1
             except Exception as e:  # a failed step fails the requests in it, not the server
                 outputs = self.engine.abort_all("error", f"{type(e).__name__}: {e}")
             for out in outputs:

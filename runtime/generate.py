@@ -69,6 +69,20 @@ def encode_prompt(tokenizer: Tokenizer | None, prompt: str | list[int]) -> list[
     return list(prompt)
 
 
+def check_prompt(tokens: list[int], vocab_size: int, context: int, what: str, limit: str) -> None:
+    """A prompt must be non-empty, inside the vocabulary, and leave room to generate in `context` tokens
+    (`limit` names where that number comes from)."""
+    if not tokens:
+        raise ValueError(f"{what} is empty")
+    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{what} has token id {bad}, outside the vocabulary [0, {vocab_size})")
+    if len(tokens) >= context:
+        raise ContextLengthError(
+            f"{what} has {len(tokens)} tokens; the context is {context} tokens ({limit}), leaving no room to generate"
+        )
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]."""
     if params.temperature == 0:
@@ -85,6 +99,50 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class TextStream:
+    """Generated token ids → text deltas, with stop strings.
+
+    The whole text is decoded again at each token (byte-level BPE merges across token boundaries, so pieces
+    decoded alone would split characters); the part already sent is never changed. A stop string ends the
+    text before it; a suffix that could still grow into a stop string, or an unfinished UTF-8 character
+    (decoded as U+FFFD), is held back until the next token decides it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...] = ()) -> None:
+        if stop and tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of self.text already handed out
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns (new text safe to send, whether a stop string ended the text)."""
+        self.ids.append(token)
+        if self.tokenizer is None:
+            return "", False
+        self.text = self.tokenizer.decode(self.ids)
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return self._send(cut), True
+        end = len(self.text.rstrip("\ufffd"))
+        for k in range(min(max((len(s) for s in self.stop), default=1) - 1, end - self.sent), 0, -1):
+            if any(s.startswith(self.text[end - k : end]) for s in self.stop):
+                end -= k
+                break
+        return self._send(end), False
+
+    def flush(self) -> str:
+        """The rest of the text, when generation ends for another reason than a stop string."""
+        return self._send(len(self.text))
+
+    def _send(self, end: int) -> str:
+        delta = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return delta
 
 
 class Generator:
@@ -107,22 +165,12 @@ class Generator:
         completions = [Completion(self.encode(p)) for p in prompts]
         lengths = [len(c.prompt_tokens) for c in completions]
         context = arch.max_position_embeddings
-        for i, (c, n) in enumerate(zip(completions, lengths)):
-            if n == 0:
-                raise ValueError(f"prompt {i} is empty")
-            bad = next((t for t in c.prompt_tokens if not 0 <= t < arch.vocab_size), None)
-            if bad is not None:
-                raise ValueError(f"prompt {i} has token id {bad}, outside the vocabulary [0, {arch.vocab_size})")
-            if n >= context:
-                raise ContextLengthError(
-                    f"prompt {i} has {n} tokens; the model's context is {context} (max_position_embeddings), "
-                    "leaving no room to generate"
-                )
+        for i, c in enumerate(completions):
+            check_prompt(c.prompt_tokens, arch.vocab_size, context, f"prompt {i}", "max_position_embeddings")
         budget = [min(params.max_new_tokens, context - n) for n in lengths]
         default_ids = arch.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
         stop_ids = set() if params.ignore_eos else set(default_ids)
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+        streams = [TextStream(self.tokenizer, params.stop) if params.stop else None for _ in completions]
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -137,7 +185,7 @@ class Generator:
             next_tokens = sample(logits, params, generator)
             for i, token in enumerate(next_tokens.tolist()):
                 if live[i]:
-                    live[i] = self._append(completions[i], token, stop_ids, params, budget[i])
+                    live[i] = self._append(completions[i], streams[i], token, stop_ids, budget[i])
             if not any(live) or step + 1 == max(budget):
                 break
             logits = self.model.decode(next_tokens, positions, cache)
@@ -149,18 +197,17 @@ class Generator:
                     c.text = self.tokenizer.decode(c.tokens)
         return completions
 
-    def _append(self, c: Completion, token: int, stop_ids: set[int], params: SamplingParams, budget: int) -> bool:
-        """Add one token to a completion; returns whether it goes on."""
+    @staticmethod
+    def _append(c: Completion, stream: TextStream | None, token: int, stop_ids: set[int], budget: int) -> bool:
+        """Add one token to a completion; returns whether it goes on. `stream` (given when there are stop
+        strings) cuts the text at the first one."""
         if token in stop_ids:
             c.finish_reason = "stop"
             return False
         c.tokens.append(token)
-        if params.stop:
-            text = self.tokenizer.decode(c.tokens)
-            cut = min((i for i in (text.find(s) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                c.text, c.finish_reason = text[:cut], "stop"
-                return False
+        if stream is not None and stream.add(token)[1]:
+            c.text, c.finish_reason = stream.text, "stop"
+            return False
         if len(c.tokens) >= budget:
             c.finish_reason = "length"
             return False

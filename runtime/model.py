@@ -125,25 +125,19 @@ class GQAAttention(nn.Module):
         qk = kernels.apply_rope(qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d), cos, sin)
         q, k = qk[:, :hq], qk[:, hq:]  # (N, Hq, D), (N, Hkv, D)
         v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
+        cache, layer = batch.cache, self.layer_idx
         if batch.is_paged:
-            cache, layer = batch.cache, self.layer_idx
             cache.write(layer, batch.slots, k, v)
             out = kernels.attention_paged(
-                q,
-                cache.k[layer],
-                cache.v[layer],
-                batch.block_tables,
-                batch.cu_seqlens,
-                batch.seq_lens,
+                q, cache.k[layer], cache.v[layer], batch.block_tables, batch.cu_seqlens, batch.seq_lens,
                 batch.max_seqlen,
-            )
-            return F.linear(out.reshape(n, hq * d), self.w_o)
-        if batch.cache is not None:
-            batch.cache.write(self.layer_idx, batch.rows, batch.positions, k, v)
-        if batch.is_decode:
-            cache = batch.cache
-            out = kernels.attention_decode(q, cache.k[self.layer_idx], cache.v[self.layer_idx], batch.seq_lens)
+            )  # fmt: skip
+        elif batch.is_decode:
+            cache.write(layer, batch.rows, batch.positions, k, v)
+            out = kernels.attention_decode(q, cache.k[layer], cache.v[layer], batch.seq_lens)
         else:
+            if cache is not None:
+                cache.write(layer, batch.rows, batch.positions, k, v)
             out = kernels.attention_prefill(q, k, v, batch.cu_seqlens, causal=True, max_seqlen=batch.max_seqlen)
         return F.linear(out.reshape(n, hq * d), self.w_o)
 

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.runtime.engine import AsyncEngine, CapacityError, RequestOutput, RequestStream
-from tessera.runtime.generate import SamplingParams
+from tessera.runtime.generate import ContextLengthError, SamplingParams, check_prompt
 
 # Used when the tokenizer config has no chat_template: one "role: content" line per message, then the
 # assistant's turn. Documented in the README.
@@ -299,11 +299,7 @@ class Server:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            "model", "model_not_found")  # fmt: skip
         body.check_supported()
-        room = self.max_model_len - prompt_len
-        if room < 1:
-            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} "
-                                "tokens, leaving no room to generate", "messages" if isinstance(body, ChatRequest)
-                           else "prompt", "context_length_exceeded")  # fmt: skip
+        room = self.max_model_len - prompt_len  # >= 1: _encode checked the prompt
         if body.max_tokens is not None and body.max_tokens > room:
             raise APIError(
                 400,
@@ -323,13 +319,14 @@ class Server:
         )
 
     def _encode(self, prompt: str | list[int], param: str) -> list[int]:
-        tokens = self.engine.engine.encode(prompt)
-        if not tokens:
-            raise APIError(400, f"{param}: the prompt is empty", param)
-        vocab = self.engine.engine.model.arch.vocab_size
-        bad = next((t for t in tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param)
+        engine = self.engine.engine
+        tokens = engine.encode(prompt)
+        try:
+            check_prompt(tokens, engine.model.arch.vocab_size, self.max_model_len, "the prompt", "max_model_len")
+        except ContextLengthError as e:
+            raise APIError(400, str(e), param, "context_length_exceeded") from e
+        except ValueError as e:
+            raise APIError(400, str(e), param) from e
         return tokens
 
     def _submit(self, prompts: list[list[int]], params: list[SamplingParams], rid: str) -> list[RequestStream]:
@@ -499,10 +496,7 @@ def build_server(
     from tessera.runtime.loader import load_model, parse_dtype
 
     model = load_model(model_dir, device=torch.device(device), dtype=parse_dtype(dtype))
-    config = EngineConfig(
-        max_batch=max_batch, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
-        max_step_tokens=max(512, max_batch),
-    )  # fmt: skip
+    config = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes)
     engine = Engine(model, load_tokenizer(model_dir), config)
     template, specials = load_chat_template(model_dir)
     name = served_model_name or Path(model_dir).resolve().name

@@ -80,7 +80,7 @@ def test_generate_sampled_is_seeded(capsys) -> None:
 
 def test_generate_prompt_longer_than_context(capsys) -> None:
     code, _, err = run_cli(capsys, "generate", "--model", str(PARENT_DIR), "--prompt", "x = 1\n" * 2000)
-    assert code == 2 and "the model's context is 1024" in err and err.count("\n") == 1
+    assert code == 2 and "the context is 1024 tokens" in err and err.count("\n") == 1
 
 
 def test_generate_cuda_without_a_gpu(capsys) -> None:

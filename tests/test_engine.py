@@ -171,8 +171,6 @@ def test_admission_waits_for_pages_and_refuses_what_can_never_fit(demo) -> None:
         engine.add_request([8192], params)
     with pytest.raises(CapacityError, match="holds no page"):
         Engine(model, tok, EngineConfig(kv_cache_bytes=page_bytes - 1))
-    with pytest.raises(ValueError, match="max_step_tokens"):
-        EngineConfig(max_batch=32, max_step_tokens=16)
 
 
 def test_max_batch_bounds_the_running_requests(demo) -> None:

@@ -120,7 +120,9 @@ def test_max_new_tokens(generator: Generator) -> None:
 
 
 def test_prompt_longer_than_context_is_refused(generator: Generator) -> None:
-    with pytest.raises(ContextLengthError, match="prompt 1 has 64 tokens; the model's context is 64"):
+    with pytest.raises(
+        ContextLengthError, match=r"prompt 1 has 64 tokens; the context is 64 tokens \(max_position_embeddings\)"
+    ):
         generator.generate([[5, 6], [7] * 64], SamplingParams(4))
 
 
