@@ -151,11 +151,14 @@ class ServerProcess:
     """`tessera serve` in a subprocess (as vLLM benchmarks a running server: the client's Python does not
     share the server's GIL)."""
 
-    def __init__(self, model_dir: Path, max_batch: int, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(
+        self, model_dir: Path, max_batch: int, device: str = "cpu", dtype: str = "float32", data_parallel_size: int = 1
+    ) -> None:  # fmt: skip
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "tessera.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
-                   "--max-batch", str(max_batch), "--device", device, "--dtype", dtype]  # fmt: skip
+                   "--max-batch", str(max_batch), "--device", device, "--dtype", dtype,
+                   "--data-parallel-size", str(data_parallel_size)]  # fmt: skip
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -214,34 +217,42 @@ def transformers_baseline(
 def run_cpu(
     model_dir: Path = PARENT_DIR, num_prompts: int = 48, input_len: int = 128, output_len: int = 128,
     loads: tuple[Load, ...] = CPU_LOADS, max_batch: int = 16, seed: int = 0,
+    data_parallel_sizes: tuple[int, ...] = (1, 2),
 ) -> dict:  # fmt: skip
-    """The online benchmark on CPU (float32) against transformers one request at a time."""
+    """The online benchmark on CPU (float32) against transformers one request at a time. The first server
+    configuration (the default: one engine process) runs every load; the others only the goal's load."""
     from tessera.config import ArchConfig
 
     arch = ArchConfig.from_json(model_dir)
     prompts = random_prompts(num_prompts, input_len, arch.vocab_size, seed)
-    server = ServerProcess(model_dir, max_batch)
     runs = []
-    try:
-        server.wait_ready()
-        name = server.model_name()
-        asyncio.run(run_load(server.base, name, prompts[: min(4, num_prompts)], 8, Load(math.inf), seed))  # warm-up
-        for load in loads:
-            print(f"tessera serve, {load.name} ...", file=sys.stderr)
-            runs.append({"load": asdict(load), "name": load.name,
-                         **asyncio.run(run_load(server.base, name, prompts, output_len, load, seed))})  # fmt: skip
-    finally:
-        server.stop()
+    for n, dp in enumerate(data_parallel_sizes):
+        server = ServerProcess(model_dir, max_batch, data_parallel_size=dp)
+        try:
+            server.wait_ready()
+            name = server.model_name()
+            asyncio.run(run_load(server.base, name, prompts[: min(4, num_prompts)], 8, Load(math.inf), seed))  # warm
+            for load in loads if n == 0 else [x for x in loads if x.max_concurrency == 16]:
+                print(f"tessera serve --data-parallel-size {dp}, {load.name} ...", file=sys.stderr)
+                result = asyncio.run(run_load(server.base, name, prompts, output_len, load, seed))
+                runs.append({"load": asdict(load), "name": load.name, "data_parallel_size": dp, **result})
+        finally:
+            server.stop()
+        started = [line for line in server.proc.stderr.read().splitlines() if line.startswith("tessera serve:")]
+        for r in runs:
+            if r["data_parallel_size"] == dp:
+                r["server"] = started[0] if started else None  # engines, threads, KV pool: as the server reported
     print("transformers generate, one request at a time ...", file=sys.stderr)
     baseline = transformers_baseline(model_dir, prompts, output_len)
     baseline.pop("outputs")
-    goal_run = next((r for r in runs if r["load"]["max_concurrency"] == 16), None)
+    goal_run = next((r for r in runs if r["load"]["max_concurrency"] == 16), None)  # the default server's
     ratio = goal_run["output_throughput"] / baseline["output_throughput"] if goal_run else None
     return {
         "model": str(Path(model_dir).name), "dtype": "float32", "num_prompts": num_prompts, "input_len": input_len,
-        "output_len": output_len, "max_batch": max_batch, "threads": torch.get_num_threads(), "runs": runs,
+        "output_len": output_len, "max_batch": max_batch, "baseline_threads": torch.get_num_threads(), "runs": runs,
         "baseline": {"name": "transformers generate, one request at a time", **baseline},
-        "goal": {"concurrency": 16, "target_ratio": GOAL, "ratio": ratio, "met": ratio is not None and ratio >= GOAL},
+        "goal": {"concurrency": 16, "target_ratio": GOAL, "ratio": ratio, "met": ratio is not None and ratio >= GOAL,
+                 "server": f"--data-parallel-size {data_parallel_sizes[0]}"},
     }  # fmt: skip
 
 
@@ -254,14 +265,16 @@ def table(result: dict) -> str:
     lines = [
         f"{result['num_prompts']} requests, {result['input_len']} prompt tokens (random ids), exactly "
         f"{result['output_len']} output tokens each (greedy, EOS ignored); {result['model']}, {result['dtype']}; "
-        f"max batch {result['max_batch']}. Latencies in ms as mean / median / p99.",
+        f"max batch {result['max_batch']} per engine. Latencies in ms as mean / median / p99.",
         "",
         "| server | load | req/s | output tok/s | vs baseline | TTFT | TPOT | ITL | E2E latency |",
         "|---|---|---:|---:|---:|---|---|---|---|",
     ]
     for r in result["runs"]:
+        dp = r.get("data_parallel_size", 1)
+        server = "tessera serve" + (f" --data-parallel-size {dp}" if dp > 1 else "")
         lines.append(
-            f"| tessera serve | {r['name']} | {r['request_throughput']:.2f} | {r['output_throughput']:.0f} | "
+            f"| {server} | {r['name']} | {r['request_throughput']:.2f} | {r['output_throughput']:.0f} | "
             f"{r['output_throughput'] / b['output_throughput']:.2f}x | {_ms(r['ttft_ms'])} | {_ms(r['tpot_ms'])} | "
             f"{_ms(r['itl_ms'])} | {_ms(r['e2el_ms'])} |"
         )
@@ -269,6 +282,8 @@ def table(result: dict) -> str:
         f"| transformers `generate` | one at a time | {b['request_throughput']:.2f} | {b['output_throughput']:.0f} | "
         f"1.00x | - | - | - | {_ms(b['e2el_ms'])} |"
     )
+    servers = sorted({r["server"] for r in result["runs"] if r.get("server")})
+    lines += ["", *(f"Server: `{line}`" for line in servers)]
     g = result.get("goal")
     if g and g["ratio"] is not None:
         verdict = "met" if g["met"] else "NOT met"

@@ -112,9 +112,16 @@ def attention_paged(
     cu_seqlens: torch.Tensor,
     seq_lens: torch.Tensor,
     max_query_len: int,
+    rows: torch.Tensor | None = None,
+    row_pages: int = 0,
 ) -> torch.Tensor:
     """Prefill chunks and decode tokens together over a paged KV cache (the serving engine's step).
     q [N, Hq, D], pages [P, page_size, Hkv, D], block_tables [B, max_pages] int32, cu_seqlens [B+1] int32
-    (each sequence's queries), seq_lens [B] int32 (its cached tokens, these queries' K/V included)."""
-    impl = attention_paged_triton if backend(q, k_pages, v_pages) == "triton" else attention_paged_reference
-    return impl(q, k_pages, v_pages, block_tables, cu_seqlens, seq_lens, max_query_len)
+    (each sequence's queries), seq_lens [B] int32 (its cached tokens, these queries' K/V included).
+    rows [B] (optional, with row_pages): every sequence's pages are a whole row of the pool, which the plain-torch
+    path reads in place (attention_paged_reference); the Triton kernel reads pages in place anyway."""
+    if backend(q, k_pages, v_pages) == "triton":
+        return attention_paged_triton(q, k_pages, v_pages, block_tables, cu_seqlens, seq_lens, max_query_len)
+    return attention_paged_reference(
+        q, k_pages, v_pages, block_tables, cu_seqlens, seq_lens, max_query_len, rows, row_pages
+    )

@@ -185,49 +185,96 @@ def attention_paged_reference(
     cu_seqlens: torch.Tensor,
     seq_lens: torch.Tensor,
     max_query_len: int | None = None,
+    rows: torch.Tensor | None = None,
+    row_pages: int = 0,
 ) -> torch.Tensor:
     """Same contract as attention_paged_triton, in plain torch (the CPU serving path).
 
-    Decode rows (one query each) go through one batched SDPA over their gathered pages with a length mask;
-    each sequence with a longer chunk gets its own SDPA with the shifted causal mask. max_query_len is unused
-    (the bounds are read from cu_seqlens on the host).
+    Decode rows (one query each) go through one batched SDPA with a length mask; each sequence with a longer
+    chunk gets its own SDPA with the shifted causal mask. max_query_len is unused (the bounds are read from
+    cu_seqlens on the host).
+
+    rows [B] int64, with row_pages: every sequence's pages are the whole row rows[b], i.e. pages
+    1 + rows[b] · row_pages onward in order (PagedKVCache with rows). K/V are then read in place, and the decode
+    rows' batch is the pool's rows lo..hi at their fixed stride, instead of gathered pages: gathering copies all
+    the K/V a step reads, which on a CPU costs about as much as reading them.
     """
     _check(q, k_pages, v_pages, block_tables, cu_seqlens, seq_lens)
     out = torch.empty_like(q)
     n_heads, head_dim = q.shape[1:]
-    n_kv = k_pages.shape[2]
+    n_kv, page = k_pages.shape[2], k_pages.shape[1]
+    group = n_heads // n_kv
     bounds, lens = cu_seqlens.tolist(), seq_lens.tolist()
     q_lens = [e - s for s, e in itertools.pairwise(bounds)]
+    row_list = rows.tolist() if rows is not None else None
+
+    def keys(pages: torch.Tensor, b: int, length: int) -> torch.Tensor:  # (length, Hkv, D) of sequence b
+        if row_list is None:
+            return gather_pages(pages, block_tables[b], length)
+        first = 1 + row_list[b] * row_pages
+        return pages[first : first + -(-length // page)].flatten(0, 1)[:length]
+
     single = [b for b, n in enumerate(q_lens) if n == 1]
+    seq_rows = [row_list[b] for b in single] if row_list is not None else []
+    if seq_rows and seq_rows == list(range(seq_rows[0], seq_rows[0] + len(single))) and len(single) == q.shape[0]:
+        # The steady decode step: one query per sequence, their rows consecutive (the engine orders them by
+        # row). Nothing is indexed or copied: q, the rows and the output are views.
+        lo, longest = seq_rows[0], max(lens)
+        qg = q.view(len(single), n_kv, group, head_dim)  # GQA as grouped rows, as below
+        k = _row_view(k_pages, lo, lo + len(single), row_pages)[:, :longest].transpose(1, 2)
+        v = _row_view(v_pages, lo, lo + len(single), row_pages)[:, :longest].transpose(1, 2)
+        visible = torch.arange(longest, device=q.device)[None, :] < seq_lens[:, None]
+        attended = F.scaled_dot_product_attention(qg, k, v, attn_mask=visible[:, None, None, :])
+        return attended.view(q.shape)
     if single:
         idx = torch.tensor(single, device=q.device)
-        rows = torch.tensor([bounds[b] for b in single], device=q.device)
+        at = torch.tensor([bounds[b] for b in single], device=q.device)
         longest = max(lens[b] for b in single)
-        # GQA as grouped rows: the G query heads of KV head j are G query rows against that head's keys.
-        qg = q[rows].view(len(single), n_kv, n_heads // n_kv, head_dim)  # (Bs, Hkv, G, D)
-        # A shorter sequence's table ends before the longest one's: its entries past its own pages point at its
-        # first page, and the length mask hides them. The slots it reads past its length are its own pages'
-        # unwritten (zeroed, PagedKVCache.allocate) slots or its own K/V: finite, so weight 0 keeps them out.
         lengths = seq_lens[idx, None].long()
-        page = k_pages.shape[1]
-        table = block_tables[idx, : -(-longest // page)]
-        owned = torch.arange(table.shape[1], device=q.device)[None, :] * page < lengths
-        table = torch.where(owned, table, table[:, :1])
-        visible = torch.arange(longest, device=q.device)[None, :] < lengths  # (Bs, L)
-        k = gather_pages(k_pages, table, longest).transpose(1, 2)  # (Bs, Hkv, L, D)
-        v = gather_pages(v_pages, table, longest).transpose(1, 2)
-        out[rows] = F.scaled_dot_product_attention(qg, k, v, attn_mask=visible[:, None, None, :]).view(
-            len(single), n_heads, head_dim
-        )
+        # GQA as grouped rows: the G query heads of KV head j are G query rows against that head's keys.
+        qg = q[at].view(len(single), n_kv, group, head_dim)  # (Bs, Hkv, G, D)
+        if row_list is None:
+            # A shorter sequence's table ends before the longest one's: its entries past its own pages point at
+            # its first page, and the length mask hides them. The slots it reads past its length are its own
+            # pages' unwritten (zeroed, PagedKVCache.allocate) slots or its own K/V: finite, so weight 0 keeps
+            # them out.
+            table = block_tables[idx, : -(-longest // page)]
+            owned = torch.arange(table.shape[1], device=q.device)[None, :] * page < lengths
+            table = torch.where(owned, table, table[:, :1])
+            k = gather_pages(k_pages, table, longest).transpose(1, 2)  # (Bs, Hkv, L, D)
+            v = gather_pages(v_pages, table, longest).transpose(1, 2)
+            order = slice(None)
+        else:
+            # Rows lo..hi-1 at their stride, in place. A row with no decode query in this step gets a zero query
+            # and a context of 1, and its output is dropped. A sequence's own row holds its K/V, then zeros
+            # (allocate zeroes the whole row), so what the mask hides is finite.
+            lo, hi = min(seq_rows), max(seq_rows) + 1
+            order = torch.tensor(seq_rows, device=q.device) - lo
+            scattered = qg.new_zeros(hi - lo, n_kv, group, head_dim)
+            scattered[order] = qg
+            qg, all_lengths = scattered, lengths.new_ones(hi - lo, 1)
+            all_lengths[order] = lengths
+            lengths = all_lengths
+            k = _row_view(k_pages, lo, hi, row_pages)[:, :longest].transpose(1, 2)
+            v = _row_view(v_pages, lo, hi, row_pages)[:, :longest].transpose(1, 2)
+        visible = torch.arange(longest, device=q.device)[None, :] < lengths  # (rows, L)
+        attended = F.scaled_dot_product_attention(qg, k, v, attn_mask=visible[:, None, None, :])
+        out[at] = attended[order].reshape(len(single), n_heads, head_dim)
     for b, n in enumerate(q_lens):
         if n <= 1:
             continue
         length, start = lens[b], bounds[b]
-        k = gather_pages(k_pages, block_tables[b], length).transpose(0, 1)[None]  # (1, Hkv, L, D)
-        v = gather_pages(v_pages, block_tables[b], length).transpose(0, 1)[None]
+        k = keys(k_pages, b, length).transpose(0, 1)[None]  # (1, Hkv, L, D)
+        v = keys(v_pages, b, length).transpose(0, 1)[None]
         qs = q[start : start + n].transpose(0, 1)[None]  # (1, Hq, n, D)
         positions = torch.arange(length - n, length, device=q.device)
         visible = torch.arange(length, device=q.device)[None, :] <= positions[:, None]  # (n, L)
         attended = F.scaled_dot_product_attention(qs, k, v, attn_mask=visible, enable_gqa=True)
         out[start : start + n] = attended[0].transpose(0, 1)
     return out
+
+
+def _row_view(pages: torch.Tensor, first: int, last: int, row_pages: int) -> torch.Tensor:
+    """Rows first..last-1 of a pool whose pages 1.. are rows of row_pages pages: [rows, row tokens, Hkv, D]."""
+    block = pages[1 + first * row_pages : 1 + last * row_pages]
+    return block.view(last - first, row_pages * pages.shape[1], *pages.shape[2:])

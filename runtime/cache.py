@@ -53,6 +53,12 @@ class PagedKVCache:
     `page_size · kv_bytes_per_token()`: a layer with 1 KV head holds 1/8 of what a layer with 8 holds.
 
     Page 0 is never handed out: padding rows of a CUDA-graph batch write their K/V there.
+
+    With `row_pages` (the CPU engine), pages 1.. are also rows of row_pages consecutive pages, and a request
+    gets a whole free row when there is one: its tokens then sit in one contiguous stretch of every layer's
+    pool, which plain-torch attention reads in place (`row_view`) instead of gathering pages, and rows at a
+    fixed stride let one batched attention call cover many requests. When no row is wholly free, requests
+    get scattered pages as usual.
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class PagedKVCache:
         page_size: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        row_pages: int = 0,
     ) -> None:
         if num_pages < 2 or page_size < 1:
             raise ValueError(f"a paged KV cache needs >= 2 pages (one is scratch) of >= 1 token, got {num_pages}, "
@@ -78,6 +85,9 @@ class PagedKVCache:
                 self.k.append(None)
                 self.v.append(None)
         self._free = list(range(num_pages - 1, 0, -1))  # a stack; page 0 is the scratch page
+        self.row_pages = row_pages
+        self.rows = (num_pages - 1) // row_pages if row_pages > 0 else 0
+        self._row_free = [row_pages] * self.rows  # free pages in each row
 
     @staticmethod
     def page_bytes(arch: ArchConfig, page_size: int, dtype: torch.dtype) -> int:
@@ -96,10 +106,18 @@ class PagedKVCache:
 
     def allocate(self, n: int) -> list[int]:
         """n free pages, zeroed: the slots of a request's pages that it has not written yet hold zeros, never a
-        previous owner's values, so attention over them under a mask cannot pick up a NaN (0 · NaN = NaN)."""
+        previous owner's values, so attention over them under a mask cannot pick up a NaN (0 · NaN = NaN).
+        With rows, a request of at most row_pages pages gets a whole free row (all its pages, in order)."""
         if n > len(self._free):
             raise RuntimeError(f"KV pool: {n} pages asked, {len(self._free)} free")
-        taken, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
+        row = next((r for r, free in enumerate(self._row_free) if free == self.row_pages), None)
+        if row is not None and n <= self.row_pages:
+            first = 1 + row * self.row_pages
+            taken = list(range(first, first + self.row_pages))
+            self._free = [p for p in self._free if not first <= p < first + self.row_pages]
+        else:
+            taken, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
+        self._count(taken, -1)
         index = torch.tensor(taken, device=self.device)
         for t in self.k + self.v:
             if t is not None:
@@ -108,6 +126,22 @@ class PagedKVCache:
 
     def release(self, pages: list[int]) -> None:
         self._free.extend(pages)
+        self._count(pages, +1)
+
+    def _count(self, pages: list[int], change: int) -> None:
+        """Keep each row's free-page count (pages past the last whole row belong to none)."""
+        if not self.rows:
+            return
+        for p in pages:
+            row = (p - 1) // self.row_pages
+            if row < self.rows:
+                self._row_free[row] += change
+
+    def row_of(self, pages: list[int]) -> int | None:
+        """The row these pages are, if they are exactly one whole row."""
+        if not self.rows or len(pages) != self.row_pages or (pages[0] - 1) % self.row_pages:
+            return None
+        return (pages[0] - 1) // self.row_pages
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k/v [N, Hkv, D] of N tokens at flat slots [N] (page · page_size + offset)."""

@@ -21,18 +21,13 @@ become a stop string, or that ends inside a UTF-8 character, is held back until 
 On CUDA, decode-only steps replay CUDA graphs captured at a few padded batch sizes (`DecodeGraphs`): a
 decode step of a small model is dominated by launch overhead, which a graph replay removes.
 
-`AsyncEngine` runs an `Engine` in a background thread for the HTTP server: asyncio callers submit requests
-and iterate their outputs (`RequestStream`); aborting a stream (a client that disconnects) frees its pages
-before the next step.
+The HTTP server runs engines in processes of their own (runtime/async_engine.py); offline callers use
+`Engine.generate`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
-import queue
-import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -64,6 +59,7 @@ class EngineConfig:
     page_size: int = 16  # tokens per KV page
     max_step_tokens: int = 512  # tokens per forward pass (decode + prefill chunks); raised to max_batch if below
     cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured at padded batch sizes
+    kv_rows: bool | None = None  # a whole row of pages per request when one is free (PagedKVCache); None: on CPU
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -88,6 +84,37 @@ class RequestOutput:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """What an engine can take: enough to validate a request where the engine is not (the HTTP server's
+    process checks requests before handing them to an engine process)."""
+
+    vocab_size: int
+    max_model_len: int
+    page_size: int
+    usable_pages: int  # KV pages of the whole pool
+    has_tokenizer: bool
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def check(self, prompt: list[int], params: SamplingParams) -> int:
+        """Validate a request; returns how many tokens it may generate. Raises ContextLengthError,
+        CapacityError or ValueError with a message meant for the client."""
+        check_prompt(prompt, self.vocab_size, self.max_model_len, "the prompt", "max_model_len")
+        if params.stop and not self.has_tokenizer:
+            raise ValueError("stop strings need a tokenizer")
+        budget = min(params.max_new_tokens, self.max_model_len - len(prompt))
+        pages = self.pages_for(len(prompt) + budget - 1)
+        if pages > self.usable_pages:
+            raise CapacityError(
+                f"the request needs {pages} KV pages ({len(prompt)} prompt + {budget} new tokens, "
+                f"{self.page_size} per page) but the whole pool holds {self.usable_pages}; raise the "
+                "KV-cache budget or ask for fewer tokens"
+            )
+        return budget
+
+
 class _Request:
     """Engine-side state of one request."""
 
@@ -98,6 +125,7 @@ class _Request:
         self.computed = 0
         self.sampled = 0  # tokens sampled, an EOS included
         self.pages: list[int] = []
+        self.row: int | None = None  # the pool row its pages are, if they are one (PagedKVCache.row_of)
         self.generator: torch.Generator | None = None
 
 
@@ -179,7 +207,7 @@ class DecodeGraphs:
 
 class Engine:
     """Continuous batching for one model (and its tokenizer, for text and stop strings). Not thread-safe:
-    one thread calls add_request/abort/step (AsyncEngine's loop, or `generate`)."""
+    one thread calls add_request/abort/step (an engine process's loop, or `generate`)."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
@@ -207,7 +235,16 @@ class Engine:
         elif self.device.type == "cuda" and page_bytes:
             free, _ = torch.cuda.mem_get_info(self.device)
             wanted = min(wanted, int(0.8 * free) // page_bytes)
-        self.cache = PagedKVCache(arch, wanted + 1, page, self.device, self.dtype)
+        # On CPU, requests get whole rows of pages, read in place by the plain-torch attention: gathering
+        # scattered pages copies all the K/V a step reads (README, Serving, has the measurement). Only where the
+        # pool holds a row for every batch slot, so whole rows never make a request wait that pages would fit.
+        rows = config.kv_rows if config.kv_rows is not None else self.device.type == "cpu"
+        row_pages = (
+            self.max_pages_per_request if rows and wanted >= config.max_batch * self.max_pages_per_request else 0
+        )
+        self.cache = PagedKVCache(arch, wanted + 1, page, self.device, self.dtype, row_pages)
+        self.limits = EngineLimits(arch.vocab_size, self.max_model_len, page, self.cache.usable_pages,
+                                   tokenizer is not None)  # fmt: skip
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self._ids = itertools.count()
@@ -223,20 +260,7 @@ class Engine:
         return encode_prompt(self.tokenizer, prompt)
 
     def check(self, prompt: list[int], params: SamplingParams) -> int:
-        """Validate a request without adding it; returns how many tokens it may generate. Raises
-        ContextLengthError, CapacityError or ValueError with a message meant for the client."""
-        check_prompt(prompt, self.model.arch.vocab_size, self.max_model_len, "the prompt", "max_model_len")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        budget = min(params.max_new_tokens, self.max_model_len - len(prompt))
-        pages = self.cache.pages_for(len(prompt) + budget - 1)
-        if pages > self.cache.usable_pages:
-            raise CapacityError(
-                f"the request needs {pages} KV pages ({len(prompt)} prompt + {budget} new tokens, "
-                f"{self.cache.page_size} per page) but the whole pool holds {self.cache.usable_pages}; raise the "
-                "KV-cache budget or ask for fewer tokens"
-            )
-        return budget
+        return self.limits.check(prompt, params)
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
@@ -279,6 +303,13 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
+    def info(self) -> dict:
+        """What this engine runs on, for the server's start-up line."""
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "threads": torch.get_num_threads(), "max_model_len": self.max_model_len,
+                "pages": self.cache.usable_pages, "page_size": self.cache.page_size,
+                "kv_mib": self.cache.nbytes() / 2**20, "cuda_graphs": self.graphs is not None}  # fmt: skip
+
     @property
     def kv_usage(self) -> float:
         """Share of the pool's pages reserved by running requests."""
@@ -291,7 +322,8 @@ class Engine:
         requests first, then new requests admitted in FIFO order while a batch slot and their pages are free."""
         room = max(self.config.max_step_tokens, self.config.max_batch)  # every running request decodes each step
         plan = []
-        for req in sorted(self.running, key=lambda r: len(r.tokens) - r.computed):  # decodes (1 token) first
+        # Decodes (1 token) first, each kind in pool-row order (the CPU attention then reads the rows in place).
+        for req in sorted(self.running, key=lambda r: (len(r.tokens) - r.computed, r.row or 0)):
             n = min(len(req.tokens) - req.computed, room)
             if n > 0:
                 plan.append((req, n))
@@ -303,6 +335,7 @@ class Engine:
                 break  # FIFO: a request that does not fit yet is not overtaken (no starvation)
             self.waiting.popleft()
             req.pages = self.cache.allocate(pages)
+            req.row = self.cache.row_of(req.pages)
             self.running.append(req)
             n = min(req.prompt_len, room)
             plan.append((req, n))
@@ -343,9 +376,11 @@ class Engine:
         decode_only = len(tokens) == len(plan) == len(sampling)  # one token each, and each samples
         if self.graphs is not None and decode_only:
             return self.graphs.run(tokens_t, positions_t, slots_t, seq_lens_t, table.to(dev)), sampling
+        kv_rows = [req.row for req, _ in plan]
         batch = Batch(
             positions_t,
             None,
+            kv_rows=None if None in kv_rows else torch.tensor(kv_rows, device=dev),
             cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
             max_seqlen=max(n for _, n in plan),
             seq_lens=seq_lens_t,
@@ -414,121 +449,3 @@ class Engine:
                 if out.finished:
                     c.finish_reason = out.finish_reason
         return [completions[i] for i in ids]
-
-
-class RequestStream:
-    """The outputs of one request submitted to an AsyncEngine, as an async iterator; `abort()` drops it."""
-
-    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
-        self.engine, self.request_id = engine, request_id
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.finished = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        out = await self.queue.get()
-        self.finished = out.finished
-        return out
-
-    def abort(self) -> None:
-        """Free the request's batch slot and pages before the engine's next step (no-op once finished)."""
-        if not self.finished:
-            self.finished = True
-            self.engine._inbox.put(("abort", self.request_id))
-
-
-class AsyncEngine:
-    """An Engine stepping in its own thread, for asyncio callers (the HTTP server).
-
-    Every engine call happens on that thread; callers talk to it through an inbox (add, abort) and get
-    their outputs on an asyncio queue each. torch releases the GIL in its kernels, so the event loop keeps
-    accepting and streaming while a step runs.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}
-        self._ids = itertools.count()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="tessera-engine", daemon=True)
-
-    def start(self) -> AsyncEngine:
-        self._thread.start()
-        return self
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop stepping; requests still in flight finish with reason "abort"."""
-        self._stopping.set()
-        self._inbox.put(("wake",))
-        self._thread.join(timeout)
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self.engine.waiting)
-
-    @property
-    def running(self) -> int:
-        return len(self.engine.running)
-
-    def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
-        """Queue a request (from the event loop's thread); validation errors raise here, before anything is
-        queued."""
-        if self._stopping.is_set():
-            raise RuntimeError("the engine is shutting down")
-        self.engine.check(prompt, params)
-        request_id = request_id or f"req-{next(self._ids)}"
-        stream = self._streams[request_id] = RequestStream(self, request_id)
-        self._inbox.put(("add", request_id, prompt, params))
-        return stream
-
-    def _deliver(self, out: RequestOutput) -> None:
-        stream = self._streams.get(out.request_id)
-        if stream is None:
-            return
-        if out.finished:
-            del self._streams[out.request_id]
-        with contextlib.suppress(RuntimeError):  # the caller's loop has closed: nobody is listening
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
-
-    def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "add":
-            _, request_id, prompt, params = message
-            try:
-                self.engine.add_request(prompt, params, request_id)
-            except ValueError as e:  # checked already; a race with max_model_len cannot happen, but never hang
-                self._deliver(RequestOutput(request_id, [], "", len(prompt), 0, True, "error", str(e)))
-        elif kind == "abort":
-            self._streams.pop(message[1], None)
-            self.engine.abort(message[1])
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                # Block for new work only when idle; otherwise take what has arrived and step.
-                message = self._inbox.get(timeout=0.5) if not self.engine.has_work() else self._inbox.get_nowait()
-                self._handle(message)
-                continue
-            except queue.Empty:
-                pass
-            if not self.engine.has_work():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a failed step fails the requests in it, not the server
-                outputs = self.engine.abort_all("error", f"{type(e).__name__}: {e}")
-            for out in outputs:
-                self._deliver(out)
-        while True:  # drain what arrived during shutdown, then cancel everything still in flight
-            try:
-                self._handle(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        for out in self.engine.abort_all():
-            self._deliver(out)

@@ -39,6 +39,7 @@ class Batch:
     Paged (the serving engine, cache a PagedKVCache): block_tables [B, max_pages] int32 lists each sequence's
     pages, slots [N] int64 is each token's flat cache slot; cu_seqlens/max_seqlen bound each sequence's tokens
     of this step (a prefill chunk or one decode token) and seq_lens counts its cached tokens including them.
+    kv_rows [B] int64 (optional): every sequence's pages are a whole row of the pool (PagedKVCache with rows).
     """
 
     positions: torch.Tensor
@@ -49,6 +50,7 @@ class Batch:
     cache: KVCache | PagedKVCache | None = None
     block_tables: torch.Tensor | None = None
     slots: torch.Tensor | None = None
+    kv_rows: torch.Tensor | None = None
 
     @property
     def is_paged(self) -> bool:
@@ -130,7 +132,7 @@ class GQAAttention(nn.Module):
             cache.write(layer, batch.slots, k, v)
             out = kernels.attention_paged(
                 q, cache.k[layer], cache.v[layer], batch.block_tables, batch.cu_seqlens, batch.seq_lens,
-                batch.max_seqlen,
+                batch.max_seqlen, batch.kv_rows, cache.row_pages,
             )  # fmt: skip
         elif batch.is_decode:
             cache.write(layer, batch.rows, batch.positions, k, v)

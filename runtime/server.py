@@ -13,7 +13,7 @@ are refused with the reason: a client never gets an answer to a question it did 
 A watcher on each request's connection aborts its engine requests the moment the client goes away, so a
 disconnected stream frees its batch slot and KV pages before the next engine step. On shutdown uvicorn
 stops accepting, lets in-flight requests finish for `graceful_timeout` seconds, then cancels the rest; the
-engine thread stops last.
+engine processes stop last.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tessera.runtime.engine import AsyncEngine, CapacityError, RequestOutput, RequestStream
-from tessera.runtime.generate import ContextLengthError, SamplingParams, check_prompt
+from tessera.runtime.async_engine import AsyncEngine, EngineSpec, RequestStream
+from tessera.runtime.engine import CapacityError, EngineConfig, RequestOutput
+from tessera.runtime.generate import ContextLengthError, SamplingParams, check_prompt, encode_prompt
 
 # Used when the tokenizer config has no chat_template: one "role: content" line per message, then the
 # assistant's turn. Documented in the README.
@@ -171,9 +172,7 @@ class Metrics:
         Gauge("tessera_requests_waiting", "requests queued for a batch slot or KV pages", registry=r).set_function(
             lambda: engine.queue_depth
         )
-        Gauge("tessera_kv_cache_usage", "share of KV pages reserved", registry=r).set_function(
-            lambda: engine.engine.kv_usage
-        )
+        Gauge("tessera_kv_cache_usage", "share of KV pages reserved", registry=r).set_function(lambda: engine.kv_usage)
         latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         per_token = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
         self.ttft = Histogram("tessera_time_to_first_token_seconds", "time to first token", buckets=latency, registry=r)
@@ -239,7 +238,7 @@ class Server:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.limits.max_model_len
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="tessera", lifespan=self._lifespan)
@@ -280,9 +279,12 @@ class Server:
         yield
         await asyncio.to_thread(self.engine.shutdown)
 
-    async def health(self) -> dict:
-        return {"status": "ok", "model": self.model_name, "running": self.engine.running,
-                "waiting": self.engine.queue_depth}  # fmt: skip
+    async def health(self) -> JSONResponse:
+        """200 while every engine process runs; 503 once one has died (its requests failed)."""
+        healthy = self.engine.healthy
+        body = {"status": "ok" if healthy else "engine process exited", "model": self.model_name,
+                "running": self.engine.running, "waiting": self.engine.queue_depth}  # fmt: skip
+        return JSONResponse(body, status_code=200 if healthy else 503)
 
     async def prometheus(self) -> PlainTextResponse:
         return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -319,10 +321,9 @@ class Server:
         )
 
     def _encode(self, prompt: str | list[int], param: str) -> list[int]:
-        engine = self.engine.engine
-        tokens = engine.encode(prompt)
+        tokens = encode_prompt(self.engine.tokenizer, prompt)
         try:
-            check_prompt(tokens, engine.model.arch.vocab_size, self.max_model_len, "the prompt", "max_model_len")
+            check_prompt(tokens, self.engine.limits.vocab_size, self.max_model_len, "the prompt", "max_model_len")
         except ContextLengthError as e:
             raise APIError(400, str(e), param, "context_length_exceeded") from e
         except ValueError as e:
@@ -333,7 +334,7 @@ class Server:
         """Queue every prompt of a request, or none: all are validated before the first is queued."""
         try:
             for p, sp in zip(prompts, params):
-                self.engine.engine.check(p, sp)
+                self.engine.limits.check(p, sp)
             return [self.engine.submit(p, sp, f"{rid}-{i}") for i, (p, sp) in enumerate(zip(prompts, params))]
         except CapacityError as e:
             raise APIError(400, str(e), "max_tokens") from e
@@ -486,21 +487,22 @@ class Server:
 def build_server(
     model_dir: str | Path, device: str = "cpu", dtype: str = "float32", max_batch: int = 16,
     max_model_len: int | None = None, kv_cache_bytes: int | None = None, served_model_name: str | None = None,
+    data_parallel_size: int = 1, threads: int | None = None,
 ) -> Server:  # fmt: skip
-    """Load a checkpoint (config.json, safetensors, tokenizer.json) and build its server; the engine
-    thread starts here."""
-    import torch
+    """The server of a checkpoint (config.json, safetensors, tokenizer.json): its engine processes start here,
+    each loading the checkpoint, and this returns once all are ready. The configuration is checked here
+    first, so a bad checkpoint or flag fails with its own error before any process starts."""
+    from tessera.config import ArchConfig
+    from tessera.runtime.loader import parse_dtype
 
-    from tessera.runtime.engine import Engine, EngineConfig
-    from tessera.runtime.generate import load_tokenizer
-    from tessera.runtime.loader import load_model, parse_dtype
-
-    model = load_model(model_dir, device=torch.device(device), dtype=parse_dtype(dtype))
+    parse_dtype(dtype)
+    ArchConfig.from_json(Path(model_dir) / "config.json")
     config = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes)
-    engine = Engine(model, load_tokenizer(model_dir), config)
+    spec = EngineSpec(str(model_dir), device, dtype, config, threads)
+    engine = AsyncEngine(spec, data_parallel_size).start()
     template, specials = load_chat_template(model_dir)
     name = served_model_name or Path(model_dir).resolve().name
-    return Server(AsyncEngine(engine).start(), name, template, specials)
+    return Server(engine, name, template, specials)
 
 
 def run(server: Server, host: str = "127.0.0.1", port: int = 8000, graceful_timeout: float = 10.0) -> None:

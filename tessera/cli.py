@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tessera.config import ArchConfig, ConfigError
+from tessera.runtime.async_engine import EngineProcessError
 
 DEMO_PROMPTS = ("def fibonacci(n):\n", 'class Stack:\n    """', "import os\nimport sys\n\n\ndef main(")
 
@@ -181,27 +182,30 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from tessera.demo_parent import PARENT_DIR
     from tessera.runtime.server import build_server, run
 
-    for flag in ("port", "max_batch"):
+    for flag in ("port", "max_batch", "data_parallel_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    threads = None
     if args.device == "cpu":
-        # One core is left to the HTTP side (event loop, JSON, SSE): torch's threads spin while they wait. On the
-        # 2-core dev VM at 16 concurrent streams, 1 thread served 707 output tokens/s and 2 threads 656 (README).
-        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
+        # The cores are split between the engine processes; the HTTP side (its own process) needs little. On the
+        # 2-core dev VM at 16 concurrent streams, 2 threads served 1,302 output tokens/s and 1 thread 958 (README).
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.data_parallel_size)
     model = args.model or str(PARENT_DIR)
     kv_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
     server = build_server(
         model, resolve_device(args.device), args.dtype, args.max_batch, args.max_model_len, kv_bytes,
-        args.served_model_name,
+        args.served_model_name, args.data_parallel_size, threads,
     )  # fmt: skip
-    engine = server.engine.engine
+    info, dp = server.engine.info, args.data_parallel_size
+    threads = info["threads"]
+    engines = f"{dp} engine process{'es' if dp > 1 else ''} of {threads} thread{'s' if threads > 1 else ''}"
     print(
-        f"tessera serve: {server.model_name} on {engine.device} ({args.dtype}, {torch.get_num_threads()} threads); "
-        f"max batch {args.max_batch}, "
-        f"context {engine.max_model_len}, KV pool {engine.cache.usable_pages} pages of {engine.cache.page_size} tokens "
-        f"({engine.cache.nbytes() / 2**20:.1f} MiB){', CUDA graphs' if engine.graphs else ''}",
+        f"tessera serve: {server.model_name} on {info['device']} ({info['dtype']}, {engines}); "
+        f"max batch {args.max_batch} "
+        f"per engine, context {info['max_model_len']}, KV pool {info['pages']} pages of {info['page_size']} tokens "
+        f"({info['kv_mib']:.1f} MiB) per engine{', CUDA graphs' if info['cuda_graphs'] else ''}",
         file=sys.stderr,
     )
     run(server, args.host, args.port, args.graceful_timeout)
@@ -377,7 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV pool size (default: room for --max-batch requests of --max-model-len)")  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="the `model` clients name (default: the folder name)")
     p.add_argument("--graceful-timeout", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
-    p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: cores - 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU: torch threads per engine (default: cores / data-parallel size, at least 1)",
+    )
+    p.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="CPU: engine processes, each serving its share of the requests (default 1)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_serve)
@@ -443,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, EngineProcessError) as e:
         parser.exit(2, f"tessera: error: {e}\n")
     except BrokenPipeError:  # `tessera info ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -30,14 +30,17 @@ def prompts_of(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def test_paged_chunked_prefill_and_decode_match_transformers(llama_untied, monkeypatch) -> None:
+@pytest.mark.parametrize("kv_rows", [False, True], ids=["pages", "rows"])
+def test_paged_chunked_prefill_and_decode_match_transformers(llama_untied, monkeypatch, kv_rows) -> None:
     """Every logits row the engine samples from equals transformers' logits at that position, for prompts
-    prefilled in chunks of 7 tokens across steps while others decode (fp32; observed ~1e-6)."""
+    prefilled in chunks of 7 tokens across steps while others decode (fp32; observed ~1e-6). Scattered
+    pages (gathered) and whole rows (read in place) alike."""
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(llama_untied, dtype=torch.float32).eval()
     model = load_model(llama_untied)
-    engine = Engine(model, config=EngineConfig(max_batch=3, max_step_tokens=7, page_size=4))
+    engine = Engine(model, config=EngineConfig(max_batch=3, max_step_tokens=7, page_size=4, kv_rows=kv_rows))
+    assert (engine.cache.rows > 0) == kv_rows
     recorded: list[torch.Tensor] = []
     logits = model.logits
     monkeypatch.setattr(model, "logits", lambda h: recorded.append(out := logits(h)) or out)
@@ -84,13 +87,14 @@ def test_heterogeneous_model_matches_the_static_generator(nas_checkpoint) -> Non
     assert [c.tokens for c in engine.generate(prompts, params)] == static
 
 
-def test_greedy_in_a_busy_batch_equals_alone(demo) -> None:
+@pytest.mark.parametrize("kv_rows", [False, True], ids=["pages", "rows"])
+def test_greedy_in_a_busy_batch_equals_alone(demo, kv_rows) -> None:
     """Requests join a batch mid-flight (added between steps), some prefilled in chunks beside decodes."""
     model, tok = demo
     params = SamplingParams(max_new_tokens=24)
     texts = ["def main(argv):\n", "import os\n", "class Node:\n    def __init__(self, value):\n", "for i in range("]
     alone = [Engine(model, tok).generate([t], params)[0] for t in texts]
-    engine = Engine(model, tok, EngineConfig(max_batch=4, max_step_tokens=8))
+    engine = Engine(model, tok, EngineConfig(max_batch=4, max_step_tokens=8, kv_rows=kv_rows))
     ids = {}
     outputs = {}
     for step in range(10_000):
@@ -185,9 +189,10 @@ def test_max_batch_bounds_the_running_requests(demo) -> None:
     assert seen == 3
 
 
-def test_abort_frees_pages_at_once(demo) -> None:
+@pytest.mark.parametrize("kv_rows", [False, True], ids=["pages", "rows"])
+def test_abort_frees_pages_at_once(demo, kv_rows) -> None:
     model, tok = demo
-    engine = Engine(model, tok, EngineConfig(max_batch=2))
+    engine = Engine(model, tok, EngineConfig(max_batch=2, kv_rows=kv_rows))
     a = engine.add_request("def f(x):", SamplingParams(max_new_tokens=200))
     b = engine.add_request("import os", SamplingParams(max_new_tokens=200))
     engine.add_request("x = 1", SamplingParams(max_new_tokens=200))  # waits: max_batch 2
@@ -195,7 +200,8 @@ def test_abort_frees_pages_at_once(demo) -> None:
     free = engine.cache.free_pages
     out = engine.abort(a)
     assert out.finished and out.finish_reason == "abort"
-    assert engine.cache.free_pages == free + engine.cache.pages_for(4 + 200 - 1)
+    held = engine.cache.row_pages if kv_rows else engine.cache.pages_for(4 + 200 - 1)  # a whole row, or its pages
+    assert engine.cache.free_pages == free + held
     assert engine.abort(a) is None  # already gone
     assert engine.abort(b).finish_reason == "abort"
     engine.step()
@@ -231,14 +237,15 @@ def test_padded_decode_step_equals_unpadded(demo) -> None:
         assert set(changed) <= {0, *(r.pages[r.computed // 16] for r, _ in plan)}
 
 
-def test_stale_nan_in_free_pages_never_reaches_a_request(demo) -> None:
+@pytest.mark.parametrize("kv_rows", [False, True], ids=["pages", "rows"])
+def test_stale_nan_in_free_pages_never_reaches_a_request(demo, kv_rows) -> None:
     """Pages are zeroed when handed out: NaN left in the pool (by an earlier request, say) cannot leak into
     a later one through the masked tail of its last page."""
     model, tok = demo
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     prompts = prompts_of([5, 37, 16], 8192, seed=4)
     clean = Engine(model, tok, EngineConfig(max_batch=4)).generate(prompts, params)
-    engine = Engine(model, tok, EngineConfig(max_batch=4))
+    engine = Engine(model, tok, EngineConfig(max_batch=4, kv_rows=kv_rows))
     for t in engine.cache.k + engine.cache.v:
         t.fill_(float("nan"))
     assert [c.tokens for c in engine.generate(prompts, params)] == [c.tokens for c in clean]

@@ -109,3 +109,41 @@ def test_paged_attention_rejects_mismatched_shapes() -> None:
         attention_paged_reference(
             q, torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16), tables, torch.tensor([0, 1, 3]), torch.tensor([3])
         )
+
+
+# Whole rows of pages (PagedKVCache with rows, the CPU engine): (query tokens, cached tokens, row) per sequence.
+ROW_CASES = [
+    [(1, 17, 2), (1, 40, 3), (1, 5, 4)],  # the steady decode step: consecutive rows in order, read as views
+    [(1, 17, 4), (5, 5, 0), (1, 40, 1), (20, 53, 5)],  # decodes in rows 4 and 1 (row 2, 3 between: NaN), chunks
+]
+
+
+@pytest.mark.parametrize("case", range(len(ROW_CASES)))
+def test_paged_attention_over_whole_rows_matches_hand_written(case: int) -> None:
+    """Each sequence owns a whole row of 4 pages; every page of a row no sequence owns, and page 0, is NaN.
+    Rows are zeroed past a sequence's tokens, as PagedKVCache.allocate leaves them."""
+    seqs, n_heads, n_kv, head_dim, page, row_pages = ROW_CASES[case], 8, 2, 16, 16, 4
+    gen = torch.Generator().manual_seed(200 + case)
+    pool = 1 + 6 * row_pages
+    k_pages = torch.full((pool, page, n_kv, head_dim), float("nan"))
+    v_pages = torch.full((pool, page, n_kv, head_dim), float("nan"))
+    ks, vs, tables = [], [], torch.zeros(len(seqs), row_pages, dtype=torch.int32)
+    for b, (_, length, row) in enumerate(seqs):
+        first = 1 + row * row_pages
+        k, v = (torch.randn(length, n_kv, head_dim, generator=gen) for _ in range(2))
+        ks.append(k), vs.append(v)
+        for pages, x in ((k_pages, k), (v_pages, v)):
+            stretch = pages[first : first + row_pages].view(-1, n_kv, head_dim)  # the row, token by token
+            stretch.zero_()
+            stretch[:length] = x
+        tables[b] = torch.arange(first, first + row_pages)
+    q_lens, lengths = [n for n, _, _ in seqs], [n for _, n, _ in seqs]
+    q = torch.randn(sum(q_lens), n_heads, head_dim, generator=gen)
+    expected = by_hand(q, ks, vs, q_lens)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    rows = torch.tensor([r for _, _, r in seqs])
+    in_rows = attention_paged_reference(q, k_pages, v_pages, tables, cu, seq_lens, None, rows, row_pages)
+    by_table = attention_paged_reference(q, k_pages, v_pages, tables, cu, seq_lens)
+    assert relative_error(in_rows, expected) <= TOL[torch.float32]
+    assert relative_error(by_table, expected) <= TOL[torch.float32]

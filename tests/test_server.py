@@ -9,6 +9,7 @@ streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +25,9 @@ import pytest
 import uvicorn
 
 from tessera.demo_parent import PARENT_DIR
-from tessera.runtime.generate import Generator, SamplingParams
+from tessera.runtime.async_engine import EngineProcessError
+from tessera.runtime.generate import Generator, SamplingParams, load_tokenizer
+from tessera.runtime.loader import load_model
 from tessera.runtime.server import DEFAULT_CHAT_TEMPLATE, build_server, load_chat_template
 
 PROMPTS = [
@@ -56,19 +59,33 @@ def wait_healthy(base: str, timeout: float) -> None:
     raise TimeoutError(f"{base}/health did not answer within {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def server():
-    served = build_server(PARENT_DIR, max_batch=16, max_model_len=512)
+@contextlib.contextmanager
+def serving(**kwargs):
+    """A server of the demo parent on a free port, in a thread of this process (its engines in their own)."""
+    served = build_server(PARENT_DIR, **kwargs)
     sock = free_socket()
-    config = uvicorn.Config(served.app, log_level="warning", timeout_graceful_shutdown=2)
-    uv = uvicorn.Server(config)
+    uv = uvicorn.Server(uvicorn.Config(served.app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    wait_healthy(base, 10)
-    yield served, base
-    uv.should_exit = True
-    thread.join(10)
+    try:
+        wait_healthy(base, 10)
+        yield served, base
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving(max_batch=16, max_model_len=512) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def parent():
+    """The demo parent loaded in this process, for the engine-free references."""
+    return load_model(PARENT_DIR), load_tokenizer(PARENT_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +94,9 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def reference(server):
+def reference(parent):
     """Greedy completions from the static generator (no engine, no server), 24 tokens each."""
-    engine = server[0].engine.engine
-    gen = Generator(engine.model, engine.tokenizer)
+    gen = Generator(*parent)
     return {p: gen.generate([p], SamplingParams(max_new_tokens=24))[0] for p in PROMPTS}
 
 
@@ -103,7 +119,7 @@ def test_completion_equals_the_generator(client, reference) -> None:
 
 
 def test_completion_defaults_to_16_tokens_and_accepts_token_ids_and_lists(client, server) -> None:
-    tok = server[0].engine.engine.tokenizer
+    tok = server[0].engine.tokenizer
     out = client.completions.create(model="parent", prompt=PROMPTS[1], temperature=0, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
     ids = tok.encode(PROMPTS[1]).ids
@@ -133,13 +149,12 @@ def test_streaming_equals_non_streaming_and_reports_usage(client, reference) -> 
     assert all(c.usage is None for c in chunks[:-1])
 
 
-def test_chat_uses_the_template(client, server) -> None:
+def test_chat_uses_the_template(client, server, parent) -> None:
     served = server[0]
     messages = [{"role": "system", "content": "Write Python."}, {"role": "user", "content": "def add(a, b):"}]
     rendered = "system: Write Python.\nuser: def add(a, b):\nassistant:"
     assert served.template.render(messages=messages, add_generation_prompt=True) == rendered
-    engine = served.engine.engine
-    expected = Generator(engine.model, engine.tokenizer).generate([rendered], SamplingParams(max_new_tokens=12))[0]
+    expected = Generator(*parent).generate([rendered], SamplingParams(max_new_tokens=12))[0]
     out = client.chat.completions.create(model="parent", messages=messages, max_tokens=12, temperature=0)
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == expected.text
@@ -208,10 +223,9 @@ def test_invalid_json_and_unknown_routes(server) -> None:
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
-def test_sixteen_concurrent_streams_each_equal_their_single_request_output(server, reference) -> None:
-    """16 streaming clients at once (two of each prompt), a few seconds of load: every stream completes,
-    and each greedy text equals the single-request reference."""
-    client = openai.AsyncOpenAI(base_url=f"{server[1]}/v1", api_key="unused", max_retries=0)
+def sixteen_streams(base: str) -> list[tuple[str, str | None]]:
+    """16 streaming clients at once (two of each prompt): each one's text and finish reason."""
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
 
     async def one(prompt: str) -> tuple[str, str | None]:
         stream = await client.completions.create(model="parent", prompt=prompt, max_tokens=24, temperature=0,
@@ -225,11 +239,51 @@ def test_sixteen_concurrent_streams_each_equal_their_single_request_output(serve
     async def all_of_them():
         return await asyncio.gather(*(one(p) for p in PROMPTS * 2))
 
-    results = asyncio.run(all_of_them())
+    return asyncio.run(all_of_them())
+
+
+def test_sixteen_concurrent_streams_each_equal_their_single_request_output(server, reference) -> None:
+    """A few seconds of load: every stream completes, and each greedy text equals the single-request
+    reference."""
+    results = sixteen_streams(server[1])
     assert len(results) == 16
     for prompt, (text, reason) in zip(PROMPTS * 2, results):
         assert text == reference[prompt].text
         assert reason == reference[prompt].finish_reason
+
+
+def test_two_engine_processes_share_the_load_and_give_the_same_outputs(reference) -> None:
+    """--data-parallel-size 2: requests are spread over both engines, and each output still equals the
+    single-request reference (an engine's batch never changes a greedy output)."""
+    with serving(max_batch=8, max_model_len=512, data_parallel_size=2) as (served, base):
+        results = sixteen_streams(base)
+        assert served.engine.requests_per_engine == [8, 8]
+    for prompt, (text, reason) in zip(PROMPTS * 2, results):
+        assert text == reference[prompt].text
+        assert reason == reference[prompt].finish_reason
+
+
+def test_an_engine_that_cannot_start_fails_with_its_own_error() -> None:
+    with pytest.raises(EngineProcessError, match="max_model_len 4096 is longer than the model's context"):
+        build_server(PARENT_DIR, max_model_len=4096)
+
+
+def test_a_dead_engine_process_fails_its_requests_and_health() -> None:
+    """The engine process is killed mid-stream: the stream ends with an error event, /health turns 503,
+    and a new request gets a 503 error instead of hanging."""
+    with serving(max_batch=4, max_model_len=512) as (served, base):
+        body = {"prompt": "def f():", "max_tokens": 400, "stream": True, "ignore_eos": True}
+        events = []
+        with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+                    if len(events) == 1:
+                        os.kill(served.engine.pids[0], signal.SIGKILL)
+        assert "exited" in events[-1]["error"]["message"]
+        assert httpx.get(f"{base}/health").status_code == 503
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and "no engine process" in r.json()["error"]["message"]
 
 
 def metric(base: str, name: str) -> float:
@@ -253,7 +307,7 @@ def test_client_disconnect_frees_the_slot_at_once(server) -> None:
     while served.engine.running and time.perf_counter() < deadline:
         time.sleep(0.01)
     assert served.engine.running == 0
-    assert served.engine.engine.cache.free_pages == served.engine.engine.cache.usable_pages
+    assert served.engine.kv_usage == 0  # its pages are back in the pool
 
 
 def test_metrics(server, client) -> None:

@@ -1,0 +1,331 @@
+"""Engine processes behind the HTTP server: `AsyncEngine` runs each `Engine` in a process of its own.
+
+As in vLLM v1 (its EngineCore process), the engine steps in its own process, so the server's event loop,
+JSON and SSE work and the engine's Python never wait on each other's GIL. With `data_parallel_size` > 1
+(CPU), several engines each serve a share of the requests, each on its own core(s): a CPU decode step of a
+small model is bound by one core's memory bandwidth and by Python, and a second engine on the second core
+adds more than a second torch thread in the same engine does (README, Serving, has the measurements).
+
+Requests go to the engine with the fewest in flight. Messages travel through pipes: the server sends
+("add", id, prompt, params), ("abort", id) and ("shutdown",); each engine answers every step with
+("step", outputs, load). A reader thread per engine hands a whole step's outputs to the event loop in one
+call, and a `RequestStream` merges the outputs its consumer has not taken yet into one (as vLLM's
+RequestOutputCollector does), so a slow client gets bigger SSE chunks instead of a growing queue.
+
+An engine process ignores SIGINT and SIGTERM: the server's process decides when it stops (Ctrl-C reaches
+the whole process group) and then sends "shutdown"; if the server's process dies, the engine sees its
+pipe close and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import multiprocessing
+import queue
+import signal
+import threading
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
+
+import torch
+
+from tessera.runtime.engine import Engine, EngineConfig, EngineLimits, RequestOutput
+from tessera.runtime.generate import SamplingParams, load_tokenizer
+
+START_TIMEOUT_S = 600.0  # loading a large checkpoint and capturing CUDA graphs takes a while
+
+
+class EngineProcessError(RuntimeError):
+    """An engine process that failed to start (its own error in the message) or died."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How an engine process builds its engine: it loads the checkpoint itself (a model does not cross a
+    process boundary cheaply)."""
+
+    model_dir: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    config: EngineConfig = field(default_factory=EngineConfig)
+    threads: int | None = None  # CPU: torch threads of this engine (None: torch's default)
+
+    def build(self) -> Engine:
+        from tessera.runtime.loader import load_model, parse_dtype
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        model = load_model(self.model_dir, device=torch.device(self.device), dtype=parse_dtype(self.dtype))
+        return Engine(model, load_tokenizer(self.model_dir), self.config)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """An engine's state after its last step, for the metrics."""
+
+    running: int = 0
+    waiting: int = 0
+    reserved_pages: int = 0
+
+
+def _load(engine: Engine) -> EngineLoad:
+    return EngineLoad(len(engine.running), len(engine.waiting), engine.cache.usable_pages - engine.cache.free_pages)
+
+
+def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection) -> None:
+    """An engine process: build the engine, then step it for as long as the server talks to it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        engine = spec.build()
+    except Exception as e:
+        outbox.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    outbox.send(("ready", engine.limits, engine.info()))
+    with contextlib.suppress(EOFError, OSError):  # the server's end closed: nobody to serve
+        while True:
+            if not engine.has_work():
+                inbox.poll(None)  # idle: sleep until a message (or EOF) arrives
+            outputs: list[RequestOutput] = []
+            while inbox.poll():
+                message = inbox.recv()
+                if message[0] == "add":
+                    _, request_id, prompt, params = message
+                    try:
+                        engine.add_request(prompt, params, request_id)
+                    except ValueError as e:  # checked by the server already; never leave a caller hanging
+                        outputs.append(RequestOutput(request_id, [], "", len(prompt), 0, True, "error", str(e)))
+                elif message[0] == "abort":
+                    engine.abort(message[1])
+                elif message[0] == "shutdown":
+                    outbox.send(("step", outputs + engine.abort_all(), _load(engine)))
+                    outbox.send(("stopped",))
+                    return
+            if engine.has_work():
+                try:
+                    outputs += engine.step()
+                except Exception as e:
+                    outputs += engine.abort_all("error", f"{type(e).__name__}: {e}")
+            outbox.send(("step", outputs, _load(engine)))
+
+
+class RequestStream:
+    """The outputs of one request submitted to an AsyncEngine, as an async iterator; `abort()` drops it.
+    Outputs that arrived while the consumer was busy come out merged into one."""
+
+    def __init__(self, engine: AsyncEngine, handle: _EngineHandle, request_id: str) -> None:
+        self.engine, self.handle, self.request_id = engine, handle, request_id
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        while not out.finished and not self.queue.empty():
+            later = self.queue.get_nowait()
+            out = replace(later, token_ids=out.token_ids + later.token_ids, text=out.text + later.text)
+        self.finished = out.finished
+        return out
+
+    def abort(self) -> None:
+        """Free the request's batch slot and pages before its engine's next step (no-op once finished)."""
+        if not self.finished:
+            self.finished = True
+            if self.handle.streams.pop(self.request_id, None) is not None:
+                self.handle.send(("abort", self.request_id))
+
+
+class _EngineHandle:
+    """The server's side of one engine process: its pipes, a writer thread, and its requests in flight."""
+
+    def __init__(self, context, spec: EngineSpec, rank: int) -> None:
+        inbox_reader, self.inbox = context.Pipe(duplex=False)
+        self.outbox, outbox_writer = context.Pipe(duplex=False)
+        self.rank = rank
+        self.process = context.Process(
+            target=_engine_process, args=(spec, inbox_reader, outbox_writer), name=f"tessera-engine-{rank}",
+            daemon=True,
+        )  # fmt: skip
+        self.process.start()
+        inbox_reader.close()  # the child holds these ends now; closing ours lets each side see the other's EOF
+        outbox_writer.close()
+        self.streams: dict[str, RequestStream] = {}
+        self.submitted = 0
+        self.load = EngineLoad()
+        self.alive = True
+        # Sends go through a thread: a full pipe (long prompts arriving during a step) must not block the loop.
+        self._sends: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write, name=f"tessera-engine-{rank}-writer", daemon=True)
+        self._writer.start()
+
+    def send(self, message: tuple) -> None:
+        self._sends.put(message)
+
+    def _write(self) -> None:
+        while (message := self._sends.get()) is not None:
+            try:
+                self.inbox.send(message)
+            except OSError:  # the engine process is gone; the reader reports it
+                return
+
+    def wait_ready(self, timeout: float) -> tuple[EngineLimits, dict]:
+        try:
+            if not self.outbox.poll(timeout):
+                raise EngineProcessError(f"engine process {self.rank} did not start within {timeout:.0f} s")
+            message = self.outbox.recv()
+        except EOFError:
+            self.process.join(5)
+            raise EngineProcessError(
+                f"engine process {self.rank} exited while starting (exit code {self.process.exitcode})"
+            ) from None
+        if message[0] == "failed":
+            raise EngineProcessError(f"engine process {self.rank} failed to start: {message[1]}")
+        return message[1], message[2]
+
+    def close(self, timeout: float) -> None:
+        self._sends.put(None)
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+
+
+class AsyncEngine:
+    """`data_parallel_size` engine processes for asyncio callers (the HTTP server).
+
+    `submit` validates a request here (`limits`, from the engines), routes it to the engine with the fewest
+    requests in flight, and returns its `RequestStream`. The tokenizer is loaded here too: the server encodes
+    prompts and renders chat templates in its own process.
+    """
+
+    def __init__(self, spec: EngineSpec, data_parallel_size: int = 1) -> None:
+        if data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
+        if data_parallel_size > 1 and torch.device(spec.device).type != "cpu":
+            raise ValueError("data_parallel_size > 1 is for CPU serving: one engine per GPU, and a server drives one")
+        self.spec, self.data_parallel_size = spec, data_parallel_size
+        self.tokenizer = load_tokenizer(spec.model_dir)
+        self._handles: list[_EngineHandle] = []
+        self._readers: list[threading.Thread] = []
+        self._ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self.limits: EngineLimits | None = None
+        self.info: dict = {}
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> AsyncEngine:
+        """Start the engine processes and wait until each has loaded the model; raises EngineProcessError
+        with the engine's own error if one cannot start."""
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        self._handles = [_EngineHandle(context, self.spec, rank) for rank in range(self.data_parallel_size)]
+        try:
+            ready = [h.wait_ready(timeout) for h in self._handles]
+        except EngineProcessError:
+            self._stopping = True
+            for h in self._handles:
+                h.close(5)
+            raise
+        self.limits, self.info = ready[0]
+        for h in self._handles:
+            reader = threading.Thread(target=self._read, args=(h,), name=f"tessera-engine-{h.rank}-reader", daemon=True)
+            reader.start()
+            self._readers.append(reader)
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engines; requests still in flight finish with reason "abort"."""
+        self._stopping = True
+        for h in self._handles:
+            h.send(("shutdown",))
+        for h in self._handles:
+            h.close(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+
+    # ---- state, for /health and /metrics
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self._handles) and all(h.alive for h in self._handles)
+
+    @property
+    def pids(self) -> list[int]:
+        return [h.process.pid for h in self._handles]
+
+    @property
+    def requests_per_engine(self) -> list[int]:
+        """Requests each engine has been given so far."""
+        return [h.submitted for h in self._handles]
+
+    @property
+    def running(self) -> int:
+        return sum(h.load.running for h in self._handles)
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(h.load.waiting for h in self._handles)
+
+    @property
+    def kv_usage(self) -> float:
+        """Share of all engines' KV pages reserved by running requests."""
+        total = self.limits.usable_pages * len(self._handles) if self.limits else 0
+        return sum(h.load.reserved_pages for h in self._handles) / total if total else 0.0
+
+    # ---- requests
+
+    def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
+        """Queue a request (from the event loop's thread); validation errors raise here, before anything is
+        queued."""
+        alive = [h for h in self._handles if h.alive]
+        if self._stopping or not alive:
+            raise RuntimeError("the engine is shutting down" if self._stopping else "no engine process is running")
+        self.limits.check(prompt, params)
+        self._loop = asyncio.get_running_loop()
+        request_id = request_id or f"req-{next(self._ids)}"
+        handle = min(alive, key=lambda h: len(h.streams))
+        stream = handle.streams[request_id] = RequestStream(self, handle, request_id)
+        handle.submitted += 1
+        handle.send(("add", request_id, prompt, params))
+        return stream
+
+    def _read(self, handle: _EngineHandle) -> None:
+        """Reader thread of one engine: loads and outputs in, one event-loop call per step."""
+        while True:
+            try:
+                message = handle.outbox.recv()
+            except (EOFError, OSError):
+                break
+            if message[0] == "stopped":
+                break
+            _, outputs, handle.load = message
+            if outputs:
+                self._call(self._deliver, handle, outputs)
+        if not self._stopping:
+            handle.alive = False  # new requests go to the other engines from now on
+            handle.process.join(5)
+            self._call(self._lost, handle, handle.process.exitcode)
+
+    def _call(self, function, *args) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+                self._loop.call_soon_threadsafe(function, *args)
+
+    def _deliver(self, handle: _EngineHandle, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = handle.streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted by its caller
+            if out.finished:
+                del handle.streams[out.request_id]
+            stream.queue.put_nowait(out)
+
+    def _lost(self, handle: _EngineHandle, exitcode: int | None) -> None:
+        """An engine process died: its requests fail."""
+        message = f"engine process {handle.rank} exited (exit code {exitcode})"
+        self._deliver(handle, [RequestOutput(rid, [], "", 0, 0, True, "error", message) for rid in handle.streams])
