@@ -214,6 +214,27 @@ def transformers_baseline(
             "e2el_ms": percentiles(latencies), "outputs": outputs}  # fmt: skip
 
 
+def decode_step_ms(model_dir: Path, batch: int, input_len: int, kv_rows: bool, steps: int = 40) -> float:
+    """The engine's decode step at `batch` requests (their prompts cached), median ms, in this process: KV in
+    whole rows read in place, or in scattered pages gathered for attention."""
+    from tessera.runtime.engine import Engine, EngineConfig
+    from tessera.runtime.generate import SamplingParams, load_tokenizer
+    from tessera.runtime.loader import load_model
+
+    model = load_model(model_dir)
+    engine = Engine(model, load_tokenizer(model_dir), EngineConfig(max_batch=batch, kv_rows=kv_rows))
+    for prompt in random_prompts(batch, input_len, model.arch.vocab_size):
+        engine.add_request(prompt, SamplingParams(max_new_tokens=steps + 10, ignore_eos=True))
+    while engine.waiting or any(r.computed < r.prompt_len for r in engine.running):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
 def run_cpu(
     model_dir: Path = PARENT_DIR, num_prompts: int = 48, input_len: int = 128, output_len: int = 128,
     loads: tuple[Load, ...] = CPU_LOADS, max_batch: int = 16, seed: int = 0,
@@ -245,12 +266,15 @@ def run_cpu(
     print("transformers generate, one request at a time ...", file=sys.stderr)
     baseline = transformers_baseline(model_dir, prompts, output_len)
     baseline.pop("outputs")
+    print("the engine's decode step, KV in rows and in pages ...", file=sys.stderr)
+    step_ms = {layout: decode_step_ms(model_dir, 16, input_len, layout == "rows") for layout in ("rows", "pages")}
     goal_run = next((r for r in runs if r["load"]["max_concurrency"] == 16), None)  # the default server's
     ratio = goal_run["output_throughput"] / baseline["output_throughput"] if goal_run else None
     return {
         "model": str(Path(model_dir).name), "dtype": "float32", "num_prompts": num_prompts, "input_len": input_len,
         "output_len": output_len, "max_batch": max_batch, "baseline_threads": torch.get_num_threads(), "runs": runs,
         "baseline": {"name": "transformers generate, one request at a time", **baseline},
+        "decode_step_ms": {"batch": 16, "threads": torch.get_num_threads(), **step_ms},
         "goal": {"concurrency": 16, "target_ratio": GOAL, "ratio": ratio, "met": ratio is not None and ratio >= GOAL,
                  "server": f"--data-parallel-size {data_parallel_sizes[0]}"},
     }  # fmt: skip
@@ -284,6 +308,11 @@ def table(result: dict) -> str:
     )
     servers = sorted({r["server"] for r in result["runs"] if r.get("server")})
     lines += ["", *(f"Server: `{line}`" for line in servers)]
+    d = result.get("decode_step_ms")
+    if d:
+        lines += ["", f"The engine's decode step at batch {d['batch']} ({d['threads']} threads, in-process): "
+                      f"{d['rows']:.2f} ms with KV in whole rows read in place, {d['pages']:.2f} ms with scattered "
+                      "pages gathered for attention."]  # fmt: skip
     g = result.get("goal")
     if g and g["ratio"] is not None:
         verdict = "met" if g["met"] else "NOT met"
