@@ -80,7 +80,7 @@ def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection) -> 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         engine = spec.build()
-    except Exception as e:
+    except Exception as e:  # reported to the server, which raises it where it started this engine
         outbox.send(("failed", f"{type(e).__name__}: {e}"))
         return
     outbox.send(("ready", engine.limits, engine.info()))
@@ -106,7 +106,7 @@ def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection) -> 
             if engine.has_work():
                 try:
                     outputs += engine.step()
-                except Exception as e:
+                except Exception as e:  # a failed step fails the requests in it, not the engine
                     outputs += engine.abort_all("error", f"{type(e).__name__}: {e}")
             outbox.send(("step", outputs, _load(engine)))
 

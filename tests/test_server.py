@@ -25,7 +25,7 @@ import pytest
 import uvicorn
 
 from tessera.demo_parent import PARENT_DIR
-from tessera.runtime.async_engine import EngineProcessError
+from tessera.runtime.async_engine import AsyncEngine, EngineProcessError, EngineSpec
 from tessera.runtime.generate import Generator, SamplingParams, load_tokenizer
 from tessera.runtime.loader import load_model
 from tessera.runtime.server import DEFAULT_CHAT_TEMPLATE, build_server, load_chat_template
@@ -357,3 +357,21 @@ def test_serve_command_shuts_down_cleanly_with_a_stream_in_flight(tmp_path) -> N
             proc.kill()
         log = proc.stdout.read().decode()
     assert "Application shutdown complete" in log
+
+
+def test_data_parallel_is_refused_where_it_cannot_work() -> None:
+    """Several engines are for CPU serving; on CUDA the server drives one GPU with one engine."""
+    with pytest.raises(ValueError, match="data_parallel_size > 1 is for CPU serving"):
+        AsyncEngine(EngineSpec(str(PARENT_DIR), device="cuda"), data_parallel_size=2)
+    with pytest.raises(ValueError, match="data_parallel_size must be >= 1"):
+        AsyncEngine(EngineSpec(str(PARENT_DIR)), data_parallel_size=0)
+
+
+@pytest.mark.parametrize("flag", ["--data-parallel-size", "--max-batch", "--threads"])
+def test_serve_refuses_a_count_below_one(flag, capsys) -> None:
+    from tessera.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", flag, "0"])
+    assert exit_.value.code == 2
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
