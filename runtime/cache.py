@@ -88,6 +88,7 @@ class PagedKVCache:
         self.row_pages = row_pages
         self.rows = (num_pages - 1) // row_pages if row_pages > 0 else 0
         self._row_free = [row_pages] * self.rows  # free pages in each row
+        self._row_dirty = [0] * self.rows  # pages of each row written to since it was last zeroed (a prefix)
 
     @staticmethod
     def page_bytes(arch: ArchConfig, page_size: int, dtype: torch.dtype) -> int:
@@ -107,7 +108,11 @@ class PagedKVCache:
     def allocate(self, n: int) -> list[int]:
         """n free pages, zeroed: the slots of a request's pages that it has not written yet hold zeros, never a
         previous owner's values, so attention over them under a mask cannot pick up a NaN (0 · NaN = NaN).
-        With rows, a request of at most row_pages pages gets a whole free row (all its pages, in order)."""
+
+        With rows, a request of at most row_pages pages gets a whole free row (all its pages, in order). Batched
+        attention reads a row past its owner's pages, under the mask, so the whole row must hold nothing stale;
+        zeroing only the pages written since the row was last zeroed (`_row_dirty`) keeps that true without
+        zeroing max_model_len tokens of every layer per request."""
         if n > len(self._free):
             raise RuntimeError(f"KV pool: {n} pages asked, {len(self._free)} free")
         row = next((r for r, free in enumerate(self._row_free) if free == self.row_pages), None)
@@ -115,10 +120,17 @@ class PagedKVCache:
             first = 1 + row * self.row_pages
             taken = list(range(first, first + self.row_pages))
             self._free = [p for p in self._free if not first <= p < first + self.row_pages]
+            stale = taken[: max(n, self._row_dirty[row])]
+            self._row_dirty[row] = n  # its owner writes only the pages it asked for
         else:
             taken, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
+            stale = taken
+            for p in taken if self.rows else ():  # a scattered owner dirties the rows its pages are in
+                row_of_page, index = divmod(p - 1, self.row_pages)
+                if row_of_page < self.rows:
+                    self._row_dirty[row_of_page] = max(self._row_dirty[row_of_page], index + 1)
         self._count(taken, -1)
-        index = torch.tensor(taken, device=self.device)
+        index = torch.tensor(stale, device=self.device)
         for t in self.k + self.v:
             if t is not None:
                 t.index_fill_(0, index, 0)

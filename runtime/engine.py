@@ -11,7 +11,9 @@ The KV cache is a pool of pages (runtime/cache.PagedKVCache) sized per layer by 
 linear and no-op attention layers hold nothing. Its size comes from a memory budget (`kv_cache_bytes`).
 Admission reserves, up front, the pages a request can ever need (prompt + max new tokens), so a running
 request is never preempted: a request that does not fit now waits in FIFO order, and one that could never
-fit (more pages than the whole pool) is refused with a `CapacityError` when it is added.
+fit (more pages than the whole pool) is refused with a `CapacityError` when it is added. On CPU, where the
+pool holds a row of pages (max_model_len tokens) for every batch slot, each request gets a whole row
+(PagedKVCache rows), which the plain-torch attention reads in place instead of gathering pages.
 
 Sampling is per request (temperature, top-k, top-p, its own seeded generator), so a request's tokens do not
 depend on what else is in the batch: greedy output served in a busy batch equals the output served alone.

@@ -237,17 +237,33 @@ def test_padded_decode_step_equals_unpadded(demo) -> None:
         assert set(changed) <= {0, *(r.pages[r.computed // 16] for r, _ in plan)}
 
 
+def poison(cache: PagedKVCache, pages: list[int], written: int) -> None:
+    """What an earlier request could leave behind: NaN K/V in the first `written` of its pages, every layer."""
+    slots = torch.tensor([p * cache.page_size + t for p in pages[:written] for t in range(cache.page_size)])
+    for layer, k in enumerate(cache.k):
+        if k is not None:
+            nan = torch.full((len(slots), *k.shape[2:]), float("nan"))
+            cache.write(layer, slots, nan, nan)
+
+
 @pytest.mark.parametrize("kv_rows", [False, True], ids=["pages", "rows"])
 def test_stale_nan_in_free_pages_never_reaches_a_request(demo, kv_rows) -> None:
-    """Pages are zeroed when handed out: NaN left in the pool (by an earlier request, say) cannot leak into
-    a later one through the masked tail of its last page."""
+    """NaN K/V left in the pool by earlier requests cannot leak into later ones through the masked tail of a
+    page or, with rows, of a row: first every page was written (scattered), then one row's first 2 pages
+    (a whole-row owner of 2 pages). Pages are zeroed when handed out, rows as far as they were written."""
     model, tok = demo
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     prompts = prompts_of([5, 37, 16], 8192, seed=4)
     clean = Engine(model, tok, EngineConfig(max_batch=4)).generate(prompts, params)
     engine = Engine(model, tok, EngineConfig(max_batch=4, kv_rows=kv_rows))
-    for t in engine.cache.k + engine.cache.v:
-        t.fill_(float("nan"))
+    cache = engine.cache
+    assert (cache.rows > 0) == kv_rows
+    everything = cache.allocate(cache.free_pages)
+    poison(cache, everything, len(everything))
+    cache.release(everything)
+    two = cache.allocate(2)
+    poison(cache, two, 2)
+    cache.release(two)
     assert [c.tokens for c in engine.generate(prompts, params)] == [c.tokens for c in clean]
 
 
