@@ -14,14 +14,14 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from tessera.search.cost import median_ms
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,14 +95,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = True) 
             except RuntimeError:  # e.g. a host sync inside fn: not capturable, time it eagerly
                 torch.cuda.synchronize(device)
         return do_bench(fn, return_mode="median"), "do_bench median, eager"
-    fn()
-    times: list[float] = []
-    deadline = time.perf_counter() + 0.5
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 200):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times), "median wall time (CPU)"
+    return median_ms(fn, device, budget_s=0.5), "median wall time (CPU)"  # the timer the cost model uses
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
