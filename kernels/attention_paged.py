@@ -197,7 +197,7 @@ def attention_paged_reference(
     rows [B] int64, with row_pages: every sequence's pages are the whole row rows[b], i.e. pages
     1 + rows[b] · row_pages onward in order (PagedKVCache with rows). K/V are then read in place, and the decode
     rows' batch is the pool's rows lo..hi at their fixed stride, instead of gathered pages: gathering copies all
-    the K/V a step reads, which on a CPU costs about as much as reading them.
+    the K/V a step reads (README, Serving, has the step times of both).
     """
     _check(q, k_pages, v_pages, block_tables, cu_seqlens, seq_lens)
     out = torch.empty_like(q)
@@ -211,8 +211,7 @@ def attention_paged_reference(
     def keys(pages: torch.Tensor, b: int, length: int) -> torch.Tensor:  # (length, Hkv, D) of sequence b
         if row_list is None:
             return gather_pages(pages, block_tables[b], length)
-        first = 1 + row_list[b] * row_pages
-        return pages[first : first + -(-length // page)].flatten(0, 1)[:length]
+        return _row_view(pages, row_list[b], row_list[b] + 1, row_pages)[0, :length]
 
     single = [b for b, n in enumerate(q_lens) if n == 1]
     seq_rows = [row_list[b] for b in single] if row_list is not None else []
@@ -247,7 +246,7 @@ def attention_paged_reference(
         else:
             # Rows lo..hi-1 at their stride, in place. A row with no decode query in this step gets a zero query
             # and a context of 1, and its output is dropped. A sequence's own row holds its K/V, then zeros
-            # (allocate zeroes the whole row), so what the mask hides is finite.
+            # (allocate zeroes a row as far as anything wrote to it), so what the mask hides is finite.
             lo, hi = min(seq_rows), max(seq_rows) + 1
             order = torch.tensor(seq_rows, device=q.device) - lo
             scattered = qg.new_zeros(hi - lo, n_kv, group, head_dim)

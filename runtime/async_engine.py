@@ -115,8 +115,8 @@ class RequestStream:
     """The outputs of one request submitted to an AsyncEngine, as an async iterator; `abort()` drops it.
     Outputs that arrived while the consumer was busy come out merged into one."""
 
-    def __init__(self, engine: AsyncEngine, handle: _EngineHandle, request_id: str) -> None:
-        self.engine, self.handle, self.request_id = engine, handle, request_id
+    def __init__(self, handle: _EngineHandle, request_id: str) -> None:
+        self.handle, self.request_id = handle, request_id
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
 
@@ -289,7 +289,7 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         request_id = request_id or f"req-{next(self._ids)}"
         handle = min(alive, key=lambda h: len(h.streams))
-        stream = handle.streams[request_id] = RequestStream(self, handle, request_id)
+        stream = handle.streams[request_id] = RequestStream(handle, request_id)
         handle.submitted += 1
         handle.send(("add", request_id, prompt, params))
         return stream

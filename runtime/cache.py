@@ -56,9 +56,9 @@ class PagedKVCache:
 
     With `row_pages` (the CPU engine), pages 1.. are also rows of row_pages consecutive pages, and a request
     gets a whole free row when there is one: its tokens then sit in one contiguous stretch of every layer's
-    pool, which plain-torch attention reads in place (`row_view`) instead of gathering pages, and rows at a
-    fixed stride let one batched attention call cover many requests. When no row is wholly free, requests
-    get scattered pages as usual.
+    pool, which plain-torch attention reads in place (attention_paged_reference's `rows`) instead of gathering
+    pages, and rows at a fixed stride let one batched attention call cover many requests. When no row is wholly
+    free, requests get scattered pages as usual.
     """
 
     def __init__(
@@ -125,10 +125,8 @@ class PagedKVCache:
         else:
             taken, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
             stale = taken
-            for p in taken if self.rows else ():  # a scattered owner dirties the rows its pages are in
-                row_of_page, index = divmod(p - 1, self.row_pages)
-                if row_of_page < self.rows:
-                    self._row_dirty[row_of_page] = max(self._row_dirty[row_of_page], index + 1)
+            for row, index in self._in_rows(taken):  # a scattered owner dirties the rows its pages are in
+                self._row_dirty[row] = max(self._row_dirty[row], index + 1)
         self._count(taken, -1)
         index = torch.tensor(stale, device=self.device)
         for t in self.k + self.v:
@@ -141,13 +139,17 @@ class PagedKVCache:
         self._count(pages, +1)
 
     def _count(self, pages: list[int], change: int) -> None:
-        """Keep each row's free-page count (pages past the last whole row belong to none)."""
-        if not self.rows:
-            return
-        for p in pages:
-            row = (p - 1) // self.row_pages
+        """Keep each row's free-page count."""
+        for row, _ in self._in_rows(pages):
+            self._row_free[row] += change
+
+    def _in_rows(self, pages: list[int]):
+        """(row, index in the row) of each of these pages that lies in a row (those past the last whole row
+        belong to none)."""
+        for p in pages if self.rows else ():
+            row, index = divmod(p - 1, self.row_pages)
             if row < self.rows:
-                self._row_free[row] += change
+                yield row, index
 
     def row_of(self, pages: list[int]) -> int | None:
         """The row these pages are, if they are exactly one whole row."""

@@ -61,7 +61,8 @@ class EngineConfig:
     page_size: int = 16  # tokens per KV page
     max_step_tokens: int = 512  # tokens per forward pass (decode + prefill chunks); raised to max_batch if below
     cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured at padded batch sizes
-    kv_rows: bool | None = None  # a whole row of pages per request when one is free (PagedKVCache); None: on CPU
+    kv_rows: bool | None = None  # a whole row of pages per request (PagedKVCache), where the pool has one per
+    # batch slot; None: on CPU
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:

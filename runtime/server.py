@@ -38,6 +38,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tessera.config import ConfigError, read_json
 from tessera.runtime.async_engine import AsyncEngine, EngineSpec, RequestStream
 from tessera.runtime.engine import CapacityError, EngineConfig, RequestOutput
 from tessera.runtime.generate import ContextLengthError, SamplingParams, check_prompt, encode_prompt
@@ -208,10 +209,15 @@ def load_chat_template(model_dir: str | Path) -> tuple[str, dict[str, str]]:
     """The chat template of tokenizer_config.json (a string, or the "default" of a list of named ones) and
     its special tokens; DEFAULT_CHAT_TEMPLATE when it has none."""
     path = Path(model_dir) / "tokenizer_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = read_json(path, "a tokenizer config", ConfigError) if path.is_file() else {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
     template = config.get("chat_template")
     if isinstance(template, list):
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ConfigError(f"{path}: chat_template must be a string or a list of {{name, template}} objects")
     specials = {k: v for k, v in config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
     return template or DEFAULT_CHAT_TEMPLATE, specials
 

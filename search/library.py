@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig, read_json
 
 Library = dict[str, dict[str, dict[str, dict[str, Any]]]]
 
@@ -127,12 +127,7 @@ def layer_names(library: Library) -> list[str]:
 
 def read_library(path: str | Path) -> Library:
     path = Path(path)
-    if not path.is_file():
-        raise LibraryError(f"{path}: no such file (expected a block library JSON)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LibraryError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, "a block library JSON", LibraryError)
     check_library(data, str(path))
     return data
 

@@ -190,7 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     threads = None
     if args.device == "cpu":
         # The cores are split between the engine processes; the HTTP side (its own process) needs little. On the
-        # 2-core dev VM at 16 concurrent streams, 2 threads served 1,302 output tokens/s and 1 thread 958 (README).
+        # 2-core dev VM at 16 concurrent streams, 2 threads served 1,302 output tokens/s and 1 thread 958 (issue 6).
         threads = args.threads or max(1, (os.cpu_count() or 1) // args.data_parallel_size)
     model = args.model or str(PARENT_DIR)
     kv_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)

@@ -32,6 +32,16 @@ _NEUTRAL_FFN_KEYS = {"sparsify": (None, [], False), "moe": (None,), "no_op_moe":
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 
 
+def read_json(path: Path, expected: str, error: type[ValueError]) -> Any:
+    """The parsed JSON of a file; `error` names the file and what was expected when it is missing or not JSON."""
+    if not path.is_file():
+        raise error(f"{path}: no such file (expected {expected})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
 class ConfigError(ValueError):
     """A config.json that tessera cannot turn into a correct model; the message names file and field."""
 
@@ -293,12 +303,7 @@ class ArchConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such file (expected a Hugging Face config.json)")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        cfg = read_json(path, "a Hugging Face config.json", ConfigError)
         if not isinstance(cfg, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return _from_hf_dict(cfg, str(path))

@@ -24,6 +24,7 @@ import openai
 import pytest
 import uvicorn
 
+from tessera.config import ConfigError
 from tessera.demo_parent import PARENT_DIR
 from tessera.runtime.async_engine import AsyncEngine, EngineProcessError, EngineSpec
 from tessera.runtime.generate import Generator, SamplingParams, load_tokenizer
@@ -175,6 +176,21 @@ def test_chat_template_from_the_tokenizer_config(tmp_path) -> None:
         {"name": "tool_use", "template": "unused"}, {"name": "default", "template": own}]}))  # fmt: skip
     template, specials = load_chat_template(tmp_path)
     assert template == own and specials == {"bos_token": "<s>"}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (json.dumps({"chat_template": 7}), "chat_template must be a string"),
+    ],
+)
+def test_a_bad_tokenizer_config_is_named(tmp_path, content, message) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(content)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_chat_template(tmp_path)
+    assert "tokenizer_config.json" in str(error.value)
 
 
 def test_stop_strings_over_http(client, reference) -> None:
