@@ -14,7 +14,8 @@ import torch
 
 from tessera.demo_parent import PARENT_DIR
 from tessera.runtime import load_model
-from tessera.runtime.generate import Generator, SamplingParams
+from tessera.runtime.generate import Generator
+from tessera.runtime.sampling import SamplingParams
 
 from .harness import environment, write_results
 

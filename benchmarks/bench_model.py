@@ -1,12 +1,14 @@
-"""Whole-model decode: a Llama-3.1-8B-shaped model (random bf16 weights) with the Triton kernels vs with the
-plain-torch references, against the bandwidth floor.
+"""Whole-model decode: the serving engine's decode step on a Llama-3.1-8B-shaped model (random bf16 weights),
+with the Triton kernels vs with the plain-torch references, against the bandwidth floor.
 
-One decode step = every sequence of the batch generates one token over a `context`-token KV cache. Floor =
-(weights read + KV cache read) / measured copy bandwidth (`ArchConfig.decode_step_bytes`); a tuned decode
-reaches 75-85 % of it (REFERENCE.md). Modes: references eager (their decode attention reads seq_lens on
-the host, so it cannot be captured), Triton eager, and Triton replayed from a CUDA graph, which is how a
-server runs decode (a Python launch costs ~9 µs, and an 8B step is ~300 launches). On CPU: the demo
-parent's shape in float32, references only (a sanity pass).
+One decode step = every sequence of the batch generates one token over `context` cached tokens, through the
+engine's own decode path (`DecodeGraphs`: static buffers, the paged KV cache in 16-token pages, one metadata
+per step). Floor = (weights read + KV cache read) / measured copy bandwidth (`ArchConfig.decode_step_bytes`);
+a tuned decode reaches 75-85 % of it (REFERENCE.md). Modes: references eager (they read lengths on the host,
+so they cannot be captured), Triton eager, and Triton replayed from the engine's CUDA graph, which is how the
+engine runs decode (a Python launch costs ~9 µs, and an 8B step is ~300 launches). Goals (issue 14, H200):
+>= 85 % of the floor at batch 1 (context 1k and 8k), >= 70 % at batch 64. On CPU: the demo parent's shape in
+float32, references only (a sanity pass).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from tessera import kernels
 from tessera.config import ArchConfig
 from tessera.demo_parent import demo_arch
-from tessera.runtime.cache import KVCache
+from tessera.runtime.engine import DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.model import Model
 
 from .harness import time_ms
@@ -49,21 +51,28 @@ LLAMA_3_1_8B = {
 SCENARIOS = [(1, 1024), (64, 1024), (1, 8192)]  # (batch, context)
 
 
-def _decode_step(model: Model, batch: int, context: int, device: torch.device):
-    """A decode step of `batch` sequences whose caches hold `context` tokens of random K/V (never zeros)."""
-    dtype = model.embed_tokens.weight.dtype
-    cache = KVCache(model.arch, batch, context, device, dtype)
+def _decode_steps(model: Model, batch: int, context: int, device: torch.device, graphs: bool):
+    """The engine's decode step for `batch` sequences with `context` tokens of random K/V cached (never zeros),
+    eager or replayed from the engine's CUDA graph; returns the step (-> logits)."""
+    config = EngineConfig(max_batch=batch, max_model_len=context, page_size=16, cuda_graphs=graphs)
+    engine = Engine(model, None, config)
+    cache = engine.cache
     gen = torch.Generator(device).manual_seed(0)
     for t in (*cache.k, *cache.v):
         if t is not None:
             t.normal_(generator=gen)
-    tokens = torch.randint(0, model.arch.vocab_size, (batch,), device=device, generator=gen)
-    positions = torch.full((batch,), context - 1, device=device)
-
-    def step() -> torch.Tensor:
-        return model.decode(tokens, positions, cache)
-
-    return step
+    tables = [cache.allocate(context) for _ in range(batch)]
+    page = cache.page_size
+    position = context - 1
+    step = engine.graphs or DecodeGraphs(model, cache, batch, engine.max_pages_per_request, capture=False)
+    args = (
+        torch.randint(0, model.arch.vocab_size, (batch,), device=device, generator=gen),
+        torch.full((batch,), position, device=device),
+        torch.tensor([t[position // page] * page + position % page for t in tables], device=device),
+        torch.full((batch,), context, dtype=torch.int32, device=device),
+        torch.tensor(tables, dtype=torch.int32, device=device),
+    )
+    return lambda: step.run(*args)
 
 
 def run(device: torch.device, copy_gbps: float) -> dict:
@@ -78,13 +87,18 @@ def run(device: torch.device, copy_gbps: float) -> dict:
     try:
         for batch, context in scenarios:
             floor_ms = 1e3 * arch.decode_step_bytes(batch, context, dtype_name) / (copy_gbps * 1e9)
-            step = _decode_step(model, batch, context, device)
             outputs = {}
             for backend, graph in modes:
                 kernels.set_backend(backend)
-                with torch.no_grad():
+                with torch.inference_mode():
+                    step = _decode_steps(model, batch, context, device, graph)
                     outputs[backend] = step().float()
-                    ms, method = time_ms(step, device, graph=graph)
+                    ms, method = time_ms(step, device, graph=False)  # a graph mode replays the engine's own graph
+                    if graph:
+                        method = method.replace("eager", "replays of the engine's CUDA graph")
+                del step
+                if on_gpu:
+                    torch.cuda.empty_cache()
                 row = {
                     "batch": batch, "context": context, "kernels": backend, "cuda_graph": graph,
                     "step_ms": ms, "tokens_per_s": batch * 1e3 / ms, "floor_ms": floor_ms,

@@ -15,14 +15,13 @@ import os
 import torch
 
 from .attention import attention_prefill_reference, attention_prefill_triton
-from .attention_decode import attention_decode_reference, attention_decode_triton
-from .attention_paged import attention_paged_reference, attention_paged_triton
+from .attention_paged import PagedAttentionMetadata, attention_paged_reference, attention_paged_triton
 from .ffn import swiglu_ffn_reference, swiglu_ffn_triton
 from .norm import rms_norm_reference, rms_norm_triton
 from .rope import apply_rope_reference, apply_rope_triton
 
 __all__ = [
-    "BACKEND_ENV", "apply_rope", "attention_decode", "attention_paged", "attention_prefill", "backend",
+    "BACKEND_ENV", "PagedAttentionMetadata", "apply_rope", "attention_paged", "attention_prefill", "backend",
     "forced_backend", "rms_norm", "set_backend", "swiglu_ffn",
 ]  # fmt: skip
 
@@ -96,32 +95,10 @@ def attention_prefill(
     return attention_prefill_reference(q, k, v, cu_seqlens, causal)
 
 
-def attention_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor
-) -> torch.Tensor:
-    """One query per sequence over its cache. q [B, Hq, D], caches [B, Hkv, S, D], seq_lens [B] int32."""
-    impl = attention_decode_triton if backend(q, k_cache, v_cache) == "triton" else attention_decode_reference
-    return impl(q, k_cache, v_cache, seq_lens)
-
-
 def attention_paged(
-    q: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    block_tables: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    seq_lens: torch.Tensor,
-    max_query_len: int,
-    rows: torch.Tensor | None = None,
-    row_pages: int = 0,
+    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedAttentionMetadata
 ) -> torch.Tensor:
-    """Prefill chunks and decode tokens together over a paged KV cache (the serving engine's step).
-    q [N, Hq, D], pages [P, page_size, Hkv, D], block_tables [B, max_pages] int32, cu_seqlens [B+1] int32
-    (each sequence's queries), seq_lens [B] int32 (its cached tokens, these queries' K/V included).
-    rows [B] (optional, with row_pages): every sequence's pages are a whole row of the pool, which the plain-torch
-    path reads in place (attention_paged_reference); the Triton kernel reads pages in place anyway."""
-    if backend(q, k_pages, v_pages) == "triton":
-        return attention_paged_triton(q, k_pages, v_pages, block_tables, cu_seqlens, seq_lens, max_query_len)
-    return attention_paged_reference(
-        q, k_pages, v_pages, block_tables, cu_seqlens, seq_lens, max_query_len, rows, row_pages
-    )
+    """Prefill chunks and decode tokens together over a paged KV cache (every cached attention of an engine step).
+    q [N, Hq, D], pages [P, page_size, Hkv, D]; `meta` says where each sequence's queries and pages are."""
+    impl = attention_paged_triton if backend(q, k_pages, v_pages) == "triton" else attention_paged_reference
+    return impl(q, k_pages, v_pages, meta)

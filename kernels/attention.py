@@ -2,16 +2,15 @@
 
 - prefill: a packed variable-length batch (flash-attn varlen layout): q [T, Hq, D], k/v [T, Hkv, D] with
   sequence b at rows cu_seqlens[b]:cu_seqlens[b+1]; each sequence attends causally within itself.
-- decode: one new query per sequence against that layer's KV cache [B, Hkv, S, D], of which the first
-  seq_lens[b] positions are valid (the new token's K/V already written).
+- paged (attention_paged.py): an engine step's prefill chunks and decode tokens over the paged KV cache.
 
 Hq must be a multiple of Hkv; query head h reads KV head h // G with G = Hq // Hkv, as in Hugging Face Llama.
 Both Triton kernels pack GQA: a program owns one KV head and treats the G query heads that share it as G
 query rows, so each K/V tile is read once for all of them. The layers of a Puzzle child have different
 Hkv (8/4/2/1 in Nemotron-51B), hence different G: G is a compile-time constant, one compilation per G.
 Softmax statistics are fp32 and in base 2 (exp2 of log2(e)-scaled scores), as in FlashAttention-2.
-This file holds prefill (kernel, launcher, reference) and the online-softmax step both kernels share;
-decode lives in attention_decode.py.
+This file holds prefill (kernel, launcher, reference: the uncached forward that training and scoring run) and
+the online-softmax step both kernels share.
 """
 
 import itertools
@@ -38,21 +37,13 @@ def attend_tile(
     visible,
     qk_scale,
     MASKED: tl.constexpr,
-    USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One online-softmax step of query rows q [R, D] over a K/V tile of BLOCK_N keys -> (acc, m_i, l_i).
-
-    USE_DOT False is for decode with R <= 4 query rows, where padding to tl.dot's 16 rows would waste 4-16×
-    the tensor-core work: broadcast products and reductions instead.
-    """
+    """One online-softmax step of query rows q [R, D] (R >= 16, tl.dot's smallest tile) over a K/V tile of
+    BLOCK_N keys -> (acc, m_i, l_i)."""
     k = tl.load(k_ptrs, mask=mask_kv, other=0.0)  # (BLOCK_N, D)
     v = tl.load(v_ptrs, mask=mask_kv, other=0.0)
-    if USE_DOT:
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    else:
-        s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
-    s = s * qk_scale  # (R, BLOCK_N), log2 units
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (R, BLOCK_N), log2 units
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -61,10 +52,7 @@ def attend_tile(
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if USE_DOT:
-        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    else:
-        pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+    pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc * alpha[:, None] + pv, m_new, l_i
 
 
@@ -132,7 +120,7 @@ def _prefill_kernel(
         k_ptrs = kv_row + keys[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = vv_row + keys[:, None] * stride_vt + offs_d[None, :]
         acc, m_i, l_i = attend_tile(
-            q, acc, m_i, l_i, k_ptrs, v_ptrs, mask_d[None, :], None, qk_scale, False, True, DOT_PRECISION
+            q, acc, m_i, l_i, k_ptrs, v_ptrs, mask_d[None, :], None, qk_scale, False, DOT_PRECISION
         )
     # Diagonal stage: keys that some rows of the tile may not see.
     for n0 in range(band_end, key_end, BLOCK_N):
@@ -145,7 +133,7 @@ def _prefill_kernel(
         v_ptrs = vv_row + keys.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]
         acc, m_i, l_i = attend_tile(
             q, acc, m_i, l_i, k_ptrs, v_ptrs, mask_keys[:, None] & mask_d[None, :], visible, qk_scale,
-            True, True, DOT_PRECISION,
+            True, DOT_PRECISION,
         )  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

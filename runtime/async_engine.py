@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from tessera.runtime.engine import Engine, EngineConfig, EngineLimits, RequestOutput
-from tessera.runtime.generate import SamplingParams, load_tokenizer
+from tessera.runtime.sampling import SamplingParams, load_tokenizer
 
 START_TIMEOUT_S = 600.0  # loading a large checkpoint and capturing CUDA graphs takes a while
 

@@ -8,23 +8,24 @@ arriving never stalls the streams already running for more than one chunk; the s
 whole mixed step (kernels/attention_paged.py).
 
 The KV cache is a pool of pages (runtime/cache.PagedKVCache) sized per layer by that layer's KV-head count;
-linear and no-op attention layers hold nothing. Its size comes from a memory budget (`kv_cache_bytes`).
-Admission reserves, up front, the pages a request can ever need (prompt + max new tokens), so a running
-request is never preempted: a request that does not fit now waits in FIFO order, and one that could never
-fit (more pages than the whole pool) is refused with a `CapacityError` when it is added. On CPU, where the
-pool holds a row of pages (max_model_len tokens) for every batch slot, each request gets a whole row
-(PagedKVCache rows), which the plain-torch attention reads in place instead of gathering pages.
+linear and no-op attention layers hold nothing. Its size comes from a memory budget (`kv_cache_bytes`), its
+page size from the cache (16 tokens on the GPU, a whole context per request on the CPU). Admission reserves,
+up front, the pages a request can ever need (prompt + max new tokens), so a running request is never
+preempted: a request that does not fit now waits in FIFO order, and one that could never fit (more pages
+than the whole pool) is refused with a `CapacityError` when it is added. Each step's attention metadata
+(block tables, lengths, where each token's K/V go) is built once (`_step_batch`) and read by every layer.
 
 Sampling is per request (temperature, top-k, top-p, its own seeded generator), so a request's tokens do not
 depend on what else is in the batch: greedy output served in a busy batch equals the output served alone.
-Text is produced incrementally (`generate.TextStream`): stop strings cut the text, and text that could still
+Text is produced incrementally (`sampling.TextStream`): stop strings cut the text, and text that could still
 become a stop string, or that ends inside a UTF-8 character, is held back until it is decided.
 
 On CUDA, decode-only steps replay CUDA graphs captured at a few padded batch sizes (`DecodeGraphs`): a
 decode step of a small model is dominated by launch overhead, which a graph replay removes.
 
-The HTTP server runs engines in processes of their own (runtime/async_engine.py); offline callers use
-`Engine.generate`.
+This is the only way tokens are produced: the HTTP server runs engines in processes of their own
+(runtime/async_engine.py), `Generator` (runtime/generate.py) wraps `Engine.generate`, and the search's cost
+model times `Engine.step` (search/cost.py).
 """
 
 from __future__ import annotations
@@ -37,16 +38,10 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
+from tessera import kernels
 from tessera.runtime.cache import PagedKVCache
-from tessera.runtime.generate import (
-    Completion,
-    SamplingParams,
-    TextStream,
-    check_prompt,
-    encode_prompt,
-    sample,
-)
 from tessera.runtime.model import Batch, Model
+from tessera.runtime.sampling import Completion, SamplingParams, TextStream, check_prompt, encode_prompt, sample
 
 
 class CapacityError(ValueError):
@@ -58,16 +53,14 @@ class EngineConfig:
     max_batch: int = 16  # requests running at once (decode batch size)
     max_model_len: int | None = None  # prompt + generated tokens; None: the model's max_position_embeddings
     kv_cache_bytes: int | None = None  # KV pool budget; None: room for max_batch requests of max_model_len
-    page_size: int = 16  # tokens per KV page
+    page_size: int | None = None  # tokens per KV page; None: the cache's choice (PagedKVCache.page_size_for)
     max_step_tokens: int = 512  # tokens per forward pass (decode + prefill chunks); raised to max_batch if below
     cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured at padded batch sizes
-    kv_rows: bool | None = None  # a whole row of pages per request (PagedKVCache), where the pool has one per
-    # batch slot; None: on CPU
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.page_size < 1:
+        if self.page_size is not None and self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
@@ -128,7 +121,6 @@ class _Request:
         self.computed = 0
         self.sampled = 0  # tokens sampled, an EOS included
         self.pages: list[int] = []
-        self.row: int | None = None  # the pool row its pages are, if they are one (PagedKVCache.row_of)
         self.generator: torch.Generator | None = None
 
 
@@ -156,16 +148,11 @@ class DecodeGraphs:
             self._capture_all()
 
     def _forward(self, size: int) -> torch.Tensor:
-        batch = Batch(
-            self.positions[:size],
-            None,
-            cu_seqlens=self.cu_seqlens[: size + 1],
-            max_seqlen=1,
-            seq_lens=self.seq_lens[:size],
-            cache=self.cache,
-            block_tables=self.block_tables[:size],
-            slots=self.slots[:size],
-        )
+        """The padded step over the first `size` rows of the static buffers. Its metadata is built here, once
+        per capture (a graph keeps the split scratch it allocated); the eager path builds it per call."""
+        cu = self.cu_seqlens[: size + 1]
+        attention = kernels.PagedAttentionMetadata(self.block_tables[:size], cu, self.seq_lens[:size], 1)
+        batch = Batch(self.positions[:size], cu, 1, self.cache, self.slots[:size], attention)
         return self.model.logits(self.model.forward_packed(self.tokens[:size], batch))
 
     @torch.inference_mode()
@@ -224,28 +211,24 @@ class Engine:
         self.max_model_len = config.max_model_len or arch.max_position_embeddings
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
-        page = config.page_size
-        self.max_pages_per_request = -(-self.max_model_len // page)
-        page_bytes = PagedKVCache.page_bytes(arch, page, self.dtype)
-        wanted = config.max_batch * self.max_pages_per_request
+        token_bytes = PagedKVCache.page_bytes(arch, 1, self.dtype)  # KV bytes per token, all layers
         if config.kv_cache_bytes is not None:
-            if page_bytes and config.kv_cache_bytes < page_bytes:
-                raise CapacityError(
-                    f"kv_cache_bytes {config.kv_cache_bytes} holds no page of {page} tokens ({page_bytes} bytes)"
-                )
-            # A model with no attention caches nothing: its pool is bookkeeping only.
-            wanted = config.kv_cache_bytes // page_bytes if page_bytes else wanted
-        elif self.device.type == "cuda" and page_bytes:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            wanted = min(wanted, int(0.8 * free) // page_bytes)
-        # On CPU, requests get whole rows of pages, read in place by the plain-torch attention: gathering
-        # scattered pages copies all the K/V a step reads (README, Serving, has the measurement). Only where the
-        # pool holds a row for every batch slot, so whole rows never make a request wait that pages would fit.
-        rows = config.kv_rows if config.kv_rows is not None else self.device.type == "cpu"
-        row_pages = (
-            self.max_pages_per_request if rows and wanted >= config.max_batch * self.max_pages_per_request else 0
+            budget = config.kv_cache_bytes
+        else:  # room for max_batch requests of max_model_len (in 16-token pages)
+            budget = config.max_batch * -(-self.max_model_len // 16) * 16 * token_bytes
+            if self.device.type == "cuda" and token_bytes:
+                budget = min(budget, int(0.8 * torch.cuda.mem_get_info(self.device)[0]))
+        page = config.page_size or PagedKVCache.page_size_for(
+            arch, self.device, self.dtype, budget, config.max_batch, self.max_model_len
         )
-        self.cache = PagedKVCache(arch, wanted + 1, page, self.device, self.dtype, row_pages)
+        self.max_pages_per_request = -(-self.max_model_len // page)
+        if not token_bytes:  # a model with no attention caches nothing: its pool is bookkeeping only
+            pages = config.max_batch * self.max_pages_per_request
+        elif budget < page * token_bytes:
+            raise CapacityError(f"kv_cache_bytes {budget} holds no page of {page} tokens ({page * token_bytes} bytes)")
+        else:
+            pages = budget // (page * token_bytes)
+        self.cache = PagedKVCache(arch, pages + 1, page, self.device, self.dtype)  # + the scratch page
         self.limits = EngineLimits(arch.vocab_size, self.max_model_len, page, self.cache.usable_pages,
                                    tokenizer is not None)  # fmt: skip
         self.waiting: deque[_Request] = deque()
@@ -253,7 +236,8 @@ class Engine:
         self._ids = itertools.count()
         self._requests: dict[str, _Request] = {}
         self.graphs = None
-        if config.cuda_graphs and self.device.type == "cuda":
+        # The plain-torch references read lengths on the host: a forced torch backend is not capturable.
+        if config.cuda_graphs and self.device.type == "cuda" and kernels.forced_backend() != "torch":
             with torch.inference_mode():
                 self.graphs = DecodeGraphs(model, self.cache, config.max_batch, self.max_pages_per_request, True)
 
@@ -325,8 +309,8 @@ class Engine:
         requests first, then new requests admitted in FIFO order while a batch slot and their pages are free."""
         room = max(self.config.max_step_tokens, self.config.max_batch)  # every running request decodes each step
         plan = []
-        # Decodes (1 token) first, each kind in pool-row order (the CPU attention then reads the rows in place).
-        for req in sorted(self.running, key=lambda r: (len(r.tokens) - r.computed, r.row or 0)):
+        # Decodes (1 token) first, then unfinished prompts, each kind in the order it started.
+        for req in sorted(self.running, key=lambda r: len(r.tokens) - r.computed > 1):
             n = min(len(req.tokens) - req.computed, room)
             if n > 0:
                 plan.append((req, n))
@@ -337,8 +321,7 @@ class Engine:
             if pages > self.cache.free_pages:
                 break  # FIFO: a request that does not fit yet is not overtaken (no starvation)
             self.waiting.popleft()
-            req.pages = self.cache.allocate(pages)
-            req.row = self.cache.row_of(req.pages)
+            req.pages = self.cache.allocate(req.prompt_len + req.budget - 1)  # the last token gets no K/V
             self.running.append(req)
             n = min(req.prompt_len, room)
             plan.append((req, n))
@@ -359,8 +342,23 @@ class Engine:
         return self._sample(sampling, logits)
 
     def _forward(self, plan: list[tuple[_Request, int]]) -> tuple[torch.Tensor | None, list[_Request]]:
+        batch, tokens, last, sampling = self._step_batch(plan)
+        decode_only = tokens.shape[0] == len(plan) == len(sampling)  # one token each, and each samples
+        if self.graphs is not None and decode_only:
+            att = batch.attention
+            return self.graphs.run(tokens, batch.positions, batch.slots, att.seq_lens, att.block_tables), sampling
+        hidden = self.model.forward_packed(tokens, batch)
+        if not sampling:
+            return None, sampling
+        if decode_only:  # every token samples, in plan order
+            return self.model.logits(hidden), sampling
+        return self.model.logits(hidden[torch.tensor(last, device=self.device)]), sampling
+
+    def _step_batch(self, plan: list[tuple[_Request, int]]) -> tuple[Batch, torch.Tensor, list[int], list[_Request]]:
+        """The step's tokens and their Batch (positions, K/V slots, attention metadata), built once for all layers;
+        with the index of each sampling request's last token, and those requests."""
         page, dev = self.cache.page_size, self.device
-        tokens, positions, slots, cu, seq_lens, rows, sampling = [], [], [], [0], [], [], []
+        tokens, positions, slots, cu, seq_lens, last, sampling = [], [], [], [0], [], [], []
         for req, n in plan:
             start, end = req.computed, req.computed + n
             tokens.extend(req.tokens[start:end])
@@ -369,34 +367,20 @@ class Engine:
             cu.append(cu[-1] + n)
             seq_lens.append(end)
             if end == len(req.tokens):  # all its tokens cached after this step: it samples the next one
-                rows.append(cu[-1] - 1)
+                last.append(cu[-1] - 1)
                 sampling.append(req)
         width = max(len(req.pages) for req, _ in plan)
-        table = torch.tensor([req.pages + [0] * (width - len(req.pages)) for req, _ in plan], dtype=torch.int32)
+        table = [req.pages + [0] * (width - len(req.pages)) for req, _ in plan]
         as_long = dict(dtype=torch.int64, device=dev)
-        tokens_t, positions_t, slots_t = (torch.tensor(x, **as_long) for x in (tokens, positions, slots))
-        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
-        decode_only = len(tokens) == len(plan) == len(sampling)  # one token each, and each samples
-        if self.graphs is not None and decode_only:
-            return self.graphs.run(tokens_t, positions_t, slots_t, seq_lens_t, table.to(dev)), sampling
-        kv_rows = [req.row for req, _ in plan]
-        batch = Batch(
-            positions_t,
-            None,
-            kv_rows=None if None in kv_rows else torch.tensor(kv_rows, device=dev),
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
-            max_seqlen=max(n for _, n in plan),
-            seq_lens=seq_lens_t,
-            cache=self.cache,
-            block_tables=table.to(dev),
-            slots=slots_t,
-        )
-        hidden = self.model.forward_packed(tokens_t, batch)
-        if not sampling:
-            return None, sampling
-        if decode_only:  # every row samples, in plan order
-            return self.model.logits(hidden), sampling
-        return self.model.logits(hidden[torch.tensor(rows, device=dev)]), sampling
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
+        max_len = max(n for _, n in plan)
+        attention = kernels.PagedAttentionMetadata(
+            torch.tensor(table, dtype=torch.int32, device=dev), cu_t,
+            torch.tensor(seq_lens, dtype=torch.int32, device=dev), max_len,
+        )  # fmt: skip
+        batch = Batch(torch.tensor(positions, **as_long), cu_t, max_len, self.cache, torch.tensor(slots, **as_long),
+                      attention)  # fmt: skip
+        return batch, torch.tensor(tokens, **as_long), last, sampling
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[RequestOutput]:
         greedy = [i for i, r in enumerate(reqs) if r.params.temperature == 0]

@@ -1,214 +1,47 @@
-"""Batched text generation over the heterogeneous model: packed prefill, then one decode step per token.
+"""Offline generation: `Generator`, a thin layer over the serving engine's `Engine.generate`.
 
-Prompts of different lengths are prefilled together as one packed variable-length batch into a static
-per-layer KV cache sized for the longest prompt plus the tokens to generate; each decode step then runs
-every sequence once (gpt-fast's lean loop: no per-step allocation, no cache concatenation). Sampling is
-greedy (temperature 0) or temperature / top-k / top-p with a seeded generator; a sequence stops at an
-EOS token, at a stop string, at `max_new_tokens`, or at the context length.
+Tokens are produced by one path only, the engine's step (chunked prefill and paged decode, CUDA graphs on the
+GPU), which `tessera serve` runs and the search's cost model times. So `tessera generate`, `Generator` and the
+server give the same tokens for the same seeded sampling parameters (each request samples from a generator of
+its own, seeded with `seed`), and the finish logic (EOS, stop strings, max_new_tokens, the context) exists once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch
 from tokenizers import Tokenizer
 
-from tessera.runtime.cache import KVCache
+from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.model import Model
+from tessera.runtime.sampling import Completion, SamplingParams, check_prompt, encode_prompt
 
-
-class ContextLengthError(ValueError):
-    """A prompt that leaves no room in the model's context window."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: no top-k cut
-    top_p: float = 1.0  # 1: no nucleus cut
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop strings; the text is cut before them
-    stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS ids
-    ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class Completion:
-    prompt_tokens: list[int]
-    tokens: list[int] = field(default_factory=list)
-    text: str | None = None  # None when generating from token ids without a tokenizer
-    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    file = Path(path) / "tokenizer.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no tokenizer.json (a Hugging Face fast tokenizer is needed for text)")
-    return Tokenizer.from_file(str(file))
-
-
-def encode_prompt(tokenizer: Tokenizer | None, prompt: str | list[int]) -> list[int]:
-    """Token ids of a text prompt (through the tokenizer) or of one given as ids already."""
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
-        return tokenizer.encode(prompt).ids
-    return list(prompt)
-
-
-def check_prompt(tokens: list[int], vocab_size: int, context: int, what: str, limit: str) -> None:
-    """A prompt must be non-empty, inside the vocabulary, and leave room to generate in `context` tokens
-    (`limit` names where that number comes from)."""
-    if not tokens:
-        raise ValueError(f"{what} is empty")
-    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"{what} has token id {bad}, outside the vocabulary [0, {vocab_size})")
-    if len(tokens) >= context:
-        raise ContextLengthError(
-            f"{what} has {len(tokens)} tokens; the context is {context} tokens ({limit}), leaving no room to generate"
-        )
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V]."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already cover top_p (so the first always stays).
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= params.top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-class TextStream:
-    """Generated token ids → text deltas, with stop strings.
-
-    The whole text is decoded again at each token (byte-level BPE merges across token boundaries, so pieces
-    decoded alone would split characters); the part already sent is never changed. A stop string ends the
-    text before it; a suffix that could still grow into a stop string, or an unfinished UTF-8 character
-    (decoded as U+FFFD), is held back until the next token decides it.
-    """
-
-    def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...] = ()) -> None:
-        if stop and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
-        self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0  # characters of self.text already handed out
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """Add a token; returns (new text safe to send, whether a stop string ended the text)."""
-        self.ids.append(token)
-        if self.tokenizer is None:
-            return "", False
-        self.text = self.tokenizer.decode(self.ids)
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text = self.text[:cut]
-            return self._send(cut), True
-        end = len(self.text.rstrip("\ufffd"))
-        for k in range(min(max((len(s) for s in self.stop), default=1) - 1, end - self.sent), 0, -1):
-            if any(s.startswith(self.text[end - k : end]) for s in self.stop):
-                end -= k
-                break
-        return self._send(end), False
-
-    def flush(self) -> str:
-        """The rest of the text, when generation ends for another reason than a stop string."""
-        return self._send(len(self.text))
-
-    def _send(self, end: int) -> str:
-        delta = self.text[self.sent : end]
-        self.sent = max(self.sent, end)
-        return delta
+MAX_BATCH = 256  # requests decoded together; more prompts wait their turn in the engine
 
 
 class Generator:
-    """Generation for one model (+ its tokenizer, needed for text prompts and stop strings)."""
+    """Generation for one model (+ its tokenizer, needed for text prompts and stop strings).
+
+    Keeps one engine, rebuilt only when a call needs more batch slots or a longer context than it has: building
+    one allocates the KV pool and, on CUDA, captures the decode step's graphs."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.device = model.embed_tokens.weight.device
-        self.dtype = model.embed_tokens.weight.dtype
+        self.model, self.tokenizer = model, tokenizer
+        self.engine: Engine | None = None
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
-
-    @torch.inference_mode()
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:
-        arch = self.model.arch
+        """Serve every prompt to completion (all submitted at once); completions in the prompts' order."""
         if not prompts:
             return []
-        completions = [Completion(self.encode(p)) for p in prompts]
-        lengths = [len(c.prompt_tokens) for c in completions]
+        arch = self.model.arch
         context = arch.max_position_embeddings
-        for i, c in enumerate(completions):
-            check_prompt(c.prompt_tokens, arch.vocab_size, context, f"prompt {i}", "max_position_embeddings")
-        budget = [min(params.max_new_tokens, context - n) for n in lengths]
-        default_ids = arch.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
-        stop_ids = set() if params.ignore_eos else set(default_ids)
-        streams = [TextStream(self.tokenizer, params.stop) if params.stop else None for _ in completions]
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-
-        batch = len(completions)
-        cache = KVCache(arch, batch, max(n + b for n, b in zip(lengths, budget)), self.device, self.dtype)
-        tokens = torch.tensor([t for c in completions for t in c.prompt_tokens], device=self.device)
-        logits = self.model.prefill(tokens, lengths, cache)
-        positions = torch.tensor(lengths, device=self.device)
-        live = [True] * batch
-        for step in range(max(budget)):
-            next_tokens = sample(logits, params, generator)
-            for i, token in enumerate(next_tokens.tolist()):
-                if live[i]:
-                    live[i] = self._append(completions[i], streams[i], token, stop_ids, budget[i])
-            if not any(live) or step + 1 == max(budget):
-                break
-            logits = self.model.decode(next_tokens, positions, cache)
-            # A finished sequence keeps riding along (a static batch); clamp it inside its cache row.
-            positions = (positions + 1).clamp_(max=cache.max_seq_len - 1)
-        if self.tokenizer is not None:
-            for c in completions:
-                if c.text is None:
-                    c.text = self.tokenizer.decode(c.tokens)
-        return completions
-
-    @staticmethod
-    def _append(c: Completion, stream: TextStream | None, token: int, stop_ids: set[int], budget: int) -> bool:
-        """Add one token to a completion; returns whether it goes on. `stream` (given when there are stop
-        strings) cuts the text at the first one."""
-        if token in stop_ids:
-            c.finish_reason = "stop"
-            return False
-        c.tokens.append(token)
-        if stream is not None and stream.add(token)[1]:
-            c.text, c.finish_reason = stream.text, "stop"
-            return False
-        if len(c.tokens) >= budget:
-            c.finish_reason = "length"
-            return False
-        return True
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        for i, tokens in enumerate(encoded):
+            check_prompt(tokens, arch.vocab_size, context, f"prompt {i}", "max_position_embeddings")
+        batch = min(len(encoded), MAX_BATCH)
+        length = min(context, max(len(t) for t in encoded) + params.max_new_tokens)
+        engine = self.engine
+        if engine is None or engine.config.max_batch < batch or engine.max_model_len < length:
+            if engine is not None:  # grow, never shrink: alternating calls do not rebuild each time
+                batch, length = max(batch, engine.config.max_batch), max(length, engine.max_model_len)
+            self.engine = engine = None  # the old pool is freed before the new one is allocated
+            self.engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=batch, max_model_len=length))
+        return self.engine.generate(encoded, params)

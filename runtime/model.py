@@ -6,8 +6,9 @@ layer's width, a linear FFN replacement, or nothing. A layer computes `h = h + a
 `h = h + ffn(norm2(h))`, each skipped when it is a no-op (DESIGN.md). Weights are packed (q/k/v, gate/up)
 so each sublayer is one GEMM in; the loader maps Hugging Face names onto them.
 
-Tokens travel packed, [N, H] with N = all tokens of the batch, so one forward serves a variable-length
-prefill (cu_seqlens) and a decode step (one token per sequence, reading the KV cache). The heavy work
+Tokens travel packed, [N, H] with N = all tokens of the batch, so one forward serves whole sequences of
+different lengths (training, scoring) and an engine step (prefill chunks and decode tokens over the paged KV
+cache, runtime/engine.py). The heavy work
 goes through `tessera.kernels` only. This same `DecoderLayer` is what the search distils, scores and
 times, and what serving runs.
 """
@@ -23,64 +24,37 @@ from torch import nn
 
 from tessera import kernels
 from tessera.config import ArchConfig, BlockConfig, RopeConfig
-from tessera.runtime.cache import KVCache, PagedKVCache
+from tessera.runtime.cache import PagedKVCache
 
 
 @dataclass
 class Batch:
-    """Where the N packed tokens of a forward pass sit.
+    """Where the N packed tokens of one forward pass sit.
 
     positions [N] int64: each token's position in its sequence.
-    rows [N] int64: each token's sequence (= its KV-cache row).
-    cu_seqlens [B+1] int32: prefill only, sequence b owns tokens cu_seqlens[b]:cu_seqlens[b+1].
-    max_seqlen: prefill only, the longest sequence (sizes the attention grid without a device read).
-    seq_lens [B] int32: decode only, each sequence's length including the token being decoded.
+    cu_seqlens [B+1] int32: sequence b's tokens of this pass are cu_seqlens[b]:cu_seqlens[b+1].
+    max_seqlen: the most tokens any sequence has in this pass (sizes attention grids without a device read).
 
-    Paged (the serving engine, cache a PagedKVCache): block_tables [B, max_pages] int32 lists each sequence's
-    pages, slots [N] int64 is each token's flat cache slot; cu_seqlens/max_seqlen bound each sequence's tokens
-    of this step (a prefill chunk or one decode token) and seq_lens counts its cached tokens including them.
-    kv_rows [B] int64 (optional): every sequence's pages are a whole row of the pool (PagedKVCache with rows).
+    Without a cache (training, scoring, a plain forward) each sequence is whole and attends causally within
+    itself. With one (an engine step), `slots` [N] int64 says where each token's K/V go in the cache and
+    `attention` where each sequence's cached keys are; both are built once per step (runtime/engine.py).
     """
 
     positions: torch.Tensor
-    rows: torch.Tensor | None
-    cu_seqlens: torch.Tensor | None = None
-    max_seqlen: int | None = None
-    seq_lens: torch.Tensor | None = None
-    cache: KVCache | PagedKVCache | None = None
-    block_tables: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    cache: PagedKVCache | None = None
     slots: torch.Tensor | None = None
-    kv_rows: torch.Tensor | None = None
-
-    @property
-    def is_paged(self) -> bool:
-        return self.block_tables is not None
-
-    @property
-    def is_decode(self) -> bool:
-        return self.seq_lens is not None and self.block_tables is None
+    attention: kernels.PagedAttentionMetadata | None = None
 
     @classmethod
-    def prefill(cls, lengths: list[int], device: torch.device, cache: KVCache | None = None) -> Batch:
-        """Fresh sequences of the given lengths, starting at position 0, in cache rows 0..B-1."""
+    def sequences(cls, lengths: list[int], device: torch.device) -> Batch:
+        """Whole sequences of the given lengths, packed, starting at position 0, no cache."""
         counts = torch.tensor(lengths, dtype=torch.int64)
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(counts, 0)
-        rows = torch.repeat_interleave(torch.arange(len(lengths)), counts)
         positions = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.int64)
-        return cls(
-            positions.to(device),
-            rows.to(device),
-            cu_seqlens=cu.to(device),
-            max_seqlen=max(lengths, default=0),
-            cache=cache,
-        )
-
-    @classmethod
-    def decode(cls, positions: torch.Tensor, cache: KVCache) -> Batch:
-        """One token per cache row, at `positions` [B] (so each sequence's length becomes position + 1)."""
-        rows = torch.arange(positions.shape[0], device=positions.device)
-        return cls(positions, rows, seq_lens=(positions + 1).to(torch.int32), cache=cache)
+        return cls(positions.to(device), cu.to(device), max(lengths, default=0))
 
 
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -128,19 +102,11 @@ class GQAAttention(nn.Module):
         q, k = qk[:, :hq], qk[:, hq:]  # (N, Hq, D), (N, Hkv, D)
         v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
         cache, layer = batch.cache, self.layer_idx
-        if batch.is_paged:
-            cache.write(layer, batch.slots, k, v)
-            out = kernels.attention_paged(
-                q, cache.k[layer], cache.v[layer], batch.block_tables, batch.cu_seqlens, batch.seq_lens,
-                batch.max_seqlen, batch.kv_rows, cache.row_pages,
-            )  # fmt: skip
-        elif batch.is_decode:
-            cache.write(layer, batch.rows, batch.positions, k, v)
-            out = kernels.attention_decode(q, cache.k[layer], cache.v[layer], batch.seq_lens)
-        else:
-            if cache is not None:
-                cache.write(layer, batch.rows, batch.positions, k, v)
+        if cache is None:
             out = kernels.attention_prefill(q, k, v, batch.cu_seqlens, causal=True, max_seqlen=batch.max_seqlen)
+        else:
+            cache.write(layer, batch.slots, k, v)
+            out = kernels.attention_paged(q, cache.k[layer], cache.v[layer], batch.attention)
         return F.linear(out.reshape(n, hq * d), self.w_o)
 
 
@@ -289,16 +255,5 @@ class Model(nn.Module):
         b, t = input_ids.shape
         if t > self.arch.max_position_embeddings:
             raise ValueError(f"sequence of {t} tokens is longer than the context ({self.arch.max_position_embeddings})")
-        batch = Batch.prefill([t] * b, input_ids.device)
+        batch = Batch.sequences([t] * b, input_ids.device)
         return self.logits(self.forward_packed(input_ids.reshape(-1), batch)).view(b, t, -1)
-
-    def prefill(self, tokens: torch.Tensor, lengths: list[int], cache: KVCache) -> torch.Tensor:
-        """Packed prompts tokens [N] (sequence b is the b-th run of lengths[b] tokens) into cache rows 0..B-1;
-        returns the logits of each prompt's last token, [B, vocab]."""
-        batch = Batch.prefill(lengths, tokens.device, cache)
-        hidden = self.forward_packed(tokens, batch)
-        return self.logits(hidden[batch.cu_seqlens[1:].long() - 1])
-
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token per cache row: tokens [B] at positions [B] -> logits [B, vocab]."""
-        return self.logits(self.forward_packed(tokens, Batch.decode(positions, cache)))

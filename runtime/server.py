@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tessera.config import ConfigError, read_json
 from tessera.runtime.async_engine import AsyncEngine, EngineSpec, RequestStream
 from tessera.runtime.engine import CapacityError, EngineConfig, RequestOutput
-from tessera.runtime.generate import ContextLengthError, SamplingParams, check_prompt, encode_prompt
+from tessera.runtime.sampling import ContextLengthError, SamplingParams, check_prompt, encode_prompt
 
 # Used when the tokenizer config has no chat_template: one "role: content" line per message, then the
 # assistant's turn. Documented in the README.

@@ -35,7 +35,7 @@ def window_context(model: Model, n_windows: int, seq_len: int) -> tuple[Batch, t
     """The packed prefill batch of n equal windows (no KV cache) and its rotary tables: what a layer needs to
     run on hidden states [n·T, H] outside the model's own forward."""
     device = model.embed_tokens.weight.device
-    batch = Batch.prefill([seq_len] * n_windows, device)
+    batch = Batch.sequences([seq_len] * n_windows, device)
     cos, sin = model.rope_tables(batch.positions)
     return batch, cos, sin
 

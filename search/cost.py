@@ -1,15 +1,18 @@
 """The cost model: each block variant's runtime measured on this device, a model's latency predicted as a sum.
 
-For a scenario (batch, prompt length, generated length), every distinct block runs as the runtime's own
-`DecoderLayer` (the one serving executes) on random weights: one prefill of batch × prompt tokens, and single
-decode steps with the KV cache at the first and the last decode length (attention cost is linear in the
-context, so their mean is the mean over the whole generation). A block's runtime is then
+Everything is timed through the serving engine (runtime/engine.py): its prefill chunks and its decode steps,
+with the paged KV cache, the kernels it serves with and, on CUDA, its decode CUDA graphs, so what is measured is
+what is served. For a scenario (batch, prompt length, generated length), `engine_step_ms` times a model's
+prefill of batch prompts (every step until each has sampled its first token) and its decode step at the
+first and the last decode length (attention cost is linear in the context, so their mean is the mean over the
+whole generation). A block's share is the difference between a model of STACK_COPIES such blocks (distinct
+random weights) and one of as many no-op blocks, divided by STACK_COPIES: what the engine spends around the
+layers (embedding, LM head, sampling, scheduling) cancels. A block's runtime is then
 prefill + (gen_len − 1) × mean decode step: the first generated token comes from the prefill's logits.
 
-What is not a block (embedding, final norm, LM head, sampling, the generation loop itself, cache
-allocation) is measured as whole generations of a model whose only layer is a no-op, through the same
-`Generator` that serves. Predicted latency = non-block + Σ blocks (Puzzle's additivity assumption). The
-model reports its own error: predicted vs measured end-to-end latency of random architectures.
+What is not a block is measured as whole generations (`Generator`, the engine) of a model of STACK_COPIES
+blocks minus those blocks' runtime. Predicted latency = non-block + Σ blocks (Puzzle's additivity
+assumption). The model reports its own error: predicted vs measured end-to-end latency of random architectures.
 
 Memory comes from the config formulas (weights + batch × sequence × KV bytes), never from a measurement.
 """
@@ -25,14 +28,17 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from tessera.config import ArchConfig, BlockConfig, dtype_bytes
-from tessera.runtime.cache import KVCache
-from tessera.runtime.generate import Generator, SamplingParams
-from tessera.runtime.model import Batch, Model
+from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig, dtype_bytes
+from tessera.runtime.engine import Engine, EngineConfig
+from tessera.runtime.generate import Generator
+from tessera.runtime.model import Model
+from tessera.runtime.sampling import SamplingParams
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 MIB = 2**20
 STACK_COPIES = 4
+DECODE_STEPS = 24  # decode steps timed at each context (their median); the context grows by one per step
+NO_OP = BlockConfig(AttentionConfig("none"), FFNConfig("none"))
 
 
 @dataclass(frozen=True)
@@ -80,40 +86,76 @@ def median_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5,
 
 
 @torch.inference_mode()
+def engine_step_ms(model: Model, scenario: Scenario) -> dict[str, float]:
+    """Milliseconds the serving engine spends on `model` in the scenario: prefill_ms, the median of whole
+    prefills of batch prompts (chunked as served: every step until each prompt has sampled its first token),
+    and decode_ms, the mean over the first and the last decode length of the median decode step (batch
+    tokens, all requests decoding; CUDA graphs on CUDA)."""
+    scenario.check_context(model.arch)
+    device = model.embed_tokens.weight.device
+    b, p, g = scenario.batch, scenario.prompt_len, scenario.gen_len
+    context = model.arch.max_position_embeddings
+    length = min(context, scenario.seq_len + DECODE_STEPS + 4)
+    engine = Engine(model, None, EngineConfig(max_batch=b, max_model_len=length))
+    prompts = _prompts(model.arch, scenario)
+
+    def prefill() -> None:
+        for prompt in prompts:
+            engine.add_request(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
+        while engine.has_work():
+            engine.step()
+
+    def decode_at(position: int) -> float:
+        """Median decode step with every request's context around `position` (centred on the timed steps)."""
+        start = max(1, min(position - DECODE_STEPS // 2, length - DECODE_STEPS - 4))
+        for prompt in prompts:
+            engine.add_request((prompt * -(-start // p))[:start], SamplingParams(DECODE_STEPS + 3, ignore_eos=True))
+        while engine.waiting or any(r.computed < r.prompt_len for r in engine.running):
+            engine.step()  # prefill, untimed
+        engine.step()  # one untimed decode step
+        times = []
+        for _ in range(DECODE_STEPS):
+            begin = time.perf_counter()
+            engine.step()
+            _sync(device)
+            times.append((time.perf_counter() - begin) * 1e3)
+        engine.abort_all()
+        return statistics.median(times)
+
+    prefill_ms = median_ms(prefill, device)
+    decode = [decode_at(position) for position in sorted({p, p + g - 2})] if g > 1 else []
+    return {"prefill_ms": prefill_ms, "decode_ms": statistics.mean(decode) if decode else 0.0}
+
+
 def time_block(
     arch: ArchConfig,
     block: BlockConfig,
     scenario: Scenario,
     device: torch.device,
     dtype: torch.dtype,
-    copies: int = STACK_COPIES,
+    around: dict[str, float] | None = None,
 ) -> dict:
-    """Prefill and decode milliseconds of one runtime block in the scenario, as the mean over a stack of
-    `copies` such blocks with distinct random weights: timed alone in a loop, a block finds its weights and
-    inputs still in cache and reads 13 % faster than inside a model (demo parent, 2-core Xeon, prefill)."""
-    stack = arch.with_blocks([block] * copies)
-    model = Model.empty(stack, device, dtype).init_weights(seed=0)
-    b, p, g = scenario.batch, scenario.prompt_len, scenario.gen_len
-    cache = KVCache(stack, b, scenario.seq_len, device, dtype)
-    gen = torch.Generator(device).manual_seed(0)
+    """Prefill and decode milliseconds of one runtime block in the scenario, through the engine: a model of
+    STACK_COPIES such blocks (distinct random weights) minus `around` (the same model with no-op blocks,
+    `engine_step_ms`; measured here when not given), over STACK_COPIES. A stack, not a single block: timed
+    alone, a block finds its weights and inputs still in cache and reads 13 % faster than inside a model (demo
+    parent, 2-core Xeon, prefill). A no-op block costs nothing, by definition."""
+    if block.is_empty:
+        return {"prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": 0.0}
+    around = around or stack_ms(arch, NO_OP, scenario, device, dtype)
+    stack = stack_ms(arch, block, scenario, device, dtype)
+    # A block cheaper than the timer's noise can come out below zero: it costs nothing measurable.
+    prefill_ms, decode_ms = (max(0.0, stack[k] - around[k]) / STACK_COPIES for k in ("prefill_ms", "decode_ms"))
+    return {"prefill_ms": prefill_ms, "decode_ms": decode_ms,
+            "runtime_ms": prefill_ms + (scenario.gen_len - 1) * decode_ms}  # fmt: skip
 
-    def run(x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        for layer in model.layers:
-            x = layer(x, batch, cos, sin)
-        return x
 
-    h = torch.randn(b * p, arch.hidden_size, device=device, dtype=dtype, generator=gen)
-    prefill = Batch.prefill([p] * b, device, cache)
-    cos, sin = model.rope_tables(prefill.positions)
-    prefill_ms = median_ms(lambda: run(h, prefill, cos, sin), device) / copies
-    decode = []
-    for position in sorted({p, p + g - 2}) if g > 1 else []:
-        step = Batch.decode(torch.full((b,), position, device=device), cache)
-        x = torch.randn(b, arch.hidden_size, device=device, dtype=dtype, generator=gen)
-        c, s = model.rope_tables(step.positions)
-        decode.append(median_ms(lambda step=step, x=x, c=c, s=s: run(x, step, c, s), device) / copies)
-    decode_ms = statistics.mean(decode) if decode else 0.0
-    return {"prefill_ms": prefill_ms, "decode_ms": decode_ms, "runtime_ms": prefill_ms + (g - 1) * decode_ms}
+def stack_ms(
+    arch: ArchConfig, block: BlockConfig, scenario: Scenario, device: torch.device, dtype: torch.dtype
+) -> dict[str, float]:
+    """engine_step_ms of a model of STACK_COPIES `block`s with random weights."""
+    model = Model.empty(arch.with_blocks([block] * STACK_COPIES), device, dtype).init_weights(seed=0)
+    return engine_step_ms(model, scenario)
 
 
 def _prompts(arch: ArchConfig, scenario: Scenario) -> list[list[int]]:
@@ -128,21 +170,6 @@ def measure_latency(model: Model, scenario: Scenario, repeats: int = 3) -> float
     generator, prompts = Generator(model), _prompts(model.arch, scenario)
     params = SamplingParams(max_new_tokens=scenario.gen_len, ignore_eos=True)
     return median_ms(lambda: generator.generate(prompts, params), device, min_reps=repeats, budget_s=0)
-
-
-@torch.inference_mode()
-def prefill_decode_ms(model: Model, scenario: Scenario) -> dict[str, float]:
-    """Median milliseconds of one prefill of batch × prompt tokens and of one decode step (batch tokens, at
-    the middle of the generation), through the model's own prefill/decode with its KV cache and LM head."""
-    scenario.check_context(model.arch)
-    param = model.embed_tokens.weight
-    device, b, p = param.device, scenario.batch, scenario.prompt_len
-    cache = KVCache(model.arch, b, scenario.seq_len, device, param.dtype)
-    tokens = torch.tensor(_prompts(model.arch, scenario), device=device).reshape(-1)
-    prefill = median_ms(lambda: model.prefill(tokens, [p] * b, cache), device)
-    positions = torch.full((b,), p + scenario.gen_len // 2, device=device)
-    decode = median_ms(lambda: model.decode(tokens[:b], positions, cache), device)
-    return {"prefill_ms": prefill, "decode_ms": decode}
 
 
 def non_block_ms(
@@ -203,9 +230,10 @@ def calibrate(
     """Time every distinct block in `blocks` and the non-block part on this device."""
     scenario.check_context(arch)
     distinct = list(dict.fromkeys(blocks))
-    reference = distinct[0]
+    reference = next((b for b in distinct if not b.is_empty), distinct[0])
+    around = stack_ms(arch, NO_OP, scenario, device, dtype)
     timed = {
-        b.name: time_block(arch, b, scenario, device, dtype)
+        b.name: time_block(arch, b, scenario, device, dtype, around)
         for b in tqdm(distinct, desc="timing blocks", disable=not progress, dynamic_ncols=True)
     }
     return CostTable(

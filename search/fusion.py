@@ -36,7 +36,7 @@ from tqdm import tqdm
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.runtime.loader import save_model
 from tessera.runtime.model import Batch, Model
-from tessera.search.cost import Scenario, device_name, prefill_decode_ms
+from tessera.search.cost import Scenario, device_name, engine_step_ms
 from tessera.search.gkd import GKDConfig, distill
 from tessera.search.report import fusion_section, plot_dependency
 from tessera.search.scoring import model_quality, reference_logprobs
@@ -101,7 +101,7 @@ def ffn_runs(arch: ArchConfig) -> list[list[int]]:
 
 def _context(model: Model, tokens: torch.Tensor) -> tuple[torch.Tensor, Batch, torch.Tensor, torch.Tensor]:
     b, t = tokens.shape
-    batch = Batch.prefill([t] * b, tokens.device)
+    batch = Batch.sequences([t] * b, tokens.device)
     cos, sin = model.rope_tables(batch.positions)
     return model.embed_tokens(tokens.reshape(-1)), batch, cos, sin
 
@@ -421,7 +421,7 @@ def run_fusion(
         timings: dict[str, list[dict]] = {"unfused": [], "fused": []}
         for _ in range(LATENCY_ROUNDS):
             for name, m in (("unfused", model), ("fused", fused)):
-                timings[name].append(prefill_decode_ms(m, scenario))
+                timings[name].append(engine_step_ms(m, scenario))
         info["latency_rounds"] = LATENCY_ROUNDS
         info["latency"] = {
             name: {k: float(np.median([r[k] for r in rows])) for k in ("prefill_ms", "decode_ms")}

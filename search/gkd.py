@@ -33,7 +33,7 @@ def _forward(model: Model, inputs: torch.Tensor) -> tuple[list[torch.Tensor], to
     """Each layer's output [N, H] and the logits [N, V] for windows [B, T]."""
     b, t = inputs.shape
     outputs: list[torch.Tensor] = []
-    hidden = model.forward_packed(inputs.reshape(-1), Batch.prefill([t] * b, inputs.device), outputs)
+    hidden = model.forward_packed(inputs.reshape(-1), Batch.sequences([t] * b, inputs.device), outputs)
     return outputs, model.logits(hidden)
 
 

@@ -24,9 +24,9 @@ import torch
 
 from tessera.config import ArchConfig, BlockConfig
 from tessera.demo_parent import CORPUS_DIR, PARENT_DIR, encode_split
-from tessera.runtime.generate import load_tokenizer
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
+from tessera.runtime.sampling import load_tokenizer
 from tessera.search import activations
 from tessera.search.assemble import assemble_child
 from tessera.search.bld import BLDConfig, SublayerStore, run_bld

@@ -78,15 +78,16 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def _generator(model_path: str, device: str, dtype: str):
-    from tessera.runtime.generate import Generator, load_tokenizer
+    from tessera.runtime.generate import Generator
     from tessera.runtime.loader import load_model, parse_dtype
+    from tessera.runtime.sampling import load_tokenizer
 
     model = load_model(model_path, device=resolve_device(device), dtype=parse_dtype(dtype))
     return Generator(model, load_tokenizer(model_path))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from tessera.runtime.generate import SamplingParams
+    from tessera.runtime.sampling import SamplingParams
 
     gen = _generator(args.model, args.device, args.dtype)
     params = SamplingParams(
@@ -116,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from tessera.demo_parent import PARENT_DIR
-    from tessera.runtime.generate import SamplingParams
+    from tessera.runtime.sampling import SamplingParams
 
     model_dir = Path(args.model or PARENT_DIR)
     print(_format_info(ArchConfig.from_json(model_dir), f"model: {model_dir}"))
@@ -298,8 +299,8 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 
 def cmd_fuse(args: argparse.Namespace) -> None:
     from tessera.demo_parent import CORPUS_DIR, encode_split
-    from tessera.runtime.generate import load_tokenizer
     from tessera.runtime.loader import load_model
+    from tessera.runtime.sampling import load_tokenizer
     from tessera.search.fusion import FusionConfig, FusionError, parse_groups, run_fusion
     from tessera.search.train import fixed_windows
 

@@ -13,7 +13,7 @@ import torch
 from tessera.config import ArchConfig
 from tessera.demo_parent import CORPUS_DIR, EOS, PARENT_DIR, VALIDATION_EVERY, _documents, encode_split, read_corpus
 from tessera.runtime import load_model
-from tessera.runtime.generate import load_tokenizer
+from tessera.runtime.sampling import load_tokenizer
 from tessera.search.train import evaluate_lm, fixed_windows
 
 REPORT = json.loads((PARENT_DIR / "training.json").read_text())
@@ -72,7 +72,8 @@ def test_corpus_snapshot_is_reproducible_from_this_python() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_generation_follows_float32(dtype: torch.dtype) -> None:
-    from tessera.runtime.generate import Generator, SamplingParams
+    from tessera.runtime.generate import Generator
+    from tessera.runtime.sampling import SamplingParams
 
     prompts = ["def parse_args(", "import os\nimport sys\n\n\n", "class Stack:\n"]
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)

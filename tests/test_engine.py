@@ -2,8 +2,10 @@
 stop handling, admission control and the KV pool, abort, and the padded decode step of the CUDA graphs.
 
 References: transformers' LlamaForCausalLM (logits of the whole sequence in one forward, no cache) for the
-paged forward; tessera's static-batch `Generator` (contiguous cache, prefill and decode kernels: a different
-attention path) for greedy outputs of the heterogeneous nemotron-nas model transformers cannot load.
+paged forward; greedy decoding by a whole uncached forward per token (tessera's training/scoring forward: the
+varlen prefill attention, no KV cache) for the heterogeneous nemotron-nas model transformers cannot load.
+The pool's layouts are both tested: 16-token (or smaller) pages, as on the GPU, and one page of a whole
+context per request, the CPU default.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import torch
 
 from tessera.demo_parent import PARENT_DIR
 from tessera.runtime.cache import PagedKVCache
-from tessera.runtime.engine import CapacityError, DecodeGraphs, Engine, EngineConfig, TextStream
-from tessera.runtime.generate import ContextLengthError, Generator, SamplingParams, load_tokenizer
+from tessera.runtime.engine import CapacityError, DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.loader import load_model
+from tessera.runtime.sampling import ContextLengthError, SamplingParams, TextStream, load_tokenizer
 
 from .conftest import relative_error
 
@@ -30,17 +32,29 @@ def prompts_of(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("kv_rows", [False, True], ids=["pages", "rows"])
-def test_paged_chunked_prefill_and_decode_match_transformers(llama_untied, monkeypatch, kv_rows) -> None:
+PAGE_SIZES = [pytest.param(4, id="pages"), pytest.param(None, id="whole-context-pages")]
+
+
+def greedy_by_full_forward(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens, each from a whole forward of everything so far (no KV cache at all)."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(model(torch.tensor([tokens]))[0, -1].argmax().item())
+    return tokens[len(prompt) :]
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_paged_chunked_prefill_and_decode_match_transformers(llama_untied, monkeypatch, page_size) -> None:
     """Every logits row the engine samples from equals transformers' logits at that position, for prompts
-    prefilled in chunks of 7 tokens across steps while others decode (fp32; observed ~1e-6). Scattered
-    pages (gathered) and whole rows (read in place) alike."""
+    prefilled in chunks of 7 tokens across steps while others decode (fp32; observed ~1e-6). Pages of 4 tokens
+    (gathered) and a whole-context page per request (read in place) alike."""
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(llama_untied, dtype=torch.float32).eval()
     model = load_model(llama_untied)
-    engine = Engine(model, config=EngineConfig(max_batch=3, max_step_tokens=7, page_size=4, kv_rows=kv_rows))
-    assert (engine.cache.rows > 0) == kv_rows
+    engine = Engine(model, config=EngineConfig(max_batch=3, max_step_tokens=7, page_size=page_size))
+    assert engine.cache.page_size == (page_size or engine.max_model_len)
     recorded: list[torch.Tensor] = []
     logits = model.logits
     monkeypatch.setattr(model, "logits", lambda h: recorded.append(out := logits(h)) or out)
@@ -71,30 +85,32 @@ def test_paged_chunked_prefill_and_decode_match_transformers(llama_untied, monke
         assert c.tokens == out[0, len(p) :].tolist()
 
 
-def test_heterogeneous_model_matches_the_static_generator(nas_checkpoint) -> None:
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_heterogeneous_model_matches_uncached_greedy(nas_checkpoint, page_size) -> None:
     """Linear and no-op attention layers hold no pages and nothing breaks around them: greedy outputs of
-    the nemotron-nas test model equal the static-batch generator's, served 2 at a time with chunked prefill."""
+    the nemotron-nas test model (4/2/1 KV heads) served 2 at a time with chunked prefill equal greedy decoding
+    by whole uncached forwards."""
     model = load_model(nas_checkpoint)
-    engine = Engine(model, config=EngineConfig(max_batch=2, max_step_tokens=8, page_size=16))
+    engine = Engine(model, config=EngineConfig(max_batch=2, max_step_tokens=8, page_size=page_size))
     assert [k is None for k in engine.cache.k] == [b.attention.kind != "gqa" for b in model.arch.blocks]
     kv_heads = [k.shape[2] for k in engine.cache.k if k is not None]
     assert kv_heads == [b.attention.n_kv_heads for b in model.arch.blocks if b.attention.kind == "gqa"]
-    page_bytes = PagedKVCache.page_bytes(model.arch, 16, torch.float32)
+    page_bytes = PagedKVCache.page_bytes(model.arch, engine.cache.page_size, torch.float32)
     assert engine.cache.nbytes() == engine.cache.num_pages * page_bytes
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     prompts = prompts_of([5, 21, 2, 13], 101, seed=1)
-    static = [Generator(model).generate([p], params)[0].tokens for p in prompts]
-    assert [c.tokens for c in engine.generate(prompts, params)] == static
+    expected = [greedy_by_full_forward(model, p, 10) for p in prompts]
+    assert [c.tokens for c in engine.generate(prompts, params)] == expected
 
 
-@pytest.mark.parametrize("kv_rows", [False, True], ids=["pages", "rows"])
-def test_greedy_in_a_busy_batch_equals_alone(demo, kv_rows) -> None:
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_greedy_in_a_busy_batch_equals_alone(demo, page_size) -> None:
     """Requests join a batch mid-flight (added between steps), some prefilled in chunks beside decodes."""
     model, tok = demo
     params = SamplingParams(max_new_tokens=24)
     texts = ["def main(argv):\n", "import os\n", "class Node:\n    def __init__(self, value):\n", "for i in range("]
     alone = [Engine(model, tok).generate([t], params)[0] for t in texts]
-    engine = Engine(model, tok, EngineConfig(max_batch=4, max_step_tokens=8, kv_rows=kv_rows))
+    engine = Engine(model, tok, EngineConfig(max_batch=4, max_step_tokens=8, page_size=page_size))
     ids = {}
     outputs = {}
     for step in range(10_000):
@@ -189,10 +205,10 @@ def test_max_batch_bounds_the_running_requests(demo) -> None:
     assert seen == 3
 
 
-@pytest.mark.parametrize("kv_rows", [False, True], ids=["pages", "rows"])
-def test_abort_frees_pages_at_once(demo, kv_rows) -> None:
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_abort_frees_pages_at_once(demo, page_size) -> None:
     model, tok = demo
-    engine = Engine(model, tok, EngineConfig(max_batch=2, kv_rows=kv_rows))
+    engine = Engine(model, tok, EngineConfig(max_batch=2, page_size=page_size))
     a = engine.add_request("def f(x):", SamplingParams(max_new_tokens=200))
     b = engine.add_request("import os", SamplingParams(max_new_tokens=200))
     engine.add_request("x = 1", SamplingParams(max_new_tokens=200))  # waits: max_batch 2
@@ -200,8 +216,7 @@ def test_abort_frees_pages_at_once(demo, kv_rows) -> None:
     free = engine.cache.free_pages
     out = engine.abort(a)
     assert out.finished and out.finish_reason == "abort"
-    held = engine.cache.row_pages if kv_rows else engine.cache.pages_for(4 + 200 - 1)  # a whole row, or its pages
-    assert engine.cache.free_pages == free + held
+    assert engine.cache.free_pages == free + engine.cache.pages_for(4 + 200 - 1)  # 51 pages of 4, or 1 whole one
     assert engine.abort(a) is None  # already gone
     assert engine.abort(b).finish_reason == "abort"
     engine.step()
@@ -237,45 +252,47 @@ def test_padded_decode_step_equals_unpadded(demo) -> None:
         assert set(changed) <= {0, *(r.pages[r.computed // 16] for r, _ in plan)}
 
 
-def poison(cache: PagedKVCache, pages: list[int], written: int) -> None:
-    """What an earlier request could leave behind: NaN K/V in the first `written` of its pages, every layer."""
-    slots = torch.tensor([p * cache.page_size + t for p in pages[:written] for t in range(cache.page_size)])
+def poison(cache: PagedKVCache, pages: list[int], tokens: int) -> None:
+    """What an earlier owner of `pages` could leave behind: NaN K/V for its first `tokens` tokens, every layer."""
+    page = cache.page_size
+    slots = torch.tensor([pages[t // page] * page + t % page for t in range(tokens)])
     for layer, k in enumerate(cache.k):
         if k is not None:
             nan = torch.full((len(slots), *k.shape[2:]), float("nan"))
             cache.write(layer, slots, nan, nan)
 
 
-@pytest.mark.parametrize("kv_rows", [False, True], ids=["pages", "rows"])
-def test_stale_nan_in_free_pages_never_reaches_a_request(demo, kv_rows) -> None:
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_stale_nan_in_free_pages_never_reaches_a_request(demo, page_size) -> None:
     """NaN K/V left in the pool by earlier requests cannot leak into later ones through the masked tail of a
-    page or, with rows, of a row: first every page was written (scattered), then one row's first 2 pages
-    (a whole-row owner of 2 pages). Pages are zeroed when handed out, rows as far as they were written."""
+    page: first every slot of every page was written, then the first 20 tokens of one request's pages. Pages
+    are zeroed when handed out, as far as their last owner could have written."""
     model, tok = demo
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     prompts = prompts_of([5, 37, 16], 8192, seed=4)
     clean = Engine(model, tok, EngineConfig(max_batch=4)).generate(prompts, params)
-    engine = Engine(model, tok, EngineConfig(max_batch=4, kv_rows=kv_rows))
+    engine = Engine(model, tok, EngineConfig(max_batch=4, page_size=page_size))
     cache = engine.cache
-    assert (cache.rows > 0) == kv_rows
-    everything = cache.allocate(cache.free_pages)
-    poison(cache, everything, len(everything))
+    everything = cache.allocate(cache.free_pages * cache.page_size)
+    poison(cache, everything, len(everything) * cache.page_size)
     cache.release(everything)
-    two = cache.allocate(2)
-    poison(cache, two, 2)
-    cache.release(two)
+    some = cache.allocate(20)
+    poison(cache, some, 20)
+    cache.release(some)
     assert [c.tokens for c in engine.generate(prompts, params)] == [c.tokens for c in clean]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (decode steps replay CUDA graphs)")
-def test_cuda_graph_decode_equals_the_static_generator() -> None:
+def test_cuda_graph_decode_equals_eager_and_uncached_greedy() -> None:
     """On CUDA (float32, Triton kernels), decode steps replayed from graphs at padded batch sizes give the
-    static generator's greedy tokens for 5 requests (padded to 8)."""
+    same greedy tokens for 5 requests (padded to 8) as eager steps and as whole uncached forwards."""
     model, tok = load_model(PARENT_DIR, device="cuda"), load_tokenizer(PARENT_DIR)
     engine = Engine(model, tok, EngineConfig(max_batch=8))
     assert engine.graphs is not None and 8 in engine.graphs.graphs
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     prompts = prompts_of([3, 17, 40, 9, 1], 8192, seed=5)
-    static = [Generator(model, tok).generate([p], params)[0].tokens for p in prompts]
-    assert [c.tokens for c in engine.generate(prompts, params)] == static
+    eager = Engine(model, tok, EngineConfig(max_batch=8, cuda_graphs=False)).generate(prompts, params)
+    graphs = engine.generate(prompts, params)
+    assert [c.tokens for c in graphs] == [c.tokens for c in eager]
+    assert [c.tokens for c in graphs] == [greedy_by_full_forward(model, p, 20) for p in prompts]

@@ -16,7 +16,7 @@ from tessera import kernels
 from tessera.cli import main
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, ConfigError, FFNConfig
 from tessera.demo_parent import PARENT_DIR, read_corpus
-from tessera.runtime.cache import KVCache
+from tessera.runtime.cache import PagedKVCache
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
 from tessera.search.fusion import (
@@ -237,7 +237,7 @@ def test_info_reports_ultra_fused_ffns_and_empty_layers(capsys):
 def test_empty_layers_cost_nothing_and_fused_ffn_is_one_kernel_call(monkeypatch):
     fused = fuse(tiny_model(), [FusionGroup((1, 3, 4))])
     assert not any(n.startswith(("layers.1.", "layers.2.", "layers.3.")) for n, _ in fused.named_parameters())
-    cache = KVCache(fused.arch, 1, 8)
+    cache = PagedKVCache(fused.arch, num_pages=2, page_size=8)
     assert cache.k[1] is cache.v[3] is None
     calls = []
     real_ffn, real_norm = kernels.swiglu_ffn, kernels.rms_norm

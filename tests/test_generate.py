@@ -7,8 +7,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
-from tessera.runtime.generate import ContextLengthError, Generator, SamplingParams, sample
+from tessera.runtime.generate import Generator
 from tessera.runtime.model import Model
+from tessera.runtime.sampling import ContextLengthError, SamplingParams, sample
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b", "hello world"] * 20
 

@@ -1,11 +1,11 @@
 """Backend dispatch, and the whole runtime model with Triton kernels against the model with references.
 
 The model test runs a checkpoint mixing every block kind (per-layer KV heads 4/2/1, linear and no-op
-attention, SwiGLU widths 256/512, linear and no-op FFNs) through a packed prefill and cached decode steps
-with each backend. float32 tolerance 1e-5 (observed ~1e-6: the same math summed in other orders);
-float16 5e-3: each of 8 layers rounds activations to fp16 (unit roundoff 4.9e-4) at slightly different
-points on each side (e.g. silu(gate)·up rounded once instead of three times), and the logits carry those
-differences; observed <= 1.8e-3.
+attention, SwiGLU widths 256/512, linear and no-op FFNs) through the engine's steps (prompts prefilled in
+chunks beside decode tokens, over 8-token pages) with each backend. float32 tolerance 1e-5 (observed ~1e-6:
+the same math summed in other orders); float16 5e-3: each of 8 layers rounds activations to fp16 (unit
+roundoff 4.9e-4) at slightly different points on each side (e.g. silu(gate)·up rounded once instead of three
+times), and the logits carry those differences; observed <= 1.8e-3.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import torch
 
 from tessera import kernels
 from tessera.runtime import load_model
-from tessera.runtime.cache import KVCache
-from tessera.runtime.generate import Generator, SamplingParams
+from tessera.runtime.engine import Engine, EngineConfig
+from tessera.runtime.generate import Generator
+from tessera.runtime.sampling import SamplingParams
 
 from .conftest import KERNEL_DEVICE, kernel_backend, nas_config, nas_tensors, relative_error, write_checkpoint
 
@@ -75,30 +76,31 @@ def nas_checkpoint_dir(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("nas_kernels"), config, nas_tensors(config))
 
 
-def _prefill_and_decode(model, steps: int = 3) -> list[torch.Tensor]:
-    """Logits of a packed 3-prompt prefill, then `steps` cached decode steps (greedy tokens fed back)."""
-    lengths = [9, 1, 30]
+def _step_logits(model, monkeypatch, steps: int = 3) -> list[torch.Tensor]:
+    """The logits of every engine step: 3 prompts prefilled in chunks of at most 16 tokens, then `steps`
+    decode steps (greedy tokens fed back)."""
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(3, model.arch.vocab_size, (sum(lengths),), generator=gen).to(KERNEL_DEVICE)
-    cache = KVCache(model.arch, len(lengths), 64, KERNEL_DEVICE, model.embed_tokens.weight.dtype)
-    with torch.no_grad():
-        logits = [model.prefill(tokens, lengths, cache)]
-        positions = torch.tensor(lengths, device=KERNEL_DEVICE)
-        for _ in range(steps):
-            logits.append(model.decode(logits[-1].argmax(-1), positions, cache))
-            positions = positions + 1
-    return logits
+    prompts = [torch.randint(3, model.arch.vocab_size, (n,), generator=gen).tolist() for n in (9, 1, 30)]
+    recorded: list[torch.Tensor] = []
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda h: recorded.append(out := logits(h)) or out)
+    engine = Engine(model, config=EngineConfig(max_batch=3, max_model_len=64, max_step_tokens=16, page_size=8))
+    engine.generate(prompts, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True))
+    monkeypatch.undo()
+    return recorded
 
 
 @pytest.mark.parametrize(
     ("dtype", "tol"), [pytest.param(torch.float32, 1e-5, id="fp32"), pytest.param(torch.float16, 5e-3, id="fp16")]
 )
-def test_model_with_triton_kernels_matches_references(nas_checkpoint_dir: Path, dtype, tol) -> None:
+def test_model_with_triton_kernels_matches_references(nas_checkpoint_dir: Path, monkeypatch, dtype, tol) -> None:
     model = load_model(nas_checkpoint_dir, device=KERNEL_DEVICE, dtype=dtype)
     with kernel_backend("torch"):
-        expected = _prefill_and_decode(model)
+        expected = _step_logits(model, monkeypatch)
     with kernel_backend("triton"):
-        actual = _prefill_and_decode(model)
+        actual = _step_logits(model, monkeypatch)
+    # Steps of 16 tokens: 9 + 1 + 6 of the 30, then 14 and 10 more of it beside the others' decodes, then decodes.
+    assert len(actual) == len(expected) == 6
     for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert relative_error(a, e) <= tol, f"step {step}"
 

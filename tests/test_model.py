@@ -6,7 +6,7 @@
   few bits (observed ~5e-7).
 - nemotron-nas: a straightforward reference written below from DESIGN.md's semantics (explicit per-head
   loops, an explicit causal mask, HF tensors used by name), on a checkpoint mixing every block kind.
-- The KV cache: decoding token by token gives the logits of one full forward pass.
+- The paged KV cache: the engine's chunked prefill and decode steps give the logits of one full forward pass.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from tessera.runtime import load_model
-from tessera.runtime.cache import KVCache
+from tessera.runtime.cache import PagedKVCache
+from tessera.runtime.engine import Engine, EngineConfig
+from tessera.runtime.model import Batch
+from tessera.runtime.sampling import SamplingParams
 
 from .conftest import nas_config, nas_tensors, relative_error
 
@@ -46,7 +49,8 @@ def test_llama_matches_transformers(fixture: str, request) -> None:
 def test_llama_greedy_generation_matches_transformers(llama_untied: Path) -> None:
     from transformers import LlamaForCausalLM
 
-    from tessera.runtime.generate import Generator, SamplingParams
+    from tessera.runtime.generate import Generator
+    from tessera.runtime.sampling import SamplingParams
 
     reference = LlamaForCausalLM.from_pretrained(llama_untied, dtype=torch.float32).eval()
     prompt = [5, 17, 33, 8, 91, 60, 12]
@@ -171,44 +175,40 @@ def test_no_op_layers_build_nothing(nas_checkpoint: Path) -> None:
 
 def test_kv_cache_is_per_layer_and_unpadded(nas_checkpoint: Path) -> None:
     model = load_model(nas_checkpoint)
-    cache = KVCache(model.arch, batch_size=3, max_seq_len=50)
+    cache = PagedKVCache(model.arch, num_pages=5, page_size=16)
     shapes = [None if k is None else tuple(k.shape) for k in cache.k]
-    assert shapes == [(3, 4, 50, 8), (3, 2, 50, 8), None, (3, 1, 50, 8), None, (3, 2, 50, 8), None, None]
-    assert cache.nbytes() == model.arch.kv_bytes_per_token("float32") * 3 * 50
+    assert shapes == [(5, 16, 4, 8), (5, 16, 2, 8), None, (5, 16, 1, 8), None, (5, 16, 2, 8), None, None]
+    assert cache.nbytes() == model.arch.kv_bytes_per_token("float32") * 5 * 16
 
 
 @pytest.mark.parametrize("fixture", ["nas_checkpoint", "llama_tied"])
-def test_decode_with_cache_matches_full_forward(fixture: str, request) -> None:
+def test_cached_steps_match_full_forward(fixture: str, request, monkeypatch) -> None:
+    """The logits each engine step samples from (a prompt prefilled in chunks of 5, then 9 decode steps) equal
+    one uncached forward over the whole sequence."""
     model = load_model(request.getfixturevalue(fixture))
-    vocab = model.arch.vocab_size
-    lengths = [7, 1, 12]  # ragged prompts, then 9 decode steps each
-    steps = 9
+    recorded: list[torch.Tensor] = []
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda h: recorded.append(out := logits(h)) or out)
     gen = torch.Generator().manual_seed(5)
-    seqs = [torch.randint(0, vocab, (n + steps,), generator=gen) for n in lengths]
-    cache = KVCache(model.arch, len(lengths), max(lengths) + steps)
-    with torch.no_grad():
-        prompts = torch.cat([s[:n] for s, n in zip(seqs, lengths)])
-        step_logits = [model.prefill(prompts, lengths, cache)]
-        positions = torch.tensor(lengths)
-        for j in range(steps):
-            tokens = torch.stack([s[n + j] for s, n in zip(seqs, lengths)])
-            step_logits.append(model.decode(tokens, positions + j, cache))
-        for b, (s, n) in enumerate(zip(seqs, lengths)):
-            full = model(s[None])[0]  # (n + steps, V)
-            expected = full[n - 1 : n + steps]
-            actual = torch.stack([lg[b] for lg in step_logits])
-            assert relative_error(actual, expected) <= FP32_TOL
+    for n in (7, 1, 12):  # ragged prompts, one at a time: the rows are then that sequence's, in order
+        prompt = torch.randint(0, model.arch.vocab_size, (n,), generator=gen).tolist()
+        recorded.clear()
+        engine = Engine(model, config=EngineConfig(max_batch=2, max_step_tokens=5, page_size=4))
+        [c] = engine.generate([prompt], SamplingParams(max_new_tokens=10, ignore_eos=True))
+        with torch.no_grad():
+            full = logits(model.forward_packed(torch.tensor(prompt + c.tokens), Batch.sequences([n + 10], "cpu")))
+        assert relative_error(torch.cat(recorded), full[n - 1 : n + 9]) <= FP32_TOL
 
 
-def test_packed_prefill_equals_separate(nas_checkpoint: Path) -> None:
+def test_packed_sequences_equal_separate(nas_checkpoint: Path) -> None:
     model = load_model(nas_checkpoint)
     gen = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, 101, (n,), generator=gen) for n in (5, 31, 2)]
     with torch.no_grad():
-        packed = model.prefill(torch.cat(seqs), [5, 31, 2], KVCache(model.arch, 3, 31))
-        for b, s in enumerate(seqs):
-            alone = model(s[None])[0, -1]
-            assert relative_error(packed[b], alone) <= FP32_TOL
+        packed = model.logits(model.forward_packed(torch.cat(seqs), Batch.sequences([5, 31, 2], "cpu")))
+        for s, end in zip(seqs, (5, 36, 38)):
+            alone = model(s[None])[0]
+            assert relative_error(packed[end - len(s) : end], alone) <= FP32_TOL
 
 
 def test_bfloat16_forward_close_to_float32(llama_untied: Path) -> None:

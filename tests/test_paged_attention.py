@@ -1,46 +1,62 @@
-"""Paged attention (the serving engine's mixed prefill/decode step) against attention written out by hand.
+"""Paged attention (every cached attention of an engine step: prefill chunks and decode tokens) against attention
+written out by hand.
 
-The independent reference lays each sequence's keys out contiguously, computes softmax(q·kᵀ/√D) with the
-causal diagonal shifted by the keys cached before the step, in float64, one query head at a time (query head
-h reads KV head h // G). Both the Triton kernel (GPU, else the interpreter) and the plain-torch path the CPU
-serves with are checked against it. Pages are handed out in a shuffled order, so a kernel that ignored the
-block table would read another sequence's keys; pages no sequence owns are NaN-poisoned and unused table
-entries out of range, so reading another page shows up as NaN or an index error. The unwritten tail of a
-sequence's last page is zero, as PagedKVCache.allocate leaves it.
+The independent reference lays each sequence's keys out contiguously and computes softmax(q·kᵀ/√D) with the
+causal diagonal shifted by the keys cached before the step, in float64, one query and one query head at a time
+(query head h reads KV head h // G). Both the Triton kernel (GPU, else the interpreter) and the plain-torch path
+the CPU serves with are checked against it. Pages are handed out in a shuffled order, so a kernel that ignored
+the block table would read another sequence's keys; pages no sequence owns are NaN, and table entries past a
+sequence's own pages are out of range, so reading a page it does not own shows up as NaN or an index error.
+The unwritten tail of a sequence's last page is zero, as PagedKVCache.allocate leaves it. Every buffer the
+Triton launcher allocates (output, split partials, log-sum-exps) starts as NaN (`poisoned`).
 
-Cases mix decode tokens (one query), whole prompts (nothing cached before) and later chunks of a long prompt
-(a cached prefix), with G = 1, 4 and 8, head dims 16 and 24 (not a power of two), pages of 16 and 32
-tokens, and contexts that end mid-page. Tolerances as for the other attention kernels (relative to the
-largest reference value): float32 1e-5, float16 2e-3 (P rounded to fp16 for P·V).
+Cases: G = 1, 2, 4, 8, 16 and 64; head dims 16, 24 (not a power of two) and 128 (64-key tiles); pages of 4, 8,
+16, 32 and a whole context; decode tokens of contexts 0 (an idle sequence), 1, on and either side of page
+and split boundaries (128-key shares: 128, 129, 255, 256, 257), up to 1,000 and, marked slow, 131,072; whole
+prompts, later chunks of a long prompt and decode tokens mixed in one step; the context split over the SMs
+(the default plan) and not split at all.
+
+Tolerances (relative to the largest reference value): float32 1e-5 (observed ~1e-7: sums in another order);
+float16 2e-3: the kernel rounds P to fp16 for P·V and the output once (observed <= 5e-4).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
 
 from tessera import kernels
-from tessera.kernels.attention_paged import attention_paged_reference
+from tessera.kernels.attention_paged import PagedAttentionMetadata, attention_paged_reference
 
 from .conftest import KERNEL_DEVICE, relative_error
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+paged = importlib.import_module("tessera.kernels.attention_paged")  # the module: `kernels.attention_paged` is the op
 
 # (query tokens this step, cached tokens in all after it) per sequence; query heads; KV heads; head dim; page
 CASES = [
-    ([(1, 1)], 4, 4, 16, 16),
-    ([(1, 17), (5, 5), (1, 40)], 8, 2, 16, 16),
-    ([(37, 37), (1, 100), (20, 53)], 8, 1, 24, 16),
-    ([(3, 70), (1, 33), (1, 2), (64, 64)], 4, 1, 16, 32),
+    ([(1, 1), (0, 0), (1, 16), (1, 17), (1, 128), (1, 129), (1, 300)], 4, 4, 16, 16),  # G 1, decode, boundaries
+    ([(1, 255), (1, 256), (1, 257), (1, 2)], 8, 4, 16, 32),  # G 2, split boundaries
+    ([(1, 40), (1, 1000)], 32, 8, 128, 16),  # G 4 at Llama-3.1-8B's heads and head dim
+    ([(1, 33), (5, 5), (1, 64), (20, 53)], 16, 2, 24, 16),  # G 8: a prompt, a chunk and decodes
+    ([(37, 37), (1, 100), (3, 70), (0, 0)], 16, 1, 16, 4),  # G 16: several query tiles, no split
+    ([(1, 1), (1, 130), (2, 2)], 64, 1, 16, 8),  # G 64: 64 and 128 rows per tile, split
+    ([(64, 64), (1, 33)], 4, 1, 16, 32),  # G 4: a 64-token prompt beside a decode
 ]
 
 
-def paged_layout(lengths: list[int], n_kv: int, head_dim: int, page: int, dtype: torch.dtype, seed: int):
-    """Contiguous per-sequence K/V, the same K/V scattered over shuffled pages, and the block tables."""
+def paged_layout(lengths: list[int], n_kv: int, head_dim: int, page: int, dtype: torch.dtype, seed: int,
+                 pages: list[list[int]] | None = None):  # fmt: skip
+    """Contiguous per-sequence K/V, the same K/V on pages (shuffled, or the given ones), and the block tables."""
     gen = torch.Generator().manual_seed(seed)
     n_pages = [-(-n // page) for n in lengths]
-    total = sum(n_pages) + 3  # spare pages that no sequence owns
-    order = torch.randperm(total, generator=gen).tolist()
+    if pages is None:
+        order = torch.randperm(sum(n_pages) + 3, generator=gen).tolist()  # 3 pages that no sequence owns
+        pages = [[order.pop() for _ in range(n)] for n in n_pages]
+    total = max((p for own in pages for p in own), default=0) + 2
     k_pages = torch.full((total, page, n_kv, head_dim), float("nan"))
     v_pages = torch.full((total, page, n_kv, head_dim), float("nan"))
     tables = torch.full((len(lengths), max(n_pages) + 2), 10**6, dtype=torch.int32)  # out-of-range filler
@@ -48,8 +64,7 @@ def paged_layout(lengths: list[int], n_kv: int, head_dim: int, page: int, dtype:
     for b, n in enumerate(lengths):
         k, v = (torch.randn(n, n_kv, head_dim, generator=gen) for _ in range(2))
         ks.append(k), vs.append(v)
-        for i in range(n_pages[b]):
-            p = order.pop()
+        for i, p in enumerate(pages[b]):
             tables[b, i] = p
             k_pages[p], v_pages[p] = 0.0, 0.0
             k_pages[p, : min(page, n - i * page)] = k[i * page : (i + 1) * page]
@@ -75,75 +90,70 @@ def by_hand(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], q_l
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_paged_attention_matches_hand_written(case: int, dtype: torch.dtype) -> None:
-    seqs, n_heads, n_kv, head_dim, page = CASES[case]
-    q_lens, lengths = [n for n, _ in seqs], [n for _, n in seqs]
-    ks, vs, k_pages, v_pages, tables = paged_layout(lengths, n_kv, head_dim, page, dtype, seed=case)
-    q = torch.randn(sum(q_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(100 + case))
-    # The hand reference sees the same rounded values the kernels read.
-    ks = [k.to(dtype).float() for k in ks]
-    vs = [v.to(dtype).float() for v in vs]
-    expected = by_hand(q.to(dtype).float(), ks, vs, q_lens)
+def metadata(q_lens: list[int], lengths: list[int], tables: torch.Tensor) -> PagedAttentionMetadata:
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=KERNEL_DEVICE)
     seq_lens = torch.tensor(lengths, dtype=torch.int32, device=KERNEL_DEVICE)
+    return PagedAttentionMetadata(tables, cu, seq_lens, max(q_lens))
+
+
+def check_case(seqs, n_heads, n_kv, head_dim, page, dtype, seed, pages=None) -> None:
+    q_lens, lengths = [n for n, _ in seqs], [n for _, n in seqs]
+    ks, vs, k_pages, v_pages, tables = paged_layout(lengths, n_kv, head_dim, page, dtype, seed, pages)
+    q = torch.randn(sum(q_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(100 + seed))
+    # The hand reference sees the same rounded values the kernels read.
+    expected = by_hand(q.to(dtype).float(), [k.to(dtype).float() for k in ks], [v.to(dtype).float() for v in vs],
+                       q_lens)  # fmt: skip
     qd = q.to(device=KERNEL_DEVICE, dtype=dtype)
-    kernels.set_backend("triton")
-    try:
-        triton_out = kernels.attention_paged(qd, k_pages, v_pages, tables, cu, seq_lens, max(q_lens))
-    finally:
-        kernels.set_backend(None)
-    torch_out = attention_paged_reference(qd, k_pages, v_pages, tables, cu, seq_lens)
-    assert relative_error(triton_out.cpu(), expected) <= TOL[dtype]
-    assert relative_error(torch_out.cpu(), expected) <= TOL[dtype]
+    triton_out = kernels.attention_paged(qd, k_pages, v_pages, metadata(q_lens, lengths, tables))  # poisoned: Triton
+    torch_out = attention_paged_reference(qd, k_pages, v_pages, metadata(q_lens, lengths, tables))
+    for out in (triton_out, torch_out):
+        assert out.shape == q.shape and out.dtype == dtype
+        assert relative_error(out.cpu(), expected) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("splits", ["split", "one"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_paged_attention_matches_hand_written(poisoned, monkeypatch, case: int, dtype, splits: str) -> None:
+    if splits == "one":  # a GPU with enough (sequence, KV head) programs already: the output is written directly
+        monkeypatch.setattr(paged, "sm_count", lambda device: 0)
+    check_case(*CASES[case], dtype, seed=case)
+
+
+def test_the_split_plan_covers_the_gpu_and_follows_the_capacity(monkeypatch) -> None:
+    """Few (sequence, KV head) programs: split until they cover the SMs WAVES times; never more splits than the
+    table has tiles, nor than MAX_SPLITS; many programs: none."""
+    monkeypatch.setattr(paged, "sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert paged.split_count(8, 8192, 64, cpu) == 64  # batch 1 x 8 KV heads at 8k: 528 / 8 = 66, capped
+    assert paged.split_count(128, 8192, 64, cpu) == 5  # batch 16
+    assert paged.split_count(512, 8192, 64, cpu) == 2  # batch 64
+    assert paged.split_count(8, 100, 64, cpu) == 2  # a 100-key table holds 2 tiles
+    assert paged.split_count(4096, 8192, 64, cpu) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pages", [[[1], [2], [3]], [[4], [1], [3]]], ids=["in-order", "holes"])
+def test_one_page_per_sequence(poisoned, dtype, pages) -> None:
+    """The CPU cache's layout: each sequence in one page of a whole context. Decode tokens in consecutive pages
+    are read in place; with a page between them that no sequence owns (NaN), and in another order, too."""
+    check_case([(1, 90), (1, 7), (1, 128)], 8, 2, 16, 128, dtype, seed=20, pages=pages)
+    check_case([(1, 90), (30, 30), (1, 128)], 8, 2, 16, 128, dtype, seed=21, pages=pages)  # a prompt among them
+
+
+@pytest.mark.slow
+def test_paged_attention_128k_context(poisoned) -> None:
+    """The longest context the issue names (128k): one decode token over 8,192 pages, 64 splits of 2,048 keys."""
+    check_case([(1, 131_072)], 8, 1, 16, 16, torch.float16, seed=30)
 
 
 def test_paged_attention_rejects_mismatched_shapes() -> None:
     q = torch.zeros(3, 8, 16)
-    pages = torch.zeros(4, 16, 3, 16)  # 3 KV heads do not divide 8 query heads
     tables = torch.zeros(1, 2, dtype=torch.int32)
+    pages = torch.zeros(4, 16, 3, 16)  # 3 KV heads do not divide 8 query heads
+    meta = PagedAttentionMetadata(tables, torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3]), 3)
     with pytest.raises(ValueError, match="not a multiple of 3 KV heads"):
-        attention_paged_reference(q, pages, pages, tables, torch.tensor([0, 3]), torch.tensor([3]))
+        attention_paged_reference(q, pages, pages, meta)
+    meta = PagedAttentionMetadata(tables, torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([3]), 2)
     with pytest.raises(ValueError, match="disagree on the batch"):
-        attention_paged_reference(
-            q, torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16), tables, torch.tensor([0, 1, 3]), torch.tensor([3])
-        )
-
-
-# Whole rows of pages (PagedKVCache with rows, the CPU engine): (query tokens, cached tokens, row) per sequence.
-ROW_CASES = [
-    [(1, 17, 2), (1, 40, 3), (1, 5, 4)],  # the steady decode step: consecutive rows in order, read as views
-    [(1, 17, 4), (5, 5, 0), (1, 40, 1), (20, 53, 5)],  # decodes in rows 4 and 1 (row 2, 3 between: NaN), chunks
-]
-
-
-@pytest.mark.parametrize("case", range(len(ROW_CASES)))
-def test_paged_attention_over_whole_rows_matches_hand_written(case: int) -> None:
-    """Each sequence owns a whole row of 4 pages; every page of a row no sequence owns, and page 0, is NaN.
-    Rows are zeroed past a sequence's tokens, as PagedKVCache.allocate leaves them."""
-    seqs, n_heads, n_kv, head_dim, page, row_pages = ROW_CASES[case], 8, 2, 16, 16, 4
-    gen = torch.Generator().manual_seed(200 + case)
-    pool = 1 + 6 * row_pages
-    k_pages = torch.full((pool, page, n_kv, head_dim), float("nan"))
-    v_pages = torch.full((pool, page, n_kv, head_dim), float("nan"))
-    ks, vs, tables = [], [], torch.zeros(len(seqs), row_pages, dtype=torch.int32)
-    for b, (_, length, row) in enumerate(seqs):
-        first = 1 + row * row_pages
-        k, v = (torch.randn(length, n_kv, head_dim, generator=gen) for _ in range(2))
-        ks.append(k), vs.append(v)
-        for pages, x in ((k_pages, k), (v_pages, v)):
-            stretch = pages[first : first + row_pages].view(-1, n_kv, head_dim)  # the row, token by token
-            stretch.zero_()
-            stretch[:length] = x
-        tables[b] = torch.arange(first, first + row_pages)
-    q_lens, lengths = [n for n, _, _ in seqs], [n for _, n, _ in seqs]
-    q = torch.randn(sum(q_lens), n_heads, head_dim, generator=gen)
-    expected = by_hand(q, ks, vs, q_lens)
-    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    rows = torch.tensor([r for _, _, r in seqs])
-    in_rows = attention_paged_reference(q, k_pages, v_pages, tables, cu, seq_lens, None, rows, row_pages)
-    by_table = attention_paged_reference(q, k_pages, v_pages, tables, cu, seq_lens)
-    assert relative_error(in_rows, expected) <= TOL[torch.float32]
-    assert relative_error(by_table, expected) <= TOL[torch.float32]
+        attention_paged_reference(q, torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16), meta)

@@ -27,8 +27,9 @@ import uvicorn
 from tessera.config import ConfigError
 from tessera.demo_parent import PARENT_DIR
 from tessera.runtime.async_engine import AsyncEngine, EngineProcessError, EngineSpec
-from tessera.runtime.generate import Generator, SamplingParams, load_tokenizer
+from tessera.runtime.generate import Generator
 from tessera.runtime.loader import load_model
+from tessera.runtime.sampling import SamplingParams, load_tokenizer
 from tessera.runtime.server import DEFAULT_CHAT_TEMPLATE, build_server, load_chat_template
 
 PROMPTS = [
