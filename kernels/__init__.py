@@ -15,7 +15,8 @@ import os
 import torch
 
 from .attention import attention_prefill_reference, attention_prefill_triton
-from .attention_paged import PagedAttentionMetadata, attention_paged_reference, attention_paged_triton
+from .attention_paged import PagedAttentionMetadata, attention_paged_triton
+from .attention_paged_reference import attention_paged_reference
 from .ffn import swiglu_ffn_reference, swiglu_ffn_triton
 from .norm import rms_norm_reference, rms_norm_triton
 from .rope import apply_rope_reference, apply_rope_triton

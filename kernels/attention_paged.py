@@ -8,7 +8,7 @@ sequence b (q_len_b queries, seq_lens[b] tokens cached in all) sits at position 
 attends to every cached key up to and including it. Decode (q_len 1), a whole prompt (no keys before it) and a
 later chunk of a long prompt are the same computation, so one launch serves a mixed step (vLLM's unified
 attention, Sarathi's chunked prefill). `PagedAttentionMetadata` describes a step; the engine builds it once
-and every layer reads it.
+and every layer reads it. The plain-torch reference, the CPU path, is attention_paged_reference.py.
 
 The Triton kernel packs GQA as the prefill kernel does (attention.py): a program owns BLOCK_M packed
 (token, query head) rows of one sequence and one KV head, so each K/V tile is read once for the G query heads
@@ -26,12 +26,10 @@ sequence alike over the whole GPU.
 
 from __future__ import annotations
 
-import functools
-import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -197,40 +195,21 @@ class PagedAttentionMetadata:
     cu_seqlens: torch.Tensor
     seq_lens: torch.Tensor
     max_query_len: int
-    _scratch: dict = field(default_factory=dict, repr=False)
+    _derived: dict = field(default_factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int:
         return self.seq_lens.shape[0]
 
-    def scratch(self, n_tokens: int, n_heads: int, n_splits: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 partial outputs [N, Hq, splits, D] and log-sum-exps [N, Hq, splits] for split attention, one
-        pair per split count, shared by the layers of the step (under a CUDA graph: allocated at capture)."""
-        key = (n_tokens, n_heads, n_splits, head_dim)
-        if key not in self._scratch:
-            device = self.seq_lens.device
-            partial = torch.empty(n_tokens, n_heads, n_splits, head_dim, dtype=torch.float32, device=device)
-            lse = torch.empty(n_tokens, n_heads, n_splits, dtype=torch.float32, device=device)
-            self._scratch[key] = (partial, lse)
-        return self._scratch[key]
-
-    @functools.cached_property
-    def host(self) -> _HostView:
-        """The step's bounds on the host, read once per step (the plain-torch path's loops need them)."""
-        bounds = self.cu_seqlens.tolist()
-        return _HostView(bounds, [e - s for s, e in itertools.pairwise(bounds)], self.seq_lens.tolist(),
-                         self.block_tables.tolist())  # fmt: skip
+    def derived(self, key: tuple, build: Callable[[], object]) -> object:
+        """What a launcher derives from the step (scratch buffers, a host-side plan), built by the first layer
+        that asks and reused by the others. Under a CUDA graph it is built at capture and kept."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
 
-@dataclass(frozen=True)
-class _HostView:
-    bounds: list[int]
-    q_lens: list[int]
-    seq_lens: list[int]
-    tables: list[list[int]]
-
-
-def _check(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedAttentionMetadata) -> None:
+def check_inputs(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedAttentionMetadata) -> None:
     n_heads, head_dim = q.shape[1:]
     if k_pages.shape != v_pages.shape or k_pages.dim() != 4 or k_pages.shape[3] != head_dim:
         raise ValueError(f"attention_paged: q {tuple(q.shape)} does not fit pages k {tuple(k_pages.shape)}, "
@@ -254,7 +233,7 @@ def attention_paged_triton(
     q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedAttentionMetadata
 ) -> torch.Tensor:
     """q [N, Hq, D]; k/v pages [P, page_size, Hkv, D] -> [N, Hq, D]. No device read: CUDA-graph capturable."""
-    _check(q, k_pages, v_pages, meta)
+    check_inputs(q, k_pages, v_pages, meta)
     n_heads, head_dim = q.shape[1:]
     page, n_kv = k_pages.shape[1], k_pages.shape[2]
     if k_pages.stride(-1) != 1 or v_pages.stride(-1) != 1:
@@ -270,8 +249,12 @@ def attention_paged_triton(
     max_tiles = triton.cdiv(max_query_len * group, block_m)
     capacity = meta.block_tables.shape[1] * page
     n_splits = split_count(n_seqs * n_kv, capacity, block_n, q.device) if max_tiles == 1 else 1
-    if n_splits > 1:
-        partial, lse = meta.scratch(q.shape[0], n_heads, n_splits, head_dim)
+    if n_splits > 1:  # fp32 partial outputs and log-sum-exps, shared by the layers of the step
+        shape, dev = (q.shape[0], n_heads, n_splits), q.device
+        partial, lse = meta.derived(("splits", *shape, head_dim), lambda: (
+            torch.empty(*shape, head_dim, dtype=torch.float32, device=dev),
+            torch.empty(*shape, dtype=torch.float32, device=dev),
+        ))  # fmt: skip
         lse_strides = lse.stride(0), lse.stride(1)
     else:
         partial, lse, lse_strides = out, out, (0, 0)  # lse unused
@@ -294,97 +277,3 @@ def attention_paged_triton(
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_splits),
         )  # fmt: skip
     return out
-
-
-def attention_paged_reference(
-    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedAttentionMetadata
-) -> torch.Tensor:
-    """Same contract as attention_paged_triton, in plain torch (the CPU serving path).
-
-    Decode queries (one per sequence) go through one batched SDPA with a length mask; each sequence with a longer
-    chunk gets its own SDPA with the shifted causal mask. K/V are read in place where a sequence's pages are
-    consecutive (the CPU cache gives each request one page: PagedKVCache.page_size_for), and gathered otherwise.
-    Slots that the masks hide must hold finite values (0 · NaN = NaN): a sequence's own pages are zeroed when it
-    gets them (PagedKVCache.allocate), and table entries past its pages are redirected to its first page.
-    """
-    _check(q, k_pages, v_pages, meta)
-    out = torch.empty_like(q)
-    n_heads, head_dim = q.shape[1:]
-    n_kv = k_pages.shape[2]
-    host = meta.host
-    single = [b for b, n in enumerate(host.q_lens) if n == 1]
-    if single:
-        longest = max(host.seq_lens[b] for b in single)
-        everyone = len(single) == q.shape[0]  # a decode-only step: q rows are the sequences in order
-        qg = q if everyone else q[torch.tensor([host.bounds[b] for b in single], device=q.device)]
-        qg = qg.view(len(single), n_kv, n_heads // n_kv, head_dim)  # GQA as grouped rows: (Bs, Hkv, G, D)
-        lengths = [host.seq_lens[b] for b in single]
-        k, v, qg, lengths, order = _decode_keys(k_pages, v_pages, qg, lengths, [host.tables[b] for b in single],
-                                                longest)  # fmt: skip
-        visible = torch.arange(longest, device=q.device)[None, :] < torch.tensor(lengths, device=q.device)[:, None]
-        attended = F.scaled_dot_product_attention(qg, k, v, attn_mask=visible[:, None, None, :])
-        attended = (attended if order is None else attended[order]).reshape(len(single), n_heads, head_dim)
-        if everyone:
-            return attended
-        out[torch.tensor([host.bounds[b] for b in single], device=q.device)] = attended
-    for b, n in enumerate(host.q_lens):
-        if n <= 1:
-            continue
-        length, start = host.seq_lens[b], host.bounds[b]
-        k = sequence_keys(k_pages, host.tables[b], length).transpose(0, 1)[None]  # (1, Hkv, L, D)
-        v = sequence_keys(v_pages, host.tables[b], length).transpose(0, 1)[None]
-        qs = q[start : start + n].transpose(0, 1)[None]  # (1, Hq, n, D)
-        positions = torch.arange(length - n, length, device=q.device)
-        visible = torch.arange(length, device=q.device)[None, :] <= positions[:, None]  # (n, L)
-        attended = F.scaled_dot_product_attention(qs, k, v, attn_mask=visible, enable_gqa=True)
-        out[start : start + n] = attended[0].transpose(0, 1)
-    return out
-
-
-def sequence_keys(pages: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
-    """The first `length` cached positions of one sequence, [length, Hkv, D]: a view of the pool when its pages
-    are consecutive, else a copy of the pages that hold them."""
-    n = -(-length // pages.shape[1])
-    first = table[0]
-    if table[:n] == list(range(first, first + n)):
-        return pages[first : first + n].flatten(0, 1)[:length]
-    used = torch.tensor(table[:n], device=pages.device)
-    return pages.index_select(0, used).flatten(0, 1)[:length]
-
-
-def _decode_keys(k_pages, v_pages, qg, lengths, tables, longest):
-    """K/V [rows, Hkv, longest, D] for the batched decode SDPA, with the queries and lengths of those rows, and
-    the rows' order back to the sequences' (None: the same).
-
-    When every sequence lies in one page (the CPU cache's layout) and their pages span few more than there are
-    sequences, the K/V are the pool's pages lo..hi in place: a page in that span with no query this step gets a
-    zero query and a length of 1, and its row is dropped. Otherwise what is read is copied out of the pages."""
-    page, n = k_pages.shape[1], len(tables)
-    if longest <= page:
-        firsts = [t[0] for t in tables]
-        lo, hi = min(firsts), max(firsts) + 1
-        if hi - lo >= 2 * n:  # scattered: copy the n pages' first `longest` slots
-            index = torch.tensor(firsts, device=qg.device)
-            return k_pages[index, :longest].transpose(1, 2), v_pages[index, :longest].transpose(1, 2), qg, lengths, None
-        k = k_pages[lo:hi, :longest].transpose(1, 2)  # (hi - lo, Hkv, longest, D), a view
-        v = v_pages[lo:hi, :longest].transpose(1, 2)
-        if firsts == list(range(lo, hi)):
-            return k, v, qg, lengths, None
-        index = torch.tensor(firsts, device=qg.device) - lo
-        scattered = qg.new_zeros(hi - lo, *qg.shape[1:])
-        scattered[index] = qg
-        span_lengths = [1] * (hi - lo)
-        for f, length in zip(firsts, lengths):
-            span_lengths[f - lo] = length
-        return k, v, scattered, span_lengths, index
-    # Several pages each: gather them. A shorter sequence's table ends before the longest one's: read its first
-    # page there instead (the length mask hides it), never a page it does not own.
-    width = -(-longest // page)
-    rows = []
-    for t, length in zip(tables, lengths):
-        own = t[: max(1, -(-length // page))]
-        rows.append(own + [own[0]] * (width - len(own)))
-    table = torch.tensor(rows, device=qg.device).flatten()
-    k = k_pages.index_select(0, table).view(n, width * page, *k_pages.shape[2:])[:, :longest]
-    v = v_pages.index_select(0, table).view(n, width * page, *v_pages.shape[2:])[:, :longest]
-    return k.transpose(1, 2), v.transpose(1, 2), qg, lengths, None

@@ -384,6 +384,8 @@ class Engine:
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[RequestOutput]:
         greedy = [i for i, r in enumerate(reqs) if r.params.temperature == 0]
+        if len(greedy) == len(reqs):
+            return [self._append(req, token) for req, token in zip(reqs, logits.argmax(dim=-1).tolist())]
         chosen = torch.empty(len(reqs), dtype=torch.int64, device=logits.device)
         if greedy:
             index = torch.tensor(greedy, device=logits.device)

@@ -28,7 +28,8 @@ import pytest
 import torch
 
 from tessera import kernels
-from tessera.kernels.attention_paged import PagedAttentionMetadata, attention_paged_reference
+from tessera.kernels.attention_paged import PagedAttentionMetadata
+from tessera.kernels.attention_paged_reference import attention_paged_reference
 
 from .conftest import KERNEL_DEVICE, relative_error
 
@@ -133,10 +134,13 @@ def test_the_split_plan_covers_the_gpu_and_follows_the_capacity(monkeypatch) -> 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pages", [[[1], [2], [3]], [[4], [1], [3]]], ids=["in-order", "holes"])
+@pytest.mark.parametrize(
+    "pages", [[[1], [2], [3]], [[4], [1], [3]], [[9], [1], [5]]], ids=["in-order", "holes", "far-apart"]
+)
 def test_one_page_per_sequence(poisoned, dtype, pages) -> None:
     """The CPU cache's layout: each sequence in one page of a whole context. Decode tokens in consecutive pages
-    are read in place; with a page between them that no sequence owns (NaN), and in another order, too."""
+    are read in place; with a page between them that no sequence owns (NaN), and in another order, too; pages
+    far apart are copied out."""
     check_case([(1, 90), (1, 7), (1, 128)], 8, 2, 16, 128, dtype, seed=20, pages=pages)
     check_case([(1, 90), (30, 30), (1, 128)], 8, 2, 16, 128, dtype, seed=21, pages=pages)  # a prompt among them
 

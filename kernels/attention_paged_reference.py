@@ -1,0 +1,141 @@
+"""Paged attention in plain torch: the reference for attention_paged.py's Triton kernel, and the CPU serving path.
+
+Same contract (q [N, Hq, D], pages [P, page_size, Hkv, D], a PagedAttentionMetadata). Decode queries (one per
+sequence) go through one batched SDPA with a length mask; each sequence with a longer chunk gets its own SDPA
+with the causal diagonal shifted by the keys cached before it. What every layer would otherwise recompute from
+the step (the host's copy of the bounds, the decode batch's layout and mask) is planned once per step and kept
+on the metadata.
+
+K/V are read in place where a sequence's pages are consecutive: the CPU cache gives every request one page of a
+whole context (PagedKVCache.page_size_for), so a decode batch is a slice of the pool. Elsewhere the pages read
+are copied out. Slots that the masks hide must hold finite values (0 · NaN = NaN): a sequence's own pages are
+zeroed when it gets them (PagedKVCache.allocate), and table entries past its pages are replaced by its first.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention_paged import PagedAttentionMetadata, check_inputs
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """The step on the host, and its decode queries' batched attention. With `span` (lo, hi), the decode
+    sequences' K/V are pool pages lo..hi-1 in place, row r for page lo + r; `scatter` [n] places sequence i's
+    query in its page's row (None: the rows are the sequences, in order), rows of pages with no decode query
+    get a zero query and a length of 1, and are dropped. Without it, `keys` [n, width] lists the pages whose
+    first `longest` slots are copied out for each sequence."""
+
+    bounds: list[int]
+    q_lens: list[int]
+    seq_lens: list[int]
+    tables: list[list[int]]
+    decode: list[int]  # the sequences with one query this step
+    decode_rows: torch.Tensor | None  # their q rows (None: q is exactly them, in order)
+    longest: int
+    span: tuple[int, int] | None
+    scatter: torch.Tensor | None
+    keys: torch.Tensor | None
+    mask: torch.Tensor | None  # (rows, 1, 1, longest): which keys each row sees; None: all of them
+
+
+def _plan(meta: PagedAttentionMetadata, page: int, n_tokens: int) -> _StepPlan:
+    bounds = meta.cu_seqlens.tolist()
+    q_lens = [e - s for s, e in itertools.pairwise(bounds)]
+    seq_lens, tables = meta.seq_lens.tolist(), meta.block_tables.tolist()
+    decode = [b for b, n in enumerate(q_lens) if n == 1]
+    device = meta.seq_lens.device
+    if not decode:
+        return _StepPlan(bounds, q_lens, seq_lens, tables, decode, None, 0, None, None, None, None)
+    rows = None if len(decode) == n_tokens else torch.tensor([bounds[b] for b in decode], device=device)
+    lengths = [seq_lens[b] for b in decode]
+    longest = max(lengths)
+    span = scatter = keys = None
+    firsts = [tables[b][0] for b in decode]
+    if longest <= page and max(firsts) - min(firsts) < 2 * len(decode):  # one page each, close together
+        span = min(firsts), max(firsts) + 1
+        if firsts != list(range(*span)):
+            scatter = torch.tensor([f - span[0] for f in firsts], device=device)
+            spread = [1] * (span[1] - span[0])
+            for f, length in zip(firsts, lengths):
+                spread[f - span[0]] = length
+            lengths = spread
+    else:  # copy out: a shorter sequence's table ends before the longest one's: its first page stands in
+        width = -(-longest // page)
+        own = [tables[b][: max(1, -(-n // page))] for b, n in zip(decode, lengths)]
+        keys = torch.tensor([t + [t[0]] * (width - len(t)) for t in own], device=device)
+    mask = None  # every row sees all `longest` keys (a batch of 1, say): SDPA without a mask is faster
+    if min(lengths) < longest:
+        mask = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        mask = mask[:, None, None, :]
+    return _StepPlan(bounds, q_lens, seq_lens, tables, decode, rows, longest, span, scatter, keys, mask)
+
+
+def _decode_keys(pages: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
+    """K or V of the decode batch: [rows, Hkv, longest, D]."""
+    if plan.span is not None:
+        lo, hi = plan.span
+        return pages[lo:hi, : plan.longest].transpose(1, 2)  # a view
+    n, width = plan.keys.shape
+    if width == 1:  # one page each: copy only the slots read, not whole pages (a whole context on the CPU)
+        return pages[plan.keys[:, 0], : plan.longest].transpose(1, 2)
+    gathered = pages.index_select(0, plan.keys.flatten()).view(n, width * pages.shape[1], *pages.shape[2:])
+    return gathered[:, : plan.longest].transpose(1, 2)
+
+
+def sequence_keys(pages: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
+    """The first `length` cached positions of one sequence, [length, Hkv, D]: a view of the pool when its pages
+    are consecutive, else a copy of the pages that hold them."""
+    n = -(-length // pages.shape[1])
+    first = table[0]
+    if table[:n] == list(range(first, first + n)):
+        return pages[first : first + n].flatten(0, 1)[:length]
+    used = torch.tensor(table[:n], device=pages.device)
+    return pages.index_select(0, used).flatten(0, 1)[:length]
+
+
+def attention_paged_reference(
+    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedAttentionMetadata
+) -> torch.Tensor:
+    """q [N, Hq, D]; k/v pages [P, page_size, Hkv, D] -> [N, Hq, D], as attention_paged_triton."""
+    check_inputs(q, k_pages, v_pages, meta)
+    n_heads, head_dim = q.shape[1:]
+    page, n_kv = k_pages.shape[1], k_pages.shape[2]
+    plan: _StepPlan = meta.derived(("torch plan", page, q.shape[0]), lambda: _plan(meta, page, q.shape[0]))
+    attended = None
+    if plan.decode:
+        n = len(plan.decode)
+        qg = (q if plan.decode_rows is None else q[plan.decode_rows]).view(n, n_kv, n_heads // n_kv, head_dim)
+        if plan.scatter is not None:
+            spread = qg.new_zeros(plan.span[1] - plan.span[0], *qg.shape[1:])
+            spread[plan.scatter] = qg
+            qg = spread
+        # GQA as grouped rows: the G query heads of KV head j are G query rows against that head's keys.
+        attended = F.scaled_dot_product_attention(
+            qg, _decode_keys(k_pages, plan), _decode_keys(v_pages, plan), attn_mask=plan.mask
+        )  # (rows, Hkv, G, D)
+        if plan.scatter is not None:
+            attended = attended[plan.scatter]
+        attended = attended.reshape(n, n_heads, head_dim)
+        if plan.decode_rows is None:
+            return attended
+    out = torch.empty_like(q)
+    if attended is not None:
+        out[plan.decode_rows] = attended
+    for b, n in enumerate(plan.q_lens):
+        if n <= 1:
+            continue
+        length, start = plan.seq_lens[b], plan.bounds[b]
+        k = sequence_keys(k_pages, plan.tables[b], length).transpose(0, 1)[None]  # (1, Hkv, L, D)
+        v = sequence_keys(v_pages, plan.tables[b], length).transpose(0, 1)[None]
+        qs = q[start : start + n].transpose(0, 1)[None]  # (1, Hq, n, D)
+        positions = torch.arange(length - n, length, device=q.device)
+        visible = torch.arange(length, device=q.device)[None, :] <= positions[:, None]  # (n, L)
+        attended = F.scaled_dot_product_attention(qs, k, v, attn_mask=visible, enable_gqa=True)
+        out[start : start + n] = attended[0].transpose(0, 1)
+    return out
