@@ -1,19 +1,70 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command (a device session has 30 minutes of GPU time; one call).
-# Runs on the H200 image's own Python (torch 2.11, triton 3.6, no network): installs tessera without
-# dependencies, runs the kernel tests compiled for the GPU (slow ones too), then the kernel and whole-model
-# benchmarks and the serving sweep. Results land in benchmarks/results/<gpu>_*.{json,md} and, when $OUT is set, are copied there.
-set -euo pipefail
+# Everything that needs a GPU, in one device call of at most 8 minutes from a cold Triton cache (a session has
+# 15 device minutes in all, the machine's start included). Runs on the H200 image's own Python (torch 2.11,
+# triton 3.6, no network). Each step has a time limit and the suite goes on after a step that fails or runs
+# out of time; the steps most worth having come first. After every step, every result file and every step's log
+# are packed into $OUT/gpu_results.tar.gz (a device call returns at most 8 files), with summary.txt listing
+# each step's exit status and seconds.
+#
+# Before the call, on the dev machine: `bash benchmarks/gpu_wheels.sh` (the server's packages the image lacks,
+# into .whl/), then run `bash benchmarks/gpu_suite.sh` with `.whl` carried.
+set -uo pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e .
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention_kernels.py \
-    tests/test_kernel_dispatch.py tests/test_paged_attention.py
-python3 -m pytest -q -p no:cacheprovider tests/test_engine.py -k cuda_graph
-python3 -m tessera.cli bench kernels --device cuda
-python3 -m tessera.cli bench model --device cuda
-python3 -m tessera.cli bench fusion --device cuda
-python3 -m tessera.cli bench serving --device cuda
-if [[ -n "${OUT:-}" ]]; then  # $OUT returns at most 8 files: the GPU's results go back as one archive
-    find benchmarks/results -type f ! -name 'cpu_*' -print0 | tar czf "$OUT/gpu_results.tar.gz" --null -T -
-fi
+cd "$(dirname "$0")/.."
+SUITE_S=${SUITE_S:-460}  # the whole suite's budget: every step's limit is cut to what is left of it
+LOGS=benchmarks/results/gpu_logs
+mkdir -p "$LOGS"
+: >"$LOGS/summary.txt"
+start=$(date +%s)
+
+pack() {
+    if [[ -n "${OUT:-}" ]]; then
+        find benchmarks/results -type f ! -name 'cpu_*' -print0 | tar czf "$OUT/gpu_results.tar.gz" --null -T -
+    fi
+}
+
+step() {  # step NAME LIMIT_S COMMAND...: run COMMAND for at most LIMIT_S seconds (less if the budget is short)
+    local name=$1 limit=$2
+    shift 2
+    local left=$((SUITE_S - ($(date +%s) - start)))
+    ((limit > left)) && limit=$left
+    if ((limit < 10)); then
+        echo "$name skipped: the suite's ${SUITE_S} s are spent" | tee -a "$LOGS/summary.txt"
+        return
+    fi
+    local t0=$(date +%s)
+    echo "=== $name (limit ${limit} s)"
+    timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    tail -n 40 "$LOGS/$name.log"
+    echo "$name: exit $rc, $(($(date +%s) - t0)) s$([[ $rc == 124 || $rc == 137 ]] && echo ' (time limit)')" \
+        | tee -a "$LOGS/summary.txt"
+    pack
+}
+
+setup() {
+    if compgen -G ".whl/*.whl" >/dev/null; then  # the server's packages (fastapi, uvicorn, pydantic...)
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || return 1
+    fi
+    python3 -m pip install -q --no-deps --no-build-isolation -e . || return 1
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
+    python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+    git log -1 --format='commit %h %cI' 2>/dev/null || true
+}
+export -f setup  # `timeout` runs programs, not shell functions: the step runs `bash -c setup`
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+
+step setup 60 bash -c setup
+# Correctness first: the kernel tests compiled for the GPU, in 8 processes (a cold Triton cache compiles on the
+# CPU cores: one process took over 2 minutes), and the engine's CUDA-graph test.
+step tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -m "not slow" tests/test_paged_attention.py \
+    tests/test_kernels.py tests/test_attention_kernels.py tests/test_kernel_dispatch.py \
+    tests/test_engine.py::test_cuda_graph_decode_equals_eager_and_uncached_greedy
+step bench_attention 110 python3 -m tessera.cli bench kernels --suite attention --device cuda
+step bench_model 80 python3 -m tessera.cli bench model --device cuda
+step bench_serving 110 python3 -m tessera.cli bench serving --device cuda
+step bench_ffn_norm 50 python3 -m tessera.cli bench kernels --suite ffn --suite norm --device cuda
+step bench_fusion 40 python3 -m tessera.cli bench fusion --device cuda
+echo "suite: $(($(date +%s) - start)) s"
+cat "$LOGS/summary.txt"

@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from tessera.cli import _benchmarks, main
 
@@ -53,3 +54,14 @@ def test_bench_fusion(results_dir) -> None:
         assert r["fused_vs_parallel_relative_error"] <= 1e-5
         assert r["speedup"] == pytest.approx(r["unfused_ms"] / r["fused_ms"])
     assert [r["batch"] for r in results["results"]] == [1, 8]
+
+
+def test_generate_speed_measures_both_sides(results_dir) -> None:
+    """The GPU suite's `Generator` vs transformers rows (run here on the CPU, 4 tokens): both timed, outputs
+    compared token by token."""
+    rows = sys.modules["tessera_benchmarks.bench_model"].generate_speed(torch.device("cpu"), new_tokens=4)
+    assert [r["batch"] for r in rows] == [1, 8]
+    for r in rows:
+        assert r["tessera_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0 and not r["cuda_graphs"]
+        assert r["speedup"] == pytest.approx(r["tessera_tokens_per_s"] / r["transformers_tokens_per_s"])
+        assert 0.5 <= r["same_tokens"] <= 1  # the same checkpoint, greedy: bf16 rounding may flip a late token
