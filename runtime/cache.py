@@ -52,6 +52,9 @@ class PagedKVCache:
             else:
                 self.k.append(None)
                 self.v.append(None)
+        # The same pools seen slot by slot, [num_pages · page_size, Hkv, D]: where write() puts each token.
+        self._k_slots = [None if t is None else t.view(-1, *t.shape[2:]) for t in self.k]
+        self._v_slots = [None if t is None else t.view(-1, *t.shape[2:]) for t in self.v]
         self._free = list(range(1, num_pages))  # a heap: the lowest pages first, so a request's are consecutive
         self._dirty = [0] * num_pages  # slots of each page that an owner may have written since it was zeroed
 
@@ -95,9 +98,9 @@ class PagedKVCache:
             self._dirty[p] = min(self.page_size, tokens - i * self.page_size)
         if stale:
             index = torch.tensor(stale, device=self.device)
-            for t in self.k + self.v:
+            for t in self._k_slots + self._v_slots:
                 if t is not None:
-                    t.view(-1, *t.shape[2:]).index_fill_(0, index, 0)
+                    t.index_fill_(0, index, 0)
         return taken
 
     def release(self, pages: list[int]) -> None:
@@ -106,9 +109,8 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k/v [N, Hkv, D] of N tokens at flat slots [N] (page · page_size + offset)."""
-        kc, vc = self.k[layer], self.v[layer]
-        kc.view(-1, *kc.shape[2:]).index_copy_(0, slots, k)
-        vc.view(-1, *vc.shape[2:]).index_copy_(0, slots, v)
+        self._k_slots[layer].index_copy_(0, slots, k)
+        self._v_slots[layer].index_copy_(0, slots, v)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)

@@ -1,9 +1,10 @@
 """`tessera serve` through the official `openai` client (and raw HTTP for what the client will not send),
 against a real uvicorn server on 127.0.0.1 serving the bundled demo parent.
 
-Reference outputs come from the engine-free static `Generator` on the same weights: a served greedy
-completion must equal it token for token, whether it is served alone, streamed, or one of 16 concurrent
-streams.
+Greedy reference outputs come from transformers' `LlamaForCausalLM.generate` on the same checkpoint (float32,
+greedy, stopping at EOS): a served greedy completion must equal it token for token, whether it is served alone,
+streamed, or one of 16 concurrent streams. Sampled outputs are checked against `Generator`: the same seeded
+sampling parameters give the same tokens from `tessera generate` and from `tessera serve`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from tessera.config import ConfigError
@@ -29,7 +31,7 @@ from tessera.demo_parent import PARENT_DIR
 from tessera.runtime.async_engine import AsyncEngine, EngineProcessError, EngineSpec
 from tessera.runtime.generate import Generator
 from tessera.runtime.loader import load_model
-from tessera.runtime.sampling import SamplingParams, load_tokenizer
+from tessera.runtime.sampling import Completion, SamplingParams, load_tokenizer
 from tessera.runtime.server import DEFAULT_CHAT_TEMPLATE, build_server, load_chat_template
 
 PROMPTS = [
@@ -95,11 +97,25 @@ def client(server):
     return openai.OpenAI(base_url=f"{server[1]}/v1", api_key="unused", max_retries=0)
 
 
+def transformers_greedy(tok, prompt: str, max_new_tokens: int) -> Completion:
+    """transformers' greedy completion of `prompt` from the demo parent (float32), as a Completion."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.float32).eval()
+    ids = tok.encode(prompt).ids
+    with torch.inference_mode():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    tokens = out[0, len(ids) :].tolist()
+    eos = hf.config.eos_token_id
+    stopped = eos in tokens
+    tokens = tokens[: tokens.index(eos)] if stopped else tokens
+    return Completion(ids, tokens, tok.decode(tokens), "stop" if stopped else "length")
+
+
 @pytest.fixture(scope="module")
 def reference(parent):
-    """Greedy completions from the static generator (no engine, no server), 24 tokens each."""
-    gen = Generator(*parent)
-    return {p: gen.generate([p], SamplingParams(max_new_tokens=24))[0] for p in PROMPTS}
+    """Greedy completions from transformers (no tessera at all), 24 tokens each."""
+    return {p: transformers_greedy(parent[1], p, 24) for p in PROMPTS}
 
 
 def test_models_and_health(client, server) -> None:
@@ -118,6 +134,19 @@ def test_completion_equals_the_generator(client, reference) -> None:
     assert out.usage.prompt_tokens == len(ref.prompt_tokens)
     assert out.usage.completion_tokens == len(ref.tokens) + (ref.finish_reason == "stop")
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_seeded_sampling_gives_the_generators_tokens(client, parent) -> None:
+    """The same seeded sampling parameters give the same text from the server (a list of prompts, one request
+    each, in a batch with whatever else runs) and from `Generator` (what `tessera generate` runs)."""
+    prompts = PROMPTS[:3]
+    out = client.completions.create(model="parent", prompt=prompts, max_tokens=20, temperature=0.9, top_p=0.95,
+                                    seed=11, extra_body={"top_k": 50})  # fmt: skip
+    params = SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=11)
+    expected = Generator(*parent).generate(prompts, params)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [e.text for e in expected]
+    greedy = Generator(*parent).generate(prompts, SamplingParams(max_new_tokens=20))
+    assert [e.text for e in expected] != [g.text for g in greedy]  # it did sample
 
 
 def test_completion_defaults_to_16_tokens_and_accepts_token_ids_and_lists(client, server) -> None:
@@ -156,7 +185,7 @@ def test_chat_uses_the_template(client, server, parent) -> None:
     messages = [{"role": "system", "content": "Write Python."}, {"role": "user", "content": "def add(a, b):"}]
     rendered = "system: Write Python.\nuser: def add(a, b):\nassistant:"
     assert served.template.render(messages=messages, add_generation_prompt=True) == rendered
-    expected = Generator(*parent).generate([rendered], SamplingParams(max_new_tokens=12))[0]
+    expected = transformers_greedy(parent[1], rendered, 12)
     out = client.chat.completions.create(model="parent", messages=messages, max_tokens=12, temperature=0)
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == expected.text
