@@ -5,20 +5,31 @@ with the paged KV cache, the kernels it serves with and, on CUDA, its decode CUD
 what is served. For a scenario (batch, prompt length, generated length), `engine_step_ms` times a model's
 prefill of batch prompts (every step until each has sampled its first token) and its decode step at the
 first and the last decode length (attention cost is linear in the context, so their mean is the mean over the
-whole generation). A block's share is the difference between a model of STACK_COPIES such blocks (distinct
-random weights) and one of as many no-op blocks, divided by STACK_COPIES: what the engine spends around the
-layers (embedding, LM head, sampling, scheduling) cancels. A block's runtime is then
-prefill + (gen_len − 1) × mean decode step: the first generated token comes from the prefill's logits.
+whole generation). A block's runtime is prefill + (gen_len − 1) × mean decode step: the first generated token
+comes from the prefill's logits.
 
-What is not a block is measured as whole generations (`Generator`, the engine) of a model of STACK_COPIES
-blocks minus those blocks' runtime. Predicted latency = non-block + Σ blocks (Puzzle's additivity
-assumption). The model reports its own error: predicted vs measured end-to-end latency of random architectures.
+Blocks are timed as stacks of STACK_COPIES copies with distinct random weights (timed alone, a block finds its
+weights and inputs still in cache and reads 13 % faster than inside a model: demo parent, 2-core Xeon,
+prefill), by difference with a stack of as many no-op blocks, so that what the engine does around the layers
+(embedding, LM head, sampling, scheduling) cancels: a block costs (its stack − the no-op stack) / STACK_COPIES.
+(Differences between stacks of 8 and 4 reference blocks gave the same decode cost per block on the demo
+parent, 2-core Xeon, with twice the spread.) Every stack is timed once per round, round-robin over
+CALIBRATION_ROUNDS rounds, and the medians kept: a machine that speeds up or slows down during calibration then
+meets every block alike (on a shared 2-core VM, one pass in order made a block's decode step vary by 2x with
+its position in the pass).
+
+What is not a block is measured as whole generations (`Generator`, the engine) of a stack of the reference
+block (the first that is not a no-op: the parent's) minus its blocks' runtime; among real layers the LM head's
+weights fall out of cache, which a model of no-op layers would not show. Predicted latency = non-block + Σ
+blocks (Puzzle's additivity assumption). The model reports its own error: predicted vs measured end-to-end
+latency of random architectures.
 
 Memory comes from the config formulas (weights + batch × sequence × KV bytes), never from a measurement.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import statistics
 import time
@@ -36,9 +47,11 @@ from tessera.runtime.sampling import SamplingParams
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 MIB = 2**20
+_BLOCK_KEYS = ("prefill_ms", "decode_ms", "runtime_ms")
+_NO_OP = BlockConfig(AttentionConfig("none"), FFNConfig("none"))
 STACK_COPIES = 4
+CALIBRATION_ROUNDS = 3
 DECODE_STEPS = 24  # decode steps timed at each context (their median); the context grows by one per step
-NO_OP = BlockConfig(AttentionConfig("none"), FFNConfig("none"))
 
 
 @dataclass(frozen=True)
@@ -122,39 +135,16 @@ def engine_step_ms(model: Model, scenario: Scenario) -> dict[str, float]:
         engine.abort_all()
         return statistics.median(times)
 
-    prefill_ms = median_ms(prefill, device)
+    prefill_ms = median_ms(prefill, device, min_reps=3, budget_s=0)
     decode = [decode_at(position) for position in sorted({p, p + g - 2})] if g > 1 else []
     return {"prefill_ms": prefill_ms, "decode_ms": statistics.mean(decode) if decode else 0.0}
 
 
-def time_block(
-    arch: ArchConfig,
-    block: BlockConfig,
-    scenario: Scenario,
-    device: torch.device,
-    dtype: torch.dtype,
-    around: dict[str, float] | None = None,
-) -> dict:
-    """Prefill and decode milliseconds of one runtime block in the scenario, through the engine: a model of
-    STACK_COPIES such blocks (distinct random weights) minus `around` (the same model with no-op blocks,
-    `engine_step_ms`; measured here when not given), over STACK_COPIES. A stack, not a single block: timed
-    alone, a block finds its weights and inputs still in cache and reads 13 % faster than inside a model (demo
-    parent, 2-core Xeon, prefill). A no-op block costs nothing, by definition."""
-    if block.is_empty:
-        return {"prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": 0.0}
-    around = around or stack_ms(arch, NO_OP, scenario, device, dtype)
-    stack = stack_ms(arch, block, scenario, device, dtype)
-    # A block cheaper than the timer's noise can come out below zero: it costs nothing measurable.
-    prefill_ms, decode_ms = (max(0.0, stack[k] - around[k]) / STACK_COPIES for k in ("prefill_ms", "decode_ms"))
-    return {"prefill_ms": prefill_ms, "decode_ms": decode_ms,
-            "runtime_ms": prefill_ms + (scenario.gen_len - 1) * decode_ms}  # fmt: skip
-
-
 def stack_ms(
-    arch: ArchConfig, block: BlockConfig, scenario: Scenario, device: torch.device, dtype: torch.dtype
+    arch: ArchConfig, block: BlockConfig, copies: int, scenario: Scenario, device: torch.device, dtype: torch.dtype
 ) -> dict[str, float]:
-    """engine_step_ms of a model of STACK_COPIES `block`s with random weights."""
-    model = Model.empty(arch.with_blocks([block] * STACK_COPIES), device, dtype).init_weights(seed=0)
+    """engine_step_ms of a model of `copies` `block`s with random weights."""
+    model = Model.empty(arch.with_blocks([block] * copies), device, dtype).init_weights(seed=0)
     return engine_step_ms(model, scenario)
 
 
@@ -170,16 +160,6 @@ def measure_latency(model: Model, scenario: Scenario, repeats: int = 3) -> float
     generator, prompts = Generator(model), _prompts(model.arch, scenario)
     params = SamplingParams(max_new_tokens=scenario.gen_len, ignore_eos=True)
     return median_ms(lambda: generator.generate(prompts, params), device, min_reps=repeats, budget_s=0)
-
-
-def non_block_ms(
-    arch: ArchConfig, block: BlockConfig, block_ms: float, scenario: Scenario, device: torch.device, dtype: torch.dtype
-) -> float:
-    """A generation's cost outside the blocks: whole generations of a model of STACK_COPIES `block`s, minus
-    those blocks' measured runtime. A model of no-op layers would time the LM head with its weights always in
-    cache; among real layers it is not, and the prediction undershot by 11 % (demo parent, 2-core Xeon)."""
-    model = Model.empty(arch.with_blocks([block] * STACK_COPIES), device, dtype).init_weights(seed=0)
-    return measure_latency(model, scenario, repeats=5) - STACK_COPIES * block_ms
 
 
 def block_memory_mib(arch: ArchConfig, block: BlockConfig, scenario: Scenario, dtype: torch.dtype) -> float:
@@ -227,22 +207,43 @@ def calibrate(
     dtype: torch.dtype,
     progress: bool = True,
 ) -> CostTable:
-    """Time every distinct block in `blocks` and the non-block part on this device."""
+    """Time every distinct block in `blocks` (the first that is not a no-op is the reference) and the non-block
+    part on this device, round-robin (module docstring)."""
     scenario.check_context(arch)
     distinct = list(dict.fromkeys(blocks))
-    reference = next((b for b in distinct if not b.is_empty), distinct[0])
-    around = stack_ms(arch, NO_OP, scenario, device, dtype)
-    timed = {
-        b.name: time_block(arch, b, scenario, device, dtype, around)
-        for b in tqdm(distinct, desc="timing blocks", disable=not progress, dynamic_ncols=True)
+    timed = [b for b in distinct if not b.is_empty]  # a no-op block costs nothing, by definition
+    if not timed:
+        raise ValueError("every block is a no-op: there is nothing to time")
+    reference = timed[0]
+    stack = STACK_COPIES
+    runs: dict[str, Callable[[], dict[str, float]]] = {
+        b.name: functools.partial(stack_ms, arch, b, stack, scenario, device, dtype) for b in [_NO_OP, *timed]
     }
+    reference_model = Model.empty(arch.with_blocks([reference] * stack), device, dtype).init_weights(seed=0)
+    runs["generation"] = lambda: {"latency_ms": measure_latency(reference_model, scenario, repeats=1)}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    with tqdm(total=CALIBRATION_ROUNDS * len(runs), desc="timing blocks", disable=not progress,
+              dynamic_ncols=True) as bar:  # fmt: skip
+        for _ in range(CALIBRATION_ROUNDS):
+            for name, run in runs.items():
+                samples[name].append(run())
+                bar.update()
+    med = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for name, rows in samples.items()}
+    around = med[_NO_OP.name]
+
+    def block_ms(name: str) -> dict[str, float]:
+        # A block cheaper than the timer's noise can come out below zero: it costs nothing measurable.
+        ms = {k: max(0.0, med[name][k] - around[k]) / stack for k in ("prefill_ms", "decode_ms")}
+        return {**ms, "runtime_ms": ms["prefill_ms"] + (scenario.gen_len - 1) * ms["decode_ms"]}
+
+    table = {b.name: block_ms(b.name) if not b.is_empty else dict.fromkeys(_BLOCK_KEYS, 0.0) for b in distinct}
     return CostTable(
         device=device_name(device),
         dtype=_DTYPE_NAMES[dtype],
         scenario=scenario,
-        non_block_ms=non_block_ms(arch, reference, timed[reference.name]["runtime_ms"], scenario, device, dtype),
+        non_block_ms=med["generation"]["latency_ms"] - stack * table[reference.name]["runtime_ms"],
         non_block_memory_mib=non_block_memory_mib(arch, dtype),
-        blocks=timed,
+        blocks=table,
     )
 
 

@@ -24,7 +24,7 @@ from tessera.search.cost import (
     block_memory_mib,
     calibrate,
     random_architectures,
-    time_block,
+    stack_ms,
     validate,
 )
 from tessera.search.gkd import GKDConfig, distill, gkd_loss
@@ -250,9 +250,9 @@ def test_calibrate_and_validate_on_a_tiny_model():
     assert set(table.blocks) == {b.name for b in variants[0]}
     for name, t in table.blocks.items():
         assert t["runtime_ms"] == pytest.approx(t["prefill_ms"] + 3 * t["decode_ms"])
+        # Differences of timings: a block of this tiny model can be below the timer's noise, never below 0.
         assert t["prefill_ms"] >= 0 and t["decode_ms"] >= 0, name
-        if name.startswith("gqa"):  # attention over the KV cache: well above the timer's noise
-            assert t["prefill_ms"] > 0 and t["decode_ms"] > 0, name
+    assert sum(t["runtime_ms"] for t in table.blocks.values()) > 0
     assert table.blocks["attn_none+ffn_none"] == {"prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": 0.0}
     choice = random_architectures(variants, 2, seed=0)
     result = validate(table, arch, choice, torch.device("cpu"), torch.float32, progress=False)
@@ -273,18 +273,17 @@ def test_the_cost_model_times_the_engine_step(monkeypatch):
     real_batch, real_paged = Engine._step_batch, kernels.attention_paged
 
     def step_batch(self, plan):
-        if self.model.arch.blocks[0] == arch.blocks[0]:  # the stack of timed blocks (not the no-op stack)
-            steps.append([n for _, n in plan])
+        steps.append([n for _, n in plan])
         return real_batch(self, plan)
 
     monkeypatch.setattr(Engine, "_step_batch", step_batch)
     monkeypatch.setattr(kernels, "attention_paged", lambda *a: paged.append(a[-1]) or real_paged(*a))
     monkeypatch.setattr(kernels, "attention_prefill", lambda *a, **k: pytest.fail("uncached attention was timed"))
-    timed = time_block(arch, arch.blocks[0], Scenario(batch=2, prompt_len=8, gen_len=4), torch.device("cpu"),
-                       torch.float32)  # fmt: skip
+    timed = stack_ms(arch, arch.blocks[0], 4, Scenario(batch=2, prompt_len=8, gen_len=4), torch.device("cpu"),
+                     torch.float32)  # fmt: skip
     assert timed["prefill_ms"] > 0 and timed["decode_ms"] > 0
     assert [8, 8] in steps and [1, 1] in steps  # the batch's prompts prefilled together; decode steps of both
-    assert len(paged) == 4 * len(steps)  # each step's 4 GQA blocks (the no-op stack has none)
+    assert len(paged) == 4 * len(steps)  # each step's 4 GQA blocks
 
 
 # Baselines and GKD
