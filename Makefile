@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-demo: setup  ## Puzzle + FFN Fusion on the bundled demo parent (~10 min on 2 CPU cores), then generate from the child
+demo: setup  ## Puzzle + FFN Fusion on the bundled demo parent (10-14 min on 2 CPU cores), then generate from the child
 	$(BIN)/tessera optimize --out runs/demo --fuse
 	$(BIN)/tessera demo --model runs/demo/child
 
