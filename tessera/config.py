@@ -4,7 +4,7 @@ One small frozen dataclass per concern (attention, FFN, block, rope, model). Rea
 Hugging Face formats tessera serves and produces: `LlamaForCausalLM` (every layer the same) and
 `nemotron-nas` / `DeciLMForCausalLM` (per-layer `block_configs`, as in NVIDIA's Puzzle models). The cost
 formulas (parameters, weight bytes, KV bytes per token, FLOPs per token) live here so the cost model, the
-search and `tessera info` all use one definition (counting rules: shared/configs/README.md).
+search and `tessera info` all use one definition (counting rules: configs/README.md).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_CONFIGS = REPO.parent / "shared" / "configs"
+CONFIGS = REPO / "configs"  # real config.json files with their published counts (configs/README.md)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ import pytest
 from tessera.cli import main
 from tessera.demo_parent import PARENT_DIR
 
-from .conftest import SHARED_CONFIGS
+from .conftest import CONFIGS
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -30,7 +30,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     [("llama-3_1-nemotron-51b-instruct.json", 51_501_015_040), ("llama-3.1-8b.json", 8_030_261_248)],
 )
 def test_info_json_on_a_directory_with_only_config(tmp_path: Path, capsys, name: str, params: int) -> None:
-    shutil.copy(SHARED_CONFIGS / name, tmp_path / "config.json")
+    shutil.copy(CONFIGS / name, tmp_path / "config.json")
     code, out, _ = run_cli(capsys, "info", "--model", str(tmp_path), "--json")
     info = json.loads(out)
     assert code == 0 and info["num_params"] == params
@@ -38,13 +38,13 @@ def test_info_json_on_a_directory_with_only_config(tmp_path: Path, capsys, name:
 
 
 def test_info_table(capsys) -> None:
-    code, out, _ = run_cli(capsys, "info", "--model", str(SHARED_CONFIGS / "llama-3_1-nemotron-51b-instruct.json"))
+    code, out, _ = run_cli(capsys, "info", "--model", str(CONFIGS / "llama-3_1-nemotron-51b-instruct.json"))
     assert code == 0 and "51,501,015,040" in out
     assert "gqa kv=1" in out and "linear" in out and "none" in out
 
 
 def test_info_bad_config_is_one_line(tmp_path: Path, capsys) -> None:
-    cfg = json.loads((SHARED_CONFIGS / "llama-3.1-8b.json").read_text())
+    cfg = json.loads((CONFIGS / "llama-3.1-8b.json").read_text())
     cfg["num_key_value_heads"] = 7
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     code, out, err = run_cli(capsys, "info", "--model", str(tmp_path))

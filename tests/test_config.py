@@ -1,4 +1,4 @@
-"""Architecture config: the real configs in shared/configs load with their published parameter counts,
+"""Architecture config: the real configs in configs/ load with their published parameter counts,
 round-trip through both writers, and malformed configs fail with a message naming the field."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from tessera.config import (
     ffn_mult_to_intermediate_size,
 )
 
-from .conftest import SHARED_CONFIGS, nas_config
+from .conftest import CONFIGS, nas_config
 
-# Figures from shared/configs/README.md (computed there independently of tessera).
+# Figures from configs/README.md (computed there independently of tessera).
 PUBLISHED = {
     "llama-3_1-nemotron-51b-instruct.json": dict(params=51_501_015_040, kv_bytes=189_952, layers=80),
     "llama-3_3-nemotron-super-49b-v1.json": dict(params=49_867_145_216, kv_bytes=200_704, layers=80),
@@ -32,7 +32,7 @@ PUBLISHED = {
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_shared_config_counts(name: str) -> None:
-    arch = ArchConfig.from_json(SHARED_CONFIGS / name)
+    arch = ArchConfig.from_json(CONFIGS / name)
     assert arch.n_layers == PUBLISHED[name]["layers"]
     assert arch.num_params() == PUBLISHED[name]["params"]
     assert arch.kv_bytes_per_token("bfloat16") == PUBLISHED[name]["kv_bytes"]
@@ -42,14 +42,14 @@ def test_shared_config_counts(name: str) -> None:
 def test_decode_step_bytes_llama_8b() -> None:
     """The bandwidth floor's numerator for Llama-3.1-8B in bf16: 8.03B weights minus the untied input
     embedding (128,256 x 4,096; a lookup reads only the batch's rows), plus 128 KiB of KV per cached token."""
-    arch = ArchConfig.from_json(SHARED_CONFIGS / "llama-3.1-8b.json")
+    arch = ArchConfig.from_json(CONFIGS / "llama-3.1-8b.json")
     weights = (8_030_261_248 - 128_256 * 4096) * 2
     assert arch.decode_step_bytes(batch=1, context_len=0, dtype="bfloat16") == weights
     assert arch.decode_step_bytes(batch=64, context_len=1024, dtype="bfloat16") == weights + 64 * 1024 * 131_072
 
 
 def test_nemotron_51b_layer_histogram() -> None:
-    arch = ArchConfig.from_json(SHARED_CONFIGS / "llama-3_1-nemotron-51b-instruct.json")
+    arch = ArchConfig.from_json(CONFIGS / "llama-3_1-nemotron-51b-instruct.json")
     kinds = Counter(b.attention.n_kv_heads if b.attention.kind == "gqa" else b.attention.kind for b in arch.blocks)
     assert kinds == {8: 44, 4: 1, 2: 6, 1: 3, "linear": 18, "none": 8}
     widths = Counter(b.ffn.intermediate_size for b in arch.blocks)
@@ -57,7 +57,7 @@ def test_nemotron_51b_layer_histogram() -> None:
 
 
 def test_ultra_fused_ffn_widths_and_empty_layers() -> None:
-    arch = ArchConfig.from_json(SHARED_CONFIGS / "llama-3_1-nemotron-ultra-253b-v1.json")
+    arch = ArchConfig.from_json(CONFIGS / "llama-3_1-nemotron-ultra-253b-v1.json")
     widths = {b.ffn.intermediate_size for b in arch.blocks if b.ffn.kind == "swiglu"}
     assert {425984, 399360, 343040, 301056} <= widths
     empty = [b for b in arch.blocks if b.attention.kind == "none" and b.ffn.kind == "none"]
@@ -76,13 +76,13 @@ def test_ffn_mult_rounding(mult: float, hidden: int, width: int) -> None:
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 @pytest.mark.parametrize("fmt", ["auto", "nemotron-nas"])
 def test_round_trip(name: str, fmt: str, tmp_path: Path) -> None:
-    arch = ArchConfig.from_json(SHARED_CONFIGS / name)
+    arch = ArchConfig.from_json(CONFIGS / name)
     arch.save_json(tmp_path / "config.json", fmt=fmt)
     assert ArchConfig.from_json(tmp_path) == arch
 
 
 def test_round_trip_width_not_reachable_by_ffn_mult(tmp_path: Path) -> None:
-    base = ArchConfig.from_json(SHARED_CONFIGS / "llama-3.1-8b.json")
+    base = ArchConfig.from_json(CONFIGS / "llama-3.1-8b.json")
     pruned = BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 3000))  # not a multiple of 256
     arch = base.with_blocks([pruned, *base.blocks[1:]])
     arch.save_json(tmp_path / "config.json")
@@ -94,7 +94,7 @@ def test_round_trip_width_not_reachable_by_ffn_mult(tmp_path: Path) -> None:
 def test_cost_formulas_on_a_small_heterogeneous_model() -> None:
     arch = ArchConfig.from_hf_dict(nas_config())
     h, v, d = 64, 101, 8
-    # Hand count: layer by layer, following shared/configs/README.md's counting rules.
+    # Hand count: layer by layer, following configs/README.md's counting rules.
     gqa = lambda kv: h * 64 + 2 * h * kv * d + 64 * h + h  # noqa: E731
     swiglu = lambda width: 3 * h * width + h  # noqa: E731
     linear = h * h + h
@@ -127,7 +127,7 @@ def _write(tmp_path: Path, cfg: dict) -> Path:
 
 
 def _llama_dict() -> dict:
-    return json.loads((SHARED_CONFIGS / "llama-3.1-8b.json").read_text())
+    return json.loads((CONFIGS / "llama-3.1-8b.json").read_text())
 
 
 @pytest.mark.parametrize(
@@ -194,7 +194,7 @@ def test_bad_nas_block(tmp_path: Path, layer: int, mutate, message: str) -> None
 
 def test_nas_neutral_keys_accepted() -> None:
     """Super-49B carries sparsify/window_length/sink keys at neutral values: they must load."""
-    arch = ArchConfig.from_json(SHARED_CONFIGS / "llama-3_3-nemotron-super-49b-v1.json")
+    arch = ArchConfig.from_json(CONFIGS / "llama-3_3-nemotron-super-49b-v1.json")
     assert arch.n_layers == 80
 
 

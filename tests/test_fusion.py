@@ -38,7 +38,7 @@ from tessera.search.train import fixed_windows
 
 from .conftest import relative_error
 
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def gqa(kv: int = 2, width: int = 64) -> BlockConfig:
