@@ -216,6 +216,9 @@ def check_inputs(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, 
                          f"v {tuple(v_pages.shape)} (expected [pages, page_size, Hkv, {head_dim}])")  # fmt: skip
     if n_heads % k_pages.shape[2]:
         raise ValueError(f"attention_paged: {n_heads} query heads are not a multiple of {k_pages.shape[2]} KV heads")
+    if not q.dtype == k_pages.dtype == v_pages.dtype:
+        raise ValueError(f"attention_paged: q ({q.dtype}) and the pages ({k_pages.dtype}, {v_pages.dtype}) differ in "
+                         "dtype")  # fmt: skip
     n_seqs, tables = meta.batch_size, meta.block_tables
     if meta.cu_seqlens.shape != (n_seqs + 1,) or tables.dim() != 2 or tables.shape[0] < n_seqs:
         raise ValueError(f"attention_paged: cu_seqlens {tuple(meta.cu_seqlens.shape)}, block_tables "

@@ -161,13 +161,18 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # compile the Triton kernels and build the rope tables outside the capture
-                self._forward(self.sizes[-1])
+            # Compile every kernel variant (the split count, hence the kernels, depend on the batch size) and
+            # build the rope tables outside the capture: loading a kernel while a stream captures fails.
+            for size in self.sizes:
+                self._forward(size)
         torch.cuda.current_stream().wait_stream(stream)
         for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._forward(size)
+            # The graphs share one pool: memory a graph freed at the end of its capture (its split scratch) may
+            # hold another graph's output. Sound because one graph replays at a time and run() hands out its
+            # logits before the next replay.
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize()
 

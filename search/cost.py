@@ -34,7 +34,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -107,9 +107,12 @@ def engine_step_ms(model: Model, scenario: Scenario) -> dict[str, float]:
     scenario.check_context(model.arch)
     device = model.embed_tokens.weight.device
     b, p, g = scenario.batch, scenario.prompt_len, scenario.gen_len
-    context = model.arch.max_position_embeddings
-    length = min(context, scenario.seq_len + DECODE_STEPS + 4)
-    engine = Engine(model, None, EngineConfig(max_batch=b, max_model_len=length))
+    config = EngineConfig(max_batch=b)
+    # Prompts are prefilled in chunks of max_step_tokens, decodes first: the first prompts done decode up to
+    # `ahead` tokens while the last are still prefilling. Their budget and the context leave room for that.
+    ahead = -(-b * scenario.seq_len // max(config.max_step_tokens, b))
+    length = min(model.arch.max_position_embeddings, scenario.seq_len + DECODE_STEPS + 4 + ahead)
+    engine = Engine(model, None, replace(config, max_model_len=length))
     prompts = _prompts(model.arch, scenario)
 
     def prefill() -> None:
@@ -119,15 +122,20 @@ def engine_step_ms(model: Model, scenario: Scenario) -> dict[str, float]:
             engine.step()
 
     def decode_at(position: int) -> float:
-        """Median decode step with every request's context around `position` (centred on the timed steps)."""
-        start = max(1, min(position - DECODE_STEPS // 2, length - DECODE_STEPS - 4))
+        """Median decode step with all batch requests decoding, their contexts around `position` (centred on the
+        timed steps)."""
+        steps = min(DECODE_STEPS, length - ahead - 4)
+        if steps < 1:
+            raise ValueError(f"the model's context ({length} tokens) is too short to time decode steps")
+        start = max(1, min(position - steps // 2, length - steps - ahead - 3))
         for prompt in prompts:
-            engine.add_request((prompt * -(-start // p))[:start], SamplingParams(DECODE_STEPS + 3, ignore_eos=True))
+            engine.add_request((prompt * -(-start // p))[:start], SamplingParams(steps + ahead + 2, ignore_eos=True))
         while engine.waiting or any(r.computed < r.prompt_len for r in engine.running):
             engine.step()  # prefill, untimed
         engine.step()  # one untimed decode step
+        assert len(engine.running) == b, "a request finished before its decode steps were timed"
         times = []
-        for _ in range(DECODE_STEPS):
+        for _ in range(steps):
             begin = time.perf_counter()
             engine.step()
             _sync(device)

@@ -158,6 +158,9 @@ def test_paged_attention_rejects_mismatched_shapes() -> None:
     meta = PagedAttentionMetadata(tables, torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3]), 3)
     with pytest.raises(ValueError, match="not a multiple of 3 KV heads"):
         attention_paged_reference(q, pages, pages, meta)
+    half = torch.zeros(4, 16, 2, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="differ in dtype"):
+        attention_paged_reference(q, half, half, meta)
     meta = PagedAttentionMetadata(tables, torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([3]), 2)
     with pytest.raises(ValueError, match="disagree on the batch"):
         attention_paged_reference(q, torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16), meta)

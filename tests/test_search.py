@@ -286,6 +286,19 @@ def test_the_cost_model_times_the_engine_step(monkeypatch):
     assert len(paged) == 4 * len(steps)  # each step's 4 GQA blocks
 
 
+def test_decode_steps_are_timed_with_the_whole_batch_decoding(monkeypatch):
+    """20 prompts of 60 tokens take 3 chunked prefill steps of 512 tokens, the first ones decoding meanwhile:
+    every decode-only step the cost model times still has all 20 requests in it (none has run out of tokens)."""
+    arch, plans = tiny_arch(), []
+    real_batch = Engine._step_batch
+    monkeypatch.setattr(Engine, "_step_batch", lambda self, plan: plans.append([n for _, n in plan]) or
+                        real_batch(self, plan))  # fmt: skip
+    stack_ms(arch, arch.blocks[0], 1, Scenario(batch=20, prompt_len=60, gen_len=4), torch.device("cpu"),
+             torch.float32)  # fmt: skip
+    decode_only = [len(plan) for plan in plans if set(plan) == {1}]
+    assert decode_only and set(decode_only) == {20}
+
+
 # Baselines and GKD
 
 
