@@ -19,7 +19,7 @@ import torch
 
 from tessera.config import ArchConfig
 
-GPU_PAGE_SIZE = 16
+PAGE_SIZE = 16  # tokens per page, unless the CPU gives a request a whole context (page_size_for)
 
 
 class PagedKVCache:
@@ -71,7 +71,7 @@ class PagedKVCache:
         whole = PagedKVCache.page_bytes(arch, max_model_len, dtype)
         if device.type == "cpu" and budget >= max_batch * whole:
             return max_model_len
-        return GPU_PAGE_SIZE
+        return PAGE_SIZE
 
     @property
     def usable_pages(self) -> int:

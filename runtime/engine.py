@@ -39,7 +39,7 @@ import torch
 from tokenizers import Tokenizer
 
 from tessera import kernels
-from tessera.runtime.cache import PagedKVCache
+from tessera.runtime.cache import PAGE_SIZE, PagedKVCache
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.sampling import Completion, SamplingParams, TextStream, check_prompt, encode_prompt, sample
 
@@ -219,8 +219,8 @@ class Engine:
         token_bytes = PagedKVCache.page_bytes(arch, 1, self.dtype)  # KV bytes per token, all layers
         if config.kv_cache_bytes is not None:
             budget = config.kv_cache_bytes
-        else:  # room for max_batch requests of max_model_len (in 16-token pages)
-            budget = config.max_batch * -(-self.max_model_len // 16) * 16 * token_bytes
+        else:  # room for max_batch requests of max_model_len (in PAGE_SIZE pages)
+            budget = config.max_batch * -(-self.max_model_len // PAGE_SIZE) * PAGE_SIZE * token_bytes
             if self.device.type == "cuda" and token_bytes:
                 budget = min(budget, int(0.8 * torch.cuda.mem_get_info(self.device)[0]))
         page = config.page_size or PagedKVCache.page_size_for(

@@ -38,10 +38,9 @@ class Generator:
             check_prompt(tokens, arch.vocab_size, context, f"prompt {i}", "max_position_embeddings")
         batch = min(len(encoded), MAX_BATCH)
         length = min(context, max(len(t) for t in encoded) + params.max_new_tokens)
-        engine = self.engine
-        if engine is None or engine.config.max_batch < batch or engine.max_model_len < length:
-            if engine is not None:  # grow, never shrink: alternating calls do not rebuild each time
-                batch, length = max(batch, engine.config.max_batch), max(length, engine.max_model_len)
-            self.engine = engine = None  # the old pool is freed before the new one is allocated
+        if self.engine is None or self.engine.config.max_batch < batch or self.engine.max_model_len < length:
+            if self.engine is not None:  # grow, never shrink: alternating calls do not rebuild each time
+                batch, length = max(batch, self.engine.config.max_batch), max(length, self.engine.max_model_len)
+                self.engine = None  # the old pool is freed before the new one is allocated
             self.engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=batch, max_model_len=length))
         return self.engine.generate(encoded, params)

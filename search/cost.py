@@ -12,11 +12,11 @@ Blocks are timed as stacks of STACK_COPIES copies with distinct random weights (
 weights and inputs still in cache and reads 13 % faster than inside a model: demo parent, 2-core Xeon,
 prefill), by difference with a stack of as many no-op blocks, so that what the engine does around the layers
 (embedding, LM head, sampling, scheduling) cancels: a block costs (its stack − the no-op stack) / STACK_COPIES.
-(Differences between stacks of 8 and 4 reference blocks gave the same decode cost per block on the demo
-parent, 2-core Xeon, with twice the spread.) Every stack is timed once per round, round-robin over
-CALIBRATION_ROUNDS rounds, and the medians kept: a machine that speeds up or slows down during calibration then
-meets every block alike (on a shared 2-core VM, one pass in order made a block's decode step vary by 2x with
-its position in the pass).
+(Differences between stacks of 8 and 4 of the demo parent's blocks gave about the same decode cost per block,
+1.0 ms against 0.92, 2-core Xeon, from noisier differences of larger times.) Every stack is timed once per
+round, round-robin over CALIBRATION_ROUNDS rounds, and the medians kept: a machine that speeds up or slows down
+during calibration then meets every block alike (on a shared 2-core VM, one pass in order gave the demo's cost
+model a 24 % mean error, the rounds 4.6 %).
 
 What is not a block is measured as whole generations (`Generator`, the engine) of a stack of the reference
 block (the first that is not a no-op: the parent's) minus its blocks' runtime; among real layers the LM head's
