@@ -32,12 +32,18 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: setup  ## CPU benchmarks (pytest-benchmark); results JSON under benchmarks/results/
-	$(BIN)/pytest benchmarks --benchmark-enable --benchmark-columns=median,iqr,rounds
+# Benchmark results go to BENCH_RESULTS (git-ignored runs/bench/ by default); `make bench
+# BENCH_RESULTS=benchmarks/results` updates the committed ones.
+BENCH_RESULTS ?= runs/bench
+
+bench: setup  ## CPU benchmarks (pytest-benchmark); results JSON + Markdown under $(BENCH_RESULTS)/
+	mkdir -p $(BENCH_RESULTS)
+	TESSERA_BENCH_RESULTS=$(BENCH_RESULTS) $(BIN)/pytest benchmarks --benchmark-enable \
+		--benchmark-columns=median,iqr,rounds --benchmark-json=$(BENCH_RESULTS)/pytest_benchmark.json
 
 bench-kernels: setup  ## kernel suites + whole-model decode (GPU: Triton vs torch; CPU: references, sanity only)
-	$(BIN)/tessera bench kernels
-	$(BIN)/tessera bench model
+	$(BIN)/tessera bench kernels --results $(BENCH_RESULTS)
+	$(BIN)/tessera bench model --results $(BENCH_RESULTS)
 
 corpus: setup  ## re-snapshot the demo corpus from this Python's standard library
 	$(BIN)/tessera demo-parent corpus

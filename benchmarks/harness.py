@@ -21,9 +21,18 @@ from pathlib import Path
 
 import torch
 
+from tessera.files import atomic_write_text
 from tessera.search.cost import median_ms
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# A run writes under runs/bench/ of the checkout (git-ignored) unless told otherwise (`tessera bench --results DIR`,
+# or TESSERA_BENCH_RESULTS for `make bench`): benchmarks/results/ holds the committed runs the README cites, and a
+# sanity run on a laptop must not rewrite them. Pass that folder to update them on purpose.
+RESULTS_ENV = "TESSERA_BENCH_RESULTS"
+DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "runs" / "bench"
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS)
 
 
 def device_name(device: torch.device | str = "cpu") -> str:
@@ -72,11 +81,13 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
     return env
 
 
-def write_results(name: str, results: dict, markdown: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown + "\n")
+def write_results(name: str, results: dict, markdown: str, out: Path | None = None) -> Path:
+    """<out>/<name>.json and .md (out: `results_dir()` by default); each written beside and renamed into place."""
+    out = Path(out) if out is not None else results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / f"{name}.md", markdown + "\n")
     return path
 
 
@@ -191,6 +202,6 @@ def kernel_table(rows: list[dict]) -> str:
 
 
 def results_name(device: torch.device, suite: str) -> str:
-    """benchmarks/results/<device>_<suite>: e.g. nvidia-h200_kernels_ffn, cpu_kernels_ffn."""
+    """<device>_<suite>: e.g. nvidia-h200_kernels_ffn, cpu_kernels_ffn."""
     slug = "cpu" if device.type != "cuda" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
     return f"{slug}_{suite}"

@@ -1,6 +1,7 @@
 """Run the kernel benchmark suites (`tessera bench kernels`), the whole-model decode benchmark (`tessera bench
 model`), the FFN Fusion decode benchmark (`tessera bench fusion`) and the serving benchmark (`tessera bench
-serving`); write results JSON and a Markdown table per suite under benchmarks/results/."""
+serving`); write results JSON and a Markdown table per suite to `out` (default: harness.results_dir(), runs/bench/
+in the checkout)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ from pathlib import Path
 import torch
 
 from . import bench_attention, bench_ffn, bench_fusion, bench_model, bench_norm, bench_serving
-from .harness import copy_bandwidth_gbps, environment, kernel_table, measure_cases, results_name, write_results
+from .harness import (
+    copy_bandwidth_gbps,
+    environment,
+    kernel_table,
+    measure_cases,
+    results_dir,
+    results_name,
+    write_results,
+)
+
+__all__ = ["results_dir", "run_fusion", "run_kernels", "run_model", "run_serving"]
 
 KERNEL_SUITES = {"norm": bench_norm, "ffn": bench_ffn, "attention": bench_attention}
 
@@ -21,7 +32,7 @@ def _header(env: dict, what: str, copy_gbps: float) -> str:
     )
 
 
-def run_kernels(device: torch.device, suites: list[str] | None = None) -> list[Path]:
+def run_kernels(device: torch.device, suites: list[str] | None = None, out: Path | None = None) -> list[Path]:
     copy_gbps = copy_bandwidth_gbps(device)
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
     paths = []
@@ -31,35 +42,38 @@ def run_kernels(device: torch.device, suites: list[str] | None = None) -> list[P
         note = "" if device.type == "cuda" else "CPU: the ops run their plain-torch references (sanity only).\n\n"
         md = _header(env, f"Kernel benchmark `{name}`", copy_gbps) + note + kernel_table(rows)
         results = {**env, "suite": name, "copy_bandwidth_gbps": copy_gbps, "results": rows}
-        paths.append(write_results(results_name(device, f"kernels_{name}"), results, md))
+        paths.append(write_results(results_name(device, f"kernels_{name}"), results, md, out))
     return paths
 
 
-def run_model(device: torch.device) -> Path:
+def run_model(device: torch.device, out: Path | None = None) -> Path:
     copy_gbps = copy_bandwidth_gbps(device)
     env = environment(device)
     result = bench_model.run(device, copy_gbps)
     md = _header(env, f"Decode, {result['model']}, {result['dtype']}", copy_gbps) + bench_model.table(result)
-    return write_results(results_name(device, "model_decode"), {**env, "copy_bandwidth_gbps": copy_gbps, **result}, md)
+    results = {**env, "copy_bandwidth_gbps": copy_gbps, **result}
+    return write_results(results_name(device, "model_decode"), results, md, out)
 
 
-def run_fusion(device: torch.device) -> Path:
+def run_fusion(device: torch.device, out: Path | None = None) -> Path:
     env = environment(device)
     result = bench_fusion.run(device)
     md = (
         f"FFN Fusion decode on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']}, "
         f"triton {env.get('triton', '-')})\n\n" + bench_fusion.table(result)
     )
-    return write_results(results_name(device, "fusion_decode"), {**env, **result}, md)
+    return write_results(results_name(device, "fusion_decode"), {**env, **result}, md, out)
 
 
-def run_serving(device: torch.device, **kwargs) -> Path:
+def run_serving(device: torch.device, out: Path | None = None, **kwargs) -> Path:
     """CPU: `tessera serve` over HTTP under load vs transformers one at a time (kwargs: bench_serving.run_cpu's).
     CUDA: the engine at Llama-3.1-8B shape over batch sizes, against the bandwidth floor."""
     env = environment(device)
     head = f"Serving on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']})\n\n"
     if device.type == "cuda":
         result = bench_serving.gpu_sweep(device, copy_bandwidth_gbps(device))
-        return write_results(results_name(device, "serving"), {**env, **result}, head + bench_serving.gpu_table(result))
-    result = bench_serving.run_cpu(**kwargs)
-    return write_results(results_name(device, "serving"), {**env, **result}, head + bench_serving.table(result))
+        md = head + bench_serving.gpu_table(result)
+    else:
+        result = bench_serving.run_cpu(**kwargs)
+        md = head + bench_serving.table(result)
+    return write_results(results_name(device, "serving"), {**env, **result}, md, out)

@@ -106,8 +106,8 @@ def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection) -> 
             if engine.has_work():
                 try:
                     outputs += engine.step()
-                except Exception as e:  # a failed step fails the requests in it, not the engine
-                    outputs += engine.abort_all("error", f"{type(e).__name__}: {e}")
+                except Exception as e:  # a failed step fails the requests in it, not the engine nor those waiting
+                    outputs += engine.fail_step(f"{type(e).__name__}: {e}")
             outbox.send(("step", outputs, _load(engine)))
 
 
@@ -326,6 +326,7 @@ class AsyncEngine:
             stream.queue.put_nowait(out)
 
     def _lost(self, handle: _EngineHandle, exitcode: int | None) -> None:
-        """An engine process died: its requests fail."""
+        """An engine process died: its requests fail, and it runs nothing any more."""
+        handle.load = EngineLoad()
         message = f"engine process {handle.rank} exited (exit code {exitcode})"
         self._deliver(handle, [RequestOutput(rid, [], "", 0, 0, True, "error", message) for rid in handle.streams])

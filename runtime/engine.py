@@ -31,6 +31,7 @@ model times `Engine.step` (search/cost.py).
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +43,14 @@ from tessera import kernels
 from tessera.runtime.cache import PAGE_SIZE, PagedKVCache
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.sampling import Completion, SamplingParams, TextStream, check_prompt, encode_prompt, sample
+
+
+def free_memory_share(device: torch.device) -> int:
+    """The default KV pool's ceiling: 80 % of the GPU's free memory, or half the host's available memory
+    (the CPU also holds the weights and activations, and other processes)."""
+    if device.type == "cuda":
+        return int(0.8 * torch.cuda.mem_get_info(device)[0])
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 class CapacityError(ValueError):
@@ -90,6 +99,7 @@ class EngineLimits:
     page_size: int
     usable_pages: int  # KV pages of the whole pool
     has_tokenizer: bool
+    max_batch: int
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -221,8 +231,8 @@ class Engine:
             budget = config.kv_cache_bytes
         else:  # room for max_batch requests of max_model_len (in PAGE_SIZE pages)
             budget = config.max_batch * -(-self.max_model_len // PAGE_SIZE) * PAGE_SIZE * token_bytes
-            if self.device.type == "cuda" and token_bytes:
-                budget = min(budget, int(0.8 * torch.cuda.mem_get_info(self.device)[0]))
+            if token_bytes:  # a long max_model_len must not size a pool past the memory there is
+                budget = min(budget, free_memory_share(self.device))
         page = config.page_size or PagedKVCache.page_size_for(
             arch, self.device, self.dtype, budget, config.max_batch, self.max_model_len
         )
@@ -235,9 +245,10 @@ class Engine:
             pages = budget // (page * token_bytes)
         self.cache = PagedKVCache(arch, pages + 1, page, self.device, self.dtype)  # + the scratch page
         self.limits = EngineLimits(arch.vocab_size, self.max_model_len, page, self.cache.usable_pages,
-                                   tokenizer is not None)  # fmt: skip
+                                   tokenizer is not None, config.max_batch)  # fmt: skip
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
+        self.stepping: list[_Request] = []  # the requests of the step in progress (fail_step ends them)
         self._ids = itertools.count()
         self._requests: dict[str, _Request] = {}
         self.graphs = None
@@ -335,8 +346,12 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass over the scheduled tokens; returns an output for each request that sampled."""
+        """Run one forward pass over the scheduled tokens; returns an output for each request that sampled.
+
+        A request whose sampling fails ends alone, with finish reason "error". A failure of the forward pass
+        is raised: it belongs to every request of the step, which `fail_step` then ends (the server does)."""
         plan = self._schedule()
+        self.stepping = [req for req, _ in plan]
         if not plan:
             return []
         logits, sampling = self._forward(plan)
@@ -345,6 +360,14 @@ class Engine:
         if not sampling:
             return []
         return self._sample(sampling, logits)
+
+    def fail_step(self, error: str) -> list[RequestOutput]:
+        """End the requests of the step that raised (its K/V may be half written); the rest go on."""
+        failed = [req for req in self.stepping if req.id in self._requests]
+        for req in failed:
+            self.running.remove(req)
+        self.stepping = []
+        return [self._finish(req, "error", [], "", error) for req in failed]
 
     def _forward(self, plan: list[tuple[_Request, int]]) -> tuple[torch.Tensor | None, list[_Request]]:
         batch, tokens, last, sampling = self._step_batch(plan)
@@ -391,14 +414,21 @@ class Engine:
         greedy = [i for i, r in enumerate(reqs) if r.params.temperature == 0]
         if len(greedy) == len(reqs):
             return [self._append(req, token) for req, token in zip(reqs, logits.argmax(dim=-1).tolist())]
-        chosen = torch.empty(len(reqs), dtype=torch.int64, device=logits.device)
+        chosen: list[int | str] = [0] * len(reqs)  # a token, or why this request could not sample
         if greedy:
-            index = torch.tensor(greedy, device=logits.device)
-            chosen[index] = logits[index].argmax(dim=-1)
+            for i, token in zip(greedy, logits[torch.tensor(greedy, device=logits.device)].argmax(dim=-1).tolist()):
+                chosen[i] = token
         for i, req in enumerate(reqs):
             if req.params.temperature > 0:
-                chosen[i] = sample(logits[i : i + 1], req.params, req.generator)[0]
-        return [self._append(req, token) for req, token in zip(reqs, chosen.tolist())]
+                try:
+                    chosen[i] = int(sample(logits[i : i + 1], req.params, req.generator)[0])
+                except RuntimeError as e:  # e.g. NaN logits: this request's failure, not the batch's
+                    chosen[i] = f"sampling failed: {e}"
+        return [self._append(req, c) if isinstance(c, int) else self._fail(req, c) for req, c in zip(reqs, chosen)]
+
+    def _fail(self, req: _Request, error: str) -> RequestOutput:
+        self.running.remove(req)
+        return self._finish(req, "error", [], "", error)
 
     def _append(self, req: _Request, token: int) -> RequestOutput:
         req.sampled += 1
@@ -440,6 +470,8 @@ class Engine:
                 c.tokens.extend(out.token_ids)
                 if c.text is not None:
                     c.text += out.text
+                if out.error is not None:
+                    raise RuntimeError(f"{out.request_id}: {out.error}")
                 if out.finished:
                     c.finish_reason = out.finish_reason
         return [completions[i] for i in ids]

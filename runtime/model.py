@@ -185,9 +185,9 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, b, i) for i, b in enumerate(arch.blocks))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = None if arch.tie_embeddings else nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size))
-        # cos/sin tables [max_position_embeddings, D/2] in fp32, one per device, built on first use. Not
-        # buffers: a model cast to bf16 must keep fp32 rotation angles (positions past 256 lose them).
-        self._rope_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Rotation frequencies [D/2] in fp32, one copy per device, made on first use. Not a buffer: a model
+        # cast to bf16 must keep fp32 angles (positions past 256 lose them).
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -223,14 +223,17 @@ class Model(nn.Module):
         return self
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, D/2] (fp32) for token positions [N]."""
+        """cos, sin [N, D/2] (fp32) for token positions [N].
+
+        Computed from the positions at each forward (as transformers does), not gathered from a table over the
+        whole context: a table of max_position_embeddings rows costs gigabytes at long contexts (2**24
+        positions at D = 128: 8 GiB), while N x D/2 products are a few microseconds. The angles are the same
+        fp32 products a table would hold."""
         device = positions.device
-        if device not in self._rope_tables:
-            inv_freq = rope_inverse_frequencies(self.arch.rope, self.arch.head_dim)
-            angles = torch.arange(self.arch.max_position_embeddings).float()[:, None] * inv_freq[None, :]
-            self._rope_tables[device] = (angles.cos().to(device), angles.sin().to(device))
-        cos, sin = self._rope_tables[device]
-        return cos[positions], sin[positions]
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inverse_frequencies(self.arch.rope, self.arch.head_dim).to(device)
+        angles = positions.float()[:, None] * self._inv_freq[device][None, :]  # (N, D/2)
+        return angles.cos(), angles.sin()
 
     def forward_packed(
         self, tokens: torch.Tensor, batch: Batch, layer_outputs: list[torch.Tensor] | None = None

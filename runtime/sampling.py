@@ -7,6 +7,8 @@ Sampling is greedy (temperature 0) or temperature / top-k / top-p from a seeded 
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +20,22 @@ class ContextLengthError(ValueError):
     """A prompt that leaves no room in the model's context window."""
 
 
+class SamplingError(ValueError):
+    """Sampling parameters that cannot sample; `field` names the parameter (SamplingParams' name for it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """What a request asks for. Checked here, once, for every entry point (CLI, server, Python): a value that
+    cannot sample (NaN, inf, a seed the generator refuses) is refused with the field named."""
+
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: no top-k cut
@@ -30,14 +46,28 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SamplingError(name, f"expected an integer, got {value!r}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise SamplingError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise SamplingError("top_k", f"must be >= 0, got {self.top_k}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise SamplingError(name, f"expected a finite number, got {value!r}")
+        if self.temperature < 0:
+            raise SamplingError("temperature", f"must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
+        ):
+            raise SamplingError("seed", f"expected an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
 
 
 @dataclass
@@ -52,16 +82,49 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     file = Path(path) / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no tokenizer.json (a Hugging Face fast tokenizer is needed for text)")
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the Rust parser's error (a bad JSON or an unknown model type) has no file name
+        raise ValueError(f"{file}: not a Hugging Face tokenizer file ({e})") from None
 
 
-def encode_prompt(tokenizer: Tokenizer | None, prompt: str | list[int]) -> list[int]:
+def check_text(text: str, what: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (JSON's "\\ud800", or bytes that are not UTF-8 in argv)
+    cannot be encoded as UTF-8, which the tokenizer needs."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} is not valid Unicode: {text[e.start : e.end]!r} at character {e.start} is not a character"
+        ) from None
+
+
+def encode_prompt(tokenizer: Tokenizer | None, prompt: str | list[int], what: str = "the prompt") -> list[int]:
     """Token ids of a text prompt (through the tokenizer) or of one given as ids already."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
-        return tokenizer.encode(prompt).ids
+        check_text(prompt, what)
+        # encode_batch releases the GIL while the Rust side works (encode does not): the server tokenises in a
+        # worker thread, and a long prompt must not stall the event loop.
+        return tokenizer.encode_batch([prompt])[0].ids
     return list(prompt)
+
+
+def max_token_bytes(tokenizer: Tokenizer) -> int | None:
+    """The most input bytes one token can cover, when the tokenizer keeps every byte of its input (byte-level
+    BPE with no normalizer, as Llama 3's and the demo's): a text of n bytes then has at least n / this many
+    tokens, so a prompt far past the context is refused without tokenising it (a 1 MB prompt takes seconds
+    of a core to tokenise). None for other tokenizers: a normalizer or a pre-tokenizer that drops whitespace
+    could leave a long input few tokens."""
+    spec = json.loads(tokenizer.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    if spec.get("normalizer") is not None or pre.get("type") != "ByteLevel":
+        return None
+    # A byte-level vocabulary spells each byte as one character; added tokens match their literal text.
+    longest = max(map(len, tokenizer.get_vocab(with_added_tokens=False)), default=1)
+    added = (len(t.content.encode("utf-8")) for t in tokenizer.get_added_tokens_decoder().values())
+    return max(longest, *added)
 
 
 def check_prompt(tokens: list[int], vocab_size: int, context: int, what: str, limit: str) -> None:
@@ -79,62 +142,84 @@ def check_prompt(tokens: list[int], vocab_size: int, context: int, what: str, li
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V]."""
+    """Next token ids [B] from logits [B, V].
+
+    In float64, from logits shifted so their maximum is 0: any temperature SamplingParams accepts (1e-300
+    included) gives finite probabilities, and the best token always keeps a share, whatever top-k and top-p cut.
+    """
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature  # max 0, the rest <= 0 or -inf
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already cover top_p (so the first always stays).
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= params.top_p
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already cover top_p; the first always stays.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= params.top_p
+        drop_sorted[:, 0] = False
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 class TextStream:
-    """Generated token ids → text deltas, with stop strings.
+    """Generated token ids → text deltas, with stop strings, in constant work per token.
 
-    The whole text is decoded again at each token (byte-level BPE merges across token boundaries, so pieces
-    decoded alone would split characters); the part already sent is never changed. A stop string ends the
-    text before it; a suffix that could still grow into a stop string, or an unfinished UTF-8 character
-    (decoded as U+FFFD), is held back until the next token decides it.
+    Byte-level BPE merges bytes across token boundaries, and SentencePiece-style decoders strip a leading
+    space from the first token, so tokens cannot be decoded one by one. As vLLM does, each step decodes only a
+    short window: the tokens since the last emitted text (`ids[prefix:]`), minus the same window without the
+    new tokens (`ids[prefix:read]`); both start at the same token, so their difference is exactly the new
+    text, unless it ends in an unfinished UTF-8 character (U+FFFD), which waits for the next token.
+
+    A stop string ends the text before it. Text that could still grow into a stop string is held back
+    (`held`) until the next token decides it; a stop string can only start in held-back or new text, so the
+    search covers only that, never the whole text.
     """
 
     def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...] = ()) -> None:
         if stop and tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.longest = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
-        self.text = ""
-        self.sent = 0  # characters of self.text already handed out
+        self.prefix = self.read = 0  # ids[prefix:read] decode to text already handed to `held` or sent
+        self.held = ""  # decoded text not sent yet: it could be the start of a stop string
 
     def add(self, token: int) -> tuple[str, bool]:
         """Add a token; returns (new text safe to send, whether a stop string ended the text)."""
         self.ids.append(token)
         if self.tokenizer is None:
             return "", False
-        self.text = self.tokenizer.decode(self.ids)
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        self.held += self._decode_new()
+        cut = min((i for i in (self.held.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
-            self.text = self.text[:cut]
-            return self._send(cut), True
-        end = len(self.text.rstrip("\ufffd"))
-        for k in range(min(max((len(s) for s in self.stop), default=1) - 1, end - self.sent), 0, -1):
-            if any(s.startswith(self.text[end - k : end]) for s in self.stop):
-                end -= k
+            text, self.held = self.held[:cut], ""
+            return text, True
+        keep = 0
+        for k in range(min(self.longest - 1, len(self.held)), 0, -1):
+            if any(s.startswith(self.held[-k:]) for s in self.stop):
+                keep = k
                 break
-        return self._send(end), False
+        text, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return text, False
 
     def flush(self) -> str:
-        """The rest of the text, when generation ends for another reason than a stop string."""
-        return self._send(len(self.text))
+        """The rest of the text, when generation ends for another reason than a stop string (an unfinished
+        character included, as U+FFFD)."""
+        if self.tokenizer is None:
+            return ""
+        done = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text, self.held = self.held + self.tokenizer.decode(self.ids[self.prefix :])[len(done) :], ""
+        self.prefix = self.read = len(self.ids)
+        return text
 
-    def _send(self, end: int) -> str:
-        delta = self.text[self.sent : end]
-        self.sent = max(self.sent, end)
-        return delta
+    def _decode_new(self) -> str:
+        done = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix :])
+        if len(text) <= len(done) or text.endswith("\ufffd"):
+            return ""  # nothing new yet (a special token, or half a character)
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(done) :]

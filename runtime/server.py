@@ -41,7 +41,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tessera.config import ConfigError, read_json
 from tessera.runtime.async_engine import AsyncEngine, EngineSpec, RequestStream
 from tessera.runtime.engine import CapacityError, EngineConfig, RequestOutput
-from tessera.runtime.sampling import ContextLengthError, SamplingParams, check_prompt, encode_prompt
+from tessera.runtime.sampling import (
+    ContextLengthError,
+    SamplingError,
+    SamplingParams,
+    check_prompt,
+    encode_prompt,
+    max_token_bytes,
+)
 
 # Used when the tokenizer config has no chat_template: one "role: content" line per message, then the
 # assistant's turn. Documented in the README.
@@ -50,6 +57,13 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+# A request body may hold one prompt that fills the context, as text or token ids: 32 bytes a token is ~8
+# characters of text a token, or ids of up to 30 digits; never below 1 MiB. Larger bodies get a 413 before
+# they are read (a 50 MB body once took the process from 345 MB to 4.6 GB).
+BODY_BYTES_PER_TOKEN = 32
+MIN_BODY_BYTES = 2**20
+# SamplingParams' field names as the API spells them.
+API_FIELDS = {"max_new_tokens": "max_tokens"}
 
 
 class APIError(Exception):
@@ -59,10 +73,56 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 404: "not_found_error", 503: "service_unavailable"}.get(
-        status, "server_error"
-    )
+    if status in (404, 503):
+        kind = {404: "not_found_error", 503: "service_unavailable"}[status]
+    else:  # OpenAI types every other client error (405, 413, ...) as an invalid request
+        kind = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than `limit` bytes gets a 413 before it is read into memory
+    (by its Content-Length), or as soon as it outgrows the limit (a chunked body). The body is read here
+    and handed on in one piece; later receive calls (the disconnect watcher's) go to the client."""
+
+    def __init__(self, app, limit: int, on_refused=None) -> None:
+        self.app, self.limit, self.on_refused = app, limit, on_refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, send)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await self._refuse(scope, send)
+            if not message.get("more_body", False):
+                break
+        first = {"type": "http.request", "body": bytes(body), "more_body": False}
+        del body
+
+        async def replay():
+            nonlocal first
+            if first is not None:
+                message, first = first, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, send) -> None:
+        if self.on_refused is not None:
+            self.on_refused(scope["path"])
+        message = f"the request body is larger than this server's limit of {self.limit} bytes"
+        await JSONResponse(error_body(413, message), status_code=413, headers={"Connection": "close"})(
+            scope, None, send
+        )
 
 
 # ---- request bodies -------------------------------------------------------------------------------
@@ -231,7 +291,7 @@ class Server:
 
     def __init__(
         self, engine: AsyncEngine, model_name: str, chat_template: str = DEFAULT_CHAT_TEMPLATE,
-        special_tokens: dict[str, str] | None = None,
+        special_tokens: dict[str, str] | None = None, max_request_bytes: int | None = None,
     ) -> None:  # fmt: skip
         self.engine, self.model_name = engine, model_name
         self.created = int(time.time())
@@ -240,6 +300,10 @@ class Server:
         self.template = env.from_string(chat_template)
         self.special_tokens = special_tokens or {}
         self.metrics = Metrics(engine)
+        self.max_request_bytes = max_request_bytes or max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * self.max_model_len)
+        self.max_prompts = engine.limits.max_batch * engine.data_parallel_size  # one request fills the batch
+        token_bytes = max_token_bytes(engine.tokenizer)
+        self.max_prompt_bytes = None if token_bytes is None else token_bytes * self.max_model_len
         self.app = self._build_app()
 
     @property
@@ -248,6 +312,8 @@ class Server:
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="tessera", lifespan=self._lifespan)
+        app.add_middleware(BodyLimit, limit=self.max_request_bytes,
+                           on_refused=lambda path: self.metrics.requests.labels(path, "413").inc())  # fmt: skip
 
         @app.exception_handler(APIError)
         async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -270,12 +336,22 @@ class Server:
 
         @app.exception_handler(StarletteHTTPException)
         async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-            message = f"no route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
-            return JSONResponse(error_body(e.status_code, message), status_code=e.status_code)
+            message = str(e.detail)
+            if e.status_code in (404, 405):
+                verb = "no route" if e.status_code == 404 else "method not allowed:"
+                message = f"{verb} {request.method} {request.url.path}"
+            self.metrics.requests.labels(request.url.path, str(e.status_code)).inc()
+            return JSONResponse(error_body(e.status_code, message), status_code=e.status_code, headers=e.headers)
+
+        @app.exception_handler(Exception)
+        async def bug(request: Request, e: Exception) -> JSONResponse:  # logged with its traceback by uvicorn
+            self.metrics.requests.labels(request.url.path, "500").inc()
+            return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
 
         app.get("/health")(self.health)
         app.get("/metrics")(self.prometheus)
         app.get("/v1/models")(self.models)
+        app.get("/v1/models/{model_id:path}")(self.model)
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         return app
@@ -295,10 +371,18 @@ class Server:
     async def prometheus(self) -> PlainTextResponse:
         return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def models(self) -> dict:
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tessera",
+    def _card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tessera",
                 "max_model_len": self.max_model_len}  # fmt: skip
-        return {"object": "list", "data": [card]}
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [self._card()]}
+
+    async def model(self, model_id: str) -> dict:
+        if model_id != self.model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")  # fmt: skip
+        return self._card()
 
     # ---- shared by both endpoints
 
@@ -316,19 +400,31 @@ class Server:
                 "max_tokens", "context_length_exceeded",
             )  # fmt: skip
         max_tokens = body.max_tokens or min(default_max or room, room)
-        return SamplingParams(
-            max_new_tokens=max_tokens,
-            temperature=body.temperature,
-            top_k=body.top_k,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stop_strings(),
-            ignore_eos=body.ignore_eos,
-        )
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens,
+                temperature=body.temperature,
+                top_k=body.top_k,
+                top_p=body.top_p,
+                seed=body.seed,
+                stop=body.stop_strings(),
+                ignore_eos=body.ignore_eos,
+            )
+        except SamplingError as e:
+            field = API_FIELDS.get(e.field, e.field)
+            raise APIError(400, f"{field}{str(e).removeprefix(e.field)}", field) from e
 
     def _encode(self, prompt: str | list[int], param: str) -> list[int]:
-        tokens = encode_prompt(self.engine.tokenizer, prompt)
+        """The prompt's token ids, checked. Called in a worker thread: tokenising a long text takes a while."""
         try:
+            if isinstance(prompt, str) and self.max_prompt_bytes and len(prompt) > self.max_prompt_bytes:
+                # len() counts characters, at most the bytes: a safe shortcut past the tokenizer
+                at_least = len(prompt) * self.max_model_len // self.max_prompt_bytes
+                raise ContextLengthError(
+                    f"the prompt has {len(prompt)} characters, at least {at_least} tokens; the context is "
+                    f"{self.max_model_len} tokens (max_model_len)"
+                )
+            tokens = encode_prompt(self.engine.tokenizer, prompt, param)
             check_prompt(tokens, self.engine.limits.vocab_size, self.max_model_len, "the prompt", "max_model_len")
         except ContextLengthError as e:
             raise APIError(400, str(e), param, "context_length_exceeded") from e
@@ -365,13 +461,12 @@ class Server:
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         watcher = asyncio.create_task(watch())
-        remaining = len(streams)
+        remaining, getter = len(streams), None
         try:
             while remaining:
                 getter = asyncio.ensure_future(merged.get())
                 done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
                 if getter not in done:
-                    getter.cancel()
                     return  # the client disconnected: the finally below aborts everything
                 index, out = getter.result()
                 t = timings[index]
@@ -382,7 +477,9 @@ class Server:
                     remaining -= 1
                     t.record(self.metrics)
                 yield index, out
-        finally:
+        finally:  # also when the response task is cancelled mid-wait: no task may be left waiting forever
+            if getter is not None:
+                getter.cancel()
             watcher.cancel()
             for task in tasks:
                 task.cancel()
@@ -470,9 +567,20 @@ class Server:
         prompts = [prompt] if one else list(prompt)
         if not prompts:
             raise APIError(400, "prompt: no prompt given", "prompt")
-        encoded = [self._encode(p, "prompt") for p in prompts]
+        if len(prompts) > self.max_prompts:
+            raise APIError(400, f"prompt: at most {self.max_prompts} prompts a request (the batch size), "
+                                f"got {len(prompts)}", "prompt")  # fmt: skip
+        encoded = await asyncio.to_thread(lambda: [self._encode(p, "prompt") for p in prompts])
         params = [self._params(body, len(p), COMPLETION_DEFAULT_MAX_TOKENS) for p in encoded]
         return await self._respond(request, body, encoded, params, chat=False)
+
+    def _render(self, messages: list[dict]) -> list[int]:
+        """The chat's prompt tokens: the template rendered, then tokenised (in a worker thread)."""
+        try:
+            text = self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+        except jinja2.TemplateError as e:
+            raise APIError(400, f"chat template: {e}", "messages") from e
+        return self._encode(text, "messages")
 
     async def chat_completions(self, body: ChatRequest, request: Request):
         messages = []
@@ -481,11 +589,7 @@ class Server:
                 m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
             )
             messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
-        try:
-            text = self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
-        except jinja2.TemplateError as e:
-            raise APIError(400, f"chat template: {e}", "messages") from e
-        tokens = self._encode(text, "messages")
+        tokens = await asyncio.to_thread(self._render, messages)
         params = self._params(body, len(tokens), None)
         return await self._respond(request, body, [tokens], [params], chat=True)
 
@@ -493,7 +597,7 @@ class Server:
 def build_server(
     model_dir: str | Path, device: str = "cpu", dtype: str = "float32", max_batch: int = 16,
     max_model_len: int | None = None, kv_cache_bytes: int | None = None, served_model_name: str | None = None,
-    data_parallel_size: int = 1, threads: int | None = None,
+    data_parallel_size: int = 1, threads: int | None = None, max_request_bytes: int | None = None,
 ) -> Server:  # fmt: skip
     """The server of a checkpoint (config.json, safetensors, tokenizer.json): its engine processes start here,
     each loading the checkpoint, and this returns once all are ready. The configuration is checked here
@@ -508,7 +612,7 @@ def build_server(
     engine = AsyncEngine(spec, data_parallel_size).start()
     template, specials = load_chat_template(model_dir)
     name = served_model_name or Path(model_dir).resolve().name
-    return Server(engine, name, template, specials)
+    return Server(engine, name, template, specials, max_request_bytes)
 
 
 def run(server: Server, host: str = "127.0.0.1", port: int = 8000, graceful_timeout: float = 10.0) -> None:

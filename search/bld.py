@@ -8,25 +8,34 @@ Each block reads the parent's cached input activations and matches the parent's 
 MSE, MSE(out_child, out_parent) / MSE(out_parent, in): the normaliser is the parent block's own contribution,
 not the whole residual stream, so the loss reads as "fraction of the block's update still wrong" (1.0 for a
 no-op) and is comparable across layers. No gradient crosses blocks, so trainings are independent: each one
-is saved when it finishes and a rerun skips what is on disk (resumable).
+is saved when it finishes and a rerun skips what is on disk (resumable). Each training's batches are seeded
+by its place among all the trainings, so a resumed run trains exactly what an uninterrupted one would.
 
 Trained sublayers are kept in a `SublayerStore`: one safetensors file per (layer, variant) under the run's
-directory, plus losses.json with the held-out normalised MSE before and after training.
+directory, losses.json with the held-out normalised MSE before and after training, and manifest.json with
+what the store was computed from (`bld_manifest`): a rerun with another parent, calibration text, search space
+or BLD settings is refused rather than mixed in, unless it asks to start fresh. Every file is written under a
+temporary name and renamed (`atomic_path`); a block file that still fails to read is trained again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+from tessera.files import atomic_path, atomic_write_text
 from tessera.runtime.model import DecoderLayer, Model
 from tessera.search.activations import Activations, window_context
 from tessera.search.init import ffn_channel_scores, init_layer
@@ -45,35 +54,181 @@ class BLDConfig:
     seed: int = 0
 
 
+MANIFEST_FORMAT = 1
+_HASHES = {"parent_weights_sha256": "parent weights", "calibration.tokens_sha256": "calibration tokens"}
+
+
+class StoreError(ValueError):
+    """A BLD store that cannot be used as it is; the message names the store or file and the way out."""
+
+
+class StoreMismatchError(StoreError):
+    """A BLD store computed from other inputs than this run's: the message names the store, what differs, and
+    the ways out (another output directory, or a fresh start that deletes it)."""
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over every tensor of the model as loaded (name, dtype, shape, bytes, in name order): what BLD
+    learns from, so the same weights saved in another file layout or format hash the same. One pass over the
+    weights at ~1 GB/s on one core (32 MiB demo parent: 0.03 s; 8B parameters in fp32: ~30 s); `optimize`
+    makes two (its early check, and BLD's claim), small beside BLD itself."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+    return h.hexdigest()
+
+
+def bld_manifest(parent: Model, tokens: torch.Tensor, space: SearchSpace, cfg: BLDConfig) -> dict:
+    """Everything a stored sublayer depends on: the parent's weights, the calibration windows [n, T + 1] whose
+    activations it learns from, the search space (it fixes the list of trainings, whose order seeds each
+    one's batches) and the BLD settings. JSON-normalised (tuples as lists), as it reads back from disk."""
+    tokens = tokens.detach().to(torch.int64).contiguous().cpu()
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "parent_weights_sha256": weights_sha256(parent),
+        "calibration": {
+            "windows": tokens.shape[0],
+            "seq_len": tokens.shape[1] - 1,
+            "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
+        },
+        "space": asdict(space),
+        "bld": asdict(cfg),
+    }
+    return json.loads(json.dumps(manifest))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def _differences(stored: dict, now: dict) -> list[str]:
+    a, b = _flat(stored), _flat(now)
+    diffs = []
+    for key in sorted(a.keys() | b.keys(), key=lambda k: (k not in _HASHES, k)):
+        if a.get(key) == b.get(key):
+            continue
+        if key in _HASHES:
+            diffs.append(f"{_HASHES[key]} (sha256 {str(a.get(key))[:12]}… stored, {str(b.get(key))[:12]}… now)")
+        else:
+            diffs.append(f"{key} ({a.get(key)!r} stored, {b.get(key)!r} now)")
+    return diffs
+
+
 class SublayerStore:
-    """Child sublayers by (layer, variant name): <root>/layer_<i>/<name>.safetensors + <root>/losses.json."""
+    """Child sublayers by (layer, variant name): <root>/layer_<i>/<name>.safetensors, <root>/losses.json, and
+    <root>/manifest.json (what they were computed from: `bld_manifest`).
 
-    def __init__(self, root: str | Path) -> None:
+    `run_bld` claims the store for its inputs: an empty store takes the manifest, a store with another (or
+    none, beside results) raises StoreMismatchError. With fresh=True the first claim deletes the store's own
+    files (the manifest, losses.json, layer_*/) and starts over; nothing else under root is touched."""
+
+    def __init__(self, root: str | Path, fresh: bool = False) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.fresh = fresh
+        self._manifest_file = self.root / "manifest.json"
         self._losses_file = self.root / "losses.json"
-        self.losses: dict[str, dict[str, dict]] = (
-            json.loads(self._losses_file.read_text()) if self._losses_file.is_file() else {}
-        )
+        self.losses: dict[str, dict[str, dict]] = {} if fresh else self._read_losses()
 
-    def _path(self, layer: int, name: str) -> Path:
+    def _read_losses(self) -> dict[str, dict[str, dict]]:
+        if not self._losses_file.is_file():
+            return {}
+        try:
+            return json.loads(self._losses_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            warnings.warn(f"{self._losses_file}: unreadable ({e}); its sublayers are trained again", stacklevel=3)
+            return {}
+
+    def _has_results(self) -> bool:
+        return self._losses_file.exists() or any(self.root.glob("layer_*/*.safetensors"))
+
+    def check(self, manifest: dict) -> None:
+        """Raise StoreMismatchError unless the store is empty, fresh, or was computed from `manifest`; writes
+        nothing (the pipeline checks before its cost model, and claims only once the budget is known to fit)."""
+        if self.fresh or not self.root.exists():
+            return
+        way_out = (
+            "use another output directory (--out), or start fresh (--fresh; fresh=True in the Python API) to "
+            "delete them and train again"
+        )
+        if not self._manifest_file.is_file():
+            if self._has_results():
+                raise StoreMismatchError(
+                    f"{self.root}: BLD results with no manifest.json (written before tessera recorded what a store "
+                    f"was computed from), so which parent and settings they came from is unknown; {way_out}"
+                )
+            return
+        try:
+            stored = json.loads(self._manifest_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreMismatchError(f"{self._manifest_file}: unreadable ({e}); {way_out}") from e
+        diffs = _differences(stored, manifest)
+        if diffs:
+            raise StoreMismatchError(
+                f"{self.root}: the BLD results here were computed from other inputs than this run's: "
+                f"{'; '.join(diffs)}; {way_out}"
+            )
+
+    def claim(self, manifest: dict) -> None:
+        """Make the store this manifest's: start over first when fresh, refuse another run's results."""
+        if self.fresh:
+            self._delete_contents()
+            self.fresh = False
+        self.check(manifest)
+        if not self._manifest_file.is_file():
+            atomic_write_text(self._manifest_file, json.dumps(manifest, indent=1) + "\n")
+
+    def _delete_contents(self) -> None:
+        if not self.root.exists():
+            return
+        for path in [self._manifest_file, self._losses_file, *self.root.glob(".*.tmp*")]:
+            path.unlink(missing_ok=True)
+        for layer_dir in self.root.glob("layer_*"):
+            if layer_dir.is_dir():
+                shutil.rmtree(layer_dir)
+        self.losses = {}
+
+    def path(self, layer: int, name: str) -> Path:
         return self.root / f"layer_{layer}" / f"{name}.safetensors"
 
+    def damage(self, layer: int, name: str) -> str | None:
+        """Why a block file on disk cannot count as trained (it does not read, or its loss record is missing);
+        None when it is intact or simply absent."""
+        path = self.path(layer, name)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(path, "pt"):  # parses the header and checks it covers the file: no tensor is read
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"unreadable ({e})"
+        if name not in self.losses.get(f"layer_{layer}", {}):
+            return "no record in losses.json beside it"
+        return None
+
     def has(self, layer: int, name: str) -> bool:
-        return self._path(layer, name).is_file()
+        return self.path(layer, name).is_file() and self.damage(layer, name) is None
 
     def save(self, layer: int, name: str, tensors: dict[str, torch.Tensor], record: dict) -> None:
-        path = self._path(layer, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, path)
+        with atomic_path(self.path(layer, name)) as tmp:
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp)
         self.losses.setdefault(f"layer_{layer}", {})[name] = record
-        self._losses_file.write_text(json.dumps(self.losses, indent=1) + "\n")
+        atomic_write_text(self._losses_file, json.dumps(self.losses, indent=1) + "\n")
 
     def load(self, layer: int, name: str) -> dict[str, torch.Tensor]:
-        path = self._path(layer, name)
+        path = self.path(layer, name)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: layer {layer}'s {name} has not been trained (run BLD first)")
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise StoreError(
+                f"{path}: unreadable ({e}); run BLD into the same store again (`tessera optimize` with the same "
+                "--out) to train it again"
+            ) from e
 
 
 def sublayer_state(layer: DecoderLayer, part: str) -> dict[str, torch.Tensor]:
@@ -150,18 +305,26 @@ def run_bld(
     cfg: BLDConfig = BLDConfig(),
     progress: bool = True,
 ) -> dict[str, dict[str, dict]]:
-    """Train every child sublayer the search space needs (skipping those already in the store); returns the
-    store's losses: layer -> variant -> {nmse_init, nmse_final, steps}."""
+    """Train every child sublayer the search space needs (skipping those already in the store, which must have
+    been computed from these same inputs: see `SublayerStore`); returns the store's losses: layer -> variant ->
+    {nmse_init, nmse_final, steps}."""
     if acts.n_windows <= cfg.eval_windows + cfg.batch_windows:
         raise ValueError(
             f"BLD needs more than {cfg.eval_windows + cfg.batch_windows} cached windows, got {acts.n_windows}"
         )
+    store.claim(bld_manifest(parent, acts.tokens, space, cfg))
     eval_idx = torch.arange(acts.n_windows - cfg.eval_windows, acts.n_windows)
     train_idx = np.arange(acts.n_windows - cfg.eval_windows)
-    todo = [t for t in trainings(parent.arch, space) if not store.has(t[0], t[2].name)]
+    todo = []
+    for k, (i, part, variant) in enumerate(trainings(parent.arch, space)):
+        if store.has(i, variant.name):
+            continue
+        if (damage := store.damage(i, variant.name)) is not None:
+            warnings.warn(f"{store.path(i, variant.name)}: {damage}; training it again", stacklevel=2)
+        todo.append((k, i, part, variant))
     scores: dict[int, torch.Tensor] = {}
     bar = tqdm(todo, desc="BLD", disable=not progress, dynamic_ncols=True)
-    for k, (i, part, variant) in enumerate(bar):
+    for k, i, part, variant in bar:
         bar.set_postfix_str(f"layer {i} {variant.name}")
         if part == "ffn" and variant.kind == "swiglu" and i not in scores:
             mids = acts.mids[i][train_idx].reshape(-1, acts.inputs[0].shape[-1])

@@ -9,6 +9,8 @@ The block library is JSON in the schema of NVIDIA's published Puzzle demo, so li
 tools: `{"layer_0": {"<variant>": {"stats": {...}, "metrics": {...}}, ...}, ...}`. The MIP reads any numeric
 `stats.*` / `metrics.*` key; tessera's own libraries also carry the block's shape in `stats` so a choice of
 variant names can be assembled back into a model.
+
+Libraries are written atomically (tessera/files.py), as is everything else the search writes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig, read_json
+from tessera.files import atomic_write_text
 
 Library = dict[str, dict[str, dict[str, dict[str, Any]]]]
 
@@ -147,9 +150,7 @@ def check_library(data: Any, source: str = "library") -> None:
 
 
 def write_library(library: Library, path: str | Path) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(library, indent=1) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(library, indent=1) + "\n")
 
 
 def value(entry: dict[str, Any], key: str) -> Any:

@@ -9,11 +9,20 @@ after each one, a diversity cut Σ_{(i,j) ∈ previous} x[i, j] ≤ L − K: the
 
 An infeasible budget is explained: for each bound, the MIP is re-solved for the best total of that key under
 the other bounds, and the message says which bound cannot be met and the tightest value that could.
+
+HiGHS writes from C onto file descriptor 1 even with `disp=False` (scipy 1.17 on an 80 × 54 library under a
+memory cap: "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();"), which corrupted
+`tessera search solve --json`. Every solve therefore runs with fd 1 pointed at stderr (`c_stdout_to_stderr`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +30,28 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
 from tessera.search.library import Library, LibraryError, layer_names, value
+
+
+@contextlib.contextmanager
+def c_stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr for the duration, so C code (the HiGHS solver) cannot write into our
+    stdout; fd 1 is restored on exit, exceptions included. Stderr rather than /dev/null: stdout stays clean for
+    machine-readable output, and whatever the solver says (unasked: it runs with `disp=False`) is still there
+    for whoever debugs it. Process-wide while it lasts: solves are not run concurrently with other output."""
+    sys.stdout.flush()  # Python's buffered text goes out before fd 1 moves, in order
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        _flush_c_stdio()  # C's stdout buffer (full when fd 1 is a pipe) empties into stderr, not later into stdout
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _flush_c_stdio() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # no C runtime reachable by name (Windows): nothing to do
+        ctypes.CDLL(None).fflush(None)
 
 
 class InfeasibleError(ValueError):
@@ -85,13 +116,14 @@ class _Problem:
             hi = np.inf if b.upper is None else b.upper
             constraints.append(LinearConstraint(self.column(b.key)[None, :], lo, hi))
         constraints += [LinearConstraint(cut[None, :], -np.inf, cut_rhs) for cut in cuts]
-        res = milp(
-            cost,
-            constraints=constraints,
-            integrality=np.ones(self.n),
-            bounds=Bounds(0, 1),
-            options={"mip_rel_gap": 1e-9},  # exact optimum: the tests compare against brute force
-        )
+        with c_stdout_to_stderr():
+            res = milp(
+                cost,
+                constraints=constraints,
+                integrality=np.ones(self.n),
+                bounds=Bounds(0, 1),
+                options={"mip_rel_gap": 1e-9},  # exact optimum: the tests compare against brute force
+            )
         if res.status == 2 or res.x is None:  # 2: infeasible
             return None
         if res.status != 0:

@@ -9,6 +9,11 @@ speed against quality) and builds two baselines at the main budget from the same
 shrunk the same way (the best uniform choice that fits), and a greedy layer-by-layer choice (cheapest KL
 per millisecond saved first). All children are measured end to end on this device and evaluated on
 held-out text before and after the same GKD.
+
+The run directory is resumable for the expensive stage, BLD (`bld/`, a `SublayerStore` with a manifest of
+what it was computed from); a rerun into it with another parent, calibration text, search space or BLD
+settings is refused before the cost model starts, unless `fresh` deletes the store. Everything else is
+recomputed, and every file is written under a temporary name and renamed (tessera/files.py).
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ import torch
 
 from tessera.config import ArchConfig, BlockConfig
 from tessera.demo_parent import CORPUS_DIR, PARENT_DIR, encode_split
+from tessera.files import atomic_write_text
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
 from tessera.runtime.sampling import load_tokenizer
 from tessera.search import activations
 from tessera.search.assemble import assemble_child
-from tessera.search.bld import BLDConfig, SublayerStore, run_bld
+from tessera.search.bld import BLDConfig, SublayerStore, bld_manifest, run_bld
 from tessera.search.cost import CostTable, Scenario, block_memory_mib, calibrate, measure_latency, random_architectures
 from tessera.search.cost import validate as validate_costs
 from tessera.search.fusion import FusionConfig, run_fusion
@@ -150,23 +156,69 @@ def build_library(
     return library
 
 
-def block_bounds(budget: Budget, table: CostTable, parent_predicted_ms: float) -> list[Bound]:
+def _least(library: Library, key: str) -> float:
+    """The smallest layer sum of one key any architecture reaches: each layer's least, since layers choose freely."""
+    part, name = key.split(".")
+    return sum(min(entry[part][name] for entry in variants.values()) for variants in library.values())
+
+
+def _down(x: float) -> str:
+    """x to 4 significant digits, rounded down: a speedup or throughput quoted as reachable must be."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 3)
+    return f"{math.floor(x / step) * step:.4g}"
+
+
+def block_bounds(budget: Budget, table: CostTable, parent_predicted_ms: float, library: Library) -> list[Bound]:
     """The budget as bounds on the layers' summed stats: non-block costs come off first (Puzzle). A target
-    speedup divides the parent's *predicted* latency, so the cost model's own bias cancels in the ratio."""
-    latency = []
-    if budget.target_speedup is not None:
-        latency.append(parent_predicted_ms / budget.target_speedup)
+    speedup divides the parent's *predicted* latency, so the cost model's own bias cancels in the ratio.
+
+    A budget term no architecture in `library` (the search space, priced by `table`) can meet is refused here,
+    in the budget's own terms and with what the space can reach: subtracting the non-block cost would otherwise
+    hand the MIP a bound below anything possible, negative for a large enough speedup."""
+    fastest_ms = table.non_block_ms + _least(library, "stats.runtime_ms")
+    s = table.scenario
+    tokens = s.batch * s.gen_len
+    latency_terms = (budget.target_speedup, budget.max_latency_ms, budget.min_throughput)
+    if fastest_ms <= 0 and any(v is not None for v in latency_terms):
+        raise ValueError(
+            f"the cost model predicts {fastest_ms:.4g} ms for the fastest architecture in the search space (the "
+            f"non-block part alone {table.non_block_ms:.4g} ms): its timings on {table.device} were too noisy to "
+            "budget latency with (another process competing for the device?); time again on a quiet machine"
+        )
+    latency = []  # (end-to-end limit in ms, the budget term, what the fastest architecture reaches instead)
+    if (speedup := budget.target_speedup) is not None:
+        reach = f", {_down(parent_predicted_ms / fastest_ms)}× the parent's {parent_predicted_ms:.4g} ms"
+        latency.append((parent_predicted_ms / speedup, f"target speedup {speedup:g}", reach))
     if budget.max_latency_ms is not None:
-        latency.append(budget.max_latency_ms)
-    if budget.min_throughput is not None:
-        s = table.scenario
-        latency.append(1e3 * s.batch * s.gen_len / budget.min_throughput)
+        latency.append((budget.max_latency_ms, f"max latency {budget.max_latency_ms:g} ms", ""))
+    if (throughput := budget.min_throughput) is not None:
+        reach = f": at most {_down(1e3 * tokens / fastest_ms)} tokens/s"
+        latency.append((1e3 * tokens / throughput, f"min throughput {throughput:g} tokens/s", reach))
+    for limit, term, reach in latency:
+        if limit < fastest_ms:
+            raise InfeasibleError(
+                f"{term} cannot be met: the fastest architecture in the search space is predicted at "
+                f"{fastest_ms:.4g} ms{reach} (batch {s.batch}, prompt {s.prompt_len}, {s.gen_len} generated tokens, "
+                f"on {table.device})"
+            )
     bounds = []
     if latency:
-        bounds.append(Bound("stats.runtime_ms", upper=min(latency) - table.non_block_ms))
+        bounds.append(Bound("stats.runtime_ms", upper=min(limit for limit, _, _ in latency) - table.non_block_ms))
     if budget.max_memory_mib is not None:
+        smallest = table.non_block_memory_mib + _least(library, "stats.memory_mib")
+        if budget.max_memory_mib < smallest:
+            raise InfeasibleError(
+                f"max memory {budget.max_memory_mib:g} MiB cannot be met: the smallest architecture in the search "
+                f"space needs {smallest:.4g} MiB, {table.non_block_memory_mib:.4g} MiB of it outside the blocks"
+            )
         bounds.append(Bound("stats.memory_mib", upper=budget.max_memory_mib - table.non_block_memory_mib))
     if budget.max_kv_heads is not None:
+        fewest = _least(library, "stats.num_kv_heads")
+        if budget.max_kv_heads < fewest:
+            raise InfeasibleError(
+                f"max kv heads {budget.max_kv_heads:g} cannot be met: the search space keeps at least {fewest:g} "
+                "KV heads (summed over layers)"
+            )
         bounds.append(Bound("stats.num_kv_heads", upper=budget.max_kv_heads))
     if not bounds:
         raise ValueError(
@@ -219,10 +271,14 @@ def greedy_baseline(library: Library, arch: ArchConfig, bounds: list[Bound]) -> 
 
 
 class Optimizer:
-    """One `tessera optimize` run; each stage writes its output under `out` as it finishes."""
+    """One `tessera optimize` run; each stage writes its output under `out` as it finishes. fresh: delete BLD
+    results already under `out` instead of resuming from them (they must otherwise come from this run's inputs)."""
 
-    def __init__(self, parent_dir: Path, corpus: Path, out: Path, cfg: OptimizeConfig, progress: bool = True) -> None:
+    def __init__(
+        self, parent_dir: Path, corpus: Path, out: Path, cfg: OptimizeConfig, progress: bool = True, fresh: bool = False
+    ) -> None:
         self.parent_dir, self.out, self.cfg, self.progress = Path(parent_dir), Path(out), cfg, progress
+        self.store = SublayerStore(self.out / "bld", fresh=fresh)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(cfg.device)
         self.dtype = torch.float32  # search and timing in fp32 on CPU: the demo's serving precision there
@@ -240,6 +296,7 @@ class Optimizer:
                 f"scoring and evaluation need {cfg.score_windows + cfg.eval_windows}"
             )
         self.score_windows, self.eval_windows = held_out[: cfg.score_windows], held_out[cfg.score_windows :]
+        self.calibration = next(random_windows(self.train_ids, cfg.calibration_windows, cfg.seq_len, cfg.seed))
         self.timings: dict[str, float] = {}
 
     def _stage(self, name: str, start: float) -> None:
@@ -254,16 +311,15 @@ class Optimizer:
         table = calibrate(arch, [b for v in variants for b in v], cfg.scenario, self.device, self.dtype, self.progress)
         archs = random_architectures(variants, cfg.validate_architectures, seed=cfg.seed)
         validate_costs(table, arch, archs, self.device, self.dtype, self.progress)
-        (self.out / "cost.json").write_text(json.dumps(table.to_json(), indent=1) + "\n")
+        atomic_write_text(self.out / "cost.json", json.dumps(table.to_json(), indent=1) + "\n")
         self._stage("cost model", t)
         return table
 
     def build_library(self, table: CostTable) -> Library:
         cfg, arch = self.cfg, self.parent.arch
         t = time.perf_counter()
-        calib = next(random_windows(self.train_ids, cfg.calibration_windows, cfg.seq_len, cfg.seed))
-        acts = activations.record(self.parent, calib, progress=self.progress)
-        store = SublayerStore(self.out / "bld")
+        acts = activations.record(self.parent, self.calibration, progress=self.progress)
+        store = self.store
         bld_losses = run_bld(self.parent, acts, cfg.space, store, cfg.bld, progress=self.progress)
         del acts
         self._stage("blockwise local distillation", t)
@@ -276,7 +332,6 @@ class Optimizer:
 
         library = build_library(arch, cfg.space, table, scores, bld_losses, self.dtype)
         write_library(library, self.out / "library.json")
-        self.store = store
         return library
 
     def realise(self, child: Child, ref: torch.Tensor, gkd: bool) -> Model:
@@ -291,11 +346,14 @@ class Optimizer:
     def run(self, budget: Budget) -> dict:
         start = time.perf_counter()
         arch, cfg = self.parent.arch, self.cfg
+        # BLD results of another run under `out` are refused before anything else (the store writes nothing yet).
+        self.store.check(bld_manifest(self.parent, self.calibration, cfg.space, cfg.bld))
         # Costs first (about half a minute): an impossible budget fails before any training starts.
         table = self.cost_model()
         parent_predicted = table.runtime_ms(arch.blocks)
-        bounds = block_bounds(budget, table, parent_predicted)
-        solve(build_library(arch, cfg.space, table, None, {}, self.dtype), "stats.runtime_ms", bounds=bounds)
+        costs_only = build_library(arch, cfg.space, table, None, {}, self.dtype)
+        bounds = block_bounds(budget, table, parent_predicted, costs_only)
+        solve(costs_only, "stats.runtime_ms", bounds=bounds)  # the budget's terms jointly (each alone is met)
         library = self.build_library(table)
         ref = reference_logprobs(self.parent, self.eval_windows)
         parent = Child("parent", "parent", list(arch.blocks), parent_predicted, kl_sum=0.0)
@@ -312,7 +370,7 @@ class Optimizer:
                 (sol,) = solve(
                     library,
                     "metrics.kl_div",
-                    bounds=block_bounds(Budget(target_speedup=speedup), table, parent_predicted),
+                    bounds=block_bounds(Budget(target_speedup=speedup), table, parent_predicted, library),
                 )
             except InfeasibleError:
                 continue
@@ -384,7 +442,7 @@ class Optimizer:
         if fusion is not None:
             results["fusion"] = fusion
         results["stage_seconds"]["total"] = time.perf_counter() - start
-        (self.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_text(self.out / "results.json", json.dumps(results, indent=1) + "\n")
         from tessera.search.report import write_report
 
         write_report(results, library, self.out)
@@ -398,7 +456,11 @@ def optimize(
     cfg: OptimizeConfig = OptimizeConfig(),
     corpus: str | Path = CORPUS_DIR,
     progress: bool = True,
+    fresh: bool = False,
 ) -> dict:
+    """Run Puzzle end to end (see the module docstring). BLD results already in `out/bld` are reused when they
+    were computed from the same parent weights, calibration text, search space and BLD settings, refused
+    (StoreMismatchError) when not; fresh=True deletes them and trains again."""
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    return Optimizer(Path(parent_dir), Path(corpus), Path(out), cfg, progress).run(budget)
+    return Optimizer(Path(parent_dir), Path(corpus), Path(out), cfg, progress, fresh).run(budget)

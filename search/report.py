@@ -1,10 +1,12 @@
 """The human side of an optimize run: report.md, pareto.png (quality vs measured speed), layers.png (choices);
-and of a fusion run: its Markdown section and the dependency heat-maps."""
+and of a fusion run: its Markdown section and the dependency heat-maps. Every file is written atomically
+(`atomic_path`): a report or plot is the old one or the new one, never half of one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from tessera.files import atomic_path, atomic_write_text
 from tessera.search.library import Library, block_from_name
 
 
@@ -67,11 +69,16 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
     lines += ["", "![quality vs speed](pareto.png)", "", "![per-layer choices](layers.png)", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
+    path = atomic_write_text(out / "report.md", "\n".join(lines))
     plot_pareto(results, out / "pareto.png")
     plot_layers(results, library, out / "layers.png")
     return path
+
+
+def _save(plt, fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
 
 
 def _pyplot():
@@ -118,8 +125,7 @@ def plot_pareto(results: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -142,8 +148,7 @@ def plot_layers(results: dict, library: Library, path: Path) -> Path:
     axes_list = axes if len(mips) > 1 else [axes]
     axes_list[0].set_ylabel("layer")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -221,6 +226,5 @@ def plot_dependency(dep: dict, path: Path, title: str) -> Path:
                     ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white")
     fig.colorbar(im, ax=ax, label="cosine distance")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path

@@ -1,7 +1,9 @@
 """The `tessera` command line: info, generate, serve, demo, demo-parent, bench, search, calibrate, optimize, fuse.
 
 User mistakes (a malformed config.json, a missing tensor, a prompt longer than the context, a CUDA request
-on a machine without one) end in one line `tessera: error: ...` and exit status 2, never a traceback.
+on a machine without one) end in one line `tessera: error: ...` and exit status 2, never a traceback. Flags are
+checked where they enter, before any work: numbers against their ranges (argparse `type=` functions below), text
+for UTF-8, output paths by `check_output`. Ctrl-C ends in one line `tessera: interrupted` and exit status 130.
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from tessera.config import ArchConfig, ConfigError
+from tessera.files import atomic_write_text, replaced_folder
 from tessera.runtime.async_engine import EngineProcessError
 
 DEMO_PROMPTS = ("def fibonacci(n):\n", 'class Stack:\n    """', "import os\nimport sys\n\n\ndef main(")
@@ -29,6 +35,108 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r}: expected cpu or cuda")
     return torch.device(name)
+
+
+def _ranged(
+    kind: type, low: float | None = None, high: float | None = None, *, open_low: bool = False
+) -> Callable[[str], int | float]:
+    """An argparse `type`: a finite int or float in [low, high] ((low, high] with open_low). argparse reports a bad
+    value as `tessera CMD: error: argument --FLAG: must be >= 1, got 0` with exit status 2."""
+    fmt = "d" if kind is int else "g"
+    if low is not None and high is not None:
+        rule = f"in {'(' if open_low else '['}{low:{fmt}}, {high:{fmt}}]"
+    elif low is not None:
+        rule = f"{'>' if open_low else '>='} {low:{fmt}}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        too_low = low is not None and (value <= low if open_low else value < low)
+        if too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _ranged(int, 1)
+nonnegative_int = _ranged(int, 0)
+port_number = _ranged(int, 1, 65535)
+positive_float = _ranged(float, 0, open_low=True)
+nonnegative_float = _ranged(float, 0)
+speedup = _ranged(float, 1)  # × the parent's speed: a child no slower than its parent
+probability = _ranged(float, 0, 1, open_low=True)
+cosine_distance = _ranged(float, 0, 2)  # FFN Fusion's dependency: 1 - cos, 0 (independent) to 2 (opposite)
+torch_seed = _ranged(int, -(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def speedup_list(text: str) -> tuple[float, ...]:
+    """'1.25,2.0' -> (1.25, 2.0); '' -> ()."""
+    return tuple(speedup(x) for x in text.split(",") if x.strip())
+
+
+def utf8_text(text: str) -> str:
+    """Text from argv. Bytes that are not UTF-8 arrive as surrogate escapes (U+DC80..U+DCFF) that no tokenizer
+    can encode: refused here, naming the byte."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"{text[e.start]!r}"
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 ({what} at character {e.start})") from None
+    return text
+
+
+def _holds(folder: Path, path: Path) -> bool:
+    folder, path = folder.resolve(), path.resolve()
+    return folder == path or folder in path.parents
+
+
+def check_output(
+    path: str | Path,
+    flag: str,
+    *,
+    folder: bool,
+    command: str | None = None,
+    ours: Callable[[Path], bool] | None = None,
+    overwrite: bool = False,
+    inputs: dict[str, Path] | None = None,
+) -> Path:
+    """Check an output path before any work starts, so a long run never fails (or destroys something) at its end.
+
+    folder: the output is a folder (created with its parents) or a file (its folder must exist). ours: recognises
+    a previous output of `command`; an existing output it does not recognise (a non-empty folder, a file) is
+    refused unless `overwrite`. inputs: {flag: path} the output folder must not hold, whatever `overwrite` says."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: is a file, expected a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder, expected a file name")
+    if not folder and not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+    start = path if folder else path.parent
+    nearest = next(p for p in (start, *start.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise ValueError(f"{flag} {path}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK):
+        raise ValueError(f"{flag} {path}: {nearest} is not writable")
+    for name, given in (inputs or {}).items():
+        if folder and _holds(path, given):
+            raise ValueError(f"{flag} {path}: holds {name} {given}; write the output somewhere else")
+    in_use = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if ours is not None and in_use and not overwrite and not ours(path):
+        what = "a non-empty folder" if folder else "an existing file"
+        raise ValueError(
+            f"{flag} {path}: {what} that is not the output of a previous `tessera {command}`; "
+            "pass --overwrite to replace it"
+        )
+    return path
 
 
 def _short(n: int) -> str:
@@ -89,7 +197,6 @@ def _generator(model_path: str, device: str, dtype: str):
 def cmd_generate(args: argparse.Namespace) -> None:
     from tessera.runtime.sampling import SamplingParams
 
-    gen = _generator(args.model, args.device, args.dtype)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -97,7 +204,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop or ()),
-    )
+    )  # checked before the model loads
+    gen = _generator(args.model, args.device, args.dtype)
     start = time.perf_counter()
     completions = gen.generate(args.prompt, params)
     elapsed = time.perf_counter() - start
@@ -168,13 +276,15 @@ def _benchmarks():
 
 def cmd_bench(args: argparse.Namespace) -> None:
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = check_output(args.results, "--results", folder=True) if args.results else None
     run = _benchmarks()
+    results = results or check_output(run.results_dir(), "--results", folder=True)
     if args.what == "kernels":
-        paths = run.run_kernels(device, args.suite)
+        paths = run.run_kernels(device, args.suite, out=results)
     elif args.what == "serving":
-        paths = [run.run_serving(device)]
+        paths = [run.run_serving(device, out=results)]
     else:
-        paths = [run.run_model(device) if args.what == "model" else run.run_fusion(device)]
+        paths = [run.run_model(device, out=results) if args.what == "model" else run.run_fusion(device, out=results)]
     for path in paths:
         print(f"\n{path.with_suffix('.md').read_text()}wrote {path} and {path.with_suffix('.md').name}")
 
@@ -183,11 +293,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from tessera.demo_parent import PARENT_DIR
     from tessera.runtime.server import build_server, run
 
-    for flag in ("port", "max_batch", "data_parallel_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     threads = None
     if args.device == "cpu":
         # The cores are split between the engine processes; the HTTP side (its own process) needs little. On the
@@ -198,6 +303,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server = build_server(
         model, resolve_device(args.device), args.dtype, args.max_batch, args.max_model_len, kv_bytes,
         args.served_model_name, args.data_parallel_size, threads,
+        None if args.max_request_mib is None else int(args.max_request_mib * 2**20),
     )  # fmt: skip
     info, dp = server.engine.info, args.data_parallel_size
     threads = info["threads"]
@@ -241,10 +347,21 @@ def _scenario(args: argparse.Namespace):
     return Scenario(batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len)
 
 
+def _is_cost_table(path: Path) -> bool:
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(table, dict) and {"device", "scenario", "non_block_ms", "blocks"} <= table.keys()
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from tessera.search.cost import calibrate, random_architectures, validate
     from tessera.search.library import SearchSpace
 
+    out = check_output(
+        args.out, "--out", folder=False, command="calibrate", ours=_is_cost_table, overwrite=args.overwrite
+    )
     device = resolve_device(args.device)
     arch = ArchConfig.from_json(args.model)
     space = SearchSpace()
@@ -252,7 +369,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     table = calibrate(arch, [b for v in variants for b in v], _scenario(args), device, torch.float32)
     if args.validate:
         validate(table, arch, random_architectures(variants, args.validate), device, torch.float32)
-    Path(args.out).write_text(json.dumps(table.to_json(), indent=1) + "\n")
+    atomic_write_text(out, json.dumps(table.to_json(), indent=1) + "\n")
     print(f"{table.device}: non-block {table.non_block_ms:.2f} ms")
     for name, t in table.blocks.items():
         times = f"prefill {t['prefill_ms']:8.3f} ms  decode {t['decode_ms']:7.3f} ms  total {t['runtime_ms']:9.2f} ms"
@@ -266,16 +383,42 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+# What `tessera optimize` writes into --out (search/pipeline.py). The first three mark a run, finished or not:
+# cost.json is its first output (before any training), bld/ the resumable store of distilled blocks.
+OPTIMIZE_MARKS = ("cost.json", "bld", "results.json")
+OPTIMIZE_OUTPUTS = {*OPTIMIZE_MARKS, "library.json", "child", "fused", "report.md", "pareto.png", "layers.png"}
+
+
+def _is_optimize_run(path: Path) -> bool:
+    return any((path / name).exists() for name in OPTIMIZE_MARKS)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def cmd_optimize(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from tessera.demo_parent import CORPUS_DIR, PARENT_DIR
+    from tessera.demo_parent import CORPUS_DIR, PARENT_DIR, check_corpus
     from tessera.search.bld import BLDConfig
     from tessera.search.fusion import FusionConfig
     from tessera.search.gkd import GKDConfig
     from tessera.search.library import SearchSpace
     from tessera.search.pipeline import Budget, OptimizeConfig, optimize
 
+    model, corpus = Path(args.model or PARENT_DIR), Path(args.corpus or CORPUS_DIR)
+    inputs = {"--model": model, "--corpus": corpus, "the current folder": Path.cwd()}
+    out = check_output(
+        args.out, "--out", folder=True, command="optimize", ours=_is_optimize_run, overwrite=args.overwrite,
+        inputs=inputs,
+    )  # fmt: skip
+    check_corpus(corpus)
+    # --overwrite: what the folder held that a run does not write goes once the run has finished.
+    leftovers = [p for p in out.iterdir() if p.name not in OPTIMIZE_OUTPUTS] if args.overwrite and out.is_dir() else []
     budget = Budget(
         args.target_speedup, args.max_latency_ms, args.max_memory_mib, args.min_throughput, args.max_kv_heads
     )
@@ -286,24 +429,36 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         scenario=_scenario(args),
         bld=replace(BLDConfig(), steps=args.bld_steps),
         gkd=replace(GKDConfig(), steps=args.gkd_steps),
-        pareto_speedups=tuple(float(x) for x in args.pareto.split(",") if x) if args.pareto else (),
+        pareto_speedups=args.pareto,
         fusion=FusionConfig(heal_steps=args.gkd_steps) if args.fuse else None,
         device=str(resolve_device(args.device)),
     )
-    results = optimize(args.model or PARENT_DIR, args.out, budget, cfg, args.corpus or CORPUS_DIR)
-    print((Path(args.out) / "report.md").read_text())
+    results = optimize(model, out, budget, cfg, corpus, fresh=args.fresh)
+    for path in leftovers:
+        _remove(path)
+    print((out / "report.md").read_text())
     print(f"child checkpoint: {results['child_dir']}")
     if results.get("fusion", {}).get("groups"):
-        print(f"fused child checkpoint: {Path(args.out) / 'fused'}")
+        print(f"fused child checkpoint: {out / 'fused'}")
+
+
+def _is_fuse_output(path: Path) -> bool:
+    return (path / "fusion.json").is_file()
 
 
 def cmd_fuse(args: argparse.Namespace) -> None:
-    from tessera.demo_parent import CORPUS_DIR, encode_split
+    from tessera.demo_parent import CORPUS_DIR, check_corpus, encode_split
     from tessera.runtime.loader import load_model
     from tessera.runtime.sampling import load_tokenizer
     from tessera.search.fusion import FusionConfig, FusionError, parse_groups, run_fusion
     from tessera.search.train import fixed_windows
 
+    model_dir, corpus = Path(args.model), Path(args.corpus or CORPUS_DIR)
+    inputs = {"--model": model_dir, "--corpus": corpus, "the current folder": Path.cwd()}
+    out = check_output(
+        args.out, "--out", folder=True, command="fuse", ours=_is_fuse_output, overwrite=args.overwrite, inputs=inputs
+    )
+    check_corpus(corpus)
     cfg = FusionConfig(
         spans=tuple(parse_groups(args.groups)) if args.groups else None,
         threshold=args.threshold,
@@ -312,26 +467,28 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     )
     if cfg.spans is not None and cfg.threshold is not None:
         raise FusionError("give --groups or --threshold, not both")
-    model = load_model(args.model, resolve_device(args.device), torch.float32)
+    model = load_model(model_dir, resolve_device(args.device), torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)
-    corpus = Path(args.corpus) if args.corpus else CORPUS_DIR
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(model_dir)
     train_ids, val_ids = encode_split(tok, "train", corpus), encode_split(tok, "validation", corpus)
-    info = run_fusion(
-        model, train_ids, fixed_windows(val_ids, cfg.seq_len, args.eval_windows), Path(args.out), cfg,
-        _scenario(args), tokenizer_from=Path(args.model),
-    )  # fmt: skip
-    print((Path(args.out) / "fusion.md").read_text())
+    # Written beside --out and swapped in whole once complete: an earlier output (or, with --overwrite, another
+    # model's training.json and plots) never lingers beside the new checkpoint, and Ctrl-C leaves --out as it was.
+    with replaced_folder(out) as work:
+        info = run_fusion(
+            model, train_ids, fixed_windows(val_ids, cfg.seq_len, args.eval_windows), work, cfg, _scenario(args),
+            tokenizer_from=model_dir,
+        )  # fmt: skip
+    print((out / "fusion.md").read_text())
     if not info["groups"]:
-        raise FusionError(f"{args.model}: nothing to fuse ({info['reason']}); the analysis is in {args.out}")
-    print(f"fused checkpoint: {args.out}")
+        raise FusionError(f"{model_dir}: nothing to fuse ({info['reason']}); the analysis is in {out}")
+    print(f"fused checkpoint: {out}")
 
 
 def _add_scenario(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=8, help="scenario: sequences generated together")
-    p.add_argument("--prompt-len", type=int, default=128, help="scenario: prompt tokens per sequence")
-    p.add_argument("--gen-len", type=int, default=64, help="scenario: generated tokens per sequence")
+    p.add_argument("--batch", type=positive_int, default=8, help="scenario: sequences generated together")
+    p.add_argument("--prompt-len", type=positive_int, default=128, help="scenario: prompt tokens per sequence")
+    p.add_argument("--gen-len", type=positive_int, default=64, help="scenario: generated tokens per sequence")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
@@ -346,13 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
-    p.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string; repeatable")
+    p.add_argument("--prompt", required=True, action="append", type=utf8_text, help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = no top-k cut")
+    p.add_argument("--top-p", type=probability, default=1.0, help="in (0, 1]; 1 = no nucleus cut")
+    p.add_argument("--seed", type=torch_seed, default=None)
+    p.add_argument("--stop", action="append", type=utf8_text, help="stop string; repeatable")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true")
@@ -360,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="show the bundled demo parent and generate from it")
     p.add_argument("--model", default=None, help="checkpoint directory (default: demo/parent)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=cmd_demo)
 
@@ -370,27 +527,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["kernels", "model", "fusion", "serving"])
     p.add_argument("--suite", action="append", choices=["norm", "ffn", "attention"], help="kernels: repeatable")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="folder for the JSON and Markdown results (default: $TESSERA_BENCH_RESULTS, else runs/bench/ in the "
+        "checkout, which git ignores; benchmarks/results/ holds the committed ones)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled demo parent)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
-    p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens (default: the model's)")
-    p.add_argument("--kv-cache-gib", type=float, default=None,
-                   help="KV pool size (default: room for --max-batch requests of --max-model-len)")  # fmt: skip
-    p.add_argument("--served-model-name", default=None, help="the `model` clients name (default: the folder name)")
-    p.add_argument("--graceful-timeout", type=float, default=10.0, help="seconds in-flight requests get at shutdown")
+    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--max-batch", type=positive_int, default=16, help="requests decoded together")
+    p.add_argument(
+        "--max-model-len", type=positive_int, default=None, help="prompt + output tokens (default: the model's)"
+    )
+    p.add_argument(
+        "--kv-cache-gib",
+        type=positive_float,
+        default=None,
+        help="KV pool size (default: room for --max-batch requests of --max-model-len)",
+    )
+    p.add_argument(
+        "--served-model-name", type=utf8_text, default=None, help="the `model` clients name (default: the folder name)"
+    )
+    p.add_argument(
+        "--max-request-mib",
+        type=positive_float,
+        default=None,
+        help="largest request body, larger ones get 413 (default: 32 bytes a context token, at least 1 MiB)",
+    )
+    p.add_argument(
+        "--graceful-timeout", type=nonnegative_float, default=10.0, help="seconds in-flight requests get at shutdown"
+    )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU: torch threads per engine (default: cores / data-parallel size, at least 1)",
     )
     p.add_argument(
         "--data-parallel-size",
-        type=int,
+        type=positive_int,
         default=1,
         help="CPU: engine processes, each serving its share of the requests (default 1)",
     )
@@ -405,51 +584,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maximize", action="store_true", help="maximise the objective (default: minimise)")
     p.add_argument("--max", action="append", metavar="KEY=V", help="upper bound on a layer sum; repeatable")
     p.add_argument("--min", action="append", metavar="KEY=V", help="lower bound on a layer sum; repeatable")
-    p.add_argument("--solutions", type=int, default=1, help="how many diverse solutions")
-    p.add_argument("--min-diversity", type=int, default=1, help="layers each solution must change vs earlier ones")
+    p.add_argument("--solutions", type=positive_int, default=1, help="how many diverse solutions")
+    p.add_argument(
+        "--min-diversity", type=nonnegative_int, default=1, help="layers each solution must change vs earlier ones"
+    )
     p.add_argument("--json", action="store_true", help="a JSON list of {objective, choices, totals}")
     p.set_defaults(func=cmd_search_solve)
 
     p = sub.add_parser("calibrate", help="time every block variant of a model on this device; write the cost table")
     p.add_argument("--model", required=True, help="checkpoint directory or config.json (weights are not needed)")
-    p.add_argument("--out", default="cost.json")
-    p.add_argument("--validate", type=int, default=5, help="random architectures to check predictions against")
+    p.add_argument("--out", default="cost.json", help="the cost table (JSON); its folder must exist")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out file that is not a cost table")
+    p.add_argument(
+        "--validate",
+        type=nonnegative_int,
+        default=5,
+        help="random architectures to check predictions against (0: none)",
+    )
     _add_scenario(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("optimize", help="Puzzle end to end: a faster child of a parent under a budget")
     p.add_argument("--model", default=None, help="parent checkpoint (default: the bundled demo parent)")
     p.add_argument("--corpus", default=None, help="directory with train.txt.xz and validation.txt.xz (default: demo)")
-    p.add_argument("--out", default="runs/optimize", help="output directory")
-    p.add_argument("--target-speedup", type=float, default=None, help="× the parent's speed (default 1.5)")
-    p.add_argument("--max-latency-ms", type=float, default=None, help="generation latency of the scenario")
-    p.add_argument("--max-memory-mib", type=float, default=None, help="weights + KV cache of the scenario")
-    p.add_argument("--min-throughput", type=float, default=None, help="generated tokens/s in the scenario")
-    p.add_argument("--bld-steps", type=int, default=150, help="training steps per BLD variant")
-    p.add_argument("--gkd-steps", type=int, default=100, help="GKD steps per child")
-    p.add_argument("--pareto", default="1.25,2.0", help="extra target speedups solved for the curve ('' for none)")
-    p.add_argument("--max-kv-heads", type=int, default=None, help="KV heads summed over all layers (KV-cache budget)")
+    p.add_argument(
+        "--out",
+        default="runs/optimize",
+        help="output folder; a previous run's folder resumes it (its distilled blocks are reused)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="use an --out folder that holds something else (what it held goes when the run ends)",
+    )
+    p.add_argument("--target-speedup", type=speedup, default=None, help="× the parent's speed, >= 1 (default 1.5)")
+    p.add_argument("--max-latency-ms", type=positive_float, default=None, help="generation latency of the scenario")
+    p.add_argument("--max-memory-mib", type=positive_float, default=None, help="weights + KV cache of the scenario")
+    p.add_argument("--min-throughput", type=positive_float, default=None, help="generated tokens/s in the scenario")
+    p.add_argument("--bld-steps", type=positive_int, default=150, help="training steps per BLD variant")
+    p.add_argument("--gkd-steps", type=nonnegative_int, default=100, help="GKD steps per child (0: none)")
+    p.add_argument(
+        "--pareto",
+        type=speedup_list,
+        default="1.25,2.0",
+        help="extra target speedups solved for the curve ('' for none)",
+    )
+    p.add_argument(
+        "--max-kv-heads", type=positive_int, default=None, help="KV heads summed over all layers (KV-cache budget)"
+    )
     p.add_argument("--no-linear-attention", action="store_true", help="search space without linear attention")
     p.add_argument("--fuse", action="store_true", help="FFN Fusion of the chosen child afterwards (into OUT/fused)")
+    p.add_argument(
+        "--fresh", action="store_true", help="delete the distilled blocks of an earlier run in --out and train again"
+    )
     _add_scenario(p)
-    p.set_defaults(func=cmd_optimize)
+    p.set_defaults(
+        func=cmd_optimize,
+        on_interrupt="rerun the same command to resume (the blocks distilled so far are kept in {out}/bld)",
+    )
 
     p = sub.add_parser("fuse", help="FFN Fusion: fuse runs of attention-free FFN layers into wide parallel FFNs")
     p.add_argument("--model", required=True, help="checkpoint directory (with tokenizer.json)")
-    p.add_argument("--out", required=True, help="directory for the fused checkpoint, fusion.json/.md and heat-maps")
+    p.add_argument(
+        "--out", required=True, help="folder for the fused checkpoint, fusion.json/.md and heat-maps, replaced whole"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an --out folder that is not a previous fuse output"
+    )
     p.add_argument("--groups", default=None, help="explicit inclusive layer spans, e.g. 42-50,53-69")
-    p.add_argument("--threshold", type=float, default=None, help="grow groups while the dependency stays <= X")
-    p.add_argument("--heal-steps", type=int, default=100, help="GKD steps against the unfused model (0: none)")
-    p.add_argument("--block-threshold", type=float, default=0.05, help="block pairs qualify at <= X")
+    p.add_argument(
+        "--threshold",
+        type=cosine_distance,
+        default=None,
+        help="grow groups while the dependency (cosine distance, 0 to 2) stays <= X",
+    )
+    p.add_argument(
+        "--heal-steps", type=nonnegative_int, default=100, help="GKD steps against the unfused model (0: none)"
+    )
+    p.add_argument("--block-threshold", type=cosine_distance, default=0.05, help="block pairs qualify at <= X")
     p.add_argument("--corpus", default=None, help="directory with train.txt.xz and validation.txt.xz (default: demo)")
-    p.add_argument("--eval-windows", type=int, default=32, help="held-out windows of 256 tokens for KL/perplexity")
+    p.add_argument(
+        "--eval-windows", type=positive_int, default=32, help="held-out windows of 256 tokens for KL/perplexity"
+    )
     _add_scenario(p)
     p.set_defaults(func=cmd_fuse)
 
     p = sub.add_parser("demo-parent", help="rebuild the demo corpus snapshot or retrain the demo parent")
     p.add_argument("step", choices=["corpus", "train"])
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=1200)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.set_defaults(func=cmd_demo_parent)
     return parser
 
@@ -461,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, EngineProcessError) as e:
         parser.exit(2, f"tessera: error: {e}\n")
+    except KeyboardInterrupt:  # Ctrl-C: the user knows; a traceback would only bury the one useful line
+        hint = getattr(args, "on_interrupt", None)
+        parser.exit(130, f"tessera: interrupted{'; ' + hint.format(**vars(args)) if hint else ''}\n")
     except BrokenPipeError:  # `tessera info ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -5,15 +5,22 @@ Hugging Face formats tessera serves and produces: `LlamaForCausalLM` (every laye
 `nemotron-nas` / `DeciLMForCausalLM` (per-layer `block_configs`, as in NVIDIA's Puzzle models). The cost
 formulas (parameters, weight bytes, KV bytes per token, FLOPs per token) live here so the cost model, the
 search and `tessera info` all use one definition (counting rules: configs/README.md).
+
+config.json is an input boundary (STYLE 14): the readers check every field they read for type and range
+(a JSON "false" is a true string, and Python's bool is an int) and refuse sizes beyond generous sanity bounds,
+with a one-line `ConfigError` naming the file and field.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from tessera.files import atomic_write_text
 
 AttentionKind = Literal["gqa", "linear", "none"]
 FFNKind = Literal["swiglu", "linear", "none"]
@@ -29,17 +36,44 @@ _NEUTRAL_ATTENTION_KEYS = {
     "mamba": (None,),
 }
 _NEUTRAL_FFN_KEYS = {"sparsify": (None, [], False), "moe": (None,), "no_op_moe": (None,)}
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
+# Storage dtypes a checkpoint (config "torch_dtype") may declare; float64 loads (cast to the run dtype) like any.
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
+
+# Sanity bounds on config.json sizes: far above any published model, so only a corrupt or hostile file trips
+# them, and low enough that nothing sized from the config exhausts memory before a weight is read.
+_MAX_LAYERS = 2**14  # 100x Ultra-253B's 162 layers (`(block,) * 10**12` is a MemoryError)
+# Any width, head count or vocabulary: 39x Ultra-253B's widest fused FFN (425,984), 64x the largest
+# vocabularies (256k).
+_MAX_DIM = 2**24
+# 128x Llama-3.1's 131,072 and 4x the longest Llama-architecture checkpoints (Gradient's 4,194,304-token
+# Llama-3-8B). Nothing is allocated in proportion to it: rotary angles are computed from each step's positions
+# and the engine's default KV pool is capped by the memory there is.
+_MAX_POSITIONS = 2**24
 
 
 def read_json(path: Path, expected: str, error: type[ValueError]) -> Any:
-    """The parsed JSON of a file; `error` names the file and what was expected when it is missing or not JSON."""
+    """The parsed JSON of a file; `error` names the file and what was expected when it is missing, unreadable
+    or not JSON."""
     if not path.is_file():
         raise error(f"{path}: no such file (expected {expected})")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
+        return json.loads(path.read_bytes())
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror})") from None
+    # ValueError: JSONDecodeError, bytes that are not UTF-8, integers past Python's 4300-digit limit;
+    # RecursionError: arrays nested a hundred thousand deep.
+    except (ValueError, RecursionError) as e:
+        raise error(f"{path}: not valid JSON ({str(e)[:200]})") from None
+
+
+def json_excerpt(value: Any, limit: int = 60) -> str:
+    """A value as JSON spells it ("false" is a string, false a boolean), cut to `limit` characters: how the
+    readers quote a bad value in an error message."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ConfigError(ValueError):
@@ -380,7 +414,7 @@ class ArchConfig:
         return {"attention": attention, "ffn": ffn_out}
 
     def save_json(self, path: str | Path, fmt: Literal["auto", "llama", "nemotron-nas"] = "auto") -> None:
-        Path(path).write_text(json.dumps(self.to_hf_dict(fmt), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_hf_dict(fmt), indent=2) + "\n")
 
 
 def _eos_to_json(ids: tuple[int, ...]) -> int | list[int] | None:
@@ -389,50 +423,152 @@ def _eos_to_json(ids: tuple[int, ...]) -> int | list[int] | None:
     return ids[0] if len(ids) == 1 else list(ids)
 
 
-def _get(cfg: dict[str, Any], key: str, source: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    if key not in cfg or cfg[key] is None:
+def _bad(source: str, name: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{source}: {name}: expected {expected}, got {json_excerpt(value)}")
+
+
+def _missing(source: str, name: str, expected: str) -> ConfigError:
+    return ConfigError(f"{source}: {name}: missing (expected {expected})")
+
+
+# The typed field readers. JSON null means "not set" throughout Hugging Face configs (nemotron-nas writes
+# num_key_value_heads: null), so null and absent both give the default, or a "missing" error without one.
+
+
+def _get(section: dict[str, Any], key: str, source: str, kind: type, default: Any = ..., name: str = "") -> Any:
+    """A list or object field."""
+    name, expected = name or key, {list: "a list", dict: "an object"}[kind]
+    value = section.get(key)
+    if value is None:
         if default is ...:
-            raise ConfigError(f"{source}: field {key!r} is missing (expected {_kind_name(kind)})")
+            raise _missing(source, name, expected)
         return default
-    value = cfg[key]
-    # bool is an int in Python; a JSON true where a number belongs is still a mistake.
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
-        raise ConfigError(f"{source}: field {key!r} is {value!r}, expected {_kind_name(kind)}")
+    if not isinstance(value, kind):
+        raise _bad(source, name, expected if default is ... else f"{expected} or null", value)
     return value
 
 
-def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
+def _int(
+    section: dict[str, Any],
+    key: str,
+    source: str,
+    default: Any = ...,
+    lo: int = 1,
+    hi: int = _MAX_DIM,
+    name: str = "",
+    expected: str = "",
+) -> Any:
+    """An integer field in [lo, hi]."""
+    name, expected = name or key, expected or f"an integer in [{lo}, {hi}]"
+    value = section.get(key)
+    if value is None:
+        if default is ...:
+            raise _missing(source, name, expected)
+        return default
+    if type(value) is not int or not lo <= value <= hi:  # type(), not isinstance: true is an int to Python
+        raise _bad(source, name, expected, value)
+    return value
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    return " or ".join(k.__name__ for k in _kinds(kind))
+def _float(
+    section: dict[str, Any],
+    key: str,
+    source: str,
+    default: Any = ...,
+    ok: Callable[[float], bool] = lambda x: x > 0,
+    expected: str = "a positive finite number",
+    name: str = "",
+) -> Any:
+    """A finite number field (a JSON integer is a number too) for which `ok` holds."""
+    name = name or key
+    value = section.get(key)
+    if value is None:
+        if default is ...:
+            raise _missing(source, name, expected)
+        return default
+    number = _as_float(value)
+    if number is None or not ok(number):
+        raise _bad(source, name, expected, value)
+    return number
+
+
+def _as_float(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else (a bool, a string, NaN, inf, 10**400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _bool(section: dict[str, Any], key: str, source: str, name: str = "") -> bool:
+    """A boolean field, false when absent or null. Only JSON true/false: "false" and 0 are refused."""
+    value = section.get(key)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise _bad(source, name or key, "true or false", value)
+    return value
+
+
+def _token_id(value: Any, source: str, name: str, vocab_size: int) -> int:
+    if type(value) is not int or not 0 <= value < vocab_size:
+        raise _bad(source, name, f"a token id in [0, {vocab_size})", value)
+    return value
 
 
 def _read_rope(cfg: dict[str, Any], source: str) -> RopeConfig:
     # transformers >= 5 writes "rope_parameters" (theta inside); older files "rope_theta" + "rope_scaling".
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or params
-    if not isinstance(scaling, dict):
-        raise ConfigError(f"{source}: field 'rope_scaling' is {scaling!r}, expected an object or null")
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        raise ConfigError(f"{source}: field 'rope_theta' is {theta!r}, expected a positive number")
+    params = _get(cfg, "rope_parameters", source, dict, {})
+    scaling = _get(cfg, "rope_scaling", source, dict, {})
+    section = "rope_scaling" if scaling else "rope_parameters"
+    scaling = scaling or params
+    if cfg.get("rope_theta") is not None:
+        theta = _float(cfg, "rope_theta", source)
+    else:
+        theta = _float(params, "rope_theta", source, 10000.0, name="rope_parameters.rope_theta")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
-        return RopeConfig(theta=float(theta))
+        return RopeConfig(theta=theta)
     if rope_type != "llama3":
         raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported (expected 'llama3' or none)")
-    try:
-        return RopeConfig(
-            theta=float(theta),
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-        )
-    except KeyError as e:
-        raise ConfigError(f"{source}: rope_scaling (llama3) is missing field {e.args[0]!r}") from None
+    low = _float(scaling, "low_freq_factor", source, name=f"{section}.low_freq_factor")
+    return RopeConfig(
+        theta=theta,
+        # Llama 3 divides low frequencies by `factor` to stretch the context: below 1 it would shrink it.
+        factor=_float(
+            scaling, "factor", source, ok=lambda x: x >= 1, expected="a finite number >= 1", name=f"{section}.factor"
+        ),
+        low_freq_factor=low,
+        # The smoothing between the two bands divides by high - low.
+        high_freq_factor=_float(
+            scaling,
+            "high_freq_factor",
+            source,
+            ok=lambda x: x > low,
+            expected=f"a finite number above low_freq_factor ({low})",
+            name=f"{section}.high_freq_factor",
+        ),
+        original_max_position_embeddings=_int(
+            scaling,
+            "original_max_position_embeddings",
+            source,
+            hi=_MAX_POSITIONS,
+            name=f"{section}.original_max_position_embeddings",
+        ),
+    )
+
+
+def _read_dtype(cfg: dict[str, Any], source: str) -> str:
+    key = "torch_dtype" if cfg.get("torch_dtype") is not None else "dtype"  # transformers >= 5 writes "dtype"
+    value = cfg.get(key)
+    if value is None:
+        return "bfloat16"
+    if not isinstance(value, str) or value not in _DTYPE_BYTES:
+        raise _bad(source, key, "one of " + ", ".join(json.dumps(d) for d in sorted(_DTYPE_BYTES)), value)
+    return value
 
 
 def _from_hf_dict(cfg: dict[str, Any], source: str) -> ArchConfig:
@@ -440,24 +576,25 @@ def _from_hf_dict(cfg: dict[str, Any], source: str) -> ArchConfig:
     if model_type not in ("llama", "nemotron-nas"):
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported (expected 'llama' or 'nemotron-nas')")
     for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
+        if _bool(cfg, key, source):
             raise ConfigError(f"{source}: field {key!r} is true; tessera's blocks have no biases")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{source}: hidden_act {act!r} is not supported (expected 'silu' for SwiGLU)")
 
-    hidden = _get(cfg, "hidden_size", source, int)
-    n_heads = _get(cfg, "num_attention_heads", source, int)
-    n_layers = _get(cfg, "num_hidden_layers", source, int)
-    if n_heads < 1 or (hidden % n_heads and "head_dim" not in cfg):
+    hidden = _int(cfg, "hidden_size", source)
+    n_heads = _int(cfg, "num_attention_heads", source)
+    n_layers = _int(cfg, "num_hidden_layers", source, hi=_MAX_LAYERS)
+    if hidden % n_heads and cfg.get("head_dim") is None:
         raise ConfigError(f"{source}: num_attention_heads={n_heads} does not divide hidden_size={hidden}")
-    head_dim = _get(cfg, "head_dim", source, int, hidden // n_heads)
+    head_dim = _int(cfg, "head_dim", source, hidden // n_heads)
+    vocab_size = _int(cfg, "vocab_size", source)
 
     if model_type == "llama":
-        n_kv = _get(cfg, "num_key_value_heads", source, int, n_heads)
-        if n_kv < 1 or n_heads % n_kv:
+        n_kv = _int(cfg, "num_key_value_heads", source, n_heads)
+        if n_heads % n_kv:
             raise ConfigError(f"{source}: num_key_value_heads={n_kv} does not divide num_attention_heads={n_heads}")
-        width = _get(cfg, "intermediate_size", source, int)
+        width = _int(cfg, "intermediate_size", source)
         block = BlockConfig(AttentionConfig("gqa", n_kv), FFNConfig("swiglu", width))
         blocks = (block,) * n_layers
     else:
@@ -466,24 +603,31 @@ def _from_hf_dict(cfg: dict[str, Any], source: str) -> ArchConfig:
             raise ConfigError(f"{source}: block_configs has {len(raw)} entries but num_hidden_layers is {n_layers}")
         blocks = tuple(_nas_block(b, i, hidden, n_heads, source) for i, b in enumerate(raw))
 
-    spans = _read_fusion_spans(cfg, source)
+    bos = cfg.get("bos_token_id")
     eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    if isinstance(eos, list):
+        eos_ids = tuple(_token_id(e, source, f"eos_token_id[{j}]", vocab_size) for j, e in enumerate(eos))
+    else:
+        eos_ids = () if eos is None else (_token_id(eos, source, "eos_token_id", vocab_size),)
+    # Not used by tessera, only type-checked; old Llama conversions write -1 for "none".
+    _int(cfg, "pad_token_id", source, None, lo=-1, expected=f"an integer in [-1, {_MAX_DIM}] or null")
     try:
         return ArchConfig(
-            vocab_size=_get(cfg, "vocab_size", source, int),
+            vocab_size=vocab_size,
             hidden_size=hidden,
             n_heads=n_heads,
             head_dim=head_dim,
             blocks=blocks,
             rope=_read_rope(cfg, source),
-            rms_norm_eps=float(_get(cfg, "rms_norm_eps", source, (int, float), 1e-5)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=_get(cfg, "max_position_embeddings", source, int, 8192),
-            bos_token_id=cfg.get("bos_token_id"),
+            rms_norm_eps=_float(
+                cfg, "rms_norm_eps", source, 1e-5, ok=lambda x: 0 < x < 1, expected="a number in (0, 1)"
+            ),
+            tie_embeddings=_bool(cfg, "tie_word_embeddings", source),
+            max_position_embeddings=_int(cfg, "max_position_embeddings", source, 8192, hi=_MAX_POSITIONS),
+            bos_token_id=None if bos is None else _token_id(bos, source, "bos_token_id", vocab_size),
             eos_token_ids=eos_ids,
-            dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
-            fusion_spans=spans,
+            dtype=_read_dtype(cfg, source),
+            fusion_spans=_read_fusion_spans(cfg, source),
         )
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -499,55 +643,64 @@ def _read_fusion_spans(cfg: dict[str, Any], source: str) -> tuple[tuple[int, int
 
 def _nas_block(raw: Any, i: int, hidden: int, n_heads: int, source: str) -> BlockConfig:
     where = f"{source}: block_configs[{i}]"
+    a, f = f"block_configs[{i}].attention", f"block_configs[{i}].ffn"
     if not isinstance(raw, dict) or not isinstance(raw.get("attention"), dict) or not isinstance(raw.get("ffn"), dict):
         raise ConfigError(f"{where}: expected an object with 'attention' and 'ffn' objects")
     att, ffn = raw["attention"], raw["ffn"]
-    _check_neutral(att, _NEUTRAL_ATTENTION_KEYS, f"{where}.attention")
-    _check_neutral(ffn, _NEUTRAL_FFN_KEYS, f"{where}.ffn")
+    _check_neutral(
+        att, _NEUTRAL_ATTENTION_KEYS, {"n_heads_in_group", "no_op", "replace_with_linear"}, f"{where}.attention"
+    )
+    _check_neutral(
+        ffn, _NEUTRAL_FFN_KEYS, {"ffn_mult", "intermediate_size", "no_op", "replace_with_linear"}, f"{where}.ffn"
+    )
 
-    if att.get("no_op") and att.get("replace_with_linear"):
+    no_op, linear = (
+        _bool(att, "no_op", source, f"{a}.no_op"),
+        _bool(att, "replace_with_linear", source, f"{a}.replace_with_linear"),
+    )
+    if no_op and linear:
         raise ConfigError(f"{where}.attention: no_op and replace_with_linear are both true")
-    if att.get("no_op"):
+    if no_op:
         attention = AttentionConfig("none")
-    elif att.get("replace_with_linear"):
+    elif linear:
         attention = AttentionConfig("linear")
     else:
-        group = att.get("n_heads_in_group")
-        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
-            raise ConfigError(f"{where}.attention.n_heads_in_group is {group!r}, expected a positive integer")
+        group = _int(att, "n_heads_in_group", source, name=f"{a}.n_heads_in_group")
         if n_heads % group:
             raise ConfigError(
                 f"{where}.attention.n_heads_in_group={group} does not divide num_attention_heads={n_heads}"
             )
         attention = AttentionConfig("gqa", n_heads // group)
 
-    if ffn.get("no_op") and ffn.get("replace_with_linear"):
+    no_op, linear = (
+        _bool(ffn, "no_op", source, f"{f}.no_op"),
+        _bool(ffn, "replace_with_linear", source, f"{f}.replace_with_linear"),
+    )
+    if no_op and linear:
         raise ConfigError(f"{where}.ffn: no_op and replace_with_linear are both true")
-    if ffn.get("no_op"):
+    if no_op:
         ffn_cfg = FFNConfig("none")
-    elif ffn.get("replace_with_linear"):
+    elif linear:
         ffn_cfg = FFNConfig("linear")
     elif ffn.get("intermediate_size") is not None:
-        width = ffn["intermediate_size"]
-        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-            raise ConfigError(f"{where}.ffn.intermediate_size is {width!r}, expected a positive integer")
-        ffn_cfg = FFNConfig("swiglu", width)
+        ffn_cfg = FFNConfig("swiglu", _int(ffn, "intermediate_size", source, name=f"{f}.intermediate_size"))
     else:
-        mult = ffn.get("ffn_mult")
-        if not isinstance(mult, (int, float)) or isinstance(mult, bool) or not math.isfinite(mult) or mult <= 0:
-            raise ConfigError(f"{where}.ffn.ffn_mult is {mult!r}, expected a positive number")
+        mult = _float(ffn, "ffn_mult", source, name=f"{f}.ffn_mult")
+        # Bounded before int(): ffn_mult 1e308 makes the width inf (an OverflowError), 1e-9 makes it 0.
+        if 2 * mult * hidden / 3 > _MAX_DIM or ffn_mult_to_intermediate_size(mult, hidden) < 1:
+            raise _bad(source, f"{f}.ffn_mult", f"a multiplier giving an FFN width in [1, {_MAX_DIM}]", mult)
         ffn_cfg = FFNConfig("swiglu", ffn_mult_to_intermediate_size(mult, hidden))
     return BlockConfig(attention, ffn_cfg)
 
 
-def _check_neutral(section: dict[str, Any], neutral: dict[str, tuple], where: str) -> None:
-    known = {"n_heads_in_group", "no_op", "replace_with_linear", "ffn_mult", "intermediate_size"}
+def _check_neutral(section: dict[str, Any], neutral: dict[str, tuple], known: set[str], where: str) -> None:
     for key, value in section.items():
         if key in known:
             continue
         if key not in neutral:
             raise ConfigError(f"{where}.{key} is not a field tessera knows; refusing rather than ignoring it")
-        if value not in neutral[key]:
+        # Type as well as value: 0 == False in Python, and `unshifted_sink: 0` is not the neutral false.
+        if not any(type(value) is type(n) and value == n for n in neutral[key]):
             raise ConfigError(
                 f"{where}.{key}={value!r} asks for something tessera does not run (supported: {neutral[key][0]!r})"
             )

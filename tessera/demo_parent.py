@@ -101,11 +101,30 @@ def snapshot_corpus(out: Path = CORPUS_DIR) -> dict[str, int]:
     return stats
 
 
-def read_corpus(split: str, corpus: Path = CORPUS_DIR) -> str:
-    path = corpus / f"{split}.txt.xz"
+def _split_file(split: str, corpus: Path) -> Path:
+    path = Path(corpus) / f"{split}.txt.xz"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: corpus snapshot missing (run `tessera demo-parent corpus`)")
-    return lzma.decompress(path.read_bytes()).decode()
+        if Path(corpus).resolve() == CORPUS_DIR.resolve():
+            hint = "the demo corpus ships with the repository: restore demo/corpus from git"
+        else:
+            hint = "a corpus folder holds train.txt.xz and validation.txt.xz: xz-compressed UTF-8 text"
+        raise FileNotFoundError(f"{path}: no such file ({hint})")
+    return path
+
+
+def check_corpus(corpus: Path = CORPUS_DIR) -> Path:
+    """`corpus` if it holds both splits (checked before a long run starts); else a FileNotFoundError."""
+    for split in ("train", "validation"):
+        _split_file(split, corpus)
+    return Path(corpus)
+
+
+def read_corpus(split: str, corpus: Path = CORPUS_DIR) -> str:
+    path = _split_file(split, corpus)
+    try:
+        return lzma.decompress(path.read_bytes()).decode()
+    except (lzma.LZMAError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not xz-compressed UTF-8 text ({e})") from None
 
 
 def train_tokenizer(out: Path, corpus: Path = CORPUS_DIR, vocab_size: int = DEMO_ARCH["vocab_size"]):

@@ -4,7 +4,9 @@ shrunken shapes) and write results that carry the device, commit, versions, base
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +16,34 @@ from tessera.cli import _benchmarks, main
 
 @pytest.fixture
 def results_dir(tmp_path, monkeypatch):
+    """Where the runs write (--results); the harness's default is pointed there too, so a run that ignored the
+    flag would leave the test's folder empty rather than touch the checkout."""
     _benchmarks()  # loads the checkout's benchmarks/ as the package tessera_benchmarks
-    monkeypatch.setattr(sys.modules["tessera_benchmarks.harness"], "RESULTS", tmp_path)
-    return tmp_path
+    monkeypatch.setenv("TESSERA_BENCH_RESULTS", str(tmp_path / "default"))
+    return tmp_path / "results"
+
+
+def test_results_default_outside_the_tracked_tree(monkeypatch) -> None:
+    _benchmarks()
+    harness = sys.modules["tessera_benchmarks.harness"]
+    monkeypatch.delenv("TESSERA_BENCH_RESULTS", raising=False)
+    default = harness.results_dir()
+    repo = Path(harness.__file__).resolve().parent.parent
+    assert default == repo / "runs" / "bench"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(default / "cpu_kernels_ffn.json")], cwd=repo)
+    assert ignored.returncode == 0, f"{default} is not git-ignored"
+
+
+def test_results_env_and_argument(results_dir, monkeypatch) -> None:
+    harness = sys.modules["tessera_benchmarks.harness"]
+    path = harness.write_results("x", {"a": 1}, "table")
+    assert path == results_dir.parent / "default" / "x.json" and path.with_suffix(".md").read_text() == "table\n"
+    assert harness.write_results("y", {}, "", results_dir) == results_dir / "y.json"
 
 
 @pytest.mark.parametrize("suite", ["norm", "ffn", "attention"])
 def test_bench_kernels_suite(results_dir, suite: str, capsys) -> None:
-    assert main(["bench", "kernels", "--suite", suite, "--device", "cpu"]) == 0
+    assert main(["bench", "kernels", "--suite", suite, "--device", "cpu", "--results", str(results_dir)]) == 0
     results = json.loads((results_dir / f"cpu_kernels_{suite}.json").read_text())
     assert {"device", "date", "commit", "torch", "copy_bandwidth_gbps"} <= results.keys()
     rows = results["results"]
@@ -35,7 +57,7 @@ def test_bench_kernels_suite(results_dir, suite: str, capsys) -> None:
 
 
 def test_bench_model(results_dir) -> None:
-    assert main(["bench", "model", "--device", "cpu"]) == 0
+    assert main(["bench", "model", "--device", "cpu", "--results", str(results_dir)]) == 0
     results = json.loads((results_dir / "cpu_model_decode.json").read_text())
     rows = results["results"]
     assert [(r["batch"], r["kernels"]) for r in rows] == [(1, "torch"), (8, "torch")]
@@ -45,7 +67,7 @@ def test_bench_model(results_dir) -> None:
 
 
 def test_bench_fusion(results_dir) -> None:
-    assert main(["bench", "fusion", "--device", "cpu"]) == 0
+    assert main(["bench", "fusion", "--device", "cpu", "--results", str(results_dir)]) == 0
     results = json.loads((results_dir / "cpu_fusion_decode.json").read_text())
     assert results["sequential_depth"] == {"unfused": 18, "fused": 2}
     assert results["fused_width"] == sum(results["widths"][:-1])

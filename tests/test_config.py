@@ -4,6 +4,8 @@ round-trip through both writers, and malformed configs fail with a message namin
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tessera.config import (
     FFNConfig,
     ffn_mult_to_intermediate_size,
 )
+from tessera.files import atomic_write_bytes, atomic_write_text
 
 from .conftest import CONFIGS, nas_config
 
@@ -135,12 +138,15 @@ def _llama_dict() -> dict:
     [
         (lambda c: c.update(model_type="mistral"), "model_type 'mistral' is not supported"),
         (lambda c: c.update(num_key_value_heads=3), "num_key_value_heads=3 does not divide"),
-        (lambda c: c.pop("hidden_size"), "field 'hidden_size' is missing"),
-        (lambda c: c.update(hidden_size="4096"), "field 'hidden_size' is '4096', expected int"),
+        (lambda c: c.pop("hidden_size"), r"hidden_size: missing \(expected an integer in \[1, "),
+        (lambda c: c.update(hidden_size="4096"), 'hidden_size: expected an integer in .*, got "4096"'),
         (lambda c: c.update(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
         (lambda c: c.update(attention_bias=True), "'attention_bias' is true"),
         (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling type 'yarn'"),
-        (lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "missing field 'low_freq_factor'"),
+        (
+            lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+            r"rope_scaling\.low_freq_factor: missing",
+        ),
     ],
 )
 def test_bad_llama_config(tmp_path: Path, mutate, message: str) -> None:
@@ -163,7 +169,7 @@ def test_bad_llama_config(tmp_path: Path, mutate, message: str) -> None:
         (
             1,
             lambda b: b["attention"].update(n_heads_in_group=None),
-            r"block_configs\[1\]\.attention\.n_heads_in_group is None",
+            r"block_configs\[1\]\.attention\.n_heads_in_group: missing \(expected an integer",
         ),
         (
             2,
@@ -177,7 +183,11 @@ def test_bad_llama_config(tmp_path: Path, mutate, message: str) -> None:
             lambda b: b["attention"].update(flash_mla=True),
             r"block_configs\[0\]\.attention\.flash_mla is not a field",
         ),
-        (4, lambda b: b["ffn"].update(no_op=False, ffn_mult=-1.0), r"block_configs\[4\]\.ffn\.ffn_mult is -1.0"),
+        (
+            4,
+            lambda b: b["ffn"].update(no_op=False, ffn_mult=-1.0),
+            r"block_configs\[4\]\.ffn\.ffn_mult: expected a positive finite number, got -1.0",
+        ),
         (
             2,
             lambda b: b["attention"].update(no_op=True),
@@ -215,3 +225,250 @@ def test_not_json(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         ArchConfig.from_json(tmp_path)
+
+
+# Issue 15: every field the reader reads is type- and range-checked; a wrong type is an error naming the
+# field, never a silent misread (a JSON "false" is a true string, a JSON true is an int to Python).
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c.update(tie_word_embeddings="false"), r'tie_word_embeddings: expected true or false, got "false"'),
+        (lambda c: c.update(tie_word_embeddings=0), r"tie_word_embeddings: expected true or false, got 0"),
+        (lambda c: c.update(attention_bias="false"), r'attention_bias: expected true or false, got "false"'),
+        (lambda c: c.update(mlp_bias=0), r"mlp_bias: expected true or false, got 0"),
+        (
+            lambda c: c.update(bos_token_id="128000"),
+            r'bos_token_id: expected a token id in \[0, 128256\), got "128000"',
+        ),
+        (lambda c: c.update(bos_token_id=True), r"bos_token_id: expected a token id in \[0, 128256\), got true"),
+        (lambda c: c.update(bos_token_id=-1), r"bos_token_id: expected a token id in \[0, 128256\), got -1"),
+        (lambda c: c.update(eos_token_id="2"), r'eos_token_id: expected a token id in \[0, 128256\), got "2"'),
+        (
+            lambda c: c.update(eos_token_id=[1, "2"]),
+            r'eos_token_id\[1\]: expected a token id in \[0, 128256\), got "2"',
+        ),
+        (lambda c: c.update(eos_token_id=128256), r"eos_token_id: expected a token id in \[0, 128256\), got 128256"),
+        (lambda c: c.update(pad_token_id="0"), r'pad_token_id: expected an integer in \[-1, \d+\] or null, got "0"'),
+        (lambda c: c.update(rms_norm_eps=float("nan")), r"rms_norm_eps: expected a number in \(0, 1\), got NaN"),
+        (lambda c: c.update(rms_norm_eps=float("inf")), r"rms_norm_eps: expected a number in \(0, 1\), got Infinity"),
+        (lambda c: c.update(rms_norm_eps=-1e-5), r"rms_norm_eps: expected a number in \(0, 1\), got -1e-05"),
+        (lambda c: c.update(rms_norm_eps=0), r"rms_norm_eps: expected a number in \(0, 1\), got 0"),
+        (lambda c: c.update(rms_norm_eps=True), r"rms_norm_eps: expected a number in \(0, 1\), got true"),
+        (lambda c: c.update(rms_norm_eps=int("1" * 400)), r"rms_norm_eps: expected a number in \(0, 1\), got 1111"),
+        (lambda c: c.update(rope_theta=float("inf")), r"rope_theta: expected a positive finite number, got Infinity"),
+        (lambda c: c.update(hidden_size=True), r"hidden_size: expected an integer in \[1, \d+\], got true"),
+        (lambda c: c.update(hidden_size=4096.0), r"hidden_size: expected an integer in \[1, \d+\], got 4096.0"),
+        (lambda c: c.update(vocab_size=0), r"vocab_size: expected an integer in \[1, \d+\], got 0"),
+        (
+            lambda c: c.update(intermediate_size="14336"),
+            r'intermediate_size: expected an integer in \[1, \d+\], got "14336"',
+        ),
+        (
+            lambda c: c.update(num_key_value_heads=True),
+            r"num_key_value_heads: expected an integer in \[1, \d+\], got true",
+        ),
+        (lambda c: c.update(head_dim=0), r"head_dim: expected an integer in \[1, \d+\], got 0"),
+        (lambda c: c.update(torch_dtype="int8"), r'torch_dtype: expected one of "bfloat16", .*, got "int8"'),
+        (lambda c: c.update(torch_dtype=16), r'torch_dtype: expected one of "bfloat16", .*, got 16'),
+        (
+            lambda c: c.update(rope_parameters="llama3", rope_scaling=None),
+            r'rope_parameters: expected an object or null, got "llama3"',
+        ),
+    ],
+)
+def test_wrongly_typed_llama_fields(tmp_path: Path, mutate, message: str) -> None:
+    cfg = _llama_dict()
+    mutate(cfg)
+    path = _write(tmp_path, cfg)
+    with pytest.raises(ConfigError, match=message) as err:
+        ArchConfig.from_json(path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("scaling", "message"),
+    [
+        ({"factor": None}, r"rope_scaling\.factor: missing \(expected a finite number >= 1\)"),
+        ({"factor": "8.0"}, r'rope_scaling\.factor: expected a finite number >= 1, got "8.0"'),
+        ({"factor": float("nan")}, r"rope_scaling\.factor: expected a finite number >= 1, got NaN"),
+        ({"factor": 0}, r"rope_scaling\.factor: expected a finite number >= 1, got 0"),
+        ({"low_freq_factor": [1]}, r"rope_scaling\.low_freq_factor: expected a positive finite number, got \[1\]"),
+        ({"high_freq_factor": 1.0}, r"rope_scaling\.high_freq_factor: expected a finite number above low_freq_factor"),
+        (
+            {"original_max_position_embeddings": 8192.0},
+            r"rope_scaling\.original_max_position_embeddings: expected an integer in \[1, \d+\], got 8192.0",
+        ),
+        ({"rope_type": None, "type": None}, r"rope_scaling type None is not supported"),
+    ],
+)
+def test_wrongly_typed_rope_scaling(tmp_path: Path, scaling: dict, message: str) -> None:
+    cfg = _llama_dict()
+    cfg["rope_scaling"].update(scaling)
+    path = _write(tmp_path, cfg)
+    with pytest.raises(ConfigError, match=message) as err:
+        ArchConfig.from_json(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_rope_parameters_of_transformers_5_are_checked_too(tmp_path: Path) -> None:
+    cfg = _llama_dict()
+    scaling = cfg.pop("rope_scaling")
+    cfg["rope_parameters"] = {**scaling, "rope_theta": 500000.0}
+    del cfg["rope_theta"]
+    assert ArchConfig.from_json(_write(tmp_path, cfg)).rope == ArchConfig.from_json(CONFIGS / "llama-3.1-8b.json").rope
+    cfg["rope_parameters"]["rope_theta"] = "5e5"
+    with pytest.raises(ConfigError, match=r'rope_parameters\.rope_theta: expected a positive finite number, got "5e5"'):
+        ArchConfig.from_json(_write(tmp_path, cfg))
+
+
+# The sanity bounds sit far above every published model (all of configs/ loads, test_shared_config_counts)
+# and refuse what would exhaust memory before a weight is read.
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c.update(num_hidden_layers=10**12), r"num_hidden_layers: expected an integer in \[1, 16384\]"),
+        (
+            lambda c: c.update(max_position_embeddings=2**40),
+            r"max_position_embeddings: expected an integer in \[1, 16777216\]",
+        ),
+        (lambda c: c.update(hidden_size=2**40), r"hidden_size: expected an integer in \[1, 16777216\]"),
+        (lambda c: c.update(vocab_size=2**40), r"vocab_size: expected an integer in \[1, 16777216\]"),
+        (lambda c: c.update(intermediate_size=2**40), r"intermediate_size: expected an integer in \[1, 16777216\]"),
+    ],
+)
+def test_absurd_sizes_are_refused(tmp_path: Path, mutate, message: str) -> None:
+    cfg = _llama_dict()
+    mutate(cfg)
+    path = _write(tmp_path, cfg)
+    with pytest.raises(ConfigError, match=message) as err:
+        ArchConfig.from_json(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    ("layer", "mutate", "message"),
+    [
+        (
+            3,
+            lambda b: b["attention"].update(no_op="false"),
+            r'block_configs\[3\]\.attention\.no_op: expected true or false, got "false"',
+        ),
+        (
+            2,
+            lambda b: b["attention"].update(replace_with_linear=1),
+            r"block_configs\[2\]\.attention\.replace_with_linear: expected true or false, got 1",
+        ),
+        (
+            0,
+            lambda b: b["ffn"].update(no_op="true"),
+            r'block_configs\[0\]\.ffn\.no_op: expected true or false, got "true"',
+        ),
+        (
+            3,
+            lambda b: b["ffn"].update(replace_with_linear="yes"),
+            r'block_configs\[3\]\.ffn\.replace_with_linear: expected true or false, got "yes"',
+        ),
+        (
+            0,
+            lambda b: b["attention"].update(n_heads_in_group=True),
+            r"block_configs\[0\]\.attention\.n_heads_in_group: expected an integer in \[1, \d+\], got true",
+        ),
+        (
+            0,
+            lambda b: b["ffn"].update(intermediate_size=256.0),
+            r"block_configs\[0\]\.ffn\.intermediate_size: expected an integer in \[1, \d+\], got 256.0",
+        ),
+        (
+            0,
+            lambda b: b["ffn"].update(ffn_mult="6.0"),
+            r'block_configs\[0\]\.ffn\.ffn_mult: expected a positive finite number, got "6.0"',
+        ),
+        (
+            0,
+            lambda b: b["ffn"].update(ffn_mult=1e308),
+            r"block_configs\[0\]\.ffn\.ffn_mult: expected a multiplier giving an FFN width in \[1, 16777216\], "
+            r"got 1e\+308",
+        ),
+        (
+            0,
+            lambda b: b["ffn"].update(ffn_mult=1e-9),
+            r"block_configs\[0\]\.ffn\.ffn_mult: expected a multiplier giving an FFN width in \[1, 16777216\], "
+            r"got 1e-09",
+        ),
+        (
+            2,
+            lambda b: b["attention"].update(unshifted_sink=0),
+            r"block_configs\[2\]\.attention\.unshifted_sink=0 asks for",
+        ),
+        (
+            2,
+            lambda b: b["attention"].update(num_sink_tokens=False),
+            r"block_configs\[2\]\.attention\.num_sink_tokens=False asks for",
+        ),
+    ],
+)
+def test_wrongly_typed_nas_block_fields(tmp_path: Path, layer: int, mutate, message: str) -> None:
+    cfg = nas_config()
+    mutate(cfg["block_configs"][layer])
+    path = _write(tmp_path, cfg)
+    with pytest.raises(ConfigError, match=message) as err:
+        ArchConfig.from_json(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_null_bool_is_false_and_null_sizes_take_defaults(tmp_path: Path) -> None:
+    """JSON null means "the default" throughout Hugging Face configs (num_key_value_heads: null in nemotron-nas)."""
+    cfg = nas_config()
+    cfg["block_configs"][0]["attention"]["no_op"] = None
+    cfg.update(tie_word_embeddings=None, bos_token_id=None, pad_token_id=None, eos_token_id=[])
+    arch = ArchConfig.from_json(_write(tmp_path, cfg))
+    assert arch.blocks[0].attention.kind == "gqa" and not arch.tie_embeddings
+    assert arch.bos_token_id is None and arch.eos_token_ids == ()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,  # RecursionError inside json today
+        '{"vocab_size": ' + "9" * 5000 + "}",  # past Python's int-string limit: a ValueError, not JSONDecodeError
+        "\udcff",  # not UTF-8
+    ],
+)
+def test_hostile_json_is_a_config_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        ArchConfig.from_json(path)
+
+
+def test_float64_checkpoints_have_costs(tmp_path: Path) -> None:
+    """`tessera info` reads summary(): a float64 checkpoint (which `generate` loads) must have a byte count."""
+    cfg = _llama_dict()
+    cfg["torch_dtype"] = "float64"
+    arch = ArchConfig.from_json(_write(tmp_path, cfg))
+    assert arch.summary()["weight_bytes"] == 8 * arch.num_params()
+
+
+def test_atomic_write_text_replaces_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "report.json"
+    atomic_write_text(target, "old\n")
+    atomic_write_bytes(target, b"new\n")
+    assert target.read_text() == "new\n"
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(target, "newer\n")
+    assert target.read_text() == "new\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left behind
+
+
+def test_save_json_is_atomic(tmp_path: Path, monkeypatch) -> None:
+    """config.json is written beside and renamed into place (atomic_write_text)."""
+    arch = ArchConfig.from_json(CONFIGS / "llama-3.1-8b.json")
+    calls = []
+    monkeypatch.setattr(os, "replace", lambda src, dst: calls.append((Path(src).parent, Path(dst))))
+    arch.save_json(tmp_path / "config.json")
+    assert calls == [(tmp_path, tmp_path / "config.json")]

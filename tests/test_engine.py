@@ -137,6 +137,64 @@ def test_seeded_sampling_is_batch_invariant(demo) -> None:
     assert Engine(model, tok).generate(["import "], SamplingParams(16, 1.0, top_k=1, seed=3))[0].tokens == greedy
 
 
+def run_to_end(engine: Engine) -> dict[str, list]:
+    """Step until idle; every request's outputs by id."""
+    outputs: dict[str, list] = {}
+    while engine.has_work():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    return outputs
+
+
+def test_a_request_that_cannot_sample_ends_alone(demo, monkeypatch) -> None:
+    """A sampling failure (here NaN logits for one request) ends that request with an error; the greedy and
+    sampled requests beside it finish with their solo outputs."""
+    from tessera.runtime import engine as engine_module
+
+    model, tok = demo
+    greedy, sampled = SamplingParams(max_new_tokens=12), SamplingParams(12, 0.8, seed=3)
+    solo_greedy = Engine(model, tok).generate(["import os"], greedy)[0].tokens
+    solo_sampled = Engine(model, tok).generate(["def f("], sampled)[0].tokens
+    real_sample = engine_module.sample
+
+    def sample(logits, params, generator):
+        return real_sample(logits.fill_(float("nan")) if params.seed == 4 else logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    engine = Engine(model, tok, EngineConfig(max_batch=4))
+    ids = [engine.add_request("import os", greedy), engine.add_request("x = 1", SamplingParams(12, 0.8, seed=4)),
+           engine.add_request("def f(", sampled)]  # fmt: skip
+    outputs = run_to_end(engine)
+    bad = outputs[ids[1]][-1]
+    assert bad.finish_reason == "error" and "sampling failed" in bad.error and bad.token_ids == []
+    assert [t for o in outputs[ids[0]] for t in o.token_ids] == solo_greedy
+    assert [t for o in outputs[ids[2]] for t in o.token_ids] == solo_sampled
+    assert engine.cache.free_pages == engine.cache.usable_pages
+
+
+def test_a_failed_forward_ends_the_requests_of_its_step_only(demo, monkeypatch) -> None:
+    """A forward pass that raises is the failure of the requests in that step: `fail_step` ends them and frees
+    their pages; a request still waiting for a batch slot is then served as if nothing happened."""
+    model, tok = demo
+    params = SamplingParams(max_new_tokens=8)
+    solo = Engine(model, tok).generate(["x = 1"], params)[0].tokens
+    engine = Engine(model, tok, EngineConfig(max_batch=2))
+    running = [engine.add_request("import os", params), engine.add_request("def f(", params)]
+    waiting = engine.add_request("x = 1", params)
+    engine.step()
+    forward = model.forward_packed
+    monkeypatch.setattr(model, "forward_packed", lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.step()
+    failed = engine.fail_step("RuntimeError: out of memory")
+    assert sorted(o.request_id for o in failed) == sorted(running)
+    assert all(o.finish_reason == "error" and o.error == "RuntimeError: out of memory" for o in failed)
+    monkeypatch.setattr(model, "forward_packed", forward)
+    outputs = run_to_end(engine)
+    assert [t for o in outputs[waiting] for t in o.token_ids] == solo
+    assert engine.cache.free_pages == engine.cache.usable_pages
+
+
 def test_stop_strings_eos_and_length(demo) -> None:
     model, tok = demo
     engine = Engine(model, tok)

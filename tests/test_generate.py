@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.runtime.generate import Generator
 from tessera.runtime.model import Model
-from tessera.runtime.sampling import ContextLengthError, SamplingParams, sample
+from tessera.runtime.sampling import ContextLengthError, SamplingParams, TextStream, sample
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b", "hello world"] * 20
 
@@ -143,6 +143,12 @@ def test_generation_stops_at_the_context_end(generator: Generator) -> None:
         ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"top_k": -2}, "top_k"),
+        ({"temperature": float("nan")}, "temperature: expected a finite number"),
+        ({"temperature": float("inf")}, "temperature: expected a finite number"),
+        ({"top_p": float("nan")}, "top_p: expected a finite number"),
+        ({"seed": 2**64}, "seed: expected an integer"),
+        ({"seed": -(2**63) - 1}, "seed: expected an integer"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens: expected an integer"),
     ],
 )
 def test_bad_sampling_params(kwargs: dict, message: str) -> None:
@@ -175,3 +181,60 @@ def test_empty_stop_token_ids_means_none_not_eos(generator: Generator, monkeypat
     [none] = generator.generate([PROMPTS[2]], SamplingParams(10, stop_token_ids=()))
     assert default.finish_reason == "stop" and len(default.tokens) < 10
     assert none.tokens == free.tokens and none.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-45),
+        SamplingParams(temperature=5e-324),
+        SamplingParams(temperature=1, top_p=1e-300),
+        SamplingParams(temperature=2, top_k=1, top_p=1e-300),
+    ],
+    ids=["temperature-1e-45", "temperature-min-double", "top_p-1e-300", "top_k-1-top_p-1e-300"],
+)
+def test_extreme_accepted_values_sample_the_best_token(params: SamplingParams) -> None:
+    """Values the checks accept must sample: these once gave inf/NaN probabilities (torch.multinomial raised, and
+    the server failed every request in the batch). Each leaves only the best token a share."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 10
+    draws = sample(logits, params, torch.Generator().manual_seed(0))
+    assert draws.tolist() == logits.argmax(dim=-1).tolist()
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the token ids it is asked to decode."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids: list[int]) -> str:
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids)
+
+
+def test_text_stream_equals_the_whole_decode_in_constant_work_per_token(tokenizer: Tokenizer) -> None:
+    """Streamed deltas join to exactly what decoding all the ids at once gives (multi-byte characters split
+    across tokens included), and each token costs a bounded decode: 3,000 tokens once re-decoded the whole
+    text at each token (4.5 million ids), now a few ids a token."""
+    text = "naïve café 日本語 — ünïcödé " + " ".join(TEXT)
+    ids = (tokenizer.encode(text).ids * 20)[:3000]
+    rng = torch.Generator().manual_seed(0)
+    ids[::7] = torch.randint(0, tokenizer.get_vocab_size(), (len(ids[::7]),), generator=rng).tolist()  # odd bytes
+    counting = CountingTokenizer(tokenizer)
+    stream = TextStream(counting, ("<never>",))
+    streamed = "".join(stream.add(t)[0] for t in ids) + stream.flush()
+    assert streamed == tokenizer.decode(ids)
+    assert counting.decoded / len(ids) < 16
+
+
+@pytest.mark.parametrize("stop", ["fox", "\n    ", "b)", "world the"])
+def test_text_stream_cuts_at_the_first_stop_string(tokenizer: Tokenizer, stop: str) -> None:
+    ids = tokenizer.encode(" ".join(TEXT[:6])).ids
+    whole = tokenizer.decode(ids)
+    stream, text = TextStream(tokenizer, (stop, "<never>")), ""
+    for t in ids:
+        delta, stopped = stream.add(t)
+        text += delta
+        if stopped:
+            break
+    assert stopped and text == whole[: whole.index(stop)]

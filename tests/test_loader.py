@@ -162,3 +162,155 @@ def test_tied_checkpoint_with_stored_lm_head_loads(llama_tied: Path, tmp_path: P
     (out / "config.json").write_text((llama_tied / "config.json").read_text())
     save_file(tensors, out / "model.safetensors")
     assert torch.equal(_logits(load_model(out)), _logits(load_model(llama_tied)))
+
+
+# Issue 15: hostile shard indexes, dtypes and values, and saves interrupted halfway.
+
+
+def _sharded(tmp_path: Path, llama_untied: Path) -> tuple[Path, Path, dict]:
+    out = save_model(load_model(llama_untied), tmp_path / "sharded", max_shard_bytes=40_000)
+    index_path = out / "model.safetensors.index.json"
+    return out, index_path, json.loads(index_path.read_text())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda i: i.update(weight_map=list(i["weight_map"])), r"weight_map: expected an object mapping tensor"),
+        (lambda i: i["weight_map"].update({"model.norm.weight": 3}), r'weight_map\["model.norm.weight"\]: expected a'),
+        (
+            lambda i: i["weight_map"].update({"model.norm.weight": "../elsewhere.safetensors"}),
+            r'weight_map\["model.norm.weight"\]: expected a shard file name .*got "../elsewhere.safetensors"',
+        ),
+        (
+            lambda i: i["weight_map"].update({"model.norm.weight": "model-00009-of-00009.safetensors"}),
+            r"shard model-00009-of-00009.safetensors is listed but missing",
+        ),
+        (lambda i: i.clear(), r"weight_map: expected an object mapping tensor names to shard files, got null"),
+    ],
+)
+def test_bad_shard_index(tmp_path: Path, llama_untied: Path, edit, message: str) -> None:
+    out, index_path, index = _sharded(tmp_path, llama_untied)
+    edit(index)
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_model(out)
+    assert str(err.value).startswith(f"{index_path}: ")
+
+
+def test_index_that_is_not_an_object(tmp_path: Path, llama_untied: Path) -> None:
+    out, index_path, _ = _sharded(tmp_path, llama_untied)
+    index_path.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=re.escape(f"{index_path}: weight_map: expected an object")):
+        load_model(out)
+
+
+def test_fp8_beside_bf16_is_refused_naming_one_of_each(tmp_path: Path) -> None:
+    def edit(c, t):
+        t.update({n: w.bfloat16() for n, w in t.items()})
+        t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+
+    path = _broken(tmp_path, edit)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert "model.layers.0.mlp.up_proj.weight is torch.float8_e4m3fn" in message
+    assert "lm_head.weight is torch.bfloat16" in message and str(path) in message
+
+
+def test_float64_checkpoint_saves_loads_and_has_info(nas_checkpoint: Path, tmp_path: Path) -> None:
+    """`generate` loads float64 weights; `tessera info` (summary()) and save_model must agree."""
+    model = load_model(nas_checkpoint)
+    out = save_model(model, tmp_path / "f64", dtype=torch.float64)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float64"
+    assert all(t.dtype == torch.float64 for t in load_file(out / "model.safetensors").values())
+    arch = ArchConfig.from_json(out)
+    assert arch.summary()["weight_bytes"] == 8 * arch.num_params()
+    assert torch.equal(_logits(load_model(out)), _logits(model))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused(tmp_path: Path, bad: float) -> None:
+    def edit(c, t):
+        t["model.layers.1.mlp.down_proj.weight"][7, 100] = bad
+
+    path = _broken(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.mlp\.down_proj\.weight holds NaN or inf") as e:
+        load_model(path)
+    assert str(e.value).startswith(str(path / "model.safetensors"))
+
+
+def test_weights_beyond_the_load_dtype_are_refused(tmp_path: Path) -> None:
+    """A finite weight of 1e5 is inf in float16: refused when loading as float16, fine as float32."""
+    path = _broken(tmp_path, lambda c, t: t["model.norm.weight"].__setitem__(3, 1e5))
+    load_model(path)
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight holds 100000\.0, beyond torch\.float16"):
+        load_model(path, dtype=torch.float16)
+
+
+def _fail_after_first_shard(monkeypatch) -> None:
+    from tessera.runtime import loader
+
+    real = loader.save_file
+    written = []
+
+    def flaky(tensors, filename, metadata=None):
+        if written:
+            Path(filename).write_bytes(b"half a shard")  # what a full disk leaves behind
+            raise OSError(28, "No space left on device")
+        written.append(filename)
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(loader, "save_file", flaky)
+
+
+def test_save_failing_mid_write_keeps_the_old_checkpoint(llama_untied: Path, tmp_path: Path, monkeypatch) -> None:
+    old = load_model(llama_untied)
+    target = save_model(old, tmp_path / "ckpt", max_shard_bytes=40_000)
+    (target / "tokenizer.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    child = Model(old.arch).init_weights(seed=3)
+    _fail_after_first_shard(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(child, target, max_shard_bytes=40_000)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert torch.equal(_logits(load_model(target)), _logits(old))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left behind
+
+
+def test_save_failing_into_a_new_directory_leaves_nothing(nas_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    model = load_model(nas_checkpoint)
+    _fail_after_first_shard(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        save_model(model, tmp_path / "runs" / "child", max_shard_bytes=40_000)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_save_over_a_checkpoint_keeps_the_callers_files(llama_untied: Path, tmp_path: Path) -> None:
+    """demo_parent writes tokenizer.json before save_model, the search writes reports beside the weights:
+    the swap carries such files over; old weights (here shards, replaced by one file) and no temp dir stay."""
+    model = load_model(llama_untied)
+    target = save_model(model, tmp_path / "ckpt", max_shard_bytes=40_000)
+    (target / "tokenizer.json").write_text('{"mine": 1}')
+    (target / "plots").mkdir()
+    (target / "plots" / "loss.png").write_bytes(b"png")
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer_config.json").write_text('{"from": "parent"}')
+    save_model(model, target, tokenizer_from=tok_dir)
+    names = sorted(p.name for p in target.iterdir())
+    assert names == ["config.json", "model.safetensors", "plots", "tokenizer.json", "tokenizer_config.json"]
+    assert (target / "tokenizer.json").read_text() == '{"mine": 1}'
+    assert (target / "tokenizer_config.json").read_text() == '{"from": "parent"}'
+    assert (target / "plots" / "loss.png").read_bytes() == b"png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tok"]
+    assert torch.equal(_logits(load_model(target)), _logits(model))
+    save_model(model, target, tokenizer_from=target)  # its own tokenizer: kept, not truncated
+    assert (target / "tokenizer_config.json").read_text() == '{"from": "parent"}'
+
+
+def test_save_onto_a_file_is_refused(nas_checkpoint: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="exists and is not a directory"):
+        save_model(load_model(nas_checkpoint), tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "not a checkpoint"

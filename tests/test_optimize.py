@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import re
 
 import pytest
 
@@ -12,12 +13,12 @@ from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.demo_parent import PARENT_DIR, read_corpus
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
-from tessera.search.bld import BLDConfig
-from tessera.search.cost import Scenario
+from tessera.search.bld import BLDConfig, StoreMismatchError
+from tessera.search.cost import CostTable, Scenario
 from tessera.search.gkd import GKDConfig
 from tessera.search.library import SearchSpace, read_library
-from tessera.search.mip import InfeasibleError
-from tessera.search.pipeline import Budget, OptimizeConfig, optimize
+from tessera.search.mip import InfeasibleError, solve
+from tessera.search.pipeline import Budget, OptimizeConfig, block_bounds, optimize
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +90,71 @@ def test_optimize_writes_child_library_costs_report(tiny_parent, tmp_path, capsy
 def test_infeasible_budget_fails_before_training(tiny_parent, tmp_path):
     parent, corpus = tiny_parent
     out = tmp_path / "run"
-    with pytest.raises(InfeasibleError, match=r"stats\.memory_mib ≤ .* cannot be met: the smallest total is"):
+    with pytest.raises(InfeasibleError, match=r"max memory 0\.3 MiB cannot be met: the smallest architecture") as e:
         optimize(parent, out, Budget(max_memory_mib=0.3), tiny_config(), corpus, progress=False)
+    assert not NEGATIVE.search(str(e.value)), str(e.value)
     assert (out / "cost.json").is_file() and not (out / "bld").exists()
+
+
+NEGATIVE = re.compile(r"(?<![\w.])-\d")  # a negative number anywhere in a message
+
+
+def test_unreachable_speedup_names_the_fastest_in_the_space(tiny_parent, tmp_path, monkeypatch):
+    """`--target-speedup 1000` once read "stats.runtime_ms ≤ -2.2 cannot be met": the budget minus the non-block
+    time went negative. It must say, in the budget's own terms, what the search space can reach. Fixed costs
+    (non-block 2 ms, 1 ms a block, no-ops free): real timings on a loaded 2-core machine gave a negative
+    non-block part once, under which any speedup looks reachable (next test)."""
+    import tessera.search.pipeline as pipeline
+
+    def fixed_costs(arch, blocks, scenario, device, dtype, progress):
+        ms = {
+            b.name: dict.fromkeys(("prefill_ms", "decode_ms", "runtime_ms"), 0.0 if b.is_empty else 1.0) for b in blocks
+        }
+        return CostTable("cpu", "float32", scenario, 2.0, 1.0, ms)
+
+    monkeypatch.setattr(pipeline, "calibrate", fixed_costs)
+    monkeypatch.setattr(pipeline, "validate_costs", lambda *a, **k: {})
+    parent, corpus = tiny_parent
+    out = tmp_path / "run"
+    with pytest.raises(InfeasibleError, match=r"target speedup 1000 cannot be met: the fastest architecture") as e:
+        optimize(parent, out, Budget(target_speedup=1000), tiny_config(), corpus, progress=False)
+    assert not NEGATIVE.search(str(e.value)), str(e.value)
+    assert "predicted at 2 ms, 2× the parent's 4 ms" in str(e.value)  # both layers no-ops; the parent 2 + 2·1
+    assert not (out / "bld").exists()
+
+
+def test_budget_to_bounds_in_the_budgets_own_terms():
+    """Parent 2 + 5 + 4 = 11 ms; the fastest choice 2 + 1 + 0.5 = 3.5 ms (3.142×, 2·8 tokens in 3.5 ms = 4571 tok/s);
+    the smallest 10 + 2 + 1 = 13 MiB."""
+    table = CostTable("cpu", "float32", Scenario(batch=2, prompt_len=16, gen_len=8), 2.0, 10.0, {})
+    lib = {
+        "layer_0": {"big": entry(5.0, 8.0), "small": entry(1.0, 2.0)},
+        "layer_1": {"big": entry(4.0, 8.0), "small": entry(0.5, 1.0)},
+    }
+    cases = {
+        Budget(target_speedup=1000): r"target speedup 1000 cannot be met: .* predicted at 3\.5 ms, 3\.142× the "
+        r"parent's 11 ms",
+        Budget(max_latency_ms=3): r"max latency 3 ms cannot be met: .* predicted at 3\.5 ms",
+        Budget(min_throughput=5000): r"min throughput 5000 tokens/s cannot be met: .* at most 4571 tokens/s",
+        Budget(max_memory_mib=5): r"max memory 5 MiB cannot be met: .* needs 13 MiB, 10 MiB of it outside",
+    }
+    for budget, message in cases.items():
+        with pytest.raises(InfeasibleError, match=message) as e:
+            block_bounds(budget, table, 11.0, lib)
+        assert not NEGATIVE.search(str(e.value)), str(e.value)
+    noisy = CostTable("cpu", "float32", table.scenario, -2.0, 10.0, {})  # timings gone wrong: negative non-block
+    with pytest.raises(ValueError, match=r"predicts -0\.5 ms for the fastest .* too noisy"):
+        block_bounds(Budget(target_speedup=1.5), noisy, 7.5, lib)
+    assert block_bounds(Budget(max_kv_heads=2), noisy, 7.5, lib)  # no latency term: nothing depends on timings
+    # Just within reach: the bounds are positive and the MIP finds the fastest choice.
+    (bound,) = block_bounds(Budget(target_speedup=3.14), table, 11.0, lib)
+    assert bound.upper == pytest.approx(11 / 3.14 - 2)
+    (sol,) = solve(lib, "stats.runtime_ms", bounds=[bound])
+    assert sol.choices == {"layer_0": "small", "layer_1": "small"}
+
+
+def entry(runtime_ms: float, memory_mib: float) -> dict:
+    return {"stats": {"runtime_ms": runtime_ms, "memory_mib": memory_mib, "num_kv_heads": 1}, "metrics": {"kl_div": 0}}
 
 
 def test_budget_and_cli_errors(tiny_parent, tmp_path, capsys):
@@ -121,3 +184,25 @@ def test_kv_head_budget_and_fusion_step(tiny_parent, tmp_path):
     assert fusion["block_dependency"]["layers"] == [0, 1] and len(fusion["block_pairs"]) == 1
     assert (out / "fused" / "fusion.json").is_file() and (out / "fused" / "block_dependency.png").is_file()
     assert "## FFN Fusion" in (out / "report.md").read_text()
+
+
+def test_bld_store_of_another_parent_is_refused_then_fresh_starts_over(tiny_parent, tmp_path):
+    """A second `optimize` with another --model into the same --out once trained nothing and built the new
+    parent's child from the old parent's blocks."""
+    from dataclasses import replace
+
+    parent, corpus = tiny_parent
+    other_weights = Model(load_model(parent).arch).init_weights(seed=1)
+    other = save_model(other_weights, tmp_path / "other", tokenizer_from=PARENT_DIR)
+    out = tmp_path / "run"
+    cfg = replace(tiny_config(), pareto_speedups=(), baseline_gkd=False)
+    optimize(parent, out, Budget(max_kv_heads=2), cfg, corpus, progress=False)
+    manifest = json.loads((out / "bld" / "manifest.json").read_text())
+    cost_written = (out / "cost.json").stat().st_mtime_ns
+    with pytest.raises(StoreMismatchError, match=r"bld: .*parent weights.*--fresh"):
+        optimize(other, out, Budget(max_kv_heads=2), cfg, corpus, progress=False)
+    assert (out / "cost.json").stat().st_mtime_ns == cost_written  # refused before the cost model's half minute
+    optimize(other, out, Budget(max_kv_heads=2), cfg, corpus, progress=False, fresh=True)
+    again = json.loads((out / "bld" / "manifest.json").read_text())
+    assert again["parent_weights_sha256"] != manifest["parent_weights_sha256"]
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]

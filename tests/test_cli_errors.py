@@ -1,0 +1,357 @@
+"""A hostile user at the command line (issue 15): every mistake ends in one line and exit status 2 before any
+work starts, outputs never replace what they should not, Ctrl-C ends in one line, and `tessera bench` leaves
+the committed results alone. The expensive steps are replaced by stand-ins that fail the test if reached."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tessera import cli
+from tessera.cli import build_parser
+from tessera.demo_parent import PARENT_DIR, read_corpus
+
+from .test_cli import run_cli
+
+
+def _work_started(*args, **kwargs):
+    raise AssertionError("the command started working before its arguments were checked")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Every command's first expensive step fails the test: errors must come before it."""
+    import tessera.demo_parent
+    import tessera.runtime.loader
+    import tessera.runtime.server
+    import tessera.search.cost
+    import tessera.search.pipeline
+
+    monkeypatch.setattr(tessera.search.pipeline, "optimize", _work_started)
+    monkeypatch.setattr(tessera.runtime.loader, "load_model", _work_started)
+    monkeypatch.setattr(tessera.search.cost, "calibrate", _work_started)
+    monkeypatch.setattr(tessera.runtime.server, "build_server", _work_started)
+    monkeypatch.setattr(cli, "_generator", _work_started)
+    monkeypatch.setattr(cli, "_benchmarks", _work_started)
+    monkeypatch.setattr(tessera.demo_parent, "train_parent", _work_started)  # it writes into demo/parent
+    monkeypatch.setattr(tessera.demo_parent, "snapshot_corpus", _work_started)
+
+
+@pytest.fixture
+def corpus(tmp_path_factory) -> Path:
+    """A small corpus cut from the demo's (the fuse tests' stand-in for run_fusion needs real token ids)."""
+    root = tmp_path_factory.mktemp("corpus")
+    for split in ("train", "validation"):
+        (root / f"{split}.txt.xz").write_bytes(lzma.compress(read_corpus(split)[:20_000].encode()))
+    return root
+
+
+def one_line_error(capsys, argv: list[str], code: int = 2) -> str:
+    got, _, err = run_cli(capsys, *argv)
+    assert got == code, (got, err)
+    assert err.startswith("tessera: ") and err.count("\n") == 1, err
+    return err
+
+
+def argparse_error(capsys, argv: list[str]) -> str:
+    """argparse's own report: usage, then `tessera CMD: error: argument --FLAG: ...` (exit 2)."""
+    got, _, err = run_cli(capsys, *argv)
+    assert got == 2, err
+    return err.strip().splitlines()[-1]
+
+
+# 1. Output paths are checked before anything runs.
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["optimize", "--out", "{file}"], "is a file"),
+        (["fuse", "--model", str(PARENT_DIR), "--out", "{file}"], "is a file"),
+        (["optimize", "--out", "{file}/sub"], "is a file"),
+        (["calibrate", "--model", str(PARENT_DIR), "--out", "{dir}"], "is a folder"),
+        (["calibrate", "--model", str(PARENT_DIR), "--out", "{dir}/missing/cost.json"], "does not exist"),
+        (["bench", "kernels", "--results", "{file}"], "is a file"),
+    ],
+)
+def test_output_paths_are_checked_first(no_work, tmp_path, capsys, argv, expected) -> None:
+    (tmp_path / "f.txt").write_text("mine\n")
+    argv = [a.format(file=tmp_path / "f.txt", dir=tmp_path) for a in argv]
+    err = one_line_error(capsys, argv)
+    assert expected in err and str(tmp_path) in err
+    assert (tmp_path / "f.txt").read_text() == "mine\n"
+
+
+# 2. --out that holds something else is refused unless --overwrite.
+
+
+@pytest.fixture
+def model_copy(tmp_path) -> Path:
+    """A copy of the demo parent: config, weights, tokenizer, its training.json and plot."""
+    return Path(shutil.copytree(PARENT_DIR, tmp_path / "mymodel"))
+
+
+def test_fuse_refuses_a_model_folder(no_work, model_copy, capsys) -> None:
+    before = sorted(p.name for p in model_copy.iterdir())
+    err = one_line_error(capsys, ["fuse", "--model", str(PARENT_DIR), "--out", str(model_copy)])
+    assert "--overwrite" in err and str(model_copy) in err
+    assert sorted(p.name for p in model_copy.iterdir()) == before
+
+
+def test_optimize_refuses_a_model_folder(no_work, model_copy, capsys) -> None:
+    err = one_line_error(capsys, ["optimize", "--out", str(model_copy)])
+    assert "--overwrite" in err and "optimize" in err
+
+
+def test_calibrate_refuses_a_file_that_is_not_a_cost_table(no_work, tmp_path, capsys) -> None:
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    err = one_line_error(capsys, ["calibrate", "--model", str(PARENT_DIR), "--out", str(notes)])
+    assert "--overwrite" in err and notes.read_text() == '{"mine": 1}\n'
+
+
+def test_outputs_must_not_hold_the_inputs(no_work, tmp_path, capsys) -> None:
+    model = Path(shutil.copytree(PARENT_DIR, tmp_path / "work" / "model"))
+    err = one_line_error(capsys, ["fuse", "--model", str(model), "--out", str(tmp_path / "work"), "--overwrite"])
+    assert "--model" in err and (model / "config.json").is_file()
+    err = one_line_error(capsys, ["optimize", "--model", str(model), "--out", str(model), "--overwrite"])
+    assert "--model" in err and (model / "config.json").is_file()
+
+
+def _fake_run_fusion(calls: list):
+    def run_fusion(model, train_ids, windows, out, cfg, scenario, tokenizer_from=None, progress=True):
+        calls.append(Path(out))
+        (out / "config.json").write_text("{}\n")
+        (out / "fusion.json").write_text(json.dumps({"groups": [{"layers": [1, 2]}]}) + "\n")
+        (out / "fusion.md").write_text("# fused\n")
+        return {"groups": [{"layers": [1, 2]}]}
+
+    return run_fusion
+
+
+def fuse_argv(out: Path, corpus: Path, *extra: str) -> list[str]:
+    return ["fuse", "--model", str(PARENT_DIR), "--out", str(out), "--corpus", str(corpus), *extra]
+
+
+def test_fuse_overwrite_replaces_the_folder_whole(monkeypatch, model_copy, corpus, capsys) -> None:
+    import tessera.search.fusion
+
+    calls: list[Path] = []
+    monkeypatch.setattr(tessera.search.fusion, "run_fusion", _fake_run_fusion(calls))
+    code, out, _ = run_cli(capsys, *fuse_argv(model_copy, corpus, "--overwrite"))
+    assert code == 0 and "# fused" in out
+    # Written beside the target, then swapped in: the old model's training.json and plot are gone.
+    assert calls[0].parent == model_copy.parent and calls[0] != model_copy
+    assert sorted(p.name for p in model_copy.iterdir()) == ["config.json", "fusion.json", "fusion.md"]
+    assert sorted(p.name for p in model_copy.parent.iterdir()) == ["mymodel"]
+    # A previous fuse output is replaced without --overwrite.
+    code, _, err = run_cli(capsys, *fuse_argv(model_copy, corpus))
+    assert code == 0, err
+
+
+def test_fuse_interrupted_leaves_the_old_folder(monkeypatch, model_copy, corpus, capsys) -> None:
+    import tessera.search.fusion
+
+    def interrupted(*args, **kwargs):
+        (args[3] / "config.json").write_text("{}\n")
+        raise KeyboardInterrupt
+
+    before = sorted(p.name for p in model_copy.iterdir())
+    monkeypatch.setattr(tessera.search.fusion, "run_fusion", interrupted)
+    err = one_line_error(capsys, fuse_argv(model_copy, corpus, "--overwrite"), code=130)
+    assert err == "tessera: interrupted\n"
+    assert sorted(p.name for p in model_copy.iterdir()) == before
+    assert sorted(p.name for p in model_copy.parent.iterdir()) == ["mymodel"]
+
+
+def _fake_optimize(calls: list):
+    def optimize(parent, out, budget, cfg, corpus, fresh=False):
+        calls.append((out, fresh))
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bld").mkdir(exist_ok=True)
+        (out / "cost.json").write_text("{}\n")
+        (out / "results.json").write_text("{}\n")
+        (out / "report.md").write_text("# report\n")
+        return {"child_dir": str(out / "child")}
+
+    return optimize
+
+
+def test_optimize_resumes_its_own_run_and_overwrite_clears_the_rest(monkeypatch, model_copy, tmp_path, capsys):
+    import tessera.search.pipeline
+
+    calls: list = []
+    monkeypatch.setattr(tessera.search.pipeline, "optimize", _fake_optimize(calls))
+    run = tmp_path / "run"
+    (run / "bld").mkdir(parents=True)  # an interrupted run: the cost table and some distilled blocks
+    (run / "cost.json").write_text("{}\n")
+    assert run_cli(capsys, "optimize", "--out", str(run))[0] == 0 and len(calls) == 1
+    code, _, err = run_cli(capsys, "optimize", "--out", str(model_copy), "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in model_copy.iterdir()) == ["bld", "cost.json", "report.md", "results.json"]
+
+
+def test_fresh_reaches_the_pipeline(monkeypatch, tmp_path, capsys):
+    """--fresh is the pipeline's `fresh` (it deletes the stored blocks: tests/test_bld_store.py)."""
+    import tessera.search.pipeline
+
+    calls: list = []
+    monkeypatch.setattr(tessera.search.pipeline, "optimize", _fake_optimize(calls))
+    assert run_cli(capsys, "optimize", "--out", str(tmp_path / "run"))[0] == 0
+    assert run_cli(capsys, "optimize", "--out", str(tmp_path / "run"), "--fresh")[0] == 0
+    assert [fresh for _, fresh in calls] == [False, True]
+
+
+# 3. Numeric flags: each has a range, checked by argparse.
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["optimize", "--bld-steps", "0"], "--bld-steps"),
+        (["optimize", "--gkd-steps", "-1"], "--gkd-steps"),
+        (["optimize", "--target-speedup", "nan"], "--target-speedup"),
+        (["optimize", "--target-speedup", "0.5"], "--target-speedup"),
+        (["optimize", "--max-latency-ms", "-3"], "--max-latency-ms"),
+        (["optimize", "--max-memory-mib", "inf"], "--max-memory-mib"),
+        (["optimize", "--min-throughput", "0"], "--min-throughput"),
+        (["optimize", "--max-kv-heads", "0"], "--max-kv-heads"),
+        (["optimize", "--pareto", "1.25,abc"], "--pareto"),
+        (["optimize", "--pareto", "nan"], "--pareto"),
+        (["optimize", "--batch", "0"], "--batch"),
+        (["calibrate", "--model", str(PARENT_DIR), "--validate", "-1"], "--validate"),
+        (["calibrate", "--model", str(PARENT_DIR), "--prompt-len", "0"], "--prompt-len"),
+        (["fuse", "--model", str(PARENT_DIR), "--out", "x", "--eval-windows", "0"], "--eval-windows"),
+        (["fuse", "--model", str(PARENT_DIR), "--out", "x", "--threshold", "nan"], "--threshold"),
+        (["fuse", "--model", str(PARENT_DIR), "--out", "x", "--threshold", "-0.1"], "--threshold"),
+        (["fuse", "--model", str(PARENT_DIR), "--out", "x", "--heal-steps", "-1"], "--heal-steps"),
+        (["fuse", "--model", str(PARENT_DIR), "--out", "x", "--block-threshold", "inf"], "--block-threshold"),
+        (["serve", "--port", "70000"], "--port"),
+        (["serve", "--port", "0"], "--port"),
+        (["serve", "--max-batch", "0"], "--max-batch"),
+        (["serve", "--kv-cache-gib", "nan"], "--kv-cache-gib"),
+        (["serve", "--graceful-timeout", "-1"], "--graceful-timeout"),
+        (["serve", "--max-model-len", "0"], "--max-model-len"),
+        (["generate", "--model", str(PARENT_DIR), "--prompt", "x", "--temperature", "nan"], "--temperature"),
+        (["generate", "--model", str(PARENT_DIR), "--prompt", "x", "--top-p", "inf"], "--top-p"),
+        (["generate", "--model", str(PARENT_DIR), "--prompt", "x", "--top-p", "0"], "--top-p"),
+        (["generate", "--model", str(PARENT_DIR), "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["search", "solve", "--library", "x.json", "--solutions", "0"], "--solutions"),
+        (["demo-parent", "train", "--steps", "0"], "--steps"),
+    ],
+)
+def test_numeric_flags_are_range_checked(no_work, capsys, argv, flag) -> None:
+    line = argparse_error(capsys, argv)
+    assert line.startswith(f"tessera {argv[0]}") and f"error: argument {flag}" in line, line
+
+
+def test_every_numeric_flag_has_a_range() -> None:
+    """A new int/float flag without a checked range fails here (argparse's bare int/float take nan, -1, 70000)."""
+
+    def parsers(p: argparse.ArgumentParser):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    bare = [
+        f"{p.prog} {'/'.join(a.option_strings)}"
+        for p in parsers(build_parser())
+        for a in p._actions
+        if a.type in (int, float)
+    ]
+    assert bare == []
+
+
+def test_seed_outside_what_torch_takes(no_work, capsys) -> None:
+    line = argparse_error(capsys, ["generate", "--model", str(PARENT_DIR), "--prompt", "x", "--seed", str(2**70)])
+    assert "argument --seed: must be in [-9223372036854775808, 18446744073709551615]" in line
+
+
+# 4. Ctrl-C.
+
+
+def test_interrupted_optimize_says_how_to_resume(monkeypatch, tmp_path, capsys) -> None:
+    import tessera.search.pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tessera.search.pipeline, "optimize", interrupted)
+    err = one_line_error(capsys, ["optimize", "--out", str(tmp_path / "run")], code=130)
+    assert err.startswith("tessera: interrupted") and "resume" in err and str(tmp_path / "run") in err
+
+
+def test_interrupted_generate_is_one_line(monkeypatch, capsys) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_generator", interrupted)
+    err = one_line_error(capsys, ["generate", "--model", str(PARENT_DIR), "--prompt", "x"], code=130)
+    assert err == "tessera: interrupted\n"
+
+
+# 5. Text that is not UTF-8 (argv arrives with surrogate escapes).
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--stop"])
+def test_text_that_is_not_utf8(no_work, capsys, flag) -> None:
+    argv = ["generate", "--model", "/nonexistent", "--prompt", "x", flag, "ab\udcff"]
+    line = argparse_error(capsys, argv)
+    assert f"argument {flag}: not valid UTF-8" in line and "0xff" in line
+
+
+# 6. Corpus errors.
+
+
+@pytest.mark.parametrize("command", ["optimize", "fuse"])
+def test_missing_corpus_is_found_first_and_not_told_to_rebuild_the_demo(no_work, tmp_path, capsys, command) -> None:
+    (tmp_path / "corpus").mkdir()
+    argv = [command, "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "out")]
+    argv += ["--model", str(PARENT_DIR)] if command == "fuse" else []
+    err = one_line_error(capsys, argv)
+    assert str(tmp_path / "corpus" / "train.txt.xz") in err and "validation.txt.xz" in err
+    assert "demo-parent corpus" not in err and err.count(str(tmp_path)) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_corpus_that_is_not_xz_text(no_work, tmp_path, capsys) -> None:
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.txt.xz").write_bytes(b"not xz")
+    with pytest.raises(ValueError, match=r"train\.txt\.xz: not xz-compressed"):
+        read_corpus("train", tmp_path)
+
+
+def test_ctrl_c_in_a_real_process(tmp_path) -> None:
+    """SIGINT to the console script mid-run (optimize, loading the parent): one line, exit status 130."""
+    exe = Path(sys.executable).parent / "tessera"
+    out = tmp_path / "run"
+    # A shell's background jobs start with SIGINT ignored, and the child would inherit that: restore the default.
+    proc = subprocess.Popen(
+        [str(exe), "optimize", "--out", str(out), "--bld-steps", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert (
+        err.splitlines()[-1]
+        == f"tessera: interrupted; rerun the same command to resume (the blocks distilled so far are kept in {out}/bld)"
+    )
