@@ -81,7 +81,7 @@ class Completion:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     file = Path(path) / "tokenizer.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no tokenizer.json (a Hugging Face fast tokenizer is needed for text)")
+        raise FileNotFoundError(f"{file}: no such file (a Hugging Face fast tokenizer is needed for text)")
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # the Rust parser's error (a bad JSON or an unknown model type) has no file name

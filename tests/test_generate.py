@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.runtime.generate import Generator
 from tessera.runtime.model import Model
-from tessera.runtime.sampling import ContextLengthError, SamplingParams, TextStream, sample
+from tessera.runtime.sampling import ContextLengthError, SamplingParams, TextStream, load_tokenizer, sample
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b", "hello world"] * 20
 
@@ -238,3 +238,14 @@ def test_text_stream_cuts_at_the_first_stop_string(tokenizer: Tokenizer, stop: s
         if stopped:
             break
     assert stopped and text == whole[: whole.index(stop)]
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"model": {"type": "NoSuchModel"}}', ""])
+def test_a_corrupt_tokenizer_file_is_named(tmp_path, content: str) -> None:
+    """The tokenizers library's own error names no file; ours names it, in one line (CLI exit 2)."""
+    (tmp_path / "tokenizer.json").write_text(content)
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/tokenizer.json: not a Hugging Face tokenizer file \("):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer.json: no such file \("):
+        load_tokenizer(tmp_path)
