@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+from tessera.devices import dtype_name
 from tessera.runtime.model import Model
 from tessera.search.fusion import FusionGroup, fuse
 
@@ -69,7 +70,7 @@ def run(device: torch.device) -> dict:
             f"Super-49B layers {SUPER_49B_FIRST_LAYER}-{SUPER_49B_FIRST_LAYER + len(widths) - 1} "
             f"(attention-free run), hidden {hidden}" + ("" if on_gpu else ", widths / 8")
         ),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "widths": widths,
         "fused_width": sum(widths[:-1]),
         "sequential_depth": {"unfused": len(widths), "fused": 2},

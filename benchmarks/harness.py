@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from tessera.devices import device_name, median_ms
 from tessera.files import atomic_write_text
-from tessera.search.cost import median_ms
 
 # A run writes under runs/bench/ of the checkout (git-ignored) unless told otherwise (`tessera bench --results DIR`,
 # or TESSERA_BENCH_RESULTS for `make bench`): benchmarks/results/ holds the committed runs the README cites, and a
@@ -33,21 +33,6 @@ DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "runs" / "bench"
 
 def results_dir() -> Path:
     return Path(os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS)
-
-
-def device_name(device: torch.device | str = "cpu") -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def commit() -> str:
@@ -203,5 +188,5 @@ def kernel_table(rows: list[dict]) -> str:
 
 def results_name(device: torch.device, suite: str) -> str:
     """<device>_<suite>: e.g. nvidia-h200_kernels_ffn, cpu_kernels_ffn."""
-    slug = "cpu" if device.type != "cuda" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    slug = "cpu" if device.type != "cuda" else device_name(device).lower().replace(" ", "-")
     return f"{slug}_{suite}"

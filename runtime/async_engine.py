@@ -4,13 +4,14 @@ As in vLLM v1 (its EngineCore process), the engine steps in its own process, so 
 JSON and SSE work and the engine's Python never wait on each other's GIL. With `data_parallel_size` > 1
 (CPU), several engines each serve a share of the requests, each on its own core(s): a CPU decode step of a
 small model is bound by one core's memory bandwidth and by Python, and a second engine on the second core
-adds more than a second torch thread in the same engine does (README, Serving, has the measurements).
+adds more than a second torch thread in the same engine does (docs/serving.md has the measurements).
 
-Requests go to the engine with the fewest in flight. Messages travel through pipes: the server sends
-("add", id, prompt, params), ("abort", id) and ("shutdown",); each engine answers every step with
-("step", outputs, load). A reader thread per engine hands a whole step's outputs to the event loop in one
-call, and a `RequestStream` merges the outputs its consumer has not taken yet into one (as vLLM's
-RequestOutputCollector does), so a slow client gets bigger SSE chunks instead of a growing queue.
+Requests go to the engine with the fewest in flight. Messages travel through pipes as the small dataclasses
+below: the server sends `Add` (a request checked already, which the engine trusts), `Abort` and `Shutdown`;
+an engine answers `Ready` or `Failed` once, then a `Step` (outputs and load) every step, and `Stopped`. A
+reader thread per engine hands a whole step's outputs to the event loop in one call, and a `RequestStream`
+merges the outputs its consumer has not taken yet into one (as vLLM's RequestOutputCollector does), so a
+slow client gets bigger SSE chunks instead of a growing queue.
 
 An engine process ignores SIGINT and SIGTERM: the server's process decides when it stops (Ctrl-C reaches
 the whole process group) and then sends "shutdown"; if the server's process dies, the engine sees its
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import multiprocessing
 import queue
 import signal
@@ -31,8 +31,8 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from tessera.runtime.engine import Engine, EngineConfig, EngineLimits, RequestOutput
-from tessera.runtime.sampling import SamplingParams, load_tokenizer
+from tessera.runtime.engine import Engine, EngineConfig, EngineLimits, EngineRequest, RequestOutput
+from tessera.runtime.sampling import PromptEncoder, SamplingParams, load_tokenizer
 
 START_TIMEOUT_S = 600.0  # loading a large checkpoint and capturing CUDA graphs takes a while
 
@@ -53,7 +53,8 @@ class EngineSpec:
     threads: int | None = None  # CPU: torch threads of this engine (None: torch's default)
 
     def build(self) -> Engine:
-        from tessera.runtime.loader import load_model, parse_dtype
+        from tessera.devices import parse_dtype
+        from tessera.runtime.loader import load_model
 
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -70,6 +71,49 @@ class EngineLoad:
     reserved_pages: int = 0
 
 
+# ---- messages: server -> engine process
+
+
+@dataclass(frozen=True)
+class Add:
+    request: EngineRequest
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# ---- messages: engine process -> server
+
+
+@dataclass(frozen=True)
+class Ready:
+    limits: EngineLimits
+    info: dict
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: str  # why the engine could not start
+
+
+@dataclass(frozen=True)
+class Step:
+    outputs: list[RequestOutput]
+    load: EngineLoad
+
+
+@dataclass(frozen=True)
+class Stopped:
+    pass
+
+
 def _load(engine: Engine) -> EngineLoad:
     return EngineLoad(len(engine.running), len(engine.waiting), engine.cache.usable_pages - engine.cache.free_pages)
 
@@ -81,9 +125,9 @@ def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection) -> 
     try:
         engine = spec.build()
     except Exception as e:  # reported to the server, which raises it where it started this engine
-        outbox.send(("failed", f"{type(e).__name__}: {e}"))
+        outbox.send(Failed(f"{type(e).__name__}: {e}"))
         return
-    outbox.send(("ready", engine.limits, engine.info()))
+    outbox.send(Ready(engine.limits, engine.info()))
     with contextlib.suppress(EOFError, OSError):  # the server's end closed: nobody to serve
         while True:
             if not engine.has_work():
@@ -91,24 +135,23 @@ def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection) -> 
             outputs: list[RequestOutput] = []
             while inbox.poll():
                 message = inbox.recv()
-                if message[0] == "add":
-                    _, request_id, prompt, params = message
+                if isinstance(message, Add):
                     try:
-                        engine.add_request(prompt, params, request_id)
-                    except ValueError as e:  # checked by the server already; never leave a caller hanging
-                        outputs.append(RequestOutput(request_id, [], "", len(prompt), 0, True, "error", str(e)))
-                elif message[0] == "abort":
-                    engine.abort(message[1])
-                elif message[0] == "shutdown":
-                    outbox.send(("step", outputs + engine.abort_all(), _load(engine)))
-                    outbox.send(("stopped",))
+                        engine.add(message.request)
+                    except ValueError as e:  # a request id in use twice: never leave a caller hanging
+                        outputs.append(RequestOutput.failure(message.request.request_id, str(e)))
+                elif isinstance(message, Abort):
+                    engine.abort(message.request_id)
+                elif isinstance(message, Shutdown):
+                    outbox.send(Step(outputs + engine.abort_all(), _load(engine)))
+                    outbox.send(Stopped())
                     return
             if engine.has_work():
                 try:
                     outputs += engine.step()
                 except Exception as e:  # a failed step fails the requests in it, not the engine nor those waiting
                     outputs += engine.fail_step(f"{type(e).__name__}: {e}")
-            outbox.send(("step", outputs, _load(engine)))
+            outbox.send(Step(outputs, _load(engine)))
 
 
 class RequestStream:
@@ -138,7 +181,7 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             if self.handle.streams.pop(self.request_id, None) is not None:
-                self.handle.send(("abort", self.request_id))
+                self.handle.send(Abort(self.request_id))
 
 
 class _EngineHandle:
@@ -184,9 +227,9 @@ class _EngineHandle:
             raise EngineProcessError(
                 f"engine process {self.rank} exited while starting (exit code {self.process.exitcode})"
             ) from None
-        if message[0] == "failed":
-            raise EngineProcessError(f"engine process {self.rank} failed to start: {message[1]}")
-        return message[1], message[2]
+        if isinstance(message, Failed):
+            raise EngineProcessError(f"engine process {self.rank} failed to start: {message.error}")
+        return message.limits, message.info
 
     def close(self, timeout: float) -> None:
         self._sends.put(None)
@@ -199,9 +242,10 @@ class _EngineHandle:
 class AsyncEngine:
     """`data_parallel_size` engine processes for asyncio callers (the HTTP server).
 
-    `submit` validates a request here (`limits`, from the engines), routes it to the engine with the fewest
-    requests in flight, and returns its `RequestStream`. The tokenizer is loaded here too: the server encodes
-    prompts and renders chat templates in its own process.
+    A request is read and checked here, once, in the server's process: `encode` (the prompt, through the
+    tokenizer loaded here too), then `admit` (its parameters against the engines' limits). `submit` routes the
+    checked request to the engine with the fewest requests in flight, which trusts it, and returns its
+    `RequestStream`.
     """
 
     def __init__(self, spec: EngineSpec, data_parallel_size: int = 1) -> None:
@@ -210,10 +254,10 @@ class AsyncEngine:
         if data_parallel_size > 1 and torch.device(spec.device).type != "cpu":
             raise ValueError("data_parallel_size > 1 is for CPU serving: one engine per GPU, and a server drives one")
         self.spec, self.data_parallel_size = spec, data_parallel_size
-        self.tokenizer = load_tokenizer(spec.model_dir)
+        self.tokenizer = load_tokenizer(spec.model_dir)  # for the chat template's special tokens too
+        self.encoder: PromptEncoder | None = None
         self._handles: list[_EngineHandle] = []
         self._readers: list[threading.Thread] = []
-        self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.limits: EngineLimits | None = None
@@ -232,6 +276,7 @@ class AsyncEngine:
                 h.close(5)
             raise
         self.limits, self.info = ready[0]
+        self.encoder = PromptEncoder(self.tokenizer, self.limits.vocab_size, self.limits.max_model_len)
         for h in self._handles:
             reader = threading.Thread(target=self._read, args=(h,), name=f"tessera-engine-{h.rank}-reader", daemon=True)
             reader.start()
@@ -242,7 +287,7 @@ class AsyncEngine:
         """Stop the engines; requests still in flight finish with reason "abort"."""
         self._stopping = True
         for h in self._handles:
-            h.send(("shutdown",))
+            h.send(Shutdown())
         for h in self._handles:
             h.close(timeout)
         for reader in self._readers:
@@ -279,19 +324,34 @@ class AsyncEngine:
 
     # ---- requests
 
-    def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
-        """Queue a request (from the event loop's thread); validation errors raise here, before anything is
-        queued."""
+    @property
+    def max_model_len(self) -> int:
+        return self.limits.max_model_len
+
+    @property
+    def max_batch(self) -> int:
+        """Requests running at once, all engines together."""
+        return self.limits.max_batch * len(self._handles)
+
+    def encode(self, prompt: str | list[int], what: str = "the prompt") -> list[int]:
+        """A prompt's checked token ids (PromptEncoder). Thread-safe: the server tokenises in worker threads."""
+        return self.encoder(prompt, what)
+
+    def admit(self, request_id: str, prompt: list[int], params: SamplingParams, exact_length: bool = False
+              ) -> EngineRequest:  # fmt: skip
+        """A request checked against the engines' limits (EngineLimits.admit), ready to `submit`."""
+        return self.limits.admit(request_id, prompt, params, exact_length)
+
+    def submit(self, request: EngineRequest) -> RequestStream:
+        """Queue a checked request (from the event loop's thread) on the engine with the fewest in flight."""
         alive = [h for h in self._handles if h.alive]
         if self._stopping or not alive:
             raise RuntimeError("the engine is shutting down" if self._stopping else "no engine process is running")
-        self.limits.check(prompt, params)
         self._loop = asyncio.get_running_loop()
-        request_id = request_id or f"req-{next(self._ids)}"
         handle = min(alive, key=lambda h: len(h.streams))
-        stream = handle.streams[request_id] = RequestStream(handle, request_id)
+        stream = handle.streams[request.request_id] = RequestStream(handle, request.request_id)
         handle.submitted += 1
-        handle.send(("add", request_id, prompt, params))
+        handle.send(Add(request))
         return stream
 
     def _read(self, handle: _EngineHandle) -> None:
@@ -301,11 +361,11 @@ class AsyncEngine:
                 message = handle.outbox.recv()
             except (EOFError, OSError):
                 break
-            if message[0] == "stopped":
+            if isinstance(message, Stopped):
                 break
-            _, outputs, handle.load = message
-            if outputs:
-                self._call(self._deliver, handle, outputs)
+            handle.load = message.load
+            if message.outputs:
+                self._call(self._deliver, handle, message.outputs)
         if not self._stopping:
             handle.alive = False  # new requests go to the other engines from now on
             handle.process.join(5)
@@ -329,4 +389,4 @@ class AsyncEngine:
         """An engine process died: its requests fail, and it runs nothing any more."""
         handle.load = EngineLoad()
         message = f"engine process {handle.rank} exited (exit code {exitcode})"
-        self._deliver(handle, [RequestOutput(rid, [], "", 0, 0, True, "error", message) for rid in handle.streams])
+        self._deliver(handle, [RequestOutput.failure(rid, message) for rid in handle.streams])

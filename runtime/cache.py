@@ -7,8 +7,8 @@ with 8 holds: never padded to the maximum (the bug vLLM's early nemotron-nas sup
 The cache owns its layout; attention sees it only through the pages and the block tables of a step
 (kernels.PagedAttentionMetadata). On the GPU pages are 16 tokens. On the CPU a request gets one page of a
 whole context when the pool has one for every batch slot (`page_size_for`): its K/V then lie in one stretch of
-each layer's pool, and the plain-torch attention reads them in place instead of gathering pages (README,
-Serving, has the step times of both).
+each layer's pool, and the plain-torch attention reads them in place instead of gathering pages
+(docs/serving.md has the step times of both).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import heapq
 import torch
 
 from tessera.config import ArchConfig
+from tessera.devices import dtype_name
 
 PAGE_SIZE = 16  # tokens per page, unless the CPU gives a request a whole context (page_size_for)
 
@@ -60,7 +61,7 @@ class PagedKVCache:
 
     @staticmethod
     def page_bytes(arch: ArchConfig, page_size: int, dtype: torch.dtype) -> int:
-        return page_size * arch.kv_bytes_per_token(str(dtype).removeprefix("torch."))
+        return page_size * arch.kv_bytes_per_token(dtype_name(dtype))
 
     @staticmethod
     def page_size_for(

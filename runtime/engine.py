@@ -40,9 +40,10 @@ import torch
 from tokenizers import Tokenizer
 
 from tessera import kernels
+from tessera.devices import dtype_name
 from tessera.runtime.cache import PAGE_SIZE, PagedKVCache
 from tessera.runtime.model import Batch, Model
-from tessera.runtime.sampling import Completion, SamplingParams, TextStream, check_prompt, encode_prompt, sample
+from tessera.runtime.sampling import Completion, ContextLengthError, PromptEncoder, SamplingParams, TextStream, sample
 
 
 def free_memory_share(device: torch.device) -> int:
@@ -77,7 +78,8 @@ class EngineConfig:
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request: the new tokens and text, and whether it has finished."""
+    """What one step produced for one request: the new tokens and text, and whether it has finished. Built by
+    the named constructors below."""
 
     request_id: str
     token_ids: list[int]
@@ -88,11 +90,38 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort", "error"
     error: str | None = None
 
+    @classmethod
+    def progress(cls, request_id: str, token_ids: list[int], text: str, prompt_tokens: int,
+                 completion_tokens: int) -> RequestOutput:  # fmt: skip
+        """New tokens of a request that goes on."""
+        return cls(request_id, token_ids, text, prompt_tokens, completion_tokens)
+
+    @classmethod
+    def final(cls, request_id: str, reason: str, token_ids: list[int], text: str, prompt_tokens: int,
+              completion_tokens: int, error: str | None = None) -> RequestOutput:  # fmt: skip
+        """The last output of a request: it finished for `reason` ("stop", "length", "abort" or "error")."""
+        return cls(request_id, token_ids, text, prompt_tokens, completion_tokens, True, reason, error)
+
+    @classmethod
+    def failure(cls, request_id: str, error: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> RequestOutput:
+        """A request ended by an error outside its engine's step (its engine process died, say)."""
+        return cls.final(request_id, "error", [], "", prompt_tokens, completion_tokens, error)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request checked against an engine's limits (`EngineLimits.admit`): what an engine takes, and trusts."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    budget: int  # tokens it may generate: max_new_tokens, or less where the context ends first
+
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """What an engine can take: enough to validate a request where the engine is not (the HTTP server's
-    process checks requests before handing them to an engine process)."""
+    """What an engine can take: enough to check a request where the engine is not (the HTTP server's process
+    checks requests before handing them to an engine process, which trusts them)."""
 
     vocab_size: int
     max_model_len: int
@@ -104,13 +133,22 @@ class EngineLimits:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
-    def check(self, prompt: list[int], params: SamplingParams) -> int:
-        """Validate a request; returns how many tokens it may generate. Raises ContextLengthError,
-        CapacityError or ValueError with a message meant for the client."""
-        check_prompt(prompt, self.vocab_size, self.max_model_len, "the prompt", "max_model_len")
+    def admit(self, request_id: str, prompt: list[int], params: SamplingParams, exact_length: bool = False
+              ) -> EngineRequest:  # fmt: skip
+        """Check a request whose prompt a `PromptEncoder` of this context has read: how many tokens it may
+        generate, and whether the pool can ever hold it. A `max_new_tokens` past the context is cut to the
+        context, or refused with `exact_length` (an API client asked for exactly that many). Raises
+        ContextLengthError, CapacityError or ValueError with a message meant for the client."""
         if params.stop and not self.has_tokenizer:
             raise ValueError("stop strings need a tokenizer")
-        budget = min(params.max_new_tokens, self.max_model_len - len(prompt))
+        room = self.max_model_len - len(prompt)  # >= 1: the encoder checked the prompt
+        asked = params.max_new_tokens
+        if exact_length and asked is not None and asked > room:
+            raise ContextLengthError(
+                f"this model's context is {self.max_model_len} tokens; the prompt has {len(prompt)} and "
+                f"{asked} more were asked for ({len(prompt) + asked} in all)"
+            )
+        budget = room if asked is None else min(asked, room)
         pages = self.pages_for(len(prompt) + budget - 1)
         if pages > self.usable_pages:
             raise CapacityError(
@@ -118,16 +156,16 @@ class EngineLimits:
                 f"{self.page_size} per page) but the whole pool holds {self.usable_pages}; raise the "
                 "KV-cache budget or ask for fewer tokens"
             )
-        return budget
+        return EngineRequest(request_id, list(prompt), params, budget)
 
 
 class _Request:
     """Engine-side state of one request."""
 
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, budget: int, stream: TextStream):
-        self.id, self.params, self.budget, self.stream = request_id, params, budget, stream
-        self.tokens = list(prompt)  # prompt + generated; tokens[:computed] have their K/V in the cache
-        self.prompt_len = len(prompt)
+    def __init__(self, request: EngineRequest, stream: TextStream) -> None:
+        self.id, self.params, self.budget, self.stream = request.request_id, request.params, request.budget, stream
+        self.tokens = list(request.prompt)  # prompt + generated; tokens[:computed] have their K/V in the cache
+        self.prompt_len = len(request.prompt)
         self.computed = 0
         self.sampled = 0  # tokens sampled, an EOS included
         self.pages: list[int] = []
@@ -246,6 +284,7 @@ class Engine:
         self.cache = PagedKVCache(arch, pages + 1, page, self.device, self.dtype)  # + the scratch page
         self.limits = EngineLimits(arch.vocab_size, self.max_model_len, page, self.cache.usable_pages,
                                    tokenizer is not None, config.max_batch)  # fmt: skip
+        self.encoder = PromptEncoder(tokenizer, arch.vocab_size, self.max_model_len)
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.stepping: list[_Request] = []  # the requests of the step in progress (fail_step ends them)
@@ -255,34 +294,40 @@ class Engine:
         # The plain-torch references read lengths on the host: a forced torch backend is not capturable.
         if config.cuda_graphs and self.device.type == "cuda" and kernels.forced_backend() != "torch":
             with torch.inference_mode():
-                self.graphs = DecodeGraphs(model, self.cache, config.max_batch, self.max_pages_per_request, True)
+                self.graphs = DecodeGraphs(
+                    model, self.cache, config.max_batch, self.max_pages_per_request, capture=True
+                )
 
     # ---- requests ----------------------------------------------------------------------------------
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
+    def encode(self, prompt: str | list[int], what: str = "the prompt") -> list[int]:
+        """A prompt's token ids, checked against the vocabulary and this engine's context."""
+        return self.encoder(prompt, what)
 
-    def check(self, prompt: list[int], params: SamplingParams) -> int:
-        return self.limits.check(prompt, params)
+    def admit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> EngineRequest:
+        """An encoded prompt with its parameters, checked against this engine's limits (a fresh id if none)."""
+        return self.limits.admit(request_id or f"req-{next(self._ids)}", prompt, params)
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
     ) -> str:  # fmt: skip
-        tokens = self.encode(prompt)
-        budget = self.check(tokens, params)
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        req = _Request(request_id, tokens, params, budget, TextStream(self.tokenizer, params.stop))
-        if params.temperature > 0:
+        """Encode, check and queue a request; returns its id."""
+        return self.add(self.admit(self.encode(prompt), params, request_id))
+
+    def add(self, request: EngineRequest) -> str:
+        """Queue a request checked already (`admit`, here or in the server's process)."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        req = _Request(request, TextStream(self.tokenizer, request.params.stop))
+        if request.params.temperature > 0:
             req.generator = torch.Generator(device=self.device)
-            if params.seed is None:
+            if request.params.seed is None:
                 req.generator.seed()
             else:
-                req.generator.manual_seed(params.seed)
-        self._requests[request_id] = req
+                req.generator.manual_seed(request.params.seed)
+        self._requests[req.id] = req
         self.waiting.append(req)
-        return request_id
+        return req.id
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Drop a request now, freeing its pages; returns its final output (None if it is unknown/finished)."""
@@ -308,7 +353,7 @@ class Engine:
 
     def info(self) -> dict:
         """What this engine runs on, for the server's start-up line."""
-        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+        return {"device": str(self.device), "dtype": dtype_name(self.dtype),
                 "threads": torch.get_num_threads(), "max_model_len": self.max_model_len,
                 "pages": self.cache.usable_pages, "page_size": self.cache.page_size,
                 "kv_mib": self.cache.nbytes() / 2**20, "cuda_graphs": self.graphs is not None}  # fmt: skip
@@ -443,7 +488,7 @@ class Engine:
             self.running.remove(req)
             reason = "stop" if stopped else "length"
             return self._finish(req, reason, [token], text + ("" if stopped else req.stream.flush()))
-        return RequestOutput(req.id, [token], text, req.prompt_len, req.sampled)
+        return RequestOutput.progress(req.id, [token], text, req.prompt_len, req.sampled)
 
     def _finish(
         self, req: _Request, reason: str, token_ids: list[int], text: str, error: str | None = None
@@ -452,18 +497,21 @@ class Engine:
         self.cache.release(req.pages)
         req.pages = []
         del self._requests[req.id]
-        return RequestOutput(req.id, token_ids, text, req.prompt_len, req.sampled, True, reason, error)
+        return RequestOutput.final(req.id, reason, token_ids, text, req.prompt_len, req.sampled, error)
 
     # ---- offline use -------------------------------------------------------------------------------
 
     def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams) -> list[Completion]:
         """Serve a list of prompts to completion (all submitted at once) and return them in order."""
-        ids, completions = [], {}
-        for prompt in prompts:
-            tokens = self.encode(prompt)
-            request_id = self.add_request(tokens, params)
-            ids.append(request_id)
-            completions[request_id] = Completion(tokens, text="" if self.tokenizer is not None else None)
+        return self.run([self.admit(self.encode(p, f"prompt {i}"), params) for i, p in enumerate(prompts)])
+
+    def run(self, requests: list[EngineRequest]) -> list[Completion]:
+        """Serve checked requests to completion (all queued at once); their completions in order. A request
+        that fails raises (offline, a failure is a bug to see, not an output)."""
+        completions = {}
+        for request in requests:
+            self.add(request)
+            completions[request.request_id] = Completion(request.prompt, text="" if self.tokenizer else None)
         while self.has_work():
             for out in self.step():
                 c = completions[out.request_id]
@@ -474,4 +522,4 @@ class Engine:
                     raise RuntimeError(f"{out.request_id}: {out.error}")
                 if out.finished:
                     c.finish_reason = out.finish_reason
-        return [completions[i] for i in ids]
+        return [completions[r.request_id] for r in requests]

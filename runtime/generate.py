@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.model import Model
-from tessera.runtime.sampling import Completion, SamplingParams, check_prompt, encode_prompt
+from tessera.runtime.sampling import Completion, PromptEncoder, SamplingParams
 
 MAX_BATCH = 256  # requests decoded together; more prompts wait their turn in the engine
 
@@ -25,22 +25,22 @@ class Generator:
 
     def __init__(self, model: Model, tokenizer: Tokenizer | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
+        context = model.arch.max_position_embeddings
+        self.encoder = PromptEncoder(tokenizer, model.arch.vocab_size, context, "max_position_embeddings")
         self.engine: Engine | None = None
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:
         """Serve every prompt to completion (all submitted at once); completions in the prompts' order."""
         if not prompts:
             return []
-        arch = self.model.arch
-        context = arch.max_position_embeddings
-        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
-        for i, tokens in enumerate(encoded):
-            check_prompt(tokens, arch.vocab_size, context, f"prompt {i}", "max_position_embeddings")
+        context = self.model.arch.max_position_embeddings
+        encoded = [self.encoder(p, f"prompt {i}") for i, p in enumerate(prompts)]
         batch = min(len(encoded), MAX_BATCH)
-        length = min(context, max(len(t) for t in encoded) + params.max_new_tokens)
+        wanted = context if params.max_new_tokens is None else max(map(len, encoded)) + params.max_new_tokens
+        length = min(context, wanted)
         if self.engine is None or self.engine.config.max_batch < batch or self.engine.max_model_len < length:
             if self.engine is not None:  # grow, never shrink: alternating calls do not rebuild each time
                 batch, length = max(batch, self.engine.config.max_batch), max(length, self.engine.max_model_len)
                 self.engine = None  # the old pool is freed before the new one is allocated
             self.engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=batch, max_model_len=length))
-        return self.engine.generate(encoded, params)
+        return self.engine.run([self.engine.admit(tokens, params) for tokens in encoded])

@@ -3,10 +3,11 @@
 Weights keep Hugging Face names on disk (`model.layers.{i}.self_attn.q_proj.weight`, ...,
 `self_attn.linear_attn.weight`, `mlp.linear_mlp.weight`) so a tessera child loads in vLLM or transformers
 and a Hugging Face parent loads here. At load, q/k/v and gate/up are packed into one matrix each; at
-save they are split back. Every name, shape and file is checked before anything is built: a missing,
-extra or mis-shaped tensor is a one-line `CheckpointError` naming the file and tensor. So are a malformed
-shard index, 8-bit float tensors beside wider ones (a quantised checkpoint whose scales tessera does not read)
-and NaN or inf values (one cheap reduction per tensor as it is read).
+save they are split back; names, shapes and packing come from the table in runtime/weights.py. Every
+name, shape and file is checked before anything is built: a missing, extra or mis-shaped tensor is a
+one-line `CheckpointError` naming the file and tensor. So are a malformed shard index, 8-bit float tensors
+beside wider ones (a quantised checkpoint whose scales tessera does not read) and NaN or inf values (one
+cheap reduction per tensor as it is read).
 
 Saves are atomic (STYLE 15): `save_model` writes a whole checkpoint into a directory beside the target and
 swaps it in with renames, so a full disk or a crash mid-save never loses the old checkpoint.
@@ -26,12 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tessera.config import ArchConfig, ConfigError, dtype_bytes, json_excerpt, read_json
+from tessera.devices import dtype_name
 from tessera.files import replaced_folder
-from tessera.runtime.model import GQAAttention, Model, SwiGLU
+from tessera.runtime.model import Model
+from tessera.runtime.weights import LM_HEAD, hf_weight_shapes, pack_model, unpack_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 _INDEX = "model.safetensors.index.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # safetensors header dtype -> torch dtype, for checking dtypes from headers before any tensor is read.
 _STORED_DTYPES = {
     "F64": torch.float64,
@@ -51,43 +53,6 @@ _STORED_DTYPES = {
 
 class CheckpointError(ValueError):
     """A checkpoint whose files or tensors do not match its config.json; the message names which."""
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def hf_weight_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of this architecture holds, by Hugging Face name."""
-    h, q_dim = arch.hidden_size, arch.n_heads * arch.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
-    if not arch.tie_embeddings:
-        shapes["lm_head.weight"] = (arch.vocab_size, h)
-    for i, block in enumerate(arch.blocks):
-        p = f"model.layers.{i}."
-        att, ffn = block.attention, block.ffn
-        if att.kind != "none":
-            shapes[p + "input_layernorm.weight"] = (h,)
-        if att.kind == "gqa":
-            kv_dim = att.n_kv_heads * arch.head_dim
-            shapes[p + "self_attn.q_proj.weight"] = (q_dim, h)
-            shapes[p + "self_attn.k_proj.weight"] = (kv_dim, h)
-            shapes[p + "self_attn.v_proj.weight"] = (kv_dim, h)
-            shapes[p + "self_attn.o_proj.weight"] = (h, q_dim)
-        elif att.kind == "linear":
-            shapes[p + "self_attn.linear_attn.weight"] = (h, h)
-        if ffn.kind != "none":
-            shapes[p + "post_attention_layernorm.weight"] = (h,)
-        if ffn.kind == "swiglu":
-            width = ffn.intermediate_size
-            shapes[p + "mlp.gate_proj.weight"] = (width, h)
-            shapes[p + "mlp.up_proj.weight"] = (width, h)
-            shapes[p + "mlp.down_proj.weight"] = (h, width)
-        elif ffn.kind == "linear":
-            shapes[p + "mlp.linear_mlp.weight"] = (h, h)
-    return shapes
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -126,7 +91,7 @@ def read_hf_tensors(path: str | Path, arch: ArchConfig, dtype: torch.dtype | Non
     files = _weight_files(path)
     expected = hf_weight_shapes(arch)
     if arch.tie_embeddings:
-        files.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+        files.pop(LM_HEAD.hf, None)  # some tied checkpoints store the copy anyway
     files = {n: f for n, f in files.items() if not n.endswith("rotary_emb.inv_freq")}  # old HF buffers
     missing = sorted(set(expected) - set(files))
     if missing:
@@ -211,60 +176,16 @@ def _open_safetensors(file: Path):
 
 
 def load_hf_state(model: Model, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy Hugging Face-named tensors into the model, packing q/k/v and gate/up."""
-    p = "model.layers."
+    """Copy Hugging Face-named tensors into the model, packing q/k/v and gate/up (runtime/weights.py)."""
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        model.embed_tokens.weight.copy_(tensors["model.embed_tokens.weight"])
-        model.norm.weight.copy_(tensors["model.norm.weight"])
-        if model.lm_head is not None:
-            model.lm_head.copy_(tensors["lm_head.weight"])
-        for i, layer in enumerate(model.layers):
-            if layer.input_layernorm is not None:
-                layer.input_layernorm.weight.copy_(tensors[f"{p}{i}.input_layernorm.weight"])
-            if isinstance(layer.self_attn, GQAAttention):
-                a = f"{p}{i}.self_attn."
-                qkv = [tensors[a + f"{n}_proj.weight"] for n in "qkv"]
-                layer.self_attn.w_qkv.copy_(torch.cat(qkv))
-                layer.self_attn.w_o.copy_(tensors[a + "o_proj.weight"])
-            elif layer.self_attn is not None:
-                layer.self_attn.weight.copy_(tensors[f"{p}{i}.self_attn.linear_attn.weight"])
-            if layer.post_attention_layernorm is not None:
-                layer.post_attention_layernorm.weight.copy_(tensors[f"{p}{i}.post_attention_layernorm.weight"])
-            if isinstance(layer.mlp, SwiGLU):
-                m = f"{p}{i}.mlp."
-                layer.mlp.w_gate_up.copy_(torch.cat([tensors[m + "gate_proj.weight"], tensors[m + "up_proj.weight"]]))
-                layer.mlp.w_down.copy_(tensors[m + "down_proj.weight"])
-            elif layer.mlp is not None:
-                layer.mlp.weight.copy_(tensors[f"{p}{i}.mlp.linear_mlp.weight"])
+        for name, t in pack_model(model.arch, tensors):
+            params[name].copy_(t)
 
 
 def hf_state(model: Model) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face names (q/k/v and gate/up split back apart)."""
-    arch = model.arch
-    out = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
-    if model.lm_head is not None:
-        out["lm_head.weight"] = model.lm_head
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        if layer.input_layernorm is not None:
-            out[p + "input_layernorm.weight"] = layer.input_layernorm.weight
-        if isinstance(layer.self_attn, GQAAttention):
-            att = layer.self_attn
-            q_dim, kv_dim = arch.n_heads * arch.head_dim, att.n_kv_heads * arch.head_dim
-            q, k, v = att.w_qkv.split((q_dim, kv_dim, kv_dim))
-            out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k})
-            out.update({p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": att.w_o})
-        elif layer.self_attn is not None:
-            out[p + "self_attn.linear_attn.weight"] = layer.self_attn.weight
-        if layer.post_attention_layernorm is not None:
-            out[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
-        if isinstance(layer.mlp, SwiGLU):
-            gate, up = layer.mlp.w_gate_up.chunk(2)
-            out.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up})
-            out[p + "mlp.down_proj.weight"] = layer.mlp.w_down
-        elif layer.mlp is not None:
-            out[p + "mlp.linear_mlp.weight"] = layer.mlp.weight
-    return out
+    """The model's weights under Hugging Face names (q/k/v and gate/up split back apart), in checkpoint order."""
+    return unpack_model(model.arch, dict(model.named_parameters()))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Model:
@@ -305,13 +226,13 @@ def save_model(
     target = path.resolve() if path.is_symlink() else path  # replace the directory a link names, keep the link
     tensors = {n: t.detach().to(dtype or t.dtype).contiguous().cpu() for n, t in hf_state(model).items()}
     stored = next(iter(tensors.values())).dtype
-    dtype_name = str(stored).removeprefix("torch.")
+    stored_name = dtype_name(stored)
     try:
-        dtype_bytes(dtype_name)  # the dtypes config.json readers (and `tessera info`) accept
+        dtype_bytes(stored_name)  # the dtypes config.json readers (and `tessera info`) accept
     except ConfigError as e:
         raise CheckpointError(f"{path}: cannot save {stored} weights ({e})") from None
     with replaced_folder(target) as tmp:
-        _write_checkpoint(tmp, replace(model.arch, dtype=dtype_name), tensors, max_shard_bytes)
+        _write_checkpoint(tmp, replace(model.arch, dtype=stored_name), tensors, max_shard_bytes)
         if tokenizer_from is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_from) / name

@@ -36,7 +36,7 @@ class SamplingParams:
     """What a request asks for. Checked here, once, for every entry point (CLI, server, Python): a value that
     cannot sample (NaN, inf, a seed the generator refuses) is refused with the field named."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = 64  # None: to the end of the context
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0  # 1: no nucleus cut
@@ -48,9 +48,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "top_k"):
             value = getattr(self, name)
+            if name == "max_new_tokens" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise SamplingError(name, f"expected an integer, got {value!r}")
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise SamplingError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if self.top_k < 0:
             raise SamplingError("top_k", f"must be >= 0, got {self.top_k}")
@@ -99,24 +101,11 @@ def check_text(text: str, what: str) -> None:
         ) from None
 
 
-def encode_prompt(tokenizer: Tokenizer | None, prompt: str | list[int], what: str = "the prompt") -> list[int]:
-    """Token ids of a text prompt (through the tokenizer) or of one given as ids already."""
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
-        check_text(prompt, what)
-        # encode_batch releases the GIL while the Rust side works (encode does not): the server tokenises in a
-        # worker thread, and a long prompt must not stall the event loop.
-        return tokenizer.encode_batch([prompt])[0].ids
-    return list(prompt)
-
-
 def max_token_bytes(tokenizer: Tokenizer) -> int | None:
     """The most input bytes one token can cover, when the tokenizer keeps every byte of its input (byte-level
     BPE with no normalizer, as Llama 3's and the demo's): a text of n bytes then has at least n / this many
-    tokens, so a prompt far past the context is refused without tokenising it (a 1 MB prompt takes seconds
-    of a core to tokenise). None for other tokenizers: a normalizer or a pre-tokenizer that drops whitespace
-    could leave a long input few tokens."""
+    tokens. None for other tokenizers: a normalizer or a pre-tokenizer that drops whitespace could leave a
+    long input few tokens."""
     spec = json.loads(tokenizer.to_str())
     pre = spec.get("pre_tokenizer") or {}
     if spec.get("normalizer") is not None or pre.get("type") != "ByteLevel":
@@ -127,18 +116,44 @@ def max_token_bytes(tokenizer: Tokenizer) -> int | None:
     return max(longest, *added)
 
 
-def check_prompt(tokens: list[int], vocab_size: int, context: int, what: str, limit: str) -> None:
-    """A prompt must be non-empty, inside the vocabulary, and leave room to generate in `context` tokens
-    (`limit` names where that number comes from)."""
-    if not tokens:
-        raise ValueError(f"{what} is empty")
-    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise ValueError(f"{what} has token id {bad}, outside the vocabulary [0, {vocab_size})")
-    if len(tokens) >= context:
-        raise ContextLengthError(
-            f"{what} has {len(tokens)} tokens; the context is {context} tokens ({limit}), leaving no room to generate"
-        )
+class PromptEncoder:
+    """Prompts, as text or token ids, to checked token ids: the one place a prompt is read (the server, the
+    engine, `Generator`). A prompt must be valid Unicode, non-empty, inside the vocabulary and leave room to
+    generate in `context` tokens (`limit` names where that number comes from)."""
+
+    def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, context: int, limit: str = "max_model_len"):
+        self.tokenizer, self.vocab_size, self.context, self.limit = tokenizer, vocab_size, context, limit
+        token_bytes = max_token_bytes(tokenizer) if tokenizer is not None else None
+        # A text of more characters than this cannot fit (a character is at least a byte): refused without
+        # tokenising, which takes seconds of a core for a 1 MB prompt.
+        self.max_text = None if token_bytes is None else token_bytes * context
+
+    def __call__(self, prompt: str | list[int], what: str = "the prompt") -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
+            if self.max_text is not None and len(prompt) > self.max_text:
+                raise ContextLengthError(
+                    f"{what} has {len(prompt)} characters, at least {len(prompt) * self.context // self.max_text} "
+                    f"tokens; the context is {self.context} tokens ({self.limit})"
+                )
+            check_text(prompt, what)
+            # encode_batch releases the GIL while the Rust side works (encode does not): the server tokenises
+            # in a worker thread, and a long prompt must not stall the event loop.
+            tokens = self.tokenizer.encode_batch([prompt])[0].ids
+        else:
+            tokens = list(prompt)
+        if not tokens:
+            raise ValueError(f"{what} is empty")
+        bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{what} has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+        if len(tokens) >= self.context:
+            raise ContextLengthError(
+                f"{what} has {len(tokens)} tokens; the context is {self.context} tokens ({self.limit}), leaving no "
+                "room to generate"
+            )
+        return tokens
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -40,18 +40,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.config import ConfigError, read_json
 from tessera.runtime.async_engine import AsyncEngine, EngineSpec, RequestStream
-from tessera.runtime.engine import CapacityError, EngineConfig, RequestOutput
-from tessera.runtime.sampling import (
-    ContextLengthError,
-    SamplingError,
-    SamplingParams,
-    check_prompt,
-    encode_prompt,
-    max_token_bytes,
-)
+from tessera.runtime.engine import CapacityError, EngineConfig, EngineRequest, RequestOutput
+from tessera.runtime.sampling import ContextLengthError, SamplingError, SamplingParams
 
 # Used when the tokenizer config has no chat_template: one "role: content" line per message, then the
-# assistant's turn. Documented in the README.
+# assistant's turn. Documented in docs/serving.md.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -213,6 +206,43 @@ class ChatRequest(_Sampling):
         super().check_supported()
 
 
+# ---- response formats -----------------------------------------------------------------------------
+
+
+class ResponseFormat:
+    """What OpenAI's text-completion responses spell one way and chat responses another."""
+
+    id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def choice(self, index: int, text: str, reason: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+    def delta(self, index: int, text: str, reason: str | None) -> dict:
+        return self.choice(index, text, reason)
+
+    def opening(self, n: int) -> list[dict]:
+        """Stream chunks sent before any text."""
+        return []
+
+
+class ChatFormat(ResponseFormat):
+    id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def choice(self, index: int, text: str, reason: str | None) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": reason}  # fmt: skip
+
+    def delta(self, index: int, text: str, reason: str | None) -> dict:
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
+
+    def opening(self, n: int) -> list[dict]:  # each choice's role first, as OpenAI sends it
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(n)]  # fmt: skip
+
+
+TEXT, CHAT = ResponseFormat(), ChatFormat()
+
+
 # ---- metrics --------------------------------------------------------------------------------------
 
 
@@ -301,14 +331,11 @@ class Server:
         self.special_tokens = special_tokens or {}
         self.metrics = Metrics(engine)
         self.max_request_bytes = max_request_bytes or max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * self.max_model_len)
-        self.max_prompts = engine.limits.max_batch * engine.data_parallel_size  # one request fills the batch
-        token_bytes = max_token_bytes(engine.tokenizer)
-        self.max_prompt_bytes = None if token_bytes is None else token_bytes * self.max_model_len
         self.app = self._build_app()
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.limits.max_model_len
+        return self.engine.max_model_len
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="tessera", lifespan=self._lifespan)
@@ -384,25 +411,17 @@ class Server:
                            "model", "model_not_found")  # fmt: skip
         return self._card()
 
-    # ---- shared by both endpoints
+    # ---- shared by both endpoints: a request is read and checked once, here, then trusted downstream
 
-    def _params(self, body: _Sampling, prompt_len: int, default_max: int | None) -> SamplingParams:
+    def _sampling(self, body: _Sampling, default_max: int | None) -> SamplingParams:
+        """The body's sampling parameters, checked (the cheap checks, before any prompt is read)."""
         if body.model is not None and body.model != self.model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            "model", "model_not_found")  # fmt: skip
         body.check_supported()
-        room = self.max_model_len - prompt_len  # >= 1: _encode checked the prompt
-        if body.max_tokens is not None and body.max_tokens > room:
-            raise APIError(
-                400,
-                f"this model's context is {self.max_model_len} tokens; the prompt has {prompt_len} and max_tokens "
-                f"asks for {body.max_tokens} more ({prompt_len + body.max_tokens} in all)",
-                "max_tokens", "context_length_exceeded",
-            )  # fmt: skip
-        max_tokens = body.max_tokens or min(default_max or room, room)
         try:
             return SamplingParams(
-                max_new_tokens=max_tokens,
+                max_new_tokens=body.max_tokens if body.max_tokens is not None else default_max,
                 temperature=body.temperature,
                 top_k=body.top_k,
                 top_p=body.top_p,
@@ -415,35 +434,54 @@ class Server:
             raise APIError(400, f"{field}{str(e).removeprefix(e.field)}", field) from e
 
     def _encode(self, prompt: str | list[int], param: str) -> list[int]:
-        """The prompt's token ids, checked. Called in a worker thread: tokenising a long text takes a while."""
+        """A prompt's checked token ids (in a worker thread: tokenising a long text takes a while)."""
         try:
-            if isinstance(prompt, str) and self.max_prompt_bytes and len(prompt) > self.max_prompt_bytes:
-                # len() counts characters, at most the bytes: a safe shortcut past the tokenizer
-                at_least = len(prompt) * self.max_model_len // self.max_prompt_bytes
-                raise ContextLengthError(
-                    f"the prompt has {len(prompt)} characters, at least {at_least} tokens; the context is "
-                    f"{self.max_model_len} tokens (max_model_len)"
-                )
-            tokens = encode_prompt(self.engine.tokenizer, prompt, param)
-            check_prompt(tokens, self.engine.limits.vocab_size, self.max_model_len, "the prompt", "max_model_len")
+            return self.engine.encode(prompt)
         except ContextLengthError as e:
             raise APIError(400, str(e), param, "context_length_exceeded") from e
         except ValueError as e:
             raise APIError(400, str(e), param) from e
-        return tokens
 
-    def _submit(self, prompts: list[list[int]], params: list[SamplingParams], rid: str) -> list[RequestStream]:
-        """Queue every prompt of a request, or none: all are validated before the first is queued."""
+    def _render(self, messages: list[dict]) -> str:
+        """The chat's prompt: the template rendered with the messages (in a worker thread too)."""
         try:
-            for p, sp in zip(prompts, params):
-                self.engine.limits.check(p, sp)
-            return [self.engine.submit(p, sp, f"{rid}-{i}") for i, (p, sp) in enumerate(zip(prompts, params))]
+            return self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+        except jinja2.TemplateError as e:
+            raise APIError(400, f"chat template: {e}", "messages") from e
+
+    def _admit(self, request_id: str, prompt: list[int], params: SamplingParams, exact_length: bool) -> EngineRequest:
+        """A request checked against the engines' limits; an explicit max_tokens past the context is refused
+        (OpenAI's behaviour), a default one is cut to the context."""
+        try:
+            return self.engine.admit(request_id, prompt, params, exact_length)
+        except ContextLengthError as e:
+            raise APIError(400, str(e), "max_tokens", "context_length_exceeded") from e
         except CapacityError as e:
             raise APIError(400, str(e), "max_tokens") from e
-        except RuntimeError as e:  # shutting down
-            raise APIError(503, str(e)) from e
         except ValueError as e:
-            raise APIError(400, str(e), "prompt") from e
+            raise APIError(400, str(e), "stop") from e
+
+    async def _serve(
+        self, request: Request, body: _Sampling, read: Callable[[], list[list[int]]], default_max: int | None,
+        form: ResponseFormat,
+    ):  # fmt: skip
+        """Check the request, read its prompts (`read`, off the event loop), queue them all (or none: every
+        check comes first) and answer, streamed or whole."""
+        params = self._sampling(body, default_max)
+        prompts = await asyncio.to_thread(read)
+        rid = f"{form.id_prefix}-{uuid.uuid4().hex}"
+        checked = [self._admit(f"{rid}-{i}", p, params, body.max_tokens is not None) for i, p in enumerate(prompts)]
+        try:
+            streams = [self.engine.submit(r) for r in checked]
+        except RuntimeError as e:  # shutting down, or no engine left
+            raise APIError(503, str(e)) from e
+        outputs = self._merge(request, streams)
+        self.metrics.requests.labels(request.url.path, "200").inc()
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._events(outputs, len(streams), rid, form, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
+        return await self._whole(outputs, len(streams), rid, form)
 
     async def _merge(self, request: Request, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) of all streams as the engine produces them. Every stream is aborted when
@@ -491,73 +529,51 @@ class Server:
         completion = sum(o.completion_tokens for o in outs.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def _respond(
-        self, request: Request, body: _Sampling, prompts: list[list[int]], params: list[SamplingParams], chat: bool
-    ):  # fmt: skip
-        endpoint = request.url.path
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        outputs = self._merge(request, self._submit(prompts, params, rid))
-        if not body.stream:
-            texts, finals = [""] * len(prompts), {}
-            async with contextlib.aclosing(outputs):
-                async for index, out in outputs:
-                    if out.error:
-                        raise APIError(500, out.error)
-                    texts[index] += out.text
-                    if out.finished:
-                        finals[index] = out
-            if len(finals) < len(prompts) or any(o.finish_reason == "abort" for o in finals.values()):
-                raise APIError(503, "the request was cancelled (the server is shutting down)")
-            self.metrics.requests.labels(endpoint, "200").inc()
-            choices = [self._choice(i, texts[i], finals[i].finish_reason, chat) for i in range(len(prompts))]
-            kind = "chat.completion" if chat else "text_completion"
-            return {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices,
-                    "usage": self._usage(finals)}  # fmt: skip
+    async def _whole(self, outputs: AsyncIterator[tuple[int, RequestOutput]], n: int, rid: str,
+                     form: ResponseFormat) -> dict:  # fmt: skip
+        """The non-streamed answer: every choice's whole text."""
+        texts, finals = [""] * n, {}
+        async with contextlib.aclosing(outputs):
+            async for index, out in outputs:
+                if out.error:
+                    raise APIError(500, out.error)
+                texts[index] += out.text
+                if out.finished:
+                    finals[index] = out
+        if len(finals) < n or any(o.finish_reason == "abort" for o in finals.values()):
+            raise APIError(503, "the request was cancelled (the server is shutting down)")
+        return {"id": rid, "object": form.object, "created": int(time.time()), "model": self.model_name,
+                "choices": [form.choice(i, texts[i], finals[i].finish_reason) for i in range(n)],
+                "usage": self._usage(finals)}  # fmt: skip
 
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        kind = "chat.completion.chunk" if chat else "text_completion"
+    async def _events(self, outputs: AsyncIterator[tuple[int, RequestOutput]], n: int, rid: str,
+                      form: ResponseFormat, include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+        """The streamed answer: SSE chunks as the engine produces text, then the usage chunk and [DONE]."""
+        created, finals = int(time.time()), {}
 
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
-            data = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": choices}
+            data = {"id": rid, "object": form.chunk_object, "created": created, "model": self.model_name,
+                    "choices": choices}  # fmt: skip
             if include_usage:
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n"
 
-        async def events() -> AsyncIterator[str]:
-            finals: dict[int, RequestOutput] = {}
-            async with contextlib.aclosing(outputs):
-                if chat:
-                    for i in range(len(prompts)):
-                        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                      "finish_reason": None}])  # fmt: skip
-                async for index, out in outputs:
-                    if out.error or out.finish_reason == "abort":
-                        message = out.error or "the request was cancelled (the server is shutting down)"
-                        yield f"data: {json.dumps(error_body(500 if out.error else 503, message))}\n\n"
-                        return
-                    reason = out.finish_reason if out.finished else None
-                    if out.text or reason:
-                        if chat:
-                            delta = {"content": out.text} if out.text else {}
-                            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-                        else:
-                            choice = {"index": index, "text": out.text, "logprobs": None, "finish_reason": reason}
-                        yield chunk([choice])
-                    if out.finished:
-                        finals[index] = out
-            if include_usage:
-                yield chunk([], self._usage(finals))
-            yield "data: [DONE]\n\n"
-
-        self.metrics.requests.labels(endpoint, "200").inc()
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    def _choice(self, index: int, text: str, reason: str | None, chat: bool) -> dict:
-        if chat:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": reason}  # fmt: skip
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        async with contextlib.aclosing(outputs):
+            for choice in form.opening(n):
+                yield chunk([choice])
+            async for index, out in outputs:
+                if out.error or out.finish_reason == "abort":
+                    message = out.error or "the request was cancelled (the server is shutting down)"
+                    yield f"data: {json.dumps(error_body(500 if out.error else 503, message))}\n\n"
+                    return
+                reason = out.finish_reason if out.finished else None
+                if out.text or reason:
+                    yield chunk([form.delta(index, out.text, reason)])
+                if out.finished:
+                    finals[index] = out
+        if include_usage:
+            yield chunk([], self._usage(finals))
+        yield "data: [DONE]\n\n"
 
     # ---- endpoints
 
@@ -567,20 +583,12 @@ class Server:
         prompts = [prompt] if one else list(prompt)
         if not prompts:
             raise APIError(400, "prompt: no prompt given", "prompt")
-        if len(prompts) > self.max_prompts:
-            raise APIError(400, f"prompt: at most {self.max_prompts} prompts a request (the batch size), "
+        if len(prompts) > self.engine.max_batch:
+            raise APIError(400, f"prompt: at most {self.engine.max_batch} prompts a request (the batch size), "
                                 f"got {len(prompts)}", "prompt")  # fmt: skip
-        encoded = await asyncio.to_thread(lambda: [self._encode(p, "prompt") for p in prompts])
-        params = [self._params(body, len(p), COMPLETION_DEFAULT_MAX_TOKENS) for p in encoded]
-        return await self._respond(request, body, encoded, params, chat=False)
-
-    def _render(self, messages: list[dict]) -> list[int]:
-        """The chat's prompt tokens: the template rendered, then tokenised (in a worker thread)."""
-        try:
-            text = self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
-        except jinja2.TemplateError as e:
-            raise APIError(400, f"chat template: {e}", "messages") from e
-        return self._encode(text, "messages")
+        return await self._serve(
+            request, body, lambda: [self._encode(p, "prompt") for p in prompts], COMPLETION_DEFAULT_MAX_TOKENS, TEXT
+        )
 
     async def chat_completions(self, body: ChatRequest, request: Request):
         messages = []
@@ -589,9 +597,8 @@ class Server:
                 m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
             )
             messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
-        tokens = await asyncio.to_thread(self._render, messages)
-        params = self._params(body, len(tokens), None)
-        return await self._respond(request, body, [tokens], [params], chat=True)
+        # Chat defaults to the rest of the context (max_new_tokens None).
+        return await self._serve(request, body, lambda: [self._encode(self._render(messages), "messages")], None, CHAT)
 
 
 def build_server(
@@ -603,7 +610,7 @@ def build_server(
     each loading the checkpoint, and this returns once all are ready. The configuration is checked here
     first, so a bad checkpoint or flag fails with its own error before any process starts."""
     from tessera.config import ArchConfig
-    from tessera.runtime.loader import parse_dtype
+    from tessera.devices import parse_dtype
 
     parse_dtype(dtype)
     ArchConfig.from_json(Path(model_dir) / "config.json")

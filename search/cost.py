@@ -40,12 +40,12 @@ import torch
 from tqdm import tqdm
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig, dtype_bytes
+from tessera.devices import device_name, dtype_name, median_ms, synchronize
 from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.generate import Generator
 from tessera.runtime.model import Model
 from tessera.runtime.sampling import SamplingParams
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 MIB = 2**20
 _BLOCK_KEYS = ("prefill_ms", "decode_ms", "runtime_ms")
 _NO_OP = BlockConfig(AttentionConfig("none"), FFNConfig("none"))
@@ -75,27 +75,6 @@ class Scenario:
                 f"scenario prompt {self.prompt_len} + generated {self.gen_len} tokens exceeds the model's context "
                 f"({arch.max_position_embeddings}, max_position_embeddings)"
             )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5, budget_s: float = 0.3) -> float:
-    """Median wall milliseconds of fn (after one warm-up call), repeated until min_reps and budget_s are met."""
-    fn()
-    _sync(device)
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < min_reps or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-        if len(times) >= 200:
-            break
-    return statistics.median(times)
 
 
 @torch.inference_mode()
@@ -138,7 +117,7 @@ def engine_step_ms(model: Model, scenario: Scenario) -> dict[str, float]:
         for _ in range(steps):
             begin = time.perf_counter()
             engine.step()
-            _sync(device)
+            synchronize(device)
             times.append((time.perf_counter() - begin) * 1e3)
         engine.abort_all()
         return statistics.median(times)
@@ -172,7 +151,7 @@ def measure_latency(model: Model, scenario: Scenario, repeats: int = 3) -> float
 
 def block_memory_mib(arch: ArchConfig, block: BlockConfig, scenario: Scenario, dtype: torch.dtype) -> float:
     """Weights + the KV cache of `batch` sequences of prompt + generated tokens (config formulas)."""
-    name = _DTYPE_NAMES[dtype]
+    name = dtype_name(dtype)
     weights = arch.block_params(block) * dtype_bytes(name)
     kv = scenario.batch * scenario.seq_len * arch.kv_bytes_per_token_layer(block, name)
     return (weights + kv) / MIB
@@ -181,7 +160,7 @@ def block_memory_mib(arch: ArchConfig, block: BlockConfig, scenario: Scenario, d
 def non_block_memory_mib(arch: ArchConfig, dtype: torch.dtype) -> float:
     """Embedding, LM head and final norm."""
     non_block = arch.num_params() - sum(arch.block_params(b) for b in arch.blocks)
-    return non_block * dtype_bytes(_DTYPE_NAMES[dtype]) / MIB
+    return non_block * dtype_bytes(dtype_name(dtype)) / MIB
 
 
 @dataclass
@@ -247,7 +226,7 @@ def calibrate(
     table = {b.name: block_ms(b.name) if not b.is_empty else dict.fromkeys(_BLOCK_KEYS, 0.0) for b in distinct}
     return CostTable(
         device=device_name(device),
-        dtype=_DTYPE_NAMES[dtype],
+        dtype=dtype_name(dtype),
         scenario=scenario,
         non_block_ms=med["generation"]["latency_ms"] - stack * table[reference.name]["runtime_ms"],
         non_block_memory_mib=non_block_memory_mib(arch, dtype),
@@ -291,17 +270,3 @@ def random_architectures(variants: list[list[BlockConfig]], n: int, seed: int = 
     """n architectures drawn uniformly per layer from each layer's variants."""
     rng = random.Random(seed)
     return [[rng.choice(layer) for layer in variants] for _ in range(n)]
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and the threads torch uses: what a timing was measured on."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return "cpu"

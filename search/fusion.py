@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+from tessera.devices import device_name
 from tessera.runtime.loader import save_model
 from tessera.runtime.model import Batch, Model
-from tessera.search.cost import Scenario, device_name, engine_step_ms
+from tessera.runtime.weights import FFN, HIDDEN, INTER, pack, unpack
+from tessera.search.cost import Scenario, engine_step_ms
 from tessera.search.gkd import GKDConfig, distill
 from tessera.search.report import fusion_section, plot_dependency
 from tessera.search.scoring import model_quality, reference_logprobs
@@ -45,6 +47,7 @@ from tessera.search.train import fixed_windows
 EMPTY = BlockConfig(AttentionConfig("none"), FFNConfig("none"))
 BLOCK_PAIR_THRESHOLD = 0.05  # on the demo parent, the one pair under it loses KL 0.009 run side by side
 LATENCY_ROUNDS = 3
+SWIGLU = FFN["swiglu"]
 
 
 class FusionError(ValueError):
@@ -236,19 +239,21 @@ def fused_arch(arch: ArchConfig, groups: Sequence[FusionGroup]) -> ArchConfig:
     return replace(arch.with_blocks(blocks), fusion_spans=tuple(sorted(spans)))
 
 
-def fused_ffn_weights(
-    norm_weights: Sequence[torch.Tensor], gate_ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Branch i's RMSNorm weight [H], packed cat(gate, up) [2I_i, H] and down [H, I_i] -> one SwiGLU's
-    w_gate_up [2ΣI, H] (all gates, then all ups, each scaled by its branch's norm weight along H) and
-    w_down [H, ΣI]. Folded in float32 and returned in the weights' dtype."""
-    dtype = gate_ups[0].dtype
-    gates, ups = [], []
-    for w, gu in zip(norm_weights, gate_ups):
-        gate, up = gu.float().chunk(2, dim=0)
-        gates.append(gate * w.float()[None, :])
-        ups.append(up * w.float()[None, :])
-    return torch.cat(gates + ups).to(dtype), torch.cat(list(downs), dim=1)
+def fused_ffn_weights(branches: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The branches' SwiGLU weights by role (runtime/weights.py: norm [H], gate and up [I_i, H], down
+    [H, I_i]) -> one SwiGLU's: each matrix the branches' side by side along its FFN-width axis, each branch's
+    norm weight folded (in float32, returned in the weights' dtype) into the matrices that read the normed
+    input, and a unit norm left."""
+    fused = {}
+    for w in SWIGLU:
+        if w.role == "norm":  # folded into the branches below
+            fused[w.role] = torch.ones_like(branches[0][w.role])
+            continue
+        parts = [b[w.role] for b in branches]
+        if w.axes[-1] == HIDDEN:  # reads norm(x) = x̂ · weight: scale its input columns by the weight instead
+            parts = [(t.float() * b["norm"].float()[None, :]).to(t.dtype) for t, b in zip(parts, branches)]
+        fused[w.role] = torch.cat(parts, dim=w.axes.index(INTER))
+    return fused
 
 
 @torch.no_grad()
@@ -260,16 +265,9 @@ def fuse(model: Model, groups: Sequence[FusionGroup]) -> Model:
     replaced = tuple(f"layers.{i}." for g in groups for i in range(g.span[0], g.span[1] + 1))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(replaced)}
     for g in groups:
-        last = g.span[1]
-        layers = [model.layers[i] for i in g.layers]
-        w_gate_up, w_down = fused_ffn_weights(
-            [layer.post_attention_layernorm.weight for layer in layers],
-            [layer.mlp.w_gate_up for layer in layers],
-            [layer.mlp.w_down for layer in layers],
-        )
-        state[f"layers.{last}.post_attention_layernorm.weight"] = torch.ones(arch.hidden_size).to(param)
-        state[f"layers.{last}.mlp.w_gate_up"] = w_gate_up
-        state[f"layers.{last}.mlp.w_down"] = w_down
+        branches = [unpack(SWIGLU, dict(model.layers[i].named_parameters()), model.arch) for i in g.layers]
+        packed = pack(SWIGLU, fused_ffn_weights(branches))
+        state.update((f"layers.{g.span[1]}.{name}", t) for name, t in packed.items())
     fused.load_state_dict(state, strict=True)
     return fused.eval()
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
-from tessera.runtime.model import DecoderLayer, GQAAttention, LinearSublayer, SwiGLU
+from tessera.runtime.model import DecoderLayer, SwiGLU
+from tessera.runtime.weights import ATTENTION, FFN, INTER, Weight, pack, sublayer_kind, unpack
 
 
 @torch.no_grad()
@@ -32,55 +33,65 @@ def ffn_channel_scores(layer: DecoderLayer, ffn_inputs: torch.Tensor) -> torch.T
     return activation * mlp.w_down.float().norm(dim=0)
 
 
+def _parent_weights(
+    arch: ArchConfig, parent: DecoderLayer, tables: dict[str, tuple[Weight, ...]]
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """The parent's sublayer kind in `tables` (weights.ATTENTION or FFN) and its weights by role (views)."""
+    params = dict(parent.named_parameters())
+    kind = sublayer_kind(tables, params)
+    return kind, unpack(tables[kind], params, arch)
+
+
 def _attention_weights(arch: ArchConfig, parent: DecoderLayer, target: AttentionConfig) -> dict[str, torch.Tensor]:
-    att = parent.self_attn
     if target.kind == "none":
         return {}
-    out = {"input_layernorm.weight": parent.input_layernorm.weight}
-    if isinstance(att, LinearSublayer):
+    kind, w = _parent_weights(arch, parent, ATTENTION)
+    if kind == "linear":
         if target.kind != "linear":
             raise ValueError(f"a linear parent attention cannot become {target.name}")
-        return {**out, "self_attn.weight": att.weight}
-    if not isinstance(att, GQAAttention):
+        return pack(ATTENTION["linear"], w)
+    if kind == "none":
         raise ValueError(f"a parent layer without attention cannot become {target.name}")
-    hq, hkv, d, h = arch.n_heads, att.n_kv_heads, arch.head_dim, arch.hidden_size
-    q, k, v = att.w_qkv.split((hq * d, hkv * d, hkv * d))
+    hq, d, h = arch.n_heads, arch.head_dim, arch.hidden_size
+    hkv = w["k"].shape[0] // d
     if target.kind == "linear":
-        v_per_query = v.view(hkv, d, h).repeat_interleave(hq // hkv, dim=0).reshape(hq * d, h)
-        return {**out, "self_attn.weight": att.w_o @ v_per_query}
+        v_per_query = w["v"].view(hkv, d, h).repeat_interleave(hq // hkv, dim=0).reshape(hq * d, h)
+        return pack(ATTENTION["linear"], {"norm": w["norm"], "linear": w["o"] @ v_per_query})
     new = target.n_kv_heads
     if hkv % new:
         raise ValueError(f"{new} KV heads cannot be made by merging the parent's {hkv}")
 
-    def merge(w: torch.Tensor) -> torch.Tensor:  # [Hkv·D, H] -> [new·D, H], contiguous groups averaged
-        return w.view(new, hkv // new, d, h).mean(dim=1).reshape(new * d, h)
+    def merge(x: torch.Tensor) -> torch.Tensor:  # [Hkv·D, H] -> [new·D, H], contiguous groups averaged
+        return x.view(new, hkv // new, d, h).mean(dim=1).reshape(new * d, h)
 
-    return {**out, "self_attn.w_qkv": torch.cat([q, merge(k), merge(v)]), "self_attn.w_o": att.w_o}
+    return pack(ATTENTION["gqa"], {**w, "k": merge(w["k"]), "v": merge(w["v"])})
 
 
-def _ffn_weights(parent: DecoderLayer, target: FFNConfig, scores: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    mlp = parent.mlp
+def _ffn_weights(
+    arch: ArchConfig, parent: DecoderLayer, target: FFNConfig, scores: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     if target.kind == "none":
         return {}
-    out = {"post_attention_layernorm.weight": parent.post_attention_layernorm.weight}
-    if isinstance(mlp, LinearSublayer):
+    kind, w = _parent_weights(arch, parent, FFN)
+    if kind == "linear":
         if target.kind != "linear":
             raise ValueError(f"a linear parent FFN cannot become {target.name}")
-        return {**out, "mlp.weight": mlp.weight}
-    if not isinstance(mlp, SwiGLU):
+        return pack(FFN["linear"], w)
+    if kind == "none":
         raise ValueError(f"a parent layer without an FFN cannot become {target.name}")
-    gate, up = mlp.w_gate_up.chunk(2)
     if target.kind == "linear":
-        return {**out, "mlp.weight": mlp.w_down @ up}
-    width, full = target.intermediate_size, mlp.w_down.shape[1]
+        return pack(FFN["linear"], {"norm": w["norm"], "linear": w["down"] @ w["up"]})
+    width, full = target.intermediate_size, w["down"].shape[1]
     if width > full:
         raise ValueError(f"an FFN of width {width} cannot be pruned from the parent's {full}")
     if width == full:
-        return {**out, "mlp.w_gate_up": mlp.w_gate_up, "mlp.w_down": mlp.w_down}
+        return pack(FFN["swiglu"], w)
     if scores is None:
         raise ValueError(f"pruning the FFN to width {width} needs channel scores from calibration activations")
     keep = scores.topk(width).indices.sort().values  # sorted: the kept channels stay in the parent's order
-    return {**out, "mlp.w_gate_up": torch.cat([gate[keep], up[keep]]), "mlp.w_down": mlp.w_down[:, keep]}
+    # Every FFN-width axis (gate and up rows, down columns) keeps the same channels.
+    kept = {x.role: w[x.role].index_select(x.axes.index(INTER), keep) for x in FFN["swiglu"] if INTER in x.axes}
+    return pack(FFN["swiglu"], {**w, **kept})
 
 
 @torch.no_grad()
@@ -94,7 +105,10 @@ def init_layer(
     """A child layer of the given block, its weights derived from the parent layer (on the parent's device
     and dtype). `channel_scores` (from ffn_channel_scores) is needed only when the FFN is narrowed."""
     ref = next(parent.parameters())
-    state = {**_attention_weights(arch, parent, block.attention), **_ffn_weights(parent, block.ffn, channel_scores)}
+    state = {
+        **_attention_weights(arch, parent, block.attention),
+        **_ffn_weights(arch, parent, block.ffn, channel_scores),
+    }
     layer = DecoderLayer(arch, block, layer_idx).to(device=ref.device, dtype=ref.dtype)
     layer.load_state_dict({k: v.detach().clone() for k, v in state.items()})
     return layer

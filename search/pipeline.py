@@ -315,18 +315,18 @@ class Optimizer:
         self._stage("cost model", t)
         return table
 
-    def build_library(self, table: CostTable) -> Library:
+    def distil_and_score(self, table: CostTable) -> Library:
+        """BLD of every variant (resumed from the store), replace-1-block scores, and the library they make."""
         cfg, arch = self.cfg, self.parent.arch
         t = time.perf_counter()
         acts = activations.record(self.parent, self.calibration, progress=self.progress)
-        store = self.store
-        bld_losses = run_bld(self.parent, acts, cfg.space, store, cfg.bld, progress=self.progress)
+        bld_losses = run_bld(self.parent, acts, cfg.space, self.store, cfg.bld, progress=self.progress)
         del acts
         self._stage("blockwise local distillation", t)
 
         t = time.perf_counter()
         score_acts = activations.record(self.parent, self.score_windows, progress=self.progress)
-        scores = score_library(self.parent, store, cfg.space, score_acts, progress=self.progress)
+        scores = score_library(self.parent, self.store, cfg.space, score_acts, progress=self.progress)
         del score_acts
         self._stage("replace-1-block scoring", t)
 
@@ -345,25 +345,58 @@ class Optimizer:
 
     def run(self, budget: Budget) -> dict:
         start = time.perf_counter()
-        arch, cfg = self.parent.arch, self.cfg
-        # BLD results of another run under `out` are refused before anything else (the store writes nothing yet).
-        self.store.check(bld_manifest(self.parent, self.calibration, cfg.space, cfg.bld))
-        # Costs first (about half a minute): an impossible budget fails before any training starts.
-        table = self.cost_model()
-        parent_predicted = table.runtime_ms(arch.blocks)
-        costs_only = build_library(arch, cfg.space, table, None, {}, self.dtype)
-        bounds = block_bounds(budget, table, parent_predicted, costs_only)
-        solve(costs_only, "stats.runtime_ms", bounds=bounds)  # the budget's terms jointly (each alone is met)
-        library = self.build_library(table)
+        table, bounds = self.check_budget(budget)
+        library = self.distil_and_score(table)
         ref = reference_logprobs(self.parent, self.eval_windows)
-        parent = Child("parent", "parent", list(arch.blocks), parent_predicted, kl_sum=0.0)
+        parent = Child("parent", "parent", list(self.parent.arch.blocks), table.runtime_ms(self.parent.arch.blocks),
+                       kl_sum=0.0)  # fmt: skip
         parent.quality_bld = parent.quality_gkd = model_quality(self.parent, self.eval_windows, ref)
+        children = self.choose(library, table, budget, bounds)
+        models = self.distil_children(children, library, table, ref)
+        self.measure(parent, children, models)
+        main_model = models[tuple(children[0].blocks)]
+        child_dir = save_model(main_model, self.out / "child", dtype=torch.bfloat16, tokenizer_from=self.parent_dir)
+        fusion = self.fuse(main_model)
+        results = {
+            "parent": str(self.parent_dir),
+            "budget": asdict(budget),
+            "config": asdict(self.cfg),
+            "device": table.device,
+            "scenario": asdict(self.cfg.scenario),
+            "non_block_ms": table.non_block_ms,
+            "cost_model": table.validation,
+            "children": [c.to_json(parent.measured_ms) for c in [parent, *children]],
+            "child_dir": str(child_dir),
+            "stage_seconds": self.timings,
+        }
+        if fusion is not None:
+            results["fusion"] = fusion
+        results["stage_seconds"]["total"] = time.perf_counter() - start
+        atomic_write_text(self.out / "results.json", json.dumps(results, indent=1) + "\n")
+        from tessera.search.report import write_report
 
+        write_report(results, library, self.out)
+        return results
+
+    def check_budget(self, budget: Budget) -> tuple[CostTable, list[Bound]]:
+        """Everything that can refuse the run, before any training: BLD results of another run under `out`,
+        then the cost model (about half a minute) and a budget no architecture in the space can meet."""
+        cfg, arch = self.cfg, self.parent.arch
+        self.store.check(bld_manifest(self.parent, self.calibration, cfg.space, cfg.bld))  # writes nothing yet
+        table = self.cost_model()
+        costs_only = build_library(arch, cfg.space, table, None, {}, self.dtype)
+        bounds = block_bounds(budget, table, table.runtime_ms(arch.blocks), costs_only)
+        solve(costs_only, "stats.runtime_ms", bounds=bounds)  # the budget's terms jointly (each alone is met)
+        return table, bounds
+
+    def choose(self, library: Library, table: CostTable, budget: Budget, bounds: list[Bound]) -> list[Child]:
+        """The children to build: the MIP's at the budget (first), at each Pareto speedup, and the uniform and
+        greedy baselines with, for each, the MIP at the baseline's own predicted runtime."""
+        arch, parent_predicted = self.parent.arch, table.runtime_ms(self.parent.arch.blocks)
         t = time.perf_counter()
         (main_solution,) = solve(library, "metrics.kl_div", bounds=bounds)
-        main = Child(f"MIP ({budget.describe()})", "mip", choices_to_blocks(library, main_solution.choices), 0.0)
-        children = [main]
-        for speedup in cfg.pareto_speedups:
+        children = [Child(f"MIP ({budget.describe()})", "mip", choices_to_blocks(library, main_solution.choices), 0.0)]
+        for speedup in self.cfg.pareto_speedups:
             if budget.target_speedup is not None and math.isclose(speedup, budget.target_speedup):
                 continue
             try:
@@ -390,7 +423,12 @@ class Optimizer:
                     Child(f"MIP (= {method}'s runtime)", "mip", choices_to_blocks(library, sol.choices), 0.0)
                 )
         self._stage("MIP and baselines", t)
+        return children
 
+    def distil_children(self, children: list[Child], library: Library, table: CostTable, ref: torch.Tensor
+                        ) -> dict[tuple, Model]:  # fmt: skip
+        """Assemble, evaluate and (MIP children, or all with baseline_gkd) GKD each distinct architecture once;
+        the models by their blocks."""
         t = time.perf_counter()
         models: dict[tuple, Model] = {}
         for child in children:
@@ -401,52 +439,35 @@ class Optimizer:
             if twin is not None:  # the same architecture from another method: same blocks, same GKD, same result
                 child.quality_bld, child.quality_gkd = twin.quality_bld, twin.quality_gkd
                 continue
-            models[key] = self.realise(child, ref, child.method == "mip" or cfg.baseline_gkd)
+            models[key] = self.realise(child, ref, child.method == "mip" or self.cfg.baseline_gkd)
         self._stage("assembly, GKD and evaluation", t)
+        return models
 
-        # Latency last, all models in one phase and round-robin: a parent timed minutes before its children
-        # (after BLD's memory churn) read 12 % slower in one demo run than in the next.
+    def measure(self, parent: Child, children: list[Child], models: dict[tuple, Model]) -> None:
+        """Each architecture's end-to-end latency, all in one phase and round-robin: a parent timed minutes
+        before its children (after BLD's memory churn) read 12 % slower in one demo run than in the next."""
         t = time.perf_counter()
-        models[tuple(arch.blocks)] = self.parent
-        rounds: dict[tuple, list[float]] = {key: [] for key in models}
+        timed = {**models, tuple(parent.blocks): self.parent}
+        rounds: dict[tuple, list[float]] = {key: [] for key in timed}
         for _ in range(MEASURE_ROUNDS):
-            for key, model in models.items():
-                rounds[key].append(measure_latency(model, cfg.scenario))
+            for key, model in timed.items():
+                rounds[key].append(measure_latency(model, self.cfg.scenario))
         for child in [parent, *children]:
             child.measured_ms = float(np.median(rounds[tuple(child.blocks)]))
         self._stage("end-to-end latency", t)
-        main_model = models[tuple(main.blocks)]
 
-        child_dir = save_model(main_model, self.out / "child", dtype=torch.bfloat16, tokenizer_from=self.parent_dir)
-        fusion = None
-        if cfg.fusion is not None:
-            t = time.perf_counter()
-            fusion = run_fusion(
-                main_model, self.train_ids, self.eval_windows, self.out / "fused", cfg.fusion, cfg.scenario,
-                tokenizer_from=self.parent_dir, progress=self.progress,
-            )  # fmt: skip
-            fusion |= {k: f"fused/{v}" for k, v in fusion.items() if k.endswith("_png")}  # paths from report.md
-            self._stage("FFN fusion", t)
-        results = {
-            "parent": str(self.parent_dir),
-            "budget": asdict(budget),
-            "config": asdict(cfg),
-            "device": table.device,
-            "scenario": asdict(cfg.scenario),
-            "non_block_ms": table.non_block_ms,
-            "cost_model": table.validation,
-            "children": [c.to_json(parent.measured_ms) for c in [parent, *children]],
-            "child_dir": str(child_dir),
-            "stage_seconds": self.timings,
-        }
-        if fusion is not None:
-            results["fusion"] = fusion
-        results["stage_seconds"]["total"] = time.perf_counter() - start
-        atomic_write_text(self.out / "results.json", json.dumps(results, indent=1) + "\n")
-        from tessera.search.report import write_report
-
-        write_report(results, library, self.out)
-        return results
+    def fuse(self, model: Model) -> dict | None:
+        """FFN Fusion of the saved child into `out/fused` when asked (cfg.fusion); its summary."""
+        if self.cfg.fusion is None:
+            return None
+        t = time.perf_counter()
+        fusion = run_fusion(
+            model, self.train_ids, self.eval_windows, self.out / "fused", self.cfg.fusion, self.cfg.scenario,
+            tokenizer_from=self.parent_dir, progress=self.progress,
+        )  # fmt: skip
+        fusion |= {k: f"fused/{v}" for k, v in fusion.items() if k.endswith("_png")}  # paths from report.md
+        self._stage("FFN fusion", t)
+        return fusion
 
 
 def optimize(

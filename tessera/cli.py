@@ -23,18 +23,11 @@ from pathlib import Path
 import torch
 
 from tessera.config import ArchConfig, ConfigError
+from tessera.devices import RUN_DTYPES, parse_dtype, resolve_device
 from tessera.files import atomic_write_text, replaced_folder
 from tessera.runtime.async_engine import EngineProcessError
 
 DEMO_PROMPTS = ("def fibonacci(n):\n", 'class Stack:\n    """', "import os\nimport sys\n\n\ndef main(")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available on this machine")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: expected cpu or cuda")
-    return torch.device(name)
 
 
 def _ranged(
@@ -187,7 +180,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def _generator(model_path: str, device: str, dtype: str):
     from tessera.runtime.generate import Generator
-    from tessera.runtime.loader import load_model, parse_dtype
+    from tessera.runtime.loader import load_model
     from tessera.runtime.sampling import load_tokenizer
 
     model = load_model(model_path, device=resolve_device(device), dtype=parse_dtype(dtype))
@@ -511,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=torch_seed, default=None)
     p.add_argument("--stop", action="append", type=utf8_text, help="stop string; repeatable")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=list(RUN_DTYPES))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -574,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU: engine processes, each serving its share of the requests (default 1)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=list(RUN_DTYPES))
     p.set_defaults(func=cmd_serve)
 
     search = sub.add_parser("search", help="Puzzle search steps").add_subparsers(dest="step", required=True)

@@ -16,6 +16,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from safetensors.torch import save_file
 
+from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+from tessera.runtime.model import Model
+from tessera.search import activations
+from tessera.search.bld import BLDConfig, SublayerStore, run_bld
+from tessera.search.library import SearchSpace
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"  # real config.json files with their published counts (configs/README.md)
 
@@ -186,19 +192,92 @@ def llama_tied(tmp_path_factory) -> Path:
 # Kernel tests run on the GPU when there is one, else on the CPU under the Triton interpreter.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+# float32 and float16 only: the interpreter computes tl.dot on bfloat16 wrongly.
+KERNEL_DTYPES = (torch.float32, torch.float16)
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16"}
+
+# Each kernel test's tolerance per dtype, relative to the largest reference value (`relative_error`).
+# float32, unless said otherwise: the same products summed in another order; observed <= 1e-6.
+TOLERANCES = {
+    # fp16: one fp16 rounding (unit roundoff 4.9e-4) of the output.
+    "rms_norm": {torch.float32: 1e-5, torch.float16: 1e-3},
+    # fp16: the kernel rounds silu(gate)·up to fp16 once and the output once, compared with an fp32 reference
+    # computed from the same fp16 inputs; observed <= 6e-4.
+    "swiglu_ffn": {torch.float32: 1e-5, torch.float16: 2e-3},
+    # Both sides compute in fp32 and round once; only fused multiply-adds may differ (last bit).
+    "rope": {torch.float32: 1e-6, torch.float16: 1e-3},
+    # float32: online softmax sums in another order; observed <= 1e-6. fp16: the kernel rounds P to fp16 for the
+    # P·V product and the output once, against an fp32 reference on the same fp16 inputs; observed <= 5e-4.
+    "attention_prefill": {torch.float32: 1e-5, torch.float16: 2e-3},
+    # float32: sums in another order; observed <= 2.2e-7. fp16: the kernel rounds P to fp16 for P·V and the
+    # output once; observed <= 4.2e-4.
+    "attention_paged": {torch.float32: 1e-5, torch.float16: 2e-3},
+    # The whole runtime model, Triton kernels against references. float32: the same math summed in other
+    # orders; observed <= 6.7e-7. fp16: each of 8 layers rounds activations to fp16 (unit roundoff 4.9e-4) at
+    # slightly different points on each side (e.g. silu(gate)·up rounded once instead of three times), and the
+    # logits carry those differences; observed <= 1.8e-3.
+    "model": {torch.float32: 1e-5, torch.float16: 5e-3},
+}
+
+
+def dtypes(kernel: str, only: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> pytest.MarkDecorator:
+    """The dtype axis of a kernel test: parametrizes ("dtype", "tol"), each dtype carrying its tolerance."""
+    params = [pytest.param(d, TOLERANCES[kernel][d], id=DTYPE_IDS[d]) for d in only]
+    return pytest.mark.parametrize(("dtype", "tol"), params)
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """Seeded normal values on the kernel device, drawn on the CPU: the same numbers on either device."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * scale).to(device=KERNEL_DEVICE, dtype=dtype)
+
+
+# NaN elements on each side of a poisoned buffer. Masks that are off by one, or a last tile written without its
+# column mask, write just past the end; 64 elements keep the handed-out region 16-byte aligned for fp16 and fp32
+# (Triton specialises on pointer alignment, so the GPU runs the same compiled variant as without canaries).
+CANARY = 64
+
+
+class Poison:
+    """Every float buffer allocated through torch.empty, torch.empty_like or Tensor.new_empty starts as NaN, so a
+    tile a kernel forgot to write fails; and lies between two runs of CANARY NaN elements in one allocation, so
+    `check` fails when a kernel wrote before the start or past the end. Under the interpreter a launch copies the
+    arguments' whole storages, so the canaries travel with the buffer."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.guarded: list[tuple[torch.Tensor, int]] = []  # (the whole allocation, elements handed out)
+        empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+        monkeypatch.setattr(torch, "empty", lambda *a, **k: self.guard(empty(*a, **k)))
+        monkeypatch.setattr(torch, "empty_like", lambda *a, **k: self.guard(empty_like(*a, **k)))
+        monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: self.guard(new_empty(t, *a, **k)))
+
+    def guard(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        if t.numel() == 0:  # also the interpreter's `new_empty(0)`, which it then points at an argument's storage
+            return t
+        # The same shape and strides (empty_like keeps a permuted layout) inside a larger NaN allocation.
+        n = t.untyped_storage().nbytes() // t.element_size()
+        whole = torch.full((CANARY + n + CANARY,), float("nan"), dtype=t.dtype, device=t.device)
+        self.guarded.append((whole, n))
+        return whole.as_strided(t.shape, t.stride(), CANARY)
+
+    def check(self) -> None:
+        """Every canary of every buffer allocated so far is still NaN."""
+        for whole, n in self.guarded:
+            before, after = whole[:CANARY], whole[CANARY + n :]
+            written = [i - CANARY for i in (~before.isnan()).nonzero().flatten().tolist()]
+            written += [n + i for i in (~after.isnan()).nonzero().flatten().tolist()]
+            assert not written, f"out-of-bounds write to a {n}-element buffer at element offsets {written[:8]}"
+
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every float buffer a kernel launcher allocates starts as NaN, so a tile it forgot to write fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    """Kernel tests on the Triton backend with poisoned, canary-guarded outputs (`Poison`), checked at the end."""
+    poison = Poison(monkeypatch)
     with kernel_backend("triton"):
-        yield
+        yield poison
+    poison.check()
 
 
 @contextlib.contextmanager
@@ -212,3 +291,49 @@ def kernel_backend(name: str | None):
         yield
     finally:
         kernels.set_backend(previous)
+
+
+# Puzzle's stages on a tiny random parent (test_init, test_library, test_bld, test_scoring, test_assemble, test_cost,
+# test_pipeline, test_gkd). `parent` and `trained` are session-wide, as they were module-wide when those tests
+# shared one file: the parent is read-only and BLD trains its store once (about 5 s) for all of them.
+
+FP32_EXACT = 1e-5  # same math in a different order (fp32 GEMMs of width ≤ 96): ~1e-7 seen, 1e-5 bound
+GQA4, FFN96 = AttentionConfig("gqa", 4), FFNConfig("swiglu", 96)
+
+
+def tiny_arch(layers: int = 3) -> ArchConfig:
+    return ArchConfig(
+        vocab_size=97,
+        hidden_size=64,
+        n_heads=8,
+        head_dim=8,
+        blocks=(BlockConfig(GQA4, FFN96),) * layers,
+        max_position_embeddings=128,
+        eos_token_ids=(0,),
+        dtype="float32",
+    )
+
+
+@pytest.fixture(scope="session")
+def parent() -> Model:
+    torch.manual_seed(0)
+    model = Model(tiny_arch()).init_weights(std=0.1, seed=0).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def windows(n: int, t: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 97, (n, t + 1), generator=torch.Generator().manual_seed(seed))
+
+
+BLD_CONFIG = BLDConfig(steps=80, batch_windows=8, lr=3e-3, eval_windows=8)
+SPACE = SearchSpace(kv_heads=(4, 2), ffn_ratios=(1.0, 0.5), ffn_multiple=16)
+
+
+@pytest.fixture(scope="session")
+def trained(parent, tmp_path_factory):
+    acts = activations.record(parent, windows(40, t=32), progress=False)
+    store = SublayerStore(tmp_path_factory.mktemp("bld"))
+    losses = run_bld(parent, acts, SPACE, store, BLD_CONFIG, False)
+    return store, losses

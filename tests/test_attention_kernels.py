@@ -2,13 +2,11 @@
 (SDPA with GQA heads repeated). The paged attention that serving runs is tested in test_paged_attention.py.
 
 Run on the GPU when there is one, else under the Triton interpreter, float32 and float16, with every
-buffer the launcher allocates NaN-poisoned first. The cases sweep G = Hq / Hkv over 1, 3, 8 and 64 (each
-G is its own compilation), head dims 16, 24 (not a power of two) and 64, sequence lengths that no block
-divides, and empty sequences.
+buffer the launcher allocates NaN-poisoned first and guarded by NaN canaries (`poisoned`). The cases sweep
+G = Hq / Hkv over 1, 3, 8 and 64 (each G is its own compilation), head dims 16, 24 (not a power of two) and
+64, sequence lengths that no block divides, and empty sequences.
 
-Tolerances (relative to the largest reference value): float32 1e-5 (observed <= 1e-6; online softmax sums
-in another order); float16 2e-3: the kernel rounds P to fp16 for the P·V product and the output once,
-against an fp32 reference on the same fp16 inputs (observed <= 5e-4).
+Tolerances, relative to the largest reference value, and their reasons: conftest's TOLERANCES.
 """
 
 from __future__ import annotations
@@ -21,15 +19,7 @@ import torch
 from tessera import kernels
 from tessera.kernels.attention import attention_prefill_reference
 
-from .conftest import KERNEL_DEVICE, relative_error
-
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-
-
-def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=KERNEL_DEVICE, dtype=dtype)
-
+from .conftest import KERNEL_DEVICE, dtypes, randn, relative_error
 
 # (sequence lengths, query heads, KV heads, head dim)
 PREFILL_CASES = [
@@ -43,9 +33,9 @@ PREFILL_CASES = [
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
+@dtypes("attention_prefill")
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_attention_prefill(poisoned, case, dtype: torch.dtype, causal: bool) -> None:
+def test_attention_prefill(poisoned, case, dtype: torch.dtype, tol: float, causal: bool) -> None:
     lengths, n_heads, n_kv, head_dim = case
     tokens = sum(lengths)
     cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=KERNEL_DEVICE)
@@ -54,7 +44,7 @@ def test_attention_prefill(poisoned, case, dtype: torch.dtype, causal: bool) -> 
     out = kernels.attention_prefill(q, k, v, cu_seqlens, causal=causal)
     expected = attention_prefill_reference(q.float(), k.float(), v.float(), cu_seqlens, causal)
     assert out.shape == q.shape and out.dtype == dtype
-    assert relative_error(out, expected) <= TOL[dtype]
+    assert relative_error(out, expected) <= tol
 
 
 def test_attention_prefill_given_max_seqlen_matches(poisoned) -> None:

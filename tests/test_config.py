@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from tessera import hf_config
 from tessera.config import (
     ArchConfig,
     AttentionConfig,
@@ -472,3 +475,21 @@ def test_save_json_is_atomic(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(os, "replace", lambda src, dst: calls.append((Path(src).parent, Path(dst))))
     arch.save_json(tmp_path / "config.json")
     assert calls == [(tmp_path, tmp_path / "config.json")]
+
+
+@pytest.mark.parametrize("first", ["tessera.hf_config", "tessera.config"])
+def test_formats_module_imports_without_a_cycle(first: str) -> None:
+    """The formats (tessera/hf_config.py) build the architecture classes and the classes' methods call the
+    formats: either module imported first in a fresh interpreter must still read a config."""
+    path = CONFIGS / "llama-3.1-8b.json"
+    code = f"import {first}; from tessera.config import ArchConfig; print(ArchConfig.from_json({str(path)!r}).n_layers)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "32\n", result.stderr
+
+
+def test_methods_are_the_formats_module(tmp_path: Path) -> None:
+    arch = ArchConfig.from_json(CONFIGS / "llama-3_1-nemotron-51b-instruct.json")
+    assert hf_config.load(CONFIGS / "llama-3_1-nemotron-51b-instruct.json") == arch
+    assert hf_config.to_dict(arch) == arch.to_hf_dict()
+    hf_config.save(arch, tmp_path / "config.json", fmt="nemotron-nas")
+    assert ArchConfig.from_hf_dict(json.loads((tmp_path / "config.json").read_text())) == arch

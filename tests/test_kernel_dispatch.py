@@ -2,10 +2,8 @@
 
 The model test runs a checkpoint mixing every block kind (per-layer KV heads 4/2/1, linear and no-op
 attention, SwiGLU widths 256/512, linear and no-op FFNs) through the engine's steps (prompts prefilled in
-chunks beside decode tokens, over 8-token pages) with each backend. float32 tolerance 1e-5 (observed <= 6.7e-7:
-the same math summed in other orders); float16 5e-3: each of 8 layers rounds activations to fp16 (unit
-roundoff 4.9e-4) at slightly different points on each side (e.g. silu(gate)·up rounded once instead of three
-times), and the logits carry those differences; observed <= 1.8e-3.
+chunks beside decode tokens, over 8-token pages) with each backend. Tolerances, relative to the largest
+reference value, and their reasons: conftest's TOLERANCES["model"].
 """
 
 from __future__ import annotations
@@ -24,7 +22,15 @@ from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.generate import Generator
 from tessera.runtime.sampling import SamplingParams
 
-from .conftest import KERNEL_DEVICE, kernel_backend, nas_config, nas_tensors, relative_error, write_checkpoint
+from .conftest import (
+    KERNEL_DEVICE,
+    dtypes,
+    kernel_backend,
+    nas_config,
+    nas_tensors,
+    relative_error,
+    write_checkpoint,
+)
 
 
 def test_backend_choice(monkeypatch) -> None:
@@ -90,9 +96,7 @@ def _step_logits(model, monkeypatch, steps: int = 3) -> list[torch.Tensor]:
     return recorded
 
 
-@pytest.mark.parametrize(
-    ("dtype", "tol"), [pytest.param(torch.float32, 1e-5, id="fp32"), pytest.param(torch.float16, 5e-3, id="fp16")]
-)
+@dtypes("model")
 def test_model_with_triton_kernels_matches_references(nas_checkpoint_dir: Path, monkeypatch, dtype, tol) -> None:
     model = load_model(nas_checkpoint_dir, device=KERNEL_DEVICE, dtype=dtype)
     with kernel_backend("torch"):

@@ -1,43 +1,32 @@
 """Triton RMSNorm, SwiGLU FFN and RoPE kernels against their plain-torch references.
 
 On a machine without a GPU they run under the Triton interpreter (TRITON_INTERPRET=1, set in conftest),
-in float32 and float16 only: the interpreter computes tl.dot on bfloat16 wrongly. Every buffer the
-launchers allocate is NaN-poisoned first (the `poisoned` fixture), so an unwritten tile fails. Shapes are
-explicit and awkward on purpose: M = 1, 3, 63, 130; widths that no block size divides.
+in float32 and float16 (conftest's KERNEL_DTYPES). Every buffer the launchers allocate is NaN-poisoned first
+and guarded by NaN canaries (the `poisoned` fixture), so an unwritten tile or an out-of-bounds write fails.
+Shapes are explicit and awkward on purpose: M = 1, 3, 63, 130; widths that no block size divides.
 
-Tolerances (relative to the largest reference value):
-- float32: 1e-5. Same products, different summation order; observed <= 1e-6.
-- float16: RMSNorm 1e-3, one fp16 rounding (unit roundoff 4.9e-4) of the output. FFN 2e-3: the kernel
-  rounds silu(gate)·up to fp16 once and the output once, compared with an fp32 reference computed from the
-  same fp16 inputs; observed <= 6e-4.
+Tolerances, relative to the largest reference value, and their reasons: conftest's TOLERANCES.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from tessera import kernels
 from tessera.kernels.ffn import swiglu_ffn_reference
 from tessera.kernels.norm import rms_norm_reference
 from tessera.kernels.rope import apply_rope_reference
 
-from .conftest import KERNEL_DEVICE, relative_error
-
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
-NORM_TOL = {torch.float32: 1e-5, torch.float16: 1e-3}
-FFN_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-
-
-def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen) * scale).to(device=KERNEL_DEVICE, dtype=dtype)
+from .conftest import KERNEL_DEVICE, Poison, dtypes, randn, relative_error
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (3, 100), (63, 257), (130, 1000), (2, 5, 4096)])
-@pytest.mark.parametrize("dtype", DTYPES)
+@dtypes("rms_norm")
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_rms_norm(poisoned, shape: tuple[int, ...], dtype: torch.dtype, with_residual: bool) -> None:
+def test_rms_norm(poisoned, shape: tuple[int, ...], dtype: torch.dtype, tol: float, with_residual: bool) -> None:
     x, weight = randn(*shape, dtype=dtype), randn(shape[-1], dtype=dtype, seed=1) * 0.3 + 1
     residual = randn(*shape, dtype=dtype, scale=4.0, seed=2) if with_residual else None
     out = kernels.rms_norm(x, weight, 1e-5, residual)
@@ -47,7 +36,7 @@ def test_rms_norm(poisoned, shape: tuple[int, ...], dtype: torch.dtype, with_res
         # One addition rounded once to the activation dtype on both sides: bit-identical.
         torch.testing.assert_close(new_residual, expected_residual, rtol=0, atol=0)
     assert out.dtype == dtype and out.shape == x.shape
-    assert relative_error(out, expected) <= NORM_TOL[dtype]
+    assert relative_error(out, expected) <= tol
 
 
 def test_rms_norm_rejects_wrong_shapes(poisoned) -> None:
@@ -66,14 +55,14 @@ def _ffn_inputs(m: int, hidden: int, inter: int, dtype: torch.dtype):
     return x, w_gate_up, w_down, randn(m, hidden, dtype=dtype, seed=3)
 
 
-def _check_ffn(m: int, hidden: int, inter: int, dtype: torch.dtype, with_residual: bool) -> None:
+def _check_ffn(m: int, hidden: int, inter: int, dtype: torch.dtype, tol: float, with_residual: bool) -> None:
     x, w_gate_up, w_down, residual = _ffn_inputs(m, hidden, inter, dtype)
     residual = residual if with_residual else None
     out = kernels.swiglu_ffn(x, w_gate_up, w_down, residual)
     up = [t.float() if t is not None else None for t in (x, w_gate_up, w_down, residual)]
     expected = swiglu_ffn_reference(*up)
     assert out.dtype == dtype and out.shape == (m, hidden)
-    assert relative_error(out, expected) <= FFN_TOL[dtype]
+    assert relative_error(out, expected) <= tol
 
 
 # (M, hidden, intermediate): decode and prefill row counts (each of the four block-shape ranges), widths no
@@ -82,24 +71,24 @@ FFN_SHAPES = [(1, 64, 200), (3, 48, 130), (63, 64, 300), (130, 96, 200), (17, 40
 
 
 @pytest.mark.parametrize("shape", FFN_SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
+@dtypes("swiglu_ffn")
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-def test_swiglu_ffn(poisoned, shape: tuple[int, int, int], dtype: torch.dtype, with_residual: bool) -> None:
-    _check_ffn(*shape, dtype, with_residual)
+def test_swiglu_ffn(poisoned, shape: tuple[int, int, int], dtype: torch.dtype, tol: float, with_residual: bool) -> None:
+    _check_ffn(*shape, dtype, tol, with_residual)
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16")])
-def test_swiglu_ffn_fused_group_width(poisoned, dtype: torch.dtype) -> None:
+@dtypes("swiglu_ffn", only=(torch.float16,))
+def test_swiglu_ffn_fused_group_width(poisoned, dtype: torch.dtype, tol: float) -> None:
     """An FFN-Fusion group is wider than 65,536 (where Liger's SwiGLU stops); at M = 1 the down GEMM splits
     its 70,000-long reduction across programs (split-K) and sums the partials with the residual."""
-    _check_ffn(1, 32, 70_001, dtype, with_residual=True)
+    _check_ffn(1, 32, 70_001, dtype, tol, with_residual=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("m", [3, 130])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_ffn_fused_group_width_more_rows(poisoned, m: int, dtype: torch.dtype) -> None:
-    _check_ffn(m, 32, 70_001, dtype, with_residual=m == 3)
+@dtypes("swiglu_ffn")
+def test_swiglu_ffn_fused_group_width_more_rows(poisoned, m: int, dtype: torch.dtype, tol: float) -> None:
+    _check_ffn(m, 32, 70_001, dtype, tol, with_residual=m == 3)
 
 
 def test_swiglu_ffn_rejects_mismatched_weights(poisoned) -> None:
@@ -111,8 +100,8 @@ def test_swiglu_ffn_rejects_mismatched_weights(poisoned) -> None:
 
 
 @pytest.mark.parametrize("n_tokens", [1, 3, 63])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_apply_rope_on_packed_qkv_view(poisoned, n_tokens: int, dtype: torch.dtype) -> None:
+@dtypes("rope")
+def test_apply_rope_on_packed_qkv_view(poisoned, n_tokens: int, dtype: torch.dtype, tol: float) -> None:
     """q and k are rotated together as a strided view of the packed qkv projection, as the runtime does."""
     n_q, n_kv, head_dim = 6, 2, 24
     qkv = randn(n_tokens, (n_q + 2 * n_kv) * head_dim, dtype=dtype)
@@ -120,5 +109,44 @@ def test_apply_rope_on_packed_qkv_view(poisoned, n_tokens: int, dtype: torch.dty
     angles = torch.rand(n_tokens, head_dim // 2, generator=torch.Generator().manual_seed(1)) * 100
     cos, sin = angles.cos().to(KERNEL_DEVICE), angles.sin().to(KERNEL_DEVICE)
     out = kernels.apply_rope(qk, cos, sin)
-    # Both sides compute in fp32 and round once; only fused multiply-adds may differ (last bit).
-    assert relative_error(out, apply_rope_reference(qk, cos, sin)) <= (1e-6 if dtype == torch.float32 else 1e-3)
+    assert relative_error(out, apply_rope_reference(qk, cos, sin)) <= tol
+
+
+@triton.jit
+def _copy_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, OVERRUN: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + offs, x, mask=offs < n + OVERRUN)  # OVERRUN = 1: the off-by-one mask `offs <= n`
+
+
+@pytest.mark.parametrize("overrun", [0, 1], ids=["in-bounds", "one-past-the-end"])
+def test_poison_canaries_catch_a_kernel_writing_past_the_end(monkeypatch, overrun: int) -> None:
+    """The `poisoned` fixture's own test: a copy kernel whose store mask lets one element past the end through
+    writes into the canary, and the check names the offset."""
+    poison = Poison(monkeypatch)
+    x = randn(100)
+    out = torch.empty_like(x)
+    _copy_kernel[(1,)](x, out, x.numel(), BLOCK=128, OVERRUN=overrun)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)  # the region itself is right either way
+    if overrun:
+        with pytest.raises(AssertionError, match=r"100-element buffer at element offsets \[100\]"):
+            poison.check()
+    else:
+        poison.check()
+
+
+@pytest.mark.parametrize(
+    "allocate",
+    [lambda: torch.empty(3, 5), lambda: torch.empty_like(torch.ones(3, 5)), lambda: torch.ones(1).new_empty(3, 5)],
+    ids=["empty", "empty_like", "new_empty"],
+)
+def test_poison_guards_every_allocation(monkeypatch, allocate) -> None:
+    """Each allocation the fixture patches comes back NaN, contiguous, and between canaries: a write one element
+    before the start fails the check too."""
+    poison = Poison(monkeypatch)
+    out = allocate()
+    assert out.shape == (3, 5) and out.is_contiguous() and out.isnan().all()
+    poison.check()
+    out.as_strided((1,), (1,), out.storage_offset() - 1).fill_(0.0)
+    with pytest.raises(AssertionError, match=r"15-element buffer at element offsets \[-1\]"):
+        poison.check()

@@ -8,7 +8,7 @@ the CPU serves with are checked against it. Pages are handed out in a shuffled o
 the block table would read another sequence's keys; pages no sequence owns are NaN, and table entries past a
 sequence's own pages are out of range, so reading a page it does not own shows up as NaN or an index error.
 The unwritten tail of a sequence's last page is zero, as PagedKVCache.allocate leaves it. Every buffer the
-Triton launcher allocates (output, split partials, log-sum-exps) starts as NaN (`poisoned`).
+Triton launcher allocates (output, split partials, log-sum-exps) starts as NaN between NaN canaries (`poisoned`).
 
 Cases: G = 1, 2, 4, 8, 16 and 64; head dims 16, 24 (not a power of two) and 128 (64-key tiles); pages of 4, 8,
 16, 32 and a whole context; decode tokens of contexts 0 (an idle sequence), 1, on and either side of page
@@ -16,8 +16,7 @@ and split boundaries (128-key shares: 128, 129, 255, 256, 257), up to 1,000 and,
 prompts, later chunks of a long prompt and decode tokens mixed in one step; the context split over the SMs
 (the default plan) and not split at all.
 
-Tolerances (relative to the largest reference value): float32 1e-5 (observed <= 2.2e-7: sums in another order);
-float16 2e-3: the kernel rounds P to fp16 for P·V and the output once (observed <= 4.2e-4).
+Tolerances, relative to the largest reference value, and their reasons: conftest's TOLERANCES.
 """
 
 from __future__ import annotations
@@ -31,10 +30,8 @@ from tessera import kernels
 from tessera.kernels.attention_paged import PagedAttentionMetadata
 from tessera.kernels.attention_paged_reference import attention_paged_reference
 
-from .conftest import KERNEL_DEVICE, relative_error
+from .conftest import KERNEL_DEVICE, TOLERANCES, dtypes, relative_error
 
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 paged = importlib.import_module("tessera.kernels.attention_paged")  # the module: `kernels.attention_paged` is the op
 
 # (query tokens this step, cached tokens in all after it) per sequence; query heads; KV heads; head dim; page
@@ -97,7 +94,7 @@ def metadata(q_lens: list[int], lengths: list[int], tables: torch.Tensor) -> Pag
     return PagedAttentionMetadata(tables, cu, seq_lens, max(q_lens))
 
 
-def check_case(seqs, n_heads, n_kv, head_dim, page, dtype, seed, pages=None) -> None:
+def check_case(seqs, n_heads, n_kv, head_dim, page, dtype, tol, seed, pages=None) -> None:
     q_lens, lengths = [n for n, _ in seqs], [n for _, n in seqs]
     ks, vs, k_pages, v_pages, tables = paged_layout(lengths, n_kv, head_dim, page, dtype, seed, pages)
     q = torch.randn(sum(q_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(100 + seed))
@@ -109,16 +106,16 @@ def check_case(seqs, n_heads, n_kv, head_dim, page, dtype, seed, pages=None) -> 
     torch_out = attention_paged_reference(qd, k_pages, v_pages, metadata(q_lens, lengths, tables))
     for out in (triton_out, torch_out):
         assert out.shape == q.shape and out.dtype == dtype
-        assert relative_error(out.cpu(), expected) <= TOL[dtype]
+        assert relative_error(out.cpu(), expected) <= tol
 
 
 @pytest.mark.parametrize("splits", ["split", "one"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@dtypes("attention_paged")
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_paged_attention_matches_hand_written(poisoned, monkeypatch, case: int, dtype, splits: str) -> None:
+def test_paged_attention_matches_hand_written(poisoned, monkeypatch, case: int, dtype, tol, splits: str) -> None:
     if splits == "one":  # a GPU with enough (sequence, KV head) programs already: the output is written directly
         monkeypatch.setattr(paged, "sm_count", lambda device: 0)
-    check_case(*CASES[case], dtype, seed=case)
+    check_case(*CASES[case], dtype, tol, seed=case)
 
 
 def test_the_split_plan_covers_the_gpu_and_follows_the_capacity(monkeypatch) -> None:
@@ -133,22 +130,22 @@ def test_the_split_plan_covers_the_gpu_and_follows_the_capacity(monkeypatch) -> 
     assert paged.split_count(4096, 8192, 64, cpu) == 1
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@dtypes("attention_paged")
 @pytest.mark.parametrize(
     "pages", [[[1], [2], [3]], [[4], [1], [3]], [[9], [1], [5]]], ids=["in-order", "holes", "far-apart"]
 )
-def test_one_page_per_sequence(poisoned, dtype, pages) -> None:
+def test_one_page_per_sequence(poisoned, dtype, tol, pages) -> None:
     """The CPU cache's layout: each sequence in one page of a whole context. Decode tokens in consecutive pages
     are read in place; with a page between them that no sequence owns (NaN), and in another order, too; pages
     far apart are copied out."""
-    check_case([(1, 90), (1, 7), (1, 128)], 8, 2, 16, 128, dtype, seed=20, pages=pages)
-    check_case([(1, 90), (30, 30), (1, 128)], 8, 2, 16, 128, dtype, seed=21, pages=pages)  # a prompt among them
+    check_case([(1, 90), (1, 7), (1, 128)], 8, 2, 16, 128, dtype, tol, seed=20, pages=pages)
+    check_case([(1, 90), (30, 30), (1, 128)], 8, 2, 16, 128, dtype, tol, seed=21, pages=pages)  # a prompt among them
 
 
 @pytest.mark.slow
 def test_paged_attention_128k_context(poisoned) -> None:
     """The longest context the issue names (128k): one decode token over 8,192 pages, 64 splits of 2,048 keys."""
-    check_case([(1, 131_072)], 8, 1, 16, 16, torch.float16, seed=30)
+    check_case([(1, 131_072)], 8, 1, 16, 16, torch.float16, TOLERANCES["attention_paged"][torch.float16], seed=30)
 
 
 def test_paged_attention_rejects_mismatched_shapes() -> None:

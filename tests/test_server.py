@@ -308,7 +308,7 @@ def test_a_prompt_far_past_the_context_is_refused_without_tokenising(server) -> 
     """The demo's byte-level tokenizer covers at most 69 bytes a token: a text prompt of more characters than
     69 x max_model_len cannot fit, and is refused before the tokenizer sees it."""
     served, base = server
-    assert served.max_prompt_bytes == 69 * 512
+    assert served.engine.encoder.max_text == 69 * 512
     start = time.perf_counter()
     r = httpx.post(f"{base}/v1/completions", json={"prompt": "x" * (69 * 512 + 1), "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
@@ -322,7 +322,7 @@ def test_tokenising_a_long_prompt_does_not_stall_the_server(server, monkeypatch)
     worker thread that releases the GIL. Tokenised on the event loop it once held /health for 5.5 s. (The
     byte-count shortcut above is switched off, so the prompt is tokenised.)"""
     served, base = server
-    monkeypatch.setattr(served, "max_prompt_bytes", None)
+    monkeypatch.setattr(served.engine.encoder, "max_text", None)
     text = "x = 1; " * ((served.max_request_bytes - 1000) // 7)  # 7 bytes a repeat in JSON
     gaps: list[float] = []
 

@@ -1,0 +1,78 @@
+"""Device and dtype helpers, one home for each: a `--device` flag as a torch.device, a device's name as results
+and cost tables record it, a torch dtype's name as config.json ("torch_dtype"), cost tables and results spell
+it (and back from a `--dtype` flag), and the wall-clock timer the cost model and the CPU benchmarks share.
+
+Bytes per dtype name belong to the cost formulas: `tessera.config.dtype_bytes`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+# The dtypes a model runs in (`--dtype`); a checkpoint may store more (tessera.config.DTYPE_BYTES).
+RUN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available on this machine")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu or cuda")
+    return torch.device(name)
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """The GPU's name, or the CPU's model with its cores and the threads torch uses: what a timing ran on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name config.json, cost tables and results record: torch.bfloat16 is "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """A run dtype from its name (a `--dtype` flag); ValueError naming the choices otherwise."""
+    if name not in RUN_DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(RUN_DTYPES)}")
+    return RUN_DTYPES[name]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so wall time covers it (CPU work is already done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5, budget_s: float = 0.3) -> float:
+    """Median wall milliseconds of fn (after one warm-up call), repeated until min_reps and budget_s are met."""
+    fn()
+    synchronize(device)
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < min_reps or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)

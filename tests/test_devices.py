@@ -1,0 +1,86 @@
+"""Device and dtype helpers (tessera/devices.py): flags become devices and dtypes with one-line errors, dtype
+names round-trip through the names config.json uses, and the shared timer takes the median it promises."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from tessera import devices
+from tessera.cli import _benchmarks
+from tessera.config import DTYPE_BYTES, dtype_bytes
+from tessera.devices import device_name, dtype_name, median_ms, parse_dtype, resolve_device
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^--device 'tpu': expected cpu or cuda$"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16"])
+def test_run_dtype_names_round_trip(name: str) -> None:
+    assert dtype_name(parse_dtype(name)) == name
+
+
+def test_parse_dtype_refuses_other_names() -> None:
+    # float64 is a storage dtype (a checkpoint may hold it), not one tessera runs in.
+    for name in ("float64", "fp16", "torch.float16"):
+        with pytest.raises(ValueError, match=rf"^dtype '{name}': expected one of float32, float16, bfloat16$"):
+            parse_dtype(name)
+
+
+@pytest.mark.parametrize("name", sorted(DTYPE_BYTES))
+def test_storage_dtype_names_are_torch_names(name: str) -> None:
+    """Every name config.json may declare is the name dtype_name gives the torch dtype, with its true size."""
+    dtype = getattr(torch, name)
+    assert dtype_name(dtype) == name
+    assert dtype_bytes(name) == dtype.itemsize
+
+
+def test_cpu_device_name() -> None:
+    name = device_name(torch.device("cpu"))
+    assert name == device_name("cpu")
+    assert name.endswith(f" cores, {torch.get_num_threads()} torch threads)")
+
+
+class _Clock:
+    """A fake perf_counter that moves only when the timed function runs."""
+
+    def __init__(self, durations_ms: list[float]) -> None:
+        self.now, self.durations, self.calls = 0.0, iter(durations_ms), 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self) -> None:
+        self.calls += 1
+        self.now += next(self.durations, 0.0) / 1e3
+
+
+def test_median_ms_skips_the_warm_up_and_takes_the_median(monkeypatch) -> None:
+    clock = _Clock([100.0, 4.0, 1.0, 3.0])  # the first call is the warm-up, not timed
+    monkeypatch.setattr(devices.time, "perf_counter", clock)
+    assert median_ms(clock.run, torch.device("cpu"), min_reps=3, budget_s=0) == pytest.approx(3.0)
+    assert clock.calls == 4
+
+
+def test_median_ms_stops_at_200_repetitions(monkeypatch) -> None:
+    clock = _Clock([])  # time never passes, so the budget is never spent
+    monkeypatch.setattr(devices.time, "perf_counter", clock)
+    assert median_ms(clock.run, torch.device("cpu"), budget_s=1.0) == 0.0
+    assert clock.calls == 201
+
+
+def test_one_timer_and_one_device_name_for_cost_model_and_benchmarks() -> None:
+    from tessera.search import cost
+
+    _benchmarks()  # loads the checkout's benchmarks/ as the package tessera_benchmarks
+    harness = sys.modules["tessera_benchmarks.harness"]
+    assert harness.median_ms is cost.median_ms is median_ms
+    assert harness.device_name is cost.device_name is device_name
