@@ -77,9 +77,11 @@ def _decode_case(model, n_heads, n_kv, batch, context, device, dtype, baseline) 
     k_cache, v_cache = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # SDPA's [B, Hkv, L, D]
     del k, v
     meta = kernels.PagedAttentionMetadata(
-        tables, torch.arange(batch + 1, dtype=torch.int32, device=device),
-        torch.full((batch,), context, dtype=torch.int32, device=device), 1,
-    )  # fmt: skip
+        tables,
+        torch.arange(batch + 1, dtype=torch.int32, device=device),
+        torch.full((batch,), context, dtype=torch.int32, device=device),
+        1,
+    )
     backends, name = baseline
     q4 = q.view(batch, n_heads, 1, HEAD_DIM)
     size = q.element_size()
@@ -101,8 +103,7 @@ def _prefill_cases(model, n_heads, n_kv, batch, length, device, dtype, baseline)
     q = torch.randn(tokens, n_heads, HEAD_DIM, device=device, dtype=dtype, generator=gen)
     k, v = (torch.randn(tokens, n_kv, HEAD_DIM, device=device, dtype=dtype, generator=gen) for _ in range(2))
     cu_seqlens = torch.arange(0, tokens + 1, length, dtype=torch.int32, device=device)
-    k_pages, v_pages, tables = _paged(k.view(batch, length, n_kv, HEAD_DIM), v.view(batch, length, n_kv, HEAD_DIM),
-                                      gen)  # fmt: skip
+    k_pages, v_pages, tables = _paged(k.view(batch, length, n_kv, HEAD_DIM), v.view(batch, length, n_kv, HEAD_DIM), gen)
     seq_lens = torch.full((batch,), length, dtype=torch.int32, device=device)
     meta = kernels.PagedAttentionMetadata(tables, cu_seqlens, seq_lens, length)
     backends, name = baseline
@@ -116,14 +117,28 @@ def _prefill_cases(model, n_heads, n_kv, batch, length, device, dtype, baseline)
 
     size = q.element_size()
     shape = {"model": model, "q_heads": n_heads, "kv_heads": n_kv, "batch": batch, "context": length}
-    work = dict(flops=2.0 * batch * n_heads * length * length * HEAD_DIM,
-                bytes=(2 * tokens * n_heads + 2 * tokens * n_kv) * HEAD_DIM * size)  # fmt: skip
-    yield KernelCase(op="attention_paged prefill", shape=shape,
-                     candidate=partial(kernels.attention_paged, q, k_pages, v_pages, meta), baseline=eager,
-                     tolerance=2e-2, baseline_name=name, **work)  # fmt: skip
-    yield KernelCase(op="attention_prefill (uncached)", shape=shape,
-                     candidate=partial(kernels.attention_prefill, q, k, v, cu_seqlens, True, length),
-                     baseline=eager, tolerance=2e-2, baseline_name=name, **work)  # fmt: skip
+    work = dict(
+        flops=2.0 * batch * n_heads * length * length * HEAD_DIM,
+        bytes=(2 * tokens * n_heads + 2 * tokens * n_kv) * HEAD_DIM * size,
+    )
+    yield KernelCase(
+        op="attention_paged prefill",
+        shape=shape,
+        candidate=partial(kernels.attention_paged, q, k_pages, v_pages, meta),
+        baseline=eager,
+        tolerance=2e-2,
+        baseline_name=name,
+        **work,
+    )
+    yield KernelCase(
+        op="attention_prefill (uncached)",
+        shape=shape,
+        candidate=partial(kernels.attention_prefill, q, k, v, cu_seqlens, True, length),
+        baseline=eager,
+        tolerance=2e-2,
+        baseline_name=name,
+        **work,
+    )
 
 
 def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator[KernelCase]:

@@ -21,8 +21,25 @@ from .harness import relative_error, time_ms
 
 # block_configs[53..70] of nvidia/Llama-3_3-Nemotron-Super-49B-v1 (attention no-op, ffn_mult -> width at 8192).
 SUPER_49B_RUN_WIDTHS = [
-    7168, 5632, 5632, 7168, 5632, 5632, 5632, 7168, 7168, 2816, 2816, 5632, 5632, 2816, 2816, 5632, 2816, 2816,
-]  # fmt: skip
+    7168,
+    5632,
+    5632,
+    7168,
+    5632,
+    5632,
+    5632,
+    7168,
+    7168,
+    2816,
+    2816,
+    5632,
+    5632,
+    2816,
+    2816,
+    5632,
+    2816,
+    2816,
+]
 SUPER_49B_FIRST_LAYER = 53
 
 
@@ -60,10 +77,16 @@ def run(device: torch.device) -> dict:
             error = relative_error(through(fused), parallel)
             sequential_ms, method = time_ms(lambda: through(unfused), device)
             fused_ms, _ = time_ms(lambda: through(fused), device)
-        rows.append({
-            "batch": b, "unfused_ms": sequential_ms, "fused_ms": fused_ms, "speedup": sequential_ms / fused_ms,
-            "fused_vs_parallel_relative_error": error, "timing": method,
-        })  # fmt: skip
+        rows.append(
+            {
+                "batch": b,
+                "unfused_ms": sequential_ms,
+                "fused_ms": fused_ms,
+                "speedup": sequential_ms / fused_ms,
+                "fused_vs_parallel_relative_error": error,
+                "timing": method,
+            }
+        )
         print(f"batch {b}: unfused {sequential_ms:.3f} ms, fused {fused_ms:.3f} ms = {sequential_ms / fused_ms:.2f}x")
     return {
         "model": (

@@ -101,11 +101,15 @@ def test_write_results() -> None:
     if len(_measured) < len(BATCHES):
         pytest.skip("benchmarks disabled or incomplete")
     rows = [_measured[batch] for batch in BATCHES]
-    lines = ["| batch | transformers tokens/s | tessera tokens/s | speedup (median of rounds) | range over rounds |",
-             "|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = [
+        "| batch | transformers tokens/s | tessera tokens/s | speedup (median of rounds) | range over rounds |",
+        "|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['transformers_tokens_per_s']:.1f} | {r['tessera_tokens_per_s']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['speedup_min']:.2f}-{r['speedup_max']:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| {r['batch']} | {r['transformers_tokens_per_s']:.1f} | {r['tessera_tokens_per_s']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['speedup_min']:.2f}-{r['speedup_max']:.2f}x |"
+        )
     env = environment()
     results = {
         **env,

@@ -24,9 +24,16 @@ from dataclasses import dataclass, field
 
 import httpx
 
-PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, item):",
-           "for key, value in sorted(", "    return self._cache[", "# Copyright", "with open(path) as f:",
-           "raise ValueError("]  # fmt: skip
+PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n",
+    "class Stack:\n    def push(self, item):",
+    "for key, value in sorted(",
+    "    return self._cache[",
+    "# Copyright",
+    "with open(path) as f:",
+    "raise ValueError(",
+]
 MAX_TOKENS = 24
 
 
@@ -43,12 +50,17 @@ class LoadReport:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
     def summary(self) -> dict:
-        return {"requests": self.requests, "hostile": self.hostile,
-                "hostile_share": round(self.hostile / self.requests, 3) if self.requests else 0.0,
-                "good_requests": len(self.latencies), "good_errors": len(self.good_errors),
-                "hostile_unexpected": len(self.hostile_unexpected),
-                "p50_s": round(statistics.median(self.latencies), 3), "p99_s": round(self.quantile(0.99), 3),
-                "max_s": round(max(self.latencies), 3)}  # fmt: skip
+        return {
+            "requests": self.requests,
+            "hostile": self.hostile,
+            "hostile_share": round(self.hostile / self.requests, 3) if self.requests else 0.0,
+            "good_requests": len(self.latencies),
+            "good_errors": len(self.good_errors),
+            "hostile_unexpected": len(self.hostile_unexpected),
+            "p50_s": round(statistics.median(self.latencies), 3),
+            "p99_s": round(self.quantile(0.99), 3),
+            "max_s": round(max(self.latencies), 3),
+        }
 
 
 async def _completion(http: httpx.AsyncClient, prompt: str, stream: bool) -> str:
@@ -122,8 +134,9 @@ async def _hostile_client(http: httpx.AsyncClient, index: int, rounds: int, body
                 report.hostile_unexpected.append(f"{what}: {type(e).__name__}: {e}")
 
 
-async def run_load(base: str, solo: dict[str, str], clients: int, rounds: int, hostile_share: float,
-                   body_limit: int) -> LoadReport:  # fmt: skip
+async def run_load(
+    base: str, solo: dict[str, str], clients: int, rounds: int, hostile_share: float, body_limit: int
+) -> LoadReport:
     """`clients` at once, each sending `rounds` requests one after another; a `hostile_share` of them hostile."""
     report = LoadReport()
     hostile = round(clients * hostile_share)
@@ -138,8 +151,12 @@ async def run_load(base: str, solo: dict[str, str], clients: int, rounds: int, h
 def solo_texts(base: str) -> dict[str, str]:
     """Each prompt's greedy text served alone, one request at a time."""
     with httpx.Client(base_url=base, timeout=120) as http:
-        return {p: http.post("/v1/completions", json={"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0})
-                .json()["choices"][0]["text"] for p in PROMPTS}  # fmt: skip
+        return {
+            p: http.post("/v1/completions", json={"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0}).json()[
+                "choices"
+            ][0]["text"]
+            for p in PROMPTS
+        }
 
 
 def calm_and_hostile(base: str, body_limit: int, clients: int = 24, rounds: int = 3, share: float = 1 / 3) -> dict:
@@ -182,23 +199,40 @@ def main(rounds: int = 3) -> None:
     ratios = [p["hostile"].quantile(0.99) / p["calm"].quantile(0.99) for p in pairs]
     results = {
         **environment(),
-        "setup": {"model": "demo parent", "max_batch": 16, "max_model_len": 512, "clients": 24, "hostile_clients": 8,
-                  "requests_per_client": 3, "max_tokens": MAX_TOKENS, "body_limit": served.max_request_bytes},
+        "setup": {
+            "model": "demo parent",
+            "max_batch": 16,
+            "max_model_len": 512,
+            "clients": 24,
+            "hostile_clients": 8,
+            "requests_per_client": 3,
+            "max_tokens": MAX_TOKENS,
+            "body_limit": served.max_request_bytes,
+        },
         "rounds": [{k: r.summary() for k, r in p.items()} for p in pairs],
         "p99_ratio_median": round(statistics.median(ratios), 3),
         "p99_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
         "good_errors": sum(len(p["hostile"].good_errors) + len(p["calm"].good_errors) for p in pairs),
         "hostile_unexpected": [u for p in pairs for u in p["hostile"].hostile_unexpected],
-    }  # fmt: skip
-    lines = [f"# Hostile load on `tessera serve` ({results['device']}, commit {results['commit']})", "",
-             "| round | requests | hostile | errors seen by well-behaved clients | calm p50 / p99 (s) | "
-             "hostile p50 / p99 (s) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    }
+    lines = [
+        f"# Hostile load on `tessera serve` ({results['device']}, commit {results['commit']})",
+        "",
+        "| round | requests | hostile | errors seen by well-behaved clients | calm p50 / p99 (s) | "
+        "hostile p50 / p99 (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for k, p in enumerate(pairs, 1):
         c, h = p["calm"].summary(), p["hostile"].summary()
-        lines.append(f"| {k} | {h['requests']} | {h['hostile']} | {h['good_errors'] + c['good_errors']} | "
-                     f"{c['p50_s']} / {c['p99_s']} | {h['p50_s']} / {h['p99_s']} |")  # fmt: skip
-    lines += ["", f"p99 hostile / calm: median {results['p99_ratio_median']}x, range "
-                  f"{results['p99_ratio_range'][0]}-{results['p99_ratio_range'][1]}x"]  # fmt: skip
+        lines.append(
+            f"| {k} | {h['requests']} | {h['hostile']} | {h['good_errors'] + c['good_errors']} | "
+            f"{c['p50_s']} / {c['p99_s']} | {h['p50_s']} / {h['p99_s']} |"
+        )
+    lines += [
+        "",
+        f"p99 hostile / calm: median {results['p99_ratio_median']}x, range "
+        f"{results['p99_ratio_range'][0]}-{results['p99_ratio_range'][1]}x",
+    ]
     print(json.dumps(results, indent=1))
     print(write_results("cpu_hostile_load", results, "\n".join(lines)))
 

@@ -100,14 +100,22 @@ def run(device: torch.device, copy_gbps: float) -> dict:
                 if on_gpu:
                     torch.cuda.empty_cache()
                 row = {
-                    "batch": batch, "context": context, "kernels": backend, "cuda_graph": graph,
-                    "step_ms": ms, "tokens_per_s": batch * 1e3 / ms, "floor_ms": floor_ms,
-                    "pct_of_bandwidth_floor": 100 * floor_ms / ms, "timing": method,
-                }  # fmt: skip
+                    "batch": batch,
+                    "context": context,
+                    "kernels": backend,
+                    "cuda_graph": graph,
+                    "step_ms": ms,
+                    "tokens_per_s": batch * 1e3 / ms,
+                    "floor_ms": floor_ms,
+                    "pct_of_bandwidth_floor": 100 * floor_ms / ms,
+                    "timing": method,
+                }
                 rows.append(row)
                 label = f"decode batch {batch} context {context} {backend}{' graph' if graph else ''}"
-                print(f"{label}: {ms:.3f} ms/step, {row['tokens_per_s']:.0f} tokens/s, "
-                      f"{row['pct_of_bandwidth_floor']:.0f} % of floor")  # fmt: skip
+                print(
+                    f"{label}: {ms:.3f} ms/step, {row['tokens_per_s']:.0f} tokens/s, "
+                    f"{row['pct_of_bandwidth_floor']:.0f} % of floor"
+                )
             if "triton" in outputs:  # same logits up to bf16 rounding before any speed is compared
                 diff = (outputs["triton"] - outputs["torch"]).abs().max() / outputs["torch"].abs().max()
                 for row in rows[-len(modes) :]:
@@ -152,8 +160,14 @@ def generate_speed(device: torch.device, new_tokens: int = 128) -> list[dict]:
         def theirs(prompts=prompts) -> list[list[int]]:
             ids = prompts.to(device)
             with torch.inference_mode():
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+                out = hf.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
             return out[:, 16:].tolist()
 
         speed, outputs = {}, {}
@@ -169,13 +183,20 @@ def generate_speed(device: torch.device, new_tokens: int = 128) -> list[dict]:
             speed[name] = batch * new_tokens / statistics.median(times)
         pairs = [(a, b) for x, y in zip(outputs["tessera"], outputs["transformers"]) for a, b in zip(x, y)]
         same = sum(a == b for a, b in pairs) / len(pairs)
-        rows.append({
-            "batch": batch, "tessera_tokens_per_s": speed["tessera"],
-            "transformers_tokens_per_s": speed["transformers"], "speedup": speed["tessera"] / speed["transformers"],
-            "same_tokens": same, "cuda_graphs": generator.engine.graphs is not None,
-        })  # fmt: skip
-        print(f"generate, demo parent, batch {batch}: tessera {speed['tessera']:.0f} tokens/s, transformers "
-              f"{speed['transformers']:.0f} tokens/s ({100 * same:.0f} % of tokens the same)")  # fmt: skip
+        rows.append(
+            {
+                "batch": batch,
+                "tessera_tokens_per_s": speed["tessera"],
+                "transformers_tokens_per_s": speed["transformers"],
+                "speedup": speed["tessera"] / speed["transformers"],
+                "same_tokens": same,
+                "cuda_graphs": generator.engine.graphs is not None,
+            }
+        )
+        print(
+            f"generate, demo parent, batch {batch}: tessera {speed['tessera']:.0f} tokens/s, transformers "
+            f"{speed['transformers']:.0f} tokens/s ({100 * same:.0f} % of tokens the same)"
+        )
     return rows
 
 
@@ -190,10 +211,16 @@ def table(result: dict) -> str:
             f"{r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | {r['pct_of_bandwidth_floor']:.0f} % |"
         )
     if result.get("generate"):
-        lines += ["", "`Generator` on the demo parent (bf16, 16-token prompts, 128 greedy tokens) vs transformers:", "",
-                  "| batch | tessera tokens/s | transformers tokens/s | speedup | same tokens | CUDA graphs |",
-                  "|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+        lines += [
+            "",
+            "`Generator` on the demo parent (bf16, 16-token prompts, 128 greedy tokens) vs transformers:",
+            "",
+            "| batch | tessera tokens/s | transformers tokens/s | speedup | same tokens | CUDA graphs |",
+            "|---:|---:|---:|---:|---:|---|",
+        ]
         for r in result["generate"]:
-            lines.append(f"| {r['batch']} | {r['tessera_tokens_per_s']:.0f} | {r['transformers_tokens_per_s']:.0f} | "
-                         f"{r['speedup']:.2f}x | {100 * r['same_tokens']:.0f} % | {r['cuda_graphs']} |")  # fmt: skip
+            lines.append(
+                f"| {r['batch']} | {r['tessera_tokens_per_s']:.0f} | {r['transformers_tokens_per_s']:.0f} | "
+                f"{r['speedup']:.2f}x | {100 * r['same_tokens']:.0f} % | {r['cuda_graphs']} |"
+            )
     return "\n".join(lines)

@@ -68,8 +68,15 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 async def _request(http, url: str, model: str, prompt: list[int], output_len: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     ttft, last, itl, tokens, error = None, start, [], 0, None
     async with http.stream("POST", url, json=body) as response:
@@ -153,12 +160,27 @@ class ServerProcess:
 
     def __init__(
         self, model_dir: Path, max_batch: int, device: str = "cpu", dtype: str = "float32", data_parallel_size: int = 1
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "tessera.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
-                   "--max-batch", str(max_batch), "--device", device, "--dtype", dtype,
-                   "--data-parallel-size", str(data_parallel_size)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "tessera.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(self.port),
+            "--max-batch",
+            str(max_batch),
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "--data-parallel-size",
+            str(data_parallel_size),
+        ]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -190,7 +212,7 @@ class ServerProcess:
 
 def transformers_baseline(
     model_dir: Path, prompts: list[list[int]], output_len: int, device: str = "cpu", dtype=torch.float32
-) -> dict:  # fmt: skip
+) -> dict:
     """The same requests one at a time through transformers' generate; returns throughput and latencies."""
     from transformers import LlamaForCausalLM
 
@@ -203,15 +225,27 @@ def transformers_baseline(
         for prompt in prompts:
             ids = torch.tensor([prompt], device=device)
             t0 = time.perf_counter()
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                              min_new_tokens=output_len, do_sample=False, pad_token_id=0)  # fmt: skip
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                do_sample=False,
+                pad_token_id=0,
+            )
             latencies.append(time.perf_counter() - t0)
             outputs.append(out[0, len(prompt) :].tolist())
         duration = time.perf_counter() - start
     tokens = sum(len(o) for o in outputs)
-    return {"requests": len(prompts), "duration_s": duration, "total_output_tokens": tokens,
-            "output_throughput": tokens / duration, "request_throughput": len(prompts) / duration,
-            "e2el_ms": percentiles(latencies), "outputs": outputs}  # fmt: skip
+    return {
+        "requests": len(prompts),
+        "duration_s": duration,
+        "total_output_tokens": tokens,
+        "output_throughput": tokens / duration,
+        "request_throughput": len(prompts) / duration,
+        "e2el_ms": percentiles(latencies),
+        "outputs": outputs,
+    }
 
 
 def decode_step_ms(model_dir: Path, batch: int, input_len: int, page_size: int | None, steps: int = 40) -> float:
@@ -237,10 +271,15 @@ def decode_step_ms(model_dir: Path, batch: int, input_len: int, page_size: int |
 
 
 def run_cpu(
-    model_dir: Path = PARENT_DIR, num_prompts: int = 48, input_len: int = 128, output_len: int = 128,
-    loads: tuple[Load, ...] = CPU_LOADS, max_batch: int = 16, seed: int = 0,
+    model_dir: Path = PARENT_DIR,
+    num_prompts: int = 48,
+    input_len: int = 128,
+    output_len: int = 128,
+    loads: tuple[Load, ...] = CPU_LOADS,
+    max_batch: int = 16,
+    seed: int = 0,
     data_parallel_sizes: tuple[int, ...] = (1, 2),
-) -> dict:  # fmt: skip
+) -> dict:
     """The online benchmark on CPU (float32) against transformers one request at a time. The first server
     configuration (the default: one engine process) runs every load; the others only the goal's load."""
     from tessera.config import ArchConfig
@@ -268,18 +307,31 @@ def run_cpu(
     baseline = transformers_baseline(model_dir, prompts, output_len)
     baseline.pop("outputs")
     print("the engine's decode step, KV in whole-context pages and in 16-token pages ...", file=sys.stderr)
-    step_ms = {"whole_context_pages": decode_step_ms(model_dir, 16, input_len, None),
-               "pages_16": decode_step_ms(model_dir, 16, input_len, 16)}  # fmt: skip
+    step_ms = {
+        "whole_context_pages": decode_step_ms(model_dir, 16, input_len, None),
+        "pages_16": decode_step_ms(model_dir, 16, input_len, 16),
+    }
     goal_run = next((r for r in runs if r["load"]["max_concurrency"] == 16), None)  # the default server's
     ratio = goal_run["output_throughput"] / baseline["output_throughput"] if goal_run else None
     return {
-        "model": str(Path(model_dir).name), "dtype": "float32", "num_prompts": num_prompts, "input_len": input_len,
-        "output_len": output_len, "max_batch": max_batch, "baseline_threads": torch.get_num_threads(), "runs": runs,
+        "model": str(Path(model_dir).name),
+        "dtype": "float32",
+        "num_prompts": num_prompts,
+        "input_len": input_len,
+        "output_len": output_len,
+        "max_batch": max_batch,
+        "baseline_threads": torch.get_num_threads(),
+        "runs": runs,
         "baseline": {"name": "transformers generate, one request at a time", **baseline},
         "decode_step_ms": {"batch": 16, "threads": torch.get_num_threads(), **step_ms},
-        "goal": {"concurrency": 16, "target_ratio": GOAL, "ratio": ratio, "met": ratio is not None and ratio >= GOAL,
-                 "server": f"--data-parallel-size {data_parallel_sizes[0]}"},
-    }  # fmt: skip
+        "goal": {
+            "concurrency": 16,
+            "target_ratio": GOAL,
+            "ratio": ratio,
+            "met": ratio is not None and ratio >= GOAL,
+            "server": f"--data-parallel-size {data_parallel_sizes[0]}",
+        },
+    }
 
 
 def _ms(p: dict) -> str:
@@ -312,28 +364,37 @@ def table(result: dict) -> str:
     lines += ["", *(f"Server: `{line}`" for line in servers)]
     d = result.get("decode_step_ms")
     if d:
-        lines += ["", f"The engine's decode step at batch {d['batch']} ({d['threads']} threads, in-process): "
-                      f"{d['whole_context_pages']:.2f} ms with a whole-context KV page per request (the CPU "
-                      f"default, read in place), {d['pages_16']:.2f} ms with 16-token pages gathered for "
-                      "attention."]  # fmt: skip
+        lines += [
+            "",
+            f"The engine's decode step at batch {d['batch']} ({d['threads']} threads, in-process): "
+            f"{d['whole_context_pages']:.2f} ms with a whole-context KV page per request (the CPU "
+            f"default, read in place), {d['pages_16']:.2f} ms with 16-token pages gathered for "
+            "attention.",
+        ]
     g = result.get("goal")
     if g and g["ratio"] is not None:
         verdict = "met" if g["met"] else "NOT met"
-        lines += ["", f"Goal: >= {g['target_ratio']:g}x the baseline's output tokens/s at {g['concurrency']} "
-                      f"concurrent requests: {g['ratio']:.2f}x ({verdict})."]  # fmt: skip
+        lines += [
+            "",
+            f"Goal: >= {g['target_ratio']:g}x the baseline's output tokens/s at {g['concurrency']} "
+            f"concurrent requests: {g['ratio']:.2f}x ({verdict}).",
+        ]
     failed = sum(r["failed"] for r in result["runs"])
     if failed:
         lines.append(f"\n{failed} requests failed: {result['runs'][0]['errors']}")
     return "\n".join(lines)
 
 
-# ---- GPU: engine throughput vs batch size at Llama-3.1-8B shape ------------------------------------
+# GPU: engine throughput vs batch size at Llama-3.1-8B shape
 
 
 def gpu_sweep(
-    device: torch.device, copy_gbps: float, batches=(1, 8, 32, 64, 128, 256), input_len: int = 512,
+    device: torch.device,
+    copy_gbps: float,
+    batches=(1, 8, 32, 64, 128, 256),
+    input_len: int = 512,
     output_len: int = 128,
-) -> dict:  # fmt: skip
+) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tessera.config import ArchConfig
@@ -355,8 +416,9 @@ def gpu_sweep(
     params = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
     rows = []
     for batch in batches:
-        engine = Engine(model, None, EngineConfig(max_batch=batch, max_model_len=input_len + output_len,
-                                                  max_step_tokens=2048))  # fmt: skip
+        engine = Engine(
+            model, None, EngineConfig(max_batch=batch, max_model_len=input_len + output_len, max_step_tokens=2048)
+        )
         engine.generate(prompts[: min(batch, 4)], SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm-up
         for p in prompts[:batch]:
             engine.add_request(p, params)
@@ -373,15 +435,29 @@ def gpu_sweep(
         context = input_len + output_len // 2
         floor_ms = 1e3 * arch.decode_step_bytes(batch, context, "bfloat16") / (copy_gbps * 1e9)
         median = float(np.median(step_ms))
-        rows.append({"batch": batch, "output_throughput": batch * output_len / total, "duration_s": total,
-                     "decode_step_ms": median, "floor_ms": floor_ms, "floor_pct": 100 * floor_ms / median,
-                     "graphs": engine.graphs is not None})  # fmt: skip
+        rows.append(
+            {
+                "batch": batch,
+                "output_throughput": batch * output_len / total,
+                "duration_s": total,
+                "decode_step_ms": median,
+                "floor_ms": floor_ms,
+                "floor_pct": 100 * floor_ms / median,
+                "graphs": engine.graphs is not None,
+            }
+        )
         del engine
         torch.cuda.empty_cache()
     baseline = transformers_baseline_model(hf, prompts[:4], output_len, device)
-    return {"model": "Llama-3.1-8B shape, random weights", "dtype": "bfloat16", "input_len": input_len,
-            "output_len": output_len, "copy_bandwidth_gbps": copy_gbps, "rows": rows,
-            "baseline": {"name": "transformers generate, batch 1", **baseline}}  # fmt: skip
+    return {
+        "model": "Llama-3.1-8B shape, random weights",
+        "dtype": "bfloat16",
+        "input_len": input_len,
+        "output_len": output_len,
+        "copy_bandwidth_gbps": copy_gbps,
+        "rows": rows,
+        "baseline": {"name": "transformers generate, batch 1", **baseline},
+    }
 
 
 def transformers_baseline_model(hf, prompts: list[list[int]], output_len: int, device: torch.device) -> dict:
@@ -391,8 +467,14 @@ def transformers_baseline_model(hf, prompts: list[list[int]], output_len: int, d
             ids = torch.tensor([prompt], device=device)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                        min_new_tokens=output_len, do_sample=False, pad_token_id=0)  # fmt: skip
+            hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                do_sample=False,
+                pad_token_id=0,
+            )
             torch.cuda.synchronize()
             if i:  # the first is the warm-up
                 times.append(time.perf_counter() - t0)
@@ -423,6 +505,9 @@ def test_serving_throughput_vs_transformers() -> None:
 
     result = run_cpu()
     env = environment("cpu")
-    write_results("cpu_serving", {**env, **result}, f"Serving on {env['device']} (commit {env['commit']}, "
-                                                    f"{env['date']})\n\n" + table(result))  # fmt: skip
+    write_results(
+        "cpu_serving",
+        {**env, **result},
+        f"Serving on {env['device']} (commit {env['commit']}, {env['date']})\n\n" + table(result),
+    )
     assert result["goal"]["met"], table(result)

@@ -167,9 +167,20 @@ def _row_line(row: dict) -> str:
 
 
 _METRICS = {
-    "op", "tessera_ms", "baseline_ms", "speedup", "tessera_tflops", "baseline_tflops", "tessera_gbps",
-    "tessera_pct_copy_bandwidth", "flop_per_byte", "relative_error", "correct", "timing", "baseline",
-}  # fmt: skip
+    "op",
+    "tessera_ms",
+    "baseline_ms",
+    "speedup",
+    "tessera_tflops",
+    "baseline_tflops",
+    "tessera_gbps",
+    "tessera_pct_copy_bandwidth",
+    "flop_per_byte",
+    "relative_error",
+    "correct",
+    "timing",
+    "baseline",
+}
 
 
 def kernel_table(rows: list[dict]) -> str:
@@ -179,9 +190,16 @@ def kernel_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         speed = f"{r['speedup']:.2f}x" if r["correct"] else "WRONG"
-        cells = [r["op"], *(str(r[k]) for k in shape_keys), f"{r['tessera_ms']:.4f}", f"{r['baseline_ms']:.4f}", speed,
-                 f"{r['tessera_tflops']:.1f}", f"{r['tessera_gbps']:.0f} ({r['tessera_pct_copy_bandwidth']:.0f} %)",
-                 f"{r['relative_error']:.1e}"]  # fmt: skip
+        cells = [
+            r["op"],
+            *(str(r[k]) for k in shape_keys),
+            f"{r['tessera_ms']:.4f}",
+            f"{r['baseline_ms']:.4f}",
+            speed,
+            f"{r['tessera_tflops']:.1f}",
+            f"{r['tessera_gbps']:.0f} ({r['tessera_pct_copy_bandwidth']:.0f} %)",
+            f"{r['relative_error']:.1e}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -22,9 +22,17 @@ from .norm import rms_norm_reference, rms_norm_triton
 from .rope import apply_rope_reference, apply_rope_triton
 
 __all__ = [
-    "BACKEND_ENV", "PagedAttentionMetadata", "apply_rope", "attention_paged", "attention_prefill", "backend",
-    "forced_backend", "rms_norm", "set_backend", "swiglu_ffn",
-]  # fmt: skip
+    "BACKEND_ENV",
+    "PagedAttentionMetadata",
+    "apply_rope",
+    "attention_paged",
+    "attention_prefill",
+    "backend",
+    "forced_backend",
+    "rms_norm",
+    "set_backend",
+    "swiglu_ffn",
+]
 
 BACKEND_ENV = "TESSERA_KERNELS"
 _forced: str | None = None  # "torch", "triton", or None for automatic

@@ -132,9 +132,18 @@ def _prefill_kernel(
         k_ptrs = kv_row + keys.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = vv_row + keys.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]
         acc, m_i, l_i = attend_tile(
-            q, acc, m_i, l_i, k_ptrs, v_ptrs, mask_keys[:, None] & mask_d[None, :], visible, qk_scale,
-            True, DOT_PRECISION,
-        )  # fmt: skip
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_ptrs,
+            v_ptrs,
+            mask_keys[:, None] & mask_d[None, :],
+            visible,
+            qk_scale,
+            True,
+            DOT_PRECISION,
+        )
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = out_ptr + (start + tokens)[:, None] * stride_ot + heads[:, None].to(tl.int64) * stride_oh + offs_d[None, :]
@@ -155,8 +164,10 @@ def attention_prefill_triton(
     """
     tokens, n_heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != tokens or k.shape[2] != head_dim or not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"attention_prefill: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, "
-                         f"v {tuple(v.shape)} {v.dtype} do not agree")  # fmt: skip
+        raise ValueError(
+            f"attention_prefill: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, "
+            f"v {tuple(v.shape)} {v.dtype} do not agree"
+        )
     if n_heads % k.shape[1]:
         raise ValueError(f"attention_prefill: {n_heads} query heads are not a multiple of {k.shape[1]} KV heads")
     group = n_heads // k.shape[1]
@@ -172,14 +183,31 @@ def attention_prefill_triton(
         return out
     grid = (max_tiles, k.shape[1], n_seqs)
     _prefill_kernel[grid](
-        q, k, v, out, cu_seqlens.to(torch.int32),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        LOG2_E / head_dim**0.5, max_tiles,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
+        q,
+        k,
+        v,
+        out,
+        cu_seqlens.to(torch.int32),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        LOG2_E / head_dim**0.5,
+        max_tiles,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        CAUSAL=causal,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=8 if block_m >= 128 else 4, num_stages=2,
-    )  # fmt: skip
+        num_warps=8 if block_m >= 128 else 4,
+        num_stages=2,
+    )
     return out
 
 

@@ -120,10 +120,18 @@ def _paged_kernel(
         pages = tl.load(table + keys // PAGE).to(tl.int64)  # each key's page (int64: pools past 2^31 elements)
         slot = (keys % PAGE)[:, None]
         acc, m_i, l_i = attend_tile(
-            q, acc, m_i, l_i, k_head + pages[:, None] * stride_kp + slot * stride_ks,
-            v_head + pages[:, None] * stride_vp + slot * stride_vs, mask_d[None, :], None, qk_scale, False,
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_head + pages[:, None] * stride_kp + slot * stride_ks,
+            v_head + pages[:, None] * stride_vp + slot * stride_vs,
+            mask_d[None, :],
+            None,
+            qk_scale,
+            False,
             DOT_PRECISION,
-        )  # fmt: skip
+        )
     # Diagonal and tail: keys some rows may not see, or past the split's end.
     for n0 in range(band_end, hi, BLOCK_N):
         keys = n0 + offs_n
@@ -132,10 +140,18 @@ def _paged_kernel(
         slot = (keys % PAGE)[:, None]
         visible = mask_keys[None, :] & (keys[None, :] <= query_pos[:, None])
         acc, m_i, l_i = attend_tile(
-            q, acc, m_i, l_i, k_head + pages[:, None] * stride_kp + slot * stride_ks,
-            v_head + pages[:, None] * stride_vp + slot * stride_vs, mask_keys[:, None] & mask_d[None, :], visible,
-            qk_scale, True, DOT_PRECISION,
-        )  # fmt: skip
+            q,
+            acc,
+            m_i,
+            l_i,
+            k_head + pages[:, None] * stride_kp + slot * stride_ks,
+            v_head + pages[:, None] * stride_vp + slot * stride_vs,
+            mask_keys[:, None] & mask_d[None, :],
+            visible,
+            qk_scale,
+            True,
+            DOT_PRECISION,
+        )
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty split: 0, not NaN
     mask_out = mask_rows[:, None] & mask_d[None, :]
@@ -212,18 +228,23 @@ class PagedAttentionMetadata:
 def check_inputs(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedAttentionMetadata) -> None:
     n_heads, head_dim = q.shape[1:]
     if k_pages.shape != v_pages.shape or k_pages.dim() != 4 or k_pages.shape[3] != head_dim:
-        raise ValueError(f"attention_paged: q {tuple(q.shape)} does not fit pages k {tuple(k_pages.shape)}, "
-                         f"v {tuple(v_pages.shape)} (expected [pages, page_size, Hkv, {head_dim}])")  # fmt: skip
+        raise ValueError(
+            f"attention_paged: q {tuple(q.shape)} does not fit pages k {tuple(k_pages.shape)}, "
+            f"v {tuple(v_pages.shape)} (expected [pages, page_size, Hkv, {head_dim}])"
+        )
     if n_heads % k_pages.shape[2]:
         raise ValueError(f"attention_paged: {n_heads} query heads are not a multiple of {k_pages.shape[2]} KV heads")
     if not q.dtype == k_pages.dtype == v_pages.dtype:
-        raise ValueError(f"attention_paged: q ({q.dtype}) and the pages ({k_pages.dtype}, {v_pages.dtype}) differ in "
-                         "dtype")  # fmt: skip
+        raise ValueError(
+            f"attention_paged: q ({q.dtype}) and the pages ({k_pages.dtype}, {v_pages.dtype}) differ in dtype"
+        )
     n_seqs, tables = meta.batch_size, meta.block_tables
     if meta.cu_seqlens.shape != (n_seqs + 1,) or tables.dim() != 2 or tables.shape[0] < n_seqs:
-        raise ValueError(f"attention_paged: cu_seqlens {tuple(meta.cu_seqlens.shape)}, block_tables "
-                         f"{tuple(tables.shape)} and seq_lens {tuple(meta.seq_lens.shape)} "
-                         "disagree on the batch")  # fmt: skip
+        raise ValueError(
+            f"attention_paged: cu_seqlens {tuple(meta.cu_seqlens.shape)}, block_tables "
+            f"{tuple(tables.shape)} and seq_lens {tuple(meta.seq_lens.shape)} "
+            "disagree on the batch"
+        )
 
 
 def split_count(programs: int, capacity: int, block_n: int, device: torch.device) -> int:
@@ -254,29 +275,67 @@ def attention_paged_triton(
     n_splits = split_count(n_seqs * n_kv, capacity, block_n, q.device) if max_tiles == 1 else 1
     if n_splits > 1:  # fp32 partial outputs and log-sum-exps, shared by the layers of the step
         shape, dev = (q.shape[0], n_heads, n_splits), q.device
-        partial, lse = meta.derived(("splits", *shape, head_dim), lambda: (
-            torch.empty(*shape, head_dim, dtype=torch.float32, device=dev),
-            torch.empty(*shape, dtype=torch.float32, device=dev),
-        ))  # fmt: skip
+        partial, lse = meta.derived(
+            ("splits", *shape, head_dim),
+            lambda: (
+                torch.empty(*shape, head_dim, dtype=torch.float32, device=dev),
+                torch.empty(*shape, dtype=torch.float32, device=dev),
+            ),
+        )
         lse_strides = lse.stride(0), lse.stride(1)
     else:
         partial, lse, lse_strides = out, out, (0, 0)  # lse unused
     _paged_kernel[(max_tiles * n_splits, n_kv, n_seqs)](
-        q, k_pages, v_pages, partial, lse, meta.block_tables, meta.cu_seqlens, meta.seq_lens,
-        q.stride(0), q.stride(1),
-        k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        v_pages.stride(0), v_pages.stride(1), v_pages.stride(2),
-        partial.stride(0), partial.stride(1), partial.stride(2) if n_splits > 1 else 0, *lse_strides,
-        meta.block_tables.stride(0), LOG2_E / head_dim**0.5, max_tiles, n_splits,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
-        SPLIT=n_splits > 1, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=8 if block_m >= 128 else 4, num_stages=2 if block_m >= 128 else 3,
-    )  # fmt: skip
+        q,
+        k_pages,
+        v_pages,
+        partial,
+        lse,
+        meta.block_tables,
+        meta.cu_seqlens,
+        meta.seq_lens,
+        q.stride(0),
+        q.stride(1),
+        k_pages.stride(0),
+        k_pages.stride(1),
+        k_pages.stride(2),
+        v_pages.stride(0),
+        v_pages.stride(1),
+        v_pages.stride(2),
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2) if n_splits > 1 else 0,
+        *lse_strides,
+        meta.block_tables.stride(0),
+        LOG2_E / head_dim**0.5,
+        max_tiles,
+        n_splits,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PAGE=page,
+        SPLIT=n_splits > 1,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=8 if block_m >= 128 else 4,
+        num_stages=2 if block_m >= 128 else 3,
+    )
     if n_splits > 1:
         _merge_kernel[(q.shape[0], n_heads)](
-            partial, lse, out, n_splits,
-            partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_splits),
-        )  # fmt: skip
+            partial,
+            lse,
+            out,
+            n_splits,
+            partial.stride(0),
+            partial.stride(1),
+            partial.stride(2),
+            lse.stride(0),
+            lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(n_splits),
+        )
     return out

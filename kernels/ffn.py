@@ -189,10 +189,24 @@ def swiglu_ffn_triton(
     gate_block_n = min(block_n, 64)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(inter, gate_block_n),)
     _gate_up_kernel[grid](
-        x, w_gate_up, h, m, inter, hidden, inter * w_gate_up.stride(0), x.stride(0), w_gate_up.stride(0), h.stride(0),
-        BLOCK_M=block_m, BLOCK_N=gate_block_n, BLOCK_K=block_k, GROUP_M=8, PRECISION=precision,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+        x,
+        w_gate_up,
+        h,
+        m,
+        inter,
+        hidden,
+        inter * w_gate_up.stride(0),
+        x.stride(0),
+        w_gate_up.stride(0),
+        h.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=gate_block_n,
+        BLOCK_K=block_k,
+        GROUP_M=8,
+        PRECISION=precision,
+        num_warps=warps,
+        num_stages=stages,
+    )
 
     # Split the reduction over I until the output tiles cover the SMs twice, keeping >= 8 K tiles per split.
     tiles = triton.cdiv(m, block_m) * triton.cdiv(hidden, block_n)
@@ -203,18 +217,40 @@ def swiglu_ffn_triton(
     target = out if splits == 1 else torch.empty(splits, m, hidden, dtype=torch.float32, device=x.device)
     res = residual if residual is not None else out
     _down_kernel[(tiles, splits)](
-        h, w_down, res, target, m, hidden, inter, k_per_split,
-        h.stride(0), w_down.stride(0), res.stride(0), hidden, m * hidden,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        HAS_RESIDUAL=residual is not None and splits == 1, PRECISION=precision,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+        h,
+        w_down,
+        res,
+        target,
+        m,
+        hidden,
+        inter,
+        k_per_split,
+        h.stride(0),
+        w_down.stride(0),
+        res.stride(0),
+        hidden,
+        m * hidden,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=8,
+        HAS_RESIDUAL=residual is not None and splits == 1,
+        PRECISION=precision,
+        num_warps=warps,
+        num_stages=stages,
+    )
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * hidden, block),)](
-            target, res, out, m * hidden, splits, m * hidden,
-            HAS_RESIDUAL=residual is not None, BLOCK=block,
-        )  # fmt: skip
+            target,
+            res,
+            out,
+            m * hidden,
+            splits,
+            m * hidden,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=block,
+        )
     return out
 
 

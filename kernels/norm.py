@@ -74,11 +74,21 @@ def rms_norm_triton(
     num_warps = min(max(block // 512, 1), 16)
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, res2, weight, out, res_out,
-            x2.stride(0), res2.stride(0), out.stride(0), res_out.stride(0),
-            hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
-        )  # fmt: skip
+            x2,
+            res2,
+            weight,
+            out,
+            res_out,
+            x2.stride(0),
+            res2.stride(0),
+            out.stride(0),
+            res_out.stride(0),
+            hidden,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=block,
+            num_warps=num_warps,
+        )
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
 

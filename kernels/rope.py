@@ -45,18 +45,30 @@ def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     """x [N, heads, D], cos/sin [N, D/2] (fp32) -> x rotated, in x's dtype (computed in fp32)."""
     n, n_heads, head_dim = x.shape
     if head_dim % 2 or cos.shape != (n, head_dim // 2) or sin.shape != cos.shape:
-        raise ValueError(f"apply_rope: x {tuple(x.shape)} needs cos/sin of shape ({n}, {head_dim // 2}), got "
-                         f"{tuple(cos.shape)}, {tuple(sin.shape)}")  # fmt: skip
+        raise ValueError(
+            f"apply_rope: x {tuple(x.shape)} needs cos/sin of shape ({n}, {head_dim // 2}), got "
+            f"{tuple(cos.shape)}, {tuple(sin.shape)}"
+        )
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if n:
         _rope_kernel[(n,)](
-            x, cos, sin, out, n_heads, x.stride(0), x.stride(1), cos.stride(0), out.stride(0), out.stride(1),
-            HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(n_heads),
+            x,
+            cos,
+            sin,
+            out,
+            n_heads,
+            x.stride(0),
+            x.stride(1),
+            cos.stride(0),
+            out.stride(0),
+            out.stride(1),
+            HALF=head_dim // 2,
+            BLOCK_H=triton.next_power_of_2(n_heads),
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
-        )  # fmt: skip
+        )
     return out
 
 

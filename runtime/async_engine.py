@@ -31,6 +31,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
+from tessera.errors import UserError
 from tessera.runtime.engine import Engine, EngineConfig, EngineLimits, EngineRequest, RequestOutput
 from tessera.runtime.sampling import PromptEncoder, SamplingParams, load_tokenizer
 
@@ -71,7 +72,7 @@ class EngineLoad:
     reserved_pages: int = 0
 
 
-# ---- messages: server -> engine process
+# Messages: server -> engine process
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class Shutdown:
     pass
 
 
-# ---- messages: engine process -> server
+# Messages: engine process -> server
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection) -> 
                 if isinstance(message, Add):
                     try:
                         engine.add(message.request)
-                    except ValueError as e:  # a request id in use twice: never leave a caller hanging
+                    except UserError as e:  # a request id in use twice: never leave a caller hanging
                         outputs.append(RequestOutput.failure(message.request.request_id, str(e)))
                 elif isinstance(message, Abort):
                     engine.abort(message.request_id)
@@ -192,9 +193,11 @@ class _EngineHandle:
         self.outbox, outbox_writer = context.Pipe(duplex=False)
         self.rank = rank
         self.process = context.Process(
-            target=_engine_process, args=(spec, inbox_reader, outbox_writer), name=f"tessera-engine-{rank}",
+            target=_engine_process,
+            args=(spec, inbox_reader, outbox_writer),
+            name=f"tessera-engine-{rank}",
             daemon=True,
-        )  # fmt: skip
+        )
         self.process.start()
         inbox_reader.close()  # the child holds these ends now; closing ours lets each side see the other's EOF
         outbox_writer.close()
@@ -250,9 +253,9 @@ class AsyncEngine:
 
     def __init__(self, spec: EngineSpec, data_parallel_size: int = 1) -> None:
         if data_parallel_size < 1:
-            raise ValueError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
+            raise UserError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
         if data_parallel_size > 1 and torch.device(spec.device).type != "cpu":
-            raise ValueError("data_parallel_size > 1 is for CPU serving: one engine per GPU, and a server drives one")
+            raise UserError("data_parallel_size > 1 is for CPU serving: one engine per GPU, and a server drives one")
         self.spec, self.data_parallel_size = spec, data_parallel_size
         self.tokenizer = load_tokenizer(spec.model_dir)  # for the chat template's special tokens too
         self.encoder: PromptEncoder | None = None
@@ -293,7 +296,7 @@ class AsyncEngine:
         for reader in self._readers:
             reader.join(timeout)
 
-    # ---- state, for /health and /metrics
+    # State, for /health and /metrics
 
     @property
     def healthy(self) -> bool:
@@ -322,7 +325,7 @@ class AsyncEngine:
         total = self.limits.usable_pages * len(self._handles) if self.limits else 0
         return sum(h.load.reserved_pages for h in self._handles) / total if total else 0.0
 
-    # ---- requests
+    # Requests
 
     @property
     def max_model_len(self) -> int:
@@ -337,8 +340,9 @@ class AsyncEngine:
         """A prompt's checked token ids (PromptEncoder). Thread-safe: the server tokenises in worker threads."""
         return self.encoder(prompt, what)
 
-    def admit(self, request_id: str, prompt: list[int], params: SamplingParams, exact_length: bool = False
-              ) -> EngineRequest:  # fmt: skip
+    def admit(
+        self, request_id: str, prompt: list[int], params: SamplingParams, exact_length: bool = False
+    ) -> EngineRequest:
         """A request checked against the engines' limits (EngineLimits.admit), ready to `submit`."""
         return self.limits.admit(request_id, prompt, params, exact_length)
 

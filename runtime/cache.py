@@ -40,8 +40,9 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if num_pages < 2 or page_size < 1:
-            raise ValueError(f"a paged KV cache needs >= 2 pages (one is scratch) of >= 1 token, got {num_pages}, "
-                             f"{page_size}")  # fmt: skip
+            raise ValueError(
+                f"a paged KV cache needs >= 2 pages (one is scratch) of >= 1 token, got {num_pages}, {page_size}"
+            )
         self.num_pages, self.page_size, self.device = num_pages, page_size, torch.device(device)
         self.k: list[torch.Tensor | None] = []
         self.v: list[torch.Tensor | None] = []

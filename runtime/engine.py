@@ -41,6 +41,7 @@ from tokenizers import Tokenizer
 
 from tessera import kernels
 from tessera.devices import dtype_name
+from tessera.errors import UserError
 from tessera.runtime.cache import PAGE_SIZE, PagedKVCache
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.sampling import Completion, ContextLengthError, PromptEncoder, SamplingParams, TextStream, sample
@@ -54,7 +55,7 @@ def free_memory_share(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
-class CapacityError(ValueError):
+class CapacityError(UserError):
     """A request that can never be served by this engine: more KV pages than the whole pool."""
 
 
@@ -69,11 +70,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+            raise UserError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.page_size is not None and self.page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+            raise UserError(f"page_size must be >= 1, got {self.page_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+            raise UserError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
 @dataclass
@@ -91,14 +92,23 @@ class RequestOutput:
     error: str | None = None
 
     @classmethod
-    def progress(cls, request_id: str, token_ids: list[int], text: str, prompt_tokens: int,
-                 completion_tokens: int) -> RequestOutput:  # fmt: skip
+    def progress(
+        cls, request_id: str, token_ids: list[int], text: str, prompt_tokens: int, completion_tokens: int
+    ) -> RequestOutput:
         """New tokens of a request that goes on."""
         return cls(request_id, token_ids, text, prompt_tokens, completion_tokens)
 
     @classmethod
-    def final(cls, request_id: str, reason: str, token_ids: list[int], text: str, prompt_tokens: int,
-              completion_tokens: int, error: str | None = None) -> RequestOutput:  # fmt: skip
+    def final(
+        cls,
+        request_id: str,
+        reason: str,
+        token_ids: list[int],
+        text: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        error: str | None = None,
+    ) -> RequestOutput:
         """The last output of a request: it finished for `reason` ("stop", "length", "abort" or "error")."""
         return cls(request_id, token_ids, text, prompt_tokens, completion_tokens, True, reason, error)
 
@@ -133,14 +143,15 @@ class EngineLimits:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
-    def admit(self, request_id: str, prompt: list[int], params: SamplingParams, exact_length: bool = False
-              ) -> EngineRequest:  # fmt: skip
+    def admit(
+        self, request_id: str, prompt: list[int], params: SamplingParams, exact_length: bool = False
+    ) -> EngineRequest:
         """Check a request whose prompt a `PromptEncoder` of this context has read: how many tokens it may
         generate, and whether the pool can ever hold it. A `max_new_tokens` past the context is cut to the
         context, or refused with `exact_length` (an API client asked for exactly that many). Raises
         ContextLengthError, CapacityError or ValueError with a message meant for the client."""
         if params.stop and not self.has_tokenizer:
-            raise ValueError("stop strings need a tokenizer")
+            raise UserError("stop strings need a tokenizer")
         room = self.max_model_len - len(prompt)  # >= 1: the encoder checked the prompt
         asked = params.max_new_tokens
         if exact_length and asked is not None and asked > room:
@@ -225,9 +236,13 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def run(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        seq_lens: torch.Tensor,
         block_tables: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """Logits [B, vocab] of one decode token for each of B requests."""
         b = tokens.shape[0]
         size = next(s for s in self.sizes if s >= b)
@@ -257,7 +272,7 @@ class Engine:
         self.config = config = config or EngineConfig()
         arch = model.arch
         if config.max_model_len is not None and config.max_model_len > arch.max_position_embeddings:
-            raise ValueError(
+            raise UserError(
                 f"max_model_len {config.max_model_len} is longer than the model's context "
                 f"({arch.max_position_embeddings}, max_position_embeddings)"
             )
@@ -282,8 +297,9 @@ class Engine:
         else:
             pages = budget // (page * token_bytes)
         self.cache = PagedKVCache(arch, pages + 1, page, self.device, self.dtype)  # + the scratch page
-        self.limits = EngineLimits(arch.vocab_size, self.max_model_len, page, self.cache.usable_pages,
-                                   tokenizer is not None, config.max_batch)  # fmt: skip
+        self.limits = EngineLimits(
+            arch.vocab_size, self.max_model_len, page, self.cache.usable_pages, tokenizer is not None, config.max_batch
+        )
         self.encoder = PromptEncoder(tokenizer, arch.vocab_size, self.max_model_len)
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
@@ -298,7 +314,7 @@ class Engine:
                     model, self.cache, config.max_batch, self.max_pages_per_request, capture=True
                 )
 
-    # ---- requests ----------------------------------------------------------------------------------
+    # Requests
 
     def encode(self, prompt: str | list[int], what: str = "the prompt") -> list[int]:
         """A prompt's token ids, checked against the vocabulary and this engine's context."""
@@ -308,16 +324,14 @@ class Engine:
         """An encoded prompt with its parameters, checked against this engine's limits (a fresh id if none)."""
         return self.limits.admit(request_id or f"req-{next(self._ids)}", prompt, params)
 
-    def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
-    ) -> str:  # fmt: skip
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Encode, check and queue a request; returns its id."""
         return self.add(self.admit(self.encode(prompt), params, request_id))
 
     def add(self, request: EngineRequest) -> str:
         """Queue a request checked already (`admit`, here or in the server's process)."""
         if request.request_id in self._requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+            raise UserError(f"request id {request.request_id!r} is already in use")
         req = _Request(request, TextStream(self.tokenizer, request.params.stop))
         if request.params.temperature > 0:
             req.generator = torch.Generator(device=self.device)
@@ -353,17 +367,23 @@ class Engine:
 
     def info(self) -> dict:
         """What this engine runs on, for the server's start-up line."""
-        return {"device": str(self.device), "dtype": dtype_name(self.dtype),
-                "threads": torch.get_num_threads(), "max_model_len": self.max_model_len,
-                "pages": self.cache.usable_pages, "page_size": self.cache.page_size,
-                "kv_mib": self.cache.nbytes() / 2**20, "cuda_graphs": self.graphs is not None}  # fmt: skip
+        return {
+            "device": str(self.device),
+            "dtype": dtype_name(self.dtype),
+            "threads": torch.get_num_threads(),
+            "max_model_len": self.max_model_len,
+            "pages": self.cache.usable_pages,
+            "page_size": self.cache.page_size,
+            "kv_mib": self.cache.nbytes() / 2**20,
+            "cuda_graphs": self.graphs is not None,
+        }
 
     @property
     def kv_usage(self) -> float:
         """Share of the pool's pages reserved by running requests."""
         return 1 - self.cache.free_pages / self.cache.usable_pages
 
-    # ---- one step ----------------------------------------------------------------------------------
+    # One step
 
     def _schedule(self) -> list[tuple[_Request, int]]:
         """(request, tokens to feed) for this step: decode tokens and unfinished prefills of the running
@@ -448,11 +468,14 @@ class Engine:
         cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
         max_len = max(n for _, n in plan)
         attention = kernels.PagedAttentionMetadata(
-            torch.tensor(table, dtype=torch.int32, device=dev), cu_t,
-            torch.tensor(seq_lens, dtype=torch.int32, device=dev), max_len,
-        )  # fmt: skip
-        batch = Batch(torch.tensor(positions, **as_long), cu_t, max_len, self.cache, torch.tensor(slots, **as_long),
-                      attention)  # fmt: skip
+            torch.tensor(table, dtype=torch.int32, device=dev),
+            cu_t,
+            torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            max_len,
+        )
+        batch = Batch(
+            torch.tensor(positions, **as_long), cu_t, max_len, self.cache, torch.tensor(slots, **as_long), attention
+        )
         return batch, torch.tensor(tokens, **as_long), last, sampling
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[RequestOutput]:
@@ -492,14 +515,14 @@ class Engine:
 
     def _finish(
         self, req: _Request, reason: str, token_ids: list[int], text: str, error: str | None = None
-    ) -> RequestOutput:  # fmt: skip
+    ) -> RequestOutput:
         """The request's last output; its pages go back to the pool now."""
         self.cache.release(req.pages)
         req.pages = []
         del self._requests[req.id]
         return RequestOutput.final(req.id, reason, token_ids, text, req.prompt_len, req.sampled, error)
 
-    # ---- offline use -------------------------------------------------------------------------------
+    # Offline use
 
     def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams) -> list[Completion]:
         """Serve a list of prompts to completion (all submitted at once) and return them in order."""

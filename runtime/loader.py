@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from tessera.config import ArchConfig, ConfigError, dtype_bytes, json_excerpt, read_json
 from tessera.devices import dtype_name
+from tessera.errors import UserError
 from tessera.files import replaced_folder
 from tessera.runtime.model import Model
 from tessera.runtime.weights import LM_HEAD, hf_weight_shapes, pack_model, unpack_model
@@ -51,7 +52,7 @@ _STORED_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint whose files or tensors do not match its config.json; the message names which."""
 
 

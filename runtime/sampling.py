@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from tessera.errors import UserError, UserFileNotFound
 
-class ContextLengthError(ValueError):
+
+class ContextLengthError(UserError):
     """A prompt that leaves no room in the model's context window."""
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError):
     """Sampling parameters that cannot sample; `field` names the parameter (SamplingParams' name for it)."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -83,11 +85,11 @@ class Completion:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     file = Path(path) / "tokenizer.json"
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file (a Hugging Face fast tokenizer is needed for text)")
+        raise UserFileNotFound(f"{file}: no such file (a Hugging Face fast tokenizer is needed for text)")
     try:
         return Tokenizer.from_file(str(file))
     except Exception as e:  # the Rust parser's error (a bad JSON or an unknown model type) has no file name
-        raise ValueError(f"{file}: not a Hugging Face tokenizer file ({e})") from None
+        raise UserError(f"{file}: not a Hugging Face tokenizer file ({e})") from None
 
 
 def check_text(text: str, what: str) -> None:
@@ -96,7 +98,7 @@ def check_text(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(
+        raise UserError(
             f"{what} is not valid Unicode: {text[e.start : e.end]!r} at character {e.start} is not a character"
         ) from None
 
@@ -131,7 +133,7 @@ class PromptEncoder:
     def __call__(self, prompt: str | list[int], what: str = "the prompt") -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
+                raise UserError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
             if self.max_text is not None and len(prompt) > self.max_text:
                 raise ContextLengthError(
                     f"{what} has {len(prompt)} characters, at least {len(prompt) * self.context // self.max_text} "
@@ -144,10 +146,10 @@ class PromptEncoder:
         else:
             tokens = list(prompt)
         if not tokens:
-            raise ValueError(f"{what} is empty")
+            raise UserError(f"{what} is empty")
         bad = next((t for t in tokens if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise ValueError(f"{what} has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+            raise UserError(f"{what} has token id {bad}, outside the vocabulary [0, {self.vocab_size})")
         if len(tokens) >= self.context:
             raise ContextLengthError(
                 f"{what} has {len(tokens)} tokens; the context is {self.context} tokens ({self.limit}), leaving no "
@@ -196,7 +198,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...] = ()) -> None:
         if stop and tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+            raise UserError("stop strings need a tokenizer")
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
         self.longest = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.config import ConfigError, read_json
+from tessera.errors import UserError
 from tessera.runtime.async_engine import AsyncEngine, EngineSpec, RequestStream
 from tessera.runtime.engine import CapacityError, EngineConfig, EngineRequest, RequestOutput
 from tessera.runtime.sampling import ContextLengthError, SamplingError, SamplingParams
@@ -118,7 +119,7 @@ class BodyLimit:
         )
 
 
-# ---- request bodies -------------------------------------------------------------------------------
+# Request bodies
 
 
 class StreamOptions(BaseModel):
@@ -206,7 +207,7 @@ class ChatRequest(_Sampling):
         super().check_supported()
 
 
-# ---- response formats -----------------------------------------------------------------------------
+# Response formats
 
 
 class ResponseFormat:
@@ -229,21 +230,27 @@ class ChatFormat(ResponseFormat):
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     def choice(self, index: int, text: str, reason: str | None) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": reason}  # fmt: skip
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": reason,
+        }
 
     def delta(self, index: int, text: str, reason: str | None) -> dict:
         return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
 
     def opening(self, n: int) -> list[dict]:  # each choice's role first, as OpenAI sends it
-        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                for i in range(n)]  # fmt: skip
+        return [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            for i in range(n)
+        ]
 
 
 TEXT, CHAT = ResponseFormat(), ChatFormat()
 
 
-# ---- metrics --------------------------------------------------------------------------------------
+# Metrics
 
 
 class Metrics:
@@ -267,8 +274,12 @@ class Metrics:
         latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         per_token = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
         self.ttft = Histogram("tessera_time_to_first_token_seconds", "time to first token", buckets=latency, registry=r)
-        self.tpot = Histogram("tessera_time_per_output_token_seconds", "time per output token after the first",
-                              buckets=per_token, registry=r)  # fmt: skip
+        self.tpot = Histogram(
+            "tessera_time_per_output_token_seconds",
+            "time per output token after the first",
+            buckets=per_token,
+            registry=r,
+        )
         self.e2e = Histogram("tessera_e2e_request_latency_seconds", "request latency", buckets=latency, registry=r)
 
 
@@ -292,7 +303,7 @@ class _Timing:
                 metrics.tpot.observe((end - self.first) / (self.completion_tokens - 1))
 
 
-# ---- the application ------------------------------------------------------------------------------
+# The application
 
 
 def load_chat_template(model_dir: str | Path) -> tuple[str, dict[str, str]]:
@@ -320,9 +331,13 @@ class Server:
     """The FastAPI app over one AsyncEngine."""
 
     def __init__(
-        self, engine: AsyncEngine, model_name: str, chat_template: str = DEFAULT_CHAT_TEMPLATE,
-        special_tokens: dict[str, str] | None = None, max_request_bytes: int | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        chat_template: str = DEFAULT_CHAT_TEMPLATE,
+        special_tokens: dict[str, str] | None = None,
+        max_request_bytes: int | None = None,
+    ) -> None:
         self.engine, self.model_name = engine, model_name
         self.created = int(time.time())
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -339,8 +354,11 @@ class Server:
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="tessera", lifespan=self._lifespan)
-        app.add_middleware(BodyLimit, limit=self.max_request_bytes,
-                           on_refused=lambda path: self.metrics.requests.labels(path, "413").inc())  # fmt: skip
+        app.add_middleware(
+            BodyLimit,
+            limit=self.max_request_bytes,
+            on_refused=lambda path: self.metrics.requests.labels(path, "413").inc(),
+        )
 
         @app.exception_handler(APIError)
         async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -391,33 +409,50 @@ class Server:
     async def health(self) -> JSONResponse:
         """200 while every engine process runs; 503 once one has died (its requests failed)."""
         healthy = self.engine.healthy
-        body = {"status": "ok" if healthy else "engine process exited", "model": self.model_name,
-                "running": self.engine.running, "waiting": self.engine.queue_depth}  # fmt: skip
+        body = {
+            "status": "ok" if healthy else "engine process exited",
+            "model": self.model_name,
+            "running": self.engine.running,
+            "waiting": self.engine.queue_depth,
+        }
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     async def prometheus(self) -> PlainTextResponse:
         return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def _card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tessera",
-                "max_model_len": self.max_model_len}  # fmt: skip
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tessera",
+            "max_model_len": self.max_model_len,
+        }
 
     async def models(self) -> dict:
         return {"object": "list", "data": [self._card()]}
 
     async def model(self, model_id: str) -> dict:
         if model_id != self.model_name:
-            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                "model_not_found",
+            )
         return self._card()
 
-    # ---- shared by both endpoints: a request is read and checked once, here, then trusted downstream
+    # Shared by both endpoints: a request is read and checked once, here, then trusted downstream
 
     def _sampling(self, body: _Sampling, default_max: int | None) -> SamplingParams:
         """The body's sampling parameters, checked (the cheap checks, before any prompt is read)."""
         if body.model is not None and body.model != self.model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                "model_not_found",
+            )
         body.check_supported()
         try:
             return SamplingParams(
@@ -439,7 +474,7 @@ class Server:
             return self.engine.encode(prompt)
         except ContextLengthError as e:
             raise APIError(400, str(e), param, "context_length_exceeded") from e
-        except ValueError as e:
+        except UserError as e:
             raise APIError(400, str(e), param) from e
 
     def _render(self, messages: list[dict]) -> str:
@@ -458,13 +493,17 @@ class Server:
             raise APIError(400, str(e), "max_tokens", "context_length_exceeded") from e
         except CapacityError as e:
             raise APIError(400, str(e), "max_tokens") from e
-        except ValueError as e:
+        except UserError as e:
             raise APIError(400, str(e), "stop") from e
 
     async def _serve(
-        self, request: Request, body: _Sampling, read: Callable[[], list[list[int]]], default_max: int | None,
+        self,
+        request: Request,
+        body: _Sampling,
+        read: Callable[[], list[list[int]]],
+        default_max: int | None,
         form: ResponseFormat,
-    ):  # fmt: skip
+    ):
         """Check the request, read its prompts (`read`, off the event loop), queue them all (or none: every
         check comes first) and answer, streamed or whole."""
         params = self._sampling(body, default_max)
@@ -479,8 +518,11 @@ class Server:
         self.metrics.requests.labels(request.url.path, "200").inc()
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._events(outputs, len(streams), rid, form, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
+            return StreamingResponse(
+                self._events(outputs, len(streams), rid, form, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         return await self._whole(outputs, len(streams), rid, form)
 
     async def _merge(self, request: Request, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -529,8 +571,9 @@ class Server:
         completion = sum(o.completion_tokens for o in outs.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def _whole(self, outputs: AsyncIterator[tuple[int, RequestOutput]], n: int, rid: str,
-                     form: ResponseFormat) -> dict:  # fmt: skip
+    async def _whole(
+        self, outputs: AsyncIterator[tuple[int, RequestOutput]], n: int, rid: str, form: ResponseFormat
+    ) -> dict:
         """The non-streamed answer: every choice's whole text."""
         texts, finals = [""] * n, {}
         async with contextlib.aclosing(outputs):
@@ -542,18 +585,34 @@ class Server:
                     finals[index] = out
         if len(finals) < n or any(o.finish_reason == "abort" for o in finals.values()):
             raise APIError(503, "the request was cancelled (the server is shutting down)")
-        return {"id": rid, "object": form.object, "created": int(time.time()), "model": self.model_name,
-                "choices": [form.choice(i, texts[i], finals[i].finish_reason) for i in range(n)],
-                "usage": self._usage(finals)}  # fmt: skip
+        return {
+            "id": rid,
+            "object": form.object,
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [form.choice(i, texts[i], finals[i].finish_reason) for i in range(n)],
+            "usage": self._usage(finals),
+        }
 
-    async def _events(self, outputs: AsyncIterator[tuple[int, RequestOutput]], n: int, rid: str,
-                      form: ResponseFormat, include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+    async def _events(
+        self,
+        outputs: AsyncIterator[tuple[int, RequestOutput]],
+        n: int,
+        rid: str,
+        form: ResponseFormat,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
         """The streamed answer: SSE chunks as the engine produces text, then the usage chunk and [DONE]."""
         created, finals = int(time.time()), {}
 
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
-            data = {"id": rid, "object": form.chunk_object, "created": created, "model": self.model_name,
-                    "choices": choices}  # fmt: skip
+            data = {
+                "id": rid,
+                "object": form.chunk_object,
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+            }
             if include_usage:
                 data["usage"] = usage
             return f"data: {json.dumps(data)}\n\n"
@@ -575,7 +634,7 @@ class Server:
             yield chunk([], self._usage(finals))
         yield "data: [DONE]\n\n"
 
-    # ---- endpoints
+    # Endpoints
 
     async def completions(self, body: CompletionRequest, request: Request):
         prompt = body.prompt
@@ -584,8 +643,11 @@ class Server:
         if not prompts:
             raise APIError(400, "prompt: no prompt given", "prompt")
         if len(prompts) > self.engine.max_batch:
-            raise APIError(400, f"prompt: at most {self.engine.max_batch} prompts a request (the batch size), "
-                                f"got {len(prompts)}", "prompt")  # fmt: skip
+            raise APIError(
+                400,
+                f"prompt: at most {self.engine.max_batch} prompts a request (the batch size), got {len(prompts)}",
+                "prompt",
+            )
         return await self._serve(
             request, body, lambda: [self._encode(p, "prompt") for p in prompts], COMPLETION_DEFAULT_MAX_TOKENS, TEXT
         )
@@ -602,10 +664,17 @@ class Server:
 
 
 def build_server(
-    model_dir: str | Path, device: str = "cpu", dtype: str = "float32", max_batch: int = 16,
-    max_model_len: int | None = None, kv_cache_bytes: int | None = None, served_model_name: str | None = None,
-    data_parallel_size: int = 1, threads: int | None = None, max_request_bytes: int | None = None,
-) -> Server:  # fmt: skip
+    model_dir: str | Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_batch: int = 16,
+    max_model_len: int | None = None,
+    kv_cache_bytes: int | None = None,
+    served_model_name: str | None = None,
+    data_parallel_size: int = 1,
+    threads: int | None = None,
+    max_request_bytes: int | None = None,
+) -> Server:
     """The server of a checkpoint (config.json, safetensors, tokenizer.json): its engine processes start here,
     each loading the checkpoint, and this returns once all are ready. The configuration is checked here
     first, so a bad checkpoint or flag fails with its own error before any process starts."""

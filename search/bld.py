@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+from tessera.errors import UserError
 from tessera.files import atomic_path, atomic_write_text
 from tessera.runtime.model import DecoderLayer, Model
 from tessera.search.activations import Activations, window_context
@@ -58,7 +59,7 @@ MANIFEST_FORMAT = 1
 _HASHES = {"parent_weights_sha256": "parent weights", "calibration.tokens_sha256": "calibration tokens"}
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """A BLD store that cannot be used as it is; the message names the store or file and the way out."""
 
 
@@ -221,7 +222,7 @@ class SublayerStore:
     def load(self, layer: int, name: str) -> dict[str, torch.Tensor]:
         path = self.path(layer, name)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: layer {layer}'s {name} has not been trained (run BLD first)")
+            raise StoreError(f"{path}: layer {layer}'s {name} has not been trained (run BLD first)")
         try:
             return load_file(path)
         except SafetensorError as e:
@@ -309,7 +310,7 @@ def run_bld(
     been computed from these same inputs: see `SublayerStore`); returns the store's losses: layer -> variant ->
     {nmse_init, nmse_final, steps}."""
     if acts.n_windows <= cfg.eval_windows + cfg.batch_windows:
-        raise ValueError(
+        raise UserError(
             f"BLD needs more than {cfg.eval_windows + cfg.batch_windows} cached windows, got {acts.n_windows}"
         )
     store.claim(bld_manifest(parent, acts.tokens, space, cfg))

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig, dtype_bytes
 from tessera.devices import device_name, dtype_name, median_ms, synchronize
+from tessera.errors import UserError
 from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.generate import Generator
 from tessera.runtime.model import Model
@@ -63,7 +64,7 @@ class Scenario:
     def __post_init__(self) -> None:
         for name in ("batch", "prompt_len", "gen_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"scenario {name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"scenario {name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def seq_len(self) -> int:
@@ -71,7 +72,7 @@ class Scenario:
 
     def check_context(self, arch: ArchConfig) -> None:
         if self.seq_len > arch.max_position_embeddings:
-            raise ValueError(
+            raise UserError(
                 f"scenario prompt {self.prompt_len} + generated {self.gen_len} tokens exceeds the model's context "
                 f"({arch.max_position_embeddings}, max_position_embeddings)"
             )
@@ -105,7 +106,7 @@ def engine_step_ms(model: Model, scenario: Scenario) -> dict[str, float]:
         timed steps)."""
         steps = min(DECODE_STEPS, length - ahead - 4)
         if steps < 1:
-            raise ValueError(f"the model's context ({length} tokens) is too short to time decode steps")
+            raise UserError(f"the model's context ({length} tokens) is too short to time decode steps")
         start = max(1, min(position - steps // 2, length - steps - ahead - 3))
         for prompt in prompts:
             engine.add_request((prompt * -(-start // p))[:start], SamplingParams(steps + ahead + 2, ignore_eos=True))
@@ -200,7 +201,7 @@ def calibrate(
     distinct = list(dict.fromkeys(blocks))
     timed = [b for b in distinct if not b.is_empty]  # a no-op block costs nothing, by definition
     if not timed:
-        raise ValueError("every block is a no-op: there is nothing to time")
+        raise UserError("every block is a no-op: there is nothing to time")
     reference = timed[0]
     stack = STACK_COPIES
     runs: dict[str, Callable[[], dict[str, float]]] = {
@@ -209,8 +210,9 @@ def calibrate(
     reference_model = Model.empty(arch.with_blocks([reference] * stack), device, dtype).init_weights(seed=0)
     runs["generation"] = lambda: {"latency_ms": measure_latency(reference_model, scenario, repeats=1)}
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-    with tqdm(total=CALIBRATION_ROUNDS * len(runs), desc="timing blocks", disable=not progress,
-              dynamic_ncols=True) as bar:  # fmt: skip
+    with tqdm(
+        total=CALIBRATION_ROUNDS * len(runs), desc="timing blocks", disable=not progress, dynamic_ncols=True
+    ) as bar:
         for _ in range(CALIBRATION_ROUNDS):
             for name, run in runs.items():
                 samples[name].append(run())

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.devices import device_name
+from tessera.errors import UserError
 from tessera.runtime.loader import save_model
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.weights import FFN, HIDDEN, INTER, pack, unpack
@@ -50,7 +51,7 @@ LATENCY_ROUNDS = 3
 SWIGLU = FFN["swiglu"]
 
 
-class FusionError(ValueError):
+class FusionError(UserError):
     """Groups that cannot be fused, named with the offending layer and what was expected."""
 
 
@@ -344,8 +345,14 @@ def block_pairs(
             model, eval_windows, ref, forward=lambda tokens, i=i, j=j: parallel_forward(model, tokens, [(i, j)])
         )
         score = dep.get(i, j)
-        rows.append({"layers": [i, j], "dependency": score, "parallel_kl": side_by_side["kl_div"],
-                     "qualifies": score <= threshold})  # fmt: skip
+        rows.append(
+            {
+                "layers": [i, j],
+                "dependency": score,
+                "parallel_kl": side_by_side["kl_div"],
+                "qualifies": score <= threshold,
+            }
+        )
     return rows
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig, read_json
+from tessera.errors import UserError
 from tessera.files import atomic_write_text
 
 Library = dict[str, dict[str, dict[str, dict[str, Any]]]]
 
 
-class LibraryError(ValueError):
+class LibraryError(UserError):
     """A block library file that does not follow the schema; the message names the file and the entry."""
 
 
@@ -46,9 +47,9 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         if any(not 0 < r <= 1 for r in self.ffn_ratios):
-            raise ValueError(f"ffn_ratios must lie in (0, 1], got {self.ffn_ratios}")
+            raise UserError(f"ffn_ratios must lie in (0, 1], got {self.ffn_ratios}")
         if self.ffn_multiple is not None and self.ffn_multiple < 1:
-            raise ValueError(f"ffn_multiple must be >= 1, got {self.ffn_multiple}")
+            raise UserError(f"ffn_multiple must be >= 1, got {self.ffn_multiple}")
 
     def multiple(self, arch: ArchConfig) -> int:
         # 256 keeps real models' GEMMs on whole tensor-core tiles (nemotron-nas rounds ffn_mult the same

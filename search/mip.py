@@ -29,6 +29,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
+from tessera.errors import UserError
 from tessera.search.library import Library, LibraryError, layer_names, value
 
 
@@ -54,7 +55,7 @@ def _flush_c_stdio() -> None:
         ctypes.CDLL(None).fflush(None)
 
 
-class InfeasibleError(ValueError):
+class InfeasibleError(UserError):
     """No architecture in the library meets the budget; the message names the bound and what could be met."""
 
 
@@ -163,10 +164,10 @@ def solve(
     Raises InfeasibleError (with the failing bound and its best achievable total) when none exists; later
     solutions that the diversity cuts make infeasible are simply not returned."""
     if solutions < 1:
-        raise ValueError(f"solutions must be >= 1, got {solutions}")
+        raise UserError(f"solutions must be >= 1, got {solutions}")
     problem = _Problem(library)
     if not 0 <= min_diversity <= len(problem.layers):
-        raise ValueError(f"min_diversity must be in [0, {len(problem.layers)}] layers, got {min_diversity}")
+        raise UserError(f"min_diversity must be in [0, {len(problem.layers)}] layers, got {min_diversity}")
     bounds = list(bounds)
     objective_col = problem.column(objective)
     cost = -objective_col if maximize else objective_col
@@ -200,7 +201,7 @@ def parse_bound(text: str, upper: bool) -> Bound:
         number = math.nan
     if not sep or not key or not math.isfinite(number):
         flag = "--max" if upper else "--min"
-        raise ValueError(f"{flag} {text!r}: expected KEY=NUMBER, e.g. stats.runtime_ms=12.5")
+        raise UserError(f"{flag} {text!r}: expected KEY=NUMBER, e.g. stats.runtime_ms=12.5")
     return Bound(key, upper=number) if upper else Bound(key, lower=number)
 
 

@@ -29,6 +29,7 @@ import torch
 
 from tessera.config import ArchConfig, BlockConfig
 from tessera.demo_parent import CORPUS_DIR, PARENT_DIR, encode_split
+from tessera.errors import UserError
 from tessera.files import atomic_write_text
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
@@ -68,9 +69,9 @@ class Budget:
     def __post_init__(self) -> None:
         for name, v in asdict(self).items():
             if v is not None and not v > 0:
-                raise ValueError(f"budget {name} must be > 0, got {v}")
+                raise UserError(f"budget {name} must be > 0, got {v}")
         if self.target_speedup is not None and self.target_speedup < 1:
-            raise ValueError(
+            raise UserError(
                 f"target speedup must be >= 1 (a child no slower than its parent), got {self.target_speedup}"
             )
 
@@ -180,7 +181,7 @@ def block_bounds(budget: Budget, table: CostTable, parent_predicted_ms: float, l
     tokens = s.batch * s.gen_len
     latency_terms = (budget.target_speedup, budget.max_latency_ms, budget.min_throughput)
     if fastest_ms <= 0 and any(v is not None for v in latency_terms):
-        raise ValueError(
+        raise UserError(
             f"the cost model predicts {fastest_ms:.4g} ms for the fastest architecture in the search space (the "
             f"non-block part alone {table.non_block_ms:.4g} ms): its timings on {table.device} were too noisy to "
             "budget latency with (another process competing for the device?); time again on a quiet machine"
@@ -221,7 +222,7 @@ def block_bounds(budget: Budget, table: CostTable, parent_predicted_ms: float, l
             )
         bounds.append(Bound("stats.num_kv_heads", upper=budget.max_kv_heads))
     if not bounds:
-        raise ValueError(
+        raise UserError(
             "the budget is empty: give a target speedup, a latency, a memory, a throughput or a KV-head bound"
         )
     return bounds
@@ -291,7 +292,7 @@ class Optimizer:
         val_ids = encode_split(tok, "validation", corpus)
         held_out = fixed_windows(val_ids, cfg.seq_len, cfg.score_windows + cfg.eval_windows)
         if held_out.shape[0] < cfg.score_windows + cfg.eval_windows:
-            raise ValueError(
+            raise UserError(
                 f"{corpus}: the validation split has {held_out.shape[0]} windows of {cfg.seq_len} tokens; "
                 f"scoring and evaluation need {cfg.score_windows + cfg.eval_windows}"
             )
@@ -348,8 +349,9 @@ class Optimizer:
         table, bounds = self.check_budget(budget)
         library = self.distil_and_score(table)
         ref = reference_logprobs(self.parent, self.eval_windows)
-        parent = Child("parent", "parent", list(self.parent.arch.blocks), table.runtime_ms(self.parent.arch.blocks),
-                       kl_sum=0.0)  # fmt: skip
+        parent = Child(
+            "parent", "parent", list(self.parent.arch.blocks), table.runtime_ms(self.parent.arch.blocks), kl_sum=0.0
+        )
         parent.quality_bld = parent.quality_gkd = model_quality(self.parent, self.eval_windows, ref)
         children = self.choose(library, table, budget, bounds)
         models = self.distil_children(children, library, table, ref)
@@ -425,8 +427,9 @@ class Optimizer:
         self._stage("MIP and baselines", t)
         return children
 
-    def distil_children(self, children: list[Child], library: Library, table: CostTable, ref: torch.Tensor
-                        ) -> dict[tuple, Model]:  # fmt: skip
+    def distil_children(
+        self, children: list[Child], library: Library, table: CostTable, ref: torch.Tensor
+    ) -> dict[tuple, Model]:
         """Assemble, evaluate and (MIP children, or all with baseline_gkd) GKD each distinct architecture once;
         the models by their blocks."""
         t = time.perf_counter()
@@ -462,9 +465,15 @@ class Optimizer:
             return None
         t = time.perf_counter()
         fusion = run_fusion(
-            model, self.train_ids, self.eval_windows, self.out / "fused", self.cfg.fusion, self.cfg.scenario,
-            tokenizer_from=self.parent_dir, progress=self.progress,
-        )  # fmt: skip
+            model,
+            self.train_ids,
+            self.eval_windows,
+            self.out / "fused",
+            self.cfg.fusion,
+            self.cfg.scenario,
+            tokenizer_from=self.parent_dir,
+            progress=self.progress,
+        )
         fusion |= {k: f"fused/{v}" for k, v in fusion.items() if k.endswith("_png")}  # paths from report.md
         self._stage("FFN fusion", t)
         return fusion

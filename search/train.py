@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from tessera.errors import UserError
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -88,7 +90,7 @@ def train(
 def random_windows(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int) -> Iterator[torch.Tensor]:
     """Endless batches [batch_size, seq_len + 1] of uniformly random windows (inputs + shifted targets)."""
     if len(tokens) < seq_len + 2:
-        raise ValueError(f"{len(tokens)} tokens are too few for windows of {seq_len + 1}")
+        raise UserError(f"{len(tokens)} tokens are too few for windows of {seq_len + 1}")
     rng = np.random.default_rng(seed)
     while True:
         starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)

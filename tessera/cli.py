@@ -1,7 +1,8 @@
 """The `tessera` command line: info, generate, serve, demo, demo-parent, bench, search, calibrate, optimize, fuse.
 
 User mistakes (a malformed config.json, a missing tensor, a prompt longer than the context, a CUDA request
-on a machine without one) end in one line `tessera: error: ...` and exit status 2, never a traceback. Flags are
+on a machine without one) raise a `UserError` (tessera/errors.py) and end in one line `tessera: error: ...`
+and exit status 2, never a traceback; any other exception is a bug and shows its traceback. Flags are
 checked where they enter, before any work: numbers against their ranges (argparse `type=` functions below), text
 for UTF-8, output paths by `check_output`. Ctrl-C ends in one line `tessera: interrupted` and exit status 130.
 """
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from tessera.config import ArchConfig, ConfigError
+from tessera.config import ArchConfig
 from tessera.devices import RUN_DTYPES, parse_dtype, resolve_device
+from tessera.errors import UserError, UserFileNotFound
 from tessera.files import atomic_write_text, replaced_folder
 from tessera.runtime.async_engine import EngineProcessError
 
@@ -108,24 +110,24 @@ def check_output(
     refused unless `overwrite`. inputs: {flag: path} the output folder must not hold, whatever `overwrite` says."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path}: is a file, expected a folder")
+        raise UserError(f"{flag} {path}: is a file, expected a folder")
     if not folder and path.is_dir():
-        raise ValueError(f"{flag} {path}: is a folder, expected a file name")
+        raise UserError(f"{flag} {path}: is a folder, expected a file name")
     if not folder and not path.parent.is_dir():
-        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+        raise UserError(f"{flag} {path}: the folder {path.parent} does not exist")
     start = path if folder else path.parent
     nearest = next(p for p in (start, *start.absolute().parents) if p.exists())
     if not nearest.is_dir():
-        raise ValueError(f"{flag} {path}: {nearest} is a file, not a folder")
+        raise UserError(f"{flag} {path}: {nearest} is a file, not a folder")
     if not os.access(nearest, os.W_OK):
-        raise ValueError(f"{flag} {path}: {nearest} is not writable")
+        raise UserError(f"{flag} {path}: {nearest} is not writable")
     for name, given in (inputs or {}).items():
         if folder and _holds(path, given):
-            raise ValueError(f"{flag} {path}: holds {name} {given}; write the output somewhere else")
+            raise UserError(f"{flag} {path}: holds {name} {given}; write the output somewhere else")
     in_use = path.is_file() or (path.is_dir() and any(path.iterdir()))
     if ours is not None and in_use and not overwrite and not ours(path):
         what = "a non-empty folder" if folder else "an existing file"
-        raise ValueError(
+        raise UserError(
             f"{flag} {path}: {what} that is not the output of a previous `tessera {command}`; "
             "pass --overwrite to replace it"
         )
@@ -256,7 +258,7 @@ def _benchmarks():
     root on sys.path would also make kernels/ importable as a top-level `kernels`, which transformers probes."""
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     if not (root / "run.py").is_file():
-        raise FileNotFoundError(f"tessera bench runs the suites of a source checkout; {root} has none")
+        raise UserFileNotFound(f"tessera bench runs the suites of a source checkout; {root} has none")
     if "tessera_benchmarks" not in sys.modules:
         spec = importlib.util.spec_from_file_location(
             "tessera_benchmarks", root / "__init__.py", submodule_search_locations=[str(root)]
@@ -294,10 +296,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model = args.model or str(PARENT_DIR)
     kv_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
     server = build_server(
-        model, resolve_device(args.device), args.dtype, args.max_batch, args.max_model_len, kv_bytes,
-        args.served_model_name, args.data_parallel_size, threads,
+        model,
+        resolve_device(args.device),
+        args.dtype,
+        args.max_batch,
+        args.max_model_len,
+        kv_bytes,
+        args.served_model_name,
+        args.data_parallel_size,
+        threads,
         None if args.max_request_mib is None else int(args.max_request_mib * 2**20),
-    )  # fmt: skip
+    )
     info, dp = server.engine.info, args.data_parallel_size
     threads = info["threads"]
     engines = f"{dp} engine process{'es' if dp > 1 else ''} of {threads} thread{'s' if threads > 1 else ''}"
@@ -406,9 +415,14 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     model, corpus = Path(args.model or PARENT_DIR), Path(args.corpus or CORPUS_DIR)
     inputs = {"--model": model, "--corpus": corpus, "the current folder": Path.cwd()}
     out = check_output(
-        args.out, "--out", folder=True, command="optimize", ours=_is_optimize_run, overwrite=args.overwrite,
+        args.out,
+        "--out",
+        folder=True,
+        command="optimize",
+        ours=_is_optimize_run,
+        overwrite=args.overwrite,
         inputs=inputs,
-    )  # fmt: skip
+    )
     check_corpus(corpus)
     # --overwrite: what the folder held that a run does not write goes once the run has finished.
     leftovers = [p for p in out.iterdir() if p.name not in OPTIMIZE_OUTPUTS] if args.overwrite and out.is_dir() else []
@@ -469,9 +483,14 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     # model's training.json and plots) never lingers beside the new checkpoint, and Ctrl-C leaves --out as it was.
     with replaced_folder(out) as work:
         info = run_fusion(
-            model, train_ids, fixed_windows(val_ids, cfg.seq_len, args.eval_windows), work, cfg, _scenario(args),
+            model,
+            train_ids,
+            fixed_windows(val_ids, cfg.seq_len, args.eval_windows),
+            work,
+            cfg,
+            _scenario(args),
             tokenizer_from=model_dir,
-        )  # fmt: skip
+        )
     print((out / "fusion.md").read_text())
     if not info["groups"]:
         raise FusionError(f"{model_dir}: nothing to fuse ({info['reason']}); the analysis is in {out}")
@@ -675,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, EngineProcessError) as e:
+    except (UserError, EngineProcessError) as e:  # anything else is a bug: its traceback is what to see
         parser.exit(2, f"tessera: error: {e}\n")
     except KeyboardInterrupt:  # Ctrl-C: the user knows; a traceback would only bury the one useful line
         hint = getattr(args, "on_interrupt", None)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from tessera.errors import UserError
+
 AttentionKind = Literal["gqa", "linear", "none"]
 FFNKind = Literal["swiglu", "linear", "none"]
 
@@ -47,7 +49,7 @@ def json_excerpt(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config.json that tessera cannot turn into a correct model; the message names file and field."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig, RopeConfig
+from tessera.errors import UserError, UserFileNotFound
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
 from tessera.search.train import TrainConfig, evaluate_lm, fixed_windows, lm_loss, random_windows, train
@@ -108,12 +109,12 @@ def _split_file(split: str, corpus: Path) -> Path:
             hint = "the demo corpus ships with the repository: restore demo/corpus from git"
         else:
             hint = "a corpus folder holds train.txt.xz and validation.txt.xz: xz-compressed UTF-8 text"
-        raise FileNotFoundError(f"{path}: no such file ({hint})")
+        raise UserFileNotFound(f"{path}: no such file ({hint})")
     return path
 
 
 def check_corpus(corpus: Path = CORPUS_DIR) -> Path:
-    """`corpus` if it holds both splits (checked before a long run starts); else a FileNotFoundError."""
+    """`corpus` if it holds both splits (checked before a long run starts); else a UserFileNotFound."""
     for split in ("train", "validation"):
         _split_file(split, corpus)
     return Path(corpus)
@@ -124,7 +125,7 @@ def read_corpus(split: str, corpus: Path = CORPUS_DIR) -> str:
     try:
         return lzma.decompress(path.read_bytes()).decode()
     except (lzma.LZMAError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not xz-compressed UTF-8 text ({e})") from None
+        raise UserError(f"{path}: not xz-compressed UTF-8 text ({e})") from None
 
 
 def train_tokenizer(out: Path, corpus: Path = CORPUS_DIR, vocab_size: int = DEMO_ARCH["vocab_size"]):

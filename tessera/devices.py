@@ -16,15 +16,17 @@ from pathlib import Path
 
 import torch
 
+from tessera.errors import UserError
+
 # The dtypes a model runs in (`--dtype`); a checkpoint may store more (tessera.config.DTYPE_BYTES).
 RUN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available on this machine")
+        raise UserError("--device cuda: no CUDA device is available on this machine")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: expected cpu or cuda")
+        raise UserError(f"--device {name!r}: expected cpu or cuda")
     return torch.device(name)
 
 
@@ -52,7 +54,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def parse_dtype(name: str) -> torch.dtype:
     """A run dtype from its name (a `--dtype` flag); ValueError naming the choices otherwise."""
     if name not in RUN_DTYPES:
-        raise ValueError(f"dtype {name!r}: expected one of {', '.join(RUN_DTYPES)}")
+        raise UserError(f"dtype {name!r}: expected one of {', '.join(RUN_DTYPES)}")
     return RUN_DTYPES[name]
 
 

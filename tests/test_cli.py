@@ -97,3 +97,23 @@ def test_console_script_is_installed() -> None:
     result = subprocess.run([str(exe), "info", "--model", str(PARENT_DIR), "--json"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["num_layers"] == 8
+
+
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys) -> None:
+    """UserError (and its subclasses: ConfigError, CheckpointError, ...) ends in one line, exit 2; any other
+    exception, a plain ValueError from a kernel launcher's shape check say, is a bug and propagates."""
+    import tessera.cli as cli
+    from tessera.config import ConfigError
+
+    def fail_with(error: Exception):
+        def run(args) -> None:
+            raise error
+
+        return run
+
+    monkeypatch.setattr(cli, "cmd_info", fail_with(ConfigError("config.json: hidden_size: expected an integer")))
+    code, _, err = run_cli(capsys, "info", "--model", str(PARENT_DIR))
+    assert code == 2 and err == "tessera: error: config.json: hidden_size: expected an integer\n"
+    monkeypatch.setattr(cli, "cmd_info", fail_with(ValueError("swiglu_ffn: x must be 2-D, got (3, 4, 5)")))
+    with pytest.raises(ValueError, match="must be 2-D"):
+        main(["info", "--model", str(PARENT_DIR)])

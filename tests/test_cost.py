@@ -75,8 +75,9 @@ def test_the_cost_model_times_the_engine_step(monkeypatch):
     monkeypatch.setattr(Engine, "_step_batch", step_batch)
     monkeypatch.setattr(kernels, "attention_paged", lambda *a: paged.append(a[-1]) or real_paged(*a))
     monkeypatch.setattr(kernels, "attention_prefill", lambda *a, **k: pytest.fail("uncached attention was timed"))
-    timed = stack_ms(arch, arch.blocks[0], 4, Scenario(batch=2, prompt_len=8, gen_len=4), torch.device("cpu"),
-                     torch.float32)  # fmt: skip
+    timed = stack_ms(
+        arch, arch.blocks[0], 4, Scenario(batch=2, prompt_len=8, gen_len=4), torch.device("cpu"), torch.float32
+    )
     assert timed["prefill_ms"] > 0 and timed["decode_ms"] > 0
     assert [8, 8] in steps and [1, 1] in steps  # the batch's prompts prefilled together; decode steps of both
     assert len(paged) == 4 * len(steps)  # each step's 4 GQA blocks
@@ -87,9 +88,9 @@ def test_decode_steps_are_timed_with_the_whole_batch_decoding(monkeypatch):
     every decode-only step the cost model times still has all 20 requests in it (none has run out of tokens)."""
     arch, plans = tiny_arch(), []
     real_batch = Engine._step_batch
-    monkeypatch.setattr(Engine, "_step_batch", lambda self, plan: plans.append([n for _, n in plan]) or
-                        real_batch(self, plan))  # fmt: skip
-    stack_ms(arch, arch.blocks[0], 1, Scenario(batch=20, prompt_len=60, gen_len=4), torch.device("cpu"),
-             torch.float32)  # fmt: skip
+    monkeypatch.setattr(
+        Engine, "_step_batch", lambda self, plan: plans.append([n for _, n in plan]) or real_batch(self, plan)
+    )
+    stack_ms(arch, arch.blocks[0], 1, Scenario(batch=20, prompt_len=60, gen_len=4), torch.device("cpu"), torch.float32)
     decode_only = [len(plan) for plan in plans if set(plan) == {1}]
     assert decode_only and set(decode_only) == {20}

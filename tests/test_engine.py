@@ -162,8 +162,11 @@ def test_a_request_that_cannot_sample_ends_alone(demo, monkeypatch) -> None:
 
     monkeypatch.setattr(engine_module, "sample", sample)
     engine = Engine(model, tok, EngineConfig(max_batch=4))
-    ids = [engine.add_request("import os", greedy), engine.add_request("x = 1", SamplingParams(12, 0.8, seed=4)),
-           engine.add_request("def f(", sampled)]  # fmt: skip
+    ids = [
+        engine.add_request("import os", greedy),
+        engine.add_request("x = 1", SamplingParams(12, 0.8, seed=4)),
+        engine.add_request("def f(", sampled),
+    ]
     outputs = run_to_end(engine)
     bad = outputs[ids[1]][-1]
     assert bad.finish_reason == "error" and "sampling failed" in bad.error and bad.token_ids == []

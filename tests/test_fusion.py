@@ -101,9 +101,16 @@ def test_fused_model_equals_parallel_forward_and_keeps_the_rest():
     assert relative_error(actual, expected) <= 1e-5
     assert relative_error(sequential, expected) > 1e-2  # the parallel form is an approximation; fusion is not
     assert [b.name for b in fused.arch.blocks] == [
-        gqa().name, EMPTY.name, EMPTY.name, EMPTY.name, ffn(160).name, ffn(64).name, gqa(1).name, EMPTY.name,
+        gqa().name,
+        EMPTY.name,
+        EMPTY.name,
+        EMPTY.name,
+        ffn(160).name,
         ffn(64).name,
-    ]  # fmt: skip
+        gqa(1).name,
+        EMPTY.name,
+        ffn(64).name,
+    ]
     assert fused.arch.fusion_spans == ((1, 4), (7, 8))
     assert fused.arch.sequential_depth() == model.arch.sequential_depth() - 3
     assert torch.equal(fused.layers[5].mlp.w_down, model.layers[5].mlp.w_down)  # untouched layers are copied
@@ -259,9 +266,15 @@ def tiny_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuse")
     blocks = (gqa(), ffn(64), ffn(48), ffn(64), ffn(32), gqa())
     arch = ArchConfig(
-        vocab_size=8192, hidden_size=32, n_heads=4, head_dim=8, blocks=blocks, tie_embeddings=True,
-        max_position_embeddings=512, dtype="float32",
-    )  # fmt: skip
+        vocab_size=8192,
+        hidden_size=32,
+        n_heads=4,
+        head_dim=8,
+        blocks=blocks,
+        tie_embeddings=True,
+        max_position_embeddings=512,
+        dtype="float32",
+    )
     path = save_model(Model(arch).init_weights(seed=0), root / "model", tokenizer_from=PARENT_DIR)
     corpus = root / "corpus"
     corpus.mkdir()
@@ -272,9 +285,25 @@ def tiny_checkpoint(tmp_path_factory):
 
 def fuse_args(path: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "fuse", "--model", str(path), "--out", str(out), "--corpus", str(corpus), "--heal-steps", "2",
-        "--eval-windows", "2", "--batch", "1", "--prompt-len", "8", "--gen-len", "4", *extra,
-    ]  # fmt: skip
+        "fuse",
+        "--model",
+        str(path),
+        "--out",
+        str(out),
+        "--corpus",
+        str(corpus),
+        "--heal-steps",
+        "2",
+        "--eval-windows",
+        "2",
+        "--batch",
+        "1",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        *extra,
+    ]
 
 
 def test_fuse_cli_writes_fused_checkpoint_and_report(tiny_checkpoint, tmp_path, capsys):

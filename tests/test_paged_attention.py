@@ -46,8 +46,15 @@ CASES = [
 ]
 
 
-def paged_layout(lengths: list[int], n_kv: int, head_dim: int, page: int, dtype: torch.dtype, seed: int,
-                 pages: list[list[int]] | None = None):  # fmt: skip
+def paged_layout(
+    lengths: list[int],
+    n_kv: int,
+    head_dim: int,
+    page: int,
+    dtype: torch.dtype,
+    seed: int,
+    pages: list[list[int]] | None = None,
+):
     """Contiguous per-sequence K/V, the same K/V on pages (shuffled, or the given ones), and the block tables."""
     gen = torch.Generator().manual_seed(seed)
     n_pages = [-(-n // page) for n in lengths]
@@ -99,8 +106,9 @@ def check_case(seqs, n_heads, n_kv, head_dim, page, dtype, tol, seed, pages=None
     ks, vs, k_pages, v_pages, tables = paged_layout(lengths, n_kv, head_dim, page, dtype, seed, pages)
     q = torch.randn(sum(q_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(100 + seed))
     # The hand reference sees the same rounded values the kernels read.
-    expected = by_hand(q.to(dtype).float(), [k.to(dtype).float() for k in ks], [v.to(dtype).float() for v in vs],
-                       q_lens)  # fmt: skip
+    expected = by_hand(
+        q.to(dtype).float(), [k.to(dtype).float() for k in ks], [v.to(dtype).float() for v in vs], q_lens
+    )
     qd = q.to(device=KERNEL_DEVICE, dtype=dtype)
     triton_out = kernels.attention_paged(qd, k_pages, v_pages, metadata(q_lens, lengths, tables))  # poisoned: Triton
     torch_out = attention_paged_reference(qd, k_pages, v_pages, metadata(q_lens, lengths, tables))

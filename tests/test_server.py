@@ -144,8 +144,9 @@ def test_seeded_sampling_gives_the_generators_tokens(client, parent) -> None:
     """The same seeded sampling parameters give the same text from the server (a list of prompts, one request
     each, in a batch with whatever else runs) and from `Generator` (what `tessera generate` runs)."""
     prompts = PROMPTS[:3]
-    out = client.completions.create(model="parent", prompt=prompts, max_tokens=20, temperature=0.9, top_p=0.95,
-                                    seed=11, extra_body={"top_k": 50})  # fmt: skip
+    out = client.completions.create(
+        model="parent", prompt=prompts, max_tokens=20, temperature=0.9, top_p=0.95, seed=11, extra_body={"top_k": 50}
+    )
     params = SamplingParams(max_new_tokens=20, temperature=0.9, top_p=0.95, top_k=50, seed=11)
     expected = Generator(*parent).generate(prompts, params)
     assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [e.text for e in expected]
@@ -172,10 +173,14 @@ def test_streaming_equals_non_streaming_and_reports_usage(client, reference) -> 
     prompt = PROMPTS[2]
     chunks = list(
         client.completions.create(
-            model="parent", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+            model="parent",
+            prompt=prompt,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
-    )  # fmt: skip
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == reference[prompt].text
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
@@ -203,11 +208,19 @@ def test_chat_uses_the_template(client, server, parent) -> None:
 
 
 def test_chat_template_from_the_tokenizer_config(tmp_path) -> None:
-    assert load_chat_template(PARENT_DIR) == (DEFAULT_CHAT_TEMPLATE, {"bos_token": "<|endoftext|>",
-                                                                      "eos_token": "<|endoftext|>"})  # fmt: skip
+    assert load_chat_template(PARENT_DIR) == (
+        DEFAULT_CHAT_TEMPLATE,
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
+    )
     own = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "chat_template": [
-        {"name": "tool_use", "template": "unused"}, {"name": "default", "template": own}]}))  # fmt: skip
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "chat_template": [{"name": "tool_use", "template": "unused"}, {"name": "default", "template": own}],
+            }
+        )
+    )
     template, specials = load_chat_template(tmp_path)
     assert template == own and specials == {"bos_token": "<s>"}
 
@@ -233,8 +246,9 @@ def test_stop_strings_over_http(client, reference) -> None:
     stop = full[8:11]
     out = client.completions.create(model="parent", prompt=prompt, max_tokens=24, temperature=0, stop=[stop])
     assert out.choices[0].text == full[: full.index(stop)] and out.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model="parent", prompt=prompt, max_tokens=24, temperature=0, stop=stop,
-                                         stream=True)  # fmt: skip
+    streamed = client.completions.create(
+        model="parent", prompt=prompt, max_tokens=24, temperature=0, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
 
 
@@ -356,8 +370,9 @@ def sixteen_streams(base: str) -> list[tuple[str, str | None]]:
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
 
     async def one(prompt: str) -> tuple[str, str | None]:
-        stream = await client.completions.create(model="parent", prompt=prompt, max_tokens=24, temperature=0,
-                                                 stream=True)  # fmt: skip
+        stream = await client.completions.create(
+            model="parent", prompt=prompt, max_tokens=24, temperature=0, stream=True
+        )
         text, reason = "", None
         async for chunk in stream:
             text += chunk.choices[0].text
@@ -475,9 +490,13 @@ def test_metrics(server, client) -> None:
     assert metric(base, "tessera_time_to_first_token_seconds_count") == requests_before + 1
     text = httpx.get(f"{base}/metrics").text
     for name in (
-        "tessera_requests_total", "tessera_requests_waiting", "tessera_requests_running", "tessera_kv_cache_usage",
-        "tessera_time_per_output_token_seconds_bucket", "tessera_prompt_tokens_total",
-    ):  # fmt: skip
+        "tessera_requests_total",
+        "tessera_requests_waiting",
+        "tessera_requests_running",
+        "tessera_kv_cache_usage",
+        "tessera_time_per_output_token_seconds_bucket",
+        "tessera_prompt_tokens_total",
+    ):
         assert name in text
 
 
@@ -489,8 +508,10 @@ def test_serve_command_shuts_down_cleanly_with_a_stream_in_flight(tmp_path) -> N
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tessera.cli", "serve", "--port", str(port), "--max-batch", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, 60)

@@ -54,8 +54,17 @@ def test_nas_shapes_and_round_trip_match_hand_written_names(tmp_path: Path) -> N
 def test_checkpoint_order_is_the_order_shards_were_always_written_in() -> None:
     # save_model fills shards in this order: a new order would move tensors between shard files.
     names = list(hf_weight_shapes(ArchConfig.from_hf_dict(nas_config())))
-    layer0 = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
+    layer0 = [
+        "input_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "post_attention_layernorm",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
     head = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     assert names[: 3 + len(layer0)] == head + [f"model.layers.0.{n}.weight" for n in layer0]
     layer3 = [n.removeprefix("model.layers.3.") for n in names if n.startswith("model.layers.3.")]
