@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from tessera.demo_parent import PARENT_DIR
+from tessera.demo import PARENT_DIR
 from tessera.runtime import load_model
 from tessera.runtime.generate import Generator
 from tessera.runtime.sampling import SamplingParams

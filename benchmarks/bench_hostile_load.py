@@ -175,7 +175,7 @@ def main(rounds: int = 3) -> None:
 
     import uvicorn
 
-    from tessera.demo_parent import PARENT_DIR
+    from tessera.demo import PARENT_DIR
     from tessera.runtime.server import build_server
 
     from .harness import environment, write_results

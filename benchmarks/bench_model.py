@@ -17,7 +17,7 @@ import torch
 
 from tessera import kernels
 from tessera.config import ArchConfig
-from tessera.demo_parent import demo_arch
+from tessera.demo.build import demo_arch
 from tessera.runtime.engine import DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.model import Model
 
@@ -141,7 +141,7 @@ def generate_speed(device: torch.device, new_tokens: int = 128) -> list[dict]:
 
     from transformers import LlamaForCausalLM
 
-    from tessera.demo_parent import PARENT_DIR
+    from tessera.demo import PARENT_DIR
     from tessera.runtime.generate import Generator
     from tessera.runtime.loader import load_model
     from tessera.runtime.sampling import SamplingParams

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tessera.demo_parent import PARENT_DIR
+from tessera.demo import PARENT_DIR
 
 GOAL = 4.0  # x transformers' one-at-a-time output-token throughput at 16 concurrent requests
 

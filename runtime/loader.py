@@ -275,7 +275,7 @@ def _is_weight_file(name: str) -> bool:
 
 def _carry_over(old: Path, new: Path) -> None:
     """Copy into `new` what `old` holds and `new` does not, except weights: callers write beside the weights
-    (demo_parent the tokenizer before saving, the search and fusion reports and plots) and a directory swap
+    (demo/build.py the tokenizer before saving, the search and fusion reports and plots) and a directory swap
     must not drop those. Hard links: instant, and the old directory is deleted right after."""
 
     def link_or_copy(src: str | Path, dst: str | Path) -> None:

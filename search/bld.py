@@ -38,12 +38,17 @@ from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.errors import UserError
 from tessera.files import atomic_path, atomic_write_text
 from tessera.runtime.model import DecoderLayer, Model
+from tessera.runtime.weights import ATTENTION, FFN
 from tessera.search.activations import Activations, window_context
 from tessera.search.init import ffn_channel_scores, init_layer
 from tessera.search.library import SearchSpace
 from tessera.search.train import TrainConfig, train
 
-_PREFIX = {"attention": ("input_layernorm.", "self_attn."), "ffn": ("post_attention_layernorm.", "mlp.")}
+# The modules of each half of a layer (its norm and its sublayer), from the weight table.
+_PREFIX = {
+    part: tuple(sorted({w.param.split(".")[0] + "." for weights in table.values() for w in weights}))
+    for part, table in (("attention", ATTENTION), ("ffn", FFN))
+}
 
 
 @dataclass(frozen=True)

@@ -28,17 +28,16 @@ import numpy as np
 import torch
 
 from tessera.config import ArchConfig, BlockConfig
-from tessera.demo_parent import CORPUS_DIR, PARENT_DIR, encode_split
 from tessera.errors import UserError
 from tessera.files import atomic_write_text
-from tessera.runtime.loader import load_model, save_model
+from tessera.runtime.loader import save_model
 from tessera.runtime.model import Model
-from tessera.runtime.sampling import load_tokenizer
 from tessera.search import activations
 from tessera.search.assemble import assemble_child
 from tessera.search.bld import BLDConfig, SublayerStore, bld_manifest, run_bld
 from tessera.search.cost import CostTable, Scenario, block_memory_mib, calibrate, measure_latency, random_architectures
 from tessera.search.cost import validate as validate_costs
+from tessera.search.data import load_parent
 from tessera.search.fusion import FusionConfig, run_fusion
 from tessera.search.gkd import GKDConfig, distill
 from tessera.search.library import (
@@ -283,14 +282,10 @@ class Optimizer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(cfg.device)
         self.dtype = torch.float32  # search and timing in fp32 on CPU: the demo's serving precision there
-        self.parent = load_model(self.parent_dir, self.device, self.dtype)
-        for p in self.parent.parameters():
-            p.requires_grad_(False)
+        loaded = load_parent(self.parent_dir, corpus, self.device, self.dtype)
+        self.parent, self.train_ids = loaded.model, loaded.train_ids
         cfg.scenario.check_context(self.parent.arch)
-        tok = load_tokenizer(self.parent_dir)
-        self.train_ids = encode_split(tok, "train", corpus)
-        val_ids = encode_split(tok, "validation", corpus)
-        held_out = fixed_windows(val_ids, cfg.seq_len, cfg.score_windows + cfg.eval_windows)
+        held_out = fixed_windows(loaded.val_ids, cfg.seq_len, cfg.score_windows + cfg.eval_windows)
         if held_out.shape[0] < cfg.score_windows + cfg.eval_windows:
             raise UserError(
                 f"{corpus}: the validation split has {held_out.shape[0]} windows of {cfg.seq_len} tokens; "
@@ -480,11 +475,11 @@ class Optimizer:
 
 
 def optimize(
-    parent_dir: str | Path = PARENT_DIR,
-    out: str | Path = "runs/optimize",
-    budget: Budget = Budget(target_speedup=1.5),
-    cfg: OptimizeConfig = OptimizeConfig(),
-    corpus: str | Path = CORPUS_DIR,
+    parent_dir: str | Path,
+    out: str | Path,
+    budget: Budget,
+    cfg: OptimizeConfig,
+    corpus: str | Path,
     progress: bool = True,
     fresh: bool = False,
 ) -> dict:

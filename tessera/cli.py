@@ -10,8 +10,6 @@ for UTF-8, output paths by `check_output`. Ctrl-C ends in one line `tessera: int
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -219,7 +217,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from tessera.demo_parent import PARENT_DIR
+    from tessera.demo import PARENT_DIR
     from tessera.runtime.sampling import SamplingParams
 
     model_dir = Path(args.model or PARENT_DIR)
@@ -244,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_parent(args: argparse.Namespace) -> None:
-    from tessera import demo_parent
+    from tessera.demo import build as demo_parent
 
     if args.step == "corpus":
         print(json.dumps(demo_parent.snapshot_corpus(), indent=2))
@@ -253,26 +251,11 @@ def cmd_demo_parent(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
 
 
-def _benchmarks():
-    """The checkout's benchmarks/ as a package. Loaded by path under its own name: putting the repository
-    root on sys.path would also make kernels/ importable as a top-level `kernels`, which transformers probes."""
-    root = Path(__file__).resolve().parent.parent / "benchmarks"
-    if not (root / "run.py").is_file():
-        raise UserFileNotFound(f"tessera bench runs the suites of a source checkout; {root} has none")
-    if "tessera_benchmarks" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "tessera_benchmarks", root / "__init__.py", submodule_search_locations=[str(root)]
-        )
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["tessera_benchmarks"] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module("tessera_benchmarks.run")
-
-
 def cmd_bench(args: argparse.Namespace) -> None:
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = check_output(args.results, "--results", folder=True) if args.results else None
-    run = _benchmarks()
+    from tessera.benchmarks import run
+
     results = results or check_output(run.results_dir(), "--results", folder=True)
     if args.what == "kernels":
         paths = run.run_kernels(device, args.suite, out=results)
@@ -285,7 +268,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from tessera.demo_parent import PARENT_DIR
+    from tessera.demo import PARENT_DIR
     from tessera.runtime.server import build_server, run
 
     threads = None
@@ -405,7 +388,7 @@ def _remove(path: Path) -> None:
 def cmd_optimize(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from tessera.demo_parent import CORPUS_DIR, PARENT_DIR, check_corpus
+    from tessera.demo import CORPUS_DIR, PARENT_DIR
     from tessera.search.bld import BLDConfig
     from tessera.search.fusion import FusionConfig
     from tessera.search.gkd import GKDConfig
@@ -423,7 +406,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         inputs=inputs,
     )
-    check_corpus(corpus)
+    _corpus(args)
     # --overwrite: what the folder held that a run does not write goes once the run has finished.
     leftovers = [p for p in out.iterdir() if p.name not in OPTIMIZE_OUTPUTS] if args.overwrite and out.is_dir() else []
     budget = Budget(
@@ -454,9 +437,8 @@ def _is_fuse_output(path: Path) -> bool:
 
 
 def cmd_fuse(args: argparse.Namespace) -> None:
-    from tessera.demo_parent import CORPUS_DIR, check_corpus, encode_split
-    from tessera.runtime.loader import load_model
-    from tessera.runtime.sampling import load_tokenizer
+    from tessera.demo import CORPUS_DIR
+    from tessera.search.data import load_parent
     from tessera.search.fusion import FusionConfig, FusionError, parse_groups, run_fusion
     from tessera.search.train import fixed_windows
 
@@ -465,7 +447,7 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     out = check_output(
         args.out, "--out", folder=True, command="fuse", ours=_is_fuse_output, overwrite=args.overwrite, inputs=inputs
     )
-    check_corpus(corpus)
+    _corpus(args)
     cfg = FusionConfig(
         spans=tuple(parse_groups(args.groups)) if args.groups else None,
         threshold=args.threshold,
@@ -474,18 +456,14 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     )
     if cfg.spans is not None and cfg.threshold is not None:
         raise FusionError("give --groups or --threshold, not both")
-    model = load_model(model_dir, resolve_device(args.device), torch.float32)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    tok = load_tokenizer(model_dir)
-    train_ids, val_ids = encode_split(tok, "train", corpus), encode_split(tok, "validation", corpus)
+    parent = load_parent(model_dir, corpus, resolve_device(args.device))
     # Written beside --out and swapped in whole once complete: an earlier output (or, with --overwrite, another
     # model's training.json and plots) never lingers beside the new checkpoint, and Ctrl-C leaves --out as it was.
     with replaced_folder(out) as work:
         info = run_fusion(
-            model,
-            train_ids,
-            fixed_windows(val_ids, cfg.seq_len, args.eval_windows),
+            parent.model,
+            parent.train_ids,
+            fixed_windows(parent.val_ids, cfg.seq_len, args.eval_windows),
             work,
             cfg,
             _scenario(args),
@@ -497,11 +475,33 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     print(f"fused checkpoint: {out}")
 
 
+def _add_device(p: argparse.ArgumentParser, dtype: bool = False) -> None:
+    """--device (and --dtype) as every command that runs a model takes them."""
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    if dtype:
+        p.add_argument("--dtype", default="float32", choices=list(RUN_DTYPES))
+
+
+def _corpus(args: argparse.Namespace) -> Path:
+    """--corpus (default: the demo's), checked before any work."""
+    from tessera.demo import CORPUS_DIR
+    from tessera.search.data import check_corpus
+
+    if args.corpus is not None:
+        return check_corpus(args.corpus)
+    try:
+        return check_corpus(CORPUS_DIR)
+    except UserFileNotFound as e:
+        raise UserFileNotFound(
+            f"{e}; the demo corpus ships with the repository: restore demo/corpus from git"
+        ) from None
+
+
 def _add_scenario(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=8, help="scenario: sequences generated together")
     p.add_argument("--prompt-len", type=positive_int, default=128, help="scenario: prompt tokens per sequence")
     p.add_argument("--gen-len", type=positive_int, default=64, help="scenario: generated tokens per sequence")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    _add_device(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -522,15 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=probability, default=1.0, help="in (0, 1]; 1 = no nucleus cut")
     p.add_argument("--seed", type=torch_seed, default=None)
     p.add_argument("--stop", action="append", type=utf8_text, help="stop string; repeatable")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=list(RUN_DTYPES))
+    _add_device(p, dtype=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="show the bundled demo parent and generate from it")
     p.add_argument("--model", default=None, help="checkpoint directory (default: demo/parent)")
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    _add_device(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -585,8 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="CPU: engine processes, each serving its share of the requests (default 1)",
     )
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=list(RUN_DTYPES))
+    _add_device(p, dtype=True)
     p.set_defaults(func=cmd_serve)
 
     search = sub.add_parser("search", help="Puzzle search steps").add_subparsers(dest="step", required=True)

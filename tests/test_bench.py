@@ -5,27 +5,24 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tessera.cli import _benchmarks, main
+from tessera.benchmarks import bench_model, harness
+from tessera.cli import main
 
 
 @pytest.fixture
 def results_dir(tmp_path, monkeypatch):
     """Where the runs write (--results); the harness's default is pointed there too, so a run that ignored the
     flag would leave the test's folder empty rather than touch the checkout."""
-    _benchmarks()  # loads the checkout's benchmarks/ as the package tessera_benchmarks
     monkeypatch.setenv("TESSERA_BENCH_RESULTS", str(tmp_path / "default"))
     return tmp_path / "results"
 
 
 def test_results_default_outside_the_tracked_tree(monkeypatch) -> None:
-    _benchmarks()
-    harness = sys.modules["tessera_benchmarks.harness"]
     monkeypatch.delenv("TESSERA_BENCH_RESULTS", raising=False)
     default = harness.results_dir()
     repo = Path(harness.__file__).resolve().parent.parent
@@ -35,7 +32,6 @@ def test_results_default_outside_the_tracked_tree(monkeypatch) -> None:
 
 
 def test_results_env_and_argument(results_dir, monkeypatch) -> None:
-    harness = sys.modules["tessera_benchmarks.harness"]
     path = harness.write_results("x", {"a": 1}, "table")
     assert path == results_dir.parent / "default" / "x.json" and path.with_suffix(".md").read_text() == "table\n"
     assert harness.write_results("y", {}, "", results_dir) == results_dir / "y.json"
@@ -81,7 +77,7 @@ def test_bench_fusion(results_dir) -> None:
 def test_generate_speed_measures_both_sides(results_dir) -> None:
     """The GPU suite's `Generator` vs transformers rows (run here on the CPU, 4 tokens): both timed, outputs
     compared token by token."""
-    rows = sys.modules["tessera_benchmarks.bench_model"].generate_speed(torch.device("cpu"), new_tokens=4)
+    rows = bench_model.generate_speed(torch.device("cpu"), new_tokens=4)
     assert [r["batch"] for r in rows] == [1, 8]
     for r in rows:
         assert r["tessera_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0 and not r["cuda_graphs"]

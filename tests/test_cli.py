@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tessera.cli import main
-from tessera.demo_parent import PARENT_DIR
+from tessera.demo import PARENT_DIR
 
 from .conftest import CONFIGS
 

@@ -18,7 +18,8 @@ import pytest
 
 from tessera import cli
 from tessera.cli import build_parser
-from tessera.demo_parent import PARENT_DIR, read_corpus
+from tessera.demo import CORPUS_DIR, PARENT_DIR
+from tessera.search.data import read_corpus
 
 from .test_cli import run_cli
 
@@ -30,10 +31,12 @@ def _work_started(*args, **kwargs):
 @pytest.fixture
 def no_work(monkeypatch):
     """Every command's first expensive step fails the test: errors must come before it."""
-    import tessera.demo_parent
+    import tessera.benchmarks.run
+    import tessera.demo.build
     import tessera.runtime.loader
     import tessera.runtime.server
     import tessera.search.cost
+    import tessera.search.data
     import tessera.search.pipeline
 
     monkeypatch.setattr(tessera.search.pipeline, "optimize", _work_started)
@@ -41,9 +44,11 @@ def no_work(monkeypatch):
     monkeypatch.setattr(tessera.search.cost, "calibrate", _work_started)
     monkeypatch.setattr(tessera.runtime.server, "build_server", _work_started)
     monkeypatch.setattr(cli, "_generator", _work_started)
-    monkeypatch.setattr(cli, "_benchmarks", _work_started)
-    monkeypatch.setattr(tessera.demo_parent, "train_parent", _work_started)  # it writes into demo/parent
-    monkeypatch.setattr(tessera.demo_parent, "snapshot_corpus", _work_started)
+    for name in ("run_kernels", "run_model", "run_fusion", "run_serving"):
+        monkeypatch.setattr(tessera.benchmarks.run, name, _work_started)
+    monkeypatch.setattr(tessera.search.data, "load_parent", _work_started)
+    monkeypatch.setattr(tessera.demo.build, "train_parent", _work_started)  # it writes into demo/parent
+    monkeypatch.setattr(tessera.demo.build, "snapshot_corpus", _work_started)
 
 
 @pytest.fixture
@@ -51,7 +56,7 @@ def corpus(tmp_path_factory) -> Path:
     """A small corpus cut from the demo's (the fuse tests' stand-in for run_fusion needs real token ids)."""
     root = tmp_path_factory.mktemp("corpus")
     for split in ("train", "validation"):
-        (root / f"{split}.txt.xz").write_bytes(lzma.compress(read_corpus(split)[:20_000].encode()))
+        (root / f"{split}.txt.xz").write_bytes(lzma.compress(read_corpus(split, CORPUS_DIR)[:20_000].encode()))
     return root
 
 

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from tessera.config import ArchConfig
-from tessera.demo_parent import CORPUS_DIR, EOS, PARENT_DIR, VALIDATION_EVERY, _documents, encode_split, read_corpus
+from tessera.demo import CORPUS_DIR, PARENT_DIR
+from tessera.demo.build import EOS, VALIDATION_EVERY, _documents
 from tessera.runtime import load_model
 from tessera.runtime.sampling import load_tokenizer
+from tessera.search.data import encode_split, read_corpus
 from tessera.search.train import evaluate_lm, fixed_windows
 
 REPORT = json.loads((PARENT_DIR / "training.json").read_text())
@@ -30,7 +32,7 @@ def test_checkpoint_is_a_small_gqa_llama_under_25_mb() -> None:
 
 def test_tokenizer_is_lossless_byte_level_bpe() -> None:
     tok = load_tokenizer(PARENT_DIR)
-    text = max(read_corpus("validation").split(EOS), key=len)[:20_000]  # one document: EOS is special
+    text = max(read_corpus("validation", CORPUS_DIR).split(EOS), key=len)[:20_000]  # one document: EOS is special
     assert tok.decode(tok.encode(text).ids) == text
     assert tok.token_to_id(EOS) in ArchConfig.from_json(PARENT_DIR).eos_token_ids
     # BPE compresses Python source well beyond bytes: at least 3 characters per token here.
@@ -40,7 +42,7 @@ def test_tokenizer_is_lossless_byte_level_bpe() -> None:
 def test_shipped_weights_score_the_reported_validation_loss() -> None:
     model = load_model(PARENT_DIR)
     tok = load_tokenizer(PARENT_DIR)
-    windows = fixed_windows(encode_split(tok, "validation"), REPORT["config"]["seq_len"], 16)
+    windows = fixed_windows(encode_split(tok, "validation", CORPUS_DIR), REPORT["config"]["seq_len"], 16)
     loss = evaluate_lm(model, windows)
     # The report used 64 windows; these are its first 16, so the mean differs by sampling only (a few %).
     assert abs(loss - REPORT["shipped_val_loss"]) < 0.15 * REPORT["shipped_val_loss"]
@@ -67,7 +69,7 @@ def test_corpus_snapshot_is_reproducible_from_this_python() -> None:
     names = [name for name, _ in _documents()]
     held_out = sum(zlib.crc32(n.encode()) % VALIDATION_EVERY == 0 for n in names)
     assert (len(names) - held_out, held_out) == (stats["train_documents"], stats["validation_documents"])
-    assert len(read_corpus("train").encode()) == stats["train_bytes"]
+    assert len(read_corpus("train", CORPUS_DIR).encode()) == stats["train_bytes"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -88,7 +90,7 @@ def test_half_precision_generation_follows_float32(dtype: torch.dtype) -> None:
 
 
 def test_tokenizer_retrains_to_the_shipped_file(tmp_path) -> None:
-    from tessera.demo_parent import train_tokenizer
+    from tessera.demo.build import train_tokenizer
 
     train_tokenizer(tmp_path)
     assert (tmp_path / "tokenizer.json").read_bytes() == (PARENT_DIR / "tokenizer.json").read_bytes()

@@ -3,13 +3,11 @@ names round-trip through the names config.json uses, and the shared timer takes 
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 from tessera import devices
-from tessera.cli import _benchmarks
+from tessera.benchmarks import harness
 from tessera.config import DTYPE_BYTES, dtype_bytes
 from tessera.devices import device_name, dtype_name, median_ms, parse_dtype, resolve_device
 
@@ -80,7 +78,5 @@ def test_median_ms_stops_at_200_repetitions(monkeypatch) -> None:
 def test_one_timer_and_one_device_name_for_cost_model_and_benchmarks() -> None:
     from tessera.search import cost
 
-    _benchmarks()  # loads the checkout's benchmarks/ as the package tessera_benchmarks
-    harness = sys.modules["tessera_benchmarks.harness"]
     assert harness.median_ms is cost.median_ms is median_ms
     assert harness.device_name is cost.device_name is device_name

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.demo_parent import PARENT_DIR
+from tessera.demo import PARENT_DIR
 from tessera.runtime.cache import PagedKVCache
 from tessera.runtime.engine import CapacityError, DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.loader import load_model

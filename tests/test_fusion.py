@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from tessera import kernels
 from tessera.cli import main
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, ConfigError, FFNConfig
-from tessera.demo_parent import PARENT_DIR, read_corpus
+from tessera.demo import CORPUS_DIR, PARENT_DIR
 from tessera.runtime.cache import PagedKVCache
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
+from tessera.search.data import read_corpus
 from tessera.search.fusion import (
     EMPTY,
     FusionError,
@@ -279,7 +280,7 @@ def tiny_checkpoint(tmp_path_factory):
     corpus = root / "corpus"
     corpus.mkdir()
     for split in ("train", "validation"):
-        (corpus / f"{split}.txt.xz").write_bytes(lzma.compress(read_corpus(split)[:40_000].encode()))
+        (corpus / f"{split}.txt.xz").write_bytes(lzma.compress(read_corpus(split, CORPUS_DIR)[:40_000].encode()))
     return path, corpus
 
 

@@ -10,11 +10,12 @@ import pytest
 
 from tessera.cli import main
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
-from tessera.demo_parent import PARENT_DIR, read_corpus
+from tessera.demo import CORPUS_DIR, PARENT_DIR
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
 from tessera.search.bld import BLDConfig, StoreMismatchError
 from tessera.search.cost import CostTable, Scenario
+from tessera.search.data import read_corpus
 from tessera.search.gkd import GKDConfig
 from tessera.search.library import SearchSpace, read_library
 from tessera.search.mip import InfeasibleError, solve
@@ -40,7 +41,7 @@ def tiny_parent(tmp_path_factory):
     corpus = root / "corpus"
     corpus.mkdir()
     for split, chars in (("train", 60_000), ("validation", 60_000)):
-        (corpus / f"{split}.txt.xz").write_bytes(lzma.compress(read_corpus(split)[:chars].encode()))
+        (corpus / f"{split}.txt.xz").write_bytes(lzma.compress(read_corpus(split, CORPUS_DIR)[:chars].encode()))
     return parent, corpus
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import os
 import signal
@@ -28,7 +27,7 @@ import torch
 import uvicorn
 
 from tessera.config import ConfigError
-from tessera.demo_parent import PARENT_DIR
+from tessera.demo import PARENT_DIR
 from tessera.runtime.async_engine import AsyncEngine, EngineProcessError, EngineSpec
 from tessera.runtime.generate import Generator
 from tessera.runtime.loader import load_model
@@ -403,10 +402,8 @@ def test_hostile_clients_never_hurt_well_behaved_ones(server) -> None:
     well-behaved request fails or changes its text, each hostile one gets its status, every slot and page
     comes back, and the p99 latency stays within 2x the calm run's p99 plus 2 s (the hostile requests that
     are served take batch rows, and tokenising takes one of the two cores for a second)."""
-    from tessera.cli import _benchmarks
+    from tessera.benchmarks import bench_hostile_load as load
 
-    _benchmarks()
-    load = importlib.import_module("tessera_benchmarks.bench_hostile_load")
     served, base = server
     runs = load.calm_and_hostile(base, served.max_request_bytes, clients=18, rounds=2)
     calm, hostile = runs["calm"], runs["hostile"]

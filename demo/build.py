@@ -1,4 +1,4 @@
-"""The bundled demo parent: a small GQA Llama trained on CPU from text that ships with the repo.
+"""How the bundled demo parent is made: a small GQA Llama trained on CPU from text that ships with the repo.
 
 Three reproducible steps (`make parent` runs the last two):
 1. `snapshot_corpus`: Python's own documentation (`pydoc_data.topics`) and the standard library's source
@@ -20,19 +20,16 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig, RopeConfig
-from tessera.errors import UserError, UserFileNotFound
+from tessera.demo import CORPUS_DIR, PARENT_DIR
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
+from tessera.search.data import DOCUMENT_SEPARATOR, encode_split, read_corpus
 from tessera.search.train import TrainConfig, evaluate_lm, fixed_windows, lm_loss, random_windows, train
 
-EOS = "<|endoftext|>"
-REPO = Path(__file__).resolve().parent.parent
-CORPUS_DIR = REPO / "demo" / "corpus"
-PARENT_DIR = REPO / "demo" / "parent"
+EOS = DOCUMENT_SEPARATOR  # the tokenizer's special token, and what joins the corpus's documents
 VALIDATION_EVERY = 20  # 1 document in 20 (by name hash) is held out
 
 # 8.4M parameters on 2.8M training tokens, trained for under two passes (1.74): validation loss still
@@ -102,32 +99,6 @@ def snapshot_corpus(out: Path = CORPUS_DIR) -> dict[str, int]:
     return stats
 
 
-def _split_file(split: str, corpus: Path) -> Path:
-    path = Path(corpus) / f"{split}.txt.xz"
-    if not path.is_file():
-        if Path(corpus).resolve() == CORPUS_DIR.resolve():
-            hint = "the demo corpus ships with the repository: restore demo/corpus from git"
-        else:
-            hint = "a corpus folder holds train.txt.xz and validation.txt.xz: xz-compressed UTF-8 text"
-        raise UserFileNotFound(f"{path}: no such file ({hint})")
-    return path
-
-
-def check_corpus(corpus: Path = CORPUS_DIR) -> Path:
-    """`corpus` if it holds both splits (checked before a long run starts); else a UserFileNotFound."""
-    for split in ("train", "validation"):
-        _split_file(split, corpus)
-    return Path(corpus)
-
-
-def read_corpus(split: str, corpus: Path = CORPUS_DIR) -> str:
-    path = _split_file(split, corpus)
-    try:
-        return lzma.decompress(path.read_bytes()).decode()
-    except (lzma.LZMAError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not xz-compressed UTF-8 text ({e})") from None
-
-
 def train_tokenizer(out: Path, corpus: Path = CORPUS_DIR, vocab_size: int = DEMO_ARCH["vocab_size"]):
     """Byte-level BPE on the training split; writes tokenizer.json + tokenizer_config.json to `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -155,16 +126,6 @@ def train_tokenizer(out: Path, corpus: Path = CORPUS_DIR, vocab_size: int = DEMO
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return tok
-
-
-def encode_split(tok, split: str, corpus: Path = CORPUS_DIR) -> np.ndarray:
-    """The split as one uint16 token stream, documents separated by EOS."""
-    eos_id = tok.token_to_id(EOS)
-    ids: list[int] = []
-    for enc in tok.encode_batch(read_corpus(split, corpus).split(EOS)):
-        ids.extend(enc.ids)
-        ids.append(eos_id)
-    return np.asarray(ids, dtype=np.uint16)
 
 
 def train_parent(

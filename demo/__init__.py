@@ -1,0 +1,10 @@
+"""The bundled demo: a small Llama-shaped parent (demo/parent/) that tessera trains itself on a snapshot of
+Python's own documentation and standard library (demo/corpus/, a corpus in the search's format:
+search/data.py). `make demo` runs the search on it; `tessera demo-parent` rebuilds it (demo/build.py).
+"""
+
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent
+PARENT_DIR = DEMO_DIR / "parent"
+CORPUS_DIR = DEMO_DIR / "corpus"

@@ -1,0 +1,76 @@
+"""What the search reads besides the parent's weights: a text corpus, and the parent loaded for distillation.
+
+A corpus is a folder holding `train.txt.xz` and `validation.txt.xz`: xz-compressed UTF-8 text, documents
+joined by DOCUMENT_SEPARATOR (the bundled demo's corpus, demo/corpus/, is one). `load_parent` is the setup
+`tessera optimize` and `tessera fuse` share: the parent frozen in float32, its tokenizer, both splits as
+token streams.
+"""
+
+from __future__ import annotations
+
+import lzma
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from tessera.errors import UserError, UserFileNotFound
+from tessera.runtime.loader import load_model
+from tessera.runtime.model import Model
+from tessera.runtime.sampling import load_tokenizer
+
+DOCUMENT_SEPARATOR = "<|endoftext|>"
+SPLITS = ("train", "validation")
+
+
+def split_file(split: str, corpus: str | Path) -> Path:
+    path = Path(corpus) / f"{split}.txt.xz"
+    if not path.is_file():
+        raise UserFileNotFound(
+            f"{path}: no such file (a corpus folder holds train.txt.xz and validation.txt.xz: xz-compressed UTF-8 text)"
+        )
+    return path
+
+
+def check_corpus(corpus: str | Path) -> Path:
+    """`corpus` if it holds both splits (checked before a long run starts)."""
+    for split in SPLITS:
+        split_file(split, corpus)
+    return Path(corpus)
+
+
+def read_corpus(split: str, corpus: str | Path) -> str:
+    path = split_file(split, corpus)
+    try:
+        return lzma.decompress(path.read_bytes()).decode()
+    except (lzma.LZMAError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not xz-compressed UTF-8 text ({e})") from None
+
+
+def encode_split(tok: Tokenizer, split: str, corpus: str | Path) -> np.ndarray:
+    """The split as one uint16 token stream, documents separated by the separator's token."""
+    separator = tok.token_to_id(DOCUMENT_SEPARATOR)
+    ids: list[int] = []
+    for enc in tok.encode_batch(read_corpus(split, corpus).split(DOCUMENT_SEPARATOR)):
+        ids.extend(enc.ids)
+        ids.append(separator)
+    return np.asarray(ids, dtype=np.uint16)
+
+
+@dataclass
+class ParentAndText:
+    model: Model  # frozen: the search trains children against it, never it
+    tokenizer: Tokenizer
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+
+
+def load_parent(model_dir: str | Path, corpus: str | Path, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> ParentAndText:  # fmt: skip
+    model = load_model(model_dir, device, dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = load_tokenizer(model_dir)
+    return ParentAndText(model, tok, encode_split(tok, "train", corpus), encode_split(tok, "validation", corpus))
