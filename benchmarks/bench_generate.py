@@ -22,7 +22,7 @@ from tessera.runtime import load_model
 from tessera.runtime.generate import Generator
 from tessera.runtime.sampling import SamplingParams
 
-from .harness import environment, write_results
+from .harness import environment, hf_generate, write_results
 
 PROMPT_LEN, NEW_TOKENS, BATCHES = 16, 64, (1, 8)
 ROUNDS = 9
@@ -50,14 +50,7 @@ def _run_tessera(gen: Generator, prompts: torch.Tensor) -> list[list[int]]:
 
 def _run_transformers(hf, prompts: torch.Tensor) -> list[list[int]]:
     with torch.inference_mode():
-        out = hf.generate(
-            prompts,
-            attention_mask=torch.ones_like(prompts),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-        )
+        out = hf_generate(hf, prompts, NEW_TOKENS)
     return out[:, PROMPT_LEN:].tolist()
 
 

@@ -24,16 +24,11 @@ from dataclasses import dataclass, field
 
 import httpx
 
-PROMPTS = [
-    "def fibonacci(n):",
-    "import os\nimport sys\n",
-    "class Stack:\n    def push(self, item):",
-    "for key, value in sorted(",
-    "    return self._cache[",
-    "# Copyright",
-    "with open(path) as f:",
-    "raise ValueError(",
-]
+from tessera.demo import CODE_PROMPTS
+
+from .harness import wait_healthy
+
+PROMPTS = CODE_PROMPTS
 MAX_TOKENS = 24
 
 
@@ -187,12 +182,7 @@ def main(rounds: int = 3) -> None:
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    while True:
-        try:
-            httpx.get(f"{base}/health")
-            break
-        except httpx.TransportError:
-            time.sleep(0.1)
+    wait_healthy(base, 60)
     pairs = [calm_and_hostile(base, served.max_request_bytes) for _ in range(rounds)]
     uv.should_exit = True
     thread.join(30)  # the server's shutdown stops the engine processes

@@ -21,7 +21,7 @@ from tessera.demo.build import demo_arch
 from tessera.runtime.engine import DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.model import Model
 
-from .harness import time_ms
+from .harness import hf_generate, time_ms
 
 # meta-llama/Llama-3.1-8B config.json (the fields tessera reads); the shared copy is not on the GPU machine.
 LLAMA_3_1_8B = {
@@ -160,14 +160,7 @@ def generate_speed(device: torch.device, new_tokens: int = 128) -> list[dict]:
         def theirs(prompts=prompts) -> list[list[int]]:
             ids = prompts.to(device)
             with torch.inference_mode():
-                out = hf.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
+                out = hf_generate(hf, ids, new_tokens)
             return out[:, 16:].tolist()
 
         speed, outputs = {}, {}

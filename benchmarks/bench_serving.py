@@ -38,6 +38,8 @@ import torch
 
 from tessera.demo import PARENT_DIR
 
+from .harness import hf_generate, wait_healthy
+
 GOAL = 4.0  # x transformers' one-at-a-time output-token throughput at 16 concurrent requests
 
 
@@ -184,18 +186,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 300) -> None:
-        import httpx
-
-        deadline = time.perf_counter() + timeout
-        while time.perf_counter() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tessera serve exited: {self.proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{self.base}/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise TimeoutError(f"tessera serve did not answer /health within {timeout} s")
+        wait_healthy(self.base, timeout, self.proc)
 
     def model_name(self) -> str:
         import httpx
@@ -225,14 +216,7 @@ def transformers_baseline(
         for prompt in prompts:
             ids = torch.tensor([prompt], device=device)
             t0 = time.perf_counter()
-            out = hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=output_len,
-                min_new_tokens=output_len,
-                do_sample=False,
-                pad_token_id=0,
-            )
+            out = hf_generate(hf, ids, output_len)
             latencies.append(time.perf_counter() - t0)
             outputs.append(out[0, len(prompt) :].tolist())
         duration = time.perf_counter() - start
@@ -467,14 +451,7 @@ def transformers_baseline_model(hf, prompts: list[list[int]], output_len: int, d
             ids = torch.tensor([prompt], device=device)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=output_len,
-                min_new_tokens=output_len,
-                do_sample=False,
-                pad_token_id=0,
-            )
+            hf_generate(hf, ids, output_len)
             torch.cuda.synchronize()
             if i:  # the first is the warm-up
                 times.append(time.perf_counter() - t0)

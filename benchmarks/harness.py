@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,36 @@ def write_results(name: str, results: dict, markdown: str, out: Path | None = No
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / f"{name}.md", markdown + "\n")
     return path
+
+
+def hf_generate(hf, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """transformers' greedy `generate` of exactly `new_tokens` tokens per row (EOS ignored): the baseline every
+    end-to-end benchmark compares tessera with."""
+    return hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+
+
+def wait_healthy(base: str, timeout: float, proc=None) -> None:
+    """Until `base`/health answers 200 (a server starting); raises if `proc` (its process) exits first or the
+    timeout passes."""
+    import httpx
+
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"tessera serve exited: {(proc.stderr.read() if proc.stderr else '')[-2000:]}")
+        try:
+            if httpx.get(f"{base}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{base}/health did not answer within {timeout} s")
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = True) -> tuple[float, str]:

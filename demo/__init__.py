@@ -8,3 +8,15 @@ from pathlib import Path
 DEMO_DIR = Path(__file__).resolve().parent
 PARENT_DIR = DEMO_DIR / "parent"
 CORPUS_DIR = DEMO_DIR / "corpus"
+
+# Starts of Python code, what the demo parent was trained to continue: the serving tests' and benchmarks' prompts.
+CODE_PROMPTS = (
+    "def fibonacci(n):",
+    "import os\nimport sys\n",
+    "class Stack:\n    def push(self, item):",
+    "for key, value in sorted(",
+    "    return self._cache[",
+    "# Copyright",
+    "with open(path) as f:",
+    "raise ValueError(",
+)

@@ -26,41 +26,22 @@ import pytest
 import torch
 import uvicorn
 
+from tessera.benchmarks.harness import wait_healthy
 from tessera.config import ConfigError
-from tessera.demo import PARENT_DIR
+from tessera.demo import CODE_PROMPTS, PARENT_DIR
 from tessera.runtime.async_engine import AsyncEngine, EngineProcessError, EngineSpec
 from tessera.runtime.generate import Generator
 from tessera.runtime.loader import load_model
 from tessera.runtime.sampling import Completion, SamplingParams, load_tokenizer
 from tessera.runtime.server import DEFAULT_CHAT_TEMPLATE, build_server, load_chat_template
 
-PROMPTS = [
-    "def fibonacci(n):",
-    "import os\nimport sys\n",
-    "class Stack:\n    def push(self, item):",
-    "for key, value in sorted(",
-    "    return self._cache[",
-    "# Copyright",
-    "with open(path) as f:",
-    "raise ValueError(",
-]
+PROMPTS = list(CODE_PROMPTS)
 
 
 def free_socket() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     return sock
-
-
-def wait_healthy(base: str, timeout: float) -> None:
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        try:
-            if httpx.get(f"{base}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{base}/health did not answer within {timeout} s")
 
 
 @contextlib.contextmanager
