@@ -67,10 +67,17 @@ class ParentAndText:
     val_ids: np.ndarray
 
 
-def load_parent(model_dir: str | Path, corpus: str | Path, device: torch.device,
-                dtype: torch.dtype = torch.float32) -> ParentAndText:  # fmt: skip
+def load_frozen(model_dir: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> Model:
+    """A checkpoint loaded for the search to read, never to train."""
     model = load_model(model_dir, device, dtype)
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+def load_parent(
+    model_dir: str | Path, corpus: str | Path, device: torch.device, dtype: torch.dtype = torch.float32
+) -> ParentAndText:
+    model = load_frozen(model_dir, device, dtype)
     tok = load_tokenizer(model_dir)
     return ParentAndText(model, tok, encode_split(tok, "train", corpus), encode_split(tok, "validation", corpus))

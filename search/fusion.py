@@ -365,14 +365,25 @@ def heal(fused: Model, unfused: Model, train_tokens: np.ndarray, cfg: GKDConfig,
 
 def analyse_and_fuse(
     model: Model,
-    train_tokens: np.ndarray,
-    eval_windows: torch.Tensor,
+    train_tokens: np.ndarray | None,
+    eval_windows: torch.Tensor | None,
     cfg: FusionConfig = FusionConfig(),
     progress: bool = True,
 ) -> tuple[Model | None, FusionResult]:
     """Dependency matrices, group choice, fusion and healing, with held-out quality at each step. Returns the
-    fused model (None when there is nothing to fuse) and what was measured; `model` is left as it is."""
+    fused model (None when there is nothing to fuse) and what was measured; `model` is left as it is.
+
+    Without text (`train_tokens` None) it is the pure transform: explicit groups (cfg.spans), no healing,
+    nothing scored. Text is needed only to choose groups, to score and to heal."""
     arch = model.arch
+    if train_tokens is None:
+        if cfg.spans is None or cfg.heal_steps > 0:
+            raise FusionError("fusing without text needs explicit groups and no healing (heal_steps 0)")
+        result = FusionResult(choose_groups(arch, None, cfg.spans, None), None)
+        result.depth_before = arch.sequential_depth()
+        fused = fuse(model, result.groups)
+        result.depth_after = fused.arch.sequential_depth()
+        return fused, result
     calib = fixed_windows(train_tokens, cfg.seq_len, cfg.calibration_windows)
     ffn_layers = [i for run in ffn_runs(arch) for i in run]
     ffn_dep = dependency_matrix(model, calib, ffn_layers, "ffn", progress=progress) if len(ffn_layers) > 1 else None
@@ -399,8 +410,8 @@ def analyse_and_fuse(
 
 def run_fusion(
     model: Model,
-    train_tokens: np.ndarray,
-    eval_windows: torch.Tensor,
+    train_tokens: np.ndarray | None,
+    eval_windows: torch.Tensor | None,
     out: Path,
     cfg: FusionConfig = FusionConfig(),
     scenario: Scenario | None = None,
@@ -408,7 +419,8 @@ def run_fusion(
     progress: bool = True,
 ) -> dict:
     """Analyse, fuse and heal `model`; time fused against unfused on this device; save the fused model (bf16,
-    nemotron-nas in the Ultra-253B layout) to `out` with fusion.json, fusion.md and the heat-maps."""
+    nemotron-nas in the Ultra-253B layout) to `out` with fusion.json, fusion.md and the heat-maps. Without text
+    (None) it fuses explicit groups only (analyse_and_fuse)."""
     out, scenario = Path(out), scenario or Scenario()
     out.mkdir(parents=True, exist_ok=True)
     fused, result = analyse_and_fuse(model, train_tokens, eval_windows, cfg, progress)

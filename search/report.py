@@ -170,9 +170,12 @@ def fusion_section(f: dict, level: str = "#") -> list[str]:
         lines.append(f"Nothing fused: {f.get('reason', 'no group was chosen')}.")
     d = f["sequential_depth"]
     lines += ["", f"Sequential depth (attention and FFN sublayers in a row): {d['before']} → {d['after']}.", ""]
-    lines += ["| model | perplexity | KL from unfused |", "|---|---:|---:|"]
-    for name, q in f["quality"].items():
-        lines.append(f"| {name} | {q['perplexity']:.3f} | {_fmt(q.get('kl_div'), '.4f')} |")
+    if f["quality"]:
+        lines += ["| model | perplexity | KL from unfused |", "|---|---:|---:|"]
+        for name, q in f["quality"].items():
+            lines.append(f"| {name} | {q['perplexity']:.3f} | {_fmt(q.get('kl_div'), '.4f')} |")
+    else:
+        lines.append("Not scored: fused without text (explicit groups, no healing).")
     if f.get("latency"):
         s = f["scenario"]
         lines += [

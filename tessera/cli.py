@@ -438,16 +438,20 @@ def _is_fuse_output(path: Path) -> bool:
 
 def cmd_fuse(args: argparse.Namespace) -> None:
     from tessera.demo import CORPUS_DIR
-    from tessera.search.data import load_parent
+    from tessera.search.data import load_frozen, load_parent
     from tessera.search.fusion import FusionConfig, FusionError, parse_groups, run_fusion
     from tessera.search.train import fixed_windows
 
+    # Text is needed to choose groups, to heal and to score: explicit --groups with --heal-steps 0 and no
+    # --corpus is the pure transform, for a checkpoint without a tokenizer or a corpus.
+    uses_text = args.groups is None or args.heal_steps > 0 or args.corpus is not None
     model_dir, corpus = Path(args.model), Path(args.corpus or CORPUS_DIR)
-    inputs = {"--model": model_dir, "--corpus": corpus, "the current folder": Path.cwd()}
+    inputs = {"--model": model_dir, "the current folder": Path.cwd()} | ({"--corpus": corpus} if uses_text else {})
     out = check_output(
         args.out, "--out", folder=True, command="fuse", ours=_is_fuse_output, overwrite=args.overwrite, inputs=inputs
     )
-    _corpus(args)
+    if uses_text:
+        _corpus(args)
     cfg = FusionConfig(
         spans=tuple(parse_groups(args.groups)) if args.groups else None,
         threshold=args.threshold,
@@ -456,19 +460,17 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     )
     if cfg.spans is not None and cfg.threshold is not None:
         raise FusionError("give --groups or --threshold, not both")
-    parent = load_parent(model_dir, corpus, resolve_device(args.device))
+    device = resolve_device(args.device)
+    if uses_text:
+        parent = load_parent(model_dir, corpus, device)
+        model, train_ids = parent.model, parent.train_ids
+        eval_windows = fixed_windows(parent.val_ids, cfg.seq_len, args.eval_windows)
+    else:
+        model, train_ids, eval_windows = load_frozen(model_dir, device), None, None
     # Written beside --out and swapped in whole once complete: an earlier output (or, with --overwrite, another
     # model's training.json and plots) never lingers beside the new checkpoint, and Ctrl-C leaves --out as it was.
     with replaced_folder(out) as work:
-        info = run_fusion(
-            parent.model,
-            parent.train_ids,
-            fixed_windows(parent.val_ids, cfg.seq_len, args.eval_windows),
-            work,
-            cfg,
-            _scenario(args),
-            tokenizer_from=model_dir,
-        )
+        info = run_fusion(model, train_ids, eval_windows, work, cfg, _scenario(args), tokenizer_from=model_dir)
     print((out / "fusion.md").read_text())
     if not info["groups"]:
         raise FusionError(f"{model_dir}: nothing to fuse ({info['reason']}); the analysis is in {out}")

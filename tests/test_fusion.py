@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import lzma
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -336,3 +338,27 @@ def test_fuse_cli_errors(tiny_checkpoint, tmp_path, capsys):
         main(fuse_args(path, corpus, tmp_path / "c", "--threshold", "0", "--heal-steps", "0"))
     assert "nothing to fuse" in capsys.readouterr().err
     assert (tmp_path / "c" / "fusion.json").is_file() and not (tmp_path / "c" / "config.json").exists()
+
+
+def test_fuse_with_explicit_groups_and_no_healing_is_a_pure_transform(tiny_checkpoint, tmp_path, capsys):
+    """No tokenizer, no corpus (issue 17): explicit --groups and --heal-steps 0 need no text. The result is
+    exactly `fuse` of the loaded model, stored in bf16; nothing is scored. A run that needs text still says so."""
+    path, _ = tiny_checkpoint
+    bare = tmp_path / "bare"
+    shutil.copytree(path, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    assert not (bare / "tokenizer.json").exists()
+    out = tmp_path / "fused"
+    argv = ["fuse", "--model", str(bare), "--out", str(out), "--groups", "1-3", "--heal-steps", "0"]
+    assert main([*argv, "--batch", "1", "--prompt-len", "8", "--gen-len", "4"]) == 0
+    info = json.loads((out / "fusion.json").read_text())
+    assert info["quality"] == {} and info["ffn_dependency"] is None and set(info["latency"]) == {"unfused", "fused"}
+    assert "Not scored" in (out / "fusion.md").read_text()
+    expected = fuse(load_model(bare), [FusionGroup((1, 2, 3))])
+    got = load_model(out)
+    assert got.arch == replace(expected.arch, dtype="bfloat16")
+    for (name, a), (_, b) in zip(expected.state_dict().items(), got.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b), name
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # healing needs text: the missing tokenizer is named
+        main(["fuse", "--model", str(bare), "--out", str(tmp_path / "healed"), "--groups", "1-3"])
+    assert e.value.code == 2 and "tokenizer.json: no such file" in capsys.readouterr().err
