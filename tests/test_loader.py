@@ -314,3 +314,41 @@ def test_save_onto_a_file_is_refused(nas_checkpoint: Path, tmp_path: Path) -> No
     with pytest.raises(CheckpointError, match="exists and is not a directory"):
         save_model(load_model(nas_checkpoint), tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "not a checkpoint"
+
+
+def _width_other_runtimes_build(ffn_mult: float, hidden: int) -> int:
+    """vLLM's nemotron-nas rule (`_ffn_mult_to_intermediate_size`), written out here as the reference."""
+    n = int(2 * ffn_mult * hidden / 3)
+    return n if n % 256 == 0 else n + 256 - n % 256
+
+
+def test_an_export_other_runtimes_would_misread_says_so(tmp_path: Path) -> None:
+    """A width ffn_mult can express (256 at hidden 32) exports plainly; a pruned width (64) is recorded for
+    tessera, and the config and a warning both say that only tessera loads it (issue 17)."""
+    from tessera.config import AttentionConfig, BlockConfig, FFNConfig
+
+    gqa = AttentionConfig("gqa", 2)
+    arch = ArchConfig(
+        vocab_size=97,
+        hidden_size=32,
+        n_heads=4,
+        head_dim=8,
+        blocks=(BlockConfig(gqa, FFNConfig("swiglu", 256)), BlockConfig(gqa, FFNConfig("swiglu", 64))),
+        max_position_embeddings=64,
+    )
+    plain = save_model(Model(arch.with_blocks([arch.blocks[0]] * 2)).init_weights(seed=0), tmp_path / "plain")
+    assert "tessera_only" not in json.loads((plain / "config.json").read_text())
+    with pytest.warns(UserWarning, match=r"pruned: .*only tessera loads this checkpoint \(layer 1: 64 saved, 256 from"):
+        path = save_model(Model(arch).init_weights(seed=0), tmp_path / "pruned")
+    config = json.loads((path / "config.json").read_text())
+    tensors = load_file(path / "model.safetensors")
+    widths = {
+        i: (
+            _width_other_runtimes_build(b["ffn"]["ffn_mult"], 32),
+            tensors[f"model.layers.{i}.mlp.gate_proj.weight"].shape[0],
+        )
+        for i, b in enumerate(config["block_configs"])
+    }
+    assert widths == {0: (256, 256), 1: (256, 64)}  # what another runtime would build vs what is saved
+    assert "layer 1: 64 saved, 256 from ffn_mult" in config["tessera_only"] and "layer 0" not in config["tessera_only"]
+    assert [b.ffn.intermediate_size for b in load_model(path).arch.blocks] == [256, 64]  # tessera reads it right
