@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# A rerun resumes runs/demo (its distilled blocks are kept); DEMO_FLAGS=--fresh trains them again (needed after
+# `make parent`: the store refuses blocks of another parent). A store from before the manifest is started fresh.
+DEMO_FLAGS ?=
+
 demo: setup  ## Puzzle + FFN Fusion on the bundled demo parent (10-14 min on 2 CPU cores), then generate from the child
-	$(BIN)/tessera optimize --out runs/demo --fuse
+	@if [ -d runs/demo/bld ] && [ ! -f runs/demo/bld/manifest.json ]; then \
+		echo "runs/demo/bld predates the store's manifest: training its blocks again"; rm -rf runs/demo/bld; fi
+	$(BIN)/tessera optimize --out runs/demo --fuse $(DEMO_FLAGS)
 	$(BIN)/tessera demo --model runs/demo/child
 
 test: setup  ## the CPU test suite (kernels run under the Triton interpreter)
