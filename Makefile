@@ -22,9 +22,9 @@ setup: $(STAMP)
 DEMO_FLAGS ?=
 
 demo: setup  ## Puzzle + FFN Fusion on the bundled demo parent (10-14 min on 2 CPU cores), then generate from the child
-	@if [ -d runs/demo/bld ] && [ ! -f runs/demo/bld/manifest.json ]; then \
-		echo "runs/demo/bld predates the store's manifest: training its blocks again"; rm -rf runs/demo/bld; fi
-	$(BIN)/tessera optimize --out runs/demo --fuse $(DEMO_FLAGS)
+	@flags="$(DEMO_FLAGS)"; if [ -d runs/demo/bld ] && [ ! -f runs/demo/bld/manifest.json ]; then \
+		echo "runs/demo/bld predates the store's manifest: training its blocks again"; flags="$$flags --fresh"; fi; \
+	echo "$(BIN)/tessera optimize --out runs/demo --fuse $$flags"; $(BIN)/tessera optimize --out runs/demo --fuse $$flags
 	$(BIN)/tessera demo --model runs/demo/child
 
 test: setup  ## the CPU test suite (kernels run under the Triton interpreter)

@@ -9,6 +9,9 @@ DEMO_DIR = Path(__file__).resolve().parent
 PARENT_DIR = DEMO_DIR / "parent"
 CORPUS_DIR = DEMO_DIR / "corpus"
 
+# What `tessera demo` generates from: a function, a class docstring, a script's main.
+DEMO_PROMPTS = ("def fibonacci(n):\n", 'class Stack:\n    """', "import os\nimport sys\n\n\ndef main(")
+
 # Starts of Python code, what the demo parent was trained to continue: the serving tests' and benchmarks' prompts.
 CODE_PROMPTS = (
     "def fibonacci(n):",

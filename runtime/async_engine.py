@@ -14,7 +14,7 @@ merges the outputs its consumer has not taken yet into one (as vLLM's RequestOut
 slow client gets bigger SSE chunks instead of a growing queue.
 
 An engine process ignores SIGINT and SIGTERM: the server's process decides when it stops (Ctrl-C reaches
-the whole process group) and then sends "shutdown"; if the server's process dies, the engine sees its
+the whole process group) and then sends `Shutdown`; if the server's process dies, the engine sees its
 pipe close and exits.
 """
 

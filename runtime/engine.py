@@ -24,14 +24,14 @@ On CUDA, decode-only steps replay CUDA graphs captured at a few padded batch siz
 decode step of a small model is dominated by launch overhead, which a graph replay removes.
 
 This is the only way tokens are produced: the HTTP server runs engines in processes of their own
-(runtime/async_engine.py), `Generator` (runtime/generate.py) wraps `Engine.generate`, and the search's cost
-model times `Engine.step` (search/cost.py).
+(runtime/async_engine.py), `Generator` (runtime/generate.py) runs its requests through `Engine.run`, and the
+search's cost model times `Engine.step` (search/cost.py).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,19 +40,11 @@ import torch
 from tokenizers import Tokenizer
 
 from tessera import kernels
-from tessera.devices import dtype_name
+from tessera.devices import available_memory, dtype_name
 from tessera.errors import UserError
 from tessera.runtime.cache import PAGE_SIZE, PagedKVCache
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.sampling import Completion, ContextLengthError, PromptEncoder, SamplingParams, TextStream, sample
-
-
-def free_memory_share(device: torch.device) -> int:
-    """The default KV pool's ceiling: 80 % of the GPU's free memory, or half the host's available memory
-    (the CPU also holds the weights and activations, and other processes)."""
-    if device.type == "cuda":
-        return int(0.8 * torch.cuda.mem_get_info(device)[0])
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 class CapacityError(UserError):
@@ -149,7 +141,7 @@ class EngineLimits:
         """Check a request whose prompt a `PromptEncoder` of this context has read: how many tokens it may
         generate, and whether the pool can ever hold it. A `max_new_tokens` past the context is cut to the
         context, or refused with `exact_length` (an API client asked for exactly that many). Raises
-        ContextLengthError, CapacityError or ValueError with a message meant for the client."""
+        ContextLengthError, CapacityError or another UserError with a message meant for the client."""
         if params.stop and not self.has_tokenizer:
             raise UserError("stop strings need a tokenizer")
         room = self.max_model_len - len(prompt)  # >= 1: the encoder checked the prompt
@@ -221,7 +213,8 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             # Compile every kernel variant (the split count, hence the kernels, depend on the batch size) and
-            # build the rope tables outside the capture: loading a kernel while a stream captures fails.
+            # copy the rope frequencies to the device outside the capture: loading a kernel or copying from the host
+            # while a stream captures fails.
             for size in self.sizes:
                 self._forward(size)
         torch.cuda.current_stream().wait_stream(stream)
@@ -265,7 +258,7 @@ class DecodeGraphs:
 
 class Engine:
     """Continuous batching for one model (and its tokenizer, for text and stop strings). Not thread-safe:
-    one thread calls add_request/abort/step (an engine process's loop, or `generate`)."""
+    one thread calls add_request/add/abort/step/fail_step (an engine process's loop, or `run`)."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
@@ -284,8 +277,10 @@ class Engine:
             budget = config.kv_cache_bytes
         else:  # room for max_batch requests of max_model_len (in PAGE_SIZE pages)
             budget = config.max_batch * -(-self.max_model_len // PAGE_SIZE) * PAGE_SIZE * token_bytes
-            if token_bytes:  # a long max_model_len must not size a pool past the memory there is
-                budget = min(budget, free_memory_share(self.device))
+            if token_bytes:  # a long max_model_len must not size a pool past the memory there is: the CPU also
+                # holds the weights, activations and other processes, the GPU only this engine's activations
+                share = 0.8 if self.device.type == "cuda" else 0.5
+                budget = min(budget, int(share * available_memory(self.device)))
         page = config.page_size or PagedKVCache.page_size_for(
             arch, self.device, self.dtype, budget, config.max_batch, self.max_model_len
         )
@@ -300,7 +295,6 @@ class Engine:
         self.limits = EngineLimits(
             arch.vocab_size, self.max_model_len, page, self.cache.usable_pages, tokenizer is not None, config.max_batch
         )
-        self.encoder = PromptEncoder(tokenizer, arch.vocab_size, self.max_model_len)
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.stepping: list[_Request] = []  # the requests of the step in progress (fail_step ends them)
@@ -315,6 +309,11 @@ class Engine:
                 )
 
     # Requests
+
+    @functools.cached_property
+    def encoder(self) -> PromptEncoder:
+        """Made on first use: engine processes behind the server never encode (the server's process does)."""
+        return PromptEncoder(self.tokenizer, self.model.arch.vocab_size, self.max_model_len)
 
     def encode(self, prompt: str | list[int], what: str = "the prompt") -> list[int]:
         """A prompt's token ids, checked against the vocabulary and this engine's context."""
@@ -354,10 +353,10 @@ class Engine:
             self.waiting.remove(req)
         return self._finish(req, "abort", [], "")
 
-    def abort_all(self, reason: str = "abort", error: str | None = None) -> list[RequestOutput]:
+    def abort_all(self) -> list[RequestOutput]:
         outputs = []
         for req in [*self.running, *self.waiting]:
-            outputs.append(self._finish(req, reason, [], "", error))
+            outputs.append(self._finish(req, "abort", [], ""))
         self.running.clear()
         self.waiting.clear()
         return outputs
@@ -429,10 +428,8 @@ class Engine:
     def fail_step(self, error: str) -> list[RequestOutput]:
         """End the requests of the step that raised (its K/V may be half written); the rest go on."""
         failed = [req for req in self.stepping if req.id in self._requests]
-        for req in failed:
-            self.running.remove(req)
         self.stepping = []
-        return [self._finish(req, "error", [], "", error) for req in failed]
+        return [self._fail(req, error) for req in failed]
 
     def _forward(self, plan: list[tuple[_Request, int]]) -> tuple[torch.Tensor | None, list[_Request]]:
         batch, tokens, last, sampling = self._step_batch(plan)
@@ -479,20 +476,16 @@ class Engine:
         return batch, torch.tensor(tokens, **as_long), last, sampling
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[RequestOutput]:
-        greedy = [i for i, r in enumerate(reqs) if r.params.temperature == 0]
-        if len(greedy) == len(reqs):
-            return [self._append(req, token) for req, token in zip(reqs, logits.argmax(dim=-1).tolist())]
-        chosen: list[int | str] = [0] * len(reqs)  # a token, or why this request could not sample
-        if greedy:
-            for i, token in zip(greedy, logits[torch.tensor(greedy, device=logits.device)].argmax(dim=-1).tolist()):
-                chosen[i] = token
-        for i, req in enumerate(reqs):
+        outputs = []
+        for i, (req, token) in enumerate(zip(reqs, logits.argmax(dim=-1).tolist())):  # one argmax for all rows
             if req.params.temperature > 0:
                 try:
-                    chosen[i] = int(sample(logits[i : i + 1], req.params, req.generator)[0])
+                    token = int(sample(logits[i : i + 1], req.params, req.generator)[0])
                 except RuntimeError as e:  # e.g. NaN logits: this request's failure, not the batch's
-                    chosen[i] = f"sampling failed: {e}"
-        return [self._append(req, c) if isinstance(c, int) else self._fail(req, c) for req, c in zip(reqs, chosen)]
+                    outputs.append(self._fail(req, f"sampling failed: {e}"))
+                    continue
+            outputs.append(self._append(req, token))
+        return outputs
 
     def _fail(self, req: _Request, error: str) -> RequestOutput:
         self.running.remove(req)

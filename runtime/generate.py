@@ -33,7 +33,7 @@ class Generator:
         """Serve every prompt to completion (all submitted at once); completions in the prompts' order."""
         if not prompts:
             return []
-        context = self.model.arch.max_position_embeddings
+        context = self.encoder.context
         encoded = [self.encoder(p, f"prompt {i}") for i, p in enumerate(prompts)]
         batch = min(len(encoded), MAX_BATCH)
         wanted = context if params.max_new_tokens is None else max(map(len, encoded)) + params.max_new_tokens

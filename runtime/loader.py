@@ -27,7 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tessera.config import ArchConfig, ConfigError, dtype_bytes, ffn_mult_to_intermediate_size, json_excerpt, read_json
+from tessera import hf_config
+from tessera.config import ArchConfig, ConfigError, dtype_bytes, json_excerpt, read_json
 from tessera.devices import dtype_name
 from tessera.errors import UserError
 from tessera.files import atomic_write_text, replaced_folder
@@ -247,40 +248,11 @@ def save_model(
     return path
 
 
-TESSERA_ONLY = "tessera_only"  # config.json key of an export other runtimes would build wrong shapes from
-
-
-def widths_other_runtimes_misread(config: dict, tensors: dict[str, torch.Tensor]) -> dict[int, tuple[int, int]]:
-    """{layer: (width other runtimes build, width saved)} of a nemotron-nas export. vLLM, SGLang, TensorRT-LLM and
-    mlx-lm size each FFN as find_multiple(int(2 * ffn_mult * hidden / 3), 256) and ignore a per-block
-    intermediate_size (which only tessera reads); recomputed here from the written config and compared with the
-    saved gate_proj weights."""
-    misread = {}
-    for i, block in enumerate(config.get("block_configs") or []):
-        mult = block["ffn"].get("ffn_mult")
-        weight = tensors.get(f"model.layers.{i}.mlp.gate_proj.weight")
-        if mult is None or weight is None:
-            continue
-        theirs = ffn_mult_to_intermediate_size(mult, config["hidden_size"])
-        if theirs != weight.shape[0]:
-            misread[i] = (theirs, weight.shape[0])
-    return misread
-
-
 def _write_checkpoint(
     out: Path, arch: ArchConfig, tensors: dict[str, torch.Tensor], max_shard_bytes: int
 ) -> str | None:
     """Write the checkpoint into `out`; returns why only tessera can load it, when that is so."""
     config = arch.to_hf_dict()
-    misread = widths_other_runtimes_misread(config, tensors)
-    if misread:
-        layers = ", ".join(
-            f"layer {i}: {saved} saved, {theirs} from ffn_mult" for i, (theirs, saved) in misread.items()
-        )
-        config[TESSERA_ONLY] = (
-            "FFN widths that ffn_mult cannot express (find_multiple(int(2 * ffn_mult * hidden / 3), 256)); vLLM, "
-            f"SGLang, TensorRT-LLM and mlx-lm would build other shapes, only tessera loads this checkpoint ({layers})"
-        )
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -303,7 +275,7 @@ def _write_checkpoint(
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return config.get(TESSERA_ONLY)
+    return config.get(hf_config.TESSERA_ONLY)
 
 
 def _is_weight_file(name: str) -> bool:

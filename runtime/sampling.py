@@ -48,15 +48,9 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "top_k"):
-            value = getattr(self, name)
-            if name == "max_new_tokens" and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise SamplingError(name, f"expected an integer, got {value!r}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and _integer("max_new_tokens", self.max_new_tokens) < 1:
             raise SamplingError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        if self.top_k < 0:
+        if _integer("top_k", self.top_k) < 0:
             raise SamplingError("top_k", f"must be >= 0, got {self.top_k}")
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
@@ -71,7 +65,13 @@ class SamplingParams:
             or isinstance(self.seed, bool)
             or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
         ):
-            raise SamplingError("seed", f"expected an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
+            raise SamplingError("seed", f"expected an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
+
+
+def _integer(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):  # a bool is an int to Python, not to a request
+        raise SamplingError(name, f"expected an integer, got {value!r}")
+    return value
 
 
 @dataclass
@@ -93,14 +93,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def check_text(text: str, what: str) -> None:
-    """Text must be valid Unicode: a lone surrogate (JSON's "\\ud800", or bytes that are not UTF-8 in argv)
-    cannot be encoded as UTF-8, which the tokenizer needs."""
+    """Text must be valid Unicode: a lone surrogate (JSON's "\\ud800", or a byte that is not UTF-8 in argv,
+    which Python passes on as U+DC80..U+DCFF) cannot be encoded as UTF-8, which the tokenizer needs."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise UserError(
-            f"{what} is not valid Unicode: {text[e.start : e.end]!r} at character {e.start} is not a character"
-        ) from None
+        code = ord(text[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"{text[e.start]!r}"
+        raise UserError(f"{what} is not valid UTF-8 text ({bad} at character {e.start})") from None
 
 
 def max_token_bytes(tokenizer: Tokenizer) -> int | None:
@@ -125,19 +125,18 @@ class PromptEncoder:
 
     def __init__(self, tokenizer: Tokenizer | None, vocab_size: int, context: int, limit: str = "max_model_len"):
         self.tokenizer, self.vocab_size, self.context, self.limit = tokenizer, vocab_size, context, limit
-        token_bytes = max_token_bytes(tokenizer) if tokenizer is not None else None
-        # A text of more characters than this cannot fit (a character is at least a byte): refused without
-        # tokenising, which takes seconds of a core for a 1 MB prompt.
-        self.max_text = None if token_bytes is None else token_bytes * context
+        # A text of more characters than token_bytes x context cannot fit (a character is at least a byte): refused
+        # without tokenising, which takes seconds of a core for a 1 MB prompt.
+        self.token_bytes = max_token_bytes(tokenizer) if tokenizer is not None else None
 
     def __call__(self, prompt: str | list[int], what: str = "the prompt") -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise UserError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
-            if self.max_text is not None and len(prompt) > self.max_text:
+            if self.token_bytes is not None and len(prompt) > self.token_bytes * self.context:
                 raise ContextLengthError(
-                    f"{what} has {len(prompt)} characters, at least {len(prompt) * self.context // self.max_text} "
-                    f"tokens; the context is {self.context} tokens ({self.limit})"
+                    f"{what} has {len(prompt)} characters, at least {len(prompt) // self.token_bytes} tokens; the "
+                    f"context is {self.context} tokens ({self.limit})"
                 )
             check_text(prompt, what)
             # encode_batch releases the GIL while the Rust side works (encode does not): the server tokenises
@@ -228,15 +227,13 @@ class TextStream:
         character included, as U+FFFD)."""
         if self.tokenizer is None:
             return ""
-        done = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        text, self.held = self.held + self.tokenizer.decode(self.ids[self.prefix :])[len(done) :], ""
-        self.prefix = self.read = len(self.ids)
+        text, self.held = self.held + self._decode_new(final=True), ""
         return text
 
-    def _decode_new(self) -> str:
+    def _decode_new(self, final: bool = False) -> str:
         done = self.tokenizer.decode(self.ids[self.prefix : self.read])
         text = self.tokenizer.decode(self.ids[self.prefix :])
-        if len(text) <= len(done) or text.endswith("\ufffd"):
+        if not final and (len(text) <= len(done) or text.endswith("\ufffd")):
             return ""  # nothing new yet (a special token, or half a character)
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(done) :]

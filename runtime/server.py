@@ -1,11 +1,12 @@
 """OpenAI-compatible HTTP server over the continuous-batching engine: `tessera serve`.
 
-Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (JSON or SSE streaming,
-`stream_options.include_usage`), `GET /health`, and Prometheus `GET /metrics`. The wire format follows
-OpenAI's API reference (the `openai` client is the test client); `top_k` and `ignore_eos` are accepted as
+Endpoints: `GET /v1/models` (and `/v1/models/{id}`), `POST /v1/completions`, `POST /v1/chat/completions` (JSON
+or SSE streaming, `stream_options.include_usage`), `GET /health`, and Prometheus `GET /metrics`. The wire format
+follows OpenAI's API reference (the `openai` client is the test client); `top_k` and `ignore_eos` are accepted as
 vLLM's extensions, so vLLM's benchmark conventions work unchanged.
 
-Every bad request gets HTTP 400 (404 for an unknown model or route) with OpenAI's error body
+Every bad request gets HTTP 400 (404 for an unknown model or route, 405 for a wrong method, 413 for a body
+past `max_request_bytes`, read by the `BodyLimit` middleware before the body is) with OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}`, and the server keeps serving. Unknown fields are refused
 by name rather than silently ignored, and fields we accept but cannot honour (n > 1, logprobs, penalties)
 are refused with the reason: a client never gets an answer to a question it did not ask.
@@ -67,10 +68,10 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    if status in (404, 503):
-        kind = {404: "not_found_error", 503: "service_unavailable"}[status]
-    else:  # OpenAI types every other client error (405, 413, ...) as an invalid request
-        kind = "invalid_request_error" if status < 500 else "server_error"
+    # OpenAI types every other client error (405, 413, ...) as an invalid request
+    kind = {404: "not_found_error", 503: "service_unavailable"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -155,8 +156,6 @@ class _Sampling(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
                 raise APIError(400, f"{name}: not supported by this server (only 0)", name)
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
 
@@ -432,27 +431,21 @@ class Server:
     async def models(self) -> dict:
         return {"object": "list", "data": [self._card()]}
 
+    def _check_model(self, name: str) -> None:
+        if name != self.model_name:
+            message = f"the model {name!r} does not exist; this server serves {self.model_name!r}"
+            raise APIError(404, message, "model", "model_not_found")
+
     async def model(self, model_id: str) -> dict:
-        if model_id != self.model_name:
-            raise APIError(
-                404,
-                f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
-                "model",
-                "model_not_found",
-            )
+        self._check_model(model_id)
         return self._card()
 
     # Shared by both endpoints: a request is read and checked once, here, then trusted downstream
 
     def _sampling(self, body: _Sampling, default_max: int | None) -> SamplingParams:
         """The body's sampling parameters, checked (the cheap checks, before any prompt is read)."""
-        if body.model is not None and body.model != self.model_name:
-            raise APIError(
-                404,
-                f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
-                "model",
-                "model_not_found",
-            )
+        if body.model is not None:
+            self._check_model(body.model)
         body.check_supported()
         try:
             return SamplingParams(

@@ -76,8 +76,7 @@ class StoreMismatchError(StoreError):
 def weights_sha256(model: torch.nn.Module) -> str:
     """SHA-256 over every tensor of the model as loaded (name, dtype, shape, bytes, in name order): what BLD
     learns from, so the same weights saved in another file layout or format hash the same. One pass over the
-    weights at ~1 GB/s on one core (32 MiB demo parent: 0.03 s; 8B parameters in fp32: ~30 s); `optimize`
-    makes two (its early check, and BLD's claim), small beside BLD itself."""
+    weights (the 32 MiB demo parent: 0.03 s on the 2-core dev VM), once per `optimize` run."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
@@ -215,9 +214,6 @@ class SublayerStore:
             return "no record in losses.json beside it"
         return None
 
-    def has(self, layer: int, name: str) -> bool:
-        return self.path(layer, name).is_file() and self.damage(layer, name) is None
-
     def save(self, layer: int, name: str, tensors: dict[str, torch.Tensor], record: dict) -> None:
         with atomic_path(self.path(layer, name)) as tmp:
             save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp)
@@ -310,23 +306,26 @@ def run_bld(
     store: SublayerStore,
     cfg: BLDConfig = BLDConfig(),
     progress: bool = True,
+    manifest: dict | None = None,
 ) -> dict[str, dict[str, dict]]:
     """Train every child sublayer the search space needs (skipping those already in the store, which must have
     been computed from these same inputs: see `SublayerStore`); returns the store's losses: layer -> variant ->
-    {nmse_init, nmse_final, steps}."""
+    {nmse_init, nmse_final, steps}. `manifest`: bld_manifest of these inputs when the caller has it already
+    (hashing the parent's weights is a pass over all of them)."""
     if acts.n_windows <= cfg.eval_windows + cfg.batch_windows:
         raise UserError(
             f"BLD needs more than {cfg.eval_windows + cfg.batch_windows} cached windows, got {acts.n_windows}"
         )
-    store.claim(bld_manifest(parent, acts.tokens, space, cfg))
+    store.claim(manifest or bld_manifest(parent, acts.tokens, space, cfg))
     eval_idx = torch.arange(acts.n_windows - cfg.eval_windows, acts.n_windows)
     train_idx = np.arange(acts.n_windows - cfg.eval_windows)
     todo = []
     for k, (i, part, variant) in enumerate(trainings(parent.arch, space)):
-        if store.has(i, variant.name):
-            continue
-        if (damage := store.damage(i, variant.name)) is not None:
-            warnings.warn(f"{store.path(i, variant.name)}: {damage}; training it again", stacklevel=2)
+        path, damage = store.path(i, variant.name), store.damage(i, variant.name)
+        if path.is_file() and damage is None:
+            continue  # trained already
+        if damage is not None:
+            warnings.warn(f"{path}: {damage}; training it again", stacklevel=2)
         todo.append((k, i, part, variant))
     scores: dict[int, torch.Tensor] = {}
     bar = tqdm(todo, desc="BLD", disable=not progress, dynamic_ncols=True)

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from tqdm import tqdm
 
-from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig, dtype_bytes
+from tessera.config import EMPTY_BLOCK, ArchConfig, BlockConfig, dtype_bytes
 from tessera.devices import device_name, dtype_name, median_ms, synchronize
 from tessera.errors import UserError
 from tessera.runtime.engine import Engine, EngineConfig
@@ -49,7 +49,6 @@ from tessera.runtime.sampling import SamplingParams
 
 MIB = 2**20
 _BLOCK_KEYS = ("prefill_ms", "decode_ms", "runtime_ms")
-_NO_OP = BlockConfig(AttentionConfig("none"), FFNConfig("none"))
 STACK_COPIES = 4
 CALIBRATION_ROUNDS = 3
 DECODE_STEPS = 24  # decode steps timed at each context (their median); the context grows by one per step
@@ -205,7 +204,7 @@ def calibrate(
     reference = timed[0]
     stack = STACK_COPIES
     runs: dict[str, Callable[[], dict[str, float]]] = {
-        b.name: functools.partial(stack_ms, arch, b, stack, scenario, device, dtype) for b in [_NO_OP, *timed]
+        b.name: functools.partial(stack_ms, arch, b, stack, scenario, device, dtype) for b in [EMPTY_BLOCK, *timed]
     }
     reference_model = Model.empty(arch.with_blocks([reference] * stack), device, dtype).init_weights(seed=0)
     runs["generation"] = lambda: {"latency_ms": measure_latency(reference_model, scenario, repeats=1)}
@@ -218,7 +217,7 @@ def calibrate(
                 samples[name].append(run())
                 bar.update()
     med = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for name, rows in samples.items()}
-    around = med[_NO_OP.name]
+    around = med[EMPTY_BLOCK.name]
 
     def block_ms(name: str) -> dict[str, float]:
         # A block cheaper than the timer's noise can come out below zero: it costs nothing measurable.

@@ -52,6 +52,12 @@ def read_corpus(split: str, corpus: str | Path) -> str:
 def encode_split(tok: Tokenizer, split: str, corpus: str | Path) -> np.ndarray:
     """The split as one uint16 token stream, documents separated by the separator's token."""
     separator = tok.token_to_id(DOCUMENT_SEPARATOR)
+    if separator is None or tok.get_vocab_size() > 2**16:
+        raise UserError(
+            f"the tokenizer must have {DOCUMENT_SEPARATOR!r} as a token (it joins the corpus's documents) and at most "
+            f"{2**16} tokens (the corpus is held as uint16); it has {tok.get_vocab_size()} tokens"
+            + ("" if separator is not None else f" and no {DOCUMENT_SEPARATOR!r}")
+        )
     ids: list[int] = []
     for enc in tok.encode_batch(read_corpus(split, corpus).split(DOCUMENT_SEPARATOR)):
         ids.extend(enc.ids)
@@ -62,7 +68,6 @@ def encode_split(tok: Tokenizer, split: str, corpus: str | Path) -> np.ndarray:
 @dataclass
 class ParentAndText:
     model: Model  # frozen: the search trains children against it, never it
-    tokenizer: Tokenizer
     train_ids: np.ndarray
     val_ids: np.ndarray
 
@@ -80,4 +85,4 @@ def load_parent(
 ) -> ParentAndText:
     model = load_frozen(model_dir, device, dtype)
     tok = load_tokenizer(model_dir)
-    return ParentAndText(model, tok, encode_split(tok, "train", corpus), encode_split(tok, "validation", corpus))
+    return ParentAndText(model, encode_split(tok, "train", corpus), encode_split(tok, "validation", corpus))

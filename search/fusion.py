@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+from tessera.config import EMPTY_BLOCK, ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.devices import device_name
 from tessera.errors import UserError
+from tessera.files import replaced_folder
 from tessera.runtime.loader import save_model
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.weights import FFN, HIDDEN, INTER, pack, unpack
@@ -45,7 +46,7 @@ from tessera.search.report import fusion_section, plot_dependency
 from tessera.search.scoring import model_quality, reference_logprobs
 from tessera.search.train import fixed_windows
 
-EMPTY = BlockConfig(AttentionConfig("none"), FFNConfig("none"))
+EMPTY = EMPTY_BLOCK  # what fusion leaves in a fused group's other layers
 BLOCK_PAIR_THRESHOLD = 0.05  # on the demo parent, the one pair under it loses KL 0.009 run side by side
 LATENCY_ROUNDS = 3
 SWIGLU = FFN["swiglu"]
@@ -420,9 +421,9 @@ def run_fusion(
 ) -> dict:
     """Analyse, fuse and heal `model`; time fused against unfused on this device; save the fused model (bf16,
     nemotron-nas in the Ultra-253B layout) to `out` with fusion.json, fusion.md and the heat-maps. Without text
-    (None) it fuses explicit groups only (analyse_and_fuse)."""
+    (None) it fuses explicit groups only (analyse_and_fuse). `out` is replaced whole once everything is written
+    (files.replaced_folder): nothing of an earlier output lingers, and an interrupted run leaves it as it was."""
     out, scenario = Path(out), scenario or Scenario()
-    out.mkdir(parents=True, exist_ok=True)
     fused, result = analyse_and_fuse(model, train_tokens, eval_windows, cfg, progress)
     device = model.embed_tokens.weight.device
     info = {"device": device_name(device), "scenario": asdict(scenario), "block_threshold": cfg.block_threshold}
@@ -444,14 +445,16 @@ def run_fusion(
             name: {k: float(np.median([r[k] for r in rows])) for k in ("prefill_ms", "decode_ms")}
             for name, rows in timings.items()
         }
-        save_model(fused, out, dtype=torch.bfloat16, tokenizer_from=tokenizer_from)
-    for key, title in (
-        ("ffn_dependency", "FFN dependency (attention-free layers)"),
-        ("block_dependency", "whole-block dependency"),
-    ):
-        if info[key]:
-            info[f"{key}_png"] = f"{key}.png"
-            plot_dependency(info[key], out / f"{key}.png", title)
-    (out / "fusion.json").write_text(json.dumps(info, indent=1) + "\n")
-    (out / "fusion.md").write_text("\n".join(fusion_section(info)))
+    with replaced_folder(out) as work:
+        if fused is not None:
+            save_model(fused, work, dtype=torch.bfloat16, tokenizer_from=tokenizer_from)
+        for key, title in (
+            ("ffn_dependency", "FFN dependency (attention-free layers)"),
+            ("block_dependency", "whole-block dependency"),
+        ):
+            if info[key]:
+                info[f"{key}_png"] = f"{key}.png"
+                plot_dependency(info[key], work / f"{key}.png", title)
+        (work / "fusion.json").write_text(json.dumps(info, indent=1) + "\n")
+        (work / "fusion.md").write_text("\n".join(fusion_section(info)))
     return info

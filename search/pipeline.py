@@ -53,6 +53,9 @@ from tessera.search.scoring import model_quality, reference_logprobs, score_libr
 from tessera.search.train import fixed_windows, random_windows
 
 MEASURE_ROUNDS = 3  # × 3 generations each, every model in turn
+# What a run writes under `out` (RUN_MARKS first, before any training: a folder holding one is an earlier run).
+RUN_MARKS = ("cost.json", "bld", "results.json")
+RUN_OUTPUTS = {*RUN_MARKS, "library.json", "child", "fused", "report.md", "pareto.png", "layers.png"}
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,8 @@ class Budget:
 
     def __post_init__(self) -> None:
         for name, v in asdict(self).items():
-            if v is not None and not v > 0:
-                raise UserError(f"budget {name} must be > 0, got {v}")
+            if v is not None and not 0 < v < math.inf:
+                raise UserError(f"budget {name} must be a finite number > 0, got {v}")
         if self.target_speedup is not None and self.target_speedup < 1:
             raise UserError(
                 f"target speedup must be >= 1 (a child no slower than its parent), got {self.target_speedup}"
@@ -316,7 +319,7 @@ class Optimizer:
         cfg, arch = self.cfg, self.parent.arch
         t = time.perf_counter()
         acts = activations.record(self.parent, self.calibration, progress=self.progress)
-        bld_losses = run_bld(self.parent, acts, cfg.space, self.store, cfg.bld, progress=self.progress)
+        bld_losses = run_bld(self.parent, acts, cfg.space, self.store, cfg.bld, self.progress, self.manifest)
         del acts
         self._stage("blockwise local distillation", t)
 
@@ -379,7 +382,8 @@ class Optimizer:
         """Everything that can refuse the run, before any training: BLD results of another run under `out`,
         then the cost model (about half a minute) and a budget no architecture in the space can meet."""
         cfg, arch = self.cfg, self.parent.arch
-        self.store.check(bld_manifest(self.parent, self.calibration, cfg.space, cfg.bld))  # writes nothing yet
+        self.manifest = bld_manifest(self.parent, self.calibration, cfg.space, cfg.bld)
+        self.store.check(self.manifest)  # writes nothing yet
         table = self.cost_model()
         costs_only = build_library(arch, cfg.space, table, None, {}, self.dtype)
         bounds = block_bounds(budget, table, table.runtime_ms(arch.blocks), costs_only)

@@ -10,6 +10,7 @@ for UTF-8, output paths by `check_output`. Ctrl-C ends in one line `tessera: int
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -24,10 +25,8 @@ import torch
 from tessera.config import ArchConfig
 from tessera.devices import RUN_DTYPES, parse_dtype, resolve_device
 from tessera.errors import UserError, UserFileNotFound
-from tessera.files import atomic_write_text, replaced_folder
+from tessera.files import atomic_write_text
 from tessera.runtime.async_engine import EngineProcessError
-
-DEMO_PROMPTS = ("def fibonacci(n):\n", 'class Stack:\n    """', "import os\nimport sys\n\n\ndef main(")
 
 
 def _ranged(
@@ -63,26 +62,55 @@ nonnegative_int = _ranged(int, 0)
 port_number = _ranged(int, 1, 65535)
 positive_float = _ranged(float, 0, open_low=True)
 nonnegative_float = _ranged(float, 0)
-speedup = _ranged(float, 1)  # × the parent's speed: a child no slower than its parent
-probability = _ranged(float, 0, 1, open_low=True)
 cosine_distance = _ranged(float, 0, 2)  # FFN Fusion's dependency: 1 - cos, 0 (independent) to 2 (opposite)
-torch_seed = _ranged(int, -(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _field(where: str, name: str, kind: type) -> Callable[[str], int | float]:
+    """An argparse `type` for a flag that sets dataclass field `name` of `where` ("module:Class"): the value is
+    checked by the dataclass itself (the one place its range is written), and argparse names the flag."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        module, cls = where.split(":")
+        try:
+            getattr(importlib.import_module(module), cls)(**{name: value})
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{name}: ")) from None
+        return value
+
+    return parse
+
+
+def _sampling(name: str, kind: type) -> Callable[[str], int | float]:
+    return _field("tessera.runtime.sampling:SamplingParams", name, kind)
+
+
+def _scenario_field(name: str) -> Callable[[str], int]:
+    return _field("tessera.search.cost:Scenario", name, int)
+
+
+def _budget(name: str, kind: type = float) -> Callable[[str], int | float]:
+    return _field("tessera.search.pipeline:Budget", name, kind)
 
 
 def speedup_list(text: str) -> tuple[float, ...]:
     """'1.25,2.0' -> (1.25, 2.0); '' -> ()."""
-    return tuple(speedup(x) for x in text.split(",") if x.strip())
+    return tuple(_budget("target_speedup")(x) for x in text.split(",") if x.strip())
 
 
 def utf8_text(text: str) -> str:
-    """Text from argv. Bytes that are not UTF-8 arrive as surrogate escapes (U+DC80..U+DCFF) that no tokenizer
-    can encode: refused here, naming the byte."""
+    """Text from argv, refused (naming the byte) when it is not UTF-8: sampling.check_text as an argparse type."""
+    from tessera.runtime.sampling import check_text
+
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        code = ord(text[e.start])
-        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"{text[e.start]!r}"
-        raise argparse.ArgumentTypeError(f"not valid UTF-8 ({what} at character {e.start})") from None
+        check_text(text, "the text")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("the text is ")) from None
     return text
 
 
@@ -217,7 +245,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from tessera.demo import PARENT_DIR
+    from tessera.demo import DEMO_PROMPTS, PARENT_DIR
     from tessera.runtime.sampling import SamplingParams
 
     model_dir = Path(args.model or PARENT_DIR)
@@ -253,10 +281,9 @@ def cmd_demo_parent(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    results = check_output(args.results, "--results", folder=True) if args.results else None
     from tessera.benchmarks import run
 
-    results = results or check_output(run.results_dir(), "--results", folder=True)
+    results = check_output(args.results or run.results_dir(), "--results", folder=True)
     if args.what == "kernels":
         paths = run.run_kernels(device, args.suite, out=results)
     elif args.what == "serving":
@@ -370,12 +397,12 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 # What `tessera optimize` writes into --out (search/pipeline.py). The first three mark a run, finished or not:
 # cost.json is its first output (before any training), bld/ the resumable store of distilled blocks.
-OPTIMIZE_MARKS = ("cost.json", "bld", "results.json")
-OPTIMIZE_OUTPUTS = {*OPTIMIZE_MARKS, "library.json", "child", "fused", "report.md", "pareto.png", "layers.png"}
 
 
 def _is_optimize_run(path: Path) -> bool:
-    return any((path / name).exists() for name in OPTIMIZE_MARKS)
+    from tessera.search.pipeline import RUN_MARKS
+
+    return any((path / name).exists() for name in RUN_MARKS)
 
 
 def _remove(path: Path) -> None:
@@ -393,7 +420,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     from tessera.search.fusion import FusionConfig
     from tessera.search.gkd import GKDConfig
     from tessera.search.library import SearchSpace
-    from tessera.search.pipeline import Budget, OptimizeConfig, optimize
+    from tessera.search.pipeline import RUN_OUTPUTS, Budget, OptimizeConfig, optimize
 
     model, corpus = Path(args.model or PARENT_DIR), Path(args.corpus or CORPUS_DIR)
     inputs = {"--model": model, "--corpus": corpus, "the current folder": Path.cwd()}
@@ -408,7 +435,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     )
     _corpus(args)
     # --overwrite: what the folder held that a run does not write goes once the run has finished.
-    leftovers = [p for p in out.iterdir() if p.name not in OPTIMIZE_OUTPUTS] if args.overwrite and out.is_dir() else []
+    leftovers = [p for p in out.iterdir() if p.name not in RUN_OUTPUTS] if args.overwrite and out.is_dir() else []
     budget = Budget(
         args.target_speedup, args.max_latency_ms, args.max_memory_mib, args.min_throughput, args.max_kv_heads
     )
@@ -467,10 +494,9 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         eval_windows = fixed_windows(parent.val_ids, cfg.seq_len, args.eval_windows)
     else:
         model, train_ids, eval_windows = load_frozen(model_dir, device), None, None
-    # Written beside --out and swapped in whole once complete: an earlier output (or, with --overwrite, another
-    # model's training.json and plots) never lingers beside the new checkpoint, and Ctrl-C leaves --out as it was.
-    with replaced_folder(out) as work:
-        info = run_fusion(model, train_ids, eval_windows, work, cfg, _scenario(args), tokenizer_from=model_dir)
+    # run_fusion replaces --out whole once complete: an earlier output (or, with --overwrite, another model's
+    # training.json and plots) never lingers beside the new checkpoint, and Ctrl-C leaves --out as it was.
+    info = run_fusion(model, train_ids, eval_windows, out, cfg, _scenario(args), tokenizer_from=model_dir)
     print((out / "fusion.md").read_text())
     if not info["groups"]:
         raise FusionError(f"{model_dir}: nothing to fuse ({info['reason']}); the analysis is in {out}")
@@ -500,9 +526,13 @@ def _corpus(args: argparse.Namespace) -> Path:
 
 
 def _add_scenario(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=positive_int, default=8, help="scenario: sequences generated together")
-    p.add_argument("--prompt-len", type=positive_int, default=128, help="scenario: prompt tokens per sequence")
-    p.add_argument("--gen-len", type=positive_int, default=64, help="scenario: generated tokens per sequence")
+    p.add_argument("--batch", type=_scenario_field("batch"), default=8, help="scenario: sequences generated together")
+    p.add_argument(
+        "--prompt-len", type=_scenario_field("prompt_len"), default=128, help="scenario: prompt tokens per sequence"
+    )
+    p.add_argument(
+        "--gen-len", type=_scenario_field("gen_len"), default=64, help="scenario: generated tokens per sequence"
+    )
     _add_device(p)
 
 
@@ -518,11 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--prompt", required=True, action="append", type=utf8_text, help="prompt text; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = no top-k cut")
-    p.add_argument("--top-p", type=probability, default=1.0, help="in (0, 1]; 1 = no nucleus cut")
-    p.add_argument("--seed", type=torch_seed, default=None)
+    p.add_argument("--max-new-tokens", type=_sampling("max_new_tokens", int), default=64)
+    p.add_argument("--temperature", type=_sampling("temperature", float), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=_sampling("top_k", int), default=0, help="0 = no top-k cut")
+    p.add_argument("--top-p", type=_sampling("top_p", float), default=1.0, help="in (0, 1]; 1 = no nucleus cut")
+    p.add_argument("--seed", type=_sampling("seed", int), default=None)
     p.add_argument("--stop", action="append", type=utf8_text, help="stop string; repeatable")
     _add_device(p, dtype=True)
     p.add_argument("--json", action="store_true")
@@ -530,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="show the bundled demo parent and generate from it")
     p.add_argument("--model", default=None, help="checkpoint directory (default: demo/parent)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=48)
+    p.add_argument("--max-new-tokens", type=_sampling("max_new_tokens", int), default=48)
     _add_device(p)
     p.set_defaults(func=cmd_demo)
 
@@ -629,10 +659,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use an --out folder that holds something else (what it held goes when the run ends)",
     )
-    p.add_argument("--target-speedup", type=speedup, default=None, help="× the parent's speed, >= 1 (default 1.5)")
-    p.add_argument("--max-latency-ms", type=positive_float, default=None, help="generation latency of the scenario")
-    p.add_argument("--max-memory-mib", type=positive_float, default=None, help="weights + KV cache of the scenario")
-    p.add_argument("--min-throughput", type=positive_float, default=None, help="generated tokens/s in the scenario")
+    p.add_argument(
+        "--target-speedup",
+        type=_budget("target_speedup"),
+        default=None,
+        help="× the parent's speed, >= 1 (default 1.5)",
+    )
+    p.add_argument(
+        "--max-latency-ms", type=_budget("max_latency_ms"), default=None, help="generation latency of the scenario"
+    )
+    p.add_argument(
+        "--max-memory-mib", type=_budget("max_memory_mib"), default=None, help="weights + KV cache of the scenario"
+    )
+    p.add_argument(
+        "--min-throughput", type=_budget("min_throughput"), default=None, help="generated tokens/s in the scenario"
+    )
     p.add_argument("--bld-steps", type=positive_int, default=150, help="training steps per BLD variant")
     p.add_argument("--gkd-steps", type=nonnegative_int, default=100, help="GKD steps per child (0: none)")
     p.add_argument(
@@ -642,7 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra target speedups solved for the curve ('' for none)",
     )
     p.add_argument(
-        "--max-kv-heads", type=positive_int, default=None, help="KV heads summed over all layers (KV-cache budget)"
+        "--max-kv-heads",
+        type=_budget("max_kv_heads", int),
+        default=None,
+        help="KV heads summed over all layers (KV-cache budget)",
     )
     p.add_argument("--no-linear-attention", action="store_true", help="search space without linear attention")
     p.add_argument("--fuse", action="store_true", help="FFN Fusion of the chosen child afterwards (into OUT/fused)")

@@ -119,6 +119,9 @@ class BlockConfig:
         return self.attention.kind == "none" and self.ffn.kind == "none"
 
 
+EMPTY_BLOCK = BlockConfig(AttentionConfig("none"), FFNConfig("none"))  # a layer that is skipped entirely
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0

@@ -22,6 +22,20 @@ from tessera.errors import UserError
 RUN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`: the GPU's free memory, or the host's MemAvailable (free
+    memory plus the page cache it can reclaim, large right after a checkpoint was read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free memory only: a lower bound
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available on this machine")
@@ -52,7 +66,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """A run dtype from its name (a `--dtype` flag); ValueError naming the choices otherwise."""
+    """A run dtype from its name (a `--dtype` flag); a UserError naming the choices otherwise."""
     if name not in RUN_DTYPES:
         raise UserError(f"dtype {name!r}: expected one of {', '.join(RUN_DTYPES)}")
     return RUN_DTYPES[name]

@@ -321,9 +321,10 @@ def _nas_block(raw: Any, i: int, hidden: int, n_heads: int, source: str) -> Bloc
     else:
         mult = _float(ffn, "ffn_mult", source, name=f"{f}.ffn_mult")
         # Bounded before int(): ffn_mult 1e308 makes the width inf (an OverflowError), 1e-9 makes it 0.
-        if 2 * mult * hidden / 3 > _MAX_DIM or ffn_mult_to_intermediate_size(mult, hidden) < 1:
+        width = 0 if 2 * mult * hidden / 3 > _MAX_DIM else ffn_mult_to_intermediate_size(mult, hidden)
+        if width < 1:
             raise _bad(source, f"{f}.ffn_mult", f"a multiplier giving an FFN width in [1, {_MAX_DIM}]", mult)
-        ffn_cfg = FFNConfig("swiglu", ffn_mult_to_intermediate_size(mult, hidden))
+        ffn_cfg = FFNConfig("swiglu", width)
     return BlockConfig(attention, ffn_cfg)
 
 
@@ -395,9 +396,25 @@ def to_dict(arch: ArchConfig, fmt: Format = "auto") -> dict[str, Any]:
         out["num_key_value_heads"] = None
         out["intermediate_size"] = None
         out["block_configs"] = [_block_to_nas(arch, b) for b in arch.blocks]
+        # vLLM, SGLang, TensorRT-LLM and mlx-lm size each FFN from ffn_mult alone and ignore intermediate_size,
+        # which _block_to_nas adds exactly where ffn_mult cannot express the width: the export says so.
+        pruned = []
+        for i, block in enumerate(out["block_configs"]):
+            if "intermediate_size" in block["ffn"]:
+                theirs = ffn_mult_to_intermediate_size(block["ffn"]["ffn_mult"], arch.hidden_size)
+                pruned.append(f"layer {i}: {block['ffn']['intermediate_size']} saved, {theirs} from ffn_mult")
+        if pruned:
+            out[TESSERA_ONLY] = (
+                "FFN widths that ffn_mult cannot express (find_multiple(int(2 * ffn_mult * hidden / 3), 256)); vLLM, "
+                f"SGLang, TensorRT-LLM and mlx-lm would build other shapes, only tessera loads this checkpoint "
+                f"({', '.join(pruned)})"
+            )
         if arch.fusion_spans:
             out["ffn_fusion_spans"] = [list(span) for span in arch.fusion_spans]
     return out
+
+
+TESSERA_ONLY = "tessera_only"  # config.json key of an export other runtimes would build wrong shapes from
 
 
 def _block_to_nas(arch: ArchConfig, block: BlockConfig) -> dict[str, Any]:

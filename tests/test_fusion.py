@@ -362,3 +362,29 @@ def test_fuse_with_explicit_groups_and_no_healing_is_a_pure_transform(tiny_check
     with pytest.raises(SystemExit) as e:  # healing needs text: the missing tokenizer is named
         main(["fuse", "--model", str(bare), "--out", str(tmp_path / "healed"), "--groups", "1-3"])
     assert e.value.code == 2 and "tokenizer.json: no such file" in capsys.readouterr().err
+
+
+def test_run_fusion_replaces_its_folder_whole_or_not_at_all(tiny_checkpoint, tmp_path, monkeypatch):
+    """An earlier model's files (training.json, a plot) do not linger beside the fused checkpoint; a run
+    interrupted while writing leaves the old folder as it was, and no temporary folder beside it."""
+    import tessera.search.fusion as fusion
+
+    path, _ = tiny_checkpoint
+    model = load_model(path)
+    out = tmp_path / "out"
+    shutil.copytree(path, out)
+    (out / "training.json").write_text("{}\n")
+    before = sorted(p.name for p in out.iterdir())
+    cfg = fusion.FusionConfig(spans=((1, 3),), heal_steps=0)
+    scenario = fusion.Scenario(batch=1, prompt_len=8, gen_len=4)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fusion, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fusion.run_fusion(model, None, None, out, cfg, scenario, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.undo()
+    fusion.run_fusion(model, None, None, out, cfg, scenario, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "fusion.json", "fusion.md", "model.safetensors"]
