@@ -3,8 +3,8 @@
 Same contract (q [N, Hq, D], pages [P, page_size, Hkv, D], a PagedAttentionMetadata). Decode queries (one per
 sequence) go through one batched SDPA with a length mask; each sequence with a longer chunk gets its own SDPA
 with the causal diagonal shifted by the keys cached before it. What every layer would otherwise recompute from
-the step (the host's copy of the bounds, the decode batch's layout and mask) is planned once per step and kept
-on the metadata.
+the step (the host's copy of the bounds, the decode batch's layout and mask, each chunk's pages and causal mask)
+is planned once per step and kept on the metadata.
 
 K/V are read in place where a sequence's pages are consecutive: the CPU cache gives every request one page of a
 whole context (PagedKVCache.page_size_for), so a decode batch is a slice of the pool. Elsewhere the pages read
@@ -24,6 +24,19 @@ from .attention_paged import PagedAttentionMetadata, check_inputs
 
 
 @dataclass(frozen=True)
+class _Chunk:
+    """A sequence with more than one query this step (a prompt chunk): its q rows, its keys in the pool (a
+    slice of consecutive pages, read in place, or the pages' indices, copied out) and which keys each query
+    sees."""
+
+    start: int
+    n: int
+    length: int
+    pages: slice | torch.Tensor
+    visible: torch.Tensor  # (n, length): query i sees keys up to length - n + i
+
+
+@dataclass(frozen=True)
 class _StepPlan:
     """The step on the host, and its decode queries' batched attention. With `span` (lo, hi), the decode
     sequences' K/V are pool pages lo..hi-1 in place, row r for page lo + r; `scatter` [n] places sequence i's
@@ -31,10 +44,7 @@ class _StepPlan:
     get a zero query and a length of 1, and are dropped. Without it, `keys` [n, width] lists the pages whose
     first `longest` slots are copied out for each sequence."""
 
-    bounds: list[int]
-    q_lens: list[int]
-    seq_lens: list[int]
-    tables: list[list[int]]
+    chunks: list[_Chunk]
     decode: list[int]  # the sequences with one query this step
     decode_rows: torch.Tensor | None  # their q rows (None: q is exactly them, in order)
     longest: int
@@ -44,14 +54,26 @@ class _StepPlan:
     mask: torch.Tensor | None  # (rows, 1, 1, longest): which keys each row sees; None: all of them
 
 
+def _chunk(start: int, n: int, length: int, table: list[int], page: int, device: torch.device) -> _Chunk:
+    used = -(-length // page)
+    first = table[0]
+    pages = slice(first, first + used) if table[:used] == list(range(first, first + used)) else table[:used]
+    if not isinstance(pages, slice):
+        pages = torch.tensor(pages, device=device)
+    positions = torch.arange(length - n, length, device=device)
+    visible = torch.arange(length, device=device)[None, :] <= positions[:, None]
+    return _Chunk(start, n, length, pages, visible)
+
+
 def _plan(meta: PagedAttentionMetadata, page: int, n_tokens: int) -> _StepPlan:
     bounds = meta.cu_seqlens.tolist()
     q_lens = [e - s for s, e in itertools.pairwise(bounds)]
     seq_lens, tables = meta.seq_lens.tolist(), meta.block_tables.tolist()
     decode = [b for b, n in enumerate(q_lens) if n == 1]
     device = meta.seq_lens.device
+    chunks = [_chunk(bounds[b], n, seq_lens[b], tables[b], page, device) for b, n in enumerate(q_lens) if n > 1]
     if not decode:
-        return _StepPlan(bounds, q_lens, seq_lens, tables, decode, None, 0, None, None, None, None)
+        return _StepPlan(chunks, decode, None, 0, None, None, None, None)
     rows = None if len(decode) == n_tokens else torch.tensor([bounds[b] for b in decode], device=device)
     lengths = [seq_lens[b] for b in decode]
     longest = max(lengths)
@@ -73,7 +95,7 @@ def _plan(meta: PagedAttentionMetadata, page: int, n_tokens: int) -> _StepPlan:
     if min(lengths) < longest:
         mask = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         mask = mask[:, None, None, :]
-    return _StepPlan(bounds, q_lens, seq_lens, tables, decode, rows, longest, span, scatter, keys, mask)
+    return _StepPlan(chunks, decode, rows, longest, span, scatter, keys, mask)
 
 
 def _decode_keys(pages: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
@@ -86,17 +108,6 @@ def _decode_keys(pages: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
         return pages[plan.keys[:, 0], : plan.longest].transpose(1, 2)
     gathered = pages.index_select(0, plan.keys.flatten()).view(n, width * pages.shape[1], *pages.shape[2:])
     return gathered[:, : plan.longest].transpose(1, 2)
-
-
-def sequence_keys(pages: torch.Tensor, table: list[int], length: int) -> torch.Tensor:
-    """The first `length` cached positions of one sequence, [length, Hkv, D]: a view of the pool when its pages
-    are consecutive, else a copy of the pages that hold them."""
-    n = -(-length // pages.shape[1])
-    first = table[0]
-    if table[:n] == list(range(first, first + n)):
-        return pages[first : first + n].flatten(0, 1)[:length]
-    used = torch.tensor(table[:n], device=pages.device)
-    return pages.index_select(0, used).flatten(0, 1)[:length]
 
 
 def attention_paged_reference(
@@ -127,15 +138,10 @@ def attention_paged_reference(
     out = torch.empty_like(q)
     if attended is not None:
         out[plan.decode_rows] = attended
-    for b, n in enumerate(plan.q_lens):
-        if n <= 1:
-            continue
-        length, start = plan.seq_lens[b], plan.bounds[b]
-        k = sequence_keys(k_pages, plan.tables[b], length).transpose(0, 1)[None]  # (1, Hkv, L, D)
-        v = sequence_keys(v_pages, plan.tables[b], length).transpose(0, 1)[None]
-        qs = q[start : start + n].transpose(0, 1)[None]  # (1, Hq, n, D)
-        positions = torch.arange(length - n, length, device=q.device)
-        visible = torch.arange(length, device=q.device)[None, :] <= positions[:, None]  # (n, L)
-        attended = F.scaled_dot_product_attention(qs, k, v, attn_mask=visible, enable_gqa=True)
-        out[start : start + n] = attended[0].transpose(0, 1)
+    for c in plan.chunks:
+        k = k_pages[c.pages].flatten(0, 1)[: c.length].transpose(0, 1)[None]  # (1, Hkv, L, D): a view if a slice
+        v = v_pages[c.pages].flatten(0, 1)[: c.length].transpose(0, 1)[None]
+        qs = q[c.start : c.start + c.n].transpose(0, 1)[None]  # (1, Hq, n, D)
+        attended = F.scaled_dot_product_attention(qs, k, v, attn_mask=c.visible, enable_gqa=True)
+        out[c.start : c.start + c.n] = attended[0].transpose(0, 1)
     return out
