@@ -20,11 +20,15 @@ setup: $(STAMP)
 # A rerun resumes runs/demo (its distilled blocks are kept); DEMO_FLAGS=--fresh trains them again (needed after
 # `make parent`: the store refuses blocks of another parent). A store from before the manifest is started fresh.
 DEMO_FLAGS ?=
+# The demo's training budget: enough for its child to keep the parent's quality within a few perplexity points,
+# small enough for the whole demo to finish in about 8 minutes on 2 CPU cores.
+DEMO_SETTINGS := --bld-steps 100 --gkd-steps 40
 
 demo: setup  ## Puzzle + FFN Fusion on the bundled demo parent (10-14 min on 2 CPU cores), then generate from the child
 	@flags="$(DEMO_FLAGS)"; if [ -d runs/demo/bld ] && [ ! -f runs/demo/bld/manifest.json ]; then \
 		echo "runs/demo/bld predates the store's manifest: training its blocks again"; flags="$$flags --fresh"; fi; \
-	echo "$(BIN)/tessera optimize --out runs/demo --fuse $$flags"; $(BIN)/tessera optimize --out runs/demo --fuse $$flags
+	echo "$(BIN)/tessera optimize --out runs/demo --fuse $(DEMO_SETTINGS) $$flags"; \
+	$(BIN)/tessera optimize --out runs/demo --fuse $(DEMO_SETTINGS) $$flags
 	$(BIN)/tessera demo --model runs/demo/child
 
 test: setup  ## the CPU test suite (kernels run under the Triton interpreter)

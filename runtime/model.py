@@ -207,14 +207,15 @@ class Model(nn.Module):
             torch.set_default_dtype(default)
         return model.to_empty(device=device)
 
-    def init_weights(self, std: float = 0.02, seed: int | None = None) -> Model:
+    def init_weights(self, std: float = 0.02, seed: int | None = None, layers_only: bool = False) -> Model:
         """Random init for training from scratch, tests and benchmarks: N(0, std), output projections scaled
-        by 1/sqrt(2·layers) (GPT-2), norms at 1. Drawn on the weights' device (same values as before on CPU)."""
-        device = self.embed_tokens.weight.device
+        by 1/sqrt(2·layers) (GPT-2), norms at 1. Drawn on the weights' device (same values as before on CPU).
+        layers_only: the decoder layers alone (the embedding and head are shared with another model)."""
+        device = next(self.layers.parameters(), self.embed_tokens.weight).device
         gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        out_std = std / math.sqrt(2 * self.arch.n_layers)
+        out_std = std / math.sqrt(2 * max(1, self.arch.n_layers))
         with torch.no_grad():
-            for name, p in self.named_parameters():
+            for name, p in (self.layers if layers_only else self).named_parameters():
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
                 else:

@@ -1,57 +1,55 @@
 """The cost model: each block variant's runtime measured on this device, a model's latency predicted as a sum.
 
-Everything is timed through the serving engine (runtime/engine.py): its prefill chunks and its decode steps,
-with the paged KV cache, the kernels it serves with and, on CUDA, its decode CUDA graphs, so what is measured is
-what is served. For a scenario (batch, prompt length, generated length), `engine_step_ms` times a model's
-prefill of batch prompts (every step until each has sampled its first token) and its decode step at the
-first and the last decode length (attention cost is linear in the context, so their mean is the mean over the
-whole generation). A block's runtime is prefill + (gen_len − 1) × mean decode step: the first generated token
-comes from the prefill's logits.
+Everything is timed through the serving engine (runtime/engine.py): whole generations of a scenario (batch
+prompts of prompt_len tokens, gen_len tokens generated each, EOS ignored) as the engine serves them, its
+chunked prefill steps and its decode steps over the paged KV cache, with the kernels it serves with and, on
+CUDA, its decode CUDA graphs. So what is measured is what is served.
 
-Blocks are timed as stacks of STACK_COPIES copies with distinct random weights (timed alone, a block finds its
-weights and inputs still in cache and reads 13 % faster than inside a model: demo parent, 2-core Xeon,
-prefill), by difference with a stack of as many no-op blocks, so that what the engine does around the layers
-(embedding, LM head, sampling, scheduling) cancels: a block costs (its stack − the no-op stack) / STACK_COPIES.
-(Differences between stacks of 8 and 4 of the demo parent's blocks gave about the same decode cost per block,
-1.0 ms against 0.92, 2-core Xeon, from noisier differences of larger times.) Every stack is timed once per
-round, round-robin over CALIBRATION_ROUNDS rounds, and the medians kept: a machine that speeds up or slows down
-during calibration then meets every block alike (on a shared 2-core VM, one pass in order gave the demo's cost
-model a 24 % mean error, the rounds 4.6 %).
+Timing is in lockstep (`lockstep`): every model under test has an engine of its own, and the engines take
+their steps in turn, one step each, round after round. A shared machine changes speed within seconds (the
+2-core dev VM: the same generation took 420 ms, then 650 ms for a stretch, with no steal time accounted);
+models stepped alternately a few milliseconds apart meet every change alike, so their ratios hold where
+separate timings do not (a child against its parent: 9 % coefficient of variation timed alternately a
+generation at a time, 0.7 % in lockstep, 2-core Xeon). Each step's time is the median over the rounds, which
+drops a step that another process interrupted; a generation's latency is the sum of its steps.
 
-What is not a block is measured as whole generations (`Generator`, the engine) of a stack of the reference
-block (the first that is not a no-op: the parent's) minus its blocks' runtime; among real layers the LM head's
-weights fall out of cache, which a model of no-op layers would not show. Predicted latency = non-block + Σ
-blocks (Puzzle's additivity assumption). The model reports its own error: predicted vs measured end-to-end
-latency of random architectures.
+Blocks are timed as stacks of STACK_COPIES copies with distinct random weights, next to a stack of as many
+no-op blocks, in one lockstep: a block costs (its stack − the no-op stack) / STACK_COPIES, and the no-op
+stack's own latency is what is not a block (embedding, LM head, sampling, scheduling). Predicted latency =
+non-block + Σ blocks (Puzzle's additivity assumption). All the models in a lockstep share one embedding and
+LM head (so memory holds one copy); every model is stepped after a different one, so none finds its weights
+still in cache, as none of a real model's layers does.
+
+The model checks itself: whole architectures (the parent and random ones drawn from the library) run in the
+same lockstep as the stacks, and their measured latencies are compared with the predictions. In the same
+lockstep, because an absolute millisecond figure on a shared machine holds only for the minute it was
+measured in: what the search relies on (a speedup is a ratio to the parent) carries over, and an absolute
+latency budget holds for the machine as fast as it was during calibration.
 
 Memory comes from the config formulas (weights + batch × sequence × KV bytes), never from a measurement.
 """
 
 from __future__ import annotations
 
-import functools
 import random
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
 from tessera.config import EMPTY_BLOCK, ArchConfig, BlockConfig, dtype_bytes
-from tessera.devices import device_name, dtype_name, median_ms, synchronize
+from tessera.devices import device_name, dtype_name, synchronize
 from tessera.errors import UserError
 from tessera.runtime.engine import Engine, EngineConfig
-from tessera.runtime.generate import Generator
 from tessera.runtime.model import Model
 from tessera.runtime.sampling import SamplingParams
 
 MIB = 2**20
-_BLOCK_KEYS = ("prefill_ms", "decode_ms", "runtime_ms")
 STACK_COPIES = 4
-CALIBRATION_ROUNDS = 3
-DECODE_STEPS = 24  # decode steps timed at each context (their median); the context grows by one per step
+CALIBRATION_ROUNDS = 3  # timed lockstep rounds (after one untimed warm-up round)
 
 
 @dataclass(frozen=True)
@@ -77,62 +75,14 @@ class Scenario:
             )
 
 
-@torch.inference_mode()
-def engine_step_ms(model: Model, scenario: Scenario) -> dict[str, float]:
-    """Milliseconds the serving engine spends on `model` in the scenario: prefill_ms, the median of whole
-    prefills of batch prompts (chunked as served: every step until each prompt has sampled its first token),
-    and decode_ms, the mean over the first and the last decode length of the median decode step (batch
-    tokens, all requests decoding; CUDA graphs on CUDA)."""
-    scenario.check_context(model.arch)
-    device = model.embed_tokens.weight.device
-    b, p, g = scenario.batch, scenario.prompt_len, scenario.gen_len
-    config = EngineConfig(max_batch=b)
-    # Prompts are prefilled in chunks of max_step_tokens, decodes first: the first prompts done decode up to
-    # `ahead` tokens while the last are still prefilling. Their budget and the context leave room for that.
-    ahead = -(-b * scenario.seq_len // max(config.max_step_tokens, b))
-    length = min(model.arch.max_position_embeddings, scenario.seq_len + DECODE_STEPS + 4 + ahead)
-    engine = Engine(model, None, replace(config, max_model_len=length))
-    prompts = _prompts(model.arch, scenario)
+@dataclass(frozen=True)
+class Timing:
+    """One model's generation in a lockstep, from the median of each engine step over the rounds."""
 
-    def prefill() -> None:
-        for prompt in prompts:
-            engine.add_request(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
-        while engine.has_work():
-            engine.step()
-
-    def decode_at(position: int) -> float:
-        """Median decode step with all batch requests decoding, their contexts around `position` (centred on the
-        timed steps)."""
-        steps = min(DECODE_STEPS, length - ahead - 4)
-        if steps < 1:
-            raise UserError(f"the model's context ({length} tokens) is too short to time decode steps")
-        start = max(1, min(position - steps // 2, length - steps - ahead - 3))
-        for prompt in prompts:
-            engine.add_request((prompt * -(-start // p))[:start], SamplingParams(steps + ahead + 2, ignore_eos=True))
-        while engine.waiting or any(r.computed < r.prompt_len for r in engine.running):
-            engine.step()  # prefill, untimed
-        engine.step()  # one untimed decode step
-        assert len(engine.running) == b, "a request finished before its decode steps were timed"
-        times = []
-        for _ in range(steps):
-            begin = time.perf_counter()
-            engine.step()
-            synchronize(device)
-            times.append((time.perf_counter() - begin) * 1e3)
-        engine.abort_all()
-        return statistics.median(times)
-
-    prefill_ms = median_ms(prefill, device, min_reps=3, budget_s=0)
-    decode = [decode_at(position) for position in sorted({p, p + g - 2})] if g > 1 else []
-    return {"prefill_ms": prefill_ms, "decode_ms": statistics.mean(decode) if decode else 0.0}
-
-
-def stack_ms(
-    arch: ArchConfig, block: BlockConfig, copies: int, scenario: Scenario, device: torch.device, dtype: torch.dtype
-) -> dict[str, float]:
-    """engine_step_ms of a model of `copies` `block`s with random weights."""
-    model = Model.empty(arch.with_blocks([block] * copies), device, dtype).init_weights(seed=0)
-    return engine_step_ms(model, scenario)
+    latency_ms: float  # the whole generation: every step's median, summed
+    prefill_ms: float  # the steps until every prompt has been read (its first token sampled)
+    decode_ms: float  # the mean decode-only step after them (all requests decoding)
+    rounds_ms: tuple[float, ...]  # each round's whole generation (the spread between rounds)
 
 
 def _prompts(arch: ArchConfig, scenario: Scenario) -> list[list[int]]:
@@ -140,13 +90,74 @@ def _prompts(arch: ArchConfig, scenario: Scenario) -> list[list[int]]:
     return [[rng.randrange(arch.vocab_size) for _ in range(scenario.prompt_len)] for _ in range(scenario.batch)]
 
 
-def measure_latency(model: Model, scenario: Scenario, repeats: int = 3) -> float:
-    """Median milliseconds of a whole generation (prefill + gen_len tokens, EOS ignored) through `Generator`."""
-    scenario.check_context(model.arch)
-    device = model.embed_tokens.weight.device
-    generator, prompts = Generator(model), _prompts(model.arch, scenario)
+@torch.inference_mode()
+def lockstep(
+    models: Sequence[Model], scenario: Scenario, rounds: int = CALIBRATION_ROUNDS, desc: str | None = None
+) -> list[Timing]:
+    """Time one generation of `scenario` by each model, the engines stepping in turn (module docstring): one
+    untimed round (allocation, first calls), then `rounds` timed ones. A tqdm bar over the rounds when `desc`."""
+    if not models or rounds < 1:
+        raise ValueError("lockstep needs at least one model and one round")
+    arch = models[0].arch
+    for model in models:
+        scenario.check_context(model.arch)
+    device = models[0].embed_tokens.weight.device
+    config = EngineConfig(max_batch=scenario.batch, max_model_len=scenario.seq_len)
+    engines = [Engine(model, None, config) for model in models]
+    prompts = _prompts(arch, scenario)
     params = SamplingParams(max_new_tokens=scenario.gen_len, ignore_eos=True)
-    return median_ms(lambda: generator.generate(prompts, params), device, min_reps=repeats, budget_s=0)
+    samples: list[list[list[float]]] = [[] for _ in engines]  # engine -> round -> step ms
+    prefill_steps = [0] * len(engines)
+    for r in tqdm(range(rounds + 1), desc=desc, disable=desc is None, dynamic_ncols=True, leave=False):
+        for engine in engines:
+            for prompt in prompts:
+                engine.add_request(prompt, params)
+        steps: list[list[float]] = [[] for _ in engines]
+        active = list(range(len(engines)))
+        while active:
+            for i in active:
+                engine = engines[i]
+                prefilling = bool(engine.waiting) or any(q.computed < q.prompt_len for q in engine.running)
+                begin = time.perf_counter()
+                engine.step()
+                synchronize(device)
+                steps[i].append((time.perf_counter() - begin) * 1e3)
+                if r == 0 and prefilling:
+                    prefill_steps[i] += 1
+            active = [i for i in active if engines[i].has_work()]
+        if r > 0:
+            for i, times in enumerate(steps):
+                samples[i].append(times)
+    timings = []
+    for runs, n_prefill in zip(samples, prefill_steps):
+        if len({len(times) for times in runs}) != 1:
+            raise RuntimeError("the engine took a different number of steps in different rounds")
+        per_step = [statistics.median(step) for step in zip(*runs)]
+        decode = per_step[n_prefill:]
+        timings.append(
+            Timing(
+                latency_ms=sum(per_step),
+                prefill_ms=sum(per_step[:n_prefill]),
+                decode_ms=statistics.mean(decode) if decode else 0.0,
+                rounds_ms=tuple(sum(times) for times in runs),
+            )
+        )
+    return timings
+
+
+def timing_models(
+    arch: ArchConfig, architectures: Sequence[Sequence[BlockConfig]], device: torch.device, dtype: torch.dtype
+) -> list[Model]:
+    """Models of `arch`'s shape with these blocks and random weights (seeded), all sharing one embedding, final
+    norm and LM head: timing needs the work, not a copy of the vocabulary matrices per model."""
+    shared = Model.empty(arch.with_blocks([EMPTY_BLOCK]), device, dtype).init_weights(seed=0)
+    models = []
+    for k, blocks in enumerate(architectures):
+        model = Model.empty(arch.with_blocks(list(blocks)), "meta", dtype)
+        model.embed_tokens, model.norm, model.lm_head = shared.embed_tokens, shared.norm, shared.lm_head
+        model.layers.to_empty(device=device)
+        models.append(model.init_weights(seed=1 + k, layers_only=True))
+    return models
 
 
 def block_memory_mib(arch: ArchConfig, block: BlockConfig, scenario: Scenario, dtype: torch.dtype) -> float:
@@ -175,7 +186,7 @@ class CostTable:
     blocks: dict[str, dict[str, float]]  # block name -> prefill_ms, decode_ms, runtime_ms
     validation: dict | None = None
 
-    def runtime_ms(self, blocks: list[BlockConfig] | tuple[BlockConfig, ...]) -> float:
+    def runtime_ms(self, blocks: Sequence[BlockConfig]) -> float:
         return self.non_block_ms + sum(self.blocks[b.name]["runtime_ms"] for b in blocks)
 
     def to_json(self) -> dict:
@@ -186,85 +197,79 @@ class CostTable:
         return cls(**{**data, "scenario": Scenario(**data["scenario"])})
 
 
+def _spread(rounds: Sequence[float]) -> float:
+    """(max − min) / median of a model's per-round latencies."""
+    return (max(rounds) - min(rounds)) / statistics.median(rounds)
+
+
 def calibrate(
     arch: ArchConfig,
-    blocks: list[BlockConfig],
+    blocks: Sequence[BlockConfig],
     scenario: Scenario,
     device: torch.device,
     dtype: torch.dtype,
+    validate: Sequence[Sequence[BlockConfig]] = (),
+    rounds: int = CALIBRATION_ROUNDS,
     progress: bool = True,
 ) -> CostTable:
-    """Time every distinct block in `blocks` (the first that is not a no-op is the reference) and the non-block
-    part on this device, round-robin (module docstring)."""
+    """Time every distinct block in `blocks` as a stack, and the no-op stack, in one lockstep (module
+    docstring); the architectures in `validate` run in the same lockstep and are compared with the prediction
+    (`CostTable.validation`)."""
     scenario.check_context(arch)
     distinct = list(dict.fromkeys(blocks))
     timed = [b for b in distinct if not b.is_empty]  # a no-op block costs nothing, by definition
     if not timed:
         raise UserError("every block is a no-op: there is nothing to time")
-    reference = timed[0]
-    stack = STACK_COPIES
-    runs: dict[str, Callable[[], dict[str, float]]] = {
-        b.name: functools.partial(stack_ms, arch, b, stack, scenario, device, dtype) for b in [EMPTY_BLOCK, *timed]
-    }
-    reference_model = Model.empty(arch.with_blocks([reference] * stack), device, dtype).init_weights(seed=0)
-    runs["generation"] = lambda: {"latency_ms": measure_latency(reference_model, scenario, repeats=1)}
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-    with tqdm(
-        total=CALIBRATION_ROUNDS * len(runs), desc="timing blocks", disable=not progress, dynamic_ncols=True
-    ) as bar:
-        for _ in range(CALIBRATION_ROUNDS):
-            for name, run in runs.items():
-                samples[name].append(run())
-                bar.update()
-    med = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for name, rows in samples.items()}
-    around = med[EMPTY_BLOCK.name]
+    stacks = [[block] * STACK_COPIES for block in [EMPTY_BLOCK, *timed]]
+    models = timing_models(arch, [*stacks, *validate], device, dtype)
+    timings = lockstep(models, scenario, rounds, desc="timing blocks" if progress else None)
+    around, by_block = timings[0], dict(zip(timed, timings[1 : len(stacks)]))
 
-    def block_ms(name: str) -> dict[str, float]:
-        # A block cheaper than the timer's noise can come out below zero: it costs nothing measurable.
-        ms = {k: max(0.0, med[name][k] - around[k]) / stack for k in ("prefill_ms", "decode_ms")}
-        return {**ms, "runtime_ms": ms["prefill_ms"] + (scenario.gen_len - 1) * ms["decode_ms"]}
-
-    table = {b.name: block_ms(b.name) if not b.is_empty else dict.fromkeys(_BLOCK_KEYS, 0.0) for b in distinct}
-    return CostTable(
+    table = CostTable(
         device=device_name(device),
         dtype=dtype_name(dtype),
         scenario=scenario,
-        non_block_ms=med["generation"]["latency_ms"] - stack * table[reference.name]["runtime_ms"],
+        non_block_ms=around.latency_ms,
         non_block_memory_mib=non_block_memory_mib(arch, dtype),
-        blocks=table,
+        blocks={b.name: _block_entry(by_block.get(b), around) for b in distinct},
     )
+    if validate:
+        table.validation = _validation(table, validate, timings[len(stacks) :], rounds)
+    return table
 
 
-def validate(
-    table: CostTable,
-    arch: ArchConfig,
-    choices: list[list[BlockConfig]],
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: bool = True,
+def _block_entry(stack: Timing | None, around: Timing) -> dict[str, float]:
+    """A block's share of its stack's timing over the no-op stack's; a no-op block (None) costs nothing."""
+    if stack is None:
+        return {"prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": 0.0}
+    # A block cheaper than the timer's noise can come out below zero: it costs nothing measurable.
+    share = {k: max(0.0, getattr(stack, k) - getattr(around, k)) / STACK_COPIES for k in ("prefill_ms", "decode_ms")}
+    return {**share, "runtime_ms": max(0.0, stack.latency_ms - around.latency_ms) / STACK_COPIES}
+
+
+def _validation(
+    table: CostTable, architectures: Sequence[Sequence[BlockConfig]], timings: Sequence[Timing], rounds: int
 ) -> dict:
-    """Predicted vs measured end-to-end latency of each architecture (random weights); stored in the table."""
     rows = []
-    for blocks in tqdm(choices, desc="validating cost model", disable=not progress, dynamic_ncols=True):
-        model = Model.empty(arch.with_blocks(blocks), device, dtype).init_weights(seed=0)
-        measured = measure_latency(model, table.scenario)
+    for blocks, timing in zip(architectures, timings):
         predicted = table.runtime_ms(blocks)
         rows.append(
             {
                 "blocks": [b.name for b in blocks],
                 "predicted_ms": predicted,
-                "measured_ms": measured,
-                "error": (predicted - measured) / measured,
+                "measured_ms": timing.latency_ms,
+                "error": (predicted - timing.latency_ms) / timing.latency_ms,
+                "round_spread": _spread(timing.rounds_ms),
             }
         )
     errors = [abs(r["error"]) for r in rows]
-    table.validation = {
+    return {
         "architectures": rows,
+        "rounds": rounds,
         "mean_abs_error": statistics.mean(errors),
         "max_abs_error": max(errors),
         "mean_signed_error": statistics.mean(r["error"] for r in rows),
     }
-    return table.validation
 
 
 def random_architectures(variants: list[list[BlockConfig]], n: int, seed: int = 0) -> list[list[BlockConfig]]:

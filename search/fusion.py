@@ -40,7 +40,7 @@ from tessera.files import replaced_folder
 from tessera.runtime.loader import save_model
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.weights import FFN, HIDDEN, INTER, pack, unpack
-from tessera.search.cost import Scenario, engine_step_ms
+from tessera.search.cost import Scenario, lockstep
 from tessera.search.gkd import GKDConfig, distill
 from tessera.search.report import fusion_section, plot_dependency
 from tessera.search.scoring import model_quality, reference_logprobs
@@ -48,7 +48,7 @@ from tessera.search.train import fixed_windows
 
 EMPTY = EMPTY_BLOCK  # what fusion leaves in a fused group's other layers
 BLOCK_PAIR_THRESHOLD = 0.05  # on the demo parent, the one pair under it loses KL 0.009 run side by side
-LATENCY_ROUNDS = 3
+LATENCY_ROUNDS = 5  # lockstep rounds of the fused model against the unfused
 SWIGLU = FFN["swiglu"]
 
 
@@ -435,15 +435,12 @@ def run_fusion(
             "(all but the last); pass explicit groups or a threshold"
         )
     else:
-        # Round-robin, like the search's latency phase: both models see the same machine state.
-        timings: dict[str, list[dict]] = {"unfused": [], "fused": []}
-        for _ in range(LATENCY_ROUNDS):
-            for name, m in (("unfused", model), ("fused", fused)):
-                timings[name].append(engine_step_ms(m, scenario))
+        # In lockstep, like the search's latency phase (search/cost.py): both meet the machine's speed alike.
+        timings = lockstep([model, fused], scenario, LATENCY_ROUNDS)
         info["latency_rounds"] = LATENCY_ROUNDS
         info["latency"] = {
-            name: {k: float(np.median([r[k] for r in rows])) for k in ("prefill_ms", "decode_ms")}
-            for name, rows in timings.items()
+            name: {"latency_ms": t.latency_ms, "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms}
+            for name, t in zip(("unfused", "fused"), timings)
         }
     with replaced_folder(out) as work:
         if fused is not None:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,15 @@ from tessera.runtime.model import Model
 from tessera.search import activations
 from tessera.search.assemble import assemble_child
 from tessera.search.bld import BLDConfig, SublayerStore, bld_manifest, run_bld
-from tessera.search.cost import CostTable, Scenario, block_memory_mib, calibrate, measure_latency, random_architectures
-from tessera.search.cost import validate as validate_costs
+from tessera.search.cost import (
+    CostTable,
+    Scenario,
+    block_memory_mib,
+    calibrate,
+    lockstep,
+    random_architectures,
+    timing_models,
+)
 from tessera.search.data import load_parent
 from tessera.search.fusion import FusionConfig, run_fusion
 from tessera.search.gkd import GKDConfig, distill
@@ -52,7 +60,12 @@ from tessera.search.mip import Bound, InfeasibleError, solve
 from tessera.search.scoring import model_quality, reference_logprobs, score_library
 from tessera.search.train import fixed_windows, random_windows
 
-MEASURE_ROUNDS = 3  # × 3 generations each, every model in turn
+MEASURE_ROUNDS = 5  # lockstep rounds of the parent and every child (search/cost.py)
+# Landing on a target speedup: the MIP's child is measured against the parent and the speedup asked of the cost
+# model corrected, until the measured speedup is within TARGET_TOLERANCE of the target or TARGET_SOLVES are done.
+TARGET_TOLERANCE = 0.02
+TARGET_SOLVES = 4
+TARGET_ROUNDS = 5  # lockstep rounds of each check
 # What a run writes under `out` (RUN_MARKS first, before any training: a folder holding one is an earlier run).
 RUN_MARKS = ("cost.json", "bld", "results.json")
 RUN_OUTPUTS = {*RUN_MARKS, "library.json", "child", "fused", "report.md", "pareto.png", "layers.png"}
@@ -94,7 +107,7 @@ class OptimizeConfig:
     seq_len: int = 256
     pareto_speedups: tuple[float, ...] = (1.25, 2.0)  # extra budgets solved for the curve
     baseline_gkd: bool = True  # the baselines get the same GKD as the main child
-    validate_architectures: int = 5
+    validate_architectures: int = 10  # random architectures the cost model is checked on (with the parent)
     fusion: FusionConfig | None = None  # FFN Fusion of the main child after the search (None: none)
     device: str = "cpu"
     seed: int = 0
@@ -110,6 +123,7 @@ class Child:
     quality_bld: dict = field(default_factory=dict)  # assembled from BLD blocks, before GKD
     quality_gkd: dict = field(default_factory=dict)
     kl_sum: float = math.nan  # the MIP objective: Σ replace-1-block KL
+    speedup_rounds: list[float] = field(default_factory=list)  # the parent's latency / the child's, each round
 
     def to_json(self, parent_ms: float) -> dict:
         return {
@@ -119,6 +133,7 @@ class Child:
             "predicted_ms": self.predicted_ms,
             "measured_ms": self.measured_ms,
             "measured_speedup": parent_ms / self.measured_ms,
+            "speedup_rounds": self.speedup_rounds,
             "kl_sum": self.kl_sum,
             "quality_bld": self.quality_bld,
             "quality_gkd": self.quality_gkd,
@@ -273,6 +288,60 @@ def greedy_baseline(library: Library, arch: ArchConfig, bounds: list[Bound]) -> 
     return blocks
 
 
+def land_on_target(
+    library: Library,
+    table: CostTable,
+    arch: ArchConfig,
+    budget: Budget,
+    bounds: list[Bound],
+    measured_speedup: Callable[[list[BlockConfig]], float],
+    progress: bool = False,
+) -> tuple[list[BlockConfig], list[Bound], list[dict]]:
+    """The MIP's child at the budget, the bounds it was solved under, and the checks made. For a target speedup
+    the loop is closed: the child's speedup over the parent is measured and, while it misses the target by more
+    than TARGET_TOLERANCE, the speedup asked of the cost model is the child's predicted one scaled by the miss
+    (the cost model's error on this child, taken to hold for the next), and the MIP solved again; at most
+    TARGET_SOLVES solves, and the child nearest the target wins."""
+    (solution,) = solve(library, "metrics.kl_div", bounds=bounds)
+    blocks = choices_to_blocks(library, solution.choices)
+    target = budget.target_speedup
+    if target is None:
+        return blocks, bounds, []
+    parent_predicted = table.runtime_ms(arch.blocks)
+    checks: list[dict] = []
+    best: tuple[float, list[BlockConfig], list[Bound]] | None = None
+    asked = target
+    for _ in range(TARGET_SOLVES):
+        predicted, measured = parent_predicted / table.runtime_ms(blocks), measured_speedup(blocks)
+        checks.append(
+            {
+                "asked_speedup": asked,
+                "predicted_speedup": predicted,
+                "measured_speedup": measured,
+                "blocks": [b.name for b in blocks],
+            }
+        )
+        if progress:
+            print(
+                f"[optimize] target speedup {target:g}: asked the cost model for {asked:.3f}, its child is "
+                f"predicted at {predicted:.3f}, measured at {measured:.3f}",
+                flush=True,
+            )
+        miss = abs(measured / target - 1)
+        if best is None or miss < best[0]:
+            best = (miss, blocks, bounds)
+        if miss <= TARGET_TOLERANCE:
+            break
+        asked = max(1.0, predicted * target / measured)
+        try:
+            next_bounds = block_bounds(replace(budget, target_speedup=asked), table, parent_predicted, library)
+            (solution,) = solve(library, "metrics.kl_div", bounds=next_bounds)
+        except InfeasibleError:
+            break  # the space reaches no further: the nearest so far stands
+        blocks, bounds = choices_to_blocks(library, solution.choices), next_bounds
+    return best[1], best[2], checks
+
+
 class Optimizer:
     """One `tessera optimize` run; each stage writes its output under `out` as it finishes. fresh: delete BLD
     results already under `out` instead of resuming from them (they must otherwise come from this run's inputs)."""
@@ -307,9 +376,10 @@ class Optimizer:
         cfg, arch = self.cfg, self.parent.arch
         t = time.perf_counter()
         variants = [cfg.space.block_variants(arch, i) for i in range(arch.n_layers)]
-        table = calibrate(arch, [b for v in variants for b in v], cfg.scenario, self.device, self.dtype, self.progress)
-        archs = random_architectures(variants, cfg.validate_architectures, seed=cfg.seed)
-        validate_costs(table, arch, archs, self.device, self.dtype, self.progress)
+        # The parent is checked with the random architectures: every speedup budget is a ratio to it.
+        check = [list(arch.blocks), *random_architectures(variants, cfg.validate_architectures, seed=cfg.seed)]
+        blocks = [b for v in variants for b in v]
+        table = calibrate(arch, blocks, cfg.scenario, self.device, self.dtype, check, progress=self.progress)
         atomic_write_text(self.out / "cost.json", json.dumps(table.to_json(), indent=1) + "\n")
         self._stage("cost model", t)
         return table
@@ -365,6 +435,9 @@ class Optimizer:
             "scenario": asdict(self.cfg.scenario),
             "non_block_ms": table.non_block_ms,
             "cost_model": table.validation,
+            "target_rounds": self.target_rounds,
+            "target_tolerance": TARGET_TOLERANCE,
+            "measure_rounds": MEASURE_ROUNDS,
             "children": [c.to_json(parent.measured_ms) for c in [parent, *children]],
             "child_dir": str(child_dir),
             "stage_seconds": self.timings,
@@ -394,9 +467,9 @@ class Optimizer:
         """The children to build: the MIP's at the budget (first), at each Pareto speedup, and the uniform and
         greedy baselines with, for each, the MIP at the baseline's own predicted runtime."""
         arch, parent_predicted = self.parent.arch, table.runtime_ms(self.parent.arch.blocks)
+        main_blocks, bounds = self.land_on_target(library, table, budget, bounds)
         t = time.perf_counter()
-        (main_solution,) = solve(library, "metrics.kl_div", bounds=bounds)
-        children = [Child(f"MIP ({budget.describe()})", "mip", choices_to_blocks(library, main_solution.choices), 0.0)]
+        children = [Child(f"MIP ({budget.describe()})", "mip", main_blocks, 0.0)]
         for speedup in self.cfg.pareto_speedups:
             if budget.target_speedup is not None and math.isclose(speedup, budget.target_speedup):
                 continue
@@ -426,6 +499,25 @@ class Optimizer:
         self._stage("MIP and baselines", t)
         return children
 
+    def land_on_target(
+        self, library: Library, table: CostTable, budget: Budget, bounds: list[Bound]
+    ) -> tuple[list[BlockConfig], list[Bound]]:
+        """`land_on_target` with each child timed against the parent in lockstep (random weights: the time is
+        the architecture's); the checks go to `self.target_rounds`."""
+        arch, t = self.parent.arch, time.perf_counter()
+
+        def measured_speedup(blocks: list[BlockConfig]) -> float:
+            models = timing_models(arch, [arch.blocks, blocks], self.device, self.dtype)
+            parent_t, child_t = lockstep(models, self.cfg.scenario, TARGET_ROUNDS)
+            return parent_t.latency_ms / child_t.latency_ms
+
+        blocks, bounds, self.target_rounds = land_on_target(
+            library, table, arch, budget, bounds, measured_speedup, self.progress
+        )
+        if self.target_rounds:
+            self._stage("landing on the target speedup", t)
+        return blocks, bounds
+
     def distil_children(
         self, children: list[Child], library: Library, table: CostTable, ref: torch.Tensor
     ) -> dict[tuple, Model]:
@@ -446,16 +538,17 @@ class Optimizer:
         return models
 
     def measure(self, parent: Child, children: list[Child], models: dict[tuple, Model]) -> None:
-        """Each architecture's end-to-end latency, all in one phase and round-robin: a parent timed minutes
-        before its children (after BLD's memory churn) read 12 % slower in one demo run than in the next."""
+        """Each architecture's generation latency, the parent and every child in one lockstep (search/cost.py):
+        timed minutes apart, the same parent read 12 % slower in one demo run than in the next."""
         t = time.perf_counter()
-        timed = {**models, tuple(parent.blocks): self.parent}
-        rounds: dict[tuple, list[float]] = {key: [] for key in timed}
-        for _ in range(MEASURE_ROUNDS):
-            for key, model in timed.items():
-                rounds[key].append(measure_latency(model, self.cfg.scenario))
+        timed = {tuple(parent.blocks): self.parent, **models}
+        timings = dict(zip(timed, lockstep(list(timed.values()), self.cfg.scenario, MEASURE_ROUNDS)))
+        base = timings[tuple(parent.blocks)]
         for child in [parent, *children]:
-            child.measured_ms = float(np.median(rounds[tuple(child.blocks)]))
+            mine = timings[tuple(child.blocks)]
+            child.measured_ms = mine.latency_ms
+            # The speedup in each round on its own: how much it moved while the machine's speed did.
+            child.speedup_rounds = [p / c for p, c in zip(base.rounds_ms, mine.rounds_ms)]
         self._stage("end-to-end latency", t)
 
     def fuse(self, model: Model) -> dict | None:

@@ -26,18 +26,37 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
         "",
         "## Children (measured on this device; quality on held-out text)",
         "",
-        "Speedup = the parent's measured generation latency / the child's. KL = mean per-token KL(parent ‖ child).",
+        "Speedup = the parent's measured generation latency / the child's, all timed in one lockstep (each engine "
+        f"taking its steps in turn, {results['measure_rounds']} rounds; the range is the speedup's spread over the "
+        "rounds). KL = mean per-token KL(parent ‖ child).",
         "",
-        "| child | measured ms | speedup | predicted ms | Σ block KL | ppl (BLD) | KL (BLD) | ppl (GKD) | KL (GKD) |",
+        "| child | measured ms | speedup (range) | predicted ms | Σ block KL | ppl (BLD) | KL (BLD) | ppl (GKD) "
+        "| KL (GKD) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in [parent, *children]:
         bld, gkd = c["quality_bld"], c["quality_gkd"]
+        spread = c.get("speedup_rounds") or [c["measured_speedup"]]
         lines.append(
-            f"| {c['label']} | {c['measured_ms']:.1f} | {c['measured_speedup']:.2f}x | {c['predicted_ms']:.1f} "
-            f"| {c['kl_sum']:.3f} | {_quality(bld, 'perplexity')} | {_quality(bld, 'kl_div')} "
-            f"| {_quality(gkd, 'perplexity')} | {_quality(gkd, 'kl_div')} |"
+            f"| {c['label']} | {c['measured_ms']:.1f} | {c['measured_speedup']:.3f}x ({min(spread):.3f}–"
+            f"{max(spread):.3f}) | {c['predicted_ms']:.1f} | {c['kl_sum']:.3f} | {_quality(bld, 'perplexity')} "
+            f"| {_quality(bld, 'kl_div')} | {_quality(gkd, 'perplexity')} | {_quality(gkd, 'kl_div')} |"
         )
+    if rounds := results.get("target_rounds"):
+        target = results["budget"]["target_speedup"]
+        lines += [
+            "",
+            f"Landing on the target speedup {target:g}: the MIP's child was timed against the parent in lockstep and "
+            "the speedup asked of the cost model corrected by the miss, until within "
+            f"{100 * results['target_tolerance']:g} % (the child nearest the target is kept).",
+            "",
+            "| solve | asked of the cost model | predicted | measured |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {k + 1} | {r['asked_speedup']:.3f}x | {r['predicted_speedup']:.3f}x | {r['measured_speedup']:.3f}x |"
+            for k, r in enumerate(rounds)
+        ]
     main = children[0]
     lines += [
         "",
@@ -53,16 +72,19 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
         "",
         "## Cost model",
         "",
-        f"Non-block part {results['non_block_ms']:.1f} ms. Predicted vs measured end-to-end latency of "
-        f"{len(cm['architectures'])} random architectures from the library: mean absolute error "
-        f"{100 * cm['mean_abs_error']:.1f} %, max {100 * cm['max_abs_error']:.1f} %, mean signed "
-        f"{100 * cm['mean_signed_error']:+.1f} %.",
+        f"Non-block part {results['non_block_ms']:.1f} ms. Predicted vs measured generation latency of the parent "
+        f"and {len(cm['architectures']) - 1} random architectures from the library, measured in the lockstep that "
+        f"timed the blocks ({cm['rounds']} rounds): mean absolute error {100 * cm['mean_abs_error']:.1f} %, max "
+        f"{100 * cm['max_abs_error']:.1f} %, mean signed {100 * cm['mean_signed_error']:+.1f} %. The round spread is "
+        "(slowest − fastest round) / median: how much the machine's speed moved while it was measured.",
         "",
-        "| predicted ms | measured ms | error |",
-        "|---:|---:|---:|",
+        "| architecture | predicted ms | measured ms | error | round spread |",
+        "|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['predicted_ms']:.1f} | {r['measured_ms']:.1f} | {100 * r['error']:+.1f} % |" for r in cm["architectures"]
+        f"| {'parent' if k == 0 else f'random {k}'} | {r['predicted_ms']:.1f} | {r['measured_ms']:.1f} "
+        f"| {100 * r['error']:+.1f} % | {100 * r['round_spread']:.0f} % |"
+        for k, r in enumerate(cm["architectures"])
     ]
     if "fusion" in results:
         lines += ["", *fusion_section(results["fusion"], level="##")]
@@ -180,14 +202,16 @@ def fusion_section(f: dict, level: str = "#") -> list[str]:
         s = f["scenario"]
         lines += [
             "",
-            f"Latency on {f['device']} (median of {f['latency_rounds']} rounds, batch {s['batch']}, prompt "
-            f"{s['prompt_len']}; decode step at context {s['prompt_len'] + s['gen_len'] // 2}):",
+            f"Latency on {f['device']} (batch {s['batch']}, prompt {s['prompt_len']}, {s['gen_len']} generated tokens; "
+            f"both models in one lockstep of {f['latency_rounds']} rounds, each engine step's median; decode step = "
+            "the mean decode-only step):",
             "",
-            "| model | prefill ms | decode step ms |",
-            "|---|---:|---:|",
+            "| model | generation ms | prefill ms | decode step ms |",
+            "|---|---:|---:|---:|",
         ]
         for name, t in f["latency"].items():
-            lines.append(f"| {name} | {t['prefill_ms']:.2f} | {t['decode_ms']:.3f} |")
+            generation = f"{t['latency_ms']:.1f}" if "latency_ms" in t else "–"
+            lines.append(f"| {name} | {generation} | {t['prefill_ms']:.2f} | {t['decode_ms']:.3f} |")
     if f["block_pairs"]:
         lines += [
             "",

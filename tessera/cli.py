@@ -368,7 +368,7 @@ def _is_cost_table(path: Path) -> bool:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from tessera.search.cost import calibrate, random_architectures, validate
+    from tessera.search.cost import calibrate, random_architectures
     from tessera.search.library import SearchSpace
 
     out = check_output(
@@ -378,9 +378,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     arch = ArchConfig.from_json(args.model)
     space = SearchSpace()
     variants = [space.block_variants(arch, i) for i in range(arch.n_layers)]
-    table = calibrate(arch, [b for v in variants for b in v], _scenario(args), device, torch.float32)
-    if args.validate:
-        validate(table, arch, random_architectures(variants, args.validate), device, torch.float32)
+    check = [list(arch.blocks), *random_architectures(variants, args.validate)] if args.validate else []
+    table = calibrate(arch, [b for v in variants for b in v], _scenario(args), device, torch.float32, check)
     atomic_write_text(out, json.dumps(table.to_json(), indent=1) + "\n")
     print(f"{table.device}: non-block {table.non_block_ms:.2f} ms")
     for name, t in table.blocks.items():
@@ -389,7 +388,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if table.validation:
         v = table.validation
         print(
-            f"predicted vs measured on {len(v['architectures'])} random architectures: "
+            f"predicted vs measured on the model and {len(v['architectures']) - 1} random architectures: "
             f"mean abs error {100 * v['mean_abs_error']:.1f} %, max {100 * v['max_abs_error']:.1f} %"
         )
     print(f"wrote {args.out}")
@@ -640,8 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--validate",
         type=nonnegative_int,
-        default=5,
-        help="random architectures to check predictions against (0: none)",
+        default=10,
+        help="random architectures to check predictions against, besides the model itself (0: none)",
     )
     _add_scenario(p)
     p.set_defaults(func=cmd_calibrate)

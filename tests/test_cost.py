@@ -8,16 +8,18 @@ import pytest
 import torch
 
 from tessera import kernels
-from tessera.config import AttentionConfig, BlockConfig, FFNConfig
+from tessera.config import EMPTY_BLOCK, AttentionConfig, BlockConfig, FFNConfig
 from tessera.runtime.engine import Engine
+from tessera.search import cost
 from tessera.search.cost import (
     CostTable,
     Scenario,
+    Timing,
     block_memory_mib,
     calibrate,
+    lockstep,
     random_architectures,
-    stack_ms,
-    validate,
+    timing_models,
 )
 
 from .conftest import SPACE, tiny_arch
@@ -42,23 +44,83 @@ def test_scenario_checks():
 def test_calibrate_and_validate_on_a_tiny_model():
     arch, sc = tiny_arch(), Scenario(batch=2, prompt_len=8, gen_len=4)
     variants = [SPACE.block_variants(arch, i) for i in range(arch.n_layers)]
-    table = calibrate(arch, [b for v in variants for b in v], sc, torch.device("cpu"), torch.float32, progress=False)
+    choice = random_architectures(variants, 2, seed=0)
+    table = calibrate(
+        arch, [b for v in variants for b in v], sc, torch.device("cpu"), torch.float32, choice, rounds=2, progress=False
+    )
     assert set(table.blocks) == {b.name for b in variants[0]}
     for name, t in table.blocks.items():
-        assert t["runtime_ms"] == pytest.approx(t["prefill_ms"] + 3 * t["decode_ms"])
         # Differences of timings: a block of this tiny model can be below the timer's noise, never below 0.
-        assert t["prefill_ms"] >= 0 and t["decode_ms"] >= 0, name
+        assert min(t.values()) >= 0, name
     assert sum(t["runtime_ms"] for t in table.blocks.values()) > 0
     assert table.blocks["attn_none+ffn_none"] == {"prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": 0.0}
-    choice = random_architectures(variants, 2, seed=0)
-    result = validate(table, arch, choice, torch.device("cpu"), torch.float32, progress=False)
+    result = table.validation
+    assert result["rounds"] == 2 and len(result["architectures"]) == 2
     for row, blocks in zip(result["architectures"], choice):
         assert row["predicted_ms"] == pytest.approx(
             table.non_block_ms + sum(table.blocks[b.name]["runtime_ms"] for b in blocks)
         )
-        assert row["measured_ms"] > 0
+        assert row["measured_ms"] > 0 and row["round_spread"] >= 0
+        assert row["error"] == pytest.approx((row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"])
     again = CostTable.from_json(json.loads(json.dumps(table.to_json())))
     assert again.runtime_ms(choice[0]) == table.runtime_ms(choice[0])
+
+
+def test_the_table_is_composed_from_stack_differences(monkeypatch):
+    """Hand-computed: with the lockstep's timings given, a block costs (its stack − the no-op stack) / 4, the
+    no-op stack is the non-block part, and an architecture is predicted as non-block + Σ blocks."""
+    arch, sc = tiny_arch(), Scenario(batch=2, prompt_len=8, gen_len=4)
+    full = BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 96))
+    small = BlockConfig(AttentionConfig("none"), FFNConfig("swiglu", 32))
+    given = {  # the models calibrate builds, in order: no-op stack, one stack per timed block, then the checks
+        0: Timing(latency_ms=50.0, prefill_ms=10.0, decode_ms=2.0, rounds_ms=(50.0, 55.0)),
+        1: Timing(latency_ms=90.0, prefill_ms=18.0, decode_ms=3.0, rounds_ms=(90.0, 99.0)),
+        2: Timing(latency_ms=46.0, prefill_ms=12.0, decode_ms=1.0, rounds_ms=(46.0, 46.0)),  # below the no-op: 0
+        3: Timing(latency_ms=64.0, prefill_ms=0.0, decode_ms=0.0, rounds_ms=(60.0, 64.0, 72.0)),
+    }
+    built = []
+
+    def fake_lockstep(models, scenario, rounds, desc=None):
+        built.extend(tuple(b.name for b in m.arch.blocks) for m in models)
+        return [given[k] for k in range(len(models))]
+
+    monkeypatch.setattr(cost, "lockstep", fake_lockstep)
+    check = [[full, small]]
+    table = calibrate(arch, [full, small, full, EMPTY_BLOCK], sc, torch.device("cpu"), torch.float32, check)
+    assert built == [(EMPTY_BLOCK.name,) * 4, (full.name,) * 4, (small.name,) * 4, (full.name, small.name)]
+    assert table.non_block_ms == 50.0
+    assert table.blocks[full.name] == {"prefill_ms": 2.0, "decode_ms": 0.25, "runtime_ms": 10.0}
+    assert table.blocks[small.name] == {"prefill_ms": 0.5, "decode_ms": 0.0, "runtime_ms": 0.0}
+    assert table.blocks[EMPTY_BLOCK.name] == {"prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": 0.0}
+    (row,) = table.validation["architectures"]
+    assert row["predicted_ms"] == 60.0 and row["measured_ms"] == 64.0
+    assert row["error"] == pytest.approx(-4 / 64) and row["round_spread"] == pytest.approx(12 / 64)
+
+
+def test_lockstep_alternates_engines_and_takes_each_steps_median(monkeypatch):
+    """The engines step in turn, one step each; a step slowed in one round (another process) is dropped by the
+    median over rounds, and the latency is the sum of the per-step medians."""
+    arch, sc = tiny_arch(), Scenario(batch=2, prompt_len=8, gen_len=4)
+    models = timing_models(arch, [arch.blocks, [EMPTY_BLOCK] * 2], torch.device("cpu"), torch.float32)
+    order, clock, spike_at = [], [0.0], [-1]
+    real_step = Engine.step
+
+    def step(self):
+        order.append(next(i for i, m in enumerate(models) if m is self.model))
+        # Model 0's steps take 3 ms, model 1's 1 ms, but for one step of 100 ms.
+        clock[0] += 100.0 if len(order) == spike_at[0] else (3.0 if order[-1] == 0 else 1.0)
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", step)
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0] / 1e3)
+    lockstep(models, sc, rounds=2)
+    steps = len(order) // 6  # one generation's steps: 3 rounds (1 untimed) of 2 engines
+    assert order == [0, 1] * (3 * steps)
+    order.clear()
+    spike_at[0] = 2 * steps + 5  # in the first timed round
+    slow, fast = lockstep(models, sc, rounds=3)
+    assert slow.latency_ms == pytest.approx(3.0 * steps) and fast.latency_ms == pytest.approx(1.0 * steps)
+    assert max(slow.rounds_ms) == pytest.approx(3.0 * steps + 97.0)  # the spike is in its round's total
 
 
 def test_the_cost_model_times_the_engine_step(monkeypatch):
@@ -75,22 +137,8 @@ def test_the_cost_model_times_the_engine_step(monkeypatch):
     monkeypatch.setattr(Engine, "_step_batch", step_batch)
     monkeypatch.setattr(kernels, "attention_paged", lambda *a: paged.append(a[-1]) or real_paged(*a))
     monkeypatch.setattr(kernels, "attention_prefill", lambda *a, **k: pytest.fail("uncached attention was timed"))
-    timed = stack_ms(
-        arch, arch.blocks[0], 4, Scenario(batch=2, prompt_len=8, gen_len=4), torch.device("cpu"), torch.float32
-    )
-    assert timed["prefill_ms"] > 0 and timed["decode_ms"] > 0
-    assert [8, 8] in steps and [1, 1] in steps  # the batch's prompts prefilled together; decode steps of both
+    (model,) = timing_models(arch, [[arch.blocks[0]] * 4], torch.device("cpu"), torch.float32)
+    (timed,) = lockstep([model], Scenario(batch=2, prompt_len=8, gen_len=4), rounds=1)
+    assert timed.prefill_ms > 0 and timed.decode_ms > 0
+    assert steps == [[8, 8], [1, 1], [1, 1], [1, 1]] * 2  # prompts prefilled together, then decodes; 2 rounds
     assert len(paged) == 4 * len(steps)  # each step's 4 GQA blocks
-
-
-def test_decode_steps_are_timed_with_the_whole_batch_decoding(monkeypatch):
-    """20 prompts of 60 tokens take 3 chunked prefill steps of 512 tokens, the first ones decoding meanwhile:
-    every decode-only step the cost model times still has all 20 requests in it (none has run out of tokens)."""
-    arch, plans = tiny_arch(), []
-    real_batch = Engine._step_batch
-    monkeypatch.setattr(
-        Engine, "_step_batch", lambda self, plan: plans.append([n for _, n in plan]) or real_batch(self, plan)
-    )
-    stack_ms(arch, arch.blocks[0], 1, Scenario(batch=20, prompt_len=60, gen_len=4), torch.device("cpu"), torch.float32)
-    decode_only = [len(plan) for plan in plans if set(plan) == {1}]
-    assert decode_only and set(decode_only) == {20}

@@ -1,10 +1,25 @@
-"""The search pipeline's baselines (search/pipeline.py): uniform and greedy choices under a budget."""
+"""The search pipeline (search/pipeline.py): uniform and greedy baselines under a budget, and landing on a target
+speedup by measuring and solving again."""
 
 from __future__ import annotations
 
-from tessera.search.pipeline import greedy_baseline, uniform_baseline
+import itertools
 
-from .conftest import tiny_arch
+import pytest
+
+from tessera.search.cost import CostTable, Scenario
+from tessera.search.library import block_from_name
+from tessera.search.pipeline import (
+    TARGET_SOLVES,
+    TARGET_TOLERANCE,
+    Budget,
+    block_bounds,
+    greedy_baseline,
+    land_on_target,
+    uniform_baseline,
+)
+
+from .conftest import SPACE, tiny_arch
 
 
 def _toy_library() -> dict:
@@ -31,3 +46,64 @@ def test_uniform_and_greedy_baselines():
         "gqa_kv4+ffn_96",
     ]
     assert greedy_baseline(lib, arch, [Bound("stats.runtime_ms", upper=1.0)]) is None
+
+
+def _priced_library(arch, attention_ms: dict, ffn_ms: dict) -> tuple[dict, dict]:
+    """A library over SPACE's variants: a block's runtime is its attention's + its FFN's; cheaper blocks lose
+    more (a different amount in each layer); and the block table a CostTable holds."""
+    library, blocks = {}, {}
+    for i in range(arch.n_layers):
+        library[f"layer_{i}"] = {}
+        for b in SPACE.block_variants(arch, i):
+            runtime = attention_ms[b.attention.name] + ffn_ms[b.ffn.name]
+            blocks[b.name] = {"prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": runtime}
+            kl = (1 + i) * (10.0 - runtime) ** 2 / 100
+            library[f"layer_{i}"][b.name] = {"stats": {"runtime_ms": runtime}, "metrics": {"kl_div": kl}}
+    return library, blocks
+
+
+def test_landing_on_the_target_corrects_the_cost_models_miss():
+    """A cost model that prices attention at half what the device measures (and the non-block part at 2.5× the
+    device's) misses a 1.5× target at first; the loop asks for the child's predicted speedup scaled by each miss
+    and lands within the tolerance. The "device" is the true prices, written out independently."""
+    arch = tiny_arch(layers=6)
+    attention = {"gqa_kv4": 4.0, "gqa_kv2": 3.0, "attn_linear": 1.0, "attn_none": 0.0}
+    ffn = {"ffn_96": 4.0, "ffn_48": 2.5, "ffn_linear": 1.0, "ffn_none": 0.0}
+    library, block_table = _priced_library(arch, attention, ffn)
+    table = CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table)
+
+    def true_ms(blocks) -> float:
+        return 4.0 + sum(2.0 * attention[b.attention.name] + ffn[b.ffn.name] for b in blocks)
+
+    def device(blocks):
+        return true_ms(arch.blocks) / true_ms(blocks)
+
+    bounds = block_bounds(Budget(target_speedup=1.5), table, table.runtime_ms(arch.blocks), library)
+    blocks, used, checks = land_on_target(library, table, arch, Budget(target_speedup=1.5), bounds, device)
+    assert abs(checks[0]["measured_speedup"] / 1.5 - 1) > TARGET_TOLERANCE  # the cost model alone misses
+    assert 1 < len(checks) <= TARGET_SOLVES
+    assert abs(device(blocks) / 1.5 - 1) <= TARGET_TOLERANCE
+    assert [b.name for b in blocks] == checks[-1]["blocks"]
+    assert checks[0]["asked_speedup"] == 1.5
+    for before, after in itertools.pairwise(checks):
+        assert after["asked_speedup"] == pytest.approx(before["predicted_speedup"] * 1.5 / before["measured_speedup"])
+    for check in checks:
+        chosen = [block_from_name(n) for n in check["blocks"]]
+        assert check["measured_speedup"] == pytest.approx(device(chosen))
+        assert check["predicted_speedup"] == pytest.approx(table.runtime_ms(arch.blocks) / table.runtime_ms(chosen))
+    (upper,) = [b.upper for b in used if b.key == "stats.runtime_ms"]
+    assert sum(block_table[b.name]["runtime_ms"] for b in blocks) <= upper + 1e-9
+
+
+def test_without_a_target_speedup_nothing_is_measured():
+    arch = tiny_arch(layers=4)
+    library, block_table = _priced_library(
+        arch,
+        {"gqa_kv4": 4, "gqa_kv2": 3, "attn_linear": 1, "attn_none": 0},
+        {"ffn_96": 4, "ffn_48": 2.5, "ffn_linear": 1, "ffn_none": 0},
+    )
+    table = CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table)
+    budget = Budget(max_latency_ms=40.0)
+    bounds = block_bounds(budget, table, table.runtime_ms(arch.blocks), library)
+    blocks, used, checks = land_on_target(library, table, arch, budget, bounds, lambda b: pytest.fail("timed"))
+    assert checks == [] and used == bounds and table.runtime_ms(blocks) <= 40.0 + 1e-9
