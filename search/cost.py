@@ -67,6 +67,19 @@ class Scenario:
     def seq_len(self) -> int:
         return self.prompt_len + self.gen_len
 
+    @property
+    def key(self) -> str:
+        """'b8_p128_g64': names this scenario's runtime in a block library (`stats.runtime_ms_b8_p128_g64`)."""
+        return f"b{self.batch}_p{self.prompt_len}_g{self.gen_len}"
+
+    @classmethod
+    def parse(cls, text: str) -> Scenario:
+        """'BATCHxPROMPTxGEN' (e.g. '1x128x64') -> Scenario."""
+        parts = text.lower().split("x")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise UserError(f"scenario {text!r}: expected BATCHxPROMPTxGEN, e.g. 1x128x64")
+        return cls(*(int(p) for p in parts))
+
     def check_context(self, arch: ArchConfig) -> None:
         if self.seq_len > arch.max_position_embeddings:
             raise UserError(

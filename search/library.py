@@ -16,7 +16,6 @@ Libraries are written atomically (tessera/files.py), as is everything else the s
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,11 @@ class SearchSpace:
 
     kv_heads: tuple[int, ...] | None = None  # None: every divisor of the parent layer's KV-head count
     ffn_ratios: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.1)
-    ffn_multiple: int | None = None  # None: 256, or hidden/4 rounded down to a power of two if smaller
+    # Every pruned FFN width is a multiple of this. 256 keeps GEMMs on whole tensor-core tiles and is the only
+    # grid a nemotron-nas config expresses: vLLM, SGLang, TensorRT-LLM and mlx-lm size an FFN as
+    # find_multiple(int(2 * ffn_mult * hidden / 3), 256) from its ffn_mult, ignoring a per-block width. Another
+    # multiple makes children only tessera loads (their export says so). A parent width below it stays the only one.
+    ffn_multiple: int = 256
     linear_attention: bool = True
     no_attention: bool = True
     linear_ffn: bool = True
@@ -48,15 +51,8 @@ class SearchSpace:
     def __post_init__(self) -> None:
         if any(not 0 < r <= 1 for r in self.ffn_ratios):
             raise UserError(f"ffn_ratios must lie in (0, 1], got {self.ffn_ratios}")
-        if self.ffn_multiple is not None and self.ffn_multiple < 1:
+        if self.ffn_multiple < 1:
             raise UserError(f"ffn_multiple must be >= 1, got {self.ffn_multiple}")
-
-    def multiple(self, arch: ArchConfig) -> int:
-        # 256 keeps real models' GEMMs on whole tensor-core tiles (nemotron-nas rounds ffn_mult the same
-        # way); a tiny model like the demo parent (hidden 256, width 768) needs 64 to keep 5 distinct widths.
-        if self.ffn_multiple is not None:
-            return self.ffn_multiple
-        return min(256, 2 ** int(math.log2(max(1, arch.hidden_size // 4))))
 
     def attention_variants(self, arch: ArchConfig, layer: int) -> list[AttentionConfig]:
         parent = arch.blocks[layer].attention
@@ -74,7 +70,7 @@ class SearchSpace:
         parent = arch.blocks[layer].ffn
         out: list[FFNConfig] = []
         if parent.kind == "swiglu":
-            m = self.multiple(arch)
+            m = self.ffn_multiple
             widths = {
                 min(parent.intermediate_size, max(m, m * round(r * parent.intermediate_size / m)))
                 for r in self.ffn_ratios

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -71,6 +71,11 @@ RUN_MARKS = ("cost.json", "bld", "results.json")
 RUN_OUTPUTS = {*RUN_MARKS, "library.json", "child", "fused", "report.md", "pareto.png", "layers.png"}
 
 
+def is_run_output(name: str) -> bool:
+    """A name a run writes under `out`: RUN_OUTPUTS, and cost_<scenario key>.json for each further scenario."""
+    return name in RUN_OUTPUTS or (name.startswith("cost_") and name.endswith(".json"))
+
+
 @dataclass(frozen=True)
 class Budget:
     """What the child must meet; latency and throughput are for the scenario on this device."""
@@ -99,6 +104,9 @@ class Budget:
 class OptimizeConfig:
     space: SearchSpace = field(default_factory=SearchSpace)
     scenario: Scenario = field(default_factory=Scenario)
+    # Throughput scenarios besides `scenario` (Puzzle optimizes at several batch sizes): each is timed, has a
+    # runtime of its own in the library and a bound of its own in the MIP; a target speedup holds in every one.
+    also_scenarios: tuple[Scenario, ...] = ()
     bld: BLDConfig = field(default_factory=BLDConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     calibration_windows: int = 64  # training windows whose activations BLD learns from
@@ -124,6 +132,7 @@ class Child:
     quality_gkd: dict = field(default_factory=dict)
     kl_sum: float = math.nan  # the MIP objective: Σ replace-1-block KL
     speedup_rounds: list[float] = field(default_factory=list)  # the parent's latency / the child's, each round
+    also_speedups: dict[str, float] = field(default_factory=dict)  # measured in each of `also_scenarios`, by key
 
     def to_json(self, parent_ms: float) -> dict:
         return {
@@ -134,6 +143,7 @@ class Child:
             "measured_ms": self.measured_ms,
             "measured_speedup": parent_ms / self.measured_ms,
             "speedup_rounds": self.speedup_rounds,
+            "also_speedups": self.also_speedups,
             "kl_sum": self.kl_sum,
             "quality_bld": self.quality_bld,
             "quality_gkd": self.quality_gkd,
@@ -147,9 +157,11 @@ def build_library(
     scores: dict | None,
     bld_losses: dict,
     dtype: torch.dtype,
+    also: Sequence[CostTable] = (),
 ) -> Library:
-    """The block library in NVIDIA's Puzzle-demo schema: layer -> variant -> {stats, metrics}. Without scores
-    (before BLD) every metric is 0: enough to check that a budget is feasible at all."""
+    """The block library in NVIDIA's Puzzle-demo schema: layer -> variant -> {stats, metrics}; the runtime in
+    each further scenario (`also`) as `stats.runtime_ms_<scenario key>`. Without scores (before BLD) every
+    metric is 0: enough to check that a budget is feasible at all."""
     library: Library = {}
     for i in range(arch.n_layers):
         layer = f"layer_{i}"
@@ -168,6 +180,7 @@ def build_library(
                     "prefill_ms": timing["prefill_ms"],
                     "decode_ms": timing["decode_ms"],
                     "memory_mib": block_memory_mib(arch, block, table.scenario, dtype),
+                    **{runtime_key(t.scenario): t.blocks[block.name]["runtime_ms"] for t in also},
                 },
                 "metrics": metrics,
             }
@@ -184,6 +197,39 @@ def _down(x: float) -> str:
     """x to 4 significant digits, rounded down: a speedup or throughput quoted as reachable must be."""
     step = 10.0 ** (math.floor(math.log10(x)) - 3)
     return f"{math.floor(x / step) * step:.4g}"
+
+
+def runtime_key(scenario: Scenario) -> str:
+    """The library stat holding a further scenario's runtime."""
+    return f"runtime_ms_{scenario.key}"
+
+
+def scenario_bound(speedup: float, table: CostTable, arch: ArchConfig, library: Library) -> Bound:
+    """A target speedup in a further scenario (priced by its own `table`) as a bound on its runtime stat,
+    refused like `block_bounds` refuses one the search space cannot reach."""
+    s, key = table.scenario, runtime_key(table.scenario)
+    parent_ms, fastest_ms = table.runtime_ms(arch.blocks), table.non_block_ms + _least(library, f"stats.{key}")
+    if fastest_ms <= 0 or parent_ms / speedup < fastest_ms:
+        reach = f"{_down(parent_ms / fastest_ms)}×" if fastest_ms > 0 else "no measurable speedup"
+        raise InfeasibleError(
+            f"target speedup {speedup:g} cannot be met in scenario batch {s.batch}, prompt {s.prompt_len}, "
+            f"{s.gen_len} generated tokens: the fastest architecture in the search space reaches {reach} there "
+            f"(on {table.device})"
+        )
+    return Bound(f"stats.{key}", upper=parent_ms / speedup - table.non_block_ms)
+
+
+def speedup_bounds(
+    budget: Budget, tables: Sequence[CostTable], arch: ArchConfig, library: Library, speedups: Sequence[float] = ()
+) -> list[Bound]:
+    """`block_bounds` in the first table's scenario and, for a target speedup, `scenario_bound` in each further
+    one; `speedups` (one per table) replace the budget's target speedup in each."""
+    primary, *also = tables
+    asked = list(speedups) or [budget.target_speedup] * len(tables)
+    bounds = block_bounds(replace(budget, target_speedup=asked[0]), primary, primary.runtime_ms(arch.blocks), library)
+    if budget.target_speedup is not None:
+        bounds += [scenario_bound(x, table, arch, library) for x, table in zip(asked[1:], also)]
+    return bounds
 
 
 def block_bounds(budget: Budget, table: CostTable, parent_predicted_ms: float, library: Library) -> list[Bound]:
@@ -290,51 +336,55 @@ def greedy_baseline(library: Library, arch: ArchConfig, bounds: list[Bound]) -> 
 
 def land_on_target(
     library: Library,
-    table: CostTable,
+    tables: Sequence[CostTable],
     arch: ArchConfig,
     budget: Budget,
     bounds: list[Bound],
-    measured_speedup: Callable[[list[BlockConfig]], float],
+    measured_speedups: Callable[[list[BlockConfig]], list[float]],
     progress: bool = False,
 ) -> tuple[list[BlockConfig], list[Bound], list[dict]]:
     """The MIP's child at the budget, the bounds it was solved under, and the checks made. For a target speedup
-    the loop is closed: the child's speedup over the parent is measured and, while it misses the target by more
-    than TARGET_TOLERANCE, the speedup asked of the cost model is the child's predicted one scaled by the miss
-    (the cost model's error on this child, taken to hold for the next), and the MIP solved again; at most
-    TARGET_SOLVES solves, and the child nearest the target wins."""
+    the loop is closed: the child's speedup over the parent is measured in each scenario (one per table) and,
+    while the slowest of them misses the target by more than TARGET_TOLERANCE, the speedup asked of the cost
+    model in each scenario becomes the child's predicted one scaled by that scenario's miss (the cost model's
+    error on this child, taken to hold for the next) and the MIP is solved again: at most TARGET_SOLVES solves,
+    and the child nearest the target wins."""
     (solution,) = solve(library, "metrics.kl_div", bounds=bounds)
     blocks = choices_to_blocks(library, solution.choices)
     target = budget.target_speedup
     if target is None:
         return blocks, bounds, []
-    parent_predicted = table.runtime_ms(arch.blocks)
     checks: list[dict] = []
     best: tuple[float, list[BlockConfig], list[Bound]] | None = None
-    asked = target
+    asked = [target] * len(tables)
     for _ in range(TARGET_SOLVES):
-        predicted, measured = parent_predicted / table.runtime_ms(blocks), measured_speedup(blocks)
+        predicted = [t.runtime_ms(arch.blocks) / t.runtime_ms(blocks) for t in tables]
+        measured = measured_speedups(blocks)
         checks.append(
             {
-                "asked_speedup": asked,
-                "predicted_speedup": predicted,
-                "measured_speedup": measured,
+                "asked_speedup": asked[0],
+                "predicted_speedup": predicted[0],
+                "measured_speedup": measured[0],
                 "blocks": [b.name for b in blocks],
+                "also": [
+                    {"scenario": t.scenario.key, "asked_speedup": a, "predicted_speedup": p, "measured_speedup": m}
+                    for t, a, p, m in list(zip(tables, asked, predicted, measured))[1:]
+                ],
             }
         )
         if progress:
-            print(
-                f"[optimize] target speedup {target:g}: asked the cost model for {asked:.3f}, its child is "
-                f"predicted at {predicted:.3f}, measured at {measured:.3f}",
-                flush=True,
+            said = ", ".join(
+                f"asked {a:.3f}, predicted {p:.3f}, measured {m:.3f}" for a, p, m in zip(asked, predicted, measured)
             )
-        miss = abs(measured / target - 1)
+            print(f"[optimize] target speedup {target:g}: {said}", flush=True)
+        miss = abs(min(measured) / target - 1)  # the slowest scenario is the one the target binds
         if best is None or miss < best[0]:
             best = (miss, blocks, bounds)
         if miss <= TARGET_TOLERANCE:
             break
-        asked = max(1.0, predicted * target / measured)
+        asked = [max(1.0, p * target / m) for p, m in zip(predicted, measured)]
         try:
-            next_bounds = block_bounds(replace(budget, target_speedup=asked), table, parent_predicted, library)
+            next_bounds = speedup_bounds(budget, tables, arch, library, asked)
             (solution,) = solve(library, "metrics.kl_div", bounds=next_bounds)
         except InfeasibleError:
             break  # the space reaches no further: the nearest so far stands
@@ -356,7 +406,9 @@ class Optimizer:
         self.dtype = torch.float32  # search and timing in fp32 on CPU: the demo's serving precision there
         loaded = load_parent(self.parent_dir, corpus, self.device, self.dtype)
         self.parent, self.train_ids = loaded.model, loaded.train_ids
-        cfg.scenario.check_context(self.parent.arch)
+        for scenario in (cfg.scenario, *cfg.also_scenarios):
+            scenario.check_context(self.parent.arch)
+        self.also_tables: list[CostTable] = []
         held_out = fixed_windows(loaded.val_ids, cfg.seq_len, cfg.score_windows + cfg.eval_windows)
         if held_out.shape[0] < cfg.score_windows + cfg.eval_windows:
             raise UserError(
@@ -381,6 +433,10 @@ class Optimizer:
         blocks = [b for v in variants for b in v]
         table = calibrate(arch, blocks, cfg.scenario, self.device, self.dtype, check, progress=self.progress)
         atomic_write_text(self.out / "cost.json", json.dumps(table.to_json(), indent=1) + "\n")
+        for scenario in cfg.also_scenarios:
+            also = calibrate(arch, blocks, scenario, self.device, self.dtype, check, progress=self.progress)
+            atomic_write_text(self.out / f"cost_{scenario.key}.json", json.dumps(also.to_json(), indent=1) + "\n")
+            self.also_tables.append(also)
         self._stage("cost model", t)
         return table
 
@@ -399,7 +455,7 @@ class Optimizer:
         del score_acts
         self._stage("replace-1-block scoring", t)
 
-        library = build_library(arch, cfg.space, table, scores, bld_losses, self.dtype)
+        library = build_library(arch, cfg.space, table, scores, bld_losses, self.dtype, self.also_tables)
         write_library(library, self.out / "library.json")
         return library
 
@@ -433,6 +489,8 @@ class Optimizer:
             "config": asdict(self.cfg),
             "device": table.device,
             "scenario": asdict(self.cfg.scenario),
+            "also_scenarios": [{**asdict(t.scenario), "key": t.scenario.key} for t in self.also_tables],
+            "also_cost_models": [t.validation for t in self.also_tables],
             "non_block_ms": table.non_block_ms,
             "cost_model": table.validation,
             "target_rounds": self.target_rounds,
@@ -458,16 +516,16 @@ class Optimizer:
         self.manifest = bld_manifest(self.parent, self.calibration, cfg.space, cfg.bld)
         self.store.check(self.manifest)  # writes nothing yet
         table = self.cost_model()
-        costs_only = build_library(arch, cfg.space, table, None, {}, self.dtype)
-        bounds = block_bounds(budget, table, table.runtime_ms(arch.blocks), costs_only)
+        costs_only = build_library(arch, cfg.space, table, None, {}, self.dtype, self.also_tables)
+        bounds = speedup_bounds(budget, [table, *self.also_tables], arch, costs_only)
         solve(costs_only, "stats.runtime_ms", bounds=bounds)  # the budget's terms jointly (each alone is met)
         return table, bounds
 
     def choose(self, library: Library, table: CostTable, budget: Budget, bounds: list[Bound]) -> list[Child]:
         """The children to build: the MIP's at the budget (first), at each Pareto speedup, and the uniform and
         greedy baselines with, for each, the MIP at the baseline's own predicted runtime."""
-        arch, parent_predicted = self.parent.arch, table.runtime_ms(self.parent.arch.blocks)
-        main_blocks, bounds = self.land_on_target(library, table, budget, bounds)
+        arch, tables = self.parent.arch, [table, *self.also_tables]
+        main_blocks, bounds = self.land_on_target(library, tables, budget, bounds)
         t = time.perf_counter()
         children = [Child(f"MIP ({budget.describe()})", "mip", main_blocks, 0.0)]
         for speedup in self.cfg.pareto_speedups:
@@ -477,7 +535,7 @@ class Optimizer:
                 (sol,) = solve(
                     library,
                     "metrics.kl_div",
-                    bounds=block_bounds(Budget(target_speedup=speedup), table, parent_predicted, library),
+                    bounds=speedup_bounds(Budget(target_speedup=speedup), tables, arch, library),
                 )
             except InfeasibleError:
                 continue
@@ -492,7 +550,12 @@ class Optimizer:
             own = table.runtime_ms(blocks) - table.non_block_ms
             runtime_cap = next((b.upper for b in bounds if b.key == "stats.runtime_ms"), None)
             if runtime_cap is not None and own < 0.97 * runtime_cap:
-                (sol,) = solve(library, "metrics.kl_div", bounds=[Bound("stats.runtime_ms", upper=own)])
+                same = [Bound("stats.runtime_ms", upper=own)]  # and the baseline's runtime in every scenario
+                same += [
+                    Bound(f"stats.{runtime_key(t.scenario)}", upper=t.runtime_ms(blocks) - t.non_block_ms)
+                    for t in self.also_tables
+                ]
+                (sol,) = solve(library, "metrics.kl_div", bounds=same)
                 children.append(
                     Child(f"MIP (= {method}'s runtime)", "mip", choices_to_blocks(library, sol.choices), 0.0)
                 )
@@ -500,19 +563,22 @@ class Optimizer:
         return children
 
     def land_on_target(
-        self, library: Library, table: CostTable, budget: Budget, bounds: list[Bound]
+        self, library: Library, tables: list[CostTable], budget: Budget, bounds: list[Bound]
     ) -> tuple[list[BlockConfig], list[Bound]]:
-        """`land_on_target` with each child timed against the parent in lockstep (random weights: the time is
-        the architecture's); the checks go to `self.target_rounds`."""
+        """`land_on_target` with each child timed against the parent in lockstep, in every scenario (random
+        weights: the time is the architecture's); the checks go to `self.target_rounds`."""
         arch, t = self.parent.arch, time.perf_counter()
 
-        def measured_speedup(blocks: list[BlockConfig]) -> float:
+        def measured_speedups(blocks: list[BlockConfig]) -> list[float]:
             models = timing_models(arch, [arch.blocks, blocks], self.device, self.dtype)
-            parent_t, child_t = lockstep(models, self.cfg.scenario, TARGET_ROUNDS)
-            return parent_t.latency_ms / child_t.latency_ms
+            speedups = []
+            for table in tables:
+                parent_t, child_t = lockstep(models, table.scenario, TARGET_ROUNDS)
+                speedups.append(parent_t.latency_ms / child_t.latency_ms)
+            return speedups
 
         blocks, bounds, self.target_rounds = land_on_target(
-            library, table, arch, budget, bounds, measured_speedup, self.progress
+            library, tables, arch, budget, bounds, measured_speedups, self.progress
         )
         if self.target_rounds:
             self._stage("landing on the target speedup", t)
@@ -549,6 +615,10 @@ class Optimizer:
             child.measured_ms = mine.latency_ms
             # The speedup in each round on its own: how much it moved while the machine's speed did.
             child.speedup_rounds = [p / c for p, c in zip(base.rounds_ms, mine.rounds_ms)]
+        for scenario in self.cfg.also_scenarios:
+            latency = dict(zip(timed, (x.latency_ms for x in lockstep(list(timed.values()), scenario, MEASURE_ROUNDS))))
+            for child in [parent, *children]:
+                child.also_speedups[scenario.key] = latency[tuple(parent.blocks)] / latency[tuple(child.blocks)]
         self._stage("end-to-end latency", t)
 
     def fuse(self, model: Model) -> dict | None:

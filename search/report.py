@@ -18,6 +18,7 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
     parent = results["children"][0]
     children = results["children"][1:]
     s, cm = results["scenario"], results["cost_model"]
+    also = [a["key"] for a in results.get("also_scenarios", [])]
     lines = [
         "# tessera optimize",
         "",
@@ -30,16 +31,19 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
         f"taking its steps in turn, {results['measure_rounds']} rounds; the range is the speedup's spread over the "
         "rounds). KL = mean per-token KL(parent ‖ child).",
         "",
-        "| child | measured ms | speedup (range) | predicted ms | Σ block KL | ppl (BLD) | KL (BLD) | ppl (GKD) "
-        "| KL (GKD) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| child | measured ms | speedup (range) | "
+        + "".join(f"speedup at {k} | " for k in also)
+        + "predicted ms | Σ block KL | ppl (BLD) | KL (BLD) | ppl (GKD) | KL (GKD) |",
+        "|---|---:|---:|" + "---:|" * len(also) + "---:|---:|---:|---:|---:|---:|",
     ]
     for c in [parent, *children]:
         bld, gkd = c["quality_bld"], c["quality_gkd"]
         spread = c.get("speedup_rounds") or [c["measured_speedup"]]
         lines.append(
             f"| {c['label']} | {c['measured_ms']:.1f} | {c['measured_speedup']:.3f}x ({min(spread):.3f}–"
-            f"{max(spread):.3f}) | {c['predicted_ms']:.1f} | {c['kl_sum']:.3f} | {_quality(bld, 'perplexity')} "
+            f"{max(spread):.3f}) | "
+            + "".join(f"{c['also_speedups'][k]:.3f}x | " for k in also)
+            + f"{c['predicted_ms']:.1f} | {c['kl_sum']:.3f} | {_quality(bld, 'perplexity')} "
             f"| {_quality(bld, 'kl_div')} | {_quality(gkd, 'perplexity')} | {_quality(gkd, 'kl_div')} |"
         )
     if rounds := results.get("target_rounds"):
@@ -50,13 +54,15 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
             "the speedup asked of the cost model corrected by the miss, until within "
             f"{100 * results['target_tolerance']:g} % (the child nearest the target is kept).",
             "",
-            "| solve | asked of the cost model | predicted | measured |",
-            "|---:|---:|---:|---:|",
+            "| solve | scenario | asked of the cost model | predicted | measured |",
+            "|---:|---|---:|---:|---:|",
         ]
-        lines += [
-            f"| {k + 1} | {r['asked_speedup']:.3f}x | {r['predicted_speedup']:.3f}x | {r['measured_speedup']:.3f}x |"
-            for k, r in enumerate(rounds)
-        ]
+        for k, r in enumerate(rounds):
+            for x in [{**r, "scenario": f"b{s['batch']}_p{s['prompt_len']}_g{s['gen_len']}"}, *r.get("also", [])]:
+                lines.append(
+                    f"| {k + 1} | {x['scenario']} | {x['asked_speedup']:.3f}x | {x['predicted_speedup']:.3f}x "
+                    f"| {x['measured_speedup']:.3f}x |"
+                )
     main = children[0]
     lines += [
         "",
@@ -86,6 +92,13 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
         f"| {100 * r['error']:+.1f} % | {100 * r['round_spread']:.0f} % |"
         for k, r in enumerate(cm["architectures"])
     ]
+    for key, other in zip(also, results.get("also_cost_models", [])):
+        if other:
+            lines += [
+                "",
+                f"Scenario {key}, the same check: mean absolute error {100 * other['mean_abs_error']:.1f} %, max "
+                f"{100 * other['max_abs_error']:.1f} %, mean signed {100 * other['mean_signed_error']:+.1f} %.",
+            ]
     if "fusion" in results:
         lines += ["", *fusion_section(results["fusion"], level="##")]
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---:|"]

@@ -94,6 +94,16 @@ def _scenario_field(name: str) -> Callable[[str], int]:
     return _field("tessera.search.cost:Scenario", name, int)
 
 
+def scenario_spec(text: str):
+    """'1x128x64' -> Scenario, as an argparse type (a bad one is a one-line usage error)."""
+    from tessera.search.cost import Scenario
+
+    try:
+        return Scenario.parse(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _budget(name: str, kind: type = float) -> Callable[[str], int | float]:
     return _field("tessera.search.pipeline:Budget", name, kind)
 
@@ -419,7 +429,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     from tessera.search.fusion import FusionConfig
     from tessera.search.gkd import GKDConfig
     from tessera.search.library import SearchSpace
-    from tessera.search.pipeline import RUN_OUTPUTS, Budget, OptimizeConfig, optimize
+    from tessera.search.pipeline import Budget, OptimizeConfig, is_run_output, optimize
 
     model, corpus = Path(args.model or PARENT_DIR), Path(args.corpus or CORPUS_DIR)
     inputs = {"--model": model, "--corpus": corpus, "the current folder": Path.cwd()}
@@ -434,15 +444,16 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     )
     _corpus(args)
     # --overwrite: what the folder held that a run does not write goes once the run has finished.
-    leftovers = [p for p in out.iterdir() if p.name not in RUN_OUTPUTS] if args.overwrite and out.is_dir() else []
+    leftovers = [p for p in out.iterdir() if not is_run_output(p.name)] if args.overwrite and out.is_dir() else []
     budget = Budget(
         args.target_speedup, args.max_latency_ms, args.max_memory_mib, args.min_throughput, args.max_kv_heads
     )
     if budget == Budget():
         budget = Budget(target_speedup=1.5)
     cfg = OptimizeConfig(
-        space=SearchSpace(linear_attention=not args.no_linear_attention),
+        space=SearchSpace(linear_attention=not args.no_linear_attention, ffn_multiple=args.ffn_multiple),
         scenario=_scenario(args),
+        also_scenarios=tuple(args.also_scenario),
         bld=replace(BLDConfig(), steps=args.bld_steps),
         gkd=replace(GKDConfig(), steps=args.gkd_steps),
         pareto_speedups=args.pareto,
@@ -673,6 +684,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-throughput", type=_budget("min_throughput"), default=None, help="generated tokens/s in the scenario"
     )
+    p.add_argument(
+        "--also-scenario",
+        type=scenario_spec,
+        action="append",
+        default=[],
+        help="a further throughput scenario BATCHxPROMPTxGEN (e.g. 1x128x64; repeatable): timed, priced in the "
+        "library, and the target speedup must hold in it too",
+    )
     p.add_argument("--bld-steps", type=positive_int, default=150, help="training steps per BLD variant")
     p.add_argument("--gkd-steps", type=nonnegative_int, default=100, help="GKD steps per child (0: none)")
     p.add_argument(
@@ -688,6 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV heads summed over all layers (KV-cache budget)",
     )
     p.add_argument("--no-linear-attention", action="store_true", help="search space without linear attention")
+    p.add_argument(
+        "--ffn-multiple",
+        type=positive_int,
+        default=256,
+        help="pruned FFN widths are multiples of N (256: what other runtimes load; another N: tessera-only children)",
+    )
     p.add_argument("--fuse", action="store_true", help="FFN Fusion of the chosen child afterwards (into OUT/fused)")
     p.add_argument(
         "--fresh", action="store_true", help="delete the distilled blocks of an earlier run in --out and train again"

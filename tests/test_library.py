@@ -10,7 +10,7 @@ from .conftest import tiny_arch
 
 def test_search_space_variants():
     arch = tiny_arch()
-    space = SearchSpace(ffn_ratios=(1.0, 0.75, 0.5, 0.25, 0.1))
+    space = SearchSpace(ffn_ratios=(1.0, 0.75, 0.5, 0.25, 0.1), ffn_multiple=16)
     assert [a.name for a in space.attention_variants(arch, 0)] == [
         "gqa_kv4",
         "gqa_kv2",
@@ -18,9 +18,31 @@ def test_search_space_variants():
         "attn_linear",
         "attn_none",
     ]
-    # 96 · ratio rounded to the multiple (hidden 64 -> 16), never below one multiple
+    # 96 · ratio rounded to the multiple, never below one multiple
     widths = [f.intermediate_size for f in space.ffn_variants(arch, 0) if f.kind == "swiglu"]
     assert widths == sorted({16 * max(1, round(r * 96 / 16)) for r in space.ffn_ratios}, reverse=True)
     assert len(space.block_variants(arch, 0)) == 5 * (len(widths) + 2)
     assert block_from_name("gqa_kv2+ffn_48") == BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 48))
     assert block_from_name("attn_none+ffn_linear") == BlockConfig(AttentionConfig("none"), FFNConfig("linear"))
+
+
+def test_default_widths_are_ones_every_nemotron_nas_reader_builds():
+    """By default every pruned width is one `ffn_mult` expresses (vLLM's rule, written out here): the export
+    of any child then needs no tessera-only width. The demo parent gets 768/512/256; Llama-3.1-8B's 14336 five
+    widths; a parent narrower than 256 keeps its own width only."""
+    import dataclasses
+
+    def theirs(width: int, hidden: int) -> int:  # find_multiple(int(2 * ffn_mult * hidden / 3), 256)
+        n = int(2 * (width * 3 / (2 * hidden)) * hidden / 3)
+        return -(-n // 256) * 256
+
+    space = SearchSpace()
+    for hidden, width, expected in ((256, 768, [768, 512, 256]), (4096, 14336, [14336, 10752, 7168, 3584, 1536])):
+        base = tiny_arch()
+        arch = dataclasses.replace(
+            base, hidden_size=hidden, blocks=(BlockConfig(AttentionConfig("gqa", 4), FFNConfig("swiglu", width)),)
+        )
+        widths = [f.intermediate_size for f in space.ffn_variants(arch, 0) if f.kind == "swiglu"]
+        assert widths == expected
+        assert all(theirs(w, hidden) == w for w in widths)
+    assert [f.intermediate_size for f in space.ffn_variants(tiny_arch(), 0) if f.kind == "swiglu"] == [96]

@@ -9,6 +9,7 @@ import pytest
 
 from tessera.search.cost import CostTable, Scenario
 from tessera.search.library import block_from_name
+from tessera.search.mip import solve
 from tessera.search.pipeline import (
     TARGET_SOLVES,
     TARGET_TOLERANCE,
@@ -16,6 +17,8 @@ from tessera.search.pipeline import (
     block_bounds,
     greedy_baseline,
     land_on_target,
+    runtime_key,
+    speedup_bounds,
     uniform_baseline,
 )
 
@@ -79,7 +82,9 @@ def test_landing_on_the_target_corrects_the_cost_models_miss():
         return true_ms(arch.blocks) / true_ms(blocks)
 
     bounds = block_bounds(Budget(target_speedup=1.5), table, table.runtime_ms(arch.blocks), library)
-    blocks, used, checks = land_on_target(library, table, arch, Budget(target_speedup=1.5), bounds, device)
+    blocks, used, checks = land_on_target(
+        library, [table], arch, Budget(target_speedup=1.5), bounds, lambda b: [device(b)]
+    )
     assert abs(checks[0]["measured_speedup"] / 1.5 - 1) > TARGET_TOLERANCE  # the cost model alone misses
     assert 1 < len(checks) <= TARGET_SOLVES
     assert abs(device(blocks) / 1.5 - 1) <= TARGET_TOLERANCE
@@ -105,5 +110,73 @@ def test_without_a_target_speedup_nothing_is_measured():
     table = CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table)
     budget = Budget(max_latency_ms=40.0)
     bounds = block_bounds(budget, table, table.runtime_ms(arch.blocks), library)
-    blocks, used, checks = land_on_target(library, table, arch, budget, bounds, lambda b: pytest.fail("timed"))
+    blocks, used, checks = land_on_target(library, [table], arch, budget, bounds, lambda b: pytest.fail("timed"))
     assert checks == [] and used == bounds and table.runtime_ms(blocks) <= 40.0 + 1e-9
+
+
+def test_several_scenarios_each_get_a_bound_and_the_mip_matches_brute_force():
+    """Two throughput scenarios priced differently (in the second, linear attention is dear and KV-2 GQA cheap,
+    as a long context might price them): the target speedup becomes one bound per scenario, and the MIP's
+    choice is the least-KL architecture that meets both, found by enumerating every architecture."""
+    arch = tiny_arch(layers=3)
+    ffn = {"ffn_96": 4.0, "ffn_48": 2.5, "ffn_linear": 1.0, "ffn_none": 0.0}
+    library, first = _priced_library(arch, {"gqa_kv4": 4.0, "gqa_kv2": 3.0, "attn_linear": 1.0, "attn_none": 0.0}, ffn)
+    _, second = _priced_library(arch, {"gqa_kv4": 4.0, "gqa_kv2": 2.0, "attn_linear": 6.0, "attn_none": 0.0}, ffn)
+    batch1, batch64 = Scenario(batch=1), Scenario(batch=64)
+    tables = [
+        CostTable("cpu", "float32", batch1, 10.0, 0.0, first),
+        CostTable("cpu", "float32", batch64, 5.0, 0.0, second),
+    ]
+    key = runtime_key(batch64)
+    for variants in library.values():
+        for name, entry in variants.items():
+            entry["stats"][key] = second[name]["runtime_ms"]
+    bounds = speedup_bounds(Budget(target_speedup=1.4), tables, arch, library)
+    assert {b.key for b in bounds} == {"stats.runtime_ms", f"stats.{key}"}
+    (solution,) = solve(library, "metrics.kl_div", bounds=bounds)
+
+    def meets(blocks) -> bool:
+        return all(t.runtime_ms(arch.blocks) / t.runtime_ms(blocks) >= 1.4 - 1e-9 for t in tables)
+
+    def kl(names) -> float:
+        return sum(library[f"layer_{i}"][n]["metrics"]["kl_div"] for i, n in enumerate(names))
+
+    layers = [list(library[f"layer_{i}"]) for i in range(arch.n_layers)]
+    best = min(kl(names) for names in itertools.product(*layers) if meets([block_from_name(n) for n in names]))
+    chosen = [solution.choices[f"layer_{i}"] for i in range(arch.n_layers)]
+    assert meets([block_from_name(n) for n in chosen]) and solution.objective == pytest.approx(best)  # ties allowed
+    # The second scenario binds: the first alone admits a better (slower there) architecture.
+    (alone,) = solve(library, "metrics.kl_div", bounds=[b for b in bounds if b.key == "stats.runtime_ms"])
+    assert alone.objective < solution.objective
+
+
+def test_landing_with_several_scenarios_corrects_each_and_stops_on_the_slowest():
+    arch = tiny_arch(layers=6)
+    attention = {"gqa_kv4": 4.0, "gqa_kv2": 3.0, "attn_linear": 1.0, "attn_none": 0.0}
+    ffn = {"ffn_96": 4.0, "ffn_48": 2.5, "ffn_linear": 1.0, "ffn_none": 0.0}
+    library, block_table = _priced_library(arch, attention, ffn)
+    other = Scenario(batch=1)
+    for variants in library.values():
+        for name, entry in variants.items():
+            entry["stats"][runtime_key(other)] = block_table[name]["runtime_ms"]
+    tables = [
+        CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table),
+        CostTable("cpu", "float32", other, 10.0, 0.0, block_table),
+    ]
+
+    def true_ms(blocks, attention_price: float) -> float:
+        return 4.0 + sum(attention_price * attention[b.attention.name] + ffn[b.ffn.name] for b in blocks)
+
+    def device(blocks) -> list[float]:  # the first scenario as priced; the second with attention twice as dear
+        return [true_ms(arch.blocks, p) / true_ms(blocks, p) for p in (1.0, 2.0)]
+
+    budget = Budget(target_speedup=1.5)
+    bounds = speedup_bounds(budget, tables, arch, library)
+    blocks, _, checks = land_on_target(library, tables, arch, budget, bounds, device)
+    assert len(checks) > 1 and abs(min(device(blocks)) / 1.5 - 1) <= TARGET_TOLERANCE
+    for before, after in itertools.pairwise(checks):
+        for was, now in zip([before, *before["also"]], [after, *after["also"]]):
+            assert now["asked_speedup"] == pytest.approx(
+                max(1.0, was["predicted_speedup"] * 1.5 / was["measured_speedup"])
+            )
+    assert checks[0]["also"][0]["scenario"] == other.key
