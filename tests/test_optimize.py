@@ -80,6 +80,12 @@ def test_optimize_writes_child_library_costs_report(tiny_parent, tmp_path, capsy
     assert main_child["predicted_ms"] <= results["children"][0]["predicted_ms"] / check["asked_speedup"] + 1e-6
     for c in results["children"]:
         assert c["measured_ms"] > 0 and c["quality_bld"]["perplexity"] > 1
+    # Each baseline has the MIP's child at its own predicted runtime beside it, never of a larger Σ KL.
+    by_label = {c["label"]: c for c in results["children"]}
+    for c in results["children"]:
+        if c["method"] in ("uniform", "greedy"):
+            twin = by_label[f"MIP (= {c['method']}'s runtime)"]
+            assert twin["kl_sum"] <= c["kl_sum"] + 1e-9 and twin["predicted_ms"] <= c["predicted_ms"] + 1e-6
     # The library follows the published schema and the CLI solver accepts it.
     library = read_library(out / "library.json")
     entry = library["layer_0"]["gqa_kv1+ffn_64"]
