@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from tessera.config import ArchConfig, BlockConfig
+from tessera.devices import peak_memory_bytes, reset_peak_memory
 from tessera.errors import UserError
 from tessera.files import atomic_write_text
 from tessera.runtime.loader import save_model
@@ -418,15 +419,24 @@ class Optimizer:
         self.score_windows, self.eval_windows = held_out[: cfg.score_windows], held_out[cfg.score_windows :]
         self.calibration = next(random_windows(self.train_ids, cfg.calibration_windows, cfg.seq_len, cfg.seed))
         self.timings: dict[str, float] = {}
+        self.peak_mib: dict[str, float] = {}  # per stage: resident (CPU) or allocated (GPU) peak
+
+    def _start(self) -> float:
+        """A stage begins: its clock, and a new peak of memory."""
+        reset_peak_memory(self.device)
+        return time.perf_counter()
 
     def _stage(self, name: str, start: float) -> None:
         self.timings[name] = time.perf_counter() - start
+        self.peak_mib[name] = peak_memory_bytes(self.device) / 2**20
         if self.progress:
-            print(f"[optimize] {name}: {self.timings[name]:.1f} s", flush=True)
+            print(
+                f"[optimize] {name}: {self.timings[name]:.1f} s, peak memory {self.peak_mib[name]:.0f} MiB", flush=True
+            )
 
     def cost_model(self) -> CostTable:
         cfg, arch = self.cfg, self.parent.arch
-        t = time.perf_counter()
+        t = self._start()
         variants = [cfg.space.block_variants(arch, i) for i in range(arch.n_layers)]
         # The parent is checked with the random architectures: every speedup budget is a ratio to it.
         check = [list(arch.blocks), *random_architectures(variants, cfg.validate_architectures, seed=cfg.seed)]
@@ -443,13 +453,13 @@ class Optimizer:
     def distil_and_score(self, table: CostTable) -> Library:
         """BLD of every variant (resumed from the store), replace-1-block scores, and the library they make."""
         cfg, arch = self.cfg, self.parent.arch
-        t = time.perf_counter()
+        t = self._start()
         acts = activations.record(self.parent, self.calibration, progress=self.progress)
         bld_losses = run_bld(self.parent, acts, cfg.space, self.store, cfg.bld, self.progress, self.manifest)
         del acts
         self._stage("blockwise local distillation", t)
 
-        t = time.perf_counter()
+        t = self._start()
         score_acts = activations.record(self.parent, self.score_windows, progress=self.progress)
         scores = score_library(self.parent, self.store, cfg.space, score_acts, progress=self.progress)
         del score_acts
@@ -499,6 +509,7 @@ class Optimizer:
             "children": [c.to_json(parent.measured_ms) for c in [parent, *children]],
             "child_dir": str(child_dir),
             "stage_seconds": self.timings,
+            "stage_peak_mib": self.peak_mib,
         }
         if fusion is not None:
             results["fusion"] = fusion
@@ -527,7 +538,7 @@ class Optimizer:
         than the baseline's: the baseline is one of the architectures that MIP chose among)."""
         arch, tables = self.parent.arch, [table, *self.also_tables]
         main_blocks, bounds = self.land_on_target(library, tables, budget, bounds)
-        t = time.perf_counter()
+        t = self._start()
         children = [Child(f"MIP ({budget.describe()})", "mip", main_blocks, 0.0)]
         for speedup in self.cfg.pareto_speedups:
             if budget.target_speedup is not None and math.isclose(speedup, budget.target_speedup):
@@ -564,7 +575,7 @@ class Optimizer:
     ) -> tuple[list[BlockConfig], list[Bound]]:
         """`land_on_target` with each child timed against the parent in lockstep, in every scenario (random
         weights: the time is the architecture's); the checks go to `self.target_rounds`."""
-        arch, t = self.parent.arch, time.perf_counter()
+        arch, t = self.parent.arch, self._start()
 
         def measured_speedups(blocks: list[BlockConfig]) -> list[float]:
             models = timing_models(arch, [arch.blocks, blocks], self.device, self.dtype)
@@ -586,7 +597,7 @@ class Optimizer:
     ) -> dict[tuple, Model]:
         """Assemble, evaluate and (MIP children, or all with baseline_gkd) GKD each distinct architecture once;
         the models by their blocks."""
-        t = time.perf_counter()
+        t = self._start()
         models: dict[tuple, Model] = {}
         for child in children:
             child.predicted_ms = table.runtime_ms(child.blocks)
@@ -603,7 +614,7 @@ class Optimizer:
     def measure(self, parent: Child, children: list[Child], models: dict[tuple, Model]) -> None:
         """Each architecture's generation latency, the parent and every child in one lockstep (search/cost.py):
         timed minutes apart, the same parent read 12 % slower in one demo run than in the next."""
-        t = time.perf_counter()
+        t = self._start()
         timed = {tuple(parent.blocks): self.parent, **models}
         timings = dict(zip(timed, lockstep(list(timed.values()), self.cfg.scenario, MEASURE_ROUNDS)))
         base = timings[tuple(parent.blocks)]
@@ -622,7 +633,7 @@ class Optimizer:
         """FFN Fusion of the saved child into `out/fused` when asked (cfg.fusion); its summary."""
         if self.cfg.fusion is None:
             return None
-        t = time.perf_counter()
+        t = self._start()
         fusion = run_fusion(
             model,
             self.train_ids,

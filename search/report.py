@@ -101,8 +101,12 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
             ]
     if "fusion" in results:
         lines += ["", *fusion_section(results["fusion"], level="##")]
-    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
+    peaks = results.get("stage_peak_mib", {})
+    lines += ["", "## Stages", "", "| stage | seconds | peak memory MiB |", "|---|---:|---:|"]
+    lines += [
+        f"| {k} | {v:.1f} | {peaks[k]:.0f} |" if k in peaks else f"| {k} | {v:.1f} | |"
+        for k, v in results["stage_seconds"].items()
+    ]
     lines += ["", "![quality vs speed](pareto.png)", "", "![per-layer choices](layers.png)", ""]
     path = atomic_write_text(out / "report.md", "\n".join(lines))
     plot_pareto(results, out / "pareto.png")

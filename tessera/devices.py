@@ -7,6 +7,7 @@ Bytes per dtype name belong to the cost formulas: `tessera.config.dtype_bytes`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -92,3 +93,28 @@ def median_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5,
         if len(times) >= 200:
             break
     return statistics.median(times)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for `peak_memory_bytes`: the GPU allocator's, or this process's resident set (Linux
+    resets VmHWM on writing 5 to /proc/self/clear_refs; elsewhere the peak stays the process's whole life)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The most memory held since `reset_peak_memory`: allocated on the GPU, or resident on the host."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # POSIX only, and its unit differs by platform: used where /proc is not
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)

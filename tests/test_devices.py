@@ -3,6 +3,8 @@ names round-trip through the names config.json uses, and the shared timer takes 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -81,3 +83,20 @@ def test_one_timer_and_one_device_name_for_cost_model_and_benchmarks() -> None:
     assert harness.median_ms is median_ms
     assert harness.device_name is cost.device_name is device_name
     assert cost.synchronize is devices.synchronize
+
+
+def test_peak_memory_is_per_stage_on_linux() -> None:
+    """A 512 MiB tensor raises the peak; after it is freed, a reset brings the peak back down (what each search
+    stage's figure in the report relies on)."""
+    from tessera.devices import peak_memory_bytes, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    before = peak_memory_bytes(cpu)
+    x = torch.ones(2**27)  # 512 MiB, touched
+    high = peak_memory_bytes(cpu)
+    del x
+    reset_peak_memory(cpu)
+    assert high - before >= 400 * 2**20
+    if Path("/proc/self/clear_refs").exists():
+        assert peak_memory_bytes(cpu) < high - 400 * 2**20
