@@ -1,7 +1,7 @@
 """Run the kernel benchmark suites (`tessera bench kernels`), the whole-model decode benchmark (`tessera bench
-model`), the FFN Fusion decode benchmark (`tessera bench fusion`) and the serving benchmark (`tessera bench
-serving`); write results JSON and a Markdown table per suite to `out` (default: harness.results_dir(), runs/bench/
-in the checkout)."""
+model`), the FFN Fusion decode benchmark (`tessera bench fusion`), the serving benchmark (`tessera bench
+serving`) and the search's scaling run (`tessera bench search-scale`); write results JSON and a Markdown table
+per suite to `out` (default: harness.results_dir(), runs/bench/ in the checkout)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench_attention, bench_ffn, bench_fusion, bench_model, bench_norm, bench_serving
+from . import bench_attention, bench_ffn, bench_fusion, bench_model, bench_norm, bench_search_scale, bench_serving
 from .harness import (
     copy_bandwidth_gbps,
     environment,
@@ -20,7 +20,7 @@ from .harness import (
     write_results,
 )
 
-__all__ = ["results_dir", "run_fusion", "run_kernels", "run_model", "run_serving"]
+__all__ = ["results_dir", "run_fusion", "run_kernels", "run_model", "run_search_scale", "run_serving"]
 
 KERNEL_SUITES = {"norm": bench_norm, "ffn": bench_ffn, "attention": bench_attention}
 
@@ -77,3 +77,16 @@ def run_serving(device: torch.device, out: Path | None = None, **kwargs) -> Path
         result = bench_serving.run_cpu(**kwargs)
         md = head + bench_serving.table(result)
     return write_results(results_name(device, "serving"), {**env, **result}, md, out)
+
+
+def run_search_scale(device: torch.device, out: Path | None = None, depths: tuple[int, ...] = (4, 8, 16)) -> Path:
+    """`tessera optimize` on random parents of the Llama-3.2-1B shape at several depths: each stage's seconds and
+    peak memory, the work it repeats, and a Llama-70B extrapolation (bench_search_scale)."""
+    env = environment(device)
+    result = bench_search_scale.run(device, depths)
+    md = (
+        f"`tessera optimize` at the Llama-3.2-1B shape on {env['device']} (commit {env['commit']}, {env['date']}, "
+        f"torch {env['torch']}); seconds and peak memory per stage, tiny token budgets\n\n"
+        + bench_search_scale.table(result)
+    )
+    return write_results(results_name(device, "search_scale"), {**env, **result}, md, out)

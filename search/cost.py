@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from tessera.config import EMPTY_BLOCK, ArchConfig, BlockConfig, dtype_bytes
-from tessera.devices import device_name, dtype_name, synchronize
+from tessera.devices import available_memory, device_name, dtype_name, synchronize
 from tessera.errors import UserError
 from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.model import Model
@@ -96,6 +96,14 @@ class Timing:
     prefill_ms: float  # the steps until every prompt has been read (its first token sampled)
     decode_ms: float  # the mean decode-only step after them (all requests decoding)
     rounds_ms: tuple[float, ...]  # each round's whole generation (the spread between rounds)
+
+    def scaled(self, factor: float) -> Timing:
+        return Timing(
+            self.latency_ms * factor,
+            self.prefill_ms * factor,
+            self.decode_ms * factor,
+            tuple(r * factor for r in self.rounds_ms),
+        )
 
 
 def _prompts(arch: ArchConfig, scenario: Scenario) -> list[list[int]]:
@@ -234,8 +242,7 @@ def calibrate(
     if not timed:
         raise UserError("every block is a no-op: there is nothing to time")
     stacks = [[block] * STACK_COPIES for block in [EMPTY_BLOCK, *timed]]
-    models = timing_models(arch, [*stacks, *validate], device, dtype)
-    timings = lockstep(models, scenario, rounds, desc="timing blocks" if progress else None)
+    timings = _lockstep_in_groups(arch, [*stacks, *validate], scenario, device, dtype, rounds, progress)
     around, by_block = timings[0], dict(zip(timed, timings[1 : len(stacks)]))
 
     table = CostTable(
@@ -249,6 +256,70 @@ def calibrate(
     if validate:
         table.validation = _validation(table, validate, timings[len(stacks) :], rounds)
     return table
+
+
+def _lockstep_in_groups(
+    arch: ArchConfig,
+    architectures: Sequence[Sequence[BlockConfig]],
+    scenario: Scenario,
+    device: torch.device,
+    dtype: torch.dtype,
+    rounds: int,
+    progress: bool,
+) -> list[Timing]:
+    """`lockstep` of a model per architecture, as many at a time as half the free memory holds (all of them,
+    for the demo; a 16-layer parent of hidden 2048 needs several groups). The first architecture (the no-op
+    stack, whose weights are the shared embedding and head) runs in every group as its clock: groups run
+    minutes apart, so each group's timings are scaled by its clock against the first group's."""
+    groups = _memory_groups(arch, architectures, scenario, dtype, int(0.5 * available_memory(device)))
+    timings: list[Timing | None] = [None] * len(architectures)
+    for k, group in enumerate(groups):
+        desc = (
+            None
+            if not progress
+            else "timing blocks" + (f" (group {k + 1} of {len(groups)})" if len(groups) > 1 else "")
+        )
+        models = timing_models(arch, [architectures[i] for i in group], device, dtype)
+        measured = lockstep(models, scenario, rounds, desc=desc)
+        del models
+        factor = 1.0 if timings[0] is None else timings[0].latency_ms / measured[0].latency_ms
+        for i, t in zip(group, measured):
+            if timings[i] is None:
+                timings[i] = t.scaled(factor)
+    return timings
+
+
+def _memory_groups(
+    arch: ArchConfig,
+    architectures: Sequence[Sequence[BlockConfig]],
+    scenario: Scenario,
+    dtype: torch.dtype,
+    budget: int,
+) -> list[list[int]]:
+    """Indices of `architectures` in groups whose weights and KV pools (config formulas) fit in `budget` bytes,
+    in order, each led by index 0; one architecture larger than the budget is refused."""
+    name = dtype_name(dtype)
+
+    def size(blocks: Sequence[BlockConfig]) -> int:
+        kv = scenario.batch * scenario.seq_len * sum(arch.kv_bytes_per_token_layer(b, name) for b in blocks)
+        return sum(arch.block_params(b) for b in blocks) * dtype_bytes(name) + kv
+
+    clock = size(architectures[0])
+    groups: list[list[int]] = [[0]]
+    used = clock
+    for i in range(1, len(architectures)):
+        need = size(architectures[i])
+        if clock + need > budget:
+            raise UserError(
+                f"timing needs {(clock + need) / 2**30:.1f} GiB for one model of {len(architectures[i])} blocks and "
+                f"has {budget / 2**30:.1f} GiB (half the free memory): free memory, or time a smaller scenario"
+            )
+        if used + need > budget and len(groups[-1]) > 1:
+            groups.append([0])
+            used = clock
+        groups[-1].append(i)
+        used += need
+    return groups
 
 
 def _block_entry(stack: Timing | None, around: Timing) -> dict[str, float]:

@@ -27,9 +27,9 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
         "",
         "## Children (measured on this device; quality on held-out text)",
         "",
-        "Speedup = the parent's measured generation latency / the child's, all timed in one lockstep (each engine "
-        f"taking its steps in turn, {results['measure_rounds']} rounds; the range is the speedup's spread over the "
-        "rounds). KL = mean per-token KL(parent ‖ child).",
+        "Speedup = the parent's measured generation latency / the child's, the two timed together in one lockstep "
+        f"(their engines taking steps in turn, {results['measure_rounds']} rounds; the range is the speedup's spread "
+        "over the rounds; the parent's ms is its median over the pairs). KL = mean per-token KL(parent ‖ child).",
         "",
         "| child | measured ms | speedup (range) | "
         + "".join(f"speedup at {k} | " for k in also)

@@ -113,6 +113,11 @@ def speedup_list(text: str) -> tuple[float, ...]:
     return tuple(_budget("target_speedup")(x) for x in text.split(",") if x.strip())
 
 
+def layer_counts(text: str) -> tuple[int, ...]:
+    """'4,8,16' -> (4, 8, 16): each a positive integer."""
+    return tuple(positive_int(x) for x in text.split(",") if x.strip()) or (4,)
+
+
 def utf8_text(text: str) -> str:
     """Text from argv, refused (naming the byte) when it is not UTF-8: sampling.check_text as an argparse type."""
     from tessera.runtime.sampling import check_text
@@ -298,6 +303,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         paths = run.run_kernels(device, args.suite, out=results)
     elif args.what == "serving":
         paths = [run.run_serving(device, out=results)]
+    elif args.what == "search-scale":
+        paths = [run.run_search_scale(device, out=results, depths=args.depths)]
     else:
         paths = [run.run_model(device, out=results) if args.what == "model" else run.run_fusion(device, out=results)]
     for path in paths:
@@ -575,9 +582,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
-        "bench", help="kernels vs torch, model decode, fused vs unfused FFNs, or serving under load; JSON + Markdown"
+        "bench",
+        help="kernels vs torch, model decode, fused vs unfused FFNs, serving under load, or how the search scales; "
+        "JSON + Markdown",
     )
-    p.add_argument("what", choices=["kernels", "model", "fusion", "serving"])
+    p.add_argument("what", choices=["kernels", "model", "fusion", "serving", "search-scale"])
+    p.add_argument(
+        "--depths",
+        type=layer_counts,
+        default=(4, 8, 16),
+        help="search-scale: parent depths, e.g. 4,8,16 (layers of the Llama-3.2-1B shape)",
+    )
     p.add_argument("--suite", action="append", choices=["norm", "ffn", "attention"], help="kernels: repeatable")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument(

@@ -28,13 +28,21 @@ def available_memory(device: torch.device) -> int:
     memory plus the page cache it can reclaim, large right after a checkpoint was read)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free memory only: a lower bound
+
+
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A "Field:  123 kB" line of a Linux /proc file, in bytes; None where there is no such file or field."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free memory only: a lower bound
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,12 +117,9 @@ def peak_memory_bytes(device: torch.device) -> int:
     """The most memory held since `reset_peak_memory`: allocated on the GPU, or resident on the host."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource  # POSIX only, and its unit differs by platform: used where /proc is not
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)

@@ -83,3 +83,30 @@ def test_generate_speed_measures_both_sides(results_dir) -> None:
         assert r["tessera_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0 and not r["cuda_graphs"]
         assert r["speedup"] == pytest.approx(r["tessera_tokens_per_s"] / r["transformers_tokens_per_s"])
         assert 0.5 <= r["same_tokens"] <= 1  # the same checkpoint, greedy: bf16 rounding may flip a late token
+
+
+def test_search_scale_counts_each_stages_work(results_dir) -> None:
+    """The scaling run on a tiny shape at depths 1 and 2: every stage timed with its peak memory, its work counted
+    (scoring's downstream layers grow with depth squared: V·n(n+1)/2), and the 70B extrapolation is the
+    deepest run's seconds per unit × the 70B count × the block-size ratio."""
+    from tessera.benchmarks import bench_search_scale as scale
+    from tessera.search.library import SearchSpace
+
+    tiny = {"hidden_size": 64, "n_heads": 4, "head_dim": 16, "n_kv_heads": 2, "intermediate_size": 256}
+    result = scale.run(torch.device("cpu"), (1, 2), tiny)
+    one, two = result["rows"]
+    v = one["variants_per_layer"]
+    assert v == 4 * 3  # KV heads 2, 1, linear, none × FFN 256, linear, none
+    assert one["work_units"]["replace-1-block scoring"] == v and two["work_units"]["replace-1-block scoring"] == 3 * v
+    for row in (one, two):
+        for stage, units in row["work_units"].items():
+            assert row["stage_seconds"][stage] > 0 and row["stage_peak_mib"][stage] > 0 and units > 0
+    big = result["llama_70b"]
+    stage = "replace-1-block scoring"
+    v70 = len(SearchSpace().block_variants(scale.parent_arch(80, scale.LLAMA_70B), 0))
+    assert v70 == 6 * 7 and big["work_units"][stage] == v70 * 80 * 81 // 2
+    assert big["predicted_seconds"][stage] == pytest.approx(
+        two["seconds_per_unit"][stage] * big["work_units"][stage] * big["block_size_ratio"]
+    )
+    assert big["block_size_ratio"] == pytest.approx(scale.block_params(scale.LLAMA_70B) / scale.block_params(tiny))
+    assert "| replace-1-block scoring |" in scale.table(result)

@@ -142,3 +142,40 @@ def test_the_cost_model_times_the_engine_step(monkeypatch):
     assert timed.prefill_ms > 0 and timed.decode_ms > 0
     assert steps == [[8, 8], [1, 1], [1, 1], [1, 1]] * 2  # prompts prefilled together, then decodes; 2 rounds
     assert len(paged) == 4 * len(steps)  # each step's 4 GQA blocks
+
+
+def test_models_that_do_not_fit_together_are_timed_in_groups_scaled_by_their_clock(monkeypatch):
+    """With room for about two stacks at a time, calibration runs in groups, each led by the no-op stack; a
+    group timed while the machine ran at half speed is scaled back by its no-op stack's time (hand-computed)."""
+    arch, sc = tiny_arch(), Scenario(batch=2, prompt_len=8, gen_len=4)
+    full = BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 96))
+    small = BlockConfig(AttentionConfig("none"), FFNConfig("swiglu", 32))
+    linear = BlockConfig(AttentionConfig("linear"), FFNConfig("none"))
+    sizes = {b.name: 4 * arch.block_params(b) * 4 for b in (full, small, linear)}  # 4 copies, fp32 bytes
+    room = max(sizes.values()) + min(sizes.values()) + 1  # the largest stack with the smallest, not all three
+    monkeypatch.setattr(cost, "available_memory", lambda device: 2 * room)
+    groups, slow = [], [1.0]
+
+    def fake_lockstep(models, scenario, rounds, desc=None):
+        names = [m.arch.blocks[0].name for m in models]
+        groups.append(names)
+        base = {EMPTY_BLOCK.name: 10.0, full.name: 30.0, small.name: 14.0, linear.name: 18.0}
+        factor = slow[0]
+        slow[0] = 2.0  # every group after the first runs at half speed
+        return [Timing(base[n] * factor, 0.0, 0.0, (base[n] * factor,)) for n in names]
+
+    monkeypatch.setattr(cost, "lockstep", fake_lockstep)
+    table = calibrate(arch, [full, small, linear], sc, torch.device("cpu"), torch.float32, rounds=1, progress=False)
+    assert len(groups) > 1 and all(g[0] == EMPTY_BLOCK.name for g in groups)
+    assert sorted(n for g in groups for n in g[1:]) == sorted([full.name, small.name, linear.name])
+    assert table.non_block_ms == 10.0
+    assert table.blocks[full.name]["runtime_ms"] == pytest.approx((30 - 10) / 4)
+    assert table.blocks[small.name]["runtime_ms"] == pytest.approx((14 - 10) / 4)
+    assert table.blocks[linear.name]["runtime_ms"] == pytest.approx((18 - 10) / 4)
+
+
+def test_a_model_larger_than_half_the_free_memory_is_refused(monkeypatch):
+    arch, sc = tiny_arch(), Scenario(batch=2, prompt_len=8, gen_len=4)
+    monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
+    with pytest.raises(ValueError, match=r"timing needs .* GiB for one model of 4 blocks"):
+        calibrate(arch, [arch.blocks[0]], sc, torch.device("cpu"), torch.float32, progress=False)
