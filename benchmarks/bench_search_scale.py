@@ -76,13 +76,14 @@ def work_units(arch: ArchConfig, space: SearchSpace, children: int, checks: int,
         "replace-1-block scoring": sum(v * (n - i) for i, v in enumerate(variants)),  # the swapped + later layers
         "landing on the target speedup": solves * 2 * n,  # parent and child, per solve
         "assembly, GKD and evaluation": children * n,
-        "end-to-end latency": (children + 1) * n,
+        "end-to-end latency": children * 2 * n,  # each child with the parent, in a lockstep of the two
     }
 
 
 def block_params(shape: dict) -> int:
-    h, q, kv = shape["hidden_size"], shape["n_heads"] * shape["head_dim"], shape["n_kv_heads"] * shape["head_dim"]
-    return 2 * h * q + 2 * h * kv + 3 * h * shape["intermediate_size"]
+    """One parent block's parameters (the config's own count)."""
+    arch = parent_arch(1, shape)
+    return arch.block_params(arch.blocks[0])
 
 
 def run(device: torch.device, depths: tuple[int, ...] = (4, 8, 16), shape: dict = LLAMA_3_2_1B) -> dict:

@@ -213,7 +213,7 @@ class Model(nn.Module):
         layers_only: the decoder layers alone (the embedding and head are shared with another model)."""
         device = next(self.layers.parameters(), self.embed_tokens.weight).device
         gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        out_std = std / math.sqrt(2 * max(1, self.arch.n_layers))
+        out_std = std / math.sqrt(2 * self.arch.n_layers)
         with torch.no_grad():
             for name, p in (self.layers if layers_only else self).named_parameters():
                 if name.endswith("norm.weight"):

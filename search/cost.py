@@ -10,7 +10,8 @@ their steps in turn, one step each, round after round. A shared machine changes 
 2-core dev VM: the same generation took 420 ms, then 650 ms for a stretch, with no steal time accounted);
 models stepped alternately a few milliseconds apart meet every change alike, so their ratios hold where
 separate timings do not (a child against its parent: 9 % coefficient of variation timed alternately a
-generation at a time, 0.7 % in lockstep, 2-core Xeon). Each step's time is the median over the rounds, which
+generation at a time, 0.7 % in lockstep on a quiet stretch and about ±3 % on a busy one, 2-core Xeon). Each
+step's time is the median over the rounds, which
 drops a step that another process interrupted; a generation's latency is the sum of its steps.
 
 Blocks are timed as stacks of STACK_COPIES copies with distinct random weights, next to a stack of as many
@@ -138,13 +139,12 @@ def lockstep(
         while active:
             for i in active:
                 engine = engines[i]
-                prefilling = bool(engine.waiting) or any(q.computed < q.prompt_len for q in engine.running)
+                if r == 0 and (engine.waiting or any(q.computed < q.prompt_len for q in engine.running)):
+                    prefill_steps[i] += 1  # the schedule is the same every round: counted once
                 begin = time.perf_counter()
                 engine.step()
                 synchronize(device)
                 steps[i].append((time.perf_counter() - begin) * 1e3)
-                if r == 0 and prefilling:
-                    prefill_steps[i] += 1
             active = [i for i in active if engines[i].has_work()]
         if r > 0:
             for i, times in enumerate(steps):
@@ -298,11 +298,9 @@ def _memory_groups(
 ) -> list[list[int]]:
     """Indices of `architectures` in groups whose weights and KV pools (config formulas) fit in `budget` bytes,
     in order, each led by index 0; one architecture larger than the budget is refused."""
-    name = dtype_name(dtype)
 
-    def size(blocks: Sequence[BlockConfig]) -> int:
-        kv = scenario.batch * scenario.seq_len * sum(arch.kv_bytes_per_token_layer(b, name) for b in blocks)
-        return sum(arch.block_params(b) for b in blocks) * dtype_bytes(name) + kv
+    def size(blocks: Sequence[BlockConfig]) -> float:
+        return sum(block_memory_mib(arch, b, scenario, dtype) for b in blocks) * MIB
 
     clock = size(architectures[0])
     groups: list[list[int]] = [[0]]

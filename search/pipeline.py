@@ -614,10 +614,9 @@ class Optimizer:
         return models
 
     def measure(self, parent: Child, children: list[Child], models: dict[tuple, Model]) -> None:
-        """Each architecture against the parent, the two in one lockstep (search/cost.py), as the landing loop
-        measures: stepped in turn with a single other model, each finds its caches much as when served alone
-        (in one lockstep of all eight demo models, the saved child read 2-3 % slower against the parent than in
-        the landing check, three runs of three). The parent's latency is its median over the pairs."""
+        """Each architecture against the parent, the two in one lockstep (search/cost.py): the measurement the
+        landing loop makes, so the saved child's figure and its checks compare. The parent's latency is its
+        median over the pairs."""
         t = self._start()
         parent_ms: list[float] = []
         for key, model in models.items():

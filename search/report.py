@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tessera.files import atomic_path, atomic_write_text
+from tessera.search.cost import Scenario
 from tessera.search.library import Library, block_from_name
 
 
@@ -18,7 +19,7 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
     parent = results["children"][0]
     children = results["children"][1:]
     s, cm = results["scenario"], results["cost_model"]
-    also = [a["key"] for a in results.get("also_scenarios", [])]
+    also = [a["key"] for a in results["also_scenarios"]]
     lines = [
         "# tessera optimize",
         "",
@@ -38,7 +39,7 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
     ]
     for c in [parent, *children]:
         bld, gkd = c["quality_bld"], c["quality_gkd"]
-        spread = c.get("speedup_rounds") or [c["measured_speedup"]]
+        spread = c["speedup_rounds"]
         lines.append(
             f"| {c['label']} | {c['measured_ms']:.1f} | {c['measured_speedup']:.3f}x ({min(spread):.3f}–"
             f"{max(spread):.3f}) | "
@@ -46,7 +47,7 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
             + f"{c['predicted_ms']:.1f} | {c['kl_sum']:.3f} | {_quality(bld, 'perplexity')} "
             f"| {_quality(bld, 'kl_div')} | {_quality(gkd, 'perplexity')} | {_quality(gkd, 'kl_div')} |"
         )
-    if rounds := results.get("target_rounds"):
+    if rounds := results["target_rounds"]:
         target = results["budget"]["target_speedup"]
         lines += [
             "",
@@ -58,7 +59,7 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
             "|---:|---|---:|---:|---:|",
         ]
         for k, r in enumerate(rounds):
-            for x in [{**r, "scenario": f"b{s['batch']}_p{s['prompt_len']}_g{s['gen_len']}"}, *r.get("also", [])]:
+            for x in [{**r, "scenario": Scenario(**s).key}, *r["also"]]:
                 lines.append(
                     f"| {k + 1} | {x['scenario']} | {x['asked_speedup']:.3f}x | {x['predicted_speedup']:.3f}x "
                     f"| {x['measured_speedup']:.3f}x |"
@@ -92,16 +93,15 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
         f"| {100 * r['error']:+.1f} % | {100 * r['round_spread']:.0f} % |"
         for k, r in enumerate(cm["architectures"])
     ]
-    for key, other in zip(also, results.get("also_cost_models", [])):
-        if other:
-            lines += [
-                "",
-                f"Scenario {key}, the same check: mean absolute error {100 * other['mean_abs_error']:.1f} %, max "
-                f"{100 * other['max_abs_error']:.1f} %, mean signed {100 * other['mean_signed_error']:+.1f} %.",
-            ]
+    for key, other in zip(also, results["also_cost_models"]):
+        lines += [
+            "",
+            f"Scenario {key}, the same check: mean absolute error {100 * other['mean_abs_error']:.1f} %, max "
+            f"{100 * other['max_abs_error']:.1f} %, mean signed {100 * other['mean_signed_error']:+.1f} %.",
+        ]
     if "fusion" in results:
         lines += ["", *fusion_section(results["fusion"], level="##")]
-    peaks = results.get("stage_peak_mib", {})
+    peaks = results["stage_peak_mib"]  # every stage but the total
     lines += ["", "## Stages", "", "| stage | seconds | peak memory MiB |", "|---|---:|---:|"]
     lines += [
         f"| {k} | {v:.1f} | {peaks[k]:.0f} |" if k in peaks else f"| {k} | {v:.1f} | |"
@@ -227,8 +227,7 @@ def fusion_section(f: dict, level: str = "#") -> list[str]:
             "|---|---:|---:|---:|",
         ]
         for name, t in f["latency"].items():
-            generation = f"{t['latency_ms']:.1f}" if "latency_ms" in t else "–"
-            lines.append(f"| {name} | {generation} | {t['prefill_ms']:.2f} | {t['decode_ms']:.3f} |")
+            lines.append(f"| {name} | {t['latency_ms']:.1f} | {t['prefill_ms']:.2f} | {t['decode_ms']:.3f} |")
     if f["block_pairs"]:
         lines += [
             "",

@@ -41,12 +41,7 @@ def _ranged(
         rule = f"{'>' if open_low else '>='} {low:{fmt}}"
 
     def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-            ) from None
+        value = _convert(text, kind)
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         too_low = low is not None and (value <= low if open_low else value < low)
@@ -55,6 +50,15 @@ def _ranged(
         return value
 
     return parse
+
+
+def _convert(text: str, kind: type) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
 
 
 positive_int = _ranged(int, 1)
@@ -70,12 +74,7 @@ def _field(where: str, name: str, kind: type) -> Callable[[str], int | float]:
     checked by the dataclass itself (the one place its range is written), and argparse names the flag."""
 
     def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-            ) from None
+        value = _convert(text, kind)
         module, cls = where.split(":")
         try:
             getattr(importlib.import_module(module), cls)(**{name: value})
@@ -114,8 +113,11 @@ def speedup_list(text: str) -> tuple[float, ...]:
 
 
 def layer_counts(text: str) -> tuple[int, ...]:
-    """'4,8,16' -> (4, 8, 16): each a positive integer."""
-    return tuple(positive_int(x) for x in text.split(",") if x.strip()) or (4,)
+    """'4,8,16' -> (4, 8, 16): each a positive integer, at least one."""
+    counts = tuple(positive_int(x) for x in text.split(",") if x.strip())
+    if not counts:
+        raise argparse.ArgumentTypeError(f"expected layer counts like 4,8,16, got {text!r}")
+    return counts
 
 
 def utf8_text(text: str) -> str:
