@@ -427,9 +427,18 @@ class Optimizer:
         reset_peak_memory(self.device)
         return time.perf_counter()
 
-    def _stage(self, name: str, start: float) -> None:
-        self.timings[name] = time.perf_counter() - start
-        self.peak_mib[name] = peak_memory_bytes(self.device) / 2**20
+    def _stage(self, name: str, start: float, accumulate: bool = False) -> None:
+        """A stage ends: its time and peak memory recorded and printed. accumulate: one more part of a stage made
+        in parts (added to its time, its peak the highest), printed by `_report` once all are done."""
+        seconds, peak = time.perf_counter() - start, peak_memory_bytes(self.device) / 2**20
+        if accumulate:
+            self.timings[name] = self.timings.get(name, 0.0) + seconds
+            self.peak_mib[name] = max(self.peak_mib.get(name, 0.0), peak)
+            return
+        self.timings[name], self.peak_mib[name] = seconds, peak
+        self._report(name)
+
+    def _report(self, name: str) -> None:
         if self.progress:
             print(
                 f"[optimize] {name}: {self.timings[name]:.1f} s, peak memory {self.peak_mib[name]:.0f} MiB", flush=True
@@ -489,9 +498,7 @@ class Optimizer:
         )
         parent.quality_bld = parent.quality_gkd = model_quality(self.parent, self.eval_windows, ref)
         children = self.choose(library, table, budget, bounds)
-        models = self.distil_children(children, library, table, ref)
-        self.measure(parent, children, models)
-        main_model = models[tuple(children[0].blocks)]
+        main_model = self.build_children(parent, children, library, table, ref)
         child_dir = save_model(main_model, self.out / "child", dtype=torch.bfloat16, tokenizer_from=self.parent_dir)
         fusion = self.fuse(main_model)
         results = {
@@ -594,47 +601,53 @@ class Optimizer:
             self._stage("landing on the target speedup", t)
         return blocks, bounds
 
-    def distil_children(
-        self, children: list[Child], library: Library, table: CostTable, ref: torch.Tensor
-    ) -> dict[tuple, Model]:
-        """Assemble, evaluate and (MIP children, or all with baseline_gkd) GKD each distinct architecture once;
-        the models by their blocks."""
-        t = self._start()
-        models: dict[tuple, Model] = {}
-        for child in children:
-            child.predicted_ms = table.runtime_ms(child.blocks)
-            child.kl_sum = _kl_sum(library, child.blocks)
-            key = tuple(child.blocks)
-            twin = next((c for c in children if c is not child and tuple(c.blocks) == key and c.quality_bld), None)
-            if twin is not None:  # the same architecture from another method: same blocks, same GKD, same result
-                child.quality_bld, child.quality_gkd = twin.quality_bld, twin.quality_gkd
-                continue
-            models[key] = self.realise(child, ref, child.method == "mip" or self.cfg.baseline_gkd)
-        self._stage("assembly, GKD and evaluation", t)
-        return models
-
-    def measure(self, parent: Child, children: list[Child], models: dict[tuple, Model]) -> None:
-        """Each architecture against the parent, the two in one lockstep (search/cost.py): the measurement the
-        landing loop makes, so the saved child's figure and its checks compare. The parent's latency is its
-        median over the pairs."""
-        t = self._start()
+    def build_children(
+        self, parent: Child, children: list[Child], library: Library, table: CostTable, ref: torch.Tensor
+    ) -> Model:
+        """Each distinct architecture in turn: assemble, evaluate, GKD (MIP children, or all with baseline_gkd),
+        evaluate again, and time against the parent in one lockstep of the two (the measurement the landing loop
+        makes, so the saved child's figure and its checks compare). One child at a time: at 70B a child is as
+        large as the parent, and its GKD holds four times its weights. The budget's child (children[0]) comes
+        last and is returned; the parent's latency is its median over the pairs."""
+        main = tuple(children[0].blocks)
+        keys = [k for k in dict.fromkeys(tuple(c.blocks) for c in children) if k != main] + [main]
         parent_ms: list[float] = []
-        for key, model in models.items():
+        for key in keys:
             mine = [c for c in children if tuple(c.blocks) == key]
-            p, c = lockstep([self.parent, model], self.cfg.scenario, MEASURE_ROUNDS)
-            parent_ms.append(p.latency_ms)
             for child in mine:
-                child.measured_ms, child.measured_speedup = c.latency_ms, p.latency_ms / c.latency_ms
-                # The speedup in each round on its own: how much it moved while the machine's speed did.
-                child.speedup_rounds = [a / b for a, b in zip(p.rounds_ms, c.rounds_ms)]
-            for scenario in self.cfg.also_scenarios:
-                p, c = lockstep([self.parent, model], scenario, MEASURE_ROUNDS)
-                for child in mine:
-                    child.also_speedups[scenario.key] = p.latency_ms / c.latency_ms
+                child.predicted_ms = table.runtime_ms(child.blocks)
+                child.kl_sum = _kl_sum(library, child.blocks)
+            t = self._start()
+            # Twins (the same architecture from two methods) share one model: same blocks, same GKD, same result.
+            model = self.realise(mine[0], ref, any(c.method == "mip" for c in mine) or self.cfg.baseline_gkd)
+            for child in mine[1:]:
+                child.quality_bld, child.quality_gkd = mine[0].quality_bld, mine[0].quality_gkd
+            self._stage("assembly, GKD and evaluation", t, accumulate=True)
+            t = self._start()
+            parent_ms.append(self.measure(model, mine))
+            self._stage("end-to-end latency", t, accumulate=True)
+            if key != main:
+                del model
         parent.measured_ms, parent.measured_speedup = statistics.median(parent_ms), 1.0
         parent.speedup_rounds = [1.0]
         parent.also_speedups = dict.fromkeys((s.key for s in self.cfg.also_scenarios), 1.0)
-        self._stage("end-to-end latency", t)
+        for name in ("assembly, GKD and evaluation", "end-to-end latency"):
+            self._report(name)
+        return model
+
+    def measure(self, model: Model, children: list[Child]) -> float:
+        """`model` (the architecture of `children`) against the parent in a lockstep of the two, in every
+        scenario; the parent's latency in the main one."""
+        p, c = lockstep([self.parent, model], self.cfg.scenario, MEASURE_ROUNDS)
+        for child in children:
+            child.measured_ms, child.measured_speedup = c.latency_ms, p.latency_ms / c.latency_ms
+            # The speedup in each round on its own: how much it moved while the machine's speed did.
+            child.speedup_rounds = [a / b for a, b in zip(p.rounds_ms, c.rounds_ms)]
+        for scenario in self.cfg.also_scenarios:
+            also_p, also_c = lockstep([self.parent, model], scenario, MEASURE_ROUNDS)
+            for child in children:
+                child.also_speedups[scenario.key] = also_p.latency_ms / also_c.latency_ms
+        return p.latency_ms
 
     def fuse(self, model: Model) -> dict | None:
         """FFN Fusion of the saved child into `out/fused` when asked (cfg.fusion); its summary."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import lzma
 import re
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -14,6 +16,7 @@ from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.demo import CORPUS_DIR, PARENT_DIR
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
+from tessera.search import pipeline
 from tessera.search.bld import BLDConfig, StoreMismatchError
 from tessera.search.cost import CostTable, Scenario
 from tessera.search.data import read_corpus
@@ -61,12 +64,25 @@ def tiny_config() -> OptimizeConfig:
     )
 
 
-def test_optimize_writes_child_library_costs_report(tiny_parent, tmp_path, capsys):
+def test_optimize_writes_child_library_costs_report(tiny_parent, tmp_path, capsys, monkeypatch):
     parent, corpus = tiny_parent
     out = tmp_path / "run"
     batch1 = Scenario(batch=1, prompt_len=16, gen_len=8)  # a further throughput scenario: its own costs and bound
     cfg = replace(tiny_config(), also_scenarios=(batch1,))
+    # The children are built one at a time: when one is realised, no earlier one is still alive.
+    realised: list[weakref.ref] = []
+    realise = pipeline.Optimizer.realise
+
+    def one_at_a_time(self, child, ref, gkd):
+        gc.collect()
+        assert not [r for r in realised if r() is not None], "an earlier child is still in memory"
+        model = realise(self, child, ref, gkd)
+        realised.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(pipeline.Optimizer, "realise", one_at_a_time)
     results = optimize(parent, out, Budget(target_speedup=1.1), cfg, corpus, progress=False)
+    assert len(realised) == len({tuple(c["blocks"]) for c in results["children"][1:]}) >= 2
     for name in ("library.json", "cost.json", "cost_b1_p16_g8.json", "report.md", "results.json", "pareto.png"):
         assert (out / name).is_file(), name
     methods = [c["method"] for c in results["children"]]
@@ -125,7 +141,6 @@ def test_unreachable_speedup_names_the_fastest_in_the_space(tiny_parent, tmp_pat
     time went negative. It must say, in the budget's own terms, what the search space can reach. Fixed costs
     (non-block 2 ms, 1 ms a block, no-ops free): real timings on a loaded 2-core machine gave a negative
     non-block part once, under which any speedup looks reachable (next test)."""
-    import tessera.search.pipeline as pipeline
 
     def fixed_costs(arch, blocks, scenario, device, dtype, validate, progress):
         ms = {
