@@ -61,16 +61,19 @@ def _decode_steps(model: Model, batch: int, context: int, device: torch.device, 
     for t in (*cache.k, *cache.v):
         if t is not None:
             t.normal_(generator=gen)
-    tables = [cache.allocate(context) for _ in range(batch)]
-    page = cache.page_size
-    position = context - 1
-    step = engine.graphs or DecodeGraphs(model, cache, batch, engine.max_pages_per_request, capture=False)
+    pages = [cache.allocate(context) for _ in range(batch)]  # each sequence's pages in each KV group
+    position, width = context - 1, engine.max_pages_per_request
+    groups = range(len(cache.groups))
+    step = engine.graphs or DecodeGraphs(model, cache, batch, width, capture=False)
     args = (
         torch.randint(0, model.arch.vocab_size, (batch,), device=device, generator=gen),
         torch.full((batch,), position, device=device),
-        torch.tensor([t[position // page] * page + position % page for t in tables], device=device),
+        [torch.tensor([cache.slot(g, own[g], position) for own in pages], device=device) for g in groups],
         torch.full((batch,), context, dtype=torch.int32, device=device),
-        torch.tensor(tables, dtype=torch.int32, device=device),
+        [
+            torch.tensor([cache.table(g, own[g], width) for own in pages], dtype=torch.int32, device=device)
+            for g in groups
+        ],
     )
     return lambda: step.run(*args)
 

@@ -96,18 +96,25 @@ def attention_prefill(
     cu_seqlens: torch.Tensor,
     causal: bool = True,
     max_seqlen: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Packed varlen attention. q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] int32 -> [T, Hq, D].
-    max_seqlen, when the caller knows it, spares the Triton launcher a device-to-host read."""
+    max_seqlen, when the caller knows it, spares the Triton launcher a device-to-host read. window (causal only):
+    the query at position p sees keys p - window + 1 .. p."""
     if backend(q, k, v) == "triton":
-        return attention_prefill_triton(q, k, v, cu_seqlens, causal, max_seqlen)
-    return attention_prefill_reference(q, k, v, cu_seqlens, causal)
+        return attention_prefill_triton(q, k, v, cu_seqlens, causal, max_seqlen, window)
+    return attention_prefill_reference(q, k, v, cu_seqlens, causal, window)
 
 
 def attention_paged(
-    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedAttentionMetadata
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Prefill chunks and decode tokens together over a paged KV cache (every cached attention of an engine step).
-    q [N, Hq, D], pages [P, page_size, Hkv, D]; `meta` says where each sequence's queries and pages are."""
+    q [N, Hq, D], pages [P, page_size, Hkv, D]; `meta` says where each sequence's queries and pages are.
+    window: the query at position p sees cached keys p - window + 1 .. p only."""
     impl = attention_paged_triton if backend(q, k_pages, v_pages) == "triton" else attention_paged_reference
-    return impl(q, k_pages, v_pages, meta)
+    return impl(q, k_pages, v_pages, meta, window)

@@ -79,6 +79,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Grid (tiles, Hkv, B). The last tiles of a sequence see the most keys under the causal mask: launch them
@@ -112,9 +113,14 @@ def _prefill_kernel(
         key_end = tl.minimum((tile * BLOCK_M + BLOCK_M - 1) // GROUP + 1, seq_len)
         # Keys before the tile's first token are visible to every row: no mask (off-band stage).
         band_end = (first_token // BLOCK_N) * BLOCK_N
+        diagonal_start = band_end
+        if WINDOW > 0:  # keys before the first row's window are skipped; every tile is masked
+            band_end = 0
+            diagonal_start = tl.maximum(first_token - WINDOW + 1, 0)
     else:
         key_end = seq_len
         band_end = (seq_len // BLOCK_N) * BLOCK_N
+        diagonal_start = band_end
     for n0 in range(0, band_end, BLOCK_N):
         keys = (n0 + offs_n).to(tl.int64)
         k_ptrs = kv_row + keys[:, None] * stride_kt + offs_d[None, :]
@@ -123,12 +129,14 @@ def _prefill_kernel(
             q, acc, m_i, l_i, k_ptrs, v_ptrs, mask_d[None, :], None, qk_scale, False, DOT_PRECISION
         )
     # Diagonal stage: keys that some rows of the tile may not see.
-    for n0 in range(band_end, key_end, BLOCK_N):
+    for n0 in range(diagonal_start, key_end, BLOCK_N):
         keys = n0 + offs_n
         mask_keys = keys < key_end
         visible = mask_keys[None, :]
         if CAUSAL:
             visible = visible & (keys[None, :] <= tokens[:, None])
+        if WINDOW > 0:
+            visible = visible & (keys[None, :] > tokens[:, None] - WINDOW)
         k_ptrs = kv_row + keys.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
         v_ptrs = vv_row + keys.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]
         acc, m_i, l_i = attend_tile(
@@ -157,11 +165,14 @@ def attention_prefill_triton(
     cu_seqlens: torch.Tensor,
     causal: bool = True,
     max_seqlen: int | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] int32 -> out [T, Hq, D].
 
     max_seqlen (the longest sequence) sizes the grid; given, it saves a device-to-host read of cu_seqlens.
+    window: the query at position p sees keys p - window + 1 .. p.
     """
+    check_window(window, causal)
     tokens, n_heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[0] != tokens or k.shape[2] != head_dim or not q.dtype == k.dtype == v.dtype:
         raise ValueError(
@@ -204,6 +215,7 @@ def attention_prefill_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         CAUSAL=causal,
+        WINDOW=window or 0,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=8 if block_m >= 128 else 4,
         num_stages=2,
@@ -211,10 +223,28 @@ def attention_prefill_triton(
     return out
 
 
+def check_window(window: int | None, causal: bool = True) -> None:
+    if window is not None and (not causal or window < 1):
+        raise ValueError(f"attention window {window}: expected a causal attention and a window >= 1")
+
+
+def window_mask(query_pos: torch.Tensor, key_end: int, window: int | None) -> torch.Tensor:
+    """[n, key_end] bool: key j is visible to the query at position p when j <= p (and p - j < window)."""
+    keys = torch.arange(key_end, device=query_pos.device)[None, :]
+    visible = keys <= query_pos[:, None]
+    return visible if window is None else visible & (keys > query_pos[:, None] - window)
+
+
 def attention_prefill_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool = True,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] int32 -> out [T, Hq, D]."""
+    check_window(window, causal)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in itertools.pairwise(bounds):
@@ -223,6 +253,10 @@ def attention_prefill_reference(
         # 4-D (1, H, L, D): only then may SDPA pick a fused kernel; with enable_gqa it reads each KV head
         # once for its G query heads (1.7x the repeat_interleave version: fp32, L = 256, 2-core Xeon dev VM).
         qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
-        attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True)
+        if window is not None and end - start > window:
+            mask = window_mask(torch.arange(end - start, device=q.device), end - start, window)
+            attended = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+        else:  # a window no shorter than the sequence hides nothing the causal mask does not
+            attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True)
         out[start:end] = attended[0].transpose(0, 1)
     return out

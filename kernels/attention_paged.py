@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import LOG2_E, attend_tile
+from .attention import LOG2_E, attend_tile, check_window
 from .hardware import dot_precision, sm_count
 
 MAX_SPLITS = 64
@@ -74,6 +74,7 @@ def _paged_kernel(
     BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr,
     SPLIT: tl.constexpr,
+    WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Grid (tiles · splits, Hkv, B), last tiles first: under the causal mask they see the most keys.
@@ -102,11 +103,17 @@ def _paged_kernel(
     # The keys any row of the tile sees, then this split's share of them, in whole tiles.
     first_pos = cached + (tile * BLOCK_M) // GROUP
     key_end = tl.minimum(cached + (tile * BLOCK_M + BLOCK_M - 1) // GROUP + 1, seq_len)
-    share = tl.cdiv(tl.cdiv(key_end, n_splits), BLOCK_N) * BLOCK_N
-    lo = split * share
+    key_start = 0
+    if WINDOW > 0:  # nothing before the first row's window is read
+        key_start = tl.maximum(first_pos - WINDOW + 1, 0)
+    share = tl.cdiv(tl.cdiv(key_end - key_start, n_splits), BLOCK_N) * BLOCK_N
+    lo = key_start + split * share
     hi = tl.minimum(lo + share, key_end)
-    # Keys up to the tile's first query are visible to every row: whole tiles of them need no mask.
+    # Keys up to the tile's first query are visible to every row: whole tiles of them need no mask (under a
+    # window every tile is masked).
     band_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    if WINDOW > 0:
+        band_end = lo
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -139,6 +146,8 @@ def _paged_kernel(
         pages = tl.load(table + keys // PAGE, mask=mask_keys, other=0).to(tl.int64)
         slot = (keys % PAGE)[:, None]
         visible = mask_keys[None, :] & (keys[None, :] <= query_pos[:, None])
+        if WINDOW > 0:
+            visible = visible & (keys[None, :] > query_pos[:, None] - WINDOW)
         acc, m_i, l_i = attend_tile(
             q,
             acc,
@@ -225,7 +234,14 @@ class PagedAttentionMetadata:
         return self._derived[key]
 
 
-def check_inputs(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedAttentionMetadata) -> None:
+def check_inputs(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    window: int | None = None,
+) -> None:
+    check_window(window)
     n_heads, head_dim = q.shape[1:]
     if k_pages.shape != v_pages.shape or k_pages.dim() != 4 or k_pages.shape[3] != head_dim:
         raise ValueError(
@@ -254,10 +270,15 @@ def split_count(programs: int, capacity: int, block_n: int, device: torch.device
 
 
 def attention_paged_triton(
-    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedAttentionMetadata
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """q [N, Hq, D]; k/v pages [P, page_size, Hkv, D] -> [N, Hq, D]. No device read: CUDA-graph capturable."""
-    check_inputs(q, k_pages, v_pages, meta)
+    """q [N, Hq, D]; k/v pages [P, page_size, Hkv, D] -> [N, Hq, D]. No device read: CUDA-graph capturable.
+    window: the query at position p reads keys p - window + 1 .. p only."""
+    check_inputs(q, k_pages, v_pages, meta, window)
     n_heads, head_dim = q.shape[1:]
     page, n_kv = k_pages.shape[1], k_pages.shape[2]
     if k_pages.stride(-1) != 1 or v_pages.stride(-1) != 1:
@@ -272,6 +293,8 @@ def attention_paged_triton(
     block_n = 64 if block_d >= 128 else 128  # 64-128 keys per tile: bytes in flight for a memory-bound loop
     max_tiles = triton.cdiv(max_query_len * group, block_m)
     capacity = meta.block_tables.shape[1] * page
+    if window is not None:  # a window bounds the keys a split shares out
+        capacity = min(capacity, window + max_query_len)
     n_splits = split_count(n_seqs * n_kv, capacity, block_n, q.device) if max_tiles == 1 else 1
     if n_splits > 1:  # fp32 partial outputs and log-sum-exps, shared by the layers of the step
         shape, dev = (q.shape[0], n_heads, n_splits), q.device
@@ -317,6 +340,7 @@ def attention_paged_triton(
         BLOCK_N=block_n,
         PAGE=page,
         SPLIT=n_splits > 1,
+        WINDOW=window or 0,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=8 if block_m >= 128 else 4,
         num_stages=2 if block_m >= 128 else 3,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .attention import window_mask
 from .attention_paged import PagedAttentionMetadata, check_inputs
 
 
@@ -33,7 +34,7 @@ class _Chunk:
     n: int
     length: int
     pages: slice | torch.Tensor
-    visible: torch.Tensor  # (n, length): query i sees keys up to length - n + i
+    visible: torch.Tensor  # (n, length): query i sees keys up to length - n + i (and within the window)
 
 
 @dataclass(frozen=True)
@@ -54,24 +55,25 @@ class _StepPlan:
     mask: torch.Tensor | None  # (rows, 1, 1, longest): which keys each row sees; None: all of them
 
 
-def _chunk(start: int, n: int, length: int, table: list[int], page: int, device: torch.device) -> _Chunk:
+def _chunk(
+    start: int, n: int, length: int, table: list[int], page: int, window: int | None, device: torch.device
+) -> _Chunk:
     used = -(-length // page)
     first = table[0]
     pages = slice(first, first + used) if table[:used] == list(range(first, first + used)) else table[:used]
     if not isinstance(pages, slice):
         pages = torch.tensor(pages, device=device)
-    positions = torch.arange(length - n, length, device=device)
-    visible = torch.arange(length, device=device)[None, :] <= positions[:, None]
+    visible = window_mask(torch.arange(length - n, length, device=device), length, window)
     return _Chunk(start, n, length, pages, visible)
 
 
-def _plan(meta: PagedAttentionMetadata, page: int, n_tokens: int) -> _StepPlan:
+def _plan(meta: PagedAttentionMetadata, page: int, n_tokens: int, window: int | None) -> _StepPlan:
     bounds = meta.cu_seqlens.tolist()
     q_lens = [e - s for s, e in itertools.pairwise(bounds)]
     seq_lens, tables = meta.seq_lens.tolist(), meta.block_tables.tolist()
     decode = [b for b, n in enumerate(q_lens) if n == 1]
     device = meta.seq_lens.device
-    chunks = [_chunk(bounds[b], n, seq_lens[b], tables[b], page, device) for b, n in enumerate(q_lens) if n > 1]
+    chunks = [_chunk(bounds[b], n, seq_lens[b], tables[b], page, window, device) for b, n in enumerate(q_lens) if n > 1]
     if not decode:
         return _StepPlan(chunks, decode, None, 0, None, None, None, None)
     rows = None if len(decode) == n_tokens else torch.tensor([bounds[b] for b in decode], device=device)
@@ -92,9 +94,9 @@ def _plan(meta: PagedAttentionMetadata, page: int, n_tokens: int) -> _StepPlan:
         own = [tables[b][: max(1, -(-n // page))] for b, n in zip(decode, lengths)]
         keys = torch.tensor([t + [t[0]] * (width - len(t)) for t in own], device=device)
     mask = None  # every row sees all `longest` keys (a batch of 1, say): SDPA without a mask is faster
-    if min(lengths) < longest:
-        mask = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-        mask = mask[:, None, None, :]
+    if min(lengths) < longest or (window is not None and longest > window):
+        # Row r's one query sits at position lengths[r] - 1.
+        mask = window_mask(torch.tensor(lengths, device=device) - 1, longest, window)[:, None, None, :]
     return _StepPlan(chunks, decode, rows, longest, span, scatter, keys, mask)
 
 
@@ -111,13 +113,19 @@ def _decode_keys(pages: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
 
 
 def attention_paged_reference(
-    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta: PagedAttentionMetadata
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    window: int | None = None,
 ) -> torch.Tensor:
     """q [N, Hq, D]; k/v pages [P, page_size, Hkv, D] -> [N, Hq, D], as attention_paged_triton."""
-    check_inputs(q, k_pages, v_pages, meta)
+    check_inputs(q, k_pages, v_pages, meta, window)
     n_heads, head_dim = q.shape[1:]
     page, n_kv = k_pages.shape[1], k_pages.shape[2]
-    plan: _StepPlan = meta.derived(("torch plan", page, q.shape[0]), lambda: _plan(meta, page, q.shape[0]))
+    plan: _StepPlan = meta.derived(
+        ("torch plan", page, q.shape[0], window), lambda: _plan(meta, page, q.shape[0], window)
+    )
     attended = None
     if plan.decode:
         n = len(plan.decode)

@@ -4,6 +4,14 @@ Layers with linear or no-op attention get no pool at all, and a layer with 1 KV 
 with 8 holds: never padded to the maximum (the bug vLLM's early nemotron-nas support had). Each page costs
 `page_size · ArchConfig.kv_bytes_per_token()` (the one formula, in config.py).
 
+Layers are grouped by attention window (`KVGroup`, vLLM's KV-cache groups): the full-attention layers share one
+page space and block table per sequence, the layers of each window another. A sequence's full-attention pages
+grow with it; a windowed group gives it a ring of at most `ring` pages that its tokens go round (token t on ring
+page (t // page_size) mod ring), enough for its window plus the most tokens one step writes, so a windowed
+layer's KV memory stops growing past its window. The block table a windowed layer reads lists, for every page
+of the sequence, the ring page it lands on: a key inside the window is always still there, and attention never
+reads one outside it.
+
 The cache owns its layout; attention sees it only through the pages and the block tables of a step
 (kernels.PagedAttentionMetadata). On the GPU pages are 16 tokens. On the CPU a request gets one page of a
 whole context when the pool has one for every batch slot (`page_size_for`): its K/V then lie in one stretch of
@@ -14,6 +22,8 @@ each layer's pool, and the plain-torch attention reads them in place instead of 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,46 +33,112 @@ from tessera.devices import dtype_name
 PAGE_SIZE = 16  # tokens per page, unless the CPU gives a request a whole context (page_size_for)
 
 
-class PagedKVCache:
-    """k[i], v[i]: [num_pages, page_size, n_kv_heads(i), head_dim] for GQA layer i, None otherwise. A sequence
-    owns a list of pages (its block table); token t of it lives at slot table[t // page_size] · page_size +
-    t % page_size of every layer.
+@dataclass
+class KVGroup:
+    """Attention layers that share a page space: the full-attention ones (window None), or one window's.
 
-    Page 0 is never handed out: padding rows of a CUDA-graph batch write their K/V there.
+    num_pages: the group's pool, page 0 included (never handed out: padding rows of a CUDA-graph batch write
+    their K/V there). ring: the most pages a sequence holds in the group (its window plus one step's tokens,
+    in pages); None: as many as its tokens fill."""
+
+    window: int | None
+    layers: tuple[int, ...]
+    num_pages: int
+    ring: int | None
+    free: list[int] = field(default_factory=list)  # a heap: the lowest pages first, so a request's are consecutive
+    dirty: list[int] = field(default_factory=list)  # slots of each page an owner may have written since zeroed
+
+    def __post_init__(self) -> None:
+        self.free = list(range(1, self.num_pages))
+        self.dirty = [0] * self.num_pages
+
+    def pages_for(self, tokens: int, page_size: int) -> int:
+        pages = -(-tokens // page_size)
+        return pages if self.ring is None else min(pages, self.ring)
+
+
+def kv_groups(arch: ArchConfig) -> list[tuple[int | None, tuple[int, ...]]]:
+    """(window, layers) of each group: the full-attention layers first (also when there are none and no
+    windowed layers either: a model without attention keeps a bookkeeping page space), then each window's."""
+    gqa = [(i, b.attention.window) for i, b in enumerate(arch.blocks) if b.attention.kind == "gqa"]
+    windows = sorted({w for _, w in gqa if w is not None})
+    full = tuple(i for i, w in gqa if w is None)
+    groups = [(None, full)] if full or not windows else []
+    return groups + [(w, tuple(i for i, lw in gqa if lw == w)) for w in windows]
+
+
+def ring_pages(window: int | None, page_size: int, step_tokens: int | None, max_tokens: int) -> int | None:
+    """Pages a sequence keeps in a group of `window`: None (all) for full attention or when the most tokens one
+    step writes for a sequence is not known. A step writes its tokens before attention reads: with `step_tokens`
+    new tokens, the oldest key any of them still sees is `window + step_tokens - 1` tokens back, which
+    pages_for(window + step_tokens) + 1 ring pages always keep."""
+    if window is None or step_tokens is None:
+        return None
+    return min(-(-max_tokens // page_size), -(-(window + step_tokens) // page_size) + 1)
+
+
+class PagedKVCache:
+    """k[i], v[i]: [group pages, page_size, n_kv_heads(i), head_dim] for GQA layer i, None otherwise. A sequence
+    owns a list of pages in each group (`allocate`); token t of it lives at `slot(g, pages[g], t)` of every
+    layer of group g.
+
+    step_tokens: the most tokens one step writes for one sequence (the engine's step budget); with it a windowed
+    group holds a ring of pages per sequence, without it every page, like full attention.
     """
 
     def __init__(
         self,
         arch: ArchConfig,
-        num_pages: int,
+        num_pages: int | Sequence[int],
         page_size: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        step_tokens: int | None = None,
     ) -> None:
-        if num_pages < 2 or page_size < 1:
+        layout = kv_groups(arch)
+        counts = [num_pages] * len(layout) if isinstance(num_pages, int) else list(num_pages)
+        if len(counts) != len(layout) or min(counts) < 2 or page_size < 1:
             raise ValueError(
-                f"a paged KV cache needs >= 2 pages (one is scratch) of >= 1 token, got {num_pages}, {page_size}"
+                f"a paged KV cache needs >= 2 pages (one is scratch) of >= 1 token in each of its {len(layout)} "
+                f"groups, got {num_pages}, {page_size}"
             )
-        self.num_pages, self.page_size, self.device = num_pages, page_size, torch.device(device)
+        self.page_size, self.device = page_size, torch.device(device)
+        self.groups = [
+            KVGroup(w, layers, n, ring_pages(w, page_size, step_tokens, arch.max_position_embeddings))
+            for (w, layers), n in zip(layout, counts)
+        ]
+        self.group_of: list[int | None] = [None] * arch.n_layers
+        for g, group in enumerate(self.groups):
+            for i in group.layers:
+                self.group_of[i] = g
         self.k: list[torch.Tensor | None] = []
         self.v: list[torch.Tensor | None] = []
-        for block in arch.blocks:
+        for i, block in enumerate(arch.blocks):
             if block.attention.kind == "gqa":
-                shape = (num_pages, page_size, block.attention.n_kv_heads, arch.head_dim)
+                pages = self.groups[self.group_of[i]].num_pages
+                shape = (pages, page_size, block.attention.n_kv_heads, arch.head_dim)
                 self.k.append(torch.zeros(shape, device=device, dtype=dtype))
                 self.v.append(torch.zeros(shape, device=device, dtype=dtype))
             else:
                 self.k.append(None)
                 self.v.append(None)
-        # The same pools seen slot by slot, [num_pages · page_size, Hkv, D]: where write() puts each token.
+        # The same pools seen slot by slot, [pages · page_size, Hkv, D]: where write() puts each token.
         self._k_slots = [None if t is None else t.view(-1, *t.shape[2:]) for t in self.k]
         self._v_slots = [None if t is None else t.view(-1, *t.shape[2:]) for t in self.v]
-        self._free = list(range(1, num_pages))  # a heap: the lowest pages first, so a request's are consecutive
-        self._dirty = [0] * num_pages  # slots of each page that an owner may have written since it was zeroed
 
     @staticmethod
     def page_bytes(arch: ArchConfig, page_size: int, dtype: torch.dtype) -> int:
+        """A page in every attention layer."""
         return page_size * arch.kv_bytes_per_token(dtype_name(dtype))
+
+    @staticmethod
+    def group_page_bytes(arch: ArchConfig, page_size: int, dtype: torch.dtype) -> list[int]:
+        """A page in every layer of each group (kv_groups order)."""
+        name = dtype_name(dtype)
+        return [
+            page_size * sum(arch.kv_bytes_per_token_layer(arch.blocks[i], name) for i in layers)
+            for _, layers in kv_groups(arch)
+        ]
 
     @staticmethod
     def page_size_for(
@@ -75,39 +151,69 @@ class PagedKVCache:
             return max_model_len
         return PAGE_SIZE
 
+    # Pages: the first group's figures stand for the pool (the full-attention layers' when there are any, the
+    # ones that grow with a sequence); admission asks every group (`fits`).
+
     @property
     def usable_pages(self) -> int:
-        return self.num_pages - 1
+        return self.groups[0].num_pages - 1
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        return len(self.groups[0].free)
 
     def pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_size)
+        return self.groups[0].pages_for(tokens, self.page_size)
 
-    def allocate(self, tokens: int) -> list[int]:
-        """Pages for `tokens` tokens, lowest first, zeroed as far as anyone wrote to them: the slots a request
-        has not written yet hold zeros, never a previous owner's values, so attention over them under a mask
-        cannot pick up a NaN (0 · NaN = NaN). Only the slots an earlier owner could have written are zeroed, not
-        whole pages: on the CPU a page is a whole context."""
-        n = self.pages_for(tokens)
-        if n > len(self._free):
-            raise RuntimeError(f"KV pool: {n} pages asked, {len(self._free)} free")
-        taken = [heapq.heappop(self._free) for _ in range(n)]
-        stale = [p * self.page_size + s for p in taken for s in range(self._dirty[p])]
-        for i, p in enumerate(taken):
-            self._dirty[p] = min(self.page_size, tokens - i * self.page_size)
+    def pages_needed(self, tokens: int) -> list[int]:
+        """Pages a sequence of `tokens` tokens holds in each group."""
+        return [g.pages_for(tokens, self.page_size) for g in self.groups]
+
+    def fits(self, tokens: int) -> bool:
+        """Whether `allocate(tokens)` would succeed now."""
+        return all(n <= len(g.free) for n, g in zip(self.pages_needed(tokens), self.groups))
+
+    def allocate(self, tokens: int) -> list[list[int]]:
+        """Each group's pages for a sequence of `tokens` tokens, lowest first, zeroed as far as anyone wrote to
+        them: the slots a request has not written yet hold zeros, never a previous owner's values, so attention
+        over them under a mask cannot pick up a NaN (0 · NaN = NaN). Only the slots an earlier owner could have
+        written are zeroed, not whole pages: on the CPU a page is a whole context."""
+        if not self.fits(tokens):
+            free = [len(g.free) for g in self.groups]
+            raise RuntimeError(f"KV pool: {self.pages_needed(tokens)} pages asked, {free} free")
+        return [self._take(g, tokens) for g in self.groups]
+
+    def _take(self, group: KVGroup, tokens: int) -> list[int]:
+        taken = [heapq.heappop(group.free) for _ in range(group.pages_for(tokens, self.page_size))]
+        stale = [p * self.page_size + s for p in taken for s in range(group.dirty[p])]
+        for i, p in enumerate(taken):  # a ring page may take any of its slots
+            group.dirty[p] = self.page_size if group.ring else min(self.page_size, tokens - i * self.page_size)
         if stale:
             index = torch.tensor(stale, device=self.device)
-            for t in self._k_slots + self._v_slots:
-                if t is not None:
-                    t.index_fill_(0, index, 0)
+            for layer in group.layers:
+                self._k_slots[layer].index_fill_(0, index, 0)
+                self._v_slots[layer].index_fill_(0, index, 0)
         return taken
 
-    def release(self, pages: list[int]) -> None:
-        for p in pages:
-            heapq.heappush(self._free, p)
+    def release(self, pages: list[list[int]]) -> None:
+        for group, own in zip(self.groups, pages):
+            for p in own:
+                heapq.heappush(group.free, p)
+
+    def slot(self, group: int, pages: list[int], position: int) -> int:
+        """Where the token at `position` of a sequence with these pages (of `group`) lives."""
+        page = self.page_size
+        index = position // page
+        if self.groups[group].ring is not None:
+            index %= len(pages)
+        return pages[index] * page + position % page
+
+    def table(self, group: int, pages: list[int], width: int) -> list[int]:
+        """A sequence's block-table row in `group`, `width` entries: its page for each page of its tokens (the
+        ring page it lands on, in a windowed group), then page 0."""
+        if self.groups[group].ring is None:
+            return pages + [0] * (width - len(pages))
+        return [pages[i % len(pages)] for i in range(width)]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k/v [N, Hkv, D] of N tokens at flat slots [N] (page · page_size + offset)."""

@@ -42,7 +42,7 @@ from tokenizers import Tokenizer
 from tessera import kernels
 from tessera.devices import available_memory, dtype_name
 from tessera.errors import UserError
-from tessera.runtime.cache import PAGE_SIZE, PagedKVCache
+from tessera.runtime.cache import PAGE_SIZE, PagedKVCache, kv_groups, ring_pages
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.sampling import Completion, ContextLengthError, PromptEncoder, SamplingParams, TextStream, sample
 
@@ -128,9 +128,11 @@ class EngineLimits:
     vocab_size: int
     max_model_len: int
     page_size: int
-    usable_pages: int  # KV pages of the whole pool
+    usable_pages: int  # KV pages of the whole pool (its first group: runtime/cache.py)
     has_tokenizer: bool
     max_batch: int
+    # Each further KV group (layers of one attention window): (usable pages, the most a sequence holds there).
+    window_groups: tuple[tuple[int, int | None], ...] = ()
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -153,12 +155,14 @@ class EngineLimits:
             )
         budget = room if asked is None else min(asked, room)
         pages = self.pages_for(len(prompt) + budget - 1)
-        if pages > self.usable_pages:
-            raise CapacityError(
-                f"the request needs {pages} KV pages ({len(prompt)} prompt + {budget} new tokens, "
-                f"{self.page_size} per page) but the whole pool holds {self.usable_pages}; raise the "
-                "KV-cache budget or ask for fewer tokens"
-            )
+        for usable, ring in ((self.usable_pages, None), *self.window_groups):
+            need = pages if ring is None else min(pages, ring)
+            if need > usable:
+                raise CapacityError(
+                    f"the request needs {need} KV pages ({len(prompt)} prompt + {budget} new tokens, "
+                    f"{self.page_size} per page) but the whole pool holds {usable}; raise the "
+                    "KV-cache budget or ask for fewer tokens"
+                )
         return EngineRequest(request_id, list(prompt), params, budget)
 
 
@@ -171,7 +175,7 @@ class _Request:
         self.prompt_len = len(request.prompt)
         self.computed = 0
         self.sampled = 0  # tokens sampled, an EOS included
-        self.pages: list[int] = []
+        self.pages: list[list[int]] = []  # its pages in each KV group of the cache
         self.generator: torch.Generator | None = None
 
 
@@ -190,10 +194,11 @@ class DecodeGraphs:
         self.sizes = sorted({s for s in (1, 2, 4, 8, *range(16, max_batch + 1, 16)) if s <= max_batch} | {max_batch})
         self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.slots = torch.zeros(max_batch, dtype=torch.int64, device=device)
+        groups = len(cache.groups)  # each KV group its own slots and block tables
+        self.slots = torch.zeros(groups, max_batch, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(max_batch, max_pages, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(groups, max_batch, max_pages, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if capture:
             self._capture_all()
@@ -202,8 +207,8 @@ class DecodeGraphs:
         """The padded step over the first `size` rows of the static buffers. Its metadata is built here, once
         per capture (a graph keeps the split scratch it allocated); the eager path builds it per call."""
         cu = self.cu_seqlens[: size + 1]
-        attention = kernels.PagedAttentionMetadata(self.block_tables[:size], cu, self.seq_lens[:size], 1)
-        batch = Batch(self.positions[:size], cu, 1, self.cache, self.slots[:size], attention)
+        attention = [kernels.PagedAttentionMetadata(t[:size], cu, self.seq_lens[:size], 1) for t in self.block_tables]
+        batch = Batch(self.positions[:size], cu, 1, self.cache, list(self.slots[:, :size]), attention)
         return self.model.logits(self.model.forward_packed(self.tokens[:size], batch))
 
     @torch.inference_mode()
@@ -232,23 +237,24 @@ class DecodeGraphs:
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        slots: torch.Tensor,
+        slots: list[torch.Tensor],
         seq_lens: torch.Tensor,
-        block_tables: torch.Tensor,
+        block_tables: list[torch.Tensor],
     ) -> torch.Tensor:
-        """Logits [B, vocab] of one decode token for each of B requests."""
+        """Logits [B, vocab] of one decode token for each of B requests; slots and block tables per KV group."""
         b = tokens.shape[0]
         size = next(s for s in self.sizes if s >= b)
         for static, value, pad in (
             (self.tokens, tokens, 0),
             (self.positions, positions, 0),
-            (self.slots, slots, 0),
             (self.seq_lens, seq_lens, 1),
+            *((self.slots[g], slots[g], 0) for g in range(len(slots))),
         ):
             static[:b].copy_(value)
             static[b:size].fill_(pad)
-        self.block_tables[:b, : block_tables.shape[1]].copy_(block_tables)
-        self.block_tables[b:size].zero_()
+        for static, table in zip(self.block_tables, block_tables):
+            static[:b, : table.shape[1]].copy_(table)
+            static[b:size].zero_()
         if not self.capture:
             return self._forward(size)[:b]
         graph, logits = self.graphs[size]
@@ -272,12 +278,13 @@ class Engine:
         self.max_model_len = config.max_model_len or arch.max_position_embeddings
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
-        token_bytes = PagedKVCache.page_bytes(arch, 1, self.dtype)  # KV bytes per token, all layers
+        step_tokens = max(config.max_step_tokens, config.max_batch)  # the most one request gets in a step
         if config.kv_cache_bytes is not None:
             budget = config.kv_cache_bytes
-        else:  # room for max_batch requests of max_model_len (in PAGE_SIZE pages)
-            budget = config.max_batch * -(-self.max_model_len // PAGE_SIZE) * PAGE_SIZE * token_bytes
-            if token_bytes:  # a long max_model_len must not size a pool past the memory there is: the CPU also
+        else:  # room for max_batch requests of max_model_len (in the pages asked for, else PAGE_SIZE ones)
+            pages = self._request_pages(config.page_size or PAGE_SIZE, step_tokens, bytes_too=True)
+            budget = config.max_batch * sum(pages)
+            if budget:  # a long max_model_len must not size a pool past the memory there is: the CPU also
                 # holds the weights, activations and other processes, the GPU only this engine's activations
                 share = 0.8 if self.device.type == "cuda" else 0.5
                 budget = min(budget, int(share * available_memory(self.device)))
@@ -285,15 +292,18 @@ class Engine:
             arch, self.device, self.dtype, budget, config.max_batch, self.max_model_len
         )
         self.max_pages_per_request = -(-self.max_model_len // page)
-        if not token_bytes:  # a model with no attention caches nothing: its pool is bookkeeping only
-            pages = config.max_batch * self.max_pages_per_request
-        elif budget < page * token_bytes:
-            raise CapacityError(f"kv_cache_bytes {budget} holds no page of {page} tokens ({page * token_bytes} bytes)")
-        else:
-            pages = budget // (page * token_bytes)
-        self.cache = PagedKVCache(arch, pages + 1, page, self.device, self.dtype)  # + the scratch page
+        pages = self._pool_pages(budget, page, step_tokens)
+        # + each group's scratch page
+        self.cache = PagedKVCache(arch, [n + 1 for n in pages], page, self.device, self.dtype, step_tokens)
+        groups = self.cache.groups
         self.limits = EngineLimits(
-            arch.vocab_size, self.max_model_len, page, self.cache.usable_pages, tokenizer is not None, config.max_batch
+            arch.vocab_size,
+            self.max_model_len,
+            page,
+            self.cache.usable_pages,
+            tokenizer is not None,
+            config.max_batch,
+            tuple((g.num_pages - 1, g.ring) for g in groups[1:]),
         )
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
@@ -307,6 +317,28 @@ class Engine:
                 self.graphs = DecodeGraphs(
                     model, self.cache, config.max_batch, self.max_pages_per_request, capture=True
                 )
+
+    def _request_pages(self, page: int, step_tokens: int, bytes_too: bool = False) -> list[int]:
+        """Pages (or their bytes) one request of max_model_len holds in each KV group (runtime/cache.py): a ring
+        in a windowed group, every page in the full-attention one."""
+        arch = self.model.arch
+        full = -(-self.max_model_len // page)
+        rings = [ring_pages(w, page, step_tokens, self.max_model_len) or full for w, _ in kv_groups(arch)]
+        if not bytes_too:
+            return rings
+        return [n * b for n, b in zip(rings, PagedKVCache.group_page_bytes(arch, page, self.dtype))]
+
+    def _pool_pages(self, budget: int, page: int, step_tokens: int) -> list[int]:
+        """Pages of each KV group for `budget` bytes, shared out as requests of max_model_len need them."""
+        rings = self._request_pages(page, step_tokens)
+        per_request = sum(self._request_pages(page, step_tokens, bytes_too=True))
+        if not per_request:  # a model with no attention caches nothing: its pool is bookkeeping only
+            return [self.config.max_batch * n for n in rings]
+        smallest = sum(PagedKVCache.group_page_bytes(self.model.arch, page, self.dtype))  # a page in each group
+        if budget < smallest:
+            raise CapacityError(f"kv_cache_bytes {budget} holds no page of {page} tokens ({smallest} bytes)")
+        # One group: budget // page bytes, as many pages as fit.
+        return [max(1, budget * n // per_request) for n in rings]
 
     # Requests
 
@@ -397,8 +429,7 @@ class Engine:
                 room -= n
         while self.waiting and room > 0 and len(self.running) < self.config.max_batch:
             req = self.waiting[0]
-            pages = self.cache.pages_for(req.prompt_len + req.budget - 1)
-            if pages > self.cache.free_pages:
+            if not self.cache.fits(req.prompt_len + req.budget - 1):
                 break  # FIFO: a request that does not fit yet is not overtaken (no starvation)
             self.waiting.popleft()
             req.pages = self.cache.allocate(req.prompt_len + req.budget - 1)  # the last token gets no K/V
@@ -435,8 +466,8 @@ class Engine:
         batch, tokens, last, sampling = self._step_batch(plan)
         decode_only = tokens.shape[0] == len(plan) == len(sampling)  # one token each, and each samples
         if self.graphs is not None and decode_only:
-            att = batch.attention
-            return self.graphs.run(tokens, batch.positions, batch.slots, att.seq_lens, att.block_tables), sampling
+            tables = [a.block_tables for a in batch.attention]
+            return self.graphs.run(tokens, batch.positions, batch.slots, batch.attention[0].seq_lens, tables), sampling
         hidden = self.model.forward_packed(tokens, batch)
         if not sampling:
             return None, sampling
@@ -447,32 +478,38 @@ class Engine:
     def _step_batch(self, plan: list[tuple[_Request, int]]) -> tuple[Batch, torch.Tensor, list[int], list[_Request]]:
         """The step's tokens and their Batch (positions, K/V slots, attention metadata), built once for all layers;
         with the index of each sampling request's last token, and those requests."""
-        page, dev = self.cache.page_size, self.device
-        tokens, positions, slots, cu, seq_lens, last, sampling = [], [], [], [0], [], [], []
+        cache, dev = self.cache, self.device
+        groups = range(len(cache.groups))
+        tokens, positions, cu, seq_lens, last, sampling = [], [], [0], [], [], []
+        slots: list[list[int]] = [[] for _ in groups]
         for req, n in plan:
             start, end = req.computed, req.computed + n
             tokens.extend(req.tokens[start:end])
             positions.extend(range(start, end))
-            slots.extend(req.pages[p // page] * page + p % page for p in range(start, end))
+            for g in groups:
+                slots[g].extend(cache.slot(g, req.pages[g], p) for p in range(start, end))
             cu.append(cu[-1] + n)
             seq_lens.append(end)
             if end == len(req.tokens):  # all its tokens cached after this step: it samples the next one
                 last.append(cu[-1] - 1)
                 sampling.append(req)
-        width = max(len(req.pages) for req, _ in plan)
-        table = [req.pages + [0] * (width - len(req.pages)) for req, _ in plan]
+        # Every group's table lists a page for each page of the tokens a request reserved (runtime/cache.py).
+        width = max(-(-(req.prompt_len + req.budget - 1) // cache.page_size) for req, _ in plan)
         as_long = dict(dtype=torch.int64, device=dev)
         cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
+        lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
         max_len = max(n for _, n in plan)
-        attention = kernels.PagedAttentionMetadata(
-            torch.tensor(table, dtype=torch.int32, device=dev),
-            cu_t,
-            torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            max_len,
-        )
-        batch = Batch(
-            torch.tensor(positions, **as_long), cu_t, max_len, self.cache, torch.tensor(slots, **as_long), attention
-        )
+        attention = [
+            kernels.PagedAttentionMetadata(
+                torch.tensor([cache.table(g, req.pages[g], width) for req, _ in plan], dtype=torch.int32, device=dev),
+                cu_t,
+                lens_t,
+                max_len,
+            )
+            for g in groups
+        ]
+        slots_t = [torch.tensor(s, **as_long) for s in slots]
+        batch = Batch(torch.tensor(positions, **as_long), cu_t, max_len, cache, slots_t, attention)
         return batch, torch.tensor(tokens, **as_long), last, sampling
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[RequestOutput]:

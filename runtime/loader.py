@@ -1,4 +1,5 @@
-"""Checkpoints: Hugging Face Llama and nemotron-nas (config.json + safetensors), read and written.
+"""Checkpoints: Hugging Face Llama, Qwen2, Qwen3, Mistral and nemotron-nas, and tessera's own format for
+heterogeneous children of the other families (config.json + safetensors), read and written.
 
 Weights keep Hugging Face names on disk (`model.layers.{i}.self_attn.q_proj.weight`, ...,
 `self_attn.linear_attn.weight`, `mlp.linear_mlp.weight`) so a tessera child loads in vLLM or transformers
@@ -212,11 +213,13 @@ def save_model(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
     tokenizer_from: str | Path | None = None,
+    fmt: hf_config.Format = "auto",
 ) -> Path:
     """Write config.json + safetensors (sharded with an index past `max_shard_bytes`) in HF format.
 
-    The config is LlamaForCausalLM when every layer is the same full block, else nemotron-nas. Tokenizer
-    files are copied from `tokenizer_from` when given.
+    `fmt` "auto": the config is the family's own format when it expresses the model, else nemotron-nas (Llama
+    family) or tessera's (the family's config plus block_configs); or the one asked (tessera/hf_config.py).
+    Tokenizer files are copied from `tokenizer_from` when given.
 
     Atomic (`files.replaced_folder`): written into a folder beside `path` that then replaces it whole, so a
     failure (a full disk) leaves the old checkpoint untouched. Files of an existing `path` that this function
@@ -235,7 +238,7 @@ def save_model(
     except ConfigError as e:
         raise CheckpointError(f"{path}: cannot save {stored} weights ({e})") from None
     with replaced_folder(target) as tmp:
-        only_tessera = _write_checkpoint(tmp, replace(model.arch, dtype=stored_name), tensors, max_shard_bytes)
+        only_tessera = _write_checkpoint(tmp, replace(model.arch, dtype=stored_name), tensors, max_shard_bytes, fmt)
         if tokenizer_from is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_from) / name
@@ -249,10 +252,10 @@ def save_model(
 
 
 def _write_checkpoint(
-    out: Path, arch: ArchConfig, tensors: dict[str, torch.Tensor], max_shard_bytes: int
+    out: Path, arch: ArchConfig, tensors: dict[str, torch.Tensor], max_shard_bytes: int, fmt: hf_config.Format
 ) -> str | None:
     """Write the checkpoint into `out`; returns why only tessera can load it, when that is so."""
-    config = arch.to_hf_dict()
+    config = arch.to_hf_dict(fmt)
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

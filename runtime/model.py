@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera import kernels
-from tessera.config import ArchConfig, BlockConfig, RopeConfig
+from tessera.config import ArchConfig, AttentionConfig, BlockConfig, RopeConfig
 from tessera.runtime.cache import PagedKVCache
 
 
@@ -36,16 +36,17 @@ class Batch:
     max_seqlen: the most tokens any sequence has in this pass (sizes attention grids without a device read).
 
     Without a cache (training, scoring, a plain forward) each sequence is whole and attends causally within
-    itself. With one (an engine step), `slots` [N] int64 says where each token's K/V go in the cache and
-    `attention` where each sequence's cached keys are; both are built once per step (runtime/engine.py).
+    itself. With one (an engine step), for each KV group of the cache (the layers of one attention window,
+    runtime/cache.py), `slots[g]` [N] int64 says where each token's K/V go and `attention[g]` where each
+    sequence's cached keys are; all are built once per step (runtime/engine.py).
     """
 
     positions: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
     cache: PagedKVCache | None = None
-    slots: torch.Tensor | None = None
-    attention: kernels.PagedAttentionMetadata | None = None
+    slots: list[torch.Tensor] | None = None
+    attention: list[kernels.PagedAttentionMetadata] | None = None
 
     @classmethod
     def sequences(cls, lengths: list[int], device: torch.device) -> Batch:
@@ -86,27 +87,40 @@ class RMSNorm(nn.Module):
 
 
 class GQAAttention(nn.Module):
-    def __init__(self, arch: ArchConfig, n_kv_heads: int, layer_idx: int) -> None:
+    """Grouped-query attention with the layer's own KV-head count and window, and what the parent's family adds:
+    q/k/v biases (Qwen2) in the packed projection, an RMSNorm over each query and key head before RoPE
+    (Qwen3)."""
+
+    def __init__(self, arch: ArchConfig, attention: AttentionConfig, layer_idx: int) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = arch.n_heads, n_kv_heads, arch.head_dim
-        self.layer_idx = layer_idx
-        q_dim, kv_dim = arch.n_heads * arch.head_dim, n_kv_heads * arch.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = arch.n_heads, attention.n_kv_heads, arch.head_dim
+        self.layer_idx, self.window = layer_idx, attention.window
+        q_dim, kv_dim = arch.n_heads * arch.head_dim, attention.n_kv_heads * arch.head_dim
         self.w_qkv = nn.Parameter(torch.empty(q_dim + 2 * kv_dim, arch.hidden_size))  # cat(q, k, v)
+        self.b_qkv = nn.Parameter(torch.empty(q_dim + 2 * kv_dim)) if arch.qkv_bias else None
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.w_o = nn.Parameter(torch.empty(arch.hidden_size, q_dim))
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n, hq, hkv, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = F.linear(x, self.w_qkv)  # (N, (Hq + 2 Hkv) D)
+        qkv = F.linear(x, self.w_qkv, self.b_qkv)  # (N, (Hq + 2 Hkv) D)
+        qk = qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d)
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
         # q and k sit side by side in the packed output: one rotation covers both.
-        qk = kernels.apply_rope(qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d), cos, sin)
+        qk = kernels.apply_rope(qk, cos, sin)
         q, k = qk[:, :hq], qk[:, hq:]  # (N, Hq, D), (N, Hkv, D)
         v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
         cache, layer = batch.cache, self.layer_idx
         if cache is None:
-            out = kernels.attention_prefill(q, k, v, batch.cu_seqlens, causal=True, max_seqlen=batch.max_seqlen)
+            out = kernels.attention_prefill(
+                q, k, v, batch.cu_seqlens, causal=True, max_seqlen=batch.max_seqlen, window=self.window
+            )
         else:
-            cache.write(layer, batch.slots, k, v)
-            out = kernels.attention_paged(q, cache.k[layer], cache.v[layer], batch.attention)
+            group = cache.group_of[layer]  # the layer's KV group: its slots and block tables (runtime/cache.py)
+            cache.write(layer, batch.slots[group], k, v)
+            out = kernels.attention_paged(q, cache.k[layer], cache.v[layer], batch.attention[group], window=self.window)
         return F.linear(out.reshape(n, hq * d), self.w_o)
 
 
@@ -143,7 +157,7 @@ class DecoderLayer(nn.Module):
         if block.attention.kind != "none":
             self.input_layernorm = RMSNorm(h, eps)
             if block.attention.kind == "gqa":
-                self.self_attn = GQAAttention(arch, block.attention.n_kv_heads, layer_idx)
+                self.self_attn = GQAAttention(arch, block.attention, layer_idx)
             else:
                 self.self_attn = LinearSublayer(h)
         if block.ffn.kind != "none":

@@ -15,8 +15,8 @@ packing is `torch.cat`, unpacking a split by each weight's rows. A no-op sublaye
 its norm (DESIGN.md). A fused FFN-Fusion group is an ordinary (wider) SwiGLU here.
 
 Axes are named, not sized: `HIDDEN`, `Q` (query heads × head_dim), `KV` (the layer's KV heads × head_dim),
-`INTER` (the layer's FFN width), `VOCAB`. A matrix's last axis is its input: each matrix whose input is
-`HIDDEN` reads its sublayer's normed input (fusion folds the norm weight into those).
+`INTER` (the layer's FFN width), `VOCAB`, `HEAD` (head_dim). A matrix's last axis is its input: each matrix
+whose input is `HIDDEN` reads its sublayer's normed input (fusion folds the norm weight into those).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from tessera.config import ArchConfig, BlockConfig
 
-HIDDEN, Q, KV, INTER, VOCAB = "hidden", "q", "kv", "inter", "vocab"
+HIDDEN, Q, KV, INTER, VOCAB, HEAD = "hidden", "q", "kv", "inter", "vocab", "head"
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,25 @@ ATTENTION: dict[str, tuple[Weight, ...]] = {
     "none": (),
 }
 
+# What the families add to a GQA attention (ArchConfig.qkv_bias, .qk_norm): attention_tables() puts them in.
+QKV_BIAS = (
+    Weight("q_bias", "self_attn.q_proj.bias", "self_attn.b_qkv", (Q,)),
+    Weight("k_bias", "self_attn.k_proj.bias", "self_attn.b_qkv", (KV,)),
+    Weight("v_bias", "self_attn.v_proj.bias", "self_attn.b_qkv", (KV,)),
+)
+QK_NORM = (
+    Weight("q_norm", "self_attn.q_norm.weight", "self_attn.q_norm.weight", (HEAD,)),
+    Weight("k_norm", "self_attn.k_norm.weight", "self_attn.k_norm.weight", (HEAD,)),
+)
+
+
+def attention_tables(arch: ArchConfig) -> dict[str, tuple[Weight, ...]]:
+    """ATTENTION for `arch`'s family: a GQA attention with its biases and q/k norms when the family has them."""
+    gqa = ATTENTION["gqa"]
+    extras = (QKV_BIAS if arch.qkv_bias else ()) + (QK_NORM if arch.qk_norm else ())
+    return {**ATTENTION, "gqa": gqa[:4] + extras + gqa[4:]}
+
+
 FFN: dict[str, tuple[Weight, ...]] = {
     "swiglu": (
         Weight("norm", "post_attention_layernorm.weight", "post_attention_layernorm.weight", (HIDDEN,)),
@@ -81,7 +100,7 @@ LM_HEAD = Weight("head", "lm_head.weight", "lm_head", (VOCAB, HIDDEN))  # absent
 
 def sizes(arch: ArchConfig, block: BlockConfig | None = None) -> dict[str, int]:
     """Axis sizes: the model-wide ones, and with `block` that layer's KV and FFN widths."""
-    out = {HIDDEN: arch.hidden_size, Q: arch.n_heads * arch.head_dim, VOCAB: arch.vocab_size}
+    out = {HIDDEN: arch.hidden_size, Q: arch.n_heads * arch.head_dim, VOCAB: arch.vocab_size, HEAD: arch.head_dim}
     if block is not None:
         if block.attention.kind == "gqa":
             out[KV] = block.attention.n_kv_heads * arch.head_dim
@@ -94,9 +113,10 @@ def sublayers(arch: ArchConfig) -> Iterator[tuple[str, str, tuple[Weight, ...], 
     """(Hugging Face prefix, tessera prefix, table, block) for each part of the model, in checkpoint order.
     The order is the order tensors are written in, so it decides which shard each lands in: keep it."""
     yield "", "", EMBEDDINGS if arch.tie_embeddings else (*EMBEDDINGS, LM_HEAD), None
+    attention = attention_tables(arch)
     for i, block in enumerate(arch.blocks):
         hf, param = f"model.layers.{i}.", f"layers.{i}."
-        yield hf, param, ATTENTION[block.attention.kind], block
+        yield hf, param, attention[block.attention.kind], block
         yield hf, param, FFN[block.ffn.kind], block
 
 

@@ -182,10 +182,11 @@ def timing_models(
 
 
 def block_memory_mib(arch: ArchConfig, block: BlockConfig, scenario: Scenario, dtype: torch.dtype) -> float:
-    """Weights + the KV cache of `batch` sequences of prompt + generated tokens (config formulas)."""
+    """Weights + the KV cache of `batch` sequences of prompt + generated tokens (config formulas; a windowed
+    layer keeps its last `window` tokens)."""
     name = dtype_name(dtype)
     weights = arch.block_params(block) * dtype_bytes(name)
-    kv = scenario.batch * scenario.seq_len * arch.kv_bytes_per_token_layer(block, name)
+    kv = scenario.batch * block.attention.kv_tokens(scenario.seq_len) * arch.kv_bytes_per_token_layer(block, name)
     return (weights + kv) / MIB
 
 

@@ -4,9 +4,11 @@
   mean_tokens |silu(gate_i)·up_i| · ||W_down[:, i]||₂, and gate/up rows and down columns are sliced with the
   same top-k index set.
 - Fewer KV heads: the K and V projection heads merged into one are averaged (contiguous groups, so query head
-  j keeps reading the merge of the heads it read before).
+  j keeps reading the merge of the heads it read before), with their biases (Qwen2); per-head q/k norms
+  (Qwen3) are shared by all heads and carry over. A window changes no weight: the parent's are copied.
 - Linear attention is what attention becomes when every token attends only to itself: W_o · W_v, with the V
-  heads repeated to the query heads. A linear FFN is W_down · W_up.
+  heads repeated to the query heads (a V bias is dropped: the linear sublayer has none, BLD makes up for it).
+  A linear FFN is W_down · W_up.
 - Anything else the child shares with the parent (norms, the parent's own variants) is copied.
 """
 
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.runtime.model import DecoderLayer, SwiGLU
-from tessera.runtime.weights import ATTENTION, FFN, INTER, Weight, pack, sublayer_kind, unpack
+from tessera.runtime.weights import FFN, INTER, Weight, attention_tables, pack, sublayer_kind, unpack
 
 
 @torch.no_grad()
@@ -45,26 +47,28 @@ def _parent_weights(
 def _attention_weights(arch: ArchConfig, parent: DecoderLayer, target: AttentionConfig) -> dict[str, torch.Tensor]:
     if target.kind == "none":
         return {}
-    kind, w = _parent_weights(arch, parent, ATTENTION)
+    tables = attention_tables(arch)
+    kind, w = _parent_weights(arch, parent, tables)
     if kind == "linear":
         if target.kind != "linear":
             raise ValueError(f"a linear parent attention cannot become {target.name}")
-        return pack(ATTENTION["linear"], w)
+        return pack(tables["linear"], w)
     if kind == "none":
         raise ValueError(f"a parent layer without attention cannot become {target.name}")
     hq, d, h = arch.n_heads, arch.head_dim, arch.hidden_size
     hkv = w["k"].shape[0] // d
     if target.kind == "linear":
         v_per_query = w["v"].view(hkv, d, h).repeat_interleave(hq // hkv, dim=0).reshape(hq * d, h)
-        return pack(ATTENTION["linear"], {"norm": w["norm"], "linear": w["o"] @ v_per_query})
+        return pack(tables["linear"], {"norm": w["norm"], "linear": w["o"] @ v_per_query})
     new = target.n_kv_heads
     if hkv % new:
         raise ValueError(f"{new} KV heads cannot be made by merging the parent's {hkv}")
 
-    def merge(x: torch.Tensor) -> torch.Tensor:  # [Hkv·D, H] -> [new·D, H], contiguous groups averaged
-        return x.view(new, hkv // new, d, h).mean(dim=1).reshape(new * d, h)
+    def merge(x: torch.Tensor) -> torch.Tensor:  # [Hkv·D, ...] -> [new·D, ...], contiguous groups averaged
+        return x.view(new, hkv // new, d, *x.shape[1:]).mean(dim=1).reshape(new * d, *x.shape[1:])
 
-    return pack(ATTENTION["gqa"], {**w, "k": merge(w["k"]), "v": merge(w["v"])})
+    merged = {role: merge(w[role]) for role in ("k", "v", "k_bias", "v_bias") if role in w}
+    return pack(tables["gqa"], {**w, **merged})
 
 
 def _ffn_weights(

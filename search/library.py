@@ -1,9 +1,11 @@
 """The search space and the block library: which variants each layer may take, and what each one costs and scores.
 
-Search space (Puzzle §3): per layer, attention is GQA with any KV-head count that divides the parent's, a
-single [H, H] linear layer, or nothing; the FFN is a SwiGLU at a list of width ratios of the parent's (rounded
-to a hardware-friendly multiple), a linear layer, or nothing. A block variant is one (attention, FFN) pair,
-named by `BlockConfig.name` ("gqa_kv2+ffn_384", "attn_none+ffn_linear").
+Search space (Puzzle §3): per layer, attention is GQA with any KV-head count that divides the parent's, each
+with the parent's own window and, when asked (`windows`), narrower ones (as gpt-oss-puzzle chooses 128, 8192
+or full per layer), a single [H, H] linear layer, or nothing; the FFN is a SwiGLU at a list of width ratios of
+the parent's (rounded to a hardware-friendly multiple), a linear layer, or nothing. A block variant is one
+(attention, FFN) pair, named by `BlockConfig.name` ("gqa_kv2+ffn_384", "gqa_kv8_w128+ffn_1024",
+"attn_none+ffn_linear").
 
 The block library is JSON in the schema of NVIDIA's published Puzzle demo, so libraries are portable between
 tools: `{"layer_0": {"<variant>": {"stats": {...}, "metrics": {...}}, ...}, ...}`. The MIP reads any numeric
@@ -47,8 +49,14 @@ class SearchSpace:
     no_attention: bool = True
     linear_ffn: bool = True
     no_ffn: bool = True
+    # Attention windows offered beside each KV-head count (narrower than the parent layer's own, if it has one).
+    # None by default: a window saves KV memory and time only where contexts outgrow it, so a search asks for
+    # it with scenarios that long (`--windows 128,1024`).
+    windows: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if any(type(w) is not int or w < 1 for w in self.windows):
+            raise UserError(f"windows must be numbers of keys >= 1, got {self.windows}")
         if any(not 0 < r <= 1 for r in self.ffn_ratios):
             raise UserError(f"ffn_ratios must lie in (0, 1], got {self.ffn_ratios}")
         if self.ffn_multiple < 1:
@@ -59,7 +67,10 @@ class SearchSpace:
         out: list[AttentionConfig] = []
         if parent.kind == "gqa":
             counts = self.kv_heads or tuple(k for k in range(parent.n_kv_heads, 0, -1) if parent.n_kv_heads % k == 0)
-            out += [AttentionConfig("gqa", k) for k in counts if parent.n_kv_heads % k == 0]
+            # The parent's window (None: full) first; a window never widens: the weights never saw further back.
+            narrower = sorted({w for w in self.windows if parent.window is None or w < parent.window}, reverse=True)
+            windows = [parent.window, *narrower]
+            out += [AttentionConfig("gqa", k, window=w) for k in counts if parent.n_kv_heads % k == 0 for w in windows]
         if parent.kind in ("gqa", "linear") and self.linear_attention:
             out.append(AttentionConfig("linear"))
         if self.no_attention or parent.kind == "none":
@@ -87,17 +98,20 @@ class SearchSpace:
         return [BlockConfig(a, f) for a in self.attention_variants(arch, layer) for f in self.ffn_variants(arch, layer)]
 
 
-_NAME = re.compile(r"^(?:gqa_kv(?P<kv>\d+)|attn_(?P<att>linear|none))\+ffn_(?:(?P<width>\d+)|(?P<ffn>linear|none))$")
+_NAME = re.compile(
+    r"^(?:gqa_kv(?P<kv>\d+)(?:_w(?P<window>\d+))?|attn_(?P<att>linear|none))\+ffn_(?:(?P<width>\d+)|(?P<ffn>linear|none))$"
+)
 
 
 def block_from_name(name: str) -> BlockConfig:
-    """Inverse of `BlockConfig.name`: "gqa_kv2+ffn_384" -> BlockConfig(gqa 2, swiglu 384)."""
+    """Inverse of `BlockConfig.name`: "gqa_kv2_w128+ffn_384" -> BlockConfig(gqa 2 window 128, swiglu 384)."""
     m = _NAME.match(name)
     if m is None:
         raise LibraryError(
             f"variant {name!r}: expected a tessera block name like 'gqa_kv4+ffn_768' or 'attn_none+ffn_linear'"
         )
-    att = AttentionConfig("gqa", int(m["kv"])) if m["kv"] else AttentionConfig(m["att"])
+    window = int(m["window"]) if m["window"] else None
+    att = AttentionConfig("gqa", int(m["kv"]), window=window) if m["kv"] else AttentionConfig(m["att"])
     ffn = FFNConfig("swiglu", int(m["width"])) if m["width"] else FFNConfig(m["ffn"])
     return BlockConfig(att, ffn)
 
@@ -107,6 +121,7 @@ def shape_stats(arch: ArchConfig, block: BlockConfig) -> dict[str, Any]:
     return {
         "attention_kind": block.attention.kind,
         "num_kv_heads": block.attention.n_kv_heads or 0,
+        "attention_window": block.attention.window or 0,
         "ffn_kind": block.ffn.kind,
         "ffn_intermediate_size": block.ffn.intermediate_size or 0,
         "num_params": arch.block_params(block),

@@ -112,12 +112,22 @@ def speedup_list(text: str) -> tuple[float, ...]:
     return tuple(_budget("target_speedup")(x) for x in text.split(",") if x.strip())
 
 
-def layer_counts(text: str) -> tuple[int, ...]:
-    """'4,8,16' -> (4, 8, 16): each a positive integer, at least one."""
+def positive_ints(text: str) -> tuple[int, ...]:
+    """'4,8,16' -> (4, 8, 16): each a positive integer, at least one (layer counts, attention windows)."""
     counts = tuple(positive_int(x) for x in text.split(",") if x.strip())
     if not counts:
-        raise argparse.ArgumentTypeError(f"expected layer counts like 4,8,16, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected positive integers like 4,8,16, got {text!r}")
     return counts
+
+
+def _add_windows(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--windows",
+        type=positive_ints,
+        default=(),
+        metavar="N,N,...",
+        help="attention windows (keys) offered beside each KV-head count, e.g. 128,1024 (default: none)",
+    )
 
 
 def utf8_text(text: str) -> str:
@@ -185,8 +195,8 @@ def _format_info(arch: ArchConfig, source: str) -> str:
     s = arch.summary()
     lines = [
         f"{source}",
-        f"  layers {s['num_layers']}, hidden {s['hidden_size']}, heads {s['num_heads']} x {s['head_dim']}, "
-        f"vocab {s['vocab_size']}, tied embeddings {arch.tie_embeddings}",
+        f"  {s['family']} family, layers {s['num_layers']}, hidden {s['hidden_size']}, heads {s['num_heads']} x "
+        f"{s['head_dim']}, vocab {s['vocab_size']}, tied embeddings {arch.tie_embeddings}",
         f"  parameters      {s['num_params']:,} ({_short(s['num_params'])})",
         f"  weight bytes    {s['weight_bytes']:,} ({arch.dtype})",
         f"  KV bytes/token  {s['kv_bytes_per_token']:,} ({arch.dtype})",
@@ -202,15 +212,16 @@ def _format_info(arch: ArchConfig, source: str) -> str:
         )
     lines += [
         "",
-        f"  {'layer':>5}  {'attention':<12} {'ffn':<20} {'params':>16} {'KV B/token':>10}",
+        f"  {'layer':>5}  {'attention':<18} {'ffn':<20} {'params':>16} {'KV B/token':>10}",
     ]
     fused = {f["layer"] for f in s["fused_ffns"]}
     for layer in s["layers"]:
         att = f"gqa kv={layer['n_kv_heads']}" if layer["attention"] == "gqa" else layer["attention"]
+        att += "" if layer["window"] is None else f" w={layer['window']}"
         ffn = f"swiglu {layer['intermediate_size']}" if layer["ffn"] == "swiglu" else layer["ffn"]
         ffn += " fused" if layer["layer"] in fused else ""
         lines.append(
-            f"  {layer['layer']:>5}  {att:<12} {ffn:<20} {layer['num_params']:>16,} {layer['kv_bytes_per_token']:>10,}"
+            f"  {layer['layer']:>5}  {att:<18} {ffn:<20} {layer['num_params']:>16,} {layer['kv_bytes_per_token']:>10,}"
         )
     return "\n".join(lines)
 
@@ -395,7 +406,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     )
     device = resolve_device(args.device)
     arch = ArchConfig.from_json(args.model)
-    space = SearchSpace()
+    space = SearchSpace(windows=args.windows)
     variants = [space.block_variants(arch, i) for i in range(arch.n_layers)]
     check = [list(arch.blocks), *random_architectures(variants, args.validate)] if args.validate else []
     table = calibrate(arch, [b for v in variants for b in v], _scenario(args), device, torch.float32, check)
@@ -460,7 +471,9 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     if budget == Budget():
         budget = Budget(target_speedup=1.5)
     cfg = OptimizeConfig(
-        space=SearchSpace(linear_attention=not args.no_linear_attention, ffn_multiple=args.ffn_multiple),
+        space=SearchSpace(
+            linear_attention=not args.no_linear_attention, ffn_multiple=args.ffn_multiple, windows=args.windows
+        ),
         scenario=_scenario(args),
         also_scenarios=tuple(args.also_scenario),
         bld=replace(BLDConfig(), steps=args.bld_steps),
@@ -591,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["kernels", "model", "fusion", "serving", "search-scale"])
     p.add_argument(
         "--depths",
-        type=layer_counts,
+        type=positive_ints,
         default=(4, 8, 16),
         help="search-scale: parent depths, e.g. 4,8,16 (layers of the Llama-3.2-1B shape)",
     )
@@ -664,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory or config.json (weights are not needed)")
     p.add_argument("--out", default="cost.json", help="the cost table (JSON); its folder must exist")
     p.add_argument("--overwrite", action="store_true", help="replace an --out file that is not a cost table")
+    _add_windows(p)
     p.add_argument(
         "--validate",
         type=nonnegative_int,
@@ -730,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="pruned FFN widths are multiples of N (256: what other runtimes load; another N: tessera-only children)",
     )
+    _add_windows(p)
     p.add_argument("--fuse", action="store_true", help="FFN Fusion of the chosen child afterwards (into OUT/fused)")
     p.add_argument(
         "--fresh", action="store_true", help="delete the distilled blocks of an earlier run in --out and train again"

@@ -19,6 +19,10 @@ from tessera.errors import UserError
 
 AttentionKind = Literal["gqa", "linear", "none"]
 FFNKind = Literal["swiglu", "linear", "none"]
+# The Hugging Face model families a parent may come from; a child keeps its parent's (runtime/weights.py and
+# tessera/hf_config.py say what each adds to the Llama block: q/k/v biases, per-head q/k norms, windows).
+Family = Literal["llama", "qwen2", "qwen3", "mistral"]
+FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "mistral")
 
 # Storage dtypes a checkpoint (config "torch_dtype") may declare; float64 loads (cast to the run dtype) like any.
 DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
@@ -72,18 +76,35 @@ def dtype_bytes(dtype: str) -> int:
 class AttentionConfig:
     kind: AttentionKind = "gqa"
     n_kv_heads: int | None = None  # only for "gqa"; n_heads must be a multiple of it
+    # Only for "gqa": a query at position p sees the keys at p - window + 1 .. p (Mistral's and Qwen's
+    # sliding_window: `window` keys, its own included); None sees every earlier key.
+    window: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("gqa", "linear", "none"):
             raise ConfigError(f"attention kind {self.kind!r}: expected 'gqa', 'linear' or 'none'")
         if self.kind == "gqa" and (self.n_kv_heads is None or self.n_kv_heads < 1):
             raise ConfigError(f"gqa attention needs n_kv_heads >= 1, got {self.n_kv_heads}")
-        if self.kind != "gqa" and self.n_kv_heads is not None:
-            raise ConfigError(f"{self.kind} attention has no KV heads, got n_kv_heads={self.n_kv_heads}")
+        if self.kind != "gqa" and (self.n_kv_heads is not None or self.window is not None):
+            raise ConfigError(
+                f"{self.kind} attention has no KV heads or window, got n_kv_heads={self.n_kv_heads}, "
+                f"window={self.window}"
+            )
+        if self.window is not None and (type(self.window) is not int or self.window < 1):
+            raise ConfigError(f"an attention window is a number of keys >= 1, got {self.window!r}")
 
     @property
     def name(self) -> str:
-        return f"gqa_kv{self.n_kv_heads}" if self.kind == "gqa" else f"attn_{self.kind}"
+        if self.kind != "gqa":
+            return f"attn_{self.kind}"
+        return f"gqa_kv{self.n_kv_heads}" + ("" if self.window is None else f"_w{self.window}")
+
+    def kv_tokens(self, context_len: int) -> int:
+        """The cached tokens a sequence of `context_len` tokens keeps (and a decode step reads): all of them,
+        the last `window` under a window, none without a cache."""
+        if self.kind != "gqa":
+            return 0
+        return context_len if self.window is None else min(context_len, self.window)
 
 
 @dataclass(frozen=True)
@@ -150,8 +171,11 @@ class ArchConfig:
     # fused wide FFN (the released Ultra-253B layout). Written by `tessera fuse` as "ffn_fusion_spans";
     # for configs without the key, `fused_ffn_spans()` infers them from the layout.
     fusion_spans: tuple[tuple[int, int], ...] = ()
+    family: Family = "llama"  # the Hugging Face family of the parent (its config.json's model_type)
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family {self.family!r}: expected one of {', '.join(FAMILIES)}")
         for name in ("vocab_size", "hidden_size", "n_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -175,6 +199,16 @@ class ArchConfig:
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on the q, k and v projections (Qwen2's attention; never on o)."""
+        return self.family == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """An RMSNorm over head_dim on each query and key head before RoPE (Qwen3's attention)."""
+        return self.family == "qwen3"
 
     def with_blocks(self, blocks: list[BlockConfig] | tuple[BlockConfig, ...]) -> ArchConfig:
         """The same model with other blocks (recorded fusion spans do not carry over)."""
@@ -214,7 +248,8 @@ class ArchConfig:
         h, q = self.hidden_size, self.n_heads * self.head_dim
         if attention.kind == "gqa":
             kv = attention.n_kv_heads * self.head_dim
-            return h * q + 2 * h * kv + q * h + h  # q, k, v, o projections + input norm
+            extras = (q + 2 * kv if self.qkv_bias else 0) + (2 * self.head_dim if self.qk_norm else 0)
+            return h * q + 2 * h * kv + q * h + h + extras  # q, k, v, o projections + input norm (+ biases, q/k norms)
         if attention.kind == "linear":
             return h * h + h
         return 0
@@ -246,13 +281,17 @@ class ArchConfig:
     def kv_bytes_per_token(self, dtype: str | None = None) -> int:
         return sum(self.kv_bytes_per_token_layer(b, dtype) for b in self.blocks)
 
+    def kv_bytes(self, context_len: int, dtype: str | None = None) -> int:
+        """KV bytes one sequence of `context_len` tokens keeps: a windowed layer its last `window` tokens only."""
+        return sum(b.attention.kv_tokens(context_len) * self.kv_bytes_per_token_layer(b, dtype) for b in self.blocks)
+
     def decode_step_bytes(self, batch: int, context_len: int, dtype: str | None = None) -> int:
         """Fewest bytes one decode step must read: every weight once (the input embedding only as the tied LM
-        head: a lookup reads `batch` rows) plus each sequence's KV cache at `context_len` tokens. Divided by
-        the memory bandwidth, the floor of a decode step's time."""
+        head: a lookup reads `batch` rows) plus each sequence's KV cache at `context_len` tokens (a windowed
+        layer's last `window`). Divided by the memory bandwidth, the floor of a decode step's time."""
         lookup_only = 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
         weights = (self.num_params() - lookup_only) * dtype_bytes(dtype or self.dtype)
-        return weights + batch * context_len * self.kv_bytes_per_token(dtype)
+        return weights + batch * self.kv_bytes(context_len, dtype)
 
     def flops_per_token(self, context_len: int = 0) -> int:
         """Forward FLOPs for one token attending to `context_len` cached tokens.
@@ -265,8 +304,7 @@ class ArchConfig:
         for block in self.blocks:
             flops += 2 * (self.attention_params(block.attention) - (h if block.attention.kind != "none" else 0))
             flops += 2 * (self.ffn_params(block.ffn) - (h if block.ffn.kind != "none" else 0))
-            if block.attention.kind == "gqa":
-                flops += 4 * self.n_heads * self.head_dim * context_len
+            flops += 4 * self.n_heads * self.head_dim * block.attention.kv_tokens(context_len)
         return flops
 
     def summary(self) -> dict[str, Any]:
@@ -277,6 +315,7 @@ class ArchConfig:
             "num_heads": self.n_heads,
             "head_dim": self.head_dim,
             "vocab_size": self.vocab_size,
+            "family": self.family,
             "num_params": self.num_params(),
             "dtype": self.dtype,
             "weight_bytes": self.weight_bytes(),
@@ -293,6 +332,7 @@ class ArchConfig:
                     "layer": i,
                     "attention": b.attention.kind,
                     "n_kv_heads": b.attention.n_kv_heads,
+                    "window": b.attention.window,
                     "ffn": b.ffn.kind,
                     "intermediate_size": b.ffn.intermediate_size,
                     "num_params": self.block_params(b),
@@ -302,8 +342,8 @@ class ArchConfig:
             ],
         }
 
-    def is_uniform_llama(self) -> bool:
-        """True when every layer is full GQA + SwiGLU with the same shape (a plain LlamaForCausalLM)."""
+    def is_uniform(self) -> bool:
+        """True when every layer is the same full GQA + SwiGLU block (a plain parent of its family)."""
         first = self.blocks[0]
         return first.attention.kind == "gqa" and first.ffn.kind == "swiglu" and all(b == first for b in self.blocks)
 
@@ -322,13 +362,13 @@ class ArchConfig:
 
         return hf_config.load(path)
 
-    def to_hf_dict(self, fmt: Literal["auto", "llama", "nemotron-nas"] = "auto") -> dict[str, Any]:
-        """config.json contents: Llama when every layer is the same full block (or asked), else nemotron-nas."""
+    def to_hf_dict(self, fmt: Literal["auto", "family", "nemotron-nas", "tessera"] = "auto") -> dict[str, Any]:
+        """config.json contents in a format of tessera/hf_config.py ("auto": the family's own when it can)."""
         from tessera import hf_config
 
         return hf_config.to_dict(self, fmt)
 
-    def save_json(self, path: str | Path, fmt: Literal["auto", "llama", "nemotron-nas"] = "auto") -> None:
+    def save_json(self, path: str | Path, fmt: Literal["auto", "family", "nemotron-nas", "tessera"] = "auto") -> None:
         from tessera import hf_config
 
         hf_config.save(self, path, fmt)

@@ -1,9 +1,15 @@
-"""Hugging Face config.json: reading and writing the two formats tessera serves and produces.
+"""Hugging Face config.json: reading and writing the formats tessera serves and produces.
 
-`LlamaForCausalLM` (every layer the same) and `nemotron-nas` / `DeciLMForCausalLM` (per-layer `block_configs`,
-as in NVIDIA's Puzzle models: `n_kv_heads = n_heads // n_heads_in_group`, `intermediate_size =
-find_multiple(int(2 * ffn_mult * hidden / 3), 256)`). The architecture they describe and its cost formulas are
-tessera/config.py; `ArchConfig.from_json`, `.from_hf_dict`, `.to_hf_dict` and `.save_json` call this module.
+- The families' own formats, every layer the same: `LlamaForCausalLM`, `Qwen2ForCausalLM` (q/k/v biases,
+  optional sliding windows per `layer_types`), `Qwen3ForCausalLM` (per-head q/k RMSNorm, `head_dim` of its
+  own) and `MistralForCausalLM` (one `sliding_window` for every layer, or null).
+- `nemotron-nas` / `DeciLMForCausalLM`: a Llama-family model with per-layer `block_configs`, as in NVIDIA's
+  Puzzle models (`n_kv_heads = n_heads // n_heads_in_group`, `intermediate_size = find_multiple(int(2 *
+  ffn_mult * hidden / 3), 256)`, `window_length` for a windowed layer).
+- tessera's own format: a family's config.json plus the same `block_configs` (any family; what a Qwen or
+  Mistral child is saved as, since no other runtime has a heterogeneous format for them).
+The architecture they describe and its cost formulas are tessera/config.py; `ArchConfig.from_json`,
+`.from_hf_dict`, `.to_hf_dict` and `.save_json` call this module.
 
 config.json is an input boundary (STYLE 14): the readers check every field they read for type and range
 (a JSON "false" is a true string, and Python's bool is an int) and refuse sizes beyond generous sanity bounds,
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,12 +40,22 @@ from tessera.config import (
 )
 from tessera.files import atomic_write_text
 
-Format = Literal["auto", "llama", "nemotron-nas"]
+# "family": the parent family's own format (every layer the same); "nemotron-nas": per-layer blocks of a
+# Llama-family model; "tessera": the family's format plus per-layer block_configs; "auto": the first of these
+# that expresses the architecture.
+Format = Literal["auto", "family", "nemotron-nas", "tessera"]
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+MODEL_TYPES = (*ARCHITECTURES, "nemotron-nas")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Per-layer keys of nemotron-nas block_configs that the runtime accepts only at their neutral value.
 _NEUTRAL_ATTENTION_KEYS = {
     "sparsify": (None, [], False),
-    "window_length": (None,),
     "num_sink_tokens": (None, 0),
     "unshifted_sink": (False, None),
     "use_prefill_window_in_sink_attention": (False, None),
@@ -221,11 +238,18 @@ def _read_dtype(cfg: dict[str, Any], source: str) -> str:
 def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
     """The architecture a parsed config.json describes; `source` names it in error messages."""
     model_type = cfg.get("model_type")
-    if model_type not in ("llama", "nemotron-nas"):
-        raise ConfigError(f"{source}: model_type {model_type!r} is not supported (expected 'llama' or 'nemotron-nas')")
-    for key in ("attention_bias", "mlp_bias"):
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: model_type {json_excerpt(model_type)} is not supported (expected one of "
+            + ", ".join(repr(t) for t in MODEL_TYPES)
+            + ")"
+        )
+    family = "llama" if model_type == "nemotron-nas" else model_type
+    # Qwen2 puts biases on q/k/v whatever attention_bias says (its modeling has no such switch); elsewhere
+    # attention_bias would add biases tessera's blocks do not have (Qwen3's and Llama's on o_proj too).
+    for key in ("mlp_bias",) if family == "qwen2" else ("attention_bias", "mlp_bias"):
         if _bool(cfg, key, source):
-            raise ConfigError(f"{source}: field {key!r} is true; tessera's blocks have no biases")
+            raise ConfigError(f"{source}: field {key!r} is true; tessera's {family} blocks have no such biases")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{source}: hidden_act {act!r} is not supported (expected 'silu' for SwiGLU)")
@@ -233,23 +257,27 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
     hidden = _int(cfg, "hidden_size", source)
     n_heads = _int(cfg, "num_attention_heads", source)
     n_layers = _int(cfg, "num_hidden_layers", source, hi=_MAX_LAYERS)
-    if hidden % n_heads and cfg.get("head_dim") is None:
+    # Qwen3Config's head_dim defaults to 128, not hidden / heads.
+    default_head_dim = 128 if family == "qwen3" else hidden // n_heads
+    if hidden % n_heads and cfg.get("head_dim") is None and family != "qwen3":
         raise ConfigError(f"{source}: num_attention_heads={n_heads} does not divide hidden_size={hidden}")
-    head_dim = _int(cfg, "head_dim", source, hidden // n_heads)
+    head_dim = _int(cfg, "head_dim", source, default_head_dim)
     vocab_size = _int(cfg, "vocab_size", source)
 
-    if model_type == "llama":
-        n_kv = _int(cfg, "num_key_value_heads", source, n_heads)
-        if n_heads % n_kv:
-            raise ConfigError(f"{source}: num_key_value_heads={n_kv} does not divide num_attention_heads={n_heads}")
-        width = _int(cfg, "intermediate_size", source)
-        block = BlockConfig(AttentionConfig("gqa", n_kv), FFNConfig("swiglu", width))
-        blocks = (block,) * n_layers
-    else:
+    if cfg.get("block_configs") is not None or model_type == "nemotron-nas":
         raw = _get(cfg, "block_configs", source, list)
         if len(raw) != n_layers:
             raise ConfigError(f"{source}: block_configs has {len(raw)} entries but num_hidden_layers is {n_layers}")
         blocks = tuple(_nas_block(b, i, hidden, n_heads, source) for i, b in enumerate(raw))
+    else:
+        n_kv = _int(cfg, "num_key_value_heads", source, n_heads)
+        if n_heads % n_kv:
+            raise ConfigError(f"{source}: num_key_value_heads={n_kv} does not divide num_attention_heads={n_heads}")
+        width = _int(cfg, "intermediate_size", source)
+        blocks = tuple(
+            BlockConfig(AttentionConfig("gqa", n_kv, window=w), FFNConfig("swiglu", width))
+            for w in _read_windows(cfg, family, n_layers, source)
+        )
 
     bos = cfg.get("bos_token_id")
     eos = cfg.get("eos_token_id")
@@ -259,6 +287,7 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
         eos_ids = () if eos is None else (_token_id(eos, source, "eos_token_id", vocab_size),)
     # Not used by tessera, only type-checked; old Llama conversions write -1 for "none".
     _int(cfg, "pad_token_id", source, None, lo=-1, expected=f"an integer in [-1, {_MAX_DIM}] or null")
+    llama = family == "llama"  # the other families' configs default to eps 1e-6 and longer contexts
     try:
         return ArchConfig(
             vocab_size=vocab_size,
@@ -268,17 +297,52 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
             blocks=blocks,
             rope=_read_rope(cfg, source),
             rms_norm_eps=_float(
-                cfg, "rms_norm_eps", source, 1e-5, ok=lambda x: 0 < x < 1, expected="a number in (0, 1)"
+                cfg,
+                "rms_norm_eps",
+                source,
+                1e-5 if llama else 1e-6,
+                ok=lambda x: 0 < x < 1,
+                expected="a number in (0, 1)",
             ),
             tie_embeddings=_bool(cfg, "tie_word_embeddings", source),
-            max_position_embeddings=_int(cfg, "max_position_embeddings", source, 8192, hi=_MAX_POSITIONS),
+            max_position_embeddings=_int(
+                cfg, "max_position_embeddings", source, 8192 if llama else 32768, hi=_MAX_POSITIONS
+            ),
             bos_token_id=None if bos is None else _token_id(bos, source, "bos_token_id", vocab_size),
             eos_token_ids=eos_ids,
             dtype=_read_dtype(cfg, source),
             fusion_spans=_read_fusion_spans(cfg, source),
+            family=family,
         )
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _read_windows(cfg: dict[str, Any], family: str, n_layers: int, source: str) -> list[int | None]:
+    """Each layer's attention window, as the family's modeling in transformers reads it: Mistral one
+    `sliding_window` for every layer (4096 when the key is absent, none when null); Qwen2/Qwen3 a window only
+    with `use_sliding_window`, on the layers `layer_types` calls "sliding_attention" (without the list, those
+    from `max_window_layers` on); Llama none."""
+    if family == "llama":
+        return [None] * n_layers
+    if family == "mistral":
+        window = None if "sliding_window" in cfg and cfg["sliding_window"] is None else _window(cfg, source)
+        return [window] * n_layers
+    window = _window(cfg, source) if _bool(cfg, "use_sliding_window", source) else None
+    types = _get(cfg, "layer_types", source, list, None)
+    if types is None:
+        first = _int(cfg, "max_window_layers", source, 28, lo=0, hi=_MAX_LAYERS)
+        return [window if i >= first else None for i in range(n_layers)]
+    if len(types) != n_layers:
+        raise ConfigError(f"{source}: layer_types has {len(types)} entries but num_hidden_layers is {n_layers}")
+    for i, kind in enumerate(types):
+        if kind not in _LAYER_TYPES:
+            raise _bad(source, f"layer_types[{i}]", " or ".join(repr(t) for t in _LAYER_TYPES), kind)
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
+def _window(cfg: dict[str, Any], source: str) -> int:
+    return _int(cfg, "sliding_window", source, 4096, hi=_MAX_POSITIONS)
 
 
 def _read_fusion_spans(cfg: dict[str, Any], source: str) -> tuple[tuple[int, int], ...]:
@@ -296,14 +360,20 @@ def _nas_block(raw: Any, i: int, hidden: int, n_heads: int, source: str) -> Bloc
         raise ConfigError(f"{where}: expected an object with 'attention' and 'ffn' objects")
     att, ffn = raw["attention"], raw["ffn"]
     _check_neutral(
-        att, _NEUTRAL_ATTENTION_KEYS, {"n_heads_in_group", "no_op", "replace_with_linear"}, f"{where}.attention"
+        att,
+        _NEUTRAL_ATTENTION_KEYS,
+        {"n_heads_in_group", "no_op", "replace_with_linear", "window_length"},
+        f"{where}.attention",
     )
     _check_neutral(
         ffn, _NEUTRAL_FFN_KEYS, {"ffn_mult", "intermediate_size", "no_op", "replace_with_linear"}, f"{where}.ffn"
     )
 
     replaced = _replaced_by(att, source, a, f"{where}.attention")
+    window = _int(att, "window_length", source, None, hi=_MAX_POSITIONS, name=f"{a}.window_length")
     if replaced:
+        if window is not None:
+            raise ConfigError(f"{where}.attention: window_length {window} on an attention that is replaced")
         attention = AttentionConfig(replaced)
     else:
         group = _int(att, "n_heads_in_group", source, name=f"{a}.n_heads_in_group")
@@ -311,7 +381,7 @@ def _nas_block(raw: Any, i: int, hidden: int, n_heads: int, source: str) -> Bloc
             raise ConfigError(
                 f"{where}.attention.n_heads_in_group={group} does not divide num_attention_heads={n_heads}"
             )
-        attention = AttentionConfig("gqa", n_heads // group)
+        attention = AttentionConfig("gqa", n_heads // group, window=window)
 
     replaced = _replaced_by(ffn, source, f, f"{where}.ffn")
     if replaced:
@@ -355,23 +425,48 @@ def save(arch: ArchConfig, path: str | Path, fmt: Format = "auto") -> None:
     atomic_write_text(path, json.dumps(to_dict(arch, fmt), indent=2) + "\n")
 
 
+def family_expresses(arch: ArchConfig) -> bool:
+    """Whether the family's own config.json describes `arch`: every layer the same full GQA + SwiGLU block but
+    for windows the family can place (Llama: none; Mistral: one for all layers; Qwen: any layers)."""
+    first = replace(arch.blocks[0], attention=replace(arch.blocks[0].attention, window=None))
+    if first.attention.kind != "gqa" or first.ffn.kind != "swiglu":
+        return False
+    if any(replace(b, attention=replace(b.attention, window=None)) != first for b in arch.blocks):
+        return False
+    windows = {b.attention.window for b in arch.blocks}
+    if arch.family == "llama":
+        return windows == {None}
+    if arch.family == "mistral":
+        return len(windows) == 1
+    return len(windows - {None}) <= 1
+
+
 def to_dict(arch: ArchConfig, fmt: Format = "auto") -> dict[str, Any]:
-    """config.json contents: Llama when every layer is the same full block (or asked), else nemotron-nas."""
+    """config.json contents. "auto": the family's own format when it expresses the architecture, else
+    nemotron-nas for a Llama-family model and tessera's format (the family's config plus block_configs) for
+    the others."""
     if fmt == "auto":
-        fmt = "llama" if arch.is_uniform_llama() else "nemotron-nas"
-    if fmt == "llama" and not arch.is_uniform_llama():
-        raise ConfigError("a heterogeneous architecture cannot be written as LlamaForCausalLM; use nemotron-nas")
+        fmt = "family" if family_expresses(arch) else "nemotron-nas" if arch.family == "llama" else "tessera"
+    name = ARCHITECTURES[arch.family]
+    if fmt == "family" and not family_expresses(arch):
+        raise ConfigError(
+            f"this heterogeneous architecture cannot be written as {name}; use 'nemotron-nas' (Llama family) or "
+            "'tessera'"
+        )
+    if fmt == "nemotron-nas" and arch.family != "llama":
+        raise ConfigError(
+            f"a {arch.family} model cannot be written as nemotron-nas (a Llama-family format); use 'tessera'"
+        )
+    nas = fmt == "nemotron-nas"
     out: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM" if fmt == "llama" else "DeciLMForCausalLM"],
-        "model_type": "llama" if fmt == "llama" else "nemotron-nas",
+        "architectures": ["DeciLMForCausalLM" if nas else name],
+        "model_type": "nemotron-nas" if nas else arch.family,
         "vocab_size": arch.vocab_size,
         "hidden_size": arch.hidden_size,
         "num_hidden_layers": arch.n_layers,
         "num_attention_heads": arch.n_heads,
         "head_dim": arch.head_dim,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
         "rms_norm_eps": arch.rms_norm_eps,
         "rope_theta": arch.rope.theta,
         "rope_scaling": None,
@@ -381,6 +476,10 @@ def to_dict(arch: ArchConfig, fmt: Format = "auto") -> dict[str, Any]:
         "eos_token_id": _eos_to_json(arch.eos_token_ids),
         "torch_dtype": arch.dtype,
     }
+    if arch.family in ("llama", "qwen3"):
+        out["attention_bias"] = False
+    if arch.family == "llama":
+        out["mlp_bias"] = False
     if arch.rope.factor is not None:
         out["rope_scaling"] = {
             "rope_type": "llama3",
@@ -389,29 +488,61 @@ def to_dict(arch: ArchConfig, fmt: Format = "auto") -> dict[str, Any]:
             "high_freq_factor": arch.rope.high_freq_factor,
             "original_max_position_embeddings": arch.rope.original_max_position_embeddings,
         }
-    if fmt == "llama":
+    if fmt == "family":
         out["num_key_value_heads"] = arch.blocks[0].attention.n_kv_heads
         out["intermediate_size"] = arch.blocks[0].ffn.intermediate_size
-    else:
-        out["num_key_value_heads"] = None
-        out["intermediate_size"] = None
-        out["block_configs"] = [_block_to_nas(arch, b) for b in arch.blocks]
-        # vLLM, SGLang, TensorRT-LLM and mlx-lm size each FFN from ffn_mult alone and ignore intermediate_size,
-        # which _block_to_nas adds exactly where ffn_mult cannot express the width: the export says so.
-        pruned = []
-        for i, block in enumerate(out["block_configs"]):
-            if "intermediate_size" in block["ffn"]:
-                theirs = ffn_mult_to_intermediate_size(block["ffn"]["ffn_mult"], arch.hidden_size)
-                pruned.append(f"layer {i}: {block['ffn']['intermediate_size']} saved, {theirs} from ffn_mult")
-        if pruned:
-            out[TESSERA_ONLY] = (
-                "FFN widths that ffn_mult cannot express (find_multiple(int(2 * ffn_mult * hidden / 3), 256)); vLLM, "
-                f"SGLang, TensorRT-LLM and mlx-lm would build other shapes, only tessera loads this checkpoint "
-                f"({', '.join(pruned)})"
-            )
-        if arch.fusion_spans:
-            out["ffn_fusion_spans"] = [list(span) for span in arch.fusion_spans]
+        out.update(_family_windows(arch))
+        return out
+    out["num_key_value_heads"] = None
+    out["intermediate_size"] = None
+    out["block_configs"] = [_block_to_nas(arch, b) for b in arch.blocks]
+    if arch.fusion_spans:
+        out["ffn_fusion_spans"] = [list(span) for span in arch.fusion_spans]
+    if not nas:
+        out[TESSERA_ONLY] = (
+            f"per-layer block_configs in a {name} config: only tessera reads them (transformers and vLLM would "
+            "build every layer alike)"
+        )
+        return out
+    # vLLM, SGLang, TensorRT-LLM and mlx-lm size each FFN from ffn_mult alone and ignore intermediate_size,
+    # which _block_to_nas adds exactly where ffn_mult cannot express the width: the export says so.
+    pruned = []
+    for i, block in enumerate(out["block_configs"]):
+        if "intermediate_size" in block["ffn"]:
+            theirs = ffn_mult_to_intermediate_size(block["ffn"]["ffn_mult"], arch.hidden_size)
+            pruned.append(f"layer {i}: {block['ffn']['intermediate_size']} saved, {theirs} from ffn_mult")
+    windowed = [i for i, b in enumerate(arch.blocks) if b.attention.window is not None]
+    why = []
+    if pruned:
+        why.append(
+            "FFN widths that ffn_mult cannot express (find_multiple(int(2 * ffn_mult * hidden / 3), 256)); vLLM, "
+            f"SGLang, TensorRT-LLM and mlx-lm would build other shapes, only tessera loads this checkpoint "
+            f"({', '.join(pruned)})"
+        )
+    if windowed:
+        why.append(
+            f"attention windows (window_length) on layers {windowed}: vLLM's nemotron-nas reads none, only tessera "
+            "runs them"
+        )
+    if why:
+        out[TESSERA_ONLY] = "; ".join(why)
     return out
+
+
+def _family_windows(arch: ArchConfig) -> dict[str, Any]:
+    """The family's own window fields for `arch` (family_expresses(arch) holds)."""
+    windows = [b.attention.window for b in arch.blocks]
+    window = next((w for w in windows if w is not None), None)
+    if arch.family == "mistral":
+        return {"sliding_window": window}
+    if arch.family == "llama":
+        return {}
+    return {
+        "use_sliding_window": window is not None,
+        "sliding_window": window,
+        "max_window_layers": arch.n_layers,
+        "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],
+    }
 
 
 TESSERA_ONLY = "tessera_only"  # config.json key of an export other runtimes would build wrong shapes from
@@ -424,6 +555,8 @@ def _block_to_nas(arch: ArchConfig, block: BlockConfig) -> dict[str, Any]:
         "no_op": att.kind == "none",
         "replace_with_linear": att.kind == "linear",
     }
+    if att.window is not None:
+        attention["window_length"] = att.window
     ffn_out: dict[str, Any] = {
         "ffn_mult": None,
         "no_op": ffn.kind == "none",

@@ -34,15 +34,17 @@ PREFILL_CASES = [
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=str)
 @dtypes("attention_prefill")
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_attention_prefill(poisoned, case, dtype: torch.dtype, tol: float, causal: bool) -> None:
+@pytest.mark.parametrize(("causal", "window"), [(True, None), (False, None), (True, 5), (True, 70)], ids=str)
+def test_attention_prefill(poisoned, case, dtype: torch.dtype, tol: float, causal: bool, window) -> None:
+    """window 5: shorter than most sequences and than a tile (every tile masked, keys before the first row's
+    window skipped); 70: longer than some sequences, shorter than one."""
     lengths, n_heads, n_kv, head_dim = case
     tokens = sum(lengths)
     cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=KERNEL_DEVICE)
     q = randn(tokens, n_heads, head_dim, dtype=dtype, seed=0)
     k, v = randn(tokens, n_kv, head_dim, dtype=dtype, seed=1), randn(tokens, n_kv, head_dim, dtype=dtype, seed=2)
-    out = kernels.attention_prefill(q, k, v, cu_seqlens, causal=causal)
-    expected = attention_prefill_reference(q.float(), k.float(), v.float(), cu_seqlens, causal)
+    out = kernels.attention_prefill(q, k, v, cu_seqlens, causal=causal, window=window)
+    expected = attention_prefill_reference(q.float(), k.float(), v.float(), cu_seqlens, causal, window)
     assert out.shape == q.shape and out.dtype == dtype
     assert relative_error(out, expected) <= tol
 
@@ -53,6 +55,17 @@ def test_attention_prefill_given_max_seqlen_matches(poisoned) -> None:
     q, k, v = (randn(87, h, 16, dtype=torch.float32, seed=s) for s, h in enumerate((8, 2, 2)))
     with_hint = kernels.attention_prefill(q, k, v, cu_seqlens, max_seqlen=70)
     torch.testing.assert_close(with_hint, kernels.attention_prefill(q, k, v, cu_seqlens), rtol=0, atol=0)
+
+
+def test_window_reference_is_a_banded_causal_softmax() -> None:
+    """The reference's window against softmax written out: query i of a sequence sees keys i - W + 1 .. i."""
+    q, k, v = (randn(12, 2, 8, dtype=torch.float32, seed=s).cpu().double() for s in range(3))
+    out = attention_prefill_reference(q, k, v, torch.tensor([0, 12], dtype=torch.int32), window=4)
+    for i in range(12):
+        keys = slice(max(0, i - 3), i + 1)
+        for h in range(2):
+            weights = torch.softmax(k[keys, h] @ q[i, h] / 8**0.5, dim=0)
+            torch.testing.assert_close(out[i, h], weights @ v[keys, h])
 
 
 def test_attention_rejects_bad_head_counts(poisoned) -> None:

@@ -139,7 +139,7 @@ def _llama_dict() -> dict:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda c: c.update(model_type="mistral"), "model_type 'mistral' is not supported"),
+        (lambda c: c.update(model_type="gemma"), 'model_type "gemma" is not supported'),
         (lambda c: c.update(num_key_value_heads=3), "num_key_value_heads=3 does not divide"),
         (lambda c: c.pop("hidden_size"), r"hidden_size: missing \(expected an integer in \[1, "),
         (lambda c: c.update(hidden_size="4096"), 'hidden_size: expected an integer in .*, got "4096"'),
@@ -176,8 +176,13 @@ def test_bad_llama_config(tmp_path: Path, mutate, message: str) -> None:
         ),
         (
             2,
+            lambda b: b["attention"].update(num_sink_tokens=4),
+            r"block_configs\[2\]\.attention\.num_sink_tokens=4 asks for",
+        ),
+        (
+            2,
             lambda b: b["attention"].update(window_length=4096),
-            r"block_configs\[2\]\.attention\.window_length=4096 asks for",
+            r"block_configs\[2\]\.attention: window_length 4096 on an attention that is replaced",
         ),
         (0, lambda b: b["ffn"].update(sparsify=["x"]), r"block_configs\[0\]\.ffn\.sparsify=\['x'\] asks for"),
         (3, lambda b: b["ffn"].update(moe={"num_experts": 8}), r"block_configs\[3\]\.ffn\.moe="),

@@ -135,7 +135,7 @@ def test_the_cost_model_times_the_engine_step(monkeypatch):
         return real_batch(self, plan)
 
     monkeypatch.setattr(Engine, "_step_batch", step_batch)
-    monkeypatch.setattr(kernels, "attention_paged", lambda *a: paged.append(a[-1]) or real_paged(*a))
+    monkeypatch.setattr(kernels, "attention_paged", lambda *a, **k: paged.append(a[3]) or real_paged(*a, **k))
     monkeypatch.setattr(kernels, "attention_prefill", lambda *a, **k: pytest.fail("uncached attention was timed"))
     (model,) = timing_models(arch, [[arch.blocks[0]] * 4], torch.device("cpu"), torch.float32)
     (timed,) = lockstep([model], Scenario(batch=2, prompt_len=8, gen_len=4), rounds=1)

@@ -24,7 +24,7 @@ REPORT = json.loads((PARENT_DIR / "training.json").read_text())
 def test_checkpoint_is_a_small_gqa_llama_under_25_mb() -> None:
     arch = ArchConfig.from_json(PARENT_DIR)
     assert json.loads((PARENT_DIR / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    assert arch.is_uniform_llama() and arch.n_heads == 8 and arch.blocks[0].attention.n_kv_heads == 4
+    assert arch.is_uniform() and arch.n_heads == 8 and arch.blocks[0].attention.n_kv_heads == 4
     assert 5e6 <= arch.num_params() <= 20e6
     size = sum(f.stat().st_size for f in PARENT_DIR.iterdir())
     assert size <= 25 * 2**20, f"demo parent is {size / 2**20:.1f} MiB"

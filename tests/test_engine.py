@@ -96,7 +96,8 @@ def test_heterogeneous_model_matches_uncached_greedy(nas_checkpoint, page_size) 
     kv_heads = [k.shape[2] for k in engine.cache.k if k is not None]
     assert kv_heads == [b.attention.n_kv_heads for b in model.arch.blocks if b.attention.kind == "gqa"]
     page_bytes = PagedKVCache.page_bytes(model.arch, engine.cache.page_size, torch.float32)
-    assert engine.cache.nbytes() == engine.cache.num_pages * page_bytes
+    (group,) = engine.cache.groups  # no windows: one page space for every layer
+    assert engine.cache.nbytes() == group.num_pages * page_bytes
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     prompts = prompts_of([5, 21, 2, 13], 101, seed=1)
     expected = [greedy_by_full_forward(model, p, 10) for p in prompts]
@@ -302,23 +303,23 @@ def test_padded_decode_step_equals_unpadded(demo) -> None:
     dev = engine.device
     tokens = torch.tensor([r.tokens[r.computed] for r, _ in plan], device=dev)
     positions = torch.tensor([r.computed for r, _ in plan], device=dev)
-    slots = torch.tensor([r.pages[r.computed // 16] * 16 + r.computed % 16 for r, _ in plan], device=dev)
+    slots = torch.tensor([r.pages[0][r.computed // 16] * 16 + r.computed % 16 for r, _ in plan], device=dev)
     seq_lens = torch.tensor([r.computed + 1 for r, _ in plan], dtype=torch.int32, device=dev)
-    table = torch.tensor([r.pages for r, _ in plan], dtype=torch.int32, device=dev)
-    padded = graphs.run(tokens, positions, slots, seq_lens, table)
+    table = torch.tensor([r.pages[0] for r, _ in plan], dtype=torch.int32, device=dev)
+    padded = graphs.run(tokens, positions, [slots], seq_lens, [table])
     assert padded.shape == expected.shape
     assert relative_error(padded, expected) <= 1e-6
     for layer, k in enumerate(engine.cache.k):
         changed = (k != snapshot[layer]).flatten(1).any(dim=1).nonzero().flatten().tolist()
-        assert set(changed) <= {0, *(r.pages[r.computed // 16] for r, _ in plan)}
+        assert set(changed) <= {0, *(r.pages[0][r.computed // 16] for r, _ in plan)}
 
 
-def poison(cache: PagedKVCache, pages: list[int], tokens: int) -> None:
+def poison(cache: PagedKVCache, pages: list[list[int]], tokens: int) -> None:
     """What an earlier owner of `pages` could leave behind: NaN K/V for its first `tokens` tokens, every layer."""
-    page = cache.page_size
-    slots = torch.tensor([pages[t // page] * page + t % page for t in range(tokens)])
     for layer, k in enumerate(cache.k):
         if k is not None:
+            g = cache.group_of[layer]
+            slots = torch.tensor([cache.slot(g, pages[g], t) for t in range(tokens)])
             nan = torch.full((len(slots), *k.shape[2:]), float("nan"))
             cache.write(layer, slots, nan, nan)
 
@@ -335,7 +336,7 @@ def test_stale_nan_in_free_pages_never_reaches_a_request(demo, page_size) -> Non
     engine = Engine(model, tok, EngineConfig(max_batch=4, page_size=page_size))
     cache = engine.cache
     everything = cache.allocate(cache.free_pages * cache.page_size)
-    poison(cache, everything, len(everything) * cache.page_size)
+    poison(cache, everything, len(everything[0]) * cache.page_size)
     cache.release(everything)
     some = cache.allocate(20)
     poison(cache, some, 20)

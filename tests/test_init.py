@@ -66,3 +66,37 @@ def test_pruning_drops_the_channels_that_contribute_nothing():
     assert relative_error(child.feed_forward(mids), layer.feed_forward(mids)) < FP32_EXACT
     with pytest.raises(ValueError, match="needs channel scores"):
         init_layer(model.arch, layer, BlockConfig(GQA4, FFNConfig("swiglu", 48)), 0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_kv_merge_with_the_families_biases_and_norms(family):
+    """Qwen2's k/v biases merge with their heads, Qwen3's q/k norms carry over: exact when merged heads agree."""
+    import dataclasses
+
+    arch = dataclasses.replace(tiny_arch(1), family=family)
+    parent = Model(arch).init_weights(std=0.1, seed=3).eval()
+    attn, d = parent.layers[0].self_attn, 8
+    with torch.no_grad():
+        for param in (attn.w_qkv, *((attn.b_qkv,) if family == "qwen2" else ())):
+            k = param[64 : 64 + 4 * d].view(4, d, -1)
+            v = param[64 + 4 * d :].view(4, d, -1)
+            k[1], k[3], v[1], v[3] = k[0], k[2], v[0], v[2]
+        if family == "qwen3":
+            attn.k_norm.weight.uniform_(0.5, 1.5)
+    child = init_layer(arch, parent.layers[0], BlockConfig(AttentionConfig("gqa", 2), FFN96), 0)
+    h = torch.randn(40, 64)
+    assert (
+        relative_error(run_layer(parent, child, h, [17, 23]), run_layer(parent, parent.layers[0], h, [17, 23]))
+        < FP32_EXACT
+    )
+
+
+def test_windowed_variant_copies_the_parent_and_only_the_far_keys_change():
+    """A window changes no weight: the child equals the parent on sequences no longer than the window and
+    differs past it."""
+    parent = Model(tiny_arch(1)).init_weights(std=0.3, seed=4).eval()
+    child = init_layer(parent.arch, parent.layers[0], BlockConfig(AttentionConfig("gqa", 4, window=10), FFN96), 0)
+    assert all(torch.equal(a, b) for a, b in zip(child.state_dict().values(), parent.layers[0].state_dict().values()))
+    short, long = torch.randn(10, 64), torch.randn(30, 64)
+    torch.testing.assert_close(run_layer(parent, child, short, [10]), run_layer(parent, parent.layers[0], short, [10]))
+    assert relative_error(run_layer(parent, child, long, [30]), run_layer(parent, parent.layers[0], long, [30])) > 1e-3

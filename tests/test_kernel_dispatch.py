@@ -96,9 +96,8 @@ def _step_logits(model, monkeypatch, steps: int = 3) -> list[torch.Tensor]:
     return recorded
 
 
-@dtypes("model")
-def test_model_with_triton_kernels_matches_references(nas_checkpoint_dir: Path, monkeypatch, dtype, tol) -> None:
-    model = load_model(nas_checkpoint_dir, device=KERNEL_DEVICE, dtype=dtype)
+def _backends_agree(model, monkeypatch, tol: float) -> None:
+    """Every engine step's logits on the Triton kernels within `tol` of the torch references'."""
     with kernel_backend("torch"):
         expected = _step_logits(model, monkeypatch)
     with kernel_backend("triton"):
@@ -107,6 +106,11 @@ def test_model_with_triton_kernels_matches_references(nas_checkpoint_dir: Path, 
     assert len(actual) == len(expected) == 6
     for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert relative_error(a, e) <= tol, f"step {step}"
+
+
+@dtypes("model")
+def test_model_with_triton_kernels_matches_references(nas_checkpoint_dir: Path, monkeypatch, dtype, tol) -> None:
+    _backends_agree(load_model(nas_checkpoint_dir, device=KERNEL_DEVICE, dtype=dtype), monkeypatch, tol)
 
 
 def test_generation_with_triton_kernels(llama_untied: Path) -> None:
@@ -118,3 +122,14 @@ def test_generation_with_triton_kernels(llama_untied: Path) -> None:
         expected = [c.tokens for c in generator.generate(prompts, params)]
     with kernel_backend("triton"):
         assert [c.tokens for c in generator.generate(prompts, params)] == expected
+
+
+@dtypes("model")
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_family_child_with_windows_on_triton_matches_references(family, monkeypatch, dtype, tol) -> None:
+    """Qwen3's q/k norms before RoPE, Qwen2's q/k/v biases, windows of 16 and 8 keys (prefill, paged decode
+    and a ring of window pages that wraps), reduced, linear and no-op blocks: every engine step's logits on the
+    Triton kernels against the torch references."""
+    from .test_families import mixed_child
+
+    _backends_agree(mixed_child(family).to(device=KERNEL_DEVICE, dtype=dtype), monkeypatch, tol)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tessera.config import AttentionConfig, BlockConfig, FFNConfig
 from tessera.search.library import SearchSpace, block_from_name
 
-from .conftest import tiny_arch
+from .conftest import FFN96, tiny_arch
 
 
 def test_search_space_variants():
@@ -46,3 +46,23 @@ def test_default_widths_are_ones_every_nemotron_nas_reader_builds():
         assert widths == expected
         assert all(theirs(w, hidden) == w for w in widths)
     assert [f.intermediate_size for f in space.ffn_variants(tiny_arch(), 0) if f.kind == "swiglu"] == [96]
+
+
+def test_windowed_variants_beside_each_kv_count_never_wider_than_the_parents():
+    """`windows` adds a windowed variant beside each KV-head count; a windowed parent keeps its own window and
+    offers only narrower ones. Names round-trip through block_from_name."""
+    import dataclasses
+
+    space = SearchSpace(kv_heads=(4, 1), windows=(512, 32), linear_attention=False, no_attention=False)
+    names = [a.name for a in space.attention_variants(tiny_arch(), 0)]
+    assert names == ["gqa_kv4", "gqa_kv4_w512", "gqa_kv4_w32", "gqa_kv1", "gqa_kv1_w512", "gqa_kv1_w32"]
+    windowed = dataclasses.replace(tiny_arch(1), blocks=(BlockConfig(AttentionConfig("gqa", 4, window=64), FFN96),))
+    assert [a.name for a in space.attention_variants(windowed, 0)] == [
+        "gqa_kv4_w64",
+        "gqa_kv4_w32",
+        "gqa_kv1_w64",
+        "gqa_kv1_w32",
+    ]
+    for a in space.attention_variants(tiny_arch(), 0):
+        block = BlockConfig(a, FFN96)
+        assert block_from_name(block.name) == block

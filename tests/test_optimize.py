@@ -241,3 +241,34 @@ def test_bld_store_of_another_parent_is_refused_then_fresh_starts_over(tiny_pare
     again = json.loads((out / "bld" / "manifest.json").read_text())
     assert again["parent_weights_sha256"] != manifest["parent_weights_sha256"]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_the_whole_search_and_fusion_on_a_qwen_parent(tiny_parent, tmp_path, family):
+    """Puzzle end to end on a Qwen parent (Qwen3: q/k norms, head_dim 32 at hidden 64; Qwen2: q/k/v biases)
+    with windowed attention in the space: the library prices a window's KV memory below full attention's at
+    the scenario's 24 tokens, and the child keeps its family (tessera's format when heterogeneous) and loads;
+    FFN Fusion runs on it after the search."""
+    from tessera.search.fusion import FusionConfig
+
+    _, corpus = tiny_parent
+    base = load_model(tiny_parent[0]).arch
+    arch = replace(base, family=family, head_dim=32 if family == "qwen3" else base.head_dim)
+    parent = save_model(Model(arch).init_weights(seed=0), tmp_path / "parent", tokenizer_from=PARENT_DIR)
+    cfg = replace(
+        tiny_config(),
+        space=replace(tiny_config().space, windows=(8,)),
+        pareto_speedups=(),
+        baseline_gkd=False,
+        fusion=FusionConfig(heal_steps=1, seq_len=32),
+    )
+    results = optimize(parent, tmp_path / "run", Budget(target_speedup=1.1), cfg, corpus, progress=False)
+    library = read_library(tmp_path / "run" / "library.json")
+    full, windowed = library["layer_0"]["gqa_kv2+ffn_128"], library["layer_0"]["gqa_kv2_w8+ffn_128"]
+    assert windowed["stats"]["memory_mib"] < full["stats"]["memory_mib"]
+    assert windowed["stats"]["attention_window"] == 8 and "kl_div" in windowed["metrics"]
+    child = load_model(tmp_path / "run" / "child")
+    assert child.arch.family == family and [b.name for b in child.arch.blocks] == results["children"][1]["blocks"]
+    assert "fusion" in results
+    child_dir = str(tmp_path / "run" / "child")
+    assert main(["generate", "--model", child_dir, "--prompt", "def f(x):", "--max-new-tokens", "4"]) == 0

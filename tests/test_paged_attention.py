@@ -78,7 +78,9 @@ def paged_layout(
     return ks, vs, k_pages.to(dtype=dtype, **dev), v_pages.to(dtype=dtype, **dev), tables.to(**dev)
 
 
-def by_hand(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], q_lens: list[int]) -> torch.Tensor:
+def by_hand(
+    q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], q_lens: list[int], window: int | None = None
+) -> torch.Tensor:
     out = torch.zeros(q.shape, dtype=torch.float64)
     n_heads, head_dim = q.shape[1:]
     start = 0
@@ -87,8 +89,9 @@ def by_hand(q: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor], q_l
         length = k.shape[0]
         for i in range(n):
             pos = length - n + i
+            seen = slice(0 if window is None else max(0, pos - window + 1), pos + 1)
             for h in range(n_heads):
-                keys, values = k[: pos + 1, h // group].double(), v[: pos + 1, h // group].double()
+                keys, values = k[seen, h // group].double(), v[seen, h // group].double()
                 weights = torch.softmax(keys @ q[start + i, h].double() / head_dim**0.5, dim=0)
                 out[start + i, h] = weights @ values
         start += n
@@ -101,17 +104,22 @@ def metadata(q_lens: list[int], lengths: list[int], tables: torch.Tensor) -> Pag
     return PagedAttentionMetadata(tables, cu, seq_lens, max(q_lens))
 
 
-def check_case(seqs, n_heads, n_kv, head_dim, page, dtype, tol, seed, pages=None) -> None:
+def check_case(seqs, n_heads, n_kv, head_dim, page, dtype, tol, seed, pages=None, window=None) -> None:
     q_lens, lengths = [n for n, _ in seqs], [n for _, n in seqs]
     ks, vs, k_pages, v_pages, tables = paged_layout(lengths, n_kv, head_dim, page, dtype, seed, pages)
     q = torch.randn(sum(q_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(100 + seed))
     # The hand reference sees the same rounded values the kernels read.
     expected = by_hand(
-        q.to(dtype).float(), [k.to(dtype).float() for k in ks], [v.to(dtype).float() for v in vs], q_lens
+        q.to(dtype).float(), [k.to(dtype).float() for k in ks], [v.to(dtype).float() for v in vs], q_lens, window
     )
     qd = q.to(device=KERNEL_DEVICE, dtype=dtype)
-    triton_out = kernels.attention_paged(qd, k_pages, v_pages, metadata(q_lens, lengths, tables))  # poisoned: Triton
-    torch_out = attention_paged_reference(qd, k_pages, v_pages, metadata(q_lens, lengths, tables))
+    torch_out = attention_paged_reference(qd, k_pages, v_pages, metadata(q_lens, lengths, tables), window)
+    if window is not None:  # the kernel must not read a page that lies wholly before every query's window
+        for b, (n, length) in enumerate(zip(q_lens, lengths)):
+            first_seen = max(0, length - n - window + 1)
+            for i in range(first_seen // page):
+                k_pages[tables[b, i]], v_pages[tables[b, i]] = float("nan"), float("nan")
+    triton_out = kernels.attention_paged(qd, k_pages, v_pages, metadata(q_lens, lengths, tables), window)  # poisoned
     for out in (triton_out, torch_out):
         assert out.shape == q.shape and out.dtype == dtype
         assert relative_error(out.cpu(), expected) <= tol
@@ -124,6 +132,26 @@ def test_paged_attention_matches_hand_written(poisoned, monkeypatch, case: int, 
     if splits == "one":  # a GPU with enough (sequence, KV head) programs already: the output is written directly
         monkeypatch.setattr(paged, "sm_count", lambda device: 0)
     check_case(*CASES[case], dtype, tol, seed=case)
+
+
+# Windowed cases: (sequences, query heads, KV heads, head dim, page, window)
+WINDOW_CASES = [
+    ([(1, 1), (1, 16), (1, 17), (1, 300), (1, 129)], 4, 4, 16, 16, 16),  # decode at and past the window
+    ([(1, 1000), (1, 40), (1, 257)], 32, 8, 128, 16, 100),  # G 4, windows across pages and splits
+    ([(20, 53), (5, 5), (1, 64), (37, 37)], 16, 2, 24, 4, 9),  # chunks and a prompt longer than the window
+    ([(1, 130), (2, 2), (64, 64)], 64, 1, 16, 8, 128),  # a window longer than some contexts
+]
+
+
+@pytest.mark.parametrize("splits", ["split", "one"])
+@dtypes("attention_paged")
+@pytest.mark.parametrize("case", range(len(WINDOW_CASES)))
+def test_windowed_paged_attention_matches_hand_written(poisoned, monkeypatch, case: int, dtype, tol, splits) -> None:
+    """A window bounds the keys each query sees (pages wholly before it are NaN for the Triton kernel)."""
+    if splits == "one":
+        monkeypatch.setattr(paged, "sm_count", lambda device: 0)
+    *shape, window = WINDOW_CASES[case]
+    check_case(*shape, dtype, tol, seed=case, window=window)
 
 
 def test_the_split_plan_covers_the_gpu_and_follows_the_capacity(monkeypatch) -> None:
