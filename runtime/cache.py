@@ -31,6 +31,7 @@ from tessera.config import ArchConfig
 from tessera.devices import dtype_name
 
 PAGE_SIZE = 16  # tokens per page, unless the CPU gives a request a whole context (page_size_for)
+STEP_TOKENS = 512  # tokens one engine step packs by default (EngineConfig.max_step_tokens)
 
 
 @dataclass
@@ -75,6 +76,14 @@ def ring_pages(window: int | None, page_size: int, step_tokens: int | None, max_
     if window is None or step_tokens is None:
         return None
     return min(-(-max_tokens // page_size), -(-(window + step_tokens) // page_size) + 1)
+
+
+def kept_tokens(window: int | None, context: int, page_size: int = PAGE_SIZE, step_tokens: int = STEP_TOKENS) -> int:
+    """Tokens' worth of K/V a sequence of `context` tokens holds in a layer of `window`: all of them under full
+    attention, at most its ring of pages under a window (more than the window: one step's tokens and a page).
+    The search prices a windowed block's memory with it (search/cost.py)."""
+    ring = ring_pages(window, page_size, step_tokens, context)
+    return context if ring is None else min(context, ring * page_size)
 
 
 class PagedKVCache:

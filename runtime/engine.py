@@ -42,7 +42,7 @@ from tokenizers import Tokenizer
 from tessera import kernels
 from tessera.devices import available_memory, dtype_name
 from tessera.errors import UserError
-from tessera.runtime.cache import PAGE_SIZE, PagedKVCache, kv_groups, ring_pages
+from tessera.runtime.cache import PAGE_SIZE, STEP_TOKENS, PagedKVCache, kv_groups, ring_pages
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.sampling import Completion, ContextLengthError, PromptEncoder, SamplingParams, TextStream, sample
 
@@ -57,7 +57,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + generated tokens; None: the model's max_position_embeddings
     kv_cache_bytes: int | None = None  # KV pool budget; None: room for max_batch requests of max_model_len
     page_size: int | None = None  # tokens per KV page; None: the cache's choice (PagedKVCache.page_size_for)
-    max_step_tokens: int = 512  # tokens per forward pass (decode + prefill chunks); raised to max_batch if below
+    max_step_tokens: int = STEP_TOKENS  # tokens per forward pass (decode + prefill chunks); at least max_batch
     cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured at padded batch sizes
 
     def __post_init__(self) -> None:
@@ -131,8 +131,9 @@ class EngineLimits:
     usable_pages: int  # KV pages of the whole pool (its first group: runtime/cache.py)
     has_tokenizer: bool
     max_batch: int
-    # Each further KV group (layers of one attention window): (usable pages, the most a sequence holds there).
-    window_groups: tuple[tuple[int, int | None], ...] = ()
+    # Each KV group (layers of one attention window, runtime/cache.py), the first included: (usable pages, the
+    # most a sequence holds there; None: as many as its tokens fill). Empty: one group of usable_pages.
+    groups: tuple[tuple[int, int | None], ...] = ()
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -155,7 +156,7 @@ class EngineLimits:
             )
         budget = room if asked is None else min(asked, room)
         pages = self.pages_for(len(prompt) + budget - 1)
-        for usable, ring in ((self.usable_pages, None), *self.window_groups):
+        for usable, ring in self.groups or ((self.usable_pages, None),):
             need = pages if ring is None else min(pages, ring)
             if need > usable:
                 raise CapacityError(
@@ -303,7 +304,7 @@ class Engine:
             self.cache.usable_pages,
             tokenizer is not None,
             config.max_batch,
-            tuple((g.num_pages - 1, g.ring) for g in groups[1:]),
+            tuple((g.num_pages - 1, g.ring) for g in groups),
         )
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from tessera.config import EMPTY_BLOCK, ArchConfig, BlockConfig, dtype_bytes
 from tessera.devices import available_memory, device_name, dtype_name, synchronize
 from tessera.errors import UserError
+from tessera.runtime.cache import kept_tokens
 from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.model import Model
 from tessera.runtime.sampling import SamplingParams
@@ -183,10 +184,11 @@ def timing_models(
 
 def block_memory_mib(arch: ArchConfig, block: BlockConfig, scenario: Scenario, dtype: torch.dtype) -> float:
     """Weights + the KV cache of `batch` sequences of prompt + generated tokens (config formulas; a windowed
-    layer keeps its last `window` tokens)."""
+    layer what the serving cache keeps: its ring of 16-token pages at the default step budget, runtime/cache.py)."""
     name = dtype_name(dtype)
     weights = arch.block_params(block) * dtype_bytes(name)
-    kv = scenario.batch * block.attention.kv_tokens(scenario.seq_len) * arch.kv_bytes_per_token_layer(block, name)
+    kept = kept_tokens(block.attention.window, scenario.seq_len) if block.attention.kind == "gqa" else 0
+    kv = scenario.batch * kept * arch.kv_bytes_per_token_layer(block, name)
     return (weights + kv) / MIB
 
 

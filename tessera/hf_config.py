@@ -52,6 +52,8 @@ ARCHITECTURES = {
 }
 MODEL_TYPES = (*ARCHITECTURES, "nemotron-nas")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
+# max_position_embeddings when a config leaves it out: each family's config class default (Llama: tessera's own).
+_DEFAULT_POSITIONS = {"llama": 8192, "qwen2": 32768, "qwen3": 32768, "mistral": 131072}
 
 # Per-layer keys of nemotron-nas block_configs that the runtime accepts only at their neutral value.
 _NEUTRAL_ATTENTION_KEYS = {
@@ -287,7 +289,7 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
         eos_ids = () if eos is None else (_token_id(eos, source, "eos_token_id", vocab_size),)
     # Not used by tessera, only type-checked; old Llama conversions write -1 for "none".
     _int(cfg, "pad_token_id", source, None, lo=-1, expected=f"an integer in [-1, {_MAX_DIM}] or null")
-    llama = family == "llama"  # the other families' configs default to eps 1e-6 and longer contexts
+    llama = family == "llama"  # the other families' configs default to eps 1e-6
     try:
         return ArchConfig(
             vocab_size=vocab_size,
@@ -306,7 +308,7 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
             ),
             tie_embeddings=_bool(cfg, "tie_word_embeddings", source),
             max_position_embeddings=_int(
-                cfg, "max_position_embeddings", source, 8192 if llama else 32768, hi=_MAX_POSITIONS
+                cfg, "max_position_embeddings", source, _DEFAULT_POSITIONS[family], hi=_MAX_POSITIONS
             ),
             bos_token_id=None if bos is None else _token_id(bos, source, "bos_token_id", vocab_size),
             eos_token_ids=eos_ids,
@@ -328,7 +330,9 @@ def _read_windows(cfg: dict[str, Any], family: str, n_layers: int, source: str) 
     if family == "mistral":
         window = None if "sliding_window" in cfg and cfg["sliding_window"] is None else _window(cfg, source)
         return [window] * n_layers
-    window = _window(cfg, source) if _bool(cfg, "use_sliding_window", source) else None
+    # As Qwen's config classes: a window only with use_sliding_window, and none when sliding_window is null.
+    null = "sliding_window" in cfg and cfg["sliding_window"] is None
+    window = _window(cfg, source) if _bool(cfg, "use_sliding_window", source) and not null else None
     types = _get(cfg, "layer_types", source, list, None)
     if types is None:
         first = _int(cfg, "max_window_layers", source, 28, lo=0, hi=_MAX_LAYERS)
@@ -537,10 +541,14 @@ def _family_windows(arch: ArchConfig) -> dict[str, Any]:
         return {"sliding_window": window}
     if arch.family == "llama":
         return {}
+    # transformers reads layer_types; max_window_layers says the same for readers that know only it, where
+    # the windowed layers are the last ones (the only pattern it expresses).
+    first = next((i for i, w in enumerate(windows) if w is not None), arch.n_layers)
+    suffix = all(w is not None for w in windows[first:])
     return {
         "use_sliding_window": window is not None,
         "sliding_window": window,
-        "max_window_layers": arch.n_layers,
+        "max_window_layers": first if suffix else arch.n_layers,
         "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],
     }
 

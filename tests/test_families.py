@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, ConfigError, FFNConfig
+from tessera.runtime.cache import kept_tokens
 from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
@@ -222,7 +223,16 @@ def test_defaults_follow_transformers(tmp_path) -> None:
     qwen = read(model_type="qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=2)
     assert [b.attention.window for b in qwen.blocks] == [None, None, 32, 32]
     assert {b.attention.window for b in read(model_type="qwen2", sliding_window=32).blocks} == {None}
+    null = read(model_type="qwen3", use_sliding_window=True, sliding_window=None, max_window_layers=2)
+    assert {b.attention.window for b in null.blocks} == {None}  # transformers: every layer full_attention
     assert read(model_type="qwen3").head_dim == 128 and read(model_type="qwen2").head_dim == 8
+    from transformers import AutoConfig
+
+    for family in FAMILIES:  # what a bare config defaults to, as transformers' config classes fill it in
+        theirs, ours = AutoConfig.for_model(family, **base), read(model_type=family)
+        assert ours.rms_norm_eps == theirs.rms_norm_eps and ours.rope.theta == theirs.rope_parameters["rope_theta"]
+        assert ours.max_position_embeddings == theirs.max_position_embeddings
+        assert ours.head_dim == (getattr(theirs, "head_dim", None) or 64 // 8)
 
 
 def test_windowed_layers_keep_a_ring_of_pages(tmp_path) -> None:
@@ -247,7 +257,10 @@ def test_windowed_layers_keep_a_ring_of_pages(tmp_path) -> None:
         pages = long.cache.allocate(tokens)
         assert [len(p) for p in pages] == [-(-tokens // 4), min(-(-tokens // 4), 7)]
         long.cache.release(pages)
-    assert ArchConfig.kv_bytes(model.arch, 256) < 2 * ArchConfig.kv_bytes(model.arch, 128)  # the formula agrees
+    # The search prices what the cache keeps: here 7 pages of 4; at the defaults (16-token pages, 512-token steps)
+    # a 128-key window keeps 41 pages, 656 tokens, of an 8k context, and all of a 300-token one.
+    assert kept_tokens(WINDOW, 256, page_size=4, step_tokens=8) == 7 * 4 and kept_tokens(WINDOW, 20, 4, 8) == 20
+    assert kept_tokens(128, 8192) == 656 and kept_tokens(128, 300) == 300 and kept_tokens(None, 8192) == 8192
 
 
 MIXED = [  # every block kind of a child, windowed and reduced attention among them
@@ -345,3 +358,15 @@ def test_padded_decode_step_with_windowed_groups_equals_unpadded(tmp_path) -> No
     padded = graphs.run(*args)  # writes the same K/V the engine's step writes next, at the same slots
     expected, _ = engine._forward(plan)
     assert relative_error(padded, expected) <= 1e-6
+
+
+def test_requests_of_a_model_windowed_everywhere_are_admitted_by_their_ring(tmp_path) -> None:
+    """With every attention layer windowed (Mistral) the first KV group is a ring: a request far longer than
+    the pool's pages is admitted, since it only ever holds its ring, and served to the end."""
+    model = load_model(hf_family(tmp_path / "model", "mistral", tie=False))
+    engine = Engine(model, config=EngineConfig(max_batch=1, max_step_tokens=8, page_size=4))
+    (group,) = engine.cache.groups
+    assert group.window == WINDOW and group.ring == 7 and engine.cache.usable_pages == 7
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    (completion,) = engine.generate([[5, 6, 7]], params)  # 202 tokens: 51 pages of 4, through a ring of 7
+    assert len(completion.tokens) == 200

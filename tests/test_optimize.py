@@ -246,9 +246,10 @@ def test_bld_store_of_another_parent_is_refused_then_fresh_starts_over(tiny_pare
 @pytest.mark.parametrize("family", ["qwen3", "qwen2"])
 def test_the_whole_search_and_fusion_on_a_qwen_parent(tiny_parent, tmp_path, family):
     """Puzzle end to end on a Qwen parent (Qwen3: q/k norms, head_dim 32 at hidden 64; Qwen2: q/k/v biases)
-    with windowed attention in the space: the library prices a window's KV memory below full attention's at
-    the scenario's 24 tokens, and the child keeps its family (tessera's format when heterogeneous) and loads;
-    FFN Fusion runs on it after the search."""
+    with windowed attention in the space: windowed variants are distilled, scored and priced (at the scenario's
+    24 tokens the served ring of window pages holds every token, so a window costs the memory full attention
+    does), and the child keeps its family (tessera's format when heterogeneous), loads and generates; FFN Fusion
+    runs on it after the search."""
     from tessera.search.fusion import FusionConfig
 
     _, corpus = tiny_parent
@@ -265,8 +266,9 @@ def test_the_whole_search_and_fusion_on_a_qwen_parent(tiny_parent, tmp_path, fam
     results = optimize(parent, tmp_path / "run", Budget(target_speedup=1.1), cfg, corpus, progress=False)
     library = read_library(tmp_path / "run" / "library.json")
     full, windowed = library["layer_0"]["gqa_kv2+ffn_128"], library["layer_0"]["gqa_kv2_w8+ffn_128"]
-    assert windowed["stats"]["memory_mib"] < full["stats"]["memory_mib"]
-    assert windowed["stats"]["attention_window"] == 8 and "kl_div" in windowed["metrics"]
+    assert windowed["stats"]["memory_mib"] == full["stats"]["memory_mib"]
+    assert windowed["stats"]["attention_window"] == 8 and windowed["stats"]["runtime_ms"] > 0
+    assert "kl_div" in windowed["metrics"] and "bld_nmse_attention" in windowed["metrics"]
     child = load_model(tmp_path / "run" / "child")
     assert child.arch.family == family and [b.name for b in child.arch.blocks] == results["children"][1]["blocks"]
     assert "fusion" in results
