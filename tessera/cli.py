@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tessera.config import ArchConfig
+from tessera.config import ArchConfig, ConfigError
 from tessera.devices import RUN_DTYPES, parse_dtype, resolve_device
 from tessera.errors import UserError, UserFileNotFound
 from tessera.files import atomic_write_text
@@ -228,10 +228,22 @@ def _format_info(arch: ArchConfig, source: str) -> str:
 
 def cmd_info(args: argparse.Namespace) -> None:
     arch = ArchConfig.from_json(args.model)
+    try:
+        tp = arch.tensor_parallel_summary(args.tensor_parallel_size) if args.tensor_parallel_size else None
+    except ConfigError as e:
+        raise ConfigError(f"{args.model}: --tensor-parallel-size: {e}") from None
     if args.json:
-        print(json.dumps(arch.summary(), indent=2))
-    else:
-        print(_format_info(arch, str(args.model)))
+        print(json.dumps(arch.summary() | ({"tensor_parallel": tp} if tp else {}), indent=2))
+        return
+    print(_format_info(arch, str(args.model)))
+    if tp:
+        replicated = tp["replicated_kv_layers"]
+        print(
+            f"\n  tensor parallel over {tp['tensor_parallel_size']} ranks, per rank: {tp['rank_num_params']:,} "
+            f"parameters ({_short(tp['rank_num_params'])}), {tp['rank_weight_bytes'] / 2**30:.2f} GiB of weights "
+            f"({arch.dtype}), {tp['rank_kv_bytes_per_token']:,} KV bytes/token; KV heads replicated on "
+            f"{len(replicated)} layers with fewer than {tp['tensor_parallel_size']}"
+        )
 
 
 def _generator(model_path: str, device: str, dtype: str):
@@ -575,6 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="per-layer architecture and costs of a checkpoint or config.json")
     p.add_argument("--model", required=True, help="checkpoint directory or config.json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="also each rank's weights and KV bytes/token when sharded over N ranks (Megatron-style, as vLLM)",
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")

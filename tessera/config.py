@@ -307,6 +307,69 @@ class ArchConfig:
             flops += 4 * self.n_heads * self.head_dim * block.attention.kv_tokens(context_len)
         return flops
 
+    # Tensor parallelism over `tp` ranks, Megatron-style as vLLM shards a Llama: q/k/v and gate/up split by output
+    # rows, o and down (and the linear replacements) by input columns, the embedding and LM head by vocabulary
+    # rows, norms whole on every rank. The one definition of a rank's share (STYLE 11).
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        if tp < 1 or self.n_heads % tp:
+            raise ConfigError(
+                f"tensor parallel size {tp}: expected a positive divisor of num_attention_heads ({self.n_heads})"
+            )
+        for i, block in enumerate(self.blocks):
+            if block.attention.kind == "gqa":
+                self.rank_kv_heads(block.attention, tp, i)
+
+    def rank_kv_heads(self, attention: AttentionConfig, tp: int, layer: int | None = None) -> int:
+        """KV heads one rank holds: an even share, or one head (replicated on tp / n_kv ranks, as vLLM does) when
+        the layer has fewer than tp."""
+        n = attention.n_kv_heads
+        if (n >= tp and n % tp) or (n < tp and tp % n):
+            where = "" if layer is None else f"layer {layer}: "
+            raise ConfigError(f"{where}{n} KV heads cannot be split over {tp} ranks nor replicated evenly")
+        return max(1, n // tp)
+
+    def rank_block_params(self, block: BlockConfig, tp: int) -> int:
+        """One rank's parameters of a block (an FFN width that tp does not divide: the larger shares)."""
+        h, d = self.hidden_size, self.head_dim
+        att, ffn = block.attention, block.ffn
+        n = 0
+        if att.kind == "gqa":
+            q, kv = self.n_heads // tp * d, self.rank_kv_heads(att, tp) * d
+            n += h * q + 2 * h * kv + q * h + h + (q + 2 * kv if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
+        elif att.kind == "linear":
+            n += h * -(-h // tp) + h
+        if ffn.kind == "swiglu":
+            n += 3 * h * -(-ffn.intermediate_size // tp) + h
+        elif ffn.kind == "linear":
+            n += h * -(-h // tp) + h
+        return n
+
+    def rank_params(self, tp: int) -> int:
+        """One rank's parameters: its vocabulary rows of the embedding (and untied head), the final norm, its
+        share of every block."""
+        rows = -(-self.vocab_size // tp) * self.hidden_size
+        head = 0 if self.tie_embeddings else rows
+        return rows + head + self.hidden_size + sum(self.rank_block_params(b, tp) for b in self.blocks)
+
+    def rank_kv_bytes_per_token(self, tp: int, dtype: str | None = None) -> int:
+        per_head = 2 * self.head_dim * dtype_bytes(dtype or self.dtype)
+        return sum(per_head * self.rank_kv_heads(b.attention, tp) for b in self.blocks if b.attention.kind == "gqa")
+
+    def tensor_parallel_summary(self, tp: int, dtype: str | None = None) -> dict[str, Any]:
+        """A rank's memory under `tp`-way tensor parallelism (`tessera info --tensor-parallel-size`)."""
+        self.check_tensor_parallel(tp)
+        params = self.rank_params(tp)
+        return {
+            "tensor_parallel_size": tp,
+            "rank_num_params": params,
+            "rank_weight_bytes": params * dtype_bytes(dtype or self.dtype),
+            "rank_kv_bytes_per_token": self.rank_kv_bytes_per_token(tp, dtype),
+            "replicated_kv_layers": [
+                i for i, b in enumerate(self.blocks) if b.attention.kind == "gqa" and b.attention.n_kv_heads < tp
+            ],
+        }
+
     def summary(self) -> dict[str, Any]:
         """What `tessera info --json` prints."""
         return {

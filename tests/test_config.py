@@ -498,3 +498,59 @@ def test_methods_are_the_formats_module(tmp_path: Path) -> None:
     assert hf_config.to_dict(arch) == arch.to_hf_dict()
     hf_config.save(arch, tmp_path / "config.json", fmt="nemotron-nas")
     assert ArchConfig.from_hf_dict(json.loads((tmp_path / "config.json").read_text())) == arch
+
+
+def _rank_shape(name: str, shape: tuple[int, ...], tp: int, head_dim: int) -> tuple[int, ...]:
+    """A tensor's shard on one rank, from its Hugging Face name (written out independently of config.py's
+    formulas): column-parallel (output rows split) for q/k/v, gate/up and the vocabulary matrices, K/V rows
+    replicated a head per rank when there are fewer heads than ranks; row-parallel (input columns split) for
+    o, down and the linear replacements; norms whole."""
+    if name.endswith(("k_proj.weight", "v_proj.weight")) and shape[0] // head_dim < tp:
+        return (head_dim, *shape[1:])
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")) or (
+        name.endswith(("embed_tokens.weight", "lm_head.weight"))
+    ):
+        return (-(-shape[0] // tp), *shape[1:])
+    if name.endswith(("o_proj.weight", "down_proj.weight", "linear_attn.weight", "linear_mlp.weight")):
+        return (shape[0], -(-shape[1] // tp))
+    assert name.endswith("norm.weight"), name
+    return shape
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("tp", [1, 2, 8])
+def test_rank_memory_equals_the_shards_of_every_tensor(name: str, tp: int) -> None:
+    """`tessera info --tensor-parallel-size`: a rank's parameters are the sum of its shard of every tensor of the
+    checkpoint (Nemotron-51B's 1-, 2- and 4-KV-head layers replicated at 8 ranks, Ultra-253B's fused FFNs split),
+    and one rank holds the whole model at tp 1."""
+    from math import prod
+
+    from tessera.runtime.weights import hf_weight_shapes
+
+    arch = ArchConfig.from_json(CONFIGS / name)
+    shards = {n: _rank_shape(n, s, tp, arch.head_dim) for n, s in hf_weight_shapes(arch).items()}
+    summary = arch.tensor_parallel_summary(tp)
+    assert summary["rank_num_params"] == sum(prod(s) for s in shards.values())
+    kv = sum(s[0] for n, s in shards.items() if n.endswith("k_proj.weight"))
+    assert summary["rank_kv_bytes_per_token"] == 2 * kv * 2  # K and V rows, bf16
+    if tp == 1:
+        assert summary["rank_num_params"] == arch.num_params()
+
+
+def test_tensor_parallel_info_on_ultra_and_its_errors(capsys) -> None:
+    from tessera.cli import main
+
+    assert main(
+        ["info", "--model", str(CONFIGS / "llama-3_1-nemotron-ultra-253b-v1.json"), "--tensor-parallel-size", "8"]
+    ) in (0, None)
+    out = capsys.readouterr().out
+    assert "tensor parallel over 8 ranks, per rank: 31,677,251,584 parameters" in out
+    with pytest.raises(SystemExit) as e:
+        main(["info", "--model", str(CONFIGS / "llama-3.1-70b.json"), "--tensor-parallel-size", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "llama-3.1-70b.json: --tensor-parallel-size: tensor parallel size 3" in err and err.count("\n") == 1
+    three = BlockConfig(AttentionConfig("gqa", 3), FFNConfig("swiglu", 64))  # 12 heads split in 2, 3 KV heads not
+    arch = ArchConfig(vocab_size=10, hidden_size=48, n_heads=12, head_dim=4, blocks=(three,))
+    with pytest.raises(ConfigError, match=r"layer 0: 3 KV heads cannot be split over 2 ranks"):
+        arch.check_tensor_parallel(2)
