@@ -101,6 +101,7 @@ class GQAAttention(nn.Module):
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.w_o = nn.Parameter(torch.empty(arch.hidden_size, q_dim))
+        self.tp = None  # a tensor-parallel shard's group (runtime/parallel.py): the output is a partial sum
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n, hq, hkv, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
@@ -121,19 +122,24 @@ class GQAAttention(nn.Module):
             group = cache.group_of[layer]  # the layer's KV group: its slots and block tables (runtime/cache.py)
             cache.write(layer, batch.slots[group], k, v)
             out = kernels.attention_paged(q, cache.k[layer], cache.v[layer], batch.attention[group], window=self.window)
-        return F.linear(out.reshape(n, hq * d), self.w_o)
+        out = F.linear(out.reshape(n, hq * d), self.w_o)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class LinearSublayer(nn.Module):
-    """Puzzle's linear replacement for attention or FFN: one [H, H] matrix, no bias, no KV cache."""
+    """Puzzle's linear replacement for attention or FFN: one [H, H] matrix, no bias, no KV cache. A
+    tensor-parallel shard holds the columns `cols` of it and multiplies that slice of its input."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size))
+        self.tp, self.cols = None, None
 
     def forward(self, x: torch.Tensor, *_: object, residual: torch.Tensor | None = None) -> torch.Tensor:
-        out = F.linear(x, self.weight)
-        return out if residual is None else residual + out
+        out = F.linear(x if self.cols is None else x[:, self.cols], self.weight)
+        if residual is not None and (self.tp is None or self.tp.rank == 0):  # added once across the ranks
+            out = residual + out
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class SwiGLU(nn.Module):
@@ -141,10 +147,14 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.w_gate_up = nn.Parameter(torch.empty(2 * intermediate_size, hidden_size))  # cat(gate, up)
         self.w_down = nn.Parameter(torch.empty(hidden_size, intermediate_size))
+        self.tp = None  # a tensor-parallel shard's group: a share of the width, a partial sum out
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """FFN(x), plus the residual when given (added in the down GEMM's epilogue on the Triton path)."""
-        return kernels.swiglu_ffn(x, self.w_gate_up, self.w_down, residual)
+        if self.tp is None:
+            return kernels.swiglu_ffn(x, self.w_gate_up, self.w_down, residual)
+        out = kernels.swiglu_ffn(x, self.w_gate_up, self.w_down, residual if self.tp.rank == 0 else None)
+        return self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
@@ -202,6 +212,8 @@ class Model(nn.Module):
         # Rotation frequencies [D/2] in fp32, one copy per device, made on first use. Not a buffer: a model
         # cast to bf16 must keep fp32 angles (positions past 256 lose them).
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        # A tensor-parallel shard (runtime/parallel.shard_model): its group, its vocabulary rows and every rank's.
+        self.tp, self.vocab_rows, self.vocab_widths = None, None, None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -255,7 +267,12 @@ class Model(nn.Module):
     ) -> torch.Tensor:
         """tokens [N] -> final hidden states [N, H] (after the final norm); each layer's output [N, H] is
         appended to `layer_outputs` when given (global distillation matches them)."""
-        h = self.embed_tokens(tokens)
+        if self.tp is None:
+            h = self.embed_tokens(tokens)
+        else:  # this rank's vocabulary rows: its tokens looked up, zeros for the rest, summed over the ranks
+            rows = self.vocab_rows
+            mine = (tokens >= rows.start) & (tokens < rows.stop)
+            h = self.tp.all_reduce(self.embed_tokens(torch.where(mine, tokens - rows.start, 0)) * mine[:, None])
         cos, sin = self.rope_tables(batch.positions)
         for layer in self.layers:
             h = layer(h, batch, cos, sin)
@@ -264,7 +281,8 @@ class Model(nn.Module):
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head_weight)
+        out = F.linear(hidden, self.lm_head_weight)
+        return out if self.tp is None else self.tp.all_gather_columns(out, self.vocab_widths)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] (one full sequence per row, no cache) -> logits [B, T, vocab]."""
