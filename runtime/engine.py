@@ -298,7 +298,7 @@ class Engine:
         self.cache = PagedKVCache(arch, [n + 1 for n in pages], page, self.device, self.dtype, step_tokens)
         groups = self.cache.groups
         self.limits = EngineLimits(
-            arch.vocab_size,
+            model.vocab_size,
             self.max_model_len,
             page,
             self.cache.usable_pages,
@@ -346,7 +346,7 @@ class Engine:
     @functools.cached_property
     def encoder(self) -> PromptEncoder:
         """Made on first use: engine processes behind the server never encode (the server's process does)."""
-        return PromptEncoder(self.tokenizer, self.model.arch.vocab_size, self.max_model_len)
+        return PromptEncoder(self.tokenizer, self.model.vocab_size, self.max_model_len)
 
     def encode(self, prompt: str | list[int], what: str = "the prompt") -> list[int]:
         """A prompt's token ids, checked against the vocabulary and this engine's context."""

@@ -26,7 +26,7 @@ class Generator:
     def __init__(self, model: Model, tokenizer: Tokenizer | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         context = model.arch.max_position_embeddings
-        self.encoder = PromptEncoder(tokenizer, model.arch.vocab_size, context, "max_position_embeddings")
+        self.encoder = PromptEncoder(tokenizer, model.vocab_size, context, "max_position_embeddings")
         self.engine: Engine | None = None
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:

@@ -216,6 +216,11 @@ class Model(nn.Module):
         self.tp, self.vocab_rows, self.vocab_widths = None, None, None
 
     @property
+    def vocab_size(self) -> int:
+        """The whole vocabulary (a tensor-parallel shard holds only its rows of it)."""
+        return self.arch.vocab_size if self.vocab_widths is None else sum(self.vocab_widths)
+
+    @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head
 

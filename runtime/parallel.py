@@ -22,15 +22,20 @@ import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+from tessera.config import ArchConfig, AttentionConfig, BlockConfig, ConfigError, FFNConfig
+from tessera.devices import parse_dtype
+from tessera.errors import UserError
+from tessera.runtime.generate import Generator
 from tessera.runtime.loader import load_model
 from tessera.runtime.model import GQAAttention, LinearSublayer, Model, SwiGLU
+from tessera.runtime.sampling import Completion, SamplingParams, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -184,3 +189,40 @@ def shard_logits(tp: TensorParallel, checkpoint: str, ids: torch.Tensor) -> torc
     tensor-parallel setup)."""
     with torch.no_grad():
         return shard_model(load_model(checkpoint), tp)(ids)
+
+
+def _generate_on_rank(
+    tp: TensorParallel, checkpoint: str, prompts: list, params: SamplingParams, device: str, dtype: str
+) -> list[Completion]:
+    dev = torch.device(f"cuda:{tp.rank}") if device == "cuda" else torch.device(device)
+    model = shard_model(load_model(checkpoint, device=dev, dtype=parse_dtype(dtype)), tp)
+    tokenizer = load_tokenizer(checkpoint) if any(isinstance(p, str) for p in prompts) or params.stop else None
+    return Generator(model, tokenizer).generate(prompts, params)
+
+
+def generate_on_ranks(
+    checkpoint: str | Path,
+    prompts: list,
+    params: SamplingParams,
+    size: int,
+    device: torch.device | str = "cpu",
+    dtype: str = "float32",
+) -> list[Completion]:
+    """`Generator.generate` over `size` tensor-parallel ranks started here (`tessera generate
+    --tensor-parallel-size`): every rank runs the same engine on the same requests over its shard, kept in step
+    by the collectives, and samples from the same gathered logits, so they agree token for token; rank 0's
+    completions are returned. Sampling without a seed gets one drawn here, so the ranks draw alike. Each rank
+    loads the whole checkpoint and keeps its shard (loading only its slices is not built yet)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        gpus = torch.cuda.device_count()
+        raise UserError(f"--tensor-parallel-size {size} needs {size} GPUs; this machine has {gpus}")
+    try:
+        ArchConfig.from_json(Path(checkpoint) / "config.json").check_tensor_parallel(size)
+    except ConfigError as e:
+        raise ConfigError(f"{checkpoint}: --tensor-parallel-size: {e}") from None
+    if params.temperature > 0 and params.seed is None:
+        params = replace(params, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    results = run_ranks(_generate_on_rank, size, str(checkpoint), prompts, params, device.type, dtype, backend=backend)
+    return results[0]

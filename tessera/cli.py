@@ -266,9 +266,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         stop=tuple(args.stop or ()),
     )  # checked before the model loads
-    gen = _generator(args.model, args.device, args.dtype)
     start = time.perf_counter()
-    completions = gen.generate(args.prompt, params)
+    if args.tensor_parallel_size > 1:
+        from tessera.runtime.parallel import generate_on_ranks
+
+        completions = generate_on_ranks(
+            args.model, args.prompt, params, args.tensor_parallel_size, resolve_device(args.device), args.dtype
+        )
+    else:
+        completions = _generator(args.model, args.device, args.dtype).generate(args.prompt, params)
     elapsed = time.perf_counter() - start
     if args.json:
         out = [
@@ -606,6 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_sampling("seed", int), default=None)
     p.add_argument("--stop", action="append", type=utf8_text, help="stop string; repeatable")
     _add_device(p, dtype=True)
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="shard the model over N processes on this machine (gloo on CPU, NCCL on N GPUs)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 

@@ -58,3 +58,33 @@ def test_each_rank_holds_its_share(checkpoints) -> None:
     counts = [sum(p.numel() for p in s.parameters()) for s in shards]
     assert max(counts) == arch.rank_params(2)  # rank 0 holds the larger shares of odd sizes
     assert sum(counts) >= arch.num_params()  # replicated norms and KV heads on top of the split
+
+
+def test_tensor_parallel_generate_equals_one_process(checkpoints, capsys) -> None:
+    """`tessera generate --tensor-parallel-size 2` (every rank running the engine over its shard) gives the
+    single-process greedy text on the demo parent; `generate_on_ranks` the same tokens on a Qwen3 child with
+    windows, its prompts past the window; a size the heads do not divide is one line naming the flag."""
+    import json
+
+    from tessera.cli import main
+    from tessera.demo import PARENT_DIR
+    from tessera.runtime.generate import Generator
+    from tessera.runtime.parallel import generate_on_ranks
+    from tessera.runtime.sampling import SamplingParams
+
+    def run(*extra: str) -> list:
+        args = ["generate", "--model", str(PARENT_DIR), "--prompt", "def f(x):", "--prompt", "import os"]
+        assert main([*args, "--max-new-tokens", "12", "--json", *extra]) in (0, None)
+        return json.loads(capsys.readouterr().out)
+
+    assert run("--tensor-parallel-size", "2") == run()
+    path = checkpoints["qwen3"]
+    prompts = [list(range(3, 40)), [5, 9, 2, 7]]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    expected = [c.tokens for c in Generator(load_model(path)).generate(prompts, params)]
+    assert [c.tokens for c in generate_on_ranks(path, prompts, params, 2)] == expected
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(PARENT_DIR), "--prompt", "x", "--tensor-parallel-size", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tensor-parallel-size: tensor parallel size 3" in err and err.count("\n") == 1
