@@ -21,8 +21,10 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -30,7 +32,7 @@ from safetensors.torch import save_file
 
 from tessera import hf_config
 from tessera.config import ArchConfig, ConfigError, dtype_bytes, json_excerpt, read_json
-from tessera.devices import dtype_name
+from tessera.devices import available_memory, dtype_name
 from tessera.errors import UserError
 from tessera.files import atomic_write_text, replaced_folder
 from tessera.runtime.model import Model
@@ -88,9 +90,16 @@ def _weight_files(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"{path}: no model.safetensors or {_INDEX} (expected a Hugging Face checkpoint)")
 
 
-def read_hf_tensors(path: str | Path, arch: ArchConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_hf_tensors(
+    path: str | Path,
+    arch: ArchConfig,
+    dtype: torch.dtype | None = None,
+    part: Callable[[str, Any], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint at `path`, checked against `arch` (names, shapes, dtypes) and for NaN
-    and inf; with `dtype`, also that every value fits in it (a weight of 1e5 is inf in float16)."""
+    and inf; with `dtype`, also that every value fits in it (a weight of 1e5 is inf in float16). With `part`,
+    only part of each tensor is read: part(name, lazy) indexes a safetensors slice as a tensor would be
+    (a tensor-parallel rank's shard, runtime/parallel.py)."""
     path = Path(path)
     files = _weight_files(path)
     expected = hf_weight_shapes(arch)
@@ -133,7 +142,7 @@ def read_hf_tensors(path: str | Path, arch: ArchConfig, dtype: torch.dtype | Non
     for file, names in by_file.items():
         with _open_safetensors(file) as f:
             for name in names:
-                t = f.get_tensor(name)
+                t = f.get_tensor(name) if part is None else part(name, f.get_slice(name))
                 _check_values(t, name, file, dtype)
                 tensors[name] = t
     return tensors
@@ -190,6 +199,33 @@ def load_hf_state(model: Model, tensors: dict[str, torch.Tensor]) -> None:
 def hf_state(model: Model) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face names (q/k/v and gate/up split back apart), in checkpoint order."""
     return unpack_model(model.arch, dict(model.named_parameters()))
+
+
+def check_memory(
+    path: str | Path, device: torch.device, dtype: torch.dtype, tensor_parallel: int = 1, copies: int = 1
+) -> None:
+    """Refuse, before anything is loaded, a model whose weights do not fit: one rank's share (`tensor_parallel`
+    ranks, ArchConfig.rank_params) times `copies` (engine processes sharing the device) against the memory
+    `device` has free. KV pools and activations come on top; the engine sizes its pool from what is left."""
+    if not (Path(path) / "config.json").is_file():
+        return  # not a checkpoint: load_model says so, naming what is missing
+    try:
+        arch = ArchConfig.from_json(Path(path) / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        arch.check_tensor_parallel(tensor_parallel)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: --tensor-parallel-size: {e}") from None
+    need = arch.rank_params(tensor_parallel) * dtype_bytes(dtype_name(dtype)) * copies
+    free = available_memory(device)
+    if need > free:
+        per = f" per rank over {tensor_parallel}" if tensor_parallel > 1 else ""
+        times = f" x {copies} engine processes" if copies > 1 else ""
+        raise CheckpointError(
+            f"{path}: the weights need {need / 2**30:.2f} GiB ({dtype_name(dtype)}{per}{times}) but {device} has "
+            f"{free / 2**30:.2f} GiB free; use more devices (--tensor-parallel-size), a smaller dtype or fewer engines"
+        )
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Model:

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,8 +34,8 @@ from tessera.config import ArchConfig, AttentionConfig, BlockConfig, ConfigError
 from tessera.devices import parse_dtype
 from tessera.errors import UserError
 from tessera.runtime.generate import Generator
-from tessera.runtime.loader import load_model
-from tessera.runtime.model import GQAAttention, LinearSublayer, Model, SwiGLU
+from tessera.runtime.loader import CheckpointError, hf_state, load_hf_state, read_hf_tensors
+from tessera.runtime.model import LinearSublayer, Model
 from tessera.runtime.sampling import Completion, SamplingParams, load_tokenizer
 
 
@@ -86,78 +87,84 @@ def rank_arch(arch: ArchConfig, rank: int, size: int) -> ArchConfig:
     )
 
 
-def _rows(x: torch.Tensor, rows: range) -> torch.Tensor:
-    return x[rows.start : rows.stop]
-
-
-def _attention_rows(arch: ArchConfig, n_kv: int, rank: int, size: int) -> tuple[range, range]:
-    """The rank's query rows and KV rows (in units of head_dim rows) of a GQA layer with n_kv heads."""
-    d, hq = arch.head_dim, arch.n_heads // size
-    q = range(rank * hq * d, (rank + 1) * hq * d)
+def _kv_heads(arch: ArchConfig, n_kv: int, rank: int, size: int) -> range:
+    """The KV heads a rank holds in a layer of n_kv heads: its even share, or the one head its query heads read
+    (query head h reads KV head h // G)."""
     if n_kv >= size:
-        kv_heads = n_kv // size
-        kv = range(rank * kv_heads * d, (rank + 1) * kv_heads * d)
-    else:  # one head, the one this rank's query heads read
-        head = rank // (size // n_kv)
-        kv = range(head * d, (head + 1) * d)
-    return q, kv
+        return share(n_kv, rank, size)
+    head = rank // (size // n_kv)
+    return range(head, head + 1)
 
 
-def shard_model(model: Model, tp: TensorParallel) -> Model:
-    """Rank tp.rank's shard of `model` (its device and dtype), wired to all-reduce and gather through `tp`."""
-    arch, rank, size = model.arch, tp.rank, tp.size
-    local_arch = rank_arch(arch, rank, size)
-    weight = model.embed_tokens.weight
-    local = Model.empty(local_arch, weight.device, weight.dtype)
-    vocab = share(arch.vocab_size, rank, size)
-    with torch.no_grad():
-        local.embed_tokens.weight.copy_(_rows(weight, vocab))
-        local.norm.weight.copy_(model.norm.weight)
-        if local.lm_head is not None:
-            local.lm_head.copy_(_rows(model.lm_head, vocab))
-        for full, part, block in zip(model.layers, local.layers, arch.blocks):
-            _shard_layer(arch, full, part, block, tp)
-    local.tp, local.vocab_rows = tp, vocab
-    local.vocab_widths = [len(share(arch.vocab_size, r, size)) for r in range(size)]
+def shard_part(arch: ArchConfig, name: str, tensor: Any, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s part of the checkpoint tensor `name` (Hugging Face naming, runtime/weights.py): `tensor`
+    is a torch tensor or a lazy safetensors slice (indexing reads only the part)."""
+    d, h = arch.head_dim, arch.hidden_size
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        rows = share(arch.vocab_size, rank, size)
+        return tensor[rows.start : rows.stop]
+    if name.endswith("norm.weight"):  # every norm, q/k norms included, whole on every rank
+        return tensor[:]
+    block = arch.blocks[int(name.split(".")[2])]  # model.layers.{i}....
+    q_heads = range(rank * arch.n_heads // size, (rank + 1) * arch.n_heads // size)
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
+        return tensor[q_heads.start * d : q_heads.stop * d]
+    if name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+        kv = _kv_heads(arch, block.attention.n_kv_heads, rank, size)
+        return tensor[kv.start * d : kv.stop * d]
+    if name.endswith("o_proj.weight"):
+        return tensor[:, q_heads.start * d : q_heads.stop * d]
+    if name.endswith(("gate_proj.weight", "up_proj.weight")):
+        rows = share(block.ffn.intermediate_size, rank, size)
+        return tensor[rows.start : rows.stop]
+    if name.endswith("down_proj.weight"):
+        cols = share(block.ffn.intermediate_size, rank, size)
+        return tensor[:, cols.start : cols.stop]
+    if name.endswith(("linear_attn.weight", "linear_mlp.weight")):
+        cols = share(h, rank, size)
+        return tensor[:, cols.start : cols.stop]
+    raise ValueError(f"no tensor-parallel rule for {name}")
+
+
+def _rank_model(arch: ArchConfig, tensors: dict[str, torch.Tensor], tp: TensorParallel, like: torch.Tensor) -> Model:
+    """The rank's model from its parts of every tensor, wired to `tp`."""
+    local = Model.empty(rank_arch(arch, tp.rank, tp.size), like.device, like.dtype)
+    cols = share(arch.hidden_size, tp.rank, tp.size)
+    for layer in local.layers:
+        for sub in (layer.self_attn, layer.mlp):
+            if isinstance(sub, LinearSublayer):  # a share of the input columns
+                sub.weight = nn.Parameter(like.new_empty(arch.hidden_size, len(cols)), requires_grad=False)
+                sub.cols = slice(cols.start, cols.stop)
+            if sub is not None:
+                sub.tp = tp
+    load_hf_state(local, tensors)
+    local.tp, local.vocab_rows = tp, share(arch.vocab_size, tp.rank, tp.size)
+    local.vocab_widths = [len(share(arch.vocab_size, r, tp.size)) for r in range(tp.size)]
     return local.eval()
 
 
-def _shard_layer(arch: ArchConfig, full: nn.Module, part: nn.Module, block: BlockConfig, tp: TensorParallel) -> None:
-    rank, size = tp.rank, tp.size
-    for name in ("input_layernorm", "post_attention_layernorm"):
-        if getattr(full, name) is not None:
-            getattr(part, name).weight.copy_(getattr(full, name).weight)
-    attn, mine = full.self_attn, part.self_attn
-    if isinstance(attn, GQAAttention):
-        q_dim, kv_dim = arch.n_heads * arch.head_dim, block.attention.n_kv_heads * arch.head_dim
-        q, kv = _attention_rows(arch, block.attention.n_kv_heads, rank, size)
-        k = range(q_dim + kv.start, q_dim + kv.stop)
-        v = range(q_dim + kv_dim + kv.start, q_dim + kv_dim + kv.stop)
-        mine.w_qkv.copy_(torch.cat([_rows(attn.w_qkv, r) for r in (q, k, v)]))
-        if attn.b_qkv is not None:
-            mine.b_qkv.copy_(torch.cat([_rows(attn.b_qkv, r) for r in (q, k, v)]))
-        if attn.q_norm is not None:
-            mine.q_norm.weight.copy_(attn.q_norm.weight)
-            mine.k_norm.weight.copy_(attn.k_norm.weight)
-        mine.w_o.copy_(attn.w_o[:, q.start : q.stop])
-        mine.tp = tp
-    elif isinstance(attn, LinearSublayer):
-        _shard_linear(attn, mine, tp)
-    mlp, mine = full.mlp, part.mlp
-    if isinstance(mlp, SwiGLU):
-        width = mlp.w_down.shape[1]
-        cols = share(width, rank, size)
-        mine.w_gate_up.copy_(torch.cat([_rows(mlp.w_gate_up, cols), _rows(mlp.w_gate_up[width:], cols)]))
-        mine.w_down.copy_(mlp.w_down[:, cols.start : cols.stop])
-        mine.tp = tp
-    elif isinstance(mlp, LinearSublayer):
-        _shard_linear(mlp, mine, tp)
+def shard_model(model: Model, tp: TensorParallel) -> Model:
+    """Rank tp.rank's shard of a model in memory (its device and dtype), wired to all-reduce through `tp`."""
+    arch = model.arch
+    rank_arch(arch, tp.rank, tp.size)  # refuses a size that does not divide the model
+    with torch.no_grad():
+        parts = {n: shard_part(arch, n, t, tp.rank, tp.size).clone() for n, t in hf_state(model).items()}
+        return _rank_model(arch, parts, tp, model.embed_tokens.weight)
 
 
-def _shard_linear(full: LinearSublayer, part: LinearSublayer, tp: TensorParallel) -> None:
-    cols = share(full.weight.shape[1], tp.rank, tp.size)
-    part.weight = nn.Parameter(full.weight[:, cols.start : cols.stop].clone(), requires_grad=False)
-    part.cols, part.tp = slice(cols.start, cols.stop), tp
+def load_shard(path: str | Path, tp: TensorParallel, device: torch.device | str = "cpu", dtype=torch.float32) -> Model:
+    """Rank tp.rank's shard of a checkpoint, reading only its parts of the safetensors files (checked as
+    `load_model` checks the whole: names, shapes, dtypes, NaN)."""
+    path = Path(path)
+    try:
+        arch = ArchConfig.from_json(path / "config.json")
+        rank_arch(arch, tp.rank, tp.size)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    parts = read_hf_tensors(path, arch, dtype, part=lambda n, lazy: shard_part(arch, n, lazy, tp.rank, tp.size))
+    like = torch.empty(0, device=device, dtype=dtype)
+    with torch.no_grad():
+        return _rank_model(arch, parts, tp, like)
 
 
 def _free_port() -> int:
@@ -188,14 +195,14 @@ def shard_logits(tp: TensorParallel, checkpoint: str, ids: torch.Tensor) -> torc
     """Logits [B, T, vocab] of `ids` through this rank's shard of a checkpoint (tests, and a first check of a
     tensor-parallel setup)."""
     with torch.no_grad():
-        return shard_model(load_model(checkpoint), tp)(ids)
+        return load_shard(checkpoint, tp)(ids)
 
 
 def _generate_on_rank(
     tp: TensorParallel, checkpoint: str, prompts: list, params: SamplingParams, device: str, dtype: str
 ) -> list[Completion]:
     dev = torch.device(f"cuda:{tp.rank}") if device == "cuda" else torch.device(device)
-    model = shard_model(load_model(checkpoint, device=dev, dtype=parse_dtype(dtype)), tp)
+    model = load_shard(checkpoint, tp, dev, parse_dtype(dtype))
     tokenizer = load_tokenizer(checkpoint) if any(isinstance(p, str) for p in prompts) or params.stop else None
     return Generator(model, tokenizer).generate(prompts, params)
 
@@ -212,7 +219,7 @@ def generate_on_ranks(
     --tensor-parallel-size`): every rank runs the same engine on the same requests over its shard, kept in step
     by the collectives, and samples from the same gathered logits, so they agree token for token; rank 0's
     completions are returned. Sampling without a seed gets one drawn here, so the ranks draw alike. Each rank
-    loads the whole checkpoint and keeps its shard (loading only its slices is not built yet)."""
+    reads only its parts of the checkpoint's files."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.device_count() < size:
         gpus = torch.cuda.device_count()

@@ -266,6 +266,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         stop=tuple(args.stop or ()),
     )  # checked before the model loads
+    from tessera.runtime.loader import check_memory
+
+    device, tp = resolve_device(args.device), args.tensor_parallel_size
+    # Tensor-parallel ranks on the CPU share its memory; on GPUs each holds a device of its own.
+    check_memory(args.model, device, parse_dtype(args.dtype), tp, copies=tp if device.type == "cpu" else 1)
     start = time.perf_counter()
     if args.tensor_parallel_size > 1:
         from tessera.runtime.parallel import generate_on_ranks
@@ -344,6 +349,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from tessera.demo import PARENT_DIR
+    from tessera.runtime.loader import check_memory
     from tessera.runtime.server import build_server, run
 
     threads = None
@@ -353,9 +359,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         threads = args.threads or max(1, (os.cpu_count() or 1) // args.data_parallel_size)
     model = args.model or str(PARENT_DIR)
     kv_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
+    device = resolve_device(args.device)
+    # Each engine process loads the weights: on one GPU or the CPU their copies share the memory.
+    check_memory(model, device, parse_dtype(args.dtype), copies=args.data_parallel_size)
     server = build_server(
         model,
-        resolve_device(args.device),
+        device,
         args.dtype,
         args.max_batch,
         args.max_model_len,

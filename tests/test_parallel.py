@@ -88,3 +88,46 @@ def test_tensor_parallel_generate_equals_one_process(checkpoints, capsys) -> Non
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--tensor-parallel-size: tensor parallel size 3" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["nemotron-nas", "qwen2", "qwen3"])
+def test_a_rank_loads_only_its_parts_of_the_files(checkpoints, name, monkeypatch) -> None:
+    """`load_shard` reads each tensor's part through a lazy safetensors slice (never the whole tensor) and builds
+    the same shard, bit for bit, as sharding the whole model in memory."""
+    import tessera.runtime.parallel as parallel
+
+    path = checkpoints[name]
+    read = []
+    real = parallel.shard_part
+    monkeypatch.setattr(parallel, "shard_part", lambda a, n, t, r, s: read.append(type(t)) or real(a, n, t, r, s))
+    whole = load_model(path)
+    for rank in range(2):
+        read.clear()
+        from_files = parallel.load_shard(path, TensorParallel(rank, 2))
+        assert read and not any(issubclass(t, torch.Tensor) for t in read)  # lazy slices only
+        in_memory = shard_model(whole, TensorParallel(rank, 2))
+        assert from_files.arch == in_memory.arch
+        for (n, a), b in zip(from_files.state_dict().items(), in_memory.state_dict().values()):
+            assert torch.equal(a, b), n
+
+
+def test_a_model_too_large_for_its_devices_is_refused_before_loading(monkeypatch, capsys) -> None:
+    """serve and generate refuse, in one line, weights that do not fit the free memory (each engine process or
+    CPU rank holding its copy or share), before anything is loaded."""
+    import tessera.runtime.loader as loader
+    from tessera.cli import main
+    from tessera.demo import PARENT_DIR
+
+    weights = load_model(PARENT_DIR).arch.num_params() * 4  # float32
+    monkeypatch.setattr(loader, "available_memory", lambda device: weights - 1)
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded before the memory check"))
+    for args in (["serve"], ["generate", "--prompt", "x"], ["serve", "--data-parallel-size", "2"]):
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--model", str(PARENT_DIR), "--device", "cpu"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "the weights need" in err and "GiB free" in err and err.count("\n") == 1
+    monkeypatch.setattr(loader, "available_memory", lambda device: weights + 1)
+    loader.check_memory(PARENT_DIR, torch.device("cpu"), torch.float32)  # fits
+    with pytest.raises(loader.CheckpointError, match="x 2 engine processes"):
+        loader.check_memory(PARENT_DIR, torch.device("cpu"), torch.float32, copies=2)
