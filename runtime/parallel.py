@@ -178,6 +178,9 @@ def _rank_main(rank: int, size: int, port: int, backend: str, fn: Callable, args
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
     try:
         torch.save(fn(TensorParallel(rank, size), *args), os.path.join(out, f"rank{rank}.pt"))
+        # Every rank done before any tears down: a rank leaving while another's last collective is in flight
+        # aborts it (gloo: "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
