@@ -68,12 +68,12 @@ def _decode_steps(model: Model, batch: int, context: int, device: torch.device, 
     args = (
         torch.randint(0, model.arch.vocab_size, (batch,), device=device, generator=gen),
         torch.full((batch,), position, device=device),
-        [torch.tensor([cache.slot(g, own[g], position) for own in pages], device=device) for g in groups],
-        torch.full((batch,), context, dtype=torch.int32, device=device),
         [
-            torch.tensor([cache.table(g, own[g], width) for own in pages], dtype=torch.int32, device=device)
+            torch.tensor([cache.slots(own[g], position, position + 1)[0] for own in pages], device=device)
             for g in groups
         ],
+        torch.full((batch,), context, dtype=torch.int32, device=device),
+        [torch.tensor([cache.table(own[g], width) for own in pages], dtype=torch.int32, device=device) for g in groups],
     )
     return lambda: step.run(*args)
 

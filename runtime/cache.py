@@ -88,7 +88,7 @@ def kept_tokens(window: int | None, context: int, page_size: int = PAGE_SIZE, st
 
 class PagedKVCache:
     """k[i], v[i]: [group pages, page_size, n_kv_heads(i), head_dim] for GQA layer i, None otherwise. A sequence
-    owns a list of pages in each group (`allocate`); token t of it lives at `slot(g, pages[g], t)` of every
+    owns a list of pages in each group (`allocate`); token t of it lives at `slots(pages[g], t, t + 1)` of every
     layer of group g.
 
     step_tokens: the most tokens one step writes for one sequence (the engine's step budget); with it a windowed
@@ -171,9 +171,6 @@ class PagedKVCache:
     def free_pages(self) -> int:
         return len(self.groups[0].free)
 
-    def pages_for(self, tokens: int) -> int:
-        return self.groups[0].pages_for(tokens, self.page_size)
-
     def pages_needed(self, tokens: int) -> list[int]:
         """Pages a sequence of `tokens` tokens holds in each group."""
         return [g.pages_for(tokens, self.page_size) for g in self.groups]
@@ -209,19 +206,16 @@ class PagedKVCache:
             for p in own:
                 heapq.heappush(group.free, p)
 
-    def slot(self, group: int, pages: list[int], position: int) -> int:
-        """Where the token at `position` of a sequence with these pages (of `group`) lives."""
-        page = self.page_size
-        index = position // page
-        if self.groups[group].ring is not None:
-            index %= len(pages)
-        return pages[index] * page + position % page
+    def slots(self, pages: list[int], start: int, end: int) -> list[int]:
+        """Where the tokens at positions start..end-1 of a sequence with these pages (of one group) live: token t
+        on page t // page_size, modulo the pages held (a no-op in a full-attention group, which holds a page for
+        every token; the ring in a windowed one)."""
+        page, held = self.page_size, len(pages)
+        return [pages[t // page % held] * page + t % page for t in range(start, end)]
 
-    def table(self, group: int, pages: list[int], width: int) -> list[int]:
-        """A sequence's block-table row in `group`, `width` entries: its page for each page of its tokens (the
-        ring page it lands on, in a windowed group), then page 0."""
-        if self.groups[group].ring is None:
-            return pages + [0] * (width - len(pages))
+    def table(self, pages: list[int], width: int) -> list[int]:
+        """A sequence's block-table row, `width` entries: for each page of its tokens, the page it lands on (as
+        `slots`). Entries past its own tokens are never read."""
         return [pages[i % len(pages)] for i in range(width)]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

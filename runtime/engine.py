@@ -128,12 +128,16 @@ class EngineLimits:
     vocab_size: int
     max_model_len: int
     page_size: int
-    usable_pages: int  # KV pages of the whole pool (its first group: runtime/cache.py)
+    # Each KV group of the pool (layers of one attention window, runtime/cache.py): (usable pages, the most a
+    # sequence holds there; None: as many as its tokens fill).
+    groups: tuple[tuple[int, int | None], ...]
     has_tokenizer: bool
     max_batch: int
-    # Each KV group (layers of one attention window, runtime/cache.py), the first included: (usable pages, the
-    # most a sequence holds there; None: as many as its tokens fill). Empty: one group of usable_pages.
-    groups: tuple[tuple[int, int | None], ...] = ()
+
+    @property
+    def usable_pages(self) -> int:
+        """KV pages of the whole pool (its first group's, as PagedKVCache.usable_pages)."""
+        return self.groups[0][0]
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -156,7 +160,7 @@ class EngineLimits:
             )
         budget = room if asked is None else min(asked, room)
         pages = self.pages_for(len(prompt) + budget - 1)
-        for usable, ring in self.groups or ((self.usable_pages, None),):
+        for usable, ring in self.groups:
             need = pages if ring is None else min(pages, ring)
             if need > usable:
                 raise CapacityError(
@@ -283,8 +287,7 @@ class Engine:
         if config.kv_cache_bytes is not None:
             budget = config.kv_cache_bytes
         else:  # room for max_batch requests of max_model_len (in the pages asked for, else PAGE_SIZE ones)
-            pages = self._request_pages(config.page_size or PAGE_SIZE, step_tokens, bytes_too=True)
-            budget = config.max_batch * sum(pages)
+            budget = config.max_batch * self._request_bytes(config.page_size or PAGE_SIZE, step_tokens)
             if budget:  # a long max_model_len must not size a pool past the memory there is: the CPU also
                 # holds the weights, activations and other processes, the GPU only this engine's activations
                 share = 0.8 if self.device.type == "cuda" else 0.5
@@ -296,15 +299,9 @@ class Engine:
         pages = self._pool_pages(budget, page, step_tokens)
         # + each group's scratch page
         self.cache = PagedKVCache(arch, [n + 1 for n in pages], page, self.device, self.dtype, step_tokens)
-        groups = self.cache.groups
+        groups = tuple((g.num_pages - 1, g.ring) for g in self.cache.groups)
         self.limits = EngineLimits(
-            model.vocab_size,
-            self.max_model_len,
-            page,
-            self.cache.usable_pages,
-            tokenizer is not None,
-            config.max_batch,
-            tuple((g.num_pages - 1, g.ring) for g in groups),
+            model.vocab_size, self.max_model_len, page, groups, tokenizer is not None, config.max_batch
         )
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
@@ -319,26 +316,26 @@ class Engine:
                     model, self.cache, config.max_batch, self.max_pages_per_request, capture=True
                 )
 
-    def _request_pages(self, page: int, step_tokens: int, bytes_too: bool = False) -> list[int]:
-        """Pages (or their bytes) one request of max_model_len holds in each KV group (runtime/cache.py): a ring
-        in a windowed group, every page in the full-attention one."""
-        arch = self.model.arch
+    def _request_pages(self, page: int, step_tokens: int) -> list[int]:
+        """Pages one request of max_model_len holds in each KV group (runtime/cache.py): a ring in a windowed
+        group, every page in the full-attention one."""
         full = -(-self.max_model_len // page)
-        rings = [ring_pages(w, page, step_tokens, self.max_model_len) or full for w, _ in kv_groups(arch)]
-        if not bytes_too:
-            return rings
-        return [n * b for n, b in zip(rings, PagedKVCache.group_page_bytes(arch, page, self.dtype))]
+        return [ring_pages(w, page, step_tokens, self.max_model_len) or full for w, _ in kv_groups(self.model.arch)]
+
+    def _request_bytes(self, page: int, step_tokens: int) -> int:
+        """KV bytes one request of max_model_len holds."""
+        group_bytes = PagedKVCache.group_page_bytes(self.model.arch, page, self.dtype)
+        return sum(n * b for n, b in zip(self._request_pages(page, step_tokens), group_bytes))
 
     def _pool_pages(self, budget: int, page: int, step_tokens: int) -> list[int]:
-        """Pages of each KV group for `budget` bytes, shared out as requests of max_model_len need them."""
-        rings = self._request_pages(page, step_tokens)
-        per_request = sum(self._request_pages(page, step_tokens, bytes_too=True))
+        """Pages of each KV group for `budget` bytes, shared out as requests of max_model_len need them (one
+        group: budget // page bytes)."""
+        rings, per_request = self._request_pages(page, step_tokens), self._request_bytes(page, step_tokens)
         if not per_request:  # a model with no attention caches nothing: its pool is bookkeeping only
             return [self.config.max_batch * n for n in rings]
         smallest = sum(PagedKVCache.group_page_bytes(self.model.arch, page, self.dtype))  # a page in each group
         if budget < smallest:
             raise CapacityError(f"kv_cache_bytes {budget} holds no page of {page} tokens ({smallest} bytes)")
-        # One group: budget // page bytes, as many pages as fit.
         return [max(1, budget * n // per_request) for n in rings]
 
     # Requests
@@ -488,7 +485,7 @@ class Engine:
             tokens.extend(req.tokens[start:end])
             positions.extend(range(start, end))
             for g in groups:
-                slots[g].extend(cache.slot(g, req.pages[g], p) for p in range(start, end))
+                slots[g].extend(cache.slots(req.pages[g], start, end))
             cu.append(cu[-1] + n)
             seq_lens.append(end)
             if end == len(req.tokens):  # all its tokens cached after this step: it samples the next one
@@ -502,7 +499,7 @@ class Engine:
         max_len = max(n for _, n in plan)
         attention = [
             kernels.PagedAttentionMetadata(
-                torch.tensor([cache.table(g, req.pages[g], width) for req, _ in plan], dtype=torch.int32, device=dev),
+                torch.tensor([cache.table(req.pages[g], width) for req, _ in plan], dtype=torch.int32, device=dev),
                 cu_t,
                 lens_t,
                 max_len,

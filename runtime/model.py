@@ -151,10 +151,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """FFN(x), plus the residual when given (added in the down GEMM's epilogue on the Triton path)."""
-        if self.tp is None:
-            return kernels.swiglu_ffn(x, self.w_gate_up, self.w_down, residual)
-        out = kernels.swiglu_ffn(x, self.w_gate_up, self.w_down, residual if self.tp.rank == 0 else None)
-        return self.tp.all_reduce(out)
+        if self.tp is not None and self.tp.rank > 0:
+            residual = None  # added once across the ranks
+        out = kernels.swiglu_ffn(x, self.w_gate_up, self.w_down, residual)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):

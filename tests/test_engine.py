@@ -278,7 +278,7 @@ def test_abort_frees_pages_at_once(demo, page_size) -> None:
     free = engine.cache.free_pages
     out = engine.abort(a)
     assert out.finished and out.finish_reason == "abort"
-    assert engine.cache.free_pages == free + engine.cache.pages_for(4 + 200 - 1)  # 51 pages of 4, or 1 whole one
+    assert engine.cache.free_pages == free + engine.cache.pages_needed(4 + 200 - 1)[0]  # 51 pages of 4, or 1 whole one
     assert engine.abort(a) is None  # already gone
     assert engine.abort(b).finish_reason == "abort"
     engine.step()
@@ -318,8 +318,7 @@ def poison(cache: PagedKVCache, pages: list[list[int]], tokens: int) -> None:
     """What an earlier owner of `pages` could leave behind: NaN K/V for its first `tokens` tokens, every layer."""
     for layer, k in enumerate(cache.k):
         if k is not None:
-            g = cache.group_of[layer]
-            slots = torch.tensor([cache.slot(g, pages[g], t) for t in range(tokens)])
+            slots = torch.tensor(cache.slots(pages[cache.group_of[layer]], 0, tokens))
             nan = torch.full((len(slots), *k.shape[2:]), float("nan"))
             cache.write(layer, slots, nan, nan)
 

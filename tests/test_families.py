@@ -350,9 +350,9 @@ def test_padded_decode_step_with_windowed_groups_equals_unpadded(tmp_path) -> No
     args = (
         torch.tensor([r.tokens[r.computed] for r, _ in plan]),
         torch.tensor([r.computed for r, _ in plan]),
-        [torch.tensor([cache.slot(g, r.pages[g], r.computed) for r, _ in plan]) for g in groups],
+        [torch.tensor([cache.slots(r.pages[g], r.computed, r.computed + 1)[0] for r, _ in plan]) for g in groups],
         torch.tensor([r.computed + 1 for r, _ in plan], dtype=torch.int32),
-        [torch.tensor([cache.table(g, r.pages[g], width) for r, _ in plan], dtype=torch.int32) for g in groups],
+        [torch.tensor([cache.table(r.pages[g], width) for r, _ in plan], dtype=torch.int32) for g in groups],
     )
     graphs = DecodeGraphs(model, cache, 4, width, capture=False)
     padded = graphs.run(*args)  # writes the same K/V the engine's step writes next, at the same slots
