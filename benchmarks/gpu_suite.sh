@@ -56,16 +56,23 @@ setup() {
 export -f setup  # `timeout` runs programs, not shell functions: the step runs `bash -c setup`
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 
-step setup 60 bash -c setup
-# Correctness first: the kernel tests compiled for the GPU, in 8 processes (a cold Triton cache compiles on the
+# `bash benchmarks/gpu_suite.sh [STEP...]` runs only the steps named (setup always), for a second call that
+# finishes what a first one's budget cut off.
+STEPS=" $* "
+want() { [[ "$STEPS" == "  " || "$STEPS" == *" $1 "* ]]; }
+
+step setup 45 bash -c setup
+# Correctness first: the kernel tests compiled for the GPU, in 12 processes (a cold Triton cache compiles on the
 # CPU cores: one process took over 2 minutes), and the engine's CUDA-graph test.
-step tests 150 python3 -m pytest -q -p no:cacheprovider -n 8 -m "not slow" tests/test_paged_attention.py \
-    tests/test_kernels.py tests/test_attention_kernels.py tests/test_kernel_dispatch.py \
-    tests/test_engine.py::test_cuda_graph_decode_equals_eager_and_uncached_greedy
-step bench_attention 110 python3 -m tessera.cli bench kernels --suite attention --device cuda
-step bench_model 80 python3 -m tessera.cli bench model --device cuda
-step bench_serving 110 python3 -m tessera.cli bench serving --device cuda
-step bench_ffn_norm 50 python3 -m tessera.cli bench kernels --suite ffn --suite norm --device cuda
-step bench_fusion 40 python3 -m tessera.cli bench fusion --device cuda
+want tests && step tests 110 python3 -m pytest -q -p no:cacheprovider -n 12 -m "not slow" \
+    tests/test_paged_attention.py tests/test_kernels.py tests/test_attention_kernels.py \
+    tests/test_kernel_dispatch.py tests/test_engine.py::test_cuda_graph_decode_equals_eager_and_uncached_greedy
+want bench_attention && step bench_attention 100 python3 -m tessera.cli bench kernels --suite attention --device cuda
+want tune_attention && step tune_attention 75 python3 -m tessera.benchmarks.tune_attention --device cuda --budget-s 50
+want bench_model && step bench_model 60 python3 -m tessera.cli bench model --device cuda
+want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving --device cuda
+want bench_generate && step bench_generate 40 python3 -m tessera.cli bench generate --device cuda
+want bench_ffn_norm && step bench_ffn_norm 40 python3 -m tessera.cli bench kernels --suite ffn --suite norm --device cuda
+want bench_fusion && step bench_fusion 25 python3 -m tessera.cli bench fusion --device cuda
 echo "suite: $(($(date +%s) - start)) s"
 cat "$LOGS/summary.txt"

@@ -37,7 +37,26 @@ from .attention import LOG2_E, attend_tile, check_window
 from .hardware import dot_precision, sm_count
 
 MAX_SPLITS = 64
-WAVES = 4  # split until (sequences × KV heads × splits) programs cover the SMs this many times
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a launch is cut: keys per tile, warps, software-pipeline stages, and how many times the (sequence, KV
+    head, split) programs of a split launch should cover the SMs. `default_tiling` picks one;
+    benchmarks/tune_attention.py sweeps the alternatives on a GPU."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    waves: int = 4
+
+
+def default_tiling(block_m: int, block_d: int) -> Tiling:
+    """64-128 keys per tile (bytes in flight for a memory-bound loop); a tall tile (prefill) gets 8 warps."""
+    block_n = 64 if block_d >= 128 else 128
+    if block_m >= 128:
+        return Tiling(block_n, num_warps=8, num_stages=2)
+    return Tiling(block_n, num_warps=4, num_stages=3)
 
 
 @triton.jit(do_not_specialize=["max_tiles", "n_splits"])
@@ -263,10 +282,11 @@ def check_inputs(
         )
 
 
-def split_count(programs: int, capacity: int, block_n: int, device: torch.device) -> int:
+def split_count(programs: int, capacity: int, tiling: Tiling, device: torch.device) -> int:
     """Splits of the context for `programs` (sequence, KV head) pairs whose tables hold `capacity` keys: enough
-    to cover the SMs WAVES times, never more than the capacity has tiles."""
-    return max(1, min(MAX_SPLITS, triton.cdiv(capacity, block_n), triton.cdiv(WAVES * sm_count(device), programs)))
+    to cover the SMs `tiling.waves` times, never more than the capacity has tiles."""
+    waves = triton.cdiv(tiling.waves * sm_count(device), programs)
+    return max(1, min(MAX_SPLITS, triton.cdiv(capacity, tiling.block_n), waves))
 
 
 def attention_paged_triton(
@@ -275,9 +295,10 @@ def attention_paged_triton(
     v_pages: torch.Tensor,
     meta: PagedAttentionMetadata,
     window: int | None = None,
+    tiling: Tiling | None = None,
 ) -> torch.Tensor:
     """q [N, Hq, D]; k/v pages [P, page_size, Hkv, D] -> [N, Hq, D]. No device read: CUDA-graph capturable.
-    window: the query at position p reads keys p - window + 1 .. p only."""
+    window: the query at position p reads keys p - window + 1 .. p only. tiling: `default_tiling`'s unless given."""
     check_inputs(q, k_pages, v_pages, meta, window)
     n_heads, head_dim = q.shape[1:]
     page, n_kv = k_pages.shape[1], k_pages.shape[2]
@@ -290,12 +311,12 @@ def attention_paged_triton(
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m = max(16, min(128 if head_dim <= 128 else 64, triton.next_power_of_2(max_query_len * group)))
-    block_n = 64 if block_d >= 128 else 128  # 64-128 keys per tile: bytes in flight for a memory-bound loop
+    tiling = tiling or default_tiling(block_m, block_d)
     max_tiles = triton.cdiv(max_query_len * group, block_m)
     capacity = meta.block_tables.shape[1] * page
     if window is not None:  # a window bounds the keys a split shares out
         capacity = min(capacity, window + max_query_len)
-    n_splits = split_count(n_seqs * n_kv, capacity, block_n, q.device) if max_tiles == 1 else 1
+    n_splits = split_count(n_seqs * n_kv, capacity, tiling, q.device) if max_tiles == 1 else 1
     if n_splits > 1:  # fp32 partial outputs and log-sum-exps, shared by the layers of the step
         shape, dev = (q.shape[0], n_heads, n_splits), q.device
         partial, lse = meta.derived(
@@ -337,13 +358,13 @@ def attention_paged_triton(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_N=tiling.block_n,
         PAGE=page,
         SPLIT=n_splits > 1,
         WINDOW=window or 0,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=8 if block_m >= 128 else 4,
-        num_stages=2 if block_m >= 128 else 3,
+        num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages,
     )
     if n_splits > 1:
         _merge_kernel[(q.shape[0], n_heads)](

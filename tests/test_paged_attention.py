@@ -154,16 +154,37 @@ def test_windowed_paged_attention_matches_hand_written(poisoned, monkeypatch, ca
     check_case(*shape, dtype, tol, seed=case, window=window)
 
 
+@pytest.mark.parametrize(
+    "tiling",
+    [
+        paged.Tiling(block_n=32, num_warps=4, num_stages=2, waves=1),
+        paged.Tiling(block_n=128, num_warps=8, num_stages=4, waves=8),
+    ],
+    ids=["32-keys-1-wave", "128-keys-8-waves"],
+)
+@dtypes("attention_paged")
+def test_other_tilings_are_exact_too(monkeypatch, tiling, dtype, tol) -> None:
+    """The tilings benchmarks/tune_attention.py tries on a GPU compute the same attention as the default one (the
+    case mixes decodes at split and page boundaries with a prompt and a chunk)."""
+    monkeypatch.setattr(paged, "default_tiling", lambda block_m, block_d: tiling)
+    check_case(*CASES[3], dtype, tol, seed=3)
+    check_case(*CASES[1], dtype, tol, seed=1)
+
+
 def test_the_split_plan_covers_the_gpu_and_follows_the_capacity(monkeypatch) -> None:
-    """Few (sequence, KV head) programs: split until they cover the SMs WAVES times; never more splits than the
+    """Few (sequence, KV head) programs: split until they cover the SMs `waves` times; never more splits than the
     table has tiles, nor than MAX_SPLITS; many programs: none."""
     monkeypatch.setattr(paged, "sm_count", lambda device: 132)
     cpu = torch.device("cpu")
-    assert paged.split_count(8, 8192, 64, cpu) == 64  # batch 1 x 8 KV heads at 8k: 528 / 8 = 66, capped
-    assert paged.split_count(128, 8192, 64, cpu) == 5  # batch 16
-    assert paged.split_count(512, 8192, 64, cpu) == 2  # batch 64
-    assert paged.split_count(8, 100, 64, cpu) == 2  # a 100-key table holds 2 tiles
-    assert paged.split_count(4096, 8192, 64, cpu) == 1
+    tiling = paged.Tiling(block_n=64, num_warps=4, num_stages=3, waves=4)
+    assert paged.split_count(8, 8192, tiling, cpu) == 64  # batch 1 x 8 KV heads at 8k: 528 / 8 = 66, capped
+    assert paged.split_count(128, 8192, tiling, cpu) == 5  # batch 16
+    assert paged.split_count(512, 8192, tiling, cpu) == 2  # batch 64
+    assert paged.split_count(8, 100, tiling, cpu) == 2  # a 100-key table holds 2 tiles
+    assert paged.split_count(4096, 8192, tiling, cpu) == 1
+    one_wave = paged.Tiling(block_n=128, num_warps=4, num_stages=3, waves=1)
+    assert paged.split_count(8, 8192, one_wave, cpu) == 17  # 132 / 8 = 16.5 -> 17
+    assert paged.split_count(8, 1000, one_wave, cpu) == 8  # 1000 keys hold 8 tiles of 128
 
 
 @dtypes("attention_paged")
