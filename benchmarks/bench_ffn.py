@@ -1,4 +1,6 @@
-"""SwiGLU FFN with the residual add: tessera's two fused GEMMs vs torch eager (F.linear = cuBLAS, F.silu·mul).
+"""SwiGLU FFN with the residual add: tessera's two fused Triton GEMMs vs torch eager (F.linear = cuBLAS,
+F.silu·mul), at every M (the served op, `kernels.swiglu_ffn`, hands M > ffn.TRITON_MAX_ROWS to cuBLAS while the
+kernels lose there: this suite measures the kernels themselves).
 
 Shapes from real configs (hidden, intermediate): Llama-3.1-8B (4096, 14336), Llama-3.1-70B (8192, 28672),
 Nemotron-51B's pruned widths at hidden 8192 (28672 / 14336 / 7168), and an FFN-Fusion group of four
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera import kernels
+from tessera.kernels.ffn import swiglu_ffn_triton
 
 from .harness import KernelCase
 
@@ -36,6 +39,7 @@ def eager_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
 
 def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator[KernelCase]:
     shrink = 1 if device.type == "cuda" else 32  # CPU: references on shrunken shapes, a sanity pass
+    op = swiglu_ffn_triton if device.type == "cuda" else kernels.swiglu_ffn
     for model, hidden, inter in SHAPES:
         h_run, i_run = hidden // shrink, inter // shrink
         gen = torch.Generator(device).manual_seed(inter)
@@ -48,7 +52,7 @@ def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator
             yield KernelCase(
                 op="swiglu_ffn+residual",
                 shape={"model": model, "rows": m_run, "hidden": h_run, "intermediate": i_run},
-                candidate=partial(kernels.swiglu_ffn, x, w_gate_up, w_down, residual),
+                candidate=partial(op, x, w_gate_up, w_down, residual),
                 baseline=partial(eager_swiglu, x, w_gate_up, w_down, residual),
                 flops=6.0 * m_run * h_run * i_run,
                 bytes=(3 * h_run * i_run + 3 * m_run * h_run) * size,

@@ -17,7 +17,7 @@ import torch
 from .attention import attention_prefill_reference, attention_prefill_triton
 from .attention_paged import PagedAttentionMetadata, attention_paged_triton
 from .attention_paged_reference import attention_paged_reference
-from .ffn import swiglu_ffn_reference, swiglu_ffn_triton
+from .ffn import TRITON_MAX_ROWS, swiglu_ffn_reference, swiglu_ffn_triton
 from .norm import rms_norm_reference, rms_norm_triton
 from .rope import apply_rope_reference, apply_rope_triton
 
@@ -78,8 +78,12 @@ def swiglu_ffn(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
     """SwiGLU FFN. x [M, H], w_gate_up [2I, H] = cat(gate, up), w_down [H, I] -> [M, H], plus the residual
-    [M, H] when one is given (added in the down GEMM's epilogue)."""
-    impl = swiglu_ffn_triton if backend(x, w_gate_up, w_down) == "triton" else swiglu_ffn_reference
+    [M, H] when one is given (added in the down GEMM's epilogue). Chosen automatically, past TRITON_MAX_ROWS rows
+    cuBLAS runs it (the torch path): there it is the faster one on the H200 (kernels/ffn.py)."""
+    choice = backend(x, w_gate_up, w_down)
+    if choice == "triton" and _forced is None and x.shape[0] > TRITON_MAX_ROWS:
+        choice = "torch"
+    impl = swiglu_ffn_triton if choice == "triton" else swiglu_ffn_reference
     return impl(x, w_gate_up, w_down, residual)
 
 

@@ -21,6 +21,11 @@ import triton.language as tl
 
 from .hardware import dot_precision, sm_count
 
+# Rows up to which the automatic dispatch (kernels.swiglu_ffn) runs these kernels; past it, cuBLAS. On the H200
+# (benchmarks/results/nvidia-h200_kernels_ffn.md) they beat cuBLAS eager at 1 and 16 rows (1.02-1.09x, 83-107 % of
+# copy bandwidth) and lose from 128 rows up (0.75-0.86x): the served path takes the faster one until they win.
+TRITON_MAX_ROWS = 16
+
 
 @triton.jit
 def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):

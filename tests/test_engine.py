@@ -40,7 +40,7 @@ def greedy_by_full_forward(model, prompt: list[int], n: int) -> list[int]:
     tokens = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            tokens.append(model(torch.tensor([tokens]))[0, -1].argmax().item())
+            tokens.append(model(torch.tensor([tokens], device=model.embed_tokens.weight.device))[0, -1].argmax().item())
     return tokens[len(prompt) :]
 
 

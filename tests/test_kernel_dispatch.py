@@ -48,6 +48,23 @@ def test_backend_choice(monkeypatch) -> None:
             assert kernels.backend(cpu, torch.zeros(2, requires_grad=True)) == "triton"
 
 
+def test_swiglu_ffn_goes_to_cublas_past_the_rows_where_triton_wins(monkeypatch) -> None:
+    """Chosen automatically on the GPU, the FFN runs the Triton kernels up to ffn.TRITON_MAX_ROWS rows and the
+    torch path (cuBLAS) past it; forcing Triton runs the kernels at any M (the kernel tests and benchmarks)."""
+    calls: list[str] = []
+    monkeypatch.setattr(kernels, "backend", lambda *tensors: "triton")  # as for CUDA tensors
+    monkeypatch.setattr(kernels, "swiglu_ffn_triton", lambda *args: calls.append("triton"))
+    monkeypatch.setattr(kernels, "swiglu_ffn_reference", lambda *args: calls.append("torch"))
+    w_gate_up, w_down = torch.zeros(8, 4), torch.zeros(4, 4)
+    rows = kernels.TRITON_MAX_ROWS
+    with kernel_backend(None):
+        for m in (1, rows, rows + 1, 4096):
+            kernels.swiglu_ffn(torch.zeros(m, 4), w_gate_up, w_down)
+    with kernel_backend("triton"):
+        kernels.swiglu_ffn(torch.zeros(rows + 1, 4), w_gate_up, w_down)
+    assert calls == ["triton", "triton", "torch", "torch", "triton"]
+
+
 @pytest.mark.parametrize(("value", "expected"), [("torch", "torch"), ("triton", "triton"), ("", "None")])
 def test_environment_variable_read_at_import(value: str, expected: str) -> None:
     code = "from tessera import kernels; print(kernels.forced_backend())"
@@ -90,7 +107,9 @@ def _step_logits(model, monkeypatch, steps: int = 3) -> list[torch.Tensor]:
     recorded: list[torch.Tensor] = []
     logits = model.logits
     monkeypatch.setattr(model, "logits", lambda h: recorded.append(out := logits(h)) or out)
-    engine = Engine(model, config=EngineConfig(max_batch=3, max_model_len=64, max_step_tokens=16, page_size=8))
+    # Eager steps: a CUDA graph's capture calls model.logits too, and its replays do not (test_engine checks them).
+    config = EngineConfig(max_batch=3, max_model_len=64, max_step_tokens=16, page_size=8, cuda_graphs=False)
+    engine = Engine(model, config=config)
     engine.generate(prompts, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True))
     monkeypatch.undo()
     return recorded
