@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from functools import partial
 
 import pytest
 import torch
@@ -116,74 +115,3 @@ def test_write_results() -> None:
     md = f"Decode speed on {env['device']} (commit {env['commit']}, {env['date']})\n\n" + "\n".join(lines)
     write_results("cpu_generate", results, md)
     print("\n" + md)
-
-
-def run(device: torch.device, rounds: int = 3, new_tokens: int = 256) -> dict:
-    """`tessera generate`'s path (`Generator` over the engine: on CUDA its decode steps replay CUDA graphs) vs
-    transformers' `generate` on the demo parent, bf16 on CUDA (float32 on CPU), greedy, batch 1 and 8: tokens/s
-    in interleaved rounds, the speedup as the median of the rounds' ratios with its range. The first H200 run
-    (gpu/2026-11-28) measured 72 tokens/s at batch 1, launch-bound."""
-    from transformers import LlamaForCausalLM
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gen = Generator(load_model(PARENT_DIR, device=device, dtype=dtype))
-    hf = LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=dtype).to(device).eval()
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    rows = []
-    for batch in BATCHES:
-        prompts = _prompts(batch)
-        sides = {
-            "tessera": partial(gen.generate, prompts.tolist(), params),
-            "transformers": partial(hf_generate, hf, prompts.to(device), new_tokens),
-        }
-        with torch.inference_mode():
-            for side in sides.values():  # warm-up: compiles, captures graphs, allocates
-                side()
-            times: dict[str, list[float]] = {name: [] for name in sides}
-            for r in range(rounds):
-                for name in list(sides) if r % 2 == 0 else list(reversed(sides)):
-                    sync()
-                    start = time.perf_counter()
-                    sides[name]()
-                    sync()
-                    times[name].append(time.perf_counter() - start)
-        ratios = [t / o for o, t in zip(times["tessera"], times["transformers"])]
-        rows.append(
-            {
-                "batch": batch,
-                "tessera_tokens_per_s": batch * new_tokens / statistics.median(times["tessera"]),
-                "transformers_tokens_per_s": batch * new_tokens / statistics.median(times["transformers"]),
-                "speedup": statistics.median(ratios),
-                "speedup_min": min(ratios),
-                "speedup_max": max(ratios),
-                "rounds": rounds,
-            }
-        )
-        print(rows[-1], flush=True)
-    return {
-        "benchmark": f"decode tokens/s, demo parent, {str(dtype).removeprefix('torch.')}, greedy",
-        "prompt_tokens": PROMPT_LEN,
-        "new_tokens": new_tokens,
-        "cuda_graphs": device.type == "cuda",
-        "baseline": "transformers LlamaForCausalLM.generate (same weights, same run, interleaved rounds)",
-        "results": rows,
-    }
-
-
-def table(result: dict) -> str:
-    lines = [
-        f"{result['benchmark']}, {result['prompt_tokens']} prompt tokens, {result['new_tokens']} new tokens\n",
-        "| batch | transformers tokens/s | tessera tokens/s | speedup (median of rounds) | range over rounds |",
-        "|---:|---:|---:|---:|---|",
-    ]
-    for r in result["results"]:
-        lines.append(
-            f"| {r['batch']} | {r['transformers_tokens_per_s']:.1f} | {r['tessera_tokens_per_s']:.1f} | "
-            f"{r['speedup']:.2f}x | {r['speedup_min']:.2f}-{r['speedup_max']:.2f}x |"
-        )
-    return "\n".join(lines)

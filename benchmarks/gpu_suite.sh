@@ -7,7 +7,9 @@
 # each step's exit status and seconds.
 #
 # Before the call, on the dev machine: `bash benchmarks/gpu_wheels.sh` (the server's packages the image lacks,
-# into .whl/), then run `bash benchmarks/gpu_suite.sh` with `.whl` carried.
+# into .whl/), commit, then run `TESSERA_COMMIT=<that commit> bash benchmarks/gpu_suite.sh` with `.whl` carried: the
+# device's copy of the checkout may carry older git metadata (the first call of 2026-11-28 recorded the session's
+# starting commit, "-dirty"), so the results take the commit from there.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export TESSERA_BENCH_RESULTS=benchmarks/results  # the committed results: this suite is what fills them
@@ -71,7 +73,6 @@ want bench_attention && step bench_attention 100 python3 -m tessera.cli bench ke
 want tune_attention && step tune_attention 75 python3 -m tessera.benchmarks.tune_attention --device cuda --budget-s 50
 want bench_model && step bench_model 60 python3 -m tessera.cli bench model --device cuda
 want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving --device cuda
-want bench_generate && step bench_generate 40 python3 -m tessera.cli bench generate --device cuda
 want bench_ffn_norm && step bench_ffn_norm 40 python3 -m tessera.cli bench kernels --suite ffn --suite norm --device cuda
 want bench_fusion && step bench_fusion 25 python3 -m tessera.cli bench fusion --device cuda
 echo "suite: $(($(date +%s) - start)) s"

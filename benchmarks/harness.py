@@ -36,7 +36,12 @@ def results_dir() -> Path:
     return Path(os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS)
 
 
+COMMIT_ENV = "TESSERA_COMMIT"  # the measured commit, where the checkout's git metadata cannot say (a device copy)
+
+
 def commit() -> str:
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         # Results files rewritten by an earlier run do not make the measured code dirty.

@@ -9,16 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import (
-    bench_attention,
-    bench_ffn,
-    bench_fusion,
-    bench_generate,
-    bench_model,
-    bench_norm,
-    bench_search_scale,
-    bench_serving,
-)
+from . import bench_attention, bench_ffn, bench_fusion, bench_model, bench_norm, bench_search_scale, bench_serving
 from .harness import (
     copy_bandwidth_gbps,
     environment,
@@ -29,7 +20,7 @@ from .harness import (
     write_results,
 )
 
-__all__ = ["results_dir", "run_fusion", "run_generate", "run_kernels", "run_model", "run_search_scale", "run_serving"]
+__all__ = ["results_dir", "run_fusion", "run_kernels", "run_model", "run_search_scale", "run_serving"]
 
 KERNEL_SUITES = {"norm": bench_norm, "ffn": bench_ffn, "attention": bench_attention}
 
@@ -72,14 +63,6 @@ def run_fusion(device: torch.device, out: Path | None = None) -> Path:
         f"triton {env.get('triton', '-')})\n\n" + bench_fusion.table(result)
     )
     return write_results(results_name(device, "fusion_decode"), {**env, **result}, md, out)
-
-
-def run_generate(device: torch.device, out: Path | None = None) -> Path:
-    """`tessera generate`'s path vs transformers' `generate` on the demo parent (bench_generate.run)."""
-    env = environment(device)
-    result = bench_generate.run(device)
-    md = f"Generate on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']})\n\n"
-    return write_results(results_name(device, "generate"), {**env, **result}, md + bench_generate.table(result), out)
 
 
 def run_serving(device: torch.device, out: Path | None = None, **kwargs) -> Path:

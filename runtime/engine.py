@@ -42,7 +42,7 @@ from tokenizers import Tokenizer
 from tessera import kernels
 from tessera.devices import available_memory, dtype_name
 from tessera.errors import UserError
-from tessera.runtime.cache import PAGE_SIZE, STEP_TOKENS, PagedKVCache, kv_groups, ring_pages
+from tessera.runtime.cache import PAGE_SIZE, STEP_TOKENS, BlockTables, PagedKVCache, kv_groups, ring_pages
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.sampling import Completion, ContextLengthError, PromptEncoder, SamplingParams, TextStream, sample
 
@@ -181,6 +181,7 @@ class _Request:
         self.computed = 0
         self.sampled = 0  # tokens sampled, an EOS included
         self.pages: list[list[int]] = []  # its pages in each KV group of the cache
+        self.row: int | None = None  # its row of the engine's BlockTables while it runs
         self.generator: torch.Generator | None = None
 
 
@@ -299,6 +300,7 @@ class Engine:
         pages = self._pool_pages(budget, page, step_tokens)
         # + each group's scratch page
         self.cache = PagedKVCache(arch, [n + 1 for n in pages], page, self.device, self.dtype, step_tokens)
+        self.tables = BlockTables(self.cache, config.max_batch, self.max_pages_per_request)
         groups = tuple((g.num_pages - 1, g.ring) for g in self.cache.groups)
         self.limits = EngineLimits(
             model.vocab_size, self.max_model_len, page, groups, tokenizer is not None, config.max_batch
@@ -431,6 +433,7 @@ class Engine:
                 break  # FIFO: a request that does not fit yet is not overtaken (no starvation)
             self.waiting.popleft()
             req.pages = self.cache.allocate(req.prompt_len + req.budget - 1)  # the last token gets no K/V
+            req.row = self.tables.add(req.pages, req.prompt_len + req.budget - 1)
             self.running.append(req)
             n = min(req.prompt_len, room)
             plan.append((req, n))
@@ -471,44 +474,42 @@ class Engine:
             return None, sampling
         if decode_only:  # every token samples, in plan order
             return self.model.logits(hidden), sampling
-        return self.model.logits(hidden[torch.tensor(last, device=self.device)]), sampling
+        return self.model.logits(hidden[last]), sampling
 
-    def _step_batch(self, plan: list[tuple[_Request, int]]) -> tuple[Batch, torch.Tensor, list[int], list[_Request]]:
+    def _step_batch(self, plan: list[tuple[_Request, int]]) -> tuple[Batch, torch.Tensor, torch.Tensor, list[_Request]]:
         """The step's tokens and their Batch (positions, K/V slots, attention metadata), built once for all layers;
-        with the index of each sampling request's last token, and those requests."""
-        cache, dev = self.cache, self.device
-        groups = range(len(cache.groups))
-        tokens, positions, cu, seq_lens, last, sampling = [], [], [0], [], [], []
-        slots: list[list[int]] = [[] for _ in groups]
-        for req, n in plan:
+        with the index of each sampling request's last token, and those requests. The host sends two small
+        tensors; block tables and slots come from the device's `BlockTables`."""
+        tokens, positions, seq_of_token, rows, cu, seq_lens, last, sampling = [], [], [], [], [0], [], [], []
+        for i, (req, n) in enumerate(plan):
             start, end = req.computed, req.computed + n
             tokens.extend(req.tokens[start:end])
             positions.extend(range(start, end))
-            for g in groups:
-                slots[g].extend(cache.slots(req.pages[g], start, end))
+            seq_of_token.extend([i] * n)
+            rows.append(req.row)
             cu.append(cu[-1] + n)
             seq_lens.append(end)
             if end == len(req.tokens):  # all its tokens cached after this step: it samples the next one
                 last.append(cu[-1] - 1)
                 sampling.append(req)
+        n_tokens, n_seqs = len(tokens), len(plan)
+        longs = torch.tensor(tokens + positions + seq_of_token + rows + last, dtype=torch.int64).to(self.device)
+        ints = torch.tensor(cu + seq_lens, dtype=torch.int32).to(self.device)
+        tokens_t, positions_t, seq_of_token_t = (
+            longs[:n_tokens],
+            longs[n_tokens : 2 * n_tokens],
+            longs[2 * n_tokens : 3 * n_tokens],
+        )
+        rows_t, last_t = longs[3 * n_tokens : 3 * n_tokens + n_seqs], longs[3 * n_tokens + n_seqs :]
+        cu_t, lens_t = ints[: n_seqs + 1], ints[n_seqs + 1 :]
         # Every group's table lists a page for each page of the tokens a request reserved (runtime/cache.py).
-        width = max(-(-(req.prompt_len + req.budget - 1) // cache.page_size) for req, _ in plan)
-        as_long = dict(dtype=torch.int64, device=dev)
-        cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
-        lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+        width = max(-(-(req.prompt_len + req.budget - 1) // self.cache.page_size) for req, _ in plan)
+        tables = self.tables.gather(rows_t, width)
+        slots = list(self.tables.slots(tables, seq_of_token_t, positions_t))
         max_len = max(n for _, n in plan)
-        attention = [
-            kernels.PagedAttentionMetadata(
-                torch.tensor([cache.table(req.pages[g], width) for req, _ in plan], dtype=torch.int32, device=dev),
-                cu_t,
-                lens_t,
-                max_len,
-            )
-            for g in groups
-        ]
-        slots_t = [torch.tensor(s, **as_long) for s in slots]
-        batch = Batch(torch.tensor(positions, **as_long), cu_t, max_len, cache, slots_t, attention)
-        return batch, torch.tensor(tokens, **as_long), last, sampling
+        attention = [kernels.PagedAttentionMetadata(t, cu_t, lens_t, max_len) for t in tables]
+        batch = Batch(positions_t, cu_t, max_len, self.cache, slots, attention)
+        return batch, tokens_t, last_t, sampling
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[RequestOutput]:
         outputs = []
@@ -547,6 +548,9 @@ class Engine:
         """The request's last output; its pages go back to the pool now."""
         self.cache.release(req.pages)
         req.pages = []
+        if req.row is not None:
+            self.tables.remove(req.row)
+            req.row = None
         del self._requests[req.id]
         return RequestOutput.final(req.id, reason, token_ids, text, req.prompt_len, req.sampled, error)
 

@@ -339,8 +339,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
         paths = run.run_kernels(device, args.suite, out=results)
     elif args.what == "serving":
         paths = [run.run_serving(device, out=results)]
-    elif args.what == "generate":
-        paths = [run.run_generate(device, out=results)]
     elif args.what == "search-scale":
         paths = [run.run_search_scale(device, out=results, depths=args.depths)]
     else:
@@ -641,11 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="kernels vs torch, model decode, fused vs unfused FFNs, generate vs transformers, serving under load, or "
-        "how the search scales; "
+        help="kernels vs torch, model decode, fused vs unfused FFNs, serving under load, or how the search scales; "
         "JSON + Markdown",
     )
-    p.add_argument("what", choices=["kernels", "model", "fusion", "generate", "serving", "search-scale"])
+    p.add_argument("what", choices=["kernels", "model", "fusion", "serving", "search-scale"])
     p.add_argument(
         "--depths",
         type=positive_ints,
