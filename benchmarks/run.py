@@ -9,7 +9,16 @@ from pathlib import Path
 
 import torch
 
-from . import bench_attention, bench_ffn, bench_fusion, bench_model, bench_norm, bench_search_scale, bench_serving
+from . import (
+    bench_attention,
+    bench_ffn,
+    bench_fusion,
+    bench_model,
+    bench_norm,
+    bench_parallel,
+    bench_search_scale,
+    bench_serving,
+)
 from .harness import (
     copy_bandwidth_gbps,
     environment,
@@ -20,7 +29,7 @@ from .harness import (
     write_results,
 )
 
-__all__ = ["results_dir", "run_fusion", "run_kernels", "run_model", "run_search_scale", "run_serving"]
+__all__ = ["results_dir", "run_fusion", "run_kernels", "run_model", "run_parallel", "run_search_scale", "run_serving"]
 
 KERNEL_SUITES = {"norm": bench_norm, "ffn": bench_ffn, "attention": bench_attention}
 
@@ -63,6 +72,15 @@ def run_fusion(device: torch.device, out: Path | None = None) -> Path:
         f"triton {env.get('triton', '-')})\n\n" + bench_fusion.table(result)
     )
     return write_results(results_name(device, "fusion_decode"), {**env, **result}, md, out)
+
+
+def run_parallel(device: torch.device, out: Path | None = None) -> Path:
+    """The decode step over 2 tensor-parallel ranks, with and without its all-reduces, vs one process
+    (bench_parallel)."""
+    env = environment(device)
+    result = bench_parallel.run(device)
+    md = f"Tensor-parallel decode on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']})\n\n"
+    return write_results(results_name(device, "parallel"), {**env, **result}, md + bench_parallel.table(result), out)
 
 
 def run_serving(device: torch.device, out: Path | None = None, **kwargs) -> Path:

@@ -33,9 +33,11 @@ import torch
 
 from tessera.errors import UserError
 from tessera.runtime.engine import Engine, EngineConfig, EngineLimits, EngineRequest, RequestOutput
+from tessera.runtime.parallel import TensorParallel
 from tessera.runtime.sampling import PromptEncoder, SamplingParams, load_tokenizer
 
 START_TIMEOUT_S = 600.0  # loading a large checkpoint and capturing CUDA graphs takes a while
+HEARTBEAT_S = 10.0  # an idle tensor-parallel engine's rounds: its ranks' collectives never wait past their timeout
 
 
 class EngineProcessError(RuntimeError):
@@ -52,15 +54,28 @@ class EngineSpec:
     dtype: str = "float32"
     config: EngineConfig = field(default_factory=EngineConfig)
     threads: int | None = None  # CPU: torch threads of this engine (None: torch's default)
+    tensor_parallel_size: int = 1  # ranks this engine is sharded over (runtime/parallel.py), each a process
 
-    def build(self) -> Engine:
+    def build(self, tp: TensorParallel | None = None) -> Engine:
+        """This engine, or with `tp` its rank's shard (the rank's GPU on CUDA), reading only that rank's parts."""
         from tessera.devices import parse_dtype
         from tessera.runtime.loader import load_model
+        from tessera.runtime.parallel import load_shard
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        model = load_model(self.model_dir, device=torch.device(self.device), dtype=parse_dtype(self.dtype))
+        device, dtype = torch.device(self.device), parse_dtype(self.dtype)
+        if tp is None:
+            model = load_model(self.model_dir, device=device, dtype=dtype)
+        else:
+            device = torch.device("cuda", tp.rank) if device.type == "cuda" else device
+            model = load_shard(self.model_dir, tp, device, dtype)
         return Engine(model, load_tokenizer(self.model_dir), self.config)
+
+    @property
+    def backend(self) -> str:
+        """torch.distributed's backend for this engine's ranks."""
+        return "nccl" if torch.device(self.device).type == "cuda" else "gloo"
 
 
 @dataclass(frozen=True)
@@ -119,40 +134,100 @@ def _load(engine: Engine) -> EngineLoad:
     return EngineLoad(len(engine.running), len(engine.waiting), engine.cache.usable_pages - engine.cache.free_pages)
 
 
-def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection) -> None:
-    """An engine process: build the engine, then step it for as long as the server talks to it."""
+def _start_rank(spec: EngineSpec, rank: int, port: int | None) -> tuple[Engine | None, TensorParallel | None, str]:
+    """Join the engine's process group (tensor parallel) and build this rank's engine; (engine, tp, error). Every
+    rank then hears every rank's error, so none waits in a collective for a rank that failed to start."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    tp, engine, error = None, None, ""
     try:
-        engine = spec.build()
-    except Exception as e:  # reported to the server, which raises it where it started this engine
-        outbox.send(Failed(f"{type(e).__name__}: {e}"))
+        if spec.tensor_parallel_size > 1:
+            from tessera.runtime.parallel import join_group
+
+            tp = join_group(rank, spec.tensor_parallel_size, port, spec.backend, START_TIMEOUT_S)
+        engine = spec.build(tp)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    if tp is not None:
+        errors = [None] * tp.size
+        torch.distributed.all_gather_object(errors, error)
+        error = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), "")
+    return engine, tp, error
+
+
+def _apply(engine: Engine, messages: list) -> tuple[list[RequestOutput], bool]:
+    """The server's messages, in order: (outputs they produced, whether one was Shutdown)."""
+    outputs: list[RequestOutput] = []
+    for message in messages:
+        if isinstance(message, Add):
+            try:
+                engine.add(message.request)
+            except UserError as e:  # a request id in use twice: never leave a caller hanging
+                outputs.append(RequestOutput.failure(message.request.request_id, str(e)))
+        elif isinstance(message, Abort):
+            engine.abort(message.request_id)
+        elif isinstance(message, Shutdown):
+            return outputs + engine.abort_all(), True
+    return outputs, False
+
+
+def _step(engine: Engine) -> list[RequestOutput]:
+    if not engine.has_work():
+        return []
+    try:
+        return engine.step()
+    except Exception as e:  # a failed step fails the requests in it, not the engine nor those waiting
+        return engine.fail_step(f"{type(e).__name__}: {e}")
+
+
+def _seeded(message: object) -> object:
+    """An Add of unseeded sampling with a seed drawn here: tensor-parallel ranks must draw the same tokens."""
+    if isinstance(message, Add) and message.request.params.temperature > 0 and message.request.params.seed is None:
+        params = replace(message.request.params, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+        return Add(replace(message.request, params=params))
+    return message
+
+
+def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection, port: int | None = None) -> None:
+    """An engine process (rank 0 of a tensor-parallel engine): build the engine, then step it for as long as the
+    server talks to it. With tensor parallelism the messages of each step go to the other ranks first, so every
+    rank steps the same requests; an idle engine still sends an empty round every HEARTBEAT_S, inside the
+    collectives' timeout."""
+    engine, tp, error = _start_rank(spec, 0, port)
+    if error:  # reported to the server, which raises it where it started this engine
+        outbox.send(Failed(error))
         return
     outbox.send(Ready(engine.limits, engine.info()))
     with contextlib.suppress(EOFError, OSError):  # the server's end closed: nobody to serve
         while True:
             if not engine.has_work():
-                inbox.poll(None)  # idle: sleep until a message (or EOF) arrives
-            outputs: list[RequestOutput] = []
+                inbox.poll(None if tp is None else HEARTBEAT_S)  # idle: sleep until a message (or EOF)
+            messages = []
             while inbox.poll():
-                message = inbox.recv()
-                if isinstance(message, Add):
-                    try:
-                        engine.add(message.request)
-                    except UserError as e:  # a request id in use twice: never leave a caller hanging
-                        outputs.append(RequestOutput.failure(message.request.request_id, str(e)))
-                elif isinstance(message, Abort):
-                    engine.abort(message.request_id)
-                elif isinstance(message, Shutdown):
-                    outbox.send(Step(outputs + engine.abort_all(), _load(engine)))
-                    outbox.send(Stopped())
-                    return
-            if engine.has_work():
-                try:
-                    outputs += engine.step()
-                except Exception as e:  # a failed step fails the requests in it, not the engine nor those waiting
-                    outputs += engine.fail_step(f"{type(e).__name__}: {e}")
-            outbox.send(Step(outputs, _load(engine)))
+                messages.append(inbox.recv())
+            if tp is not None:
+                messages = tp.broadcast([_seeded(m) for m in messages])
+            outputs, stop = _apply(engine, messages)
+            if stop:
+                outbox.send(Step(outputs, _load(engine)))
+                outbox.send(Stopped())
+                return
+            outbox.send(Step(outputs + _step(engine), _load(engine)))
+
+
+def _rank_process(spec: EngineSpec, rank: int, port: int) -> None:
+    """Rank > 0 of a tensor-parallel engine: the same engine over its shard, stepping the requests rank 0
+    broadcasts; its outputs equal rank 0's and go nowhere. It ends with Shutdown, or when rank 0 is gone (the
+    collective fails)."""
+    engine, tp, error = _start_rank(spec, rank, port)
+    if error:
+        return
+    with contextlib.suppress(RuntimeError):  # rank 0 exited: its collectives fail here
+        while True:
+            _, stop = _apply(engine, tp.broadcast(None))
+            if stop:
+                return
+            _step(engine)
 
 
 class RequestStream:
@@ -192,13 +267,27 @@ class _EngineHandle:
         inbox_reader, self.inbox = context.Pipe(duplex=False)
         self.outbox, outbox_writer = context.Pipe(duplex=False)
         self.rank = rank
+        port = None
+        if spec.tensor_parallel_size > 1:
+            from tessera.runtime.parallel import free_port
+
+            port = free_port()
         self.process = context.Process(
             target=_engine_process,
-            args=(spec, inbox_reader, outbox_writer),
+            args=(spec, inbox_reader, outbox_writer, port),
             name=f"tessera-engine-{rank}",
             daemon=True,
         )
         self.process.start()
+        # The other ranks of a tensor-parallel engine: no pipes, rank 0 speaks for them.
+        self.ranks = [
+            context.Process(
+                target=_rank_process, args=(spec, r, port), name=f"tessera-engine-{rank}-rank{r}", daemon=True
+            )
+            for r in range(1, spec.tensor_parallel_size)
+        ]
+        for process in self.ranks:
+            process.start()
         inbox_reader.close()  # the child holds these ends now; closing ours lets each side see the other's EOF
         outbox_writer.close()
         self.streams: dict[str, RequestStream] = {}
@@ -236,10 +325,11 @@ class _EngineHandle:
 
     def close(self, timeout: float) -> None:
         self._sends.put(None)
-        self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(5)
+        for process in (self.process, *self.ranks):
+            process.join(timeout)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
 
 
 class AsyncEngine:
@@ -256,6 +346,8 @@ class AsyncEngine:
             raise UserError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
         if data_parallel_size > 1 and torch.device(spec.device).type != "cpu":
             raise UserError("data_parallel_size > 1 is for CPU serving: one engine per GPU, and a server drives one")
+        if data_parallel_size > 1 and spec.tensor_parallel_size > 1:
+            raise UserError("data_parallel_size and tensor_parallel_size cannot both be > 1: one sharded engine serves")
         self.spec, self.data_parallel_size = spec, data_parallel_size
         self.tokenizer = load_tokenizer(spec.model_dir)  # for the chat template's special tokens too
         self.encoder: PromptEncoder | None = None
@@ -300,7 +392,7 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return bool(self._handles) and all(h.alive for h in self._handles)
+        return bool(self._handles) and all(h.alive and all(p.is_alive() for p in h.ranks) for h in self._handles)
 
     @property
     def pids(self) -> list[int]:

@@ -293,6 +293,8 @@ class Engine:
                 # holds the weights, activations and other processes, the GPU only this engine's activations
                 share = 0.8 if self.device.type == "cuda" else 0.5
                 budget = min(budget, int(share * available_memory(self.device)))
+        if model.tp is not None:  # tensor-parallel ranks run one schedule: their pools must hold the same pages
+            budget = model.tp.agree_min(budget)
         page = config.page_size or PagedKVCache.page_size_for(
             arch, self.device, self.dtype, budget, config.max_batch, self.max_model_len
         )

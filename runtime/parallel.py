@@ -17,6 +17,7 @@ FFNs, its vocabulary rows), so its KV cache holds only its KV heads and every ke
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import tempfile
@@ -50,6 +51,19 @@ class TensorParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, group=self.group)
         return x
+
+    def broadcast(self, obj: object) -> object:
+        """Rank 0's `obj` on every rank (a serving engine's new requests, before each step)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def agree_min(self, value: int) -> int:
+        """The smallest of the ranks' values, on every rank: sizes that must match across ranks (a KV pool sized
+        from each process's free memory) take the tightest."""
+        box = [None] * self.size
+        dist.all_gather_object(box, value, group=self.group)
+        return min(box)
 
     def all_gather_columns(self, x: torch.Tensor, widths: list[int]) -> torch.Tensor:
         """[..., widths[rank]] on every rank -> [..., sum(widths)], rank order. Shares of unequal width travel
@@ -167,17 +181,32 @@ def load_shard(path: str | Path, tp: TensorParallel, device: torch.device | str 
         return _rank_model(arch, parts, tp, like)
 
 
-def _free_port() -> int:
+def join_group(rank: int, size: int, port: int, backend: str, timeout_s: float = 600.0) -> TensorParallel:
+    """This process as rank `rank` of `size` on this machine (rendezvous at 127.0.0.1:`port`): CPU threads shared
+    out, a CUDA rank on GPU `rank`. A collective waiting past `timeout_s` fails rather than hangs."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return TensorParallel(rank, size)
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def _rank_main(rank: int, size: int, port: int, backend: str, fn: Callable, args: tuple, out: str) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    tp = join_group(rank, size, port, backend)
     try:
-        torch.save(fn(TensorParallel(rank, size), *args), os.path.join(out, f"rank{rank}.pt"))
+        torch.save(fn(tp, *args), os.path.join(out, f"rank{rank}.pt"))
         # Every rank done before any tears down: a rank leaving while another's last collective is in flight
         # aborts it (gloo: "terminate called without an active exception").
         dist.barrier()
@@ -190,7 +219,7 @@ def run_ranks(fn: Callable, size: int, *args: object, backend: str = "gloo") -> 
     initialised over a free local port); each rank's result, in rank order. `fn` must be a module-level
     function (it is pickled by name)."""
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank_main, args=(size, _free_port(), backend, fn, args, out), nprocs=size, join=True)
+        mp.spawn(_rank_main, args=(size, free_port(), backend, fn, args, out), nprocs=size, join=True)
         return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(size)]
 
 
@@ -210,6 +239,19 @@ def _generate_on_rank(
     return Generator(model, tokenizer).generate(prompts, params)
 
 
+def check_ranks(checkpoint: str | Path, size: int, device: torch.device | str) -> None:
+    """Refuse, before any rank starts, a size the machine or the model cannot take: N GPUs for N CUDA ranks, and
+    every layer's heads and widths divisible as `ArchConfig.check_tensor_parallel` requires."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        gpus = torch.cuda.device_count()
+        raise UserError(f"--tensor-parallel-size {size} needs {size} GPUs; this machine has {gpus}")
+    try:
+        ArchConfig.from_json(Path(checkpoint) / "config.json").check_tensor_parallel(size)
+    except ConfigError as e:
+        raise ConfigError(f"{checkpoint}: --tensor-parallel-size: {e}") from None
+
+
 def generate_on_ranks(
     checkpoint: str | Path,
     prompts: list,
@@ -224,13 +266,7 @@ def generate_on_ranks(
     completions are returned. Sampling without a seed gets one drawn here, so the ranks draw alike. Each rank
     reads only its parts of the checkpoint's files."""
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.device_count() < size:
-        gpus = torch.cuda.device_count()
-        raise UserError(f"--tensor-parallel-size {size} needs {size} GPUs; this machine has {gpus}")
-    try:
-        ArchConfig.from_json(Path(checkpoint) / "config.json").check_tensor_parallel(size)
-    except ConfigError as e:
-        raise ConfigError(f"{checkpoint}: --tensor-parallel-size: {e}") from None
+    check_ranks(checkpoint, size, device)
     if params.temperature > 0 and params.seed is None:
         params = replace(params, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
     backend = "nccl" if device.type == "cuda" else "gloo"

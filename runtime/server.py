@@ -667,6 +667,7 @@ def build_server(
     data_parallel_size: int = 1,
     threads: int | None = None,
     max_request_bytes: int | None = None,
+    tensor_parallel_size: int = 1,
 ) -> Server:
     """The server of a checkpoint (config.json, safetensors, tokenizer.json): its engine processes start here,
     each loading the checkpoint, and this returns once all are ready. The configuration is checked here
@@ -676,8 +677,12 @@ def build_server(
 
     parse_dtype(dtype)
     ArchConfig.from_json(Path(model_dir) / "config.json")
+    if tensor_parallel_size > 1:
+        from tessera.runtime.parallel import check_ranks
+
+        check_ranks(model_dir, tensor_parallel_size, device)
     config = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes)
-    spec = EngineSpec(str(model_dir), device, dtype, config, threads)
+    spec = EngineSpec(str(model_dir), device, dtype, config, threads, tensor_parallel_size)
     engine = AsyncEngine(spec, data_parallel_size).start()
     template, specials = load_chat_template(model_dir)
     name = served_model_name or Path(model_dir).resolve().name

@@ -339,6 +339,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         paths = run.run_kernels(device, args.suite, out=results)
     elif args.what == "serving":
         paths = [run.run_serving(device, out=results)]
+    elif args.what == "parallel":
+        paths = [run.run_parallel(device, out=results)]
     elif args.what == "search-scale":
         paths = [run.run_search_scale(device, out=results, depths=args.depths)]
     else:
@@ -353,15 +355,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from tessera.runtime.server import build_server, run
 
     threads = None
+    processes = args.data_parallel_size * args.tensor_parallel_size
     if args.device == "cpu":
         # The cores are split between the engine processes; the HTTP side (its own process) needs little. On the
         # 2-core dev VM at 16 concurrent streams, 2 threads served 1,302 output tokens/s and 1 thread 958 (issue 6).
-        threads = args.threads or max(1, (os.cpu_count() or 1) // args.data_parallel_size)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // processes)
     model = args.model or str(PARENT_DIR)
     kv_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
     device = resolve_device(args.device)
-    # Each engine process loads the weights: on one GPU or the CPU their copies share the memory.
-    check_memory(model, device, parse_dtype(args.dtype), copies=args.data_parallel_size)
+    # Each engine process loads its weights: on one GPU or the CPU their copies share the memory; tensor-parallel
+    # ranks on GPUs each hold a device of their own.
+    copies = processes if device.type == "cpu" else args.data_parallel_size
+    check_memory(model, device, parse_dtype(args.dtype), args.tensor_parallel_size, copies)
     server = build_server(
         model,
         device,
@@ -373,10 +378,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         args.data_parallel_size,
         threads,
         None if args.max_request_mib is None else int(args.max_request_mib * 2**20),
+        args.tensor_parallel_size,
     )
-    info, dp = server.engine.info, args.data_parallel_size
+    info, dp, tp = server.engine.info, args.data_parallel_size, args.tensor_parallel_size
     threads = info["threads"]
     engines = f"{dp} engine process{'es' if dp > 1 else ''} of {threads} thread{'s' if threads > 1 else ''}"
+    if tp > 1:
+        engines = f"1 engine sharded over {tp} processes of {threads} thread{'s' if threads > 1 else ''}"
     print(
         f"tessera serve: {server.model_name} on {info['device']} ({info['dtype']}, {engines}); "
         f"max batch {args.max_batch} "
@@ -639,10 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="kernels vs torch, model decode, fused vs unfused FFNs, serving under load, or how the search scales; "
-        "JSON + Markdown",
+        help="kernels vs torch, model decode, fused vs unfused FFNs, serving under load, tensor-parallel "
+        "all-reduce cost, or how the search scales; JSON + Markdown",
     )
-    p.add_argument("what", choices=["kernels", "model", "fusion", "serving", "search-scale"])
+    p.add_argument("what", choices=["kernels", "model", "fusion", "serving", "parallel", "search-scale"])
     p.add_argument(
         "--depths",
         type=positive_ints,
@@ -696,6 +704,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=1,
         help="CPU: engine processes, each serving its share of the requests (default 1)",
+    )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="one engine sharded over N processes on this machine (gloo on CPU, NCCL on N GPUs)",
     )
     _add_device(p, dtype=True)
     p.set_defaults(func=cmd_serve)

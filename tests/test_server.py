@@ -409,6 +409,36 @@ def test_two_engine_processes_share_the_load_and_give_the_same_outputs(reference
         assert reason == reference[prompt].finish_reason
 
 
+def test_a_tensor_parallel_engine_answers_the_client_as_one_process_does(reference, parent) -> None:
+    """--tensor-parallel-size 2 (one engine sharded over 2 gloo ranks, each its own process): 16 concurrent greedy
+    streams each equal transformers' text, seeded sampling (and unseeded: the ranks must still agree) gives
+    `Generator`'s tokens, and the server stops cleanly with every rank."""
+    with serving(max_batch=8, max_model_len=512, tensor_parallel_size=2) as (served, base):
+        (handle,) = served.engine._handles
+        assert len(handle.ranks) == 1 and served.engine.healthy
+        for prompt, (text, reason) in zip(PROMPTS * 2, sixteen_streams(base)):
+            assert (text, reason) == (reference[prompt].text, reference[prompt].finish_reason)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        out = client.completions.create(
+            model="parent", prompt=PROMPTS[:2], max_tokens=12, temperature=0.9, seed=5, extra_body={"top_k": 50}
+        )
+        expected = Generator(*parent).generate(
+            PROMPTS[:2], SamplingParams(max_new_tokens=12, temperature=0.9, top_k=50, seed=5)
+        )
+        assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [e.text for e in expected]
+        unseeded = client.completions.create(model="parent", prompt=PROMPTS[0], max_tokens=12, temperature=1.0)
+        assert unseeded.usage.completion_tokens >= 1  # the ranks drew the same tokens, or a collective would hang
+    assert not any(p.is_alive() for p in (handle.process, *handle.ranks))
+
+
+def test_tensor_parallel_serving_refuses_what_cannot_be_sharded(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"--tensor-parallel-size: .*3"):
+        build_server(PARENT_DIR, tensor_parallel_size=3)
+    too_long = "rank 0: UserError: max_model_len 4096 is longer than the model's context"
+    with pytest.raises(EngineProcessError, match=too_long):
+        build_server(PARENT_DIR, max_model_len=4096, tensor_parallel_size=2)
+
+
 def test_an_engine_that_cannot_start_fails_with_its_own_error() -> None:
     with pytest.raises(EngineProcessError, match="max_model_len 4096 is longer than the model's context"):
         build_server(PARENT_DIR, max_model_len=4096)

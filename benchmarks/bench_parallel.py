@@ -1,0 +1,127 @@
+"""What tensor parallelism's all-reduces cost a decode step: the engine's decode step on the demo parent over 2 ranks
+(gloo on CPU, NCCL on GPUs), with its all-reduces and, in interleaved rounds of the same run, with them skipped
+(each rank's partial sums left as they are: wrong logits, the same work otherwise), against the step of one
+process on the whole model.
+
+Each rank times its own steps (the ranks step in lockstep: every step's collectives wait for the slower rank);
+rank 0's medians are reported, with the spread over rounds. One all-reduce per sharded sublayer (GQA, SwiGLU,
+linear) and one gather of the logits per step. `tessera bench parallel`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from unittest import mock
+
+import torch
+
+from tessera.demo import PARENT_DIR
+from tessera.runtime.engine import Engine, EngineConfig
+from tessera.runtime.loader import load_model
+from tessera.runtime.parallel import TensorParallel, load_shard, run_ranks
+from tessera.runtime.sampling import SamplingParams
+
+BATCHES = (1, 8)
+PROMPT, ROUNDS, STEPS = 16, 7, 20
+
+
+def _decoding_engine(model, batch: int) -> Engine:
+    """An engine with `batch` requests past their prompts, decoding (EOS ignored, room for every timed step)."""
+    engine = Engine(model, None, EngineConfig(max_batch=batch, max_model_len=PROMPT + 4 * ROUNDS * STEPS))
+    gen = torch.Generator().manual_seed(batch)
+    params = SamplingParams(max_new_tokens=4 * ROUNDS * STEPS - 1, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request(torch.randint(3, model.vocab_size, (PROMPT,), generator=gen).tolist(), params)
+    while any(r.computed < r.prompt_len for r in engine.running) or engine.waiting:
+        engine.step()
+    return engine
+
+
+def _step_ms(engine: Engine, device: torch.device) -> float:
+    """Median ms of STEPS decode steps."""
+    times = []
+    for _ in range(STEPS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _rank_steps(tp: TensorParallel, device: str) -> dict:
+    dev = torch.device("cuda", tp.rank) if device == "cuda" else torch.device(device)
+    model = load_shard(PARENT_DIR, tp, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    reduces = sum(
+        sub is not None and sub.tp is not None for layer in model.layers for sub in (layer.self_attn, layer.mlp)
+    )
+    out = {"all_reduces_per_step": reduces}
+    for batch in BATCHES:
+        with torch.inference_mode():
+            engine = _decoding_engine(model, batch)
+            rounds = {"with": [], "without": []}
+            for r in range(2 * ROUNDS):  # alternating, the same on every rank: the collectives stay matched
+                skip = r % 2 == 1
+                with mock.patch.object(TensorParallel, "all_reduce", lambda self, x: x) if skip else nullcontext():
+                    rounds["without" if skip else "with"].append(_step_ms(engine, dev))
+        out[batch] = rounds
+    return out
+
+
+def run(device: torch.device, size: int = 2) -> dict:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    ranks = run_ranks(_rank_steps, size, device.type, backend=backend)
+    mine = ranks[0]
+    whole = load_model(PARENT_DIR, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = []
+    for batch in BATCHES:
+        with torch.inference_mode():
+            engine = _decoding_engine(whole, batch)
+            single = [_step_ms(engine, device) for _ in range(ROUNDS)]
+        with_ms, without_ms = mine[batch]["with"], mine[batch]["without"]
+        med_with, med_without = statistics.median(with_ms), statistics.median(without_ms)
+        rows.append(
+            {
+                "batch": batch,
+                "single_process_step_ms": statistics.median(single),
+                "tensor_parallel_step_ms": med_with,
+                "tensor_parallel_step_ms_range": [min(with_ms), max(with_ms)],
+                "without_all_reduces_step_ms": med_without,
+                "without_all_reduces_step_ms_range": [min(without_ms), max(without_ms)],
+                "all_reduce_ms_per_step": med_with - med_without,
+                "all_reduce_share": (med_with - med_without) / med_with,
+            }
+        )
+    return {
+        "model": "demo parent",
+        "tensor_parallel_size": size,
+        "backend": backend,
+        "all_reduces_per_step": mine["all_reduces_per_step"],
+        "rounds": ROUNDS,
+        "steps_per_round": STEPS,
+        "rows": rows,
+    }
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"{result['model']}, {result['tensor_parallel_size']} ranks ({result['backend']}), "
+        f"{result['all_reduces_per_step']} all-reduces and one logits gather per decode step; medians of "
+        f"{result['rounds']} interleaved rounds of {result['steps_per_round']} steps (range over rounds).\n",
+        "| batch | one process ms | tensor parallel ms | without the all-reduces ms | all-reduces ms/step | share |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lo, hi = r["tensor_parallel_step_ms_range"]
+        lo2, hi2 = r["without_all_reduces_step_ms_range"]
+        lines.append(
+            f"| {r['batch']} | {r['single_process_step_ms']:.2f} | "
+            f"{r['tensor_parallel_step_ms']:.2f} ({lo:.2f}-{hi:.2f}) | "
+            f"{r['without_all_reduces_step_ms']:.2f} ({lo2:.2f}-{hi2:.2f}) | {r['all_reduce_ms_per_step']:.2f} | "
+            f"{100 * r['all_reduce_share']:.0f} % |"
+        )
+    return "\n".join(lines)
