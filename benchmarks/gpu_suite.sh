@@ -75,5 +75,26 @@ want bench_model && step bench_model 60 python3 -m tessera.cli bench model --dev
 want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving --device cuda
 want bench_ffn_norm && step bench_ffn_norm 40 python3 -m tessera.cli bench kernels --suite ffn --suite norm --device cuda
 want bench_fusion && step bench_fusion 25 python3 -m tessera.cli bench fusion --device cuda
+# Tensor parallelism over 2 GPUs (NCCL): greedy tokens over 2 ranks equal one process's (fp32), then what the
+# all-reduces cost a decode step. Needs >= 2 GPUs; says it skipped otherwise.
+tensor_parallel() {
+    local prompts=(--model demo/parent --prompt "def fibonacci(n):" --prompt "import os" --max-new-tokens 24 --json)
+    python3 -m tessera.cli generate --device cuda --dtype float32 "${prompts[@]}" >/tmp/tp1.json || return 1
+    python3 -m tessera.cli generate --device cuda --dtype float32 "${prompts[@]}" --tensor-parallel-size 2 \
+        >/tmp/tp2.json || return 1
+    python3 -c "import json; a, b = (json.load(open(f'/tmp/tp{n}.json')) for n in (1, 2)); \
+assert [x['tokens'] for x in a] == [x['tokens'] for x in b], (a, b); print('2 ranks = 1 process, token for token')" \
+        || return 1
+    python3 -m tessera.cli bench parallel --device cuda
+}
+export -f tensor_parallel
+if want tensor_parallel; then
+    gpus=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+    if ((gpus >= 2)); then
+        step tensor_parallel 90 bash -c tensor_parallel
+    else
+        echo "tensor_parallel skipped: $gpus GPU(s), it needs 2" | tee -a "$LOGS/summary.txt"
+    fi
+fi
 echo "suite: $(($(date +%s) - start)) s"
 cat "$LOGS/summary.txt"

@@ -42,6 +42,7 @@ from tessera.runtime.weights import ATTENTION, FFN
 from tessera.search.activations import Activations, window_context
 from tessera.search.init import ffn_channel_scores, init_layer
 from tessera.search.library import SearchSpace
+from tessera.search.ranks import ONE, Ranks
 from tessera.search.train import TrainConfig, train
 
 # The modules of each half of a layer (its norm and its sublayer), from the weight table.
@@ -124,8 +125,10 @@ def _differences(stored: dict, now: dict) -> list[str]:
 
 
 class SublayerStore:
-    """Child sublayers by (layer, variant name): <root>/layer_<i>/<name>.safetensors, <root>/losses.json, and
-    <root>/manifest.json (what they were computed from: `bld_manifest`).
+    """Child sublayers by (layer, variant name): <root>/layer_<i>/<name>.safetensors with its record beside it
+    (<name>.json), <root>/losses.json (every record, the index), and <root>/manifest.json (what they were
+    computed from: `bld_manifest`). Ranks of a sharded search each write their blocks and records; the index is
+    rewritten by one of them (`merge`), so a rank that died leaves blocks that count as trained on a restart.
 
     `run_bld` claims the store for its inputs: an empty store takes the manifest, a store with another (or
     none, beside results) raises StoreMismatchError. With fresh=True the first claim deletes the store's own
@@ -139,13 +142,26 @@ class SublayerStore:
         self.losses: dict[str, dict[str, dict]] = {} if fresh else self._read_losses()
 
     def _read_losses(self) -> dict[str, dict[str, dict]]:
-        if not self._losses_file.is_file():
-            return {}
-        try:
-            return json.loads(self._losses_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            warnings.warn(f"{self._losses_file}: unreadable ({e}); its sublayers are trained again", stacklevel=3)
-            return {}
+        losses: dict[str, dict[str, dict]] = {}
+        if self._losses_file.is_file():
+            try:
+                losses = json.loads(self._losses_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                warnings.warn(f"{self._losses_file}: unreadable ({e}); its sublayers are trained again", stacklevel=3)
+        for record_file in self.root.glob("layer_*/*.json"):  # records the index may not have yet
+            try:
+                record = json.loads(record_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                continue  # a record cut short: its block is trained again (`damage`)
+            losses.setdefault(record_file.parent.name, {})[record_file.stem] = record
+        return losses
+
+    def merge(self, write: bool = True) -> dict[str, dict[str, dict]]:
+        """Read every block's record again (other ranks wrote theirs), and rewrite the index when `write`."""
+        self.losses = self._read_losses()
+        if write:
+            atomic_write_text(self._losses_file, json.dumps(self.losses, indent=1) + "\n")
+        return self.losses
 
     def _has_results(self) -> bool:
         return self._losses_file.exists() or any(self.root.glob("layer_*/*.safetensors"))
@@ -214,11 +230,14 @@ class SublayerStore:
             return "no record in losses.json beside it"
         return None
 
-    def save(self, layer: int, name: str, tensors: dict[str, torch.Tensor], record: dict) -> None:
+    def save(self, layer: int, name: str, tensors: dict[str, torch.Tensor], record: dict, index: bool = True) -> None:
+        """The block, then its record beside it, then (`index`: one process, or rank 0 at the end) the index."""
         with atomic_path(self.path(layer, name)) as tmp:
             save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        atomic_write_text(self.path(layer, name).with_suffix(".json"), json.dumps(record, indent=1) + "\n")
         self.losses.setdefault(f"layer_{layer}", {})[name] = record
-        atomic_write_text(self._losses_file, json.dumps(self.losses, indent=1) + "\n")
+        if index:
+            atomic_write_text(self._losses_file, json.dumps(self.losses, indent=1) + "\n")
 
     def load(self, layer: int, name: str) -> dict[str, torch.Tensor]:
         path = self.path(layer, name)
@@ -307,16 +326,25 @@ def run_bld(
     cfg: BLDConfig = BLDConfig(),
     progress: bool = True,
     manifest: dict | None = None,
+    ranks: Ranks = ONE,
 ) -> dict[str, dict[str, dict]]:
     """Train every child sublayer the search space needs (skipping those already in the store, which must have
     been computed from these same inputs: see `SublayerStore`); returns the store's losses: layer -> variant ->
     {nmse_init, nmse_final, steps}. `manifest`: bld_manifest of these inputs when the caller has it already
-    (hashing the parent's weights is a pass over all of them)."""
+    (hashing the parent's weights is a pass over all of them). `ranks`: each trains its share of what is left
+    (search/ranks.py), a block with the seed it has in one process; all return the same losses."""
     if acts.n_windows <= cfg.eval_windows + cfg.batch_windows:
         raise UserError(
             f"BLD needs more than {cfg.eval_windows + cfg.batch_windows} cached windows, got {acts.n_windows}"
         )
-    store.claim(manifest or bld_manifest(parent, acts.tokens, space, cfg))
+    manifest = manifest or bld_manifest(parent, acts.tokens, space, cfg)
+    if ranks.main:
+        store.claim(manifest)  # a fresh store is emptied here, once, before any rank looks at it
+    ranks.barrier()
+    if not ranks.main:
+        store.fresh = False
+        store.merge(write=False)
+        store.check(manifest)
     eval_idx = torch.arange(acts.n_windows - cfg.eval_windows, acts.n_windows)
     train_idx = np.arange(acts.n_windows - cfg.eval_windows)
     todo = []
@@ -327,8 +355,9 @@ def run_bld(
         if damage is not None:
             warnings.warn(f"{path}: {damage}; training it again", stacklevel=2)
         todo.append((k, i, part, variant))
+    ranks.barrier()  # every rank has listed what is left before any writes
     scores: dict[int, torch.Tensor] = {}
-    bar = tqdm(todo, desc="BLD", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(ranks.share(todo), desc="BLD", disable=not progress, dynamic_ncols=True)
     for k, i, part, variant in bar:
         bar.set_postfix_str(f"layer {i} {variant.name}")
         if part == "ffn" and variant.kind == "swiglu" and i not in scores:
@@ -347,6 +376,10 @@ def run_bld(
         after = task.evaluate(eval_idx)
         record = {"part": part, "nmse_init": before, "nmse_final": after, "steps": cfg.steps, **asdict(cfg)}
         record["train_loss_last"] = history[-1]["loss"]
-        store.save(i, variant.name, sublayer_state(task.layer, part), record)
+        store.save(i, variant.name, sublayer_state(task.layer, part), record, index=ranks.size == 1)
         bar.set_postfix_str(f"layer {i} {variant.name}: nmse {before:.3f} -> {after:.3f}")
+    if ranks.size > 1:
+        ranks.barrier()  # every share trained: the index takes every rank's records
+        store.merge(write=ranks.main)
+        ranks.barrier()
     return store.losses

@@ -58,6 +58,7 @@ from tessera.search.library import (
     write_library,
 )
 from tessera.search.mip import Bound, InfeasibleError, solve
+from tessera.search.ranks import ONE, Ranks
 from tessera.search.scoring import model_quality, reference_logprobs, score_library
 from tessera.search.train import fixed_windows, random_windows
 
@@ -399,12 +400,20 @@ class Optimizer:
     results already under `out` instead of resuming from them (they must otherwise come from this run's inputs)."""
 
     def __init__(
-        self, parent_dir: Path, corpus: Path, out: Path, cfg: OptimizeConfig, progress: bool = True, fresh: bool = False
+        self,
+        parent_dir: Path,
+        corpus: Path,
+        out: Path,
+        cfg: OptimizeConfig,
+        progress: bool = True,
+        fresh: bool = False,
+        ranks: Ranks = ONE,
     ) -> None:
-        self.parent_dir, self.out, self.cfg, self.progress = Path(parent_dir), Path(out), cfg, progress
-        self.store = SublayerStore(self.out / "bld", fresh=fresh)
+        self.ranks = ranks  # a sharded search (search/ranks.py): rank 0 reports and writes all but BLD blocks
+        self.parent_dir, self.out, self.cfg, self.progress = Path(parent_dir), Path(out), cfg, progress and ranks.main
+        self.store = SublayerStore(self.out / "bld", fresh=fresh and ranks.main)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device(cfg.device)
+        self.device = ranks.device(torch.device(cfg.device))
         self.dtype = torch.float32  # search and timing in fp32 on CPU: the demo's serving precision there
         loaded = load_parent(self.parent_dir, corpus, self.device, self.dtype)
         self.parent, self.train_ids = loaded.model, loaded.train_ids
@@ -465,18 +474,21 @@ class Optimizer:
         cfg, arch = self.cfg, self.parent.arch
         t = self._start()
         acts = activations.record(self.parent, self.calibration, progress=self.progress)
-        bld_losses = run_bld(self.parent, acts, cfg.space, self.store, cfg.bld, self.progress, self.manifest)
+        bld_losses = run_bld(
+            self.parent, acts, cfg.space, self.store, cfg.bld, self.progress, self.manifest, ranks=self.ranks
+        )
         del acts
         self._stage("blockwise local distillation", t)
 
         t = self._start()
         score_acts = activations.record(self.parent, self.score_windows, progress=self.progress)
-        scores = score_library(self.parent, self.store, cfg.space, score_acts, progress=self.progress)
+        scores = score_library(self.parent, self.store, cfg.space, score_acts, self.progress, ranks=self.ranks)
         del score_acts
         self._stage("replace-1-block scoring", t)
 
         library = build_library(arch, cfg.space, table, scores, bld_losses, self.dtype, self.also_tables)
-        write_library(library, self.out / "library.json")
+        if self.ranks.main:
+            write_library(library, self.out / "library.json")
         return library
 
     def realise(self, child: Child, ref: torch.Tensor, gkd: bool) -> Model:
@@ -488,10 +500,17 @@ class Optimizer:
             child.quality_gkd = model_quality(model, self.eval_windows, ref)
         return model
 
-    def run(self, budget: Budget) -> dict:
+    def run(self, budget: Budget) -> dict | None:
+        """The whole search; its results on rank 0, None on the other ranks of a sharded search, which leave once
+        the library is built (everything after it runs on rank 0: search/ranks.py)."""
         start = time.perf_counter()
         table, bounds = self.check_budget(budget)
         library = self.distil_and_score(table)
+        if self.ranks.size > 1:
+            self.ranks.leave()
+            if not self.ranks.main:
+                return None
+            self.ranks = ONE
         ref = reference_logprobs(self.parent, self.eval_windows)
         parent = Child(
             "parent", "parent", list(self.parent.arch.blocks), table.runtime_ms(self.parent.arch.blocks), kl_sum=0.0
@@ -534,7 +553,8 @@ class Optimizer:
         cfg, arch = self.cfg, self.parent.arch
         self.manifest = bld_manifest(self.parent, self.calibration, cfg.space, cfg.bld)
         self.store.check(self.manifest)  # writes nothing yet
-        table = self.cost_model()
+        # Timed on rank 0 alone: blocks timed on other devices, or by processes sharing one CPU, would not compose.
+        table, self.also_tables = self.ranks.on_main(lambda: (self.cost_model(), self.also_tables))
         costs_only = build_library(arch, cfg.space, table, None, {}, self.dtype, self.also_tables)
         bounds = speedup_bounds(budget, [table, *self.also_tables], arch, costs_only)
         solve(costs_only, "stats.runtime_ms", bounds=bounds)  # the budget's terms jointly (each alone is met)
@@ -683,4 +703,5 @@ def optimize(
     (StoreMismatchError) when not; fresh=True deletes them and trains again."""
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    return Optimizer(Path(parent_dir), Path(corpus), Path(out), cfg, progress, fresh).run(budget)
+    ranks = Ranks.from_environment()  # under torchrun: this process's rank (search/ranks.py)
+    return Optimizer(Path(parent_dir), Path(corpus), Path(out), cfg, progress, fresh, ranks).run(budget)

@@ -21,6 +21,7 @@ from tessera.search.activations import Activations, window_context
 from tessera.search.assemble import build_layer
 from tessera.search.bld import SublayerStore
 from tessera.search.library import SearchSpace
+from tessera.search.ranks import ONE, Ranks
 
 
 def _head_logprobs(model: Model, h: torch.Tensor) -> torch.Tensor:
@@ -73,18 +74,28 @@ def replace_one_block(
 
 
 def score_library(
-    parent: Model, store: SublayerStore, space: SearchSpace, acts: Activations, progress: bool = True
+    parent: Model,
+    store: SublayerStore,
+    space: SearchSpace,
+    acts: Activations,
+    progress: bool = True,
+    ranks: Ranks = ONE,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """layer_i -> variant name -> {kl_div, lm_loss} for every block variant of the search space."""
+    """layer_i -> variant name -> {kl_div, lm_loss} for every block variant of the search space. `ranks`: each
+    scores its share (search/ranks.py) and every rank gets all the scores."""
     ref = parent_logprobs(parent, acts)
     parent_loss = -ref.gather(-1, acts.tokens[:, 1:, None]).mean().item()
     todo = [(i, b) for i in range(parent.arch.n_layers) for b in space.block_variants(parent.arch, i)]
-    scores: dict[str, dict[str, dict[str, float]]] = {f"layer_{i}": {} for i in range(parent.arch.n_layers)}
-    for i, block in tqdm(todo, desc="replace-1-block scoring", disable=not progress, dynamic_ncols=True):
+    mine: list[tuple[int, str, dict[str, float]]] = []
+    for i, block in tqdm(ranks.share(todo), desc="replace-1-block scoring", disable=not progress, dynamic_ncols=True):
         if block == parent.arch.blocks[i]:
-            scores[f"layer_{i}"][block.name] = {"kl_div": 0.0, "lm_loss": parent_loss}  # the parent itself
+            mine.append((i, block.name, {"kl_div": 0.0, "lm_loss": parent_loss}))  # the parent itself
             continue
-        scores[f"layer_{i}"][block.name] = replace_one_block(parent, build_layer(parent, store, i, block), i, acts, ref)
+        mine.append((i, block.name, replace_one_block(parent, build_layer(parent, store, i, block), i, acts, ref)))
+    scores: dict[str, dict[str, dict[str, float]]] = {f"layer_{i}": {} for i in range(parent.arch.n_layers)}
+    found = {(i, name): score for share in ranks.gather(mine) for i, name, score in share}
+    for i, block in todo:  # in the order one process lists them
+        scores[f"layer_{i}"][block.name] = found[i, block.name]
     return scores
 
 

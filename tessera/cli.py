@@ -518,6 +518,8 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         device=str(resolve_device(args.device)),
     )
     results = optimize(model, out, budget, cfg, corpus, fresh=args.fresh)
+    if results is None:  # another rank than 0 of a sharded search (torchrun): rank 0 reports
+        return
     for path in leftovers:
         _remove(path)
     print((out / "report.md").read_text())

@@ -6,16 +6,19 @@ import gc
 import json
 import lzma
 import re
+import sys
 import weakref
 from dataclasses import replace
 
 import pytest
+import torch
 
 from tessera.cli import main
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.demo import CORPUS_DIR, PARENT_DIR
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
+from tessera.runtime.parallel import free_port
 from tessera.search import pipeline
 from tessera.search.bld import BLDConfig, StoreMismatchError
 from tessera.search.cost import CostTable, Scenario
@@ -24,6 +27,7 @@ from tessera.search.gkd import GKDConfig
 from tessera.search.library import SearchSpace, read_library
 from tessera.search.mip import InfeasibleError, solve
 from tessera.search.pipeline import Budget, OptimizeConfig, block_bounds, optimize
+from tessera.search.ranks import ONE
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +280,103 @@ def test_the_whole_search_and_fusion_on_a_qwen_parent(tiny_parent, tmp_path, fam
     assert "fusion" in results
     child_dir = str(tmp_path / "run" / "child")
     assert main(["generate", "--model", child_dir, "--prompt", "def f(x):", "--max-new-tokens", "4"]) == 0
+
+
+# The search sharded over ranks (search/ranks.py), as `torchrun --nproc-per-node 2 tessera optimize` runs it: two
+# spawned processes with torchrun's environment, gloo. Costs are fixed (timing is rank 0's alone and never equal
+# between runs); one torch thread everywhere, so both runs sum their products in the same order. The ranks'
+# function lives in a module written to a temporary folder: a spawned process imports it by name, and the
+# tests folder is no importable package there.
+RANK_MODULE = """
+import json, os
+import torch
+from tessera.search import pipeline
+from tessera.search.bld import SublayerStore
+from tessera.search.cost import CostTable
+from tessera.search.pipeline import Budget, OptimizeConfig
+from tessera.search.ranks import Ranks
+
+
+def fixed_costs(arch, blocks, scenario, device, dtype, validate, progress):
+    ms = {b.name: dict.fromkeys(("prefill_ms", "decode_ms", "runtime_ms"), 0.0 if b.is_empty else 1.0) for b in blocks}
+    return CostTable("cpu", "float32", scenario, 2.0, 1.0, ms)
+
+
+def library(parent, corpus, out, cfg, ranks):
+    pipeline.calibrate = fixed_costs
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    optimizer = pipeline.Optimizer(parent, corpus, out, cfg, progress=False, ranks=ranks)
+    table, _ = optimizer.check_budget(Budget(target_speedup=1.1))
+    return optimizer.distil_and_score(table)
+
+
+def rank_main(rank, size, port, parent, corpus, out, cfg, fail_after):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    trained, real_save = [], SublayerStore.save
+
+    def save(self, layer, name, *args, **kwargs):
+        if fail_after is not None and rank == 1 and len(trained) == fail_after:
+            raise RuntimeError("rank 1 fails here")  # as a process killed mid-BLD: its other blocks never land
+        trained.append(f"layer_{layer}/{name}")
+        return real_save(self, layer, name, *args, **kwargs)
+
+    SublayerStore.save = save
+    ranks = Ranks.from_environment()
+    built = library(parent, corpus, out, cfg, ranks)
+    (out / f"trained_rank{rank}.json").write_text(json.dumps(trained))
+    (out / f"library_rank{rank}.json").write_text(json.dumps(built))
+    ranks.leave()
+"""
+
+
+@pytest.fixture
+def rank_module(tmp_path_factory, monkeypatch):
+    folder = tmp_path_factory.mktemp("rank_module")
+    (folder / "sharded_search_rank.py").write_text(RANK_MODULE)
+    monkeypatch.syspath_prepend(str(folder))  # spawned processes start with this process's sys.path
+    import sharded_search_rank
+
+    yield sharded_search_rank
+    sys.modules.pop("sharded_search_rank", None)
+
+
+def test_the_sharded_search_builds_the_same_library_and_resumes_a_dead_ranks_share(
+    tiny_parent, tmp_path, rank_module, monkeypatch
+):
+    """Two ranks share BLD and scoring and build the library one process builds, exactly; when a rank dies mid-BLD
+    (the launch fails), a restart trains only the blocks that never landed, whichever rank had them."""
+    parent, corpus = tiny_parent
+    cfg = tiny_config()
+
+    def sharded(out, fail_after=None):
+        args = (2, free_port(), parent, corpus, out, cfg, fail_after)
+        torch.multiprocessing.spawn(rank_module.rank_main, args=args, nprocs=2, join=True)
+
+    monkeypatch.setattr(pipeline, "calibrate", rank_module.fixed_costs)  # put back after the test
+    threads = torch.get_num_threads()
+    try:
+        expected = rank_module.library(parent, corpus, tmp_path / "one", cfg, ONE)
+    finally:
+        torch.set_num_threads(threads)
+    expected = json.loads(json.dumps(expected))  # as the ranks wrote it
+    out = tmp_path / "two"
+    sharded(out)
+    trained = [set(json.loads((out / f"trained_rank{r}.json").read_text())) for r in range(2)]
+    assert trained[0] and trained[1] and not trained[0] & trained[1]  # each block trained once, by one rank
+    for r in range(2):
+        assert json.loads((out / f"library_rank{r}.json").read_text()) == expected
+    assert read_library(out / "library.json") == expected
+    all_blocks = trained[0] | trained[1]
+
+    again = tmp_path / "again"
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="rank 1 fails here"):
+        sharded(again, fail_after=1)
+    landed = {f"{p.parent.name}/{p.stem}" for p in (again / "bld").glob("layer_*/*.safetensors")}
+    assert landed < all_blocks
+    sharded(again)
+    retrained = set().union(*(json.loads((again / f"trained_rank{r}.json").read_text()) for r in range(2)))
+    assert retrained == all_blocks - landed
+    assert read_library(again / "library.json") == expected
