@@ -496,28 +496,28 @@ class Optimizer:
         model = assemble_child(self.parent, self.store, child.blocks)
         child.quality_bld = model_quality(model, self.eval_windows, ref)
         if gkd and self.cfg.gkd.steps > 0:
-            distill(model, self.parent, self.train_ids, self.cfg.gkd, progress=self.progress)
+            distill(model, self.parent, self.train_ids, self.cfg.gkd, progress=self.progress, ranks=self.ranks)
             child.quality_gkd = model_quality(model, self.eval_windows, ref)
         return model
 
     def run(self, budget: Budget) -> dict | None:
         """The whole search; its results on rank 0, None on the other ranks of a sharded search, which leave once
-        the library is built (everything after it runs on rank 0: search/ranks.py)."""
+        the children's GKD is done (search/ranks.py: rank 0 alone chooses, times, fuses and reports)."""
         start = time.perf_counter()
         table, bounds = self.check_budget(budget)
         library = self.distil_and_score(table)
-        if self.ranks.size > 1:
-            self.ranks.leave()
-            if not self.ranks.main:
-                return None
-            self.ranks = ONE
         ref = reference_logprobs(self.parent, self.eval_windows)
         parent = Child(
             "parent", "parent", list(self.parent.arch.blocks), table.runtime_ms(self.parent.arch.blocks), kl_sum=0.0
         )
         parent.quality_bld = parent.quality_gkd = model_quality(self.parent, self.eval_windows, ref)
-        children = self.choose(library, table, budget, bounds)
+        children = self.ranks.on_main(lambda: self.choose(library, table, budget, bounds))  # landing times children
         main_model = self.build_children(parent, children, library, table, ref)
+        if self.ranks.size > 1:
+            self.ranks.leave()
+            if not self.ranks.main:
+                return None
+            self.ranks = ONE
         child_dir = save_model(main_model, self.out / "child", dtype=torch.bfloat16, tokenizer_from=self.parent_dir)
         fusion = self.fuse(main_model)
         results = {
@@ -644,10 +644,14 @@ class Optimizer:
                 child.quality_bld, child.quality_gkd = mine[0].quality_bld, mine[0].quality_gkd
             self._stage("assembly, GKD and evaluation", t, accumulate=True)
             t = self._start()
-            parent_ms.append(self.measure(model, mine))
+            if self.ranks.main:  # timed by rank 0 alone, the other ranks waiting (not working beside it)
+                parent_ms.append(self.measure(model, mine))
+            self.ranks.barrier()
             self._stage("end-to-end latency", t, accumulate=True)
             if key != main:
                 del model
+        if not parent_ms:  # another rank than 0
+            return model
         parent.measured_ms, parent.measured_speedup = statistics.median(parent_ms), 1.0
         parent.speedup_rounds = [1.0]
         parent.also_speedups = dict.fromkeys((s.key for s in self.cfg.also_scenarios), 1.0)

@@ -432,9 +432,20 @@ def _is_cost_table(path: Path) -> bool:
     return isinstance(table, dict) and {"device", "scenario", "non_block_ms", "blocks"} <= table.keys()
 
 
+def _other_rank(command: str, why: str) -> bool:
+    """Under torchrun, whether this is a rank other than 0 of a command that runs on rank 0 alone (said once)."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:
+        print(f"tessera {command}: rank {rank} has nothing to do: {why}; rank 0 runs it", file=sys.stderr)
+    return rank > 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from tessera.search.cost import calibrate, random_architectures
     from tessera.search.library import SearchSpace
+
+    if _other_rank("calibrate", "blocks timed by processes or devices apart would not compose into one table"):
+        return
 
     out = check_output(
         args.out, "--out", folder=False, command="calibrate", ours=_is_cost_table, overwrite=args.overwrite
@@ -533,6 +544,8 @@ def _is_fuse_output(path: Path) -> bool:
 
 
 def cmd_fuse(args: argparse.Namespace) -> None:
+    if _other_rank("fuse", "FFN Fusion is not sharded over ranks"):
+        return
     from tessera.demo import CORPUS_DIR
     from tessera.search.data import load_frozen, load_parent
     from tessera.search.fusion import FusionConfig, FusionError, parse_groups, run_fusion

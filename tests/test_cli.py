@@ -117,3 +117,16 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, cap
     monkeypatch.setattr(cli, "cmd_info", fail_with(ValueError("swiglu_ffn: x must be 2-D, got (3, 4, 5)")))
     with pytest.raises(ValueError, match="must be 2-D"):
         main(["info", "--model", str(PARENT_DIR)])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["calibrate", "--model", str(PARENT_DIR)], ["fuse", "--model", str(PARENT_DIR), "--groups", "1-2"]],
+    ids=["calibrate", "fuse"],
+)
+def test_commands_of_rank_0_alone_leave_the_other_torchrun_ranks_idle(tmp_path: Path, monkeypatch, capsys, command):
+    """Under `torchrun`, calibrate and fuse run on rank 0: rank 1 says so and writes nothing."""
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "out"
+    assert main([*command, "--out", str(out)]) == 0
+    assert "rank 1 has nothing to do" in capsys.readouterr().err and not out.exists()

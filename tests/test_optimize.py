@@ -288,13 +288,21 @@ def test_the_whole_search_and_fusion_on_a_qwen_parent(tiny_parent, tmp_path, fam
 # function lives in a module written to a temporary folder: a spawned process imports it by name, and the
 # tests folder is no importable package there.
 RANK_MODULE = """
-import json, os
+import copy, json, os
 import torch
 from tessera.search import pipeline
 from tessera.search.bld import SublayerStore
 from tessera.search.cost import CostTable
+from tessera.search.data import load_parent
+from tessera.search.gkd import GKDConfig, distill
 from tessera.search.pipeline import Budget, OptimizeConfig
 from tessera.search.ranks import Ranks
+
+
+def torchrun_environment(rank, size, port):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
 
 
 def fixed_costs(arch, blocks, scenario, device, dtype, validate, progress):
@@ -312,9 +320,7 @@ def library(parent, corpus, out, cfg, ranks):
 
 
 def rank_main(rank, size, port, parent, corpus, out, cfg, fail_after):
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+    torchrun_environment(rank, size, port)
     trained, real_save = [], SublayerStore.save
 
     def save(self, layer, name, *args, **kwargs):
@@ -328,6 +334,27 @@ def rank_main(rank, size, port, parent, corpus, out, cfg, fail_after):
     built = library(parent, corpus, out, cfg, ranks)
     (out / f"trained_rank{rank}.json").write_text(json.dumps(trained))
     (out / f"library_rank{rank}.json").write_text(json.dumps(built))
+    ranks.leave()
+
+
+def gkd_gradients(parent_dir, corpus, ranks):
+    # One GKD step of a perturbed copy of the parent toward it (4 windows): the gradient it applied.
+    torch.set_num_threads(1)
+    loaded = load_parent(parent_dir, corpus, torch.device("cpu"))
+    child, noise = copy.deepcopy(loaded.model), torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in child.parameters():
+            p.requires_grad_(True)
+            p.add_(0.05 * torch.randn(p.shape, generator=noise))
+    cfg = GKDConfig(steps=1, batch_size=4, seq_len=32)
+    distill(child, loaded.model, loaded.train_ids, cfg, progress=False, ranks=ranks)
+    return {n: p.grad.clone() for n, p in child.named_parameters()}
+
+
+def gkd_rank(rank, size, port, parent_dir, corpus, out):
+    torchrun_environment(rank, size, port)
+    ranks = Ranks.from_environment()
+    torch.save(gkd_gradients(parent_dir, corpus, ranks), out / f"grads_rank{rank}.pt")
     ranks.leave()
 """
 
@@ -380,3 +407,22 @@ def test_the_sharded_search_builds_the_same_library_and_resumes_a_dead_ranks_sha
     retrained = set().union(*(json.loads((again / f"trained_rank{r}.json").read_text()) for r in range(2)))
     assert retrained == all_blocks - landed
     assert read_library(again / "library.json") == expected
+
+
+def test_gkd_over_two_ranks_takes_one_process_step(tiny_parent, tmp_path, rank_module):
+    """Data-parallel GKD (DistributedDataParallel, each rank 2 of the step's 4 windows) applies the gradient one
+    process computes on all 4, on both ranks (up to the order of the sums: 1e-5 relative)."""
+    parent, corpus = tiny_parent
+    threads = torch.get_num_threads()
+    try:
+        expected = rank_module.gkd_gradients(parent, corpus, ONE)
+    finally:
+        torch.set_num_threads(threads)
+    args = (2, free_port(), parent, corpus, tmp_path)
+    torch.multiprocessing.spawn(rank_module.gkd_rank, args=args, nprocs=2, join=True)
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grads_rank{rank}.pt")
+        assert grads.keys() == expected.keys()
+        for name, g in expected.items():
+            assert g.abs().max() > 0, name  # a real step: every weight moves
+            torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item(), msg=name)
