@@ -61,19 +61,17 @@ def _decode_steps(model: Model, batch: int, context: int, device: torch.device, 
     for t in (*cache.k, *cache.v):
         if t is not None:
             t.normal_(generator=gen)
-    pages = [cache.allocate(context) for _ in range(batch)]  # each sequence's pages in each KV group
-    position, width = context - 1, engine.max_pages_per_request
-    groups = range(len(cache.groups))
-    step = engine.graphs or DecodeGraphs(model, cache, batch, width, capture=False)
+    # Each sequence's pages and block-table row, as the engine admits a request; its last token decodes.
+    rows = [engine.tables.add(cache.allocate(context), context) for _ in range(batch)]
+    tables = engine.tables.gather(rows, torch.tensor(rows, device=device))
+    positions = torch.full((batch,), context - 1, device=device)
+    step = engine.graphs or DecodeGraphs(model, cache, batch, engine.max_pages_per_request, capture=False)
     args = (
         torch.randint(0, model.arch.vocab_size, (batch,), device=device, generator=gen),
-        torch.full((batch,), position, device=device),
-        [
-            torch.tensor([cache.slots(own[g], position, position + 1)[0] for own in pages], device=device)
-            for g in groups
-        ],
+        positions,
+        list(engine.tables.slots(tables, torch.arange(batch, device=device), positions)),
         torch.full((batch,), context, dtype=torch.int32, device=device),
-        [torch.tensor([cache.table(own[g], width) for own in pages], dtype=torch.int32, device=device) for g in groups],
+        list(tables),
     )
     return lambda: step.run(*args)
 

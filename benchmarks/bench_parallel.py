@@ -11,46 +11,26 @@ linear) and one gather of the logits per step. `tessera bench parallel`.
 from __future__ import annotations
 
 import statistics
-import time
 from contextlib import nullcontext
 from unittest import mock
 
 import torch
 
 from tessera.demo import PARENT_DIR
-from tessera.runtime.engine import Engine, EngineConfig
+from tessera.devices import median_ms
 from tessera.runtime.loader import load_model
-from tessera.runtime.parallel import TensorParallel, load_shard, run_ranks
-from tessera.runtime.sampling import SamplingParams
+from tessera.runtime.parallel import TensorParallel, backend_for, load_shard, run_ranks
+
+from .harness import decoding_engine
 
 BATCHES = (1, 8)
 PROMPT, ROUNDS, STEPS = 16, 7, 20
+ROOM = 2 * ROUNDS * (STEPS + 1)  # decode steps a request has room for: every round of both kinds, warm-ups included
 
 
-def _decoding_engine(model, batch: int) -> Engine:
-    """An engine with `batch` requests past their prompts, decoding (EOS ignored, room for every timed step)."""
-    engine = Engine(model, None, EngineConfig(max_batch=batch, max_model_len=PROMPT + 4 * ROUNDS * STEPS))
-    gen = torch.Generator().manual_seed(batch)
-    params = SamplingParams(max_new_tokens=4 * ROUNDS * STEPS - 1, ignore_eos=True)
-    for _ in range(batch):
-        engine.add_request(torch.randint(3, model.vocab_size, (PROMPT,), generator=gen).tolist(), params)
-    while any(r.computed < r.prompt_len for r in engine.running) or engine.waiting:
-        engine.step()
-    return engine
-
-
-def _step_ms(engine: Engine, device: torch.device) -> float:
-    """Median ms of STEPS decode steps."""
-    times = []
-    for _ in range(STEPS):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        engine.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+def _step_ms(engine, device: torch.device) -> float:
+    """Median ms of STEPS decode steps (after one more, not timed)."""
+    return median_ms(engine.step, device, min_reps=STEPS, budget_s=0)
 
 
 def _rank_steps(tp: TensorParallel, device: str) -> dict:
@@ -62,7 +42,7 @@ def _rank_steps(tp: TensorParallel, device: str) -> dict:
     out = {"all_reduces_per_step": reduces}
     for batch in BATCHES:
         with torch.inference_mode():
-            engine = _decoding_engine(model, batch)
+            engine = decoding_engine(model, batch, PROMPT, ROOM)
             rounds = {"with": [], "without": []}
             for r in range(2 * ROUNDS):  # alternating, the same on every rank: the collectives stay matched
                 skip = r % 2 == 1
@@ -73,14 +53,14 @@ def _rank_steps(tp: TensorParallel, device: str) -> dict:
 
 
 def run(device: torch.device, size: int = 2) -> dict:
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device)
     ranks = run_ranks(_rank_steps, size, device.type, backend=backend)
     mine = ranks[0]
     whole = load_model(PARENT_DIR, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = []
     for batch in BATCHES:
         with torch.inference_mode():
-            engine = _decoding_engine(whole, batch)
+            engine = decoding_engine(whole, batch, PROMPT, ROOM)
             single = [_step_ms(engine, device) for _ in range(ROUNDS)]
         with_ms, without_ms = mine[batch]["with"], mine[batch]["without"]
         med_with, med_without = statistics.median(with_ms), statistics.median(without_ms)

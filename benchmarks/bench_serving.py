@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from tessera.demo import PARENT_DIR
+from tessera.devices import median_ms
 
-from .harness import hf_generate, wait_healthy
+from .harness import decoding_engine, hf_generate, random_prompts, wait_healthy
 
 GOAL = 4.0  # x transformers' one-at-a-time output-token throughput at 16 concurrent requests
 
@@ -55,11 +56,6 @@ class Load:
 
 
 CPU_LOADS = (Load(math.inf, 16), Load(2.0), Load(6.0))
-
-
-def random_prompts(n: int, input_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(100, vocab, (n, input_len), generator=gen).tolist()
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -236,22 +232,10 @@ def decode_step_ms(model_dir: Path, batch: int, input_len: int, page_size: int |
     """The engine's decode step at `batch` requests (their prompts cached), median ms, in this process: with the
     CPU's default KV layout (None: a whole-context page per request, read in place) or pages of `page_size`
     tokens (gathered for attention)."""
-    from tessera.runtime.engine import Engine, EngineConfig
     from tessera.runtime.loader import load_model
-    from tessera.runtime.sampling import SamplingParams, load_tokenizer
 
-    model = load_model(model_dir)
-    engine = Engine(model, load_tokenizer(model_dir), EngineConfig(max_batch=batch, page_size=page_size))
-    for prompt in random_prompts(batch, input_len, model.arch.vocab_size):
-        engine.add_request(prompt, SamplingParams(max_new_tokens=steps + 10, ignore_eos=True))
-    while engine.waiting or any(r.computed < r.prompt_len for r in engine.running):
-        engine.step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    engine = decoding_engine(load_model(model_dir), batch, input_len, steps + 10, page_size=page_size)
+    return median_ms(engine.step, torch.device("cpu"), min_reps=steps, budget_s=0)
 
 
 def run_cpu(

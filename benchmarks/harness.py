@@ -95,6 +95,25 @@ def hf_generate(hf, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     )
 
 
+def random_prompts(n: int, input_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (n, input_len), generator=gen).tolist()
+
+
+def decoding_engine(model, batch: int, prompt_len: int, steps: int, **config) -> object:
+    """An engine with `batch` requests of random `prompt_len`-token prompts past their prefill, every one decoding
+    (EOS ignored) with room for `steps` more steps: what a decode-step benchmark times. config: EngineConfig's."""
+    from tessera.runtime.engine import Engine, EngineConfig
+    from tessera.runtime.sampling import SamplingParams
+
+    engine = Engine(model, None, EngineConfig(max_batch=batch, **config))
+    for prompt in random_prompts(batch, prompt_len, model.vocab_size):
+        engine.add_request(prompt, SamplingParams(max_new_tokens=steps + 1, ignore_eos=True))
+    while engine.waiting or any(r.computed < r.prompt_len for r in engine.running):
+        engine.step()
+    return engine
+
+
 def wait_healthy(base: str, timeout: float, proc=None) -> None:
     """Until `base`/health answers 200 (a server starting); raises if `proc` (its process) exits first or the
     timeout passes."""
@@ -112,8 +131,9 @@ def wait_healthy(base: str, timeout: float, proc=None) -> None:
     raise TimeoutError(f"{base}/health did not answer within {timeout} s")
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = True) -> tuple[float, str]:
-    """Median milliseconds per call of fn, and how it was timed. fn must already have run once (compiled)."""
+def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = True, rep_ms: int = 100) -> tuple[float, str]:
+    """Median milliseconds per call of fn, and how it was timed. fn must already have run once (compiled). rep_ms:
+    how long do_bench repeats it (a sweep of many variants times each for less)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -123,10 +143,11 @@ def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = True) 
                 cuda_graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(cuda_graph):
                     fn()
-                return do_bench(cuda_graph.replay, return_mode="median"), "do_bench median of CUDA-graph replays"
+                ms = do_bench(cuda_graph.replay, warmup=rep_ms // 4, rep=rep_ms, return_mode="median")
+                return ms, "do_bench median of CUDA-graph replays"
             except RuntimeError:  # e.g. a host sync inside fn: not capturable, time it eagerly
                 torch.cuda.synchronize(device)
-        return do_bench(fn, return_mode="median"), "do_bench median, eager"
+        return do_bench(fn, warmup=rep_ms // 4, rep=rep_ms, return_mode="median"), "do_bench median, eager"
     return median_ms(fn, device, budget_s=0.5), "median wall time (CPU)"  # the timer the cost model uses
 
 

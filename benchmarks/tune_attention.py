@@ -17,12 +17,12 @@ import time
 from functools import partial
 
 import torch
-import triton
 
-from tessera.kernels.attention_paged import Tiling, attention_paged_triton, default_tiling
+from tessera.kernels.attention_paged import Tiling, attention_paged_triton, block_shape, default_tiling
 
 from . import bench_attention
-from .harness import copy_bandwidth_gbps, environment, relative_error, results_name, write_results
+from .bench_attention import HEAD_DIM
+from .harness import copy_bandwidth_gbps, environment, relative_error, results_name, time_ms, write_results
 
 SHAPES = [  # (model, query heads, KV heads, batch, context): G = 4 first, the layout the first H200 run found slow
     ("llama-3.1-8b", 32, 8, 64, 8192),
@@ -41,15 +41,9 @@ TILINGS = [
 ] + [Tiling(32, 4, 3, 4), Tiling(64, 4, 4, 4), Tiling(128, 4, 4, 4)]
 
 
-def _graph_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return do_bench(graph.replay, warmup=10, rep=40, return_mode="median")
+def _graph_ms(fn, device: torch.device) -> float:
+    fn()  # compiled before it is captured
+    return time_ms(fn, device, rep_ms=40)[0]
 
 
 def sweep(device: torch.device, budget_s: float, out=None, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -64,13 +58,13 @@ def sweep(device: torch.device, budget_s: float, out=None, dtype: torch.dtype = 
             break
         case = bench_attention._decode_case(model, n_heads, n_kv, batch, context, device, dtype, baseline)
         expected = case.baseline()
-        sdpa_ms = _graph_ms(case.baseline)
-        default = default_tiling(max(16, min(128, triton.next_power_of_2(n_heads // n_kv))), 128)  # the launcher's
+        sdpa_ms = _graph_ms(case.baseline, device)
+        default = default_tiling(*block_shape(1, n_heads // n_kv, HEAD_DIM))  # the launcher's, for one query each
         rows = []
         for tiling in TILINGS:
             fn = partial(attention_paged_triton, *case.candidate.args, tiling=tiling)
             error = relative_error(fn(), expected)
-            ms = _graph_ms(fn) if error <= case.tolerance else float("nan")
+            ms = _graph_ms(fn, device) if error <= case.tolerance else float("nan")
             rows.append(
                 {
                     **vars(tiling),

@@ -51,6 +51,13 @@ class Tiling:
     waves: int = 4
 
 
+def block_shape(max_query_len: int, group: int, head_dim: int) -> tuple[int, int]:
+    """A tile's rows (packed (token, query head) pairs, padded to 16 for tl.dot) and head-dim columns."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m = max(16, min(128 if head_dim <= 128 else 64, triton.next_power_of_2(max_query_len * group)))
+    return block_m, block_d
+
+
 def default_tiling(block_m: int, block_d: int) -> Tiling:
     """64-128 keys per tile (bytes in flight for a memory-bound loop); a tall tile (prefill) gets 8 warps. Decode
     (short tiles): of the 35 tilings swept on the H200 at G = 4, 8 and 64 (benchmarks/results/
@@ -312,8 +319,7 @@ def attention_paged_triton(
     n_seqs, max_query_len = meta.batch_size, meta.max_query_len
     if q.shape[0] == 0 or n_seqs == 0 or max_query_len <= 0:
         return out
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = max(16, min(128 if head_dim <= 128 else 64, triton.next_power_of_2(max_query_len * group)))
+    block_m, block_d = block_shape(max_query_len, group, head_dim)
     tiling = tiling or default_tiling(block_m, block_d)
     max_tiles = triton.cdiv(max_query_len * group, block_m)
     capacity = meta.block_tables.shape[1] * page

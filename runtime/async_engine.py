@@ -33,7 +33,7 @@ import torch
 
 from tessera.errors import UserError
 from tessera.runtime.engine import Engine, EngineConfig, EngineLimits, EngineRequest, RequestOutput
-from tessera.runtime.parallel import TensorParallel
+from tessera.runtime.parallel import TensorParallel, backend_for, free_port, join_group, load_shard
 from tessera.runtime.sampling import PromptEncoder, SamplingParams, load_tokenizer
 
 START_TIMEOUT_S = 600.0  # loading a large checkpoint and capturing CUDA graphs takes a while
@@ -60,7 +60,6 @@ class EngineSpec:
         """This engine, or with `tp` its rank's shard (the rank's GPU on CUDA), reading only that rank's parts."""
         from tessera.devices import parse_dtype
         from tessera.runtime.loader import load_model
-        from tessera.runtime.parallel import load_shard
 
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -71,11 +70,6 @@ class EngineSpec:
             device = torch.device("cuda", tp.rank) if device.type == "cuda" else device
             model = load_shard(self.model_dir, tp, device, dtype)
         return Engine(model, load_tokenizer(self.model_dir), self.config)
-
-    @property
-    def backend(self) -> str:
-        """torch.distributed's backend for this engine's ranks."""
-        return "nccl" if torch.device(self.device).type == "cuda" else "gloo"
 
 
 @dataclass(frozen=True)
@@ -142,9 +136,7 @@ def _start_rank(spec: EngineSpec, rank: int, port: int | None) -> tuple[Engine |
     tp, engine, error = None, None, ""
     try:
         if spec.tensor_parallel_size > 1:
-            from tessera.runtime.parallel import join_group
-
-            tp = join_group(rank, spec.tensor_parallel_size, port, spec.backend, START_TIMEOUT_S)
+            tp = join_group(rank, spec.tensor_parallel_size, port, backend_for(spec.device), START_TIMEOUT_S)
         engine = spec.build(tp)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
@@ -182,9 +174,8 @@ def _step(engine: Engine) -> list[RequestOutput]:
 
 def _seeded(message: object) -> object:
     """An Add of unseeded sampling with a seed drawn here: tensor-parallel ranks must draw the same tokens."""
-    if isinstance(message, Add) and message.request.params.temperature > 0 and message.request.params.seed is None:
-        params = replace(message.request.params, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
-        return Add(replace(message.request, params=params))
+    if isinstance(message, Add):
+        return Add(replace(message.request, params=message.request.params.seeded()))
     return message
 
 
@@ -267,11 +258,7 @@ class _EngineHandle:
         inbox_reader, self.inbox = context.Pipe(duplex=False)
         self.outbox, outbox_writer = context.Pipe(duplex=False)
         self.rank = rank
-        port = None
-        if spec.tensor_parallel_size > 1:
-            from tessera.runtime.parallel import free_port
-
-            port = free_port()
+        port = free_port() if spec.tensor_parallel_size > 1 else None
         self.process = context.Process(
             target=_engine_process,
             args=(spec, inbox_reader, outbox_writer, port),

@@ -184,6 +184,11 @@ class _Request:
         self.row: int | None = None  # its row of the engine's BlockTables while it runs
         self.generator: torch.Generator | None = None
 
+    @property
+    def reserved(self) -> int:
+        """Tokens whose K/V it can ever hold: its prompt and every new token but the last (which nothing reads)."""
+        return self.prompt_len + self.budget - 1
+
 
 class DecodeGraphs:
     """The decode-only step at padded batch sizes, from static input buffers.
@@ -431,11 +436,11 @@ class Engine:
                 room -= n
         while self.waiting and room > 0 and len(self.running) < self.config.max_batch:
             req = self.waiting[0]
-            if not self.cache.fits(req.prompt_len + req.budget - 1):
+            if not self.cache.fits(req.reserved):
                 break  # FIFO: a request that does not fit yet is not overtaken (no starvation)
             self.waiting.popleft()
-            req.pages = self.cache.allocate(req.prompt_len + req.budget - 1)  # the last token gets no K/V
-            req.row = self.tables.add(req.pages, req.prompt_len + req.budget - 1)
+            req.pages = self.cache.allocate(req.reserved)
+            req.row = self.tables.add(req.pages, req.reserved)
             self.running.append(req)
             n = min(req.prompt_len, room)
             plan.append((req, n))
@@ -504,9 +509,7 @@ class Engine:
         )
         rows_t, last_t = longs[3 * n_tokens : 3 * n_tokens + n_seqs], longs[3 * n_tokens + n_seqs :]
         cu_t, lens_t = ints[: n_seqs + 1], ints[n_seqs + 1 :]
-        # Every group's table lists a page for each page of the tokens a request reserved (runtime/cache.py).
-        width = max(-(-(req.prompt_len + req.budget - 1) // self.cache.page_size) for req, _ in plan)
-        tables = self.tables.gather(rows_t, width)
+        tables = self.tables.gather(rows, rows_t)
         slots = list(self.tables.slots(tables, seq_of_token_t, positions_t))
         max_len = max(n for _, n in plan)
         attention = [kernels.PagedAttentionMetadata(t, cu_t, lens_t, max_len) for t in tables]

@@ -181,6 +181,11 @@ def load_shard(path: str | Path, tp: TensorParallel, device: torch.device | str 
         return _rank_model(arch, parts, tp, like)
 
 
+def backend_for(device: torch.device | str) -> str:
+    """torch.distributed's backend for ranks on this kind of device: NCCL between GPUs, gloo on CPUs."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def join_group(rank: int, size: int, port: int, backend: str, timeout_s: float = 600.0) -> TensorParallel:
     """This process as rank `rank` of `size` on this machine (rendezvous at 127.0.0.1:`port`): CPU threads shared
     out, a CUDA rank on GPU `rank`. A collective waiting past `timeout_s` fails rather than hangs."""
@@ -267,8 +272,5 @@ def generate_on_ranks(
     reads only its parts of the checkpoint's files."""
     device = torch.device(device)
     check_ranks(checkpoint, size, device)
-    if params.temperature > 0 and params.seed is None:
-        params = replace(params, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    results = run_ranks(_generate_on_rank, size, str(checkpoint), prompts, params, device.type, dtype, backend=backend)
-    return results[0]
+    args = (str(checkpoint), prompts, params.seeded(), device.type, dtype)
+    return run_ranks(_generate_on_rank, size, *args, backend=backend_for(device))[0]

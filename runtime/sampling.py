@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -66,6 +66,13 @@ class SamplingParams:
             or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
         ):
             raise SamplingError("seed", f"expected an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
+
+    def seeded(self) -> SamplingParams:
+        """These parameters, with a seed drawn now when they sample without one: processes that must draw the same
+        tokens (tensor-parallel ranks) take it from the one that drew it."""
+        if self.temperature == 0 or self.seed is not None:
+            return self
+        return replace(self, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
 
 
 def _integer(name: str, value: object) -> int:

@@ -453,7 +453,8 @@ class Optimizer:
                 f"[optimize] {name}: {self.timings[name]:.1f} s, peak memory {self.peak_mib[name]:.0f} MiB", flush=True
             )
 
-    def cost_model(self) -> CostTable:
+    def cost_model(self) -> tuple[CostTable, list[CostTable]]:
+        """The main scenario's cost table and each further scenario's, each written under `out`."""
         cfg, arch = self.cfg, self.parent.arch
         t = self._start()
         variants = [cfg.space.block_variants(arch, i) for i in range(arch.n_layers)]
@@ -462,12 +463,13 @@ class Optimizer:
         blocks = [b for v in variants for b in v]
         table = calibrate(arch, blocks, cfg.scenario, self.device, self.dtype, check, progress=self.progress)
         atomic_write_text(self.out / "cost.json", json.dumps(table.to_json(), indent=1) + "\n")
+        also_tables = []
         for scenario in cfg.also_scenarios:
             also = calibrate(arch, blocks, scenario, self.device, self.dtype, check, progress=self.progress)
             atomic_write_text(self.out / f"cost_{scenario.key}.json", json.dumps(also.to_json(), indent=1) + "\n")
-            self.also_tables.append(also)
+            also_tables.append(also)
         self._stage("cost model", t)
-        return table
+        return table, also_tables
 
     def distil_and_score(self, table: CostTable) -> Library:
         """BLD of every variant (resumed from the store), replace-1-block scores, and the library they make."""
@@ -554,7 +556,7 @@ class Optimizer:
         self.manifest = bld_manifest(self.parent, self.calibration, cfg.space, cfg.bld)
         self.store.check(self.manifest)  # writes nothing yet
         # Timed on rank 0 alone: blocks timed on other devices, or by processes sharing one CPU, would not compose.
-        table, self.also_tables = self.ranks.on_main(lambda: (self.cost_model(), self.also_tables))
+        table, self.also_tables = self.ranks.on_main(self.cost_model)
         costs_only = build_library(arch, cfg.space, table, None, {}, self.dtype, self.also_tables)
         bounds = speedup_bounds(budget, [table, *self.also_tables], arch, costs_only)
         solve(costs_only, "stats.runtime_ms", bounds=bounds)  # the budget's terms jointly (each alone is met)

@@ -70,11 +70,18 @@ def hf_llama(path: Path, tie: bool, seed: int = 0, **overrides) -> Path:
         eos_token_id=2,
     )
     kwargs.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs))
-    with torch.no_grad():  # HF's init leaves norms at 1; random norms test the weight mapping too
+    return save_hf(LlamaForCausalLM(LlamaConfig(**kwargs)), path)
+
+
+def save_hf(model, path: Path) -> Path:
+    """A transformers model saved by transformers, its norms and biases random first: HF's init leaves norms at 1
+    and biases at 0, which would not test their mapping."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
     model.save_pretrained(path)
     return path
 

@@ -22,7 +22,7 @@ from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
 from tessera.runtime.sampling import SamplingParams
 
-from .conftest import relative_error
+from .conftest import relative_error, save_hf
 
 FP32_TOL = 1e-5
 VOCAB = 97
@@ -70,15 +70,7 @@ def hf_family(path: Path, family: str, tie: bool, seed: int = 0, **overrides) ->
         cls = transformers.MistralForCausalLM
     for key, value in overrides.items():
         setattr(config, key, value)
-    model = cls(config)
-    with torch.no_grad():  # HF's init leaves norms at 1 and biases at 0: random ones test their mapping too
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-    model.save_pretrained(path)
-    return path
+    return save_hf(cls(config), path)
 
 
 def hf_model(path: Path):
@@ -257,6 +249,20 @@ def test_windowed_layers_keep_a_ring_of_pages(tmp_path) -> None:
         pages = long.cache.allocate(tokens)
         assert [len(p) for p in pages] == [-(-tokens // 4), min(-(-tokens // 4), 7)]
         long.cache.release(pages)
+    # The engine's device-side tables and slots (BlockTables) follow the cache's rule written out, ring included.
+    tables, lengths = long.tables, (10, 256)
+    owned = [long.cache.allocate(n) for n in lengths]
+    rows = [tables.add(pages, n) for pages, n in zip(owned, lengths)]
+    gathered = tables.gather(rows, torch.tensor(rows))
+    for g in range(2):
+        expected = [long.cache.table(pages[g], -(-256 // 4)) for pages in owned]
+        for b, n in enumerate(lengths):  # entries past a sequence's own pages are never read
+            assert gathered[g, b, : -(-n // 4)].tolist() == expected[b][: -(-n // 4)]
+    seq = torch.tensor([b for b, n in enumerate(lengths) for _ in range(n)])
+    positions = torch.tensor([t for n in lengths for t in range(n)])
+    slots = tables.slots(gathered, seq, positions)
+    for g in range(2):
+        assert slots[g].tolist() == [s for pages, n in zip(owned, lengths) for s in long.cache.slots(pages[g], 0, n)]
     # The search prices what the cache keeps: here 7 pages of 4; at the defaults (16-token pages, 512-token steps)
     # a 128-key window keeps 41 pages, 656 tokens, of an 8k context, and all of a 300-token one.
     assert kept_tokens(WINDOW, 256, page_size=4, step_tokens=8) == 7 * 4 and kept_tokens(WINDOW, 20, 4, 8) == 20
