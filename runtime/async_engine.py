@@ -55,6 +55,9 @@ class EngineSpec:
     config: EngineConfig = field(default_factory=EngineConfig)
     threads: int | None = None  # CPU: torch threads of this engine (None: torch's default)
     tensor_parallel_size: int = 1  # ranks this engine is sharded over (runtime/parallel.py), each a process
+    # The ranks are torchrun's (`torchrun ... tessera serve`, one node or several): the server, torchrun's rank 0,
+    # starts rank 0's engine process alone, which joins torchrun's group; ranks > 0 run `follow` where they are.
+    torchrun: bool = False
 
     def build(self, tp: TensorParallel | None = None) -> Engine:
         """This engine, or with `tp` its rank's shard (the rank's GPU on CUDA), reading only that rank's parts."""
@@ -67,7 +70,7 @@ class EngineSpec:
         if tp is None:
             model = load_model(self.model_dir, device=device, dtype=dtype)
         else:
-            device = torch.device("cuda", tp.rank) if device.type == "cuda" else device
+            device = tp.device(device)
             model = load_shard(self.model_dir, tp, device, dtype)
         return Engine(model, load_tokenizer(self.model_dir), self.config)
 
@@ -128,11 +131,16 @@ def _load(engine: Engine) -> EngineLoad:
     return EngineLoad(len(engine.running), len(engine.waiting), engine.cache.usable_pages - engine.cache.free_pages)
 
 
-def _start_rank(spec: EngineSpec, rank: int, port: int | None) -> tuple[Engine | None, TensorParallel | None, str]:
-    """Join the engine's process group (tensor parallel) and build this rank's engine; (engine, tp, error). Every
-    rank then hears every rank's error, so none waits in a collective for a rank that failed to start."""
+def _ignore_signals() -> None:
+    """In a process the server started: the server decides when it stops (module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _start_rank(spec: EngineSpec, rank: int, port: int | None) -> tuple[Engine | None, TensorParallel | None, str]:
+    """Join the engine's process group (tensor parallel; at 127.0.0.1:`port`, or torchrun's when `port` is None)
+    and build this rank's engine; (engine, tp, error). Every rank then hears every rank's error, so none waits in
+    a collective for a rank that failed to start."""
     tp, engine, error = None, None, ""
     try:
         if spec.tensor_parallel_size > 1:
@@ -184,6 +192,7 @@ def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection, por
     server talks to it. With tensor parallelism the messages of each step go to the other ranks first, so every
     rank steps the same requests; an idle engine still sends an empty round every HEARTBEAT_S, inside the
     collectives' timeout."""
+    _ignore_signals()
     engine, tp, error = _start_rank(spec, 0, port)
     if error:  # reported to the server, which raises it where it started this engine
         outbox.send(Failed(error))
@@ -207,18 +216,31 @@ def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection, por
 
 
 def _rank_process(spec: EngineSpec, rank: int, port: int) -> None:
+    """Rank > 0 of a tensor-parallel engine, started by the server on this machine (`follow`)."""
+    _ignore_signals()
+    follow(spec, rank, port)
+
+
+def follow(spec: EngineSpec, rank: int, port: int | None = None) -> str:
     """Rank > 0 of a tensor-parallel engine: the same engine over its shard, stepping the requests rank 0
     broadcasts; its outputs equal rank 0's and go nowhere. It ends with Shutdown, or when rank 0 is gone (the
-    collective fails)."""
+    collective fails). With `port` None the ranks are torchrun's: a torchrun rank > 0 of `tessera serve` runs
+    this in its own process, and a signal stops it (rank 0's engine then fails, and the server says so).
+    Returns "" after a Shutdown, else why it ended."""
     engine, tp, error = _start_rank(spec, rank, port)
     if error:
-        return
-    with contextlib.suppress(RuntimeError):  # rank 0 exited: its collectives fail here
+        return error
+    try:
         while True:
             _, stop = _apply(engine, tp.broadcast(None))
             if stop:
-                return
+                return ""
             _step(engine)
+    except RuntimeError as e:  # rank 0 exited: its collectives fail here
+        return f"rank 0 stopped: {type(e).__name__}: {e}"
+    finally:
+        with contextlib.suppress(RuntimeError):
+            torch.distributed.destroy_process_group()
 
 
 class RequestStream:
@@ -258,7 +280,7 @@ class _EngineHandle:
         inbox_reader, self.inbox = context.Pipe(duplex=False)
         self.outbox, outbox_writer = context.Pipe(duplex=False)
         self.rank = rank
-        port = free_port() if spec.tensor_parallel_size > 1 else None
+        port = free_port() if spec.tensor_parallel_size > 1 and not spec.torchrun else None
         self.process = context.Process(
             target=_engine_process,
             args=(spec, inbox_reader, outbox_writer, port),
@@ -271,7 +293,7 @@ class _EngineHandle:
             context.Process(
                 target=_rank_process, args=(spec, r, port), name=f"tessera-engine-{rank}-rank{r}", daemon=True
             )
-            for r in range(1, spec.tensor_parallel_size)
+            for r in range(1, 1 if spec.torchrun else spec.tensor_parallel_size)
         ]
         for process in self.ranks:
             process.start()

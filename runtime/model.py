@@ -238,6 +238,16 @@ class Model(nn.Module):
             torch.set_default_dtype(default)
         return model.to_empty(device=device)
 
+    def cast(self, dtype: torch.dtype) -> Model:
+        """A copy of this model in `dtype` on its device (a model trained in fp32, timed in the precision it is
+        served in); itself when it is in `dtype` already."""
+        weights = self.embed_tokens.weight
+        if weights.dtype == dtype:
+            return self
+        copy = Model.empty(self.arch, weights.device, dtype)
+        copy.load_state_dict(self.state_dict())  # copied into the new dtype
+        return copy.eval()
+
     def init_weights(self, std: float = 0.02, seed: int | None = None, layers_only: bool = False) -> Model:
         """Random init for training from scratch, tests and benchmarks: N(0, std), output projections scaled
         by 1/sqrt(2·layers) (GPT-2), norms at 1. Drawn on the weights' device (same values as before on CPU).

@@ -47,6 +47,17 @@ class TensorParallel:
     rank: int
     size: int
     group: dist.ProcessGroup | None = None
+    local_rank: int | None = None  # among the ranks on this machine (its GPU); None: ranks all on one machine
+
+    @property
+    def device_index(self) -> int:
+        """This rank's GPU on its machine."""
+        return self.rank if self.local_rank is None else self.local_rank
+
+    def device(self, device: torch.device | str) -> torch.device:
+        """This rank's device: its own GPU when `device` is CUDA, else `device`."""
+        device = torch.device(device)
+        return torch.device("cuda", self.device_index) if device.type == "cuda" else device
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, group=self.group)
@@ -186,20 +197,45 @@ def backend_for(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def join_group(rank: int, size: int, port: int, backend: str, timeout_s: float = 600.0) -> TensorParallel:
-    """This process as rank `rank` of `size` on this machine (rendezvous at 127.0.0.1:`port`): CPU threads shared
-    out, a CUDA rank on GPU `rank`. A collective waiting past `timeout_s` fails rather than hangs."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+def torchrun_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) of this process when torchrun started it, else (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def torchrun_size(tensor_parallel_size: int) -> int:
+    """The tensor-parallel size of a command: under torchrun its WORLD_SIZE (every rank torchrun started, on this
+    node and the others, is one rank of the model), which a `--tensor-parallel-size` given too must equal."""
+    world = torchrun_world()[1]
+    if world == 1:
+        return tensor_parallel_size
+    if tensor_parallel_size not in (1, world):
+        raise UserError(
+            f"--tensor-parallel-size {tensor_parallel_size} under torchrun, which started {world} ranks "
+            f"(WORLD_SIZE): give {world} or leave the flag out"
+        )
+    return world
+
+
+def join_group(rank: int, size: int, port: int | None, backend: str, timeout_s: float = 600.0) -> TensorParallel:
+    """This process as rank `rank` of `size`: ranks started on this machine meet at 127.0.0.1:`port`; with
+    `port` None they are torchrun's (on this node and others) and meet where its environment says (MASTER_ADDR,
+    MASTER_PORT, through its agent's store). CPU threads are shared out among the ranks on this machine, a CUDA
+    rank takes its machine's GPU `local_rank`. A collective waiting past `timeout_s` fails rather than hangs."""
+    local_rank, local_size = rank, size
+    if port is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     if backend == "nccl":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(
         backend,
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method="env://" if port is None else f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
-    return TensorParallel(rank, size)
+    return TensorParallel(rank, size, local_rank=None if port is not None else local_rank)
 
 
 def free_port() -> int:
@@ -238,19 +274,20 @@ def shard_logits(tp: TensorParallel, checkpoint: str, ids: torch.Tensor) -> torc
 def _generate_on_rank(
     tp: TensorParallel, checkpoint: str, prompts: list, params: SamplingParams, device: str, dtype: str
 ) -> list[Completion]:
-    dev = torch.device(f"cuda:{tp.rank}") if device == "cuda" else torch.device(device)
-    model = load_shard(checkpoint, tp, dev, parse_dtype(dtype))
+    model = load_shard(checkpoint, tp, tp.device(device), parse_dtype(dtype))
     tokenizer = load_tokenizer(checkpoint) if any(isinstance(p, str) for p in prompts) or params.stop else None
     return Generator(model, tokenizer).generate(prompts, params)
 
 
-def check_ranks(checkpoint: str | Path, size: int, device: torch.device | str) -> None:
-    """Refuse, before any rank starts, a size the machine or the model cannot take: N GPUs for N CUDA ranks, and
-    every layer's heads and widths divisible as `ArchConfig.check_tensor_parallel` requires."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.device_count() < size:
+def check_ranks(checkpoint: str | Path, size: int, device: torch.device | str, local_size: int | None = None) -> None:
+    """Refuse, before any rank starts, a size the machine or the model cannot take: a GPU for each CUDA rank on
+    this machine (`local_size` of the `size`, all of them when None), and every layer's heads and widths
+    divisible as `ArchConfig.check_tensor_parallel` requires."""
+    device, local = torch.device(device), local_size or size
+    if device.type == "cuda" and torch.cuda.device_count() < local:
         gpus = torch.cuda.device_count()
-        raise UserError(f"--tensor-parallel-size {size} needs {size} GPUs; this machine has {gpus}")
+        where = "" if local == size else f" ({local} of the {size} ranks run here)"
+        raise UserError(f"--tensor-parallel-size {size} needs {local} GPUs on this machine{where}; it has {gpus}")
     try:
         ArchConfig.from_json(Path(checkpoint) / "config.json").check_tensor_parallel(size)
     except ConfigError as e:
@@ -274,3 +311,22 @@ def generate_on_ranks(
     check_ranks(checkpoint, size, device)
     args = (str(checkpoint), prompts, params.seeded(), device.type, dtype)
     return run_ranks(_generate_on_rank, size, *args, backend=backend_for(device))[0]
+
+
+def generate_with_torchrun(
+    checkpoint: str | Path, prompts: list, params: SamplingParams, device: torch.device | str = "cpu", dtype="float32"
+) -> list[Completion] | None:
+    """`Generator.generate` as one of torchrun's ranks (`torchrun ... tessera generate`, one node or several):
+    each rank joins torchrun's group, loads its shard and steps the same requests; rank 0's sampling seed is
+    everyone's. Rank 0 gets the completions, the other ranks None."""
+    device = torch.device(device)
+    rank, size = torchrun_world()
+    check_ranks(checkpoint, size, device, int(os.environ.get("LOCAL_WORLD_SIZE", str(size))))
+    tp = join_group(rank, size, None, backend_for(device))
+    try:
+        params = tp.broadcast(params.seeded())
+        completions = _generate_on_rank(tp, str(checkpoint), prompts, params, device.type, dtype)
+        dist.barrier()  # no rank leaves while another's last collective is in flight
+    finally:
+        dist.destroy_process_group()
+    return completions if rank == 0 else None

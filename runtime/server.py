@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import time
 import uuid
@@ -656,6 +657,33 @@ class Server:
         return await self._serve(request, body, lambda: [self._encode(self._render(messages), "messages")], None, CHAT)
 
 
+def engine_spec(
+    model_dir: str | Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_batch: int = 16,
+    max_model_len: int | None = None,
+    kv_cache_bytes: int | None = None,
+    threads: int | None = None,
+    tensor_parallel_size: int = 1,
+    torchrun: bool = False,
+) -> EngineSpec:
+    """How the server's engine processes build their engine, checked here first, so a bad checkpoint or flag
+    fails with its own error before any process starts (`torchrun`: the ranks are torchrun's, EngineSpec)."""
+    from tessera.config import ArchConfig
+    from tessera.devices import parse_dtype
+
+    parse_dtype(dtype)
+    ArchConfig.from_json(Path(model_dir) / "config.json")
+    if tensor_parallel_size > 1:
+        from tessera.runtime.parallel import check_ranks
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", tensor_parallel_size)) if torchrun else None
+        check_ranks(model_dir, tensor_parallel_size, device, local)
+    config = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes)
+    return EngineSpec(str(model_dir), str(device), dtype, config, threads, tensor_parallel_size, torchrun)
+
+
 def build_server(
     model_dir: str | Path,
     device: str = "cpu",
@@ -668,21 +696,13 @@ def build_server(
     threads: int | None = None,
     max_request_bytes: int | None = None,
     tensor_parallel_size: int = 1,
+    torchrun: bool = False,
 ) -> Server:
     """The server of a checkpoint (config.json, safetensors, tokenizer.json): its engine processes start here,
-    each loading the checkpoint, and this returns once all are ready. The configuration is checked here
-    first, so a bad checkpoint or flag fails with its own error before any process starts."""
-    from tessera.config import ArchConfig
-    from tessera.devices import parse_dtype
-
-    parse_dtype(dtype)
-    ArchConfig.from_json(Path(model_dir) / "config.json")
-    if tensor_parallel_size > 1:
-        from tessera.runtime.parallel import check_ranks
-
-        check_ranks(model_dir, tensor_parallel_size, device)
-    config = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes)
-    spec = EngineSpec(str(model_dir), device, dtype, config, threads, tensor_parallel_size)
+    each loading the checkpoint, and this returns once all are ready (`engine_spec` checks the arguments)."""
+    spec = engine_spec(
+        model_dir, device, dtype, max_batch, max_model_len, kv_cache_bytes, threads, tensor_parallel_size, torchrun
+    )
     engine = AsyncEngine(spec, data_parallel_size).start()
     template, specials = load_chat_template(model_dir)
     name = served_model_name or Path(model_dir).resolve().name

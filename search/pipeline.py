@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tessera.config import ArchConfig, BlockConfig
-from tessera.devices import peak_memory_bytes, reset_peak_memory
+from tessera.devices import parse_dtype, peak_memory_bytes, reset_peak_memory, serving_dtype
 from tessera.errors import UserError
 from tessera.files import atomic_write_text
 from tessera.runtime.loader import save_model
@@ -120,6 +120,9 @@ class OptimizeConfig:
     validate_architectures: int = 10  # random architectures the cost model is checked on (with the parent)
     fusion: FusionConfig | None = None  # FFN Fusion of the main child after the search (None: none)
     device: str = "cpu"
+    # The precision blocks and children are timed in, the one the child is served in (None: bfloat16 on CUDA,
+    # float32 on CPU); training and scoring stay in float32 either way.
+    timing_dtype: str | None = None
     seed: int = 0
 
 
@@ -414,7 +417,8 @@ class Optimizer:
         self.store = SublayerStore(self.out / "bld", fresh=fresh and ranks.main)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = ranks.device(torch.device(cfg.device))
-        self.dtype = torch.float32  # search and timing in fp32 on CPU: the demo's serving precision there
+        self.dtype = torch.float32  # training and scoring
+        self.timing_dtype = parse_dtype(cfg.timing_dtype or serving_dtype(self.device))
         loaded = load_parent(self.parent_dir, corpus, self.device, self.dtype)
         self.parent, self.train_ids = loaded.model, loaded.train_ids
         for scenario in (cfg.scenario, *cfg.also_scenarios):
@@ -428,6 +432,7 @@ class Optimizer:
             )
         self.score_windows, self.eval_windows = held_out[: cfg.score_windows], held_out[cfg.score_windows :]
         self.calibration = next(random_windows(self.train_ids, cfg.calibration_windows, cfg.seq_len, cfg.seed))
+        self.timed_parent = None  # the parent in timing_dtype, made when first timed
         self.timings: dict[str, float] = {}
         self.peak_mib: dict[str, float] = {}  # per stage: resident (CPU) or allocated (GPU) peak
 
@@ -461,11 +466,11 @@ class Optimizer:
         # The parent is checked with the random architectures: every speedup budget is a ratio to it.
         check = [list(arch.blocks), *random_architectures(variants, cfg.validate_architectures, seed=cfg.seed)]
         blocks = [b for v in variants for b in v]
-        table = calibrate(arch, blocks, cfg.scenario, self.device, self.dtype, check, progress=self.progress)
+        table = calibrate(arch, blocks, cfg.scenario, self.device, self.timing_dtype, check, progress=self.progress)
         atomic_write_text(self.out / "cost.json", json.dumps(table.to_json(), indent=1) + "\n")
         also_tables = []
         for scenario in cfg.also_scenarios:
-            also = calibrate(arch, blocks, scenario, self.device, self.dtype, check, progress=self.progress)
+            also = calibrate(arch, blocks, scenario, self.device, self.timing_dtype, check, progress=self.progress)
             atomic_write_text(self.out / f"cost_{scenario.key}.json", json.dumps(also.to_json(), indent=1) + "\n")
             also_tables.append(also)
         self._stage("cost model", t)
@@ -488,7 +493,7 @@ class Optimizer:
         del score_acts
         self._stage("replace-1-block scoring", t)
 
-        library = build_library(arch, cfg.space, table, scores, bld_losses, self.dtype, self.also_tables)
+        library = build_library(arch, cfg.space, table, scores, bld_losses, self.timing_dtype, self.also_tables)
         if self.ranks.main:
             write_library(library, self.out / "library.json")
         return library
@@ -527,6 +532,7 @@ class Optimizer:
             "budget": asdict(budget),
             "config": asdict(self.cfg),
             "device": table.device,
+            "timing_dtype": table.dtype,
             "scenario": asdict(self.cfg.scenario),
             "also_scenarios": [{**asdict(t.scenario), "key": t.scenario.key} for t in self.also_tables],
             "also_cost_models": [t.validation for t in self.also_tables],
@@ -557,7 +563,7 @@ class Optimizer:
         self.store.check(self.manifest)  # writes nothing yet
         # Timed on rank 0 alone: blocks timed on other devices, or by processes sharing one CPU, would not compose.
         table, self.also_tables = self.ranks.on_main(self.cost_model)
-        costs_only = build_library(arch, cfg.space, table, None, {}, self.dtype, self.also_tables)
+        costs_only = build_library(arch, cfg.space, table, None, {}, self.timing_dtype, self.also_tables)
         bounds = speedup_bounds(budget, [table, *self.also_tables], arch, costs_only)
         solve(costs_only, "stats.runtime_ms", bounds=bounds)  # the budget's terms jointly (each alone is met)
         return table, bounds
@@ -609,10 +615,10 @@ class Optimizer:
         arch, t = self.parent.arch, self._start()
 
         def measured_speedups(blocks: list[BlockConfig]) -> list[float]:
-            child = assemble_child(self.parent, self.store, blocks)
+            pair = self.timed(assemble_child(self.parent, self.store, blocks))
             speedups = []
             for table in tables:
-                parent_t, child_t = lockstep([self.parent, child], table.scenario, TARGET_ROUNDS)
+                parent_t, child_t = lockstep(pair, table.scenario, TARGET_ROUNDS)
                 speedups.append(parent_t.latency_ms / child_t.latency_ms)
             return speedups
 
@@ -664,16 +670,23 @@ class Optimizer:
     def measure(self, model: Model, children: list[Child]) -> float:
         """`model` (the architecture of `children`) against the parent in a lockstep of the two, in every
         scenario; the parent's latency in the main one."""
-        p, c = lockstep([self.parent, model], self.cfg.scenario, MEASURE_ROUNDS)
+        pair = self.timed(model)
+        p, c = lockstep(pair, self.cfg.scenario, MEASURE_ROUNDS)
         for child in children:
             child.measured_ms, child.measured_speedup = c.latency_ms, p.latency_ms / c.latency_ms
             # The speedup in each round on its own: how much it moved while the machine's speed did.
             child.speedup_rounds = [a / b for a, b in zip(p.rounds_ms, c.rounds_ms)]
         for scenario in self.cfg.also_scenarios:
-            also_p, also_c = lockstep([self.parent, model], scenario, MEASURE_ROUNDS)
+            also_p, also_c = lockstep(pair, scenario, MEASURE_ROUNDS)
             for child in children:
                 child.also_speedups[scenario.key] = also_p.latency_ms / also_c.latency_ms
         return p.latency_ms
+
+    def timed(self, child: Model) -> list[Model]:
+        """The parent and `child` as they are timed: in `timing_dtype` (copies when training's differs)."""
+        if self.timed_parent is None:
+            self.timed_parent = self.parent.cast(self.timing_dtype)
+        return [self.timed_parent, child.cast(self.timing_dtype)]
 
     def fuse(self, model: Model) -> dict | None:
         """FFN Fusion of the saved child into `out/fused` when asked (cfg.fusion); its summary."""

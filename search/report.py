@@ -23,7 +23,8 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
     lines = [
         "# tessera optimize",
         "",
-        f"Parent `{results['parent']}` on {results['device']}; scenario batch {s['batch']}, prompt {s['prompt_len']},"
+        f"Parent `{results['parent']}` on {results['device']}, timed in {results.get('timing_dtype', 'float32')}; "
+        f"scenario batch {s['batch']}, prompt {s['prompt_len']},"
         f" generate {s['gen_len']} tokens. Budget: {', '.join(f'{k} {v}' for k, v in results['budget'].items() if v)}.",
         "",
         "## Children (measured on this device; quality on held-out text)",

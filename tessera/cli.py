@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tessera.config import ArchConfig, ConfigError
-from tessera.devices import RUN_DTYPES, parse_dtype, resolve_device
+from tessera.devices import RUN_DTYPES, parse_dtype, resolve_device, serving_dtype
 from tessera.errors import UserError, UserFileNotFound
 from tessera.files import atomic_write_text
 from tessera.runtime.async_engine import EngineProcessError
@@ -267,17 +267,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stop=tuple(args.stop or ()),
     )  # checked before the model loads
     from tessera.runtime.loader import check_memory
+    from tessera.runtime.parallel import torchrun_size, torchrun_world
 
-    device, tp = resolve_device(args.device), args.tensor_parallel_size
-    # Tensor-parallel ranks on the CPU share its memory; on GPUs each holds a device of its own.
-    check_memory(args.model, device, parse_dtype(args.dtype), tp, copies=tp if device.type == "cpu" else 1)
+    device, tp = resolve_device(args.device), torchrun_size(args.tensor_parallel_size)
+    rank, world = torchrun_world()
+    # Tensor-parallel ranks on the CPU share its memory; on GPUs each holds a device of their own.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else tp  # ranks on this machine
+    check_memory(args.model, device, parse_dtype(args.dtype), tp, copies=local if device.type == "cpu" else 1)
     start = time.perf_counter()
-    if args.tensor_parallel_size > 1:
+    if world > 1:  # torchrun started the ranks (one node or several): rank 0 prints
+        from tessera.runtime.parallel import generate_with_torchrun
+
+        completions = generate_with_torchrun(args.model, args.prompt, params, device, args.dtype)
+        if rank > 0:
+            return
+    elif tp > 1:
         from tessera.runtime.parallel import generate_on_ranks
 
-        completions = generate_on_ranks(
-            args.model, args.prompt, params, args.tensor_parallel_size, resolve_device(args.device), args.dtype
-        )
+        completions = generate_on_ranks(args.model, args.prompt, params, tp, device, args.dtype)
     else:
         completions = _generator(args.model, args.device, args.dtype).generate(args.prompt, params)
     elapsed = time.perf_counter() - start
@@ -352,39 +359,56 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from tessera.demo import PARENT_DIR
     from tessera.runtime.loader import check_memory
-    from tessera.runtime.server import build_server, run
+    from tessera.runtime.parallel import torchrun_size, torchrun_world
+    from tessera.runtime.server import build_server, engine_spec, run
 
+    # Under torchrun (several nodes, docs/runtime.md) every rank it started is one rank of the model: rank 0
+    # serves HTTP, the others follow its engine.
+    rank, world = torchrun_world()
+    tp, dp = torchrun_size(args.tensor_parallel_size), args.data_parallel_size
+    if world > 1 and dp > 1:
+        raise UserError("--data-parallel-size under torchrun: torchrun's ranks shard one engine (tensor parallel)")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else tp  # ranks on this machine
     threads = None
-    processes = args.data_parallel_size * args.tensor_parallel_size
     if args.device == "cpu":
         # The cores are split between the engine processes; the HTTP side (its own process) needs little. On the
         # 2-core dev VM at 16 concurrent streams, 2 threads served 1,302 output tokens/s and 1 thread 958 (issue 6).
-        threads = args.threads or max(1, (os.cpu_count() or 1) // processes)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // (dp * local))
     model = args.model or str(PARENT_DIR)
-    kv_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
     device = resolve_device(args.device)
     # Each engine process loads its weights: on one GPU or the CPU their copies share the memory; tensor-parallel
     # ranks on GPUs each hold a device of their own.
-    copies = processes if device.type == "cpu" else args.data_parallel_size
-    check_memory(model, device, parse_dtype(args.dtype), args.tensor_parallel_size, copies)
+    check_memory(model, device, parse_dtype(args.dtype), tp, dp * local if device.type == "cpu" else dp)
+    engine = dict(
+        device=device,
+        dtype=args.dtype,
+        max_batch=args.max_batch,
+        max_model_len=args.max_model_len,
+        kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30),
+        threads=threads,
+        tensor_parallel_size=tp,
+        torchrun=world > 1,
+    )
+    if rank > 0:
+        from tessera.runtime.async_engine import follow
+
+        print(f"tessera serve: rank {rank} of {world} (torchrun) follows rank 0's engine", file=sys.stderr)
+        if why := follow(engine_spec(model, **engine), rank):
+            raise UserError(f"tessera serve: rank {rank} of {world}: {why}")
+        return
     server = build_server(
         model,
-        device,
-        args.dtype,
-        args.max_batch,
-        args.max_model_len,
-        kv_bytes,
-        args.served_model_name,
-        args.data_parallel_size,
-        threads,
-        None if args.max_request_mib is None else int(args.max_request_mib * 2**20),
-        args.tensor_parallel_size,
+        served_model_name=args.served_model_name,
+        data_parallel_size=dp,
+        max_request_bytes=None if args.max_request_mib is None else int(args.max_request_mib * 2**20),
+        **engine,
     )
-    info, dp, tp = server.engine.info, args.data_parallel_size, args.tensor_parallel_size
+    info = server.engine.info
     threads = info["threads"]
     engines = f"{dp} engine process{'es' if dp > 1 else ''} of {threads} thread{'s' if threads > 1 else ''}"
     if tp > 1:
-        engines = f"1 engine sharded over {tp} processes of {threads} thread{'s' if threads > 1 else ''}"
+        ranks = f"{tp} torchrun ranks" if world > 1 else f"{tp} processes"
+        engines = f"1 engine sharded over {ranks} of {threads} thread{'s' if threads > 1 else ''}"
     print(
         f"tessera serve: {server.model_name} on {info['device']} ({info['dtype']}, {engines}); "
         f"max batch {args.max_batch} "
@@ -455,7 +479,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     space = SearchSpace(windows=args.windows)
     variants = [space.block_variants(arch, i) for i in range(arch.n_layers)]
     check = [list(arch.blocks), *random_architectures(variants, args.validate)] if args.validate else []
-    table = calibrate(arch, [b for v in variants for b in v], _scenario(args), device, torch.float32, check)
+    dtype = parse_dtype(args.timing_dtype or serving_dtype(device))
+    table = calibrate(arch, [b for v in variants for b in v], _scenario(args), device, dtype, check)
     atomic_write_text(out, json.dumps(table.to_json(), indent=1) + "\n")
     print(f"{table.device}: non-block {table.non_block_ms:.2f} ms")
     for name, t in table.blocks.items():
@@ -527,6 +552,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         pareto_speedups=args.pareto,
         fusion=FusionConfig(heal_steps=args.gkd_steps) if args.fuse else None,
         device=str(resolve_device(args.device)),
+        timing_dtype=args.timing_dtype,
     )
     results = optimize(model, out, budget, cfg, corpus, fresh=args.fresh)
     if results is None:  # another rank than 0 of a sharded search (torchrun): rank 0 reports
@@ -616,6 +642,13 @@ def _add_scenario(p: argparse.ArgumentParser) -> None:
         "--gen-len", type=_scenario_field("gen_len"), default=64, help="scenario: generated tokens per sequence"
     )
     _add_device(p)
+    p.add_argument(
+        "--timing-dtype",
+        default=None,
+        choices=list(RUN_DTYPES),
+        help="precision blocks and models are timed in, the one the child is served in "
+        "(default: bfloat16 on CUDA, float32 on CPU)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

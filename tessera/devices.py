@@ -81,6 +81,12 @@ def parse_dtype(name: str) -> torch.dtype:
     return RUN_DTYPES[name]
 
 
+def serving_dtype(device: torch.device | str) -> str:
+    """The precision a model is served and timed in by default: bfloat16 on CUDA, float32 on the CPU (where
+    bf16 GEMMs are slower, not faster)."""
+    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so wall time covers it (CPU work is already done)."""
     if device.type == "cuda":

@@ -344,3 +344,31 @@ def trained(parent, tmp_path_factory):
     store = SublayerStore(tmp_path_factory.mktemp("bld"))
     losses = run_bld(parent, acts, SPACE, store, BLD_CONFIG, False)
     return store, losses
+
+
+def torchrun(args: list[str], logs: Path, nnodes: int = 1, nproc_per_node: int = 1) -> list:
+    """`torchrun ... -m tessera.cli ARGS` as `nnodes` nodes on this machine (each its own torchrun, one process
+    group, gloo), meeting at a free local port as nodes on separate machines meet at the first node's address.
+    Each node in a session of its own (a signal to its group reaches its agent and workers, as Ctrl-C does);
+    its output in logs/node{r}.log. Returns the nodes' Popen objects."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs.mkdir(parents=True, exist_ok=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node"]
+    launch += [str(nproc_per_node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return [
+        subprocess.Popen(
+            [*launch, "--node-rank", str(r), "-m", "tessera.cli", *args],
+            stdout=(logs / f"node{r}.log").open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        for r in range(nnodes)
+    ]

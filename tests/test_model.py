@@ -219,3 +219,21 @@ def test_bfloat16_forward_close_to_float32(llama_untied: Path) -> None:
     assert bf16.dtype == torch.bfloat16
     # bf16 keeps 8 mantissa bits (2^-8 = 0.4 % per rounding); three layers of rounded GEMMs stay within 3 %.
     assert relative_error(bf16.float(), ref) <= 3e-2
+
+
+def test_a_cast_copy_is_the_model_loaded_in_that_dtype(nas_checkpoint: Path) -> None:
+    """`Model.cast` (the search times fp32-trained children in bf16): every weight equals the checkpoint loaded
+    in bf16, bit for bit, so the copy computes what `load_model(..., bfloat16)` does; the original is untouched,
+    and a cast to its own dtype is itself."""
+    model = load_model(nas_checkpoint)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    copy = model.cast(torch.bfloat16)
+    loaded = load_model(nas_checkpoint, dtype=torch.bfloat16)
+    assert copy.state_dict().keys() == loaded.state_dict().keys()
+    for name, weight in loaded.state_dict().items():
+        assert copy.state_dict()[name].dtype == torch.bfloat16 and torch.equal(copy.state_dict()[name], weight), name
+    assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in model.state_dict().items())
+    assert model.cast(torch.float32) is model
+    ids = torch.randint(0, 101, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(copy(ids), loaded(ids))

@@ -208,16 +208,35 @@ def test_budget_and_cli_errors(tiny_parent, tmp_path, capsys):
     assert "exceeds the model's context (512" in capsys.readouterr().err
 
 
-def test_kv_head_budget_and_fusion_step(tiny_parent, tmp_path):
-    """A KV-cache budget the parent's 2 + 2 heads exceed; `fusion` runs after the search and reports in report.md."""
+def test_kv_head_budget_and_fusion_step_timed_in_bf16(tiny_parent, tmp_path, monkeypatch):
+    """A KV-cache budget the parent's 2 + 2 heads exceed; `fusion` runs after the search and reports in report.md.
+    Timed in bfloat16 (the default on CUDA): the cost table, the library's memory and every model the
+    children's lockstep times are bf16, while training stays fp32."""
     from dataclasses import replace
 
+    from tessera.search.cost import block_memory_mib
     from tessera.search.fusion import FusionConfig
 
     parent, corpus = tiny_parent
     out = tmp_path / "run"
     cfg = replace(tiny_config(), pareto_speedups=(), fusion=FusionConfig(heal_steps=1, seq_len=32))
+    cfg = replace(cfg, timing_dtype="bfloat16")
+    timed_dtypes, lockstep = set(), pipeline.lockstep
+
+    def spy(models, *args, **kwargs):
+        timed_dtypes.update(m.embed_tokens.weight.dtype for m in models)
+        return lockstep(models, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "lockstep", spy)
     results = optimize(parent, out, Budget(max_kv_heads=1), cfg, corpus, progress=False)
+    assert timed_dtypes == {torch.bfloat16}
+    table = CostTable.from_json(json.loads((out / "cost.json").read_text()))
+    assert table.dtype == "bfloat16" and results["timing_dtype"] == "bfloat16"
+    arch = load_model(parent).arch
+    entry = read_library(out / "library.json")["layer_0"]["gqa_kv1+ffn_64"]
+    block = next(b for b in cfg.space.block_variants(arch, 0) if b.name == "gqa_kv1+ffn_64")
+    assert entry["stats"]["memory_mib"] == pytest.approx(block_memory_mib(arch, block, cfg.scenario, torch.bfloat16))
+    assert "timed in bfloat16" in (out / "report.md").read_text()
     child = load_model(out / "child").arch
     assert sum(b.attention.n_kv_heads or 0 for b in child.blocks) <= 1
     fusion = results["fusion"]

@@ -8,6 +8,7 @@ with every block kind (q/k/v biases, q/k norms, windows).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,25 @@ def test_a_model_too_large_for_its_devices_is_refused_before_loading(monkeypatch
     loader.check_memory(PARENT_DIR, torch.device("cpu"), torch.float32)  # fits
     with pytest.raises(loader.CheckpointError, match="x 2 engine processes"):
         loader.check_memory(PARENT_DIR, torch.device("cpu"), torch.float32, copies=2)
+
+
+def test_generate_under_torchrun_equals_one_process(tmp_path, capsys) -> None:
+    """`torchrun --nproc-per-node 2 ... tessera generate` (torchrun's ranks, its rendezvous): rank 0 prints the
+    single-process completions, greedy and seeded sampling alike; rank 1 prints nothing."""
+    import json
+
+    from tessera.cli import main
+    from tessera.demo import PARENT_DIR
+
+    from .conftest import torchrun
+
+    args = ["generate", "--model", str(PARENT_DIR), "--prompt", "def f(x):", "--prompt", "import os", "--json"]
+    args += ["--max-new-tokens", "12", "--temperature", "0.8", "--seed", "3"]
+    (node,) = torchrun(args, tmp_path, nproc_per_node=2)
+    assert node.wait(120) == 0, (tmp_path / "node0.log").read_text()
+    assert main(args) in (0, None)
+    expected = capsys.readouterr().out
+    log = (tmp_path / "node0.log").read_text()
+    printed = re.search(r"^\[$.*?^\]$", log, re.M | re.S)  # the JSON rank 0 printed, among torchrun's lines
+    assert json.loads(printed.group()) == json.loads(expected)
+    assert log.count('"prompt": "def f(x):"') == 1  # from rank 0 alone

@@ -558,3 +558,52 @@ def test_serve_refuses_a_count_below_one(flag, capsys) -> None:
         main(["serve", flag, "0"])
     assert exit_.value.code == 2
     assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_serve_under_torchrun_on_two_nodes_answers_as_one_process(reference, parent, tmp_path) -> None:
+    """`torchrun --nnodes 2 ... tessera serve` (two nodes of one rank each, meeting at node 0's address as
+    separate machines would): node 0's rank serves HTTP and node 1's follows its engine; greedy streams equal
+    transformers' text, seeded sampling `Generator`'s tokens; Ctrl-C on node 0 stops node 1 too (exit 0)."""
+    from .conftest import torchrun
+
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    args = ["serve", "--port", str(port), "--max-batch", "8", "--max-model-len", "512", "--threads", "1"]
+    nodes = torchrun(args, tmp_path, nnodes=2)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, 120)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        for prompt in PROMPTS[:3]:
+            out = client.completions.create(model="parent", prompt=prompt, max_tokens=24, temperature=0)
+            assert (out.choices[0].text, out.choices[0].finish_reason) == (
+                reference[prompt].text,
+                reference[prompt].finish_reason,
+            )
+        out = client.completions.create(model="parent", prompt=PROMPTS[0], max_tokens=12, temperature=0.9, seed=5)
+        params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=5)
+        assert out.choices[0].text == Generator(*parent).generate([PROMPTS[0]], params)[0].text
+        os.killpg(nodes[0].pid, signal.SIGINT)  # Ctrl-C on node 0
+        assert nodes[1].wait(60) == 0  # node 1's rank stopped with the server's Shutdown
+        nodes[0].wait(60)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    logs = [(tmp_path / f"node{r}.log").read_text() for r in range(2)]
+    assert "1 engine sharded over 2 torchrun ranks" in logs[0] and "Application shutdown complete" in logs[0]
+    assert "rank 1 of 2 (torchrun) follows rank 0's engine" in logs[1]
+
+
+def test_serve_under_torchrun_refuses_a_size_that_is_not_torchruns(monkeypatch, capsys) -> None:
+    from tessera.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--tensor-parallel-size", "4"])
+    assert exit_.value.code == 2
+    assert "--tensor-parallel-size 4 under torchrun, which started 2 ranks (WORLD_SIZE)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--data-parallel-size", "2"])
+    assert "--data-parallel-size under torchrun" in capsys.readouterr().err
