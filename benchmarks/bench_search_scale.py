@@ -28,6 +28,8 @@ from tessera.search.library import SearchSpace
 from tessera.search.pipeline import Budget, OptimizeConfig, optimize
 
 LLAMA_3_2_1B = {"hidden_size": 2048, "n_heads": 32, "head_dim": 64, "n_kv_heads": 8, "intermediate_size": 8192}
+LLAMA_3_1_8B = {"hidden_size": 4096, "n_heads": 32, "head_dim": 128, "n_kv_heads": 8, "intermediate_size": 14336}
+SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3.1-8b": LLAMA_3_1_8B}  # `bench search-scale --shape`
 # Llama-3.1-70B's block, for the prediction: hidden 8192, 64 heads of 128, 8 KV heads, SwiGLU 28672, 80 layers.
 LLAMA_70B = {"hidden_size": 8192, "n_heads": 64, "head_dim": 128, "n_kv_heads": 8, "intermediate_size": 28672}
 LLAMA_70B_LAYERS = 80
@@ -87,6 +89,8 @@ def block_params(shape: dict) -> int:
 
 
 def run(device: torch.device, depths: tuple[int, ...] = (4, 8, 16), shape: dict = LLAMA_3_2_1B) -> dict:
+    """The search at each depth of `shape`; training in float32, timing in the serving precision (bf16 on
+    CUDA: OptimizeConfig.timing_dtype)."""
     rows = []
     space = SearchSpace()
     for layers in depths:

@@ -1,6 +1,7 @@
 """Run the kernel benchmark suites (`tessera bench kernels`), the whole-model decode benchmark (`tessera bench
 model`), the FFN Fusion decode benchmark (`tessera bench fusion`), the serving benchmark (`tessera bench
-serving`) and the search's scaling run (`tessera bench search-scale`); write results JSON and a Markdown table
+serving`), the search's scaling run (`tessera bench search-scale`) and the cost model's accuracy (`tessera bench
+cost-model`); write results JSON and a Markdown table
 per suite to `out` (default: harness.results_dir(), runs/bench/ in the checkout)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from . import (
     bench_attention,
+    bench_cost_model,
     bench_ffn,
     bench_fusion,
     bench_model,
@@ -29,7 +31,16 @@ from .harness import (
     write_results,
 )
 
-__all__ = ["results_dir", "run_fusion", "run_kernels", "run_model", "run_parallel", "run_search_scale", "run_serving"]
+__all__ = [
+    "results_dir",
+    "run_cost_model",
+    "run_fusion",
+    "run_kernels",
+    "run_model",
+    "run_parallel",
+    "run_search_scale",
+    "run_serving",
+]
 
 KERNEL_SUITES = {"norm": bench_norm, "ffn": bench_ffn, "attention": bench_attention}
 
@@ -97,14 +108,27 @@ def run_serving(device: torch.device, out: Path | None = None, **kwargs) -> Path
     return write_results(results_name(device, "serving"), {**env, **result}, md, out)
 
 
-def run_search_scale(device: torch.device, out: Path | None = None, depths: tuple[int, ...] = (4, 8, 16)) -> Path:
-    """`tessera optimize` on random parents of the Llama-3.2-1B shape at several depths: each stage's seconds and
-    peak memory, the work it repeats, and a Llama-70B extrapolation (bench_search_scale)."""
+def run_search_scale(
+    device: torch.device, out: Path | None = None, depths: tuple[int, ...] = (4, 8, 16), shape: str = "llama-3.2-1b"
+) -> Path:
+    """`tessera optimize` on random parents of a Llama shape (bench_search_scale.SHAPES) at several depths: each
+    stage's seconds and peak memory, the work it repeats, and a Llama-70B extrapolation (bench_search_scale)."""
     env = environment(device)
-    result = bench_search_scale.run(device, depths)
+    result = bench_search_scale.run(device, depths, bench_search_scale.SHAPES[shape])
     md = (
-        f"`tessera optimize` at the Llama-3.2-1B shape on {env['device']} (commit {env['commit']}, {env['date']}, "
+        f"`tessera optimize` at the {shape} shape on {env['device']} (commit {env['commit']}, {env['date']}, "
         f"torch {env['torch']}); seconds and peak memory per stage, tiny token budgets\n\n"
         + bench_search_scale.table(result)
     )
-    return write_results(results_name(device, "search_scale"), {**env, **result}, md, out)
+    suffix = "" if shape == "llama-3.2-1b" else f"_{shape}"  # the 1B shape's results keep their name
+    return write_results(results_name(device, f"search_scale{suffix}"), {**env, **result}, md, out)
+
+
+def run_cost_model(device: torch.device, out: Path | None = None) -> Path:
+    """The cost model's predictions against the engine's measured latencies (bench_cost_model)."""
+    env = environment(device)
+    result = bench_cost_model.run(device)
+    md = f"Cost model on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']})\n\n"
+    return write_results(
+        results_name(device, "cost_model"), {**env, **result}, md + bench_cost_model.table(result), out
+    )

@@ -19,7 +19,7 @@ from .attention_paged import PagedAttentionMetadata, attention_paged_triton
 from .attention_paged_reference import attention_paged_reference
 from .ffn import TRITON_MAX_ROWS, swiglu_ffn_reference, swiglu_ffn_triton
 from .norm import rms_norm_reference, rms_norm_triton
-from .rope import apply_rope_reference, apply_rope_triton
+from .rope import apply_rope_reference, apply_rope_triton, rope_and_cache_reference, rope_and_cache_triton
 
 __all__ = [
     "BACKEND_ENV",
@@ -30,6 +30,7 @@ __all__ = [
     "backend",
     "forced_backend",
     "rms_norm",
+    "rope_and_cache",
     "set_backend",
     "swiglu_ffn",
 ]
@@ -91,6 +92,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate x [N, heads, D] by per-token tables cos/sin [N, D/2]."""
     impl = apply_rope_triton if backend(x) == "triton" else apply_rope_reference
     return impl(x, cos, sin)
+
+
+def rope_and_cache(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_slots: torch.Tensor,
+    v_slots: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """An engine step's RoPE and KV-cache store: qk [N, Hq + Hkv, D] (queries, then keys; a view of the packed
+    qkv output) rotated by cos/sin [N, D/2], the rotated keys and the values v [N, Hkv, D] stored at the flat
+    slots [N] of the layer's cache (k_slots/v_slots [S, Hkv, D]); returns the rotated queries [N, Hq, D]."""
+    impl = rope_and_cache_triton if backend(qk, v, k_slots) == "triton" else rope_and_cache_reference
+    return impl(qk, v, cos, sin, k_slots, v_slots, slots)
 
 
 def attention_prefill(

@@ -4,6 +4,11 @@ The cos/sin tables, including Llama-3 frequency scaling, are built once by the r
 rotates, in fp32, and casts back once. Kept apart from attention so prefill, decode and the search's block
 timing share it. The runtime rotates q and k together (they sit side by side in the packed qkv output), so
 x is usually a strided view: the kernel reads through x's strides and writes a contiguous result.
+
+An engine step with a KV cache also stores each token's rotated key and its value in the cache: `rope_and_cache`
+does the rotation and both stores in the one kernel (three kernels before: RoPE and two index copies, each a
+launch of a few microseconds on a few kilobytes at batch 1, 64 of them in a 32-layer decode step; TensorRT-LLM
+and vLLM fuse the same way).
 """
 
 import torch
@@ -17,59 +22,141 @@ def _rope_kernel(
     cos_ptr,
     sin_ptr,
     out_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slots_ptr,
     n_heads,
+    n_kv_heads,
     stride_xn,
     stride_xh,
     stride_cn,
     stride_on,
     stride_oh,
+    stride_vn,
+    stride_vh,
+    stride_cs,
+    stride_ch,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    BLOCK_KV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    CACHE: tl.constexpr,
 ):
+    """One token per program: its first n_heads heads of x rotated into out; with CACHE, the next n_kv_heads
+    (the keys) rotated into the KV cache at the token's slot, and its values copied there."""
     token = tl.program_id(0).to(tl.int64)
-    heads = tl.arange(0, BLOCK_H)
     offs = tl.arange(0, BLOCK_HALF)
-    mask = (heads < n_heads)[:, None] & (offs < HALF)[None, :]
-    cos = tl.load(cos_ptr + token * stride_cn + offs, mask=offs < HALF, other=0.0)[None, :]
-    sin = tl.load(sin_ptr + token * stride_cn + offs, mask=offs < HALF, other=0.0)[None, :]
+    in_half = offs < HALF
+    cos = tl.load(cos_ptr + token * stride_cn + offs, mask=in_half, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + token * stride_cn + offs, mask=in_half, other=0.0)[None, :]
+    heads = tl.arange(0, BLOCK_H)
+    mask = (heads < n_heads)[:, None] & in_half[None, :]
     x_ptrs = x_ptr + token * stride_xn + heads[:, None] * stride_xh + offs[None, :]  # (BLOCK_H, BLOCK_HALF)
     x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
     o_ptrs = out_ptr + token * stride_on + heads[:, None] * stride_oh + offs[None, :]
     tl.store(o_ptrs, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(o_ptrs + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    if CACHE:
+        slot = tl.load(slots_ptr + token).to(tl.int64)
+        kv = tl.arange(0, BLOCK_KV)
+        mask = (kv < n_kv_heads)[:, None] & in_half[None, :]
+        k_ptrs = x_ptr + token * stride_xn + (n_heads + kv)[:, None] * stride_xh + offs[None, :]
+        k1 = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
+        k2 = tl.load(k_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+        c_ptrs = k_cache_ptr + slot * stride_cs + kv[:, None] * stride_ch + offs[None, :]
+        tl.store(c_ptrs, (k1 * cos - k2 * sin).to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptrs + HALF, (k2 * cos + k1 * sin).to(k_cache_ptr.dtype.element_ty), mask=mask)
+        v_ptrs = v_ptr + token * stride_vn + kv[:, None] * stride_vh + offs[None, :]
+        c_ptrs = v_cache_ptr + slot * stride_cs + kv[:, None] * stride_ch + offs[None, :]
+        tl.store(c_ptrs, tl.load(v_ptrs, mask=mask, other=0.0), mask=mask)
+        tl.store(c_ptrs + HALF, tl.load(v_ptrs + HALF, mask=mask, other=0.0), mask=mask)
 
 
-def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, heads, D], cos/sin [N, D/2] (fp32) -> x rotated, in x's dtype (computed in fp32)."""
-    n, n_heads, head_dim = x.shape
+def _check_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    n, _, head_dim = x.shape
     if head_dim % 2 or cos.shape != (n, head_dim // 2) or sin.shape != cos.shape:
         raise ValueError(
             f"apply_rope: x {tuple(x.shape)} needs cos/sin of shape ({n}, {head_dim // 2}), got "
             f"{tuple(cos.shape)}, {tuple(sin.shape)}"
         )
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _launch(x, cos, sin, out, n_heads, cache=None) -> None:
+    """The kernel over x's tokens: n_heads heads into out, and with cache = (v, k_slots, v_slots, slots) the keys
+    after them and the values into the cache."""
+    n, _, head_dim = x.shape
+    v, k_slots, v_slots, slots = cache if cache is not None else (out, out, out, out)
+    n_kv = v.shape[1] if cache is not None else 0
     if n:
         _rope_kernel[(n,)](
             x,
             cos,
             sin,
             out,
+            v,
+            k_slots,
+            v_slots,
+            slots,
             n_heads,
+            n_kv,
             x.stride(0),
             x.stride(1),
             cos.stride(0),
             out.stride(0),
             out.stride(1),
+            v.stride(0),
+            v.stride(1),
+            k_slots.stride(0),
+            k_slots.stride(1),
             HALF=head_dim // 2,
             BLOCK_H=triton.next_power_of_2(n_heads),
+            BLOCK_KV=triton.next_power_of_2(max(n_kv, 1)),
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+            CACHE=cache is not None,
         )
+
+
+def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, D], cos/sin [N, D/2] (fp32) -> x rotated, in x's dtype (computed in fp32)."""
+    _check_tables(x, cos, sin)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(x, cos, sin, out, x.shape[1])
     return out
+
+
+def _check_cache(qk, v, k_slots, v_slots, slots) -> None:
+    n, heads, head_dim = qk.shape
+    n_kv = v.shape[1] if v.dim() == 3 else -1
+    if v.shape != (n, n_kv, head_dim) or not 0 < n_kv < heads or slots.shape != (n,):
+        raise ValueError(
+            f"rope_and_cache: qk {tuple(qk.shape)} (queries, then keys), v {tuple(v.shape)} and slots "
+            f"{tuple(slots.shape)} disagree"
+        )
+    if k_slots.shape[1:] != (n_kv, head_dim) or v_slots.shape != k_slots.shape or k_slots.dtype != qk.dtype:
+        raise ValueError(
+            f"rope_and_cache: cache slots {tuple(k_slots.shape)} {k_slots.dtype} do not hold keys of "
+            f"({n_kv}, {head_dim}) {qk.dtype}"
+        )
+
+
+def rope_and_cache_triton(qk, v, cos, sin, k_slots, v_slots, slots) -> torch.Tensor:
+    """See kernels.rope_and_cache."""
+    _check_tables(qk, cos, sin)
+    _check_cache(qk, v, k_slots, v_slots, slots)
+    if qk.stride(-1) != 1:
+        qk = qk.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    n_q = qk.shape[1] - v.shape[1]
+    q = torch.empty((qk.shape[0], n_q, qk.shape[2]), dtype=qk.dtype, device=qk.device)
+    _launch(qk, cos, sin, q, n_q, (v, k_slots, v_slots, slots))
+    return q
 
 
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -79,3 +166,14 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     # addcmul: 5 ops instead of 7 (the decode step is op-overhead bound on CPU).
     rotated = (torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin))
     return torch.cat(rotated, dim=-1).to(x.dtype)
+
+
+def rope_and_cache_reference(qk, v, cos, sin, k_slots, v_slots, slots) -> torch.Tensor:
+    """See kernels.rope_and_cache: the rotation, then the two stores."""
+    _check_tables(qk, cos, sin)
+    _check_cache(qk, v, k_slots, v_slots, slots)
+    rotated = apply_rope_reference(qk, cos, sin)
+    n_q = qk.shape[1] - v.shape[1]
+    k_slots.index_copy_(0, slots, rotated[:, n_q:])
+    v_slots.index_copy_(0, slots, v)
+    return rotated[:, :n_q]

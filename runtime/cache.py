@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tessera import kernels
 from tessera.config import ArchConfig
 from tessera.devices import dtype_name
 
@@ -219,10 +220,13 @@ class PagedKVCache:
         `slots`). Entries past its own tokens are never read."""
         return [pages[i % len(pages)] for i in range(width)]
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k/v [N, Hkv, D] of N tokens at flat slots [N] (page · page_size + offset)."""
-        self._k_slots[layer].index_copy_(0, slots, k)
-        self._v_slots[layer].index_copy_(0, slots, v)
+    def rotate_and_store(
+        self, layer: int, slots: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """RoPE over qk [N, Hq + Hkv, D] (queries, then keys), the rotated keys and v [N, Hkv, D] stored at flat
+        slots [N] (page · page_size + offset) of `layer`; the rotated queries [N, Hq, D]. One kernel on the GPU
+        (kernels.rope_and_cache)."""
+        return kernels.rope_and_cache(qk, v, cos, sin, self._k_slots[layer], self._v_slots[layer], slots)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)

@@ -109,18 +109,18 @@ class GQAAttention(nn.Module):
         qk = qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
-        # q and k sit side by side in the packed output: one rotation covers both.
-        qk = kernels.apply_rope(qk, cos, sin)
-        q, k = qk[:, :hq], qk[:, hq:]  # (N, Hq, D), (N, Hkv, D)
         v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
         cache, layer = batch.cache, self.layer_idx
         if cache is None:
+            # q and k sit side by side in the packed output: one rotation covers both.
+            qk = kernels.apply_rope(qk, cos, sin)
+            q, k = qk[:, :hq], qk[:, hq:]  # (N, Hq, D), (N, Hkv, D)
             out = kernels.attention_prefill(
                 q, k, v, batch.cu_seqlens, causal=True, max_seqlen=batch.max_seqlen, window=self.window
             )
         else:
             group = cache.group_of[layer]  # the layer's KV group: its slots and block tables (runtime/cache.py)
-            cache.write(layer, batch.slots[group], k, v)
+            q = cache.rotate_and_store(layer, batch.slots[group], qk, v, cos, sin)  # k and v land in the cache
             out = kernels.attention_paged(q, cache.k[layer], cache.v[layer], batch.attention[group], window=self.window)
         out = F.linear(out.reshape(n, hq * d), self.w_o)
         return out if self.tp is None else self.tp.all_reduce(out)

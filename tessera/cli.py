@@ -349,7 +349,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     elif args.what == "parallel":
         paths = [run.run_parallel(device, out=results)]
     elif args.what == "search-scale":
-        paths = [run.run_search_scale(device, out=results, depths=args.depths)]
+        paths = [run.run_search_scale(device, out=results, depths=args.depths, shape=args.shape)]
+    elif args.what == "cost-model":
+        paths = [run.run_cost_model(device, out=results)]
     else:
         paths = [run.run_model(device, out=results) if args.what == "model" else run.run_fusion(device, out=results)]
     for path in paths:
@@ -696,14 +698,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="kernels vs torch, model decode, fused vs unfused FFNs, serving under load, tensor-parallel "
-        "all-reduce cost, or how the search scales; JSON + Markdown",
+        "all-reduce cost, how the search scales, or how well the cost model predicts; JSON + Markdown",
     )
-    p.add_argument("what", choices=["kernels", "model", "fusion", "serving", "parallel", "search-scale"])
+    p.add_argument("what", choices=["kernels", "model", "fusion", "serving", "parallel", "search-scale", "cost-model"])
     p.add_argument(
         "--depths",
         type=positive_ints,
         default=(4, 8, 16),
-        help="search-scale: parent depths, e.g. 4,8,16 (layers of the Llama-3.2-1B shape)",
+        help="search-scale: parent depths, e.g. 4,8,16 (layers of the --shape)",
+    )
+    p.add_argument(
+        "--shape",
+        default="llama-3.2-1b",
+        choices=["llama-3.2-1b", "llama-3.1-8b"],
+        help="search-scale: the parent's block (hidden size, heads, FFN width) (default: llama-3.2-1b)",
     )
     p.add_argument("--suite", action="append", choices=["norm", "ffn", "attention"], help="kernels: repeatable")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")

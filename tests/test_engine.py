@@ -319,8 +319,8 @@ def poison(cache: PagedKVCache, pages: list[list[int]], tokens: int) -> None:
     for layer, k in enumerate(cache.k):
         if k is not None:
             slots = torch.tensor(cache.slots(pages[cache.group_of[layer]], 0, tokens))
-            nan = torch.full((len(slots), *k.shape[2:]), float("nan"))
-            cache.write(layer, slots, nan, nan)
+            for pool in (k, cache.v[layer]):
+                pool.view(-1, *pool.shape[2:])[slots] = float("nan")
 
 
 @pytest.mark.parametrize("page_size", PAGE_SIZES)

@@ -18,7 +18,7 @@ import triton.language as tl
 from tessera import kernels
 from tessera.kernels.ffn import swiglu_ffn_reference
 from tessera.kernels.norm import rms_norm_reference
-from tessera.kernels.rope import apply_rope_reference
+from tessera.kernels.rope import apply_rope_reference, rope_and_cache_reference
 
 from .conftest import KERNEL_DEVICE, Poison, dtypes, randn, relative_error
 
@@ -110,6 +110,33 @@ def test_apply_rope_on_packed_qkv_view(poisoned, n_tokens: int, dtype: torch.dty
     cos, sin = angles.cos().to(KERNEL_DEVICE), angles.sin().to(KERNEL_DEVICE)
     out = kernels.apply_rope(qk, cos, sin)
     assert relative_error(out, apply_rope_reference(qk, cos, sin)) <= tol
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3, 63])
+@dtypes("rope")
+def test_rope_and_cache_rotates_and_stores_in_one_kernel(poisoned, n_tokens: int, dtype: torch.dtype, tol: float):
+    """`rope_and_cache` on the packed qkv view, as an engine step calls it: the queries it returns and the keys it
+    stores are the reference's rotation (within the RoPE tolerance), the values land in the cache bit for bit,
+    at the given slots (scattered, not in order) and nowhere else; the pools are canary-guarded."""
+    n_q, n_kv, head_dim, n_slots = 6, 2, 24, 80
+    qkv = randn(n_tokens, (n_q + 2 * n_kv) * head_dim, dtype=dtype)
+    qk = qkv[:, : (n_q + n_kv) * head_dim].view(n_tokens, n_q + n_kv, head_dim)
+    v = qkv[:, (n_q + n_kv) * head_dim :].view(n_tokens, n_kv, head_dim)
+    angles = torch.rand(n_tokens, head_dim // 2, generator=torch.Generator().manual_seed(1)) * 100
+    cos, sin = angles.cos().to(KERNEL_DEVICE), angles.sin().to(KERNEL_DEVICE)
+    slots = torch.randperm(n_slots, generator=torch.Generator().manual_seed(2))[:n_tokens].to(KERNEL_DEVICE)
+    pools = [torch.empty(n_slots, n_kv, head_dim, dtype=dtype, device=KERNEL_DEVICE).fill_(7.0) for _ in range(2)]
+    expected_pools = [pool.clone() for pool in pools]
+    q = kernels.rope_and_cache(qk, v, cos, sin, *pools, slots)
+    expected = rope_and_cache_reference(qk, v, cos, sin, *expected_pools, slots)
+    assert q.shape == (n_tokens, n_q, head_dim) and relative_error(q, expected) <= tol
+    assert relative_error(pools[0][slots], expected_pools[0][slots]) <= tol
+    torch.testing.assert_close(pools[1], expected_pools[1], rtol=0, atol=0)
+    others = torch.ones(n_slots, dtype=torch.bool, device=KERNEL_DEVICE)
+    others[slots] = False
+    assert (pools[0][others] == 7.0).all()
+    with pytest.raises(ValueError, match="rope_and_cache: qk"):
+        kernels.rope_and_cache(qk, v, cos, sin, *pools, slots[:0])
 
 
 @triton.jit
