@@ -15,8 +15,9 @@ preempted: a request that does not fit now waits in FIFO order, and one that cou
 than the whole pool) is refused with a `CapacityError` when it is added. Each step's attention metadata
 (block tables, lengths, where each token's K/V go) is built once (`_step_batch`) and read by every layer.
 
-Sampling is per request (temperature, top-k, top-p, its own seeded generator), so a request's tokens do not
-depend on what else is in the batch: greedy output served in a busy batch equals the output served alone.
+Sampling is per request (temperature, top-k, top-p, its own random stream: a hash of its seed and how many
+tokens it has sampled), all of a step's rows at once, so a request's tokens do not depend on what else is in the
+batch: output served in a busy batch equals the output served alone.
 Text is produced incrementally (`sampling.TextStream`): stop strings cut the text, and text that could still
 become a stop string, or that ends inside a UTF-8 character, is held back until it is decided.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,7 +46,16 @@ from tessera.devices import available_memory, dtype_name
 from tessera.errors import UserError
 from tessera.runtime.cache import PAGE_SIZE, STEP_TOKENS, BlockTables, PagedKVCache, kv_groups, ring_pages
 from tessera.runtime.model import Batch, Model
-from tessera.runtime.sampling import Completion, ContextLengthError, PromptEncoder, SamplingParams, TextStream, sample
+from tessera.runtime.sampling import (
+    Completion,
+    ContextLengthError,
+    PromptEncoder,
+    SamplingParams,
+    TextStream,
+    request_uniforms,
+    sample,
+    seed_words,
+)
 
 
 class CapacityError(UserError):
@@ -182,7 +193,7 @@ class _Request:
         self.sampled = 0  # tokens sampled, an EOS included
         self.pages: list[list[int]] = []  # its pages in each KV group of the cache
         self.row: int | None = None  # its row of the engine's BlockTables while it runs
-        self.generator: torch.Generator | None = None
+        self.seed_words = (0, 0)  # its sampling seed (sampling.seed_words); drawn at random when it has none
 
     @property
     def reserved(self) -> int:
@@ -372,11 +383,8 @@ class Engine:
             raise UserError(f"request id {request.request_id!r} is already in use")
         req = _Request(request, TextStream(self.tokenizer, request.params.stop))
         if request.params.temperature > 0:
-            req.generator = torch.Generator(device=self.device)
-            if request.params.seed is None:
-                req.generator.seed()
-            else:
-                req.generator.manual_seed(request.params.seed)
+            seed = request.params.seed
+            req.seed_words = seed_words(random.getrandbits(64) if seed is None else seed)
         self._requests[req.id] = req
         self.waiting.append(req)
         return req.id
@@ -517,15 +525,17 @@ class Engine:
         return batch, tokens_t, last_t, sampling
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[RequestOutput]:
+        """Every row's next token at once (greedy rows their argmax), then each request's bookkeeping."""
+        params, uniforms = [req.params for req in reqs], None
+        if any(p.temperature > 0 for p in params):
+            seeds = torch.tensor([req.seed_words for req in reqs], dtype=torch.int64)
+            uniforms = request_uniforms(seeds, torch.tensor([req.sampled for req in reqs]))
         outputs = []
-        for i, (req, token) in enumerate(zip(reqs, logits.argmax(dim=-1).tolist())):  # one argmax for all rows
-            if req.params.temperature > 0:
-                try:
-                    token = int(sample(logits[i : i + 1], req.params, req.generator)[0])
-                except RuntimeError as e:  # e.g. NaN logits: this request's failure, not the batch's
-                    outputs.append(self._fail(req, f"sampling failed: {e}"))
-                    continue
-            outputs.append(self._append(req, token))
+        for req, token in zip(reqs, sample(logits, params, uniforms).tolist()):
+            if token < 0:  # NaN logits: this request's failure, not the batch's
+                outputs.append(self._fail(req, "sampling failed: the logits are NaN"))
+            else:
+                outputs.append(self._append(req, token))
         return outputs
 
     def _fail(self, req: _Request, error: str) -> RequestOutput:

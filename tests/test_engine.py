@@ -158,8 +158,11 @@ def test_a_request_that_cannot_sample_ends_alone(demo, monkeypatch) -> None:
     solo_sampled = Engine(model, tok).generate(["def f("], sampled)[0].tokens
     real_sample = engine_module.sample
 
-    def sample(logits, params, generator):
-        return real_sample(logits.fill_(float("nan")) if params.seed == 4 else logits, params, generator)
+    def sample(logits, params, uniforms):
+        for row, p in enumerate(params):  # the row of the seed-4 request
+            if p.seed == 4:
+                logits[row] = float("nan")
+        return real_sample(logits, params, uniforms)
 
     monkeypatch.setattr(engine_module, "sample", sample)
     engine = Engine(model, tok, EngineConfig(max_batch=4))

@@ -9,7 +9,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.runtime.generate import Generator
 from tessera.runtime.model import Model
-from tessera.runtime.sampling import ContextLengthError, SamplingParams, TextStream, load_tokenizer, sample
+from tessera.runtime.sampling import (
+    ContextLengthError,
+    SamplingParams,
+    TextStream,
+    load_tokenizer,
+    request_uniforms,
+    sample,
+    seed_words,
+)
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b", "hello world"] * 20
 
@@ -75,9 +83,116 @@ N_SAMPLES = 40_000  # frequency std <= sqrt(0.25 / 40000) = 0.0025; tolerance 0.
 
 
 def _frequencies(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    draws = sample(logits.expand(N_SAMPLES, -1), params, gen)
+    """N_SAMPLES draws of one request's stream (seed 0, counters 0..N-1), all rows at once."""
+    uniforms = request_uniforms(torch.zeros(N_SAMPLES, 2, dtype=torch.int64), torch.arange(N_SAMPLES))
+    draws = sample(logits.expand(N_SAMPLES, -1), [params] * N_SAMPLES, uniforms)
     return torch.bincount(draws, minlength=logits.shape[-1]).double() / N_SAMPLES
+
+
+def _lowbias32(x: int) -> int:
+    """The hash request_uniforms uses, in Python integers (no overflow to worry about): its reference."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _uniform_reference(seed: int, counter: int) -> float:
+    low, high = seed_words(seed)
+    words = []
+    for salt in (0x9E3779B9, 0x85EBCA6B):
+        words.append(_lowbias32(_lowbias32(_lowbias32(high ^ salt) ^ low) ^ counter))
+    return (words[0] * 2**21 + (words[1] >> 11)) / 2**53
+
+
+def test_request_streams_are_uniform_independent_and_the_reference_hash() -> None:
+    """Each request's stream (`request_uniforms`): equal to the hash computed in Python integers (seeds at both
+    ends of SEED_RANGE included), in [0, 1); 100,000 draws of one stream and of 1,000 seeds are uniform (the
+    Kolmogorov-Smirnov distance below its 0.1 % critical value, 1.95 / sqrt(n)); neighbouring seeds' streams are
+    uncorrelated (|r| below 4 standard errors, 4 / sqrt(n))."""
+    seeds = [0, 1, 2**32, -1, -(2**63), 2**64 - 1, 123456789]
+    words = torch.tensor([seed_words(s) for s in seeds for _ in range(3)], dtype=torch.int64)
+    counters = torch.tensor([0, 1, 2**31 + 5] * len(seeds))
+    got = request_uniforms(words, counters).tolist()
+    assert got == [_uniform_reference(s, c) for s in seeds for c in (0, 1, 2**31 + 5)]
+
+    def ks(u: torch.Tensor) -> float:
+        u, n = u.sort().values, u.numel()
+        grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+        return max((grid - u).max().item(), (u - (grid - 1 / n)).max().item())
+
+    n = 100_000
+    one_stream = request_uniforms(torch.zeros(n, 2, dtype=torch.int64), torch.arange(n))
+    many = torch.tensor([seed_words(s) for s in range(1000)], dtype=torch.int64).repeat_interleave(100, dim=0)
+    many_seeds = request_uniforms(many, torch.arange(100).repeat(1000))
+    for u in (one_stream, many_seeds):
+        assert u.min() >= 0 and u.max() < 1
+        assert ks(u) < 1.95 / n**0.5
+    a = request_uniforms(torch.tensor([seed_words(7)] * n), torch.arange(n))
+    b = request_uniforms(torch.tensor([seed_words(8)] * n), torch.arange(n))
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 4 / n**0.5
+
+
+def test_a_batch_samples_each_row_as_that_row_alone() -> None:
+    """Rows of a batch with different parameters (greedy, temperature, top-k, top-p, both) each give the token
+    they give sampled alone with the same draw; the inverse transform picks the first token whose cumulative
+    probability passes the draw (brute force: the cuts in likelihood order, then the kept tokens in vocabulary
+    order)."""
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(3)) * 2
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.3, top_k=5),
+        SamplingParams(temperature=1.0, top_p=0.6),
+        SamplingParams(temperature=0.9, top_k=8, top_p=0.8),
+    ]
+    for draw in (0.0, 0.37, 0.93, 1 - 2**-53):
+        uniforms = torch.full((5,), draw, dtype=torch.float64)
+        batch = sample(logits, params, uniforms).tolist()
+        alone = [sample(logits[i : i + 1], [p], uniforms[i : i + 1]).item() for i, p in enumerate(params)]
+        assert batch == alone
+        for i, p in enumerate(params[1:], start=1):
+            x = logits[i].double() / p.temperature
+            order = x.argsort(descending=True).tolist()
+            kept = order[: p.top_k or len(order)]
+            probs = torch.softmax(x[kept], -1).tolist()
+            if p.top_p < 1:
+                kept = kept[: next((j for j in range(1, len(probs)) if sum(probs[:j]) >= p.top_p), len(kept))]
+            kept = sorted(kept)  # the inverse transform runs in vocabulary order
+            probs = torch.softmax(x[kept], -1).tolist()
+            total, target = 0.0, draw * sum(probs)
+            expected = kept[-1]
+            for token, q in zip(kept, probs):
+                total += q
+                if total > target:
+                    expected = token
+                    break
+            assert batch[i] == expected, (draw, p)
+    assert batch[0] == logits[0].argmax().item()
+
+
+def test_top_p_over_a_few_candidates_equals_the_full_ranking(monkeypatch) -> None:
+    """A top-p cut ranks only the CANDIDATES likeliest tokens, and in full only the rows whose nucleus is wider:
+    with 16 candidates over 300 tokens (peaked rows inside them, flat rows past them, top-k + top-p rows) every
+    draw gives the token the full ranking gives."""
+    from tessera.runtime import sampling
+
+    gen = torch.Generator().manual_seed(5)
+    scales = torch.tensor([8.0, 0.3, 6.0, 0.5, 4.0])[:, None]  # peaked and flat rows
+    logits = torch.randn(5, 300, generator=gen) * scales
+    params = [
+        SamplingParams(temperature=1.0, top_p=0.9),
+        SamplingParams(temperature=1.0, top_p=0.9),
+        SamplingParams(temperature=0.7, top_k=40, top_p=0.95),
+        SamplingParams(temperature=1.0, top_k=100, top_p=0.5),
+        SamplingParams(temperature=1.2),
+    ]
+    draws = [torch.rand(5, generator=gen, dtype=torch.float64) for _ in range(50)]
+    monkeypatch.setattr(sampling, "CANDIDATES", 300)
+    full = [sample(logits, params, u).tolist() for u in draws]
+    monkeypatch.setattr(sampling, "CANDIDATES", 16)
+    assert [sample(logits, params, u).tolist() for u in draws] == full
 
 
 def test_temperature_sampling_follows_softmax() -> None:
@@ -197,7 +312,8 @@ def test_extreme_accepted_values_sample_the_best_token(params: SamplingParams) -
     """Values the checks accept must sample: these once gave inf/NaN probabilities (torch.multinomial raised, and
     the server failed every request in the batch). Each leaves only the best token a share."""
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 10
-    draws = sample(logits, params, torch.Generator().manual_seed(0))
+    uniforms = torch.tensor([0.0, 0.5, 1 - 2**-53], dtype=torch.float64)  # the ends of the draws' range too
+    draws = sample(logits, [params] * 3, uniforms)
     assert draws.tolist() == logits.argmax(dim=-1).tolist()
 
 
