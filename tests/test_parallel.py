@@ -2,8 +2,8 @@
 whole model in one process (fp32, 1e-5: the same math with the GEMMs split and summed in another order).
 
 Models: the nemotron-nas test checkpoint (KV heads 4/2/1 of 8 query heads, so the 1-head layer is replicated on
-both ranks; linear and no-op sublayers; an odd vocabulary of 101 split 51/50), and Qwen2 and Qwen3 children
-with every block kind (q/k/v biases, q/k norms, windows).
+both ranks; linear and no-op sublayers; an odd vocabulary of 101 split 51/50), Qwen2 and Qwen3 children
+with every block kind (q/k/v biases, q/k norms, windows), and an FFN-Fusion output (fused wide FFNs, spans).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import torch
 
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.parallel import TensorParallel, rank_arch, run_ranks, shard_logits, shard_model
+from tessera.search.fusion import FusionGroup, fuse
 
 from .conftest import nas_config, nas_tensors, relative_error, write_checkpoint
 from .test_families import mixed_child
+from .test_fusion import tiny_model
 
 FP32_TOL = 1e-5
 
@@ -30,10 +32,13 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     paths = {"nemotron-nas": write_checkpoint(root / "nas", config, nas_tensors(config))}
     for family in ("qwen2", "qwen3"):
         paths[family] = save_model(mixed_child(family), root / family)
+    # FFN Fusion's output: runs of attention-free FFNs fused into wide ones (widths 160 and 64, spans saved).
+    fused = fuse(tiny_model(), [FusionGroup((1, 3, 4)), FusionGroup((7, 8))])
+    paths["fused"] = save_model(fused, root / "fused")
     return paths
 
 
-@pytest.mark.parametrize("name", ["nemotron-nas", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["nemotron-nas", "qwen2", "qwen3", "fused"])
 def test_two_ranks_give_the_single_process_logits(checkpoints, name) -> None:
     path = checkpoints[name]
     model = load_model(path)
