@@ -1,6 +1,7 @@
 """How `tessera optimize` scales (`tessera bench search-scale`): each stage's seconds and peak memory on random
 parents of the Llama-3.2-1B shape (hidden 2048, 32 query heads of 64, 8 KV heads, SwiGLU 8192, tied
-embeddings; the demo tokenizer's 8192-token vocabulary instead of 128,256, since the corpus is the demo's) at
+embeddings; the demo tokenizer's 8192-token vocabulary instead of 128,256, since the corpus is the demo's), or
+with `--shape llama-3.1-8b` Llama-3.1-8B's block (hidden 4096, 32 heads of 128, 8 KV heads, SwiGLU 14336), at
 several depths, with tiny token budgets: the point is the work per layer and per variant, not quality.
 
 Each stage's work is a count the run's shape fixes (`work_units`): BLD trains every non-parent sublayer of every

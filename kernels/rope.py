@@ -137,10 +137,19 @@ def _check_cache(qk, v, k_slots, v_slots, slots) -> None:
             f"rope_and_cache: qk {tuple(qk.shape)} (queries, then keys), v {tuple(v.shape)} and slots "
             f"{tuple(slots.shape)} disagree"
         )
-    if k_slots.shape[1:] != (n_kv, head_dim) or v_slots.shape != k_slots.shape or k_slots.dtype != qk.dtype:
+    if (
+        k_slots.shape[1:] != (n_kv, head_dim)
+        or v_slots.shape != k_slots.shape
+        or not (k_slots.dtype == v_slots.dtype == qk.dtype == v.dtype)
+    ):
         raise ValueError(
-            f"rope_and_cache: cache slots {tuple(k_slots.shape)} {k_slots.dtype} do not hold keys of "
-            f"({n_kv}, {head_dim}) {qk.dtype}"
+            f"rope_and_cache: cache slots {tuple(k_slots.shape)} {k_slots.dtype} / {v_slots.dtype} do not hold "
+            f"keys and values of ({n_kv}, {head_dim}) {qk.dtype} / {v.dtype}"
+        )
+    if k_slots.stride() != v_slots.stride() or k_slots.stride(-1) != 1:
+        raise ValueError(
+            f"rope_and_cache: the K and V slots must share one layout with a contiguous head dimension, got strides "
+            f"{k_slots.stride()} and {v_slots.stride()}"
         )
 
 
@@ -152,7 +161,7 @@ def rope_and_cache_triton(qk, v, cos, sin, k_slots, v_slots, slots) -> torch.Ten
         qk = qk.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin, slots = cos.contiguous(), sin.contiguous(), slots.contiguous()
     n_q = qk.shape[1] - v.shape[1]
     q = torch.empty((qk.shape[0], n_q, qk.shape[2]), dtype=qk.dtype, device=qk.device)
     _launch(qk, cos, sin, q, n_q, (v, k_slots, v_slots, slots))

@@ -16,8 +16,9 @@ than the whole pool) is refused with a `CapacityError` when it is added. Each st
 (block tables, lengths, where each token's K/V go) is built once (`_step_batch`) and read by every layer.
 
 Sampling is per request (temperature, top-k, top-p, its own random stream: a hash of its seed and how many
-tokens it has sampled), all of a step's rows at once, so a request's tokens do not depend on what else is in the
-batch: output served in a busy batch equals the output served alone.
+tokens it has sampled), all of a step's rows at once, so a request's draws do not depend on what else is in the
+batch: its output served in a busy batch equals its output served alone wherever its logits do (on the CPU,
+tested greedy and seeded; a GPU's GEMMs may round differently at another batch size).
 Text is produced incrementally (`sampling.TextStream`): stop strings cut the text, and text that could still
 become a stop string, or that ends inside a UTF-8 character, is held back until it is decided.
 
@@ -521,7 +522,8 @@ class Engine:
         slots = list(self.tables.slots(tables, seq_of_token_t, positions_t))
         max_len = max(n for _, n in plan)
         attention = [kernels.PagedAttentionMetadata(t, cu_t, lens_t, max_len) for t in tables]
-        batch = Batch(positions_t, cu_t, max_len, self.cache, slots, attention)
+        fresh = all(req.computed == 0 for req, _ in plan)  # every sequence starts in this step
+        batch = Batch(positions_t, cu_t, max_len, self.cache, slots, attention, fresh)
         return batch, tokens_t, last_t, sampling
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[RequestOutput]:

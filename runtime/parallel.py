@@ -202,6 +202,19 @@ def torchrun_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def torchrun_local() -> tuple[int, int]:
+    """(LOCAL_RANK, LOCAL_WORLD_SIZE) torchrun gave this process: its place among the ranks on its machine (its
+    GPU, its share of the cores). A launcher that set WORLD_SIZE without them is refused: every rank would take
+    GPU 0."""
+    try:
+        return int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    except KeyError as e:
+        raise UserError(
+            f"WORLD_SIZE is set but {e.args[0]} is not: start the ranks with torchrun, which sets RANK, WORLD_SIZE, "
+            "LOCAL_RANK and LOCAL_WORLD_SIZE"
+        ) from None
+
+
 def torchrun_size(tensor_parallel_size: int) -> int:
     """The tensor-parallel size of a command: under torchrun its WORLD_SIZE (every rank torchrun started, on this
     node and the others, is one rank of the model), which a `--tensor-parallel-size` given too must equal."""
@@ -223,8 +236,7 @@ def join_group(rank: int, size: int, port: int | None, backend: str, timeout_s: 
     rank takes its machine's GPU `local_rank`. A collective waiting past `timeout_s` fails rather than hangs."""
     local_rank, local_size = rank, size
     if port is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+        local_rank, local_size = torchrun_local()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
@@ -321,7 +333,7 @@ def generate_with_torchrun(
     everyone's. Rank 0 gets the completions, the other ranks None."""
     device = torch.device(device)
     rank, size = torchrun_world()
-    check_ranks(checkpoint, size, device, int(os.environ.get("LOCAL_WORLD_SIZE", str(size))))
+    check_ranks(checkpoint, size, device, torchrun_local()[1])
     tp = join_group(rank, size, None, backend_for(device))
     try:
         params = tp.broadcast(params.seeded())

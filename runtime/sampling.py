@@ -199,9 +199,10 @@ def request_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tenso
     whole step's draws are a few elementwise ops instead of a generator call per request."""
     words = []
     for salt in (0x9E3779B9, 0x85EBCA6B):  # two independent chains: 32 + 21 bits
-        x = _mix32(seeds[:, 1] ^ salt)
-        x = _mix32(x ^ seeds[:, 0])
-        words.append(_mix32(x ^ (counters & _MASK32)))
+        key = _mix32(_mix32(seeds[:, 1] ^ salt) ^ seeds[:, 0])
+        # The counter goes in between two keyed rounds: with one round after it, mix(key ^ n), every seed's
+        # stream would be the same sequence read in another order (seed B's n-th = seed A's (n ^ key_A ^ key_B)-th).
+        words.append(_mix32(_mix32(key ^ (counters & _MASK32)) ^ _mix32(key ^ 0x68E31DA4)))
     return (words[0].double() * 2**21 + (words[1] >> 11).double()) / 2**53
 
 
@@ -220,7 +221,8 @@ def _kept(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor
     vocab = x.shape[-1]
     k = torch.tensor(top_k, device=x.device)
     p = torch.tensor(top_p, dtype=torch.float64, device=x.device)
-    width = min(vocab, max(n if n < vocab or q >= 1 else CANDIDATES for n, q in zip(top_k, top_p)))
+    # Ranked: a top-k row's k, a top-p row's CANDIDATES (or k when it has both); a row with neither needs none.
+    width = min(vocab, max(n if n < vocab else CANDIDATES if q < 1 else 1 for n, q in zip(top_k, top_p)))
     full = (k >= vocab) & (p < 1) & (CANDIDATES * (-x.logsumexp(dim=-1)).exp() < p)
     kept = torch.ones_like(x, dtype=torch.bool)
     rest = (~full).nonzero()[:, 0]
@@ -261,7 +263,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     In float64, from logits shifted so their maximum is 0: any temperature SamplingParams accepts (1e-300
     included) gives finite probabilities, and the best token always keeps a share, whatever top-k and top-p cut.
     top-k keeps every token at least as likely as the k-th (ties kept); top-p drops a token once the tokens
-    before it cover top_p (the first always stays). A row of NaN logits gives -1.
+    before it cover top_p (the first always stays). A sampled row whose logits hold a NaN, or whose largest is
+    infinite, gives -1 (greedy rows take their argmax whatever it is).
     """
     device = logits.device
     tokens = logits.argmax(dim=-1)
@@ -272,8 +275,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     chosen = [params[i] for i in rows]
     temperature = torch.tensor([p.temperature for p in chosen], dtype=torch.float64, device=device)
     x = logits[index].double()
-    bad = x.isnan().any(dim=-1)
-    x = (x - x.amax(dim=-1, keepdim=True)) / temperature[:, None]  # max 0, the rest <= 0 or -inf
+    x = x - x.amax(dim=-1, keepdim=True)
+    bad = x.isnan().any(dim=-1)  # NaN logits, or a max of +inf or -inf (inf - inf): no distribution to draw from
+    x = x / temperature[:, None]  # max 0, the rest <= 0 or -inf
     if any(p.top_k or p.top_p < 1 for p in chosen):
         top_k = [min(p.top_k, x.shape[-1]) or x.shape[-1] for p in chosen]
         x = x.masked_fill(~_kept(x, top_k, [p.top_p for p in chosen]), float("-inf"))

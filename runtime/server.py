@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import time
 import uuid
@@ -676,9 +675,9 @@ def engine_spec(
     parse_dtype(dtype)
     ArchConfig.from_json(Path(model_dir) / "config.json")
     if tensor_parallel_size > 1:
-        from tessera.runtime.parallel import check_ranks
+        from tessera.runtime.parallel import check_ranks, torchrun_local
 
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", tensor_parallel_size)) if torchrun else None
+        local = torchrun_local()[1] if torchrun else None
         check_ranks(model_dir, tensor_parallel_size, device, local)
     config = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes)
     return EngineSpec(str(model_dir), str(device), dtype, config, threads, tensor_parallel_size, torchrun)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -267,12 +268,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stop=tuple(args.stop or ()),
     )  # checked before the model loads
     from tessera.runtime.loader import check_memory
-    from tessera.runtime.parallel import torchrun_size, torchrun_world
+    from tessera.runtime.parallel import torchrun_local, torchrun_size, torchrun_world
 
     device, tp = resolve_device(args.device), torchrun_size(args.tensor_parallel_size)
     rank, world = torchrun_world()
     # Tensor-parallel ranks on the CPU share its memory; on GPUs each holds a device of their own.
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else tp  # ranks on this machine
+    local = torchrun_local()[1] if world > 1 else tp  # ranks on this machine
     check_memory(args.model, device, parse_dtype(args.dtype), tp, copies=local if device.type == "cpu" else 1)
     start = time.perf_counter()
     if world > 1:  # torchrun started the ranks (one node or several): rank 0 prints
@@ -361,7 +362,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from tessera.demo import PARENT_DIR
     from tessera.runtime.loader import check_memory
-    from tessera.runtime.parallel import torchrun_size, torchrun_world
+    from tessera.runtime.parallel import torchrun_local, torchrun_size, torchrun_world
     from tessera.runtime.server import build_server, engine_spec, run
 
     # Under torchrun (several nodes, docs/runtime.md) every rank it started is one rank of the model: rank 0
@@ -370,7 +371,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     tp, dp = torchrun_size(args.tensor_parallel_size), args.data_parallel_size
     if world > 1 and dp > 1:
         raise UserError("--data-parallel-size under torchrun: torchrun's ranks shard one engine (tensor parallel)")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else tp  # ranks on this machine
+    local = torchrun_local()[1] if world > 1 else tp  # ranks on this machine
     threads = None
     if args.device == "cpu":
         # The cores are split between the engine processes; the HTTP side (its own process) needs little. On the
@@ -395,6 +396,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from tessera.runtime.async_engine import follow
 
         print(f"tessera serve: rank {rank} of {world} (torchrun) follows rank 0's engine", file=sys.stderr)
+        # Ctrl-C reaches every process of the node, this one too: it waits for the Shutdown rank 0's server then
+        # broadcasts, rather than leaving rank 0's collective without it. SIGTERM still stops it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if why := follow(engine_spec(model, **engine), rank):
             raise UserError(f"tessera serve: rank {rank} of {world}: {why}")
         return

@@ -124,24 +124,27 @@ def test_lockstep_alternates_engines_and_takes_each_steps_median(monkeypatch):
 
 
 def test_the_cost_model_times_the_engine_step(monkeypatch):
-    """What the cost model times is what serving runs: whole `Engine.step`s, prefill chunks and decode-only
-    steps, whose attention is the paged op over the paged KV cache; the uncached attention that training uses
-    is never called."""
-    arch, steps, paged = tiny_arch(), [], []
-    real_batch, real_paged = Engine._step_batch, kernels.attention_paged
+    """What the cost model times is what serving runs: whole `Engine.step`s, prefill and decode-only steps, with
+    the attention kernel each step serves with: the varlen kernel for a step of fresh prompts (all its keys in
+    the step), the paged op over the paged KV cache for decode steps."""
+    arch, steps, kernel_calls = tiny_arch(), [], []
+    real_batch = Engine._step_batch
 
     def step_batch(self, plan):
         steps.append([n for _, n in plan])
+        kernel_calls.append([])
         return real_batch(self, plan)
 
     monkeypatch.setattr(Engine, "_step_batch", step_batch)
-    monkeypatch.setattr(kernels, "attention_paged", lambda *a, **k: paged.append(a[3]) or real_paged(*a, **k))
-    monkeypatch.setattr(kernels, "attention_prefill", lambda *a, **k: pytest.fail("uncached attention was timed"))
+    for name in ("attention_paged", "attention_prefill"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _r=real, _n=name, **k: kernel_calls[-1].append(_n) or _r(*a, **k))
     (model,) = timing_models(arch, [[arch.blocks[0]] * 4], torch.device("cpu"), torch.float32)
     (timed,) = lockstep([model], Scenario(batch=2, prompt_len=8, gen_len=4), rounds=1)
     assert timed.prefill_ms > 0 and timed.decode_ms > 0
     assert steps == [[8, 8], [1, 1], [1, 1], [1, 1]] * 2  # prompts prefilled together, then decodes; 2 rounds
-    assert len(paged) == 4 * len(steps)  # each step's 4 GQA blocks
+    prefill, decode = ["attention_prefill"] * 4, ["attention_paged"] * 4  # each step's 4 GQA blocks
+    assert kernel_calls == [prefill, decode, decode, decode] * 2
 
 
 def test_models_that_do_not_fit_together_are_timed_in_groups_scaled_by_their_clock(monkeypatch):

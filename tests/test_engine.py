@@ -360,3 +360,37 @@ def test_cuda_graph_decode_equals_eager_and_uncached_greedy() -> None:
     graphs = engine.generate(prompts, params)
     assert [c.tokens for c in graphs] == [c.tokens for c in eager]
     assert [c.tokens for c in graphs] == [greedy_by_full_forward(model, p, 20) for p in prompts]
+
+
+def test_steps_of_fresh_prompts_attend_with_the_varlen_kernel(demo, monkeypatch) -> None:
+    """A step whose sequences all start in it (new prompts, whole or a first chunk) attends over its own keys with
+    the varlen prefill kernel; a step with cached keys (a later chunk, decode tokens) reads them through the paged
+    kernel. Either way every greedy token equals the uncached forward's, so the K/V the fresh step stored serve the
+    steps after it."""
+    from tessera import kernels
+
+    model, tok = demo
+    calls: list[str] = []
+    for name in ("attention_prefill", "attention_paged"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k)
+        )
+    engine = Engine(model, tok, EngineConfig(max_batch=4, max_step_tokens=24))
+    prompts = prompts_of([10, 12, 30], 8192, seed=5)
+    layers = sum(layer.self_attn is not None and hasattr(layer.self_attn, "w_qkv") for layer in model.layers)
+    steps = []
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    outputs = {}
+    while engine.has_work():
+        calls.clear()
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+        steps.append(set(calls))
+        assert len(calls) == layers
+    # Step 1: prompts of 10 and 12 tokens and the first 2 of the 30 (24 tokens), all fresh; then the rest of the
+    # 30-token prompt beside two decode tokens, and decode steps: all through the paged kernel.
+    assert steps[0] == {"attention_prefill"} and all(s == {"attention_paged"} for s in steps[1:])
+    for p, tokens in zip(prompts, outputs.values()):
+        assert tokens == greedy_by_full_forward(model, p, 5)

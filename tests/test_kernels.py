@@ -137,6 +137,14 @@ def test_rope_and_cache_rotates_and_stores_in_one_kernel(poisoned, n_tokens: int
     assert (pools[0][others] == 7.0).all()
     with pytest.raises(ValueError, match="rope_and_cache: qk"):
         kernels.rope_and_cache(qk, v, cos, sin, *pools, slots[:0])
+    with pytest.raises(ValueError, match="share one layout"):
+        kernels.rope_and_cache(qk, v, cos, sin, pools[0], pools[1].transpose(0, 1).contiguous().transpose(0, 1), slots)
+    # Slots as a strided view (every other entry of a longer tensor) land where their values say.
+    spread = torch.stack([slots, torch.zeros_like(slots)], dim=1)[:, 0]
+    expected_pools = [pool.clone() for pool in pools]
+    kernels.rope_and_cache(qk, v, cos, sin, *pools, spread)
+    rope_and_cache_reference(qk, v, cos, sin, *expected_pools, slots)
+    torch.testing.assert_close(pools[1], expected_pools[1], rtol=0, atol=0)
 
 
 @triton.jit
