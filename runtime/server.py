@@ -685,23 +685,15 @@ def engine_spec(
 
 def build_server(
     model_dir: str | Path,
-    device: str = "cpu",
-    dtype: str = "float32",
-    max_batch: int = 16,
-    max_model_len: int | None = None,
-    kv_cache_bytes: int | None = None,
     served_model_name: str | None = None,
     data_parallel_size: int = 1,
-    threads: int | None = None,
     max_request_bytes: int | None = None,
-    tensor_parallel_size: int = 1,
-    torchrun: bool = False,
+    **engine: Any,
 ) -> Server:
     """The server of a checkpoint (config.json, safetensors, tokenizer.json): its engine processes start here,
-    each loading the checkpoint, and this returns once all are ready (`engine_spec` checks the arguments)."""
-    spec = engine_spec(
-        model_dir, device, dtype, max_batch, max_model_len, kv_cache_bytes, threads, tensor_parallel_size, torchrun
-    )
+    each loading the checkpoint, and this returns once all are ready. `engine`: `engine_spec`'s arguments (device,
+    dtype, max_batch, ...), checked there first."""
+    spec = engine_spec(model_dir, **engine)
     engine = AsyncEngine(spec, data_parallel_size).start()
     template, specials = load_chat_template(model_dir)
     name = served_model_name or Path(model_dir).resolve().name
