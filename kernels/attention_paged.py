@@ -61,12 +61,16 @@ def block_shape(max_query_len: int, group: int, head_dim: int) -> tuple[int, int
 def default_tiling(block_m: int, block_d: int) -> Tiling:
     """64-128 keys per tile (bytes in flight for a memory-bound loop); a tall tile (prefill) gets 8 warps. Decode
     (short tiles): of the 35 tilings swept on the H200 at G = 4, 8 and 64 (benchmarks/results/
-    nvidia-h200_tune_attention.md), 64 keys, 4 warps, 2 stages, 4 waves came within 10 % of each shape's best
-    (3 stages, the earlier default: within 16 %); 8 warps lost up to 1.8x."""
+    nvidia-h200_tune_attention.md), 64 keys, 4 warps and 2 stages came within 10 % of each shape's best (3 stages,
+    the earlier default: within 16 %; 8 warps lost up to 1.8x). With those, splitting the context to cover the SMs
+    twice was the fastest for G = 4 and 8 at batch 1, 16 and 64 (within 0.1 % of once at batch 64, 4-8 % ahead of
+    4 times, the earlier default), and once for G = 64 (6 % ahead of 4 times, 16 % of twice): G's rows in one tile
+    (block_m >= 32) are compute enough per key that fewer, longer splits win. G = 16 shares G = 4's 16-row tile;
+    G = 32 (32 rows) was not swept and follows G = 64."""
     block_n = 64 if block_d >= 128 else 128
     if block_m >= 128:
         return Tiling(block_n, num_warps=8, num_stages=2)
-    return Tiling(block_n, num_warps=4, num_stages=2)
+    return Tiling(block_n, num_warps=4, num_stages=2, waves=1 if block_m >= 32 else 2)
 
 
 @triton.jit(do_not_specialize=["max_tiles", "n_splits"])

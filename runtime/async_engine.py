@@ -26,6 +26,7 @@ import multiprocessing
 import queue
 import signal
 import threading
+import traceback
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
@@ -171,12 +172,19 @@ def _apply(engine: Engine, messages: list) -> tuple[list[RequestOutput], bool]:
     return outputs, False
 
 
-def _step(engine: Engine) -> list[RequestOutput]:
+def _step(engine: Engine, tp: TensorParallel | None = None) -> list[RequestOutput]:
+    """One engine step. A step that raises fails the requests in it, not the engine nor those waiting; except in
+    a tensor-parallel engine, where it ends the engine: the other ranks may be waiting in a collective of that
+    step, and a rank that went on alone would pair its next collective with theirs. Raised, the error ends this
+    rank's process, whose closed connections fail the others' collectives (gloo at once; NCCL at its timeout),
+    and the server reports the engine lost."""
     if not engine.has_work():
         return []
     try:
         return engine.step()
-    except Exception as e:  # a failed step fails the requests in it, not the engine nor those waiting
+    except Exception as e:
+        if tp is not None:
+            raise
         return engine.fail_step(f"{type(e).__name__}: {e}")
 
 
@@ -198,21 +206,32 @@ def _engine_process(spec: EngineSpec, inbox: Connection, outbox: Connection, por
         outbox.send(Failed(error))
         return
     outbox.send(Ready(engine.limits, engine.info()))
-    with contextlib.suppress(EOFError, OSError):  # the server's end closed: nobody to serve
-        while True:
-            if not engine.has_work():
-                inbox.poll(None if tp is None else HEARTBEAT_S)  # idle: sleep until a message (or EOF)
-            messages = []
-            while inbox.poll():
-                messages.append(inbox.recv())
-            if tp is not None:
-                messages = tp.broadcast([_seeded(m) for m in messages])
-            outputs, stop = _apply(engine, messages)
-            if stop:
-                outbox.send(Step(outputs, _load(engine)))
-                outbox.send(Stopped())
-                return
-            outbox.send(Step(outputs + _step(engine), _load(engine)))
+    try:
+        _serve(engine, tp, inbox, outbox)
+    except (EOFError, OSError):  # the server's end closed: nobody to serve
+        pass
+    except Exception as e:  # a tensor-parallel step or collective failed (`_step`): the engine ends, saying why
+        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            outbox.send(Failed(f"{type(e).__name__}: {e}"))
+
+
+def _serve(engine: Engine, tp: TensorParallel | None, inbox: Connection, outbox: Connection) -> None:
+    """Rank 0's loop: the server's messages in (to every rank first), a step, its outputs out; until Shutdown."""
+    while True:
+        if not engine.has_work():
+            inbox.poll(None if tp is None else HEARTBEAT_S)  # idle: sleep until a message (or EOF)
+        messages = []
+        while inbox.poll():
+            messages.append(inbox.recv())
+        if tp is not None:
+            messages = tp.broadcast([_seeded(m) for m in messages])
+        outputs, stop = _apply(engine, messages)
+        if stop:
+            outbox.send(Step(outputs, _load(engine)))
+            outbox.send(Stopped())
+            return
+        outbox.send(Step(outputs + _step(engine, tp), _load(engine)))
 
 
 def _rank_process(spec: EngineSpec, rank: int, port: int) -> None:
@@ -224,8 +243,9 @@ def _rank_process(spec: EngineSpec, rank: int, port: int) -> None:
 def follow(spec: EngineSpec, rank: int, port: int | None = None) -> str:
     """Rank > 0 of a tensor-parallel engine: the same engine over its shard, stepping the requests rank 0
     broadcasts; its outputs equal rank 0's and go nowhere. It ends with Shutdown, or when rank 0 is gone (the
-    collective fails). With `port` None the ranks are torchrun's: a torchrun rank > 0 of `tessera serve` runs
-    this in its own process, and a signal stops it (rank 0's engine then fails, and the server says so).
+    collective fails), or when its own step fails (`_step`). With `port` None the ranks are torchrun's: a torchrun
+    rank > 0 of `tessera serve` runs this in its own process, and SIGTERM stops it (rank 0's engine then fails,
+    and the server says so).
     Returns "" after a Shutdown, else why it ended."""
     engine, tp, error = _start_rank(spec, rank, port)
     if error:
@@ -235,9 +255,9 @@ def follow(spec: EngineSpec, rank: int, port: int | None = None) -> str:
             _, stop = _apply(engine, tp.broadcast(None))
             if stop:
                 return ""
-            _step(engine)
-    except RuntimeError as e:  # rank 0 exited: its collectives fail here
-        return f"rank 0 stopped: {type(e).__name__}: {e}"
+            _step(engine, tp)
+    except Exception as e:  # rank 0 exited (its collectives fail here), or a step failed here (`_step`)
+        return f"the engine stopped: {type(e).__name__}: {e}"
     finally:
         with contextlib.suppress(RuntimeError):
             torch.distributed.destroy_process_group()
@@ -303,6 +323,7 @@ class _EngineHandle:
         self.submitted = 0
         self.load = EngineLoad()
         self.alive = True
+        self.error = ""  # why the engine ended, when it said (Failed)
         # Sends go through a thread: a full pipe (long prompts arriving during a step) must not block the loop.
         self._sends: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write, name=f"tessera-engine-{rank}-writer", daemon=True)
@@ -468,6 +489,9 @@ class AsyncEngine:
                 break
             if isinstance(message, Stopped):
                 break
+            if isinstance(message, Failed):  # the engine ended on an error (a tensor-parallel step's)
+                handle.error = message.error
+                break
             handle.load = message.load
             if message.outputs:
                 self._call(self._deliver, handle, message.outputs)
@@ -494,4 +518,6 @@ class AsyncEngine:
         """An engine process died: its requests fail, and it runs nothing any more."""
         handle.load = EngineLoad()
         message = f"engine process {handle.rank} exited (exit code {exitcode})"
+        if handle.error:
+            message = f"engine process {handle.rank} failed: {handle.error}"
         self._deliver(handle, [RequestOutput.failure(rid, message) for rid in handle.streams])

@@ -617,3 +617,24 @@ def test_serve_under_torchrun_refuses_a_size_that_is_not_torchruns(monkeypatch, 
     with pytest.raises(SystemExit):
         main(["serve"])
     assert "WORLD_SIZE is set but LOCAL_RANK is not: start the ranks with torchrun" in capsys.readouterr().err
+
+
+def test_a_failed_step_ends_a_tensor_parallel_engine_not_a_single_one() -> None:
+    """One engine: a step that raises fails the requests in it and the engine goes on. A tensor-parallel rank
+    re-raises instead (the other ranks may be waiting in that step's collective; going on alone would pair its
+    next collective with theirs): the error ends the rank, and rank 0's reaches the server as `Failed`."""
+    from tessera.runtime import async_engine
+
+    class Stepping:
+        def has_work(self):
+            return True
+
+        def step(self):
+            raise RuntimeError("out of memory")
+
+        def fail_step(self, error):
+            return [error]
+
+    assert async_engine._step(Stepping()) == ["RuntimeError: out of memory"]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        async_engine._step(Stepping(), tp=object())
