@@ -702,6 +702,7 @@ class Optimizer:
             self.cfg.scenario,
             tokenizer_from=self.parent_dir,
             progress=self.progress,
+            timing_dtype=self.timing_dtype,
         )
         fusion |= {k: f"fused/{v}" for k, v in fusion.items() if k.endswith("_png")}  # paths from report.md
         self._stage("FFN fusion", t)

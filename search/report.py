@@ -220,7 +220,8 @@ def fusion_section(f: dict, level: str = "#") -> list[str]:
         s = f["scenario"]
         lines += [
             "",
-            f"Latency on {f['device']} (batch {s['batch']}, prompt {s['prompt_len']}, {s['gen_len']} generated tokens; "
+            f"Latency on {f['device']} in {f.get('timing_dtype', 'float32')} (batch {s['batch']}, "
+            f"prompt {s['prompt_len']}, {s['gen_len']} generated tokens; "
             f"both models in one lockstep of {f['latency_rounds']} rounds, each engine step's median; decode step = "
             "the mean decode-only step):",
             "",

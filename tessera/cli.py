@@ -610,7 +610,8 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         model, train_ids, eval_windows = load_frozen(model_dir, device), None, None
     # run_fusion replaces --out whole once complete: an earlier output (or, with --overwrite, another model's
     # training.json and plots) never lingers beside the new checkpoint, and Ctrl-C leaves --out as it was.
-    info = run_fusion(model, train_ids, eval_windows, out, cfg, _scenario(args), tokenizer_from=model_dir)
+    dtype = parse_dtype(args.timing_dtype or serving_dtype(resolve_device(args.device)))
+    info = run_fusion(model, train_ids, eval_windows, out, cfg, _scenario(args), model_dir, timing_dtype=dtype)
     print((out / "fusion.md").read_text())
     if not info["groups"]:
         raise FusionError(f"{model_dir}: nothing to fuse ({info['reason']}); the analysis is in {out}")

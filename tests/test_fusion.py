@@ -309,11 +309,23 @@ def fuse_args(path: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_fuse_cli_writes_fused_checkpoint_and_report(tiny_checkpoint, tmp_path, capsys):
+def test_fuse_cli_writes_fused_checkpoint_and_report(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """`tessera fuse` writes the fused checkpoint and its report, timing fused against unfused in the precision
+    asked (--timing-dtype; the serving one by default)."""
+    from tessera.search import fusion
+
     path, corpus = tiny_checkpoint
     out = tmp_path / "fused"
-    assert main(fuse_args(path, corpus, out)) == 0
+    timed, lockstep = set(), fusion.lockstep
+    monkeypatch.setattr(
+        fusion,
+        "lockstep",
+        lambda models, *a: timed.update(m.lm_head_weight.dtype for m in models) or lockstep(models, *a),
+    )
+    assert main([*fuse_args(path, corpus, out), "--timing-dtype", "bfloat16"]) == 0
+    assert timed == {torch.bfloat16}
     info = json.loads((out / "fusion.json").read_text())
+    assert info["timing_dtype"] == "bfloat16" and "in bfloat16" in (out / "fusion.md").read_text()
     assert info["groups"][0]["layers"] == [1, 2, 3]  # the run 1-4 without its last FFN
     assert info["sequential_depth"] == {"before": 8, "after": 6}
     assert set(info["quality"]) == {"unfused", "fused", "healed"}
