@@ -13,6 +13,7 @@ trained weights: it times architectures.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -38,7 +39,10 @@ def parents(device: torch.device) -> list[tuple[str, ArchConfig]]:
     ]
 
 
-def run(device: torch.device, scenario: Scenario | None = None) -> dict:
+def run(
+    device: torch.device, scenario: Scenario | None = None, on_parent: Callable[[dict], None] | None = None
+) -> dict:
+    """Each parent's check; `on_parent` gets the result so far after each (a run cut short keeps them)."""
     scenario = scenario or Scenario()
     dtype = parse_dtype(serving_dtype(device))
     space, rows = SearchSpace(), []
@@ -59,7 +63,14 @@ def run(device: torch.device, scenario: Scenario | None = None) -> dict:
                 **table.validation,
             }
         )
-    return {"dtype": str(dtype).removeprefix("torch."), "scenario": vars(scenario), "checks": CHECKS, "rows": rows}
+        if on_parent is not None:
+            on_parent(_result(dtype, scenario, rows))
+    return _result(dtype, scenario, rows)
+
+
+def _result(dtype: torch.dtype, scenario: Scenario, rows: list[dict]) -> dict:
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {"dtype": dtype_name, "scenario": vars(scenario), "checks": CHECKS, "rows": list(rows)}
 
 
 def table(result: dict) -> str:

@@ -14,6 +14,7 @@ scaled by its block's size (`predict`): the table in docs/optimize.md ("How the 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,9 +90,15 @@ def block_params(shape: dict) -> int:
     return arch.block_params(arch.blocks[0])
 
 
-def run(device: torch.device, depths: tuple[int, ...] = (4, 8, 16), shape: dict = LLAMA_3_2_1B) -> dict:
+def run(
+    device: torch.device,
+    depths: tuple[int, ...] = (4, 8, 16),
+    shape: dict = LLAMA_3_2_1B,
+    on_depth: Callable[[dict], None] | None = None,
+) -> dict:
     """The search at each depth of `shape`; training in float32, timing in the serving precision (bf16 on
-    CUDA: OptimizeConfig.timing_dtype)."""
+    CUDA: OptimizeConfig.timing_dtype). `on_depth` gets the result so far after each depth (a run cut short by
+    a time limit keeps the depths it finished)."""
     rows = []
     space = SearchSpace()
     for layers in depths:
@@ -118,6 +125,13 @@ def run(device: torch.device, depths: tuple[int, ...] = (4, 8, 16), shape: dict 
                 "seconds_per_unit": {k: results["stage_seconds"][k] / u for k, u in units.items()},
             }
         )
+        if on_depth is not None:
+            on_depth(_result(device, shape, space, rows))
+    return _result(device, shape, space, rows)
+
+
+def _result(device: torch.device, shape: dict, space: SearchSpace, rows: list[dict]) -> dict:
+    """The rows so far, with the Llama-70B extrapolation from the deepest."""
     deepest = rows[-1]
     big = parent_arch(LLAMA_70B_LAYERS, LLAMA_70B)
     checks = 1 + config(device).validate_architectures
@@ -127,7 +141,7 @@ def run(device: torch.device, depths: tuple[int, ...] = (4, 8, 16), shape: dict 
     return {
         "shape": shape,
         "config": "tiny token budgets (bench_search_scale.config)",
-        "rows": rows,
+        "rows": list(rows),
         "llama_70b": {"work_units": units_70b, "block_size_ratio": scale, "predicted_seconds": prediction},
     }
 

@@ -78,11 +78,12 @@ want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving
 want bench_ffn_norm && step bench_ffn_norm 40 python3 -m tessera.cli bench kernels --suite ffn --suite norm --device cuda
 want bench_fusion && step bench_fusion 25 python3 -m tessera.cli bench fusion --device cuda
 # Issue 17's GPU halves, past the default budget: run them by name in a call of their own
-# (`SUITE_S=330 bash benchmarks/gpu_suite.sh cost_model search_scale`). The cost model calibrated in bf16 with CUDA
-# graphs and checked on 10 random architectures each of three parents; then the whole search at Llama-3.1-8B's
-# block (2 and 4 layers, tiny token budgets; its stage lines are in the log even if the limit cuts it short).
-want cost_model && step cost_model 150 python3 -m tessera.cli bench cost-model --device cuda
-want search_scale && step search_scale 240 \
+# (`SUITE_S=400 bash benchmarks/gpu_suite.sh cost_model search_scale`, what is left of a session after the first
+# call). The cost model calibrated in bf16 with CUDA graphs and checked on 10 random architectures each of three
+# parents; then the whole search at Llama-3.1-8B's block (2 and 4 layers, tiny token budgets). Both write their
+# results after each parent / depth, so a step cut short by its limit keeps what it finished.
+want cost_model && step cost_model 170 python3 -m tessera.cli bench cost-model --device cuda
+want search_scale && step search_scale 190 \
     python3 -m tessera.cli bench search-scale --device cuda --shape llama-3.1-8b --depths 2,4
 # Tensor parallelism over 2 GPUs (NCCL): greedy tokens over 2 ranks equal one process's (fp32), then what the
 # all-reduces cost a decode step. Needs >= 2 GPUs; says it skipped otherwise.

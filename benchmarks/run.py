@@ -114,21 +114,26 @@ def run_search_scale(
     """`tessera optimize` on random parents of a Llama shape (bench_search_scale.SHAPES) at several depths: each
     stage's seconds and peak memory, the work it repeats, and a Llama-70B extrapolation (bench_search_scale)."""
     env = environment(device)
-    result = bench_search_scale.run(device, depths, bench_search_scale.SHAPES[shape])
-    md = (
-        f"`tessera optimize` at the {shape} shape on {env['device']} (commit {env['commit']}, {env['date']}, "
-        f"torch {env['torch']}); seconds and peak memory per stage, tiny token budgets\n\n"
-        + bench_search_scale.table(result)
-    )
     suffix = "" if shape == "llama-3.2-1b" else f"_{shape}"  # the 1B shape's results keep their name
-    return write_results(results_name(device, f"search_scale{suffix}"), {**env, **result}, md, out)
+
+    def write(result: dict) -> Path:
+        md = (
+            f"`tessera optimize` at the {shape} shape on {env['device']} (commit {env['commit']}, {env['date']}, "
+            f"torch {env['torch']}); seconds and peak memory per stage, tiny token budgets\n\n"
+            + bench_search_scale.table(result)
+        )
+        return write_results(results_name(device, f"search_scale{suffix}"), {**env, **result}, md, out)
+
+    return write(bench_search_scale.run(device, depths, bench_search_scale.SHAPES[shape], on_depth=write))
 
 
 def run_cost_model(device: torch.device, out: Path | None = None) -> Path:
     """The cost model's predictions against the engine's measured latencies (bench_cost_model)."""
     env = environment(device)
-    result = bench_cost_model.run(device)
-    md = f"Cost model on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']})\n\n"
-    return write_results(
-        results_name(device, "cost_model"), {**env, **result}, md + bench_cost_model.table(result), out
-    )
+
+    def write(result: dict) -> Path:
+        md = f"Cost model on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']})\n\n"
+        md += bench_cost_model.table(result)
+        return write_results(results_name(device, "cost_model"), {**env, **result}, md, out)
+
+    return write(bench_cost_model.run(device, on_parent=write))

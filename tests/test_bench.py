@@ -93,7 +93,9 @@ def test_search_scale_counts_each_stages_work(results_dir) -> None:
     from tessera.search.library import SearchSpace
 
     tiny = {"hidden_size": 64, "n_heads": 4, "head_dim": 16, "n_kv_heads": 2, "intermediate_size": 256}
-    result = scale.run(torch.device("cpu"), (1, 2), tiny)
+    so_far: list[dict] = []  # what a run cut short by a time limit would have written
+    result = scale.run(torch.device("cpu"), (1, 2), tiny, on_depth=so_far.append)
+    assert [len(r["rows"]) for r in so_far] == [1, 2] and so_far[-1] == result
     one, two = result["rows"]
     v = one["variants_per_layer"]
     assert v == 4 * 3  # KV heads 2, 1, linear, none × FFN 256, linear, none

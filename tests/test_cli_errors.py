@@ -132,7 +132,9 @@ def test_outputs_must_not_hold_the_inputs(no_work, tmp_path, capsys) -> None:
 
 
 def _fake_run_fusion(calls: list):
-    def run_fusion(model, train_ids, windows, out, cfg, scenario, tokenizer_from=None, progress=True):
+    def run_fusion(
+        model, train_ids, windows, out, cfg, scenario, tokenizer_from=None, progress=True, timing_dtype=None
+    ):
         calls.append(Path(out))
         return {"groups": [{"layers": [1, 2]}]}
 
