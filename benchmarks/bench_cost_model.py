@@ -19,7 +19,7 @@ import torch
 
 from tessera.config import ArchConfig
 from tessera.demo import PARENT_DIR
-from tessera.devices import parse_dtype, serving_dtype
+from tessera.devices import serving_dtype
 from tessera.search.cost import Scenario, calibrate, random_architectures
 from tessera.search.library import SearchSpace
 
@@ -44,7 +44,7 @@ def run(
 ) -> dict:
     """Each parent's check; `on_parent` gets the result so far after each (a run cut short keeps them)."""
     scenario = scenario or Scenario()
-    dtype = parse_dtype(serving_dtype(device))
+    dtype = serving_dtype(device)
     space, rows = SearchSpace(), []
     for name, arch in parents(device):
         print(f"[cost-model] {name}", flush=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
-from tessera.devices import dtype_name, parse_dtype, serving_dtype
+from tessera.devices import dtype_name, serving_dtype
 from tessera.runtime.model import Model
 from tessera.search.fusion import FusionGroup, fuse
 
@@ -53,7 +53,7 @@ def run(device: torch.device) -> dict:
     on_gpu = device.type == "cuda"
     hidden, scale = (8192, 1) if on_gpu else (1024, 8)
     widths = [w // scale for w in SUPER_49B_RUN_WIDTHS]
-    dtype = parse_dtype(serving_dtype(device))
+    dtype = serving_dtype(device)
     unfused = stack(hidden, widths, device, dtype)
     group = FusionGroup(tuple(range(len(widths) - 1)))  # all but the last FFN
     fused = fuse(unfused, [group])

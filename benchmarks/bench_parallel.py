@@ -17,7 +17,7 @@ from unittest import mock
 import torch
 
 from tessera.demo import PARENT_DIR
-from tessera.devices import median_ms, parse_dtype, serving_dtype
+from tessera.devices import median_ms, serving_dtype
 from tessera.runtime.loader import load_model
 from tessera.runtime.parallel import TensorParallel, backend_for, load_shard, run_ranks
 
@@ -35,7 +35,7 @@ def _step_ms(engine, device: torch.device) -> float:
 
 def _rank_steps(tp: TensorParallel, device: str) -> dict:
     dev = tp.device(device)
-    model = load_shard(PARENT_DIR, tp, dev, parse_dtype(serving_dtype(dev)))
+    model = load_shard(PARENT_DIR, tp, dev, serving_dtype(dev))
     reduces = sum(
         sub is not None and sub.tp is not None for layer in model.layers for sub in (layer.self_attn, layer.mlp)
     )
@@ -56,7 +56,7 @@ def run(device: torch.device, size: int = 2) -> dict:
     backend = backend_for(device)
     ranks = run_ranks(_rank_steps, size, device.type, backend=backend)
     mine = ranks[0]
-    whole = load_model(PARENT_DIR, device, parse_dtype(serving_dtype(device)))
+    whole = load_model(PARENT_DIR, device, serving_dtype(device))
     rows = []
     for batch in BATCHES:
         with torch.inference_mode():

@@ -78,7 +78,7 @@ def _check_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None
     n, _, head_dim = x.shape
     if head_dim % 2 or cos.shape != (n, head_dim // 2) or sin.shape != cos.shape:
         raise ValueError(
-            f"apply_rope: x {tuple(x.shape)} needs cos/sin of shape ({n}, {head_dim // 2}), got "
+            f"RoPE: x {tuple(x.shape)} needs cos/sin of shape ({n}, {head_dim // 2}), got "
             f"{tuple(cos.shape)}, {tuple(sin.shape)}"
         )
 

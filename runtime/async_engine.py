@@ -308,12 +308,13 @@ class _EngineHandle:
             daemon=True,
         )
         self.process.start()
-        # The other ranks of a tensor-parallel engine: no pipes, rank 0 speaks for them.
+        # The other ranks of a tensor-parallel engine: no pipes, rank 0 speaks for them (torchrun starts its own).
+        others = [] if spec.torchrun else range(1, spec.tensor_parallel_size)
         self.ranks = [
             context.Process(
                 target=_rank_process, args=(spec, r, port), name=f"tessera-engine-{rank}-rank{r}", daemon=True
             )
-            for r in range(1, 1 if spec.torchrun else spec.tensor_parallel_size)
+            for r in others
         ]
         for process in self.ranks:
             process.start()

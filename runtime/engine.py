@@ -534,8 +534,8 @@ class Engine:
             uniforms = request_uniforms(seeds, torch.tensor([req.sampled for req in reqs]))
         outputs = []
         for req, token in zip(reqs, sample(logits, params, uniforms).tolist()):
-            if token < 0:  # NaN logits: this request's failure, not the batch's
-                outputs.append(self._fail(req, "sampling failed: the logits are NaN"))
+            if token < 0:  # NaN or infinite logits: this request's failure, not the batch's
+                outputs.append(self._fail(req, "sampling failed: the logits hold a NaN or an infinity"))
             else:
                 outputs.append(self._append(req, token))
         return outputs

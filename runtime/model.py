@@ -126,7 +126,7 @@ class GQAAttention(nn.Module):
             group = cache.group_of[layer]  # the layer's KV group: its slots and block tables (runtime/cache.py)
             q = cache.rotate_and_store(layer, batch.slots[group], qk, v, cos, sin)  # k and v land in the cache
             if batch.fresh:  # the step holds each sequence's every key: the varlen kernel, no cache read
-                k = kernels.apply_rope(qk[:, hq:], cos, sin)  # as rotate_and_store rotated them, bit for bit
+                k = kernels.apply_rope(qk[:, hq:], cos, sin)  # the rotation rotate_and_store stored
                 out = kernels.attention_prefill(
                     q, k, v, batch.cu_seqlens, causal=True, max_seqlen=batch.max_seqlen, window=self.window
                 )

@@ -215,18 +215,28 @@ def torchrun_local() -> tuple[int, int]:
         ) from None
 
 
-def torchrun_size(tensor_parallel_size: int) -> int:
-    """The tensor-parallel size of a command: under torchrun its WORLD_SIZE (every rank torchrun started, on this
-    node and the others, is one rank of the model), which a `--tensor-parallel-size` given too must equal."""
-    world = torchrun_world()[1]
-    if world == 1:
-        return tensor_parallel_size
-    if tensor_parallel_size not in (1, world):
-        raise UserError(
-            f"--tensor-parallel-size {tensor_parallel_size} under torchrun, which started {world} ranks "
-            f"(WORLD_SIZE): give {world} or leave the flag out"
-        )
-    return world
+@dataclass(frozen=True)
+class Launch:
+    """Where a command's tensor-parallel ranks come from: torchrun, whose every rank (on this node and the others)
+    is one rank of the model, or this process, which starts them all here (`--tensor-parallel-size`)."""
+
+    rank: int  # this process's: 0 unless torchrun started it
+    size: int  # the model's ranks
+    local: int  # of them on this machine
+    torchrun: bool
+
+    @classmethod
+    def of(cls, tensor_parallel_size: int) -> Launch:
+        """This process's launch; under torchrun a `--tensor-parallel-size` given too must equal its WORLD_SIZE."""
+        rank, world = torchrun_world()
+        if world == 1:
+            return cls(0, tensor_parallel_size, tensor_parallel_size, False)
+        if tensor_parallel_size not in (1, world):
+            raise UserError(
+                f"--tensor-parallel-size {tensor_parallel_size} under torchrun, which started {world} ranks "
+                f"(WORLD_SIZE): give {world} or leave the flag out"
+            )
+        return cls(rank, world, torchrun_local()[1], True)
 
 
 def join_group(rank: int, size: int, port: int | None, backend: str, timeout_s: float = 600.0) -> TensorParallel:
@@ -326,19 +336,23 @@ def generate_on_ranks(
 
 
 def generate_with_torchrun(
-    checkpoint: str | Path, prompts: list, params: SamplingParams, device: torch.device | str = "cpu", dtype="float32"
+    launch: Launch,
+    checkpoint: str | Path,
+    prompts: list,
+    params: SamplingParams,
+    device: torch.device | str = "cpu",
+    dtype="float32",
 ) -> list[Completion] | None:
     """`Generator.generate` as one of torchrun's ranks (`torchrun ... tessera generate`, one node or several):
     each rank joins torchrun's group, loads its shard and steps the same requests; rank 0's sampling seed is
     everyone's. Rank 0 gets the completions, the other ranks None."""
     device = torch.device(device)
-    rank, size = torchrun_world()
-    check_ranks(checkpoint, size, device, torchrun_local()[1])
-    tp = join_group(rank, size, None, backend_for(device))
+    check_ranks(checkpoint, launch.size, device, launch.local)
+    tp = join_group(launch.rank, launch.size, None, backend_for(device))
     try:
         params = tp.broadcast(params.seeded())
         completions = _generate_on_rank(tp, str(checkpoint), prompts, params, device.type, dtype)
         dist.barrier()  # no rank leaves while another's last collective is in flight
     finally:
         dist.destroy_process_group()
-    return completions if rank == 0 else None
+    return completions if launch.rank == 0 else None

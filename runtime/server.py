@@ -688,12 +688,12 @@ def build_server(
     served_model_name: str | None = None,
     data_parallel_size: int = 1,
     max_request_bytes: int | None = None,
-    **engine: Any,
+    **engine_args: Any,
 ) -> Server:
     """The server of a checkpoint (config.json, safetensors, tokenizer.json): its engine processes start here,
-    each loading the checkpoint, and this returns once all are ready. `engine`: `engine_spec`'s arguments (device,
+    each loading the checkpoint, and this returns once all are ready. `engine_args`: `engine_spec`'s (device,
     dtype, max_batch, ...), checked there first."""
-    spec = engine_spec(model_dir, **engine)
+    spec = engine_spec(model_dir, **engine_args)
     engine = AsyncEngine(spec, data_parallel_size).start()
     template, specials = load_chat_template(model_dir)
     name = served_model_name or Path(model_dir).resolve().name

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tessera.config import EMPTY_BLOCK, ArchConfig, AttentionConfig, BlockConfig, FFNConfig
-from tessera.devices import device_name, dtype_name, parse_dtype, serving_dtype
+from tessera.devices import device_name, dtype_name, serving_dtype
 from tessera.errors import UserError
 from tessera.files import replaced_folder
 from tessera.runtime.loader import save_model
@@ -418,10 +418,10 @@ def run_fusion(
     scenario: Scenario | None = None,
     tokenizer_from: Path | None = None,
     progress: bool = True,
-    timing_dtype: torch.dtype | None = None,
+    timing_dtype: str | None = None,
 ) -> dict:
-    """Analyse, fuse and heal `model`; time fused against unfused on this device, in `timing_dtype` (the serving
-    precision: bf16 on CUDA, fp32 on CPU, when None); save the fused model (bf16,
+    """Analyse, fuse and heal `model`; time fused against unfused on this device, in `timing_dtype` (None: the
+    serving precision, devices.serving_dtype); save the fused model (bf16,
     nemotron-nas in the Ultra-253B layout) to `out` with fusion.json, fusion.md and the heat-maps. Without text
     (None) it fuses explicit groups only (analyse_and_fuse). `out` is replaced whole once everything is written
     (files.replaced_folder): nothing of an earlier output lingers, and an interrupted run leaves it as it was."""
@@ -438,7 +438,7 @@ def run_fusion(
         )
     else:
         # In lockstep, like the search's latency phase (search/cost.py): both meet the machine's speed alike.
-        dtype = timing_dtype or parse_dtype(serving_dtype(device))
+        dtype = serving_dtype(device, timing_dtype)
         timings = lockstep([model.cast(dtype), fused.cast(dtype)], scenario, LATENCY_ROUNDS)
         info["latency_rounds"], info["timing_dtype"] = LATENCY_ROUNDS, dtype_name(dtype)
         info["latency"] = {

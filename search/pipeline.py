@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tessera.config import ArchConfig, BlockConfig
-from tessera.devices import parse_dtype, peak_memory_bytes, reset_peak_memory, serving_dtype
+from tessera.devices import peak_memory_bytes, reset_peak_memory, serving_dtype
 from tessera.errors import UserError
 from tessera.files import atomic_write_text
 from tessera.runtime.loader import save_model
@@ -418,7 +418,7 @@ class Optimizer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = ranks.device(torch.device(cfg.device))
         self.dtype = torch.float32  # training and scoring
-        self.timing_dtype = parse_dtype(cfg.timing_dtype or serving_dtype(self.device))
+        self.timing_dtype = serving_dtype(self.device, cfg.timing_dtype)
         loaded = load_parent(self.parent_dir, corpus, self.device, self.dtype)
         self.parent, self.train_ids = loaded.model, loaded.train_ids
         for scenario in (cfg.scenario, *cfg.also_scenarios):
@@ -702,7 +702,7 @@ class Optimizer:
             self.cfg.scenario,
             tokenizer_from=self.parent_dir,
             progress=self.progress,
-            timing_dtype=self.timing_dtype,
+            timing_dtype=self.cfg.timing_dtype,
         )
         fusion |= {k: f"fused/{v}" for k, v in fusion.items() if k.endswith("_png")}  # paths from report.md
         self._stage("FFN fusion", t)
@@ -723,5 +723,5 @@ def optimize(
     (StoreMismatchError) when not; fresh=True deletes them and trains again."""
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    ranks = Ranks.from_environment()  # under torchrun: this process's rank (search/ranks.py)
+    ranks = Ranks.from_environment(torch.device(cfg.device))  # under torchrun: this process's rank (search/ranks.py)
     return Optimizer(Path(parent_dir), Path(corpus), Path(out), cfg, progress, fresh, ranks).run(budget)

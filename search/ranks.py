@@ -1,8 +1,9 @@
 """The search spread over processes: `torchrun --nproc-per-node N $(which tessera) optimize ...`.
 
-torchrun starts N copies of the command with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set
-(several nodes: `--nnodes`, `--node-rank` and `--rdzv-endpoint`, docs/optimize.md); `Ranks.from_environment` joins
-that process group (gloo on CPU, NCCL on GPUs, each rank on GPU LOCAL_RANK). The work that is independent is
+torchrun starts N copies of the command with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT set (several nodes: `--nnodes`, `--node-rank` and `--rdzv-endpoint`, docs/optimize.md);
+`Ranks.from_environment` joins that process group as the runtime's tensor-parallel ranks do (`parallel.join_group`:
+gloo on CPU, NCCL on GPUs, each rank on GPU LOCAL_RANK). The work that is independent is
 shared out by a fixed rule (`share`: every rank-th item), so each item is done by exactly one rank, with the seed
 it gets in one process: the BLD of each (layer, variant), and replace-1-block scoring. What must be measured in
 one place stays on rank 0 (`on_main`): the cost model, whose blocks are timed against each other, and everything
@@ -13,13 +14,14 @@ every collective is a no-op.
 from __future__ import annotations
 
 import datetime
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from tessera.runtime.parallel import backend_for, join_group, torchrun_local, torchrun_world
 
 T = TypeVar("T")
 TIMEOUT = datetime.timedelta(hours=6)  # a rank may wait this long for another's BLD share
@@ -31,19 +33,19 @@ class Ranks:
 
     rank: int = 0
     size: int = 1
+    local_rank: int = 0  # among the ranks on its machine: its GPU when the search runs on CUDA
 
     @classmethod
-    def from_environment(cls) -> Ranks:
-        """torchrun's process group when WORLD_SIZE > 1 is set, else one rank."""
-        size = int(os.environ.get("WORLD_SIZE", "1"))
+    def from_environment(cls, device: torch.device) -> Ranks:
+        """torchrun's process group when it started several ranks (`parallel.join_group` through its environment,
+        with `device`'s backend: NCCL for CUDA, gloo on CPU), else one rank."""
+        rank, size = torchrun_world()
         if size <= 1:
             return cls()
+        local_rank = torchrun_local()[0]
         if not dist.is_initialized():
-            cuda = torch.cuda.is_available()
-            if cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
-        return cls(dist.get_rank(), dist.get_world_size())
+            join_group(rank, size, None, backend_for(device), TIMEOUT.total_seconds())
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank)
 
     @property
     def main(self) -> bool:
@@ -52,7 +54,7 @@ class Ranks:
     def device(self, device: torch.device) -> torch.device:
         """This rank's device: its own GPU (LOCAL_RANK) when the search runs on CUDA over several ranks."""
         if device.type == "cuda" and self.size > 1:
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", self.local_rank)
         return device
 
     def share(self, items: list[T]) -> list[T]:

@@ -268,24 +268,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stop=tuple(args.stop or ()),
     )  # checked before the model loads
     from tessera.runtime.loader import check_memory
-    from tessera.runtime.parallel import torchrun_local, torchrun_size, torchrun_world
+    from tessera.runtime.parallel import Launch
 
-    device, tp = resolve_device(args.device), torchrun_size(args.tensor_parallel_size)
-    rank, world = torchrun_world()
+    device, launch = resolve_device(args.device), Launch.of(args.tensor_parallel_size)
     # Tensor-parallel ranks on the CPU share its memory; on GPUs each holds a device of their own.
-    local = torchrun_local()[1] if world > 1 else tp  # ranks on this machine
-    check_memory(args.model, device, parse_dtype(args.dtype), tp, copies=local if device.type == "cpu" else 1)
+    copies = launch.local if device.type == "cpu" else 1
+    check_memory(args.model, device, parse_dtype(args.dtype), launch.size, copies)
     start = time.perf_counter()
-    if world > 1:  # torchrun started the ranks (one node or several): rank 0 prints
+    if launch.torchrun:  # torchrun started the ranks (one node or several): rank 0 prints
         from tessera.runtime.parallel import generate_with_torchrun
 
-        completions = generate_with_torchrun(args.model, args.prompt, params, device, args.dtype)
-        if rank > 0:
+        completions = generate_with_torchrun(launch, args.model, args.prompt, params, device, args.dtype)
+        if launch.rank > 0:
             return
-    elif tp > 1:
+    elif launch.size > 1:
         from tessera.runtime.parallel import generate_on_ranks
 
-        completions = generate_on_ranks(args.model, args.prompt, params, tp, device, args.dtype)
+        completions = generate_on_ranks(args.model, args.prompt, params, launch.size, device, args.dtype)
     else:
         completions = _generator(args.model, args.device, args.dtype).generate(args.prompt, params)
     elapsed = time.perf_counter() - start
@@ -362,16 +361,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from tessera.demo import PARENT_DIR
     from tessera.runtime.loader import check_memory
-    from tessera.runtime.parallel import torchrun_local, torchrun_size, torchrun_world
+    from tessera.runtime.parallel import Launch
     from tessera.runtime.server import build_server, engine_spec, run
 
     # Under torchrun (several nodes, docs/runtime.md) every rank it started is one rank of the model: rank 0
     # serves HTTP, the others follow its engine.
-    rank, world = torchrun_world()
-    tp, dp = torchrun_size(args.tensor_parallel_size), args.data_parallel_size
-    if world > 1 and dp > 1:
+    launch, dp = Launch.of(args.tensor_parallel_size), args.data_parallel_size
+    tp, local = launch.size, launch.local  # the model's ranks, those on this machine
+    if launch.torchrun and dp > 1:
         raise UserError("--data-parallel-size under torchrun: torchrun's ranks shard one engine (tensor parallel)")
-    local = torchrun_local()[1] if world > 1 else tp  # ranks on this machine
     threads = None
     if args.device == "cpu":
         # The cores are split between the engine processes; the HTTP side (its own process) needs little. On the
@@ -390,17 +388,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30),
         threads=threads,
         tensor_parallel_size=tp,
-        torchrun=world > 1,
+        torchrun=launch.torchrun,
     )
-    if rank > 0:
+    if launch.rank > 0:
         from tessera.runtime.async_engine import follow
 
-        print(f"tessera serve: rank {rank} of {world} (torchrun) follows rank 0's engine", file=sys.stderr)
+        print(f"tessera serve: rank {launch.rank} of {tp} (torchrun) follows rank 0's engine", file=sys.stderr)
         # Ctrl-C reaches every process of the node, this one too: it waits for the Shutdown rank 0's server then
         # broadcasts, rather than leaving rank 0's collective without it. SIGTERM still stops it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if why := follow(engine_spec(model, **engine), rank):
-            raise UserError(f"tessera serve: rank {rank} of {world}: {why}")
+        if why := follow(engine_spec(model, **engine), launch.rank):
+            raise UserError(f"tessera serve: rank {launch.rank} of {tp}: {why}")
         return
     server = build_server(
         model,
@@ -413,7 +411,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     threads = info["threads"]
     engines = f"{dp} engine process{'es' if dp > 1 else ''} of {threads} thread{'s' if threads > 1 else ''}"
     if tp > 1:
-        ranks = f"{tp} torchrun ranks" if world > 1 else f"{tp} processes"
+        ranks = f"{tp} torchrun ranks" if launch.torchrun else f"{tp} processes"
         engines = f"1 engine sharded over {ranks} of {threads} thread{'s' if threads > 1 else ''}"
     print(
         f"tessera serve: {server.model_name} on {info['device']} ({info['dtype']}, {engines}); "
@@ -464,7 +462,9 @@ def _is_cost_table(path: Path) -> bool:
 
 def _other_rank(command: str, why: str) -> bool:
     """Under torchrun, whether this is a rank other than 0 of a command that runs on rank 0 alone (said once)."""
-    rank = int(os.environ.get("RANK", "0"))
+    from tessera.runtime.parallel import torchrun_world
+
+    rank = torchrun_world()[0]
     if rank > 0:
         print(f"tessera {command}: rank {rank} has nothing to do: {why}; rank 0 runs it", file=sys.stderr)
     return rank > 0
@@ -485,7 +485,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     space = SearchSpace(windows=args.windows)
     variants = [space.block_variants(arch, i) for i in range(arch.n_layers)]
     check = [list(arch.blocks), *random_architectures(variants, args.validate)] if args.validate else []
-    dtype = parse_dtype(args.timing_dtype or serving_dtype(device))
+    dtype = serving_dtype(device, args.timing_dtype)
     table = calibrate(arch, [b for v in variants for b in v], _scenario(args), device, dtype, check)
     atomic_write_text(out, json.dumps(table.to_json(), indent=1) + "\n")
     print(f"{table.device}: non-block {table.non_block_ms:.2f} ms")
@@ -610,8 +610,8 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         model, train_ids, eval_windows = load_frozen(model_dir, device), None, None
     # run_fusion replaces --out whole once complete: an earlier output (or, with --overwrite, another model's
     # training.json and plots) never lingers beside the new checkpoint, and Ctrl-C leaves --out as it was.
-    dtype = parse_dtype(args.timing_dtype or serving_dtype(resolve_device(args.device)))
-    info = run_fusion(model, train_ids, eval_windows, out, cfg, _scenario(args), model_dir, timing_dtype=dtype)
+    scenario, timing = _scenario(args), args.timing_dtype
+    info = run_fusion(model, train_ids, eval_windows, out, cfg, scenario, model_dir, timing_dtype=timing)
     print((out / "fusion.md").read_text())
     if not info["groups"]:
         raise FusionError(f"{model_dir}: nothing to fuse ({info['reason']}); the analysis is in {out}")

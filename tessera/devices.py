@@ -81,10 +81,10 @@ def parse_dtype(name: str) -> torch.dtype:
     return RUN_DTYPES[name]
 
 
-def serving_dtype(device: torch.device | str) -> str:
-    """The precision a model is served and timed in by default: bfloat16 on CUDA, float32 on the CPU (where
-    bf16 GEMMs are slower, not faster)."""
-    return "bfloat16" if torch.device(device).type == "cuda" else "float32"
+def serving_dtype(device: torch.device | str, name: str | None = None) -> torch.dtype:
+    """The precision named (a `--timing-dtype` flag), or by default the one a model is served and timed in on
+    `device`: bfloat16 on CUDA, float32 on the CPU (where bf16 GEMMs are slower, not faster)."""
+    return parse_dtype(name or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
 
 
 def synchronize(device: torch.device) -> None:

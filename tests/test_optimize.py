@@ -320,7 +320,12 @@ from tessera.search.ranks import Ranks
 
 def torchrun_environment(rank, size, port):
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
 
 
@@ -349,7 +354,7 @@ def rank_main(rank, size, port, parent, corpus, out, cfg, fail_after):
         return real_save(self, layer, name, *args, **kwargs)
 
     SublayerStore.save = save
-    ranks = Ranks.from_environment()
+    ranks = Ranks.from_environment(torch.device("cpu"))
     built = library(parent, corpus, out, cfg, ranks)
     (out / f"trained_rank{rank}.json").write_text(json.dumps(trained))
     (out / f"library_rank{rank}.json").write_text(json.dumps(built))
@@ -372,7 +377,7 @@ def gkd_gradients(parent_dir, corpus, ranks):
 
 def gkd_rank(rank, size, port, parent_dir, corpus, out):
     torchrun_environment(rank, size, port)
-    ranks = Ranks.from_environment()
+    ranks = Ranks.from_environment(torch.device("cpu"))
     torch.save(gkd_gradients(parent_dir, corpus, ranks), out / f"grads_rank{rank}.pt")
     ranks.leave()
 """

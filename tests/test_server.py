@@ -604,6 +604,8 @@ def test_serve_under_torchrun_refuses_a_size_that_is_not_torchruns(monkeypatch, 
     from tessera.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--tensor-parallel-size", "4"])
     assert exit_.value.code == 2
