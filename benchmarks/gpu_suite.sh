@@ -70,7 +70,7 @@ step setup 45 bash -c setup
 want tests && step tests 110 python3 -m pytest -q -p no:cacheprovider -n 12 -m "not slow" \
     tests/test_paged_attention.py tests/test_kernels.py tests/test_attention_kernels.py \
     tests/test_kernel_dispatch.py tests/test_engine.py::test_cuda_graph_decode_equals_eager_and_uncached_greedy \
-    tests/test_generate.py::test_the_draws_and_the_sampling_are_the_same_on_cuda
+    tests/test_generate.py::test_the_draws_and_the_sampling_are_the_same_on_cuda tests/test_fp8.py
 want bench_attention && step bench_attention 100 python3 -m tessera.cli bench kernels --suite attention --device cuda
 want tune_attention && step tune_attention 75 python3 -m tessera.benchmarks.tune_attention --device cuda --budget-s 50
 want bench_model && step bench_model 60 python3 -m tessera.cli bench model --device cuda

@@ -13,22 +13,36 @@ before import).
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .attention import attention_prefill_reference, attention_prefill_triton
 from .attention_paged import PagedAttentionMetadata, attention_paged_triton
 from .attention_paged_reference import attention_paged_reference
-from .ffn import TRITON_MAX_ROWS, swiglu_ffn_reference, swiglu_ffn_triton
+from .ffn import TRITON_MAX_ROWS, swiglu_ffn_fp8_scaled_mm, swiglu_ffn_reference, swiglu_ffn_triton
+from .fp8 import (
+    FP8,
+    dequantize_weight,
+    linear_fp8_reference,
+    linear_fp8_scaled_mm,
+    linear_fp8_triton,
+    quantize_weight,
+    scaled_mm_supports,
+)
 from .norm import rms_norm_reference, rms_norm_triton
 from .rope import apply_rope_reference, apply_rope_triton, rope_and_cache_reference, rope_and_cache_triton
 
 __all__ = [
     "BACKEND_ENV",
+    "FP8",
     "PagedAttentionMetadata",
     "apply_rope",
     "attention_paged",
     "attention_prefill",
     "backend",
+    "dequantize_weight",
     "forced_backend",
+    "linear",
+    "quantize_weight",
     "rms_norm",
     "rope_and_cache",
     "set_backend",
@@ -75,17 +89,50 @@ def rms_norm(
     return impl(x, weight, eps, residual)
 
 
+def _cublas_rows(x: torch.Tensor) -> bool:
+    """Whether the automatic dispatch hands an x of this many rows to cuBLAS rather than the Triton GEMMs: past
+    TRITON_MAX_ROWS, where cuBLAS is the faster on the H200 (kernels/ffn.py)."""
+    return _forced is None and x.shape[0] > TRITON_MAX_ROWS
+
+
 def swiglu_ffn(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SwiGLU FFN. x [M, H], w_gate_up [2I, H] = cat(gate, up), w_down [H, I] -> [M, H], plus the residual
-    [M, H] when one is given (added in the down GEMM's epilogue). Chosen automatically, past TRITON_MAX_ROWS rows
-    cuBLAS runs it (the torch path): there it is the faster one on the H200 (kernels/ffn.py)."""
+    [M, H] when one is given (added in the down GEMM's epilogue). FP8 weights come with their per-channel scales
+    gate_up_scale [2I] and down_scale [H] (kernels/fp8.py). Chosen automatically, past TRITON_MAX_ROWS rows
+    cuBLAS runs it (the torch path, or `torch._scaled_mm` for FP8): there it is the faster one on the H200."""
     choice = backend(x, w_gate_up, w_down)
-    if choice == "triton" and _forced is None and x.shape[0] > TRITON_MAX_ROWS:
-        choice = "torch"
+    if choice == "triton" and _cublas_rows(x):
+        if gate_up_scale is None:
+            choice = "torch"
+        elif scaled_mm_supports(x, w_gate_up) and scaled_mm_supports(w_gate_up[: w_down.shape[1]], w_down):
+            return swiglu_ffn_fp8_scaled_mm(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
     impl = swiglu_ffn_triton if choice == "triton" else swiglu_ffn_reference
-    return impl(x, w_gate_up, w_down, residual)
+    return impl(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] · weight [N, K]ᵀ (+ bias [N]) -> [M, N]. A weight in the compute dtype is F.linear (cuBLAS); an
+    FP8 weight comes with its per-channel scales [N] and runs kernels/fp8.py's GEMM (Triton up to
+    TRITON_MAX_ROWS rows, `torch._scaled_mm` past it, the dequantizing reference on the CPU)."""
+    if scale is None:
+        return F.linear(x, weight, bias)
+    if x.dim() != 2:
+        return linear(x.reshape(-1, x.shape[-1]), weight, bias, scale).view(*x.shape[:-1], weight.shape[0])
+    choice = backend(x, weight)
+    if choice == "torch":
+        return linear_fp8_reference(x, weight, scale, bias)
+    if _cublas_rows(x) and scaled_mm_supports(x, weight):
+        return linear_fp8_scaled_mm(x, weight, scale, bias)
+    return linear_fp8_triton(x, weight, scale, bias)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -5,13 +5,11 @@ is two GEMMs:
 1. gate/up: each program computes a gate tile and the matching up tile with two fp32 accumulators that share
    one activation tile, and applies silu(gate)·up in the epilogue, so the [M, 2I] pre-activation never goes
    to memory (Megatron-LM reports +14.8 % decode throughput for this fusion);
-2. down: [M, I] × W_downᵀ, with the residual add in the epilogue. When M is small the output has too few
-   tiles to fill the GPU, so the reduction over I is split (split-K) and a small kernel sums the fp32
-   partials, adds the residual and casts.
+2. down: [M, I] × W_downᵀ, with the residual add in the epilogue: kernels/gemm.py's GEMM (split-K at small M).
 An FFN-Fusion group is this same op with the branches' weights concatenated along I, so widths reach
 ~400,000 (Ultra-253B): every weight offset is computed in int64 (400k rows × 16k columns overflows int32).
-Block shapes are fixed per M range, not autotuned: autotuning is slow, uncached, and must not run inside a
-CUDA-graph capture (REFERENCE.md).
+With FP8 weights (kernels/fp8.py) x is quantized per token before the first GEMM and h before the second; each
+GEMM multiplies FP8 tiles on the tensor cores and applies the token and channel scales in its epilogue.
 """
 
 import torch
@@ -19,7 +17,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .hardware import dot_precision, sm_count
+from .fp8 import linear_fp8_reference, linear_fp8_scaled_mm, quantize_rows_triton
+from .gemm import gemm_blocks, grouped_tile, matmul_triton
+from .hardware import dot_precision
 
 # Rows up to which the automatic dispatch (kernels.swiglu_ffn) runs these kernels; past it, cuBLAS. On the H200
 # (benchmarks/results/nvidia-h200_kernels_ffn.md) they beat cuBLAS eager at 1 and 16 rows (1.02-1.09x, 83-107 % of
@@ -28,19 +28,11 @@ TRITON_MAX_ROWS = 16
 
 
 @triton.jit
-def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (row tile, column tile), GROUP_M row tiles at a time: the programs running together walk
-    the same weight columns, so each weight tile is read from memory once and from L2 after."""
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
-    group_size = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    return first_m + (pid % (GROUP_M * tiles_n)) % group_size, (pid % (GROUP_M * tiles_n)) // group_size
-
-
-@triton.jit
 def _gate_up_kernel(
     x_ptr,
     w_ptr,
+    x_scale_ptr,
+    w_scale_ptr,
     h_ptr,
     M,
     I,
@@ -53,9 +45,10 @@ def _gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SCALED: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, I, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, I, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -76,101 +69,23 @@ def _gate_up_kernel(
         x_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
+    if SCALED:  # FP8 operands: token scales on the rows, gate's and up's channel scales on the columns
+        x_scale = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        acc_gate = acc_gate * x_scale * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        acc_up = acc_up * x_scale * tl.load(w_scale_ptr + I + offs_n, mask=mask_n, other=0.0)[None, :]
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _down_kernel(
-    h_ptr,
-    w_ptr,
-    residual_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    k_per_split,
-    stride_hm,
-    stride_wn,
-    stride_rm,
-    stride_om,
-    stride_os,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """out[split] = h[:, split's K range] · W_down[:, same]ᵀ (+ residual when unsplit)."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    split = tl.program_id(1)
-
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    k_start = split.to(tl.int64) * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    h_ptrs = h_ptr + offs_m[:, None] * stride_hm + (k_start + offs_k)[None, :]  # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (k_start + offs_k)[:, None]  # (BLOCK_K, BLOCK_N): W_downᵀ
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        mask_k = offs_k < k_end - k0
-        h = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(h, w, acc, input_precision=PRECISION)
-        h_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-    out_ptrs = out_ptr + split.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _sum_splits_kernel(
-    partial_ptr,
-    residual_ptr,
-    out_ptr,
-    numel,
-    n_splits,
-    stride_split,
-    HAS_RESIDUAL: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """out = Σ_splits partial (+ residual), over flat contiguous [M·N] views."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, n_splits):
-        acc += tl.load(partial_ptr + s * stride_split + offs, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _gemm_blocks(m: int) -> tuple[int, int, int, int, int]:
-    """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages for an M-row GEMM.
-
-    Up to ~200 rows an H200 GEMM is bound by streaming the weights (REFERENCE.md): the smallest M tile
-    tl.dot takes (16) and long K tiles keep many weight bytes in flight. Past that, square-ish tiles for reuse.
-    """
-    if m <= 16:
-        return 16, 64, 128, 4, 4
-    if m <= 64:
-        return 64, 64, 64, 4, 4
-    if m <= 256:
-        return 64, 128, 64, 4, 3
-    return 128, 128, 64, 8, 3
-
-
-def swiglu_ffn_triton(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x [M, H], w_gate_up [2I, H], w_down [H, I], residual [M, H] or None -> [M, H] (+ residual)."""
+def _check_shapes(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    residual: torch.Tensor | None,
+    gate_up_scale: torch.Tensor | None,
+    down_scale: torch.Tensor | None,
+) -> None:
     m, hidden = x.shape
     inter = w_down.shape[1]
     if w_gate_up.shape != (2 * inter, hidden) or w_down.shape != (hidden, inter):
@@ -180,89 +95,100 @@ def swiglu_ffn_triton(
         )
     if residual is not None and residual.shape != (m, hidden):
         raise ValueError(f"swiglu_ffn: residual must have shape {(m, hidden)}, got {tuple(residual.shape)}")
-    if not x.dtype == w_gate_up.dtype == w_down.dtype:
-        raise ValueError(f"swiglu_ffn: x {x.dtype}, w_gate_up {w_gate_up.dtype} and w_down {w_down.dtype} differ")
+    if gate_up_scale is None:
+        if not x.dtype == w_gate_up.dtype == w_down.dtype:
+            raise ValueError(f"swiglu_ffn: x {x.dtype}, w_gate_up {w_gate_up.dtype} and w_down {w_down.dtype} differ")
+    elif gate_up_scale.shape != (2 * inter,) or down_scale is None or down_scale.shape != (hidden,):
+        raise ValueError(
+            f"swiglu_ffn: FP8 weights need scales ({2 * inter},) and ({hidden},), got "
+            f"{tuple(gate_up_scale.shape)} and {None if down_scale is None else tuple(down_scale.shape)}"
+        )
+
+
+def swiglu_ffn_triton(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, H], w_gate_up [2I, H], w_down [H, I], residual [M, H] or None -> [M, H] (+ residual). With FP8
+    weights, their per-output-channel scales gate_up_scale [2I] and down_scale [H] (kernels/fp8.py)."""
+    _check_shapes(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
+    m, hidden = x.shape
+    inter = w_down.shape[1]
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     residual = residual.contiguous() if residual is not None else None
-    out = torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     if m == 0:
-        return out
-    block_m, block_n, block_k, warps, stages = _gemm_blocks(m)
-    precision = dot_precision(x.dtype)
+        return torch.empty(m, hidden, dtype=x.dtype, device=x.device)
+    scaled = gate_up_scale is not None
+    a, a_scale = quantize_rows_triton(x) if scaled else (x, None)
+    block_m, block_n, block_k, warps, stages = gemm_blocks(m)
     h = torch.empty(m, inter, dtype=x.dtype, device=x.device)  # silu(gate)·up, the only intermediate
     # Two fp32 accumulators: at BLOCK_N 128 they alone would take 128 registers per thread; cap it at 64.
     gate_block_n = min(block_n, 64)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(inter, gate_block_n),)
     _gate_up_kernel[grid](
-        x,
+        a,
         w_gate_up,
+        a_scale if scaled else a,
+        gate_up_scale if scaled else w_gate_up,
         h,
         m,
         inter,
         hidden,
         inter * w_gate_up.stride(0),
-        x.stride(0),
+        a.stride(0),
         w_gate_up.stride(0),
         h.stride(0),
         BLOCK_M=block_m,
         BLOCK_N=gate_block_n,
         BLOCK_K=block_k,
         GROUP_M=8,
-        PRECISION=precision,
+        SCALED=scaled,
+        PRECISION=dot_precision(a.dtype),
         num_warps=warps,
         num_stages=stages,
     )
-
-    # Split the reduction over I until the output tiles cover the SMs twice, keeping >= 8 K tiles per split.
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(hidden, block_n)
-    k_tiles = triton.cdiv(inter, block_k)
-    splits = max(1, min(triton.cdiv(2 * sm_count(x.device), tiles), k_tiles // 8))
-    k_per_split = triton.cdiv(k_tiles, splits) * block_k
-    splits = triton.cdiv(inter, k_per_split)
-    target = out if splits == 1 else torch.empty(splits, m, hidden, dtype=torch.float32, device=x.device)
-    res = residual if residual is not None else out
-    _down_kernel[(tiles, splits)](
-        h,
-        w_down,
-        res,
-        target,
-        m,
-        hidden,
-        inter,
-        k_per_split,
-        h.stride(0),
-        w_down.stride(0),
-        res.stride(0),
-        hidden,
-        m * hidden,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        GROUP_M=8,
-        HAS_RESIDUAL=residual is not None and splits == 1,
-        PRECISION=precision,
-        num_warps=warps,
-        num_stages=stages,
-    )
-    if splits > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(m * hidden, block),)](
-            target,
-            res,
-            out,
-            m * hidden,
-            splits,
-            m * hidden,
-            HAS_RESIDUAL=residual is not None,
-            BLOCK=block,
-        )
-    return out
+    h, h_scale = quantize_rows_triton(h) if scaled else (h, None)
+    return matmul_triton(h, w_down, x.dtype, h_scale, down_scale, residual=residual)
 
 
 def swiglu_ffn_reference(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    gate_up_scale: torch.Tensor | None = None,
+    down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, H], w_gate_up [2I, H], w_down [H, I], residual [M, H] or None -> [M, H] (+ residual)."""
+    """x [M, H], w_gate_up [2I, H], w_down [H, I], residual [M, H] or None -> [M, H] (+ residual). With FP8
+    weights and their scales: both GEMMs as kernels/fp8.py's reference, silu(gate)·up in fp32, rounded to x's
+    dtype before it is quantized (as the Triton path stores it)."""
+    if gate_up_scale is not None:
+        fp32 = torch.float32
+        return _swiglu_ffn_fp8(x, w_gate_up, w_down, residual, gate_up_scale, down_scale, linear_fp8_reference, fp32)
     gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)  # (M, I) each
     out = F.linear(F.silu(gate) * up, w_down)
     return out if residual is None else residual + out
+
+
+def swiglu_ffn_fp8_scaled_mm(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    residual: torch.Tensor | None,
+    gate_up_scale: torch.Tensor,
+    down_scale: torch.Tensor,
+) -> torch.Tensor:
+    """The FP8 FFN on `torch._scaled_mm` (cuBLASLt): the served path past TRITON_MAX_ROWS rows on CUDA."""
+    _check_shapes(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
+    # Row-wise scaled cuBLASLt writes bf16 only: gate and up are rounded to it before silu(gate)·up.
+    return _swiglu_ffn_fp8(x, w_gate_up, w_down, residual, gate_up_scale, down_scale, linear_fp8_scaled_mm, x.dtype)
+
+
+def _swiglu_ffn_fp8(x, w_gate_up, w_down, residual, gate_up_scale, down_scale, linear, gate_dtype) -> torch.Tensor:
+    gate, up = linear(x, w_gate_up, gate_up_scale, out_dtype=gate_dtype).chunk(2, dim=-1)
+    h = (F.silu(gate) * up).to(x.dtype)
+    return linear(h, w_down, down_scale, residual=residual)

@@ -416,7 +416,7 @@ class Engine:
         """What this engine runs on, for the server's start-up line."""
         return {
             "device": str(self.device),
-            "dtype": dtype_name(self.dtype),
+            "dtype": "fp8" if self.model.is_fp8 else dtype_name(self.dtype),
             "threads": torch.get_num_threads(),
             "max_model_len": self.max_model_len,
             "pages": self.cache.usable_pages,

@@ -35,6 +35,7 @@ from tessera.config import ArchConfig, ConfigError, dtype_bytes, json_excerpt, r
 from tessera.devices import available_memory, dtype_name
 from tessera.errors import UserError
 from tessera.files import atomic_write_text, replaced_folder
+from tessera.kernels import FP8, dequantize_weight
 from tessera.runtime.model import Model
 from tessera.runtime.weights import LM_HEAD, hf_weight_shapes, pack_model, unpack_model
 
@@ -137,7 +138,7 @@ def read_hf_tensors(
                         f"{file}: tensor {name} is {stored_dtype or kind}, expected a floating-point dtype"
                     )
                 dtypes[name] = stored_dtype
-    _check_dtype_mix(dtypes, files)
+    _check_dtype_mix(dtypes, files, arch)
     tensors: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
         with _open_safetensors(file) as f:
@@ -148,10 +149,21 @@ def read_hf_tensors(
     return tensors
 
 
-def _check_dtype_mix(dtypes: dict[str, torch.dtype], files: dict[str, Path]) -> None:
-    """8-bit floats beside wider ones are a quantised checkpoint (fp8 matrices, bf16 norms and embeddings)
-    whose scales tessera does not read: loaded as they are, the fp8 weights would be silently wrong. Wider
+def _check_dtype_mix(dtypes: dict[str, torch.dtype], files: dict[str, Path], arch: ArchConfig) -> None:
+    """In an FP8 checkpoint (config.json's quantization_config), each matrix with a scale is E4M3 and everything
+    else wider. Otherwise 8-bit floats beside wider ones are a quantised checkpoint whose config does not say
+    so, or a scheme tessera does not read: loaded as they are, the fp8 weights would be silently wrong. Wider
     floats may mix (fp32 norms beside bf16 matrices are common; each is cast to the run dtype)."""
+    if arch.quantization == "fp8":
+        quantized = {n.removesuffix("_scale") for n in dtypes if n.endswith("_scale")}
+        for name, dtype in dtypes.items():
+            if (dtype == FP8) != (name in quantized):
+                want = "float8_e4m3fn (it has a weight_scale)" if name in quantized else "a 16- or 32-bit float"
+                raise CheckpointError(
+                    f"{files[name]}: tensor {name} is {dtype_name(dtype)}, expected {want}: config.json's "
+                    "quantization_config says FP8 with per-channel scales"
+                )
+        return
     narrow = sorted(n for n, d in dtypes.items() if d.itemsize == 1)
     wide = sorted(n for n, d in dtypes.items() if d.itemsize > 1)
     if narrow and wide:
@@ -172,7 +184,7 @@ def _check_values(t: torch.Tensor, name: str, file: Path, dtype: torch.dtype | N
     lo, hi = (v.item() for v in torch.aminmax(x))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise CheckpointError(f"{file}: tensor {name} holds NaN or inf values (min {lo}, max {hi})")
-    if dtype is not None and dtype.is_floating_point:
+    if dtype is not None and dtype.is_floating_point and t.dtype.itemsize > 1:  # an FP8 matrix stays FP8
         largest, limit = max(-lo, hi), torch.finfo(dtype).max
         if largest > limit:
             raise CheckpointError(
@@ -189,16 +201,41 @@ def _open_safetensors(file: Path):
 
 
 def load_hf_state(model: Model, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy Hugging Face-named tensors into the model, packing q/k/v and gate/up (runtime/weights.py)."""
-    params = dict(model.named_parameters())
+    """Copy Hugging Face-named tensors into the model, packing q/k/v and gate/up (runtime/weights.py). Into an
+    FP8 model (Model.empty in kernels.FP8): E4M3 matrices and their scales as they are, the LM head quantized from
+    the checkpoint's (or the embedding, when tied)."""
+    state = _state(model)
     with torch.no_grad():
         for name, t in pack_model(model.arch, tensors):
-            params[name].copy_(t)
+            if name == LM_HEAD.param and model.is_fp8:
+                continue  # quantized below, from the compute-dtype head the checkpoint stores
+            state[name].copy_(t.reshape(state[name].shape))  # scales: [rows, 1] on disk, [rows] in memory
+        if model.is_fp8:
+            model.quantize_head(tensors.get(LM_HEAD.hf) if not model.arch.tie_embeddings else None)
 
 
 def hf_state(model: Model) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face names (q/k/v and gate/up split back apart), in checkpoint order."""
-    return unpack_model(model.arch, dict(model.named_parameters()))
+    """The model's weights under Hugging Face names (q/k/v and gate/up split back apart), in checkpoint order.
+    An FP8 model's: E4M3 matrices with their `weight_scale`s, the LM head dequantized to the compute dtype (the
+    layout vLLM reads: tessera/hf_config.py)."""
+    state = _state(model)
+    if model.is_fp8 and not model.arch.tie_embeddings:
+        state[LM_HEAD.param] = dequantize_weight(model.lm_head, model.lm_head_scale, model.embed_tokens.weight.dtype)
+    return unpack_model(model.arch, state)
+
+
+def _state(model: Model) -> dict[str, torch.Tensor]:
+    """Parameters and buffers (an FP8 model's scales) by state-dict name."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def dequantize_checkpoint(arch: ArchConfig, tensors: dict[str, torch.Tensor]) -> tuple[ArchConfig, dict]:
+    """An FP8 checkpoint's tensors as a plain one's: each `X_scale` folded into X (in fp32, cast on load)."""
+    out = dict(tensors)
+    for name in [n for n in tensors if n.endswith("_scale")]:
+        weight = name.removesuffix("_scale")
+        out[weight] = dequantize_weight(out[weight], out.pop(name).reshape(-1), torch.float32)
+    return replace(arch, quantization=None), out
 
 
 def check_memory(
@@ -229,7 +266,9 @@ def check_memory(
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Model:
-    """Load a Hugging Face Llama or nemotron-nas checkpoint directory as a tessera `Model` in eval mode."""
+    """Load a Hugging Face Llama or nemotron-nas checkpoint directory as a tessera `Model` in eval mode. dtype
+    kernels.FP8: FP8 projections with bf16 activations, from an FP8 checkpoint as stored or quantized from a
+    wider one at load; an FP8 checkpoint loaded in another dtype is dequantized."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a checkpoint with config.json and safetensors)")
@@ -237,10 +276,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         arch = ArchConfig.from_json(path / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    tensors = read_hf_tensors(path, arch, dtype)
-    model = Model.empty(arch, device, dtype)
+    fp8 = dtype == FP8
+    tensors = read_hf_tensors(path, arch, torch.bfloat16 if fp8 else dtype)
+    if arch.quantization == "fp8" and not fp8:
+        arch, tensors = dequantize_checkpoint(arch, tensors)
+    model = Model.empty(arch, device, dtype if arch.quantization == "fp8" else torch.bfloat16 if fp8 else dtype)
     load_hf_state(model, tensors)
-    return model.eval()
+    return (model.to_fp8() if fp8 else model).eval()
 
 
 def save_model(
@@ -266,7 +308,7 @@ def save_model(
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path}: exists and is not a directory (expected a checkpoint directory to write)")
     target = path.resolve() if path.is_symlink() else path  # replace the directory a link names, keep the link
-    tensors = {n: t.detach().to(dtype or t.dtype).contiguous().cpu() for n, t in hf_state(model).items()}
+    tensors = {n: _stored(n, t, dtype) for n, t in hf_state(model).items()}
     stored = next(iter(tensors.values())).dtype
     stored_name = dtype_name(stored)
     try:
@@ -287,11 +329,19 @@ def save_model(
     return path
 
 
+def _stored(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A tensor as saved: in `dtype` when given, except an FP8 model's E4M3 matrices and fp32 scales."""
+    keep = dtype is None or t.dtype == FP8 or name.endswith("_scale")
+    return t.detach().to(t.dtype if keep else dtype).contiguous().cpu()
+
+
 def _write_checkpoint(
     out: Path, arch: ArchConfig, tensors: dict[str, torch.Tensor], max_shard_bytes: int, fmt: hf_config.Format
 ) -> str | None:
     """Write the checkpoint into `out`; returns why only tessera can load it, when that is so."""
     config = arch.to_hf_dict(fmt)
+    if arch.quantization == "fp8":
+        config["quantization_config"] = hf_config.fp8_quantization_config()
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

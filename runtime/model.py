@@ -16,10 +16,9 @@ times, and what serving runs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tessera import kernels
@@ -90,10 +89,19 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
+def _no_scales(module: nn.Module) -> None:
+    """Register each of the module's `matrices` a `<name>_scale` buffer, None until Model.to_fp8 quantizes it (a
+    None buffer is no state-dict entry: a model in bf16 or fp32 has the state it always had)."""
+    for name in module.matrices:
+        module.register_buffer(f"{name}_scale", None)
+
+
 class GQAAttention(nn.Module):
     """Grouped-query attention with the layer's own KV-head count and window, and what the parent's family adds:
     q/k/v biases (Qwen2) in the packed projection, an RMSNorm over each query and key head before RoPE
     (Qwen3)."""
+
+    matrices = ("w_qkv", "w_o")  # what FP8 quantizes (Model.to_fp8), each with a `<name>_scale` buffer
 
     def __init__(self, arch: ArchConfig, attention: AttentionConfig, layer_idx: int) -> None:
         super().__init__()
@@ -105,11 +113,12 @@ class GQAAttention(nn.Module):
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.w_o = nn.Parameter(torch.empty(arch.hidden_size, q_dim))
+        _no_scales(self)
         self.tp = None  # a tensor-parallel shard's group (runtime/parallel.py): the output is a partial sum
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         n, hq, hkv, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = F.linear(x, self.w_qkv, self.b_qkv)  # (N, (Hq + 2 Hkv) D)
+        qkv = kernels.linear(x, self.w_qkv, self.b_qkv, self.w_qkv_scale)  # (N, (Hq + 2 Hkv) D)
         qk = qkv[:, : (hq + hkv) * d].view(n, hq + hkv, d)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
@@ -134,7 +143,7 @@ class GQAAttention(nn.Module):
                 out = kernels.attention_paged(
                     q, cache.k[layer], cache.v[layer], batch.attention[group], window=self.window
                 )
-        out = F.linear(out.reshape(n, hq * d), self.w_o)
+        out = kernels.linear(out.reshape(n, hq * d), self.w_o, scale=self.w_o_scale)
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -142,30 +151,36 @@ class LinearSublayer(nn.Module):
     """Puzzle's linear replacement for attention or FFN: one [H, H] matrix, no bias, no KV cache. A
     tensor-parallel shard holds the columns `cols` of it and multiplies that slice of its input."""
 
+    matrices = ("weight",)
+
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size))
+        _no_scales(self)
         self.tp, self.cols = None, None
 
     def forward(self, x: torch.Tensor, *_: object, residual: torch.Tensor | None = None) -> torch.Tensor:
-        out = F.linear(x if self.cols is None else x[:, self.cols], self.weight)
+        out = kernels.linear(x if self.cols is None else x[:, self.cols], self.weight, scale=self.weight_scale)
         if residual is not None and (self.tp is None or self.tp.rank == 0):  # added once across the ranks
             out = residual + out
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class SwiGLU(nn.Module):
+    matrices = ("w_gate_up", "w_down")
+
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.w_gate_up = nn.Parameter(torch.empty(2 * intermediate_size, hidden_size))  # cat(gate, up)
         self.w_down = nn.Parameter(torch.empty(hidden_size, intermediate_size))
+        _no_scales(self)
         self.tp = None  # a tensor-parallel shard's group: a share of the width, a partial sum out
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """FFN(x), plus the residual when given (added in the down GEMM's epilogue on the Triton path)."""
         if self.tp is not None and self.tp.rank > 0:
             residual = None  # added once across the ranks
-        out = kernels.swiglu_ffn(x, self.w_gate_up, self.w_down, residual)
+        out = kernels.swiglu_ffn(x, self.w_gate_up, self.w_down, residual, self.w_gate_up_scale, self.w_down_scale)
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -221,6 +236,8 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, b, i) for i, b in enumerate(arch.blocks))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = None if arch.tie_embeddings else nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size))
+        # FP8 (to_fp8): the head's per-row scales. A tied head gets an FP8 copy of the embedding in `lm_head`.
+        self.register_buffer("lm_head_scale", None)
         # Rotation frequencies [D/2] in fp32, one copy per device, made on first use. Not a buffer: a model
         # cast to bf16 must keep fp32 angles (positions past 256 lose them).
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -240,25 +257,75 @@ class Model(nn.Module):
     def empty(cls, arch: ArchConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
         """A model with uninitialised weights allocated directly on `device` in `dtype`: built on the meta
         device (no default init to run and throw away), then given storage once, in the target dtype (an 8B
-        model in bf16 never passes through 32 GB of fp32). Follow with init_weights() or a state dict."""
+        model in bf16 never passes through 32 GB of fp32). Follow with init_weights() or a state dict.
+        kernels.FP8: to_fp8's layout (E4M3 projections and their scales, bf16 for the rest), to load into."""
+        fp8 = dtype == kernels.FP8  # the layout of to_fp8, its values to load (runtime/loader.py)
         default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
+        torch.set_default_dtype(torch.bfloat16 if fp8 else dtype)
         try:
             with torch.device("meta"):
                 model = cls(arch)
+                if fp8:
+                    model._fp8_matrices(
+                        lambda w: (torch.empty_like(w, dtype=kernels.FP8), torch.empty(w.shape[0], dtype=torch.float32))
+                    )
+                    model.lm_head = nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size, dtype=kernels.FP8))
+                    model.lm_head_scale = torch.empty(arch.vocab_size, dtype=torch.float32)
+                    model.arch = replace(arch, quantization="fp8")
         finally:
             torch.set_default_dtype(default)
         return model.to_empty(device=device)
 
+    @property
+    def is_fp8(self) -> bool:
+        return self.lm_head_scale is not None
+
+    @property
+    def run_dtype(self) -> torch.dtype:
+        """The precision the model runs in, as `--dtype` names it: its compute dtype, or FP8 (kernels.FP8)."""
+        return kernels.FP8 if self.is_fp8 else self.embed_tokens.weight.dtype
+
     def cast(self, dtype: torch.dtype) -> Model:
         """A copy of this model in `dtype` on its device (a model trained in fp32, timed in the precision it is
-        served in); itself when it is in `dtype` already."""
-        weights = self.embed_tokens.weight
-        if weights.dtype == dtype:
+        served in); itself when it is in `dtype` already. kernels.FP8: bf16 activations and embeddings, FP8
+        projections (to_fp8)."""
+        if self.run_dtype == dtype:
             return self
-        copy = Model.empty(self.arch, weights.device, dtype)
+        if self.is_fp8:
+            raise ValueError(f"an FP8 model is not cast to {dtype}: load its checkpoint in {dtype} instead")
+        weights = self.embed_tokens.weight
+        copy = Model.empty(self.arch, weights.device, torch.bfloat16 if dtype == kernels.FP8 else dtype)
         copy.load_state_dict(self.state_dict())  # copied into the new dtype
-        return copy.eval()
+        return (copy.to_fp8() if dtype == kernels.FP8 else copy).eval()
+
+    def to_fp8(self) -> Model:
+        """Quantize in place every projection matrix (attention, FFN, linear replacements, LM head) to E4M3 with
+        per-output-channel scales (kernels/fp8.py); embeddings and norms keep their dtype, which activations run
+        in. Inference only: the FP8 weights take no gradients. Returns self."""
+        with torch.no_grad():
+            self._fp8_matrices(kernels.quantize_weight)
+            if not self.is_fp8:
+                self.quantize_head()
+        return self
+
+    def quantize_head(self, weight: torch.Tensor | None = None) -> None:
+        """The LM head in FP8 from `weight` [vocab, H] (an FP8 checkpoint keeps its head in the compute dtype, as
+        vLLM reads it), or from the head's own weights, or the embedding's when tied."""
+        if weight is None:
+            weight = self.embed_tokens.weight if self.arch.tie_embeddings else self.lm_head
+        q, scale = kernels.quantize_weight(weight.to(self.embed_tokens.weight.device))
+        self.lm_head, self.lm_head_scale = nn.Parameter(q, requires_grad=False), scale
+        self.arch = replace(self.arch, quantization="fp8")
+
+    def _fp8_matrices(self, quantize) -> None:
+        """Each projection matrix W not in FP8 yet replaced by quantize(W) = (E4M3 weights, per-row scales)."""
+        for module in self.modules():
+            for name in getattr(module, "matrices", ()):
+                if getattr(module, name).dtype == kernels.FP8:
+                    continue
+                q, scale = quantize(getattr(module, name))
+                setattr(module, name, nn.Parameter(q, requires_grad=False))
+                setattr(module, f"{name}_scale", scale)
 
     def init_weights(self, std: float = 0.02, seed: int | None = None, layers_only: bool = False) -> Model:
         """Random init for training from scratch, tests and benchmarks: N(0, std), output projections scaled
@@ -308,7 +375,7 @@ class Model(nn.Module):
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden, self.lm_head_weight)
+        out = kernels.linear(hidden, self.lm_head_weight, scale=self.lm_head_scale)
         return out if self.tp is None else self.tp.all_gather_columns(out, self.vocab_widths)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

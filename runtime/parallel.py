@@ -34,6 +34,7 @@ from torch import nn
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, ConfigError, FFNConfig
 from tessera.devices import parse_dtype
 from tessera.errors import UserError
+from tessera.kernels import FP8
 from tessera.runtime.generate import Generator
 from tessera.runtime.loader import CheckpointError, hf_state, load_hf_state, read_hf_tensors
 from tessera.runtime.model import LinearSublayer, Model
@@ -168,10 +169,19 @@ def _rank_model(arch: ArchConfig, tensors: dict[str, torch.Tensor], tp: TensorPa
     return local.eval()
 
 
+def _refuse_fp8(fp8: bool, what: str) -> None:
+    if fp8:
+        raise UserError(
+            f"{what}: FP8 over tensor-parallel ranks is not supported yet (the per-channel scales are not sharded); "
+            "run FP8 on one rank, or shard it in bfloat16"
+        )
+
+
 def shard_model(model: Model, tp: TensorParallel) -> Model:
     """Rank tp.rank's shard of a model in memory (its device and dtype), wired to all-reduce through `tp`."""
     arch = model.arch
     rank_arch(arch, tp.rank, tp.size)  # refuses a size that does not divide the model
+    _refuse_fp8(arch.quantization == "fp8" or model.is_fp8, "the model")
     with torch.no_grad():
         parts = {n: shard_part(arch, n, t, tp.rank, tp.size).clone() for n, t in hf_state(model).items()}
         return _rank_model(arch, parts, tp, model.embed_tokens.weight)
@@ -186,6 +196,7 @@ def load_shard(path: str | Path, tp: TensorParallel, device: torch.device | str 
         rank_arch(arch, tp.rank, tp.size)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    _refuse_fp8(dtype == FP8 or arch.quantization == "fp8", str(path))
     parts = read_hf_tensors(path, arch, dtype, part=lambda n, lazy: shard_part(arch, n, lazy, tp.rank, tp.size))
     like = torch.empty(0, device=device, dtype=dtype)
     with torch.no_grad():

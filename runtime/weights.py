@@ -30,6 +30,7 @@ import torch
 from tessera.config import ArchConfig, BlockConfig
 
 HIDDEN, Q, KV, INTER, VOCAB, HEAD = "hidden", "q", "kv", "inter", "vocab", "head"
+ONE = "one"  # an FP8 scale's column: `<name>.weight_scale` is [rows, 1] on disk, [rows] in memory
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ LM_HEAD = Weight("head", "lm_head.weight", "lm_head", (VOCAB, HIDDEN))  # absent
 def sizes(arch: ArchConfig, block: BlockConfig | None = None) -> dict[str, int]:
     """Axis sizes: the model-wide ones, and with `block` that layer's KV and FFN widths."""
     out = {HIDDEN: arch.hidden_size, Q: arch.n_heads * arch.head_dim, VOCAB: arch.vocab_size, HEAD: arch.head_dim}
+    out[ONE] = 1
     if block is not None:
         if block.attention.kind == "gqa":
             out[KV] = block.attention.n_kv_heads * arch.head_dim
@@ -114,10 +116,23 @@ def sublayers(arch: ArchConfig) -> Iterator[tuple[str, str, tuple[Weight, ...], 
     The order is the order tensors are written in, so it decides which shard each lands in: keep it."""
     yield "", "", EMBEDDINGS if arch.tie_embeddings else (*EMBEDDINGS, LM_HEAD), None
     attention = attention_tables(arch)
+    scaled = with_fp8_scales if arch.quantization == "fp8" else tuple
     for i, block in enumerate(arch.blocks):
         hf, param = f"model.layers.{i}.", f"layers.{i}."
-        yield hf, param, attention[block.attention.kind], block
-        yield hf, param, FFN[block.ffn.kind], block
+        yield hf, param, scaled(attention[block.attention.kind]), block
+        yield hf, param, scaled(FFN[block.ffn.kind]), block
+
+
+def with_fp8_scales(table: Sequence[Weight]) -> tuple[Weight, ...]:
+    """A layer's table with each matrix's FP8 scale (`<hf>_scale`, packed like the matrix's rows into
+    `<param>_scale`) after the matrices of each parameter. The LM head has none on disk: an FP8 checkpoint keeps
+    it in the compute dtype, as vLLM reads it (tessera quantizes it at load, Model.quantize_head)."""
+    out: list[Weight] = []
+    for param, group in _by_param(table):
+        out += group
+        if len(group[0].axes) == 2:
+            out += [Weight(f"{w.role}_scale", f"{w.hf}_scale", f"{param}_scale", (w.axes[0], ONE)) for w in group]
+    return tuple(out)
 
 
 def sublayer_kind(tables: Mapping[str, tuple[Weight, ...]], params: Mapping[str, torch.Tensor]) -> str:
@@ -178,5 +193,6 @@ def unpack_model(arch: ArchConfig, params: Mapping[str, torch.Tensor]) -> dict[s
     out = {}
     for hf, param, table, _ in sublayers(arch):
         parts = unpack(table, {w.param: params[param + w.param] for w in table}, arch)
-        out.update((hf + w.hf, parts[w.role]) for w in table)
+        # a scale is [rows] in memory, [rows, 1] on disk
+        out.update((hf + w.hf, parts[w.role].unsqueeze(-1) if w.axes[-1] == ONE else parts[w.role]) for w in table)
     return out

@@ -44,6 +44,7 @@ from tqdm import tqdm
 from tessera.config import EMPTY_BLOCK, ArchConfig, BlockConfig, dtype_bytes
 from tessera.devices import available_memory, device_name, dtype_name, synchronize
 from tessera.errors import UserError
+from tessera.kernels import FP8
 from tessera.runtime.cache import kept_tokens
 from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.model import Model
@@ -172,13 +173,19 @@ def timing_models(
 ) -> list[Model]:
     """Models of `arch`'s shape with these blocks and random weights (seeded), all sharing one embedding, final
     norm and LM head: timing needs the work, not a copy of the vocabulary matrices per model."""
-    shared = Model.empty(arch.with_blocks([EMPTY_BLOCK]), device, dtype).init_weights(seed=0)
+    fp8 = dtype == FP8  # drawn in bf16, then quantized (Model.to_fp8)
+    compute = torch.bfloat16 if fp8 else dtype
+    shared = Model.empty(arch.with_blocks([EMPTY_BLOCK]), device, compute).init_weights(seed=0)
+    if fp8:
+        shared.to_fp8()
     models = []
     for k, blocks in enumerate(architectures):
-        model = Model.empty(arch.with_blocks(list(blocks)), "meta", dtype)
+        model = Model.empty(arch.with_blocks(list(blocks)), "meta", compute)
         model.embed_tokens, model.norm, model.lm_head = shared.embed_tokens, shared.norm, shared.lm_head
+        model.lm_head_scale = shared.lm_head_scale
         model.layers.to_empty(device=device)
-        models.append(model.init_weights(seed=1 + k, layers_only=True))
+        model.init_weights(seed=1 + k, layers_only=True)
+        models.append(model.to_fp8() if fp8 else model)
     return models
 
 

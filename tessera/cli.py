@@ -1,4 +1,5 @@
-"""The `tessera` command line: info, generate, serve, demo, demo-parent, bench, search, calibrate, optimize, fuse.
+"""The `tessera` command line: info, generate, serve, quantize, demo, demo-parent, bench, search, calibrate, optimize,
+fuse.
 
 User mistakes (a malformed config.json, a missing tensor, a prompt longer than the context, a CUDA request
 on a machine without one) raise a `UserError` (tessera/errors.py) and end in one line `tessera: error: ...`
@@ -618,6 +619,30 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     print(f"fused checkpoint: {out}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from tessera.kernels import FP8
+    from tessera.runtime.loader import load_model, save_model
+
+    model_dir = Path(args.model)
+    inputs = {"--model": model_dir, "the current folder": Path.cwd()}
+    out = check_output(
+        args.out,
+        "--out",
+        folder=True,
+        command="quantize",
+        ours=lambda p: (p / "config.json").is_file(),
+        overwrite=args.overwrite,
+        inputs=inputs,
+    )
+    model = load_model(model_dir, resolve_device(args.device), FP8)
+    save_model(model, out, tokenizer_from=model_dir)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(
+        f"FP8 checkpoint (E4M3 weights, per-channel scales, compressed-tensors layout): {out} "
+        f"({size / 2**20:.1f} MiB of safetensors)"
+    )
+
+
 def _add_device(p: argparse.ArgumentParser, dtype: bool = False) -> None:
     """--device (and --dtype) as every command that runs a model takes them."""
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -693,6 +718,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "quantize",
+        help="write an FP8 copy of a checkpoint (E4M3 weights with per-channel scales, the layout vLLM reads)",
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--out", required=True, help="folder for the FP8 checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds something else")
+    _add_device(p)
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("demo", help="show the bundled demo parent and generate from it")
     p.add_argument("--model", default=None, help="checkpoint directory (default: demo/parent)")

@@ -172,6 +172,9 @@ class ArchConfig:
     # for configs without the key, `fused_ffn_spans()` infers them from the layout.
     fusion_spans: tuple[tuple[int, int], ...] = ()
     family: Family = "llama"  # the Hugging Face family of the parent (its config.json's model_type)
+    # "fp8": the checkpoint's projection matrices are E4M3 with per-channel scales (tessera/hf_config.py); None: all
+    # weights in `dtype`.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

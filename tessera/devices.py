@@ -20,7 +20,13 @@ import torch
 from tessera.errors import UserError
 
 # The dtypes a model runs in (`--dtype`); a checkpoint may store more (tessera.config.DTYPE_BYTES).
-RUN_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# "fp8": E4M3 projection weights with per-channel scales, bf16 activations (kernels/fp8.py).
+RUN_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp8": torch.float8_e4m3fn,
+}
 
 
 def available_memory(device: torch.device) -> int:
@@ -76,6 +82,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def parse_dtype(name: str) -> torch.dtype:
     """A run dtype from its name (a `--dtype` flag); a UserError naming the choices otherwise."""
+    if name == dtype_name(torch.float8_e4m3fn):  # how results and cost tables spell "fp8"
+        name = "fp8"
     if name not in RUN_DTYPES:
         raise UserError(f"dtype {name!r}: expected one of {', '.join(RUN_DTYPES)}")
     return RUN_DTYPES[name]

@@ -237,6 +237,55 @@ def _read_dtype(cfg: dict[str, Any], source: str) -> str:
     return value
 
 
+# The one quantized layout tessera reads and writes: compressed-tensors "FP8 dynamic" (llm-compressor's scheme, read
+# by vLLM and SGLang): E4M3 weights with one scale per output channel (`<name>.weight_scale`, [N, 1]), activations
+# quantized per token at run time, the LM head (and embeddings, norms) left in `torch_dtype` (kernels/fp8.py).
+FP8_WEIGHTS = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}
+FP8_ACTIVATIONS = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
+
+
+def fp8_quantization_config() -> dict[str, Any]:
+    """config.json's "quantization_config" for an FP8 checkpoint written by tessera."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": FP8_WEIGHTS, "input_activations": FP8_ACTIVATIONS}
+        },
+        "ignore": ["lm_head"],
+    }
+
+
+def _read_quantization(cfg: dict[str, Any], source: str) -> str | None:
+    """ "fp8" for a compressed-tensors FP8 checkpoint with per-channel weight scales, None for none; any other
+    quantization is refused by name (its tensors would load as garbage)."""
+    q = cfg.get("quantization_config")
+    if q is None:
+        return None
+    expected = (
+        "null, or compressed-tensors FP8 with per-channel weights and dynamic per-token activations "
+        '(weights {"type": "float", "num_bits": 8, "strategy": "channel"}, "ignore": ["lm_head"])'
+    )
+    if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors":
+        raise _bad(source, "quantization_config", expected, q)
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise _bad(source, "quantization_config.config_groups", "one group (every Linear layer alike)", groups)
+    (group,) = groups.values()
+    weights = group.get("weights") if isinstance(group, dict) else None
+    keys = ("num_bits", "type", "strategy")
+    if not isinstance(weights, dict) or any(weights.get(k) != FP8_WEIGHTS[k] for k in keys):
+        raise _bad(source, "quantization_config.config_groups weights", json.dumps(FP8_WEIGHTS), weights)
+    acts = group.get("input_activations")
+    if acts is not None and (not isinstance(acts, dict) or acts.get("type") != "float" or acts.get("num_bits") != 8):
+        raise _bad(source, "quantization_config.config_groups input_activations", "8-bit float activations", acts)
+    ignore = q.get("ignore", [])
+    if not isinstance(ignore, list) or not all(isinstance(n, str) and n.split(".")[-1] == "lm_head" for n in ignore):
+        raise _bad(source, "quantization_config.ignore", '["lm_head"] (every other Linear quantized)', ignore)
+    return "fp8"
+
+
 def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
     """The architecture a parsed config.json describes; `source` names it in error messages."""
     model_type = cfg.get("model_type")
@@ -315,6 +364,7 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
             dtype=_read_dtype(cfg, source),
             fusion_spans=_read_fusion_spans(cfg, source),
             family=family,
+            quantization=_read_quantization(cfg, source),
         )
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None

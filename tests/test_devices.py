@@ -28,10 +28,15 @@ def test_run_dtype_names_round_trip(name: str) -> None:
     assert dtype_name(parse_dtype(name)) == name
 
 
+def test_fp8_is_named_fp8_on_the_command_line_and_float8_e4m3fn_in_results() -> None:
+    assert parse_dtype("fp8") == torch.float8_e4m3fn
+    assert parse_dtype(dtype_name(torch.float8_e4m3fn)) == torch.float8_e4m3fn
+
+
 def test_parse_dtype_refuses_other_names() -> None:
     # float64 is a storage dtype (a checkpoint may hold it), not one tessera runs in.
     for name in ("float64", "fp16", "torch.float16"):
-        with pytest.raises(ValueError, match=rf"^dtype '{name}': expected one of float32, float16, bfloat16$"):
+        with pytest.raises(ValueError, match=rf"^dtype '{name}': expected one of float32, float16, bfloat16, fp8$"):
             parse_dtype(name)
 
 

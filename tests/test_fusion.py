@@ -252,7 +252,7 @@ def test_empty_layers_cost_nothing_and_fused_ffn_is_one_kernel_call(monkeypatch)
     calls = []
     real_ffn, real_norm = kernels.swiglu_ffn, kernels.rms_norm
     monkeypatch.setattr(
-        kernels, "swiglu_ffn", lambda x, gu, d, r=None: calls.append(d.shape[1]) or real_ffn(x, gu, d, r)
+        kernels, "swiglu_ffn", lambda x, gu, d, *rest: calls.append(d.shape[1]) or real_ffn(x, gu, d, *rest)
     )
     monkeypatch.setattr(kernels, "rms_norm", lambda *a, **k: calls.append("norm") or real_norm(*a, **k))
     with torch.no_grad():

@@ -1,0 +1,170 @@
+"""FP8 (E4M3) weights with per-output-channel scales, activations quantized per token on the fly.
+
+The scheme is vLLM's and llm-compressor's "FP8 dynamic" (compressed-tensors, `strategy: channel` weights,
+`strategy: token` dynamic activations), the layout a tessera FP8 checkpoint is saved in (runtime/loader.py):
+- a weight W [N, K] is stored as Wq = W / s_w in float8_e4m3fn with s_w[n] = max_k |W[n, k]| / 448;
+- an activation x [M, K] is quantized at each GEMM: s_x[m] = max_k |x[m, k]| / 448, xq = x / s_x;
+- x · Wᵀ ≈ (xq · Wqᵀ) · s_x[m] · s_w[n]: the FP8 products are exact in the fp32 accumulator, only the two
+  roundings to E4M3 (3 mantissa bits) lose anything.
+The GEMM itself is kernels/gemm.py's (the scales in its epilogue) or, past TRITON_MAX_ROWS rows on CUDA,
+cuBLASLt through `torch._scaled_mm` with the same row and column scales.
+
+The reference below dequantizes and multiplies in fp32: the CPU path and the tests' ground truth.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .gemm import matmul_triton
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite E4M3 value
+# The smallest scale (vLLM's): a row of zeros quantizes to zeros instead of dividing by zero.
+MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (Wq [N, K] float8_e4m3fn, s_w [N] fp32), one scale per output channel (row)."""
+    wf = w.float()
+    # Floored at fp32's smallest normal only (a row of zeros), not at MIN_SCALE: a row of tiny weights still
+    # spans the whole E4M3 range.
+    scale = wf.abs().amax(dim=1).div(FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Wq [N, K], s_w [N] -> W [N, K] in dtype."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] float8_e4m3fn, s_x [M] fp32), one scale per row (token). A row holding NaN or
+    inf quantizes to NaN, so the NaN reaches that row's logits (the engine then fails that request alone)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=1).div(FP8_MAX).clamp_min(MIN_SCALE)
+    return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """fp32 v (|v| <= 448) rounded to the nearest E4M3 value, ties to even, still in fp32. The GPU's conversion
+    rounds the same way; doing it here first makes the conversion exact, which the Triton CPU interpreter (the
+    tests' GPU stand-in) otherwise gets wrong where rounding carries into the exponent (31.4 became 16, not 32)."""
+    bits = v.to(tl.int32, bitcast=True)
+    # Normal numbers: keep 3 of fp32's 23 mantissa bits, rounding the 20 dropped ones to nearest even.
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    # Below E4M3's smallest normal (2^-6) the spacing is fixed at 2^-9: round |v|·512 to an integer, ties to even
+    # (adding and removing 1.5·2^23 leaves the fp32 sum no fraction bits), then give back v's sign (-0 included).
+    subnormal = ((tl.abs(v) * 512.0 + 12582912.0) - 12582912.0) / 512.0
+    subnormal = tl.where(bits < 0, -subnormal, subnormal)
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: its absolute maximum, then the row divided by max/448 and rounded to E4M3."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=offs < K - k0, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+    # A NaN anywhere in the row makes its scale NaN, so the whole row quantizes to NaN, as the reference's does.
+    nan_seen = tl.max((amax != amax).to(tl.int32), axis=0) > 0
+    scale = tl.where(nan_seen, float("nan"), tl.maximum(tl.max(amax, axis=0) / 448.0, MIN_SCALE))
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        mask = offs < K - k0
+        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.minimum(tl.maximum(x / scale, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0, tl.PropagateNan.ALL)
+        tl.store(q_ptr + row * stride_q + k0 + offs, _round_to_e4m3(v).to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] float8_e4m3fn, s_x [M] fp32), as quantize_rows_reference, in one launch."""
+    m, k = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        block = min(triton.next_power_of_2(k), 4096)
+        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), MIN_SCALE=MIN_SCALE, BLOCK=block)
+    return q, scale
+
+
+def linear_fp8_reference(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32) · (Wq [N, K] FP8, s_w [N]) -> [M, N] in out_dtype (x's by default): x quantized
+    per token, both operands dequantized, multiplied in fp32; bias [N] and residual [M, N] added in fp32."""
+    xq, x_scale = quantize_rows_reference(x)
+    out = F.linear(xq.float() * x_scale[:, None], w.float() * w_scale.float()[:, None])
+    if bias is not None:
+        out = out + bias.float()
+    if residual is not None:
+        out = out + residual.float()
+    return out.to(out_dtype or x.dtype)
+
+
+def linear_fp8_triton(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """linear_fp8_reference's result from two launches: the per-token quantization and the FP8 GEMM (tensor
+    cores, scales, bias and residual in its epilogue)."""
+    _check_linear(x, w, w_scale, bias, residual)
+    xq, x_scale = quantize_rows_triton(x)
+    residual = residual.contiguous() if residual is not None else None
+    return matmul_triton(xq, w.contiguous(), out_dtype or x.dtype, x_scale, w_scale, bias, residual)
+
+
+def linear_fp8_scaled_mm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """linear_fp8_reference's result from `torch._scaled_mm` (cuBLASLt on CUDA) with row-wise scales: the
+    served path past TRITON_MAX_ROWS rows, as cuBLAS is for bf16 (kernels.swiglu_ffn)."""
+    _check_linear(x, w, w_scale, bias, residual)
+    xq, x_scale = quantize_rows_triton(x) if x.is_cuda else quantize_rows_reference(x)
+    out = torch._scaled_mm(
+        xq, w.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :].float(), out_dtype=out_dtype or x.dtype
+    )
+    if bias is not None:
+        out = out + bias
+    return out if residual is None else out + residual
+
+
+def scaled_mm_supports(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `torch._scaled_mm` takes these shapes: cuBLASLt's FP8 GEMM needs K and N multiples of 16."""
+    return x.shape[1] % 16 == 0 and w.shape[0] % 16 == 0
+
+
+def _check_linear(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+) -> None:
+    m, k = x.shape
+    n = w.shape[0]
+    if w.dtype != FP8 or w.shape != (n, k) or w_scale.shape != (n,):
+        raise ValueError(
+            f"linear_fp8: for x {tuple(x.shape)} expected a {FP8} weight (N, {k}) and scales (N,), got "
+            f"{w.dtype} {tuple(w.shape)} and {tuple(w_scale.shape)}"
+        )
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"linear_fp8: bias must have shape {(n,)}, got {tuple(bias.shape)}")
+    if residual is not None and residual.shape != (m, n):
+        raise ValueError(f"linear_fp8: residual must have shape {(m, n)}, got {tuple(residual.shape)}")

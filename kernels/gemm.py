@@ -1,0 +1,204 @@
+"""The Triton GEMM every projection shares: out = a · Wᵀ [· scales] [+ bias] [+ residual], W stored [N, K].
+
+One kernel serves the SwiGLU FFN's down projection (kernels/ffn.py) and, for FP8 weights, every other linear
+(q/k/v, o, the linear replacements, the LM head: kernels/fp8.py). Its epilogue applies, in order:
+- FP8 scales: a and W in float8 E4M3 with one scale per row of a (per token) and per row of W (per output
+  channel): the fp32 accumulator times a_scale[m] · w_scale[n] is the product of the dequantized operands;
+- a bias [N];
+- a residual [M, N].
+When M is small the output has too few tiles to fill the GPU, so the reduction over K is split (split-K) and a
+small kernel sums the fp32 partials, adds the bias and residual, and casts. Every weight offset is in int64: an
+FFN-Fusion group's width reaches ~400,000 rows (Ultra-253B), past int32 at 16k columns. Block shapes are fixed
+per M range, not autotuned: autotuning is slow, uncached, and must not run inside a CUDA-graph capture
+(REFERENCE.md).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .hardware import dot_precision, sm_count
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (row tile, column tile), GROUP_M row tiles at a time: the programs running together walk
+    the same weight columns, so each weight tile is read from memory once and from L2 after."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    group_size = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * tiles_n)) % group_size, (pid % (GROUP_M * tiles_n)) // group_size
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr,
+    w_ptr,
+    a_scale_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    residual_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    k_per_split,
+    stride_am,
+    stride_wn,
+    stride_rm,
+    stride_om,
+    stride_os,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SCALED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[split] = a[:, split's K range] · W[:, same]ᵀ, scaled; bias and residual added when unsplit."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    k_start = split.to(tl.int64) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :]  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (k_start + offs_k)[:, None]  # (BLOCK_K, BLOCK_N): Wᵀ
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        mask_k = offs_k < k_end - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if SCALED:  # linear in the partial sums, so each split scales its own
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
+        w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        acc = acc * a_scale[:, None] * w_scale[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+    out_ptrs = out_ptr + split.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_splits_kernel(
+    partial_ptr,
+    bias_ptr,
+    residual_ptr,
+    out_ptr,
+    numel,
+    N,
+    n_splits,
+    stride_split,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out = Σ_splits partial (+ bias) (+ residual), over flat contiguous [M·N] views."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, n_splits):
+        acc += tl.load(partial_ptr + s * stride_split + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gemm_blocks(m: int) -> tuple[int, int, int, int, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages for an M-row GEMM.
+
+    Up to ~200 rows an H200 GEMM is bound by streaming the weights (REFERENCE.md): the smallest M tile
+    tl.dot takes (16) and long K tiles keep many weight bytes in flight. Past that, square-ish tiles for reuse.
+    """
+    if m <= 16:
+        return 16, 64, 128, 4, 4
+    if m <= 64:
+        return 64, 64, 64, 4, 4
+    if m <= 256:
+        return 64, 128, 64, 4, 3
+    return 128, 128, 64, 8, 3
+
+
+def matmul_triton(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out_dtype: torch.dtype,
+    a_scale: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """a [M, K] · w [N, K]ᵀ -> [M, N] in out_dtype. With a_scale [M] and w_scale [N] (fp32; a and w in FP8) the
+    product is scaled per row and column; bias [N] and residual [M, N] are added last. Inputs contiguous."""
+    m, k = a.shape
+    n = w.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0:
+        return out
+    block_m, block_n, block_k, warps, stages = gemm_blocks(m)
+    # Split the reduction over K until the output tiles cover the SMs twice, keeping >= 8 K tiles per split.
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    splits = max(1, min(triton.cdiv(2 * sm_count(a.device), tiles), k_tiles // 8))
+    k_per_split = triton.cdiv(k_tiles, splits) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    target = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=a.device)
+    scaled = a_scale is not None
+    res = residual if residual is not None else out
+    _matmul_kernel[(tiles, splits)](
+        a,
+        w,
+        a_scale if scaled else a,
+        w_scale if scaled else w,
+        bias if bias is not None else out,
+        res,
+        target,
+        m,
+        n,
+        k,
+        k_per_split,
+        a.stride(0),
+        w.stride(0),
+        res.stride(0),
+        n,
+        m * n,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=8,
+        SCALED=scaled,
+        HAS_BIAS=bias is not None and splits == 1,
+        HAS_RESIDUAL=residual is not None and splits == 1,
+        PRECISION=dot_precision(a.dtype),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    if splits > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](
+            target,
+            bias if bias is not None else out,
+            res,
+            out,
+            m * n,
+            n,
+            splits,
+            m * n,
+            HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=block,
+        )
+    return out
