@@ -19,8 +19,8 @@ import torch
 
 from tessera.config import ArchConfig
 from tessera.demo import PARENT_DIR
-from tessera.devices import serving_dtype
-from tessera.search.cost import Scenario, calibrate, random_architectures
+from tessera.devices import dtype_name, serving_dtype
+from tessera.search.cost import Scenario, blocks_to_time, calibrate
 from tessera.search.library import SearchSpace
 
 from .bench_search_scale import LLAMA_3_1_8B, LLAMA_3_2_1B, parent_arch
@@ -48,9 +48,7 @@ def run(
     space, rows = SearchSpace(), []
     for name, arch in parents(device):
         print(f"[cost-model] {name}", flush=True)
-        variants = [space.block_variants(arch, i) for i in range(arch.n_layers)]
-        check = [list(arch.blocks), *random_architectures(variants, CHECKS)]
-        blocks = [b for v in variants for b in v]
+        blocks, check = blocks_to_time(arch, space, CHECKS)
         start = time.perf_counter()
         table = calibrate(arch, blocks, scenario, device, dtype, check, progress=False)
         rows.append(
@@ -69,8 +67,7 @@ def run(
 
 
 def _result(dtype: torch.dtype, scenario: Scenario, rows: list[dict]) -> dict:
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {"dtype": dtype_name, "scenario": vars(scenario), "checks": CHECKS, "rows": list(rows)}
+    return {"dtype": dtype_name(dtype), "scenario": vars(scenario), "checks": CHECKS, "rows": list(rows)}
 
 
 def table(result: dict) -> str:

@@ -18,6 +18,7 @@ import torch
 from tessera import kernels
 from tessera.config import ArchConfig
 from tessera.demo.build import demo_arch
+from tessera.devices import dtype_name, serving_dtype
 from tessera.runtime.engine import DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.model import Model
 
@@ -79,7 +80,7 @@ def _decode_steps(model: Model, batch: int, context: int, device: torch.device, 
 def run(device: torch.device, copy_gbps: float) -> dict:
     on_gpu = device.type == "cuda"
     arch = ArchConfig.from_hf_dict(LLAMA_3_1_8B, "Llama-3.1-8B") if on_gpu else demo_arch(eos_id=0)
-    dtype, dtype_name = (torch.bfloat16, "bfloat16") if on_gpu else (torch.float32, "float32")
+    dtype = serving_dtype(device)
     scenarios = SCENARIOS if on_gpu else [(1, 64), (8, 64)]
     model = Model.empty(arch, device, dtype).init_weights(seed=0).eval()
     modes = [("torch", False)] + ([("triton", False), ("triton", True)] if on_gpu else [])
@@ -87,7 +88,7 @@ def run(device: torch.device, copy_gbps: float) -> dict:
     saved = kernels.forced_backend()
     try:
         for batch, context in scenarios:
-            floor_ms = 1e3 * arch.decode_step_bytes(batch, context, dtype_name) / (copy_gbps * 1e9)
+            floor_ms = 1e3 * arch.decode_step_bytes(batch, context, dtype_name(dtype)) / (copy_gbps * 1e9)
             outputs = {}
             for backend, graph in modes:
                 kernels.set_backend(backend)
@@ -125,8 +126,8 @@ def run(device: torch.device, copy_gbps: float) -> dict:
         kernels.set_backend(saved)
     return {
         "model": "Llama-3.1-8B shape, random weights" if on_gpu else "demo parent shape, random weights",
-        "dtype": dtype_name,
-        "weight_bytes_per_step": arch.decode_step_bytes(1, 0, dtype_name),
+        "dtype": dtype_name(dtype),
+        "weight_bytes_per_step": arch.decode_step_bytes(1, 0, dtype_name(dtype)),
         "results": rows,
         "generate": generate_speed(device) if on_gpu else [],
     }

@@ -91,7 +91,8 @@ def rms_norm(
 
 def _cublas_rows(x: torch.Tensor) -> bool:
     """Whether the automatic dispatch hands an x of this many rows to cuBLAS rather than the Triton GEMMs: past
-    TRITON_MAX_ROWS, where cuBLAS is the faster on the H200 (kernels/ffn.py)."""
+    TRITON_MAX_ROWS, where cuBLAS is the faster on the H200 for bf16 FFNs (kernels/ffn.py). FP8 follows the same
+    rule; its own crossover is not measured yet."""
     return _forced is None and x.shape[0] > TRITON_MAX_ROWS
 
 
@@ -111,7 +112,7 @@ def swiglu_ffn(
     if choice == "triton" and _cublas_rows(x):
         if gate_up_scale is None:
             choice = "torch"
-        elif scaled_mm_supports(x, w_gate_up) and scaled_mm_supports(w_gate_up[: w_down.shape[1]], w_down):
+        elif scaled_mm_supports(*w_down.shape):  # both GEMMs' K and N are the hidden size and the width
             return swiglu_ffn_fp8_scaled_mm(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
     impl = swiglu_ffn_triton if choice == "triton" else swiglu_ffn_reference
     return impl(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
@@ -130,7 +131,7 @@ def linear(
     choice = backend(x, weight)
     if choice == "torch":
         return linear_fp8_reference(x, weight, scale, bias)
-    if _cublas_rows(x) and scaled_mm_supports(x, weight):
+    if _cublas_rows(x) and scaled_mm_supports(*weight.shape):
         return linear_fp8_scaled_mm(x, weight, scale, bias)
     return linear_fp8_triton(x, weight, scale, bias)
 
@@ -152,7 +153,8 @@ def rope_and_cache(
 ) -> torch.Tensor:
     """An engine step's RoPE and KV-cache store: qk [N, Hq + Hkv, D] (queries, then keys; a view of the packed
     qkv output) rotated by cos/sin [N, D/2], the rotated keys and the values v [N, Hkv, D] stored at the flat
-    slots [N] of the layer's cache (k_slots/v_slots [S, Hkv, D]); returns the rotated queries [N, Hq, D]."""
+    slots [N] of the layer's cache (k_slots/v_slots [S, Hkv, D]); returns the rotated qk [N, Hq + Hkv, D] (the
+    queries for attention, the keys too for a step that attends over its own keys)."""
     impl = rope_and_cache_triton if backend(qk, v, k_slots) == "triton" else rope_and_cache_reference
     return impl(qk, v, cos, sin, k_slots, v_slots, slots)
 

@@ -26,12 +26,9 @@ MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N, K] -> (Wq [N, K] float8_e4m3fn, s_w [N] fp32), one scale per output channel (row)."""
-    wf = w.float()
-    # Floored at fp32's smallest normal only (a row of zeros), not at MIN_SCALE: a row of tiny weights still
-    # spans the whole E4M3 range.
-    scale = wf.abs().amax(dim=1).div(FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    return (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    """W [N, K] -> (Wq [N, K] float8_e4m3fn, s_w [N] fp32), one scale per output channel (row). Floored at fp32's
+    smallest normal only (a row of zeros), not at MIN_SCALE: a row of tiny weights still spans the E4M3 range."""
+    return _quantize_rows(w, torch.finfo(torch.float32).tiny)
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -41,9 +38,14 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) 
 
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (xq [M, K] float8_e4m3fn, s_x [M] fp32), one scale per row (token). A row holding NaN or
-    inf quantizes to NaN, so the NaN reaches that row's logits (the engine then fails that request alone)."""
+    inf gets a NaN scale, so the NaN reaches that row's GEMM output (the engine then fails that request alone)."""
+    return _quantize_rows(x, MIN_SCALE)
+
+
+def _quantize_rows(x: torch.Tensor, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
-    scale = xf.abs().amax(dim=1).div(FP8_MAX).clamp_min(MIN_SCALE)
+    scale = xf.abs().amax(dim=1).div(FP8_MAX).clamp_min(min_scale)
+    scale = scale.masked_fill(scale.isinf(), float("nan"))  # an infinite row: NaN, as a NaN row's
     return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
@@ -71,9 +73,11 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, MIN_SC
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=offs < K - k0, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-    # A NaN anywhere in the row makes its scale NaN, so the whole row quantizes to NaN, as the reference's does.
-    nan_seen = tl.max((amax != amax).to(tl.int32), axis=0) > 0
-    scale = tl.where(nan_seen, float("nan"), tl.maximum(tl.max(amax, axis=0) / 448.0, MIN_SCALE))
+    # A NaN or an infinity anywhere in the row makes its scale NaN, as the reference's: the GEMM's epilogue then
+    # gives that row NaN whatever its codes hold (E4M3 has no infinity, and the interpreter cannot write a NaN).
+    row_max = tl.max(amax, axis=0)
+    bad = (tl.max((amax != amax).to(tl.int32), axis=0) > 0) | (row_max == float("inf"))
+    scale = tl.where(bad, float("nan"), tl.maximum(row_max / 448.0, MIN_SCALE))
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         mask = offs < K - k0
@@ -105,7 +109,8 @@ def linear_fp8_reference(
     """x [M, K] (bf16/fp16/fp32) · (Wq [N, K] FP8, s_w [N]) -> [M, N] in out_dtype (x's by default): x quantized
     per token, both operands dequantized, multiplied in fp32; bias [N] and residual [M, N] added in fp32."""
     xq, x_scale = quantize_rows_reference(x)
-    out = F.linear(xq.float() * x_scale[:, None], w.float() * w_scale.float()[:, None])
+    fp32 = torch.float32
+    out = F.linear(dequantize_weight(xq, x_scale, fp32), dequantize_weight(w, w_scale, fp32))
     if bias is not None:
         out = out + bias.float()
     if residual is not None:
@@ -114,19 +119,13 @@ def linear_fp8_reference(
 
 
 def linear_fp8_triton(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """linear_fp8_reference's result from two launches: the per-token quantization and the FP8 GEMM (tensor
-    cores, scales, bias and residual in its epilogue)."""
-    _check_linear(x, w, w_scale, bias, residual)
+    cores, the scales and bias in its epilogue)."""
+    _check_linear(x, w, w_scale, bias, None)
     xq, x_scale = quantize_rows_triton(x)
-    residual = residual.contiguous() if residual is not None else None
-    return matmul_triton(xq, w.contiguous(), out_dtype or x.dtype, x_scale, w_scale, bias, residual)
+    return matmul_triton(xq, w.contiguous(), x.dtype, x_scale, w_scale, bias)
 
 
 def linear_fp8_scaled_mm(
@@ -149,9 +148,9 @@ def linear_fp8_scaled_mm(
     return out if residual is None else out + residual
 
 
-def scaled_mm_supports(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `torch._scaled_mm` takes these shapes: cuBLASLt's FP8 GEMM needs K and N multiples of 16."""
-    return x.shape[1] % 16 == 0 and w.shape[0] % 16 == 0
+def scaled_mm_supports(*dims: int) -> bool:
+    """Whether `torch._scaled_mm` takes GEMMs of these K and N: cuBLASLt's FP8 GEMM needs multiples of 16."""
+    return all(d % 16 == 0 for d in dims)
 
 
 def _check_linear(

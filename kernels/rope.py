@@ -43,8 +43,8 @@ def _rope_kernel(
     BLOCK_HALF: tl.constexpr,
     CACHE: tl.constexpr,
 ):
-    """One token per program: its first n_heads heads of x rotated into out; with CACHE, the next n_kv_heads
-    (the keys) rotated into the KV cache at the token's slot, and its values copied there."""
+    """One token per program: its n_heads heads of x rotated into out; with CACHE, the last n_kv_heads of them
+    (the keys) also rotated into the KV cache at the token's slot, and its values copied there."""
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     in_half = offs < HALF
@@ -62,7 +62,7 @@ def _rope_kernel(
         slot = tl.load(slots_ptr + token).to(tl.int64)
         kv = tl.arange(0, BLOCK_KV)
         mask = (kv < n_kv_heads)[:, None] & in_half[None, :]
-        k_ptrs = x_ptr + token * stride_xn + (n_heads + kv)[:, None] * stride_xh + offs[None, :]
+        k_ptrs = x_ptr + token * stride_xn + (n_heads - n_kv_heads + kv)[:, None] * stride_xh + offs[None, :]
         k1 = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
         k2 = tl.load(k_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
         c_ptrs = k_cache_ptr + slot * stride_cs + kv[:, None] * stride_ch + offs[None, :]
@@ -83,10 +83,10 @@ def _check_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None
         )
 
 
-def _launch(x, cos, sin, out, n_heads, cache=None) -> None:
-    """The kernel over x's tokens: n_heads heads into out, and with cache = (v, k_slots, v_slots, slots) the keys
-    after them and the values into the cache."""
-    n, _, head_dim = x.shape
+def _launch(x, cos, sin, out, cache=None) -> None:
+    """The kernel over x's tokens: every head rotated into out, and with cache = (v, k_slots, v_slots, slots) the
+    last v.shape[1] heads (the keys) and the values into the cache."""
+    n, n_heads, head_dim = x.shape
     v, k_slots, v_slots, slots = cache if cache is not None else (out, out, out, out)
     n_kv = v.shape[1] if cache is not None else 0
     if n:
@@ -125,7 +125,7 @@ def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
         x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x, cos, sin, out, x.shape[1])
+    _launch(x, cos, sin, out)
     return out
 
 
@@ -162,10 +162,9 @@ def rope_and_cache_triton(qk, v, cos, sin, k_slots, v_slots, slots) -> torch.Ten
     if v.stride(-1) != 1:
         v = v.contiguous()
     cos, sin, slots = cos.contiguous(), sin.contiguous(), slots.contiguous()
-    n_q = qk.shape[1] - v.shape[1]
-    q = torch.empty((qk.shape[0], n_q, qk.shape[2]), dtype=qk.dtype, device=qk.device)
-    _launch(qk, cos, sin, q, n_q, (v, k_slots, v_slots, slots))
-    return q
+    out = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
+    _launch(qk, cos, sin, out, (v, k_slots, v_slots, slots))
+    return out
 
 
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -178,11 +177,10 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 
 def rope_and_cache_reference(qk, v, cos, sin, k_slots, v_slots, slots) -> torch.Tensor:
-    """See kernels.rope_and_cache: the rotation, then the two stores."""
+    """See kernels.rope_and_cache: the rotation, then the two stores. Unlike the kernel it takes any cache layout
+    (index_copy_ does), so only the tables are checked: it runs for every layer of every CPU step."""
     _check_tables(qk, cos, sin)
-    _check_cache(qk, v, k_slots, v_slots, slots)
     rotated = apply_rope_reference(qk, cos, sin)
-    n_q = qk.shape[1] - v.shape[1]
-    k_slots.index_copy_(0, slots, rotated[:, n_q:])
+    k_slots.index_copy_(0, slots, rotated[:, qk.shape[1] - v.shape[1] :])
     v_slots.index_copy_(0, slots, v)
-    return rotated[:, :n_q]
+    return rotated

@@ -224,7 +224,7 @@ class PagedKVCache:
         self, layer: int, slots: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         """RoPE over qk [N, Hq + Hkv, D] (queries, then keys), the rotated keys and v [N, Hkv, D] stored at flat
-        slots [N] (page · page_size + offset) of `layer`; the rotated queries [N, Hq, D]. One kernel on the GPU
+        slots [N] (page · page_size + offset) of `layer`; returns the rotated qk. One kernel on the GPU
         (kernels.rope_and_cache)."""
         return kernels.rope_and_cache(qk, v, cos, sin, self._k_slots[layer], self._v_slots[layer], slots)
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import random
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -53,9 +52,9 @@ from tessera.runtime.sampling import (
     PromptEncoder,
     SamplingParams,
     TextStream,
+    request_keys,
     request_uniforms,
     sample,
-    seed_words,
 )
 
 
@@ -194,7 +193,7 @@ class _Request:
         self.sampled = 0  # tokens sampled, an EOS included
         self.pages: list[list[int]] = []  # its pages in each KV group of the cache
         self.row: int | None = None  # its row of the engine's BlockTables while it runs
-        self.seed_words = (0, 0)  # its sampling seed (sampling.seed_words); drawn at random when it has none
+        self.keys = (0, 0, 0, 0)  # its sampling stream (sampling.request_keys); seeded at random when it has no seed
 
     @property
     def reserved(self) -> int:
@@ -384,8 +383,7 @@ class Engine:
             raise UserError(f"request id {request.request_id!r} is already in use")
         req = _Request(request, TextStream(self.tokenizer, request.params.stop))
         if request.params.temperature > 0:
-            seed = request.params.seed
-            req.seed_words = seed_words(random.getrandbits(64) if seed is None else seed)
+            req.keys = request_keys(request.params.seeded().seed)
         self._requests[req.id] = req
         self.waiting.append(req)
         return req.id
@@ -416,7 +414,7 @@ class Engine:
         """What this engine runs on, for the server's start-up line."""
         return {
             "device": str(self.device),
-            "dtype": "fp8" if self.model.is_fp8 else dtype_name(self.dtype),
+            "dtype": dtype_name(self.model.run_dtype),
             "threads": torch.get_num_threads(),
             "max_model_len": self.max_model_len,
             "pages": self.cache.usable_pages,
@@ -530,8 +528,8 @@ class Engine:
         """Every row's next token at once (greedy rows their argmax), then each request's bookkeeping."""
         params, uniforms = [req.params for req in reqs], None
         if any(p.temperature > 0 for p in params):
-            seeds = torch.tensor([req.seed_words for req in reqs], dtype=torch.int64)
-            uniforms = request_uniforms(seeds, torch.tensor([req.sampled for req in reqs]))
+            keys = torch.tensor([req.keys for req in reqs], dtype=torch.int64)
+            uniforms = request_uniforms(keys, torch.tensor([req.sampled for req in reqs]))
         outputs = []
         for req, token in zip(reqs, sample(logits, params, uniforms).tolist()):
             if token < 0:  # NaN or infinite logits: this request's failure, not the batch's

@@ -200,33 +200,17 @@ def _open_safetensors(file: Path):
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def load_hf_state(model: Model, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy Hugging Face-named tensors into the model, packing q/k/v and gate/up (runtime/weights.py). Into an
-    FP8 model (Model.empty in kernels.FP8): E4M3 matrices and their scales as they are, the LM head quantized from
-    the checkpoint's (or the embedding, when tied)."""
-    state = _state(model)
-    with torch.no_grad():
-        for name, t in pack_model(model.arch, tensors):
-            if name == LM_HEAD.param and model.is_fp8:
-                continue  # quantized below, from the compute-dtype head the checkpoint stores
-            state[name].copy_(t.reshape(state[name].shape))  # scales: [rows, 1] on disk, [rows] in memory
-        if model.is_fp8:
-            model.quantize_head(tensors.get(LM_HEAD.hf) if not model.arch.tie_embeddings else None)
+def load_hf_state(model: Model, tensors: dict[str, torch.Tensor], arch: ArchConfig | None = None) -> None:
+    """Copy Hugging Face-named tensors of a checkpoint of `arch` (default: the model's) into the model, packing
+    q/k/v and gate/up (runtime/weights.py); into an FP8 model, a wider checkpoint's matrices are quantized as
+    they are packed (Model.load_packed)."""
+    model.load_packed(pack_model(arch or model.arch, tensors))
 
 
 def hf_state(model: Model) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face names (q/k/v and gate/up split back apart), in checkpoint order.
-    An FP8 model's: E4M3 matrices with their `weight_scale`s, the LM head dequantized to the compute dtype (the
-    layout vLLM reads: tessera/hf_config.py)."""
-    state = _state(model)
-    if model.is_fp8 and not model.arch.tie_embeddings:
-        state[LM_HEAD.param] = dequantize_weight(model.lm_head, model.lm_head_scale, model.embed_tokens.weight.dtype)
-    return unpack_model(model.arch, state)
-
-
-def _state(model: Model) -> dict[str, torch.Tensor]:
-    """Parameters and buffers (an FP8 model's scales) by state-dict name."""
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    """The model's weights under Hugging Face names (q/k/v and gate/up split back apart), in checkpoint order; an
+    FP8 model's E4M3 matrices with their `weight_scale`s (the layout vLLM reads: tessera/hf_config.py)."""
+    return unpack_model(model.arch, {**dict(model.named_parameters()), **dict(model.named_buffers())})
 
 
 def dequantize_checkpoint(arch: ArchConfig, tensors: dict[str, torch.Tensor]) -> tuple[ArchConfig, dict]:
@@ -254,7 +238,11 @@ def check_memory(
         arch.check_tensor_parallel(tensor_parallel)
     except ConfigError as e:
         raise ConfigError(f"{path}: --tensor-parallel-size: {e}") from None
-    need = arch.rank_params(tensor_parallel) * dtype_bytes(dtype_name(dtype)) * copies
+    name = dtype_name(dtype)
+    one_rank = (
+        arch.weight_bytes(name) if tensor_parallel == 1 else arch.rank_params(tensor_parallel) * dtype_bytes(name)
+    )
+    need = one_rank * copies
     free = available_memory(device)
     if need > free:
         per = f" per rank over {tensor_parallel}" if tensor_parallel > 1 else ""
@@ -277,12 +265,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     fp8 = dtype == FP8
-    tensors = read_hf_tensors(path, arch, torch.bfloat16 if fp8 else dtype)
+    tensors = read_hf_tensors(path, arch, torch.bfloat16 if fp8 else dtype)  # FP8 runs the rest in bf16
     if arch.quantization == "fp8" and not fp8:
         arch, tensors = dequantize_checkpoint(arch, tensors)
-    model = Model.empty(arch, device, dtype if arch.quantization == "fp8" else torch.bfloat16 if fp8 else dtype)
-    load_hf_state(model, tensors)
-    return (model.to_fp8() if fp8 else model).eval()
+    model = Model.empty(arch, device, dtype)
+    load_hf_state(model, tensors, arch)
+    return model.eval()
 
 
 def save_model(

@@ -16,9 +16,11 @@ times, and what serving runs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tessera import kernels
@@ -89,6 +91,11 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
+def _fp8_storage(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfilled storage for W's E4M3 values and fp32 scales (Model.empty in kernels.FP8)."""
+    return torch.empty_like(w, dtype=kernels.FP8), torch.empty(w.shape[0], dtype=torch.float32)
+
+
 def _no_scales(module: nn.Module) -> None:
     """Register each of the module's `matrices` a `<name>_scale` buffer, None until Model.to_fp8 quantizes it (a
     None buffer is no state-dict entry: a model in bf16 or fp32 has the state it always had)."""
@@ -124,25 +131,20 @@ class GQAAttention(nn.Module):
             qk = torch.cat([self.q_norm(qk[:, :hq]), self.k_norm(qk[:, hq:])], dim=1)
         v = qkv[:, (hq + hkv) * d :].view(n, hkv, d)
         cache, layer = batch.cache, self.layer_idx
+        # q and k sit side by side in the packed output: one rotation covers both (and in an engine step also
+        # stores the keys and values in the layer's cache).
         if cache is None:
-            # q and k sit side by side in the packed output: one rotation covers both.
             qk = kernels.apply_rope(qk, cos, sin)
-            q, k = qk[:, :hq], qk[:, hq:]  # (N, Hq, D), (N, Hkv, D)
+        else:
+            group = cache.group_of[layer]  # the layer's KV group: its slots and block tables (runtime/cache.py)
+            qk = cache.rotate_and_store(layer, batch.slots[group], qk, v, cos, sin)
+        q, k = qk[:, :hq], qk[:, hq:]  # (N, Hq, D), (N, Hkv, D)
+        if cache is None or batch.fresh:  # each sequence's every key is in this pass: varlen, no cache read
             out = kernels.attention_prefill(
                 q, k, v, batch.cu_seqlens, causal=True, max_seqlen=batch.max_seqlen, window=self.window
             )
         else:
-            group = cache.group_of[layer]  # the layer's KV group: its slots and block tables (runtime/cache.py)
-            q = cache.rotate_and_store(layer, batch.slots[group], qk, v, cos, sin)  # k and v land in the cache
-            if batch.fresh:  # the step holds each sequence's every key: the varlen kernel, no cache read
-                k = kernels.apply_rope(qk[:, hq:], cos, sin)  # the rotation rotate_and_store stored
-                out = kernels.attention_prefill(
-                    q, k, v, batch.cu_seqlens, causal=True, max_seqlen=batch.max_seqlen, window=self.window
-                )
-            else:
-                out = kernels.attention_paged(
-                    q, cache.k[layer], cache.v[layer], batch.attention[group], window=self.window
-                )
+            out = kernels.attention_paged(q, cache.k[layer], cache.v[layer], batch.attention[group], window=self.window)
         out = kernels.linear(out.reshape(n, hq * d), self.w_o, scale=self.w_o_scale)
         return out if self.tp is None else self.tp.all_reduce(out)
 
@@ -236,8 +238,6 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, b, i) for i, b in enumerate(arch.blocks))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = None if arch.tie_embeddings else nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size))
-        # FP8 (to_fp8): the head's per-row scales. A tied head gets an FP8 copy of the embedding in `lm_head`.
-        self.register_buffer("lm_head_scale", None)
         # Rotation frequencies [D/2] in fp32, one copy per device, made on first use. Not a buffer: a model
         # cast to bf16 must keep fp32 angles (positions past 256 lose them).
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -258,27 +258,23 @@ class Model(nn.Module):
         """A model with uninitialised weights allocated directly on `device` in `dtype`: built on the meta
         device (no default init to run and throw away), then given storage once, in the target dtype (an 8B
         model in bf16 never passes through 32 GB of fp32). Follow with init_weights() or a state dict.
-        kernels.FP8: to_fp8's layout (E4M3 projections and their scales, bf16 for the rest), to load into."""
-        fp8 = dtype == kernels.FP8  # the layout of to_fp8, its values to load (runtime/loader.py)
+        kernels.FP8: to_fp8's layout (E4M3 projection matrices and their scales, bf16 for the rest), to load into."""
+        fp8 = dtype == kernels.FP8
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16 if fp8 else dtype)
         try:
             with torch.device("meta"):
                 model = cls(arch)
                 if fp8:
-                    model._fp8_matrices(
-                        lambda w: (torch.empty_like(w, dtype=kernels.FP8), torch.empty(w.shape[0], dtype=torch.float32))
-                    )
-                    model.lm_head = nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size, dtype=kernels.FP8))
-                    model.lm_head_scale = torch.empty(arch.vocab_size, dtype=torch.float32)
-                    model.arch = replace(arch, quantization="fp8")
+                    model._fp8_matrices(_fp8_storage)
         finally:
             torch.set_default_dtype(default)
         return model.to_empty(device=device)
 
     @property
     def is_fp8(self) -> bool:
-        return self.lm_head_scale is not None
+        """Whether the projection matrices run in FP8 (to_fp8, or Model.empty in kernels.FP8)."""
+        return self.arch.quantization == "fp8"
 
     @property
     def run_dtype(self) -> torch.dtype:
@@ -293,32 +289,40 @@ class Model(nn.Module):
             return self
         if self.is_fp8:
             raise ValueError(f"an FP8 model is not cast to {dtype}: load its checkpoint in {dtype} instead")
-        weights = self.embed_tokens.weight
-        copy = Model.empty(self.arch, weights.device, torch.bfloat16 if dtype == kernels.FP8 else dtype)
-        copy.load_state_dict(self.state_dict())  # copied into the new dtype
-        return (copy.to_fp8() if dtype == kernels.FP8 else copy).eval()
+        copy = Model.empty(self.arch, self.embed_tokens.weight.device, dtype)
+        copy.load_packed(self.state_dict().items())
+        return copy.eval()
+
+    def load_packed(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (state-dict name, tensor) pairs into the model, cast to its dtypes. An FP8 matrix given in a wider
+        dtype is quantized as it is copied (kernels.quantize_weight, its scale beside it): an FP8 model loaded or
+        cast from fp32 or bf16 weights quantizes the weights as given, and never holds all of them on the device
+        at once in the wider dtype."""
+        state = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        with torch.no_grad():
+            for name, t in tensors:
+                target = state[name]
+                if target.dtype == kernels.FP8 and t.dtype != kernels.FP8:
+                    q, scale = kernels.quantize_weight(t.to(target.device))
+                    target.copy_(q)
+                    state[f"{name}_scale"].copy_(scale)
+                else:
+                    target.copy_(t.reshape(target.shape))  # FP8 scales: [rows, 1] on disk, [rows] in memory
 
     def to_fp8(self) -> Model:
-        """Quantize in place every projection matrix (attention, FFN, linear replacements, LM head) to E4M3 with
-        per-output-channel scales (kernels/fp8.py); embeddings and norms keep their dtype, which activations run
-        in. Inference only: the FP8 weights take no gradients. Returns self."""
+        """Quantize in place every projection matrix not in FP8 yet (attention, FFN, linear replacements) to E4M3
+        with per-output-channel scales (kernels/fp8.py). Embeddings, norms and the LM head stay in bf16, which
+        activations run in: the head as the checkpoint format stores it (`ignore: ["lm_head"]`, what vLLM reads),
+        so the model in memory is the one saved. Inference only: the FP8 weights take no gradients. Returns self."""
+        if self.embed_tokens.weight.dtype != torch.bfloat16:  # row-wise scaled cuBLASLt writes bf16 only
+            raise ValueError(f"FP8 runs bf16 activations: cast the {self.embed_tokens.weight.dtype} model first")
         with torch.no_grad():
             self._fp8_matrices(kernels.quantize_weight)
-            if not self.is_fp8:
-                self.quantize_head()
         return self
 
-    def quantize_head(self, weight: torch.Tensor | None = None) -> None:
-        """The LM head in FP8 from `weight` [vocab, H] (an FP8 checkpoint keeps its head in the compute dtype, as
-        vLLM reads it), or from the head's own weights, or the embedding's when tied."""
-        if weight is None:
-            weight = self.embed_tokens.weight if self.arch.tie_embeddings else self.lm_head
-        q, scale = kernels.quantize_weight(weight.to(self.embed_tokens.weight.device))
-        self.lm_head, self.lm_head_scale = nn.Parameter(q, requires_grad=False), scale
-        self.arch = replace(self.arch, quantization="fp8")
-
     def _fp8_matrices(self, quantize) -> None:
-        """Each projection matrix W not in FP8 yet replaced by quantize(W) = (E4M3 weights, per-row scales)."""
+        """Each projection matrix W not in FP8 yet replaced by quantize(W) = (E4M3 weights, per-row scales); the
+        architecture then says "fp8" (its checkpoint tables hold the scales: runtime/weights.py)."""
         for module in self.modules():
             for name in getattr(module, "matrices", ()):
                 if getattr(module, name).dtype == kernels.FP8:
@@ -326,16 +330,20 @@ class Model(nn.Module):
                 q, scale = quantize(getattr(module, name))
                 setattr(module, name, nn.Parameter(q, requires_grad=False))
                 setattr(module, f"{name}_scale", scale)
+        self.arch = replace(self.arch, quantization="fp8")
 
     def init_weights(self, std: float = 0.02, seed: int | None = None, layers_only: bool = False) -> Model:
         """Random init for training from scratch, tests and benchmarks: N(0, std), output projections scaled
         by 1/sqrt(2·layers) (GPT-2), norms at 1. Drawn on the weights' device (same values as before on CPU).
         layers_only: the decoder layers alone (the embedding and head are shared with another model)."""
+        drawn = self.layers if layers_only else self
+        if any(p.dtype == kernels.FP8 for p in drawn.parameters()):
+            raise ValueError("init_weights draws in the compute dtype: initialise before to_fp8, not after")
         device = next(self.layers.parameters(), self.embed_tokens.weight).device
         gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
         out_std = std / math.sqrt(2 * self.arch.n_layers)
         with torch.no_grad():
-            for name, p in (self.layers if layers_only else self).named_parameters():
+            for name, p in drawn.named_parameters():
                 if name.endswith("norm.weight"):
                     p.fill_(1.0)
                 else:
@@ -375,7 +383,7 @@ class Model(nn.Module):
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = kernels.linear(hidden, self.lm_head_weight, scale=self.lm_head_scale)
+        out = F.linear(hidden, self.lm_head_weight)
         return out if self.tp is None else self.tp.all_gather_columns(out, self.vocab_widths)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

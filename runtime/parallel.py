@@ -181,7 +181,7 @@ def shard_model(model: Model, tp: TensorParallel) -> Model:
     """Rank tp.rank's shard of a model in memory (its device and dtype), wired to all-reduce through `tp`."""
     arch = model.arch
     rank_arch(arch, tp.rank, tp.size)  # refuses a size that does not divide the model
-    _refuse_fp8(arch.quantization == "fp8" or model.is_fp8, "the model")
+    _refuse_fp8(model.is_fp8, "the model")
     with torch.no_grad():
         parts = {n: shard_part(arch, n, t, tp.rank, tp.size).clone() for n, t in hf_state(model).items()}
         return _rank_model(arch, parts, tp, model.embed_tokens.weight)

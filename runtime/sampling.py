@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -74,7 +75,7 @@ class SamplingParams:
         tokens (tensor-parallel ranks) take it from the one that drew it."""
         if self.temperature == 0 or self.seed is not None:
             return self
-        return replace(self, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+        return replace(self, seed=random.getrandbits(64))
 
 
 def _integer(name: str, value: object) -> int:
@@ -192,18 +193,27 @@ def seed_words(seed: int) -> tuple[int, int]:
     return seed & _MASK32, seed >> 32
 
 
-def request_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """One uniform draw in [0, 1) (float64, 53 bits) per row from its request's seed words `seeds` [B, 2] (int64,
-    `seed_words`) and counter [B] (the tokens the request has sampled so far). Counter-based, as Philox streams
-    are: a request's n-th draw is a hash of (seed, n), the same on any device, in any batch, in any order, and a
-    whole step's draws are a few elementwise ops instead of a generator call per request."""
-    words = []
+def request_keys(seed: int) -> tuple[int, int, int, int]:
+    """The part of a request's stream that depends on its seed alone (SEED_RANGE), computed once when the request
+    arrives: for each of the two hash chains, its key and the word its output is whitened with."""
+    low, high = (torch.tensor(w) for w in seed_words(seed))
+    keys = []
     for salt in (0x9E3779B9, 0x85EBCA6B):  # two independent chains: 32 + 21 bits
-        key = _mix32(_mix32(seeds[:, 1] ^ salt) ^ seeds[:, 0])
-        # The counter goes in between two keyed rounds: with one round after it, mix(key ^ n), every seed's
-        # stream would be the same sequence read in another order (seed B's n-th = seed A's (n ^ key_A ^ key_B)-th).
-        words.append(_mix32(_mix32(key ^ (counters & _MASK32)) ^ _mix32(key ^ 0x68E31DA4)))
-    return (words[0].double() * 2**21 + (words[1] >> 11).double()) / 2**53
+        key = _mix32(_mix32(high ^ salt) ^ low)
+        keys += [int(key), int(_mix32(key ^ 0x68E31DA4))]
+    return tuple(keys)
+
+
+def request_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One uniform draw in [0, 1) (float64, 53 bits) per row from its request's `request_keys` [B, 4] (int64) and
+    counter [B] (the tokens the request has sampled so far). Counter-based, as Philox streams are: a request's
+    n-th draw is a hash of (seed, n), the same on any device, in any batch, in any order, and a whole step's draws
+    are a few elementwise ops instead of a generator call per request."""
+    # The counter goes in between two keyed rounds: with one round after it, mix(key ^ n), every seed's stream
+    # would be the same sequence read in another order (seed B's n-th = seed A's (n ^ key_A ^ key_B)-th).
+    n = counters & _MASK32
+    high, low = (_mix32(_mix32(keys[:, c] ^ n) ^ keys[:, c + 1]) for c in (0, 2))
+    return (high.double() * 2**21 + (low >> 11).double()) / 2**53
 
 
 CANDIDATES = 512  # the likeliest tokens a top-p cut looks at first (a full sort only when they cover too little)
@@ -223,7 +233,9 @@ def _kept(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor
     p = torch.tensor(top_p, dtype=torch.float64, device=x.device)
     # Ranked: a top-k row's k, a top-p row's CANDIDATES (or k when it has both); a row with neither needs none.
     width = min(vocab, max(n if n < vocab else CANDIDATES if q < 1 else 1 for n, q in zip(top_k, top_p)))
-    full = (k >= vocab) & (p < 1) & (CANDIDATES * (-x.logsumexp(dim=-1)).exp() < p)
+    full = (k >= vocab) & (p < 1)  # top-p alone: ranked in full when CANDIDATES tokens cannot cover p
+    if any(n >= vocab and q < 1 for n, q in zip(top_k, top_p)):  # (a full-vocabulary logsumexp only then)
+        full &= CANDIDATES * (-x.logsumexp(dim=-1)).exp() < p
     kept = torch.ones_like(x, dtype=torch.bool)
     rest = (~full).nonzero()[:, 0]
     if len(rest):

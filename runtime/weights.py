@@ -126,7 +126,7 @@ def sublayers(arch: ArchConfig) -> Iterator[tuple[str, str, tuple[Weight, ...], 
 def with_fp8_scales(table: Sequence[Weight]) -> tuple[Weight, ...]:
     """A layer's table with each matrix's FP8 scale (`<hf>_scale`, packed like the matrix's rows into
     `<param>_scale`) after the matrices of each parameter. The LM head has none on disk: an FP8 checkpoint keeps
-    it in the compute dtype, as vLLM reads it (tessera quantizes it at load, Model.quantize_head)."""
+    it in the compute dtype, as vLLM reads it (Model.to_fp8 quantizes it after loading)."""
     out: list[Weight] = []
     for param, group in _by_param(table):
         out += group

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from tessera.config import EMPTY_BLOCK, ArchConfig, BlockConfig, dtype_bytes
+from tessera.config import EMPTY_BLOCK, ArchConfig, BlockConfig, activation_dtype, dtype_bytes
 from tessera.devices import available_memory, device_name, dtype_name, synchronize
 from tessera.errors import UserError
 from tessera.kernels import FP8
@@ -49,6 +49,7 @@ from tessera.runtime.cache import kept_tokens
 from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.model import Model
 from tessera.runtime.sampling import SamplingParams
+from tessera.search.library import SearchSpace
 
 MIB = 2**20
 STACK_COPIES = 4
@@ -176,13 +177,10 @@ def timing_models(
     fp8 = dtype == FP8  # drawn in bf16, then quantized (Model.to_fp8)
     compute = torch.bfloat16 if fp8 else dtype
     shared = Model.empty(arch.with_blocks([EMPTY_BLOCK]), device, compute).init_weights(seed=0)
-    if fp8:
-        shared.to_fp8()
     models = []
     for k, blocks in enumerate(architectures):
         model = Model.empty(arch.with_blocks(list(blocks)), "meta", compute)
         model.embed_tokens, model.norm, model.lm_head = shared.embed_tokens, shared.norm, shared.lm_head
-        model.lm_head_scale = shared.lm_head_scale
         model.layers.to_empty(device=device)
         model.init_weights(seed=1 + k, layers_only=True)
         models.append(model.to_fp8() if fp8 else model)
@@ -200,9 +198,9 @@ def block_memory_mib(arch: ArchConfig, block: BlockConfig, scenario: Scenario, d
 
 
 def non_block_memory_mib(arch: ArchConfig, dtype: torch.dtype) -> float:
-    """Embedding, LM head and final norm."""
+    """Embedding, LM head and final norm (in FP8 too, bf16: tessera.config.activation_dtype)."""
     non_block = arch.num_params() - sum(arch.block_params(b) for b in arch.blocks)
-    return non_block * dtype_bytes(dtype_name(dtype)) / MIB
+    return non_block * dtype_bytes(activation_dtype(dtype_name(dtype))) / MIB
 
 
 @dataclass
@@ -368,3 +366,12 @@ def random_architectures(variants: list[list[BlockConfig]], n: int, seed: int = 
     """n architectures drawn uniformly per layer from each layer's variants."""
     rng = random.Random(seed)
     return [[rng.choice(layer) for layer in variants] for _ in range(n)]
+
+
+def blocks_to_time(
+    arch: ArchConfig, space: SearchSpace, checks: int, seed: int = 0
+) -> tuple[list[BlockConfig], list[list[BlockConfig]]]:
+    """What `calibrate` times for a search space: every variant of every layer, and the architectures its
+    prediction is checked on: the parent (every speedup budget is a ratio to it) and `checks` random ones."""
+    variants = [space.block_variants(arch, i) for i in range(arch.n_layers)]
+    return [b for v in variants for b in v], [list(arch.blocks), *random_architectures(variants, checks, seed)]

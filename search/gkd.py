@@ -45,7 +45,7 @@ def _forward(model: Model, inputs: torch.Tensor) -> tuple[list[torch.Tensor], to
     return outputs, model.logits(hidden)
 
 
-class _Student(nn.Module):
+class Student(nn.Module):
     """The child's forward as GKD needs it (each layer's output and the logits) as one module call: what
     DistributedDataParallel wraps."""
 
@@ -58,17 +58,14 @@ class _Student(nn.Module):
 
 
 def gkd_loss(
-    child: Model,
-    parent: Model,
-    inputs: torch.Tensor,
-    aligned_layers: Sequence[int] | None = None,
-    student: nn.Module | None = None,
+    student: nn.Module, parent: Model, inputs: torch.Tensor, aligned_layers: Sequence[int] | None = None
 ) -> torch.Tensor:
-    """The GKD loss on windows [B, T]; the cosine terms cover `aligned_layers` (default: every layer). `student`:
-    the child's forward to differentiate through (its DistributedDataParallel wrapper over several ranks)."""
+    """The GKD loss on windows [B, T] of the child `student` (`Student(child)`, or its DistributedDataParallel
+    wrapper over several ranks) against the parent; the cosine terms cover `aligned_layers` (default: every
+    layer)."""
     with torch.no_grad():
         parent_layers, parent_logits = _forward(parent, inputs)
-    child_layers, child_logits = student(inputs) if student is not None else _forward(child, inputs)
+    child_layers, child_logits = student(inputs)
     aligned = range(len(child_layers)) if aligned_layers is None else aligned_layers
     cosine = sum((1 - F.cosine_similarity(child_layers[i], parent_layers[i], dim=-1)).mean() for i in aligned)
     logp_parent = F.log_softmax(parent_logits.float(), dim=-1)
@@ -97,11 +94,11 @@ def distill(
         raise UserError(f"GKD's batch of {cfg.batch_size} windows does not split over {ranks.size} ranks")
     device = parent.embed_tokens.weight.device
     batches = random_windows(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
-    student = None
+    student = Student(child)
     if ranks.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        student = DistributedDataParallel(_Student(child), device_ids=[device.index] if device.type == "cuda" else None)
+        student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
         batches = (windows[ranks.rank :: ranks.size] for windows in batches)  # this rank's share of each batch
     parent.eval()
     child.train()
@@ -114,7 +111,7 @@ def distill(
 
     history = train(
         child.named_parameters(),
-        lambda w: gkd_loss(child, parent, w[:, :-1].to(device), aligned_layers, student),
+        lambda w: gkd_loss(student, parent, w[:, :-1].to(device), aligned_layers),
         batches,
         TrainConfig(steps=cfg.steps, lr=cfg.lr),
         evaluate=evaluate if val_windows is not None and ranks.main else None,

@@ -42,9 +42,9 @@ from tessera.search.cost import (
     CostTable,
     Scenario,
     block_memory_mib,
+    blocks_to_time,
     calibrate,
     lockstep,
-    random_architectures,
 )
 from tessera.search.data import load_parent
 from tessera.search.fusion import FusionConfig, run_fusion
@@ -58,7 +58,7 @@ from tessera.search.library import (
     write_library,
 )
 from tessera.search.mip import Bound, InfeasibleError, solve
-from tessera.search.ranks import ONE, Ranks
+from tessera.search.ranks import ONE, Ranks, every_core
 from tessera.search.scoring import model_quality, reference_logprobs, score_library
 from tessera.search.train import fixed_windows, random_windows
 
@@ -462,10 +462,7 @@ class Optimizer:
         """The main scenario's cost table and each further scenario's, each written under `out`."""
         cfg, arch = self.cfg, self.parent.arch
         t = self._start()
-        variants = [cfg.space.block_variants(arch, i) for i in range(arch.n_layers)]
-        # The parent is checked with the random architectures: every speedup budget is a ratio to it.
-        check = [list(arch.blocks), *random_architectures(variants, cfg.validate_architectures, seed=cfg.seed)]
-        blocks = [b for v in variants for b in v]
+        blocks, check = blocks_to_time(arch, cfg.space, cfg.validate_architectures, seed=cfg.seed)
         table = calibrate(arch, blocks, cfg.scenario, self.device, self.timing_dtype, check, progress=self.progress)
         atomic_write_text(self.out / "cost.json", json.dumps(table.to_json(), indent=1) + "\n")
         also_tables = []
@@ -653,12 +650,13 @@ class Optimizer:
             self._stage("assembly, GKD and evaluation", t, accumulate=True)
             t = self._start()
             if self.ranks.main:  # timed by rank 0 alone, the other ranks waiting (not working beside it)
-                parent_ms.append(self.measure(model, mine))
+                with every_core():
+                    parent_ms.append(self.measure(model, mine))
             self.ranks.barrier()
             self._stage("end-to-end latency", t, accumulate=True)
             if key != main:
                 del model
-        if not parent_ms:  # another rank than 0
+        if not self.ranks.main:
             return model
         parent.measured_ms, parent.measured_speedup = statistics.median(parent_ms), 1.0
         parent.speedup_rounds = [1.0]

@@ -13,7 +13,9 @@ every collective is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -21,7 +23,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from tessera.runtime.parallel import backend_for, join_group, torchrun_local, torchrun_world
+from tessera.runtime.parallel import TensorParallel, backend_for, join_group, torchrun_local, torchrun_world
 
 T = TypeVar("T")
 TIMEOUT = datetime.timedelta(hours=6)  # a rank may wait this long for another's BLD share
@@ -31,9 +33,7 @@ TIMEOUT = datetime.timedelta(hours=6)  # a rank may wait this long for another's
 class Ranks:
     """This process's place among the search's ranks."""
 
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0  # among the ranks on its machine: its GPU when the search runs on CUDA
+    tp: TensorParallel | None = None  # the process group's placement (parallel.join_group); None: one process
 
     @classmethod
     def from_environment(cls, device: torch.device) -> Ranks:
@@ -42,10 +42,17 @@ class Ranks:
         rank, size = torchrun_world()
         if size <= 1:
             return cls()
-        local_rank = torchrun_local()[0]
-        if not dist.is_initialized():
-            join_group(rank, size, None, backend_for(device), TIMEOUT.total_seconds())
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank)
+        if dist.is_initialized():  # joined already (a caller that set the group up itself)
+            return cls(TensorParallel(dist.get_rank(), dist.get_world_size(), local_rank=torchrun_local()[0]))
+        return cls(join_group(rank, size, None, backend_for(device), TIMEOUT.total_seconds()))
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.tp is None else self.tp.rank
+
+    @property
+    def size(self) -> int:
+        return 1 if self.tp is None else self.tp.size
 
     @property
     def main(self) -> bool:
@@ -53,9 +60,7 @@ class Ranks:
 
     def device(self, device: torch.device) -> torch.device:
         """This rank's device: its own GPU (LOCAL_RANK) when the search runs on CUDA over several ranks."""
-        if device.type == "cuda" and self.size > 1:
-            return torch.device("cuda", self.local_rank)
-        return device
+        return device if self.tp is None else self.tp.device(device)
 
     def share(self, items: list[T]) -> list[T]:
         """This rank's items: every `size`-th from its own index."""
@@ -80,7 +85,8 @@ class Ranks:
         box: list = [None]
         if self.main:
             try:
-                box[0] = (True, fn())
+                with every_core():
+                    box[0] = (True, fn())
             except Exception as e:  # every rank must hear of it, or the others wait for ever
                 box[0] = (False, e)
         dist.broadcast_object_list(box, src=0)
@@ -94,6 +100,19 @@ class Ranks:
         if self.size > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+            torch.set_num_threads(os.cpu_count() or 1)  # alone now: every core, as on_main has them
+
+
+@contextlib.contextmanager
+def every_core():
+    """Rank 0's work alone (the other ranks wait in a collective) on every core of the machine: join_group shared
+    them out among the ranks for BLD, and timings must be taken with the threads a child is served with."""
+    shared = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(shared)
 
 
 ONE = Ranks()  # one process: the default everywhere

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tessera.config import ArchConfig, ConfigError
+from tessera.config import ArchConfig, ConfigError, activation_dtype
 from tessera.devices import RUN_DTYPES, parse_dtype, resolve_device, serving_dtype
 from tessera.errors import UserError, UserFileNotFound
 from tessera.files import atomic_write_text
@@ -193,6 +193,10 @@ def _short(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def _weights_in(dtype: str) -> str:
+    return f"{dtype} projections, {activation_dtype(dtype)} embeddings" if dtype != activation_dtype(dtype) else dtype
+
+
 def _format_info(arch: ArchConfig, source: str) -> str:
     s = arch.summary()
     lines = [
@@ -200,8 +204,8 @@ def _format_info(arch: ArchConfig, source: str) -> str:
         f"  {s['family']} family, layers {s['num_layers']}, hidden {s['hidden_size']}, heads {s['num_heads']} x "
         f"{s['head_dim']}, vocab {s['vocab_size']}, tied embeddings {arch.tie_embeddings}",
         f"  parameters      {s['num_params']:,} ({_short(s['num_params'])})",
-        f"  weight bytes    {s['weight_bytes']:,} ({arch.dtype})",
-        f"  KV bytes/token  {s['kv_bytes_per_token']:,} ({arch.dtype})",
+        f"  weight bytes    {s['weight_bytes']:,} ({_weights_in(arch.run_dtype)})",
+        f"  KV bytes/token  {s['kv_bytes_per_token']:,} ({activation_dtype(arch.run_dtype)})",
         f"  FLOPs/token     {s['flops_per_token']:,} (no context)",
         f"  depth           {s['sequential_depth']} sequential sublayers (attention and FFN count one each)",
         f"  empty layers    {len(s['empty_layers'])} (attention and FFN both no-op: no weights, no launch, no cache)",
@@ -472,7 +476,7 @@ def _other_rank(command: str, why: str) -> bool:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from tessera.search.cost import calibrate, random_architectures
+    from tessera.search.cost import blocks_to_time, calibrate
     from tessera.search.library import SearchSpace
 
     if _other_rank("calibrate", "blocks timed by processes or devices apart would not compose into one table"):
@@ -484,10 +488,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     arch = ArchConfig.from_json(args.model)
     space = SearchSpace(windows=args.windows)
-    variants = [space.block_variants(arch, i) for i in range(arch.n_layers)]
-    check = [list(arch.blocks), *random_architectures(variants, args.validate)] if args.validate else []
+    blocks, check = blocks_to_time(arch, space, args.validate)
     dtype = serving_dtype(device, args.timing_dtype)
-    table = calibrate(arch, [b for v in variants for b in v], _scenario(args), device, dtype, check)
+    table = calibrate(arch, blocks, _scenario(args), device, dtype, check if args.validate else [])
     atomic_write_text(out, json.dumps(table.to_json(), indent=1) + "\n")
     print(f"{table.device}: non-block {table.non_block_ms:.2f} ms")
     for name, t in table.blocks.items():
@@ -621,7 +624,7 @@ def cmd_fuse(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from tessera.kernels import FP8
-    from tessera.runtime.loader import load_model, save_model
+    from tessera.runtime.loader import check_memory, load_model, save_model
 
     model_dir = Path(args.model)
     inputs = {"--model": model_dir, "the current folder": Path.cwd()}
@@ -634,7 +637,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         inputs=inputs,
     )
-    model = load_model(model_dir, resolve_device(args.device), FP8)
+    device = resolve_device(args.device)
+    check_memory(model_dir, device, torch.bfloat16)  # loaded in bf16, then quantized
+    model = load_model(model_dir, device, FP8)
     save_model(model, out, tokenizer_from=model_dir)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(

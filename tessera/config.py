@@ -66,6 +66,15 @@ def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
     return find_multiple(int(2 * ffn_mult * hidden_size / 3), 256)
 
 
+FP8_NAME = "float8_e4m3fn"  # a model whose projection matrices are E4M3 (`--dtype fp8`, kernels/fp8.py)
+
+
+def activation_dtype(dtype: str) -> str:
+    """What a model run in `dtype` keeps its activations, KV cache, embeddings, norms and LM head in: FP8
+    quantizes the projection matrices only, the rest is bf16."""
+    return "bfloat16" if dtype == FP8_NAME else dtype
+
+
 def dtype_bytes(dtype: str) -> int:
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"dtype {dtype!r}: expected one of {sorted(DTYPE_BYTES)}")
@@ -273,13 +282,22 @@ class ArchConfig:
         head = 0 if self.tie_embeddings else embed
         return embed + head + self.hidden_size + sum(self.block_params(b) for b in self.blocks)
 
+    @property
+    def run_dtype(self) -> str:
+        """The dtype the cost formulas default to: the checkpoint's storage dtype, FP8 for an FP8 checkpoint."""
+        return FP8_NAME if self.quantization == "fp8" else self.dtype
+
     def weight_bytes(self, dtype: str | None = None) -> int:
-        return self.num_params() * dtype_bytes(dtype or self.dtype)
+        """The blocks' weights in `dtype`, the embedding, head and final norm in its activation dtype (in FP8 the
+        blocks' norms count at one byte too: a few kilobytes under)."""
+        dtype = dtype or self.run_dtype
+        blocks = sum(self.block_params(b) for b in self.blocks)
+        return blocks * dtype_bytes(dtype) + (self.num_params() - blocks) * dtype_bytes(activation_dtype(dtype))
 
     def kv_bytes_per_token_layer(self, block: BlockConfig, dtype: str | None = None) -> int:
         if block.attention.kind != "gqa":
             return 0  # linear and no-op attention keep no cache
-        return 2 * block.attention.n_kv_heads * self.head_dim * dtype_bytes(dtype or self.dtype)
+        return 2 * block.attention.n_kv_heads * self.head_dim * dtype_bytes(activation_dtype(dtype or self.run_dtype))
 
     def kv_bytes_per_token(self, dtype: str | None = None) -> int:
         return sum(self.kv_bytes_per_token_layer(b, dtype) for b in self.blocks)
@@ -293,8 +311,11 @@ class ArchConfig:
         head: a lookup reads `batch` rows) plus each sequence's KV cache at `context_len` tokens (a windowed
         layer's last `window`). Divided by the memory bandwidth, the floor of a decode step's time."""
         lookup_only = 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
-        weights = (self.num_params() - lookup_only) * dtype_bytes(dtype or self.dtype)
-        return weights + batch * self.kv_bytes(context_len, dtype)
+        return (
+            self.weight_bytes(dtype)
+            - lookup_only * dtype_bytes(activation_dtype(dtype or self.run_dtype))
+            + (batch * self.kv_bytes(context_len, dtype))
+        )
 
     def flops_per_token(self, context_len: int = 0) -> int:
         """Forward FLOPs for one token attending to `context_len` cached tokens.
@@ -356,7 +377,7 @@ class ArchConfig:
         return rows + head + self.hidden_size + sum(self.rank_block_params(b, tp) for b in self.blocks)
 
     def rank_kv_bytes_per_token(self, tp: int, dtype: str | None = None) -> int:
-        per_head = 2 * self.head_dim * dtype_bytes(dtype or self.dtype)
+        per_head = 2 * self.head_dim * dtype_bytes(activation_dtype(dtype or self.run_dtype))
         return sum(per_head * self.rank_kv_heads(b.attention, tp) for b in self.blocks if b.attention.kind == "gqa")
 
     def tensor_parallel_summary(self, tp: int, dtype: str | None = None) -> dict[str, Any]:
@@ -383,7 +404,7 @@ class ArchConfig:
             "vocab_size": self.vocab_size,
             "family": self.family,
             "num_params": self.num_params(),
-            "dtype": self.dtype,
+            "dtype": self.run_dtype,
             "weight_bytes": self.weight_bytes(),
             "kv_bytes_per_token": self.kv_bytes_per_token(),
             "flops_per_token": self.flops_per_token(),

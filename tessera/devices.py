@@ -82,8 +82,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def parse_dtype(name: str) -> torch.dtype:
     """A run dtype from its name (a `--dtype` flag); a UserError naming the choices otherwise."""
-    if name == dtype_name(torch.float8_e4m3fn):  # how results and cost tables spell "fp8"
-        name = "fp8"
     if name not in RUN_DTYPES:
         raise UserError(f"dtype {name!r}: expected one of {', '.join(RUN_DTYPES)}")
     return RUN_DTYPES[name]

@@ -71,6 +71,23 @@ def test_generate_on_demo_parent(capsys) -> None:
     assert all(len(r["tokens"]) <= 8 and r["finish_reason"] in ("stop", "length") for r in results)
 
 
+def test_quantize_then_generate_in_fp8_equals_quantizing_at_load(tmp_path: Path, capsys) -> None:
+    """`tessera quantize` writes an FP8 checkpoint; generating from it gives the tokens of the bf16 parent
+    quantized at load (the same E4M3 weights either way), and `--overwrite` is needed to write over other files."""
+    out = tmp_path / "fp8"
+    code, printed, _ = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out))
+    assert code == 0 and "FP8 checkpoint" in printed
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "float-quantized"
+    args = ("generate", "--prompt", "def f(", "--max-new-tokens", "12", "--dtype", "fp8", "--json")
+    stored = json.loads(run_cli(capsys, *args, "--model", str(out))[1])
+    at_load = json.loads(run_cli(capsys, *args, "--model", str(PARENT_DIR))[1])
+    assert stored[0]["tokens"] == at_load[0]["tokens"] and len(stored[0]["tokens"]) == 12
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(tmp_path / "other"))
+    assert code == 2 and "pass --overwrite" in err
+
+
 def test_generate_sampled_is_seeded(capsys) -> None:
     args = ("generate", "--model", str(PARENT_DIR), "--prompt", "class ", "--max-new-tokens", "10")
     sampled = ("--temperature", "0.9", "--seed", "7", "--json")

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,22 @@ def test_decode_step_bytes_llama_8b() -> None:
     weights = (8_030_261_248 - 128_256 * 4096) * 2
     assert arch.decode_step_bytes(batch=1, context_len=0, dtype="bfloat16") == weights
     assert arch.decode_step_bytes(batch=64, context_len=1024, dtype="bfloat16") == weights + 64 * 1024 * 131_072
+
+
+def test_fp8_cost_formulas_llama_8b() -> None:
+    """In FP8 the 32 blocks' 6,979,584,000 parameters are one byte each; the embedding, the untied head and the
+    final norm stay bf16, and so does the KV cache (128 KiB per token, as in bf16). An FP8 checkpoint's config
+    (quantization "fp8") makes FP8 the formulas' default."""
+    arch = ArchConfig.from_json(CONFIGS / "llama-3.1-8b.json")
+    embed = 128_256 * 4096
+    assert 8_030_261_248 - 2 * embed - 4096 == 6_979_584_000
+    weights = 6_979_584_000 + 2 * (2 * embed + 4096)
+    assert arch.weight_bytes("float8_e4m3fn") == weights
+    assert arch.decode_step_bytes(batch=64, context_len=1024, dtype="float8_e4m3fn") == (
+        weights - 2 * embed + 64 * 1024 * 131_072
+    )
+    fp8 = replace(arch, quantization="fp8")
+    assert fp8.summary()["weight_bytes"] == weights and fp8.kv_bytes_per_token() == 131_072
 
 
 def test_nemotron_51b_layer_histogram() -> None:

@@ -29,8 +29,7 @@ def test_run_dtype_names_round_trip(name: str) -> None:
 
 
 def test_fp8_is_named_fp8_on_the_command_line_and_float8_e4m3fn_in_results() -> None:
-    assert parse_dtype("fp8") == torch.float8_e4m3fn
-    assert parse_dtype(dtype_name(torch.float8_e4m3fn)) == torch.float8_e4m3fn
+    assert parse_dtype("fp8") == torch.float8_e4m3fn and dtype_name(torch.float8_e4m3fn) == "float8_e4m3fn"
 
 
 def test_parse_dtype_refuses_other_names() -> None:

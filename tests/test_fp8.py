@@ -87,16 +87,17 @@ def test_row_quantization_matches_the_reference(poisoned, k: int) -> None:
     assert torch.equal(_bits(q.cpu()), _bits(ref_q.cpu()))
 
 
-def test_a_row_with_nan_gives_nan_in_its_output_row_alone(poisoned) -> None:
-    """A NaN makes its row's scale NaN (the interpreter cannot write an E4M3 NaN, the GPU can: the scale carries
-    it), so that row's GEMM output is NaN and the others are untouched: the engine then fails that request alone."""
-    x = randn(3, 40)
-    x[1, 7] = float("nan")
+def test_a_row_with_nan_or_inf_gives_nan_in_its_output_row_alone(poisoned) -> None:
+    """A NaN or an infinity makes its row's scale NaN (E4M3 has no infinity, and the interpreter cannot write its
+    NaN: the scale carries it), so that row's GEMM output is NaN and the others are untouched: the engine then
+    fails that request alone."""
+    x = randn(4, 40)
+    x[1, 7], x[3, 2] = float("nan"), float("inf")
     for _, scale in (quantize_rows_triton(x), quantize_rows_reference(x)):
-        assert scale[1].isnan() and scale[[0, 2]].isfinite().all()
+        assert scale[[1, 3]].isnan().all() and scale[[0, 2]].isfinite().all()
     w, w_scale = quantize_weight(randn(16, 40, seed=1))
-    out = kernels.linear(x, w, None, w_scale)
-    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+    for out in (kernels.linear(x, w, None, w_scale), linear_fp8_reference(x, w, w_scale)):
+        assert out[[1, 3]].isnan().all() and out[[0, 2]].isfinite().all()
 
 
 @pytest.mark.parametrize("m", [1, 16, 17, 70])
@@ -105,15 +106,13 @@ def test_fp8_linear_kernel_matches_float64(poisoned, m: int, dtype: torch.dtype)
     k, n = 300, 200  # neither divides a block size
     x = randn(m, k, dtype=dtype)
     w, w_scale = quantize_weight(randn(n, k, seed=1))
-    bias, residual = randn(n, dtype=dtype, seed=2), randn(m, n, dtype=dtype, seed=3)
+    bias = randn(n, dtype=dtype, seed=2)
     out = kernels.linear(x, w, bias, w_scale)
     assert out.dtype == dtype and out.shape == (m, n)
     # fp32: the same exact FP8 products summed in fp32 in another order (observed <= 3e-7); fp16: one fp16
     # rounding of the output (unit roundoff 4.9e-4).
     tol = 1e-5 if dtype == torch.float32 else 1e-3
     assert relative_error(out.double(), _float64_linear(x, w, w_scale, bias)) <= tol
-    fused = kernels.fp8.linear_fp8_triton(x, w, w_scale, bias, residual)
-    assert relative_error(fused.double(), _float64_linear(x, w, w_scale, bias, residual)) <= tol
 
 
 def test_fp8_reference_and_scaled_mm_match_float64() -> None:
@@ -152,28 +151,28 @@ def test_fp8_swiglu_on_scaled_mm_matches_the_reference() -> None:
     assert relative_error(out.float(), expected.float()) <= 3e-2
 
 
-def _fp8_copy(model: Model) -> Model:
-    return model.cast(FP8)
-
-
-def test_an_fp8_model_runs_the_dequantized_weights() -> None:
-    """Model.cast(FP8) quantizes every projection (and the head) and nothing else; its logits equal a bf16 model
-    holding the dequantized weights, run through the FP8 reference's arithmetic (same activations quantized)."""
+def test_cast_to_fp8_quantizes_every_projection_and_stays_near_fp32() -> None:
+    """Model.cast(FP8) quantizes every projection matrix, nothing else (embeddings, norms and the head stay bf16),
+    from the weights as given (fp32 here: the codes loading an fp32 checkpoint in FP8 gives), and leaves the
+    original."""
     torch.manual_seed(0)
     model = Model(tiny_arch(2)).init_weights(std=0.1, seed=0).eval()
-    fp8 = _fp8_copy(model)
+    fp8 = model.cast(FP8)
     assert fp8.is_fp8 and fp8.run_dtype == FP8 and fp8.embed_tokens.weight.dtype == torch.bfloat16
     quantized = {n for n, p in fp8.named_parameters() if p.dtype == FP8}
     matrices = ("w_qkv", "w_o", "w_gate_up", "w_down")
-    assert quantized == {n for n, _ in model.named_parameters() if n.endswith(matrices)} | {"lm_head"}
+    assert quantized == {n for n, _ in model.named_parameters() if n.endswith(matrices)}
+    expected, scale = quantize_weight(model.layers[1].mlp.w_down)
+    assert torch.equal(_bits(fp8.layers[1].mlp.w_down), _bits(expected))
+    assert torch.equal(fp8.layers[1].mlp.w_down_scale, scale)
     assert model.run_dtype == torch.float32  # the original is untouched
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = fp8(ids).float()
         full = model(ids)
     # FP8 against the fp32 model: E4M3 weights and activations (relative steps of 2^-3, errors up to 2^-4 each)
-    # in every GEMM of 2 layers and the head; observed 0.126 on this random model. A loose sanity bound: the tight
-    # checks are the kernel tests above and the perplexity test below.
+    # in every GEMM of 2 layers, bf16 around them. A loose sanity bound: the tight checks are the kernel tests above
+    # and the perplexity test below.
     assert relative_error(logits, full) <= 0.2
     assert logits.argmax(-1).eq(full.argmax(-1)).float().mean() >= 0.9
 
@@ -197,7 +196,9 @@ def test_fp8_checkpoint_round_trip_in_the_layout_vllm_reads(tmp_path, llama_unti
         )
         head = f.get_tensor("lm_head.weight")
     assert q_proj.dtype == FP8 and q_scale.shape == (q_proj.shape[0], 1) and q_scale.dtype == torch.float32
-    assert head.dtype == torch.bfloat16 and "lm_head.weight_scale" not in names
+    # The head is written as loaded (bf16), not through FP8: what vLLM reads as `ignore: ["lm_head"]`.
+    source_head = load_model(llama_untied, dtype=torch.bfloat16).lm_head.detach()
+    assert torch.equal(head, source_head) and "lm_head.weight_scale" not in names
     assert sum(n.endswith("weight_scale") for n in names) == 7 * model.arch.n_layers  # q k v o gate up down
     again = load_model(out, dtype=FP8)
     state, state_again = model.state_dict(), again.state_dict()
@@ -213,7 +214,10 @@ def test_fp8_checkpoint_round_trip_in_the_layout_vllm_reads(tmp_path, llama_unti
 
 
 def test_fp8_checkpoint_errors_name_the_tensor_or_field(tmp_path, llama_tied) -> None:
-    out = save_model(load_model(llama_tied, dtype=FP8), tmp_path / "fp8")
+    model = load_model(llama_tied, dtype=FP8)
+    out = save_model(model, tmp_path / "fp8")
+    again = load_model(out, dtype=FP8)  # tied: the head is the embedding, stored once
+    assert again.lm_head is None and torch.equal(again.embed_tokens.weight, model.embed_tokens.weight)
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(out / "model.safetensors")
@@ -272,6 +276,6 @@ def test_the_cost_model_times_fp8_blocks() -> None:
     arch = tiny_arch(2)
     models = timing_models(arch, [arch.blocks, arch.blocks[:1]], torch.device("cpu"), FP8)
     assert all(m.is_fp8 and m.layers[0].mlp.w_down.dtype == FP8 for m in models)
-    assert models[0].lm_head is models[1].lm_head  # the head is shared, quantized once
+    assert models[0].lm_head is models[1].lm_head  # the head is shared
     with torch.no_grad():
         assert models[1](torch.zeros(1, 4, dtype=torch.int64)).isfinite().all()

@@ -14,6 +14,7 @@ from tessera.runtime.sampling import (
     SamplingParams,
     TextStream,
     load_tokenizer,
+    request_keys,
     request_uniforms,
     sample,
     seed_words,
@@ -84,7 +85,7 @@ N_SAMPLES = 40_000  # frequency std <= sqrt(0.25 / 40000) = 0.0025; tolerance 0.
 
 def _frequencies(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """N_SAMPLES draws of one request's stream (seed 0, counters 0..N-1), all rows at once."""
-    uniforms = request_uniforms(torch.zeros(N_SAMPLES, 2, dtype=torch.int64), torch.arange(N_SAMPLES))
+    uniforms = request_uniforms(torch.tensor([request_keys(0)] * N_SAMPLES), torch.arange(N_SAMPLES))
     draws = sample(logits.expand(N_SAMPLES, -1), [params] * N_SAMPLES, uniforms)
     return torch.bincount(draws, minlength=logits.shape[-1]).double() / N_SAMPLES
 
@@ -113,9 +114,9 @@ def test_request_streams_are_uniform_independent_and_the_reference_hash() -> Non
     Kolmogorov-Smirnov distance below its 0.1 % critical value, 1.95 / sqrt(n)); neighbouring seeds' streams are
     uncorrelated (|r| below 4 standard errors, 4 / sqrt(n)) and not each other's values reordered."""
     seeds = [0, 1, 2**32, -1, -(2**63), 2**64 - 1, 123456789]
-    words = torch.tensor([seed_words(s) for s in seeds for _ in range(3)], dtype=torch.int64)
+    keys = torch.tensor([request_keys(s) for s in seeds for _ in range(3)], dtype=torch.int64)
     counters = torch.tensor([0, 1, 2**31 + 5] * len(seeds))
-    got = request_uniforms(words, counters).tolist()
+    got = request_uniforms(keys, counters).tolist()
     assert got == [_uniform_reference(s, c) for s in seeds for c in (0, 1, 2**31 + 5)]
 
     def ks(u: torch.Tensor) -> float:
@@ -124,19 +125,19 @@ def test_request_streams_are_uniform_independent_and_the_reference_hash() -> Non
         return max((grid - u).max().item(), (u - (grid - 1 / n)).max().item())
 
     n = 100_000
-    one_stream = request_uniforms(torch.zeros(n, 2, dtype=torch.int64), torch.arange(n))
-    many = torch.tensor([seed_words(s) for s in range(1000)], dtype=torch.int64).repeat_interleave(100, dim=0)
+    one_stream = request_uniforms(torch.tensor([request_keys(0)] * n), torch.arange(n))
+    many = torch.tensor([request_keys(s) for s in range(1000)], dtype=torch.int64).repeat_interleave(100, dim=0)
     many_seeds = request_uniforms(many, torch.arange(100).repeat(1000))
     for u in (one_stream, many_seeds):
         assert u.min() >= 0 and u.max() < 1
         assert ks(u) < 1.95 / n**0.5
-    a = request_uniforms(torch.tensor([seed_words(7)] * n), torch.arange(n))
-    b = request_uniforms(torch.tensor([seed_words(8)] * n), torch.arange(n))
+    a = request_uniforms(torch.tensor([request_keys(7)] * n), torch.arange(n))
+    b = request_uniforms(torch.tensor([request_keys(8)] * n), torch.arange(n))
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 4 / n**0.5
     # Nor is one seed's stream another's in another order. Seeds 703 and 2693 have first-round keys 200 apart: when
     # the counter went into the last round alone, 9,984 of their first 10,000 draws shared their top 32 bits.
     # Independent streams share about 10^8 / 2^32 ≈ 0.02.
-    a, b = (request_uniforms(torch.tensor([seed_words(s)] * 10_000), torch.arange(10_000)) for s in (703, 2693))
+    a, b = (request_uniforms(torch.tensor([request_keys(s)] * 10_000), torch.arange(10_000)) for s in (703, 2693))
     assert len(set((a * 2**32).floor().tolist()) & set((b * 2**32).floor().tolist())) <= 2
 
 
@@ -388,10 +389,10 @@ def test_the_draws_and_the_sampling_are_the_same_on_cuda() -> None:
     """A request's random stream is integer arithmetic: bit for bit the same on CUDA as on the CPU. The batched
     sampling over it (float64) picks the same tokens for all but the rare row whose draw falls within rounding of a
     boundary between two tokens (cumulative sums add in another order on the GPU)."""
-    words = torch.tensor([seed_words(s) for s in range(200)], dtype=torch.int64)
+    keys = torch.tensor([request_keys(s) for s in range(200)], dtype=torch.int64)
     counters = torch.arange(200) * 7919
-    cpu = request_uniforms(words, counters)
-    assert torch.equal(request_uniforms(words.cuda(), counters.cuda()).cpu(), cpu)
+    cpu = request_uniforms(keys, counters)
+    assert torch.equal(request_uniforms(keys.cuda(), counters.cuda()).cpu(), cpu)
     logits = torch.randn(200, 4096, generator=torch.Generator().manual_seed(0)) * 3
     params = [SamplingParams(temperature=0.8, top_k=50 * (i % 3), top_p=(1.0, 0.9)[i % 2]) for i in range(200)]
     same = sample(logits.cuda(), params, cpu.cuda()).cpu() == sample(logits, params, cpu)

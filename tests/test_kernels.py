@@ -115,8 +115,8 @@ def test_apply_rope_on_packed_qkv_view(poisoned, n_tokens: int, dtype: torch.dty
 @pytest.mark.parametrize("n_tokens", [1, 3, 63])
 @dtypes("rope")
 def test_rope_and_cache_rotates_and_stores_in_one_kernel(poisoned, n_tokens: int, dtype: torch.dtype, tol: float):
-    """`rope_and_cache` on the packed qkv view, as an engine step calls it: the queries it returns and the keys it
-    stores are the reference's rotation (within the RoPE tolerance), the values land in the cache bit for bit,
+    """`rope_and_cache` on the packed qkv view, as an engine step calls it: the queries and keys it returns and the
+    keys it stores are the reference's rotation (within the RoPE tolerance), the values land in the cache bit for bit,
     at the given slots (scattered, not in order) and nowhere else; the pools are canary-guarded."""
     n_q, n_kv, head_dim, n_slots = 6, 2, 24, 80
     qkv = randn(n_tokens, (n_q + 2 * n_kv) * head_dim, dtype=dtype)
@@ -127,9 +127,11 @@ def test_rope_and_cache_rotates_and_stores_in_one_kernel(poisoned, n_tokens: int
     slots = torch.randperm(n_slots, generator=torch.Generator().manual_seed(2))[:n_tokens].to(KERNEL_DEVICE)
     pools = [torch.empty(n_slots, n_kv, head_dim, dtype=dtype, device=KERNEL_DEVICE).fill_(7.0) for _ in range(2)]
     expected_pools = [pool.clone() for pool in pools]
-    q = kernels.rope_and_cache(qk, v, cos, sin, *pools, slots)
+    rotated = kernels.rope_and_cache(qk, v, cos, sin, *pools, slots)
     expected = rope_and_cache_reference(qk, v, cos, sin, *expected_pools, slots)
-    assert q.shape == (n_tokens, n_q, head_dim) and relative_error(q, expected) <= tol
+    assert rotated.shape == qk.shape and relative_error(rotated, expected) <= tol
+    # The keys it returns are the keys it stored, bit for bit.
+    torch.testing.assert_close(pools[0][slots], rotated[:, n_q:], rtol=0, atol=0)
     assert relative_error(pools[0][slots], expected_pools[0][slots]) <= tol
     torch.testing.assert_close(pools[1], expected_pools[1], rtol=0, atol=0)
     others = torch.ones(n_slots, dtype=torch.bool, device=KERNEL_DEVICE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import lzma
+import os
 import re
 import sys
 import weakref
@@ -27,7 +28,7 @@ from tessera.search.gkd import GKDConfig
 from tessera.search.library import SearchSpace, read_library
 from tessera.search.mip import InfeasibleError, solve
 from tessera.search.pipeline import Budget, OptimizeConfig, block_bounds, optimize
-from tessera.search.ranks import ONE
+from tessera.search.ranks import ONE, every_core
 
 
 @pytest.fixture(scope="module")
@@ -431,6 +432,19 @@ def test_the_sharded_search_builds_the_same_library_and_resumes_a_dead_ranks_sha
     retrained = set().union(*(json.loads((again / f"trained_rank{r}.json").read_text()) for r in range(2)))
     assert retrained == all_blocks - landed
     assert read_library(again / "library.json") == expected
+
+
+def test_rank_0_times_with_every_core_and_gives_the_shared_count_back() -> None:
+    """BLD shares a machine's cores out among its ranks (parallel.join_group); rank 0's timings (Ranks.on_main, the
+    children's measurement) take them all, the threads a child is served with, then give the share back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with every_core():
+            assert torch.get_num_threads() == os.cpu_count()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_gkd_over_two_ranks_takes_one_process_step(tiny_parent, tmp_path, rank_module):
