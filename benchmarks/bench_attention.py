@@ -7,6 +7,9 @@ head layouts of real configs, head dim 128.
   per-layer KV heads of Nemotron-51B (64 query heads over 4, 2, 1 KV heads: G = 16, 32, 64). Memory-bound:
   bytes = the K and V cache read once. Goals (issue 14, H200): >= 1.3x SDPA and >= 80 % of the measured copy
   bandwidth at context >= 8192 for every G and batch 1, 16, 64; never below 1.0x anywhere in the table.
+- decode over an FP8 cache (`--kv-cache-dtype fp8`, issue 20): the same op reading E4M3 pages with per-layer
+  scales, against the same SDPA over the bf16 cache (the dequantized values, so outputs agree to bf16 rounding).
+  Bytes = the FP8 cache read once (half of bf16's): the ratio to SDPA is what the halved bytes buy.
 - prefill: causal, equal-length prompts, each one chunk: `attention_paged` over pages (how the engine prefills)
   and `attention_prefill` over packed tokens (the uncached forward of scoring). SDPA takes [B, H, L, D].
   Compute-bound: 2·B·Hq·L²·D FLOPs (half the square, causal). Goal: >= 1.0x SDPA's flash backend.
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tessera import kernels
+from tessera.kernels.fp8 import quantize_kv_reference
 
 from .harness import KernelCase
 
@@ -36,6 +40,7 @@ HEADS = [  # (model, query heads, KV heads)
 ]
 DECODE = [(1, 8192), (1, 131072), (16, 8192), (64, 8192)]  # (batch, context)
 PREFILL = [(1, 4096), (4, 2048), (1, 16384)]  # (batch, sequence length)
+FP8_DECODE = [(1, 8192), (16, 8192), (64, 8192)]  # (batch, context) over an FP8 cache
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backends: list[SDPBackend]):
@@ -64,16 +69,28 @@ def _paged(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator) -> tuple[torc
     pools = []
     for x in (k, v):
         pool = torch.zeros(1 + batch * n, PAGE, *x.shape[2:], device=x.device, dtype=x.dtype)
-        pool.index_copy_(0, order, x.reshape(batch * n, PAGE, *x.shape[2:]))
+        as_bytes = x.element_size() == 1  # FP8 pages: torch has no index_copy_ for them
+        (pool.view(torch.uint8) if as_bytes else pool).index_copy_(
+            0, order, (x.view(torch.uint8) if as_bytes else x).reshape(batch * n, PAGE, *x.shape[2:])
+        )
         pools.append(pool)
     return pools[0], pools[1], order.view(batch, n).to(torch.int32)
 
 
-def _decode_case(model, n_heads, n_kv, batch, context, device, dtype, baseline) -> KernelCase:
+def _decode_case(model, n_heads, n_kv, batch, context, device, dtype, baseline, fp8: bool = False) -> KernelCase:
     gen = torch.Generator(device).manual_seed(batch * context + n_kv)
     q = torch.randn(batch, n_heads, HEAD_DIM, device=device, dtype=dtype, generator=gen)
     k, v = (torch.randn(batch, context, n_kv, HEAD_DIM, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    scales = {}
+    if fp8:  # E4M3 pages at a scale that spans unit-normal values; SDPA reads the values they stand for
+        scales = {
+            "k_scale": torch.full((1,), 4 / 448, device=device),
+            "v_scale": torch.full((1,), 4 / 448, device=device),
+        }
+        k, v = (quantize_kv_reference(x, scales["k_scale"]) for x in (k, v))
     k_pages, v_pages, tables = _paged(k, v, gen)
+    if fp8:
+        k, v = ((x.float() * scales["k_scale"]).to(dtype) for x in (k, v))
     k_cache, v_cache = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # SDPA's [B, Hkv, L, D]
     del k, v
     meta = kernels.PagedAttentionMetadata(
@@ -86,12 +103,12 @@ def _decode_case(model, n_heads, n_kv, batch, context, device, dtype, baseline) 
     q4 = q.view(batch, n_heads, 1, HEAD_DIM)
     size = q.element_size()
     return KernelCase(
-        op="attention_paged decode",
+        op="attention_paged decode" + (" (FP8 cache)" if fp8 else ""),
         shape={"model": model, "q_heads": n_heads, "kv_heads": n_kv, "batch": batch, "context": context},
-        candidate=partial(kernels.attention_paged, q, k_pages, v_pages, meta),
+        candidate=partial(kernels.attention_paged, q, k_pages, v_pages, meta, **scales),
         baseline=lambda: sdpa(q4, k_cache, v_cache, False, backends).view(batch, n_heads, HEAD_DIM),
         flops=4.0 * batch * n_heads * context * HEAD_DIM,
-        bytes=(2 * batch * n_kv * context + 2 * batch * n_heads) * HEAD_DIM * size,
+        bytes=(2 * batch * n_kv * context * k_pages.element_size() + 2 * batch * n_heads * size) * HEAD_DIM,
         tolerance=2e-2,  # bf16 P·V with P rounded to bf16 on both sides, in different orders
         baseline_name=name + ", contiguous cache",
     )
@@ -149,6 +166,10 @@ def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator
         for batch, context in DECODE:
             b, c = (batch, context) if on_gpu else (max(1, batch // 16), max(PAGE, context // 64))
             yield _decode_case(model, n_heads, n_kv, b, c, device, dtype, baseline)
+    for model, n_heads, n_kv in HEADS:
+        for batch, context in FP8_DECODE:
+            b, c = (batch, context) if on_gpu else (max(1, batch // 16), max(PAGE, context // 64))
+            yield _decode_case(model, n_heads, n_kv, b, c, device, dtype, baseline, fp8=True)
     for model, n_heads, n_kv in HEADS:
         if n_kv in (2, 4):
             continue  # prefill is compute-bound, KV heads barely matter: keep G = 4, 8 and the G = 64 extreme

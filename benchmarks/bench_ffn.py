@@ -7,6 +7,10 @@ Nemotron-51B's pruned widths at hidden 8192 (28672 / 14336 / 7168), and an FFN-F
 28672-wide FFNs (8192, 114688). Rows M from batch-1 decode (1) to a prefill (4096). Work: 6·M·H·I FLOPs;
 bytes = the three weight matrices plus x, residual and out (memory-bound below ~200 rows on an H200).
 Goals (issue 3, H200): >= 1.15x torch eager for M <= 128, >= 0.9x for M >= 2048.
+
+FP8 rows (issue 20): the same FFN with E4M3 weights and per-channel scales, activations quantized per token,
+tessera's Triton GEMMs against `torch._scaled_mm` (cuBLASLt, row-wise scales) doing the same; bytes count the
+weights at one byte. Goal (H200): >= 1.0x `_scaled_mm` at every M.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera import kernels
-from tessera.kernels.ffn import swiglu_ffn_triton
+from tessera.kernels.ffn import swiglu_ffn_fp8_scaled_mm, swiglu_ffn_triton
 
 from .harness import KernelCase
 
@@ -59,4 +63,22 @@ def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator
                 # bf16: the baseline rounds gate, up, silu(gate) and their product; tessera only the product.
                 tolerance=3e-2,
                 baseline_name="torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual",
+            )
+        fp8 = (*kernels.quantize_weight(w_gate_up), *kernels.quantize_weight(w_down))
+        gate_up_q, gate_up_scale, down_q, down_scale = fp8
+        for m_run in sorted({max(1, m // shrink) for m in ROWS}):
+            x = torch.randn(m_run, h_run, device=device, dtype=dtype, generator=gen)
+            residual = torch.randn(m_run, h_run, device=device, dtype=dtype, generator=gen)
+            args = (x, gate_up_q, down_q, residual, gate_up_scale, down_scale)
+            yield KernelCase(
+                op="swiglu_ffn+residual (FP8 weights)",
+                shape={"model": model, "rows": m_run, "hidden": h_run, "intermediate": i_run},
+                candidate=partial(op, *args),
+                baseline=partial(swiglu_ffn_fp8_scaled_mm, *args),
+                flops=6.0 * m_run * h_run * i_run,
+                bytes=3 * h_run * i_run + 3 * m_run * h_run * x.element_size(),
+                # Both quantize x and the SiLU product per token: a product rounded differently can land in
+                # another E4M3 step (2^-4 relative) for a few elements.
+                tolerance=3e-2,
+                baseline_name="torch._scaled_mm (cuBLASLt FP8, row-wise scales), F.silu(gate) * up, + residual",
             )

@@ -9,6 +9,12 @@ so they cannot be captured), Triton eager, and Triton replayed from the engine's
 engine runs decode (a Python launch costs ~9 µs, and an 8B step is ~300 launches). Goals (issue 14, H200):
 >= 85 % of the floor at batch 1 (context 1k and 8k), >= 70 % at batch 64. On CPU: the demo parent's shape in
 float32, references only (a sanity pass).
+
+FP8 rows (issue 20): the same model quantized (`Model.cast(kernels.FP8)`: E4M3 projections, bf16 embeddings,
+head and activations), with a bf16 KV cache and with an FP8 one (`kv_cache_dtype="fp8"`), each against its own
+floor (`decode_step_bytes` in FP8) and as a speedup over the unquantized step (bf16 on the GPU, fp32 on the CPU)
+of the same scenario in the same run.
+Goals (H200): the FP8 step >= 80 % of its floor at batch 1 and >= 1.7x the bf16 step.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from tessera import kernels
-from tessera.config import ArchConfig
+from tessera.config import FP8_NAME, ArchConfig
 from tessera.demo.build import demo_arch
 from tessera.devices import dtype_name, serving_dtype
 from tessera.runtime.engine import DecodeGraphs, Engine, EngineConfig
@@ -52,16 +58,17 @@ LLAMA_3_1_8B = {
 SCENARIOS = [(1, 1024), (64, 1024), (1, 8192)]  # (batch, context)
 
 
-def _decode_steps(model: Model, batch: int, context: int, device: torch.device, graphs: bool):
+def _decode_steps(model: Model, batch: int, context: int, device: torch.device, graphs: bool, kv: str = "auto"):
     """The engine's decode step for `batch` sequences with `context` tokens of random K/V cached (never zeros),
-    eager or replayed from the engine's CUDA graph; returns the step (-> logits)."""
-    config = EngineConfig(max_batch=batch, max_model_len=context, page_size=16, cuda_graphs=graphs)
+    eager or replayed from the engine's CUDA graph, the cache in `kv` (EngineConfig.kv_cache_dtype); returns the
+    step (-> logits)."""
+    config = EngineConfig(max_batch=batch, max_model_len=context, page_size=16, cuda_graphs=graphs, kv_cache_dtype=kv)
     engine = Engine(model, None, config)
     cache = engine.cache
     gen = torch.Generator(device).manual_seed(0)
     for t in (*cache.k, *cache.v):
-        if t is not None:
-            t.normal_(generator=gen)
+        if t is not None:  # FP8 pools take unit-normal values through a bf16 copy (no normal_ in FP8)
+            t.copy_(torch.randn(t.shape, device=device, generator=gen, dtype=torch.bfloat16))
     # Each sequence's pages and block-table row, as the engine admits a request; its last token decodes.
     rows = [engine.tables.add(cache.allocate(context), context) for _ in range(batch)]
     tables = engine.tables.gather(rows, torch.tensor(rows, device=device))
@@ -83,7 +90,9 @@ def run(device: torch.device, copy_gbps: float) -> dict:
     dtype = serving_dtype(device)
     scenarios = SCENARIOS if on_gpu else [(1, 64), (8, 64)]
     model = Model.empty(arch, device, dtype).init_weights(seed=0).eval()
+    fp8_model = model.cast(kernels.FP8)
     modes = [("torch", False)] + ([("triton", False), ("triton", True)] if on_gpu else [])
+    served = modes[-1]  # how the engine runs decode here: the FP8 rows time that mode only
     rows = []
     saved = kernels.forced_backend()
     try:
@@ -122,6 +131,8 @@ def run(device: torch.device, copy_gbps: float) -> dict:
                 diff = (outputs["triton"] - outputs["torch"]).abs().max() / outputs["torch"].abs().max()
                 for row in rows[-len(modes) :]:
                     row["logits_relative_error_vs_references"] = diff.item()
+            base_ms = rows[-1]["step_ms"]  # the served mode's unquantized step
+            rows += _fp8_rows(fp8_model, batch, context, device, served, copy_gbps, base_ms)
     finally:
         kernels.set_backend(saved)
     return {
@@ -131,6 +142,45 @@ def run(device: torch.device, copy_gbps: float) -> dict:
         "results": rows,
         "generate": generate_speed(device) if on_gpu else [],
     }
+
+
+def _fp8_rows(model: Model, batch: int, context: int, device: torch.device, mode, copy_gbps: float, base_ms: float):
+    """The FP8 model's decode step in the served `mode`, with a bf16 and with an FP8 KV cache."""
+    backend, graph = mode
+    kernels.set_backend(backend)
+    rows = []
+    for kv in ("auto", "fp8"):
+        with torch.inference_mode():
+            step = _decode_steps(model, batch, context, device, graph, kv)
+            step()
+            ms, method = time_ms(step, device, graph=False)
+        if graph:
+            method = method.replace("eager", "replays of the engine's CUDA graph")
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        kv_name = FP8_NAME if kv == "fp8" else "bfloat16"
+        floor_ms = 1e3 * model.arch.decode_step_bytes(batch, context, FP8_NAME, kv_name) / (copy_gbps * 1e9)
+        row = {
+            "batch": batch,
+            "context": context,
+            "kernels": backend,
+            "cuda_graph": graph,
+            "precision": f"fp8 weights, {'fp8' if kv == 'fp8' else 'bf16'} KV cache",
+            "step_ms": ms,
+            "tokens_per_s": batch * 1e3 / ms,
+            "floor_ms": floor_ms,
+            "pct_of_bandwidth_floor": 100 * floor_ms / ms,
+            "speedup_vs_unquantized_step": base_ms / ms,
+            "timing": method,
+        }
+        rows.append(row)
+        print(
+            f"decode batch {batch} context {context} {row['precision']}: {ms:.3f} ms/step, "
+            f"{row['pct_of_bandwidth_floor']:.0f} % of floor, "
+            f"{row['speedup_vs_unquantized_step']:.2f}x the unquantized step"
+        )
+    return rows
 
 
 def generate_speed(device: torch.device, new_tokens: int = 128) -> list[dict]:
@@ -197,13 +247,16 @@ def generate_speed(device: torch.device, new_tokens: int = 128) -> list[dict]:
 
 def table(result: dict) -> str:
     lines = [
-        "| batch | context | kernels | CUDA graph | ms/step | tokens/s | % of bandwidth floor |",
-        "|---:|---:|---|---|---:|---:|---:|",
+        "| batch | context | precision | kernels | CUDA graph | ms/step | tokens/s | % of bandwidth floor | "
+        "vs unquantized step |",
+        "|---:|---:|---|---|---|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
+        speedup = f"{r['speedup_vs_unquantized_step']:.2f}x" if "speedup_vs_unquantized_step" in r else ""
         lines.append(
-            f"| {r['batch']} | {r['context']} | {r['kernels']} | {'yes' if r['cuda_graph'] else 'no'} | "
-            f"{r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | {r['pct_of_bandwidth_floor']:.0f} % |"
+            f"| {r['batch']} | {r['context']} | {r.get('precision', result['dtype'])} | {r['kernels']} | "
+            f"{'yes' if r['cuda_graph'] else 'no'} | {r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | "
+            f"{r['pct_of_bandwidth_floor']:.0f} % | {speedup} |"
         )
     if result.get("generate"):
         lines += [

@@ -21,6 +21,8 @@ from .attention_paged_reference import attention_paged_reference
 from .ffn import TRITON_MAX_ROWS, swiglu_ffn_fp8_scaled_mm, swiglu_ffn_reference, swiglu_ffn_triton
 from .fp8 import (
     FP8,
+    FP8_MAX,
+    MIN_SCALE,
     dequantize_weight,
     linear_fp8_reference,
     linear_fp8_scaled_mm,
@@ -34,6 +36,8 @@ from .rope import apply_rope_reference, apply_rope_triton, rope_and_cache_refere
 __all__ = [
     "BACKEND_ENV",
     "FP8",
+    "FP8_MAX",
+    "MIN_SCALE",
     "PagedAttentionMetadata",
     "apply_rope",
     "attention_paged",
@@ -150,13 +154,16 @@ def rope_and_cache(
     k_slots: torch.Tensor,
     v_slots: torch.Tensor,
     slots: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """An engine step's RoPE and KV-cache store: qk [N, Hq + Hkv, D] (queries, then keys; a view of the packed
     qkv output) rotated by cos/sin [N, D/2], the rotated keys and the values v [N, Hkv, D] stored at the flat
     slots [N] of the layer's cache (k_slots/v_slots [S, Hkv, D]); returns the rotated qk [N, Hq + Hkv, D] (the
-    queries for attention, the keys too for a step that attends over its own keys)."""
+    queries for attention, the keys too for a step that attends over its own keys). An FP8 cache (slots in
+    kernels.FP8) stores keys / k_scale and values / v_scale in E4M3 (fp32 scales [1], the layer's)."""
     impl = rope_and_cache_triton if backend(qk, v, k_slots) == "triton" else rope_and_cache_reference
-    return impl(qk, v, cos, sin, k_slots, v_slots, slots)
+    return impl(qk, v, cos, sin, k_slots, v_slots, slots, k_scale, v_scale)
 
 
 def attention_prefill(
@@ -182,9 +189,12 @@ def attention_paged(
     v_pages: torch.Tensor,
     meta: PagedAttentionMetadata,
     window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill chunks and decode tokens together over a paged KV cache (every cached attention of an engine step).
     q [N, Hq, D], pages [P, page_size, Hkv, D]; `meta` says where each sequence's queries and pages are.
-    window: the query at position p sees cached keys p - window + 1 .. p only."""
+    window: the query at position p sees cached keys p - window + 1 .. p only. An FP8 cache comes with its
+    layer's scales (rope_and_cache), applied as its pages are read."""
     impl = attention_paged_triton if backend(q, k_pages, v_pages) == "triton" else attention_paged_reference
-    return impl(q, k_pages, v_pages, meta, window)
+    return impl(q, k_pages, v_pages, meta, window, k_scale, v_scale)

@@ -41,8 +41,9 @@ def attend_tile(
 ):
     """One online-softmax step of query rows q [R, D] (R >= 16, tl.dot's smallest tile) over a K/V tile of
     BLOCK_N keys -> (acc, m_i, l_i)."""
-    k = tl.load(k_ptrs, mask=mask_kv, other=0.0)  # (BLOCK_N, D)
-    v = tl.load(v_ptrs, mask=mask_kv, other=0.0)
+    # In q's dtype: FP8 cache pages widen exactly to bf16/fp16 (their scales are applied outside the loop).
+    k = tl.load(k_ptrs, mask=mask_kv, other=0.0).to(q.dtype)  # (BLOCK_N, D)
+    v = tl.load(v_ptrs, mask=mask_kv, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (R, BLOCK_N), log2 units
     if MASKED:
         s = tl.where(visible, s, float("-inf"))

@@ -22,6 +22,10 @@ share of that sequence's own keys (sized from its length, read on the device), a
 output with its log-sum-exp; `_merge_kernel` combines the splits. n_splits depends only on host-known sizes
 (batch, KV heads, table width), so a decode step is CUDA-graph capturable and still spreads a short and a long
 sequence alike over the whole GPU.
+
+An FP8 cache (pages in float8_e4m3fn, one fp32 K and one V scale for the layer, rope.py stores them) is read in the
+same loop: its tiles widen exactly to the queries' dtype for tl.dot, the K scale joins the softmax scale and the V
+scale multiplies the output, so per key it costs nothing beyond the conversion, and reads half the bytes of bf16.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ import triton
 import triton.language as tl
 
 from .attention import LOG2_E, attend_tile, check_window
+from .fp8 import FP8
 from .hardware import dot_precision, sm_count
+from .rope import check_kv_scales
 
 MAX_SPLITS = 64
 
@@ -84,6 +90,8 @@ def _paged_kernel(
     block_tables_ptr,
     cu_seqlens_ptr,
     seq_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     stride_qt,
     stride_qh,
     stride_kp,
@@ -109,6 +117,7 @@ def _paged_kernel(
     PAGE: tl.constexpr,
     SPLIT: tl.constexpr,
     WINDOW: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Grid (tiles · splits, Hkv, B), last tiles first: under the causal mask they see the most keys.
@@ -149,6 +158,8 @@ def _paged_kernel(
     if WINDOW > 0:
         band_end = lo
 
+    if FP8_CACHE:  # scores q·(s_k·kq) = s_k·(q·kq): the key scale joins the softmax scale
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -197,6 +208,8 @@ def _paged_kernel(
         )
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty split: 0, not NaN
+    if FP8_CACHE:  # Σ p·(s_v·vq) = s_v·Σ p·vq
+        out = out * tl.load(v_scale_ptr)
     mask_out = mask_rows[:, None] & mask_d[None, :]
     o_ptrs = out_ptr + (q_start + tokens)[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
     if SPLIT:
@@ -274,6 +287,8 @@ def check_inputs(
     v_pages: torch.Tensor,
     meta: PagedAttentionMetadata,
     window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     check_window(window)
     n_heads, head_dim = q.shape[1:]
@@ -284,10 +299,12 @@ def check_inputs(
         )
     if n_heads % k_pages.shape[2]:
         raise ValueError(f"attention_paged: {n_heads} query heads are not a multiple of {k_pages.shape[2]} KV heads")
-    if not q.dtype == k_pages.dtype == v_pages.dtype:
+    if k_pages.dtype != v_pages.dtype or k_pages.dtype not in (q.dtype, FP8):
         raise ValueError(
-            f"attention_paged: q ({q.dtype}) and the pages ({k_pages.dtype}, {v_pages.dtype}) differ in dtype"
+            f"attention_paged: the pages ({k_pages.dtype}, {v_pages.dtype}) must both be in q's dtype ({q.dtype}) "
+            f"or both in {FP8}"
         )
+    check_kv_scales(k_pages, k_scale, v_scale, "attention_paged")
     n_seqs, tables = meta.batch_size, meta.block_tables
     if meta.cu_seqlens.shape != (n_seqs + 1,) or tables.dim() != 2 or tables.shape[0] < n_seqs:
         raise ValueError(
@@ -310,11 +327,14 @@ def attention_paged_triton(
     v_pages: torch.Tensor,
     meta: PagedAttentionMetadata,
     window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     tiling: Tiling | None = None,
 ) -> torch.Tensor:
     """q [N, Hq, D]; k/v pages [P, page_size, Hkv, D] -> [N, Hq, D]. No device read: CUDA-graph capturable.
-    window: the query at position p reads keys p - window + 1 .. p only. tiling: `default_tiling`'s unless given."""
-    check_inputs(q, k_pages, v_pages, meta, window)
+    window: the query at position p reads keys p - window + 1 .. p only. k_scale, v_scale: an FP8 cache's
+    (fp32 [1] each). tiling: `default_tiling`'s unless given."""
+    check_inputs(q, k_pages, v_pages, meta, window, k_scale, v_scale)
     n_heads, head_dim = q.shape[1:]
     page, n_kv = k_pages.shape[1], k_pages.shape[2]
     if k_pages.stride(-1) != 1 or v_pages.stride(-1) != 1:
@@ -352,6 +372,8 @@ def attention_paged_triton(
         meta.block_tables,
         meta.cu_seqlens,
         meta.seq_lens,
+        k_scale if k_scale is not None else meta.seq_lens,  # unread without FP8_CACHE
+        v_scale if v_scale is not None else meta.seq_lens,
         q.stride(0),
         q.stride(1),
         k_pages.stride(0),
@@ -376,6 +398,7 @@ def attention_paged_triton(
         PAGE=page,
         SPLIT=n_splits > 1,
         WINDOW=window or 0,
+        FP8_CACHE=k_pages.dtype == FP8,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,

@@ -112,15 +112,23 @@ def _decode_keys(pages: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
     return gathered[:, : plan.longest].transpose(1, 2)
 
 
+def _widened(kv: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """K or V as read: an FP8 cache's values times its scale (in fp32, then q's dtype); others as they are."""
+    return kv if scale is None else (kv.float() * scale).to(dtype)
+
+
 def attention_paged_reference(
     q: torch.Tensor,
     k_pages: torch.Tensor,
     v_pages: torch.Tensor,
     meta: PagedAttentionMetadata,
     window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [N, Hq, D]; k/v pages [P, page_size, Hkv, D] -> [N, Hq, D], as attention_paged_triton."""
-    check_inputs(q, k_pages, v_pages, meta, window)
+    """q [N, Hq, D]; k/v pages [P, page_size, Hkv, D] -> [N, Hq, D], as attention_paged_triton. An FP8 cache's
+    keys and values are dequantized as they are read (the decode batch's, each chunk's)."""
+    check_inputs(q, k_pages, v_pages, meta, window, k_scale, v_scale)
     n_heads, head_dim = q.shape[1:]
     page, n_kv = k_pages.shape[1], k_pages.shape[2]
     plan: _StepPlan = meta.derived(
@@ -136,7 +144,10 @@ def attention_paged_reference(
             qg = spread
         # GQA as grouped rows: the G query heads of KV head j are G query rows against that head's keys.
         attended = F.scaled_dot_product_attention(
-            qg, _decode_keys(k_pages, plan), _decode_keys(v_pages, plan), attn_mask=plan.mask
+            qg,
+            _widened(_decode_keys(k_pages, plan), k_scale, q.dtype),
+            _widened(_decode_keys(v_pages, plan), v_scale, q.dtype),
+            attn_mask=plan.mask,
         )  # (rows, Hkv, G, D)
         if plan.scatter is not None:
             attended = attended[plan.scatter]
@@ -149,6 +160,7 @@ def attention_paged_reference(
     for c in plan.chunks:
         k = k_pages[c.pages].flatten(0, 1)[: c.length].transpose(0, 1)[None]  # (1, Hkv, L, D): a view if a slice
         v = v_pages[c.pages].flatten(0, 1)[: c.length].transpose(0, 1)[None]
+        k, v = _widened(k, k_scale, q.dtype), _widened(v, v_scale, q.dtype)
         qs = q[c.start : c.start + c.n].transpose(0, 1)[None]  # (1, Hq, n, D)
         attended = F.scaled_dot_product_attention(qs, k, v, attn_mask=c.visible, enable_gqa=True)
         out[c.start : c.start + c.n] = attended[0].transpose(0, 1)

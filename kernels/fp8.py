@@ -64,6 +64,22 @@ def _round_to_e4m3(v):
     return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
 
 
+def quantize_kv_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """K or V values x (any shape) -> x / scale in float8_e4m3fn, clamped to ±448: the FP8 KV cache's stored form
+    (one fp32 scale [1] per layer for its keys, one for its values, as vLLM's per-tensor KV scales)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+@triton.jit
+def quantize_e4m3(x, scale):
+    """x / scale clamped to ±448 and rounded to E4M3 (in fp32: cast it to the FP8 pointer's type to store): as
+    quantize_kv_reference, bit for bit."""
+    v = x.to(tl.float32) / scale
+    return _round_to_e4m3(
+        tl.minimum(tl.maximum(v, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0, tl.PropagateNan.ALL)
+    )
+
+
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     """One program per row: its absolute maximum, then the row divided by max/448 and rounded to E4M3."""
@@ -81,9 +97,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, MIN_SC
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         mask = offs < K - k0
-        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.minimum(tl.maximum(x / scale, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0, tl.PropagateNan.ALL)
-        tl.store(q_ptr + row * stride_q + k0 + offs, _round_to_e4m3(v).to(q_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=mask, other=0.0)
+        tl.store(q_ptr + row * stride_q + k0 + offs, quantize_e4m3(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

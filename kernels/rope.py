@@ -8,12 +8,15 @@ x is usually a strided view: the kernel reads through x's strides and writes a c
 An engine step with a KV cache also stores each token's rotated key and its value in the cache: `rope_and_cache`
 does the rotation and both stores in the one kernel (three kernels before: RoPE and two index copies, each a
 launch of a few microseconds on a few kilobytes at batch 1, 64 of them in a 32-layer decode step; TensorRT-LLM
-and vLLM fuse the same way).
+and vLLM fuse the same way). Into an FP8 cache (pages in float8_e4m3fn) it stores key / k_scale and value / v_scale,
+clamped to ±448 and rounded to E4M3 (kernels/fp8.py's `quantize_e4m3`, bit for bit as torch converts).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from .fp8 import FP8, quantize_e4m3, quantize_kv_reference
 
 
 @triton.jit
@@ -26,6 +29,8 @@ def _rope_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slots_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     n_heads,
     n_kv_heads,
     stride_xn,
@@ -42,9 +47,11 @@ def _rope_kernel(
     BLOCK_KV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     CACHE: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
 ):
     """One token per program: its n_heads heads of x rotated into out; with CACHE, the last n_kv_heads of them
-    (the keys) also rotated into the KV cache at the token's slot, and its values copied there."""
+    (the keys) also rotated into the KV cache at the token's slot, and its values copied there (with FP8_CACHE
+    divided by the layer's K and V scales and rounded to E4M3)."""
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     in_half = offs < HALF
@@ -65,13 +72,20 @@ def _rope_kernel(
         k_ptrs = x_ptr + token * stride_xn + (n_heads - n_kv_heads + kv)[:, None] * stride_xh + offs[None, :]
         k1 = tl.load(k_ptrs, mask=mask, other=0.0).to(tl.float32)
         k2 = tl.load(k_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-        c_ptrs = k_cache_ptr + slot * stride_cs + kv[:, None] * stride_ch + offs[None, :]
-        tl.store(c_ptrs, (k1 * cos - k2 * sin).to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(c_ptrs + HALF, (k2 * cos + k1 * sin).to(k_cache_ptr.dtype.element_ty), mask=mask)
+        # Keys are rounded to x's dtype first, as the reference stores the rotated keys it returns.
+        k1, k2 = (k1 * cos - k2 * sin).to(out_ptr.dtype.element_ty), (k2 * cos + k1 * sin).to(out_ptr.dtype.element_ty)
         v_ptrs = v_ptr + token * stride_vn + kv[:, None] * stride_vh + offs[None, :]
+        v1, v2 = tl.load(v_ptrs, mask=mask, other=0.0), tl.load(v_ptrs + HALF, mask=mask, other=0.0)
+        if FP8_CACHE:
+            k_scale, v_scale = tl.load(k_scale_ptr), tl.load(v_scale_ptr)
+            k1, k2 = quantize_e4m3(k1, k_scale), quantize_e4m3(k2, k_scale)
+            v1, v2 = quantize_e4m3(v1, v_scale), quantize_e4m3(v2, v_scale)
+        c_ptrs = k_cache_ptr + slot * stride_cs + kv[:, None] * stride_ch + offs[None, :]
+        tl.store(c_ptrs, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptrs + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
         c_ptrs = v_cache_ptr + slot * stride_cs + kv[:, None] * stride_ch + offs[None, :]
-        tl.store(c_ptrs, tl.load(v_ptrs, mask=mask, other=0.0), mask=mask)
-        tl.store(c_ptrs + HALF, tl.load(v_ptrs + HALF, mask=mask, other=0.0), mask=mask)
+        tl.store(c_ptrs, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptrs + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -84,10 +98,12 @@ def _check_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None
 
 
 def _launch(x, cos, sin, out, cache=None) -> None:
-    """The kernel over x's tokens: every head rotated into out, and with cache = (v, k_slots, v_slots, slots) the
-    last v.shape[1] heads (the keys) and the values into the cache."""
+    """The kernel over x's tokens: every head rotated into out, and with cache = (v, k_slots, v_slots, slots,
+    k_scale, v_scale) the last v.shape[1] heads (the keys) and the values into the cache (scales: None, or the
+    FP8 cache's)."""
     n, n_heads, head_dim = x.shape
-    v, k_slots, v_slots, slots = cache if cache is not None else (out, out, out, out)
+    v, k_slots, v_slots, slots, k_scale, v_scale = cache if cache is not None else (out,) * 4 + (None, None)
+    fp8 = k_scale is not None
     n_kv = v.shape[1] if cache is not None else 0
     if n:
         _rope_kernel[(n,)](
@@ -99,6 +115,8 @@ def _launch(x, cos, sin, out, cache=None) -> None:
             k_slots,
             v_slots,
             slots,
+            k_scale if fp8 else out,
+            v_scale if fp8 else out,
             n_heads,
             n_kv,
             x.stride(0),
@@ -115,6 +133,7 @@ def _launch(x, cos, sin, out, cache=None) -> None:
             BLOCK_KV=triton.next_power_of_2(max(n_kv, 1)),
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
             CACHE=cache is not None,
+            FP8_CACHE=fp8,
         )
 
 
@@ -129,7 +148,18 @@ def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return out
 
 
-def _check_cache(qk, v, k_slots, v_slots, slots) -> None:
+def check_kv_scales(pages: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, what: str) -> None:
+    """An FP8 cache comes with its layer's fp32 K and V scales [1]; any other with none."""
+    if pages.dtype == FP8:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is None or s.shape != (1,) or s.dtype != torch.float32 or s.device != pages.device:
+                got = "None" if s is None else f"{s.dtype} {tuple(s.shape)} on {s.device}"
+                raise ValueError(f"{what}: an FP8 KV cache needs {name} as fp32 [1] on {pages.device}, got {got}")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"{what}: K/V scales are for an FP8 cache, not a {pages.dtype} one")
+
+
+def _check_cache(qk, v, k_slots, v_slots, slots, k_scale, v_scale) -> None:
     n, heads, head_dim = qk.shape
     n_kv = v.shape[1] if v.dim() == 3 else -1
     if v.shape != (n, n_kv, head_dim) or not 0 < n_kv < heads or slots.shape != (n,):
@@ -140,7 +170,9 @@ def _check_cache(qk, v, k_slots, v_slots, slots) -> None:
     if (
         k_slots.shape[1:] != (n_kv, head_dim)
         or v_slots.shape != k_slots.shape
-        or not (k_slots.dtype == v_slots.dtype == qk.dtype == v.dtype)
+        or k_slots.dtype != v_slots.dtype
+        or qk.dtype != v.dtype
+        or k_slots.dtype not in (qk.dtype, FP8)
     ):
         raise ValueError(
             f"rope_and_cache: cache slots {tuple(k_slots.shape)} {k_slots.dtype} / {v_slots.dtype} do not hold "
@@ -151,19 +183,20 @@ def _check_cache(qk, v, k_slots, v_slots, slots) -> None:
             f"rope_and_cache: the K and V slots must share one layout with a contiguous head dimension, got strides "
             f"{k_slots.stride()} and {v_slots.stride()}"
         )
+    check_kv_scales(k_slots, k_scale, v_scale, "rope_and_cache")
 
 
-def rope_and_cache_triton(qk, v, cos, sin, k_slots, v_slots, slots) -> torch.Tensor:
+def rope_and_cache_triton(qk, v, cos, sin, k_slots, v_slots, slots, k_scale=None, v_scale=None) -> torch.Tensor:
     """See kernels.rope_and_cache."""
     _check_tables(qk, cos, sin)
-    _check_cache(qk, v, k_slots, v_slots, slots)
+    _check_cache(qk, v, k_slots, v_slots, slots, k_scale, v_scale)
     if qk.stride(-1) != 1:
         qk = qk.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
     cos, sin, slots = cos.contiguous(), sin.contiguous(), slots.contiguous()
     out = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
-    _launch(qk, cos, sin, out, (v, k_slots, v_slots, slots))
+    _launch(qk, cos, sin, out, (v, k_slots, v_slots, slots, k_scale, v_scale))
     return out
 
 
@@ -176,11 +209,15 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return torch.cat(rotated, dim=-1).to(x.dtype)
 
 
-def rope_and_cache_reference(qk, v, cos, sin, k_slots, v_slots, slots) -> torch.Tensor:
+def rope_and_cache_reference(qk, v, cos, sin, k_slots, v_slots, slots, k_scale=None, v_scale=None) -> torch.Tensor:
     """See kernels.rope_and_cache: the rotation, then the two stores. Unlike the kernel it takes any cache layout
     (index_copy_ does), so only the tables are checked: it runs for every layer of every CPU step."""
     _check_tables(qk, cos, sin)
     rotated = apply_rope_reference(qk, cos, sin)
-    k_slots.index_copy_(0, slots, rotated[:, qk.shape[1] - v.shape[1] :])
+    k = rotated[:, qk.shape[1] - v.shape[1] :]
+    if k_scale is not None:  # as bytes: torch has no index_copy_ for FP8
+        k, v = quantize_kv_reference(k, k_scale).view(torch.uint8), quantize_kv_reference(v, v_scale).view(torch.uint8)
+        k_slots, v_slots = k_slots.view(torch.uint8), v_slots.view(torch.uint8)
+    k_slots.index_copy_(0, slots, k)
     v_slots.index_copy_(0, slots, v)
     return rotated

@@ -12,6 +12,10 @@ layer's KV memory stops growing past its window. The block table a windowed laye
 of the sequence, the ring page it lands on: a key inside the window is always still there, and attention never
 reads one outside it.
 
+An FP8 cache (`dtype` kernels.FP8, the engine's `kv_cache_dtype="fp8"`) holds E4M3 values, one byte each, with one
+K and one V scale per layer (the model's calibrated ones, Model.kv_scales, else 1.0); `rotate_and_store` and
+`attend` hand them to the kernels.
+
 The cache owns its layout; attention sees it only through the pages and the block tables of a step
 (kernels.PagedAttentionMetadata). On the GPU pages are 16 tokens. On the CPU a request gets one page of a
 whole context when the pool has one for every batch slot (`page_size_for`): its K/V then lie in one stretch of
@@ -22,7 +26,7 @@ each layer's pool, and the plain-torch attention reads them in place instead of 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,6 +96,8 @@ class PagedKVCache:
     owns a list of pages in each group (`allocate`); token t of it lives at `slots(pages[g], t, t + 1)` of every
     layer of group g.
 
+    dtype: the pools', the model's compute dtype or kernels.FP8 (an FP8 cache: E4M3 values, with the layer's
+    scales k_scale[i], v_scale[i], fp32 [1] on the device, from `scales` {layer: (k, v)}, 1.0 where not given).
     step_tokens: the most tokens one step writes for one sequence (the engine's step budget); with it a windowed
     group holds a ring of pages per sequence, without it every page, like full attention.
     """
@@ -104,6 +110,7 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         step_tokens: int | None = None,
+        scales: Mapping[int, tuple[float, float]] | None = None,
     ) -> None:
         layout = kv_groups(arch)
         counts = [num_pages] * len(layout) if isinstance(num_pages, int) else list(num_pages)
@@ -135,18 +142,29 @@ class PagedKVCache:
         # The same pools seen slot by slot, [pages · page_size, Hkv, D]: where write() puts each token.
         self._k_slots = [None if t is None else t.view(-1, *t.shape[2:]) for t in self.k]
         self._v_slots = [None if t is None else t.view(-1, *t.shape[2:]) for t in self.v]
+        self.fp8 = dtype == kernels.FP8
+        scales = scales or {}
+        if not self.fp8 and scales:
+            raise ValueError(f"KV scales are for an FP8 cache, not a {dtype} one")
+        self.k_scale: list[torch.Tensor | None] = [None] * arch.n_layers
+        self.v_scale: list[torch.Tensor | None] = [None] * arch.n_layers
+        for i, pool in enumerate(self.k):
+            if pool is not None and self.fp8:
+                k, v = scales.get(i, (1.0, 1.0))
+                self.k_scale[i] = torch.tensor([k], dtype=torch.float32, device=device)
+                self.v_scale[i] = torch.tensor([v], dtype=torch.float32, device=device)
 
     @staticmethod
     def page_bytes(arch: ArchConfig, page_size: int, dtype: torch.dtype) -> int:
-        """A page in every attention layer."""
-        return page_size * arch.kv_bytes_per_token(dtype_name(dtype))
+        """A page in every attention layer, in pools of `dtype` (kernels.FP8: one byte a value)."""
+        return page_size * arch.kv_bytes_per_token(kv_dtype=dtype_name(dtype))
 
     @staticmethod
     def group_page_bytes(arch: ArchConfig, page_size: int, dtype: torch.dtype) -> list[int]:
-        """A page in every layer of each group (kv_groups order)."""
+        """A page in every layer of each group (kv_groups order), in pools of `dtype`."""
         name = dtype_name(dtype)
         return [
-            page_size * sum(arch.kv_bytes_per_token_layer(arch.blocks[i], name) for i in layers)
+            page_size * sum(arch.kv_bytes_per_token_layer(arch.blocks[i], kv_dtype=name) for i in layers)
             for _, layers in kv_groups(arch)
         ]
 
@@ -198,8 +216,9 @@ class PagedKVCache:
         if stale:
             index = torch.tensor(stale, device=self.device)
             for layer in group.layers:
-                self._k_slots[layer].index_fill_(0, index, 0)
-                self._v_slots[layer].index_fill_(0, index, 0)
+                for pool in (self._k_slots[layer], self._v_slots[layer]):
+                    # As bytes in FP8 (torch fills no FP8 tensor by index); the byte 0 is +0.0 there too.
+                    (pool.view(torch.uint8) if self.fp8 else pool).index_fill_(0, index, 0)
         return taken
 
     def release(self, pages: list[list[int]]) -> None:
@@ -226,7 +245,18 @@ class PagedKVCache:
         """RoPE over qk [N, Hq + Hkv, D] (queries, then keys), the rotated keys and v [N, Hkv, D] stored at flat
         slots [N] (page · page_size + offset) of `layer`; returns the rotated qk. One kernel on the GPU
         (kernels.rope_and_cache)."""
-        return kernels.rope_and_cache(qk, v, cos, sin, self._k_slots[layer], self._v_slots[layer], slots)
+        k_slots, v_slots = self._k_slots[layer], self._v_slots[layer]
+        return kernels.rope_and_cache(
+            qk, v, cos, sin, k_slots, v_slots, slots, self.k_scale[layer], self.v_scale[layer]
+        )
+
+    def attend(
+        self, layer: int, q: torch.Tensor, meta: kernels.PagedAttentionMetadata, window: int | None
+    ) -> torch.Tensor:
+        """Attention of q [N, Hq, D] over `layer`'s cached keys as `meta` places them (kernels.attention_paged), an
+        FP8 cache's values read with their scales."""
+        k, v = self.k[layer], self.v[layer]
+        return kernels.attention_paged(q, k, v, meta, window, self.k_scale[layer], self.v_scale[layer])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)

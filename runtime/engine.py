@@ -62,6 +62,9 @@ class CapacityError(UserError):
     """A request that can never be served by this engine: more KV pages than the whole pool."""
 
 
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 16  # requests running at once (decode batch size)
@@ -70,8 +73,13 @@ class EngineConfig:
     page_size: int | None = None  # tokens per KV page; None: the cache's choice (PagedKVCache.page_size_for)
     max_step_tokens: int = STEP_TOKENS  # tokens per forward pass (decode + prefill chunks); at least max_batch
     cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured at padded batch sizes
+    # "auto": K/V in the model's compute dtype; "fp8": E4M3 with per-layer scales (the model's calibrated ones,
+    # Model.kv_scales, else 1.0): half the bytes of bf16, so twice the tokens in the same budget
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise UserError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.max_batch < 1:
             raise UserError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.page_size is not None and self.page_size < 1:
@@ -299,7 +307,8 @@ class Engine:
             )
         self.max_model_len = config.max_model_len or arch.max_position_embeddings
         self.device = model.embed_tokens.weight.device
-        self.dtype = model.embed_tokens.weight.dtype
+        fp8_cache = config.kv_cache_dtype == "fp8"
+        self.kv_dtype = kernels.FP8 if fp8_cache else model.embed_tokens.weight.dtype  # the pages' dtype
         step_tokens = max(config.max_step_tokens, config.max_batch)  # the most one request gets in a step
         if config.kv_cache_bytes is not None:
             budget = config.kv_cache_bytes
@@ -312,12 +321,13 @@ class Engine:
         if model.tp is not None:  # tensor-parallel ranks run one schedule: their pools must hold the same pages
             budget = model.tp.agree_min(budget)
         page = config.page_size or PagedKVCache.page_size_for(
-            arch, self.device, self.dtype, budget, config.max_batch, self.max_model_len
+            arch, self.device, self.kv_dtype, budget, config.max_batch, self.max_model_len
         )
         self.max_pages_per_request = -(-self.max_model_len // page)
         pages = self._pool_pages(budget, page, step_tokens)
         # + each group's scratch page
-        self.cache = PagedKVCache(arch, [n + 1 for n in pages], page, self.device, self.dtype, step_tokens)
+        scales = model.kv_scales() if fp8_cache else None
+        self.cache = PagedKVCache(arch, [n + 1 for n in pages], page, self.device, self.kv_dtype, step_tokens, scales)
         self.tables = BlockTables(self.cache, config.max_batch, self.max_pages_per_request)
         groups = tuple((g.num_pages - 1, g.ring) for g in self.cache.groups)
         self.limits = EngineLimits(
@@ -344,7 +354,7 @@ class Engine:
 
     def _request_bytes(self, page: int, step_tokens: int) -> int:
         """KV bytes one request of max_model_len holds."""
-        group_bytes = PagedKVCache.group_page_bytes(self.model.arch, page, self.dtype)
+        group_bytes = PagedKVCache.group_page_bytes(self.model.arch, page, self.kv_dtype)
         return sum(n * b for n, b in zip(self._request_pages(page, step_tokens), group_bytes))
 
     def _pool_pages(self, budget: int, page: int, step_tokens: int) -> list[int]:
@@ -353,7 +363,7 @@ class Engine:
         rings, per_request = self._request_pages(page, step_tokens), self._request_bytes(page, step_tokens)
         if not per_request:  # a model with no attention caches nothing: its pool is bookkeeping only
             return [self.config.max_batch * n for n in rings]
-        smallest = sum(PagedKVCache.group_page_bytes(self.model.arch, page, self.dtype))  # a page in each group
+        smallest = sum(PagedKVCache.group_page_bytes(self.model.arch, page, self.kv_dtype))  # a page in each group
         if budget < smallest:
             raise CapacityError(f"kv_cache_bytes {budget} holds no page of {page} tokens ({smallest} bytes)")
         return [max(1, budget * n // per_request) for n in rings]
@@ -415,6 +425,7 @@ class Engine:
         return {
             "device": str(self.device),
             "dtype": dtype_name(self.model.run_dtype),
+            "kv_dtype": dtype_name(self.kv_dtype),
             "threads": torch.get_num_threads(),
             "max_model_len": self.max_model_len,
             "pages": self.cache.usable_pages,

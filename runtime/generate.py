@@ -24,8 +24,8 @@ class Generator:
     Keeps one engine, rebuilt only when a call needs more batch slots or a longer context than it has: building
     one allocates the KV pool and, on CUDA, captures the decode step's graphs."""
 
-    def __init__(self, model: Model, tokenizer: Tokenizer | None = None) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: Model, tokenizer: Tokenizer | None = None, kv_cache_dtype: str = "auto") -> None:
+        self.model, self.tokenizer, self.kv_cache_dtype = model, tokenizer, kv_cache_dtype
         context = model.arch.max_position_embeddings
         self.encoder = PromptEncoder(tokenizer, model.vocab_size, context, "max_position_embeddings")
         self.engine: Engine | None = None
@@ -43,5 +43,6 @@ class Generator:
             if self.engine is not None:  # grow, never shrink: alternating calls do not rebuild each time
                 batch, length = max(batch, self.engine.config.max_batch), max(length, self.engine.max_model_len)
                 self.engine = None  # the old pool is freed before the new one is allocated
-            self.engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=batch, max_model_len=length))
+            config = EngineConfig(max_batch=batch, max_model_len=length, kv_cache_dtype=self.kv_cache_dtype)
+            self.engine = Engine(self.model, self.tokenizer, config)
         return self.engine.run([self.engine.admit(tokens, params) for tokens in encoded])

@@ -214,9 +214,10 @@ def hf_state(model: Model) -> dict[str, torch.Tensor]:
 
 
 def dequantize_checkpoint(arch: ArchConfig, tensors: dict[str, torch.Tensor]) -> tuple[ArchConfig, dict]:
-    """An FP8 checkpoint's tensors as a plain one's: each `X_scale` folded into X (in fp32, cast on load)."""
+    """An FP8 checkpoint's tensors as a plain one's: each `X.weight_scale` folded into X.weight (in fp32, cast on
+    load). KV-cache scales stay: they are for the cache, whatever the weights' dtype."""
     out = dict(tensors)
-    for name in [n for n in tensors if n.endswith("_scale")]:
+    for name in [n for n in tensors if n.endswith("weight_scale")]:
         weight = name.removesuffix("_scale")
         out[weight] = dequantize_weight(out[weight], out.pop(name).reshape(-1), torch.float32)
     return replace(arch, quantization=None), out
@@ -328,8 +329,8 @@ def _write_checkpoint(
 ) -> str | None:
     """Write the checkpoint into `out`; returns why only tessera can load it, when that is so."""
     config = arch.to_hf_dict(fmt)
-    if arch.quantization == "fp8":
-        config["quantization_config"] = hf_config.fp8_quantization_config()
+    if arch.quantization == "fp8" or arch.kv_cache_scales:
+        config["quantization_config"] = hf_config.quantization_config(arch.quantization == "fp8", arch.kv_cache_scales)
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

@@ -121,6 +121,11 @@ class GQAAttention(nn.Module):
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.w_o = nn.Parameter(torch.empty(arch.hidden_size, q_dim))
         _no_scales(self)
+        # An FP8 KV cache's scales for this layer (fp32 [1]; Model.calibrate_kv_scales, or the checkpoint's
+        # `self_attn.k_scale`/`v_scale`); None until calibrated. The cache copies them (runtime/cache.py).
+        for name in ("k_scale", "v_scale"):
+            self.register_buffer(name, torch.ones(1, dtype=torch.float32) if arch.kv_cache_scales else None)
+        self.observe_kv = None  # calibration: called with each pass's rotated keys and values
         self.tp = None  # a tensor-parallel shard's group (runtime/parallel.py): the output is a partial sum
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -139,12 +144,14 @@ class GQAAttention(nn.Module):
             group = cache.group_of[layer]  # the layer's KV group: its slots and block tables (runtime/cache.py)
             qk = cache.rotate_and_store(layer, batch.slots[group], qk, v, cos, sin)
         q, k = qk[:, :hq], qk[:, hq:]  # (N, Hq, D), (N, Hkv, D)
+        if self.observe_kv is not None:
+            self.observe_kv(k, v)
         if cache is None or batch.fresh:  # each sequence's every key is in this pass: varlen, no cache read
             out = kernels.attention_prefill(
                 q, k, v, batch.cu_seqlens, causal=True, max_seqlen=batch.max_seqlen, window=self.window
             )
         else:
-            out = kernels.attention_paged(q, cache.k[layer], cache.v[layer], batch.attention[group], window=self.window)
+            out = cache.attend(layer, q, batch.attention[group], self.window)
         out = kernels.linear(out.reshape(n, hq * d), self.w_o, scale=self.w_o_scale)
         return out if self.tp is None else self.tp.all_reduce(out)
 
@@ -331,6 +338,47 @@ class Model(nn.Module):
                 setattr(module, name, nn.Parameter(q, requires_grad=False))
                 setattr(module, f"{name}_scale", scale)
         self.arch = replace(self.arch, quantization="fp8")
+
+    def kv_scales(self) -> dict[int, tuple[float, float]]:
+        """{layer: (k_scale, v_scale)} of the attention layers with calibrated FP8 KV-cache scales."""
+        return {
+            i: (layer.self_attn.k_scale.item(), layer.self_attn.v_scale.item())
+            for i, layer in enumerate(self.layers)
+            if isinstance(layer.self_attn, GQAAttention) and layer.self_attn.k_scale is not None
+        }
+
+    @torch.no_grad()
+    def calibrate_kv_scales(self, windows: torch.Tensor, batch_size: int = 8) -> dict[int, tuple[float, float]]:
+        """Each attention layer's FP8 KV-cache scales from text: the largest |rotated key| and |value| over the
+        token windows [n, T], divided by 448 (E4M3's largest value), llm-compressor's static per-tensor scheme.
+        Set on the layers (saved with the model: ArchConfig.kv_cache_scales) and returned as kv_scales() is."""
+        attention = [
+            (i, layer.self_attn) for i, layer in enumerate(self.layers) if isinstance(layer.self_attn, GQAAttention)
+        ]
+        amax = {i: [0.0, 0.0] for i, _ in attention}
+
+        def observer(i: int):
+            def observe(k: torch.Tensor, v: torch.Tensor) -> None:
+                amax[i][0] = max(amax[i][0], k.abs().max().item())
+                amax[i][1] = max(amax[i][1], v.abs().max().item())
+
+            return observe
+
+        for i, module in attention:
+            module.observe_kv = observer(i)
+        try:
+            for start in range(0, windows.shape[0], batch_size):
+                self(windows[start : start + batch_size].to(self.embed_tokens.weight.device))
+        finally:
+            for _, module in attention:
+                module.observe_kv = None
+        device = self.embed_tokens.weight.device
+        for i, module in attention:
+            k, v = (max(a / kernels.FP8_MAX, kernels.MIN_SCALE) for a in amax[i])
+            module.k_scale = torch.tensor([k], dtype=torch.float32, device=device)
+            module.v_scale = torch.tensor([v], dtype=torch.float32, device=device)
+        self.arch = replace(self.arch, kv_cache_scales=True)
+        return self.kv_scales()
 
     def init_weights(self, std: float = 0.02, seed: int | None = None, layers_only: bool = False) -> Model:
         """Random init for training from scratch, tests and benchmarks: N(0, std), output projections scaled

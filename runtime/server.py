@@ -666,6 +666,7 @@ def engine_spec(
     threads: int | None = None,
     tensor_parallel_size: int = 1,
     torchrun: bool = False,
+    kv_cache_dtype: str = "auto",
 ) -> EngineSpec:
     """How the server's engine processes build their engine, checked here first, so a bad checkpoint or flag
     fails with its own error before any process starts (`torchrun`: the ranks are torchrun's, EngineSpec)."""
@@ -679,7 +680,9 @@ def engine_spec(
 
         local = torchrun_local()[1] if torchrun else None
         check_ranks(model_dir, tensor_parallel_size, device, local)
-    config = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes)
+    config = EngineConfig(
+        max_batch=max_batch, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes, kv_cache_dtype=kv_cache_dtype
+    )
     return EngineSpec(str(model_dir), str(device), dtype, config, threads, tensor_parallel_size, torchrun)
 
 

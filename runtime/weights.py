@@ -31,6 +31,7 @@ from tessera.config import ArchConfig, BlockConfig
 
 HIDDEN, Q, KV, INTER, VOCAB, HEAD = "hidden", "q", "kv", "inter", "vocab", "head"
 ONE = "one"  # an FP8 scale's column: `<name>.weight_scale` is [rows, 1] on disk, [rows] in memory
+SCALAR = "scalar"  # a per-tensor scale: [1] on disk and in memory
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,13 @@ ATTENTION: dict[str, tuple[Weight, ...]] = {
     ),
     "none": (),
 }
+
+# A GQA layer's FP8 KV-cache scales (ArchConfig.kv_cache_scales): buffers, not parameters, so only the
+# checkpoint's tables (`sublayers`) list them, as the FP8 weight scales.
+KV_SCALES = (
+    Weight("key_cache_scale", "self_attn.k_scale", "self_attn.k_scale", (SCALAR,)),
+    Weight("value_cache_scale", "self_attn.v_scale", "self_attn.v_scale", (SCALAR,)),
+)
 
 # What the families add to a GQA attention (ArchConfig.qkv_bias, .qk_norm): attention_tables() puts them in.
 QKV_BIAS = (
@@ -102,7 +110,7 @@ LM_HEAD = Weight("head", "lm_head.weight", "lm_head", (VOCAB, HIDDEN))  # absent
 def sizes(arch: ArchConfig, block: BlockConfig | None = None) -> dict[str, int]:
     """Axis sizes: the model-wide ones, and with `block` that layer's KV and FFN widths."""
     out = {HIDDEN: arch.hidden_size, Q: arch.n_heads * arch.head_dim, VOCAB: arch.vocab_size, HEAD: arch.head_dim}
-    out[ONE] = 1
+    out[ONE] = out[SCALAR] = 1
     if block is not None:
         if block.attention.kind == "gqa":
             out[KV] = block.attention.n_kv_heads * arch.head_dim
@@ -119,7 +127,8 @@ def sublayers(arch: ArchConfig) -> Iterator[tuple[str, str, tuple[Weight, ...], 
     scaled = with_fp8_scales if arch.quantization == "fp8" else tuple
     for i, block in enumerate(arch.blocks):
         hf, param = f"model.layers.{i}.", f"layers.{i}."
-        yield hf, param, scaled(attention[block.attention.kind]), block
+        kv_scales = KV_SCALES if arch.kv_cache_scales and block.attention.kind == "gqa" else ()
+        yield hf, param, scaled(attention[block.attention.kind]) + kv_scales, block
         yield hf, param, scaled(FFN[block.ffn.kind]), block
 
 

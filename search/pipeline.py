@@ -166,8 +166,10 @@ def build_library(
     also: Sequence[CostTable] = (),
 ) -> Library:
     """The block library in NVIDIA's Puzzle-demo schema: layer -> variant -> {stats, metrics}; the runtime in
-    each further scenario (`also`) as `stats.runtime_ms_<scenario key>`. Without scores (before BLD) every
-    metric is 0: enough to check that a budget is feasible at all."""
+    each further scenario (`also`) as `stats.runtime_ms_<scenario key>`. Each entry says how its runtimes were
+    measured (as Puzzle's library says "FP8, batch 256"): `runtime_dtype` (the timing precision, float8_e4m3fn
+    for FP8 weights), `runtime_device` and `runtime_scenario` (the main scenario's key). Without scores (before
+    BLD) every metric is 0: enough to check that a budget is feasible at all."""
     library: Library = {}
     for i in range(arch.n_layers):
         layer = f"layer_{i}"
@@ -186,6 +188,9 @@ def build_library(
                     "prefill_ms": timing["prefill_ms"],
                     "decode_ms": timing["decode_ms"],
                     "memory_mib": block_memory_mib(arch, block, table.scenario, dtype),
+                    "runtime_dtype": table.dtype,
+                    "runtime_device": table.device,
+                    "runtime_scenario": table.scenario.key,
                     **{runtime_key(t.scenario): t.blocks[block.name]["runtime_ms"] for t in also},
                 },
                 "metrics": metrics,

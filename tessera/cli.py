@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tessera.config import ArchConfig, ConfigError, activation_dtype
+from tessera.config import FP8_NAME, ArchConfig, ConfigError, activation_dtype
 from tessera.devices import RUN_DTYPES, parse_dtype, resolve_device, serving_dtype
 from tessera.errors import UserError, UserFileNotFound
 from tessera.files import atomic_write_text
@@ -205,7 +205,9 @@ def _format_info(arch: ArchConfig, source: str) -> str:
         f"{s['head_dim']}, vocab {s['vocab_size']}, tied embeddings {arch.tie_embeddings}",
         f"  parameters      {s['num_params']:,} ({_short(s['num_params'])})",
         f"  weight bytes    {s['weight_bytes']:,} ({_weights_in(arch.run_dtype)})",
-        f"  KV bytes/token  {s['kv_bytes_per_token']:,} ({activation_dtype(arch.run_dtype)})",
+        f"  KV bytes/token  {s['kv_bytes_per_token']:,} ({activation_dtype(arch.run_dtype)}; "
+        f"{arch.kv_bytes_per_token(kv_dtype=FP8_NAME):,} with --kv-cache-dtype fp8, "
+        f"{'calibrated scales' if arch.kv_cache_scales else 'uncalibrated: scale 1.0'})",
         f"  FLOPs/token     {s['flops_per_token']:,} (no context)",
         f"  depth           {s['sequential_depth']} sequential sublayers (attention and FFN count one each)",
         f"  empty layers    {len(s['empty_layers'])} (attention and FFN both no-op: no weights, no launch, no cache)",
@@ -252,13 +254,24 @@ def cmd_info(args: argparse.Namespace) -> None:
         )
 
 
-def _generator(model_path: str, device: str, dtype: str):
+def _generator(model_path: str, device: str, dtype: str, kv_cache_dtype: str = "auto"):
     from tessera.runtime.generate import Generator
     from tessera.runtime.loader import load_model
     from tessera.runtime.sampling import load_tokenizer
 
     model = load_model(model_path, device=resolve_device(device), dtype=parse_dtype(dtype))
-    return Generator(model, load_tokenizer(model_path))
+    _note_kv_scales(model.arch, kv_cache_dtype)
+    return Generator(model, load_tokenizer(model_path), kv_cache_dtype)
+
+
+def _note_kv_scales(arch: ArchConfig, kv_cache_dtype: str) -> None:
+    """An FP8 KV cache without calibrated scales runs at scale 1.0 (vLLM's default too): say so, and how to fix it."""
+    if kv_cache_dtype == "fp8" and not arch.kv_cache_scales:
+        print(
+            "note: the checkpoint has no FP8 KV-cache scales; keys and values are stored at scale 1.0 (values past "
+            "±448 clip). Calibrate them with `tessera quantize --kv-cache-scales`.",
+            file=sys.stderr,
+        )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -291,7 +304,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         completions = generate_on_ranks(args.model, args.prompt, params, launch.size, device, args.dtype)
     else:
-        completions = _generator(args.model, args.device, args.dtype).generate(args.prompt, params)
+        completions = _generator(args.model, args.device, args.dtype, args.kv_cache_dtype).generate(args.prompt, params)
     elapsed = time.perf_counter() - start
     if args.json:
         out = [
@@ -385,6 +398,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # Each engine process loads its weights: on one GPU or the CPU their copies share the memory; tensor-parallel
     # ranks on GPUs each hold a device of their own.
     check_memory(model, device, parse_dtype(args.dtype), tp, dp * local if device.type == "cpu" else dp)
+    if (Path(model) / "config.json").is_file():  # else engine_spec says what is missing
+        _note_kv_scales(ArchConfig.from_json(Path(model) / "config.json"), args.kv_cache_dtype)
     engine = dict(
         device=device,
         dtype=args.dtype,
@@ -394,6 +409,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         threads=threads,
         tensor_parallel_size=tp,
         torchrun=launch.torchrun,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     if launch.rank > 0:
         from tessera.runtime.async_engine import follow
@@ -422,7 +438,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         f"tessera serve: {server.model_name} on {info['device']} ({info['dtype']}, {engines}); "
         f"max batch {args.max_batch} "
         f"per engine, context {info['max_model_len']}, KV pool {info['pages']} pages of {info['page_size']} tokens "
-        f"({info['kv_mib']:.1f} MiB) per engine{', CUDA graphs' if info['cuda_graphs'] else ''}",
+        f"({info['kv_mib']:.1f} MiB, {info['kv_dtype']}) per engine{', CUDA graphs' if info['cuda_graphs'] else ''}",
         file=sys.stderr,
     )
     run(server, args.host, args.port, args.graceful_timeout)
@@ -627,7 +643,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from tessera.runtime.loader import check_memory, load_model, save_model
 
     model_dir = Path(args.model)
-    inputs = {"--model": model_dir, "the current folder": Path.cwd()}
+    corpus = _corpus(args) if args.kv_cache_scales else None
+    inputs = {"--model": model_dir, "the current folder": Path.cwd()} | ({"--corpus": corpus} if corpus else {})
     out = check_output(
         args.out,
         "--out",
@@ -640,19 +657,41 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     check_memory(model_dir, device, torch.bfloat16)  # loaded in bf16, then quantized
     model = load_model(model_dir, device, FP8)
+    what = "E4M3 weights, per-channel scales"
+    if corpus is not None:
+        from tessera.runtime.sampling import load_tokenizer
+        from tessera.search.data import encode_split
+        from tessera.search.train import fixed_windows
+
+        # The FP8 model's own keys and values (as they will be served), on text the evaluation does not use.
+        seq_len = min(KV_CALIBRATION_LEN, model.arch.max_position_embeddings)
+        windows = fixed_windows(
+            encode_split(load_tokenizer(model_dir), "train", corpus), seq_len, KV_CALIBRATION_WINDOWS
+        )
+        scales = model.calibrate_kv_scales(windows[:, :-1])
+        what += f", FP8 KV-cache scales of {len(scales)} layers from {windows.shape[0]} x {seq_len} tokens of {corpus}"
     save_model(model, out, tokenizer_from=model_dir)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(
-        f"FP8 checkpoint (E4M3 weights, per-channel scales, compressed-tensors layout): {out} "
-        f"({size / 2**20:.1f} MiB of safetensors)"
-    )
+    print(f"FP8 checkpoint ({what}; compressed-tensors layout): {out} ({size / 2**20:.1f} MiB of safetensors)")
+
+
+KV_CALIBRATION_WINDOWS, KV_CALIBRATION_LEN = 32, 512  # `quantize --kv-cache-scales`: 16k tokens of the train split
 
 
 def _add_device(p: argparse.ArgumentParser, dtype: bool = False) -> None:
-    """--device (and --dtype) as every command that runs a model takes them."""
+    """--device (and --dtype, --kv-cache-dtype) as every command that runs a model takes them."""
+    from tessera.runtime.engine import KV_CACHE_DTYPES
+
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     if dtype:
         p.add_argument("--dtype", default="float32", choices=list(RUN_DTYPES))
+        p.add_argument(
+            "--kv-cache-dtype",
+            default="auto",
+            choices=list(KV_CACHE_DTYPES),
+            help="auto: K/V in the compute dtype; fp8: E4M3 with the checkpoint's per-layer scales (half of bf16's "
+            "bytes: twice the tokens in the same KV budget)",
+        )
 
 
 def _corpus(args: argparse.Namespace) -> Path:
@@ -731,6 +770,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--out", required=True, help="folder for the FP8 checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that holds something else")
+    p.add_argument(
+        "--kv-cache-scales",
+        action="store_true",
+        help="also calibrate per-layer FP8 KV-cache scales on the corpus's train split (for --kv-cache-dtype fp8)",
+    )
+    p.add_argument("--corpus", default=None, help="with --kv-cache-scales: train.txt.xz's folder (default: demo)")
     _add_device(p)
     p.set_defaults(func=cmd_quantize)
 

@@ -184,6 +184,9 @@ class ArchConfig:
     # "fp8": the checkpoint's projection matrices are E4M3 with per-channel scales (tessera/hf_config.py); None: all
     # weights in `dtype`.
     quantization: str | None = None
+    # Whether the checkpoint holds per-layer FP8 KV-cache scales (`self_attn.k_scale`, `v_scale`: config.json's
+    # quantization_config.kv_cache_scheme), calibrated by `tessera quantize --kv-cache-scales`.
+    kv_cache_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -294,19 +297,30 @@ class ArchConfig:
         blocks = sum(self.block_params(b) for b in self.blocks)
         return blocks * dtype_bytes(dtype) + (self.num_params() - blocks) * dtype_bytes(activation_dtype(dtype))
 
-    def kv_bytes_per_token_layer(self, block: BlockConfig, dtype: str | None = None) -> int:
+    def kv_value_dtype(self, dtype: str | None = None, kv_dtype: str | None = None) -> str:
+        """What the KV cache stores: `kv_dtype` when given (FP8_NAME: an FP8 cache), else the activation dtype of
+        the model's `dtype` (FP8 weights keep a bf16 cache)."""
+        return kv_dtype or activation_dtype(dtype or self.run_dtype)
+
+    def kv_bytes_per_token_layer(
+        self, block: BlockConfig, dtype: str | None = None, kv_dtype: str | None = None
+    ) -> int:
         if block.attention.kind != "gqa":
             return 0  # linear and no-op attention keep no cache
-        return 2 * block.attention.n_kv_heads * self.head_dim * dtype_bytes(activation_dtype(dtype or self.run_dtype))
+        return 2 * block.attention.n_kv_heads * self.head_dim * dtype_bytes(self.kv_value_dtype(dtype, kv_dtype))
 
-    def kv_bytes_per_token(self, dtype: str | None = None) -> int:
-        return sum(self.kv_bytes_per_token_layer(b, dtype) for b in self.blocks)
+    def kv_bytes_per_token(self, dtype: str | None = None, kv_dtype: str | None = None) -> int:
+        return sum(self.kv_bytes_per_token_layer(b, dtype, kv_dtype) for b in self.blocks)
 
-    def kv_bytes(self, context_len: int, dtype: str | None = None) -> int:
+    def kv_bytes(self, context_len: int, dtype: str | None = None, kv_dtype: str | None = None) -> int:
         """KV bytes one sequence of `context_len` tokens keeps: a windowed layer its last `window` tokens only."""
-        return sum(b.attention.kv_tokens(context_len) * self.kv_bytes_per_token_layer(b, dtype) for b in self.blocks)
+        return sum(
+            b.attention.kv_tokens(context_len) * self.kv_bytes_per_token_layer(b, dtype, kv_dtype) for b in self.blocks
+        )
 
-    def decode_step_bytes(self, batch: int, context_len: int, dtype: str | None = None) -> int:
+    def decode_step_bytes(
+        self, batch: int, context_len: int, dtype: str | None = None, kv_dtype: str | None = None
+    ) -> int:
         """Fewest bytes one decode step must read: every weight once (the input embedding only as the tied LM
         head: a lookup reads `batch` rows) plus each sequence's KV cache at `context_len` tokens (a windowed
         layer's last `window`). Divided by the memory bandwidth, the floor of a decode step's time."""
@@ -314,7 +328,7 @@ class ArchConfig:
         return (
             self.weight_bytes(dtype)
             - lookup_only * dtype_bytes(activation_dtype(dtype or self.run_dtype))
-            + (batch * self.kv_bytes(context_len, dtype))
+            + (batch * self.kv_bytes(context_len, dtype, kv_dtype))
         )
 
     def flops_per_token(self, context_len: int = 0) -> int:

@@ -244,37 +244,57 @@ FP8_WEIGHTS = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric
 FP8_ACTIVATIONS = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
 
 
-def fp8_quantization_config() -> dict[str, Any]:
-    """config.json's "quantization_config" for an FP8 checkpoint written by tessera."""
-    return {
+# Static per-tensor FP8 KV-cache scales, one K and one V scale per attention layer (`self_attn.k_scale`,
+# `self_attn.v_scale`, [1] fp32): compressed-tensors' kv_cache_scheme, as llm-compressor writes it and vLLM reads it.
+FP8_KV_CACHE = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
+
+
+def quantization_config(weights: bool = True, kv_cache: bool = False) -> dict[str, Any]:
+    """config.json's "quantization_config" for a checkpoint written by tessera: FP8 weights, FP8 KV-cache scales,
+    or both."""
+    config: dict[str, Any] = {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": FP8_WEIGHTS, "input_activations": FP8_ACTIVATIONS}
-        },
+        "config_groups": {},
         "ignore": ["lm_head"],
     }
+    if weights:
+        config["config_groups"]["group_0"] = {
+            "targets": ["Linear"],
+            "weights": FP8_WEIGHTS,
+            "input_activations": FP8_ACTIVATIONS,
+        }
+    if kv_cache:
+        config["kv_cache_scheme"] = FP8_KV_CACHE
+    return config
 
 
-def _read_quantization(cfg: dict[str, Any], source: str) -> str | None:
-    """ "fp8" for a compressed-tensors FP8 checkpoint with per-channel weight scales, None for none; any other
-    quantization is refused by name (its tensors would load as garbage)."""
+def _read_quantization(cfg: dict[str, Any], source: str) -> tuple[str | None, bool]:
+    """(weights, kv_cache_scales): weights "fp8" for a compressed-tensors checkpoint with FP8 per-channel weight
+    scales, None for none; whether it holds static per-tensor FP8 KV-cache scales. Any other quantization is
+    refused by name (its tensors would load as garbage)."""
     q = cfg.get("quantization_config")
     if q is None:
-        return None
+        return None, False
     expected = (
         "null, or compressed-tensors FP8 with per-channel weights and dynamic per-token activations "
-        '(weights {"type": "float", "num_bits": 8, "strategy": "channel"}, "ignore": ["lm_head"])'
+        '(weights {"type": "float", "num_bits": 8, "strategy": "channel"}, "ignore": ["lm_head"]) and/or '
+        f"kv_cache_scheme {json.dumps(FP8_KV_CACHE)}"
     )
     if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors":
         raise _bad(source, "quantization_config", expected, q)
+    kv = q.get("kv_cache_scheme")
+    keys = ("num_bits", "type", "strategy")
+    if kv is not None and (not isinstance(kv, dict) or any(kv.get(k) != FP8_KV_CACHE[k] for k in keys)):
+        raise _bad(source, "quantization_config.kv_cache_scheme", json.dumps(FP8_KV_CACHE), kv)
     groups = q.get("config_groups")
+    if kv is not None and not groups:  # the KV cache's scales alone
+        return None, True
     if not isinstance(groups, dict) or len(groups) != 1:
         raise _bad(source, "quantization_config.config_groups", "one group (every Linear layer alike)", groups)
     (group,) = groups.values()
     weights = group.get("weights") if isinstance(group, dict) else None
-    keys = ("num_bits", "type", "strategy")
     if not isinstance(weights, dict) or any(weights.get(k) != FP8_WEIGHTS[k] for k in keys):
         raise _bad(source, "quantization_config.config_groups weights", json.dumps(FP8_WEIGHTS), weights)
     acts = group.get("input_activations")
@@ -283,7 +303,7 @@ def _read_quantization(cfg: dict[str, Any], source: str) -> str | None:
     ignore = q.get("ignore", [])
     if not isinstance(ignore, list) or not all(isinstance(n, str) and n.split(".")[-1] == "lm_head" for n in ignore):
         raise _bad(source, "quantization_config.ignore", '["lm_head"] (every other Linear quantized)', ignore)
-    return "fp8"
+    return "fp8", kv is not None
 
 
 def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
@@ -339,6 +359,7 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
     # Not used by tessera, only type-checked; old Llama conversions write -1 for "none".
     _int(cfg, "pad_token_id", source, None, lo=-1, expected=f"an integer in [-1, {_MAX_DIM}] or null")
     llama = family == "llama"  # the other families' configs default to eps 1e-6
+    quantization, kv_cache_scales = _read_quantization(cfg, source)
     try:
         return ArchConfig(
             vocab_size=vocab_size,
@@ -364,7 +385,8 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
             dtype=_read_dtype(cfg, source),
             fusion_spans=_read_fusion_spans(cfg, source),
             family=family,
-            quantization=_read_quantization(cfg, source),
+            quantization=quantization,
+            kv_cache_scales=kv_cache_scales,
         )
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None

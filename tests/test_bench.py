@@ -56,10 +56,15 @@ def test_bench_model(results_dir) -> None:
     assert main(["bench", "model", "--device", "cpu", "--results", str(results_dir)]) == 0
     results = json.loads((results_dir / "cpu_model_decode.json").read_text())
     rows = results["results"]
-    assert [(r["batch"], r["kernels"]) for r in rows] == [(1, "torch"), (8, "torch")]
+    fp8 = ["fp8 weights, bf16 KV cache", "fp8 weights, fp8 KV cache"]
+    assert [(r["batch"], r.get("precision")) for r in rows] == [(b, p) for b in (1, 8) for p in (None, *fp8)]
     for r in rows:
-        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
+        assert r["kernels"] == "torch" and r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
         assert 0 < r["pct_of_bandwidth_floor"] <= 100
+    for plain, *quantized in (rows[:3], rows[3:]):  # each FP8 row against the bf16 step of its scenario
+        for r in quantized:
+            assert r["speedup_vs_unquantized_step"] == pytest.approx(plain["step_ms"] / r["step_ms"])
+            assert r["floor_ms"] < plain["floor_ms"]
 
 
 def test_bench_fusion(results_dir) -> None:

@@ -88,6 +88,22 @@ def test_quantize_then_generate_in_fp8_equals_quantizing_at_load(tmp_path: Path,
     assert code == 2 and "pass --overwrite" in err
 
 
+def test_quantize_with_kv_cache_scales_then_generate_with_an_fp8_cache(tmp_path: Path, capsys) -> None:
+    """`quantize --kv-cache-scales` calibrates every attention layer's scales into the checkpoint; generating with
+    `--kv-cache-dtype fp8` from it says nothing about them, from the parent (no scales) it says they are 1.0."""
+    out = tmp_path / "fp8"
+    code, printed, _ = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out), "--kv-cache-scales")
+    assert code == 0 and "FP8 KV-cache scales of 8 layers" in printed
+    assert "kv_cache_scheme" in json.loads((out / "config.json").read_text())["quantization_config"]
+    args = ("generate", "--prompt", "def f(", "--max-new-tokens", "6", "--kv-cache-dtype", "fp8", "--json")
+    code, printed, err = run_cli(capsys, *args, "--model", str(out), "--dtype", "fp8")
+    assert code == 0 and len(json.loads(printed)[0]["tokens"]) == 6 and "scale 1.0" not in err
+    code, _, err = run_cli(capsys, *args, "--model", str(PARENT_DIR))
+    assert code == 0 and "no FP8 KV-cache scales" in err
+    code, _, err = run_cli(capsys, *args[:-1], "--model", str(PARENT_DIR), "--kv-cache-dtype", "int4")
+    assert code == 2 and "--kv-cache-dtype" in err
+
+
 def test_generate_sampled_is_seeded(capsys) -> None:
     args = ("generate", "--model", str(PARENT_DIR), "--prompt", "class ", "--max-new-tokens", "10")
     sampled = ("--temperature", "0.9", "--seed", "7", "--json")

@@ -245,12 +245,12 @@ def test_fp8_refuses_tensor_parallel_ranks(llama_tied) -> None:
 
 
 def test_fp8_config_parsing_refuses_other_schemes() -> None:
-    from tessera.hf_config import fp8_quantization_config, parse
+    from tessera.hf_config import parse, quantization_config
 
     base = json.loads(Path(DEMO, "config.json").read_text())
     assert parse(base).quantization is None
-    assert parse({**base, "quantization_config": fp8_quantization_config()}).quantization == "fp8"
-    per_tensor = fp8_quantization_config()
+    assert parse({**base, "quantization_config": quantization_config()}).quantization == "fp8"
+    per_tensor = quantization_config()
     per_tensor["config_groups"]["group_0"]["weights"] = {"num_bits": 8, "type": "float", "strategy": "tensor"}
     with pytest.raises(ConfigError, match="config_groups weights"):
         parse({**base, "quantization_config": per_tensor})

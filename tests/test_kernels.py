@@ -17,6 +17,7 @@ import triton.language as tl
 
 from tessera import kernels
 from tessera.kernels.ffn import swiglu_ffn_reference
+from tessera.kernels.fp8 import FP8, quantize_kv_reference
 from tessera.kernels.norm import rms_norm_reference
 from tessera.kernels.rope import apply_rope_reference, rope_and_cache_reference
 
@@ -147,6 +148,39 @@ def test_rope_and_cache_rotates_and_stores_in_one_kernel(poisoned, n_tokens: int
     kernels.rope_and_cache(qk, v, cos, sin, *pools, spread)
     rope_and_cache_reference(qk, v, cos, sin, *expected_pools, slots)
     torch.testing.assert_close(pools[1], expected_pools[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 63])
+@dtypes("rope")
+def test_rope_and_cache_into_an_fp8_cache(poisoned, n_tokens: int, dtype: torch.dtype, tol: float) -> None:
+    """An FP8 cache stores the rotated keys it returns divided by k_scale, and the values divided by v_scale,
+    each rounded to E4M3 exactly as quantize_kv_reference (torch's conversion) rounds it: bit for bit. A value
+    scale of 0.002 clamps the values past 0.896 (about 37 % of unit-normal inputs) to ±448."""
+    n_q, n_kv, head_dim, n_slots = 6, 2, 24, 80
+    qkv = randn(n_tokens, (n_q + 2 * n_kv) * head_dim, dtype=dtype)
+    qk = qkv[:, : (n_q + n_kv) * head_dim].view(n_tokens, n_q + n_kv, head_dim)
+    v = qkv[:, (n_q + n_kv) * head_dim :].view(n_tokens, n_kv, head_dim)
+    angles = torch.rand(n_tokens, head_dim // 2, generator=torch.Generator().manual_seed(1)) * 100
+    cos, sin = angles.cos().to(KERNEL_DEVICE), angles.sin().to(KERNEL_DEVICE)
+    slots = torch.randperm(n_slots, generator=torch.Generator().manual_seed(2))[:n_tokens].to(KERNEL_DEVICE)
+    k_scale, v_scale = torch.tensor([0.01], device=KERNEL_DEVICE), torch.tensor([0.002], device=KERNEL_DEVICE)
+    pools = [torch.full((n_slots, n_kv, head_dim), 7.0, device=KERNEL_DEVICE).to(FP8) for _ in range(2)]
+    expected_pools = [pool.clone() for pool in pools]
+    rotated = kernels.rope_and_cache(qk, v, cos, sin, *pools, slots, k_scale, v_scale)
+    expected = rope_and_cache_reference(qk, v, cos, sin, *expected_pools, slots, k_scale, v_scale)
+    assert relative_error(rotated, expected) <= tol
+    as_bits = lambda t: t.view(torch.uint8)  # noqa: E731 (FP8 has no == on every torch)
+    assert torch.equal(as_bits(pools[0][slots]), as_bits(quantize_kv_reference(rotated[:, n_q:], k_scale)))
+    assert torch.equal(as_bits(pools[1]), as_bits(expected_pools[1]))
+    assert (pools[1][slots].float().abs() == 448).any()  # the clamp was exercised
+    others = torch.ones(n_slots, dtype=torch.bool, device=KERNEL_DEVICE)
+    others[slots] = False
+    assert (pools[0][others].float() == 7.0).all()
+    with pytest.raises(ValueError, match="FP8 KV cache needs k_scale"):
+        kernels.rope_and_cache(qk, v, cos, sin, *pools, slots)
+    with pytest.raises(ValueError, match="scales are for an FP8 cache"):
+        plain = [qk.new_zeros(n_slots, n_kv, head_dim) for _ in range(2)]
+        kernels.rope_and_cache(qk, v, cos, sin, *plain, slots, k_scale, v_scale)
 
 
 @triton.jit

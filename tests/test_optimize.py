@@ -237,6 +237,12 @@ def test_kv_head_budget_and_fusion_step_timed_in_bf16(tiny_parent, tmp_path, mon
     entry = read_library(out / "library.json")["layer_0"]["gqa_kv1+ffn_64"]
     block = next(b for b in cfg.space.block_variants(arch, 0) if b.name == "gqa_kv1+ffn_64")
     assert entry["stats"]["memory_mib"] == pytest.approx(block_memory_mib(arch, block, cfg.scenario, torch.bfloat16))
+    # The entry says how its runtimes were measured (Puzzle's "FP8, batch 256").
+    assert {k: entry["stats"][k] for k in ("runtime_dtype", "runtime_device", "runtime_scenario")} == {
+        "runtime_dtype": "bfloat16",
+        "runtime_device": table.device,
+        "runtime_scenario": cfg.scenario.key,
+    }
     assert "timed in bfloat16" in (out / "report.md").read_text()
     child = load_model(out / "child").arch
     assert sum(b.attention.n_kv_heads or 0 for b in child.blocks) <= 1

@@ -29,6 +29,7 @@ import torch
 from tessera import kernels
 from tessera.kernels.attention_paged import PagedAttentionMetadata
 from tessera.kernels.attention_paged_reference import attention_paged_reference
+from tessera.kernels.fp8 import FP8, quantize_kv_reference
 
 from .conftest import KERNEL_DEVICE, TOLERANCES, dtypes, relative_error
 
@@ -104,22 +105,33 @@ def metadata(q_lens: list[int], lengths: list[int], tables: torch.Tensor) -> Pag
     return PagedAttentionMetadata(tables, cu, seq_lens, max(q_lens))
 
 
-def check_case(seqs, n_heads, n_kv, head_dim, page, dtype, tol, seed, pages=None, window=None) -> None:
+def check_case(seqs, n_heads, n_kv, head_dim, page, dtype, tol, seed, pages=None, window=None, fp8=None) -> None:
+    """fp8: (k_scale, v_scale) for an FP8 cache: the pages quantized with them (NaN stays NaN), the hand
+    reference given the dequantized values."""
     q_lens, lengths = [n for n, _ in seqs], [n for _, n in seqs]
     ks, vs, k_pages, v_pages, tables = paged_layout(lengths, n_kv, head_dim, page, dtype, seed, pages)
+    scales = {}
+    if fp8 is not None:
+        k_scale, v_scale = (torch.tensor([s], device=KERNEL_DEVICE) for s in fp8)
+        k_pages, v_pages = quantize_kv_reference(k_pages, k_scale), quantize_kv_reference(v_pages, v_scale)
+        # Quantized from the values the pages held (in dtype), as the pages were.
+        ks = [quantize_kv_reference(k.to(dtype), k_scale.cpu()).double() * fp8[0] for k in ks]
+        vs = [quantize_kv_reference(v.to(dtype), v_scale.cpu()).double() * fp8[1] for v in vs]
+        scales = {"k_scale": k_scale, "v_scale": v_scale}
     q = torch.randn(sum(q_lens), n_heads, head_dim, generator=torch.Generator().manual_seed(100 + seed))
     # The hand reference sees the same rounded values the kernels read.
     expected = by_hand(
         q.to(dtype).float(), [k.to(dtype).float() for k in ks], [v.to(dtype).float() for v in vs], q_lens, window
     )
     qd = q.to(device=KERNEL_DEVICE, dtype=dtype)
-    torch_out = attention_paged_reference(qd, k_pages, v_pages, metadata(q_lens, lengths, tables), window)
+    torch_out = attention_paged_reference(qd, k_pages, v_pages, metadata(q_lens, lengths, tables), window, **scales)
     if window is not None:  # the kernel must not read a page that lies wholly before every query's window
         for b, (n, length) in enumerate(zip(q_lens, lengths)):
             first_seen = max(0, length - n - window + 1)
             for i in range(first_seen // page):
                 k_pages[tables[b, i]], v_pages[tables[b, i]] = float("nan"), float("nan")
-    triton_out = kernels.attention_paged(qd, k_pages, v_pages, metadata(q_lens, lengths, tables), window)  # poisoned
+    meta = metadata(q_lens, lengths, tables)
+    triton_out = kernels.attention_paged(qd, k_pages, v_pages, meta, window, **scales)  # poisoned
     for out in (triton_out, torch_out):
         assert out.shape == q.shape and out.dtype == dtype
         assert relative_error(out.cpu(), expected) <= tol
@@ -152,6 +164,36 @@ def test_windowed_paged_attention_matches_hand_written(poisoned, monkeypatch, ca
         monkeypatch.setattr(paged, "sm_count", lambda device: 0)
     *shape, window = WINDOW_CASES[case]
     check_case(*shape, dtype, tol, seed=case, window=window)
+
+
+@pytest.mark.parametrize("splits", ["split", "one"])
+@dtypes("attention_paged")
+@pytest.mark.parametrize("case", [0, 2, 3, 5])
+def test_fp8_cache_matches_hand_written(poisoned, monkeypatch, case: int, dtype, tol, splits: str) -> None:
+    """An FP8 KV cache (E4M3 pages, one K and one V scale for the layer): the kernel and the reference read the
+    pages' values times their scales. The scales (0.004, 0.01) put the unit-normal keys near E4M3's top, so a
+    kernel that dropped or swapped a scale would be off by 2.5x or more. The hand reference gets the same
+    quantized values, so the tolerance is the unquantized one."""
+    if splits == "one":
+        monkeypatch.setattr(paged, "sm_count", lambda device: 0)
+    check_case(*CASES[case], dtype, tol, seed=case, fp8=(0.004, 0.01))
+    *shape, window = WINDOW_CASES[1]
+    check_case(*shape, dtype, tol, seed=case, window=window, fp8=(0.004, 0.01))
+
+
+def test_fp8_cache_needs_its_scales() -> None:
+    q = torch.zeros(1, 4, 16)
+    pages = torch.zeros(3, 16, 2, 16, dtype=FP8)
+    meta = PagedAttentionMetadata(
+        torch.ones(1, 1, dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1]), 1
+    )
+    one = torch.ones(1)
+    with pytest.raises(ValueError, match=r"FP8 KV cache needs v_scale as fp32 \[1\]"):
+        attention_paged_reference(q, pages, pages, meta, k_scale=one)
+    with pytest.raises(ValueError, match=r"not a torch\.float32 one"):
+        attention_paged_reference(q, pages.float(), pages.float(), meta, k_scale=one, v_scale=one)
+    with pytest.raises(ValueError, match="must both be in q's dtype"):
+        attention_paged_reference(q, pages, pages.float(), meta, k_scale=one, v_scale=one)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +255,7 @@ def test_paged_attention_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="not a multiple of 3 KV heads"):
         attention_paged_reference(q, pages, pages, meta)
     half = torch.zeros(4, 16, 2, 16, dtype=torch.float16)
-    with pytest.raises(ValueError, match="differ in dtype"):
+    with pytest.raises(ValueError, match="must both be in q's dtype"):
         attention_paged_reference(q, half, half, meta)
     meta = PagedAttentionMetadata(tables, torch.tensor([0, 1, 3], dtype=torch.int32), torch.tensor([3]), 2)
     with pytest.raises(ValueError, match="disagree on the batch"):

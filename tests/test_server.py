@@ -134,6 +134,18 @@ def test_seeded_sampling_gives_the_generators_tokens(client, parent) -> None:
     assert [e.text for e in expected] != [g.text for g in greedy]  # it did sample
 
 
+def test_an_fp8_kv_cache_serves_what_generate_gives_with_one(parent) -> None:
+    """--kv-cache-dtype fp8 reaches the engine processes: their pools are E4M3, and seeded sampling over them gives
+    `Generator`'s tokens over the same cache."""
+    params = SamplingParams(max_new_tokens=16, temperature=0.9, seed=5)
+    expected = Generator(*parent, kv_cache_dtype="fp8").generate(PROMPTS[:2], params)
+    with serving(max_batch=4, max_model_len=256, kv_cache_dtype="fp8") as (served, base):
+        assert served.engine.info["kv_dtype"] == "float8_e4m3fn"
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+        out = client.completions.create(model="parent", prompt=PROMPTS[:2], max_tokens=16, temperature=0.9, seed=5)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [e.text for e in expected]
+
+
 def test_completion_defaults_to_16_tokens_and_accepts_token_ids_and_lists(client, server) -> None:
     tok = server[0].engine.tokenizer
     out = client.completions.create(model="parent", prompt=PROMPTS[1], temperature=0, extra_body={"ignore_eos": True})
