@@ -77,7 +77,7 @@ want bench_attention && step bench_attention 120 python3 -m tessera.cli bench ke
 want tune_attention && step tune_attention 75 python3 -m tessera.benchmarks.tune_attention --device cuda --budget-s 50
 want bench_model && step bench_model 80 python3 -m tessera.cli bench model --device cuda
 want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving --device cuda
-want bench_ffn_norm && step bench_ffn_norm 55 python3 -m tessera.cli bench kernels --suite ffn --suite norm --device cuda
+want bench_ffn_norm && step bench_ffn_norm 75 python3 -m tessera.cli bench kernels --suite ffn --suite norm --device cuda
 want bench_fusion && step bench_fusion 25 python3 -m tessera.cli bench fusion --device cuda
 # Issue 17's GPU halves, past the default budget: run them by name in a call of their own
 # (`SUITE_S=400 bash benchmarks/gpu_suite.sh cost_model search_scale`, what is left of a session after the first

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import linear_fp8_reference, linear_fp8_scaled_mm, quantize_rows_triton
-from .gemm import gemm_blocks, grouped_tile, matmul_triton
+from .gemm import descriptor, gemm_blocks, grouped_tile, matmul_triton, persistent_programs, tma_ready
 from .hardware import dot_precision
 
 # Rows up to which the automatic dispatch (kernels.swiglu_ffn) runs these kernels; past it, cuBLAS. On the H200
@@ -69,6 +69,15 @@ def _gate_up_kernel(
         x_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
+    _store_swiglu(acc_gate, acc_up, offs_m, offs_n, M, I, x_scale_ptr, w_scale_ptr, h_ptr, stride_hm, SCALED)
+
+
+@triton.jit
+def _store_swiglu(
+    acc_gate, acc_up, offs_m, offs_n, M, I, x_scale_ptr, w_scale_ptr, h_ptr, stride_hm, SCALED: tl.constexpr
+):
+    """The gate/up epilogue: (FP8) the token and channel scales, then silu(gate)·up stored to h [M, I]."""
+    mask_m, mask_n = offs_m < M, offs_n < I
     if SCALED:  # FP8 operands: token scales on the rows, gate's and up's channel scales on the columns
         x_scale = tl.load(x_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
         acc_gate = acc_gate * x_scale * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -76,6 +85,42 @@ def _gate_up_kernel(
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["n_programs"])
+def _persistent_gate_up_kernel(
+    x_desc,
+    w_desc,
+    x_scale_ptr,
+    w_scale_ptr,
+    h_ptr,
+    M,
+    I,
+    K,
+    n_programs,
+    stride_hm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SCALED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """_gate_up_kernel's tiles on the persistent schedule (kernels/gemm.py), operands through tensor descriptors:
+    the gate tile at rows n of w_gate_up, the up tile at rows I + n. A gate tile reaching past row I reads up rows
+    into columns the store masks off; the up tile past 2I reads zeros."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(I, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, n_programs):
+        pid_m, pid_n = grouped_tile(tile, M, I, BLOCK_M, BLOCK_N, GROUP_M)
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([pid_m * BLOCK_M, k0])
+            acc_gate = tl.dot(x, tl.trans(w_desc.load([pid_n * BLOCK_N, k0])), acc_gate, input_precision=PRECISION)
+            acc_up = tl.dot(x, tl.trans(w_desc.load([I + pid_n * BLOCK_N, k0])), acc_up, input_precision=PRECISION)
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        _store_swiglu(acc_gate, acc_up, offs_m, offs_n, M, I, x_scale_ptr, w_scale_ptr, h_ptr, stride_hm, SCALED)
 
 
 def _check_shapes(
@@ -112,9 +157,11 @@ def swiglu_ffn_triton(
     residual: torch.Tensor | None = None,
     gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None,
+    persistent: bool = False,
 ) -> torch.Tensor:
     """x [M, H], w_gate_up [2I, H], w_down [H, I], residual [M, H] or None -> [M, H] (+ residual). With FP8
-    weights, their per-output-channel scales gate_up_scale [2I] and down_scale [H] (kernels/fp8.py)."""
+    weights, their per-output-channel scales gate_up_scale [2I] and down_scale [H] (kernels/fp8.py).
+    persistent: both GEMMs on the persistent TMA schedule where the operands allow it (kernels/gemm.py)."""
     _check_shapes(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
     m, hidden = x.shape
     inter = w_down.shape[1]
@@ -128,20 +175,9 @@ def swiglu_ffn_triton(
     h = torch.empty(m, inter, dtype=x.dtype, device=x.device)  # silu(gate)·up, the only intermediate
     # Two fp32 accumulators: at BLOCK_N 128 they alone would take 128 registers per thread; cap it at 64.
     gate_block_n = min(block_n, 64)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(inter, gate_block_n),)
-    _gate_up_kernel[grid](
-        a,
-        w_gate_up,
-        a_scale if scaled else a,
-        gate_up_scale if scaled else w_gate_up,
-        h,
-        m,
-        inter,
-        hidden,
-        inter * w_gate_up.stride(0),
-        a.stride(0),
-        w_gate_up.stride(0),
-        h.stride(0),
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(inter, gate_block_n)
+    scales = (a_scale, gate_up_scale) if scaled else (h, h)  # unread without SCALED
+    flags = dict(
         BLOCK_M=block_m,
         BLOCK_N=gate_block_n,
         BLOCK_K=block_k,
@@ -151,8 +187,16 @@ def swiglu_ffn_triton(
         num_warps=warps,
         num_stages=stages,
     )
+    if persistent and tma_ready(a, w_gate_up):
+        programs = persistent_programs(tiles, x.device)
+        descs = descriptor(a, block_m, block_k), descriptor(w_gate_up, gate_block_n, block_k)
+        _persistent_gate_up_kernel[(programs,)](*descs, *scales, h, m, inter, hidden, programs, h.stride(0), **flags)
+    else:
+        up_offset = inter * w_gate_up.stride(0)
+        strides = a.stride(0), w_gate_up.stride(0), h.stride(0)
+        _gate_up_kernel[(tiles,)](a, w_gate_up, *scales, h, m, inter, hidden, up_offset, *strides, **flags)
     h, h_scale = quantize_rows_triton(h) if scaled else (h, None)
-    return matmul_triton(h, w_down, x.dtype, h_scale, down_scale, residual=residual)
+    return matmul_triton(h, w_down, x.dtype, h_scale, down_scale, residual=residual, persistent=persistent)
 
 
 def swiglu_ffn_reference(

@@ -11,6 +11,15 @@ small kernel sums the fp32 partials, adds the bias and residual, and casts. Ever
 FFN-Fusion group's width reaches ~400,000 rows (Ultra-253B), past int32 at 16k columns. Block shapes are fixed
 per M range, not autotuned: autotuning is slow, uncached, and must not run inside a CUDA-graph capture
 (REFERENCE.md).
+
+Two schedules compute the same tiles (`persistent`):
+- portable: one program per (output tile, split), operands loaded through pointers: any GPU, the interpreter;
+- persistent: as many programs as SMs, each walking output tiles (and splits) in the grouped order, operand tiles
+  fetched through tensor-memory descriptors (TMA on Hopper: one instruction moves a whole tile, out-of-bounds rows
+  and columns read as zero). Triton's persistent-matmul tutorial measures this near cuBLAS on an H100. Used where
+  `tma_ready` says the operands allow it; the dispatch (kernels.swiglu_ffn, kernels.linear) keeps the portable
+  schedule until the H200 benchmark (`bench kernels --suite ffn`, its persistent rows) shows which one wins.
+The epilogue is one function for both (`_store_tile`).
 """
 
 import torch
@@ -18,6 +27,65 @@ import triton
 import triton.language as tl
 
 from .hardware import dot_precision, sm_count
+
+try:  # host-side tensor descriptors (triton >= 3.3; the H200 image has 3.6)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: the portable schedule only
+    TensorDescriptor = None
+
+
+def tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether tensor descriptors can describe these 2-D operands: a Hopper-or-newer GPU (or the CPU interpreter,
+    which emulates them), rows contiguous, and base address and row stride 16-byte aligned (TMA's rule)."""
+    if TensorDescriptor is None:
+        return False
+    for t in tensors:
+        if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+            return False
+        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def descriptor(t: torch.Tensor, rows: int, cols: int):
+    """A tensor descriptor of 2-D `t` that loads [rows, cols] tiles."""
+    return TensorDescriptor.from_tensor(t, [rows, cols])
+
+
+@triton.jit
+def _store_tile(
+    acc,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    split,
+    a_scale_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    residual_ptr,
+    out_ptr,
+    stride_rm,
+    stride_om,
+    stride_os,
+    SCALED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    """The GEMM's epilogue: the fp32 tile acc [BLOCK_M, BLOCK_N] scaled (FP8), plus bias and residual, stored to
+    out's `split` slice (split-K partials: fp32, no bias or residual, which the sum adds)."""
+    mask_m, mask_n = offs_m < M, offs_n < N
+    if SCALED:  # linear in the partial sums, so each split scales its own
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
+        w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        acc = acc * a_scale[:, None] * w_scale[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+    out_ptrs = out_ptr + split.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -77,17 +145,89 @@ def _matmul_kernel(
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if SCALED:  # linear in the partial sums, so each split scales its own
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
-        w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
-        acc = acc * a_scale[:, None] * w_scale[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-    out_ptrs = out_ptr + split.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_tile(
+        acc,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        split,
+        a_scale_ptr,
+        w_scale_ptr,
+        bias_ptr,
+        residual_ptr,
+        out_ptr,
+        stride_rm,
+        stride_om,
+        stride_os,
+        SCALED,
+        HAS_BIAS,
+        HAS_RESIDUAL,
+    )
+
+
+@triton.jit(do_not_specialize=["n_programs"])
+def _persistent_matmul_kernel(
+    a_desc,
+    w_desc,
+    a_scale_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    residual_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    k_per_split,
+    n_splits,
+    n_programs,
+    stride_rm,
+    stride_om,
+    stride_os,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SCALED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """_matmul_kernel's tiles on the persistent schedule: program p takes work items p, p + n_programs, ...; item
+    i is output tile i % tiles (grouped order) of split i // tiles. A split's K range is whole BLOCK_K tiles, so a
+    tile load never reaches into the next split's range (past K the descriptor reads zeros)."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for item in tl.range(tl.program_id(0), tiles * n_splits, n_programs):
+        pid_m, pid_n = grouped_tile(item % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        split = item // tiles
+        k_start = split * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])  # (BLOCK_M, BLOCK_K)
+            w = w_desc.load([pid_n * BLOCK_N, k0])  # (BLOCK_N, BLOCK_K)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        _store_tile(
+            acc,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            split,
+            a_scale_ptr,
+            w_scale_ptr,
+            bias_ptr,
+            residual_ptr,
+            out_ptr,
+            stride_rm,
+            stride_om,
+            stride_os,
+            SCALED,
+            HAS_BIAS,
+            HAS_RESIDUAL,
+        )
 
 
 @triton.jit
@@ -132,6 +272,11 @@ def gemm_blocks(m: int) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
+def persistent_programs(work: int, device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM, fewer when there is less work."""
+    return max(1, min(work, sm_count(device)))
+
+
 def matmul_triton(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -140,9 +285,11 @@ def matmul_triton(
     w_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    persistent: bool = False,
 ) -> torch.Tensor:
     """a [M, K] · w [N, K]ᵀ -> [M, N] in out_dtype. With a_scale [M] and w_scale [N] (fp32; a and w in FP8) the
-    product is scaled per row and column; bias [N] and residual [M, N] are added last. Inputs contiguous."""
+    product is scaled per row and column; bias [N] and residual [M, N] are added last. Inputs contiguous.
+    persistent: the persistent TMA schedule where `tma_ready` allows it (else the portable one)."""
     m, k = a.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -158,23 +305,15 @@ def matmul_triton(
     target = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=a.device)
     scaled = a_scale is not None
     res = residual if residual is not None else out
-    _matmul_kernel[(tiles, splits)](
-        a,
-        w,
-        a_scale if scaled else a,
-        w_scale if scaled else w,
+    epilogue = (
+        a_scale if scaled else target,
+        w_scale if scaled else target,
         bias if bias is not None else out,
         res,
         target,
-        m,
-        n,
-        k,
-        k_per_split,
-        a.stride(0),
-        w.stride(0),
-        res.stride(0),
-        n,
-        m * n,
+    )
+    shapes = (m, n, k, k_per_split)
+    flags = dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -186,6 +325,16 @@ def matmul_triton(
         num_warps=warps,
         num_stages=stages,
     )
+    if persistent and tma_ready(a, w):
+        programs = persistent_programs(tiles * splits, a.device)
+        a_desc, w_desc = descriptor(a, block_m, block_k), descriptor(w, block_n, block_k)
+        _persistent_matmul_kernel[(programs,)](
+            a_desc, w_desc, *epilogue, *shapes, splits, programs, res.stride(0), n, m * n, **flags
+        )
+    else:
+        _matmul_kernel[(tiles, splits)](
+            a, w, *epilogue, *shapes, a.stride(0), w.stride(0), res.stride(0), n, m * n, **flags
+        )
     if splits > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](

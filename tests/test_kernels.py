@@ -16,12 +16,13 @@ import triton
 import triton.language as tl
 
 from tessera import kernels
+from tessera.kernels import ffn, gemm
 from tessera.kernels.ffn import swiglu_ffn_reference
-from tessera.kernels.fp8 import FP8, quantize_kv_reference
+from tessera.kernels.fp8 import FP8, quantize_kv_reference, quantize_rows_reference
 from tessera.kernels.norm import rms_norm_reference
 from tessera.kernels.rope import apply_rope_reference, rope_and_cache_reference
 
-from .conftest import KERNEL_DEVICE, Poison, dtypes, randn, relative_error
+from .conftest import KERNEL_DEVICE, TOLERANCES, Poison, dtypes, randn, relative_error
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (3, 100), (63, 257), (130, 1000), (2, 5, 4096)])
@@ -90,6 +91,67 @@ def test_swiglu_ffn_fused_group_width(poisoned, dtype: torch.dtype, tol: float) 
 @dtypes("swiglu_ffn")
 def test_swiglu_ffn_fused_group_width_more_rows(poisoned, m: int, dtype: torch.dtype, tol: float) -> None:
     _check_ffn(m, 32, 70_001, dtype, tol, with_residual=m == 3)
+
+
+class _Launches:
+    """Counts a Triton kernel's launches (kernel[grid](...)) while passing them on."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def _spy_persistent(monkeypatch) -> tuple[_Launches, _Launches]:
+    gate_up, down = _Launches(ffn._persistent_gate_up_kernel), _Launches(gemm._persistent_matmul_kernel)
+    monkeypatch.setattr(ffn, "_persistent_gate_up_kernel", gate_up)
+    monkeypatch.setattr(gemm, "_persistent_matmul_kernel", down)
+    return gate_up, down
+
+
+# (M, hidden, intermediate) with 16-byte aligned rows in fp16 (what tensor descriptors need): each block-shape
+# range, an intermediate no gate tile divides (gate tiles reach into the up rows), a long reduction split over K.
+PERSISTENT_SHAPES = [(1, 64, 200), (17, 48, 136), (70, 64, 296), (300, 32, 136), (1, 64, 4096)]
+
+
+@pytest.mark.parametrize("shape", PERSISTENT_SHAPES, ids=str)
+@dtypes("swiglu_ffn")
+def test_persistent_tma_schedule_computes_the_same_ffn(poisoned, monkeypatch, shape, dtype, tol) -> None:
+    """Both GEMMs on the persistent schedule (tensor descriptors, SM-count programs walking the tiles) against the
+    reference, with the residual; the spies show the persistent kernels ran, not the portable ones."""
+    gate_up, down = _spy_persistent(monkeypatch)
+    x, w_gate_up, w_down, residual = _ffn_inputs(*shape, dtype)
+    out = ffn.swiglu_ffn_triton(x, w_gate_up, w_down, residual, persistent=True)
+    expected = swiglu_ffn_reference(*(t.float() for t in (x, w_gate_up, w_down, residual)))
+    assert out.dtype == dtype and relative_error(out, expected) <= tol
+    assert len(gate_up.grids) == len(down.grids) == 1
+
+
+def test_persistent_schedule_falls_back_where_descriptors_cannot_go(poisoned, monkeypatch) -> None:
+    """Rows of 130 fp16 values (260 bytes) are not 16-byte aligned: the portable kernels run, with the same result."""
+    gate_up, down = _spy_persistent(monkeypatch)
+    x, w_gate_up, w_down, residual = _ffn_inputs(5, 64, 130, torch.float16)
+    out = ffn.swiglu_ffn_triton(x, w_gate_up, w_down, residual, persistent=True)
+    expected = swiglu_ffn_reference(*(t.float() for t in (x, w_gate_up, w_down, residual)))
+    assert relative_error(out, expected) <= TOLERANCES["swiglu_ffn"][torch.float16]
+    assert len(gate_up.grids) == 1 and down.grids == []  # gate/up's rows are 64 wide: aligned; down's are not
+
+
+@pytest.mark.parametrize("m", [1, 40])
+def test_persistent_schedule_with_fp8_weights_bias_and_split_k(poisoned, monkeypatch, m: int) -> None:
+    """FP8 operands through descriptors, the token and channel scales, bias and residual in the shared epilogue,
+    and (M = 1, K = 4096) split-K partials summed after: against the float64 product of the same FP8 values."""
+    _, down = _spy_persistent(monkeypatch)
+    k, n = 4096, 96
+    a, a_scale = quantize_rows_reference(randn(m, k))
+    w, w_scale = kernels.quantize_weight(randn(n, k, seed=1))
+    bias, residual = randn(n, seed=2), randn(m, n, seed=3)
+    out = gemm.matmul_triton(a, w, torch.float32, a_scale, w_scale, bias, residual, persistent=True)
+    expected = (a.double() * a_scale.double()[:, None]) @ (w.double() * w_scale.double()[:, None]).T
+    assert relative_error(out.double(), expected + bias.double() + residual.double()) <= 1e-5
+    assert len(down.grids) == 1
 
 
 def test_swiglu_ffn_rejects_mismatched_weights(poisoned) -> None:
