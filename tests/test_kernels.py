@@ -175,29 +175,38 @@ def test_apply_rope_on_packed_qkv_view(poisoned, n_tokens: int, dtype: torch.dty
     assert relative_error(out, apply_rope_reference(qk, cos, sin)) <= tol
 
 
+N_Q, N_KV, HEAD_DIM, N_SLOTS = 6, 2, 24, 80  # the rope_and_cache tests' layer
+
+
+def _engine_step_qkv(n_tokens: int, dtype: torch.dtype):
+    """q/k and v as views of one packed qkv output (as an engine step has them), RoPE tables of large angles, and
+    scattered slots of an N_SLOTS-slot cache: (qk, v, cos, sin, slots)."""
+    qkv = randn(n_tokens, (N_Q + 2 * N_KV) * HEAD_DIM, dtype=dtype)
+    qk = qkv[:, : (N_Q + N_KV) * HEAD_DIM].view(n_tokens, N_Q + N_KV, HEAD_DIM)
+    v = qkv[:, (N_Q + N_KV) * HEAD_DIM :].view(n_tokens, N_KV, HEAD_DIM)
+    angles = torch.rand(n_tokens, HEAD_DIM // 2, generator=torch.Generator().manual_seed(1)) * 100
+    cos, sin = angles.cos().to(KERNEL_DEVICE), angles.sin().to(KERNEL_DEVICE)
+    slots = torch.randperm(N_SLOTS, generator=torch.Generator().manual_seed(2))[:n_tokens].to(KERNEL_DEVICE)
+    return qk, v, cos, sin, slots
+
+
 @pytest.mark.parametrize("n_tokens", [1, 3, 63])
 @dtypes("rope")
 def test_rope_and_cache_rotates_and_stores_in_one_kernel(poisoned, n_tokens: int, dtype: torch.dtype, tol: float):
     """`rope_and_cache` on the packed qkv view, as an engine step calls it: the queries and keys it returns and the
     keys it stores are the reference's rotation (within the RoPE tolerance), the values land in the cache bit for bit,
     at the given slots (scattered, not in order) and nowhere else; the pools are canary-guarded."""
-    n_q, n_kv, head_dim, n_slots = 6, 2, 24, 80
-    qkv = randn(n_tokens, (n_q + 2 * n_kv) * head_dim, dtype=dtype)
-    qk = qkv[:, : (n_q + n_kv) * head_dim].view(n_tokens, n_q + n_kv, head_dim)
-    v = qkv[:, (n_q + n_kv) * head_dim :].view(n_tokens, n_kv, head_dim)
-    angles = torch.rand(n_tokens, head_dim // 2, generator=torch.Generator().manual_seed(1)) * 100
-    cos, sin = angles.cos().to(KERNEL_DEVICE), angles.sin().to(KERNEL_DEVICE)
-    slots = torch.randperm(n_slots, generator=torch.Generator().manual_seed(2))[:n_tokens].to(KERNEL_DEVICE)
-    pools = [torch.empty(n_slots, n_kv, head_dim, dtype=dtype, device=KERNEL_DEVICE).fill_(7.0) for _ in range(2)]
+    qk, v, cos, sin, slots = _engine_step_qkv(n_tokens, dtype)
+    pools = [torch.empty(N_SLOTS, N_KV, HEAD_DIM, dtype=dtype, device=KERNEL_DEVICE).fill_(7.0) for _ in range(2)]
     expected_pools = [pool.clone() for pool in pools]
     rotated = kernels.rope_and_cache(qk, v, cos, sin, *pools, slots)
     expected = rope_and_cache_reference(qk, v, cos, sin, *expected_pools, slots)
     assert rotated.shape == qk.shape and relative_error(rotated, expected) <= tol
     # The keys it returns are the keys it stored, bit for bit.
-    torch.testing.assert_close(pools[0][slots], rotated[:, n_q:], rtol=0, atol=0)
+    torch.testing.assert_close(pools[0][slots], rotated[:, N_Q:], rtol=0, atol=0)
     assert relative_error(pools[0][slots], expected_pools[0][slots]) <= tol
     torch.testing.assert_close(pools[1], expected_pools[1], rtol=0, atol=0)
-    others = torch.ones(n_slots, dtype=torch.bool, device=KERNEL_DEVICE)
+    others = torch.ones(N_SLOTS, dtype=torch.bool, device=KERNEL_DEVICE)
     others[slots] = False
     assert (pools[0][others] == 7.0).all()
     with pytest.raises(ValueError, match="rope_and_cache: qk"):
@@ -218,30 +227,24 @@ def test_rope_and_cache_into_an_fp8_cache(poisoned, n_tokens: int, dtype: torch.
     """An FP8 cache stores the rotated keys it returns divided by k_scale, and the values divided by v_scale,
     each rounded to E4M3 exactly as quantize_kv_reference (torch's conversion) rounds it: bit for bit. A value
     scale of 0.002 clamps the values past 0.896 (about 37 % of unit-normal inputs) to ±448."""
-    n_q, n_kv, head_dim, n_slots = 6, 2, 24, 80
-    qkv = randn(n_tokens, (n_q + 2 * n_kv) * head_dim, dtype=dtype)
-    qk = qkv[:, : (n_q + n_kv) * head_dim].view(n_tokens, n_q + n_kv, head_dim)
-    v = qkv[:, (n_q + n_kv) * head_dim :].view(n_tokens, n_kv, head_dim)
-    angles = torch.rand(n_tokens, head_dim // 2, generator=torch.Generator().manual_seed(1)) * 100
-    cos, sin = angles.cos().to(KERNEL_DEVICE), angles.sin().to(KERNEL_DEVICE)
-    slots = torch.randperm(n_slots, generator=torch.Generator().manual_seed(2))[:n_tokens].to(KERNEL_DEVICE)
+    qk, v, cos, sin, slots = _engine_step_qkv(n_tokens, dtype)
     k_scale, v_scale = torch.tensor([0.01], device=KERNEL_DEVICE), torch.tensor([0.002], device=KERNEL_DEVICE)
-    pools = [torch.full((n_slots, n_kv, head_dim), 7.0, device=KERNEL_DEVICE).to(FP8) for _ in range(2)]
+    pools = [torch.full((N_SLOTS, N_KV, HEAD_DIM), 7.0, device=KERNEL_DEVICE).to(FP8) for _ in range(2)]
     expected_pools = [pool.clone() for pool in pools]
     rotated = kernels.rope_and_cache(qk, v, cos, sin, *pools, slots, k_scale, v_scale)
     expected = rope_and_cache_reference(qk, v, cos, sin, *expected_pools, slots, k_scale, v_scale)
     assert relative_error(rotated, expected) <= tol
     as_bits = lambda t: t.view(torch.uint8)  # noqa: E731 (FP8 has no == on every torch)
-    assert torch.equal(as_bits(pools[0][slots]), as_bits(quantize_kv_reference(rotated[:, n_q:], k_scale)))
+    assert torch.equal(as_bits(pools[0][slots]), as_bits(quantize_kv_reference(rotated[:, N_Q:], k_scale)))
     assert torch.equal(as_bits(pools[1]), as_bits(expected_pools[1]))
     assert (pools[1][slots].float().abs() == 448).any()  # the clamp was exercised
-    others = torch.ones(n_slots, dtype=torch.bool, device=KERNEL_DEVICE)
+    others = torch.ones(N_SLOTS, dtype=torch.bool, device=KERNEL_DEVICE)
     others[slots] = False
     assert (pools[0][others].float() == 7.0).all()
     with pytest.raises(ValueError, match="FP8 KV cache needs k_scale"):
         kernels.rope_and_cache(qk, v, cos, sin, *pools, slots)
     with pytest.raises(ValueError, match="scales are for an FP8 cache"):
-        plain = [qk.new_zeros(n_slots, n_kv, head_dim) for _ in range(2)]
+        plain = [qk.new_zeros(N_SLOTS, N_KV, HEAD_DIM) for _ in range(2)]
         kernels.rope_and_cache(qk, v, cos, sin, *plain, slots, k_scale, v_scale)
 
 
