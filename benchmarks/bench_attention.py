@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tessera import kernels
-from tessera.kernels.fp8 import quantize_kv_reference
+from tessera.kernels.fp8 import bytes_view, dequantize_kv_reference, quantize_kv_reference
 
 from .harness import KernelCase
 
@@ -69,10 +69,7 @@ def _paged(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator) -> tuple[torc
     pools = []
     for x in (k, v):
         pool = torch.zeros(1 + batch * n, PAGE, *x.shape[2:], device=x.device, dtype=x.dtype)
-        as_bytes = x.element_size() == 1  # FP8 pages: torch has no index_copy_ for them
-        (pool.view(torch.uint8) if as_bytes else pool).index_copy_(
-            0, order, (x.view(torch.uint8) if as_bytes else x).reshape(batch * n, PAGE, *x.shape[2:])
-        )
+        bytes_view(pool).index_copy_(0, order, bytes_view(x).reshape(batch * n, PAGE, *x.shape[2:]))
         pools.append(pool)
     return pools[0], pools[1], order.view(batch, n).to(torch.int32)
 
@@ -87,10 +84,13 @@ def _decode_case(model, n_heads, n_kv, batch, context, device, dtype, baseline, 
             "k_scale": torch.full((1,), 4 / 448, device=device),
             "v_scale": torch.full((1,), 4 / 448, device=device),
         }
-        k, v = (quantize_kv_reference(x, scales["k_scale"]) for x in (k, v))
+        k, v = quantize_kv_reference(k, scales["k_scale"]), quantize_kv_reference(v, scales["v_scale"])
     k_pages, v_pages, tables = _paged(k, v, gen)
     if fp8:
-        k, v = ((x.float() * scales["k_scale"]).to(dtype) for x in (k, v))
+        k, v = (
+            dequantize_kv_reference(k, scales["k_scale"], dtype),
+            dequantize_kv_reference(v, scales["v_scale"], dtype),
+        )
     k_cache, v_cache = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # SDPA's [B, Hkv, L, D]
     del k, v
     meta = kernels.PagedAttentionMetadata(

@@ -71,7 +71,8 @@ step setup 45 bash -c setup
 want tests && step tests 110 python3 -m pytest -q -p no:cacheprovider -n 12 -m "not slow" \
     tests/test_paged_attention.py tests/test_kernels.py tests/test_attention_kernels.py \
     tests/test_kernel_dispatch.py tests/test_engine.py::test_cuda_graph_decode_equals_eager_and_uncached_greedy \
-    tests/test_generate.py::test_the_draws_and_the_sampling_are_the_same_on_cuda tests/test_fp8.py
+    tests/test_generate.py::test_the_draws_and_the_sampling_are_the_same_on_cuda tests/test_fp8.py \
+    tests/test_fp8_kv_cache.py::test_cuda_graph_decode_over_an_fp8_cache_equals_eager
 # Attention and the model's decode step include the FP8 rows (an FP8 cache; FP8 weights with either cache).
 want bench_attention && step bench_attention 120 python3 -m tessera.cli bench kernels --suite attention --device cuda
 want tune_attention && step tune_attention 75 python3 -m tessera.benchmarks.tune_attention --device cuda --budget-s 50

@@ -38,9 +38,8 @@ import triton
 import triton.language as tl
 
 from .attention import LOG2_E, attend_tile, check_window
-from .fp8 import FP8
+from .fp8 import FP8, check_kv_scales
 from .hardware import dot_precision, sm_count
-from .rope import check_kv_scales
 
 MAX_SPLITS = 64
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .attention import window_mask
 from .attention_paged import PagedAttentionMetadata, check_inputs
+from .fp8 import FP8, dequantize_kv_reference
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,8 @@ def _decode_keys(pages: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
 
 
 def _widened(kv: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """K or V as read: an FP8 cache's values times its scale (in fp32, then q's dtype); others as they are."""
-    return kv if scale is None else (kv.float() * scale).to(dtype)
+    """K or V as read: an FP8 cache's values times its scale; others as they are."""
+    return kv if kv.dtype != FP8 else dequantize_kv_reference(kv, scale, dtype)
 
 
 def attention_paged_reference(

@@ -12,6 +12,8 @@ cuBLASLt through `torch._scaled_mm` with the same row and column scales.
 The reference below dequantizes and multiplies in fp32: the CPU path and the tests' ground truth.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -70,11 +72,41 @@ def quantize_kv_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def dequantize_kv_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An FP8 cache's values as they stand for: q · scale (in fp32), in dtype."""
+    return (q.float() * scale).to(dtype)
+
+
+def check_kv_scales(pages: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, what: str) -> None:
+    """A cache in FP8 comes with its layer's fp32 K and V scales [1] on its device; any other cache with none."""
+    if pages.dtype == FP8:
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if s is None or s.shape != (1,) or s.dtype != torch.float32 or s.device != pages.device:
+                got = "None" if s is None else f"{s.dtype} {tuple(s.shape)} on {s.device}"
+                raise ValueError(f"{what}: an FP8 KV cache needs {name} as fp32 [1] on {pages.device}, got {got}")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"{what}: K/V scales are for an FP8 cache, not a {pages.dtype} one")
+
+
+def check_kv_scale_values(scales: dict[int, tuple[float, float]], what: str) -> None:
+    """KV scales must be finite and positive: a zero or negative one would store garbage, silently."""
+    for layer, pair in scales.items():
+        if not all(math.isfinite(s) and s > 0 for s in pair):
+            raise ValueError(f"{what}: layer {layer}'s KV-cache scales {pair} must be finite and > 0")
+
+
+def bytes_view(t: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor as its bytes (torch has no index_copy_ or index_fill_ for FP8: they run on the bytes, where
+    the byte 0 is +0.0); any other tensor as it is."""
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
 @triton.jit
 def quantize_e4m3(x, scale):
     """x / scale clamped to ±448 and rounded to E4M3 (in fp32: cast it to the FP8 pointer's type to store): as
-    quantize_kv_reference, bit for bit."""
-    v = x.to(tl.float32) / scale
+    quantize_kv_reference, bit for bit. The division is IEEE round-to-nearest (div_rn): the GPU's default fp32
+    division may be 2 ulp off, enough to round a quotient next to an E4M3 midpoint the other way."""
+    v = tl.math.div_rn(x.to(tl.float32), scale)
     return _round_to_e4m3(
         tl.minimum(tl.maximum(v, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0, tl.PropagateNan.ALL)
     )
@@ -93,7 +125,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, MIN_SC
     # gives that row NaN whatever its codes hold (E4M3 has no infinity, and the interpreter cannot write a NaN).
     row_max = tl.max(amax, axis=0)
     bad = (tl.max((amax != amax).to(tl.int32), axis=0) > 0) | (row_max == float("inf"))
-    scale = tl.where(bad, float("nan"), tl.maximum(row_max / 448.0, MIN_SCALE))
+    scale = tl.where(bad, float("nan"), tl.maximum(tl.math.div_rn(row_max, 448.0), MIN_SCALE))
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         mask = offs < K - k0

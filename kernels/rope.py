@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import FP8, quantize_e4m3, quantize_kv_reference
+from .fp8 import FP8, bytes_view, check_kv_scales, quantize_e4m3, quantize_kv_reference
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def _launch(x, cos, sin, out, cache=None) -> None:
     FP8 cache's)."""
     n, n_heads, head_dim = x.shape
     v, k_slots, v_slots, slots, k_scale, v_scale = cache if cache is not None else (out,) * 4 + (None, None)
-    fp8 = k_scale is not None
+    fp8 = k_slots.dtype == FP8
     n_kv = v.shape[1] if cache is not None else 0
     if n:
         _rope_kernel[(n,)](
@@ -146,17 +146,6 @@ def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(x, cos, sin, out)
     return out
-
-
-def check_kv_scales(pages: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, what: str) -> None:
-    """An FP8 cache comes with its layer's fp32 K and V scales [1]; any other with none."""
-    if pages.dtype == FP8:
-        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if s is None or s.shape != (1,) or s.dtype != torch.float32 or s.device != pages.device:
-                got = "None" if s is None else f"{s.dtype} {tuple(s.shape)} on {s.device}"
-                raise ValueError(f"{what}: an FP8 KV cache needs {name} as fp32 [1] on {pages.device}, got {got}")
-    elif k_scale is not None or v_scale is not None:
-        raise ValueError(f"{what}: K/V scales are for an FP8 cache, not a {pages.dtype} one")
 
 
 def _check_cache(qk, v, k_slots, v_slots, slots, k_scale, v_scale) -> None:
@@ -211,13 +200,13 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 def rope_and_cache_reference(qk, v, cos, sin, k_slots, v_slots, slots, k_scale=None, v_scale=None) -> torch.Tensor:
     """See kernels.rope_and_cache: the rotation, then the two stores. Unlike the kernel it takes any cache layout
-    (index_copy_ does), so only the tables are checked: it runs for every layer of every CPU step."""
+    (index_copy_ does), so only the tables and the scales are checked: it runs for every layer of every CPU step."""
     _check_tables(qk, cos, sin)
+    check_kv_scales(k_slots, k_scale, v_scale, "rope_and_cache")
     rotated = apply_rope_reference(qk, cos, sin)
     k = rotated[:, qk.shape[1] - v.shape[1] :]
-    if k_scale is not None:  # as bytes: torch has no index_copy_ for FP8
-        k, v = quantize_kv_reference(k, k_scale).view(torch.uint8), quantize_kv_reference(v, v_scale).view(torch.uint8)
-        k_slots, v_slots = k_slots.view(torch.uint8), v_slots.view(torch.uint8)
-    k_slots.index_copy_(0, slots, k)
-    v_slots.index_copy_(0, slots, v)
+    if k_slots.dtype == FP8:
+        k, v = quantize_kv_reference(k, k_scale), quantize_kv_reference(v, v_scale)
+    bytes_view(k_slots).index_copy_(0, slots, bytes_view(k))
+    bytes_view(v_slots).index_copy_(0, slots, bytes_view(v))
     return rotated

@@ -34,9 +34,11 @@ import torch
 from tessera import kernels
 from tessera.config import ArchConfig
 from tessera.devices import dtype_name
+from tessera.kernels.fp8 import bytes_view, check_kv_scale_values
 
 PAGE_SIZE = 16  # tokens per page, unless the CPU gives a request a whole context (page_size_for)
 STEP_TOKENS = 512  # tokens one engine step packs by default (EngineConfig.max_step_tokens)
+UNCALIBRATED_KV_SCALE = 1.0  # an FP8 cache's scale for a layer without calibrated ones (vLLM's default too)
 
 
 @dataclass
@@ -146,11 +148,12 @@ class PagedKVCache:
         scales = scales or {}
         if not self.fp8 and scales:
             raise ValueError(f"KV scales are for an FP8 cache, not a {dtype} one")
+        check_kv_scale_values(scales, "PagedKVCache")
         self.k_scale: list[torch.Tensor | None] = [None] * arch.n_layers
         self.v_scale: list[torch.Tensor | None] = [None] * arch.n_layers
         for i, pool in enumerate(self.k):
             if pool is not None and self.fp8:
-                k, v = scales.get(i, (1.0, 1.0))
+                k, v = scales.get(i, (UNCALIBRATED_KV_SCALE, UNCALIBRATED_KV_SCALE))
                 self.k_scale[i] = torch.tensor([k], dtype=torch.float32, device=device)
                 self.v_scale[i] = torch.tensor([v], dtype=torch.float32, device=device)
 
@@ -217,8 +220,7 @@ class PagedKVCache:
             index = torch.tensor(stale, device=self.device)
             for layer in group.layers:
                 for pool in (self._k_slots[layer], self._v_slots[layer]):
-                    # As bytes in FP8 (torch fills no FP8 tensor by index); the byte 0 is +0.0 there too.
-                    (pool.view(torch.uint8) if self.fp8 else pool).index_fill_(0, index, 0)
+                    bytes_view(pool).index_fill_(0, index, 0)
         return taken
 
     def release(self, pages: list[list[int]]) -> None:

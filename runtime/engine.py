@@ -42,7 +42,7 @@ import torch
 from tokenizers import Tokenizer
 
 from tessera import kernels
-from tessera.devices import available_memory, dtype_name
+from tessera.devices import available_memory, check_fp8, dtype_name
 from tessera.errors import UserError
 from tessera.runtime.cache import PAGE_SIZE, STEP_TOKENS, BlockTables, PagedKVCache, kv_groups, ring_pages
 from tessera.runtime.model import Batch, Model
@@ -308,6 +308,8 @@ class Engine:
         self.max_model_len = config.max_model_len or arch.max_position_embeddings
         self.device = model.embed_tokens.weight.device
         fp8_cache = config.kv_cache_dtype == "fp8"
+        if fp8_cache:
+            check_fp8(self.device, "kv_cache_dtype fp8")
         self.kv_dtype = kernels.FP8 if fp8_cache else model.embed_tokens.weight.dtype  # the pages' dtype
         step_tokens = max(config.max_step_tokens, config.max_batch)  # the most one request gets in a step
         if config.kv_cache_bytes is not None:

@@ -32,12 +32,13 @@ from safetensors.torch import save_file
 
 from tessera import hf_config
 from tessera.config import ArchConfig, ConfigError, dtype_bytes, json_excerpt, read_json
-from tessera.devices import available_memory, dtype_name
+from tessera.devices import available_memory, check_fp8, dtype_name
 from tessera.errors import UserError
 from tessera.files import atomic_write_text, replaced_folder
 from tessera.kernels import FP8, dequantize_weight
+from tessera.kernels.fp8 import check_kv_scale_values
 from tessera.runtime.model import Model
-from tessera.runtime.weights import LM_HEAD, hf_weight_shapes, pack_model, unpack_model
+from tessera.runtime.weights import LM_HEAD, WEIGHT_SCALE, hf_weight_shapes, pack_model, unpack_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 _INDEX = "model.safetensors.index.json"
@@ -155,7 +156,7 @@ def _check_dtype_mix(dtypes: dict[str, torch.dtype], files: dict[str, Path], arc
     so, or a scheme tessera does not read: loaded as they are, the fp8 weights would be silently wrong. Wider
     floats may mix (fp32 norms beside bf16 matrices are common; each is cast to the run dtype)."""
     if arch.quantization == "fp8":
-        quantized = {n.removesuffix("_scale") for n in dtypes if n.endswith("_scale")}
+        quantized = {n.removesuffix("_scale") for n in dtypes if n.endswith(WEIGHT_SCALE)}
         for name, dtype in dtypes.items():
             if (dtype == FP8) != (name in quantized):
                 want = "float8_e4m3fn (it has a weight_scale)" if name in quantized else "a 16- or 32-bit float"
@@ -217,7 +218,7 @@ def dequantize_checkpoint(arch: ArchConfig, tensors: dict[str, torch.Tensor]) ->
     """An FP8 checkpoint's tensors as a plain one's: each `X.weight_scale` folded into X.weight (in fp32, cast on
     load). KV-cache scales stay: they are for the cache, whatever the weights' dtype."""
     out = dict(tensors)
-    for name in [n for n in tensors if n.endswith("weight_scale")]:
+    for name in [n for n in tensors if n.endswith(WEIGHT_SCALE)]:
         weight = name.removesuffix("_scale")
         out[weight] = dequantize_weight(out[weight], out.pop(name).reshape(-1), torch.float32)
     return replace(arch, quantization=None), out
@@ -266,12 +267,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     fp8 = dtype == FP8
+    if fp8:
+        check_fp8(device, "dtype fp8")
     tensors = read_hf_tensors(path, arch, torch.bfloat16 if fp8 else dtype)  # FP8 runs the rest in bf16
     if arch.quantization == "fp8" and not fp8:
         arch, tensors = dequantize_checkpoint(arch, tensors)
     model = Model.empty(arch, device, dtype)
     load_hf_state(model, tensors, arch)
+    check_kv_scales_of(model, path)
     return model.eval()
+
+
+def check_kv_scales_of(model: Model, path: Path) -> None:
+    """A checkpoint's FP8 KV-cache scales must be finite and positive (NaN and inf are refused with every tensor)."""
+    try:
+        check_kv_scale_values(model.kv_scales(), str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def save_model(

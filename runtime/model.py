@@ -25,7 +25,7 @@ from torch import nn
 
 from tessera import kernels
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, RopeConfig
-from tessera.runtime.cache import PagedKVCache
+from tessera.runtime.cache import UNCALIBRATED_KV_SCALE, PagedKVCache
 
 
 @dataclass
@@ -124,7 +124,8 @@ class GQAAttention(nn.Module):
         # An FP8 KV cache's scales for this layer (fp32 [1]; Model.calibrate_kv_scales, or the checkpoint's
         # `self_attn.k_scale`/`v_scale`); None until calibrated. The cache copies them (runtime/cache.py).
         for name in ("k_scale", "v_scale"):
-            self.register_buffer(name, torch.ones(1, dtype=torch.float32) if arch.kv_cache_scales else None)
+            scale = torch.full((1,), UNCALIBRATED_KV_SCALE, dtype=torch.float32) if arch.kv_cache_scales else None
+            self.register_buffer(name, scale)
         self.observe_kv = None  # calibration: called with each pass's rotated keys and values
         self.tp = None  # a tensor-parallel shard's group (runtime/parallel.py): the output is a partial sum
 
@@ -276,7 +277,16 @@ class Model(nn.Module):
                     model._fp8_matrices(_fp8_storage)
         finally:
             torch.set_default_dtype(default)
-        return model.to_empty(device=device)
+        model = model.to_empty(device=device)
+        model._uncalibrated_kv_scales()  # a state dict with scales overwrites them
+        return model
+
+    def _uncalibrated_kv_scales(self) -> None:
+        """Every KV-scale buffer at UNCALIBRATED_KV_SCALE (to_empty leaves them unfilled)."""
+        for layer in self.layers:
+            if isinstance(layer.self_attn, GQAAttention) and layer.self_attn.k_scale is not None:
+                layer.self_attn.k_scale.fill_(UNCALIBRATED_KV_SCALE)
+                layer.self_attn.v_scale.fill_(UNCALIBRATED_KV_SCALE)
 
     @property
     def is_fp8(self) -> bool:
@@ -347,11 +357,23 @@ class Model(nn.Module):
             if isinstance(layer.self_attn, GQAAttention) and layer.self_attn.k_scale is not None
         }
 
+    def drop_kv_scales(self) -> Model:
+        """Forget calibrated KV-cache scales (the search's parent: its children's keys and values differ, and
+        their layers are built without scale buffers). Returns self."""
+        for layer in self.layers:
+            if isinstance(layer.self_attn, GQAAttention):
+                layer.self_attn.k_scale = layer.self_attn.v_scale = None
+        self.arch = replace(self.arch, kv_cache_scales=False)
+        return self
+
     @torch.no_grad()
     def calibrate_kv_scales(self, windows: torch.Tensor, batch_size: int = 8) -> dict[int, tuple[float, float]]:
         """Each attention layer's FP8 KV-cache scales from text: the largest |rotated key| and |value| over the
         token windows [n, T], divided by 448 (E4M3's largest value), llm-compressor's static per-tensor scheme.
-        Set on the layers (saved with the model: ArchConfig.kv_cache_scales) and returned as kv_scales() is."""
+        Set on the layers (saved with the model: ArchConfig.kv_cache_scales) and returned as kv_scales() is. Refused:
+        no tokens, or keys or values that are not finite (no scale could hold them)."""
+        if windows.dim() != 2 or windows.numel() == 0:
+            raise ValueError(f"KV-scale calibration needs token windows [n, T] with tokens, got {tuple(windows.shape)}")
         attention = [
             (i, layer.self_attn) for i, layer in enumerate(self.layers) if isinstance(layer.self_attn, GQAAttention)
         ]
@@ -359,16 +381,21 @@ class Model(nn.Module):
 
         def observer(i: int):
             def observe(k: torch.Tensor, v: torch.Tensor) -> None:
-                amax[i][0] = max(amax[i][0], k.abs().max().item())
-                amax[i][1] = max(amax[i][1], v.abs().max().item())
+                for j, x in enumerate((k, v)):
+                    largest = x.abs().max().item()
+                    if not math.isfinite(largest):
+                        raise ValueError(f"KV-scale calibration: layer {i}'s {'kv'[j]} holds {largest}")
+                    amax[i][j] = max(amax[i][j], largest)
 
             return observe
 
         for i, module in attention:
             module.observe_kv = observer(i)
         try:
-            for start in range(0, windows.shape[0], batch_size):
-                self(windows[start : start + batch_size].to(self.embed_tokens.weight.device))
+            device = self.embed_tokens.weight.device
+            for start in range(0, windows.shape[0], batch_size):  # the layers only: no logits needed
+                chunk = windows[start : start + batch_size].to(device)
+                self.forward_packed(chunk.reshape(-1), Batch.sequences([chunk.shape[1]] * chunk.shape[0], device))
         finally:
             for _, module in attention:
                 module.observe_kv = None

@@ -36,7 +36,7 @@ from tessera.devices import parse_dtype
 from tessera.errors import UserError
 from tessera.kernels import FP8
 from tessera.runtime.generate import Generator
-from tessera.runtime.loader import CheckpointError, hf_state, load_hf_state, read_hf_tensors
+from tessera.runtime.loader import CheckpointError, check_kv_scales_of, hf_state, load_hf_state, read_hf_tensors
 from tessera.runtime.model import LinearSublayer, Model
 from tessera.runtime.sampling import Completion, SamplingParams, load_tokenizer
 
@@ -129,8 +129,8 @@ def shard_part(arch: ArchConfig, name: str, tensor: Any, rank: int, size: int) -
     if name.endswith(("embed_tokens.weight", "lm_head.weight")):
         rows = share(arch.vocab_size, rank, size)
         return tensor[rows.start : rows.stop]
-    if name.endswith("norm.weight"):  # every norm, q/k norms included, whole on every rank
-        return tensor[:]
+    if name.endswith(("norm.weight", "self_attn.k_scale", "self_attn.v_scale")):
+        return tensor[:]  # every norm (q/k norms included) and a layer's FP8 KV-cache scales: whole on every rank
     block = arch.blocks[int(name.split(".")[2])]  # model.layers.{i}....
     q_heads = range(rank * arch.n_heads // size, (rank + 1) * arch.n_heads // size)
     if name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -200,7 +200,9 @@ def load_shard(path: str | Path, tp: TensorParallel, device: torch.device | str 
     parts = read_hf_tensors(path, arch, dtype, part=lambda n, lazy: shard_part(arch, n, lazy, tp.rank, tp.size))
     like = torch.empty(0, device=device, dtype=dtype)
     with torch.no_grad():
-        return _rank_model(arch, parts, tp, like)
+        model = _rank_model(arch, parts, tp, like)
+    check_kv_scales_of(model, path)
+    return model
 
 
 def backend_for(device: torch.device | str) -> str:
@@ -305,11 +307,17 @@ def shard_logits(tp: TensorParallel, checkpoint: str, ids: torch.Tensor) -> torc
 
 
 def _generate_on_rank(
-    tp: TensorParallel, checkpoint: str, prompts: list, params: SamplingParams, device: str, dtype: str
+    tp: TensorParallel,
+    checkpoint: str,
+    prompts: list,
+    params: SamplingParams,
+    device: str,
+    dtype: str,
+    kv_cache_dtype: str = "auto",
 ) -> list[Completion]:
     model = load_shard(checkpoint, tp, tp.device(device), parse_dtype(dtype))
     tokenizer = load_tokenizer(checkpoint) if any(isinstance(p, str) for p in prompts) or params.stop else None
-    return Generator(model, tokenizer).generate(prompts, params)
+    return Generator(model, tokenizer, kv_cache_dtype).generate(prompts, params)
 
 
 def check_ranks(checkpoint: str | Path, size: int, device: torch.device | str, local_size: int | None = None) -> None:
@@ -334,6 +342,7 @@ def generate_on_ranks(
     size: int,
     device: torch.device | str = "cpu",
     dtype: str = "float32",
+    kv_cache_dtype: str = "auto",
 ) -> list[Completion]:
     """`Generator.generate` over `size` tensor-parallel ranks started here (`tessera generate
     --tensor-parallel-size`): every rank runs the same engine on the same requests over its shard, kept in step
@@ -342,7 +351,7 @@ def generate_on_ranks(
     reads only its parts of the checkpoint's files."""
     device = torch.device(device)
     check_ranks(checkpoint, size, device)
-    args = (str(checkpoint), prompts, params.seeded(), device.type, dtype)
+    args = (str(checkpoint), prompts, params.seeded(), device.type, dtype, kv_cache_dtype)
     return run_ranks(_generate_on_rank, size, *args, backend=backend_for(device))[0]
 
 
@@ -353,6 +362,7 @@ def generate_with_torchrun(
     params: SamplingParams,
     device: torch.device | str = "cpu",
     dtype="float32",
+    kv_cache_dtype: str = "auto",
 ) -> list[Completion] | None:
     """`Generator.generate` as one of torchrun's ranks (`torchrun ... tessera generate`, one node or several):
     each rank joins torchrun's group, loads its shard and steps the same requests; rank 0's sampling seed is
@@ -362,7 +372,7 @@ def generate_with_torchrun(
     tp = join_group(launch.rank, launch.size, None, backend_for(device))
     try:
         params = tp.broadcast(params.seeded())
-        completions = _generate_on_rank(tp, str(checkpoint), prompts, params, device.type, dtype)
+        completions = _generate_on_rank(tp, str(checkpoint), prompts, params, device.type, dtype, kv_cache_dtype)
         dist.barrier()  # no rank leaves while another's last collective is in flight
     finally:
         dist.destroy_process_group()

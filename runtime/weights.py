@@ -32,6 +32,7 @@ from tessera.config import ArchConfig, BlockConfig
 HIDDEN, Q, KV, INTER, VOCAB, HEAD = "hidden", "q", "kv", "inter", "vocab", "head"
 ONE = "one"  # an FP8 scale's column: `<name>.weight_scale` is [rows, 1] on disk, [rows] in memory
 SCALAR = "scalar"  # a per-tensor scale: [1] on disk and in memory
+WEIGHT_SCALE = ".weight_scale"  # how an FP8 matrix's scale's Hugging Face name ends (`with_fp8_scales`)
 
 
 @dataclass(frozen=True)

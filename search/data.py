@@ -73,8 +73,9 @@ class ParentAndText:
 
 
 def load_frozen(model_dir: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> Model:
-    """A checkpoint loaded for the search to read, never to train."""
-    model = load_model(model_dir, device, dtype)
+    """A checkpoint loaded for the search to read, never to train. FP8 KV-cache scales it holds are dropped: they
+    describe its own keys and values, not a child's (ArchConfig.with_blocks drops them too)."""
+    model = load_model(model_dir, device, dtype).drop_kv_scales()
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -260,16 +260,20 @@ def _generator(model_path: str, device: str, dtype: str, kv_cache_dtype: str = "
     from tessera.runtime.sampling import load_tokenizer
 
     model = load_model(model_path, device=resolve_device(device), dtype=parse_dtype(dtype))
-    _note_kv_scales(model.arch, kv_cache_dtype)
     return Generator(model, load_tokenizer(model_path), kv_cache_dtype)
 
 
-def _note_kv_scales(arch: ArchConfig, kv_cache_dtype: str) -> None:
-    """An FP8 KV cache without calibrated scales runs at scale 1.0 (vLLM's default too): say so, and how to fix it."""
-    if kv_cache_dtype == "fp8" and not arch.kv_cache_scales:
+def _note_kv_scales(model_dir: str | Path, kv_cache_dtype: str) -> None:
+    """An FP8 KV cache without calibrated scales runs at UNCALIBRATED_KV_SCALE: say so, and how to fix it. (A
+    folder without config.json is left to the loader, which names what is missing.)"""
+    from tessera.runtime.cache import UNCALIBRATED_KV_SCALE
+
+    config = Path(model_dir) / "config.json"
+    if kv_cache_dtype == "fp8" and config.is_file() and not ArchConfig.from_json(config).kv_cache_scales:
         print(
-            "note: the checkpoint has no FP8 KV-cache scales; keys and values are stored at scale 1.0 (values past "
-            "±448 clip). Calibrate them with `tessera quantize --kv-cache-scales`.",
+            "note: the checkpoint has no FP8 KV-cache scales; keys and values are stored at scale "
+            f"{UNCALIBRATED_KV_SCALE} (values past ±448 clip). Calibrate them with "
+            "`tessera quantize --kv-cache-scales`.",
             file=sys.stderr,
         )
 
@@ -292,17 +296,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     # Tensor-parallel ranks on the CPU share its memory; on GPUs each holds a device of their own.
     copies = launch.local if device.type == "cpu" else 1
     check_memory(args.model, device, parse_dtype(args.dtype), launch.size, copies)
+    if launch.rank == 0:
+        _note_kv_scales(args.model, args.kv_cache_dtype)
     start = time.perf_counter()
     if launch.torchrun:  # torchrun started the ranks (one node or several): rank 0 prints
         from tessera.runtime.parallel import generate_with_torchrun
 
-        completions = generate_with_torchrun(launch, args.model, args.prompt, params, device, args.dtype)
+        kv = args.kv_cache_dtype
+        completions = generate_with_torchrun(launch, args.model, args.prompt, params, device, args.dtype, kv)
         if launch.rank > 0:
             return
     elif launch.size > 1:
         from tessera.runtime.parallel import generate_on_ranks
 
-        completions = generate_on_ranks(args.model, args.prompt, params, launch.size, device, args.dtype)
+        kv = args.kv_cache_dtype
+        completions = generate_on_ranks(args.model, args.prompt, params, launch.size, device, args.dtype, kv)
     else:
         completions = _generator(args.model, args.device, args.dtype, args.kv_cache_dtype).generate(args.prompt, params)
     elapsed = time.perf_counter() - start
@@ -398,8 +406,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # Each engine process loads its weights: on one GPU or the CPU their copies share the memory; tensor-parallel
     # ranks on GPUs each hold a device of their own.
     check_memory(model, device, parse_dtype(args.dtype), tp, dp * local if device.type == "cpu" else dp)
-    if (Path(model) / "config.json").is_file():  # else engine_spec says what is missing
-        _note_kv_scales(ArchConfig.from_json(Path(model) / "config.json"), args.kv_cache_dtype)
+    if launch.rank == 0:
+        _note_kv_scales(model, args.kv_cache_dtype)
     engine = dict(
         device=device,
         dtype=args.dtype,
@@ -643,6 +651,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from tessera.runtime.loader import check_memory, load_model, save_model
 
     model_dir = Path(args.model)
+    if args.corpus is not None and not args.kv_cache_scales:
+        raise UserError("--corpus is read only to calibrate KV-cache scales: add --kv-cache-scales")
     corpus = _corpus(args) if args.kv_cache_scales else None
     inputs = {"--model": model_dir, "the current folder": Path.cwd()} | ({"--corpus": corpus} if corpus else {})
     out = check_output(

@@ -226,8 +226,9 @@ class ArchConfig:
         return self.family == "qwen3"
 
     def with_blocks(self, blocks: list[BlockConfig] | tuple[BlockConfig, ...]) -> ArchConfig:
-        """The same model with other blocks (recorded fusion spans do not carry over)."""
-        return replace(self, blocks=tuple(blocks), fusion_spans=())
+        """The same model with other blocks (recorded fusion spans do not carry over, nor KV-cache scales: they were
+        calibrated on the old blocks' keys and values)."""
+        return replace(self, blocks=tuple(blocks), fusion_spans=(), kv_cache_scales=False)
 
     def empty_layers(self) -> list[int]:
         """Layers whose attention and FFN are both no-op: no weights, no kernel launch, no cache."""

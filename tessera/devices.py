@@ -59,6 +59,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_fp8(device: torch.device | str, what: str) -> None:
+    """Refuse FP8 (`what`: the flag that asked) on a GPU without E4M3 tensor-core support (compute capability
+    below 8.9, e.g. an A100), where Triton would fail to compile the FP8 types with an unclear error. The CPU runs
+    the dequantizing references."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise UserError(f"{what}: {name} has no FP8 (E4M3) support (compute capability 8.9 or newer: Ada, Hopper)")
+
+
 def device_name(device: torch.device | str = "cpu") -> str:
     """The GPU's name, or the CPU's model with its cores and the threads torch uses: what a timing ran on."""
     device = torch.device(device)

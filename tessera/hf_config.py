@@ -285,8 +285,10 @@ def _read_quantization(cfg: dict[str, Any], source: str) -> tuple[str | None, bo
     if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors":
         raise _bad(source, "quantization_config", expected, q)
     kv = q.get("kv_cache_scheme")
-    keys = ("num_bits", "type", "strategy")
-    if kv is not None and (not isinstance(kv, dict) or any(kv.get(k) != FP8_KV_CACHE[k] for k in keys)):
+    # Static and symmetric too: a dynamic or asymmetric scheme has no (or other) scale tensors to load.
+    if kv is not None and (
+        not isinstance(kv, dict) or any(kv.get(k, FP8_KV_CACHE[k]) != v for k, v in FP8_KV_CACHE.items())
+    ):
         raise _bad(source, "quantization_config.kv_cache_scheme", json.dumps(FP8_KV_CACHE), kv)
     groups = q.get("config_groups")
     if kv is not None and not groups:  # the KV cache's scales alone
@@ -295,6 +297,7 @@ def _read_quantization(cfg: dict[str, Any], source: str) -> tuple[str | None, bo
         raise _bad(source, "quantization_config.config_groups", "one group (every Linear layer alike)", groups)
     (group,) = groups.values()
     weights = group.get("weights") if isinstance(group, dict) else None
+    keys = ("num_bits", "type", "strategy")
     if not isinstance(weights, dict) or any(weights.get(k) != FP8_WEIGHTS[k] for k in keys):
         raise _bad(source, "quantization_config.config_groups weights", json.dumps(FP8_WEIGHTS), weights)
     acts = group.get("input_activations")

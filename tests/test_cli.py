@@ -102,6 +102,10 @@ def test_quantize_with_kv_cache_scales_then_generate_with_an_fp8_cache(tmp_path:
     assert code == 0 and "no FP8 KV-cache scales" in err
     code, _, err = run_cli(capsys, *args[:-1], "--model", str(PARENT_DIR), "--kv-cache-dtype", "int4")
     assert code == 2 and "--kv-cache-dtype" in err
+    code, _, err = run_cli(
+        capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(tmp_path / "q"), "--corpus", "."
+    )
+    assert code == 2 and "add --kv-cache-scales" in err
 
 
 def test_generate_sampled_is_seeded(capsys) -> None:

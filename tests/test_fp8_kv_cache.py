@@ -10,7 +10,6 @@ are fed in chunks of 16 tokens, so every chunk after the first attends over keys
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from tessera.config import FP8_NAME, ConfigError
+from tessera.devices import check_fp8
 from tessera.errors import UserError
 from tessera.hf_config import FP8_KV_CACHE, parse, quantization_config
 from tessera.kernels import FP8
+from tessera.kernels.rope import rope_and_cache_reference
+from tessera.runtime.cache import PagedKVCache
 from tessera.runtime.engine import Engine, EngineConfig
-from tessera.runtime.loader import load_model, save_model
+from tessera.runtime.loader import CheckpointError, load_model, save_model
 from tessera.runtime.model import Model
 from tessera.runtime.sampling import SamplingParams
 
@@ -68,11 +70,12 @@ def cached_perplexity(model: Model, windows: torch.Tensor, kv_cache_dtype: str, 
     return float(torch.tensor(nll / (windows.shape[0] * (windows.shape[1] - 1))).exp())
 
 
-def test_the_pages_hold_each_layers_keys_and_values_over_its_scales() -> None:
+@pytest.mark.parametrize("calibrated", [True, False], ids=["calibrated", "scale-1"])
+def test_the_pages_hold_each_layers_keys_and_values_over_its_scales(calibrated: bool) -> None:
     """After a prompt's prefill, the request's slots of every layer hold its rotated keys and values (observed on
-    an uncached forward of the same tokens) divided by that layer's scales, to within E4M3's rounding (half a step:
-    2^-4 of the value, or 2^-10 of the scale below E4M3's normals)."""
-    model = _model(kv_scales=True)
+    an uncached forward of the same tokens) divided by that layer's scales (calibrated, or 1.0 without), to within
+    E4M3's rounding (half a step: 2^-4 of the value, or 2^-10 of the scale below E4M3's normals)."""
+    model = _model(kv_scales=calibrated)
     prompt = torch.randint(0, model.arch.vocab_size, (20,), generator=torch.Generator().manual_seed(2))
     observed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, layer in enumerate(model.layers):
@@ -86,7 +89,8 @@ def test_the_pages_hold_each_layers_keys_and_values_over_its_scales() -> None:
     engine.step()  # the prefill
     (req,) = engine.running
     slots = torch.tensor(engine.cache.slots(req.pages[0], 0, len(prompt)))
-    scales = model.kv_scales()
+    scales = model.kv_scales() if calibrated else dict.fromkeys(observed, (1.0, 1.0))
+    assert len(scales) == 3
     for i, (k, v) in observed.items():
         for pool, values, scale in ((engine.cache.k[i], k, scales[i][0]), (engine.cache.v[i], v, scales[i][1])):
             assert pool.dtype == FP8
@@ -108,29 +112,49 @@ def test_an_fp8_cache_holds_twice_the_pages_of_a_bf16_one_in_the_same_budget() -
         for kv in ("auto", "fp8")
     }
     assert pools["auto"].usable_pages == 8 and pools["fp8"].usable_pages == 16
-    assert (
-        pools["fp8"].nbytes() == pools["auto"].nbytes() * 17 // 18
-    )  # 17 pages of 1 byte a value against 9 of 2 (each with its scratch page)
+    # 17 pages of 1 byte a value against 9 of 2 (each pool with its scratch page)
+    assert pools["fp8"].nbytes() == pools["auto"].nbytes() * 17 // 18
     assert model.arch.kv_bytes_per_token(kv_dtype=FP8_NAME) * 2 == model.arch.kv_bytes_per_token("bfloat16")
-    # 16 pages of 8 tokens: one request of 64 tokens and one more fit in FP8, in bf16 the second waits.
-    fp8 = Engine(
-        model,
-        None,
-        EngineConfig(max_batch=2, max_model_len=64, page_size=8, kv_cache_bytes=budget, kv_cache_dtype="fp8"),
-    )
-    for _ in range(2):
-        fp8.add_request(list(range(1, 40)), SamplingParams(max_new_tokens=20))
-    fp8.step()
-    assert len(fp8.running) == 2
+    # Two requests of 58 tokens (8 pages each) run together in FP8; in bf16 the second waits for the first's pages.
+    for kv, running in (("fp8", 2), ("auto", 1)):
+        config = EngineConfig(max_batch=2, max_model_len=64, page_size=8, kv_cache_bytes=budget, kv_cache_dtype=kv)
+        engine = Engine(model, None, config)
+        for _ in range(2):
+            engine.add_request(list(range(1, 40)), SamplingParams(max_new_tokens=20))
+        engine.step()
+        assert len(engine.running) == running and len(engine.waiting) == 2 - running
 
 
-def test_uncalibrated_layers_run_at_scale_one_and_a_bad_dtype_is_refused() -> None:
-    engine = Engine(_model(), None, EngineConfig(max_batch=1, max_model_len=16, kv_cache_dtype="fp8"))
-    assert all(s is None or s.item() == 1.0 for s in engine.cache.k_scale + engine.cache.v_scale)
-    out = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
-    assert len(out[0].tokens) == 4
+def test_bad_scales_dtypes_and_devices_are_refused(monkeypatch) -> None:
+    """A scale that is zero, negative or not finite (in the cache or a checkpoint), an unknown cache dtype, an FP8
+    pool without its scales (the CPU path's store too), and FP8 on a GPU older than compute capability 8.9."""
+    arch = _model().arch
+    with pytest.raises(ValueError, match=r"layer 0's KV-cache scales \(0.0, 1.0\) must be finite and > 0"):
+        PagedKVCache(arch, 4, 8, dtype=FP8, scales={0: (0.0, 1.0)})
+    with pytest.raises(ValueError, match="KV scales are for an FP8 cache"):
+        PagedKVCache(arch, 4, 8, scales={0: (1.0, 1.0)})
     with pytest.raises(UserError, match="kv_cache_dtype must be one of auto, fp8"):
         EngineConfig(kv_cache_dtype="int8")
+    pool = torch.zeros(8, 2, 16, dtype=FP8)
+    qk, v = torch.zeros(1, 6, 16), torch.zeros(1, 2, 16)
+    cos = sin = torch.zeros(1, 8)
+    with pytest.raises(ValueError, match="FP8 KV cache needs k_scale"):
+        rope_and_cache_reference(qk, v, cos, sin, pool, pool.clone(), torch.tensor([3]))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(UserError, match="kv_cache_dtype fp8: NVIDIA A100 has no FP8"):
+        check_fp8(torch.device("cuda"), "kv_cache_dtype fp8")
+
+
+def test_a_checkpoint_scale_of_zero_is_refused_and_empty_models_start_at_one(tmp_path: Path) -> None:
+    model = _model(kv_scales=True)
+    assert Model.empty(model.arch).kv_scales() == dict.fromkeys(range(3), (1.0, 1.0))  # never uninitialised memory
+    model.layers[1].self_attn.v_scale.zero_()
+    save_model(model, tmp_path / "zero")
+    with pytest.raises(CheckpointError, match="layer 1's KV-cache scales"):
+        load_model(tmp_path / "zero")
+    with pytest.raises(ValueError, match="needs token windows"):
+        model.calibrate_kv_scales(torch.zeros(0, 8, dtype=torch.int64))
 
 
 def test_kv_scales_round_trip_in_the_layout_vllm_reads(tmp_path: Path) -> None:
@@ -156,9 +180,10 @@ def test_other_kv_cache_schemes_are_refused_by_name() -> None:
     base = json.loads(Path(DEMO, "config.json").read_text())
     assert parse({**base, "quantization_config": quantization_config(False, True)}).kv_cache_scales
     config = quantization_config(True, True)
-    config["kv_cache_scheme"] = {**FP8_KV_CACHE, "strategy": "channel"}
-    with pytest.raises(ConfigError, match="kv_cache_scheme"):
-        parse({**base, "quantization_config": config})
+    for change in ({"strategy": "channel"}, {"dynamic": True}, {"num_bits": 4}):
+        config["kv_cache_scheme"] = {**FP8_KV_CACHE, **change}
+        with pytest.raises(ConfigError, match="kv_cache_scheme"):
+            parse({**base, "quantization_config": config})
 
 
 def test_demo_parent_perplexity_through_an_fp8_cache() -> None:
@@ -178,4 +203,50 @@ def test_demo_parent_perplexity_through_an_fp8_cache() -> None:
     calibrated = cached_perplexity(model, windows, "fp8")
     assert abs(calibrated / bf16 - 1) <= 0.001 and abs(unit / bf16 - 1) <= 0.01, (bf16, unit, calibrated)
     assert unit != bf16 and calibrated != unit  # the FP8 pages were read, with the scales given
-    assert replace(model.arch, kv_cache_scales=False) != model.arch
+
+
+def test_tensor_parallel_ranks_share_the_scales_and_give_one_process_tokens(tmp_path: Path) -> None:
+    """Over 2 gloo ranks each layer's scales are whole on every rank (each rank caches its own KV heads with
+    them): greedy tokens through sharded FP8 caches equal one process's through its FP8 cache."""
+    from tessera.runtime.generate import Generator
+    from tessera.runtime.parallel import generate_on_ranks, shard_part
+
+    model = _model(kv_scales=True)
+    save_model(model, tmp_path / "scaled")
+    scale = model.layers[0].self_attn.k_scale
+    assert torch.equal(shard_part(model.arch, "model.layers.0.self_attn.k_scale", scale, 1, 2), scale)
+    prompts, params = [list(range(3, 30)), [5, 9, 2]], SamplingParams(max_new_tokens=8, ignore_eos=True)
+    expected = Generator(load_model(tmp_path / "scaled"), kv_cache_dtype="fp8").generate(prompts, params)
+    sharded = generate_on_ranks(tmp_path / "scaled", prompts, params, 2, kv_cache_dtype="fp8")
+    assert [c.tokens for c in sharded] == [c.tokens for c in expected]
+
+
+def test_the_search_reads_a_parent_with_scales_and_its_children_carry_none(tmp_path: Path) -> None:
+    """KV scales describe the parent's own keys and values: the search's parent drops them, and a child's
+    architecture (with_blocks) has none, so a child layer derived from the parent's loads its state as before."""
+    from tessera.config import AttentionConfig, BlockConfig
+    from tessera.search.data import load_frozen
+    from tessera.search.init import init_layer
+
+    save_model(_model(kv_scales=True), tmp_path / "scaled")
+    parent = load_frozen(tmp_path / "scaled", torch.device("cpu"))
+    assert not parent.arch.kv_cache_scales and parent.kv_scales() == {}
+    block = BlockConfig(AttentionConfig("gqa", 1), parent.arch.blocks[0].ffn)
+    assert not _model(kv_scales=True).arch.with_blocks([block] * 3).kv_cache_scales
+    layer = init_layer(parent.arch, parent.layers[0], block, 0)
+    assert layer.self_attn.k_scale is None and layer.self_attn.n_kv_heads == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (decode steps replay CUDA graphs)")
+def test_cuda_graph_decode_over_an_fp8_cache_equals_eager() -> None:
+    """On the GPU: bf16 weights, an FP8 cache with calibrated scales, decode steps replayed from CUDA graphs give
+    the greedy tokens of the same engine run eagerly (the scales are device tensors the graphs read)."""
+    model = _model(kv_scales=True).cuda().cast(torch.bfloat16)
+    prompts, params = [list(range(3, 30)), [5, 9, 2]], SamplingParams(max_new_tokens=12, ignore_eos=True)
+    runs = []
+    for graphs in (True, False):
+        config = EngineConfig(max_batch=2, max_model_len=64, kv_cache_dtype="fp8", cuda_graphs=graphs)
+        engine = Engine(model, None, config)
+        assert (engine.graphs is not None) == graphs
+        runs.append([c.tokens for c in engine.generate(prompts, params)])
+    assert runs[0] == runs[1]

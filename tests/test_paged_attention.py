@@ -177,8 +177,9 @@ def test_fp8_cache_matches_hand_written(poisoned, monkeypatch, case: int, dtype,
     if splits == "one":
         monkeypatch.setattr(paged, "sm_count", lambda device: 0)
     check_case(*CASES[case], dtype, tol, seed=case, fp8=(0.004, 0.01))
-    *shape, window = WINDOW_CASES[1]
-    check_case(*shape, dtype, tol, seed=case, window=window, fp8=(0.004, 0.01))
+    if case == 2:  # the windowed G = 4 case at Llama-8B's heads, once
+        *shape, window = WINDOW_CASES[1]
+        check_case(*shape, dtype, tol, seed=case, window=window, fp8=(0.004, 0.01))
 
 
 def test_fp8_cache_needs_its_scales() -> None:
