@@ -47,6 +47,7 @@ def _gate_up_kernel(
     GROUP_M: tl.constexpr,
     SCALED: tl.constexpr,
     PRECISION: tl.constexpr,
+    IMPRECISE_ACC: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, I, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -64,8 +65,8 @@ def _gate_up_kernel(
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_gate = tl.load(gate_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         w_up = tl.load(up_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc_gate = tl.dot(x, w_gate, acc_gate, input_precision=PRECISION)
-        acc_up = tl.dot(x, w_up, acc_up, input_precision=PRECISION)
+        acc_gate = tl.dot(x, w_gate, acc_gate, input_precision=PRECISION, max_num_imprecise_acc=IMPRECISE_ACC)
+        acc_up = tl.dot(x, w_up, acc_up, input_precision=PRECISION, max_num_imprecise_acc=IMPRECISE_ACC)
         x_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
@@ -105,6 +106,7 @@ def _persistent_gate_up_kernel(
     GROUP_M: tl.constexpr,
     SCALED: tl.constexpr,
     PRECISION: tl.constexpr,
+    IMPRECISE_ACC: tl.constexpr,
 ):
     """_gate_up_kernel's tiles on the persistent schedule (kernels/gemm.py), operands through tensor descriptors:
     the gate tile at rows n of w_gate_up, the up tile at rows I + n. A gate tile reaching past row I reads up rows
@@ -116,8 +118,20 @@ def _persistent_gate_up_kernel(
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = x_desc.load([pid_m * BLOCK_M, k0])
-            acc_gate = tl.dot(x, tl.trans(w_desc.load([pid_n * BLOCK_N, k0])), acc_gate, input_precision=PRECISION)
-            acc_up = tl.dot(x, tl.trans(w_desc.load([I + pid_n * BLOCK_N, k0])), acc_up, input_precision=PRECISION)
+            acc_gate = tl.dot(
+                x,
+                tl.trans(w_desc.load([pid_n * BLOCK_N, k0])),
+                acc_gate,
+                PRECISION,
+                max_num_imprecise_acc=IMPRECISE_ACC,
+            )
+            acc_up = tl.dot(
+                x,
+                tl.trans(w_desc.load([I + pid_n * BLOCK_N, k0])),
+                acc_up,
+                PRECISION,
+                max_num_imprecise_acc=IMPRECISE_ACC,
+            )
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         _store_swiglu(acc_gate, acc_up, offs_m, offs_n, M, I, x_scale_ptr, w_scale_ptr, h_ptr, stride_hm, SCALED)
@@ -184,12 +198,15 @@ def swiglu_ffn_triton(
         GROUP_M=8,
         SCALED=scaled,
         PRECISION=dot_precision(a.dtype),
+        IMPRECISE_ACC=block_k if scaled else 0,  # FP8: promote to fp32 after each K tile (kernels/gemm.py)
         num_warps=warps,
         num_stages=stages,
     )
     if persistent and tma_ready(a, w_gate_up):
         programs = persistent_programs(tiles, x.device)
         descs = descriptor(a, block_m, block_k), descriptor(w_gate_up, gate_block_n, block_k)
+        if a.element_size() == 4:  # three fp32 tiles a stage (x, gate, up): 72 KiB at 16 x 64 x 128; two fit
+            flags["num_stages"] = min(stages, 2)
         _persistent_gate_up_kernel[(programs,)](*descs, *scales, h, m, inter, hidden, programs, h.stride(0), **flags)
     else:
         up_offset = inter * w_gate_up.stride(0)

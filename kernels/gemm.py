@@ -12,6 +12,11 @@ FFN-Fusion group's width reaches ~400,000 rows (Ultra-253B), past int32 at 16k c
 per M range, not autotuned: autotuning is slow, uncached, and must not run inside a CUDA-graph capture
 (REFERENCE.md).
 
+FP8 products: Hopper's FP8 tensor cores accumulate in a float of about 13 mantissa bits, and Triton's default on
+sm_90 never promotes to the fp32 accumulator. With FP8 operands every tl.dot here promotes after each BLOCK_K tile
+(`max_num_imprecise_acc`, the IMPRECISE_ACC constexpr), as DeepSeek-V3's FP8 GEMMs do every 128 and cuBLASLt
+without fast accumulation does. (16-row tiles run on mma.sync with exact fp32 sums anyway.) Unmeasured: its cost.
+
 Two schedules compute the same tiles (`persistent`):
 - portable: one program per (output tile, split), operands loaded through pointers: any GPU, the interpreter;
 - persistent: as many programs as SMs, each walking output tiles (and splits) in the grouped order, operand tiles
@@ -21,6 +26,8 @@ Two schedules compute the same tiles (`persistent`):
   schedule until the H200 benchmark (`bench kernels --suite ffn`, its persistent rows) shows which one wins.
 The epilogue is one function for both (`_store_tile`).
 """
+
+import os
 
 import torch
 import triton
@@ -35,14 +42,19 @@ except ImportError:  # pragma: no cover - older triton: the portable schedule on
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether tensor descriptors can describe these 2-D operands: a Hopper-or-newer GPU (or the CPU interpreter,
-    which emulates them), rows contiguous, and base address and row stride 16-byte aligned (TMA's rule)."""
+    """Whether tensor descriptors can describe these 2-D operands: an NVIDIA Hopper-or-newer GPU (or the CPU
+    interpreter, which emulates them), non-empty, rows contiguous, and base address and row stride 16-byte aligned
+    (TMA's rule)."""
     if TensorDescriptor is None:
         return False
     for t in tensors:
-        if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+        if t.is_cuda and (torch.version.hip is not None or torch.cuda.get_device_capability(t.device)[0] < 9):
             return False
-        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "") not in ("1", "true", "on", "yes"):
+            return False
+        if t.dim() != 2 or t.numel() == 0 or t.stride(1) != 1:
+            return False
+        if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
             return False
     return True
 
@@ -124,6 +136,7 @@ def _matmul_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    IMPRECISE_ACC: tl.constexpr,
 ):
     """out[split] = a[:, split's K range] · W[:, same]ᵀ, scaled; bias and residual added when unsplit."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -142,7 +155,7 @@ def _matmul_kernel(
         mask_k = offs_k < k_end - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION, max_num_imprecise_acc=IMPRECISE_ACC)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     _store_tile(
@@ -192,6 +205,7 @@ def _persistent_matmul_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     PRECISION: tl.constexpr,
+    IMPRECISE_ACC: tl.constexpr,
 ):
     """_matmul_kernel's tiles on the persistent schedule: program p takes work items p, p + n_programs, ...; item
     i is output tile i % tiles (grouped order) of split i // tiles. A split's K range is whole BLOCK_K tiles, so a
@@ -206,7 +220,7 @@ def _persistent_matmul_kernel(
         for k0 in range(k_start, k_end, BLOCK_K):
             a = a_desc.load([pid_m * BLOCK_M, k0])  # (BLOCK_M, BLOCK_K)
             w = w_desc.load([pid_n * BLOCK_N, k0])  # (BLOCK_N, BLOCK_K)
-            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION, max_num_imprecise_acc=IMPRECISE_ACC)
         offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         _store_tile(
@@ -322,6 +336,7 @@ def matmul_triton(
         HAS_BIAS=bias is not None and splits == 1,
         HAS_RESIDUAL=residual is not None and splits == 1,
         PRECISION=dot_precision(a.dtype),
+        IMPRECISE_ACC=block_k if scaled else 0,  # FP8: promote to fp32 after each K tile (module doc)
         num_warps=warps,
         num_stages=stages,
     )

@@ -105,9 +105,13 @@ class _Launches:
 
 
 def _spy_persistent(monkeypatch) -> tuple[_Launches, _Launches]:
+    """Spies on both persistent kernels, launched with at most 3 programs: each walks several tiles (and split-K
+    slices), as on a GPU whose SMs are fewer than the work items."""
     gate_up, down = _Launches(ffn._persistent_gate_up_kernel), _Launches(gemm._persistent_matmul_kernel)
     monkeypatch.setattr(ffn, "_persistent_gate_up_kernel", gate_up)
     monkeypatch.setattr(gemm, "_persistent_matmul_kernel", down)
+    for module in (ffn, gemm):
+        monkeypatch.setattr(module, "persistent_programs", lambda work, device: min(work, 3))
     return gate_up, down
 
 
@@ -126,7 +130,7 @@ def test_persistent_tma_schedule_computes_the_same_ffn(poisoned, monkeypatch, sh
     out = ffn.swiglu_ffn_triton(x, w_gate_up, w_down, residual, persistent=True)
     expected = swiglu_ffn_reference(*(t.float() for t in (x, w_gate_up, w_down, residual)))
     assert out.dtype == dtype and relative_error(out, expected) <= tol
-    assert len(gate_up.grids) == len(down.grids) == 1
+    assert gate_up.grids == [(3,)] and len(down.grids) == 1  # gate/up has >= 3 tiles: some programs take several
 
 
 def test_persistent_schedule_falls_back_where_descriptors_cannot_go(poisoned, monkeypatch) -> None:
@@ -142,16 +146,20 @@ def test_persistent_schedule_falls_back_where_descriptors_cannot_go(poisoned, mo
 @pytest.mark.parametrize("m", [1, 40])
 def test_persistent_schedule_with_fp8_weights_bias_and_split_k(poisoned, monkeypatch, m: int) -> None:
     """FP8 operands through descriptors, the token and channel scales, bias and residual in the shared epilogue,
-    and (M = 1, K = 4096) split-K partials summed after: against the float64 product of the same FP8 values."""
+    and (M = 1, K = 4000) split-K partials summed after, the last slice short: against the float64 product of the
+    same FP8 values."""
     _, down = _spy_persistent(monkeypatch)
-    k, n = 4096, 96
+    k, n = 4000, 96
     a, a_scale = quantize_rows_reference(randn(m, k))
     w, w_scale = kernels.quantize_weight(randn(n, k, seed=1))
     bias, residual = randn(n, seed=2), randn(m, n, seed=3)
     out = gemm.matmul_triton(a, w, torch.float32, a_scale, w_scale, bias, residual, persistent=True)
     expected = (a.double() * a_scale.double()[:, None]) @ (w.double() * w_scale.double()[:, None]).T
-    assert relative_error(out.double(), expected + bias.double() + residual.double()) <= 1e-5
-    assert len(down.grids) == 1
+    # The products are exact and summed in fp32 (observed <= 3e-7 here). On Hopper a 64-row tile multiplies on FP8
+    # tensor cores, which accumulate in a float of ~13 mantissa bits between promotions to fp32 (every K tile).
+    tol = 1e-3 if KERNEL_DEVICE == "cuda" and m > 16 else 1e-5
+    assert relative_error(out.double(), expected + bias.double() + residual.double()) <= tol
+    assert down.grids == [(3,)]
 
 
 def test_swiglu_ffn_rejects_mismatched_weights(poisoned) -> None:
