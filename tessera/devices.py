@@ -99,8 +99,12 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def serving_dtype(device: torch.device | str, name: str | None = None) -> torch.dtype:
     """The precision named (a `--timing-dtype` flag), or by default the one a model is served and timed in on
-    `device`: bfloat16 on CUDA, float32 on the CPU (where bf16 GEMMs are slower, not faster)."""
-    return parse_dtype(name or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
+    `device`: bfloat16 on CUDA, float32 on the CPU (where bf16 GEMMs are slower, not faster). FP8 on a GPU
+    without it is refused (`check_fp8`)."""
+    dtype = parse_dtype(name or ("bfloat16" if torch.device(device).type == "cuda" else "float32"))
+    if dtype == RUN_DTYPES["fp8"]:
+        check_fp8(device, "--timing-dtype fp8")
+    return dtype
 
 
 def synchronize(device: torch.device) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.config import FP8_NAME, ConfigError
-from tessera.devices import check_fp8
+from tessera.devices import check_fp8, serving_dtype
 from tessera.errors import UserError
 from tessera.hf_config import FP8_KV_CACHE, parse, quantization_config
 from tessera.kernels import FP8
@@ -144,6 +144,8 @@ def test_bad_scales_dtypes_and_devices_are_refused(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(UserError, match="kv_cache_dtype fp8: NVIDIA A100 has no FP8"):
         check_fp8(torch.device("cuda"), "kv_cache_dtype fp8")
+    with pytest.raises(UserError, match="--timing-dtype fp8: NVIDIA A100 has no FP8"):
+        serving_dtype(torch.device("cuda"), "fp8")
 
 
 def test_a_checkpoint_scale_of_zero_is_refused_and_empty_models_start_at_one(tmp_path: Path) -> None:
