@@ -32,13 +32,21 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, ConfigError, FFNConfig
-from tessera.devices import parse_dtype
+from tessera.devices import check_fp8, parse_dtype
 from tessera.errors import UserError
 from tessera.kernels import FP8
 from tessera.runtime.generate import Generator
-from tessera.runtime.loader import CheckpointError, check_kv_scales_of, hf_state, load_hf_state, read_hf_tensors
+from tessera.runtime.loader import (
+    CheckpointError,
+    check_kv_scales_of,
+    dequantize_checkpoint,
+    hf_state,
+    load_hf_state,
+    read_hf_tensors,
+)
 from tessera.runtime.model import LinearSublayer, Model
 from tessera.runtime.sampling import Completion, SamplingParams, load_tokenizer
+from tessera.runtime.weights import WEIGHT_SCALE
 
 
 @dataclass(frozen=True)
@@ -122,10 +130,19 @@ def _kv_heads(arch: ArchConfig, n_kv: int, rank: int, size: int) -> range:
     return range(head, head + 1)
 
 
+# Matrices split along their input columns (their output is a partial sum all-reduced across the ranks).
+COLUMN_SHARDED = ("o_proj.weight", "down_proj.weight", "linear_attn.weight", "linear_mlp.weight")
+
+
 def shard_part(arch: ArchConfig, name: str, tensor: Any, rank: int, size: int) -> torch.Tensor:
     """Rank `rank`'s part of the checkpoint tensor `name` (Hugging Face naming, runtime/weights.py): `tensor`
     is a torch tensor or a lazy safetensors slice (indexing reads only the part)."""
     d, h = arch.head_dim, arch.hidden_size
+    if name.endswith(WEIGHT_SCALE):  # an FP8 matrix's per-output-row scales [rows, 1]: its rows' share, or all
+        matrix = name.removesuffix("_scale")
+        if matrix.endswith(COLUMN_SHARDED):  # each rank computes every output row (a partial sum): every scale
+            return tensor[:]
+        return shard_part(arch, matrix, tensor, rank, size)  # the rows the rank holds of the matrix
     if name.endswith(("embed_tokens.weight", "lm_head.weight")):
         rows = share(arch.vocab_size, rank, size)
         return tensor[rows.start : rows.stop]
@@ -152,39 +169,35 @@ def shard_part(arch: ArchConfig, name: str, tensor: Any, rank: int, size: int) -
     raise ValueError(f"no tensor-parallel rule for {name}")
 
 
-def _rank_model(arch: ArchConfig, tensors: dict[str, torch.Tensor], tp: TensorParallel, like: torch.Tensor) -> Model:
-    """The rank's model from its parts of every tensor, wired to `tp`."""
-    local = Model.empty(rank_arch(arch, tp.rank, tp.size), like.device, like.dtype)
+def _rank_model(
+    arch: ArchConfig, tensors: dict[str, torch.Tensor], tp: TensorParallel, device: torch.device, dtype: torch.dtype
+) -> Model:
+    """The rank's model in `dtype` (kernels.FP8: FP8 projections, quantized from wider parts as they are packed)
+    from its parts of every tensor of a checkpoint of `arch`, wired to `tp`."""
+    stored = rank_arch(arch, tp.rank, tp.size)  # the parts as the checkpoint holds them (FP8 or not)
+    local = Model.empty(stored, device, dtype)
     cols = share(arch.hidden_size, tp.rank, tp.size)
     for layer in local.layers:
         for sub in (layer.self_attn, layer.mlp):
             if isinstance(sub, LinearSublayer):  # a share of the input columns
+                like = sub.weight  # its dtype (FP8 or the compute one); its scales [hidden] stay as they are
                 sub.weight = nn.Parameter(like.new_empty(arch.hidden_size, len(cols)), requires_grad=False)
                 sub.cols = slice(cols.start, cols.stop)
             if sub is not None:
                 sub.tp = tp
-    load_hf_state(local, tensors)
+    load_hf_state(local, tensors, stored)
     local.tp, local.vocab_rows = tp, share(arch.vocab_size, tp.rank, tp.size)
     local.vocab_widths = [len(share(arch.vocab_size, r, tp.size)) for r in range(tp.size)]
     return local.eval()
-
-
-def _refuse_fp8(fp8: bool, what: str) -> None:
-    if fp8:
-        raise UserError(
-            f"{what}: FP8 over tensor-parallel ranks is not supported yet (the per-channel scales are not sharded); "
-            "run FP8 on one rank, or shard it in bfloat16"
-        )
 
 
 def shard_model(model: Model, tp: TensorParallel) -> Model:
     """Rank tp.rank's shard of a model in memory (its device and dtype), wired to all-reduce through `tp`."""
     arch = model.arch
     rank_arch(arch, tp.rank, tp.size)  # refuses a size that does not divide the model
-    _refuse_fp8(model.is_fp8, "the model")
     with torch.no_grad():
         parts = {n: shard_part(arch, n, t, tp.rank, tp.size).clone() for n, t in hf_state(model).items()}
-        return _rank_model(arch, parts, tp, model.embed_tokens.weight)
+        return _rank_model(arch, parts, tp, model.embed_tokens.weight.device, model.run_dtype)
 
 
 def load_shard(path: str | Path, tp: TensorParallel, device: torch.device | str = "cpu", dtype=torch.float32) -> Model:
@@ -196,11 +209,15 @@ def load_shard(path: str | Path, tp: TensorParallel, device: torch.device | str 
         rank_arch(arch, tp.rank, tp.size)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    _refuse_fp8(dtype == FP8 or arch.quantization == "fp8", str(path))
-    parts = read_hf_tensors(path, arch, dtype, part=lambda n, lazy: shard_part(arch, n, lazy, tp.rank, tp.size))
-    like = torch.empty(0, device=device, dtype=dtype)
+    fp8 = dtype == FP8
+    if fp8:
+        check_fp8(device, "dtype fp8")
+    read_as = torch.bfloat16 if fp8 else dtype  # as load_model: FP8 runs the rest in bf16
+    parts = read_hf_tensors(path, arch, read_as, part=lambda n, lazy: shard_part(arch, n, lazy, tp.rank, tp.size))
+    if arch.quantization == "fp8" and not fp8:  # each part with its rows' scales: dequantized as the whole is
+        arch, parts = dequantize_checkpoint(arch, parts)
     with torch.no_grad():
-        model = _rank_model(arch, parts, tp, like)
+        model = _rank_model(arch, parts, tp, torch.device(device), dtype)
     check_kv_scales_of(model, path)
     return model
 
@@ -299,11 +316,11 @@ def run_ranks(fn: Callable, size: int, *args: object, backend: str = "gloo") -> 
         return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(size)]
 
 
-def shard_logits(tp: TensorParallel, checkpoint: str, ids: torch.Tensor) -> torch.Tensor:
-    """Logits [B, T, vocab] of `ids` through this rank's shard of a checkpoint (tests, and a first check of a
-    tensor-parallel setup)."""
+def shard_logits(tp: TensorParallel, checkpoint: str, ids: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
+    """Logits [B, T, vocab] of `ids` through this rank's shard of a checkpoint, loaded in `dtype` (tests, and a
+    first check of a tensor-parallel setup)."""
     with torch.no_grad():
-        return load_shard(checkpoint, tp)(ids)
+        return load_shard(checkpoint, tp, dtype=parse_dtype(dtype))(ids)
 
 
 def _generate_on_rank(
