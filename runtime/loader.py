@@ -240,11 +240,7 @@ def check_memory(
         arch.check_tensor_parallel(tensor_parallel)
     except ConfigError as e:
         raise ConfigError(f"{path}: --tensor-parallel-size: {e}") from None
-    name = dtype_name(dtype)
-    one_rank = (
-        arch.weight_bytes(name) if tensor_parallel == 1 else arch.rank_params(tensor_parallel) * dtype_bytes(name)
-    )
-    need = one_rank * copies
+    need = arch.rank_weight_bytes(tensor_parallel, dtype_name(dtype)) * copies
     free = available_memory(device)
     if need > free:
         per = f" per rank over {tensor_parallel}" if tensor_parallel > 1 else ""

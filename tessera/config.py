@@ -391,6 +391,13 @@ class ArchConfig:
         head = 0 if self.tie_embeddings else rows
         return rows + head + self.hidden_size + sum(self.rank_block_params(b, tp) for b in self.blocks)
 
+    def rank_weight_bytes(self, tp: int, dtype: str | None = None) -> int:
+        """One rank's weights, counted as `weight_bytes` counts the whole: its share of the blocks in `dtype`, its
+        vocabulary rows and the final norm in the activation dtype (FP8: blocks at one byte, the rest at two)."""
+        dtype = dtype or self.run_dtype
+        blocks = sum(self.rank_block_params(b, tp) for b in self.blocks)
+        return blocks * dtype_bytes(dtype) + (self.rank_params(tp) - blocks) * dtype_bytes(activation_dtype(dtype))
+
     def rank_kv_bytes_per_token(self, tp: int, dtype: str | None = None) -> int:
         per_head = 2 * self.head_dim * dtype_bytes(activation_dtype(dtype or self.run_dtype))
         return sum(per_head * self.rank_kv_heads(b.attention, tp) for b in self.blocks if b.attention.kind == "gqa")
@@ -402,7 +409,7 @@ class ArchConfig:
         return {
             "tensor_parallel_size": tp,
             "rank_num_params": params,
-            "rank_weight_bytes": params * dtype_bytes(dtype or self.dtype),
+            "rank_weight_bytes": self.rank_weight_bytes(tp, dtype),
             "rank_kv_bytes_per_token": self.rank_kv_bytes_per_token(tp, dtype),
             "replicated_kv_layers": [
                 i for i, b in enumerate(self.blocks) if b.attention.kind == "gqa" and b.attention.n_kv_heads < tp

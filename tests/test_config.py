@@ -550,8 +550,13 @@ def test_rank_memory_equals_the_shards_of_every_tensor(name: str, tp: int) -> No
     assert summary["rank_num_params"] == sum(prod(s) for s in shards.values())
     kv = sum(s[0] for n, s in shards.items() if n.endswith("k_proj.weight"))
     assert summary["rank_kv_bytes_per_token"] == 2 * kv * 2  # K and V rows, bf16
+    assert summary["rank_weight_bytes"] == 2 * summary["rank_num_params"]  # bf16
+    # FP8: the layers' tensors at one byte, the embedding, head and final norm at two.
+    model_wide = sum(prod(s) for n, s in shards.items() if not n.startswith("model.layers."))
+    assert arch.rank_weight_bytes(tp, "float8_e4m3fn") == summary["rank_num_params"] + model_wide
     if tp == 1:
         assert summary["rank_num_params"] == arch.num_params()
+        assert arch.rank_weight_bytes(1, "float8_e4m3fn") == arch.weight_bytes("float8_e4m3fn")
 
 
 def test_tensor_parallel_info_on_ultra_and_its_errors(capsys) -> None:
