@@ -68,7 +68,7 @@ want() { [[ ("$STEPS" == "  " && "$OPTIONAL" != *" $1 "*) || "$STEPS" == *" $1 "
 step setup 45 bash -c setup
 # Correctness first: the kernel tests compiled for the GPU, in 12 processes (a cold Triton cache compiles on the
 # CPU cores: one process took over 2 minutes), and the engine's CUDA-graph test.
-want tests && step tests 110 python3 -m pytest -q -p no:cacheprovider -n 12 -m "not slow" \
+want tests && step tests 140 python3 -m pytest -q -p no:cacheprovider -n 12 -m "not slow" \
     tests/test_paged_attention.py tests/test_kernels.py tests/test_attention_kernels.py \
     tests/test_kernel_dispatch.py tests/test_engine.py::test_cuda_graph_decode_equals_eager_and_uncached_greedy \
     tests/test_generate.py::test_the_draws_and_the_sampling_are_the_same_on_cuda tests/test_fp8.py \
