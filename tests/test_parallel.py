@@ -159,3 +159,28 @@ def test_generate_under_torchrun_equals_one_process(tmp_path, capsys) -> None:
     printed = re.search(r"^\[$.*?^\]$", log, re.M | re.S)  # the JSON rank 0 printed, among torchrun's lines
     assert json.loads(printed.group()) == json.loads(expected)
     assert log.count('"prompt": "def f(x):"') == 1  # from rank 0 alone
+
+
+def _abort_rank_0(tp, when: str) -> int:
+    """Rank 0 aborts (SIGABRT, as gloo's teardown sometimes does) before its work, or as its process exits."""
+    import multiprocessing.util
+    import os
+
+    if tp.rank == 0 and when == "before":
+        os.abort()
+    if tp.rank == 0:
+        multiprocessing.util.Finalize(None, os.abort, exitpriority=100)  # runs after _rank_main returns
+    return tp.rank
+
+
+def test_a_rank_aborting_in_teardown_keeps_the_results_but_not_before(monkeypatch) -> None:
+    """`run_ranks` returns the results when a rank dies only after every rank published its own (gloo's
+    occasional abort in teardown), and raises when a rank dies before its work is done."""
+    import torch.multiprocessing as mp
+
+    # The ranks import this module by name (spawned processes take the parent's sys.path).
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))
+
+    assert run_ranks(_abort_rank_0, 2, "exit") == [0, 1]
+    with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
+        run_ranks(_abort_rank_0, 2, "before")
