@@ -27,13 +27,11 @@ Two schedules compute the same tiles (`persistent`):
 The epilogue is one function for both (`_store_tile`).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .hardware import dot_precision, sm_count
+from .hardware import dot_precision, interpreting, sm_count
 
 try:  # host-side tensor descriptors (triton >= 3.3; the H200 image has 3.6)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -50,7 +48,7 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         if t.is_cuda and (torch.version.hip is not None or torch.cuda.get_device_capability(t.device)[0] < 9):
             return False
-        if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "") not in ("1", "true", "on", "yes"):
+        if not t.is_cuda and not interpreting():
             return False
         if t.dim() != 2 or t.numel() == 0 or t.stride(1) != 1:
             return False

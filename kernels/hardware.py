@@ -1,6 +1,7 @@
 """What every launcher decides the same way: the device's size (read once per device) and the tl.dot precision."""
 
 import functools
+import os
 
 import torch
 
@@ -16,3 +17,8 @@ def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: fp32 operands get exact fp32 products, as F.linear and SDPA give them (torch
     leaves TF32 off for matmuls by default); for fp16/bf16 operands the setting does not apply."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels on the CPU (TRITON_INTERPRET, set before import): CPU tensors can take them."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")

@@ -281,12 +281,18 @@ class Model(nn.Module):
         model._uncalibrated_kv_scales()  # a state dict with scales overwrites them
         return model
 
+    def _gqa_layers(self) -> list[tuple[int, GQAAttention]]:
+        """(layer index, its attention) of the layers with GQA attention: the ones with KV-cache scales."""
+        return [
+            (i, layer.self_attn) for i, layer in enumerate(self.layers) if isinstance(layer.self_attn, GQAAttention)
+        ]
+
     def _uncalibrated_kv_scales(self) -> None:
         """Every KV-scale buffer at UNCALIBRATED_KV_SCALE (to_empty leaves them unfilled)."""
-        for layer in self.layers:
-            if isinstance(layer.self_attn, GQAAttention) and layer.self_attn.k_scale is not None:
-                layer.self_attn.k_scale.fill_(UNCALIBRATED_KV_SCALE)
-                layer.self_attn.v_scale.fill_(UNCALIBRATED_KV_SCALE)
+        for _, attention in self._gqa_layers():
+            if attention.k_scale is not None:
+                attention.k_scale.fill_(UNCALIBRATED_KV_SCALE)
+                attention.v_scale.fill_(UNCALIBRATED_KV_SCALE)
 
     @property
     def is_fp8(self) -> bool:
@@ -352,17 +358,16 @@ class Model(nn.Module):
     def kv_scales(self) -> dict[int, tuple[float, float]]:
         """{layer: (k_scale, v_scale)} of the attention layers with calibrated FP8 KV-cache scales."""
         return {
-            i: (layer.self_attn.k_scale.item(), layer.self_attn.v_scale.item())
-            for i, layer in enumerate(self.layers)
-            if isinstance(layer.self_attn, GQAAttention) and layer.self_attn.k_scale is not None
+            i: (attention.k_scale.item(), attention.v_scale.item())
+            for i, attention in self._gqa_layers()
+            if attention.k_scale is not None
         }
 
     def drop_kv_scales(self) -> Model:
         """Forget calibrated KV-cache scales (the search's parent: its children's keys and values differ, and
         their layers are built without scale buffers). Returns self."""
-        for layer in self.layers:
-            if isinstance(layer.self_attn, GQAAttention):
-                layer.self_attn.k_scale = layer.self_attn.v_scale = None
+        for _, attention in self._gqa_layers():
+            attention.k_scale = attention.v_scale = None
         self.arch = replace(self.arch, kv_cache_scales=False)
         return self
 
@@ -374,9 +379,7 @@ class Model(nn.Module):
         no tokens, or keys or values that are not finite (no scale could hold them)."""
         if windows.dim() != 2 or windows.numel() == 0:
             raise ValueError(f"KV-scale calibration needs token windows [n, T] with tokens, got {tuple(windows.shape)}")
-        attention = [
-            (i, layer.self_attn) for i, layer in enumerate(self.layers) if isinstance(layer.self_attn, GQAAttention)
-        ]
+        attention = self._gqa_layers()
         amax = {i: [0.0, 0.0] for i, _ in attention}
 
         def observer(i: int):
@@ -389,17 +392,16 @@ class Model(nn.Module):
 
             return observe
 
+        device = self.embed_tokens.weight.device
         for i, module in attention:
             module.observe_kv = observer(i)
         try:
-            device = self.embed_tokens.weight.device
             for start in range(0, windows.shape[0], batch_size):  # the layers only: no logits needed
                 chunk = windows[start : start + batch_size].to(device)
                 self.forward_packed(chunk.reshape(-1), Batch.sequences([chunk.shape[1]] * chunk.shape[0], device))
         finally:
             for _, module in attention:
                 module.observe_kv = None
-        device = self.embed_tokens.weight.device
         for i, module in attention:
             k, v = (max(a / kernels.FP8_MAX, kernels.MIN_SCALE) for a in amax[i])
             module.k_scale = torch.tensor([k], dtype=torch.float32, device=device)

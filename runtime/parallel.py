@@ -319,7 +319,7 @@ def run_ranks(fn: Callable, size: int, *args: object, backend: str = "gloo") -> 
             mp.spawn(_rank_main, args=(size, free_port(), backend, fn, args, out), nprocs=size, join=True)
         except mp.ProcessExitedException:
             # Even after the final barrier, gloo now and then aborts a rank as it tears down ("terminate called
-            # without an active exception": twice in about 120 spawns of the tests on the 2-core dev VM). A rank
+            # without an active exception": in 2 of 12 runs of tests/test_parallel.py on the 2-core dev VM). A rank
             # publishes its result only once every rank has passed that barrier: with every result published, the
             # work is done and stands.
             if not all(os.path.exists(r) for r in results):
