@@ -10,10 +10,10 @@ engine runs decode (a Python launch costs ~9 µs, and an 8B step is ~300 launche
 >= 85 % of the floor at batch 1 (context 1k and 8k), >= 70 % at batch 64. On CPU: the demo parent's shape in
 float32, references only (a sanity pass).
 
-FP8 rows (issue 20): the same model quantized (`Model.cast(kernels.FP8)`: E4M3 projections, bf16 embeddings,
-head and activations), with a bf16 KV cache and with an FP8 one (`kv_cache_dtype="fp8"`), each against its own
-floor (`decode_step_bytes` in FP8) and as a speedup over the unquantized step (bf16 on the GPU, fp32 on the CPU)
-of the same scenario in the same run.
+FP8 rows (issue 20): the same model quantized (`Model.cast(kernels.FP8)`: E4M3 projections and LM head copy,
+bf16 embeddings and activations), with a bf16 KV cache and with an FP8 one (`kv_cache_dtype="fp8"`), each
+against its own floor (`decode_step_bytes` in FP8) and as a speedup over the unquantized step (bf16 on the GPU,
+fp32 on the CPU) of the same scenario in the same run.
 Goals (H200): the FP8 step >= 80 % of its floor at batch 1 and >= 1.7x the bf16 step.
 """
 

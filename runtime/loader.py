@@ -211,7 +211,7 @@ def load_hf_state(model: Model, tensors: dict[str, torch.Tensor], arch: ArchConf
 def hf_state(model: Model) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face names (q/k/v and gate/up split back apart), in checkpoint order; an
     FP8 model's E4M3 matrices with their `weight_scale`s (the layout vLLM reads: tessera/hf_config.py)."""
-    return unpack_model(model.arch, {**dict(model.named_parameters()), **dict(model.named_buffers())})
+    return unpack_model(model.arch, model.stored_tensors())
 
 
 def dequantize_checkpoint(arch: ArchConfig, tensors: dict[str, torch.Tensor]) -> tuple[ArchConfig, dict]:

@@ -246,6 +246,12 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, b, i) for i, b in enumerate(arch.blocks))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = None if arch.tie_embeddings else nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size))
+        # In FP8, the LM head's E4M3 copy [vocab, H] and per-row scales [vocab] (_quantize_head), what logits()
+        # reads: the head is the largest matrix of a small model and ~6 % of an 8B FP8 step's bytes. Not stored:
+        # the checkpoint keeps the bf16 head (`ignore: ["lm_head"]`), which every FP8 runtime loads (vLLM's and
+        # SGLang's stock loaders refuse a quantized head), and loading it in FP8 makes the same copy again.
+        self.register_buffer("lm_head_fp8", None, persistent=False)
+        self.register_buffer("lm_head_fp8_scale", None, persistent=False)
         # Rotation frequencies [D/2] in fp32, one copy per device, made on first use. Not a buffer: a model
         # cast to bf16 must keep fp32 angles (positions past 256 lose them).
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
@@ -316,14 +322,22 @@ class Model(nn.Module):
         copy.load_packed(self.state_dict().items())
         return copy.eval()
 
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint of the model holds, by state-dict name: its parameters and persistent buffers (FP8
+        scales, KV-cache scales), not the FP8 head copy made at load."""
+        return self.state_dict(keep_vars=True)
+
     def load_packed(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (state-dict name, tensor) pairs into the model, cast to its dtypes. An FP8 matrix given in a wider
         dtype is quantized as it is copied (kernels.quantize_weight, its scale beside it): an FP8 model loaded or
         cast from fp32 or bf16 weights quantizes the weights as given, and never holds all of them on the device
-        at once in the wider dtype."""
-        state = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        at once in the wider dtype. An FP8 model given its head quantizes it too (_quantize_head)."""
+        state = self.stored_tensors()
+        head = "embed_tokens.weight" if self.lm_head is None else "lm_head"
         with torch.no_grad():
             for name, t in tensors:
+                if name == head and self.is_fp8:
+                    self._quantize_head(t)
                 target = state[name]
                 if target.dtype == kernels.FP8 and t.dtype != kernels.FP8:
                     q, scale = kernels.quantize_weight(t.to(target.device))
@@ -334,14 +348,24 @@ class Model(nn.Module):
 
     def to_fp8(self) -> Model:
         """Quantize in place every projection matrix not in FP8 yet (attention, FFN, linear replacements) to E4M3
-        with per-output-channel scales (kernels/fp8.py). Embeddings, norms and the LM head stay in bf16, which
-        activations run in: the head as the checkpoint format stores it (`ignore: ["lm_head"]`, what vLLM reads),
-        so the model in memory is the one saved. Inference only: the FP8 weights take no gradients. Returns self."""
+        with per-output-channel scales (kernels/fp8.py), and give the LM head its FP8 copy (unless it has one: the
+        cost model's timing models share theirs). Embeddings and norms stay in bf16, which activations run in, and
+        so does the stored head (`ignore: ["lm_head"]`, what vLLM reads): the model saved is the model in memory
+        less its head copy, which loading it in FP8 makes again, bit for bit. Inference only: the FP8 weights take
+        no gradients. Returns self."""
         if self.embed_tokens.weight.dtype != torch.bfloat16:  # row-wise scaled cuBLASLt writes bf16 only
             raise ValueError(f"FP8 runs bf16 activations: cast the {self.embed_tokens.weight.dtype} model first")
         with torch.no_grad():
             self._fp8_matrices(kernels.quantize_weight)
+            if self.lm_head_fp8 is None:
+                self._quantize_head(self.lm_head_weight)
         return self
+
+    def _quantize_head(self, head: torch.Tensor) -> None:
+        """The FP8 copy of `head` (the LM head's rows, as given) that logits() reads, with its per-row scales."""
+        self.lm_head_fp8, self.lm_head_fp8_scale = kernels.quantize_weight(
+            head.to(self.embed_tokens.weight.device, torch.bfloat16)
+        )
 
     def _fp8_matrices(self, quantize) -> None:
         """Each projection matrix W not in FP8 yet replaced by quantize(W) = (E4M3 weights, per-row scales); the
@@ -460,7 +484,10 @@ class Model(nn.Module):
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden, self.lm_head_weight)
+        if self.lm_head_fp8 is None:
+            out = F.linear(hidden, self.lm_head_weight)
+        else:
+            out = kernels.linear(hidden, self.lm_head_fp8, scale=self.lm_head_fp8_scale)
         return out if self.tp is None else self.tp.all_gather_columns(out, self.vocab_widths)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -173,14 +173,18 @@ def timing_models(
     arch: ArchConfig, architectures: Sequence[Sequence[BlockConfig]], device: torch.device, dtype: torch.dtype
 ) -> list[Model]:
     """Models of `arch`'s shape with these blocks and random weights (seeded), all sharing one embedding, final
-    norm and LM head: timing needs the work, not a copy of the vocabulary matrices per model."""
+    norm and LM head (in FP8, its one FP8 copy): timing needs the work, not a copy of the vocabulary matrices per
+    model."""
     fp8 = dtype == FP8  # drawn in bf16, then quantized (Model.to_fp8)
     compute = torch.bfloat16 if fp8 else dtype
     shared = Model.empty(arch.with_blocks([EMPTY_BLOCK]), device, compute).init_weights(seed=0)
+    if fp8:
+        shared.to_fp8()
     models = []
     for k, blocks in enumerate(architectures):
         model = Model.empty(arch.with_blocks(list(blocks)), "meta", compute)
         model.embed_tokens, model.norm, model.lm_head = shared.embed_tokens, shared.norm, shared.lm_head
+        model.lm_head_fp8, model.lm_head_fp8_scale = shared.lm_head_fp8, shared.lm_head_fp8_scale
         model.layers.to_empty(device=device)
         model.init_weights(seed=1 + k, layers_only=True)
         models.append(model.to_fp8() if fp8 else model)

@@ -194,7 +194,9 @@ def _short(n: int) -> str:
 
 
 def _weights_in(dtype: str) -> str:
-    return f"{dtype} projections, {activation_dtype(dtype)} embeddings" if dtype != activation_dtype(dtype) else dtype
+    if dtype == activation_dtype(dtype):
+        return dtype
+    return f"{dtype} projections and LM head copy, {activation_dtype(dtype)} embeddings and stored head"
 
 
 def _format_info(arch: ArchConfig, source: str) -> str:

@@ -70,8 +70,9 @@ FP8_NAME = "float8_e4m3fn"  # a model whose projection matrices are E4M3 (`--dty
 
 
 def activation_dtype(dtype: str) -> str:
-    """What a model run in `dtype` keeps its activations, KV cache, embeddings, norms and LM head in: FP8
-    quantizes the projection matrices only, the rest is bf16."""
+    """What a model run in `dtype` keeps its activations, KV cache, embeddings, norms and stored LM head in: FP8
+    quantizes the projection matrices (and reads the head through an FP8 copy, `ArchConfig.head_copy_bytes`), the
+    rest is bf16."""
     return "bfloat16" if dtype == FP8_NAME else dtype
 
 
@@ -292,11 +293,17 @@ class ArchConfig:
         return FP8_NAME if self.quantization == "fp8" else self.dtype
 
     def weight_bytes(self, dtype: str | None = None) -> int:
-        """The blocks' weights in `dtype`, the embedding, head and final norm in its activation dtype (in FP8 the
-        blocks' norms count at one byte too: a few kilobytes under)."""
+        """The blocks' weights in `dtype`, the embedding, head and final norm in its activation dtype, and in FP8
+        the head's FP8 copy (the blocks' norms count at one byte too: a few kilobytes under)."""
         dtype = dtype or self.run_dtype
         blocks = sum(self.block_params(b) for b in self.blocks)
-        return blocks * dtype_bytes(dtype) + (self.num_params() - blocks) * dtype_bytes(activation_dtype(dtype))
+        rest = (self.num_params() - blocks) * dtype_bytes(activation_dtype(dtype))
+        return blocks * dtype_bytes(dtype) + rest + self.head_copy_bytes(self.vocab_size, dtype)
+
+    def head_copy_bytes(self, rows: int, dtype: str) -> int:
+        """In FP8, what `rows` vocabulary rows of the LM head's FP8 copy take (one byte a weight, an fp32 scale a
+        row; runtime/model.py), beside the bf16 head the checkpoint keeps; 0 in other dtypes."""
+        return rows * (self.hidden_size + 4) if dtype == FP8_NAME else 0
 
     def kv_value_dtype(self, dtype: str | None = None, kv_dtype: str | None = None) -> str:
         """What the KV cache stores: `kv_dtype` when given (FP8_NAME: an FP8 cache), else the activation dtype of
@@ -322,15 +329,16 @@ class ArchConfig:
     def decode_step_bytes(
         self, batch: int, context_len: int, dtype: str | None = None, kv_dtype: str | None = None
     ) -> int:
-        """Fewest bytes one decode step must read: every weight once (the input embedding only as the tied LM
-        head: a lookup reads `batch` rows) plus each sequence's KV cache at `context_len` tokens (a windowed
-        layer's last `window`). Divided by the memory bandwidth, the floor of a decode step's time."""
-        lookup_only = 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
-        return (
-            self.weight_bytes(dtype)
-            - lookup_only * dtype_bytes(activation_dtype(dtype or self.run_dtype))
-            + (batch * self.kv_bytes(context_len, dtype, kv_dtype))
-        )
+        """Fewest bytes one decode step must read: every block's weights and the final norm once, the LM head
+        once as logits read it (in FP8 its FP8 copy; the input embedding not at all: a lookup reads `batch`
+        rows) plus each sequence's KV cache at `context_len` tokens (a windowed layer's last `window`). Divided
+        by the memory bandwidth, the floor of a decode step's time."""
+        dtype = dtype or self.run_dtype
+        blocks = sum(self.block_params(b) for b in self.blocks)
+        wide = dtype_bytes(activation_dtype(dtype))
+        head = self.head_copy_bytes(self.vocab_size, dtype) or self.vocab_size * self.hidden_size * wide
+        weights = blocks * dtype_bytes(dtype) + self.hidden_size * wide + head
+        return weights + batch * self.kv_bytes(context_len, dtype, kv_dtype)
 
     def flops_per_token(self, context_len: int = 0) -> int:
         """Forward FLOPs for one token attending to `context_len` cached tokens.
@@ -393,10 +401,12 @@ class ArchConfig:
 
     def rank_weight_bytes(self, tp: int, dtype: str | None = None) -> int:
         """One rank's weights, counted as `weight_bytes` counts the whole: its share of the blocks in `dtype`, its
-        vocabulary rows and the final norm in the activation dtype (FP8: blocks at one byte, the rest at two)."""
+        vocabulary rows and the final norm in the activation dtype (FP8: blocks at one byte, the rest at two, and
+        its rows of the head's FP8 copy)."""
         dtype = dtype or self.run_dtype
         blocks = sum(self.rank_block_params(b, tp) for b in self.blocks)
-        return blocks * dtype_bytes(dtype) + (self.rank_params(tp) - blocks) * dtype_bytes(activation_dtype(dtype))
+        rest = (self.rank_params(tp) - blocks) * dtype_bytes(activation_dtype(dtype))
+        return blocks * dtype_bytes(dtype) + rest + self.head_copy_bytes(-(-self.vocab_size // tp), dtype)
 
     def rank_kv_bytes_per_token(self, tp: int, dtype: str | None = None) -> int:
         per_head = 2 * self.head_dim * dtype_bytes(activation_dtype(dtype or self.run_dtype))

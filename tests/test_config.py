@@ -57,15 +57,17 @@ def test_decode_step_bytes_llama_8b() -> None:
 
 def test_fp8_cost_formulas_llama_8b() -> None:
     """In FP8 the 32 blocks' 6,979,584,000 parameters are one byte each; the embedding, the untied head and the
-    final norm stay bf16, and so does the KV cache (128 KiB per token, as in bf16). An FP8 checkpoint's config
-    (quantization "fp8") makes FP8 the formulas' default."""
+    final norm stay bf16, and so does the KV cache (128 KiB per token, as in bf16); the head's FP8 copy adds a byte
+    a weight and an fp32 scale a row. A decode step reads the blocks, the norm and the FP8 head copy. An FP8
+    checkpoint's config (quantization "fp8") makes FP8 the formulas' default."""
     arch = ArchConfig.from_json(CONFIGS / "llama-3.1-8b.json")
     embed = 128_256 * 4096
     assert 8_030_261_248 - 2 * embed - 4096 == 6_979_584_000
-    weights = 6_979_584_000 + 2 * (2 * embed + 4096)
+    head_copy = embed + 4 * 128_256
+    weights = 6_979_584_000 + 2 * (2 * embed + 4096) + head_copy
     assert arch.weight_bytes("float8_e4m3fn") == weights
     assert arch.decode_step_bytes(batch=64, context_len=1024, dtype="float8_e4m3fn") == (
-        weights - 2 * embed + 64 * 1024 * 131_072
+        6_979_584_000 + 2 * 4096 + head_copy + 64 * 1024 * 131_072
     )
     fp8 = replace(arch, quantization="fp8")
     assert fp8.summary()["weight_bytes"] == weights and fp8.kv_bytes_per_token() == 131_072
@@ -551,9 +553,12 @@ def test_rank_memory_equals_the_shards_of_every_tensor(name: str, tp: int) -> No
     kv = sum(s[0] for n, s in shards.items() if n.endswith("k_proj.weight"))
     assert summary["rank_kv_bytes_per_token"] == 2 * kv * 2  # K and V rows, bf16
     assert summary["rank_weight_bytes"] == 2 * summary["rank_num_params"]  # bf16
-    # FP8: the layers' tensors at one byte, the embedding, head and final norm at two.
+    # FP8: the layers' tensors at one byte, the embedding, head and final norm at two, and the rank's rows of the
+    # head's FP8 copy at a byte a weight and an fp32 scale a row.
     model_wide = sum(prod(s) for n, s in shards.items() if not n.startswith("model.layers."))
-    assert arch.rank_weight_bytes(tp, "float8_e4m3fn") == summary["rank_num_params"] + model_wide
+    rows = shards["model.embed_tokens.weight"][0]
+    head_copy = rows * (arch.hidden_size + 4)
+    assert arch.rank_weight_bytes(tp, "float8_e4m3fn") == summary["rank_num_params"] + model_wide + head_copy
     if tp == 1:
         assert summary["rank_num_params"] == arch.num_params()
         assert arch.rank_weight_bytes(1, "float8_e4m3fn") == arch.weight_bytes("float8_e4m3fn")

@@ -152,9 +152,9 @@ def test_fp8_swiglu_on_scaled_mm_matches_the_reference() -> None:
 
 
 def test_cast_to_fp8_quantizes_every_projection_and_stays_near_fp32() -> None:
-    """Model.cast(FP8) quantizes every projection matrix, nothing else (embeddings, norms and the head stay bf16),
-    from the weights as given (fp32 here: the codes loading an fp32 checkpoint in FP8 gives), and leaves the
-    original."""
+    """Model.cast(FP8) quantizes every projection matrix, nothing else (embeddings, norms and the stored head stay
+    bf16; the head's FP8 copy is a buffer, not a parameter), from the weights as given (fp32 here: the codes
+    loading an fp32 checkpoint in FP8 gives), and leaves the original."""
     torch.manual_seed(0)
     model = Model(tiny_arch(2)).init_weights(std=0.1, seed=0).eval()
     fp8 = model.cast(FP8)
@@ -171,10 +171,11 @@ def test_cast_to_fp8_quantizes_every_projection_and_stays_near_fp32() -> None:
         logits = fp8(ids).float()
         full = model(ids)
     # FP8 against the fp32 model: E4M3 weights and activations (relative steps of 2^-3, errors up to 2^-4 each)
-    # in every GEMM of 2 layers, bf16 around them. A loose sanity bound: the tight checks are the kernel tests above
-    # and the perplexity test below.
+    # in every GEMM of 2 layers and the head, bf16 around them. A loose sanity bound: the tight checks are the
+    # kernel tests above and the perplexity test below. The argmax keeps where the fp32 model's top-2 margin is
+    # well above the FP8 error; a random model has near-ties (here 4 of 24 margins under 0.04, observed 21 kept).
     assert relative_error(logits, full) <= 0.2
-    assert logits.argmax(-1).eq(full.argmax(-1)).float().mean() >= 0.9
+    assert logits.argmax(-1).eq(full.argmax(-1)).float().mean() >= 0.8
 
 
 def test_fp8_checkpoint_round_trip_in_the_layout_vllm_reads(tmp_path, llama_untied) -> None:
@@ -211,6 +212,31 @@ def test_fp8_checkpoint_round_trip_in_the_layout_vllm_reads(tmp_path, llama_unti
     assert plain.arch.quantization is None and not plain.is_fp8
     expected = kernels.dequantize_weight(model.layers[0].mlp.w_down, model.layers[0].mlp.w_down_scale, torch.float32)
     assert torch.equal(plain.layers[0].mlp.w_down, expected)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_lm_head_runs_through_an_fp8_copy_that_is_not_stored(tmp_path, llama_untied, llama_tied, tied) -> None:
+    """In FP8 the logits come from the head's E4M3 copy with per-row scales, quantized from the bf16 head (the
+    embedding when tied), checked against the float64 product of the same quantized operands. The checkpoint
+    keeps the bf16 head alone (what vLLM reads), and loading it in FP8 makes the same copy, bit for bit."""
+    source = llama_tied if tied else llama_untied
+    model = load_model(source, dtype=FP8)
+    expected, scale = quantize_weight(load_model(source, dtype=torch.bfloat16).lm_head_weight)
+    assert torch.equal(_bits(model.lm_head_fp8), _bits(expected)) and torch.equal(model.lm_head_fp8_scale, scale)
+    hidden = torch.randn(5, model.arch.hidden_size, generator=torch.Generator().manual_seed(3)).bfloat16()
+    logits = model.logits(hidden)
+    # The one rounding past the float64 product is the bf16 output's (2^-9 relative); fp32 accumulation adds ~1e-7.
+    assert logits.dtype == torch.bfloat16 and relative_error(logits, _float64_linear(hidden, expected, scale)) <= 2**-8
+    out = save_model(model, tmp_path / "fp8")
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert not any(n.startswith("lm_head_fp8") or n == "lm_head.weight_scale" for n in names)
+    assert ("lm_head.weight" in names) != tied
+    again = load_model(out, dtype=FP8)
+    assert torch.equal(_bits(again.lm_head_fp8), _bits(expected)) and torch.equal(again.lm_head_fp8_scale, scale)
+    assert torch.equal(again.logits(hidden), logits)
 
 
 def test_fp8_checkpoint_errors_name_the_tensor_or_field(tmp_path, llama_tied) -> None:
@@ -264,13 +290,16 @@ def test_fp8_shards_hold_the_whole_models_fp8_weights(tmp_path) -> None:
                 full = kernels.dequantize_weight(whole[name], whole[name + "_scale"].view(-1), torch.float32)
                 mine = kernels.dequantize_weight(part[name], part[name + "_scale"].view(-1), torch.float32)
                 assert torch.equal(mine, shard_part(model.arch, name, full, rank, 2)), name
+            rows = shard.vocab_rows  # the head's FP8 copy: its rows of the whole model's, bit for bit
+            assert torch.equal(_bits(shard.lm_head_fp8), _bits(model.lm_head_fp8[rows.start : rows.stop]))
+            assert torch.equal(shard.lm_head_fp8_scale, model.lm_head_fp8_scale[rows.start : rows.stop])
 
 
 def test_fp8_over_two_ranks_stays_as_close_to_bf16_as_one_process(tmp_path) -> None:
     """Logits of the demo parent in FP8 over 2 gloo ranks. The ranks hold the single process's FP8 weights
     (above) but quantize their own slice of each column-split layer's input per token, so they round differently:
     the check is that the sharded model is as close to the bf16 model as the single FP8 process is (measured on
-    the dev VM: 4.5 % and 5.2 % of the largest logit)."""
+    the dev VM, the FP8 head included: 6.3 % and 7.3 % of the largest logit)."""
     from tessera.runtime.parallel import run_ranks, shard_logits
 
     save_model(load_model(DEMO, dtype=FP8), tmp_path / "fp8")
@@ -315,6 +344,7 @@ def test_the_cost_model_times_fp8_blocks() -> None:
     arch = tiny_arch(2)
     models = timing_models(arch, [arch.blocks, arch.blocks[:1]], torch.device("cpu"), FP8)
     assert all(m.is_fp8 and m.layers[0].mlp.w_down.dtype == FP8 for m in models)
-    assert models[0].lm_head is models[1].lm_head  # the head is shared
+    assert models[0].lm_head is models[1].lm_head  # the head is shared, and so is its FP8 copy
+    assert models[0].lm_head_fp8 is models[1].lm_head_fp8 and models[0].lm_head_fp8.dtype == FP8
     with torch.no_grad():
         assert models[1](torch.zeros(1, 4, dtype=torch.int64)).isfinite().all()
