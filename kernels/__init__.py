@@ -30,7 +30,7 @@ from .fp8 import (
     quantize_weight,
     scaled_mm_supports,
 )
-from .hardware import interpreting
+from .hardware import cpu_launches
 from .norm import rms_norm_reference, rms_norm_triton
 from .rope import apply_rope_reference, apply_rope_triton, rope_and_cache_reference, rope_and_cache_triton
 
@@ -76,7 +76,7 @@ def backend(*tensors: torch.Tensor) -> str:
     if _forced == "torch" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return "torch"
     if _forced == "triton":
-        if not tensors[0].is_cuda and not interpreting():
+        if not tensors[0].is_cuda and not cpu_launches():
             raise RuntimeError(f"{BACKEND_ENV}=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
         return "triton"
     return "triton" if tensors[0].is_cuda else "torch"

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import dot_precision, interpreting, sm_count
+from .hardware import cpu_launches, dot_precision, sm_count
 
 try:  # host-side tensor descriptors (triton >= 3.3; the H200 image has 3.6)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -40,15 +40,15 @@ except ImportError:  # pragma: no cover - older triton: the portable schedule on
 
 
 def tma_ready(*tensors: torch.Tensor) -> bool:
-    """Whether tensor descriptors can describe these 2-D operands: an NVIDIA Hopper-or-newer GPU (or the CPU
-    interpreter, which emulates them), non-empty, rows contiguous, and base address and row stride 16-byte aligned
-    (TMA's rule)."""
+    """Whether tensor descriptors can describe these 2-D operands: an NVIDIA Hopper-or-newer GPU (or CPU tensors
+    where launches take them: the interpreter emulates descriptors, compile-only mode compiles them), non-empty,
+    rows contiguous, and base address and row stride 16-byte aligned (TMA's rule)."""
     if TensorDescriptor is None:
         return False
     for t in tensors:
         if t.is_cuda and (torch.version.hip is not None or torch.cuda.get_device_capability(t.device)[0] < 9):
             return False
-        if not t.is_cuda and not interpreting():
+        if not t.is_cuda and not cpu_launches():
             return False
         if t.dim() != 2 or t.numel() == 0 or t.stride(1) != 1:
             return False

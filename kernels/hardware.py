@@ -19,6 +19,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def interpreting() -> bool:
-    """Whether Triton runs kernels on the CPU (TRITON_INTERPRET, set before import): CPU tensors can take them."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+_compile_only = False
+
+
+def compile_only(on: bool) -> None:
+    """Launches compile kernels for a GPU that is not here instead of running them (benchmarks/compile_check.py,
+    which aims Triton at the target): the launchers then take CPU tensors, as under the interpreter."""
+    global _compile_only
+    _compile_only = on
+
+
+def cpu_launches() -> bool:
+    """Whether Triton launches take CPU tensors: under the interpreter (TRITON_INTERPRET, set before import), which
+    runs them, or in `compile_only` mode."""
+    return _compile_only or os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")

@@ -1,0 +1,323 @@
+"""Compile every Triton kernel variant tessera launches for an NVIDIA GPU, on a machine without one.
+
+The CPU tests run the kernels under Triton's interpreter: that checks what they compute, not that they compile.
+Triton's GPU compiler sees what the interpreter does not: the types an FP8 `tl.dot` takes, tensor descriptors,
+the shared memory and registers a tile schedule needs, and the API of the Triton version installed (the H200
+image has 3.6, the dev machines a newer one). A GPU session has 15 minutes; a kernel that fails to compile there
+costs a rerun. This runs, on CPU tensors, with Triton aimed at the target GPU and every launch turned into a
+compile (nothing executes, so outputs are never read):
+
+- the served path: engine steps (fresh prefill, chunked prefill, decode at batch 1 and 16) of a Llama-3.1-8B-
+  and a Nemotron-51B-shaped heterogeneous model (G = 4 to 64, a windowed layer, linear and no-op sublayers), in
+  bf16 and in FP8 with an FP8 KV cache;
+- what the GPU suite's kernel benchmarks launch besides: both FFN GEMM schedules (portable and persistent TMA)
+  at every row count of `bench_ffn`, bf16 and FP8, and paged attention over `bench_attention`'s head layouts,
+  split and unsplit, bf16 and FP8 pages, decode and prefill.
+
+Each distinct compiled kernel is listed with its shared memory (Triton's), warps, stages, and registers and
+local memory (from the cubin, read with the `cuobjdump` that ships in Triton's wheel). The run fails on a compile
+error, on shared memory past the target's per-block limit, or on more registers than a launch can hold; local
+memory (spills) is reported.
+
+    .venv/bin/python -m tessera.benchmarks.compile_check [--arch 90] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes"):
+    sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter runs kernels instead of compiling them)")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import jit
+from triton.runtime.driver import driver
+
+from tessera import kernels
+from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
+from tessera.kernels import hardware
+from tessera.kernels.attention import attention_prefill_triton
+from tessera.kernels.attention_paged import attention_paged_triton
+from tessera.kernels.ffn import swiglu_ffn_triton
+
+from .bench_attention import HEAD_DIM, HEADS, PAGE
+from .bench_ffn import ROWS
+
+ROOT = Path(__file__).resolve().parent.parent
+# Per-block shared memory an SM of each architecture can give (CUDA C Programming Guide, "Technical
+# Specifications per Compute Capability"), and the registers of one SM (64 K 32-bit on all three).
+TARGETS = {
+    90: ("H100 / H200", 227 * 1024),
+    89: ("L4 / L40S / RTX 4090", 99 * 1024),
+    80: ("A100", 163 * 1024),
+}
+REGISTERS_PER_SM = 65536
+
+
+class CompileOnly:
+    """A Triton driver for a GPU that is not here: it names the target and hands out device 0 and a null stream;
+    `JITFunction.run` is made to compile and return (its warmup mode) instead of launching."""
+
+    def __init__(self, arch: int) -> None:
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self) -> GPUTarget:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+
+class Compiled:
+    """Every distinct kernel compiled while it is active, keyed by its hash, with the workload that first did."""
+
+    def __init__(self) -> None:
+        self.kernels: dict[str, tuple[str, str, object]] = {}
+        self.workload = ""
+        self._run = jit.JITFunction.run
+
+    def __enter__(self) -> Compiled:
+        record, run = self, self._run
+
+        def compile_only(fn, *args, grid, warmup, **kwargs):
+            kernel = run(fn, *args, grid=grid, warmup=True, **kwargs)
+            record.kernels.setdefault(kernel.hash, (fn.__name__, record.workload, kernel))
+            return kernel
+
+        jit.JITFunction.run = compile_only
+        hardware.compile_only(True)
+        self._backend = kernels.forced_backend()
+        kernels.set_backend("triton")  # the ops' Triton launchers for CPU tensors too
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jit.JITFunction.run = self._run
+        hardware.compile_only(False)
+        kernels.set_backend(self._backend)
+
+
+def _constexprs(kernel) -> str:
+    """The kernel's compile-time arguments, `NAME=value` (what distinguishes its variants)."""
+    names = kernel.src.fn.arg_names
+    values = {names[path[0]]: value for path, value in kernel.src.constants.items() if len(path) == 1}
+    return " ".join(f"{k}={v}" for k, v in values.items() if k.isupper())
+
+
+def _resources(kernel, tools: Path) -> dict[str, int]:
+    """Registers a thread, local memory a thread (spills), and the static shared memory the cubin's kernel
+    function declares beside Triton's dynamic shared memory (cuobjdump -res-usage)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tools / "cuobjdump", "-res-usage", f.name], capture_output=True, text=True, check=True)
+    found = {k: int(v) for k, v in re.findall(r"\b(REG|SHARED|LOCAL):(\d+)", out.stdout)}
+    return {"registers": found["REG"], "local_bytes": found["LOCAL"], "static_shared_bytes": found["SHARED"]}
+
+
+# The workloads. Tensors come from torch.empty: no kernel runs, so no value is ever read.
+
+
+def _heterogeneous(config: str, blocks: list[BlockConfig]) -> ArchConfig:
+    return ArchConfig.from_json(ROOT / "configs" / config).with_blocks(blocks)
+
+
+def _gqa(n_kv: int, width: int | None, window: int | None = None) -> BlockConfig:
+    ffn = FFNConfig("swiglu", width) if width else FFNConfig("linear")
+    return BlockConfig(AttentionConfig("gqa", n_kv, window), ffn)
+
+
+MODELS = {
+    # 32 query heads: G = 4 (Llama's 8 KV heads), 8, 16 in a windowed layer, 32; the sublayers Puzzle puts in
+    # place of attention and FFNs, and a fused FFN-Fusion width.
+    "llama-3.1-8b shape": lambda: _heterogeneous(
+        "llama-3.1-8b.json",
+        [
+            _gqa(8, 14336),
+            _gqa(4, 4096),
+            _gqa(2, 14336, window=512),
+            _gqa(1, None),
+            BlockConfig(AttentionConfig("linear"), FFNConfig("swiglu", 3 * 14336)),
+            BlockConfig(AttentionConfig("none"), FFNConfig("swiglu", 7168)),
+        ],
+    ),
+    # 64 query heads: G = 8 and G = 64 (Nemotron-51B's 1-KV-head layers).
+    "nemotron-51b shape": lambda: _heterogeneous(
+        "llama-3_1-nemotron-51b-instruct.json", [_gqa(8, 14336), _gqa(1, 7168)]
+    ),
+}
+
+
+def served_path(name: str, fp8: bool, arch: int) -> None:
+    """Engine steps of the model (a fresh prefill, chunked prefill beside decode tokens, decode at 16 and 1),
+    then a forward over whole sequences without a cache."""
+    from tessera.runtime.engine import Engine, EngineConfig
+    from tessera.runtime.model import Model
+    from tessera.runtime.sampling import SamplingParams
+
+    model = Model.empty(MODELS[name](), "cpu", torch.bfloat16)
+    if fp8:
+        model.to_fp8()
+    config = EngineConfig(
+        max_batch=16, max_model_len=1024, page_size=PAGE, max_step_tokens=64, kv_cache_dtype="fp8" if fp8 else "auto"
+    )
+    engine = Engine(model.eval(), None, config)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    with torch.no_grad():
+        engine.generate([[1] * 150] + [[1] * 5] * 15, params)
+        engine.generate([[1] * 5], params)
+        model(torch.ones(2, 64, dtype=torch.int64))  # a forward without a cache: scoring, the search's teacher
+
+
+def gemm_schedules(fp8: bool, arch: int) -> None:
+    """The FFN (gate/up and down GEMMs, with the residual) at every row count bench_ffn times, both schedules
+    (the persistent one needs Hopper's tensor memory accelerator). Llama-8B's widths: the other shapes differ only
+    in sizes that are multiples of 16, which compile to the same variants."""
+    hidden, inter = 4096, 14336
+    dtype = kernels.FP8 if fp8 else torch.bfloat16
+    w_gate_up, w_down = torch.empty(2 * inter, hidden, dtype=dtype), torch.empty(hidden, inter, dtype=dtype)
+    scales = (torch.ones(2 * inter), torch.ones(hidden)) if fp8 else (None, None)
+    for persistent in (False, True) if arch >= 90 else (False,):
+        for m in ROWS:
+            x, residual = torch.empty(m, hidden, dtype=torch.bfloat16), torch.empty(m, hidden, dtype=torch.bfloat16)
+            swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, persistent=persistent)
+
+
+def paged_attention(fp8: bool, arch: int) -> None:
+    """bench_attention's head layouts: decode at batch 1 (the context split) and 64 (unsplit), prefill of 2,048
+    tokens through the paged kernel and the varlen one."""
+    scale = {"k_scale": torch.ones(1), "v_scale": torch.ones(1)} if fp8 else {}
+    pages_dtype = kernels.FP8 if fp8 else torch.bfloat16
+    for _, n_heads, n_kv in HEADS:
+        for batch, context, queries in ((1, 8192, 1), (64, 8192, 1), (1, 2048, 2048)):
+            if queries > 1 and fp8:
+                continue  # prefill reads the cache only past its first chunk: the decode rows cover FP8 pages
+            per_seq = context // PAGE
+            k_pages = torch.empty(1 + batch * per_seq, PAGE, n_kv, HEAD_DIM, dtype=pages_dtype)
+            tables = torch.arange(1, 1 + batch * per_seq, dtype=torch.int32).view(batch, per_seq)
+            cu = torch.arange(0, (batch + 1) * queries, queries, dtype=torch.int32)
+            meta = kernels.PagedAttentionMetadata(tables, cu, torch.full((batch,), context, dtype=torch.int32), queries)
+            q = torch.empty(batch * queries, n_heads, HEAD_DIM, dtype=torch.bfloat16)
+            attention_paged_triton(q, k_pages, torch.empty_like(k_pages), meta, **scale)
+            if queries > 1:
+                kv = torch.empty(batch * queries, n_kv, HEAD_DIM, dtype=torch.bfloat16)
+                attention_prefill_triton(q, kv, kv, cu, True, queries)
+
+
+WORKLOADS: dict[str, Callable[[int], None]] = {  # each takes the target's compute capability x 10
+    **{f"engine, {name}, bf16": partial(served_path, name, False) for name in MODELS},
+    **{f"engine, {name}, fp8 weights and KV cache": partial(served_path, name, True) for name in MODELS},
+    "bench_ffn schedules, bf16": partial(gemm_schedules, False),
+    "bench_ffn schedules, fp8": partial(gemm_schedules, True),
+    "bench_attention layouts, bf16 pages": partial(paged_attention, False),
+    "bench_attention layouts, fp8 pages": partial(paged_attention, True),
+}
+
+
+def check(arch: int) -> dict:
+    """Run every workload compiling for sm_<arch>; the kernels found and the failures."""
+    name, shared_limit = TARGETS[arch]
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    driver.set_active(CompileOnly(arch))  # for the rest of the process: there is no GPU driver to go back to
+    failures, started = [], time.perf_counter()
+    with Compiled() as compiled:
+        for workload, run in WORKLOADS.items():
+            if "fp8" in workload and arch < 89:
+                continue  # FP8 needs compute capability 8.9 (the runtime refuses it below, devices.check_fp8)
+            compiled.workload = workload
+            print(f"{workload} ...", flush=True)
+            try:
+                run(arch)
+            except Exception as e:  # a compile error: report it, go on with the next workload
+                failures.append(f"{workload}: {type(e).__name__}: {str(e)[:2000]}")
+                print(f"  FAILED: {failures[-1]}", flush=True)
+    rows: dict[tuple, dict] = {}  # variants that differ only in integer specialisations (divisibility) merged
+    for kernel_name, workload, kernel in compiled.kernels.values():
+        meta = kernel.metadata
+        row = {
+            "kernel": kernel_name,
+            "constexprs": _constexprs(kernel),
+            "shared_bytes": meta.shared,
+            "num_warps": meta.num_warps,
+            "num_stages": meta.num_stages,
+            **_resources(kernel, tools),
+        }
+        key = tuple(row.values())
+        rows.setdefault(key, {**row, "variants": 0, "first_seen_in": workload})["variants"] += 1
+        where = f"{kernel_name} [{row['constexprs']}]"
+        shared = meta.shared + row["static_shared_bytes"]
+        if shared > shared_limit:
+            failures.append(
+                f"{where}: {shared} bytes of shared memory, the most a block gets on {name} is {shared_limit}"
+            )
+        threads = 32 * meta.num_warps
+        if row["registers"] * threads > REGISTERS_PER_SM:
+            failures.append(
+                f"{where}: {row['registers']} registers x {threads} threads exceed an SM's {REGISTERS_PER_SM}"
+            )
+    return {
+        "target": f"sm_{arch} ({name})",
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": _commit(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "compiled": len(compiled.kernels),
+        "kernels": sorted(rows.values(), key=lambda r: (r["kernel"], r["constexprs"], r["shared_bytes"])),
+        "failures": failures,
+    }
+
+
+def _commit() -> str:
+    """The checkout's commit (with "+changes" when the tree differs from it), or "unknown" outside git."""
+    try:
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(TARGETS), help="compute capability x 10")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    args = parser.parse_args(argv)
+    report = check(args.arch)
+    print(
+        f"\n{report['compiled']} kernel variants compiled for {report['target']} with triton {report['triton']} in "
+        f"{report['seconds']} s (rows: those alike in everything below merged, `n` of them)"
+    )
+    print(f"{'kernel':<28} {'n':>2} {'smem':>7} {'warps':>5} {'stages':>6} {'regs':>4} {'local':>5}  constexprs")
+    for r in report["kernels"]:
+        print(
+            f"{r['kernel']:<28} {r['variants']:>2} {r['shared_bytes']:>7} {r['num_warps']:>5} {r['num_stages']:>6} "
+            f"{r['registers']:>4} {r['local_bytes']:>5}  {r['constexprs']}"
+        )
+    spills = [r for r in report["kernels"] if r["local_bytes"]]
+    if spills:
+        print(f"\n{len(spills)} rows use local memory (register spills): see 'local' above")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    for failure in report["failures"]:
+        print(f"FAILED {failure}")
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
