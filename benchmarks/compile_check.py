@@ -2,22 +2,25 @@
 
 The CPU tests run the kernels under Triton's interpreter: that checks what they compute, not that they compile.
 Triton's GPU compiler sees what the interpreter does not: the types an FP8 `tl.dot` takes, tensor descriptors,
-the shared memory and registers a tile schedule needs, and the API of the Triton version installed (the H200
-image has 3.6, the dev machines a newer one). A GPU session has 15 minutes; a kernel that fails to compile there
-costs a rerun. This runs, on CPU tensors, with Triton aimed at the target GPU and every launch turned into a
-compile (nothing executes, so outputs are never read):
+the shared memory a tile schedule needs and the registers it spills, and the API of the Triton version installed
+(the H200 image has 3.6, the dev machines a newer one). A GPU session has 15 minutes; a kernel that fails to
+compile there costs a rerun. This runs, on CPU tensors, with Triton aimed at the target GPU and every launch turned
+into a compile (nothing executes, so outputs are never read):
 
 - the served path: engine steps (fresh prefill, chunked prefill, decode at batch 1 and 16) of a Llama-3.1-8B-
   and a Nemotron-51B-shaped heterogeneous model (G = 4 to 64, a windowed layer, linear and no-op sublayers), in
-  bf16 and in FP8 with an FP8 KV cache;
+  bf16, and in FP8 with a bf16 and with an FP8 KV cache; then a forward without a cache (scoring, distillation);
 - what the GPU suite's kernel benchmarks launch besides: both FFN GEMM schedules (portable and persistent TMA)
   at every row count of `bench_ffn`, bf16 and FP8, and paged attention over `bench_attention`'s head layouts,
   split and unsplit, bf16 and FP8 pages, decode and prefill.
 
 Each distinct compiled kernel is listed with its shared memory (Triton's), warps, stages, and registers and
 local memory (from the cubin, read with the `cuobjdump` that ships in Triton's wheel). The run fails on a compile
-error, on shared memory past the target's per-block limit, or on more registers than a launch can hold; local
-memory (spills) is reported.
+error, or on shared memory past the target's per-block limit; local memory (spills: ptxas caps a thread's
+registers by the block size and spills the rest, so registers never fail a launch) is reported, and the test
+(tests/test_compile_check.py) refuses it on sm_90. The launchers size their work for the target as they would
+on it (`kernels.hardware.GPU`: its SMs, its shared memory for the pipeline stages, tensor descriptors from sm_90).
+Once per process: Triton keeps the first target per device.
 
     .venv/bin/python -m tessera.benchmarks.compile_check [--arch 90] [--json out.json]
 """
@@ -56,14 +59,14 @@ from .bench_attention import HEAD_DIM, HEADS, PAGE
 from .bench_ffn import ROWS
 
 ROOT = Path(__file__).resolve().parent.parent
-# Per-block shared memory an SM of each architecture can give (CUDA C Programming Guide, "Technical
-# Specifications per Compute Capability"), and the registers of one SM (64 K 32-bit on all three).
+# The targets: compute capability, SMs, and the shared memory a block may opt in to (CUDA C Programming Guide,
+# "Technical Specifications per Compute Capability"). sm_89's figures are an L40S's; an L4 (58 SMs) and an
+# RTX 4090 (128) have its 99 KB a block too.
 TARGETS = {
-    90: ("H100 / H200", 227 * 1024),
-    89: ("L4 / L40S / RTX 4090", 99 * 1024),
-    80: ("A100", 163 * 1024),
+    90: ("H100 / H200", hardware.H200),
+    89: ("L40S / L4 / RTX 4090", hardware.GPU((8, 9), 142, 99 * 1024)),
+    80: ("A100", hardware.GPU((8, 0), 108, 163 * 1024)),
 }
-REGISTERS_PER_SM = 65536
 
 
 class CompileOnly:
@@ -84,11 +87,13 @@ class CompileOnly:
 
 
 class Compiled:
-    """Every distinct kernel compiled while it is active, keyed by its hash, with the workload that first did."""
+    """Every distinct kernel compiled while it is active, keyed by its hash, with the workload that first did; the
+    launchers meanwhile take CPU tensors and size their work for `target`."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: hardware.GPU) -> None:
         self.kernels: dict[str, tuple[str, str, object]] = {}
         self.workload = ""
+        self.target = target
         self._run = jit.JITFunction.run
 
     def __enter__(self) -> Compiled:
@@ -100,14 +105,14 @@ class Compiled:
             return kernel
 
         jit.JITFunction.run = compile_only
-        hardware.compile_only(True)
+        hardware.compile_only(self.target)
         self._backend = kernels.forced_backend()
         kernels.set_backend("triton")  # the ops' Triton launchers for CPU tensors too
         return self
 
     def __exit__(self, *exc) -> None:
         jit.JITFunction.run = self._run
-        hardware.compile_only(False)
+        hardware.compile_only(None)
         kernels.set_backend(self._backend)
 
 
@@ -162,7 +167,7 @@ MODELS = {
 }
 
 
-def served_path(name: str, fp8: bool, arch: int) -> None:
+def served_path(name: str, fp8: bool, fp8_cache: bool, arch: int) -> None:
     """Engine steps of the model (a fresh prefill, chunked prefill beside decode tokens, decode at 16 and 1),
     then a forward over whole sequences without a cache."""
     from tessera.runtime.engine import Engine, EngineConfig
@@ -173,7 +178,11 @@ def served_path(name: str, fp8: bool, arch: int) -> None:
     if fp8:
         model.to_fp8()
     config = EngineConfig(
-        max_batch=16, max_model_len=1024, page_size=PAGE, max_step_tokens=64, kv_cache_dtype="fp8" if fp8 else "auto"
+        max_batch=16,
+        max_model_len=1024,
+        page_size=PAGE,
+        max_step_tokens=64,
+        kv_cache_dtype="fp8" if fp8_cache else "auto",
     )
     engine = Engine(model.eval(), None, config)
     params = SamplingParams(max_new_tokens=3, ignore_eos=True)
@@ -185,13 +194,13 @@ def served_path(name: str, fp8: bool, arch: int) -> None:
 
 def gemm_schedules(fp8: bool, arch: int) -> None:
     """The FFN (gate/up and down GEMMs, with the residual) at every row count bench_ffn times, both schedules
-    (the persistent one needs Hopper's tensor memory accelerator). Llama-8B's widths: the other shapes differ only
-    in sizes that are multiples of 16, which compile to the same variants."""
+    (below Hopper, without tensor descriptors, the persistent one falls back to the portable one). Llama-8B's
+    widths: the other shapes differ only in sizes that are multiples of 16, which compile to the same variants."""
     hidden, inter = 4096, 14336
     dtype = kernels.FP8 if fp8 else torch.bfloat16
     w_gate_up, w_down = torch.empty(2 * inter, hidden, dtype=dtype), torch.empty(hidden, inter, dtype=dtype)
     scales = (torch.ones(2 * inter), torch.ones(hidden)) if fp8 else (None, None)
-    for persistent in (False, True) if arch >= 90 else (False,):
+    for persistent in (False, True):
         for m in ROWS:
             x, residual = torch.empty(m, hidden, dtype=torch.bfloat16), torch.empty(m, hidden, dtype=torch.bfloat16)
             swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, persistent=persistent)
@@ -219,8 +228,9 @@ def paged_attention(fp8: bool, arch: int) -> None:
 
 
 WORKLOADS: dict[str, Callable[[int], None]] = {  # each takes the target's compute capability x 10
-    **{f"engine, {name}, bf16": partial(served_path, name, False) for name in MODELS},
-    **{f"engine, {name}, fp8 weights and KV cache": partial(served_path, name, True) for name in MODELS},
+    **{f"engine, {name}, bf16": partial(served_path, name, False, False) for name in MODELS},
+    **{f"engine, {name}, fp8 weights, bf16 KV cache": partial(served_path, name, True, False) for name in MODELS},
+    **{f"engine, {name}, fp8 weights and KV cache": partial(served_path, name, True, True) for name in MODELS},
     "bench_ffn schedules, bf16": partial(gemm_schedules, False),
     "bench_ffn schedules, fp8": partial(gemm_schedules, True),
     "bench_attention layouts, bf16 pages": partial(paged_attention, False),
@@ -230,11 +240,12 @@ WORKLOADS: dict[str, Callable[[int], None]] = {  # each takes the target's compu
 
 def check(arch: int) -> dict:
     """Run every workload compiling for sm_<arch>; the kernels found and the failures."""
-    name, shared_limit = TARGETS[arch]
+    name, target = TARGETS[arch]
+    shared_limit = target.shared_per_block
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     driver.set_active(CompileOnly(arch))  # for the rest of the process: there is no GPU driver to go back to
     failures, started = [], time.perf_counter()
-    with Compiled() as compiled:
+    with Compiled(target) as compiled:
         for workload, run in WORKLOADS.items():
             if "fp8" in workload and arch < 89:
                 continue  # FP8 needs compute capability 8.9 (the runtime refuses it below, devices.check_fp8)
@@ -263,11 +274,6 @@ def check(arch: int) -> dict:
         if shared > shared_limit:
             failures.append(
                 f"{where}: {shared} bytes of shared memory, the most a block gets on {name} is {shared_limit}"
-            )
-        threads = 32 * meta.num_warps
-        if row["registers"] * threads > REGISTERS_PER_SM:
-            failures.append(
-                f"{where}: {row['registers']} registers x {threads} threads exceed an SM's {REGISTERS_PER_SM}"
             )
     return {
         "target": f"sm_{arch} ({name})",

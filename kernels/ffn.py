@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .fp8 import linear_fp8_reference, linear_fp8_scaled_mm, quantize_rows_triton
 from .gemm import descriptor, gemm_blocks, grouped_tile, matmul_triton, persistent_programs, tma_ready
-from .hardware import dot_precision
+from .hardware import dot_precision, fitting_stages
 
 # Rows up to which the automatic dispatch (kernels.swiglu_ffn) runs these kernels; past it, cuBLAS. On the H200
 # (benchmarks/results/nvidia-h200_kernels_ffn.md) they beat cuBLAS eager at 1 and 16 rows (1.02-1.09x, 83-107 % of
@@ -189,6 +189,7 @@ def swiglu_ffn_triton(
     h = torch.empty(m, inter, dtype=x.dtype, device=x.device)  # silu(gate)·up, the only intermediate
     # Two fp32 accumulators: at BLOCK_N 128 they alone would take 128 registers per thread; cap it at 64.
     gate_block_n = min(block_n, 64)
+    stages = fitting_stages(stages, (block_m + 2 * gate_block_n) * block_k * a.element_size(), x.device)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(inter, gate_block_n)
     scales = (a_scale, gate_up_scale) if scaled else (h, h)  # unread without SCALED
     flags = dict(

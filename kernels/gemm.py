@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import cpu_launches, dot_precision, sm_count
+from .hardware import cpu_launches, dot_precision, fitting_stages, gpu, sm_count
 
 try:  # host-side tensor descriptors (triton >= 3.3; the H200 image has 3.6)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -46,9 +46,11 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
     if TensorDescriptor is None:
         return False
     for t in tensors:
-        if t.is_cuda and (torch.version.hip is not None or torch.cuda.get_device_capability(t.device)[0] < 9):
+        if t.is_cuda and torch.version.hip is not None:
             return False
         if not t.is_cuda and not cpu_launches():
+            return False
+        if gpu(t.device).capability[0] < 9:  # the device, or the target CPU launches are sized for
             return False
         if t.dim() != 2 or t.numel() == 0 or t.stride(1) != 1:
             return False
@@ -308,6 +310,7 @@ def matmul_triton(
     if m == 0:
         return out
     block_m, block_n, block_k, warps, stages = gemm_blocks(m)
+    stages = fitting_stages(stages, (block_m + block_n) * block_k * a.element_size(), a.device)
     # Split the reduction over K until the output tiles cover the SMs twice, keeping >= 8 K tiles per split.
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)

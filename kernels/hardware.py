@@ -1,16 +1,62 @@
-"""What every launcher decides the same way: the device's size (read once per device) and the tl.dot precision."""
+"""What every launcher decides the same way: the GPU it sizes work for (read once per device) and the tl.dot
+precision."""
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
+import triton
+
+
+@dataclass(frozen=True)
+class GPU:
+    """What a launch is sized by: its compute capability, its SMs (split-K and persistent grids), and the shared
+    memory one block may use (pipeline stages must fit in it)."""
+
+    capability: tuple[int, int]
+    sms: int
+    shared_per_block: int
+
+
+# What launches on CPU tensors size themselves for, unless compile-only mode names another target: the H200, so
+# the interpreter tests exercise the split logic and tile schedules the GPU runs.
+H200 = GPU((9, 0), 132, 227 * 1024)
+_compile_target: GPU | None = None
 
 
 @functools.cache
+def _cuda(device: torch.device) -> GPU:
+    """The device's figures; its shared memory is the limit Triton checks a kernel against at launch (the
+    per-block opt-in maximum, which torch's device properties do not give)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return GPU((props.major, props.minor), props.multi_processor_count, shared)
+
+
+def gpu(device: torch.device) -> GPU:
+    """The GPU a launch on `device` is sized for: the device itself, or for CPU tensors the compile target
+    (`compile_only`) or the H200."""
+    if device.type == "cuda":
+        return _cuda(device)
+    return _compile_target or H200
+
+
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors, to size split-K grids. Under the CPU interpreter: an H200's 132, so the
-    tests exercise the same split logic the GPU runs."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    """Streaming multiprocessors, to size split-K and persistent grids."""
+    return gpu(device).sms
+
+
+def fitting_stages(stages: int, stage_bytes: int, device: torch.device) -> int:
+    """The most software-pipeline stages, up to `stages`, whose buffers fit in a block's shared memory on the
+    device. Triton keeps stages - 1 tiles of each operand in flight (`stage_bytes` a set: on the sm_90 compile
+    check, 4 stages of the gate/up GEMM's 36 KB set took 108 KB); two stages at least. The H100/H200's 227 KB
+    never cuts a schedule here; the 99 KB of an L4, L40S or RTX 4090 cuts the 16-row gate/up GEMM to 3."""
+    limit = gpu(device).shared_per_block
+    while stages > 2 and (stages - 1) * stage_bytes > limit:
+        stages -= 1
+    return stages
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -19,17 +65,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-_compile_only = False
-
-
-def compile_only(on: bool) -> None:
-    """Launches compile kernels for a GPU that is not here instead of running them (benchmarks/compile_check.py,
-    which aims Triton at the target): the launchers then take CPU tensors, as under the interpreter."""
-    global _compile_only
-    _compile_only = on
+def compile_only(target: GPU | None) -> None:
+    """Launches compile kernels for `target`, a GPU that is not here, instead of running them (benchmarks/
+    compile_check.py, which aims Triton at it); None ends it. Meanwhile the launchers take CPU tensors, as under the
+    interpreter, and size their work for the target."""
+    global _compile_target
+    _compile_target = target
 
 
 def cpu_launches() -> bool:
     """Whether Triton launches take CPU tensors: under the interpreter (TRITON_INTERPRET, set before import), which
     runs them, or in `compile_only` mode."""
-    return _compile_only or os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+    return _compile_target is not None or os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")

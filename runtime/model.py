@@ -91,6 +91,12 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
+# Rows of the LM head quantized at once (Model._quantize_head): quantize_weight's fp32 temporaries take ~14 bytes a
+# weight, under 1 GB for 8,192 rows of an 8,192-wide head, where a whole 128k-row head's would take 15 GB on top of
+# the loaded model (more than the memory check allows for).
+HEAD_QUANTIZE_ROWS = 8192
+
+
 def _fp8_storage(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unfilled storage for W's E4M3 values and fp32 scales (Model.empty in kernels.FP8)."""
     return torch.empty_like(w, dtype=kernels.FP8), torch.empty(w.shape[0], dtype=torch.float32)
@@ -247,7 +253,7 @@ class Model(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = None if arch.tie_embeddings else nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size))
         # In FP8, the LM head's E4M3 copy [vocab, H] and per-row scales [vocab] (_quantize_head), what logits()
-        # reads: the head is the largest matrix of a small model and ~6 % of an 8B FP8 step's bytes. Not stored:
+        # reads: the head is the largest matrix of a small model and 6-7 % of an 8B FP8 step's bytes. Not stored:
         # the checkpoint keeps the bf16 head (`ignore: ["lm_head"]`), which every FP8 runtime loads (vLLM's and
         # SGLang's stock loaders refuse a quantized head), and loading it in FP8 makes the same copy again.
         self.register_buffer("lm_head_fp8", None, persistent=False)
@@ -362,10 +368,15 @@ class Model(nn.Module):
         return self
 
     def _quantize_head(self, head: torch.Tensor) -> None:
-        """The FP8 copy of `head` (the LM head's rows, as given) that logits() reads, with its per-row scales."""
-        self.lm_head_fp8, self.lm_head_fp8_scale = kernels.quantize_weight(
-            head.to(self.embed_tokens.weight.device, torch.bfloat16)
-        )
+        """The FP8 copy of `head` (the LM head's rows, as given) that logits() reads, with its per-row scales,
+        quantized HEAD_QUANTIZE_ROWS rows at a time (each row on its own: the same codes as all at once)."""
+        device = self.embed_tokens.weight.device
+        codes = torch.empty(head.shape, dtype=kernels.FP8, device=device)
+        scales = torch.empty(head.shape[0], dtype=torch.float32, device=device)
+        for start in range(0, head.shape[0], HEAD_QUANTIZE_ROWS):
+            rows = slice(start, start + HEAD_QUANTIZE_ROWS)
+            codes[rows], scales[rows] = kernels.quantize_weight(head[rows].to(device, torch.bfloat16))
+        self.lm_head_fp8, self.lm_head_fp8_scale = codes, scales
 
     def _fp8_matrices(self, quantize) -> None:
         """Each projection matrix W not in FP8 yet replaced by quantize(W) = (E4M3 weights, per-row scales); the

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import tessera.kernels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,11 +32,15 @@ def _launched_kernels() -> set[str]:
     return names
 
 
-def test_every_kernel_compiles_for_hopper_within_its_limits(tmp_path) -> None:
+@pytest.mark.parametrize("arch", [90, 89], ids=["sm_90-h200", "sm_89-l40s"])
+def test_every_kernel_compiles_within_the_gpus_shared_memory(tmp_path, arch: int) -> None:
+    """sm_90 (H100/H200, what the GPU suite runs on) with the persistent TMA schedules; sm_89 (L4, L40S, RTX 4090:
+    FP8 but 99 KB of shared memory a block, where the 16-row gate/up GEMM's 4 stages took 108 KB until the
+    launchers fitted their stages to the device)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report_path = tmp_path / "compile_check.json"
     run = subprocess.run(
-        [sys.executable, "-m", "tessera.benchmarks.compile_check", "--arch", "90", "--json", str(report_path)],
+        [sys.executable, "-m", "tessera.benchmarks.compile_check", "--arch", str(arch), "--json", str(report_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -43,15 +49,18 @@ def test_every_kernel_compiles_for_hopper_within_its_limits(tmp_path) -> None:
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
     report = json.loads(report_path.read_text())
-    assert report["failures"] == [] and report["target"].startswith("sm_90")
+    assert report["failures"] == [] and report["target"].startswith(f"sm_{arch}")
     compiled = {row["kernel"] for row in report["kernels"]}
     defined = _launched_kernels()
     assert len(defined) >= 10, defined  # the scan found the kernels (a rename would empty it)
-    assert defined <= compiled, f"kernels no workload launches: {sorted(defined - compiled)}"
-    # The served path's FP8 variants and the persistent TMA schedules are among them.
+    persistent = {"_persistent_gate_up_kernel", "_persistent_matmul_kernel"}  # tensor descriptors: sm_90 and up
+    expected = defined if arch >= 90 else defined - persistent
+    assert expected <= compiled, f"kernels no workload launches: {sorted(expected - compiled)}"
+    assert arch >= 90 or not compiled & persistent
     constexprs = " | ".join(row["constexprs"] for row in report["kernels"])
-    assert "FP8_CACHE=True" in constexprs and "SCALED=True" in constexprs
-    assert {"_persistent_gate_up_kernel", "_persistent_matmul_kernel"} <= compiled
+    assert "FP8_CACHE=True" in constexprs and "SCALED=True" in constexprs  # FP8 weights and KV cache
+    limit = 227 * 1024 if arch == 90 else 99 * 1024
     for row in report["kernels"]:
-        assert row["shared_bytes"] + row["static_shared_bytes"] <= 227 * 1024, row
-        assert row["registers"] * 32 * row["num_warps"] <= 65536, row
+        assert row["shared_bytes"] + row["static_shared_bytes"] <= limit, row
+        if arch == 90:  # the H200's kernels keep their registers (none spilled on 2026-11-29, triton 3.6 and 3.9)
+            assert row["local_bytes"] == 0, row

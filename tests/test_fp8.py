@@ -215,10 +215,16 @@ def test_fp8_checkpoint_round_trip_in_the_layout_vllm_reads(tmp_path, llama_unti
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_the_lm_head_runs_through_an_fp8_copy_that_is_not_stored(tmp_path, llama_untied, llama_tied, tied) -> None:
+def test_the_lm_head_runs_through_an_fp8_copy_that_is_not_stored(
+    tmp_path, monkeypatch, llama_untied, llama_tied, tied
+) -> None:
     """In FP8 the logits come from the head's E4M3 copy with per-row scales, quantized from the bf16 head (the
-    embedding when tied), checked against the float64 product of the same quantized operands. The checkpoint
-    keeps the bf16 head alone (what vLLM reads), and loading it in FP8 makes the same copy, bit for bit."""
+    embedding when tied) a few rows at a time, equal to quantizing it whole, and checked against the float64
+    product of the same quantized operands. The checkpoint keeps the bf16 head alone (what vLLM reads), and loading
+    it in FP8 makes the same copy, bit for bit."""
+    from tessera.runtime import model as model_module
+
+    monkeypatch.setattr(model_module, "HEAD_QUANTIZE_ROWS", 7)  # several chunks and a ragged last one
     source = llama_tied if tied else llama_untied
     model = load_model(source, dtype=FP8)
     expected, scale = quantize_weight(load_model(source, dtype=torch.bfloat16).lm_head_weight)
