@@ -85,6 +85,29 @@ def test_backend_errors_are_clear(monkeypatch) -> None:
         kernels.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5)
 
 
+def test_launches_are_sized_for_the_gpu_they_run_on() -> None:
+    """kernels.hardware: CPU launches size themselves for an H200 (the interpreter tests run its split logic) or
+    for the compile check's target; pipeline stages are cut until stages - 1 sets of tiles fit a block's shared
+    memory (the 16-row bf16 gate/up GEMM: 36 KB a set, 4 stages on the H200's 227 KB, 3 on sm_89's 99 KB), never
+    below 2; tensor descriptors only from sm_90."""
+    from tessera.kernels import hardware
+    from tessera.kernels.gemm import tma_ready
+
+    cpu, tile_set = torch.device("cpu"), (16 + 2 * 64) * 128 * 2
+    assert hardware.gpu(cpu) == hardware.H200 and hardware.sm_count(cpu) == 132
+    assert hardware.fitting_stages(4, tile_set, cpu) == 4
+    ada = hardware.GPU((8, 9), 142, 99 * 1024)
+    hardware.compile_only(ada)
+    try:
+        assert hardware.gpu(cpu) == ada and hardware.sm_count(cpu) == 142 and hardware.cpu_launches()
+        assert hardware.fitting_stages(4, tile_set, cpu) == 3
+        assert hardware.fitting_stages(4, 200 * 1024, cpu) == 2  # the floor: a pipeline needs two
+        assert not tma_ready(torch.zeros(16, 16))
+    finally:
+        hardware.compile_only(None)
+    assert hardware.gpu(cpu) == hardware.H200 and tma_ready(torch.zeros(16, 16))  # the interpreter emulates TMA
+
+
 def test_training_through_ops_gets_gradients() -> None:
     """With the Triton backend forced, a tensor that needs a gradient still gets one (reference path)."""
     weight = torch.ones(8, requires_grad=True)
