@@ -14,8 +14,9 @@ into a compile (nothing executes, so outputs are never read):
   at every row count of `bench_ffn`, bf16 and FP8, and paged attention over `bench_attention`'s head layouts,
   split and unsplit, bf16 and FP8 pages, decode and prefill.
 
-Each distinct compiled kernel is listed with its shared memory (Triton's), warps, stages, and registers and
-local memory (from the cubin, read with the `cuobjdump` that ships in Triton's wheel). The run fails on a compile
+Each distinct compiled kernel is listed with its shared memory (Triton's), warps, stages, registers and local
+memory (from the cubin, read with the `cuobjdump` that ships in Triton's wheel), and the tensor-core instruction
+its dots became and whether it loads through TMA (from its PTX). The run fails on a compile
 error, or on shared memory past the target's per-block limit; local memory (spills: ptxas caps a thread's
 registers by the block size and spills the rest, so registers never fail a launch) is reported, and the test
 (tests/test_compile_check.py) refuses it on sm_90. The launchers size their work for the target as they would
@@ -132,6 +133,14 @@ def _resources(kernel, tools: Path) -> dict[str, int]:
         out = subprocess.run([tools / "cuobjdump", "-res-usage", f.name], capture_output=True, text=True, check=True)
     found = {k: int(v) for k, v in re.findall(r"\b(REG|SHARED|LOCAL):(\d+)", out.stdout)}
     return {"registers": found["REG"], "local_bytes": found["LOCAL"], "static_shared_bytes": found["SHARED"]}
+
+
+def _instructions(kernel) -> str:
+    """Which tensor-core instruction the kernel's dots became ("wgmma": Hopper's warpgroup MMA, which needs 64-row
+    tiles; "mma": the warp-level one; "-": no dot) and whether it loads tiles through TMA ("+tma"), from its PTX."""
+    ptx = kernel.asm["ptx"]
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "-"
+    return mma + ("+tma" if "cp.async.bulk.tensor" in ptx else "")
 
 
 # The workloads. Tensors come from torch.empty: no kernel runs, so no value is ever read.
@@ -266,6 +275,7 @@ def check(arch: int) -> dict:
             "num_warps": meta.num_warps,
             "num_stages": meta.num_stages,
             **_resources(kernel, tools),
+            "instructions": _instructions(kernel),
         }
         key = tuple(row.values())
         rows.setdefault(key, {**row, "variants": 0, "first_seen_in": workload})["variants"] += 1
@@ -309,11 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{report['compiled']} kernel variants compiled for {report['target']} with triton {report['triton']} in "
         f"{report['seconds']} s (rows: those alike in everything below merged, `n` of them)"
     )
-    print(f"{'kernel':<28} {'n':>2} {'smem':>7} {'warps':>5} {'stages':>6} {'regs':>4} {'local':>5}  constexprs")
+    print(
+        f"{'kernel':<28} {'n':>2} {'smem':>7} {'warps':>5} {'stages':>6} {'regs':>4} {'local':>5} {'insns':<9}  "
+        "constexprs"
+    )
     for r in report["kernels"]:
         print(
             f"{r['kernel']:<28} {r['variants']:>2} {r['shared_bytes']:>7} {r['num_warps']:>5} {r['num_stages']:>6} "
-            f"{r['registers']:>4} {r['local_bytes']:>5}  {r['constexprs']}"
+            f"{r['registers']:>4} {r['local_bytes']:>5} {r['instructions']:<9}  {r['constexprs']}"
         )
     spills = [r for r in report["kernels"] if r["local_bytes"]]
     if spills:
