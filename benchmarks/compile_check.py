@@ -299,11 +299,13 @@ def check(arch: int) -> dict:
 
 
 def _commit() -> str:
-    """The checkout's commit (with "+changes" when the tree differs from it), or "unknown" outside git."""
+    """The checkout's commit (with "+changes" when the code differs from it; results files do not count), or
+    "unknown" outside git."""
     try:
         git = ["git", "-C", str(ROOT)]
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        status = [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"]
+        dirty = subprocess.run(status, capture_output=True, text=True)
         return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
