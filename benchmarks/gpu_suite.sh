@@ -65,6 +65,13 @@ STEPS=" $* "
 OPTIONAL=" cost_model search_scale tune_attention "
 want() { [[ ("$STEPS" == "  " && "$OPTIONAL" != *" $1 "*) || "$STEPS" == *" $1 "* ]]; }
 
+# Every step needs the image's torch and a CUDA GPU: without them each would only fail in turn (seen when the
+# suite was started on the CPU dev machine), so say so once and stop.
+if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "gpu_suite: $(command -v python3) cannot import torch or sees no CUDA GPU; run this on the device" \
+        | tee -a "$LOGS/summary.txt"
+    exit 2
+fi
 step setup 45 bash -c setup
 # Correctness first: the kernel tests compiled for the GPU, in 12 processes (a cold Triton cache compiles on the
 # CPU cores: one process took over 2 minutes), and the engine's CUDA-graph test.
