@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -39,9 +38,6 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-
-if os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes"):
-    sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter runs kernels instead of compiling them)")
 
 import torch
 import triton
@@ -52,12 +48,16 @@ from triton.runtime.driver import driver
 from tessera import kernels
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.kernels import hardware
+
+if hardware.INTERPRETING:  # its kernels were decorated as interpreted functions, which do not compile
+    sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter runs kernels instead of compiling them)")
 from tessera.kernels.attention import attention_prefill_triton
 from tessera.kernels.attention_paged import attention_paged_triton
 from tessera.kernels.ffn import swiglu_ffn_triton
 
 from .bench_attention import HEAD_DIM, HEADS, PAGE
 from .bench_ffn import ROWS
+from .harness import commit
 
 ROOT = Path(__file__).resolve().parent.parent
 # The targets: compute capability, SMs, and the shared memory a block may opt in to (CUDA C Programming Guide,
@@ -176,7 +176,7 @@ MODELS = {
 }
 
 
-def served_path(name: str, fp8: bool, fp8_cache: bool, arch: int) -> None:
+def served_path(name: str, fp8: bool, fp8_cache: bool) -> None:
     """Engine steps of the model (a fresh prefill, chunked prefill beside decode tokens, decode at 16 and 1),
     then a forward over whole sequences without a cache."""
     from tessera.runtime.engine import Engine, EngineConfig
@@ -201,7 +201,7 @@ def served_path(name: str, fp8: bool, fp8_cache: bool, arch: int) -> None:
         model(torch.ones(2, 64, dtype=torch.int64))  # a forward without a cache: scoring, the search's teacher
 
 
-def gemm_schedules(fp8: bool, arch: int) -> None:
+def gemm_schedules(fp8: bool) -> None:
     """The FFN (gate/up and down GEMMs, with the residual) at every row count bench_ffn times, both schedules
     (below Hopper, without tensor descriptors, the persistent one falls back to the portable one). Llama-8B's
     widths: the other shapes differ only in sizes that are multiples of 16, which compile to the same variants."""
@@ -215,7 +215,7 @@ def gemm_schedules(fp8: bool, arch: int) -> None:
             swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, persistent=persistent)
 
 
-def paged_attention(fp8: bool, arch: int) -> None:
+def paged_attention(fp8: bool) -> None:
     """bench_attention's head layouts: decode at batch 1 (the context split) and 64 (unsplit), prefill of 2,048
     tokens through the paged kernel and the varlen one."""
     scale = {"k_scale": torch.ones(1), "v_scale": torch.ones(1)} if fp8 else {}
@@ -236,7 +236,7 @@ def paged_attention(fp8: bool, arch: int) -> None:
                 attention_prefill_triton(q, kv, kv, cu, True, queries)
 
 
-WORKLOADS: dict[str, Callable[[int], None]] = {  # each takes the target's compute capability x 10
+WORKLOADS: dict[str, Callable[[], None]] = {
     **{f"engine, {name}, bf16": partial(served_path, name, False, False) for name in MODELS},
     **{f"engine, {name}, fp8 weights, bf16 KV cache": partial(served_path, name, True, False) for name in MODELS},
     **{f"engine, {name}, fp8 weights and KV cache": partial(served_path, name, True, True) for name in MODELS},
@@ -261,7 +261,7 @@ def check(arch: int) -> dict:
             compiled.workload = workload
             print(f"{workload} ...", flush=True)
             try:
-                run(arch)
+                run()
             except Exception as e:  # a compile error: report it, go on with the next workload
                 failures.append(f"{workload}: {type(e).__name__}: {str(e)[:2000]}")
                 print(f"  FAILED: {failures[-1]}", flush=True)
@@ -290,25 +290,12 @@ def check(arch: int) -> dict:
         "triton": triton.__version__,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "commit": _commit(),
+        "commit": commit(),
         "seconds": round(time.perf_counter() - started, 1),
         "compiled": len(compiled.kernels),
         "kernels": sorted(rows.values(), key=lambda r: (r["kernel"], r["constexprs"], r["shared_bytes"])),
         "failures": failures,
     }
-
-
-def _commit() -> str:
-    """The checkout's commit (with "+changes" when the code differs from it; results files do not count), or
-    "unknown" outside git."""
-    try:
-        git = ["git", "-C", str(ROOT)]
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        status = [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"]
-        dirty = subprocess.run(status, capture_output=True, text=True)
-        return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,7 +73,11 @@ def compile_only(target: GPU | None) -> None:
     _compile_target = target
 
 
+# Whether Triton runs kernels on the CPU: TRITON_INTERPRET is read when kernels are decorated, at import.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+
+
 def cpu_launches() -> bool:
-    """Whether Triton launches take CPU tensors: under the interpreter (TRITON_INTERPRET, set before import), which
-    runs them, or in `compile_only` mode."""
-    return _compile_target is not None or os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+    """Whether Triton launches take CPU tensors: under the interpreter, which runs them, or in `compile_only`
+    mode."""
+    return INTERPRETING or _compile_target is not None

@@ -91,10 +91,10 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
-# Rows of the LM head quantized at once (Model._quantize_head): quantize_weight's fp32 temporaries take ~14 bytes a
-# weight, under 1 GB for 8,192 rows of an 8,192-wide head, where a whole 128k-row head's would take 15 GB on top of
-# the loaded model (more than the memory check allows for).
-HEAD_QUANTIZE_ROWS = 8192
+# Weights of the LM head quantized at once (Model._quantize_head): quantize_weight's fp32 temporaries take ~14 bytes
+# a weight (the fp32 copy, the scaled copy, the clamp), ~0.9 GB for 2^26 weights at any width, where a whole head
+# of 128k rows x 8,192 would take ~15 GB on top of the loaded model (more than the memory check allows for).
+HEAD_QUANTIZE_WEIGHTS = 2**26
 
 
 def _fp8_storage(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,12 +369,14 @@ class Model(nn.Module):
 
     def _quantize_head(self, head: torch.Tensor) -> None:
         """The FP8 copy of `head` (the LM head's rows, as given) that logits() reads, with its per-row scales,
-        quantized HEAD_QUANTIZE_ROWS rows at a time (each row on its own: the same codes as all at once)."""
+        quantized HEAD_QUANTIZE_WEIGHTS weights' rows at a time (each row on its own: the same codes as all at
+        once)."""
         device = self.embed_tokens.weight.device
         codes = torch.empty(head.shape, dtype=kernels.FP8, device=device)
         scales = torch.empty(head.shape[0], dtype=torch.float32, device=device)
-        for start in range(0, head.shape[0], HEAD_QUANTIZE_ROWS):
-            rows = slice(start, start + HEAD_QUANTIZE_ROWS)
+        chunk = max(1, HEAD_QUANTIZE_WEIGHTS // head.shape[1])
+        for start in range(0, head.shape[0], chunk):
+            rows = slice(start, start + chunk)
             codes[rows], scales[rows] = kernels.quantize_weight(head[rows].to(device, torch.bfloat16))
         self.lm_head_fp8, self.lm_head_fp8_scale = codes, scales
 

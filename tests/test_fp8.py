@@ -224,8 +224,9 @@ def test_the_lm_head_runs_through_an_fp8_copy_that_is_not_stored(
     it in FP8 makes the same copy, bit for bit."""
     from tessera.runtime import model as model_module
 
-    monkeypatch.setattr(model_module, "HEAD_QUANTIZE_ROWS", 7)  # several chunks and a ragged last one
     source = llama_tied if tied else llama_untied
+    hidden = json.loads((source / "config.json").read_text())["hidden_size"]
+    monkeypatch.setattr(model_module, "HEAD_QUANTIZE_WEIGHTS", 7 * hidden)  # 7-row chunks, the last one ragged
     model = load_model(source, dtype=FP8)
     expected, scale = quantize_weight(load_model(source, dtype=torch.bfloat16).lm_head_weight)
     assert torch.equal(_bits(model.lm_head_fp8), _bits(expected)) and torch.equal(model.lm_head_fp8_scale, scale)
