@@ -285,9 +285,12 @@ def _read_quantization(cfg: dict[str, Any], source: str) -> tuple[str | None, bo
     if not isinstance(q, dict) or q.get("quant_method") != "compressed-tensors":
         raise _bad(source, "quantization_config", expected, q)
     kv = q.get("kv_cache_scheme")
-    # Static and symmetric too: a dynamic or asymmetric scheme has no (or other) scale tensors to load.
+    # Static and symmetric too: a dynamic or asymmetric scheme has no (or other) scale tensors to load. Only those two
+    # may be left out (compressed-tensors' defaults are static, symmetric); a missing type means int there.
     if kv is not None and (
-        not isinstance(kv, dict) or any(kv.get(k, FP8_KV_CACHE[k]) != v for k, v in FP8_KV_CACHE.items())
+        not isinstance(kv, dict)
+        or any(k not in kv for k in ("num_bits", "type", "strategy"))
+        or any(kv.get(k, FP8_KV_CACHE[k]) != v for k, v in FP8_KV_CACHE.items())
     ):
         raise _bad(source, "quantization_config.kv_cache_scheme", json.dumps(FP8_KV_CACHE), kv)
     groups = q.get("config_groups")

@@ -186,6 +186,11 @@ def test_other_kv_cache_schemes_are_refused_by_name() -> None:
         config["kv_cache_scheme"] = {**FP8_KV_CACHE, **change}
         with pytest.raises(ConfigError, match="kv_cache_scheme"):
             parse({**base, "quantization_config": config})
+    config["kv_cache_scheme"] = {k: v for k, v in FP8_KV_CACHE.items() if k != "type"}  # int8 in compressed-tensors
+    with pytest.raises(ConfigError, match="kv_cache_scheme"):
+        parse({**base, "quantization_config": config})
+    config["kv_cache_scheme"] = {k: v for k, v in FP8_KV_CACHE.items() if k not in ("symmetric", "dynamic")}
+    assert parse({**base, "quantization_config": config}).kv_cache_scales  # the defaults: static, symmetric
 
 
 def test_demo_parent_perplexity_through_an_fp8_cache() -> None:
