@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tessera import kernels
@@ -416,6 +415,7 @@ class Model(nn.Module):
         no tokens, or keys or values that are not finite (no scale could hold them)."""
         if windows.dim() != 2 or windows.numel() == 0:
             raise ValueError(f"KV-scale calibration needs token windows [n, T] with tokens, got {tuple(windows.shape)}")
+        self._check_context(windows.shape[1])
         attention = self._gqa_layers()
         amax = {i: [0.0, 0.0] for i, _ in attention}
 
@@ -496,11 +496,18 @@ class Model(nn.Module):
                 layer_outputs.append(h)
         return self.norm(h)
 
+    def _check_context(self, tokens: int) -> None:
+        if tokens > self.arch.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {tokens} tokens is longer than the context ({self.arch.max_position_embeddings})"
+            )
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head_fp8 is None:
-            out = F.linear(hidden, self.lm_head_weight)
+            weight, scale = self.lm_head_weight, None
         else:
-            out = kernels.linear(hidden, self.lm_head_fp8, scale=self.lm_head_fp8_scale)
+            weight, scale = self.lm_head_fp8, self.lm_head_fp8_scale
+        out = kernels.linear(hidden, weight, scale=scale)
         return out if self.tp is None else self.tp.all_gather_columns(out, self.vocab_widths)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -508,7 +515,6 @@ class Model(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
-        if t > self.arch.max_position_embeddings:
-            raise ValueError(f"sequence of {t} tokens is longer than the context ({self.arch.max_position_embeddings})")
+        self._check_context(t)
         batch = Batch.sequences([t] * b, input_ids.device)
         return self.logits(self.forward_packed(input_ids.reshape(-1), batch)).view(b, t, -1)

@@ -150,22 +150,22 @@ def shard_part(arch: ArchConfig, name: str, tensor: Any, rank: int, size: int) -
         return tensor[:]  # every norm (q/k norms included) and a layer's FP8 KV-cache scales: whole on every rank
     block = arch.blocks[int(name.split(".")[2])]  # model.layers.{i}....
     q_heads = range(rank * arch.n_heads // size, (rank + 1) * arch.n_heads // size)
+    if name.endswith(COLUMN_SHARDED):  # the input columns of the rank's heads, FFN width, or hidden share
+        if name.endswith("o_proj.weight"):
+            cols = range(q_heads.start * d, q_heads.stop * d)
+        elif name.endswith("down_proj.weight"):
+            cols = share(block.ffn.intermediate_size, rank, size)
+        else:
+            cols = share(h, rank, size)
+        return tensor[:, cols.start : cols.stop]
     if name.endswith(("q_proj.weight", "q_proj.bias")):
         return tensor[q_heads.start * d : q_heads.stop * d]
     if name.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
         kv = _kv_heads(arch, block.attention.n_kv_heads, rank, size)
         return tensor[kv.start * d : kv.stop * d]
-    if name.endswith("o_proj.weight"):
-        return tensor[:, q_heads.start * d : q_heads.stop * d]
     if name.endswith(("gate_proj.weight", "up_proj.weight")):
         rows = share(block.ffn.intermediate_size, rank, size)
         return tensor[rows.start : rows.stop]
-    if name.endswith("down_proj.weight"):
-        cols = share(block.ffn.intermediate_size, rank, size)
-        return tensor[:, cols.start : cols.stop]
-    if name.endswith(("linear_attn.weight", "linear_mlp.weight")):
-        cols = share(h, rank, size)
-        return tensor[:, cols.start : cols.stop]
     raise ValueError(f"no tensor-parallel rule for {name}")
 
 

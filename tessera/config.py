@@ -294,11 +294,9 @@ class ArchConfig:
 
     def weight_bytes(self, dtype: str | None = None) -> int:
         """The blocks' weights in `dtype`, the embedding, head and final norm in its activation dtype, and in FP8
-        the head's FP8 copy (the blocks' norms count at one byte too: a few kilobytes under)."""
-        dtype = dtype or self.run_dtype
-        blocks = sum(self.block_params(b) for b in self.blocks)
-        rest = (self.num_params() - blocks) * dtype_bytes(activation_dtype(dtype))
-        return blocks * dtype_bytes(dtype) + rest + self.head_copy_bytes(self.vocab_size, dtype)
+        the head's FP8 copy (the blocks' norms count at one byte too: a few kilobytes under): one rank's weights
+        when the model is not split."""
+        return self.rank_weight_bytes(1, dtype)
 
     def head_copy_bytes(self, rows: int, dtype: str) -> int:
         """In FP8, what `rows` vocabulary rows of the LM head's FP8 copy take (one byte a weight, an fp32 scale a

@@ -157,6 +157,9 @@ def test_a_checkpoint_scale_of_zero_is_refused_and_empty_models_start_at_one(tmp
         load_model(tmp_path / "zero")
     with pytest.raises(ValueError, match="needs token windows"):
         model.calibrate_kv_scales(torch.zeros(0, 8, dtype=torch.int64))
+    too_long = model.arch.max_position_embeddings + 1
+    with pytest.raises(ValueError, match=f"{too_long} tokens is longer than the context"):
+        model.calibrate_kv_scales(torch.zeros(1, too_long, dtype=torch.int64))
 
 
 def test_kv_scales_round_trip_in_the_layout_vllm_reads(tmp_path: Path) -> None:
