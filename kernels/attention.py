@@ -183,7 +183,9 @@ def attention_prefill_triton(
     if n_heads % k.shape[1]:
         raise ValueError(f"attention_prefill: {n_heads} query heads are not a multiple of {k.shape[1]} KV heads")
     group = n_heads // k.shape[1]
-    out = torch.empty_like(q)
+    # The kernel steps through the head dimension one by one: rows of other strides are made contiguous.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     n_seqs = cu_seqlens.shape[0] - 1
     if tokens == 0 or n_seqs <= 0:
         return out

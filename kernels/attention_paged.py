@@ -339,7 +339,8 @@ def attention_paged_triton(
     if k_pages.stride(-1) != 1 or v_pages.stride(-1) != 1:
         raise ValueError("attention_paged: the pages' head dimension must be contiguous")
     group = n_heads // n_kv
-    out = torch.empty_like(q)
+    q = q if q.stride(-1) == 1 else q.contiguous()  # the kernel steps through the head dimension one by one
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     n_seqs, max_query_len = meta.batch_size, meta.max_query_len
     if q.shape[0] == 0 or n_seqs == 0 or max_query_len <= 0:
         return out

@@ -34,7 +34,7 @@ from tessera import hf_config
 from tessera.config import ArchConfig, ConfigError, dtype_bytes, json_excerpt, read_json
 from tessera.devices import available_memory, check_fp8, dtype_name
 from tessera.errors import UserError
-from tessera.files import atomic_write_text, replaced_folder
+from tessera.files import atomic_write_text, default_mode, replaced_folder
 from tessera.kernels import FP8, dequantize_weight
 from tessera.kernels.fp8 import check_kv_scale_values
 from tessera.runtime.model import Model
@@ -185,6 +185,8 @@ def _check_values(t: torch.Tensor, name: str, file: Path, dtype: torch.dtype | N
     lo, hi = (v.item() for v in torch.aminmax(x))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise CheckpointError(f"{file}: tensor {name} holds NaN or inf values (min {lo}, max {hi})")
+    if name.endswith(WEIGHT_SCALE) and lo <= 0:  # a scale of 0 zeroes its row, a negative one flips it
+        raise CheckpointError(f"{file}: tensor {name} holds {lo}; FP8 weight scales must be > 0")
     if dtype is not None and dtype.is_floating_point and t.dtype.itemsize > 1:  # an FP8 matrix stays FP8
         largest, limit = max(-lo, hi), torch.finfo(dtype).max
         if largest > limit:
@@ -225,11 +227,17 @@ def dequantize_checkpoint(arch: ArchConfig, tensors: dict[str, torch.Tensor]) ->
 
 
 def check_memory(
-    path: str | Path, device: torch.device, dtype: torch.dtype, tensor_parallel: int = 1, copies: int = 1
+    path: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    tensor_parallel: int = 1,
+    copies: int = 1,
+    remedy: str = "use more devices (--tensor-parallel-size), a smaller dtype or fewer engines",
 ) -> None:
     """Refuse, before anything is loaded, a model whose weights do not fit: one rank's share (`tensor_parallel`
     ranks, ArchConfig.rank_params) times `copies` (engine processes sharing the device) against the memory
-    `device` has free. KV pools and activations come on top; the engine sizes its pool from what is left."""
+    `device` has free. KV pools and activations come on top; the engine sizes its pool from what is left.
+    `remedy`: what the refusal suggests (the flags of the command that asked)."""
     if not (Path(path) / "config.json").is_file():
         return  # not a checkpoint: load_model says so, naming what is missing
     try:
@@ -247,7 +255,7 @@ def check_memory(
         times = f" x {copies} engine processes" if copies > 1 else ""
         raise CheckpointError(
             f"{path}: the weights need {need / 2**30:.2f} GiB ({dtype_name(dtype)}{per}{times}) but {device} has "
-            f"{free / 2**30:.2f} GiB free; use more devices (--tensor-parallel-size), a smaller dtype or fewer engines"
+            f"{free / 2**30:.2f} GiB free; {remedy}"
         )
 
 
@@ -289,6 +297,7 @@ def save_model(
     max_shard_bytes: int = 5 * 2**30,
     tokenizer_from: str | Path | None = None,
     fmt: hf_config.Format = "auto",
+    carry_over: bool = True,
 ) -> Path:
     """Write config.json + safetensors (sharded with an index past `max_shard_bytes`) in HF format.
 
@@ -299,7 +308,8 @@ def save_model(
     Atomic (`files.replaced_folder`): written into a folder beside `path` that then replaces it whole, so a
     failure (a full disk) leaves the old checkpoint untouched. Files of an existing `path` that this function
     does not write (a tokenizer written before the call, reports, plots) are carried over, as hard links where
-    possible; its old weights are not. Needs disk room for both checkpoints during the save.
+    possible; its old weights are not, nor anything when `carry_over` is False (a model replacing another's
+    folder: nothing there is its). Needs disk room for both checkpoints during the save.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -319,7 +329,7 @@ def save_model(
                 src = Path(tokenizer_from) / name
                 if src.is_file():
                     shutil.copy(src, tmp / name)
-        if target.is_dir():
+        if carry_over and target.is_dir():
             _carry_over(target, tmp)
     if only_tessera:
         warnings.warn(f"{path}: {only_tessera}", stacklevel=2)
@@ -352,11 +362,13 @@ def _write_checkpoint(
     metadata = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], out / "model.safetensors", metadata=metadata)
+        default_mode(out / "model.safetensors")
     else:
         weight_map = {}
         for k, shard in enumerate(shards, start=1):
             fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, out / fname, metadata=metadata)
+            default_mode(out / fname)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

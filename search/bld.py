@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.errors import UserError
-from tessera.files import atomic_path, atomic_write_text
+from tessera.files import atomic_path, atomic_write_text, default_mode
 from tessera.runtime.model import DecoderLayer, Model
 from tessera.runtime.weights import ATTENTION, FFN
 from tessera.search.activations import Activations, window_context
@@ -234,6 +234,7 @@ class SublayerStore:
         """The block, then its record beside it, then (`index`: one process, or rank 0 at the end) the index."""
         with atomic_path(self.path(layer, name)) as tmp:
             save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, tmp)
+            default_mode(tmp)
         atomic_write_text(self.path(layer, name).with_suffix(".json"), json.dumps(record, indent=1) + "\n")
         self.losses.setdefault(f"layer_{layer}", {})[name] = record
         if index:

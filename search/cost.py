@@ -202,9 +202,11 @@ def block_memory_mib(arch: ArchConfig, block: BlockConfig, scenario: Scenario, d
 
 
 def non_block_memory_mib(arch: ArchConfig, dtype: torch.dtype) -> float:
-    """Embedding, LM head and final norm (in FP8 too, bf16: tessera.config.activation_dtype)."""
+    """Embedding, LM head and final norm (in FP8 too, bf16: tessera.config.activation_dtype), and in FP8 the LM
+    head's FP8 copy beside them: what `ArchConfig.weight_bytes` counts outside the blocks."""
+    name = dtype_name(dtype)
     non_block = arch.num_params() - sum(arch.block_params(b) for b in arch.blocks)
-    return non_block * dtype_bytes(activation_dtype(dtype_name(dtype))) / MIB
+    return (non_block * dtype_bytes(activation_dtype(name)) + arch.head_copy_bytes(arch.vocab_size, name)) / MIB
 
 
 @dataclass

@@ -67,6 +67,9 @@ class SearchSpace:
         out: list[AttentionConfig] = []
         if parent.kind == "gqa":
             counts = self.kv_heads or tuple(k for k in range(parent.n_kv_heads, 0, -1) if parent.n_kv_heads % k == 0)
+            # The parent's own attention is always a choice (as its FFN is): the search is timed and scored
+            # against the parent, whose blocks must be in the library.
+            counts = (parent.n_kv_heads, *(k for k in counts if k != parent.n_kv_heads))
             # The parent's window (None: full) first; a window never widens: the weights never saw further back.
             narrower = sorted({w for w in self.windows if parent.window is None or w < parent.window}, reverse=True)
             windows = [parent.window, *narrower]

@@ -55,6 +55,11 @@ def _flush_c_stdio() -> None:
         ctypes.CDLL(None).fflush(None)
 
 
+MAX_TIGHTENINGS = 4  # re-solves when HiGHS's tolerance lets an answer pass a bound (_Problem.solve)
+HIGHS_TOLERANCE = 1e-6  # HiGHS's primal feasibility tolerance, on the scaled rows
+ROUNDING = 1e-12  # relative: a total past its bound by no more than this is the sum's rounding, not an excess
+
+
 class InfeasibleError(UserError):
     """No architecture in the library meets the budget; the message names the bound and what could be met."""
 
@@ -110,12 +115,46 @@ class _Problem:
         return self._columns[key]
 
     def solve(self, cost: np.ndarray, bounds: list[Bound], cuts: list[np.ndarray], cut_rhs: float) -> np.ndarray | None:
-        """The 0/1 choice vector minimising cost·x, or None when infeasible."""
+        """The 0/1 choice vector minimising cost·x, or None when infeasible.
+
+        HiGHS works to absolute tolerances (a row may pass its bound by 1e-6, an optimum be missed by 1e-6 in the
+        objective), which at a library's scales decide answers: KL values of 1e-6 per block, runtimes just past a
+        bound. So every row and the objective are scaled to a largest entry of 1, and each answer is checked
+        against the exact bounds: one that passes a bound is solved again with that bound moved inside by twice
+        the solver's tolerance, then four times, ... (an answer within that margin of the bound may then be
+        passed over for a slightly worse one: never one outside the budget)."""
+        scaled_cost = cost / self._scale(cost)
+        limits = {b.key: [b.lower, b.upper] for b in bounds}
+        for attempt in range(MAX_TIGHTENINGS + 1):
+            x = self._solve_once(scaled_cost, limits, cuts, cut_rhs)
+            if x is None:
+                return None
+            passed = False
+            for b in bounds:
+                col = self.column(b.key)
+                total, margin = float(col @ x), HIGHS_TOLERANCE * self._scale(col) * 2 ** (attempt + 1)
+                if b.upper is not None and total > b.upper + ROUNDING * max(1.0, abs(b.upper)):
+                    limits[b.key][1], passed = b.upper - margin, True
+                if b.lower is not None and total < b.lower - ROUNDING * max(1.0, abs(b.lower)):
+                    limits[b.key][0], passed = b.lower + margin, True
+            if not passed:
+                return x
+        raise RuntimeError(f"the MIP solver's answers kept passing the bounds {bounds} after {MAX_TIGHTENINGS} rounds")
+
+    @staticmethod
+    def _scale(col: np.ndarray) -> float:
+        return max(float(np.abs(col).max(initial=0.0)), 1e-300)
+
+    def _solve_once(
+        self, cost: np.ndarray, limits: dict[str, list], cuts: list[np.ndarray], cut_rhs: float
+    ) -> np.ndarray | None:
         constraints = [LinearConstraint(self.one_per_layer, 1, 1)]
-        for b in bounds:
-            lo = -np.inf if b.lower is None else b.lower
-            hi = np.inf if b.upper is None else b.upper
-            constraints.append(LinearConstraint(self.column(b.key)[None, :], lo, hi))
+        for key, (lower, upper) in limits.items():
+            col = self.column(key)
+            scale = self._scale(col)
+            lo = -np.inf if lower is None else lower / scale
+            hi = np.inf if upper is None else upper / scale
+            constraints.append(LinearConstraint((col / scale)[None, :], lo, hi))
         constraints += [LinearConstraint(cut[None, :], -np.inf, cut_rhs) for cut in cuts]
         with c_stdout_to_stderr():
             res = milp(
@@ -125,10 +164,10 @@ class _Problem:
                 bounds=Bounds(0, 1),
                 options={"mip_rel_gap": 1e-9},  # exact optimum: the tests compare against brute force
             )
-        if res.status == 2 or res.x is None:  # 2: infeasible
+        if res.status == 2:  # infeasible
             return None
-        if res.status != 0:
-            raise RuntimeError(f"the MIP solver stopped without an optimum: {res.message}")
+        if res.status != 0 or res.x is None:
+            raise RuntimeError(f"the MIP solver stopped without an optimum (status {res.status}): {res.message}")
         return np.round(res.x)
 
     def explain(self, bounds: list[Bound]) -> str:
@@ -206,13 +245,12 @@ def parse_bound(text: str, upper: bool) -> Bound:
 
 
 def merge_bounds(bounds: list[Bound]) -> list[Bound]:
-    """One Bound per key: --max and --min on the same key become one two-sided bound."""
+    """One Bound per key: --max and --min on the same key become one two-sided bound, and a key bounded twice the
+    same way keeps the tighter bound (every bound the user gave holds)."""
     merged: dict[str, Bound] = {}
     for b in bounds:
         old = merged.get(b.key, Bound(b.key))
-        merged[b.key] = Bound(
-            b.key,
-            upper=b.upper if b.upper is not None else old.upper,
-            lower=b.lower if b.lower is not None else old.lower,
-        )
+        uppers = [u for u in (old.upper, b.upper) if u is not None]
+        lowers = [v for v in (old.lower, b.lower) if v is not None]
+        merged[b.key] = Bound(b.key, upper=min(uppers, default=None), lower=max(lowers, default=None))
     return list(merged.values())

@@ -251,8 +251,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(
             f"\n  tensor parallel over {tp['tensor_parallel_size']} ranks, per rank: {tp['rank_num_params']:,} "
             f"parameters ({_short(tp['rank_num_params'])}), {tp['rank_weight_bytes'] / 2**30:.2f} GiB of weights "
-            f"({arch.dtype}), {tp['rank_kv_bytes_per_token']:,} KV bytes/token; KV heads replicated on "
-            f"{len(replicated)} layers with fewer than {tp['tensor_parallel_size']}"
+            f"({_weights_in(arch.run_dtype)}), {tp['rank_kv_bytes_per_token']:,} KV bytes/token; KV heads "
+            f"replicated on {len(replicated)} layers with fewer than {tp['tensor_parallel_size']}"
         )
 
 
@@ -662,12 +662,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         "--out",
         folder=True,
         command="quantize",
-        ours=lambda p: (p / "config.json").is_file(),
+        ours=_quantize_output,
         overwrite=args.overwrite,
         inputs=inputs,
     )
     device = resolve_device(args.device)
-    check_memory(model_dir, device, torch.bfloat16)  # loaded in bf16, then quantized
+    # Built in FP8 and quantized a sublayer at a time as it is read (Model.load_packed): FP8's bytes, not bf16's.
+    check_memory(model_dir, device, FP8, remedy="quantize on a device with more free memory (--device)")
     model = load_model(model_dir, device, FP8)
     what = "E4M3 weights, per-channel scales"
     if corpus is not None:
@@ -682,9 +683,20 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         )
         scales = model.calibrate_kv_scales(windows[:, :-1])
         what += f", FP8 KV-cache scales of {len(scales)} layers from {windows.shape[0]} x {seq_len} tokens of {corpus}"
-    save_model(model, out, tokenizer_from=model_dir)
+    save_model(model, out, tokenizer_from=model_dir, carry_over=False)  # nothing in an old --out is this model's
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"FP8 checkpoint ({what}; compressed-tensors layout): {out} ({size / 2**20:.1f} MiB of safetensors)")
+
+
+def _quantize_output(folder: Path) -> bool:
+    """Whether `folder` is an earlier `tessera quantize` output: a checkpoint whose config.json says it is
+    quantized in the compressed-tensors layout. Any other checkpoint (every one has a config.json) is not."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors"
 
 
 KV_CALIBRATION_WINDOWS, KV_CALIBRATION_LEN = 32, 512  # `quantize --kv-cache-scales`: 16k tokens of the train split

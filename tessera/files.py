@@ -44,6 +44,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def default_mode(path: str | Path) -> Path:
+    """Give `path` the permissions a plain open() would (0o666 less the umask): safetensors' save_file creates its
+    files readable by their owner alone (0600), so a checkpoint saved over another (0644) became unreadable to a
+    server running as another user."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+    return Path(path)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -52,8 +52,9 @@ ARCHITECTURES = {
 }
 MODEL_TYPES = (*ARCHITECTURES, "nemotron-nas")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
-# max_position_embeddings when a config leaves it out: each family's config class default (Llama: tessera's own).
-_DEFAULT_POSITIONS = {"llama": 8192, "qwen2": 32768, "qwen3": 32768, "mistral": 131072}
+# max_position_embeddings when a config leaves it out: each family's config class default in transformers
+# (LlamaConfig's, which nemotron-nas's DeciLMConfig inherits, is 2048): the same config.json, the same model.
+_DEFAULT_POSITIONS = {"llama": 2048, "qwen2": 32768, "qwen3": 32768, "mistral": 131072}
 
 # Per-layer keys of nemotron-nas block_configs that the runtime accepts only at their neutral value.
 _NEUTRAL_ATTENTION_KEYS = {
@@ -262,11 +263,11 @@ def quantization_config(weights: bool = True, kv_cache: bool = False) -> dict[st
     if weights:
         config["config_groups"]["group_0"] = {
             "targets": ["Linear"],
-            "weights": FP8_WEIGHTS,
-            "input_activations": FP8_ACTIVATIONS,
+            "weights": dict(FP8_WEIGHTS),  # copies: a caller editing its config must not change the scheme
+            "input_activations": dict(FP8_ACTIVATIONS),
         }
     if kv_cache:
-        config["kv_cache_scheme"] = FP8_KV_CACHE
+        config["kv_cache_scheme"] = dict(FP8_KV_CACHE)
     return config
 
 
@@ -300,15 +301,41 @@ def _read_quantization(cfg: dict[str, Any], source: str) -> tuple[str | None, bo
         raise _bad(source, "quantization_config.config_groups", "one group (every Linear layer alike)", groups)
     (group,) = groups.values()
     weights = group.get("weights") if isinstance(group, dict) else None
+    # num_bits, type and strategy must be given; symmetric and dynamic may take compressed-tensors' defaults
+    # (symmetric, static): an asymmetric scheme has zero points, a dynamic one no stored scales.
     keys = ("num_bits", "type", "strategy")
-    if not isinstance(weights, dict) or any(weights.get(k) != FP8_WEIGHTS[k] for k in keys):
+    if (
+        not isinstance(weights, dict)
+        or any(weights.get(k) != FP8_WEIGHTS[k] for k in keys)
+        or any(weights.get(k, FP8_WEIGHTS[k]) != FP8_WEIGHTS[k] for k in ("symmetric", "dynamic"))
+    ):
         raise _bad(source, "quantization_config.config_groups weights", json.dumps(FP8_WEIGHTS), weights)
+    # Activations are quantized at run time, per token (finer than a dynamic per-tensor scheme asks, the same
+    # arithmetic otherwise); static activations would come with input_scale tensors tessera does not apply.
     acts = group.get("input_activations")
-    if acts is not None and (not isinstance(acts, dict) or acts.get("type") != "float" or acts.get("num_bits") != 8):
-        raise _bad(source, "quantization_config.config_groups input_activations", "8-bit float activations", acts)
+    if acts is not None and (
+        not isinstance(acts, dict)
+        or acts.get("type") != "float"
+        or acts.get("num_bits") != 8
+        or acts.get("dynamic") is not True
+        or acts.get("strategy") not in ("token", "tensor")
+        or acts.get("symmetric", True) is not True
+    ):
+        raise _bad(
+            source,
+            "quantization_config.config_groups input_activations",
+            "dynamic symmetric 8-bit float activations, per token or per tensor",
+            acts,
+        )
     ignore = q.get("ignore", [])
-    if not isinstance(ignore, list) or not all(isinstance(n, str) and n.split(".")[-1] == "lm_head" for n in ignore):
+    if (
+        not isinstance(ignore, list)
+        or not ignore
+        or not all(isinstance(n, str) and n.split(".")[-1] == "lm_head" for n in ignore)
+    ):
         raise _bad(source, "quantization_config.ignore", '["lm_head"] (every other Linear quantized)', ignore)
+    if q.get("sparsity_config"):
+        raise _bad(source, "quantization_config.sparsity_config", "null (dense weights)", q["sparsity_config"])
     return "fp8", kv is not None
 
 
@@ -364,7 +391,6 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
         eos_ids = () if eos is None else (_token_id(eos, source, "eos_token_id", vocab_size),)
     # Not used by tessera, only type-checked; old Llama conversions write -1 for "none".
     _int(cfg, "pad_token_id", source, None, lo=-1, expected=f"an integer in [-1, {_MAX_DIM}] or null")
-    llama = family == "llama"  # the other families' configs default to eps 1e-6
     quantization, kv_cache_scales = _read_quantization(cfg, source)
     try:
         return ArchConfig(
@@ -378,7 +404,7 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
                 cfg,
                 "rms_norm_eps",
                 source,
-                1e-5 if llama else 1e-6,
+                1e-6,  # every family's config class default in transformers, LlamaConfig's included
                 ok=lambda x: 0 < x < 1,
                 expected="a number in (0, 1)",
             ),
@@ -394,8 +420,9 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
             quantization=quantization,
             kv_cache_scales=kv_cache_scales,
         )
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    except ConfigError as e:  # ArchConfig's own checks name no file; the field readers above already do
+        message = str(e)
+        raise ConfigError(message if message.startswith(f"{source}: ") else f"{source}: {message}") from None
 
 
 def _read_windows(cfg: dict[str, Any], family: str, n_layers: int, source: str) -> list[int | None]:

@@ -57,6 +57,18 @@ def test_attention_prefill_given_max_seqlen_matches(poisoned) -> None:
     torch.testing.assert_close(with_hint, kernels.attention_prefill(q, k, v, cu_seqlens), rtol=0, atol=0)
 
 
+def test_inputs_of_any_strides_give_the_contiguous_result(poisoned) -> None:
+    """q, k and v whose head dimension is not contiguous (transposed views) give what their contiguous copies do:
+    the kernel steps through that dimension one element at a time (2.17 off before the launcher copied them)."""
+    lengths = [5, 40]
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=KERNEL_DEVICE)
+    q, k, v = (randn(45, h, 16, dtype=torch.float32, seed=s) for s, h in enumerate((8, 2, 2)))
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    assert all(t.stride(-1) != 1 for t in strided)
+    expected = kernels.attention_prefill(q, k, v, cu_seqlens)
+    torch.testing.assert_close(kernels.attention_prefill(*strided, cu_seqlens), expected, rtol=0, atol=0)
+
+
 def test_window_reference_is_a_banded_causal_softmax() -> None:
     """The reference's window against softmax written out: query i of a sequence sees keys i - W + 1 .. i."""
     q, k, v = (randn(12, 2, 8, dtype=torch.float32, seed=s).cpu().double() for s in range(3))

@@ -86,6 +86,22 @@ def test_quantize_then_generate_in_fp8_equals_quantizing_at_load(tmp_path: Path,
     (tmp_path / "other" / "notes.txt").write_text("mine")
     code, _, err = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(tmp_path / "other"))
     assert code == 2 and "pass --overwrite" in err
+    # Another model's checkpoint (every one has a config.json) is not an earlier quantize output: refused, its
+    # weights untouched; with --overwrite replaced whole, none of its files (its tokenizer, notes) kept.
+    shutil.copytree(PARENT_DIR, tmp_path / "checkpoint")
+    (tmp_path / "checkpoint" / "tokenizer.json").write_text("{}")  # another model's tokenizer
+    weights = (tmp_path / "checkpoint" / "model.safetensors").read_bytes()
+    code, _, err = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(tmp_path / "checkpoint"))
+    assert code == 2 and "pass --overwrite" in err
+    assert (tmp_path / "checkpoint" / "model.safetensors").read_bytes() == weights
+    code, _, _ = run_cli(
+        capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(tmp_path / "checkpoint"), "--overwrite"
+    )
+    assert code == 0
+    assert (tmp_path / "checkpoint" / "tokenizer.json").read_bytes() == (PARENT_DIR / "tokenizer.json").read_bytes()
+    assert not (tmp_path / "checkpoint" / "training.json").exists()  # the parent's training report, not this model's
+    code, _, _ = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out))  # an earlier output
+    assert code == 0
 
 
 def test_quantize_with_kv_cache_scales_then_generate_with_an_fp8_cache(tmp_path: Path, capsys) -> None:

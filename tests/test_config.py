@@ -235,6 +235,23 @@ def test_nas_neutral_keys_accepted() -> None:
     assert arch.n_layers == 80
 
 
+@pytest.mark.parametrize("name", ["llama-3.1-8b.json", "llama-3.1-70b.json"])
+def test_fields_left_out_read_as_transformers_reads_them(name: str, tmp_path: Path) -> None:
+    """The same config.json, the same model: rms_norm_eps and max_position_embeddings, left out, take
+    transformers' LlamaConfig defaults (tessera read 1e-5 and 8192 before)."""
+    from transformers import LlamaConfig
+
+    cfg = json.loads((CONFIGS / name).read_text())
+    for key in ("rms_norm_eps", "max_position_embeddings"):
+        del cfg[key]
+    arch = ArchConfig.from_json(_write(tmp_path, cfg))
+    reference = LlamaConfig(**cfg)
+    assert (arch.rms_norm_eps, arch.max_position_embeddings) == (
+        reference.rms_norm_eps,
+        reference.max_position_embeddings,
+    )
+
+
 def test_block_count_mismatch(tmp_path: Path) -> None:
     cfg = nas_config()
     cfg["num_hidden_layers"] = 9
@@ -310,6 +327,7 @@ def test_wrongly_typed_llama_fields(tmp_path: Path, mutate, message: str) -> Non
     with pytest.raises(ConfigError, match=message) as err:
         ArchConfig.from_json(path)
     assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+    assert str(path) not in str(err.value)[len(f"{path}: ") :]  # the file named once
 
 
 @pytest.mark.parametrize(
@@ -564,7 +582,7 @@ def test_rank_memory_equals_the_shards_of_every_tensor(name: str, tp: int) -> No
         assert arch.rank_weight_bytes(1, "float8_e4m3fn") == arch.weight_bytes("float8_e4m3fn")
 
 
-def test_tensor_parallel_info_on_ultra_and_its_errors(capsys) -> None:
+def test_tensor_parallel_info_on_ultra_and_its_errors(capsys, tmp_path: Path) -> None:
     from tessera.cli import main
 
     assert main(
@@ -572,6 +590,14 @@ def test_tensor_parallel_info_on_ultra_and_its_errors(capsys) -> None:
     ) in (0, None)
     out = capsys.readouterr().out
     assert "tensor parallel over 8 ranks, per rank: 31,677,251,584 parameters" in out
+    assert "GiB of weights (bfloat16)" in out
+    fp8 = json.loads((CONFIGS / "llama-3.1-70b.json").read_text()) | {
+        "quantization_config": hf_config.quantization_config()
+    }
+    main(["info", "--model", str(_write(tmp_path, fp8)), "--tensor-parallel-size", "8"])
+    out = capsys.readouterr().out  # the per-rank bytes are FP8's, and said to be
+    per_rank = ArchConfig.from_json(_write(tmp_path, fp8)).rank_weight_bytes(8) / 2**30
+    assert f"{per_rank:.2f} GiB of weights (float8_e4m3fn projections and LM head copy" in out
     with pytest.raises(SystemExit) as e:
         main(["info", "--model", str(CONFIGS / "llama-3.1-70b.json"), "--tensor-parallel-size", "3"])
     assert e.value.code == 2

@@ -34,6 +34,23 @@ def test_block_memory_is_weights_plus_kv():
     assert block_memory_mib(arch, BlockConfig(AttentionConfig("none"), FFNConfig("none")), sc, torch.float32) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, kernels.FP8])
+def test_block_and_non_block_memory_add_up_to_the_models_weights(dtype):
+    """What a memory budget prices (non-block memory plus each block's) is what `ArchConfig.weight_bytes` counts,
+    in FP8 the LM head's FP8 copy included (1 GB on Llama-3.1-70B, left out before)."""
+    from tessera.devices import dtype_name
+    from tessera.hf_config import load
+    from tessera.search.cost import non_block_memory_mib
+
+    from .conftest import REPO
+
+    arch = load(REPO / "configs" / "llama-3_1-nemotron-51b-instruct.json")
+    one = Scenario(batch=1, prompt_len=1, gen_len=1)  # and the KV of one 2-token sequence
+    priced = non_block_memory_mib(arch, dtype) + sum(block_memory_mib(arch, b, one, dtype) for b in arch.blocks)
+    name = dtype_name(dtype)
+    assert priced == pytest.approx((arch.weight_bytes(name) + arch.kv_bytes(2, name)) / 2**20, rel=1e-12)
+
+
 def test_scenario_checks():
     with pytest.raises(ValueError, match="gen_len must be >= 1"):
         Scenario(gen_len=0)

@@ -254,6 +254,11 @@ def test_fp8_checkpoint_errors_name_the_tensor_or_field(tmp_path, llama_tied) ->
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(out / "model.safetensors")
+    scale = "model.layers.0.mlp.up_proj.weight_scale"
+    for bad in (0.0, -1.0):  # no quantizer writes these: a zeroed or sign-flipped row, never loaded silently
+        save_file({**tensors, scale: tensors[scale].index_fill(0, torch.tensor([3]), bad)}, out / "model.safetensors")
+        with pytest.raises(CheckpointError, match=rf"{scale} holds {bad}; FP8 weight scales must be > 0"):
+            load_model(out, dtype=FP8)
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].float()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.up_proj.weight is float32, expected float8_e4m3fn"):
@@ -329,6 +334,25 @@ def test_fp8_config_parsing_refuses_other_schemes() -> None:
     per_tensor["config_groups"]["group_0"]["weights"] = {"num_bits": 8, "type": "float", "strategy": "tensor"}
     with pytest.raises(ConfigError, match="config_groups weights"):
         parse({**base, "quantization_config": per_tensor})
+
+    def scheme(change) -> dict:
+        config = quantization_config()
+        change(config)
+        return {**base, "quantization_config": config}
+
+    group = "config_groups"
+    refused = {  # each a scheme whose tensors tessera would load wrongly, refused naming its field
+        "weights": lambda c: c[group]["group_0"]["weights"].update(symmetric=False),  # zero points
+        "input_activations": lambda c: c[group]["group_0"]["input_activations"].update(dynamic=False),  # input_scale
+        "ignore": lambda c: c.update(ignore=[]),  # a quantized LM head
+        "sparsity_config": lambda c: c.update(sparsity_config={"format": "sparse-bitmask"}),
+    }
+    for field, change in refused.items():
+        with pytest.raises(ConfigError, match=field):
+            parse(scheme(change))
+    # Dynamic per-tensor activations read as per-token ones (finer, computed at run time either way).
+    per_tensor_acts = scheme(lambda c: c[group]["group_0"]["input_activations"].update(strategy="tensor"))
+    assert parse(per_tensor_acts).quantization == "fp8"
 
 
 def test_demo_parent_perplexity_in_fp8_is_within_one_percent_of_bf16() -> None:

@@ -23,6 +23,13 @@ def test_search_space_variants():
     assert widths == sorted({16 * max(1, round(r * 96 / 16)) for r in space.ffn_ratios}, reverse=True)
     assert len(space.block_variants(arch, 0)) == 5 * (len(widths) + 2)
     assert block_from_name("gqa_kv2+ffn_48") == BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 48))
+    # KV-head counts that leave the parent's out still keep it (the parent's blocks are timed and scored as
+    # the reference); without it, calibration failed on the parent's block after timing every other one.
+    assert [a.name for a in SearchSpace(kv_heads=(2, 1)).attention_variants(arch, 0)][:3] == [
+        "gqa_kv4",
+        "gqa_kv2",
+        "gqa_kv1",
+    ]
     assert block_from_name("attn_none+ffn_linear") == BlockConfig(AttentionConfig("none"), FFNConfig("linear"))
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,12 @@ def test_save_sharded_and_load(llama_untied: Path, tmp_path: Path) -> None:
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
     assert torch.equal(_logits(load_model(out)), _logits(model))
+    # Every file readable as a plain write makes it (0644 under umask 022): safetensors writes 0600 itself.
+    mask = os.umask(0)
+    os.umask(mask)
+    single = save_model(model, tmp_path / "single")
+    for file in [*(out / s for s in shards), single / "model.safetensors", single / "config.json"]:
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file
 
 
 def test_save_bfloat16_then_load_float32(llama_tied: Path, tmp_path: Path) -> None:

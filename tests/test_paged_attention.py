@@ -105,9 +105,11 @@ def metadata(q_lens: list[int], lengths: list[int], tables: torch.Tensor) -> Pag
     return PagedAttentionMetadata(tables, cu, seq_lens, max(q_lens))
 
 
-def check_case(seqs, n_heads, n_kv, head_dim, page, dtype, tol, seed, pages=None, window=None, fp8=None) -> None:
+def check_case(
+    seqs, n_heads, n_kv, head_dim, page, dtype, tol, seed, pages=None, window=None, fp8=None, strided=False
+) -> None:
     """fp8: (k_scale, v_scale) for an FP8 cache: the pages quantized with them (NaN stays NaN), the hand
-    reference given the dequantized values."""
+    reference given the dequantized values. strided: q a view whose head dimension is not contiguous."""
     q_lens, lengths = [n for n, _ in seqs], [n for _, n in seqs]
     ks, vs, k_pages, v_pages, tables = paged_layout(lengths, n_kv, head_dim, page, dtype, seed, pages)
     scales = {}
@@ -124,6 +126,8 @@ def check_case(seqs, n_heads, n_kv, head_dim, page, dtype, tol, seed, pages=None
         q.to(dtype).float(), [k.to(dtype).float() for k in ks], [v.to(dtype).float() for v in vs], q_lens, window
     )
     qd = q.to(device=KERNEL_DEVICE, dtype=dtype)
+    if strided:  # the same values, stepping n_heads elements from one to the next along the head dimension
+        qd = qd.transpose(1, 2).contiguous().transpose(1, 2)
     torch_out = attention_paged_reference(qd, k_pages, v_pages, metadata(q_lens, lengths, tables), window, **scales)
     if window is not None:  # the kernel must not read a page that lies wholly before every query's window
         for b, (n, length) in enumerate(zip(q_lens, lengths)):
@@ -240,6 +244,13 @@ def test_one_page_per_sequence(poisoned, dtype, tol, pages) -> None:
     far apart are copied out."""
     check_case([(1, 90), (1, 7), (1, 128)], 8, 2, 16, 128, dtype, tol, seed=20, pages=pages)
     check_case([(1, 90), (30, 30), (1, 128)], 8, 2, 16, 128, dtype, tol, seed=21, pages=pages)  # a prompt among them
+
+
+@dtypes("attention_paged")
+def test_queries_of_any_strides(poisoned, dtype, tol) -> None:
+    """A q whose head dimension is not contiguous gives the attention of its values (the kernel stepped through
+    it one element at a time: 5.8e36 off before the launcher made such a q contiguous)."""
+    check_case(*CASES[3], dtype, tol, seed=3, strided=True)
 
 
 @pytest.mark.slow
