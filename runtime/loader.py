@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -216,14 +216,32 @@ def hf_state(model: Model) -> dict[str, torch.Tensor]:
     return unpack_model(model.arch, model.stored_tensors())
 
 
-def dequantize_checkpoint(arch: ArchConfig, tensors: dict[str, torch.Tensor]) -> tuple[ArchConfig, dict]:
+def dequantize_checkpoint(
+    arch: ArchConfig, tensors: Mapping[str, torch.Tensor]
+) -> tuple[ArchConfig, Mapping[str, torch.Tensor]]:
     """An FP8 checkpoint's tensors as a plain one's: each `X.weight_scale` folded into X.weight (in fp32, cast on
-    load). KV-cache scales stay: they are for the cache, whatever the weights' dtype."""
-    out = dict(tensors)
-    for name in [n for n in tensors if n.endswith(WEIGHT_SCALE)]:
-        weight = name.removesuffix("_scale")
-        out[weight] = dequantize_weight(out[weight], out.pop(name).reshape(-1), torch.float32)
-    return replace(arch, quantization=None), out
+    load) as X.weight is read. KV-cache scales stay: they are for the cache, whatever the weights' dtype."""
+    return replace(arch, quantization=None), _Dequantized(tensors)
+
+
+class _Dequantized(Mapping):
+    """An FP8 checkpoint's tensors, each matrix dequantized when it is read: the loader packs one sublayer at a
+    time (weights.pack_model), so it holds one sublayer's fp32 matrices, not the whole model's (Llama-3.1-70B
+    dequantized whole took 4 bytes a weight of host memory beside the model being loaded)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        scale = self.tensors.get(name + "_scale") if name.endswith(".weight") else None
+        weight = self.tensors[name]
+        return weight if scale is None else dequantize_weight(weight, scale.reshape(-1), torch.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n in self.tensors if not n.endswith(WEIGHT_SCALE))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def check_memory(
