@@ -459,9 +459,9 @@ class AsyncEngine:
         """Requests running at once, all engines together."""
         return self.limits.max_batch * len(self._handles)
 
-    def encode(self, prompt: str | list[int], what: str = "the prompt") -> list[int]:
+    def encode(self, prompt: str | list[int], what: str = "the prompt", special_tokens: bool = True) -> list[int]:
         """A prompt's checked token ids (PromptEncoder). Thread-safe: the server tokenises in worker threads."""
-        return self.encoder(prompt, what)
+        return self.encoder(prompt, what, special_tokens)
 
     def admit(
         self, request_id: str, prompt: list[int], params: SamplingParams, exact_length: bool = False

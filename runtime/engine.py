@@ -561,13 +561,15 @@ class Engine:
         stop_ids = params.stop_token_ids if params.stop_token_ids is not None else self.model.arch.eos_token_ids
         if not params.ignore_eos and token in stop_ids:
             self.running.remove(req)
-            return self._finish(req, "stop", [], req.stream.flush())
+            return self._finish(req, "stop", [], req.stream.flush()[0])
         req.tokens.append(token)
         text, stopped = req.stream.add(token)
         if stopped or req.sampled >= req.budget:
             self.running.remove(req)
-            reason = "stop" if stopped else "length"
-            return self._finish(req, reason, [token], text + ("" if stopped else req.stream.flush()))
+            if not stopped:
+                rest, stopped = req.stream.flush()
+                text += rest
+            return self._finish(req, "stop" if stopped else "length", [token], text)
         return RequestOutput.progress(req.id, [token], text, req.prompt_len, req.sampled)
 
     def _finish(

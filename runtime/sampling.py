@@ -139,7 +139,9 @@ class PromptEncoder:
         # without tokenising, which takes seconds of a core for a 1 MB prompt.
         self.token_bytes = max_token_bytes(tokenizer) if tokenizer is not None else None
 
-    def __call__(self, prompt: str | list[int], what: str = "the prompt") -> list[int]:
+    def __call__(self, prompt: str | list[int], what: str = "the prompt", special_tokens: bool = True) -> list[int]:
+        """special_tokens: let the tokenizer add its own (a BOS, say); False for a rendered chat template, which
+        writes them itself (Hugging Face's apply_chat_template and vLLM's chat encode it so: never two BOS)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise UserError("a text prompt needs a tokenizer; pass token ids or load tokenizer.json")
@@ -151,7 +153,7 @@ class PromptEncoder:
             check_text(prompt, what)
             # encode_batch releases the GIL while the Rust side works (encode does not): the server tokenises
             # in a worker thread, and a long prompt must not stall the event loop.
-            tokens = self.tokenizer.encode_batch([prompt])[0].ids
+            tokens = self.tokenizer.encode_batch([prompt], add_special_tokens=special_tokens)[0].ids
         else:
             tokens = list(prompt)
         if not tokens:
@@ -221,8 +223,8 @@ CANDIDATES = 512  # the likeliest tokens a top-p cut looks at first (a full sort
 
 def _kept(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """The tokens each row keeps [S, V] (bool) under its top-k (k = V: none; ties at the k-th kept) and then its
-    top-p (p = 1: none; a token goes once the likelier tokens kept cover p, the likeliest always stays), from
-    logits x [S, V] whose maximum is 0.
+    top-p (p = 1: none; a token goes once the likelier tokens kept cover p, the likeliest always stays, and so
+    does every token tied with the last one kept), from logits x [S, V] whose maximum is 0.
 
     Tokens are ranked by `topk` over only as many as the cuts need, a top-p cut alone the CANDIDATES likeliest,
     rather than by a full sort (64 rows of 8,192 tokens on the dev VM's CPU: 6-9 ms against 40). A row whose
@@ -251,7 +253,7 @@ def _cut(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor, width: int) -> tuple
     """`_kept` with the `width` likeliest tokens ranked: (kept [S, V], the rows whose nucleus the ranked tokens
     do not cover [S] bool)."""
     vocab = x.shape[-1]
-    ranked, order = x.topk(width, dim=-1) if width < vocab else x.sort(dim=-1, descending=True)
+    ranked = x.topk(width, dim=-1)[0] if width < vocab else x.sort(dim=-1, descending=True)[0]
     kth = ranked.gather(-1, (k.clamp(max=width) - 1)[:, None]).masked_fill((k >= vocab)[:, None], float("-inf"))
     kept = x >= kth  # the top-k cut, in vocabulary order (ties at the k-th stay)
     nucleus = p < 1
@@ -263,7 +265,11 @@ def _cut(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor, width: int) -> tuple
     covered = probs.cumsum(dim=-1)
     drop = (covered - probs >= p[:, None]) | (probs == 0)
     drop[:, 0] = False
-    kept &= torch.zeros_like(kept).scatter_(-1, order, ~drop) | ~nucleus[:, None]
+    # The nucleus is a prefix of the ranking; it keeps every token at least as likely as its last one. Tied logits
+    # (common in bf16) rank in an order that depends on the width ranked, which depends on the batch's other rows:
+    # keeping the ties whole (as top-k does) makes a row's tokens the same in any batch.
+    last = ranked.gather(-1, ((~drop).sum(dim=-1, keepdim=True) - 1))
+    kept &= (x >= last) | ~nucleus[:, None]
     return kept, nucleus & (covered[:, -1] < p) if width < vocab else torch.zeros_like(nucleus)
 
 
@@ -275,8 +281,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     In float64, from logits shifted so their maximum is 0: any temperature SamplingParams accepts (1e-300
     included) gives finite probabilities, and the best token always keeps a share, whatever top-k and top-p cut.
     top-k keeps every token at least as likely as the k-th (ties kept); top-p drops a token once the tokens
-    before it cover top_p (the first always stays). A sampled row whose logits hold a NaN, or whose largest is
-    infinite, gives -1 (greedy rows take their argmax whatever it is).
+    before it cover top_p (the first always stays, and every token tied with the last kept). A sampled row whose
+    logits hold a NaN, or whose largest is infinite, gives -1 (greedy rows take their argmax whatever it is).
     """
     device = logits.device
     tokens = logits.argmax(dim=-1)
@@ -332,7 +338,7 @@ class TextStream:
         if self.tokenizer is None:
             return "", False
         self.held += self._decode_new()
-        cut = min((i for i in (self.held.find(s) for s in self.stop) if i >= 0), default=-1)
+        cut = self._first_stop(self.held)
         if cut >= 0:
             text, self.held = self.held[:cut], ""
             return text, True
@@ -344,13 +350,18 @@ class TextStream:
         text, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return text, False
 
-    def flush(self) -> str:
-        """The rest of the text, when generation ends for another reason than a stop string (an unfinished
-        character included, as U+FFFD)."""
+    def flush(self) -> tuple[str, bool]:
+        """The rest of the text, when generation ends for another reason than a stop string seen so far (an
+        unfinished character included, as U+FFFD), and whether a stop string ended it after all: the last token's
+        text, held back while it ended inside a character, is searched too."""
         if self.tokenizer is None:
-            return ""
+            return "", False
         text, self.held = self.held + self._decode_new(final=True), ""
-        return text
+        cut = self._first_stop(text)
+        return (text, False) if cut < 0 else (text[:cut], True)
+
+    def _first_stop(self, text: str) -> int:
+        return min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
 
     def _decode_new(self, final: bool = False) -> str:
         done = self.tokenizer.decode(self.ids[self.prefix : self.read])

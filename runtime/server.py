@@ -36,7 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tessera.config import ConfigError, read_json
@@ -120,6 +120,17 @@ class BodyLimit:
         )
 
 
+ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+def route_label(path: str) -> str:
+    """A request's path as the metrics label it counts under: its route, or "unmatched", so that clients sending
+    paths of their choosing cannot add series without limit."""
+    if path in ROUTES:
+        return path
+    return "/v1/models/{model_id}" if path.startswith("/v1/models/") else "unmatched"
+
+
 # Request bodies
 
 
@@ -134,9 +145,9 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # vLLM extension; 0: no cut
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(0, ge=-1)  # vLLM extension; 0 (or vLLM's -1): no cut
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -148,10 +159,21 @@ class _Sampling(BaseModel):
     user: str | None = None  # accepted and ignored, as OpenAI uses it only for abuse monitoring
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI reads null as "the default" for an optional field (the official client sends temperature=None
+        when the caller leaves it so): such a field given null takes its default. A required field stays null,
+        and is refused as such."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+
     def check_supported(self) -> None:
         if self.n != 1:
             raise APIError(400, "n: only n = 1 is supported", "n")
-        if self.logprobs not in (None, False):
+        if self.logprobs is not None and self.logprobs is not False:  # 0 asks for the chosen tokens' (0 == False)
             raise APIError(400, "logprobs: not supported by this server", "logprobs")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
@@ -356,12 +378,12 @@ class Server:
         app.add_middleware(
             BodyLimit,
             limit=self.max_request_bytes,
-            on_refused=lambda path: self.metrics.requests.labels(path, "413").inc(),
+            on_refused=lambda path: self.metrics.requests.labels(route_label(path), "413").inc(),
         )
 
         @app.exception_handler(APIError)
         async def api_error(request: Request, e: APIError) -> JSONResponse:
-            self.metrics.requests.labels(request.url.path, str(e.status)).inc()
+            self.metrics.requests.labels(route_label(request.url.path), str(e.status)).inc()
             return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
 
         @app.exception_handler(RequestValidationError)
@@ -375,7 +397,7 @@ class Server:
             else:
                 message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
                 param = where[0] if where else None
-            self.metrics.requests.labels(request.url.path, "400").inc()
+            self.metrics.requests.labels(route_label(request.url.path), "400").inc()
             return JSONResponse(error_body(400, message, param), status_code=400)
 
         @app.exception_handler(StarletteHTTPException)
@@ -384,12 +406,12 @@ class Server:
             if e.status_code in (404, 405):
                 verb = "no route" if e.status_code == 404 else "method not allowed:"
                 message = f"{verb} {request.method} {request.url.path}"
-            self.metrics.requests.labels(request.url.path, str(e.status_code)).inc()
+            self.metrics.requests.labels(route_label(request.url.path), str(e.status_code)).inc()
             return JSONResponse(error_body(e.status_code, message), status_code=e.status_code, headers=e.headers)
 
         @app.exception_handler(Exception)
         async def bug(request: Request, e: Exception) -> JSONResponse:  # logged with its traceback by uvicorn
-            self.metrics.requests.labels(request.url.path, "500").inc()
+            self.metrics.requests.labels(route_label(request.url.path), "500").inc()
             return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
 
         app.get("/health")(self.health)
@@ -451,7 +473,7 @@ class Server:
             return SamplingParams(
                 max_new_tokens=body.max_tokens if body.max_tokens is not None else default_max,
                 temperature=body.temperature,
-                top_k=body.top_k,
+                top_k=max(body.top_k, 0),  # vLLM's -1 is our 0: no cut
                 top_p=body.top_p,
                 seed=body.seed,
                 stop=body.stop_strings(),
@@ -459,12 +481,15 @@ class Server:
             )
         except SamplingError as e:
             field = API_FIELDS.get(e.field, e.field)
+            if field == "max_tokens" and getattr(body, "max_completion_tokens", None) is not None:
+                field = "max_completion_tokens"  # named as the client gave it
             raise APIError(400, f"{field}{str(e).removeprefix(e.field)}", field) from e
 
-    def _encode(self, prompt: str | list[int], param: str) -> list[int]:
-        """A prompt's checked token ids (in a worker thread: tokenising a long text takes a while)."""
+    def _encode(self, prompt: str | list[int], param: str, what: str = "the prompt", chat: bool = False) -> list[int]:
+        """A prompt's checked token ids (in a worker thread: tokenising a long text takes a while). A rendered chat
+        is encoded without the tokenizer's special tokens: its template wrote them."""
         try:
-            return self.engine.encode(prompt)
+            return self.engine.encode(prompt, what, special_tokens=not chat)
         except ContextLengthError as e:
             raise APIError(400, str(e), param, "context_length_exceeded") from e
         except UserError as e:
@@ -508,15 +533,17 @@ class Server:
         except RuntimeError as e:  # shutting down, or no engine left
             raise APIError(503, str(e)) from e
         outputs = self._merge(request, streams)
-        self.metrics.requests.labels(request.url.path, "200").inc()
-        if body.stream:
+        if body.stream:  # answered 200 once the stream starts; a whole answer once it is complete
+            self.metrics.requests.labels(route_label(request.url.path), "200").inc()
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
                 self._events(outputs, len(streams), rid, form, include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        return await self._whole(outputs, len(streams), rid, form)
+        answer = await self._whole(outputs, len(streams), rid, form)
+        self.metrics.requests.labels(route_label(request.url.path), "200").inc()
+        return answer
 
     async def _merge(self, request: Request, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) of all streams as the engine produces them. Every stream is aborted when
@@ -641,8 +668,13 @@ class Server:
                 f"prompt: at most {self.engine.max_batch} prompts a request (the batch size), got {len(prompts)}",
                 "prompt",
             )
+        names = ["the prompt"] if one else [f"prompt {i}" for i in range(len(prompts))]
         return await self._serve(
-            request, body, lambda: [self._encode(p, "prompt") for p in prompts], COMPLETION_DEFAULT_MAX_TOKENS, TEXT
+            request,
+            body,
+            lambda: [self._encode(p, "prompt", name) for p, name in zip(prompts, names)],
+            COMPLETION_DEFAULT_MAX_TOKENS,
+            TEXT,
         )
 
     async def chat_completions(self, body: ChatRequest, request: Request):
@@ -653,7 +685,11 @@ class Server:
             )
             messages.append({**m.model_dump(exclude_none=True), "content": content or ""})
         # Chat defaults to the rest of the context (max_new_tokens None).
-        return await self._serve(request, body, lambda: [self._encode(self._render(messages), "messages")], None, CHAT)
+
+        def encode() -> list[list[int]]:
+            return [self._encode(self._render(messages), "messages", "the chat prompt", chat=True)]
+
+        return await self._serve(request, body, encode, None, CHAT)
 
 
 def engine_spec(

@@ -230,7 +230,7 @@ def test_text_stream_holds_back_possible_stop_strings_and_split_characters(demo)
     assert stopped and "".join(deltas) == "naïve café → done; "
     assert not any("E" in d for d in deltas)  # the partial "E", "EN" were held back, then cut
     plain = TextStream(tok)
-    assert "".join(plain.add(t)[0] for t in ids) + plain.flush() == text
+    assert "".join(plain.add(t)[0] for t in ids) + plain.flush()[0] == text
 
 
 def test_admission_waits_for_pages_and_refuses_what_can_never_fit(demo) -> None:

@@ -202,6 +202,29 @@ def test_top_p_over_a_few_candidates_equals_the_full_ranking(monkeypatch) -> Non
     assert [sample(logits, params, u).tolist() for u in draws] == full
 
 
+def test_a_row_draws_the_same_token_in_any_batch_even_over_tied_logits() -> None:
+    """bf16 logits tie often, and tied logits rank in an order that depends on how many tokens are ranked, which
+    the batch's other rows decide (a top_k=600 row beside a top-p row widens the ranking): the nucleus keeps every
+    token tied with its last one, so a row's kept tokens, and its draws, are the same alone and in any batch
+    (168 of 200 such rows kept other tokens before)."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = 8192
+    mine = SamplingParams(temperature=1.0, top_p=0.9)
+    others = [SamplingParams(temperature=1.0, top_k=600), SamplingParams(temperature=1.0, top_k=2000, top_p=0.5)]
+    from tessera.runtime.sampling import _kept
+
+    for _ in range(20):
+        logits = (torch.randn(3, vocab, generator=gen) * 3).bfloat16().double()  # many exact ties
+        logits -= logits.amax(dim=-1, keepdim=True)
+        kept = _kept(logits[:1], [vocab], [0.9])
+        for other in others:
+            pair = _kept(logits[:2], [vocab, other.top_k], [0.9, other.top_p])
+            assert torch.equal(pair[:1], kept)
+        draws = torch.rand(3, generator=gen, dtype=torch.float64)
+        alone = sample(logits[:1].float(), [mine], draws[:1])
+        assert torch.equal(sample(logits.float(), [mine, *others], draws)[:1], alone)
+
+
 def test_rows_without_a_distribution_give_minus_one() -> None:
     """A sampled row with a NaN logit, a +inf logit or only -inf logits has nothing to draw from: -1 (the engine
     fails that request alone); the greedy row beside them keeps its argmax."""
@@ -355,7 +378,7 @@ def test_text_stream_equals_the_whole_decode_in_constant_work_per_token(tokenize
     ids[::7] = torch.randint(0, tokenizer.get_vocab_size(), (len(ids[::7]),), generator=rng).tolist()  # odd bytes
     counting = CountingTokenizer(tokenizer)
     stream = TextStream(counting, ("<never>",))
-    streamed = "".join(stream.add(t)[0] for t in ids) + stream.flush()
+    streamed = "".join(stream.add(t)[0] for t in ids) + stream.flush()[0]
     assert streamed == tokenizer.decode(ids)
     assert counting.decoded / len(ids) < 16
 
@@ -371,6 +394,30 @@ def test_text_stream_cuts_at_the_first_stop_string(tokenizer: Tokenizer, stop: s
         if stopped:
             break
     assert stopped and text == whole[: whole.index(stop)]
+
+
+def test_a_stop_string_completed_by_the_last_token_inside_a_character_still_stops() -> None:
+    """A token whose text ends inside a UTF-8 character is held back until the next token completes it; when
+    generation ends on it (EOS or the token budget), flush searches that text for stop strings too (the demo
+    parent's tokenizer has such tokens)."""
+    from tessera.demo import PARENT_DIR
+
+    tokenizer = Tokenizer.from_file(str(PARENT_DIR / "tokenizer.json"))
+    ending = next(
+        i
+        for i in range(tokenizer.get_vocab_size())
+        if len(tokenizer.decode([i])) > 1
+        and tokenizer.decode([i]).endswith("\ufffd")
+        and not tokenizer.decode([i]).startswith("\ufffd")
+    )
+    stop = "#" + tokenizer.decode([ending])[:-1]  # completed by that token, before its unfinished character
+    stream, text = TextStream(tokenizer, (stop,)), ""
+    for t in [*tokenizer.encode("x = 1 #").ids, ending]:
+        delta, stopped = stream.add(t)
+        text += delta
+        assert not stopped  # held back: the last token ends inside a character
+    rest, stopped = stream.flush()
+    assert stopped and text + rest == "x = 1 "
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"model": {"type": "NoSuchModel"}}', ""])

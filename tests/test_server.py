@@ -199,6 +199,29 @@ def test_chat_uses_the_template(client, server, parent) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
 
 
+def test_a_chat_prompt_holds_the_templates_bos_alone(client, server, monkeypatch) -> None:
+    """Llama-3's way: the template writes BOS and the tokenizer's post-processor adds one to every encoding. A
+    rendered chat is encoded without the tokenizer's own special tokens (as apply_chat_template and vLLM do), so
+    it holds one BOS; a completion prompt gets the tokenizer's."""
+    from tokenizers import processors
+
+    served = server[0]
+    tokenizer, bos = served.engine.encoder.tokenizer, "<|endoftext|>"
+    bos_id = tokenizer.token_to_id(bos)
+    adds_bos = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+    monkeypatch.setattr(tokenizer, "post_processor", adds_bos)
+    bos_first = served.template.environment.from_string("{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE)
+    monkeypatch.setattr(served, "template", bos_first)
+    seen = []
+    encode = served.engine.encode
+    monkeypatch.setattr(served.engine, "encode", lambda *a, **k: seen.append(encode(*a, **k)) or seen[-1])
+    client.chat.completions.create(model="parent", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    client.completions.create(model="parent", prompt="hi", max_tokens=1)
+    chat, completion = seen
+    assert chat[0] == bos_id and chat[1] != bos_id
+    assert completion[0] == bos_id and completion[1:] == tokenizer.encode("hi", add_special_tokens=False).ids
+
+
 def test_chat_template_from_the_tokenizer_config(tmp_path) -> None:
     assert load_chat_template(PARENT_DIR) == (
         DEFAULT_CHAT_TEMPLATE,
@@ -259,6 +282,8 @@ def test_stop_strings_over_http(client, reference) -> None:
         (dict(prompt=""), openai.BadRequestError, "prompt is empty"),
         (dict(seed=2**64, temperature=1), openai.BadRequestError, "seed: expected an integer"),
         (dict(prompt=["x"] * 17), openai.BadRequestError, "at most 16 prompts"),
+        (dict(prompt=["x", ""]), openai.BadRequestError, "prompt 1 is empty"),
+        (dict(logprobs=0), openai.BadRequestError, "logprobs: not supported"),  # 0 == False: once let through
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, kwargs, error, message) -> None:
@@ -269,6 +294,26 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, kwa
     body = caught.value.body
     assert set(body) >= {"message", "type", "param", "code"}
     assert client.completions.create(model="parent", prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_null_means_the_default_as_openai_reads_it(client, reference) -> None:
+    """The official client sends null for a parameter left as None; OpenAI reads it as the default. vLLM's
+    top_k -1 means no cut, as 0 does."""
+    prompt = PROMPTS[0]
+    out = client.completions.create(
+        model="parent", prompt=prompt, max_tokens=8, temperature=0, top_p=None, n=None, stream=None
+    )
+    assert out.choices[0].text and reference[prompt].text.startswith(out.choices[0].text)
+    nulls = {"presence_penalty": None, "frequency_penalty": None, "echo": None, "best_of": None, "top_k": -1}
+    again = client.completions.create(model="parent", prompt=prompt, max_tokens=8, temperature=0, extra_body=nulls)
+    assert again.choices[0].text == out.choices[0].text
+    chat = dict(model="parent", messages=[{"role": "user", "content": "x"}], max_tokens=2, temperature=None)
+    assert client.chat.completions.create(**chat).usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError, match="max_completion_tokens: must be >= 1") as caught:
+        client.chat.completions.create(**(chat | {"max_tokens": None, "max_completion_tokens": 0}))
+    assert caught.value.body["param"] == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError, match="messages"):  # a required field stays required
+        client.chat.completions.create(model="parent", messages=None, max_tokens=2)
 
 
 def test_invalid_json_and_unknown_routes(server) -> None:
@@ -518,6 +563,13 @@ def test_metrics(server, client) -> None:
         "tessera_prompt_tokens_total",
     ):
         assert name in text
+    # Paths a client makes up count under one label: they cannot add series without limit.
+    for i in range(20):
+        httpx.get(f"{base}/no/such/path/{i}")
+        httpx.get(f"{base}/v1/models/made-up-{i}")
+    text = httpx.get(f"{base}/metrics").text
+    assert "/no/such/path" not in text and "made-up" not in text
+    assert 'endpoint="unmatched",status="404"' in text and 'endpoint="/v1/models/{model_id}",status="404"' in text
 
 
 def test_serve_command_shuts_down_cleanly_with_a_stream_in_flight(tmp_path) -> None:
