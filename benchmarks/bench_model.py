@@ -19,12 +19,15 @@ Goals (H200): the FP8 step >= 80 % of its floor at batch 1 and >= 1.7x the bf16 
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from tessera import kernels
 from tessera.config import FP8_NAME, ArchConfig
 from tessera.demo.build import demo_arch
 from tessera.devices import dtype_name, serving_dtype
+from tessera.kernels import hardware
 from tessera.runtime.engine import DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.model import Model
 
@@ -183,12 +186,104 @@ def _fp8_rows(model: Model, batch: int, context: int, device: torch.device, mode
     return rows
 
 
+def pdl_comparison(device: torch.device, copy_gbps: float, rounds: int = 5) -> dict:
+    """The served decode step (Triton kernels replayed from the engine's CUDA graph) with and without programmatic
+    dependent launch (kernels.hardware.set_pdl), each graph captured in its own mode, timed in `rounds` alternating
+    rounds: per scenario the median of each mode, the median ratio and its spread. PDL changes when a kernel starts,
+    never what it computes, so the logits of the two must be the same bits; a row says whether they were. On the CPU
+    (the demo parent's shape, the references: no kernel takes PDL there) a sanity pass of this code."""
+    on_gpu = device.type == "cuda"
+    arch = ArchConfig.from_hf_dict(LLAMA_3_1_8B, "Llama-3.1-8B") if on_gpu else demo_arch(eos_id=0)
+    dtype = serving_dtype(device)
+    model = Model.empty(arch, device, dtype).init_weights(seed=0).eval()
+    available = _pdl_available(device)
+    saved_backend, saved_pdl = kernels.forced_backend(), hardware.pdl_enabled()
+    rows = []
+    try:
+        kernels.set_backend("triton" if on_gpu else "torch")
+        for batch, context in SCENARIOS if on_gpu else [(1, 64), (8, 64)]:
+            steps, logits = {}, {}
+            for pdl in (False, True):
+                hardware.set_pdl(pdl)  # read as the engine captures its graph
+                with torch.inference_mode():
+                    steps[pdl] = _decode_steps(model, batch, context, device, graphs=on_gpu)
+                    logits[pdl] = steps[pdl]().float()
+            hardware.set_pdl(saved_pdl)
+            times: dict[bool, list[float]] = {False: [], True: []}
+            with torch.inference_mode():
+                for _ in range(rounds):
+                    for pdl in (False, True):
+                        times[pdl].append(time_ms(steps[pdl], device, graph=False, rep_ms=50)[0])
+            del steps
+            if on_gpu:
+                torch.cuda.empty_cache()
+            ratios = sorted(off / on for off, on in zip(times[False], times[True]))
+            floor_ms = 1e3 * arch.decode_step_bytes(batch, context, dtype_name(dtype)) / (copy_gbps * 1e9)
+            without, with_pdl = statistics.median(times[False]), statistics.median(times[True])
+            rows.append(
+                {
+                    "batch": batch,
+                    "context": context,
+                    "step_ms_without_pdl": without,
+                    "step_ms_with_pdl": with_pdl,
+                    "pct_of_bandwidth_floor_without_pdl": 100 * floor_ms / without,
+                    "pct_of_bandwidth_floor_with_pdl": 100 * floor_ms / with_pdl,
+                    "speedup": statistics.median(ratios),
+                    "speedup_min": ratios[0],
+                    "speedup_max": ratios[-1],
+                    "same_logits": torch.equal(logits[False], logits[True]),
+                    "rounds": rounds,
+                }
+            )
+            r = rows[-1]
+            print(
+                f"decode batch {batch} context {context}: {without:.3f} ms without PDL, {with_pdl:.3f} ms with "
+                f"({r['speedup']:.3f}x, {r['speedup_min']:.3f}-{r['speedup_max']:.3f} over {rounds} rounds), "
+                f"logits {'the same bits' if r['same_logits'] else 'DIFFERENT'}"
+            )
+    finally:
+        kernels.set_backend(saved_backend)
+        hardware.set_pdl(saved_pdl)
+    return {
+        "model": "Llama-3.1-8B shape, random weights" if on_gpu else "demo parent shape, random weights",
+        "dtype": dtype_name(dtype),
+        "pdl_available": available,
+        "timing": "do_bench medians of the engine's CUDA-graph replays, modes alternating" if on_gpu else "CPU",
+        "results": rows,
+    }
+
+
+def _pdl_available(device: torch.device) -> bool:
+    """Whether the device's launches take PDL when it is enabled (an NVIDIA GPU of compute capability 9+)."""
+    saved = hardware.pdl_enabled()
+    hardware.set_pdl(True)
+    try:
+        return hardware.launch_flags(device)["PDL"]
+    finally:
+        hardware.set_pdl(saved)
+
+
+def pdl_table(result: dict) -> str:
+    note = "" if result["pdl_available"] else "No kernel takes PDL on this device: a sanity pass of the code.\n\n"
+    lines = [
+        note + "| batch | context | ms/step without PDL | with PDL | % of floor without | with | speedup (min-max) | "
+        "same logits |",
+        "|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in result["results"]:
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {r['step_ms_without_pdl']:.3f} | {r['step_ms_with_pdl']:.3f} | "
+            f"{r['pct_of_bandwidth_floor_without_pdl']:.0f} % | {r['pct_of_bandwidth_floor_with_pdl']:.0f} % | "
+            f"{r['speedup']:.3f}x ({r['speedup_min']:.3f}-{r['speedup_max']:.3f}) | {r['same_logits']} |"
+        )
+    return "\n".join(lines)
+
+
 def generate_speed(device: torch.device, new_tokens: int = 128) -> list[dict]:
     """`Generator` (the engine: paged KV cache, decode steps replayed from CUDA graphs) on the demo parent in
     bf16 vs transformers' `generate` on the same checkpoint, in the same run: output tokens/s at batch 1 and 8,
     16-token prompts, exactly `new_tokens` greedy tokens each, medians of 3 after a warm-up. A model this small is
     bound by launches, which the graphs remove (72 tokens/s at batch 1 without them, gpu/2026-11-28)."""
-    import statistics
     import time
 
     from transformers import LlamaForCausalLM

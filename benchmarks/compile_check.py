@@ -137,10 +137,11 @@ def _resources(kernel, tools: Path) -> dict[str, int]:
 
 def _instructions(kernel) -> str:
     """Which tensor-core instruction the kernel's dots became ("wgmma": Hopper's warpgroup MMA, which needs 64-row
-    tiles; "mma": the warp-level one; "-": no dot) and whether it loads tiles through TMA ("+tma"), from its PTX."""
+    tiles; "mma": the warp-level one; "-": no dot), whether it loads tiles through TMA ("+tma") and waits on the
+    kernel before it under programmatic dependent launch ("+gdc"), from its PTX."""
     ptx = kernel.asm["ptx"]
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "-"
-    return mma + ("+tma" if "cp.async.bulk.tensor" in ptx else "")
+    return mma + ("+tma" if "cp.async.bulk.tensor" in ptx else "") + ("+gdc" if "griddepcontrol.wait" in ptx else "")
 
 
 # The workloads. Tensors come from torch.empty: no kernel runs, so no value is ever read.
@@ -201,6 +202,16 @@ def served_path(name: str, fp8: bool, fp8_cache: bool) -> None:
         model(torch.ones(2, 64, dtype=torch.int64))  # a forward without a cache: scoring, the search's teacher
 
 
+def with_pdl(run: Callable[[], None]) -> None:
+    """`run` with programmatic dependent launch on (kernels.hardware.set_pdl): every kernel's PDL variant."""
+    saved = hardware.pdl_enabled()
+    hardware.set_pdl(True)
+    try:
+        run()
+    finally:
+        hardware.set_pdl(saved)
+
+
 def gemm_schedules(fp8: bool) -> None:
     """The FFN (gate/up and down GEMMs, with the residual) at every row count bench_ffn times, both schedules
     (below Hopper, without tensor descriptors, the persistent one falls back to the portable one). Llama-8B's
@@ -240,6 +251,10 @@ WORKLOADS: dict[str, Callable[[], None]] = {
     **{f"engine, {name}, bf16": partial(served_path, name, False, False) for name in MODELS},
     **{f"engine, {name}, fp8 weights, bf16 KV cache": partial(served_path, name, True, False) for name in MODELS},
     **{f"engine, {name}, fp8 weights and KV cache": partial(served_path, name, True, True) for name in MODELS},
+    # Programmatic dependent launch (Hopper on; off by default until measured): the 8B shape's steps in bf16.
+    "engine, llama-3.1-8b shape, bf16, programmatic dependent launch": partial(
+        with_pdl, partial(served_path, "llama-3.1-8b shape", False, False)
+    ),
     "bench_ffn schedules, bf16": partial(gemm_schedules, False),
     "bench_ffn schedules, fp8": partial(gemm_schedules, True),
     "bench_attention layouts, bf16 pages": partial(paged_attention, False),
@@ -258,6 +273,8 @@ def check(arch: int) -> dict:
         for workload, run in WORKLOADS.items():
             if "fp8" in workload and arch < 89:
                 continue  # FP8 needs compute capability 8.9 (the runtime refuses it below, devices.check_fp8)
+            if "programmatic" in workload and arch < 90:
+                continue  # Hopper's: below it the launchers leave PDL off (kernels.hardware.launch_flags)
             compiled.workload = workload
             print(f"{workload} ...", flush=True)
             try:

@@ -62,7 +62,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 # finishes what a first one's budget cut off.
 STEPS=" $* "
 # Steps that run only when named: issue 17's (below), and the tiling sweep, run once (its results are committed).
-OPTIONAL=" cost_model search_scale tune_attention "
+OPTIONAL=" cost_model search_scale tune_attention bench_model_pdl "
 want() { [[ ("$STEPS" == "  " && "$OPTIONAL" != *" $1 "*) || "$STEPS" == *" $1 "* ]]; }
 
 # Every step needs the image's torch and a CUDA GPU: without them each would only fail in turn (seen when the
@@ -84,6 +84,9 @@ want tests && step tests 140 python3 -m pytest -q -p no:cacheprovider -n 12 -m "
 want bench_attention && step bench_attention 120 python3 -m tessera.cli bench kernels --suite attention --device cuda
 want tune_attention && step tune_attention 75 python3 -m tessera.benchmarks.tune_attention --device cuda --budget-s 50
 want bench_model && step bench_model 80 python3 -m tessera.cli bench model --device cuda
+# The decode step with and without programmatic dependent launch (off in the served path until this measures it):
+# each mode's graph captured, alternating rounds, the logits compared bit for bit. Run by name.
+want bench_model_pdl && step bench_model_pdl 90 python3 -m tessera.cli bench model --pdl --device cuda
 want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving --device cuda
 want bench_ffn_norm && step bench_ffn_norm 75 python3 -m tessera.cli bench kernels --suite ffn --suite norm --device cuda
 want bench_fusion && step bench_fusion 25 python3 -m tessera.cli bench fusion --device cuda

@@ -37,6 +37,7 @@ __all__ = [
     "run_fusion",
     "run_kernels",
     "run_model",
+    "run_model_pdl",
     "run_parallel",
     "run_search_scale",
     "run_serving",
@@ -73,6 +74,17 @@ def run_model(device: torch.device, out: Path | None = None) -> Path:
     md = _header(env, f"Decode, {result['model']}, {result['dtype']}", copy_gbps) + bench_model.table(result)
     results = {**env, "copy_bandwidth_gbps": copy_gbps, **result}
     return write_results(results_name(device, "model_decode"), results, md, out)
+
+
+def run_model_pdl(device: torch.device, out: Path | None = None) -> Path:
+    """The decode step with and without programmatic dependent launch (bench_model.pdl_comparison)."""
+    copy_gbps = copy_bandwidth_gbps(device)
+    env = environment(device)
+    result = bench_model.pdl_comparison(device, copy_gbps)
+    title = f"Decode with and without programmatic dependent launch, {result['model']}, {result['dtype']}"
+    md = _header(env, title, copy_gbps) + bench_model.pdl_table(result)
+    results = {**env, "copy_bandwidth_gbps": copy_gbps, **result}
+    return write_results(results_name(device, "model_decode_pdl"), results, md, out)
 
 
 def run_fusion(device: torch.device, out: Path | None = None) -> Path:

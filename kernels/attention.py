@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .hardware import dot_precision
+from .hardware import dot_precision, launch_flags, wait_for_inputs
 
 LOG2_E = 1.4426950408889634
 
@@ -82,7 +82,9 @@ def _prefill_kernel(
     CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     # Grid (tiles, Hkv, B). The last tiles of a sequence see the most keys under the causal mask: launch them
     # first so the long programs are not the stragglers.
     tile = max_tiles - 1 - tl.program_id(0)
@@ -222,6 +224,7 @@ def attention_prefill_triton(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=8 if block_m >= 128 else 4,
         num_stages=2,
+        **launch_flags(q.device),
     )
     return out
 

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from .attention import LOG2_E, attend_tile, check_window
 from .fp8 import FP8, check_kv_scales
-from .hardware import dot_precision, sm_count
+from .hardware import dot_precision, launch_flags, sm_count, wait_for_inputs
 
 MAX_SPLITS = 64
 
@@ -118,7 +118,9 @@ def _paged_kernel(
     WINDOW: tl.constexpr,
     FP8_CACHE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     # Grid (tiles · splits, Hkv, B), last tiles first: under the causal mask they see the most keys.
     tile = max_tiles - 1 - tl.program_id(0) // n_splits
     split = tl.program_id(0) % n_splits
@@ -235,8 +237,10 @@ def _merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[t, h] = Σ_s 2^(lse_s - max) · partial_s / Σ_s 2^(lse_s - max): the softmax over all keys again."""
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
@@ -402,6 +406,7 @@ def attention_paged_triton(
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
+        **launch_flags(q.device),
     )
     if n_splits > 1:
         _merge_kernel[(q.shape[0], n_heads)](
@@ -419,5 +424,6 @@ def attention_paged_triton(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_S=triton.next_power_of_2(n_splits),
+            **launch_flags(q.device),
         )
     return out

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .fp8 import linear_fp8_reference, linear_fp8_scaled_mm, quantize_rows_triton
 from .gemm import descriptor, gemm_blocks, grouped_tile, matmul_triton, persistent_programs, tma_ready
-from .hardware import dot_precision, fitting_stages
+from .hardware import dot_precision, fitting_stages, launch_flags, wait_for_inputs
 
 # Rows up to which the automatic dispatch (kernels.swiglu_ffn) runs these kernels; past it, cuBLAS. On the H200
 # (benchmarks/results/nvidia-h200_kernels_ffn.md) they beat cuBLAS eager at 1 and 16 rows (1.02-1.09x, 83-107 % of
@@ -48,7 +48,9 @@ def _gate_up_kernel(
     SCALED: tl.constexpr,
     PRECISION: tl.constexpr,
     IMPRECISE_ACC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, I, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -107,10 +109,12 @@ def _persistent_gate_up_kernel(
     SCALED: tl.constexpr,
     PRECISION: tl.constexpr,
     IMPRECISE_ACC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """_gate_up_kernel's tiles on the persistent schedule (kernels/gemm.py), operands through tensor descriptors:
     the gate tile at rows n of w_gate_up, the up tile at rows I + n. A gate tile reaching past row I reads up rows
     into columns the store masks off; the up tile past 2I reads zeros."""
+    wait_for_inputs(PDL)
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(I, BLOCK_N)
     for tile in tl.range(tl.program_id(0), tiles, n_programs):
         pid_m, pid_n = grouped_tile(tile, M, I, BLOCK_M, BLOCK_N, GROUP_M)
@@ -202,6 +206,7 @@ def swiglu_ffn_triton(
         IMPRECISE_ACC=block_k if scaled else 0,  # FP8: promote to fp32 after each K tile (kernels/gemm.py)
         num_warps=warps,
         num_stages=stages,
+        **launch_flags(x.device),
     )
     if persistent and tma_ready(a, w_gate_up):
         programs = persistent_programs(tiles, x.device)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .gemm import matmul_triton
+from .hardware import launch_flags, wait_for_inputs
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite E4M3 value
@@ -113,8 +114,11 @@ def quantize_e4m3(x, scale):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
     """One program per row: its absolute maximum, then the row divided by max/448 and rounded to E4M3."""
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -141,7 +145,8 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         block = min(triton.next_power_of_2(k), 4096)
-        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), MIN_SCALE=MIN_SCALE, BLOCK=block)
+        flags = launch_flags(x.device)
+        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), MIN_SCALE=MIN_SCALE, BLOCK=block, **flags)
     return q, scale
 
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import cpu_launches, dot_precision, fitting_stages, gpu, sm_count
+from .hardware import cpu_launches, dot_precision, fitting_stages, gpu, launch_flags, sm_count, wait_for_inputs
 
 try:  # host-side tensor descriptors (triton >= 3.3; the H200 image has 3.6)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -143,8 +143,10 @@ def _matmul_kernel(
     HAS_RESIDUAL: tl.constexpr,
     PRECISION: tl.constexpr,
     IMPRECISE_ACC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[split] = a[:, split's K range] · W[:, same]ᵀ, scaled; bias and residual added when unsplit."""
+    wait_for_inputs(PDL)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
 
@@ -212,10 +214,12 @@ def _persistent_matmul_kernel(
     HAS_RESIDUAL: tl.constexpr,
     PRECISION: tl.constexpr,
     IMPRECISE_ACC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """_matmul_kernel's tiles on the persistent schedule: program p takes work items p, p + n_programs, ...; item
     i is output tile i % tiles (grouped order) of split i // tiles. A split's K range is whole BLOCK_K tiles, so a
     tile load never reaches into the next split's range (past K the descriptor reads zeros)."""
+    wait_for_inputs(PDL)
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for item in tl.range(tl.program_id(0), tiles * n_splits, n_programs):
         pid_m, pid_n = grouped_tile(item % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -263,8 +267,10 @@ def _sum_splits_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out = Σ_splits partial (+ bias) (+ residual), over flat contiguous [M·N] views."""
+    wait_for_inputs(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -346,6 +352,7 @@ def matmul_triton(
         IMPRECISE_ACC=block_k if scaled else 0,  # FP8: promote to fp32 after each K tile (module doc)
         num_warps=warps,
         num_stages=stages,
+        **launch_flags(a.device),
     )
     if persistent and tma_ready(a, w):
         programs = persistent_programs(tiles * splits, a.device)
@@ -371,5 +378,6 @@ def matmul_triton(
             HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
+            **launch_flags(a.device),
         )
     return out

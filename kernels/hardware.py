@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @dataclass(frozen=True)
@@ -81,3 +83,41 @@ def cpu_launches() -> bool:
     """Whether Triton launches take CPU tensors: under the interpreter, which runs them, or in `compile_only`
     mode."""
     return INTERPRETING or _compile_target is not None
+
+
+# Programmatic dependent launch (Hopper on): a kernel launched with it may be scheduled while the kernel before it
+# drains, so the launch latency and the tail between the ~300 kernels of a decode step overlap (inside CUDA graphs
+# too). Every tessera kernel takes a PDL constexpr and, with it, waits for the kernel before it (`gdc_wait`: that
+# kernel complete, its writes visible) before its first memory access: correctness never depends on the overlap.
+# Off unless TESSERA_PDL=1 or `set_pdl(True)`: its speed on the H200 is unmeasured (`bench model --pdl` compares the
+# decode step with and without it, in one run, and checks the logits are the same bits).
+PDL_ENV = "TESSERA_PDL"
+_pdl = os.environ.get(PDL_ENV, "") == "1"
+
+
+def set_pdl(on: bool) -> None:
+    """Launch tessera's kernels with programmatic dependent launch where the GPU has it (from the next launch)."""
+    global _pdl
+    _pdl = on
+
+
+def pdl_enabled() -> bool:
+    return _pdl
+
+
+def launch_flags(device: torch.device) -> dict:
+    """The PDL constexpr (and launch option) of a kernel launched on `device`: on when enabled and the device is an
+    NVIDIA GPU of compute capability 9+ (or compile-only mode's target is one); never under the interpreter, which
+    has no grid dependency control."""
+    nvidia = device.type == "cuda" and torch.version.hip is None
+    on = _pdl and not INTERPRETING and (nvidia or _compile_target is not None) and gpu(device).capability[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """A kernel's first statement: under programmatic dependent launch, wait until the kernel before it is
+    complete and its writes visible, then let the next kernel be scheduled (it waits in turn)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()

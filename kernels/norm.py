@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .hardware import launch_flags, wait_for_inputs
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -28,7 +30,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -88,6 +92,7 @@ def rms_norm_triton(
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             num_warps=num_warps,
+            **launch_flags(x.device),
         )
     out = out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))

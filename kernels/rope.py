@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import FP8, bytes_view, check_kv_scales, quantize_e4m3, quantize_kv_reference
+from .hardware import launch_flags, wait_for_inputs
 
 
 @triton.jit
@@ -48,10 +49,12 @@ def _rope_kernel(
     BLOCK_HALF: tl.constexpr,
     CACHE: tl.constexpr,
     FP8_CACHE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One token per program: its n_heads heads of x rotated into out; with CACHE, the last n_kv_heads of them
     (the keys) also rotated into the KV cache at the token's slot, and its values copied there (with FP8_CACHE
     divided by the layer's K and V scales and rounded to E4M3)."""
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     in_half = offs < HALF
@@ -134,6 +137,7 @@ def _launch(x, cos, sin, out, cache=None) -> None:
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
             CACHE=cache is not None,
             FP8_CACHE=fp8,
+            **launch_flags(x.device),
         )
 
 

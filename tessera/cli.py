@@ -369,6 +369,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from tessera.benchmarks import run
 
+    if args.pdl and args.what != "model":
+        raise UserError(f"--pdl compares decode steps: it goes with `bench model`, not `bench {args.what}`")
     results = check_output(args.results or run.results_dir(), "--results", folder=True)
     if args.what == "kernels":
         paths = run.run_kernels(device, args.suite, out=results)
@@ -380,8 +382,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         paths = [run.run_search_scale(device, out=results, depths=args.depths, shape=args.shape)]
     elif args.what == "cost-model":
         paths = [run.run_cost_model(device, out=results)]
+    elif args.what == "model":
+        paths = [run.run_model_pdl(device, out=results) if args.pdl else run.run_model(device, out=results)]
     else:
-        paths = [run.run_model(device, out=results) if args.what == "model" else run.run_fusion(device, out=results)]
+        paths = [run.run_fusion(device, out=results)]
     for path in paths:
         print(f"\n{path.with_suffix('.md').read_text()}wrote {path} and {path.with_suffix('.md').name}")
 
@@ -828,6 +832,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="search-scale: the parent's block (hidden size, heads, FFN width) (default: llama-3.2-1b)",
     )
     p.add_argument("--suite", action="append", choices=["norm", "ffn", "attention"], help="kernels: repeatable")
+    p.add_argument(
+        "--pdl",
+        action="store_true",
+        help="model: the decode step with and without programmatic dependent launch (Hopper GPUs), alternating",
+    )
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument(
         "--results",

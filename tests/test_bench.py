@@ -67,6 +67,24 @@ def test_bench_model(results_dir) -> None:
             assert r["floor_ms"] < plain["floor_ms"]
 
 
+def test_bench_model_pdl_alternates_the_modes_and_compares_their_logits(results_dir, capsys) -> None:
+    """`bench model --pdl` on the CPU: a sanity pass of the GPU suite's PDL comparison (no kernel takes PDL here,
+    which the result says): both modes timed in alternating rounds, the ratio and its spread from those times,
+    the logits compared bit for bit. `--pdl` with another benchmark is refused by name."""
+    assert main(["bench", "model", "--pdl", "--device", "cpu", "--results", str(results_dir)]) == 0
+    results = json.loads((results_dir / "cpu_model_decode_pdl.json").read_text())
+    assert results["pdl_available"] is False and [r["batch"] for r in results["results"]] == [1, 8]
+    for r in results["results"]:
+        assert r["same_logits"] is True and r["rounds"] == 5
+        assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+        assert 0 < r["pct_of_bandwidth_floor_with_pdl"] <= 100
+    assert "sanity pass" in (results_dir / "cpu_model_decode_pdl.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "fusion", "--pdl", "--device", "cpu", "--results", str(results_dir)])
+    assert e.value.code == 2 and "--pdl compares decode steps" in capsys.readouterr().err
+
+
 def test_bench_fusion(results_dir) -> None:
     assert main(["bench", "fusion", "--device", "cpu", "--results", str(results_dir)]) == 0
     results = json.loads((results_dir / "cpu_fusion_decode.json").read_text())

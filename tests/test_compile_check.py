@@ -59,6 +59,16 @@ def test_every_kernel_compiles_within_the_gpus_shared_memory(tmp_path, arch: int
     assert arch >= 90 or not compiled & persistent
     constexprs = " | ".join(row["constexprs"] for row in report["kernels"])
     assert "FP8_CACHE=True" in constexprs and "SCALED=True" in constexprs  # FP8 weights and KV cache
+    # Programmatic dependent launch (sm_90 only): each kernel of a decode step has a variant that waits on the
+    # kernel before it (griddepcontrol.wait in its PTX), and no other variant does.
+    waiting = {row["kernel"] for row in report["kernels"] if "PDL=True" in row["constexprs"]}
+    for row in report["kernels"]:
+        assert ("+gdc" in row["instructions"]) == ("PDL=True" in row["constexprs"]), row
+    if arch >= 90:
+        served = {"_rms_norm_kernel", "_rope_kernel", "_paged_kernel", "_merge_kernel", "_prefill_kernel"}
+        assert served | {"_gate_up_kernel", "_matmul_kernel", "_sum_splits_kernel"} <= waiting, waiting
+    else:
+        assert not waiting
     limit = 227 * 1024 if arch == 90 else 99 * 1024
     for row in report["kernels"]:
         assert row["shared_bytes"] + row["static_shared_bytes"] <= limit, row
