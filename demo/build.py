@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import lzma
 import math
+import shutil
 import sys
 import sysconfig
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig, RopeConfig
 from tessera.demo import CORPUS_DIR, PARENT_DIR
+from tessera.files import replaced_folder
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
 from tessera.search.data import DOCUMENT_SEPARATOR, encode_split, read_corpus
@@ -138,7 +141,22 @@ def train_parent(
     seed: int = 0,
     eval_windows: int = 64,
 ) -> dict[str, object]:
-    """Tokenizer + model from scratch; saves the checkpoint and training.json (losses, perplexities)."""
+    """Tokenizer + model from scratch; saves the checkpoint and training.json (losses, perplexities). Everything is
+    built in a staging folder beside `out` that replaces it whole at the end: a run stopped midway leaves the old
+    parent as it was (its tokenizer with its weights)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.build-") as staging:
+        staged = Path(staging) / out.name
+        report = _train_parent_into(staged, corpus, steps, batch_size, seq_len, lr, seed, eval_windows)
+        with replaced_folder(out) as fresh:
+            shutil.copytree(staged, fresh, dirs_exist_ok=True)
+    return report
+
+
+def _train_parent_into(
+    out: Path, corpus: Path, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, eval_windows: int
+) -> dict[str, object]:
     torch.manual_seed(seed)
     tok = train_tokenizer(out, corpus)
     train_ids, val_ids = encode_split(tok, "train", corpus), encode_split(tok, "validation", corpus)

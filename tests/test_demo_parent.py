@@ -94,3 +94,24 @@ def test_tokenizer_retrains_to_the_shipped_file(tmp_path) -> None:
 
     train_tokenizer(tmp_path)
     assert (tmp_path / "tokenizer.json").read_bytes() == (PARENT_DIR / "tokenizer.json").read_bytes()
+
+
+def test_retraining_the_parent_replaces_its_folder_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    """The tokenizer is trained first and the weights 20 minutes later: stopped in between, the folder keeps its
+    old tokenizer beside its old weights (it used to get the new tokenizer at once), and no staging folder stays."""
+    import shutil
+
+    from tessera.demo import build
+
+    out = shutil.copytree(PARENT_DIR, tmp_path / "parent")
+    (out / "tokenizer.json").write_text('{"old": true}')
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.train_parent(out, steps=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parent"]
