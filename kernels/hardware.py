@@ -8,7 +8,21 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:  # grid dependency control (triton >= 3.4; the H200 image has 3.6)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # pragma: no cover - an older triton: kernels launch without PDL
+    HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
 
 
 @dataclass(frozen=True)
@@ -110,7 +124,8 @@ def launch_flags(device: torch.device) -> dict:
     NVIDIA GPU of compute capability 9+ (or compile-only mode's target is one); never under the interpreter, which
     has no grid dependency control."""
     nvidia = device.type == "cuda" and torch.version.hip is None
-    on = _pdl and not INTERPRETING and (nvidia or _compile_target is not None) and gpu(device).capability[0] >= 9
+    target = nvidia or (device.type == "cpu" and _compile_target is not None)
+    on = _pdl and HAS_GDC and not INTERPRETING and target and gpu(device).capability[0] >= 9
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 

@@ -364,6 +364,10 @@ class Server:
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception
         self.template = env.from_string(chat_template)
+        # A model's own template writes its special tokens (a BOS, say): its rendering is encoded without the
+        # tokenizer's, as apply_chat_template and vLLM encode it. tessera's fallback writes none: the tokenizer
+        # adds them, as it does to a completion prompt.
+        self.template_writes_specials = chat_template != DEFAULT_CHAT_TEMPLATE
         self.special_tokens = special_tokens or {}
         self.metrics = Metrics(engine)
         self.max_request_bytes = max_request_bytes or max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * self.max_model_len)
@@ -486,10 +490,10 @@ class Server:
             raise APIError(400, f"{field}{str(e).removeprefix(e.field)}", field) from e
 
     def _encode(self, prompt: str | list[int], param: str, what: str = "the prompt", chat: bool = False) -> list[int]:
-        """A prompt's checked token ids (in a worker thread: tokenising a long text takes a while). A rendered chat
-        is encoded without the tokenizer's special tokens: its template wrote them."""
+        """A prompt's checked token ids (in a worker thread: tokenising a long text takes a while). A chat rendered
+        by the model's own template is encoded without the tokenizer's special tokens: the template wrote them."""
         try:
-            return self.engine.encode(prompt, what, special_tokens=not chat)
+            return self.engine.encode(prompt, what, special_tokens=not (chat and self.template_writes_specials))
         except ContextLengthError as e:
             raise APIError(400, str(e), param, "context_length_exceeded") from e
         except UserError as e:

@@ -55,8 +55,7 @@ def _flush_c_stdio() -> None:
         ctypes.CDLL(None).fflush(None)
 
 
-MAX_TIGHTENINGS = 4  # re-solves when HiGHS's tolerance lets an answer pass a bound (_Problem.solve)
-HIGHS_TOLERANCE = 1e-6  # HiGHS's primal feasibility tolerance, on the scaled rows
+MAX_RESOLVES = 16  # answers HiGHS's tolerance lets pass a bound, each excluded and the MIP solved again
 ROUNDING = 1e-12  # relative: a total past its bound by no more than this is the sum's rounding, not an excess
 
 
@@ -96,6 +95,8 @@ class _Problem:
         self.pairs = [(layer, name) for layer in self.layers for name in library[layer]]
         self.n = len(self.pairs)
         layer_of = np.repeat(np.arange(len(self.layers)), [len(library[layer]) for layer in self.layers])
+        self.layer_starts = np.searchsorted(layer_of, np.arange(len(self.layers)))  # each layer's first variable
+        self.layer_of = layer_of
         self.one_per_layer = csr_array(
             (np.ones(self.n), (layer_of, np.arange(self.n))), shape=(len(self.layers), self.n)
         )
@@ -118,44 +119,58 @@ class _Problem:
         """The 0/1 choice vector minimising cost·x, or None when infeasible.
 
         HiGHS works to absolute tolerances (a row may pass its bound by 1e-6, an optimum be missed by 1e-6 in the
-        objective), which at a library's scales decide answers: KL values of 1e-6 per block, runtimes just past a
-        bound. So every row and the objective are scaled to a largest entry of 1, and each answer is checked
-        against the exact bounds: one that passes a bound is solved again with that bound moved inside by twice
-        the solver's tolerance, then four times, ... (an answer within that margin of the bound may then be
-        passed over for a slightly worse one: never one outside the budget)."""
-        scaled_cost = cost / self._scale(cost)
-        limits = {b.key: [b.lower, b.upper] for b in bounds}
-        for attempt in range(MAX_TIGHTENINGS + 1):
-            x = self._solve_once(scaled_cost, limits, cuts, cut_rhs)
-            if x is None:
-                return None
-            passed = False
-            for b in bounds:
-                col = self.column(b.key)
-                total, margin = float(col @ x), HIGHS_TOLERANCE * self._scale(col) * 2 ** (attempt + 1)
-                if b.upper is not None and total > b.upper + ROUNDING * max(1.0, abs(b.upper)):
-                    limits[b.key][1], passed = b.upper - margin, True
-                if b.lower is not None and total < b.lower - ROUNDING * max(1.0, abs(b.lower)):
-                    limits[b.key][0], passed = b.lower + margin, True
-            if not passed:
+        objective), which at a library's scales decide answers: KL values of 1e-6 per block beside no-op blocks'
+        1.0, runtimes just past a bound. So each bound's row is scaled to a largest entry of 1; the objective is
+        shifted by each layer's least cost (one variant per layer: the same argmin) and scaled so its smallest
+        step is 1 (at most 1e7 times its largest: the solver's own numerics); and each answer is checked against
+        the exact bounds: one that passes a bound is excluded (a cut on exactly that choice) and the MIP solved
+        again, so no answer outside the budget is returned and none inside it is lost."""
+        objective = self._conditioned(cost)
+        rejected: list[np.ndarray] = []
+        for _ in range(MAX_RESOLVES + 1):
+            x = self._solve_once(objective, bounds, cuts, cut_rhs, rejected)
+            if x is None or not any(self._passes(b, x) for b in bounds):
                 return x
-        raise RuntimeError(f"the MIP solver's answers kept passing the bounds {bounds} after {MAX_TIGHTENINGS} rounds")
+            rejected.append(x)
+        raise RuntimeError(f"the MIP solver's answers kept passing the bounds {bounds} after {MAX_RESOLVES} re-solves")
+
+    def _conditioned(self, cost: np.ndarray) -> np.ndarray:
+        """cost less each layer's least, scaled so the smallest positive entry is 1 (capped at 1e7 x the
+        largest's reach); the same minimiser for every feasible set."""
+        shifted = cost - np.minimum.reduceat(cost, self.layer_starts)[self.layer_of]
+        positive = shifted[shifted > 0]
+        if not len(positive):
+            return shifted
+        return shifted / max(float(positive.min()), float(positive.max()) * 1e-7)
+
+    def _passes(self, b: Bound, x: np.ndarray) -> bool:
+        """Whether the choice x passes bound b (beyond its sum's rounding)."""
+        total = float(self.column(b.key) @ x)
+        over = b.upper is not None and total > b.upper + ROUNDING * max(1.0, abs(b.upper))
+        return over or (b.lower is not None and total < b.lower - ROUNDING * max(1.0, abs(b.lower)))
 
     @staticmethod
     def _scale(col: np.ndarray) -> float:
         return max(float(np.abs(col).max(initial=0.0)), 1e-300)
 
     def _solve_once(
-        self, cost: np.ndarray, limits: dict[str, list], cuts: list[np.ndarray], cut_rhs: float
+        self,
+        cost: np.ndarray,
+        bounds: list[Bound],
+        cuts: list[np.ndarray],
+        cut_rhs: float,
+        rejected: list[np.ndarray],
     ) -> np.ndarray | None:
         constraints = [LinearConstraint(self.one_per_layer, 1, 1)]
-        for key, (lower, upper) in limits.items():
-            col = self.column(key)
+        for b in bounds:
+            col = self.column(b.key)
             scale = self._scale(col)
-            lo = -np.inf if lower is None else lower / scale
-            hi = np.inf if upper is None else upper / scale
+            lo = -np.inf if b.lower is None else b.lower / scale
+            hi = np.inf if b.upper is None else b.upper / scale
             constraints.append(LinearConstraint((col / scale)[None, :], lo, hi))
         constraints += [LinearConstraint(cut[None, :], -np.inf, cut_rhs) for cut in cuts]
+        # A rejected choice is excluded alone: at most L - 1 of its L variables again.
+        constraints += [LinearConstraint(x[None, :], -np.inf, len(self.layers) - 1) for x in rejected]
         with c_stdout_to_stderr():
             res = milp(
                 cost,

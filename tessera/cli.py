@@ -693,14 +693,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def _quantize_output(folder: Path) -> bool:
-    """Whether `folder` is an earlier `tessera quantize` output: a checkpoint whose config.json says it is
-    quantized in the compressed-tensors layout. Any other checkpoint (every one has a config.json) is not."""
+    """Whether `folder` is an earlier `tessera quantize` output: a checkpoint whose config.json holds exactly the
+    quantization_config tessera writes. Any other checkpoint (every one has a config.json), an FP8 one
+    llm-compressor wrote included (it records its version, compression ratio, ...), is not."""
+    from tessera.hf_config import quantization_config
+
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    quantization = config.get("quantization_config") if isinstance(config, dict) else None
-    return isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors"
+    written = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(written, dict) and written == quantization_config(True, "kv_cache_scheme" in written)
 
 
 KV_CALIBRATION_WINDOWS, KV_CALIBRATION_LEN = 32, 512  # `quantize --kv-cache-scales`: 16k tokens of the train split

@@ -44,13 +44,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: done once, at import, before any thread writes files
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def default_mode(path: str | Path) -> Path:
     """Give `path` the permissions a plain open() would (0o666 less the umask): safetensors' save_file creates its
     files readable by their owner alone (0600), so a checkpoint saved over another (0644) became unreadable to a
     server running as another user."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    os.chmod(path, 0o666 & ~_UMASK)
     return Path(path)
 
 

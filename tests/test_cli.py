@@ -102,6 +102,12 @@ def test_quantize_then_generate_in_fp8_equals_quantizing_at_load(tmp_path: Path,
     assert not (tmp_path / "checkpoint" / "training.json").exists()  # the parent's training report, not this model's
     code, _, _ = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out))  # an earlier output
     assert code == 0
+    # An FP8 checkpoint another tool wrote (llm-compressor records its version) is not one of ours either.
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["version"] = "0.6.0"
+    (out / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out))
+    assert code == 2 and "pass --overwrite" in err
 
 
 def test_quantize_with_kv_cache_scales_then_generate_with_an_fp8_cache(tmp_path: Path, capsys) -> None:

@@ -110,6 +110,40 @@ def test_launches_are_sized_for_the_gpu_they_run_on() -> None:
     assert hardware.gpu(cpu) == hardware.H200 and tma_ready(torch.zeros(16, 16))  # the interpreter emulates TMA
 
 
+def test_programmatic_dependent_launch_only_where_the_gpu_has_it(monkeypatch) -> None:
+    """PDL (kernels.hardware.launch_flags) is off unless asked; asked, it is on for an NVIDIA GPU of compute
+    capability 9+ (here: compile-only mode aimed at one), never for an older one, a ROCm GPU (which reports 9.x for
+    gfx94x), CPU tensors that run, or the interpreter."""
+    from tessera.kernels import hardware
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(hardware, "INTERPRETING", False)  # as when compiling for a GPU
+    monkeypatch.setattr(hardware, "_pdl", False)
+    hardware.compile_only(hardware.H200)
+    try:
+        assert hardware.launch_flags(cpu) == {"PDL": False}  # not asked
+        hardware.set_pdl(True)
+        assert hardware.launch_flags(cpu) == {"PDL": True, "launch_pdl": True}
+        hardware.compile_only(hardware.GPU((8, 9), 142, 99 * 1024))
+        assert hardware.launch_flags(cpu) == {"PDL": False}  # Ada has no grid dependency control
+        monkeypatch.setattr(hardware, "gpu", lambda device: hardware.H200)  # a capability-9 CUDA device
+        monkeypatch.setattr(torch.version, "hip", "6.2")
+        assert hardware.launch_flags(cuda) == {"PDL": False}  # ROCm
+        monkeypatch.setattr(torch.version, "hip", None)
+        assert hardware.launch_flags(cuda) == {"PDL": True, "launch_pdl": True}
+        monkeypatch.setattr(hardware, "INTERPRETING", True)
+        assert hardware.launch_flags(cuda) == {"PDL": False}
+    finally:
+        hardware.compile_only(None)
+        hardware.set_pdl(False)
+    monkeypatch.setattr(hardware, "INTERPRETING", False)
+    hardware.set_pdl(True)
+    try:
+        assert hardware.launch_flags(cpu) == {"PDL": False}  # CPU tensors that run: nothing to overlap
+    finally:
+        hardware.set_pdl(False)
+
+
 def test_training_through_ops_gets_gradients() -> None:
     """With the Triton backend forced, a tensor that needs a gradient still gets one (reference path)."""
     weight = torch.ones(8, requires_grad=True)

@@ -199,10 +199,11 @@ def test_chat_uses_the_template(client, server, parent) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
 
 
-def test_a_chat_prompt_holds_the_templates_bos_alone(client, server, monkeypatch) -> None:
+def test_a_chat_prompt_holds_one_bos(client, server, monkeypatch) -> None:
     """Llama-3's way: the template writes BOS and the tokenizer's post-processor adds one to every encoding. A
-    rendered chat is encoded without the tokenizer's own special tokens (as apply_chat_template and vLLM do), so
-    it holds one BOS; a completion prompt gets the tokenizer's."""
+    chat rendered by the model's template is encoded without the tokenizer's own special tokens (as
+    apply_chat_template and vLLM do), so it holds one BOS; one rendered by tessera's fallback template (which
+    writes none) gets the tokenizer's, as a completion prompt does."""
     from tokenizers import processors
 
     served = server[0]
@@ -210,15 +211,18 @@ def test_a_chat_prompt_holds_the_templates_bos_alone(client, server, monkeypatch
     bos_id = tokenizer.token_to_id(bos)
     adds_bos = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
     monkeypatch.setattr(tokenizer, "post_processor", adds_bos)
-    bos_first = served.template.environment.from_string("{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE)
-    monkeypatch.setattr(served, "template", bos_first)
     seen = []
     encode = served.engine.encode
     monkeypatch.setattr(served.engine, "encode", lambda *a, **k: seen.append(encode(*a, **k)) or seen[-1])
-    client.chat.completions.create(model="parent", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    chat = dict(model="parent", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    client.chat.completions.create(**chat)  # the fallback template
+    bos_first = served.template.environment.from_string("{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE)
+    monkeypatch.setattr(served, "template", bos_first)
+    monkeypatch.setattr(served, "template_writes_specials", True)  # as a tokenizer_config template does
+    client.chat.completions.create(**chat)
     client.completions.create(model="parent", prompt="hi", max_tokens=1)
-    chat, completion = seen
-    assert chat[0] == bos_id and chat[1] != bos_id
+    fallback, own, completion = seen
+    assert fallback[0] == own[0] == bos_id and fallback[1] != bos_id and own[1] != bos_id
     assert completion[0] == bos_id and completion[1:] == tokenizer.encode("hi", add_special_tokens=False).ids
 
 
