@@ -533,7 +533,10 @@ class Engine:
         slots = list(self.tables.slots(tables, seq_of_token_t, positions_t))
         max_len = max(n for _, n in plan)
         attention = [kernels.PagedAttentionMetadata(t, cu_t, lens_t, max_len) for t in tables]
-        fresh = all(req.computed == 0 for req, _ in plan)  # every sequence starts in this step
+        # Every sequence starts in this step: attention over the step's own keys, no cache read. Not over an FP8
+        # cache: there every step reads the pages (rounded to E4M3), so a prompt's output does not depend on
+        # whether it shared its first step with decodes.
+        fresh = not self.cache.fp8 and all(req.computed == 0 for req, _ in plan)
         batch = Batch(positions_t, cu_t, max_len, self.cache, slots, attention, fresh)
         return batch, tokens_t, last_t, sampling
 
@@ -592,19 +595,25 @@ class Engine:
 
     def run(self, requests: list[EngineRequest]) -> list[Completion]:
         """Serve checked requests to completion (all queued at once); their completions in order. A request
-        that fails raises (offline, a failure is a bug to see, not an output)."""
+        that fails raises (offline, a failure is a bug to see, not an output); whatever ends the call early (that,
+        Ctrl-C) aborts the call's other requests, so the engine is left empty for the next call."""
         completions = {}
-        for request in requests:
-            self.add(request)
-            completions[request.request_id] = Completion(request.prompt, text="" if self.tokenizer else None)
-        while self.has_work():
-            for out in self.step():
-                c = completions[out.request_id]
-                c.tokens.extend(out.token_ids)
-                if c.text is not None:
-                    c.text += out.text
-                if out.error is not None:
-                    raise RuntimeError(f"{out.request_id}: {out.error}")
-                if out.finished:
-                    c.finish_reason = out.finish_reason
+        try:
+            for request in requests:
+                self.add(request)
+                completions[request.request_id] = Completion(request.prompt, text="" if self.tokenizer else None)
+            while self.has_work():
+                for out in self.step():
+                    c = completions[out.request_id]
+                    c.tokens.extend(out.token_ids)
+                    if c.text is not None:
+                        c.text += out.text
+                    if out.error is not None:
+                        raise RuntimeError(f"{out.request_id}: {out.error}")
+                    if out.finished:
+                        c.finish_reason = out.finish_reason
+        except BaseException:
+            for request_id in completions:
+                self.abort(request_id)  # None for those already finished
+            raise
         return [completions[r.request_id] for r in requests]

@@ -621,6 +621,7 @@ def to_dict(arch: ArchConfig, fmt: Format = "auto") -> dict[str, Any]:
             theirs = ffn_mult_to_intermediate_size(block["ffn"]["ffn_mult"], arch.hidden_size)
             pruned.append(f"layer {i}: {block['ffn']['intermediate_size']} saved, {theirs} from ffn_mult")
     windowed = [i for i, b in enumerate(arch.blocks) if b.attention.window is not None]
+    linear = [i for i, b in enumerate(arch.blocks) if "linear" in (b.attention.kind, b.ffn.kind)]
     why = []
     if pruned:
         why.append(
@@ -632,6 +633,11 @@ def to_dict(arch: ArchConfig, fmt: Format = "auto") -> dict[str, Any]:
         why.append(
             f"attention windows (window_length) on layers {windowed}: vLLM's nemotron-nas reads none, only tessera "
             "runs them"
+        )
+    if linear:  # vLLM and SGLang read replace_with_linear nowhere: n_heads_in_group / ffn_mult null, a TypeError
+        why.append(
+            f"linear sublayers (replace_with_linear) on layers {linear}: vLLM and SGLang build none (TensorRT-LLM "
+            "and the checkpoint format's Hugging Face remote code do)"
         )
     if why:
         out[TESSERA_ONLY] = "; ".join(why)
@@ -658,7 +664,7 @@ def _family_windows(arch: ArchConfig) -> dict[str, Any]:
     }
 
 
-TESSERA_ONLY = "tessera_only"  # config.json key of an export other runtimes would build wrong shapes from
+TESSERA_ONLY = "tessera_only"  # config.json key of an export other runtimes would build wrong shapes from, or fail on
 
 
 def _block_to_nas(arch: ArchConfig, block: BlockConfig) -> dict[str, Any]:

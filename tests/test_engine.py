@@ -394,3 +394,31 @@ def test_steps_of_fresh_prompts_attend_with_the_varlen_kernel(demo, monkeypatch)
     assert steps[0] == {"attention_prefill"} and all(s == {"attention_paged"} for s in steps[1:])
     for p, tokens in zip(prompts, outputs.values()):
         assert tokens == greedy_by_full_forward(model, p, 5)
+
+
+def test_a_failed_generate_leaves_the_engine_empty_for_the_next(demo, monkeypatch) -> None:
+    """`Engine.run` (under `Generator` and `generate`) raises when one of its requests fails; the call's other
+    requests are aborted on the way out, so their pages come back and the next call (which reuses the engine)
+    works. Before, the leftover request kept its pages and the next call failed with a KeyError on its id."""
+    from tessera.runtime import engine as engine_module
+    from tessera.runtime.generate import Generator
+
+    model, tok = demo
+    generator = Generator(model, tok)
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, seed=1, ignore_eos=True)
+    expected = generator.generate(["x = 1"], params)[0].tokens
+    real_sample, calls = engine_module.sample, []
+
+    def failing_third_step(logits, params, uniforms):
+        calls.append(1)
+        if len(calls) == 3:
+            logits[0] = float("nan")
+        return real_sample(logits, params, uniforms)
+
+    monkeypatch.setattr(engine_module, "sample", failing_third_step)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        generator.generate(["def f(x):", "import os"], params)
+    monkeypatch.setattr(engine_module, "sample", real_sample)
+    engine = generator.engine
+    assert not engine.running and not engine.waiting and engine.cache.free_pages == engine.cache.usable_pages
+    assert generator.generate(["x = 1"], params)[0].tokens == expected

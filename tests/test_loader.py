@@ -360,3 +360,11 @@ def test_an_export_other_runtimes_would_misread_says_so(tmp_path: Path) -> None:
     assert widths == {0: (256, 256), 1: (256, 64)}  # what another runtime would build vs what is saved
     assert "layer 1: 64 saved, 256 from ffn_mult" in config["tessera_only"] and "layer 0" not in config["tessera_only"]
     assert [b.ffn.intermediate_size for b in load_model(path).arch.blocks] == [256, 64]  # tessera reads it right
+    # Linear sublayers: vLLM's and SGLang's nemotron-nas read no replace_with_linear (their n_heads_in_group and
+    # ffn_mult come out null): the export names the layers and who does read them.
+    linear = arch.with_blocks(
+        [arch.blocks[0], BlockConfig(AttentionConfig("linear"), FFNConfig("linear")), arch.blocks[0]]
+    )
+    with pytest.warns(UserWarning, match=r"linear sublayers \(replace_with_linear\) on layers \[1\]: vLLM and SGLang"):
+        path = save_model(Model(linear).init_weights(seed=0), tmp_path / "linear")
+    assert "TensorRT-LLM" in json.loads((path / "config.json").read_text())["tessera_only"]
