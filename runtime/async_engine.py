@@ -31,9 +31,11 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
 import torch
+from tokenizers import Tokenizer
 
 from tessera.errors import UserError
 from tessera.runtime.engine import Engine, EngineConfig, EngineLimits, EngineRequest, RequestOutput
+from tessera.runtime.model import Model
 from tessera.runtime.parallel import TensorParallel, backend_for, free_port, join_group, load_shard
 from tessera.runtime.sampling import PromptEncoder, SamplingParams, load_tokenizer
 
@@ -60,8 +62,9 @@ class EngineSpec:
     # starts rank 0's engine process alone, which joins torchrun's group; ranks > 0 run `follow` where they are.
     torchrun: bool = False
 
-    def build(self, tp: TensorParallel | None = None) -> Engine:
-        """This engine, or with `tp` its rank's shard (the rank's GPU on CUDA), reading only that rank's parts."""
+    def load(self, tp: TensorParallel | None = None) -> tuple[Model, Tokenizer | None]:
+        """This engine's model, or with `tp` its rank's shard (the rank's GPU on CUDA), reading only that rank's
+        parts, and the tokenizer. No collective: a rank that fails here fails alone (`_start_rank`)."""
         from tessera.devices import parse_dtype
         from tessera.runtime.loader import load_model
 
@@ -71,9 +74,11 @@ class EngineSpec:
         if tp is None:
             model = load_model(self.model_dir, device=device, dtype=dtype)
         else:
-            device = tp.device(device)
-            model = load_shard(self.model_dir, tp, device, dtype)
-        return Engine(model, load_tokenizer(self.model_dir), self.config)
+            model = load_shard(self.model_dir, tp, tp.device(device), dtype)
+        return model, load_tokenizer(self.model_dir)
+
+    def build(self, tp: TensorParallel | None = None) -> Engine:
+        return Engine(*self.load(tp), self.config)
 
 
 @dataclass(frozen=True)
@@ -140,20 +145,35 @@ def _ignore_signals() -> None:
 
 def _start_rank(spec: EngineSpec, rank: int, port: int | None) -> tuple[Engine | None, TensorParallel | None, str]:
     """Join the engine's process group (tensor parallel; at 127.0.0.1:`port`, or torchrun's when `port` is None)
-    and build this rank's engine; (engine, tp, error). Every rank then hears every rank's error, so none waits in
-    a collective for a rank that failed to start."""
-    tp, engine, error = None, None, ""
+    and build this rank's engine; (engine, tp, error). Two stages, each ending in an exchange of errors, so every
+    rank hears every rank's error and none waits in a collective a failed rank never joins: loading the shard (no
+    collective: out of memory, a bad tensor, on one rank alone), then building the engine (which agrees on the KV
+    pool's size with a collective that every rank reaches: what fails before it, the config's checks, fails on
+    every rank alike)."""
+    tp, engine, error, model = None, None, "", None
     try:
         if spec.tensor_parallel_size > 1:
             tp = join_group(rank, spec.tensor_parallel_size, port, backend_for(spec.device), START_TIMEOUT_S)
-        engine = spec.build(tp)
+        model, tokenizer = spec.load(tp)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
-    if tp is not None:
-        errors = [None] * tp.size
-        torch.distributed.all_gather_object(errors, error)
-        error = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), "")
+    error = _first_error(tp, error)
+    if not error:
+        try:
+            engine = Engine(model, tokenizer, spec.config)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        error = _first_error(tp, error)
     return engine, tp, error
+
+
+def _first_error(tp: TensorParallel | None, error: str) -> str:
+    """The first rank's error, on every rank ("rank r: ..."; "" when none failed); this process's alone without tp."""
+    if tp is None:
+        return error
+    errors = [None] * tp.size
+    torch.distributed.all_gather_object(errors, error)
+    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), "")
 
 
 def _apply(engine: Engine, messages: list) -> tuple[list[RequestOutput], bool]:

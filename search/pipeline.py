@@ -419,7 +419,14 @@ class Optimizer:
     ) -> None:
         self.ranks = ranks  # a sharded search (search/ranks.py): rank 0 reports and writes all but BLD blocks
         self.parent_dir, self.out, self.cfg, self.progress = Path(parent_dir), Path(out), cfg, progress and ranks.main
-        self.store = SublayerStore(self.out / "bld", fresh=fresh and ranks.main)
+        # Every rank knows the run is fresh (its checks pass over the old store's manifest); rank 0 alone deletes
+        # the store, when it claims it (search/bld.run_bld), before any other rank reads it.
+        self.store = SublayerStore(self.out / "bld", fresh=fresh)
+        if cfg.gkd.steps and cfg.gkd.batch_size % ranks.size:  # said now, not after BLD, scoring and the MIP
+            raise UserError(
+                f"GKD's batch of {cfg.gkd.batch_size} windows (--gkd-batch-size) does not split over {ranks.size} "
+                "ranks: give a multiple of the ranks, or --gkd-steps 0"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = ranks.device(torch.device(cfg.device))
         self.dtype = torch.float32  # training and scoring

@@ -588,7 +588,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         scenario=_scenario(args),
         also_scenarios=tuple(args.also_scenario),
         bld=replace(BLDConfig(), steps=args.bld_steps),
-        gkd=replace(GKDConfig(), steps=args.gkd_steps),
+        gkd=replace(GKDConfig(), steps=args.gkd_steps, batch_size=args.gkd_batch_size),
         pareto_speedups=args.pareto,
         fusion=FusionConfig(heal_steps=args.gkd_steps) if args.fuse else None,
         device=str(resolve_device(args.device)),
@@ -963,6 +963,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bld-steps", type=positive_int, default=150, help="training steps per BLD variant")
     p.add_argument("--gkd-steps", type=nonnegative_int, default=100, help="GKD steps per child (0: none)")
+    p.add_argument(
+        "--gkd-batch-size",
+        type=positive_int,
+        default=4,
+        help="GKD windows per step (under torchrun, a multiple of the ranks: each takes an equal share)",
+    )
     p.add_argument(
         "--pareto",
         type=speedup_list,

@@ -17,6 +17,7 @@ import torch
 from tessera.cli import main
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
 from tessera.demo import CORPUS_DIR, PARENT_DIR
+from tessera.errors import UserError
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
 from tessera.runtime.parallel import free_port
@@ -273,6 +274,18 @@ def test_bld_store_of_another_parent_is_refused_then_fresh_starts_over(tiny_pare
     again = json.loads((out / "bld" / "manifest.json").read_text())
     assert again["parent_weights_sha256"] != manifest["parent_weights_sha256"]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    # Under torchrun every rank checks the store before the cost model: with --fresh a rank past 0 passes over
+    # the old run's manifest too (rank 0 deletes the store later, before any rank reads it). Rank 1 raised here.
+    from tessera.runtime.parallel import TensorParallel
+    from tessera.search.bld import bld_manifest
+    from tessera.search.ranks import Ranks
+
+    rank_1 = pipeline.Optimizer(parent, corpus, out, cfg, progress=False, fresh=True, ranks=Ranks(TensorParallel(1, 2)))
+    rank_1.store.check(bld_manifest(rank_1.parent, rank_1.calibration, cfg.space, cfg.bld))
+    assert json.loads((out / "bld" / "manifest.json").read_text()) == again  # nothing deleted by a rank past 0
+    # GKD's batch must split over the ranks: said as the run starts, not after BLD, scoring and the MIP.
+    with pytest.raises(UserError, match=r"GKD's batch of 2 windows \(--gkd-batch-size\) does not split over 3"):
+        pipeline.Optimizer(parent, corpus, out, cfg, progress=False, ranks=Ranks(TensorParallel(1, 3)))
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen2"])

@@ -184,3 +184,36 @@ def test_a_rank_aborting_in_teardown_keeps_the_results_but_not_before(monkeypatc
     assert run_ranks(_abort_rank_0, 2, "exit") == [0, 1]
     with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
         run_ranks(_abort_rank_0, 2, "before")
+
+
+def _start_with_rank_1_failing(rank: int, checkpoint: str, port: int, out: str) -> None:
+    """_start_rank on 2 ranks where rank 1's shard fails to load (out of memory, say); each rank's error to a file."""
+    import tessera.runtime.async_engine as async_engine
+    from tessera.runtime.engine import EngineConfig
+
+    async_engine.load_tokenizer = lambda path: None  # the test checkpoint has none: serve token ids
+    if rank == 1:
+
+        def out_of_memory(*args, **kwargs):
+            raise RuntimeError("CUDA out of memory on rank 1 (simulated)")
+
+        async_engine.load_shard = out_of_memory
+    spec = async_engine.EngineSpec(
+        checkpoint, config=EngineConfig(max_batch=2, max_model_len=64), tensor_parallel_size=2
+    )
+    error = async_engine._start_rank(spec, rank, port)[2]
+    Path(out, f"rank{rank}.txt").write_text(error)
+
+
+def test_a_rank_that_cannot_load_its_shard_names_itself_on_every_rank(checkpoints, tmp_path, monkeypatch) -> None:
+    """Loading a shard takes no collective and ends in an exchange of errors before the engine (whose KV-pool
+    agreement is a collective) is built: rank 1's failure reaches rank 0 as it is. Before, rank 0's pool agreement
+    paired with rank 1's error exchange, and each read the other's message as an error."""
+    import torch.multiprocessing as mp
+
+    from tessera.runtime.parallel import free_port
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))
+    mp.spawn(_start_with_rank_1_failing, args=(str(checkpoints["nemotron-nas"]), free_port(), str(tmp_path)), nprocs=2)
+    expected = "rank 1: RuntimeError: CUDA out of memory on rank 1 (simulated)"
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == [expected, expected]
