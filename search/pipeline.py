@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -477,6 +478,10 @@ class Optimizer:
         blocks, check = blocks_to_time(arch, cfg.space, cfg.validate_architectures, seed=cfg.seed)
         table = calibrate(arch, blocks, cfg.scenario, self.device, self.timing_dtype, check, progress=self.progress)
         atomic_write_text(self.out / "cost.json", json.dumps(table.to_json(), indent=1) + "\n")
+        keys = {f"cost_{scenario.key}.json" for scenario in cfg.also_scenarios}
+        for stale in self.out.glob("cost_*.json"):  # an earlier run's further scenarios that this run drops
+            if stale.name not in keys:
+                stale.unlink()
         also_tables = []
         for scenario in cfg.also_scenarios:
             also = calibrate(arch, blocks, scenario, self.device, self.timing_dtype, check, progress=self.progress)
@@ -534,7 +539,9 @@ class Optimizer:
             if not self.ranks.main:
                 return None
             self.ranks = ONE
-        child_dir = save_model(main_model, self.out / "child", dtype=torch.bfloat16, tokenizer_from=self.parent_dir)
+        child_dir = save_model(  # an earlier run's child/ holds nothing of this one's (its parent's tokenizer)
+            main_model, self.out / "child", dtype=torch.bfloat16, tokenizer_from=self.parent_dir, carry_over=False
+        )
         fusion = self.fuse(main_model)
         results = {
             "parent": str(self.parent_dir),
@@ -604,12 +611,14 @@ class Optimizer:
             children.append(Child(f"{method} ({budget.describe()})", method, blocks, 0.0))
             # A baseline rarely lands where the MIP's child does (uniform choices are coarse, greedy steps
             # overshoot): for a comparison at equal speed, the MIP also solves for exactly the baseline's own
-            # predicted runtime, in every scenario.
+            # predicted runtime, in every scenario, under the budget's other bounds (KV heads, memory) still.
             same = [Bound("stats.runtime_ms", upper=table.runtime_ms(blocks) - table.non_block_ms)]
             same += [
                 Bound(f"stats.{runtime_key(t.scenario)}", upper=t.runtime_ms(blocks) - t.non_block_ms)
                 for t in self.also_tables
             ]
+            timed = {b.key for b in same}
+            same += [b for b in bounds if b.key not in timed]
             (sol,) = solve(library, "metrics.kl_div", bounds=same)
             children.append(Child(f"MIP (= {method}'s runtime)", "mip", choices_to_blocks(library, sol.choices), 0.0))
         self._stage("MIP and baselines", t)
@@ -699,8 +708,11 @@ class Optimizer:
         return [self.timed_parent, child.cast(self.timing_dtype)]
 
     def fuse(self, model: Model) -> dict | None:
-        """FFN Fusion of the saved child into `out/fused` when asked (cfg.fusion); its summary."""
+        """FFN Fusion of the saved child into `out/fused` when asked (cfg.fusion); its summary. Not asked, an
+        earlier run's `out/fused` (a fusion of another child) goes."""
         if self.cfg.fusion is None:
+            if (self.out / "fused").is_dir():
+                shutil.rmtree(self.out / "fused")
             return None
         t = self._start()
         fusion = run_fusion(

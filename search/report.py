@@ -30,8 +30,10 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
         "## Children (measured on this device; quality on held-out text)",
         "",
         "Speedup = the parent's measured generation latency / the child's, the two timed together in one lockstep "
-        f"(their engines taking steps in turn, {results['measure_rounds']} rounds; the range is the speedup's spread "
-        "over the rounds; the parent's ms is its median over the pairs). KL = mean per-token KL(parent ‖ child).",
+        f"(their engines taking steps in turn, {results['measure_rounds']} rounds; the speedup is from each step's "
+        "median over the rounds, which drops a step another process interrupted, the range from whole single "
+        "rounds, so the speedup may lie outside it; the parent's ms is its median over the pairs). "
+        "KL = mean per-token KL(parent ‖ child).",
         "",
         "| child | measured ms | speedup (range) | "
         + "".join(f"speedup at {k} | " for k in also)

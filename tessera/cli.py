@@ -256,6 +256,16 @@ def cmd_info(args: argparse.Namespace) -> None:
         )
 
 
+def _rank_device(device: torch.device, launch) -> torch.device:
+    """The device this process checks memory on: under torchrun on GPUs its machine's GPU LOCAL_RANK, the one its
+    rank will use (join_group sets it), not GPU 0, where every rank would also leave a CUDA context."""
+    from tessera.runtime.parallel import torchrun_local
+
+    if launch.torchrun and device.type == "cuda":
+        return torch.device("cuda", torchrun_local()[0])
+    return device
+
+
 def _generator(model_path: str, device: str, dtype: str, kv_cache_dtype: str = "auto"):
     from tessera.runtime.generate import Generator
     from tessera.runtime.loader import load_model
@@ -297,7 +307,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     device, launch = resolve_device(args.device), Launch.of(args.tensor_parallel_size)
     # Tensor-parallel ranks on the CPU share its memory; on GPUs each holds a device of their own.
     copies = launch.local if device.type == "cpu" else 1
-    check_memory(args.model, device, parse_dtype(args.dtype), launch.size, copies)
+    check_memory(args.model, _rank_device(device, launch), parse_dtype(args.dtype), launch.size, copies)
     if launch.rank == 0:
         _note_kv_scales(args.model, args.kv_cache_dtype)
     start = time.perf_counter()
@@ -411,7 +421,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     # Each engine process loads its weights: on one GPU or the CPU their copies share the memory; tensor-parallel
     # ranks on GPUs each hold a device of their own.
-    check_memory(model, device, parse_dtype(args.dtype), tp, dp * local if device.type == "cpu" else dp)
+    copies = dp * local if device.type == "cpu" else dp
+    check_memory(model, _rank_device(device, launch), parse_dtype(args.dtype), tp, copies)
     if launch.rank == 0:
         _note_kv_scales(model, args.kv_cache_dtype)
     engine = dict(

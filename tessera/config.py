@@ -361,9 +361,19 @@ class ArchConfig:
             raise ConfigError(
                 f"tensor parallel size {tp}: expected a positive divisor of num_attention_heads ({self.n_heads})"
             )
+        widths = [("vocab_size", self.vocab_size)]
         for i, block in enumerate(self.blocks):
             if block.attention.kind == "gqa":
                 self.rank_kv_heads(block.attention, tp, i)
+            if block.ffn.kind == "swiglu":
+                widths.append((f"layer {i}'s FFN width", block.ffn.intermediate_size))
+            if "linear" in (block.attention.kind, block.ffn.kind):
+                widths.append((f"layer {i}'s linear sublayer (hidden_size)", self.hidden_size))
+        for what, total in widths:  # shares are the larger ones first (runtime/parallel.share): none may be empty
+            if (tp - 1) * -(-total // tp) >= total:
+                raise ConfigError(
+                    f"{what} {total} over {tp} ranks in shares of {-(-total // tp)} leaves the last rank none"
+                )
 
     def rank_kv_heads(self, attention: AttentionConfig, tp: int, layer: int | None = None) -> int:
         """KV heads one rank holds: an even share, or one head (replicated on tp / n_kv ranks, as vLLM does) when

@@ -603,6 +603,13 @@ def test_tensor_parallel_info_on_ultra_and_its_errors(capsys, tmp_path: Path) ->
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "llama-3.1-70b.json: --tensor-parallel-size: tensor parallel size 3" in err and err.count("\n") == 1
+    # Shares are the larger ones first: a width of 7 over 6 ranks is 2, 2, 2, 1, 0, 0, and a rank with none of it
+    # failed as it built its shard (on that rank alone); refused up front, by name.
+    narrow = BlockConfig(AttentionConfig("gqa", 6), FFNConfig("swiglu", 7))
+    arch = ArchConfig(vocab_size=103, hidden_size=48, n_heads=12, head_dim=4, blocks=(narrow,))
+    arch.check_tensor_parallel(3)
+    with pytest.raises(ConfigError, match="layer 0's FFN width 7 over 6 ranks in shares of 2 leaves the last rank"):
+        arch.check_tensor_parallel(6)
     three = BlockConfig(AttentionConfig("gqa", 3), FFNConfig("swiglu", 64))  # 12 heads split in 2, 3 KV heads not
     arch = ArchConfig(vocab_size=10, hidden_size=48, n_heads=12, head_dim=4, blocks=(three,))
     with pytest.raises(ConfigError, match=r"layer 0: 3 KV heads cannot be split over 2 ranks"):

@@ -270,7 +270,15 @@ def test_bld_store_of_another_parent_is_refused_then_fresh_starts_over(tiny_pare
     with pytest.raises(StoreMismatchError, match=r"bld: .*parent weights.*--fresh"):
         optimize(other, out, Budget(max_kv_heads=2), cfg, corpus, progress=False)
     assert (out / "cost.json").stat().st_mtime_ns == cost_written  # refused before the cost model's half minute
+    # What the first run left that this one would not write: a fused copy of its child (this run fuses nothing),
+    # a further scenario's costs it drops, a file in its child/: none of it stays beside the new child.
+    (out / "fused").mkdir()
+    (out / "fused" / "fusion.json").write_text("{}")
+    (out / "cost_b9_p9_g9.json").write_text("{}")
+    (out / "child" / "generation_config.json").write_text('{"from": "the first parent"}')
     optimize(other, out, Budget(max_kv_heads=2), cfg, corpus, progress=False, fresh=True)
+    assert not (out / "fused").exists() and not (out / "cost_b9_p9_g9.json").exists()
+    assert "the first parent" not in (out / "child" / "generation_config.json").read_text()
     again = json.loads((out / "bld" / "manifest.json").read_text())
     assert again["parent_weights_sha256"] != manifest["parent_weights_sha256"]
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]

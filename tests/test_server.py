@@ -708,3 +708,19 @@ def test_a_failed_step_ends_a_tensor_parallel_engine_not_a_single_one() -> None:
     assert async_engine._step(Stepping()) == ["RuntimeError: out of memory"]
     with pytest.raises(RuntimeError, match="out of memory"):
         async_engine._step(Stepping(), tp=object())
+
+
+def test_a_torchrun_rank_checks_memory_on_its_own_gpu(monkeypatch) -> None:
+    """Under torchrun a rank checks free memory on its machine's GPU LOCAL_RANK, the one it will use, not on GPU 0
+    (where every rank also made a CUDA context); the CPU and a launch without torchrun are as given."""
+    import torch
+
+    from tessera.cli import _rank_device
+    from tessera.runtime.parallel import Launch
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    torchrun, alone = Launch(3, 4, 4, True), Launch(0, 1, 1, False)
+    assert _rank_device(torch.device("cuda"), torchrun) == torch.device("cuda", 3)
+    assert _rank_device(torch.device("cuda"), alone) == torch.device("cuda")
+    assert _rank_device(torch.device("cpu"), torchrun) == torch.device("cpu")
