@@ -303,13 +303,17 @@ def block_bounds(budget: Budget, table: CostTable, parent_predicted_ms: float, l
     return bounds
 
 
+def _excess(library: Library, blocks: list[BlockConfig], b: Bound) -> float:
+    """How far the blocks' total of b's key lies past its upper bound (> 0: the bound is not met; budgets are
+    upper bounds on runtimes, memory and KV heads)."""
+    if b.upper is None:
+        return 0.0
+    part, key = b.key.split(".")
+    return sum(library[f"layer_{i}"][blk.name][part][key] for i, blk in enumerate(blocks)) - b.upper - 1e-9
+
+
 def _within(library: Library, blocks: list[BlockConfig], bounds: list[Bound]) -> bool:
-    for b in bounds:
-        part, key = b.key.split(".")
-        total = sum(library[f"layer_{i}"][blk.name][part][key] for i, blk in enumerate(blocks))
-        if b.upper is not None and total > b.upper + 1e-9:
-            return False
-    return True
+    return all(_excess(library, blocks, b) <= 0 for b in bounds)
 
 
 def _kl_sum(library: Library, blocks: list[BlockConfig]) -> float:
@@ -325,16 +329,18 @@ def uniform_baseline(library: Library, arch: ArchConfig, bounds: list[Bound]) ->
 
 
 def greedy_baseline(library: Library, arch: ArchConfig, bounds: list[Bound]) -> list[BlockConfig] | None:
-    """Start from the parent and repeatedly make the single-layer change with the least added KL per
-    millisecond saved, until the budget is met (the layer-wise greedy Puzzle compares its MIP against)."""
+    """Start from the parent and repeatedly make the single-layer change with the least added KL per unit saved
+    of the first bound still unmet (milliseconds for a latency or speedup budget, MiB or KV heads for theirs),
+    until the budget is met (the layer-wise greedy Puzzle compares its MIP against)."""
     blocks = list(arch.blocks)
     layers = [library[f"layer_{i}"] for i in range(arch.n_layers)]
     while not _within(library, blocks, bounds):
+        part, key = next(b for b in bounds if _excess(library, blocks, b) > 0).key.split(".")
         best, best_rate = None, math.inf
         for i, variants in enumerate(layers):
             now = variants[blocks[i].name]
             for name, entry in variants.items():
-                saved = now["stats"]["runtime_ms"] - entry["stats"]["runtime_ms"]
+                saved = now[part][key] - entry[part][key]
                 if saved <= 0:
                     continue
                 rate = (entry["metrics"]["kl_div"] - now["metrics"]["kl_div"]) / saved

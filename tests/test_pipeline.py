@@ -51,16 +51,44 @@ def test_uniform_and_greedy_baselines():
     assert greedy_baseline(lib, arch, [Bound("stats.runtime_ms", upper=1.0)]) is None
 
 
+def test_greedy_saves_what_the_unmet_bound_counts():
+    """Under a KV-head budget the greedy step is rated per KV head saved, not per millisecond: it once shrank every
+    FFN (which saves time but no KV head) before it cut KV heads, giving a strawman to compare the MIP with."""
+    from tessera.search.mip import Bound
+
+    variants = {  # runtime, KV heads, KL
+        "gqa_kv4+ffn_96": (2.0, 4, 0.0),
+        "gqa_kv2+ffn_96": (1.9, 2, 0.05),
+        "gqa_kv4+ffn_48": (1.2, 4, 0.01),
+        "gqa_kv2+ffn_48": (1.1, 2, 0.06),
+    }
+    lib = {
+        f"layer_{i}": {
+            n: {"stats": {"runtime_ms": r, "num_kv_heads": k}, "metrics": {"kl_div": kl}}
+            for n, (r, k, kl) in variants.items()
+        }
+        for i in range(4)
+    }
+    arch = tiny_arch().with_blocks([block_from_name("gqa_kv4+ffn_96")] * 4)
+    bounds = [Bound("stats.num_kv_heads", upper=12)]
+    greedy = greedy_baseline(lib, arch, bounds)
+    assert sorted(b.name for b in greedy) == ["gqa_kv2+ffn_96"] * 2 + ["gqa_kv4+ffn_96"] * 2  # KL 0.10, the MIP's
+    assert sum(lib[f"layer_{i}"][b.name]["metrics"]["kl_div"] for i, b in enumerate(greedy)) == pytest.approx(
+        solve(lib, "metrics.kl_div", bounds=bounds)[0].objective
+    )
+
+
 def _priced_library(arch, attention_ms: dict, ffn_ms: dict) -> tuple[dict, dict]:
     """A library over SPACE's variants: a block's runtime is its attention's + its FFN's; cheaper blocks lose
-    more (a different amount in each layer); and the block table a CostTable holds."""
+    more (a different amount in each layer, and a little more for a cheaper attention, so no two blocks of a layer
+    tie: a tie's choice would be the solver's, which its scaling changes); and the block table a CostTable holds."""
     library, blocks = {}, {}
     for i in range(arch.n_layers):
         library[f"layer_{i}"] = {}
         for b in SPACE.block_variants(arch, i):
             runtime = attention_ms[b.attention.name] + ffn_ms[b.ffn.name]
             blocks[b.name] = {"prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": runtime}
-            kl = (1 + i) * (10.0 - runtime) ** 2 / 100
+            kl = (1 + i) * (10.0 - runtime) ** 2 / 100 + 1e-3 * (5.0 - attention_ms[b.attention.name])
             library[f"layer_{i}"][b.name] = {"stats": {"runtime_ms": runtime}, "metrics": {"kl_div": kl}}
     return library, blocks
 
