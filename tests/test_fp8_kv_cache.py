@@ -72,21 +72,22 @@ def cached_perplexity(model: Model, windows: torch.Tensor, kv_cache_dtype: str, 
 
 @pytest.mark.parametrize("calibrated", [True, False], ids=["calibrated", "scale-1"])
 def test_the_pages_hold_each_layers_keys_and_values_over_its_scales(calibrated: bool) -> None:
-    """After a prompt's prefill, the request's slots of every layer hold its rotated keys and values (observed on
-    an uncached forward of the same tokens) divided by that layer's scales (calibrated, or 1.0 without), to within
-    E4M3's rounding (half a step: 2^-4 of the value, or 2^-10 of the scale below E4M3's normals)."""
+    """After a prompt's prefill, the request's slots of every layer hold its rotated keys and values (as the
+    prefill's own layers computed them: past layer 0 they follow attention over the FP8 pages, so an uncached
+    forward is no reference there) divided by that layer's scales (calibrated, or 1.0 without), to within E4M3's
+    rounding (half a step: 2^-4 of the value, or 2^-10 of the scale below E4M3's normals)."""
     model = _model(kv_scales=calibrated)
     prompt = torch.randint(0, model.arch.vocab_size, (20,), generator=torch.Generator().manual_seed(2))
+    engine = Engine(model, None, EngineConfig(max_batch=1, max_model_len=32, page_size=8, kv_cache_dtype="fp8"))
+    engine.add_request(prompt.tolist(), SamplingParams(max_new_tokens=2))
     observed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, layer in enumerate(model.layers):
         layer.self_attn.observe_kv = lambda k, v, i=i: observed.__setitem__(i, (k.clone(), v.clone()))
-    with torch.no_grad():
-        model(prompt[None])
-    for layer in model.layers:
-        layer.self_attn.observe_kv = None
-    engine = Engine(model, None, EngineConfig(max_batch=1, max_model_len=32, page_size=8, kv_cache_dtype="fp8"))
-    engine.add_request(prompt.tolist(), SamplingParams(max_new_tokens=2))
-    engine.step()  # the prefill
+    try:
+        engine.step()  # the prefill
+    finally:
+        for layer in model.layers:
+            layer.self_attn.observe_kv = None
     (req,) = engine.running
     slots = torch.tensor(engine.cache.slots(req.pages[0], 0, len(prompt)))
     scales = model.kv_scales() if calibrated else dict.fromkeys(observed, (1.0, 1.0))
