@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from tessera import kernels
 from tessera.kernels.ffn import swiglu_ffn_fp8_scaled_mm, swiglu_ffn_triton
-from tessera.kernels.gemm import tma_device, tma_ready
+from tessera.kernels.gemm import tma_ready
+from tessera.kernels.hardware import hopper
 
 from .harness import KernelCase
 
@@ -54,7 +55,7 @@ def eager_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
 def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator[KernelCase]:
     on_gpu = device.type == "cuda"
     yield from _cases(device, dtype, False)
-    if on_gpu and tma_device(device):  # tensor descriptors: NVIDIA Hopper and newer
+    if on_gpu and hopper(device):  # tensor descriptors: NVIDIA Hopper and newer
         yield from _cases(device, dtype, True)
 
 

@@ -87,12 +87,25 @@ def _decode_steps(model: Model, batch: int, context: int, device: torch.device, 
     return lambda: step.run(*args)
 
 
-def run(device: torch.device, copy_gbps: float) -> dict:
+def _benchmarked(device: torch.device) -> tuple[Model, list[tuple[int, int]], str]:
+    """The model timed on `device` (the 8B shape on a GPU, the demo parent's on the CPU; random weights, in the
+    serving precision), its (batch, context) scenarios, and its description."""
     on_gpu = device.type == "cuda"
     arch = ArchConfig.from_hf_dict(LLAMA_3_1_8B, "Llama-3.1-8B") if on_gpu else demo_arch(eos_id=0)
-    dtype = serving_dtype(device)
-    scenarios = SCENARIOS if on_gpu else [(1, 64), (8, 64)]
-    model = Model.empty(arch, device, dtype).init_weights(seed=0).eval()
+    model = Model.empty(arch, device, serving_dtype(device)).init_weights(seed=0).eval()
+    what = "Llama-3.1-8B shape, random weights" if on_gpu else "demo parent shape, random weights"
+    return model, SCENARIOS if on_gpu else [(1, 64), (8, 64)], what
+
+
+def _floor_ms(arch: ArchConfig, batch: int, context: int, copy_gbps: float, dtype: str, kv: str | None = None) -> float:
+    """The step's bandwidth floor: the bytes it must read (ArchConfig.decode_step_bytes) at the copy bandwidth."""
+    return 1e3 * arch.decode_step_bytes(batch, context, dtype, kv) / (copy_gbps * 1e9)
+
+
+def run(device: torch.device, copy_gbps: float) -> dict:
+    on_gpu = device.type == "cuda"
+    model, scenarios, what = _benchmarked(device)
+    arch, dtype = model.arch, model.embed_tokens.weight.dtype
     fp8_model = model.cast(kernels.FP8)
     modes = [("torch", False)] + ([("triton", False), ("triton", True)] if on_gpu else [])
     served = modes[-1]  # how the engine runs decode here: the FP8 rows time that mode only
@@ -100,7 +113,7 @@ def run(device: torch.device, copy_gbps: float) -> dict:
     saved = kernels.forced_backend()
     try:
         for batch, context in scenarios:
-            floor_ms = 1e3 * arch.decode_step_bytes(batch, context, dtype_name(dtype)) / (copy_gbps * 1e9)
+            floor_ms = _floor_ms(arch, batch, context, copy_gbps, dtype_name(dtype))
             outputs = {}
             for backend, graph in modes:
                 kernels.set_backend(backend)
@@ -139,7 +152,7 @@ def run(device: torch.device, copy_gbps: float) -> dict:
     finally:
         kernels.set_backend(saved)
     return {
-        "model": "Llama-3.1-8B shape, random weights" if on_gpu else "demo parent shape, random weights",
+        "model": what,
         "dtype": dtype_name(dtype),
         "weight_bytes_per_step": arch.decode_step_bytes(1, 0, dtype_name(dtype)),
         "results": rows,
@@ -163,7 +176,7 @@ def _fp8_rows(model: Model, batch: int, context: int, device: torch.device, mode
         if device.type == "cuda":
             torch.cuda.empty_cache()
         kv_name = FP8_NAME if kv == "fp8" else "bfloat16"
-        floor_ms = 1e3 * model.arch.decode_step_bytes(batch, context, FP8_NAME, kv_name) / (copy_gbps * 1e9)
+        floor_ms = _floor_ms(model.arch, batch, context, copy_gbps, FP8_NAME, kv_name)
         row = {
             "batch": batch,
             "context": context,
@@ -193,15 +206,14 @@ def pdl_comparison(device: torch.device, copy_gbps: float, rounds: int = 5) -> d
     never what it computes, so the logits of the two must be the same bits; a row says whether they were. On the CPU
     (the demo parent's shape, the references: no kernel takes PDL there) a sanity pass of this code."""
     on_gpu = device.type == "cuda"
-    arch = ArchConfig.from_hf_dict(LLAMA_3_1_8B, "Llama-3.1-8B") if on_gpu else demo_arch(eos_id=0)
-    dtype = serving_dtype(device)
-    model = Model.empty(arch, device, dtype).init_weights(seed=0).eval()
-    available = _pdl_available(device)
+    model, scenarios, what = _benchmarked(device)
+    arch, dtype = model.arch, model.embed_tokens.weight.dtype
+    available = hardware.pdl_possible(device)
     saved_backend, saved_pdl = kernels.forced_backend(), hardware.pdl_enabled()
     rows = []
     try:
         kernels.set_backend("triton" if on_gpu else "torch")
-        for batch, context in SCENARIOS if on_gpu else [(1, 64), (8, 64)]:
+        for batch, context in scenarios:
             steps, logits = {}, {}
             for pdl in (False, True):
                 hardware.set_pdl(pdl)  # read as the engine captures its graph
@@ -218,7 +230,7 @@ def pdl_comparison(device: torch.device, copy_gbps: float, rounds: int = 5) -> d
             if on_gpu:
                 torch.cuda.empty_cache()
             ratios = sorted(off / on for off, on in zip(times[False], times[True]))
-            floor_ms = 1e3 * arch.decode_step_bytes(batch, context, dtype_name(dtype)) / (copy_gbps * 1e9)
+            floor_ms = _floor_ms(arch, batch, context, copy_gbps, dtype_name(dtype))
             without, with_pdl = statistics.median(times[False]), statistics.median(times[True])
             rows.append(
                 {
@@ -245,22 +257,12 @@ def pdl_comparison(device: torch.device, copy_gbps: float, rounds: int = 5) -> d
         kernels.set_backend(saved_backend)
         hardware.set_pdl(saved_pdl)
     return {
-        "model": "Llama-3.1-8B shape, random weights" if on_gpu else "demo parent shape, random weights",
+        "model": what,
         "dtype": dtype_name(dtype),
         "pdl_available": available,
         "timing": "do_bench medians of the engine's CUDA-graph replays, modes alternating" if on_gpu else "CPU",
         "results": rows,
     }
-
-
-def _pdl_available(device: torch.device) -> bool:
-    """Whether the device's launches take PDL when it is enabled (an NVIDIA GPU of compute capability 9+)."""
-    saved = hardware.pdl_enabled()
-    hardware.set_pdl(True)
-    try:
-        return hardware.launch_flags(device)["PDL"]
-    finally:
-        hardware.set_pdl(saved)
 
 
 def pdl_table(result: dict) -> str:

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .hardware import cpu_launches, dot_precision, fitting_stages, gpu, launch_flags, sm_count, wait_for_inputs
+from .hardware import dot_precision, fitting_stages, hopper, launch_flags, sm_count, wait_for_inputs
 
 try:  # host-side tensor descriptors (triton >= 3.3; the H200 image has 3.6)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -46,23 +46,13 @@ def tma_ready(*tensors: torch.Tensor) -> bool:
     if TensorDescriptor is None:
         return False
     for t in tensors:
-        if not tma_device(t.device):
+        if not hopper(t.device):
             return False
         if t.dim() != 2 or t.numel() == 0 or t.stride(1) != 1:
             return False
         if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
             return False
     return True
-
-
-def tma_device(device: torch.device) -> bool:
-    """Whether launches on `device` can use tensor descriptors: an NVIDIA GPU of compute capability 9+ (not ROCm),
-    or CPU tensors where launches take them, sized for such a GPU (kernels.hardware.gpu)."""
-    if device.type == "cuda" and torch.version.hip is not None:
-        return False
-    if device.type != "cuda" and not cpu_launches():
-        return False
-    return gpu(device).capability[0] >= 9
 
 
 def descriptor(t: torch.Tensor, rows: int, cols: int):

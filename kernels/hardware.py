@@ -119,14 +119,28 @@ def pdl_enabled() -> bool:
     return _pdl
 
 
+def hopper(device: torch.device) -> bool:
+    """Whether launches on `device` run on (or are sized for) an NVIDIA GPU of compute capability 9+, what tensor
+    descriptors and grid dependency control need: such a GPU (not ROCm, whose gfx94x reports 9.x), or CPU tensors
+    where launches take them (the interpreter, compile-only mode) with a target that is one."""
+    if device.type == "cuda":
+        return torch.version.hip is None and gpu(device).capability[0] >= 9
+    return cpu_launches() and gpu(device).capability[0] >= 9
+
+
+_PDL_OFF, _PDL_ON = {"PDL": False}, {"PDL": True, "launch_pdl": True}
+
+
+def pdl_possible(device: torch.device) -> bool:
+    """Whether launches on `device` can take PDL: `hopper`, with grid dependency control in this triton, and not
+    under the interpreter, which has none."""
+    return HAS_GDC and not INTERPRETING and hopper(device)
+
+
 def launch_flags(device: torch.device) -> dict:
-    """The PDL constexpr (and launch option) of a kernel launched on `device`: on when enabled and the device is an
-    NVIDIA GPU of compute capability 9+ (or compile-only mode's target is one); never under the interpreter, which
-    has no grid dependency control."""
-    nvidia = device.type == "cuda" and torch.version.hip is None
-    target = nvidia or (device.type == "cpu" and _compile_target is not None)
-    on = _pdl and HAS_GDC and not INTERPRETING and target and gpu(device).capability[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    """The PDL constexpr (and launch option) of a kernel launched on `device`: on when enabled and possible. Read
+    at every launch: off, a flag test."""
+    return _PDL_ON if _pdl and pdl_possible(device) else _PDL_OFF
 
 
 @triton.jit

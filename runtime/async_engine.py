@@ -77,9 +77,6 @@ class EngineSpec:
             model = load_shard(self.model_dir, tp, tp.device(device), dtype)
         return model, load_tokenizer(self.model_dir)
 
-    def build(self, tp: TensorParallel | None = None) -> Engine:
-        return Engine(*self.load(tp), self.config)
-
 
 @dataclass(frozen=True)
 class EngineLoad:

@@ -227,7 +227,7 @@ def dequantize_checkpoint(
 class _Dequantized(Mapping):
     """An FP8 checkpoint's tensors, each matrix dequantized when it is read: the loader packs one sublayer at a
     time (weights.pack_model), so it holds one sublayer's fp32 matrices, not the whole model's (Llama-3.1-70B
-    dequantized whole took 4 bytes a weight of host memory beside the model being loaded)."""
+    dequantized whole would take 4 bytes a weight of host memory beside the model being loaded)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.tensors = tensors
@@ -354,6 +354,12 @@ def save_model(
     return path
 
 
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file with the mode a plain write gives (save_file makes it readable by its owner alone)."""
+    save_file(tensors, path, metadata={"format": "pt"})
+    default_mode(path)
+
+
 def _stored(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """A tensor as saved: in `dtype` when given, except an FP8 model's E4M3 matrices and fp32 scales."""
     keep = dtype is None or t.dtype == FP8 or name.endswith("_scale")
@@ -377,16 +383,13 @@ def _write_checkpoint(
             size = 0
         shards[-1][name] = t
         size += nbytes
-    metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata=metadata)
-        default_mode(out / "model.safetensors")
+        _save_shard(shards[0], out / "model.safetensors")
     else:
         weight_map = {}
         for k, shard in enumerate(shards, start=1):
             fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out / fname, metadata=metadata)
-            default_mode(out / fname)
+            _save_shard(shard, out / fname)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

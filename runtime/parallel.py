@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tessera.config import ArchConfig, AttentionConfig, BlockConfig, ConfigError, FFNConfig
+from tessera.config import ArchConfig, AttentionConfig, BlockConfig, ConfigError, FFNConfig, share
 from tessera.devices import check_fp8, parse_dtype
 from tessera.errors import UserError
 from tessera.kernels import FP8
@@ -93,12 +93,6 @@ class TensorParallel:
         parts = [torch.empty_like(padded) for _ in widths]
         dist.all_gather(parts, padded, group=self.group)
         return torch.cat([part[..., :w] for part, w in zip(parts, widths)], dim=-1)
-
-
-def share(total: int, rank: int, size: int) -> range:
-    """Rank's contiguous share of `total` rows: the larger shares first (ceil), the last may be shorter."""
-    step = -(-total // size)
-    return range(min(total, rank * step), min(total, (rank + 1) * step))
 
 
 def rank_arch(arch: ArchConfig, rank: int, size: int) -> ArchConfig:

@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tessera.config import ConfigError, read_json
 from tessera.errors import UserError
@@ -118,17 +119,6 @@ class BodyLimit:
         await JSONResponse(error_body(413, message), status_code=413, headers={"Connection": "close"})(
             scope, None, send
         )
-
-
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
-
-
-def route_label(path: str) -> str:
-    """A request's path as the metrics label it counts under: its route, or "unmatched", so that clients sending
-    paths of their choosing cannot add series without limit."""
-    if path in ROUTES:
-        return path
-    return "/v1/models/{model_id}" if path.startswith("/v1/models/") else "unmatched"
 
 
 # Request bodies
@@ -377,17 +367,23 @@ class Server:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    def _route_label(self, path: str) -> str:
+        """A request's path as the metrics label it counts under: the template of the route that takes it, or
+        "unmatched", so that clients sending paths of their choosing cannot add series without limit."""
+        scope = {"type": "http", "path": path, "root_path": "", "method": "GET", "path_params": {}}
+        return next((r.path for r in self.app.routes if r.matches(scope)[0] != Match.NONE), "unmatched")
+
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="tessera", lifespan=self._lifespan)
         app.add_middleware(
             BodyLimit,
             limit=self.max_request_bytes,
-            on_refused=lambda path: self.metrics.requests.labels(route_label(path), "413").inc(),
+            on_refused=lambda path: self.metrics.requests.labels(self._route_label(path), "413").inc(),
         )
 
         @app.exception_handler(APIError)
         async def api_error(request: Request, e: APIError) -> JSONResponse:
-            self.metrics.requests.labels(route_label(request.url.path), str(e.status)).inc()
+            self.metrics.requests.labels(self._route_label(request.url.path), str(e.status)).inc()
             return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
 
         @app.exception_handler(RequestValidationError)
@@ -401,7 +397,7 @@ class Server:
             else:
                 message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
                 param = where[0] if where else None
-            self.metrics.requests.labels(route_label(request.url.path), "400").inc()
+            self.metrics.requests.labels(self._route_label(request.url.path), "400").inc()
             return JSONResponse(error_body(400, message, param), status_code=400)
 
         @app.exception_handler(StarletteHTTPException)
@@ -410,12 +406,12 @@ class Server:
             if e.status_code in (404, 405):
                 verb = "no route" if e.status_code == 404 else "method not allowed:"
                 message = f"{verb} {request.method} {request.url.path}"
-            self.metrics.requests.labels(route_label(request.url.path), str(e.status_code)).inc()
+            self.metrics.requests.labels(self._route_label(request.url.path), str(e.status_code)).inc()
             return JSONResponse(error_body(e.status_code, message), status_code=e.status_code, headers=e.headers)
 
         @app.exception_handler(Exception)
         async def bug(request: Request, e: Exception) -> JSONResponse:  # logged with its traceback by uvicorn
-            self.metrics.requests.labels(route_label(request.url.path), "500").inc()
+            self.metrics.requests.labels(self._route_label(request.url.path), "500").inc()
             return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
 
         app.get("/health")(self.health)
@@ -538,7 +534,7 @@ class Server:
             raise APIError(503, str(e)) from e
         outputs = self._merge(request, streams)
         if body.stream:  # answered 200 once the stream starts; a whole answer once it is complete
-            self.metrics.requests.labels(route_label(request.url.path), "200").inc()
+            self.metrics.requests.labels(self._route_label(request.url.path), "200").inc()
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
                 self._events(outputs, len(streams), rid, form, include_usage),
@@ -546,7 +542,7 @@ class Server:
                 headers={"Cache-Control": "no-cache"},
             )
         answer = await self._whole(outputs, len(streams), rid, form)
-        self.metrics.requests.labels(route_label(request.url.path), "200").inc()
+        self.metrics.requests.labels(self._route_label(request.url.path), "200").inc()
         return answer
 
     async def _merge(self, request: Request, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -37,6 +37,15 @@ class GKDConfig:
     seed: int = 0
 
 
+def check_batch(cfg: GKDConfig, ranks: int) -> None:
+    """Data-parallel GKD gives each rank an equal share of every batch: the batch must split over the ranks."""
+    if cfg.batch_size % ranks:
+        raise UserError(
+            f"GKD's batch of {cfg.batch_size} windows (--gkd-batch-size) does not split over {ranks} ranks: give a "
+            "multiple of the ranks, or --gkd-steps 0"
+        )
+
+
 def _forward(model: Model, inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each layer's output [N, H] and the logits [N, V] for windows [B, T]."""
     b, t = inputs.shape
@@ -90,8 +99,7 @@ def distill(
     data-parallel over them (every rank calls this with the same child and arguments)."""
     if child.arch.n_layers != parent.arch.n_layers:
         raise ValueError(f"GKD pairs layers one to one: child has {child.arch.n_layers}, parent {parent.arch.n_layers}")
-    if cfg.batch_size % ranks.size:
-        raise UserError(f"GKD's batch of {cfg.batch_size} windows does not split over {ranks.size} ranks")
+    check_batch(cfg, ranks.size)
     device = parent.embed_tokens.weight.device
     batches = random_windows(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
     student = Student(child)

@@ -49,7 +49,7 @@ from tessera.search.cost import (
 )
 from tessera.search.data import load_parent
 from tessera.search.fusion import FusionConfig, run_fusion
-from tessera.search.gkd import GKDConfig, distill
+from tessera.search.gkd import GKDConfig, check_batch, distill
 from tessera.search.library import (
     Library,
     SearchSpace,
@@ -334,8 +334,8 @@ def greedy_baseline(library: Library, arch: ArchConfig, bounds: list[Bound]) -> 
     until the budget is met (the layer-wise greedy Puzzle compares its MIP against)."""
     blocks = list(arch.blocks)
     layers = [library[f"layer_{i}"] for i in range(arch.n_layers)]
-    while not _within(library, blocks, bounds):
-        part, key = next(b for b in bounds if _excess(library, blocks, b) > 0).key.split(".")
+    while (unmet := next((b for b in bounds if _excess(library, blocks, b) > 0), None)) is not None:
+        part, key = unmet.key.split(".")
         best, best_rate = None, math.inf
         for i, variants in enumerate(layers):
             now = variants[blocks[i].name]
@@ -429,11 +429,8 @@ class Optimizer:
         # Every rank knows the run is fresh (its checks pass over the old store's manifest); rank 0 alone deletes
         # the store, when it claims it (search/bld.run_bld), before any other rank reads it.
         self.store = SublayerStore(self.out / "bld", fresh=fresh)
-        if cfg.gkd.steps and cfg.gkd.batch_size % ranks.size:  # said now, not after BLD, scoring and the MIP
-            raise UserError(
-                f"GKD's batch of {cfg.gkd.batch_size} windows (--gkd-batch-size) does not split over {ranks.size} "
-                "ranks: give a multiple of the ranks, or --gkd-steps 0"
-            )
+        if cfg.gkd.steps:  # said now, not after BLD, scoring and the MIP
+            check_batch(cfg.gkd, ranks.size)
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = ranks.device(torch.device(cfg.device))
         self.dtype = torch.float32  # training and scoring

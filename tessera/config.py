@@ -163,6 +163,14 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192
 
 
+def share(total: int, rank: int, size: int) -> range:
+    """Rank's contiguous share of `total` rows over `size` tensor-parallel ranks: the larger shares first (ceil),
+    the last may be shorter (runtime/parallel.py's shard rules; rank 0's is the largest, what the rank_* formulas
+    count)."""
+    step = -(-total // size)
+    return range(min(total, rank * step), min(total, (rank + 1) * step))
+
+
 @dataclass(frozen=True)
 class ArchConfig:
     vocab_size: int
@@ -369,10 +377,10 @@ class ArchConfig:
                 widths.append((f"layer {i}'s FFN width", block.ffn.intermediate_size))
             if "linear" in (block.attention.kind, block.ffn.kind):
                 widths.append((f"layer {i}'s linear sublayer (hidden_size)", self.hidden_size))
-        for what, total in widths:  # shares are the larger ones first (runtime/parallel.share): none may be empty
-            if (tp - 1) * -(-total // tp) >= total:
+        for what, total in widths:  # shares are the larger ones first: none may be empty
+            if not share(total, tp - 1, tp):
                 raise ConfigError(
-                    f"{what} {total} over {tp} ranks in shares of {-(-total // tp)} leaves the last rank none"
+                    f"{what} {total} over {tp} ranks in shares of {len(share(total, 0, tp))} leaves the last rank none"
                 )
 
     def rank_kv_heads(self, attention: AttentionConfig, tp: int, layer: int | None = None) -> int:
@@ -393,17 +401,17 @@ class ArchConfig:
             q, kv = self.n_heads // tp * d, self.rank_kv_heads(att, tp) * d
             n += h * q + 2 * h * kv + q * h + h + (q + 2 * kv if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
         elif att.kind == "linear":
-            n += h * -(-h // tp) + h
+            n += h * len(share(h, 0, tp)) + h
         if ffn.kind == "swiglu":
-            n += 3 * h * -(-ffn.intermediate_size // tp) + h
+            n += 3 * h * len(share(ffn.intermediate_size, 0, tp)) + h
         elif ffn.kind == "linear":
-            n += h * -(-h // tp) + h
+            n += h * len(share(h, 0, tp)) + h
         return n
 
     def rank_params(self, tp: int) -> int:
         """One rank's parameters: its vocabulary rows of the embedding (and untied head), the final norm, its
         share of every block."""
-        rows = -(-self.vocab_size // tp) * self.hidden_size
+        rows = len(share(self.vocab_size, 0, tp)) * self.hidden_size
         head = 0 if self.tie_embeddings else rows
         return rows + head + self.hidden_size + sum(self.rank_block_params(b, tp) for b in self.blocks)
 
@@ -414,7 +422,7 @@ class ArchConfig:
         dtype = dtype or self.run_dtype
         blocks = sum(self.rank_block_params(b, tp) for b in self.blocks)
         rest = (self.rank_params(tp) - blocks) * dtype_bytes(activation_dtype(dtype))
-        return blocks * dtype_bytes(dtype) + rest + self.head_copy_bytes(-(-self.vocab_size // tp), dtype)
+        return blocks * dtype_bytes(dtype) + rest + self.head_copy_bytes(len(share(self.vocab_size, 0, tp)), dtype)
 
     def rank_kv_bytes_per_token(self, tp: int, dtype: str | None = None) -> int:
         per_head = 2 * self.head_dim * dtype_bytes(activation_dtype(dtype or self.run_dtype))

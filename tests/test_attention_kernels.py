@@ -59,7 +59,8 @@ def test_attention_prefill_given_max_seqlen_matches(poisoned) -> None:
 
 def test_inputs_of_any_strides_give_the_contiguous_result(poisoned) -> None:
     """q, k and v whose head dimension is not contiguous (transposed views) give what their contiguous copies do:
-    the kernel steps through that dimension one element at a time (2.17 off before the launcher copied them)."""
+    the kernel steps through that dimension one element at a time (the launcher copies them; before, it read
+    other elements)."""
     lengths = [5, 40]
     cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=KERNEL_DEVICE)
     q, k, v = (randn(45, h, 16, dtype=torch.float32, seed=s) for s, h in enumerate((8, 2, 2)))

@@ -248,8 +248,8 @@ def test_one_page_per_sequence(poisoned, dtype, tol, pages) -> None:
 
 @dtypes("attention_paged")
 def test_queries_of_any_strides(poisoned, dtype, tol) -> None:
-    """A q whose head dimension is not contiguous gives the attention of its values (the kernel stepped through
-    it one element at a time: 5.8e36 off before the launcher made such a q contiguous)."""
+    """A q whose head dimension is not contiguous gives the attention of its values (the kernel steps through it
+    one element at a time: the launcher makes such a q contiguous; before, the output was garbage)."""
     check_case(*CASES[3], dtype, tol, seed=3, strided=True)
 
 

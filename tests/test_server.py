@@ -573,7 +573,7 @@ def test_metrics(server, client) -> None:
         httpx.get(f"{base}/v1/models/made-up-{i}")
     text = httpx.get(f"{base}/metrics").text
     assert "/no/such/path" not in text and "made-up" not in text
-    assert 'endpoint="unmatched",status="404"' in text and 'endpoint="/v1/models/{model_id}",status="404"' in text
+    assert 'endpoint="unmatched",status="404"' in text and 'endpoint="/v1/models/{model_id:path}",status="404"' in text
 
 
 def test_serve_command_shuts_down_cleanly_with_a_stream_in_flight(tmp_path) -> None:
