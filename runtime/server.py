@@ -367,6 +367,10 @@ class Server:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    def _count(self, path: str, status: str) -> None:
+        """One answered request in the metrics, under its route's label and status."""
+        self.metrics.requests.labels(self._route_label(path), status).inc()
+
     def _route_label(self, path: str) -> str:
         """A request's path as the metrics label it counts under: the template of the route that takes it, or
         "unmatched", so that clients sending paths of their choosing cannot add series without limit."""
@@ -378,12 +382,12 @@ class Server:
         app.add_middleware(
             BodyLimit,
             limit=self.max_request_bytes,
-            on_refused=lambda path: self.metrics.requests.labels(self._route_label(path), "413").inc(),
+            on_refused=lambda path: self._count(path, "413"),
         )
 
         @app.exception_handler(APIError)
         async def api_error(request: Request, e: APIError) -> JSONResponse:
-            self.metrics.requests.labels(self._route_label(request.url.path), str(e.status)).inc()
+            self._count(request.url.path, str(e.status))
             return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
 
         @app.exception_handler(RequestValidationError)
@@ -397,7 +401,7 @@ class Server:
             else:
                 message = f"{'.'.join(where) or 'body'}: {first.get('msg')}"
                 param = where[0] if where else None
-            self.metrics.requests.labels(self._route_label(request.url.path), "400").inc()
+            self._count(request.url.path, "400")
             return JSONResponse(error_body(400, message, param), status_code=400)
 
         @app.exception_handler(StarletteHTTPException)
@@ -406,12 +410,12 @@ class Server:
             if e.status_code in (404, 405):
                 verb = "no route" if e.status_code == 404 else "method not allowed:"
                 message = f"{verb} {request.method} {request.url.path}"
-            self.metrics.requests.labels(self._route_label(request.url.path), str(e.status_code)).inc()
+            self._count(request.url.path, str(e.status_code))
             return JSONResponse(error_body(e.status_code, message), status_code=e.status_code, headers=e.headers)
 
         @app.exception_handler(Exception)
         async def bug(request: Request, e: Exception) -> JSONResponse:  # logged with its traceback by uvicorn
-            self.metrics.requests.labels(self._route_label(request.url.path), "500").inc()
+            self._count(request.url.path, "500")
             return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
 
         app.get("/health")(self.health)
@@ -534,7 +538,7 @@ class Server:
             raise APIError(503, str(e)) from e
         outputs = self._merge(request, streams)
         if body.stream:  # answered 200 once the stream starts; a whole answer once it is complete
-            self.metrics.requests.labels(self._route_label(request.url.path), "200").inc()
+            self._count(request.url.path, "200")
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
                 self._events(outputs, len(streams), rid, form, include_usage),
@@ -542,7 +546,7 @@ class Server:
                 headers={"Cache-Control": "no-cache"},
             )
         answer = await self._whole(outputs, len(streams), rid, form)
-        self.metrics.requests.labels(self._route_label(request.url.path), "200").inc()
+        self._count(request.url.path, "200")
         return answer
 
     async def _merge(self, request: Request, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -11,6 +11,7 @@ for UTF-8, output paths by `check_output`. Ctrl-C ends in one line `tessera: int
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -18,8 +19,9 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -1044,18 +1046,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _noting_interrupts() -> Iterator[threading.Event]:
+    """An event set when Ctrl-C arrives (SIGINT still raises KeyboardInterrupt): a KeyboardInterrupt raised inside
+    native code can come out as another exception (safetensors reading a tensor: "ValueError: could not determine
+    the shape of object type 'torch.storage.UntypedStorage'"), which is then an interrupt all the same. Only in
+    the main thread, and only over Python's own handler."""
+    seen = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield seen
+        return
+
+    def note(signum, frame):
+        seen.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (UserError, EngineProcessError) as e:  # anything else is a bug: its traceback is what to see
-        parser.exit(2, f"tessera: error: {e}\n")
-    except KeyboardInterrupt:  # Ctrl-C: the user knows; a traceback would only bury the one useful line
+
+    def interrupted() -> None:  # Ctrl-C: the user knows; a traceback would only bury the one useful line
         hint = getattr(args, "on_interrupt", None)
         parser.exit(130, f"tessera: interrupted{'; ' + hint.format(**vars(args)) if hint else ''}\n")
-    except BrokenPipeError:  # `tessera info ... | head`: the reader left; not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    with _noting_interrupts() as ctrl_c:
+        try:
+            args.func(args)
+        except KeyboardInterrupt:
+            interrupted()
+        except BrokenPipeError:  # `tessera info ... | head`: the reader left; not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except Exception as e:
+            if ctrl_c.is_set():
+                interrupted()
+            if isinstance(e, (UserError, EngineProcessError)):  # anything else is a bug: its traceback is what to see
+                parser.exit(2, f"tessera: error: {e}\n")
+            raise
     return 0
 
 

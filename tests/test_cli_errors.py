@@ -346,3 +346,29 @@ def test_ctrl_c_in_a_real_process(tmp_path) -> None:
         err.splitlines()[-1]
         == f"tessera: interrupted; rerun the same command to resume (the blocks distilled so far are kept in {out}/bld)"
     )
+
+
+def test_ctrl_c_that_native_code_turns_into_another_error_is_still_an_interrupt(monkeypatch, capsys) -> None:
+    """A KeyboardInterrupt raised inside native code can come out as another exception (safetensors reading a
+    tensor gave "ValueError: could not determine the shape of object type 'torch.storage.UntypedStorage'", and a
+    traceback instead of the one line); after a Ctrl-C any error is the interrupt. Without one, it stays a bug."""
+    from tessera import cli
+
+    def interrupted_in_native_code(args) -> None:
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted_in_native_code)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["info", "--model", "demo/parent"])
+    assert exit_.value.code == 130 and capsys.readouterr().err == "tessera: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler again
+
+    def a_bug(args) -> None:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_info", a_bug)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["info", "--model", "demo/parent"])
