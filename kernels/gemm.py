@@ -6,8 +6,10 @@ One kernel serves the SwiGLU FFN's down projection (kernels/ffn.py) and, for FP8
   channel): the fp32 accumulator times a_scale[m] · w_scale[n] is the product of the dequantized operands;
 - a bias [N];
 - a residual [M, N].
-When M is small the output has too few tiles to fill the GPU, so the reduction over K is split (split-K) and a
-small kernel sums the fp32 partials, adds the bias and residual, and casts. Every weight offset is in int64: an
+When M is small the output has too few tiles to fill the GPU, so the reduction over K is split (split-K): each
+split stores an fp32 partial tile, and the split that finishes its tile last sums them all, adds the bias and
+residual, and casts (`arrived_last`; serial split-K, as CUTLASS does it: one launch where a separate sum kernel
+made two, ~32 kernels fewer in a Llama-8B decode step). Every weight offset is in int64: an
 FFN-Fusion group's width reaches ~400,000 rows (Ultra-253B), past int32 at 16k columns. Block shapes are fixed
 per M range, not autotuned: autotuning is slow, uncached, and must not run inside a CUDA-graph capture
 (REFERENCE.md).
@@ -60,6 +62,45 @@ def descriptor(t: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor.from_tensor(t, [rows, cols])
 
 
+# Split-K's arrival counters (`arrived_last`), one int32 an output tile, per device: zeroed once, and every launch
+# leaves the ones it used at zero (the last split of a tile resets its counter), so a CUDA graph replays with no
+# memset. A launch splits only while its tiles cover the SMs less than twice (matmul_triton): 2 · SMs of them serve
+# every launch. The launches on a device share them: kernels on one stream run one after another (under
+# programmatic dependent launch too: each waits for the one before to complete); GEMMs on two streams at once would
+# each need their own.
+_arrival_counters: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n of the device's split-K counters, all zero between launches. A launch that needs more (CPU tensors
+    sized for another compile target) gets a new set; earlier sets are kept, as a captured CUDA graph may hold them.
+    Made outside a CUDA-graph capture: a set made inside one would stay unzeroed until the graph first replays."""
+    made = _arrival_counters.setdefault(device, [])
+    if not made or made[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "matmul_triton: a split-K GEMM's first launch on this device is inside a CUDA-graph capture; "
+                "launch it once before capturing (its arrival counters are made and zeroed then)"
+            )
+        made.append(torch.zeros(max(n, 2 * sm_count(device)), dtype=torch.int32, device=device))
+    return made[-1]
+
+
+@triton.jit
+def arrived_last(counter_ptr, n_arrivals):
+    """Whether this program is the last of the `n_arrivals` that each call this once on the int32 counter at
+    counter_ptr (0 before the first); the last resets it to 0 for the next launch. Every program's stores before
+    the call are visible to the last one's loads after it, made through L2 (`cache_modifier=".cg"`): a barrier,
+    then one acquire-release atomic a program at GPU scope (CUTLASS's semaphore pattern; Triton has one thread
+    do a scalar atomic and hands its result to the others through shared memory, behind another barrier). No
+    program waits for another, so any schedule completes."""
+    tl.debug_barrier()  # every thread's stores issued before the thread that counts says so
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == n_arrivals - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
 @triton.jit
 def _store_tile(
     acc,
@@ -75,25 +116,72 @@ def _store_tile(
     out_ptr,
     stride_rm,
     stride_om,
-    stride_os,
+    tile,
+    n_splits,
+    partial_ptr,
+    counter_ptr,
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """The GEMM's epilogue: the fp32 tile acc [BLOCK_M, BLOCK_N] scaled (FP8), plus bias and residual, stored to
-    out's `split` slice (split-K partials: fp32, no bias or residual, which the sum adds)."""
+    out [M, N]. Split over K, the tile is split `split`'s fp32 partial (partial [n_splits, M, N], contiguous), and
+    the split that finishes output tile `tile` last (`arrived_last`) stores their sum."""
     mask_m, mask_n = offs_m < M, offs_n < N
     if SCALED:  # linear in the partial sums, so each split scales its own
         a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
         w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
         acc = acc * a_scale[:, None] * w_scale[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K:
+        partial_ptrs = partial_ptr + offs_m[:, None] * N + offs_n[None, :]  # split 0's tile
+        tl.store(partial_ptrs + split.to(tl.int64) * M * N, acc, mask=mask)
+        if arrived_last(counter_ptr + tile, n_splits):
+            acc = tl.load(partial_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, n_splits):  # in split order, whichever split sums: the same bits every time
+                acc += tl.load(partial_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            _add_and_store(
+                acc,
+                offs_m,
+                offs_n,
+                mask,
+                bias_ptr,
+                residual_ptr,
+                out_ptr,
+                stride_rm,
+                stride_om,
+                N,
+                HAS_BIAS,
+                HAS_RESIDUAL,
+            )
+    else:
+        _add_and_store(
+            acc, offs_m, offs_n, mask, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om, N, HAS_BIAS, HAS_RESIDUAL
+        )
+
+
+@triton.jit
+def _add_and_store(
+    acc,
+    offs_m,
+    offs_n,
+    mask,
+    bias_ptr,
+    residual_ptr,
+    out_ptr,
+    stride_rm,
+    stride_om,
+    N,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    """out tile = acc (+ bias) (+ residual), cast to out's dtype."""
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-    out_ptrs = out_ptr + split.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -115,15 +203,17 @@ def _matmul_kernel(
     bias_ptr,
     residual_ptr,
     out_ptr,
+    partial_ptr,
+    counter_ptr,
     M,
     N,
     K,
     k_per_split,
+    n_splits,
     stride_am,
     stride_wn,
     stride_rm,
     stride_om,
-    stride_os,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -131,11 +221,12 @@ def _matmul_kernel(
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr,
     IMPRECISE_ACC: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """out[split] = a[:, split's K range] · W[:, same]ᵀ, scaled; bias and residual added when unsplit."""
+    """out = a · Wᵀ, scaled, plus bias and residual; program (tile, split) takes the split's share of K."""
     wait_for_inputs(PDL)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
@@ -170,10 +261,14 @@ def _matmul_kernel(
         out_ptr,
         stride_rm,
         stride_om,
-        stride_os,
+        tl.program_id(0),
+        n_splits,
+        partial_ptr,
+        counter_ptr,
         SCALED,
         HAS_BIAS,
         HAS_RESIDUAL,
+        SPLIT_K,
     )
 
 
@@ -186,6 +281,8 @@ def _persistent_matmul_kernel(
     bias_ptr,
     residual_ptr,
     out_ptr,
+    partial_ptr,
+    counter_ptr,
     M,
     N,
     K,
@@ -194,7 +291,6 @@ def _persistent_matmul_kernel(
     n_programs,
     stride_rm,
     stride_om,
-    stride_os,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -202,6 +298,7 @@ def _persistent_matmul_kernel(
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr,
     IMPRECISE_ACC: tl.constexpr,
     PDL: tl.constexpr,
@@ -237,40 +334,15 @@ def _persistent_matmul_kernel(
             out_ptr,
             stride_rm,
             stride_om,
-            stride_os,
+            item % tiles,
+            n_splits,
+            partial_ptr,
+            counter_ptr,
             SCALED,
             HAS_BIAS,
             HAS_RESIDUAL,
+            SPLIT_K,
         )
-
-
-@triton.jit
-def _sum_splits_kernel(
-    partial_ptr,
-    bias_ptr,
-    residual_ptr,
-    out_ptr,
-    numel,
-    N,
-    n_splits,
-    stride_split,
-    HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """out = Σ_splits partial (+ bias) (+ residual), over flat contiguous [M·N] views."""
-    wait_for_inputs(PDL)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, n_splits):
-        acc += tl.load(partial_ptr + s * stride_split + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def gemm_blocks(m: int) -> tuple[int, int, int, int, int]:
@@ -319,25 +391,29 @@ def matmul_triton(
     splits = max(1, min(triton.cdiv(2 * sm_count(a.device), tiles), k_tiles // 8))
     k_per_split = triton.cdiv(k_tiles, splits) * block_k
     splits = triton.cdiv(k, k_per_split)
-    target = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=a.device)
+    split_k = splits > 1
+    partial = torch.empty(splits, m, n, dtype=torch.float32, device=a.device) if split_k else out
     scaled = a_scale is not None
     res = residual if residual is not None else out
     epilogue = (
-        a_scale if scaled else target,
-        w_scale if scaled else target,
+        a_scale if scaled else out,
+        w_scale if scaled else out,
         bias if bias is not None else out,
         res,
-        target,
+        out,
+        partial,
+        arrival_counters(a.device, tiles) if split_k else partial,
     )
-    shapes = (m, n, k, k_per_split)
+    shapes = (m, n, k, k_per_split, splits)
     flags = dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         GROUP_M=8,
         SCALED=scaled,
-        HAS_BIAS=bias is not None and splits == 1,
-        HAS_RESIDUAL=residual is not None and splits == 1,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        SPLIT_K=split_k,
         PRECISION=dot_precision(a.dtype),
         IMPRECISE_ACC=block_k if scaled else 0,  # FP8: promote to fp32 after each K tile (module doc)
         num_warps=warps,
@@ -347,27 +423,7 @@ def matmul_triton(
     if persistent and tma_ready(a, w):
         programs = persistent_programs(tiles * splits, a.device)
         a_desc, w_desc = descriptor(a, block_m, block_k), descriptor(w, block_n, block_k)
-        _persistent_matmul_kernel[(programs,)](
-            a_desc, w_desc, *epilogue, *shapes, splits, programs, res.stride(0), n, m * n, **flags
-        )
+        _persistent_matmul_kernel[(programs,)](a_desc, w_desc, *epilogue, *shapes, programs, res.stride(0), n, **flags)
     else:
-        _matmul_kernel[(tiles, splits)](
-            a, w, *epilogue, *shapes, a.stride(0), w.stride(0), res.stride(0), n, m * n, **flags
-        )
-    if splits > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](
-            target,
-            bias if bias is not None else out,
-            res,
-            out,
-            m * n,
-            n,
-            splits,
-            m * n,
-            HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=residual is not None,
-            BLOCK=block,
-            **launch_flags(a.device),
-        )
+        _matmul_kernel[(tiles, splits)](a, w, *epilogue, *shapes, a.stride(0), w.stride(0), res.stride(0), n, **flags)
     return out

@@ -65,7 +65,8 @@ from tessera.search.train import fixed_windows, random_windows
 
 MEASURE_ROUNDS = 5  # lockstep rounds of the parent with each child (search/cost.py)
 # Landing on a target speedup: the MIP's child is measured against the parent and the speedup asked of the cost
-# model corrected, until the measured speedup is within TARGET_TOLERANCE of the target or TARGET_SOLVES are done.
+# model corrected, until the measured speedup is within TARGET_TOLERANCE of the target or TARGET_SOLVES children
+# are measured.
 TARGET_TOLERANCE = 0.02
 TARGET_SOLVES = 4
 TARGET_ROUNDS = 5  # lockstep rounds of each check
@@ -365,8 +366,9 @@ def land_on_target(
     the loop is closed: the child's speedup over the parent is measured in each scenario (one per table) and,
     while the slowest of them misses the target by more than TARGET_TOLERANCE, the speedup asked of the cost
     model in each scenario becomes the child's predicted one scaled by that scenario's miss (the cost model's
-    error on this child, taken to hold for the next) and the MIP is solved again: at most TARGET_SOLVES solves,
-    and the child nearest the target wins."""
+    error on this child, taken to hold for the next) and the MIP is solved again: at most TARGET_SOLVES children
+    measured, and the child nearest the target wins. A corrected budget that leads back to a child already
+    measured ends the loop (the correction is going round in a circle)."""
     (solution,) = solve(library, "metrics.kl_div", bounds=bounds)
     blocks = choices_to_blocks(library, solution.choices)
     target = budget.target_speedup
@@ -375,7 +377,7 @@ def land_on_target(
     checks: list[dict] = []
     best: tuple[float, list[BlockConfig], list[Bound]] | None = None
     asked = [target] * len(tables)
-    for _ in range(TARGET_SOLVES):
+    for attempt in range(TARGET_SOLVES):
         predicted = [t.runtime_ms(arch.blocks) / t.runtime_ms(blocks) for t in tables]
         measured = measured_speedups(blocks)
         checks.append(
@@ -398,7 +400,7 @@ def land_on_target(
         miss = abs(min(measured) / target - 1)  # the slowest scenario is the one the target binds
         if best is None or miss < best[0]:
             best = (miss, blocks, bounds)
-        if miss <= TARGET_TOLERANCE:
+        if miss <= TARGET_TOLERANCE or attempt == TARGET_SOLVES - 1:
             break
         asked = [max(1.0, p * target / m) for p, m in zip(predicted, measured)]
         try:
@@ -407,6 +409,8 @@ def land_on_target(
         except InfeasibleError:
             break  # the space reaches no further: the nearest so far stands
         blocks, bounds = choices_to_blocks(library, solution.choices), next_bounds
+        if any(check["blocks"] == [b.name for b in blocks] for check in checks):
+            break  # measured already: the nearest so far stands
     return best[1], best[2], checks
 
 

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from tessera.search import pipeline
 from tessera.search.cost import CostTable, Scenario
 from tessera.search.library import block_from_name
 from tessera.search.mip import solve
@@ -126,6 +127,41 @@ def test_landing_on_the_target_corrects_the_cost_models_miss():
         assert check["predicted_speedup"] == pytest.approx(table.runtime_ms(arch.blocks) / table.runtime_ms(chosen))
     (upper,) = [b.upper for b in used if b.key == "stats.runtime_ms"]
     assert sum(block_table[b.name]["runtime_ms"] for b in blocks) <= upper + 1e-9
+
+
+# Machines whose speed swings about the cost model's, measurement after measurement; the checks and solves each
+# loop makes (asked 1.5, ~1.36, ~1.67, then the second child again | asked 1.5, ~1.36, ~1.58, ~1.43, all missed).
+SWINGS = [([1.1, 0.9], 3, 4), ([1.1, 0.95, 1.05, 0.9], 4, 4)]
+
+
+@pytest.mark.parametrize(("swing", "n_checks", "n_solves"), SWINGS, ids=["leads back", "four misses"])
+def test_the_loop_measures_each_child_once_and_solves_no_mip_past_the_last_check(
+    monkeypatch, swing, n_checks, n_solves
+):
+    """+10 % / -10 %: the corrected ask falls, rises, and falls to the second child's ask again, whose child the
+    MIP gives again: the loop stops there, three children measured once each (not a fourth that repeats the
+    second; the fourth solve found it). +10 / -5 / +5 / -10 %: four children miss, and no fifth MIP is solved
+    after the last check. Either way the child nearest the target is kept."""
+    arch = tiny_arch(layers=6)
+    attention = {"gqa_kv4": 4.0, "gqa_kv2": 3.0, "attn_linear": 1.0, "attn_none": 0.0}
+    ffn = {"ffn_96": 4.0, "ffn_48": 2.5, "ffn_linear": 1.0, "ffn_none": 0.0}
+    library, block_table = _priced_library(arch, attention, ffn)
+    table = CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table)
+    swings = itertools.cycle(swing)
+
+    def device(blocks):
+        return [table.runtime_ms(arch.blocks) / table.runtime_ms(blocks) * next(swings)]
+
+    solves = []
+    monkeypatch.setattr(pipeline, "solve", lambda *a, **k: solves.append(1) or solve(*a, **k))
+    budget = Budget(target_speedup=1.5)
+    bounds = block_bounds(budget, table, table.runtime_ms(arch.blocks), library)
+    blocks, _, checks = land_on_target(library, [table], arch, budget, bounds, device)
+    measured = [tuple(check["blocks"]) for check in checks]
+    assert len(checks) == n_checks == len(set(measured)) and len(solves) == n_solves <= TARGET_SOLVES
+    assert all(abs(check["measured_speedup"] / 1.5 - 1) > TARGET_TOLERANCE for check in checks)
+    nearest = min(checks, key=lambda check: abs(check["measured_speedup"] / 1.5 - 1))
+    assert [b.name for b in blocks] == nearest["blocks"]
 
 
 def test_without_a_target_speedup_nothing_is_measured():
