@@ -134,54 +134,22 @@ def _store_tile(
         w_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
         acc = acc * a_scale[:, None] * w_scale[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
+    finish = True  # unsplit: this program finishes its tile
     if SPLIT_K:
         partial_ptrs = partial_ptr + offs_m[:, None] * N + offs_n[None, :]  # split 0's tile
         tl.store(partial_ptrs + split.to(tl.int64) * M * N, acc, mask=mask)
-        if arrived_last(counter_ptr + tile, n_splits):
+        finish = arrived_last(counter_ptr + tile, n_splits)
+        if finish:
             acc = tl.load(partial_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
             for s in range(1, n_splits):  # in split order, whichever split sums: the same bits every time
                 acc += tl.load(partial_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            _add_and_store(
-                acc,
-                offs_m,
-                offs_n,
-                mask,
-                bias_ptr,
-                residual_ptr,
-                out_ptr,
-                stride_rm,
-                stride_om,
-                N,
-                HAS_BIAS,
-                HAS_RESIDUAL,
-            )
-    else:
-        _add_and_store(
-            acc, offs_m, offs_n, mask, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om, N, HAS_BIAS, HAS_RESIDUAL
-        )
-
-
-@triton.jit
-def _add_and_store(
-    acc,
-    offs_m,
-    offs_n,
-    mask,
-    bias_ptr,
-    residual_ptr,
-    out_ptr,
-    stride_rm,
-    stride_om,
-    N,
-    HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-):
-    """out tile = acc (+ bias) (+ residual), cast to out's dtype."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if finish:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_RESIDUAL:
+            acc += tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
