@@ -166,15 +166,17 @@ def test_split_k_sums_in_split_order_whoever_arrives_last_and_leaves_the_counter
     poisoned, monkeypatch
 ) -> None:
     """Split-K's sum is made by whichever split finishes its tile last (gemm.arrived_last), always in split order.
-    (M = 1, K = 4096, N = 96): 2 tiles of 4 splits of 1,024. The portable schedule's programs run in grid order, the
-    highest split last; on the persistent one, 3 programs walk the 8 items and tile 0's splits arrive 0, 3, 2, 1.
-    Each split's partial is exact (one nonzero product: 2^24, 1, 1, -2^24), their fp32 sum is not: in split order
-    ((2^24 + 1) + 1) - 2^24 rounds to 0 (2^24 + 1 ties to 2^24), in tile 0's arrival order it is 2. Every counter
-    is back at 0 after (a CUDA graph replays them with no reset)."""
+    (M = 1, K = 4096, N = 96): 2 tiles of 4 splits of 1,024. Under the interpreter the portable schedule's programs
+    run in grid order, the highest split last; on the persistent one 3 programs walk the 8 items and tile 0's
+    splits arrive 0, 3, 2, 1 (on a GPU, in any order). Each split's partial is exact (one nonzero product: 2^24, 1,
+    1, -2^24), their fp32 sum is not: in split order ((2^24 + 1) + 1) - 2^24 rounds to 0 (2^24 + 1 ties to 2^24), in
+    tile 0's interpreted arrival order it is 2. Every counter is back at 0 after (a CUDA graph replays them with no
+    reset)."""
     down = _spy_persistent(monkeypatch)[1]
     a, w = torch.ones(1, 4096), torch.zeros(96, 4096)
     for split, value in enumerate([2.0**24, 1.0, 1.0, -(2.0**24)]):
         w[:, split * 1024 + 5] = value
+    a, w = a.to(KERNEL_DEVICE), w.to(KERNEL_DEVICE)
     for persistent in (False, True):
         out = gemm.matmul_triton(a, w, torch.float32, persistent=persistent)
         assert out.tolist() == [[0.0] * 96], persistent
