@@ -47,7 +47,10 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def _quantize_rows(x: torch.Tensor, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
-    scale = xf.abs().amax(dim=1).div(FP8_MAX).clamp_min(min_scale)
+    # Divided by a tensor on x's device (filled there: no host copy, so CUDA-graph capturable): CUDA divides by a
+    # Python number as a product with its reciprocal, one bit off the true quotient for some amax; the Triton
+    # kernels' division is the true one, and so is the CPU's.
+    scale = xf.abs().amax(dim=1).div(xf.new_full((), FP8_MAX)).clamp_min(min_scale)
     scale = scale.masked_fill(scale.isinf(), float("nan"))  # an infinite row: NaN, as a NaN row's
     return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 

@@ -39,7 +39,9 @@ def test_backend_choice(monkeypatch) -> None:
         assert kernels.backend(cpu) == "torch"
     with kernel_backend("torch"):
         assert kernels.backend(meta) == "torch"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from tessera.kernels import hardware
+
+    monkeypatch.setattr(hardware, "INTERPRETING", True)  # CPU tensors launch (read at import, so set here)
     with kernel_backend("triton"):
         assert kernels.backend(cpu) == "triton"
         # Autograd needs the references: the Triton kernels have no backward (BLD and GKD train through here).
@@ -107,7 +109,8 @@ def test_launches_are_sized_for_the_gpu_they_run_on() -> None:
         assert not tma_ready(torch.zeros(16, 16))
     finally:
         hardware.compile_only(None)
-    assert hardware.gpu(cpu) == hardware.H200 and tma_ready(torch.zeros(16, 16))  # the interpreter emulates TMA
+    # CPU tensors take descriptors only where launches take them: the interpreter emulates TMA (not on a GPU machine).
+    assert hardware.gpu(cpu) == hardware.H200 and tma_ready(torch.zeros(16, 16)) == hardware.INTERPRETING
 
 
 def test_programmatic_dependent_launch_only_where_the_gpu_has_it(monkeypatch) -> None:
