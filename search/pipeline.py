@@ -65,10 +65,10 @@ from tessera.search.train import fixed_windows, random_windows
 
 MEASURE_ROUNDS = 5  # lockstep rounds of the parent with each child (search/cost.py)
 # Landing on a target speedup: the MIP's child is measured against the parent and the speedup asked of the cost
-# model corrected, until the measured speedup is within TARGET_TOLERANCE of the target or TARGET_SOLVES children
-# are measured.
+# model corrected, until the measured speedup is within TARGET_TOLERANCE of the target or TARGET_CHECKS children
+# are measured (each one MIP solve).
 TARGET_TOLERANCE = 0.02
-TARGET_SOLVES = 4
+TARGET_CHECKS = 4
 TARGET_ROUNDS = 5  # lockstep rounds of each check
 # What a run writes under `out` (RUN_MARKS first, before any training: a folder holding one is an earlier run).
 RUN_MARKS = ("cost.json", "bld", "results.json")
@@ -366,7 +366,7 @@ def land_on_target(
     the loop is closed: the child's speedup over the parent is measured in each scenario (one per table) and,
     while the slowest of them misses the target by more than TARGET_TOLERANCE, the speedup asked of the cost
     model in each scenario becomes the child's predicted one scaled by that scenario's miss (the cost model's
-    error on this child, taken to hold for the next) and the MIP is solved again: at most TARGET_SOLVES children
+    error on this child, taken to hold for the next) and the MIP is solved again: at most TARGET_CHECKS children
     measured, and the child nearest the target wins. A corrected budget that leads back to a child already
     measured ends the loop (the correction is going round in a circle)."""
     (solution,) = solve(library, "metrics.kl_div", bounds=bounds)
@@ -377,7 +377,7 @@ def land_on_target(
     checks: list[dict] = []
     best: tuple[float, list[BlockConfig], list[Bound]] | None = None
     asked = [target] * len(tables)
-    for attempt in range(TARGET_SOLVES):
+    for attempt in range(TARGET_CHECKS):
         predicted = [t.runtime_ms(arch.blocks) / t.runtime_ms(blocks) for t in tables]
         measured = measured_speedups(blocks)
         checks.append(
@@ -400,7 +400,7 @@ def land_on_target(
         miss = abs(min(measured) / target - 1)  # the slowest scenario is the one the target binds
         if best is None or miss < best[0]:
             best = (miss, blocks, bounds)
-        if miss <= TARGET_TOLERANCE or attempt == TARGET_SOLVES - 1:
+        if miss <= TARGET_TOLERANCE or attempt == TARGET_CHECKS - 1:
             break
         asked = [max(1.0, p * target / m) for p, m in zip(predicted, measured)]
         try:
