@@ -307,6 +307,8 @@ class Engine:
             )
         self.max_model_len = config.max_model_len or arch.max_position_embeddings
         self.device = model.embed_tokens.weight.device
+        if self.device.type == "cpu" and kernels.forced_backend() != "triton":  # F.linear reads the weights
+            model.lay_out_for_cpu()
         fp8_cache = config.kv_cache_dtype == "fp8"
         if fp8_cache:
             check_fp8(self.device, "kv_cache_dtype fp8")

@@ -24,6 +24,7 @@ from torch import nn
 
 from tessera import kernels
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, RopeConfig
+from tessera.kernels.cpu_layout import COMPUTE_DTYPES, fastest_layout
 from tessera.runtime.cache import UNCALIBRATED_KV_SCALE, PagedKVCache
 
 
@@ -364,6 +365,20 @@ class Model(nn.Module):
             self._fp8_matrices(kernels.quantize_weight)
             if self.lm_head_fp8 is None:
                 self._quantize_head(self.lm_head_weight)
+        return self
+
+    def lay_out_for_cpu(self) -> Model:
+        """Each projection matrix in a compute dtype, and the LM head, stored in the layout this CPU's BLAS
+        multiplies fastest (kernels/cpu_layout.py: the same shapes and values, other strides; a tied head lays out
+        the embedding it is). The engine calls it on the CPU, so what is served and what is timed run it. A no-op
+        on other devices. Returns self."""
+        if self.embed_tokens.weight.device.type != "cpu":
+            return self
+        matrices = [getattr(m, name) for m in self.modules() for name in getattr(m, "matrices", ())]
+        with torch.no_grad():
+            for p in [*matrices, self.lm_head_weight]:
+                if p.dtype in COMPUTE_DTYPES:
+                    p.data = fastest_layout(p.data)
         return self
 
     def _quantize_head(self, head: torch.Tensor) -> None:

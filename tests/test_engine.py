@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tessera.demo import PARENT_DIR
+from tessera.kernels import cpu_layout
 from tessera.runtime.cache import PagedKVCache
 from tessera.runtime.engine import CapacityError, DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.loader import load_model
@@ -44,17 +45,28 @@ def greedy_by_full_forward(model, prompt: list[int], n: int) -> list[int]:
     return tokens[len(prompt) :]
 
 
-@pytest.mark.parametrize("page_size", PAGE_SIZES)
-def test_paged_chunked_prefill_and_decode_match_transformers(llama_untied, monkeypatch, page_size) -> None:
+@pytest.mark.parametrize(
+    ("page_size", "transposed"),
+    [
+        *(pytest.param(*p.values, False, id=p.id) for p in PAGE_SIZES),
+        pytest.param(4, True, id="pages-transposed-weights"),
+    ],
+)
+def test_paged_chunked_prefill_and_decode_match_transformers(llama_untied, monkeypatch, page_size, transposed) -> None:
     """Every logits row the engine samples from equals transformers' logits at that position, for prompts
     prefilled in chunks of 7 tokens across steps while others decode (fp32, within 1e-5). Pages of 4 tokens
-    (gathered) and a whole-context page per request (read in place) alike."""
+    (gathered) and a whole-context page per request (read in place) alike; and with every matrix the engine lays
+    out (kernels/cpu_layout.py) stored transposed, as a CPU whose BLAS reads that layout faster gets them."""
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(llama_untied, dtype=torch.float32).eval()
     model = load_model(llama_untied)
+    if transposed:  # the test model's matrices are too small to be measured: force the choice
+        monkeypatch.setattr(cpu_layout, "transposed_is_faster", lambda *_: True)
     engine = Engine(model, config=EngineConfig(max_batch=3, max_step_tokens=7, page_size=page_size))
     assert engine.cache.page_size == (page_size or engine.max_model_len)
+    matrices = [getattr(m, n) for m in model.modules() for n in getattr(m, "matrices", ())]
+    assert all(cpu_layout.is_transposed(w) == transposed for w in [*matrices, model.lm_head_weight])
     recorded: list[torch.Tensor] = []
     logits = model.logits
     monkeypatch.setattr(model, "logits", lambda h: recorded.append(out := logits(h)) or out)
