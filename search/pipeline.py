@@ -60,7 +60,13 @@ from tessera.search.library import (
 )
 from tessera.search.mip import Bound, InfeasibleError, solve
 from tessera.search.ranks import ONE, Ranks, every_core
-from tessera.search.scoring import model_quality, reference_logprobs, score_library
+from tessera.search.scoring import (
+    FISHER_SAMPLES,
+    SCORING_METHODS,
+    model_quality,
+    reference_logprobs,
+    score_library,
+)
 from tessera.search.train import fixed_windows, random_windows
 
 MEASURE_ROUNDS = 5  # lockstep rounds of the parent with each child (search/cost.py)
@@ -115,6 +121,10 @@ class OptimizeConfig:
     gkd: GKDConfig = field(default_factory=GKDConfig)
     calibration_windows: int = 64  # training windows whose activations BLD learns from
     score_windows: int = 8  # held-out windows for replace-1-block scoring
+    # "exact" replace-1-block KL (V · L(L+1)/2 block forwards), or "fisher": its second-order estimate from
+    # V · L block forwards and fisher_samples backward passes of the parent (search/scoring.py)
+    scoring: str = "exact"
+    fisher_samples: int = FISHER_SAMPLES
     eval_windows: int = 32  # further held-out windows for the children's final quality
     seq_len: int = 256
     pareto_speedups: tuple[float, ...] = (1.25, 2.0)  # extra budgets solved for the curve
@@ -126,6 +136,12 @@ class OptimizeConfig:
     # float32 on CPU); training and scoring stay in float32 either way.
     timing_dtype: str | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORING_METHODS:
+            raise UserError(f"scoring must be one of {', '.join(SCORING_METHODS)}, got {self.scoring!r}")
+        if self.fisher_samples < 1:
+            raise UserError(f"fisher_samples must be >= 1, got {self.fisher_samples}")
 
 
 @dataclass
@@ -510,7 +526,16 @@ class Optimizer:
 
         t = self._start()
         score_acts = activations.record(self.parent, self.score_windows, progress=self.progress)
-        scores = score_library(self.parent, self.store, cfg.space, score_acts, self.progress, ranks=self.ranks)
+        scores = score_library(
+            self.parent,
+            self.store,
+            cfg.space,
+            score_acts,
+            self.progress,
+            ranks=self.ranks,
+            method=cfg.scoring,
+            samples=cfg.fisher_samples,
+        )
         del score_acts
         self._stage("replace-1-block scoring", t)
 

@@ -15,6 +15,15 @@ def _quality(q: dict, key: str) -> str:
     return f"{q[key]:.3f}" if key in q else "–"
 
 
+def _scoring(config: dict) -> str:
+    if config.get("scoring") == "fisher":
+        return (
+            f"Fisher estimates of their replace-1-block KL ({config['fisher_samples']} draws of the targets; "
+            "`--scoring fisher`)."
+        )
+    return "replace-1-block KL."
+
+
 def write_report(results: dict, library: Library, out: Path) -> Path:
     parent = results["children"][0]
     children = results["children"][1:]
@@ -33,7 +42,8 @@ def write_report(results: dict, library: Library, out: Path) -> Path:
         f"(their engines taking steps in turn, {results['measure_rounds']} rounds; the speedup is from each step's "
         "median over the rounds, which drops a step another process interrupted, the range from whole single "
         "rounds, so the speedup may lie outside it; the parent's ms is its median over the pairs). "
-        "KL = mean per-token KL(parent ‖ child).",
+        "KL = mean per-token KL(parent ‖ child). Σ block KL = the MIP's objective, the sum of the blocks' "
+        + _scoring(results.get("config", {})),
         "",
         "| child | measured ms | speedup (range) | "
         + "".join(f"speedup at {k} | " for k in also)

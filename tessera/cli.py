@@ -606,6 +606,8 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         fusion=FusionConfig(heal_steps=args.gkd_steps) if args.fuse else None,
         device=str(resolve_device(args.device)),
         timing_dtype=args.timing_dtype,
+        scoring=args.scoring,
+        fisher_samples=args.fisher_samples,
     )
     results = optimize(model, out, budget, cfg, corpus, fresh=args.fresh)
     if results is None:  # another rank than 0 of a sharded search (torchrun): rank 0 reports
@@ -976,6 +978,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bld-steps", type=positive_int, default=150, help="training steps per BLD variant")
     p.add_argument("--gkd-steps", type=nonnegative_int, default=100, help="GKD steps per child (0: none)")
+    p.add_argument(
+        "--scoring",
+        choices=["exact", "fisher"],
+        default="exact",
+        help="block scores: the exact replace-1-block KL (V·L(L+1)/2 block forwards), or its second-order Fisher "
+        "estimate (V·L block forwards and --fisher-samples backward passes of the parent: for deep parents)",
+    )
+    p.add_argument(
+        "--fisher-samples", type=positive_int, default=16, help="--scoring fisher: draws of the target tokens"
+    )
     p.add_argument(
         "--gkd-batch-size",
         type=positive_int,

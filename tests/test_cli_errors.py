@@ -200,6 +200,26 @@ def test_fresh_reaches_the_pipeline(monkeypatch, tmp_path, capsys):
     assert [fresh for _, fresh in calls] == [False, True]
 
 
+def test_scoring_reaches_the_pipeline_and_bad_values_are_refused(monkeypatch, tmp_path, capsys):
+    import tessera.search.pipeline
+
+    configs: list = []
+
+    def optimize(parent, out, budget, cfg, corpus, fresh=False):
+        configs.append(cfg)
+        return _fake_optimize([])(parent, out, budget, cfg, corpus, fresh)
+
+    monkeypatch.setattr(tessera.search.pipeline, "optimize", optimize)
+    run = str(tmp_path / "run")
+    assert run_cli(capsys, "optimize", "--out", run)[0] == 0
+    assert run_cli(capsys, "optimize", "--out", run, "--scoring", "fisher", "--fisher-samples", "8")[0] == 0
+    assert [(c.scoring, c.fisher_samples) for c in configs] == [("exact", 16), ("fisher", 8)]
+    code, _, err = run_cli(capsys, "optimize", "--out", run, "--scoring", "taylor")
+    assert code == 2 and "invalid choice: 'taylor'" in err
+    code, _, err = run_cli(capsys, "optimize", "--out", run, "--fisher-samples", "0")
+    assert code == 2 and "--fisher-samples" in err
+
+
 # 3. Numeric flags: each has a range, checked by argparse.
 
 

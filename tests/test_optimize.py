@@ -213,7 +213,8 @@ def test_budget_and_cli_errors(tiny_parent, tmp_path, capsys):
 def test_kv_head_budget_and_fusion_step_timed_in_bf16(tiny_parent, tmp_path, monkeypatch):
     """A KV-cache budget the parent's 2 + 2 heads exceed; `fusion` runs after the search and reports in report.md.
     Timed in bfloat16 (the default on CUDA): the cost table, the library's memory and every model the
-    children's lockstep times are bf16, while training stays fp32."""
+    children's lockstep times are bf16, while training stays fp32. Blocks scored by the Fisher estimate
+    (`--scoring fisher`), which the report says."""
     from dataclasses import replace
 
     from tessera.search.cost import block_memory_mib
@@ -222,7 +223,7 @@ def test_kv_head_budget_and_fusion_step_timed_in_bf16(tiny_parent, tmp_path, mon
     parent, corpus = tiny_parent
     out = tmp_path / "run"
     cfg = replace(tiny_config(), pareto_speedups=(), fusion=FusionConfig(heal_steps=1, seq_len=32))
-    cfg = replace(cfg, timing_dtype="bfloat16")
+    cfg = replace(cfg, timing_dtype="bfloat16", scoring="fisher", fisher_samples=4)
     timed_dtypes, lockstep = set(), pipeline.lockstep
 
     def spy(models, *args, **kwargs):
@@ -245,6 +246,8 @@ def test_kv_head_budget_and_fusion_step_timed_in_bf16(tiny_parent, tmp_path, mon
         "runtime_scenario": cfg.scenario.key,
     }
     assert "timed in bfloat16" in (out / "report.md").read_text()
+    assert "Fisher estimates of their replace-1-block KL (4 draws" in (out / "report.md").read_text()
+    assert results["config"]["scoring"] == "fisher" and entry["metrics"]["kl_div"] > 0
     child = load_model(out / "child").arch
     assert sum(b.attention.n_kv_heads or 0 for b in child.blocks) <= 1
     fusion = results["fusion"]
