@@ -52,9 +52,10 @@ def parent_arch(layers: int, shape: dict = LLAMA_3_2_1B) -> ArchConfig:
     )
 
 
-def config(device: torch.device) -> OptimizeConfig:
+def config(device: torch.device, scoring: str = "exact") -> OptimizeConfig:
     """Tiny token budgets: every stage runs its full loop over layers and variants, on a few short windows."""
     return OptimizeConfig(
+        scoring=scoring,
         scenario=Scenario(batch=1, prompt_len=16, gen_len=8),
         bld=BLDConfig(steps=2, batch_windows=1, eval_windows=1),
         gkd=GKDConfig(steps=2, batch_size=1, seq_len=64),
@@ -68,16 +69,30 @@ def config(device: torch.device) -> OptimizeConfig:
     )
 
 
-def work_units(arch: ArchConfig, space: SearchSpace, children: int, checks: int, solves: int) -> dict[str, float]:
+def work_units(
+    arch: ArchConfig,
+    space: SearchSpace,
+    children: int,
+    checks: int,
+    solves: int,
+    fisher_samples: int | None = None,
+) -> dict[str, float]:
     """What each stage repeats, counted in blocks (a block run once over the stage's tokens), so counts compare
-    across depths: the variants of layer 0 stand for every layer's (the parent's layers are alike)."""
+    across depths: the variants of layer 0 stand for every layer's (the parent's layers are alike). Scoring:
+    exact, the swapped block and the layers after it for every pair; by the Fisher estimate (`fisher_samples`
+    draws), every variant once, and the parent's forward and its samples + 1 backward passes, a backward counted
+    as two blocks a layer."""
     n = arch.n_layers
     variants = [len(space.block_variants(arch, i)) for i in range(n)]
     trained = [len(space.attention_variants(arch, i)) + len(space.ffn_variants(arch, i)) - 2 for i in range(n)]
+    if fisher_samples is None:
+        scoring = sum(v * (n - i) for i, v in enumerate(variants))
+    else:
+        scoring = sum(variants) + n * (1 + 2 * (fisher_samples + 1))
     return {
         "cost model": variants[0] * 4 + checks * n,  # a 4-block stack per distinct variant, n blocks per check
         "blockwise local distillation": sum(trained),  # sublayers trained, each for its steps
-        "replace-1-block scoring": sum(v * (n - i) for i, v in enumerate(variants)),  # the swapped + later layers
+        "replace-1-block scoring": scoring,
         "landing on the target speedup": solves * 2 * n,  # parent and child, per solve
         "assembly, GKD and evaluation": children * n,
         "end-to-end latency": children * 2 * n,  # each child with the parent, in a lockstep of the two
@@ -95,6 +110,7 @@ def run(
     depths: tuple[int, ...] = (4, 8, 16),
     shape: dict = LLAMA_3_2_1B,
     on_depth: Callable[[dict], None] | None = None,
+    scoring: str = "exact",
 ) -> dict:
     """The search at each depth of `shape`; training in float32, timing in the serving precision (bf16 on
     CUDA: OptimizeConfig.timing_dtype). `on_depth` gets the result so far after each depth (a run cut short by
@@ -108,11 +124,12 @@ def run(
             model = Model.empty(arch, device, torch.float32).init_weights(seed=0)
             parent = save_model(model, Path(tmp) / "parent", tokenizer_from=PARENT_DIR)
             del model
-            cfg = config(device)
+            cfg = config(device, scoring)
             results = optimize(parent, Path(tmp) / "run", Budget(target_speedup=1.5), cfg, CORPUS_DIR, fresh=True)
         children = len({tuple(c["blocks"]) for c in results["children"][1:]})
         solves = len(results["target_rounds"])
-        units = work_units(arch, space, children, 1 + cfg.validate_architectures, solves)
+        samples = cfg.fisher_samples if scoring == "fisher" else None
+        units = work_units(arch, space, children, 1 + cfg.validate_architectures, solves, samples)
         rows.append(
             {
                 "layers": layers,
@@ -126,21 +143,23 @@ def run(
             }
         )
         if on_depth is not None:
-            on_depth(_result(device, shape, space, rows))
-    return _result(device, shape, space, rows)
+            on_depth(_result(device, shape, space, rows, scoring))
+    return _result(device, shape, space, rows, scoring)
 
 
-def _result(device: torch.device, shape: dict, space: SearchSpace, rows: list[dict]) -> dict:
+def _result(device: torch.device, shape: dict, space: SearchSpace, rows: list[dict], scoring: str) -> dict:
     """The rows so far, with the Llama-70B extrapolation from the deepest."""
     deepest = rows[-1]
     big = parent_arch(LLAMA_70B_LAYERS, LLAMA_70B)
-    checks = 1 + config(device).validate_architectures
-    units_70b = work_units(big, space, deepest["children"], checks, deepest["solves"])
+    cfg = config(device, scoring)
+    samples = cfg.fisher_samples if scoring == "fisher" else None
+    units_70b = work_units(big, space, deepest["children"], 1 + cfg.validate_architectures, deepest["solves"], samples)
     scale = block_params(LLAMA_70B) / block_params(shape)
     prediction = {k: deepest["seconds_per_unit"][k] * u * scale for k, u in units_70b.items()}
     return {
         "shape": shape,
         "config": "tiny token budgets (bench_search_scale.config)",
+        "scoring": scoring,
         "rows": list(rows),
         "llama_70b": {"work_units": units_70b, "block_size_ratio": scale, "predicted_seconds": prediction},
     }

@@ -121,22 +121,29 @@ def run_serving(device: torch.device, out: Path | None = None, **kwargs) -> Path
 
 
 def run_search_scale(
-    device: torch.device, out: Path | None = None, depths: tuple[int, ...] = (4, 8, 16), shape: str = "llama-3.2-1b"
+    device: torch.device,
+    out: Path | None = None,
+    depths: tuple[int, ...] = (4, 8, 16),
+    shape: str = "llama-3.2-1b",
+    scoring: str = "exact",
 ) -> Path:
     """`tessera optimize` on random parents of a Llama shape (bench_search_scale.SHAPES) at several depths: each
-    stage's seconds and peak memory, the work it repeats, and a Llama-70B extrapolation (bench_search_scale)."""
+    stage's seconds and peak memory, the work it repeats, and a Llama-70B extrapolation (bench_search_scale);
+    blocks scored by `scoring` ("exact" or "fisher")."""
     env = environment(device)
     suffix = "" if shape == "llama-3.2-1b" else f"_{shape}"  # the 1B shape's results keep their name
+    suffix += "" if scoring == "exact" else f"_{scoring}"
 
     def write(result: dict) -> Path:
         md = (
             f"`tessera optimize` at the {shape} shape on {env['device']} (commit {env['commit']}, {env['date']}, "
-            f"torch {env['torch']}); seconds and peak memory per stage, tiny token budgets\n\n"
+            f"torch {env['torch']}); seconds and peak memory per stage, tiny token budgets, {scoring} scoring\n\n"
             + bench_search_scale.table(result)
         )
         return write_results(results_name(device, f"search_scale{suffix}"), {**env, **result}, md, out)
 
-    return write(bench_search_scale.run(device, depths, bench_search_scale.SHAPES[shape], on_depth=write))
+    shape_dims = bench_search_scale.SHAPES[shape]
+    return write(bench_search_scale.run(device, depths, shape_dims, on_depth=write, scoring=scoring))
 
 
 def run_cost_model(device: torch.device, out: Path | None = None) -> Path:

@@ -391,7 +391,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     elif args.what == "parallel":
         paths = [run.run_parallel(device, out=results)]
     elif args.what == "search-scale":
-        paths = [run.run_search_scale(device, out=results, depths=args.depths, shape=args.shape)]
+        paths = [run.run_search_scale(device, out=results, depths=args.depths, shape=args.shape, scoring=args.scoring)]
     elif args.what == "cost-model":
         paths = [run.run_cost_model(device, out=results)]
     elif args.what == "model":
@@ -848,6 +848,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="llama-3.2-1b",
         choices=["llama-3.2-1b", "llama-3.1-8b"],
         help="search-scale: the parent's block (hidden size, heads, FFN width) (default: llama-3.2-1b)",
+    )
+    p.add_argument(
+        "--scoring",
+        default="exact",
+        choices=["exact", "fisher"],
+        help="search-scale: how blocks are scored (tessera optimize --scoring)",
     )
     p.add_argument("--suite", action="append", choices=["norm", "ffn", "attention"], help="kernels: repeatable")
     p.add_argument(

@@ -137,6 +137,20 @@ def test_search_scale_counts_each_stages_work(results_dir) -> None:
     assert "| replace-1-block scoring |" in scale.table(result)
 
 
+def test_search_scale_counts_fisher_scoring_in_layers_times_variants() -> None:
+    """By the Fisher estimate scoring runs every variant once and the parent's forward and samples + 1 backward
+    passes (two blocks a layer each): linear in depth where the exact scores grow with its square."""
+    from tessera.benchmarks import bench_search_scale as scale
+    from tessera.search.library import SearchSpace
+
+    space = SearchSpace()
+    for layers in (8, 80):
+        arch = scale.parent_arch(layers, scale.LLAMA_70B)
+        exact = scale.work_units(arch, space, 1, 3, 1)["replace-1-block scoring"]
+        fisher = scale.work_units(arch, space, 1, 3, 1, fisher_samples=16)["replace-1-block scoring"]
+        assert exact == 42 * layers * (layers + 1) // 2 and fisher == 42 * layers + layers * (1 + 2 * 17)
+
+
 def test_cost_model_bench_checks_the_prediction_on_random_architectures(results_dir, monkeypatch) -> None:
     """`bench cost-model` on the CPU (a short scenario): the demo parent calibrated in float32, checked on itself
     and CHECKS random architectures; each row's error is (predicted - measured) / measured and the summary is
