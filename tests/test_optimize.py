@@ -130,6 +130,17 @@ def test_optimize_writes_child_library_costs_report(tiny_parent, tmp_path, capsy
     assert "## Cost model" in report and "mean absolute error" in report and "speedup at b1_p16_g8" in report
     # Landing on the target: every check is reported, in both scenarios.
     assert results["target_rounds"] and results["target_rounds"][0]["also"][0]["scenario"] == "b1_p16_g8"
+    # The Fisher estimate compared with this run's exact scores (benchmarks/compare_scoring.py) reads the run back.
+    from tessera.benchmarks.compare_scoring import compare, table
+
+    compared = compare(out, [8], corpus)
+    exact, fisher = compared["rows"]
+    assert exact["seconds"] == results["stage_seconds"]["replace-1-block scoring"]
+    assert compared["pairs"] == sum(len(v) for v in library.values()) and -1 <= fisher["spearman"] <= 1
+    for row in (exact, fisher):
+        assert [c["speedup"] for c in row["children"]] == [1.25, 1.5, 2.0]
+        assert all(c["kl_div"] >= 0 and len(c["blocks"]) == 2 for c in row["children"])
+    assert "| fisher, 8 samples |" in table(compared)
 
 
 def test_infeasible_budget_fails_before_training(tiny_parent, tmp_path):
