@@ -10,7 +10,8 @@ which every torch op (and autograd) takes as they are.
 Which layout wins depends on the shape, the dtype, the BLAS, the CPU and the thread count, so it is measured,
 once per process for each of them (about 40 ms a shape): both layouts over a pool of copies larger than most
 caches (as a decode step streams its weights), at 1 and 8 rows, interleaved, each the best of REPEATS passes;
-the transposed layout must win by MARGIN. Matrices under MIN_ELEMENTS stay as they are: they live in the caches,
+the transposed layout must win by MARGIN (a matrix larger than half the pool, a large vocabulary's head, on its
+first rows). Matrices under MIN_ELEMENTS stay as they are: they live in the caches,
 where the two layouts tie (the tests' tiny models among them).
 """
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 POOL_BYTES = 32 * 2**20
 MIN_ELEMENTS = 2**16
+MIN_ROWS = 256  # the fewest rows a matrix is measured on (a larger one on its first rows: transposed_is_faster)
 ROWS = (1, 8)  # decode steps: batch 1 and a small batch (at hundreds of rows the layouts tie)
 REPEATS = 3
 MARGIN = 0.05
@@ -41,8 +43,12 @@ def transposed_is_faster(n: int, k: int, dtype: torch.dtype, threads: int) -> bo
     `threads` torch threads (the current count: the cache key says which it was measured at)."""
     if n * k < MIN_ELEMENTS:
         return False
+    item = torch.empty((), dtype=dtype).element_size()
+    # A matrix past half the pool (a large vocabulary's head) is measured on its first rows: a slice as large as
+    # the caches reads as the whole does, and the pool never holds two copies of a gigabyte matrix.
+    n = min(n, max(MIN_ROWS, POOL_BYTES // (2 * k * item)))
     elements = n * k
-    copies = max(2, POOL_BYTES // (elements * torch.empty((), dtype=dtype).element_size()))
+    copies = max(2, POOL_BYTES // (elements * item))
     pool = torch.full((copies, elements), 0.5, dtype=dtype)  # a constant: no denormals, no NaNs to slow it
     layouts = {
         False: [pool[i].view(n, k) for i in range(copies)],

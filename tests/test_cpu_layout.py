@@ -30,13 +30,16 @@ def fresh_decisions():
     transposed_is_faster.cache_clear()
 
 
-def fake_timing(monkeypatch, row_major_s: float, transposed_s: float) -> list[int]:
-    """F.linear costs row_major_s or transposed_s on a fake clock; returns the row counts it was called with."""
+def fake_timing(monkeypatch, row_major_s: float, transposed_s: float, shapes: list | None = None) -> list[int]:
+    """F.linear costs row_major_s or transposed_s on a fake clock; returns the row counts it was called with (and
+    puts the weights' shapes in `shapes`)."""
     clock, rows = [0.0], []
 
     def linear(x: torch.Tensor, w: torch.Tensor) -> None:
         clock[0] += transposed_s if is_transposed(w) else row_major_s
         rows.append(x.shape[0])
+        if shapes is not None:
+            shapes.append(tuple(w.shape))
 
     monkeypatch.setattr(cpu_layout.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(cpu_layout.F, "linear", linear)
@@ -59,6 +62,14 @@ def test_the_measured_faster_layout_is_chosen(monkeypatch, row_major_s, transpos
     assert sorted(set(rows)) == list(cpu_layout.ROWS)  # a decode step of one row and a small batch
     # Each layout: a warm-up pass and REPEATS timed ones at each row count, two copies a pass.
     assert len(rows) == 2 * 2 * (cpu_layout.REPEATS + 1) * len(cpu_layout.ROWS)
+
+
+def test_a_huge_matrix_is_measured_on_its_first_rows(monkeypatch) -> None:
+    """A 10⁹-element head is decided from MIN_ROWS of its rows (POOL_BYTES is 1 here), never copied whole."""
+    shapes: list = []
+    fake_timing(monkeypatch, 2.0, 1.0, shapes)
+    assert transposed_is_faster(2**20, 1024, torch.float32, 2)
+    assert set(shapes) == {(cpu_layout.MIN_ROWS, 1024)}
 
 
 def test_small_matrices_are_left_alone_without_timing(monkeypatch) -> None:
