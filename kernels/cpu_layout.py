@@ -8,11 +8,11 @@ while W [256, 768] ran faster row-major. Shapes, values and results stay the sam
 which every torch op (and autograd) takes as they are.
 
 Which layout wins depends on the shape, the dtype, the BLAS, the CPU and the thread count, so it is measured,
-once per process for each of them (about 40 ms a shape): both layouts over a pool of copies larger than most
-caches (as a decode step streams its weights), at 1 and 8 rows, interleaved, each the best of REPEATS passes;
-the transposed layout must win by MARGIN (a matrix larger than half the pool, a large vocabulary's head, on its
-first rows). Matrices under MIN_ELEMENTS stay as they are: they live in the caches,
-where the two layouts tie (the tests' tiny models among them).
+once per process for each of them (about 75 ms a shape on that VM): both layouts over a pool of copies as large
+as its L3 cache (a decode step streams its weights), at 1 and 8 rows, interleaved, each the best of REPEATS
+passes; the transposed layout must win by MARGIN. A matrix larger than half the pool (a large vocabulary's head)
+is measured on its first rows. Matrices under MIN_ELEMENTS stay as they are: they live in the caches, where the
+two layouts tie (the tests' tiny models among them).
 """
 
 from __future__ import annotations
