@@ -29,11 +29,10 @@ from tessera.search.assemble import assemble_child
 from tessera.search.bld import SublayerStore
 from tessera.search.cost import CostTable
 from tessera.search.data import load_parent
-from tessera.search.library import SearchSpace, block_from_name, read_library
-from tessera.search.mip import Bound, solve
-from tessera.search.pipeline import OptimizeConfig
+from tessera.search.library import SearchSpace, choices_to_blocks, read_library
+from tessera.search.mip import solve
+from tessera.search.pipeline import Budget, OptimizeConfig, held_out_windows, speedup_bounds
 from tessera.search.scoring import model_quality, reference_logprobs, score_library
-from tessera.search.train import fixed_windows
 
 from .harness import environment, results_dir, results_name, write_results
 
@@ -49,16 +48,15 @@ def compare(run: Path, samples: list[int], corpus: Path | None = None) -> dict:
 
     loaded = load_parent(results["parent"], corpus or CORPUS_DIR, torch.device("cpu"))
     parent = loaded.model
-    defaults = OptimizeConfig()
-    n_score, n_eval = config.get("score_windows", defaults.score_windows), config["eval_windows"]
-    held_out = fixed_windows(loaded.val_ids, config["seq_len"], n_score + n_eval)
-    score_windows, eval_windows = held_out[:n_score], held_out[n_score:]
+    windows = OptimizeConfig(
+        score_windows=config["score_windows"], eval_windows=config["eval_windows"], seq_len=config["seq_len"]
+    )
+    score_windows, eval_windows = held_out_windows(loaded.val_ids, windows, corpus or CORPUS_DIR)
     space = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["space"].items()})
     store, library = SublayerStore(run / "bld"), read_library(run / "library.json")
     table = CostTable.from_json(json.loads((run / "cost.json").read_text()))
     acts = activations.record(parent, score_windows, progress=False)
     ref = reference_logprobs(parent, eval_windows)
-    parent_ms = table.runtime_ms(list(parent.arch.blocks))
 
     def children(kl: dict[tuple[str, str], float]) -> list[dict]:
         lib = copy.deepcopy(library)
@@ -66,9 +64,9 @@ def compare(run: Path, samples: list[int], corpus: Path | None = None) -> dict:
             lib[layer][name]["metrics"]["kl_div"] = value
         out = []
         for speedup in SPEEDUPS:
-            bound = Bound("stats.runtime_ms", upper=parent_ms / speedup - table.non_block_ms)
-            (solution,) = solve(lib, "metrics.kl_div", bounds=[bound])
-            blocks = [block_from_name(solution.choices[f"layer_{i}"]) for i in range(parent.arch.n_layers)]
+            bounds = speedup_bounds(Budget(target_speedup=speedup), [table], parent.arch, lib)  # the run's own
+            (solution,) = solve(lib, "metrics.kl_div", bounds=bounds)
+            blocks = choices_to_blocks(lib, solution.choices)
             quality = model_quality(assemble_child(parent, store, blocks), eval_windows, ref)
             out.append({"speedup": speedup, "blocks": [b.name for b in blocks], "kl_div": quality["kl_div"]})
         return out

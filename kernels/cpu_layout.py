@@ -54,6 +54,8 @@ def transposed_is_faster(n: int, k: int, dtype: torch.dtype, threads: int) -> bo
         False: [pool[i].view(n, k) for i in range(copies)],
         True: [pool[i].view(k, n).t() for i in range(copies)],
     }
+    # Timed here rather than by devices.median_ms, which times one function for at least 0.3 s: the two layouts
+    # alternate pass by pass (a machine's drift meets both alike) and a shape costs ~75 ms.
     best = {False: 0.0, True: 0.0}
     with torch.inference_mode():
         for rows in ROWS:

@@ -307,7 +307,7 @@ class Engine:
             )
         self.max_model_len = config.max_model_len or arch.max_position_embeddings
         self.device = model.embed_tokens.weight.device
-        if self.device.type == "cpu" and kernels.forced_backend() != "triton":  # F.linear reads the weights
+        if kernels.forced_backend() != "triton":  # on the CPU, where F.linear reads the weights (a no-op elsewhere)
             model.lay_out_for_cpu()
         fp8_cache = config.kv_cache_dtype == "fp8"
         if fp8_cache:

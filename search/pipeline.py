@@ -144,6 +144,18 @@ class OptimizeConfig:
             raise UserError(f"fisher_samples must be >= 1, got {self.fisher_samples}")
 
 
+def held_out_windows(val_ids: np.ndarray, cfg: OptimizeConfig, corpus: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split's windows a run scores blocks on (the first `score_windows`) and evaluates children
+    on (the `eval_windows` after them)."""
+    held_out = fixed_windows(val_ids, cfg.seq_len, cfg.score_windows + cfg.eval_windows)
+    if held_out.shape[0] < cfg.score_windows + cfg.eval_windows:
+        raise UserError(
+            f"{corpus}: the validation split has {held_out.shape[0]} windows of {cfg.seq_len} tokens; "
+            f"scoring and evaluation need {cfg.score_windows + cfg.eval_windows}"
+        )
+    return held_out[: cfg.score_windows], held_out[cfg.score_windows :]
+
+
 @dataclass
 class Child:
     label: str
@@ -460,13 +472,7 @@ class Optimizer:
         for scenario in (cfg.scenario, *cfg.also_scenarios):
             scenario.check_context(self.parent.arch)
         self.also_tables: list[CostTable] = []
-        held_out = fixed_windows(loaded.val_ids, cfg.seq_len, cfg.score_windows + cfg.eval_windows)
-        if held_out.shape[0] < cfg.score_windows + cfg.eval_windows:
-            raise UserError(
-                f"{corpus}: the validation split has {held_out.shape[0]} windows of {cfg.seq_len} tokens; "
-                f"scoring and evaluation need {cfg.score_windows + cfg.eval_windows}"
-            )
-        self.score_windows, self.eval_windows = held_out[: cfg.score_windows], held_out[cfg.score_windows :]
+        self.score_windows, self.eval_windows = held_out_windows(loaded.val_ids, cfg, corpus)
         self.calibration = next(random_windows(self.train_ids, cfg.calibration_windows, cfg.seq_len, cfg.seed))
         self.timed_parent = None  # the parent in timing_dtype, made when first timed
         self.timings: dict[str, float] = {}
