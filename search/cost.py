@@ -15,11 +15,28 @@ step's time is the median over the rounds, which
 drops a step that another process interrupted; a generation's latency is the sum of its steps.
 
 Blocks are timed as stacks of STACK_COPIES copies with distinct random weights, next to a stack of as many
-no-op blocks, in one lockstep: a block costs (its stack − the no-op stack) / STACK_COPIES, and the no-op
-stack's own latency is what is not a block (embedding, LM head, sampling, scheduling). Predicted latency =
-non-block + Σ blocks (Puzzle's additivity assumption). All the models in a lockstep share one embedding and
-LM head (so memory holds one copy); every model is stepped after a different one, so none finds its weights
-still in cache, as none of a real model's layers does.
+no-op blocks, in one lockstep: a block costs (its stack − the no-op stack) / STACK_COPIES. Every stack, the no-op
+one too, ends in one more block, the same for all: the parent's most common block (`context_block`). A model's
+first layer of a kind carries costs that its later layers share, once a step (the step's KV block tables and
+attention metadata for the first GQA layer; on the AMD EPYC VM, with the demo's shapes, a model of one GQA layer
+took 16-17 ms a generation more than one layer's share of a stack of eight, one of an FFN-only layer 8 ms). A
+stack timed against nothing but no-op blocks spread them over its copies, a quarter on each, so the prediction
+came out 1.5-4.1 % high for the demo parent (eight GQA layers: the shared cost counted twice) and up to 5 % low
+for architectures with few such layers. Beside the context block every timed model pays them once and they
+cancel. What is not a block (embedding, LM head, sampling, scheduling, and those shared costs) is the no-op
+stack's latency less the context block's own share. So an architecture with no layer of the context block's
+kinds at all (no GQA layer, say) is predicted high by what it does not pay: the linear MIP cannot price a
+cost paid once if any layer has it, and no child the demo's budgets reach lacks them. Predicted latency = non-block + Σ blocks (Puzzle's
+additivity assumption). All the models in a lockstep share one embedding and LM head (so memory holds one copy).
+
+A timed step can start from a cold cache (`scrub`, off by default: `devices.cache_scrubber` streams twice the
+last-level cache through it just before the clock starts). Without it a step's time depends on the model stepped
+before it where the models are about the size of the cache: on the 2-core AMD EPYC VM (32 MiB L3) a one-layer
+model of the demo's width took 97.7 ms a generation right after the 8-layer parent and 81.8 ms right after the
+no-op stack. A model far larger than the cache (any real LLM, on any device) starts every step cold either way.
+For the demo the scrub narrowed the scatter of the prediction's error from one calibration to the next, but made
+each calibration about 20 % slower, and it times a small model as one that never finds itself in cache, which
+such a model served alone does; `tessera bench cost-model` measures both on the CPU (docs/optimize.md).
 
 The model checks itself: whole architectures (the parent and random ones drawn from the library) run in the
 same lockstep as the stacks, and their measured latencies are compared with the predictions. In the same
@@ -35,6 +52,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -42,7 +60,7 @@ import torch
 from tqdm import tqdm
 
 from tessera.config import EMPTY_BLOCK, ArchConfig, BlockConfig, activation_dtype, dtype_bytes
-from tessera.devices import available_memory, device_name, dtype_name, synchronize
+from tessera.devices import available_memory, cache_scrubber, device_name, dtype_name, synchronize
 from tessera.errors import UserError
 from tessera.kernels import FP8
 from tessera.runtime.cache import kept_tokens
@@ -117,10 +135,15 @@ def _prompts(arch: ArchConfig, scenario: Scenario) -> list[list[int]]:
 
 @torch.inference_mode()
 def lockstep(
-    models: Sequence[Model], scenario: Scenario, rounds: int = CALIBRATION_ROUNDS, desc: str | None = None
+    models: Sequence[Model],
+    scenario: Scenario,
+    rounds: int = CALIBRATION_ROUNDS,
+    desc: str | None = None,
+    scrub: bool = False,
 ) -> list[Timing]:
     """Time one generation of `scenario` by each model, the engines stepping in turn (module docstring): one
-    untimed round (allocation, first calls), then `rounds` timed ones. A tqdm bar over the rounds when `desc`."""
+    untimed round (allocation, first calls), then `rounds` timed ones, each step after a cache scrub when
+    `scrub` (module docstring). A tqdm bar over the rounds when `desc`."""
     if not models or rounds < 1:
         raise ValueError("lockstep needs at least one model and one round")
     arch = models[0].arch
@@ -131,6 +154,7 @@ def lockstep(
     engines = [Engine(model, None, config) for model in models]
     prompts = _prompts(arch, scenario)
     params = SamplingParams(max_new_tokens=scenario.gen_len, ignore_eos=True)
+    scrub_cache = cache_scrubber(device) if scrub else None
     samples: list[list[list[float]]] = [[] for _ in engines]  # engine -> round -> step ms
     prefill_steps = [0] * len(engines)
     for r in tqdm(range(rounds + 1), desc=desc, disable=desc is None, dynamic_ncols=True, leave=False):
@@ -144,6 +168,9 @@ def lockstep(
                 engine = engines[i]
                 if r == 0 and (engine.waiting or any(q.computed < q.prompt_len for q in engine.running)):
                     prefill_steps[i] += 1  # the schedule is the same every round: counted once
+                if r > 0 and scrub_cache is not None:  # the warm-up round is not timed: no scrub
+                    scrub_cache()
+                    synchronize(device)
                 begin = time.perf_counter()
                 engine.step()
                 synchronize(device)
@@ -232,6 +259,13 @@ class CostTable:
         return cls(**{**data, "scenario": Scenario(**data["scenario"])})
 
 
+def context_block(arch: ArchConfig) -> BlockConfig | None:
+    """The block every timed stack runs beside (module docstring): the parent's most common block that is not a
+    no-op, the first of equals; None for a parent of no-op blocks only."""
+    counts = Counter(b for b in arch.blocks if not b.is_empty)
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
 def _spread(rounds: Sequence[float]) -> float:
     """(max − min) / median of a model's per-round latencies."""
     return (max(rounds) - min(rounds)) / statistics.median(rounds)
@@ -246,26 +280,32 @@ def calibrate(
     validate: Sequence[Sequence[BlockConfig]] = (),
     rounds: int = CALIBRATION_ROUNDS,
     progress: bool = True,
+    scrub: bool = False,
 ) -> CostTable:
-    """Time every distinct block in `blocks` as a stack, and the no-op stack, in one lockstep (module
-    docstring); the architectures in `validate` run in the same lockstep and are compared with the prediction
-    (`CostTable.validation`)."""
+    """Time every distinct block in `blocks` as a stack beside `arch`'s context block, and the no-op stack
+    beside it, in one lockstep (module docstring); the architectures in `validate` run in the same lockstep and
+    are compared with the prediction (`CostTable.validation`). `scrub`: as `lockstep`'s."""
     scenario.check_context(arch)
     distinct = list(dict.fromkeys(blocks))
     timed = [b for b in distinct if not b.is_empty]  # a no-op block costs nothing, by definition
     if not timed:
         raise UserError("every block is a no-op: there is nothing to time")
-    stacks = [[block] * STACK_COPIES for block in [EMPTY_BLOCK, *timed]]
-    timings = _lockstep_in_groups(arch, [*stacks, *validate], scenario, device, dtype, rounds, progress)
+    context = context_block(arch)
+    if context is not None and context not in timed:
+        timed.append(context)  # its share comes off the no-op stack's time
+    beside = [] if context is None else [context]
+    stacks = [[block] * STACK_COPIES + beside for block in [EMPTY_BLOCK, *timed]]
+    timings = _lockstep_in_groups(arch, [*stacks, *validate], scenario, device, dtype, rounds, progress, scrub)
     around, by_block = timings[0], dict(zip(timed, timings[1 : len(stacks)]))
+    shares = {b: _block_entry(by_block.get(b), around) for b in [*distinct, *beside]}
 
     table = CostTable(
         device=device_name(device),
         dtype=dtype_name(dtype),
         scenario=scenario,
-        non_block_ms=around.latency_ms,
+        non_block_ms=around.latency_ms - (shares[context]["runtime_ms"] if context is not None else 0.0),
         non_block_memory_mib=non_block_memory_mib(arch, dtype),
-        blocks={b.name: _block_entry(by_block.get(b), around) for b in distinct},
+        blocks={b.name: shares[b] for b in distinct},
     )
     if validate:
         table.validation = _validation(table, validate, timings[len(stacks) :], rounds)
@@ -280,6 +320,7 @@ def _lockstep_in_groups(
     dtype: torch.dtype,
     rounds: int,
     progress: bool,
+    scrub: bool,
 ) -> list[Timing]:
     """`lockstep` of a model per architecture, as many at a time as half the free memory holds (all of them,
     for the demo; a 16-layer parent of hidden 2048 needs several groups). The first architecture (the no-op
@@ -294,7 +335,7 @@ def _lockstep_in_groups(
             else "timing blocks" + (f" (group {k + 1} of {len(groups)})" if len(groups) > 1 else "")
         )
         models = timing_models(arch, [architectures[i] for i in group], device, dtype)
-        measured = lockstep(models, scenario, rounds, desc=desc)
+        measured = lockstep(models, scenario, rounds, desc=desc, scrub=scrub)
         del models
         factor = 1.0 if timings[0] is None else timings[0].latency_ms / measured[0].latency_ms
         for i, t in zip(group, measured):

@@ -1,6 +1,7 @@
 """Device and dtype helpers, one home for each: a `--device` flag as a torch.device, a device's name as results
 and cost tables record it, a torch dtype's name as config.json ("torch_dtype"), cost tables and results spell
-it (and back from a `--dtype` flag), and the wall-clock timer the cost model and the CPU benchmarks share.
+it (and back from a `--dtype` flag), the wall-clock timer the cost model and the CPU benchmarks share, and the
+cache scrub that the cost model's timings start from.
 
 Bytes per dtype name belong to the cost formulas: `tessera.config.dtype_bytes`.
 """
@@ -127,6 +128,43 @@ def median_ms(fn: Callable[[], object], device: torch.device, min_reps: int = 5,
         if len(times) >= 200:
             break
     return statistics.median(times)
+
+
+SYSFS_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+FALLBACK_CACHE_BYTES = 32 * 2**20  # where the CPU's caches cannot be read: a server's last level is ~32 MiB
+MAX_SCRUB_BYTES = 512 * 2**20
+
+
+def last_level_cache_bytes(device: torch.device, caches: Path = SYSFS_CACHES) -> int:
+    """The largest cache the device's data passes through: the GPU's L2, or the CPU's last level as Linux lists
+    it under `caches` (index*/level and size, "32768K"); FALLBACK_CACHE_BYTES where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    best = (0, 0)  # (level, bytes)
+    for index in caches.glob("index*"):
+        try:
+            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        try:
+            size_bytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except ValueError:
+            continue
+        best = max(best, (level, size_bytes))
+    return best[1] or FALLBACK_CACHE_BYTES
+
+
+def cache_scrubber(device: torch.device, caches: Path = SYSFS_CACHES) -> Callable[[], object]:
+    """A call that evicts what earlier work left in the device's last-level cache, by streaming twice its size
+    (at most MAX_SCRUB_BYTES) through it: the GPU by writing (as `triton.testing.do_bench` clears L2), the CPU
+    by reading (every thread's share passes through its own core's caches too). Timings taken after it start
+    from a cold cache whatever ran before them."""
+    size = min(2 * last_level_cache_bytes(device, caches), MAX_SCRUB_BYTES)
+    buffer = torch.ones(size // 4, dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        return buffer.zero_
+    return buffer.sum
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -154,21 +154,25 @@ def test_search_scale_counts_fisher_scoring_in_layers_times_variants() -> None:
 def test_cost_model_bench_checks_the_prediction_on_random_architectures(results_dir, monkeypatch) -> None:
     """`bench cost-model` on the CPU (a short scenario): the demo parent calibrated in float32, checked on itself
     and CHECKS random architectures; each row's error is (predicted - measured) / measured and the summary is
-    their mean and max; the results carry the device and the table the goal."""
+    their mean and max; the results carry the device and the table the goal. On the CPU the calibration runs
+    as the search runs it and with the cache scrub, alternately (here one repeat each)."""
     from tessera.benchmarks import bench_cost_model, run
     from tessera.search.cost import Scenario
 
     short = Scenario(batch=1, prompt_len=8, gen_len=4)
     monkeypatch.setattr(bench_cost_model, "Scenario", lambda: short)
+    monkeypatch.setattr(bench_cost_model, "SCRUB_REPEATS", 1)
     path = run.run_cost_model(torch.device("cpu"), out=results_dir)
     result = json.loads(path.read_text())
-    (row,) = result["rows"]
-    assert result["dtype"] == "float32" and result["scenario"] == vars(short) and row["parent"] == "demo parent"
-    archs = row["architectures"]
-    assert len(archs) == 1 + bench_cost_model.CHECKS and len(archs[0]["blocks"]) == row["layers"] == 8
-    for a in archs:
-        assert a["error"] == pytest.approx((a["predicted_ms"] - a["measured_ms"]) / a["measured_ms"])
-    assert row["mean_abs_error"] == pytest.approx(sum(abs(a["error"]) for a in archs) / len(archs))
-    assert row["max_abs_error"] == max(abs(a["error"]) for a in archs)
+    assert [row["scrub"] for row in result["rows"]] == [False, True]
+    assert result["dtype"] == "float32" and result["scenario"] == vars(short)
+    for row in result["rows"]:
+        assert row["parent"] == "demo parent"
+        archs = row["architectures"]
+        assert len(archs) == 1 + bench_cost_model.CHECKS and len(archs[0]["blocks"]) == row["layers"] == 8
+        for a in archs:
+            assert a["error"] == pytest.approx((a["predicted_ms"] - a["measured_ms"]) / a["measured_ms"])
+        assert row["mean_abs_error"] == pytest.approx(sum(abs(a["error"]) for a in archs) / len(archs))
+        assert row["max_abs_error"] == max(abs(a["error"]) for a in archs)
     assert result["device"] and result["commit"]
     assert "goal: mean absolute error ≤ 3 %" in path.with_suffix(".md").read_text()

@@ -84,60 +84,66 @@ def test_calibrate_and_validate_on_a_tiny_model():
 
 
 def test_the_table_is_composed_from_stack_differences(monkeypatch):
-    """Hand-computed: with the lockstep's timings given, a block costs (its stack − the no-op stack) / 4, the
-    no-op stack is the non-block part, and an architecture is predicted as non-block + Σ blocks."""
+    """Hand-computed: with the lockstep's timings given, every stack ends in the parent's block (the context), a
+    block costs (its stack − the no-op stack) / 4, the non-block part is the no-op stack less the context block's
+    share, and an architecture is predicted as non-block + Σ blocks."""
     arch, sc = tiny_arch(), Scenario(batch=2, prompt_len=8, gen_len=4)
+    context = arch.blocks[0]
     full = BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 96))
     small = BlockConfig(AttentionConfig("none"), FFNConfig("swiglu", 32))
     given = {  # the models calibrate builds, in order: no-op stack, one stack per timed block, then the checks
         0: Timing(latency_ms=50.0, prefill_ms=10.0, decode_ms=2.0, rounds_ms=(50.0, 55.0)),
         1: Timing(latency_ms=90.0, prefill_ms=18.0, decode_ms=3.0, rounds_ms=(90.0, 99.0)),
         2: Timing(latency_ms=46.0, prefill_ms=12.0, decode_ms=1.0, rounds_ms=(46.0, 46.0)),  # below the no-op: 0
-        3: Timing(latency_ms=64.0, prefill_ms=0.0, decode_ms=0.0, rounds_ms=(60.0, 64.0, 72.0)),
+        3: Timing(latency_ms=70.0, prefill_ms=14.0, decode_ms=2.5, rounds_ms=(70.0, 70.0)),  # the context's own
+        4: Timing(latency_ms=64.0, prefill_ms=0.0, decode_ms=0.0, rounds_ms=(60.0, 64.0, 72.0)),
     }
     built = []
 
-    def fake_lockstep(models, scenario, rounds, desc=None):
+    def fake_lockstep(models, scenario, rounds, desc=None, scrub=True):
         built.extend(tuple(b.name for b in m.arch.blocks) for m in models)
         return [given[k] for k in range(len(models))]
 
     monkeypatch.setattr(cost, "lockstep", fake_lockstep)
     check = [[full, small]]
     table = calibrate(arch, [full, small, full, EMPTY_BLOCK], sc, torch.device("cpu"), torch.float32, check)
-    assert built == [(EMPTY_BLOCK.name,) * 4, (full.name,) * 4, (small.name,) * 4, (full.name, small.name)]
-    assert table.non_block_ms == 50.0
+    stack = [(b.name,) * 4 + (context.name,) for b in (EMPTY_BLOCK, full, small, context)]
+    assert built == [*stack, (full.name, small.name)]
+    assert table.non_block_ms == 50.0 - (70.0 - 50.0) / 4
     assert table.blocks[full.name] == {"prefill_ms": 2.0, "decode_ms": 0.25, "runtime_ms": 10.0}
     assert table.blocks[small.name] == {"prefill_ms": 0.5, "decode_ms": 0.0, "runtime_ms": 0.0}
     assert table.blocks[EMPTY_BLOCK.name] == {"prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": 0.0}
+    assert context.name not in table.blocks  # timed for the non-block part, not asked for
     (row,) = table.validation["architectures"]
-    assert row["predicted_ms"] == 60.0 and row["measured_ms"] == 64.0
-    assert row["error"] == pytest.approx(-4 / 64) and row["round_spread"] == pytest.approx(12 / 64)
+    assert row["predicted_ms"] == 55.0 and row["measured_ms"] == 64.0
+    assert row["error"] == pytest.approx(-9 / 64) and row["round_spread"] == pytest.approx(12 / 64)
 
 
-def test_lockstep_alternates_engines_and_takes_each_steps_median(monkeypatch):
-    """The engines step in turn, one step each; a step slowed in one round (another process) is dropped by the
-    median over rounds, and the latency is the sum of the per-step medians."""
+def test_the_context_block_is_the_parents_most_common_real_block():
+    arch = tiny_arch()
+    full = BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 96))
+    linear = BlockConfig(AttentionConfig("linear"), FFNConfig("none"))
+    assert cost.context_block(arch.with_blocks([linear, full, full, EMPTY_BLOCK, EMPTY_BLOCK, EMPTY_BLOCK])) == full
+    assert cost.context_block(arch.with_blocks([linear, full])) == linear  # the first of equals
+    assert cost.context_block(arch.with_blocks([EMPTY_BLOCK] * 2)) is None
+
+
+def test_every_timed_step_starts_after_a_cache_scrub(monkeypatch):
+    """With `scrub`, each engine step of the timed rounds comes right after a scrub of the cache (whatever the
+    model before it left there is gone); the untimed warm-up round has none. By default there is none at all."""
     arch, sc = tiny_arch(), Scenario(batch=2, prompt_len=8, gen_len=4)
     models = timing_models(arch, [arch.blocks, [EMPTY_BLOCK] * 2], torch.device("cpu"), torch.float32)
-    order, clock, spike_at = [], [0.0], [-1]
+    events = []
     real_step = Engine.step
-
-    def step(self):
-        order.append(next(i for i, m in enumerate(models) if m is self.model))
-        # Model 0's steps take 3 ms, model 1's 1 ms, but for one step of 100 ms.
-        clock[0] += 100.0 if len(order) == spike_at[0] else (3.0 if order[-1] == 0 else 1.0)
-        return real_step(self)
-
-    monkeypatch.setattr(Engine, "step", step)
-    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0] / 1e3)
+    monkeypatch.setattr(cost, "cache_scrubber", lambda device: lambda: events.append("scrub"))
+    monkeypatch.setattr(Engine, "step", lambda self: events.append("step") or real_step(self))
+    lockstep(models, sc, rounds=2, scrub=True)
+    per_round = len(events) // 5  # the warm-up's steps, then 2 rounds of (scrub, step) pairs
+    assert events[:per_round] == ["step"] * per_round
+    assert events[per_round:] == ["scrub", "step"] * (2 * per_round)
+    events.clear()
     lockstep(models, sc, rounds=2)
-    steps = len(order) // 6  # one generation's steps: 3 rounds (1 untimed) of 2 engines
-    assert order == [0, 1] * (3 * steps)
-    order.clear()
-    spike_at[0] = 2 * steps + 5  # in the first timed round
-    slow, fast = lockstep(models, sc, rounds=3)
-    assert slow.latency_ms == pytest.approx(3.0 * steps) and fast.latency_ms == pytest.approx(1.0 * steps)
-    assert max(slow.rounds_ms) == pytest.approx(3.0 * steps + 97.0)  # the spike is in its round's total
+    assert events == ["step"] * (3 * per_round)
 
 
 def test_the_cost_model_times_the_engine_step(monkeypatch):
@@ -168,18 +174,23 @@ def test_models_that_do_not_fit_together_are_timed_in_groups_scaled_by_their_clo
     """With room for about two stacks at a time, calibration runs in groups, each led by the no-op stack; a
     group timed while the machine ran at half speed is scaled back by its no-op stack's time (hand-computed)."""
     arch, sc = tiny_arch(), Scenario(batch=2, prompt_len=8, gen_len=4)
+    context = arch.blocks[0]
     full = BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 96))
     small = BlockConfig(AttentionConfig("none"), FFNConfig("swiglu", 32))
     linear = BlockConfig(AttentionConfig("linear"), FFNConfig("none"))
-    sizes = {b.name: 4 * arch.block_params(b) * 4 for b in (full, small, linear)}  # 4 copies, fp32 bytes
-    room = max(sizes.values()) + min(sizes.values()) + 1  # the largest stack with the smallest, not all three
+
+    def size(blocks):  # bytes, as calibration's memory check counts them (weights and KV cache)
+        return sum(block_memory_mib(arch, b, sc, torch.float32) for b in blocks) * 2**20
+
+    stacks = [size([b] * 4 + [context]) for b in (full, small, linear, context)]
+    room = size([EMPTY_BLOCK] * 4 + [context]) + max(stacks) + min(stacks) + 1  # the clock, largest and smallest
     monkeypatch.setattr(cost, "available_memory", lambda device: 2 * room)
     groups, slow = [], [1.0]
 
-    def fake_lockstep(models, scenario, rounds, desc=None):
+    def fake_lockstep(models, scenario, rounds, desc=None, scrub=True):
         names = [m.arch.blocks[0].name for m in models]
         groups.append(names)
-        base = {EMPTY_BLOCK.name: 10.0, full.name: 30.0, small.name: 14.0, linear.name: 18.0}
+        base = {EMPTY_BLOCK.name: 10.0, full.name: 30.0, small.name: 14.0, linear.name: 18.0, context.name: 22.0}
         factor = slow[0]
         slow[0] = 2.0  # every group after the first runs at half speed
         return [Timing(base[n] * factor, 0.0, 0.0, (base[n] * factor,)) for n in names]
@@ -187,8 +198,8 @@ def test_models_that_do_not_fit_together_are_timed_in_groups_scaled_by_their_clo
     monkeypatch.setattr(cost, "lockstep", fake_lockstep)
     table = calibrate(arch, [full, small, linear], sc, torch.device("cpu"), torch.float32, rounds=1, progress=False)
     assert len(groups) > 1 and all(g[0] == EMPTY_BLOCK.name for g in groups)
-    assert sorted(n for g in groups for n in g[1:]) == sorted([full.name, small.name, linear.name])
-    assert table.non_block_ms == 10.0
+    assert sorted(n for g in groups for n in g[1:]) == sorted([full.name, small.name, linear.name, context.name])
+    assert table.non_block_ms == pytest.approx(10.0 - (22 - 10) / 4)
     assert table.blocks[full.name]["runtime_ms"] == pytest.approx((30 - 10) / 4)
     assert table.blocks[small.name]["runtime_ms"] == pytest.approx((14 - 10) / 4)
     assert table.blocks[linear.name]["runtime_ms"] == pytest.approx((18 - 10) / 4)
@@ -197,5 +208,5 @@ def test_models_that_do_not_fit_together_are_timed_in_groups_scaled_by_their_clo
 def test_a_model_larger_than_half_the_free_memory_is_refused(monkeypatch):
     arch, sc = tiny_arch(), Scenario(batch=2, prompt_len=8, gen_len=4)
     monkeypatch.setattr(cost, "available_memory", lambda device: 1000)
-    with pytest.raises(ValueError, match=r"timing needs .* GiB for one model of 4 blocks"):
+    with pytest.raises(ValueError, match=r"timing needs .* GiB for one model of 5 blocks"):
         calibrate(arch, [arch.blocks[0]], sc, torch.device("cpu"), torch.float32, progress=False)

@@ -104,3 +104,40 @@ def test_peak_memory_is_per_stage_on_linux() -> None:
     assert high - before >= 400 * 2**20
     if Path("/proc/self/clear_refs").exists():
         assert peak_memory_bytes(cpu) < high - 400 * 2**20
+
+
+def _caches(root, sizes: dict[int, str]):
+    """A fake /sys/devices/system/cpu/cpu0/cache: one index directory per (level, size)."""
+    root.mkdir()
+    for i, (level, size) in enumerate(sizes.items()):
+        index = root / f"index{i}"
+        index.mkdir()
+        (index / "level").write_text(f"{level}\n")
+        (index / "size").write_text(f"{size}\n")
+    return root
+
+
+def test_the_last_level_cache_is_read_from_sysfs(tmp_path) -> None:
+    """The largest level counts, sizes in K or M; a directory it cannot read is skipped, and with none the
+    fallback (32 MiB) stands in."""
+    from tessera.devices import FALLBACK_CACHE_BYTES, last_level_cache_bytes
+
+    cpu = torch.device("cpu")
+    caches = _caches(tmp_path / "a", {1: "48K", 3: "32768K", 2: "2M"})
+    (caches / "index9").mkdir()  # unreadable: no level or size
+    assert last_level_cache_bytes(cpu, caches) == 32 * 2**20
+    assert last_level_cache_bytes(cpu, _caches(tmp_path / "b", {1: "32K", 2: "1024K"})) == 2**20
+    assert last_level_cache_bytes(cpu, _caches(tmp_path / "c", {3: "huge"})) == FALLBACK_CACHE_BYTES
+    assert last_level_cache_bytes(cpu, tmp_path / "missing") == FALLBACK_CACHE_BYTES
+
+
+def test_the_cache_scrub_streams_twice_the_last_level_through_the_cache(tmp_path, monkeypatch) -> None:
+    """The scrub reads every element of a buffer of twice the last-level cache (its sum counts them), capped at
+    MAX_SCRUB_BYTES."""
+    from tessera.devices import cache_scrubber
+
+    cpu = torch.device("cpu")
+    scrub = cache_scrubber(cpu, _caches(tmp_path / "a", {2: "512K", 3: "1M"}))
+    assert float(scrub()) == 2 * 2**20 / 4  # fp32 ones: one per 4 bytes of 2 MiB
+    monkeypatch.setattr(devices, "MAX_SCRUB_BYTES", 4 * 2**20)
+    assert float(cache_scrubber(cpu, _caches(tmp_path / "b", {3: "1G"}))()) == 2**20
