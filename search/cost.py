@@ -26,8 +26,9 @@ for architectures with few such layers. Beside the context block every timed mod
 cancel. What is not a block (embedding, LM head, sampling, scheduling, and those shared costs) is the no-op
 stack's latency less the context block's own share. So an architecture with no layer of the context block's
 kinds at all (no GQA layer, say) is predicted high by what it does not pay: the linear MIP cannot price a
-cost paid once if any layer has it, and no child the demo's budgets reach lacks them. Predicted latency = non-block + Σ blocks (Puzzle's
-additivity assumption). All the models in a lockstep share one embedding and LM head (so memory holds one copy).
+cost paid once if any layer has it, and no child of the demo runs measured lacked them (docs/optimize.md).
+Predicted latency = non-block + Σ blocks (Puzzle's additivity assumption). All the models in a lockstep share one
+embedding and LM head (so memory holds one copy).
 
 A timed step can start from a cold cache (`scrub`, off by default: `devices.cache_scrubber` streams twice the
 last-level cache through it just before the clock starts). Without it a step's time depends on the model stepped
