@@ -1,7 +1,7 @@
 """Device and dtype helpers, one home for each: a `--device` flag as a torch.device, a device's name as results
 and cost tables record it, a torch dtype's name as config.json ("torch_dtype"), cost tables and results spell
 it (and back from a `--dtype` flag), the wall-clock timer the cost model and the CPU benchmarks share, and the
-cache scrub that the cost model's timings start from.
+cache scrub a cost-model timing can start from.
 
 Bytes per dtype name belong to the cost formulas: `tessera.config.dtype_bytes`.
 """
@@ -143,16 +143,18 @@ def last_level_cache_bytes(device: torch.device, caches: Path = SYSFS_CACHES) ->
     best = (0, 0)  # (level, bytes)
     for index in caches.glob("index*"):
         try:
-            level, size = int((index / "level").read_text()), (index / "size").read_text().strip()
+            level, size = int((index / "level").read_text()), _size_bytes((index / "size").read_text())
         except (OSError, ValueError):
             continue
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
-        try:
-            size_bytes = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
-        except ValueError:
-            continue
-        best = max(best, (level, size_bytes))
+        best = max(best, (level, size))
     return best[1] or FALLBACK_CACHE_BYTES
+
+
+def _size_bytes(text: str) -> int:
+    """A sysfs cache size ("32768K", "1M", "512") in bytes; ValueError for anything else."""
+    text = text.strip()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    return int(text[:-1] if scale > 1 else text) * scale
 
 
 def cache_scrubber(device: torch.device, caches: Path = SYSFS_CACHES) -> Callable[[], object]:

@@ -128,6 +128,8 @@ def test_the_last_level_cache_is_read_from_sysfs(tmp_path) -> None:
     assert last_level_cache_bytes(cpu, caches) == 32 * 2**20
     assert last_level_cache_bytes(cpu, _caches(tmp_path / "b", {1: "32K", 2: "1024K"})) == 2**20
     assert last_level_cache_bytes(cpu, _caches(tmp_path / "c", {3: "huge"})) == FALLBACK_CACHE_BYTES
+    assert last_level_cache_bytes(cpu, _caches(tmp_path / "d", {3: ""})) == FALLBACK_CACHE_BYTES
+    assert last_level_cache_bytes(cpu, _caches(tmp_path / "e", {2: "4096"})) == 4096  # plain bytes
     assert last_level_cache_bytes(cpu, tmp_path / "missing") == FALLBACK_CACHE_BYTES
 
 
