@@ -16,7 +16,8 @@ drops a step that another process interrupted; a generation's latency is the sum
 
 Blocks are timed as stacks of STACK_COPIES copies with distinct random weights, next to a stack of as many
 no-op blocks, in one lockstep: a block costs (its stack − the no-op stack) / STACK_COPIES. Every stack, the no-op
-one too, ends in one more block, the same for all: the parent's most common block (`context_block`). A model's
+one too, ends in one more block, the same for all: the parent's most common block with GQA attention and a
+SwiGLU FFN (`context_block`). A model's
 first layer of a kind carries costs that its later layers share, once a step (the step's KV block tables and
 attention metadata for the first GQA layer; on the AMD EPYC VM, with the demo's shapes, a model of one GQA layer
 took 16-17 ms a generation more than one layer's share of a stack of eight, one of an FFN-only layer 8 ms). A
@@ -34,10 +35,11 @@ A timed step can start from a cold cache (`scrub`, off by default: `devices.cach
 last-level cache through it just before the clock starts). Without it a step's time depends on the model stepped
 before it where the models are about the size of the cache: on the 2-core AMD EPYC VM (32 MiB L3) a one-layer
 model of the demo's width took 97.7 ms a generation right after the 8-layer parent and 81.8 ms right after the
-no-op stack. A model far larger than the cache (any real LLM, on any device) starts every step cold either way.
-For the demo the scrub narrowed the scatter of the prediction's error from one calibration to the next, but made
-each calibration about 20 % slower, and it times a small model as one that never finds itself in cache, which
-such a model served alone does; `tessera bench cost-model` measures both on the CPU (docs/optimize.md).
+no-op stack (ad hoc, not committed). A model far larger than the cache (any real LLM, on any device) starts every
+step cold either way. For the demo the scrub narrowed the scatter of the prediction's error from one calibration
+to the next, but made each calibration about 20 % slower, and it times a small model as one that never finds
+itself in cache, whereas served alone it does; `tessera bench cost-model` measures both on the CPU
+(docs/optimize.md).
 
 The model checks itself: whole architectures (the parent and random ones drawn from the library) run in the
 same lockstep as the stacks, and their measured latencies are compared with the predictions. In the same
@@ -248,6 +250,7 @@ class CostTable:
     non_block_memory_mib: float
     blocks: dict[str, dict[str, float]]  # block name -> prefill_ms, decode_ms, runtime_ms
     validation: dict | None = None
+    context_block: str | None = None  # the block every stack was timed beside (None: a table from before it)
 
     def runtime_ms(self, blocks: Sequence[BlockConfig]) -> float:
         return self.non_block_ms + sum(self.blocks[b.name]["runtime_ms"] for b in blocks)
@@ -261,10 +264,14 @@ class CostTable:
 
 
 def context_block(arch: ArchConfig) -> BlockConfig | None:
-    """The block every timed stack runs beside (module docstring): the parent's most common block that is not a
-    no-op, the first of equals; None for a parent of no-op blocks only."""
+    """The block every timed stack runs beside (module docstring): of the parent's blocks that are not no-ops,
+    one with GQA attention and a SwiGLU FFN if it has such (they carry the once-a-step costs: a GQA block's
+    stack must not pay them alone), else one with GQA, then the most common, the first of equals; None for a
+    parent of no-op blocks only."""
     counts = Counter(b for b in arch.blocks if not b.is_empty)
-    return max(counts, key=counts.__getitem__) if counts else None
+    if not counts:
+        return None
+    return max(counts, key=lambda b: (b.attention.kind == "gqa", b.ffn.kind == "swiglu", counts[b]))
 
 
 def _spread(rounds: Sequence[float]) -> float:
@@ -307,6 +314,7 @@ def calibrate(
         non_block_ms=around.latency_ms - (shares[context]["runtime_ms"] if context is not None else 0.0),
         non_block_memory_mib=non_block_memory_mib(arch, dtype),
         blocks={b.name: shares[b] for b in distinct},
+        context_block=None if context is None else context.name,
     )
     if validate:
         table.validation = _validation(table, validate, timings[len(stacks) :], rounds)
@@ -325,7 +333,7 @@ def _lockstep_in_groups(
 ) -> list[Timing]:
     """`lockstep` of a model per architecture, as many at a time as half the free memory holds (all of them,
     for the demo; a 16-layer parent of hidden 2048 needs several groups). The first architecture (the no-op
-    stack, whose weights are the shared embedding and head) runs in every group as its clock: groups run
+    stack: the shared embedding and head, and the context block) runs in every group as its clock: groups run
     minutes apart, so each group's timings are scaled by its clock against the first group's."""
     groups = _memory_groups(arch, architectures, scenario, dtype, int(0.5 * available_memory(device)))
     timings: list[Timing | None] = [None] * len(architectures)

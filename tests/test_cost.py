@@ -98,18 +98,19 @@ def test_the_table_is_composed_from_stack_differences(monkeypatch):
         3: Timing(latency_ms=70.0, prefill_ms=14.0, decode_ms=2.5, rounds_ms=(70.0, 70.0)),  # the context's own
         4: Timing(latency_ms=64.0, prefill_ms=0.0, decode_ms=0.0, rounds_ms=(60.0, 64.0, 72.0)),
     }
-    built = []
+    built, scrubbed = [], []
 
-    def fake_lockstep(models, scenario, rounds, desc=None, scrub=True):
+    def fake_lockstep(models, scenario, rounds, desc=None, scrub=False):
         built.extend(tuple(b.name for b in m.arch.blocks) for m in models)
+        scrubbed.append(scrub)
         return [given[k] for k in range(len(models))]
 
     monkeypatch.setattr(cost, "lockstep", fake_lockstep)
     check = [[full, small]]
     table = calibrate(arch, [full, small, full, EMPTY_BLOCK], sc, torch.device("cpu"), torch.float32, check)
     stack = [(b.name,) * 4 + (context.name,) for b in (EMPTY_BLOCK, full, small, context)]
-    assert built == [*stack, (full.name, small.name)]
-    assert table.non_block_ms == 50.0 - (70.0 - 50.0) / 4
+    assert built == [*stack, (full.name, small.name)] and scrubbed == [False]
+    assert table.non_block_ms == 50.0 - (70.0 - 50.0) / 4 and table.context_block == context.name
     assert table.blocks[full.name] == {"prefill_ms": 2.0, "decode_ms": 0.25, "runtime_ms": 10.0}
     assert table.blocks[small.name] == {"prefill_ms": 0.5, "decode_ms": 0.0, "runtime_ms": 0.0}
     assert table.blocks[EMPTY_BLOCK.name] == {"prefill_ms": 0.0, "decode_ms": 0.0, "runtime_ms": 0.0}
@@ -118,14 +119,60 @@ def test_the_table_is_composed_from_stack_differences(monkeypatch):
     assert row["predicted_ms"] == 55.0 and row["measured_ms"] == 64.0
     assert row["error"] == pytest.approx(-9 / 64) and row["round_spread"] == pytest.approx(12 / 64)
 
+    # Asked for, the context block is priced like any block, and its share still comes off the non-block part;
+    # the scrub, asked for, reaches the lockstep.
+    built.clear()
+    table = calibrate(arch, [context, full], sc, torch.device("cpu"), torch.float32, scrub=True)
+    assert built == [(b.name,) * 4 + (context.name,) for b in (EMPTY_BLOCK, context, full)] and scrubbed[-1]
+    assert table.blocks[context.name]["runtime_ms"] == (90.0 - 50.0) / 4
+    assert table.non_block_ms == 50.0 - (90.0 - 50.0) / 4 and table.blocks[full.name]["runtime_ms"] == 0.0
 
-def test_the_context_block_is_the_parents_most_common_real_block():
+
+def test_the_context_block_has_the_kinds_that_cost_once_a_step_then_is_the_most_common():
     arch = tiny_arch()
     full = BlockConfig(AttentionConfig("gqa", 2), FFNConfig("swiglu", 96))
+    narrow = BlockConfig(AttentionConfig("gqa", 1), FFNConfig("swiglu", 32))
+    attention_only = BlockConfig(AttentionConfig("gqa", 2), FFNConfig("none"))
+    ffn_only = BlockConfig(AttentionConfig("none"), FFNConfig("swiglu", 96))
     linear = BlockConfig(AttentionConfig("linear"), FFNConfig("none"))
     assert cost.context_block(arch.with_blocks([linear, full, full, EMPTY_BLOCK, EMPTY_BLOCK, EMPTY_BLOCK])) == full
-    assert cost.context_block(arch.with_blocks([linear, full])) == linear  # the first of equals
+    assert cost.context_block(arch.with_blocks([ffn_only, ffn_only, ffn_only, full])) == full  # GQA first
+    assert cost.context_block(arch.with_blocks([ffn_only, attention_only])) == attention_only
+    assert cost.context_block(arch.with_blocks([linear, ffn_only, ffn_only])) == ffn_only
+    assert cost.context_block(arch.with_blocks([narrow, full, full])) == full  # the most common
+    assert cost.context_block(arch.with_blocks([narrow, full])) == narrow  # the first of equals
     assert cost.context_block(arch.with_blocks([EMPTY_BLOCK] * 2)) is None
+
+
+def test_lockstep_alternates_engines_and_takes_each_steps_median(monkeypatch):
+    """The engines step in turn, one step each; a step slowed in one round (another process) is dropped by the
+    median over rounds, and the latency is the sum of the per-step medians."""
+    arch, sc = tiny_arch(), Scenario(batch=2, prompt_len=8, gen_len=4)
+    models = timing_models(arch, [arch.blocks, [EMPTY_BLOCK] * 2], torch.device("cpu"), torch.float32)
+    order, clock, spike_at = [], [0.0], [-1]
+    real_step = Engine.step
+
+    def step(self):
+        order.append(next(i for i, m in enumerate(models) if m is self.model))
+        # Model 0's steps take 3 ms, model 1's 1 ms, but for one step of 100 ms.
+        clock[0] += 100.0 if len(order) == spike_at[0] else (3.0 if order[-1] == 0 else 1.0)
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", step)
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0] / 1e3)
+    lockstep(models, sc, rounds=2)
+    steps = len(order) // 6  # one generation's steps: 3 rounds (1 untimed) of 2 engines
+    assert order == [0, 1] * (3 * steps)
+    order.clear()
+    spike_at[0] = 2 * steps + 5  # in the first timed round
+    slow, fast = lockstep(models, sc, rounds=3)
+    assert slow.latency_ms == pytest.approx(3.0 * steps) and fast.latency_ms == pytest.approx(1.0 * steps)
+    assert max(slow.rounds_ms) == pytest.approx(3.0 * steps + 97.0)  # the spike is in its round's total
+    # A scrub takes time too, but before the clock starts: the timings do not change.
+    monkeypatch.setattr(cost, "cache_scrubber", lambda device: lambda: clock.__setitem__(0, clock[0] + 50.0))
+    order.clear()
+    slow, fast = lockstep(models, sc, rounds=3, scrub=True)
+    assert slow.latency_ms == pytest.approx(3.0 * steps) and fast.latency_ms == pytest.approx(1.0 * steps)
 
 
 def test_every_timed_step_starts_after_a_cache_scrub(monkeypatch):
@@ -187,7 +234,7 @@ def test_models_that_do_not_fit_together_are_timed_in_groups_scaled_by_their_clo
     monkeypatch.setattr(cost, "available_memory", lambda device: 2 * room)
     groups, slow = [], [1.0]
 
-    def fake_lockstep(models, scenario, rounds, desc=None, scrub=True):
+    def fake_lockstep(models, scenario, rounds, desc=None, scrub=False):
         names = [m.arch.blocks[0].name for m in models]
         groups.append(names)
         base = {EMPTY_BLOCK.name: 10.0, full.name: 30.0, small.name: 14.0, linear.name: 18.0, context.name: 22.0}
