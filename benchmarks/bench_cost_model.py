@@ -92,7 +92,7 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         spread = max(a["round_spread"] for a in r["architectures"])
         lines.append(
-            f"| {r['parent']} | {r['layers']} | {r['distinct_blocks']} | {'yes' if r.get('scrub', False) else 'no'} "
+            f"| {r['parent']} | {r['layers']} | {r['distinct_blocks']} | {'yes' if r['scrub'] else 'no'} "
             f"| {100 * r['mean_abs_error']:.1f} % "
             f"| {100 * r['max_abs_error']:.1f} % | {100 * r['mean_signed_error']:+.1f} % | {100 * spread:.0f} % "
             f"| {r['seconds']:.0f} |"

@@ -17,10 +17,11 @@ drops a step that another process interrupted; a generation's latency is the sum
 Blocks are timed as stacks of STACK_COPIES copies with distinct random weights, next to a stack of as many
 no-op blocks, in one lockstep: a block costs (its stack − the no-op stack) / STACK_COPIES. Every stack, the no-op
 one too, ends in one more block, the same for all: the parent's most common block with GQA attention and a
-SwiGLU FFN (`context_block`). A model's
-first layer of a kind carries costs that its later layers share, once a step (the step's KV block tables and
-attention metadata for the first GQA layer; on the AMD EPYC VM, with the demo's shapes, a model of one GQA layer
-took 16-17 ms a generation more than one layer's share of a stack of eight, one of an FFN-only layer 8 ms). A
+SwiGLU FFN (`context_block`). A model's first layer of a kind
+carries costs that its later layers share, once a step (measured, not broken down: the engine builds a step's KV
+block tables and attention metadata once for all GQA layers; on the AMD EPYC VM, with the demo's shapes, a model
+of one GQA layer took 16-17 ms a generation more than one layer's share of a stack of eight, one of an FFN-only
+layer 8 ms). A
 stack timed against nothing but no-op blocks spread them over its copies, a quarter on each, so the prediction
 came out 1.5-4.1 % high for the demo parent (eight GQA layers: the shared cost counted twice) and up to 5 % low
 for architectures with few such layers. Beside the context block every timed model pays them once and they
