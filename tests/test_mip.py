@@ -41,13 +41,17 @@ def random_library(layers: int, variants: int, seed: int) -> dict:
     return lib
 
 
-def brute_force(lib: dict, objective: str, maximize: bool, bounds: list[Bound]):
-    """Best objective over every combination (None when no combination meets the bounds)."""
+def brute_force(
+    lib: dict, objective: str, maximize: bool, bounds: list[Bound], unlike: list[dict] = (), min_diversity: int = 1
+):
+    """Best objective over every combination (None when no combination meets the bounds); `unlike`: choice maps
+    (layer -> variant) each combination must differ from in at least `min_diversity` layers."""
     layers = list(lib)
     best = None
     part_obj, part_key = objective.split(".")
     for combo in itertools.product(*(lib[layer].items() for layer in layers)):
-        ok = True
+        names = dict(zip(layers, (name for name, _ in combo)))
+        ok = all(sum(names[layer] != other[layer] for layer in layers) >= min_diversity for other in unlike)
         for b in bounds:
             part, key = b.key.split(".")
             total = sum(entry[part][key] for _, entry in combo)
@@ -159,7 +163,10 @@ def test_diverse_solutions_differ_and_are_ranked():
     assert len(found) == 4
     objectives = [s.objective for s in found]
     assert objectives == sorted(objectives)  # each later one solves a more constrained problem
-    assert found[0].objective == pytest.approx(brute_force(lib, "metrics.kl_div", False, bounds))
+    for k, solution in enumerate(found):  # each the best of what differs enough from every earlier one
+        earlier = [s.choices for s in found[:k]]
+        best = brute_force(lib, "metrics.kl_div", False, bounds, unlike=earlier, min_diversity=2)
+        assert solution.objective == pytest.approx(best), k
     for a, b in itertools.combinations(found, 2):
         assert sum(a.choices[layer] != b.choices[layer] for layer in a.choices) >= 2
 

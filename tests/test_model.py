@@ -37,7 +37,7 @@ def test_llama_matches_transformers(fixture: str, request) -> None:
     reference = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model = load_model(path)
     assert (model.lm_head is None) == reference.config.tie_word_embeddings
-    # Long enough (200 > original_max_position_embeddings 32) to exercise every rope-scaling band.
+    # The head's rope frequencies fall in all three llama3 scaling bands (conftest's config); 200 positions.
     ids = torch.randint(0, 97, (3, 200), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = reference(ids).logits

@@ -210,9 +210,10 @@ def test_fp8_cache_needs_its_scales() -> None:
     ids=["32-keys-1-wave", "128-keys-8-waves"],
 )
 @dtypes("attention_paged")
-def test_other_tilings_are_exact_too(monkeypatch, tiling, dtype, tol) -> None:
+def test_other_tilings_are_exact_too(poisoned, monkeypatch, tiling, dtype, tol) -> None:
     """The tilings benchmarks/tune_attention.py tries on a GPU compute the same attention as the default one (the
-    case mixes decodes at split and page boundaries with a prompt and a chunk)."""
+    case mixes decodes at split and page boundaries with a prompt and a chunk). `poisoned` forces the Triton
+    kernel: on CPU tensors the dispatch would otherwise run the reference, which never reads a tiling."""
     monkeypatch.setattr(paged, "default_tiling", lambda block_m, block_d: tiling)
     check_case(*CASES[3], dtype, tol, seed=3)
     check_case(*CASES[1], dtype, tol, seed=1)

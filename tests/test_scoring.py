@@ -51,14 +51,26 @@ def test_replace_one_block_equals_the_assembled_model(trained, parent):
 
 
 def test_score_library_covers_every_variant(trained, parent):
+    """Every (layer, variant) gets its own block's score: the whole child with that one block swapped in, run from
+    the tokens, gives the same KL and loss (a score filed under another variant's name would not)."""
     store, _ = trained
     acts = activations.record(parent, windows(2, seed=3), progress=False)
+    ref = parent_logprobs(parent, acts)
     scores = score_library(parent, store, SPACE, acts, progress=False)
     for i in range(parent.arch.n_layers):
-        names = {b.name for b in SPACE.block_variants(parent.arch, i)}
-        assert set(scores[f"layer_{i}"]) == names
-        assert scores[f"layer_{i}"][parent.arch.blocks[i].name]["kl_div"] == 0.0
-        assert scores[f"layer_{i}"]["attn_none+ffn_none"]["kl_div"] > 0
+        variants = SPACE.block_variants(parent.arch, i)
+        assert set(scores[f"layer_{i}"]) == {b.name for b in variants}
+        for block in variants:
+            got = scores[f"layer_{i}"][block.name]
+            if block == parent.arch.blocks[i]:
+                assert got["kl_div"] == 0.0
+                continue
+            blocks = list(parent.arch.blocks)
+            blocks[i] = block
+            whole = model_quality(assemble_child(parent, store, blocks), acts.tokens, ref)
+            assert got["kl_div"] == pytest.approx(whole["kl_div"], rel=1e-4, abs=1e-7), (i, block.name)
+            assert got["lm_loss"] == pytest.approx(whole["lm_loss"], rel=1e-5), (i, block.name)
+            assert got["kl_div"] > 0, (i, block.name)  # only the parent's own block leaves the model unchanged
 
 
 # The Fisher estimate (scoring="fisher"). Its reference: the exact quadratic form δᵀFδ of the KL in the direction
