@@ -51,7 +51,7 @@ class SearchSpace:
     no_ffn: bool = True
     # Attention windows offered beside each KV-head count (narrower than the parent layer's own, if it has one).
     # None by default: a window saves KV memory and time only where contexts outgrow it, so a search asks for
-    # it with scenarios that long (`--windows 128,1024`).
+    # it with scenarios that long (`--windows 128,1024`, with `--seq-len` past the widest: pipeline.OptimizeConfig).
     windows: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -74,7 +74,8 @@ class SearchSpace:
             narrower = sorted({w for w in self.windows if parent.window is None or w < parent.window}, reverse=True)
             windows = [parent.window, *narrower]
             out += [AttentionConfig("gqa", k, window=w) for k in counts if parent.n_kv_heads % k == 0 for w in windows]
-        if parent.kind in ("gqa", "linear") and self.linear_attention:
+        # Switches add replacements; the parent's own kind is offered whatever they say.
+        if parent.kind == "linear" or (parent.kind == "gqa" and self.linear_attention):
             out.append(AttentionConfig("linear"))
         if self.no_attention or parent.kind == "none":
             out.append(AttentionConfig("none"))
@@ -91,7 +92,7 @@ class SearchSpace:
             }
             widths.add(parent.intermediate_size)  # the parent's own FFN is always a choice
             out += [FFNConfig("swiglu", w) for w in sorted(widths, reverse=True)]
-        if parent.kind in ("swiglu", "linear") and self.linear_ffn:
+        if parent.kind == "linear" or (parent.kind == "swiglu" and self.linear_ffn):
             out.append(FFNConfig("linear"))
         if self.no_ffn or parent.kind == "none":
             out.append(FFNConfig("none"))

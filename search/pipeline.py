@@ -114,8 +114,9 @@ class Budget:
 class OptimizeConfig:
     space: SearchSpace = field(default_factory=SearchSpace)
     scenario: Scenario = field(default_factory=Scenario)
-    # Throughput scenarios besides `scenario` (Puzzle optimizes at several batch sizes): each is timed, has a
-    # runtime of its own in the library and a bound of its own in the MIP; a target speedup holds in every one.
+    # Throughput scenarios besides `scenario` (Puzzle optimizes at several batch sizes): each is timed and has a
+    # runtime of its own in the library; a target speedup holds in every one (a bound per scenario in the MIP),
+    # while a latency or throughput budget (milliseconds, tokens/s of one scenario) bounds `scenario` alone.
     also_scenarios: tuple[Scenario, ...] = ()
     bld: BLDConfig = field(default_factory=BLDConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
@@ -142,6 +143,16 @@ class OptimizeConfig:
             raise UserError(f"scoring must be one of {', '.join(SCORING_METHODS)}, got {self.scoring!r}")
         if self.fisher_samples < 1:
             raise UserError(f"fisher_samples must be >= 1, got {self.fisher_samples}")
+        if self.seq_len < 2:
+            raise UserError(f"seq_len must be >= 2 tokens, got {self.seq_len}")
+        if wide := [w for w in self.space.windows if w >= self.seq_len]:
+            # Distilled and scored on shorter text, such a window would cut nothing there: its KL would read 0 while
+            # the cost model prices what it saves in longer contexts, so the MIP would take it as free.
+            raise UserError(
+                f"attention windows {', '.join(map(str, wide))} are not shorter than the {self.seq_len}-token "
+                f"windows of text blocks are distilled and scored on, which could not show what they lose; "
+                f"ask for windows below {self.seq_len} tokens or a longer --seq-len"
+            )
 
 
 def held_out_windows(val_ids: np.ndarray, cfg: OptimizeConfig, corpus: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,6 +284,43 @@ def speedup_bounds(
     return bounds
 
 
+def joint_infeasibility(
+    budget: Budget, tables: Sequence[CostTable], arch: ArchConfig, library: Library, bounds: list[Bound]
+) -> InfeasibleError:
+    """Why a budget whose terms `block_bounds` and `scenario_bound` each passed alone has no architecture meeting
+    them together: for each bound, the best its total reaches under the others, in the budget's own terms (the
+    parts outside the blocks added back: what the MIP sees are block sums)."""
+    primary, *also = tables
+    runtimes = {"stats.runtime_ms": (primary, "")}  # runtime stat -> its table, and where it is timed
+    for t in also:
+        s = t.scenario
+        runtimes[f"stats.{runtime_key(s)}"] = (t, f" at batch {s.batch}, prompt {s.prompt_len}, {s.gen_len} generated")
+    reasons = []
+    for b in bounds:
+        try:
+            (best,) = solve(library, b.key, bounds=[o for o in bounds if o is not b])
+        except InfeasibleError:
+            continue
+        if b.upper is None or best.objective <= b.upper + 1e-9 * max(1.0, abs(b.upper)):
+            continue
+        if b.key in runtimes:
+            table, where = runtimes[b.key]
+            reached, parent_ms = best.objective + table.non_block_ms, table.runtime_ms(arch.blocks)
+            reasons.append(
+                f"the fastest architecture is predicted at {reached:.4g} ms{where}, "
+                f"{_down(parent_ms / reached)}× the parent's {parent_ms:.4g} ms"
+            )
+        elif b.key == "stats.memory_mib":
+            reasons.append(f"the smallest architecture needs {best.objective + primary.non_block_memory_mib:.4g} MiB")
+        else:  # stats.num_kv_heads
+            reasons.append(f"the fewest KV heads (summed over layers) are {best.objective:g}")
+    why = "; ".join(f"under the other terms, {r}" for r in reasons) or "its terms conflict"
+    return InfeasibleError(
+        f"the budget ({budget.describe()}) cannot be met as a whole by the search space, though each term alone "
+        f"can: {why} (on {primary.device})"
+    )
+
+
 def block_bounds(budget: Budget, table: CostTable, parent_predicted_ms: float, library: Library) -> list[Bound]:
     """The budget as bounds on the layers' summed stats: non-block costs come off first (Puzzle). A target
     speedup divides the parent's *predicted* latency, so the cost model's own bias cancels in the ratio.
@@ -360,17 +408,22 @@ def uniform_baseline(library: Library, arch: ArchConfig, bounds: list[Bound]) ->
 def greedy_baseline(library: Library, arch: ArchConfig, bounds: list[Bound]) -> list[BlockConfig] | None:
     """Start from the parent and repeatedly make the single-layer change with the least added KL per unit saved
     of the first bound still unmet (milliseconds for a latency or speedup budget, MiB or KV heads for theirs),
-    until the budget is met (the layer-wise greedy Puzzle compares its MIP against)."""
+    until the budget is met (the layer-wise greedy Puzzle compares its MIP against). A change that would push a
+    bound already met back over it is not made: a step that saves KV heads could otherwise cost back the runtime
+    the step before saved, and the next one undo it, forever. So a met bound stays met, the bound being worked on
+    only falls, and the loop ends; None when no allowed change helps."""
     blocks = list(arch.blocks)
     layers = [library[f"layer_{i}"] for i in range(arch.n_layers)]
     while (unmet := next((b for b in bounds if _excess(library, blocks, b) > 0), None)) is not None:
+        # Each met bound's slack, and the (part, key) it bounds.
+        met = [(-excess, *b.key.split(".")) for b in bounds if (excess := _excess(library, blocks, b)) <= 0]
         part, key = unmet.key.split(".")
         best, best_rate = None, math.inf
         for i, variants in enumerate(layers):
             now = variants[blocks[i].name]
             for name, entry in variants.items():
                 saved = now[part][key] - entry[part][key]
-                if saved <= 0:
+                if saved <= 0 or any(entry[p][k] - now[p][k] > slack for slack, p, k in met):
                     continue
                 rate = (entry["metrics"]["kl_div"] - now["metrics"]["kl_div"]) / saved
                 if rate < best_rate:
@@ -471,6 +524,11 @@ class Optimizer:
         self.parent, self.train_ids = loaded.model, loaded.train_ids
         for scenario in (cfg.scenario, *cfg.also_scenarios):
             scenario.check_context(self.parent.arch)
+        if cfg.seq_len > self.parent.arch.max_position_embeddings:
+            raise UserError(
+                f"seq_len {cfg.seq_len}: the parent's context is {self.parent.arch.max_position_embeddings} tokens "
+                "(max_position_embeddings)"
+            )
         self.also_tables: list[CostTable] = []
         self.score_windows, self.eval_windows = held_out_windows(loaded.val_ids, cfg, corpus)
         self.calibration = next(random_windows(self.train_ids, cfg.calibration_windows, cfg.seq_len, cfg.seed))
@@ -619,7 +677,10 @@ class Optimizer:
         table, self.also_tables = self.ranks.on_main(self.cost_model)
         costs_only = build_library(arch, cfg.space, table, None, {}, self.timing_dtype, self.also_tables)
         bounds = speedup_bounds(budget, [table, *self.also_tables], arch, costs_only)
-        solve(costs_only, "stats.runtime_ms", bounds=bounds)  # the budget's terms jointly (each alone is met)
+        try:  # the budget's terms jointly (each alone is met)
+            solve(costs_only, "stats.runtime_ms", bounds=bounds)
+        except InfeasibleError:
+            raise joint_infeasibility(budget, [table, *self.also_tables], arch, costs_only, bounds) from None
         return table, bounds
 
     def choose(self, library: Library, table: CostTable, budget: Budget, bounds: list[Bound]) -> list[Child]:

@@ -608,6 +608,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         timing_dtype=args.timing_dtype,
         scoring=args.scoring,
         fisher_samples=args.fisher_samples,
+        seq_len=args.seq_len,
     )
     results = optimize(model, out, budget, cfg, corpus, fresh=args.fresh)
     if results is None:  # another rank than 0 of a sharded search (torchrun): rank 0 reports
@@ -983,6 +984,12 @@ def build_parser() -> argparse.ArgumentParser:
         "library, and the target speedup must hold in it too",
     )
     p.add_argument("--bld-steps", type=positive_int, default=150, help="training steps per BLD variant")
+    p.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=256,
+        help="tokens per window of text for BLD, scoring and evaluation (longer than any --windows)",
+    )
     p.add_argument("--gkd-steps", type=nonnegative_int, default=100, help="GKD steps per child (0: none)")
     p.add_argument(
         "--scoring",
@@ -1012,7 +1019,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="KV heads summed over all layers (KV-cache budget)",
     )
-    p.add_argument("--no-linear-attention", action="store_true", help="search space without linear attention")
+    p.add_argument(
+        "--no-linear-attention",
+        action="store_true",
+        help="no linear attention replacing a GQA layer (a parent's own linear layers stay choices)",
+    )
     p.add_argument(
         "--ffn-multiple",
         type=positive_int,

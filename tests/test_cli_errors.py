@@ -220,6 +220,26 @@ def test_scoring_reaches_the_pipeline_and_bad_values_are_refused(monkeypatch, tm
     assert code == 2 and "--fisher-samples" in err
 
 
+def test_windows_longer_than_the_scoring_text_are_refused(monkeypatch, tmp_path, capsys):
+    """A window as long as the text blocks are distilled and scored on cuts nothing there: its KL would read 0 while
+    the cost model prices its savings. Refused with the length to raise; --seq-len reaches the pipeline."""
+    import tessera.search.pipeline
+
+    configs: list = []
+
+    def optimize(parent, out, budget, cfg, corpus, fresh=False):
+        configs.append(cfg)
+        return _fake_optimize([])(parent, out, budget, cfg, corpus, fresh)
+
+    monkeypatch.setattr(tessera.search.pipeline, "optimize", optimize)
+    run = str(tmp_path / "run")
+    err = one_line_error(capsys, ["optimize", "--out", run, "--windows", "128,1024"])
+    assert "attention windows 1024 are not shorter than the 256-token windows" in err and "--seq-len" in err
+    assert not configs
+    assert run_cli(capsys, "optimize", "--out", run, "--windows", "128,1024", "--seq-len", "1025")[0] == 0
+    assert [(c.seq_len, c.space.windows) for c in configs] == [(1025, (128, 1024))]
+
+
 # 3. Numeric flags: each has a range, checked by argparse.
 
 
@@ -227,6 +247,7 @@ def test_scoring_reaches_the_pipeline_and_bad_values_are_refused(monkeypatch, tm
     ("argv", "flag"),
     [
         (["optimize", "--bld-steps", "0"], "--bld-steps"),
+        (["optimize", "--seq-len", "0"], "--seq-len"),
         (["optimize", "--gkd-steps", "-1"], "--gkd-steps"),
         (["optimize", "--target-speedup", "nan"], "--target-speedup"),
         (["optimize", "--target-speedup", "0.5"], "--target-speedup"),

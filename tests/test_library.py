@@ -33,6 +33,22 @@ def test_search_space_variants():
     assert block_from_name("attn_none+ffn_linear") == BlockConfig(AttentionConfig("none"), FFNConfig("linear"))
 
 
+def test_a_switched_off_kind_the_parent_has_stays_a_choice():
+    """--no-linear-attention and --no-linear-ffn turn off replacements, not the parent's own blocks: a
+    Nemotron-51B-like parent keeps its linear layers as choices (without them calibration failed on the parent's
+    block), while its GQA layers get no linear replacement."""
+    base = tiny_arch()
+    g = base.blocks[0]
+    linear = BlockConfig(AttentionConfig("linear"), FFNConfig("linear"))
+    arch = base.with_blocks([g, linear, *base.blocks[2:]])
+    space = SearchSpace(linear_attention=False, linear_ffn=False, ffn_multiple=16)
+    assert [a.name for a in space.attention_variants(arch, 1)] == ["attn_linear", "attn_none"]
+    assert [f.name for f in space.ffn_variants(arch, 1)] == ["ffn_linear", "ffn_none"]
+    assert linear in space.block_variants(arch, 1)
+    assert "attn_linear" not in {a.name for a in space.attention_variants(arch, 0)}
+    assert "ffn_linear" not in {f.name for f in space.ffn_variants(arch, 0)}
+
+
 def test_default_widths_are_ones_every_nemotron_nas_reader_builds():
     """By default every pruned width is one `ffn_mult` expresses (vLLM's rule, written out here): the export
     of any child then needs no tessera-only width. The demo parent gets 768/512/256; Llama-3.1-8B's 14336 five

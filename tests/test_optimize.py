@@ -308,6 +308,12 @@ def test_bld_store_of_another_parent_is_refused_then_fresh_starts_over(tiny_pare
     # GKD's batch must split over the ranks: said as the run starts, not after BLD, scoring and the MIP.
     with pytest.raises(UserError, match=r"GKD's batch of 2 windows \(--gkd-batch-size\) does not split over 3"):
         pipeline.Optimizer(parent, corpus, out, cfg, progress=False, ranks=Ranks(TensorParallel(1, 3)))
+    # Text windows past the parent's context (512 tokens): said as the run starts.
+    with pytest.raises(UserError, match=r"seq_len 513: the parent's context is 512 tokens"):
+        pipeline.Optimizer(parent, corpus, out, replace(cfg, seq_len=513), progress=False)
+    # A window BLD and scoring could not see cut anything.
+    with pytest.raises(UserError, match=r"attention windows 32 are not shorter than the 32-token windows"):
+        replace(cfg, space=replace(cfg.space, windows=(8, 32)))
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen2"])

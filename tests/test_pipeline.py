@@ -79,6 +79,65 @@ def test_greedy_saves_what_the_unmet_bound_counts():
     )
 
 
+def test_greedy_never_undoes_a_bound_it_met():
+    """A runtime and a KV-head bound: cutting KV heads (kv2+ffn_96) costs back the runtime the first step saved
+    (kv4+ffn_48 -> kv2+ffn_96 adds 0.9 ms), and the step after would undo it at a negative KL cost, forever. A change
+    that breaks a met bound is not made, so greedy ends, within both bounds."""
+    from tessera.search.mip import Bound
+
+    variants = {  # runtime, KV heads, KL; both shrunk is worse than the sum of each alone
+        "gqa_kv4+ffn_96": (2.0, 4, 0.0),
+        "gqa_kv2+ffn_96": (1.9, 2, 0.05),
+        "gqa_kv4+ffn_48": (1.0, 4, 0.01),
+        "gqa_kv2+ffn_48": (0.9, 2, 0.10),
+    }
+    lib = {
+        f"layer_{i}": {
+            n: {"stats": {"runtime_ms": r, "num_kv_heads": k}, "metrics": {"kl_div": kl}}
+            for n, (r, k, kl) in variants.items()
+        }
+        for i in range(3)
+    }
+    arch = tiny_arch().with_blocks([block_from_name("gqa_kv4+ffn_96")] * 3)
+    bounds = [Bound("stats.runtime_ms", upper=5.0), Bound("stats.num_kv_heads", upper=10)]
+    greedy = greedy_baseline(lib, arch, bounds)
+    # Runtime first (kv4+ffn_48, the least KL per ms), then a KV-head cut that keeps the runtime (kv2+ffn_96 in
+    # another layer: 4.9 ms, 10 heads); the MIP finds the same KL, 0.06.
+    assert [b.name for b in greedy] == ["gqa_kv4+ffn_48", "gqa_kv2+ffn_96", "gqa_kv4+ffn_96"]
+    assert sum(lib[f"layer_{i}"][b.name]["metrics"]["kl_div"] for i, b in enumerate(greedy)) == pytest.approx(
+        solve(lib, "metrics.kl_div", bounds=bounds)[0].objective
+    )
+
+
+def test_a_budget_met_term_by_term_but_not_as_a_whole_is_refused_in_its_own_terms():
+    """The fast block needs more memory: 1.2x fits alone (all fast: 13 ms for the parent's 16) and 54 MiB fits
+    alone (all small: 53 MiB), not both. The refusal quotes speed and MiB with the parts outside the blocks added
+    back (10 ms, 50 MiB), not the block sums the MIP saw."""
+    from tessera.search.mip import InfeasibleError, solve
+
+    variants = {"gqa_kv4+ffn_96": (2.0, 1.0, 4), "gqa_kv2+ffn_96": (1.0, 3.0, 2)}  # runtime, memory, KV heads
+    arch = tiny_arch().with_blocks([block_from_name("gqa_kv4+ffn_96")] * 3)
+    blocks = {n: {"runtime_ms": r, "prefill_ms": 0.0, "decode_ms": 0.0} for n, (r, _, _) in variants.items()}
+    table = CostTable("cpu", "float32", Scenario(), non_block_ms=10.0, non_block_memory_mib=50.0, blocks=blocks)
+    lib = {
+        f"layer_{i}": {
+            n: {"stats": {"runtime_ms": r, "memory_mib": m, "num_kv_heads": k}, "metrics": {"kl_div": 0.0}}
+            for n, (r, m, k) in variants.items()
+        }
+        for i in range(3)
+    }
+    budget = Budget(target_speedup=1.2, max_memory_mib=54.0)
+    bounds = speedup_bounds(budget, [table], arch, lib)  # each term alone passes
+    with pytest.raises(InfeasibleError):
+        solve(lib, "stats.runtime_ms", bounds=bounds)
+    message = str(pipeline.joint_infeasibility(budget, [table], arch, lib, bounds))
+    # Under 54 MiB no layer can be fast (one fast layer: 50 + 3 + 1 + 1 = 55 MiB), so 16 ms, 1x. Under 1.2x
+    # (13.33 ms: at most 3.33 ms in the blocks) every layer is fast: 50 + 3 · 3 = 59 MiB.
+    assert "cannot be met as a whole by the search space, though each term alone can" in message
+    assert "the fastest architecture is predicted at 16 ms, 1× the parent's 16 ms" in message
+    assert "the smallest architecture needs 59 MiB" in message
+
+
 def _priced_library(arch, attention_ms: dict, ffn_ms: dict) -> tuple[dict, dict]:
     """A library over SPACE's variants: a block's runtime is its attention's + its FFN's; cheaper blocks lose
     more (a different amount in each layer, and a little more for a cheaper attention, so no two blocks of a layer
