@@ -21,6 +21,7 @@ pipe close and exits.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import multiprocessing
 import queue
@@ -132,6 +133,15 @@ class Stopped:
 
 def _load(engine: Engine) -> EngineLoad:
     return EngineLoad(len(engine.running), len(engine.waiting), engine.cache.usable_pages - engine.cache.free_pages)
+
+
+def smallest_pools(limits: list[EngineLimits]) -> EngineLimits:
+    """The limits every engine can meet. Engines of one model size a default KV pool from the memory free as each
+    starts, so their pools can differ; a request goes to whichever engine is least busy, so it is checked against
+    the smallest pool of each KV group. Admitted against a larger one, it would wait forever in a smaller one's
+    queue (and hold up every request behind it)."""
+    pools = zip(*(lim.groups for lim in limits), strict=True)
+    return replace(limits[0], groups=tuple((min(usable for usable, _ in group), group[0][1]) for group in pools))
 
 
 def _ignore_signals() -> None:
@@ -372,11 +382,14 @@ class _EngineHandle:
         return message.limits, message.info
 
     def close(self, timeout: float) -> None:
-        self._sends.put(None)
+        self._sends.put(None)  # the writer sends what is queued (a Shutdown), then ends
+        self._writer.join(timeout)
+        with contextlib.suppress(OSError):
+            self.inbox.close()  # the engine sees its pipe close and exits, whether or not a Shutdown reached it
         for process in (self.process, *self.ranks):
             process.join(timeout)
             if process.is_alive():
-                process.terminate()
+                process.kill()  # an engine process ignores SIGTERM (module docstring)
                 process.join(5)
 
 
@@ -411,14 +424,15 @@ class AsyncEngine:
         with the engine's own error if one cannot start."""
         context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         self._handles = [_EngineHandle(context, self.spec, rank) for rank in range(self.data_parallel_size)]
+        # An owner that exits without shutdown(), say on an error, must not hang there: multiprocessing's own exit
+        # hook (run after this one) stops children with SIGTERM, which engine processes ignore, then waits on them.
+        atexit.register(self.shutdown)
         try:
             ready = [h.wait_ready(timeout) for h in self._handles]
         except EngineProcessError:
-            self._stopping = True
-            for h in self._handles:
-                h.close(5)
+            self.shutdown(5)
             raise
-        self.limits, self.info = ready[0]
+        self.limits, self.info = smallest_pools([limits for limits, _ in ready]), ready[0][1]
         self.encoder = PromptEncoder(self.tokenizer, self.limits.vocab_size, self.limits.max_model_len)
         for h in self._handles:
             reader = threading.Thread(target=self._read, args=(h,), name=f"tessera-engine-{h.rank}-reader", daemon=True)
@@ -427,8 +441,11 @@ class AsyncEngine:
         return self
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engines; requests still in flight finish with reason "abort"."""
+        """Stop the engines; requests still in flight finish with reason "abort". A second call does nothing."""
+        if self._stopping:
+            return
         self._stopping = True
+        atexit.unregister(self.shutdown)
         for h in self._handles:
             h.send(Shutdown())
         for h in self._handles:

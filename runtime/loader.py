@@ -40,7 +40,20 @@ from tessera.kernels.fp8 import check_kv_scale_values
 from tessera.runtime.model import Model
 from tessera.runtime.weights import LM_HEAD, WEIGHT_SCALE, hf_weight_shapes, pack_model, unpack_model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# What a checkpoint carries beside its weights and config that a child or a copy keeps: the tokenizer (tessera reads
+# tokenizer.json; the rest serve other runtimes' tokenizers), its chat template (transformers >= 4.43 writes it to
+# chat_template.jinja) and generation defaults (the end-of-turn ids among them).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 _INDEX = "model.safetensors.index.json"
 # safetensors header dtype -> torch dtype, for checking dtypes from headers before any tensor is read.
 _STORED_DTYPES = {

@@ -125,7 +125,7 @@ def max_token_bytes(tokenizer: Tokenizer) -> int | None:
     # A byte-level vocabulary spells each byte as one character; added tokens match their literal text.
     longest = max(map(len, tokenizer.get_vocab(with_added_tokens=False)), default=1)
     added = (len(t.content.encode("utf-8")) for t in tokenizer.get_added_tokens_decoder().values())
-    return max(longest, *added)
+    return max(longest, *added, 0)  # the list of added tokens may be empty
 
 
 class PromptEncoder:

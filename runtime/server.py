@@ -318,20 +318,43 @@ class _Timing:
 
 
 def load_chat_template(model_dir: str | Path) -> tuple[str, dict[str, str]]:
-    """The chat template of tokenizer_config.json (a string, or the "default" of a list of named ones) and
-    its special tokens; DEFAULT_CHAT_TEMPLATE when it has none."""
+    """The checkpoint's chat template and its special tokens (tokenizer_config.json's bos/eos_token);
+    DEFAULT_CHAT_TEMPLATE when it has none. Where transformers looks, in its order: chat_template.jinja (what
+    transformers >= 4.43 writes), then tokenizer_config.json's chat_template (a string, or the "default" of a list
+    of named ones)."""
     path = Path(model_dir) / "tokenizer_config.json"
     config = read_json(path, "a tokenizer config", ConfigError) if path.is_file() else {}
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
+    specials = {k: v for k, v in config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
+    jinja = Path(model_dir) / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{jinja}: cannot be read as UTF-8 text ({e})") from None
+        compile_chat_template(template, str(jinja))
+        return template, specials
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if template is not None and not isinstance(template, str):
         raise ConfigError(f"{path}: chat_template must be a string or a list of {{name, template}} objects")
-    specials = {k: v for k, v in config.items() if k in ("bos_token", "eos_token") and isinstance(v, str)}
+    if template is not None:
+        compile_chat_template(template, f"{path}: chat_template")  # before any engine starts: the file's error
     return template or DEFAULT_CHAT_TEMPLATE, specials
+
+
+def compile_chat_template(template: str, source: str = "chat template") -> jinja2.Template:
+    """A chat template ready to render, sandboxed (it comes with a downloaded checkpoint) as transformers runs it;
+    a ConfigError naming `source` when it does not compile."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"{source} does not compile (line {e.lineno}: {e.message})") from None
 
 
 def _raise_exception(message: str) -> None:
@@ -351,9 +374,7 @@ class Server:
     ) -> None:
         self.engine, self.model_name = engine, model_name
         self.created = int(time.time())
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        self.template = env.from_string(chat_template)
+        self.template = compile_chat_template(chat_template)
         # A model's own template writes its special tokens (a BOS, say): its rendering is encoded without the
         # tokenizer's, as apply_chat_template and vLLM encode it. tessera's fallback writes none: the tokenizer
         # adds them, as it does to a completion prompt.
@@ -503,8 +524,10 @@ class Server:
         """The chat's prompt: the template rendered with the messages (in a worker thread too)."""
         try:
             return self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
-        except jinja2.TemplateError as e:
-            raise APIError(400, f"chat template: {e}", "messages") from e
+        except APIError:  # the template's own raise_exception
+            raise
+        except Exception as e:  # the messages the client sent broke it (e.g. a field of a type it cannot iterate)
+            raise APIError(400, f"chat template: {type(e).__name__}: {e}", "messages") from e
 
     def _admit(self, request_id: str, prompt: list[int], params: SamplingParams, exact_length: bool) -> EngineRequest:
         """A request checked against the engines' limits; an explicit max_tokens past the context is refused
@@ -737,10 +760,14 @@ def build_server(
     each loading the checkpoint, and this returns once all are ready. `engine_args`: `engine_spec`'s (device,
     dtype, max_batch, ...), checked there first."""
     spec = engine_spec(model_dir, **engine_args)
-    engine = AsyncEngine(spec, data_parallel_size).start()
-    template, specials = load_chat_template(model_dir)
+    template, specials = load_chat_template(model_dir)  # its errors before any engine process starts
     name = served_model_name or Path(model_dir).resolve().name
-    return Server(engine, name, template, specials, max_request_bytes)
+    engine = AsyncEngine(spec, data_parallel_size).start()
+    try:
+        return Server(engine, name, template, specials, max_request_bytes)
+    except BaseException:
+        engine.shutdown()  # started engine processes would otherwise outlive the error
+        raise
 
 
 def run(server: Server, host: str = "127.0.0.1", port: int = 8000, graceful_timeout: float = 10.0) -> None:
@@ -753,5 +780,8 @@ def run(server: Server, host: str = "127.0.0.1", port: int = 8000, graceful_time
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the previous handler:
     # make both a KeyboardInterrupt, caught here, so a requested shutdown exits 0 without a traceback.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(config).run()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.Server(config).run()
+    finally:  # also when uvicorn exits without its lifespan's shutdown (a port in use): no engine outlives it
+        server.engine.shutdown()

@@ -87,7 +87,21 @@ def load(path: str | Path) -> ArchConfig:
     cfg = read_json(path, "a Hugging Face config.json", ConfigError)
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level")
-    return parse(cfg, str(path))
+    arch = parse(cfg, str(path))
+    return replace(arch, eos_token_ids=arch.eos_token_ids + _generation_eos(path.parent, arch))
+
+
+def _generation_eos(folder: Path, arch: ArchConfig) -> tuple[int, ...]:
+    """End-of-sequence ids that generation_config.json adds to config.json's: an instruct checkpoint lists its
+    end-of-turn token there (Llama-3-Instruct's <|eot_id|>), and a reply must stop at it, as transformers and vLLM
+    stop. Only type-checked otherwise: tessera reads no other generation default."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return ()
+    cfg = read_json(path, "a Hugging Face generation_config.json", ConfigError)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return tuple(i for i in dict.fromkeys(_eos_ids(cfg, str(path), arch.vocab_size)) if i not in arch.eos_token_ids)
 
 
 def _bad(source: str, name: str, expected: str, value: Any) -> ConfigError:
@@ -184,6 +198,14 @@ def _token_id(value: Any, source: str, name: str, vocab_size: int) -> int:
     if type(value) is not int or not 0 <= value < vocab_size:
         raise _bad(source, name, f"a token id in [0, {vocab_size})", value)
     return value
+
+
+def _eos_ids(cfg: dict[str, Any], source: str, vocab_size: int) -> tuple[int, ...]:
+    """eos_token_id: one token id, a list of them, or null."""
+    eos = cfg.get("eos_token_id")
+    if isinstance(eos, list):
+        return tuple(_token_id(e, source, f"eos_token_id[{j}]", vocab_size) for j, e in enumerate(eos))
+    return () if eos is None else (_token_id(eos, source, "eos_token_id", vocab_size),)
 
 
 def _read_rope(cfg: dict[str, Any], source: str) -> RopeConfig:
@@ -384,11 +406,7 @@ def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
         )
 
     bos = cfg.get("bos_token_id")
-    eos = cfg.get("eos_token_id")
-    if isinstance(eos, list):
-        eos_ids = tuple(_token_id(e, source, f"eos_token_id[{j}]", vocab_size) for j, e in enumerate(eos))
-    else:
-        eos_ids = () if eos is None else (_token_id(eos, source, "eos_token_id", vocab_size),)
+    eos_ids = _eos_ids(cfg, source, vocab_size)
     # Not used by tessera, only type-checked; old Llama conversions write -1 for "none".
     _int(cfg, "pad_token_id", source, None, lo=-1, expected=f"an integer in [-1, {_MAX_DIM}] or null")
     quantization, kv_cache_scales = _read_quantization(cfg, source)

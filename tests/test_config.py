@@ -471,6 +471,27 @@ def test_null_bool_is_false_and_null_sizes_take_defaults(tmp_path: Path) -> None
     assert arch.bos_token_id is None and arch.eos_token_ids == ()
 
 
+def test_generation_config_adds_its_end_of_turn_tokens(tmp_path: Path) -> None:
+    """An instruct checkpoint lists its end-of-turn token only in generation_config.json (Llama-3-Instruct's
+    <|eot_id|> beside config.json's <|end_of_text|>): a reply must stop at it, as transformers' generate does.
+    Its ids join config.json's, each once; a bad one is named in that file."""
+    cfg = json.loads((CONFIGS / "llama-3.1-8b.json").read_text())
+    cfg["eos_token_id"] = 128001
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert ArchConfig.from_json(tmp_path).eos_token_ids == (128001,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128008, 128009, 128009]}))
+    assert ArchConfig.from_json(tmp_path).eos_token_ids == (128001, 128008, 128009)
+    assert ArchConfig.from_json(tmp_path / "config.json").eos_token_ids == (128001, 128008, 128009)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 128009, "temperature": 0.6}))
+    assert ArchConfig.from_json(tmp_path).eos_token_ids == (128001, 128009)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128009, "x"]}))
+    with pytest.raises(ConfigError, match=r"generation_config.json: eos_token_id\[1\]: expected a token id"):
+        ArchConfig.from_json(tmp_path)
+    (tmp_path / "generation_config.json").write_text("[]")
+    with pytest.raises(ConfigError, match=r"generation_config.json: expected a JSON object"):
+        ArchConfig.from_json(tmp_path)
+
+
 @pytest.mark.parametrize(
     "text",
     [

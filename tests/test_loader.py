@@ -305,9 +305,13 @@ def test_save_over_a_checkpoint_keeps_the_callers_files(llama_untied: Path, tmp_
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
     (tok_dir / "tokenizer_config.json").write_text('{"from": "parent"}')
+    (tok_dir / "chat_template.jinja").write_text("{{ messages }}")  # where transformers >= 4.43 keeps it
+    (tok_dir / "notes.txt").write_text("not a tokenizer file")
     save_model(model, target, tokenizer_from=tok_dir)
     names = sorted(p.name for p in target.iterdir())
-    assert names == ["config.json", "model.safetensors", "plots", "tokenizer.json", "tokenizer_config.json"]
+    expected = ["chat_template.jinja", "config.json", "model.safetensors", "plots", "tokenizer.json"]
+    assert names == [*expected, "tokenizer_config.json"]
+    assert (target / "chat_template.jinja").read_text() == "{{ messages }}"
     assert (target / "tokenizer.json").read_text() == '{"mine": 1}'
     assert (target / "tokenizer_config.json").read_text() == '{"from": "parent"}'
     assert (target / "plots" / "loss.png").read_bytes() == b"png"

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -247,12 +250,25 @@ def test_chat_template_from_the_tokenizer_config(tmp_path) -> None:
     assert template == own and specials == {"bos_token": "<s>"}
 
 
+def test_a_chat_template_jinja_file_comes_first(tmp_path) -> None:
+    """transformers >= 4.43 writes the template to chat_template.jinja, and reads that before tokenizer_config.json's;
+    so does tessera (it had fallen back to its default template, the wrong format, without a word)."""
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": "old"}))
+    own = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (tmp_path / "chat_template.jinja").write_text(own)
+    assert load_chat_template(tmp_path) == (own, {"eos_token": "</s>"})
+    (tmp_path / "chat_template.jinja").write_text("{% for %}")
+    with pytest.raises(ConfigError, match=r"chat_template.jinja does not compile \(line 1"):
+        load_chat_template(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("{not json", "not valid JSON"),
         ("[1, 2]", "expected a JSON object"),
         (json.dumps({"chat_template": 7}), "chat_template must be a string"),
+        (json.dumps({"chat_template": "{% for m in messages %}{{ m }"}), r"chat_template does not compile \(line 1"),
     ],
 )
 def test_a_bad_tokenizer_config_is_named(tmp_path, content, message) -> None:
@@ -260,6 +276,77 @@ def test_a_bad_tokenizer_config_is_named(tmp_path, content, message) -> None:
     with pytest.raises(ConfigError, match=message) as error:
         load_chat_template(tmp_path)
     assert "tokenizer_config.json" in str(error.value)
+
+
+def test_a_broken_template_is_refused_before_any_engine_starts(tmp_path) -> None:
+    """The checkpoint's own error, in one line: before, the engines started first, the template's syntax error
+    came out as a traceback, and the process then hung at exit waiting on engines that ignore SIGTERM."""
+    model = Path(shutil.copytree(PARENT_DIR, tmp_path / "model"))
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% if %}"}))
+    with pytest.raises(ConfigError, match=r"tokenizer_config.json: chat_template does not compile"):
+        build_server(model, max_batch=1, max_model_len=64)
+    assert not multiprocessing.active_children()
+
+
+def test_messages_that_break_the_template_are_the_clients_error() -> None:
+    """A model's template may loop over a field the client sets (tool_calls); a value of the wrong type made it
+    raise TypeError, a 500. It is a 400 on `messages`, and the template's own raise_exception stays one too."""
+    from types import SimpleNamespace
+
+    from tessera.runtime.server import APIError, Server
+
+    template = "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c }}{% endfor %}{% endfor %}"
+    fake_engine = SimpleNamespace(max_model_len=128, running=0, queue_depth=0, kv_usage=0.0)
+    served = Server(fake_engine, "m", chat_template=template)
+    assert served._render([{"role": "user", "content": "x", "tool_calls": ["a", "b"]}]) == "ab"
+    with pytest.raises(APIError) as caught:
+        served._render([{"role": "user", "content": "x", "tool_calls": 5}])
+    assert caught.value.status == 400 and caught.value.param == "messages" and "TypeError" in caught.value.message
+    refusing = Server(fake_engine, "m", chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(APIError, match="chat template: roles must alternate"):
+        refusing._render([])
+
+
+def test_an_owner_that_exits_without_shutdown_does_not_hang() -> None:
+    """A script that starts an AsyncEngine and then fails: multiprocessing's exit hook stops children with SIGTERM,
+    which engine processes ignore, and waited for them forever. The engine's own exit hook shuts them down."""
+    script = (
+        "from tessera.runtime.async_engine import AsyncEngine\n"
+        "from tessera.runtime.server import engine_spec\n"
+        "if __name__ == '__main__':\n"
+        f"    AsyncEngine(engine_spec({str(PARENT_DIR)!r}, max_batch=1, max_model_len=64, threads=1)).start()\n"
+        "    raise SystemExit('failed after the engine started')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "failed after the engine started" in done.stderr
+
+
+def test_engines_of_different_pools_admit_what_the_smallest_holds() -> None:
+    """Data-parallel engines each size a default pool from the memory free as they start: requests are checked
+    against the smallest pool of each KV group, which every engine can hold."""
+    from tessera.runtime.async_engine import smallest_pools
+    from tessera.runtime.engine import CapacityError, EngineLimits
+
+    def limits(full: int, windowed: int) -> EngineLimits:
+        return EngineLimits(97, 512, 16, ((full, None), (windowed, 9)), True, 8)
+
+    combined = smallest_pools([limits(16, 40), limits(6, 50), limits(20, 30)])
+    assert combined.groups == ((6, None), (30, 9)) and combined == limits(6, 30)
+    with pytest.raises(CapacityError, match=r"needs 8 KV pages .* the whole pool holds 6"):  # 127 tokens
+        combined.admit("r", [1] * 100, SamplingParams(max_new_tokens=28))
+    assert limits(16, 40).admit("r", [1] * 100, SamplingParams(max_new_tokens=28)).budget == 28
+
+
+def test_a_byte_level_tokenizer_without_added_tokens_bounds_its_token_bytes() -> None:
+    """max_token_bytes took max() over the added tokens' lengths unpacked: with none, a TypeError at start-up."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tessera.runtime.sampling import max_token_bytes
+
+    tokenizer = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, "Ġab": 3}, merges=[("a", "b")]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+    assert not tokenizer.get_added_tokens_decoder()
+    assert max_token_bytes(tokenizer) == 3  # "Ġab": the longest vocabulary entry, 3 characters
 
 
 def test_stop_strings_over_http(client, reference) -> None:
