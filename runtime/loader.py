@@ -36,7 +36,7 @@ from tessera.devices import available_memory, check_fp8, dtype_name
 from tessera.errors import UserError
 from tessera.files import atomic_write_text, default_mode, replaced_folder
 from tessera.kernels import FP8, dequantize_weight
-from tessera.kernels.fp8 import check_kv_scale_values
+from tessera.kernels.fp8 import FP8_MAX, check_kv_scale_values
 from tessera.runtime.model import Model
 from tessera.runtime.weights import LM_HEAD, WEIGHT_SCALE, hf_weight_shapes, pack_model, unpack_model
 
@@ -200,6 +200,13 @@ def _check_values(t: torch.Tensor, name: str, file: Path, dtype: torch.dtype | N
         raise CheckpointError(f"{file}: tensor {name} holds NaN or inf values (min {lo}, max {hi})")
     if name.endswith(WEIGHT_SCALE) and lo <= 0:  # a scale of 0 zeroes its row, a negative one flips it
         raise CheckpointError(f"{file}: tensor {name} holds {lo}; FP8 weight scales must be > 0")
+    if name.endswith(WEIGHT_SCALE) and dtype is not None and hi * FP8_MAX > torch.finfo(dtype).max:
+        # The row's weights are its E4M3 codes (up to 448) times the scale, in `dtype` once dequantized or
+        # multiplied out: past its range they are inf.
+        raise CheckpointError(
+            f"{file}: tensor {name} holds {hi}, which times E4M3's largest value ({FP8_MAX:g}) is beyond "
+            f"{dtype}'s range (largest {torch.finfo(dtype).max:.6g}): its weights would load as inf"
+        )
     if dtype is not None and dtype.is_floating_point and t.dtype.itemsize > 1:  # an FP8 matrix stays FP8
         largest, limit = max(-lo, hi), torch.finfo(dtype).max
         if largest > limit:
@@ -412,6 +419,11 @@ def _write_checkpoint(
 
 def _is_weight_file(name: str) -> bool:
     return name == _INDEX or (name.startswith("model") and name.endswith(".safetensors"))
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """A name `save_model` writes in a checkpoint folder (with a tokenizer copied in)."""
+    return name == "config.json" or _is_weight_file(name) or name in TOKENIZER_FILES
 
 
 def _carry_over(old: Path, new: Path) -> None:

@@ -49,20 +49,23 @@ def read_corpus(split: str, corpus: str | Path) -> str:
         raise UserError(f"{path}: not xz-compressed UTF-8 text ({e})") from None
 
 
-def encode_split(tok: Tokenizer, split: str, corpus: str | Path) -> np.ndarray:
-    """The split as one uint16 token stream, documents separated by the separator's token."""
+def encode_split(tok: Tokenizer, split: str, corpus: str | Path, eos_token_ids: tuple[int, ...] = ()) -> np.ndarray:
+    """The split as one token stream, documents separated by a token: DOCUMENT_SEPARATOR's where the tokenizer has
+    it (the demo's, GPT-2's, Qwen's), else the model's first end-of-sequence id (Llama-3's <|end_of_text|>,
+    Mistral's </s>). uint16 for vocabularies that fit (the demo's 8k), int32 for the rest (Llama-3's 128k)."""
     separator = tok.token_to_id(DOCUMENT_SEPARATOR)
-    if separator is None or tok.get_vocab_size() > 2**16:
+    if separator is None and eos_token_ids:
+        separator = eos_token_ids[0]
+    if separator is None:
         raise UserError(
-            f"the tokenizer must have {DOCUMENT_SEPARATOR!r} as a token (it joins the corpus's documents) and at most "
-            f"{2**16} tokens (the corpus is held as uint16); it has {tok.get_vocab_size()} tokens"
-            + ("" if separator is not None else f" and no {DOCUMENT_SEPARATOR!r}")
+            f"the tokenizer has no {DOCUMENT_SEPARATOR!r} token and the model no eos_token_id: no token can separate "
+            "the corpus's documents"
         )
     ids: list[int] = []
     for enc in tok.encode_batch(read_corpus(split, corpus).split(DOCUMENT_SEPARATOR)):
         ids.extend(enc.ids)
         ids.append(separator)
-    return np.asarray(ids, dtype=np.uint16)
+    return np.asarray(ids, dtype=np.uint16 if max(tok.get_vocab_size(), separator + 1) <= 2**16 else np.int32)
 
 
 @dataclass
@@ -85,5 +88,5 @@ def load_parent(
     model_dir: str | Path, corpus: str | Path, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> ParentAndText:
     model = load_frozen(model_dir, device, dtype)
-    tok = load_tokenizer(model_dir)
-    return ParentAndText(model, encode_split(tok, "train", corpus), encode_split(tok, "validation", corpus))
+    tok, eos = load_tokenizer(model_dir), model.arch.eos_token_ids
+    return ParentAndText(model, encode_split(tok, "train", corpus, eos), encode_split(tok, "validation", corpus, eos))

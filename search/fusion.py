@@ -49,6 +49,8 @@ from tessera.search.train import fixed_windows
 EMPTY = EMPTY_BLOCK  # what fusion leaves in a fused group's other layers
 BLOCK_PAIR_THRESHOLD = 0.05  # on the demo parent, the one pair under it loses KL 0.009 run side by side
 LATENCY_ROUNDS = 5  # lockstep rounds of the fused model against the unfused
+# What `run_fusion` writes beside the fused checkpoint (the heat-maps when there is a matrix to draw).
+FUSION_OUTPUTS = frozenset({"fusion.json", "fusion.md", "ffn_dependency.png", "block_dependency.png"})
 SWIGLU = FFN["swiglu"]
 
 

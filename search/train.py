@@ -99,9 +99,11 @@ def random_windows(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int)
 
 def fixed_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Consecutive non-overlapping windows [n, seq_len + 1] covering the tokens (held-out evaluation)."""
-    n = (len(tokens) - 1) // seq_len
+    n = max((len(tokens) - 1) // seq_len, 0)
     if max_windows is not None:
         n = min(n, max_windows)
+    if n == 0:  # too few tokens: no window (callers say how many they need)
+        return torch.empty((0, seq_len + 1), dtype=torch.int64)
     return torch.stack(
         [torch.from_numpy(tokens[i * seq_len : i * seq_len + seq_len + 1].astype(np.int64)) for i in range(n)]
     )

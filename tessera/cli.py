@@ -31,6 +31,7 @@ from tessera.devices import RUN_DTYPES, parse_dtype, resolve_device, serving_dty
 from tessera.errors import UserError, UserFileNotFound
 from tessera.files import atomic_write_text
 from tessera.runtime.async_engine import EngineProcessError
+from tessera.runtime.loader import is_checkpoint_file
 
 
 def _ranged(
@@ -159,12 +160,15 @@ def check_output(
     ours: Callable[[Path], bool] | None = None,
     overwrite: bool = False,
     inputs: dict[str, Path] | None = None,
+    writes: Callable[[str], bool] | None = None,
 ) -> Path:
     """Check an output path before any work starts, so a long run never fails (or destroys something) at its end.
 
     folder: the output is a folder (created with its parents) or a file (its folder must exist). ours: recognises
     a previous output of `command`; an existing output it does not recognise (a non-empty folder, a file) is
-    refused unless `overwrite`. inputs: {flag: path} the output folder must not hold, whatever `overwrite` says."""
+    refused unless `overwrite`. writes: the names `command` writes in a folder it replaces whole; a previous
+    output that also holds others (a user's notes) is refused unless `overwrite`, as they would be lost.
+    inputs: {flag: path} the output folder must not hold, whatever `overwrite` says."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: is a file, expected a folder")
@@ -187,6 +191,12 @@ def check_output(
         raise UserError(
             f"{flag} {path}: {what} that is not the output of a previous `tessera {command}`; "
             "pass --overwrite to replace it"
+        )
+    kept = writes is None or not folder or not path.is_dir() or overwrite
+    if others := [] if kept else sorted(entry.name for entry in path.iterdir() if not writes(entry.name)):
+        raise UserError(
+            f"{flag} {path}: the output of a previous `tessera {command}` that also holds {', '.join(others)}, "
+            f"which `tessera {command}` would delete (it replaces the folder whole); move them, or pass --overwrite"
         )
     return path
 
@@ -273,8 +283,11 @@ def _generator(model_path: str, device: str, dtype: str, kv_cache_dtype: str = "
     from tessera.runtime.loader import load_model
     from tessera.runtime.sampling import load_tokenizer
 
+    # The tokenizer before the weights: a checkpoint folder without one is said at once, not after the load (a
+    # path that is no folder gets the loader's own error).
+    tokenizer = load_tokenizer(model_path) if Path(model_path).is_dir() else None
     model = load_model(model_path, device=resolve_device(device), dtype=parse_dtype(dtype))
-    return Generator(model, load_tokenizer(model_path), kv_cache_dtype)
+    return Generator(model, tokenizer or load_tokenizer(model_path), kv_cache_dtype)
 
 
 def _note_kv_scales(model_dir: str | Path, kv_cache_dtype: str) -> None:
@@ -349,9 +362,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     model_dir = Path(args.model or PARENT_DIR)
     print(_format_info(ArchConfig.from_json(model_dir), f"model: {model_dir}"))
     report = model_dir / "training.json"
-    if report.is_file():
-        r = json.loads(report.read_text())
-        print(f"  trained: validation loss {r['val_loss']:.3f} (perplexity {r['val_perplexity']:.1f})\n")
+    if report.is_file():  # the demo parent's training report; another model's file of that name is passed over
+        try:
+            r = json.loads(report.read_text())
+            print(f"  trained: validation loss {r['val_loss']:.3f} (perplexity {r['val_perplexity']:.1f})\n")
+        except (OSError, ValueError, TypeError, KeyError):
+            print(f"  ({report} is not a tessera training report: not shown)\n")
     gen = _generator(str(model_dir), args.device, "float32")
     for title, params in (
         ("greedy", SamplingParams(max_new_tokens=args.max_new_tokens)),
@@ -414,11 +430,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     tp, local = launch.size, launch.local  # the model's ranks, those on this machine
     if launch.torchrun and dp > 1:
         raise UserError("--data-parallel-size under torchrun: torchrun's ranks shard one engine (tensor parallel)")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cores:  # 5,000 threads on 2 cores kept an engine from starting
+        raise UserError(f"--threads {args.threads}: this machine has {cores} cores; more threads than cores contend")
     threads = None
     if args.device == "cpu":
         # The cores are split between the engine processes; the HTTP side (its own process) needs little. On the
         # 2-core dev VM at 16 concurrent streams, 2 threads served 1,302 output tokens/s and 1 thread 958 (issue 6).
-        threads = args.threads or max(1, (os.cpu_count() or 1) // (dp * local))
+        threads = args.threads or max(1, cores // (dp * local))
     model = args.model or str(PARENT_DIR)
     device = resolve_device(args.device)
     # Each engine process loads its weights: on one GPU or the CPU their copies share the memory; tensor-parallel
@@ -448,6 +467,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if why := follow(engine_spec(model, **engine), launch.rank):
             raise UserError(f"tessera serve: rank {launch.rank} of {tp}: {why}")
         return
+    # SIGTERM while the engines start (loading can take minutes): an interrupt, so the engine processes, which
+    # ignore SIGTERM, are shut down at exit instead of outliving the server.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = build_server(
         model,
         served_model_name=args.served_model_name,
@@ -630,7 +652,7 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         return
     from tessera.demo import CORPUS_DIR
     from tessera.search.data import load_frozen, load_parent
-    from tessera.search.fusion import FusionConfig, FusionError, parse_groups, run_fusion
+    from tessera.search.fusion import FUSION_OUTPUTS, FusionConfig, FusionError, parse_groups, run_fusion
     from tessera.search.train import fixed_windows
 
     # Text is needed to choose groups, to heal and to score: explicit --groups with --heal-steps 0 and no
@@ -639,7 +661,14 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     model_dir, corpus = Path(args.model), Path(args.corpus or CORPUS_DIR)
     inputs = {"--model": model_dir, "the current folder": Path.cwd()} | ({"--corpus": corpus} if uses_text else {})
     out = check_output(
-        args.out, "--out", folder=True, command="fuse", ours=_is_fuse_output, overwrite=args.overwrite, inputs=inputs
+        args.out,
+        "--out",
+        folder=True,
+        command="fuse",
+        ours=_is_fuse_output,
+        overwrite=args.overwrite,
+        inputs=inputs,
+        writes=lambda name: is_checkpoint_file(name) or name in FUSION_OUTPUTS,
     )
     if uses_text:
         _corpus(args)
@@ -685,22 +714,30 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         ours=_quantize_output,
         overwrite=args.overwrite,
         inputs=inputs,
+        writes=is_checkpoint_file,
     )
     device = resolve_device(args.device)
-    # Built in FP8 and quantized a sublayer at a time as it is read (Model.load_packed): FP8's bytes, not bf16's.
-    check_memory(model_dir, device, FP8, remedy="quantize on a device with more free memory (--device)")
-    model = load_model(model_dir, device, FP8)
-    what = "E4M3 weights, per-channel scales"
-    if corpus is not None:
+    windows = None
+    if corpus is not None:  # the text first: a tokenizer or corpus that cannot calibrate is said before the load
         from tessera.runtime.sampling import load_tokenizer
         from tessera.search.data import encode_split
         from tessera.search.train import fixed_windows
 
+        arch = ArchConfig.from_json(model_dir)
         # The FP8 model's own keys and values (as they will be served), on text the evaluation does not use.
-        seq_len = min(KV_CALIBRATION_LEN, model.arch.max_position_embeddings)
-        windows = fixed_windows(
-            encode_split(load_tokenizer(model_dir), "train", corpus), seq_len, KV_CALIBRATION_WINDOWS
-        )
+        seq_len = min(KV_CALIBRATION_LEN, arch.max_position_embeddings)
+        tokens = encode_split(load_tokenizer(model_dir), "train", corpus, arch.eos_token_ids)
+        windows = fixed_windows(tokens, seq_len, KV_CALIBRATION_WINDOWS)
+        if not len(windows):
+            raise UserError(
+                f"--corpus {corpus}: its train split is {len(tokens)} tokens; calibrating KV-cache scales needs "
+                f"at least {seq_len + 1} (one window of {seq_len})"
+            )
+    # Built in FP8 and quantized a sublayer at a time as it is read (Model.load_packed): FP8's bytes, not bf16's.
+    check_memory(model_dir, device, FP8, remedy="quantize on a device with more free memory (--device)")
+    model = load_model(model_dir, device, FP8)
+    what = "E4M3 weights, per-channel scales"
+    if windows is not None:
         scales = model.calibrate_kv_scales(windows[:, :-1])
         what += f", FP8 KV-cache scales of {len(scales)} layers from {windows.shape[0]} x {seq_len} tokens of {corpus}"
     save_model(model, out, tokenizer_from=model_dir, carry_over=False)  # nothing in an old --out is this model's

@@ -32,8 +32,11 @@ def _sync(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path to write the file at `path` to; renamed onto `path` when the block ends cleanly,
-    removed when it raises (any old file at `path` is then untouched)."""
+    removed when it raises (any old file at `path` is then untouched). A symbolic link at `path` is kept: the
+    file it names is replaced, as a plain write through the link would (`replaced_folder` keeps links too)."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path, "tmp")
     try:

@@ -486,6 +486,9 @@ def _nas_block(raw: Any, i: int, hidden: int, n_heads: int, source: str) -> Bloc
     if not isinstance(raw, dict) or not isinstance(raw.get("attention"), dict) or not isinstance(raw.get("ffn"), dict):
         raise ConfigError(f"{where}: expected an object with 'attention' and 'ffn' objects")
     att, ffn = raw["attention"], raw["ffn"]
+    # Puzzle's BlockConfig has more (parallel_blocks: sublayers run side by side); set, any would change the
+    # model, so it is refused rather than read as the plain block.
+    _check_neutral(raw, {"parallel_blocks": (None, [])}, {"attention", "ffn"}, where)
     _check_neutral(
         att,
         _NEUTRAL_ATTENTION_KEYS,

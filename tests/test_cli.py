@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,16 @@ def test_info_bad_config_is_one_line(tmp_path: Path, capsys) -> None:
     code, out, err = run_cli(capsys, "info", "--model", str(tmp_path))
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "num_key_value_heads=7 does not divide" in err and str(tmp_path) in err
+
+
+def test_demo_shows_its_training_report_and_passes_over_a_foreign_one(tmp_path: Path, capsys) -> None:
+    code, printed, _ = run_cli(capsys, "demo", "--max-new-tokens", "2")
+    assert code == 0 and "trained: validation loss" in printed and printed.count("--- finish:") == 6  # 3 prompts x 2
+    model = Path(shutil.copytree(PARENT_DIR, tmp_path / "model"))
+    for text in ('{"loss": 1}', "{not json"):  # another tool's training.json: a line, not a KeyError
+        (model / "training.json").write_text(text)
+        code, printed, err = run_cli(capsys, "demo", "--model", str(model), "--max-new-tokens", "2")
+        assert code == 0 and "is not a tessera training report" in printed, err
 
 
 def test_generate_on_demo_parent(capsys) -> None:
@@ -102,6 +113,12 @@ def test_quantize_then_generate_in_fp8_equals_quantizing_at_load(tmp_path: Path,
     assert not (tmp_path / "checkpoint" / "training.json").exists()  # the parent's training report, not this model's
     code, _, _ = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out))  # an earlier output
     assert code == 0
+    # One the user has added notes to: replacing it whole would delete them, so --overwrite is asked for.
+    (out / "README.md").write_text("my notes")
+    code, _, err = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out))
+    assert code == 2 and "also holds README.md, which `tessera quantize` would delete" in err
+    assert (out / "README.md").read_text() == "my notes"
+    (out / "README.md").unlink()
     # An FP8 checkpoint another tool wrote (llm-compressor records its version) is not one of ours either.
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"]["version"] = "0.6.0"
@@ -128,6 +145,14 @@ def test_quantize_with_kv_cache_scales_then_generate_with_an_fp8_cache(tmp_path:
         capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(tmp_path / "q"), "--corpus", "."
     )
     assert code == 2 and "add --kv-cache-scales" in err
+    tiny = tmp_path / "tiny"  # a corpus shorter than one calibration window: said, not a torch.stack traceback
+    tiny.mkdir()
+    for split in ("train", "validation"):
+        (tiny / f"{split}.txt.xz").write_bytes(lzma.compress(b"def f(x):\n    return x\n"))
+    argv = ("quantize", "--model", str(PARENT_DIR), "--out", str(tmp_path / "q"), "--kv-cache-scales")
+    code, _, err = run_cli(capsys, *argv, "--corpus", str(tiny))
+    assert code == 2 and "calibrating KV-cache scales needs at least 513 (one window of 512)" in err
+    assert not (tmp_path / "q").exists()
 
 
 def test_generate_sampled_is_seeded(capsys) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import lzma
+import os
 import shutil
 import signal
 import subprocess
@@ -147,7 +148,8 @@ def fuse_argv(out: Path, corpus: Path, *extra: str) -> list[str]:
 
 def test_fuse_overwrite_hands_the_folder_to_run_fusion(monkeypatch, model_copy, corpus, capsys) -> None:
     """With --overwrite another model's folder is accepted, and run_fusion gets --out itself: it replaces the
-    folder whole (tests/test_fusion.py). A previous fuse output is accepted without --overwrite."""
+    folder whole (tests/test_fusion.py). A previous fuse output is accepted without --overwrite, unless it holds files
+    fuse does not write (a user's), which replacing it would delete."""
     import tessera.search.fusion
 
     calls: list[Path] = []
@@ -156,9 +158,14 @@ def test_fuse_overwrite_hands_the_folder_to_run_fusion(monkeypatch, model_copy, 
     (model_copy / "fusion.json").unlink(missing_ok=True)
     code, _, err = run_cli(capsys, *fuse_argv(model_copy, corpus, "--overwrite"))
     assert code == 0 and calls == [model_copy], err
-    (model_copy / "fusion.json").write_text("{}\n")  # now a previous fuse output
+    (model_copy / "fusion.json").write_text("{}\n")  # now a previous fuse output, with files fuse never writes
+    err = one_line_error(capsys, fuse_argv(model_copy, corpus))
+    assert "also holds training.json, training.png, which `tessera fuse` would delete" in err and "--overwrite" in err
+    assert calls == [model_copy] and (model_copy / "training.json").is_file()
+    for name in ("training.json", "training.png"):
+        (model_copy / name).unlink()
     code, _, err = run_cli(capsys, *fuse_argv(model_copy, corpus))
-    assert code == 0, err
+    assert code == 0 and calls == [model_copy] * 2, err
 
 
 def _fake_optimize(calls: list):
@@ -309,6 +316,13 @@ def test_every_numeric_flag_has_a_range() -> None:
 def test_seed_outside_what_torch_takes(no_work, capsys) -> None:
     line = argparse_error(capsys, ["generate", "--model", str(PARENT_DIR), "--prompt", "x", "--seed", str(2**70)])
     assert "argument --seed: expected an integer in [-9223372036854775808, 18446744073709551615]" in line
+
+
+def test_more_threads_than_cores_is_refused(no_work, capsys) -> None:
+    """5,000 threads on 2 cores: the engine process spun for minutes without starting."""
+    cores = os.cpu_count() or 1
+    err = one_line_error(capsys, ["serve", "--threads", str(cores + 1)])
+    assert f"--threads {cores + 1}: this machine has {cores} cores" in err
 
 
 # 4. Ctrl-C.

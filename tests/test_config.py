@@ -461,6 +461,22 @@ def test_wrongly_typed_nas_block_fields(tmp_path: Path, layer: int, mutate, mess
     assert str(err.value).startswith(f"{path}: ")
 
 
+def test_unknown_block_fields_are_refused_not_ignored(tmp_path: Path) -> None:
+    """A block key other than attention and ffn (Puzzle's parallel_blocks, anything else) would change the model:
+    read as the plain block, `info` and the search worked on the wrong architecture. Null or empty is neutral."""
+    cfg = nas_config()
+    cfg["block_configs"][0]["parallel_blocks"] = None
+    cfg["block_configs"][1]["parallel_blocks"] = []
+    assert ArchConfig.from_json(_write(tmp_path, cfg)) == ArchConfig.from_json(_write(tmp_path, nas_config()))
+    cfg["block_configs"][1]["parallel_blocks"] = [{"attention": {"no_op": True}, "ffn": {"no_op": True}}]
+    with pytest.raises(ConfigError, match=r"block_configs\[1\]\.parallel_blocks=.* asks for something tessera"):
+        ArchConfig.from_json(_write(tmp_path, cfg))
+    cfg = nas_config()
+    cfg["block_configs"][0]["moe_router"] = {"experts": 8}
+    with pytest.raises(ConfigError, match=r"block_configs\[0\]\.moe_router is not a field tessera knows"):
+        ArchConfig.from_json(_write(tmp_path, cfg))
+
+
 def test_null_bool_is_false_and_null_sizes_take_defaults(tmp_path: Path) -> None:
     """JSON null means "the default" throughout Hugging Face configs (num_key_value_heads: null in nemotron-nas)."""
     cfg = nas_config()
@@ -529,6 +545,16 @@ def test_atomic_write_text_replaces_whole_or_not_at_all(tmp_path: Path, monkeypa
         atomic_write_text(target, "newer\n")
     assert target.read_text() == "new\n"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left behind
+
+
+def test_an_atomic_write_through_a_link_replaces_the_file_it_names(tmp_path: Path) -> None:
+    """`calibrate --out link.json`: the link stays a link and its target gets the text (a plain rename put a
+    regular file in the link's place and left the target stale)."""
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to("real.json")
+    atomic_write_text(tmp_path / "link.json", "new")
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "real.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
 
 
 def test_save_json_is_atomic(tmp_path: Path, monkeypatch) -> None:

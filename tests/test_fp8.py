@@ -298,6 +298,15 @@ def test_fp8_checkpoint_errors_name_the_tensor_or_field(tmp_path, llama_tied) ->
         save_file({**tensors, scale: tensors[scale].index_fill(0, torch.tensor([3]), bad)}, out / "model.safetensors")
         with pytest.raises(CheckpointError, match=rf"{scale} holds {bad}; FP8 weight scales must be > 0"):
             load_model(out, dtype=FP8)
+    # A scale whose row would pass the dtype's range once multiplied out (codes reach 448): inf weights, refused.
+    save_file({**tensors, scale: tensors[scale].index_fill(0, torch.tensor([3]), 1000.0)}, out / "model.safetensors")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{scale} holds 1000.0, which times E4M3's largest value \(448\) is "
+        r"beyond torch.float16's range",
+    ):
+        load_model(out, dtype=torch.float16)
+    assert load_model(out, dtype=torch.float32).layers[0].mlp.w_gate_up.isfinite().all()
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].float()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.up_proj.weight is float32, expected float8_e4m3fn"):

@@ -700,6 +700,49 @@ def test_serve_command_shuts_down_cleanly_with_a_stream_in_flight(tmp_path) -> N
     assert "Application shutdown complete" in log
 
 
+def _processes_marked(mark: str) -> list[int]:
+    """PIDs whose environment holds TESSERA_TEST_MARK=mark (a process and the children that inherited it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and f"TESSERA_TEST_MARK={mark}".encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the engine processes through /proc")
+def test_sigterm_while_the_engines_start_leaves_no_engine_behind() -> None:
+    """SIGTERM before the server is ready (a large checkpoint loads for minutes): the server exits and its engine
+    processes, which ignore SIGTERM, go with it: the server shuts them down at exit. (The demo's engines, which load
+    in seconds, would also end once loaded, on the closed pipe; one that never finished loading outlived the
+    server, spinning with nobody to serve.)"""
+    mark = f"{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TESSERA_TEST_MARK": mark}
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tessera.cli", "serve", "--port", str(port), "--data-parallel-size", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(_processes_marked(mark)) < 3 and time.monotonic() < deadline:  # the server and its 2 engines
+            time.sleep(0.05)
+        assert len(_processes_marked(mark)) >= 3
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 30
+    while _processes_marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_marked(mark) == [], proc.stderr.read().decode()[-2000:]
+
+
 def test_data_parallel_is_refused_where_it_cannot_work() -> None:
     """Several engines are for CPU serving; on CUDA the server drives one GPU with one engine."""
     with pytest.raises(ValueError, match="data_parallel_size > 1 is for CPU serving"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -73,3 +74,28 @@ def test_diverging_loss_is_reported() -> None:
     p = torch.nn.Parameter(torch.ones(2, 2))
     with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
         train([("p", p)], lambda _: p.sum() * float("nan"), iter(range(5)), TrainConfig(steps=5), progress=False)
+
+
+def test_a_large_vocabulary_corpus_is_separated_by_the_models_eos(tmp_path) -> None:
+    """Llama-3's 128k tokenizer has no <|endoftext|>: its corpus stream is int32 (uint16 cut ids past 65,535, so
+    such a parent was refused) and its documents are separated by the model's first EOS id."""
+    import lzma
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tessera.errors import UserError
+    from tessera.search.data import DOCUMENT_SEPARATOR, encode_split
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(70_000)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    (tmp_path / "train.txt.xz").write_bytes(lzma.compress(f"w69999 w5{DOCUMENT_SEPARATOR}w7".encode()))
+    stream = encode_split(tok, "train", tmp_path, eos_token_ids=(69_998, 3))
+    assert stream.dtype == np.int32 and stream.tolist() == [69_999, 5, 69_998, 7, 69_998]
+    with pytest.raises(UserError, match=re.escape("no '<|endoftext|>' token and the model no eos_token_id")):
+        encode_split(tok, "train", tmp_path)
+
+
+def test_fixed_windows_of_too_few_tokens_are_none() -> None:
+    assert fixed_windows(np.arange(10, dtype=np.uint16), 16).shape == (0, 17)
+    assert fixed_windows(np.arange(0, dtype=np.uint16), 16).shape == (0, 17)
+    assert fixed_windows(np.arange(40, dtype=np.uint16), 16).shape == (2, 17)
