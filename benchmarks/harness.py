@@ -181,14 +181,28 @@ class KernelCase:
     baseline_name: str  # what the baseline is, in words (recorded with each result)
 
 
-def measure_cases(cases: Iterable[KernelCase], device: torch.device, copy_gbps: float) -> list[dict]:
+def measure_cases(
+    cases: Iterable[KernelCase],
+    device: torch.device,
+    copy_gbps: float,
+    written: Callable[[list[dict]], object] | None = None,
+) -> list[dict]:
     """Check each case's output against its baseline, then time both. Cases are built lazily (a generator),
-    so each one's tensors are freed before the next is allocated."""
+    so each one's tensors are freed before the next is allocated. A case that raises (a kernel that does not
+    compile for this GPU, say) is recorded as an error row and the next one runs; `written(rows)` after each case,
+    so a suite cut short by a time limit keeps what it measured."""
     rows = []
     for case in cases:
-        error = relative_error(case.candidate(), case.baseline())
-        ours_ms, method = time_ms(case.candidate, device)
-        base_ms, base_method = time_ms(case.baseline, device)
+        try:
+            error = relative_error(case.candidate(), case.baseline())
+            ours_ms, method = time_ms(case.candidate, device)
+            base_ms, base_method = time_ms(case.baseline, device)
+        except Exception as e:
+            rows.append({"op": case.op, **case.shape, "error": f"{type(e).__name__}: {e}"})
+            print(f"{case.op} [{', '.join(f'{k}={v}' for k, v in case.shape.items())}]: FAILED {rows[-1]['error']}")
+            if written is not None:
+                written(rows)
+            continue
         row = {
             "op": case.op,
             **case.shape,
@@ -207,6 +221,8 @@ def measure_cases(cases: Iterable[KernelCase], device: torch.device, copy_gbps: 
         }
         rows.append(row)
         print(_row_line(row), flush=True)
+        if written is not None:
+            written(rows)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -225,6 +241,7 @@ def _row_line(row: dict) -> str:
 
 _METRICS = {
     "op",
+    "error",
     "tessera_ms",
     "baseline_ms",
     "speedup",
@@ -242,10 +259,13 @@ _METRICS = {
 
 def kernel_table(rows: list[dict]) -> str:
     """Markdown: shape columns, both times, the speedup, TFLOP/s and GB/s (% of the copy bandwidth)."""
-    shape_keys = _shape_keys(rows[0])
+    shape_keys = _shape_keys(next((r for r in rows if "error" not in r), rows[0]))
     head = ["op", *shape_keys, "tessera ms", "baseline ms", "speedup", "TFLOP/s", "GB/s (% copy)", "rel. error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        if "error" in r:  # a case that raised: its error in place of the numbers
+            lines.append("| " + " | ".join([r["op"], *(str(r.get(k, "")) for k in shape_keys), r["error"]]) + " |")
+            continue
         speed = f"{r['speedup']:.2f}x" if r["correct"] else "WRONG"
         cells = [
             r["op"],

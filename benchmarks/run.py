@@ -59,21 +59,28 @@ def run_kernels(device: torch.device, suites: list[str] | None = None, out: Path
     paths = []
     for name in suites or list(KERNEL_SUITES):
         env = environment(device)
-        rows = measure_cases(KERNEL_SUITES[name].cases(device), device, copy_gbps)
         note = "" if device.type == "cuda" else "CPU: the ops run their plain-torch references (sanity only).\n\n"
-        md = _header(env, f"Kernel benchmark `{name}`", copy_gbps) + note + kernel_table(rows)
-        results = {**env, "suite": name, "copy_bandwidth_gbps": copy_gbps, "results": rows}
-        paths.append(write_results(results_name(device, f"kernels_{name}"), results, md, out))
+
+        def write(rows: list[dict], name: str = name, env: dict = env, note: str = note) -> Path:
+            md = _header(env, f"Kernel benchmark `{name}`", copy_gbps) + note + kernel_table(rows)
+            results = {**env, "suite": name, "copy_bandwidth_gbps": copy_gbps, "results": rows}
+            return write_results(results_name(device, f"kernels_{name}"), results, md, out)
+
+        # Written after every case too: a suite cut short by the GPU suite's time limit keeps what it measured.
+        paths.append(write(measure_cases(KERNEL_SUITES[name].cases(device), device, copy_gbps, written=write)))
     return paths
 
 
 def run_model(device: torch.device, out: Path | None = None) -> Path:
     copy_gbps = copy_bandwidth_gbps(device)
     env = environment(device)
-    result = bench_model.run(device, copy_gbps)
-    md = _header(env, f"Decode, {result['model']}, {result['dtype']}", copy_gbps) + bench_model.table(result)
-    results = {**env, "copy_bandwidth_gbps": copy_gbps, **result}
-    return write_results(results_name(device, "model_decode"), results, md, out)
+
+    def write(result: dict) -> Path:  # after every scenario too: a step cut short by its time limit keeps them
+        md = _header(env, f"Decode, {result['model']}, {result['dtype']}", copy_gbps) + bench_model.table(result)
+        results = {**env, "copy_bandwidth_gbps": copy_gbps, **result}
+        return write_results(results_name(device, "model_decode"), results, md, out)
+
+    return write(bench_model.run(device, copy_gbps, written=write))
 
 
 def run_model_pdl(device: torch.device, out: Path | None = None) -> Path:

@@ -1,8 +1,9 @@
 """The paged KV cache: one pool of pages per attention layer, sized by that layer's own KV-head count.
 
 Layers with linear or no-op attention get no pool at all, and a layer with 1 KV head holds 1/8 of what a layer
-with 8 holds: never padded to the maximum (the bug vLLM's early nemotron-nas support had). Each page costs
-`page_size · ArchConfig.kv_bytes_per_token()` (the one formula, in config.py).
+with 8 holds: never padded to the maximum (the bug vLLM's early nemotron-nas support had). A page of a KV group
+(below) costs `page_size` × the sum over that group's layers of their KV bytes per token (`group_page_bytes`,
+from config.py's per-layer formula); with one group, `page_size · ArchConfig.kv_bytes_per_token()`.
 
 Layers are grouped by attention window (`KVGroup`, vLLM's KV-cache groups): the full-attention layers share one
 page space and block table per sequence, the layers of each window another. A sequence's full-attention pages

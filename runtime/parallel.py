@@ -10,9 +10,10 @@ Every layer is split as vLLM splits a Llama, with the shares `ArchConfig.rank_*`
   elsewhere), the head's logits are gathered.
 - Norms whole. No-op sublayers are nothing on every rank.
 
-Each sublayer's output is a partial sum, made whole by one all-reduce (the residual is added on rank 0 only,
-before it). The rank's model is an ordinary `Model` of a rank-local `ArchConfig` (fewer heads, narrower
-FFNs, its vocabulary rows), so its KV cache holds only its KV heads and every kernel runs unchanged.
+Each sublayer's output is a partial sum, made whole by one all-reduce (for the FFN and the linear sublayers the
+residual is added on rank 0 only, before it; attention's is added after it, on every rank, in the fused norm).
+The rank's model is an ordinary `Model` of a rank-local `ArchConfig` (fewer heads, narrower FFNs, its vocabulary
+rows), so its KV cache holds only its KV heads and every kernel runs unchanged.
 """
 
 from __future__ import annotations

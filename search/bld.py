@@ -25,7 +25,7 @@ import json
 import shutil
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,11 @@ class BLDConfig:
 
 
 MANIFEST_FORMAT = 1
-_HASHES = {"parent_weights_sha256": "parent weights", "calibration.tokens_sha256": "calibration tokens"}
+_HASHES = {
+    "parent_weights_sha256": "parent weights",
+    "parent_config_sha256": "parent architecture (config.json: RoPE, norm epsilon, windows, ...)",
+    "calibration.tokens_sha256": "calibration tokens",
+}
 
 
 class StoreError(UserError):
@@ -85,14 +89,26 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def config_sha256(arch: ArchConfig) -> str:
+    """SHA-256 of what in a parent's architecture shapes its activations beside its weights: RoPE, the norms'
+    epsilon, each layer's block and window, the family. Not its storage dtype, token ids or quantization format
+    (the weights' hash sees the values loaded)."""
+    computed = replace(
+        arch, dtype="float32", bos_token_id=None, eos_token_ids=(), quantization=None, kv_cache_scales=False
+    )
+    return hashlib.sha256(json.dumps(asdict(computed), sort_keys=True).encode()).hexdigest()
+
+
 def bld_manifest(parent: Model, tokens: torch.Tensor, space: SearchSpace, cfg: BLDConfig) -> dict:
-    """Everything a stored sublayer depends on: the parent's weights, the calibration windows [n, T + 1] whose
+    """Everything a stored sublayer depends on: the parent's weights and the rest of its architecture (config.json
+    edits that change its activations: RoPE, norm epsilon, windows), the calibration windows [n, T + 1] whose
     activations it learns from, the search space (it fixes the list of trainings, whose order seeds each
     one's batches) and the BLD settings. JSON-normalised (tuples as lists), as it reads back from disk."""
     tokens = tokens.detach().to(torch.int64).contiguous().cpu()
     manifest = {
         "format": MANIFEST_FORMAT,
         "parent_weights_sha256": weights_sha256(parent),
+        "parent_config_sha256": config_sha256(parent.arch),
         "calibration": {
             "windows": tokens.shape[0],
             "seq_len": tokens.shape[1] - 1,

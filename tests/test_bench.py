@@ -67,6 +67,47 @@ def test_bench_model(results_dir) -> None:
             assert r["floor_ms"] < plain["floor_ms"]
 
 
+def test_a_failing_case_is_recorded_and_every_case_written_as_it_ends(results_dir, monkeypatch) -> None:
+    """On the GPU suite a case that raises (a kernel new to the device) or a step cut short by its time limit must
+    not take the suite's other rows with it: the error is a row, the next case runs, and the file is rewritten
+    after every case."""
+    from dataclasses import replace
+
+    from tessera.benchmarks import bench_norm
+
+    real = list(bench_norm.cases(torch.device("cpu")))[:3]
+
+    def no_kernel_image():
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    broken = replace(real[1], candidate=no_kernel_image)
+    monkeypatch.setattr(bench_norm, "cases", lambda device: iter([real[0], broken, real[2]]))
+    assert main(["bench", "kernels", "--suite", "norm", "--device", "cpu", "--results", str(results_dir)]) == 0
+    rows = json.loads((results_dir / "cpu_kernels_norm.json").read_text())["results"]
+    assert [("error" in r) for r in rows] == [False, True, False]
+    assert rows[1]["error"] == "RuntimeError: no kernel image is available for execution on the device"
+    assert rows[1].items() >= real[1].shape.items() and rows[2]["correct"]
+    table = (results_dir / "cpu_kernels_norm.md").read_text()
+    assert "RuntimeError: no kernel image" in table and table.count("x |") == 2  # the two measured rows' speedups
+    seen: list[int] = []
+    harness.measure_cases(iter(real[:2]), torch.device("cpu"), 1.0, written=lambda r: seen.append(len(r)))
+    assert seen == [1, 2]
+
+
+def test_bench_model_writes_each_scenario_and_records_an_fp8_failure(results_dir, monkeypatch) -> None:
+    from tessera.benchmarks import bench_model as model_bench
+
+    def fp8_fails(*args, **kwargs):
+        raise RuntimeError("FP8 GEMM failed")
+
+    monkeypatch.setattr(model_bench, "_fp8_rows", fp8_fails)
+    partial: list[int] = []
+    result = model_bench.run(torch.device("cpu"), 10.0, written=lambda r: partial.append(len(r["results"])))
+    assert partial == [1, 2]  # after each of the CPU's two scenarios, its rows so far
+    assert [r["batch"] for r in result["results"]] == [1, 8]
+    assert result["fp8_errors"] == [f"batch {b} context 64: RuntimeError: FP8 GEMM failed" for b in (1, 8)]
+
+
 def test_bench_model_pdl_alternates_the_modes_and_compares_their_logits(results_dir, capsys) -> None:
     """`bench model --pdl` on the CPU: a sanity pass of the GPU suite's PDL comparison (no kernel takes PDL here,
     which the result says): both modes timed in alternating rounds, the ratio and its spread from those times,
@@ -176,3 +217,17 @@ def test_cost_model_bench_checks_the_prediction_on_random_architectures(results_
         assert row["max_abs_error"] == max(abs(a["error"]) for a in archs)
     assert result["device"] and result["commit"]
     assert "goal: mean absolute error ≤ 3 %" in path.with_suffix(".md").read_text()
+
+
+def test_every_test_the_gpu_suite_names_exists() -> None:
+    """The GPU suite runs on a machine lent for minutes: a test renamed here and not there would cost its step."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    suite = (root / "benchmarks" / "gpu_suite.sh").read_text()
+    nodes = re.findall(r"(tests/\w+\.py)(?:::(test_\w+))?", suite)
+    assert len([n for n in nodes if n[1]]) >= 12  # the CUDA-graph and FP8 tests, named one by one
+    for file, name in nodes:
+        assert (root / file).is_file(), file
+        if name:
+            assert re.search(rf"^def {name}\(", (root / file).read_text(), re.M), f"{file}::{name}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -86,6 +87,30 @@ def test_another_parent_is_refused_naming_store_difference_and_way_out(tmp_path,
     message = str(e.value)
     assert str(root) in message and "parent weights" in message
     assert "--out" in message and "--fresh" in message
+    assert count_trainings == []
+
+
+def test_the_same_weights_under_another_config_are_refused(tmp_path, count_trainings):
+    """config.json edits that change the parent's activations but no weight (RoPE theta, the norms' epsilon, a
+    layer's window) make the stored sublayers stale: refused, naming the architecture. Its storage dtype or EOS
+    ids change nothing computed: accepted, nothing trained again."""
+    root = tmp_path / "bld"
+    train_into(SublayerStore(root), parent(0))
+    edits = [
+        {"rope": replace(ARCH.rope, theta=1e6)},
+        {"rms_norm_eps": 0.1},
+        {"blocks": (replace(ARCH.blocks[0], attention=replace(ARCH.blocks[0].attention, window=4)), *ARCH.blocks[1:])},
+    ]
+    for edit in edits:
+        model = parent(0)
+        model.arch = replace(ARCH, **edit)
+        count_trainings.clear()
+        with pytest.raises(StoreMismatchError, match=r"parent architecture \(config.json"):
+            train_into(SublayerStore(root), model)
+        assert count_trainings == []
+    model = parent(0)
+    model.arch = replace(ARCH, dtype="bfloat16" if ARCH.dtype != "bfloat16" else "float16", eos_token_ids=(5,))
+    train_into(SublayerStore(root), model)
     assert count_trainings == []
 
 
