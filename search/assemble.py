@@ -24,7 +24,9 @@ def layer_state(parent: Model, store: SublayerStore, layer_idx: int, block: Bloc
         if mine.kind == "none":
             continue
         state.update(sublayer_state(parent_layer, part) if mine == theirs else store.load(layer_idx, mine.name))
-    return state
+    # A child carries no FP8 KV-cache scales (ArchConfig.with_blocks): the parent's were calibrated on its own
+    # keys and values, so a calibrated parent's are left behind.
+    return {k: v for k, v in state.items() if not k.endswith(("self_attn.k_scale", "self_attn.v_scale"))}
 
 
 def build_layer(parent: Model, store: SublayerStore, layer_idx: int, block: BlockConfig) -> DecoderLayer:

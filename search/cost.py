@@ -19,7 +19,8 @@ no-op blocks, in one lockstep: a block costs (its stack − the no-op stack) / S
 one too, ends in one more block, the same for all: the parent's most common block with GQA attention and a
 SwiGLU FFN (`context_block`). A model's first layer of a kind
 carries costs that its later layers share, once a step (measured, not broken down: the engine builds a step's KV
-block tables and attention metadata once for all GQA layers; on the AMD EPYC VM, with the demo's shapes, a model
+block tables and attention metadata once per KV group, all full-attention layers being one group and each
+attention window another; on the AMD EPYC VM, with the demo's shapes, a model
 of one GQA layer took 16-17 ms a generation more than one layer's share of a stack of eight, one of an FFN-only
 layer 8 ms). A
 stack timed against nothing but no-op blocks spread them over its copies, a quarter on each, so the prediction
@@ -29,6 +30,8 @@ cancel. What is not a block (embedding, LM head, sampling, scheduling, and those
 stack's latency less the context block's own share. So an architecture with no layer of the context block's
 kinds at all (no GQA layer, say) is predicted high by what it does not pay: the linear MIP cannot price a
 cost paid once if any layer has it, and no child of the demo runs measured lacked them (docs/optimize.md).
+Likewise a windowed block's stack pays its window group's once-a-step cost beside the context block's group, so
+that cost is spread a quarter on each windowed copy; windows are off by default and this is not corrected.
 Predicted latency = non-block + Σ blocks (Puzzle's additivity assumption). All the models in a lockstep share one
 embedding and LM head (so memory holds one copy).
 

@@ -240,7 +240,8 @@ def fused_arch(arch: ArchConfig, groups: Sequence[FusionGroup]) -> ArchConfig:
         blocks[last] = BlockConfig(AttentionConfig("none"), FFNConfig("swiglu", width))
         inner = [s for s in spans if first <= s[1] <= last]
         spans = [s for s in spans if s not in inner] + [(min([first] + [s[0] for s in inner]), last)]
-    return replace(arch.with_blocks(blocks), fusion_spans=tuple(sorted(spans)))
+    # Fusion touches attention-free layers only: calibrated FP8 KV-cache scales still describe every attention.
+    return replace(arch.with_blocks(blocks), fusion_spans=tuple(sorted(spans)), kv_cache_scales=arch.kv_cache_scales)
 
 
 def fused_ffn_weights(branches: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

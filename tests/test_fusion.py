@@ -119,6 +119,23 @@ def test_fused_model_equals_parallel_forward_and_keeps_the_rest():
     assert torch.equal(fused.layers[5].mlp.w_down, model.layers[5].mlp.w_down)  # untouched layers are copied
 
 
+def test_a_calibrated_fp8_kv_cache_keeps_its_scales_through_fusion_not_into_a_child():
+    """Fusion leaves every attention layer as it was, so calibrated FP8 KV-cache scales stay (fuse raised on the
+    scale buffers before); an assembled child gets none (they describe the parent's own keys and values)."""
+    from tessera.search.assemble import assemble_child
+    from tessera.search.bld import SublayerStore
+
+    model = tiny_model()
+    model.calibrate_kv_scales(torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1)))
+    fused = fuse(model, [FusionGroup((1, 3, 4))])
+    assert fused.arch.kv_cache_scales and fused.kv_scales() == model.kv_scales() != {}
+    child = assemble_child(model, SublayerStore(Path("unused-store")), list(model.arch.blocks))
+    assert not child.arch.kv_cache_scales and child.kv_scales() == {}
+    tokens = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(child(tokens), model(tokens))
+
+
 def test_ffn_runs_and_default_groups_leave_the_last_ffn():
     arch = tiny_model().arch
     assert ffn_runs(arch) == [[1, 3, 4, 5], [7, 8]]
