@@ -207,7 +207,9 @@ def test_fresh_reaches_the_pipeline(monkeypatch, tmp_path, capsys):
     assert [fresh for _, fresh in calls] == [False, True]
 
 
-def test_scoring_reaches_the_pipeline_and_bad_values_are_refused(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def optimize_configs(monkeypatch) -> list:
+    """The OptimizeConfig of each `tessera optimize` run from here on (the search itself faked)."""
     import tessera.search.pipeline
 
     configs: list = []
@@ -217,6 +219,11 @@ def test_scoring_reaches_the_pipeline_and_bad_values_are_refused(monkeypatch, tm
         return _fake_optimize([])(parent, out, budget, cfg, corpus, fresh)
 
     monkeypatch.setattr(tessera.search.pipeline, "optimize", optimize)
+    return configs
+
+
+def test_scoring_reaches_the_pipeline_and_bad_values_are_refused(optimize_configs, tmp_path, capsys):
+    configs = optimize_configs
     run = str(tmp_path / "run")
     assert run_cli(capsys, "optimize", "--out", run)[0] == 0
     assert run_cli(capsys, "optimize", "--out", run, "--scoring", "fisher", "--fisher-samples", "8")[0] == 0
@@ -227,18 +234,10 @@ def test_scoring_reaches_the_pipeline_and_bad_values_are_refused(monkeypatch, tm
     assert code == 2 and "--fisher-samples" in err
 
 
-def test_windows_longer_than_the_scoring_text_are_refused(monkeypatch, tmp_path, capsys):
+def test_windows_longer_than_the_scoring_text_are_refused(optimize_configs, tmp_path, capsys):
     """A window as long as the text blocks are distilled and scored on cuts nothing there: its KL would read 0 while
     the cost model prices its savings. Refused with the length to raise; --seq-len reaches the pipeline."""
-    import tessera.search.pipeline
-
-    configs: list = []
-
-    def optimize(parent, out, budget, cfg, corpus, fresh=False):
-        configs.append(cfg)
-        return _fake_optimize([])(parent, out, budget, cfg, corpus, fresh)
-
-    monkeypatch.setattr(tessera.search.pipeline, "optimize", optimize)
+    configs = optimize_configs
     run = str(tmp_path / "run")
     err = one_line_error(capsys, ["optimize", "--out", run, "--windows", "128,1024"])
     assert "attention windows 1024 are not shorter than the 256-token windows" in err and "--seq-len" in err

@@ -52,6 +52,17 @@ def test_uniform_and_greedy_baselines():
     assert greedy_baseline(lib, arch, [Bound("stats.runtime_ms", upper=1.0)]) is None
 
 
+def _same_in_every_layer(variants: dict[str, tuple[float, int, float]], layers: int) -> dict:
+    """A library whose every layer offers `variants` (name -> runtime ms, KV heads, KL)."""
+    return {
+        f"layer_{i}": {
+            n: {"stats": {"runtime_ms": r, "num_kv_heads": k}, "metrics": {"kl_div": kl}}
+            for n, (r, k, kl) in variants.items()
+        }
+        for i in range(layers)
+    }
+
+
 def test_greedy_saves_what_the_unmet_bound_counts():
     """Under a KV-head budget the greedy step is rated per KV head saved, not per millisecond: it once shrank every
     FFN (which saves time but no KV head) before it cut KV heads, giving a strawman to compare the MIP with."""
@@ -63,13 +74,7 @@ def test_greedy_saves_what_the_unmet_bound_counts():
         "gqa_kv4+ffn_48": (1.2, 4, 0.01),
         "gqa_kv2+ffn_48": (1.1, 2, 0.06),
     }
-    lib = {
-        f"layer_{i}": {
-            n: {"stats": {"runtime_ms": r, "num_kv_heads": k}, "metrics": {"kl_div": kl}}
-            for n, (r, k, kl) in variants.items()
-        }
-        for i in range(4)
-    }
+    lib = _same_in_every_layer(variants, 4)
     arch = tiny_arch().with_blocks([block_from_name("gqa_kv4+ffn_96")] * 4)
     bounds = [Bound("stats.num_kv_heads", upper=12)]
     greedy = greedy_baseline(lib, arch, bounds)
@@ -91,13 +96,7 @@ def test_greedy_never_undoes_a_bound_it_met():
         "gqa_kv4+ffn_48": (1.0, 4, 0.01),
         "gqa_kv2+ffn_48": (0.9, 2, 0.10),
     }
-    lib = {
-        f"layer_{i}": {
-            n: {"stats": {"runtime_ms": r, "num_kv_heads": k}, "metrics": {"kl_div": kl}}
-            for n, (r, k, kl) in variants.items()
-        }
-        for i in range(3)
-    }
+    lib = _same_in_every_layer(variants, 3)
     arch = tiny_arch().with_blocks([block_from_name("gqa_kv4+ffn_96")] * 3)
     bounds = [Bound("stats.runtime_ms", upper=5.0), Bound("stats.num_kv_heads", upper=10)]
     greedy = greedy_baseline(lib, arch, bounds)
