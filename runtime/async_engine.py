@@ -417,6 +417,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self.limits: EngineLimits | None = None
+        self._pool_pages = 0
         self.info: dict = {}
 
     def start(self, timeout: float = START_TIMEOUT_S) -> AsyncEngine:
@@ -433,6 +434,7 @@ class AsyncEngine:
             self.shutdown(5)
             raise
         self.limits, self.info = smallest_pools([limits for limits, _ in ready]), ready[0][1]
+        self._pool_pages = sum(limits.usable_pages for limits, _ in ready)  # every engine's own pool, for kv_usage
         self.encoder = PromptEncoder(self.tokenizer, self.limits.vocab_size, self.limits.max_model_len)
         for h in self._handles:
             reader = threading.Thread(target=self._read, args=(h,), name=f"tessera-engine-{h.rank}-reader", daemon=True)
@@ -479,7 +481,7 @@ class AsyncEngine:
     @property
     def kv_usage(self) -> float:
         """Share of all engines' KV pages reserved by running requests."""
-        total = self.limits.usable_pages * len(self._handles) if self.limits else 0
+        total = self._pool_pages if self.limits else 0
         return sum(h.load.reserved_pages for h in self._handles) / total if total else 0.0
 
     # Requests

@@ -349,7 +349,10 @@ def load_chat_template(model_dir: str | Path) -> tuple[str, dict[str, str]]:
 def compile_chat_template(template: str, source: str = "chat template") -> jinja2.Template:
     """A chat template ready to render, sandboxed (it comes with a downloaded checkpoint) as transformers runs it;
     a ConfigError naming `source` when it does not compile."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # The options transformers renders with (loop controls: real templates `{% break %}` out of loops).
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.globals["raise_exception"] = _raise_exception
     try:
         return env.from_string(template)

@@ -61,7 +61,7 @@ class BLDConfig:
     seed: int = 0
 
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: the parent's config hash
 _HASHES = {
     "parent_weights_sha256": "parent weights",
     "parent_config_sha256": "parent architecture (config.json: RoPE, norm epsilon, windows, ...)",

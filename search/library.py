@@ -51,7 +51,7 @@ class SearchSpace:
     no_ffn: bool = True
     # Attention windows offered beside each KV-head count (narrower than the parent layer's own, if it has one).
     # None by default: a window saves KV memory and time only where contexts outgrow it, so a search asks for
-    # it with scenarios that long (`--windows 128,1024`, with `--seq-len` past the widest: pipeline.OptimizeConfig).
+    # it with scenarios that long (`--windows 128,512`, text of twice the widest: `--seq-len 1024`, OptimizeConfig).
     windows: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:

@@ -56,8 +56,6 @@ def _flush_c_stdio() -> None:
 
 
 MAX_RESOLVES = 16  # answers HiGHS's tolerance lets pass a bound, each excluded and the MIP solved again
-SOLVER_TOLERANCE = 1e-6  # HiGHS's MIP feasibility tolerance: how far past a (scaled) row an answer may lie
-MOVE_IN_AFTER = 4  # answers past one bound excluded one by one before the bound moves in by SOLVER_TOLERANCE
 ROUNDING = 1e-12  # relative: a total past its bound by no more than this is the sum's rounding, not an excess
 
 
@@ -126,25 +124,14 @@ class _Problem:
         shifted by each layer's least cost (one variant per layer: the same argmin) and scaled so its smallest
         step is 1 (at most 1e7 times its largest: the solver's own numerics); and each answer is checked against
         the exact bounds: one that passes a bound is excluded (a cut on exactly that choice) and the MIP solved
-        again, so no answer outside the budget is returned, and an answer exactly at a bound is still found.
-        Where many choices share a total (every layer reads the same runtime for the same block), excluding them
-        one at a time could take hundreds of solves: a bound passed MOVE_IN_AFTER times is moved in by the
-        solver's tolerance (SOLVER_TOLERANCE of the row's largest entry, doubled each time it is passed again),
-        which may then miss an answer inside the bound by less than that (a nanosecond on millisecond runtimes)."""
+        again, so no answer outside the budget is returned and none inside it is lost."""
         objective = self._conditioned(cost)
         rejected: list[np.ndarray] = []
-        passes = [0] * len(bounds)
-        inward = [0.0] * len(bounds)  # how far each bound has been moved in, in its row's scaled units
         for _ in range(MAX_RESOLVES + 1):
-            x = self._solve_once(objective, bounds, cuts, cut_rhs, rejected, inward)
-            passed = [i for i, b in enumerate(bounds) if x is not None and self._passes(b, x)]
-            if not passed:
+            x = self._solve_once(objective, bounds, cuts, cut_rhs, rejected)
+            if x is None or not any(self._passes(b, x) for b in bounds):
                 return x
             rejected.append(x)
-            for i in passed:
-                passes[i] += 1
-                if passes[i] >= MOVE_IN_AFTER:
-                    inward[i] = 2 * inward[i] or SOLVER_TOLERANCE
         raise RuntimeError(f"the MIP solver's answers kept passing the bounds {bounds} after {MAX_RESOLVES} re-solves")
 
     def _conditioned(self, cost: np.ndarray) -> np.ndarray:
@@ -173,14 +160,13 @@ class _Problem:
         cuts: list[np.ndarray],
         cut_rhs: float,
         rejected: list[np.ndarray],
-        inward: list[float],
     ) -> np.ndarray | None:
         constraints = [LinearConstraint(self.one_per_layer, 1, 1)]
-        for b, moved in zip(bounds, inward):
+        for b in bounds:
             col = self.column(b.key)
             scale = self._scale(col)
-            lo = -np.inf if b.lower is None else b.lower / scale + moved
-            hi = np.inf if b.upper is None else b.upper / scale - moved
+            lo = -np.inf if b.lower is None else b.lower / scale
+            hi = np.inf if b.upper is None else b.upper / scale
             constraints.append(LinearConstraint((col / scale)[None, :], lo, hi))
         constraints += [LinearConstraint(cut[None, :], -np.inf, cut_rhs) for cut in cuts]
         # A rejected choice is excluded alone: at most L - 1 of its L variables again.

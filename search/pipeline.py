@@ -145,13 +145,14 @@ class OptimizeConfig:
             raise UserError(f"fisher_samples must be >= 1, got {self.fisher_samples}")
         if self.seq_len < 2:
             raise UserError(f"seq_len must be >= 2 tokens, got {self.seq_len}")
-        if wide := [w for w in self.space.windows if w >= self.seq_len]:
-            # Distilled and scored on shorter text, such a window would cut nothing there: its KL would read 0 while
-            # the cost model prices what it saves in longer contexts, so the MIP would take it as free.
+        if wide := [w for w in self.space.windows if 2 * w > self.seq_len]:
+            # On text no longer than a window it cuts nothing (its KL reads 0), and on barely longer text it cuts a
+            # few keys of the last queries, while the cost model prices what it saves in longer contexts: the MIP
+            # would take it as (nearly) free. Text of twice the window cuts it for half the queries.
             raise UserError(
-                f"attention windows {', '.join(map(str, wide))} are not shorter than the {self.seq_len}-token "
-                f"windows of text blocks are distilled and scored on, which could not show what they lose; "
-                f"ask for windows below {self.seq_len} tokens or a longer --seq-len"
+                f"attention windows {', '.join(map(str, wide))} need text at least twice as long to show what they "
+                f"lose, but blocks are distilled and scored on {self.seq_len}-token windows of text; ask for windows "
+                f"of at most {self.seq_len // 2} tokens or a --seq-len of at least {2 * max(wide)}"
             )
 
 

@@ -131,7 +131,7 @@ def _add_windows(p: argparse.ArgumentParser) -> None:
         type=positive_ints,
         default=(),
         metavar="N,N,...",
-        help="attention windows (keys) offered beside each KV-head count, e.g. 128,1024 (default: none)",
+        help="attention windows (keys) offered beside each KV-head count, e.g. 128,512 (default: none)",
     )
 
 
@@ -623,7 +623,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         scenario=_scenario(args),
         also_scenarios=tuple(args.also_scenario),
         bld=replace(BLDConfig(), steps=args.bld_steps),
-        gkd=replace(GKDConfig(), steps=args.gkd_steps, batch_size=args.gkd_batch_size),
+        gkd=replace(GKDConfig(), steps=args.gkd_steps, batch_size=args.gkd_batch_size, seq_len=args.seq_len),
         pareto_speedups=args.pareto,
         fusion=FusionConfig(heal_steps=args.gkd_steps) if args.fuse else None,
         device=str(resolve_device(args.device)),
@@ -685,6 +685,12 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         parent = load_parent(model_dir, corpus, device)
         model, train_ids = parent.model, parent.train_ids
         eval_windows = fixed_windows(parent.val_ids, cfg.seq_len, args.eval_windows)
+        for split, tokens in (("train", train_ids), ("validation", parent.val_ids)):
+            if len(tokens) < cfg.seq_len + 2:  # one window of text and its next token, for the dependencies or scores
+                raise UserError(
+                    f"--corpus {corpus}: its {split} split is {len(tokens)} tokens; fusion reads windows of "
+                    f"{cfg.seq_len} (at least {cfg.seq_len + 2} tokens)"
+                )
     else:
         model, train_ids, eval_windows = load_frozen(model_dir, device), None, None
     # run_fusion replaces --out whole once complete: an earlier output (or, with --overwrite, another model's
@@ -1025,7 +1031,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len",
         type=positive_int,
         default=256,
-        help="tokens per window of text for BLD, scoring and evaluation (longer than any --windows)",
+        help="tokens per window of text for BLD, scoring, GKD and evaluation (at least twice any --windows)",
     )
     p.add_argument("--gkd-steps", type=nonnegative_int, default=100, help="GKD steps per child (0: none)")
     p.add_argument(

@@ -235,15 +235,16 @@ def test_scoring_reaches_the_pipeline_and_bad_values_are_refused(optimize_config
 
 
 def test_windows_longer_than_the_scoring_text_are_refused(optimize_configs, tmp_path, capsys):
-    """A window as long as the text blocks are distilled and scored on cuts nothing there: its KL would read 0 while
-    the cost model prices its savings. Refused with the length to raise; --seq-len reaches the pipeline."""
+    """A window as long as the text blocks are distilled and scored on cuts nothing there (its KL would read 0
+    while the cost model prices its savings), and on barely longer text almost nothing: text of less than twice the
+    widest window is refused, saying what to raise; --seq-len reaches BLD, scoring and GKD."""
     configs = optimize_configs
     run = str(tmp_path / "run")
-    err = one_line_error(capsys, ["optimize", "--out", run, "--windows", "128,1024"])
-    assert "attention windows 1024 are not shorter than the 256-token windows" in err and "--seq-len" in err
-    assert not configs
-    assert run_cli(capsys, "optimize", "--out", run, "--windows", "128,1024", "--seq-len", "1025")[0] == 0
-    assert [(c.seq_len, c.space.windows) for c in configs] == [(1025, (128, 1024))]
+    err = one_line_error(capsys, ["optimize", "--out", run, "--windows", "128,512"])
+    assert "attention windows 512 need text at least twice as long" in err and "on 256-token windows" in err
+    assert "a --seq-len of at least 1024" in err and not configs
+    assert run_cli(capsys, "optimize", "--out", run, "--windows", "128,512", "--seq-len", "1024")[0] == 0
+    assert [(c.seq_len, c.gkd.seq_len, c.space.windows) for c in configs] == [(1024, 1024, (128, 512))]
 
 
 # 3. Numeric flags: each has a range, checked by argparse.

@@ -367,6 +367,13 @@ def test_fuse_cli_errors(tiny_checkpoint, tmp_path, capsys):
         main(fuse_args(path, corpus, tmp_path / "c", "--threshold", "0", "--heal-steps", "0"))
     assert "nothing to fuse" in capsys.readouterr().err
     assert (tmp_path / "c" / "fusion.json").is_file() and not (tmp_path / "c" / "config.json").exists()
+    short = tmp_path / "short"  # a corpus shorter than one window: said, not a torch.cat traceback
+    short.mkdir()
+    for split in ("train", "validation"):
+        (short / f"{split}.txt.xz").write_bytes(lzma.compress(b"def f(x):\n    return x\n"))
+    with pytest.raises(SystemExit):
+        main(fuse_args(path, short, tmp_path / "d", "--threshold", "0.1"))
+    assert "its train split is" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_fuse_with_explicit_groups_and_no_healing_is_a_pure_transform(tiny_checkpoint, tmp_path, capsys):

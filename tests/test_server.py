@@ -260,6 +260,13 @@ def test_a_chat_template_jinja_file_comes_first(tmp_path) -> None:
     (tmp_path / "chat_template.jinja").write_text("{% for %}")
     with pytest.raises(ConfigError, match=r"chat_template.jinja does not compile \(line 1"):
         load_chat_template(tmp_path)
+    # Loop controls, as transformers renders with: real templates `break` out of their loops.
+    looped = "{% for m in messages %}{{ m['content'] }}{% if loop.index == 2 %}{% break %}{% endif %}{% endfor %}"
+    (tmp_path / "chat_template.jinja").write_text(looped)
+    from tessera.runtime.server import compile_chat_template
+
+    template = compile_chat_template(load_chat_template(tmp_path)[0])
+    assert template.render(messages=[{"content": c} for c in "abc"]) == "ab"
 
 
 @pytest.mark.parametrize(
@@ -330,6 +337,15 @@ def test_engines_of_different_pools_admit_what_the_smallest_holds() -> None:
     def limits(full: int, windowed: int) -> EngineLimits:
         return EngineLimits(97, 512, 16, ((full, None), (windowed, 9)), True, 8)
 
+    from types import SimpleNamespace
+
+    from tessera.runtime.async_engine import EngineLoad
+
+    # The share of KV pages in use counts each engine's own pool, not the smallest times the engines.
+    engines = AsyncEngine(EngineSpec(str(PARENT_DIR)))
+    engines.limits, engines._pool_pages = limits(40, 40), 140
+    engines._handles = [SimpleNamespace(load=EngineLoad(reserved_pages=n)) for n in (90, 30)]
+    assert engines.kv_usage == pytest.approx(120 / 140)
     combined = smallest_pools([limits(16, 40), limits(6, 50), limits(20, 30)])
     assert combined.groups == ((6, None), (30, 9)) and combined == limits(6, 30)
     with pytest.raises(CapacityError, match=r"needs 8 KV pages .* the whole pool holds 6"):  # 127 tokens
@@ -712,10 +728,10 @@ def _processes_marked(mark: str) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the engine processes through /proc")
 def test_sigterm_while_the_engines_start_leaves_no_engine_behind() -> None:
-    """SIGTERM before the server is ready (a large checkpoint loads for minutes): the server exits and its engine
-    processes, which ignore SIGTERM, go with it: the server shuts them down at exit. (The demo's engines, which load
-    in seconds, would also end once loaded, on the closed pipe; one that never finished loading outlived the
-    server, spinning with nobody to serve.)"""
+    """SIGTERM before the server is ready (a large checkpoint loads for minutes) is an interrupt: the server says so,
+    exits 130 and shuts its engine processes down, which ignore SIGTERM. (Killed by the signal instead, the server
+    left them loading: the demo's end on the closed pipe once loaded, one that never finished loading outlived it,
+    spinning with nobody to serve.)"""
     mark = f"{os.getpid()}-{time.monotonic_ns()}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TESSERA_TEST_MARK": mark}
     sock = free_socket()
@@ -729,18 +745,22 @@ def test_sigterm_while_the_engines_start_leaves_no_engine_behind() -> None:
     )
     try:
         deadline = time.monotonic() + 60
-        while len(_processes_marked(mark)) < 3 and time.monotonic() < deadline:  # the server and its 2 engines
+        # The server, multiprocessing's resource tracker and the 2 engines: the engines are still importing torch.
+        while len(_processes_marked(mark)) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(_processes_marked(mark)) >= 3
+        assert len(_processes_marked(mark)) >= 4
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
+    err = proc.stderr.read().decode()
+    assert "tessera serve:" not in err, "the server was ready before SIGTERM: this test did not test start-up"
+    assert proc.returncode == 130 and "tessera: interrupted" in err, (proc.returncode, err[-2000:])
     deadline = time.monotonic() + 30
     while _processes_marked(mark) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _processes_marked(mark) == [], proc.stderr.read().decode()[-2000:]
+    assert _processes_marked(mark) == [], err[-2000:]
 
 
 def test_data_parallel_is_refused_where_it_cannot_work() -> None:
