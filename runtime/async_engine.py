@@ -14,8 +14,8 @@ merges the outputs its consumer has not taken yet into one (as vLLM's RequestOut
 slow client gets bigger SSE chunks instead of a growing queue.
 
 An engine process ignores SIGINT and SIGTERM: the server's process decides when it stops (Ctrl-C reaches
-the whole process group) and then sends `Shutdown`; if the server's process dies, the engine sees its
-pipe close and exits.
+the whole process group) and then sends `Shutdown`; if the server's process dies or closes the pipe, the engine
+sees it close and stops as a Shutdown stops it (a tensor-parallel engine's other ranks with it).
 """
 
 from __future__ import annotations
@@ -250,7 +250,11 @@ def _serve(engine: Engine, tp: TensorParallel | None, inbox: Connection, outbox:
             inbox.poll(None if tp is None else HEARTBEAT_S)  # idle: sleep until a message (or EOF)
         messages = []
         while inbox.poll():
-            messages.append(inbox.recv())
+            try:
+                messages.append(inbox.recv())
+            except EOFError:  # the server closed its end (shut down, or gone): stop as a Shutdown stops, every rank
+                messages.append(Shutdown())
+                break
         if tp is not None:
             messages = tp.broadcast([_seeded(m) for m in messages])
         outputs, stop = _apply(engine, messages)
