@@ -348,8 +348,9 @@ def table(result: dict) -> str:
             f"concurrent requests: {g['ratio']:.2f}x ({verdict}).",
         ]
     failed = sum(r["failed"] for r in result["runs"])
-    if failed:
-        lines.append(f"\n{failed} requests failed: {result['runs'][0]['errors']}")
+    if failed:  # every run's errors (the first run may have had none)
+        errors = sorted({e for r in result["runs"] for e in r["errors"]})
+        lines.append(f"\n{failed} requests failed: {errors[:3]}")
     return "\n".join(lines)
 
 

@@ -187,7 +187,14 @@ def _train_parent_into(
         "validation_tokens": len(val_ids),
         "tokens_seen": steps * batch_size * seq_len,
         "epochs": steps * batch_size * seq_len / len(train_ids),
-        "config": {"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "seed": seed},
+        "config": {
+            "steps": steps,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "lr": lr,
+            "seed": seed,
+            "eval_windows": eval_windows,
+        },
         "train_loss": final["train_eval_loss"],
         "train_perplexity": math.exp(final["train_eval_loss"]),
         "val_loss": final["val_loss"],
@@ -219,7 +226,8 @@ def plot_training(report: dict, path: Path) -> Path:
     history = report["history"]
     tokens = [h["step"] * report["config"]["batch_size"] * report["config"]["seq_len"] / 1e6 for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    ax.plot(tokens, [h["train_eval_loss"] for h in history], "o-", label="train (64 fixed windows)")
+    windows = report["config"].get("eval_windows", 64)  # 64: the shipped parent's report predates the field
+    ax.plot(tokens, [h["train_eval_loss"] for h in history], "o-", label=f"train ({windows} fixed windows)")
     ax.plot(tokens, [h["val_loss"] for h in history], "s-", label="validation (held-out files)")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("cross-entropy (nats/token)")

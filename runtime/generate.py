@@ -2,8 +2,9 @@
 
 Tokens are produced by one path only, the engine's step (chunked prefill and paged decode, CUDA graphs on the
 GPU), which `tessera serve` runs and the search's cost model times. So `tessera generate`, `Generator` and the
-server give the same tokens for the same seeded sampling parameters (each request draws from a random stream of
-its own, a hash of `seed` and its position: sampling.request_uniforms), and the finish logic (EOS, stop strings,
+server give the same tokens for the same seeded sampling parameters (a request draws from a random stream set by
+its `seed` alone, read at how many tokens it has sampled: sampling.request_uniforms; so requests given the same
+seed draw the same stream, as in vLLM, whatever batch they share), and the finish logic (EOS, stop strings,
 max_new_tokens, the context) exists once.
 """
 

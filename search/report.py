@@ -182,7 +182,8 @@ def plot_pareto(results: dict, path: Path) -> Path:
 
 
 def plot_layers(results: dict, library: Library, path: Path) -> Path:
-    """Per layer of each MIP child: attention KV heads (or linear/none) and FFN width, as stacked runtime bars."""
+    """Per layer of each MIP child (and the parent): its block's runtime as a bar, labelled with its attention (KV
+    heads, or linear/none) and FFN width."""
     plt = _pyplot()
     mips = [c for c in results["children"] if c["method"] in ("parent", "mip")]
     fig, axes = plt.subplots(1, len(mips), figsize=(3 * len(mips), 3.4), dpi=100, sharey=True)

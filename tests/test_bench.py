@@ -231,3 +231,16 @@ def test_every_test_the_gpu_suite_names_exists() -> None:
         assert (root / file).is_file(), file
         if name:
             assert re.search(rf"^def {name}\(", (root / file).read_text(), re.M), f"{file}::{name}"
+
+
+def test_the_serving_table_names_the_errors_of_every_run() -> None:
+    """Failures counted over all runs were shown with the first run's errors only (none, when it was clean)."""
+    from tessera.benchmarks import bench_serving
+
+    ms = {"mean": 1.0, "median": 1.0, "p99": 1.0}
+    run = {"name": "rate inf", "request_throughput": 1.0, "output_throughput": 10.0, "failed": 0, "errors": []}
+    run |= {"ttft_ms": ms, "tpot_ms": ms, "itl_ms": ms, "e2el_ms": ms}
+    broken = run | {"name": "Poisson 2 req/s", "failed": 2, "errors": ["ReadTimeout", "ConnectError"]}
+    result = {"num_prompts": 4, "input_len": 8, "output_len": 8, "model": "m", "dtype": "float32", "max_batch": 4}
+    result |= {"baseline": {"request_throughput": 1.0, "output_throughput": 5.0, "e2el_ms": ms}, "runs": [run, broken]}
+    assert "2 requests failed: ['ConnectError', 'ReadTimeout']" in bench_serving.table(result)
