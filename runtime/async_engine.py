@@ -485,7 +485,7 @@ class AsyncEngine:
     @property
     def kv_usage(self) -> float:
         """Share of all engines' KV pages reserved by running requests."""
-        total = self._pool_pages if self.limits else 0
+        total = self._pool_pages  # 0 until the engines have started
         return sum(h.load.reserved_pages for h in self._handles) / total if total else 0.0
 
     # Requests

@@ -60,7 +60,12 @@ ROUNDING = 1e-12  # relative: a total past its bound by no more than this is the
 
 
 class InfeasibleError(UserError):
-    """No architecture in the library meets the budget; the message names the bound and what could be met."""
+    """No architecture in the library meets the budget; the message names the bound and what could be met, and
+    `shortfalls` says it for a caller to put in its own terms (empty where no MIP was solved)."""
+
+    def __init__(self, message: str, shortfalls: tuple[Shortfall, ...] = ()) -> None:
+        super().__init__(message)
+        self.shortfalls = shortfalls
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,16 @@ class Bound:
             [f"≤ {self.upper:g}"] if self.upper is not None else []
         )
         return f"{self.key} {' and '.join(parts)}"
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """A bound no choice meets under the other bounds, and the best total they allow: the smallest for an upper
+    bound, the largest for a lower one."""
+
+    bound: Bound
+    upper: bool  # which side of the bound fails
+    best: float
 
 
 @dataclass
@@ -185,20 +200,30 @@ class _Problem:
             raise RuntimeError(f"the MIP solver stopped without an optimum (status {res.status}): {res.message}")
         return np.round(res.x)
 
-    def explain(self, bounds: list[Bound]) -> str:
-        """Why no choice meets all bounds: which bound fails under the others, and the best it could be."""
-        reasons = []
+    def shortfalls(self, bounds: list[Bound]) -> tuple[Shortfall, ...]:
+        """Why no choice meets all bounds: each bound that fails under the others, and the best it could be."""
+        found = []
         for b in bounds:
             others = [o for o in bounds if o is not b]
             col = self.column(b.key)
             if b.upper is not None:
                 x = self.solve(col, others, [], 0)
                 if x is not None and col @ x > b.upper:
-                    reasons.append(f"{b.key} ≤ {b.upper:g} cannot be met: the smallest total is {col @ x:.6g}")
+                    found.append(Shortfall(b, True, float(col @ x)))
             if b.lower is not None:
                 x = self.solve(-col, others, [], 0)
                 if x is not None and col @ x < b.lower:
-                    reasons.append(f"{b.key} ≥ {b.lower:g} cannot be met: the largest total is {col @ x:.6g}")
+                    found.append(Shortfall(b, False, float(col @ x)))
+        return tuple(found)
+
+    @staticmethod
+    def explain(bounds: list[Bound], shortfalls: tuple[Shortfall, ...]) -> str:
+        reasons = [
+            f"{s.bound.key} ≤ {s.bound.upper:g} cannot be met: the smallest total is {s.best:.6g}"
+            if s.upper
+            else f"{s.bound.key} ≥ {s.bound.lower:g} cannot be met: the largest total is {s.best:.6g}"
+            for s in shortfalls
+        ]
         if not reasons:
             reasons.append("the bounds " + "; ".join(b.describe() for b in bounds) + " conflict with one another")
         suffix = " under the other bounds" if len(bounds) > 1 else ""
@@ -232,7 +257,8 @@ def solve(
         x = problem.solve(cost, bounds, cuts, len(problem.layers) - max(1, min_diversity))
         if x is None:
             if not found:
-                raise InfeasibleError(problem.explain(bounds))
+                shortfalls = problem.shortfalls(bounds)
+                raise InfeasibleError(problem.explain(bounds, shortfalls), shortfalls)
             break
         chosen = np.flatnonzero(x > 0.5)
         found.append(

@@ -286,35 +286,30 @@ def speedup_bounds(
 
 
 def joint_infeasibility(
-    budget: Budget, tables: Sequence[CostTable], arch: ArchConfig, library: Library, bounds: list[Bound]
+    budget: Budget, tables: Sequence[CostTable], arch: ArchConfig, error: InfeasibleError
 ) -> InfeasibleError:
-    """Why a budget whose terms `block_bounds` and `scenario_bound` each passed alone has no architecture meeting
-    them together: for each bound, the best its total reaches under the others, in the budget's own terms (the
-    parts outside the blocks added back: what the MIP sees are block sums)."""
+    """The MIP's `error` for a budget whose terms `block_bounds` and `scenario_bound` each passed alone, in the
+    budget's own terms: for each bound, the best its total reaches under the others, with the parts outside the
+    blocks added back (what the MIP sees are block sums)."""
     primary, *also = tables
     runtimes = {"stats.runtime_ms": (primary, "")}  # runtime stat -> its table, and where it is timed
     for t in also:
         s = t.scenario
         runtimes[f"stats.{runtime_key(s)}"] = (t, f" at batch {s.batch}, prompt {s.prompt_len}, {s.gen_len} generated")
     reasons = []
-    for b in bounds:
-        try:
-            (best,) = solve(library, b.key, bounds=[o for o in bounds if o is not b])
-        except InfeasibleError:
-            continue
-        if b.upper is None or best.objective <= b.upper + 1e-9 * max(1.0, abs(b.upper)):
-            continue
-        if b.key in runtimes:
-            table, where = runtimes[b.key]
-            reached, parent_ms = best.objective + table.non_block_ms, table.runtime_ms(arch.blocks)
+    for short in error.shortfalls:  # every budget term is an upper bound
+        key = short.bound.key
+        if key in runtimes:
+            table, where = runtimes[key]
+            reached, parent_ms = short.best + table.non_block_ms, table.runtime_ms(arch.blocks)
             reasons.append(
                 f"the fastest architecture is predicted at {reached:.4g} ms{where}, "
                 f"{_down(parent_ms / reached)}× the parent's {parent_ms:.4g} ms"
             )
-        elif b.key == "stats.memory_mib":
-            reasons.append(f"the smallest architecture needs {best.objective + primary.non_block_memory_mib:.4g} MiB")
+        elif key == "stats.memory_mib":
+            reasons.append(f"the smallest architecture needs {short.best + primary.non_block_memory_mib:.4g} MiB")
         else:  # stats.num_kv_heads
-            reasons.append(f"the fewest KV heads (summed over layers) are {best.objective:g}")
+            reasons.append(f"the fewest KV heads (summed over layers) are {short.best:g}")
     why = "; ".join(f"under the other terms, {r}" for r in reasons) or "its terms conflict"
     return InfeasibleError(
         f"the budget ({budget.describe()}) cannot be met as a whole by the search space, though each term alone "
@@ -680,8 +675,8 @@ class Optimizer:
         bounds = speedup_bounds(budget, [table, *self.also_tables], arch, costs_only)
         try:  # the budget's terms jointly (each alone is met)
             solve(costs_only, "stats.runtime_ms", bounds=bounds)
-        except InfeasibleError:
-            raise joint_infeasibility(budget, [table, *self.also_tables], arch, costs_only, bounds) from None
+        except InfeasibleError as e:
+            raise joint_infeasibility(budget, [table, *self.also_tables], arch, e) from None
         return table, bounds
 
     def choose(self, library: Library, table: CostTable, budget: Budget, bounds: list[Bound]) -> list[Child]:

@@ -87,10 +87,15 @@ def train(
 # Language modelling on a token array: what the demo parent trains on and what distillation samples from.
 
 
+def check_tokens(tokens: np.ndarray, seq_len: int, what: str = "the token stream") -> None:
+    """Refuse, naming `what`, a token stream too short for a window of seq_len tokens and their targets."""
+    if len(tokens) < seq_len + 2:
+        raise UserError(f"{what} is {len(tokens)} tokens, too few for windows of {seq_len} (at least {seq_len + 2})")
+
+
 def random_windows(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int) -> Iterator[torch.Tensor]:
     """Endless batches [batch_size, seq_len + 1] of uniformly random windows (inputs + shifted targets)."""
-    if len(tokens) < seq_len + 2:
-        raise UserError(f"{len(tokens)} tokens are too few for windows of {seq_len + 1}")
+    check_tokens(tokens, seq_len)
     rng = np.random.default_rng(seed)
     while True:
         starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)

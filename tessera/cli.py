@@ -192,8 +192,9 @@ def check_output(
             f"{flag} {path}: {what} that is not the output of a previous `tessera {command}`; "
             "pass --overwrite to replace it"
         )
-    kept = writes is None or not folder or not path.is_dir() or overwrite
-    if others := [] if kept else sorted(entry.name for entry in path.iterdir() if not writes(entry.name)):
+    replaced = writes is not None and folder and path.is_dir() and not overwrite  # a previous output of ours
+    others = sorted(entry.name for entry in path.iterdir() if not writes(entry.name)) if replaced else []
+    if others:
         raise UserError(
             f"{flag} {path}: the output of a previous `tessera {command}` that also holds {', '.join(others)}, "
             f"which `tessera {command}` would delete (it replaces the folder whole); move them, or pass --overwrite"
@@ -284,10 +285,10 @@ def _generator(model_path: str, device: str, dtype: str, kv_cache_dtype: str = "
     from tessera.runtime.sampling import load_tokenizer
 
     # The tokenizer before the weights: a checkpoint folder without one is said at once, not after the load (a
-    # path that is no folder gets the loader's own error).
+    # path that is no folder gets the loader's own error, which comes first then).
     tokenizer = load_tokenizer(model_path) if Path(model_path).is_dir() else None
     model = load_model(model_path, device=resolve_device(device), dtype=parse_dtype(dtype))
-    return Generator(model, tokenizer or load_tokenizer(model_path), kv_cache_dtype)
+    return Generator(model, tokenizer, kv_cache_dtype)
 
 
 def _note_kv_scales(model_dir: str | Path, kv_cache_dtype: str) -> None:
@@ -653,7 +654,7 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     from tessera.demo import CORPUS_DIR
     from tessera.search.data import load_frozen, load_parent
     from tessera.search.fusion import FUSION_OUTPUTS, FusionConfig, FusionError, parse_groups, run_fusion
-    from tessera.search.train import fixed_windows
+    from tessera.search.train import check_tokens, fixed_windows
 
     # Text is needed to choose groups, to heal and to score: explicit --groups with --heal-steps 0 and no
     # --corpus is the pure transform, for a checkpoint without a tokenizer or a corpus.
@@ -684,13 +685,9 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     if uses_text:
         parent = load_parent(model_dir, corpus, device)
         model, train_ids = parent.model, parent.train_ids
-        eval_windows = fixed_windows(parent.val_ids, cfg.seq_len, args.eval_windows)
         for split, tokens in (("train", train_ids), ("validation", parent.val_ids)):
-            if len(tokens) < cfg.seq_len + 2:  # one window of text and its next token, for the dependencies or scores
-                raise UserError(
-                    f"--corpus {corpus}: its {split} split is {len(tokens)} tokens; fusion reads windows of "
-                    f"{cfg.seq_len} (at least {cfg.seq_len + 2} tokens)"
-                )
+            check_tokens(tokens, cfg.seq_len, f"--corpus {corpus}: its {split} split")
+        eval_windows = fixed_windows(parent.val_ids, cfg.seq_len, args.eval_windows)
     else:
         model, train_ids, eval_windows = load_frozen(model_dir, device), None, None
     # run_fusion replaces --out whole once complete: an earlier output (or, with --overwrite, another model's
@@ -727,18 +724,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if corpus is not None:  # the text first: a tokenizer or corpus that cannot calibrate is said before the load
         from tessera.runtime.sampling import load_tokenizer
         from tessera.search.data import encode_split
-        from tessera.search.train import fixed_windows
+        from tessera.search.train import check_tokens, fixed_windows
 
         arch = ArchConfig.from_json(model_dir)
         # The FP8 model's own keys and values (as they will be served), on text the evaluation does not use.
         seq_len = min(KV_CALIBRATION_LEN, arch.max_position_embeddings)
         tokens = encode_split(load_tokenizer(model_dir), "train", corpus, arch.eos_token_ids)
+        check_tokens(tokens, seq_len, f"--corpus {corpus}: its train split")
         windows = fixed_windows(tokens, seq_len, KV_CALIBRATION_WINDOWS)
-        if not len(windows):
-            raise UserError(
-                f"--corpus {corpus}: its train split is {len(tokens)} tokens; calibrating KV-cache scales needs "
-                f"at least {seq_len + 1} (one window of {seq_len})"
-            )
     # Built in FP8 and quantized a sublayer at a time as it is read (Model.load_packed): FP8's bytes, not bf16's.
     check_memory(model_dir, device, FP8, remedy="quantize on a device with more free memory (--device)")
     model = load_model(model_dir, device, FP8)
