@@ -76,8 +76,11 @@ def parent():
     return load_model(PARENT_DIR), load_tokenizer(PARENT_DIR)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(server):
+    """A client per test: a pooled connection left idle past uvicorn's 5 s keep-alive (while tests without the
+    server run) can be closed by the server just as the next request goes out, and with retries off (so that
+    every error shows) that is a connection reset (CI saw one)."""
     return openai.OpenAI(base_url=f"{server[1]}/v1", api_key="unused", max_retries=0)
 
 
