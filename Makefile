@@ -58,7 +58,7 @@ bench-kernels: setup  ## kernel suites + whole-model decode (GPU: Triton vs torc
 corpus: setup  ## re-snapshot the demo corpus from this Python's standard library
 	$(BIN)/tessera demo-parent corpus
 
-parent: setup  ## retrain the demo parent from the committed corpus (seeded; ~50 min on 2 CPU cores)
+parent: setup  ## retrain the demo parent from the committed corpus (seeded; ~35 min on 2 CPU cores)
 	$(BIN)/tessera demo-parent train
 
 clean:

@@ -346,6 +346,29 @@ def trained(parent, tmp_path_factory):
     return store, losses
 
 
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+@contextlib.contextmanager
+def tolerating_teardown_aborts():
+    """Around `torch.multiprocessing.spawn` of gloo ranks: gloo now and then aborts a rank (SIGABRT, "terminate called
+    without an active exception") as it tears down after its work (parallel.run_ranks; seen in fresh-clone CI runs).
+    Such an abort passes; the test's own checks of what every rank wrote then decide. Any other exit still fails."""
+    import torch.multiprocessing as mp
+
+    try:
+        yield
+    except mp.ProcessExitedException as e:
+        if e.signal_name != "SIGABRT":
+            raise
+
+
+def node_ended_well(node, log: Path, timeout: float) -> bool:
+    """A torchrun node exited 0, or exited otherwise only because gloo aborted a rank as it tore down (its log
+    says so; what the ranks wrote is for the test to check)."""
+    return node.wait(timeout) == 0 or GLOO_TEARDOWN_ABORT in log.read_text()
+
+
 def torchrun(args: list[str], logs: Path, nnodes: int = 1, nproc_per_node: int = 1) -> list:
     """`torchrun ... -m tessera.cli ARGS` as `nnodes` nodes on this machine (each its own torchrun, one process
     group, gloo), meeting at a free local port as nodes on separate machines meet at the first node's address.

@@ -60,7 +60,9 @@ def test_bench_model(results_dir) -> None:
     assert [(r["batch"], r.get("precision")) for r in rows] == [(b, p) for b in (1, 8) for p in (None, *fp8)]
     for r in rows:
         assert r["kernels"] == "torch" and r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
-        assert 0 < r["pct_of_bandwidth_floor"] <= 100
+        # On a CPU whose last-level cache holds the model, a step can beat the DRAM copy floor: 10x past it would be
+        # a wrong floor (bytes miscounted), not a fast step.
+        assert 0 < r["pct_of_bandwidth_floor"] <= 1000
     for plain, *quantized in (rows[:3], rows[3:]):  # each FP8 row against the bf16 step of its scenario
         for r in quantized:
             assert r["speedup_vs_unquantized_step"] == pytest.approx(plain["step_ms"] / r["step_ms"])
@@ -118,7 +120,7 @@ def test_bench_model_pdl_alternates_the_modes_and_compares_their_logits(results_
     for r in results["results"]:
         assert r["same_logits"] is True and r["rounds"] == 5
         assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
-        assert 0 < r["pct_of_bandwidth_floor_with_pdl"] <= 100
+        assert 0 < r["pct_of_bandwidth_floor_with_pdl"] <= 1000  # as in test_bench_model
     assert "sanity pass" in (results_dir / "cpu_model_decode_pdl.md").read_text()
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:

@@ -395,7 +395,10 @@ def test_ctrl_c_in_a_real_process(tmp_path) -> None:
     while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # a run that ignored the interrupt must not go on into the next tests
     assert proc.returncode == 130, err
     assert (
         err.splitlines()[-1]
