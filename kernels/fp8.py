@@ -96,7 +96,10 @@ def check_kv_scale_values(scales: dict[int, tuple[float, float]], what: str) -> 
     """KV scales must be finite and positive: a zero or negative one would store garbage, silently."""
     for layer, pair in scales.items():
         if not all(math.isfinite(s) and s > 0 for s in pair):
-            raise ValueError(f"{what}: layer {layer}'s KV-cache scales {pair} must be finite and > 0")
+            raise ValueError(
+                f"{what}: layer {layer}'s KV-cache scales (model.layers.{layer}.self_attn.k_scale, v_scale) = {pair}"
+                " must be finite and > 0"
+            )
 
 
 def bytes_view(t: torch.Tensor) -> torch.Tensor:

@@ -75,18 +75,27 @@ class ParentAndText:
     val_ids: np.ndarray
 
 
-def load_frozen(model_dir: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> Model:
-    """A checkpoint loaded for the search to read, never to train. FP8 KV-cache scales it holds are dropped: they
-    describe its own keys and values, not a child's (ArchConfig.with_blocks drops them too)."""
-    model = load_model(model_dir, device, dtype).drop_kv_scales()
+def load_frozen(
+    model_dir: str | Path, device: torch.device, dtype: torch.dtype = torch.float32, keep_kv_scales: bool = False
+) -> Model:
+    """A checkpoint loaded for the search to read, never to train. FP8 KV-cache scales it holds are dropped unless
+    kept: they describe its own keys and values, not a child's (ArchConfig.with_blocks drops them too); FFN Fusion
+    keeps them (it leaves every attention layer as it is)."""
+    model = load_model(model_dir, device, dtype)
+    if not keep_kv_scales:
+        model.drop_kv_scales()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
 def load_parent(
-    model_dir: str | Path, corpus: str | Path, device: torch.device, dtype: torch.dtype = torch.float32
+    model_dir: str | Path,
+    corpus: str | Path,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    keep_kv_scales: bool = False,
 ) -> ParentAndText:
-    model = load_frozen(model_dir, device, dtype)
+    model = load_frozen(model_dir, device, dtype, keep_kv_scales)
     tok, eos = load_tokenizer(model_dir), model.arch.eos_token_ids
     return ParentAndText(model, encode_split(tok, "train", corpus, eos), encode_split(tok, "validation", corpus, eos))

@@ -213,6 +213,8 @@ def choose_groups(
             if len(run) >= 3:
                 groups.append(FusionGroup(tuple(run[:-1]), _score(dep, run[:-1])))
             continue
+        if len(run) < 2:  # one FFN: nothing to group, whatever the threshold
+            continue
         if dep is None:
             raise FusionError("a dependency threshold needs the dependency matrix")
         current = [run[0]]
@@ -264,6 +266,8 @@ def fused_ffn_weights(branches: Sequence[dict[str, torch.Tensor]]) -> dict[str, 
 @torch.no_grad()
 def fuse(model: Model, groups: Sequence[FusionGroup]) -> Model:
     """A new model with each group fused (the input model is left as it is)."""
+    if model.arch.quantization is not None:  # norms fold into the gate/up columns: E4M3 codes cannot take that
+        raise FusionError(f"the model's weights are {model.arch.quantization}: fuse the unquantized model")
     arch = fused_arch(model.arch, groups)
     param = model.embed_tokens.weight
     fused = Model.empty(arch, param.device, param.dtype)
@@ -380,6 +384,10 @@ def analyse_and_fuse(
     Without text (`train_tokens` None) it is the pure transform: explicit groups (cfg.spans), no healing,
     nothing scored. Text is needed only to choose groups, to score and to heal."""
     arch = model.arch
+    if train_tokens is not None and cfg.seq_len > arch.max_position_embeddings:
+        raise FusionError(
+            f"seq_len {cfg.seq_len}: longer than the model's context ({arch.max_position_embeddings} tokens)"
+        )
     if train_tokens is None:
         if cfg.spans is None or cfg.heal_steps > 0:
             raise FusionError("fusing without text needs explicit groups and no healing (heal_steps 0)")
@@ -408,6 +416,8 @@ def analyse_and_fuse(
     if cfg.heal_steps > 0:
         gkd = GKDConfig(steps=cfg.heal_steps, lr=cfg.heal_lr, seq_len=cfg.seq_len, seed=cfg.seed)
         heal(fused, model, train_tokens, gkd, progress)
+        if fused.arch.kv_cache_scales:  # healing moved the keys and values the FP8 KV-cache scales describe
+            fused.calibrate_kv_scales(calib)
         result.quality["healed"] = model_quality(fused, eval_windows, ref)
     return fused, result
 

@@ -626,7 +626,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         bld=replace(BLDConfig(), steps=args.bld_steps),
         gkd=replace(GKDConfig(), steps=args.gkd_steps, batch_size=args.gkd_batch_size, seq_len=args.seq_len),
         pareto_speedups=args.pareto,
-        fusion=FusionConfig(heal_steps=args.gkd_steps) if args.fuse else None,
+        fusion=FusionConfig(heal_steps=args.gkd_steps, seq_len=args.seq_len) if args.fuse else None,
         device=str(resolve_device(args.device)),
         timing_dtype=args.timing_dtype,
         scoring=args.scoring,
@@ -674,22 +674,24 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     if uses_text:
         _corpus(args)
     cfg = FusionConfig(
-        spans=tuple(parse_groups(args.groups)) if args.groups else None,
+        spans=tuple(parse_groups(args.groups)) if args.groups is not None else None,
         threshold=args.threshold,
         heal_steps=args.heal_steps,
         block_threshold=args.block_threshold,
+        # windows as long as the model's context allows (a checkpoint of a shorter context than the default)
+        seq_len=min(FusionConfig.seq_len, ArchConfig.from_json(model_dir).max_position_embeddings),
     )
     if cfg.spans is not None and cfg.threshold is not None:
         raise FusionError("give --groups or --threshold, not both")
     device = resolve_device(args.device)
     if uses_text:
-        parent = load_parent(model_dir, corpus, device)
+        parent = load_parent(model_dir, corpus, device, keep_kv_scales=True)  # fusion keeps attention as it is
         model, train_ids = parent.model, parent.train_ids
         for split, tokens in (("train", train_ids), ("validation", parent.val_ids)):
             check_tokens(tokens, cfg.seq_len, f"--corpus {corpus}: its {split} split")
         eval_windows = fixed_windows(parent.val_ids, cfg.seq_len, args.eval_windows)
     else:
-        model, train_ids, eval_windows = load_frozen(model_dir, device), None, None
+        model, train_ids, eval_windows = load_frozen(model_dir, device, keep_kv_scales=True), None, None
     # run_fusion replaces --out whole once complete: an earlier output (or, with --overwrite, another model's
     # training.json and plots) never lingers beside the new checkpoint, and Ctrl-C leaves --out as it was.
     scenario, timing = _scenario(args), args.timing_dtype

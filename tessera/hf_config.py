@@ -333,9 +333,10 @@ def _read_quantization(cfg: dict[str, Any], source: str) -> tuple[str | None, bo
     ):
         raise _bad(source, "quantization_config.config_groups weights", json.dumps(FP8_WEIGHTS), weights)
     # Activations are quantized at run time, per token (finer than a dynamic per-tensor scheme asks, the same
-    # arithmetic otherwise); static activations would come with input_scale tensors tessera does not apply.
+    # arithmetic otherwise); static activations would come with input_scale tensors tessera does not apply, and
+    # none at all (weight-only FP8, W8A16) asks for bf16 activations, which tessera's FP8 GEMMs do not compute.
     acts = group.get("input_activations")
-    if acts is not None and (
+    if (
         not isinstance(acts, dict)
         or acts.get("type") != "float"
         or acts.get("num_bits") != 8

@@ -391,13 +391,14 @@ def test_fp8_config_parsing_refuses_other_schemes() -> None:
         return {**base, "quantization_config": config}
 
     group = "config_groups"
-    refused = {  # each a scheme whose tensors tessera would load wrongly, refused naming its field
-        "weights": lambda c: c[group]["group_0"]["weights"].update(symmetric=False),  # zero points
-        "input_activations": lambda c: c[group]["group_0"]["input_activations"].update(dynamic=False),  # input_scale
-        "ignore": lambda c: c.update(ignore=[]),  # a quantized LM head
-        "sparsity_config": lambda c: c.update(sparsity_config={"format": "sparse-bitmask"}),
-    }
-    for field, change in refused.items():
+    refused = [  # each a scheme whose tensors tessera would load wrongly, refused naming its field
+        ("weights", lambda c: c[group]["group_0"]["weights"].update(symmetric=False)),  # zero points
+        ("input_activations", lambda c: c[group]["group_0"]["input_activations"].update(dynamic=False)),  # input_scale
+        ("input_activations", lambda c: c[group]["group_0"].update(input_activations=None)),  # weight-only (W8A16)
+        ("ignore", lambda c: c.update(ignore=[])),  # a quantized LM head
+        ("sparsity_config", lambda c: c.update(sparsity_config={"format": "sparse-bitmask"})),
+    ]
+    for field, change in refused:
         with pytest.raises(ConfigError, match=field):
             parse(scheme(change))
     # Dynamic per-tensor activations read as per-token ones (finer, computed at run time either way).

@@ -24,9 +24,11 @@ from tessera.runtime.model import Model
 from tessera.search.data import read_corpus
 from tessera.search.fusion import (
     EMPTY,
+    FusionConfig,
     FusionError,
     FusionGroup,
     aligned_layers,
+    analyse_and_fuse,
     choose_groups,
     dependency_matrix,
     ffn_runs,
@@ -136,6 +138,31 @@ def test_a_calibrated_fp8_kv_cache_keeps_its_scales_through_fusion_not_into_a_ch
         assert torch.equal(child(tokens), model(tokens))
 
 
+def test_healing_recalibrates_the_fp8_kv_cache_scales():
+    """Healing trains the attention layers too: the scales a healed model keeps are its own keys' and values'
+    (calibrated again on the fusion's calibration windows), not the unhealed model's."""
+    import copy
+
+    model = tiny_model()
+    model.calibrate_kv_scales(torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1)))
+    train = np.random.default_rng(0).integers(0, 97, 4000)
+    cfg = FusionConfig(spans=((1, 4),), heal_steps=2, heal_lr=1e-2, seq_len=32, calibration_windows=2)
+    fused, _ = analyse_and_fuse(model, train, torch.from_numpy(train[:64].reshape(2, 32)), cfg, progress=False)
+    assert fused.arch.kv_cache_scales
+    again = copy.deepcopy(fused)
+    again.calibrate_kv_scales(fixed_windows(train, cfg.seq_len, cfg.calibration_windows))
+    assert fused.kv_scales() == again.kv_scales() != model.kv_scales()
+
+
+def test_fusion_refuses_windows_past_the_context_and_fp8_weights():
+    model = tiny_model()  # a 64-token context
+    train = np.random.default_rng(0).integers(0, 97, 4000)
+    with pytest.raises(FusionError, match="seq_len 65: longer than the model's context"):
+        analyse_and_fuse(model, train, None, FusionConfig(seq_len=65), progress=False)
+    with pytest.raises(FusionError, match="fuse the unquantized model"):
+        fuse(model.cast(kernels.FP8), [FusionGroup((1, 3, 4))])
+
+
 def test_ffn_runs_and_default_groups_leave_the_last_ffn():
     arch = tiny_model().arch
     assert ffn_runs(arch) == [[1, 3, 4, 5], [7, 8]]
@@ -184,6 +211,8 @@ def test_threshold_and_explicit_groups():
     # A threshold above every dependency takes each whole run; below every one, nothing.
     assert [g.layers for g in choose_groups(arch, dep, threshold=2.0)] == [(1, 3, 4, 5), (7, 8)]
     assert choose_groups(arch, dep, threshold=0.0) == []
+    lone = tiny_model((gqa(), ffn(48), gqa(1))).arch  # one attention-free FFN: nothing to group, no matrix needed
+    assert choose_groups(lone, None, threshold=0.1) == []
     (group,) = choose_groups(arch, dep, spans=parse_groups("3-5"))
     assert group.layers == (3, 4, 5)
     assert group.score == pytest.approx(max(dep.get(3, 4), dep.get(3, 5), dep.get(4, 5)))
@@ -395,9 +424,45 @@ def test_fuse_with_explicit_groups_and_no_healing_is_a_pure_transform(tiny_check
     for (name, a), (_, b) in zip(expected.state_dict().items(), got.state_dict().items()):
         assert torch.equal(a.to(torch.bfloat16).float(), b), name
     capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*argv[:4], str(tmp_path / "empty"), "--groups", "", "--heal-steps", "0"])
+    assert e.value.code == 2 and "--groups '': expected spans" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # healing needs text: the missing tokenizer is named
         main(["fuse", "--model", str(bare), "--out", str(tmp_path / "healed"), "--groups", "1-3"])
     assert e.value.code == 2 and "tokenizer.json: no such file" in capsys.readouterr().err
+
+
+def test_fuse_cli_keeps_fp8_kv_cache_scales(tiny_checkpoint, tmp_path, capsys):
+    """A checkpoint with calibrated FP8 KV-cache scales keeps them through `tessera fuse` (fusion leaves attention
+    as it is; the command's load had dropped them, so an FP8 cache served the output at scale 1)."""
+    path, _ = tiny_checkpoint
+    model = load_model(path)
+    scales = model.calibrate_kv_scales(torch.randint(0, 8192, (2, 16), generator=torch.Generator().manual_seed(0)))
+    calibrated = save_model(model, tmp_path / "calibrated", tokenizer_from=path)
+    out = tmp_path / "fused"
+    argv = ["fuse", "--model", str(calibrated), "--out", str(out), "--groups", "1-3", "--heal-steps", "0"]
+    assert main([*argv, "--batch", "1", "--prompt-len", "8", "--gen-len", "4"]) == 0
+    assert load_model(out).kv_scales() == scales != {}
+    assert "kv_cache_scheme" in json.loads((out / "config.json").read_text())["quantization_config"]
+    capsys.readouterr()
+
+
+def test_fuse_cli_on_a_context_shorter_than_its_default_windows(tmp_path, capsys):
+    """Windows as long as the model's context allows: a 64-token model (the default windows are 256 tokens) is
+    analysed, fused and healed (this raised a ValueError traceback after the dependency matrices)."""
+    arch = ArchConfig(
+        vocab_size=8192, hidden_size=32, n_heads=4, head_dim=8, blocks=(gqa(), ffn(64), ffn(48), ffn(64), gqa()),
+        tie_embeddings=True, max_position_embeddings=64, dtype="float32",
+    )  # fmt: skip
+    path = save_model(Model(arch).init_weights(seed=0), tmp_path / "short", tokenizer_from=PARENT_DIR)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "validation"):
+        (corpus / f"{split}.txt.xz").write_bytes(lzma.compress(read_corpus(split, CORPUS_DIR)[:20_000].encode()))
+    out = tmp_path / "fused"
+    assert main(fuse_args(path, corpus, out, "--groups", "1-2")) == 0
+    assert load_model(out).arch.fusion_spans == ((1, 2),)
+    capsys.readouterr()
 
 
 def test_run_fusion_replaces_its_folder_whole_or_not_at_all(tiny_checkpoint, tmp_path, monkeypatch):
