@@ -186,9 +186,10 @@ class ArchConfig:
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "bfloat16"  # the checkpoint's storage dtype (config "torch_dtype")
     # FFN-Fusion groups, (first, last) layer spans: layers first..last-1 are empty and layer `last` holds the
-    # fused wide FFN (the released Ultra-253B layout). Written by `tessera fuse` as "ffn_fusion_spans";
-    # for configs without the key, `fused_ffn_spans()` infers them from the layout.
-    fusion_spans: tuple[tuple[int, int], ...] = ()
+    # fused wide FFN (the released Ultra-253B layout). Written in tessera's nemotron-nas exports as
+    # "ffn_fusion_spans" ([] for none); None (a config without the key) has `fused_ffn_spans()` infer them from
+    # the layout, which a Puzzle child's could mimic: a child is built with the record (with_blocks: none).
+    fusion_spans: tuple[tuple[int, int], ...] | None = None
     family: Family = "llama"  # the Hugging Face family of the parent (its config.json's model_type)
     # "fp8": the checkpoint's projection matrices are E4M3 with per-channel scales (tessera/hf_config.py); None: all
     # weights in `dtype`.
@@ -211,7 +212,7 @@ class ArchConfig:
             kv = block.attention.n_kv_heads
             if kv is not None and self.n_heads % kv:
                 raise ConfigError(f"layer {i}: n_kv_heads={kv} does not divide n_heads={self.n_heads}")
-        for first, last in self.fusion_spans:
+        for first, last in self.fusion_spans or ():
             if not 0 <= first < last < self.n_layers:
                 raise ConfigError(f"ffn_fusion_spans [{first}, {last}]: expected 0 <= first < last < {self.n_layers}")
             if not all(b.is_empty for b in self.blocks[first:last]):
@@ -253,7 +254,7 @@ class ArchConfig:
         record (NVIDIA's Ultra-253B) is read as the released model is laid out: a fused FFN is an attention-free
         SwiGLU layer right after one or more empty layers (the rest of its group), wider than any attention
         layer's FFN (a Puzzle child never widens a single FFN beyond its parent's)."""
-        if self.fusion_spans:
+        if self.fusion_spans is not None:
             return self.fusion_spans
         widest = max((b.ffn.intermediate_size or 0 for b in self.blocks if b.attention.kind != "none"), default=0)
         spans = []

@@ -473,8 +473,10 @@ def _window(cfg: dict[str, Any], source: str) -> int:
     return _int(cfg, "sliding_window", source, 4096, hi=_MAX_POSITIONS)
 
 
-def _read_fusion_spans(cfg: dict[str, Any], source: str) -> tuple[tuple[int, int], ...]:
-    raw = _get(cfg, "ffn_fusion_spans", source, list, [])
+def _read_fusion_spans(cfg: dict[str, Any], source: str) -> tuple[tuple[int, int], ...] | None:
+    raw = _get(cfg, "ffn_fusion_spans", source, list, None)
+    if raw is None:  # no record: ArchConfig.fused_ffn_spans reads the layout
+        return None
     for span in raw:
         if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)):
             raise ConfigError(f"{source}: ffn_fusion_spans entry {span!r}, expected [first_layer, last_layer]")
@@ -627,7 +629,7 @@ def to_dict(arch: ArchConfig, fmt: Format = "auto") -> dict[str, Any]:
     out["num_key_value_heads"] = None
     out["intermediate_size"] = None
     out["block_configs"] = [_block_to_nas(arch, b) for b in arch.blocks]
-    if arch.fusion_spans:
+    if arch.fusion_spans is not None:  # [] too: a record of none, so no layout is read as fused
         out["ffn_fusion_spans"] = [list(span) for span in arch.fusion_spans]
     if not nas:
         out[TESSERA_ONLY] = (

@@ -265,6 +265,21 @@ def test_fused_checkpoint_round_trips_in_the_ultra_layout(tmp_path):
     assert loaded.arch.fusion_spans == ((1, 4),)
 
 
+def test_a_child_that_looks_fused_is_not_read_as_fused(tmp_path):
+    """A Puzzle child can keep an attention-free FFN wider than every attention layer's, after an empty layer: the
+    layout NVIDIA's Ultra-253B shows fused FFNs by. A config without a record is read by that layout; a child (built
+    with the record: none) is not, through save and load, and a later fusion records only its own group."""
+    blocks = (gqa(2, 64), EMPTY, ffn(128), gqa(1, 64), ffn(48), ffn(48), ffn(48), gqa(2, 64))
+    unrecorded = tiny_model(blocks).arch
+    assert unrecorded.fusion_spans is None and unrecorded.fused_ffn_spans() == ((1, 2),)  # as Ultra-253B is read
+    child = Model.empty(unrecorded.with_blocks(blocks)).init_weights(seed=0)
+    assert child.arch.fused_ffn_spans() == ()
+    path = save_model(child, tmp_path / "child")
+    assert json.loads((path / "config.json").read_text())["ffn_fusion_spans"] == []
+    assert load_model(path).arch.fused_ffn_spans() == ()
+    assert fuse(child, [FusionGroup((4, 5))]).arch.fusion_spans == ((4, 5),)
+
+
 def test_fusion_spans_are_checked(tmp_path):
     arch = tiny_model().arch
     with pytest.raises(ConfigError, match=r"ffn_fusion_spans \[0, 1\]: layers 0..0 must be empty"):
