@@ -651,6 +651,8 @@ def _is_fuse_output(path: Path) -> bool:
 def cmd_fuse(args: argparse.Namespace) -> None:
     if _other_rank("fuse", "FFN Fusion is not sharded over ranks"):
         return
+    from dataclasses import replace
+
     from tessera.demo import CORPUS_DIR
     from tessera.search.data import load_frozen, load_parent
     from tessera.search.fusion import FUSION_OUTPUTS, FusionConfig, FusionError, parse_groups, run_fusion
@@ -678,8 +680,6 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         threshold=args.threshold,
         heal_steps=args.heal_steps,
         block_threshold=args.block_threshold,
-        # windows as long as the model's context allows (a checkpoint of a shorter context than the default)
-        seq_len=min(FusionConfig.seq_len, ArchConfig.from_json(model_dir).max_position_embeddings),
     )
     if cfg.spans is not None and cfg.threshold is not None:
         raise FusionError("give --groups or --threshold, not both")
@@ -687,6 +687,8 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     if uses_text:
         parent = load_parent(model_dir, corpus, device, keep_kv_scales=True)  # fusion keeps attention as it is
         model, train_ids = parent.model, parent.train_ids
+        # Windows as long as the model's context allows (a checkpoint of a shorter context than the default).
+        cfg = replace(cfg, seq_len=min(cfg.seq_len, model.arch.max_position_embeddings))
         for split, tokens in (("train", train_ids), ("validation", parent.val_ids)):
             check_tokens(tokens, cfg.seq_len, f"--corpus {corpus}: its {split} split")
         eval_windows = fixed_windows(parent.val_ids, cfg.seq_len, args.eval_windows)
