@@ -47,7 +47,7 @@ from tessera.runtime.loader import (
 )
 from tessera.runtime.model import LinearSublayer, Model
 from tessera.runtime.sampling import Completion, SamplingParams, load_tokenizer
-from tessera.runtime.weights import WEIGHT_SCALE
+from tessera.runtime.weights import KV_SCALE_NAMES, WEIGHT_SCALE
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def shard_part(arch: ArchConfig, name: str, tensor: Any, rank: int, size: int) -
     if name.endswith(("embed_tokens.weight", "lm_head.weight")):
         rows = share(arch.vocab_size, rank, size)
         return tensor[rows.start : rows.stop]
-    if name.endswith(("norm.weight", "self_attn.k_scale", "self_attn.v_scale")):
+    if name.endswith(("norm.weight", *KV_SCALE_NAMES)):
         return tensor[:]  # every norm (q/k norms included) and a layer's FP8 KV-cache scales: whole on every rank
     block = arch.blocks[int(name.split(".")[2])]  # model.layers.{i}....
     q_heads = range(rank * arch.n_heads // size, (rank + 1) * arch.n_heads // size)

@@ -67,6 +67,7 @@ KV_SCALES = (
     Weight("key_cache_scale", "self_attn.k_scale", "self_attn.k_scale", (SCALAR,)),
     Weight("value_cache_scale", "self_attn.v_scale", "self_attn.v_scale", (SCALAR,)),
 )
+KV_SCALE_NAMES = tuple(w.hf for w in KV_SCALES)  # how their names end, under a layer (the same in tessera)
 
 # What the families add to a GQA attention (ArchConfig.qkv_bias, .qk_norm): attention_tables() puts them in.
 QKV_BIAS = (

@@ -11,6 +11,7 @@ import torch
 
 from tessera.config import BlockConfig
 from tessera.runtime.model import DecoderLayer, Model
+from tessera.runtime.weights import KV_SCALE_NAMES
 from tessera.search.bld import SublayerStore, layer_from_parts, sublayer_state
 
 
@@ -26,7 +27,7 @@ def layer_state(parent: Model, store: SublayerStore, layer_idx: int, block: Bloc
         state.update(sublayer_state(parent_layer, part) if mine == theirs else store.load(layer_idx, mine.name))
     # A child carries no FP8 KV-cache scales (ArchConfig.with_blocks): the parent's were calibrated on its own
     # keys and values, so a calibrated parent's are left behind.
-    return {k: v for k, v in state.items() if not k.endswith(("self_attn.k_scale", "self_attn.v_scale"))}
+    return {k: v for k, v in state.items() if not k.endswith(KV_SCALE_NAMES)}
 
 
 def build_layer(parent: Model, store: SublayerStore, layer_idx: int, block: BlockConfig) -> DecoderLayer:

@@ -49,8 +49,12 @@ from tessera.search.train import fixed_windows
 EMPTY = EMPTY_BLOCK  # what fusion leaves in a fused group's other layers
 BLOCK_PAIR_THRESHOLD = 0.05  # on the demo parent, the one pair under it loses KL 0.009 run side by side
 LATENCY_ROUNDS = 5  # lockstep rounds of the fused model against the unfused
-# What `run_fusion` writes beside the fused checkpoint (the heat-maps when there is a matrix to draw).
-FUSION_OUTPUTS = frozenset({"fusion.json", "fusion.md", "ffn_dependency.png", "block_dependency.png"})
+# The heat-maps `run_fusion` draws (when there is a matrix to draw), and all it writes beside the checkpoint.
+DEPENDENCY_PLOTS = {
+    "ffn_dependency": "FFN dependency (attention-free layers)",
+    "block_dependency": "whole-block dependency",
+}
+FUSION_OUTPUTS = frozenset({"fusion.json", "fusion.md", *(f"{key}.png" for key in DEPENDENCY_PLOTS)})
 SWIGLU = FFN["swiglu"]
 
 
@@ -461,10 +465,7 @@ def run_fusion(
     with replaced_folder(out) as work:
         if fused is not None:
             save_model(fused, work, dtype=torch.bfloat16, tokenizer_from=tokenizer_from)
-        for key, title in (
-            ("ffn_dependency", "FFN dependency (attention-free layers)"),
-            ("block_dependency", "whole-block dependency"),
-        ):
+        for key, title in DEPENDENCY_PLOTS.items():
             if info[key]:
                 info[f"{key}_png"] = f"{key}.png"
                 plot_dependency(info[key], work / f"{key}.png", title)
