@@ -85,7 +85,8 @@ class EngineLoad:
 
     running: int = 0
     waiting: int = 0
-    reserved_pages: int = 0
+    used_pages: int = 0
+    preemptions: int = 0  # since the engine started
 
 
 # Messages: server -> engine process
@@ -132,7 +133,8 @@ class Stopped:
 
 
 def _load(engine: Engine) -> EngineLoad:
-    return EngineLoad(len(engine.running), len(engine.waiting), engine.cache.usable_pages - engine.cache.free_pages)
+    used = engine.cache.usable_pages - engine.cache.free_pages
+    return EngineLoad(len(engine.running), len(engine.waiting), used, engine.preemptions)
 
 
 def smallest_pools(limits: list[EngineLimits]) -> EngineLimits:
@@ -484,9 +486,14 @@ class AsyncEngine:
 
     @property
     def kv_usage(self) -> float:
-        """Share of all engines' KV pages reserved by running requests."""
+        """Share of all engines' KV pages held by running requests."""
         total = self._pool_pages  # 0 until the engines have started
-        return sum(h.load.reserved_pages for h in self._handles) / total if total else 0.0
+        return sum(h.load.used_pages for h in self._handles) / total if total else 0.0
+
+    @property
+    def preemptions(self) -> int:
+        """Requests the engines paused for want of KV pages (Engine._preempt), since they started."""
+        return sum(h.load.preemptions for h in self._handles)
 
     # Requests
 

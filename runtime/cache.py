@@ -27,6 +27,7 @@ each layer's pool, and the plain-torch attention reads them in place instead of 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -55,7 +56,8 @@ class KVGroup:
     num_pages: int
     ring: int | None
     free: list[int] = field(default_factory=list)  # a heap: the lowest pages first, so a request's are consecutive
-    dirty: list[int] = field(default_factory=list)  # slots of each page an owner may have written since zeroed
+    dirty: list[int] = field(default_factory=list)  # slots of each free page its last owners may have written
+    stale: list[int] = field(default_factory=list)  # slots of pages handed out since the last clear_stale, to zero
 
     def __post_init__(self) -> None:
         self.free = list(range(1, self.num_pages))
@@ -198,35 +200,68 @@ class PagedKVCache:
         """Pages a sequence of `tokens` tokens holds in each group."""
         return [g.pages_for(tokens, self.page_size) for g in self.groups]
 
-    def fits(self, tokens: int) -> bool:
-        """Whether `allocate(tokens)` would succeed now."""
-        return all(n <= len(g.free) for n, g in zip(self.pages_needed(tokens), self.groups))
+    def missing(self, pages: list[list[int]], tokens: int) -> list[int]:
+        """Pages each group still lacks for a sequence holding `pages` (per group) to hold `tokens` tokens."""
+        return [max(0, n - len(own)) for n, own in zip(self.pages_needed(tokens), pages)]
+
+    def capacity(self, pages: list[list[int]]) -> float:
+        """The most tokens a sequence holding `pages` (per group) can have without another page (inf when each
+        group's pages are a full ring)."""
+        return min(
+            math.inf if g.ring is not None and len(own) >= g.ring else len(own) * self.page_size
+            for g, own in zip(self.groups, pages)
+        )
+
+    def fits(self, tokens: int, pages: list[list[int]] | None = None) -> bool:
+        """Whether a sequence holding `pages` (none: a new one) could grow to `tokens` tokens now."""
+        pages = pages if pages is not None else [[] for _ in self.groups]
+        return all(n <= len(g.free) for n, g in zip(self.missing(pages, tokens), self.groups))
+
+    def extend(self, pages: list[list[int]], tokens: int) -> bool:
+        """Give a sequence holding `pages` (per group, extended in place) the pages it lacks for `tokens` tokens,
+        the lowest free first; False, taking nothing, when the pool lacks them. The slots an earlier owner
+        wrote on the pages handed out are zeroed by the next `clear_stale()`, once for all the pages of a step."""
+        if not self.fits(tokens, pages):
+            return False
+        for group, own, n in zip(self.groups, pages, self.missing(pages, tokens)):
+            for _ in range(n):
+                page = heapq.heappop(group.free)
+                group.stale.extend(page * self.page_size + s for s in range(group.dirty[page]))
+                group.dirty[page] = 0
+                own.append(page)
+        return True
+
+    def clear_stale(self) -> None:
+        """Zero the slots earlier owners wrote on the pages handed out since the last call: a request's slots
+        that it has not written yet hold zeros, never a previous owner's values, so attention over them under a
+        mask cannot pick up a NaN (0 · NaN = NaN). Only slots someone wrote are zeroed, not whole pages: on the
+        CPU a page is a whole context."""
+        for group in self.groups:
+            if group.stale:
+                index = torch.tensor(group.stale, device=self.device)
+                for layer in group.layers:
+                    for pool in (self._k_slots[layer], self._v_slots[layer]):
+                        bytes_view(pool).index_fill_(0, index, 0)
+                group.stale = []
 
     def allocate(self, tokens: int) -> list[list[int]]:
-        """Each group's pages for a sequence of `tokens` tokens, lowest first, zeroed as far as anyone wrote to
-        them: the slots a request has not written yet hold zeros, never a previous owner's values, so attention
-        over them under a mask cannot pick up a NaN (0 · NaN = NaN). Only the slots an earlier owner could have
-        written are zeroed, not whole pages: on the CPU a page is a whole context."""
-        if not self.fits(tokens):
+        """Each group's pages for a new sequence of `tokens` tokens, stale slots zeroed (`extend`)."""
+        pages: list[list[int]] = [[] for _ in self.groups]
+        if not self.extend(pages, tokens):
             free = [len(g.free) for g in self.groups]
             raise RuntimeError(f"KV pool: {self.pages_needed(tokens)} pages asked, {free} free")
-        return [self._take(g, tokens) for g in self.groups]
+        self.clear_stale()
+        return pages
 
-    def _take(self, group: KVGroup, tokens: int) -> list[int]:
-        taken = [heapq.heappop(group.free) for _ in range(group.pages_for(tokens, self.page_size))]
-        stale = [p * self.page_size + s for p in taken for s in range(group.dirty[p])]
-        for i, p in enumerate(taken):  # a ring page may take any of its slots
-            group.dirty[p] = self.page_size if group.ring else min(self.page_size, tokens - i * self.page_size)
-        if stale:
-            index = torch.tensor(stale, device=self.device)
-            for layer in group.layers:
-                for pool in (self._k_slots[layer], self._v_slots[layer]):
-                    bytes_view(pool).index_fill_(0, index, 0)
-        return taken
-
-    def release(self, pages: list[list[int]]) -> None:
+    def release(self, pages: list[list[int]], tokens: int) -> None:
+        """Return a sequence's pages to the pool; it wrote (or may have written) the K/V of its first `tokens`
+        tokens, on as many slots of each page (every slot of a ring it went round), which the page's next owner
+        gets zeroed."""
+        page_size = self.page_size
         for group, own in zip(self.groups, pages):
-            for p in own:
+            for i, p in enumerate(own):
+                written = page_size if tokens >= len(own) * page_size else tokens - i * page_size
+                group.dirty[p] = max(group.dirty[p], min(page_size, max(0, written)))
                 heapq.heappush(group.free, p)
 
     def slots(self, pages: list[int], start: int, end: int) -> list[int]:
@@ -237,10 +272,10 @@ class PagedKVCache:
         page, held = self.page_size, len(pages)
         return [pages[t // page % held] * page + t % page for t in range(start, end)]
 
-    def table(self, pages: list[int], width: int) -> list[int]:
-        """A sequence's block-table row, `width` entries: for each page of its tokens, the page it lands on (as
-        `slots`). Entries past its own tokens are never read."""
-        return [pages[i % len(pages)] for i in range(width)]
+    def table(self, pages: list[int], width: int, start: int = 0) -> list[int]:
+        """A sequence's block-table row, entries start..width-1: for each page of its tokens, the page it lands on
+        (as `slots`). Entries past its own tokens are never read."""
+        return [pages[i % len(pages)] for i in range(start, width)]
 
     def rotate_and_store(
         self, layer: int, slots: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -267,10 +302,11 @@ class PagedKVCache:
 
 class BlockTables:
     """The running sequences' block tables in every KV group, one row per batch slot, kept on the cache's device
-    (vLLM's persistent block table). A row is written once, when its sequence is admitted (the pages it can ever
-    need are reserved then); each step gathers the rows of its sequences and computes where each token's K/V go
-    on the device, rather than rebuilding every table and slot in Python (at batch 256, `Engine._step_batch` under
-    cProfile on the 2-core dev VM: 9.1 ms before, 2.7 ms after). The rule is `PagedKVCache.table` and `slots`'."""
+    (vLLM's persistent block table). A row is written when its sequence is admitted and widened as the sequence
+    takes more pages (`grow`, once a step for all of them); each step gathers the rows of its sequences and
+    computes where each token's K/V go on the device, rather than rebuilding every table and slot in Python (at
+    batch 256, `Engine._step_batch` under cProfile on the 2-core dev VM: 9.1 ms before, 2.7 ms after). The rule
+    is `PagedKVCache.table` and `slots`'."""
 
     def __init__(self, cache: PagedKVCache, rows: int, width: int) -> None:
         self.cache = cache
@@ -278,18 +314,35 @@ class BlockTables:
         self.widths = [0] * rows  # entries each row's sequence fills: a page for each page of its tokens
         self._free = list(range(rows - 1, -1, -1))  # pop() hands out the lowest row
 
+    def width_for(self, tokens: int) -> int:
+        width = -(-tokens // self.cache.page_size)
+        if width > self.tables.shape[2]:
+            raise ValueError(f"block tables: {tokens} tokens need {width} pages, rows hold {self.tables.shape[2]}")
+        return width
+
     def add(self, pages: list[list[int]], tokens: int) -> int:
         """Write the table of a sequence of `tokens` tokens holding `pages` (per group) into a free row; its row."""
         if not self._free:
             raise RuntimeError(f"block tables: all {self.tables.shape[1]} rows are in use")
-        width = -(-tokens // self.cache.page_size)
-        if width > self.tables.shape[2]:
-            raise ValueError(f"block tables: {tokens} tokens need {width} pages, rows hold {self.tables.shape[2]}")
+        width = self.width_for(tokens)
         row = self._free.pop()
         self.widths[row] = width
         rows = [self.cache.table(own, width) for own in pages]
         self.tables[:, row, :width].copy_(torch.tensor(rows, dtype=torch.int32).view(len(pages), width))
         return row
+
+    def grow(self, sequences: list[tuple[int, list[list[int]], int]]) -> None:
+        """Widen the rows of sequences that now hold more tokens: (row, its pages per group, its tokens) each,
+        the new entries of all of them written in one copy to the device."""
+        entries: list[tuple[int, int, int, int]] = []  # (group, row, column, page)
+        for row, pages, tokens in sequences:
+            width, old = self.width_for(tokens), self.widths[row]
+            for g, own in enumerate(pages):
+                entries.extend((g, row, c, page) for c, page in enumerate(self.cache.table(own, width, old), old))
+            self.widths[row] = max(width, old)
+        if entries:
+            g, r, c, page = torch.tensor(entries, dtype=torch.int64).T.to(self.tables.device)
+            self.tables[g, r, c] = page.to(torch.int32)
 
     def remove(self, row: int) -> None:
         self._free.append(row)

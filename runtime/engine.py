@@ -9,11 +9,16 @@ whole mixed step (kernels/attention_paged.py).
 
 The KV cache is a pool of pages (runtime/cache.PagedKVCache) sized per layer by that layer's KV-head count;
 linear and no-op attention layers hold nothing. Its size comes from a memory budget (`kv_cache_bytes`), its
-page size from the cache (16 tokens on the GPU, a whole context per request on the CPU). Admission reserves,
-up front, the pages a request can ever need (prompt + max new tokens), so a running request is never
-preempted: a request that does not fit now waits in FIFO order, and one that could never fit (more pages
-than the whole pool) is refused with a `CapacityError` when it is added. Each step's attention metadata
-(block tables, lengths, where each token's K/V go) is built once (`_step_batch`) and read by every layer.
+page size from the cache (16 tokens on the GPU, a whole context per request on the CPU). A request takes
+pages as its tokens need them (its prompt's when it starts, one more at each page boundary as it decodes), so a
+chat that leaves max_tokens to the context holds the pages of the tokens it has, not of a whole context. When
+a running request needs a page and the pool has none, the request that started last is preempted: its pages
+go back, and it waits first in line to be prefilled again with what it has generated (vLLM's recompute
+preemption), so the oldest request always goes on. A waiting request starts, in FIFO order, when its tokens
+fit with a page to spare for each running request that may still grow; one that could never fit (more pages
+than the whole pool at its longest) is refused with a `CapacityError` when it is added. Each step's attention
+metadata (block tables, lengths, where each token's K/V go) is built once (`_step_batch`) and read by every
+layer.
 
 Sampling is per request (temperature, top-k, top-p, its own random stream: a hash of its seed and how many
 tokens it has sampled), all of a step's rows at once, so a request's draws do not depend on what else is in the
@@ -199,12 +204,14 @@ class _Request:
         self.prompt_len = len(request.prompt)
         self.computed = 0
         self.sampled = 0  # tokens sampled, an EOS included
-        self.pages: list[list[int]] = []  # its pages in each KV group of the cache
+        self.pages: list[list[int]] = []  # its pages in each KV group of the cache (Engine.add sets the groups)
+        self.max_pages = 0  # the most pages of the cache's first group it can ever hold (Engine.add sets it)
+        self.capacity: float = 0  # the most tokens its pages hold (PagedKVCache.capacity)
         self.row: int | None = None  # its row of the engine's BlockTables while it runs
         self.keys = (0, 0, 0, 0)  # its sampling stream (sampling.request_keys); seeded at random when it has no seed
 
     @property
-    def reserved(self) -> int:
+    def most_tokens(self) -> int:
         """Tokens whose K/V it can ever hold: its prompt and every new token but the last (which nothing reads)."""
         return self.prompt_len + self.budget - 1
 
@@ -340,6 +347,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.stepping: list[_Request] = []  # the requests of the step in progress (fail_step ends them)
+        self.preemptions = 0  # requests paused for want of pages (_preempt), since the start
         self._ids = itertools.count()
         self._requests: dict[str, _Request] = {}
         self.graphs = None
@@ -396,6 +404,8 @@ class Engine:
         if request.request_id in self._requests:
             raise UserError(f"request id {request.request_id!r} is already in use")
         req = _Request(request, TextStream(self.tokenizer, request.params.stop))
+        req.pages = [[] for _ in self.cache.groups]
+        req.max_pages = self.cache.pages_needed(req.most_tokens)[0]
         if request.params.temperature > 0:
             req.keys = request_keys(request.params.seeded().seed)
         self._requests[req.id] = req
@@ -440,34 +450,80 @@ class Engine:
 
     @property
     def kv_usage(self) -> float:
-        """Share of the pool's pages reserved by running requests."""
+        """Share of the pool's pages held by running requests."""
         return 1 - self.cache.free_pages / self.cache.usable_pages
 
     # One step
 
     def _schedule(self) -> list[tuple[_Request, int]]:
         """(request, tokens to feed) for this step: decode tokens and unfinished prefills of the running
-        requests first, then new requests admitted in FIFO order while a batch slot and their pages are free."""
+        requests first, then new (or preempted) requests in FIFO order while a batch slot and their pages are
+        free. A running request takes the pages its tokens of this step need; when the pool has none left, the
+        request that started last is preempted (below)."""
         room = max(self.config.max_step_tokens, self.config.max_batch)  # every running request decodes each step
-        plan = []
+        plan: dict[_Request, int] = {}
         # Decodes (1 token) first, then unfinished prompts, each kind in the order it started.
         for req in sorted(self.running, key=lambda r: len(r.tokens) - r.computed > 1):
+            if req.row is None:
+                continue  # preempted by a request before it in this loop
             n = min(len(req.tokens) - req.computed, room)
-            if n > 0:
-                plan.append((req, n))
+            if n <= 0:
+                continue
+            while req.computed + n > req.capacity and not self._extend(req, req.computed + n):
+                victim = self.running[-1]  # the newest: the oldest request always goes on
+                room += plan.pop(victim, 0)
+                self._preempt(victim)
+                if victim is req:
+                    break
+            else:
+                plan[req] = n
                 room -= n
         while self.waiting and room > 0 and len(self.running) < self.config.max_batch:
             req = self.waiting[0]
-            if not self.cache.fits(req.reserved):
+            if not self._can_start(req):
                 break  # FIFO: a request that does not fit yet is not overtaken (no starvation)
             self.waiting.popleft()
-            req.pages = self.cache.allocate(req.reserved)
-            req.row = self.tables.add(req.pages, req.reserved)
+            self._extend(req, len(req.tokens))  # its whole prompt: a long one is never stalled mid-way
+            req.row = self.tables.add(req.pages, len(req.tokens))
             self.running.append(req)
-            n = min(req.prompt_len, room)
-            plan.append((req, n))
-            room -= n
-        return plan
+            plan[req] = min(len(req.tokens), room)
+            room -= plan[req]
+        self.cache.clear_stale()
+        page, widths = self.cache.page_size, self.tables.widths
+        self.tables.grow(
+            [(r.row, r.pages, r.computed + n) for r, n in plan.items() if r.computed + n > widths[r.row] * page]
+        )
+        return list(plan.items())
+
+    def _extend(self, req: _Request, tokens: int) -> bool:
+        """Give a request the pages it lacks for `tokens` tokens; False (nothing taken) when the pool lacks them."""
+        if not self.cache.extend(req.pages, tokens):
+            return False
+        req.capacity = self.cache.capacity(req.pages)
+        return True
+
+    def _can_start(self, req: _Request) -> bool:
+        """Whether a waiting request's tokens fit in the pool now, leaving a page for each running request that
+        may still need one (vLLM's watermark, per request): without it, requests admitted into the last pages
+        would be preempted again at the next page boundary of the ones already running."""
+        if not self.cache.fits(len(req.tokens)):
+            return False
+        need = self.cache.missing(req.pages, len(req.tokens))[0]  # in the first group, the one that grows
+        growing = sum(len(r.pages[0]) < r.max_pages for r in self.running) + (need < req.max_pages)
+        return not self.running or need + growing <= self.cache.free_pages
+
+    def _preempt(self, req: _Request) -> None:
+        """Stop a running request for want of pages and put it first in line again: its pages go back to the
+        pool and, when it starts again, its prompt and the tokens it has generated are prefilled anew (vLLM's
+        recompute preemption). What it sent stays sent: it samples on from where it was, with the same random
+        stream, so its text is the one it would have had without the pause wherever its logits are the same."""
+        self.running.remove(req)
+        self.cache.release(req.pages, len(req.tokens))
+        req.pages, req.capacity = [[] for _ in self.cache.groups], 0
+        self.tables.remove(req.row)
+        req.row, req.computed = None, 0
+        self.waiting.appendleft(req)
+        self.preemptions += 1
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -581,7 +637,7 @@ class Engine:
         self, req: _Request, reason: str, token_ids: list[int], text: str, error: str | None = None
     ) -> RequestOutput:
         """The request's last output; its pages go back to the pool now."""
-        self.cache.release(req.pages)
+        self.cache.release(req.pages, len(req.tokens))
         req.pages = []
         if req.row is not None:
             self.tables.remove(req.row)

@@ -281,7 +281,10 @@ class Metrics:
         Gauge("tessera_requests_waiting", "requests queued for a batch slot or KV pages", registry=r).set_function(
             lambda: engine.queue_depth
         )
-        Gauge("tessera_kv_cache_usage", "share of KV pages reserved", registry=r).set_function(lambda: engine.kv_usage)
+        Gauge("tessera_kv_cache_usage", "share of KV pages in use", registry=r).set_function(lambda: engine.kv_usage)
+        Gauge("tessera_preemptions", "requests paused for want of KV pages since the start", registry=r).set_function(
+            lambda: engine.preemptions
+        )
         latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         per_token = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
         self.ttft = Histogram("tessera_time_to_first_token_seconds", "time to first token", buckets=latency, registry=r)

@@ -98,7 +98,7 @@ def random_windows(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int)
     check_tokens(tokens, seq_len)
     rng = np.random.default_rng(seed)
     while True:
-        starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+        starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)  # the last window ends at the last token
         yield torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
 
 

@@ -10,6 +10,8 @@ context per request, the CPU default.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -245,21 +247,62 @@ def test_text_stream_holds_back_possible_stop_strings_and_split_characters(demo)
     assert "".join(plain.add(t)[0] for t in ids) + plain.flush()[0] == text
 
 
-def test_admission_waits_for_pages_and_refuses_what_can_never_fit(demo) -> None:
+def served_under_pressure(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[list, int]:
+    """Each prompt's generated tokens through `engine`, and the most requests that ran at once; checks after
+    every step that the pages the running requests hold and the free ones add up to the pool."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    most_running = 0
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+        most_running = max(most_running, len(engine.running))
+        held = sum(len(r.pages[0]) for r in engine.running)
+        assert held + engine.cache.free_pages == engine.cache.usable_pages
+    return [tokens[i] for i in ids], most_running
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_pages_are_taken_as_requests_grow_and_the_newest_is_preempted(demo, sampling) -> None:
+    """6 usable pages of 16 tokens: five requests of 10 prompt + 30 new tokens hold 3 pages each at their
+    longest, so reserving that up front ran 2 at once. Taking pages as they grow, 3 start (a page to spare for
+    each, `Engine._can_start`); at the 33rd token the pool runs dry and the newest is preempted, to be prefilled
+    again later with what it generated. Every request's tokens equal those of an engine with pages to spare, in
+    greedy and in seeded sampling (the preempted one samples on from its own stream)."""
     model, tok = demo
     page_bytes = PagedKVCache.page_bytes(model.arch, 16, torch.float32)
-    # 6 usable pages = 96 tokens: each 40-token request (prompt + 30 new) needs 3, so 2 run at once.
+    temperature = 0.0 if sampling == "greedy" else 1.0
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True, temperature=temperature, seed=7)
+    prompts = prompts_of([10] * 5, 8192, seed=2)
+    roomy = Engine(model, tok, EngineConfig(max_batch=8, page_size=16))
+    expected = [c.tokens for c in roomy.generate(prompts, params)]
+    engine = Engine(model, tok, EngineConfig(max_batch=8, kv_cache_bytes=6 * page_bytes, page_size=16))
+    tokens, most_running = served_under_pressure(engine, prompts, params)
+    assert most_running == 3 and engine.preemptions > 0 and roomy.preemptions == 0
+    assert tokens == expected and engine.cache.free_pages == 6
+
+
+def test_requests_without_max_tokens_hold_the_pages_of_their_tokens(demo) -> None:
+    """A request that leaves its length to the context (a chat without max_tokens) used to hold a whole
+    context's pages from its start: a pool of one context ran one at a time. Now four start together, and all
+    four finish with the tokens they get where pages are plenty, however often the pool runs dry on the way."""
+    model, tok = demo
+    page_bytes = PagedKVCache.page_bytes(model.arch, 16, torch.float32)
+    prompts, params = prompts_of([10, 7, 12, 9], 8192, seed=9), SamplingParams(max_new_tokens=None)
+    config = EngineConfig(max_batch=4, max_model_len=128, page_size=16)
+    expected = [c.tokens for c in Engine(model, tok, config).generate(prompts, params)]
+    engine = Engine(model, tok, replace(config, kv_cache_bytes=8 * page_bytes))  # 8 pages: one context of 128
+    tokens, most_running = served_under_pressure(engine, prompts, params)
+    assert most_running == 4 and tokens == expected
+    assert engine.preemptions > 0  # 4 requests of ~128 tokens in a pool of 128: it ran dry on the way
+
+
+def test_admission_refuses_what_can_never_fit(demo) -> None:
+    model, tok = demo
+    page_bytes = PagedKVCache.page_bytes(model.arch, 16, torch.float32)
     engine = Engine(model, tok, EngineConfig(max_batch=8, kv_cache_bytes=6 * page_bytes, page_size=16))
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
     prompts = prompts_of([10] * 5, 8192, seed=2)
-    for p in prompts:
-        engine.add_request(p, params)
-    most_running = 0
-    while engine.has_work():
-        engine.step()
-        most_running = max(most_running, len(engine.running))
-        assert engine.cache.free_pages >= 0
-    assert most_running == 2 and engine.cache.free_pages == 6
     with pytest.raises(CapacityError, match=r"needs 7 KV pages.*whole pool holds 6"):
         engine.add_request(prompts[0], SamplingParams(max_new_tokens=100))
     with pytest.raises(ContextLengthError, match="1024 tokens"):
@@ -289,12 +332,15 @@ def test_abort_frees_pages_at_once(demo, page_size) -> None:
     a = engine.add_request("def f(x):", SamplingParams(max_new_tokens=200))
     b = engine.add_request("import os", SamplingParams(max_new_tokens=200))
     engine.add_request("x = 1", SamplingParams(max_new_tokens=200))  # waits: max_batch 2
-    engine.step()
-    free = engine.cache.free_pages
+    for _ in range(6):
+        engine.step()
+    free, cached = engine.cache.free_pages, engine._requests[a].computed
     out = engine.abort(a)
     assert out.finished and out.finish_reason == "abort"
-    # The prompt's 4 tokens and 199 more to come (the last sampled token is never stored): 51 pages of 4, or 1 whole
-    assert engine.cache.free_pages == free + (51 if page_size == 4 else 1)
+    # Pages for the tokens it has cached (its prompt and 5 sampled tokens: 6 steps), not for the 200 it may sample:
+    # as many pages of 4, or 1 whole context.
+    assert cached == len(engine.encode("def f(x):")) + 5
+    assert engine.cache.free_pages == free + (-(-cached // 4) if page_size == 4 else 1)
     assert engine.abort(a) is None  # already gone
     assert engine.abort(b).finish_reason == "abort"
     engine.step()
@@ -352,10 +398,10 @@ def test_stale_nan_in_free_pages_never_reaches_a_request(demo, page_size) -> Non
     cache = engine.cache
     everything = cache.allocate(cache.free_pages * cache.page_size)
     poison(cache, everything, len(everything[0]) * cache.page_size)
-    cache.release(everything)
+    cache.release(everything, len(everything[0]) * cache.page_size)
     some = cache.allocate(20)
     poison(cache, some, 20)
-    cache.release(some)
+    cache.release(some, 20)
     assert [c.tokens for c in engine.generate(prompts, params)] == [c.tokens for c in clean]
 
 

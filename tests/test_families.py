@@ -248,7 +248,7 @@ def test_windowed_layers_keep_a_ring_of_pages(tmp_path) -> None:
     for tokens in (10, 40, 256):
         pages = long.cache.allocate(tokens)
         assert [len(p) for p in pages] == [-(-tokens // 4), min(-(-tokens // 4), 7)]
-        long.cache.release(pages)
+        long.cache.release(pages, tokens)
     # The engine's device-side tables and slots (BlockTables) follow the cache's rule written out, ring included.
     tables, lengths = long.tables, (10, 256)
     owned = [long.cache.allocate(n) for n in lengths]

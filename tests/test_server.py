@@ -307,7 +307,7 @@ def test_messages_that_break_the_template_are_the_clients_error() -> None:
     from tessera.runtime.server import APIError, Server
 
     template = "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c }}{% endfor %}{% endfor %}"
-    fake_engine = SimpleNamespace(max_model_len=128, running=0, queue_depth=0, kv_usage=0.0)
+    fake_engine = SimpleNamespace(max_model_len=128, running=0, queue_depth=0, kv_usage=0.0, preemptions=0)
     served = Server(fake_engine, "m", chat_template=template)
     assert served._render([{"role": "user", "content": "x", "tool_calls": ["a", "b"]}]) == "ab"
     with pytest.raises(APIError) as caught:
@@ -348,7 +348,7 @@ def test_engines_of_different_pools_admit_what_the_smallest_holds() -> None:
     # The share of KV pages in use counts each engine's own pool, not the smallest times the engines.
     engines = AsyncEngine(EngineSpec(str(PARENT_DIR)))
     engines.limits, engines._pool_pages = limits(40, 40), 140
-    engines._handles = [SimpleNamespace(load=EngineLoad(reserved_pages=n)) for n in (90, 30)]
+    engines._handles = [SimpleNamespace(load=EngineLoad(used_pages=n)) for n in (90, 30)]
     assert engines.kv_usage == pytest.approx(120 / 140)
     combined = smallest_pools([limits(16, 40), limits(6, 50), limits(20, 30)])
     assert combined.groups == ((6, None), (30, 9)) and combined == limits(6, 30)
@@ -675,6 +675,7 @@ def test_metrics(server, client) -> None:
         "tessera_requests_waiting",
         "tessera_requests_running",
         "tessera_kv_cache_usage",
+        "tessera_preemptions",
         "tessera_time_per_output_token_seconds_bucket",
         "tessera_prompt_tokens_total",
     ):

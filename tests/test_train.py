@@ -70,6 +70,14 @@ def test_random_windows_are_seeded() -> None:
     assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(4, 16, dtype=torch.int64))
 
 
+def test_random_windows_reach_both_ends_of_the_stream() -> None:
+    """Windows of 16 inputs and their targets over 19 tokens can start at 0, 1 or 2: each start is drawn, the last
+    one included (whose targets end on the stream's last token), and none past it."""
+    tokens = np.arange(19, dtype=np.uint16)
+    starts = {int(w[0]) for w in next(random_windows(tokens, 200, 16, seed=0))}
+    assert starts == {0, 1, 2}
+
+
 def test_diverging_loss_is_reported() -> None:
     p = torch.nn.Parameter(torch.ones(2, 2))
     with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
