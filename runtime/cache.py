@@ -55,7 +55,7 @@ class KVGroup:
     layers: tuple[int, ...]
     num_pages: int
     ring: int | None
-    free: list[int] = field(default_factory=list)  # a heap: the lowest pages first, so a request's are consecutive
+    free: list[int] = field(default_factory=list)  # a heap: the lowest pages first, so a prompt's are consecutive
     dirty: list[int] = field(default_factory=list)  # slots of each free page its last owners may have written
     stale: list[int] = field(default_factory=list)  # slots of pages handed out since the last clear_stale, to zero
 
@@ -98,8 +98,8 @@ def kept_tokens(window: int | None, context: int, page_size: int = PAGE_SIZE, st
 
 class PagedKVCache:
     """k[i], v[i]: [group pages, page_size, n_kv_heads(i), head_dim] for GQA layer i, None otherwise. A sequence
-    owns a list of pages in each group (`allocate`); token t of it lives at `slots(pages[g], t, t + 1)` of every
-    layer of group g.
+    owns a list of pages in each group (`allocate`, grown by `extend`); token t of it lives at
+    `slots(pages[g], t, t + 1)` of every layer of group g.
 
     dtype: the pools', the model's compute dtype or kernels.FP8 (an FP8 cache: E4M3 values, with the layer's
     scales k_scale[i], v_scale[i], fp32 [1] on the device, from `scales` {layer: (k, v)}, 1.0 where not given).

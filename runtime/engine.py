@@ -205,7 +205,7 @@ class _Request:
         self.computed = 0
         self.sampled = 0  # tokens sampled, an EOS included
         self.pages: list[list[int]] = []  # its pages in each KV group of the cache (Engine.add sets the groups)
-        self.max_pages = 0  # the most pages of the cache's first group it can ever hold (Engine.add sets it)
+        self.max_pages: list[int] = []  # the most pages it can ever hold in each KV group (Engine.add sets them)
         self.capacity: float = 0  # the most tokens its pages hold (PagedKVCache.capacity)
         self.row: int | None = None  # its row of the engine's BlockTables while it runs
         self.keys = (0, 0, 0, 0)  # its sampling stream (sampling.request_keys); seeded at random when it has no seed
@@ -405,7 +405,7 @@ class Engine:
             raise UserError(f"request id {request.request_id!r} is already in use")
         req = _Request(request, TextStream(self.tokenizer, request.params.stop))
         req.pages = [[] for _ in self.cache.groups]
-        req.max_pages = self.cache.pages_needed(req.most_tokens)[0]
+        req.max_pages = self.cache.pages_needed(req.most_tokens)
         if request.params.temperature > 0:
             req.keys = request_keys(request.params.seeded().seed)
         self._requests[req.id] = req
@@ -462,7 +462,9 @@ class Engine:
         request that started last is preempted (below)."""
         room = max(self.config.max_step_tokens, self.config.max_batch)  # every running request decodes each step
         plan: dict[_Request, int] = {}
-        # Decodes (1 token) first, then unfinished prompts, each kind in the order it started.
+        # Decodes (1 token) first, then unfinished prompts, each kind in the order it started. Only decodes take
+        # pages here (a request starts with its prompt's), oldest first: the newest, the one preempted when the
+        # pool is dry, is never one planned already.
         for req in sorted(self.running, key=lambda r: len(r.tokens) - r.computed > 1):
             if req.row is None:
                 continue  # preempted by a request before it in this loop
@@ -471,7 +473,6 @@ class Engine:
                 continue
             while req.computed + n > req.capacity and not self._extend(req, req.computed + n):
                 victim = self.running[-1]  # the newest: the oldest request always goes on
-                room += plan.pop(victim, 0)
                 self._preempt(victim)
                 if victim is req:
                     break
@@ -508,9 +509,14 @@ class Engine:
         would be preempted again at the next page boundary of the ones already running."""
         if not self.cache.fits(len(req.tokens)):
             return False
-        need = self.cache.missing(req.pages, len(req.tokens))[0]  # in the first group, the one that grows
-        growing = sum(len(r.pages[0]) < r.max_pages for r in self.running) + (need < req.max_pages)
-        return not self.running or need + growing <= self.cache.free_pages
+        if not self.running:
+            return True
+        needs = self.cache.missing(req.pages, len(req.tokens))
+        for g, (need, group) in enumerate(zip(needs, self.cache.groups)):  # a windowed group grows to its ring
+            growing = sum(len(r.pages[g]) < r.max_pages[g] for r in self.running) + (need < req.max_pages[g])
+            if need + growing > len(group.free):
+                return False
+        return True
 
     def _preempt(self, req: _Request) -> None:
         """Stop a running request for want of pages and put it first in line again: its pages go back to the
@@ -531,7 +537,11 @@ class Engine:
 
         A request whose sampling fails ends alone, with finish reason "error". A failure of the forward pass
         is raised: it belongs to every request of the step, which `fail_step` then ends (the server does)."""
-        plan = self._schedule()
+        try:
+            plan = self._schedule()
+        except Exception:
+            self.stepping = list(self.running)  # pages half handed out: the step of every running request failed
+            raise
         self.stepping = [req for req, _ in plan]
         if not plan:
             return []

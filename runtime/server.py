@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -282,9 +283,7 @@ class Metrics:
             lambda: engine.queue_depth
         )
         Gauge("tessera_kv_cache_usage", "share of KV pages in use", registry=r).set_function(lambda: engine.kv_usage)
-        Gauge("tessera_preemptions", "requests paused for want of KV pages since the start", registry=r).set_function(
-            lambda: engine.preemptions
-        )
+        r.register(_PreemptionCount(engine))
         latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         per_token = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
         self.ttft = Histogram("tessera_time_to_first_token_seconds", "time to first token", buckets=latency, registry=r)
@@ -295,6 +294,19 @@ class Metrics:
             registry=r,
         )
         self.e2e = Histogram("tessera_e2e_request_latency_seconds", "request latency", buckets=latency, registry=r)
+
+
+class _PreemptionCount:
+    """`tessera_preemptions_total`: requests the engines paused for want of KV pages, a counter read from their
+    last reported state (as vLLM's num_preemptions)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "tessera_preemptions", "requests paused for want of KV pages", self.engine.preemptions
+        )
 
 
 @dataclass

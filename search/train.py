@@ -89,8 +89,8 @@ def train(
 
 def check_tokens(tokens: np.ndarray, seq_len: int, what: str = "the token stream") -> None:
     """Refuse, naming `what`, a token stream too short for a window of seq_len tokens and their targets."""
-    if len(tokens) < seq_len + 2:
-        raise UserError(f"{what} is {len(tokens)} tokens, too few for windows of {seq_len} (at least {seq_len + 2})")
+    if len(tokens) < seq_len + 1:
+        raise UserError(f"{what} is {len(tokens)} tokens, too few for windows of {seq_len} (at least {seq_len + 1})")
 
 
 def random_windows(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int) -> Iterator[torch.Tensor]:

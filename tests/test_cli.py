@@ -151,7 +151,7 @@ def test_quantize_with_kv_cache_scales_then_generate_with_an_fp8_cache(tmp_path:
         (tiny / f"{split}.txt.xz").write_bytes(lzma.compress(b"def f(x):\n    return x\n"))
     argv = ("quantize", "--model", str(PARENT_DIR), "--out", str(tmp_path / "q"), "--kv-cache-scales")
     code, _, err = run_cli(capsys, *argv, "--corpus", str(tiny))
-    assert code == 2 and "its train split is 10 tokens, too few for windows of 512 (at least 514)" in err
+    assert code == 2 and "its train split is 10 tokens, too few for windows of 512 (at least 513)" in err
     assert not (tmp_path / "q").exists()
 
 

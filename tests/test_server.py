@@ -675,7 +675,7 @@ def test_metrics(server, client) -> None:
         "tessera_requests_waiting",
         "tessera_requests_running",
         "tessera_kv_cache_usage",
-        "tessera_preemptions",
+        "tessera_preemptions_total",
         "tessera_time_per_output_token_seconds_bucket",
         "tessera_prompt_tokens_total",
     ):
