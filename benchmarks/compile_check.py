@@ -202,6 +202,43 @@ def served_path(name: str, fp8: bool, fp8_cache: bool) -> None:
         model(torch.ones(2, 64, dtype=torch.int64))  # a forward without a cache: scoring, the search's teacher
 
 
+def graph_decode(name: str, fp8: bool, fp8_cache: bool, shapes: tuple[tuple[int, int], ...]) -> None:
+    """The decode step the engine captures as CUDA graphs, at every padded batch size of an engine of (max_batch,
+    max_model_len) in `shapes`, run as DecodeGraphs runs it without capture: its block tables are as wide as the
+    context, so its split plans (how many splits, hence the merge kernel's variant) are the served ones, which the
+    engine's eager steps over short sequences do not reach."""
+    from tessera.runtime.cache import PagedKVCache
+    from tessera.runtime.engine import DecodeGraphs, Engine, EngineConfig
+    from tessera.runtime.model import Model
+
+    model = Model.empty(MODELS[name](), "cpu", torch.bfloat16)
+    if fp8:
+        model.to_fp8()
+    kv_dtype = kernels.FP8 if fp8_cache else torch.bfloat16
+    page_bytes = PagedKVCache.page_bytes(model.arch, PAGE, kv_dtype)
+    for max_batch, context in shapes:
+        config = EngineConfig(
+            max_batch=max_batch,
+            max_model_len=context,
+            page_size=PAGE,
+            kv_cache_bytes=page_bytes,  # a page and the scratch page: the padded rows read the scratch page only
+            kv_cache_dtype="fp8" if fp8_cache else "auto",
+        )
+        engine = Engine(model.eval(), None, config)
+        graphs = DecodeGraphs(model, engine.cache, max_batch, engine.max_pages_per_request, capture=False)
+        groups = len(engine.cache.groups)
+        with torch.no_grad():
+            for size in graphs.sizes:
+                ids, tables = torch.zeros(size, dtype=torch.int64), torch.zeros(size, 1, dtype=torch.int32)
+                graphs.run(ids, ids, [ids] * groups, torch.ones(size, dtype=torch.int32), [tables] * groups)
+
+
+# The engines the GPU suite replays graphs of: bench_model's (batch, context) scenarios (64 stands for 1 as well,
+# its graphs include size 1) and bench_serving's sweep (batches up to 256, 512 + 128 tokens).
+MODEL_GRAPHS = ((64, 1024), (1, 8192))
+SWEEP_GRAPHS = ((256, 640),)
+
+
 def with_pdl(run: Callable[[], None]) -> None:
     """`run` with programmatic dependent launch on (kernels.hardware.set_pdl): every kernel's PDL variant."""
     saved = hardware.pdl_enabled()
@@ -254,6 +291,18 @@ WORKLOADS: dict[str, Callable[[], None]] = {
     # Programmatic dependent launch (Hopper on; off by default until measured): the 8B shape's steps in bf16.
     "engine, llama-3.1-8b shape, bf16, programmatic dependent launch": partial(
         with_pdl, partial(served_path, "llama-3.1-8b shape", False, False)
+    ),
+    "CUDA-graph decode, llama-3.1-8b shape, bf16": partial(
+        graph_decode, "llama-3.1-8b shape", False, False, MODEL_GRAPHS + SWEEP_GRAPHS
+    ),
+    "CUDA-graph decode, llama-3.1-8b shape, fp8 weights, bf16 KV cache": partial(
+        graph_decode, "llama-3.1-8b shape", True, False, MODEL_GRAPHS
+    ),
+    "CUDA-graph decode, llama-3.1-8b shape, fp8 weights and KV cache": partial(
+        graph_decode, "llama-3.1-8b shape", True, True, MODEL_GRAPHS
+    ),
+    "CUDA-graph decode, llama-3.1-8b shape, bf16, programmatic dependent launch": partial(
+        with_pdl, partial(graph_decode, "llama-3.1-8b shape", False, False, MODEL_GRAPHS)
     ),
     "bench_ffn schedules, bf16": partial(gemm_schedules, False),
     "bench_ffn schedules, fp8": partial(gemm_schedules, True),
