@@ -16,6 +16,10 @@ Persistent rows (issue 20, Hopper only): both GEMMs on the persistent TMA schedu
 cuBLAS eager on the 8B shape and the fused group (the widest), FP8 against `_scaled_mm` on the 8B shape. Goal
 (H200): >= 1.0x cuBLAS at every M up to 4096, >= 1.1x at M <= 16. The served dispatch keeps the portable schedule
 until these rows say which wins.
+
+Unsplit rows (bf16, rows <= 16, where the portable gate/up GEMM splits K because its tiles cover the SMs less than
+twice): the same op with the gate/up GEMM unsplit, against the same baseline, so the two rows say whether the
+split pays (it is on in the served path, unmeasured on a GPU when it was added).
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from tessera import kernels
 from tessera.kernels.ffn import swiglu_ffn_fp8_scaled_mm, swiglu_ffn_triton
-from tessera.kernels.gemm import tma_ready
+from tessera.kernels.gemm import gemm_blocks, split_k_plan, tma_ready
 from tessera.kernels.hardware import hopper
 
 from .harness import KernelCase
@@ -45,6 +50,13 @@ ROWS = (1, 16, 128, 2048, 4096)
 # rows come from the 8B shape, in both.
 FP8_SHAPES = SHAPES[:2]
 PERSISTENT_SHAPES = (SHAPES[0], SHAPES[4])
+
+
+def _gate_up_splits(m: int, hidden: int, inter: int, device: torch.device) -> bool:
+    """Whether swiglu_ffn_triton's portable gate/up GEMM splits K at this shape (kernels/ffn.py)."""
+    block_m, block_n, block_k, *_ = gemm_blocks(m)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(inter, min(block_n, 64))
+    return split_k_plan(tiles, hidden, block_k, device)[0] > 1
 
 
 def eager_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor):
@@ -85,6 +97,18 @@ def _cases(device: torch.device, dtype: torch.dtype, persistent: bool) -> Iterat
                 tolerance=3e-2,
                 baseline_name="torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual",
             )
+            on_gpu_portable = device.type == "cuda" and not persistent
+            if on_gpu_portable and m_run <= 16 and _gate_up_splits(m_run, h_run, i_run, device):
+                yield KernelCase(  # the same op with its gate/up GEMM unsplit: whether splitting K pays
+                    op="swiglu_ffn+residual (gate/up unsplit)",
+                    shape={"model": model, "rows": m_run, "hidden": h_run, "intermediate": i_run},
+                    candidate=partial(op, x, w_gate_up, w_down, residual, split_k=False),
+                    baseline=partial(eager_swiglu, x, w_gate_up, w_down, residual),
+                    flops=6.0 * m_run * h_run * i_run,
+                    bytes=(3 * h_run * i_run + 3 * m_run * h_run) * size,
+                    tolerance=3e-2,
+                    baseline_name="torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual",
+                )
         if (model, hidden, inter) not in FP8_SHAPES:
             continue
         fp8 = (*kernels.quantize_weight(w_gate_up), *kernels.quantize_weight(w_down))

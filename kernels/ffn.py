@@ -4,7 +4,8 @@
 is two GEMMs:
 1. gate/up: each program computes a gate tile and the matching up tile with two fp32 accumulators that share
    one activation tile, and applies silu(gate)·up in the epilogue, so the [M, 2I] pre-activation never goes
-   to memory (Megatron-LM reports +14.8 % decode throughput for this fusion);
+   to memory (Megatron-LM reports +14.8 % decode throughput for this fusion); split over K, as the down GEMM,
+   where its tiles cannot cover the SMs twice (a pruned child's narrow FFN at decode);
 2. down: [M, I] × W_downᵀ, with the residual add in the epilogue: kernels/gemm.py's GEMM (split-K at small M).
 An FFN-Fusion group is this same op with the branches' weights concatenated along I, so widths reach
 ~400,000 (Ultra-253B): every weight offset is computed in int64 (400k rows × 16k columns overflows int32).
@@ -18,7 +19,17 @@ import triton
 import triton.language as tl
 
 from .fp8 import linear_fp8_reference, linear_fp8_scaled_mm, quantize_rows_triton
-from .gemm import descriptor, gemm_blocks, grouped_tile, matmul_triton, persistent_programs, tma_ready
+from .gemm import (
+    arrival_counters,
+    arrived_last,
+    descriptor,
+    gemm_blocks,
+    grouped_tile,
+    matmul_triton,
+    persistent_programs,
+    split_k_plan,
+    tma_ready,
+)
 from .hardware import dot_precision, fitting_stages, launch_flags, wait_for_inputs
 
 # Rows up to which the automatic dispatch (kernels.swiglu_ffn) runs these kernels; past it, cuBLAS. On the H200
@@ -34,9 +45,13 @@ def _gate_up_kernel(
     x_scale_ptr,
     w_scale_ptr,
     h_ptr,
+    partial_ptr,
+    counter_ptr,
     M,
     I,
     K,
+    k_per_split,
+    n_splits,
     up_offset,
     stride_xm,
     stride_wn,
@@ -46,24 +61,32 @@ def _gate_up_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SCALED: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr,
     IMPRECISE_ACC: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    """Program (tile, split) takes the split's share of K for a gate tile and its up tile. Split, each program
+    stores its two fp32 partial tiles (partial [n_splits, 2, M, I]) and the split that finishes the tile last
+    (gemm.arrived_last) sums them in split order and applies the epilogue, as the down GEMM does."""
     wait_for_inputs(PDL)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, I, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    k_start = split.to(tl.int64) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < M, offs_n < I
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # (BLOCK_M, BLOCK_K)
-    gate_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None]  # (BLOCK_K, BLOCK_N): W_gate rows, transposed
-    up_ptrs = gate_ptrs + up_offset  # W_up rows sit I rows below (I · stride, int64 when large)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :]  # (BLOCK_M, BLOCK_K)
+    # (BLOCK_K, BLOCK_N): W_gate rows, transposed; W_up rows sit I rows below (I · stride, int64 when large)
+    gate_ptrs = w_ptr + offs_n[None, :] * stride_wn + (k_start + offs_k)[:, None]
+    up_ptrs = gate_ptrs + up_offset
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
+    for k0 in range(k_start, k_end, BLOCK_K):
+        mask_k = offs_k < k_end - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_gate = tl.load(gate_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         w_up = tl.load(up_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
@@ -72,7 +95,21 @@ def _gate_up_kernel(
         x_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
-    _store_swiglu(acc_gate, acc_up, offs_m, offs_n, M, I, x_scale_ptr, w_scale_ptr, h_ptr, stride_hm, SCALED)
+    finish = True  # unsplit: this program finishes its tile
+    if SPLIT_K:
+        mask = mask_m[:, None] & mask_n[None, :]
+        gate_partials = partial_ptr + offs_m[:, None] * I + offs_n[None, :]  # split 0's gate tile; up M · I on
+        tl.store(gate_partials + split.to(tl.int64) * 2 * M * I, acc_gate, mask=mask)
+        tl.store(gate_partials + split.to(tl.int64) * 2 * M * I + M * I, acc_up, mask=mask)
+        finish = arrived_last(counter_ptr + tl.program_id(0), n_splits)
+        if finish:
+            acc_gate = tl.load(gate_partials, mask=mask, other=0.0, cache_modifier=".cg")
+            acc_up = tl.load(gate_partials + M * I, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, n_splits):  # in split order, whichever split sums: the same bits every time
+                acc_gate += tl.load(gate_partials + s * 2 * M * I, mask=mask, other=0.0, cache_modifier=".cg")
+                acc_up += tl.load(gate_partials + s * 2 * M * I + M * I, mask=mask, other=0.0, cache_modifier=".cg")
+    if finish:
+        _store_swiglu(acc_gate, acc_up, offs_m, offs_n, M, I, x_scale_ptr, w_scale_ptr, h_ptr, stride_hm, SCALED)
 
 
 @triton.jit
@@ -176,10 +213,13 @@ def swiglu_ffn_triton(
     gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None,
     persistent: bool = False,
+    split_k: bool = True,
 ) -> torch.Tensor:
     """x [M, H], w_gate_up [2I, H], w_down [H, I], residual [M, H] or None -> [M, H] (+ residual). With FP8
     weights, their per-output-channel scales gate_up_scale [2I] and down_scale [H] (kernels/fp8.py).
-    persistent: both GEMMs on the persistent TMA schedule where the operands allow it (kernels/gemm.py)."""
+    persistent: both GEMMs on the persistent TMA schedule where the operands allow it (kernels/gemm.py).
+    split_k: the portable gate/up GEMM splits K when its tiles cover the SMs less than twice (False: never;
+    the benchmark compares the two)."""
     _check_shapes(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
     m, hidden = x.shape
     inter = w_down.shape[1]
@@ -216,9 +256,16 @@ def swiglu_ffn_triton(
             flags["num_stages"] = min(stages, 2)
         _persistent_gate_up_kernel[(programs,)](*descs, *scales, h, m, inter, hidden, programs, h.stride(0), **flags)
     else:
-        up_offset = inter * w_gate_up.stride(0)
+        # Split over K like the down GEMM: a narrow FFN at decode (a pruned child's, Nemotron's 2,816-wide ones:
+        # 44 tiles) would otherwise leave most SMs idle.
+        splits, k_per_split = split_k_plan(tiles, hidden, block_k, x.device) if split_k else (1, hidden)
+        partial = torch.empty(splits, 2, m, inter, dtype=torch.float32, device=x.device) if splits > 1 else h
+        counters = arrival_counters(x.device, tiles) if splits > 1 else h
+        shapes = m, inter, hidden, k_per_split, splits, inter * w_gate_up.stride(0)
         strides = a.stride(0), w_gate_up.stride(0), h.stride(0)
-        _gate_up_kernel[(tiles,)](a, w_gate_up, *scales, h, m, inter, hidden, up_offset, *strides, **flags)
+        _gate_up_kernel[(tiles, splits)](
+            a, w_gate_up, *scales, h, partial, counters, *shapes, *strides, SPLIT_K=splits > 1, **flags
+        )
     h, h_scale = quantize_rows_triton(h) if scaled else (h, None)
     return matmul_triton(h, w_down, x.dtype, h_scale, down_scale, residual=residual, persistent=persistent)
 

@@ -328,6 +328,15 @@ def gemm_blocks(m: int) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
+def split_k_plan(tiles: int, k: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """(splits, K per split) of a GEMM with `tiles` output tiles over a reduction of k: split until the tiles cover
+    the SMs twice, keeping >= 8 K tiles a split (a thin GEMM of few tiles would leave most SMs idle)."""
+    k_tiles = triton.cdiv(k, block_k)
+    splits = max(1, min(triton.cdiv(2 * sm_count(device), tiles), k_tiles // 8))
+    k_per_split = triton.cdiv(k_tiles, splits) * block_k
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
 def persistent_programs(work: int, device: torch.device) -> int:
     """Programs of a persistent launch: one per SM, fewer when there is less work."""
     return max(1, min(work, sm_count(device)))
@@ -353,12 +362,8 @@ def matmul_triton(
         return out
     block_m, block_n, block_k, warps, stages = gemm_blocks(m)
     stages = fitting_stages(stages, (block_m + block_n) * block_k * a.element_size(), a.device)
-    # Split the reduction over K until the output tiles cover the SMs twice, keeping >= 8 K tiles per split.
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    splits = max(1, min(triton.cdiv(2 * sm_count(a.device), tiles), k_tiles // 8))
-    k_per_split = triton.cdiv(k_tiles, splits) * block_k
-    splits = triton.cdiv(k, k_per_split)
+    splits, k_per_split = split_k_plan(tiles, k, block_k, a.device)
     split_k = splits > 1
     partial = torch.empty(splits, m, n, dtype=torch.float32, device=a.device) if split_k else out
     scaled = a_scale is not None

@@ -130,9 +130,10 @@ def test_fp8_reference_and_scaled_mm_match_float64() -> None:
     assert relative_error(linear_fp8_scaled_mm(x, w, w_scale, bias, residual).double(), expected) <= tol
 
 
-@pytest.mark.parametrize("m", [1, 9, 40])
-def test_fp8_swiglu_kernel_matches_the_reference(poisoned, m: int) -> None:
-    hidden, inter = 200, 72
+@pytest.mark.parametrize(("m", "hidden"), [(1, 200), (9, 200), (40, 200), (1, 2048)])
+def test_fp8_swiglu_kernel_matches_the_reference(poisoned, m: int, hidden: int) -> None:
+    """(1, 2048): the gate/up GEMM splits K in 2; the scales apply once, to the sum of the splits."""
+    inter = 72
     x, residual = randn(m, hidden, dtype=torch.float16), randn(m, hidden, dtype=torch.float16, seed=4)
     # Rows over two orders of magnitude (gate and up rows shuffled among them), so that every output channel has its
     # own scale and a scale read for the wrong channel shows: the gate's and up's swapped err by 3.6-7 %.

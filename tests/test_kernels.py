@@ -184,7 +184,33 @@ def test_split_k_sums_in_split_order_whoever_arrives_last_and_leaves_the_counter
     assert not gemm.arrival_counters(a.device, 2).any()
 
 
-def test_swiglu_ffn_rejects_mismatched_weights(poisoned) -> None:
+def test_gate_up_splits_k_sums_in_split_order_and_leaves_the_counters_at_zero(poisoned, monkeypatch) -> None:
+    """A narrow FFN at one row (I = 96: 2 gate tiles) splits the gate/up GEMM's K = 4,096 in 4 splits of 1,024, as the
+    down GEMM splits. The gate's four splits hold exact partials 2^24, 1, 1, -2^24 (up is 1): summed in split order
+    the gate is 0, so h = silu(0)·1 = 0 and the output (a sum of h) is exactly 0; summed in any other order (or
+    each split's silu taken before the sum) it is not. Unsplit, K's order gives the same 0. Counters end at 0."""
+    launches = _Launches(ffn._gate_up_kernel)
+    monkeypatch.setattr(ffn, "_gate_up_kernel", launches)
+    hidden, inter = 4096, 96
+    x, w_gate_up, w_down = torch.ones(1, hidden), torch.zeros(2 * inter, hidden), torch.ones(hidden, inter)
+    for split, value in enumerate([2.0**24, 1.0, 1.0, -(2.0**24)]):
+        w_gate_up[:inter, split * 1024 + 5] = value
+    w_gate_up[inter:, 5] = 1.0
+    x, w_gate_up, w_down = x.to(KERNEL_DEVICE), w_gate_up.to(KERNEL_DEVICE), w_down.to(KERNEL_DEVICE)
+    for split_k in (True, False):
+        out = ffn.swiglu_ffn_triton(x, w_gate_up, w_down, split_k=split_k)
+        assert out.tolist() == [[0.0] * hidden], split_k
+    assert launches.grids == [(2, 4), (2, 1)]
+    assert not gemm.arrival_counters(x.device, 2).any()
+
+
+@pytest.mark.parametrize("shape", [(1, 4096, 200), (3, 2048, 130), (16, 2064, 70)], ids=str)
+@dtypes("swiglu_ffn")
+def test_swiglu_ffn_with_the_gate_up_split_over_k(poisoned, shape, dtype: torch.dtype, tol: float) -> None:
+    """Decode rows of narrow FFNs over long reductions, each splitting the gate/up GEMM over K (4, 2 and 2 splits;
+    2,064 = 16 K tiles of 128 and 16 columns: splits of 9 tiles and of 7 and 16 columns), against the float
+    reference."""
+    _check_ffn(*shape, dtype, tol, with_residual=True)
     x, w_gate_up, w_down, _ = _ffn_inputs(3, 64, 100, torch.float32)
     with pytest.raises(ValueError, match="expected w_gate_up"):
         kernels.swiglu_ffn(x, w_gate_up[:150], w_down)
