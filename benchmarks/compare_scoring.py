@@ -39,7 +39,9 @@ from .harness import environment, results_dir, results_name, write_results
 SPEEDUPS = (1.25, 1.5, 2.0)
 
 
-def compare(run: Path, samples: list[int], corpus: Path | None = None) -> dict:
+def compare(run: Path, samples: list[int], corpus: Path | None = None, speedups: tuple[float, ...] = SPEEDUPS) -> dict:
+    """Exact and Fisher scores of a finished exact-scoring run, and the MIP's children at `speedups` under each
+    (each speedup must be within what the run's cost table says its search space reaches)."""
     results = json.loads((run / "results.json").read_text())
     config = results["config"]
     if config.get("scoring", "exact") != "exact":
@@ -63,7 +65,7 @@ def compare(run: Path, samples: list[int], corpus: Path | None = None) -> dict:
         for (layer, name), value in kl.items():
             lib[layer][name]["metrics"]["kl_div"] = value
         out = []
-        for speedup in SPEEDUPS:
+        for speedup in speedups:
             bounds = speedup_bounds(Budget(target_speedup=speedup), [table], parent.arch, lib)  # the run's own
             (solution,) = solve(lib, "metrics.kl_div", bounds=bounds)
             blocks = choices_to_blocks(lib, solution.choices)
@@ -106,7 +108,7 @@ def compare(run: Path, samples: list[int], corpus: Path | None = None) -> dict:
                 "children": children(fisher),
             }
         )
-    return {"run": str(run), "pairs": len(exact), "speedups": list(SPEEDUPS), "rows": rows}
+    return {"run": str(run), "pairs": len(exact), "speedups": list(speedups), "rows": rows}
 
 
 def table(result: dict) -> str:

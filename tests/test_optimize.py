@@ -135,12 +135,16 @@ def test_optimize_writes_child_library_costs_report(tiny_parent, tmp_path, capsy
     # The Fisher estimate compared with this run's exact scores (benchmarks/compare_scoring.py) reads the run back.
     from tessera.benchmarks.compare_scoring import compare, table
 
-    compared = compare(out, [8], corpus)
+    # At the speedups this run's cost table proved feasible, which compare reuses: the target and the Pareto point
+    # where the run built its child (the demo's 2x is past what this 2-layer model reaches on some machines' tables:
+    # 1.92x once on the AMD EPYC VM).
+    speedups = (1.1, 1.6) if "MIP (speedup 1.6)" in by_label else (1.1,)
+    compared = compare(out, [8], corpus, speedups=speedups)
     exact, fisher = compared["rows"]
     assert exact["seconds"] == results["stage_seconds"]["replace-1-block scoring"]
     assert compared["pairs"] == sum(len(v) for v in library.values()) and -1 <= fisher["spearman"] <= 1
     for row in (exact, fisher):
-        assert [c["speedup"] for c in row["children"]] == [1.25, 1.5, 2.0]
+        assert [c["speedup"] for c in row["children"]] == list(speedups)
         assert all(c["kl_div"] >= 0 and len(c["blocks"]) == 2 for c in row["children"])
     assert "| fisher, 8 samples |" in table(compared)
 
