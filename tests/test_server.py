@@ -643,6 +643,34 @@ def metric(base: str, name: str) -> float:
     raise KeyError(name)
 
 
+def test_preemption_over_http_keeps_every_text_and_is_counted(parent) -> None:
+    """Four concurrent requests of up to 100 greedy tokens (none of these prompts meets EOS that soon) in a KV pool
+    of one 128-token context (8 pages of 16): the engine runs out of pages on the way and preempts the newest
+    (runtime/engine.py); every client still gets transformers' greedy text, `/metrics` counts the preemptions, and
+    every page comes back (the load of the step that ended the last request arrives before its output)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tessera.runtime.cache import PagedKVCache
+
+    model, tok = parent
+    prompts = PROMPTS[:4]
+    references = [transformers_greedy(tok, p, 100) for p in prompts]  # before any request: no idle connection
+    assert all(r.finish_reason == "length" for r in references)  # 4 x ~110 tokens for a pool of 128: pressure
+    page = PagedKVCache.page_bytes(model.arch, 16, torch.float32)
+    with serving(max_batch=4, max_model_len=128, kv_cache_bytes=8 * page) as (served, base):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+
+        def complete(prompt: str) -> str:
+            reply = client.completions.create(model="parent", prompt=prompt, max_tokens=100, temperature=0)
+            return reply.choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(complete, prompts))
+        assert metric(base, "tessera_preemptions_total") > 0
+        assert served.engine.running == 0 and served.engine.kv_usage == 0
+    assert texts == [r.text for r in references]
+
+
 def test_client_disconnect_frees_the_slot_at_once(server) -> None:
     served, base = server
     body = {"prompt": "def f():", "max_tokens": 400, "stream": True, "ignore_eos": True}
