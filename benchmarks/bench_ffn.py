@@ -30,11 +30,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from tessera import kernels
-from tessera.kernels.ffn import swiglu_ffn_fp8_scaled_mm, swiglu_ffn_triton
-from tessera.kernels.gemm import gemm_blocks, split_k_plan, tma_ready
+from tessera.kernels.ffn import gate_up_split_plan, swiglu_ffn_fp8_scaled_mm, swiglu_ffn_triton
+from tessera.kernels.gemm import tma_ready
 from tessera.kernels.hardware import hopper
 
 from .harness import KernelCase
@@ -51,13 +50,6 @@ ROWS = (1, 16, 128, 2048, 4096)
 # rows come from the 8B shape, in both.
 FP8_SHAPES = SHAPES[:2]
 PERSISTENT_SHAPES = (SHAPES[0], SHAPES[4])
-
-
-def _gate_up_splits(m: int, hidden: int, inter: int, device: torch.device) -> bool:
-    """Whether swiglu_ffn_triton's portable gate/up GEMM splits K at this shape (kernels/ffn.py)."""
-    block_m, block_n, block_k, *_ = gemm_blocks(m)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(inter, min(block_n, 64))
-    return split_k_plan(tiles, hidden, block_k, device)[0] > 1
 
 
 def eager_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor):
@@ -99,7 +91,7 @@ def _cases(device: torch.device, dtype: torch.dtype, persistent: bool) -> Iterat
                 baseline_name="torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual",
             )
             on_gpu_portable = device.type == "cuda" and not persistent
-            if on_gpu_portable and m_run == 1 and _gate_up_splits(m_run, h_run, i_run, device):
+            if on_gpu_portable and m_run == 1 and gate_up_split_plan(m_run, h_run, i_run, device)[0] > 1:
                 yield KernelCase(  # the same op with its gate/up GEMM unsplit: whether splitting K pays
                     op="swiglu_ffn+residual (gate/up unsplit)",
                     shape={"model": model, "rows": m_run, "hidden": h_run, "intermediate": i_run},

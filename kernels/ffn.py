@@ -28,6 +28,7 @@ from .gemm import (
     matmul_triton,
     persistent_programs,
     split_k_plan,
+    sum_partials,
     tma_ready,
 )
 from .hardware import dot_precision, fitting_stages, launch_flags, wait_for_inputs
@@ -103,11 +104,8 @@ def _gate_up_kernel(
         tl.store(gate_partials + split.to(tl.int64) * 2 * M * I + M * I, acc_up, mask=mask)
         finish = arrived_last(counter_ptr + tl.program_id(0), n_splits)
         if finish:
-            acc_gate = tl.load(gate_partials, mask=mask, other=0.0, cache_modifier=".cg")
-            acc_up = tl.load(gate_partials + M * I, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, n_splits):  # in split order, whichever split sums: the same bits every time
-                acc_gate += tl.load(gate_partials + s * 2 * M * I, mask=mask, other=0.0, cache_modifier=".cg")
-                acc_up += tl.load(gate_partials + s * 2 * M * I + M * I, mask=mask, other=0.0, cache_modifier=".cg")
+            acc_gate = sum_partials(gate_partials, 2 * M * I, n_splits, mask)
+            acc_up = sum_partials(gate_partials + M * I, 2 * M * I, n_splits, mask)
     if finish:
         _store_swiglu(acc_gate, acc_up, offs_m, offs_n, M, I, x_scale_ptr, w_scale_ptr, h_ptr, stride_hm, SCALED)
 
@@ -178,6 +176,21 @@ def _persistent_gate_up_kernel(
         _store_swiglu(acc_gate, acc_up, offs_m, offs_n, M, I, x_scale_ptr, w_scale_ptr, h_ptr, stride_hm, SCALED)
 
 
+def gate_up_blocks(m: int, inter: int) -> tuple[int, int, int, int, int, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages and output tiles of the gate/up GEMM of m rows and width
+    `inter`: gemm_blocks' shape, BLOCK_N capped at 64 (two fp32 accumulators at 128 would take 128 registers a
+    thread by themselves)."""
+    block_m, block_n, block_k, warps, stages = gemm_blocks(m)
+    block_n = min(block_n, 64)
+    return block_m, block_n, block_k, warps, stages, triton.cdiv(m, block_m) * triton.cdiv(inter, block_n)
+
+
+def gate_up_split_plan(m: int, hidden: int, inter: int, device: torch.device) -> tuple[int, int]:
+    """(splits, K per split) of the portable gate/up GEMM (gemm.split_k_plan over its tiles)."""
+    _, _, block_k, _, _, tiles = gate_up_blocks(m, inter)
+    return split_k_plan(tiles, hidden, block_k, device)
+
+
 def _check_shapes(
     x: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -229,12 +242,9 @@ def swiglu_ffn_triton(
         return torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     scaled = gate_up_scale is not None
     a, a_scale = quantize_rows_triton(x) if scaled else (x, None)
-    block_m, block_n, block_k, warps, stages = gemm_blocks(m)
+    block_m, gate_block_n, block_k, warps, stages, tiles = gate_up_blocks(m, inter)
     h = torch.empty(m, inter, dtype=x.dtype, device=x.device)  # silu(gate)·up, the only intermediate
-    # Two fp32 accumulators: at BLOCK_N 128 they alone would take 128 registers per thread; cap it at 64.
-    gate_block_n = min(block_n, 64)
     stages = fitting_stages(stages, (block_m + 2 * gate_block_n) * block_k * a.element_size(), x.device)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(inter, gate_block_n)
     scales = (a_scale, gate_up_scale) if scaled else (h, h)  # unread without SCALED
     flags = dict(
         BLOCK_M=block_m,
@@ -258,7 +268,7 @@ def swiglu_ffn_triton(
     else:
         # Split over K like the down GEMM: a narrow FFN at decode (a pruned child's, Nemotron's 2,816-wide ones:
         # 44 tiles) would otherwise leave most SMs idle.
-        splits, k_per_split = split_k_plan(tiles, hidden, block_k, x.device) if split_k else (1, hidden)
+        splits, k_per_split = gate_up_split_plan(m, hidden, inter, x.device) if split_k else (1, hidden)
         partial = torch.empty(splits, 2, m, inter, dtype=torch.float32, device=x.device) if splits > 1 else h
         counters = arrival_counters(x.device, tiles) if splits > 1 else h
         shapes = m, inter, hidden, k_per_split, splits, inter * w_gate_up.stride(0)

@@ -102,6 +102,16 @@ def arrived_last(counter_ptr, n_arrivals):
 
 
 @triton.jit
+def sum_partials(partial_ptrs, split_stride, n_splits, mask):
+    """The fp32 tile summed over the n_splits partial tiles at partial_ptrs + s · split_stride, in split order
+    (whichever split sums: the same bits every time), read through L2 as `arrived_last` requires."""
+    acc = tl.load(partial_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in range(1, n_splits):
+        acc += tl.load(partial_ptrs + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
 def _store_tile(
     acc,
     offs_m,
@@ -140,9 +150,7 @@ def _store_tile(
         tl.store(partial_ptrs + split.to(tl.int64) * M * N, acc, mask=mask)
         finish = arrived_last(counter_ptr + tile, n_splits)
         if finish:
-            acc = tl.load(partial_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, n_splits):  # in split order, whichever split sums: the same bits every time
-                acc += tl.load(partial_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            acc = sum_partials(partial_ptrs, M * N, n_splits, mask)
     if finish:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]

@@ -186,7 +186,7 @@ class PagedKVCache:
         return PAGE_SIZE
 
     # Pages: the first group's figures stand for the pool (the full-attention layers' when there are any, the
-    # ones that grow with a sequence); admission asks every group (`fits`).
+    # ones that grow with a sequence); admission asks every group (`Engine._can_start`).
 
     @property
     def usable_pages(self) -> int:
@@ -212,18 +212,14 @@ class PagedKVCache:
             for g, own in zip(self.groups, pages)
         )
 
-    def fits(self, tokens: int, pages: list[list[int]] | None = None) -> bool:
-        """Whether a sequence holding `pages` (none: a new one) could grow to `tokens` tokens now."""
-        pages = pages if pages is not None else [[] for _ in self.groups]
-        return all(n <= len(g.free) for n, g in zip(self.missing(pages, tokens), self.groups))
-
     def extend(self, pages: list[list[int]], tokens: int) -> bool:
         """Give a sequence holding `pages` (per group, extended in place) the pages it lacks for `tokens` tokens,
         the lowest free first; False, taking nothing, when the pool lacks them. The slots an earlier owner
         wrote on the pages handed out are zeroed by the next `clear_stale()`, once for all the pages of a step."""
-        if not self.fits(tokens, pages):
+        missing = self.missing(pages, tokens)
+        if any(n > len(g.free) for n, g in zip(missing, self.groups)):
             return False
-        for group, own, n in zip(self.groups, pages, self.missing(pages, tokens)):
+        for group, own, n in zip(self.groups, pages, missing):
             for _ in range(n):
                 page = heapq.heappop(group.free)
                 group.stale.extend(page * self.page_size + s for s in range(group.dirty[page]))
@@ -259,9 +255,9 @@ class PagedKVCache:
         gets zeroed."""
         page_size = self.page_size
         for group, own in zip(self.groups, pages):
-            for i, p in enumerate(own):
-                written = page_size if tokens >= len(own) * page_size else tokens - i * page_size
-                group.dirty[p] = max(group.dirty[p], min(page_size, max(0, written)))
+            went_round = tokens >= len(own) * page_size  # every page full (a ring may have wrapped)
+            for i, p in enumerate(own):  # extend zeroed dirty when it handed the page out
+                group.dirty[p] = page_size if went_round else min(page_size, max(0, tokens - i * page_size))
                 heapq.heappush(group.free, p)
 
     def slots(self, pages: list[int], start: int, end: int) -> list[int]:
@@ -332,14 +328,18 @@ class BlockTables:
         return row
 
     def grow(self, sequences: list[tuple[int, list[list[int]], int]]) -> None:
-        """Widen the rows of sequences that now hold more tokens: (row, its pages per group, its tokens) each,
-        the new entries of all of them written in one copy to the device."""
+        """Widen the rows of those sequences that now hold more tokens than their rows cover: (row, its pages per
+        group, its tokens) each, the new entries of all of them written in one copy to the device."""
         entries: list[tuple[int, int, int, int]] = []  # (group, row, column, page)
+        page_size = self.cache.page_size
         for row, pages, tokens in sequences:
-            width, old = self.width_for(tokens), self.widths[row]
+            old = self.widths[row]
+            if tokens <= old * page_size:
+                continue  # most steps of a decode: its last page has room
+            width = self.width_for(tokens)
             for g, own in enumerate(pages):
                 entries.extend((g, row, c, page) for c, page in enumerate(self.cache.table(own, width, old), old))
-            self.widths[row] = max(width, old)
+            self.widths[row] = width
         if entries:
             g, r, c, page = torch.tensor(entries, dtype=torch.int64).T.to(self.tables.device)
             self.tables[g, r, c] = page.to(torch.int32)

@@ -490,10 +490,7 @@ class Engine:
             plan[req] = min(len(req.tokens), room)
             room -= plan[req]
         self.cache.clear_stale()
-        page, widths = self.cache.page_size, self.tables.widths
-        self.tables.grow(
-            [(r.row, r.pages, r.computed + n) for r, n in plan.items() if r.computed + n > widths[r.row] * page]
-        )
+        self.tables.grow([(r.row, r.pages, r.computed + n) for r, n in plan.items()])
         return list(plan.items())
 
     def _extend(self, req: _Request, tokens: int) -> bool:
@@ -507,14 +504,11 @@ class Engine:
         """Whether a waiting request's tokens fit in the pool now, leaving a page for each running request that
         may still need one (vLLM's watermark, per request): without it, requests admitted into the last pages
         would be preempted again at the next page boundary of the ones already running."""
-        if not self.cache.fits(len(req.tokens)):
-            return False
-        if not self.running:
-            return True
-        needs = self.cache.missing(req.pages, len(req.tokens))
+        needs = self.cache.pages_needed(len(req.tokens))
         for g, (need, group) in enumerate(zip(needs, self.cache.groups)):  # a windowed group grows to its ring
-            growing = sum(len(r.pages[g]) < r.max_pages[g] for r in self.running) + (need < req.max_pages[g])
-            if need + growing > len(group.free):
+            growing = sum(len(r.pages[g]) < r.max_pages[g] for r in self.running)
+            spare = growing + (need < req.max_pages[g]) if self.running else 0  # alone it always fits later
+            if need + spare > len(group.free):
                 return False
         return True
 
