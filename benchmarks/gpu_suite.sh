@@ -62,7 +62,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 # finishes what a first one's budget cut off.
 STEPS=" $* "
 # Steps that run only when named: issue 17's (below), and the tiling sweep, run once (its results are committed).
-OPTIONAL=" cost_model search_scale tune_attention bench_model_pdl "
+OPTIONAL=" cost_model search_scale tune_attention bench_model_pdl bench_prefix "
 want() { [[ ("$STEPS" == "  " && "$OPTIONAL" != *" $1 "*) || "$STEPS" == *" $1 "* ]]; }
 
 # Every step needs the image's torch and a CUDA GPU: without them each would only fail in turn (seen when the
@@ -102,6 +102,8 @@ want bench_model && step bench_model 80 python3 -m tessera.cli bench model --dev
 # each mode's graph captured, alternating rounds, the logits compared bit for bit. Run by name.
 want bench_model_pdl && step bench_model_pdl 90 python3 -m tessera.cli bench model --pdl --device cuda
 want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving --device cuda
+# Prompts sharing 2,048 first tokens at the 8B shape, with and without prefix caching (optional: ~1 min).
+want bench_prefix && step bench_prefix 90 python3 -m tessera.cli bench prefix --device cuda
 want bench_fusion && step bench_fusion 25 python3 -m tessera.cli bench fusion --device cuda
 want bench_ffn_norm && step bench_ffn_norm 75 python3 -m tessera.cli bench kernels --suite norm --suite ffn --device cuda
 # Issue 17's GPU halves, past the default budget: run them by name in a call of their own

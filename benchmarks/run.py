@@ -1,7 +1,7 @@
 """Run the kernel benchmark suites (`tessera bench kernels`), the whole-model decode benchmark (`tessera bench
 model`), the FFN Fusion decode benchmark (`tessera bench fusion`), the serving benchmark (`tessera bench
-serving`), the search's scaling run (`tessera bench search-scale`) and the cost model's accuracy (`tessera bench
-cost-model`); write results JSON and a Markdown table
+serving`), the search's scaling run (`tessera bench search-scale`), the cost model's accuracy (`tessera bench
+cost-model`) and prefix caching's effect (`tessera bench prefix`); write results JSON and a Markdown table
 per suite to `out` (default: harness.results_dir(), runs/bench/ in the checkout)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from . import (
     bench_model,
     bench_norm,
     bench_parallel,
+    bench_prefix,
     bench_search_scale,
     bench_serving,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "run_model",
     "run_model_pdl",
     "run_parallel",
+    "run_prefix",
     "run_search_scale",
     "run_serving",
 ]
@@ -111,6 +113,14 @@ def run_parallel(device: torch.device, out: Path | None = None) -> Path:
     result = bench_parallel.run(device)
     md = f"Tensor-parallel decode on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']})\n\n"
     return write_results(results_name(device, "parallel"), {**env, **result}, md + bench_parallel.table(result), out)
+
+
+def run_prefix(device: torch.device, out: Path | None = None) -> Path:
+    """Prompts sharing their first tokens served with and without prefix caching (bench_prefix)."""
+    env = environment(device)
+    result = bench_prefix.run(device)
+    md = f"Prefix caching on {env['device']} (commit {env['commit']}, {env['date']}, torch {env['torch']})\n\n"
+    return write_results(results_name(device, "prefix"), {**env, **result}, md + bench_prefix.table(result), out)
 
 
 def run_serving(device: torch.device, out: Path | None = None, **kwargs) -> Path:

@@ -87,6 +87,8 @@ class EngineLoad:
     waiting: int = 0
     used_pages: int = 0
     preemptions: int = 0  # since the engine started
+    prefix_queries: int = 0  # tokens of the requests started, looked up in the prefix cache, since the start
+    prefix_hits: int = 0  # of those, the tokens found cached
 
 
 # Messages: server -> engine process
@@ -134,7 +136,9 @@ class Stopped:
 
 def _load(engine: Engine) -> EngineLoad:
     used = engine.cache.usable_pages - engine.cache.free_pages
-    return EngineLoad(len(engine.running), len(engine.waiting), used, engine.preemptions)
+    return EngineLoad(
+        len(engine.running), len(engine.waiting), used, engine.preemptions, engine.prefix_queries, engine.prefix_hits
+    )
 
 
 def smallest_pools(limits: list[EngineLimits]) -> EngineLimits:
@@ -494,6 +498,16 @@ class AsyncEngine:
     def preemptions(self) -> int:
         """Requests the engines paused for want of KV pages (Engine._preempt), since they started."""
         return sum(h.load.preemptions for h in self._handles)
+
+    @property
+    def prefix_queries(self) -> int:
+        """Tokens of the requests the engines started, looked up in their prefix caches, since they started."""
+        return sum(h.load.prefix_queries for h in self._handles)
+
+    @property
+    def prefix_hits(self) -> int:
+        """Of `prefix_queries`, the tokens found cached."""
+        return sum(h.load.prefix_hits for h in self._handles)
 
     # Requests
 

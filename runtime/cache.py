@@ -17,6 +17,15 @@ An FP8 cache (`dtype` kernels.FP8, the engine's `kv_cache_dtype="fp8"`) holds E4
 K and one V scale per layer (the model's calibrated ones, Model.kv_scales, else 1.0); `rotate_and_store` and
 `attend` hand them to the kernels.
 
+Prefix caching (vLLM's automatic prefix caching): a full page of a sequence is known by a hash of every token up to
+its end (`page_hashes`, a chain), so two sequences with the same first tokens have the same K/V on pages of the
+same hashes. A page that has been filled is registered under its hash (`register`); a new sequence takes the
+registered pages of its longest cached prefix (`lookup`, `share`: a page then has several owners, `KVGroup.refs`)
+and computes only the tokens past them. A registered page whose last owner leaves keeps its K/V and stays
+findable (`KVGroup.evictable`), counted as free: it is handed out again, the least recently freed first, only when
+no page without K/V worth keeping is left. Only in a cache of one full-attention group: a windowed layer's ring
+overwrites its pages as a sequence goes on.
+
 The cache owns its layout; attention sees it only through the pages and the block tables of a step
 (kernels.PagedAttentionMetadata). On the GPU pages are 16 tokens. On the CPU a request gets one page of a
 whole context when the pool has one for every batch slot (`page_size_for`): its K/V then lie in one stretch of
@@ -26,8 +35,11 @@ each layer's pool, and the plain-torch attention reads them in place instead of 
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
+from array import array
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -49,23 +61,60 @@ class KVGroup:
 
     num_pages: the group's pool, page 0 included (never handed out: padding rows of a CUDA-graph batch write
     their K/V there). ring: the most pages a sequence holds in the group (its window plus one step's tokens,
-    in pages); None: as many as its tokens fill."""
+    in pages); None: as many as its tokens fill. A page is free (no owner), owned (`refs`), or registered under the
+    hash of the prefix its K/V hold (prefix caching), owned or not."""
 
     window: int | None
     layers: tuple[int, ...]
     num_pages: int
+    page_size: int
     ring: int | None
     free: list[int] = field(default_factory=list)  # a heap: the lowest pages first, so a prompt's are consecutive
     dirty: list[int] = field(default_factory=list)  # slots of each free page its last owners may have written
     stale: list[int] = field(default_factory=list)  # slots of pages handed out since the last clear_stale, to zero
+    refs: list[int] = field(default_factory=list)  # owners of each page (more than one: a shared prefix page)
+    # Prefix caching: registered pages by hash and hash by page; the registered pages no one owns, least recently
+    # freed first (free too: handed out when `free` is empty, losing their hash).
+    by_hash: dict[bytes, int] = field(default_factory=dict)
+    hash_of: dict[int, bytes] = field(default_factory=dict)
+    evictable: OrderedDict[int, None] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.free = list(range(1, self.num_pages))
         self.dirty = [0] * self.num_pages
+        self.refs = [0] * self.num_pages
 
     def pages_for(self, tokens: int, page_size: int) -> int:
         pages = -(-tokens // page_size)
         return pages if self.ring is None else min(pages, self.ring)
+
+    @property
+    def available(self) -> int:
+        """Pages a sequence can take: the free ones and the registered ones no one owns."""
+        return len(self.free) + len(self.evictable)
+
+    def take(self) -> int:
+        """A page for one owner: the lowest free page, else the registered page freed longest ago (its hash
+        forgotten). Its earlier owners' slots go to `stale`."""
+        if self.free:
+            page = heapq.heappop(self.free)
+        else:
+            page, _ = self.evictable.popitem(last=False)
+            del self.by_hash[self.hash_of.pop(page)]
+        self.stale.extend(range(page * self.page_size, page * self.page_size + self.dirty[page]))
+        self.dirty[page], self.refs[page] = 0, 1
+        return page
+
+
+def page_hashes(tokens: Sequence[int], page_size: int, hashes: list[bytes], pages: int) -> list[bytes]:
+    """Extend `hashes`, those of a sequence's first full pages, to its first `pages` (each full in `tokens`). Page
+    i's hash digests page i-1's and page i's tokens, so it stands for every token up to the page's end: equal
+    hashes, equal prefixes (128-bit BLAKE2b: no collision to expect, and none to craft from token ids)."""
+    for i in range(len(hashes), pages):
+        digest = hashlib.blake2b(hashes[-1] if hashes else b"", digest_size=16)
+        digest.update(array("q", tokens[i * page_size : (i + 1) * page_size]).tobytes())
+        hashes.append(digest.digest())
+    return hashes
 
 
 def kv_groups(arch: ArchConfig) -> list[tuple[int | None, tuple[int, ...]]]:
@@ -105,6 +154,8 @@ class PagedKVCache:
     scales k_scale[i], v_scale[i], fp32 [1] on the device, from `scales` {layer: (k, v)}, 1.0 where not given).
     step_tokens: the most tokens one step writes for one sequence (the engine's step budget); with it a windowed
     group holds a ring of pages per sequence, without it every page, like full attention.
+    prefix_caching: keep filled pages findable by the prefix they hold (module docstring); only where every
+    attention layer is full attention (`self.prefix_caching` says whether it is on).
     """
 
     def __init__(
@@ -116,6 +167,7 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         step_tokens: int | None = None,
         scales: Mapping[int, tuple[float, float]] | None = None,
+        prefix_caching: bool = False,
     ) -> None:
         layout = kv_groups(arch)
         counts = [num_pages] * len(layout) if isinstance(num_pages, int) else list(num_pages)
@@ -126,9 +178,10 @@ class PagedKVCache:
             )
         self.page_size, self.device = page_size, torch.device(device)
         self.groups = [
-            KVGroup(w, layers, n, ring_pages(w, page_size, step_tokens, arch.max_position_embeddings))
+            KVGroup(w, layers, n, page_size, ring_pages(w, page_size, step_tokens, arch.max_position_embeddings))
             for (w, layers), n in zip(layout, counts)
         ]
+        self.prefix_caching = prefix_caching and len(self.groups) == 1 and self.groups[0].ring is None
         self.group_of: list[int | None] = [None] * arch.n_layers
         for g, group in enumerate(self.groups):
             for i in group.layers:
@@ -194,7 +247,8 @@ class PagedKVCache:
 
     @property
     def free_pages(self) -> int:
-        return len(self.groups[0].free)
+        """Pages no sequence owns (registered prefix pages among them: they are handed out when needed)."""
+        return self.groups[0].available
 
     def pages_needed(self, tokens: int) -> list[int]:
         """Pages a sequence of `tokens` tokens holds in each group."""
@@ -217,14 +271,10 @@ class PagedKVCache:
         the lowest free first; False, taking nothing, when the pool lacks them. The slots an earlier owner
         wrote on the pages handed out are zeroed by the next `clear_stale()`, once for all the pages of a step."""
         missing = self.missing(pages, tokens)
-        if any(n > len(g.free) for n, g in zip(missing, self.groups)):
+        if any(n > g.available for n, g in zip(missing, self.groups)):
             return False
         for group, own, n in zip(self.groups, pages, missing):
-            for _ in range(n):
-                page = heapq.heappop(group.free)
-                group.stale.extend(page * self.page_size + s for s in range(group.dirty[page]))
-                group.dirty[page] = 0
-                own.append(page)
+            own.extend(group.take() for _ in range(n))
         return True
 
     def clear_stale(self) -> None:
@@ -244,7 +294,7 @@ class PagedKVCache:
         """Each group's pages for a new sequence of `tokens` tokens, stale slots zeroed (`extend`)."""
         pages: list[list[int]] = [[] for _ in self.groups]
         if not self.extend(pages, tokens):
-            free = [len(g.free) for g in self.groups]
+            free = [g.available for g in self.groups]
             raise RuntimeError(f"KV pool: {self.pages_needed(tokens)} pages asked, {free} free")
         self.clear_stale()
         return pages
@@ -256,9 +306,48 @@ class PagedKVCache:
         page_size = self.page_size
         for group, own in zip(self.groups, pages):
             went_round = tokens >= len(own) * page_size  # every page full (a ring may have wrapped)
-            for i, p in enumerate(own):  # extend zeroed dirty when it handed the page out
-                group.dirty[p] = page_size if went_round else min(page_size, max(0, tokens - i * page_size))
-                heapq.heappush(group.free, p)
+            # The last pages first: of a sequence's registered pages, its longest prefix stays findable longest.
+            for i in reversed(range(len(own))):
+                p = own[i]
+                group.refs[p] -= 1
+                if group.refs[p]:
+                    continue  # a shared prefix page another sequence still reads
+                if p in group.hash_of:
+                    group.dirty[p] = page_size  # registered pages are full
+                    group.evictable[p] = None
+                else:  # take() zeroed dirty when it handed the page out
+                    group.dirty[p] = page_size if went_round else min(page_size, max(0, tokens - i * page_size))
+                    heapq.heappush(group.free, p)
+
+    # Prefix caching (group 0, the only one when it is on)
+
+    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
+        """The registered pages of the longest prefix of these page hashes (none when prefix caching is off)."""
+        if not self.prefix_caching:
+            return []
+        by_hash, pages = self.groups[0].by_hash, []
+        for h in hashes:
+            if (page := by_hash.get(h)) is None:
+                break
+            pages.append(page)
+        return pages
+
+    def share(self, pages: list[list[int]], hits: list[int]) -> None:
+        """Give a sequence with no pages yet (`pages`, per group, extended in place) the cached pages `hits`
+        (`lookup`'s) as its first ones."""
+        group = self.groups[0]
+        for p in hits:
+            group.evictable.pop(p, None)
+            group.refs[p] += 1
+        pages[0].extend(hits)
+
+    def register(self, page: int, page_hash: bytes) -> None:
+        """Make a filled page findable by the hash of the prefix it ends. A prefix already registered keeps its
+        page (two sequences computed it at once): this one stays private."""
+        group = self.groups[0]
+        if self.prefix_caching and page_hash not in group.by_hash and page not in group.hash_of:
+            group.by_hash[page_hash] = page
+            group.hash_of[page] = page_hash
 
     def slots(self, pages: list[int], start: int, end: int) -> list[int]:
         """Where the tokens at positions start..end-1 of a sequence with these pages (of one group) live: token t

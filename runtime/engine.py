@@ -49,7 +49,15 @@ from tokenizers import Tokenizer
 from tessera import kernels
 from tessera.devices import available_memory, check_fp8, dtype_name
 from tessera.errors import UserError
-from tessera.runtime.cache import PAGE_SIZE, STEP_TOKENS, BlockTables, PagedKVCache, kv_groups, ring_pages
+from tessera.runtime.cache import (
+    PAGE_SIZE,
+    STEP_TOKENS,
+    BlockTables,
+    PagedKVCache,
+    kv_groups,
+    page_hashes,
+    ring_pages,
+)
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.sampling import (
     Completion,
@@ -81,6 +89,11 @@ class EngineConfig:
     # "auto": K/V in the model's compute dtype; "fp8": E4M3 with per-layer scales (the model's calibrated ones,
     # Model.kv_scales, else 1.0): half the bytes of bf16, so twice the tokens in the same budget
     kv_cache_dtype: str = "auto"
+    # Keep filled KV pages findable by the prefix they hold, so a prompt that starts as an earlier one did (a
+    # system prompt, the turns of a chat so far) computes only what follows (runtime/cache.py). Only in a
+    # model whose attention layers are all full attention, and only with pages shorter than the prompts (the
+    # CPU's default of a whole context per page never fills one before the context ends)
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -106,6 +119,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort", "error"
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose K/V a final output's request found cached (prefix caching)
 
     @classmethod
     def progress(
@@ -124,9 +138,10 @@ class RequestOutput:
         prompt_tokens: int,
         completion_tokens: int,
         error: str | None = None,
+        cached_tokens: int = 0,
     ) -> RequestOutput:
         """The last output of a request: it finished for `reason` ("stop", "length", "abort" or "error")."""
-        return cls(request_id, token_ids, text, prompt_tokens, completion_tokens, True, reason, error)
+        return cls(request_id, token_ids, text, prompt_tokens, completion_tokens, True, reason, error, cached_tokens)
 
     @classmethod
     def failure(cls, request_id: str, error: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> RequestOutput:
@@ -208,6 +223,9 @@ class _Request:
         self.max_pages: list[int] = []  # the most pages it can ever hold in each KV group (Engine.add sets them)
         self.capacity: float = 0  # the most tokens its pages hold (PagedKVCache.capacity)
         self.row: int | None = None  # its row of the engine's BlockTables while it runs
+        self.hashes: list[bytes] = []  # the prefix hashes of its first full pages (cache.page_hashes), grown lazily
+        self.registered = 0  # its first pages registered in the prefix cache (all of them hold computed tokens)
+        self.cached_tokens = 0  # prompt tokens it found cached when it started (prefix caching)
         self.keys = (0, 0, 0, 0)  # its sampling stream (sampling.request_keys); seeded at random when it has no seed
 
     @property
@@ -338,7 +356,9 @@ class Engine:
         pages = self._pool_pages(budget, page, step_tokens)
         # + each group's scratch page
         scales = model.kv_scales() if fp8_cache else None
-        self.cache = PagedKVCache(arch, [n + 1 for n in pages], page, self.device, self.kv_dtype, step_tokens, scales)
+        self.cache = PagedKVCache(
+            arch, [n + 1 for n in pages], page, self.device, self.kv_dtype, step_tokens, scales, config.prefix_caching
+        )
         self.tables = BlockTables(self.cache, config.max_batch, self.max_pages_per_request)
         groups = tuple((g.num_pages - 1, g.ring) for g in self.cache.groups)
         self.limits = EngineLimits(
@@ -348,6 +368,8 @@ class Engine:
         self.running: list[_Request] = []
         self.stepping: list[_Request] = []  # the requests of the step in progress (fail_step ends them)
         self.preemptions = 0  # requests paused for want of pages (_preempt), since the start
+        self.prefix_queries = 0  # tokens of the requests started (restarts too), looked up in the prefix cache
+        self.prefix_hits = 0  # of those, the tokens found cached
         self._ids = itertools.count()
         self._requests: dict[str, _Request] = {}
         self.graphs = None
@@ -481,13 +503,12 @@ class Engine:
                 room -= n
         while self.waiting and room > 0 and len(self.running) < self.config.max_batch:
             req = self.waiting[0]
-            if not self._can_start(req):
+            hits = self.cache.lookup(self._prefix_hashes(req))
+            if not self._can_start(req, hits):
                 break  # FIFO: a request that does not fit yet is not overtaken (no starvation)
             self.waiting.popleft()
-            self._extend(req, len(req.tokens))  # its whole prompt: a long one is never stalled mid-way
-            req.row = self.tables.add(req.pages, len(req.tokens))
-            self.running.append(req)
-            plan[req] = min(len(req.tokens), room)
+            self._start(req, hits)
+            plan[req] = min(len(req.tokens) - req.computed, room)
             room -= plan[req]
         self.cache.clear_stale()
         self.tables.grow([(r.row, r.pages, r.computed + n) for r, n in plan.items()])
@@ -500,17 +521,52 @@ class Engine:
         req.capacity = self.cache.capacity(req.pages)
         return True
 
-    def _can_start(self, req: _Request) -> bool:
-        """Whether a waiting request's tokens fit in the pool now, leaving a page for each running request that
-        may still need one (vLLM's watermark, per request): without it, requests admitted into the last pages
-        would be preempted again at the next page boundary of the ones already running."""
+    def _prefix_hashes(self, req: _Request) -> list[bytes]:
+        """The hashes of a waiting request's full pages that may be found cached: not the page of its last token,
+        whose logits it must compute."""
+        if not self.cache.prefix_caching:
+            return []
+        return page_hashes(req.tokens, self.cache.page_size, req.hashes, (len(req.tokens) - 1) // self.cache.page_size)
+
+    def _can_start(self, req: _Request, hits: list[int]) -> bool:
+        """Whether a waiting request's tokens fit in the pool now, its cached prefix pages `hits` shared, leaving
+        a page for each running request that may still need one (vLLM's watermark, per request): without it,
+        requests admitted into the last pages would be preempted again at the next page boundary of the ones
+        already running."""
         needs = self.cache.pages_needed(len(req.tokens))
         for g, (need, group) in enumerate(zip(needs, self.cache.groups)):  # a windowed group grows to its ring
             growing = sum(len(r.pages[g]) < r.max_pages[g] for r in self.running)
             spare = growing + (need < req.max_pages[g]) if self.running else 0  # alone it always fits later
-            if need + spare > len(group.free):
+            new, available = need, group.available
+            if g == 0:  # hits no one owns are counted free: sharing them takes them from the free count
+                new -= len(hits)
+                available -= sum(group.refs[p] == 0 for p in hits)
+            if new + spare > available:
                 return False
         return True
+
+    def _start(self, req: _Request, hits: list[int]) -> None:
+        """Run a waiting request: its cached prefix pages shared, its tokens past them to compute (pages for all
+        of its prompt now: a long one is never stalled mid-way)."""
+        self.cache.share(req.pages, hits)
+        req.registered, req.computed = len(hits), len(hits) * self.cache.page_size
+        self.prefix_queries += len(req.tokens)
+        self.prefix_hits += req.computed
+        if req.sampled == 0:  # its prompt's first computation (a restart before it sampled counts again)
+            req.cached_tokens = req.computed
+        self._extend(req, len(req.tokens))
+        req.row = self.tables.add(req.pages, len(req.tokens))
+        self.running.append(req)
+
+    def _register(self, req: _Request) -> None:
+        """Register the pages a request has filled since its last step in the prefix cache."""
+        full = req.computed // self.cache.page_size
+        if not self.cache.prefix_caching or full <= req.registered:
+            return
+        page_hashes(req.tokens, self.cache.page_size, req.hashes, full)
+        for i in range(req.registered, full):
+            self.cache.register(req.pages[0][i], req.hashes[i])
+        req.registered = full
 
     def _preempt(self, req: _Request) -> None:
         """Stop a running request for want of pages and put it first in line again: its pages go back to the
@@ -521,7 +577,7 @@ class Engine:
         self.cache.release(req.pages, len(req.tokens))
         req.pages, req.capacity = [[] for _ in self.cache.groups], 0
         self.tables.remove(req.row)
-        req.row, req.computed = None, 0
+        req.row, req.computed, req.registered = None, 0, 0
         self.waiting.appendleft(req)
         self.preemptions += 1
 
@@ -542,6 +598,7 @@ class Engine:
         logits, sampling = self._forward(plan)
         for req, n in plan:
             req.computed += n
+            self._register(req)
         if not sampling:
             return []
         return self._sample(sampling, logits)
@@ -647,7 +704,9 @@ class Engine:
             self.tables.remove(req.row)
             req.row = None
         del self._requests[req.id]
-        return RequestOutput.final(req.id, reason, token_ids, text, req.prompt_len, req.sampled, error)
+        return RequestOutput.final(
+            req.id, reason, token_ids, text, req.prompt_len, req.sampled, error, req.cached_tokens
+        )
 
     # Offline use
 

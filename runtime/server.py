@@ -283,7 +283,7 @@ class Metrics:
             lambda: engine.queue_depth
         )
         Gauge("tessera_kv_cache_usage", "share of KV pages in use", registry=r).set_function(lambda: engine.kv_usage)
-        r.register(_PreemptionCount(engine))
+        r.register(_EngineCounters(engine))
         latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         per_token = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1)
         self.ttft = Histogram("tessera_time_to_first_token_seconds", "time to first token", buckets=latency, registry=r)
@@ -296,17 +296,22 @@ class Metrics:
         self.e2e = Histogram("tessera_e2e_request_latency_seconds", "request latency", buckets=latency, registry=r)
 
 
-class _PreemptionCount:
-    """`tessera_preemptions_total`: requests the engines paused for want of KV pages, a counter read from their
-    last reported state (as vLLM's num_preemptions)."""
+class _EngineCounters:
+    """Counters the engines keep, read from their last reported state: `tessera_preemptions_total`, requests
+    paused for want of KV pages (as vLLM's num_preemptions); `tessera_prefix_cache_queries_total` and
+    `tessera_prefix_cache_hits_total`, the tokens of started requests looked up in the prefix cache and those
+    found there (as vLLM's prefix_cache_queries and prefix_cache_hits: their ratio is the hit rate)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
     def collect(self):
+        engine = self.engine
+        yield CounterMetricFamily("tessera_preemptions", "requests paused for want of KV pages", engine.preemptions)
         yield CounterMetricFamily(
-            "tessera_preemptions", "requests paused for want of KV pages", self.engine.preemptions
+            "tessera_prefix_cache_queries", "tokens looked up in the prefix cache", engine.prefix_queries
         )
+        yield CounterMetricFamily("tessera_prefix_cache_hits", "tokens found in the prefix cache", engine.prefix_hits)
 
 
 @dataclass
@@ -632,9 +637,16 @@ class Server:
                 stream.abort()
 
     def _usage(self, outs: dict[int, RequestOutput]) -> dict:
+        """OpenAI's usage, with the prompt tokens found in the prefix cache as `prompt_tokens_details.cached_tokens`."""
         prompt = sum(o.prompt_tokens for o in outs.values())
         completion = sum(o.completion_tokens for o in outs.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(o.cached_tokens for o in outs.values())
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     async def _whole(
         self, outputs: AsyncIterator[tuple[int, RequestOutput]], n: int, rid: str, form: ResponseFormat
@@ -748,6 +760,8 @@ def engine_spec(
     tensor_parallel_size: int = 1,
     torchrun: bool = False,
     kv_cache_dtype: str = "auto",
+    page_size: int | None = None,
+    prefix_caching: bool = True,
 ) -> EngineSpec:
     """How the server's engine processes build their engine, checked here first, so a bad checkpoint or flag
     fails with its own error before any process starts (`torchrun`: the ranks are torchrun's, EngineSpec)."""
@@ -762,7 +776,12 @@ def engine_spec(
         local = torchrun_local()[1] if torchrun else None
         check_ranks(model_dir, tensor_parallel_size, device, local)
     config = EngineConfig(
-        max_batch=max_batch, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes, kv_cache_dtype=kv_cache_dtype
+        max_batch=max_batch,
+        max_model_len=max_model_len,
+        kv_cache_bytes=kv_cache_bytes,
+        kv_cache_dtype=kv_cache_dtype,
+        page_size=page_size,
+        prefix_caching=prefix_caching,
     )
     return EngineSpec(str(model_dir), str(device), dtype, config, threads, tensor_parallel_size, torchrun)
 

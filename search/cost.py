@@ -157,7 +157,8 @@ def lockstep(
     for model in models:
         scenario.check_context(model.arch)
     device = models[0].embed_tokens.weight.device
-    config = EngineConfig(max_batch=scenario.batch, max_model_len=scenario.seq_len)
+    # Every round serves the same prompts: from the prefix cache, the timed rounds would skip their prefill.
+    config = EngineConfig(max_batch=scenario.batch, max_model_len=scenario.seq_len, prefix_caching=False)
     engines = [Engine(model, None, config) for model in models]
     prompts = _prompts(arch, scenario)
     params = SamplingParams(max_new_tokens=scenario.gen_len, ignore_eos=True)

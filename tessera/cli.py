@@ -411,6 +411,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         paths = [run.run_search_scale(device, out=results, depths=args.depths, shape=args.shape, scoring=args.scoring)]
     elif args.what == "cost-model":
         paths = [run.run_cost_model(device, out=results)]
+    elif args.what == "prefix":
+        paths = [run.run_prefix(device, out=results)]
     elif args.what == "model":
         paths = [run.run_model_pdl(device, out=results) if args.pdl else run.run_model(device, out=results)]
     else:
@@ -457,6 +459,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         tensor_parallel_size=tp,
         torchrun=launch.torchrun,
         kv_cache_dtype=args.kv_cache_dtype,
+        page_size=args.page_size,
+        prefix_caching=not args.no_prefix_caching,
     )
     if launch.rank > 0:
         from tessera.runtime.async_engine import follow
@@ -877,7 +881,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="kernels vs torch, model decode, fused vs unfused FFNs, serving under load, tensor-parallel "
         "all-reduce cost, how the search scales, or how well the cost model predicts; JSON + Markdown",
     )
-    p.add_argument("what", choices=["kernels", "model", "fusion", "serving", "parallel", "search-scale", "cost-model"])
+    p.add_argument(
+        "what", choices=["kernels", "model", "fusion", "serving", "parallel", "search-scale", "cost-model", "prefix"]
+    )
     p.add_argument(
         "--depths",
         type=positive_ints,
@@ -924,6 +930,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         default=None,
         help="KV pool size (default: room for --max-batch requests of --max-model-len)",
+    )
+    p.add_argument(
+        "--page-size",
+        type=positive_int,
+        default=None,
+        help="tokens per KV page (default: 16 on a GPU; on the CPU a whole context when the pool has one per "
+        "request, which prefix caching cannot share)",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="compute every prompt in full, never from the K/V of an earlier one's same first tokens",
     )
     p.add_argument(
         "--served-model-name", type=utf8_text, default=None, help="the `model` clients name (default: the folder name)"

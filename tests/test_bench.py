@@ -246,3 +246,29 @@ def test_the_serving_table_names_the_errors_of_every_run() -> None:
     result = {"num_prompts": 4, "input_len": 8, "output_len": 8, "model": "m", "dtype": "float32", "max_batch": 4}
     result |= {"baseline": {"request_throughput": 1.0, "output_throughput": 5.0, "e2el_ms": ms}, "runs": [run, broken]}
     assert "2 requests failed: ['ConnectError', 'ReadTimeout']" in bench_serving.table(result)
+
+
+def test_prefix_bench_serves_shared_prompts_with_and_without_the_cache(results_dir, monkeypatch) -> None:
+    """`bench prefix` (CLI) on the CPU with 3 prompts of 600 shared + 8 own tokens: the first fills the step's 512
+    tokens, the other two start in the next step and find the 32 pages it has filled cached (512 tokens each);
+    without prefix caching and in whole-context pages nothing is. Every round is on fresh prompts (the rounds
+    find the same number cached), and each ratio is the round's time over the caching engine's."""
+    from tessera.benchmarks import bench_prefix
+
+    monkeypatch.setitem(bench_prefix.WORKLOADS, "cpu", (3, 600, 8, 2))
+    monkeypatch.setattr(bench_prefix, "ROUNDS", 2)
+    main(["bench", "prefix", "--device", "cpu", "--results", str(results_dir)])
+    result = json.loads((results_dir / "cpu_prefix.json").read_text())
+    rows = {row["config"]: row for row in result["rows"]}
+    assert rows["prefix caching"]["cached_tokens"] == 2 * 512 and rows["prefix caching"]["page_size"] == 16
+    assert rows["no prefix caching"]["cached_tokens"] == rows["whole-context pages"]["cached_tokens"] == 0
+    assert rows["whole-context pages"]["page_size"] == 610
+    for row in rows.values():
+        assert len(row["rounds_s"]) == 2 and row["min_s"] <= row["median_s"] <= row["max_s"]
+        ratios = [t / c for t, c in zip(row["rounds_s"], rows["prefix caching"]["rounds_s"])]
+        assert row["time_vs_prefix_caching"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
+    assert (
+        result["device"]
+        and result["commit"]
+        and "| no prefix caching | 16 |" in (results_dir / "cpu_prefix.md").read_text()
+    )

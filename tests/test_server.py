@@ -671,6 +671,26 @@ def test_preemption_over_http_keeps_every_text_and_is_counted(parent) -> None:
     assert texts == [r.text for r in references]
 
 
+def test_prefix_caching_over_http_reports_cached_tokens(parent) -> None:
+    """Two prompts with the same long first part, served one after the other in pages of 4 tokens: the second
+    reports the tokens it found cached in `usage.prompt_tokens_details.cached_tokens` (its common first tokens,
+    in whole pages, not its last), `/metrics` counts the lookups and hits, and both texts are transformers'
+    greedy ones."""
+    tok = parent[1]
+    shared = "".join(PROMPTS[:4]) + "\n"
+    prompts = [shared + "def first():", shared + "x = [1, 2, 3]"]
+    ids = [tok.encode(p).ids for p in prompts]
+    common = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    references = [transformers_greedy(tok, p, 16) for p in prompts]  # before any request: no idle connection
+    with serving(max_batch=4, max_model_len=256, page_size=4) as (_, base):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        replies = [client.completions.create(model="parent", prompt=p, max_tokens=16, temperature=0) for p in prompts]
+        assert [r.usage.prompt_tokens_details.cached_tokens for r in replies] == [0, common // 4 * 4]
+        assert metric(base, "tessera_prefix_cache_hits_total") == common // 4 * 4
+        assert metric(base, "tessera_prefix_cache_queries_total") == sum(len(i) for i in ids)
+    assert [r.choices[0].text for r in replies] == [r.text for r in references]
+
+
 def test_client_disconnect_frees_the_slot_at_once(server) -> None:
     served, base = server
     body = {"prompt": "def f():", "max_tokens": 400, "stream": True, "ignore_eos": True}
@@ -704,6 +724,8 @@ def test_metrics(server, client) -> None:
         "tessera_requests_running",
         "tessera_kv_cache_usage",
         "tessera_preemptions_total",
+        "tessera_prefix_cache_queries_total",
+        "tessera_prefix_cache_hits_total",
         "tessera_time_per_output_token_seconds_bucket",
         "tessera_prompt_tokens_total",
     ):

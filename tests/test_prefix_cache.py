@@ -1,0 +1,184 @@
+"""Prefix caching (runtime/cache.py): page hashes against a brute-force prefix comparison, the pool's bookkeeping
+(shared pages, registered pages freed and evicted tail first), and the engine computing only what follows a
+cached prefix while every request keeps the tokens of an engine without the cache.
+
+References: greedy decoding by a whole uncached forward per token (test_engine.greedy_by_full_forward: no KV
+cache at all), and an engine with prefix caching off for seeded sampling and preemption.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tessera.demo import PARENT_DIR
+from tessera.runtime.cache import PagedKVCache, page_hashes
+from tessera.runtime.engine import Engine, EngineConfig
+from tessera.runtime.loader import load_model
+from tessera.runtime.model import Model
+from tessera.runtime.sampling import SamplingParams, load_tokenizer
+
+from .test_engine import greedy_by_full_forward, prompts_of, served_under_pressure
+
+PAGE = 4
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_model(PARENT_DIR), load_tokenizer(PARENT_DIR)
+
+
+def forwarded_tokens(engine: Engine) -> list[int]:
+    """Record how many tokens each forward pass of `engine` computes."""
+    counts, forward = [], engine.model.forward_packed
+
+    def counting(tokens, batch):
+        counts.append(tokens.shape[0])
+        return forward(tokens, batch)
+
+    engine.model.forward_packed = counting
+    return counts
+
+
+def test_page_hashes_are_equal_exactly_where_the_prefixes_are() -> None:
+    """Page i's hash stands for every token up to its end: brute force over random pairs of sequences sharing
+    a random number of first tokens, including pairs whose page i is the same but an earlier page differs."""
+    rng = random.Random(0)
+    for _ in range(200):
+        a = [rng.randrange(50) for _ in range(rng.randrange(1, 40))]
+        shared = rng.randrange(len(a) + 1)
+        b = a[:shared] + [rng.randrange(50) for _ in range(rng.randrange(0, 40))]
+        if rng.random() < 0.3 and len(b) > PAGE:  # only the first page differs
+            b[0] = (b[0] + 1) % 50
+        ha = page_hashes(a, PAGE, [], len(a) // PAGE)
+        hb = page_hashes(b, PAGE, [], len(b) // PAGE)
+        for i in range(min(len(ha), len(hb))):
+            assert (ha[i] == hb[i]) == (a[: (i + 1) * PAGE] == b[: (i + 1) * PAGE])
+    # Extending the known hashes gives those computed at once.
+    tokens = list(range(30))
+    assert page_hashes(tokens, PAGE, page_hashes(tokens, PAGE, [], 3), 7) == page_hashes(tokens, PAGE, [], 7)
+
+
+def test_the_pool_shares_registered_pages_and_evicts_the_tail_first(demo) -> None:
+    model, _ = demo
+    cache = PagedKVCache(model.arch, 9, PAGE, prefix_caching=True)  # 8 usable pages
+    tokens = list(range(100, 120))  # 5 full pages
+    hashes = page_hashes(tokens, PAGE, [], 5)
+    a = cache.allocate(20)
+    for page, h in zip(a[0], hashes):
+        cache.register(page, h)
+    b = [[]]
+    cache.share(b, cache.lookup([*hashes[:3], b"not cached", *hashes[4:]]))  # the prefix up to the first miss
+    assert b[0] == a[0][:3] and cache.free_pages == 3
+    cache.release(a, 20)
+    assert cache.free_pages == 5  # the 2 pages only `a` held are free, registered; b's 3 are still owned
+    cache.release(b, 12)
+    assert cache.free_pages == 8 and cache.lookup(hashes) == a[0]
+    # 3 free pages without K/V worth keeping first, then registered ones: `a`'s last pages go first.
+    c = cache.allocate(4 * PAGE)
+    assert set(c[0][:3]).isdisjoint(a[0]) and c[0][3] == a[0][4]
+    assert cache.lookup(hashes) == a[0][:4]
+    cache.extend(c, 6 * PAGE)
+    assert cache.lookup(hashes) == a[0][:2] and cache.free_pages == 2
+    # A registered page handed out again loses its K/V (zeroed before the step reads it).
+    layer = next(i for i, k in enumerate(cache.k) if k is not None)
+    cache.k[layer][a[0][1]] = float("nan")
+    d = cache.allocate(2 * PAGE)
+    assert d[0] == [a[0][1], a[0][0]] and not cache.k[layer][a[0][1]].isnan().any()
+    assert cache.lookup(hashes) == [] and cache.free_pages == 0
+
+
+def test_a_shared_prefix_is_computed_once(demo) -> None:
+    """Two prompts with the same 37 first tokens: the second computes only its tokens past the 9 pages of 4
+    they share, and both get the greedy tokens of a forward without any cache; its usage reports them cached."""
+    model, tok = demo
+    system = prompts_of([37], 8192, seed=1)[0]
+    first, second = (system + p for p in prompts_of([5, 11], 8192, seed=2))
+    engine = Engine(model, tok, EngineConfig(max_batch=4, page_size=PAGE))
+    counts = forwarded_tokens(engine)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    [a] = engine.generate([first], params)
+    counts.clear()
+    request = engine.add_request(second, params)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    assert counts[0] == len(second) - 36 and engine.prefix_hits == 36
+    assert outputs[-1].request_id == request and outputs[-1].cached_tokens == 36
+    tokens = [t for out in outputs for t in out.token_ids]
+    assert a.tokens == greedy_by_full_forward(model, first, 6)
+    assert tokens == greedy_by_full_forward(model, second, 6)
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_a_prompt_cached_whole_computes_its_last_token(demo, sampling) -> None:
+    """The same prompt of 8 pages again: 7 pages come from the cache, the last is computed for its logits, and
+    the tokens are those of an engine without prefix caching (greedy and seeded)."""
+    model, tok = demo
+    prompt = prompts_of([8 * PAGE], 8192, seed=3)[0]
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True, temperature=0.0 if sampling == "greedy" else 1.0, seed=5)
+    config = EngineConfig(max_batch=2, page_size=PAGE)
+    expected = Engine(model, tok, replace(config, prefix_caching=False)).generate([prompt], params)[0].tokens
+    engine = Engine(model, tok, config)
+    counts = forwarded_tokens(engine)
+    assert engine.generate([prompt], params)[0].tokens == expected
+    counts.clear()
+    assert engine.generate([prompt], params)[0].tokens == expected
+    assert counts[0] == PAGE and engine.prefix_hits == 7 * PAGE
+
+
+def test_evicted_pages_serve_other_prompts_and_miss_after(demo) -> None:
+    """A pool of 8 pages: a prompt's pages stay cached after it ends; a longer other prompt needs them all, so
+    they are evicted and zeroed (NaN written there first never reaches it); the first prompt then misses and
+    is computed again. Every request keeps its uncached greedy tokens."""
+    model, tok = demo
+    page_bytes = PagedKVCache.page_bytes(model.arch, PAGE, torch.float32)
+    engine = Engine(model, tok, EngineConfig(max_batch=2, page_size=PAGE, kv_cache_bytes=8 * page_bytes))
+    short, long = prompts_of([17, 29], 8192, seed=4)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    assert engine.generate([short], params)[0].tokens == greedy_by_full_forward(model, short, 3)
+    cached = list(engine.cache.groups[0].evictable)
+    assert len(cached) == 4 and engine.cache.free_pages == 8  # 19 computed tokens: 4 full pages, all free
+    for pool in (*engine.cache.k, *engine.cache.v):
+        if pool is not None:
+            pool[cached] = float("nan")
+    assert engine.generate([long], params)[0].tokens == greedy_by_full_forward(model, long, 3)
+    assert engine.prefix_hits == 0
+    assert engine.generate([short], params)[0].tokens == greedy_by_full_forward(model, short, 3)
+    assert engine.prefix_hits == 0  # its pages went to the long prompt
+
+
+def test_a_preempted_request_resumes_from_its_own_cached_pages(demo) -> None:
+    """7 pages of 16: a short request and a long one run until the short one needs a page the pool lacks. The
+    long one, the newest, is preempted; its last page (not full, so not registered) serves the short one, and
+    when it starts again it finds its full pages still cached. Both keep the tokens of a roomy engine."""
+    model, tok = demo
+    page_bytes = PagedKVCache.page_bytes(model.arch, 16, torch.float32)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompts = prompts_of([10, 50], 8192, seed=2)
+    roomy = Engine(model, tok, EngineConfig(max_batch=8, page_size=16))
+    expected = [c.tokens for c in roomy.generate(prompts, params)]
+    engine = Engine(model, tok, EngineConfig(max_batch=8, kv_cache_bytes=7 * page_bytes, page_size=16))
+    tokens, most_running = served_under_pressure(engine, prompts, params)
+    assert tokens == expected and most_running == 2 and engine.preemptions == 1
+    assert engine.prefix_hits >= 48  # its prompt's 3 full pages at least
+
+
+def test_no_prefix_caching_with_windowed_layers_or_when_asked(demo) -> None:
+    """A windowed layer's ring overwrites its pages: a model with one caches no prefix. Nor does an engine
+    configured without it."""
+    model, tok = demo
+    blocks = list(model.arch.blocks)
+    blocks[0] = replace(blocks[0], attention=replace(blocks[0].attention, window=8))
+    windowed = Model.empty(model.arch.with_blocks(blocks)).init_weights(seed=0).eval()
+    prompt = prompts_of([20], 8192, seed=5)[0]
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    unwanted = EngineConfig(page_size=PAGE, prefix_caching=False)
+    for m, config in ((windowed, EngineConfig(page_size=PAGE)), (model, unwanted)):
+        engine = Engine(m, tok, config)
+        engine.generate([prompt, prompt], params)
+        engine.generate([prompt], params)
+        assert not engine.cache.prefix_caching and engine.prefix_hits == 0
