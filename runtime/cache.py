@@ -341,13 +341,27 @@ class PagedKVCache:
             group.refs[p] += 1
         pages[0].extend(hits)
 
-    def register(self, page: int, page_hash: bytes) -> None:
-        """Make a filled page findable by the hash of the prefix it ends. A prefix already registered keeps its
-        page (two sequences computed it at once): this one stays private."""
+    def register(self, page: int, page_hash: bytes) -> bool:
+        """Make a page findable by the hash of the prefix it ends (its K/V written, or being written by the step
+        that registers it); whether it was registered. A prefix already registered keeps its page (two sequences
+        computed it at once): this one stays private."""
         group = self.groups[0]
-        if self.prefix_caching and page_hash not in group.by_hash and page not in group.hash_of:
-            group.by_hash[page_hash] = page
-            group.hash_of[page] = page_hash
+        if not self.prefix_caching or page_hash in group.by_hash or page in group.hash_of:
+            return False
+        group.by_hash[page_hash] = page
+        group.hash_of[page] = page_hash
+        return True
+
+    def forget(self, pages: Sequence[int]) -> None:
+        """Make these pages unfindable (their K/V are not what their hash says: a step that failed, a request
+        that failed); those no one owns become plain free pages."""
+        group = self.groups[0]
+        for p in pages:
+            if p in group.hash_of:
+                del group.by_hash[group.hash_of.pop(p)]
+                if p in group.evictable:
+                    del group.evictable[p]
+                    heapq.heappush(group.free, p)  # dirty: page_size, set when it was freed
 
     def slots(self, pages: list[int], start: int, end: int) -> list[int]:
         """Where the tokens at positions start..end-1 of a sequence with these pages (of one group) live: token t

@@ -225,7 +225,7 @@ class _Request:
         self.row: int | None = None  # its row of the engine's BlockTables while it runs
         self.hashes: list[bytes] = []  # the prefix hashes of its first full pages (cache.page_hashes), grown lazily
         self.registered = 0  # its first pages registered in the prefix cache (all of them hold computed tokens)
-        self.cached_tokens = 0  # prompt tokens it found cached when it started (prefix caching)
+        self.cached_tokens: int | None = None  # prompt tokens it found cached when it first started (prefix caching)
         self.keys = (0, 0, 0, 0)  # its sampling stream (sampling.request_keys); seeded at random when it has no seed
 
     @property
@@ -367,6 +367,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.stepping: list[_Request] = []  # the requests of the step in progress (fail_step ends them)
+        self._registering: list[int] = []  # pages the step in progress registered in the prefix cache
         self.preemptions = 0  # requests paused for want of pages (_preempt), since the start
         self.prefix_queries = 0  # tokens of the requests started (restarts too), looked up in the prefix cache
         self.prefix_hits = 0  # of those, the tokens found cached
@@ -501,6 +502,7 @@ class Engine:
             else:
                 plan[req] = n
                 room -= n
+                self._register(req, req.computed + n)
         while self.waiting and room > 0 and len(self.running) < self.config.max_batch:
             req = self.waiting[0]
             hits = self.cache.lookup(self._prefix_hashes(req))
@@ -510,6 +512,7 @@ class Engine:
             self._start(req, hits)
             plan[req] = min(len(req.tokens) - req.computed, room)
             room -= plan[req]
+            self._register(req, req.computed + plan[req])
         self.cache.clear_stale()
         self.tables.grow([(r.row, r.pages, r.computed + n) for r, n in plan.items()])
         return list(plan.items())
@@ -526,7 +529,8 @@ class Engine:
         whose logits it must compute."""
         if not self.cache.prefix_caching:
             return []
-        return page_hashes(req.tokens, self.cache.page_size, req.hashes, (len(req.tokens) - 1) // self.cache.page_size)
+        pages = (len(req.tokens) - 1) // self.cache.page_size
+        return page_hashes(req.tokens, self.cache.page_size, req.hashes, pages)[:pages]
 
     def _can_start(self, req: _Request, hits: list[int]) -> bool:
         """Whether a waiting request's tokens fit in the pool now, its cached prefix pages `hits` shared, leaving
@@ -552,20 +556,24 @@ class Engine:
         req.registered, req.computed = len(hits), len(hits) * self.cache.page_size
         self.prefix_queries += len(req.tokens)
         self.prefix_hits += req.computed
-        if req.sampled == 0:  # its prompt's first computation (a restart before it sampled counts again)
+        if req.cached_tokens is None:  # its first start: a restart may find the pages it filled itself
             req.cached_tokens = req.computed
         self._extend(req, len(req.tokens))
         req.row = self.tables.add(req.pages, len(req.tokens))
         self.running.append(req)
 
-    def _register(self, req: _Request) -> None:
-        """Register the pages a request has filled since its last step in the prefix cache."""
-        full = req.computed // self.cache.page_size
+    def _register(self, req: _Request, tokens: int) -> None:
+        """Register in the prefix cache the pages a request fills up to `tokens` tokens, this step's included, as
+        soon as the step is planned: a request that starts later in the same step reads them, as written by this
+        step before its attention reads the cache (every layer stores the step's K/V, then attends). A step
+        that fails forgets them (`step`)."""
+        full = tokens // self.cache.page_size
         if not self.cache.prefix_caching or full <= req.registered:
             return
         page_hashes(req.tokens, self.cache.page_size, req.hashes, full)
         for i in range(req.registered, full):
-            self.cache.register(req.pages[0][i], req.hashes[i])
+            if self.cache.register(req.pages[0][i], req.hashes[i]):
+                self._registering.append(req.pages[0][i])
         req.registered = full
 
     def _preempt(self, req: _Request) -> None:
@@ -587,18 +595,23 @@ class Engine:
 
         A request whose sampling fails ends alone, with finish reason "error". A failure of the forward pass
         is raised: it belongs to every request of the step, which `fail_step` then ends (the server does)."""
+        self._registering = []
         try:
             plan = self._schedule()
         except Exception:
             self.stepping = list(self.running)  # pages half handed out: the step of every running request failed
+            self.cache.forget(self._registering)
             raise
         self.stepping = [req for req, _ in plan]
         if not plan:
             return []
-        logits, sampling = self._forward(plan)
+        try:
+            logits, sampling = self._forward(plan)
+        except BaseException:
+            self.cache.forget(self._registering)  # registered for K/V this step has not written
+            raise
         for req, n in plan:
             req.computed += n
-            self._register(req)
         if not sampling:
             return []
         return self._sample(sampling, logits)
@@ -675,6 +688,7 @@ class Engine:
 
     def _fail(self, req: _Request, error: str) -> RequestOutput:
         self.running.remove(req)
+        self.cache.forget(req.pages[0])  # whatever went wrong, its K/V serve no one else
         return self._finish(req, "error", [], "", error)
 
     def _append(self, req: _Request, token: int) -> RequestOutput:
@@ -705,7 +719,7 @@ class Engine:
             req.row = None
         del self._requests[req.id]
         return RequestOutput.final(
-            req.id, reason, token_ids, text, req.prompt_len, req.sampled, error, req.cached_tokens
+            req.id, reason, token_ids, text, req.prompt_len, req.sampled, error, req.cached_tokens or 0
         )
 
     # Offline use

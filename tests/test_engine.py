@@ -257,7 +257,7 @@ def served_under_pressure(engine: Engine, prompts: list[list[int]], params: Samp
         for out in engine.step():
             tokens[out.request_id] += out.token_ids
         most_running = max(most_running, len(engine.running))
-        held = sum(len(r.pages[0]) for r in engine.running)
+        held = len({p for r in engine.running for p in r.pages[0]})  # shared prefix pages once
         assert held + engine.cache.free_pages == engine.cache.usable_pages
     return [tokens[i] for i in ids], most_running
 

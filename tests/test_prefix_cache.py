@@ -167,6 +167,68 @@ def test_a_preempted_request_resumes_from_its_own_cached_pages(demo) -> None:
     assert engine.prefix_hits >= 48  # its prompt's 3 full pages at least
 
 
+def test_cached_tokens_are_those_found_at_the_first_start(demo) -> None:
+    """The usage's cached tokens are the prompt tokens a request found cached when it first started: none for a
+    fresh prompt, even when a preemption had it find its own pages on restarting."""
+    model, tok = demo
+    page_bytes = PagedKVCache.page_bytes(model.arch, 16, torch.float32)
+    engine = Engine(model, tok, EngineConfig(max_batch=8, kv_cache_bytes=7 * page_bytes, page_size=16))
+    ids = [
+        engine.add_request(p, SamplingParams(max_new_tokens=40, ignore_eos=True))
+        for p in prompts_of([10, 50], 8192, seed=2)
+    ]
+    finals = {}
+    while engine.has_work():
+        finals.update({out.request_id: out for out in engine.step() if out.finished})
+    assert engine.preemptions == 1 and engine.prefix_hits >= 48
+    assert [finals[i].cached_tokens for i in ids] == [0, 0]
+
+
+def test_requests_starting_in_one_step_share_the_pages_it_fills(demo) -> None:
+    """Prompts submitted together with the same 23 first tokens, and the first prompt again (parallel choices):
+    the first (29 tokens) fills 7 pages of 4, which the others, in the same step, read as the step writes them:
+    the second its 5 shared pages (20 tokens), the copy all 7 but its last token's. Every request gets the
+    greedy tokens of an uncached forward."""
+    model, tok = demo
+    system = prompts_of([23], 8192, seed=6)[0]
+    prompts = [system + p for p in prompts_of([6, 9], 8192, seed=7)]
+    prompts.append(prompts[0])
+    engine = Engine(model, tok, EngineConfig(max_batch=4, page_size=PAGE))
+    counts = forwarded_tokens(engine)
+    completions = engine.generate(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert len(prompts[0]) == 29 and counts[0] == 29 + (len(prompts[1]) - 20) + 1 and engine.prefix_hits == 20 + 28
+    for prompt, completion in zip(prompts, completions):
+        assert completion.tokens == greedy_by_full_forward(model, prompt, 4)
+
+
+def test_a_failed_step_leaves_no_page_findable(demo, monkeypatch) -> None:
+    """Pages are registered when a step is planned: a step whose forward raises forgets them (their K/V were
+    never written), as a request whose sampling fails forgets its own. The same prompt served afterwards finds
+    nothing cached and gets the greedy tokens of an uncached forward."""
+    from tessera.runtime import engine as engine_module
+
+    model, tok = demo
+    prompt, params = prompts_of([30], 8192, seed=8)[0], SamplingParams(max_new_tokens=3, ignore_eos=True)
+    expected = greedy_by_full_forward(model, prompt, 3)
+    engine = Engine(model, tok, EngineConfig(max_batch=2, page_size=PAGE))
+    forward = model.forward_packed
+    monkeypatch.setattr(model, "forward_packed", lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):  # offline: the call's requests are aborted
+        engine.generate([prompt], params)
+    monkeypatch.setattr(model, "forward_packed", forward)
+    assert not engine.cache.groups[0].by_hash and engine.cache.free_pages == engine.cache.usable_pages
+    assert engine.generate([prompt], params)[0].tokens == expected and engine.prefix_hits == 0
+    # NaN logits (a sampled request: greedy rows take their argmax whatever it is): the request ends with an error
+    # and its pages are forgotten.
+    real_sample = engine_module.sample
+    monkeypatch.setattr(engine_module, "sample", lambda logits, p, u: real_sample(logits.fill_(float("nan")), p, u))
+    other = prompts_of([30], 8192, seed=9)[0]
+    request = engine.add_request(other, SamplingParams(max_new_tokens=3, temperature=0.8, seed=1))
+    outputs = [out for out in engine.step() if out.request_id == request]
+    assert outputs[0].finish_reason == "error" and engine.cache.lookup(page_hashes(other, PAGE, [], 7)) == []
+    assert engine.cache.lookup(page_hashes(prompt, PAGE, [], 7)) != []  # the good prompt's pages stay cached
+
+
 def test_no_prefix_caching_with_windowed_layers_or_when_asked(demo) -> None:
     """A windowed layer's ring overwrites its pages: a model with one caches no prefix. Nor does an engine
     configured without it."""
