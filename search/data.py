@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from tessera.config import ArchConfig
 from tessera.errors import UserError, UserFileNotFound
 from tessera.runtime.loader import load_model
 from tessera.runtime.model import Model
@@ -96,6 +97,7 @@ def load_parent(
     dtype: torch.dtype = torch.float32,
     keep_kv_scales: bool = False,
 ) -> ParentAndText:
-    model = load_frozen(model_dir, device, dtype, keep_kv_scales)
-    tok, eos = load_tokenizer(model_dir), model.arch.eos_token_ids
-    return ParentAndText(model, encode_split(tok, "train", corpus, eos), encode_split(tok, "validation", corpus, eos))
+    # The text first: a corpus or tokenizer that cannot be read fails before a large parent is loaded.
+    tok, eos = load_tokenizer(model_dir), ArchConfig.from_json(model_dir).eos_token_ids
+    train, validation = encode_split(tok, "train", corpus, eos), encode_split(tok, "validation", corpus, eos)
+    return ParentAndText(load_frozen(model_dir, device, dtype, keep_kv_scales), train, validation)

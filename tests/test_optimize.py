@@ -519,3 +519,14 @@ def test_gkd_over_two_ranks_takes_one_process_step(tiny_parent, tmp_path, rank_m
         for name, g in expected.items():
             assert g.abs().max() > 0, name  # a real step: every weight moves
             torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-5 * g.abs().max().item(), msg=name)
+
+
+def test_load_parent_reads_the_text_before_the_weights(tmp_path, monkeypatch) -> None:
+    """A corpus that cannot be read fails before the parent's weights are loaded (minutes for a large parent)."""
+    import tessera.search.data as data
+    from tessera.demo import PARENT_DIR
+    from tessera.errors import UserFileNotFound
+
+    monkeypatch.setattr(data, "load_frozen", lambda *a, **k: pytest.fail("the weights were loaded first"))
+    with pytest.raises(UserFileNotFound, match=r"missing/train\.txt\.xz: no such file"):
+        data.load_parent(PARENT_DIR, tmp_path / "missing", torch.device("cpu"))
