@@ -8,7 +8,7 @@ vLLM's extensions, so vLLM's benchmark conventions work unchanged.
 Every bad request gets HTTP 400 (404 for an unknown model or route, 405 for a wrong method, 413 for a body
 past `max_request_bytes`, read by the `BodyLimit` middleware before the body is) with OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}`, and the server keeps serving. Unknown fields are refused
-by name rather than silently ignored, and fields we accept but cannot honour (n > 1, logprobs, penalties)
+by name rather than silently ignored, and fields we accept but cannot honour (logprobs, penalties)
 are refused with the reason: a client never gets an answer to a question it did not ask.
 
 A watcher on each request's connection aborts its engine requests the moment the client goes away, so a
@@ -26,7 +26,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -162,8 +162,8 @@ class _Sampling(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise APIError(400, "n: only n = 1 is supported", "n")
+        if self.n < 1:
+            raise APIError(400, f"n: must be >= 1, got {self.n}", "n")
         if self.logprobs is not None and self.logprobs is not False:  # 0 asks for the chosen tokens' (0 == False)
             raise APIError(400, "logprobs: not supported by this server", "logprobs")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -576,8 +576,27 @@ class Server:
         check comes first) and answer, streamed or whole."""
         params = self._sampling(body, default_max)
         prompts = await asyncio.to_thread(read)
+        n = body.n
+        if len(prompts) * n > self.engine.max_batch:
+            raise APIError(
+                400,
+                f"n: {n} choices of {len(prompts)} prompt(s) are {len(prompts) * n} sequences; this server runs at "
+                f"most {self.engine.max_batch} (the batch size) for one request",
+                "n",
+            )
         rid = f"{form.id_prefix}-{uuid.uuid4().hex}"
-        checked = [self._admit(f"{rid}-{i}", p, params, body.max_tokens is not None) for i, p in enumerate(prompts)]
+        # Choice i·n + j is prompt i's j-th (OpenAI's order). With a seed, choice j draws from seed + j (as vLLM's
+        # parallel sampling): the choices differ, and each is reproducible. They share their prompt's K/V pages
+        # (prefix caching), computed once.
+        choice_params = [
+            replace(params, seed=(params.seed + j) % 2**64) if j and params.seed is not None else params
+            for j in range(n)
+        ]
+        checked = [
+            self._admit(f"{rid}-{i * n + j}", p, choice_params[j], body.max_tokens is not None)
+            for i, p in enumerate(prompts)
+            for j in range(n)
+        ]
         try:
             streams = [self.engine.submit(r) for r in checked]
         except RuntimeError as e:  # shutting down, or no engine left
@@ -587,11 +606,11 @@ class Server:
             self._count(request.url.path, "200")
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                self._events(outputs, len(streams), rid, form, include_usage),
+                self._events(outputs, len(streams), rid, form, include_usage, n),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        answer = await self._whole(outputs, len(streams), rid, form)
+        answer = await self._whole(outputs, len(streams), rid, form, n)
         self._count(request.url.path, "200")
         return answer
 
@@ -636,11 +655,13 @@ class Server:
             for stream in streams:
                 stream.abort()
 
-    def _usage(self, outs: dict[int, RequestOutput]) -> dict:
-        """OpenAI's usage, with the prompt tokens found in the prefix cache as `prompt_tokens_details.cached_tokens`."""
-        prompt = sum(o.prompt_tokens for o in outs.values())
+    def _usage(self, outs: dict[int, RequestOutput], n: int) -> dict:
+        """OpenAI's usage, with the prompt tokens found in the prefix cache as `prompt_tokens_details.cached_tokens`:
+        a prompt's tokens counted once whatever its number of choices `n` (its first choice's figures)."""
+        firsts = [o for index, o in outs.items() if index % n == 0]
+        prompt = sum(o.prompt_tokens for o in firsts)
         completion = sum(o.completion_tokens for o in outs.values())
-        cached = sum(o.cached_tokens for o in outs.values())
+        cached = sum(o.cached_tokens for o in firsts)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -649,9 +670,14 @@ class Server:
         }
 
     async def _whole(
-        self, outputs: AsyncIterator[tuple[int, RequestOutput]], n: int, rid: str, form: ResponseFormat
+        self,
+        outputs: AsyncIterator[tuple[int, RequestOutput]],
+        n: int,
+        rid: str,
+        form: ResponseFormat,
+        per_prompt: int,
     ) -> dict:
-        """The non-streamed answer: every choice's whole text."""
+        """The non-streamed answer: every choice's whole text (n in all, `per_prompt` for each prompt)."""
         texts, finals = [""] * n, {}
         async with contextlib.aclosing(outputs):
             async for index, out in outputs:
@@ -668,7 +694,7 @@ class Server:
             "created": int(time.time()),
             "model": self.model_name,
             "choices": [form.choice(i, texts[i], finals[i].finish_reason) for i in range(n)],
-            "usage": self._usage(finals),
+            "usage": self._usage(finals, per_prompt),
         }
 
     async def _events(
@@ -678,8 +704,10 @@ class Server:
         rid: str,
         form: ResponseFormat,
         include_usage: bool,
+        per_prompt: int,
     ) -> AsyncIterator[str]:
-        """The streamed answer: SSE chunks as the engine produces text, then the usage chunk and [DONE]."""
+        """The streamed answer: SSE chunks as the engine produces text, then the usage chunk and [DONE] (n choices
+        in all, `per_prompt` for each prompt)."""
         created, finals = int(time.time()), {}
 
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
@@ -708,7 +736,7 @@ class Server:
                 if out.finished:
                     finals[index] = out
         if include_usage:
-            yield chunk([], self._usage(finals))
+            yield chunk([], self._usage(finals, per_prompt))
         yield "data: [DONE]\n\n"
 
     # Endpoints

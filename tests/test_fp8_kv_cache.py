@@ -120,8 +120,8 @@ def test_an_fp8_cache_holds_twice_the_pages_of_a_bf16_one_in_the_same_budget() -
     for kv, running in (("fp8", 2), ("auto", 1)):
         config = EngineConfig(max_batch=2, max_model_len=64, page_size=8, kv_cache_bytes=budget, kv_cache_dtype=kv)
         engine = Engine(model, None, config)
-        for _ in range(2):
-            engine.add_request(list(range(1, 40)), SamplingParams(max_new_tokens=20))
+        for k in range(2):  # different prompts: the same one twice would share its pages (prefix caching)
+            engine.add_request(list(range(1 + k, 40 + k)), SamplingParams(max_new_tokens=20))
         engine.step()
         assert len(engine.running) == running and len(engine.waiting) == 2 - running
 

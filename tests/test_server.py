@@ -140,6 +140,31 @@ def test_seeded_sampling_gives_the_generators_tokens(client, parent) -> None:
     assert [e.text for e in expected] != [g.text for g in greedy]  # it did sample
 
 
+def test_n_choices_draw_from_seed_plus_their_index(client, parent) -> None:
+    """`n` choices of each of 2 prompts (completions) and of a chat: choice i·n + j of prompt i draws from seed + j,
+    so each equals `Generator`'s text for that seed, and the prompt's tokens count once in usage. Greedy choices
+    are all the greedy text."""
+    prompts, n = PROMPTS[:2], 3
+    out = client.completions.create(
+        model="parent", prompt=prompts, max_tokens=12, temperature=0.9, seed=7, n=n, extra_body={"ignore_eos": True}
+    )
+    choices = sorted(out.choices, key=lambda c: c.index)
+    assert [c.index for c in choices] == list(range(len(prompts) * n))
+    generator = Generator(*parent)
+    for j in range(n):
+        params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=7 + j, ignore_eos=True)
+        expected = generator.generate(prompts, params)
+        assert [choices[i * n + j].text for i in range(len(prompts))] == [e.text for e in expected]
+    assert len({c.text for c in choices[:n]}) == n  # the choices of one prompt differ
+    tok = parent[1]
+    assert out.usage.prompt_tokens == sum(len(tok.encode(p).ids) for p in prompts)
+    assert out.usage.completion_tokens == 12 * len(choices)
+    greedy = client.chat.completions.create(
+        model="parent", messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=8, temperature=0, n=2
+    )
+    assert len(greedy.choices) == 2 and greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
 def test_an_fp8_kv_cache_serves_what_generate_gives_with_one(parent) -> None:
     """--kv-cache-dtype fp8 reaches the engine processes: their pools are E4M3, and seeded sampling over them gives
     `Generator`'s tokens over the same cache."""
@@ -388,7 +413,8 @@ def test_stop_strings_over_http(client, reference) -> None:
         (dict(max_tokens=600), openai.BadRequestError, "context is 512 tokens"),
         (dict(model="gpt-4"), openai.NotFoundError, "does not exist"),
         (dict(prompt="x " * 600), openai.BadRequestError, "leaving no room"),
-        (dict(n=2), openai.BadRequestError, "only n = 1"),
+        (dict(n=0), openai.BadRequestError, "n: must be >= 1, got 0"),
+        (dict(n=17), openai.BadRequestError, "n: 17 choices of 1 prompt.*at most 16"),
         (dict(temperature=5), openai.BadRequestError, "temperature"),
         (dict(extra_body={"max_tokens": "5"}), openai.BadRequestError, "valid integer"),
         (dict(extra_body={"colour": "blue"}), openai.BadRequestError, "unknown field 'colour'"),
