@@ -244,3 +244,30 @@ def test_no_prefix_caching_with_windowed_layers_or_when_asked(demo) -> None:
         engine.generate([prompt, prompt], params)
         engine.generate([prompt], params)
         assert not engine.cache.prefix_caching and engine.prefix_hits == 0
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton)")],
+        ),
+    ],
+)
+def test_prefix_caching_gives_the_uncached_greedy_tokens(device) -> None:
+    """Three prompts sharing 40 first tokens, submitted together, then again, in pages of 16 (on CUDA: float32,
+    the Triton kernels, decode replayed from CUDA graphs): in the first call the later two read the first's 2 full
+    pages as their step writes them; in the second every prompt finds its own pages (all but its last token's).
+    Every completion is the greedy one of whole uncached forwards."""
+    model, tok = load_model(PARENT_DIR, device=device), load_tokenizer(PARENT_DIR)
+    system = prompts_of([40], 8192, seed=10)[0]
+    prompts = [system + p for p in prompts_of([3, 17, 9], 8192, seed=11)]  # 43, 57 and 49 tokens
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    engine = Engine(model, tok, EngineConfig(max_batch=8, page_size=16))
+    expected = [greedy_by_full_forward(model, p, 12) for p in prompts]
+    assert [c.tokens for c in engine.generate(prompts, params)] == expected
+    assert engine.prefix_hits == 2 * 32
+    assert [c.tokens for c in engine.generate(prompts, params)] == expected
+    assert engine.prefix_hits == 2 * 32 + 32 + 48 + 48
