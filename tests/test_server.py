@@ -701,20 +701,30 @@ def test_prefix_caching_over_http_reports_cached_tokens(parent) -> None:
     """Two prompts with the same long first part, served one after the other in pages of 4 tokens: the second
     reports the tokens it found cached in `usage.prompt_tokens_details.cached_tokens` (its common first tokens,
     in whole pages, not its last), `/metrics` counts the lookups and hits, and both texts are transformers'
-    greedy ones."""
+    greedy ones. Then a chat's second turn, its first turn and reply resent, finds at least the first turn's
+    prompt cached, and its text is transformers' greedy one for the rendered conversation."""
     tok = parent[1]
     shared = "".join(PROMPTS[:4]) + "\n"
     prompts = [shared + "def first():", shared + "x = [1, 2, 3]"]
     ids = [tok.encode(p).ids for p in prompts]
     common = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
     references = [transformers_greedy(tok, p, 16) for p in prompts]  # before any request: no idle connection
-    with serving(max_batch=4, max_model_len=256, page_size=4) as (_, base):
+    with serving(max_batch=4, max_model_len=256, page_size=4) as (served, base):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         replies = [client.completions.create(model="parent", prompt=p, max_tokens=16, temperature=0) for p in prompts]
         assert [r.usage.prompt_tokens_details.cached_tokens for r in replies] == [0, common // 4 * 4]
         assert metric(base, "tessera_prefix_cache_hits_total") == common // 4 * 4
         assert metric(base, "tessera_prefix_cache_queries_total") == sum(len(i) for i in ids)
+        chat = [{"role": "user", "content": PROMPTS[5]}]
+        first = client.chat.completions.create(model="parent", messages=chat, max_tokens=12, temperature=0)
+        chat += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "x"}]
+        second = client.chat.completions.create(model="parent", messages=chat, max_tokens=12, temperature=0)
+        turns = [served.template.render(messages=m, add_generation_prompt=True) for m in (chat[:1], chat)]
     assert [r.choices[0].text for r in replies] == [r.text for r in references]
+    turn_ids = [tok.encode(t).ids for t in turns]
+    assert turns[1].startswith(turns[0]) and turn_ids[1][: len(turn_ids[0])] == turn_ids[0]
+    assert second.usage.prompt_tokens_details.cached_tokens >= len(turn_ids[0]) // 4 * 4 > 0
+    assert second.choices[0].message.content == transformers_greedy(tok, turns[1], 12).text
 
 
 def test_client_disconnect_frees_the_slot_at_once(server) -> None:
