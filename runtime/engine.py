@@ -688,7 +688,8 @@ class Engine:
 
     def _fail(self, req: _Request, error: str) -> RequestOutput:
         self.running.remove(req)
-        self.cache.forget(req.pages[0])  # whatever went wrong, its K/V serve no one else
+        # Whatever went wrong, the K/V only it holds serve no one else; pages others hold stay theirs to vouch for.
+        self.cache.forget([p for p in req.pages[0] if self.cache.groups[0].refs[p] == 1])
         return self._finish(req, "error", [], "", error)
 
     def _append(self, req: _Request, token: int) -> RequestOutput:

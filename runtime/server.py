@@ -586,8 +586,8 @@ class Server:
             )
         rid = f"{form.id_prefix}-{uuid.uuid4().hex}"
         # Choice i·n + j is prompt i's j-th (OpenAI's order). With a seed, choice j draws from seed + j (as vLLM's
-        # parallel sampling): the choices differ, and each is reproducible. They share their prompt's K/V pages
-        # (prefix caching), computed once.
+        # parallel sampling): the choices differ, and each is reproducible. Those that one engine serves share their
+        # prompt's K/V pages (prefix caching), computed once.
         choice_params = [
             replace(params, seed=(params.seed + j) % 2**64) if j and params.seed is not None else params
             for j in range(n)

@@ -271,3 +271,39 @@ def test_prefix_caching_gives_the_uncached_greedy_tokens(device) -> None:
     assert engine.prefix_hits == 2 * 32
     assert [c.tokens for c in engine.generate(prompts, params)] == expected
     assert engine.prefix_hits == 2 * 32 + 32 + 48 + 48
+
+
+def test_a_failed_request_leaves_the_pages_it_shares_findable(demo, monkeypatch) -> None:
+    """Two requests started together share their first 5 pages; the sampled one fails (NaN logits) while the
+    greedy one goes on. Only the pages the failed request held alone are forgotten: the greedy one's pages,
+    shared ones included, stay findable, and its tokens are the uncached greedy ones."""
+    from tessera.runtime import engine as engine_module
+
+    model, tok = demo
+    system = prompts_of([20], 8192, seed=12)[0]
+    good, bad = (system + p for p in prompts_of([7, 9], 8192, seed=13))
+    real_sample = engine_module.sample
+
+    def sample(logits, params, uniforms):
+        for row, p in enumerate(params):
+            if p.temperature > 0:
+                logits[row] = float("nan")
+        return real_sample(logits, params, uniforms)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    engine = Engine(model, tok, EngineConfig(max_batch=2, page_size=PAGE))
+    ids = [
+        engine.add_request(good, SamplingParams(max_new_tokens=6, ignore_eos=True)),
+        engine.add_request(bad, SamplingParams(max_new_tokens=6, temperature=0.8, seed=1)),
+    ]
+    outputs = {i: [] for i in ids}
+    while engine.has_work():
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    assert outputs[ids[1]][-1].finish_reason == "error" and engine.prefix_hits == 20
+    assert [t for o in outputs[ids[0]] for t in o.token_ids] == greedy_by_full_forward(model, good, 6)
+    tokens = good + [t for o in outputs[ids[0]] for t in o.token_ids]
+    assert len(engine.cache.lookup(page_hashes(tokens, PAGE, [], (len(good) + 5) // PAGE))) == (len(good) + 5) // PAGE
+    assert engine.cache.lookup(page_hashes(bad, PAGE, [], len(bad) // PAGE)) == engine.cache.lookup(
+        page_hashes(system, PAGE, [], 5)
+    )
