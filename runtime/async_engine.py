@@ -480,34 +480,38 @@ class AsyncEngine:
         """Requests each engine has been given so far."""
         return [h.submitted for h in self._handles]
 
+    def _total(self, field: str) -> int:
+        """An EngineLoad field summed over the engines (their last reported state)."""
+        return sum(getattr(h.load, field) for h in self._handles)
+
     @property
     def running(self) -> int:
-        return sum(h.load.running for h in self._handles)
+        return self._total("running")
 
     @property
     def queue_depth(self) -> int:
-        return sum(h.load.waiting for h in self._handles)
+        return self._total("waiting")
 
     @property
     def kv_usage(self) -> float:
         """Share of all engines' KV pages held by running requests."""
         total = self._pool_pages  # 0 until the engines have started
-        return sum(h.load.used_pages for h in self._handles) / total if total else 0.0
+        return self._total("used_pages") / total if total else 0.0
 
     @property
     def preemptions(self) -> int:
         """Requests the engines paused for want of KV pages (Engine._preempt), since they started."""
-        return sum(h.load.preemptions for h in self._handles)
+        return self._total("preemptions")
 
     @property
     def prefix_queries(self) -> int:
         """Tokens of the requests the engines started, looked up in their prefix caches, since they started."""
-        return sum(h.load.prefix_queries for h in self._handles)
+        return self._total("prefix_queries")
 
     @property
     def prefix_hits(self) -> int:
         """Of `prefix_queries`, the tokens found cached."""
-        return sum(h.load.prefix_hits for h in self._handles)
+        return self._total("prefix_hits")
 
     # Requests
 
