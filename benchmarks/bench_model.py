@@ -91,7 +91,7 @@ def _decode_steps(model: Model, batch: int, context: int, device: torch.device, 
     return lambda: step.run(*args)
 
 
-def _benchmarked(device: torch.device) -> tuple[Model, list[tuple[int, int]], str]:
+def benchmarked(device: torch.device) -> tuple[Model, list[tuple[int, int]], str]:
     """The model timed on `device` (the 8B shape on a GPU, the demo parent's on the CPU; random weights, in the
     serving precision), its (batch, context) scenarios, and its description."""
     on_gpu = device.type == "cuda"
@@ -115,7 +115,7 @@ def run(device: torch.device, copy_gbps: float, written: Callable[[dict], object
     """Every scenario's decode step in each mode (and the FP8 model's in the served one); `written(partial)` after
     each scenario, so a run cut short keeps what it measured."""
     on_gpu = device.type == "cuda"
-    model, scenarios, what = _benchmarked(device)
+    model, scenarios, what = benchmarked(device)
     arch, dtype = model.arch, model.embed_tokens.weight.dtype
     fp8_model = model.cast(kernels.FP8)
     modes = [("torch", False)] + ([("served", False), ("served", True)] if on_gpu else [])
@@ -226,7 +226,7 @@ def pdl_comparison(device: torch.device, copy_gbps: float, rounds: int = 5) -> d
     never what it computes, so the logits of the two must be the same bits; a row says whether they were. On the CPU
     (the demo parent's shape, the references: no kernel takes PDL there) a sanity pass of this code."""
     on_gpu = device.type == "cuda"
-    model, scenarios, what = _benchmarked(device)
+    model, scenarios, what = benchmarked(device)
     arch, dtype = model.arch, model.embed_tokens.weight.dtype
     available = hardware.pdl_possible(device)
     saved_backend, saved_pdl = kernels.forced_backend(), hardware.pdl_enabled()

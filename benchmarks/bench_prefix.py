@@ -2,7 +2,8 @@
 `requests` prompts of one common part of `shared` tokens and an own part of `unique` tokens, `gen` new tokens
 each (EOS ignored), all submitted at once and served to completion by the engine, with prefix caching and
 without it in 16-token pages, and on the CPU also in its default layout (a whole context per page, which
-prefix caching cannot share: runtime/cache.py). `tessera bench prefix`.
+prefix caching cannot share: runtime/cache.py). The model is bench_model's: the demo parent's shape on the CPU
+(float32), the Llama-3.1-8B shape on a GPU (bf16), random weights. `tessera bench prefix`.
 
 The configurations take turns in every round, each round on prompts of its own (drawn from the round's seed:
 what one round left cached never serves the next), after an untimed warm-up round. Reported: each
@@ -17,14 +18,11 @@ import time
 
 import torch
 
-from tessera.config import ArchConfig
-from tessera.demo import PARENT_DIR
-from tessera.devices import serving_dtype, synchronize
+from tessera.devices import synchronize
 from tessera.runtime.engine import Engine, EngineConfig
-from tessera.runtime.loader import load_model
-from tessera.runtime.model import Model
 from tessera.runtime.sampling import SamplingParams
 
+from .bench_model import benchmarked
 from .harness import random_prompts
 
 ROUNDS = 5
@@ -46,17 +44,6 @@ def workload(vocab: int, requests: int, shared: int, unique: int, seed: int) -> 
     return [common + own for own in random_prompts(requests, unique, vocab, seed=2 * seed + 1)]
 
 
-def _model(device: torch.device) -> tuple[Model, str]:
-    """The demo parent on the CPU; the Llama-3.1-8B shape with random weights on a GPU (bf16)."""
-    if device.type == "cpu":
-        return load_model(PARENT_DIR, device, serving_dtype(device)), "demo parent"
-    from .bench_model import LLAMA_3_1_8B
-
-    arch = ArchConfig.from_hf_dict(LLAMA_3_1_8B, "Llama-3.1-8B")
-    model = Model.empty(arch, device, serving_dtype(device)).init_weights(seed=0).eval()
-    return model, "Llama-3.1-8B shape, random weights"
-
-
 def _serve(engine: Engine, prompts: list[list[int]], params: SamplingParams, device: torch.device) -> tuple[float, int]:
     """Seconds to serve `prompts` to completion, and the prompt tokens found cached."""
     hits = engine.prefix_hits
@@ -69,7 +56,7 @@ def _serve(engine: Engine, prompts: list[list[int]], params: SamplingParams, dev
 
 def run(device: torch.device, rounds: int | None = None) -> dict:
     rounds = rounds or ROUNDS
-    model, what = _model(device)
+    model, _, what = benchmarked(device)  # the demo parent's shape on the CPU, the 8B shape on a GPU
     requests, shared, unique, gen = WORKLOADS[device.type]
     configs = CONFIGS if device.type == "cpu" else {k: CONFIGS[k] for k in (CACHED, UNCACHED)}
     length = shared + unique + gen

@@ -84,8 +84,8 @@ class KVGroup:
         self.dirty = [0] * self.num_pages
         self.refs = [0] * self.num_pages
 
-    def pages_for(self, tokens: int, page_size: int) -> int:
-        pages = -(-tokens // page_size)
+    def pages_for(self, tokens: int) -> int:
+        pages = -(-tokens // self.page_size)
         return pages if self.ring is None else min(pages, self.ring)
 
     @property
@@ -252,7 +252,7 @@ class PagedKVCache:
 
     def pages_needed(self, tokens: int) -> list[int]:
         """Pages a sequence of `tokens` tokens holds in each group."""
-        return [g.pages_for(tokens, self.page_size) for g in self.groups]
+        return [g.pages_for(tokens) for g in self.groups]
 
     def missing(self, pages: list[list[int]], tokens: int) -> list[int]:
         """Pages each group still lacks for a sequence holding `pages` (per group) to hold `tokens` tokens."""

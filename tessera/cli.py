@@ -879,7 +879,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="kernels vs torch, model decode, fused vs unfused FFNs, serving under load, tensor-parallel "
-        "all-reduce cost, how the search scales, or how well the cost model predicts; JSON + Markdown",
+        "all-reduce cost, how the search scales, how well the cost model predicts, or what prefix caching saves; "
+        "JSON + Markdown",
     )
     p.add_argument(
         "what", choices=["kernels", "model", "fusion", "serving", "parallel", "search-scale", "cost-model", "prefix"]

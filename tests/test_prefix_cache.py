@@ -31,15 +31,15 @@ def demo():
     return load_model(PARENT_DIR), load_tokenizer(PARENT_DIR)
 
 
-def forwarded_tokens(engine: Engine) -> list[int]:
-    """Record how many tokens each forward pass of `engine` computes."""
+def forwarded_tokens(engine: Engine, monkeypatch) -> list[int]:
+    """Record how many tokens each forward pass of `engine` computes (until the test ends)."""
     counts, forward = [], engine.model.forward_packed
 
     def counting(tokens, batch):
         counts.append(tokens.shape[0])
         return forward(tokens, batch)
 
-    engine.model.forward_packed = counting
+    monkeypatch.setattr(engine.model, "forward_packed", counting)
     return counts
 
 
@@ -91,14 +91,14 @@ def test_the_pool_shares_registered_pages_and_evicts_the_tail_first(demo) -> Non
     assert cache.lookup(hashes) == [] and cache.free_pages == 0
 
 
-def test_a_shared_prefix_is_computed_once(demo) -> None:
+def test_a_shared_prefix_is_computed_once(demo, monkeypatch) -> None:
     """Two prompts with the same 37 first tokens: the second computes only its tokens past the 9 pages of 4
     they share, and both get the greedy tokens of a forward without any cache; its usage reports them cached."""
     model, tok = demo
     system = prompts_of([37], 8192, seed=1)[0]
     first, second = (system + p for p in prompts_of([5, 11], 8192, seed=2))
     engine = Engine(model, tok, EngineConfig(max_batch=4, page_size=PAGE))
-    counts = forwarded_tokens(engine)
+    counts = forwarded_tokens(engine, monkeypatch)
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     [a] = engine.generate([first], params)
     counts.clear()
@@ -114,7 +114,7 @@ def test_a_shared_prefix_is_computed_once(demo) -> None:
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "seeded"])
-def test_a_prompt_cached_whole_computes_its_last_token(demo, sampling) -> None:
+def test_a_prompt_cached_whole_computes_its_last_token(demo, sampling, monkeypatch) -> None:
     """The same prompt of 8 pages again: 7 pages come from the cache, the last is computed for its logits, and
     the tokens are those of an engine without prefix caching (greedy and seeded)."""
     model, tok = demo
@@ -123,7 +123,7 @@ def test_a_prompt_cached_whole_computes_its_last_token(demo, sampling) -> None:
     config = EngineConfig(max_batch=2, page_size=PAGE)
     expected = Engine(model, tok, replace(config, prefix_caching=False)).generate([prompt], params)[0].tokens
     engine = Engine(model, tok, config)
-    counts = forwarded_tokens(engine)
+    counts = forwarded_tokens(engine, monkeypatch)
     assert engine.generate([prompt], params)[0].tokens == expected
     counts.clear()
     assert engine.generate([prompt], params)[0].tokens == expected
@@ -184,7 +184,7 @@ def test_cached_tokens_are_those_found_at_the_first_start(demo) -> None:
     assert [finals[i].cached_tokens for i in ids] == [0, 0]
 
 
-def test_requests_starting_in_one_step_share_the_pages_it_fills(demo) -> None:
+def test_requests_starting_in_one_step_share_the_pages_it_fills(demo, monkeypatch) -> None:
     """Prompts submitted together with the same 23 first tokens, and the first prompt again (parallel choices):
     the first (29 tokens) fills 7 pages of 4, which the others, in the same step, read as the step writes them:
     the second its 5 shared pages (20 tokens), the copy all 7 but its last token's. Every request gets the
@@ -194,7 +194,7 @@ def test_requests_starting_in_one_step_share_the_pages_it_fills(demo) -> None:
     prompts = [system + p for p in prompts_of([6, 9], 8192, seed=7)]
     prompts.append(prompts[0])
     engine = Engine(model, tok, EngineConfig(max_batch=4, page_size=PAGE))
-    counts = forwarded_tokens(engine)
+    counts = forwarded_tokens(engine, monkeypatch)
     completions = engine.generate(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert len(prompts[0]) == 29 and counts[0] == 29 + (len(prompts[1]) - 20) + 1 and engine.prefix_hits == 20 + 28
     for prompt, completion in zip(prompts, completions):
