@@ -1,9 +1,8 @@
 """What prefix caching saves on prompts that share their first tokens (a system prompt, few-shot examples):
 `requests` prompts of one common part of `shared` tokens and an own part of `unique` tokens, `gen` new tokens
-each (EOS ignored), all submitted at once and served to completion by the engine, with prefix caching and
-without it in 16-token pages, and on the CPU also in its default layout (a whole context per page, which
-prefix caching cannot share: runtime/cache.py). The model is bench_model's: the demo parent's shape on the CPU
-(float32), the Llama-3.1-8B shape on a GPU (bf16), random weights. `tessera bench prefix`.
+each (EOS ignored), all submitted at once and served to completion by the engine (16-token pages), with prefix
+caching and without it. The model is bench_model's: the demo parent's shape on the CPU (float32), the
+Llama-3.1-8B shape on a GPU (bf16), random weights. `tessera bench prefix`.
 
 The configurations take turns in every round, each round on prompts of its own (drawn from the round's seed:
 what one round left cached never serves the next), after an untimed warm-up round. Reported: each
@@ -27,11 +26,7 @@ from .harness import random_prompts
 
 ROUNDS = 5
 CACHED, UNCACHED = "prefix caching", "no prefix caching"
-CONFIGS = {
-    CACHED: dict(page_size=16),
-    UNCACHED: dict(page_size=16, prefix_caching=False),
-    "whole-context pages": dict(),  # the CPU's default: a page per request (on CUDA, 16-token pages again)
-}
+CONFIGS = {CACHED: dict(), UNCACHED: dict(prefix_caching=False)}
 WORKLOADS = {  # device type: (requests, shared, unique, gen)
     "cpu": (16, 512, 32, 32),
     "cuda": (64, 2048, 128, 64),
@@ -58,11 +53,10 @@ def run(device: torch.device, rounds: int | None = None) -> dict:
     rounds = rounds or ROUNDS
     model, _, what = benchmarked(device)  # the demo parent's shape on the CPU, the 8B shape on a GPU
     requests, shared, unique, gen = WORKLOADS[device.type]
-    configs = CONFIGS if device.type == "cpu" else {k: CONFIGS[k] for k in (CACHED, UNCACHED)}
     length = shared + unique + gen
     engines = {
         name: Engine(model, None, EngineConfig(max_batch=requests, max_model_len=length, **config))
-        for name, config in configs.items()
+        for name, config in CONFIGS.items()
     }
     params = SamplingParams(max_new_tokens=gen, ignore_eos=True)
     vocab = model.arch.vocab_size

@@ -6,9 +6,10 @@ with the causal diagonal shifted by the keys cached before it. What every layer 
 the step (the host's copy of the bounds, the decode batch's layout and mask, each chunk's pages and causal mask)
 is planned once per step and kept on the metadata.
 
-K/V are read in place where a sequence's pages are consecutive: the CPU cache gives every request one page of a
-whole context (PagedKVCache.page_size_for), so a decode batch is a slice of the pool. Elsewhere the pages read
-are copied out. Slots that the masks hide must hold finite values (0 · NaN = NaN): a sequence's own pages are
+K/V are read in place where a sequence's pages are consecutive: a chunk's, a lone decode sequence's (a request
+gets the lowest free pages, so one served alone has them in a row), or a decode batch's when each sequence has
+one page and those pages lie together (pages of a whole context, `--page-size`). Elsewhere the pages read are
+copied out. Slots that the masks hide must hold finite values (0 · NaN = NaN): a sequence's own pages are
 zeroed when it gets them (PagedKVCache.allocate), and table entries past its pages are replaced by its first.
 """
 
@@ -44,7 +45,8 @@ class _StepPlan:
     sequences' K/V are pool pages lo..hi-1 in place, row r for page lo + r; `scatter` [n] places sequence i's
     query in its page's row (None: the rows are the sequences, in order), rows of pages with no decode query
     get a zero query and a length of 1, and are dropped. Without it, `keys` [n, width] lists the pages whose
-    first `longest` slots are copied out for each sequence."""
+    first `longest` slots are copied out for each sequence, unless `run` (lo, hi): one decode sequence whose pages
+    are pool pages lo..hi-1, read in place."""
 
     chunks: list[_Chunk]
     decode: list[int]  # the sequences with one query this step
@@ -53,6 +55,7 @@ class _StepPlan:
     span: tuple[int, int] | None
     scatter: torch.Tensor | None
     keys: torch.Tensor | None
+    run: tuple[int, int] | None
     mask: torch.Tensor | None  # (rows, 1, 1, longest): which keys each row sees; None: all of them
 
 
@@ -76,11 +79,11 @@ def _plan(meta: PagedAttentionMetadata, page: int, n_tokens: int, window: int | 
     device = meta.seq_lens.device
     chunks = [_chunk(bounds[b], n, seq_lens[b], tables[b], page, window, device) for b, n in enumerate(q_lens) if n > 1]
     if not decode:
-        return _StepPlan(chunks, decode, None, 0, None, None, None, None)
+        return _StepPlan(chunks, decode, None, 0, None, None, None, None, None)
     rows = None if len(decode) == n_tokens else torch.tensor([bounds[b] for b in decode], device=device)
     lengths = [seq_lens[b] for b in decode]
     longest = max(lengths)
-    span = scatter = keys = None
+    span = scatter = keys = run = None
     firsts = [tables[b][0] for b in decode]
     if longest <= page and max(firsts) - min(firsts) < 2 * len(decode):  # one page each, close together
         span = min(firsts), max(firsts) + 1
@@ -93,12 +96,15 @@ def _plan(meta: PagedAttentionMetadata, page: int, n_tokens: int, window: int | 
     else:  # copy out: a shorter sequence's table ends before the longest one's: its first page stands in
         width = -(-longest // page)
         own = [tables[b][: max(1, -(-n // page))] for b, n in zip(decode, lengths)]
-        keys = torch.tensor([t + [t[0]] * (width - len(t)) for t in own], device=device)
+        if len(own) == 1 and own[0] == list(range(own[0][0], own[0][0] + width)):
+            run = own[0][0], own[0][0] + width  # one sequence, pages in a row (a lone request's usually are)
+        else:
+            keys = torch.tensor([t + [t[0]] * (width - len(t)) for t in own], device=device)
     mask = None  # every row sees all `longest` keys (a batch of 1, say): SDPA without a mask is faster
     if min(lengths) < longest or (window is not None and longest > window):
         # Row r's one query sits at position lengths[r] - 1.
         mask = window_mask(torch.tensor(lengths, device=device) - 1, longest, window)[:, None, None, :]
-    return _StepPlan(chunks, decode, rows, longest, span, scatter, keys, mask)
+    return _StepPlan(chunks, decode, rows, longest, span, scatter, keys, run, mask)
 
 
 def _decode_keys(pages: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
@@ -106,8 +112,11 @@ def _decode_keys(pages: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
     if plan.span is not None:
         lo, hi = plan.span
         return pages[lo:hi, : plan.longest].transpose(1, 2)  # a view
+    if plan.run is not None:
+        lo, hi = plan.run
+        return pages[lo:hi].flatten(0, 1)[None, : plan.longest].transpose(1, 2)  # a view
     n, width = plan.keys.shape
-    if width == 1:  # one page each: copy only the slots read, not whole pages (a whole context on the CPU)
+    if width == 1:  # one page each: copy only the slots read, not whole pages
         return pages[plan.keys[:, 0], : plan.longest].transpose(1, 2)
     gathered = pages.index_select(0, plan.keys.flatten()).view(n, width * pages.shape[1], *pages.shape[2:])
     return gathered[:, : plan.longest].transpose(1, 2)

@@ -27,10 +27,9 @@ no page without K/V worth keeping is left. Only in a cache of one full-attention
 overwrites its pages as a sequence goes on.
 
 The cache owns its layout; attention sees it only through the pages and the block tables of a step
-(kernels.PagedAttentionMetadata). On the GPU pages are 16 tokens. On the CPU a request gets one page of a
-whole context when the pool has one for every batch slot (`page_size_for`): its K/V then lie in one stretch of
-each layer's pool, and the plain-torch attention reads them in place instead of gathering pages
-(docs/serving.md has the step times of both).
+(kernels.PagedAttentionMetadata). Pages are 16 tokens by default, on the GPU and the CPU alike: the CPU once gave
+each request one page of a whole context, read in place, which took no less time per decode step than 16-token
+pages and shared nothing (docs/serving.md has the step times of both).
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ from tessera.config import ArchConfig
 from tessera.devices import dtype_name
 from tessera.kernels.fp8 import bytes_view, check_kv_scale_values
 
-PAGE_SIZE = 16  # tokens per page, unless the CPU gives a request a whole context (page_size_for)
+PAGE_SIZE = 16  # tokens per page, unless the engine is asked for others (EngineConfig.page_size)
 STEP_TOKENS = 512  # tokens one engine step packs by default (EngineConfig.max_step_tokens)
 UNCALIBRATED_KV_SCALE = 1.0  # an FP8 cache's scale for a layer without calibrated ones (vLLM's default too)
 
@@ -227,17 +226,6 @@ class PagedKVCache:
             for _, layers in kv_groups(arch)
         ]
 
-    @staticmethod
-    def page_size_for(
-        arch: ArchConfig, device: torch.device, dtype: torch.dtype, budget: int, max_batch: int, max_model_len: int
-    ) -> int:
-        """GPU: 16 tokens. CPU: a whole max_model_len when `budget` bytes hold one such page per batch slot, so
-        every request's K/V lie in one stretch; 16 tokens otherwise."""
-        whole = PagedKVCache.page_bytes(arch, max_model_len, dtype)
-        if device.type == "cpu" and budget >= max_batch * whole:
-            return max_model_len
-        return PAGE_SIZE
-
     # Pages: the first group's figures stand for the pool (the full-attention layers' when there are any, the
     # ones that grow with a sequence); admission asks every group (`Engine._can_start`).
 
@@ -280,8 +268,8 @@ class PagedKVCache:
     def clear_stale(self) -> None:
         """Zero the slots earlier owners wrote on the pages handed out since the last call: a request's slots
         that it has not written yet hold zeros, never a previous owner's values, so attention over them under a
-        mask cannot pick up a NaN (0 · NaN = NaN). Only slots someone wrote are zeroed, not whole pages: on the
-        CPU a page is a whole context."""
+        mask cannot pick up a NaN (0 · NaN = NaN). Only slots someone wrote are zeroed, not whole pages (which
+        may be long: `--page-size` sets them)."""
         for group in self.groups:
             if group.stale:
                 index = torch.tensor(group.stale, device=self.device)

@@ -9,7 +9,7 @@ whole mixed step (kernels/attention_paged.py).
 
 The KV cache is a pool of pages (runtime/cache.PagedKVCache) sized per layer by that layer's KV-head count;
 linear and no-op attention layers hold nothing. Its size comes from a memory budget (`kv_cache_bytes`), its
-page size from the cache (16 tokens on the GPU, a whole context per request on the CPU). A request takes
+pages are 16 tokens unless `page_size` says otherwise. A request takes
 pages as its tokens need them (its prompt's when it starts, one more at each page boundary as it decodes), so a
 chat that leaves max_tokens to the context holds the pages of the tokens it has, not of a whole context. When
 a running request needs a page and the pool has none, the request that started last is preempted: its pages
@@ -83,7 +83,7 @@ class EngineConfig:
     max_batch: int = 16  # requests running at once (decode batch size)
     max_model_len: int | None = None  # prompt + generated tokens; None: the model's max_position_embeddings
     kv_cache_bytes: int | None = None  # KV pool budget; None: room for max_batch requests of max_model_len
-    page_size: int | None = None  # tokens per KV page; None: the cache's choice (PagedKVCache.page_size_for)
+    page_size: int | None = None  # tokens per KV page; None: cache.PAGE_SIZE
     max_step_tokens: int = STEP_TOKENS  # tokens per forward pass (decode + prefill chunks); at least max_batch
     cuda_graphs: bool = True  # on CUDA, replay decode steps from graphs captured at padded batch sizes
     # "auto": K/V in the model's compute dtype; "fp8": E4M3 with per-layer scales (the model's calibrated ones,
@@ -91,8 +91,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # Keep filled KV pages findable by the prefix they hold, so a prompt that starts as an earlier one did (a
     # system prompt, the turns of a chat so far) computes only what follows (runtime/cache.py). Only in a
-    # model whose attention layers are all full attention, and only with pages shorter than the prompts (the
-    # CPU's default of a whole context per page never fills one before the context ends)
+    # model whose attention layers are all full attention, and only whole pages are shared
     prefix_caching: bool = True
 
     def __post_init__(self) -> None:
@@ -341,7 +340,7 @@ class Engine:
         step_tokens = max(config.max_step_tokens, config.max_batch)  # the most one request gets in a step
         if config.kv_cache_bytes is not None:
             budget = config.kv_cache_bytes
-        else:  # room for max_batch requests of max_model_len (in the pages asked for, else PAGE_SIZE ones)
+        else:  # room for max_batch requests of max_model_len
             budget = config.max_batch * self._request_bytes(config.page_size or PAGE_SIZE, step_tokens)
             if budget:  # a long max_model_len must not size a pool past the memory there is: the CPU also
                 # holds the weights, activations and other processes, the GPU only this engine's activations
@@ -349,9 +348,7 @@ class Engine:
                 budget = min(budget, int(share * available_memory(self.device)))
         if model.tp is not None:  # tensor-parallel ranks run one schedule: their pools must hold the same pages
             budget = model.tp.agree_min(budget)
-        page = config.page_size or PagedKVCache.page_size_for(
-            arch, self.device, self.kv_dtype, budget, config.max_batch, self.max_model_len
-        )
+        page = config.page_size or PAGE_SIZE
         self.max_pages_per_request = -(-self.max_model_len // page)
         pages = self._pool_pages(budget, page, step_tokens)
         # + each group's scratch page

@@ -936,8 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--page-size",
         type=positive_int,
         default=None,
-        help="tokens per KV page (default: 16 on a GPU; on the CPU a whole context when the pool has one per "
-        "request, which prefix caching cannot share)",
+        help="tokens per KV page (default: 16; prefix caching shares whole pages)",
     )
     p.add_argument(
         "--no-prefix-caching",

@@ -227,6 +227,16 @@ TOLERANCES = {
 }
 
 
+# The engine's KV layouts a test runs in: pages of 4 tokens (several a request, gathered) and a page of the whole
+# context a request (EngineConfig.page_size at the context: read in place).
+PAGE_SIZES = [pytest.param(4, id="pages"), pytest.param("whole", id="whole-context-pages")]
+
+
+def tokens_per_page(page_size: int | str, model: Model) -> int:
+    """A PAGE_SIZES value as EngineConfig.page_size for `model`."""
+    return model.arch.max_position_embeddings if page_size == "whole" else page_size
+
+
 def dtypes(kernel: str, only: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> pytest.MarkDecorator:
     """The dtype axis of a kernel test: parametrizes ("dtype", "tol"), each dtype carrying its tolerance."""
     params = [pytest.param(d, TOLERANCES[kernel][d], id=DTYPE_IDS[d]) for d in only]

@@ -22,7 +22,7 @@ from tessera.runtime.engine import CapacityError, DecodeGraphs, Engine, EngineCo
 from tessera.runtime.loader import load_model
 from tessera.runtime.sampling import ContextLengthError, SamplingParams, TextStream, load_tokenizer
 
-from .conftest import relative_error
+from .conftest import PAGE_SIZES, relative_error, tokens_per_page
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,6 @@ def demo():
 def prompts_of(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
-
-
-PAGE_SIZES = [pytest.param(4, id="pages"), pytest.param(None, id="whole-context-pages")]
 
 
 def greedy_by_full_forward(model, prompt: list[int], n: int) -> list[int]:
@@ -65,8 +62,10 @@ def test_paged_chunked_prefill_and_decode_match_transformers(llama_untied, monke
     model = load_model(llama_untied)
     if transposed:  # the test model's matrices are too small to be measured: force the choice
         monkeypatch.setattr(cpu_layout, "transposed_is_faster", lambda *_: True)
-    engine = Engine(model, config=EngineConfig(max_batch=3, max_step_tokens=7, page_size=page_size))
-    assert engine.cache.page_size == (page_size or engine.max_model_len)
+    engine = Engine(
+        model, config=EngineConfig(max_batch=3, max_step_tokens=7, page_size=tokens_per_page(page_size, model))
+    )
+    assert engine.cache.page_size == (4 if page_size == 4 else engine.max_model_len)
     matrices = [getattr(m, n) for m in model.modules() for n in getattr(m, "matrices", ())]
     assert all(cpu_layout.is_transposed(w) == transposed for w in [*matrices, model.lm_head_weight])
     recorded: list[torch.Tensor] = []
@@ -105,7 +104,9 @@ def test_heterogeneous_model_matches_uncached_greedy(nas_checkpoint, page_size) 
     the nemotron-nas test model (4/2/1 KV heads) served 2 at a time with chunked prefill equal greedy decoding
     by whole uncached forwards."""
     model = load_model(nas_checkpoint)
-    engine = Engine(model, config=EngineConfig(max_batch=2, max_step_tokens=8, page_size=page_size))
+    engine = Engine(
+        model, config=EngineConfig(max_batch=2, max_step_tokens=8, page_size=tokens_per_page(page_size, model))
+    )
     assert [k is None for k in engine.cache.k] == [b.attention.kind != "gqa" for b in model.arch.blocks]
     kv_heads = [k.shape[2] for k in engine.cache.k if k is not None]
     assert kv_heads == [b.attention.n_kv_heads for b in model.arch.blocks if b.attention.kind == "gqa"]
@@ -125,7 +126,9 @@ def test_greedy_in_a_busy_batch_equals_alone(demo, page_size) -> None:
     params = SamplingParams(max_new_tokens=24)
     texts = ["def main(argv):\n", "import os\n", "class Node:\n    def __init__(self, value):\n", "for i in range("]
     alone = [Engine(model, tok).generate([t], params)[0] for t in texts]
-    engine = Engine(model, tok, EngineConfig(max_batch=4, max_step_tokens=8, page_size=page_size))
+    engine = Engine(
+        model, tok, EngineConfig(max_batch=4, max_step_tokens=8, page_size=tokens_per_page(page_size, model))
+    )
     ids = {}
     outputs = {}
     for step in range(10_000):
@@ -328,7 +331,7 @@ def test_max_batch_bounds_the_running_requests(demo) -> None:
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
 def test_abort_frees_pages_at_once(demo, page_size) -> None:
     model, tok = demo
-    engine = Engine(model, tok, EngineConfig(max_batch=2, page_size=page_size))
+    engine = Engine(model, tok, EngineConfig(max_batch=2, page_size=tokens_per_page(page_size, model)))
     a = engine.add_request("def f(x):", SamplingParams(max_new_tokens=200))
     b = engine.add_request("import os", SamplingParams(max_new_tokens=200))
     engine.add_request("x = 1", SamplingParams(max_new_tokens=200))  # waits: max_batch 2
@@ -394,7 +397,7 @@ def test_stale_nan_in_free_pages_never_reaches_a_request(demo, page_size) -> Non
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     prompts = prompts_of([5, 37, 16], 8192, seed=4)
     clean = Engine(model, tok, EngineConfig(max_batch=4)).generate(prompts, params)
-    engine = Engine(model, tok, EngineConfig(max_batch=4, page_size=page_size))
+    engine = Engine(model, tok, EngineConfig(max_batch=4, page_size=tokens_per_page(page_size, model)))
     cache = engine.cache
     everything = cache.allocate(cache.free_pages * cache.page_size)
     poison(cache, everything, len(everything[0]) * cache.page_size)

@@ -22,7 +22,7 @@ from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
 from tessera.runtime.sampling import SamplingParams
 
-from .conftest import relative_error, save_hf
+from .conftest import PAGE_SIZES, relative_error, save_hf, tokens_per_page
 
 FP32_TOL = 1e-5
 VOCAB = 97
@@ -131,14 +131,16 @@ def test_prefill_logits_match_transformers(family_checkpoint) -> None:
     assert relative_error(actual, expected) <= FP32_TOL
 
 
-@pytest.mark.parametrize("page_size", [pytest.param(4, id="pages"), pytest.param(None, id="whole-context-pages")])
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
 def test_engine_matches_transformers(family_checkpoint, monkeypatch, page_size) -> None:
     """Chunked prefill beside decodes in the serving engine: every logits row it samples from equals
     transformers' logits at that position (fp32, 1e-5), and greedy tokens equal transformers' generate, with
     prompts and generations longer than the window."""
     _, path = family_checkpoint
     reference, model = hf_model(path), load_model(path)
-    engine = Engine(model, config=EngineConfig(max_batch=3, max_step_tokens=7, page_size=page_size))
+    engine = Engine(
+        model, config=EngineConfig(max_batch=3, max_step_tokens=7, page_size=tokens_per_page(page_size, model))
+    )
     recorded: list[torch.Tensor] = []
     logits = model.logits
     monkeypatch.setattr(model, "logits", lambda h: recorded.append(out := logits(h)) or out)

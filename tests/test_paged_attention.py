@@ -240,11 +240,29 @@ def test_the_split_plan_covers_the_gpu_and_follows_the_capacity(monkeypatch) -> 
     "pages", [[[1], [2], [3]], [[4], [1], [3]], [[9], [1], [5]]], ids=["in-order", "holes", "far-apart"]
 )
 def test_one_page_per_sequence(poisoned, dtype, tol, pages) -> None:
-    """The CPU cache's layout: each sequence in one page of a whole context. Decode tokens in consecutive pages
-    are read in place; with a page between them that no sequence owns (NaN), and in another order, too; pages
-    far apart are copied out."""
+    """Each sequence in one page of a whole context (`--page-size` at the context). Decode tokens in consecutive
+    pages are read in place; with a page between them that no sequence owns (NaN), and in another order, too;
+    pages far apart are copied out."""
     check_case([(1, 90), (1, 7), (1, 128)], 8, 2, 16, 128, dtype, tol, seed=20, pages=pages)
     check_case([(1, 90), (30, 30), (1, 128)], 8, 2, 16, 128, dtype, tol, seed=21, pages=pages)  # a prompt among them
+
+
+@dtypes("attention_paged")
+@pytest.mark.parametrize(
+    ("pages", "in_place"), [([[3, 4, 5, 6]], True), ([[3, 4, 6, 5]], False)], ids=["in-a-row", "out-of-order"]
+)
+def test_lone_decode_sequence(poisoned, dtype, tol, pages, in_place) -> None:
+    """One sequence decoding alone (a lone request's pages are usually in a row, from the lowest free ones): the
+    plain-torch path reads pages in a row in place, between pages no sequence owns (2 and 7, NaN), and gathers
+    them otherwise; both equal the hand reference."""
+    check_case([(1, 50)], 8, 2, 16, 16, dtype, tol, seed=22, pages=pages)
+    tables = torch.tensor([pages[0] + [10**6]], dtype=torch.int32, device=KERNEL_DEVICE)
+    meta = metadata([1], [50], tables)
+    q = torch.zeros(1, 8, 16, device=KERNEL_DEVICE, dtype=dtype)
+    kv = torch.zeros(8, 16, 2, 16, device=KERNEL_DEVICE, dtype=dtype)
+    attention_paged_reference(q, kv, kv, meta)
+    (plan,) = [v for k, v in meta._derived.items() if k[0] == "torch plan"]
+    assert (plan.run == (3, 7)) if in_place else (plan.run is None and plan.keys.tolist() == [pages[0]])
 
 
 @dtypes("attention_paged")
