@@ -10,6 +10,9 @@ head layouts of real configs, head dim 128.
 - decode over an FP8 cache (`--kv-cache-dtype fp8`, issue 20): the same op reading E4M3 pages with per-layer
   scales, against the same SDPA over the bf16 cache (the dequantized values, so outputs agree to bf16 rounding).
   Bytes = the FP8 cache read once (half of bf16's): the ratio to SDPA is what the halved bytes buy.
+- mixed step (`attention_paged`, decode tokens beside a new prompt's 512-token chunk, the step a busy engine runs
+  when a request arrives): the decodes in a split launch of their own ahead of the chunk's (meta.decode_prefix,
+  2026-11-30) against the one unsplit launch that served such steps before, same inputs. Bytes = the K/V read.
 - prefill: causal, equal-length prompts, each one chunk: `attention_paged` over pages (how the engine prefills)
   and `attention_prefill` over packed tokens (the uncached forward of scoring). SDPA takes [B, H, L, D].
   Compute-bound: 2·B·Hq·L²·D FLOPs (half the square, causal). Goal: >= 1.0x SDPA's flash backend.
@@ -41,6 +44,8 @@ HEADS = [  # (model, query heads, KV heads)
 DECODE = [(1, 8192), (1, 131072), (16, 8192), (64, 8192)]  # (batch, context)
 PREFILL = [(1, 4096), (4, 2048), (1, 16384)]  # (batch, sequence length)
 FP8_DECODE = [(1, 8192), (16, 8192), (64, 8192)]  # (batch, context) over an FP8 cache
+MIXED = [(1, 8192), (16, 8192), (64, 8192)]  # (decode sequences, their context) beside one CHUNK-token prompt
+CHUNK = 512
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backends: list[SDPBackend]):
@@ -114,6 +119,38 @@ def _decode_case(model, n_heads, n_kv, batch, context, device, dtype, baseline, 
     )
 
 
+def _mixed_case(model, n_heads, n_kv, batch, context, chunk, device, dtype) -> KernelCase:
+    gen = torch.Generator(device).manual_seed(batch * context + chunk)
+    q = torch.randn(batch + chunk, n_heads, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    kv = [
+        torch.randn(n, length, n_kv, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+        for n, length in ((batch, context), (batch, context), (1, chunk), (1, chunk))
+    ]
+    k_dec, v_dec, decode_tables = _paged(kv[0], kv[1], gen)
+    k_new, v_new, chunk_table = _paged(kv[2], kv[3], gen)
+    k_pages, v_pages = torch.cat([k_dec, k_new[1:]]), torch.cat([v_dec, v_new[1:]])  # one pool: the chunk's after
+    tables = torch.zeros(batch + 1, decode_tables.shape[1], dtype=torch.int32, device=device)
+    tables[:batch] = decode_tables
+    tables[batch, : chunk_table.shape[1]] = chunk_table[0] + k_dec.shape[0] - 1
+    cu = torch.tensor([*range(batch + 1), batch + chunk], dtype=torch.int32, device=device)
+    lens = torch.tensor([context] * batch + [chunk], dtype=torch.int32, device=device)
+
+    def step(decode_prefix: int) -> torch.Tensor:  # new metadata a call, as each engine step builds its own
+        meta = kernels.PagedAttentionMetadata(tables, cu, lens, chunk, decode_prefix)
+        return kernels.attention_paged(q, k_pages, v_pages, meta)
+
+    return KernelCase(
+        op=f"attention_paged mixed step (decodes + a {chunk}-token prompt)",
+        shape={"model": model, "q_heads": n_heads, "kv_heads": n_kv, "batch": batch, "context": context},
+        candidate=partial(step, batch),
+        baseline=partial(step, 0),
+        flops=4.0 * batch * n_heads * context * HEAD_DIM + 2.0 * n_heads * chunk * chunk * HEAD_DIM,
+        bytes=2 * (batch * context + chunk) * n_kv * HEAD_DIM * k_pages.element_size(),
+        tolerance=2e-2,  # the split's fp32 partials merged against one pass: bf16 rounding apart
+        baseline_name="attention_paged in one launch, the decodes unsplit (before 2026-11-30)",
+    )
+
+
 def _prefill_cases(model, n_heads, n_kv, batch, length, device, dtype, baseline) -> Iterator[KernelCase]:
     gen = torch.Generator(device).manual_seed(batch * length + n_kv)
     tokens = batch * length
@@ -176,3 +213,7 @@ def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator
         for batch, length in PREFILL:
             b, c = (batch, length) if on_gpu else (max(1, batch // 16), max(PAGE, length // 64))
             yield from _prefill_cases(model, n_heads, n_kv, b, c, device, dtype, baseline)
+    for model, n_heads, n_kv in HEADS[:2]:  # G = 4 and 8; last, so a suite step cut short keeps the rows above
+        for batch, context in MIXED:
+            b, c, n = (batch, context, CHUNK) if on_gpu else (max(1, batch // 16), max(PAGE, context // 64), 64)
+            yield _mixed_case(model, n_heads, n_kv, b, c, n, device, dtype)

@@ -111,6 +111,7 @@ def run(
     shape: dict = LLAMA_3_2_1B,
     on_depth: Callable[[dict], None] | None = None,
     scoring: str = "exact",
+    target_speedup: float = 1.5,
 ) -> dict:
     """The search at each depth of `shape`; training in float32, timing in the serving precision (bf16 on
     CUDA: OptimizeConfig.timing_dtype). `on_depth` gets the result so far after each depth (a run cut short by
@@ -125,7 +126,8 @@ def run(
             parent = save_model(model, Path(tmp) / "parent", tokenizer_from=PARENT_DIR)
             del model
             cfg = config(device, scoring)
-            results = optimize(parent, Path(tmp) / "run", Budget(target_speedup=1.5), cfg, CORPUS_DIR, fresh=True)
+            budget = Budget(target_speedup=target_speedup)
+            results = optimize(parent, Path(tmp) / "run", budget, cfg, CORPUS_DIR, fresh=True)
         children = len({tuple(c["blocks"]) for c in results["children"][1:]})
         solves = len(results["target_rounds"])
         samples = cfg.fisher_samples if scoring == "fisher" else None

@@ -21,7 +21,8 @@ split as in flash-decoding: the grid gets n_splits programs per (sequence, KV he
 share of that sequence's own keys (sized from its length, read on the device), and writes an fp32 partial
 output with its log-sum-exp; `_merge_kernel` combines the splits. n_splits depends only on host-known sizes
 (batch, KV heads, table width), so a decode step is CUDA-graph capturable and still spreads a short and a long
-sequence alike over the whole GPU.
+sequence alike over the whole GPU. A step whose chunks take several query tiles is not split; the decode
+tokens it holds beside them (the engine plans decodes first: `decode_prefix`) get a split launch of their own.
 
 An FP8 cache (pages in float8_e4m3fn, one fp32 K and one V scale for the layer, rope.py stores them) is read in the
 same loop: its tiles widen exactly to the queries' dtype for tl.dot, the K scale joins the softmax scale and the V
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import triton
@@ -263,13 +265,16 @@ class PagedAttentionMetadata:
     block_tables [B, max_pages] int32: sequence b's pages in order (entries past its own pages are ignored);
     cu_seqlens [B+1] int32: its queries are rows cu_seqlens[b]:cu_seqlens[b+1] of q;
     seq_lens [B] int32: its cached tokens, this step's included;
-    max_query_len: the longest run of queries (sizes the grid without a device read).
+    max_query_len: the longest run of queries (sizes the grid without a device read);
+    decode_prefix: how many of the first sequences have one query each (the engine plans decodes first). In a
+    step that also holds longer chunks, the Triton launcher gives them a split launch of their own.
     """
 
     block_tables: torch.Tensor
     cu_seqlens: torch.Tensor
     seq_lens: torch.Tensor
     max_query_len: int
+    decode_prefix: int = 0
     _derived: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -336,28 +341,64 @@ def attention_paged_triton(
 ) -> torch.Tensor:
     """q [N, Hq, D]; k/v pages [P, page_size, Hkv, D] -> [N, Hq, D]. No device read: CUDA-graph capturable.
     window: the query at position p reads keys p - window + 1 .. p only. k_scale, v_scale: an FP8 cache's
-    (fp32 [1] each). tiling: `default_tiling`'s unless given."""
+    (fp32 [1] each). tiling: `default_tiling`'s unless given.
+
+    A step whose chunks take more than one query tile is not split (split_count). When it also holds decode
+    tokens, they get a launch of their own first, split as in a decode step (meta.decode_prefix: the leading
+    one-query sequences); in the one launch, a decode at a long context would be one program streaming all its
+    keys, the step's slowest, while the chunks' tiles see few keys each."""
     check_inputs(q, k_pages, v_pages, meta, window, k_scale, v_scale)
-    n_heads, head_dim = q.shape[1:]
-    page, n_kv = k_pages.shape[1], k_pages.shape[2]
     if k_pages.stride(-1) != 1 or v_pages.stride(-1) != 1:
         raise ValueError("attention_paged: the pages' head dimension must be contiguous")
-    group = n_heads // n_kv
     q = q if q.stride(-1) == 1 else q.contiguous()  # the kernel steps through the head dimension one by one
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     n_seqs, max_query_len = meta.batch_size, meta.max_query_len
     if q.shape[0] == 0 or n_seqs == 0 or max_query_len <= 0:
         return out
+    launch = partial(_launch, q, k_pages, v_pages, out, meta, window, k_scale, v_scale, tiling)
+    group = q.shape[1] // k_pages.shape[2]
+    tiles = triton.cdiv(max_query_len * group, block_shape(max_query_len, group, q.shape[2])[0])
+    decodes = meta.decode_prefix if tiles > 1 else 0
+    if 0 < decodes < n_seqs:
+        launch(0, decodes, 1, decodes)  # their rows are q's first, one each
+        launch(decodes, n_seqs, max_query_len, q.shape[0])  # more than one tile: not split, no merge
+    else:
+        launch(0, n_seqs, max_query_len, q.shape[0])
+    return out
+
+
+def _launch(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    out: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    window: int | None,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    tiling: Tiling | None,
+    first: int,
+    end: int,
+    max_query_len: int,
+    rows: int,
+) -> None:
+    """Attention of sequences first..end-1 of the step (their queries at most max_query_len each, within q's
+    first `rows` rows) into their rows of out."""
+    n_heads, head_dim = q.shape[1:]
+    page, n_kv = k_pages.shape[1], k_pages.shape[2]
+    group = n_heads // n_kv
+    n_seqs = end - first
+    tables, cu_seqlens, seq_lens = meta.block_tables[first:end], meta.cu_seqlens[first:], meta.seq_lens[first:end]
     block_m, block_d = block_shape(max_query_len, group, head_dim)
     tiling = tiling or default_tiling(block_m, block_d)
     max_tiles = triton.cdiv(max_query_len * group, block_m)
-    capacity = meta.block_tables.shape[1] * page
+    capacity = tables.shape[1] * page
     if window is not None:  # a window bounds the keys a split shares out
         capacity = min(capacity, window + max_query_len)
     n_splits = split_count(n_seqs * n_kv, capacity, tiling, q.device) if max_tiles == 1 else 1
     if n_splits > 1:  # fp32 partial outputs and log-sum-exps, shared by the layers of the step
-        shape, dev = (q.shape[0], n_heads, n_splits), q.device
-        partial, lse = meta.derived(
+        shape, dev = (rows, n_heads, n_splits), q.device
+        partial_out, lse = meta.derived(
             ("splits", *shape, head_dim),
             lambda: (
                 torch.empty(*shape, head_dim, dtype=torch.float32, device=dev),
@@ -366,18 +407,18 @@ def attention_paged_triton(
         )
         lse_strides = lse.stride(0), lse.stride(1)
     else:
-        partial, lse, lse_strides = out, out, (0, 0)  # lse unused
+        partial_out, lse, lse_strides = out, out, (0, 0)  # lse unused
     _paged_kernel[(max_tiles * n_splits, n_kv, n_seqs)](
         q,
         k_pages,
         v_pages,
-        partial,
+        partial_out,
         lse,
-        meta.block_tables,
-        meta.cu_seqlens,
-        meta.seq_lens,
-        k_scale if k_scale is not None else meta.seq_lens,  # unread without FP8_CACHE
-        v_scale if v_scale is not None else meta.seq_lens,
+        tables,
+        cu_seqlens,
+        seq_lens,
+        k_scale if k_scale is not None else seq_lens,  # unread without FP8_CACHE
+        v_scale if v_scale is not None else seq_lens,
         q.stride(0),
         q.stride(1),
         k_pages.stride(0),
@@ -386,11 +427,11 @@ def attention_paged_triton(
         v_pages.stride(0),
         v_pages.stride(1),
         v_pages.stride(2),
-        partial.stride(0),
-        partial.stride(1),
-        partial.stride(2) if n_splits > 1 else 0,
+        partial_out.stride(0),
+        partial_out.stride(1),
+        partial_out.stride(2) if n_splits > 1 else 0,
         *lse_strides,
-        meta.block_tables.stride(0),
+        tables.stride(0),
         LOG2_E / head_dim**0.5,
         max_tiles,
         n_splits,
@@ -409,14 +450,14 @@ def attention_paged_triton(
         **launch_flags(q.device),
     )
     if n_splits > 1:
-        _merge_kernel[(q.shape[0], n_heads)](
-            partial,
+        _merge_kernel[(rows, n_heads)](
+            partial_out,
             lse,
             out,
             n_splits,
-            partial.stride(0),
-            partial.stride(1),
-            partial.stride(2),
+            partial_out.stride(0),
+            partial_out.stride(1),
+            partial_out.stride(2),
             lse.stride(0),
             lse.stride(1),
             out.stride(0),
@@ -426,4 +467,3 @@ def attention_paged_triton(
             BLOCK_S=triton.next_power_of_2(n_splits),
             **launch_flags(q.device),
         )
-    return out

@@ -661,7 +661,8 @@ class Engine:
         tables = self.tables.gather(rows, rows_t)
         slots = list(self.tables.slots(tables, seq_of_token_t, positions_t))
         max_len = max(n for _, n in plan)
-        attention = [kernels.PagedAttentionMetadata(t, cu_t, lens_t, max_len) for t in tables]
+        decodes = next((i for i, (_, n) in enumerate(plan) if n != 1), n_seqs)  # _schedule puts decodes first
+        attention = [kernels.PagedAttentionMetadata(t, cu_t, lens_t, max_len, decodes) for t in tables]
         # Every sequence starts in this step: attention over the step's own keys, no cache read. Not over an FP8
         # cache: there every step reads the pages (rounded to E4M3), so a prompt's output does not depend on
         # whether it shared its first step with decodes.

@@ -154,13 +154,15 @@ def test_generate_speed_measures_both_sides(results_dir) -> None:
 def test_search_scale_counts_each_stages_work(results_dir) -> None:
     """The scaling run on a tiny shape at depths 1 and 2: every stage timed with its peak memory, its work counted
     (scoring's downstream layers grow with depth squared: V·n(n+1)/2), and the 70B extrapolation is the
-    deepest run's seconds per unit × the 70B count × the block-size ratio."""
+    deepest run's seconds per unit × the 70B count × the block-size ratio. Target speedup 1.05: a model this
+    small is mostly its embedding and LM head, and its fastest architecture measured 1.11-1.36x the parent's on
+    a busy 2-core VM, so 1.5 was not always within reach."""
     from tessera.benchmarks import bench_search_scale as scale
     from tessera.search.library import SearchSpace
 
     tiny = {"hidden_size": 64, "n_heads": 4, "head_dim": 16, "n_kv_heads": 2, "intermediate_size": 256}
     so_far: list[dict] = []  # what a run cut short by a time limit would have written
-    result = scale.run(torch.device("cpu"), (1, 2), tiny, on_depth=so_far.append)
+    result = scale.run(torch.device("cpu"), (1, 2), tiny, on_depth=so_far.append, target_speedup=1.05)
     assert [len(r["rows"]) for r in so_far] == [1, 2] and so_far[-1] == result
     one, two = result["rows"]
     v = one["variants_per_layer"]

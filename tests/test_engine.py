@@ -119,6 +119,33 @@ def test_heterogeneous_model_matches_uncached_greedy(nas_checkpoint, page_size) 
     assert [c.tokens for c in engine.generate(prompts, params)] == expected
 
 
+def test_mixed_step_metadata_counts_its_leading_decodes(demo, monkeypatch) -> None:
+    """A step of 2 decodes and a prompt chunk tells attention that its first 2 sequences have one query each
+    (kernels.attention_paged gives them a split launch of their own beside a long chunk); a decode-only step, all."""
+    model, tok = demo
+    engine = Engine(model, tok, EngineConfig(max_batch=3, max_step_tokens=8))
+    seen: list[tuple[list[int], int]] = []
+    forward = model.forward_packed
+
+    def spy(tokens, batch, *args):
+        meta = batch.attention[0]
+        seen.append((torch.diff(meta.cu_seqlens).tolist(), meta.decode_prefix))
+        return forward(tokens, batch, *args)
+
+    monkeypatch.setattr(model, "forward_packed", spy)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    engine.add_request([5, 6, 7], params)
+    engine.add_request([8, 9], params)
+    engine.step()  # both prompts
+    engine.add_request(list(range(10, 40)), params)
+    engine.step()  # 2 decodes and 6 of the 30
+    engine.step()  # 2 decodes and 6 more
+    assert seen == [([3, 2], 0), ([1, 1, 6], 2), ([1, 1, 6], 2)]
+    while engine.has_work():
+        engine.step()
+    assert all(prefix == len(q_lens) for q_lens, prefix in seen if max(q_lens) == 1)
+
+
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
 def test_greedy_in_a_busy_batch_equals_alone(demo, page_size) -> None:
     """Requests join a batch mid-flight (added between steps), some prefilled in chunks beside decodes."""

@@ -13,8 +13,9 @@ Triton launcher allocates (output, split partials, log-sum-exps) starts as NaN b
 Cases: G = 1, 2, 4, 8, 16 and 64; head dims 16, 24 (not a power of two) and 128 (64-key tiles); pages of 4, 8,
 16, 32 and a whole context; decode tokens of contexts 0 (an idle sequence), 1, on and either side of page
 and split boundaries (128-key shares: 128, 129, 255, 256, 257), up to 1,000 and, marked slow, 131,072; whole
-prompts, later chunks of a long prompt and decode tokens mixed in one step; the context split over the SMs
-(the default plan) and not split at all.
+prompts, later chunks of a long prompt and decode tokens mixed in one step (decodes ahead of a chunk of more
+than one query tile in a split launch of their own); the context split over the SMs (the default plan) and not
+split at all.
 
 Tolerances, relative to the largest reference value, and their reasons: conftest's TOLERANCES.
 """
@@ -44,7 +45,10 @@ CASES = [
     ([(37, 37), (1, 100), (3, 70), (0, 0)], 16, 1, 16, 4),  # G 16: several query tiles, no split
     ([(1, 1), (1, 130), (2, 2)], 64, 1, 16, 8),  # G 64: 64 and 128 rows per tile, split
     ([(64, 64), (1, 33)], 4, 1, 16, 32),  # G 4: a 64-token prompt beside a decode
+    # G 4: decodes (across split boundaries) ahead of a 2-tile chunk get a split launch of their own; one after it
+    ([(1, 300), (1, 129), (1, 1000), (1, 1), (40, 90), (1, 17)], 8, 2, 16, 16),
 ]
+MIXED = len(CASES) - 1
 
 
 def paged_layout(
@@ -100,16 +104,19 @@ def by_hand(
 
 
 def metadata(q_lens: list[int], lengths: list[int], tables: torch.Tensor) -> PagedAttentionMetadata:
+    """As the engine builds it (decode_prefix: the leading one-query sequences)."""
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=KERNEL_DEVICE)
     seq_lens = torch.tensor(lengths, dtype=torch.int32, device=KERNEL_DEVICE)
-    return PagedAttentionMetadata(tables, cu, seq_lens, max(q_lens))
+    decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+    return PagedAttentionMetadata(tables, cu, seq_lens, max(q_lens), decodes)
 
 
 def check_case(
     seqs, n_heads, n_kv, head_dim, page, dtype, tol, seed, pages=None, window=None, fp8=None, strided=False
-) -> None:
+) -> PagedAttentionMetadata:
     """fp8: (k_scale, v_scale) for an FP8 cache: the pages quantized with them (NaN stays NaN), the hand
-    reference given the dequantized values. strided: q a view whose head dimension is not contiguous."""
+    reference given the dequantized values. strided: q a view whose head dimension is not contiguous. Returns
+    the metadata the Triton kernel ran with."""
     q_lens, lengths = [n for n, _ in seqs], [n for _, n in seqs]
     ks, vs, k_pages, v_pages, tables = paged_layout(lengths, n_kv, head_dim, page, dtype, seed, pages)
     scales = {}
@@ -139,6 +146,7 @@ def check_case(
     for out in (triton_out, torch_out):
         assert out.shape == q.shape and out.dtype == dtype
         assert relative_error(out.cpu(), expected) <= tol
+    return meta
 
 
 @pytest.mark.parametrize("splits", ["split", "one"])
@@ -150,12 +158,26 @@ def test_paged_attention_matches_hand_written(poisoned, monkeypatch, case: int, 
     check_case(*CASES[case], dtype, tol, seed=case)
 
 
+@pytest.mark.parametrize("splits", ["split", "one"])
+def test_mixed_step_splits_its_decodes(poisoned, monkeypatch, splits: str) -> None:
+    """The 4 decode tokens ahead of a chunk of 40 queries (2 query tiles at G 4, so that launch is not split) get
+    a launch of their own whose split partials (4 rows) the merge combines; without SMs to fill, none."""
+    if splits == "one":
+        monkeypatch.setattr(paged, "sm_count", lambda device: 0)
+    tol = TOLERANCES["attention_paged"][torch.float32]
+    meta = check_case(*CASES[MIXED], torch.float32, tol, seed=MIXED)
+    assert meta.decode_prefix == 4
+    split_rows = [key[1] for key in meta._derived if key[0] == "splits"]
+    assert split_rows == ([4] if splits == "split" else [])
+
+
 # Windowed cases: (sequences, query heads, KV heads, head dim, page, window)
 WINDOW_CASES = [
     ([(1, 1), (1, 16), (1, 17), (1, 300), (1, 129)], 4, 4, 16, 16, 16),  # decode at and past the window
     ([(1, 1000), (1, 40), (1, 257)], 32, 8, 128, 16, 100),  # G 4, windows across pages and splits
     ([(20, 53), (5, 5), (1, 64), (37, 37)], 16, 2, 24, 4, 9),  # chunks and a prompt longer than the window
     ([(1, 130), (2, 2), (64, 64)], 64, 1, 16, 8, 128),  # a window longer than some contexts
+    ([(1, 300), (1, 40), (40, 90)], 8, 2, 16, 16, 32),  # decodes' own split launch ahead of a 2-tile chunk
 ]
 
 
