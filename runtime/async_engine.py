@@ -581,8 +581,13 @@ class AsyncEngine:
             stream.queue.put_nowait(out)
 
     def _lost(self, handle: _EngineHandle, exitcode: int | None) -> None:
-        """An engine process died: its requests fail, and it runs nothing any more."""
-        handle.load = EngineLoad()
+        """An engine process died: its requests fail, and it runs nothing any more. It holds nothing now, but what it
+        counted stays counted: a Prometheus counter that goes down reads as a restart, and rate() over it as a
+        burst."""
+        last = handle.load
+        handle.load = EngineLoad(
+            preemptions=last.preemptions, prefix_queries=last.prefix_queries, prefix_hits=last.prefix_hits
+        )
         message = f"engine process {handle.rank} exited (exit code {exitcode})"
         if handle.error:
             message = f"engine process {handle.rank} failed: {handle.error}"

@@ -645,17 +645,22 @@ def test_an_engine_that_cannot_start_fails_with_its_own_error() -> None:
 
 def test_a_dead_engine_process_fails_its_requests_and_health() -> None:
     """The engine process is killed mid-stream: the stream ends with an error event, /health turns 503,
-    and a new request gets a 503 error instead of hanging."""
+    and a new request gets a 503 error instead of hanging. What it counted stays on /metrics (a counter that
+    went down would read as a restart): here the prefix cache's hits of a prompt sent twice."""
     with serving(max_batch=4, max_model_len=512) as (served, base):
-        body = {"prompt": "def f():", "max_tokens": 400, "stream": True, "ignore_eos": True}
-        events = []
+        prompt = "import os\nimport sys\n" * 8
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": prompt, "max_tokens": 2}).status_code == 200
+        body = {"prompt": prompt, "max_tokens": 400, "stream": True, "ignore_eos": True}
+        events, hits = [], None
         with httpx.Client(timeout=30) as http, http.stream("POST", f"{base}/v1/completions", json=body) as r:
             for line in r.iter_lines():
                 if line.startswith("data:"):
                     events.append(json.loads(line[5:]))
-                    if len(events) == 1:
+                    if len(events) == 2:
+                        hits = metric(base, "tessera_prefix_cache_hits_total")
                         os.kill(served.engine.pids[0], signal.SIGKILL)
         assert "exited" in events[-1]["error"]["message"]
+        assert hits > 0 and metric(base, "tessera_prefix_cache_hits_total") == hits
         health = httpx.get(f"{base}/health")
         assert health.status_code == 503 and health.json()["running"] == 0  # its requests are gone with it
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2})
