@@ -267,7 +267,9 @@ class PagedAttentionMetadata:
     seq_lens [B] int32: its cached tokens, this step's included;
     max_query_len: the longest run of queries (sizes the grid without a device read);
     decode_prefix: how many of the first sequences have one query each (the engine plans decodes first). In a
-    step that also holds longer chunks, the Triton launcher gives them a split launch of their own.
+    step that also holds longer chunks, the Triton launcher gives them a split launch of their own, whose
+    buffers hold one row per sequence: a count past the one-query sequences would write past them, so it is
+    checked wherever cu_seqlens is on the host (`check_inputs`) and must be exact on a GPU.
     """
 
     block_tables: torch.Tensor
@@ -314,12 +316,27 @@ def check_inputs(
         )
     check_kv_scales(k_pages, k_scale, v_scale, "attention_paged")
     n_seqs, tables = meta.batch_size, meta.block_tables
+    if meta.decode_prefix:  # once a step, not once a layer
+        meta.derived(("decode_prefix checked",), lambda: _check_decode_prefix(meta))
     if meta.cu_seqlens.shape != (n_seqs + 1,) or tables.dim() != 2 or tables.shape[0] < n_seqs:
         raise ValueError(
             f"attention_paged: cu_seqlens {tuple(meta.cu_seqlens.shape)}, block_tables "
             f"{tuple(tables.shape)} and seq_lens {tuple(meta.seq_lens.shape)} "
             "disagree on the batch"
         )
+
+
+def _check_decode_prefix(meta: PagedAttentionMetadata) -> bool:
+    """decode_prefix within the batch, and on the host also exactly leading one-query sequences."""
+    count, cu = meta.decode_prefix, meta.cu_seqlens
+    if not 0 <= count <= meta.batch_size or (
+        cu.device.type == "cpu" and cu[: count + 1].tolist() != [*range(count + 1)]
+    ):
+        raise ValueError(
+            f"attention_paged: decode_prefix {count} is not a count of leading one-query sequences "
+            f"(batch {meta.batch_size}, cu_seqlens starting {cu[: count + 1].tolist()[:8]})"
+        )
+    return True
 
 
 def split_count(programs: int, capacity: int, tiling: Tiling, device: torch.device) -> int:
@@ -341,7 +358,7 @@ def attention_paged_triton(
 ) -> torch.Tensor:
     """q [N, Hq, D]; k/v pages [P, page_size, Hkv, D] -> [N, Hq, D]. No device read: CUDA-graph capturable.
     window: the query at position p reads keys p - window + 1 .. p only. k_scale, v_scale: an FP8 cache's
-    (fp32 [1] each). tiling: `default_tiling`'s unless given.
+    (fp32 [1] each). tiling: `default_tiling`'s unless given (in a mixed step, for the chunks' launch).
 
     A step whose chunks take more than one query tile is not split (split_count). When it also holds decode
     tokens, they get a launch of their own first, split as in a decode step (meta.decode_prefix: the leading
@@ -355,15 +372,15 @@ def attention_paged_triton(
     n_seqs, max_query_len = meta.batch_size, meta.max_query_len
     if q.shape[0] == 0 or n_seqs == 0 or max_query_len <= 0:
         return out
-    launch = partial(_launch, q, k_pages, v_pages, out, meta, window, k_scale, v_scale, tiling)
+    launch = partial(_launch, q, k_pages, v_pages, out, meta, window, k_scale, v_scale)
     group = q.shape[1] // k_pages.shape[2]
     tiles = triton.cdiv(max_query_len * group, block_shape(max_query_len, group, q.shape[2])[0])
     decodes = meta.decode_prefix if tiles > 1 else 0
     if 0 < decodes < n_seqs:
-        launch(0, decodes, 1, decodes)  # their rows are q's first, one each
-        launch(decodes, n_seqs, max_query_len, q.shape[0])  # more than one tile: not split, no merge
+        launch(0, decodes, 1, decodes, None)  # their rows are q's first, one each; their own default tiling
+        launch(decodes, n_seqs, max_query_len, q.shape[0], tiling)  # more than one tile: not split, no merge
     else:
-        launch(0, n_seqs, max_query_len, q.shape[0])
+        launch(0, n_seqs, max_query_len, q.shape[0], tiling)
     return out
 
 
@@ -376,11 +393,11 @@ def _launch(
     window: int | None,
     k_scale: torch.Tensor | None,
     v_scale: torch.Tensor | None,
-    tiling: Tiling | None,
     first: int,
     end: int,
     max_query_len: int,
     rows: int,
+    tiling: Tiling | None,
 ) -> None:
     """Attention of sequences first..end-1 of the step (their queries at most max_query_len each, within q's
     first `rows` rows) into their rows of out."""

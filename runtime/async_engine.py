@@ -584,10 +584,7 @@ class AsyncEngine:
         """An engine process died: its requests fail, and it runs nothing any more. It holds nothing now, but what it
         counted stays counted: a Prometheus counter that goes down reads as a restart, and rate() over it as a
         burst."""
-        last = handle.load
-        handle.load = EngineLoad(
-            preemptions=last.preemptions, prefix_queries=last.prefix_queries, prefix_hits=last.prefix_hits
-        )
+        handle.load = replace(handle.load, running=0, waiting=0, used_pages=0)
         message = f"engine process {handle.rank} exited (exit code {exitcode})"
         if handle.error:
             message = f"engine process {handle.rank} failed: {handle.error}"

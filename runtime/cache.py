@@ -28,8 +28,9 @@ overwrites its pages as a sequence goes on.
 
 The cache owns its layout; attention sees it only through the pages and the block tables of a step
 (kernels.PagedAttentionMetadata). Pages are 16 tokens by default, on the GPU and the CPU alike: the CPU once gave
-each request one page of a whole context, read in place, which took no less time per decode step than 16-token
-pages and shared nothing (docs/serving.md has the step times of both).
+each request one page of a whole context, read in place, which shared nothing and was not the faster layout in
+interleaved runs on the AMD EPYC VM (even at batch 1, slower at batch 4-16), though single runs there and on an
+Intel Xeon VM have seen it ahead at batch 16 (docs/serving.md has the step times of both).
 """
 
 from __future__ import annotations

@@ -169,6 +169,21 @@ def test_mixed_step_splits_its_decodes(poisoned, monkeypatch, splits: str) -> No
     assert meta.decode_prefix == 4
     split_rows = [key[1] for key in meta._derived if key[0] == "splits"]
     assert split_rows == ([4] if splits == "split" else [])
+    *shape, window = WINDOW_CASES[-1]  # under a window of 200 (201 keys to share: 2 tiles)
+    meta = check_case(*shape, torch.float32, tol, seed=MIXED, window=window)
+    assert [key[1] for key in meta._derived if key[0] == "splits"] == ([2] if splits == "split" else [])
+
+
+def test_decode_prefix_must_count_leading_one_query_sequences() -> None:
+    """Its split launch sizes buffers by it: a count past the one-query sequences is refused where cu_seqlens is on
+    the host, not written past (a sequence of 5 queries counted as a decode, a count past the batch)."""
+    q, pages = torch.zeros(46, 8, 16), torch.zeros(20, 16, 2, 16)
+    tables = torch.arange(1, 19, dtype=torch.int32).view(3, 6)
+    for count in (2, 4, -1):
+        meta = metadata([1, 5, 40], [80, 60, 90], tables)
+        meta.decode_prefix = count
+        with pytest.raises(ValueError, match=f"decode_prefix {count} is not a count of leading one-query sequences"):
+            kernels.attention_paged(q, pages, pages, meta)
 
 
 # Windowed cases: (sequences, query heads, KV heads, head dim, page, window)
@@ -177,7 +192,7 @@ WINDOW_CASES = [
     ([(1, 1000), (1, 40), (1, 257)], 32, 8, 128, 16, 100),  # G 4, windows across pages and splits
     ([(20, 53), (5, 5), (1, 64), (37, 37)], 16, 2, 24, 4, 9),  # chunks and a prompt longer than the window
     ([(1, 130), (2, 2), (64, 64)], 64, 1, 16, 8, 128),  # a window longer than some contexts
-    ([(1, 300), (1, 40), (40, 90)], 8, 2, 16, 16, 32),  # decodes' own split launch ahead of a 2-tile chunk
+    ([(1, 300), (1, 40), (40, 90)], 8, 2, 16, 16, 200),  # decodes' own split launch (2 tiles) ahead of a 2-tile chunk
 ]
 
 
