@@ -12,6 +12,7 @@ import torch
 
 from tessera.benchmarks import bench_model, harness
 from tessera.cli import main
+from tessera.demo import PARENT_DIR
 
 
 @pytest.fixture
@@ -237,17 +238,39 @@ def test_every_test_the_gpu_suite_names_exists() -> None:
             assert re.search(rf"^def {name}\(", (root / file).read_text(), re.M), f"{file}::{name}"
 
 
+def serving_result(*broken: dict) -> dict:
+    """A CPU serving result as bench_serving.run_cpu writes it, with one clean run and `broken` ones' changes."""
+    ms = {"mean": 1.0, "median": 1.0, "p99": 1.0}
+    run = {"name": "rate inf", "request_throughput": 1.0, "output_throughput": 10.0, "failed": 0, "errors": []}
+    run |= {"ttft_ms": ms, "tpot_ms": ms, "itl_ms": ms, "e2el_ms": ms}
+    result = {"num_prompts": 4, "input_len": 8, "output_len": 8, "model": "m", "dtype": "float32", "max_batch": 4}
+    baseline = {"request_throughput": 1.0, "output_throughput": 5.0, "e2el_ms": ms}
+    return result | {"baseline": baseline, "runs": [run, *(run | b for b in broken)]}
+
+
 def test_the_serving_table_names_the_errors_of_every_run() -> None:
     """Failures counted over all runs were shown with the first run's errors only (none, when it was clean)."""
     from tessera.benchmarks import bench_serving
 
-    ms = {"mean": 1.0, "median": 1.0, "p99": 1.0}
-    run = {"name": "rate inf", "request_throughput": 1.0, "output_throughput": 10.0, "failed": 0, "errors": []}
-    run |= {"ttft_ms": ms, "tpot_ms": ms, "itl_ms": ms, "e2el_ms": ms}
-    broken = run | {"name": "Poisson 2 req/s", "failed": 2, "errors": ["ReadTimeout", "ConnectError"]}
-    result = {"num_prompts": 4, "input_len": 8, "output_len": 8, "model": "m", "dtype": "float32", "max_batch": 4}
-    result |= {"baseline": {"request_throughput": 1.0, "output_throughput": 5.0, "e2el_ms": ms}, "runs": [run, broken]}
+    result = serving_result({"name": "Poisson 2 req/s", "failed": 2, "errors": ["ReadTimeout", "ConnectError"]})
     assert "2 requests failed: ['ConnectError', 'ReadTimeout']" in bench_serving.table(result)
+
+
+def test_serving_bench_times_the_two_page_layouts_in_turns() -> None:
+    """The serving benchmark's decode-step comparison: both layouts timed in each round, each one's median over
+    the rounds, and the median and range of the rounds' own ratios (not the medians' quotient)."""
+    from tessera.benchmarks import bench_serving
+
+    d = bench_serving.page_layouts(PARENT_DIR, batch=2, input_len=20, rounds=3, steps=2)
+    assert (d["batch"], d["rounds"], d["steps_per_round"]) == (2, 3, 2)
+    rounds = d["rounds_ms"]
+    assert all(len(t) == 3 and min(t) > 0 for t in rounds.values())
+    for name in ("pages_16", "whole_context_pages"):
+        assert d[name] == pytest.approx(sorted(rounds[name])[1])
+    ratios = sorted(a / b for a, b in zip(rounds["pages_16"], rounds["whole_context_pages"]))
+    assert d["ratio"] == pytest.approx(ratios[1]) and d["ratio_range"] == pytest.approx([ratios[0], ratios[2]])
+    table = bench_serving.table(serving_result() | {"decode_step_ms": d})
+    assert "3 interleaved rounds of 2 steps" in table and f"{d['ratio']:.2f} (" in table
 
 
 def test_prefix_bench_serves_shared_prompts_with_and_without_the_cache(results_dir, monkeypatch) -> None:
