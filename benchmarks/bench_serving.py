@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from tessera.demo import PARENT_DIR
+from tessera.devices import median_ms
 
 from .harness import decoding_engine, hf_generate, random_prompts, wait_healthy
 
@@ -237,24 +238,20 @@ def transformers_baseline(
 def page_layouts(model_dir: Path, batch: int, input_len: int, rounds: int = 7, steps: int = 8) -> dict:
     """The engine's decode step at `batch` requests (their prompts cached), in this process, in 16-token KV pages
     (the default: gathered for a batch's attention) and in whole-context ones (one a request, read in place):
-    both engines built first, then timed in turns, `steps` steps a round, which goes first alternating, so a VM
-    whose speed drifts slows both alike. Each layout's median ms a step over the rounds, and the median (min-max)
-    of the rounds' ratios, 16-token over whole-context."""
+    both engines built first, then timed in turns (a round: each engine's median of `steps` steps after an
+    untimed one, `median_ms`), which goes first alternating, so a VM whose speed drifts slows both alike. Each
+    layout's median over the rounds, and the median (min-max) of the rounds' ratios, 16-token over whole-context."""
     from tessera.runtime.loader import load_model
 
     model = load_model(model_dir)
     sizes = {"pages_16": 16, "whole_context_pages": model.arch.max_position_embeddings}
-    room = rounds * steps + 1  # steps each engine takes: every round's and the warm one
+    room = rounds * (steps + 1)  # the steps each engine takes: each round's timed ones and its untimed first
     engines = {name: decoding_engine(model, batch, input_len, room, page_size=size) for name, size in sizes.items()}
-    for engine in engines.values():
-        engine.step()  # warm
+    cpu = torch.device("cpu")
     times: dict[str, list[float]] = {name: [] for name in engines}
     for r in range(rounds):
         for name in list(engines)[:: 1 if r % 2 == 0 else -1]:
-            start = time.perf_counter()
-            for _ in range(steps):
-                engines[name].step()
-            times[name].append((time.perf_counter() - start) / steps * 1e3)
+            times[name].append(median_ms(engines[name].step, cpu, min_reps=steps, budget_s=0))
     ratios = [a / b for a, b in zip(times["pages_16"], times["whole_context_pages"])]
     return {
         "batch": batch,

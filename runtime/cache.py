@@ -29,7 +29,7 @@ overwrites its pages as a sequence goes on.
 The cache owns its layout; attention sees it only through the pages and the block tables of a step
 (kernels.PagedAttentionMetadata). Pages are 16 tokens by default, on the GPU and the CPU alike: the CPU once gave
 each request one page of a whole context, read in place, which shared nothing and was not the faster layout in
-interleaved runs on the AMD EPYC VM (even at batch 1, slower at batch 4-16), though single runs there and on an
+interleaved runs on the AMD EPYC VM (level at batch 1, slower at batch 4-16), though single runs there and on an
 Intel Xeon VM have seen it ahead at batch 16 (docs/serving.md has the step times of both).
 """
 
@@ -351,6 +351,12 @@ class PagedKVCache:
                 if p in group.evictable:
                     del group.evictable[p]
                     heapq.heappush(group.free, p)  # dirty: page_size, set when it was freed
+
+    def forget_unshared(self, pages: Sequence[int]) -> None:
+        """`forget` those of a sequence's pages that no other sequence holds (a failed request's): the pages it
+        shares, other sequences' steps wrote too, and their outputs vouch for them."""
+        group = self.groups[0]
+        self.forget([p for p in pages if group.refs[p] == 1])
 
     def slots(self, pages: list[int], start: int, end: int) -> list[int]:
         """Where the tokens at positions start..end-1 of a sequence with these pages (of one group) live: token t

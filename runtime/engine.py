@@ -338,17 +338,17 @@ class Engine:
             check_fp8(self.device, "kv_cache_dtype fp8")
         self.kv_dtype = kernels.FP8 if fp8_cache else model.embed_tokens.weight.dtype  # the pages' dtype
         step_tokens = max(config.max_step_tokens, config.max_batch)  # the most one request gets in a step
+        page = config.page_size or PAGE_SIZE
         if config.kv_cache_bytes is not None:
             budget = config.kv_cache_bytes
         else:  # room for max_batch requests of max_model_len
-            budget = config.max_batch * self._request_bytes(config.page_size or PAGE_SIZE, step_tokens)
+            budget = config.max_batch * self._request_bytes(page, step_tokens)
             if budget:  # a long max_model_len must not size a pool past the memory there is: the CPU also
                 # holds the weights, activations and other processes, the GPU only this engine's activations
                 share = 0.8 if self.device.type == "cuda" else 0.5
                 budget = min(budget, int(share * available_memory(self.device)))
         if model.tp is not None:  # tensor-parallel ranks run one schedule: their pools must hold the same pages
             budget = model.tp.agree_min(budget)
-        page = config.page_size or PAGE_SIZE
         self.max_pages_per_request = -(-self.max_model_len // page)
         pages = self._pool_pages(budget, page, step_tokens)
         # + each group's scratch page
@@ -686,8 +686,7 @@ class Engine:
 
     def _fail(self, req: _Request, error: str) -> RequestOutput:
         self.running.remove(req)
-        # Whatever went wrong, the K/V only it holds serve no one else; pages others hold stay theirs to vouch for.
-        self.cache.forget([p for p in req.pages[0] if self.cache.groups[0].refs[p] == 1])
+        self.cache.forget_unshared(req.pages[0])  # whatever went wrong, the K/V only it holds serve no one else
         return self._finish(req, "error", [], "", error)
 
     def _append(self, req: _Request, token: int) -> RequestOutput:
