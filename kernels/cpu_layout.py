@@ -13,11 +13,16 @@ as its L3 cache (a decode step streams its weights), at 1 and 8 rows, interleave
 passes; the transposed layout must win by MARGIN. A matrix larger than half the pool (a large vocabulary's head)
 is measured on its first rows. Matrices under MIN_ELEMENTS stay as they are: they live in the caches, where the
 two layouts tie (the tests' tiny models among them).
+
+Because it is measured, two processes on a busy machine can choose differently, and their logits then differ in
+the last bits (the same sums in another order). `TESSERA_CPU_LAYOUT=row-major` (or `transposed`) fixes the choice
+for every process that inherits it, for outputs that must match across processes bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import torch
@@ -30,6 +35,8 @@ ROWS = (1, 8)  # decode steps: batch 1 and a small batch (at hundreds of rows th
 REPEATS = 3
 MARGIN = 0.05
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what F.linear runs on the CPU (not FP8)
+LAYOUT_ENV = "TESSERA_CPU_LAYOUT"
+LAYOUTS = {"measure": None, "row-major": False, "transposed": True}  # its values: measured, or always one layout
 
 
 def is_transposed(weight: torch.Tensor) -> bool:
@@ -81,7 +88,12 @@ def fastest_layout(weight: torch.Tensor) -> torch.Tensor:
             f"on {weight.device}"
         )
     n, k = weight.shape
-    want = transposed_is_faster(n, k, weight.dtype, torch.get_num_threads())
+    choice = os.environ.get(LAYOUT_ENV, "measure")
+    if choice not in LAYOUTS:
+        raise ValueError(f"{LAYOUT_ENV}={choice!r}: expected one of {', '.join(LAYOUTS)}")
+    want = LAYOUTS[choice]
+    if want is None:
+        want = transposed_is_faster(n, k, weight.dtype, torch.get_num_threads())
     if want and not is_transposed(weight):
         return weight.t().contiguous().t()
     if not want and is_transposed(weight):

@@ -93,6 +93,20 @@ def test_fastest_layout_keeps_shape_and_values(monkeypatch, dtype) -> None:
     assert back.is_contiguous() and torch.equal(back, w)
 
 
+def test_the_environment_fixes_the_layout_without_timing(monkeypatch) -> None:
+    """TESSERA_CPU_LAYOUT: one layout for every process that inherits it, nothing measured; a bad value named."""
+    rows = fake_timing(monkeypatch, 2.0, 1.0)  # measured, transposed would win
+    w = torch.randn(512, 256)
+    monkeypatch.setenv("TESSERA_CPU_LAYOUT", "row-major")
+    assert fastest_layout(w) is w and fastest_layout(w.t().contiguous().t()).is_contiguous()
+    monkeypatch.setenv("TESSERA_CPU_LAYOUT", "transposed")
+    assert is_transposed(fastest_layout(w))
+    assert rows == []
+    monkeypatch.setenv("TESSERA_CPU_LAYOUT", "fast")
+    with pytest.raises(ValueError, match="TESSERA_CPU_LAYOUT='fast': expected one of measure, row-major, transposed"):
+        fastest_layout(w)
+
+
 @pytest.mark.parametrize(
     "weight",
     [torch.randn(8), torch.randn(4, 4, 4), torch.zeros(512, 256).to(FP8), torch.zeros(512, 256, dtype=torch.int8)],
