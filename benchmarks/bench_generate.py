@@ -11,9 +11,6 @@ batch 1. Writes benchmarks/results/cpu_generate.{json,md}.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
@@ -22,7 +19,7 @@ from tessera.runtime import load_model
 from tessera.runtime.generate import Generator
 from tessera.runtime.sampling import SamplingParams
 
-from .harness import environment, hf_generate, write_results
+from .harness import InTurns, environment, hf_generate, wall_s, write_results
 
 PROMPT_LEN, NEW_TOKENS, BATCHES = 16, 64, (1, 8)
 ROUNDS = 9
@@ -56,37 +53,32 @@ def _run_transformers(hf, prompts: torch.Tensor) -> list[list[int]]:
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_decode_tokens_per_second(benchmark, models, batch: int) -> None:
-    """ROUNDS rounds, each timing one `generate` of each side back to back (which goes first alternates), so a
-    machine whose speed drifts slows both sides of a round alike; the speedup is the median of the rounds'
-    ratios, reported with their range."""
+    """ROUNDS interleaved rounds (harness.InTurns), each timing one `generate` of each side; the speedup is the
+    median of the rounds' ratios, reported with their range."""
     gen, hf = models
     prompts = _prompts(batch)
-    # Same greedy tokens as transformers before any speed is reported (fp32, same weights).
+    # Same greedy tokens as transformers before any speed is reported (fp32, same weights); this first call of
+    # each side is also their warm-up.
     ours, theirs = _run_tessera(gen, prompts), _run_transformers(hf, prompts)
     agree = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y)) / (batch * NEW_TOKENS)
     assert agree >= 0.95, f"tessera and transformers disagree on {1 - agree:.1%} of greedy tokens"
-    sides = {"tessera": lambda: _run_tessera(gen, prompts), "transformers": lambda: _run_transformers(hf, prompts)}
-    times: dict[str, list[float]] = {name: [] for name in sides}
-
-    def one_round() -> None:
-        order = list(sides) if len(times["tessera"]) % 2 == 0 else list(reversed(sides))
-        for name in order:
-            start = time.perf_counter()
-            sides[name]()
-            times[name].append(time.perf_counter() - start)
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=1)
+    turns = InTurns(
+        {
+            "tessera": lambda: wall_s(lambda: _run_tessera(gen, prompts)),
+            "transformers": lambda: wall_s(lambda: _run_transformers(hf, prompts)),
+        }
+    )
+    benchmark.pedantic(turns.round, rounds=ROUNDS, warmup_rounds=0)
     if benchmark.stats is not None:  # None under --benchmark-disable (a plain correctness run)
-        ours_s, theirs_s = times["tessera"][1:], times["transformers"][1:]  # the warm-up round left out
-        ratios = [t / o for o, t in zip(ours_s, theirs_s)]
+        speedup = turns.ratio("transformers", "tessera")
         _measured[batch] = {
             "batch": batch,
-            "transformers_tokens_per_s": batch * NEW_TOKENS / statistics.median(theirs_s),
-            "tessera_tokens_per_s": batch * NEW_TOKENS / statistics.median(ours_s),
-            "speedup": statistics.median(ratios),
-            "speedup_min": min(ratios),
-            "speedup_max": max(ratios),
-            "rounds": len(ratios),
+            "transformers_tokens_per_s": batch * NEW_TOKENS / turns.spread("transformers").median,
+            "tessera_tokens_per_s": batch * NEW_TOKENS / turns.spread("tessera").median,
+            "speedup": speedup.median,
+            "speedup_min": speedup.low,
+            "speedup_max": speedup.high,
+            "rounds": turns.rounds,
         }
 
 

@@ -22,8 +22,8 @@ Goals (H200): the FP8 step >= 80 % of its floor at batch 1 and >= 1.7x the bf16 
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -35,7 +35,7 @@ from tessera.kernels import hardware
 from tessera.runtime.engine import DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.model import Model
 
-from .harness import hf_generate, time_ms
+from .harness import InTurns, hf_generate, time_ms, wall_s
 
 # meta-llama/Llama-3.1-8B config.json (the fields tessera reads); the shared copy is not on the GPU machine.
 LLAMA_3_1_8B = {
@@ -219,6 +219,11 @@ def _fp8_rows(model: Model, batch: int, context: int, device: torch.device, mode
     return rows
 
 
+def _timer(step: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    """A measurement of `step` for InTurns: its median ms, eager (step replays its own CUDA graph, if any)."""
+    return lambda: time_ms(step, device, graph=False, rep_ms=50)[0]
+
+
 def pdl_comparison(device: torch.device, copy_gbps: float, rounds: int = 5) -> dict:
     """The served decode step (Triton kernels replayed from the engine's CUDA graph) with and without programmatic
     dependent launch (kernels.hardware.set_pdl), each graph captured in its own mode, timed in `rounds` alternating
@@ -241,17 +246,15 @@ def pdl_comparison(device: torch.device, copy_gbps: float, rounds: int = 5) -> d
                     steps[pdl] = _decode_steps(model, batch, context, device, graphs=on_gpu)
                     logits[pdl] = steps[pdl]().float()
             hardware.set_pdl(saved_pdl)
-            times: dict[bool, list[float]] = {False: [], True: []}
+            turns = InTurns({"without": _timer(steps[False], device), "with": _timer(steps[True], device)})
             with torch.inference_mode():
-                for _ in range(rounds):
-                    for pdl in (False, True):
-                        times[pdl].append(time_ms(steps[pdl], device, graph=False, rep_ms=50)[0])
-            del steps
+                turns.run(rounds)
+            without, with_pdl = turns.spread("without").median, turns.spread("with").median
+            speedup = turns.ratio("without", "with")
+            del steps, turns  # the two engines' KV pools and graphs: the next scenario's need the memory
             if on_gpu:
                 torch.cuda.empty_cache()
-            ratios = sorted(off / on for off, on in zip(times[False], times[True]))
             floor_ms = _floor_ms(arch, batch, context, copy_gbps, dtype_name(dtype))
-            without, with_pdl = statistics.median(times[False]), statistics.median(times[True])
             rows.append(
                 {
                     "batch": batch,
@@ -260,9 +263,9 @@ def pdl_comparison(device: torch.device, copy_gbps: float, rounds: int = 5) -> d
                     "step_ms_with_pdl": with_pdl,
                     "pct_of_bandwidth_floor_without_pdl": 100 * floor_ms / without,
                     "pct_of_bandwidth_floor_with_pdl": 100 * floor_ms / with_pdl,
-                    "speedup": statistics.median(ratios),
-                    "speedup_min": ratios[0],
-                    "speedup_max": ratios[-1],
+                    "speedup": speedup.median,
+                    "speedup_min": speedup.low,
+                    "speedup_max": speedup.high,
                     "same_logits": torch.equal(logits[False], logits[True]),
                     "rounds": rounds,
                 }
@@ -301,13 +304,12 @@ def pdl_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def generate_speed(device: torch.device, new_tokens: int = 128) -> list[dict]:
+def generate_speed(device: torch.device, new_tokens: int = 128, rounds: int = 5) -> list[dict]:
     """`Generator` (the engine: paged KV cache, decode steps replayed from CUDA graphs) on the demo parent in
     bf16 vs transformers' `generate` on the same checkpoint, in the same run: output tokens/s at batch 1 and 8,
-    16-token prompts, exactly `new_tokens` greedy tokens each, medians of 3 after a warm-up. A model this small is
+    16-token prompts, exactly `new_tokens` greedy tokens each, each side's median over `rounds` interleaved rounds
+    (harness.InTurns) after a warm-up call, and the median (min-max) of the rounds' ratios. A model this small is
     bound by launches, which the graphs remove (72 tokens/s at batch 1 without them, gpu/2026-11-28)."""
-    import time
-
     from transformers import LlamaForCausalLM
 
     from tessera.demo import PARENT_DIR
@@ -315,7 +317,6 @@ def generate_speed(device: torch.device, new_tokens: int = 128) -> list[dict]:
     from tessera.runtime.loader import load_model
     from tessera.runtime.sampling import SamplingParams
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     generator = Generator(load_model(PARENT_DIR, device=device, dtype=torch.bfloat16))
     hf = LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.bfloat16).to(device).eval()
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -332,17 +333,11 @@ def generate_speed(device: torch.device, new_tokens: int = 128) -> list[dict]:
                 out = hf_generate(hf, ids, new_tokens)
             return out[:, 16:].tolist()
 
-        speed, outputs = {}, {}
-        for name, fn in (("tessera", ours), ("transformers", theirs)):
-            fn()  # warm-up: the engine is built and its graphs captured here
-            times = []
-            for _ in range(3):
-                sync()
-                t0 = time.perf_counter()
-                outputs[name] = fn()
-                sync()
-                times.append(time.perf_counter() - t0)
-            speed[name] = batch * new_tokens / statistics.median(times)
+        # The warm-up calls (the engine built and its graphs captured here) give the tokens compared.
+        outputs = {"tessera": ours(), "transformers": theirs()}
+        turns = InTurns({"tessera": partial(wall_s, ours, device), "transformers": partial(wall_s, theirs, device)})
+        speedup = turns.run(rounds).ratio("transformers", "tessera")
+        speed = {name: batch * new_tokens / turns.spread(name).median for name in outputs}
         pairs = [(a, b) for x, y in zip(outputs["tessera"], outputs["transformers"]) for a, b in zip(x, y)]
         same = sum(a == b for a, b in pairs) / len(pairs)
         rows.append(
@@ -350,14 +345,18 @@ def generate_speed(device: torch.device, new_tokens: int = 128) -> list[dict]:
                 "batch": batch,
                 "tessera_tokens_per_s": speed["tessera"],
                 "transformers_tokens_per_s": speed["transformers"],
-                "speedup": speed["tessera"] / speed["transformers"],
+                "speedup": speedup.median,
+                "speedup_min": speedup.low,
+                "speedup_max": speedup.high,
+                "rounds": rounds,
                 "same_tokens": same,
                 "cuda_graphs": generator.engine.graphs is not None,
             }
         )
         print(
             f"generate, demo parent, batch {batch}: tessera {speed['tessera']:.0f} tokens/s, transformers "
-            f"{speed['transformers']:.0f} tokens/s ({100 * same:.0f} % of tokens the same)"
+            f"{speed['transformers']:.0f} tokens/s, {speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f} "
+            f"over {rounds} rounds; {100 * same:.0f} % of tokens the same)"
         )
     return rows
 
@@ -378,14 +377,16 @@ def table(result: dict) -> str:
     if result.get("generate"):
         lines += [
             "",
-            "`Generator` on the demo parent (bf16, 16-token prompts, 128 greedy tokens) vs transformers:",
+            "`Generator` on the demo parent (bf16, 16-token prompts, 128 greedy tokens) vs transformers, medians "
+            "of interleaved rounds; the speedup is the median (min-max) of the rounds' ratios:",
             "",
-            "| batch | tessera tokens/s | transformers tokens/s | speedup | same tokens | CUDA graphs |",
+            "| batch | tessera tokens/s | transformers tokens/s | speedup (range) | same tokens | CUDA graphs |",
             "|---:|---:|---:|---:|---:|---|",
         ]
         for r in result["generate"]:
             lines.append(
                 f"| {r['batch']} | {r['tessera_tokens_per_s']:.0f} | {r['transformers_tokens_per_s']:.0f} | "
-                f"{r['speedup']:.2f}x | {100 * r['same_tokens']:.0f} % | {r['cuda_graphs']} |"
+                f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | "
+                f"{100 * r['same_tokens']:.0f} % | {r['cuda_graphs']} |"
             )
     return "\n".join(lines)

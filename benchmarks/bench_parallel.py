@@ -11,7 +11,7 @@ linear) and one gather of the logits per step. `tessera bench parallel`.
 from __future__ import annotations
 
 import statistics
-from contextlib import nullcontext
+from functools import partial
 from unittest import mock
 
 import torch
@@ -21,7 +21,7 @@ from tessera.devices import median_ms, serving_dtype
 from tessera.runtime.loader import load_model
 from tessera.runtime.parallel import TensorParallel, backend_for, load_shard, run_ranks
 
-from .harness import decoding_engine
+from .harness import InTurns, Spread, decoding_engine
 
 BATCHES = (1, 8)
 PROMPT, ROUNDS, STEPS = 16, 7, 20
@@ -31,6 +31,12 @@ ROOM = 2 * ROUNDS * (STEPS + 1)  # decode steps a request has room for: every ro
 def _step_ms(engine, device: torch.device) -> float:
     """Median ms of STEPS decode steps (after one more, not timed)."""
     return median_ms(engine.step, device, min_reps=STEPS, budget_s=0)
+
+
+def _unreduced_step_ms(engine, device: torch.device) -> float:
+    """_step_ms with every all-reduce skipped (each rank's partial sums left as they are)."""
+    with mock.patch.object(TensorParallel, "all_reduce", lambda self, x: x):
+        return _step_ms(engine, device)
 
 
 def _rank_steps(tp: TensorParallel, device: str) -> dict:
@@ -43,12 +49,11 @@ def _rank_steps(tp: TensorParallel, device: str) -> dict:
     for batch in BATCHES:
         with torch.inference_mode():
             engine = decoding_engine(model, batch, PROMPT, ROOM)
-            rounds = {"with": [], "without": []}
-            for r in range(2 * ROUNDS):  # alternating, the same on every rank: the collectives stay matched
-                skip = r % 2 == 1
-                with mock.patch.object(TensorParallel, "all_reduce", lambda self, x: x) if skip else nullcontext():
-                    rounds["without" if skip else "with"].append(_step_ms(engine, dev))
-        out[batch] = rounds
+            # In turns, in the same order on every rank: the collectives stay matched.
+            turns = InTurns(
+                {"with": partial(_step_ms, engine, dev), "without": partial(_unreduced_step_ms, engine, dev)}
+            )
+            out[batch] = turns.run(ROUNDS).times
     return out
 
 
@@ -62,18 +67,17 @@ def run(device: torch.device, size: int = 2) -> dict:
         with torch.inference_mode():
             engine = decoding_engine(whole, batch, PROMPT, ROOM)
             single = [_step_ms(engine, device) for _ in range(ROUNDS)]
-        with_ms, without_ms = mine[batch]["with"], mine[batch]["without"]
-        med_with, med_without = statistics.median(with_ms), statistics.median(without_ms)
+        with_ms, without_ms = Spread.of(mine[batch]["with"]), Spread.of(mine[batch]["without"])
         rows.append(
             {
                 "batch": batch,
                 "single_process_step_ms": statistics.median(single),
-                "tensor_parallel_step_ms": med_with,
-                "tensor_parallel_step_ms_range": [min(with_ms), max(with_ms)],
-                "without_all_reduces_step_ms": med_without,
-                "without_all_reduces_step_ms_range": [min(without_ms), max(without_ms)],
-                "all_reduce_ms_per_step": med_with - med_without,
-                "all_reduce_share": (med_with - med_without) / med_with,
+                "tensor_parallel_step_ms": with_ms.median,
+                "tensor_parallel_step_ms_range": [with_ms.low, with_ms.high],
+                "without_all_reduces_step_ms": without_ms.median,
+                "without_all_reduces_step_ms_range": [without_ms.low, without_ms.high],
+                "all_reduce_ms_per_step": with_ms.median - without_ms.median,
+                "all_reduce_share": (with_ms.median - without_ms.median) / with_ms.median,
             }
         )
     return {

@@ -4,25 +4,24 @@ each (EOS ignored), all submitted at once and served to completion by the engine
 caching and without it. The model is bench_model's: the demo parent's shape on the CPU (float32), the
 Llama-3.1-8B shape on a GPU (bf16), random weights. `tessera bench prefix`.
 
-The configurations take turns in every round, each round on prompts of its own (drawn from the round's seed:
-what one round left cached never serves the next), after an untimed warm-up round. Reported: each
-configuration's median wall time over the rounds with its spread (min-max), the tokens it found cached, and
-the median over rounds of each round's time ratio to the engine with prefix caching.
+The configurations take turns in every round (harness.InTurns: the order reversed every other round), each
+round on prompts of its own (drawn from the round's seed: what one round left cached never serves the next),
+after an untimed warm-up round. Reported: each configuration's median wall time over the rounds with its
+spread (min-max), the tokens it found cached, and the median over rounds of each round's time ratio to the
+engine with prefix caching.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from tessera.devices import synchronize
 from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.sampling import SamplingParams
 
 from .bench_model import benchmarked
-from .harness import random_prompts
+from .harness import InTurns, random_prompts, wall_s
 
 ROUNDS = 5
 CACHED, UNCACHED = "prefix caching", "no prefix caching"
@@ -39,14 +38,19 @@ def workload(vocab: int, requests: int, shared: int, unique: int, seed: int) -> 
     return [common + own for own in random_prompts(requests, unique, vocab, seed=2 * seed + 1)]
 
 
-def _serve(engine: Engine, prompts: list[list[int]], params: SamplingParams, device: torch.device) -> tuple[float, int]:
-    """Seconds to serve `prompts` to completion, and the prompt tokens found cached."""
-    hits = engine.prefix_hits
-    synchronize(device)
-    start = time.perf_counter()
-    engine.generate(prompts, params)
-    synchronize(device)
-    return time.perf_counter() - start, engine.prefix_hits - hits
+class _Served:
+    """One engine's side of a round (InTurns): seconds to serve the round's prompts to completion, the prompt
+    tokens it found cached recorded beside."""
+
+    def __init__(self, engine: Engine, params: SamplingParams, device: torch.device) -> None:
+        self.engine, self.params, self.device = engine, params, device
+        self.cached: list[int] = []
+
+    def __call__(self, prompts: list[list[int]]) -> float:
+        hits = self.engine.prefix_hits
+        seconds = wall_s(lambda: self.engine.generate(prompts, self.params), self.device)
+        self.cached.append(self.engine.prefix_hits - hits)
+        return seconds
 
 
 def run(device: torch.device, rounds: int | None = None) -> dict:
@@ -54,38 +58,36 @@ def run(device: torch.device, rounds: int | None = None) -> dict:
     model, _, what = benchmarked(device)  # the demo parent's shape on the CPU, the 8B shape on a GPU
     requests, shared, unique, gen = WORKLOADS[device.type]
     length = shared + unique + gen
-    engines = {
-        name: Engine(model, None, EngineConfig(max_batch=requests, max_model_len=length, **config))
+    params = SamplingParams(max_new_tokens=gen, ignore_eos=True)
+    served = {
+        name: _Served(
+            Engine(model, None, EngineConfig(max_batch=requests, max_model_len=length, **config)), params, device
+        )
         for name, config in CONFIGS.items()
     }
-    params = SamplingParams(max_new_tokens=gen, ignore_eos=True)
     vocab = model.arch.vocab_size
+    turns = InTurns(served)
     with torch.inference_mode():
-        for engine in engines.values():  # warm-up: first calls, kernel compilation
-            _serve(engine, workload(vocab, requests, shared, unique, seed=1000), params, device)
-        times: dict[str, list[float]] = {name: [] for name in engines}
-        hits: dict[str, list[int]] = {name: [] for name in engines}
+        for side in served.values():  # warm-up: first calls, kernel compilation
+            side(workload(vocab, requests, shared, unique, seed=1000))
+            side.cached.clear()
         for r in range(rounds):
-            prompts = workload(vocab, requests, shared, unique, seed=r)
-            for name, engine in engines.items():
-                seconds, cached = _serve(engine, prompts, params, device)
-                times[name].append(seconds)
-                hits[name].append(cached)
+            turns.round(workload(vocab, requests, shared, unique, seed=r))
     rows = []
-    for name, engine in engines.items():
-        ratios = [t / c for t, c in zip(times[name], times[CACHED])]
+    for name, side in served.items():
+        wall, ratio = turns.spread(name), turns.ratio(name, CACHED)
         rows.append(
             {
                 "config": name,
-                "page_size": engine.cache.page_size,
-                "median_s": statistics.median(times[name]),
-                "min_s": min(times[name]),
-                "max_s": max(times[name]),
-                "rounds_s": times[name],
-                "cached_tokens": statistics.median(hits[name]),
-                "time_vs_prefix_caching": statistics.median(ratios),
-                "ratio_min": min(ratios),
-                "ratio_max": max(ratios),
+                "page_size": side.engine.cache.page_size,
+                "median_s": wall.median,
+                "min_s": wall.low,
+                "max_s": wall.high,
+                "rounds_s": turns.times[name],
+                "cached_tokens": statistics.median(side.cached),
+                "time_vs_prefix_caching": ratio.median,
+                "ratio_min": ratio.low,
+                "ratio_max": ratio.high,
             }
         )
     return {

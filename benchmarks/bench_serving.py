@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ import torch
 from tessera.demo import PARENT_DIR
 from tessera.devices import median_ms
 
-from .harness import decoding_engine, hf_generate, random_prompts, wait_healthy
+from .harness import InTurns, decoding_engine, hf_generate, random_prompts, wait_healthy
 
 GOAL = 4.0  # x transformers' one-at-a-time output-token throughput at 16 concurrent requests
 
@@ -248,20 +249,17 @@ def page_layouts(model_dir: Path, batch: int, input_len: int, rounds: int = 7, s
     room = rounds * (steps + 1)  # the steps each engine takes: each round's timed ones and its untimed first
     engines = {name: decoding_engine(model, batch, input_len, room, page_size=size) for name, size in sizes.items()}
     cpu = torch.device("cpu")
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for r in range(rounds):
-        for name in list(engines)[:: 1 if r % 2 == 0 else -1]:
-            times[name].append(median_ms(engines[name].step, cpu, min_reps=steps, budget_s=0))
-    ratios = [a / b for a, b in zip(times["pages_16"], times["whole_context_pages"])]
+    turns = InTurns({name: partial(median_ms, e.step, cpu, min_reps=steps, budget_s=0) for name, e in engines.items()})
+    ratio = turns.run(rounds).ratio("pages_16", "whole_context_pages")
     return {
         "batch": batch,
         "threads": torch.get_num_threads(),
         "rounds": rounds,
         "steps_per_round": steps,
-        **{name: float(np.median(t)) for name, t in times.items()},
-        "rounds_ms": times,
-        "ratio": float(np.median(ratios)),
-        "ratio_range": [min(ratios), max(ratios)],
+        **{name: turns.spread(name).median for name in engines},
+        "rounds_ms": turns.times,
+        "ratio": ratio.median,
+        "ratio_range": [ratio.low, ratio.high],
     }
 
 

@@ -14,15 +14,17 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from tessera.devices import device_name, median_ms
+from tessera.devices import device_name, median_ms, synchronize
 from tessera.files import atomic_write_text
 
 # A run writes under runs/bench/ of the checkout (git-ignored) unless told otherwise (`tessera bench --results DIR`,
@@ -159,6 +161,64 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     dst.copy_(src)
     ms, _ = time_ms(lambda: dst.copy_(src), device, graph=False)
     return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+class Spread(NamedTuple):
+    """A figure and the range it came from: the median of several rounds, their min and max."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+
+class InTurns:
+    """Sides of a comparison measured in interleaved rounds: each round measures every side once, the order
+    reversed every other round, so a machine whose speed drifts (a VM's neighbours, a CPU's clock) moves both
+    sides of a round alike and neither always runs first. Compare two sides by the median of the rounds' ratios
+    (`ratio`), reported with its range: a ratio of two medians taken one side after the other mixes machine
+    states (the same code read 1.0x and 1.8x that way on a shared VM).
+
+    sides: name -> a callable that runs that side once and returns its measurement (ms, s: the caller's unit);
+    `round(*args)` passes its arguments to each, say a round's fresh prompts."""
+
+    def __init__(self, sides: dict[str, Callable[..., float]]) -> None:
+        self.sides = sides
+        self.times: dict[str, list[float]] = {name: [] for name in sides}
+
+    @property
+    def rounds(self) -> int:
+        return len(next(iter(self.times.values()), []))
+
+    def round(self, *args) -> None:
+        names = list(self.sides)
+        for name in names if self.rounds % 2 == 0 else reversed(names):
+            self.times[name].append(self.sides[name](*args))
+
+    def run(self, rounds: int) -> InTurns:
+        for _ in range(rounds):
+            self.round()
+        return self
+
+    def spread(self, name: str) -> Spread:
+        """`name`'s median measurement over the rounds, with their min and max."""
+        return Spread.of(self.times[name])
+
+    def ratio(self, numerator: str, denominator: str) -> Spread:
+        """numerator / denominator round by round: their median, min and max."""
+        return Spread.of([a / b for a, b in zip(self.times[numerator], self.times[denominator], strict=True)])
+
+
+def wall_s(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Seconds one call of fn takes, the device's queued work included."""
+    synchronize(torch.device(device))
+    start = time.perf_counter()
+    fn()
+    synchronize(torch.device(device))
+    return time.perf_counter() - start
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -38,6 +38,27 @@ def test_results_env_and_argument(results_dir, monkeypatch) -> None:
     assert harness.write_results("y", {}, "", results_dir) == results_dir / "y.json"
 
 
+def test_in_turns_reverses_the_order_every_other_round_and_compares_round_by_round() -> None:
+    """harness.InTurns: every side once a round, the order reversed every other round, round(*args) handing its
+    arguments to each side; ratio is the median (min, max) of the rounds' own ratios, not the medians' quotient."""
+    calls: list[tuple[str, int]] = []
+    a_times, b_times = iter([10.0, 30.0, 20.0, 40.0]), iter([5.0, 10.0, 40.0, 20.0])
+
+    def side(name, times):
+        return lambda seed: calls.append((name, seed)) or next(times)
+
+    turns = harness.InTurns({"a": side("a", a_times), "b": side("b", b_times)})
+    for seed in range(4):
+        turns.round(seed)
+    assert calls == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 3)]
+    assert turns.rounds == 4 and turns.times == {"a": [10, 30, 20, 40], "b": [5, 10, 40, 20]}
+    assert turns.spread("a") == (25.0, 10.0, 40.0) and turns.spread("b") == (15.0, 5.0, 40.0)
+    # Round ratios 2, 3, 0.5, 2: median 2, where the medians' quotient would say 25 / 15.
+    assert turns.ratio("a", "b") == (2.0, 0.5, 3.0)
+    assert turns.ratio("b", "a") == pytest.approx((0.5, 1 / 3, 2.0))
+    assert harness.InTurns({"x": lambda: 1.0, "y": lambda: 2.0}).run(3).ratio("x", "y") == (0.5, 0.5, 0.5)
+
+
 @pytest.mark.parametrize("suite", ["norm", "ffn", "attention"])
 def test_bench_kernels_suite(results_dir, suite: str, capsys) -> None:
     assert main(["bench", "kernels", "--suite", suite, "--device", "cpu", "--results", str(results_dir)]) == 0
@@ -129,6 +150,23 @@ def test_bench_model_pdl_alternates_the_modes_and_compares_their_logits(results_
     assert e.value.code == 2 and "--pdl compares decode steps" in capsys.readouterr().err
 
 
+def test_bench_parallel_times_the_step_with_and_without_its_all_reduces_in_turns(results_dir) -> None:
+    """`bench parallel` on the CPU: 2 gloo ranks, the demo parent's 16 sharded sublayers (8 attention, 8 FFN)
+    each all-reducing once a step; each batch's step with and without them timed in the same interleaved rounds,
+    each median within its rounds' range, the all-reduces' cost their difference."""
+    assert main(["bench", "parallel", "--device", "cpu", "--results", str(results_dir)]) == 0
+    result = json.loads((results_dir / "cpu_parallel.json").read_text())
+    assert (result["tensor_parallel_size"], result["backend"], result["all_reduces_per_step"]) == (2, "gloo", 16)
+    assert [r["batch"] for r in result["rows"]] == [1, 8] and result["rounds"] == 7
+    for r in result["rows"]:
+        for kind in ("tensor_parallel", "without_all_reduces"):
+            low, high = r[f"{kind}_step_ms_range"]
+            assert 0 < low <= r[f"{kind}_step_ms"] <= high
+        cost = r["tensor_parallel_step_ms"] - r["without_all_reduces_step_ms"]
+        assert r["all_reduce_ms_per_step"] == pytest.approx(cost) and r["single_process_step_ms"] > 0
+    assert "interleaved rounds" in (results_dir / "cpu_parallel.md").read_text()
+
+
 def test_bench_fusion(results_dir) -> None:
     assert main(["bench", "fusion", "--device", "cpu", "--results", str(results_dir)]) == 0
     results = json.loads((results_dir / "cpu_fusion_decode.json").read_text())
@@ -142,13 +180,13 @@ def test_bench_fusion(results_dir) -> None:
 
 
 def test_generate_speed_measures_both_sides(results_dir) -> None:
-    """The GPU suite's `Generator` vs transformers rows (run here on the CPU, 4 tokens): both timed, outputs
-    compared token by token."""
+    """The GPU suite's `Generator` vs transformers rows (run here on the CPU, 4 tokens): both timed in interleaved
+    rounds, the speedup within its rounds' range, outputs compared token by token."""
     rows = bench_model.generate_speed(torch.device("cpu"), new_tokens=4)
     assert [r["batch"] for r in rows] == [1, 8]
     for r in rows:
         assert r["tessera_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0 and not r["cuda_graphs"]
-        assert r["speedup"] == pytest.approx(r["tessera_tokens_per_s"] / r["transformers_tokens_per_s"])
+        assert r["rounds"] == 5 and r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
         assert 0.5 <= r["same_tokens"] <= 1  # the same checkpoint, greedy: bf16 rounding may flip a late token
 
 

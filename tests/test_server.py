@@ -32,6 +32,7 @@ import uvicorn
 from tessera.benchmarks.harness import wait_healthy
 from tessera.config import ConfigError
 from tessera.demo import CODE_PROMPTS, PARENT_DIR
+from tessera.kernels.cpu_layout import LAYOUT_ENV
 from tessera.runtime.async_engine import AsyncEngine, EngineProcessError, EngineSpec
 from tessera.runtime.generate import Generator
 from tessera.runtime.loader import load_model
@@ -39,6 +40,18 @@ from tessera.runtime.sampling import Completion, SamplingParams, load_tokenizer
 from tessera.runtime.server import DEFAULT_CHAT_TEMPLATE, build_server, load_chat_template
 
 PROMPTS = list(CODE_PROMPTS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_weight_layout():
+    """Every process here lays its CPU weights out row-major (TESSERA_CPU_LAYOUT, which the engine processes and
+    torchrun's ranks inherit). Each process measuring its own layout (kernels/cpu_layout.py) may choose differently
+    on a busy machine, and sums in another order differ in the last bits, which can move a seeded sample between
+    `Generator` here and an engine process (CI saw one, through an FP8 KV cache). test_cpu_layout and the
+    in-process engine tests cover the measured choice."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(LAYOUT_ENV, "row-major")
+        yield
 
 
 def free_socket() -> socket.socket:
@@ -165,12 +178,9 @@ def test_n_choices_draw_from_seed_plus_their_index(client, parent) -> None:
     assert len(greedy.choices) == 2 and greedy.choices[0].message.content == greedy.choices[1].message.content
 
 
-def test_an_fp8_kv_cache_serves_what_generate_gives_with_one(monkeypatch) -> None:
+def test_an_fp8_kv_cache_serves_what_generate_gives_with_one() -> None:
     """--kv-cache-dtype fp8 reaches the engine processes: their pools are E4M3, and seeded sampling over them gives
-    `Generator`'s tokens over the same cache. Both sides lay their weights out row-major (TESSERA_CPU_LAYOUT, which
-    the engine processes inherit): each process measuring its own layout on a busy machine may choose differently,
-    and a last-bit difference in K, rounded to E4M3, once moved a sampled token (seen in CI)."""
-    monkeypatch.setenv("TESSERA_CPU_LAYOUT", "row-major")
+    `Generator`'s tokens over the same cache (both sides row-major: `one_weight_layout`)."""
     params = SamplingParams(max_new_tokens=16, temperature=0.9, seed=5)
     expected = Generator(load_model(PARENT_DIR), load_tokenizer(PARENT_DIR), kv_cache_dtype="fp8").generate(
         PROMPTS[:2], params
