@@ -8,12 +8,15 @@ The configurations take turns in every round (harness.InTurns: the order reverse
 round on prompts of its own (drawn from the round's seed: what one round left cached never serves the next),
 after an untimed warm-up round. Reported: each configuration's median wall time over the rounds with its
 spread (min-max), the tokens it found cached, and the median over rounds of each round's time ratio to the
-engine with prefix caching.
+engine with prefix caching. On the CPU also the data-parallel server's routing (`data_parallel_routing`): two
+engine processes, requests over several prefixes routed by cached prefix (runtime/routing.py) and by load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
+import time
 
 import torch
 
@@ -100,7 +103,130 @@ def run(device: torch.device, rounds: int | None = None) -> dict:
         "rounds": rounds,
         "threads": torch.get_num_threads(),
         "rows": rows,
+        # Several engine processes serve on the CPU only (one engine per GPU on CUDA).
+        "data_parallel": data_parallel_routing(rounds) if device.type == "cpu" else None,
     }
+
+
+# Data parallel on the CPU (`tessera serve --data-parallel-size 2`): requests, distinct prefixes, prefix tokens,
+# own tokens, new tokens. Eight system prompts of four requests each, all at once.
+ROUTING_WORKLOAD = (32, 8, 256, 16, 16)
+ROUTES = {"by cached prefix": True, "by load": False}
+
+
+async def _serve_all(engine, prompts: list[list[int]], params: SamplingParams, first_id: int) -> tuple[float, int]:
+    """Seconds until every prompt is served by the AsyncEngine, all submitted at once, and the tokens found cached."""
+
+    async def final(stream):
+        async for out in stream:
+            if out.finished:
+                return out
+
+    start = time.perf_counter()
+    requests = [engine.admit(f"r{first_id + i}", p, params) for i, p in enumerate(prompts)]
+    finals = await asyncio.gather(*(final(engine.submit(r)) for r in requests))
+    seconds = time.perf_counter() - start
+    if errors := [o.error for o in finals if o.finish_reason == "error"]:
+        raise RuntimeError(f"data-parallel routing benchmark: {errors[0]}")
+    return seconds, sum(o.cached_tokens for o in finals)
+
+
+class _Routed:
+    """One AsyncEngine's side of a round (InTurns): seconds to serve the round's prompts, the tokens it found
+    cached recorded beside."""
+
+    def __init__(self, engine, params: SamplingParams) -> None:
+        self.engine, self.params = engine, params
+        self.cached: list[int] = []
+        self.sent = 0
+
+    def __call__(self, prompts: list[list[int]]) -> float:
+        seconds, cached = asyncio.run(_serve_all(self.engine, prompts, self.params, self.sent))
+        self.sent += len(prompts)
+        self.cached.append(cached)
+        return seconds
+
+
+def routing_workload(vocab: int, requests: int, prefixes: int, shared: int, unique: int, seed: int) -> list[list[int]]:
+    """`requests` prompts over `prefixes` distinct shared prefixes (as many of each as the count allows), in an
+    order drawn from `seed`, each with `unique` tokens of its own."""
+    commons = random_prompts(prefixes, shared, vocab, seed=2 * seed)
+    owns = random_prompts(requests, unique, vocab, seed=2 * seed + 1)
+    order = torch.randperm(requests, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [commons[order[i] % prefixes] + own for i, own in enumerate(owns)]
+
+
+def data_parallel_routing(rounds: int | None = None, engines: int = 2) -> dict:
+    """The demo parent served by `engines` engine processes of one thread each (AsyncEngine, as `tessera serve
+    --data-parallel-size`), float32, prefix caching on in each, requests routed by cached prefix
+    (runtime/routing.py) and by load alone: both servers started first, then timed in turns on fresh prompts
+    each round (ROUTING_WORKLOAD), after a warm-up round each. CPU only (one engine per GPU on CUDA)."""
+    from tessera.demo import PARENT_DIR
+    from tessera.runtime.async_engine import AsyncEngine, EngineSpec
+
+    rounds = rounds or ROUNDS
+    requests, prefixes, shared, unique, gen = ROUTING_WORKLOAD
+    config = EngineConfig(max_batch=requests // engines, max_model_len=shared + unique + gen)
+    spec = EngineSpec(str(PARENT_DIR), config=config, threads=1)
+    params = SamplingParams(max_new_tokens=gen, ignore_eos=True)
+    servers = {name: AsyncEngine(spec, engines, prefix_routing=on) for name, on in ROUTES.items()}
+    try:
+        sides = {name: _Routed(server.start(), params) for name, server in servers.items()}
+        vocab = servers["by load"].limits.vocab_size
+        for side in sides.values():  # warm-up: the engines' first steps
+            side(routing_workload(vocab, requests, prefixes, shared, unique, seed=1000))
+            side.cached.clear()
+        turns = InTurns(sides)
+        for r in range(rounds):
+            turns.round(routing_workload(vocab, requests, prefixes, shared, unique, seed=r))
+    finally:
+        for server in servers.values():
+            server.shutdown()
+    rows = []
+    for name, side in sides.items():
+        wall, ratio = turns.spread(name), turns.ratio(name, "by cached prefix")
+        rows.append(
+            {
+                "routing": name,
+                "median_s": wall.median,
+                "min_s": wall.low,
+                "max_s": wall.high,
+                "rounds_s": turns.times[name],
+                "cached_tokens": statistics.median(side.cached),
+                "requests_per_engine": servers[name].requests_per_engine,
+                "time_vs_prefix_routing": ratio.median,
+                "ratio_min": ratio.low,
+                "ratio_max": ratio.high,
+            }
+        )
+    return {
+        "engines": engines,
+        "threads_per_engine": 1,
+        "requests": requests,
+        "prefixes": prefixes,
+        "shared_tokens": shared,
+        "unique_tokens": unique,
+        "gen_tokens": gen,
+        "rounds": rounds,
+        "rows": rows,
+    }
+
+
+def routing_table(result: dict) -> str:
+    head = (
+        f"Data parallel: {result['engines']} engine processes of {result['threads_per_engine']} thread, the demo "
+        f"parent (float32); {result['requests']} requests at once over {result['prefixes']} prefixes of "
+        f"{result['shared_tokens']} tokens, each with {result['unique_tokens']} own prompt tokens and "
+        f"{result['gen_tokens']} new tokens; {result['rounds']} rounds (fresh prompts each).\n\n"
+        "| routing | wall s, median (min-max) | prompt tokens cached | requests per engine | time / by cached "
+        "prefix's, median (min-max) |\n|---|---:|---:|---|---:|\n"
+    )
+    lines = [
+        f"| {r['routing']} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) | {r['cached_tokens']:,.0f} | "
+        f"{r['requests_per_engine']} | {r['time_vs_prefix_routing']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |"
+        for r in result["rows"]
+    ]
+    return head + "\n".join(lines) + "\n"
 
 
 def table(result: dict) -> str:
@@ -116,4 +242,5 @@ def table(result: dict) -> str:
         f"{r['cached_tokens']:,.0f} | {r['time_vs_prefix_caching']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |"
         for r in result["rows"]
     ]
-    return head + "\n".join(lines) + "\n"
+    routed = "\n" + routing_table(result["data_parallel"]) if result.get("data_parallel") else ""
+    return head + "\n".join(lines) + "\n" + routed

@@ -6,7 +6,8 @@ JSON and SSE work and the engine's Python never wait on each other's GIL. With `
 small model is bound by one core's memory bandwidth and by Python, and a second engine on the second core
 adds more than a second torch thread in the same engine does (docs/serving.md has the measurements).
 
-Requests go to the engine with the fewest in flight. Messages travel through pipes as the small dataclasses
+Requests go to the engine `runtime/routing.py` chooses (the one most likely to hold their prefix cached, within a
+quarter of a batch of the least busy one). Messages travel through pipes as the small dataclasses
 below: the server sends `Add` (a request checked already, which the engine trusts), `Abort` and `Shutdown`;
 an engine answers `Ready` or `Failed` once, then a `Step` (outputs and load) every step, and `Stopped`. A
 reader thread per engine hands a whole step's outputs to the event loop in one call, and a `RequestStream`
@@ -38,6 +39,7 @@ from tessera.errors import UserError
 from tessera.runtime.engine import Engine, EngineConfig, EngineLimits, EngineRequest, RequestOutput
 from tessera.runtime.model import Model
 from tessera.runtime.parallel import TensorParallel, backend_for, free_port, join_group, load_shard
+from tessera.runtime.routing import PrefixRouter
 from tessera.runtime.sampling import PromptEncoder, SamplingParams, load_tokenizer
 
 START_TIMEOUT_S = 600.0  # loading a large checkpoint and capturing CUDA graphs takes a while
@@ -148,6 +150,14 @@ def smallest_pools(limits: list[EngineLimits]) -> EngineLimits:
     queue (and hold up every request behind it)."""
     pools = zip(*(lim.groups for lim in limits), strict=True)
     return replace(limits[0], groups=tuple((min(usable for usable, _ in group), group[0][1]) for group in pools))
+
+
+def routing_slack(limits: EngineLimits) -> int:
+    """How many more requests in flight than the least busy engine an engine may hold and still be sent a request
+    for the prefix it probably has cached: a quarter of a batch (at least one). A step's time grows with its
+    batch, so past that the prefix's saved prefill is worth less than the balance lost; requests still queue
+    past an engine's `max_batch` when every engine is full."""
+    return max(1, limits.max_batch // 4)
 
 
 def _ignore_signals() -> None:
@@ -408,18 +418,20 @@ class AsyncEngine:
 
     A request is read and checked here, once, in the server's process: `encode` (the prompt, through the
     tokenizer loaded here too), then `admit` (its parameters against the engines' limits). `submit` routes the
-    checked request to the engine with the fewest requests in flight, which trusts it, and returns its
-    `RequestStream`.
+    checked request to an engine (`PrefixRouter`: the one that was sent the longest run of its prompt's pages,
+    unless that one is busier than the least busy by more than a quarter of a batch; `prefix_routing=False`: the
+    one with the fewest requests in flight), which trusts it, and returns its `RequestStream`.
     """
 
-    def __init__(self, spec: EngineSpec, data_parallel_size: int = 1) -> None:
+    def __init__(self, spec: EngineSpec, data_parallel_size: int = 1, prefix_routing: bool = True) -> None:
         if data_parallel_size < 1:
             raise UserError(f"data_parallel_size must be >= 1, got {data_parallel_size}")
         if data_parallel_size > 1 and torch.device(spec.device).type != "cpu":
             raise UserError("data_parallel_size > 1 is for CPU serving: one engine per GPU, and a server drives one")
         if data_parallel_size > 1 and spec.tensor_parallel_size > 1:
             raise UserError("data_parallel_size and tensor_parallel_size cannot both be > 1: one sharded engine serves")
-        self.spec, self.data_parallel_size = spec, data_parallel_size
+        self.spec, self.data_parallel_size, self.prefix_routing = spec, data_parallel_size, prefix_routing
+        self.router: PrefixRouter | None = None
         self.tokenizer = load_tokenizer(spec.model_dir)  # for the chat template's special tokens too
         self.encoder: PromptEncoder | None = None
         self._handles: list[_EngineHandle] = []
@@ -446,6 +458,10 @@ class AsyncEngine:
         self.limits, self.info = smallest_pools([limits for limits, _ in ready]), ready[0][1]
         self._pool_pages = sum(limits.usable_pages for limits, _ in ready)  # every engine's own pool, for kv_usage
         self.encoder = PromptEncoder(self.tokenizer, self.limits.vocab_size, self.limits.max_model_len)
+        caching = self.prefix_routing and self.info["prefix_caching"]
+        self.router = PrefixRouter(
+            len(self._handles), self.limits.page_size, self.limits.usable_pages, caching, routing_slack(self.limits)
+        )
         for h in self._handles:
             reader = threading.Thread(target=self._read, args=(h,), name=f"tessera-engine-{h.rank}-reader", daemon=True)
             reader.start()
@@ -535,12 +551,13 @@ class AsyncEngine:
         return self.limits.admit(request_id, prompt, params, exact_length)
 
     def submit(self, request: EngineRequest) -> RequestStream:
-        """Queue a checked request (from the event loop's thread) on the engine with the fewest in flight."""
+        """Queue a checked request (from the event loop's thread) on the engine the router chooses."""
         alive = [h for h in self._handles if h.alive]
         if self._stopping or not alive:
             raise RuntimeError("the engine is shutting down" if self._stopping else "no engine process is running")
         self._loop = asyncio.get_running_loop()
-        handle = min(alive, key=lambda h: len(h.streams))
+        loads = [len(h.streams) if h.alive else None for h in self._handles]
+        handle = self._handles[self.router.choose(request.prompt, loads)]
         stream = handle.streams[request.request_id] = RequestStream(handle, request.request_id)
         handle.submitted += 1
         handle.send(Add(request))
@@ -585,6 +602,7 @@ class AsyncEngine:
         counted stays counted: a Prometheus counter that goes down reads as a restart, and rate() over it as a
         burst."""
         handle.load = replace(handle.load, running=0, waiting=0, used_pages=0)
+        self.router.forget(handle.rank)
         message = f"engine process {handle.rank} exited (exit code {exitcode})"
         if handle.error:
             message = f"engine process {handle.rank} failed: {handle.error}"

@@ -464,6 +464,7 @@ class Engine:
             "max_model_len": self.max_model_len,
             "pages": self.cache.usable_pages,
             "page_size": self.cache.page_size,
+            "prefix_caching": self.cache.prefix_caching,
             "kv_mib": self.cache.nbytes() / 2**20,
             "cuda_graphs": self.graphs is not None,
         }

@@ -485,6 +485,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     info = server.engine.info
     threads = info["threads"]
     engines = f"{dp} engine process{'es' if dp > 1 else ''} of {threads} thread{'s' if threads > 1 else ''}"
+    if dp > 1 and info["prefix_caching"]:
+        engines += ", requests routed by cached prefix"
     if tp > 1:
         ranks = f"{tp} torchrun ranks" if launch.torchrun else f"{tp} processes"
         engines = f"1 engine sharded over {ranks} of {threads} thread{'s' if threads > 1 else ''}"

@@ -321,6 +321,7 @@ def test_prefix_bench_serves_shared_prompts_with_and_without_the_cache(results_d
 
     monkeypatch.setitem(bench_prefix.WORKLOADS, "cpu", (3, 600, 8, 2))
     monkeypatch.setattr(bench_prefix, "ROUNDS", 2)
+    monkeypatch.setattr(bench_prefix, "ROUTING_WORKLOAD", (12, 3, 48, 4, 2))
     main(["bench", "prefix", "--device", "cpu", "--results", str(results_dir)])
     result = json.loads((results_dir / "cpu_prefix.json").read_text())
     rows = {row["config"]: row for row in result["rows"]}
@@ -335,3 +336,27 @@ def test_prefix_bench_serves_shared_prompts_with_and_without_the_cache(results_d
         and result["commit"]
         and "| no prefix caching | 16 |" in (results_dir / "cpu_prefix.md").read_text()
     )
+    assert (
+        result["data_parallel"]["engines"] == 2
+        and "| by cached prefix |" in (results_dir / "cpu_prefix.md").read_text()
+    )
+
+
+def test_prefix_bench_compares_data_parallel_routing(results_dir, monkeypatch) -> None:
+    """`bench prefix`'s data-parallel rows: two engine processes each, 12 requests at once over 3 prefixes of 3
+    pages, routed by cached prefix and by load. Prefix routing finds more cached than routing by load (which
+    sends a prefix's requests to both engines, each computing it), and never more than every request after each
+    prefix's first could find; both servers took every request (a warm-up round and 2 timed ones). Submitted at
+    once, the requests meet the same loads in every run: the counts are the same every time."""
+    from tessera.benchmarks import bench_prefix
+
+    monkeypatch.setattr(bench_prefix, "ROUTING_WORKLOAD", (12, 3, 48, 4, 2))
+    result = bench_prefix.data_parallel_routing(rounds=2)
+    rows = {row["routing"]: row for row in result["rows"]}
+    assert list(rows) == ["by cached prefix", "by load"]
+    assert rows["by load"]["cached_tokens"] < rows["by cached prefix"]["cached_tokens"] <= (12 - 3) * 48
+    for row in rows.values():
+        assert sum(row["requests_per_engine"]) == 3 * 12 and len(row["rounds_s"]) == 2
+        assert row["min_s"] <= row["median_s"] <= row["max_s"]
+    assert rows["by cached prefix"]["time_vs_prefix_routing"] == 1.0
+    assert "| by load |" in bench_prefix.routing_table(result)

@@ -613,10 +613,26 @@ def test_hostile_clients_never_hurt_well_behaved_ones(server) -> None:
 
 def test_two_engine_processes_share_the_load_and_give_the_same_outputs(reference) -> None:
     """--data-parallel-size 2: requests are spread over both engines, and each output still equals the
-    single-request reference (an engine's batch never changes a greedy output)."""
+    single-request reference (an engine's batch never changes a greedy output). A prompt whose prefix one engine
+    served goes back to that engine and finds it cached, where routing by load alone would send it to the other
+    (both idle: the first), which never saw it."""
     with serving(max_batch=8, max_model_len=512, data_parallel_size=2) as (served, base):
         results = sixteen_streams(base)
         assert served.engine.requests_per_engine == [8, 8]
+        prefixes = [[100 + p] * 64 for p in range(2)]  # 4 pages of 16 tokens each
+
+        async def both_at_once():
+            client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+            # 32 tokens each: the first still runs when the second arrives.
+            body = dict(model="parent", max_tokens=32, extra_body={"ignore_eos": True})
+            return await asyncio.gather(*(client.completions.create(prompt=[*p, 5], **body) for p in prefixes))
+
+        asyncio.run(both_at_once())  # the first to engine 0, the second (engine 0 busy) to engine 1
+        assert served.engine.requests_per_engine == [9, 9]
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        again = client.completions.create(model="parent", prompt=prefixes[1] + [6, 7], max_tokens=2)
+        assert served.engine.requests_per_engine == [9, 10]
+        assert again.usage.prompt_tokens_details.cached_tokens == 64
     for prompt, (text, reason) in zip(PROMPTS * 2, results):
         assert text == reference[prompt].text
         assert reason == reference[prompt].finish_reason
