@@ -2,7 +2,9 @@
 `requests` prompts of one common part of `shared` tokens and an own part of `unique` tokens, `gen` new tokens
 each (EOS ignored), all submitted at once and served to completion by the engine (16-token pages), with prefix
 caching and without it. The model is bench_model's: the demo parent's shape on the CPU (float32), the
-Llama-3.1-8B shape on a GPU (bf16), random weights. `tessera bench prefix`.
+Llama-3.1-8B shape on a GPU (bf16), random weights; and the same with a window of a quarter of the shared
+tokens on every other layer (whose cached prefixes hold only the windowed layers' last pages).
+`tessera bench prefix`.
 
 The configurations take turns in every round (harness.InTurns: the order reversed every other round), each
 round on prompts of its own (drawn from the round's seed: what one round left cached never serves the next),
@@ -17,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from tessera.runtime.engine import Engine, EngineConfig
+from tessera.runtime.model import Model
 from tessera.runtime.sampling import SamplingParams
 
 from .bench_model import benchmarked
@@ -29,6 +33,7 @@ from .harness import InTurns, random_prompts, wall_s
 ROUNDS = 5
 CACHED, UNCACHED = "prefix caching", "no prefix caching"
 CONFIGS = {CACHED: dict(), UNCACHED: dict(prefix_caching=False)}
+WINDOWED = ", windowed"  # the same model with a window on every other layer (Mistral's, Gemma's kind of layout)
 WORKLOADS = {  # device type: (requests, shared, unique, gen)
     "cpu": (16, 512, 32, 32),
     "cuda": (64, 2048, 128, 64),
@@ -56,16 +61,29 @@ class _Served:
         return seconds
 
 
+def windowed(model: Model, window: int) -> Model:
+    """`model` (its weights copied) with a window of `window` keys on every other attention layer, the second first."""
+    blocks = list(model.arch.blocks)
+    for i in range(1, len(blocks), 2):
+        blocks[i] = replace(blocks[i], attention=replace(blocks[i].attention, window=window))
+    twin = Model.empty(model.arch.with_blocks(blocks), model.embed_tokens.weight.device, model.run_dtype)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
 def run(device: torch.device, rounds: int | None = None) -> dict:
     rounds = rounds or ROUNDS
     model, _, what = benchmarked(device)  # the demo parent's shape on the CPU, the 8B shape on a GPU
     requests, shared, unique, gen = WORKLOADS[device.type]
     length = shared + unique + gen
+    window = shared // 4  # the prefix is 4 windows long: its windowed pages are mostly given back
+    models = {"": model, WINDOWED: windowed(model, window)}
     params = SamplingParams(max_new_tokens=gen, ignore_eos=True)
     served = {
-        name: _Served(
-            Engine(model, None, EngineConfig(max_batch=requests, max_model_len=length, **config)), params, device
+        name + kind: _Served(
+            Engine(m, None, EngineConfig(max_batch=requests, max_model_len=length, **config)), params, device
         )
+        for kind, m in models.items()
         for name, config in CONFIGS.items()
     }
     vocab = model.arch.vocab_size
@@ -78,7 +96,7 @@ def run(device: torch.device, rounds: int | None = None) -> dict:
             turns.round(workload(vocab, requests, shared, unique, seed=r))
     rows = []
     for name, side in served.items():
-        wall, ratio = turns.spread(name), turns.ratio(name, CACHED)
+        wall, ratio = turns.spread(name), turns.ratio(name, CACHED + WINDOWED * name.endswith(WINDOWED))
         rows.append(
             {
                 "config": name,
@@ -100,6 +118,7 @@ def run(device: torch.device, rounds: int | None = None) -> dict:
         "shared_tokens": shared,
         "unique_tokens": unique,
         "gen_tokens": gen,
+        "window": window,
         "rounds": rounds,
         "threads": torch.get_num_threads(),
         "rows": rows,
@@ -233,7 +252,8 @@ def table(result: dict) -> str:
     head = (
         f"{result['requests']} requests at once, each {result['shared_tokens']} shared + {result['unique_tokens']} "
         f"own prompt tokens and {result['gen_tokens']} new tokens; {result['model']}, {result['dtype']}, "
-        f"{result['rounds']} rounds (fresh prompts each), {result['threads']} threads.\n\n"
+        f'{result["rounds"]} rounds (fresh prompts each), {result["threads"]} threads. "windowed": the same weights '
+        f"with a window of {result['window']} keys on every other layer, against prefix caching on that model.\n\n"
         "| engine | page | wall s, median (min-max) | prompt tokens cached | time / prefix caching's, median "
         "(min-max) |\n|---|---:|---:|---:|---:|\n"
     )

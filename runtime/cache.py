@@ -7,11 +7,13 @@ from config.py's per-layer formula); with one group, `page_size · ArchConfig.kv
 
 Layers are grouped by attention window (`KVGroup`, vLLM's KV-cache groups): the full-attention layers share one
 page space and block table per sequence, the layers of each window another. A sequence's full-attention pages
-grow with it; a windowed group gives it a ring of at most `ring` pages that its tokens go round (token t on ring
-page (t // page_size) mod ring), enough for its window plus the most tokens one step writes, so a windowed
-layer's KV memory stops growing past its window. The block table a windowed layer reads lists, for every page
-of the sequence, the ring page it lands on: a key inside the window is always still there, and attention never
-reads one outside it.
+grow with it; in a windowed group it holds at most `ring` pages, enough for its window plus the most tokens one
+step writes: as it takes a page for new tokens past those, its oldest page goes back to the pool (vLLM frees a
+sliding window's blocks so too), so a windowed layer's KV memory stops growing past its window. A sequence's
+page list and block table in a windowed group still have an entry for every page of its tokens: 0 (the scratch
+page) for those it gave back, which attention never reads (they are outside the window of every query left).
+Pages that leave a sequence this way keep their K/V (and their hash, below) until the pool hands them out again,
+as a finished sequence's do.
 
 An FP8 cache (`dtype` kernels.FP8, the engine's `kv_cache_dtype="fp8"`) holds E4M3 values, one byte each, with one
 K and one V scale per layer (the model's calibrated ones, Model.kv_scales, else 1.0); `rotate_and_store` and
@@ -19,12 +21,13 @@ K and one V scale per layer (the model's calibrated ones, Model.kv_scales, else 
 
 Prefix caching (vLLM's automatic prefix caching): a full page of a sequence is known by a hash of every token up to
 its end (`page_hashes`, a chain), so two sequences with the same first tokens have the same K/V on pages of the
-same hashes. A page that has been filled is registered under its hash (`register`); a new sequence takes the
-registered pages of its longest cached prefix (`lookup`, `share`: a page then has several owners, `KVGroup.refs`)
-and computes only the tokens past them. A registered page whose last owner leaves keeps its K/V and stays
-findable (`KVGroup.evictable`), counted as free: it is handed out again, the least recently freed first, only when
-no page without K/V worth keeping is left. Only in a cache of one full-attention group: a windowed layer's ring
-overwrites its pages as a sequence goes on.
+same hashes, in every group. A page that has been filled is registered under its hash in its group (`register`); a
+new sequence takes the registered pages of its longest cached prefix (`lookup`, `share`: a page then has several
+owners, `KVGroup.refs`) and computes only the tokens past them. A prefix counts as cached when every
+full-attention group holds all its pages and every windowed group those its window still reads (the pages of
+its last `window` tokens: vLLM's hybrid prefix cache asks the same). A registered page whose last owner leaves
+keeps its K/V and stays findable (`KVGroup.evictable`), counted as free: it is handed out again, the least
+recently freed first, only when no page without K/V worth keeping is left.
 
 The cache owns its layout; attention sees it only through the pages and the block tables of a step
 (kernels.PagedAttentionMetadata). Pages are 16 tokens by default, on the GPU and the CPU alike: the CPU once gave
@@ -60,9 +63,10 @@ class KVGroup:
     """Attention layers that share a page space: the full-attention ones (window None), or one window's.
 
     num_pages: the group's pool, page 0 included (never handed out: padding rows of a CUDA-graph batch write
-    their K/V there). ring: the most pages a sequence holds in the group (its window plus one step's tokens,
-    in pages); None: as many as its tokens fill. A page is free (no owner), owned (`refs`), or registered under the
-    hash of the prefix its K/V hold (prefix caching), owned or not."""
+    their K/V there, and a windowed sequence's entries for the pages it gave back point there). ring: the most
+    pages a sequence holds in the group at once (its window plus one step's tokens, in pages, plus one: past
+    them its oldest goes back as it takes a new one); None: as many as its tokens fill. A page is free (no owner),
+    owned (`refs`), or registered under the hash of the prefix its K/V hold (prefix caching), owned or not."""
 
     window: int | None
     layers: tuple[int, ...]
@@ -85,8 +89,36 @@ class KVGroup:
         self.refs = [0] * self.num_pages
 
     def pages_for(self, tokens: int) -> int:
+        """Pages a sequence of `tokens` tokens holds here at most."""
         pages = -(-tokens // self.page_size)
         return pages if self.ring is None else min(pages, self.ring)
+
+    def first_held(self, tokens: int) -> int:
+        """The first of the pages a sequence of `tokens` tokens holds (those before it went back)."""
+        return 0 if self.ring is None else max(0, -(-tokens // self.page_size) - self.ring)
+
+    def first_read(self, tokens: int) -> int:
+        """The first page the next query of a sequence of `tokens` tokens reads (at position `tokens`, its window
+        reaches back to `tokens - window + 1`): a prefix of `tokens` tokens is cached where these pages are."""
+        return 0 if self.window is None else max(0, tokens - self.window + 1) // self.page_size
+
+    @staticmethod
+    def held(own: list[int]) -> int:
+        """How many pages a sequence's list `own` holds (0: an entry for a page it gave back)."""
+        return len(own) - own.count(0)
+
+    def give_back(self, page: int, dirty: int) -> None:
+        """One owner fewer for `page`, whose owner wrote `dirty` of its slots; past the last owner it is free,
+        or findable by its hash while free (`evictable`) when registered."""
+        self.refs[page] -= 1
+        if self.refs[page]:
+            return  # a shared prefix page another sequence still reads
+        if page in self.hash_of:
+            self.dirty[page] = self.page_size  # registered pages are full
+            self.evictable[page] = None
+        else:  # take() zeroed dirty when it handed the page out
+            self.dirty[page] = dirty
+            heapq.heappush(self.free, page)
 
     @property
     def available(self) -> int:
@@ -152,10 +184,9 @@ class PagedKVCache:
 
     dtype: the pools', the model's compute dtype or kernels.FP8 (an FP8 cache: E4M3 values, with the layer's
     scales k_scale[i], v_scale[i], fp32 [1] on the device, from `scales` {layer: (k, v)}, 1.0 where not given).
-    step_tokens: the most tokens one step writes for one sequence (the engine's step budget); with it a windowed
-    group holds a ring of pages per sequence, without it every page, like full attention.
-    prefix_caching: keep filled pages findable by the prefix they hold (module docstring); only where every
-    attention layer is full attention (`self.prefix_caching` says whether it is on).
+    step_tokens: the most tokens one step writes for one sequence (the engine's step budget); with it a sequence
+    holds at most `ring` pages of a windowed group, without it every page, like full attention.
+    prefix_caching: keep filled pages findable by the prefix they hold (module docstring).
     """
 
     def __init__(
@@ -181,7 +212,7 @@ class PagedKVCache:
             KVGroup(w, layers, n, page_size, ring_pages(w, page_size, step_tokens, arch.max_position_embeddings))
             for (w, layers), n in zip(layout, counts)
         ]
-        self.prefix_caching = prefix_caching and len(self.groups) == 1 and self.groups[0].ring is None
+        self.prefix_caching = prefix_caching
         self.group_of: list[int | None] = [None] * arch.n_layers
         for g, group in enumerate(self.groups):
             for i in group.layers:
@@ -243,28 +274,43 @@ class PagedKVCache:
         """Pages a sequence of `tokens` tokens holds in each group."""
         return [g.pages_for(tokens) for g in self.groups]
 
-    def missing(self, pages: list[list[int]], tokens: int) -> list[int]:
-        """Pages each group still lacks for a sequence holding `pages` (per group) to hold `tokens` tokens."""
-        return [max(0, n - len(own)) for n, own in zip(self.pages_needed(tokens), pages)]
-
     def capacity(self, pages: list[list[int]]) -> float:
-        """The most tokens a sequence holding `pages` (per group) can have without another page (inf when each
-        group's pages are a full ring)."""
-        return min(
-            math.inf if g.ring is not None and len(own) >= g.ring else len(own) * self.page_size
-            for g, own in zip(self.groups, pages)
-        )
+        """The most tokens a sequence with `pages` (per group) can have without another page."""
+        return min((len(own) for own in pages), default=math.inf) * self.page_size
 
-    def extend(self, pages: list[list[int]], tokens: int) -> bool:
-        """Give a sequence holding `pages` (per group, extended in place) the pages it lacks for `tokens` tokens,
-        the lowest free first; False, taking nothing, when the pool lacks them. The slots an earlier owner
-        wrote on the pages handed out are zeroed by the next `clear_stale()`, once for all the pages of a step."""
-        missing = self.missing(pages, tokens)
-        if any(n > g.available for n, g in zip(missing, self.groups)):
-            return False
-        for group, own, n in zip(self.groups, pages, missing):
-            own.extend(group.take() for _ in range(n))
+    def extend(self, pages: list[list[int]], tokens: int, ring_tokens: int | None = None) -> bool:
+        """Give a sequence with `pages` (per group, extended in place) the pages it lacks for `tokens` tokens, the
+        lowest free first, a windowed group's oldest given back first where the sequence would hold more than
+        `ring` (`_slide`); False, changing nothing, when the pool lacks them. ring_tokens: the tokens to hold in
+        the groups with a `ring` instead (those computed by the end of the step: a long prompt's later chunks take
+        their pages as their steps come). The slots an earlier owner wrote on the pages handed out are zeroed by
+        the next `clear_stale()`, once for all the pages of a step."""
+        plans = [
+            self._slide(group, own, tokens if group.ring is None or ring_tokens is None else ring_tokens)
+            for group, own in zip(self.groups, pages)
+        ]
+        for group, own, (back, new) in zip(self.groups, pages, plans):
+            freed = sum(group.refs[own[i]] == 1 for i in back)  # a shared page stays with its other owners
+            if sum(new) - freed > group.available:
+                return False
+        for group, own, (back, new) in zip(self.groups, pages, plans):
+            for i in back:
+                group.give_back(own[i], self.page_size)  # a page before the last is full
+                own[i] = 0
+            own.extend(group.take() if held else 0 for held in new)
         return True
+
+    def _slide(self, group: KVGroup, own: list[int], tokens: int) -> tuple[list[int], list[bool]]:
+        """For a sequence with pages `own` in `group` to hold `tokens` tokens: the indices of the pages it gives
+        back (held, before `first_held`), and for each page it lacks whether it takes one (no: it is before
+        `first_held` already, as when a long prompt's pages are asked for at once)."""
+        first, pages = group.first_held(tokens), -(-tokens // self.page_size)
+        back = []
+        i = min(first, len(own)) - 1
+        while i >= 0 and own[i]:  # the held pages are the last ones: the rest went back already
+            back.append(i)
+            i -= 1
+        return back, [i >= first for i in range(len(own), pages)]
 
     def clear_stale(self) -> None:
         """Zero the slots earlier owners wrote on the pages handed out since the last call: a request's slots
@@ -294,82 +340,79 @@ class PagedKVCache:
         gets zeroed."""
         page_size = self.page_size
         for group, own in zip(self.groups, pages):
-            went_round = tokens >= len(own) * page_size  # every page full (a ring may have wrapped)
             # The last pages first: of a sequence's registered pages, its longest prefix stays findable longest.
             for i in reversed(range(len(own))):
-                p = own[i]
-                group.refs[p] -= 1
-                if group.refs[p]:
-                    continue  # a shared prefix page another sequence still reads
-                if p in group.hash_of:
-                    group.dirty[p] = page_size  # registered pages are full
-                    group.evictable[p] = None
-                else:  # take() zeroed dirty when it handed the page out
-                    group.dirty[p] = page_size if went_round else min(page_size, max(0, tokens - i * page_size))
-                    heapq.heappush(group.free, p)
+                if own[i]:  # 0: a windowed page it gave back already
+                    group.give_back(own[i], min(page_size, max(0, tokens - i * page_size)))
 
-    # Prefix caching (group 0, the only one when it is on)
+    # Prefix caching
 
-    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
-        """The registered pages of the longest prefix of these page hashes (none when prefix caching is off)."""
-        if not self.prefix_caching:
-            return []
-        by_hash, pages = self.groups[0].by_hash, []
-        for h in hashes:
-            if (page := by_hash.get(h)) is None:
-                break
-            pages.append(page)
-        return pages
+    def lookup(self, hashes: Sequence[bytes]) -> list[list[int]]:
+        """The cached pages of the longest prefix of these page hashes that every group holds (module docstring),
+        per group, an entry for each page of the prefix: a windowed group's pages before `first_read` are 0 (not
+        needed, not shared). Empty lists when nothing is cached or prefix caching is off."""
+        n = len(hashes) if self.prefix_caching else 0
+        for group in self.groups:
+            if group.window is None:  # every page: the run of leading hits
+                n = next((i for i, h in enumerate(hashes[:n]) if h not in group.by_hash), n)
+        while n and not all(
+            all(h in g.by_hash for h in hashes[g.first_read(n * self.page_size) : n])
+            for g in self.groups
+            if g.window is not None
+        ):
+            n -= 1
+        return [
+            [0] * (first := g.first_read(n * self.page_size)) + [g.by_hash[h] for h in hashes[first:n]]
+            for g in self.groups
+        ]
 
-    def share(self, pages: list[list[int]], hits: list[int]) -> None:
+    def share(self, pages: list[list[int]], hits: list[list[int]]) -> None:
         """Give a sequence with no pages yet (`pages`, per group, extended in place) the cached pages `hits`
         (`lookup`'s) as its first ones."""
-        group = self.groups[0]
-        for p in hits:
-            group.evictable.pop(p, None)
-            group.refs[p] += 1
-        pages[0].extend(hits)
+        for group, own, found in zip(self.groups, pages, hits):
+            for p in found:
+                if p:
+                    group.evictable.pop(p, None)
+                    group.refs[p] += 1
+            own.extend(found)
 
-    def register(self, page: int, page_hash: bytes) -> bool:
-        """Make a page findable by the hash of the prefix it ends (its K/V written, or being written by the step
-        that registers it); whether it was registered. A prefix already registered keeps its page (two sequences
-        computed it at once): this one stays private."""
-        group = self.groups[0]
-        if not self.prefix_caching or page_hash in group.by_hash or page in group.hash_of:
+    def register(self, group: int, page: int, page_hash: bytes) -> bool:
+        """Make a page of `group` findable by the hash of the prefix it ends (its K/V written, or being written by
+        the step that registers it); whether it was registered. A prefix already registered keeps its page (two
+        sequences computed it at once): this one stays private."""
+        g = self.groups[group]
+        if not self.prefix_caching or page_hash in g.by_hash or page in g.hash_of:
             return False
-        group.by_hash[page_hash] = page
-        group.hash_of[page] = page_hash
+        g.by_hash[page_hash] = page
+        g.hash_of[page] = page_hash
         return True
 
-    def forget(self, pages: Sequence[int]) -> None:
-        """Make these pages unfindable (their K/V are not what their hash says: a step that failed, a request
-        that failed); those no one owns become plain free pages."""
-        group = self.groups[0]
-        for p in pages:
-            if p in group.hash_of:
-                del group.by_hash[group.hash_of.pop(p)]
-                if p in group.evictable:
-                    del group.evictable[p]
-                    heapq.heappush(group.free, p)  # dirty: page_size, set when it was freed
+    def forget(self, pages: Sequence[tuple[int, int]]) -> None:
+        """Make these pages, (group, page) each, unfindable (their K/V are not what their hash says: a step that
+        failed, a request that failed); those no one owns become plain free pages."""
+        for group, p in pages:
+            g = self.groups[group]
+            if p in g.hash_of:
+                del g.by_hash[g.hash_of.pop(p)]
+                if p in g.evictable:
+                    del g.evictable[p]
+                    heapq.heappush(g.free, p)  # dirty: page_size, set when it was freed
 
-    def forget_unshared(self, pages: Sequence[int]) -> None:
-        """`forget` those of a sequence's pages that no other sequence holds (a failed request's): the pages it
-        shares, other sequences' steps wrote too, and their outputs vouch for them."""
-        group = self.groups[0]
-        self.forget([p for p in pages if group.refs[p] == 1])
+    def forget_unshared(self, pages: list[list[int]]) -> None:
+        """`forget` those of a sequence's pages (per group) that no other sequence holds (a failed request's): the
+        pages it shares, other sequences' steps wrote too, and their outputs vouch for them."""
+        self.forget([(g, p) for g, own in enumerate(pages) for p in own if p and self.groups[g].refs[p] == 1])
 
     def slots(self, pages: list[int], start: int, end: int) -> list[int]:
         """Where the tokens at positions start..end-1 of a sequence with these pages (of one group) live: token t
-        on page t // page_size, modulo the pages held (a no-op in a full-attention group, which holds a page for
-        every token; the ring in a windowed one). The rule written out, one token at a time: the engine computes
-        it on the device (`BlockTables.slots`), and the tests check that against this."""
-        page, held = self.page_size, len(pages)
-        return [pages[t // page % held] * page + t % page for t in range(start, end)]
+        on page t // page_size. The rule written out, one token at a time: the engine computes it on the device
+        (`BlockTables.slots`), and the tests check that against this."""
+        page = self.page_size
+        return [pages[t // page] * page + t % page for t in range(start, end)]
 
     def table(self, pages: list[int], width: int, start: int = 0) -> list[int]:
-        """A sequence's block-table row, entries start..width-1: for each page of its tokens, the page it lands on
-        (as `slots`). Entries past its own tokens are never read."""
-        return [pages[i % len(pages)] for i in range(start, width)]
+        """A sequence's block-table row, entries start..width-1: its pages (as `slots`), 0 past them (never read)."""
+        return [pages[i] if i < len(pages) else 0 for i in range(start, width)]
 
     def rotate_and_store(
         self, layer: int, slots: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -364,7 +364,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.stepping: list[_Request] = []  # the requests of the step in progress (fail_step ends them)
-        self._registering: list[int] = []  # pages the step in progress registered in the prefix cache
+        self._registering: list[tuple[int, int]] = []  # (group, page) the step in progress registered
         self.preemptions = 0  # requests paused for want of pages (_preempt), since the start
         self.prefix_queries = 0  # tokens of the requests started (restarts too), looked up in the prefix cache
         self.prefix_hits = 0  # of those, the tokens found cached
@@ -379,8 +379,8 @@ class Engine:
                 )
 
     def _request_pages(self, page: int, step_tokens: int) -> list[int]:
-        """Pages one request of max_model_len holds in each KV group (runtime/cache.py): a ring in a windowed
-        group, every page in the full-attention one."""
+        """Pages one request of max_model_len holds in each KV group at once (runtime/cache.py): its `ring` in a
+        windowed group, every page in the full-attention one."""
         full = -(-self.max_model_len // page)
         return [ring_pages(w, page, step_tokens, self.max_model_len) or full for w, _ in kv_groups(self.model.arch)]
 
@@ -507,17 +507,17 @@ class Engine:
             if not self._can_start(req, hits):
                 break  # FIFO: a request that does not fit yet is not overtaken (no starvation)
             self.waiting.popleft()
-            self._start(req, hits)
-            plan[req] = min(len(req.tokens) - req.computed, room)
+            plan[req] = self._start(req, hits, room)
             room -= plan[req]
             self._register(req, req.computed + plan[req])
         self.cache.clear_stale()
         self.tables.grow([(r.row, r.pages, r.computed + n) for r, n in plan.items()])
         return list(plan.items())
 
-    def _extend(self, req: _Request, tokens: int) -> bool:
-        """Give a request the pages it lacks for `tokens` tokens; False (nothing taken) when the pool lacks them."""
-        if not self.cache.extend(req.pages, tokens):
+    def _extend(self, req: _Request, tokens: int, ring_tokens: int | None = None) -> bool:
+        """Give a request the pages it lacks for `tokens` tokens (PagedKVCache.extend); False (nothing taken) when
+        the pool lacks them."""
+        if not self.cache.extend(req.pages, tokens, ring_tokens):
             return False
         req.capacity = self.cache.capacity(req.pages)
         return True
@@ -530,35 +530,39 @@ class Engine:
         pages = (len(req.tokens) - 1) // self.cache.page_size
         return page_hashes(req.tokens, self.cache.page_size, req.hashes, pages)[:pages]
 
-    def _can_start(self, req: _Request, hits: list[int]) -> bool:
-        """Whether a waiting request's tokens fit in the pool now, its cached prefix pages `hits` shared, leaving
-        a page for each running request that may still need one (vLLM's watermark, per request): without it,
-        requests admitted into the last pages would be preempted again at the next page boundary of the ones
-        already running."""
+    def _can_start(self, req: _Request, hits: list[list[int]]) -> bool:
+        """Whether a waiting request's tokens fit in the pool now, its cached prefix pages `hits` (per group)
+        shared, leaving a page for each running request that may still need one (vLLM's watermark, per request):
+        without it, requests admitted into the last pages would be preempted again at the next page boundary of
+        the ones already running."""
         needs = self.cache.pages_needed(len(req.tokens))
-        for g, (need, group) in enumerate(zip(needs, self.cache.groups)):  # a windowed group grows to its ring
-            growing = sum(len(r.pages[g]) < r.max_pages[g] for r in self.running)
+        for g, (need, group, found) in enumerate(zip(needs, self.cache.groups, hits)):
+            # A windowed group grows to its ring, then gives a page back for each it takes.
+            growing = sum(group.held(r.pages[g]) < r.max_pages[g] for r in self.running)
             spare = growing + (need < req.max_pages[g]) if self.running else 0  # alone it always fits later
-            new, available = need, group.available
-            if g == 0:  # hits no one owns are counted free: sharing them takes them from the free count
-                new -= len(hits)
-                available -= sum(group.refs[p] == 0 for p in hits)
+            # Hits no one owns are counted free: sharing them takes them from the free count.
+            new = need - group.held(found)
+            available = group.available - sum(p != 0 and group.refs[p] == 0 for p in found)
             if new + spare > available:
                 return False
         return True
 
-    def _start(self, req: _Request, hits: list[int]) -> None:
+    def _start(self, req: _Request, hits: list[list[int]], room: int) -> int:
         """Run a waiting request: its cached prefix pages shared, its tokens past them to compute (pages for all
-        of its prompt now: a long one is never stalled mid-way)."""
+        of its prompt now, a long one never stalled mid-way; in a windowed group those of this step's tokens,
+        where it gives pages back as it goes); how many of its tokens this step computes, at most `room`."""
         self.cache.share(req.pages, hits)
-        req.registered, req.computed = len(hits), len(hits) * self.cache.page_size
+        cached = len(hits[0]) if hits else 0
+        req.registered, req.computed = cached, cached * self.cache.page_size
         self.prefix_queries += len(req.tokens)
         self.prefix_hits += req.computed
         if req.cached_tokens is None:  # its first start: a restart may find the pages it filled itself
             req.cached_tokens = req.computed
-        self._extend(req, len(req.tokens))
-        req.row = self.tables.add(req.pages, len(req.tokens))
+        n = min(len(req.tokens) - req.computed, room)
+        self._extend(req, len(req.tokens), req.computed + n)
+        req.row = self.tables.add(req.pages, req.computed + n)
         self.running.append(req)
+        return n
 
     def _register(self, req: _Request, tokens: int) -> None:
         """Register in the prefix cache the pages a request fills up to `tokens` tokens, this step's included, as
@@ -569,9 +573,10 @@ class Engine:
         if not self.cache.prefix_caching or full <= req.registered:
             return
         page_hashes(req.tokens, self.cache.page_size, req.hashes, full)
-        for i in range(req.registered, full):
-            if self.cache.register(req.pages[0][i], req.hashes[i]):
-                self._registering.append(req.pages[0][i])
+        for g, own in enumerate(req.pages):
+            for i in range(req.registered, full):
+                if own[i] and self.cache.register(g, own[i], req.hashes[i]):
+                    self._registering.append((g, own[i]))
         req.registered = full
 
     def _preempt(self, req: _Request) -> None:
@@ -687,7 +692,7 @@ class Engine:
 
     def _fail(self, req: _Request, error: str) -> RequestOutput:
         self.running.remove(req)
-        self.cache.forget_unshared(req.pages[0])  # whatever went wrong, the K/V only it holds serve no one else
+        self.cache.forget_unshared(req.pages)  # whatever went wrong, the K/V only it holds serve no one else
         return self._finish(req, "error", [], "", error)
 
     def _append(self, req: _Request, token: int) -> RequestOutput:

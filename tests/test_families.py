@@ -231,10 +231,10 @@ def test_defaults_follow_transformers(tmp_path) -> None:
 
 def test_windowed_layers_keep_a_ring_of_pages(tmp_path) -> None:
     """A windowed layer's KV memory stops growing past its window: its pages form a KV group of their own in
-    which a request holds at most a ring of pages (window + one step's tokens, in pages, + 1), however long it
-    grows, and the group's pool does not grow with the context, while the full-attention layers' pages do.
-    (That the ring gives the right logits as it wraps is test_engine_matches_transformers: 44 tokens there go
-    round a ring of 28.)"""
+    which a request holds at most `ring` pages (window + one step's tokens, in pages, + 1), its last ones, however
+    long it grows (an entry of 0 for each page before them), and the group's pool does not grow with the context,
+    while the full-attention layers' pages do. (That giving pages back leaves the right logits is
+    test_engine_matches_transformers: 44 tokens there, past a ring of 28.)"""
     model = load_model(hf_family(tmp_path / "model", "qwen2", tie=False))  # layers 1 and 3: window 16
 
     def engine(context: int) -> Engine:
@@ -248,10 +248,16 @@ def test_windowed_layers_keep_a_ring_of_pages(tmp_path) -> None:
         assert short.cache.k[layer].shape[0] == long.cache.k[layer].shape[0] == 2 * 7 + 1
     assert (short.cache.k[0].shape[0], long.cache.k[0].shape[0]) == (2 * 16 + 1, 2 * 64 + 1)
     for tokens in (10, 40, 256):
-        pages = long.cache.allocate(tokens)
-        assert [len(p) for p in pages] == [-(-tokens // 4), min(-(-tokens // 4), 7)]
+        pages, n = long.cache.allocate(tokens), -(-tokens // 4)
+        assert [len(p) for p in pages] == [n, n] and [g.held(p) for g, p in zip(long.cache.groups, pages)] == [
+            n,
+            min(n, 7),
+        ]
+        assert pages[1][: n - min(n, 7)] == [0] * (n - min(n, 7)) and 0 not in pages[1][n - min(n, 7) :]
         long.cache.release(pages, tokens)
-    # The engine's device-side tables and slots (BlockTables) follow the cache's rule written out, ring included.
+    assert long.cache.groups[1].available == 2 * 7  # every page back
+    # The engine's device-side tables and slots (BlockTables) follow the cache's rule written out, pages given back
+    # (0) included.
     tables, lengths = long.tables, (10, 256)
     owned = [long.cache.allocate(n) for n in lengths]
     rows = [tables.add(pages, n) for pages, n in zip(owned, lengths)]
@@ -339,8 +345,8 @@ def test_a_uniform_family_model_saves_in_its_own_format_for_transformers(tmp_pat
 
 
 def test_padded_decode_step_with_windowed_groups_equals_unpadded(tmp_path) -> None:
-    """The CUDA-graph decode step (eager here) over two KV groups, full attention and a ring of window pages,
-    past the window: 3 requests padded to 4 give the engine's own logits."""
+    """The CUDA-graph decode step (eager here) over two KV groups, full attention and window pages given back past
+    the window: 3 requests padded to 4 give the engine's own logits."""
     from tessera.runtime.engine import DecodeGraphs
 
     model = load_model(hf_family(tmp_path / "model", "qwen2", tie=False))
@@ -353,7 +359,7 @@ def test_padded_decode_step_with_windowed_groups_equals_unpadded(tmp_path) -> No
     plan = engine._schedule()
     cache, width = engine.cache, engine.max_pages_per_request
     ring_tokens = cache.groups[1].ring * cache.page_size
-    assert [n for _, n in plan] == [1, 1, 1] and max(r.computed for r, _ in plan) >= ring_tokens  # it wrapped
+    assert [n for _, n in plan] == [1, 1, 1] and max(r.computed for r, _ in plan) >= ring_tokens  # pages given back
     groups = range(len(cache.groups))
     args = (
         torch.tensor([r.tokens[r.computed] for r, _ in plan]),
@@ -369,8 +375,8 @@ def test_padded_decode_step_with_windowed_groups_equals_unpadded(tmp_path) -> No
 
 
 def test_requests_of_a_model_windowed_everywhere_are_admitted_by_their_ring(tmp_path) -> None:
-    """With every attention layer windowed (Mistral) the first KV group is a ring: a request far longer than
-    the pool's pages is admitted, since it only ever holds its ring, and served to the end."""
+    """With every attention layer windowed (Mistral) the first KV group is a windowed one: a request far longer
+    than the pool's pages is admitted, since it only ever holds its ring of 7 pages, and served to the end."""
     model = load_model(hf_family(tmp_path / "model", "mistral", tie=False))
     engine = Engine(model, config=EngineConfig(max_batch=1, max_step_tokens=8, page_size=4))
     (group,) = engine.cache.groups

@@ -69,26 +69,26 @@ def test_the_pool_shares_registered_pages_and_evicts_the_tail_first(demo) -> Non
     hashes = page_hashes(tokens, PAGE, [], 5)
     a = cache.allocate(20)
     for page, h in zip(a[0], hashes):
-        cache.register(page, h)
+        cache.register(0, page, h)
     b = [[]]
     cache.share(b, cache.lookup([*hashes[:3], b"not cached", *hashes[4:]]))  # the prefix up to the first miss
     assert b[0] == a[0][:3] and cache.free_pages == 3
     cache.release(a, 20)
     assert cache.free_pages == 5  # the 2 pages only `a` held are free, registered; b's 3 are still owned
     cache.release(b, 12)
-    assert cache.free_pages == 8 and cache.lookup(hashes) == a[0]
+    assert cache.free_pages == 8 and cache.lookup(hashes) == a
     # 3 free pages without K/V worth keeping first, then registered ones: `a`'s last pages go first.
     c = cache.allocate(4 * PAGE)
     assert set(c[0][:3]).isdisjoint(a[0]) and c[0][3] == a[0][4]
-    assert cache.lookup(hashes) == a[0][:4]
+    assert cache.lookup(hashes) == [a[0][:4]]
     cache.extend(c, 6 * PAGE)
-    assert cache.lookup(hashes) == a[0][:2] and cache.free_pages == 2
+    assert cache.lookup(hashes) == [a[0][:2]] and cache.free_pages == 2
     # A registered page handed out again loses its K/V (zeroed before the step reads it).
     layer = next(i for i, k in enumerate(cache.k) if k is not None)
     cache.k[layer][a[0][1]] = float("nan")
     d = cache.allocate(2 * PAGE)
     assert d[0] == [a[0][1], a[0][0]] and not cache.k[layer][a[0][1]].isnan().any()
-    assert cache.lookup(hashes) == [] and cache.free_pages == 0
+    assert cache.lookup(hashes) == [[]] and cache.free_pages == 0
 
 
 def test_a_shared_prefix_is_computed_once(demo, monkeypatch) -> None:
@@ -225,25 +225,78 @@ def test_a_failed_step_leaves_no_page_findable(demo, monkeypatch) -> None:
     other = prompts_of([30], 8192, seed=9)[0]
     request = engine.add_request(other, SamplingParams(max_new_tokens=3, temperature=0.8, seed=1))
     outputs = [out for out in engine.step() if out.request_id == request]
-    assert outputs[0].finish_reason == "error" and engine.cache.lookup(page_hashes(other, PAGE, [], 7)) == []
-    assert engine.cache.lookup(page_hashes(prompt, PAGE, [], 7)) != []  # the good prompt's pages stay cached
+    assert outputs[0].finish_reason == "error" and engine.cache.lookup(page_hashes(other, PAGE, [], 7)) == [[]]
+    assert engine.cache.lookup(page_hashes(prompt, PAGE, [], 7)) != [[]]  # the good prompt's pages stay cached
 
 
-def test_no_prefix_caching_with_windowed_layers_or_when_asked(demo) -> None:
-    """A windowed layer's ring overwrites its pages: a model with one caches no prefix. Nor does an engine
-    configured without it."""
+def test_no_prefix_caching_when_asked(demo) -> None:
     model, tok = demo
-    blocks = list(model.arch.blocks)
-    blocks[0] = replace(blocks[0], attention=replace(blocks[0].attention, window=8))
-    windowed = Model.empty(model.arch.with_blocks(blocks)).init_weights(seed=0).eval()
     prompt = prompts_of([20], 8192, seed=5)[0]
-    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
-    unwanted = EngineConfig(page_size=PAGE, prefix_caching=False)
-    for m, config in ((windowed, EngineConfig(page_size=PAGE)), (model, unwanted)):
-        engine = Engine(m, tok, config)
-        engine.generate([prompt, prompt], params)
-        engine.generate([prompt], params)
-        assert not engine.cache.prefix_caching and engine.prefix_hits == 0
+    engine = Engine(model, tok, EngineConfig(page_size=PAGE, prefix_caching=False))
+    engine.generate([prompt, prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    engine.generate([prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert not engine.cache.prefix_caching and engine.prefix_hits == 0
+
+
+def windowed(model: Model, window: int, layers: tuple[int, ...]) -> Model:
+    """`model` (its trained weights: what its attention reads matters to its tokens) with a window on `layers`."""
+    blocks = list(model.arch.blocks)
+    for i in layers:
+        blocks[i] = replace(blocks[i], attention=replace(blocks[i].attention, window=window))
+    m = Model.empty(model.arch.with_blocks(blocks))
+    m.load_state_dict(model.state_dict())
+    return m.eval()
+
+
+def test_a_window_reads_its_last_pages_from_the_prefix_cache(demo) -> None:
+    """Layers of a window of 8 (2 pages of 4) beside full attention: a sequence growing a page at a time holds at
+    most its ring of 5 pages of the windowed group, giving the oldest back, registered, as it takes a new one. A
+    prefix counts as cached when the full-attention group holds all its pages and the windowed group the pages
+    the next query reads; the windowed group's entries before those are 0, nothing shared."""
+    model, _ = demo
+    cache = PagedKVCache(windowed(model, 8, (0, 3)).arch, 41, PAGE, step_tokens=8, prefix_caching=True)
+    full, window = cache.groups
+    assert (full.window, window.window, window.ring) == (None, 8, 5)
+    hashes = page_hashes(list(range(100, 140)), PAGE, [], 10)  # 10 full pages
+    a, window_pages = [[], []], []
+    for i in range(10):
+        assert cache.extend(a, (i + 1) * PAGE)
+        assert cache.register(0, a[0][i], hashes[i]) and cache.register(1, a[1][i], hashes[i])
+        window_pages.append(a[1][i])
+    assert full.held(a[0]) == 10 and window.held(a[1]) == 5 and a[1] == [0] * 5 + window_pages[5:]
+    assert window.available == 40 - 5 and list(window.evictable) == window_pages[:5]  # given back, findable
+    # 10 pages: the next query (position 40) reads keys 33-40, on pages 8 and 9.
+    assert cache.lookup(hashes) == [a[0], [0] * 8 + window_pages[8:]]
+    # 6 pages: keys 17-24, on pages 4 and 5: page 4 went back but is still cached.
+    hits = cache.lookup(hashes[:6])
+    assert hits == [a[0][:6], [0] * 4 + window_pages[4:6]]
+    b = [[], []]
+    cache.share(b, hits)
+    assert b == hits and window.refs[window_pages[4]] == 1 and window_pages[4] not in window.evictable
+    # Without page 4 of the windowed group (forgotten, as a failed step forgets its pages), a 6-page prefix is not
+    # cached, nor a 5-page one (keys 13-20: pages 3 and 4); a 4-page one is (keys 9-16: pages 2 and 3).
+    cache.release(b, 6 * PAGE)
+    cache.forget([(1, window_pages[4])])
+    assert cache.lookup(hashes[:6]) == [a[0][:4], [0] * 2 + window_pages[2:4]]
+    assert cache.lookup(hashes) == [a[0], [0] * 8 + window_pages[8:]]
+
+
+def test_prefix_caching_with_a_window_gives_the_uncached_greedy_tokens(demo) -> None:
+    """A model with two layers of a window of 8 tokens and 8-token steps (a ring of 5 pages of 4: a 42-token
+    prompt gives pages back as its chunks go): a second prompt sharing the first's 37 first tokens finds their 9
+    full pages cached (the windowed layers' last two of them), and both get the greedy tokens of whole uncached
+    forwards, as does a rerun of the first, which finds its own 10 pages."""
+    model, tok = demo
+    m = windowed(model, 8, (1, 4))
+    system = prompts_of([37], 8192, seed=20)[0]
+    first, second = (system + p for p in prompts_of([5, 11], 8192, seed=21))
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    engine = Engine(m, tok, EngineConfig(max_batch=4, page_size=PAGE, max_step_tokens=8))
+    assert engine.cache.prefix_caching and engine.cache.groups[1].ring == 5
+    expected = [greedy_by_full_forward(m, p, 6) for p in (first, second)]
+    assert engine.generate([first], params)[0].tokens == expected[0]
+    assert engine.generate([second], params)[0].tokens == expected[1] and engine.prefix_hits == 36
+    assert engine.generate([first], params)[0].tokens == expected[0] and engine.prefix_hits == 36 + 40
 
 
 @pytest.mark.parametrize(
@@ -303,7 +356,8 @@ def test_a_failed_request_leaves_the_pages_it_shares_findable(demo, monkeypatch)
     assert outputs[ids[1]][-1].finish_reason == "error" and engine.prefix_hits == 20
     assert [t for o in outputs[ids[0]] for t in o.token_ids] == greedy_by_full_forward(model, good, 6)
     tokens = good + [t for o in outputs[ids[0]] for t in o.token_ids]
-    assert len(engine.cache.lookup(page_hashes(tokens, PAGE, [], (len(good) + 5) // PAGE))) == (len(good) + 5) // PAGE
+    (found,) = engine.cache.lookup(page_hashes(tokens, PAGE, [], (len(good) + 5) // PAGE))
+    assert len(found) == (len(good) + 5) // PAGE
     assert engine.cache.lookup(page_hashes(bad, PAGE, [], len(bad) // PAGE)) == engine.cache.lookup(
         page_hashes(system, PAGE, [], 5)
     )
