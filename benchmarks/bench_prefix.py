@@ -3,7 +3,8 @@
 each (EOS ignored), all submitted at once and served to completion by the engine (16-token pages), with prefix
 caching and without it. The model is bench_model's: the demo parent's shape on the CPU (float32), the
 Llama-3.1-8B shape on a GPU (bf16), random weights; and the same with a window of a quarter of the shared
-tokens on every other layer (whose cached prefixes hold only the windowed layers' last pages).
+tokens on every other layer and steps as long (its sequences give windowed pages back as they go; its cached
+prefixes hold only the windowed layers' last pages).
 `tessera bench prefix`.
 
 The configurations take turns in every round (harness.InTurns: the order reversed every other round), each
@@ -76,12 +77,17 @@ def run(device: torch.device, rounds: int | None = None) -> dict:
     model, _, what = benchmarked(device)  # the demo parent's shape on the CPU, the 8B shape on a GPU
     requests, shared, unique, gen = WORKLOADS[device.type]
     length = shared + unique + gen
-    window = shared // 4  # the prefix is 4 windows long: its windowed pages are mostly given back
+    window = shared // 4  # the prefix is 4 windows long
     models = {"": model, WINDOWED: windowed(model, window)}
     params = SamplingParams(max_new_tokens=gen, ignore_eos=True)
+    # The windowed model's steps are a window long, so its sequences hold fewer pages than their prompts fill and
+    # give pages back as they go (at 512-token steps, the CPU's prompts would fit in what a sequence holds).
+    steps = {"": {}, WINDOWED: dict(max_step_tokens=window)}
     served = {
         name + kind: _Served(
-            Engine(m, None, EngineConfig(max_batch=requests, max_model_len=length, **config)), params, device
+            Engine(m, None, EngineConfig(max_batch=requests, max_model_len=length, **config, **steps[kind])),
+            params,
+            device,
         )
         for kind, m in models.items()
         for name, config in CONFIGS.items()
@@ -237,8 +243,8 @@ def routing_table(result: dict) -> str:
         f"parent (float32); {result['requests']} requests at once over {result['prefixes']} prefixes of "
         f"{result['shared_tokens']} tokens, each with {result['unique_tokens']} own prompt tokens and "
         f"{result['gen_tokens']} new tokens; {result['rounds']} rounds (fresh prompts each).\n\n"
-        "| routing | wall s, median (min-max) | prompt tokens cached | requests per engine | time / by cached "
-        "prefix's, median (min-max) |\n|---|---:|---:|---|---:|\n"
+        "| routing | wall s, median (min-max) | prompt tokens cached | requests per engine (every round) | "
+        "time / by cached prefix's, median (min-max) |\n|---|---:|---:|---|---:|\n"
     )
     lines = [
         f"| {r['routing']} | {r['median_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f}) | {r['cached_tokens']:,.0f} | "
@@ -253,7 +259,8 @@ def table(result: dict) -> str:
         f"{result['requests']} requests at once, each {result['shared_tokens']} shared + {result['unique_tokens']} "
         f"own prompt tokens and {result['gen_tokens']} new tokens; {result['model']}, {result['dtype']}, "
         f'{result["rounds"]} rounds (fresh prompts each), {result["threads"]} threads. "windowed": the same weights '
-        f"with a window of {result['window']} keys on every other layer, against prefix caching on that model.\n\n"
+        f"with a window of {result['window']} keys on every other layer and steps of {result['window']} tokens, "
+        "against prefix caching on that model.\n\n"
         "| engine | page | wall s, median (min-max) | prompt tokens cached | time / prefix caching's, median "
         "(min-max) |\n|---|---:|---:|---:|---:|\n"
     )

@@ -102,10 +102,9 @@ class KVGroup:
         reaches back to `tokens - window + 1`): a prefix of `tokens` tokens is cached where these pages are."""
         return 0 if self.window is None else max(0, tokens - self.window + 1) // self.page_size
 
-    @staticmethod
-    def held(own: list[int]) -> int:
-        """How many pages a sequence's list `own` holds (0: an entry for a page it gave back)."""
-        return len(own) - own.count(0)
+    def held(self, own: list[int]) -> int:
+        """How many pages a sequence's list `own` holds (0: an entry for a page it gave back, in a windowed group)."""
+        return len(own) if self.ring is None else len(own) - own.count(0)
 
     def give_back(self, page: int, dirty: int) -> None:
         """One owner fewer for `page`, whose owner wrote `dirty` of its slots; past the last owner it is free,
@@ -398,10 +397,17 @@ class PagedKVCache:
                     del g.evictable[p]
                     heapq.heappush(g.free, p)  # dirty: page_size, set when it was freed
 
-    def forget_unshared(self, pages: list[list[int]]) -> None:
+    def forget_unshared(self, pages: list[list[int]], hashes: Sequence[bytes] = ()) -> None:
         """`forget` those of a sequence's pages (per group) that no other sequence holds (a failed request's): the
-        pages it shares, other sequences' steps wrote too, and their outputs vouch for them."""
-        self.forget([(g, p) for g, own in enumerate(pages) for p in own if p and self.groups[g].refs[p] == 1])
+        pages it shares, other sequences' steps wrote too, and their outputs vouch for them. hashes: those of the
+        pages it registered; in a windowed group, the pages under them that no one holds, which it gave back as it
+        went, go too (a model windowed everywhere would find them at a shorter prefix)."""
+        unshared = [(g, p) for g, own in enumerate(pages) for p in own if p and self.groups[g].refs[p] == 1]
+        for g, group in enumerate(self.groups):
+            if group.ring is not None:
+                found = (group.by_hash.get(h) for h in hashes)
+                unshared += [(g, p) for p in found if p is not None and group.refs[p] == 0]
+        self.forget(unshared)
 
     def slots(self, pages: list[int], start: int, end: int) -> list[int]:
         """Where the tokens at positions start..end-1 of a sequence with these pages (of one group) live: token t
@@ -480,6 +486,11 @@ class BlockTables:
             width = self.width_for(tokens)
             for g, own in enumerate(pages):
                 entries.extend((g, row, c, page) for c, page in enumerate(self.cache.table(own, width, old), old))
+                # The pages a windowed sequence gave back since (PagedKVCache.extend) now belong to others, or to
+                # no one: their entries point at the scratch page, so no read, even a masked one, reaches them.
+                group = self.cache.groups[g]
+                gone = range(group.first_held(old * page_size), min(group.first_held(width * page_size), old))
+                entries.extend((g, row, c, 0) for c in gone)
             self.widths[row] = width
         if entries:
             g, r, c, page = torch.tensor(entries, dtype=torch.int64).T.to(self.tables.device)

@@ -483,9 +483,10 @@ class Engine:
         request that started last is preempted (below)."""
         room = max(self.config.max_step_tokens, self.config.max_batch)  # every running request decodes each step
         plan: dict[_Request, int] = {}
-        # Decodes (1 token) first, then unfinished prompts, each kind in the order it started. Only decodes take
-        # pages here (a request starts with its prompt's), oldest first: the newest, the one preempted when the
-        # pool is dry, is never one planned already.
+        # Decodes (1 token) first, then unfinished prompts, each kind in the order it started. Decodes take pages
+        # here, and a prompt's later chunks their windowed groups' (a request starts with its prompt's other pages),
+        # oldest first: the newest, the one preempted when the pool is dry, is never one planned already (only the
+        # newest can be part way through its prompt: a step starts requests whole while its room lasts).
         for req in sorted(self.running, key=lambda r: len(r.tokens) - r.computed > 1):
             if req.row is None:
                 continue  # preempted by a request before it in this loop
@@ -549,8 +550,9 @@ class Engine:
 
     def _start(self, req: _Request, hits: list[list[int]], room: int) -> int:
         """Run a waiting request: its cached prefix pages shared, its tokens past them to compute (pages for all
-        of its prompt now, a long one never stalled mid-way; in a windowed group those of this step's tokens,
-        where it gives pages back as it goes); how many of its tokens this step computes, at most `room`."""
+        of its prompt now, so a long one is not stalled mid-way for full-attention pages; in a windowed group those
+        of this step's tokens, since it gives pages back as it goes: a pool that runs dry there preempts it like a
+        decode); how many of its tokens this step computes, at most `room`."""
         self.cache.share(req.pages, hits)
         cached = len(hits[0]) if hits else 0
         req.registered, req.computed = cached, cached * self.cache.page_size
@@ -692,7 +694,8 @@ class Engine:
 
     def _fail(self, req: _Request, error: str) -> RequestOutput:
         self.running.remove(req)
-        self.cache.forget_unshared(req.pages)  # whatever went wrong, the K/V only it holds serve no one else
+        # Whatever went wrong, the K/V only it holds serve no one else.
+        self.cache.forget_unshared(req.pages, req.hashes[: req.registered])
         return self._finish(req, "error", [], "", error)
 
     def _append(self, req: _Request, token: int) -> RequestOutput:

@@ -361,6 +361,13 @@ def test_padded_decode_step_with_windowed_groups_equals_unpadded(tmp_path) -> No
     ring_tokens = cache.groups[1].ring * cache.page_size
     assert [n for _, n in plan] == [1, 1, 1] and max(r.computed for r, _ in plan) >= ring_tokens  # pages given back
     groups = range(len(cache.groups))
+    # The engine's device tables hold the cache's rule: a page given back is 0 there too (another request may hold
+    # it now), never the page it was.
+    for r, _ in plan:
+        filled = engine.tables.widths[r.row]
+        for g in groups:
+            assert engine.tables.tables[g, r.row, :filled].tolist() == cache.table(r.pages[g], filled)
+    assert 0 in engine.tables.tables[1, plan[0][0].row].tolist()
     args = (
         torch.tensor([r.tokens[r.computed] for r, _ in plan]),
         torch.tensor([r.computed for r, _ in plan]),

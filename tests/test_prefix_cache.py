@@ -279,6 +279,9 @@ def test_a_window_reads_its_last_pages_from_the_prefix_cache(demo) -> None:
     cache.forget([(1, window_pages[4])])
     assert cache.lookup(hashes[:6]) == [a[0][:4], [0] * 2 + window_pages[2:4]]
     assert cache.lookup(hashes) == [a[0], [0] * 8 + window_pages[8:]]
+    # A failed sequence forgets the pages it gave back too, not only those it holds: nothing of it is found.
+    cache.forget_unshared(a, hashes)
+    assert cache.lookup(hashes) == [[], []] and not window.by_hash and not full.by_hash
 
 
 def test_prefix_caching_with_a_window_gives_the_uncached_greedy_tokens(demo) -> None:
