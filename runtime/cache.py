@@ -7,7 +7,7 @@ from config.py's per-layer formula); with one group, `page_size · ArchConfig.kv
 
 Layers are grouped by attention window (`KVGroup`, vLLM's KV-cache groups): the full-attention layers share one
 page space and block table per sequence, the layers of each window another. A sequence's full-attention pages
-grow with it; in a windowed group it holds at most `ring` pages, enough for its window plus the most tokens one
+grow with it; in a windowed group it holds at most `window_pages` pages, enough for its window plus the most tokens one
 step writes: as it takes a page for new tokens past those, its oldest page goes back to the pool (vLLM frees a
 sliding window's blocks so too), so a windowed layer's KV memory stops growing past its window. A sequence's
 page list and block table in a windowed group still have an entry for every page of its tokens: 0 (the scratch
@@ -63,7 +63,7 @@ class KVGroup:
     """Attention layers that share a page space: the full-attention ones (window None), or one window's.
 
     num_pages: the group's pool, page 0 included (never handed out: padding rows of a CUDA-graph batch write
-    their K/V there, and a windowed sequence's entries for the pages it gave back point there). ring: the most
+    their K/V there, and a windowed sequence's entries for the pages it gave back point there). window_pages: the most
     pages a sequence holds in the group at once (its window plus one step's tokens, in pages, plus one: past
     them its oldest goes back as it takes a new one); None: as many as its tokens fill. A page is free (no owner),
     owned (`refs`), or registered under the hash of the prefix its K/V hold (prefix caching), owned or not."""
@@ -72,7 +72,7 @@ class KVGroup:
     layers: tuple[int, ...]
     num_pages: int
     page_size: int
-    ring: int | None
+    window_pages: int | None
     free: list[int] = field(default_factory=list)  # a heap: the lowest pages first, so a prompt's are consecutive
     dirty: list[int] = field(default_factory=list)  # slots of each free page its last owners may have written
     stale: list[int] = field(default_factory=list)  # slots of pages handed out since the last clear_stale, to zero
@@ -91,11 +91,11 @@ class KVGroup:
     def pages_for(self, tokens: int) -> int:
         """Pages a sequence of `tokens` tokens holds here at most."""
         pages = -(-tokens // self.page_size)
-        return pages if self.ring is None else min(pages, self.ring)
+        return pages if self.window_pages is None else min(pages, self.window_pages)
 
     def first_held(self, tokens: int) -> int:
         """The first of the pages a sequence of `tokens` tokens holds (those before it went back)."""
-        return 0 if self.ring is None else max(0, -(-tokens // self.page_size) - self.ring)
+        return 0 if self.window_pages is None else max(0, -(-tokens // self.page_size) - self.window_pages)
 
     def first_read(self, tokens: int) -> int:
         """The first page the next query of a sequence of `tokens` tokens reads (at position `tokens`, its window
@@ -104,7 +104,7 @@ class KVGroup:
 
     def held(self, own: list[int]) -> int:
         """How many pages a sequence's list `own` holds (0: an entry for a page it gave back, in a windowed group)."""
-        return len(own) if self.ring is None else len(own) - own.count(0)
+        return len(own) if self.window_pages is None else len(own) - own.count(0)
 
     def give_back(self, page: int, dirty: int) -> None:
         """One owner fewer for `page`, whose owner wrote `dirty` of its slots; past the last owner it is free,
@@ -158,11 +158,11 @@ def kv_groups(arch: ArchConfig) -> list[tuple[int | None, tuple[int, ...]]]:
     return groups + [(w, tuple(i for i, lw in gqa if lw == w)) for w in windows]
 
 
-def ring_pages(window: int | None, page_size: int, step_tokens: int | None, max_tokens: int) -> int | None:
+def window_pages(window: int | None, page_size: int, step_tokens: int | None, max_tokens: int) -> int | None:
     """Pages a sequence keeps in a group of `window`: None (all) for full attention or when the most tokens one
     step writes for a sequence is not known. A step writes its tokens before attention reads: with `step_tokens`
     new tokens, the oldest key any of them still sees is `window + step_tokens - 1` tokens back, which
-    pages_for(window + step_tokens) + 1 ring pages always keep."""
+    pages_for(window + step_tokens) + 1 pages always keep."""
     if window is None or step_tokens is None:
         return None
     return min(-(-max_tokens // page_size), -(-(window + step_tokens) // page_size) + 1)
@@ -170,10 +170,10 @@ def ring_pages(window: int | None, page_size: int, step_tokens: int | None, max_
 
 def kept_tokens(window: int | None, context: int, page_size: int = PAGE_SIZE, step_tokens: int = STEP_TOKENS) -> int:
     """Tokens' worth of K/V a sequence of `context` tokens holds in a layer of `window`: all of them under full
-    attention, at most its ring of pages under a window (more than the window: one step's tokens and a page).
+    attention, at most its window_pages under a window (more than the window: one step's tokens and a page).
     The search prices a windowed block's memory with it (search/cost.py)."""
-    ring = ring_pages(window, page_size, step_tokens, context)
-    return context if ring is None else min(context, ring * page_size)
+    most = window_pages(window, page_size, step_tokens, context)
+    return context if most is None else min(context, most * page_size)
 
 
 class PagedKVCache:
@@ -184,7 +184,7 @@ class PagedKVCache:
     dtype: the pools', the model's compute dtype or kernels.FP8 (an FP8 cache: E4M3 values, with the layer's
     scales k_scale[i], v_scale[i], fp32 [1] on the device, from `scales` {layer: (k, v)}, 1.0 where not given).
     step_tokens: the most tokens one step writes for one sequence (the engine's step budget); with it a sequence
-    holds at most `ring` pages of a windowed group, without it every page, like full attention.
+    holds at most `window_pages` pages of a windowed group, without it every page, like full attention.
     prefix_caching: keep filled pages findable by the prefix they hold (module docstring).
     """
 
@@ -208,7 +208,7 @@ class PagedKVCache:
             )
         self.page_size, self.device = page_size, torch.device(device)
         self.groups = [
-            KVGroup(w, layers, n, page_size, ring_pages(w, page_size, step_tokens, arch.max_position_embeddings))
+            KVGroup(w, layers, n, page_size, window_pages(w, page_size, step_tokens, arch.max_position_embeddings))
             for (w, layers), n in zip(layout, counts)
         ]
         self.prefix_caching = prefix_caching
@@ -277,15 +277,15 @@ class PagedKVCache:
         """The most tokens a sequence with `pages` (per group) can have without another page."""
         return min((len(own) for own in pages), default=math.inf) * self.page_size
 
-    def extend(self, pages: list[list[int]], tokens: int, ring_tokens: int | None = None) -> bool:
+    def extend(self, pages: list[list[int]], tokens: int, window_tokens: int | None = None) -> bool:
         """Give a sequence with `pages` (per group, extended in place) the pages it lacks for `tokens` tokens, the
         lowest free first, a windowed group's oldest given back first where the sequence would hold more than
-        `ring` (`_slide`); False, changing nothing, when the pool lacks them. ring_tokens: the tokens to hold in
-        the groups with a `ring` instead (those computed by the end of the step: a long prompt's later chunks take
-        their pages as their steps come). The slots an earlier owner wrote on the pages handed out are zeroed by
-        the next `clear_stale()`, once for all the pages of a step."""
+        `window_pages` (`_slide`); False, changing nothing, when the pool lacks them. window_tokens: the tokens
+        to hold in the windowed groups instead (those computed by the end of the step: a long prompt's later
+        chunks take their pages as their steps come). The slots an earlier owner wrote on the pages handed out
+        are zeroed by the next `clear_stale()`, once for all the pages of a step."""
         plans = [
-            self._slide(group, own, tokens if group.ring is None or ring_tokens is None else ring_tokens)
+            self._slide(group, own, tokens if group.window_pages is None or window_tokens is None else window_tokens)
             for group, own in zip(self.groups, pages)
         ]
         for group, own, (back, new) in zip(self.groups, pages, plans):
@@ -335,7 +335,7 @@ class PagedKVCache:
 
     def release(self, pages: list[list[int]], tokens: int) -> None:
         """Return a sequence's pages to the pool; it wrote (or may have written) the K/V of its first `tokens`
-        tokens, on as many slots of each page (every slot of a ring it went round), which the page's next owner
+        tokens, on as many slots of each page (every slot of a page before its last), which the page's next owner
         gets zeroed."""
         page_size = self.page_size
         for group, own in zip(self.groups, pages):
@@ -404,7 +404,7 @@ class PagedKVCache:
         went, go too (a model windowed everywhere would find them at a shorter prefix)."""
         unshared = [(g, p) for g, own in enumerate(pages) for p in own if p and self.groups[g].refs[p] == 1]
         for g, group in enumerate(self.groups):
-            if group.ring is not None:
+            if group.window_pages is not None:
                 found = (group.by_hash.get(h) for h in hashes)
                 unshared += [(g, p) for p in found if p is not None and group.refs[p] == 0]
         self.forget(unshared)

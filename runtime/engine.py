@@ -56,7 +56,7 @@ from tessera.runtime.cache import (
     PagedKVCache,
     kv_groups,
     page_hashes,
-    ring_pages,
+    window_pages,
 )
 from tessera.runtime.model import Batch, Model
 from tessera.runtime.sampling import (
@@ -198,8 +198,8 @@ class EngineLimits:
             )
         budget = room if asked is None else min(asked, room)
         pages = self.pages_for(len(prompt) + budget - 1)
-        for usable, ring in self.groups:
-            need = pages if ring is None else min(pages, ring)
+        for usable, most in self.groups:
+            need = pages if most is None else min(pages, most)
             if need > usable:
                 raise CapacityError(
                     f"the request needs {need} KV pages ({len(prompt)} prompt + {budget} new tokens, "
@@ -357,7 +357,7 @@ class Engine:
             arch, [n + 1 for n in pages], page, self.device, self.kv_dtype, step_tokens, scales, config.prefix_caching
         )
         self.tables = BlockTables(self.cache, config.max_batch, self.max_pages_per_request)
-        groups = tuple((g.num_pages - 1, g.ring) for g in self.cache.groups)
+        groups = tuple((g.num_pages - 1, g.window_pages) for g in self.cache.groups)
         self.limits = EngineLimits(
             model.vocab_size, self.max_model_len, page, groups, tokenizer is not None, config.max_batch
         )
@@ -379,10 +379,10 @@ class Engine:
                 )
 
     def _request_pages(self, page: int, step_tokens: int) -> list[int]:
-        """Pages one request of max_model_len holds in each KV group at once (runtime/cache.py): its `ring` in a
+        """Pages one request of max_model_len holds in each KV group at once (runtime/cache.py): its `window_pages` in a
         windowed group, every page in the full-attention one."""
         full = -(-self.max_model_len // page)
-        return [ring_pages(w, page, step_tokens, self.max_model_len) or full for w, _ in kv_groups(self.model.arch)]
+        return [window_pages(w, page, step_tokens, self.max_model_len) or full for w, _ in kv_groups(self.model.arch)]
 
     def _request_bytes(self, page: int, step_tokens: int) -> int:
         """KV bytes one request of max_model_len holds."""
@@ -392,13 +392,13 @@ class Engine:
     def _pool_pages(self, budget: int, page: int, step_tokens: int) -> list[int]:
         """Pages of each KV group for `budget` bytes, shared out as requests of max_model_len need them (one
         group: budget // page bytes)."""
-        rings, per_request = self._request_pages(page, step_tokens), self._request_bytes(page, step_tokens)
+        held, per_request = self._request_pages(page, step_tokens), self._request_bytes(page, step_tokens)
         if not per_request:  # a model with no attention caches nothing: its pool is bookkeeping only
-            return [self.config.max_batch * n for n in rings]
+            return [self.config.max_batch * n for n in held]
         smallest = sum(PagedKVCache.group_page_bytes(self.model.arch, page, self.kv_dtype))  # a page in each group
         if budget < smallest:
             raise CapacityError(f"kv_cache_bytes {budget} holds no page of {page} tokens ({smallest} bytes)")
-        return [max(1, budget * n // per_request) for n in rings]
+        return [max(1, budget * n // per_request) for n in held]
 
     # Requests
 
@@ -515,10 +515,10 @@ class Engine:
         self.tables.grow([(r.row, r.pages, r.computed + n) for r, n in plan.items()])
         return list(plan.items())
 
-    def _extend(self, req: _Request, tokens: int, ring_tokens: int | None = None) -> bool:
+    def _extend(self, req: _Request, tokens: int, window_tokens: int | None = None) -> bool:
         """Give a request the pages it lacks for `tokens` tokens (PagedKVCache.extend); False (nothing taken) when
         the pool lacks them."""
-        if not self.cache.extend(req.pages, tokens, ring_tokens):
+        if not self.cache.extend(req.pages, tokens, window_tokens):
             return False
         req.capacity = self.cache.capacity(req.pages)
         return True
@@ -538,7 +538,7 @@ class Engine:
         the ones already running."""
         needs = self.cache.pages_needed(len(req.tokens))
         for g, (need, group, found) in enumerate(zip(needs, self.cache.groups, hits)):
-            # A windowed group grows to its ring, then gives a page back for each it takes.
+            # A windowed group grows to its window_pages, then gives a page back for each it takes.
             growing = sum(group.held(r.pages[g]) < r.max_pages[g] for r in self.running)
             spare = growing + (need < req.max_pages[g]) if self.running else 0  # alone it always fits later
             # Hits no one owns are counted free: sharing them takes them from the free count.

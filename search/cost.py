@@ -228,7 +228,8 @@ def timing_models(
 
 def block_memory_mib(arch: ArchConfig, block: BlockConfig, scenario: Scenario, dtype: torch.dtype) -> float:
     """Weights + the KV cache of `batch` sequences of prompt + generated tokens (config formulas; a windowed
-    layer what the serving cache keeps: its ring of 16-token pages at the default step budget, runtime/cache.py)."""
+    layer what the serving cache keeps: its window_pages of 16-token pages at the default step budget,
+    runtime/cache.py)."""
     name = dtype_name(dtype)
     weights = arch.block_params(block) * dtype_bytes(name)
     kept = kept_tokens(block.attention.window, scenario.seq_len) if block.attention.kind == "gqa" else 0

@@ -229,12 +229,12 @@ def test_defaults_follow_transformers(tmp_path) -> None:
         assert ours.head_dim == (getattr(theirs, "head_dim", None) or 64 // 8)
 
 
-def test_windowed_layers_keep_a_ring_of_pages(tmp_path) -> None:
+def test_windowed_layers_hold_at_most_their_window_pages(tmp_path) -> None:
     """A windowed layer's KV memory stops growing past its window: its pages form a KV group of their own in
-    which a request holds at most `ring` pages (window + one step's tokens, in pages, + 1), its last ones, however
-    long it grows (an entry of 0 for each page before them), and the group's pool does not grow with the context,
-    while the full-attention layers' pages do. (That giving pages back leaves the right logits is
-    test_engine_matches_transformers: 44 tokens there, past a ring of 28.)"""
+    which a request holds at most `window_pages` pages (window + one step's tokens, in pages, + 1), its last ones,
+    however long it grows (an entry of 0 for each page before them), and the group's pool does not grow with the
+    context, while the full-attention layers' pages do. (That giving pages back leaves the right logits is
+    test_engine_matches_transformers: 44 tokens there, past 28 window_pages' tokens.)"""
     model = load_model(hf_family(tmp_path / "model", "qwen2", tie=False))  # layers 1 and 3: window 16
 
     def engine(context: int) -> Engine:
@@ -242,9 +242,9 @@ def test_windowed_layers_keep_a_ring_of_pages(tmp_path) -> None:
 
     short, long = engine(64), engine(256)
     full, windowed = long.cache.groups
-    assert (full.window, full.layers, full.ring) == (None, (0, 2), None)
-    assert (windowed.window, windowed.layers, windowed.ring) == (WINDOW, (1, 3), (WINDOW + 8) // 4 + 1)
-    for layer in (1, 3):  # 2 requests' rings and the scratch page, at either context
+    assert (full.window, full.layers, full.window_pages) == (None, (0, 2), None)
+    assert (windowed.window, windowed.layers, windowed.window_pages) == (WINDOW, (1, 3), (WINDOW + 8) // 4 + 1)
+    for layer in (1, 3):  # 2 requests' window_pages and the scratch page, at either context
         assert short.cache.k[layer].shape[0] == long.cache.k[layer].shape[0] == 2 * 7 + 1
     assert (short.cache.k[0].shape[0], long.cache.k[0].shape[0]) == (2 * 16 + 1, 2 * 64 + 1)
     for tokens in (10, 40, 256):
@@ -358,8 +358,8 @@ def test_padded_decode_step_with_windowed_groups_equals_unpadded(tmp_path) -> No
         engine.step()
     plan = engine._schedule()
     cache, width = engine.cache, engine.max_pages_per_request
-    ring_tokens = cache.groups[1].ring * cache.page_size
-    assert [n for _, n in plan] == [1, 1, 1] and max(r.computed for r, _ in plan) >= ring_tokens  # pages given back
+    window_tokens = cache.groups[1].window_pages * cache.page_size
+    assert [n for _, n in plan] == [1, 1, 1] and max(r.computed for r, _ in plan) >= window_tokens  # pages given back
     groups = range(len(cache.groups))
     # The engine's device tables hold the cache's rule: a page given back is 0 there too (another request may hold
     # it now), never the page it was.
@@ -381,13 +381,13 @@ def test_padded_decode_step_with_windowed_groups_equals_unpadded(tmp_path) -> No
     assert relative_error(padded, expected) <= 1e-6
 
 
-def test_requests_of_a_model_windowed_everywhere_are_admitted_by_their_ring(tmp_path) -> None:
+def test_requests_of_a_model_windowed_everywhere_are_admitted_by_their_window_pages(tmp_path) -> None:
     """With every attention layer windowed (Mistral) the first KV group is a windowed one: a request far longer
-    than the pool's pages is admitted, since it only ever holds its ring of 7 pages, and served to the end."""
+    than the pool's pages is admitted, since it only ever holds its 7 window_pages, and served to the end."""
     model = load_model(hf_family(tmp_path / "model", "mistral", tie=False))
     engine = Engine(model, config=EngineConfig(max_batch=1, max_step_tokens=8, page_size=4))
     (group,) = engine.cache.groups
-    assert group.window == WINDOW and group.ring == 7 and engine.cache.usable_pages == 7
+    assert group.window == WINDOW and group.window_pages == 7 and engine.cache.usable_pages == 7
     params = SamplingParams(max_new_tokens=200, ignore_eos=True)
-    (completion,) = engine.generate([[5, 6, 7]], params)  # 202 tokens: 51 pages of 4, through a ring of 7
+    (completion,) = engine.generate([[5, 6, 7]], params)  # 202 tokens: 51 pages of 4, holding 7 at a time
     assert len(completion.tokens) == 200

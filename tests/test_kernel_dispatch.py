@@ -209,7 +209,7 @@ def test_generation_with_triton_kernels(llama_untied: Path) -> None:
 @pytest.mark.parametrize("family", ["qwen3", "qwen2"])
 def test_family_child_with_windows_on_triton_matches_references(family, monkeypatch, dtype, tol) -> None:
     """Qwen3's q/k norms before RoPE, Qwen2's q/k/v biases, windows of 16 and 8 keys (prefill, paged decode
-    and a ring of window pages that wraps), reduced, linear and no-op blocks: every engine step's logits on the
+    and window pages given back past the window), reduced, linear and no-op blocks: every engine step's logits on the
     Triton kernels against the torch references."""
     from .test_families import mixed_child
 

@@ -326,7 +326,7 @@ def test_bld_store_of_another_parent_is_refused_then_fresh_starts_over(tiny_pare
 def test_the_whole_search_and_fusion_on_a_qwen_parent(tiny_parent, tmp_path, family):
     """Puzzle end to end on a Qwen parent (Qwen3: q/k norms, head_dim 32 at hidden 64; Qwen2: q/k/v biases)
     with windowed attention in the space: windowed variants are distilled, scored and priced (at the scenario's
-    24 tokens the served ring of window pages holds every token, so a window costs the memory full attention
+    24 tokens the served window_pages hold every token, so a window costs the memory full attention
     does), and the child keeps its family (tessera's format when heterogeneous), loads and generates; FFN Fusion
     runs on it after the search."""
     from tessera.search.fusion import FusionConfig

@@ -250,13 +250,13 @@ def windowed(model: Model, window: int, layers: tuple[int, ...]) -> Model:
 
 def test_a_window_reads_its_last_pages_from_the_prefix_cache(demo) -> None:
     """Layers of a window of 8 (2 pages of 4) beside full attention: a sequence growing a page at a time holds at
-    most its ring of 5 pages of the windowed group, giving the oldest back, registered, as it takes a new one. A
+    most its window_pages, 5, of the windowed group, giving the oldest back, registered, as it takes a new one. A
     prefix counts as cached when the full-attention group holds all its pages and the windowed group the pages
     the next query reads; the windowed group's entries before those are 0, nothing shared."""
     model, _ = demo
     cache = PagedKVCache(windowed(model, 8, (0, 3)).arch, 41, PAGE, step_tokens=8, prefix_caching=True)
     full, window = cache.groups
-    assert (full.window, window.window, window.ring) == (None, 8, 5)
+    assert (full.window, window.window, window.window_pages) == (None, 8, 5)
     hashes = page_hashes(list(range(100, 140)), PAGE, [], 10)  # 10 full pages
     a, window_pages = [[], []], []
     for i in range(10):
@@ -285,7 +285,7 @@ def test_a_window_reads_its_last_pages_from_the_prefix_cache(demo) -> None:
 
 
 def test_prefix_caching_with_a_window_gives_the_uncached_greedy_tokens(demo) -> None:
-    """A model with two layers of a window of 8 tokens and 8-token steps (a ring of 5 pages of 4: a 42-token
+    """A model with two layers of a window of 8 tokens and 8-token steps (5 window_pages of 4 tokens: a 42-token
     prompt gives pages back as its chunks go): a second prompt sharing the first's 37 first tokens finds their 9
     full pages cached (the windowed layers' last two of them), and both get the greedy tokens of whole uncached
     forwards, as does a rerun of the first, which finds its own 10 pages."""
@@ -295,7 +295,7 @@ def test_prefix_caching_with_a_window_gives_the_uncached_greedy_tokens(demo) -> 
     first, second = (system + p for p in prompts_of([5, 11], 8192, seed=21))
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     engine = Engine(m, tok, EngineConfig(max_batch=4, page_size=PAGE, max_step_tokens=8))
-    assert engine.cache.prefix_caching and engine.cache.groups[1].ring == 5
+    assert engine.cache.prefix_caching and engine.cache.groups[1].window_pages == 5
     expected = [greedy_by_full_forward(m, p, 6) for p in (first, second)]
     assert engine.generate([first], params)[0].tokens == expected[0]
     assert engine.generate([second], params)[0].tokens == expected[1] and engine.prefix_hits == 36
