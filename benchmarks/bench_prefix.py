@@ -18,8 +18,10 @@ engine processes, requests over several prefixes routed by cached prefix (runtim
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import torch
@@ -41,31 +43,75 @@ WORKLOADS = {  # device type: (requests, shared, unique, gen)
 }
 
 
-def workload(vocab: int, requests: int, shared: int, unique: int, seed: int) -> list[list[int]]:
-    """`requests` prompts: one common part of `shared` tokens, then `unique` tokens of their own each."""
-    common = random_prompts(1, shared, vocab, seed=2 * seed)[0]
-    return [common + own for own in random_prompts(requests, unique, vocab, seed=2 * seed + 1)]
+def workload(vocab: int, requests: int, shared: int, unique: int, seed: int, prefixes: int = 1) -> list[list[int]]:
+    """`requests` prompts over `prefixes` common parts of `shared` tokens (as many of each as the count allows, in
+    an order drawn from `seed`), each with `unique` tokens of its own after it."""
+    commons = random_prompts(prefixes, shared, vocab, seed=2 * seed)
+    owns = random_prompts(requests, unique, vocab, seed=2 * seed + 1)
+    order = torch.randperm(requests, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [commons[order[i] % prefixes] + own for i, own in enumerate(owns)]
 
 
-class _Served:
-    """One engine's side of a round (InTurns): seconds to serve the round's prompts to completion, the prompt
-    tokens it found cached recorded beside."""
+class _Side:
+    """One side of a round (InTurns): `serve(prompts)` gives (seconds to serve them all, prompt tokens found
+    cached); the seconds are the measurement, the tokens recorded beside."""
 
-    def __init__(self, engine: Engine, params: SamplingParams, device: torch.device) -> None:
-        self.engine, self.params, self.device = engine, params, device
+    def __init__(self, serve: Callable[[list[list[int]]], tuple[float, int]]) -> None:
+        self.serve = serve
         self.cached: list[int] = []
 
     def __call__(self, prompts: list[list[int]]) -> float:
-        hits = self.engine.prefix_hits
-        seconds = wall_s(lambda: self.engine.generate(prompts, self.params), self.device)
-        self.cached.append(self.engine.prefix_hits - hits)
+        seconds, cached = self.serve(prompts)
+        self.cached.append(cached)
         return seconds
 
 
-def windowed(model: Model, window: int) -> Model:
-    """`model` (its weights copied) with a window of `window` keys on every other attention layer, the second first."""
+def _rows(turns: InTurns, sides: dict[str, _Side], baseline: Callable[[str], str], ratio: str) -> list[dict]:
+    """Each side's wall time over the rounds, the tokens it found cached, and as `ratio` the median (min-max) of
+    its rounds' time ratios to side `baseline(name)`'s."""
+    rows = []
+    for name, side in sides.items():
+        wall, ratios = turns.spread(name), turns.ratio(name, baseline(name))
+        rows.append(
+            {
+                "median_s": wall.median,
+                "min_s": wall.low,
+                "max_s": wall.high,
+                "rounds_s": turns.times[name],
+                "cached_tokens": statistics.median(side.cached),
+                ratio: ratios.median,
+                "ratio_min": ratios.low,
+                "ratio_max": ratios.high,
+            }
+        )
+    return rows
+
+
+def _run_rounds(sides: dict[str, _Side], rounds: int, prompts: Callable[[int], list[list[int]]]) -> InTurns:
+    """A warm-up call of each side (first calls, kernel compilation), then `rounds` rounds in turns, round r on
+    `prompts(r)`."""
+    for side in sides.values():
+        side(prompts(1000))
+        side.cached.clear()
+    turns = InTurns(sides)
+    for r in range(rounds):
+        turns.round(prompts(r))
+    return turns
+
+
+def _engine_serve(engine: Engine, params: SamplingParams, device: torch.device):
+    def serve(prompts: list[list[int]]) -> tuple[float, int]:
+        hits = engine.prefix_hits
+        return wall_s(lambda: engine.generate(prompts, params), device), engine.prefix_hits - hits
+
+    return serve
+
+
+def windowed(model: Model, window: int, layers: Iterable[int] | None = None) -> Model:
+    """`model` (its weights copied) with a window of `window` keys on `layers` (every other one from the second by
+    default)."""
     blocks = list(model.arch.blocks)
-    for i in range(1, len(blocks), 2):
+    for i in range(1, len(blocks), 2) if layers is None else layers:
         blocks[i] = replace(blocks[i], attention=replace(blocks[i].attention, window=window))
     twin = Model.empty(model.arch.with_blocks(blocks), model.embed_tokens.weight.device, model.run_dtype)
     twin.load_state_dict(model.state_dict())
@@ -83,40 +129,18 @@ def run(device: torch.device, rounds: int | None = None) -> dict:
     # The windowed model's steps are a window long, so its sequences hold fewer pages than their prompts fill and
     # give pages back as they go (at 512-token steps, the CPU's prompts would fit in what a sequence holds).
     steps = {"": {}, WINDOWED: dict(max_step_tokens=window)}
-    served = {
-        name + kind: _Served(
-            Engine(m, None, EngineConfig(max_batch=requests, max_model_len=length, **config, **steps[kind])),
-            params,
-            device,
-        )
+    engines = {
+        name + kind: Engine(m, None, EngineConfig(max_batch=requests, max_model_len=length, **config, **steps[kind]))
         for kind, m in models.items()
         for name, config in CONFIGS.items()
     }
+    sides = {name: _Side(_engine_serve(engine, params, device)) for name, engine in engines.items()}
     vocab = model.arch.vocab_size
-    turns = InTurns(served)
     with torch.inference_mode():
-        for side in served.values():  # warm-up: first calls, kernel compilation
-            side(workload(vocab, requests, shared, unique, seed=1000))
-            side.cached.clear()
-        for r in range(rounds):
-            turns.round(workload(vocab, requests, shared, unique, seed=r))
-    rows = []
-    for name, side in served.items():
-        wall, ratio = turns.spread(name), turns.ratio(name, CACHED + WINDOWED * name.endswith(WINDOWED))
-        rows.append(
-            {
-                "config": name,
-                "page_size": side.engine.cache.page_size,
-                "median_s": wall.median,
-                "min_s": wall.low,
-                "max_s": wall.high,
-                "rounds_s": turns.times[name],
-                "cached_tokens": statistics.median(side.cached),
-                "time_vs_prefix_caching": ratio.median,
-                "ratio_min": ratio.low,
-                "ratio_max": ratio.high,
-            }
-        )
+        turns = _run_rounds(sides, rounds, lambda seed: workload(vocab, requests, shared, unique, seed))
+    rows = _rows(turns, sides, lambda name: CACHED + WINDOWED * name.endswith(WINDOWED), "time_vs_prefix_caching")
+    for row, (name, engine) in zip(rows, engines.items()):
+        row.update(config=name, page_size=engine.cache.page_size)
     return {
         "model": what,
         "dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch."),
@@ -137,48 +161,27 @@ def run(device: torch.device, rounds: int | None = None) -> dict:
 # own tokens, new tokens. Eight system prompts of four requests each, all at once.
 ROUTING_WORKLOAD = (32, 8, 256, 16, 16)
 ROUTES = {"by cached prefix": True, "by load": False}
+_request_ids = itertools.count()
 
 
-async def _serve_all(engine, prompts: list[list[int]], params: SamplingParams, first_id: int) -> tuple[float, int]:
-    """Seconds until every prompt is served by the AsyncEngine, all submitted at once, and the tokens found cached."""
+def _async_serve(engine, params: SamplingParams):
+    """An AsyncEngine's `serve` for a _Side: the prompts all submitted at once."""
 
     async def final(stream):
         async for out in stream:
             if out.finished:
                 return out
 
-    start = time.perf_counter()
-    requests = [engine.admit(f"r{first_id + i}", p, params) for i, p in enumerate(prompts)]
-    finals = await asyncio.gather(*(final(engine.submit(r)) for r in requests))
-    seconds = time.perf_counter() - start
-    if errors := [o.error for o in finals if o.finish_reason == "error"]:
-        raise RuntimeError(f"data-parallel routing benchmark: {errors[0]}")
-    return seconds, sum(o.cached_tokens for o in finals)
+    async def serve_all(prompts: list[list[int]]) -> tuple[float, int]:
+        start = time.perf_counter()
+        requests = [engine.admit(f"r{next(_request_ids)}", p, params) for p in prompts]
+        finals = await asyncio.gather(*(final(engine.submit(r)) for r in requests))
+        seconds = time.perf_counter() - start
+        if errors := [o.error for o in finals if o.finish_reason == "error"]:
+            raise RuntimeError(f"data-parallel routing benchmark: {errors[0]}")
+        return seconds, sum(o.cached_tokens for o in finals)
 
-
-class _Routed:
-    """One AsyncEngine's side of a round (InTurns): seconds to serve the round's prompts, the tokens it found
-    cached recorded beside."""
-
-    def __init__(self, engine, params: SamplingParams) -> None:
-        self.engine, self.params = engine, params
-        self.cached: list[int] = []
-        self.sent = 0
-
-    def __call__(self, prompts: list[list[int]]) -> float:
-        seconds, cached = asyncio.run(_serve_all(self.engine, prompts, self.params, self.sent))
-        self.sent += len(prompts)
-        self.cached.append(cached)
-        return seconds
-
-
-def routing_workload(vocab: int, requests: int, prefixes: int, shared: int, unique: int, seed: int) -> list[list[int]]:
-    """`requests` prompts over `prefixes` distinct shared prefixes (as many of each as the count allows), in an
-    order drawn from `seed`, each with `unique` tokens of its own."""
-    commons = random_prompts(prefixes, shared, vocab, seed=2 * seed)
-    owns = random_prompts(requests, unique, vocab, seed=2 * seed + 1)
-    order = torch.randperm(requests, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [commons[order[i] % prefixes] + own for i, own in enumerate(owns)]
+    return lambda prompts: asyncio.run(serve_all(prompts))
 
 
 def data_parallel_routing(rounds: int | None = None, engines: int = 2) -> dict:
@@ -196,34 +199,15 @@ def data_parallel_routing(rounds: int | None = None, engines: int = 2) -> dict:
     params = SamplingParams(max_new_tokens=gen, ignore_eos=True)
     servers = {name: AsyncEngine(spec, engines, prefix_routing=on) for name, on in ROUTES.items()}
     try:
-        sides = {name: _Routed(server.start(), params) for name, server in servers.items()}
+        sides = {name: _Side(_async_serve(server.start(), params)) for name, server in servers.items()}
         vocab = servers["by load"].limits.vocab_size
-        for side in sides.values():  # warm-up: the engines' first steps
-            side(routing_workload(vocab, requests, prefixes, shared, unique, seed=1000))
-            side.cached.clear()
-        turns = InTurns(sides)
-        for r in range(rounds):
-            turns.round(routing_workload(vocab, requests, prefixes, shared, unique, seed=r))
+        turns = _run_rounds(sides, rounds, lambda seed: workload(vocab, requests, shared, unique, seed, prefixes))
     finally:
         for server in servers.values():
             server.shutdown()
-    rows = []
-    for name, side in sides.items():
-        wall, ratio = turns.spread(name), turns.ratio(name, "by cached prefix")
-        rows.append(
-            {
-                "routing": name,
-                "median_s": wall.median,
-                "min_s": wall.low,
-                "max_s": wall.high,
-                "rounds_s": turns.times[name],
-                "cached_tokens": statistics.median(side.cached),
-                "requests_per_engine": servers[name].requests_per_engine,
-                "time_vs_prefix_routing": ratio.median,
-                "ratio_min": ratio.low,
-                "ratio_max": ratio.high,
-            }
-        )
+    rows = _rows(turns, sides, lambda name: "by cached prefix", "time_vs_prefix_routing")
+    for row, (name, server) in zip(rows, servers.items()):
+        row.update(routing=name, requests_per_engine=server.requests_per_engine)
     return {
         "engines": engines,
         "threads_per_engine": 1,

@@ -239,9 +239,9 @@ def transformers_baseline(
 def page_layouts(model_dir: Path, batch: int, input_len: int, rounds: int = 7, steps: int = 8) -> dict:
     """The engine's decode step at `batch` requests (their prompts cached), in this process, in 16-token KV pages
     (the default: gathered for a batch's attention) and in whole-context ones (one a request, read in place):
-    both engines built first, then timed in turns (a round: each engine's median of `steps` steps after an
-    untimed one, `median_ms`), which goes first alternating, so a VM whose speed drifts slows both alike. Each
-    layout's median over the rounds, and the median (min-max) of the rounds' ratios, 16-token over whole-context."""
+    both engines built first, then timed in interleaved rounds (harness.InTurns; a round: each engine's median of
+    `steps` steps after an untimed one, `median_ms`). Each layout's median over the rounds, and the median
+    (min-max) of the rounds' ratios, 16-token over whole-context."""
     from tessera.runtime.loader import load_model
 
     model = load_model(model_dir)

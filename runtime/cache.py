@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import math
 from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -273,9 +272,9 @@ class PagedKVCache:
         """Pages a sequence of `tokens` tokens holds in each group."""
         return [g.pages_for(tokens) for g in self.groups]
 
-    def capacity(self, pages: list[list[int]]) -> float:
+    def capacity(self, pages: list[list[int]]) -> int:
         """The most tokens a sequence with `pages` (per group) can have without another page."""
-        return min((len(own) for own in pages), default=math.inf) * self.page_size
+        return min(len(own) for own in pages) * self.page_size
 
     def extend(self, pages: list[list[int]], tokens: int, window_tokens: int | None = None) -> bool:
         """Give a sequence with `pages` (per group, extended in place) the pages it lacks for `tokens` tokens, the
@@ -485,12 +484,11 @@ class BlockTables:
                 continue  # most steps of a decode: its last page has room
             width = self.width_for(tokens)
             for g, own in enumerate(pages):
-                entries.extend((g, row, c, page) for c, page in enumerate(self.cache.table(own, width, old), old))
-                # The pages a windowed sequence gave back since (PagedKVCache.extend) now belong to others, or to
-                # no one: their entries point at the scratch page, so no read, even a masked one, reaches them.
-                group = self.cache.groups[g]
-                gone = range(group.first_held(old * page_size), min(group.first_held(width * page_size), old))
-                entries.extend((g, row, c, 0) for c in gone)
+                # The new entries, and in a windowed group those of the pages held at the last write (from its
+                # first held): the ones given back since (PagedKVCache.extend) now belong to others or to no one,
+                # and become 0, the scratch page, so that no read, even a masked one, reaches them.
+                start = min(old, self.cache.groups[g].first_held(old * page_size))
+                entries.extend((g, row, c, page) for c, page in enumerate(self.cache.table(own, width, start), start))
             self.widths[row] = width
         if entries:
             g, r, c, page = torch.tensor(entries, dtype=torch.int64).T.to(self.tables.device)

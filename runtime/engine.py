@@ -220,7 +220,7 @@ class _Request:
         self.sampled = 0  # tokens sampled, an EOS included
         self.pages: list[list[int]] = []  # its pages in each KV group of the cache (Engine.add sets the groups)
         self.max_pages: list[int] = []  # the most pages it can ever hold in each KV group (Engine.add sets them)
-        self.capacity: float = 0  # the most tokens its pages hold (PagedKVCache.capacity)
+        self.capacity = 0  # the most tokens its pages hold (PagedKVCache.capacity)
         self.row: int | None = None  # its row of the engine's BlockTables while it runs
         self.hashes: list[bytes] = []  # the prefix hashes of its first full pages (cache.page_hashes), grown lazily
         self.registered = 0  # its first pages registered in the prefix cache (all of them hold computed tokens)
@@ -554,7 +554,7 @@ class Engine:
         of this step's tokens, since it gives pages back as it goes: a pool that runs dry there preempts it like a
         decode); how many of its tokens this step computes, at most `room`."""
         self.cache.share(req.pages, hits)
-        cached = len(hits[0]) if hits else 0
+        cached = len(hits[0])  # pages of the prefix found, as every group's list has
         req.registered, req.computed = cached, cached * self.cache.page_size
         self.prefix_queries += len(req.tokens)
         self.prefix_hits += req.computed

@@ -45,9 +45,9 @@ class PrefixRouter:
         if not self.caching:
             return least
         hashes = page_hashes(prompt, self.page_size, [], (len(prompt) - 1) // self.page_size)
-        near = [i for i in alive if loads[i] <= loads[least] + self.slack]
-        best = max(near, key=lambda i: (self._matched(i, hashes), -loads[i], -i))
-        chosen = best if self._matched(best, hashes) else least
+        matched = {i: self._matched(i, hashes) for i in alive if loads[i] <= loads[least] + self.slack}
+        best = max(matched, key=lambda i: (matched[i], -loads[i], -i))
+        chosen = best if matched[best] else least
         self._remember(chosen, hashes)
         return chosen
 

@@ -14,11 +14,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tessera.benchmarks.bench_prefix import windowed
 from tessera.demo import PARENT_DIR
 from tessera.runtime.cache import PagedKVCache, page_hashes
 from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.loader import load_model
-from tessera.runtime.model import Model
 from tessera.runtime.sampling import SamplingParams, load_tokenizer
 
 from .test_engine import greedy_by_full_forward, prompts_of, served_under_pressure
@@ -236,16 +236,6 @@ def test_no_prefix_caching_when_asked(demo) -> None:
     engine.generate([prompt, prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))
     engine.generate([prompt], SamplingParams(max_new_tokens=2, ignore_eos=True))
     assert not engine.cache.prefix_caching and engine.prefix_hits == 0
-
-
-def windowed(model: Model, window: int, layers: tuple[int, ...]) -> Model:
-    """`model` (its trained weights: what its attention reads matters to its tokens) with a window on `layers`."""
-    blocks = list(model.arch.blocks)
-    for i in layers:
-        blocks[i] = replace(blocks[i], attention=replace(blocks[i].attention, window=window))
-    m = Model.empty(model.arch.with_blocks(blocks))
-    m.load_state_dict(model.state_dict())
-    return m.eval()
 
 
 def test_a_window_reads_its_last_pages_from_the_prefix_cache(demo) -> None:
