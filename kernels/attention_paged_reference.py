@@ -10,7 +10,8 @@ K/V are read in place where a sequence's pages are consecutive: a chunk's, a lon
 gets the lowest free pages, so one served alone has them in a row), or a decode batch's when each sequence has
 one page and those pages lie together (pages of a whole context, `--page-size`). Elsewhere the pages read are
 copied out. Slots that the masks hide must hold finite values (0 · NaN = NaN): a sequence's own pages are
-zeroed when it gets them (PagedKVCache.allocate), and table entries past its pages are replaced by its first.
+zeroed when it gets them (PagedKVCache.allocate), and table entries past its pages are replaced by its first
+page read. A windowed layer's reads start at the page of the first key in the window, as the Triton kernel's do.
 """
 
 from __future__ import annotations
@@ -59,14 +60,21 @@ class _StepPlan:
     mask: torch.Tensor | None  # (rows, 1, 1, longest): which keys each row sees; None: all of them
 
 
+def _first_read(length: int, queries: int, window: int | None, page: int) -> int:
+    """The first of a sequence's pages that its last `queries` queries read: the page of the first query's first
+    visible key. Pages before it (a windowed sequence's given-back pages among them) are not read at all."""
+    return 0 if window is None else max(0, length - queries - window + 1) // page
+
+
 def _chunk(
     start: int, n: int, length: int, table: list[int], page: int, window: int | None, device: torch.device
 ) -> _Chunk:
-    used = -(-length // page)
-    first = table[0]
-    pages = slice(first, first + used) if table[:used] == list(range(first, first + used)) else table[:used]
+    skipped = _first_read(length, n, window, page)
+    read = table[skipped : -(-length // page)]
+    pages = slice(read[0], read[0] + len(read)) if read == list(range(read[0], read[0] + len(read))) else read
     if not isinstance(pages, slice):
         pages = torch.tensor(pages, device=device)
+    length -= skipped * page  # positions below count from the first key read
     visible = window_mask(torch.arange(length - n, length, device=device), length, window)
     return _Chunk(start, n, length, pages, visible)
 
@@ -81,10 +89,14 @@ def _plan(meta: PagedAttentionMetadata, page: int, n_tokens: int, window: int | 
     if not decode:
         return _StepPlan(chunks, decode, None, 0, None, None, None, None, None)
     rows = None if len(decode) == n_tokens else torch.tensor([bounds[b] for b in decode], device=device)
-    lengths = [seq_lens[b] for b in decode]
+    # Each decode sequence's pages from the first one its query reads (all of them without a window), and its
+    # length counted from there: a windowed layer reads its window, however long the context.
+    skipped = [_first_read(seq_lens[b], 1, window, page) for b in decode]
+    own = [tables[b][s : max(s + 1, -(-seq_lens[b] // page))] for b, s in zip(decode, skipped)]
+    lengths = [seq_lens[b] - s * page for b, s in zip(decode, skipped)]
     longest = max(lengths)
     span = scatter = keys = run = None
-    firsts = [tables[b][0] for b in decode]
+    firsts = [t[0] for t in own]
     if longest <= page and max(firsts) - min(firsts) < 2 * len(decode):  # one page each, close together
         span = min(firsts), max(firsts) + 1
         if firsts != list(range(*span)):
@@ -95,14 +107,13 @@ def _plan(meta: PagedAttentionMetadata, page: int, n_tokens: int, window: int | 
             lengths = spread
     else:  # copy out: a shorter sequence's table ends before the longest one's: its first page stands in
         width = -(-longest // page)
-        own = [tables[b][: max(1, -(-n // page))] for b, n in zip(decode, lengths)]
         if len(own) == 1 and own[0] == list(range(own[0][0], own[0][0] + width)):
             run = own[0][0], own[0][0] + width  # one sequence, pages in a row (a lone request's usually are)
         else:
             keys = torch.tensor([t + [t[0]] * (width - len(t)) for t in own], device=device)
     mask = None  # every row sees all `longest` keys (a batch of 1, say): SDPA without a mask is faster
     if min(lengths) < longest or (window is not None and longest > window):
-        # Row r's one query sits at position lengths[r] - 1.
+        # Row r's one query sits at position lengths[r] - 1, counted from the row's first key read.
         mask = window_mask(torch.tensor(lengths, device=device) - 1, longest, window)[:, None, None, :]
     return _StepPlan(chunks, decode, rows, longest, span, scatter, keys, run, mask)
 

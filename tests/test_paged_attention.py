@@ -135,12 +135,12 @@ def check_case(
     qd = q.to(device=KERNEL_DEVICE, dtype=dtype)
     if strided:  # the same values, stepping n_heads elements from one to the next along the head dimension
         qd = qd.transpose(1, 2).contiguous().transpose(1, 2)
-    torch_out = attention_paged_reference(qd, k_pages, v_pages, metadata(q_lens, lengths, tables), window, **scales)
-    if window is not None:  # the kernel must not read a page that lies wholly before every query's window
+    if window is not None:  # neither op may read a page that lies wholly before every query's window
         for b, (n, length) in enumerate(zip(q_lens, lengths)):
             first_seen = max(0, length - n - window + 1)
             for i in range(first_seen // page):
                 k_pages[tables[b, i]], v_pages[tables[b, i]] = float("nan"), float("nan")
+    torch_out = attention_paged_reference(qd, k_pages, v_pages, metadata(q_lens, lengths, tables), window, **scales)
     meta = metadata(q_lens, lengths, tables)
     triton_out = kernels.attention_paged(qd, k_pages, v_pages, meta, window, **scales)  # poisoned
     for out in (triton_out, torch_out):
