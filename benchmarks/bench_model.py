@@ -35,7 +35,7 @@ from tessera.kernels import hardware
 from tessera.runtime.engine import DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.model import Model
 
-from .harness import InTurns, hf_generate, time_ms, wall_s
+from .harness import InTurns, hf_generate, relative_error, time_ms, wall_s
 
 # meta-llama/Llama-3.1-8B config.json (the fields tessera reads); the shared copy is not on the GPU machine.
 LLAMA_3_1_8B = {
@@ -167,7 +167,7 @@ def run(device: torch.device, copy_gbps: float, written: Callable[[dict], object
                     row["logits_relative_error_vs_references"] = diff.item()
             base_ms = rows[-1]["step_ms"]  # the served mode's unquantized step
             try:  # new, never run on a GPU: a failure is recorded, and the bf16 rows stay
-                rows += _fp8_rows(fp8_model, batch, context, device, served, copy_gbps, base_ms)
+                rows += _fp8_rows(fp8_model, batch, context, device, served, copy_gbps, base_ms, outputs[served[0]])
             except Exception as e:
                 result.setdefault("fp8_errors", []).append(f"batch {batch} context {context}: {type(e).__name__}: {e}")
                 print(f"decode batch {batch} context {context} FP8: failed ({type(e).__name__}: {e})")
@@ -180,15 +180,29 @@ def run(device: torch.device, copy_gbps: float, written: Callable[[dict], object
     return result
 
 
-def _fp8_rows(model: Model, batch: int, context: int, device: torch.device, mode, copy_gbps: float, base_ms: float):
-    """The FP8 model's decode step in the served `mode`, with a bf16 and with an FP8 KV cache."""
+def _fp8_rows(
+    model: Model,
+    batch: int,
+    context: int,
+    device: torch.device,
+    mode,
+    copy_gbps: float,
+    base_ms: float,
+    unquantized: torch.Tensor,
+):
+    """The FP8 model's decode step in the served `mode`, with a bf16 and with an FP8 KV cache. Its logits are
+    checked before it is timed: against the plain-torch FP8 path's (dequantized weights and activations in fp32:
+    what the FP8 GEMMs, cuBLAS's `_scaled_mm` past 16 rows, must compute), and against the `unquantized` step's
+    (what quantizing costs), both recorded with whether every logit is finite."""
     backend, graph = mode
-    kernels.set_backend(BACKENDS[backend])
     rows = []
     for kv in ("auto", "fp8"):
         with torch.inference_mode():
+            kernels.set_backend(BACKENDS["torch"])
+            reference = _decode_steps(model, batch, context, device, False, kv)().float()
+            kernels.set_backend(BACKENDS[backend])
             step = _decode_steps(model, batch, context, device, graph, kv)
-            step()
+            logits = step().float()
             ms, method = time_ms(step, device, graph=False)
         if graph:
             method = method.replace("eager", "replays of the engine's CUDA graph")
@@ -208,13 +222,18 @@ def _fp8_rows(model: Model, batch: int, context: int, device: torch.device, mode
             "floor_ms": floor_ms,
             "pct_of_bandwidth_floor": 100 * floor_ms / ms,
             "speedup_vs_unquantized_step": base_ms / ms,
+            "logits_finite": bool(logits.isfinite().all()),
+            "logits_relative_error_vs_fp8_reference": relative_error(logits, reference),
+            "logits_relative_error_vs_unquantized": relative_error(logits, unquantized),
             "timing": method,
         }
         rows.append(row)
         print(
             f"decode batch {batch} context {context} {row['precision']}: {ms:.3f} ms/step, "
             f"{row['pct_of_bandwidth_floor']:.0f} % of floor, "
-            f"{row['speedup_vs_unquantized_step']:.2f}x the unquantized step"
+            f"{row['speedup_vs_unquantized_step']:.2f}x the unquantized step; logits "
+            f"{row['logits_relative_error_vs_fp8_reference']:.1e} from the FP8 reference, "
+            f"{row['logits_relative_error_vs_unquantized']:.1e} from unquantized"
         )
     return rows
 
@@ -364,15 +383,17 @@ def generate_speed(device: torch.device, new_tokens: int = 128, rounds: int = 5)
 def table(result: dict) -> str:
     lines = [
         "| batch | context | precision | kernels | CUDA graph | ms/step | tokens/s | % of bandwidth floor | "
-        "vs unquantized step |",
-        "|---:|---:|---|---|---|---:|---:|---:|---:|",
+        "vs unquantized step | logits vs reference |",
+        "|---:|---:|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
         speedup = f"{r['speedup_vs_unquantized_step']:.2f}x" if "speedup_vs_unquantized_step" in r else ""
+        # The served step's logits against the plain-torch path's in the same precision (FP8 rows: its FP8 path).
+        error = r.get("logits_relative_error_vs_fp8_reference", r.get("logits_relative_error_vs_references"))
         lines.append(
             f"| {r['batch']} | {r['context']} | {r.get('precision', result['dtype'])} | {r['kernels']} | "
             f"{'yes' if r['cuda_graph'] else 'no'} | {r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | "
-            f"{r['pct_of_bandwidth_floor']:.0f} % | {speedup} |"
+            f"{r['pct_of_bandwidth_floor']:.0f} % | {speedup} | {'' if error is None else f'{error:.1e}'} |"
         )
     if result.get("generate"):
         lines += [

@@ -86,8 +86,7 @@ FP8_DEVICE_TESTS=(
     tests/test_fp8.py::test_fp8_reference_and_scaled_mm_match_float64
     tests/test_fp8.py::test_fp8_swiglu_kernel_matches_the_reference
     tests/test_fp8.py::test_fp8_swiglu_on_scaled_mm_matches_the_reference
-    tests/test_fp8.py::test_the_lm_head_runs_through_an_fp8_copy_that_is_not_stored
-    tests/test_fp8.py::test_the_cost_model_times_fp8_blocks
+    tests/test_fp8.py::test_fp8_decode_step_replayed_from_a_cuda_graph_matches_the_fp8_reference
 )
 want tests && step tests 140 env OMP_NUM_THREADS=1 python3 -m pytest -q -p no:cacheprovider -n 12 -m "not slow" \
     tests/test_paged_attention.py tests/test_kernels.py tests/test_attention_kernels.py \
@@ -105,8 +104,9 @@ want bench_model_pdl && step bench_model_pdl 90 python3 -m tessera.cli bench mod
 want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving --device cuda
 # Prompts sharing 2,048 first tokens at the 8B shape, with and without prefix caching (optional: ~1 min).
 want bench_prefix && step bench_prefix 90 python3 -m tessera.cli bench prefix --device cuda
-want bench_fusion && step bench_fusion 25 python3 -m tessera.cli bench fusion --device cuda
 want bench_ffn_norm && step bench_ffn_norm 75 python3 -m tessera.cli bench kernels --suite norm --suite ffn --device cuda
+# Measured at 2b6d4ed already (1.24-1.27x): last, so a short budget cuts it rather than issue 20's GEMM rows.
+want bench_fusion && step bench_fusion 25 python3 -m tessera.cli bench fusion --device cuda
 # Issue 17's GPU halves, past the default budget: run them by name in a call of their own
 # (`SUITE_S=400 bash benchmarks/gpu_suite.sh cost_model search_scale`, what is left of a session after the first
 # call). The cost model calibrated in bf16 with CUDA graphs and checked on 10 random architectures each of three

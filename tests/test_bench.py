@@ -89,6 +89,11 @@ def test_bench_model(results_dir) -> None:
         for r in quantized:
             assert r["speedup_vs_unquantized_step"] == pytest.approx(plain["step_ms"] / r["step_ms"])
             assert r["floor_ms"] < plain["floor_ms"]
+            # The CPU serves the FP8 reference path itself: the same bits. Against the unquantized logits, E4M3's
+            # rounding (half a step: 6.25 % of a value, averaged down over each dot product) moves them by a few
+            # percent, never by nothing; a lost scale would move them by ~100 %.
+            assert r["logits_finite"] and r["logits_relative_error_vs_fp8_reference"] == 0.0
+            assert 1e-3 < r["logits_relative_error_vs_unquantized"] < 0.1
 
 
 def test_a_failing_case_is_recorded_and_every_case_written_as_it_ends(results_dir, monkeypatch) -> None:
