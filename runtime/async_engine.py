@@ -328,7 +328,10 @@ class RequestStream:
         out = await self.queue.get()
         while not out.finished and not self.queue.empty():
             later = self.queue.get_nowait()
-            out = replace(later, token_ids=out.token_ids + later.token_ids, text=out.text + later.text)
+            logprobs = None if later.logprobs is None else (out.logprobs or []) + later.logprobs
+            out = replace(
+                later, token_ids=out.token_ids + later.token_ids, text=out.text + later.text, logprobs=logprobs
+            )
         self.finished = out.finished
         return out
 

@@ -65,9 +65,11 @@ from tessera.runtime.sampling import (
     PromptEncoder,
     SamplingParams,
     TextStream,
+    TokenLogprobs,
     request_keys,
     request_uniforms,
     sample,
+    token_logprobs,
 )
 
 
@@ -119,6 +121,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort", "error"
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose K/V a final output's request found cached (prefix caching)
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request's parameters ask for them
 
     @classmethod
     def progress(
@@ -684,12 +687,23 @@ class Engine:
         if any(p.temperature > 0 for p in params):
             keys = torch.tensor([req.keys for req in reqs], dtype=torch.int64)
             uniforms = request_uniforms(keys, torch.tensor([req.sampled for req in reqs]))
+        tokens = sample(logits, params, uniforms).tolist()
+        # The log-probabilities asked for, in one pass over those rows (a row whose sampling failed has none).
+        asking = [i for i, (p, token) in enumerate(zip(params, tokens)) if p.logprobs is not None and token >= 0]
+        logprobs = dict.fromkeys(range(len(reqs)))
+        if asking:
+            rows = logits[torch.tensor(asking, device=logits.device)]
+            found = token_logprobs(rows, [tokens[i] for i in asking], [params[i].logprobs for i in asking])
+            logprobs.update(zip(asking, found))
         outputs = []
-        for req, token in zip(reqs, sample(logits, params, uniforms).tolist()):
+        for i, (req, token) in enumerate(zip(reqs, tokens)):
             if token < 0:  # NaN or infinite logits: this request's failure, not the batch's
                 outputs.append(self._fail(req, "sampling failed: the logits hold a NaN or an infinity"))
-            else:
-                outputs.append(self._append(req, token))
+                continue
+            out = self._append(req, token)
+            if logprobs[i] is not None:  # an EOS that ends the request is no token of its output: no entry
+                out.logprobs = [logprobs[i]] if out.token_ids else []
+            outputs.append(out)
         return outputs
 
     def _fail(self, req: _Request, error: str) -> RequestOutput:
@@ -750,6 +764,9 @@ class Engine:
                     c.tokens.extend(out.token_ids)
                     if c.text is not None:
                         c.text += out.text
+                    if out.logprobs is not None:
+                        c.logprobs = c.logprobs or []
+                        c.logprobs.extend(out.logprobs)
                     if out.error is not None:
                         raise RuntimeError(f"{out.request_id}: {out.error}")
                     if out.finished:

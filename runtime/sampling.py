@@ -34,6 +34,7 @@ class SamplingError(UserError):
 
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes (and OpenAI clients send); modulo 2**64
+MAX_LOGPROBS = 20  # alternatives a token's log-probabilities may list (OpenAI's top_logprobs bound)
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the text is cut before them
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS ids
     ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely (TokenLogprobs)
 
     def __post_init__(self) -> None:
+        if self.logprobs is not None and not 0 <= _integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
+            raise SamplingError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.max_new_tokens is not None and _integer("max_new_tokens", self.max_new_tokens) < 1:
             raise SamplingError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if _integer("top_k", self.top_k) < 0:
@@ -84,12 +88,24 @@ def _integer(name: str, value: object) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model (the log-softmax of its raw logits: before temperature,
+    top-k and top-p, as vLLM and OpenAI report them) and the `SamplingParams.logprobs` most likely tokens with
+    theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class Completion:
     prompt_tokens: list[int]
     tokens: list[int] = field(default_factory=list)
     text: str | None = None  # None when generating from token ids without a tokenizer
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the parameters asked for them
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -307,6 +323,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     last_kept = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # a draw rounded up to the total
     picked = torch.minimum(picked, last_kept)[:, 0]
     return tokens.index_put((index,), torch.where(bad, -1, picked))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], counts: list[int]) -> list[TokenLogprobs]:
+    """Row i's token `tokens[i]` with its log-probability and the `counts[i]` most likely tokens with theirs, from
+    logits [B, V]: one log-softmax (float32) and one top-k for all rows, one copy to the host."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    k = max(counts)
+    values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    return [
+        TokenLogprobs(token, lp, tuple(zip(ids[i][:n], values[i][:n])))
+        for i, (token, lp, n) in enumerate(zip(tokens, chosen, counts))
+    ]
 
 
 class TextStream:

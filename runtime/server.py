@@ -45,7 +45,7 @@ from tessera.config import ConfigError, read_json
 from tessera.errors import UserError
 from tessera.runtime.async_engine import AsyncEngine, EngineSpec, RequestStream
 from tessera.runtime.engine import CapacityError, EngineConfig, EngineRequest, RequestOutput
-from tessera.runtime.sampling import ContextLengthError, SamplingError, SamplingParams
+from tessera.runtime.sampling import MAX_LOGPROBS, ContextLengthError, SamplingError, SamplingParams, TokenLogprobs
 
 # Used when the tokenizer config has no chat_template: one "role: content" line per message, then the
 # assistant's turn. Documented in docs/serving.md.
@@ -144,7 +144,6 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None  # accepted and ignored, as OpenAI uses it only for abuse monitoring
@@ -164,13 +163,16 @@ class _Sampling(BaseModel):
     def check_supported(self) -> None:
         if self.n < 1:
             raise APIError(400, f"n: must be >= 1, got {self.n}", "n")
-        if self.logprobs is not None and self.logprobs is not False:  # 0 asks for the chosen tokens' (0 == False)
-            raise APIError(400, "logprobs: not supported by this server", "logprobs")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
                 raise APIError(400, f"{name}: not supported by this server (only 0)", name)
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+
+    def logprob_count(self) -> int | None:
+        """How many likeliest tokens each generated token's log-probability comes with (None: no log-probabilities):
+        the endpoints spell it each their own way."""
+        raise NotImplementedError
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -181,6 +183,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's, and this many likeliest (0: none)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -193,6 +196,9 @@ class CompletionRequest(_Sampling):
             raise APIError(400, "best_of: only 1 is supported", "best_of")
         if self.suffix:
             raise APIError(400, "suffix: not supported by this server", "suffix")
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -210,28 +216,48 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # the newer name of max_tokens
+    logprobs: bool = False  # each generated token's log-probability
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # and this many likeliest tokens' (needs logprobs)
 
     def check_supported(self) -> None:
         if self.max_completion_tokens is not None:
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
                 raise APIError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
         super().check_supported()
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # Response formats
 
 
 class ResponseFormat:
-    """What OpenAI's text-completion responses spell one way and chat responses another."""
+    """What OpenAI's text-completion responses spell one way and chat responses another. `logprobs`: a choice's
+    (or a chunk's) token log-probabilities, in the endpoint's form, or None."""
 
     id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
-    def choice(self, index: int, text: str, reason: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    def choice(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
-    def delta(self, index: int, text: str, reason: str | None) -> dict:
-        return self.choice(index, text, reason)
+    def delta(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        return self.choice(index, text, reason, logprobs)
+
+    def logprobs(self, entries: list[TokenLogprobs], token_text: Callable[[int], str], offset: int) -> dict:
+        """The legacy completions form: parallel lists, each token's text offset counted from `offset` (the
+        characters of the choice's tokens before these)."""
+        texts = [token_text(e.token_id) for e in entries]
+        offsets = [offset + sum(map(len, texts[:i])) for i in range(len(texts))]
+        return {
+            "tokens": texts,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
 
     def opening(self, n: int) -> list[dict]:
         """Stream chunks sent before any text."""
@@ -241,16 +267,28 @@ class ResponseFormat:
 class ChatFormat(ResponseFormat):
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def choice(self, index: int, text: str, reason: str | None) -> dict:
+    def choice(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
         return {
             "index": index,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": reason,
         }
 
-    def delta(self, index: int, text: str, reason: str | None) -> dict:
-        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
+    def delta(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        delta = {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    def logprobs(self, entries: list[TokenLogprobs], token_text: Callable[[int], str], offset: int) -> dict:
+        """The chat form: one entry per token with its text, UTF-8 bytes and the likeliest tokens'."""
+
+        def token(token_id: int, logprob: float) -> dict:
+            text = token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {
+            "content": [{**token(e.token_id, e.logprob), "top_logprobs": [token(*t) for t in e.top]} for e in entries]
+        }
 
     def opening(self, n: int) -> list[dict]:  # each choice's role first, as OpenAI sends it
         return [
@@ -526,6 +564,7 @@ class Server:
                 seed=body.seed,
                 stop=body.stop_strings(),
                 ignore_eos=body.ignore_eos,
+                logprobs=body.logprob_count(),
             )
         except SamplingError as e:
             field = API_FIELDS.get(e.field, e.field)
@@ -678,12 +717,15 @@ class Server:
         per_prompt: int,
     ) -> dict:
         """The non-streamed answer: every choice's whole text (n in all, `per_prompt` for each prompt)."""
-        texts, finals = [""] * n, {}
+        texts, finals, logprobs = [""] * n, {}, [None] * n
         async with contextlib.aclosing(outputs):
             async for index, out in outputs:
                 if out.error:
                     raise APIError(500, out.error)
                 texts[index] += out.text
+                if out.logprobs is not None:
+                    logprobs[index] = logprobs[index] or []
+                    logprobs[index].extend(out.logprobs)
                 if out.finished:
                     finals[index] = out
         if len(finals) < n or any(o.finish_reason == "abort" for o in finals.values()):
@@ -693,7 +735,10 @@ class Server:
             "object": form.object,
             "created": int(time.time()),
             "model": self.model_name,
-            "choices": [form.choice(i, texts[i], finals[i].finish_reason) for i in range(n)],
+            "choices": [
+                form.choice(i, texts[i], finals[i].finish_reason, self._logprobs(form, logprobs[i], 0))
+                for i in range(n)
+            ],
             "usage": self._usage(finals, per_prompt),
         }
 
@@ -708,7 +753,7 @@ class Server:
     ) -> AsyncIterator[str]:
         """The streamed answer: SSE chunks as the engine produces text, then the usage chunk and [DONE] (n choices
         in all, `per_prompt` for each prompt)."""
-        created, finals = int(time.time()), {}
+        created, finals, offsets = int(time.time()), {}, [0] * n
 
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
             data = {
@@ -731,13 +776,23 @@ class Server:
                     yield f"data: {json.dumps(error_body(500 if out.error else 503, message))}\n\n"
                     return
                 reason = out.finish_reason if out.finished else None
-                if out.text or reason:
-                    yield chunk([form.delta(index, out.text, reason)])
+                # A token's log-probability goes out with it, though a stop string may hold its text back a while.
+                logprobs = self._logprobs(form, out.logprobs or None, offsets[index])
+                if out.text or reason or logprobs:
+                    yield chunk([form.delta(index, out.text, reason, logprobs)])
+                offsets[index] += sum(len(self._token_text(e.token_id)) for e in out.logprobs or ())
                 if out.finished:
                     finals[index] = out
         if include_usage:
             yield chunk([], self._usage(finals, per_prompt))
         yield "data: [DONE]\n\n"
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's own text, as a log-probability entry names it (special tokens too)."""
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _logprobs(self, form: ResponseFormat, entries: list[TokenLogprobs] | None, offset: int) -> dict | None:
+        return None if entries is None else form.logprobs(entries, self._token_text, offset)
 
     # Endpoints
 

@@ -316,6 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop or ()),
+        logprobs=args.logprobs,
     )  # checked before the model loads
     from tessera.runtime.loader import check_memory
     from tessera.runtime.parallel import Launch
@@ -347,11 +348,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
             {"prompt": p, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
             for p, c in zip(args.prompt, completions)
         ]
+        if args.logprobs is not None:
+            for o, c in zip(out, completions):
+                o["logprobs"] = [{"token": e.token_id, "logprob": e.logprob, "top": e.top} for e in c.logprobs]
         print(json.dumps(out, indent=2))
         return
+    if args.logprobs is not None:
+        from tessera.runtime.sampling import load_tokenizer
+
+        tok = load_tokenizer(args.model)
+
+        def shown(token: int) -> str:
+            return f"{tok.decode([token], skip_special_tokens=False)!r} ({token})"
+
     for prompt, c in zip(args.prompt, completions):
         print(f"{prompt}{c.text}")
         print(f"--- [{len(c.tokens)} tokens, finish: {c.finish_reason}]")
+        for e in c.logprobs or ():
+            top = ", ".join(f"{shown(t)} {lp:.3f}" for t, lp in e.top)
+            print(f"    {shown(e.token_id)}: {e.logprob:.3f}" + (f"; likeliest: {top}" if top else ""))
     n = sum(len(c.tokens) for c in completions)
     print(f"{n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tokens/s, batch {len(completions)})", file=sys.stderr)
 
@@ -845,6 +860,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_sampling("top_p", float), default=1.0, help="in (0, 1]; 1 = no nucleus cut")
     p.add_argument("--seed", type=_sampling("seed", int), default=None)
     p.add_argument("--stop", action="append", type=utf8_text, help="stop string; repeatable")
+    p.add_argument(
+        "--logprobs",
+        type=_sampling("logprobs", int),
+        default=None,
+        metavar="K",
+        help="print each token's log-probability under the model, and the K likeliest tokens' (0-20)",
+    )
     _add_device(p, dtype=True)
     p.add_argument(
         "--tensor-parallel-size",

@@ -82,6 +82,25 @@ def test_generate_on_demo_parent(capsys) -> None:
     assert all(len(r["tokens"]) <= 8 and r["finish_reason"] in ("stop", "length") for r in results)
 
 
+def test_generate_prints_logprobs(capsys) -> None:
+    """--logprobs K: each token's log-probability and its K likeliest (as Generator reports them), in the JSON and in
+    the text output; without it, none."""
+    from tessera.runtime.generate import Generator
+    from tessera.runtime.loader import load_model
+    from tessera.runtime.sampling import SamplingParams, load_tokenizer
+
+    args = ("generate", "--model", str(PARENT_DIR), "--prompt", "def f(", "--max-new-tokens", "5")
+    [result] = json.loads(run_cli(capsys, *args, "--logprobs", "2", "--json")[1])
+    gen = Generator(load_model(PARENT_DIR), load_tokenizer(PARENT_DIR))
+    [expected] = gen.generate(["def f("], SamplingParams(5, logprobs=2))
+    assert [e["token"] for e in result["logprobs"]] == result["tokens"] == expected.tokens
+    assert [e["logprob"] for e in result["logprobs"]] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
+    assert [[t for t, _ in e["top"]] for e in result["logprobs"]] == [[t for t, _ in e.top] for e in expected.logprobs]
+    code, printed, _ = run_cli(capsys, *args, "--logprobs", "1")
+    assert code == 0 and printed.count("; likeliest: ") == len(expected.tokens)
+    assert "logprobs" not in json.loads(run_cli(capsys, *args, "--json")[1])[0]
+
+
 def test_quantize_then_generate_in_fp8_equals_quantizing_at_load(tmp_path: Path, capsys) -> None:
     """`tessera quantize` writes an FP8 checkpoint; generating from it gives the tokens of the bf16 parent
     quantized at load (the same E4M3 weights either way), and `--overwrite` is needed to write over other files."""

@@ -257,8 +257,44 @@ def test_stops_on_eos(generator: Generator) -> None:
     [free] = generator.generate([PROMPTS[0]], SamplingParams(10, ignore_eos=True))
     eos = free.tokens[3]
     first = free.tokens.index(eos)
-    [c] = generator.generate([PROMPTS[0]], SamplingParams(10, stop_token_ids=(eos,)))
+    [c] = generator.generate([PROMPTS[0]], SamplingParams(10, stop_token_ids=(eos,), logprobs=0))
     assert c.tokens == free.tokens[:first] and c.finish_reason == "stop"
+    # The EOS that stopped it is no token of the completion, and has no log-probability entry.
+    assert [e.token_id for e in c.logprobs] == c.tokens and all(e.top == () for e in c.logprobs)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_are_the_log_softmax_of_transformers_logits(temperature: float) -> None:
+    """Each generated token's log-probability and its 3 likeliest alternatives are the log-softmax of transformers'
+    logits (the demo parent, float32, one forward over prompt + completion, no cache) at the token's position: the
+    model's own distribution, before the temperature (0.7 changes what is drawn, not what is reported). 1e-4:
+    engine and transformers logits agree to ~1e-5 of their magnitude (~10) in fp32 (test_engine.py)."""
+    from transformers import LlamaForCausalLM
+
+    from tessera.demo import PARENT_DIR
+    from tessera.runtime.loader import load_model
+
+    params = SamplingParams(12, temperature=temperature, seed=3, logprobs=3, ignore_eos=True)
+    completions = Generator(load_model(PARENT_DIR), load_tokenizer(PARENT_DIR)).generate(
+        ["def fibonacci(n):", "import os\n"], params
+    )
+    hf = LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.float32).eval()
+    for c in completions:
+        assert [e.token_id for e in c.logprobs] == c.tokens and len(c.tokens) == 12
+        with torch.inference_mode():
+            logits = hf(torch.tensor([c.prompt_tokens + c.tokens])).logits[0, len(c.prompt_tokens) - 1 : -1]
+        expected = logits.double().log_softmax(dim=-1)
+        chosen = expected.gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
+        got = torch.tensor([e.logprob for e in c.logprobs], dtype=torch.float64)
+        assert torch.allclose(got, chosen, rtol=0, atol=1e-4)
+        top = expected.topk(3, dim=-1)
+        assert [[t for t, _ in e.top] for e in c.logprobs] == top.indices.tolist()
+        top_got = torch.tensor([[lp for _, lp in e.top] for e in c.logprobs], dtype=torch.float64)
+        assert torch.allclose(top_got, top.values, rtol=0, atol=1e-4)
+        if temperature == 0:  # greedy: the chosen token is the likeliest
+            assert c.tokens == top.indices[:, 0].tolist()
+        else:  # sampled: some token below the likeliest was drawn, reported at its own (lower) log-probability
+            assert any(t != i for t, i in zip(c.tokens, top.indices[:, 0].tolist()))
 
 
 def test_stops_on_stop_string(generator: Generator) -> None:
@@ -304,6 +340,9 @@ def test_generation_stops_at_the_context_end(generator: Generator) -> None:
         ({"seed": 2**64}, "seed: expected an integer"),
         ({"seed": -(2**63) - 1}, "seed: expected an integer"),
         ({"max_new_tokens": 2.5}, "max_new_tokens: expected an integer"),
+        ({"logprobs": 21}, r"logprobs: must be in \[0, 20\]"),
+        ({"logprobs": -1}, r"logprobs: must be in \[0, 20\]"),
+        ({"logprobs": True}, "logprobs: expected an integer"),
     ],
 )
 def test_bad_sampling_params(kwargs: dict, message: str) -> None:

@@ -230,6 +230,77 @@ def test_streaming_equals_non_streaming_and_reports_usage(client, reference) -> 
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_logprobs_over_http_are_the_generators_in_openais_forms(client, server, parent) -> None:
+    """Completions (legacy lists) and chat (content entries), whole and streamed: each token's log-probability and
+    its likeliest alternatives are what `Generator` reports in this process (test_generate checks those against
+    transformers), the token texts the tokenizer's, the offsets the texts' running lengths."""
+    tok = parent[1]
+
+    def text_of(token_id: int) -> str:
+        return tok.decode([token_id], skip_special_tokens=False)
+
+    def close(got: list[float], want: list[float]) -> bool:  # two processes' fp32 sums
+        return len(got) == len(want) and all(abs(a - b) <= 1e-4 for a, b in zip(got, want))
+
+    prompt = PROMPTS[1]
+    [expected] = Generator(*parent).generate([prompt], SamplingParams(10, logprobs=2, ignore_eos=True))
+    tokens = [text_of(t) for t in expected.tokens]
+    args = dict(model="parent", prompt=prompt, max_tokens=10, temperature=0, logprobs=2)
+    whole = client.completions.create(**args, extra_body={"ignore_eos": True}).choices[0].logprobs.model_dump()
+    streamed = {field: [] for field in whole}
+    for chunk in client.completions.create(**args, extra_body={"ignore_eos": True}, stream=True):
+        for field, values in (chunk.choices[0].logprobs.model_dump() if chunk.choices[0].logprobs else {}).items():
+            streamed[field] += values
+    for lp in (whole, streamed):
+        assert lp["tokens"] == tokens
+        assert close(lp["token_logprobs"], [e.logprob for e in expected.logprobs])
+        assert [list(top) for top in lp["top_logprobs"]] == [[text_of(t) for t, _ in e.top] for e in expected.logprobs]
+        assert lp["text_offset"] == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+
+    messages = [{"role": "user", "content": prompt}]
+    rendered = server[0].template.render(messages=messages, add_generation_prompt=True)
+    [expected] = Generator(*parent).generate([rendered], SamplingParams(6, logprobs=2))
+    chat = dict(model="parent", messages=messages, max_tokens=6, temperature=0)
+    whole = client.chat.completions.create(**chat, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    streamed = [
+        entry
+        for chunk in client.chat.completions.create(**chat, logprobs=True, top_logprobs=2, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    for content in (whole, streamed):
+        assert [e.token for e in content] == [text_of(t) for t in expected.tokens]
+        assert close([e.logprob for e in content], [e.logprob for e in expected.logprobs])
+        assert all(e.bytes == list(e.token.encode()) for e in content)
+        assert [[t.token for t in e.top_logprobs] for e in content] == [
+            [text_of(t) for t, _ in e.top] for e in expected.logprobs
+        ]
+    assert client.chat.completions.create(**chat).choices[0].logprobs is None  # not asked for
+    assert all(
+        e.top_logprobs == [] for e in client.chat.completions.create(**chat, logprobs=True).choices[0].logprobs.content
+    )
+    with pytest.raises(openai.BadRequestError, match="top_logprobs: needs logprobs: true"):
+        client.chat.completions.create(**chat, top_logprobs=2)
+
+
+def test_outputs_a_busy_consumer_missed_come_out_merged_with_their_logprobs() -> None:
+    """RequestStream merges the outputs queued while its consumer was busy: tokens, text and log-probabilities
+    alike (the log-probabilities of all but the last were once dropped, and a stream lost entries)."""
+    from tessera.runtime.async_engine import RequestStream
+    from tessera.runtime.engine import RequestOutput
+    from tessera.runtime.sampling import TokenLogprobs
+
+    entries = [TokenLogprobs(t, -float(t), ((t, -float(t)),)) for t in (5, 6, 7)]
+    outputs = [RequestOutput.progress("r", [t], f"<{t}>", 3, i + 1) for i, t in enumerate((5, 6))]
+    outputs.append(RequestOutput.final("r", "length", [7], "<7>", 3, 3))
+    stream = RequestStream(None, "r")
+    for out, entry in zip(outputs, entries):
+        out.logprobs = [entry]
+        stream.queue.put_nowait(out)
+    out = asyncio.run(anext(stream))
+    assert (out.token_ids, out.text, out.logprobs, out.finished) == ([5, 6, 7], "<5><6><7>", entries, True)
+
+
 def test_chat_uses_the_template(client, server, parent) -> None:
     served = server[0]
     messages = [{"role": "system", "content": "Write Python."}, {"role": "user", "content": "def add(a, b):"}]
@@ -438,7 +509,8 @@ def test_stop_strings_over_http(client, reference) -> None:
         (dict(seed=2**64, temperature=1), openai.BadRequestError, "seed: expected an integer"),
         (dict(prompt=["x"] * 17), openai.BadRequestError, "at most 16 prompts"),
         (dict(prompt=["x", ""]), openai.BadRequestError, "prompt 1 is empty"),
-        (dict(logprobs=0), openai.BadRequestError, "logprobs: not supported"),  # 0 == False: once let through
+        (dict(logprobs=21), openai.BadRequestError, "logprobs: Input should be less than or equal to 20"),
+        (dict(extra_body={"logprobs": True}), openai.BadRequestError, "logprobs: Input should be a valid integer"),
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, kwargs, error, message) -> None:
