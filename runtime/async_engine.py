@@ -329,8 +329,13 @@ class RequestStream:
         while not out.finished and not self.queue.empty():
             later = self.queue.get_nowait()
             logprobs = None if later.logprobs is None else (out.logprobs or []) + later.logprobs
+            prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else later.prompt_logprobs
             out = replace(
-                later, token_ids=out.token_ids + later.token_ids, text=out.text + later.text, logprobs=logprobs
+                later,
+                token_ids=out.token_ids + later.token_ids,
+                text=out.text + later.text,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
         self.finished = out.finished
         return out

@@ -121,7 +121,8 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort", "error"
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose K/V a final output's request found cached (prefix caching)
-    logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request's parameters ask for them
+    logprobs: list[TokenLogprobs] | None = None  # one per token sampled (an EOS that ends it too), when asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None  # on a request's first output, when asked for
 
     @classmethod
     def progress(
@@ -229,6 +230,10 @@ class _Request:
         self.registered = 0  # its first pages registered in the prefix cache (all of them hold computed tokens)
         self.cached_tokens: int | None = None  # prompt tokens it found cached when it first started (prefix caching)
         self.keys = (0, 0, 0, 0)  # its sampling stream (sampling.request_keys); seeded at random when it has no seed
+        # Each prompt token's log-probability (the first has none: nothing scores it) while they are to be sent.
+        self.prompt_logprobs: list[TokenLogprobs] | None = None
+        if request.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [TokenLogprobs(t, None) for t in request.prompt]
 
     @property
     def most_tokens(self) -> int:
@@ -529,7 +534,7 @@ class Engine:
     def _prefix_hashes(self, req: _Request) -> list[bytes]:
         """The hashes of a waiting request's full pages that may be found cached: not the page of its last token,
         whose logits it must compute."""
-        if not self.cache.prefix_caching:
+        if not self.cache.prefix_caching or req.prompt_logprobs is not None:  # a prompt to score is computed whole
             return []
         pages = (len(req.tokens) - 1) // self.cache.page_size
         return page_hashes(req.tokens, self.cache.page_size, req.hashes, pages)[:pages]
@@ -637,11 +642,32 @@ class Engine:
             tables = [a.block_tables for a in batch.attention]
             return self.graphs.run(tokens, batch.positions, batch.slots, batch.attention[0].seq_lens, tables), sampling
         hidden = self.model.forward_packed(tokens, batch)
+        if any(req.prompt_logprobs is not None for req, _ in plan):
+            self._score_prompts(plan, hidden)
         if not sampling:
             return None, sampling
         if decode_only:  # every token samples, in plan order
             return self.model.logits(hidden), sampling
         return self.model.logits(hidden[last]), sampling
+
+    def _score_prompts(self, plan: list[tuple[_Request, int]], hidden: torch.Tensor) -> None:
+        """The log-probabilities of the prompt tokens this step's chunks score, for the requests that ask for them:
+        the hidden state at position p gives prompt token p + 1's. One head and one log-softmax for all of them. (A
+        decode-only step, replayed from a CUDA graph, scores none: its one token per request is a prompt's last
+        at most, which scores a sampled token.)"""
+        rows, targets, counts, where, start = [], [], [], [], 0
+        for req, n in plan:
+            if req.prompt_logprobs is not None:
+                for p in range(req.computed, min(req.computed + n, req.prompt_len - 1)):
+                    rows.append(start + p - req.computed)
+                    targets.append(req.tokens[p + 1])
+                    counts.append(req.params.prompt_logprobs)
+                    where.append((req, p + 1))
+            start += n
+        if rows:
+            logits = self.model.logits(hidden[torch.tensor(rows, device=hidden.device)])
+            for (req, position), entry in zip(where, token_logprobs(logits, targets, counts)):
+                req.prompt_logprobs[position] = entry
 
     def _step_batch(self, plan: list[tuple[_Request, int]]) -> tuple[Batch, torch.Tensor, torch.Tensor, list[_Request]]:
         """The step's tokens and their Batch (positions, K/V slots, attention metadata), built once for all layers;
@@ -700,9 +726,12 @@ class Engine:
             if token < 0:  # NaN or infinite logits: this request's failure, not the batch's
                 outputs.append(self._fail(req, "sampling failed: the logits hold a NaN or an infinity"))
                 continue
+            scored = req.prompt_logprobs
             out = self._append(req, token)
-            if logprobs[i] is not None:  # an EOS that ends the request is no token of its output: no entry
-                out.logprobs = [logprobs[i]] if out.token_ids else []
+            if logprobs[i] is not None:  # an EOS that ends the request has its entry (as in vLLM), not its text
+                out.logprobs = [logprobs[i]]
+            if scored is not None:  # the first output carries the prompt's
+                out.prompt_logprobs, req.prompt_logprobs = scored, None
             outputs.append(out)
         return outputs
 
@@ -767,6 +796,8 @@ class Engine:
                     if out.logprobs is not None:
                         c.logprobs = c.logprobs or []
                         c.logprobs.extend(out.logprobs)
+                    if out.prompt_logprobs is not None:
+                        c.prompt_logprobs = out.prompt_logprobs
                     if out.error is not None:
                         raise RuntimeError(f"{out.request_id}: {out.error}")
                     if out.finished:

@@ -51,10 +51,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS ids
     ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely (TokenLogprobs)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's prompt_logprobs)
 
     def __post_init__(self) -> None:
-        if self.logprobs is not None and not 0 <= _integer("logprobs", self.logprobs) <= MAX_LOGPROBS:
-            raise SamplingError("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= _integer(name, value) <= MAX_LOGPROBS:
+                raise SamplingError(name, f"must be in [0, {MAX_LOGPROBS}], got {value}")
         if self.max_new_tokens is not None and _integer("max_new_tokens", self.max_new_tokens) < 1:
             raise SamplingError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if _integer("top_k", self.top_k) < 0:
@@ -90,12 +93,12 @@ def _integer(name: str, value: object) -> int:
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """A generated token's log-probability under the model (the log-softmax of its raw logits: before temperature,
-    top-k and top-p, as vLLM and OpenAI report them) and the `SamplingParams.logprobs` most likely tokens with
-    theirs, most likely first."""
+    """A token's log-probability under the model (the log-softmax of its raw logits: before temperature, top-k and
+    top-p, as vLLM and OpenAI report them) and the `SamplingParams.logprobs` (or `prompt_logprobs`) most likely
+    tokens with theirs, most likely first. A prompt's first token has none: logprob None, nothing scores it."""
 
     token_id: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, float], ...] = ()
 
 
@@ -105,7 +108,8 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     text: str | None = None  # None when generating from token ids without a tokenizer
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
-    logprobs: list[TokenLogprobs] | None = None  # one per token, when the parameters asked for them
+    logprobs: list[TokenLogprobs] | None = None  # one per token sampled (an EOS that stopped it too), when asked for
+    prompt_logprobs: list[TokenLogprobs] | None = None  # one per prompt token, when asked for
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -174,6 +174,10 @@ class _Sampling(BaseModel):
         the endpoints spell it each their own way."""
         raise NotImplementedError
 
+    def prompt_logprob_count(self) -> int | None:
+        """The same for the prompt's tokens (None: not scored)."""
+        return None
+
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
@@ -190,8 +194,6 @@ class CompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise APIError(400, "echo: not supported by this server", "echo")
         if self.best_of not in (None, 1):
             raise APIError(400, "best_of: only 1 is supported", "best_of")
         if self.suffix:
@@ -199,6 +201,9 @@ class CompletionRequest(_Sampling):
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprob_count(self) -> int | None:  # echo: the prompt comes back, scored when logprobs are asked for
+        return self.logprobs if self.echo else None
 
 
 class TextPart(BaseModel):
@@ -255,7 +260,7 @@ class ResponseFormat:
         return {
             "tokens": texts,
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+            "top_logprobs": [None if e.logprob is None else {token_text(t): lp for t, lp in e.top} for e in entries],
             "text_offset": offsets,
         }
 
@@ -565,6 +570,7 @@ class Server:
                 stop=body.stop_strings(),
                 ignore_eos=body.ignore_eos,
                 logprobs=body.logprob_count(),
+                prompt_logprobs=body.prompt_logprob_count(),
             )
         except SamplingError as e:
             field = API_FIELDS.get(e.field, e.field)
@@ -610,9 +616,11 @@ class Server:
         read: Callable[[], list[list[int]]],
         default_max: int | None,
         form: ResponseFormat,
+        echo: Callable[[int, list[int]], str] | None = None,
     ):
         """Check the request, read its prompts (`read`, off the event loop), queue them all (or none: every
-        check comes first) and answer, streamed or whole."""
+        check comes first) and answer, streamed or whole. `echo(i, ids)`: prompt i's text, which each of its choices
+        then starts with (OpenAI's echo)."""
         params = self._sampling(body, default_max)
         prompts = await asyncio.to_thread(read)
         n = body.n
@@ -641,15 +649,16 @@ class Server:
         except RuntimeError as e:  # shutting down, or no engine left
             raise APIError(503, str(e)) from e
         outputs = self._merge(request, streams)
+        echoes = None if echo is None else [echo(i, p) for i, p in enumerate(prompts) for _ in range(n)]
         if body.stream:  # answered 200 once the stream starts; a whole answer once it is complete
             self._count(request.url.path, "200")
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                self._events(outputs, len(streams), rid, form, include_usage, n),
+                self._events(outputs, len(streams), rid, form, include_usage, n, echoes),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        answer = await self._whole(outputs, len(streams), rid, form, n)
+        answer = await self._whole(outputs, len(streams), rid, form, n, echoes)
         self._count(request.url.path, "200")
         return answer
 
@@ -715,14 +724,18 @@ class Server:
         rid: str,
         form: ResponseFormat,
         per_prompt: int,
+        echoes: list[str] | None,
     ) -> dict:
-        """The non-streamed answer: every choice's whole text (n in all, `per_prompt` for each prompt)."""
-        texts, finals, logprobs = [""] * n, {}, [None] * n
+        """The non-streamed answer: every choice's whole text (n in all, `per_prompt` for each prompt), after its
+        prompt's when `echoes` gives them."""
+        texts, finals, logprobs = echoes or [""] * n, {}, [None] * n
         async with contextlib.aclosing(outputs):
             async for index, out in outputs:
                 if out.error:
                     raise APIError(500, out.error)
                 texts[index] += out.text
+                if out.prompt_logprobs is not None:  # first: the entries of an echoed prompt
+                    logprobs[index] = list(out.prompt_logprobs)
                 if out.logprobs is not None:
                     logprobs[index] = logprobs[index] or []
                     logprobs[index].extend(out.logprobs)
@@ -750,10 +763,12 @@ class Server:
         form: ResponseFormat,
         include_usage: bool,
         per_prompt: int,
+        echoes: list[str] | None,
     ) -> AsyncIterator[str]:
         """The streamed answer: SSE chunks as the engine produces text, then the usage chunk and [DONE] (n choices
-        in all, `per_prompt` for each prompt)."""
-        created, finals, offsets = int(time.time()), {}, [0] * n
+        in all, `per_prompt` for each prompt); with `echoes`, a choice's first chunk is its prompt's text (with its
+        prompt's log-probabilities when asked for)."""
+        created, finals, offsets, echoed = int(time.time()), {}, [0] * n, set()
 
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
             data = {
@@ -775,6 +790,11 @@ class Server:
                     message = out.error or "the request was cancelled (the server is shutting down)"
                     yield f"data: {json.dumps(error_body(500 if out.error else 503, message))}\n\n"
                     return
+                if echoes is not None and index not in echoed:  # its first output: the prompt's entries, if asked
+                    echoed.add(index)
+                    scored = self._logprobs(form, out.prompt_logprobs, 0)
+                    yield chunk([form.delta(index, echoes[index], None, scored)])
+                    offsets[index] = sum(len(self._token_text(e.token_id)) for e in out.prompt_logprobs or ())
                 reason = out.finish_reason if out.finished else None
                 # A token's log-probability goes out with it, though a stop string may hold its text back a while.
                 logprobs = self._logprobs(form, out.logprobs or None, offsets[index])
@@ -809,12 +829,17 @@ class Server:
                 "prompt",
             )
         names = ["the prompt"] if one else [f"prompt {i}" for i in range(len(prompts))]
+
+        def echo(i: int, ids: list[int]) -> str:  # the prompt as sent; one of token ids, decoded
+            return prompts[i] if isinstance(prompts[i], str) else self.engine.tokenizer.decode(ids)
+
         return await self._serve(
             request,
             body,
             lambda: [self._encode(p, "prompt", name) for p, name in zip(prompts, names)],
             COMPLETION_DEFAULT_MAX_TOKENS,
             TEXT,
+            echo if body.echo else None,
         )
 
     async def chat_completions(self, body: ChatRequest, request: Request):

@@ -13,6 +13,7 @@ from tessera.runtime.sampling import (
     ContextLengthError,
     SamplingParams,
     TextStream,
+    TokenLogprobs,
     load_tokenizer,
     request_keys,
     request_uniforms,
@@ -259,8 +260,20 @@ def test_stops_on_eos(generator: Generator) -> None:
     first = free.tokens.index(eos)
     [c] = generator.generate([PROMPTS[0]], SamplingParams(10, stop_token_ids=(eos,), logprobs=0))
     assert c.tokens == free.tokens[:first] and c.finish_reason == "stop"
-    # The EOS that stopped it is no token of the completion, and has no log-probability entry.
-    assert [e.token_id for e in c.logprobs] == c.tokens and all(e.top == () for e in c.logprobs)
+    # The EOS that stopped it is no token of the completion, but has its log-probability entry (as vLLM gives it).
+    assert [e.token_id for e in c.logprobs] == [*c.tokens, eos] and all(e.top == () for e in c.logprobs)
+
+
+def _transformers_log_softmax(tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), vocab]: row p scores token p + 1, from transformers' logits of the demo parent (float32, one
+    forward over the whole sequence, no cache), in float64."""
+    from transformers import LlamaForCausalLM
+
+    from tessera.demo import PARENT_DIR
+
+    hf = LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return hf(torch.tensor([tokens])).logits[0].double().log_softmax(dim=-1)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
@@ -269,7 +282,6 @@ def test_logprobs_are_the_log_softmax_of_transformers_logits(temperature: float)
     logits (the demo parent, float32, one forward over prompt + completion, no cache) at the token's position: the
     model's own distribution, before the temperature (0.7 changes what is drawn, not what is reported). 1e-4:
     engine and transformers logits agree to ~1e-5 of their magnitude (~10) in fp32 (test_engine.py)."""
-    from transformers import LlamaForCausalLM
 
     from tessera.demo import PARENT_DIR
     from tessera.runtime.loader import load_model
@@ -278,12 +290,9 @@ def test_logprobs_are_the_log_softmax_of_transformers_logits(temperature: float)
     completions = Generator(load_model(PARENT_DIR), load_tokenizer(PARENT_DIR)).generate(
         ["def fibonacci(n):", "import os\n"], params
     )
-    hf = LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.float32).eval()
     for c in completions:
         assert [e.token_id for e in c.logprobs] == c.tokens and len(c.tokens) == 12
-        with torch.inference_mode():
-            logits = hf(torch.tensor([c.prompt_tokens + c.tokens])).logits[0, len(c.prompt_tokens) - 1 : -1]
-        expected = logits.double().log_softmax(dim=-1)
+        expected = _transformers_log_softmax(c.prompt_tokens + c.tokens)[len(c.prompt_tokens) - 1 : -1]
         chosen = expected.gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
         got = torch.tensor([e.logprob for e in c.logprobs], dtype=torch.float64)
         assert torch.allclose(got, chosen, rtol=0, atol=1e-4)
@@ -295,6 +304,53 @@ def test_logprobs_are_the_log_softmax_of_transformers_logits(temperature: float)
             assert c.tokens == top.indices[:, 0].tolist()
         else:  # sampled: some token below the likeliest was drawn, reported at its own (lower) log-probability
             assert any(t != i for t, i in zip(c.tokens, top.indices[:, 0].tolist()))
+
+
+def test_prompt_logprobs_over_chunks_a_cached_prefix_and_a_preemption() -> None:
+    """Each prompt token's log-probability (and its 2 likeliest) is transformers' log-softmax at the position before
+    it, the first token's None, whether the prompt is read in 8-token chunks or served again when its pages are
+    cached (a request scoring its prompt computes it whole: nothing of it is taken from the cache, though a request
+    that does not score it still is). Requests preempted while decoding (a pool of 6 pages of 16 tokens, five of
+    10 + 30 tokens: test_engine's case) send their prompt's entries once, on their first output."""
+    from tessera.demo import PARENT_DIR
+    from tessera.runtime.cache import PagedKVCache
+    from tessera.runtime.engine import Engine, EngineConfig
+    from tessera.runtime.loader import load_model
+
+    tok, model = load_tokenizer(PARENT_DIR), load_model(PARENT_DIR)
+    scored = SamplingParams(2, prompt_logprobs=2, ignore_eos=True)
+
+    def check(ids: list[int], entries: list) -> None:
+        expected = _transformers_log_softmax(ids)[:-1]
+        assert len(entries) == len(ids) and entries[0] == TokenLogprobs(ids[0], None)
+        assert [e.token_id for e in entries[1:]] == ids[1:]
+        got = torch.tensor([e.logprob for e in entries[1:]], dtype=torch.float64)
+        assert torch.allclose(got, expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0], rtol=0, atol=1e-4)
+        assert [[t for t, _ in e.top] for e in entries[1:]] == expected.topk(2).indices.tolist()
+
+    prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)"
+    engine = Engine(model, tok, EngineConfig(max_batch=2, max_model_len=64, page_size=4, max_step_tokens=8))
+    for _ in range(2):  # the second time, the prompt's pages are in the cache
+        [c] = engine.generate([prompt], scored)
+        check(tok.encode(prompt).ids, c.prompt_logprobs)
+        assert engine.prefix_hits == 0 and c.logprobs is None
+    [plain] = engine.generate([prompt], SamplingParams(2, ignore_eos=True))
+    assert plain.prompt_logprobs is None and engine.prefix_hits > 0  # cached pages still serve the others
+
+    page_bytes = PagedKVCache.page_bytes(model.arch, 16, torch.float32)
+    tight = Engine(model, tok, EngineConfig(max_batch=8, kv_cache_bytes=6 * page_bytes, page_size=16))
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 8192, (10,), generator=gen).tolist() for _ in range(5)]
+    ids = [tight.add_request(p, SamplingParams(30, prompt_logprobs=2, ignore_eos=True)) for p in prompts]
+    sent: dict[str, list] = {i: [] for i in ids}
+    while tight.has_work():
+        for out in tight.step():
+            if out.prompt_logprobs is not None:
+                sent[out.request_id].append(out.prompt_logprobs)
+    assert tight.preemptions > 0
+    for prompt_ids, request_id in zip(prompts, ids):
+        [entries] = sent[request_id]
+        check(prompt_ids, entries)
 
 
 def test_stops_on_stop_string(generator: Generator) -> None:

@@ -269,7 +269,7 @@ def test_logprobs_over_http_are_the_generators_in_openais_forms(client, server, 
         for entry in chunk.choices[0].logprobs.content
     ]
     for content in (whole, streamed):
-        assert [e.token for e in content] == [text_of(t) for t in expected.tokens]
+        assert [e.token for e in content] == [text_of(e.token_id) for e in expected.logprobs]
         assert close([e.logprob for e in content], [e.logprob for e in expected.logprobs])
         assert all(e.bytes == list(e.token.encode()) for e in content)
         assert [[t.token for t in e.top_logprobs] for e in content] == [
@@ -281,6 +281,40 @@ def test_logprobs_over_http_are_the_generators_in_openais_forms(client, server, 
     )
     with pytest.raises(openai.BadRequestError, match="top_logprobs: needs logprobs: true"):
         client.chat.completions.create(**chat, top_logprobs=2)
+
+
+def test_echo_returns_the_prompt_scored_as_lm_eval_reads_it(client, parent) -> None:
+    """`echo` with `logprobs` (what lm-evaluation-harness's local-completions model sends for loglikelihood: token
+    ids, max_tokens 1, echo, logprobs 1): the prompt's text and tokens come first, the first token's entry null and
+    every other prompt token's log-probability `Generator`'s prompt_logprobs (test_generate checks those against
+    transformers), then the sampled token's; whole and streamed alike. A continuation's log-likelihood is the sum
+    of token_logprobs[context:-1], and it is greedy when each equals the largest of its top_logprobs."""
+    model, tok = parent
+    context, continuation = tok.encode("def add(a, b):").ids, tok.encode("\n    return a + b").ids
+    ids = context + continuation
+    [expected] = Generator(model, tok).generate([ids], SamplingParams(1, logprobs=1, prompt_logprobs=1))
+    want = [e.logprob for e in expected.prompt_logprobs] + [expected.logprobs[0].logprob]
+    args = dict(model="parent", prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    whole = client.completions.create(**args).choices[0]
+    assert whole.text == tok.decode(ids) + tok.decode(expected.tokens)
+    streamed: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    text = ""
+    for chunk in client.completions.create(**args, stream=True):
+        text += chunk.choices[0].text
+        for field, values in (chunk.choices[0].logprobs.model_dump() if chunk.choices[0].logprobs else {}).items():
+            streamed[field] += values
+    assert text == whole.text
+    for lp in (whole.logprobs.model_dump(), streamed):
+        assert lp["tokens"] == [tok.decode([t], skip_special_tokens=False) for t in [*ids, *expected.tokens]]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert all(abs(a - b) <= 1e-4 for a, b in zip(lp["token_logprobs"][1:], want[1:], strict=True))
+        scored = lp["token_logprobs"][len(context) : -1]
+        greedy = all(t == max(top.values()) for t, top in zip(scored, lp["top_logprobs"][len(context) : -1]))
+        assert len(scored) == len(continuation) and greedy == all(
+            e.top[0][0] == e.token_id for e in expected.prompt_logprobs[len(context) :]
+        )
+    plain = client.completions.create(model="parent", prompt="def f(", max_tokens=3, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith("def f(") and plain.choices[0].logprobs is None
 
 
 def test_outputs_a_busy_consumer_missed_come_out_merged_with_their_logprobs() -> None:
