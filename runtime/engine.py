@@ -66,6 +66,7 @@ from tessera.runtime.sampling import (
     SamplingParams,
     TextStream,
     TokenLogprobs,
+    apply_penalties,
     request_keys,
     request_uniforms,
     sample,
@@ -713,7 +714,11 @@ class Engine:
         if any(p.temperature > 0 for p in params):
             keys = torch.tensor([req.keys for req in reqs], dtype=torch.int64)
             uniforms = request_uniforms(keys, torch.tensor([req.sampled for req in reqs]))
-        tokens = sample(logits, params, uniforms).tolist()
+        penalized = logits
+        if any(p.penalized for p in params):  # the draw sees the penalties; log-probabilities are the model's own
+            prompts = [req.tokens[: req.prompt_len] for req in reqs]
+            penalized = apply_penalties(logits, params, prompts, [req.tokens[req.prompt_len :] for req in reqs])
+        tokens = sample(penalized, params, uniforms).tolist()
         # The log-probabilities asked for, in one pass over those rows (a row whose sampling failed has none).
         asking = [i for i, (p, token) in enumerate(zip(params, tokens)) if p.logprobs is not None and token >= 0]
         logprobs = dict.fromkeys(range(len(reqs)))

@@ -52,6 +52,15 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely (TokenLogprobs)
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (vLLM's prompt_logprobs)
+    # Penalties on tokens already seen (`apply_penalties`): OpenAI's presence and frequency penalties over the
+    # tokens generated so far, in [-2, 2], and the repetition penalty over the prompt's and those (> 0; 1: none)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def __post_init__(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):
@@ -62,10 +71,15 @@ class SamplingParams:
             raise SamplingError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if _integer("top_k", self.top_k) < 0:
             raise SamplingError("top_k", f"must be >= 0, got {self.top_k}")
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
                 raise SamplingError(name, f"expected a finite number, got {value!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise SamplingError(name, f"must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise SamplingError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
         if self.temperature < 0:
             raise SamplingError("temperature", f"must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -327,6 +341,39 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     last_kept = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # a draw rounded up to the total
     picked = torch.minimum(picked, last_kept)[:, 0]
     return tokens.index_put((index,), torch.where(bad, -1, picked))
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]], generated: list[list[int]]
+) -> torch.Tensor:
+    """Logits [B, V] (as float32) with each penalized row's penalties applied as vLLM applies them: first the
+    repetition penalty r on every token of its prompt or its generated tokens (a positive logit divided by r, any
+    other multiplied by it), then, over its generated tokens only, the frequency penalty times each token's count
+    and the presence penalty once for each token that occurs (OpenAI's formula). Other rows are left as they are."""
+    out = logits.float()
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return out
+    out = out.clone()
+    device, vocab = logits.device, logits.shape[-1]
+    x = out[torch.tensor(rows, device=device)]
+    counts = torch.zeros_like(x)
+    flat = [r * vocab + t for r, i in enumerate(rows) for t in generated[i]]
+    if flat:
+        index = torch.tensor(flat, device=device)
+        counts.view(-1).index_add_(0, index, torch.ones(len(flat), device=device))
+    chosen = [params[i] for i in rows]
+    if any(p.repetition_penalty != 1 for p in chosen):
+        seen = counts > 0
+        prompt_flat = [r * vocab + t for r, i in enumerate(rows) for t in prompts[i]]
+        if prompt_flat:
+            seen.view(-1)[torch.tensor(prompt_flat, device=device)] = True
+        penalty = torch.tensor([p.repetition_penalty for p in chosen], device=device)[:, None]
+        x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+    frequency = torch.tensor([p.frequency_penalty for p in chosen], device=device)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in chosen], device=device)[:, None]
+    out[torch.tensor(rows, device=device)] = x - frequency * counts - presence * (counts > 0)
+    return out
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], counts: list[int]) -> list[TokenLogprobs]:

@@ -8,7 +8,7 @@ vLLM's extensions, so vLLM's benchmark conventions work unchanged.
 Every bad request gets HTTP 400 (404 for an unknown model or route, 405 for a wrong method, 413 for a body
 past `max_request_bytes`, read by the `BodyLimit` middleware before the body is) with OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}`, and the server keeps serving. Unknown fields are refused
-by name rather than silently ignored, and fields we accept but cannot honour (logprobs, penalties)
+by name rather than silently ignored, and fields we accept but cannot honour (`suffix`, `best_of` past 1)
 are refused with the reason: a client never gets an answer to a question it did not ask.
 
 A watcher on each request's connection aborts its engine requests the moment the client goes away, so a
@@ -144,8 +144,9 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)  # vLLM extension; 1: none
     user: str | None = None  # accepted and ignored, as OpenAI uses it only for abuse monitoring
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
 
@@ -163,9 +164,6 @@ class _Sampling(BaseModel):
     def check_supported(self) -> None:
         if self.n < 1:
             raise APIError(400, f"n: must be >= 1, got {self.n}", "n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                raise APIError(400, f"{name}: not supported by this server (only 0)", name)
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
 
@@ -571,6 +569,9 @@ class Server:
                 ignore_eos=body.ignore_eos,
                 logprobs=body.logprob_count(),
                 prompt_logprobs=body.prompt_logprob_count(),
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
             )
         except SamplingError as e:
             field = API_FIELDS.get(e.field, e.field)

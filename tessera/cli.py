@@ -317,6 +317,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         stop=tuple(args.stop or ()),
         logprobs=args.logprobs,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
     )  # checked before the model loads
     from tessera.runtime.loader import check_memory
     from tessera.runtime.parallel import Launch
@@ -867,6 +870,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="print each token's log-probability under the model, and the K likeliest tokens' (0-20)",
     )
+    for name, default, what in (
+        ("presence", 0.0, "subtracted once from the logit of each token generated so far, in [-2, 2]"),
+        ("frequency", 0.0, "times each generated token's count, subtracted from its logit, in [-2, 2]"),
+        ("repetition", 1.0, "divides a seen token's positive logit (prompt or generated), multiplies a negative one"),
+    ):
+        p.add_argument(f"--{name}-penalty", type=_sampling(f"{name}_penalty", float), default=default, help=what)
     _add_device(p, dtype=True)
     p.add_argument(
         "--tensor-parallel-size",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -14,6 +16,7 @@ from tessera.runtime.sampling import (
     SamplingParams,
     TextStream,
     TokenLogprobs,
+    apply_penalties,
     load_tokenizer,
     request_keys,
     request_uniforms,
@@ -264,16 +267,24 @@ def test_stops_on_eos(generator: Generator) -> None:
     assert [e.token_id for e in c.logprobs] == [*c.tokens, eos] and all(e.top == () for e in c.logprobs)
 
 
-def _transformers_log_softmax(tokens: list[int]) -> torch.Tensor:
-    """[len(tokens), vocab]: row p scores token p + 1, from transformers' logits of the demo parent (float32, one
-    forward over the whole sequence, no cache), in float64."""
+@functools.cache
+def _transformers_parent():
     from transformers import LlamaForCausalLM
 
     from tessera.demo import PARENT_DIR
 
-    hf = LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.float32).eval()
+    return LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.float32).eval()
+
+
+def _transformers_logits(tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), vocab]: row p scores token p + 1, from transformers' logits of the demo parent (float32, one
+    forward over the whole sequence, no cache), in float64."""
     with torch.inference_mode():
-        return hf(torch.tensor([tokens])).logits[0].double().log_softmax(dim=-1)
+        return _transformers_parent()(torch.tensor([tokens])).logits[0].double()
+
+
+def _transformers_log_softmax(tokens: list[int]) -> torch.Tensor:
+    return _transformers_logits(tokens).log_softmax(dim=-1)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
@@ -304,6 +315,64 @@ def test_logprobs_are_the_log_softmax_of_transformers_logits(temperature: float)
             assert c.tokens == top.indices[:, 0].tolist()
         else:  # sampled: some token below the likeliest was drawn, reported at its own (lower) log-probability
             assert any(t != i for t, i in zip(c.tokens, top.indices[:, 0].tolist()))
+
+
+def _penalized_by_hand(logits: list[float], params: SamplingParams, prompt: list[int], generated: list[int]) -> list:
+    """One row's penalties, token by token in float64: vLLM's order and OpenAI's formula, written out."""
+    out = []
+    for token, x in enumerate(logits):
+        if token in prompt or token in generated:
+            x = x / params.repetition_penalty if x > 0 else x * params.repetition_penalty
+        count = generated.count(token)
+        out.append(x - params.frequency_penalty * count - params.presence_penalty * (count > 0))
+    return out
+
+
+def test_penalties_match_the_formula_row_by_row() -> None:
+    """apply_penalties against the formula by hand: rows with and without penalties in one batch, a token seen in
+    the prompt only (repetition penalty alone), a token generated three times (its count), negative logits (the
+    repetition penalty multiplies them), negative presence and frequency penalties (favouring repeats)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 12, generator=gen) * 3
+    params = [
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.3),
+        SamplingParams(),
+        SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5),
+        SamplingParams(repetition_penalty=0.7),
+    ]
+    prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9]]
+    generated = [[3, 10, 10, 10, 0], [4, 4], [6, 11], []]
+    out = apply_penalties(logits, params, prompts, generated)
+    for row in range(4):
+        expected = _penalized_by_hand(logits[row].double().tolist(), params[row], prompts[row], generated[row])
+        assert torch.allclose(out[row].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[1], logits[1])  # no penalty: the row as it was
+
+
+def test_greedy_with_penalties_equals_transformers_with_the_formula() -> None:
+    """Greedy decoding with all three penalties through the engine equals a loop that takes transformers' logits
+    (the demo parent, one whole forward per token), applies the formula by hand and takes the argmax; the
+    penalties change the text (without them the tokens differ), and the reported log-probabilities stay the
+    model's own."""
+    from tessera.demo import PARENT_DIR
+    from tessera.runtime.loader import load_model
+
+    tok = load_tokenizer(PARENT_DIR)
+    params = SamplingParams(
+        16, presence_penalty=0.4, frequency_penalty=0.6, repetition_penalty=1.2, ignore_eos=True, logprobs=0
+    )
+    prompts = ["def fibonacci(n):", "import os\nimport sys\n"]
+    completions = Generator(load_model(PARENT_DIR), tok).generate(prompts, params)
+    plain = Generator(load_model(PARENT_DIR), tok).generate(prompts, SamplingParams(16, ignore_eos=True))
+    assert [c.tokens for c in completions] != [c.tokens for c in plain]
+    for c in completions:
+        tokens = list(c.prompt_tokens)
+        for step in range(16):
+            logits = _transformers_logits(tokens)[-1]
+            penalized = _penalized_by_hand(logits.tolist(), params, c.prompt_tokens, tokens[len(c.prompt_tokens) :])
+            tokens.append(max(range(len(penalized)), key=penalized.__getitem__))
+            assert abs(c.logprobs[step].logprob - logits.log_softmax(dim=-1)[tokens[-1]].item()) <= 1e-4
+        assert tokens[len(c.prompt_tokens) :] == c.tokens
 
 
 def test_prompt_logprobs_over_chunks_a_cached_prefix_and_a_preemption() -> None:
@@ -399,6 +468,10 @@ def test_generation_stops_at_the_context_end(generator: Generator) -> None:
         ({"logprobs": 21}, r"logprobs: must be in \[0, 20\]"),
         ({"logprobs": -1}, r"logprobs: must be in \[0, 20\]"),
         ({"logprobs": True}, "logprobs: expected an integer"),
+        ({"presence_penalty": 2.5}, r"presence_penalty: must be in \[-2, 2\]"),
+        ({"frequency_penalty": -3}, r"frequency_penalty: must be in \[-2, 2\]"),
+        ({"repetition_penalty": 0}, "repetition_penalty: must be > 0"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty: expected a finite number"),
     ],
 )
 def test_bad_sampling_params(kwargs: dict, message: str) -> None:

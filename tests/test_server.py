@@ -283,6 +283,30 @@ def test_logprobs_over_http_are_the_generators_in_openais_forms(client, server, 
         client.chat.completions.create(**chat, top_logprobs=2)
 
 
+def test_penalties_over_http_give_the_generators_tokens(client, parent) -> None:
+    """presence_penalty, frequency_penalty and vLLM's repetition_penalty reach the sampler: the served tokens are
+    `Generator`'s with the same penalties (test_generate checks those against transformers and the formula), greedy
+    and seeded, and differ from the unpenalized ones."""
+    prompt = PROMPTS[0]
+    penalties = dict(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.3)
+    for temperature, seed in ((0.0, None), (0.8, 11)):
+        params = SamplingParams(20, temperature=temperature, seed=seed, ignore_eos=True, **penalties)
+        [expected] = Generator(*parent).generate([prompt], params)
+        plain = SamplingParams(20, temperature=temperature, seed=seed, ignore_eos=True)
+        [unpenalized] = Generator(*parent).generate([prompt], plain)
+        out = client.completions.create(
+            model="parent",
+            prompt=prompt,
+            max_tokens=20,
+            temperature=temperature,
+            seed=seed,
+            presence_penalty=penalties["presence_penalty"],
+            frequency_penalty=penalties["frequency_penalty"],
+            extra_body={"repetition_penalty": penalties["repetition_penalty"], "ignore_eos": True},
+        )
+        assert out.choices[0].text == expected.text != unpenalized.text
+
+
 def test_echo_returns_the_prompt_scored_as_lm_eval_reads_it(client, parent) -> None:
     """`echo` with `logprobs` (what lm-evaluation-harness's local-completions model sends for loglikelihood: token
     ids, max_tokens 1, echo, logprobs 1): the prompt's text and tokens come first, the first token's entry null and
@@ -544,6 +568,16 @@ def test_stop_strings_over_http(client, reference) -> None:
         (dict(prompt=["x"] * 17), openai.BadRequestError, "at most 16 prompts"),
         (dict(prompt=["x", ""]), openai.BadRequestError, "prompt 1 is empty"),
         (dict(logprobs=21), openai.BadRequestError, "logprobs: Input should be less than or equal to 20"),
+        (
+            dict(presence_penalty=2.5),
+            openai.BadRequestError,
+            "presence_penalty: Input should be less than or equal to 2",
+        ),
+        (
+            dict(extra_body={"repetition_penalty": 0}),
+            openai.BadRequestError,
+            "repetition_penalty: Input should be greater",
+        ),
         (dict(extra_body={"logprobs": True}), openai.BadRequestError, "logprobs: Input should be a valid integer"),
     ],
 )
