@@ -63,6 +63,7 @@ from tessera.runtime.sampling import (
     Completion,
     ContextLengthError,
     PromptEncoder,
+    SamplingError,
     SamplingParams,
     TextStream,
     TokenLogprobs,
@@ -194,6 +195,9 @@ class EngineLimits:
         ContextLengthError, CapacityError or another UserError with a message meant for the client."""
         if params.stop and not self.has_tokenizer:
             raise UserError("stop strings need a tokenizer")
+        outside = [token for token, _ in params.logit_bias if token >= self.vocab_size]
+        if outside:
+            raise SamplingError("logit_bias", f"token {outside[0]} is outside the vocabulary of {self.vocab_size}")
         room = self.max_model_len - len(prompt)  # >= 1: the encoder checked the prompt
         asked = params.max_new_tokens
         if exact_length and asked is not None and asked > room:

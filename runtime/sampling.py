@@ -57,10 +57,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to its logit (OpenAI's)
 
     @property
     def penalized(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+        """Whether its logits change before sampling (`apply_penalties`)."""
+        biased = bool(self.logit_bias)
+        return biased or self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def __post_init__(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):
@@ -80,6 +83,11 @@ class SamplingParams:
                 raise SamplingError(name, f"must be in [-2, 2], got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
             raise SamplingError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        for token, bias in self.logit_bias:
+            if _integer("logit_bias", token) < 0:
+                raise SamplingError("logit_bias", f"token ids are >= 0, got {token}")
+            if not isinstance(bias, int | float) or isinstance(bias, bool) or not -100 <= bias <= 100:
+                raise SamplingError("logit_bias", f"token {token}: a bias is a number in [-100, 100], got {bias!r}")
         if self.temperature < 0:
             raise SamplingError("temperature", f"must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -349,7 +357,8 @@ def apply_penalties(
     """Logits [B, V] (as float32) with each penalized row's penalties applied as vLLM applies them: first the
     repetition penalty r on every token of its prompt or its generated tokens (a positive logit divided by r, any
     other multiplied by it), then, over its generated tokens only, the frequency penalty times each token's count
-    and the presence penalty once for each token that occurs (OpenAI's formula). Other rows are left as they are."""
+    and the presence penalty once for each token that occurs (OpenAI's formula); then its logit biases added.
+    Other rows are left as they are."""
     out = logits.float()
     rows = [i for i, p in enumerate(params) if p.penalized]
     if not rows:
@@ -372,7 +381,13 @@ def apply_penalties(
         x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
     frequency = torch.tensor([p.frequency_penalty for p in chosen], device=device)[:, None]
     presence = torch.tensor([p.presence_penalty for p in chosen], device=device)[:, None]
-    out[torch.tensor(rows, device=device)] = x - frequency * counts - presence * (counts > 0)
+    x = x - frequency * counts - presence * (counts > 0)
+    biased = [(r, token, bias) for r, i in enumerate(rows) for token, bias in params[i].logit_bias]
+    if biased:
+        r, token, bias = zip(*biased)
+        where = (torch.tensor(r, device=device), torch.tensor(token, device=device))
+        x = x.index_put(where, torch.tensor(bias, device=device, dtype=x.dtype), accumulate=True)
+    out[torch.tensor(rows, device=device)] = x
     return out
 
 

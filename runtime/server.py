@@ -147,6 +147,7 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)  # vLLM extension; 1: none
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
     user: str | None = None  # accepted and ignored, as OpenAI uses it only for abuse monitoring
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
 
@@ -175,6 +176,15 @@ class _Sampling(BaseModel):
     def prompt_logprob_count(self) -> int | None:
         """The same for the prompt's tokens (None: not scored)."""
         return None
+
+    def token_biases(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs: its keys must be token ids."""
+        biases = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise APIError(400, f"logit_bias: keys are token ids, got {key!r}", "logit_bias")
+            biases.append((int(key), bias))
+        return tuple(biases)
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -572,6 +582,7 @@ class Server:
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty,
+                logit_bias=body.token_biases(),
             )
         except SamplingError as e:
             field = API_FIELDS.get(e.field, e.field)
@@ -607,6 +618,8 @@ class Server:
             raise APIError(400, str(e), "max_tokens", "context_length_exceeded") from e
         except CapacityError as e:
             raise APIError(400, str(e), "max_tokens") from e
+        except SamplingError as e:
+            raise APIError(400, str(e), e.field) from e
         except UserError as e:
             raise APIError(400, str(e), "stop") from e
 

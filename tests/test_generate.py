@@ -324,26 +324,29 @@ def _penalized_by_hand(logits: list[float], params: SamplingParams, prompt: list
         if token in prompt or token in generated:
             x = x / params.repetition_penalty if x > 0 else x * params.repetition_penalty
         count = generated.count(token)
-        out.append(x - params.frequency_penalty * count - params.presence_penalty * (count > 0))
+        x = x - params.frequency_penalty * count - params.presence_penalty * (count > 0)
+        out.append(x + sum(bias for t, bias in params.logit_bias if t == token))
     return out
 
 
 def test_penalties_match_the_formula_row_by_row() -> None:
     """apply_penalties against the formula by hand: rows with and without penalties in one batch, a token seen in
     the prompt only (repetition penalty alone), a token generated three times (its count), negative logits (the
-    repetition penalty multiplies them), negative presence and frequency penalties (favouring repeats)."""
+    repetition penalty multiplies them), negative presence and frequency penalties (favouring repeats), logit biases
+    (a token given two adds both) after the penalties."""
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 12, generator=gen) * 3
+    logits = torch.randn(5, 12, generator=gen) * 3
     params = [
         SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.3),
         SamplingParams(),
         SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5),
         SamplingParams(repetition_penalty=0.7),
+        SamplingParams(frequency_penalty=1.0, logit_bias=((2, 5.0), (7, -100), (2, 1.5))),
     ]
-    prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9]]
-    generated = [[3, 10, 10, 10, 0], [4, 4], [6, 11], []]
+    prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9], [1]]
+    generated = [[3, 10, 10, 10, 0], [4, 4], [6, 11], [], [2, 2]]
     out = apply_penalties(logits, params, prompts, generated)
-    for row in range(4):
+    for row in range(5):
         expected = _penalized_by_hand(logits[row].double().tolist(), params[row], prompts[row], generated[row])
         assert torch.allclose(out[row].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
     assert torch.equal(out[1], logits[1])  # no penalty: the row as it was
@@ -472,6 +475,8 @@ def test_generation_stops_at_the_context_end(generator: Generator) -> None:
         ({"frequency_penalty": -3}, r"frequency_penalty: must be in \[-2, 2\]"),
         ({"repetition_penalty": 0}, "repetition_penalty: must be > 0"),
         ({"repetition_penalty": float("inf")}, "repetition_penalty: expected a finite number"),
+        ({"logit_bias": ((5, 101),)}, r"logit_bias: token 5: a bias is a number in \[-100, 100\]"),
+        ({"logit_bias": ((-1, 1.0),)}, "logit_bias: token ids are >= 0"),
     ],
 )
 def test_bad_sampling_params(kwargs: dict, message: str) -> None:

@@ -307,6 +307,20 @@ def test_penalties_over_http_give_the_generators_tokens(client, parent) -> None:
         assert out.choices[0].text == expected.text != unpenalized.text
 
 
+def test_logit_bias_forces_and_bans_tokens(client, parent) -> None:
+    """OpenAI's logit_bias: +100 on one token makes greedy decoding repeat it; -100 on greedy's first token makes the
+    first token another; the served tokens are `Generator`'s with the same biases."""
+    prompt, tok = PROMPTS[0], parent[1]
+    [free] = Generator(*parent).generate([prompt], SamplingParams(6, ignore_eos=True))
+    args = dict(model="parent", prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    forced = client.completions.create(**args, logit_bias={"42": 100}).choices[0].text
+    assert forced == tok.decode([42] * 6)
+    banned = client.completions.create(**args, logit_bias={str(free.tokens[0]): -100}).choices[0].text
+    params = SamplingParams(6, ignore_eos=True, logit_bias=((free.tokens[0], -100),))
+    [expected] = Generator(*parent).generate([prompt], params)
+    assert banned == expected.text and expected.tokens[0] != free.tokens[0]
+
+
 def test_echo_returns_the_prompt_scored_as_lm_eval_reads_it(client, parent) -> None:
     """`echo` with `logprobs` (what lm-evaluation-harness's local-completions model sends for loglikelihood: token
     ids, max_tokens 1, echo, logprobs 1): the prompt's text and tokens come first, the first token's entry null and
@@ -579,6 +593,9 @@ def test_stop_strings_over_http(client, reference) -> None:
             "repetition_penalty: Input should be greater",
         ),
         (dict(extra_body={"logprobs": True}), openai.BadRequestError, "logprobs: Input should be a valid integer"),
+        (dict(logit_bias={"99999": 1}), openai.BadRequestError, "logit_bias: token 99999 is outside the vocabulary"),
+        (dict(logit_bias={"a": 1}), openai.BadRequestError, "logit_bias: keys are token ids, got 'a'"),
+        (dict(logit_bias={"5": 101}), openai.BadRequestError, r"logit_bias: token 5: a bias is a number in \[-100"),
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, kwargs, error, message) -> None:
