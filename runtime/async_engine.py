@@ -328,7 +328,9 @@ class RequestStream:
         out = await self.queue.get()
         while not out.finished and not self.queue.empty():
             later = self.queue.get_nowait()
-            logprobs = None if later.logprobs is None else (out.logprobs or []) + later.logprobs
+            logprobs = None
+            if out.logprobs is not None or later.logprobs is not None:
+                logprobs = (out.logprobs or []) + (later.logprobs or [])
             prompt_logprobs = out.prompt_logprobs if out.prompt_logprobs is not None else later.prompt_logprobs
             out = replace(
                 later,

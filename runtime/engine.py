@@ -65,6 +65,7 @@ from tessera.runtime.sampling import (
     PromptEncoder,
     SamplingError,
     SamplingParams,
+    SeenTokens,
     TextStream,
     TokenLogprobs,
     apply_penalties,
@@ -80,6 +81,7 @@ class CapacityError(UserError):
 
 
 KV_CACHE_DTYPES = ("auto", "fp8")
+SCORED_ROWS = 256  # prompt positions scored through the LM head at once (logits of 256 x a 128k vocabulary: 128 MiB)
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,7 @@ class _Request:
         self.prompt_logprobs: list[TokenLogprobs] | None = None
         if request.params.prompt_logprobs is not None:
             self.prompt_logprobs = [TokenLogprobs(t, None) for t in request.prompt]
+        self.seen: SeenTokens | None = None  # its tokens on the device, once it samples with penalties
 
     @property
     def most_tokens(self) -> int:
@@ -669,9 +672,10 @@ class Engine:
                     counts.append(req.params.prompt_logprobs)
                     where.append((req, p + 1))
             start += n
-        if rows:
-            logits = self.model.logits(hidden[torch.tensor(rows, device=hidden.device)])
-            for (req, position), entry in zip(where, token_logprobs(logits, targets, counts)):
+        for start in range(0, len(rows), SCORED_ROWS):  # a block of rows at a time: logits of a whole chunk are big
+            block = slice(start, start + SCORED_ROWS)
+            logits = self.model.logits(hidden[torch.tensor(rows[block], device=hidden.device)])
+            for (req, position), entry in zip(where[block], token_logprobs(logits, targets[block], counts[block])):
                 req.prompt_logprobs[position] = entry
 
     def _step_batch(self, plan: list[tuple[_Request, int]]) -> tuple[Batch, torch.Tensor, torch.Tensor, list[_Request]]:
@@ -720,9 +724,17 @@ class Engine:
             uniforms = request_uniforms(keys, torch.tensor([req.sampled for req in reqs]))
         penalized = logits
         if any(p.penalized for p in params):  # the draw sees the penalties; log-probabilities are the model's own
-            prompts = [req.tokens[: req.prompt_len] for req in reqs]
-            penalized = apply_penalties(logits, params, prompts, [req.tokens[req.prompt_len :] for req in reqs])
+            vocab = logits.shape[-1]
+            for req in reqs:
+                if req.params.penalized and req.seen is None:
+                    req.seen = SeenTokens.of(
+                        req.tokens[: req.prompt_len], req.tokens[req.prompt_len :], vocab, logits.device
+                    )
+            penalized = apply_penalties(logits, params, [req.seen for req in reqs])
         tokens = sample(penalized, params, uniforms).tolist()
+        for req, token in zip(reqs, tokens):
+            if req.seen is not None and token >= 0:
+                req.seen.add(token)
         # The log-probabilities asked for, in one pass over those rows (a row whose sampling failed has none).
         asking = [i for i, (p, token) in enumerate(zip(params, tokens)) if p.logprobs is not None and token >= 0]
         logprobs = dict.fromkeys(range(len(reqs)))

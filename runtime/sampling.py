@@ -351,43 +351,57 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     return tokens.index_put((index,), torch.where(bad, -1, picked))
 
 
-def apply_penalties(
-    logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]], generated: list[list[int]]
-) -> torch.Tensor:
-    """Logits [B, V] (as float32) with each penalized row's penalties applied as vLLM applies them: first the
-    repetition penalty r on every token of its prompt or its generated tokens (a positive logit divided by r, any
-    other multiplied by it), then, over its generated tokens only, the frequency penalty times each token's count
-    and the presence penalty once for each token that occurs (OpenAI's formula); then its logit biases added.
-    Other rows are left as they are."""
+@dataclass
+class SeenTokens:
+    """A penalized request's tokens on the device, made once and kept as it grows (so a step's penalties cost
+    no work per token of its prompt or its output): how often it generated each token, and which its prompt holds."""
+
+    counts: torch.Tensor  # [V] float32
+    in_prompt: torch.Tensor  # [V] bool
+
+    @classmethod
+    def of(cls, prompt: list[int], generated: list[int], vocab: int, device: torch.device) -> SeenTokens:
+        counts = torch.zeros(vocab, device=device)
+        if generated:
+            counts.index_add_(0, torch.tensor(generated, device=device), torch.ones(len(generated), device=device))
+        in_prompt = torch.zeros(vocab, dtype=torch.bool, device=device)
+        in_prompt[torch.tensor(prompt, device=device, dtype=torch.int64)] = True
+        return cls(counts, in_prompt)
+
+    def add(self, token: int) -> None:
+        self.counts[token] += 1
+
+
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], seen: list[SeenTokens | None]) -> torch.Tensor:
+    """Logits [B, V] (as float32) with each penalized row's adjustments applied in vLLM's order: its logit biases
+    added; the repetition penalty r on every token of its prompt or its output (a positive logit divided by r, any
+    other multiplied by it); then, over its generated tokens only (`seen[i]`), the frequency penalty times each
+    token's count and the presence penalty once for each token that occurs (OpenAI's formula). Other rows are left
+    as they are."""
     out = logits.float()
     rows = [i for i, p in enumerate(params) if p.penalized]
     if not rows:
         return out
     out = out.clone()
-    device, vocab = logits.device, logits.shape[-1]
-    x = out[torch.tensor(rows, device=device)]
-    counts = torch.zeros_like(x)
-    flat = [r * vocab + t for r, i in enumerate(rows) for t in generated[i]]
-    if flat:
-        index = torch.tensor(flat, device=device)
-        counts.view(-1).index_add_(0, index, torch.ones(len(flat), device=device))
+    device = logits.device
+    index = torch.tensor(rows, device=device)
+    x = out[index]
     chosen = [params[i] for i in rows]
+    biases: dict[tuple[int, int], float] = {}  # summed here: the same sum in any order (ranks sample alike)
+    for r, p in enumerate(chosen):
+        for token, bias in p.logit_bias:
+            biases[r, token] = biases.get((r, token), 0.0) + bias
+    if biases:
+        r, token = (torch.tensor(c, device=device) for c in zip(*biases))
+        x[r, token] += torch.tensor(list(biases.values()), device=device)
+    counts = torch.stack([seen[i].counts for i in rows])
     if any(p.repetition_penalty != 1 for p in chosen):
-        seen = counts > 0
-        prompt_flat = [r * vocab + t for r, i in enumerate(rows) for t in prompts[i]]
-        if prompt_flat:
-            seen.view(-1)[torch.tensor(prompt_flat, device=device)] = True
         penalty = torch.tensor([p.repetition_penalty for p in chosen], device=device)[:, None]
-        x = torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
+        repeated = torch.stack([seen[i].in_prompt for i in rows]) | (counts > 0)
+        x = torch.where(repeated, torch.where(x > 0, x / penalty, x * penalty), x)
     frequency = torch.tensor([p.frequency_penalty for p in chosen], device=device)[:, None]
     presence = torch.tensor([p.presence_penalty for p in chosen], device=device)[:, None]
-    x = x - frequency * counts - presence * (counts > 0)
-    biased = [(r, token, bias) for r, i in enumerate(rows) for token, bias in params[i].logit_bias]
-    if biased:
-        r, token, bias = zip(*biased)
-        where = (torch.tensor(r, device=device), torch.tensor(token, device=device))
-        x = x.index_put(where, torch.tensor(bias, device=device, dtype=x.dtype), accumulate=True)
-    out[torch.tensor(rows, device=device)] = x
+    out[index] = x - frequency * counts - presence * (counts > 0)
     return out
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import re
 import signal
 import time
 import uuid
@@ -37,7 +39,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -181,8 +183,8 @@ class _Sampling(BaseModel):
         """logit_bias as (token id, bias) pairs: its keys must be token ids."""
         biases = []
         for key, bias in (self.logit_bias or {}).items():
-            if not key.strip().isdigit():
-                raise APIError(400, f"logit_bias: keys are token ids, got {key!r}", "logit_bias")
+            if not re.fullmatch(r"\s*[0-9]{1,10}\s*", key):
+                raise APIError(400, f"logit_bias: keys are token ids, got {key[:40]!r}", "logit_bias")
             biases.append((int(key), bias))
         return tuple(biases)
 
@@ -197,6 +199,13 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's, and this many likeliest (0: none)
     echo: bool = False
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_none(cls, value: Any) -> Any:
+        """Clients of the legacy API send `logprobs: false` for none (true is no count: refused)."""
+        return None if value is False else value
+
     best_of: int | None = None
     suffix: str | None = None
 
@@ -264,7 +273,7 @@ class ResponseFormat:
         """The legacy completions form: parallel lists, each token's text offset counted from `offset` (the
         characters of the choice's tokens before these)."""
         texts = [token_text(e.token_id) for e in entries]
-        offsets = [offset + sum(map(len, texts[:i])) for i in range(len(texts))]
+        offsets = list(itertools.accumulate(map(len, texts[:-1]), initial=offset))[: len(texts)]
         return {
             "tokens": texts,
             "token_logprobs": [e.logprob for e in entries],
@@ -454,6 +463,7 @@ class Server:
         # adds them, as it does to a completion prompt.
         self.template_writes_specials = chat_template != DEFAULT_CHAT_TEMPLATE
         self.special_tokens = special_tokens or {}
+        self._token_texts: dict[int, str] = {}  # token id -> its text in log-probability entries
         self.metrics = Metrics(engine)
         self.max_request_bytes = max_request_bytes or max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * self.max_model_len)
         self.app = self._build_app()
@@ -757,15 +767,20 @@ class Server:
                     finals[index] = out
         if len(finals) < n or any(o.finish_reason == "abort" for o in finals.values()):
             raise APIError(503, "the request was cancelled (the server is shutting down)")
+
+        def choices() -> list[dict]:
+            return [
+                form.choice(i, texts[i], finals[i].finish_reason, self._logprobs(form, logprobs[i], 0))
+                for i in range(n)
+            ]
+
         return {
             "id": rid,
             "object": form.object,
             "created": int(time.time()),
             "model": self.model_name,
-            "choices": [
-                form.choice(i, texts[i], finals[i].finish_reason, self._logprobs(form, logprobs[i], 0))
-                for i in range(n)
-            ],
+            # Long log-probability lists (an echoed prompt's) are formatted off the event loop.
+            "choices": await asyncio.to_thread(choices) if any(lp for lp in logprobs) else choices(),
             "usage": self._usage(finals, per_prompt),
         }
 
@@ -805,16 +820,16 @@ class Server:
                     yield f"data: {json.dumps(error_body(500 if out.error else 503, message))}\n\n"
                     return
                 if echoes is not None and index not in echoed:  # its first output: the prompt's entries, if asked
-                    echoed.add(index)
-                    scored = self._logprobs(form, out.prompt_logprobs, 0)
+                    echoed.add(index)  # a long prompt's entries are formatted off the event loop
+                    scored = await asyncio.to_thread(self._logprobs, form, out.prompt_logprobs, 0)
                     yield chunk([form.delta(index, echoes[index], None, scored)])
-                    offsets[index] = sum(len(self._token_text(e.token_id)) for e in out.prompt_logprobs or ())
+                    offsets[index] = await asyncio.to_thread(self._text_length, out.prompt_logprobs)
                 reason = out.finish_reason if out.finished else None
                 # A token's log-probability goes out with it, though a stop string may hold its text back a while.
                 logprobs = self._logprobs(form, out.logprobs or None, offsets[index])
                 if out.text or reason or logprobs:
                     yield chunk([form.delta(index, out.text, reason, logprobs)])
-                offsets[index] += sum(len(self._token_text(e.token_id)) for e in out.logprobs or ())
+                offsets[index] += self._text_length(out.logprobs)
                 if out.finished:
                     finals[index] = out
         if include_usage:
@@ -822,11 +837,18 @@ class Server:
         yield "data: [DONE]\n\n"
 
     def _token_text(self, token_id: int) -> str:
-        """A token's own text, as a log-probability entry names it (special tokens too)."""
-        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        """A token's own text, as a log-probability entry names it (special tokens too; a token holding part of a
+        UTF-8 character shows U+FFFD, as in vLLM), decoded once."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     def _logprobs(self, form: ResponseFormat, entries: list[TokenLogprobs] | None, offset: int) -> dict | None:
         return None if entries is None else form.logprobs(entries, self._token_text, offset)
+
+    def _text_length(self, entries: list[TokenLogprobs] | None) -> int:
+        return sum(len(self._token_text(e.token_id)) for e in entries or ())
 
     # Endpoints
 
@@ -845,7 +867,11 @@ class Server:
         names = ["the prompt"] if one else [f"prompt {i}" for i in range(len(prompts))]
 
         def echo(i: int, ids: list[int]) -> str:  # the prompt as sent; one of token ids, decoded
-            return prompts[i] if isinstance(prompts[i], str) else self.engine.tokenizer.decode(ids)
+            return (
+                prompts[i]
+                if isinstance(prompts[i], str)
+                else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
+            )
 
         return await self._serve(
             request,

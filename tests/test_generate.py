@@ -14,6 +14,7 @@ from tessera.runtime.model import Model
 from tessera.runtime.sampling import (
     ContextLengthError,
     SamplingParams,
+    SeenTokens,
     TextStream,
     TokenLogprobs,
     apply_penalties,
@@ -318,14 +319,15 @@ def test_logprobs_are_the_log_softmax_of_transformers_logits(temperature: float)
 
 
 def _penalized_by_hand(logits: list[float], params: SamplingParams, prompt: list[int], generated: list[int]) -> list:
-    """One row's penalties, token by token in float64: vLLM's order and OpenAI's formula, written out."""
+    """One row's adjustments, token by token in float64: vLLM's order (the logit bias, the repetition penalty, then
+    OpenAI's frequency and presence penalties), written out."""
     out = []
     for token, x in enumerate(logits):
+        x = x + sum(bias for t, bias in params.logit_bias if t == token)
         if token in prompt or token in generated:
             x = x / params.repetition_penalty if x > 0 else x * params.repetition_penalty
         count = generated.count(token)
-        x = x - params.frequency_penalty * count - params.presence_penalty * (count > 0)
-        out.append(x + sum(bias for t, bias in params.logit_bias if t == token))
+        out.append(x - params.frequency_penalty * count - params.presence_penalty * (count > 0))
     return out
 
 
@@ -333,7 +335,8 @@ def test_penalties_match_the_formula_row_by_row() -> None:
     """apply_penalties against the formula by hand: rows with and without penalties in one batch, a token seen in
     the prompt only (repetition penalty alone), a token generated three times (its count), negative logits (the
     repetition penalty multiplies them), negative presence and frequency penalties (favouring repeats), logit biases
-    (a token given two adds both) after the penalties."""
+    (a token given two adds both; before the repetition penalty, as in vLLM). The counts are kept on the device as
+    tokens come (`SeenTokens.add`), equal to counting them anew."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 12, generator=gen) * 3
     params = [
@@ -341,11 +344,17 @@ def test_penalties_match_the_formula_row_by_row() -> None:
         SamplingParams(),
         SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5),
         SamplingParams(repetition_penalty=0.7),
-        SamplingParams(frequency_penalty=1.0, logit_bias=((2, 5.0), (7, -100), (2, 1.5))),
+        SamplingParams(frequency_penalty=1.0, repetition_penalty=1.5, logit_bias=((2, 5.0), (7, -100), (2, 1.5))),
     ]
     prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9], [1]]
     generated = [[3, 10, 10, 10, 0], [4, 4], [6, 11], [], [2, 2]]
-    out = apply_penalties(logits, params, prompts, generated)
+    seen = []
+    for p, prompt, tokens in zip(params, prompts, generated):
+        grown = SeenTokens.of(prompt, tokens[:1], 12, torch.device("cpu"))
+        for token in tokens[1:]:
+            grown.add(token)
+        seen.append(grown if p.penalized else None)
+    out = apply_penalties(logits, params, seen)
     for row in range(5):
         expected = _penalized_by_hand(logits[row].double().tolist(), params[row], prompts[row], generated[row])
         assert torch.allclose(out[row].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)

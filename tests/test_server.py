@@ -353,6 +353,14 @@ def test_echo_returns_the_prompt_scored_as_lm_eval_reads_it(client, parent) -> N
         )
     plain = client.completions.create(model="parent", prompt="def f(", max_tokens=3, temperature=0, echo=True)
     assert plain.choices[0].text.startswith("def f(") and plain.choices[0].logprobs is None
+    # When the one sampled token is the EOS, it still has its entry: lm-eval's [context:-1] drops the last entry.
+    eos = model.arch.eos_token_ids[0]
+    ended = client.completions.create(**args, logit_bias={str(eos): 100}).choices[0]
+    assert ended.finish_reason == "stop" and ended.text == tok.decode(ids)
+    assert len(ended.logprobs.token_logprobs) == len(ids) + 1
+    assert ended.logprobs.tokens[-1] == tok.decode([eos], skip_special_tokens=False)
+    # The legacy API's "no log-probabilities", as some clients send it.
+    assert client.completions.create(**args | {"logprobs": False}).choices[0].logprobs is None
 
 
 def test_outputs_a_busy_consumer_missed_come_out_merged_with_their_logprobs() -> None:
@@ -365,12 +373,15 @@ def test_outputs_a_busy_consumer_missed_come_out_merged_with_their_logprobs() ->
     entries = [TokenLogprobs(t, -float(t), ((t, -float(t)),)) for t in (5, 6, 7)]
     outputs = [RequestOutput.progress("r", [t], f"<{t}>", 3, i + 1) for i, t in enumerate((5, 6))]
     outputs.append(RequestOutput.final("r", "length", [7], "<7>", 3, 3))
+    scored = [TokenLogprobs(1, None), TokenLogprobs(2, -0.5)]
+    outputs[0].prompt_logprobs = scored  # the first output carries the prompt's
     stream = RequestStream(None, "r")
     for out, entry in zip(outputs, entries):
         out.logprobs = [entry]
         stream.queue.put_nowait(out)
     out = asyncio.run(anext(stream))
     assert (out.token_ids, out.text, out.logprobs, out.finished) == ([5, 6, 7], "<5><6><7>", entries, True)
+    assert out.prompt_logprobs == scored
 
 
 def test_chat_uses_the_template(client, server, parent) -> None:
@@ -595,6 +606,8 @@ def test_stop_strings_over_http(client, reference) -> None:
         (dict(extra_body={"logprobs": True}), openai.BadRequestError, "logprobs: Input should be a valid integer"),
         (dict(logit_bias={"99999": 1}), openai.BadRequestError, "logit_bias: token 99999 is outside the vocabulary"),
         (dict(logit_bias={"a": 1}), openai.BadRequestError, "logit_bias: keys are token ids, got 'a'"),
+        (dict(logit_bias={"²": 1}), openai.BadRequestError, "logit_bias: keys are token ids"),  # isdigit(), no int
+        (dict(logit_bias={"9" * 5000: 1}), openai.BadRequestError, "logit_bias: keys are token ids"),
         (dict(logit_bias={"5": 101}), openai.BadRequestError, r"logit_bias: token 5: a bias is a number in \[-100"),
     ],
 )
