@@ -92,7 +92,8 @@ want tests && step tests 140 env OMP_NUM_THREADS=1 python3 -m pytest -q -p no:ca
     tests/test_paged_attention.py tests/test_kernels.py tests/test_attention_kernels.py \
     tests/test_kernel_dispatch.py tests/test_engine.py::test_cuda_graph_decode_equals_eager_and_uncached_greedy \
     "tests/test_prefix_cache.py::test_prefix_caching_gives_the_uncached_greedy_tokens[cuda]" \
-    tests/test_generate.py::test_the_draws_and_the_sampling_are_the_same_on_cuda "${FP8_DEVICE_TESTS[@]}" \
+    tests/test_generate.py::test_the_draws_and_the_sampling_are_the_same_on_cuda \
+    tests/test_generate.py::test_penalties_and_logprobs_on_cuda_equal_the_cpus "${FP8_DEVICE_TESTS[@]}" \
     tests/test_fp8_kv_cache.py::test_cuda_graph_decode_over_an_fp8_cache_equals_eager
 # Attention and the model's decode step include the FP8 rows (an FP8 cache; FP8 weights with either cache).
 want bench_attention && step bench_attention 120 python3 -m tessera.cli bench kernels --suite attention --device cuda

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from tessera.runtime.sampling import (
     request_uniforms,
     sample,
     seed_words,
+    token_logprobs,
 )
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b", "hello world"] * 20
@@ -626,3 +628,33 @@ def test_the_draws_and_the_sampling_are_the_same_on_cuda() -> None:
     params = [SamplingParams(temperature=0.8, top_k=50 * (i % 3), top_p=(1.0, 0.9)[i % 2]) for i in range(200)]
     same = sample(logits.cuda(), params, cpu.cuda()).cpu() == sample(logits, params, cpu)
     assert same.sum() >= 198
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_penalties_and_logprobs_on_cuda_equal_the_cpus() -> None:
+    """The served path's sampling adjustments on the GPU: the penalties and biases (from token counts and prompt
+    masks kept on the device) and the log-probabilities with their likeliest tokens equal the CPU's (float32 sums in
+    another order: 1e-5), and a CUDA engine replaying its decode graphs reports as many entries as it samples."""
+    from tessera.demo import PARENT_DIR
+    from tessera.runtime.loader import load_model
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 4096, generator=gen) * 3
+    params = [
+        SamplingParams(presence_penalty=0.3 * i, frequency_penalty=0.2, repetition_penalty=1 + 0.1 * i)
+        for i in range(5)
+    ] + [SamplingParams(logit_bias=((7, 4.0), (9, -3.0)))]
+    history = [torch.randint(0, 4096, (n,), generator=gen).tolist() for n in (3, 40, 1, 90, 12, 5)]
+    out = {}
+    for device in ("cpu", "cuda"):
+        seen = [SeenTokens.of(h[:2], h[2:], 4096, torch.device(device)) for h in history]
+        adjusted = apply_penalties(logits.to(device), params, seen)
+        out[device] = adjusted.cpu(), token_logprobs(adjusted, list(range(6)), [3] * 6)
+    assert torch.allclose(out["cuda"][0], out["cpu"][0], rtol=0, atol=1e-5)
+    for a, b in zip(out["cuda"][1], out["cpu"][1]):
+        assert abs(a.logprob - b.logprob) <= 1e-5 and [t for t, _ in a.top] == [t for t, _ in b.top]
+    engine_params = SamplingParams(12, logprobs=2, prompt_logprobs=1, frequency_penalty=0.5, ignore_eos=True)
+    model = load_model(PARENT_DIR, device=torch.device("cuda"))
+    for c in Generator(model, load_tokenizer(PARENT_DIR)).generate(["def f(", "import os\n", "x = 1"], engine_params):
+        assert len(c.logprobs) == len(c.tokens) == 12 and len(c.prompt_logprobs) == len(c.prompt_tokens)
+        assert all(math.isfinite(e.logprob) and len(e.top) == 2 for e in c.logprobs)
