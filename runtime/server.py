@@ -199,15 +199,14 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's, and this many likeliest (0: none)
     echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
 
     @field_validator("logprobs", mode="before")
     @classmethod
     def _false_is_none(cls, value: Any) -> Any:
         """Clients of the legacy API send `logprobs: false` for none (true is no count: refused)."""
         return None if value is False else value
-
-    best_of: int | None = None
-    suffix: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
