@@ -732,21 +732,21 @@ class Engine:
                     )
             penalized = apply_penalties(logits, params, [req.seen for req in reqs])
         tokens = sample(penalized, params, uniforms).tolist()
-        for req, token in zip(reqs, tokens):
-            if req.seen is not None and token >= 0:
-                req.seen.add(token)
         # The log-probabilities asked for, in one pass over those rows (a row whose sampling failed has none).
         asking = [i for i, (p, token) in enumerate(zip(params, tokens)) if p.logprobs is not None and token >= 0]
-        logprobs = dict.fromkeys(range(len(reqs)))
+        logprobs = [None] * len(reqs)
         if asking:
             rows = logits[torch.tensor(asking, device=logits.device)]
             found = token_logprobs(rows, [tokens[i] for i in asking], [params[i].logprobs for i in asking])
-            logprobs.update(zip(asking, found))
+            for i, entry in zip(asking, found):
+                logprobs[i] = entry
         outputs = []
         for i, (req, token) in enumerate(zip(reqs, tokens)):
             if token < 0:  # NaN or infinite logits: this request's failure, not the batch's
                 outputs.append(self._fail(req, "sampling failed: the logits hold a NaN or an infinity"))
                 continue
+            if req.seen is not None:
+                req.seen.add(token)
             scored = req.prompt_logprobs
             out = self._append(req, token)
             if logprobs[i] is not None:  # an EOS that ends the request has its entry (as in vLLM), not its text

@@ -378,11 +378,10 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], seen: li
     other multiplied by it); then, over its generated tokens only (`seen[i]`), the frequency penalty times each
     token's count and the presence penalty once for each token that occurs (OpenAI's formula). Other rows are left
     as they are."""
-    out = logits.float()
+    out = logits.to(torch.float32, copy=True)
     rows = [i for i, p in enumerate(params) if p.penalized]
     if not rows:
         return out
-    out = out.clone()
     device = logits.device
     index = torch.tensor(rows, device=device)
     x = out[index]
@@ -407,7 +406,7 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], seen: li
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], counts: list[int]) -> list[TokenLogprobs]:
     """Row i's token `tokens[i]` with its log-probability and the `counts[i]` most likely tokens with theirs, from
-    logits [B, V]: one log-softmax (float32) and one top-k for all rows, one copy to the host."""
+    logits [B, V]: one log-softmax (float32) and one top-k for all rows."""
     logprobs = logits.float().log_softmax(dim=-1)
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
     k = max(counts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,17 @@ from tessera.search.library import SearchSpace
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"  # real config.json files with their published counts (configs/README.md)
+
+
+@functools.cache
+def transformers_demo_parent():
+    """transformers' LlamaForCausalLM of the bundled demo parent (float32, eval): the independent reference, loaded
+    once per process."""
+    from transformers import LlamaForCausalLM
+
+    from tessera.demo import PARENT_DIR
+
+    return LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.float32).eval()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

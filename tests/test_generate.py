@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
@@ -26,6 +25,8 @@ from tessera.runtime.sampling import (
     seed_words,
     token_logprobs,
 )
+
+from .conftest import transformers_demo_parent
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b", "hello world"] * 20
 
@@ -270,20 +271,11 @@ def test_stops_on_eos(generator: Generator) -> None:
     assert [e.token_id for e in c.logprobs] == [*c.tokens, eos] and all(e.top == () for e in c.logprobs)
 
 
-@functools.cache
-def _transformers_parent():
-    from transformers import LlamaForCausalLM
-
-    from tessera.demo import PARENT_DIR
-
-    return LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.float32).eval()
-
-
 def _transformers_logits(tokens: list[int]) -> torch.Tensor:
     """[len(tokens), vocab]: row p scores token p + 1, from transformers' logits of the demo parent (float32, one
     forward over the whole sequence, no cache), in float64."""
     with torch.inference_mode():
-        return _transformers_parent()(torch.tensor([tokens])).logits[0].double()
+        return transformers_demo_parent()(torch.tensor([tokens])).logits[0].double()
 
 
 def _transformers_log_softmax(tokens: list[int]) -> torch.Tensor:

@@ -39,6 +39,8 @@ from tessera.runtime.loader import load_model
 from tessera.runtime.sampling import Completion, SamplingParams, load_tokenizer
 from tessera.runtime.server import DEFAULT_CHAT_TEMPLATE, build_server, load_chat_template
 
+from .conftest import transformers_demo_parent
+
 PROMPTS = list(CODE_PROMPTS)
 
 
@@ -99,9 +101,7 @@ def client(server):
 
 def transformers_greedy(tok, prompt: str, max_new_tokens: int) -> Completion:
     """transformers' greedy completion of `prompt` from the demo parent (float32), as a Completion."""
-    from transformers import LlamaForCausalLM
-
-    hf = LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.float32).eval()
+    hf = transformers_demo_parent()
     ids = tok.encode(prompt).ids
     with torch.inference_mode():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
