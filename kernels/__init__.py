@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .attention import attention_prefill_reference, attention_prefill_triton
+from .attention import attention_prefill_reference, attention_prefill_triton, first_page_read
 from .attention_paged import PagedAttentionMetadata, attention_paged_triton
 from .attention_paged_reference import attention_paged_reference
 from .ffn import TRITON_MAX_ROWS, swiglu_ffn_fp8_scaled_mm, swiglu_ffn_reference, swiglu_ffn_triton
@@ -45,6 +45,7 @@ __all__ = [
     "attention_prefill",
     "backend",
     "dequantize_weight",
+    "first_page_read",
     "forced_backend",
     "linear",
     "quantize_weight",

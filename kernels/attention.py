@@ -234,6 +234,12 @@ def check_window(window: int | None, causal: bool = True) -> None:
         raise ValueError(f"attention window {window}: expected a causal attention and a window >= 1")
 
 
+def first_page_read(query_pos: int, window: int | None, page: int) -> int:
+    """The first KV page a query at `query_pos` reads: the page of its first visible key (p - window + 1; the
+    first page without a window). The cache keeps these pages and the paged kernels start their reads there."""
+    return 0 if window is None else max(0, query_pos - window + 1) // page
+
+
 def window_mask(query_pos: torch.Tensor, key_end: int, window: int | None) -> torch.Tensor:
     """[n, key_end] bool: key j is visible to the query at position p when j <= p (and p - j < window)."""
     keys = torch.arange(key_end, device=query_pos.device)[None, :]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import window_mask
+from .attention import first_page_read, window_mask
 from .attention_paged import PagedAttentionMetadata, check_inputs
 from .fp8 import FP8, dequantize_kv_reference
 
@@ -60,16 +60,10 @@ class _StepPlan:
     mask: torch.Tensor | None  # (rows, 1, 1, longest): which keys each row sees; None: all of them
 
 
-def _first_read(length: int, queries: int, window: int | None, page: int) -> int:
-    """The first of a sequence's pages that its last `queries` queries read: the page of the first query's first
-    visible key. Pages before it (a windowed sequence's given-back pages among them) are not read at all."""
-    return 0 if window is None else max(0, length - queries - window + 1) // page
-
-
 def _chunk(
     start: int, n: int, length: int, table: list[int], page: int, window: int | None, device: torch.device
 ) -> _Chunk:
-    skipped = _first_read(length, n, window, page)
+    skipped = first_page_read(length - n, window, page)  # pages before it, given back ones among them, go unread
     read = table[skipped : -(-length // page)]
     pages = slice(read[0], read[0] + len(read)) if read == list(range(read[0], read[0] + len(read))) else read
     if not isinstance(pages, slice):
@@ -91,7 +85,7 @@ def _plan(meta: PagedAttentionMetadata, page: int, n_tokens: int, window: int | 
     rows = None if len(decode) == n_tokens else torch.tensor([bounds[b] for b in decode], device=device)
     # Each decode sequence's pages from the first one its query reads (all of them without a window), and its
     # length counted from there: a windowed layer reads its window, however long the context.
-    skipped = [_first_read(seq_lens[b], 1, window, page) for b in decode]
+    skipped = [first_page_read(seq_lens[b] - 1, window, page) for b in decode]
     own = [tables[b][s : max(s + 1, -(-seq_lens[b] // page))] for b, s in zip(decode, skipped)]
     lengths = [seq_lens[b] - s * page for b, s in zip(decode, skipped)]
     longest = max(lengths)

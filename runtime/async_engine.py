@@ -562,8 +562,7 @@ class AsyncEngine:
 
     def submit(self, request: EngineRequest) -> RequestStream:
         """Queue a checked request (from the event loop's thread) on the engine the router chooses."""
-        alive = [h for h in self._handles if h.alive]
-        if self._stopping or not alive:
+        if self._stopping or not any(h.alive for h in self._handles):
             raise RuntimeError("the engine is shutting down" if self._stopping else "no engine process is running")
         self._loop = asyncio.get_running_loop()
         loads = [len(h.streams) if h.alive else None for h in self._handles]

@@ -97,13 +97,17 @@ class KVGroup:
         return 0 if self.window_pages is None else max(0, -(-tokens // self.page_size) - self.window_pages)
 
     def first_read(self, tokens: int) -> int:
-        """The first page the next query of a sequence of `tokens` tokens reads (at position `tokens`, its window
-        reaches back to `tokens - window + 1`): a prefix of `tokens` tokens is cached where these pages are."""
-        return 0 if self.window is None else max(0, tokens - self.window + 1) // self.page_size
+        """The first page the next query of a sequence of `tokens` tokens reads (at position `tokens`): a prefix of
+        `tokens` tokens is cached where these pages are."""
+        return kernels.first_page_read(tokens, self.window, self.page_size)
 
     def held(self, own: list[int]) -> int:
         """How many pages a sequence's list `own` holds (0: an entry for a page it gave back, in a windowed group)."""
         return len(own) if self.window_pages is None else len(own) - own.count(0)
+
+    def holds_fewer(self, own: list[int], most: int) -> bool:
+        """held(own) < most, without a scan: a windowed list is the pages given back (0) and then those held."""
+        return len(own) < most or not own[-most]
 
     def give_back(self, page: int, dirty: int) -> None:
         """One owner fewer for `page`, whose owner wrote `dirty` of its slots; past the last owner it is free,
@@ -134,6 +138,12 @@ class KVGroup:
         self.stale.extend(range(page * self.page_size, page * self.page_size + self.dirty[page]))
         self.dirty[page], self.refs[page] = 0, 1
         return page
+
+
+def prefix_pages(tokens: Sequence[int], page_size: int) -> int:
+    """The pages of a prompt that may be found cached: its full pages before its last token's, whose logits the
+    engine must compute (the engine's lookup and the data-parallel router's guess of it)."""
+    return (len(tokens) - 1) // page_size
 
 
 def page_hashes(tokens: Sequence[int], page_size: int, hashes: list[bytes], pages: int) -> list[bytes]:
@@ -353,12 +363,13 @@ class PagedKVCache:
         for group in self.groups:
             if group.window is None:  # every page: the run of leading hits
                 n = next((i for i, h in enumerate(hashes[:n]) if h not in group.by_hash), n)
-        while n and not all(
-            all(h in g.by_hash for h in hashes[g.first_read(n * self.page_size) : n])
-            for g in self.groups
-            if g.window is not None
-        ):
-            n -= 1
+        windowed = [g for g in self.groups if g.window is not None]
+        while n:  # a page missing at i rules out every longer prefix too: its window reads that page as well
+            first = [g.first_read(n * self.page_size) for g in windowed]
+            missing = [i for g, f in zip(windowed, first) for i in range(f, n) if hashes[i] not in g.by_hash]
+            if not missing:
+                break
+            n = max(missing)
         return [
             [0] * (first := g.first_read(n * self.page_size)) + [g.by_hash[h] for h in hashes[first:n]]
             for g in self.groups
@@ -487,7 +498,8 @@ class BlockTables:
                 # The new entries, and in a windowed group those of the pages held at the last write (from its
                 # first held): the ones given back since (PagedKVCache.extend) now belong to others or to no one,
                 # and become 0, the scratch page, so that no read, even a masked one, reaches them.
-                start = min(old, self.cache.groups[g].first_held(old * page_size))
+                group = self.cache.groups[g]  # full attention: the new entries only
+                start = old if group.window_pages is None else group.first_held(old * page_size)
                 entries.extend((g, row, c, page) for c, page in enumerate(self.cache.table(own, width, start), start))
             self.widths[row] = width
         if entries:

@@ -56,6 +56,7 @@ from tessera.runtime.cache import (
     PagedKVCache,
     kv_groups,
     page_hashes,
+    prefix_pages,
     window_pages,
 )
 from tessera.runtime.model import Batch, Model
@@ -544,7 +545,7 @@ class Engine:
         whose logits it must compute."""
         if not self.cache.prefix_caching or req.prompt_logprobs is not None:  # a prompt to score is computed whole
             return []
-        pages = (len(req.tokens) - 1) // self.cache.page_size
+        pages = prefix_pages(req.tokens, self.cache.page_size)
         return page_hashes(req.tokens, self.cache.page_size, req.hashes, pages)[:pages]
 
     def _can_start(self, req: _Request, hits: list[list[int]]) -> bool:
@@ -555,7 +556,7 @@ class Engine:
         needs = self.cache.pages_needed(len(req.tokens))
         for g, (need, group, found) in enumerate(zip(needs, self.cache.groups, hits)):
             # A windowed group grows to its window_pages, then gives a page back for each it takes.
-            growing = sum(group.held(r.pages[g]) < r.max_pages[g] for r in self.running)
+            growing = sum(group.holds_fewer(r.pages[g], r.max_pages[g]) for r in self.running)
             spare = growing + (need < req.max_pages[g]) if self.running else 0  # alone it always fits later
             # Hits no one owns are counted free: sharing them takes them from the free count.
             new = need - group.held(found)

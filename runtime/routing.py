@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from tessera.runtime.cache import page_hashes
+from tessera.runtime.cache import page_hashes, prefix_pages
 
 
 class PrefixRouter:
@@ -44,7 +44,7 @@ class PrefixRouter:
         least = min(alive, key=lambda i: loads[i])
         if not self.caching:
             return least
-        hashes = page_hashes(prompt, self.page_size, [], (len(prompt) - 1) // self.page_size)
+        hashes = page_hashes(prompt, self.page_size, [], prefix_pages(prompt, self.page_size))
         matched = {i: self._matched(i, hashes) for i in alive if loads[i] <= loads[least] + self.slack}
         best = max(matched, key=lambda i: (matched[i], -loads[i], -i))
         chosen = best if matched[best] else least

@@ -356,22 +356,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 o["logprobs"] = [{"token": e.token_id, "logprob": e.logprob, "top": e.top} for e in c.logprobs]
         print(json.dumps(out, indent=2))
         return
-    if args.logprobs is not None:
-        from tessera.runtime.sampling import load_tokenizer
-
-        tok = load_tokenizer(args.model)
-
-        def shown(token: int) -> str:
-            return f"{tok.decode([token], skip_special_tokens=False)!r} ({token})"
-
     for prompt, c in zip(args.prompt, completions):
         print(f"{prompt}{c.text}")
         print(f"--- [{len(c.tokens)} tokens, finish: {c.finish_reason}]")
-        for e in c.logprobs or ():
-            top = ", ".join(f"{shown(t)} {lp:.3f}" for t, lp in e.top)
-            print(f"    {shown(e.token_id)}: {e.logprob:.3f}" + (f"; likeliest: {top}" if top else ""))
+        if c.logprobs is not None:
+            _print_logprobs(c.logprobs, args.model)
     n = sum(len(c.tokens) for c in completions)
     print(f"{n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tokens/s, batch {len(completions)})", file=sys.stderr)
+
+
+def _print_logprobs(entries, model_dir: str) -> None:
+    """Each token's log-probability and its likeliest alternatives, a line per token."""
+    from tessera.runtime.sampling import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+
+    def shown(token: int) -> str:
+        return f"{tok.decode([token], skip_special_tokens=False)!r} ({token})"
+
+    for e in entries:
+        top = ", ".join(f"{shown(t)} {lp:.3f}" for t, lp in e.top)
+        print(f"    {shown(e.token_id)}: {e.logprob:.3f}" + (f"; likeliest: {top}" if top else ""))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
