@@ -99,13 +99,14 @@ want tests && step tests 140 env OMP_NUM_THREADS=1 python3 -m pytest -q -p no:ca
 want bench_attention && step bench_attention 120 python3 -m tessera.cli bench kernels --suite attention --device cuda
 want tune_attention && step tune_attention 75 python3 -m tessera.benchmarks.tune_attention --device cuda --budget-s 50
 want bench_model && step bench_model 80 python3 -m tessera.cli bench model --device cuda
+want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving --device cuda
+# Issue 20's GEMM rows (bf16 vs cuBLAS, FP8 vs _scaled_mm) before the optional steps.
+want bench_ffn_norm && step bench_ffn_norm 75 python3 -m tessera.cli bench kernels --suite norm --suite ffn --device cuda
 # The decode step with and without programmatic dependent launch (off in the served path until this measures it):
 # each mode's graph captured, alternating rounds, the logits compared bit for bit. Run by name.
 want bench_model_pdl && step bench_model_pdl 90 python3 -m tessera.cli bench model --pdl --device cuda
-want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving --device cuda
 # Prompts sharing 2,048 first tokens at the 8B shape, with and without prefix caching (optional: ~1 min).
 want bench_prefix && step bench_prefix 90 python3 -m tessera.cli bench prefix --device cuda
-want bench_ffn_norm && step bench_ffn_norm 75 python3 -m tessera.cli bench kernels --suite norm --suite ffn --device cuda
 # Measured at 2b6d4ed already (1.24-1.27x): last, so a short budget cuts it rather than issue 20's GEMM rows.
 want bench_fusion && step bench_fusion 25 python3 -m tessera.cli bench fusion --device cuda
 # Issue 17's GPU halves, past the default budget: run them by name in a call of their own
