@@ -31,7 +31,7 @@ from .gemm import (
     sum_partials,
     tma_ready,
 )
-from .hardware import dot_precision, fitting_stages, launch_flags, wait_for_inputs
+from .hardware import dot_precision, fitting_stages, launch_flags, sm_count, wait_for_inputs
 
 # Rows up to which the automatic dispatch (kernels.swiglu_ffn) runs these kernels; past it, cuBLAS. On the H200
 # (benchmarks/results/nvidia-h200_kernels_ffn.md) they beat cuBLAS eager at 1 and 16 rows (1.02-1.09x, 83-107 % of
@@ -176,18 +176,23 @@ def _persistent_gate_up_kernel(
         _store_swiglu(acc_gate, acc_up, offs_m, offs_n, M, I, x_scale_ptr, w_scale_ptr, h_ptr, stride_hm, SCALED)
 
 
-def gate_up_blocks(m: int, inter: int) -> tuple[int, int, int, int, int, int]:
+def gate_up_blocks(m: int, inter: int, element_size: int = 2) -> tuple[int, int, int, int, int, int]:
     """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages and output tiles of the gate/up GEMM of m rows and width
-    `inter`: gemm_blocks' shape, BLOCK_N capped at 64 (two fp32 accumulators at 128 would take 128 registers a
-    thread by themselves)."""
-    block_m, block_n, block_k, warps, stages = gemm_blocks(m)
+    `inter` (operands of `element_size` bytes): gemm_blocks' shape, BLOCK_N capped at 64 (two fp32 accumulators at
+    128 would take 128 registers a thread by themselves)."""
+    block_m, block_n, block_k, warps, stages = gemm_blocks(m, element_size)
     block_n = min(block_n, 64)
     return block_m, block_n, block_k, warps, stages, triton.cdiv(m, block_m) * triton.cdiv(inter, block_n)
 
 
-def gate_up_split_plan(m: int, hidden: int, inter: int, device: torch.device) -> tuple[int, int]:
-    """(splits, K per split) of the portable gate/up GEMM (gemm.split_k_plan over its tiles)."""
-    _, _, block_k, _, _, tiles = gate_up_blocks(m, inter)
+def gate_up_split_plan(m: int, hidden: int, inter: int, device: torch.device, element_size: int = 2) -> tuple[int, int]:
+    """(splits, K per split) of the portable gate/up GEMM: gemm.split_k_plan over its tiles where they cover
+    fewer than half the SMs, else unsplit. On the H200 at M = 1 (2026-11-30, 3e791a3) the split gate/up lost to the
+    unsplit one at 224 tiles by 3-4 % (the 8B shape, Nemotron-51B's half width) and at 112 tiles by 10 % (its
+    quarter width); a narrow child's FFN (Nemotron's 2,816 columns: 44 tiles) still splits."""
+    _, _, block_k, _, _, tiles = gate_up_blocks(m, inter, element_size)
+    if 2 * tiles >= sm_count(device):
+        return 1, hidden
     return split_k_plan(tiles, hidden, block_k, device)
 
 
@@ -242,7 +247,7 @@ def swiglu_ffn_triton(
         return torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     scaled = gate_up_scale is not None
     a, a_scale = quantize_rows_triton(x) if scaled else (x, None)
-    block_m, gate_block_n, block_k, warps, stages, tiles = gate_up_blocks(m, inter)
+    block_m, gate_block_n, block_k, warps, stages, tiles = gate_up_blocks(m, inter, a.element_size())
     h = torch.empty(m, inter, dtype=x.dtype, device=x.device)  # silu(gate)·up, the only intermediate
     stages = fitting_stages(stages, (block_m + 2 * gate_block_n) * block_k * a.element_size(), x.device)
     scales = (a_scale, gate_up_scale) if scaled else (h, h)  # unread without SCALED
@@ -268,7 +273,9 @@ def swiglu_ffn_triton(
     else:
         # Split over K like the down GEMM: a narrow FFN at decode (a pruned child's, Nemotron's 2,816-wide ones:
         # 44 tiles) would otherwise leave most SMs idle.
-        splits, k_per_split = gate_up_split_plan(m, hidden, inter, x.device) if split_k else (1, hidden)
+        splits, k_per_split = (
+            gate_up_split_plan(m, hidden, inter, x.device, a.element_size()) if split_k else (1, hidden)
+        )
         partial = torch.empty(splits, 2, m, inter, dtype=torch.float32, device=x.device) if splits > 1 else h
         counters = arrival_counters(x.device, tiles) if splits > 1 else h
         shapes = m, inter, hidden, k_per_split, splits, inter * w_gate_up.stride(0)

@@ -150,8 +150,11 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(m, k, dtype=FP8, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
-        block = min(triton.next_power_of_2(k), 4096)
-        flags = launch_flags(x.device)
+        # A decode step has one row per sequence, so a program's latency is the launch's: a row up to 16,384 wide
+        # (an FFN's h included) in one block, 32 values a thread over up to 16 warps, where 4,096-wide blocks on
+        # 4 warps walked the 8B shape's h 4 times a pass.
+        block = min(triton.next_power_of_2(k), 16384)
+        flags = dict(num_warps=min(16, max(4, block // 512)), **launch_flags(x.device))
         _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), MIN_SCALE=MIN_SCALE, BLOCK=block, **flags)
     return q, scale
 

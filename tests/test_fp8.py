@@ -19,7 +19,7 @@ import torch
 from tessera import kernels
 from tessera.config import ConfigError
 from tessera.kernels import FP8
-from tessera.kernels.ffn import swiglu_ffn_fp8_scaled_mm, swiglu_ffn_reference
+from tessera.kernels.ffn import gate_up_split_plan, swiglu_ffn_fp8_scaled_mm, swiglu_ffn_reference
 from tessera.kernels.fp8 import (
     FP8_MAX,
     linear_fp8_reference,
@@ -38,6 +38,13 @@ DEMO = "demo/parent"
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
+
+
+def _codes(t: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor's bits with -0 (0x80) read as +0: the H200's conversion (triton 3.6) writes +0 where torch's
+    gives -0 (seen 2026-11-30), and no GEMM or attention read can tell them apart. Every other code must match."""
+    bits = _bits(t)
+    return torch.where(bits == 0x80, torch.zeros_like(bits), bits)
 
 
 def _float64_linear(x, w, w_scale, bias=None, residual=None) -> torch.Tensor:
@@ -78,16 +85,16 @@ def test_row_quantization_rounds_every_e4m3_value_and_tie_as_torch_does(poisoned
     rows = torch.cat([torch.full((1,), FP8_MAX), points]).to(KERNEL_DEVICE)[None, :].repeat(2, 1)
     q, scale = quantize_rows_triton(rows)
     assert torch.equal(scale.cpu(), torch.ones(2))
-    assert torch.equal(_bits(q.cpu()), _bits(rows.cpu().to(FP8)))
+    assert torch.equal(_codes(q.cpu()), _codes(rows.cpu().to(FP8)))
 
 
-@pytest.mark.parametrize("k", [1, 200, 5000])  # 5000: past one 4096-wide block, the loops' second pass
+@pytest.mark.parametrize("k", [1, 200, 5000, 20000])  # 20000: past one 16,384-wide block, the loops' second pass
 def test_row_quantization_matches_the_reference(poisoned, k: int) -> None:
     x = randn(6, k) * torch.tensor([1e-6, 1e-2, 1.0, 30.0, 1e4, 0.0], device=KERNEL_DEVICE)[:, None]
     q, scale = quantize_rows_triton(x)
     ref_q, ref_scale = quantize_rows_reference(x)
     assert torch.equal(scale, ref_scale)
-    assert torch.equal(_bits(q.cpu()), _bits(ref_q.cpu()))
+    assert torch.equal(_codes(q.cpu()), _codes(ref_q.cpu()))
 
 
 def test_a_row_with_nan_or_inf_gives_nan_in_its_output_row_alone(poisoned) -> None:
@@ -123,22 +130,25 @@ def test_fp8_reference_and_scaled_mm_match_float64() -> None:
     """The CPU path and the cuBLASLt path (torch._scaled_mm, which torch also runs on the CPU): exact FP8 products
     summed in fp32. On a GPU the activations are bf16, as served (row-wise scales with an fp32 output are not
     every CUDA build's): cuBLASLt's FP8 tensor cores accumulate in a float of ~13 mantissa bits (1e-3), and the
-    bf16 output rounds each value by up to 2^-9 of it."""
+    bf16 output rounds each value by up to 2^-8 of it (8 significant bits; the H200 showed 2.9e-3)."""
     on_gpu = torch.device(KERNEL_DEVICE).type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     x, (w, w_scale) = randn(20, 128, dtype=dtype), quantize_weight(randn(64, 128, seed=1))
     bias, residual = randn(64, seed=2, dtype=dtype), randn(20, 64, seed=3, dtype=dtype)
     expected = _float64_linear(x, w, w_scale, bias, residual)
-    rounding = 2**-9 if on_gpu else 0.0
+    rounding = 2**-8 if on_gpu else 0.0
     assert relative_error(linear_fp8_reference(x, w, w_scale, bias, residual).double(), expected) <= 1e-6 + rounding
     tol = (1e-3 + rounding) if on_gpu else 1e-6
     assert relative_error(linear_fp8_scaled_mm(x, w, w_scale, bias, residual).double(), expected) <= tol
 
 
-@pytest.mark.parametrize(("m", "hidden"), [(1, 200), (9, 200), (40, 200), (1, 2048)])
+@pytest.mark.parametrize(("m", "hidden"), [(1, 200), (9, 200), (40, 200), (1, 4096)])
 def test_fp8_swiglu_kernel_matches_the_reference(poisoned, m: int, hidden: int) -> None:
-    """(1, 2048): the gate/up GEMM splits K in 2; the scales apply once, to the sum of the splits."""
+    """(1, 4096): the gate/up GEMM splits K in 2 (16 FP8 K tiles of 256); the scales apply once, to the sum of the
+    splits."""
     inter = 72
+    if hidden == 4096:
+        assert gate_up_split_plan(m, hidden, inter, torch.device(KERNEL_DEVICE), element_size=1)[0] == 2
     x, residual = randn(m, hidden, dtype=torch.float16), randn(m, hidden, dtype=torch.float16, seed=4)
     # Rows over two orders of magnitude (gate and up rows shuffled among them), so that every output channel has its
     # own scale and a scale read for the wrong channel shows: the gate's and up's swapped err by 3.6-7 %.
@@ -155,14 +165,29 @@ def test_fp8_swiglu_kernel_matches_the_reference(poisoned, m: int, hidden: int) 
     # fp32 sums in another order: rounded to fp16, that can move the largest output by one ulp (2^-10 ≈ 9.8e-4 of
     # it). 2.2e-5 under the interpreter; every down scale 0.4 % off gives 4.1e-3. On Hopper a 64-row tile (m > 16)
     # multiplies on FP8 tensor cores, which accumulate in ~13 mantissa bits between promotions to fp32 (as in the
-    # linear's test above): up to 4e-3 in an emulation of that accumulation over several seeds.
-    assert relative_error(out.float(), expected.float()) <= (5e-3 if KERNEL_DEVICE == "cuda" and m > 16 else 2e-3)
+    # linear's test above): up to 4e-3 in an emulation of that accumulation over several seeds, 7.4e-3 on the H200
+    # (2026-11-30: an h code moved a step by it moves its output by 2^-4 of that term). A gate and up scale swapped
+    # errs by 3.6-7 % and still fails there.
+    assert relative_error(out.float(), expected.float()) <= (1e-2 if KERNEL_DEVICE == "cuda" and m > 16 else 2e-3)
+
+
+def _cpu_scaled_mm_takes_row_scales() -> bool:
+    """torch's CPU `_scaled_mm` takes row-wise scales from 2.13 (2.11, the H200 image's, only per-tensor ones). The
+    served CPU path never calls it (it runs the dequantizing reference): only this test does."""
+    a = torch.ones(2, 16, dtype=FP8)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(2, 1), scale_b=torch.ones(1, 2), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("device", sorted({"cpu", KERNEL_DEVICE}))
 def test_fp8_swiglu_on_scaled_mm_matches_the_reference(device: str) -> None:
     """The FFN as served past 16 rows on CUDA (cuBLASLt's FP8 GEMMs), here on the CPU (torch's own `_scaled_mm`:
     exact products summed in fp32) and, with a GPU, on it."""
+    if device == "cpu" and not _cpu_scaled_mm_takes_row_scales():
+        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes no row-wise scales")
     x = randn(24, 128, dtype=torch.bfloat16)
     (gate_up, gu_scale), (down, down_scale) = (
         quantize_weight(randn(128, 128, seed=1)),
@@ -177,10 +202,11 @@ def test_fp8_swiglu_on_scaled_mm_matches_the_reference(device: str) -> None:
     # With the same roundings (gate and up to bf16, h to bf16, then quantized per token), one FP8 GEMM after the
     # other as linear_fp8_reference computes them: the same numbers on the CPU. This catches what hides in the 3e-2
     # above, e.g. the gate's and up's channel scales swapped, or every down scale 2 % off. On a GPU each GEMM sums
-    # in ~13 mantissa bits (1e-3) and rounds to bf16 (2^-9) in its own order: a few of h's codes may move a step.
+    # in ~13 mantissa bits (1e-3) and rounds to bf16 (2^-8) in its own order: a few of h's codes may move a step
+    # (1.5e-2 on the H200, 2026-11-30; the CPU's 1e-6 is what catches a scale 2 % off).
     gate, up = linear_fp8_reference(x, gate_up, gu_scale, out_dtype=torch.bfloat16).chunk(2, dim=-1)
     h = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
-    tol = 1e-2 if device == "cuda" else 1e-6
+    tol = 2.5e-2 if device == "cuda" else 1e-6
     assert relative_error(out.float(), linear_fp8_reference(h, down, down_scale).float()) <= tol
 
 
@@ -193,7 +219,9 @@ def test_fp8_decode_step_replayed_from_a_cuda_graph_matches_the_fp8_reference(ba
     split is planned for its widest table): fp32 sums in other orders, well inside 1e-2 after bf16 rounding. The
     reference differs from them by bf16 roundings and the E4M3 codes those move (its CPU twin, the FP8 step against
     the unquantized one, moves 4.6 %): 3e-2 lets those pass and catches a scale lost or read for another channel
-    (5 % to 100 %)."""
+    (5 % to 100 %) in Triton's GEMMs. cuBLASLt's (20 rows) also round gate and up to bf16 before silu(gate)·up, which
+    the reference does not: 3.7e-2 on the H200 (2026-11-30), so 5e-2 there; its scales are checked to 1e-6 on the
+    CPU (test_fp8_swiglu_on_scaled_mm_matches_the_reference, test_fp8_reference_and_scaled_mm_match_float64)."""
     from tessera.benchmarks.bench_model import _decode_steps
 
     from .conftest import kernel_backend
@@ -207,7 +235,7 @@ def test_fp8_decode_step_replayed_from_a_cuda_graph_matches_the_fp8_reference(ba
                 logits[name] = _decode_steps(model, batch, 40, device, graphs)().float()
     assert all(t.isfinite().all() for t in logits.values())
     assert relative_error(logits["graph"], logits["eager"]) <= 1e-2
-    assert relative_error(logits["graph"], logits["reference"]) <= 3e-2
+    assert relative_error(logits["graph"], logits["reference"]) <= (3e-2 if batch <= kernels.TRITON_MAX_ROWS else 5e-2)
 
 
 def test_cast_to_fp8_quantizes_every_projection_and_stays_near_fp32() -> None:
@@ -310,7 +338,7 @@ def test_the_lm_head_runs_through_an_fp8_copy_that_is_not_stored(
     assert torch.equal(_bits(model.lm_head_fp8), _bits(expected)) and torch.equal(model.lm_head_fp8_scale, scale)
     hidden = torch.randn(5, model.arch.hidden_size, generator=torch.Generator().manual_seed(3)).bfloat16()
     logits = model.logits(hidden)
-    # The one rounding past the float64 product is the bf16 output's (2^-9 relative); fp32 accumulation adds ~1e-7.
+    # The one rounding past the float64 product is the bf16 output's (up to 2^-8 relative); fp32 sums add ~1e-7.
     assert logits.dtype == torch.bfloat16 and relative_error(logits, _float64_linear(hidden, expected, scale)) <= 2**-8
     out = save_model(model, tmp_path / "fp8")
     from safetensors import safe_open

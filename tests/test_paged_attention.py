@@ -103,10 +103,12 @@ def by_hand(
     return out
 
 
-def metadata(q_lens: list[int], lengths: list[int], tables: torch.Tensor) -> PagedAttentionMetadata:
+def metadata(
+    q_lens: list[int], lengths: list[int], tables: torch.Tensor, device: str = KERNEL_DEVICE
+) -> PagedAttentionMetadata:
     """As the engine builds it (decode_prefix: the leading one-query sequences)."""
-    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=KERNEL_DEVICE)
-    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=KERNEL_DEVICE)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
     decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
     return PagedAttentionMetadata(tables, cu, seq_lens, max(q_lens), decodes)
 
@@ -176,11 +178,12 @@ def test_mixed_step_splits_its_decodes(poisoned, monkeypatch, splits: str) -> No
 
 def test_decode_prefix_must_count_leading_one_query_sequences() -> None:
     """Its split launch sizes buffers by it: a count past the one-query sequences is refused where cu_seqlens is on
-    the host, not written past (a sequence of 5 queries counted as a decode, a count past the batch)."""
+    the host, not written past (a sequence of 5 queries counted as a decode, a count past the batch). All on the
+    host, where the check runs (on a GPU it would need a sync)."""
     q, pages = torch.zeros(46, 8, 16), torch.zeros(20, 16, 2, 16)
     tables = torch.arange(1, 19, dtype=torch.int32).view(3, 6)
     for count in (2, 4, -1):
-        meta = metadata([1, 5, 40], [80, 60, 90], tables)
+        meta = metadata([1, 5, 40], [80, 60, 90], tables, device="cpu")
         meta.decode_prefix = count
         with pytest.raises(ValueError, match=f"decode_prefix {count} is not a count of leading one-query sequences"):
             kernels.attention_paged(q, pages, pages, meta)
