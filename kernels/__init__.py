@@ -23,6 +23,7 @@ from .fp8 import (
     FP8,
     FP8_MAX,
     MIN_SCALE,
+    Fp8Rows,
     dequantize_weight,
     linear_fp8_reference,
     linear_fp8_scaled_mm,
@@ -39,6 +40,7 @@ __all__ = [
     "FP8",
     "FP8_MAX",
     "MIN_SCALE",
+    "Fp8Rows",
     "PagedAttentionMetadata",
     "apply_rope",
     "attention_paged",
@@ -87,15 +89,16 @@ set_backend(os.environ.get(BACKEND_ENV))
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, quantize: bool = False
+) -> torch.Tensor | Fp8Rows | tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
     """RMSNorm over the last dimension. x [..., H], weight [H]. With a residual (like x): returns
-    (RMSNorm(x + residual), x + residual), the add fused in."""
+    (RMSNorm(x + residual), x + residual), the add fused in. quantize (x [M, H]): the normed rows quantized per
+    token for an FP8 GEMM (Fp8Rows, what `linear` and `swiglu_ffn` take for FP8 weights), in the norm's launch."""
     impl = rms_norm_triton if backend(x, weight) == "triton" else rms_norm_reference
-    return impl(x, weight, eps, residual)
+    return impl(x, weight, eps, residual, quantize)
 
 
-def _cublas_rows(x: torch.Tensor) -> bool:
+def _cublas_rows(x: torch.Tensor | Fp8Rows) -> bool:
     """Whether the automatic dispatch hands an x of this many rows to cuBLAS rather than the Triton GEMMs: past
     TRITON_MAX_ROWS, where cuBLAS is the faster on the H200 for bf16 FFNs (kernels/ffn.py). FP8 follows the same
     rule; its own crossover is not measured yet."""
@@ -103,7 +106,7 @@ def _cublas_rows(x: torch.Tensor) -> bool:
 
 
 def swiglu_ffn(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Rows,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     residual: torch.Tensor | None = None,
@@ -113,8 +116,10 @@ def swiglu_ffn(
     """SwiGLU FFN. x [M, H], w_gate_up [2I, H] = cat(gate, up), w_down [H, I] -> [M, H], plus the residual
     [M, H] when one is given (added in the down GEMM's epilogue). FP8 weights come with their per-channel scales
     gate_up_scale [2I] and down_scale [H] (kernels/fp8.py). Chosen automatically, past TRITON_MAX_ROWS rows
-    cuBLAS runs it (the torch path, or `torch._scaled_mm` for FP8): there it is the faster one on the H200."""
-    choice = backend(x, w_gate_up, w_down)
+    cuBLAS runs it (the torch path, or `torch._scaled_mm` for FP8): there it is the faster one on the H200.
+    x may come quantized already (Fp8Rows, from `rms_norm(..., quantize=True)`) when the weights are FP8."""
+    _check_fp8_rows(x, gate_up_scale, "swiglu_ffn")
+    choice = backend(_codes(x), w_gate_up, w_down)
     if choice == "triton" and _cublas_rows(x):
         if gate_up_scale is None:
             choice = "torch"
@@ -125,21 +130,36 @@ def swiglu_ffn(
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    x: torch.Tensor | Fp8Rows,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] · weight [N, K]ᵀ (+ bias [N]) -> [M, N]. A weight in the compute dtype is F.linear (cuBLAS); an
     FP8 weight comes with its per-channel scales [N] and runs kernels/fp8.py's GEMM (Triton up to
-    TRITON_MAX_ROWS rows, `torch._scaled_mm` past it, the dequantizing reference on the CPU)."""
+    TRITON_MAX_ROWS rows, `torch._scaled_mm` past it, the dequantizing reference on the CPU), on x as given or
+    already quantized (Fp8Rows, from `rms_norm(..., quantize=True)`)."""
+    _check_fp8_rows(x, scale, "linear")
     if scale is None:
         return F.linear(x, weight, bias)
-    if x.dim() != 2:
+    if isinstance(x, torch.Tensor) and x.dim() != 2:
         return linear(x.reshape(-1, x.shape[-1]), weight, bias, scale).view(*x.shape[:-1], weight.shape[0])
-    choice = backend(x, weight)
+    choice = backend(_codes(x), weight)
     if choice == "torch":
         return linear_fp8_reference(x, weight, scale, bias)
     if _cublas_rows(x) and scaled_mm_supports(*weight.shape):
         return linear_fp8_scaled_mm(x, weight, scale, bias)
     return linear_fp8_triton(x, weight, scale, bias)
+
+
+def _codes(x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+    """The tensor an op's backend is chosen by: x, or its E4M3 codes."""
+    return x.codes if isinstance(x, Fp8Rows) else x
+
+
+def _check_fp8_rows(x: torch.Tensor | Fp8Rows, scale: torch.Tensor | None, op: str) -> None:
+    if isinstance(x, Fp8Rows) and scale is None:
+        raise ValueError(f"{op}: quantized activations (Fp8Rows) need FP8 weights with their scales")
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fp8 import linear_fp8_reference, linear_fp8_scaled_mm, quantize_rows_triton
+from .fp8 import Fp8Rows, linear_fp8_reference, linear_fp8_scaled_mm, quantize_rows_triton, quantized_rows
 from .gemm import (
     arrival_counters,
     arrived_last,
@@ -197,7 +197,7 @@ def gate_up_split_plan(m: int, hidden: int, inter: int, device: torch.device, el
 
 
 def _check_shapes(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Rows,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     residual: torch.Tensor | None,
@@ -214,6 +214,8 @@ def _check_shapes(
     if residual is not None and residual.shape != (m, hidden):
         raise ValueError(f"swiglu_ffn: residual must have shape {(m, hidden)}, got {tuple(residual.shape)}")
     if gate_up_scale is None:
+        if isinstance(x, Fp8Rows):
+            raise ValueError("swiglu_ffn: quantized activations (Fp8Rows) need FP8 weights with their scales")
         if not x.dtype == w_gate_up.dtype == w_down.dtype:
             raise ValueError(f"swiglu_ffn: x {x.dtype}, w_gate_up {w_gate_up.dtype} and w_down {w_down.dtype} differ")
     elif gate_up_scale.shape != (2 * inter,) or down_scale is None or down_scale.shape != (hidden,):
@@ -224,7 +226,7 @@ def _check_shapes(
 
 
 def swiglu_ffn_triton(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Rows,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     residual: torch.Tensor | None = None,
@@ -234,19 +236,21 @@ def swiglu_ffn_triton(
     split_k: bool = True,
 ) -> torch.Tensor:
     """x [M, H], w_gate_up [2I, H], w_down [H, I], residual [M, H] or None -> [M, H] (+ residual). With FP8
-    weights, their per-output-channel scales gate_up_scale [2I] and down_scale [H] (kernels/fp8.py).
+    weights, their per-output-channel scales gate_up_scale [2I] and down_scale [H] (kernels/fp8.py), and x as
+    given or already quantized (Fp8Rows).
     persistent: both GEMMs on the persistent TMA schedule where the operands allow it (kernels/gemm.py).
-    split_k: the portable gate/up GEMM splits K when its tiles cover the SMs less than twice (False: never;
-    the benchmark compares the two)."""
+    split_k: the portable gate/up GEMM splits K as gate_up_split_plan says (False: never; the benchmark compares
+    the two)."""
     _check_shapes(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
     m, hidden = x.shape
     inter = w_down.shape[1]
-    x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
+    x = x if isinstance(x, Fp8Rows) else x.contiguous()  # Fp8Rows' codes are made contiguous
+    w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
     residual = residual.contiguous() if residual is not None else None
     if m == 0:
         return torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     scaled = gate_up_scale is not None
-    a, a_scale = quantize_rows_triton(x) if scaled else (x, None)
+    a, a_scale = quantized_rows(x, triton_kernel=True) if scaled else (x, None)
     block_m, gate_block_n, block_k, warps, stages, tiles = gate_up_blocks(m, inter, a.element_size())
     h = torch.empty(m, inter, dtype=x.dtype, device=x.device)  # silu(gate)·up, the only intermediate
     stages = fitting_stages(stages, (block_m + 2 * gate_block_n) * block_k * a.element_size(), x.device)
@@ -288,7 +292,7 @@ def swiglu_ffn_triton(
 
 
 def swiglu_ffn_reference(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Rows,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     residual: torch.Tensor | None = None,
@@ -307,7 +311,7 @@ def swiglu_ffn_reference(
 
 
 def swiglu_ffn_fp8_scaled_mm(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Rows,
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
     residual: torch.Tensor | None,

@@ -13,6 +13,7 @@ The reference below dequantizes and multiplies in fp32: the CPU path and the tes
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,33 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite E4M3 value
 # The smallest scale (vLLM's): a row of zeros quantizes to zeros instead of dividing by zero.
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+
+
+@dataclass(frozen=True)
+class Fp8Rows:
+    """Activations [M, K] already quantized per token: codes [M, K] float8_e4m3fn, scale [M] fp32, and the dtype
+    they stand for (the GEMM's output dtype). What `kernels.rms_norm(..., quantize=True)` gives the next FP8 GEMM,
+    so that the norm's kernel quantizes the row it already holds instead of a launch of its own."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+
+def quantized_rows(x: torch.Tensor | Fp8Rows, triton_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of activations x [M, K]: as given when already quantized, else quantized per token here
+    (by the Triton kernel or the reference: the same codes)."""
+    if isinstance(x, Fp8Rows):
+        return x.codes, x.scale
+    return quantize_rows_triton(x) if triton_kernel else quantize_rows_reference(x)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +148,16 @@ def quantize_e4m3(x, scale):
 
 
 @triton.jit
+def row_scale(amax, MIN_SCALE: tl.constexpr):
+    """A row's scale from its elementwise running |max| (NaN-propagating): max / 448, floored at MIN_SCALE. A NaN
+    or an infinity anywhere in the row makes it NaN, as the reference's: the GEMM's epilogue then gives that row
+    NaN whatever its codes hold (E4M3 has no infinity, and the interpreter cannot write a NaN)."""
+    row_max = tl.max(amax, axis=0)
+    bad = (tl.max((amax != amax).to(tl.int32), axis=0) > 0) | (row_max == float("inf"))
+    return tl.where(bad, float("nan"), tl.maximum(tl.math.div_rn(row_max, 448.0), MIN_SCALE))
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
 ):
@@ -131,11 +169,7 @@ def _quantize_rows_kernel(
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_ptr + row * stride_x + k0 + offs, mask=offs < K - k0, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-    # A NaN or an infinity anywhere in the row makes its scale NaN, as the reference's: the GEMM's epilogue then
-    # gives that row NaN whatever its codes hold (E4M3 has no infinity, and the interpreter cannot write a NaN).
-    row_max = tl.max(amax, axis=0)
-    bad = (tl.max((amax != amax).to(tl.int32), axis=0) > 0) | (row_max == float("inf"))
-    scale = tl.where(bad, float("nan"), tl.maximum(tl.math.div_rn(row_max, 448.0), MIN_SCALE))
+    scale = row_scale(amax, MIN_SCALE)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         mask = offs < K - k0
@@ -160,16 +194,17 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def linear_fp8_reference(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Rows,
     w: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (bf16/fp16/fp32) · (Wq [N, K] FP8, s_w [N]) -> [M, N] in out_dtype (x's by default): x quantized
-    per token, both operands dequantized, multiplied in fp32; bias [N] and residual [M, N] added in fp32."""
-    xq, x_scale = quantize_rows_reference(x)
+    """x [M, K] (bf16/fp16/fp32, or Fp8Rows) · (Wq [N, K] FP8, s_w [N]) -> [M, N] in out_dtype (x's by default):
+    x quantized per token, both operands dequantized, multiplied in fp32; bias [N] and residual [M, N] added in
+    fp32."""
+    xq, x_scale = quantized_rows(x, triton_kernel=False)
     fp32 = torch.float32
     out = F.linear(dequantize_weight(xq, x_scale, fp32), dequantize_weight(w, w_scale, fp32))
     if bias is not None:
@@ -180,17 +215,17 @@ def linear_fp8_reference(
 
 
 def linear_fp8_triton(
-    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor | Fp8Rows, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """linear_fp8_reference's result from two launches: the per-token quantization and the FP8 GEMM (tensor
-    cores, the scales and bias in its epilogue)."""
+    """linear_fp8_reference's result from two launches: the per-token quantization (none for Fp8Rows) and the FP8
+    GEMM (tensor cores, the scales and bias in its epilogue)."""
     _check_linear(x, w, w_scale, bias, None)
-    xq, x_scale = quantize_rows_triton(x)
+    xq, x_scale = quantized_rows(x, triton_kernel=True)
     return matmul_triton(xq, w.contiguous(), x.dtype, x_scale, w_scale, bias)
 
 
 def linear_fp8_scaled_mm(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Rows,
     w: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -200,7 +235,7 @@ def linear_fp8_scaled_mm(
     """linear_fp8_reference's result from `torch._scaled_mm` (cuBLASLt on CUDA) with row-wise scales: the
     served path past TRITON_MAX_ROWS rows, as cuBLAS is for bf16 (kernels.swiglu_ffn)."""
     _check_linear(x, w, w_scale, bias, residual)
-    xq, x_scale = quantize_rows_triton(x) if x.is_cuda else quantize_rows_reference(x)
+    xq, x_scale = quantized_rows(x, triton_kernel=x.device.type == "cuda")
     out = torch._scaled_mm(
         xq, w.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :].float(), out_dtype=out_dtype or x.dtype
     )
@@ -215,7 +250,11 @@ def scaled_mm_supports(*dims: int) -> bool:
 
 
 def _check_linear(
-    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+    x: torch.Tensor | Fp8Rows,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
 ) -> None:
     m, k = x.shape
     n = w.shape[0]

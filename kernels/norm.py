@@ -5,6 +5,10 @@ bf16 reductions drift badly over 60+ layers. With a residual the op is what a de
 sublayers: s = x + residual (rounded to the activation dtype, as Hugging Face adds), then RMSNorm(s), and
 s is returned too as the new residual stream. Fused, that is one read of x and the residual and two writes,
 instead of the three passes (add, norm, scale) of torch eager.
+
+Before an FP8 GEMM (`quantize=True`) the kernel also quantizes the normed row per token, as kernels/fp8.py's
+quantize_rows does to the normed output (the same codes and scale, bit for bit): the row is already in its
+registers, so the GEMM's input costs no launch of its own (two fewer per layer of an FP8 decode step).
 """
 
 import torch
@@ -12,7 +16,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .fp8 import FP8, MIN_SCALE, Fp8Rows, quantize_e4m3, quantize_rows_reference, row_scale
 from .hardware import launch_flags, wait_for_inputs
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -28,7 +35,10 @@ def _rms_norm_kernel(
     stride_residual_out,
     n_cols,
     eps,
+    scale_ptr,
     HAS_RESIDUAL: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+    NORMED_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -48,14 +58,23 @@ def _rms_norm_kernel(
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     normed = (x * rstd).to(act_dtype).to(tl.float32)  # HF: cast back to the input dtype, then scale
-    tl.store(out_ptr + row * stride_out + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANTIZE:  # out holds the E4M3 codes of the normed row (as rounded to NORMED_DTYPE), scale_ptr its scale
+        y = (normed * weight).to(NORMED_DTYPE).to(tl.float32)
+        scale = row_scale(tl.abs(y), MIN_SCALE=MIN_SCALE)  # padding columns hold 0
+        tl.store(scale_ptr + row, scale)
+        tl.store(out_ptr + row * stride_out + cols, quantize_e4m3(y, scale).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + row * stride_out + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x [..., H], weight [H], residual like x or None -> normed [..., H] (and the new residual x + residual)."""
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, quantize: bool = False
+) -> torch.Tensor | Fp8Rows | tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+    """x [..., H], weight [H], residual like x or None -> normed [..., H] (and the new residual x + residual).
+    quantize: the normed rows as Fp8Rows [M, H] (x 2-D) for an FP8 GEMM."""
     hidden = x.shape[-1]
+    if quantize and x.dim() != 2:
+        raise ValueError(f"rms_norm: quantize=True takes x [M, H], got {tuple(x.shape)}")
     if weight.shape != (hidden,):
         raise ValueError(f"rms_norm: weight must have shape ({hidden},), got {tuple(weight.shape)}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
@@ -66,7 +85,9 @@ def rms_norm_triton(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     weight = weight.contiguous()
-    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(x2.shape, dtype=FP8 if quantize else out_dtype, device=x.device)
+    scale = torch.empty(x2.shape[0] if quantize else 0, dtype=torch.float32, device=x.device)
     if residual is not None:
         res2 = residual.reshape(-1, hidden)
         res2 = res2 if res2.stride(-1) == 1 else res2.contiguous()
@@ -89,22 +110,29 @@ def rms_norm_triton(
             res_out.stride(0),
             hidden,
             eps,
+            scale,
             HAS_RESIDUAL=residual is not None,
+            QUANTIZE=quantize,
+            NORMED_DTYPE=_TL_DTYPES[out_dtype],
             BLOCK=block,
             num_warps=num_warps,
             **launch_flags(x.device),
         )
-    out = out.view(x.shape)
+    out = Fp8Rows(out, scale, out_dtype) if quantize else out.view(x.shape)
     return out if residual is None else (out, res_out.view(x.shape))
 
 
 def rms_norm_reference(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x [..., H], weight [H], residual like x or None -> normed [..., H] in x's dtype (and x + residual)."""
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, quantize: bool = False
+) -> torch.Tensor | Fp8Rows | tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+    """x [..., H], weight [H], residual like x or None -> normed [..., H] in x's dtype (and x + residual).
+    quantize: the normed rows quantized per token (kernels/fp8.py's reference), as Fp8Rows."""
     if residual is not None:
         x = x + residual
-        return rms_norm_reference(x, weight, eps), x
+        return rms_norm_reference(x, weight, eps, quantize=quantize), x
+    if quantize:
+        normed = rms_norm_reference(x, weight, eps)
+        return Fp8Rows(*quantize_rows_reference(normed), normed.dtype)
     # F.rms_norm computes x * rsqrt(mean(x²) + eps) in one op. In fp32 the weight can go in too (same
     # arithmetic); otherwise HF's order: normalise the fp32 copy, cast back, then scale.
     if x.dtype == weight.dtype == torch.float32:

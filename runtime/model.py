@@ -85,10 +85,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """RMSNorm(x), or with a residual (RMSNorm(x + residual), x + residual): the add fused in."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual)
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, quantize: bool = False
+    ) -> torch.Tensor | kernels.Fp8Rows | tuple[torch.Tensor | kernels.Fp8Rows, torch.Tensor]:
+        """RMSNorm(x), or with a residual (RMSNorm(x + residual), x + residual): the add fused in. quantize: the
+        normed rows quantized per token for the FP8 GEMM that reads them (kernels.rms_norm)."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual, quantize)
 
 
 # Weights of the LM head quantized at once (Model._quantize_head): quantize_weight's fp32 temporaries take ~14 bytes
@@ -200,6 +201,14 @@ class SwiGLU(nn.Module):
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
+def _reads_fp8_rows(sublayer: nn.Module) -> bool:
+    """Whether a sublayer's first GEMM takes its input quantized (kernels.Fp8Rows): attention's q/k/v and the
+    SwiGLU's gate/up in FP8. Not the linear replacement: a tensor-parallel shard of it slices its input's columns."""
+    if isinstance(sublayer, GQAAttention):
+        return sublayer.w_qkv_scale is not None
+    return isinstance(sublayer, SwiGLU) and sublayer.w_gate_up_scale is not None
+
+
 class DecoderLayer(nn.Module):
     """One block of the heterogeneous decoder; a no-op sublayer is neither built nor called."""
 
@@ -220,15 +229,18 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # Both residual adds are fused: the attention output's into the FFN's norm (which returns the new
         # stream), the FFN output's into its last GEMM. Same arithmetic as h + attn, h + ffn, one pass fewer each.
+        # Before FP8 weights a norm also quantizes its output per token (as the GEMM would: the same codes).
         attn_out = None
         if self.self_attn is not None:
-            attn_out = self.self_attn(self.input_layernorm(h), batch, cos, sin)
+            x = self.input_layernorm(h, quantize=_reads_fp8_rows(self.self_attn))
+            attn_out = self.self_attn(x, batch, cos, sin)
         if self.mlp is None:
             return h if attn_out is None else h + attn_out
+        quantize = _reads_fp8_rows(self.mlp)
         if attn_out is None:
-            x = self.post_attention_layernorm(h)
+            x = self.post_attention_layernorm(h, quantize=quantize)
         else:
-            x, h = self.post_attention_layernorm(attn_out, residual=h)
+            x, h = self.post_attention_layernorm(attn_out, residual=h, quantize=quantize)
         return self.mlp(x, residual=h)
 
     # The two halves on their own (unfused; same result as forward): the search distils and scores each.

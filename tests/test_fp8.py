@@ -11,13 +11,14 @@ from __future__ import annotations
 import gc
 import json
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from tessera import kernels
-from tessera.config import ConfigError
+from tessera.config import AttentionConfig, BlockConfig, ConfigError
 from tessera.kernels import FP8
 from tessera.kernels.ffn import gate_up_split_plan, swiglu_ffn_fp8_scaled_mm, swiglu_ffn_reference
 from tessera.kernels.fp8 import (
@@ -31,7 +32,7 @@ from tessera.kernels.fp8 import (
 from tessera.runtime.loader import CheckpointError, load_model, save_model
 from tessera.runtime.model import Model
 
-from .conftest import KERNEL_DEVICE, randn, relative_error, tiny_arch
+from .conftest import FFN96, KERNEL_DEVICE, randn, relative_error, tiny_arch
 
 DEMO = "demo/parent"
 
@@ -108,6 +109,82 @@ def test_a_row_with_nan_or_inf_gives_nan_in_its_output_row_alone(poisoned) -> No
     w, w_scale = quantize_weight(randn(16, 40, seed=1))
     for out in (kernels.linear(x, w, None, w_scale), linear_fp8_reference(x, w, w_scale)):
         assert out[[1, 3]].isnan().all() and out[[0, 2]].isfinite().all()
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "add+norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_the_norm_quantizes_its_rows_as_quantizing_its_output_does(poisoned, dtype, residual) -> None:
+    """kernels.rms_norm(..., quantize=True), an FP8 layer's input: the same codes (±0 aside) and scales, bit for
+    bit, as the row-quantization kernel gives the plain norm's output, and the same new residual stream. 300
+    columns: a block with padding; rows over 7 orders of magnitude, a row of zeros, and a NaN row (NaN scale)."""
+    magnitudes = torch.tensor([1e-3, 1.0, 30.0, 0.0, 1.0, 1e4], device=KERNEL_DEVICE)[:, None]
+    x = (randn(6, 300) * magnitudes).to(dtype)
+    x[4, 7] = float("nan")
+    weight, res = randn(300, dtype=dtype, seed=1), randn(6, 300, dtype=dtype, seed=2) if residual else None
+    fused = kernels.rms_norm(x, weight, 1e-5, res, quantize=True)
+    plain = kernels.rms_norm(x, weight, 1e-5, res)
+    if residual:
+        (fused, fused_stream), (plain, plain_stream) = fused, plain
+        torch.testing.assert_close(fused_stream, plain_stream, rtol=0, atol=0, equal_nan=True)
+    codes, scale = quantize_rows_triton(plain)
+    assert isinstance(fused, kernels.Fp8Rows) and fused.dtype == plain.dtype
+    assert torch.equal(fused.scale.isnan(), torch.tensor([False] * 4 + [True, False], device=KERNEL_DEVICE))
+    assert torch.equal(fused.scale.nan_to_num(), scale.nan_to_num())
+    rows = [0, 1, 2, 3, 5]  # the NaN row's codes are whatever its NaN scale makes them: its output is NaN anyway
+    assert torch.equal(_codes(fused.codes[rows].cpu()), _codes(codes[rows].cpu()))
+
+
+def test_fp8_gemms_take_rows_the_norm_quantized(poisoned) -> None:
+    """linear and swiglu_ffn given Fp8Rows compute exactly what they compute quantizing x themselves, on the
+    Triton path and the reference; without FP8 weights Fp8Rows are refused."""
+    x = randn(3, 256, dtype=torch.float16)
+    rows = kernels.Fp8Rows(*quantize_rows_triton(x), x.dtype)
+    (w, w_scale), bias = quantize_weight(randn(64, 256, seed=1)), randn(64, dtype=torch.float16, seed=2)
+    assert torch.equal(kernels.linear(rows, w, bias, w_scale), kernels.linear(x, w, bias, w_scale))
+    assert torch.equal(linear_fp8_reference(rows, w, w_scale, bias), linear_fp8_reference(x, w, w_scale, bias))
+    (gate_up, gu_scale), (down, down_scale) = quantize_weight(randn(144, 256, seed=3)), quantize_weight(randn(256, 72))
+    residual = randn(3, 256, dtype=torch.float16, seed=4)
+    ffn = (gate_up, down, residual, gu_scale, down_scale)
+    assert torch.equal(kernels.swiglu_ffn(rows, *ffn), kernels.swiglu_ffn(x, *ffn))
+    assert torch.equal(swiglu_ffn_reference(rows, *ffn), swiglu_ffn_reference(x, *ffn))
+    with pytest.raises(ValueError, match="need FP8 weights"):
+        kernels.linear(rows, w.half())
+    with pytest.raises(ValueError, match="need FP8 weights"):
+        kernels.swiglu_ffn(rows, gate_up.half(), down.half(), residual)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_fp8_layer_quantizes_in_its_norm_what_its_unfused_half_quantizes_in_the_gemm(monkeypatch, backend) -> None:
+    """DecoderLayer.forward hands its FP8 FFN the norm's quantized rows (no quantization of x in the GEMM: counted);
+    feed_forward (the search's unfused half) quantizes in the GEMM: the same output, bit for bit, through the
+    Triton kernels (the interpreter on the CPU; attention-free layers: its bf16 tl.dot is wrong) and the
+    reference."""
+    from tessera.kernels import fp8 as fp8_module
+
+    from .conftest import kernel_backend
+
+    calls = []  # quantizations of 128-wide rows (x; h is 96 wide): what a GEMM quantizing its own x calls
+
+    def counted(quantize):
+        def wrapper(x):
+            if x.shape[1] == 128:
+                calls.append(tuple(x.shape))
+            return quantize(x)
+
+        return wrapper
+
+    for name in ("quantize_rows_triton", "quantize_rows_reference"):
+        monkeypatch.setattr(fp8_module, name, counted(getattr(fp8_module, name)))
+    arch = replace(tiny_arch(2), blocks=(BlockConfig(AttentionConfig("none"), FFN96),) * 2, hidden_size=128)
+    model = Model(arch).init_weights(seed=0).eval().to(KERNEL_DEVICE).cast(FP8)
+    h = randn(5, 128, dtype=torch.bfloat16, seed=1)
+    with torch.inference_mode(), kernel_backend(backend):
+        for layer in model.layers:
+            fused = layer(h, None, None, None)
+            assert calls == []
+            assert torch.equal(fused, layer.feed_forward(h)) and fused.isfinite().all()
+            assert calls == [(5, 128)]
+            h, calls[:] = fused, []
 
 
 @pytest.mark.parametrize("m", [1, 16, 17, 70])
