@@ -87,6 +87,9 @@ FP8_DEVICE_TESTS=(
     tests/test_fp8.py::test_fp8_swiglu_kernel_matches_the_reference
     tests/test_fp8.py::test_fp8_swiglu_on_scaled_mm_matches_the_reference
     tests/test_fp8.py::test_fp8_decode_step_replayed_from_a_cuda_graph_matches_the_fp8_reference
+    tests/test_fp8.py::test_the_norm_quantizes_its_rows_as_quantizing_its_output_does
+    tests/test_fp8.py::test_fp8_gemms_take_rows_the_norm_quantized
+    tests/test_fp8.py::test_an_fp8_layer_quantizes_in_its_norm_what_its_unfused_half_quantizes_in_the_gemm
 )
 want tests && step tests 140 env OMP_NUM_THREADS=1 python3 -m pytest -q -p no:cacheprovider -n 12 -m "not slow" \
     tests/test_paged_attention.py tests/test_kernels.py tests/test_attention_kernels.py \
