@@ -39,6 +39,7 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     QUANTIZE: tl.constexpr,
     NORMED_DTYPE: tl.constexpr,
+    MIN_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -114,6 +115,7 @@ def rms_norm_triton(
             HAS_RESIDUAL=residual is not None,
             QUANTIZE=quantize,
             NORMED_DTYPE=_TL_DTYPES[out_dtype],
+            MIN_SCALE=MIN_SCALE,
             BLOCK=block,
             num_warps=num_warps,
             **launch_flags(x.device),
