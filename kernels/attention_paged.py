@@ -65,20 +65,26 @@ def block_shape(max_query_len: int, group: int, head_dim: int) -> tuple[int, int
     return block_m, block_d
 
 
-def default_tiling(block_m: int, block_d: int) -> Tiling:
-    """64-128 keys per tile (bytes in flight for a memory-bound loop); a tall tile (prefill) gets 8 warps. Decode
-    (short tiles): of the 35 tilings swept on the H200 at G = 4, 8 and 64 (benchmarks/results/
-    nvidia-h200_tune_attention.md), 64 keys, 4 warps and 2 stages came within 10 % of each shape's best (3 stages,
-    the earlier default: within 16 %; 8 warps lost up to 1.8x). With those, splitting the context to cover the SMs
-    twice was the fastest for G = 4 and 8 at batch 1, 16 and 64 (within 0.1 % of once at batch 64, 4-8 % ahead of
-    4 times, the earlier default), and once for G = 64 (6 % ahead of 4 times, 16 % of twice): G's rows in one tile
-    (block_m >= 32) are compute enough per key that fewer, longer splits win. G = 16 shares G = 4's 16-row tile;
-    G = 32 (32 rows) was not swept and follows G = 64. Every swept shape had an 8,192-token context: longer
+def default_tiling(block_m: int, block_d: int, programs: int, device: torch.device) -> Tiling:
+    """The tiling of a launch of `programs` (sequence, KV head) pairs with block_m-row tiles. 64-128 keys per tile
+    (bytes in flight for a memory-bound loop); a tall tile (prefill) gets 8 warps. Decode (short tiles): of the 35
+    tilings swept on the H200 at G = 4, 8 and 64 (benchmarks/results/nvidia-h200_tune_attention.md), 64 keys, 4
+    warps and 2 stages came within 10 % of each shape's best (3 stages, the earlier default: within 16 %; 8 warps
+    lost up to 1.8x). With those, splitting the context to cover the SMs twice was the fastest for G = 4 and 8 at
+    batch 1, 16 and 64 (within 0.1 % of once at batch 64, 4-8 % ahead of 4 times, the earlier default). G = 16
+    shares G = 4's 16-row tile. G's rows in one tile (block_m >= 32: G = 32, 64) are compute enough per key that
+    fewer, longer splits win where the pairs are many: once at batch 64 (the sweep: 6 % ahead of 4 times for G = 64;
+    the H200 runs: 0.77-0.83x SDPA once at 3e791a3, 0.71-0.78x 4 times at 2b6d4ed). With pairs for under a quarter
+    of the SMs, 4 times: at batch 16 the runs gave 0.81-0.83x 4 times (2b6d4ed) and 0.70-0.77x once (3e791a3), at
+    batch 1 1.62-1.66x and 1.55-1.62x (two runs' ratios to their own SDPA, not one run's: the sweep's G = 32 and 64
+    shapes, first in its list now, compare them in one). Every swept shape had an 8,192-token context: longer
     contexts (131,072 in the kernel benchmark) follow the same rule unmeasured."""
     block_n = 64 if block_d >= 128 else 128
     if block_m >= 128:
         return Tiling(block_n, num_warps=8, num_stages=2)
-    return Tiling(block_n, num_warps=4, num_stages=2, waves=1 if block_m >= 32 else 2)
+    if block_m < 32:
+        return Tiling(block_n, num_warps=4, num_stages=2, waves=2)
+    return Tiling(block_n, num_warps=4, num_stages=2, waves=1 if 4 * programs >= sm_count(device) else 4)
 
 
 @triton.jit(do_not_specialize=["max_tiles", "n_splits"])
@@ -407,7 +413,7 @@ def _launch(
     n_seqs = end - first
     tables, cu_seqlens, seq_lens = meta.block_tables[first:end], meta.cu_seqlens[first:], meta.seq_lens[first:end]
     block_m, block_d = block_shape(max_query_len, group, head_dim)
-    tiling = tiling or default_tiling(block_m, block_d)
+    tiling = tiling or default_tiling(block_m, block_d, n_seqs * n_kv, q.device)
     max_tiles = triton.cdiv(max_query_len * group, block_m)
     capacity = tables.shape[1] * page
     if window is not None:  # a window bounds the keys a split shares out

@@ -254,7 +254,7 @@ def test_other_tilings_are_exact_too(poisoned, monkeypatch, tiling, dtype, tol) 
     """The tilings benchmarks/tune_attention.py tries on a GPU compute the same attention as the default one (the
     case mixes decodes at split and page boundaries with a prompt and a chunk). `poisoned` forces the Triton
     kernel: on CPU tensors the dispatch would otherwise run the reference, which never reads a tiling."""
-    monkeypatch.setattr(paged, "default_tiling", lambda block_m, block_d: tiling)
+    monkeypatch.setattr(paged, "default_tiling", lambda block_m, block_d, programs, device: tiling)
     check_case(*CASES[3], dtype, tol, seed=3)
     check_case(*CASES[1], dtype, tol, seed=1)
 
@@ -273,6 +273,18 @@ def test_the_split_plan_covers_the_gpu_and_follows_the_capacity(monkeypatch) -> 
     one_wave = paged.Tiling(block_n=128, num_warps=4, num_stages=3, waves=1)
     assert paged.split_count(8, 8192, one_wave, cpu) == 17  # 132 / 8 = 16.5 -> 17
     assert paged.split_count(8, 1000, one_wave, cpu) == 8  # 1000 keys hold 8 tiles of 128
+
+
+def test_the_default_tiling_splits_tall_tiles_more_where_the_pairs_are_few(monkeypatch) -> None:
+    """default_tiling's waves, the rule its docstring argues from the H200 runs: 16-row tiles (G <= 16) cover the
+    SMs twice; 32- and 64-row ones (G = 32, 64) once where the (sequence, KV head) pairs fill a quarter of the SMs
+    (batch 64 x 1 KV head), 4 times below that (batch 16, batch 1); a prefill tile takes 8 warps."""
+    monkeypatch.setattr(paged, "sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert [paged.default_tiling(16, 128, pairs, cpu).waves for pairs in (8, 128, 512)] == [2, 2, 2]
+    assert [paged.default_tiling(64, 128, pairs, cpu).waves for pairs in (1, 16, 32, 33, 64)] == [4, 4, 4, 1, 1]
+    assert paged.default_tiling(32, 128, 128, cpu).waves == 1
+    assert paged.default_tiling(128, 128, 1, cpu) == paged.Tiling(64, num_warps=8, num_stages=2)
 
 
 @dtypes("attention_paged")
