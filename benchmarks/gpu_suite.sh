@@ -61,8 +61,8 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 # `bash benchmarks/gpu_suite.sh [STEP...]` runs only the steps named (setup always), for a second call that
 # finishes what a first one's budget cut off.
 STEPS=" $* "
-# Steps that run only when named: issue 17's (below), and the tiling sweep, run once (its results are committed).
-OPTIONAL=" cost_model search_scale tune_attention bench_model_pdl bench_prefix "
+# Steps that run only when named: issue 17's (below), PDL (measured at 3e791a3: off) and prefix caching.
+OPTIONAL=" cost_model search_scale bench_model_pdl bench_prefix "
 want() { [[ ("$STEPS" == "  " && "$OPTIONAL" != *" $1 "*) || "$STEPS" == *" $1 "* ]]; }
 
 # Every step needs the image's torch and a CUDA GPU: without them each would only fail in turn (seen when the
@@ -100,11 +100,13 @@ want tests && step tests 140 env OMP_NUM_THREADS=1 python3 -m pytest -q -p no:ca
     tests/test_fp8_kv_cache.py::test_cuda_graph_decode_over_an_fp8_cache_equals_eager
 # Attention and the model's decode step include the FP8 rows (an FP8 cache; FP8 weights with either cache).
 want bench_attention && step bench_attention 120 python3 -m tessera.cli bench kernels --suite attention --device cuda
-want tune_attention && step tune_attention 75 python3 -m tessera.benchmarks.tune_attention --device cuda --budget-s 50
 want bench_model && step bench_model 80 python3 -m tessera.cli bench model --device cuda
 want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving --device cuda
 # Issue 20's GEMM rows (bf16 vs cuBLAS, FP8 vs _scaled_mm) before the optional steps.
 want bench_ffn_norm && step bench_ffn_norm 75 python3 -m tessera.cli bench kernels --suite norm --suite ffn --device cuda
+# The decode tiling sweep, the shapes still below SDPA first (G = 32 and 64 at batch 16 and 64: 3e791a3 moved their
+# split, unmeasured since).
+want tune_attention && step tune_attention 75 python3 -m tessera.benchmarks.tune_attention --device cuda --budget-s 50
 # The decode step with and without programmatic dependent launch (off in the served path until this measures it):
 # each mode's graph captured, alternating rounds, the logits compared bit for bit. Run by name.
 want bench_model_pdl && step bench_model_pdl 90 python3 -m tessera.cli bench model --pdl --device cuda
