@@ -327,7 +327,7 @@ def test_prefix_bench_serves_shared_prompts_with_and_without_the_cache(results_d
     from tessera.benchmarks import bench_prefix
 
     monkeypatch.setitem(bench_prefix.WORKLOADS, "cpu", (3, 600, 8, 2))
-    monkeypatch.setattr(bench_prefix, "ROUNDS", 2)
+    monkeypatch.setitem(bench_prefix.ROUNDS, "cpu", 2)
     monkeypatch.setattr(bench_prefix, "ROUTING_WORKLOAD", (12, 3, 48, 4, 2))
     main(["bench", "prefix", "--device", "cpu", "--results", str(results_dir)])
     result = json.loads((results_dir / "cpu_prefix.json").read_text())
