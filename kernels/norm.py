@@ -88,7 +88,7 @@ def rms_norm_triton(
     weight = weight.contiguous()
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     out = torch.empty(x2.shape, dtype=FP8 if quantize else out_dtype, device=x.device)
-    scale = torch.empty(x2.shape[0] if quantize else 0, dtype=torch.float32, device=x.device)
+    scale = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device) if quantize else out  # unread: not QUANTIZE
     if residual is not None:
         res2 = residual.reshape(-1, hidden)
         res2 = res2 if res2.stride(-1) == 1 else res2.contiguous()

@@ -400,7 +400,10 @@ def test_padded_decode_step_equals_unpadded(demo) -> None:
     table = torch.tensor([r.pages[0] for r, _ in plan], dtype=torch.int32, device=dev)
     padded = graphs.run(tokens, positions, [slots], seq_lens, [table])
     assert padded.shape == expected.shape
-    assert relative_error(padded, expected) <= 1e-6
+    # fp32 sums of the same products in another order: the BLAS picks its kernel by the rows (3 or 4) and by the
+    # weight layout the engine measured fastest (kernels/cpu_layout.py, a timing), so the order differs from run to
+    # run; seen up to 1.04e-6 (2026-11-30). A token, slot or page read wrongly moves the logits by O(1).
+    assert relative_error(padded, expected) <= 1e-5
     for layer, k in enumerate(engine.cache.k):
         changed = (k != snapshot[layer]).flatten(1).any(dim=1).nonzero().flatten().tolist()
         assert set(changed) <= {0, *(r.pages[0][r.computed // 16] for r, _ in plan)}
