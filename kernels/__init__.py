@@ -24,6 +24,7 @@ from .fp8 import (
     FP8_MAX,
     MIN_SCALE,
     Fp8Rows,
+    check_fp8_rows,
     dequantize_weight,
     linear_fp8_reference,
     linear_fp8_scaled_mm,
@@ -119,7 +120,7 @@ def swiglu_ffn(
     gate_up_scale [2I] and down_scale [H] (kernels/fp8.py). Chosen automatically, past TRITON_MAX_ROWS rows
     cuBLAS runs it (the torch path, or `torch._scaled_mm` for FP8): there it is the faster one on the H200.
     x may come quantized already (Fp8Rows, from `rms_norm(..., quantize=True)`) when the weights are FP8."""
-    _check_fp8_rows(x, gate_up_scale, "swiglu_ffn")
+    check_fp8_rows(x, gate_up_scale, "swiglu_ffn")
     choice = backend(_codes(x), w_gate_up, w_down)
     if choice == "triton" and _cublas_rows(x):
         if gate_up_scale is None:
@@ -140,7 +141,7 @@ def linear(
     FP8 weight comes with its per-channel scales [N] and runs kernels/fp8.py's GEMM (Triton up to
     TRITON_MAX_ROWS rows, `torch._scaled_mm` past it, the dequantizing reference on the CPU), on x as given or
     already quantized (Fp8Rows, from `rms_norm(..., quantize=True)`)."""
-    _check_fp8_rows(x, scale, "linear")
+    check_fp8_rows(x, scale, "linear")
     if scale is None:
         return F.linear(x, weight, bias)
     if isinstance(x, torch.Tensor) and x.dim() != 2:
@@ -156,11 +157,6 @@ def linear(
 def _codes(x: torch.Tensor | Fp8Rows) -> torch.Tensor:
     """The tensor an op's backend is chosen by: x, or its E4M3 codes."""
     return x.codes if isinstance(x, Fp8Rows) else x
-
-
-def _check_fp8_rows(x: torch.Tensor | Fp8Rows, scale: torch.Tensor | None, op: str) -> None:
-    if isinstance(x, Fp8Rows) and scale is None:
-        raise ValueError(f"{op}: quantized activations (Fp8Rows) need FP8 weights with their scales")
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fp8 import Fp8Rows, linear_fp8_reference, linear_fp8_scaled_mm, quantize_rows_triton, quantized_rows
+from .fp8 import (
+    Fp8Rows,
+    check_fp8_rows,
+    linear_fp8_reference,
+    linear_fp8_scaled_mm,
+    quantize_rows_triton,
+    quantized_rows,
+)
 from .gemm import (
     arrival_counters,
     arrived_last,
@@ -213,9 +220,8 @@ def _check_shapes(
         )
     if residual is not None and residual.shape != (m, hidden):
         raise ValueError(f"swiglu_ffn: residual must have shape {(m, hidden)}, got {tuple(residual.shape)}")
+    check_fp8_rows(x, gate_up_scale, "swiglu_ffn")
     if gate_up_scale is None:
-        if isinstance(x, Fp8Rows):
-            raise ValueError("swiglu_ffn: quantized activations (Fp8Rows) need FP8 weights with their scales")
         if not x.dtype == w_gate_up.dtype == w_down.dtype:
             raise ValueError(f"swiglu_ffn: x {x.dtype}, w_gate_up {w_gate_up.dtype} and w_down {w_down.dtype} differ")
     elif gate_up_scale.shape != (2 * inter,) or down_scale is None or down_scale.shape != (hidden,):

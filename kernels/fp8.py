@@ -48,6 +48,12 @@ class Fp8Rows:
         return self.codes.device
 
 
+def check_fp8_rows(x: torch.Tensor | Fp8Rows, scale: torch.Tensor | None, op: str) -> None:
+    """Quantized activations go only into a GEMM with FP8 weights (their scales given)."""
+    if isinstance(x, Fp8Rows) and scale is None:
+        raise ValueError(f"{op}: quantized activations (Fp8Rows) need FP8 weights with their scales")
+
+
 def quantized_rows(x: torch.Tensor | Fp8Rows, triton_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scales) of activations x [M, K]: as given when already quantized, else quantized per token here
     (by the Triton kernel or the reference: the same codes)."""

@@ -356,20 +356,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 o["logprobs"] = [{"token": e.token_id, "logprob": e.logprob, "top": e.top} for e in c.logprobs]
         print(json.dumps(out, indent=2))
         return
+    tok = None
+    if args.logprobs is not None:
+        from tessera.runtime.sampling import load_tokenizer
+
+        tok = load_tokenizer(args.model)
     for prompt, c in zip(args.prompt, completions):
         print(f"{prompt}{c.text}")
         print(f"--- [{len(c.tokens)} tokens, finish: {c.finish_reason}]")
         if c.logprobs is not None:
-            _print_logprobs(c.logprobs, args.model)
+            _print_logprobs(c.logprobs, tok)
     n = sum(len(c.tokens) for c in completions)
     print(f"{n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tokens/s, batch {len(completions)})", file=sys.stderr)
 
 
-def _print_logprobs(entries, model_dir: str) -> None:
+def _print_logprobs(entries, tok) -> None:
     """Each token's log-probability and its likeliest alternatives, a line per token."""
-    from tessera.runtime.sampling import load_tokenizer
-
-    tok = load_tokenizer(model_dir)
 
     def shown(token: int) -> str:
         return f"{tok.decode([token], skip_special_tokens=False)!r} ({token})"
