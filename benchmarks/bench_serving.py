@@ -57,6 +57,7 @@ class Load:
 
 
 CPU_LOADS = (Load(math.inf, 16), Load(2.0), Load(6.0))
+ASYNC_BLOCK = 8  # decode steps of the GPU sweep in a row with async scheduling on, then off (gpu_sweep)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -420,21 +421,13 @@ def gpu_sweep(
         engine.generate(warm_prompts[:batch], SamplingParams(max_new_tokens=2, ignore_eos=True))
         for p in prompts[:batch]:
             engine.add_request(p, params)
-        step_ms, prefill_s, start = [], 0.0, time.perf_counter()
-        while engine.has_work():
-            decoding = all(r.computed == len(r.tokens) - 1 for r in engine.running) and not engine.waiting
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            engine.step()
-            torch.cuda.synchronize()
-            if decoding and len(engine.running) == batch:
-                step_ms.append(1e3 * (time.perf_counter() - t0))
-            elif not decoding:
-                prefill_s += time.perf_counter() - t0  # steps holding prompt chunks (and the decodes beside them)
+        start = time.perf_counter()
+        step_ms, prefill_s = serve_timed(engine, batch)
+        torch.cuda.synchronize()
         total = time.perf_counter() - start
         context = input_len + output_len // 2
         floor_ms = 1e3 * arch.decode_step_bytes(batch, context, "bfloat16") / (copy_gbps * 1e9)
-        median = float(np.median(step_ms))
+        median, sync_median = (float(np.median(step_ms[mode])) for mode in (True, False))
         rows.append(
             {
                 "batch": batch,
@@ -442,6 +435,9 @@ def gpu_sweep(
                 "duration_s": total,
                 "prefill_steps_s": prefill_s,
                 "decode_step_ms": median,
+                "decode_step_ms_iqr": [float(q) for q in np.percentile(step_ms[True], [25, 75])],
+                "decode_step_ms_sync": sync_median,
+                "async_speedup": sync_median / median,
                 "floor_ms": floor_ms,
                 "floor_pct": 100 * floor_ms / median,
                 "graphs": engine.graphs is not None,
@@ -459,6 +455,33 @@ def gpu_sweep(
         "rows": rows,
         "baseline": {"name": "transformers generate, batch 1", **baseline},
     }
+
+
+def serve_timed(engine, batch: int) -> tuple[dict[bool, list[float]], float]:
+    """Step `engine` until idle: the wall ms of its decode step calls with all `batch` requests running, by whether
+    async scheduling was on; and the seconds of the steps holding prompt chunks (with the decodes beside them).
+
+    Each call's wall time, with no synchronization of our own: a call returns once its step's tokens are on the
+    host, and with async scheduling the next step is already running then, so a call's time is what a client
+    waits between tokens. Decode steps alternate in blocks of ASYNC_BLOCK between async scheduling on (the served
+    default on CUDA) and off, so both are measured in the same run; a block's first step, which finishes the other
+    mode's, is not counted."""
+    step_ms: dict[bool, list[float]] = {True: [], False: []}
+    prefill_s, decodes = 0.0, 0
+    while engine.has_work():
+        decoding = not engine.waiting and all(r.computed >= r.prompt_len for r in engine.running)
+        counted = decoding and len(engine.running) == batch
+        if counted:
+            engine.async_scheduling = (decodes // ASYNC_BLOCK) % 2 == 0
+            counted = decodes % ASYNC_BLOCK > 0
+            decodes += 1
+        t0 = time.perf_counter()
+        engine.step()
+        if counted:
+            step_ms[engine.async_scheduling].append(1e3 * (time.perf_counter() - t0))
+        elif not decoding:
+            prefill_s += time.perf_counter() - t0
+    return step_ms, prefill_s
 
 
 def transformers_baseline_model(hf, prompts: list[list[int]], output_len: int, device: torch.device) -> dict:
@@ -479,17 +502,25 @@ def gpu_table(result: dict) -> str:
     b = result["baseline"]
     lines = [
         f"{result['model']}, {result['dtype']}; prompts {result['input_len']}, outputs {result['output_len']} tokens; "
-        f"engine in-process; floor = weights + KV read once at {result['copy_bandwidth_gbps']:.0f} GB/s.",
+        f"engine in-process; floor = weights + KV read once at {result['copy_bandwidth_gbps']:.0f} GB/s. Decode step: "
+        f"median wall time of a step call (IQR) with async scheduling, and without it in blocks of {ASYNC_BLOCK} "
+        "steps alternating with it (the output tok/s are of that mixed run).",
         "",
-        "| batch | output tok/s | vs transformers b=1 | prefill steps s | decode step ms | floor ms | % of floor "
-        "| CUDA graphs |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| batch | output tok/s | vs transformers b=1 | prefill steps s | decode step ms (IQR) | without async ms "
+        "| async speedup | floor ms | % of floor | CUDA graphs |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
         prefill = f"{r['prefill_steps_s']:.2f}" if "prefill_steps_s" in r else "-"
+        if "decode_step_ms_sync" in r:
+            low, high = r["decode_step_ms_iqr"]
+            step = f"{r['decode_step_ms']:.2f} ({low:.2f}-{high:.2f}) | {r['decode_step_ms_sync']:.2f} | "
+            step += f"{r['async_speedup']:.2f}x"
+        else:  # results from before async scheduling
+            step = f"{r['decode_step_ms']:.2f} | - | -"
         lines.append(
             f"| {r['batch']} | {r['output_throughput']:.0f} | {r['output_throughput'] / b['output_throughput']:.1f}x | "
-            f"{prefill} | {r['decode_step_ms']:.2f} | {r['floor_ms']:.2f} | {r['floor_pct']:.0f} % | {r['graphs']} |"
+            f"{prefill} | {step} | {r['floor_ms']:.2f} | {r['floor_pct']:.0f} % | {r['graphs']} |"
         )
     lines.append(f"\ntransformers generate, batch 1: {b['output_throughput']:.1f} output tok/s")
     return "\n".join(lines)

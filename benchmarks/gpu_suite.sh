@@ -94,6 +94,7 @@ FP8_DEVICE_TESTS=(
 want tests && step tests 140 env OMP_NUM_THREADS=1 python3 -m pytest -q -p no:cacheprovider -n 12 -m "not slow" \
     tests/test_paged_attention.py tests/test_kernels.py tests/test_attention_kernels.py \
     tests/test_kernel_dispatch.py tests/test_engine.py::test_cuda_graph_decode_equals_eager_and_uncached_greedy \
+    tests/test_async_scheduling.py::test_planning_ahead_never_waits_for_the_gpu \
     "tests/test_prefix_cache.py::test_prefix_caching_gives_the_uncached_greedy_tokens[cuda]" \
     tests/test_generate.py::test_the_draws_and_the_sampling_are_the_same_on_cuda \
     tests/test_generate.py::test_penalties_and_logprobs_on_cuda_equal_the_cpus "${FP8_DEVICE_TESTS[@]}" \

@@ -49,7 +49,7 @@ import torch
 
 from tessera import kernels
 from tessera.config import ArchConfig
-from tessera.devices import dtype_name
+from tessera.devices import dtype_name, upload
 from tessera.kernels.fp8 import bytes_view, check_kv_scale_values
 
 PAGE_SIZE = 16  # tokens per page, unless the engine is asked for others (EngineConfig.page_size)
@@ -327,7 +327,7 @@ class PagedKVCache:
         may be long: `--page-size` sets them)."""
         for group in self.groups:
             if group.stale:
-                index = torch.tensor(group.stale, device=self.device)
+                index = upload(group.stale, self.device, torch.int64)
                 for layer in group.layers:
                     for pool in (self._k_slots[layer], self._v_slots[layer]):
                         bytes_view(pool).index_fill_(0, index, 0)
@@ -481,7 +481,7 @@ class BlockTables:
         row = self._free.pop()
         self.widths[row] = width
         rows = [self.cache.table(own, width) for own in pages]
-        self.tables[:, row, :width].copy_(torch.tensor(rows, dtype=torch.int32).view(len(pages), width))
+        self.tables[:, row, :width] = upload(rows, self.tables.device, torch.int32).view(len(pages), width)
         return row
 
     def grow(self, sequences: list[tuple[int, list[list[int]], int]]) -> None:
@@ -503,7 +503,7 @@ class BlockTables:
                 entries.extend((g, row, c, page) for c, page in enumerate(self.cache.table(own, width, start), start))
             self.widths[row] = width
         if entries:
-            g, r, c, page = torch.tensor(entries, dtype=torch.int64).T.to(self.tables.device)
+            g, r, c, page = upload(entries, self.tables.device, torch.int64).T
             self.tables[g, r, c] = page.to(torch.int32)
 
     def remove(self, row: int) -> None:

@@ -30,6 +30,14 @@ become a stop string, or that ends inside a UTF-8 character, is held back until 
 On CUDA, decode-only steps replay CUDA graphs captured at a few padded batch sizes (`DecodeGraphs`): a
 decode step of a small model is dominated by launch overhead, which a graph replay removes.
 
+On CUDA a step is also planned while the GPU runs the one before it (async scheduling, as vLLM's): `step` issues
+step n + 1, its input tokens read on the device from step n's draw, before it waits for step n's tokens and turns
+them into text, so the host's work per step (planning, text, outputs) overlaps the GPU's instead of adding to it.
+Only a step every token of which can be planned without step n's tokens runs ahead (`_plan_ahead`): all running
+requests decoding, none waiting, no penalties or log-probabilities, the pages there without a preemption; a request
+that step n's token ends (EOS, stop string) has its row in step n + 1 dropped. Nothing the host sends to the device
+in between waits for it (`devices.upload`).
+
 This is the only way tokens are produced: the HTTP server runs engines in processes of their own
 (runtime/async_engine.py), `Generator` (runtime/generate.py) runs its requests through `Engine.run`, and the
 search's cost model times `Engine.step` (search/cost.py).
@@ -47,7 +55,7 @@ import torch
 from tokenizers import Tokenizer
 
 from tessera import kernels
-from tessera.devices import available_memory, check_fp8, dtype_name
+from tessera.devices import available_memory, check_fp8, dtype_name, upload
 from tessera.errors import UserError
 from tessera.runtime.cache import (
     PAGE_SIZE,
@@ -100,6 +108,9 @@ class EngineConfig:
     # system prompt, the turns of a chat so far) computes only what follows (runtime/cache.py). Only in a
     # model whose attention layers are all full attention, and only whole pages are shared
     prefix_caching: bool = True
+    # Plan each decode step while the device runs the one before (vLLM's async scheduling), hiding the host's work
+    # per step behind the GPU's. None: where that overlap exists, on CUDA (a CPU runs its ops as they are issued)
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -243,11 +254,32 @@ class _Request:
         if request.params.prompt_logprobs is not None:
             self.prompt_logprobs = [TokenLogprobs(t, None) for t in request.prompt]
         self.seen: SeenTokens | None = None  # its tokens on the device, once it samples with penalties
+        self.done = False  # finished: a step planned before it finished drops its row
+
+    @property
+    def plain(self) -> bool:
+        """Whether its next step can be planned before its last token is known (`Engine._plan_ahead`): nothing
+        of that step reads the token on the host (penalties count it, log-probabilities report it)."""
+        p = self.params
+        return not p.penalized and p.logprobs is None and self.prompt_logprobs is None
 
     @property
     def most_tokens(self) -> int:
         """Tokens whose K/V it can ever hold: its prompt and every new token but the last (which nothing reads)."""
         return self.prompt_len + self.budget - 1
+
+
+@dataclass
+class _Launched:
+    """A step whose forward pass and draw are issued (on CUDA, queued on the stream): what `Engine._complete`
+    needs to turn its tokens into outputs once the device has them."""
+
+    requests: list[_Request]  # every request of the step
+    sampling: list[_Request]  # those that sample, in row order
+    tokens: torch.Tensor | None = None  # their tokens [S] on the device (-1: the draw failed)
+    host: torch.Tensor | None = None  # the same, copied to host memory as the device gets there
+    ready: torch.cuda.Event | None = None  # recorded after that copy, on CUDA
+    logits: torch.Tensor | None = None  # kept for the log-probabilities asked for (never a step planned ahead)
 
 
 class DecodeGraphs:
@@ -387,6 +419,13 @@ class Engine:
         self.prefix_hits = 0  # of those, the tokens found cached
         self._ids = itertools.count()
         self._requests: dict[str, _Request] = {}
+        self.async_scheduling = (
+            self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+        )
+        self._ahead: _Launched | None = None  # the step planned and issued before the last one's tokens were known
+        # The error issuing a step planned ahead raised, with that step's requests: raised at the next step call
+        self._ahead_error: tuple[Exception, list[_Request]] | None = None
+        self.steps_ahead = 0  # steps planned ahead, since the start
         self.graphs = None
         # The plain-torch references read lengths on the host: a forced torch backend is not capturable.
         if config.cuda_graphs and self.device.type == "cuda" and kernels.forced_backend() != "torch":
@@ -458,7 +497,9 @@ class Engine:
             self.running.remove(req)
         else:
             self.waiting.remove(req)
-        return self._finish(req, "abort", [], "")
+        out = self._finish(req, "abort", [], "")
+        self._forget_finished_ahead()
+        return out
 
     def abort_all(self) -> list[RequestOutput]:
         outputs = []
@@ -466,6 +507,7 @@ class Engine:
             outputs.append(self._finish(req, "abort", [], ""))
         self.running.clear()
         self.waiting.clear()
+        self._forget_finished_ahead()
         return outputs
 
     def has_work(self) -> bool:
@@ -484,6 +526,7 @@ class Engine:
             "prefix_caching": self.cache.prefix_caching,
             "kv_mib": self.cache.nbytes() / 2**20,
             "cuda_graphs": self.graphs is not None,
+            "async_scheduling": self.async_scheduling,
         }
 
     @property
@@ -616,36 +659,121 @@ class Engine:
         """Run one forward pass over the scheduled tokens; returns an output for each request that sampled.
 
         A request whose sampling fails ends alone, with finish reason "error". A failure of the forward pass
-        is raised: it belongs to every request of the step, which `fail_step` then ends (the server does)."""
+        is raised: it belongs to every request of the step, which `fail_step` then ends (the server does).
+
+        With async scheduling the step after this one is planned and issued before this one's tokens are waited
+        for (`_run_ahead`), so the device goes from one step to the next while the host turns tokens into text."""
         self._registering = []
-        try:
-            plan = self._schedule()
-        except Exception:
-            self.stepping = list(self.running)  # pages half handed out: the step of every running request failed
-            self.cache.forget(self._registering)
-            raise
-        self.stepping = [req for req, _ in plan]
-        if not plan:
-            return []
-        try:
-            logits, sampling = self._forward(plan)
-        except BaseException:
-            self.cache.forget(self._registering)  # registered for K/V this step has not written
-            raise
+        if self._ahead_error is not None:  # issuing the step planned ahead failed: that step fails now
+            (error, failed), self._ahead_error = self._ahead_error, None
+            self.stepping = [req for req in failed if not req.done]
+            raise error
+        launched, self._ahead = self._ahead, None
+        if launched is None:
+            try:
+                plan = self._schedule()
+            except Exception:
+                self.stepping = list(self.running)  # pages half handed out: the step of every running request failed
+                self.cache.forget(self._registering)
+                raise
+            self.stepping = [req for req, _ in plan]
+            if not plan:
+                return []
+            try:
+                launched = self._launch(plan)
+            except BaseException:
+                self.cache.forget(self._registering)  # registered for K/V this step has not written
+                raise
+        self.stepping = [req for req in launched.requests if not req.done]
+        if self.async_scheduling:
+            self._run_ahead(launched)
+        outputs = self._complete(launched)
+        self._forget_finished_ahead()
+        return outputs
+
+    def _forget_finished_ahead(self) -> None:
+        """Drop the step planned ahead (or the error issuing it raised) once every request of it has finished:
+        nothing of it is left to send (or to fail)."""
+        if self._ahead is not None and all(req.done for req in self._ahead.requests):
+            self._ahead = None
+        if self._ahead_error is not None and all(req.done for req in self._ahead_error[1]):
+            self._ahead_error = None
+
+    def _launch(self, plan: list[tuple[_Request, int]], ahead: torch.Tensor | None = None) -> _Launched:
+        """Issue a planned step's forward pass and draw. ahead: the step's input tokens on the device, for a step
+        planned before they were known (one decode token each)."""
+        logits, sampling = self._forward(plan, ahead)
         for req, n in plan:
             req.computed += n
+        launched = _Launched([req for req, _ in plan], sampling)
         if not sampling:
-            return []
-        return self._sample(sampling, logits)
+            return launched
+        launched.tokens = self._draw(sampling, logits, ahead is not None)
+        if any(req.params.logprobs is not None for req in sampling):
+            launched.logits = logits
+        if self.device.type == "cuda":  # the tokens come to the host behind the step, without a wait here
+            launched.host = torch.empty(len(sampling), dtype=torch.int64, pin_memory=True)
+            launched.host.copy_(launched.tokens, non_blocking=True)
+            launched.ready = torch.cuda.Event()
+            launched.ready.record()
+        else:
+            launched.host = launched.tokens
+        return launched
+
+    def _run_ahead(self, launched: _Launched) -> None:
+        """Plan and issue the step after `launched` while the device runs it, if it can be planned without its
+        tokens (`_plan_ahead`). An error issuing it fails that step at the next `step` call, not this one, whose
+        outputs are still returned."""
+        plan = self._plan_ahead(launched)
+        if plan is None:
+            return
+        rows = {id(req): i for i, req in enumerate(launched.sampling)}
+        index = [rows[id(req)] for req, _ in plan]
+        tokens = launched.tokens
+        if len(index) < len(launched.sampling):
+            tokens = tokens[upload(index, self.device, torch.int64)]
+        try:
+            # A draw that failed (-1) ends its request when its step completes; until then its row reads token 0.
+            self._ahead = self._launch(plan, tokens.clamp(min=0))
+        except Exception as error:
+            self._ahead_error = (error, [req for req, _ in plan])
+            return
+        self.steps_ahead += 1
+
+    def _plan_ahead(self, launched: _Launched) -> list[tuple[_Request, int]] | None:
+        """The next step's plan before `launched`'s tokens are known, or None where only they can decide it: the
+        plan `_schedule` would make once they are, every running request decoding the token `launched` draws for
+        it, but for the requests that token may end (a row the step drops). Only where every running request
+        samples in `launched`, none waits to start, each is `plain` and the pool has the pages without preempting
+        anyone: the rest is planned after the tokens, as always."""
+        live = sum(not req.done for req in launched.sampling)  # a step planned ahead has rows of requests ended since
+        if self.waiting or not live or live != len(self.running):
+            return None
+        if not all(req.plain for req in self.running):
+            return None
+        plan = []
+        for req in self.running:
+            if req.sampled + 1 >= req.budget:
+                continue  # the token it is drawing is its last
+            if req.computed + 1 > req.capacity and not self._extend(req, req.computed + 1):
+                return None  # a preemption: `_schedule` decides it, with the tokens known
+            plan.append((req, 1))
+        if not plan:
+            return None
+        self.cache.clear_stale()
+        self.tables.grow([(req.row, req.pages, req.computed + 1) for req, _ in plan])
+        return plan
 
     def fail_step(self, error: str) -> list[RequestOutput]:
         """End the requests of the step that raised (its K/V may be half written); the rest go on."""
-        failed = [req for req in self.stepping if req.id in self._requests]
+        failed = [req for req in self.stepping if not req.done]
         self.stepping = []
         return [self._fail(req, error) for req in failed]
 
-    def _forward(self, plan: list[tuple[_Request, int]]) -> tuple[torch.Tensor | None, list[_Request]]:
-        batch, tokens, last, sampling = self._step_batch(plan)
+    def _forward(
+        self, plan: list[tuple[_Request, int]], ahead: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, list[_Request]]:
+        batch, tokens, last, sampling = self._step_batch(plan, ahead)
         decode_only = tokens.shape[0] == len(plan) == len(sampling)  # one token each, and each samples
         if self.graphs is not None and decode_only:
             tables = [a.block_tables for a in batch.attention]
@@ -679,31 +807,34 @@ class Engine:
             for (req, position), entry in zip(where[block], token_logprobs(logits, targets[block], counts[block])):
                 req.prompt_logprobs[position] = entry
 
-    def _step_batch(self, plan: list[tuple[_Request, int]]) -> tuple[Batch, torch.Tensor, torch.Tensor, list[_Request]]:
+    def _step_batch(
+        self, plan: list[tuple[_Request, int]], ahead: torch.Tensor | None = None
+    ) -> tuple[Batch, torch.Tensor, torch.Tensor, list[_Request]]:
         """The step's tokens and their Batch (positions, K/V slots, attention metadata), built once for all layers;
         with the index of each sampling request's last token, and those requests. The host sends two small
-        tensors; block tables and slots come from the device's `BlockTables`."""
+        tensors, without waiting for the device (`upload`); block tables and slots come from the device's
+        `BlockTables`. ahead: the tokens of a step planned ahead (`_plan_ahead`), on the device: one each, the
+        one its request is drawing in the step before, so every request samples."""
         tokens, positions, seq_of_token, rows, cu, seq_lens, last, sampling = [], [], [], [], [0], [], [], []
         for i, (req, n) in enumerate(plan):
             start, end = req.computed, req.computed + n
-            tokens.extend(req.tokens[start:end])
+            if ahead is None:
+                tokens.extend(req.tokens[start:end])
             positions.extend(range(start, end))
             seq_of_token.extend([i] * n)
             rows.append(req.row)
             cu.append(cu[-1] + n)
             seq_lens.append(end)
-            if end == len(req.tokens):  # all its tokens cached after this step: it samples the next one
+            if ahead is not None or end == len(req.tokens):  # all its tokens cached after this step: it samples
                 last.append(cu[-1] - 1)
                 sampling.append(req)
-        n_tokens, n_seqs = len(tokens), len(plan)
-        longs = torch.tensor(tokens + positions + seq_of_token + rows + last, dtype=torch.int64).to(self.device)
-        ints = torch.tensor(cu + seq_lens, dtype=torch.int32).to(self.device)
-        tokens_t, positions_t, seq_of_token_t = (
-            longs[:n_tokens],
-            longs[n_tokens : 2 * n_tokens],
-            longs[2 * n_tokens : 3 * n_tokens],
-        )
-        rows_t, last_t = longs[3 * n_tokens : 3 * n_tokens + n_seqs], longs[3 * n_tokens + n_seqs :]
+        n_seqs = len(plan)
+        longs = upload(tokens + positions + seq_of_token + rows + last, self.device, torch.int64)
+        ints = upload(cu + seq_lens, self.device, torch.int32)
+        sizes = (len(tokens), len(positions), len(positions), n_seqs, len(last))
+        tokens_t, positions_t, seq_of_token_t, rows_t, last_t = longs.split(sizes)
+        if ahead is not None:
+            tokens_t = ahead
         cu_t, lens_t = ints[: n_seqs + 1], ints[n_seqs + 1 :]
         tables = self.tables.gather(rows, rows_t)
         slots = list(self.tables.slots(tables, seq_of_token_t, positions_t))
@@ -717,12 +848,13 @@ class Engine:
         batch = Batch(positions_t, cu_t, max_len, self.cache, slots, attention, fresh)
         return batch, tokens_t, last_t, sampling
 
-    def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> list[RequestOutput]:
-        """Every row's next token at once (greedy rows their argmax), then each request's bookkeeping."""
+    def _draw(self, reqs: list[_Request], logits: torch.Tensor, ahead: bool = False) -> torch.Tensor:
+        """Every row's next token at once, on the device (greedy rows their argmax). ahead: in a step planned before
+        the step before it completed, whose draw each request has not counted yet."""
         params, uniforms = [req.params for req in reqs], None
         if any(p.temperature > 0 for p in params):
             keys = torch.tensor([req.keys for req in reqs], dtype=torch.int64)
-            uniforms = request_uniforms(keys, torch.tensor([req.sampled for req in reqs]))
+            uniforms = request_uniforms(keys, torch.tensor([req.sampled + ahead for req in reqs]))
         penalized = logits
         if any(p.penalized for p in params):  # the draw sees the penalties; log-probabilities are the model's own
             vocab = logits.shape[-1]
@@ -732,17 +864,28 @@ class Engine:
                         req.tokens[: req.prompt_len], req.tokens[req.prompt_len :], vocab, logits.device
                     )
             penalized = apply_penalties(logits, params, [req.seen for req in reqs])
-        tokens = sample(penalized, params, uniforms).tolist()
+        return sample(penalized, params, uniforms)
+
+    def _complete(self, launched: _Launched) -> list[RequestOutput]:
+        """A launched step's outputs, its tokens waited for here: each request's bookkeeping, in row order. A
+        request that ended since the step was planned (it ran ahead) has no output."""
+        if not launched.sampling:
+            return []
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        reqs, tokens = launched.sampling, launched.host.tolist()
         # The log-probabilities asked for, in one pass over those rows (a row whose sampling failed has none).
-        asking = [i for i, (p, token) in enumerate(zip(params, tokens)) if p.logprobs is not None and token >= 0]
+        asking = [i for i, (req, t) in enumerate(zip(reqs, tokens)) if req.params.logprobs is not None and t >= 0]
         logprobs = [None] * len(reqs)
         if asking:
-            rows = logits[torch.tensor(asking, device=logits.device)]
-            found = token_logprobs(rows, [tokens[i] for i in asking], [params[i].logprobs for i in asking])
+            rows = launched.logits[torch.tensor(asking, device=launched.logits.device)]
+            found = token_logprobs(rows, [tokens[i] for i in asking], [reqs[i].params.logprobs for i in asking])
             for i, entry in zip(asking, found):
                 logprobs[i] = entry
         outputs = []
         for i, (req, token) in enumerate(zip(reqs, tokens)):
+            if req.done:
+                continue
             if token < 0:  # NaN or infinite logits: this request's failure, not the batch's
                 outputs.append(self._fail(req, "sampling failed: the logits hold a NaN or an infinity"))
                 continue
@@ -754,6 +897,8 @@ class Engine:
                 out.logprobs = [logprobs[i]]
             if scored is not None:  # the first output carries the prompt's
                 out.prompt_logprobs, req.prompt_logprobs = scored, None
+            if not out.finished:  # the pages a step planned ahead fills, registered once their tokens are known
+                self._register(req, req.computed)
             outputs.append(out)
         return outputs
 
@@ -783,9 +928,10 @@ class Engine:
     def _finish(
         self, req: _Request, reason: str, token_ids: list[int], text: str, error: str | None = None
     ) -> RequestOutput:
-        """The request's last output; its pages go back to the pool now."""
-        self.cache.release(req.pages, len(req.tokens))
-        req.pages = []
+        """The request's last output; its pages go back to the pool now (a step planned ahead that holds it still
+        writes one token's K/V on them: on CUDA queued before any step of their next owner)."""
+        self.cache.release(req.pages, max(len(req.tokens), req.computed))
+        req.pages, req.done = [], True
         if req.row is not None:
             self.tables.remove(req.row)
             req.row = None

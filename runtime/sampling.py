@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from tessera.devices import upload
 from tessera.errors import UserError, UserFileNotFound
 
 
@@ -325,15 +326,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     top-k keeps every token at least as likely as the k-th (ties kept); top-p drops a token once the tokens
     before it cover top_p (the first always stays, and every token tied with the last kept). A sampled row whose
     logits hold a NaN, or whose largest is infinite, gives -1 (greedy rows take their argmax whatever it is).
+
+    Greedy and plain temperature rows never wait for the device (the engine plans its next step meanwhile); a
+    top-k or top-p cut does (`_kept` sizes its work by what the logits hold).
     """
     device = logits.device
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not rows:
         return tokens
-    index = torch.tensor(rows, device=device)
+    index = upload(rows, device, torch.int64)
     chosen = [params[i] for i in rows]
-    temperature = torch.tensor([p.temperature for p in chosen], dtype=torch.float64, device=device)
+    temperature = upload([p.temperature for p in chosen], device, torch.float64)
     x = logits[index].double()
     x = x - x.amax(dim=-1, keepdim=True)
     bad = x.isnan().any(dim=-1)  # NaN logits, or a max of +inf or -inf (inf - inf): no distribution to draw from
@@ -344,7 +348,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     # The draw's inverse transform in vocabulary order, whichever cuts a row has: a row samples alike in any batch.
     probs = x.softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
-    target = uniforms.to(device=device, dtype=torch.float64)[index, None] * cdf[:, -1:]
+    target = upload(uniforms, device, torch.float64)[index, None] * cdf[:, -1:]
     picked = torch.searchsorted(cdf, target, right=True)  # the first token whose cdf passes the draw
     last_kept = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # a draw rounded up to the total
     picked = torch.minimum(picked, last_kept)[:, 0]

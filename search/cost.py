@@ -157,8 +157,12 @@ def lockstep(
     for model in models:
         scenario.check_context(model.arch)
     device = models[0].embed_tokens.weight.device
-    # Every round serves the same prompts: from the prefix cache, the timed rounds would skip their prefill.
-    config = EngineConfig(max_batch=scenario.batch, max_model_len=scenario.seq_len, prefix_caching=False)
+    # Every round serves the same prompts: from the prefix cache, the timed rounds would skip their prefill. Each
+    # step is timed alone, so none runs ahead (async scheduling on CUDA): a step planned ahead would run inside the
+    # call before it, beside another engine's. The host's work a step hides that way is the same for every block.
+    config = EngineConfig(
+        max_batch=scenario.batch, max_model_len=scenario.seq_len, prefix_caching=False, async_scheduling=False
+    )
     engines = [Engine(model, None, config) for model in models]
     prompts = _prompts(arch, scenario)
     params = SamplingParams(max_new_tokens=scenario.gen_len, ignore_eos=True)

@@ -108,6 +108,17 @@ def serving_dtype(device: torch.device | str, name: str | None = None) -> torch.
     return dtype
 
 
+def upload(data: list | torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (a list, or a CPU tensor) as a tensor on `device`, without waiting for the device. A plain copy
+    to a GPU from pageable memory synchronizes the stream: the host would wait for every step queued before it.
+    On CUDA the values go through pinned memory, copied asynchronously (torch's caching host allocator keeps the
+    pinned buffer until the copy has run), so the engine can plan a step while the GPU runs the one before."""
+    host = torch.as_tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so wall time covers it (CPU work is already done)."""
     if device.type == "cuda":

@@ -316,6 +316,40 @@ def test_serving_bench_times_the_two_page_layouts_in_turns() -> None:
     assert "3 interleaved rounds of 2 steps" in table and f"{d['ratio']:.2f} (" in table
 
 
+def test_the_gpu_serving_sweep_times_decode_steps_with_async_scheduling_on_and_off_in_blocks() -> None:
+    """The GPU sweep's step loop, on the CPU: every decode step with the whole batch running is timed but the
+    first of each block, the blocks alternating async scheduling on and off; prompt steps are counted apart. The
+    tokens are those of an engine that never changes mode (changing it between steps is safe)."""
+    from tessera.benchmarks import bench_serving
+    from tessera.runtime.engine import Engine, EngineConfig
+    from tessera.runtime.loader import load_model
+    from tessera.runtime.sampling import SamplingParams
+
+    model = load_model(PARENT_DIR)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompts = harness.random_prompts(3, 20, model.vocab_size)
+    expected = [c.tokens for c in Engine(model).generate(prompts, params)]
+    engine = Engine(model, config=EngineConfig(max_batch=3))
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens = {i: [] for i in ids}
+    step = engine.step
+
+    def recorded():
+        outputs = step()
+        for out in outputs:
+            tokens[out.request_id] += out.token_ids
+        return outputs
+
+    engine.step = recorded
+    step_ms, prefill_s = bench_serving.serve_timed(engine, 3)
+    assert [tokens[i] for i in ids] == expected
+    # 40 steps after the one prefill step (which samples each first token), the last 39 all decode: blocks of 8
+    # (on, off, on, off, on) with 7 of each counted, the fifth block 7 steps long (6 counted).
+    block = bench_serving.ASYNC_BLOCK
+    assert block == 8 and len(step_ms[True]) == 7 + 7 + 6 and len(step_ms[False]) == 7 + 7
+    assert prefill_s > 0 and engine.steps_ahead > 0
+
+
 def test_prefix_bench_serves_shared_prompts_with_and_without_the_cache(results_dir, monkeypatch) -> None:
     """`bench prefix` (CLI) on the CPU with 3 prompts of 600 shared + 8 own tokens: the first fills the step's 512
     tokens, the other two start in the next step, beside its last 96, and find the 37 pages of 16 within the

@@ -196,11 +196,13 @@ def test_every_timed_step_starts_after_a_cache_scrub(monkeypatch):
 def test_the_cost_model_times_the_engine_step(monkeypatch):
     """What the cost model times is what serving runs: whole `Engine.step`s, prefill and decode-only steps, with
     the attention kernel each step serves with: the varlen kernel for a step of fresh prompts (all its keys in
-    the step), the paged op over the paged KV cache for decode steps."""
+    the step), the paged op over the paged KV cache for decode steps. Each step is planned with the tokens before
+    it known (no async scheduling, which would run a step inside the call timing the one before)."""
     arch, steps, kernel_calls = tiny_arch(), [], []
     real_batch = Engine._step_batch
 
-    def step_batch(self, plan):
+    def step_batch(self, plan, ahead=None):
+        assert ahead is None and not self.async_scheduling  # each step timed alone: none planned ahead
         steps.append([n for _, n in plan])
         kernel_calls.append([])
         return real_batch(self, plan)
