@@ -34,7 +34,7 @@ On CUDA a step is also planned while the GPU runs the one before it (async sched
 step n + 1, its input tokens read on the device from step n's draw, before it waits for step n's tokens and turns
 them into text, so the host's work per step (planning, text, outputs) overlaps the GPU's instead of adding to it.
 Only a step every token of which can be planned without step n's tokens runs ahead (`_plan_ahead`): all running
-requests decoding, none waiting, no penalties or log-probabilities, the pages there without a preemption; a request
+requests decoding, none waiting, no log-probabilities, the pages there without a preemption; a request
 that step n's token ends (EOS, stop string) has its row in step n + 1 dropped. Nothing the host sends to the device
 in between waits for it (`devices.upload`).
 
@@ -253,15 +253,14 @@ class _Request:
         self.prompt_logprobs: list[TokenLogprobs] | None = None
         if request.params.prompt_logprobs is not None:
             self.prompt_logprobs = [TokenLogprobs(t, None) for t in request.prompt]
-        self.seen: SeenTokens | None = None  # its tokens on the device, once it samples with penalties
+        self.seen_row: int | None = None  # its row of the engine's SeenTokens, once filled (penalties)
         self.done = False  # finished: a step planned before it finished drops its row
 
     @property
     def plain(self) -> bool:
         """Whether its next step can be planned before its last token is known (`Engine._plan_ahead`): nothing
-        of that step reads the token on the host (penalties count it, log-probabilities report it)."""
-        p = self.params
-        return not p.penalized and p.logprobs is None and self.prompt_logprobs is None
+        of that step reads the token on the host (log-probabilities report it; penalties count it on the device)."""
+        return self.params.logprobs is None and self.prompt_logprobs is None
 
     @property
     def most_tokens(self) -> int:
@@ -426,6 +425,7 @@ class Engine:
         # The error issuing a step planned ahead raised, with that step's requests: raised at the next step call
         self._ahead_error: tuple[Exception, list[_Request]] | None = None
         self.steps_ahead = 0  # steps planned ahead, since the start
+        self._seen: SeenTokens | None = None  # the penalized requests' tokens, made when the first one samples
         self.graphs = None
         # The plain-torch references read lengths on the host: a forced torch backend is not capturable.
         if config.cuda_graphs and self.device.type == "cuda" and kernels.forced_backend() != "torch":
@@ -650,7 +650,7 @@ class Engine:
         self.cache.release(req.pages, len(req.tokens))
         req.pages, req.capacity = [[] for _ in self.cache.groups], 0
         self.tables.remove(req.row)
-        req.row, req.computed, req.registered = None, 0, 0
+        req.row, req.computed, req.registered, req.seen_row = None, 0, 0, None
         self.waiting.appendleft(req)
         self.preemptions += 1
 
@@ -855,16 +855,23 @@ class Engine:
         if any(p.temperature > 0 for p in params):
             keys = torch.tensor([req.keys for req in reqs], dtype=torch.int64)
             uniforms = request_uniforms(keys, torch.tensor([req.sampled + ahead for req in reqs]))
-        penalized = logits
-        if any(p.penalized for p in params):  # the draw sees the penalties; log-probabilities are the model's own
-            vocab = logits.shape[-1]
-            for req in reqs:
-                if req.params.penalized and req.seen is None:
-                    req.seen = SeenTokens.of(
-                        req.tokens[: req.prompt_len], req.tokens[req.prompt_len :], vocab, logits.device
-                    )
-            penalized = apply_penalties(logits, params, [req.seen for req in reqs])
-        return sample(penalized, params, uniforms)
+        counted = [i for i, p in enumerate(params) if p.penalized]
+        if not counted:
+            return sample(logits, params, uniforms)
+        # The draw sees the penalties; log-probabilities are the model's own.
+        if self._seen is None:
+            self._seen = SeenTokens(self.config.max_batch, logits.shape[-1], logits.device)
+        rows = [req.row for req in reqs]
+        for i in counted:
+            req = reqs[i]
+            if req.seen_row != req.row:  # its first penalized draw, or its first since a preemption moved it
+                # (never in a step planned ahead: a request's first draw after a start is in a step planned after)
+                self._seen.fill(req.row, req.tokens[: req.prompt_len], req.tokens[req.prompt_len :])
+                req.seen_row = req.row
+        tokens = sample(apply_penalties(logits, params, self._seen, rows), params, uniforms)
+        where = upload(counted, logits.device, torch.int64)
+        self._seen.count(upload([rows[i] for i in counted], logits.device, torch.int64), tokens[where])
+        return tokens
 
     def _complete(self, launched: _Launched) -> list[RequestOutput]:
         """A launched step's outputs, its tokens waited for here: each request's bookkeeping, in row order. A
@@ -889,8 +896,6 @@ class Engine:
             if token < 0:  # NaN or infinite logits: this request's failure, not the batch's
                 outputs.append(self._fail(req, "sampling failed: the logits hold a NaN or an infinity"))
                 continue
-            if req.seen is not None:
-                req.seen.add(token)
             scored = req.prompt_logprobs
             out = self._append(req, token)
             if logprobs[i] is not None:  # an EOS that ends the request has its entry (as in vLLM), not its text

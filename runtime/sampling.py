@@ -355,55 +355,64 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     return tokens.index_put((index,), torch.where(bad, -1, picked))
 
 
-@dataclass
 class SeenTokens:
-    """A penalized request's tokens on the device, made once and kept as it grows (so a step's penalties cost
-    no work per token of its prompt or its output): how often it generated each token, and which its prompt holds."""
+    """The penalized requests' tokens on the device, a row per batch slot (the engine's block-table row): how often
+    each token was generated, and which the prompt holds. A row is filled once, when its request first samples with
+    penalties (`fill`), and each step's draws are counted into their rows on the device (`count`), so a step's
+    penalties cost no work per token of a prompt or an output, and nothing of them waits for the host: a step can be
+    planned before the tokens of the step before are known (the engine's async scheduling). Rows × vocabulary × 5
+    bytes (256 rows of a 128k vocabulary: 164 MB), made when the first penalized request samples."""
 
-    counts: torch.Tensor  # [V] float32
-    in_prompt: torch.Tensor  # [V] bool
+    def __init__(self, rows: int, vocab: int, device: torch.device) -> None:
+        self.counts = torch.zeros(rows, vocab, device=device)  # float32
+        self.in_prompt = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
 
-    @classmethod
-    def of(cls, prompt: list[int], generated: list[int], vocab: int, device: torch.device) -> SeenTokens:
-        counts = torch.zeros(vocab, device=device)
+    def fill(self, row: int, prompt: list[int], generated: list[int]) -> None:
+        """Row `row` for a request with this prompt that has generated these tokens (whatever the row held)."""
+        device = self.counts.device
+        self.counts[row] = 0
         if generated:
-            counts.index_add_(0, torch.tensor(generated, device=device), torch.ones(len(generated), device=device))
-        in_prompt = torch.zeros(vocab, dtype=torch.bool, device=device)
-        in_prompt[torch.tensor(prompt, device=device, dtype=torch.int64)] = True
-        return cls(counts, in_prompt)
+            ones = torch.ones(len(generated), device=device)
+            self.counts[row].index_add_(0, upload(generated, device, torch.int64), ones)
+        self.in_prompt[row] = False
+        self.in_prompt[row, upload(prompt, device, torch.int64)] = True
 
-    def add(self, token: int) -> None:
-        self.counts[token] += 1
+    def count(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count token `tokens[i]` once more in row `rows[i]` (both on the device); a failed draw (-1) counts none."""
+        self.counts.index_put_((rows, tokens.clamp(min=0)), (tokens >= 0).float(), accumulate=True)
 
 
-def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], seen: list[SeenTokens | None]) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, params: list[SamplingParams], seen: SeenTokens | None, rows: list[int | None]
+) -> torch.Tensor:
     """Logits [B, V] (as float32) with each penalized row's adjustments applied in vLLM's order: its logit biases
     added; the repetition penalty r on every token of its prompt or its output (a positive logit divided by r, any
-    other multiplied by it); then, over its generated tokens only (`seen[i]`), the frequency penalty times each
-    token's count and the presence penalty once for each token that occurs (OpenAI's formula). Other rows are left
-    as they are."""
+    other multiplied by it); then, over its generated tokens only (row `rows[i]` of `seen`), the frequency penalty
+    times each token's count and the presence penalty once for each token that occurs (OpenAI's formula). Other
+    rows are left as they are."""
     out = logits.to(torch.float32, copy=True)
-    rows = [i for i, p in enumerate(params) if p.penalized]
-    if not rows:
+    penalized = [i for i, p in enumerate(params) if p.penalized]
+    if not penalized:
         return out
     device = logits.device
-    index = torch.tensor(rows, device=device)
+    index = upload(penalized, device, torch.int64)
     x = out[index]
-    chosen = [params[i] for i in rows]
+    chosen = [params[i] for i in penalized]
     biases: dict[tuple[int, int], float] = {}  # summed here: the same sum in any order (ranks sample alike)
     for r, p in enumerate(chosen):
         for token, bias in p.logit_bias:
             biases[r, token] = biases.get((r, token), 0.0) + bias
     if biases:
-        r, token = (torch.tensor(c, device=device) for c in zip(*biases))
-        x[r, token] += torch.tensor(list(biases.values()), device=device)
-    counts = torch.stack([seen[i].counts for i in rows])
+        r, token = (upload(c, device, torch.int64) for c in zip(*biases))
+        x[r, token] += upload(list(biases.values()), device, torch.float32)
+    slots = upload([rows[i] for i in penalized], device, torch.int64)
+    counts = seen.counts[slots]
     if any(p.repetition_penalty != 1 for p in chosen):
-        penalty = torch.tensor([p.repetition_penalty for p in chosen], device=device)[:, None]
-        repeated = torch.stack([seen[i].in_prompt for i in rows]) | (counts > 0)
+        penalty = upload([p.repetition_penalty for p in chosen], device, torch.float32)[:, None]
+        repeated = seen.in_prompt[slots] | (counts > 0)
         x = torch.where(repeated, torch.where(x > 0, x / penalty, x * penalty), x)
-    frequency = torch.tensor([p.frequency_penalty for p in chosen], device=device)[:, None]
-    presence = torch.tensor([p.presence_penalty for p in chosen], device=device)[:, None]
+    frequency = upload([p.frequency_penalty for p in chosen], device, torch.float32)[:, None]
+    presence = upload([p.presence_penalty for p in chosen], device, torch.float32)[:, None]
     out[index] = x - frequency * counts - presence * (counts > 0)
     return out
 

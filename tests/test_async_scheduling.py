@@ -10,6 +10,8 @@ tested on CUDA (the last test).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -75,14 +77,15 @@ def test_steps_planned_ahead_send_what_the_synchronous_engine_sends(demo) -> Non
     assert fast.cache.free_pages == fast.cache.usable_pages
 
 
-@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+@pytest.mark.parametrize("sampling", ["greedy", "seeded", "penalized"])
 def test_steps_are_planned_ahead_only_while_the_pool_has_the_pages(demo, sampling) -> None:
     """The pool of `test_engine`'s preemption test (6 pages of 16 tokens, 5 requests of 3 pages): where a step
     needs a page the pool lacks, it is planned with the tokens known and preempts the newest request, as without
     async scheduling. Every request's tokens equal those of an engine with pages to spare."""
     model, tok = demo
     page_bytes = PagedKVCache.page_bytes(model.arch, 16, torch.float32)
-    params = SamplingParams(30, temperature=0.0 if sampling == "greedy" else 1.0, seed=7, ignore_eos=True)
+    penalties = {"frequency_penalty": 0.7, "repetition_penalty": 1.3} if sampling == "penalized" else {}
+    params = SamplingParams(30, temperature=0.0 if sampling == "greedy" else 1.0, seed=7, ignore_eos=True, **penalties)
     prompts = prompts_of([10] * 5, 8192, seed=2)
     expected = [c.tokens for c in Engine(model, tok, EngineConfig(max_batch=8, page_size=16)).generate(prompts, params)]
     engine = Engine(
@@ -127,23 +130,34 @@ def test_arrivals_and_aborts_between_steps_planned_ahead(demo) -> None:
     assert engine.cache.free_pages == engine.cache.usable_pages
 
 
-def test_penalties_and_logprobs_are_planned_with_the_tokens_known(demo) -> None:
-    """A step holding a request whose draw counts its earlier tokens (penalties) or that reports its tokens'
-    log-probabilities is planned after those tokens are known; steps run ahead again once those requests end. The
-    outputs, log-probabilities included, equal the synchronous engine's."""
+def test_logprobs_are_planned_with_the_tokens_known_and_penalties_run_ahead(demo) -> None:
+    """A step holding a request that reports its tokens' log-probabilities is planned after those tokens are known
+    (the host reads them); steps run ahead again once it ends. Penalties count each draw on the device, so a step of
+    penalized requests runs ahead, its draw seeing the token the step before drew. The outputs, log-probabilities
+    included, equal the synchronous engine's, and the penalties change them (the same requests without penalties
+    give other tokens)."""
     model, tok = demo
-    fast, sync = engines(model, tok, max_batch=4)
+    penalized = SamplingParams(max_new_tokens=30, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3)
     requests = [
         ("import os\n", SamplingParams(max_new_tokens=24)),
         ("def f(", SamplingParams(max_new_tokens=6, logprobs=2)),
-        ("class A", SamplingParams(max_new_tokens=10, frequency_penalty=0.5, repetition_penalty=1.2)),
+        ("class A", penalized),
+        ("x = [", replace(penalized, temperature=0.9, seed=3)),
     ]
+    fast, sync = engines(model, tok, max_batch=4)
     expected, _ = step_by_step(sync, requests)
     got, ahead = step_by_step(fast, requests)
     assert got == expected
-    # Steps 1-10 hold the penalized request (the first is the prefill) and plan the next step with its token known;
-    # the 11th, the first without it, plans the 12th ahead.
-    assert ahead.index(1) == 10 and ahead[-1] == len(got) - 11
+    # Steps 1-6 hold the log-probabilities request (the first is the prefill) and plan the next step with its token
+    # known; the 7th, the first without it, plans the 8th ahead, and so on to the last.
+    assert ahead.index(1) == 6 and ahead[-1] == len(got) - 7
+    plain = [
+        (prompt, replace(p, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0))
+        for prompt, p in requests
+    ]
+    unpenalized, _ = step_by_step(Engine(model, tok, EngineConfig(max_batch=4)), plain)
+    tokens = [[t for step in run for o in step if o[0] == "r2" for t in o[1]] for run in (got, unpenalized)]
+    assert tokens[0] != tokens[1]
 
 
 def test_a_failed_draw_ends_its_request_alone_while_steps_run_ahead(demo, monkeypatch) -> None:

@@ -292,7 +292,7 @@ def served_under_pressure(engine: Engine, prompts: list[list[int]], params: Samp
     return [tokens[i] for i in ids], most_running
 
 
-@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+@pytest.mark.parametrize("sampling", ["greedy", "seeded", "penalized"])
 def test_pages_are_taken_as_requests_grow_and_the_newest_is_preempted(demo, sampling) -> None:
     """6 usable pages of 16 tokens: five requests of 10 prompt + 30 new tokens hold 3 pages each at their
     longest, so reserving that up front ran 2 at once. Taking pages as they grow, 3 start (a page to spare for
@@ -302,7 +302,9 @@ def test_pages_are_taken_as_requests_grow_and_the_newest_is_preempted(demo, samp
     model, tok = demo
     page_bytes = PagedKVCache.page_bytes(model.arch, 16, torch.float32)
     temperature = 0.0 if sampling == "greedy" else 1.0
-    params = SamplingParams(max_new_tokens=30, ignore_eos=True, temperature=temperature, seed=7)
+    # Penalized: each request's counts kept in its batch row, filled again when a restart gives it another.
+    penalties = {"frequency_penalty": 0.7, "repetition_penalty": 1.3} if sampling == "penalized" else {}
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True, temperature=temperature, seed=7, **penalties)
     prompts = prompts_of([10] * 5, 8192, seed=2)
     roomy = Engine(model, tok, EngineConfig(max_batch=8, page_size=16))
     expected = [c.tokens for c in roomy.generate(prompts, params)]

@@ -330,7 +330,8 @@ def test_penalties_match_the_formula_row_by_row() -> None:
     the prompt only (repetition penalty alone), a token generated three times (its count), negative logits (the
     repetition penalty multiplies them), negative presence and frequency penalties (favouring repeats), logit biases
     (a token given two adds both; before the repetition penalty, as in vLLM). The counts are kept on the device as
-    tokens come (`SeenTokens.add`), equal to counting them anew."""
+    tokens come (`SeenTokens.count`, a failed draw's -1 counting nothing), equal to counting them anew; each request
+    reads its own row of them, the rows in another order than the batch's, one of them filled over a row used before."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 12, generator=gen) * 3
     params = [
@@ -342,13 +343,14 @@ def test_penalties_match_the_formula_row_by_row() -> None:
     ]
     prompts = [[1, 2, 3], [4], [5, 6], [7, 8, 9], [1]]
     generated = [[3, 10, 10, 10, 0], [4, 4], [6, 11], [], [2, 2]]
-    seen = []
-    for p, prompt, tokens in zip(params, prompts, generated):
-        grown = SeenTokens.of(prompt, tokens[:1], 12, torch.device("cpu"))
-        for token in tokens[1:]:
-            grown.add(token)
-        seen.append(grown if p.penalized else None)
-    out = apply_penalties(logits, params, seen)
+    rows = [4, 0, 2, 1, 3]  # request i's row of the counts
+    seen = SeenTokens(5, 12, torch.device("cpu"))
+    seen.fill(2, [0, 1, 2, 3, 4], [5, 5, 9])  # what an earlier request left in row 2
+    for row, prompt, tokens in zip(rows, prompts, generated):
+        seen.fill(row, prompt, tokens[:1])
+        for token in [*tokens[1:], -1]:
+            seen.count(torch.tensor([row]), torch.tensor([token]))
+    out = apply_penalties(logits, params, seen, rows)
     for row in range(5):
         expected = _penalized_by_hand(logits[row].double().tolist(), params[row], prompts[row], generated[row])
         assert torch.allclose(out[row].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
@@ -639,8 +641,10 @@ def test_penalties_and_logprobs_on_cuda_equal_the_cpus() -> None:
     history = [torch.randint(0, 4096, (n,), generator=gen).tolist() for n in (3, 40, 1, 90, 12, 5)]
     out = {}
     for device in ("cpu", "cuda"):
-        seen = [SeenTokens.of(h[:2], h[2:], 4096, torch.device(device)) for h in history]
-        adjusted = apply_penalties(logits.to(device), params, seen)
+        seen = SeenTokens(6, 4096, torch.device(device))
+        for row, h in enumerate(history):
+            seen.fill(row, h[:2], h[2:])
+        adjusted = apply_penalties(logits.to(device), params, seen, list(range(6)))
         out[device] = adjusted.cpu(), token_logprobs(adjusted, list(range(6)), [3] * 6)
     assert torch.allclose(out["cuda"][0], out["cpu"][0], rtol=0, atol=1e-5)
     for a, b in zip(out["cuda"][1], out["cpu"][1]):
