@@ -9,7 +9,9 @@ head layouts of real configs, head dim 128.
   bandwidth at context >= 8192 for every G and batch 1, 16, 64; never below 1.0x anywhere in the table.
 - decode over an FP8 cache (`--kv-cache-dtype fp8`, issue 20): the same op reading E4M3 pages with per-layer
   scales, against the same SDPA over the bf16 cache (the dequantized values, so outputs agree to bf16 rounding).
-  Bytes = the FP8 cache read once (half of bf16's): the ratio to SDPA is what the halved bytes buy.
+  Bytes = the FP8 cache read once (half of bf16's): the ratio to SDPA is what the halved bytes buy. Each FP8 case
+  also runs with the tiles widened to fp16 and the bf16 queries cast to it ("fp16 dot",
+  `kernels.fp8_in_f16`, off in the served path until these rows say it is faster).
 - mixed step (`attention_paged`, decode tokens beside a new prompt's 512-token chunk, the step a busy engine runs
   when a request arrives): the decodes in a split launch of their own ahead of the chunk's (meta.decode_prefix,
   2026-11-30) against the one unsplit launch that served such steps before, same inputs. Bytes = the K/V read.
@@ -20,7 +22,7 @@ head layouts of real configs, head dim 128.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -79,7 +81,14 @@ def _paged(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator) -> tuple[torc
     return pools[0], pools[1], order.view(batch, n).to(torch.int32)
 
 
-def _decode_case(model, n_heads, n_kv, batch, context, device, dtype, baseline, fp8: bool = False) -> KernelCase:
+def _in_fp16(op: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with kernels.fp8_in_f16():
+        return op()
+
+
+def _decode_case(
+    model, n_heads, n_kv, batch, context, device, dtype, baseline, fp8: bool = False, fp16_dot: bool = False
+) -> KernelCase:
     gen = torch.Generator(device).manual_seed(batch * context + n_kv)
     q = torch.randn(batch, n_heads, HEAD_DIM, device=device, dtype=dtype, generator=gen)
     k, v = (torch.randn(batch, context, n_kv, HEAD_DIM, device=device, dtype=dtype, generator=gen) for _ in range(2))
@@ -107,10 +116,11 @@ def _decode_case(model, n_heads, n_kv, batch, context, device, dtype, baseline, 
     backends, name = baseline
     q4 = q.view(batch, n_heads, 1, HEAD_DIM)
     size = q.element_size()
+    candidate = partial(kernels.attention_paged, q, k_pages, v_pages, meta, **scales)
     return KernelCase(
-        op="attention_paged decode" + (" (FP8 cache)" if fp8 else ""),
+        op="attention_paged decode" + (" (FP8 cache, fp16 dot)" if fp16_dot else " (FP8 cache)" if fp8 else ""),
         shape={"model": model, "q_heads": n_heads, "kv_heads": n_kv, "batch": batch, "context": context},
-        candidate=partial(kernels.attention_paged, q, k_pages, v_pages, meta, **scales),
+        candidate=partial(_in_fp16, candidate) if fp16_dot else candidate,
         baseline=lambda: sdpa(q4, k_cache, v_cache, False, backends).view(batch, n_heads, HEAD_DIM),
         flops=4.0 * batch * n_heads * context * HEAD_DIM,
         bytes=(2 * batch * n_kv * context * k_pages.element_size() + 2 * batch * n_heads * size) * HEAD_DIM,
@@ -207,6 +217,7 @@ def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator
         for batch, context in FP8_DECODE:
             b, c = (batch, context) if on_gpu else (max(1, batch // 16), max(PAGE, context // 64))
             yield _decode_case(model, n_heads, n_kv, b, c, device, dtype, baseline, fp8=True)
+            yield _decode_case(model, n_heads, n_kv, b, c, device, dtype, baseline, fp8=True, fp16_dot=True)
     for model, n_heads, n_kv in HEADS:
         if n_kv in (2, 4):
             continue  # prefill is compute-bound, KV heads barely matter: keep G = 4, 8 and the G = 64 extreme

@@ -284,6 +284,12 @@ def paged_attention(fp8: bool) -> None:
                 attention_prefill_triton(q, kv, kv, cu, True, queries)
 
 
+def fp8_pages_in_f16() -> None:
+    """bench_attention's FP8 decode rows read in fp16 (attention_paged.fp8_in_f16): their FP8_F16 variants."""
+    with kernels.fp8_in_f16():
+        paged_attention(True)
+
+
 WORKLOADS: dict[str, Callable[[], None]] = {
     **{f"engine, {name}, bf16": partial(served_path, name, False, False) for name in MODELS},
     **{f"engine, {name}, fp8 weights, bf16 KV cache": partial(served_path, name, True, False) for name in MODELS},
@@ -308,6 +314,7 @@ WORKLOADS: dict[str, Callable[[], None]] = {
     "bench_ffn schedules, fp8": partial(gemm_schedules, True),
     "bench_attention layouts, bf16 pages": partial(paged_attention, False),
     "bench_attention layouts, fp8 pages": partial(paged_attention, True),
+    "bench_attention layouts, fp8 pages read in fp16": fp8_pages_in_f16,
 }
 
 

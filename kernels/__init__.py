@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attention_prefill_reference, attention_prefill_triton, first_page_read
-from .attention_paged import PagedAttentionMetadata, attention_paged_triton
+from .attention_paged import PagedAttentionMetadata, attention_paged_triton, fp8_in_f16, set_fp8_f16
 from .attention_paged_reference import attention_paged_reference
 from .ffn import TRITON_MAX_ROWS, swiglu_ffn_fp8_scaled_mm, swiglu_ffn_reference, swiglu_ffn_triton
 from .fp8 import (
@@ -50,11 +50,13 @@ __all__ = [
     "dequantize_weight",
     "first_page_read",
     "forced_backend",
+    "fp8_in_f16",
     "linear",
     "quantize_weight",
     "rms_norm",
     "rope_and_cache",
     "set_backend",
+    "set_fp8_f16",
     "swiglu_ffn",
 ]
 

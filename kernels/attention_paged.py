@@ -27,11 +27,19 @@ tokens it holds beside them (the engine plans decodes first: `decode_prefix`) ge
 An FP8 cache (pages in float8_e4m3fn, one fp32 K and one V scale for the layer, rope.py stores them) is read in the
 same loop: its tiles widen exactly to the queries' dtype for tl.dot, the K scale joins the softmax scale and the V
 scale multiplies the output, so per key it costs nothing beyond the conversion, and reads half the bytes of bf16.
+With bf16 queries that conversion may be what costs: on the H200 at 3e791a3 an FP8 cache decoded slower than a bf16
+one (0.616 against 0.513 ms, batch 64, G = 4, context 8k) though it reads half the bytes, and Hopper widens E4M3 to
+fp16 in one instruction but to bf16 only through fp16 and fp32. `set_fp8_f16(True)` (or TESSERA_FP8_KV_F16=1) runs
+those launches in fp16 instead: the queries cast to fp16 (clamped to its range: a bf16 query past 65,504 would
+overflow), the tiles widened to fp16, P·V in fp16 (finer than bf16). Off until measured: `bench kernels --suite
+attention` times both in one run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -44,6 +52,29 @@ from .fp8 import FP8, check_kv_scales
 from .hardware import dot_precision, launch_flags, sm_count, wait_for_inputs
 
 MAX_SPLITS = 64
+FP8_F16_ENV = "TESSERA_FP8_KV_F16"
+_fp8_f16 = os.environ.get(FP8_F16_ENV, "") == "1"
+
+
+def set_fp8_f16(on: bool) -> None:
+    """Decode over an FP8 cache with bf16 queries in fp16 (module docstring), from the next launch."""
+    global _fp8_f16
+    _fp8_f16 = on
+
+
+def fp8_f16_enabled() -> bool:
+    return _fp8_f16
+
+
+@contextlib.contextmanager
+def fp8_in_f16() -> Iterator[None]:
+    """`set_fp8_f16(True)` within, the setting before restored after (the benchmark's and compile check's rows)."""
+    saved = _fp8_f16
+    set_fp8_f16(True)
+    try:
+        yield
+    finally:
+        set_fp8_f16(saved)
 
 
 @dataclass(frozen=True)
@@ -125,6 +156,7 @@ def _paged_kernel(
     SPLIT: tl.constexpr,
     WINDOW: tl.constexpr,
     FP8_CACHE: tl.constexpr,
+    FP8_F16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -151,6 +183,8 @@ def _paged_kernel(
     mask_d = offs_d < HEAD_DIM
     q_ptrs = q_ptr + (q_start + tokens)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_rows[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    if FP8_F16:  # FP8 tiles widen to q's dtype (attend_tile): to fp16 in one instruction (module docstring)
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     # The keys any row of the tile sees, then this split's share of them, in whole tiles.
     first_pos = cached + (tile * BLOCK_M) // GROUP
@@ -467,6 +501,7 @@ def _launch(
         SPLIT=n_splits > 1,
         WINDOW=window or 0,
         FP8_CACHE=k_pages.dtype == FP8,
+        FP8_F16=_fp8_f16 and k_pages.dtype == FP8 and q.dtype == torch.bfloat16,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,

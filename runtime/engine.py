@@ -34,7 +34,8 @@ On CUDA a step is also planned while the GPU runs the one before it (async sched
 step n + 1, its input tokens read on the device from step n's draw, before it waits for step n's tokens and turns
 them into text, so the host's work per step (planning, text, outputs) overlaps the GPU's instead of adding to it.
 Only a step every token of which can be planned without step n's tokens runs ahead (`_plan_ahead`): all running
-requests decoding, none waiting, no log-probabilities, the pages there without a preemption; a request
+requests decoding, none waiting, the pages there without a preemption (penalties count the draws on the device,
+log-probabilities are computed there); a request
 that step n's token ends (EOS, stop string) has its row in step n + 1 dropped. Nothing the host sends to the device
 in between waits for it (`devices.upload`).
 
@@ -49,7 +50,7 @@ import functools
 import itertools
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
@@ -78,6 +79,8 @@ from tessera.runtime.sampling import (
     TextStream,
     TokenLogprobs,
     apply_penalties,
+    logprob_entries,
+    logprob_rows,
     request_keys,
     request_uniforms,
     sample,
@@ -259,8 +262,9 @@ class _Request:
     @property
     def plain(self) -> bool:
         """Whether its next step can be planned before its last token is known (`Engine._plan_ahead`): nothing
-        of that step reads the token on the host (log-probabilities report it; penalties count it on the device)."""
-        return self.params.logprobs is None and self.prompt_logprobs is None
+        of that step reads it on the host (penalties count it on the device, log-probabilities are computed there):
+        anything but a prompt whose log-probabilities its first output has yet to send."""
+        return self.prompt_logprobs is None
 
     @property
     def most_tokens(self) -> int:
@@ -276,9 +280,10 @@ class _Launched:
     requests: list[_Request]  # every request of the step
     sampling: list[_Request]  # those that sample, in row order
     tokens: torch.Tensor | None = None  # their tokens [S] on the device (-1: the draw failed)
-    host: torch.Tensor | None = None  # the same, copied to host memory as the device gets there
-    ready: torch.cuda.Event | None = None  # recorded after that copy, on CUDA
-    logits: torch.Tensor | None = None  # kept for the log-probabilities asked for (never a step planned ahead)
+    asking: list[int] = field(default_factory=list)  # the rows whose log-probabilities are asked for
+    # On the host as the device gets there: the tokens, and for the rows asking, `sampling.logprob_rows`
+    host: tuple[torch.Tensor, ...] = ()
+    ready: torch.cuda.Event | None = None  # recorded after those copies, on CUDA
 
 
 class DecodeGraphs:
@@ -709,15 +714,20 @@ class Engine:
         if not sampling:
             return launched
         launched.tokens = self._draw(sampling, logits, ahead is not None)
-        if any(req.params.logprobs is not None for req in sampling):
-            launched.logits = logits
-        if self.device.type == "cuda":  # the tokens come to the host behind the step, without a wait here
-            launched.host = torch.empty(len(sampling), dtype=torch.int64, pin_memory=True)
-            launched.host.copy_(launched.tokens, non_blocking=True)
+        results = [launched.tokens]
+        launched.asking = [i for i, req in enumerate(sampling) if req.params.logprobs is not None]
+        if launched.asking:  # log-probabilities are the model's own, without the penalties the draw saw
+            index = upload(launched.asking, self.device, torch.int64)
+            k = max(sampling[i].params.logprobs for i in launched.asking)
+            results += logprob_rows(logits[index], launched.tokens[index], k)
+        if self.device.type == "cuda":  # to the host behind the step, without a wait here
+            launched.host = tuple(torch.empty(r.shape, dtype=r.dtype, pin_memory=True) for r in results)
+            for host, result in zip(launched.host, results):
+                host.copy_(result, non_blocking=True)
             launched.ready = torch.cuda.Event()
             launched.ready.record()
         else:
-            launched.host = launched.tokens
+            launched.host = tuple(results)
         return launched
 
     def _run_ahead(self, launched: _Launched) -> None:
@@ -880,15 +890,14 @@ class Engine:
             return []
         if launched.ready is not None:
             launched.ready.synchronize()
-        reqs, tokens = launched.sampling, launched.host.tolist()
-        # The log-probabilities asked for, in one pass over those rows (a row whose sampling failed has none).
-        asking = [i for i, (req, t) in enumerate(zip(reqs, tokens)) if req.params.logprobs is not None and t >= 0]
+        reqs, asking = launched.sampling, launched.asking
+        tokens, *found = (t.tolist() for t in launched.host)
         logprobs = [None] * len(reqs)
         if asking:
-            rows = launched.logits[torch.tensor(asking, device=launched.logits.device)]
-            found = token_logprobs(rows, [tokens[i] for i in asking], [reqs[i].params.logprobs for i in asking])
-            for i, entry in zip(asking, found):
-                logprobs[i] = entry
+            counts = [reqs[i].params.logprobs for i in asking]
+            entries = logprob_entries([tokens[i] for i in asking], *found, counts)
+            for i, entry in zip(asking, entries):
+                logprobs[i] = entry if tokens[i] >= 0 else None  # a row whose sampling failed has none
         outputs = []
         for i, (req, token) in enumerate(zip(reqs, tokens)):
             if req.done:

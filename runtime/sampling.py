@@ -379,7 +379,8 @@ class SeenTokens:
 
     def count(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """Count token `tokens[i]` once more in row `rows[i]` (both on the device); a failed draw (-1) counts none."""
-        self.counts.index_put_((rows, tokens.clamp(min=0)), (tokens >= 0).float(), accumulate=True)
+        flat = rows * self.counts.shape[1] + tokens.clamp(min=0)  # a scatter: atomic adds, no sort, no host read
+        self.counts.view(-1).scatter_add_(0, flat, (tokens >= 0).float())
 
 
 def apply_penalties(
@@ -417,18 +418,31 @@ def apply_penalties(
     return out
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int], counts: list[int]) -> list[TokenLogprobs]:
-    """Row i's token `tokens[i]` with its log-probability and the `counts[i]` most likely tokens with theirs, from
-    logits [B, V]: one log-softmax (float32) and one top-k for all rows."""
+def logprob_rows(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On the device, from logits [B, V] and a token per row [B] (a failed draw's -1 reads token 0): each token's
+    log-probability [B] and the k likeliest tokens' [B, k] with their ids [B, k]: one log-softmax (float32) and one
+    top-k for all rows, nothing read on the host (a step planned ahead reports them too)."""
     logprobs = logits.float().log_softmax(dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
-    k = max(counts)
+    chosen = logprobs.gather(1, tokens.clamp(min=0)[:, None])[:, 0]
     values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-    values, ids = values.tolist(), ids.tolist()
+    return chosen, values, ids
+
+
+def logprob_entries(
+    tokens: list[int], chosen: list[float], values: list[list[float]], ids: list[list[int]], counts: list[int]
+) -> list[TokenLogprobs]:
+    """`logprob_rows`' rows (as lists) as entries: row i with its `counts[i]` likeliest tokens."""
     return [
         TokenLogprobs(token, lp, tuple(zip(ids[i][:n], values[i][:n])))
         for i, (token, lp, n) in enumerate(zip(tokens, chosen, counts))
     ]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], counts: list[int]) -> list[TokenLogprobs]:
+    """Row i's token `tokens[i]` with its log-probability and the `counts[i]` most likely tokens with theirs, from
+    logits [B, V]."""
+    rows = logprob_rows(logits, torch.tensor(tokens, device=logits.device), max(counts))
+    return logprob_entries(tokens, *(t.tolist() for t in rows), counts)
 
 
 class TextStream:

@@ -41,7 +41,9 @@ def step_by_step(engine: Engine, requests: list[tuple[str | list[int], SamplingP
     steps, ahead = [], []
     while engine.has_work():
         out = engine.step()
-        steps.append([(o.request_id, o.token_ids, o.text, o.finish_reason, o.error, o.logprobs) for o in out])
+        steps.append(
+            [(o.request_id, o.token_ids, o.text, o.finish_reason, o.error, o.logprobs, o.prompt_logprobs) for o in out]
+        )
         ahead.append(engine.steps_ahead)
     return steps, ahead
 
@@ -130,27 +132,28 @@ def test_arrivals_and_aborts_between_steps_planned_ahead(demo) -> None:
     assert engine.cache.free_pages == engine.cache.usable_pages
 
 
-def test_logprobs_are_planned_with_the_tokens_known_and_penalties_run_ahead(demo) -> None:
-    """A step holding a request that reports its tokens' log-probabilities is planned after those tokens are known
-    (the host reads them); steps run ahead again once it ends. Penalties count each draw on the device, so a step of
-    penalized requests runs ahead, its draw seeing the token the step before drew. The outputs, log-probabilities
-    included, equal the synchronous engine's, and the penalties change them (the same requests without penalties
-    give other tokens)."""
+def test_penalties_and_logprobs_run_ahead_and_prompt_logprobs_wait_for_their_first_output(demo) -> None:
+    """Penalties count each draw on the device and log-probabilities are computed there, so steps of requests asking
+    for them run ahead, each draw seeing the token the step before drew. A prompt's log-probabilities go with its
+    first output: the step after its prompt is planned once that is sent. The outputs, log-probabilities included,
+    equal the synchronous engine's, and the penalties change them (the same requests without give other tokens)."""
     model, tok = demo
     penalized = SamplingParams(max_new_tokens=30, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3)
     requests = [
-        ("import os\n", SamplingParams(max_new_tokens=24)),
-        ("def f(", SamplingParams(max_new_tokens=6, logprobs=2)),
+        ("import os\n", SamplingParams(max_new_tokens=24, prompt_logprobs=2)),
+        ("def f(", SamplingParams(max_new_tokens=12, logprobs=2, temperature=0.7, seed=1)),
         ("class A", penalized),
-        ("x = [", replace(penalized, temperature=0.9, seed=3)),
+        ("x = [", replace(penalized, temperature=0.9, seed=3, logprobs=0)),
     ]
     fast, sync = engines(model, tok, max_batch=4)
     expected, _ = step_by_step(sync, requests)
     got, ahead = step_by_step(fast, requests)
     assert got == expected
-    # Steps 1-6 hold the log-probabilities request (the first is the prefill) and plan the next step with its token
-    # known; the 7th, the first without it, plans the 8th ahead, and so on to the last.
-    assert ahead.index(1) == 6 and ahead[-1] == len(got) - 7
+    assert sum(o[5] is not None for step in got for o in step) == 12 + 30  # every token of r1 and r3 has its entry
+    assert [o[6] is not None for step in got for o in step if o[0] == "r0"][:2] == [True, False]
+    # The first step (every prompt, whole) plans none ahead: r0's prompt log-probabilities are sent with its output.
+    # Every step after plans the next, but the last.
+    assert ahead[0] == 0 and ahead[-1] == len(got) - 2
     plain = [
         (prompt, replace(p, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0))
         for prompt, p in requests
@@ -306,12 +309,13 @@ def test_the_slot_a_step_planned_ahead_wrote_is_zeroed_for_the_next_owner(demo) 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_planning_ahead_never_waits_for_the_gpu() -> None:
-    """On CUDA (CUDA graphs, greedy and seeded rows): issuing a step ahead synchronizes nothing (torch's sync
-    debug mode raises on any wait for the device), nearly every decode step runs ahead, and the tokens equal the
-    synchronous engine's."""
+    """On CUDA (CUDA graphs, greedy and seeded rows, one with penalties and log-probabilities): issuing a step ahead
+    synchronizes nothing (torch's sync debug mode raises on any wait for the device), nearly every decode step runs
+    ahead, and the tokens equal the synchronous engine's."""
     model, tok = load_model(PARENT_DIR, device="cuda"), load_tokenizer(PARENT_DIR)
     prompts = prompts_of([3, 17, 40, 9, 1], 8192, seed=5)
     params = [SamplingParams(20, temperature=i % 2, seed=i, ignore_eos=True) for i in range(len(prompts))]
+    params[3] = replace(params[3], frequency_penalty=0.5, repetition_penalty=1.2, logprobs=2)  # all on the device
     results = {}
     for async_scheduling in (True, False):
         engine = Engine(model, tok, EngineConfig(max_batch=8, async_scheduling=async_scheduling))
