@@ -32,7 +32,8 @@ one (0.616 against 0.513 ms, batch 64, G = 4, context 8k) though it reads half t
 fp16 in one instruction but to bf16 only through fp16 and fp32. `set_fp8_f16(True)` (or TESSERA_FP8_KV_F16=1) runs
 those launches in fp16 instead: the queries cast to fp16 (clamped to its range: a bf16 query past 65,504 would
 overflow), the tiles widened to fp16, P·V in fp16 (finer than bf16). Off until measured: `bench kernels --suite
-attention` times both in one run.
+attention` times both in one run. (P in fp16 flushes weights below 2^-24 of a row's largest to zero, which bf16
+keeps: at most that times the keys of the row, of its output.)
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ _fp8_f16 = os.environ.get(FP8_F16_ENV, "") == "1"
 
 
 def set_fp8_f16(on: bool) -> None:
-    """Decode over an FP8 cache with bf16 queries in fp16 (module docstring), from the next launch."""
+    """Decode over an FP8 cache with bf16 queries in fp16 (module docstring), from the next launch: set it before an
+    engine starts, whose CUDA graphs keep the variant they captured."""
     global _fp8_f16
     _fp8_f16 = on
 
@@ -184,7 +186,9 @@ def _paged_kernel(
     q_ptrs = q_ptr + (q_start + tokens)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_rows[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if FP8_F16:  # FP8 tiles widen to q's dtype (attend_tile): to fp16 in one instruction (module docstring)
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+        # A NaN query stays NaN (the engine ends its request), as in bf16.
+        q = tl.maximum(q.to(tl.float32), -65504.0, propagate_nan=tl.PropagateNan.ALL)
+        q = tl.minimum(q, 65504.0, propagate_nan=tl.PropagateNan.ALL).to(tl.float16)
 
     # The keys any row of the tile sees, then this split's share of them, in whole tiles.
     first_pos = cached + (tile * BLOCK_M) // GROUP

@@ -740,7 +740,7 @@ class Engine:
         rows = {id(req): i for i, req in enumerate(launched.sampling)}
         index = [rows[id(req)] for req, _ in plan]
         tokens = launched.tokens
-        if len(index) < len(launched.sampling):
+        if index != list(range(len(launched.sampling))):  # rows of requests ended since, or another order
             tokens = tokens[upload(index, self.device, torch.int64)]
         try:
             # A draw that failed (-1) ends its request when its step completes; until then its row reads token 0.
@@ -778,7 +778,9 @@ class Engine:
         """End the requests of the step that raised (its K/V may be half written); the rest go on."""
         failed = [req for req in self.stepping if not req.done]
         self.stepping = []
-        return [self._fail(req, error) for req in failed]
+        outputs = [self._fail(req, error) for req in failed]
+        self._forget_finished_ahead()  # a step planned ahead of the failed one, if it holds only those
+        return outputs
 
     def _forward(
         self, plan: list[tuple[_Request, int]], ahead: torch.Tensor | None = None

@@ -246,7 +246,7 @@ def test_fp8_cache_read_in_fp16_for_bf16_queries(poisoned, monkeypatch, splits: 
     windowed case against the hand reference. bf16's rounding of the output (2^-8 of the largest value) and of the
     plain-torch reference's P·V bound the error: 1e-2 (observed 6.1e-3). Under the interpreter a bf16 tl.dot is
     computed wrongly, so a launch left in bf16 fails here too. A query past fp16's range is clamped into it: finite
-    outputs."""
+    outputs; a NaN query stays NaN."""
     if splits == "one":
         monkeypatch.setattr(paged, "sm_count", lambda device: 0)
     monkeypatch.setattr(paged, "_fp8_f16", paged.fp8_f16_enabled())  # restored after the test
@@ -260,11 +260,14 @@ def test_fp8_cache_read_in_fp16_for_bf16_queries(poisoned, monkeypatch, splits: 
     assert recorder.seen and all(recorder.seen)
     pages = quantize_kv_reference(torch.randn(3, 16, 2, 16, device=KERNEL_DEVICE), torch.ones(1, device=KERNEL_DEVICE))
     q = torch.randn(2, 8, 16, device=KERNEL_DEVICE).to(torch.bfloat16)
-    q[0, 3, 5] = 1e6
+    q[0, 3, 5], q[1, 6, 2] = 1e6, float("nan")
     tables = torch.tensor([[1, 2], [2, 1]], dtype=torch.int32, device=KERNEL_DEVICE)
     ones = torch.ones(1, device=KERNEL_DEVICE)
     out = kernels.attention_paged(q, pages, pages, metadata([1, 1], [20, 32], tables), k_scale=ones, v_scale=ones)
-    assert out.isfinite().all()
+    assert out[0].isfinite().all()
+    # A NaN query stays NaN through the clamp (the engine ends a request whose logits hold one), and reaches only
+    # the rows of its own head.
+    assert out[1, 6].isnan().all() and out[1, :6].isfinite().all() and out[1, 7:].isfinite().all()
 
 
 def test_fp8_cache_needs_its_scales() -> None:
