@@ -21,7 +21,7 @@ from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.loader import load_model
 from tessera.runtime.sampling import SamplingParams, load_tokenizer
 
-from .test_engine import prompts_of, served_under_pressure
+from .test_engine import prompts_of, run_to_end, served_under_pressure
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,10 @@ def step_by_step(engine: Engine, requests: list[tuple[str | list[int], SamplingP
         )
         ahead.append(engine.steps_ahead)
     return steps, ahead
+
+
+def tokens_by_request(outputs: dict[str, list]) -> dict[str, list[int]]:
+    return {request_id: [t for out in outs for t in out.token_ids] for request_id, outs in outputs.items()}
 
 
 def ending_requests(engine: Engine) -> list[tuple[str, SamplingParams]]:
@@ -187,10 +191,7 @@ def test_a_failed_draw_ends_its_request_alone_while_steps_run_ahead(demo, monkey
         engine.add_request("x = 1", SamplingParams(12, 0.8, seed=4)),
         engine.add_request("def f(", sampled),
     ]
-    outputs: dict[str, list] = {}
-    while engine.has_work():
-        for out in engine.step():
-            outputs.setdefault(out.request_id, []).append(out)
+    outputs = run_to_end(engine)
     bad = outputs[ids[1]]
     assert len(bad) == 3 and bad[-1].finish_reason == "error" and "sampling failed" in bad[-1].error
     assert draws[3] == 3  # the step planned ahead of the failure held its row
@@ -230,11 +231,7 @@ def test_a_step_planned_ahead_that_fails_fails_at_the_next_step(demo, monkeypatc
     assert all(o.finish_reason == "error" for o in failed)
     monkeypatch.setattr(model, "forward_packed", forward)
     fast.add_request("x = 1", params, "req-2")
-    outputs: dict[str, list[int]] = {}
-    while fast.has_work():
-        for out in fast.step():
-            outputs.setdefault(out.request_id, []).extend(out.token_ids)
-    assert outputs == {"req-2": solo}
+    assert tokens_by_request(run_to_end(fast)) == {"req-2": solo}
     assert fast.cache.free_pages == fast.cache.usable_pages
 
 
@@ -261,11 +258,7 @@ def test_the_failure_of_a_step_planned_ahead_dies_with_its_requests(demo, monkey
     assert engine._ahead_error is None
     monkeypatch.setattr(model, "forward_packed", forward)
     engine.add_request("x = 1", params, "r2")
-    outputs: dict[str, list[int]] = {}
-    while engine.has_work():
-        for out in engine.step():
-            outputs.setdefault(out.request_id, []).extend(out.token_ids)
-    assert outputs == {"r2": solo}
+    assert tokens_by_request(run_to_end(engine)) == {"r2": solo}
 
 
 def test_pages_filled_by_steps_planned_ahead_are_found_by_later_prompts(demo) -> None:
