@@ -909,6 +909,7 @@ def engine_spec(
     kv_cache_dtype: str = "auto",
     page_size: int | None = None,
     prefix_caching: bool = True,
+    async_scheduling: bool | None = None,
 ) -> EngineSpec:
     """How the server's engine processes build their engine, checked here first, so a bad checkpoint or flag
     fails with its own error before any process starts (`torchrun`: the ranks are torchrun's, EngineSpec)."""
@@ -929,6 +930,7 @@ def engine_spec(
         kv_cache_dtype=kv_cache_dtype,
         page_size=page_size,
         prefix_caching=prefix_caching,
+        async_scheduling=async_scheduling,
     )
     return EngineSpec(str(model_dir), str(device), dtype, config, threads, tensor_parallel_size, torchrun)
 

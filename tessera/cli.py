@@ -486,6 +486,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         kv_cache_dtype=args.kv_cache_dtype,
         page_size=args.page_size,
         prefix_caching=not args.no_prefix_caching,
+        async_scheduling=False if args.no_async_scheduling else None,
     )
     if launch.rank > 0:
         from tessera.runtime.async_engine import follow
@@ -519,7 +520,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         f"tessera serve: {server.model_name} on {info['device']} ({info['dtype']}, {engines}); "
         f"max batch {args.max_batch} "
         f"per engine, context {info['max_model_len']}, KV pool {info['pages']} pages of {info['page_size']} tokens "
-        f"({info['kv_mib']:.1f} MiB, {info['kv_dtype']}) per engine{', CUDA graphs' if info['cuda_graphs'] else ''}",
+        f"({info['kv_mib']:.1f} MiB, {info['kv_dtype']}) per engine{', CUDA graphs' if info['cuda_graphs'] else ''}"
+        f"{', async scheduling' if info['async_scheduling'] else ''}",
         file=sys.stderr,
     )
     run(server, args.host, args.port, args.graceful_timeout)
@@ -982,6 +984,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-prefix-caching",
         action="store_true",
         help="compute every prompt in full, never from the K/V of an earlier one's same first tokens",
+    )
+    p.add_argument(
+        "--no-async-scheduling",
+        action="store_true",
+        help="on CUDA, plan each decode step after the last one's tokens are on the host, not while the GPU runs it",
     )
     p.add_argument(
         "--served-model-name", type=utf8_text, default=None, help="the `model` clients name (default: the folder name)"

@@ -153,6 +153,44 @@ def test_seeded_sampling_gives_the_generators_tokens(client, parent) -> None:
     assert [e.text for e in expected] != [g.text for g in greedy]  # it did sample
 
 
+def test_a_server_with_async_scheduling_sends_what_one_without_sends(parent) -> None:
+    """`serve` with async scheduling forced on (the CUDA default; on the CPU, `engine_spec(async_scheduling=True)`):
+    concurrent requests through the engine process's loop, greedy and seeded, with a stop string, log-probabilities
+    and a penalty, get `Generator`'s texts (the engine without it, on the CPU); the startup info says it is on."""
+    prompts = PROMPTS[:4]
+    [free] = Generator(*parent).generate([prompts[0]], SamplingParams(24))
+    requests = [
+        (prompts[0], SamplingParams(24, stop=(free.text[8:12],))),
+        (prompts[1], SamplingParams(24, temperature=0.9, seed=5, logprobs=2)),
+        (prompts[2], SamplingParams(24, frequency_penalty=0.8)),
+        (prompts[3], SamplingParams(24, temperature=0.7, top_k=40, seed=9)),
+    ]
+    expected = [Generator(*parent).generate([p], params)[0] for p, params in requests]
+    with serving(max_batch=4, max_model_len=256, async_scheduling=True) as (served, base):
+        assert served.engine.info["async_scheduling"]
+        bodies = [
+            {"prompt": [requests[0][0]], "max_tokens": 24, "temperature": 0, "stop": [free.text[8:12]]},
+            {"prompt": [requests[1][0]], "max_tokens": 24, "temperature": 0.9, "seed": 5, "logprobs": 2},
+            {"prompt": [requests[2][0]], "max_tokens": 24, "temperature": 0, "frequency_penalty": 0.8},
+            {"prompt": [requests[3][0]], "max_tokens": 24, "temperature": 0.7, "top_k": 40, "seed": 9},
+        ]
+        with httpx.Client(timeout=60) as http:
+            replies = [None] * 4
+
+            def send(i: int) -> None:
+                replies[i] = http.post(f"{base}/v1/completions", json={"model": "parent", **bodies[i]}).json()
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    assert [r["choices"][0]["text"] for r in replies] == [e.text for e in expected]
+    assert replies[0]["choices"][0]["finish_reason"] == "stop" and expected[0].finish_reason == "stop"
+    logprobs = replies[1]["choices"][0]["logprobs"]["token_logprobs"]
+    assert all(abs(a - b.logprob) <= 1e-4 for a, b in zip(logprobs, expected[1].logprobs, strict=True))
+
+
 def test_n_choices_draw_from_seed_plus_their_index(client, parent) -> None:
     """`n` choices of each of 2 prompts (completions) and of a chat: choice i·n + j of prompt i draws from seed + j,
     so each equals `Generator`'s text for that seed, and the prompt's tokens count once in usage. Greedy choices
