@@ -335,8 +335,9 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._forward(size)
             # The graphs share one pool: memory a graph freed at the end of its capture (its split scratch) may
-            # hold another graph's output. Sound because one graph replays at a time and run() hands out its
-            # logits before the next replay.
+            # hold another graph's output. Sound because one graph replays at a time and everything that reads its
+            # logits (the draw, the log-probabilities: Engine._launch) is queued on the stream before the next
+            # replay, even one issued ahead.
             self.graphs[size] = (graph, logits)
         torch.cuda.synchronize()
 
