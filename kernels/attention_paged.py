@@ -28,8 +28,10 @@ An FP8 cache (pages in float8_e4m3fn, one fp32 K and one V scale for the layer, 
 same loop: its tiles widen exactly to the queries' dtype for tl.dot, the K scale joins the softmax scale and the V
 scale multiplies the output, so per key it costs nothing beyond the conversion, and reads half the bytes of bf16.
 With bf16 queries that conversion may be what costs: on the H200 at 3e791a3 an FP8 cache decoded slower than a bf16
-one (0.616 against 0.513 ms, batch 64, G = 4, context 8k) though it reads half the bytes, and Hopper widens E4M3 to
-fp16 in one instruction but to bf16 only through fp16 and fp32. `set_fp8_f16(True)` (or TESSERA_FP8_KV_F16=1) runs
+one (0.616 against 0.513 ms, batch 64, G = 4, context 8k) though it reads half the bytes. The sm_90a PTX triton 3.9
+compiles (benchmarks/compile_check.py) widens a pair of E4M3 values to fp16 in one instruction
+(cvt.rn.f16x2.e4m3x2), then each value to bf16 in another (cvt.bf16.f16): three conversions a pair where fp16
+needs one. `set_fp8_f16(True)` (or TESSERA_FP8_KV_F16=1) runs
 those launches in fp16 instead: the queries cast to fp16 (clamped to its range: a bf16 query past 65,504 would
 overflow), the tiles widened to fp16, P·V in fp16 (finer than bf16). Off until measured: `bench kernels --suite
 attention` times both in one run. (P in fp16 flushes weights below 2^-24 of a row's largest to zero, which bf16
@@ -62,10 +64,6 @@ def set_fp8_f16(on: bool) -> None:
     engine starts, whose CUDA graphs keep the variant they captured."""
     global _fp8_f16
     _fp8_f16 = on
-
-
-def fp8_f16_enabled() -> bool:
-    return _fp8_f16
 
 
 @contextlib.contextmanager

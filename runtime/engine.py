@@ -260,13 +260,6 @@ class _Request:
         self.done = False  # finished: a step planned before it finished drops its row
 
     @property
-    def plain(self) -> bool:
-        """Whether its next step can be planned before its last token is known (`Engine._plan_ahead`): nothing
-        of that step reads it on the host (penalties count it on the device, log-probabilities are computed there):
-        anything but a prompt whose log-probabilities its first output has yet to send."""
-        return self.prompt_logprobs is None
-
-    @property
     def most_tokens(self) -> int:
         """Tokens whose K/V it can ever hold: its prompt and every new token but the last (which nothing reads)."""
         return self.prompt_len + self.budget - 1
@@ -755,13 +748,14 @@ class Engine:
         """The next step's plan before `launched`'s tokens are known, or None where only they can decide it: the
         plan `_schedule` would make once they are, every running request decoding the token `launched` draws for
         it, but for the requests that token may end (a row the step drops). Only where every running request
-        samples in `launched`, none waits to start, each is `plain` and the pool has the pages without preempting
-        anyone: the rest is planned after the tokens, as always."""
+        samples in `launched`, none waits to start or has prompt log-probabilities to send, and the pool has the pages
+        without preempting anyone: the rest is planned after the tokens, as always. (Nothing else of a step reads
+        the token before on the host: penalties count it on the device, log-probabilities are computed there.)"""
         live = sum(not req.done for req in launched.sampling)  # a step planned ahead has rows of requests ended since
         if self.waiting or not live or live != len(self.running):
             return None
-        if not all(req.plain for req in self.running):
-            return None
+        if any(req.prompt_logprobs is not None for req in self.running):
+            return None  # a prompt's log-probabilities go with its first output, which the host has yet to make
         plan = []
         for req in self.running:
             if req.sampled + 1 >= req.budget:

@@ -274,8 +274,8 @@ def _kept(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor
     nucleus is wider (its likeliest token too unlikely for CANDIDATES tokens to cover p: a flat distribution; or
     the candidates turned out short) is ranked in full."""
     vocab = x.shape[-1]
-    k = torch.tensor(top_k, device=x.device)
-    p = torch.tensor(top_p, dtype=torch.float64, device=x.device)
+    k = upload(top_k, x.device, torch.int64)
+    p = upload(top_p, x.device, torch.float64)
     # Ranked: a top-k row's k, a top-p row's CANDIDATES (or k when it has both); a row with neither needs none.
     width = min(vocab, max(n if n < vocab else CANDIDATES if q < 1 else 1 for n, q in zip(top_k, top_p)))
     full = (k >= vocab) & (p < 1)  # top-p alone: ranked in full when CANDIDATES tokens cannot cover p

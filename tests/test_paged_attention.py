@@ -242,22 +242,22 @@ class LaunchRecorder:
 
 @pytest.mark.parametrize("splits", ["split", "one"])
 def test_fp8_cache_read_in_fp16_for_bf16_queries(poisoned, monkeypatch, splits: str) -> None:
-    """`set_fp8_f16(True)`: bf16 queries over an FP8 cache run in fp16 (every launch says so): decodes, chunks and a
+    """`kernels.fp8_in_f16()`: bf16 queries over an FP8 cache run in fp16 (every launch says so): decodes, chunks and a
     windowed case against the hand reference. bf16's rounding of the output (2^-8 of the largest value) and of the
     plain-torch reference's P·V bound the error: 1e-2 (observed 6.1e-3). Under the interpreter a bf16 tl.dot is
     computed wrongly, so a launch left in bf16 fails here too. A query past fp16's range is clamped into it: finite
     outputs; a NaN query stays NaN."""
     if splits == "one":
         monkeypatch.setattr(paged, "sm_count", lambda device: 0)
-    monkeypatch.setattr(paged, "_fp8_f16", paged.fp8_f16_enabled())  # restored after the test
-    paged.set_fp8_f16(True)
     recorder = LaunchRecorder(paged._paged_kernel, "FP8_F16")
     monkeypatch.setattr(paged, "_paged_kernel", recorder)
-    for case in (0, 2, 3):
-        check_case(*CASES[case], torch.bfloat16, 1e-2, seed=case, fp8=(0.004, 0.01))
-    *shape, window = WINDOW_CASES[1]
-    check_case(*shape, torch.bfloat16, 1e-2, seed=1, window=window, fp8=(0.004, 0.01))
+    with kernels.fp8_in_f16():
+        for case in (0, 2, 3):
+            check_case(*CASES[case], torch.bfloat16, 1e-2, seed=case, fp8=(0.004, 0.01))
+        *shape, window = WINDOW_CASES[1]
+        check_case(*shape, torch.bfloat16, 1e-2, seed=1, window=window, fp8=(0.004, 0.01))
     assert recorder.seen and all(recorder.seen)
+    monkeypatch.setattr(paged, "_fp8_f16", True)  # the rest runs in fp16 too (restored after the test)
     pages = quantize_kv_reference(torch.randn(3, 16, 2, 16, device=KERNEL_DEVICE), torch.ones(1, device=KERNEL_DEVICE))
     q = torch.randn(2, 8, 16, device=KERNEL_DEVICE).to(torch.bfloat16)
     q[0, 3, 5], q[1, 6, 2] = 1e6, float("nan")
