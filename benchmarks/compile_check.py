@@ -263,6 +263,23 @@ def gemm_schedules(fp8: bool) -> None:
             swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, persistent=persistent)
 
 
+def gemm_sweep_tilings() -> None:
+    """Every tiling pair benchmarks/tune_gemm.py times, on each kind of shape it sweeps (only with --sweeps: ~100
+    variants more, compiled on the device by the sweep itself)."""
+    from .tune_gemm import DECODE_ROWS, SHAPES, _kind, _pairs
+
+    kinds = {_kind(shape): shape for shape in reversed(SHAPES)}  # the first shape of each kind
+    for precision, _, hidden, inter, rows in kinds.values():
+        dtype = kernels.FP8 if precision == "fp8" else torch.bfloat16
+        w_gate_up, w_down = torch.empty(2 * inter, hidden, dtype=dtype), torch.empty(hidden, inter, dtype=dtype)
+        scales = (torch.ones(2 * inter), torch.ones(hidden)) if precision == "fp8" else (None, None)
+        x, residual = torch.empty(rows, hidden, dtype=torch.bfloat16), torch.empty(rows, hidden, dtype=torch.bfloat16)
+        for gate_up, down in _pairs(precision, rows):
+            for persistent in (False, True) if rows > DECODE_ROWS else (False,):
+                tilings = {"gate_up_tiling": gate_up, "down_tiling": down}
+                swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, persistent=persistent, **tilings)
+
+
 def paged_attention(fp8: bool) -> None:
     """bench_attention's head layouts: decode at batch 1 (the context split) and 64 (unsplit), prefill of 2,048
     tokens through the paged kernel and the varlen one."""
@@ -318,15 +335,19 @@ WORKLOADS: dict[str, Callable[[], None]] = {
 }
 
 
-def check(arch: int) -> dict:
-    """Run every workload compiling for sm_<arch>; the kernels found and the failures."""
+SWEEP_WORKLOADS: dict[str, Callable[[], None]] = {"tune_gemm tilings": gemm_sweep_tilings}
+
+
+def check(arch: int, sweeps: bool = False) -> dict:
+    """Run every workload compiling for sm_<arch> (and the tiling sweeps' with `sweeps`); the kernels found and the
+    failures."""
     name, target = TARGETS[arch]
     shared_limit = target.shared_per_block
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     driver.set_active(CompileOnly(arch))  # for the rest of the process: there is no GPU driver to go back to
     failures, started = [], time.perf_counter()
     with Compiled(target) as compiled:
-        for workload, run in WORKLOADS.items():
+        for workload, run in {**WORKLOADS, **(SWEEP_WORKLOADS if sweeps else {})}.items():
             if "fp8" in workload and arch < 89:
                 continue  # FP8 needs compute capability 8.9 (the runtime refuses it below, devices.check_fp8)
             if "programmatic" in workload and arch < 90:
@@ -375,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, choices=sorted(TARGETS), help="compute capability x 10")
     parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--sweeps", action="store_true", help="also the tilings benchmarks/tune_gemm.py times")
     args = parser.parse_args(argv)
-    report = check(args.arch)
+    report = check(args.arch, args.sweeps)
     print(
         f"\n{report['compiled']} kernel variants compiled for {report['target']} with triton {report['triton']} in "
         f"{report['seconds']} s (rows: those alike in everything below merged, `n` of them)"

@@ -13,6 +13,8 @@ With FP8 weights (kernels/fp8.py) x is quantized per token before the first GEMM
 GEMM multiplies FP8 tiles on the tensor cores and applies the token and channel scales in its epilogue.
 """
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -27,6 +29,7 @@ from .fp8 import (
     quantized_rows,
 )
 from .gemm import (
+    GemmTiling,
     arrival_counters,
     arrived_last,
     descriptor,
@@ -183,24 +186,27 @@ def _persistent_gate_up_kernel(
         _store_swiglu(acc_gate, acc_up, offs_m, offs_n, M, I, x_scale_ptr, w_scale_ptr, h_ptr, stride_hm, SCALED)
 
 
-def gate_up_blocks(m: int, inter: int, element_size: int = 2) -> tuple[int, int, int, int, int, int]:
-    """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages and output tiles of the gate/up GEMM of m rows and width
-    `inter` (operands of `element_size` bytes): gemm_blocks' shape, BLOCK_N capped at 64 (two fp32 accumulators at
-    128 would take 128 registers a thread by themselves)."""
-    block_m, block_n, block_k, warps, stages = gemm_blocks(m, element_size)
-    block_n = min(block_n, 64)
-    return block_m, block_n, block_k, warps, stages, triton.cdiv(m, block_m) * triton.cdiv(inter, block_n)
+def gate_up_blocks(m: int, element_size: int = 2) -> GemmTiling:
+    """The gate/up GEMM's tiling for m rows of operands of `element_size` bytes: gemm_blocks', BLOCK_N capped at 64
+    (two fp32 accumulators at 128 would take 128 registers a thread by themselves). Its BLOCK_N columns are of the
+    gate and of the up projection each: a program computes a tile of 2 · BLOCK_N pre-activation columns."""
+    tiling = gemm_blocks(m, element_size)
+    return replace(tiling, block_n=min(tiling.block_n, 64))
 
 
-def gate_up_split_plan(m: int, hidden: int, inter: int, device: torch.device, element_size: int = 2) -> tuple[int, int]:
-    """(splits, K per split) of the portable gate/up GEMM: gemm.split_k_plan over its tiles where they cover
-    fewer than half the SMs, else unsplit. On the H200 at M = 1 (2026-11-30, 3e791a3) the split gate/up lost to the
-    unsplit one at 224 tiles by 3-4 % (the 8B shape, Nemotron-51B's half width) and at 112 tiles by 10 % (its
-    quarter width); a narrow child's FFN (Nemotron's 2,816 columns: 44 tiles) still splits."""
-    _, _, block_k, _, _, tiles = gate_up_blocks(m, inter, element_size)
+def gate_up_split_plan(
+    m: int, hidden: int, inter: int, device: torch.device, tiling: GemmTiling | None = None, element_size: int = 2
+) -> tuple[int, int]:
+    """(splits, K per split) of the portable gate/up GEMM (with `tiling`, gate_up_blocks' unless given):
+    gemm.split_k_plan over its tiles where they cover fewer than half the SMs, else unsplit. On the H200 at M = 1
+    (2026-11-30, 3e791a3) the split gate/up lost to the unsplit one at 224 tiles by 3-4 % (the 8B shape,
+    Nemotron-51B's half width) and at 112 tiles by 10 % (its quarter width); a narrow child's FFN (Nemotron's 2,816
+    columns: 44 tiles) still splits."""
+    tiling = tiling or gate_up_blocks(m, element_size)
+    tiles = triton.cdiv(m, tiling.block_m) * triton.cdiv(inter, tiling.block_n)
     if 2 * tiles >= sm_count(device):
         return 1, hidden
-    return split_k_plan(tiles, hidden, block_k, device)
+    return split_k_plan(tiles, hidden, tiling.block_k, device)
 
 
 def _check_shapes(
@@ -240,13 +246,17 @@ def swiglu_ffn_triton(
     down_scale: torch.Tensor | None = None,
     persistent: bool = False,
     split_k: bool = True,
+    gate_up_tiling: GemmTiling | None = None,
+    down_tiling: GemmTiling | None = None,
 ) -> torch.Tensor:
     """x [M, H], w_gate_up [2I, H], w_down [H, I], residual [M, H] or None -> [M, H] (+ residual). With FP8
     weights, their per-output-channel scales gate_up_scale [2I] and down_scale [H] (kernels/fp8.py), and x as
     given or already quantized (Fp8Rows).
     persistent: both GEMMs on the persistent TMA schedule where the operands allow it (kernels/gemm.py).
     split_k: the portable gate/up GEMM splits K as gate_up_split_plan says (False: never; the benchmark compares
-    the two)."""
+    the two).
+    gate_up_tiling, down_tiling: the two GEMMs' tilings, gate_up_blocks' and gemm_blocks' unless given (the
+    tiling sweep, benchmarks/tune_gemm.py)."""
     _check_shapes(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
     m, hidden = x.shape
     inter = w_down.shape[1]
@@ -257,19 +267,21 @@ def swiglu_ffn_triton(
         return torch.empty(m, hidden, dtype=x.dtype, device=x.device)
     scaled = gate_up_scale is not None
     a, a_scale = quantized_rows(x, triton_kernel=True) if scaled else (x, None)
-    block_m, gate_block_n, block_k, warps, stages, tiles = gate_up_blocks(m, inter, a.element_size())
+    tiling = gate_up_tiling or gate_up_blocks(m, a.element_size())
+    block_m, gate_block_n, block_k = tiling.block_m, tiling.block_n, tiling.block_k
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(inter, gate_block_n)
     h = torch.empty(m, inter, dtype=x.dtype, device=x.device)  # silu(gate)·up, the only intermediate
-    stages = fitting_stages(stages, (block_m + 2 * gate_block_n) * block_k * a.element_size(), x.device)
+    stages = fitting_stages(tiling.num_stages, (block_m + 2 * gate_block_n) * block_k * a.element_size(), x.device)
     scales = (a_scale, gate_up_scale) if scaled else (h, h)  # unread without SCALED
     flags = dict(
         BLOCK_M=block_m,
         BLOCK_N=gate_block_n,
         BLOCK_K=block_k,
-        GROUP_M=8,
+        GROUP_M=tiling.group_m,
         SCALED=scaled,
         PRECISION=dot_precision(a.dtype),
         IMPRECISE_ACC=block_k if scaled else 0,  # FP8: promote to fp32 after each K tile (kernels/gemm.py)
-        num_warps=warps,
+        num_warps=tiling.num_warps,
         num_stages=stages,
         **launch_flags(x.device),
     )
@@ -283,9 +295,7 @@ def swiglu_ffn_triton(
     else:
         # Split over K like the down GEMM: a narrow FFN at decode (a pruned child's, Nemotron's 2,816-wide ones:
         # 44 tiles) would otherwise leave most SMs idle.
-        splits, k_per_split = (
-            gate_up_split_plan(m, hidden, inter, x.device, a.element_size()) if split_k else (1, hidden)
-        )
+        splits, k_per_split = gate_up_split_plan(m, hidden, inter, x.device, tiling) if split_k else (1, hidden)
         partial = torch.empty(splits, 2, m, inter, dtype=torch.float32, device=x.device) if splits > 1 else h
         counters = arrival_counters(x.device, tiles) if splits > 1 else h
         shapes = m, inter, hidden, k_per_split, splits, inter * w_gate_up.stride(0)
@@ -294,7 +304,9 @@ def swiglu_ffn_triton(
             a, w_gate_up, *scales, h, partial, counters, *shapes, *strides, SPLIT_K=splits > 1, **flags
         )
     h, h_scale = quantize_rows_triton(h) if scaled else (h, None)
-    return matmul_triton(h, w_down, x.dtype, h_scale, down_scale, residual=residual, persistent=persistent)
+    return matmul_triton(
+        h, w_down, x.dtype, h_scale, down_scale, residual=residual, persistent=persistent, tiling=down_tiling
+    )
 
 
 def swiglu_ffn_reference(

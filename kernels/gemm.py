@@ -29,6 +29,8 @@ Two schedules compute the same tiles (`persistent`):
 The epilogue is one function for both (`_store_tile`).
 """
 
+from dataclasses import dataclass, replace
+
 import torch
 import triton
 import triton.language as tl
@@ -321,8 +323,22 @@ def _persistent_matmul_kernel(
         )
 
 
-def gemm_blocks(m: int, element_size: int = 2) -> tuple[int, int, int, int, int]:
-    """BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages for an M-row GEMM of operands of `element_size` bytes.
+@dataclass(frozen=True)
+class GemmTiling:
+    """How a GEMM launch is cut: its output tile (block_m × block_n), the K tile, warps, software-pipeline stages
+    and the rows of tiles walked together (GROUP_M, for L2 reuse of the weight tiles). `gemm_blocks` picks one per
+    M range; benchmarks/tune_gemm.py sweeps the alternatives on a GPU."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def gemm_blocks(m: int, element_size: int = 2) -> GemmTiling:
+    """The tiling of an M-row GEMM of operands of `element_size` bytes.
 
     Up to ~200 rows an H200 GEMM is bound by streaming the weights (REFERENCE.md): the smallest M tile
     tl.dot takes (16) and long K tiles keep many weight bytes in flight. Past that, square-ish tiles for reuse.
@@ -330,14 +346,14 @@ def gemm_blocks(m: int, element_size: int = 2) -> tuple[int, int, int, int, int]
     the 8B shape's FP8 FFN at 52 % of copy bandwidth at M = 1 where bf16 reached 79 % (2026-11-30, 3e791a3).
     """
     if m <= 16:
-        block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
+        tiling = GemmTiling(16, 64, 128, 4, 4)
     elif m <= 64:
-        block_m, block_n, block_k, warps, stages = 64, 64, 64, 4, 4
+        tiling = GemmTiling(64, 64, 64, 4, 4)
     elif m <= 256:
-        block_m, block_n, block_k, warps, stages = 64, 128, 64, 4, 3
+        tiling = GemmTiling(64, 128, 64, 4, 3)
     else:
-        block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 3
-    return block_m, block_n, block_k * (2 if element_size == 1 else 1), warps, stages
+        tiling = GemmTiling(128, 128, 64, 8, 3)
+    return replace(tiling, block_k=tiling.block_k * 2) if element_size == 1 else tiling
 
 
 def split_k_plan(tiles: int, k: int, block_k: int, device: torch.device) -> tuple[int, int]:
@@ -363,17 +379,20 @@ def matmul_triton(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     persistent: bool = False,
+    tiling: GemmTiling | None = None,
 ) -> torch.Tensor:
     """a [M, K] · w [N, K]ᵀ -> [M, N] in out_dtype. With a_scale [M] and w_scale [N] (fp32; a and w in FP8) the
     product is scaled per row and column; bias [N] and residual [M, N] are added last. Inputs contiguous.
-    persistent: the persistent TMA schedule where `tma_ready` allows it (else the portable one)."""
+    persistent: the persistent TMA schedule where `tma_ready` allows it (else the portable one).
+    tiling: `gemm_blocks`' unless given (the tiling sweep)."""
     m, k = a.shape
     n = w.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0:
         return out
-    block_m, block_n, block_k, warps, stages = gemm_blocks(m, a.element_size())
-    stages = fitting_stages(stages, (block_m + block_n) * block_k * a.element_size(), a.device)
+    tiling = tiling or gemm_blocks(m, a.element_size())
+    block_m, block_n, block_k = tiling.block_m, tiling.block_n, tiling.block_k
+    stages = fitting_stages(tiling.num_stages, (block_m + block_n) * block_k * a.element_size(), a.device)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     splits, k_per_split = split_k_plan(tiles, k, block_k, a.device)
     split_k = splits > 1
@@ -394,14 +413,14 @@ def matmul_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        GROUP_M=8,
+        GROUP_M=tiling.group_m,
         SCALED=scaled,
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         SPLIT_K=split_k,
         PRECISION=dot_precision(a.dtype),
         IMPRECISE_ACC=block_k if scaled else 0,  # FP8: promote to fp32 after each K tile (module doc)
-        num_warps=warps,
+        num_warps=tiling.num_warps,
         num_stages=stages,
         **launch_flags(a.device),
     )

@@ -218,6 +218,38 @@ def test_swiglu_ffn_with_the_gate_up_split_over_k(poisoned, shape, dtype: torch.
         kernels.swiglu_ffn(x.half(), w_gate_up, w_down)
 
 
+@pytest.mark.parametrize(("precision", "m"), [("bf16", 1), ("bf16", 130), ("fp8", 3), ("fp8", 70)])
+def test_every_tiling_the_gemm_sweep_tries_computes_the_ffn(poisoned, monkeypatch, precision: str, m: int) -> None:
+    """benchmarks/tune_gemm.py times each (gate/up, down) tiling pair on a GPU and ranks only those matching cuBLAS;
+    here each pair, in the sweep's decode (m <= 16) or prefill list, runs through the launches it names (the grids
+    follow its tiles) and computes the reference's FFN (fp16 stands in for bf16 under the interpreter; FP8 codes as
+    served). Widths no tile divides: 200 columns, a K of 96 (part of one K tile)."""
+    tune_gemm = pytest.importorskip("tessera.benchmarks.tune_gemm")
+    gate_up_launches, down_launches = _Launches(ffn._gate_up_kernel), _Launches(gemm._matmul_kernel)
+    monkeypatch.setattr(ffn, "_gate_up_kernel", gate_up_launches)
+    monkeypatch.setattr(gemm, "_matmul_kernel", down_launches)
+    hidden, inter = 96, 200
+    x, w_gate_up, w_down, residual = _ffn_inputs(m, hidden, inter, torch.float16)
+    scales = ()
+    if precision == "fp8":
+        (w_gate_up, gate_up_scale), (w_down, down_scale) = map(kernels.quantize_weight, (w_gate_up, w_down))
+        scales = gate_up_scale, down_scale
+    if scales:  # the reference rounds h to x's dtype before quantizing it, as the kernels do (test_fp8's test)
+        expected, tol = swiglu_ffn_reference(x, w_gate_up, w_down, residual, *scales).float(), 2e-3
+    else:
+        expected = swiglu_ffn_reference(x.float(), w_gate_up.float(), w_down.float(), residual.float())
+        tol = TOLERANCES["swiglu_ffn"][torch.float16]
+    pairs = tune_gemm._pairs(precision, m)
+    size = 1 if scales else 2
+    assert len(pairs) >= 15 and pairs[0] == (ffn.gate_up_blocks(m, size), gemm.gemm_blocks(m, size))
+    for gate_up, down in pairs:
+        out = ffn.swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, gate_up_tiling=gate_up, down_tiling=down)
+        assert relative_error(out, expected) <= tol, (gate_up, down)
+        gate_tiles = triton.cdiv(m, gate_up.block_m) * triton.cdiv(inter, gate_up.block_n)
+        down_tiles = triton.cdiv(m, down.block_m) * triton.cdiv(hidden, down.block_n)
+        assert gate_up_launches.grids[-1][0] == gate_tiles and down_launches.grids[-1][0] == down_tiles
+
+
 @pytest.mark.parametrize("n_tokens", [1, 3, 63])
 @dtypes("rope")
 def test_apply_rope_on_packed_qkv_view(poisoned, n_tokens: int, dtype: torch.dtype, tol: float) -> None:
