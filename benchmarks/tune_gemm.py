@@ -118,9 +118,10 @@ def candidates(precision: str, rows: int) -> tuple[list[GemmTiling], list[GemmTi
 class _Case:
     """One shape's operands, its baseline and the op under any pair of tilings."""
 
-    def __init__(self, precision: str, hidden: int, inter: int, rows: int, device: torch.device) -> None:
+    def __init__(
+        self, precision: str, hidden: int, inter: int, rows: int, device: torch.device, dtype=torch.bfloat16
+    ) -> None:
         gen = torch.Generator(device).manual_seed(inter)
-        dtype = torch.bfloat16
         w_gate_up = torch.randn(2 * inter, hidden, device=device, dtype=dtype, generator=gen) * hidden**-0.5
         w_down = torch.randn(hidden, inter, device=device, dtype=dtype, generator=gen) * inter**-0.5
         x = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
@@ -217,7 +218,10 @@ def _graph_ms(fn, device: torch.device) -> float:
     return time_ms(fn, device, rep_ms=40)[0]
 
 
-def sweep(device: torch.device, budget_s: float, compile_workers: int = 0, out=None) -> dict:
+def sweep(device: torch.device, budget_s: float, compile_workers: int = 0, out=None, dtype=torch.bfloat16) -> dict:
+    """Every shape of SHAPES in order until `budget_s` is spent, the results written after each (to `out`, the
+    committed results folder by default). dtype: the activations' (fp16 under the interpreter, whose bf16 dots are
+    wrong)."""
     start = time.perf_counter()
     precompile(device, compile_workers)
     copy_gbps = copy_bandwidth_gbps(device)
@@ -226,19 +230,27 @@ def sweep(device: torch.device, budget_s: float, compile_workers: int = 0, out=N
         if time.perf_counter() - start > budget_s:
             print(f"budget of {budget_s:.0f} s spent: {shape} and later not swept")
             break
-        entry = sweep_shape(*shape, device, copy_gbps)
+        entry = sweep_shape(*shape, device, copy_gbps, dtype)
         result["shapes"].append(entry)
         print(_line(entry), flush=True)
         write_results(results_name(device, "tune_gemm"), result, table(result), out)
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return result
 
 
 def sweep_shape(
-    precision: str, model: str, hidden: int, inter: int, rows: int, device: torch.device, copy_gbps: float
+    precision: str,
+    model: str,
+    hidden: int,
+    inter: int,
+    rows: int,
+    device: torch.device,
+    copy_gbps: float,
+    dtype=torch.bfloat16,
 ) -> dict:
     """One shape's sweep: the default, every gate/up and down tiling, the best pair (module doc)."""
-    case = _Case(precision, hidden, inter, rows, device)
+    case = _Case(precision, hidden, inter, rows, device, dtype)
     expected = case.baseline()
     baseline_ms = _graph_ms(case.baseline, device)
 

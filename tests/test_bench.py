@@ -3,6 +3,7 @@ shrunken shapes) and write results that carry the device, commit, versions, base
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 from pathlib import Path
@@ -405,3 +406,45 @@ def test_prefix_bench_compares_data_parallel_routing(results_dir, monkeypatch) -
         assert row["min_s"] <= row["median_s"] <= row["max_s"]
     assert rows["by cached prefix"]["time_vs_prefix_routing"] == 1.0
     assert "| by load |" in bench_prefix.routing_table(result)
+
+
+def test_the_gemm_tiling_sweep_ranks_only_checked_tilings_and_writes_after_each_shape(tmp_path, monkeypatch) -> None:
+    """benchmarks/tune_gemm.py's flow on the CPU (under the interpreter, fp16 for bf16), with a clock that favours
+    two chosen tilings and a broken one (block_m 0) it would favour most: the broken one is recorded with its
+    failure and never ranked, the best pair is the two favoured tilings together, and the results are written
+    after the first shape already (the budget ends the sweep before the second)."""
+    from tessera.benchmarks import tune_gemm
+    from tessera.kernels.gemm import GemmTiling
+
+    broken = GemmTiling(0, 64, 128, 4, 4)
+    fast_gate_up, fast_down = tune_gemm.DECODE_GATE_UP[2], tune_gemm.DECODE_DOWN[3]
+    monkeypatch.setattr(tune_gemm, "DECODE_GATE_UP", [*tune_gemm.DECODE_GATE_UP[:3], broken])
+    monkeypatch.setattr(tune_gemm, "DECODE_DOWN", tune_gemm.DECODE_DOWN[:4])
+    monkeypatch.setattr(tune_gemm, "SHAPES", [("bf16", "tiny", 64, 96, 1), ("fp8", "tiny", 64, 96, 20)])
+    monkeypatch.setattr(tune_gemm, "copy_bandwidth_gbps", lambda device: 100.0)
+
+    def clock(fn, device) -> float:
+        tilings = getattr(fn, "keywords", {})
+        if "gate_up_tiling" not in tilings:
+            return 1.0  # the baseline
+        gate_up, down = tilings["gate_up_tiling"], tilings["down_tiling"]
+        return 2.0 - 0.5 * (gate_up in (fast_gate_up, broken)) - 0.25 * (down == fast_down)
+
+    monkeypatch.setattr(tune_gemm, "_graph_ms", clock)
+    times = itertools.chain([0.0, 0.0], itertools.repeat(1.0))  # start, the first shape's check, then past the budget
+    monkeypatch.setattr(tune_gemm.time, "perf_counter", lambda: next(times))
+    result = tune_gemm.sweep(torch.device("cpu"), budget_s=0.5, out=tmp_path, dtype=torch.float16)
+    (shape,) = result["shapes"]
+    assert shape["rows"] == 1 and len(shape["gate_up_tilings"]) == 4 and len(shape["down_tilings"]) == 4
+    failed = [r for r in shape["gate_up_tilings"] if r["failure"]]
+    assert [r["gate_up"]["block_m"] for r in failed] == [0] and failed[0]["ms"] != failed[0]["ms"]  # NaN
+    for r in shape["gate_up_tilings"] + shape["down_tilings"]:
+        assert r["failure"] or r["relative_error"] <= 2e-3, r  # fp16: TOLERANCES["swiglu_ffn"]
+    best = shape["best"]
+    assert (best["gate_up"], best["down"]) == (vars(fast_gate_up), vars(fast_down)) and best["ms"] == 1.25
+    assert shape["default"]["gate_up"] == vars(tune_gemm.gate_up_blocks(1)) and shape["default"]["ms"] == 2.0
+    assert best["speedup"] == 0.8 and not best["persistent"]
+    written = json.loads((tmp_path / "cpu_tune_gemm.json").read_text())
+    assert written["shapes"][0]["best"]["ms"] == 1.25
+    table = (tmp_path / "cpu_tune_gemm.md").read_text()
+    assert "| bf16 | tiny | 1 | 1.0000 | 2.0000 | 0.50x | 1.2500 | 0.80x |" in table, table
