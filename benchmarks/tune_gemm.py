@@ -174,43 +174,44 @@ def _kind(shape: tuple) -> tuple:
     return precision, rows == 1, rows <= DECODE_ROWS
 
 
-_compile_cases: dict[int, _Case] = {}
+_compile_cases: dict[tuple, _Case] = {}
 
 
-def _compile_pair(index: int, pair: int, device_name: str) -> int:
-    """A compile worker's job: launch pair `pair` of SHAPES[index] once on each schedule it is timed on, compiling
-    it into the on-disk Triton cache. Returns how many launches ran (the timing process records any failure)."""
+def _compile_pair(shape: tuple, pair: tuple[GemmTiling, GemmTiling], device_name: str, dtype: torch.dtype) -> int:
+    """A compile worker's job: launch `pair` on `shape` once on each schedule it is timed on, compiling it into the
+    on-disk Triton cache. Returns how many launches ran (the timing process records any failure)."""
     device = torch.device(device_name)
-    precision, _, hidden, inter, rows = SHAPES[index]
-    if index not in _compile_cases:
-        _compile_cases[index] = _Case(precision, hidden, inter, rows, device)
-    case = _compile_cases[index]
+    precision, _, hidden, inter, rows = shape
+    if shape not in _compile_cases:
+        _compile_cases[shape] = _Case(precision, hidden, inter, rows, device, dtype)
+    case = _compile_cases[shape]
     launched = 0
     for persistent in (False, True) if rows > DECODE_ROWS and tma_ready(*case.args[1:3]) else (False,):
         try:
-            case.op(*_pairs(precision, rows)[pair], persistent=persistent)()
+            case.op(*pair, persistent=persistent)()
             launched += 1
         except Exception:  # the timing process records the failure
             pass
-    torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return launched
 
 
-def precompile(device: torch.device, workers: int) -> None:
-    """Compile every candidate once per kind of shape (`_kind`), spread over `workers` spawned processes."""
+def precompile(device: torch.device, workers: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Compile every candidate once per kind of shape (`_kind`), spread over `workers` spawned processes; how many
+    launches ran. Each job carries its shape and tilings (a child process imports this module afresh)."""
     if workers <= 0:
-        return
+        return 0
     start = time.perf_counter()
-    firsts = {}
-    for index, shape in enumerate(SHAPES):
-        firsts.setdefault(_kind(shape), index)
-    jobs = [
-        (index, pair) for index in firsts.values() for pair in range(len(_pairs(SHAPES[index][0], SHAPES[index][4])))
-    ]
+    kinds = {}
+    for shape in SHAPES:
+        kinds.setdefault(_kind(shape), shape)
+    jobs = [(shape, pair) for shape in kinds.values() for pair in _pairs(shape[0], shape[4])]
     context = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialized in a forked child
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        launched = sum(pool.map(_compile_pair, *zip(*jobs), [str(device)] * len(jobs)))
+        launched = sum(pool.map(_compile_pair, *zip(*jobs), [str(device)] * len(jobs), [dtype] * len(jobs)))
     print(f"compiled {launched} launches in {workers} processes in {time.perf_counter() - start:.0f} s", flush=True)
+    return launched
 
 
 def _graph_ms(fn, device: torch.device) -> float:
@@ -223,7 +224,7 @@ def sweep(device: torch.device, budget_s: float, compile_workers: int = 0, out=N
     committed results folder by default). dtype: the activations' (fp16 under the interpreter, whose bf16 dots are
     wrong)."""
     start = time.perf_counter()
-    precompile(device, compile_workers)
+    precompile(device, compile_workers, dtype)
     copy_gbps = copy_bandwidth_gbps(device)
     result = {**environment(device), "copy_bandwidth_gbps": copy_gbps, "shapes": []}
     for shape in SHAPES:

@@ -444,6 +444,12 @@ def test_the_gemm_tiling_sweep_ranks_only_checked_tilings_and_writes_after_each_
     assert (best["gate_up"], best["down"]) == (vars(fast_gate_up), vars(fast_down)) and best["ms"] == 1.25
     assert shape["default"]["gate_up"] == vars(tune_gemm.gate_up_blocks(1)) and shape["default"]["ms"] == 2.0
     assert best["speedup"] == 0.8 and not best["persistent"]
+    # The compile workers (spawned processes, each job carrying its shape and tilings) launch every pair of each
+    # kind of shape once, whatever this process patched: the bf16 shape's pairs but broken's, and the FP8 shape's
+    # (past 16 rows: the prefill lists, the default down tiling of 20 rows added) on both schedules (the interpreter
+    # takes tensor descriptors).
+    launches = len(tune_gemm._pairs("bf16", 1)) - 1 + 2 * len(tune_gemm._pairs("fp8", 20))
+    assert launches == 6 + 2 * 22 and tune_gemm.precompile(torch.device("cpu"), 2, torch.float16) == launches
     written = json.loads((tmp_path / "cpu_tune_gemm.json").read_text())
     assert written["shapes"][0]["best"]["ms"] == 1.25
     table = (tmp_path / "cpu_tune_gemm.md").read_text()
