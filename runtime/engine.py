@@ -386,6 +386,9 @@ class Engine:
         self.kv_dtype = kernels.FP8 if fp8_cache else model.embed_tokens.weight.dtype  # the pages' dtype
         step_tokens = max(config.max_step_tokens, config.max_batch)  # the most one request gets in a step
         page = config.page_size or PAGE_SIZE
+        # The penalized requests' tokens, a row per batch slot (256 rows of a 128k vocabulary: 164 MB): made before
+        # the KV pool takes its share of the memory there is, so a penalized request can never find it taken.
+        self._seen = SeenTokens(config.max_batch, model.vocab_size, self.device)
         if config.kv_cache_bytes is not None:
             budget = config.kv_cache_bytes
         else:  # room for max_batch requests of max_model_len
@@ -424,7 +427,6 @@ class Engine:
         # The error issuing a step planned ahead raised, with that step's requests: raised at the next step call
         self._ahead_error: tuple[Exception, list[_Request]] | None = None
         self.steps_ahead = 0  # steps planned ahead, since the start
-        self._seen: SeenTokens | None = None  # the penalized requests' tokens, made when the first one samples
         self.graphs = None
         # The plain-torch references read lengths on the host: a forced torch backend is not capturable.
         if config.cuda_graphs and self.device.type == "cuda" and kernels.forced_backend() != "torch":
@@ -866,8 +868,6 @@ class Engine:
         if not counted:
             return sample(logits, params, uniforms)
         # The draw sees the penalties; log-probabilities are the model's own.
-        if self._seen is None:
-            self._seen = SeenTokens(self.config.max_batch, logits.shape[-1], logits.device)
         rows = [req.row for req in reqs]
         for i in counted:
             req = reqs[i]

@@ -361,7 +361,7 @@ class SeenTokens:
     penalties (`fill`), and each step's draws are counted into their rows on the device (`count`), so a step's
     penalties cost no work per token of a prompt or an output, and nothing of them waits for the host: a step can be
     planned before the tokens of the step before are known (the engine's async scheduling). Rows × vocabulary × 5
-    bytes (256 rows of a 128k vocabulary: 164 MB), made when the first penalized request samples."""
+    bytes (256 rows of a 128k vocabulary: 164 MB), made with the engine, before its KV pool is sized."""
 
     def __init__(self, rows: int, vocab: int, device: torch.device) -> None:
         self.counts = torch.zeros(rows, vocab, device=device)  # float32

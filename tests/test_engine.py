@@ -516,3 +516,29 @@ def test_a_failed_generate_leaves_the_engine_empty_for_the_next(demo, monkeypatc
     engine = generator.engine
     assert not engine.running and not engine.waiting and engine.cache.free_pages == engine.cache.usable_pages
     assert generator.generate(["x = 1"], params)[0].tokens == expected
+
+
+def test_the_penalty_table_is_made_before_the_kv_pool_takes_its_share_of_memory(demo, monkeypatch) -> None:
+    """The pool is sized from the memory left once the engine's other buffers exist: the penalized requests' table
+    (rows × vocabulary × 5 bytes; 164 MB at 256 rows of a 128k vocabulary) made later could find it taken."""
+    from tessera.runtime import engine as engine_module
+
+    model, tok = demo
+    order = []
+    made = engine_module.SeenTokens
+
+    def seen_tokens(rows: int, vocab: int, device) -> object:
+        order.append(("table", rows, vocab))
+        return made(rows, vocab, device)
+
+    def available_memory(device) -> int:
+        order.append("memory read")
+        return 2**40
+
+    monkeypatch.setattr(engine_module, "SeenTokens", seen_tokens)
+    monkeypatch.setattr(engine_module, "available_memory", available_memory)
+    engine = Engine(model, tok, EngineConfig(max_batch=3, page_size=16))
+    assert order == [("table", 3, model.vocab_size), "memory read"]
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=1.0, seed=1, frequency_penalty=0.5)
+    (done,) = engine.generate([[5, 6, 7]], params)
+    assert len(done.tokens) == 4 and len(order) == 2  # the penalized request used the table made with the engine
