@@ -272,12 +272,15 @@ def _kept(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor
     Tokens are ranked by `topk` over only as many as the cuts need, a top-p cut alone the CANDIDATES likeliest,
     rather than by a full sort (64 rows of 8,192 tokens on the dev VM's CPU: 6-9 ms against 40). A row whose
     nucleus is wider (its likeliest token too unlikely for CANDIDATES tokens to cover p: a flat distribution; or
-    the candidates turned out short) is ranked in full."""
+    the candidates turned out short) is ranked in full. Without a top-p row nothing of this depends on the logits:
+    the host never waits for the device (the engine plans its next step meanwhile); a top-p cut does."""
     vocab = x.shape[-1]
     k = upload(top_k, x.device, torch.int64)
     p = upload(top_p, x.device, torch.float64)
     # Ranked: a top-k row's k, a top-p row's CANDIDATES (or k when it has both); a row with neither needs none.
     width = min(vocab, max(n if n < vocab else CANDIDATES if q < 1 else 1 for n, q in zip(top_k, top_p)))
+    if all(q >= 1 for q in top_p):  # top-k cuts alone: every row's k-th value is among the `width` ranked
+        return _cut(x, k, p, width, nucleus=False)[0]
     full = (k >= vocab) & (p < 1)  # top-p alone: ranked in full when CANDIDATES tokens cannot cover p
     if any(n >= vocab and q < 1 for n, q in zip(top_k, top_p)):  # (a full-vocabulary logsumexp only then)
         full &= CANDIDATES * (-x.logsumexp(dim=-1)).exp() < p
@@ -292,16 +295,18 @@ def _kept(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor
     return kept
 
 
-def _cut(x: torch.Tensor, k: torch.Tensor, p: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _cut(
+    x: torch.Tensor, k: torch.Tensor, p: torch.Tensor, width: int, nucleus: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`_kept` with the `width` likeliest tokens ranked: (kept [S, V], the rows whose nucleus the ranked tokens
-    do not cover [S] bool)."""
+    do not cover [S] bool). nucleus: whether any row may have a top-p cut (False: the top-k cuts alone)."""
     vocab = x.shape[-1]
     ranked = x.topk(width, dim=-1)[0] if width < vocab else x.sort(dim=-1, descending=True)[0]
     kth = ranked.gather(-1, (k.clamp(max=width) - 1)[:, None]).masked_fill((k >= vocab)[:, None], float("-inf"))
     kept = x >= kth  # the top-k cut, in vocabulary order (ties at the k-th stay)
+    if not nucleus:
+        return kept, torch.zeros_like(p, dtype=torch.bool)
     nucleus = p < 1
-    if not bool(nucleus.any()):
-        return kept, torch.zeros_like(nucleus)
     # Probabilities over what the top-k cut keeps (ranked or not), then the cut in likelihood order.
     total = x.masked_fill(~kept, float("-inf")).logsumexp(dim=-1, keepdim=True)
     probs = (ranked.masked_fill(ranked < kth, float("-inf")) - total).exp()
@@ -327,8 +332,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     before it cover top_p (the first always stays, and every token tied with the last kept). A sampled row whose
     logits hold a NaN, or whose largest is infinite, gives -1 (greedy rows take their argmax whatever it is).
 
-    Greedy and plain temperature rows never wait for the device (the engine plans its next step meanwhile); a
-    top-k or top-p cut does (`_kept` sizes its work by what the logits hold).
+    Greedy, plain temperature and top-k rows never wait for the device (the engine plans its next step meanwhile);
+    a top-p cut does (`_kept` sizes its work by what the logits hold).
     """
     device = logits.device
     tokens = logits.argmax(dim=-1)

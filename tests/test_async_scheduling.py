@@ -302,13 +302,14 @@ def test_the_slot_a_step_planned_ahead_wrote_is_zeroed_for_the_next_owner(demo) 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_planning_ahead_never_waits_for_the_gpu() -> None:
-    """On CUDA (CUDA graphs, greedy and seeded rows, one with penalties and log-probabilities): issuing a step ahead
-    synchronizes nothing (torch's sync debug mode raises on any wait for the device), nearly every decode step runs
-    ahead, and the tokens equal the synchronous engine's."""
+    """On CUDA (CUDA graphs, greedy and seeded rows, one with top-k, one with penalties and log-probabilities): issuing
+    a step ahead synchronizes nothing (torch's sync debug mode raises on any wait for the device), nearly every
+    decode step runs ahead, and the tokens equal the synchronous engine's."""
     model, tok = load_model(PARENT_DIR, device="cuda"), load_tokenizer(PARENT_DIR)
     prompts = prompts_of([3, 17, 40, 9, 1], 8192, seed=5)
     params = [SamplingParams(20, temperature=i % 2, seed=i, ignore_eos=True) for i in range(len(prompts))]
     params[3] = replace(params[3], frequency_penalty=0.5, repetition_penalty=1.2, logprobs=2)  # all on the device
+    params[1] = replace(params[1], top_k=20)  # a top-k cut (not top-p: its width is read from the logits)
     results = {}
     for async_scheduling in (True, False):
         engine = Engine(model, tok, EngineConfig(max_batch=8, async_scheduling=async_scheduling))

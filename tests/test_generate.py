@@ -233,6 +233,40 @@ def test_a_row_draws_the_same_token_in_any_batch_even_over_tied_logits() -> None
         assert torch.equal(sample(logits.float(), [mine, *others], draws)[:1], alone)
 
 
+def test_top_k_rows_are_cut_without_reading_the_logits_on_the_host(monkeypatch) -> None:
+    """A batch of top-k rows (greedy, plain and seeded rows beside them) samples without the host reading anything
+    the device computed (no bool, item, nonzero or tolist of a tensor), so the engine's next step can be issued
+    while this one runs (async scheduling); the tokens equal a cut by hand: each row's k likeliest, ties at the
+    k-th kept, drawn by inverse transform."""
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(4, 500, generator=gen) * 2).bfloat16().float()  # ties at the k-th
+    params = [
+        SamplingParams(temperature=1.0, top_k=5),
+        SamplingParams(),
+        SamplingParams(temperature=0.7, top_k=40, seed=3),
+        SamplingParams(temperature=1.3),
+    ]
+    draws = torch.rand(4, generator=gen, dtype=torch.float64)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("the host read a value the device computed")
+
+    with monkeypatch.context() as patched:
+        for name in ("__bool__", "item", "nonzero", "tolist"):
+            patched.setattr(torch.Tensor, name, host_read)
+        tokens = sample(logits, params, draws)
+    for row, (p, u) in enumerate(zip(params, draws.tolist())):
+        x = logits[row].double()
+        if p.temperature == 0:
+            assert tokens[row] == x.argmax()
+            continue
+        x = (x - x.max()) / p.temperature
+        if p.top_k:
+            x = x.masked_fill(x < x.topk(p.top_k).values[-1], float("-inf"))
+        cdf = x.softmax(-1).cumsum(-1)
+        assert tokens[row] == torch.searchsorted(cdf, u * cdf[-1], right=True), row
+
+
 def test_rows_without_a_distribution_give_minus_one() -> None:
     """A sampled row with a NaN logit, a +inf logit or only -inf logits has nothing to draw from: -1 (the engine
     fails that request alone); the greedy row beside them keeps its argmax."""
