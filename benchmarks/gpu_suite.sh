@@ -109,9 +109,9 @@ want bench_ffn_norm && step bench_ffn_norm 75 python3 -m tessera.cli bench kerne
 # split, unmeasured since).
 want tune_attention && step tune_attention 75 python3 -m tessera.benchmarks.tune_attention --device cuda --budget-s 50
 # Issue 20's FFN GEMM tilings against cuBLAS / _scaled_mm (decode first, then where the kernels lose: M >= 128): each
-# candidate compiled first in 8 processes (a cold cache compiles ~100 variants), then timed one by one.
+# candidate compiled ahead in 12 processes (a cold cache compiles ~250 kernels), each shape timed once its kind is.
 want tune_gemm && step tune_gemm 100 python3 -m tessera.benchmarks.tune_gemm --device cuda --budget-s 85 \
-    --compile-workers 8
+    --compile-workers 12
 # The decode step with and without programmatic dependent launch (off in the served path until this measures it):
 # each mode's graph captured, alternating rounds, the logits compared bit for bit. Run by name.
 want bench_model_pdl && step bench_model_pdl 90 python3 -m tessera.cli bench model --pdl --device cuda

@@ -12,7 +12,8 @@ Every candidate's output is checked against the baseline's before it is timed (a
 recorded, never ranked). Times: `triton.testing.do_bench` medians of CUDA-graph replays, shorter than the kernel
 suite's. Shapes run in order of importance and the sweep stops at its time budget, writing what it has after every
 shape. A cold Triton cache compiles each tiling once per shape kind; `--compile-workers` processes compile them
-all first, in parallel, into the shared on-disk cache (the timing process then finds them there).
+in parallel into the shared on-disk cache, the kinds in the shapes' order, and a shape is timed once its kind is
+compiled (the timing process then finds the kernels there) while the later kinds compile.
 
     python3 -m tessera.benchmarks.tune_gemm --device cuda [--budget-s 60] [--compile-workers 8]
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, replace
 from functools import partial
 
@@ -197,21 +198,42 @@ def _compile_pair(shape: tuple, pair: tuple[GemmTiling, GemmTiling], device_name
     return launched
 
 
+class Compiler:
+    """The candidates compiled ahead of the timing, in `workers` spawned processes: every pair once per kind of
+    shape (`_kind`), the kinds in SHAPES' order, so the first shape can be timed while later kinds still compile.
+    Each job carries its shape and tilings (a child process imports this module afresh)."""
+
+    def __init__(self, device: torch.device, workers: int, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.jobs: dict[tuple, list[Future]] = {}
+        self.pool = None
+        if workers <= 0:
+            return
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialized in a forked child
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+        for shape in SHAPES:
+            if _kind(shape) not in self.jobs:
+                self.jobs[_kind(shape)] = [
+                    self.pool.submit(_compile_pair, shape, pair, str(device), dtype)
+                    for pair in _pairs(shape[0], shape[4])
+                ]
+
+    def wait(self, shape: tuple) -> int:
+        """Wait until the kind of `shape` is compiled; how many of its launches ran."""
+        return sum(job.result() for job in self.jobs.get(_kind(shape), []))
+
+    def close(self) -> None:
+        """Drop the jobs not started (a budget spent before their shapes)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def precompile(device: torch.device, workers: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Compile every candidate once per kind of shape (`_kind`), spread over `workers` spawned processes; how many
-    launches ran. Each job carries its shape and tilings (a child process imports this module afresh)."""
-    if workers <= 0:
-        return 0
-    start = time.perf_counter()
-    kinds = {}
-    for shape in SHAPES:
-        kinds.setdefault(_kind(shape), shape)
-    jobs = [(shape, pair) for shape in kinds.values() for pair in _pairs(shape[0], shape[4])]
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialized in a forked child
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        launched = sum(pool.map(_compile_pair, *zip(*jobs), [str(device)] * len(jobs), [dtype] * len(jobs)))
-    print(f"compiled {launched} launches in {workers} processes in {time.perf_counter() - start:.0f} s", flush=True)
-    return launched
+    """Compile every kind of shape's candidates (`Compiler`) and wait for all of them; how many launches ran."""
+    compiler = Compiler(device, workers, dtype)
+    try:
+        return sum(compiler.wait(shape) for shape in {_kind(s): s for s in SHAPES}.values())
+    finally:
+        compiler.close()
 
 
 def _graph_ms(fn, device: torch.device) -> float:
@@ -224,19 +246,25 @@ def sweep(device: torch.device, budget_s: float, compile_workers: int = 0, out=N
     committed results folder by default). dtype: the activations' (fp16 under the interpreter, whose bf16 dots are
     wrong)."""
     start = time.perf_counter()
-    precompile(device, compile_workers, dtype)
-    copy_gbps = copy_bandwidth_gbps(device)
-    result = {**environment(device), "copy_bandwidth_gbps": copy_gbps, "shapes": []}
-    for shape in SHAPES:
-        if time.perf_counter() - start > budget_s:
-            print(f"budget of {budget_s:.0f} s spent: {shape} and later not swept")
-            break
-        entry = sweep_shape(*shape, device, copy_gbps, dtype)
-        result["shapes"].append(entry)
-        print(_line(entry), flush=True)
-        write_results(results_name(device, "tune_gemm"), result, table(result), out)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    compiler = Compiler(device, compile_workers, dtype)
+    try:
+        copy_gbps = copy_bandwidth_gbps(device)
+        result = {**environment(device), "copy_bandwidth_gbps": copy_gbps, "shapes": []}
+        for shape in SHAPES:
+            if time.perf_counter() - start > budget_s:
+                print(f"budget of {budget_s:.0f} s spent: {shape} and later not swept")
+                break
+            launched = compiler.wait(shape)
+            if compiler.pool is not None:
+                print(f"{shape}: its kind compiled ({launched} launches) at {time.perf_counter() - start:.0f} s")
+            entry = sweep_shape(*shape, device, copy_gbps, dtype)
+            result["shapes"].append(entry)
+            print(_line(entry), flush=True)
+            write_results(results_name(device, "tune_gemm"), result, table(result), out)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        compiler.close()
     return result
 
 
@@ -340,7 +368,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--budget-s", type=float, default=60.0)
-    parser.add_argument("--compile-workers", type=int, default=8, help="processes compiling the tilings first")
+    parser.add_argument("--compile-workers", type=int, default=12, help="processes compiling the tilings ahead")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":

@@ -412,7 +412,8 @@ def test_the_gemm_tiling_sweep_ranks_only_checked_tilings_and_writes_after_each_
     """benchmarks/tune_gemm.py's flow on the CPU (under the interpreter, fp16 for bf16), with a clock that favours
     two chosen tilings and a broken one (block_m 0) it would favour most: the broken one is recorded with its
     failure and never ranked, the best pair is the two favoured tilings together, and the results are written
-    after the first shape already (the budget ends the sweep before the second)."""
+    after the first shape already (the budget ends the sweep before the second, whose compile jobs are dropped).
+    Two compile workers run beside it, as 12 do on the GPU."""
     from tessera.benchmarks import tune_gemm
     from tessera.kernels.gemm import GemmTiling
 
@@ -433,7 +434,7 @@ def test_the_gemm_tiling_sweep_ranks_only_checked_tilings_and_writes_after_each_
     monkeypatch.setattr(tune_gemm, "_graph_ms", clock)
     times = itertools.chain([0.0, 0.0], itertools.repeat(1.0))  # start, the first shape's check, then past the budget
     monkeypatch.setattr(tune_gemm.time, "perf_counter", lambda: next(times))
-    result = tune_gemm.sweep(torch.device("cpu"), budget_s=0.5, out=tmp_path, dtype=torch.float16)
+    result = tune_gemm.sweep(torch.device("cpu"), 0.5, compile_workers=2, out=tmp_path, dtype=torch.float16)
     (shape,) = result["shapes"]
     assert shape["rows"] == 1 and len(shape["gate_up_tilings"]) == 4 and len(shape["down_tilings"]) == 4
     failed = [r for r in shape["gate_up_tilings"] if r["failure"]]
