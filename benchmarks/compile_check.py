@@ -263,13 +263,15 @@ def gemm_schedules(fp8: bool) -> None:
             swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, persistent=persistent)
 
 
-def gemm_sweep_tilings() -> None:
-    """Every tiling pair benchmarks/tune_gemm.py times, on each kind of shape it sweeps (only with --sweeps: ~100
-    variants more, compiled on the device by the sweep itself)."""
-    from .tune_gemm import DECODE_ROWS, SHAPES, _kind, _pairs
+def gemm_sweep_tilings(precision: str) -> None:
+    """Every tiling pair benchmarks/tune_gemm.py times on each of its shapes in `precision` (the rows and widths
+    decide split-K, a constexpr), both schedules past 16 rows (it times the persistent one for its best pair). Only
+    with --sweeps: ~250 variants more, which the sweep compiles on the device itself. Every candidate is tried, the
+    failures listed together."""
+    from .tune_gemm import DECODE_ROWS, SHAPES, _pairs
 
-    kinds = {_kind(shape): shape for shape in reversed(SHAPES)}  # the first shape of each kind
-    for precision, _, hidden, inter, rows in kinds.values():
+    failures = []
+    for _, model, hidden, inter, rows in [s for s in SHAPES if s[0] == precision]:
         dtype = kernels.FP8 if precision == "fp8" else torch.bfloat16
         w_gate_up, w_down = torch.empty(2 * inter, hidden, dtype=dtype), torch.empty(hidden, inter, dtype=dtype)
         scales = (torch.ones(2 * inter), torch.ones(hidden)) if precision == "fp8" else (None, None)
@@ -277,7 +279,12 @@ def gemm_sweep_tilings() -> None:
         for gate_up, down in _pairs(precision, rows):
             for persistent in (False, True) if rows > DECODE_ROWS else (False,):
                 tilings = {"gate_up_tiling": gate_up, "down_tiling": down}
-                swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, persistent=persistent, **tilings)
+                try:
+                    swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, persistent=persistent, **tilings)
+                except Exception as e:
+                    failures.append(f"{model} M={rows} {gate_up} {down} persistent={persistent}: {e}")
+    if failures:
+        raise RuntimeError("\n".join(failures))
 
 
 def paged_attention(fp8: bool) -> None:
@@ -335,7 +342,10 @@ WORKLOADS: dict[str, Callable[[], None]] = {
 }
 
 
-SWEEP_WORKLOADS: dict[str, Callable[[], None]] = {"tune_gemm tilings": gemm_sweep_tilings}
+SWEEP_WORKLOADS: dict[str, Callable[[], None]] = {
+    "tune_gemm tilings, bf16": partial(gemm_sweep_tilings, "bf16"),
+    "tune_gemm tilings, fp8": partial(gemm_sweep_tilings, "fp8"),
+}
 
 
 def check(arch: int, sweeps: bool = False) -> dict:

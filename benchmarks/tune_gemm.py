@@ -21,13 +21,16 @@ compiled (the timing process then finds the kernels there) while the later kinds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, replace
 from functools import partial
 
 import torch
+from triton.runtime import jit
 
 from tessera import kernels
 from tessera.kernels.ffn import gate_up_blocks, swiglu_ffn_fp8_scaled_mm, swiglu_ffn_triton
@@ -120,18 +123,32 @@ class _Case:
     """One shape's operands, its baseline and the op under any pair of tilings."""
 
     def __init__(
-        self, precision: str, hidden: int, inter: int, rows: int, device: torch.device, dtype=torch.bfloat16
+        self,
+        precision: str,
+        hidden: int,
+        inter: int,
+        rows: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.bfloat16,
+        values: bool = True,
     ) -> None:
+        """values: False leaves every operand unfilled (a compile worker's case, on which no kernel runs)."""
         gen = torch.Generator(device).manual_seed(inter)
-        w_gate_up = torch.randn(2 * inter, hidden, device=device, dtype=dtype, generator=gen) * hidden**-0.5
-        w_down = torch.randn(hidden, inter, device=device, dtype=dtype, generator=gen) * inter**-0.5
-        x = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
-        residual = torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
+
+        def operand(*shape: int, scale: float = 1.0, dtype: torch.dtype = dtype) -> torch.Tensor:
+            if not values:
+                return torch.empty(*shape, device=device, dtype=dtype)
+            return torch.randn(*shape, device=device, dtype=dtype, generator=gen) * scale
+
+        w_gate_up, w_down = operand(2 * inter, hidden, scale=hidden**-0.5), operand(hidden, inter, scale=inter**-0.5)
+        x, residual = operand(rows, hidden), operand(rows, hidden)
         if precision == "fp8":
-            gate_up_q, gate_up_scale, down_q, down_scale = (
-                *kernels.quantize_weight(w_gate_up),
-                *kernels.quantize_weight(w_down),
-            )
+            if values:
+                gate_up_q, gate_up_scale = kernels.quantize_weight(w_gate_up)
+                down_q, down_scale = kernels.quantize_weight(w_down)
+            else:
+                gate_up_q, down_q = (torch.empty_like(w, dtype=kernels.FP8) for w in (w_gate_up, w_down))
+                gate_up_scale, down_scale = (operand(n, dtype=torch.float32) for n in (2 * inter, hidden))
             self.args = (x, gate_up_q, down_q, residual, gate_up_scale, down_scale)
             self.baseline = partial(swiglu_ffn_fp8_scaled_mm, *self.args)
             self.baseline_name = "torch._scaled_mm (cuBLASLt FP8, row-wise scales)"
@@ -143,22 +160,23 @@ class _Case:
             weight_bytes = 3 * hidden * inter * 2
         self.bytes = weight_bytes + 3 * rows * hidden * 2
         self.flops = 6.0 * rows * hidden * inter
-        # Both round the SiLU product (FP8: quantize it per token, where a product rounded differently can land in
-        # another E4M3 step) as bench_ffn's rows do.
+        # Checked on the FFN's own output (the residual subtracted: it would dilute the error). Both sides round
+        # the SiLU product (FP8: quantize it per token, where a product rounded differently can land in another
+        # E4M3 step), as bench_ffn's rows do, with its tolerance.
         self.tolerance = 3e-2
 
     def op(self, gate_up: GemmTiling, down: GemmTiling, persistent: bool = False):
         return partial(swiglu_ffn_triton, *self.args, persistent=persistent, gate_up_tiling=gate_up, down_tiling=down)
 
-
-def _run_checked(fn, expected: torch.Tensor, tolerance: float) -> tuple[float, str | None]:
-    """(relative error, why it cannot be ranked or None): a launch that fails (out of shared memory, a compile
-    error) is recorded, never ranked."""
-    try:
-        error = relative_error(fn(), expected)
-    except Exception as exc:  # any failure of one candidate is a result, not the sweep's end
-        return float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    return error, None if error <= tolerance else f"relative error {error:.1e} > {tolerance:.0e}"
+    def check(self, fn, expected: torch.Tensor) -> tuple[float, str | None]:
+        """(relative error of the FFN's output, why `fn` cannot be ranked or None): a launch that fails (out of
+        shared memory, a compile error) or a wrong output is recorded, never ranked."""
+        residual = self.args[3]
+        try:
+            error = relative_error(fn() - residual, expected - residual)
+        except Exception as exc:  # any failure of one candidate is a result, not the sweep's end
+            return float("nan"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return error, None if error <= self.tolerance else f"relative error {error:.1e} > {self.tolerance:.0e}"
 
 
 def _pairs(precision: str, rows: int) -> list[tuple[GemmTiling, GemmTiling]]:
@@ -168,70 +186,90 @@ def _pairs(precision: str, rows: int) -> list[tuple[GemmTiling, GemmTiling]]:
     return [(t, down[0]) for t in gate_up] + [(gate_up[0], t) for t in down[1:]]
 
 
-def _kind(shape: tuple) -> tuple:
-    """What a compiled kernel depends on besides the tiling: the precision, and the rows as Triton specializes them
-    (1, or a multiple of 16 in every shape here) against the candidate list they take."""
-    precision, _, _, _, rows = shape
-    return precision, rows == 1, rows <= DECODE_ROWS
+@contextlib.contextmanager
+def _compiling_only() -> Iterator[None]:
+    """Triton launches compile their kernel (into the on-disk cache) and return without running it (its warmup
+    mode): a compile worker leaves the GPU to the timing process. (Under the interpreter nothing compiles: the
+    kernels run.)"""
+    run = jit.JITFunction.run
+
+    def compile_only(fn, *args, grid, warmup, **kwargs):
+        return run(fn, *args, grid=grid, warmup=True, **kwargs)
+
+    jit.JITFunction.run = compile_only
+    try:
+        yield
+    finally:
+        jit.JITFunction.run = run
 
 
 _compile_cases: dict[tuple, _Case] = {}
 
 
-def _compile_pair(shape: tuple, pair: tuple[GemmTiling, GemmTiling], device_name: str, dtype: torch.dtype) -> int:
-    """A compile worker's job: launch `pair` on `shape` once on each schedule it is timed on, compiling it into the
-    on-disk Triton cache. Returns how many launches ran (the timing process records any failure)."""
+def _compile_pair(shape: tuple, pair: tuple[GemmTiling, GemmTiling], device_name: str, dtype: torch.dtype) -> bool:
+    """A compile worker's job: compile `pair`'s kernels for `shape` on the portable schedule (the persistent one is
+    timed for the best pair only: the timing process compiles it) without running them, on unfilled operands.
+    Whether it compiled (the timing process records any failure)."""
     device = torch.device(device_name)
     precision, _, hidden, inter, rows = shape
     if shape not in _compile_cases:
-        _compile_cases[shape] = _Case(precision, hidden, inter, rows, device, dtype)
-    case = _compile_cases[shape]
-    launched = 0
-    for persistent in (False, True) if rows > DECODE_ROWS and tma_ready(*case.args[1:3]) else (False,):
-        try:
-            case.op(*pair, persistent=persistent)()
-            launched += 1
-        except Exception:  # the timing process records the failure
-            pass
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return launched
+        _compile_cases[shape] = _Case(precision, hidden, inter, rows, device, dtype, values=False)
+    try:
+        with _compiling_only():
+            _compile_cases[shape].op(*pair)()
+    except Exception:  # the timing process records the failure
+        return False
+    return True
 
 
 class Compiler:
-    """The candidates compiled ahead of the timing, in `workers` spawned processes: every pair once per kind of
-    shape (`_kind`), the kinds in SHAPES' order, so the first shape can be timed while later kinds still compile.
-    Each job carries its shape and tilings (a child process imports this module afresh)."""
+    """The candidates compiled ahead of the timing, in `workers` spawned processes, shape by shape in SHAPES' order
+    (every shape: which kernels a shape compiles depends on its rows and widths, split-K's choice included), so the
+    first shape can be timed while later ones still compile; a kernel another shape compiled already is a cache
+    hit. The default pairs go first: every other job of a shape compiles one of their two kernels too. Each job
+    carries its shape and tilings (a child process imports this module afresh)."""
 
     def __init__(self, device: torch.device, workers: int, dtype: torch.dtype = torch.bfloat16) -> None:
-        self.jobs: dict[tuple, list[Future]] = {}
+        self.jobs: dict[tuple, list[Future]] = {shape: [] for shape in SHAPES}
         self.pool = None
         if workers <= 0:
             return
         context = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialized in a forked child
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
-        for shape in SHAPES:
-            if _kind(shape) not in self.jobs:
-                self.jobs[_kind(shape)] = [
-                    self.pool.submit(_compile_pair, shape, pair, str(device), dtype)
-                    for pair in _pairs(shape[0], shape[4])
-                ]
+        pairs = {shape: _pairs(shape[0], shape[4]) for shape in SHAPES}
 
-    def wait(self, shape: tuple) -> int:
-        """Wait until the kind of `shape` is compiled; how many of its launches ran."""
-        return sum(job.result() for job in self.jobs.get(_kind(shape), []))
+        def submit(shape: tuple, pair: tuple[GemmTiling, GemmTiling]) -> Future:
+            return self.pool.submit(_compile_pair, shape, pair, str(device), dtype)
+
+        for shape, shape_pairs in pairs.items():  # the defaults first
+            self.jobs[shape].append(submit(shape, shape_pairs[0]))
+        for shape, shape_pairs in pairs.items():
+            self.jobs[shape] += [submit(shape, pair) for pair in shape_pairs[1:]]
+
+    def wait(self, shape: tuple, timeout_s: float | None = None) -> int:
+        """Wait (at most timeout_s) until `shape`'s pairs are compiled; how many compiled. A job that failed or did
+        not finish in time leaves its kernels to the timing process, which compiles what it does not find."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        compiled = 0
+        for job in self.jobs.get(shape, []):
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                compiled += job.result(timeout=left)
+            except Exception as exc:  # a broken pool (a worker killed), a timeout: the sweep goes on
+                print(f"compile job for {shape}: {type(exc).__name__}: {exc}", flush=True)
+        return compiled
 
     def close(self) -> None:
-        """Drop the jobs not started (a budget spent before their shapes)."""
+        """Drop the jobs not started (a budget spent before their shapes); the running ones end on their own."""
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def precompile(device: torch.device, workers: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Compile every kind of shape's candidates (`Compiler`) and wait for all of them; how many launches ran."""
+    """Compile every shape's candidates (`Compiler`) and wait for all of them; how many pairs compiled."""
     compiler = Compiler(device, workers, dtype)
     try:
-        return sum(compiler.wait(shape) for shape in {_kind(s): s for s in SHAPES}.values())
+        return sum(compiler.wait(shape) for shape in SHAPES)
     finally:
         compiler.close()
 
@@ -254,9 +292,12 @@ def sweep(device: torch.device, budget_s: float, compile_workers: int = 0, out=N
             if time.perf_counter() - start > budget_s:
                 print(f"budget of {budget_s:.0f} s spent: {shape} and later not swept")
                 break
-            launched = compiler.wait(shape)
             if compiler.pool is not None:
-                print(f"{shape}: its kind compiled ({launched} launches) at {time.perf_counter() - start:.0f} s")
+                compiled = compiler.wait(shape, budget_s - (time.perf_counter() - start))
+                print(f"{shape}: {compiled} pairs compiled ahead, at {time.perf_counter() - start:.0f} s", flush=True)
+                if time.perf_counter() - start > budget_s:
+                    print(f"budget of {budget_s:.0f} s spent: {shape} and later not swept")
+                    break
             entry = sweep_shape(*shape, device, copy_gbps, dtype)
             result["shapes"].append(entry)
             print(_line(entry), flush=True)
@@ -285,7 +326,7 @@ def sweep_shape(
 
     def timed(pair: tuple[GemmTiling, GemmTiling], persistent: bool = False) -> dict:
         fn = case.op(*pair, persistent=persistent)
-        error, failure = _run_checked(fn, expected, case.tolerance)
+        error, failure = case.check(fn, expected)
         ms = float("nan") if failure else _graph_ms(fn, device)
         return {
             "gate_up": asdict(pair[0]),

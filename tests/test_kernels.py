@@ -10,6 +10,8 @@ Tolerances, relative to the largest reference value, and their reasons: conftest
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import triton
@@ -218,17 +220,30 @@ def test_swiglu_ffn_with_the_gate_up_split_over_k(poisoned, shape, dtype: torch.
         kernels.swiglu_ffn(x.half(), w_gate_up, w_down)
 
 
-@pytest.mark.parametrize(("precision", "m"), [("bf16", 1), ("bf16", 130), ("fp8", 3), ("fp8", 70)])
-def test_every_tiling_the_gemm_sweep_tries_computes_the_ffn(poisoned, monkeypatch, precision: str, m: int) -> None:
+# (precision, M, hidden, intermediate): decode rows whose gate/up GEMM splits K (a 4,096 reduction over few
+# columns), decode rows whose down GEMM splits (a 4,096-wide intermediate), prefill rows, FP8 at both.
+SWEEP_CASES = [
+    ("bf16", 1, 4096, 72),
+    ("bf16", 1, 96, 4096),
+    ("bf16", 130, 96, 200),
+    ("fp8", 3, 96, 200),
+    ("fp8", 70, 96, 200),
+]
+
+
+@pytest.mark.parametrize(("precision", "m", "hidden", "inter"), SWEEP_CASES, ids=str)
+def test_every_tiling_the_gemm_sweep_tries_computes_the_ffn(
+    poisoned, monkeypatch, precision: str, m: int, hidden: int, inter: int
+) -> None:
     """benchmarks/tune_gemm.py times each (gate/up, down) tiling pair on a GPU and ranks only those matching cuBLAS;
     here each pair, in the sweep's decode (m <= 16) or prefill list, runs through the launches it names (the grids
-    follow its tiles) and computes the reference's FFN (fp16 stands in for bf16 under the interpreter; FP8 codes as
-    served). Widths no tile divides: 200 columns, a K of 96 (part of one K tile)."""
+    follow its tiles, and split K where the case says) and computes the reference's FFN (fp16 stands in for bf16
+    under the interpreter; FP8 codes as served); past 16 rows in bf16 on the persistent schedule too (the sweep
+    times its best pair so). Widths no tile divides."""
     tune_gemm = pytest.importorskip("tessera.benchmarks.tune_gemm")
     gate_up_launches, down_launches = _Launches(ffn._gate_up_kernel), _Launches(gemm._matmul_kernel)
     monkeypatch.setattr(ffn, "_gate_up_kernel", gate_up_launches)
     monkeypatch.setattr(gemm, "_matmul_kernel", down_launches)
-    hidden, inter = 96, 200
     x, w_gate_up, w_down, residual = _ffn_inputs(m, hidden, inter, torch.float16)
     scales = ()
     if precision == "fp8":
@@ -242,12 +257,17 @@ def test_every_tiling_the_gemm_sweep_tries_computes_the_ffn(poisoned, monkeypatc
     pairs = tune_gemm._pairs(precision, m)
     size = 1 if scales else 2
     assert len(pairs) >= 15 and pairs[0] == (ffn.gate_up_blocks(m, size), gemm.gemm_blocks(m, size))
-    for gate_up, down in pairs:
-        out = ffn.swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, gate_up_tiling=gate_up, down_tiling=down)
-        assert relative_error(out, expected) <= tol, (gate_up, down)
-        gate_tiles = triton.cdiv(m, gate_up.block_m) * triton.cdiv(inter, gate_up.block_n)
-        down_tiles = triton.cdiv(m, down.block_m) * triton.cdiv(hidden, down.block_n)
-        assert gate_up_launches.grids[-1][0] == gate_tiles and down_launches.grids[-1][0] == down_tiles
+    schedules = (False, True) if precision == "bf16" and m > tune_gemm.DECODE_ROWS else (False,)
+    for (gate_up, down), persistent in itertools.product(pairs, schedules):
+        tilings = {"gate_up_tiling": gate_up, "down_tiling": down, "persistent": persistent}
+        out = ffn.swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, **tilings)
+        assert relative_error(out, expected) <= tol, (gate_up, down, persistent)
+        if persistent:
+            continue
+        (gate_tiles, gate_splits), (down_tiles, down_splits) = gate_up_launches.grids[-1], down_launches.grids[-1]
+        assert gate_tiles == triton.cdiv(m, gate_up.block_m) * triton.cdiv(inter, gate_up.block_n)
+        assert down_tiles == triton.cdiv(m, down.block_m) * triton.cdiv(hidden, down.block_n)
+        assert (gate_splits > 1) == (hidden == 4096) and (down_splits > 1) == (inter == 4096), (gate_up, down)
 
 
 @pytest.mark.parametrize("n_tokens", [1, 3, 63])
