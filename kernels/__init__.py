@@ -13,8 +13,8 @@ before import).
 import os
 
 import torch
-import torch.nn.functional as F
 
+from . import cpu_layout
 from .attention import attention_prefill_reference, attention_prefill_triton, first_page_read
 from .attention_paged import PagedAttentionMetadata, attention_paged_triton, fp8_in_f16, set_fp8_f16
 from .attention_paged_reference import attention_paged_reference
@@ -145,7 +145,7 @@ def linear(
     already quantized (Fp8Rows, from `rms_norm(..., quantize=True)`)."""
     check_fp8_rows(x, scale, "linear")
     if scale is None:
-        return F.linear(x, weight, bias)
+        return cpu_layout.linear(x, weight, bias)  # F.linear, or a CPU engine's packed twin (kernels/cpu_layout.py)
     if isinstance(x, torch.Tensor) and x.dim() != 2:
         return linear(x.reshape(-1, x.shape[-1]), weight, bias, scale).view(*x.shape[:-1], weight.shape[0])
     choice = backend(_codes(x), weight)

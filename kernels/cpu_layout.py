@@ -1,4 +1,4 @@
-"""The memory layout in which this CPU's BLAS multiplies a projection matrix fastest.
+"""The memory layout in which this CPU multiplies a projection matrix fastest.
 
 `F.linear(x, W)` with W [N, K] asks the BLAS for x · Wᵀ. At the few rows of a decode step that product is bound
 by reading W, and the BLAS does not read both layouts of W equally fast: on a 2-core AMD EPYC VM (torch 2.13.0
@@ -7,16 +7,25 @@ row-major and at 19 GB/s stored transposed (the same [N, K] tensor with strides 
 while W [256, 768] ran faster row-major. Shapes, values and results stay the same; only the strides change,
 which every torch op (and autograd) takes as they are.
 
+A third layout is oneDNN's own (`pack_weight`): W reordered once into the blocked form its GEMM reads, which
+F.linear repacks on every call. On the 2-core AMD EPYC (zen5) dev VM (2026-11-30, a pool of copies past the L3
+cache, float32) the demo parent's matrices multiplied 1.8-3.6x faster packed than through F.linear at 1 and 8 rows
+(W [1536, 256]: 43 µs against 117 µs row-major and 64-140 µs transposed; the head [8192, 256] at 8 rows: 190 µs
+against 636-767 µs). A packed matrix is an opaque tensor that only `packed_linear` reads and autograd cannot
+differentiate, so the model keeps its dense parameter and the engine a packed twin beside it (`PackedWeights`),
+which `linear` multiplies through while the engine runs a step with no gradients recorded; twins cost the memory of
+the weights they pack.
+
 Which layout wins depends on the shape, the dtype, the BLAS, the CPU and the thread count, so it is measured,
-once per process for each of them (about 75 ms a shape on that VM): both layouts over a pool of copies as large
-as its L3 cache (a decode step streams its weights), at 1 and 8 rows, interleaved, each the best of REPEATS
-passes; the transposed layout must win by MARGIN. A matrix larger than half the pool (a large vocabulary's head)
-is measured on its first rows. Matrices under MIN_ELEMENTS stay as they are: they live in the caches, where the
-two layouts tie (the tests' tiny models among them).
+once per process for each of them (about 100 ms a shape on that VM): the layouts over a pool of copies as large as
+its L3 cache (a decode step streams its weights), at 1 and 8 rows, interleaved, each the best of REPEATS passes;
+the transposed layout must beat row-major, and the packed one the better of those, by MARGIN. A matrix larger than
+half the pool (a large vocabulary's head) is measured on its first rows. Matrices under MIN_ELEMENTS stay as they
+are: they live in the caches, where the layouts tie (the tests' tiny models among them).
 
 Because it is measured, two processes on a busy machine can choose differently, and their logits then differ in
-the last bits (the same sums in another order). `TESSERA_CPU_LAYOUT=row-major` (or `transposed`) fixes the choice
-for every process that inherits it, for outputs that must match across processes bit for bit.
+the last bits (the same sums in another order). `TESSERA_CPU_LAYOUT=row-major` (or `transposed`, or `packed`) fixes
+the choice for every process that inherits it, for outputs that must match across processes bit for bit.
 """
 
 from __future__ import annotations
@@ -24,19 +33,29 @@ from __future__ import annotations
 import functools
 import os
 import time
+from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 POOL_BYTES = 32 * 2**20
 MIN_ELEMENTS = 2**16
-MIN_ROWS = 256  # the fewest rows a matrix is measured on (a larger one on its first rows: transposed_is_faster)
+MIN_ROWS = 256  # the fewest rows a matrix is measured on (a larger one on its first rows: measured_layout)
 ROWS = (1, 8)  # decode steps: batch 1 and a small batch (at hundreds of rows the layouts tie)
 REPEATS = 3
 MARGIN = 0.05
+PACK_ROWS = 8  # the rows oneDNN packs a matrix for (a decode step's few); the packed matrix takes any number
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what F.linear runs on the CPU (not FP8)
 LAYOUT_ENV = "TESSERA_CPU_LAYOUT"
-LAYOUTS = {"measure": None, "row-major": False, "transposed": True}  # its values: measured, or always one layout
+LAYOUTS = ("measure", "row-major", "transposed", "packed")  # its values: measured, or always one layout
+
+
+class Layout(NamedTuple):
+    """A matrix's layout: its dense storage (transposed, or row-major) and whether a packed twin multiplies it."""
+
+    transposed: bool
+    packed: bool
 
 
 def is_transposed(weight: torch.Tensor) -> bool:
@@ -44,12 +63,37 @@ def is_transposed(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.shape[0] > 1 and weight.stride() == (1, weight.shape[0])
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] reordered into oneDNN's blocked layout: an opaque tensor that only `packed_linear` reads."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] · Wᵀ (+ bias [N]) -> [..., N], W packed by `pack_weight` (oneDNN's GEMM, no gradient)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 @functools.cache
-def transposed_is_faster(n: int, k: int, dtype: torch.dtype, threads: int) -> bool:
-    """Whether `F.linear` of a few rows runs measurably faster over W [n, k] stored transposed, on this CPU with
-    `threads` torch threads (the current count: the cache key says which it was measured at)."""
-    if n * k < MIN_ELEMENTS:
+def packing_works(dtype: torch.dtype) -> bool:
+    """Whether this torch build and CPU pack and multiply `dtype` matrices: oneDNN is in x86 builds; fp16 needs
+    AVX512-FP16 or AVX-NE-CONVERT (the 2-core AMD EPYC VM has neither and refuses it)."""
+    try:
+        w, x = torch.ones(16, 16, dtype=dtype), torch.ones(2, 16, dtype=dtype)
+        return bool(torch.equal(packed_linear(x, pack_weight(w)), F.linear(x, w)))
+    except (RuntimeError, AttributeError, NotImplementedError):
         return False
+
+
+def _multiply(layout: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return packed_linear(x, w) if layout == "packed" else F.linear(x, w)
+
+
+@functools.cache
+def measured_layout(n: int, k: int, dtype: torch.dtype, threads: int) -> Layout:
+    """The layout in which a few rows multiply W [n, k] measurably fastest on this CPU with `threads` torch threads
+    (the current count: the cache key says which it was measured at)."""
+    if n * k < MIN_ELEMENTS:
+        return Layout(False, False)
     item = torch.empty((), dtype=dtype).element_size()
     # A matrix past half the pool (a large vocabulary's head) is measured on its first rows: a slice as large as
     # the caches reads as the whole does, and the pool never holds two copies of a gigabyte matrix.
@@ -58,44 +102,110 @@ def transposed_is_faster(n: int, k: int, dtype: torch.dtype, threads: int) -> bo
     copies = max(2, POOL_BYTES // (elements * item))
     pool = torch.full((copies, elements), 0.5, dtype=dtype)  # a constant: no denormals, no NaNs to slow it
     layouts = {
-        False: [pool[i].view(n, k) for i in range(copies)],
-        True: [pool[i].view(k, n).t() for i in range(copies)],
+        "row-major": [pool[i].view(n, k) for i in range(copies)],
+        "transposed": [pool[i].view(k, n).t() for i in range(copies)],
     }
-    # Timed here rather than by devices.median_ms, which times one function for at least 0.3 s: the two layouts
-    # alternate pass by pass (a machine's drift meets both alike) and a shape costs ~75 ms.
-    best = {False: 0.0, True: 0.0}
+    if packing_works(dtype):
+        layouts["packed"] = [pack_weight(w) for w in layouts["row-major"]]
+    # Timed here rather than by devices.median_ms, which times one function for at least 0.3 s: the layouts
+    # alternate pass by pass, in turns reversed every other pass (a machine's drift meets them alike).
+    best = dict.fromkeys(layouts, 0.0)
     with torch.inference_mode():
         for rows in ROWS:
             x = torch.full((rows, k), 0.5, dtype=dtype)
-            passes: dict[bool, list[float]] = {False: [], True: []}
+            passes: dict[str, list[float]] = {name: [] for name in layouts}
             for r in range(REPEATS + 1):  # the first pass of each layout warms up and is not counted
-                for transposed in (False, True) if r % 2 else (True, False):
+                for name in list(layouts) if r % 2 else reversed(layouts):
                     start = time.perf_counter()
-                    for w in layouts[transposed]:
-                        F.linear(x, w)
-                    passes[transposed].append(time.perf_counter() - start)
-            for transposed, seconds in passes.items():
-                best[transposed] += min(seconds[1:])
-    return best[True] < (1 - MARGIN) * best[False]
+                    for w in layouts[name]:
+                        _multiply(name, x, w)
+                    passes[name].append(time.perf_counter() - start)
+            for name, seconds in passes.items():
+                best[name] += min(seconds[1:])
+    transposed = best["transposed"] < (1 - MARGIN) * best["row-major"]
+    dense = best["transposed" if transposed else "row-major"]
+    return Layout(transposed, "packed" in best and best["packed"] < (1 - MARGIN) * dense)
 
 
-def fastest_layout(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` [N, K] (a CPU matrix in a float dtype) in the layout `transposed_is_faster` picks: itself when it
-    is in that layout already or too small to matter, else a copy with the same values."""
+def layout_for(weight: torch.Tensor) -> Layout:
+    """The layout of `weight` [N, K] (a CPU matrix in a float dtype F.linear runs): TESSERA_CPU_LAYOUT's, or
+    measured (`measured_layout`). `packed` only where this build packs its dtype."""
     if weight.dim() != 2 or weight.device.type != "cpu" or weight.dtype not in COMPUTE_DTYPES:
         raise ValueError(
-            f"fastest_layout takes a CPU matrix in {COMPUTE_DTYPES}, got {tuple(weight.shape)} {weight.dtype} "
+            f"a CPU weight layout takes a CPU matrix in {COMPUTE_DTYPES}, got {tuple(weight.shape)} {weight.dtype} "
             f"on {weight.device}"
         )
-    n, k = weight.shape
     choice = os.environ.get(LAYOUT_ENV, "measure")
     if choice not in LAYOUTS:
         raise ValueError(f"{LAYOUT_ENV}={choice!r}: expected one of {', '.join(LAYOUTS)}")
-    want = LAYOUTS[choice]
-    if want is None:
-        want = transposed_is_faster(n, k, weight.dtype, torch.get_num_threads())
+    if choice == "measure":
+        return measured_layout(*weight.shape, weight.dtype, torch.get_num_threads())
+    return Layout(choice == "transposed", choice == "packed" and packing_works(weight.dtype))
+
+
+def fastest_layout(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [N, K] in the dense layout `layout_for` picks: itself when it is in that layout already or too
+    small to matter, else a copy with the same values."""
+    want = layout_for(weight).transposed
     if want and not is_transposed(weight):
         return weight.t().contiguous().t()
     if not want and is_transposed(weight):
         return weight.contiguous()
     return weight
+
+
+class PackedWeights:
+    """Packed twins (`pack_weight`) of CPU matrices, which `linear` multiplies through while this set is active
+    (`with packs:`). A twin serves only while its matrix is the one it was made from: the same tensor, storage
+    and version (an in-place update or a new `.data` retires it, and `linear` reads the matrix itself)."""
+
+    def __init__(self) -> None:
+        self._twins: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        self._tokens: list = []
+        self.bytes = 0
+
+    def add(self, weight: torch.Tensor) -> bool:
+        """Pack a twin of `weight`; False (none made) for a tensor made in inference mode, which keeps no version
+        to tell an in-place update by."""
+        try:
+            version = weight._version
+        except RuntimeError:
+            return False
+        self._twins[id(weight)] = (weight, pack_weight(weight.detach()), version, weight.data_ptr())
+        self.bytes += weight.numel() * weight.element_size()
+        return True
+
+    def twin(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The current packed twin of `weight`, or None."""
+        entry = self._twins.get(id(weight))
+        if entry is None or entry[0] is not weight or weight._version != entry[2] or weight.data_ptr() != entry[3]:
+            return None
+        return entry[1]
+
+    def current(self) -> bool:
+        """Whether every twin still matches its matrix."""
+        return all(self.twin(weight) is not None for weight, *_ in self._twins.values())
+
+    def __len__(self) -> int:
+        return len(self._twins)
+
+    def __enter__(self) -> PackedWeights:
+        self._tokens.append(_ACTIVE.set(self))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.reset(self._tokens.pop())
+
+
+_ACTIVE: ContextVar[PackedWeights | None] = ContextVar("packed_weights", default=None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through the weight's packed twin where the active `PackedWeights` has a current
+    one and no gradient is recorded (the packed GEMM has no backward)."""
+    packs = _ACTIVE.get()
+    if packs is not None and not torch.is_grad_enabled():
+        twin = packs.twin(weight)
+        if twin is not None:
+            return packed_linear(x, twin, bias)
+    return F.linear(x, weight, bias)

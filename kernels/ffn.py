@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import cpu_layout
 from .fp8 import (
     Fp8Rows,
     check_fp8_rows,
@@ -323,8 +324,8 @@ def swiglu_ffn_reference(
     if gate_up_scale is not None:
         fp32 = torch.float32
         return _swiglu_ffn_fp8(x, w_gate_up, w_down, residual, gate_up_scale, down_scale, linear_fp8_reference, fp32)
-    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)  # (M, I) each
-    out = F.linear(F.silu(gate) * up, w_down)
+    gate, up = cpu_layout.linear(x, w_gate_up).chunk(2, dim=-1)  # (M, I) each (F.linear, or a packed twin)
+    out = cpu_layout.linear(F.silu(gate) * up, w_down)
     return out if residual is None else residual + out
 
 

@@ -58,6 +58,7 @@ from tokenizers import Tokenizer
 from tessera import kernels
 from tessera.devices import available_memory, check_fp8, dtype_name, upload
 from tessera.errors import UserError
+from tessera.kernels.cpu_layout import PackedWeights
 from tessera.runtime.cache import (
     PAGE_SIZE,
     STEP_TOKENS,
@@ -378,8 +379,9 @@ class Engine:
             )
         self.max_model_len = config.max_model_len or arch.max_position_embeddings
         self.device = model.embed_tokens.weight.device
-        if kernels.forced_backend() != "triton":  # on the CPU, where F.linear reads the weights (a no-op elsewhere)
-            model.lay_out_for_cpu()
+        # On the CPU, where F.linear reads the weights: their fastest layout, and the packed twins the steps multiply
+        # through (kernels/cpu_layout.py; none elsewhere)
+        self.cpu_packs = model.lay_out_for_cpu() if kernels.forced_backend() != "triton" else PackedWeights()
         fp8_cache = config.kv_cache_dtype == "fp8"
         if fp8_cache:
             check_fp8(self.device, "kv_cache_dtype fp8")
@@ -787,14 +789,13 @@ class Engine:
         if self.graphs is not None and decode_only:
             tables = [a.block_tables for a in batch.attention]
             return self.graphs.run(tokens, batch.positions, batch.slots, batch.attention[0].seq_lens, tables), sampling
-        hidden = self.model.forward_packed(tokens, batch)
-        if any(req.prompt_logprobs is not None for req, _ in plan):
-            self._score_prompts(plan, hidden)
-        if not sampling:
-            return None, sampling
-        if decode_only:  # every token samples, in plan order
-            return self.model.logits(hidden), sampling
-        return self.model.logits(hidden[last]), sampling
+        with self.cpu_packs:
+            hidden = self.model.forward_packed(tokens, batch)
+            if any(req.prompt_logprobs is not None for req, _ in plan):
+                self._score_prompts(plan, hidden)
+            if not sampling:
+                return None, sampling
+            return self.model.logits(hidden if decode_only else hidden[last]), sampling  # decode: every token samples
 
     def _score_prompts(self, plan: list[tuple[_Request, int]], hidden: torch.Tensor) -> None:
         """The log-probabilities of the prompt tokens this step's chunks score, for the requests that ask for them:

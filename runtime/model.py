@@ -24,7 +24,8 @@ from torch import nn
 
 from tessera import kernels
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, RopeConfig
-from tessera.kernels.cpu_layout import COMPUTE_DTYPES, fastest_layout
+from tessera.devices import available_memory
+from tessera.kernels.cpu_layout import COMPUTE_DTYPES, PackedWeights, fastest_layout, layout_for
 from tessera.runtime.cache import UNCALIBRATED_KV_SCALE, PagedKVCache
 
 
@@ -96,6 +97,9 @@ class RMSNorm(nn.Module):
 # a weight (the fp32 copy, the scaled copy, the clamp), ~0.9 GB for 2^26 weights at any width, where a whole head
 # of 128k rows x 8,192 would take ~15 GB on top of the loaded model (more than the memory check allows for).
 HEAD_QUANTIZE_WEIGHTS = 2**26
+# The share of the CPU's available memory that packed twins of the weights may take (Model.lay_out_for_cpu): the
+# demo parent's 33 MB of float32 weights anywhere; past it (a large model on a small machine) matrices run dense.
+PACK_MEMORY_SHARE = 0.25
 
 
 def _fp8_storage(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,19 +383,32 @@ class Model(nn.Module):
                 self._quantize_head(self.lm_head_weight)
         return self
 
-    def lay_out_for_cpu(self) -> Model:
-        """Each projection matrix in a compute dtype, and the LM head, stored in the layout this CPU's BLAS
-        multiplies fastest (kernels/cpu_layout.py: the same shapes and values, other strides; a tied head lays out
-        the embedding it is). The engine calls it on the CPU, so what is served and what is timed run it. A no-op
-        on other devices. Returns self."""
+    def lay_out_for_cpu(self) -> PackedWeights:
+        """Each projection matrix in a compute dtype, and the LM head, in the layout this CPU multiplies fastest
+        (kernels/cpu_layout.py): stored row-major or transposed (the same shapes and values, other strides; a tied
+        head lays out the embedding it is), and where oneDNN's packed layout is faster still, a packed twin beside
+        it. Returns the twins, which an engine activates around its steps (`with packs:`), so what is served and
+        what is timed run them; the model's own parameters stay dense for everything else (training, saving).
+        Twins double the memory of what they pack: they are made, in the model's order, while they total at most
+        PACK_MEMORY_SHARE of the memory available (the rest of the matrices run dense). Kept on the model and made
+        again only when a matrix changed since. Nothing on other devices."""
+        packs = PackedWeights()
         if self.embed_tokens.weight.device.type != "cpu":
-            return self
+            return packs
         matrices = [getattr(m, name) for m in self.modules() for name in getattr(m, "matrices", ())]
+        matrices = [p for p in [*matrices, self.lm_head_weight] if p.dtype in COMPUTE_DTYPES]
         with torch.no_grad():
-            for p in [*matrices, self.lm_head_weight]:
-                if p.dtype in COMPUTE_DTYPES:
-                    p.data = fastest_layout(p.data)
-        return self
+            for p in matrices:
+                p.data = fastest_layout(p.data)
+        cached = getattr(self, "_cpu_packs", None)
+        if cached is not None and cached.current():
+            return cached
+        room = PACK_MEMORY_SHARE * available_memory(torch.device("cpu"))
+        for p in matrices:
+            if layout_for(p).packed and packs.bytes + p.numel() * p.element_size() <= room:
+                packs.add(p)
+        self._cpu_packs = packs
+        return packs
 
     def _quantize_head(self, head: torch.Tensor) -> None:
         """The FP8 copy of `head` (the LM head's rows, as given) that logits() reads, with its per-row scales,

@@ -1,10 +1,11 @@
-"""Projection matrices stored in the layout the CPU's BLAS reads fastest (kernels/cpu_layout.py).
+"""Projection matrices stored in the layout the CPU multiplies fastest (kernels/cpu_layout.py): row-major,
+transposed, or with a oneDNN-packed twin.
 
-The decision is checked on a fake clock (a fake F.linear advances it by a set cost per layout), so it is
-deterministic: the faster layout wins, a win inside the margin does not, and both decode row counts are
-timed. The layout itself must change nothing but strides: the same values, the same logits (fp32, the same
-products summed in another order: FP32_EXACT), the same gradients, and a checkpoint saved bit for bit. The
-engine over transposed weights is checked against transformers in test_engine.py.
+The decision is checked on a fake clock (a fake multiply advances it by a set cost per layout), so it is
+deterministic: the fastest layout wins, a win inside the margin does not, and both decode row counts are timed.
+A layout must change nothing but the order of sums: the same values, the same logits (fp32: FP32_EXACT), the same
+gradients (twins are never used where gradients are recorded), and a checkpoint saved bit for bit. The engine
+over transposed and over packed weights is checked against transformers in test_engine.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from tessera.kernels import FP8, cpu_layout
-from tessera.kernels.cpu_layout import fastest_layout, is_transposed, transposed_is_faster
+from tessera.kernels.cpu_layout import Layout, fastest_layout, is_transposed, layout_for, measured_layout
+from tessera.runtime import model as model_module
 from tessera.runtime.loader import load_model, save_model
 from tessera.runtime.model import Model
 
@@ -25,56 +27,65 @@ from .conftest import FP32_EXACT, relative_error, tiny_arch, windows
 @pytest.fixture(autouse=True)
 def fresh_decisions():
     """Each test measures afresh, and leaves no fake decision behind for the rest of the session."""
-    transposed_is_faster.cache_clear()
+    measured_layout.cache_clear()
     yield
-    transposed_is_faster.cache_clear()
+    measured_layout.cache_clear()
 
 
-def fake_timing(monkeypatch, row_major_s: float, transposed_s: float, shapes: list | None = None) -> list[int]:
-    """F.linear costs row_major_s or transposed_s on a fake clock; returns the row counts it was called with (and
-    puts the weights' shapes in `shapes`)."""
+def fake_timing(monkeypatch, costs: dict[str, float], shapes: list | None = None) -> list[int]:
+    """A multiply in layout L costs costs[L] on a fake clock ("packed" absent: this build cannot pack); returns the
+    row counts multiplied (and puts the weights' shapes in `shapes`)."""
     clock, rows = [0.0], []
 
-    def linear(x: torch.Tensor, w: torch.Tensor) -> None:
-        clock[0] += transposed_s if is_transposed(w) else row_major_s
+    def multiply(layout: str, x: torch.Tensor, w: torch.Tensor) -> None:
+        assert layout != "transposed" or is_transposed(w)
+        clock[0] += costs[layout]
         rows.append(x.shape[0])
         if shapes is not None:
             shapes.append(tuple(w.shape))
 
     monkeypatch.setattr(cpu_layout.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(cpu_layout.F, "linear", linear)
+    monkeypatch.setattr(cpu_layout, "_multiply", multiply)
+    monkeypatch.setattr(cpu_layout, "pack_weight", lambda w: w)  # nothing packed for real
+    monkeypatch.setattr(cpu_layout, "packing_works", lambda dtype: "packed" in costs)
     monkeypatch.setattr(cpu_layout, "POOL_BYTES", 1)  # two copies a pass: the fake costs nothing real
     return rows
 
 
 @pytest.mark.parametrize(
-    ("row_major_s", "transposed_s", "expected"),
+    ("costs", "expected"),
     [
-        pytest.param(2.0, 1.0, True, id="transposed-twice-as-fast"),
-        pytest.param(1.0, 2.0, False, id="row-major-faster"),
-        pytest.param(1.0, 0.96, False, id="a-win-inside-the-margin"),
-        pytest.param(1.0, 0.94, True, id="a-win-past-the-margin"),
+        pytest.param({"row-major": 2.0, "transposed": 1.0}, Layout(True, False), id="transposed-twice-as-fast"),
+        pytest.param({"row-major": 1.0, "transposed": 2.0}, Layout(False, False), id="row-major-faster"),
+        pytest.param({"row-major": 1.0, "transposed": 0.96}, Layout(False, False), id="a-win-inside-the-margin"),
+        pytest.param({"row-major": 1.0, "transposed": 0.94}, Layout(True, False), id="a-win-past-the-margin"),
+        pytest.param({"row-major": 2.0, "transposed": 1.0, "packed": 0.5}, Layout(True, True), id="packed-fastest"),
+        pytest.param(
+            {"row-major": 2.0, "transposed": 1.0, "packed": 0.96}, Layout(True, False), id="packed-inside-the-margin"
+        ),
+        pytest.param({"row-major": 1.0, "transposed": 2.0, "packed": 0.9}, Layout(False, True), id="packed-row-major"),
     ],
 )
-def test_the_measured_faster_layout_is_chosen(monkeypatch, row_major_s, transposed_s, expected) -> None:
-    rows = fake_timing(monkeypatch, row_major_s, transposed_s)
-    assert transposed_is_faster(512, 256, torch.float32, 2) is expected
+def test_the_measured_fastest_layout_is_chosen(monkeypatch, costs, expected) -> None:
+    """Transposed must beat row-major, and packed the better of the two, each by MARGIN."""
+    rows = fake_timing(monkeypatch, costs)
+    assert measured_layout(512, 256, torch.float32, 2) == expected
     assert sorted(set(rows)) == list(cpu_layout.ROWS)  # a decode step of one row and a small batch
     # Each layout: a warm-up pass and REPEATS timed ones at each row count, two copies a pass.
-    assert len(rows) == 2 * 2 * (cpu_layout.REPEATS + 1) * len(cpu_layout.ROWS)
+    assert len(rows) == len(costs) * 2 * (cpu_layout.REPEATS + 1) * len(cpu_layout.ROWS)
 
 
 def test_a_huge_matrix_is_measured_on_its_first_rows(monkeypatch) -> None:
     """A 10⁹-element head is decided from MIN_ROWS of its rows (POOL_BYTES is 1 here), never copied whole."""
     shapes: list = []
-    fake_timing(monkeypatch, 2.0, 1.0, shapes)
-    assert transposed_is_faster(2**20, 1024, torch.float32, 2)
+    fake_timing(monkeypatch, {"row-major": 2.0, "transposed": 1.0}, shapes)
+    assert measured_layout(2**20, 1024, torch.float32, 2).transposed
     assert set(shapes) == {(cpu_layout.MIN_ROWS, 1024)}
 
 
 def test_small_matrices_are_left_alone_without_timing(monkeypatch) -> None:
-    rows = fake_timing(monkeypatch, 2.0, 1.0)
-    assert not transposed_is_faster(64, 96, torch.float32, 2)
+    rows = fake_timing(monkeypatch, {"row-major": 2.0, "transposed": 1.0, "packed": 0.1})
+    assert measured_layout(64, 96, torch.float32, 2) == Layout(False, False)
     assert rows == []
     w = torch.randn(64, 96)
     assert fastest_layout(w) is w
@@ -83,27 +94,33 @@ def test_small_matrices_are_left_alone_without_timing(monkeypatch) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fastest_layout_keeps_shape_and_values(monkeypatch, dtype) -> None:
     w = torch.randn(512, 256).to(dtype)
-    monkeypatch.setattr(cpu_layout, "transposed_is_faster", lambda *_: True)
+    monkeypatch.setattr(cpu_layout, "measured_layout", lambda *_: Layout(True, False))
     t = fastest_layout(w)
     assert t.shape == w.shape and t.stride() == (1, 512) and is_transposed(t) and not is_transposed(w)
     assert torch.equal(t, w)
     assert fastest_layout(t) is t  # already laid out
-    monkeypatch.setattr(cpu_layout, "transposed_is_faster", lambda *_: False)
-    back = fastest_layout(t)
+    monkeypatch.setattr(cpu_layout, "measured_layout", lambda *_: Layout(False, True))
+    back = fastest_layout(t)  # a packed matrix is stored row-major beside its twin
     assert back.is_contiguous() and torch.equal(back, w)
 
 
 def test_the_environment_fixes_the_layout_without_timing(monkeypatch) -> None:
     """TESSERA_CPU_LAYOUT: one layout for every process that inherits it, nothing measured; a bad value named."""
-    rows = fake_timing(monkeypatch, 2.0, 1.0)  # measured, transposed would win
+    rows = fake_timing(monkeypatch, {"row-major": 2.0, "transposed": 1.0, "packed": 0.5})  # measured: packed
     w = torch.randn(512, 256)
     monkeypatch.setenv("TESSERA_CPU_LAYOUT", "row-major")
-    assert fastest_layout(w) is w and fastest_layout(w.t().contiguous().t()).is_contiguous()
+    assert layout_for(w) == Layout(False, False) and fastest_layout(w) is w
+    assert fastest_layout(w.t().contiguous().t()).is_contiguous()
     monkeypatch.setenv("TESSERA_CPU_LAYOUT", "transposed")
-    assert is_transposed(fastest_layout(w))
+    assert layout_for(w) == Layout(True, False) and is_transposed(fastest_layout(w))
+    monkeypatch.setenv("TESSERA_CPU_LAYOUT", "packed")
+    assert layout_for(w) == Layout(False, True)
+    monkeypatch.setattr(cpu_layout, "packing_works", lambda dtype: False)  # a build or CPU that cannot pack
+    assert layout_for(w) == Layout(False, False)
     assert rows == []
     monkeypatch.setenv("TESSERA_CPU_LAYOUT", "fast")
-    with pytest.raises(ValueError, match="TESSERA_CPU_LAYOUT='fast': expected one of measure, row-major, transposed"):
+    expected = "TESSERA_CPU_LAYOUT='fast': expected one of measure, row-major, transposed, packed"
+    with pytest.raises(ValueError, match=expected):
         fastest_layout(w)
 
 
@@ -113,7 +130,7 @@ def test_the_environment_fixes_the_layout_without_timing(monkeypatch) -> None:
     ids=["vector", "3-d", "fp8", "int8"],
 )
 def test_fastest_layout_refuses_what_f_linear_does_not_run(weight) -> None:
-    with pytest.raises(ValueError, match="fastest_layout takes a CPU matrix"):
+    with pytest.raises(ValueError, match="a CPU weight layout takes a CPU matrix"):
         fastest_layout(weight)
 
 
@@ -126,8 +143,8 @@ def test_a_model_laid_out_transposed_computes_and_saves_as_before(monkeypatch, t
     """Every projection matrix and the head (the embedding, when tied) transposed: logits within FP32_EXACT of
     the row-major model's, gradients too, and its checkpoint equal to the row-major model's, tensor for tensor."""
     reference, model = _model(tie), _model(tie)
-    monkeypatch.setattr(cpu_layout, "transposed_is_faster", lambda *_: True)
-    assert model.lay_out_for_cpu() is model
+    monkeypatch.setattr(cpu_layout, "measured_layout", lambda *_: Layout(True, False))
+    assert len(model.lay_out_for_cpu()) == 0  # no packed twins
     matrices = [getattr(m, n) for m in model.modules() for n in getattr(m, "matrices", ())]
     assert len(matrices) == 4 * 3 and all(is_transposed(w) for w in matrices)
     assert is_transposed(model.lm_head_weight) and is_transposed(model.embed_tokens.weight) == tie
@@ -144,3 +161,59 @@ def test_a_model_laid_out_transposed_computes_and_saves_as_before(monkeypatch, t
     a, b = load_model(tmp_path / "transposed"), load_model(tmp_path / "row-major")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+def test_packed_twins_serve_inference_and_retire_when_their_matrix_changes(monkeypatch) -> None:
+    """With oneDNN's layout chosen, the model keeps its dense matrices and lay_out_for_cpu returns a packed twin
+    of each (the tied head's too), which kernels' linear multiplies through only while the set is active and no
+    gradient is recorded: logits within FP32_EXACT of the dense model's; outside the set, or under autograd, the
+    dense matrices (gradients as before). A matrix updated in place retires its twin (the updated weights are
+    used, not the stale twin) and the next lay_out_for_cpu packs it again."""
+    if not cpu_layout.packing_works(torch.float32):
+        pytest.skip("this torch build or CPU cannot pack float32 matrices (oneDNN)")
+    reference, model = _model(True), _model(True)
+    monkeypatch.setattr(cpu_layout, "measured_layout", lambda *_: Layout(False, True))
+    packs = model.lay_out_for_cpu()
+    matrices = [getattr(m, n) for m in model.modules() for n in getattr(m, "matrices", ())]
+    assert len(packs) == len(matrices) + 1 and all(w.is_contiguous() for w in matrices)
+    assert model.lay_out_for_cpu() is packs  # kept while current
+    multiplied = []
+    packed_linear = cpu_layout.packed_linear
+    monkeypatch.setattr(cpu_layout, "packed_linear", lambda *a: multiplied.append(1) or packed_linear(*a))
+    tokens = windows(2)[:, :-1]
+    with torch.inference_mode():
+        expected = reference(tokens)
+        with packs:
+            assert relative_error(model(tokens), expected) <= FP32_EXACT
+        assert len(multiplied) == len(packs)  # every matrix and the head, once each
+        model(tokens)  # outside the set: dense
+        assert len(multiplied) == len(packs)
+    with packs:
+        model.train()
+        model(tokens).logsumexp(-1).mean().backward()  # autograd: dense, differentiable
+    reference.train()
+    reference(tokens).logsumexp(-1).mean().backward()
+    assert len(multiplied) == len(packs)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert relative_error(p.grad, q.grad) <= FP32_EXACT, name
+    model.eval()
+    with torch.no_grad():
+        for m in (model, reference):
+            m.layers[0].mlp.w_down.mul_(2.0)  # an in-place update: the twin is stale
+        with packs:
+            assert relative_error(model(tokens), reference(tokens)) <= FP32_EXACT
+    assert not packs.current()
+    assert model.lay_out_for_cpu() is not packs and model._cpu_packs.current()
+
+
+def test_twins_stay_within_their_share_of_memory(monkeypatch) -> None:
+    """Twins double what they pack: past PACK_MEMORY_SHARE of the available memory the rest run dense."""
+    model = _model(False)
+    monkeypatch.setattr(cpu_layout, "measured_layout", lambda *_: Layout(False, True))
+    monkeypatch.setattr(cpu_layout, "packing_works", lambda dtype: True)
+    monkeypatch.setattr(cpu_layout, "pack_weight", lambda w: w.clone())  # no oneDNN needed to count bytes
+    sizes = [w.numel() * 4 for m in model.modules() for n in getattr(m, "matrices", ()) for w in [getattr(m, n)]]
+    room = sum(sizes[:3])
+    monkeypatch.setattr(model_module, "available_memory", lambda device: room / model_module.PACK_MEMORY_SHARE)
+    packs = model.lay_out_for_cpu()
+    assert len(packs) == 3 and packs.bytes == room

@@ -45,34 +45,44 @@ def greedy_by_full_forward(model, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("page_size", "transposed"),
+    ("page_size", "layout"),
     [
-        *(pytest.param(*p.values, False, id=p.id) for p in PAGE_SIZES),
-        pytest.param(4, True, id="pages-transposed-weights"),
+        *(pytest.param(*p.values, None, id=p.id) for p in PAGE_SIZES),
+        pytest.param(4, cpu_layout.Layout(True, False), id="pages-transposed-weights"),
+        pytest.param(4, cpu_layout.Layout(False, True), id="pages-packed-weights"),
     ],
 )
-def test_paged_chunked_prefill_and_decode_match_transformers(llama_untied, monkeypatch, page_size, transposed) -> None:
+def test_paged_chunked_prefill_and_decode_match_transformers(llama_untied, monkeypatch, page_size, layout) -> None:
     """Every logits row the engine samples from equals transformers' logits at that position, for prompts
     prefilled in chunks of 7 tokens across steps while others decode (fp32, within 1e-5). Pages of 4 tokens
     (gathered) and a whole-context page per request (read in place) alike; and with every matrix the engine lays
-    out (kernels/cpu_layout.py) stored transposed, as a CPU whose BLAS reads that layout faster gets them."""
+    out (kernels/cpu_layout.py) stored transposed, or multiplied through oneDNN-packed twins, as a CPU whose BLAS
+    reads those layouts faster gets them."""
     from transformers import LlamaForCausalLM
 
+    if layout is not None and layout.packed and not cpu_layout.packing_works(torch.float32):
+        pytest.skip("this torch build or CPU cannot pack float32 matrices (oneDNN)")
     hf = LlamaForCausalLM.from_pretrained(llama_untied, dtype=torch.float32).eval()
     model = load_model(llama_untied)
-    if transposed:  # the test model's matrices are too small to be measured: force the choice
-        monkeypatch.setattr(cpu_layout, "transposed_is_faster", lambda *_: True)
+    if layout is not None:  # the test model's matrices are too small to be measured: force the choice
+        monkeypatch.setattr(cpu_layout, "measured_layout", lambda *_: layout)
     engine = Engine(
         model, config=EngineConfig(max_batch=3, max_step_tokens=7, page_size=tokens_per_page(page_size, model))
     )
     assert engine.cache.page_size == (4 if page_size == 4 else engine.max_model_len)
     matrices = [getattr(m, n) for m in model.modules() for n in getattr(m, "matrices", ())]
+    transposed, packed = layout or (False, False)
     assert all(cpu_layout.is_transposed(w) == transposed for w in [*matrices, model.lm_head_weight])
+    assert len(engine.cpu_packs) == (len(matrices) + 1 if packed else 0)
+    multiplied = []
+    packed_linear = cpu_layout.packed_linear
+    monkeypatch.setattr(cpu_layout, "packed_linear", lambda *a: multiplied.append(1) or packed_linear(*a))
     recorded: list[torch.Tensor] = []
     logits = model.logits
     monkeypatch.setattr(model, "logits", lambda h: recorded.append(out := logits(h)) or out)
     prompts = prompts_of([19, 3, 30, 1], 97)
     completions = engine.generate(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert bool(multiplied) == packed  # the steps multiplied through the twins
     rows = torch.cat(recorded)
     assert rows.shape[0] == 4 * 6  # one row per sampled token
     # Rebuild which row belongs to which sequence position by replaying the tokens through transformers.
