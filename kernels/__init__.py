@@ -139,7 +139,8 @@ def linear(
     bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] · weight [N, K]ᵀ (+ bias [N]) -> [M, N]. A weight in the compute dtype is F.linear (cuBLAS); an
+    """x [M, K] · weight [N, K]ᵀ (+ bias [N]) -> [M, N]. A weight in the compute dtype is F.linear (cuBLAS; on the
+    CPU inside an engine's step, its oneDNN-packed twin where it has one: kernels/cpu_layout.py); an
     FP8 weight comes with its per-channel scales [N] and runs kernels/fp8.py's GEMM (Triton up to
     TRITON_MAX_ROWS rows, `torch._scaled_mm` past it, the dequantizing reference on the CPU), on x as given or
     already quantized (Fp8Rows, from `rms_norm(..., quantize=True)`)."""
