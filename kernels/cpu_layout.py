@@ -12,9 +12,10 @@ F.linear repacks on every call. On the 2-core AMD EPYC (zen5) dev VM (2026-11-30
 cache, float32) the demo parent's matrices multiplied 1.8-3.6x faster packed than through F.linear at 1 and 8 rows
 (W [1536, 256]: 43 µs against 117 µs row-major and 64-140 µs transposed; the head [8192, 256] at 8 rows: 190 µs
 against 636-767 µs). A packed matrix is an opaque tensor that only `packed_linear` reads and autograd cannot
-differentiate, so the model keeps its dense parameter and the engine a packed twin beside it (`PackedWeights`),
-which `linear` multiplies through while the engine runs a step with no gradients recorded; twins cost the memory of
-the weights they pack.
+differentiate, so the model keeps its dense parameter and the process a packed twin beside it (`pack`, `twin`), which
+`linear` multiplies through while an engine runs a step (`twins_active`) with no gradients recorded; twins cost the
+memory of the weights they pack. At 16-2,048 rows (a prefill) packed matrices multiplied 1.8-3.5x faster too on that
+VM (the demo parent's shapes, one matrix in the caches, not committed).
 
 Which layout wins depends on the shape, the dtype, the BLAS, the CPU and the thread count, so it is measured,
 once per process for each of them (about 100 ms a shape on that VM): the layouts over a pool of copies as large as
@@ -30,9 +31,12 @@ the choice for every process that inherits it, for outputs that must match acros
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
+import weakref
+from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import NamedTuple
 
@@ -106,7 +110,8 @@ def measured_layout(n: int, k: int, dtype: torch.dtype, threads: int) -> Layout:
         "transposed": [pool[i].view(k, n).t() for i in range(copies)],
     }
     if packing_works(dtype):
-        layouts["packed"] = [pack_weight(w) for w in layouts["row-major"]]
+        with contextlib.suppress(RuntimeError):  # oneDNN refused this shape (or the pool's memory): dense only
+            layouts["packed"] = [pack_weight(w) for w in layouts["row-major"]]
     # Timed here rather than by devices.median_ms, which times one function for at least 0.3 s: the layouts
     # alternate pass by pass, in turns reversed every other pass (a machine's drift meets them alike).
     best = dict.fromkeys(layouts, 0.0)
@@ -154,58 +159,79 @@ def fastest_layout(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-class PackedWeights:
-    """Packed twins (`pack_weight`) of CPU matrices, which `linear` multiplies through while this set is active
-    (`with packs:`). A twin serves only while its matrix is the one it was made from: the same tensor, storage
-    and version (an in-place update or a new `.data` retires it, and `linear` reads the matrix itself)."""
+class _Twin(NamedTuple):
+    weight: weakref.ref  # the matrix it was packed from (the entry goes when the matrix does)
+    packed: torch.Tensor
+    signature: tuple  # the matrix's version, storage, shape, strides and dtype when packed
+    bytes: int
 
-    def __init__(self) -> None:
-        self._twins: dict[int, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
-        self._tokens: list = []
-        self.bytes = 0
 
-    def add(self, weight: torch.Tensor) -> bool:
-        """Pack a twin of `weight`; False (none made) for a tensor made in inference mode, which keeps no version
-        to tell an in-place update by."""
-        try:
-            version = weight._version
-        except RuntimeError:
-            return False
-        self._twins[id(weight)] = (weight, pack_weight(weight.detach()), version, weight.data_ptr())
-        self.bytes += weight.numel() * weight.element_size()
+_TWINS: dict[int, _Twin] = {}  # id(matrix) -> its packed twin, for the whole process
+
+
+def _signature(weight: torch.Tensor) -> tuple:
+    return weight._version, weight.data_ptr(), weight.shape, weight.stride(), weight.dtype
+
+
+def twin(weight: torch.Tensor) -> torch.Tensor | None:
+    """The packed twin of `weight`, while it is current: made from this tensor, which has since kept its storage,
+    shape, strides, dtype and version (an in-place update through it, a new `.data`, retires the twin). A write
+    that bypasses the version counter (through `.data` or a numpy alias) is not seen: update weights through the
+    tensor itself, or call `drop`."""
+    entry = _TWINS.get(id(weight))
+    if entry is None or entry.weight() is not weight or entry.signature != _signature(weight):
+        return None
+    return entry.packed
+
+
+def twin_bytes() -> int:
+    """The memory the process's packed twins hold (each the size of its dense matrix)."""
+    return sum(entry.bytes for entry in _TWINS.values())
+
+
+def pack(weight: torch.Tensor, room: float) -> bool:
+    """Give `weight` a current packed twin (kept, or made) while the process's twins stay within `room` bytes;
+    whether it has one. None is made for a tensor made in inference mode (no version to tell an update by) or
+    where oneDNN refuses the matrix."""
+    if twin(weight) is not None:
         return True
-
-    def twin(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """The current packed twin of `weight`, or None."""
-        entry = self._twins.get(id(weight))
-        if entry is None or entry[0] is not weight or weight._version != entry[2] or weight.data_ptr() != entry[3]:
-            return None
-        return entry[1]
-
-    def current(self) -> bool:
-        """Whether every twin still matches its matrix."""
-        return all(self.twin(weight) is not None for weight, *_ in self._twins.values())
-
-    def __len__(self) -> int:
-        return len(self._twins)
-
-    def __enter__(self) -> PackedWeights:
-        self._tokens.append(_ACTIVE.set(self))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _ACTIVE.reset(self._tokens.pop())
+    drop(weight)
+    size = weight.numel() * weight.element_size()
+    if twin_bytes() + size > room:
+        return False
+    try:
+        signature = _signature(weight)
+        packed = pack_weight(weight.detach())
+    except RuntimeError:
+        return False
+    key = id(weight)
+    _TWINS[key] = _Twin(weakref.ref(weight, lambda _, key=key: _TWINS.pop(key, None)), packed, signature, size)
+    return True
 
 
-_ACTIVE: ContextVar[PackedWeights | None] = ContextVar("packed_weights", default=None)
+def drop(weight: torch.Tensor) -> None:
+    """Forget `weight`'s packed twin, if it has one."""
+    _TWINS.pop(id(weight), None)
+
+
+_ACTIVE: ContextVar[bool] = ContextVar("packed_twins_active", default=False)
+
+
+@contextlib.contextmanager
+def twins_active() -> Iterator[None]:
+    """While active (in this thread or task), `linear` multiplies through current packed twins: an engine's step."""
+    token = _ACTIVE.set(True)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the weight's packed twin where the active `PackedWeights` has a current
-    one and no gradient is recorded (the packed GEMM has no backward)."""
-    packs = _ACTIVE.get()
-    if packs is not None and not torch.is_grad_enabled():
-        twin = packs.twin(weight)
-        if twin is not None:
-            return packed_linear(x, twin, bias)
+    """F.linear(x, weight, bias), through the weight's packed twin where twins are active, it has a current one, x
+    is in its dtype and no gradient is recorded (the packed GEMM has no backward)."""
+    if _ACTIVE.get() and not torch.is_grad_enabled() and x.dtype == weight.dtype:
+        packed = twin(weight)
+        if packed is not None:
+            return packed_linear(x, packed, bias)
     return F.linear(x, weight, bias)

@@ -46,6 +46,7 @@ search's cost model times `Engine.step` (search/cost.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from collections import deque
@@ -58,7 +59,7 @@ from tokenizers import Tokenizer
 from tessera import kernels
 from tessera.devices import available_memory, check_fp8, dtype_name, upload
 from tessera.errors import UserError
-from tessera.kernels.cpu_layout import PackedWeights
+from tessera.kernels import cpu_layout
 from tessera.runtime.cache import (
     PAGE_SIZE,
     STEP_TOKENS,
@@ -380,8 +381,9 @@ class Engine:
         self.max_model_len = config.max_model_len or arch.max_position_embeddings
         self.device = model.embed_tokens.weight.device
         # On the CPU, where F.linear reads the weights: their fastest layout, and the packed twins the steps multiply
-        # through (kernels/cpu_layout.py; none elsewhere)
-        self.cpu_packs = model.lay_out_for_cpu() if kernels.forced_backend() != "triton" else PackedWeights()
+        # through (kernels/cpu_layout.py)
+        self.cpu_twins = model.lay_out_for_cpu() if kernels.forced_backend() != "triton" else 0
+        self._twins = cpu_layout.twins_active if self.cpu_twins else contextlib.nullcontext
         fp8_cache = config.kv_cache_dtype == "fp8"
         if fp8_cache:
             check_fp8(self.device, "kv_cache_dtype fp8")
@@ -789,7 +791,7 @@ class Engine:
         if self.graphs is not None and decode_only:
             tables = [a.block_tables for a in batch.attention]
             return self.graphs.run(tokens, batch.positions, batch.slots, batch.attention[0].seq_lens, tables), sampling
-        with self.cpu_packs:
+        with self._twins():
             hidden = self.model.forward_packed(tokens, batch)
             if any(req.prompt_logprobs is not None for req, _ in plan):
                 self._score_prompts(plan, hidden)

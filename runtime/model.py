@@ -25,7 +25,8 @@ from torch import nn
 from tessera import kernels
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, RopeConfig
 from tessera.devices import available_memory
-from tessera.kernels.cpu_layout import COMPUTE_DTYPES, PackedWeights, fastest_layout, layout_for
+from tessera.kernels import cpu_layout
+from tessera.kernels.cpu_layout import COMPUTE_DTYPES
 from tessera.runtime.cache import UNCALIBRATED_KV_SCALE, PagedKVCache
 
 
@@ -383,32 +384,33 @@ class Model(nn.Module):
                 self._quantize_head(self.lm_head_weight)
         return self
 
-    def lay_out_for_cpu(self) -> PackedWeights:
+    def lay_out_for_cpu(self) -> int:
         """Each projection matrix in a compute dtype, and the LM head, in the layout this CPU multiplies fastest
         (kernels/cpu_layout.py): stored row-major or transposed (the same shapes and values, other strides; a tied
         head lays out the embedding it is), and where oneDNN's packed layout is faster still, a packed twin beside
-        it. Returns the twins, which an engine activates around its steps (`with packs:`), so what is served and
-        what is timed run them; the model's own parameters stay dense for everything else (training, saving).
-        Twins double the memory of what they pack: they are made, in the model's order, while they total at most
-        PACK_MEMORY_SHARE of the memory available (the rest of the matrices run dense). Kept on the model and made
-        again only when a matrix changed since. Nothing on other devices."""
-        packs = PackedWeights()
-        if self.embed_tokens.weight.device.type != "cpu":
-            return packs
+        it, which an engine's steps multiply through (`cpu_layout.twins_active`), so what is served and what is
+        timed run them; the parameters stay dense for everything else (training, saving). Twins double the memory
+        of what they pack: they are made (the head first: it gains the most) while the process's twins total at
+        most PACK_MEMORY_SHARE of the memory there was before them; the rest run dense. A matrix whose twin is
+        current keeps it. On other devices the matrices' twins are dropped. Returns how many matrices have one."""
         matrices = [getattr(m, name) for m in self.modules() for name in getattr(m, "matrices", ())]
-        matrices = [p for p in [*matrices, self.lm_head_weight] if p.dtype in COMPUTE_DTYPES]
+        head = [self.lm_head_weight] if self.lm_head_fp8 is None else []  # an FP8 head reads its own copy
+        matrices = [p for p in [*head, *matrices] if p.dtype in COMPUTE_DTYPES]
+        if self.embed_tokens.weight.device.type != "cpu":
+            for p in matrices:
+                cpu_layout.drop(p)
+            return 0
         with torch.no_grad():
             for p in matrices:
-                p.data = fastest_layout(p.data)
-        cached = getattr(self, "_cpu_packs", None)
-        if cached is not None and cached.current():
-            return cached
-        room = PACK_MEMORY_SHARE * available_memory(torch.device("cpu"))
+                p.data = cpu_layout.fastest_layout(p.data)
+        room = PACK_MEMORY_SHARE * (available_memory(torch.device("cpu")) + cpu_layout.twin_bytes())
+        packed = 0
         for p in matrices:
-            if layout_for(p).packed and packs.bytes + p.numel() * p.element_size() <= room:
-                packs.add(p)
-        self._cpu_packs = packs
-        return packs
+            if cpu_layout.layout_for(p).packed and cpu_layout.pack(p, room):
+                packed += 1
+            else:
+                cpu_layout.drop(p)
+        return packed
 
     def _quantize_head(self, head: torch.Tensor) -> None:
         """The FP8 copy of `head` (the LM head's rows, as given) that logits() reads, with its per-row scales,

@@ -144,7 +144,7 @@ def test_a_model_laid_out_transposed_computes_and_saves_as_before(monkeypatch, t
     the row-major model's, gradients too, and its checkpoint equal to the row-major model's, tensor for tensor."""
     reference, model = _model(tie), _model(tie)
     monkeypatch.setattr(cpu_layout, "measured_layout", lambda *_: Layout(True, False))
-    assert len(model.lay_out_for_cpu()) == 0  # no packed twins
+    assert model.lay_out_for_cpu() == 0  # no packed twins
     matrices = [getattr(m, n) for m in model.modules() for n in getattr(m, "matrices", ())]
     assert len(matrices) == 4 * 3 and all(is_transposed(w) for w in matrices)
     assert is_transposed(model.lm_head_weight) and is_transposed(model.embed_tokens.weight) == tie
@@ -163,57 +163,96 @@ def test_a_model_laid_out_transposed_computes_and_saves_as_before(monkeypatch, t
         assert torch.equal(x, y), name
 
 
+def _matrices(model: Model) -> list[torch.Tensor]:
+    return [getattr(m, n) for m in model.modules() for n in getattr(m, "matrices", ())]
+
+
+needs_packing = pytest.mark.skipif(
+    not cpu_layout.packing_works(torch.float32), reason="this torch build or CPU cannot pack matrices (oneDNN)"
+)
+
+
+@needs_packing
 def test_packed_twins_serve_inference_and_retire_when_their_matrix_changes(monkeypatch) -> None:
-    """With oneDNN's layout chosen, the model keeps its dense matrices and lay_out_for_cpu returns a packed twin
-    of each (the tied head's too), which kernels' linear multiplies through only while the set is active and no
-    gradient is recorded: logits within FP32_EXACT of the dense model's; outside the set, or under autograd, the
-    dense matrices (gradients as before). A matrix updated in place retires its twin (the updated weights are
-    used, not the stale twin) and the next lay_out_for_cpu packs it again."""
-    if not cpu_layout.packing_works(torch.float32):
-        pytest.skip("this torch build or CPU cannot pack float32 matrices (oneDNN)")
-    reference, model = _model(True), _model(True)
+    """With oneDNN's layout chosen, the model keeps its dense matrices and each (the head too) gets a packed
+    twin, which kernels' linear multiplies through only while twins are active and no gradient is recorded (q/k/v
+    biases included): logits within FP32_EXACT of the dense model's; outside, or under autograd, the dense
+    matrices (gradients as before). An in-place update, a new `.data` (a transposed view of the same storage too)
+    retire a twin: the updated weights are used, and the next lay_out_for_cpu packs them again."""
+    arch = replace(tiny_arch(), family="qwen2")  # q/k/v biases
+    reference, model = (Model.empty(arch).init_weights(std=0.1, seed=0).eval() for _ in range(2))
     monkeypatch.setattr(cpu_layout, "measured_layout", lambda *_: Layout(False, True))
-    packs = model.lay_out_for_cpu()
-    matrices = [getattr(m, n) for m in model.modules() for n in getattr(m, "matrices", ())]
-    assert len(packs) == len(matrices) + 1 and all(w.is_contiguous() for w in matrices)
-    assert model.lay_out_for_cpu() is packs  # kept while current
+    matrices = _matrices(model)
+    assert model.lay_out_for_cpu() == len(matrices) + 1 and all(w.is_contiguous() for w in matrices)
+    twins = [cpu_layout.twin(w) for w in [model.lm_head_weight, *matrices]]
+    assert all(t is not None for t in twins)
+    assert model.lay_out_for_cpu() == len(twins) and cpu_layout.twin(matrices[0]) is twins[1]  # kept while current
     multiplied = []
     packed_linear = cpu_layout.packed_linear
     monkeypatch.setattr(cpu_layout, "packed_linear", lambda *a: multiplied.append(1) or packed_linear(*a))
     tokens = windows(2)[:, :-1]
     with torch.inference_mode():
         expected = reference(tokens)
-        with packs:
+        with cpu_layout.twins_active():
             assert relative_error(model(tokens), expected) <= FP32_EXACT
-        assert len(multiplied) == len(packs)  # every matrix and the head, once each
-        model(tokens)  # outside the set: dense
-        assert len(multiplied) == len(packs)
-    with packs:
+        assert len(multiplied) == len(twins)  # every matrix and the head, once each
+        model(tokens)  # outside: dense
+        assert len(multiplied) == len(twins)
+    with cpu_layout.twins_active():
         model.train()
         model(tokens).logsumexp(-1).mean().backward()  # autograd: dense, differentiable
     reference.train()
     reference(tokens).logsumexp(-1).mean().backward()
-    assert len(multiplied) == len(packs)
+    assert len(multiplied) == len(twins)
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert relative_error(p.grad, q.grad) <= FP32_EXACT, name
     model.eval()
+    attention = model.layers[0].self_attn
     with torch.no_grad():
         for m in (model, reference):
-            m.layers[0].mlp.w_down.mul_(2.0)  # an in-place update: the twin is stale
-        with packs:
+            m.layers[0].mlp.w_down.mul_(2.0)  # an in-place update
+        attention.w_o.data = attention.w_o.data.t()  # a square matrix's transposed view: the same storage
+        reference.layers[0].self_attn.w_o.data = reference.layers[0].self_attn.w_o.data.t()
+        model.layers[1].mlp.w_gate_up.data = model.layers[1].mlp.w_gate_up.data.clone()  # a new `.data`
+        with cpu_layout.twins_active():
             assert relative_error(model(tokens), reference(tokens)) <= FP32_EXACT
-    assert not packs.current()
-    assert model.lay_out_for_cpu() is not packs and model._cpu_packs.current()
+    stale = [model.layers[0].mlp.w_down, attention.w_o, model.layers[1].mlp.w_gate_up]
+    assert all(cpu_layout.twin(w) is None for w in stale)
+    assert model.lay_out_for_cpu() == len(twins) and all(cpu_layout.twin(w) is not None for w in stale)
+
+
+@needs_packing
+def test_a_bfloat16_twin_multiplies_as_f_linear_does() -> None:
+    if not cpu_layout.packing_works(torch.bfloat16):
+        pytest.skip("this CPU cannot pack bfloat16 matrices")
+    w, x, bias = torch.randn(300, 200).bfloat16(), torch.randn(5, 200).bfloat16(), torch.randn(300).bfloat16()
+    packed = cpu_layout.pack_weight(w)
+    # bf16 out of fp32 sums in both; their orders differ: a last-bit rounding (2^-8 relative) at most
+    assert relative_error(cpu_layout.packed_linear(x, packed, bias), torch.nn.functional.linear(x, w, bias)) <= 4e-3
 
 
 def test_twins_stay_within_their_share_of_memory(monkeypatch) -> None:
-    """Twins double what they pack: past PACK_MEMORY_SHARE of the available memory the rest run dense."""
-    model = _model(False)
+    """Twins double what they pack: the process's twins stay within PACK_MEMORY_SHARE of the memory there was
+    before them, the head first, the rest first-fit; a second model's lay-out counts the first's twins; a model
+    moved off the CPU (here: its matrices dropped) frees them."""
+    first, second = _model(False), _model(False)
     monkeypatch.setattr(cpu_layout, "measured_layout", lambda *_: Layout(False, True))
     monkeypatch.setattr(cpu_layout, "packing_works", lambda dtype: True)
     monkeypatch.setattr(cpu_layout, "pack_weight", lambda w: w.clone())  # no oneDNN needed to count bytes
-    sizes = [w.numel() * 4 for m in model.modules() for n in getattr(m, "matrices", ()) for w in [getattr(m, n)]]
-    room = sum(sizes[:3])
-    monkeypatch.setattr(model_module, "available_memory", lambda device: room / model_module.PACK_MEMORY_SHARE)
-    packs = model.lay_out_for_cpu()
-    assert len(packs) == 3 and packs.bytes == room
+    size = {id(w): w.numel() * 4 for w in [first.lm_head_weight, *_matrices(first)]}
+    order = [first.lm_head_weight, *_matrices(first)]
+    room = size[id(order[0])] + size[id(order[2])] + size[id(order[3])]  # the head, then what fits of the rest
+    available = [room / model_module.PACK_MEMORY_SHARE]
+
+    def memory(device) -> float:
+        return available[0] - cpu_layout.twin_bytes()  # twins take what they hold from what is available
+
+    monkeypatch.setattr(model_module, "available_memory", memory)
+    assert first.lay_out_for_cpu() >= 3 and cpu_layout.twin(first.lm_head_weight) is not None
+    assert cpu_layout.twin_bytes() <= room
+    assert second.lay_out_for_cpu() == 0  # the first model's twins took the share
+    for w in order:
+        cpu_layout.drop(w)
+    assert cpu_layout.twin_bytes() == 0 and second.lay_out_for_cpu() >= 3
+    for w in [second.lm_head_weight, *_matrices(second)]:
+        cpu_layout.drop(w)

@@ -73,16 +73,16 @@ def test_paged_chunked_prefill_and_decode_match_transformers(llama_untied, monke
     matrices = [getattr(m, n) for m in model.modules() for n in getattr(m, "matrices", ())]
     transposed, packed = layout or (False, False)
     assert all(cpu_layout.is_transposed(w) == transposed for w in [*matrices, model.lm_head_weight])
-    assert len(engine.cpu_packs) == (len(matrices) + 1 if packed else 0)
-    multiplied = []
-    packed_linear = cpu_layout.packed_linear
-    monkeypatch.setattr(cpu_layout, "packed_linear", lambda *a: multiplied.append(1) or packed_linear(*a))
+    assert engine.cpu_twins == (len(matrices) + 1 if packed else 0)
+    dense = []  # F.linear calls inside the engine's steps: none where every matrix has a packed twin
+    f_linear = cpu_layout.F.linear
+    monkeypatch.setattr(cpu_layout.F, "linear", lambda *a: dense.append(1) or f_linear(*a))
     recorded: list[torch.Tensor] = []
     logits = model.logits
     monkeypatch.setattr(model, "logits", lambda h: recorded.append(out := logits(h)) or out)
     prompts = prompts_of([19, 3, 30, 1], 97)
     completions = engine.generate(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))
-    assert bool(multiplied) == packed  # the steps multiplied through the twins
+    assert (len(dense) == 0) == packed  # the steps multiplied through the twins alone
     rows = torch.cat(recorded)
     assert rows.shape[0] == 4 * 6  # one row per sampled token
     # Rebuild which row belongs to which sequence position by replaying the tokens through transformers.
