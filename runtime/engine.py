@@ -532,6 +532,7 @@ class Engine:
             "kv_mib": self.cache.nbytes() / 2**20,
             "cuda_graphs": self.graphs is not None,
             "async_scheduling": self.async_scheduling,
+            "packed_matrices": self.cpu_twins,
         }
 
     @property

@@ -509,7 +509,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         **engine,
     )
     info = server.engine.info
-    threads = info["threads"]
+    threads, packed = info["threads"], info["packed_matrices"]
     engines = f"{dp} engine process{'es' if dp > 1 else ''} of {threads} thread{'s' if threads > 1 else ''}"
     if dp > 1 and info["prefix_caching"]:
         engines += ", requests routed by cached prefix"
@@ -521,7 +521,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         f"max batch {args.max_batch} "
         f"per engine, context {info['max_model_len']}, KV pool {info['pages']} pages of {info['page_size']} tokens "
         f"({info['kv_mib']:.1f} MiB, {info['kv_dtype']}) per engine{', CUDA graphs' if info['cuda_graphs'] else ''}"
-        f"{', async scheduling' if info['async_scheduling'] else ''}",
+        f"{', async scheduling' if info['async_scheduling'] else ''}"
+        f"{f', {packed} matrices packed for oneDNN' if packed else ''}",
         file=sys.stderr,
     )
     run(server, args.host, args.port, args.graceful_timeout)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -32,6 +33,7 @@ import uvicorn
 from tessera.benchmarks.harness import wait_healthy
 from tessera.config import ConfigError
 from tessera.demo import CODE_PROMPTS, PARENT_DIR
+from tessera.kernels import cpu_layout
 from tessera.kernels.cpu_layout import LAYOUT_ENV
 from tessera.runtime.async_engine import AsyncEngine, EngineProcessError, EngineSpec
 from tessera.runtime.generate import Generator
@@ -189,6 +191,22 @@ def test_a_server_with_async_scheduling_sends_what_one_without_sends(parent) -> 
     assert replies[0]["choices"][0]["finish_reason"] == "stop" and expected[0].finish_reason == "stop"
     logprobs = replies[1]["choices"][0]["logprobs"]["token_logprobs"]
     assert all(abs(a - b.logprob) <= 1e-4 for a, b in zip(logprobs, expected[1].logprobs, strict=True))
+
+
+@pytest.mark.skipif(not cpu_layout.packing_works(torch.float32), reason="this torch build or CPU cannot pack (oneDNN)")
+def test_an_engine_process_over_packed_weights_answers_as_transformers_does(reference, monkeypatch) -> None:
+    """The CPU's fastest path where oneDNN is (kernels/cpu_layout.py): an engine process whose steps multiply
+    through packed twins of every matrix (TESSERA_CPU_LAYOUT=packed, which it inherits) says so at start-up and
+    gives transformers' greedy texts, streamed concurrently."""
+    monkeypatch.setenv(LAYOUT_ENV, "packed")
+    with serving(max_batch=4, max_model_len=256) as (served, base):
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        assert served.engine.info["packed_matrices"] == 8 * 4 + 1  # 8 layers' q/k/v, o, gate/up, down; the head
+        prompts = PROMPTS[:3]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            greedy = {"model": "parent", "max_tokens": 24, "temperature": 0}
+            outs = list(pool.map(lambda p: client.completions.create(prompt=p, **greedy), prompts))
+    assert [o.choices[0].text for o in outs] == [reference[p].text for p in prompts]
 
 
 def test_n_choices_draw_from_seed_plus_their_index(client, parent) -> None:
