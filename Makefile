@@ -24,7 +24,7 @@ DEMO_FLAGS ?=
 # small enough for the whole demo to finish in about 8 minutes on 2 CPU cores.
 DEMO_SETTINGS := --bld-steps 100 --gkd-steps 40
 
-demo: setup  ## Puzzle + FFN Fusion on the bundled demo parent (6-8 min on 2 CPU cores), then generate from the child
+demo: setup  ## Puzzle + FFN Fusion on the bundled demo parent (5-8 min on 2 CPU cores), then generate from the child
 	@flags="$(DEMO_FLAGS)"; if [ -d runs/demo/bld ] && [ ! -f runs/demo/bld/manifest.json ]; then \
 		echo "runs/demo/bld predates the store's manifest: training its blocks again"; flags="$$flags --fresh"; fi; \
 	echo "$(BIN)/tessera optimize --out runs/demo --fuse $(DEMO_SETTINGS) $$flags"; \
