@@ -57,7 +57,7 @@ DECODE_ROWS = 16  # up to here the candidates are 16-row tiles (kernels.ffn.TRIT
 
 # bf16 tilings (block_m, block_n, block_k, warps, stages[, group_m]); FP8 doubles block_k, as gemm_blocks does.
 # The gate/up GEMM's block_n counts columns of gate and of up each: a program holds two such accumulators.
-DECODE_GATE_UP = [
+DECODE = [  # both GEMMs at decode: a 16-row tile streaming the weights (the gate/up's two accumulators are small)
     GemmTiling(16, 64, 128, 4, 4),
     GemmTiling(16, 32, 128, 4, 4),
     GemmTiling(16, 32, 256, 4, 4),
@@ -65,16 +65,6 @@ DECODE_GATE_UP = [
     GemmTiling(16, 64, 128, 4, 6),
     GemmTiling(16, 64, 256, 4, 3),
     GemmTiling(16, 128, 128, 4, 3),
-    GemmTiling(16, 64, 128, 8, 4),
-]
-DECODE_DOWN = [
-    GemmTiling(16, 64, 128, 4, 4),
-    GemmTiling(16, 32, 128, 4, 4),
-    GemmTiling(16, 32, 256, 4, 4),
-    GemmTiling(16, 64, 64, 4, 6),
-    GemmTiling(16, 64, 128, 4, 6),
-    GemmTiling(16, 64, 256, 4, 3),
-    GemmTiling(16, 128, 128, 4, 4),
     GemmTiling(16, 64, 128, 8, 4),
 ]
 PREFILL_GATE_UP = [
@@ -109,7 +99,7 @@ def candidates(precision: str, rows: int) -> tuple[list[GemmTiling], list[GemmTi
     """The gate/up and down tilings swept at `rows` rows in `precision` ("bf16" or "fp8"), each list led by the
     served default."""
     decode = rows <= DECODE_ROWS
-    gate_up, down = (DECODE_GATE_UP, DECODE_DOWN) if decode else (PREFILL_GATE_UP, PREFILL_DOWN)
+    gate_up, down = (DECODE, DECODE) if decode else (PREFILL_GATE_UP, PREFILL_DOWN)
     if precision == "fp8":
         gate_up, down = ([replace(t, block_k=2 * t.block_k) for t in tilings] for tilings in (gate_up, down))
     size = 1 if precision == "fp8" else 2

@@ -14,15 +14,15 @@ cache, float32) the demo parent's matrices multiplied 1.8-3.6x faster packed tha
 against 636-767 µs). A packed matrix is an opaque tensor that only `packed_linear` reads and autograd cannot
 differentiate, so the model keeps its dense parameter and the process a packed twin beside it (`pack`, `twin`), which
 `linear` multiplies through while an engine runs a step (`twins_active`) with no gradients recorded; twins cost the
-memory of the weights they pack. At 16-2,048 rows (a prefill) packed matrices multiplied 1.8-3.5x faster too on that
+memory of the weights they pack. At 16-2,048 rows (a prefill) packed matrices multiplied 1.6-3.5x faster too on that
 VM (the demo parent's shapes, one matrix in the caches, not committed).
 
 Which layout wins depends on the shape, the dtype, the BLAS, the CPU and the thread count, so it is measured,
-once per process for each of them (about 100 ms a shape on that VM): the layouts over a pool of copies as large as
-its L3 cache (a decode step streams its weights), at 1 and 8 rows, interleaved, each the best of REPEATS passes;
-the transposed layout must beat row-major, and the packed one the better of those, by MARGIN. A matrix larger than
-half the pool (a large vocabulary's head) is measured on its first rows. Matrices under MIN_ELEMENTS stay as they
-are: they live in the caches, where the layouts tie (the tests' tiny models among them).
+once per process for each of them (55-111 ms a shape on the zen5 VM, 2026-11-30): the layouts over a pool of
+copies as large as its L3 cache (a decode step streams its weights), at 1 and 8 rows, interleaved, each the best of
+REPEATS passes; the transposed layout must beat row-major, and the packed one the better of those, by MARGIN. A
+matrix larger than half the pool (a large vocabulary's head) is measured on its first rows. Matrices under
+MIN_ELEMENTS stay as they are: they live in the caches, where the layouts tie (the tests' tiny models among them).
 
 Because it is measured, two processes on a busy machine can choose differently, and their logits then differ in
 the last bits (the same sums in another order). `TESSERA_CPU_LAYOUT=row-major` (or `transposed`, or `packed`) fixes
