@@ -38,6 +38,20 @@ def transformers_demo_parent():
     return LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.float32).eval()
 
 
+@pytest.fixture(scope="module")
+def demo_float64():
+    """The demo parent in float64 with its tokenizer, for tests that compare sampled tokens between paths that
+    round differently, such as a request prefilled again after a preemption against one decoded throughout. In
+    float32 one of their draws lies 1.3e-7 from a boundary of the inverse-transform CDF, inside the two paths'
+    rounding difference (~1e-5 in the logits): on another machine it drew the neighbouring token. In float64 the
+    difference is ~1e-14."""
+    from tessera.demo import PARENT_DIR
+    from tessera.runtime.loader import load_model
+    from tessera.runtime.sampling import load_tokenizer
+
+    return load_model(PARENT_DIR).double(), load_tokenizer(PARENT_DIR)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|, printed with the mean error for the record."""
     diff = (actual.double() - expected.double()).abs()
