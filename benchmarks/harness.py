@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -74,12 +75,25 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
     return env
 
 
+def _json_safe(value):
+    """`value` with every NaN or infinite float (a tiling that failed, a mean of nothing) as None: JSON has no NaN,
+    and strict readers (jq, JavaScript, Python's own with parse_constant raising) refuse the token."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_results(name: str, results: dict, markdown: str, out: Path | None = None) -> Path:
-    """<out>/<name>.json and .md (out: `results_dir()` by default); each written beside and renamed into place."""
+    """<out>/<name>.json and .md (out: `results_dir()` by default); each written beside and renamed into place.
+    Non-finite numbers are written as null (`_json_safe`); the markdown keeps them as "nan"."""
     out = Path(out) if out is not None else results_dir()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / f"{name}.md", markdown + "\n")
     return path
 

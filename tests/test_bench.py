@@ -38,6 +38,20 @@ def test_results_env_and_argument(results_dir, monkeypatch) -> None:
     assert harness.write_results("y", {}, "", results_dir) == results_dir / "y.json"
 
 
+def test_results_write_non_finite_numbers_as_null(results_dir) -> None:
+    """A failed tiling's time (NaN) and an infinite ratio become JSON's null, which a strict parser reads."""
+    results = {"rows": [{"ms": float("nan"), "speedup": float("inf"), "name": "x"}], "spread": (1.5, -float("inf"))}
+    path = harness.write_results("z", results, "", results_dir)
+
+    def refuse(token: str):
+        raise ValueError(f"{token} in {path}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "rows": [{"ms": None, "speedup": None, "name": "x"}],
+        "spread": [1.5, None],
+    }
+
+
 def test_in_turns_reverses_the_order_every_other_round_and_compares_round_by_round() -> None:
     """harness.InTurns: every side once a round, the order reversed every other round, round(*args) handing its
     arguments to each side; ratio is the median (min, max) of the rounds' own ratios, not the medians' quotient."""
