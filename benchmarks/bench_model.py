@@ -35,6 +35,7 @@ from tessera.kernels import hardware
 from tessera.runtime.engine import DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.model import Model
 
+from . import step_profile
 from .harness import InTurns, hf_generate, relative_error, time_ms, wall_s
 
 # meta-llama/Llama-3.1-8B config.json (the fields tessera reads); the shared copy is not on the GPU machine.
@@ -321,6 +322,83 @@ def pdl_table(result: dict) -> str:
             f"{r['speedup']:.3f}x ({r['speedup_min']:.3f}-{r['speedup_max']:.3f}) | {r['same_logits']} |"
         )
     return "\n".join(lines)
+
+
+PROFILED = [(1, 1024, "bfloat16"), (64, 1024, "bfloat16"), (1, 1024, FP8_NAME)]  # (batch, context, weights) on a GPU
+
+
+def profile_steps(device: torch.device, copy_gbps: float, steps: int = 10) -> dict:
+    """Where the served decode step's time goes (step_profile): for each of PROFILED's scenarios its step (the
+    engine's CUDA graph replayed on a GPU; the demo shape's references eagerly on the CPU, a sanity pass of this
+    code) timed as `run` times it, then profiled over `steps` steps: busy and idle time per step, and each kind of
+    kernel's and each kernel's launches and microseconds. A scenario that fails is recorded and the next runs."""
+    on_gpu = device.type == "cuda"
+    model, scenarios, what = benchmarked(device)
+    dtype = dtype_name(model.embed_tokens.weight.dtype)
+    cases = PROFILED if on_gpu else [(batch, context, dtype) for batch, context in scenarios]
+    fp8_model = model.cast(kernels.FP8) if any(w == FP8_NAME for *_, w in cases) else None
+    saved = kernels.forced_backend()
+    rows = []
+    try:
+        kernels.set_backend(BACKENDS["served" if on_gpu else "torch"])
+        for batch, context, weights in cases:
+            timed = fp8_model if weights == FP8_NAME else model
+            row = {"batch": batch, "context": context, "weights": weights}
+            try:
+                with torch.inference_mode():
+                    step = _decode_steps(timed, batch, context, device, graphs=on_gpu)
+                    step()
+                    row["step_ms"] = time_ms(step, device, graph=False)[0]
+                    row.update(step_profile.profile(step, device, steps))
+                kv = dtype if weights == FP8_NAME else None  # the FP8 model keeps an unquantized KV cache here
+                row["floor_ms"] = _floor_ms(model.arch, batch, context, copy_gbps, weights, kv)
+                row["pct_of_bandwidth_floor"] = 100 * row["floor_ms"] / row["step_ms"]
+                print(
+                    f"decode batch {batch} context {context} {weights}: {row['step_ms']:.3f} ms/step; per step "
+                    f"{row.get('launches', 0):.0f} launches, busy {row.get('busy_us', 0):.0f} µs, "
+                    f"idle {row.get('idle_us', 0):.0f} µs"
+                )
+            except Exception as e:  # new, never run on a GPU: a failure is recorded, the other scenarios run
+                row["error"] = f"{type(e).__name__}: {e}"
+                print(f"decode batch {batch} context {context} {weights}: profile failed ({row['error']})")
+            rows.append(row)
+            step = None
+            if on_gpu:
+                torch.cuda.empty_cache()
+    finally:
+        kernels.set_backend(saved)
+    timing = "the engine's CUDA graph replayed" if on_gpu else "the references, eagerly (CPU operators)"
+    return {"model": what, "dtype": dtype, "timing": timing, "results": rows}
+
+
+def profile_table(result: dict, top: int = 12) -> str:
+    """Per scenario: the step against its floor, busy and idle time, each kind's share, the `top` kernels."""
+    parts = []
+    for r in result["results"]:
+        title = f"### batch {r['batch']}, context {r['context']}, {r['weights']} weights"
+        if "error" in r or not r.get("events"):
+            parts.append(f"{title}\n\nnot profiled: {r.get('error', 'the profiler recorded no device work')}")
+            continue
+        span = r["span_us"]
+        lines = [
+            title,
+            "",
+            f"{r['step_ms']:.3f} ms a step timed alone ({r['pct_of_bandwidth_floor']:.0f} % of its "
+            f"{r['floor_ms']:.3f} ms floor); profiled over {r['steps']} steps: {span:.0f} µs a step, "
+            f"{r['launches']:.0f} launches, busy {r['busy_us']:.0f} µs, idle {r['idle_us']:.0f} µs "
+            f"({100 * r['idle_us'] / span:.1f} %)",
+            "",
+            "| kind | launches / step | µs / step | % of step |",
+            "|---|---:|---:|---:|",
+        ]
+        for k in r["kinds"]:
+            lines.append(f"| {k['kind']} | {k['launches']:.0f} | {k['us']:.1f} | {100 * k['us'] / span:.1f} % |")
+        lines.append(f"| idle (between kernels) | | {r['idle_us']:.1f} | {100 * r['idle_us'] / span:.1f} % |")
+        lines += ["", f"The {top} longest kernels:", "", "| kernel | launches / step | µs / step |", "|---|---:|---:|"]
+        for k in r["kernels"][:top]:
+            lines.append(f"| `{step_profile.short(k['kernel'])}` | {k['launches']:.0f} | {k['us']:.1f} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def generate_speed(device: torch.device, new_tokens: int = 128, rounds: int = 5) -> list[dict]:

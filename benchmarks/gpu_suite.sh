@@ -102,6 +102,9 @@ want tests && step tests 140 env OMP_NUM_THREADS=1 python3 -m pytest -q -p no:ca
 # Attention and the model's decode step include the FP8 rows (an FP8 cache; FP8 weights with either cache).
 want bench_attention && step bench_attention 120 python3 -m tessera.cli bench kernels --suite attention --device cuda
 want bench_model && step bench_model 80 python3 -m tessera.cli bench model --device cuda
+# Where the decode step's time goes (batch 1 and 64 in bf16, batch 1 with FP8 weights): kernels by kind and the idle
+# time between them, from the profiler's records of the engine's CUDA-graph replays. Never run on a GPU yet.
+want bench_profile && step bench_profile 60 python3 -m tessera.cli bench model --profile --device cuda
 want bench_serving && step bench_serving 90 python3 -m tessera.cli bench serving --device cuda
 # Issue 20's GEMM rows (bf16 vs cuBLAS, FP8 vs _scaled_mm) before the optional steps.
 want bench_ffn_norm && step bench_ffn_norm 75 python3 -m tessera.cli bench kernels --suite norm --suite ffn --device cuda

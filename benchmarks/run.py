@@ -96,6 +96,18 @@ def run_model_pdl(device: torch.device, out: Path | None = None) -> Path:
     return write_results(results_name(device, "model_decode_pdl"), results, md, out)
 
 
+def run_model_profile(device: torch.device, out: Path | None = None) -> Path:
+    """Where the decode step's time goes: its kernels by kind, and the idle time between them
+    (bench_model.profile_steps)."""
+    copy_gbps = copy_bandwidth_gbps(device)
+    env = environment(device)
+    result = bench_model.profile_steps(device, copy_gbps)
+    md = _header(env, f"Decode step profile, {result['model']}, {result['dtype']}", copy_gbps)
+    md += f"Timing: {result['timing']}.\n\n" + bench_model.profile_table(result)
+    results = {**env, "copy_bandwidth_gbps": copy_gbps, **result}
+    return write_results(results_name(device, "model_profile"), results, md, out)
+
+
 def run_fusion(device: torch.device, out: Path | None = None) -> Path:
     env = environment(device)
     result = bench_fusion.run(device)

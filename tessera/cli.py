@@ -425,6 +425,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     if args.pdl and args.what != "model":
         raise UserError(f"--pdl compares decode steps: it goes with `bench model`, not `bench {args.what}`")
+    if args.profile and args.what != "model":
+        raise UserError(f"--profile profiles decode steps: it goes with `bench model`, not `bench {args.what}`")
+    if args.profile and args.pdl:
+        raise UserError("--profile and --pdl: one at a time (each is its own run of `bench model`)")
     results = check_output(args.results or run.results_dir(), "--results", folder=True)
     if args.what == "kernels":
         paths = run.run_kernels(device, args.suite, out=results)
@@ -439,7 +443,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     elif args.what == "prefix":
         paths = [run.run_prefix(device, out=results)]
     elif args.what == "model":
-        paths = [run.run_model_pdl(device, out=results) if args.pdl else run.run_model(device, out=results)]
+        if args.profile:
+            paths = [run.run_model_profile(device, out=results)]
+        else:
+            paths = [run.run_model_pdl(device, out=results) if args.pdl else run.run_model(device, out=results)]
     else:
         paths = [run.run_fusion(device, out=results)]
     for path in paths:
@@ -951,6 +958,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pdl",
         action="store_true",
         help="model: the decode step with and without programmatic dependent launch (Hopper GPUs), alternating",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="model: where the decode step's time goes (its kernels by kind, the idle time between them)",
     )
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument(

@@ -169,6 +169,75 @@ def test_bench_model_pdl_alternates_the_modes_and_compares_their_logits(results_
     assert e.value.code == 2 and "--pdl compares decode steps" in capsys.readouterr().err
 
 
+def test_a_step_profile_counts_busy_time_once_and_idle_time_between_kernels() -> None:
+    """step_profile on a made-up trace of 2 steps: a kernel on a second stream overlapping another counts once in
+    busy time (checked against the union counted microsecond by microsecond), the rest of the span is idle, nested
+    CPU operators count once, and per-kind and per-kernel rows add up to every launch and microsecond."""
+    from tessera.benchmarks import step_profile
+
+    def event(name, ts, dur, tid=7, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid}
+
+    steps = [
+        event("_rms_norm_kernel", 0, 4),
+        event("nvjet_tst_128x64_64x4_h_bz_TNT", 6, 20),
+        event("_gate_up_kernel", 30, 10),
+        event("Memset (Device)", 41, 1),
+        event("_matmul_kernel", 35, 8, tid=9),  # a second stream, overlapping gate/up by 5 µs
+    ]
+    trace = {
+        "traceEvents": [
+            *steps,
+            *({**e, "ts": e["ts"] + 50} for e in steps),
+            event("cudaGraphLaunch", 0, 90, tid=1, cat="cuda_runtime"),  # host side: not device work
+            {"ph": "i", "cat": "kernel", "name": "instant", "ts": 3},
+        ]
+    }
+    events = step_profile.outermost(step_profile.trace_events(trace, step_profile.DEVICE_WORK["cuda"]))
+    result = step_profile.breakdown(events, steps=2)
+    timeline = set()
+    for _, start, dur, _ in events:
+        timeline |= set(range(int(start), int(start + dur)))
+    assert result["busy_us"] == len(timeline) / 2 == 37.0  # per step 0-4, 6-26 and 30-43 (the memset inside)
+    assert result["span_us"] == 46.5 and result["idle_us"] == 9.5  # first start 0, last end 93, over 2 steps
+    assert result["launches"] == 5 and sum(k["launches"] for k in result["kinds"]) == 5
+    assert sum(k["us"] for k in result["kernels"]) == sum(k["us"] for k in result["kinds"]) == 43.0
+    kinds = {k["kind"]: k for k in result["kinds"]}
+    assert kinds["GEMM (cuBLAS / torch)"]["us"] == 20 and kinds["FFN gate/up GEMM (Triton)"]["launches"] == 1
+    assert kinds["memory copy / set"]["us"] == 1 and result["kernels"][0]["kernel"].startswith("nvjet")
+    # CPU operators nest: aten::linear's addmm is inside it and counts once, as the linear.
+    cpu = [event("aten::linear", 0, 10, cat="cpu_op"), event("aten::addmm", 2, 7, cat="cpu_op")]
+    cpu_events = step_profile.outermost(step_profile.trace_events({"traceEvents": cpu}, ("cpu_op",)))
+    assert [e[0] for e in cpu_events] == ["aten::linear"]
+    assert step_profile.breakdown([], steps=3) == {"steps": 3, "events": 0}
+
+
+def test_bench_model_profile_accounts_for_every_projection_of_the_step(results_dir, capsys) -> None:
+    """`bench model --profile` on the CPU (the GPU suite's profile of the served step, here over the references'
+    operators): every step runs the demo shape's 33 projections (8 layers' q/k/v, o, gate/up and down; the head)
+    once, busy and idle time make up the span, and --profile with another benchmark or with --pdl is refused."""
+    assert main(["bench", "model", "--profile", "--device", "cpu", "--results", str(results_dir)]) == 0
+    results = json.loads((results_dir / "cpu_model_profile.json").read_text())
+    assert [(r["batch"], r["weights"]) for r in results["results"]] == [(1, "float32"), (8, "float32")]
+    for r in results["results"]:
+        assert "error" not in r and r["steps"] == 10
+        kernels = {k["kernel"]: k for k in r["kernels"]}
+        assert kernels["aten::linear"]["launches"] == 8 * 4 + 1
+        assert r["busy_us"] + r["idle_us"] == pytest.approx(r["span_us"]) and 0 <= r["idle_us"] < r["span_us"]
+        # One thread: nothing overlaps (the trace's timestamps are rounded to the nanosecond: rel 1e-5).
+        assert sum(k["us"] for k in r["kinds"]) == pytest.approx(r["busy_us"], rel=1e-5)
+    table = (results_dir / "cpu_model_profile.md").read_text()
+    assert table.count("| idle (between kernels) |") == 2 and "`aten::linear` | 33 |" in table
+    capsys.readouterr()
+    for args, why in (
+        (["serving", "--profile"], "--profile profiles decode steps"),
+        (["model", "--profile", "--pdl"], "one at a time"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", *args, "--device", "cpu", "--results", str(results_dir)])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+
+
 def test_bench_parallel_times_the_step_with_and_without_its_all_reduces_in_turns(results_dir) -> None:
     """`bench parallel` on the CPU: 2 gloo ranks, the demo parent's 16 sharded sublayers (8 attention, 8 FFN)
     each all-reducing once a step; each batch's step with and without them timed in the same interleaved rounds,
