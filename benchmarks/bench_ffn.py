@@ -58,6 +58,51 @@ def eager_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
     return residual + F.linear(F.silu(gate) * up, w_down)
 
 
+SERVED_ROWS = (1, 16, 64, 128, 512, 2048, 4096)  # the sweep's rows and rows between them no sweep measures
+
+
+def served_cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator[KernelCase]:
+    """The `ffn_served` suite: the FFN as served (`kernels.swiglu_ffn`: Triton or cuBLAS, and the tilings, as the
+    GPU's measured table says, kernels/ffn_tilings.py, or the built-in rule without one) against cuBLAS eager (bf16)
+    and `_scaled_mm` (FP8) on the 8B shape, at rows from decode to prefill. Issue 20's goal, >= 1.0x at every M, is
+    this op's; each row names what served it. Run after `tune_gemm` with TESSERA_FFN_TILINGS set to its table, it
+    measures that table's plans in the same call."""
+    shrink = 1 if device.type == "cuda" else 32
+    model, hidden, inter = SHAPES[0]
+    h_run, i_run = hidden // shrink, inter // shrink
+    gen = torch.Generator(device).manual_seed(inter)
+    w_gate_up = torch.randn(2 * i_run, h_run, device=device, dtype=dtype, generator=gen) * h_run**-0.5
+    w_down = torch.randn(h_run, i_run, device=device, dtype=dtype, generator=gen) * i_run**-0.5
+    (gate_up_q, gate_up_scale), (down_q, down_scale) = (
+        kernels.quantize_weight(w_gate_up),
+        kernels.quantize_weight(w_down),
+    )
+    for fp8 in (False, True):
+        for m_run in sorted({max(1, m // shrink) for m in SERVED_ROWS}):
+            x = torch.randn(m_run, h_run, device=device, dtype=dtype, generator=gen)
+            residual = torch.randn(m_run, h_run, device=device, dtype=dtype, generator=gen)
+            if fp8:
+                args = (x, gate_up_q, down_q, residual, gate_up_scale, down_scale)
+                baseline = partial(swiglu_ffn_fp8_scaled_mm, *args)
+                baseline_name = "torch._scaled_mm (cuBLASLt FP8, row-wise scales), F.silu(gate) * up, + residual"
+            else:
+                args = (x, w_gate_up, w_down, residual)
+                baseline = partial(eager_swiglu, *args)
+                baseline_name = "torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual"
+            route, plan = kernels.ffn_route(x, args[1], args[2], fp8=fp8)
+            served_by = route if plan is None else f"{route}, the table's {plan.rows}-row plan"
+            yield KernelCase(
+                op=f"swiglu_ffn+residual served{' (FP8 weights)' if fp8 else ''}",
+                shape={"model": model, "rows": m_run, "hidden": h_run, "intermediate": i_run, "served_by": served_by},
+                candidate=partial(kernels.swiglu_ffn, *args),
+                baseline=baseline,
+                flops=6.0 * m_run * h_run * i_run,
+                bytes=(3 * h_run * i_run) * (1 if fp8 else x.element_size()) + 3 * m_run * h_run * x.element_size(),
+                tolerance=3e-2,  # as the ffn suite's rows (bf16 roundings; FP8 steps of 2^-4 for a few elements)
+                baseline_name=baseline_name,
+            )
+
+
 def cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator[KernelCase]:
     on_gpu = device.type == "cuda"
     yield from _cases(device, dtype, False)

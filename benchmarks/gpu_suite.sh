@@ -115,6 +115,17 @@ want tune_attention && step tune_attention 75 python3 -m tessera.benchmarks.tune
 # candidate compiled ahead in 12 processes (a cold cache compiles ~250 kernels), each shape timed once its kind is.
 want tune_gemm && step tune_gemm 100 python3 -m tessera.benchmarks.tune_gemm --device cuda --budget-s 85 \
     --compile-workers 12
+# The served FFN (kernels.swiglu_ffn) steered by the sweep's fresh tiling table (TESSERA_FFN_TILINGS; without one, by
+# the built-in rule): Triton or cuBLAS and the tilings as the table says, against cuBLAS / _scaled_mm on the 8B shape
+# at the sweep's rows and between them. Its rows say whether the table may be committed (kernels/configs/).
+ffn_served() {
+    local table
+    table=$(find benchmarks/results -maxdepth 1 -name '*_ffn_tilings.json' ! -name 'cpu_*' | head -n 1)
+    echo "served FFN steered by: ${table:-the built-in rule (no sweep table)}"
+    TESSERA_FFN_TILINGS=${table} python3 -m tessera.cli bench kernels --suite ffn_served --device cuda
+}
+export -f ffn_served
+want ffn_served && step ffn_served 45 bash -c ffn_served
 # The decode step with and without programmatic dependent launch (off in the served path until this measures it):
 # each mode's graph captured, alternating rounds, the logits compared bit for bit. Run by name.
 want bench_model_pdl && step bench_model_pdl 90 python3 -m tessera.cli bench model --pdl --device cuda

@@ -45,7 +45,12 @@ __all__ = [
     "run_serving",
 ]
 
-KERNEL_SUITES = {"norm": bench_norm, "ffn": bench_ffn, "attention": bench_attention}
+KERNEL_SUITES = {  # name -> its cases(device)
+    "norm": bench_norm.cases,
+    "ffn": bench_ffn.cases,
+    "attention": bench_attention.cases,
+    "ffn_served": bench_ffn.served_cases,
+}
 
 
 def _header(env: dict, what: str, copy_gbps: float) -> str:
@@ -69,7 +74,7 @@ def run_kernels(device: torch.device, suites: list[str] | None = None, out: Path
             return write_results(results_name(device, f"kernels_{name}"), results, md, out)
 
         # Written after every case too: a suite cut short by the GPU suite's time limit keeps what it measured.
-        paths.append(write(measure_cases(KERNEL_SUITES[name].cases(device), device, copy_gbps, written=write)))
+        paths.append(write(measure_cases(KERNEL_SUITES[name](device), device, copy_gbps, written=write)))
     return paths
 
 

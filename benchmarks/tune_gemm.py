@@ -15,6 +15,10 @@ shape. A cold Triton cache compiles each tiling once per shape kind; `--compile-
 in parallel into the shared on-disk cache, the kinds in the shapes' order, and a shape is timed once its kind is
 compiled (the timing process then finds the kernels there) while the later kinds compile.
 
+Beside its results it writes the winners as a tiling table, `<device>_ffn_tilings.json` (kernels/ffn_tilings.py):
+committed as `kernels/configs/ffn_<device>.json`, it steers the served FFN on that GPU (tilings, and at which rows
+Triton or cuBLAS runs it); `TESSERA_FFN_TILINGS=<that file>` tries it first (the GPU suite's `ffn_served` step).
+
     python3 -m tessera.benchmarks.tune_gemm --device cuda [--budget-s 60] [--compile-workers 8]
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import multiprocessing
 import time
 from collections.abc import Iterator
@@ -33,6 +38,8 @@ import torch
 from triton.runtime import jit
 
 from tessera import kernels
+from tessera.files import atomic_write_text
+from tessera.kernels import ffn_tilings
 from tessera.kernels.ffn import gate_up_blocks, swiglu_ffn_fp8_scaled_mm, swiglu_ffn_triton
 from tessera.kernels.gemm import GemmTiling, gemm_blocks, tma_ready
 
@@ -291,7 +298,9 @@ def sweep(device: torch.device, budget_s: float, compile_workers: int = 0, out=N
             entry = sweep_shape(*shape, device, copy_gbps, dtype)
             result["shapes"].append(entry)
             print(_line(entry), flush=True)
-            write_results(results_name(device, "tune_gemm"), result, table(result), out)
+            path = write_results(results_name(device, "tune_gemm"), result, table(result), out)
+            tilings = path.with_name(f"{results_name(device, 'ffn_tilings')}.json")  # kernels/ffn_tilings.py's form
+            atomic_write_text(tilings, json.dumps(ffn_tilings.table_from_sweep(result), indent=2) + "\n")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:

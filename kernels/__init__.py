@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from . import cpu_layout
+from . import cpu_layout, ffn_tilings
 from .attention import attention_prefill_reference, attention_prefill_triton, first_page_read
 from .attention_paged import PagedAttentionMetadata, attention_paged_triton, fp8_in_f16, set_fp8_f16
 from .attention_paged_reference import attention_paged_reference
@@ -48,6 +48,7 @@ __all__ = [
     "attention_prefill",
     "backend",
     "dequantize_weight",
+    "ffn_route",
     "first_page_read",
     "forced_backend",
     "fp8_in_f16",
@@ -101,12 +102,34 @@ def rms_norm(
     return impl(x, weight, eps, residual, quantize)
 
 
-def _cublas_rows(x: torch.Tensor | Fp8Rows) -> bool:
-    """Whether the automatic dispatch hands an x of this many rows to cuBLAS rather than the Triton GEMMs: past
-    TRITON_MAX_ROWS, where cuBLAS is the faster on the H200 for bf16 FFNs (kernels/ffn.py). FP8 follows the same
-    rule, its own crossover on the H200 (3e791a3): the Triton FP8 FFN 1.33-1.60x `_scaled_mm` at M <= 16, 0.66-0.83x
-    from 128 rows (M between 17 and 127 unmeasured)."""
-    return _forced is None and x.shape[0] > TRITON_MAX_ROWS
+def _cublas_rows(x: torch.Tensor | Fp8Rows, plan: ffn_tilings.FfnPlan | None = None) -> bool:
+    """Whether the automatic dispatch hands an x of this many rows to cuBLAS rather than the Triton GEMMs. With an
+    FFN's plan from its GPU's measured table (kernels/ffn_tilings.py), where that table measured cuBLAS faster;
+    without one, past TRITON_MAX_ROWS, where cuBLAS is the faster on the H200 for bf16 FFNs (kernels/ffn.py). FP8
+    follows the same rule, its own crossover on the H200 (3e791a3): the Triton FP8 FFN 1.33-1.60x `_scaled_mm` at
+    M <= 16, 0.66-0.83x from 128 rows (M between 17 and 127 unmeasured)."""
+    if _forced is not None:
+        return False
+    return not plan.triton if plan is not None else x.shape[0] > TRITON_MAX_ROWS
+
+
+def ffn_route(
+    x: torch.Tensor | Fp8Rows, w_gate_up: torch.Tensor, w_down: torch.Tensor, fp8: bool = False
+) -> tuple[str, ffn_tilings.FfnPlan | None]:
+    """How `swiglu_ffn` runs an FFN of FP8 weights (fp8) or not on x: "torch" (the reference: the CPU, autograd),
+    "cublas" (bf16 past the crossover), "scaled_mm" (FP8 past it) or "triton", with the measured plan it follows
+    (kernels/ffn_tilings.py: its GPU's table, for 2-byte activations and FP8 weights; None without one)."""
+    if backend(_codes(x), w_gate_up, w_down) != "triton":
+        return "torch", None
+    plan = None
+    if fp8 or _codes(x).element_size() == 2:  # fp32 runs the built-in tilings
+        plan = ffn_tilings.plan(x.shape[0], "fp8" if fp8 else "bf16", _codes(x).device)
+    if _cublas_rows(x, plan):
+        if not fp8:
+            return "cublas", plan
+        if scaled_mm_supports(*w_down.shape):  # both GEMMs' K and N are the hidden size and the width
+            return "scaled_mm", plan
+    return "triton", plan
 
 
 def swiglu_ffn(
@@ -119,18 +142,21 @@ def swiglu_ffn(
 ) -> torch.Tensor:
     """SwiGLU FFN. x [M, H], w_gate_up [2I, H] = cat(gate, up), w_down [H, I] -> [M, H], plus the residual
     [M, H] when one is given (added in the down GEMM's epilogue). FP8 weights come with their per-channel scales
-    gate_up_scale [2I] and down_scale [H] (kernels/fp8.py). Chosen automatically, past TRITON_MAX_ROWS rows
-    cuBLAS runs it (the torch path, or `torch._scaled_mm` for FP8): there it is the faster one on the H200.
+    gate_up_scale [2I] and down_scale [H] (kernels/fp8.py). Chosen automatically (`ffn_route`): past
+    TRITON_MAX_ROWS rows cuBLAS runs it (the torch path, or `torch._scaled_mm` for FP8), there the faster one on the
+    H200; on a GPU with a measured tiling table (kernels/ffn_tilings.py) its plan for the rows says which runs it,
+    and with which tilings.
     x may come quantized already (Fp8Rows, from `rms_norm(..., quantize=True)`) when the weights are FP8."""
     check_fp8_rows(x, gate_up_scale, "swiglu_ffn")
-    choice = backend(_codes(x), w_gate_up, w_down)
-    if choice == "triton" and _cublas_rows(x):
-        if gate_up_scale is None:
-            choice = "torch"
-        elif scaled_mm_supports(*w_down.shape):  # both GEMMs' K and N are the hidden size and the width
-            return swiglu_ffn_fp8_scaled_mm(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
-    impl = swiglu_ffn_triton if choice == "triton" else swiglu_ffn_reference
-    return impl(x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
+    args = (x, w_gate_up, w_down, residual, gate_up_scale, down_scale)
+    route, plan = ffn_route(x, w_gate_up, w_down, fp8=gate_up_scale is not None)
+    if route in ("torch", "cublas"):
+        return swiglu_ffn_reference(*args)
+    if route == "scaled_mm":
+        return swiglu_ffn_fp8_scaled_mm(*args)
+    if plan is None:
+        return swiglu_ffn_triton(*args)
+    return swiglu_ffn_triton(*args, persistent=plan.persistent, gate_up_tiling=plan.gate_up, down_tiling=plan.down)
 
 
 def linear(

@@ -953,7 +953,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["exact", "fisher"],
         help="search-scale: how blocks are scored (tessera optimize --scoring)",
     )
-    p.add_argument("--suite", action="append", choices=["norm", "ffn", "attention"], help="kernels: repeatable")
+    p.add_argument(
+        "--suite", action="append", choices=["norm", "ffn", "attention", "ffn_served"], help="kernels: repeatable"
+    )
     p.add_argument(
         "--pdl",
         action="store_true",

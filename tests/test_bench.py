@@ -73,7 +73,7 @@ def test_in_turns_reverses_the_order_every_other_round_and_compares_round_by_rou
     assert harness.InTurns({"x": lambda: 1.0, "y": lambda: 2.0}).run(3).ratio("x", "y") == (0.5, 0.5, 0.5)
 
 
-@pytest.mark.parametrize("suite", ["norm", "ffn", "attention"])
+@pytest.mark.parametrize("suite", ["norm", "ffn", "attention", "ffn_served"])
 def test_bench_kernels_suite(results_dir, suite: str, capsys) -> None:
     assert main(["bench", "kernels", "--suite", suite, "--device", "cpu", "--results", str(results_dir)]) == 0
     results = json.loads((results_dir / f"cpu_kernels_{suite}.json").read_text())
@@ -538,6 +538,15 @@ def test_the_gemm_tiling_sweep_ranks_only_checked_tilings_and_writes_after_each_
     assert best["speedup"] == 0.8 and not best["persistent"]
     # Past 16 rows the best pair is timed on the persistent schedule too (the interpreter takes tensor descriptors).
     assert [r["persistent"] for r in prefill["best_pairs"]] == [False, True]
+    # Beside the results, the winners as a tiling table (kernels/ffn_tilings.py) that reads back: the decode plan is
+    # the two favoured tilings, measured at 0.8x the baseline, so cuBLAS would serve its rows.
+    from tessera.kernels import ffn_tilings
+
+    plans = ffn_tilings.load_table(tmp_path / "cpu_ffn_tilings.json")
+    assert [p.rows for p in plans["bf16"]] == [1, 20] and plans["fp8"] == []
+    decode_plan = plans["bf16"][0]
+    assert (decode_plan.gate_up, decode_plan.down, decode_plan.speedup) == (fast_gate_up, fast_down, 0.8)
+    assert not decode_plan.triton and plans["bf16"][1].persistent == prefill["best"]["persistent"]
     # A failed row is never the best, however fast it was recorded.
     assert tune_gemm._best([{"failure": "wrong", "ms": 0.1}, {"failure": None, "ms": 1.0}])["ms"] == 1.0
     written = json.loads((tmp_path / "cpu_tune_gemm.json").read_text())
