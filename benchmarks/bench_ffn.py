@@ -58,7 +58,9 @@ def eager_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
     return residual + F.linear(F.silu(gate) * up, w_down)
 
 
-SERVED_ROWS = (1, 16, 64, 128, 512, 2048, 4096)  # the sweep's rows and rows between them no sweep measures
+# The sweep's rows and rows between them no sweep measures: a decode batch of 8, a batch of 32 past the decode
+# regime (kernels/ffn_tilings.py), 64 and 512.
+SERVED_ROWS = (1, 8, 16, 32, 64, 128, 512, 2048, 4096)
 
 
 def served_cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Iterator[KernelCase]:

@@ -22,6 +22,7 @@ Goals (H200): the FP8 step >= 80 % of its floor at batch 1 and >= 1.7x the bf16 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 
@@ -327,48 +328,69 @@ def pdl_table(result: dict) -> str:
 PROFILED = [(1, 1024, "bfloat16"), (64, 1024, "bfloat16"), (1, 1024, FP8_NAME)]  # (batch, context, weights) on a GPU
 
 
-def profile_steps(device: torch.device, copy_gbps: float, steps: int = 10) -> dict:
+def profile_steps(
+    device: torch.device, copy_gbps: float, steps: int = 10, written: Callable[[dict], object] | None = None
+) -> dict:
     """Where the served decode step's time goes (step_profile): for each of PROFILED's scenarios its step (the
     engine's CUDA graph replayed on a GPU; the demo shape's references eagerly on the CPU, a sanity pass of this
     code) timed as `run` times it, then profiled over `steps` steps: busy and idle time per step, and each kind of
-    kernel's and each kernel's launches and microseconds. A scenario that fails is recorded and the next runs."""
+    kernel's and each kernel's launches and microseconds. A scenario that fails is recorded and the next runs;
+    `written(partial)` after each, so a run cut short keeps what it measured.
+
+    CUPTI, which records the kernels, is started once before any graph is captured (profiling a graph captured
+    before the profiler's first use crashed: pytorch#75504; `torch.profiler._utils._init_for_cuda_graphs`). Where it
+    records no kernel of the replays, the same step is profiled eagerly instead (its kernels and their times, not its
+    gaps, are the graph's), and the row says so."""
     on_gpu = device.type == "cuda"
     model, scenarios, what = benchmarked(device)
     dtype = dtype_name(model.embed_tokens.weight.dtype)
     cases = PROFILED if on_gpu else [(batch, context, dtype) for batch, context in scenarios]
     fp8_model = model.cast(kernels.FP8) if any(w == FP8_NAME for *_, w in cases) else None
+    if on_gpu:
+        from torch.profiler import _utils as profiler_utils
+
+        if hasattr(profiler_utils, "_init_for_cuda_graphs"):
+            profiler_utils._init_for_cuda_graphs()
+    timing = "the engine's CUDA graph replayed" if on_gpu else "the references, eagerly (CPU operators)"
+    result = {"model": what, "dtype": dtype, "timing": timing, "results": []}
     saved = kernels.forced_backend()
-    rows = []
     try:
         kernels.set_backend(BACKENDS["served" if on_gpu else "torch"])
         for batch, context, weights in cases:
             timed = fp8_model if weights == FP8_NAME else model
-            row = {"batch": batch, "context": context, "weights": weights}
+            row = {"batch": batch, "context": context, "weights": weights, "profiled": timing}
             try:
                 with torch.inference_mode():
                     step = _decode_steps(timed, batch, context, device, graphs=on_gpu)
                     step()
                     row["step_ms"] = time_ms(step, device, graph=False)[0]
-                    row.update(step_profile.profile(step, device, steps))
+                    profile = step_profile.profile(step, device, steps)
+                    if on_gpu and not profile["events"]:
+                        row["profiled"] = "eagerly: the profiler recorded no kernel of the graph's replays"
+                        step = _decode_steps(timed, batch, context, device, graphs=False)
+                        profile = step_profile.profile(step, device, steps)
+                    row.update(profile)
                 kv = dtype if weights == FP8_NAME else None  # the FP8 model keeps an unquantized KV cache here
                 row["floor_ms"] = _floor_ms(model.arch, batch, context, copy_gbps, weights, kv)
                 row["pct_of_bandwidth_floor"] = 100 * row["floor_ms"] / row["step_ms"]
                 print(
                     f"decode batch {batch} context {context} {weights}: {row['step_ms']:.3f} ms/step; per step "
                     f"{row.get('launches', 0):.0f} launches, busy {row.get('busy_us', 0):.0f} µs, "
-                    f"idle {row.get('idle_us', 0):.0f} µs"
+                    f"idle {row.get('idle_us', 0):.0f} µs ({row['profiled']})"
                 )
             except Exception as e:  # new, never run on a GPU: a failure is recorded, the other scenarios run
                 row["error"] = f"{type(e).__name__}: {e}"
                 print(f"decode batch {batch} context {context} {weights}: profile failed ({row['error']})")
-            rows.append(row)
             step = None
+            result["results"].append(row)
+            if written is not None:
+                written(result)
             if on_gpu:
-                torch.cuda.empty_cache()
+                with contextlib.suppress(RuntimeError):  # after a CUDA error the next scenario says what failed
+                    torch.cuda.empty_cache()
     finally:
         kernels.set_backend(saved)
-    timing = "the engine's CUDA graph replayed" if on_gpu else "the references, eagerly (CPU operators)"
-    return {"model": what, "dtype": dtype, "timing": timing, "results": rows}
+    return result
 
 
 def profile_table(result: dict, top: int = 12) -> str:
@@ -379,14 +401,15 @@ def profile_table(result: dict, top: int = 12) -> str:
         if "error" in r or not r.get("events"):
             parts.append(f"{title}\n\nnot profiled: {r.get('error', 'the profiler recorded no device work')}")
             continue
-        span = r["span_us"]
+        span, between = r["span_us"], r.get("between_steps_us")
         lines = [
             title,
             "",
             f"{r['step_ms']:.3f} ms a step timed alone ({r['pct_of_bandwidth_floor']:.0f} % of its "
-            f"{r['floor_ms']:.3f} ms floor); profiled over {r['steps']} steps: {span:.0f} µs a step, "
-            f"{r['launches']:.0f} launches, busy {r['busy_us']:.0f} µs, idle {r['idle_us']:.0f} µs "
-            f"({100 * r['idle_us'] / span:.1f} %)",
+            f"{r['floor_ms']:.3f} ms floor); profiled ({r['profiled']}) over {r['steps']} steps: {span:.0f} µs a "
+            f"step, {r['launches']:.0f} launches, busy {r['busy_us']:.0f} µs, idle {r['idle_us']:.0f} µs "
+            f"({100 * r['idle_us'] / span:.1f} %)"
+            + ("" if between is None else f", of which {between:.0f} µs between one step's last kernel and the next's"),
             "",
             "| kind | launches / step | µs / step | % of step |",
             "|---|---:|---:|---:|",

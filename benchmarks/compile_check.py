@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -47,7 +48,7 @@ from triton.runtime.driver import driver
 
 from tessera import kernels
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
-from tessera.kernels import hardware
+from tessera.kernels import ffn_tilings, hardware
 
 if hardware.INTERPRETING:  # its kernels were decorated as interpreted functions, which do not compile
     sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter runs kernels instead of compiling them)")
@@ -342,6 +343,34 @@ WORKLOADS: dict[str, Callable[[], None]] = {
 }
 
 
+def under_table(table: Path, fp8: bool) -> None:
+    """The 8B shape's engine steps and decode graphs with the FFN steered by a committed tiling table
+    (kernels/ffn_tilings.py): the variants its plans launch, which the built-in tilings do not (Triton is forced
+    here, so the rows the table gives cuBLAS compile too: a superset)."""
+    saved = os.environ.get(ffn_tilings.TABLE_ENV)
+    os.environ[ffn_tilings.TABLE_ENV] = str(table)
+    try:
+        served_path("llama-3.1-8b shape", fp8, False)
+        graph_decode("llama-3.1-8b shape", fp8, False, MODEL_GRAPHS + SWEEP_GRAPHS)
+    finally:
+        if saved is None:
+            del os.environ[ffn_tilings.TABLE_ENV]
+        else:
+            os.environ[ffn_tilings.TABLE_ENV] = saved
+
+
+def table_workloads() -> dict[str, Callable[[], None]]:
+    """One workload per committed FFN tiling table (kernels/configs/) and precision."""
+    workloads = {}
+    for table in sorted(ffn_tilings.CONFIG_DIR.glob("*_ffn_tilings.json")):
+        for fp8 in (False, True):
+            name = (
+                f"engine and CUDA-graph decode, llama-3.1-8b shape, {'fp8' if fp8 else 'bf16'}, FFN table {table.name}"
+            )
+            workloads[name] = partial(under_table, table, fp8)
+    return workloads
+
+
 SWEEP_WORKLOADS: dict[str, Callable[[], None]] = {
     "tune_gemm tilings, bf16": partial(gemm_sweep_tilings, "bf16"),
     "tune_gemm tilings, fp8": partial(gemm_sweep_tilings, "fp8"),
@@ -357,7 +386,7 @@ def check(arch: int, sweeps: bool = False) -> dict:
     driver.set_active(CompileOnly(arch))  # for the rest of the process: there is no GPU driver to go back to
     failures, started = [], time.perf_counter()
     with Compiled(target) as compiled:
-        for workload, run in {**WORKLOADS, **(SWEEP_WORKLOADS if sweeps else {})}.items():
+        for workload, run in {**WORKLOADS, **table_workloads(), **(SWEEP_WORKLOADS if sweeps else {})}.items():
             if "fp8" in workload and arch < 89:
                 continue  # FP8 needs compute capability 8.9 (the runtime refuses it below, devices.check_fp8)
             if "programmatic" in workload and arch < 90:

@@ -19,6 +19,7 @@ LOGS=benchmarks/results/gpu_logs
 mkdir -p "$LOGS"
 : >"$LOGS/summary.txt"
 start=$(date +%s)
+export SUITE_START=$start  # what this call wrote is newer (ffn_served)
 
 pack() {
     if [[ -n "${OUT:-}" ]]; then
@@ -118,11 +119,19 @@ want tune_gemm && step tune_gemm 100 python3 -m tessera.benchmarks.tune_gemm --d
 # The served FFN (kernels.swiglu_ffn) steered by the sweep's fresh tiling table (TESSERA_FFN_TILINGS; without one, by
 # the built-in rule): Triton or cuBLAS and the tilings as the table says, against cuBLAS / _scaled_mm on the 8B shape
 # at the sweep's rows and between them. Its rows say whether the table may be committed (kernels/configs/).
+# Only a table this call's sweep wrote: without one (the sweep skipped or failed) the FFN runs as served, steered by
+# a committed table if kernels/configs/ has this GPU's.
 ffn_served() {
     local table
-    table=$(find benchmarks/results -maxdepth 1 -name '*_ffn_tilings.json' ! -name 'cpu_*' | head -n 1)
-    echo "served FFN steered by: ${table:-the built-in rule (no sweep table)}"
-    TESSERA_FFN_TILINGS=${table} python3 -m tessera.cli bench kernels --suite ffn_served --device cuda
+    table=$(find benchmarks/results -maxdepth 1 -name '*_ffn_tilings.json' ! -name 'cpu_*' -newermt "@$SUITE_START" \
+        | head -n 1)
+    if [[ -n "$table" ]]; then
+        echo "served FFN steered by this call's sweep: $table"
+        TESSERA_FFN_TILINGS=$table python3 -m tessera.cli bench kernels --suite ffn_served --device cuda
+    else
+        echo "no table from this call's sweep: the FFN as served (a committed table, or the built-in rule)"
+        python3 -m tessera.cli bench kernels --suite ffn_served --device cuda
+    fi
 }
 export -f ffn_served
 want ffn_served && step ffn_served 45 bash -c ffn_served

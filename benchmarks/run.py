@@ -106,11 +106,14 @@ def run_model_profile(device: torch.device, out: Path | None = None) -> Path:
     (bench_model.profile_steps)."""
     copy_gbps = copy_bandwidth_gbps(device)
     env = environment(device)
-    result = bench_model.profile_steps(device, copy_gbps)
-    md = _header(env, f"Decode step profile, {result['model']}, {result['dtype']}", copy_gbps)
-    md += f"Timing: {result['timing']}.\n\n" + bench_model.profile_table(result)
-    results = {**env, "copy_bandwidth_gbps": copy_gbps, **result}
-    return write_results(results_name(device, "model_profile"), results, md, out)
+
+    def write(result: dict) -> Path:  # after every scenario too: a step cut short by its time limit keeps them
+        md = _header(env, f"Decode step profile, {result['model']}, {result['dtype']}", copy_gbps)
+        md += f"Timing: {result['timing']}.\n\n" + bench_model.profile_table(result)
+        results = {**env, "copy_bandwidth_gbps": copy_gbps, **result}
+        return write_results(results_name(device, "model_profile"), results, md, out)
+
+    return write(bench_model.profile_steps(device, copy_gbps, written=write))
 
 
 def run_fusion(device: torch.device, out: Path | None = None) -> Path:

@@ -5,7 +5,8 @@ same step (torch.profiler: CUPTI's kernel records on a GPU, replays of the engin
 operators on the CPU) over a few steps and splits each step into:
 - busy: the time some kernel runs (the union of their intervals: kernels on two streams count once);
 - idle: the rest of the step's span, first kernel start to last kernel end over the steps profiled: launch gaps
-  and kernels' ramp-up and drain between them, what fusing launches away would win;
+  and kernels' ramp-up and drain between them, what fusing launches away would win, apart from the part between
+  one step's last kernel and the next step's first (`between_steps_us`: the host launching the next step);
 - per kind (`KINDS`: Triton's kernels by their function names, cuBLAS's by its families, everything else as
   "other") and per kernel: launches and microseconds per step.
 The trace is read from the profiler's Chrome-trace export, a documented format that has stayed put across torch
@@ -37,7 +38,7 @@ KINDS = [
     (r"^memcpy|^memset", "memory copy / set"),
 ]
 _KIND_PATTERNS = [(re.compile(p, re.IGNORECASE), kind) for p, kind in KINDS]
-OTHER = "other (torch ops: embedding, elementwise, sampling)"
+OTHER = "other (torch ops: embedding, elementwise, copies of the step's inputs)"
 
 
 def kind_of(name: str) -> str:
@@ -107,10 +108,23 @@ def breakdown(events: list[tuple[str, float, float, object]], steps: int) -> dic
         "span_us": (last - first) / steps,
         "busy_us": busy / steps,
         "idle_us": (last - first - busy) / steps,
+        "between_steps_us": _between_steps(events, steps),
         "launches": len(events) / steps,
         "kinds": rows(per_kind, "kind"),
         "kernels": rows(per_kernel, "kernel"),
     }
+
+
+def _between_steps(events: list[tuple[str, float, float, object]], steps: int) -> float | None:
+    """The idle time per step between one step's last kernel and the next one's first (the host's launch of the
+    next step: its graph replay and input copies), part of `idle_us`: what fusing kernels inside a step cannot win.
+    Steps are told apart by their launch count, so only when every step launched the same number (else None)."""
+    if steps < 2 or len(events) % steps:
+        return None
+    ordered, n = sorted(events, key=lambda e: e[1]), len(events) // steps
+    ends = [max(start + dur for _, start, dur, _ in ordered[i * n : (i + 1) * n]) for i in range(steps)]
+    starts = [ordered[i * n][1] for i in range(steps)]
+    return sum(max(0.0, starts[i + 1] - ends[i]) for i in range(steps - 1)) / steps
 
 
 def profile(step: Callable[[], object], device: torch.device, steps: int = 10) -> dict:
@@ -119,9 +133,7 @@ def profile(step: Callable[[], object], device: torch.device, steps: int = 10) -
     from torch.profiler import ProfilerActivity
 
     on_gpu = device.type == "cuda"
-    # The CPU's activity too on a GPU: the host's launches are in the trace beside the kernels (read by nobody
-    # here, but what a reader of the exported trace expects), and only kernels are counted.
-    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    activities = [ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]  # only what runs on the device counts
     step()
     if on_gpu:
         torch.cuda.synchronize(device)

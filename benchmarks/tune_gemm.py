@@ -16,8 +16,8 @@ in parallel into the shared on-disk cache, the kinds in the shapes' order, and a
 compiled (the timing process then finds the kernels there) while the later kinds compile.
 
 Beside its results it writes the winners as a tiling table, `<device>_ffn_tilings.json` (kernels/ffn_tilings.py):
-committed as `kernels/configs/ffn_<device>.json`, it steers the served FFN on that GPU (tilings, and at which rows
-Triton or cuBLAS runs it); `TESSERA_FFN_TILINGS=<that file>` tries it first (the GPU suite's `ffn_served` step).
+copied as it is into `kernels/configs/`, it steers the served FFN on that GPU (tilings, and at which rows Triton or
+cuBLAS runs it); `TESSERA_FFN_TILINGS=<that file>` tries it first (the GPU suite's `ffn_served` step).
 
     python3 -m tessera.benchmarks.tune_gemm --device cuda [--budget-s 60] [--compile-workers 8]
 """

@@ -1,18 +1,23 @@
 """The FFN's measured GEMM tilings per GPU, and at which rows its Triton kernels beat cuBLAS there.
 
 `benchmarks/tune_gemm.py` sweeps the SwiGLU FFN's two GEMM tilings on a GPU against cuBLAS (bf16) or
-`torch._scaled_mm` (FP8) in the same run and writes its winners as a table, `<device>_ffn_tilings.json`. Committed as
-`kernels/configs/ffn_<device>.json` (the device's name as torch gives it, lower-case, spaces as dashes), the table
-steers `kernels.swiglu_ffn` on that GPU, as vLLM's committed per-device configs steer its fused-MoE kernels:
-- an M-row FFN takes the plan of the table's entry of its precision whose rows are nearest M on a log scale
-  (an 8-row step the 16-row entry's, a 700-row prefill the 128-row or 2,048-row one, whichever is nearer);
+`torch._scaled_mm` (FP8) in the same run and writes its winners as a table, `<device>_ffn_tilings.json` (the device's
+name as torch gives it, lower-case, spaces as dashes). Committed as it is into `kernels/configs/`, the table steers
+`kernels.swiglu_ffn` on that GPU, as vLLM's committed per-device configs steer its fused-MoE kernels:
+- an M-row FFN takes the plan of the table's entry of its precision nearest M on a log scale, among the entries of
+  its regime: decode (M <= DECODE_ROWS, 16-row tiles streaming the weights) or past it. Decode entries never steer
+  more rows (a 32-row batch with 16-row tiles was never measured), nor prefill entries fewer;
 - the plan's gate/up and down tilings and schedule (portable or persistent) replace the built-in ones
-  (`ffn.gate_up_blocks`, `gemm.gemm_blocks`), which serve where no table is;
-- where the entry measured the Triton FFN slower than the baseline by more than CROSSOVER_MARGIN, cuBLAS serves
-  those rows; elsewhere Triton does, past 16 rows too (without a table, cuBLAS from 17 rows: `ffn.TRITON_MAX_ROWS`).
-A plan is a lookup on the host, the same for every call of a shape: nothing is tuned while a CUDA graph captures.
-`TESSERA_FFN_TILINGS=<path>` makes another table (a sweep's fresh output) steer every device, the GPU suite's way of
-measuring a sweep's plans in the same call; an empty value turns the tables off.
+  (`ffn.gate_up_blocks`, `gemm.gemm_blocks`), which serve where no plan is;
+- Triton runs the rows only where the table measured it at least as fast as the baseline: at the entry's own rows
+  by its speedup, between two entries only if both measured it so (the rows between were not measured); elsewhere
+  cuBLAS (or `_scaled_mm`) runs them. Past 16 rows that can be Triton too (without a table, cuBLAS from 17 rows:
+  `ffn.TRITON_MAX_ROWS`). A regime without entries keeps the built-in rule.
+The entries were measured on the sweep's shapes (the 8B FFN's width at every M); they steer every width, from a
+pruned child's narrow FFN to an FFN-Fusion group's. A plan is a lookup on the host, the same for every call of a
+shape: nothing is tuned while a CUDA graph captures. `TESSERA_FFN_TILINGS=<path>` makes another table (a sweep's
+fresh output) steer every device, the GPU suite's way of measuring a sweep's plans in the same call; an empty value
+turns the tables off. A table is read once per path and process.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -31,28 +36,25 @@ from .gemm import GemmTiling
 TABLE_ENV = "TESSERA_FFN_TILINGS"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRECISIONS = ("bf16", "fp8")  # bf16 entries serve fp16 too: tiles of 2-byte operands
-CROSSOVER_MARGIN = 0.02  # Triton serves rows whose entry measured it at least 0.98x the baseline
+DECODE_ROWS = 16  # the decode regime's last row count (ffn.TRITON_MAX_ROWS; tune_gemm's 16-row candidates)
 
 
 @dataclass(frozen=True)
 class FfnPlan:
-    """How an FFN of some rows runs on a GPU with a table: its GEMMs' tilings and schedule, and whether Triton runs
-    it at all (`triton`: the entry measured it at least 1 - CROSSOVER_MARGIN times the baseline)."""
+    """How an FFN of some rows runs on a GPU with a table: its GEMMs' tilings and schedule (from the entry nearest
+    its rows), and whether Triton runs it at all (`triton`, module doc)."""
 
     gate_up: GemmTiling
     down: GemmTiling
     persistent: bool
     speedup: float  # the entry's, measured against cuBLAS / `_scaled_mm` at `rows`
     rows: int  # the rows the entry was measured at
-
-    @property
-    def triton(self) -> bool:
-        return self.speedup >= 1 - CROSSOVER_MARGIN
+    triton: bool  # Triton runs these rows: measured at least as fast as the baseline (module doc)
 
 
-def device_slug(name: str) -> str:
-    """A device's name as a file name: "NVIDIA H200" -> "nvidia-h200"."""
-    return name.lower().replace(" ", "-")
+def table_name(device_name: str) -> str:
+    """A device's table file: "NVIDIA H200" -> "nvidia-h200_ffn_tilings.json" (what tune_gemm writes)."""
+    return f"{device_name.lower().replace(' ', '-')}_ffn_tilings.json"
 
 
 def table_path(device: torch.device) -> Path | None:
@@ -66,23 +68,33 @@ def table_path(device: torch.device) -> Path | None:
 
 @functools.cache
 def _committed(device: torch.device) -> Path | None:
-    path = CONFIG_DIR / f"ffn_{device_slug(torch.cuda.get_device_name(device))}.json"
+    path = CONFIG_DIR / table_name(torch.cuda.get_device_name(device))
     return path if path.is_file() else None
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _tiling(entry: dict, key: str, where: str) -> GemmTiling:
+    """An entry's tiling, checked as Triton needs it: power-of-two tile sizes and warps, at least one stage."""
     spec = entry.get(key)
     names = {f.name for f in fields(GemmTiling)}
-    if not isinstance(spec, dict) or not {n for n in names if n != "group_m"} <= spec.keys() or spec.keys() - names:
+    if not isinstance(spec, dict) or not names - {"group_m"} <= spec.keys() or spec.keys() - names:
         raise ValueError(f"{where}: {key!r} must be a tiling with {sorted(names)}, got {spec!r}")
-    if not all(isinstance(v, int) and v > 0 for v in spec.values()):
+    if not all(_positive_int(v) for v in spec.values()):
         raise ValueError(f"{where}: {key!r} must hold positive integers, got {spec!r}")
+    powers = ("block_m", "block_n", "block_k", "num_warps")
+    if any(spec[name] & (spec[name] - 1) for name in powers):
+        raise ValueError(f"{where}: {key!r}'s {', '.join(powers)} must be powers of two, got {spec!r}")
     return GemmTiling(**spec)
 
 
 @functools.cache
 def load_table(path: Path) -> dict[str, list[FfnPlan]]:
-    """A table's plans by precision, in rows order; a ValueError naming the file and the field on a malformed one."""
+    """A table's entries as plans by precision, in rows order (each plan's `triton` its own entry's); a ValueError
+    naming the file and the field on a malformed one. Read once per path: a table rewritten later in the same
+    process is not read again."""
     try:
         table = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -96,15 +108,15 @@ def load_table(path: Path) -> dict[str, list[FfnPlan]]:
         if not isinstance(entry, dict) or entry.get("precision") not in PRECISIONS:
             raise ValueError(f"{where}: 'precision' must be one of {PRECISIONS}, got {entry!r}")
         rows, speedup = entry.get("rows"), entry.get("speedup")
-        if not isinstance(rows, int) or rows < 1:
+        if not _positive_int(rows):
             raise ValueError(f"{where}: 'rows' must be a positive integer, got {rows!r}")
-        if not isinstance(speedup, int | float) or not speedup > 0:
+        if isinstance(speedup, bool) or not isinstance(speedup, int | float) or not speedup > 0:
             raise ValueError(f"{where}: 'speedup' must be a positive number, got {speedup!r}")
         persistent = entry.get("persistent", False)
         if not isinstance(persistent, bool):
             raise ValueError(f"{where}: 'persistent' must be true or false, got {persistent!r}")
         gate_up, down = _tiling(entry, "gate_up", where), _tiling(entry, "down", where)
-        plans[entry["precision"]].append(FfnPlan(gate_up, down, persistent, float(speedup), rows))
+        plans[entry["precision"]].append(FfnPlan(gate_up, down, persistent, float(speedup), rows, speedup >= 1))
     for precision, listed in plans.items():
         listed.sort(key=lambda plan: plan.rows)
         if len({plan.rows for plan in listed}) != len(listed):
@@ -113,15 +125,24 @@ def load_table(path: Path) -> dict[str, list[FfnPlan]]:
 
 
 def plan(rows: int, precision: str, device: torch.device) -> FfnPlan | None:
-    """The plan of an FFN of `rows` rows in `precision` ("bf16" or "fp8") on `device`: its table's entry nearest in
-    log(rows); None without a table or an entry of that precision."""
+    """The plan of an FFN of `rows` rows in `precision` ("bf16" or "fp8") on `device` (module doc); None without a
+    table, or without entries of that precision in the rows' regime."""
     path = table_path(device)
-    if path is None:
-        return None
-    listed = load_table(path)[precision]
+    return None if path is None else _plan(path, precision, max(rows, 1))
+
+
+@functools.cache
+def _plan(path: Path, precision: str, rows: int) -> FfnPlan | None:
+    decode = rows <= DECODE_ROWS
+    listed = [p for p in load_table(path)[precision] if (p.rows <= DECODE_ROWS) == decode]
     if not listed:
         return None
-    return min(listed, key=lambda p: (abs(math.log(max(rows, 1) / p.rows)), p.rows))
+    nearest = min(listed, key=lambda p: (abs(math.log(rows / p.rows)), p.rows))
+    below = [p for p in listed if p.rows < rows]
+    above = [p for p in listed if p.rows > rows]
+    if nearest.rows != rows and below and above:  # between two measured rows: Triton only if both said so
+        return replace(nearest, triton=below[-1].triton and above[0].triton)
+    return nearest
 
 
 def table_from_sweep(result: dict) -> dict:

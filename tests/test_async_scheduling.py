@@ -84,12 +84,13 @@ def test_steps_planned_ahead_send_what_the_synchronous_engine_sends(demo) -> Non
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "seeded", "penalized"])
-def test_steps_are_planned_ahead_only_while_the_pool_has_the_pages(demo_float64, sampling) -> None:
+def test_steps_are_planned_ahead_only_while_the_pool_has_the_pages(request, sampling) -> None:
     """The pool of `test_engine`'s preemption test (6 pages of 16 tokens, 5 requests of 3 pages): where a step
     needs a page the pool lacks, it is planned with the tokens known and preempts the newest request, as without
     async scheduling. Every request's tokens equal those of an engine with pages to spare."""
-    model, tok = demo_float64  # (see the fixture)
-    page_bytes = PagedKVCache.page_bytes(model.arch, 16, torch.float64)
+    # Sampled draws compared across rounding paths in float64 (conftest's `demo_float64`); greedy in the served float32.
+    model, tok = request.getfixturevalue("demo" if sampling == "greedy" else "demo_float64")
+    page_bytes = PagedKVCache.page_bytes(model.arch, 16, model.embed_tokens.weight.dtype)
     penalties = {"frequency_penalty": 0.7, "repetition_penalty": 1.3} if sampling == "penalized" else {}
     params = SamplingParams(30, temperature=0.0 if sampling == "greedy" else 1.0, seed=7, ignore_eos=True, **penalties)
     prompts = prompts_of([10] * 5, 8192, seed=2)

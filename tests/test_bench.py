@@ -171,8 +171,9 @@ def test_bench_model_pdl_alternates_the_modes_and_compares_their_logits(results_
 
 def test_a_step_profile_counts_busy_time_once_and_idle_time_between_kernels() -> None:
     """step_profile on a made-up trace of 2 steps: a kernel on a second stream overlapping another counts once in
-    busy time (checked against the union counted microsecond by microsecond), the rest of the span is idle, nested
-    CPU operators count once, and per-kind and per-kernel rows add up to every launch and microsecond."""
+    busy time (checked against the union counted microsecond by microsecond), the rest of the span is idle (the
+    gap between the steps apart), copies and sets count as device work, host events do not, nested CPU operators
+    count once, and per-kind and per-kernel rows add up to every launch and microsecond."""
     from tessera.benchmarks import step_profile
 
     def event(name, ts, dur, tid=7, cat="kernel"):
@@ -182,8 +183,9 @@ def test_a_step_profile_counts_busy_time_once_and_idle_time_between_kernels() ->
         event("_rms_norm_kernel", 0, 4),
         event("nvjet_tst_128x64_64x4_h_bz_TNT", 6, 20),
         event("_gate_up_kernel", 30, 10),
-        event("Memset (Device)", 41, 1),
+        event("Memset (Device)", 41, 1, cat="gpu_memset"),
         event("_matmul_kernel", 35, 8, tid=9),  # a second stream, overlapping gate/up by 5 µs
+        event("Memcpy DtoD (Device -> Device)", 44, 1, cat="gpu_memcpy"),
     ]
     trace = {
         "traceEvents": [
@@ -198,13 +200,17 @@ def test_a_step_profile_counts_busy_time_once_and_idle_time_between_kernels() ->
     timeline = set()
     for _, start, dur, _ in events:
         timeline |= set(range(int(start), int(start + dur)))
-    assert result["busy_us"] == len(timeline) / 2 == 37.0  # per step 0-4, 6-26 and 30-43 (the memset inside)
-    assert result["span_us"] == 46.5 and result["idle_us"] == 9.5  # first start 0, last end 93, over 2 steps
-    assert result["launches"] == 5 and sum(k["launches"] for k in result["kinds"]) == 5
-    assert sum(k["us"] for k in result["kernels"]) == sum(k["us"] for k in result["kinds"]) == 43.0
+    assert result["busy_us"] == len(timeline) / 2 == 38.0  # per step 0-4, 6-26, 30-43 (the memset inside), 44-45
+    assert result["span_us"] == 47.5 and result["idle_us"] == 9.5  # first start 0, last end 95, over 2 steps
+    assert result["between_steps_us"] == 2.5  # 45 to 50, over 2 steps
+    assert result["launches"] == 6 and sum(k["launches"] for k in result["kinds"]) == 6
+    assert sum(k["us"] for k in result["kernels"]) == sum(k["us"] for k in result["kinds"]) == 44.0
     kinds = {k["kind"]: k for k in result["kinds"]}
     assert kinds["GEMM (cuBLAS / torch)"]["us"] == 20 and kinds["FFN gate/up GEMM (Triton)"]["launches"] == 1
-    assert kinds["memory copy / set"]["us"] == 1 and result["kernels"][0]["kernel"].startswith("nvjet")
+    assert kinds["memory copy / set"] == {"kind": "memory copy / set", "launches": 2, "us": 2.0}
+    assert result["kernels"][0]["kernel"].startswith("nvjet")
+    uneven = step_profile.breakdown(events[:-1], steps=2)  # 11 launches over 2 steps: no boundary to tell
+    assert uneven["between_steps_us"] is None and uneven["launches"] == 5.5
     # CPU operators nest: aten::linear's addmm is inside it and counts once, as the linear.
     cpu = [event("aten::linear", 0, 10, cat="cpu_op"), event("aten::addmm", 2, 7, cat="cpu_op")]
     cpu_events = step_profile.outermost(step_profile.trace_events({"traceEvents": cpu}, ("cpu_op",)))
@@ -224,6 +230,7 @@ def test_bench_model_profile_accounts_for_every_projection_of_the_step(results_d
         kernels = {k["kernel"]: k for k in r["kernels"]}
         assert kernels["aten::linear"]["launches"] == 8 * 4 + 1
         assert r["busy_us"] + r["idle_us"] == pytest.approx(r["span_us"]) and 0 <= r["idle_us"] < r["span_us"]
+        assert 0 <= r["between_steps_us"] <= r["idle_us"] and r["profiled"] == results["timing"]
         # One thread: nothing overlaps (the trace's timestamps are rounded to the nanosecond: rel 1e-5).
         assert sum(k["us"] for k in r["kinds"]) == pytest.approx(r["busy_us"], rel=1e-5)
     table = (results_dir / "cpu_model_profile.md").read_text()

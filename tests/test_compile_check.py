@@ -74,3 +74,40 @@ def test_every_kernel_compiles_within_the_gpus_shared_memory(tmp_path, arch: int
         assert row["shared_bytes"] + row["static_shared_bytes"] <= limit, row
         if arch == 90:  # the H200's kernels keep their registers (none spilled on 2026-11-29, triton 3.6 and 3.9)
             assert row["local_bytes"] == 0, row
+
+
+def test_each_committed_ffn_table_is_compiled_under_its_plans(tmp_path) -> None:
+    """A tiling table committed in kernels/configs/ launches variants the built-in tilings do not: the check adds
+    the 8B shape's engine steps and decode graphs under each table, bf16 and FP8, with TESSERA_FFN_TILINGS naming
+    that table while they run and restored after. (In a subprocess: the module refuses the interpreter.)"""
+    script = f"""
+import os
+from pathlib import Path
+from tessera.benchmarks import compile_check
+from tessera.kernels import ffn_tilings
+
+configs = Path({str(tmp_path)!r})
+ffn_tilings.CONFIG_DIR = configs
+assert compile_check.table_workloads() == {{}}
+(configs / "nvidia-h200_ffn_tilings.json").write_text("{{}}")
+(configs / "notes.json").write_text("{{}}")  # not a table's name
+workloads = compile_check.table_workloads()
+assert sorted(workloads) == [
+    f"engine and CUDA-graph decode, llama-3.1-8b shape, {{p}}, FFN table nvidia-h200_ffn_tilings.json"
+    for p in ("bf16", "fp8")
+], workloads
+seen = []
+env = ffn_tilings.TABLE_ENV
+compile_check.served_path = lambda *a: seen.append(("steps", a[1], os.environ.get(env)))
+compile_check.graph_decode = lambda *a: seen.append(("graphs", a[1], os.environ.get(env)))
+os.environ[env] = "before"
+for run in workloads.values():
+    run()
+table = str(configs / "nvidia-h200_ffn_tilings.json")
+assert seen == [("steps", False, table), ("graphs", False, table), ("steps", True, table), ("graphs", True, table)]
+assert os.environ[env] == "before"
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout[-3000:] + run.stderr[-3000:]

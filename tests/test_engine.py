@@ -303,14 +303,15 @@ def served_under_pressure(engine: Engine, prompts: list[list[int]], params: Samp
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "seeded", "penalized"])
-def test_pages_are_taken_as_requests_grow_and_the_newest_is_preempted(demo_float64, sampling) -> None:
+def test_pages_are_taken_as_requests_grow_and_the_newest_is_preempted(request, sampling) -> None:
     """6 usable pages of 16 tokens: five requests of 10 prompt + 30 new tokens hold 3 pages each at their
     longest, so reserving that up front ran 2 at once. Taking pages as they grow, 3 start (a page to spare for
     each, `Engine._can_start`); at the 33rd token the pool runs dry and the newest is preempted, to be prefilled
     again later with what it generated. Every request's tokens equal those of an engine with pages to spare, in
     greedy and in seeded sampling (the preempted one samples on from its own stream)."""
-    model, tok = demo_float64  # (see the fixture)
-    page_bytes = PagedKVCache.page_bytes(model.arch, 16, torch.float64)
+    # Sampled draws compared across rounding paths in float64 (conftest's `demo_float64`); greedy in the served float32.
+    model, tok = request.getfixturevalue("demo" if sampling == "greedy" else "demo_float64")
+    page_bytes = PagedKVCache.page_bytes(model.arch, 16, model.embed_tokens.weight.dtype)
     temperature = 0.0 if sampling == "greedy" else 1.0
     # Penalized: each request's counts kept in its batch row, filled again when a restart gives it another.
     penalties = {"frequency_penalty": 0.7, "repetition_penalty": 1.3} if sampling == "penalized" else {}

@@ -114,11 +114,11 @@ def test_a_shared_prefix_is_computed_once(demo, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "seeded"])
-def test_a_prompt_cached_whole_computes_its_last_token(demo_float64, sampling, monkeypatch) -> None:
+def test_a_prompt_cached_whole_computes_its_last_token(request, sampling, monkeypatch) -> None:
     """The same prompt of 8 pages again: 7 pages come from the cache, the last is computed for its logits, and
-    the tokens are those of an engine without prefix caching (greedy and seeded; in float64, as the cached and
-    uncached prefills round differently and a seeded draw of this test's lies 2.8e-6 from a CDF boundary)."""
-    model, tok = demo_float64
+    the tokens are those of an engine without prefix caching (greedy in float32; seeded in float64, as the cached
+    and uncached prefills round differently and a seeded draw of this test's lies 2.8e-6 from a CDF boundary)."""
+    model, tok = request.getfixturevalue("demo" if sampling == "greedy" else "demo_float64")
     prompt = prompts_of([8 * PAGE], 8192, seed=3)[0]
     params = SamplingParams(max_new_tokens=5, ignore_eos=True, temperature=0.0 if sampling == "greedy" else 1.0, seed=5)
     config = EngineConfig(max_batch=2, page_size=PAGE)

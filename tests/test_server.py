@@ -171,7 +171,7 @@ def test_a_server_with_async_scheduling_sends_what_one_without_sends(parent) -> 
     [free] = Generator(*parent).generate([prompts[0]], SamplingParams(24))
     requests = [
         (prompts[0], SamplingParams(24, stop=(free.text[8:12],))),
-        (prompts[1], SamplingParams(24, temperature=0.7, seed=5, logprobs=2)),  # 1e-3 (SAFE_TEMPERATURE)
+        (prompts[1], SamplingParams(24, temperature=0.7, seed=5, logprobs=2)),  # draws >= 1e-3 from a boundary
         (prompts[2], SamplingParams(24, frequency_penalty=0.8)),
         (prompts[3], SamplingParams(24, temperature=0.7, top_k=40, seed=9)),
     ]
