@@ -53,6 +53,18 @@ FP8_SHAPES = SHAPES[:2]
 PERSISTENT_SHAPES = (SHAPES[0], SHAPES[-1])
 
 
+EAGER = "torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual"  # the bf16 FFNs' baseline
+SCALED_MM = "torch._scaled_mm (cuBLASLt FP8, row-wise scales), F.silu(gate) * up, + residual"  # the FP8 FFNs'
+
+
+def ffn_weights(hidden: int, inter: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator):
+    """Random w_gate_up [2I, H] and w_down [H, I], scaled so the pre-activations are O(1) (silu on both sides of
+    0): the FFN benchmarks' and the tiling sweep's weights."""
+    w_gate_up = torch.randn(2 * inter, hidden, device=device, dtype=dtype, generator=gen) * hidden**-0.5
+    w_down = torch.randn(hidden, inter, device=device, dtype=dtype, generator=gen) * inter**-0.5
+    return w_gate_up, w_down
+
+
 def eager_swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, residual: torch.Tensor):
     gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
     return residual + F.linear(F.silu(gate) * up, w_down)
@@ -73,12 +85,9 @@ def served_cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> I
     model, hidden, inter = SHAPES[0]
     h_run, i_run = hidden // shrink, inter // shrink
     gen = torch.Generator(device).manual_seed(inter)
-    w_gate_up = torch.randn(2 * i_run, h_run, device=device, dtype=dtype, generator=gen) * h_run**-0.5
-    w_down = torch.randn(h_run, i_run, device=device, dtype=dtype, generator=gen) * i_run**-0.5
-    (gate_up_q, gate_up_scale), (down_q, down_scale) = (
-        kernels.quantize_weight(w_gate_up),
-        kernels.quantize_weight(w_down),
-    )
+    w_gate_up, w_down = ffn_weights(h_run, i_run, device, dtype, gen)
+    gate_up_q, gate_up_scale = kernels.quantize_weight(w_gate_up)
+    down_q, down_scale = kernels.quantize_weight(w_down)
     for fp8 in (False, True):
         for m_run in sorted({max(1, m // shrink) for m in SERVED_ROWS}):
             x = torch.randn(m_run, h_run, device=device, dtype=dtype, generator=gen)
@@ -86,11 +95,11 @@ def served_cases(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> I
             if fp8:
                 args = (x, gate_up_q, down_q, residual, gate_up_scale, down_scale)
                 baseline = partial(swiglu_ffn_fp8_scaled_mm, *args)
-                baseline_name = "torch._scaled_mm (cuBLASLt FP8, row-wise scales), F.silu(gate) * up, + residual"
+                baseline_name = SCALED_MM
             else:
                 args = (x, w_gate_up, w_down, residual)
                 baseline = partial(eager_swiglu, *args)
-                baseline_name = "torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual"
+                baseline_name = EAGER
             route, plan = kernels.ffn_route(x, args[1], args[2], fp8=fp8)
             served_by = route if plan is None else f"{route}, the table's {plan.rows}-row plan"
             yield KernelCase(
@@ -119,8 +128,7 @@ def _cases(device: torch.device, dtype: torch.dtype, persistent: bool) -> Iterat
     for model, hidden, inter in PERSISTENT_SHAPES if persistent else SHAPES:
         h_run, i_run = hidden // shrink, inter // shrink
         gen = torch.Generator(device).manual_seed(inter)
-        w_gate_up = torch.randn(2 * i_run, h_run, device=device, dtype=dtype, generator=gen) * h_run**-0.5
-        w_down = torch.randn(h_run, i_run, device=device, dtype=dtype, generator=gen) * i_run**-0.5
+        w_gate_up, w_down = ffn_weights(h_run, i_run, device, dtype, gen)
         if persistent:  # a row so labelled must not fall back to the portable kernels
             assert tma_ready(w_gate_up, w_down), f"{model}: weights tensor descriptors cannot describe"
         for m_run in sorted({max(1, m // shrink) for m in ROWS}):
@@ -136,7 +144,7 @@ def _cases(device: torch.device, dtype: torch.dtype, persistent: bool) -> Iterat
                 bytes=(3 * h_run * i_run + 3 * m_run * h_run) * size,
                 # bf16: the baseline rounds gate, up, silu(gate) and their product; tessera only the product.
                 tolerance=3e-2,
-                baseline_name="torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual",
+                baseline_name=EAGER,
             )
             on_gpu_portable = device.type == "cuda" and not persistent
             if on_gpu_portable and m_run == 1 and gate_up_split_plan(m_run, h_run, i_run, device)[0] > 1:
@@ -148,7 +156,7 @@ def _cases(device: torch.device, dtype: torch.dtype, persistent: bool) -> Iterat
                     flops=6.0 * m_run * h_run * i_run,
                     bytes=(3 * h_run * i_run + 3 * m_run * h_run) * size,
                     tolerance=3e-2,
-                    baseline_name="torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual",
+                    baseline_name=EAGER,
                 )
         if (model, hidden, inter) not in FP8_SHAPES:
             continue
@@ -168,5 +176,5 @@ def _cases(device: torch.device, dtype: torch.dtype, persistent: bool) -> Iterat
                 # Both quantize x and the SiLU product per token: a product rounded differently can land in
                 # another E4M3 step (2^-4 relative) for a few elements.
                 tolerance=3e-2,
-                baseline_name="torch._scaled_mm (cuBLASLt FP8, row-wise scales), F.silu(gate) * up, + residual",
+                baseline_name=SCALED_MM,
             )

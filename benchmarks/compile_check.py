@@ -43,12 +43,11 @@ from pathlib import Path
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.runtime import jit
 from triton.runtime.driver import driver
 
 from tessera import kernels
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, FFNConfig
-from tessera.kernels import ffn_tilings, hardware
+from tessera.kernels import ffn_tilings, gemm, hardware
 
 if hardware.INTERPRETING:  # its kernels were decorated as interpreted functions, which do not compile
     sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter runs kernels instead of compiling them)")
@@ -58,7 +57,7 @@ from tessera.kernels.ffn import swiglu_ffn_triton
 
 from .bench_attention import HEAD_DIM, HEADS, PAGE
 from .bench_ffn import ROWS
-from .harness import commit
+from .harness import commit, compiling_only
 
 ROOT = Path(__file__).resolve().parent.parent
 # The targets: compute capability, SMs, and the shared memory a block may opt in to (CUDA C Programming Guide,
@@ -96,24 +95,20 @@ class Compiled:
         self.kernels: dict[str, tuple[str, str, object]] = {}
         self.workload = ""
         self.target = target
-        self._run = jit.JITFunction.run
+        self._compiling = compiling_only(self._record)
+
+    def _record(self, fn, kernel) -> None:
+        self.kernels.setdefault(kernel.hash, (fn.__name__, self.workload, kernel))
 
     def __enter__(self) -> Compiled:
-        record, run = self, self._run
-
-        def compile_only(fn, *args, grid, warmup, **kwargs):
-            kernel = run(fn, *args, grid=grid, warmup=True, **kwargs)
-            record.kernels.setdefault(kernel.hash, (fn.__name__, record.workload, kernel))
-            return kernel
-
-        jit.JITFunction.run = compile_only
+        self._compiling.__enter__()
         hardware.compile_only(self.target)
         self._backend = kernels.forced_backend()
         kernels.set_backend("triton")  # the ops' Triton launchers for CPU tensors too
         return self
 
     def __exit__(self, *exc) -> None:
-        jit.JITFunction.run = self._run
+        self._compiling.__exit__(*exc)
         hardware.compile_only(None)
         kernels.set_backend(self._backend)
 
@@ -269,7 +264,7 @@ def gemm_sweep_tilings(precision: str) -> None:
     decide split-K, a constexpr), both schedules past 16 rows (it times the persistent one for its best pair). Only
     with --sweeps: ~250 variants more, which the sweep compiles on the device itself. Every candidate is tried, the
     failures listed together."""
-    from .tune_gemm import DECODE_ROWS, SHAPES, _pairs
+    from .tune_gemm import SHAPES, _pairs
 
     failures = []
     for _, model, hidden, inter, rows in [s for s in SHAPES if s[0] == precision]:
@@ -278,7 +273,7 @@ def gemm_sweep_tilings(precision: str) -> None:
         scales = (torch.ones(2 * inter), torch.ones(hidden)) if precision == "fp8" else (None, None)
         x, residual = torch.empty(rows, hidden, dtype=torch.bfloat16), torch.empty(rows, hidden, dtype=torch.bfloat16)
         for gate_up, down in _pairs(precision, rows):
-            for persistent in (False, True) if rows > DECODE_ROWS else (False,):
+            for persistent in (False, True) if rows > gemm.DECODE_ROWS else (False,):
                 tilings = {"gate_up_tiling": gate_up, "down_tiling": down}
                 try:
                     swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, persistent=persistent, **tilings)

@@ -10,6 +10,7 @@ their references: those runs are sanity checks of the suite, not kernel measurem
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -18,14 +19,15 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from triton.runtime import jit
 
-from tessera.devices import device_name, median_ms, synchronize
+from tessera.devices import device_name, device_slug, median_ms, synchronize
 from tessera.files import atomic_write_text
 
 # A run writes under runs/bench/ of the checkout (git-ignored) unless told otherwise (`tessera bench --results DIR`,
@@ -85,6 +87,26 @@ def _json_safe(value):
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     return value
+
+
+@contextlib.contextmanager
+def compiling_only(compiled: Callable[[object, object], None] | None = None) -> Iterator[None]:
+    """While active, a Triton launch compiles its kernel (into the on-disk cache) and returns it without running it
+    (Triton's warmup mode), then calls `compiled(jit_function, kernel)`: the GPU suite's compile workers (tune_gemm)
+    and the compile check without a GPU (compile_check). Under the interpreter nothing compiles: kernels run."""
+    run = jit.JITFunction.run
+
+    def compile_only(fn, *args, grid, warmup, **kwargs):
+        kernel = run(fn, *args, grid=grid, warmup=True, **kwargs)
+        if compiled is not None:
+            compiled(fn, kernel)
+        return kernel
+
+    jit.JITFunction.run = compile_only
+    try:
+        yield
+    finally:
+        jit.JITFunction.run = run
 
 
 def write_results(name: str, results: dict, markdown: str, out: Path | None = None) -> Path:
@@ -357,5 +379,4 @@ def kernel_table(rows: list[dict]) -> str:
 
 def results_name(device: torch.device, suite: str) -> str:
     """<device>_<suite>: e.g. nvidia-h200_kernels_ffn, cpu_kernels_ffn."""
-    slug = "cpu" if device.type != "cuda" else device_name(device).lower().replace(" ", "-")
-    return f"{slug}_{suite}"
+    return f"{device_slug(device)}_{suite}"

@@ -63,7 +63,8 @@ def outermost(events: list[tuple[str, float, float, object]]) -> list[tuple[str,
     """The events no other event of their track encloses: a CPU operator's nested calls (aten::linear's addmm)
     would count its time twice. GPU kernels on one stream never nest; they all stay."""
     kept, open_until = [], {}
-    for name, start, dur, track in sorted(events, key=lambda e: (e[3], e[1], -e[2])):
+    # Tracks sort by their repr: a trace may name one by an int and another by a string.
+    for name, start, dur, track in sorted(events, key=lambda e: (repr(e[3]), e[1], -e[2])):
         if start + dur <= open_until.get(track, float("-inf")):
             continue
         kept.append((name, start, dur, track))
@@ -95,8 +96,9 @@ def breakdown(events: list[tuple[str, float, float, object]], steps: int) -> dic
         per_kernel[name][1] += dur
     per_kind: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     for name, (count, dur) in per_kernel.items():
-        per_kind[kind_of(name)][0] += count
-        per_kind[kind_of(name)][1] += dur
+        kind = per_kind[kind_of(name)]
+        kind[0] += count
+        kind[1] += dur
 
     def rows(table: dict[str, list[float]], key: str) -> list[dict]:
         ranked = sorted(table.items(), key=lambda item: -item[1][1])

@@ -25,26 +25,31 @@ cuBLAS runs it); `TESSERA_FFN_TILINGS=<that file>` tries it first (the GPU suite
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, replace
 from functools import partial
 
 import torch
-from triton.runtime import jit
 
 from tessera import kernels
 from tessera.files import atomic_write_text
 from tessera.kernels import ffn_tilings
 from tessera.kernels.ffn import gate_up_blocks, swiglu_ffn_fp8_scaled_mm, swiglu_ffn_triton
-from tessera.kernels.gemm import GemmTiling, gemm_blocks, tma_ready
+from tessera.kernels.gemm import DECODE_ROWS, GemmTiling, gemm_blocks, tma_ready
 
-from .bench_ffn import eager_swiglu
-from .harness import copy_bandwidth_gbps, environment, relative_error, results_name, time_ms, write_results
+from .bench_ffn import EAGER, SCALED_MM, eager_swiglu, ffn_weights
+from .harness import (
+    compiling_only,
+    copy_bandwidth_gbps,
+    environment,
+    relative_error,
+    results_name,
+    time_ms,
+    write_results,
+)
 
 SHAPES = [  # (precision, model, hidden, intermediate, rows): decode (the served Triton path) and the largest
     # losses first
@@ -60,7 +65,6 @@ SHAPES = [  # (precision, model, hidden, intermediate, rows): decode (the served
     ("fp8", "llama-3.1-8b", 4096, 14336, 16),
     ("fp8", "llama-3.1-8b", 4096, 14336, 4096),
 ]
-DECODE_ROWS = 16  # up to here the candidates are 16-row tiles (kernels.ffn.TRITON_MAX_ROWS)
 
 # bf16 tilings (block_m, block_n, block_k, warps, stages[, group_m]); FP8 doubles block_k, as gemm_blocks does.
 # The gate/up GEMM's block_n counts columns of gate and of up each: a program holds two such accumulators.
@@ -132,12 +136,15 @@ class _Case:
         """values: False leaves every operand unfilled (a compile worker's case, on which no kernel runs)."""
         gen = torch.Generator(device).manual_seed(inter)
 
-        def operand(*shape: int, scale: float = 1.0, dtype: torch.dtype = dtype) -> torch.Tensor:
+        def operand(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
             if not values:
                 return torch.empty(*shape, device=device, dtype=dtype)
-            return torch.randn(*shape, device=device, dtype=dtype, generator=gen) * scale
+            return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
 
-        w_gate_up, w_down = operand(2 * inter, hidden, scale=hidden**-0.5), operand(hidden, inter, scale=inter**-0.5)
+        if values:
+            w_gate_up, w_down = ffn_weights(hidden, inter, device, dtype, gen)
+        else:
+            w_gate_up, w_down = operand(2 * inter, hidden), operand(hidden, inter)
         x, residual = operand(rows, hidden), operand(rows, hidden)
         if precision == "fp8":
             if values:
@@ -148,12 +155,12 @@ class _Case:
                 gate_up_scale, down_scale = (operand(n, dtype=torch.float32) for n in (2 * inter, hidden))
             self.args = (x, gate_up_q, down_q, residual, gate_up_scale, down_scale)
             self.baseline = partial(swiglu_ffn_fp8_scaled_mm, *self.args)
-            self.baseline_name = "torch._scaled_mm (cuBLASLt FP8, row-wise scales)"
+            self.baseline_name = SCALED_MM
             weight_bytes = 3 * hidden * inter
         else:
             self.args = (x, w_gate_up, w_down, residual)
             self.baseline = partial(eager_swiglu, *self.args)
-            self.baseline_name = "torch eager: F.linear (cuBLAS), F.silu(gate) * up, F.linear, + residual"
+            self.baseline_name = EAGER
             weight_bytes = 3 * hidden * inter * 2
         self.bytes = weight_bytes + 3 * rows * hidden * 2
         self.flops = 6.0 * rows * hidden * inter
@@ -183,23 +190,6 @@ def _pairs(precision: str, rows: int) -> list[tuple[GemmTiling, GemmTiling]]:
     return [(t, down[0]) for t in gate_up] + [(gate_up[0], t) for t in down[1:]]
 
 
-@contextlib.contextmanager
-def _compiling_only() -> Iterator[None]:
-    """Triton launches compile their kernel (into the on-disk cache) and return without running it (its warmup
-    mode): a compile worker leaves the GPU to the timing process. (Under the interpreter nothing compiles: the
-    kernels run.)"""
-    run = jit.JITFunction.run
-
-    def compile_only(fn, *args, grid, warmup, **kwargs):
-        return run(fn, *args, grid=grid, warmup=True, **kwargs)
-
-    jit.JITFunction.run = compile_only
-    try:
-        yield
-    finally:
-        jit.JITFunction.run = run
-
-
 _compile_cases: dict[tuple, _Case] = {}
 
 
@@ -212,7 +202,7 @@ def _compile_pair(shape: tuple, pair: tuple[GemmTiling, GemmTiling], device_name
     if shape not in _compile_cases:
         _compile_cases[shape] = _Case(precision, hidden, inter, rows, device, dtype, values=False)
     try:
-        with _compiling_only():
+        with compiling_only():
             _compile_cases[shape].op(*pair)()
     except Exception:  # the timing process records the failure
         return False
@@ -299,8 +289,8 @@ def sweep(device: torch.device, budget_s: float, compile_workers: int = 0, out=N
             result["shapes"].append(entry)
             print(_line(entry), flush=True)
             path = write_results(results_name(device, "tune_gemm"), result, table(result), out)
-            tilings = path.with_name(f"{results_name(device, 'ffn_tilings')}.json")  # kernels/ffn_tilings.py's form
-            atomic_write_text(tilings, json.dumps(ffn_tilings.table_from_sweep(result), indent=2) + "\n")
+            tilings = path.with_name(ffn_tilings.table_name(device))  # as kernels/configs/ names it
+            atomic_write_text(tilings, json.dumps(tiling_table(result), indent=2) + "\n")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
@@ -359,6 +349,32 @@ def sweep_shape(
         "gate_up_tilings": gate_up_rows,
         "down_tilings": down_rows,
         "best_pairs": best,
+    }
+
+
+def tiling_table(result: dict) -> dict:
+    """The sweep's result as kernels/ffn_tilings.py's table: for each precision and rows swept, the fastest checked pair
+    (on the 8B shape where several shapes share the rows: the shape every entry is measured on) with its speedup."""
+    entries: dict[tuple[str, int], dict] = {}
+    for shape in result["shapes"]:
+        key = (shape["precision"], shape["rows"])
+        if key in entries and shape["model"] != "llama-3.1-8b":
+            continue
+        best = shape["best"]
+        entries[key] = {
+            "precision": shape["precision"],
+            "rows": shape["rows"],
+            "shape": [shape["hidden"], shape["intermediate"]],
+            "gate_up": best["gate_up"],
+            "down": best["down"],
+            "persistent": best["persistent"],
+            "speedup": best["speedup"],
+            "baseline": shape["baseline"],
+        }
+    return {
+        "device": result["device"],
+        "measured": f"benchmarks/tune_gemm.py at commit {result['commit']}, {result['date']}",
+        "entries": [entries[key] for key in sorted(entries)],
     }
 
 

@@ -31,12 +31,13 @@ from pathlib import Path
 
 import torch
 
-from .gemm import GemmTiling
+from tessera.devices import device_slug
+
+from .gemm import DECODE_ROWS, GemmTiling
 
 TABLE_ENV = "TESSERA_FFN_TILINGS"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRECISIONS = ("bf16", "fp8")  # bf16 entries serve fp16 too: tiles of 2-byte operands
-DECODE_ROWS = 16  # the decode regime's last row count (ffn.TRITON_MAX_ROWS; tune_gemm's 16-row candidates)
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,10 @@ class FfnPlan:
     triton: bool  # Triton runs these rows: measured at least as fast as the baseline (module doc)
 
 
-def table_name(device_name: str) -> str:
-    """A device's table file: "NVIDIA H200" -> "nvidia-h200_ffn_tilings.json" (what tune_gemm writes)."""
-    return f"{device_name.lower().replace(' ', '-')}_ffn_tilings.json"
+def table_name(device: torch.device) -> str:
+    """A device's table file, named as its benchmark results are (benchmarks/harness.results_name): an "NVIDIA H200"
+    reads "nvidia-h200_ffn_tilings.json", which tune_gemm writes there ("cpu_..." on the CPU: its test's)."""
+    return f"{device_slug(device)}_ffn_tilings.json"
 
 
 def table_path(device: torch.device) -> Path | None:
@@ -68,7 +70,7 @@ def table_path(device: torch.device) -> Path | None:
 
 @functools.cache
 def _committed(device: torch.device) -> Path | None:
-    path = CONFIG_DIR / table_name(torch.cuda.get_device_name(device))
+    path = CONFIG_DIR / table_name(device)
     return path if path.is_file() else None
 
 
@@ -143,29 +145,3 @@ def _plan(path: Path, precision: str, rows: int) -> FfnPlan | None:
     if nearest.rows != rows and below and above:  # between two measured rows: Triton only if both said so
         return replace(nearest, triton=below[-1].triton and above[0].triton)
     return nearest
-
-
-def table_from_sweep(result: dict) -> dict:
-    """benchmarks/tune_gemm.py's result as a table: for each precision and rows swept, the fastest checked pair
-    (on the 8B shape where several shapes share the rows: the shape every entry is measured on) with its speedup."""
-    entries: dict[tuple[str, int], dict] = {}
-    for shape in result["shapes"]:
-        key = (shape["precision"], shape["rows"])
-        if key in entries and shape["model"] != "llama-3.1-8b":
-            continue
-        best = shape["best"]
-        entries[key] = {
-            "precision": shape["precision"],
-            "rows": shape["rows"],
-            "shape": [shape["hidden"], shape["intermediate"]],
-            "gate_up": best["gate_up"],
-            "down": best["down"],
-            "persistent": best["persistent"],
-            "speedup": best["speedup"],
-            "baseline": shape["baseline"],
-        }
-    return {
-        "device": result["device"],
-        "measured": f"benchmarks/tune_gemm.py at commit {result['commit']}, {result['date']}",
-        "entries": [entries[key] for key in sorted(entries)],
-    }

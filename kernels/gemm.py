@@ -337,6 +337,12 @@ class GemmTiling:
     group_m: int = 8
 
 
+# Up to this many rows a GEMM is a decode step's: 16-row tiles (the smallest tl.dot takes) streaming the weights.
+# The tilings per M range (gemm_blocks), the sweep's candidates (benchmarks/tune_gemm.py) and the measured tables'
+# regimes (kernels/ffn_tilings.py) split here.
+DECODE_ROWS = 16
+
+
 def gemm_blocks(m: int, element_size: int = 2) -> GemmTiling:
     """The tiling of an M-row GEMM of operands of `element_size` bytes.
 
@@ -345,7 +351,7 @@ def gemm_blocks(m: int, element_size: int = 2) -> GemmTiling:
     FP8 operands take K tiles twice as long, the same bytes a stage as bf16's: with bf16's tiles the H200 streamed
     the 8B shape's FP8 FFN at 52 % of copy bandwidth at M = 1 where bf16 reached 79 % (2026-11-30, 3e791a3).
     """
-    if m <= 16:
+    if m <= DECODE_ROWS:
         tiling = GemmTiling(16, 64, 128, 4, 4)
     elif m <= 64:
         tiling = GemmTiling(64, 64, 64, 4, 4)

@@ -280,7 +280,7 @@ def _kept(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor
     # Ranked: a top-k row's k, a top-p row's CANDIDATES (or k when it has both); a row with neither needs none.
     width = min(vocab, max(n if n < vocab else CANDIDATES if q < 1 else 1 for n, q in zip(top_k, top_p)))
     if all(q >= 1 for q in top_p):  # top-k cuts alone: every row's k-th value is among the `width` ranked
-        return _cut(x, k, p, width, nucleus=False)[0]
+        return _cut(x, k, p, width, any_top_p=False)[0]
     full = (k >= vocab) & (p < 1)  # top-p alone: ranked in full when CANDIDATES tokens cannot cover p
     if any(n >= vocab and q < 1 for n, q in zip(top_k, top_p)):  # (a full-vocabulary logsumexp only then)
         full &= CANDIDATES * (-x.logsumexp(dim=-1)).exp() < p
@@ -296,15 +296,15 @@ def _kept(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor
 
 
 def _cut(
-    x: torch.Tensor, k: torch.Tensor, p: torch.Tensor, width: int, nucleus: bool = True
+    x: torch.Tensor, k: torch.Tensor, p: torch.Tensor, width: int, any_top_p: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`_kept` with the `width` likeliest tokens ranked: (kept [S, V], the rows whose nucleus the ranked tokens
-    do not cover [S] bool). nucleus: whether any row may have a top-p cut (False: the top-k cuts alone)."""
+    do not cover [S] bool). any_top_p: whether any row may have a top-p cut (False: the top-k cuts alone)."""
     vocab = x.shape[-1]
     ranked = x.topk(width, dim=-1)[0] if width < vocab else x.sort(dim=-1, descending=True)[0]
     kth = ranked.gather(-1, (k.clamp(max=width) - 1)[:, None]).masked_fill((k >= vocab)[:, None], float("-inf"))
     kept = x >= kth  # the top-k cut, in vocabulary order (ties at the k-th stay)
-    if not nucleus:
+    if not any_top_p:
         return kept, torch.zeros_like(p, dtype=torch.bool)
     nucleus = p < 1
     # Probabilities over what the top-k cut keeps (ranked or not), then the cut in likelihood order.

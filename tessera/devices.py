@@ -86,6 +86,13 @@ def device_name(device: torch.device | str = "cpu") -> str:
     return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def device_slug(device: torch.device | str) -> str:
+    """A device's name in file names: its GPU's, lower-case with dashes ("nvidia-h200"), or "cpu" (a CPU's results
+    name the CPU in their contents)."""
+    device = torch.device(device)
+    return device_name(device).lower().replace(" ", "-") if device.type == "cuda" else "cpu"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """The name config.json, cost tables and results record: torch.bfloat16 is "bfloat16"."""
     return str(dtype).removeprefix("torch.")

@@ -99,7 +99,7 @@ def test_a_gpu_finds_its_committed_table_by_name(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: names[torch.device(device).index])
     ffn_tilings._committed.cache_clear()
     try:
-        assert ffn_tilings.table_name("NVIDIA H200") == "nvidia-h200_ffn_tilings.json"
+        assert ffn_tilings.table_name(torch.device("cuda", 0)) == "nvidia-h200_ffn_tilings.json"
         assert ffn_tilings.plan(1, "bf16", torch.device("cuda", 0)).speedup == 1.2
         assert ffn_tilings.plan(1, "bf16", torch.device("cuda", 1)) is None
     finally:

@@ -259,7 +259,7 @@ def test_every_tiling_the_gemm_sweep_tries_computes_the_ffn(
     pairs = tune_gemm._pairs(precision, m)
     size = 1 if scales else 2
     assert len(pairs) >= 15 and pairs[0] == (ffn.gate_up_blocks(m, size), gemm.gemm_blocks(m, size))
-    schedules = (False, True) if precision == "bf16" and m > tune_gemm.DECODE_ROWS else (False,)
+    schedules = (False, True) if precision == "bf16" and m > gemm.DECODE_ROWS else (False,)
     for (gate_up, down), persistent in itertools.product(pairs, schedules):
         tilings = {"gate_up_tiling": gate_up, "down_tiling": down, "persistent": persistent}
         out = ffn.swiglu_ffn_triton(x, w_gate_up, w_down, residual, *scales, **tilings)
