@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -169,6 +170,41 @@ def max_token_bytes(tokenizer: Tokenizer) -> int | None:
     longest = max(map(len, tokenizer.get_vocab(with_added_tokens=False)), default=1)
     added = (len(t.content.encode("utf-8")) for t in tokenizer.get_added_tokens_decoder().values())
     return max(longest, *added, 0)  # the list of added tokens may be empty
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (Llama 3's, the demo's): the character each byte is spelled as in the
+    vocabulary -> that byte. Printable Latin-1 bytes spell themselves; the others take 256, 257, ... in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)}
+    shifted = (b for b in range(256) if b not in printable)
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
+
+
+BYTE_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenBytes:
+    """A token's own bytes, as OpenAI's log-probability entries give them (`bytes`): a token that holds part of a
+    UTF-8 character gives that part, where its decoded text is U+FFFD. Read from the vocabulary where the tokenizer
+    spells bytes there (byte-level BPE; SentencePiece's byte-fallback pieces <0xNN>); otherwise, and for added
+    tokens, the UTF-8 of the token's decoded text."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+        self.tokenizer = tokenizer
+        self.alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
+        self.byte_fallback = "ByteFallback" in kinds
+        self.added = set(tokenizer.get_added_tokens_decoder())
+
+    def __call__(self, token_id: int) -> bytes:
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is not None and token_id not in self.added:
+            if self.alphabet is not None and all(c in self.alphabet for c in piece):
+                return bytes(self.alphabet[c] for c in piece)
+            if self.byte_fallback and (byte := BYTE_FALLBACK_PIECE.fullmatch(piece)):
+                return bytes([int(byte.group(1), 16)])
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
 
 
 class PromptEncoder:

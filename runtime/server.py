@@ -12,9 +12,11 @@ by name rather than silently ignored, and fields we accept but cannot honour (`s
 are refused with the reason: a client never gets an answer to a question it did not ask.
 
 A watcher on each request's connection aborts its engine requests the moment the client goes away, so a
-disconnected stream frees its batch slot and KV pages before the next engine step. On shutdown uvicorn
-stops accepting, lets in-flight requests finish for `graceful_timeout` seconds, then cancels the rest; the
-engine processes stop last.
+disconnected stream frees its batch slot and KV pages before the next engine step (a whole answer's client that
+left counts as status 499 in the metrics, nginx's "client closed request": not the server's failure). On shutdown
+the server stops accepting and lets in-flight requests finish for `graceful_timeout` seconds; then the engines end
+the rest (reason "abort": a stream's error event, a whole answer's 503), whose answers get ABORT_DELIVERY_S more to
+go out before uvicorn cancels what is left.
 """
 
 from __future__ import annotations
@@ -35,19 +37,27 @@ from typing import Any, Literal
 import jinja2.sandbox
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from tokenizers import Tokenizer
 
 from tessera.config import ConfigError, read_json
 from tessera.errors import UserError
 from tessera.runtime.async_engine import AsyncEngine, EngineSpec, RequestStream
 from tessera.runtime.engine import CapacityError, EngineConfig, EngineRequest, RequestOutput
-from tessera.runtime.sampling import MAX_LOGPROBS, ContextLengthError, SamplingError, SamplingParams, TokenLogprobs
+from tessera.runtime.sampling import (
+    MAX_LOGPROBS,
+    ContextLengthError,
+    SamplingError,
+    SamplingParams,
+    TokenBytes,
+    TokenLogprobs,
+)
 
 # Used when the tokenizer config has no chat_template: one "role: content" line per message, then the
 # assistant's turn. Documented in docs/serving.md.
@@ -63,6 +73,9 @@ BODY_BYTES_PER_TOKEN = 32
 MIN_BODY_BYTES = 2**20
 # SamplingParams' field names as the API spells them.
 API_FIELDS = {"max_new_tokens": "max_tokens"}
+CLIENT_CLOSED = "499"  # a whole answer's client left before it was ready (nginx's status), as the metrics count it
+# At shutdown, how long the answers of the requests the engines ended (after the grace period) get to go out.
+ABORT_DELIVERY_S = 5.0
 
 
 class APIError(Exception):
@@ -188,6 +201,10 @@ class _Sampling(BaseModel):
             biases.append((int(key), bias))
         return tuple(biases)
 
+    def max_tokens_field(self) -> str:
+        """The name the client gave the token limit by (errors about it name it so)."""
+        return "max_tokens"
+
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
@@ -249,8 +266,39 @@ class ChatRequest(_Sampling):
             raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
         super().check_supported()
 
+    def max_tokens_field(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
+
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete (Server._merge)."""
+
+
+class Vocabulary:
+    """Tokens as log-probability entries name them, each decoded once: `text`, the token's own text (special tokens
+    too; a token holding part of a UTF-8 character shows U+FFFD, as in vLLM), and `bytes`, its own bytes (that part
+    of the character: runtime.sampling.TokenBytes)."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self._bytes = TokenBytes(tokenizer) if tokenizer is not None else None
+        self._texts: dict[int, str] = {}
+        self._raw: dict[int, bytes] = {}
+
+    def text(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def bytes(self, token_id: int) -> bytes:
+        raw = self._raw.get(token_id)
+        if raw is None:
+            raw = self._raw[token_id] = self._bytes(token_id)
+        return raw
 
 
 # Response formats
@@ -268,15 +316,20 @@ class ResponseFormat:
     def delta(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
         return self.choice(index, text, reason, logprobs)
 
-    def logprobs(self, entries: list[TokenLogprobs], token_text: Callable[[int], str], offset: int) -> dict:
+    def logprobs(self, entries: list[TokenLogprobs], vocab: Vocabulary, offset: int) -> dict:
         """The legacy completions form: parallel lists, each token's text offset counted from `offset` (the
-        characters of the choice's tokens before these)."""
-        texts = [token_text(e.token_id) for e in entries]
+        characters of the choice's tokens before these). A token's likeliest tokens include itself, as OpenAI's
+        and vLLM's do ("up to logprobs + 1" of them)."""
+        texts = [vocab.text(e.token_id) for e in entries]
         offsets = list(itertools.accumulate(map(len, texts[:-1]), initial=offset))[: len(texts)]
+        top = [
+            None if e.logprob is None else {**{vocab.text(t): lp for t, lp in e.top}, text: e.logprob}
+            for e, text in zip(entries, texts)
+        ]
         return {
             "tokens": texts,
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [None if e.logprob is None else {token_text(t): lp for t, lp in e.top} for e in entries],
+            "top_logprobs": top,
             "text_offset": offsets,
         }
 
@@ -300,12 +353,11 @@ class ChatFormat(ResponseFormat):
         delta = {"content": text} if text else {}
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
-    def logprobs(self, entries: list[TokenLogprobs], token_text: Callable[[int], str], offset: int) -> dict:
-        """The chat form: one entry per token with its text, UTF-8 bytes and the likeliest tokens'."""
+    def logprobs(self, entries: list[TokenLogprobs], vocab: Vocabulary, offset: int) -> dict:
+        """The chat form: one entry per token with its text, its own bytes and the likeliest tokens'."""
 
         def token(token_id: int, logprob: float) -> dict:
-            text = token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": vocab.text(token_id), "logprob": logprob, "bytes": list(vocab.bytes(token_id))}
 
         return {
             "content": [{**token(e.token_id, e.logprob), "top_logprobs": [token(*t) for t in e.top]} for e in entries]
@@ -381,10 +433,12 @@ class _Timing:
     first: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    counts_prompt: bool = True  # the first choice of its prompt: the prompt's tokens are counted once, as in usage
 
     def record(self, metrics: Metrics) -> None:
         end = time.perf_counter()
-        metrics.prompt_tokens.inc(self.prompt_tokens)
+        if self.counts_prompt:
+            metrics.prompt_tokens.inc(self.prompt_tokens)
         metrics.generation_tokens.inc(self.completion_tokens)
         metrics.e2e.observe(end - self.start)
         if self.first is not None:
@@ -462,7 +516,7 @@ class Server:
         # adds them, as it does to a completion prompt.
         self.template_writes_specials = chat_template != DEFAULT_CHAT_TEMPLATE
         self.special_tokens = special_tokens or {}
-        self._token_texts: dict[int, str] = {}  # token id -> its text in log-probability entries
+        self.vocab = Vocabulary(engine.tokenizer)
         self.metrics = Metrics(engine)
         self.max_request_bytes = max_request_bytes or max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * self.max_model_len)
         self.app = self._build_app()
@@ -544,9 +598,12 @@ class Server:
             "running": self.engine.running,
             "waiting": self.engine.queue_depth,
         }
-        return JSONResponse(body, status_code=200 if healthy else 503)
+        status = 200 if healthy else 503
+        self._count("/health", str(status))
+        return JSONResponse(body, status_code=status)
 
     async def prometheus(self) -> PlainTextResponse:
+        self._count("/metrics", "200")  # before the scrape, which then counts itself
         return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def _card(self) -> dict:
@@ -559,6 +616,7 @@ class Server:
         }
 
     async def models(self) -> dict:
+        self._count("/v1/models", "200")
         return {"object": "list", "data": [self._card()]}
 
     def _check_model(self, name: str) -> None:
@@ -568,6 +626,7 @@ class Server:
 
     async def model(self, model_id: str) -> dict:
         self._check_model(model_id)
+        self._count(f"/v1/models/{model_id}", "200")
         return self._card()
 
     # Shared by both endpoints: a request is read and checked once, here, then trusted downstream
@@ -595,8 +654,8 @@ class Server:
             )
         except SamplingError as e:
             field = API_FIELDS.get(e.field, e.field)
-            if field == "max_tokens" and getattr(body, "max_completion_tokens", None) is not None:
-                field = "max_completion_tokens"  # named as the client gave it
+            if field == "max_tokens":
+                field = body.max_tokens_field()
             raise APIError(400, f"{field}{str(e).removeprefix(e.field)}", field) from e
 
     def _encode(self, prompt: str | list[int], param: str, what: str = "the prompt", chat: bool = False) -> list[int]:
@@ -618,15 +677,15 @@ class Server:
         except Exception as e:  # the messages the client sent broke it (e.g. a field of a type it cannot iterate)
             raise APIError(400, f"chat template: {type(e).__name__}: {e}", "messages") from e
 
-    def _admit(self, request_id: str, prompt: list[int], params: SamplingParams, exact_length: bool) -> EngineRequest:
+    def _admit(self, request_id: str, prompt: list[int], params: SamplingParams, body: _Sampling) -> EngineRequest:
         """A request checked against the engines' limits; an explicit max_tokens past the context is refused
         (OpenAI's behaviour), a default one is cut to the context."""
         try:
-            return self.engine.admit(request_id, prompt, params, exact_length)
+            return self.engine.admit(request_id, prompt, params, body.max_tokens is not None)
         except ContextLengthError as e:
-            raise APIError(400, str(e), "max_tokens", "context_length_exceeded") from e
+            raise APIError(400, str(e), body.max_tokens_field(), "context_length_exceeded") from e
         except CapacityError as e:
-            raise APIError(400, str(e), "max_tokens") from e
+            raise APIError(400, str(e), body.max_tokens_field()) from e
         except SamplingError as e:
             raise APIError(400, str(e), e.field) from e
         except UserError as e:
@@ -663,7 +722,7 @@ class Server:
             for j in range(n)
         ]
         checked = [
-            self._admit(f"{rid}-{i * n + j}", p, choice_params[j], body.max_tokens is not None)
+            self._admit(f"{rid}-{i * n + j}", p, choice_params[j], body)
             for i, p in enumerate(prompts)
             for j in range(n)
         ]
@@ -671,7 +730,7 @@ class Server:
             streams = [self.engine.submit(r) for r in checked]
         except RuntimeError as e:  # shutting down, or no engine left
             raise APIError(503, str(e)) from e
-        outputs = self._merge(request, streams)
+        outputs = self._merge(request, streams, n)
         echoes = None if echo is None else [echo(i, p) for i, p in enumerate(prompts) for _ in range(n)]
         if body.stream:  # answered 200 once the stream starts; a whole answer once it is complete
             self._count(request.url.path, "200")
@@ -681,15 +740,23 @@ class Server:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        answer = await self._whole(outputs, len(streams), rid, form, n, echoes)
+        try:
+            answer = await self._whole(outputs, len(streams), rid, form, n, echoes)
+        except ClientGone:
+            self._count(request.url.path, CLIENT_CLOSED)
+            return Response(status_code=int(CLIENT_CLOSED))  # to no one
         self._count(request.url.path, "200")
         return answer
 
-    async def _merge(self, request: Request, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(choice index, output) of all streams as the engine produces them. Every stream is aborted when
-        the client disconnects or the consumer stops early (closing this generator)."""
+    async def _merge(
+        self, request: Request, streams: list[RequestStream], per_prompt: int
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output) of all streams as the engine produces them (`per_prompt` choices of each prompt,
+        consecutive). Every stream is aborted when the client disconnects (raising ClientGone) or the consumer stops
+        early (closing this generator)."""
         merged: asyncio.Queue = asyncio.Queue()
-        timings = [_Timing(time.perf_counter()) for _ in streams]
+        start = time.perf_counter()
+        timings = [_Timing(start, counts_prompt=i % per_prompt == 0) for i in range(len(streams))]
 
         async def pump(index: int, stream: RequestStream) -> None:
             async for out in stream:
@@ -707,7 +774,7 @@ class Server:
                 getter = asyncio.ensure_future(merged.get())
                 done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
                 if getter not in done:
-                    return  # the client disconnected: the finally below aborts everything
+                    raise ClientGone  # the finally below aborts everything
                 index, out = getter.result()
                 t = timings[index]
                 if out.token_ids and t.first is None:
@@ -813,41 +880,36 @@ class Server:
         async with contextlib.aclosing(outputs):
             for choice in form.opening(n):
                 yield chunk([choice])
-            async for index, out in outputs:
-                if out.error or out.finish_reason == "abort":
-                    message = out.error or "the request was cancelled (the server is shutting down)"
-                    yield f"data: {json.dumps(error_body(500 if out.error else 503, message))}\n\n"
-                    return
-                if echoes is not None and index not in echoed:  # its first output: the prompt's entries, if asked
-                    echoed.add(index)  # a long prompt's entries are formatted off the event loop
-                    scored = await asyncio.to_thread(self._logprobs, form, out.prompt_logprobs, 0)
-                    yield chunk([form.delta(index, echoes[index], None, scored)])
-                    offsets[index] = await asyncio.to_thread(self._text_length, out.prompt_logprobs)
-                reason = out.finish_reason if out.finished else None
-                # A token's log-probability goes out with it, though a stop string may hold its text back a while.
-                logprobs = self._logprobs(form, out.logprobs or None, offsets[index])
-                if out.text or reason or logprobs:
-                    yield chunk([form.delta(index, out.text, reason, logprobs)])
-                offsets[index] += self._text_length(out.logprobs)
-                if out.finished:
-                    finals[index] = out
+            try:
+                async for index, out in outputs:
+                    if out.error or out.finish_reason == "abort":
+                        message = out.error or "the request was cancelled (the server is shutting down)"
+                        yield f"data: {json.dumps(error_body(500 if out.error else 503, message))}\n\n"
+                        return
+                    if echoes is not None and index not in echoed:  # its first output: the prompt's entries, if asked
+                        echoed.add(index)  # a long prompt's entries are formatted off the event loop
+                        scored = await asyncio.to_thread(self._logprobs, form, out.prompt_logprobs, 0)
+                        yield chunk([form.delta(index, echoes[index], None, scored)])
+                        offsets[index] = await asyncio.to_thread(self._text_length, out.prompt_logprobs)
+                    reason = out.finish_reason if out.finished else None
+                    # A token's log-probability goes out with it, though a stop string may hold its text back a while.
+                    logprobs = self._logprobs(form, out.logprobs or None, offsets[index])
+                    if out.text or reason or logprobs:
+                        yield chunk([form.delta(index, out.text, reason, logprobs)])
+                    offsets[index] += self._text_length(out.logprobs)
+                    if out.finished:
+                        finals[index] = out
+            except ClientGone:
+                return  # no one left to tell
         if include_usage:
             yield chunk([], self._usage(finals, per_prompt))
         yield "data: [DONE]\n\n"
 
-    def _token_text(self, token_id: int) -> str:
-        """A token's own text, as a log-probability entry names it (special tokens too; a token holding part of a
-        UTF-8 character shows U+FFFD, as in vLLM), decoded once."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
-        return text
-
     def _logprobs(self, form: ResponseFormat, entries: list[TokenLogprobs] | None, offset: int) -> dict | None:
-        return None if entries is None else form.logprobs(entries, self._token_text, offset)
+        return None if entries is None else form.logprobs(entries, self.vocab, offset)
 
     def _text_length(self, entries: list[TokenLogprobs] | None) -> int:
-        return sum(len(self._token_text(e.token_id)) for e in entries or ())
+        return sum(len(self.vocab.text(e.token_id)) for e in entries or ())
 
     # Endpoints
 
@@ -960,14 +1022,34 @@ def run(server: Server, host: str = "127.0.0.1", port: int = 8000, graceful_time
     """Serve until SIGINT/SIGTERM: in-flight requests get `graceful_timeout` seconds to finish."""
     import uvicorn
 
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's shutdown, except that requests still running `graceful_timeout` seconds in are ended by the
+        engines (reason "abort": a stream's error event, a whole answer's 503) instead of being cancelled in the
+        middle of their answers (a cut stream, a plain-text 500): uvicorn's own limit comes ABORT_DELIVERY_S later."""
+
+        async def shutdown(self, sockets=None) -> None:
+            async def end_the_rest() -> None:
+                await asyncio.sleep(graceful_timeout)
+                await asyncio.to_thread(server.engine.shutdown)
+
+            ender = asyncio.create_task(end_the_rest())
+            try:
+                await super().shutdown(sockets)
+            finally:
+                ender.cancel()
+
     config = uvicorn.Config(
-        server.app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_timeout
+        server.app,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=graceful_timeout + ABORT_DELIVERY_S,
     )
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the previous handler:
     # make both a KeyboardInterrupt, caught here, so a requested shutdown exits 0 without a traceback.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            uvicorn.Server(config).run()
+            GracefulServer(config).run()
     finally:  # also when uvicorn exits without its lifespan's shutdown (a port in use): no engine outlives it
         server.engine.shutdown()

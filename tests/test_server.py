@@ -323,10 +323,14 @@ def test_logprobs_over_http_are_the_generators_in_openais_forms(client, server, 
     for chunk in client.completions.create(**args, extra_body={"ignore_eos": True}, stream=True):
         for field, values in (chunk.choices[0].logprobs.model_dump() if chunk.choices[0].logprobs else {}).items():
             streamed[field] += values
+    # A token's likeliest include itself (OpenAI's "up to logprobs + 1"), after the likeliest when it is not one.
+    tops = [[text_of(t) for t, _ in e.top] for e in expected.logprobs]
+    tops = [top + [token] * (token not in top) for top, token in zip(tops, tokens)]
     for lp in (whole, streamed):
         assert lp["tokens"] == tokens
         assert close(lp["token_logprobs"], [e.logprob for e in expected.logprobs])
-        assert [list(top) for top in lp["top_logprobs"]] == [[text_of(t) for t, _ in e.top] for e in expected.logprobs]
+        assert [list(top) for top in lp["top_logprobs"]] == tops
+        assert close([top[t] for top, t in zip(lp["top_logprobs"], tokens)], lp["token_logprobs"])
         assert lp["text_offset"] == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
 
     messages = [{"role": "user", "content": prompt}]
@@ -343,7 +347,7 @@ def test_logprobs_over_http_are_the_generators_in_openais_forms(client, server, 
     for content in (whole, streamed):
         assert [e.token for e in content] == [text_of(e.token_id) for e in expected.logprobs]
         assert close([e.logprob for e in content], [e.logprob for e in expected.logprobs])
-        assert all(e.bytes == list(e.token.encode()) for e in content)
+        assert all(e.bytes == list(e.token.encode()) for e in content if "\ufffd" not in e.token)
         assert [[t.token for t in e.top_logprobs] for e in content] == [
             [text_of(t) for t, _ in e.top] for e in expected.logprobs
         ]
@@ -353,6 +357,30 @@ def test_logprobs_over_http_are_the_generators_in_openais_forms(client, server, 
     )
     with pytest.raises(openai.BadRequestError, match="top_logprobs: needs logprobs: true"):
         client.chat.completions.create(**chat, top_logprobs=2)
+
+
+def test_a_tokens_likeliest_include_itself_and_chat_gives_its_own_bytes(client, parent) -> None:
+    """Completions' top_logprobs hold the token itself beside the `logprobs` likeliest (OpenAI: "up to logprobs + 1"),
+    also with `logprobs: 0`; chat's `bytes` are the token's own, part of a UTF-8 character where it holds part of one.
+    The token is forced by logit_bias, which log-probabilities do not see: it is not the likeliest."""
+    prompt, tok = PROMPTS[0], parent[1]
+    forced = 100  # the byte 0xA6 alone in the demo's byte-level vocabulary: a continuation byte, no character
+    text = tok.decode([forced], skip_special_tokens=False)
+    params = SamplingParams(3, logprobs=1, logit_bias=((forced, 100),), ignore_eos=True)
+    [expected] = Generator(*parent).generate([prompt], params)
+    assert expected.tokens == [forced] * 3 and all(e.top[0][0] != forced for e in expected.logprobs)
+    args = dict(model="parent", prompt=prompt, max_tokens=3, temperature=0, logit_bias={str(forced): 100})
+    for count in (1, 0):
+        lp = client.completions.create(**args, logprobs=count, extra_body={"ignore_eos": True}).choices[0].logprobs
+        for top, token_logprob, e in zip(lp.top_logprobs, lp.token_logprobs, expected.logprobs, strict=True):
+            want = {tok.decode([t]): v for t, v in e.top[:count]} | {text: e.logprob}
+            assert list(top) == list(want) and all(abs(top[k] - want[k]) <= 1e-4 for k in want)
+            assert top[text] == token_logprob
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(
+        model="parent", messages=messages, max_tokens=2, temperature=0, logprobs=True, logit_bias={str(forced): 100}
+    )
+    assert [(e.token, e.bytes) for e in chat.choices[0].logprobs.content] == [("\ufffd", [0xA6])] * 2
 
 
 def test_penalties_over_http_give_the_generators_tokens(client, parent) -> None:
@@ -635,6 +663,29 @@ def test_a_byte_level_tokenizer_without_added_tokens_bounds_its_token_bytes() ->
     assert max_token_bytes(tokenizer) == 3  # "Ġab": the longest vocabulary entry, 3 characters
 
 
+def test_token_bytes_are_each_tokens_own_bytes(parent) -> None:
+    """TokenBytes: over the demo's byte-level vocabulary a text's tokens' bytes join to its UTF-8, including tokens
+    that split a character (whose decoded texts are U+FFFD); SentencePiece's byte-fallback pieces <0xNN> give
+    their byte; an added token its text."""
+    from tokenizers import Tokenizer, decoders, models
+
+    from tessera.runtime.sampling import TokenBytes
+
+    tok = parent[1]
+    text = "héllo wörld 🎉 日本語 ¦"
+    ids = tok.encode(text).ids
+    token_bytes = TokenBytes(tok)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the case a decoded text cannot give
+    assert b"".join(map(token_bytes, ids)) == text.encode()
+    assert token_bytes(0) == tok.decode([0], skip_special_tokens=False).encode()  # <|endoftext|>, an added token
+
+    vocab = {"<unk>": 0, "<0xE6>": 1, "<0x97>": 2, "<0xA5>": 3, "▁a": 4, "b": 5}
+    fallback = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    fallback.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    assert [TokenBytes(fallback)(i) for i in (1, 2, 3, 5)] == [b"\xe6", b"\x97", b"\xa5", b"b"]
+    assert fallback.decode([1, 2, 3]) == "日" and TokenBytes(fallback)(4) == b" a"
+
+
 def test_stop_strings_over_http(client, reference) -> None:
     prompt = PROMPTS[0]
     full = reference[prompt].text
@@ -709,6 +760,9 @@ def test_null_means_the_default_as_openai_reads_it(client, parent) -> None:
     assert client.chat.completions.create(**chat).usage.completion_tokens == 2
     with pytest.raises(openai.BadRequestError, match="max_completion_tokens: must be >= 1") as caught:
         client.chat.completions.create(**(chat | {"max_tokens": None, "max_completion_tokens": 0}))
+    assert caught.value.body["param"] == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError, match="context is 512 tokens") as caught:  # the engine's own check
+        client.chat.completions.create(**(chat | {"max_tokens": None, "max_completion_tokens": 5000}))
     assert caught.value.body["param"] == "max_completion_tokens"
     with pytest.raises(openai.BadRequestError, match="messages"):  # a required field stays required
         client.chat.completions.create(model="parent", messages=None, max_tokens=2)
@@ -1058,6 +1112,40 @@ def test_metrics(server, client) -> None:
     assert 'endpoint="unmatched",status="404"' in text and 'endpoint="/v1/models/{model_id:path}",status="404"' in text
 
 
+def test_metrics_count_every_request_once_and_a_client_that_left_as_499(server, client) -> None:
+    """A prompt of `n` choices counts its tokens once (as usage does); GETs count as they are answered; a whole
+    answer whose client disconnected counts as 499, not as a server error (it was once a 503)."""
+    base = server[1]
+
+    def count(endpoint: str, status: str) -> float:
+        with contextlib.suppress(KeyError):  # a series appears with its first request
+            return metric(base, f'tessera_requests_total{{endpoint="{endpoint}",status="{status}"}}')
+        return 0.0
+
+    before = metric(base, "tessera_prompt_tokens_total")
+    out = client.completions.create(model="parent", prompt="def f(x):", n=3, max_tokens=2, temperature=1, seed=1)
+    assert metric(base, "tessera_prompt_tokens_total") == before + out.usage.prompt_tokens
+    health, models = count("/health", "200"), count("/v1/models", "200")
+    httpx.get(f"{base}/health")
+    client.models.list()
+    assert (count("/health", "200"), count("/v1/models", "200")) == (health + 1, models + 1)
+
+    gone, failed = count("/v1/completions", "499"), count("/v1/completions", "503")
+    body = json.dumps({"prompt": "def f():", "max_tokens": 400, "ignore_eos": True}).encode()
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.perf_counter() + 10
+        while not server[0].engine.running and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        assert server[0].engine.running == 1
+    deadline = time.perf_counter() + 10
+    while count("/v1/completions", "499") == gone and time.perf_counter() < deadline:
+        time.sleep(0.02)
+    assert (count("/v1/completions", "499"), count("/v1/completions", "503")) == (gone + 1, failed)
+
+
 def test_serve_command_shuts_down_cleanly_with_a_stream_in_flight(tmp_path) -> None:
     """SIGTERM while a stream runs: the stream still ends with [DONE], and the process exits 0."""
     sock = free_socket()
@@ -1090,6 +1178,48 @@ def test_serve_command_shuts_down_cleanly_with_a_stream_in_flight(tmp_path) -> N
             proc.kill()
         log = proc.stdout.read().decode()
     assert "Application shutdown complete" in log
+
+
+def test_requests_still_running_after_the_graceful_timeout_end_with_an_error_not_a_cut() -> None:
+    """SIGTERM with --graceful-timeout 0.5 while a stream and a whole answer have ~900 tokens to go (seconds on
+    this CPU): the engines end them, the stream's last event is an error (once a cut connection) and the whole
+    answer a 503 with OpenAI's error body (once a plain-text 500); the process exits 0, nothing cancelled by uvicorn."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    command = [sys.executable, "-m", "tessera.cli", "serve", "--port", str(port), "--max-batch", "4"]
+    proc = subprocess.Popen(
+        [*command, "--graceful-timeout", "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    body = {"prompt": "import os", "max_tokens": 900, "ignore_eos": True}
+    try:
+        wait_healthy(base, 60)
+        with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60) as http:
+            whole = pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=60)
+            events = []
+            with http.stream("POST", f"{base}/v1/completions", json=body | {"stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        events.append(line[5:].strip())
+                        if len(events) == 1:
+                            deadline = time.perf_counter() + 30
+                            while httpx.get(f"{base}/health").json()["running"] < 2:
+                                assert time.perf_counter() < deadline
+                                time.sleep(0.01)
+                            proc.send_signal(signal.SIGTERM)
+            answer = whole.result()
+        assert "shutting down" in json.loads(events[-1])["error"]["message"]
+        assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log = proc.stdout.read().decode()
+    assert "timeout graceful shutdown exceeded" not in log and "Application shutdown complete" in log
 
 
 def _processes_marked(mark: str) -> list[int]:
