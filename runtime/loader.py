@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from tessera import hf_config
@@ -376,7 +376,10 @@ def save_model(
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """A safetensors file with the mode a plain write gives (save_file makes it readable by its owner alone)."""
-    save_file(tensors, path, metadata={"format": "pt"})
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:  # its I/O errors (a full disk) as the file system gave them, without the file
+        raise CheckpointError(f"{path}: could not be written ({e})") from None
     default_mode(path)
 
 
@@ -421,9 +424,12 @@ def _is_weight_file(name: str) -> bool:
     return name == _INDEX or (name.startswith("model") and name.endswith(".safetensors"))
 
 
-def is_checkpoint_file(name: str) -> bool:
-    """A name `save_model` writes in a checkpoint folder (with a tokenizer copied in)."""
-    return name == "config.json" or _is_weight_file(name) or name in TOKENIZER_FILES
+def is_checkpoint_file(name: str, tokenizer_from: str | Path | None = None) -> bool:
+    """A name `save_model` writes in a checkpoint folder: config.json, weights, and the tokenizer files that
+    `tokenizer_from` has (a chat template a user added to an earlier output is not one: a rerun would lose it)."""
+    if name in TOKENIZER_FILES:
+        return tokenizer_from is not None and (Path(tokenizer_from) / name).is_file()
+    return name == "config.json" or _is_weight_file(name)
 
 
 def _carry_over(old: Path, new: Path) -> None:

@@ -292,6 +292,15 @@ def free_port() -> int:
 
 
 def _rank_main(rank: int, size: int, port: int, backend: str, fn: Callable, args: tuple, out: str) -> None:
+    try:
+        _run_rank(rank, size, port, backend, fn, args, out)
+    except UserError as e:  # the user's mistake (a damaged checkpoint, a prompt past the context): its one line
+        with open(os.path.join(out, f"rank{rank}.error"), "w") as f:
+            f.write(str(e))
+        raise
+
+
+def _run_rank(rank: int, size: int, port: int, backend: str, fn: Callable, args: tuple, out: str) -> None:
     tp = join_group(rank, size, port, backend)
     try:
         partial = os.path.join(out, f"rank{rank}.partial")
@@ -307,11 +316,18 @@ def _rank_main(rank: int, size: int, port: int, backend: str, fn: Callable, args
 def run_ranks(fn: Callable, size: int, *args: object, backend: str = "gloo") -> list[object]:
     """fn(tp, *args) in `size` processes of one process group on this machine (spawned, torch.distributed
     initialised over a free local port); each rank's result, in rank order. `fn` must be a module-level
-    function (it is pickled by name)."""
+    function (it is pickled by name). A rank's UserError is raised here as one (its message, the lowest rank's),
+    not as the spawn's traceback."""
     with tempfile.TemporaryDirectory() as out:
         results = [os.path.join(out, f"rank{r}.pt") for r in range(size)]
         try:
             mp.spawn(_rank_main, args=(size, free_port(), backend, fn, args, out), nprocs=size, join=True)
+        except mp.ProcessRaisedException:
+            errors = [Path(out) / f"rank{r}.error" for r in range(size)]
+            message = next((e.read_text() for e in errors if e.exists()), None)
+            if message is None:
+                raise
+            raise UserError(message) from None
         except mp.ProcessExitedException:
             # Even after the final barrier, gloo now and then aborts a rank as it tears down ("terminate called
             # without an active exception": in 2 of 12 runs of tests/test_parallel.py on the 2-core dev VM). A rank

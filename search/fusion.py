@@ -426,6 +426,10 @@ def analyse_and_fuse(
     return fused, result
 
 
+def _holds_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
 def run_fusion(
     model: Model,
     train_tokens: np.ndarray | None,
@@ -436,23 +440,30 @@ def run_fusion(
     tokenizer_from: Path | None = None,
     progress: bool = True,
     timing_dtype: str | None = None,
+    keep_checkpoint: bool = False,
 ) -> dict:
     """Analyse, fuse and heal `model`; time fused against unfused on this device, in `timing_dtype` (None: the
     serving precision, devices.serving_dtype); save the fused model (bf16,
     nemotron-nas in the Ultra-253B layout) to `out` with fusion.json, fusion.md and the heat-maps. Without text
     (None) it fuses explicit groups only (analyse_and_fuse). `out` is replaced whole once everything is written
-    (files.replaced_folder): nothing of an earlier output lingers, and an interrupted run leaves it as it was."""
+    (files.replaced_folder): nothing of an earlier output lingers, and an interrupted run leaves it as it was. When
+    nothing fuses and `keep_checkpoint` (`tessera fuse`), a checkpoint in `out` (an earlier fused model) is kept
+    (info["kept"]) rather than replaced by an analysis without one."""
     out, scenario = Path(out), scenario or Scenario()
     fused, result = analyse_and_fuse(model, train_tokens, eval_windows, cfg, progress)
     device = model.embed_tokens.weight.device
     info = {"device": device_name(device), "scenario": asdict(scenario), "block_threshold": cfg.block_threshold}
     info |= result.to_json()
     if fused is None:
-        runs = ffn_runs(model.arch)
-        info["reason"] = (
-            f"the attention-free FFN runs are {runs or 'none'}; the default fuses runs of 3 or more FFNs "
-            "(all but the last); pass explicit groups or a threshold"
+        how = (
+            f"in them no FFN's dependency on the one before it is at most the threshold {cfg.threshold}"
+            if cfg.threshold is not None
+            else "the default fuses runs of 3 or more FFNs (all but the last); pass explicit groups or a threshold"
         )
+        info["reason"] = f"the attention-free FFN runs are {ffn_runs(model.arch) or 'none'}; {how}"
+        if keep_checkpoint and _holds_checkpoint(out):  # an earlier fused model stays; the analysis goes to the caller
+            info["kept"] = str(out)
+            return info
     else:
         # In lockstep, like the search's latency phase (search/cost.py): both meet the machine's speed alike.
         dtype = serving_dtype(device, timing_dtype)

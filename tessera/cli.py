@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import json
 import math
@@ -650,6 +651,15 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         inputs=inputs,
     )
+    # Its child/ and fused/ are replaced whole (or removed): a file of the user's there is refused as at the top.
+    from tessera.search.fusion import FUSION_OUTPUTS
+
+    for name, writes in (
+        ("child", lambda file: is_checkpoint_file(file, model)),
+        ("fused", lambda file: is_checkpoint_file(file, model) or file in FUSION_OUTPUTS),
+    ):
+        if (out / name).is_dir():
+            check_output(out / name, "--out", folder=True, command="optimize", overwrite=args.overwrite, writes=writes)
     _corpus(args)
     # --overwrite: what the folder held that a run does not write goes once the run has finished.
     leftovers = [p for p in out.iterdir() if not is_run_output(p.name)] if args.overwrite and out.is_dir() else []
@@ -712,7 +722,7 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         ours=_is_fuse_output,
         overwrite=args.overwrite,
         inputs=inputs,
-        writes=lambda name: is_checkpoint_file(name) or name in FUSION_OUTPUTS,
+        writes=lambda name: is_checkpoint_file(name, model_dir) or name in FUSION_OUTPUTS,
     )
     if uses_text:
         _corpus(args)
@@ -738,7 +748,11 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     # run_fusion replaces --out whole once complete: an earlier output (or, with --overwrite, another model's
     # training.json and plots) never lingers beside the new checkpoint, and Ctrl-C leaves --out as it was.
     scenario, timing = _scenario(args), args.timing_dtype
-    info = run_fusion(model, train_ids, eval_windows, out, cfg, scenario, model_dir, timing_dtype=timing)
+    info = run_fusion(
+        model, train_ids, eval_windows, out, cfg, scenario, model_dir, timing_dtype=timing, keep_checkpoint=True
+    )
+    if "kept" in info:
+        raise FusionError(f"{model_dir}: nothing to fuse ({info['reason']}); {out} keeps the fused model it held")
     print((out / "fusion.md").read_text())
     if not info["groups"]:
         raise FusionError(f"{model_dir}: nothing to fuse ({info['reason']}); the analysis is in {out}")
@@ -762,7 +776,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         ours=_quantize_output,
         overwrite=args.overwrite,
         inputs=inputs,
-        writes=is_checkpoint_file,
+        writes=lambda name: is_checkpoint_file(name, model_dir),
     )
     device = resolve_device(args.device)
     windows = None
@@ -1219,6 +1233,14 @@ def _noting_interrupts() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# OSErrors that are the machine's state, not a bug: said in one line (the error names its file where it has one).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE}
+
+
+def _environment_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1237,9 +1259,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             if ctrl_c.is_set():
                 interrupted()
-            if isinstance(e, (UserError, EngineProcessError)):  # anything else is a bug: its traceback is what to see
+            if isinstance(e, (UserError, EngineProcessError)) or _environment_error(e):
                 parser.exit(2, f"tessera: error: {e}\n")
-            raise
+            raise  # anything else is a bug: its traceback is what to see
     return 0
 
 

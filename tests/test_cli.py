@@ -138,6 +138,13 @@ def test_quantize_then_generate_in_fp8_equals_quantizing_at_load(tmp_path: Path,
     assert code == 2 and "also holds README.md, which `tessera quantize` would delete" in err
     assert (out / "README.md").read_text() == "my notes"
     (out / "README.md").unlink()
+    # So is a tokenizer-named file the source does not have (a chat template the user added): it was once taken for
+    # one the command writes, and deleted.
+    assert not (PARENT_DIR / "chat_template.jinja").exists()
+    (out / "chat_template.jinja").write_text("{{ messages }}")
+    code, _, err = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out))
+    assert code == 2 and "also holds chat_template.jinja" in err and (out / "chat_template.jinja").is_file()
+    (out / "chat_template.jinja").unlink()
     # An FP8 checkpoint another tool wrote (llm-compressor records its version) is not one of ours either.
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"]["version"] = "0.6.0"

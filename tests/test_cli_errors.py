@@ -134,7 +134,16 @@ def test_outputs_must_not_hold_the_inputs(no_work, tmp_path, capsys) -> None:
 
 def _fake_run_fusion(calls: list):
     def run_fusion(
-        model, train_ids, windows, out, cfg, scenario, tokenizer_from=None, progress=True, timing_dtype=None
+        model,
+        train_ids,
+        windows,
+        out,
+        cfg,
+        scenario,
+        tokenizer_from=None,
+        progress=True,
+        timing_dtype=None,
+        keep_checkpoint=False,
     ):
         calls.append(Path(out))
         return {"groups": [{"layers": [1, 2]}]}
@@ -191,6 +200,17 @@ def test_optimize_resumes_its_own_run_and_overwrite_clears_the_rest(monkeypatch,
     (run / "bld").mkdir(parents=True)  # an interrupted run: the cost table and some distilled blocks
     (run / "cost.json").write_text("{}\n")
     assert run_cli(capsys, "optimize", "--out", str(run))[0] == 0 and len(calls) == 1
+    # A child/ or fused/ the run replaces whole, holding a file of the user's: refused, as at the top (was deleted).
+    for sub in ("child", "fused"):
+        (run / sub).mkdir()
+        (run / sub / "config.json").write_text("{}")
+        (run / sub / "notes.txt").write_text("mine")
+        code, _, err = run_cli(capsys, "optimize", "--out", str(run))
+        assert (
+            code == 2 and f"{run / sub}: the output of a previous `tessera optimize` that also holds notes.txt" in err
+        )
+        assert len(calls) == 1 and (run / sub / "notes.txt").is_file()
+        shutil.rmtree(run / sub)
     code, _, err = run_cli(capsys, "optimize", "--out", str(model_copy), "--overwrite")
     assert code == 0, err
     assert sorted(p.name for p in model_copy.iterdir()) == ["bld", "cost.json", "report.md", "results.json"]
@@ -430,3 +450,33 @@ def test_ctrl_c_that_native_code_turns_into_another_error_is_still_an_interrupt(
     monkeypatch.setattr(cli, "cmd_info", a_bug)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["info", "--model", "demo/parent"])
+
+
+def test_a_full_disk_is_one_line_and_the_earlier_output_stands(monkeypatch, tmp_path, capsys) -> None:
+    """A write the file system refuses (a full disk: safetensors' error, or an OSError of a plain write) ends in one
+    line naming the file, exit status 2, and the earlier checkpoint as it was (the save is atomic)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import tessera.runtime.loader as loader
+
+    out = tmp_path / "fp8"
+    assert run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out))[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(loader, "save_file", full)
+    code, _, err = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out))
+    assert code == 2 and err.startswith("tessera: error: ") and "model.safetensors: could not be written" in err
+    assert err.count("\n") == 1 and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "config.json"))
+
+    monkeypatch.setattr(loader, "atomic_write_text", no_space)
+    code, _, err = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out))
+    assert code == 2 and "No space left on device" in err and "config.json" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -411,6 +411,19 @@ def test_fuse_cli_errors(tiny_checkpoint, tmp_path, capsys):
         main(fuse_args(path, corpus, tmp_path / "c", "--threshold", "0", "--heal-steps", "0"))
     assert "nothing to fuse" in capsys.readouterr().err
     assert (tmp_path / "c" / "fusion.json").is_file() and not (tmp_path / "c" / "config.json").exists()
+    assert (
+        "no FFN's dependency on the one before it is at most the threshold 0.0"
+        in (tmp_path / "c/fusion.md").read_text()
+    )
+    # A rerun into an earlier fused checkpoint that fuses nothing keeps that checkpoint (it once left the analysis
+    # alone, the weights deleted).
+    assert main(fuse_args(path, corpus, tmp_path / "e", "--groups", "1-3", "--heal-steps", "0")) == 0
+    before = sorted(p.name for p in (tmp_path / "e").iterdir())
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(fuse_args(path, corpus, tmp_path / "e", "--threshold", "0", "--heal-steps", "0"))
+    assert "keeps the fused model it held" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == before and load_model(tmp_path / "e").arch.fusion_spans
     short = tmp_path / "short"  # a corpus shorter than one window: said, not a torch.cat traceback
     short.mkdir()
     for split in ("train", "validation"):

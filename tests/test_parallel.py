@@ -94,6 +94,13 @@ def test_tensor_parallel_generate_equals_one_process(checkpoints, capsys) -> Non
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--tensor-parallel-size: tensor parallel size 3" in err and err.count("\n") == 1
+    # A rank's user error (here a prompt past the context, found as the ranks read it) is the same one line, not
+    # the spawn's traceback of each rank.
+    long = " ".join(["x"] * 2000)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(PARENT_DIR), "--prompt", long, "--tensor-parallel-size", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("tessera: error: ") and "context" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("name", ["nemotron-nas", "qwen2", "qwen3"])
