@@ -297,13 +297,19 @@ def check_memory(
         )
 
 
+def checkpoint_dir(path: str | Path) -> Path:
+    """`path` as a checkpoint folder to read, or the error naming what it is instead."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a checkpoint with config.json and safetensors)")
+    return path
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Model:
     """Load a Hugging Face Llama or nemotron-nas checkpoint directory as a tessera `Model` in eval mode. dtype
     kernels.FP8: FP8 projections with bf16 activations, from an FP8 checkpoint as stored or quantized from a
     wider one at load; an FP8 checkpoint loaded in another dtype is dequantized."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a checkpoint with config.json and safetensors)")
+    path = checkpoint_dir(path)
     try:
         arch = ArchConfig.from_json(path / "config.json")
     except ConfigError as e:

@@ -396,6 +396,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     return tokens.index_put((index,), torch.where(bad, -1, picked))
 
 
+SEEN_BYTES_PER_TOKEN = 5  # SeenTokens' bytes per batch slot and vocabulary entry
+
+
 class SeenTokens:
     """The penalized requests' tokens on the device, a row per batch slot (the engine's block-table row): how often
     each token was generated, and which the prompt holds. A row is filled once, when its request first samples with
@@ -405,7 +408,7 @@ class SeenTokens:
     bytes (256 rows of a 128k vocabulary: 164 MB), made with the engine, before its KV pool is sized."""
 
     def __init__(self, rows: int, vocab: int, device: torch.device) -> None:
-        self.counts = torch.zeros(rows, vocab, device=device)  # float32
+        self.counts = torch.zeros(rows, vocab, device=device)  # float32 (SEEN_BYTES_PER_TOKEN: 4 + 1 with in_prompt)
         self.in_prompt = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
 
     def fill(self, row: int, prompt: list[int], generated: list[int]) -> None:

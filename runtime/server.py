@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import re
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -977,9 +979,10 @@ def engine_spec(
     fails with its own error before any process starts (`torchrun`: the ranks are torchrun's, EngineSpec)."""
     from tessera.config import ArchConfig
     from tessera.devices import parse_dtype
+    from tessera.runtime.loader import checkpoint_dir
 
     parse_dtype(dtype)
-    ArchConfig.from_json(Path(model_dir) / "config.json")
+    ArchConfig.from_json(checkpoint_dir(model_dir) / "config.json")
     if tensor_parallel_size > 1:
         from tessera.runtime.parallel import check_ranks, torchrun_local
 
@@ -1018,8 +1021,27 @@ def build_server(
         raise
 
 
-def run(server: Server, host: str = "127.0.0.1", port: int = 8000, graceful_timeout: float = 10.0) -> None:
-    """Serve until SIGINT/SIGTERM: in-flight requests get `graceful_timeout` seconds to finish."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for `run`, made before the engines load (minutes, for a large model), so an
+    address in use or a host that is not this machine's is said at once, naming the flag."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host}: not an address of this machine ({e})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a restart need not wait
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        flag = "--port" if e.errno == errno.EADDRINUSE else "--host/--port"
+        raise UserError(f"{flag}: cannot listen on {host}:{port} ({e.strerror})") from None
+    return sock
+
+
+def run(server: Server, sock: socket.socket, graceful_timeout: float = 10.0) -> None:
+    """Serve on `sock` (listening_socket) until SIGINT/SIGTERM: in-flight requests get `graceful_timeout` seconds
+    to finish."""
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
@@ -1038,6 +1060,7 @@ def run(server: Server, host: str = "127.0.0.1", port: int = 8000, graceful_time
             finally:
                 ender.cancel()
 
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
         server.app,
         host=host,
@@ -1050,6 +1073,6 @@ def run(server: Server, host: str = "127.0.0.1", port: int = 8000, graceful_time
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            GracefulServer(config).run()
+            GracefulServer(config).run(sockets=[sock])
     finally:  # also when uvicorn exits without its lifespan's shutdown (a port in use): no engine outlives it
         server.engine.shutdown()

@@ -34,7 +34,7 @@ from tessera.config import ArchConfig, BlockConfig
 from tessera.devices import peak_memory_bytes, reset_peak_memory, serving_dtype
 from tessera.errors import UserError
 from tessera.files import atomic_write_text
-from tessera.runtime.loader import save_model
+from tessera.runtime.loader import checkpoint_dir, save_model
 from tessera.runtime.model import Model
 from tessera.search import activations
 from tessera.search.assemble import assemble_child
@@ -512,11 +512,10 @@ class Optimizer:
         self.store = SublayerStore(self.out / "bld", fresh=fresh)
         if cfg.gkd.steps:  # said now, not after BLD, scoring and the MIP
             check_batch(cfg.gkd, ranks.size)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.device = ranks.device(torch.device(cfg.device))
         self.dtype = torch.float32  # training and scoring
         self.timing_dtype = serving_dtype(self.device, cfg.timing_dtype)
-        loaded = load_parent(self.parent_dir, corpus, self.device, self.dtype)
+        loaded = load_parent(checkpoint_dir(self.parent_dir), corpus, self.device, self.dtype)
         self.parent, self.train_ids = loaded.model, loaded.train_ids
         for scenario in (cfg.scenario, *cfg.also_scenarios):
             scenario.check_context(self.parent.arch)
@@ -528,6 +527,7 @@ class Optimizer:
         self.also_tables: list[CostTable] = []
         self.score_windows, self.eval_windows = held_out_windows(loaded.val_ids, cfg, corpus)
         self.calibration = next(random_windows(self.train_ids, cfg.calibration_windows, cfg.seq_len, cfg.seed))
+        self.out.mkdir(parents=True, exist_ok=True)  # once the inputs are checked: a refused run leaves no folder
         self.timed_parent = None  # the parent in timing_dtype, made when first timed
         self.timings: dict[str, float] = {}
         self.peak_mib: dict[str, float] = {}  # per stage: resident (CPU) or allocated (GPU) peak
@@ -696,7 +696,8 @@ class Optimizer:
                     "metrics.kl_div",
                     bounds=speedup_bounds(Budget(target_speedup=speedup), tables, arch, library),
                 )
-            except InfeasibleError:
+            except InfeasibleError:  # the report's Pareto front goes without it; said, not dropped silently
+                print(f"[optimize] --pareto {speedup:g}: no architecture in the space is that fast; left out")
                 continue
             children.append(Child(f"MIP (speedup {speedup:g})", "mip", choices_to_blocks(library, sol.choices), 0.0))
         for method, pick in (("uniform", uniform_baseline), ("greedy", greedy_baseline)):

@@ -456,9 +456,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from tessera.demo import PARENT_DIR
-    from tessera.runtime.loader import check_memory
+    from tessera.runtime.loader import check_memory, checkpoint_dir
     from tessera.runtime.parallel import Launch
-    from tessera.runtime.server import build_server, engine_spec, run
+    from tessera.runtime.server import build_server, engine_spec, listening_socket, run
 
     # Under torchrun (several nodes, docs/runtime.md) every rank it started is one rank of the model: rank 0
     # serves HTTP, the others follow its engine.
@@ -474,7 +474,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # The cores are split between the engine processes; the HTTP side (its own process) needs little. On the
         # 2-core dev VM at 16 concurrent streams, 2 threads served 1,302 output tokens/s and 1 thread 958 (issue 6).
         threads = args.threads or max(1, cores // (dp * local))
-    model = args.model or str(PARENT_DIR)
+    if args.served_model_name == "":
+        raise UserError("--served-model-name: empty (clients name the model by it; leave it out for the folder's name)")
+    model = str(checkpoint_dir(args.model or PARENT_DIR))
     device = resolve_device(args.device)
     # Each engine process loads its weights: on one GPU or the CPU their copies share the memory; tensor-parallel
     # ranks on GPUs each hold a device of their own.
@@ -506,6 +508,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if why := follow(engine_spec(model, **engine), launch.rank):
             raise UserError(f"tessera serve: rank {launch.rank} of {tp}: {why}")
         return
+    sock = listening_socket(args.host, args.port)  # an address in use is said before the engines load
     # SIGTERM while the engines start (loading can take minutes): an interrupt, so the engine processes, which
     # ignore SIGTERM, are shut down at exit instead of outliving the server.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -533,7 +536,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         f"{f', {packed} matrices packed for oneDNN' if packed else ''}",
         file=sys.stderr,
     )
-    run(server, args.host, args.port, args.graceful_timeout)
+    run(server, sock, args.graceful_timeout)
 
 
 def cmd_search_solve(args: argparse.Namespace) -> None:

@@ -365,6 +365,8 @@ def _read_quantization(cfg: dict[str, Any], source: str) -> tuple[str | None, bo
 def parse(cfg: dict[str, Any], source: str = "config.json") -> ArchConfig:
     """The architecture a parsed config.json describes; `source` names it in error messages."""
     model_type = cfg.get("model_type")
+    if model_type is None:
+        raise ConfigError(f"{source}: no model_type (expected one of " + ", ".join(map(repr, MODEL_TYPES)) + ")")
     if model_type not in MODEL_TYPES:
         raise ConfigError(
             f"{source}: model_type {json_excerpt(model_type)} is not supported (expected one of "

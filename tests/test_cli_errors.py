@@ -480,3 +480,15 @@ def test_a_full_disk_is_one_line_and_the_earlier_output_stands(monkeypatch, tmp_
     code, _, err = run_cli(capsys, "quantize", "--model", str(PARENT_DIR), "--out", str(out))
     assert code == 2 and "No space left on device" in err and "config.json" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_refused_optimize_leaves_no_output_folder(tmp_path, capsys) -> None:
+    """--out is made once the inputs are checked: a missing parent (named as not a directory, not by its absent
+    tokenizer) or a window past the parent's context leaves no empty folder behind (it once did)."""
+    for extra, message in (
+        (["--model", str(tmp_path / "nowhere")], "nowhere: not a directory"),
+        (["--seq-len", "100000"], "seq_len 100000: the parent's context is"),
+    ):
+        out = tmp_path / "run" / "out"
+        code, _, err = run_cli(capsys, "optimize", "--out", str(out), *extra)
+        assert code == 2 and message in err and not (tmp_path / "run").exists(), err

@@ -159,6 +159,7 @@ def _llama_dict() -> dict:
     ("mutate", "message"),
     [
         (lambda c: c.update(model_type="gemma"), 'model_type "gemma" is not supported'),
+        (lambda c: c.pop("model_type"), r"no model_type \(expected one of 'llama'"),
         (lambda c: c.update(num_key_value_heads=3), "num_key_value_heads=3 does not divide"),
         (lambda c: c.pop("hidden_size"), r"hidden_size: missing \(expected an integer in \[1, "),
         (lambda c: c.update(hidden_size="4096"), 'hidden_size: expected an integer in .*, got "4096"'),

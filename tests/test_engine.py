@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tessera.demo import PARENT_DIR
+from tessera.errors import UserError
 from tessera.kernels import cpu_layout
 from tessera.runtime.cache import PagedKVCache
 from tessera.runtime.engine import CapacityError, DecodeGraphs, Engine, EngineConfig
@@ -549,7 +550,27 @@ def test_the_penalty_table_is_made_before_the_kv_pool_takes_its_share_of_memory(
     monkeypatch.setattr(engine_module, "SeenTokens", seen_tokens)
     monkeypatch.setattr(engine_module, "available_memory", available_memory)
     engine = Engine(model, tok, EngineConfig(max_batch=3, page_size=16))
-    assert order == [("table", 3, model.vocab_size), "memory read"]
+    # The table checked against the memory there is, made, then the pool sized from what is left.
+    assert order == ["memory read", ("table", 3, model.vocab_size), "memory read"]
     params = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=1.0, seed=1, frequency_penalty=0.5)
     (done,) = engine.generate([[5, 6, 7]], params)
-    assert len(done.tokens) == 4 and len(order) == 2  # the penalized request used the table made with the engine
+    assert len(done.tokens) == 4 and len(order) == 3  # the penalized request used the table made with the engine
+
+
+def test_buffers_past_the_memory_and_pages_past_the_context_are_refused(demo, monkeypatch) -> None:
+    """An explicit KV pool (--kv-cache-gib) or a batch whose per-slot tables exceed the free memory is refused, named,
+    before it is allocated (a CPU engine was OOM-killed without a word); a page longer than the context too (it
+    held memory no request could fill)."""
+    from tessera.runtime import engine as engine_module
+
+    model, tok = demo
+    free = 64 * 2**20
+    monkeypatch.setattr(engine_module, "available_memory", lambda device: free)
+    with pytest.raises(UserError, match=r"kv_cache_bytes \(--kv-cache-gib\) take 0.1 GiB, more than the 0.1 GiB free"):
+        Engine(model, tok, EngineConfig(max_batch=2, kv_cache_bytes=free + 1))
+    rows = free // (model.vocab_size * 5) + 1
+    with pytest.raises(UserError, match=f"max_batch {rows}: its slots' token tables"):
+        Engine(model, tok, EngineConfig(max_batch=rows))
+    Engine(model, tok, EngineConfig(max_batch=rows - 1, kv_cache_bytes=free // 4))  # both within the memory
+    with pytest.raises(UserError, match="page_size 128 is longer than max_model_len 64"):
+        Engine(model, tok, EngineConfig(max_batch=2, max_model_len=64, page_size=128))

@@ -1287,6 +1287,32 @@ def test_serve_refuses_a_count_below_one(flag, capsys) -> None:
     assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(capsys, monkeypatch) -> None:
+    """A port in use, a host that is not this machine's, an empty model name and a model path that is a file: one
+    line naming the flag, before any engine loads (an address in use was once found after the engines had)."""
+    import tessera.runtime.server as server_module
+    from tessera.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("the engines started before the address was checked")
+
+    monkeypatch.setattr(server_module, "build_server", never)
+    with free_socket() as taken:
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [
+            (["--port", port], f"--port: cannot listen on 127.0.0.1:{port} (Address already in use)"),
+            (["--host", "999.1.1.1"], "--host 999.1.1.1: not an address of this machine"),
+            (["--served-model-name", ""], "--served-model-name: empty"),
+            (["--model", str(PARENT_DIR / "config.json")], "config.json: not a directory"),
+        ]
+        for extra, message in cases:
+            with pytest.raises(SystemExit) as exit_:
+                main(["serve", *extra])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
 def test_serve_under_torchrun_on_two_nodes_answers_as_one_process(reference, parent, tmp_path) -> None:
     """`torchrun --nnodes 2 --nproc-per-node 2 ... tessera serve` (two nodes of two ranks each, meeting at node
     0's address as separate machines would): node 0's rank 0 serves HTTP and the three other ranks follow its
