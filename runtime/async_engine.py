@@ -448,6 +448,7 @@ class AsyncEngine:
         self._readers: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
+        self._stop_lock = threading.Lock()  # shutdown may be called from two threads at once (the server's ends)
         self.limits: EngineLimits | None = None
         self._pool_pages = 0
         self.info: dict = {}
@@ -480,9 +481,10 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engines; requests still in flight finish with reason "abort". A second call does nothing."""
-        if self._stopping:
-            return
-        self._stopping = True
+        with self._stop_lock:
+            if self._stopping:
+                return
+            self._stopping = True
         atexit.unregister(self.shutdown)
         for h in self._handles:
             h.send(Shutdown())

@@ -282,11 +282,10 @@ class _Launched:
     ready: torch.cuda.Event | None = None  # recorded after those copies, on CUDA
 
 
-def _check_room(nbytes: int, what: str, device: torch.device) -> None:
-    """Refuse a buffer larger than the memory `device` has free (the host's would be OOM-killed, without a word)."""
-    free = available_memory(device)
+def _check_room(nbytes: int, what: str, free: int) -> None:
+    """Refuse a host buffer larger than the `free` bytes of memory there are."""
     if nbytes > free:
-        raise UserError(f"{what} take {nbytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on {device}")
+        raise UserError(f"{what} take {nbytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of memory free")
 
 
 class DecodeGraphs:
@@ -398,17 +397,20 @@ class Engine:
         self.kv_dtype = kernels.FP8 if fp8_cache else model.embed_tokens.weight.dtype  # the pages' dtype
         step_tokens = max(config.max_step_tokens, config.max_batch)  # the most one request gets in a step
         page = config.page_size or PAGE_SIZE
-        if page > self.max_model_len:  # a page past the context only holds memory no request can fill
+        if config.page_size and page > self.max_model_len:  # a page past the context holds what no request fills
             raise UserError(f"page_size {page} is longer than max_model_len {self.max_model_len}")
         # The penalized requests' tokens, a row per batch slot (256 rows of a 128k vocabulary: 164 MB): made before
         # the KV pool takes its share of the memory there is, so a penalized request can never find it taken.
-        seen = config.max_batch * model.vocab_size * SEEN_BYTES_PER_TOKEN
-        slots = f"max_batch {config.max_batch}: its slots' token tables ({model.vocab_size} tokens each)"
-        _check_room(seen, slots, self.device)
+        if self.device.type == "cpu":  # past the host's memory the OOM killer ends the process without a word
+            free = available_memory(self.device)  # (a GPU's allocator raises its own out-of-memory error)
+            if model.tp is not None:  # one figure for every rank: they refuse alike, or start alike
+                free = model.tp.agree_min(free)
+            seen = config.max_batch * model.vocab_size * SEEN_BYTES_PER_TOKEN
+            _check_room(seen, f"max_batch {config.max_batch}: its slots' token tables ({model.vocab_size} each)", free)
+            _check_room(config.kv_cache_bytes or 0, "kv_cache_bytes (--kv-cache-gib)", free)
         self._seen = SeenTokens(config.max_batch, model.vocab_size, self.device)
         if config.kv_cache_bytes is not None:
             budget = config.kv_cache_bytes
-            _check_room(budget, "kv_cache_bytes (--kv-cache-gib)", self.device)
         else:  # room for max_batch requests of max_model_len
             budget = config.max_batch * self._request_bytes(page, step_tokens)
             if budget:  # a long max_model_len must not size a pool past the memory there is: the CPU also

@@ -35,6 +35,7 @@ from torch import nn
 from tessera.config import ArchConfig, AttentionConfig, BlockConfig, ConfigError, FFNConfig, share
 from tessera.devices import check_fp8, parse_dtype
 from tessera.errors import UserError
+from tessera.files import atomic_write_text
 from tessera.kernels import FP8
 from tessera.runtime.generate import Generator
 from tessera.runtime.loader import (
@@ -294,9 +295,9 @@ def free_port() -> int:
 def _rank_main(rank: int, size: int, port: int, backend: str, fn: Callable, args: tuple, out: str) -> None:
     try:
         _run_rank(rank, size, port, backend, fn, args, out)
-    except UserError as e:  # the user's mistake (a damaged checkpoint, a prompt past the context): its one line
-        with open(os.path.join(out, f"rank{rank}.error"), "w") as f:
-            f.write(str(e))
+    except UserError as e:  # the user's mistake (a damaged checkpoint, a prompt past the context): its one line,
+        # whole or not at all (spawn kills the other ranks once one fails)
+        atomic_write_text(os.path.join(out, f"rank{rank}.error"), str(e))
         raise
 
 
@@ -322,9 +323,10 @@ def run_ranks(fn: Callable, size: int, *args: object, backend: str = "gloo") -> 
         results = [os.path.join(out, f"rank{r}.pt") for r in range(size)]
         try:
             mp.spawn(_rank_main, args=(size, free_port(), backend, fn, args, out), nprocs=size, join=True)
-        except mp.ProcessRaisedException:
-            errors = [Path(out) / f"rank{r}.error" for r in range(size)]
-            message = next((e.read_text() for e in errors if e.exists()), None)
+        except mp.ProcessRaisedException as e:
+            first = e.error_index  # the rank that failed first, then the others
+            errors = [Path(out) / f"rank{r}.error" for r in (first, *range(size))]
+            message = next((f.read_text() for f in errors if f.exists()), None)
             if message is None:
                 raise
             raise UserError(message) from None

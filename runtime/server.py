@@ -303,7 +303,25 @@ class Vocabulary:
         return raw
 
 
+async def _prompt_only(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of a prompt scored alone (completions' echo with max_tokens 0) without the token generated to
+    score it: no text, no entry, no completion token, finished for "length" (as vLLM answers it)."""
+    async with contextlib.aclosing(outputs):
+        async for index, out in outputs:
+            if not (out.error or out.finish_reason == "abort"):
+                reason = "length" if out.finished else None
+                out = replace(out, token_ids=[], text="", completion_tokens=0, logprobs=None, finish_reason=reason)
+            yield index, out
+
+
 # Response formats
+
+
+def _with_own(top: dict[str, float], text: str, logprob: float) -> dict[str, float]:
+    """A token's likeliest (text -> log-probability) with its own entry added: a likelier token of the same text (two
+    partial UTF-8 characters both show U+FFFD) keeps its value."""
+    top.setdefault(text, logprob)
+    return top
 
 
 class ResponseFormat:
@@ -325,7 +343,7 @@ class ResponseFormat:
         texts = [vocab.text(e.token_id) for e in entries]
         offsets = list(itertools.accumulate(map(len, texts[:-1]), initial=offset))[: len(texts)]
         top = [
-            None if e.logprob is None else {**{vocab.text(t): lp for t, lp in e.top}, text: e.logprob}
+            None if e.logprob is None else _with_own({vocab.text(t): lp for t, lp in e.top}, text, e.logprob)
             for e, text in zip(entries, texts)
         ]
         return {
@@ -701,10 +719,11 @@ class Server:
         default_max: int | None,
         form: ResponseFormat,
         echo: Callable[[int, list[int]], str] | None = None,
+        prompt_only: bool = False,
     ):
         """Check the request, read its prompts (`read`, off the event loop), queue them all (or none: every
         check comes first) and answer, streamed or whole. `echo(i, ids)`: prompt i's text, which each of its choices
-        then starts with (OpenAI's echo)."""
+        then starts with (OpenAI's echo). prompt_only: the generated tokens left out of the answer (_prompt_only)."""
         params = self._sampling(body, default_max)
         prompts = await asyncio.to_thread(read)
         n = body.n
@@ -733,6 +752,8 @@ class Server:
         except RuntimeError as e:  # shutting down, or no engine left
             raise APIError(503, str(e)) from e
         outputs = self._merge(request, streams, n)
+        if prompt_only:
+            outputs = _prompt_only(outputs)
         echoes = None if echo is None else [echo(i, p) for i, p in enumerate(prompts) for _ in range(n)]
         if body.stream:  # answered 200 once the stream starts; a whole answer once it is complete
             self._count(request.url.path, "200")
@@ -936,13 +957,17 @@ class Server:
                 else self.engine.tokenizer.decode(ids, skip_special_tokens=False)
             )
 
+        # `echo` with max_tokens 0 scores the prompt alone (older evaluation harnesses send it): as vLLM does, one
+        # token is generated, then dropped from the answer.
+        prompt_only = body.echo and body.max_tokens == 0
         return await self._serve(
             request,
-            body,
+            body.model_copy(update={"max_tokens": 1}) if prompt_only else body,
             lambda: [self._encode(p, "prompt", name) for p, name in zip(prompts, names)],
             COMPLETION_DEFAULT_MAX_TOKENS,
             TEXT,
             echo if body.echo else None,
+            prompt_only,
         )
 
     async def chat_completions(self, body: ChatRequest, request: Request):
@@ -1021,27 +1046,59 @@ def build_server(
         raise
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port for `run`, made before the engines load (minutes, for a large model), so an
-    address in use or a host that is not this machine's is said at once, naming the flag."""
+LISTEN_BACKLOG = 2048  # uvicorn's default
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets listening on host:port for `run`, made before the engines load (minutes, for a large model), so an
+    address in use or a host that is not this machine's is said at once, naming the flag. Every address the host
+    resolves to, as asyncio's create_server binds them (`localhost`: 127.0.0.1 and ::1; "" every interface),
+    skipping those this machine does not have."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
         raise UserError(f"--host {host}: not an address of this machine ({e})") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a restart need not wait
+    sockets: list[socket.socket] = []
     try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        flag = "--port" if e.errno == errno.EADDRINUSE else "--host/--port"
-        raise UserError(f"{flag}: cannot listen on {host}:{port} ({e.strerror})") from None
-    return sock
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # an address family this machine lacks (IPv6 turned off)
+                continue
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a restart need not wait
+            if family == socket.AF_INET6:  # the IPv4 address is a socket of its own
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+                sock.listen(LISTEN_BACKLOG)  # listening now: another server cannot take the port meanwhile
+            except OSError as e:
+                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):  # not an address of this machine
+                    sockets.pop().close()
+                    continue
+                flag = "--port" if e.errno == errno.EADDRINUSE else "--host/--port"
+                raise UserError(f"{flag}: cannot listen on {host}:{port} ({e.strerror})") from None
+        if not sockets:
+            raise UserError(f"--host {host}: not an address of this machine")
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
-def run(server: Server, sock: socket.socket, graceful_timeout: float = 10.0) -> None:
-    """Serve on `sock` (listening_socket) until SIGINT/SIGTERM: in-flight requests get `graceful_timeout` seconds
-    to finish."""
+def addresses(sockets: list[socket.socket]) -> str:
+    """Where `sockets` listen, as URLs (the port chosen for --port 0 included)."""
+    urls = []
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        urls.append(f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}")
+    return ", ".join(urls)
+
+
+def run(server: Server, sockets: list[socket.socket], graceful_timeout: float = 10.0) -> None:
+    """Serve on `sockets` (listening_sockets) until SIGINT/SIGTERM: in-flight requests get `graceful_timeout`
+    seconds to finish."""
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
@@ -1060,11 +1117,8 @@ def run(server: Server, sock: socket.socket, graceful_timeout: float = 10.0) -> 
             finally:
                 ender.cancel()
 
-    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
         server.app,
-        host=host,
-        port=port,
         log_level="info",
         timeout_graceful_shutdown=graceful_timeout + ABORT_DELIVERY_S,
     )
@@ -1073,6 +1127,6 @@ def run(server: Server, sock: socket.socket, graceful_timeout: float = 10.0) -> 
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            GracefulServer(config).run(sockets=[sock])
+            GracefulServer(config).run(sockets=sockets)
     finally:  # also when uvicorn exits without its lifespan's shutdown (a port in use): no engine outlives it
         server.engine.shutdown()

@@ -458,7 +458,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from tessera.demo import PARENT_DIR
     from tessera.runtime.loader import check_memory, checkpoint_dir
     from tessera.runtime.parallel import Launch
-    from tessera.runtime.server import build_server, engine_spec, listening_socket, run
+    from tessera.runtime.server import addresses, build_server, engine_spec, listening_sockets, run
 
     # Under torchrun (several nodes, docs/runtime.md) every rank it started is one rank of the model: rank 0
     # serves HTTP, the others follow its engine.
@@ -508,7 +508,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if why := follow(engine_spec(model, **engine), launch.rank):
             raise UserError(f"tessera serve: rank {launch.rank} of {tp}: {why}")
         return
-    sock = listening_socket(args.host, args.port)  # an address in use is said before the engines load
+    sockets = listening_sockets(args.host, args.port)  # an address in use is said before the engines load
     # SIGTERM while the engines start (loading can take minutes): an interrupt, so the engine processes, which
     # ignore SIGTERM, are shut down at exit instead of outliving the server.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -533,10 +533,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         f"per engine, context {info['max_model_len']}, KV pool {info['pages']} pages of {info['page_size']} tokens "
         f"({info['kv_mib']:.1f} MiB, {info['kv_dtype']}) per engine{', CUDA graphs' if info['cuda_graphs'] else ''}"
         f"{', async scheduling' if info['async_scheduling'] else ''}"
-        f"{f', {packed} matrices packed for oneDNN' if packed else ''}",
+        f"{f', {packed} matrices packed for oneDNN' if packed else ''}; listening on {addresses(sockets)}",
         file=sys.stderr,
     )
-    run(server, sock, args.graceful_timeout)
+    run(server, sockets, args.graceful_timeout)
 
 
 def cmd_search_solve(args: argparse.Namespace) -> None:
@@ -752,7 +752,15 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     # training.json and plots) never lingers beside the new checkpoint, and Ctrl-C leaves --out as it was.
     scenario, timing = _scenario(args), args.timing_dtype
     info = run_fusion(
-        model, train_ids, eval_windows, out, cfg, scenario, model_dir, timing_dtype=timing, keep_checkpoint=True
+        model,
+        train_ids,
+        eval_windows,
+        out,
+        cfg,
+        scenario,
+        model_dir,
+        timing_dtype=timing,
+        keep_checkpoint=not args.overwrite,
     )
     if "kept" in info:
         raise FusionError(f"{model_dir}: nothing to fuse ({info['reason']}); {out} keeps the fused model it held")

@@ -566,7 +566,9 @@ def test_buffers_past_the_memory_and_pages_past_the_context_are_refused(demo, mo
     model, tok = demo
     free = 64 * 2**20
     monkeypatch.setattr(engine_module, "available_memory", lambda device: free)
-    with pytest.raises(UserError, match=r"kv_cache_bytes \(--kv-cache-gib\) take 0.1 GiB, more than the 0.1 GiB free"):
+    with pytest.raises(
+        UserError, match=r"kv_cache_bytes \(--kv-cache-gib\) take 0.1 GiB, more than the 0.1 GiB of memory free"
+    ):
         Engine(model, tok, EngineConfig(max_batch=2, kv_cache_bytes=free + 1))
     rows = free // (model.vocab_size * 5) + 1
     with pytest.raises(UserError, match=f"max_batch {rows}: its slots' token tables"):

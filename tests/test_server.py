@@ -461,6 +461,16 @@ def test_echo_returns_the_prompt_scored_as_lm_eval_reads_it(client, parent) -> N
     assert ended.logprobs.tokens[-1] == tok.decode([eos], skip_special_tokens=False)
     # The legacy API's "no log-probabilities", as some clients send it.
     assert client.completions.create(**args | {"logprobs": False}).choices[0].logprobs is None
+    # max_tokens 0 with echo (older harnesses' way to score a prompt alone, as vLLM takes it): the prompt, its
+    # entries, nothing generated; whole and streamed.
+    alone = client.completions.create(**args | {"max_tokens": 0})
+    assert alone.choices[0].text == tok.decode(ids) and alone.choices[0].finish_reason == "length"
+    assert alone.usage.completion_tokens == 0 and alone.usage.prompt_tokens == len(ids)
+    assert alone.choices[0].logprobs.token_logprobs == whole.logprobs.token_logprobs[:-1]
+    chunks = list(client.completions.create(**args | {"max_tokens": 0}, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == tok.decode(ids)
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices[0].logprobs) == len(ids)
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_outputs_a_busy_consumer_missed_come_out_merged_with_their_logprobs() -> None:
@@ -1220,6 +1230,28 @@ def test_requests_still_running_after_the_graceful_timeout_end_with_an_error_not
             proc.kill()
         log = proc.stdout.read().decode()
     assert "timeout graceful shutdown exceeded" not in log and "Application shutdown complete" in log
+    assert f"listening on http://127.0.0.1:{port}" in log
+
+
+def test_listening_sockets_take_every_address_of_the_host() -> None:
+    """`localhost` is every loopback address the machine has (127.0.0.1, and ::1 where IPv6 is on), "" every
+    interface, port 0 a free port; each socket listens at once, so the port is taken from the start."""
+    from tessera.runtime.server import addresses, listening_sockets
+
+    for host, expected in (
+        ("localhost", "http://127.0.0.1:"),
+        ("", "http://0.0.0.0:"),
+        ("127.0.0.1", "http://127.0.0.1:"),
+    ):
+        sockets = listening_sockets(host, 0)
+        try:
+            assert expected in addresses(sockets) and all(s.getsockname()[1] > 0 for s in sockets)
+            for s in sockets:
+                with socket.create_connection(s.getsockname()[:2], timeout=5):
+                    pass  # listening: the connection is accepted into the backlog
+        finally:
+            for s in sockets:
+                s.close()
 
 
 def _processes_marked(mark: str) -> list[int]:
@@ -1302,7 +1334,7 @@ def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(capsys, mon
         port = str(taken.getsockname()[1])
         cases = [
             (["--port", port], f"--port: cannot listen on 127.0.0.1:{port} (Address already in use)"),
-            (["--host", "999.1.1.1"], "--host 999.1.1.1: not an address of this machine"),
+            (["--host", "192.0.2.1"], "--host 192.0.2.1: not an address of this machine"),  # TEST-NET-1, never ours
             (["--served-model-name", ""], "--served-model-name: empty"),
             (["--model", str(PARENT_DIR / "config.json")], "config.json: not a directory"),
         ]
