@@ -611,7 +611,9 @@ def test_messages_that_break_the_template_are_the_clients_error() -> None:
     from tessera.runtime.server import APIError, Server
 
     template = "{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c }}{% endfor %}{% endfor %}"
-    fake_engine = SimpleNamespace(max_model_len=128, running=0, queue_depth=0, kv_usage=0.0, preemptions=0)
+    fake_engine = SimpleNamespace(
+        max_model_len=128, running=0, queue_depth=0, kv_usage=0.0, preemptions=0, tokenizer=None
+    )
     served = Server(fake_engine, "m", chat_template=template)
     assert served._render([{"role": "user", "content": "x", "tool_calls": ["a", "b"]}]) == "ab"
     with pytest.raises(APIError) as caught:
