@@ -17,7 +17,7 @@ from tessera.devices import dtype_name, serving_dtype
 from tessera.runtime.model import Model
 from tessera.search.fusion import FusionGroup, fuse
 
-from .harness import relative_error, time_ms
+from .harness import relative_error, time_in_turns
 
 # block_configs[53..70] of nvidia/Llama-3_3-Nemotron-Super-49B-v1 (attention no-op, ffn_mult -> width at 8192).
 SUPER_49B_RUN_WIDTHS = [
@@ -75,19 +75,27 @@ def run(device: torch.device) -> dict:
             )  # the parallel form
             parallel = unfused.layers[-1].feed_forward(parallel.to(dtype))
             error = relative_error(through(fused), parallel)
-            sequential_ms, method = time_ms(lambda: through(unfused), device)
-            fused_ms, _ = time_ms(lambda: through(fused), device)
+            sides = {"unfused": lambda: through(unfused), "fused": lambda: through(fused)}
+            turns, methods = time_in_turns(sides, device)
+        speedup = turns.ratio("unfused", "fused")
         rows.append(
             {
                 "batch": b,
-                "unfused_ms": sequential_ms,
-                "fused_ms": fused_ms,
-                "speedup": sequential_ms / fused_ms,
+                "unfused_ms": turns.spread("unfused").median,
+                "fused_ms": turns.spread("fused").median,
+                "speedup": speedup.median,
+                "speedup_min": speedup.low,
+                "speedup_max": speedup.high,
+                "rounds": turns.rounds,
                 "fused_vs_parallel_relative_error": error,
-                "timing": method,
+                "timing": methods["unfused"],
             }
         )
-        print(f"batch {b}: unfused {sequential_ms:.3f} ms, fused {fused_ms:.3f} ms = {sequential_ms / fused_ms:.2f}x")
+        r = rows[-1]
+        print(
+            f"batch {b}: unfused {r['unfused_ms']:.3f} ms, fused {r['fused_ms']:.3f} ms = {speedup.median:.2f}x "
+            f"({speedup.low:.2f}-{speedup.high:.2f})"
+        )
     return {
         "model": (
             f"Super-49B layers {SUPER_49B_FIRST_LAYER}-{SUPER_49B_FIRST_LAYER + len(widths) - 1} "
@@ -106,12 +114,13 @@ def table(result: dict) -> str:
         f"{result['model']}, {result['dtype']}: {result['sequential_depth']['unfused']} FFNs in a row → one "
         f"{result['fused_width']:,}-wide FFN + the last one.",
         "",
-        "| batch | unfused ms | fused ms | speedup | fused vs parallel form (rel. error) |",
+        "| batch | unfused ms | fused ms | speedup (range over rounds) | fused vs parallel form (rel. error) |",
         "|---:|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
         lines.append(
             f"| {r['batch']} | {r['unfused_ms']:.3f} | {r['fused_ms']:.3f} | {r['speedup']:.2f}x "
+            f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) "
             f"| {r['fused_vs_parallel_relative_error']:.1e} |"
         )
     return "\n".join(lines)

@@ -143,6 +143,8 @@ def run(device: torch.device, copy_gbps: float, written: Callable[[dict], object
                     ms, method = time_ms(step, device, graph=False)  # a graph mode replays the engine's own graph
                     if graph:
                         method = method.replace("eager", "replays of the engine's CUDA graph")
+                if (backend, graph) == served:
+                    served_step = step  # the FP8 steps are timed in turns with it
                 del step
                 if on_gpu:
                     torch.cuda.empty_cache()
@@ -167,12 +169,12 @@ def run(device: torch.device, copy_gbps: float, written: Callable[[dict], object
                 diff = (outputs["served"] - outputs["torch"]).abs().max() / outputs["torch"].abs().max()
                 for row in rows[-len(modes) :]:
                     row["logits_relative_error_vs_references"] = diff.item()
-            base_ms = rows[-1]["step_ms"]  # the served mode's unquantized step
-            try:  # new, never run on a GPU: a failure is recorded, and the bf16 rows stay
-                rows += _fp8_rows(fp8_model, batch, context, device, served, copy_gbps, base_ms, outputs[served[0]])
+            try:  # a failure is recorded, and the bf16 rows stay
+                rows += _fp8_rows(fp8_model, batch, context, device, served, copy_gbps, served_step, outputs[served[0]])
             except Exception as e:
                 result.setdefault("fp8_errors", []).append(f"batch {batch} context {context}: {type(e).__name__}: {e}")
                 print(f"decode batch {batch} context {context} FP8: failed ({type(e).__name__}: {e})")
+            served_step = None
             if written is not None:
                 written(result)
     finally:
@@ -189,13 +191,14 @@ def _fp8_rows(
     device: torch.device,
     mode,
     copy_gbps: float,
-    base_ms: float,
+    unquantized_step: Callable[[], torch.Tensor],
     unquantized: torch.Tensor,
 ):
-    """The FP8 model's decode step in the served `mode`, with a bf16 and with an FP8 KV cache. Its logits are
-    checked before it is timed: against the plain-torch FP8 path's (dequantized weights and activations in fp32:
-    what the FP8 GEMMs, cuBLAS's `_scaled_mm` past 16 rows, must compute), and against the `unquantized` step's
-    (what quantizing costs), both recorded with whether every logit is finite."""
+    """The FP8 model's decode step in the served `mode`, with a bf16 and with an FP8 KV cache, timed in FP8_ROUNDS
+    interleaved rounds with the `unquantized_step` (its speedup the median of the rounds' ratios, with their range).
+    Its logits are checked before it is timed: against the plain-torch FP8 path's (dequantized weights and
+    activations in fp32: what the FP8 GEMMs, cuBLAS's `_scaled_mm` past 16 rows, must compute), and against the
+    unquantized step's (what quantizing costs), both recorded with whether every logit is finite."""
     backend, graph = mode
     rows = []
     for kv in ("auto", "fp8"):
@@ -205,7 +208,10 @@ def _fp8_rows(
             kernels.set_backend(BACKENDS[backend])
             step = _decode_steps(model, batch, context, device, graph, kv)
             logits = step().float()
-            ms, method = time_ms(step, device, graph=False)
+            turns = InTurns({"unquantized": _timer(unquantized_step, device), "fp8": _timer(step, device)})
+            turns.run(FP8_ROUNDS)
+            ms, speedup = turns.spread("fp8").median, turns.ratio("unquantized", "fp8")
+        method = "median of do_bench medians, eager" if device.type == "cuda" else "median of wall-time medians (CPU)"
         if graph:
             method = method.replace("eager", "replays of the engine's CUDA graph")
         del step
@@ -223,7 +229,10 @@ def _fp8_rows(
             "tokens_per_s": batch * 1e3 / ms,
             "floor_ms": floor_ms,
             "pct_of_bandwidth_floor": 100 * floor_ms / ms,
-            "speedup_vs_unquantized_step": base_ms / ms,
+            "speedup_vs_unquantized_step": speedup.median,
+            "speedup_vs_unquantized_step_min": speedup.low,
+            "speedup_vs_unquantized_step_max": speedup.high,
+            "rounds": FP8_ROUNDS,
             "logits_finite": bool(logits.isfinite().all()),
             "logits_relative_error_vs_fp8_reference": relative_error(logits, reference),
             "logits_relative_error_vs_unquantized": relative_error(logits, unquantized),
@@ -233,11 +242,14 @@ def _fp8_rows(
         print(
             f"decode batch {batch} context {context} {row['precision']}: {ms:.3f} ms/step, "
             f"{row['pct_of_bandwidth_floor']:.0f} % of floor, "
-            f"{row['speedup_vs_unquantized_step']:.2f}x the unquantized step; logits "
+            f"{speedup.median:.2f}x ({speedup.low:.2f}-{speedup.high:.2f}) the unquantized step; logits "
             f"{row['logits_relative_error_vs_fp8_reference']:.1e} from the FP8 reference, "
             f"{row['logits_relative_error_vs_unquantized']:.1e} from unquantized"
         )
     return rows
+
+
+FP8_ROUNDS = 3  # interleaved rounds of an FP8 step and the unquantized one
 
 
 def _timer(step: Callable[[], object], device: torch.device) -> Callable[[], float]:
@@ -488,7 +500,10 @@ def table(result: dict) -> str:
         "|---:|---:|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["results"]:
-        speedup = f"{r['speedup_vs_unquantized_step']:.2f}x" if "speedup_vs_unquantized_step" in r else ""
+        speedup = ""
+        if "speedup_vs_unquantized_step" in r:  # the median of the rounds' ratios (range)
+            low, high = r["speedup_vs_unquantized_step_min"], r["speedup_vs_unquantized_step_max"]
+            speedup = f"{r['speedup_vs_unquantized_step']:.2f}x ({low:.2f}-{high:.2f})"
         # The served step's logits against the plain-torch path's in the same precision (FP8 rows: its FP8 path).
         error = r.get("logits_relative_error_vs_fp8_reference", r.get("logits_relative_error_vs_references"))
         lines.append(

@@ -44,15 +44,24 @@ def results_dir() -> Path:
 COMMIT_ENV = "TESSERA_COMMIT"  # the measured commit, where the checkout's git metadata cannot say (a device copy)
 
 
+CHECKOUT = Path(__file__).resolve().parents[1]  # the repository this code runs from (an editable install)
+
+
 def commit() -> str:
+    """The measured code's commit (TESSERA_COMMIT when set): the checkout's, wherever the command runs, "-dirty" with
+    uncommitted changes; "unknown" outside a git checkout (an installed copy) rather than an enclosing repository's."""
     if os.environ.get(COMMIT_ENV):
         return os.environ[COMMIT_ENV]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=CHECKOUT, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != CHECKOUT:
+            return "unknown"
         # Results files rewritten by an earlier run do not make the measured code dirty.
-        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"]
-        dirty = subprocess.run(status, capture_output=True, text=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -171,7 +180,8 @@ def wait_healthy(base: str, timeout: float, proc=None) -> None:
 
 def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = True, rep_ms: int = 100) -> tuple[float, str]:
     """Median milliseconds per call of fn, and how it was timed. fn must already have run once (compiled). rep_ms:
-    how long do_bench repeats it (a sweep of many variants times each for less)."""
+    how long do_bench repeats it on a GPU (a sweep of many variants times each for less); on the CPU 5 times as
+    long."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -186,7 +196,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = True, 
             except RuntimeError:  # e.g. a host sync inside fn: not capturable, time it eagerly
                 torch.cuda.synchronize(device)
         return do_bench(fn, warmup=rep_ms // 4, rep=rep_ms, return_mode="median"), "do_bench median, eager"
-    return median_ms(fn, device, budget_s=0.5), "median wall time (CPU)"  # the timer the cost model uses
+    return median_ms(fn, device, budget_s=5 * rep_ms / 1e3), "median wall time (CPU)"  # the cost model's timer
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
@@ -277,22 +287,45 @@ class KernelCase:
     baseline_name: str  # what the baseline is, in words (recorded with each result)
 
 
+KERNEL_ROUNDS = 3  # interleaved rounds a kernel case's two sides are timed in (InTurns), each a third as long
+
+
+def time_in_turns(
+    sides: dict[str, Callable[[], object]], device: torch.device, rounds: int = KERNEL_ROUNDS
+) -> tuple[InTurns, dict[str, str]]:
+    """Each side's `time_ms` in `rounds` interleaved rounds (InTurns), each round a `rounds`-th as long as one
+    `time_ms`: the rounds (their spreads and ratios), and how each side was timed."""
+    methods: dict[str, str] = {}
+
+    def side(name: str, fn: Callable[[], object]) -> Callable[[], float]:
+        def run() -> float:
+            ms, methods[name] = time_ms(fn, device, rep_ms=100 // rounds)
+            return ms
+
+        return run
+
+    return InTurns({name: side(name, fn) for name, fn in sides.items()}).run(rounds), methods
+
+
 def measure_cases(
     cases: Iterable[KernelCase],
     device: torch.device,
     copy_gbps: float,
     written: Callable[[list[dict]], object] | None = None,
 ) -> list[dict]:
-    """Check each case's output against its baseline, then time both. Cases are built lazily (a generator),
-    so each one's tensors are freed before the next is allocated. A case that raises (a kernel that does not
-    compile for this GPU, say) is recorded as an error row and the next one runs; `written(rows)` after each case,
-    so a suite cut short by a time limit keeps what it measured."""
+    """Check each case's output against its baseline, then time both in KERNEL_ROUNDS interleaved rounds: times are
+    the rounds' medians, the speedup the median of the rounds' ratios with their min and max. Cases are built lazily
+    (a generator), so each one's tensors are freed before the next is allocated. A case that raises (a kernel that
+    does not compile for this GPU, say) is recorded as an error row and the next one runs; `written(rows)` after
+    each case, so a suite cut short by a time limit keeps what it measured."""
     rows = []
     for case in cases:
         try:
             error = relative_error(case.candidate(), case.baseline())
-            ours_ms, method = time_ms(case.candidate, device)
-            base_ms, base_method = time_ms(case.baseline, device)
+            turns, methods = time_in_turns({"tessera": case.candidate, "baseline": case.baseline}, device)
+            ours_ms, base_ms = turns.spread("tessera").median, turns.spread("baseline").median
+            speedup = turns.ratio("baseline", "tessera")
+            method, base_method = methods["tessera"], methods["baseline"]
         except Exception as e:
             rows.append({"op": case.op, **case.shape, "error": f"{type(e).__name__}: {e}"})
             print(f"{case.op} [{', '.join(f'{k}={v}' for k, v in case.shape.items())}]: FAILED {rows[-1]['error']}")
@@ -304,7 +337,10 @@ def measure_cases(
             **case.shape,
             "tessera_ms": ours_ms,
             "baseline_ms": base_ms,
-            "speedup": base_ms / ours_ms,
+            "speedup": speedup.median,
+            "speedup_min": speedup.low,
+            "speedup_max": speedup.high,
+            "rounds": KERNEL_ROUNDS,
             "tessera_tflops": case.flops / (ours_ms * 1e-3) / 1e12,
             "baseline_tflops": case.flops / (base_ms * 1e-3) / 1e12,
             "tessera_gbps": case.bytes / (ours_ms * 1e-3) / 1e9,
@@ -332,7 +368,8 @@ def _row_line(row: dict) -> str:
     shape = ", ".join(f"{k}={row[k]}" for k in _shape_keys(row))
     flag = "" if row["correct"] else f"  WRONG (relative error {row['relative_error']:.2e})"
     times = f"{row['tessera_ms']:.4f} ms vs {row['baseline_ms']:.4f} ms"
-    return f"{row['op']} [{shape}]: {times} = {row['speedup']:.2f}x{flag}"
+    speedup = f"{row['speedup']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f})"
+    return f"{row['op']} [{shape}]: {times} = {speedup}{flag}"
 
 
 _METRICS = {
@@ -341,6 +378,9 @@ _METRICS = {
     "tessera_ms",
     "baseline_ms",
     "speedup",
+    "speedup_min",
+    "speedup_max",
+    "rounds",
     "tessera_tflops",
     "baseline_tflops",
     "tessera_gbps",
@@ -354,7 +394,8 @@ _METRICS = {
 
 
 def kernel_table(rows: list[dict]) -> str:
-    """Markdown: shape columns, both times, the speedup, TFLOP/s and GB/s (% of the copy bandwidth)."""
+    """Markdown: shape columns, both times (medians of the rounds), the speedup (the median of the rounds' ratios,
+    with their range), TFLOP/s and GB/s (% of the copy bandwidth)."""
     shape_keys = _shape_keys(next((r for r in rows if "error" not in r), rows[0]))
     head = ["op", *shape_keys, "tessera ms", "baseline ms", "speedup", "TFLOP/s", "GB/s (% copy)", "rel. error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -362,7 +403,7 @@ def kernel_table(rows: list[dict]) -> str:
         if "error" in r:  # a case that raised: its error in place of the numbers
             lines.append("| " + " | ".join([r["op"], *(str(r.get(k, "")) for k in shape_keys), r["error"]]) + " |")
             continue
-        speed = f"{r['speedup']:.2f}x" if r["correct"] else "WRONG"
+        speed = f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})" if r["correct"] else "WRONG"
         cells = [
             r["op"],
             *(str(r[k]) for k in shape_keys),
