@@ -465,6 +465,11 @@ def run_fusion(
             info["kept"] = str(out)
             return info
     else:
+        # A group over a span fused before (an empty layer first) extends that span: report the span the checkpoint
+        # records (fused_arch merges them), not the group's first FFN.
+        first_of = {last: first for first, last in fused.arch.fused_ffn_spans()}
+        for g in info["groups"]:
+            g["span"][0] = first_of.get(g["span"][1], g["span"][0])
         # In lockstep, like the search's latency phase (search/cost.py): both meet the machine's speed alike.
         dtype = serving_dtype(device, timing_dtype)
         timings = lockstep([model.cast(dtype), fused.cast(dtype)], scenario, LATENCY_ROUNDS)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import statistics
 import time
@@ -81,9 +82,13 @@ RUN_MARKS = ("cost.json", "bld", "results.json")
 RUN_OUTPUTS = {*RUN_MARKS, "library.json", "child", "fused", "report.md", "pareto.png", "layers.png"}
 
 
+FURTHER_COST = re.compile(r"cost_b\d+_p\d+_g\d+\.json")  # a further scenario's table (Scenario.key)
+
+
 def is_run_output(name: str) -> bool:
-    """A name a run writes under `out`: RUN_OUTPUTS, and cost_<scenario key>.json for each further scenario."""
-    return name in RUN_OUTPUTS or (name.startswith("cost_") and name.endswith(".json"))
+    """A name a run writes under `out`: RUN_OUTPUTS, and cost_<scenario key>.json for each further scenario (not
+    another cost table a user keeps there, say `tessera calibrate`'s)."""
+    return name in RUN_OUTPUTS or FURTHER_COST.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -555,23 +560,30 @@ class Optimizer:
             )
 
     def cost_model(self) -> tuple[CostTable, list[CostTable]]:
-        """The main scenario's cost table and each further scenario's, each written under `out`."""
+        """The main scenario's cost table and each further scenario's (written by `write_costs`, once the budget is
+        accepted)."""
         cfg, arch = self.cfg, self.parent.arch
         t = self._start()
         blocks, check = blocks_to_time(arch, cfg.space, cfg.validate_architectures, seed=cfg.seed)
         table = calibrate(arch, blocks, cfg.scenario, self.device, self.timing_dtype, check, progress=self.progress)
-        atomic_write_text(self.out / "cost.json", json.dumps(table.to_json(), indent=1) + "\n")
-        keys = {f"cost_{scenario.key}.json" for scenario in cfg.also_scenarios}
-        for stale in self.out.glob("cost_*.json"):  # an earlier run's further scenarios that this run drops
-            if stale.name not in keys:
-                stale.unlink()
         also_tables = []
         for scenario in cfg.also_scenarios:
             also = calibrate(arch, blocks, scenario, self.device, self.timing_dtype, check, progress=self.progress)
-            atomic_write_text(self.out / f"cost_{scenario.key}.json", json.dumps(also.to_json(), indent=1) + "\n")
             also_tables.append(also)
         self._stage("cost model", t)
         return table, also_tables
+
+    def write_costs(self, table: CostTable) -> None:
+        """cost.json and each further scenario's cost_<key>.json under `out`, an earlier run's further scenarios that
+        this run drops deleted: only once the budget is accepted, so a refused rerun leaves an earlier run's files
+        as they agreed with each other."""
+        atomic_write_text(self.out / "cost.json", json.dumps(table.to_json(), indent=1) + "\n")
+        keys = {f"cost_{t.scenario.key}.json" for t in self.also_tables}
+        for stale in self.out.iterdir():
+            if FURTHER_COST.fullmatch(stale.name) and stale.name not in keys:
+                stale.unlink()
+        for also in self.also_tables:
+            atomic_write_text(self.out / f"cost_{also.scenario.key}.json", json.dumps(also.to_json(), indent=1) + "\n")
 
     def distil_and_score(self, table: CostTable) -> Library:
         """BLD of every variant (resumed from the store), replace-1-block scores, and the library they make."""
@@ -597,7 +609,7 @@ class Optimizer:
             samples=cfg.fisher_samples,
         )
         del score_acts
-        self._stage("replace-1-block scoring", t)
+        self._stage("replace-1-block scoring", t)  # under --scoring fisher too: a stage's key in results
 
         library = build_library(arch, cfg.space, table, scores, bld_losses, self.timing_dtype, self.also_tables)
         if self.ranks.main:
@@ -677,6 +689,8 @@ class Optimizer:
             solve(costs_only, "stats.runtime_ms", bounds=bounds)
         except InfeasibleError as e:
             raise joint_infeasibility(budget, [table, *self.also_tables], arch, e) from None
+        if self.ranks.main:
+            self.write_costs(table)
         return table, bounds
 
     def choose(self, library: Library, table: CostTable, budget: Budget, bounds: list[Bound]) -> list[Child]:

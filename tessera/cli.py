@@ -562,6 +562,12 @@ def cmd_search_solve(args: argparse.Namespace) -> None:
             print(f"  {layer:>10}  {variant}")
 
 
+def _optimize_resume_hint(args: argparse.Namespace) -> str:
+    """How to resume an interrupted `optimize`: --fresh again would delete what it distilled."""
+    again = "the same command without --fresh" if args.fresh else "the same command"
+    return f"rerun {again} to resume (the blocks distilled so far, if any, are kept in {args.out}/bld)"
+
+
 def _scenario(args: argparse.Namespace):
     from tessera.search.cost import Scenario
 
@@ -676,7 +682,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
             linear_attention=not args.no_linear_attention, ffn_multiple=args.ffn_multiple, windows=args.windows
         ),
         scenario=_scenario(args),
-        also_scenarios=tuple(args.also_scenario),
+        also_scenarios=tuple(s for s in dict.fromkeys(args.also_scenario) if s != _scenario(args)),  # once each
         bld=replace(BLDConfig(), steps=args.bld_steps),
         gkd=replace(GKDConfig(), steps=args.gkd_steps, batch_size=args.gkd_batch_size, seq_len=args.seq_len),
         pareto_speedups=args.pareto,
@@ -1183,7 +1189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scenario(p)
     p.set_defaults(
         func=cmd_optimize,
-        on_interrupt="rerun the same command to resume (the blocks distilled so far are kept in {out}/bld)",
+        on_interrupt=_optimize_resume_hint,
     )
 
     p = sub.add_parser("fuse", help="FFN Fusion: fuse runs of attention-free FFN layers into wide parallel FFNs")
@@ -1257,8 +1263,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def interrupted() -> None:  # Ctrl-C: the user knows; a traceback would only bury the one useful line
-        hint = getattr(args, "on_interrupt", None)
-        parser.exit(130, f"tessera: interrupted{'; ' + hint.format(**vars(args)) if hint else ''}\n")
+        hint = getattr(args, "on_interrupt", None)  # a command's advice, from its arguments
+        parser.exit(130, f"tessera: interrupted{'; ' + hint(args) if hint else ''}\n")
 
     with _noting_interrupts() as ctrl_c:
         try:

@@ -356,7 +356,11 @@ def test_interrupted_optimize_says_how_to_resume(monkeypatch, tmp_path, capsys) 
 
     monkeypatch.setattr(tessera.search.pipeline, "optimize", interrupted)
     err = one_line_error(capsys, ["optimize", "--out", str(tmp_path / "run")], code=130)
-    assert err.startswith("tessera: interrupted") and "resume" in err and str(tmp_path / "run") in err
+    assert err.startswith("tessera: interrupted") and "rerun the same command to resume" in err
+    assert str(tmp_path / "run") in err
+    # Rerun as it was, --fresh would delete the blocks it kept: the advice leaves it out.
+    err = one_line_error(capsys, ["optimize", "--out", str(tmp_path / "run"), "--fresh"], code=130)
+    assert "rerun the same command without --fresh to resume" in err
 
 
 def test_interrupted_generate_is_one_line(monkeypatch, capsys) -> None:

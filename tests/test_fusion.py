@@ -398,6 +398,18 @@ def test_fuse_cli_writes_fused_checkpoint_and_report(tiny_checkpoint, tmp_path, 
     assert "| 1, 2, 3 | 1-3 | 3 |" in capsys.readouterr().out
 
 
+def test_fusing_a_fused_span_again_reports_the_span_the_checkpoint_records(tiny_checkpoint, tmp_path, capsys):
+    """Layers 1-2 fused (layer 1 empty), then 1-3: the group's FFNs are layers 2 and 3, and its span is 1-3 as the
+    checkpoint records it (fusion.json once said 2-3)."""
+    path, corpus = tiny_checkpoint
+    assert main(fuse_args(path, corpus, tmp_path / "a", "--groups", "1-2", "--heal-steps", "0")) == 0
+    assert main(fuse_args(tmp_path / "a", corpus, tmp_path / "b", "--groups", "1-3", "--heal-steps", "0")) == 0
+    [group] = json.loads((tmp_path / "b" / "fusion.json").read_text())["groups"]
+    assert (group["layers"], group["span"]) == ([2, 3], [1, 3])
+    assert load_model(tmp_path / "b").arch.fusion_spans == ((1, 3),)
+    assert "| 2, 3 | 1-3 | 2 |" in capsys.readouterr().out
+
+
 def test_fuse_cli_errors(tiny_checkpoint, tmp_path, capsys):
     path, corpus = tiny_checkpoint
     with pytest.raises(SystemExit) as e:
