@@ -619,6 +619,13 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             f"predicted vs measured on the model and {len(v['architectures']) - 1} random architectures: "
             f"mean abs error {100 * v['mean_abs_error']:.1f} %, max {100 * v['max_abs_error']:.1f} %"
         )
+    if table.non_block_ms < 0:  # optimize refuses to budget latency with such a table (pipeline.block_bounds)
+        print(
+            f"warning: the non-block part came out negative ({table.non_block_ms:.2f} ms: the blocks' times add up to "
+            "more than the whole model's), a sign of noisy timings (another process on the device?); `tessera "
+            "optimize` refuses a latency budget whose fastest architecture it predicts at 0 ms or less",
+            file=sys.stderr,
+        )
     print(f"wrote {args.out}")
 
 

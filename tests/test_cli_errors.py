@@ -124,6 +124,24 @@ def test_calibrate_refuses_a_file_that_is_not_a_cost_table(no_work, tmp_path, ca
     assert "--overwrite" in err and notes.read_text() == '{"mine": 1}\n'
 
 
+def test_calibrate_warns_of_a_negative_non_block_part(monkeypatch, tmp_path, capsys) -> None:
+    """A table whose blocks add up to more than the whole model (noisy timings) is written, with a warning saying
+    what optimize will make of it (it was written without a word)."""
+    import tessera.search.cost as cost
+    from tessera.search.cost import CostTable
+
+    def noisy(arch, blocks, scenario, device, dtype, validate):
+        return CostTable("cpu", "float32", scenario, -10.2, 1.0, {})
+
+    monkeypatch.setattr(cost, "calibrate", noisy)
+    code, out, err = run_cli(capsys, "calibrate", "--model", str(PARENT_DIR), "--out", str(tmp_path / "c.json"))
+    assert code == 0 and "non-block -10.20 ms" in out and (tmp_path / "c.json").is_file()
+    assert "warning: the non-block part came out negative (-10.20 ms" in err
+    monkeypatch.setattr(cost, "calibrate", lambda *a: CostTable("cpu", "float32", a[2], 0.5, 1.0, {}))
+    code, _, err = run_cli(capsys, "calibrate", "--model", str(PARENT_DIR), "--out", str(tmp_path / "c.json"))
+    assert code == 0 and "warning" not in err
+
+
 def test_outputs_must_not_hold_the_inputs(no_work, tmp_path, capsys) -> None:
     model = Path(shutil.copytree(PARENT_DIR, tmp_path / "work" / "model"))
     err = one_line_error(capsys, ["fuse", "--model", str(model), "--out", str(tmp_path / "work"), "--overwrite"])
