@@ -453,6 +453,7 @@ def run_fusion(
     fused, result = analyse_and_fuse(model, train_tokens, eval_windows, cfg, progress)
     device = model.embed_tokens.weight.device
     info = {"device": device_name(device), "scenario": asdict(scenario), "block_threshold": cfg.block_threshold}
+    info["eval_windows"] = None if eval_windows is None else len(eval_windows)  # of seq_len tokens, held out
     info |= result.to_json()
     if fused is None:
         how = (

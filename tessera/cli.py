@@ -759,6 +759,12 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         for split, tokens in (("train", train_ids), ("validation", parent.val_ids)):
             check_tokens(tokens, cfg.seq_len, f"--corpus {corpus}: its {split} split")
         eval_windows = fixed_windows(parent.val_ids, cfg.seq_len, args.eval_windows)
+        if len(eval_windows) < args.eval_windows:  # said, and fusion.json records how many
+            print(
+                f"--eval-windows {args.eval_windows}: the validation split holds {len(eval_windows)} windows of "
+                f"{cfg.seq_len} tokens; evaluating on those",
+                file=sys.stderr,
+            )
     else:
         model, train_ids, eval_windows = load_frozen(model_dir, device, keep_kv_scales=True), None, None
     # run_fusion replaces --out whole once complete: an earlier output (or, with --overwrite, another model's

@@ -387,6 +387,7 @@ def test_fuse_cli_writes_fused_checkpoint_and_report(tiny_checkpoint, tmp_path, 
     assert timed == {torch.bfloat16}
     info = json.loads((out / "fusion.json").read_text())
     assert info["timing_dtype"] == "bfloat16" and "in bfloat16" in (out / "fusion.md").read_text()
+    assert info["eval_windows"] == 2
     assert info["groups"][0]["layers"] == [1, 2, 3]  # the run 1-4 without its last FFN
     assert info["sequential_depth"] == {"before": 8, "after": 6}
     assert set(info["quality"]) == {"unfused", "fused", "healed"}
@@ -406,8 +407,17 @@ def test_fusing_a_fused_span_again_reports_the_span_the_checkpoint_records(tiny_
     assert main(fuse_args(tmp_path / "a", corpus, tmp_path / "b", "--groups", "1-3", "--heal-steps", "0")) == 0
     [group] = json.loads((tmp_path / "b" / "fusion.json").read_text())["groups"]
     assert (group["layers"], group["span"]) == ([2, 3], [1, 3])
-    assert load_model(tmp_path / "b").arch.fusion_spans == ((1, 3),)
     assert "| 2, 3 | 1-3 | 2 |" in capsys.readouterr().out
+    # More windows than the validation split holds: said, and the number used recorded.
+    args = fuse_args(tmp_path / "a", corpus, tmp_path / "c", "--groups", "1-3", "--heal-steps", "0")
+    args[args.index("--eval-windows") + 1] = "100000"
+    assert main(args) == 0
+    used = json.loads((tmp_path / "c" / "fusion.json").read_text())["eval_windows"]
+    assert (
+        0 < used < 100000
+        and f"--eval-windows 100000: the validation split holds {used} windows" in capsys.readouterr().err
+    )
+    assert load_model(tmp_path / "b").arch.fusion_spans == ((1, 3),)
 
 
 def test_fuse_cli_errors(tiny_checkpoint, tmp_path, capsys):
