@@ -211,6 +211,8 @@ def _fp8_rows(
             turns = InTurns({"unquantized": _timer(unquantized_step, device), "fp8": _timer(step, device)})
             turns.run(FP8_ROUNDS)
             ms, speedup = turns.spread("fp8").median, turns.ratio("unquantized", "fp8")
+            unquantized_ms = turns.spread("unquantized").median
+            del turns  # its timers hold the step
         method = "median of do_bench medians, eager" if device.type == "cuda" else "median of wall-time medians (CPU)"
         if graph:
             method = method.replace("eager", "replays of the engine's CUDA graph")
@@ -229,6 +231,7 @@ def _fp8_rows(
             "tokens_per_s": batch * 1e3 / ms,
             "floor_ms": floor_ms,
             "pct_of_bandwidth_floor": 100 * floor_ms / ms,
+            "unquantized_step_ms": unquantized_ms,  # the served bf16 step, its median over the same rounds
             "speedup_vs_unquantized_step": speedup.median,
             "speedup_vs_unquantized_step_min": speedup.low,
             "speedup_vs_unquantized_step_max": speedup.high,

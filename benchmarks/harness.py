@@ -178,10 +178,12 @@ def wait_healthy(base: str, timeout: float, proc=None) -> None:
     raise TimeoutError(f"{base}/health did not answer within {timeout} s")
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = True, rep_ms: int = 100) -> tuple[float, str]:
+def time_ms(
+    fn: Callable[[], object], device: torch.device, graph: bool = True, rep_ms: int = 100, cpu_budget_s: float = 0.5
+) -> tuple[float, str]:
     """Median milliseconds per call of fn, and how it was timed. fn must already have run once (compiled). rep_ms:
-    how long do_bench repeats it on a GPU (a sweep of many variants times each for less); on the CPU 5 times as
-    long."""
+    how long do_bench repeats it on a GPU (a sweep of many variants times each for less); cpu_budget_s: how long
+    the CPU's timer repeats it."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -196,7 +198,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = True, 
             except RuntimeError:  # e.g. a host sync inside fn: not capturable, time it eagerly
                 torch.cuda.synchronize(device)
         return do_bench(fn, warmup=rep_ms // 4, rep=rep_ms, return_mode="median"), "do_bench median, eager"
-    return median_ms(fn, device, budget_s=5 * rep_ms / 1e3), "median wall time (CPU)"  # the cost model's timer
+    return median_ms(fn, device, budget_s=cpu_budget_s), "median wall time (CPU)"  # the timer the cost model uses
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
@@ -294,12 +296,14 @@ def time_in_turns(
     sides: dict[str, Callable[[], object]], device: torch.device, rounds: int = KERNEL_ROUNDS
 ) -> tuple[InTurns, dict[str, str]]:
     """Each side's `time_ms` in `rounds` interleaved rounds (InTurns), each round a `rounds`-th as long as one
-    `time_ms`: the rounds (their spreads and ratios), and how each side was timed."""
+    `time_ms`: the rounds (their spreads and ratios), and how each side was timed. A side that a CUDA graph cannot
+    capture is timed eagerly from its first round on."""
     methods: dict[str, str] = {}
 
     def side(name: str, fn: Callable[[], object]) -> Callable[[], float]:
         def run() -> float:
-            ms, methods[name] = time_ms(fn, device, rep_ms=100 // rounds)
+            graph = not methods.get(name, "").endswith("eager")
+            ms, methods[name] = time_ms(fn, device, graph, rep_ms=100 // rounds, cpu_budget_s=0.5 / rounds)
             return ms
 
         return run

@@ -689,8 +689,7 @@ class Optimizer:
             solve(costs_only, "stats.runtime_ms", bounds=bounds)
         except InfeasibleError as e:
             raise joint_infeasibility(budget, [table, *self.also_tables], arch, e) from None
-        if self.ranks.main:
-            self.write_costs(table)
+        self.ranks.on_main(lambda: self.write_costs(table))  # a failed write heard by every rank
         return table, bounds
 
     def choose(self, library: Library, table: CostTable, budget: Budget, bounds: list[Bound]) -> list[Child]:

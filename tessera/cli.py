@@ -564,8 +564,10 @@ def cmd_search_solve(args: argparse.Namespace) -> None:
 
 def _optimize_resume_hint(args: argparse.Namespace) -> str:
     """How to resume an interrupted `optimize`: --fresh again would delete what it distilled."""
-    again = "the same command without --fresh" if args.fresh else "the same command"
-    return f"rerun {again} to resume (the blocks distilled so far, if any, are kept in {args.out}/bld)"
+    kept = f"the blocks distilled so far, if any, are kept in {args.out}/bld"
+    if args.fresh:  # run again, --fresh would delete them
+        return f"rerun the command without --fresh to resume ({kept}; with it they are deleted and distilled again)"
+    return f"rerun the same command to resume ({kept})"
 
 
 def _scenario(args: argparse.Namespace):

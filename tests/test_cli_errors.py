@@ -234,6 +234,21 @@ def test_optimize_resumes_its_own_run_and_overwrite_clears_the_rest(monkeypatch,
     assert sorted(p.name for p in model_copy.iterdir()) == ["bld", "cost.json", "report.md", "results.json"]
 
 
+def test_further_scenarios_are_taken_once_each_without_the_main_one(monkeypatch, tmp_path, capsys):
+    """--also-scenario repeated, or naming the main scenario (here 2x16x8), is not calibrated
+    and measured again: each further scenario once."""
+    import tessera.search.pipeline
+    from tessera.search.cost import Scenario
+
+    seen = []
+    monkeypatch.setattr(tessera.search.pipeline, "optimize", lambda parent, out, budget, cfg, *a, **k: seen.append(cfg))
+    args = ["optimize", "--out", str(tmp_path / "run"), "--batch", "2", "--prompt-len", "16", "--gen-len", "8"]
+    for spec in ("1x16x8", "1x16x8", "2x16x8", "4x16x8"):
+        args += ["--also-scenario", spec]
+    run_cli(capsys, *args)
+    assert seen[0].also_scenarios == (Scenario(1, 16, 8), Scenario(4, 16, 8))
+
+
 def test_fresh_reaches_the_pipeline(monkeypatch, tmp_path, capsys):
     """--fresh is the pipeline's `fresh` (it deletes the stored blocks: tests/test_bld_store.py)."""
     import tessera.search.pipeline
@@ -378,7 +393,7 @@ def test_interrupted_optimize_says_how_to_resume(monkeypatch, tmp_path, capsys) 
     assert str(tmp_path / "run") in err
     # Rerun as it was, --fresh would delete the blocks it kept: the advice leaves it out.
     err = one_line_error(capsys, ["optimize", "--out", str(tmp_path / "run"), "--fresh"], code=130)
-    assert "rerun the same command without --fresh to resume" in err
+    assert "rerun the command without --fresh to resume" in err
 
 
 def test_interrupted_generate_is_one_line(monkeypatch, capsys) -> None:
