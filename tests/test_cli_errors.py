@@ -459,7 +459,8 @@ def test_ctrl_c_in_a_real_process(tmp_path) -> None:
     assert proc.returncode == 130, err
     assert (
         err.splitlines()[-1]
-        == f"tessera: interrupted; rerun the same command to resume (the blocks distilled so far are kept in {out}/bld)"
+        == f"tessera: interrupted; rerun the same command to resume (the blocks distilled so far, if any, are kept in "
+        f"{out}/bld)"
     )
 
 
