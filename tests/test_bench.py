@@ -98,7 +98,7 @@ def test_a_kernel_cases_sides_are_timed_in_turns_and_compared_round_by_round(mon
     times = {case.candidate: iter([1.0, 2.0, 4.0]), case.baseline: iter([2.0, 6.0, 2.0])}
     order = []
 
-    def fake_time_ms(fn, device, graph=True, rep_ms=100):
+    def fake_time_ms(fn, device, graph=True, **budget):
         order.append("tessera" if fn is case.candidate else "baseline")
         return next(times[fn]), "fake"
 
