@@ -37,7 +37,7 @@ from tessera.runtime.engine import DecodeGraphs, Engine, EngineConfig
 from tessera.runtime.model import Model
 
 from . import step_profile
-from .harness import InTurns, hf_generate, relative_error, time_ms, wall_s
+from .harness import InTurns, hf_generate, relative_error, time_in_turns, time_ms, wall_s
 
 # meta-llama/Llama-3.1-8B config.json (the fields tessera reads); the shared copy is not on the GPU machine.
 LLAMA_3_1_8B = {
@@ -208,12 +208,12 @@ def _fp8_rows(
             kernels.set_backend(BACKENDS[backend])
             step = _decode_steps(model, batch, context, device, graph, kv)
             logits = step().float()
-            turns = InTurns({"unquantized": _timer(unquantized_step, device), "fp8": _timer(step, device)})
-            turns.run(FP8_ROUNDS)
+            sides = {"unquantized": unquantized_step, "fp8": step}
+            turns, methods = time_in_turns(sides, device, FP8_ROUNDS, graph=False, round_ms=STEP_ROUND_MS)
             ms, speedup = turns.spread("fp8").median, turns.ratio("unquantized", "fp8")
             unquantized_ms = turns.spread("unquantized").median
-            del turns  # its timers hold the step
-        method = "median of do_bench medians, eager" if device.type == "cuda" else "median of wall-time medians (CPU)"
+            del sides, turns  # they hold the step
+        method = f"median of {FP8_ROUNDS} rounds, each a {methods['fp8']}"
         if graph:
             method = method.replace("eager", "replays of the engine's CUDA graph")
         del step
@@ -253,11 +253,7 @@ def _fp8_rows(
 
 
 FP8_ROUNDS = 3  # interleaved rounds of an FP8 step and the unquantized one
-
-
-def _timer(step: Callable[[], object], device: torch.device) -> Callable[[], float]:
-    """A measurement of `step` for InTurns: its median ms, eager (step replays its own CUDA graph, if any)."""
-    return lambda: time_ms(step, device, graph=False, rep_ms=50)[0]
+STEP_ROUND_MS = 50  # how long a round repeats a decode step (time_in_turns: it replays its own CUDA graph, if any)
 
 
 def pdl_comparison(device: torch.device, copy_gbps: float, rounds: int = 5) -> dict:
@@ -282,12 +278,12 @@ def pdl_comparison(device: torch.device, copy_gbps: float, rounds: int = 5) -> d
                     steps[pdl] = _decode_steps(model, batch, context, device, graphs=on_gpu)
                     logits[pdl] = steps[pdl]().float()
             hardware.set_pdl(saved_pdl)
-            turns = InTurns({"without": _timer(steps[False], device), "with": _timer(steps[True], device)})
             with torch.inference_mode():
-                turns.run(rounds)
+                sides = {"without": steps[False], "with": steps[True]}
+                turns, _ = time_in_turns(sides, device, rounds, graph=False, round_ms=STEP_ROUND_MS)
             without, with_pdl = turns.spread("without").median, turns.spread("with").median
             speedup = turns.ratio("without", "with")
-            del steps, turns  # the two engines' KV pools and graphs: the next scenario's need the memory
+            del steps, sides, turns  # the two engines' KV pools and graphs: the next scenario's need the memory
             if on_gpu:
                 torch.cuda.empty_cache()
             floor_ms = _floor_ms(arch, batch, context, copy_gbps, dtype_name(dtype))

@@ -293,17 +293,23 @@ KERNEL_ROUNDS = 3  # interleaved rounds a kernel case's two sides are timed in (
 
 
 def time_in_turns(
-    sides: dict[str, Callable[[], object]], device: torch.device, rounds: int = KERNEL_ROUNDS
+    sides: dict[str, Callable[[], object]],
+    device: torch.device,
+    rounds: int = KERNEL_ROUNDS,
+    graph: bool = True,
+    round_ms: int | None = None,
 ) -> tuple[InTurns, dict[str, str]]:
-    """Each side's `time_ms` in `rounds` interleaved rounds (InTurns), each round a `rounds`-th as long as one
-    `time_ms`: the rounds (their spreads and ratios), and how each side was timed. A side that a CUDA graph cannot
-    capture is timed eagerly from its first round on."""
+    """Each side's `time_ms` in `rounds` interleaved rounds (InTurns): the rounds (their spreads and ratios), and how
+    each side was timed. A round repeats a side for `round_ms` on a GPU (default: a `rounds`-th of one `time_ms`'s
+    100 ms), 5 times as long on the CPU. graph: captured into a CUDA graph (False: a side replays its own); a side
+    that a graph cannot capture is timed eagerly from its first round on."""
     methods: dict[str, str] = {}
+    round_ms = round_ms or 100 // rounds
 
     def side(name: str, fn: Callable[[], object]) -> Callable[[], float]:
         def run() -> float:
-            graph = not methods.get(name, "").endswith("eager")
-            ms, methods[name] = time_ms(fn, device, graph, rep_ms=100 // rounds, cpu_budget_s=0.5 / rounds)
+            captured = graph and not methods.get(name, "").endswith("eager")
+            ms, methods[name] = time_ms(fn, device, captured, rep_ms=round_ms, cpu_budget_s=5 * round_ms / 1e3)
             return ms
 
         return run

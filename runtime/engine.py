@@ -399,8 +399,6 @@ class Engine:
         page = config.page_size or PAGE_SIZE
         if config.page_size and page > self.max_model_len:  # a page past the context holds what no request fills
             raise UserError(f"page_size {page} is longer than max_model_len {self.max_model_len}")
-        # The penalized requests' tokens, a row per batch slot (256 rows of a 128k vocabulary: 164 MB): made before
-        # the KV pool takes its share of the memory there is, so a penalized request can never find it taken.
         if self.device.type == "cpu":  # past the host's memory the OOM killer ends the process without a word
             free = available_memory(self.device)  # (a GPU's allocator raises its own out-of-memory error)
             if model.tp is not None:  # one figure for every rank: they refuse alike, or start alike
@@ -408,6 +406,8 @@ class Engine:
             seen = config.max_batch * model.vocab_size * SEEN_BYTES_PER_TOKEN
             _check_room(seen, f"max_batch {config.max_batch}: its slots' token tables ({model.vocab_size} each)", free)
             _check_room(config.kv_cache_bytes or 0, "kv_cache_bytes (--kv-cache-gib)", free)
+        # The penalized requests' tokens, a row per batch slot (256 rows of a 128k vocabulary: 164 MB): made before
+        # the KV pool takes its share of the memory there is, so a penalized request can never find it taken.
         self._seen = SeenTokens(config.max_batch, model.vocab_size, self.device)
         if config.kv_cache_bytes is not None:
             budget = config.kv_cache_bytes

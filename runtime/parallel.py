@@ -317,8 +317,8 @@ def _run_rank(rank: int, size: int, port: int, backend: str, fn: Callable, args:
 def run_ranks(fn: Callable, size: int, *args: object, backend: str = "gloo") -> list[object]:
     """fn(tp, *args) in `size` processes of one process group on this machine (spawned, torch.distributed
     initialised over a free local port); each rank's result, in rank order. `fn` must be a module-level
-    function (it is pickled by name). A rank's UserError is raised here as one (its message, the lowest rank's),
-    not as the spawn's traceback."""
+    function (it is pickled by name). A rank's UserError is raised here as one (the message of the rank that failed
+    first), not as the spawn's traceback."""
     with tempfile.TemporaryDirectory() as out:
         results = [os.path.join(out, f"rank{r}.pt") for r in range(size)]
         try:

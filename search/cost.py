@@ -96,6 +96,8 @@ class Scenario:
     def seq_len(self) -> int:
         return self.prompt_len + self.gen_len
 
+    KEY_PATTERN = r"b\d+_p\d+_g\d+"  # what `key` gives, for finding keyed files
+
     @property
     def key(self) -> str:
         """'b8_p128_g64': names this scenario's runtime in a block library (`stats.runtime_ms_b8_p128_g64`)."""

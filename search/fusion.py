@@ -426,10 +426,6 @@ def analyse_and_fuse(
     return fused, result
 
 
-def _holds_checkpoint(folder: Path) -> bool:
-    return (folder / "config.json").is_file()
-
-
 def run_fusion(
     model: Model,
     train_tokens: np.ndarray | None,
@@ -462,7 +458,7 @@ def run_fusion(
             else "the default fuses runs of 3 or more FFNs (all but the last); pass explicit groups or a threshold"
         )
         info["reason"] = f"the attention-free FFN runs are {ffn_runs(model.arch) or 'none'}; {how}"
-        if keep_checkpoint and _holds_checkpoint(out):  # an earlier fused model stays; the analysis goes to the caller
+        if keep_checkpoint and (out / "config.json").is_file():  # an earlier fused model stays; the analysis: returned
             info["kept"] = str(out)
             return info
     else:

@@ -82,7 +82,7 @@ RUN_MARKS = ("cost.json", "bld", "results.json")
 RUN_OUTPUTS = {*RUN_MARKS, "library.json", "child", "fused", "report.md", "pareto.png", "layers.png"}
 
 
-FURTHER_COST = re.compile(r"cost_b\d+_p\d+_g\d+\.json")  # a further scenario's table (Scenario.key)
+FURTHER_COST = re.compile(rf"cost_{Scenario.KEY_PATTERN}\.json")  # a further scenario's table
 
 
 def is_run_output(name: str) -> bool:
