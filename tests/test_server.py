@@ -931,9 +931,16 @@ def test_two_engine_processes_share_the_load_and_give_the_same_outputs(reference
 
         async def both_at_once():
             client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-            # 32 tokens each: the first still runs when the second arrives.
-            body = dict(model="parent", max_tokens=32, extra_body={"ignore_eos": True})
-            return await asyncio.gather(*(client.completions.create(prompt=[*p, 5], **body) for p in prefixes))
+            body = dict(model="parent", max_tokens=64, extra_body={"ignore_eos": True})
+            # The second is sent once the first has its first token, so it is known to arrive second: sent together,
+            # either may reach the server first. 64 tokens: the first still runs when the second arrives.
+            first = await client.completions.create(prompt=[*prefixes[0], 5], stream=True, **body)
+            chunks = aiter(first)
+            await anext(chunks)
+            second = asyncio.ensure_future(client.completions.create(prompt=[*prefixes[1], 5], **body))
+            async for _ in chunks:
+                pass
+            await second
 
         asyncio.run(both_at_once())  # the first to engine 0, the second (engine 0 busy) to engine 1
         assert served.engine.requests_per_engine == [9, 9]
