@@ -435,9 +435,11 @@ def profile_table(result: dict, top: int = 12) -> str:
     return "\n\n".join(parts)
 
 
-def generate_speed(device: torch.device, new_tokens: int = 128, rounds: int = 5) -> list[dict]:
+def generate_speed(
+    device: torch.device, new_tokens: int = 128, rounds: int = 5, dtype: torch.dtype = torch.bfloat16
+) -> list[dict]:
     """`Generator` (the engine: paged KV cache, decode steps replayed from CUDA graphs) on the demo parent in
-    bf16 vs transformers' `generate` on the same checkpoint, in the same run: output tokens/s at batch 1 and 8,
+    `dtype` vs transformers' `generate` on the same checkpoint, in the same run: output tokens/s at batch 1 and 8,
     16-token prompts, exactly `new_tokens` greedy tokens each, each side's median over `rounds` interleaved rounds
     (harness.InTurns) after a warm-up call, and the median (min-max) of the rounds' ratios. A model this small is
     bound by launches, which the graphs remove (72 tokens/s at batch 1 without them, gpu/2026-11-28)."""
@@ -448,8 +450,8 @@ def generate_speed(device: torch.device, new_tokens: int = 128, rounds: int = 5)
     from tessera.runtime.loader import load_model
     from tessera.runtime.sampling import SamplingParams
 
-    generator = Generator(load_model(PARENT_DIR, device=device, dtype=torch.bfloat16))
-    hf = LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=torch.bfloat16).to(device).eval()
+    generator = Generator(load_model(PARENT_DIR, device=device, dtype=dtype))
+    hf = LlamaForCausalLM.from_pretrained(PARENT_DIR, dtype=dtype).to(device).eval()
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     rows = []
     for batch in (1, 8):
@@ -481,6 +483,7 @@ def generate_speed(device: torch.device, new_tokens: int = 128, rounds: int = 5)
                 "speedup_max": speedup.high,
                 "rounds": rounds,
                 "same_tokens": same,
+                "dtype": str(dtype).removeprefix("torch."),
                 "cuda_graphs": generator.engine.graphs is not None,
             }
         )

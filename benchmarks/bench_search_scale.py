@@ -93,7 +93,7 @@ def work_units(
         "cost model": variants[0] * 4 + checks * n,  # a 4-block stack per distinct variant, n blocks per check
         "blockwise local distillation": sum(trained),  # sublayers trained, each for its steps
         "replace-1-block scoring": scoring,
-        "landing on the target speedup": solves * 2 * n,  # parent and child, per solve
+        "landing on the budget": solves * 2 * n,  # parent and child, per solve
         "assembly, GKD and evaluation": children * n,
         "end-to-end latency": children * 2 * n,  # each child with the parent, in a lockstep of the two
     }
@@ -129,7 +129,7 @@ def run(
             budget = Budget(target_speedup=target_speedup)
             results = optimize(parent, Path(tmp) / "run", budget, cfg, CORPUS_DIR, fresh=True)
         children = len({tuple(c["blocks"]) for c in results["children"][1:]})
-        solves = len(results["target_rounds"])
+        solves = len(results["landing_checks"])
         samples = cfg.fisher_samples if scoring == "fisher" else None
         units = work_units(arch, space, children, 1 + cfg.validate_architectures, solves, samples)
         rows.append(

@@ -71,9 +71,10 @@ from tessera.search.scoring import (
 from tessera.search.train import fixed_windows, random_windows
 
 MEASURE_ROUNDS = 5  # lockstep rounds of the parent with each child (search/cost.py)
-# Landing on a target speedup: the MIP's child is measured against the parent and the speedup asked of the cost
-# model corrected, until the measured speedup is within TARGET_TOLERANCE of the target or TARGET_CHECKS children
-# are measured (each one MIP solve).
+# Landing on the budget's speed terms (`land_on_budget`): the MIP's child is measured against the parent and what is
+# asked of the cost model corrected, until the measured speedup is within TARGET_TOLERANCE of the target (a latency
+# limit: at most the limit, within 2 × TARGET_TOLERANCE under it) or TARGET_CHECKS children are measured (each one
+# MIP solve).
 TARGET_TOLERANCE = 0.02
 TARGET_CHECKS = 4
 TARGET_ROUNDS = 5  # lockstep rounds of each check
@@ -109,6 +110,14 @@ class Budget:
             raise UserError(
                 f"target speedup must be >= 1 (a child no slower than its parent), got {self.target_speedup}"
             )
+
+    def latency_limit_ms(self, scenario: Scenario) -> float | None:
+        """The tightest end-to-end latency the budget allows in `scenario`: its max latency, or the latency its min
+        throughput allows there (None: neither)."""
+        limits = [] if self.max_latency_ms is None else [self.max_latency_ms]
+        if self.min_throughput is not None:
+            limits.append(1e3 * scenario.batch * scenario.gen_len / self.min_throughput)
+        return min(limits, default=None)
 
     def describe(self) -> str:
         parts = [f"{k.replace('_', ' ')} {v:g}" for k, v in asdict(self).items() if v is not None]
@@ -435,58 +444,106 @@ def greedy_baseline(library: Library, arch: ArchConfig, bounds: list[Bound]) -> 
     return blocks
 
 
-def land_on_target(
+def land_on_budget(
     library: Library,
     tables: Sequence[CostTable],
     arch: ArchConfig,
     budget: Budget,
     bounds: list[Bound],
-    measured_speedups: Callable[[list[BlockConfig]], list[float]],
+    measure: Callable[[list[BlockConfig], Sequence[CostTable]], list[tuple[float, float]]],
     progress: bool = False,
 ) -> tuple[list[BlockConfig], list[Bound], list[dict]]:
-    """The MIP's child at the budget, the bounds it was solved under, and the checks made. For a target speedup
-    the loop is closed: the child's speedup over the parent is measured in each scenario (one per table) and,
-    while the slowest of them misses the target by more than TARGET_TOLERANCE, the speedup asked of the cost
-    model in each scenario becomes the child's predicted one scaled by that scenario's miss (the cost model's
-    error on this child, taken to hold for the next) and the MIP is solved again: at most TARGET_CHECKS children
-    measured, and the child nearest the target wins. A corrected budget that leads back to a child already
-    measured ends the loop (the correction is going round in a circle)."""
+    """The MIP's child at the budget, the bounds it was solved under, and the checks made. The loop is closed on
+    the budget's speed terms: the child is measured (`measure`: the parent's and the child's latency in ms in the
+    scenario of each table given) and, while it misses, what is asked of the cost model is corrected by the child's
+    miss (the cost model's error on this child, taken to hold for the next) and the MIP is solved again: at most
+    TARGET_CHECKS children measured, the nearest kept. A corrected budget that leads back to a child already
+    measured ends the loop (the correction is going round in a circle).
+
+    - A target speedup holds in every scenario and is met within ±TARGET_TOLERANCE by the slowest of them; the
+      speedup asked in each becomes the child's predicted one scaled by that scenario's miss.
+    - A latency limit (`--max-latency-ms`, or `--min-throughput` as the latency it allows; the main scenario's
+      alone, so only that one is timed for it) is a ceiling: it is met when the child measures at most the limit
+      and no more than 2 × TARGET_TOLERANCE under it (a child well under it gave away quality it could have
+      kept). The limit asked becomes the child's predicted latency scaled to land TARGET_TOLERANCE under the
+      limit, kept inside the asks already measured (`_bracketed`) and no tighter than the fastest architecture in
+      the space (which is then measured too).
+
+    With both, a term the child is too slow for is corrected, and one it is too fast for only if it is the term
+    that bound the MIP (in the main scenario, the tighter of the two): loosening the other would change nothing.
+    Of the children that meet the latency limit, the nearest is kept; one over it only when none measured meets
+    it. A budget of memory or KV heads alone is not a speed: nothing is measured."""
     (solution,) = solve(library, "metrics.kl_div", bounds=bounds)
     blocks = choices_to_blocks(library, solution.choices)
-    target = budget.target_speedup
-    if target is None:
+    target, limit = budget.target_speedup, budget.latency_limit_ms(tables[0].scenario)
+    if target is None and limit is None:
         return blocks, bounds, []
+    timed = tables if target is not None else tables[:1]
+    fastest_ms = tables[0].non_block_ms + _least(library, "stats.runtime_ms")
     checks: list[dict] = []
-    best: tuple[float, list[BlockConfig], list[Bound]] | None = None
-    asked = [target] * len(tables)
+    best: tuple[tuple[float, float], list[BlockConfig], list[Bound]] | None = None
+    asked, asked_limit = [target] * len(tables), limit
+    limit_asks: dict[str, list[float]] = {"fast": [], "slow": []}  # limits asked whose child was too fast, too slow
     for attempt in range(TARGET_CHECKS):
-        predicted = [t.runtime_ms(arch.blocks) / t.runtime_ms(blocks) for t in tables]
-        measured = measured_speedups(blocks)
-        checks.append(
-            {
-                "asked_speedup": asked[0],
-                "predicted_speedup": predicted[0],
-                "measured_speedup": measured[0],
-                "blocks": [b.name for b in blocks],
-                "also": [
-                    {"scenario": t.scenario.key, "asked_speedup": a, "predicted_speedup": p, "measured_speedup": m}
-                    for t, a, p, m in list(zip(tables, asked, predicted, measured))[1:]
-                ],
-            }
-        )
+        predicted = [t.runtime_ms(arch.blocks) / t.runtime_ms(blocks) for t in timed]
+        predicted_ms = tables[0].runtime_ms(blocks)
+        timings = measure(blocks, timed)
+        measured = [parent_ms / child_ms for parent_ms, child_ms in timings]
+        measured_ms = timings[0][1]
+        check = {"predicted_ms": predicted_ms, "measured_ms": measured_ms, "blocks": [b.name for b in blocks]}
+        if target is not None:
+            check.update(asked_speedup=asked[0], predicted_speedup=predicted[0], measured_speedup=measured[0])
+            check["also"] = [
+                {"scenario": t.scenario.key, "asked_speedup": a, "predicted_speedup": p, "measured_speedup": m}
+                for t, a, p, m in list(zip(timed, asked, predicted, measured))[1:]
+            ]
+        if limit is not None:
+            check["asked_latency_ms"] = asked_limit
+        checks.append(check)
         if progress:
-            said = ", ".join(
-                f"asked {a:.3f}, predicted {p:.3f}, measured {m:.3f}" for a, p, m in zip(asked, predicted, measured)
-            )
-            print(f"[optimize] target speedup {target:g}: {said}", flush=True)
-        miss = abs(min(measured) / target - 1)  # the slowest scenario is the one the target binds
-        if best is None or miss < best[0]:
-            best = (miss, blocks, bounds)
-        if miss <= TARGET_TOLERANCE or attempt == TARGET_CHECKS - 1:
+            said = []
+            if target is not None:
+                said += [
+                    f"asked {a:.3f}, predicted {p:.3f}, measured {m:.3f}" for a, p, m in zip(asked, predicted, measured)
+                ]
+            if limit is not None:
+                said.append(
+                    f"latency asked {asked_limit:.4g} ms, predicted {predicted_ms:.4g}, measured {measured_ms:.4g}"
+                )
+            print(f"[optimize] {budget.describe()}: {'; '.join(said)}", flush=True)
+        # Each term: "slow", "fast" or "on" its mark, and how far off it (0 on it, for the limit).
+        state: dict[str, tuple[str, float]] = {}
+        if target is not None:
+            d = min(measured) / target - 1  # the slowest scenario is the one the target binds
+            state["speedup"] = ("slow" if d < -TARGET_TOLERANCE else "fast" if d > TARGET_TOLERANCE else "on", abs(d))
+        if limit is not None:
+            r, floor = measured_ms / limit, 1 - 2 * TARGET_TOLERANCE
+            state["latency"] = ("slow", r - 1) if r > 1 else ("fast", floor - r) if r < floor else ("on", 0.0)
+        # The term that bound the MIP: the limit, when its ask was the tighter in the main scenario.
+        limit_binds = limit is not None and (
+            target is None or asked_limit <= tables[0].runtime_ms(arch.blocks) / asked[0]
+        )
+        binding = "latency" if limit_binds else "speedup"
+        if limit is not None and (state["latency"][0] == "slow" or (state["latency"][0] == "fast" and limit_binds)):
+            limit_asks[state["latency"][0]].append(asked_limit)
+        slow = [term for term, (s, _) in state.items() if s == "slow"]
+        over_limit = state["latency"][1] if "latency" in slow else 0.0
+        miss = max(state[t][1] for t in slow) if slow else min(off for _, off in state.values())
+        if best is None or (over_limit, miss) < best[0]:
+            best = ((over_limit, miss), blocks, bounds)
+        landed = not slow and any(s == "on" for s, _ in state.values())
+        if landed or attempt == TARGET_CHECKS - 1:
             break
-        asked = [max(1.0, p * target / m) for p, m in zip(predicted, measured)]
+        # The terms too slow; else the binding one, too fast (landed otherwise).
+        correct = slow or [binding]
+        if "speedup" in correct:
+            asked = [max(1.0, p * target / m) for p, m in zip(predicted, measured)]
+        if "latency" in correct:
+            corrected = predicted_ms * limit * (1 - TARGET_TOLERANCE) / measured_ms
+            asked_limit = max(_bracketed(corrected, limit_asks), fastest_ms)
         try:
-            next_bounds = speedup_bounds(budget, tables, arch, library, asked)
+            terms = replace(budget, max_latency_ms=asked_limit, min_throughput=None) if limit is not None else budget
+            next_bounds = speedup_bounds(terms, tables, arch, library, asked if target is not None else ())
             (solution,) = solve(library, "metrics.kl_div", bounds=next_bounds)
         except InfeasibleError:
             break  # the space reaches no further: the nearest so far stands
@@ -494,6 +551,18 @@ def land_on_target(
         if any(check["blocks"] == [b.name for b in blocks] for check in checks):
             break  # measured already: the nearest so far stands
     return best[1], best[2], checks
+
+
+def _bracketed(corrected: float, asks: dict[str, list[float]]) -> float:
+    """The next latency limit to ask of the cost model: `corrected` (the last child's prediction scaled by its miss)
+    if it lies between the asks known to give too fast a child (the next must be looser) and those known to give
+    too slow a one (it must be tighter); else the middle of that bracket, or, with no too-slow ask yet, one
+    window (2 × TARGET_TOLERANCE) looser than the loosest too-fast ask. A cost model whose error differs from child
+    to child would otherwise swing the ask back and forth past asks already measured."""
+    low, high = max(asks["fast"], default=0.0), min(asks["slow"], default=math.inf)
+    if low < corrected < high or low >= high:  # low >= high: the device's own noise; the correction stands
+        return corrected
+    return (low + high) / 2 if high < math.inf else low * (1 + 2 * TARGET_TOLERANCE)
 
 
 class Optimizer:
@@ -534,6 +603,7 @@ class Optimizer:
         self.calibration = next(random_windows(self.train_ids, cfg.calibration_windows, cfg.seq_len, cfg.seed))
         self.out.mkdir(parents=True, exist_ok=True)  # once the inputs are checked: a refused run leaves no folder
         self.timed_parent = None  # the parent in timing_dtype, made when first timed
+        self.pareto_left_out: list[float] = []  # --pareto speedups no architecture in the space reaches
         self.timings: dict[str, float] = {}
         self.peak_mib: dict[str, float] = {}  # per stage: resident (CPU) or allocated (GPU) peak
 
@@ -658,10 +728,11 @@ class Optimizer:
             "also_cost_models": [t.validation for t in self.also_tables],
             "non_block_ms": table.non_block_ms,
             "cost_model": table.validation,
-            "target_rounds": self.target_rounds,
+            "landing_checks": self.landing_checks,
             "target_tolerance": TARGET_TOLERANCE,
             "measure_rounds": MEASURE_ROUNDS,
             "children": [c.to_json() for c in [parent, *children]],
+            "pareto_left_out": self.pareto_left_out,
             "child_dir": str(child_dir),
             "stage_seconds": self.timings,
             "stage_peak_mib": self.peak_mib,
@@ -697,7 +768,7 @@ class Optimizer:
         greedy baselines with, for each, the MIP at the baseline's own predicted runtime (never a worse Σ KL
         than the baseline's: the baseline is one of the architectures that MIP chose among)."""
         arch, tables = self.parent.arch, [table, *self.also_tables]
-        main_blocks, bounds = self.land_on_target(library, tables, budget, bounds)
+        main_blocks, bounds = self.land_on_budget(library, tables, budget, bounds)
         t = self._start()
         children = [Child(f"MIP ({budget.describe()})", "mip", main_blocks, 0.0)]
         for speedup in self.cfg.pareto_speedups:
@@ -710,7 +781,9 @@ class Optimizer:
                     bounds=speedup_bounds(Budget(target_speedup=speedup), tables, arch, library),
                 )
             except InfeasibleError:  # the report's Pareto front goes without it; said, not dropped silently
-                print(f"[optimize] --pareto {speedup:g}: no architecture in the space is that fast; left out")
+                self.pareto_left_out.append(speedup)
+                if self.progress:
+                    print(f"[optimize] --pareto {speedup:g}: no architecture in the space is that fast; left out")
                 continue
             children.append(Child(f"MIP (speedup {speedup:g})", "mip", choices_to_blocks(library, sol.choices), 0.0))
         for method, pick in (("uniform", uniform_baseline), ("greedy", greedy_baseline)):
@@ -733,27 +806,27 @@ class Optimizer:
         self._stage("MIP and baselines", t)
         return children
 
-    def land_on_target(
+    def land_on_budget(
         self, library: Library, tables: list[CostTable], budget: Budget, bounds: list[Bound]
     ) -> tuple[list[BlockConfig], list[Bound]]:
-        """`land_on_target` with each child, assembled from its distilled blocks, timed against the parent in a
-        lockstep of the two in every scenario, as `measure` times the children at the end; the checks go to
-        `self.target_rounds`."""
+        """`land_on_budget` with each child, assembled from its distilled blocks, timed against the parent in a
+        lockstep of the two in each scenario it asks for, as `measure` times the children at the end; the checks go
+        to `self.landing_checks`."""
         arch, t = self.parent.arch, self._start()
 
-        def measured_speedups(blocks: list[BlockConfig]) -> list[float]:
+        def measure(blocks: list[BlockConfig], timed: Sequence[CostTable]) -> list[tuple[float, float]]:
             pair = self.timed(assemble_child(self.parent, self.store, blocks))
-            speedups = []
-            for table in tables:
+            timings = []
+            for table in timed:
                 parent_t, child_t = lockstep(pair, table.scenario, TARGET_ROUNDS)
-                speedups.append(parent_t.latency_ms / child_t.latency_ms)
-            return speedups
+                timings.append((parent_t.latency_ms, child_t.latency_ms))
+            return timings
 
-        blocks, bounds, self.target_rounds = land_on_target(
-            library, tables, arch, budget, bounds, measured_speedups, self.progress
+        blocks, bounds, self.landing_checks = land_on_budget(
+            library, tables, arch, budget, bounds, measure, self.progress
         )
-        if self.target_rounds:
-            self._stage("landing on the target speedup", t)
+        if self.landing_checks:
+            self._stage("landing on the budget", t)
         return blocks, bounds
 
     def build_children(

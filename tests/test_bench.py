@@ -299,13 +299,15 @@ def test_bench_fusion(results_dir) -> None:
 
 def test_generate_speed_measures_both_sides(results_dir) -> None:
     """The GPU suite's `Generator` vs transformers rows (run here on the CPU, 4 tokens): both timed in interleaved
-    rounds, the speedup within its rounds' range, outputs compared token by token."""
-    rows = bench_model.generate_speed(torch.device("cpu"), new_tokens=4)
+    rounds, the speedup within its rounds' range, outputs compared token by token. In float32, where the two agree
+    on every token (the random prompts' float32 top-2 gaps, 0.0098 at least, are far past its rounding); in bfloat16,
+    the suite's precision, a near-tie among them (a gap of 0 once) may go either way on another CPU."""
+    rows = bench_model.generate_speed(torch.device("cpu"), new_tokens=4, dtype=torch.float32)
     assert [r["batch"] for r in rows] == [1, 8]
     for r in rows:
         assert r["tessera_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0 and not r["cuda_graphs"]
         assert r["rounds"] == 5 and r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
-        assert 0.5 <= r["same_tokens"] <= 1  # the same checkpoint, greedy: bf16 rounding may flip a late token
+        assert r["same_tokens"] == 1.0
 
 
 def test_search_scale_counts_each_stages_work(results_dir) -> None:

@@ -72,21 +72,40 @@ def test_corpus_snapshot_is_reproducible_from_this_python() -> None:
     assert len(read_corpus("train", CORPUS_DIR).encode()) == stats["train_bytes"]
 
 
+# The largest |logit| difference from float32 along these prompts' float32 continuations, about 2.5x what was
+# measured on the demo parent (bfloat16 0.061, float16 0.010, logits up to 14 in size): room for another CPU's
+# rounding, far below the logits' own scale.
+HALF_LOGIT_TOLERANCE = {torch.bfloat16: 0.15, torch.float16: 0.025}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_generation_follows_float32(dtype: torch.dtype) -> None:
+    """The 16-bit model's logits along float32's greedy continuation stay within HALF_LOGIT_TOLERANCE, and its own
+    greedy generation (the KV-cache path) gives float32's tokens up to the first position whose float32 top-2 gap is
+    within twice that: past a near-tie, another CPU's rounding may choose the other token."""
     from tessera.runtime.generate import Generator
     from tessera.runtime.sampling import SamplingParams
 
-    prompts = ["def parse_args(", "import os\nimport sys\n\n\n", "class Stack:\n"]
+    prompts = ["    return ", "import numpy as np\n", "def fibonacci(n):", "class Stack:\n"]
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     tok = load_tokenizer(PARENT_DIR)
-    full = Generator(load_model(PARENT_DIR), tok).generate(prompts, params)
-    half_model = load_model(PARENT_DIR, dtype=dtype)
-    half = Generator(half_model, tok).generate(prompts, params)
+    full_model, half_model = load_model(PARENT_DIR), load_model(PARENT_DIR, dtype=dtype)
     assert half_model.embed_tokens.weight.dtype == dtype
-    # A trained model's greedy choices have clear margins; 16-bit rounding may flip a rare near-tie late
-    # in a sequence, so compare the first 4 tokens, where an error in the half path would show at once.
-    assert [c.tokens[:4] for c in half] == [c.tokens[:4] for c in full]
+    full = Generator(full_model, tok).generate(prompts, params)
+    half = Generator(half_model, tok).generate(prompts, params)
+    tolerance, compared = HALF_LOGIT_TOLERANCE[dtype], 0
+    for f, h in zip(full, half):
+        ids, start = torch.tensor([f.prompt_tokens + f.tokens]), len(f.prompt_tokens) - 1
+        with torch.no_grad():
+            expected = full_model(ids)[0, start:-1]
+            got = half_model(ids)[0, start:-1].float()
+        assert (got - expected).abs().max().item() <= tolerance
+        top2 = expected.topk(2, dim=-1).values
+        clear = [*(top2[:, 0] - top2[:, 1] > 2 * tolerance).tolist(), False]
+        k = clear.index(False)
+        assert h.tokens[:k] == f.tokens[:k]
+        compared += k
+    assert compared >= 12  # prompts chosen for clear margins: most of their tokens are compared
 
 
 def test_tokenizer_retrains_to_the_shipped_file(tmp_path) -> None:

@@ -1,9 +1,11 @@
 """The search pipeline (search/pipeline.py): uniform and greedy baselines under a budget, and landing on a target
-speedup by measuring and solving again."""
+speedup or a latency limit by measuring and solving again."""
 
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import replace
 
 import pytest
 
@@ -17,7 +19,7 @@ from tessera.search.pipeline import (
     Budget,
     block_bounds,
     greedy_baseline,
-    land_on_target,
+    land_on_budget,
     runtime_key,
     speedup_bounds,
     uniform_baseline,
@@ -169,8 +171,8 @@ def test_landing_on_the_target_corrects_the_cost_models_miss():
         return true_ms(arch.blocks) / true_ms(blocks)
 
     bounds = block_bounds(Budget(target_speedup=1.5), table, table.runtime_ms(arch.blocks), library)
-    blocks, used, checks = land_on_target(
-        library, [table], arch, Budget(target_speedup=1.5), bounds, lambda b: [device(b)]
+    blocks, used, checks = land_on_budget(
+        library, [table], arch, Budget(target_speedup=1.5), bounds, lambda b, _: [(true_ms(arch.blocks), true_ms(b))]
     )
     assert abs(checks[0]["measured_speedup"] / 1.5 - 1) > TARGET_TOLERANCE  # the cost model alone misses
     assert 1 < len(checks) <= TARGET_CHECKS
@@ -207,14 +209,14 @@ def test_the_loop_measures_each_child_once_and_solves_no_mip_past_the_last_check
     table = CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table)
     swings = itertools.cycle(swing)
 
-    def device(blocks):
-        return [table.runtime_ms(arch.blocks) / table.runtime_ms(blocks) * next(swings)]
+    def device(blocks, _):  # the parent's and the child's ms: the child as priced, swung faster or slower
+        return [(table.runtime_ms(arch.blocks), table.runtime_ms(blocks) / next(swings))]
 
     solves = []
     monkeypatch.setattr(pipeline, "solve", lambda *a, **k: solves.append(1) or solve(*a, **k))
     budget = Budget(target_speedup=1.5)
     bounds = block_bounds(budget, table, table.runtime_ms(arch.blocks), library)
-    blocks, _, checks = land_on_target(library, [table], arch, budget, bounds, device)
+    blocks, _, checks = land_on_budget(library, [table], arch, budget, bounds, device)
     measured = [tuple(check["blocks"]) for check in checks]
     assert len(checks) == n_checks == len(set(measured)) and len(solves) == n_solves <= TARGET_CHECKS
     assert all(abs(check["measured_speedup"] / 1.5 - 1) > TARGET_TOLERANCE for check in checks)
@@ -222,18 +224,23 @@ def test_the_loop_measures_each_child_once_and_solves_no_mip_past_the_last_check
     assert [b.name for b in blocks] == nearest["blocks"]
 
 
-def test_without_a_target_speedup_nothing_is_measured():
+def test_a_budget_without_a_speed_term_is_not_measured():
+    """Memory and KV heads are counted, not timed: the MIP's child stands as solved, nothing is measured."""
     arch = tiny_arch(layers=4)
     library, block_table = _priced_library(
         arch,
         {"gqa_kv4": 4, "gqa_kv2": 3, "attn_linear": 1, "attn_none": 0},
         {"ffn_96": 4, "ffn_48": 2.5, "ffn_linear": 1, "ffn_none": 0},
     )
+    for variants in library.values():
+        for entry in variants.values():
+            entry["stats"]["memory_mib"] = entry["stats"]["runtime_ms"]  # any size that differs between blocks
     table = CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table)
-    budget = Budget(max_latency_ms=40.0)
+    budget = Budget(max_memory_mib=20.0)
     bounds = block_bounds(budget, table, table.runtime_ms(arch.blocks), library)
-    blocks, used, checks = land_on_target(library, [table], arch, budget, bounds, lambda b: pytest.fail("timed"))
-    assert checks == [] and used == bounds and table.runtime_ms(blocks) <= 40.0 + 1e-9
+    blocks, used, checks = land_on_budget(library, [table], arch, budget, bounds, lambda *_: pytest.fail("timed"))
+    assert checks == [] and used == bounds
+    assert sum(library[f"layer_{i}"][b.name]["stats"]["memory_mib"] for i, b in enumerate(blocks)) <= 20.0
 
 
 def test_several_scenarios_each_get_a_bound_and_the_mip_matches_brute_force():
@@ -289,16 +296,183 @@ def test_landing_with_several_scenarios_corrects_each_and_stops_on_the_slowest()
     def true_ms(blocks, attention_price: float) -> float:
         return 4.0 + sum(attention_price * attention[b.attention.name] + ffn[b.ffn.name] for b in blocks)
 
-    def device(blocks) -> list[float]:  # the first scenario as priced; the second with attention twice as dear
-        return [true_ms(arch.blocks, p) / true_ms(blocks, p) for p in (1.0, 2.0)]
+    def device(
+        blocks, timed
+    ) -> list[tuple[float, float]]:  # the first scenario as priced; the second: attention dearer
+        assert list(timed) == tables
+        return [(true_ms(arch.blocks, p), true_ms(blocks, p)) for p in (1.0, 2.0)]
+
+    def speedups(blocks) -> list[float]:
+        return [parent / child for parent, child in device(blocks, tables)]
 
     budget = Budget(target_speedup=1.5)
     bounds = speedup_bounds(budget, tables, arch, library)
-    blocks, _, checks = land_on_target(library, tables, arch, budget, bounds, device)
-    assert len(checks) > 1 and abs(min(device(blocks)) / 1.5 - 1) <= TARGET_TOLERANCE
+    blocks, _, checks = land_on_budget(library, tables, arch, budget, bounds, device)
+    assert len(checks) > 1 and abs(min(speedups(blocks)) / 1.5 - 1) <= TARGET_TOLERANCE
     for before, after in itertools.pairwise(checks):
         for was, now in zip([before, *before["also"]], [after, *after["also"]]):
             assert now["asked_speedup"] == pytest.approx(
                 max(1.0, was["predicted_speedup"] * 1.5 / was["measured_speedup"])
             )
     assert checks[0]["also"][0]["scenario"] == other.key
+
+
+def _landing_setup(attention_price: float, budget: Budget):
+    """The 6-layer priced library and its table, the budget's bounds, and a device whose attention costs
+    `attention_price` × what the cost model says (and whose non-block part is 4 ms, not 10): its timing of the
+    parent and a child in the one scenario."""
+    arch = tiny_arch(layers=6)
+    attention = {"gqa_kv4": 4.0, "gqa_kv2": 3.0, "attn_linear": 1.0, "attn_none": 0.0}
+    ffn = {"ffn_96": 4.0, "ffn_48": 2.5, "ffn_linear": 1.0, "ffn_none": 0.0}
+    library, block_table = _priced_library(arch, attention, ffn)
+    table = CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table)
+
+    def true_ms(blocks) -> float:
+        return 4.0 + sum(attention_price * attention[b.attention.name] + ffn[b.ffn.name] for b in blocks)
+
+    def device(blocks, timed) -> list[tuple[float, float]]:
+        assert list(timed) == [table]
+        return [(true_ms(arch.blocks), true_ms(blocks))]
+
+    return arch, library, table, speedup_bounds(budget, [table], arch, library), device
+
+
+def _kl(library, names) -> float:
+    return sum(library[f"layer_{i}"][n]["metrics"]["kl_div"] for i, n in enumerate(names))
+
+
+LIMIT_MS = 45.0  # the device measures the parent at 76 ms (the cost model: 58)
+THROUGHPUT = 1e3 * Scenario().batch * Scenario().gen_len / LIMIT_MS  # the same limit, as generated tokens/s
+WINDOW = 1 - 2 * TARGET_TOLERANCE  # a latency limit is met from WINDOW × it to it
+
+
+@pytest.mark.parametrize(
+    ("attention_price", "budget", "first_too"),
+    [
+        (2.0, Budget(max_latency_ms=LIMIT_MS), "slow"),
+        (0.5, Budget(max_latency_ms=30.0), "fast"),
+        (2.0, Budget(min_throughput=THROUGHPUT), "slow"),
+    ],
+    ids=["optimistic cost model", "pessimistic cost model", "a throughput"],
+)
+def test_landing_on_a_latency_limit_corrects_the_cost_models_miss(attention_price, budget, first_too):
+    """A cost model that prices attention at half the device's: the MIP's first child, predicted at the limit,
+    measures far over it; one that prices it at twice the device's: far under it, quality given away. The loop
+    lands at most at the limit and within 2 × TARGET_TOLERANCE under it, each ask the last child's predicted latency
+    scaled to land TARGET_TOLERANCE under the limit. A min throughput is the latency it allows."""
+    arch, library, table, bounds, device = _landing_setup(attention_price, budget)
+    limit = budget.latency_limit_ms(table.scenario)
+    assert limit == pytest.approx(budget.max_latency_ms or LIMIT_MS)
+    blocks, _, checks = land_on_budget(library, [table], arch, budget, bounds, device)
+    first = checks[0]
+    assert first["asked_latency_ms"] == pytest.approx(limit)
+    assert first["measured_ms"] > limit if first_too == "slow" else first["measured_ms"] < WINDOW * limit
+    assert 1 < len(checks) <= TARGET_CHECKS
+    ((_, final_ms),) = device(blocks, [table])
+    assert WINDOW * limit <= final_ms <= limit
+    assert [b.name for b in blocks] == checks[-1]["blocks"]
+    for before, after in itertools.pairwise(checks):
+        aim = limit * (1 - TARGET_TOLERANCE)
+        assert after["asked_latency_ms"] == pytest.approx(before["predicted_ms"] * aim / before["measured_ms"])
+    for check in checks:
+        chosen = [block_from_name(n) for n in check["blocks"]]
+        assert check["measured_ms"] == pytest.approx(device(chosen, [table])[0][1])
+        assert check["predicted_ms"] == pytest.approx(table.runtime_ms(chosen))
+        assert check["predicted_ms"] <= check["asked_latency_ms"] + 1e-9
+        assert "asked_speedup" not in check
+    if first_too == "fast":  # the loosened child keeps more of the parent
+        assert _kl(library, checks[-1]["blocks"]) < _kl(library, first["blocks"])
+
+
+def test_a_latency_ask_stays_between_the_asks_known_too_loose_and_too_tight():
+    """A limit of 12 ms where the cost model's error swings from child to child (attention at twice its price: 7 ms
+    measured for 12 predicted, then 22 for 20): the proportional correction would ask 10.7 ms, tighter than the
+    12 ms already known to give too fast a child; the ask goes to the middle of (12, 20.16) instead. No child lands
+    within the window, and the one that meets the limit most nearly is kept over the faster one and those over it."""
+    budget = Budget(max_latency_ms=12.0)
+    arch, library, table, bounds, device = _landing_setup(2.0, budget)
+    blocks, _, checks = land_on_budget(library, [table], arch, budget, bounds, device)
+    asks = [c["asked_latency_ms"] for c in checks]
+    measured = [c["measured_ms"] for c in checks]
+    aim = 12.0 * (1 - TARGET_TOLERANCE)
+    assert asks[:3] == pytest.approx([12.0, 12.0 * aim / 7.0, (12.0 + 12.0 * aim / 7.0) / 2])
+    for k in range(1, len(checks)):
+        too_fast = [a for a, m in zip(asks[:k], measured[:k]) if m < WINDOW * 12.0]
+        too_slow = [a for a, m in zip(asks[:k], measured[:k]) if m > 12.0]
+        assert max(too_fast, default=0) < asks[k] < min(too_slow, default=math.inf)
+    assert not any(WINDOW * 12.0 <= m <= 12.0 for m in measured)
+    meeting = [c for c in checks if c["measured_ms"] <= 12.0]
+    assert len(meeting) < len(checks)
+    assert [b.name for b in blocks] == max(meeting, key=lambda c: c["measured_ms"])["blocks"]
+
+
+def test_a_child_exactly_at_the_limit_meets_it():
+    """Measured at the limit itself: on the mark (not "too slow" by a rounding of 0.98/1 − 1), one check."""
+    budget = Budget(max_latency_ms=LIMIT_MS)
+    arch, library, table, bounds, _ = _landing_setup(1.0, budget)
+    checks = land_on_budget(library, [table], arch, budget, bounds, lambda b, _: [(80.0, LIMIT_MS)])[2]
+    assert len(checks) == 1
+
+
+def test_a_target_speedup_lands_under_a_looser_latency_limit_and_a_tighter_limit_lands_over_a_target():
+    """Both terms: the one that binds lands. Under a 60 ms limit the 1.5× target binds (its child measures about
+    50 ms): the limit, though its child is far under it, is not loosened, and the target lands as alone. Under a
+    45 ms limit with a 1.2× target, the limit binds: it lands in its window, the speedup past the target, whose ask
+    is never loosened (it does not bind)."""
+    loose = Budget(target_speedup=1.5, max_latency_ms=60.0)
+    arch, library, table, bounds, device = _landing_setup(2.0, loose)
+    blocks, _, checks = land_on_budget(library, [table], arch, loose, bounds, device)
+    target_alone = Budget(target_speedup=1.5)
+    alone_bounds = speedup_bounds(target_alone, [table], arch, library)
+    alone = land_on_budget(library, [table], arch, target_alone, alone_bounds, device)
+    assert [c["asked_latency_ms"] for c in checks] == [60.0] * len(checks)
+    assert blocks == alone[0] and [c["blocks"] for c in checks] == [c["blocks"] for c in alone[2]]
+    ((parent_ms, child_ms),) = device(blocks, [table])
+    assert abs(parent_ms / child_ms / 1.5 - 1) <= TARGET_TOLERANCE and child_ms <= 60.0
+
+    tight = Budget(target_speedup=1.2, max_latency_ms=LIMIT_MS)
+    arch, library, table, bounds, device = _landing_setup(2.0, tight)
+    blocks, _, checks = land_on_budget(library, [table], arch, tight, bounds, device)
+    ((parent_ms, child_ms),) = device(blocks, [table])
+    assert WINDOW * LIMIT_MS <= child_ms <= LIMIT_MS and parent_ms / child_ms > 1.2 * (1 + TARGET_TOLERANCE)
+    assert [c["asked_speedup"] for c in checks] == [1.2] * len(checks)
+
+
+def test_a_latency_limit_no_child_can_meet_ends_on_the_fastest_architecture():
+    """A device 1.5× slower than the cost model everywhere and a limit 10 % past the fastest predicted architecture:
+    the first child measures over the limit, the corrected ask lies below anything the space reaches, so the
+    fastest architecture is asked for and measured; nearer the limit, it is kept (the report then says the saved
+    child misses the budget)."""
+    arch = tiny_arch(layers=6)
+    attention = {"gqa_kv4": 4.0, "gqa_kv2": 3.0, "attn_linear": 1.0, "attn_none": 0.0}
+    ffn = {"ffn_96": 4.0, "ffn_48": 2.5, "ffn_linear": 1.0, "ffn_none": 0.0}
+    library, block_table = _priced_library(arch, attention, ffn)
+    table = CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table)
+    budget = Budget(max_latency_ms=11.0)
+    bounds = speedup_bounds(budget, [table], arch, library)
+    blocks, _, checks = land_on_budget(
+        library,
+        [table],
+        arch,
+        budget,
+        bounds,
+        lambda b, _: [(1.5 * table.runtime_ms(arch.blocks), 1.5 * table.runtime_ms(b))],
+    )
+    first, last = checks
+    assert first["measured_ms"] > last["measured_ms"] > 11.0
+    assert last["asked_latency_ms"] == pytest.approx(10.0) == table.runtime_ms(blocks)  # the space's fastest
+    assert [b.name for b in blocks] == last["blocks"]
+
+
+def test_a_latency_limit_times_the_main_scenario_alone():
+    """A latency limit is the main scenario's: with a further scenario and no target speedup, each check times the
+    main one only (a target speedup times both: the test with two scenarios above)."""
+    arch, library, table, _, device = _landing_setup(2.0, Budget(max_latency_ms=LIMIT_MS))
+    other = replace(table, scenario=Scenario(batch=1))
+    for variants in library.values():
+        for name, entry in variants.items():
+            entry["stats"][runtime_key(other.scenario)] = table.blocks[name]["runtime_ms"]
+    budget = Budget(max_latency_ms=LIMIT_MS)
+    bounds = speedup_bounds(budget, [table, other], arch, library)
+    checks = land_on_budget(library, [table, other], arch, budget, bounds, device)[2]  # device asserts [table]
+    assert len(checks) > 1

@@ -74,10 +74,13 @@ def free_socket() -> socket.socket:
 
 @contextlib.contextmanager
 def serving(**kwargs):
-    """A server of the demo parent on a free port, in a thread of this process (its engines in their own)."""
+    """A server of the demo parent on a free port, in a thread of this process (its engines in their own). Its
+    keep-alive outlasts the clients' (httpx keeps an idle connection 5 s, uvicorn by default too): a client that
+    reuses a connection just as the server closes it gets a reset, which with retries off is an error."""
     served = build_server(PARENT_DIR, **kwargs)
     sock = free_socket()
-    uv = uvicorn.Server(uvicorn.Config(served.app, log_level="warning", timeout_graceful_shutdown=2))
+    config = uvicorn.Config(served.app, log_level="warning", timeout_graceful_shutdown=2, timeout_keep_alive=60)
+    uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -389,7 +392,8 @@ def test_penalties_over_http_give_the_generators_tokens(client, parent) -> None:
     and seeded, and differ from the unpenalized ones."""
     prompt = PROMPTS[0]
     penalties = dict(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.3)
-    for temperature, seed in ((0.0, None), (0.8, 11)):
+    # Seeded at SAFE_TEMPERATURE: at 0.8 a draw lay 4e-6 from a CDF boundary, at 0.5 every one at least 1.6e-4.
+    for temperature, seed in ((0.0, None), (SAFE_TEMPERATURE, 11)):
         params = SamplingParams(20, temperature=temperature, seed=seed, ignore_eos=True, **penalties)
         [expected] = Generator(*parent).generate([prompt], params)
         plain = SamplingParams(20, temperature=temperature, seed=seed, ignore_eos=True)
@@ -819,51 +823,58 @@ def test_a_body_past_the_limit_gets_413_before_it_is_read(server) -> None:
     assert httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
-def test_a_prompt_far_past_the_context_is_refused_without_tokenising(server) -> None:
+def test_a_prompt_far_past_the_context_is_refused_without_tokenising(server, monkeypatch) -> None:
     """The demo's byte-level tokenizer covers at most 69 bytes a token: a text prompt of more characters than
     69 x max_model_len cannot fit, and is refused before the tokenizer sees it."""
     served, base = server
-    assert served.engine.encoder.token_bytes == 69
-    start = time.perf_counter()
+    encoder = served.engine.encoder
+    assert encoder.token_bytes == 69
+    calls: list[int] = []
+
+    class Recording:  # the tokenizer, each call recorded
+        def encode_batch(self, texts, **kwargs):
+            calls.append(len(texts))
+            return tokenizer.encode_batch(texts, **kwargs)
+
+    tokenizer = encoder.tokenizer
+    monkeypatch.setattr(encoder, "tokenizer", Recording())
     r = httpx.post(f"{base}/v1/completions", json={"prompt": "x" * (69 * 512 + 1), "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    assert "at least 512 tokens" in r.json()["error"]["message"]
-    assert time.perf_counter() - start < 1.0  # tokenising 35 kB would be fast too; the message shows the path
+    assert "at least 512 tokens" in r.json()["error"]["message"] and calls == []
+    ok = httpx.post(f"{base}/v1/completions", json={"prompt": "x" * 100, "max_tokens": 1})
+    assert ok.status_code == 200 and calls == [1]  # the stand-in does record what is tokenised
 
 
 def test_tokenising_a_long_prompt_does_not_stall_the_server(server, monkeypatch) -> None:
-    """A text prompt of nearly the body limit takes about a second to tokenise here (then gets its 400,
-    context exceeded); /health, polled meanwhile, keeps answering in a fraction of that: tokenising runs in a
-    worker thread that releases the GIL. Tokenised on the event loop it once held /health for 5.5 s. (The
-    byte-count shortcut above is switched off, so the prompt is tokenised.)"""
+    """Tokenising runs off the event loop (a worker thread): while a prompt's tokenisation is held, /health and
+    another request are answered; once let go, the prompt gets its answer. Tokenised on the event loop, a prompt of
+    nearly the body limit once held /health for 5.5 s. The tokenisation is held by the test, not timed: a ratio of
+    times failed on a loaded machine."""
     served, base = server
-    monkeypatch.setattr(served.engine.encoder, "token_bytes", None)
-    text = "x = 1; " * ((served.max_request_bytes - 1000) // 7)  # 7 bytes a repeat in JSON
-    gaps: list[float] = []
+    encoder = served.engine.encoder
+    entered, release = threading.Event(), threading.Event()
+    tokenizer = encoder.tokenizer
 
-    async def poll(done: asyncio.Event) -> None:
-        async with httpx.AsyncClient(base_url=base) as http:
-            while not done.is_set():
-                start = time.perf_counter()
-                await http.get("/health")
-                gaps.append(time.perf_counter() - start)
-                await asyncio.sleep(0.01)
+    class Held:  # the tokenizer, held at its first call until released
+        def encode_batch(self, texts, **kwargs):
+            if not entered.is_set():
+                entered.set()
+                assert release.wait(30), "the test never let tokenisation go on"
+            return tokenizer.encode_batch(texts, **kwargs)
 
-    async def both() -> tuple[int, float]:
-        done = asyncio.Event()
-        poller = asyncio.create_task(poll(done))
-        await asyncio.sleep(0.1)
-        start = time.perf_counter()
-        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
-            r = await http.post("/v1/completions", json={"prompt": text, "max_tokens": 2})
-        took = time.perf_counter() - start
-        done.set()
-        await poller
-        return r.status_code, took
-
-    status, took = asyncio.run(both())
-    assert status == 400
-    assert max(gaps) < took / 4, f"/health took up to {max(gaps):.2f} s while a request took {took:.2f} s"
+    monkeypatch.setattr(encoder, "tokenizer", Held())
+    with ThreadPoolExecutor(1) as pool:
+        body = {"prompt": "x = 1; " * 100, "max_tokens": 2, "temperature": 0}
+        held = pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=60)
+        try:
+            assert entered.wait(30)
+            for _ in range(3):
+                assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+            other = httpx.post(f"{base}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2}, timeout=30)
+            assert other.status_code == 200 and not held.done()
+        finally:
+            release.set()
+        assert held.result().status_code == 200
 
 
 def sixteen_streams(base: str) -> list[tuple[str, str | None]]:
@@ -902,7 +913,7 @@ def test_hostile_clients_never_hurt_well_behaved_ones(server) -> None:
     but valid ones, oversized bodies, 500 prompts, lone surrogates, a prompt that takes a second to tokenise,
     disconnects). The batch (16) holds every client, so what is measured is interference, not queueing. No
     well-behaved request fails or changes its text, each hostile one gets its status, every slot and page
-    comes back, and the p99 latency stays within 2x the calm run's p99 plus 2 s (the hostile requests that
+    comes back, and the p90 latency stays within 2x the calm run's p90 plus 2 s (the hostile requests that
     are served take batch rows, and tokenising takes one of the two cores for a second)."""
     from tessera.benchmarks import bench_hostile_load as load
 
@@ -912,7 +923,9 @@ def test_hostile_clients_never_hurt_well_behaved_ones(server) -> None:
     assert calm.good_errors == [] and hostile.good_errors == []
     assert hostile.hostile_unexpected == []
     assert hostile.hostile == 12 and len(hostile.latencies) == 24
-    assert hostile.quantile(0.99) <= 2 * calm.quantile(0.99) + 2.0, (calm.summary(), hostile.summary())
+    # p90, not p99 (of 24 latencies, the largest alone): one scheduling pause on a loaded 2-core machine is not
+    # interference.
+    assert hostile.quantile(0.9) <= 2 * calm.quantile(0.9) + 2.0, (calm.summary(), hostile.summary())
     deadline = time.perf_counter() + 5
     while served.engine.running and time.perf_counter() < deadline:
         time.sleep(0.05)
@@ -926,27 +939,31 @@ def test_two_engine_processes_share_the_load_and_give_the_same_outputs(reference
     (both idle: the first), which never saw it."""
     with serving(max_batch=8, max_model_len=512, data_parallel_size=2) as (served, base):
         results = sixteen_streams(base)
-        assert served.engine.requests_per_engine == [8, 8]
+        first, second = served.engine.requests_per_engine
+        # 8 each, or 9 and 7 should a stream end before the last arrives (a slow client): routed by load either way.
+        assert first + second == 16 and abs(first - second) <= 2
         prefixes = [[100 + p] * 64 for p in range(2)]  # 4 pages of 16 tokens each
 
         async def both_at_once():
             client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-            body = dict(model="parent", max_tokens=64, extra_body={"ignore_eos": True})
-            # The second is sent once the first has its first token, so it is known to arrive second: sent together,
-            # either may reach the server first. 64 tokens: the first still runs when the second arrives.
-            first = await client.completions.create(prompt=[*prefixes[0], 5], stream=True, **body)
-            chunks = aiter(first)
-            await anext(chunks)
-            second = asyncio.ensure_future(client.completions.create(prompt=[*prefixes[1], 5], **body))
-            async for _ in chunks:
-                pass
-            await second
+            body = dict(model="parent", extra_body={"ignore_eos": True})
+            # The second is sent once the first has its first token, so it is known to arrive second (sent
+            # together, either may reach the server first), and the first is closed (aborted) only once the second
+            # is answered, so it still runs when the second is routed.
+            running = await client.completions.create(prompt=[*prefixes[0], 5], stream=True, max_tokens=400, **body)
+            await anext(aiter(running))
+            await client.completions.create(prompt=[*prefixes[1], 5], max_tokens=8, **body)
+            await running.close()
 
-        asyncio.run(both_at_once())  # the first to engine 0, the second (engine 0 busy) to engine 1
-        assert served.engine.requests_per_engine == [9, 9]
+        asyncio.run(both_at_once())  # the first to engine 0 (both idle), the second (engine 0 busy) to engine 1
+        assert served.engine.requests_per_engine == [first + 1, second + 1]
+        deadline = time.perf_counter() + 10  # the aborted first leaves engine 0: both idle again
+        while served.engine.running and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        assert served.engine.running == 0
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         again = client.completions.create(model="parent", prompt=prefixes[1] + [6, 7], max_tokens=2)
-        assert served.engine.requests_per_engine == [9, 10]
+        assert served.engine.requests_per_engine == [first + 1, second + 2]
         assert again.usage.prompt_tokens_details.cached_tokens == 64
     for prompt, (text, reason) in zip(PROMPTS * 2, results):
         assert text == reference[prompt].text
@@ -1084,19 +1101,24 @@ def test_prefix_caching_over_http_reports_cached_tokens(parent) -> None:
 
 
 def test_client_disconnect_frees_the_slot_at_once(server) -> None:
+    """A streaming client leaves after 20 of its 400 tokens: its slot and pages are free again within half the time
+    the other 380 would take at the pace measured (a bound that scales with the machine; a fixed second failed on a
+    loaded one)."""
     served, base = server
     body = {"prompt": "def f():", "max_tokens": 400, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=10) as http, http.stream("POST", f"{base}/v1/completions", json=body) as r:
-        lines = r.iter_lines()
-        for line in lines:
+        arrivals = []
+        for line in r.iter_lines():
             if line.startswith("data:"):
-                break
+                arrivals.append(time.perf_counter())
+                if len(arrivals) == 20:
+                    break
         assert served.engine.running == 1
-    # 400 tokens take seconds on this CPU; the slot must be free long before.
-    deadline = time.perf_counter() + 1.0
+    per_token = (arrivals[-1] - arrivals[0]) / 19
+    deadline = time.perf_counter() + 0.5 * 380 * per_token
     while served.engine.running and time.perf_counter() < deadline:
-        time.sleep(0.01)
-    assert served.engine.running == 0
+        time.sleep(0.005)
+    assert served.engine.running == 0, f"not freed within {0.5 * 380 * per_token:.2f} s"
     assert served.engine.kv_usage == 0  # its pages are back in the pool
 
 
