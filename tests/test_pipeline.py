@@ -154,10 +154,10 @@ def _priced_library(arch, attention_ms: dict, ffn_ms: dict) -> tuple[dict, dict]
     return library, blocks
 
 
-def test_landing_on_the_target_corrects_the_cost_models_miss():
-    """A cost model that prices attention at half what the device measures (and the non-block part at 2.5× the
-    device's) misses a 1.5× target at first; the loop asks for the child's predicted speedup scaled by each miss
-    and lands within the tolerance. The "device" is the true prices, written out independently."""
+def _landing_setup(attention_price: float, budget: Budget):
+    """The 6-layer priced library and its table, the budget's bounds, and a device whose attention costs
+    `attention_price` × what the cost model says (and whose non-block part is 4 ms, not 10): its timing of the
+    parent and a child in the one scenario."""
     arch = tiny_arch(layers=6)
     attention = {"gqa_kv4": 4.0, "gqa_kv2": 3.0, "attn_linear": 1.0, "attn_none": 0.0}
     ffn = {"ffn_96": 4.0, "ffn_48": 2.5, "ffn_linear": 1.0, "ffn_none": 0.0}
@@ -165,15 +165,31 @@ def test_landing_on_the_target_corrects_the_cost_models_miss():
     table = CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table)
 
     def true_ms(blocks) -> float:
-        return 4.0 + sum(2.0 * attention[b.attention.name] + ffn[b.ffn.name] for b in blocks)
+        return 4.0 + sum(attention_price * attention[b.attention.name] + ffn[b.ffn.name] for b in blocks)
 
-    def device(blocks):
-        return true_ms(arch.blocks) / true_ms(blocks)
+    def device(blocks, timed) -> list[tuple[float, float]]:
+        assert list(timed) == [table]
+        return [(true_ms(arch.blocks), true_ms(blocks))]
 
-    bounds = block_bounds(Budget(target_speedup=1.5), table, table.runtime_ms(arch.blocks), library)
-    blocks, used, checks = land_on_budget(
-        library, [table], arch, Budget(target_speedup=1.5), bounds, lambda b, _: [(true_ms(arch.blocks), true_ms(b))]
-    )
+    return arch, library, table, speedup_bounds(budget, [table], arch, library), device
+
+
+def _kl(library, names) -> float:
+    return sum(library[f"layer_{i}"][n]["metrics"]["kl_div"] for i, n in enumerate(names))
+
+
+def test_landing_on_the_target_corrects_the_cost_models_miss():
+    """A cost model that prices attention at half what the device measures (and the non-block part at 2.5× the
+    device's) misses a 1.5× target at first; the loop asks for the child's predicted speedup scaled by each miss
+    and lands within the tolerance. The "device" is the true prices, written out independently."""
+    budget = Budget(target_speedup=1.5)
+    arch, library, table, bounds, timing = _landing_setup(2.0, budget)
+
+    def device(blocks) -> float:
+        ((parent_ms, child_ms),) = timing(blocks, [table])
+        return parent_ms / child_ms
+
+    blocks, used, checks = land_on_budget(library, [table], arch, budget, bounds, timing)
     assert abs(checks[0]["measured_speedup"] / 1.5 - 1) > TARGET_TOLERANCE  # the cost model alone misses
     assert 1 < len(checks) <= TARGET_CHECKS
     assert abs(device(blocks) / 1.5 - 1) <= TARGET_TOLERANCE
@@ -186,7 +202,7 @@ def test_landing_on_the_target_corrects_the_cost_models_miss():
         assert check["measured_speedup"] == pytest.approx(device(chosen))
         assert check["predicted_speedup"] == pytest.approx(table.runtime_ms(arch.blocks) / table.runtime_ms(chosen))
     (upper,) = [b.upper for b in used if b.key == "stats.runtime_ms"]
-    assert sum(block_table[b.name]["runtime_ms"] for b in blocks) <= upper + 1e-9
+    assert sum(table.blocks[b.name]["runtime_ms"] for b in blocks) <= upper + 1e-9
 
 
 # Machines whose speed swings about the cost model's, measurement after measurement; the checks and solves each
@@ -317,30 +333,6 @@ def test_landing_with_several_scenarios_corrects_each_and_stops_on_the_slowest()
     assert checks[0]["also"][0]["scenario"] == other.key
 
 
-def _landing_setup(attention_price: float, budget: Budget):
-    """The 6-layer priced library and its table, the budget's bounds, and a device whose attention costs
-    `attention_price` × what the cost model says (and whose non-block part is 4 ms, not 10): its timing of the
-    parent and a child in the one scenario."""
-    arch = tiny_arch(layers=6)
-    attention = {"gqa_kv4": 4.0, "gqa_kv2": 3.0, "attn_linear": 1.0, "attn_none": 0.0}
-    ffn = {"ffn_96": 4.0, "ffn_48": 2.5, "ffn_linear": 1.0, "ffn_none": 0.0}
-    library, block_table = _priced_library(arch, attention, ffn)
-    table = CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table)
-
-    def true_ms(blocks) -> float:
-        return 4.0 + sum(attention_price * attention[b.attention.name] + ffn[b.ffn.name] for b in blocks)
-
-    def device(blocks, timed) -> list[tuple[float, float]]:
-        assert list(timed) == [table]
-        return [(true_ms(arch.blocks), true_ms(blocks))]
-
-    return arch, library, table, speedup_bounds(budget, [table], arch, library), device
-
-
-def _kl(library, names) -> float:
-    return sum(library[f"layer_{i}"][n]["metrics"]["kl_div"] for i, n in enumerate(names))
-
-
 LIMIT_MS = 45.0  # the device measures the parent at 76 ms (the cost model: 58)
 THROUGHPUT = 1e3 * Scenario().batch * Scenario().gen_len / LIMIT_MS  # the same limit, as generated tokens/s
 WINDOW = 1 - 2 * TARGET_TOLERANCE  # a latency limit is met from WINDOW × it to it
@@ -443,13 +435,8 @@ def test_a_latency_limit_no_child_can_meet_ends_on_the_fastest_architecture():
     the first child measures over the limit, the corrected ask lies below anything the space reaches, so the
     fastest architecture is asked for and measured; nearer the limit, it is kept (the report then says the saved
     child misses the budget)."""
-    arch = tiny_arch(layers=6)
-    attention = {"gqa_kv4": 4.0, "gqa_kv2": 3.0, "attn_linear": 1.0, "attn_none": 0.0}
-    ffn = {"ffn_96": 4.0, "ffn_48": 2.5, "ffn_linear": 1.0, "ffn_none": 0.0}
-    library, block_table = _priced_library(arch, attention, ffn)
-    table = CostTable("cpu", "float32", Scenario(), 10.0, 0.0, block_table)
     budget = Budget(max_latency_ms=11.0)
-    bounds = speedup_bounds(budget, [table], arch, library)
+    arch, library, table, bounds, _ = _landing_setup(1.0, budget)
     blocks, _, checks = land_on_budget(
         library,
         [table],
