@@ -461,7 +461,8 @@ def land_on_budget(
     measured ends the loop (the correction is going round in a circle).
 
     - A target speedup holds in every scenario and is met within ±TARGET_TOLERANCE by the slowest of them; the
-      speedup asked in each becomes the child's predicted one scaled by that scenario's miss.
+      speedup asked in each becomes the child's predicted one scaled by that scenario's miss, at most what the
+      space's fastest architecture is predicted to reach there (which is then measured too).
     - A latency limit (`--max-latency-ms`, or `--min-throughput` as the latency it allows; the main scenario's
       alone, so only that one is timed for it) is a ceiling: it is met when the child measures at most the limit
       and no more than 2 × TARGET_TOLERANCE under it (a child well under it gave away quality it could have
@@ -479,7 +480,12 @@ def land_on_budget(
     if target is None and limit is None:
         return blocks, bounds, []
     timed = tables if target is not None else tables[:1]
-    fastest_ms = tables[0].non_block_ms + _least(library, "stats.runtime_ms")
+    # What the space's fastest architecture is predicted at in each scenario: no ask goes past it.
+    fastest_ms = [
+        t.non_block_ms + _least(library, "stats.runtime_ms" if k == 0 else f"stats.{runtime_key(t.scenario)}")
+        for k, t in enumerate(tables)
+    ]
+    reach = [t.runtime_ms(arch.blocks) / f * (1 - 1e-9) for t, f in zip(tables, fastest_ms)]  # 1e-9: its rounding
     checks: list[dict] = []
     best: tuple[tuple[float, float], list[BlockConfig], list[Bound]] | None = None
     asked, asked_limit = [target] * len(tables), limit
@@ -537,10 +543,10 @@ def land_on_budget(
         # The terms too slow; else the binding one, too fast (landed otherwise).
         correct = slow or [binding]
         if "speedup" in correct:
-            asked = [max(1.0, p * target / m) for p, m in zip(predicted, measured)]
+            asked = [min(max(1.0, p * target / m), r) for p, m, r in zip(predicted, measured, reach)]
         if "latency" in correct:
             corrected = predicted_ms * limit * (1 - TARGET_TOLERANCE) / measured_ms
-            asked_limit = max(_bracketed(corrected, limit_asks), fastest_ms)
+            asked_limit = max(_bracketed(corrected, limit_asks), fastest_ms[0])
         try:
             terms = replace(budget, max_latency_ms=asked_limit, min_throughput=None) if limit is not None else budget
             next_bounds = speedup_bounds(terms, tables, arch, library, asked if target is not None else ())

@@ -463,3 +463,19 @@ def test_a_latency_limit_times_the_main_scenario_alone():
     bounds = speedup_bounds(budget, [table, other], arch, library)
     checks = land_on_budget(library, [table, other], arch, budget, bounds, device)[2]  # device asserts [table]
     assert len(checks) > 1
+
+
+def test_a_target_past_what_the_children_measure_ends_on_the_fastest_architecture():
+    """Every child measures 1.5× its predicted latency (the parent as predicted): a 5× target (the space reaches
+    5.8× by prediction) is missed by the first child, and the corrected ask (7.5×) lies past what the space
+    reaches; it is asked at what the space reaches, so the fastest architecture is measured, and kept, nearest."""
+    budget = Budget(target_speedup=5.0)
+    arch, library, table, bounds, _ = _landing_setup(1.0, budget)
+    parent_ms = table.runtime_ms(arch.blocks)
+    blocks, _, checks = land_on_budget(
+        library, [table], arch, budget, bounds, lambda b, _: [(parent_ms, 1.5 * table.runtime_ms(b))]
+    )
+    first, last = checks
+    assert last["asked_speedup"] == pytest.approx(parent_ms / 10.0) and table.runtime_ms(blocks) == 10.0
+    assert first["measured_speedup"] < last["measured_speedup"] < 5.0
+    assert [b.name for b in blocks] == last["blocks"]
