@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -181,8 +182,10 @@ def check_output(
     nearest = next(p for p in (start, *start.absolute().parents) if p.exists())
     if not nearest.is_dir():
         raise UserError(f"{flag} {path}: {nearest} is a file, not a folder")
-    if not os.access(nearest, os.W_OK):
-        raise UserError(f"{flag} {path}: {nearest} is not writable")
+    try:  # a folder made and removed: permission bits say nothing for root, nor of /proc or a full disk
+        os.rmdir(tempfile.mkdtemp(prefix=".tessera-probe-", dir=nearest))
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {nearest} is not writable ({e.strerror})") from None
     for name, given in (inputs or {}).items():
         if folder and _holds(path, given):
             raise UserError(f"{flag} {path}: holds {name} {given}; write the output somewhere else")

@@ -96,6 +96,15 @@ def test_output_paths_are_checked_first(no_work, tmp_path, capsys, argv, expecte
     assert (tmp_path / "f.txt").read_text() == "mine\n"
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", [["optimize"], ["fuse", "--model", str(PARENT_DIR)]])
+def test_an_output_where_nothing_can_be_written_is_refused_first(no_work, capsys, command) -> None:
+    """/proc takes no new folder even from root, whose permission bits all pass: the output's folder is tried by
+    making one there, before any work (fuse's analysis was lost to a traceback at its end)."""
+    err = one_line_error(capsys, [*command, "--out", "/proc/tessera-out"])
+    assert "--out /proc/tessera-out: /proc is not writable (" in err
+
+
 # 2. --out that holds something else is refused unless --overwrite.
 
 
