@@ -10,7 +10,8 @@ request and output-token throughput, mean/median/p99 of each latency.
 
 Baseline, measured in the same run on the same machine after the server has stopped: the same prompts,
 served one at a time by transformers' `generate` (LlamaForCausalLM, the same checkpoint and dtype, greedy,
-exactly `output_len` new tokens each). Its output-token throughput is total tokens / total wall time.
+exactly `output_len` new tokens each). Its output-token throughput is total tokens / total wall time; its texts
+are what every run's streamed texts are compared with (how many are the same is reported).
 Goal (issue 6): at 16 concurrent requests, >= 4x the baseline's output-token throughput on CPU with the
 demo model.
 
@@ -39,6 +40,7 @@ import torch
 
 from tessera.demo import PARENT_DIR
 from tessera.devices import median_ms
+from tessera.runtime.sampling import load_tokenizer
 
 from .harness import InTurns, decoding_engine, hf_generate, random_prompts, wait_healthy
 
@@ -78,7 +80,7 @@ async def _request(http, url: str, model: str, prompt: list[int], output_len: in
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    ttft, last, itl, tokens, error = None, start, [], 0, None
+    ttft, last, itl, tokens, error, text = None, start, [], 0, None, ""
     async with http.stream("POST", url, json=body) as response:
         if response.status_code != 200:
             return {"ok": False, "error": (await response.aread()).decode()[:200]}
@@ -91,6 +93,7 @@ async def _request(http, url: str, model: str, prompt: list[int], output_len: in
                 continue
             now = time.perf_counter()
             if data["choices"] and data["choices"][0]["text"]:
+                text += data["choices"][0]["text"]
                 if ttft is None:
                     ttft = now - start
                 else:
@@ -100,7 +103,15 @@ async def _request(http, url: str, model: str, prompt: list[int], output_len: in
                 tokens = data["usage"]["completion_tokens"]
     latency = time.perf_counter() - start
     ok = error is None and ttft is not None and tokens == output_len
-    return {"ok": ok, "error": error, "ttft": ttft, "itl": itl, "latency": latency, "output_tokens": tokens}
+    return {
+        "ok": ok,
+        "error": error,
+        "ttft": ttft,
+        "itl": itl,
+        "latency": latency,
+        "output_tokens": tokens,
+        "text": text,
+    }
 
 
 async def run_load(base: str, model: str, prompts: list[list[int]], output_len: int, load: Load, seed: int) -> dict:
@@ -124,7 +135,8 @@ async def run_load(base: str, model: str, prompts: list[list[int]], output_len: 
                 await asyncio.sleep(rng.exponential(1.0 / load.request_rate))
         records = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    return summarize(records, duration, len(prompts[0]))
+    # Each prompt's streamed text (None: failed), in the prompts' order, for the comparison with the baseline's.
+    return summarize(records, duration, len(prompts[0])) | {"texts": [r["text"] if r["ok"] else None for r in records]}
 
 
 def summarize(records: list[dict], duration: float, input_len: int) -> dict:
@@ -301,7 +313,12 @@ def run_cpu(
                 r["server"] = started[0] if started else None  # engines, threads, KV pool: as the server reported
     print("transformers generate, one request at a time ...", file=sys.stderr)
     baseline = transformers_baseline(model_dir, prompts, output_len)
-    baseline.pop("outputs")
+    # Greedy on the same float32 weights: every served text should be transformers' (a near-tie between two tokens
+    # may go either way, batched sums rounding in other last bits: counted, not asserted).
+    tokenizer = load_tokenizer(model_dir)
+    expected = [tokenizer.decode(tokens) for tokens in baseline.pop("outputs")]
+    for r in runs:
+        r["same_text_as_transformers"] = sum(a == b for a, b in zip(r.pop("texts"), expected))
     print("the engine's decode step, KV in 16-token pages and in whole-context pages, in turns ...", file=sys.stderr)
     step_ms = page_layouts(model_dir, 16, input_len)
     goal_run = next((r for r in runs if r["load"]["max_concurrency"] == 16), None)  # the default server's
@@ -331,6 +348,11 @@ def _ms(p: dict) -> str:
     return f"{p['mean']:.1f} / {p['median']:.1f} / {p['p99']:.1f}"
 
 
+def _same(run: dict, requests: int) -> str:
+    """How many of a run's requests streamed the baseline's text ("-" for results from before it was compared)."""
+    return f"{run['same_text_as_transformers']}/{requests}" if "same_text_as_transformers" in run else "-"
+
+
 def table(result: dict) -> str:
     b = result["baseline"]
     lines = [
@@ -338,8 +360,9 @@ def table(result: dict) -> str:
         f"{result['output_len']} output tokens each (greedy, EOS ignored); {result['model']}, {result['dtype']}; "
         f"max batch {result['max_batch']} per engine. Latencies in ms as mean / median / p99.",
         "",
-        "| server | load | req/s | output tok/s | vs baseline | TTFT | TPOT | ITL | E2E latency |",
-        "|---|---|---:|---:|---:|---|---|---|---|",
+        "| server | load | req/s | output tok/s | vs baseline | TTFT | TPOT | ITL | E2E latency "
+        "| same text as baseline |",
+        "|---|---|---:|---:|---:|---|---|---|---|---:|",
     ]
     for r in result["runs"]:
         dp = r.get("data_parallel_size", 1)
@@ -347,11 +370,11 @@ def table(result: dict) -> str:
         lines.append(
             f"| {server} | {r['name']} | {r['request_throughput']:.2f} | {r['output_throughput']:.0f} | "
             f"{r['output_throughput'] / b['output_throughput']:.2f}x | {_ms(r['ttft_ms'])} | {_ms(r['tpot_ms'])} | "
-            f"{_ms(r['itl_ms'])} | {_ms(r['e2el_ms'])} |"
+            f"{_ms(r['itl_ms'])} | {_ms(r['e2el_ms'])} | {_same(r, result['num_prompts'])} |"
         )
     lines.append(
         f"| transformers `generate` | one at a time | {b['request_throughput']:.2f} | {b['output_throughput']:.0f} | "
-        f"1.00x | - | - | - | {_ms(b['e2el_ms'])} |"
+        f"1.00x | - | - | - | {_ms(b['e2el_ms'])} | - |"
     )
     servers = sorted({r["server"] for r in result["runs"] if r.get("server")})
     lines += ["", *(f"Server: `{line}`" for line in servers)]

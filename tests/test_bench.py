@@ -4,6 +4,7 @@ shrunken shapes) and write results that carry the device, commit, versions, base
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -412,6 +413,21 @@ def test_the_serving_table_names_the_errors_of_every_run() -> None:
 
     result = serving_result({"name": "Poisson 2 req/s", "failed": 2, "errors": ["ReadTimeout", "ConnectError"]})
     assert "2 requests failed: ['ConnectError', 'ReadTimeout']" in bench_serving.table(result)
+
+
+def test_the_serving_bench_compares_every_served_text_with_transformers() -> None:
+    """bench_serving.run_cpu end to end, small (2 prompts of 16 tokens, 6 output tokens, one load, one server): each
+    streamed text is compared with transformers' greedy text for the same prompt, and all agree (float32, random
+    prompts whose float32 top-2 gaps over these tokens are far past the two sides' rounding)."""
+    from tessera.benchmarks import bench_serving
+
+    result = bench_serving.run_cpu(
+        num_prompts=2, input_len=16, output_len=6, loads=(bench_serving.Load(math.inf, 16),), data_parallel_sizes=(1,)
+    )
+    (run,) = result["runs"]
+    assert run["completed"] == 2 and run["same_text_as_transformers"] == 2 and "texts" not in run
+    assert "outputs" not in result["baseline"]
+    assert "| 2/2 |" in bench_serving.table(result)
 
 
 def test_serving_bench_times_the_two_page_layouts_in_turns() -> None:
