@@ -120,7 +120,13 @@ class Budget:
         return min(limits, default=None)
 
     def describe(self) -> str:
-        parts = [f"{k.replace('_', ' ')} {v:g}" for k, v in asdict(self).items() if v is not None]
+        """The budget's terms as a reader writes them ("target speedup 1.5, max latency 250 ms"): report labels."""
+        units = {"max_latency_ms": " ms", "max_memory_mib": " MiB", "min_throughput": " tokens/s"}
+        parts = [
+            f"{k.removesuffix('_ms').removesuffix('_mib').replace('_', ' ')} {v:g}{units.get(k, '')}"
+            for k, v in asdict(self).items()
+            if v is not None
+        ]
         return ", ".join(parts) or "none"
 
 

@@ -479,3 +479,10 @@ def test_a_target_past_what_the_children_measure_ends_on_the_fastest_architectur
     assert last["asked_speedup"] == pytest.approx(parent_ms / 10.0) and table.runtime_ms(blocks) == 10.0
     assert first["measured_speedup"] < last["measured_speedup"] < 5.0
     assert [b.name for b in blocks] == last["blocks"]
+
+
+def test_a_budget_is_described_in_its_own_units():
+    """The children's labels in the report: "MIP (max latency 250 ms)", not the field's name with its unit inside."""
+    assert Budget(target_speedup=1.5).describe() == "target speedup 1.5"
+    budget = Budget(max_latency_ms=250, max_memory_mib=900, min_throughput=1600, max_kv_heads=16)
+    assert budget.describe() == "max latency 250 ms, max memory 900 MiB, min throughput 1600 tokens/s, max kv heads 16"
