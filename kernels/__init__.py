@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from tessera.errors import UserError
+
 from . import cpu_layout, ffn_tilings
 from .attention import attention_prefill_reference, attention_prefill_triton, first_page_read
 from .attention_paged import PagedAttentionMetadata, attention_paged_triton, fp8_in_f16, set_fp8_f16
@@ -63,14 +65,17 @@ __all__ = [
 
 BACKEND_ENV = "TESSERA_KERNELS"
 _forced: str | None = None  # "torch", "triton", or None for automatic
+# A bad TESSERA_KERNELS, said by the first op: raised at import, it would be a traceback before the CLI could say it
+# in one line.
+_bad_environment: UserError | None = None
 
 
 def set_backend(name: str | None) -> None:
     """Force "torch" or "triton" for every op, or None for automatic (Triton on CUDA tensors)."""
-    global _forced
+    global _forced, _bad_environment
     if name not in (None, "", "torch", "triton"):
-        raise ValueError(f"{BACKEND_ENV} must be 'torch' or 'triton' (or unset for automatic), got {name!r}")
-    _forced = name or None
+        raise UserError(f"{BACKEND_ENV} must be 'torch' or 'triton' (or unset for automatic), got {name!r}")
+    _forced, _bad_environment = name or None, None
 
 
 def forced_backend() -> str | None:
@@ -84,12 +89,17 @@ def backend(*tensors: torch.Tensor) -> str:
         return "torch"
     if _forced == "triton":
         if not tensors[0].is_cuda and not cpu_launches():
-            raise RuntimeError(f"{BACKEND_ENV}=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
+            raise UserError(f"{BACKEND_ENV}=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
         return "triton"
+    if _bad_environment is not None:
+        raise _bad_environment
     return "triton" if tensors[0].is_cuda else "torch"
 
 
-set_backend(os.environ.get(BACKEND_ENV))
+try:
+    set_backend(os.environ.get(BACKEND_ENV))
+except UserError as e:
+    _bad_environment = e
 
 
 def rms_norm(

@@ -43,6 +43,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from tessera.errors import UserError
+
 POOL_BYTES = 32 * 2**20
 MIN_ELEMENTS = 2**16
 MIN_ROWS = 256  # the fewest rows a matrix is measured on (a larger one on its first rows: measured_layout)
@@ -142,7 +144,7 @@ def layout_for(weight: torch.Tensor) -> Layout:
         )
     choice = os.environ.get(LAYOUT_ENV, "measure")
     if choice not in LAYOUTS:
-        raise ValueError(f"{LAYOUT_ENV}={choice!r}: expected one of {', '.join(LAYOUTS)}")
+        raise UserError(f"{LAYOUT_ENV}={choice!r}: expected one of {', '.join(LAYOUTS)}")
     if choice == "measure":
         return measured_layout(*weight.shape, weight.dtype, torch.get_num_threads())
     return Layout(choice == "transposed", choice == "packed" and packing_works(weight.dtype))

@@ -745,6 +745,13 @@ def cmd_fuse(args: argparse.Namespace) -> None:
         inputs=inputs,
         writes=lambda name: is_checkpoint_file(name, model_dir) or name in FUSION_OUTPUTS,
     )
+    # Loading for fusion dequantizes an FP8 checkpoint (float32 for training), which run_fusion's own check then
+    # cannot see: the fused model would be written unquantized, its quantization dropped without a word.
+    if (quantization := ArchConfig.from_json(model_dir).quantization) is not None:
+        raise FusionError(
+            f"--model {model_dir}: its weights are {quantization}; fuse the unquantized model, then quantize the "
+            "fused one"
+        )
     if uses_text:
         _corpus(args)
     cfg = FusionConfig(

@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tessera.errors import UserError
 from tessera.kernels import FP8, cpu_layout
 from tessera.kernels.cpu_layout import Layout, fastest_layout, is_transposed, layout_for, measured_layout
 from tessera.runtime import model as model_module
@@ -120,7 +121,7 @@ def test_the_environment_fixes_the_layout_without_timing(monkeypatch) -> None:
     assert rows == []
     monkeypatch.setenv("TESSERA_CPU_LAYOUT", "fast")
     expected = "TESSERA_CPU_LAYOUT='fast': expected one of measure, row-major, transposed, packed"
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(UserError, match=expected):  # one line from the CLI
         fastest_layout(w)
 
 

@@ -428,6 +428,14 @@ def test_fuse_cli_errors(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(fuse_args(path, corpus, tmp_path / "b", "--groups", "0-2"))
     assert "layer 0 is gqa_kv2+ffn_64" in capsys.readouterr().err
+    # An FP8 checkpoint is refused before any work: loaded for fusion it is dequantized, and the fused model was
+    # written in bf16, its quantization dropped without a word.
+    assert main(["quantize", "--model", str(path), "--out", str(tmp_path / "fp8")]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(fuse_args(tmp_path / "fp8", corpus, tmp_path / "f", "--groups", "1-3", "--heal-steps", "0"))
+    assert e.value.code == 2 and "its weights are fp8; fuse the unquantized model" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
     # Nothing to fuse: the analysis is still written, and the exit status says so.
     with pytest.raises(SystemExit):
         main(fuse_args(path, corpus, tmp_path / "c", "--threshold", "0", "--heal-steps", "0"))

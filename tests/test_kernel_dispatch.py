@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from tessera import kernels
+from tessera.demo import PARENT_DIR
+from tessera.errors import UserError
 from tessera.runtime import load_model
 from tessera.runtime.engine import Engine, EngineConfig
 from tessera.runtime.generate import Generator
@@ -76,16 +78,22 @@ def test_environment_variable_read_at_import(value: str, expected: str) -> None:
 
 
 def test_backend_errors_are_clear(monkeypatch) -> None:
+    """A bad TESSERA_KERNELS is said by the first op, not at import (where the CLI could not catch it): `tessera
+    generate` says it in one line, exit 2. TESSERA_KERNELS=triton on CPU tensors without the interpreter too."""
     env = {**os.environ, "TESSERA_KERNELS": "cuda"}
-    code = "from tessera import kernels"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    op = "import torch; from tessera import kernels; kernels.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5)"
+    out = subprocess.run([sys.executable, "-c", op], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "TESSERA_KERNELS must be 'torch' or 'triton'" in out.stderr
-    with pytest.raises(ValueError, match="TESSERA_KERNELS must be 'torch' or 'triton'"):
+    argv = ["generate", "--model", str(PARENT_DIR), "--prompt", "x", "--max-new-tokens", "1"]
+    cli = subprocess.run([sys.executable, "-m", "tessera.cli", *argv], env=env, capture_output=True, text=True)
+    expected = "tessera: error: TESSERA_KERNELS must be 'torch' or 'triton' (or unset for automatic), got 'cuda'\n"
+    assert (cli.returncode, cli.stderr) == (2, expected)
+    with pytest.raises(UserError, match="TESSERA_KERNELS must be 'torch' or 'triton'"):
         kernels.set_backend("cuda")
     from tessera.kernels import hardware
 
     monkeypatch.setattr(hardware, "INTERPRETING", False)  # as if TRITON_INTERPRET had been unset at import
-    with kernel_backend("triton"), pytest.raises(RuntimeError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
+    with kernel_backend("triton"), pytest.raises(UserError, match="needs CUDA tensors, or TRITON_INTERPRET=1"):
         kernels.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5)
 
 
