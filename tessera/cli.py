@@ -1140,16 +1140,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-speedup",
         type=_budget("target_speedup"),
         default=None,
-        help="× the parent's speed, >= 1 (default 1.5)",
+        help="× the parent's speed, >= 1 (default 1.5); measured against the parent, the loop aiming within 2 %%",
     )
     p.add_argument(
-        "--max-latency-ms", type=_budget("max_latency_ms"), default=None, help="generation latency of the scenario"
+        "--max-latency-ms",
+        type=_budget("max_latency_ms"),
+        default=None,
+        help="generation latency (ms) of the scenario here; measured, the child aimed into the 4 %% below it",
     )
     p.add_argument(
         "--max-memory-mib", type=_budget("max_memory_mib"), default=None, help="weights + KV cache of the scenario"
     )
     p.add_argument(
-        "--min-throughput", type=_budget("min_throughput"), default=None, help="generated tokens/s in the scenario"
+        "--min-throughput",
+        type=_budget("min_throughput"),
+        default=None,
+        help="generated tokens/s in the scenario, aimed at as the latency it allows",
     )
     p.add_argument(
         "--also-scenario",
