@@ -64,9 +64,9 @@ __all__ = [
 ]
 
 BACKEND_ENV = "TESSERA_KERNELS"
-_forced: str | None = None  # "torch", "triton", or None for automatic
-# A bad TESSERA_KERNELS, said by the first op: raised at import, it would be a traceback before the CLI could say it
-# in one line.
+# "torch", "triton", None for automatic; or a bad TESSERA_KERNELS as given, whose error (_bad_environment) the first
+# op raises: raised at import, it would be a traceback before the CLI could say it in one line.
+_forced: str | None = None
 _bad_environment: UserError | None = None
 
 
@@ -79,7 +79,7 @@ def set_backend(name: str | None) -> None:
 
 
 def forced_backend() -> str | None:
-    return _forced
+    return None if _bad_environment is not None else _forced
 
 
 def backend(*tensors: torch.Tensor) -> str:
@@ -87,19 +87,19 @@ def backend(*tensors: torch.Tensor) -> str:
     attribute reads (an os.environ lookup here cost 5 % of a CPU decode step)."""
     if _forced == "torch" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return "torch"
+    if _forced is None:
+        return "triton" if tensors[0].is_cuda else "torch"
     if _forced == "triton":
         if not tensors[0].is_cuda and not cpu_launches():
             raise UserError(f"{BACKEND_ENV}=triton needs CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU")
         return "triton"
-    if _bad_environment is not None:
-        raise _bad_environment
-    return "triton" if tensors[0].is_cuda else "torch"
+    raise _bad_environment  # what is left: a bad TESSERA_KERNELS (the automatic path above pays nothing for it)
 
 
 try:
     set_backend(os.environ.get(BACKEND_ENV))
 except UserError as e:
-    _bad_environment = e
+    _forced, _bad_environment = os.environ[BACKEND_ENV], e
 
 
 def rms_norm(

@@ -266,6 +266,12 @@ def _least(library: Library, key: str) -> float:
     return sum(min(entry[part][name] for entry in variants.values()) for variants in library.values())
 
 
+def _fastest_ms(table: CostTable, library: Library, main: bool = True) -> float:
+    """What the space's fastest architecture is predicted at in `table`'s scenario: the main one's runtime stat, or
+    (main False) the further scenario's own."""
+    return table.non_block_ms + _least(library, "stats.runtime_ms" if main else f"stats.{runtime_key(table.scenario)}")
+
+
 def _down(x: float) -> str:
     """x to 4 significant digits, rounded down: a speedup or throughput quoted as reachable must be."""
     step = 10.0 ** (math.floor(math.log10(x)) - 3)
@@ -281,7 +287,7 @@ def scenario_bound(speedup: float, table: CostTable, arch: ArchConfig, library: 
     """A target speedup in a further scenario (priced by its own `table`) as a bound on its runtime stat,
     refused like `block_bounds` refuses one the search space cannot reach."""
     s, key = table.scenario, runtime_key(table.scenario)
-    parent_ms, fastest_ms = table.runtime_ms(arch.blocks), table.non_block_ms + _least(library, f"stats.{key}")
+    parent_ms, fastest_ms = table.runtime_ms(arch.blocks), _fastest_ms(table, library, main=False)
     if fastest_ms <= 0 or parent_ms / speedup < fastest_ms:
         reach = f"{_down(parent_ms / fastest_ms)}×" if fastest_ms > 0 else "no measurable speedup"
         raise InfeasibleError(
@@ -344,7 +350,7 @@ def block_bounds(budget: Budget, table: CostTable, parent_predicted_ms: float, l
     A budget term no architecture in `library` (the search space, priced by `table`) can meet is refused here,
     in the budget's own terms and with what the space can reach: subtracting the non-block cost would otherwise
     hand the MIP a bound below anything possible, negative for a large enough speedup."""
-    fastest_ms = table.non_block_ms + _least(library, "stats.runtime_ms")
+    fastest_ms = _fastest_ms(table, library)
     s = table.scenario
     tokens = s.batch * s.gen_len
     latency_terms = (budget.target_speedup, budget.max_latency_ms, budget.min_throughput)
@@ -487,10 +493,7 @@ def land_on_budget(
         return blocks, bounds, []
     timed = tables if target is not None else tables[:1]
     # What the space's fastest architecture is predicted at in each scenario: no ask goes past it.
-    fastest_ms = [
-        t.non_block_ms + _least(library, "stats.runtime_ms" if k == 0 else f"stats.{runtime_key(t.scenario)}")
-        for k, t in enumerate(tables)
-    ]
+    fastest_ms = [_fastest_ms(t, library, main=k == 0) for k, t in enumerate(tables)]
     reach = [t.runtime_ms(arch.blocks) / f * (1 - 1e-9) for t, f in zip(tables, fastest_ms)]  # 1e-9: its rounding
     checks: list[dict] = []
     best: tuple[tuple[float, float], list[BlockConfig], list[Bound]] | None = None

@@ -689,12 +689,13 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     )
     if budget == Budget():
         budget = Budget(target_speedup=1.5)
+    scenario = _scenario(args)
     cfg = OptimizeConfig(
         space=SearchSpace(
             linear_attention=not args.no_linear_attention, ffn_multiple=args.ffn_multiple, windows=args.windows
         ),
-        scenario=_scenario(args),
-        also_scenarios=tuple(s for s in dict.fromkeys(args.also_scenario) if s != _scenario(args)),  # once each
+        scenario=scenario,
+        also_scenarios=tuple(s for s in dict.fromkeys(args.also_scenario) if s != scenario),  # once each
         bld=replace(BLDConfig(), steps=args.bld_steps),
         gkd=replace(GKDConfig(), steps=args.gkd_steps, batch_size=args.gkd_batch_size, seq_len=args.seq_len),
         pareto_speedups=args.pareto,
